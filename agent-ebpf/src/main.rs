@@ -1,0 +1,353 @@
+//! poolscope's kernel programs: tracepoints only, because they load on every
+//! kernel we target (kprobes and fentry are often disabled or refused).
+//!
+//! Each program follows `fn prog(ctx) -> u32 { try_prog(ctx).unwrap_or(0) }`:
+//! a failed map operation or read is dropped silently in the kernel and shows
+//! up in userspace as a missing event or a counted drop, never as a stall.
+#![no_std]
+#![no_main]
+
+mod maps;
+
+use agent_common::{
+    family, kind, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey, ConnectEvent, EventHeader,
+    PendingConnect, ProcessExitEvent, SockOwner, SockStateEvent, COMM_LEN, EINPROGRESS,
+    UNIX_PATH_LEN,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use maps::{CONNS, EVENTS, PENDING, SOCKS, STATS};
+
+/// The agent's own tgid, set by the loader, so that its own sockets are ignored.
+#[no_mangle]
+static AGENT_TGID: u32 = 0;
+
+/// `bpf_ringbuf_query` flag: bytes not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Offsets of `sys_enter_*` / `sys_exit_*` arguments (see the tracepoint's format file).
+const SYSCALL_ARG0: usize = 16;
+const SYSCALL_ARG1: usize = 24;
+const SYSCALL_ARG2: usize = 32;
+const SYSCALL_RET: usize = 16;
+
+const IPPROTO_TCP: u16 = 6;
+
+fn agent_tgid() -> u32 {
+    // SAFETY: a read-only global that the loader patches before load.
+    unsafe { core::ptr::read_volatile(&AGENT_TGID) }
+}
+
+fn stat_add(index: u32, value: u64) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += value };
+    }
+}
+
+fn stat_set(index: u32, value: u64) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot = value };
+    }
+}
+
+/// Writes one event into the ring buffer, counting it as dropped when full.
+fn emit<T: Copy + 'static>(event: &T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(*event);
+            entry.submit(0);
+            stat_set(stat::RINGBUF_PENDING_BYTES, EVENTS.query(BPF_RB_AVAIL_DATA));
+        }
+        None => stat_add(stat::DROPPED_EVENTS, 1),
+    }
+}
+
+fn header(kind: u32, pid_tgid: u64, fd: i32, conn_start_ns: u64) -> EventHeader {
+    EventHeader {
+        kind,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        fd,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn_start_ns,
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_enter_connect(&ctx);
+    0
+}
+
+fn try_sys_enter_connect(ctx: &TracePointContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == agent_tgid() {
+        return Ok(());
+    }
+    // SAFETY: offsets come from the tracepoint's format file.
+    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(i64::from)?;
+    let uservaddr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(i64::from)?;
+    let addrlen: u64 = unsafe { ctx.read_at(SYSCALL_ARG2) }.map_err(i64::from)?;
+    // SAFETY: bpf_probe_read_user checks the user pointer.
+    let addr_family: u16 = unsafe { bpf_probe_read_user(uservaddr as *const u16) }?;
+    if addr_family != family::INET && addr_family != family::INET6 && addr_family != family::UNIX
+    {
+        return Ok(());
+    }
+    let pending = PendingConnect {
+        // SAFETY: helper without preconditions.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        uservaddr,
+        fd: fd as i32,
+        addrlen: addrlen as u32,
+        family: addr_family,
+        saw_syn_sent: 0,
+        _pad0: 0,
+    };
+    if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
+        stat_add(stat::PENDING_INSERT_FAILED, 1);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_exit_connect(&ctx);
+    0
+}
+
+fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let pending = match unsafe { PENDING.get(&pid_tgid) } {
+        Some(p) => *p,
+        None => return Ok(()),
+    };
+    let _ = PENDING.remove(&pid_tgid);
+    // SAFETY: offset from the tracepoint's format file.
+    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(i64::from)?;
+    let is_inet = pending.family != family::UNIX;
+    if is_inet && pending.saw_syn_sent == 0 && ret == 0 {
+        // An inet connect that never sent a SYN is UDP (a DNS resolver, say).
+        return Ok(());
+    }
+    let established_or_pending = ret == 0 || ret == EINPROGRESS;
+    if established_or_pending {
+        let key = ConnKey {
+            tgid: (pid_tgid >> 32) as u32,
+            fd: pending.fd as u32,
+        };
+        let info = ConnInfo {
+            conn_start_ns: pending.start_ns,
+        };
+        let _ = CONNS.insert(&key, &info, 0);
+    }
+
+    let mut event = ConnectEvent {
+        header: header(kind::CONNECT, pid_tgid, pending.fd, pending.start_ns),
+        ret,
+        family: pending.family,
+        port: 0,
+        path_len: 0,
+        _pad0: 0,
+        addr: [0; 16],
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        path: [0; UNIX_PATH_LEN],
+        _pad1: [0; 4],
+    };
+    let sa = pending.uservaddr as *const u8;
+    // SAFETY (all reads below): bpf_probe_read_user* check the user pointer;
+    // offsets are those of sockaddr_in, sockaddr_in6 and sockaddr_un.
+    match pending.family {
+        family::INET => {
+            let port: u16 = unsafe { bpf_probe_read_user(sa.add(2) as *const u16) }?;
+            event.port = u16::from_be(port);
+            let v4: [u8; 4] = unsafe { bpf_probe_read_user(sa.add(4) as *const [u8; 4]) }?;
+            event.addr[..4].copy_from_slice(&v4);
+        }
+        family::INET6 => {
+            let port: u16 = unsafe { bpf_probe_read_user(sa.add(2) as *const u16) }?;
+            event.port = u16::from_be(port);
+            event.addr = unsafe { bpf_probe_read_user(sa.add(8) as *const [u8; 16]) }?;
+        }
+        _ => {
+            let len = (pending.addrlen as usize).saturating_sub(2);
+            let len = if len > UNIX_PATH_LEN {
+                UNIX_PATH_LEN
+            } else {
+                len
+            };
+            event.path_len = len as u16;
+            // A short sockaddr_un may end before 108 bytes: read what is there.
+            if unsafe { bpf_probe_read_user_buf(sa.add(2), &mut event.path) }.is_err() {
+                let _ = unsafe { bpf_probe_read_user_buf(sa.add(2), &mut event.path[..64]) };
+            }
+        }
+    }
+    emit(&event);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY (all reads): offsets from sock/inet_sock_set_state/format.
+    let protocol: u16 = unsafe { ctx.read_at(30) }.map_err(i64::from)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let skaddr: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
+    let old_state: i32 = unsafe { ctx.read_at(16) }.map_err(i64::from)?;
+    let new_state: i32 = unsafe { ctx.read_at(20) }.map_err(i64::from)?;
+
+    if new_state == tcp_state::SYN_SENT {
+        // Runs inside connect(), in the caller's context: remember who owns
+        // this socket, since later transitions run in softirq context.
+        let pid_tgid = bpf_get_current_pid_tgid();
+        if let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) {
+            // SAFETY: pointer into this thread's own map entry.
+            let pending = unsafe { &mut *pending };
+            pending.saw_syn_sent = 1;
+            let owner = SockOwner {
+                tgid: (pid_tgid >> 32) as u32,
+                fd: pending.fd,
+                conn_start_ns: pending.start_ns,
+                flags: 0,
+                _pad0: 0,
+            };
+            let _ = SOCKS.insert(&skaddr, &owner, 0);
+        }
+        return Ok(());
+    }
+
+    let interesting = new_state == tcp_state::ESTABLISHED
+        || new_state == tcp_state::CLOSE_WAIT
+        || (new_state == tcp_state::CLOSE && old_state == tcp_state::SYN_SENT);
+    // SAFETY: the value is copied out immediately.
+    let owner = unsafe { SOCKS.get(&skaddr) }.copied();
+    if new_state == tcp_state::CLOSE {
+        let _ = SOCKS.remove(&skaddr);
+    }
+    // Peer hang-ups are reported even for sockets we did not see connect, so
+    // that connections seeded from /proc are matched by address in userspace.
+    if !interesting || (owner.is_none() && new_state != tcp_state::CLOSE_WAIT) {
+        return Ok(());
+    }
+    let owner = owner.unwrap_or_default();
+    let mut hdr = header(
+        kind::SOCK_STATE,
+        ((owner.tgid as u64) << 32) | owner.tgid as u64,
+        owner.fd,
+        owner.conn_start_ns,
+    );
+    hdr.tid = 0;
+    let mut event = SockStateEvent {
+        header: hdr,
+        skaddr,
+        old_state,
+        new_state,
+        family: unsafe { ctx.read_at(28) }.map_err(i64::from)?,
+        sport: unsafe { ctx.read_at(24) }.map_err(i64::from)?,
+        dport: unsafe { ctx.read_at(26) }.map_err(i64::from)?,
+        flags: owner.flags as u16,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if event.family == family::INET6 {
+        event.saddr = unsafe { ctx.read_at(40) }.map_err(i64::from)?;
+        event.daddr = unsafe { ctx.read_at(56) }.map_err(i64::from)?;
+    } else {
+        let s: [u8; 4] = unsafe { ctx.read_at(32) }.map_err(i64::from)?;
+        let d: [u8; 4] = unsafe { ctx.read_at(36) }.map_err(i64::from)?;
+        event.saddr[..4].copy_from_slice(&s);
+        event.daddr[..4].copy_from_slice(&d);
+    }
+    emit(&event);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_receive_reset(&ctx);
+    0
+}
+
+fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offset from tcp/tcp_receive_reset/format.
+    let skaddr: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
+    if let Some(owner) = SOCKS.get_ptr_mut(&skaddr) {
+        // SAFETY: pointer into the map entry for this socket.
+        unsafe { (*owner).flags |= u32::from(sock_flags::RESET_RECEIVED) };
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_enter_close(&ctx);
+    0
+}
+
+fn try_sys_enter_close(ctx: &TracePointContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: offset from the tracepoint's format file.
+    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(i64::from)?;
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd: fd as u32,
+    };
+    // The one lookup that every close() on the host pays.
+    // SAFETY: the value is copied out immediately.
+    let info = match unsafe { CONNS.get(&key) } {
+        Some(info) => *info,
+        None => return Ok(()),
+    };
+    let _ = CONNS.remove(&key);
+    emit(&CloseEvent {
+        header: header(kind::CLOSE, pid_tgid, fd as i32, info.conn_start_ns),
+    });
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exit(&ctx);
+    0
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offset from sched/sched_process_exit/format.
+    let group_dead: u8 = unsafe { ctx.read_at(32) }.map_err(i64::from)?;
+    if group_dead == 0 {
+        return Ok(());
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    emit(&ProcessExitEvent {
+        header: header(kind::PROCESS_EXIT, pid_tgid, -1, 0),
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    });
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

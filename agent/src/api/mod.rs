@@ -1,0 +1,134 @@
+//! The HTTP surface: /metrics, /healthz and the JSON API, on one listener.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    clock::{monotonic_ns, Clock},
+    lifecycle::{CloseReason, ConnState, ConnectOutcome, Connection, Endpoint, Tracker},
+    telemetry::Telemetry,
+};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub tracker: Arc<Mutex<Tracker>>,
+    pub telemetry: Arc<Telemetry>,
+    pub clock: Clock,
+}
+
+/// One connection as `/api/v1/connections` shows it. The CLI reads the same
+/// struct back, so the two cannot drift.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub pid: u32,
+    pub process: String,
+    pub fd: i32,
+    /// Kernel time of connect(); with pid and fd it names the connection.
+    pub generation: u64,
+    pub tid: Option<u32>,
+    pub transport: String,
+    pub local_address: Option<String>,
+    pub local_port: Option<u16>,
+    pub remote_address: String,
+    pub remote_port: Option<u16>,
+    pub state: ConnState,
+    pub connect_result: Option<ConnectOutcome>,
+    pub opened_at: String,
+    pub connect_latency_seconds: Option<f64>,
+    pub peer_closed_at: Option<String>,
+    pub closed_at: Option<String>,
+    pub close_reason: Option<CloseReason>,
+    pub lifetime_seconds: f64,
+    pub seen_at_start: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionsResponse {
+    pub connections: Vec<ConnectionView>,
+}
+
+pub fn connection_view(conn: &Connection, clock: &Clock, now_ns: u64) -> ConnectionView {
+    let (remote_address, remote_port) = match &conn.remote {
+        Endpoint::Inet(sa) => (sa.ip().to_string(), Some(sa.port())),
+        Endpoint::Unix(path) => (path.clone(), None),
+    };
+    ConnectionView {
+        pid: conn.id.pid,
+        process: conn.comm.clone(),
+        fd: conn.id.fd,
+        generation: conn.id.generation,
+        tid: conn.tid,
+        transport: conn.remote.transport().to_string(),
+        local_address: conn.local.map(|sa| sa.ip().to_string()),
+        local_port: conn.local.map(|sa| sa.port()),
+        remote_address,
+        remote_port,
+        state: conn.state,
+        connect_result: conn.outcome,
+        opened_at: clock.rfc3339(conn.opened_at_ns),
+        connect_latency_seconds: conn.connect_latency_ns.map(|ns| ns as f64 / 1e9),
+        peer_closed_at: conn.peer_closed_at_ns.map(|ns| clock.rfc3339(ns)),
+        closed_at: conn.closed_at_ns.map(|ns| clock.rfc3339(ns)),
+        close_reason: conn.close_reason,
+        lifetime_seconds: conn.lifetime_ns(now_ns) as f64 / 1e9,
+        seen_at_start: conn.seen_at_start,
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/api/v1/connections", get(connections))
+        .with_state(state)
+}
+
+pub async fn serve(listen: SocketAddr, state: ApiState) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    log::info!("HTTP API on http://{listen} (/metrics, /healthz, /api/v1/connections)");
+    axum::serve(listener, router(state))
+        .await
+        .map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    match state.telemetry.render_prometheus() {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+    }
+}
+
+async fn connections(State(state): State<ApiState>) -> Response {
+    let now = monotonic_ns();
+    let Ok(tracker) = state.tracker.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "tracker lock poisoned\n").into_response();
+    };
+    let mut connections: Vec<ConnectionView> = tracker
+        .open_connections()
+        .chain(tracker.closed_connections())
+        .map(|c| connection_view(c, &state.clock, now))
+        .collect();
+    connections.sort_by(|a, b| (a.pid, a.fd, a.generation).cmp(&(b.pid, b.fd, b.generation)));
+    Json(ConnectionsResponse { connections }).into_response()
+}

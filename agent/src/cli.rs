@@ -1,0 +1,150 @@
+//! Command-line interface: `run`, `check`, and the commands that read a
+//! running agent's API.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    api::{ConnectionView, ConnectionsResponse},
+    config::Overrides,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "poolscope", version, about = "See database connection pools from the kernel")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the kernel probes and serve metrics and the API (needs root).
+    Run(RunArgs),
+    /// Report what this kernel supports, one line per feature.
+    Check,
+    /// Show the connections a running agent tracks.
+    Connections(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long, short = 'c', env = "POOLSCOPE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP listener (metrics and API).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Size of the kernel ring buffer in bytes (a power of two, >= 4096).
+    #[arg(long)]
+    pub ring_buffer_bytes: Option<u32>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+impl RunArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            ring_buffer_bytes: self.ring_buffer_bytes,
+            log_level: self.log_level.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Address of the running agent's HTTP listener.
+    #[arg(long, default_value = "127.0.0.1:9464", env = "POOLSCOPE_AGENT")]
+    pub agent: SocketAddr,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A minimal HTTP/1.0 GET: the CLI only ever talks to a local agent.
+pub fn http_get(agent: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let unreachable = || format!("cannot reach the agent at {agent}; is `poolscope run` running?");
+    let mut stream =
+        TcpStream::connect_timeout(&agent, Duration::from_secs(3)).with_context(unreachable)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {agent}\r\n\r\n").with_context(unreachable)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).with_context(unreachable)?;
+    let text = String::from_utf8_lossy(&raw);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("the agent at {agent} sent a malformed response");
+    };
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        bail!("the agent at {agent} answered {status} for {path}");
+    }
+    Ok(body.to_string())
+}
+
+pub fn connections(args: &ClientArgs) -> anyhow::Result<()> {
+    let body = http_get(args.agent, "/api/v1/connections")?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let response: ConnectionsResponse =
+        serde_json::from_str(&body).context("the agent's /api/v1/connections is not valid JSON")?;
+    print!("{}", connections_table(&response.connections));
+    Ok(())
+}
+
+fn endpoint(address: Option<&str>, port: Option<u16>) -> String {
+    match (address, port) {
+        (Some(a), Some(p)) if a.contains(':') => format!("[{a}]:{p}"),
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        (Some(a), None) => a.to_string(),
+        (None, _) => "-".to_string(),
+    }
+}
+
+pub fn connections_table(rows: &[ConnectionView]) -> String {
+    let mut out = format!(
+        "{:>7} {:<16} {:>4} {:<22} {:<28} {:<12} {:>10} {:>10} {}\n",
+        "PID", "PROCESS", "FD", "LOCAL", "REMOTE", "STATE", "CONNECT", "AGE", "NOTE"
+    );
+    for c in rows {
+        let connect = c
+            .connect_latency_seconds
+            .map(|s| format!("{:.2}ms", s * 1e3))
+            .unwrap_or_else(|| "-".into());
+        let state = serde_json::to_value(c.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut note = Vec::new();
+        if c.seen_at_start {
+            note.push("seen-at-start".to_string());
+        }
+        if let Some(result) = c.connect_result {
+            if result != crate::lifecycle::ConnectOutcome::Ok {
+                note.push(result.as_str().to_string());
+            }
+        }
+        out.push_str(&format!(
+            "{:>7} {:<16} {:>4} {:<22} {:<28} {:<12} {:>10} {:>9.1}s {}\n",
+            c.pid,
+            c.process,
+            c.fd,
+            endpoint(c.local_address.as_deref(), c.local_port),
+            endpoint(Some(&c.remote_address), c.remote_port),
+            state,
+            connect,
+            c.lifetime_seconds,
+            note.join(",")
+        ));
+    }
+    out
+}

@@ -1,0 +1,671 @@
+//! The agent's configuration: a TOML file, overridden by command-line flags.
+//!
+//! Every section has defaults, so an empty file (or no file) is a valid
+//! configuration. Errors name the offending key and its line so that an
+//! operator can fix the file without reading the source.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Log levels accepted in `[log] level` and `--log-level`.
+pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
+
+// Field lists per section, used to say what was expected after an unknown key.
+// Kept next to the structs; a test checks they match what serde accepts.
+const TOP_KEYS: &[&str] = &["http", "kernel", "tracking", "log"];
+const HTTP_KEYS: &[&str] = &["listen"];
+const KERNEL_KEYS: &[&str] = &["ring_buffer_bytes", "mount_tracefs"];
+const TRACKING_KEYS: &[&str] = &[
+    "closed_retention_seconds",
+    "max_closed",
+    "max_series",
+    "seed_from_proc",
+];
+const LOG_KEYS: &[&str] = &["level"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub kernel: KernelConfig,
+    pub tracking: TrackingConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP API, `/metrics` and the web view.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelConfig {
+    /// Size of each BPF ring buffer; the kernel requires a power of two that
+    /// is a multiple of the page size (4096).
+    pub ring_buffer_bytes: u32,
+    /// Mount tracefs at /sys/kernel/tracing if it is not mounted yet.
+    pub mount_tracefs: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// How long closed connections stay visible in the API.
+    pub closed_retention_seconds: u64,
+    /// At most this many closed connections are kept.
+    pub max_closed: usize,
+    /// Cardinality bound for per-process/server metric series.
+    pub max_series: usize,
+    /// Seed connections that already exist at start from /proc.
+    pub seed_from_proc: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// One of [`LOG_LEVELS`].
+    pub level: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9464)),
+        }
+    }
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            ring_buffer_bytes: 1 << 20,
+            mount_tracefs: true,
+        }
+    }
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        Self {
+            closed_retention_seconds: 300,
+            max_closed: 4096,
+            max_series: 2000,
+            seed_from_proc: true,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http: HttpConfig::default(),
+            kernel: KernelConfig::default(),
+            tracking: TrackingConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Values given on the command line; each one that is set replaces the file's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub ring_buffer_bytes: Option<u32>,
+    pub log_level: Option<String>,
+}
+
+/// A validation failure: which key (`section.key`) and why.
+#[derive(Debug)]
+struct Invalid {
+    section: &'static str,
+    key: &'static str,
+    reason: String,
+}
+
+impl Config {
+    /// Parses and validates a configuration file's text. `origin` names the
+    /// file in error messages.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| describe_toml_error(text, origin, &e))?;
+        config.log.level = config.log.level.to_ascii_lowercase();
+        config.validate().map_err(|invalid| {
+            // Point at the key's line; the probe cannot fail on text that
+            // just deserialized, but degrade to no line rather than panic.
+            let line = key_sites(text)
+                .into_iter()
+                .find(|site| site.path == [invalid.section, invalid.key])
+                .map(|site| line_of(text, site.key.start));
+            anyhow!(
+                "{}bad value for `{}` in [{}]: {}",
+                location(origin, line),
+                invalid.key,
+                invalid.section,
+                invalid.reason
+            )
+        })?;
+        Ok(config)
+    }
+
+    /// Loads the file at `path`, or the defaults when there is none.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        // One sentence with the path and the OS reason, whatever `{}`/`{:#}`
+        // the caller uses to print it.
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("cannot read config file {}: {e}", path.display()))?;
+        Config::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Applies command-line overrides (they win over the file) and validates
+    /// the result again.
+    pub fn apply(&mut self, o: &Overrides) -> Result<()> {
+        if let Some(listen) = o.listen {
+            self.http.listen = listen;
+        }
+        if let Some(bytes) = o.ring_buffer_bytes {
+            self.kernel.ring_buffer_bytes = bytes;
+        }
+        if let Some(level) = &o.log_level {
+            self.log.level = level.to_ascii_lowercase();
+        }
+        self.validate().map_err(|invalid| {
+            anyhow!(
+                "bad value for `{}` in [{}] (after command-line overrides): {}",
+                invalid.key,
+                invalid.section,
+                invalid.reason
+            )
+        })
+    }
+
+    fn validate(&self) -> std::result::Result<(), Invalid> {
+        let bytes = self.kernel.ring_buffer_bytes;
+        if !bytes.is_power_of_two() || bytes % 4096 != 0 {
+            return Err(Invalid {
+                section: "kernel",
+                key: "ring_buffer_bytes",
+                reason: format!(
+                    "{bytes} is not a power of two that is a multiple of 4096 \
+                     (e.g. 262144, 1048576)"
+                ),
+            });
+        }
+        if !LOG_LEVELS.contains(&self.log.level.as_str()) {
+            return Err(Invalid {
+                section: "log",
+                key: "level",
+                reason: format!(
+                    "{:?} is not one of {}",
+                    self.log.level,
+                    LOG_LEVELS.join("|")
+                ),
+            });
+        }
+        // Zero series would silently drop every per-process metric.
+        if self.tracking.max_series == 0 {
+            return Err(Invalid {
+                section: "tracking",
+                key: "max_series",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `config PATH line N: ` (or without the line when unknown).
+fn location(origin: &str, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("config {origin} line {line}: "),
+        None => format!("config {origin}: "),
+    }
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Keys expected in the table at `section` (empty path: the top level).
+fn expected_keys(section: &[String]) -> Option<&'static [&'static str]> {
+    match section {
+        [] => Some(TOP_KEYS),
+        [s] => match s.as_str() {
+            "http" => Some(HTTP_KEYS),
+            "kernel" => Some(KERNEL_KEYS),
+            "tracking" => Some(TRACKING_KEYS),
+            "log" => Some(LOG_KEYS),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn table_name(section: &[String]) -> String {
+    if section.is_empty() {
+        "at the top level".to_owned()
+    } else {
+        format!("in [{}]", section.join("."))
+    }
+}
+
+/// Rewrites a toml/serde error into `config ORIGIN line N: ...` naming the key.
+fn describe_toml_error(text: &str, origin: &str, err: &toml::de::Error) -> anyhow::Error {
+    // Multi-line parser messages ("invalid string\nexpected ...") read better
+    // on one line in logs.
+    let message = err.message().trim().replace('\n', "; ");
+    let Some(span) = err.span() else {
+        return anyhow!("{}{message}", location(origin, None));
+    };
+    let line = Some(line_of(text, span.start));
+    let at = location(origin, line);
+    // The error span covers the key (unknown field) or the value (wrong
+    // type); find the most deeply nested key whose key or value holds it.
+    // A syntax error makes the probe fail, and then the message stands alone.
+    let sites = key_sites(text);
+    let site = sites
+        .iter()
+        .filter(|s| s.key.contains(&span.start) || s.value.contains(&span.start))
+        .max_by_key(|s| s.path.len());
+    let Some(site) = site else {
+        return anyhow!("{at}{message}");
+    };
+    let (key, section) = match site.path.split_last() {
+        Some((key, section)) => (key, section),
+        None => return anyhow!("{at}{message}"),
+    };
+    if message.starts_with("unknown field") && site.key.contains(&span.start) {
+        return match expected_keys(section) {
+            Some(expected) => anyhow!(
+                "{at}unknown key `{key}` {} (expected one of: {})",
+                table_name(section),
+                expected.join(", ")
+            ),
+            None => anyhow!("{at}unknown key `{key}` {}", table_name(section)),
+        };
+    }
+    if section.is_empty() && message.starts_with("invalid type") {
+        // serde would say "expected struct HttpConfig"; say what to write.
+        return anyhow!("{at}`{key}` must be a table ([{key}])");
+    }
+    anyhow!(
+        "{at}bad value for `{key}` {}: {message}",
+        table_name(section)
+    )
+}
+
+/// Where a key and its value sit in the text, with the full key path.
+#[derive(Debug)]
+struct KeySite {
+    path: Vec<String>,
+    key: Range<usize>,
+    value: Range<usize>,
+}
+
+/// Lists every key of the document with its spans, so that errors (whose
+/// spans toml gives without the key path) can be mapped back to a key.
+/// Returns nothing if the text is not valid TOML.
+fn key_sites(text: &str) -> Vec<KeySite> {
+    let mut sites = Vec::new();
+    if let Ok(Probe::Table(entries)) = toml::from_str::<Probe>(text) {
+        flatten(&mut Vec::new(), entries, &mut sites);
+    }
+    sites
+}
+
+fn flatten(
+    prefix: &mut Vec<String>,
+    entries: Vec<(Spanned<String>, Spanned<Probe>)>,
+    out: &mut Vec<KeySite>,
+) {
+    for (key, value) in entries {
+        let key_span = key.span();
+        let value_span = value.span();
+        prefix.push(key.into_inner());
+        out.push(KeySite {
+            path: prefix.clone(),
+            key: key_span,
+            value: value_span,
+        });
+        if let Probe::Table(inner) = value.into_inner() {
+            flatten(prefix, inner, out);
+        }
+        prefix.pop();
+    }
+}
+
+/// A TOML value reduced to its table structure with spans.
+enum Probe {
+    Leaf,
+    Table(Vec<(Spanned<String>, Spanned<Probe>)>),
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ProbeVisitor)
+    }
+}
+
+struct ProbeVisitor;
+
+impl<'de> Visitor<'de> for ProbeVisitor {
+    type Value = Probe;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any TOML value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Probe, E> {
+        Ok(Probe::Leaf)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Probe, E> {
+        Ok(Probe::Leaf)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Probe, E> {
+        Ok(Probe::Leaf)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Probe, E> {
+        Ok(Probe::Leaf)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Probe, E> {
+        Ok(Probe::Leaf)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Probe, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Probe::Leaf)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+        let mut entries = Vec::new();
+        loop {
+            // A datetime also arrives as a map, but its key carries no span;
+            // treat it as a leaf instead of failing the whole probe.
+            let key = match map.next_key::<Spanned<String>>() {
+                Ok(Some(key)) => key,
+                Ok(None) => break,
+                Err(_) => return Ok(Probe::Leaf),
+            };
+            let value = map.next_value::<Spanned<Probe>>()?;
+            entries.push((key, value));
+        }
+        Ok(Probe::Table(entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+[http]
+listen = "0.0.0.0:9000"
+
+[kernel]
+ring_buffer_bytes = 262144
+mount_tracefs = false
+
+[tracking]
+closed_retention_seconds = 60
+max_closed = 10
+max_series = 50
+seed_from_proc = false
+
+[log]
+level = "debug"
+"#;
+
+    fn full() -> Config {
+        Config {
+            http: HttpConfig {
+                listen: "0.0.0.0:9000".parse().expect("addr"),
+            },
+            kernel: KernelConfig {
+                ring_buffer_bytes: 262144,
+                mount_tracefs: false,
+            },
+            tracking: TrackingConfig {
+                closed_retention_seconds: 60,
+                max_closed: 10,
+                max_series: 50,
+                seed_from_proc: false,
+            },
+            log: LogConfig {
+                level: "debug".to_owned(),
+            },
+        }
+    }
+
+    fn err(text: &str) -> String {
+        match Config::from_toml_str(text, "/etc/poolscope.toml") {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.http.listen, "127.0.0.1:9464".parse().expect("addr"));
+        assert_eq!(c.kernel.ring_buffer_bytes, 1024 * 1024);
+        assert!(c.kernel.mount_tracefs);
+        assert_eq!(c.tracking.closed_retention_seconds, 300);
+        assert_eq!(c.tracking.max_closed, 4096);
+        assert_eq!(c.tracking.max_series, 2000);
+        assert!(c.tracking.seed_from_proc);
+        assert_eq!(c.log.level, "info");
+        assert_eq!(Config::from_toml_str("", "x").expect("empty"), c);
+        assert_eq!(Config::load(None).expect("none"), c);
+        // A partial section keeps the other defaults of that section.
+        let c = Config::from_toml_str("[kernel]\nmount_tracefs = false\n", "x").expect("partial");
+        assert_eq!(c.kernel.ring_buffer_bytes, 1024 * 1024);
+        assert!(!c.kernel.mount_tracefs);
+    }
+
+    #[test]
+    fn full_file_round_trip() {
+        assert_eq!(Config::from_toml_str(FULL, "x").expect("full"), full());
+        let text = toml::to_string(&full()).expect("serialize");
+        assert_eq!(Config::from_toml_str(&text, "x").expect("again"), full());
+        let text = toml::to_string(&Config::default()).expect("serialize");
+        assert_eq!(
+            Config::from_toml_str(&text, "x").expect("defaults"),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn key_lists_match_the_structs() {
+        // Every listed key is accepted where it is listed...
+        let text = toml::to_string(&Config::default()).expect("serialize");
+        let value: toml::Table = text.parse().expect("parse");
+        let mut top: Vec<_> = value.keys().cloned().collect();
+        top.sort();
+        let mut want: Vec<_> = TOP_KEYS.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(top, want);
+        for section in TOP_KEYS {
+            let table = value[*section].as_table().expect("table");
+            let mut got: Vec<_> = table.keys().cloned().collect();
+            got.sort();
+            let mut want: Vec<_> = expected_keys(&[section.to_string()])
+                .expect("known")
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            want.sort();
+            assert_eq!(got, want, "[{section}]");
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        assert_eq!(
+            err("# poolscope\n[http]\nlistn = \"127.0.0.1:1\"\n"),
+            "config /etc/poolscope.toml line 3: unknown key `listn` in [http] \
+             (expected one of: listen)"
+        );
+        assert_eq!(
+            err("[kernel]\nring_buffer_bytes = 4096\n\n[htp]\n"),
+            "config /etc/poolscope.toml line 4: unknown key `htp` at the top level \
+             (expected one of: http, kernel, tracking, log)"
+        );
+        // Inline tables and dotted keys are located just as well.
+        assert_eq!(
+            err("log = { level = \"info\", colour = true }\n"),
+            "config /etc/poolscope.toml line 1: unknown key `colour` in [log] \
+             (expected one of: level)"
+        );
+        assert_eq!(
+            err("\n\ntracking.max_clsed = 3\n"),
+            "config /etc/poolscope.toml line 3: unknown key `max_clsed` in [tracking] \
+             (expected one of: closed_retention_seconds, max_closed, max_series, \
+             seed_from_proc)"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = err("[kernel]\n\nring_buffer_bytes = \"big\"\n");
+        assert!(
+            e.starts_with(
+                "config /etc/poolscope.toml line 3: bad value for `ring_buffer_bytes` \
+                 in [kernel]: invalid type: string \"big\""
+            ),
+            "{e}"
+        );
+        let e = err("[http]\nlisten = \"localhost\"\n");
+        assert!(
+            e.starts_with("config /etc/poolscope.toml line 2: bad value for `listen` in [http]"),
+            "{e}"
+        );
+        let e = err("[tracking]\nmax_closed = -1\n");
+        assert!(
+            e.starts_with("config /etc/poolscope.toml line 2: bad value for `max_closed`"),
+            "{e}"
+        );
+        // A datetime where a number belongs still names the key.
+        let e = err("[tracking]\nmax_closed = 1979-05-27T07:32:00Z\n");
+        assert!(
+            e.starts_with("config /etc/poolscope.toml line 2: bad value for `max_closed`"),
+            "{e}"
+        );
+        assert_eq!(
+            err("\nhttp = 5\n"),
+            "config /etc/poolscope.toml line 2: `http` must be a table ([http])"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let e = err("[http]\nlisten = \n");
+        assert!(e.starts_with("config /etc/poolscope.toml line 2: "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = err("[kernel]\nmount_tracefs = true\nmount_tracefs = false\n");
+        assert!(e.starts_with("config /etc/poolscope.toml line 3: "), "{e}");
+        assert!(e.contains("mount_tracefs"), "{e}");
+    }
+
+    #[test]
+    fn invalid_ring_buffer_size() {
+        assert_eq!(
+            err("[log]\nlevel = \"info\"\n[kernel]\nring_buffer_bytes = 100000\n"),
+            "config /etc/poolscope.toml line 4: bad value for `ring_buffer_bytes` in \
+             [kernel]: 100000 is not a power of two that is a multiple of 4096 \
+             (e.g. 262144, 1048576)"
+        );
+        // Powers of two below a page are rejected too, and zero.
+        assert!(err("kernel.ring_buffer_bytes = 2048").contains("line 1"));
+        assert!(err("kernel.ring_buffer_bytes = 0").contains("ring_buffer_bytes"));
+        assert!(Config::from_toml_str("kernel.ring_buffer_bytes = 4096", "x").is_ok());
+    }
+
+    #[test]
+    fn invalid_log_level_and_series() {
+        assert_eq!(
+            err("[log]\n\nlevel = \"loud\"\n"),
+            "config /etc/poolscope.toml line 3: bad value for `level` in [log]: \
+             \"loud\" is not one of error|warn|info|debug|trace"
+        );
+        let c = Config::from_toml_str("[log]\nlevel = \"WARN\"\n", "x").expect("upper");
+        assert_eq!(c.log.level, "warn");
+        assert!(err("[tracking]\nmax_series = 0\n").contains("line 2"));
+    }
+
+    #[test]
+    fn overrides_win() {
+        let mut c = Config::from_toml_str(FULL, "x").expect("full");
+        c.apply(&Overrides::default()).expect("no overrides");
+        assert_eq!(c, full());
+        c.apply(&Overrides {
+            listen: Some("[::1]:8080".parse().expect("addr")),
+            ring_buffer_bytes: Some(1 << 22),
+            log_level: Some("Trace".to_owned()),
+        })
+        .expect("overrides");
+        assert_eq!(c.http.listen, "[::1]:8080".parse().expect("addr"));
+        assert_eq!(c.kernel.ring_buffer_bytes, 1 << 22);
+        assert_eq!(c.log.level, "trace");
+        assert_eq!(c.tracking, full().tracking);
+
+        let e = c
+            .apply(&Overrides {
+                ring_buffer_bytes: Some(5000),
+                ..Overrides::default()
+            })
+            .expect_err("bad override");
+        assert!(e.to_string().contains("ring_buffer_bytes"), "{e}");
+        let e = c
+            .apply(&Overrides {
+                log_level: Some("chatty".to_owned()),
+                ..Overrides::default()
+            })
+            .expect_err("bad level");
+        assert!(e.to_string().contains("chatty"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_file_names_the_path() {
+        let path = std::env::temp_dir().join(format!(
+            "poolscope-config-missing-{}.toml",
+            std::process::id()
+        ));
+        let e = Config::load(Some(&path)).expect_err("missing");
+        let text = e.to_string();
+        assert!(text.starts_with("cannot read config file "), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+
+        let path = std::env::temp_dir().join(format!(
+            "poolscope-config-ok-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, "[http]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").expect("write");
+        let e = Config::load(Some(&path)).expect_err("bogus");
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            e.to_string()
+                .starts_with(&format!("config {} line 3: unknown key `bogus`", path.display())),
+            "{e}"
+        );
+    }
+}

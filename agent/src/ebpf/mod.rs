@@ -1,0 +1,342 @@
+//! The only module that talks to aya: prerequisites, loading, attaching, the
+//! ring-buffer reader and the per-CPU counters.
+
+use std::{
+    fs,
+    os::fd::OwnedFd,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use agent_common::{names, stat, ConnInfo, ConnKey, TRACEPOINTS};
+use anyhow::{bail, Context};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::telemetry::KernelCounters;
+
+/// The kernel programs, built by build.rs.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Capability numbers from linux/capability.h.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Effective capabilities of this process, from /proc/self/status.
+pub fn effective_capabilities() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn has_capability(caps: u64, cap: u32) -> bool {
+    caps & (1u64 << cap) != 0
+}
+
+/// Names the capabilities that loading the probes needs and we lack.
+pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    // CAP_SYS_ADMIN alone also allows everything on older kernels.
+    if !has_capability(caps, CAP_SYS_ADMIN) {
+        if !has_capability(caps, CAP_BPF) {
+            missing.push("CAP_BPF");
+        }
+        if !has_capability(caps, CAP_PERFMON) {
+            missing.push("CAP_PERFMON");
+        }
+    }
+    missing
+}
+
+/// Whether tracefs is mounted, and whether we had to mount it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TracefsStatus {
+    AlreadyMounted,
+    MountedByUs,
+}
+
+fn tracefs_mounted() -> bool {
+    Path::new(TRACEFS).join("events").is_dir()
+}
+
+/// Tracepoints need tracefs; hosts and containers often lack the mount.
+pub fn ensure_tracefs(may_mount: bool) -> anyhow::Result<TracefsStatus> {
+    if tracefs_mounted() {
+        return Ok(TracefsStatus::AlreadyMounted);
+    }
+    if !may_mount {
+        bail!("tracefs is not mounted at {TRACEFS} and kernel.mount_tracefs is false; mount it with `mount -t tracefs nodev {TRACEFS}`");
+    }
+    let target = std::ffi::CString::new(TRACEFS).context("tracefs path")?;
+    let fstype = std::ffi::CString::new("tracefs").context("fs type")?;
+    let source = std::ffi::CString::new("nodev").context("source")?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!("tracefs is not mounted at {TRACEFS} and mounting it failed ({err}); mount it with `mount -t tracefs nodev {TRACEFS}`");
+    }
+    if !tracefs_mounted() {
+        bail!("mounted tracefs at {TRACEFS} but it has no events/ directory");
+    }
+    Ok(TracefsStatus::MountedByUs)
+}
+
+/// Loaded and attached kernel programs.
+pub struct KernelProbes {
+    ebpf: Ebpf,
+    ring_buffer_bytes: u32,
+    /// Keeps BPF run-time statistics enabled while we live (None when refused).
+    _stats: Option<OwnedFd>,
+}
+
+/// Turns a load failure into one sentence a user can act on.
+fn explain_load_error(err: &aya::EbpfError) -> String {
+    let text = err.to_string();
+    let lower = format!("{err:?}").to_lowercase();
+    if lower.contains("operation not permitted") || lower.contains("eperm") {
+        format!("the kernel refused to load poolscope's probes (permission denied: {text}); run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN")
+    } else if lower.contains("function not implemented") || lower.contains("enosys") {
+        "this kernel has no BPF support (bpf() is not implemented)".to_string()
+    } else {
+        format!("cannot load poolscope's kernel probes: {text}")
+    }
+}
+
+impl KernelProbes {
+    /// Loads the programs with our own pid filtered out and attaches every
+    /// tracepoint. Fails with one clear sentence on missing prerequisites.
+    pub fn load(ring_buffer_bytes: u32) -> anyhow::Result<KernelProbes> {
+        let missing = missing_capabilities(effective_capabilities());
+        if !missing.is_empty() {
+            bail!(
+                "poolscope needs root (or {}) to load its kernel probes; run it with sudo",
+                missing.join(", ")
+            );
+        }
+        let own_tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::AGENT_TGID, &own_tgid, true)
+            .map_max_entries(names::EVENTS, ring_buffer_bytes)
+            .load(KERNEL_OBJECT)
+            .map_err(|e| anyhow::anyhow!(explain_load_error(&e)))?;
+        for (program, category, tracepoint) in TRACEPOINTS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .with_context(|| format!("kernel object has no program {program}"))?
+                .try_into()
+                .with_context(|| format!("{program} is not a tracepoint program"))?;
+            prog.load()
+                .with_context(|| format!("the kernel refused program {program}"))?;
+            prog.attach(category, tracepoint).with_context(|| {
+                format!("cannot attach to tracepoint {category}:{tracepoint}")
+            })?;
+        }
+        // Per-program run time, where the kernel allows it (5.8+).
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        Ok(KernelProbes {
+            ebpf,
+            ring_buffer_bytes,
+            _stats: stats,
+        })
+    }
+
+    /// The event ring buffer, ready for async reading. Call once.
+    pub fn take_events(&mut self) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .context("kernel object has no EVENTS map")?;
+        let ring = RingBuf::try_from(map).context("EVENTS is not a ring buffer")?;
+        // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns
+        // the RingBuf, and always reports that same fd.
+        unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {}", e))
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> anyhow::Result<KernelCounters> {
+        let map = self
+            .ebpf
+            .map(names::STATS)
+            .context("kernel object has no STATS map")?;
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let sum = |index: u32| -> anyhow::Result<u64> {
+            Ok(stats.get(&index, 0)?.iter().sum())
+        };
+        let max = |index: u32| -> anyhow::Result<u64> {
+            Ok(stats.get(&index, 0)?.iter().copied().max().unwrap_or(0))
+        };
+        Ok(KernelCounters {
+            dropped_events: sum(stat::DROPPED_EVENTS)?,
+            ringbuf_pending_bytes: max(stat::RINGBUF_PENDING_BYTES)?,
+            ringbuf_size_bytes: u64::from(self.ring_buffer_bytes),
+            pending_insert_failed: sum(stat::PENDING_INSERT_FAILED)?,
+        })
+    }
+
+    /// Tells the kernel about a connection found in /proc, so that its
+    /// close is reported. Generation 0 marks it as seeded.
+    pub fn track_seeded(&mut self, pid: u32, fd: i32) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(names::CONNS)
+            .context("kernel object has no CONNS map")?;
+        let mut conns: BpfHashMap<&mut MapData, ConnKey, ConnInfo> = BpfHashMap::try_from(map)?;
+        let key = ConnKey {
+            tgid: pid,
+            fd: fd as u32,
+        };
+        // BPF_NOEXIST: a connect the kernel saw after attaching wins.
+        const BPF_NOEXIST: u64 = 1;
+        match conns.insert(key, ConnInfo { conn_start_ns: 0 }, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Forgets a connection in the kernel's filter (its process exited
+    /// without closing it, so no close() will remove it).
+    pub fn forget(&mut self, pid: u32, fd: i32) {
+        let Some(map) = self.ebpf.map_mut(names::CONNS) else {
+            return;
+        };
+        if let Ok(mut conns) = BpfHashMap::<&mut MapData, ConnKey, ConnInfo>::try_from(map) {
+            let _ = conns.remove(&ConnKey {
+                tgid: pid,
+                fd: fd as u32,
+            });
+        }
+    }
+}
+
+/// What `poolscope check` reports for one thing it looked at.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    pub ok: bool,
+    pub what: String,
+    pub detail: String,
+}
+
+/// Checks the kernel's support for what poolscope uses, one line each.
+pub fn check_kernel() -> Vec<CheckLine> {
+    let mut lines = Vec::new();
+    let line = |ok: bool, what: &str, detail: String| CheckLine {
+        ok,
+        what: what.to_string(),
+        detail,
+    };
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    lines.push(line(true, "kernel", release));
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    lines.push(line(
+        btf,
+        "BTF",
+        if btf {
+            "/sys/kernel/btf/vmlinux present".into()
+        } else {
+            "no /sys/kernel/btf/vmlinux (not needed by the tracepoint path)".into()
+        },
+    ));
+    let caps = effective_capabilities();
+    let missing = missing_capabilities(caps);
+    lines.push(line(
+        missing.is_empty(),
+        "capabilities",
+        if missing.is_empty() {
+            "CAP_BPF/CAP_PERFMON (or CAP_SYS_ADMIN) present".into()
+        } else {
+            format!("missing {}: run as root", missing.join(", "))
+        },
+    ));
+    match ensure_tracefs(true) {
+        Ok(TracefsStatus::AlreadyMounted) => {
+            lines.push(line(true, "tracefs", format!("mounted at {TRACEFS}")))
+        }
+        Ok(TracefsStatus::MountedByUs) => lines.push(line(
+            true,
+            "tracefs",
+            format!("was not mounted; mounted it at {TRACEFS}"),
+        )),
+        Err(e) => lines.push(line(false, "tracefs", format!("{e:#}"))),
+    }
+    let kprobes = Path::new(TRACEFS).join("kprobe_events").exists()
+        || Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();
+    lines.push(line(
+        kprobes,
+        "kprobes",
+        if kprobes {
+            "available (not used: tracepoints are the portable path)".into()
+        } else {
+            "unavailable (CONFIG_KPROBES off); not needed, tracepoints are in use".into()
+        },
+    ));
+    lines.push(fentry_line());
+    match KernelProbes::load(1 << 16) {
+        Ok(_) => {
+            for (program, category, tracepoint) in TRACEPOINTS {
+                lines.push(line(
+                    true,
+                    &format!("tracepoint {category}:{tracepoint}"),
+                    format!("{program} loaded and attached (in use)"),
+                ));
+            }
+        }
+        Err(e) => lines.push(line(false, "tracepoints", format!("{e:#}"))),
+    }
+    lines
+}
+
+/// fentry needs BTF and a kernel that accepts tracing programs; some
+/// kernels (or lockdown) refuse them with EPERM. aya probes with a trivial one.
+fn fentry_line() -> CheckLine {
+    let what = "fentry/fexit".to_string();
+    match aya::sys::is_program_supported(aya::programs::ProgramType::Tracing) {
+        Ok(true) => CheckLine {
+            ok: true,
+            what,
+            detail: "available (not used yet: tracepoints are in use)".into(),
+        },
+        Ok(false) => CheckLine {
+            ok: false,
+            what,
+            detail: "unavailable on this kernel; tracepoints are in use".into(),
+        },
+        Err(e) => CheckLine {
+            ok: false,
+            what,
+            detail: format!("unavailable (loading a probe program failed: {e}); tracepoints are in use"),
+        },
+    }
+}
+
+/// Shared handle for the reader task.
+pub type SharedProbes = Arc<Mutex<KernelProbes>>;

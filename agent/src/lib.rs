@@ -1,0 +1,14 @@
+//! poolscope: sees database connection pools from the kernel and from pool
+//! adapters. The binary (`main.rs`) is a thin shell over this library so that
+//! tests reuse the loader, the tracker and the API.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod ebpf;
+pub mod lifecycle;
+pub mod pipeline;
+pub mod procfs;
+pub mod telemetry;
+pub mod wire;

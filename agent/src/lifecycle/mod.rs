@@ -1,0 +1,239 @@
+//! The connection-lifecycle state machine: pure and synchronous.
+//!
+//! `Tracker::apply(event)` folds one kernel (or seeding) event into the state
+//! of processes and their connections and returns what happened, for the
+//! telemetry layer to count. It never touches the kernel, sockets or /proc,
+//! so every ordering problem is a plain scenario test below.
+//!
+//! A connection is named by [`ConnId`]: (pid, fd) plus a generation, the
+//! kernel time at which its connect() began. The generation is what lets the
+//! tracker tell a reused fd or pid from the connection it replaced, and order
+//! events that arrive out of order from different CPUs.
+
+mod tracker;
+
+pub use tracker::{Tracker, TrackerConfig};
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Identity of one connection. `generation == 0` means seeded from /proc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ConnId {
+    pub pid: u32,
+    pub fd: i32,
+    pub generation: u64,
+}
+
+/// Where a connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    Inet(SocketAddr),
+    Unix(String),
+}
+
+impl Endpoint {
+    /// `server.address` as OpenTelemetry names it.
+    pub fn address(&self) -> String {
+        match self {
+            Endpoint::Inet(sa) => sa.ip().to_string(),
+            Endpoint::Unix(path) => path.clone(),
+        }
+    }
+
+    /// `server.port`; Unix sockets have none.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Endpoint::Inet(sa) => Some(sa.port()),
+            Endpoint::Unix(_) => None,
+        }
+    }
+
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Endpoint::Inet(_) => "tcp",
+            Endpoint::Unix(_) => "unix",
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Inet(sa) => write!(f, "{sa}"),
+            Endpoint::Unix(path) => write!(f, "unix:{path}"),
+        }
+    }
+}
+
+/// One input to the tracker. `ts_ns` is CLOCK_MONOTONIC, as the kernel's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub conn: ConnId,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// connect() returned `ret` (0, -EINPROGRESS or -errno).
+    Connect {
+        tid: u32,
+        ret: i64,
+        remote: Endpoint,
+        comm: String,
+    },
+    /// A TCP state change of a socket. `conn.pid == 0` when the kernel did not
+    /// see the socket connect; the tracker then matches it by address.
+    SockState {
+        old_state: i32,
+        new_state: i32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        reset_received: bool,
+    },
+    /// The fd was closed.
+    Close,
+    /// The process's last thread exited; `conn.fd` is meaningless.
+    ProcessExit { comm: String },
+    /// A connection that existed before the agent started, found in /proc.
+    Seeded {
+        comm: String,
+        local: Option<SocketAddr>,
+        remote: Endpoint,
+        phase: SeededPhase,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeededPhase {
+    Connecting,
+    Established,
+    PeerClosed,
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    /// connect() was called and the handshake has not finished.
+    Connecting,
+    Established,
+    /// The server hung up (TCP CLOSE_WAIT) and the client still holds the fd.
+    PeerClosed,
+    /// connect() failed.
+    Failed,
+    Closed,
+}
+
+/// How a connect() ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectOutcome {
+    Ok,
+    Refused,
+    TimedOut,
+    Unreachable,
+    Error,
+}
+
+impl ConnectOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectOutcome::Ok => "ok",
+            ConnectOutcome::Refused => "refused",
+            ConnectOutcome::TimedOut => "timed_out",
+            ConnectOutcome::Unreachable => "unreachable",
+            ConnectOutcome::Error => "error",
+        }
+    }
+
+    /// Maps a failed connect()'s -errno.
+    pub fn from_errno(ret: i64) -> ConnectOutcome {
+        match -ret {
+            0 => ConnectOutcome::Ok,
+            111 => ConnectOutcome::Refused,                     // ECONNREFUSED
+            110 => ConnectOutcome::TimedOut,                    // ETIMEDOUT
+            101 | 113 | 99 => ConnectOutcome::Unreachable,      // ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL
+            2 => ConnectOutcome::Refused,                       // ENOENT: no Unix socket at that path
+            _ => ConnectOutcome::Error,
+        }
+    }
+}
+
+/// Why a connection left the open set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// close() on the fd.
+    Closed,
+    /// The process exited holding it.
+    ProcessExit,
+    /// The fd number was reused by a newer connection without a close that we
+    /// saw (dup2 over it, close_range, exec with close-on-exec).
+    Replaced,
+    /// connect() failed; the fd may live on but is no connection.
+    ConnectFailed,
+}
+
+/// A connection as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Connection {
+    pub id: ConnId,
+    pub comm: String,
+    /// Thread that called connect(), when known.
+    pub tid: Option<u32>,
+    #[serde(skip)]
+    pub remote: Endpoint,
+    pub local: Option<SocketAddr>,
+    pub state: ConnState,
+    pub outcome: Option<ConnectOutcome>,
+    /// Monotonic time of connect() start (or of the agent's start for seeded ones).
+    pub opened_at_ns: u64,
+    pub connect_latency_ns: Option<u64>,
+    pub peer_closed_at_ns: Option<u64>,
+    pub closed_at_ns: Option<u64>,
+    pub close_reason: Option<CloseReason>,
+    pub seen_at_start: bool,
+}
+
+impl Connection {
+    pub fn lifetime_ns(&self, now_ns: u64) -> u64 {
+        self.closed_at_ns
+            .unwrap_or(now_ns)
+            .saturating_sub(self.opened_at_ns)
+    }
+
+    pub fn is_open(&self) -> bool {
+        !matches!(self.state, ConnState::Closed | ConnState::Failed)
+    }
+}
+
+/// What happened, for the telemetry layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// A connect() reached its final outcome.
+    ConnectFinished {
+        id: ConnId,
+        comm: String,
+        remote: Endpoint,
+        outcome: ConnectOutcome,
+        latency_ns: Option<u64>,
+    },
+    PeerClosed {
+        id: ConnId,
+    },
+    Closed {
+        id: ConnId,
+        comm: String,
+        remote: Endpoint,
+        reason: CloseReason,
+        lifetime_ns: u64,
+        seen_at_start: bool,
+    },
+    /// An event that matched nothing and was dropped (counted, not an error).
+    Unmatched,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,465 @@
+use std::collections::{HashMap, VecDeque};
+
+use agent_common::{tcp_state, EINPROGRESS};
+
+use super::{
+    CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Event, EventKind,
+    Output, SeededPhase,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerConfig {
+    /// How long closed connections stay listed.
+    pub closed_retention_ns: u64,
+    /// At most this many closed connections are kept.
+    pub max_closed: usize,
+    /// How long a process exit is remembered, to place events that arrive
+    /// after it (from another CPU) in the dead process rather than a live one.
+    pub exit_memory_ns: u64,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            closed_retention_ns: 300_000_000_000,
+            max_closed: 4096,
+            exit_memory_ns: 10_000_000_000,
+        }
+    }
+}
+
+/// Processes and their connections.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    config: TrackerConfig,
+    open: HashMap<(u32, i32), Connection>,
+    closed: VecDeque<Connection>,
+    comms: HashMap<u32, String>,
+    exited: HashMap<u32, u64>,
+}
+
+/// How an event's generation relates to the connection now on its (pid, fd).
+enum Slot {
+    Current,
+    /// The open connection is older: it was replaced without a close we saw.
+    Older,
+    /// The open connection is newer: the event is about an earlier one.
+    Newer,
+    Empty,
+}
+
+impl Tracker {
+    pub fn new(config: TrackerConfig) -> Tracker {
+        Tracker {
+            config,
+            ..Tracker::default()
+        }
+    }
+
+    pub fn open_connections(&self) -> impl Iterator<Item = &Connection> {
+        self.open.values()
+    }
+
+    pub fn closed_connections(&self) -> impl Iterator<Item = &Connection> {
+        self.closed.iter()
+    }
+
+    pub fn process_name(&self, pid: u32) -> Option<&str> {
+        self.comms.get(&pid).map(String::as_str)
+    }
+
+    pub fn apply(&mut self, event: Event) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Event { ts_ns, conn, kind } = event;
+        match kind {
+            EventKind::Connect {
+                tid,
+                ret,
+                remote,
+                comm,
+            } => self.on_connect(ts_ns, conn, tid, ret, remote, comm, &mut out),
+            EventKind::SockState {
+                old_state,
+                new_state,
+                local,
+                remote,
+                reset_received,
+            } => {
+                let change = StateChange {
+                    old_state,
+                    new_state,
+                    local,
+                    remote,
+                    reset_received,
+                };
+                self.on_sock_state(ts_ns, conn, change, &mut out)
+            }
+            EventKind::Close => self.on_close(ts_ns, conn, &mut out),
+            EventKind::ProcessExit { .. } => self.on_exit(ts_ns, conn.pid, &mut out),
+            EventKind::Seeded {
+                comm,
+                local,
+                remote,
+                phase,
+            } => self.on_seeded(ts_ns, conn, comm, local, remote, phase, &mut out),
+        }
+        out
+    }
+
+    /// Forgets closed connections and exits older than their retention.
+    pub fn expire(&mut self, now_ns: u64) {
+        let retention = self.config.closed_retention_ns;
+        while let Some(front) = self.closed.front() {
+            let closed_at = front.closed_at_ns.unwrap_or(0);
+            if closed_at.saturating_add(retention) < now_ns
+                || self.closed.len() > self.config.max_closed
+            {
+                self.closed.pop_front();
+            } else {
+                break;
+            }
+        }
+        let memory = self.config.exit_memory_ns;
+        self.exited
+            .retain(|_, exit_ns| exit_ns.saturating_add(memory) >= now_ns);
+    }
+
+    fn slot(&self, conn: ConnId) -> Slot {
+        match self.open.get(&(conn.pid, conn.fd)) {
+            None => Slot::Empty,
+            Some(c) if c.id.generation == conn.generation => Slot::Current,
+            Some(c) if c.id.generation < conn.generation => Slot::Older,
+            Some(_) => Slot::Newer,
+        }
+    }
+
+    fn closed_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
+        self.closed.iter_mut().rev().find(|c| c.id == id)
+    }
+
+    /// When the process is known to have exited after this connection began,
+    /// the connection died with it.
+    fn exited_after(&self, conn: ConnId) -> Option<u64> {
+        self.exited
+            .get(&conn.pid)
+            .copied()
+            .filter(|&exit_ns| exit_ns >= conn.generation)
+    }
+
+    /// Moves a connection out of the open set and reports it.
+    fn finish(
+        &mut self,
+        mut conn: Connection,
+        at_ns: u64,
+        state: ConnState,
+        reason: CloseReason,
+        out: &mut Vec<Output>,
+    ) {
+        conn.state = state;
+        conn.closed_at_ns = Some(at_ns.max(conn.opened_at_ns));
+        conn.close_reason = Some(reason);
+        if state == ConnState::Closed {
+            out.push(Output::Closed {
+                id: conn.id,
+                comm: conn.comm.clone(),
+                remote: conn.remote.clone(),
+                reason,
+                lifetime_ns: conn.lifetime_ns(at_ns),
+                seen_at_start: conn.seen_at_start,
+            });
+        }
+        self.closed.push_back(conn);
+        if self.closed.len() > self.config.max_closed {
+            self.closed.pop_front();
+        }
+    }
+
+    fn take_open(&mut self, pid: u32, fd: i32) -> Option<Connection> {
+        self.open.remove(&(pid, fd))
+    }
+
+    /// Makes room for `conn` on its (pid, fd): an older connection there was
+    /// replaced. Returns false when the slot holds a newer one (stale event).
+    fn claim_slot(&mut self, at_ns: u64, conn: ConnId, out: &mut Vec<Output>) -> bool {
+        match self.slot(conn) {
+            Slot::Current | Slot::Empty => true,
+            Slot::Newer => false,
+            Slot::Older => {
+                if let Some(old) = self.take_open(conn.pid, conn.fd) {
+                    // A /proc snapshot taken after this connect began saw the
+                    // same socket: it was never a separate connection.
+                    let seen_twice = old.seen_at_start && old.opened_at_ns >= conn.generation;
+                    if !seen_twice {
+                        self.finish(old, at_ns, ConnState::Closed, CloseReason::Replaced, out);
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    fn new_connection(&self, id: ConnId, remote: Endpoint, opened_at_ns: u64) -> Connection {
+        Connection {
+            id,
+            comm: self.comms.get(&id.pid).cloned().unwrap_or_default(),
+            tid: None,
+            remote,
+            local: None,
+            state: ConnState::Connecting,
+            outcome: None,
+            opened_at_ns,
+            connect_latency_ns: None,
+            peer_closed_at_ns: None,
+            closed_at_ns: None,
+            close_reason: None,
+            seen_at_start: false,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_connect(
+        &mut self,
+        ts_ns: u64,
+        id: ConnId,
+        tid: u32,
+        ret: i64,
+        remote: Endpoint,
+        comm: String,
+        out: &mut Vec<Output>,
+    ) {
+        if !comm.is_empty() && self.exited_after(id).is_none() {
+            self.comms.insert(id.pid, comm.clone());
+            // A connect newer than a remembered exit means the pid was reused.
+            if self.exited.get(&id.pid).is_some_and(|&e| e < id.generation) {
+                self.exited.remove(&id.pid);
+            }
+        }
+        if !self.claim_slot(id.generation, id, out) {
+            // An older connection's late connect: fill in what we can.
+            if let Some(c) = self.closed_mut(id) {
+                c.tid = Some(tid);
+            }
+            out.push(Output::Unmatched);
+            return;
+        }
+        let mut conn = match self.take_open(id.pid, id.fd) {
+            Some(conn) => conn,
+            None => match self.closed_mut(id) {
+                // Closed before its connect event got here: just complete it.
+                Some(c) => {
+                    c.tid = Some(tid);
+                    c.comm.clone_from(&comm);
+                    return;
+                }
+                None => self.new_connection(id, remote.clone(), id.generation),
+            },
+        };
+        conn.tid = Some(tid);
+        conn.remote = remote;
+        if !comm.is_empty() {
+            conn.comm = comm;
+        }
+        if ret == 0 {
+            if conn.state == ConnState::Connecting {
+                conn.state = ConnState::Established;
+            }
+            self.resolve_outcome(&mut conn, ConnectOutcome::Ok, ts_ns, out);
+        } else if ret != EINPROGRESS {
+            let outcome = ConnectOutcome::from_errno(ret);
+            self.resolve_outcome(&mut conn, outcome, ts_ns, out);
+            self.finish(conn, ts_ns, ConnState::Failed, CloseReason::ConnectFailed, out);
+            return;
+        }
+        self.place(conn, out);
+    }
+
+    /// Records the connect's outcome once; later sources of the same fact
+    /// (connect()'s return and the TCP state change both say it) are ignored.
+    fn resolve_outcome(
+        &self,
+        conn: &mut Connection,
+        outcome: ConnectOutcome,
+        at_ns: u64,
+        out: &mut Vec<Output>,
+    ) {
+        if conn.outcome.is_some() {
+            return;
+        }
+        let latency = at_ns.saturating_sub(conn.id.generation);
+        conn.outcome = Some(outcome);
+        conn.connect_latency_ns = Some(latency);
+        out.push(Output::ConnectFinished {
+            id: conn.id,
+            comm: conn.comm.clone(),
+            remote: conn.remote.clone(),
+            outcome,
+            latency_ns: Some(latency),
+        });
+    }
+
+    /// Puts a connection in the open set, unless its process already exited.
+    fn place(&mut self, conn: Connection, out: &mut Vec<Output>) {
+        match self.exited_after(conn.id) {
+            Some(exit_ns) => {
+                self.finish(conn, exit_ns, ConnState::Closed, CloseReason::ProcessExit, out)
+            }
+            None => {
+                self.open.insert((conn.id.pid, conn.id.fd), conn);
+            }
+        }
+    }
+
+    fn on_sock_state(
+        &mut self,
+        ts_ns: u64,
+        id: ConnId,
+        change: StateChange,
+        out: &mut Vec<Output>,
+    ) {
+        if id.pid == 0 {
+            return self.on_untracked_state(ts_ns, change, out);
+        }
+        if !self.claim_slot(id.generation, id, out) || self.closed_mut(id).is_some() {
+            out.push(Output::Unmatched);
+            return;
+        }
+        let mut conn = match self.take_open(id.pid, id.fd) {
+            Some(conn) => conn,
+            // The state change beat connect()'s return to us: start the
+            // connection here, the connect event completes it.
+            None => self.new_connection(id, Endpoint::Inet(change.remote), id.generation),
+        };
+        if change.local.port() != 0 {
+            conn.local = Some(change.local);
+        }
+        match change.new_state {
+            tcp_state::ESTABLISHED => {
+                if conn.state == ConnState::Connecting {
+                    conn.state = ConnState::Established;
+                }
+                self.resolve_outcome(&mut conn, ConnectOutcome::Ok, ts_ns, out);
+            }
+            tcp_state::CLOSE_WAIT => mark_peer_closed(&mut conn, ts_ns, out),
+            tcp_state::CLOSE if change.old_state == tcp_state::SYN_SENT => {
+                // No errno here: a reset means the server refused, silence
+                // means the SYNs timed out (or an ICMP error, which we can't
+                // tell apart here).
+                let outcome = if change.reset_received {
+                    ConnectOutcome::Refused
+                } else {
+                    ConnectOutcome::TimedOut
+                };
+                self.resolve_outcome(&mut conn, outcome, ts_ns, out);
+                self.finish(conn, ts_ns, ConnState::Failed, CloseReason::ConnectFailed, out);
+                return;
+            }
+            _ => {}
+        }
+        self.place(conn, out);
+    }
+
+    /// A peer hang-up on a socket we did not see connect: match it to a
+    /// seeded connection by its addresses.
+    fn on_untracked_state(&mut self, ts_ns: u64, change: StateChange, out: &mut Vec<Output>) {
+        if change.new_state != tcp_state::CLOSE_WAIT {
+            out.push(Output::Unmatched);
+            return;
+        }
+        let remote = Endpoint::Inet(change.remote);
+        let found = self
+            .open
+            .values_mut()
+            .find(|c| c.local == Some(change.local) && c.remote == remote);
+        match found {
+            Some(conn) => mark_peer_closed(conn, ts_ns, out),
+            None => out.push(Output::Unmatched),
+        }
+    }
+
+    fn on_close(&mut self, ts_ns: u64, id: ConnId, out: &mut Vec<Output>) {
+        match self.slot(id) {
+            Slot::Current => {
+                if let Some(conn) = self.take_open(id.pid, id.fd) {
+                    self.finish(conn, ts_ns, ConnState::Closed, CloseReason::Closed, out);
+                }
+            }
+            Slot::Older => {
+                // We missed this connection's start; what was open there is gone.
+                if let Some(old) = self.take_open(id.pid, id.fd) {
+                    self.finish(old, id.generation, ConnState::Closed, CloseReason::Replaced, out);
+                }
+                out.push(Output::Unmatched);
+            }
+            Slot::Newer | Slot::Empty => out.push(Output::Unmatched),
+        }
+    }
+
+    fn on_exit(&mut self, ts_ns: u64, pid: u32, out: &mut Vec<Output>) {
+        let fds: Vec<i32> = self
+            .open
+            .values()
+            .filter(|c| c.id.pid == pid && c.id.generation <= ts_ns)
+            .map(|c| c.id.fd)
+            .collect();
+        for fd in fds {
+            if let Some(conn) = self.take_open(pid, fd) {
+                self.finish(conn, ts_ns, ConnState::Closed, CloseReason::ProcessExit, out);
+            }
+        }
+        self.exited.insert(pid, ts_ns);
+        self.comms.remove(&pid);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_seeded(
+        &mut self,
+        ts_ns: u64,
+        id: ConnId,
+        comm: String,
+        local: Option<std::net::SocketAddr>,
+        remote: Endpoint,
+        phase: SeededPhase,
+        out: &mut Vec<Output>,
+    ) {
+        // The kernel's view wins over a /proc snapshot taken around the same time.
+        if self.open.contains_key(&(id.pid, id.fd)) || self.exited.contains_key(&id.pid) {
+            out.push(Output::Unmatched);
+            return;
+        }
+        self.comms.entry(id.pid).or_insert_with(|| comm.clone());
+        let mut conn = self.new_connection(id, remote, ts_ns);
+        conn.comm = comm;
+        conn.local = local;
+        conn.seen_at_start = true;
+        match phase {
+            SeededPhase::Connecting => {}
+            SeededPhase::Established => {
+                conn.state = ConnState::Established;
+                conn.outcome = Some(ConnectOutcome::Ok);
+            }
+            SeededPhase::PeerClosed => {
+                conn.state = ConnState::PeerClosed;
+                conn.outcome = Some(ConnectOutcome::Ok);
+                conn.peer_closed_at_ns = Some(ts_ns);
+            }
+        }
+        self.open.insert((id.pid, id.fd), conn);
+    }
+}
+
+struct StateChange {
+    old_state: i32,
+    new_state: i32,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    reset_received: bool,
+}
+
+fn mark_peer_closed(conn: &mut Connection, ts_ns: u64, out: &mut Vec<Output>) {
+    if conn.state == ConnState::PeerClosed {
+        return;
+    }
+    conn.state = ConnState::PeerClosed;
+    conn.peer_closed_at_ns = Some(ts_ns);
+    out.push(Output::PeerClosed { id: conn.id });
+}

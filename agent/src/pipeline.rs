@@ -1,0 +1,218 @@
+//! `poolscope run`: probes -> ring buffer -> decode -> tracker -> telemetry,
+//! plus the HTTP API, until SIGTERM or SIGINT.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    api::{self, ApiState},
+    clock::{monotonic_ns, Clock},
+    config::Config,
+    ebpf::{self, KernelProbes, TracefsStatus},
+    lifecycle::{
+        CloseReason, ConnId, Endpoint, Event, EventKind, Output, SeededPhase, Tracker,
+        TrackerConfig,
+    },
+    procfs::{self, SeededPeer, SeededTcpState},
+    telemetry::{KernelCounters, Observed, Telemetry},
+    wire,
+};
+
+struct Pipeline {
+    tracker: Arc<Mutex<Tracker>>,
+    telemetry: Arc<Telemetry>,
+    probes: Arc<Mutex<KernelProbes>>,
+}
+
+impl Pipeline {
+    /// Applies one event and does what its outputs ask of the kernel side.
+    fn apply(&self, event: Event) {
+        let outputs = match self.tracker.lock() {
+            Ok(mut tracker) => tracker.apply(event),
+            Err(_) => return,
+        };
+        self.telemetry.record(&outputs);
+        for output in &outputs {
+            // An exit closes fds without close(): drop them from the filter.
+            if let Output::Closed {
+                id,
+                reason: CloseReason::ProcessExit,
+                ..
+            } = output
+            {
+                if let Ok(mut probes) = self.probes.lock() {
+                    probes.forget(id.pid, id.fd);
+                }
+            }
+        }
+    }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    match ebpf::ensure_tracefs(config.kernel.mount_tracefs)? {
+        TracefsStatus::AlreadyMounted => {}
+        TracefsStatus::MountedByUs => {
+            log::info!("tracefs was not mounted; mounted it at {}", ebpf::TRACEFS)
+        }
+    }
+    let mut probes = KernelProbes::load(config.kernel.ring_buffer_bytes)?;
+    log::info!(
+        "kernel probes attached: {} tracepoints (kprobes and fentry are not used)",
+        agent_common::TRACEPOINTS.len()
+    );
+    let events = probes.take_events()?;
+    let clock = Clock::new();
+    let tracker = Arc::new(Mutex::new(Tracker::new(TrackerConfig {
+        closed_retention_ns: config.tracking.closed_retention_seconds * 1_000_000_000,
+        max_closed: config.tracking.max_closed,
+        ..TrackerConfig::default()
+    })));
+    let kernel = Arc::new(Mutex::new(KernelCounters::default()));
+    let telemetry = Arc::new(Telemetry::new(Observed {
+        tracker: Arc::clone(&tracker),
+        kernel: Arc::clone(&kernel),
+        max_series: config.tracking.max_series,
+    })?);
+    let pipeline = Arc::new(Pipeline {
+        tracker: Arc::clone(&tracker),
+        telemetry: Arc::clone(&telemetry),
+        probes: Arc::new(Mutex::new(probes)),
+    });
+
+    // Seed after attaching, so nothing closes unseen between scan and attach.
+    if config.tracking.seed_from_proc {
+        seed_from_proc(&pipeline);
+    }
+
+    let reader = tokio::spawn(read_events(events, Arc::clone(&pipeline)));
+    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&pipeline), kernel));
+    let api_state = ApiState {
+        tracker,
+        telemetry: Arc::clone(&telemetry),
+        clock,
+    };
+    let server = tokio::spawn(api::serve(config.http.listen, api_state));
+
+    let result = tokio::select! {
+        r = server => r.context("HTTP task failed")?,
+        r = reader => r.context("event reader failed")?,
+        _ = shutdown_signal() => {
+            log::info!("shutting down");
+            Ok(())
+        }
+    };
+    housekeeping.abort();
+    telemetry.shutdown();
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn seed_from_proc(pipeline: &Pipeline) {
+    let own_pid = std::process::id();
+    let found = procfs::scan_connections(Path::new("/proc"), own_pid);
+    let now = monotonic_ns();
+    let count = found.len();
+    for socket in found {
+        let (local, remote, phase) = match socket.peer {
+            SeededPeer::Tcp {
+                local,
+                remote,
+                state,
+            } => (
+                Some(local),
+                Endpoint::Inet(remote),
+                match state {
+                    SeededTcpState::SynSent => SeededPhase::Connecting,
+                    SeededTcpState::Established => SeededPhase::Established,
+                    SeededTcpState::CloseWait => SeededPhase::PeerClosed,
+                },
+            ),
+            SeededPeer::Unix { path } => (None, Endpoint::Unix(path), SeededPhase::Established),
+        };
+        if let Ok(mut probes) = pipeline.probes.lock() {
+            if let Err(e) = probes.track_seeded(socket.pid, socket.fd) {
+                log::debug!("cannot track seeded fd {} of pid {}: {e:#}", socket.fd, socket.pid);
+            }
+        }
+        pipeline.apply(Event {
+            ts_ns: now,
+            conn: ConnId {
+                pid: socket.pid,
+                fd: socket.fd,
+                generation: 0,
+            },
+            kind: EventKind::Seeded {
+                comm: socket.comm,
+                local,
+                remote,
+                phase,
+            },
+        });
+    }
+    log::info!("seeded {count} existing connections from /proc");
+}
+
+async fn read_events(
+    mut events: AsyncFd<RingBuf<MapData>>,
+    pipeline: Arc<Pipeline>,
+) -> anyhow::Result<()> {
+    loop {
+        let mut guard = events
+            .readable_mut()
+            .await
+            .context("waiting on the ring buffer")?;
+        let ring = guard.get_inner_mut();
+        while let Some(record) = ring.next() {
+            match wire::decode(&record) {
+                Ok(event) => pipeline.apply(event),
+                Err(e) => {
+                    pipeline.telemetry.record_decode_error();
+                    log::debug!("{e}");
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Once a second: refresh kernel counters and forget expired history.
+async fn housekeeping(pipeline: Arc<Pipeline>, kernel: Arc<Mutex<KernelCounters>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let counters = pipeline.probes.lock().ok().map(|p| p.counters());
+        match counters {
+            Some(Ok(c)) => {
+                if let Ok(mut k) = kernel.lock() {
+                    *k = c;
+                }
+            }
+            Some(Err(e)) => log::debug!("cannot read kernel counters: {e:#}"),
+            None => {}
+        }
+        if let Ok(mut tracker) = pipeline.tracker.lock() {
+            tracker.expire(monotonic_ns());
+        }
+    }
+}

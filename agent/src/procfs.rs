@@ -1,0 +1,1128 @@
+//! Seeding from /proc at agent start: client connections that existed before
+//! the probes were attached, plus small process metadata readers.
+//!
+//! Parsing is pure (`&str`/`&[u8]` in, values out) and separate from the thin
+//! I/O layer, which takes a `proc_root` so tests can point it at a fake tree.
+//! A process that cannot be read (it exited, or we lack permission) is
+//! skipped; a scan never fails as a whole.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeededPeer {
+    Tcp {
+        local: SocketAddr,
+        remote: SocketAddr,
+        state: SeededTcpState,
+    },
+    /// `path` is what the server socket was bound to, as given to bind()
+    /// (abstract names start with `@`).
+    Unix { path: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeededTcpState {
+    SynSent,
+    Established,
+    CloseWait,
+}
+
+/// One client socket held by one process. A socket shared by several fds or
+/// processes (dup, fork) appears once per (pid, fd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeededSocket {
+    pub pid: u32,
+    pub fd: i32,
+    pub comm: String,
+    pub inode: u64,
+    pub peer: SeededPeer,
+}
+
+// ---------------------------------------------------------------------------
+// TCP tables (/proc/PID/net/tcp, tcp6)
+// ---------------------------------------------------------------------------
+
+const TCP_ESTABLISHED: u8 = 0x01;
+const TCP_SYN_SENT: u8 = 0x02;
+const TCP_CLOSE_WAIT: u8 = 0x08;
+const TCP_LISTEN: u8 = 0x0A;
+
+/// One row of /proc/net/tcp or tcp6, addresses decoded (IPv4-mapped IPv6
+/// addresses become IPv4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpEntry {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Kernel TCP state number (`st` column).
+    pub state: u8,
+    pub inode: u64,
+}
+
+/// A client connection found in a namespace's TCP tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConnection {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: SeededTcpState,
+}
+
+/// Parses the text of /proc/net/tcp or /proc/net/tcp6. The header and
+/// malformed lines are skipped.
+pub fn parse_tcp_table(text: &str) -> Vec<TcpEntry> {
+    text.lines().filter_map(parse_tcp_line).collect()
+}
+
+fn parse_tcp_line(line: &str) -> Option<TcpEntry> {
+    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+    let fields: Vec<&str> = line.split_whitespace().take(10).collect();
+    if fields.len() < 10 || !fields[0].ends_with(':') {
+        return None;
+    }
+    Some(TcpEntry {
+        local: parse_hex_socket_addr(fields[1])?,
+        remote: parse_hex_socket_addr(fields[2])?,
+        state: u8::from_str_radix(fields[3], 16).ok()?,
+        inode: fields[9].parse().ok()?,
+    })
+}
+
+/// Decodes `HEXIP:HEXPORT` as printed by the kernel. The address words are
+/// printed as host-order u32s of the network-order bytes, so the native
+/// byte order of each word gives back the address bytes (little-endian
+/// words on x86 and arm64: `0100007F` is 127.0.0.1).
+pub fn parse_hex_socket_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(hex_word(ip)?.to_ne_bytes())),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+                let word = hex_word(ip.get(i * 8..i * 8 + 8)?)?;
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            let v6 = Ipv6Addr::from(bytes);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn hex_word(text: &str) -> Option<u32> {
+    // from_str_radix accepts a leading '+'; the kernel never prints one.
+    if text.len() != 8 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(text, 16).ok()
+}
+
+/// Keeps the outbound connections (SYN_SENT, ESTABLISHED, CLOSE_WAIT) of one
+/// network namespace, keyed by socket inode. `entries` should hold both the
+/// tcp and tcp6 tables of that namespace: a dual-stack `::` listener
+/// accepts IPv4 connections, which the kernel lists in tcp6.
+///
+/// A socket is inbound (accepted by a local server) when its local port is
+/// the port of a LISTEN socket bound to the same address or a wildcard.
+pub fn outbound_connections(entries: &[TcpEntry]) -> HashMap<u64, TcpConnection> {
+    let listeners: Vec<SocketAddr> = entries
+        .iter()
+        .filter(|e| e.state == TCP_LISTEN)
+        .map(|e| e.local)
+        .collect();
+    let accepted_by_listener = |local: SocketAddr| {
+        listeners.iter().any(|l| {
+            l.port() == local.port()
+                && match l.ip() {
+                    // 0.0.0.0 takes only IPv4; :: takes IPv6 and (unless
+                    // V6ONLY, which /proc does not show) IPv4 too.
+                    IpAddr::V4(ip) if ip.is_unspecified() => local.is_ipv4(),
+                    IpAddr::V6(ip) if ip.is_unspecified() => true,
+                    ip => ip == local.ip(),
+                }
+        })
+    };
+    entries
+        .iter()
+        .filter(|e| e.inode != 0)
+        .filter_map(|e| {
+            let state = match e.state {
+                TCP_ESTABLISHED => SeededTcpState::Established,
+                TCP_SYN_SENT => SeededTcpState::SynSent,
+                TCP_CLOSE_WAIT => SeededTcpState::CloseWait,
+                _ => return None,
+            };
+            if accepted_by_listener(e.local) {
+                return None;
+            }
+            Some((
+                e.inode,
+                TcpConnection {
+                    local: e.local,
+                    remote: e.remote,
+                    state,
+                },
+            ))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Unix sockets (NETLINK_SOCK_DIAG)
+// ---------------------------------------------------------------------------
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const UNIX_DIAG_MSG_LEN: usize = 16;
+const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_PEER: u16 = 2;
+const UDIAG_SHOW_NAME: u32 = 0x1;
+const UDIAG_SHOW_PEER: u32 = 0x4;
+// Attribute types carry NLA_F_NESTED / NLA_F_NET_BYTEORDER in the top bits.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+// Unix sockets reuse the TCP state numbers; connected is ESTABLISHED.
+const UNIX_STATE_CONNECTED: u8 = 1;
+
+/// One unix socket from a sock_diag dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocketInfo {
+    pub inode: u32,
+    /// Socket type: SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET.
+    pub kind: u8,
+    pub state: u8,
+    /// Bound name; abstract names are rendered with a leading `@` like
+    /// /proc/net/unix does.
+    pub name: Option<String>,
+    /// Inode of the connected peer socket.
+    pub peer: Option<u32>,
+}
+
+/// What one or more netlink reply datagrams held.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnixDiagReply {
+    pub sockets: Vec<UnixSocketInfo>,
+    /// NLMSG_DONE was seen: the dump is complete.
+    pub done: bool,
+    /// An NLMSG_ERROR with a non-zero errno (positive) was seen.
+    pub error: Option<i32>,
+}
+
+/// Parses netlink messages from one received datagram, appending to `out`.
+/// Every length is checked; truncated or odd input stops parsing at the
+/// last complete message and never panics.
+pub fn parse_unix_diag(buf: &[u8], out: &mut UnixDiagReply) {
+    let mut offset = 0usize;
+    while let Some(header) = buf.get(offset..offset.saturating_add(NLMSG_HDRLEN)) {
+        let len = read_u32(header, 0).unwrap_or(0) as usize;
+        let kind = read_u16(header, 4).unwrap_or(0);
+        if len < NLMSG_HDRLEN {
+            return;
+        }
+        let Some(payload) = buf.get(offset + NLMSG_HDRLEN..offset.saturating_add(len)) else {
+            return;
+        };
+        match kind {
+            NLMSG_DONE => {
+                out.done = true;
+                return;
+            }
+            NLMSG_ERROR => {
+                // struct nlmsgerr starts with a negative errno; 0 is an ack.
+                if let Some(errno) = read_u32(payload, 0).map(|e| e as i32) {
+                    if errno != 0 {
+                        out.error = Some(errno.saturating_neg());
+                        return;
+                    }
+                }
+            }
+            SOCK_DIAG_BY_FAMILY => {
+                if let Some(info) = parse_unix_diag_msg(payload) {
+                    out.sockets.push(info);
+                }
+            }
+            _ => {}
+        }
+        offset = offset.saturating_add(align4(len));
+    }
+}
+
+fn parse_unix_diag_msg(payload: &[u8]) -> Option<UnixSocketInfo> {
+    // unix_diag_msg { family u8, type u8, state u8, pad u8, ino u32, cookie [u32; 2] }
+    let fixed = payload.get(..UNIX_DIAG_MSG_LEN)?;
+    if fixed[0] != libc::AF_UNIX as u8 {
+        return None;
+    }
+    let mut info = UnixSocketInfo {
+        kind: fixed[1],
+        state: fixed[2],
+        inode: read_u32(fixed, 4)?,
+        name: None,
+        peer: None,
+    };
+    let mut offset = UNIX_DIAG_MSG_LEN;
+    // rtattr { len u16, type u16 } + data, each padded to 4 bytes.
+    while let Some(header) = payload.get(offset..offset.saturating_add(4)) {
+        let len = read_u16(header, 0).unwrap_or(0) as usize;
+        let kind = read_u16(header, 2).unwrap_or(0) & NLA_TYPE_MASK;
+        if len < 4 {
+            break;
+        }
+        let Some(data) = payload.get(offset + 4..offset.saturating_add(len)) else {
+            break;
+        };
+        match kind {
+            UNIX_DIAG_NAME => info.name = unix_name(data),
+            UNIX_DIAG_PEER => info.peer = read_u32(data, 0),
+            _ => {}
+        }
+        offset = offset.saturating_add(align4(len));
+    }
+    Some(info)
+}
+
+/// Renders a sun_path: a path up to its NUL, or `@name` for abstract names
+/// (leading NUL), with inner NULs shown as `@` as /proc/net/unix does.
+fn unix_name(data: &[u8]) -> Option<String> {
+    match data.split_first() {
+        None => None,
+        Some((0, rest)) => {
+            let shown: Vec<u8> = rest.iter().map(|&b| if b == 0 { b'@' } else { b }).collect();
+            Some(format!("@{}", String::from_utf8_lossy(&shown)))
+        }
+        Some(_) => {
+            let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+            Some(String::from_utf8_lossy(&data[..end]).into_owned())
+        }
+    }
+}
+
+fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
+    let bytes = buf.get(at..at.checked_add(2)?)?;
+    Some(u16::from_ne_bytes([bytes[0], bytes[1]]))
+}
+
+fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
+    let bytes = buf.get(at..at.checked_add(4)?)?;
+    Some(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+fn align4(len: usize) -> usize {
+    len.saturating_add(3) & !3
+}
+
+/// The sock_diag dump request for connected unix sockets with their names
+/// and peers.
+fn unix_diag_request(seq: u32) -> [u8; 40] {
+    let mut req = [0u8; 40];
+    // nlmsghdr { len u32, type u16, flags u16, seq u32, pid u32 }
+    req[0..4].copy_from_slice(&40u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // unix_diag_req { family u8, protocol u8, pad u16, states u32, ino u32,
+    //                 show u32, cookie [u32; 2] }
+    req[16] = libc::AF_UNIX as u8;
+    req[20..24].copy_from_slice(&(1u32 << UNIX_STATE_CONNECTED).to_ne_bytes());
+    req[28..32].copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+    req[32..40].fill(0xff);
+    req
+}
+
+/// Dumps the connected unix sockets of the agent's own network namespace
+/// (sock_diag only answers for the caller's netns; sockets of processes in
+/// other namespaces are simply not found). Works without privileges.
+pub fn dump_unix_sockets() -> io::Result<Vec<UnixSocketInfo>> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = sock.as_raw_fd();
+
+    // A dump should never stall, but do not let a missing reply hang startup.
+    let timeout = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: valid fd; the option value points to a live timeval of the
+    // length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let request = unix_diag_request(1);
+    // SAFETY: zeroed sockaddr_nl is valid; pid 0 addresses the kernel.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: valid fd; buffer and address pointers are live for the call
+    // with the lengths passed.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let mut reply = UnixDiagReply::default();
+    // The kernel sizes dump datagrams to at most 32 KiB; 64 KiB leaves room.
+    let mut buf = vec![0u8; 64 * 1024];
+    while !reply.done {
+        // SAFETY: valid fd; `buf` is live and writable for `buf.len()` bytes.
+        // MSG_TRUNC makes recv return the datagram's real length so that a
+        // truncated one is detected instead of parsed as complete.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        let n = n as usize;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "sock_diag dump ended without NLMSG_DONE",
+            ));
+        }
+        if n > buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("sock_diag reply of {n} bytes exceeds the receive buffer"),
+            ));
+        }
+        parse_unix_diag(&buf[..n], &mut reply);
+        if let Some(errno) = reply.error {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+    }
+    Ok(reply.sockets)
+}
+
+/// Client-side unix stream sockets and the path each is connected to, keyed
+/// by inode. A client socket has no name of its own (accepted server-side
+/// sockets carry the listener's name) and its peer has a name.
+pub fn unix_client_paths(sockets: &[UnixSocketInfo]) -> HashMap<u64, String> {
+    let names: HashMap<u32, &str> = sockets
+        .iter()
+        .filter_map(|s| Some((s.inode, s.name.as_deref()?)))
+        .collect();
+    sockets
+        .iter()
+        .filter(|s| {
+            s.kind == libc::SOCK_STREAM as u8
+                && s.state == UNIX_STATE_CONNECTED
+                && s.name.is_none()
+        })
+        .filter_map(|s| {
+            let path = names.get(&s.peer?)?;
+            Some((u64::from(s.inode), (*path).to_owned()))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// /proc I/O
+// ---------------------------------------------------------------------------
+
+/// Parses an fd link target `socket:[12345]`.
+pub fn parse_socket_link(target: &str) -> Option<u64> {
+    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Parses a namespace link target such as `net:[4026531840]`.
+fn parse_ns_link(target: &str) -> Option<u64> {
+    let (_, rest) = target.split_once(":[")?;
+    rest.strip_suffix(']')?.parse().ok()
+}
+
+/// `/proc/PID/comm` without its trailing newline.
+pub fn process_comm(proc_root: &Path, pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm")).ok()?;
+    Some(text.trim_end_matches('\n').to_owned())
+}
+
+/// `/proc/PID/cmdline` with the NUL separators turned into spaces; `None`
+/// when unreadable or empty (kernel threads, zombies).
+pub fn process_cmdline(proc_root: &Path, pid: u32) -> Option<String> {
+    let bytes = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
+    let args: Vec<String> = bytes
+        .split(|&b| b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    if args.is_empty() {
+        None
+    } else {
+        Some(args.join(" "))
+    }
+}
+
+/// (fd, socket inode) for every socket fd of a process; `None` if the fd
+/// directory cannot be read.
+fn socket_fds(proc_root: &Path, pid: u32) -> Option<Vec<(i32, u64)>> {
+    let dir = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")).ok()?;
+    let mut fds = Vec::new();
+    for entry in dir.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        // The fd may close between readdir and readlink; skip it then.
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if let Some(inode) = target.to_str().and_then(parse_socket_link) {
+            fds.push((fd, inode));
+        }
+    }
+    Some(fds)
+}
+
+/// Reads and classifies the TCP tables of the namespace `pid` lives in.
+fn namespace_connections(proc_root: &Path, pid: u32) -> HashMap<u64, TcpConnection> {
+    let net = proc_root.join(pid.to_string()).join("net");
+    let mut entries = Vec::new();
+    // tcp6 is absent when IPv6 is disabled; a missing table is just empty.
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(net.join(table)) {
+            entries.extend(parse_tcp_table(&text));
+        }
+    }
+    outbound_connections(&entries)
+}
+
+/// Identifies a network namespace; a process whose ns link is unreadable
+/// gets its own key so that its tables are still read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum NetnsKey {
+    Inode(u64),
+    Pid(u32),
+}
+
+/// Finds database-candidate client connections that exist now: outbound TCP
+/// connections (any namespace) and client-side unix stream sockets (the
+/// agent's own namespace). Sorted by (pid, fd).
+pub fn scan_connections(proc_root: &Path, own_pid: u32) -> Vec<SeededSocket> {
+    scan_connections_with(proc_root, own_pid, || match dump_unix_sockets() {
+        Ok(sockets) => unix_client_paths(&sockets),
+        Err(e) => {
+            log::warn!("cannot list unix sockets via sock_diag, not seeding them: {e}");
+            HashMap::new()
+        }
+    })
+}
+
+/// [`scan_connections`] with the unix socket source injected, so tests on a
+/// fake tree do not mix in the real kernel's sockets.
+fn scan_connections_with(
+    proc_root: &Path,
+    own_pid: u32,
+    unix_source: impl FnOnce() -> HashMap<u64, String>,
+) -> Vec<SeededSocket> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        log::warn!("cannot read {}, not seeding connections", proc_root.display());
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&pid| pid != own_pid)
+        .collect();
+    pids.sort_unstable();
+
+    let mut tcp_by_netns: HashMap<NetnsKey, HashMap<u64, TcpConnection>> = HashMap::new();
+    let mut unix_source = Some(unix_source);
+    let mut unix_paths: HashMap<u64, String> = HashMap::new();
+    let mut found = Vec::new();
+
+    for pid in pids {
+        let Some(fds) = socket_fds(proc_root, pid) else {
+            continue;
+        };
+        if fds.is_empty() {
+            continue;
+        }
+        let netns = std::fs::read_link(proc_root.join(pid.to_string()).join("ns/net"))
+            .ok()
+            .and_then(|t| t.to_str().and_then(parse_ns_link))
+            .map_or(NetnsKey::Pid(pid), NetnsKey::Inode);
+        let tcp = tcp_by_netns
+            .entry(netns)
+            .or_insert_with(|| namespace_connections(proc_root, pid));
+        let comm = process_comm(proc_root, pid).unwrap_or_default();
+
+        for (fd, inode) in fds {
+            let peer = if let Some(c) = tcp.get(&inode) {
+                SeededPeer::Tcp {
+                    local: c.local,
+                    remote: c.remote,
+                    state: c.state,
+                }
+            } else {
+                // Dump unix sockets once, and only if some socket is not TCP.
+                if let Some(source) = unix_source.take() {
+                    unix_paths = source();
+                }
+                match unix_paths.get(&inode) {
+                    Some(path) => SeededPeer::Unix { path: path.clone() },
+                    None => continue,
+                }
+            };
+            found.push(SeededSocket {
+                pid,
+                fd,
+                comm: comm.clone(),
+                inode,
+                peer,
+            });
+        }
+    }
+    found.sort_by_key(|s| (s.pid, s.fd));
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    // Fixture lines come from a little-endian host, as the kernel prints them.
+    const TCP4: &str = "\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   115        0 21001 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:9C40 0100007F:1538 01 00000000:00000000 00:00000000 00000000  1000        0 21002 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:1538 0100007F:9C40 01 00000000:00000000 00:00000000 00000000   115        0 21003 1 0000000000000000 20 4 30 10 -1
+   3: 0A00000A:D431 1400000A:0CEA 02 00000001:00000000 01:00000064 00000000  1000        0 21004 1 0000000000000000 100 0 0 10 -1
+   4: 0A00000A:D432 1400000A:0CEA 08 00000000:00000000 00:00000000 00000000  1000        0 21005 1 0000000000000000 20 4 30 10 -1
+   5: 0A00000A:D433 1400000A:0CEA 06 00000000:00000000 03:00000064 00000000     0        0 0 3 0000000000000000
+   6: 0100007F:0CEA 0100007F:C000 01 00000000:00000000 00:00000000 00000000  1000        0 21006 1 0000000000000000 20 4 30 10 -1
+";
+
+    // ::1 port 5432 listening; [::1]:50000 -> [::1]:5432 and its accepted
+    // side; a v4-mapped client 10.0.0.10:40001 -> 10.0.0.20:3306; a v4
+    // client accepted by the dual-stack [::]:6379 listener.
+    const TCP6: &str = "\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1538 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000   115        0 22001 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000001000000:C350 00000000000000000000000001000000:1538 01 00000000:00000000 00:00000000 00000000  1000        0 22002 1 0000000000000000 20 4 30 10 -1
+   2: 00000000000000000000000001000000:1538 00000000000000000000000001000000:C350 01 00000000:00000000 00:00000000 00000000   115        0 22003 1 0000000000000000 20 4 30 10 -1
+   3: 0000000000000000FFFF00000A00000A:9C41 0000000000000000FFFF00001400000A:0CEA 01 00000000:00000000 00:00000000 00000000  1000        0 22004 1 0000000000000000 20 4 30 10 -1
+   4: 00000000000000000000000000000000:18EB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000   999        0 22005 1 0000000000000000 100 0 0 10 0
+   5: 0000000000000000FFFF00000A00000A:18EB 0000000000000000FFFF00001E00000A:E000 01 00000000:00000000 00:00000000 00000000   999        0 22006 1 0000000000000000 20 4 30 10 -1
+   6: 000080FE00000000FF005452C4D24DFE:E001 B80D0120000000000000000001000000:01BB 01 00000000:00000000 00:00000000 00000000  1000        0 22007 1 0000000000000000 20 4 30 10 -1
+";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    #[test]
+    fn parses_hex_addresses() {
+        assert_eq!(
+            parse_hex_socket_addr("0100007F:1538"),
+            Some(addr("127.0.0.1:5432"))
+        );
+        assert_eq!(
+            parse_hex_socket_addr("00000000000000000000000001000000:1538"),
+            Some(addr("[::1]:5432"))
+        );
+        assert_eq!(
+            parse_hex_socket_addr("0000000000000000FFFF00000100007F:0CEA"),
+            Some(addr("127.0.0.1:3306"))
+        );
+        assert_eq!(
+            parse_hex_socket_addr("000080FE00000000FF005452C4D24DFE:E001"),
+            Some(addr("[fe80::5254:ff:fe4d:d2c4]:57345"))
+        );
+        for bad in [
+            "",
+            "0100007F",
+            "0100007F:",
+            "0100007G:1538",
+            "+100007F:1538",
+            "100007F:1538",
+            "0100007F:11538",
+            "00000000000000000000000001000000:",
+            "0000000é00000000000000000000000:1538",
+        ] {
+            assert_eq!(parse_hex_socket_addr(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_tcp_tables() {
+        let v4 = parse_tcp_table(TCP4);
+        assert_eq!(v4.len(), 7);
+        assert_eq!(
+            v4[1],
+            TcpEntry {
+                local: addr("127.0.0.1:40000"),
+                remote: addr("127.0.0.1:5432"),
+                state: 0x01,
+                inode: 21002,
+            }
+        );
+        assert_eq!(v4[3].state, 0x02);
+        assert_eq!(v4[3].local, addr("10.0.0.10:54321"));
+        assert_eq!(v4[3].remote, addr("10.0.0.20:3306"));
+
+        let v6 = parse_tcp_table(TCP6);
+        assert_eq!(v6.len(), 7);
+        assert_eq!(v6[1].local, addr("[::1]:50000"));
+        assert_eq!(v6[1].remote, addr("[::1]:5432"));
+        assert_eq!(v6[3].local, addr("10.0.0.10:40001"));
+        assert_eq!(v6[3].remote, addr("10.0.0.20:3306"));
+        assert_eq!(v6[3].inode, 22004);
+
+        // Truncated and garbage lines are skipped, not fatal.
+        let text = "   0: 0100007F:1538 0100007F:9C40 01 00000000:00000000\n\
+                    junk\n   1: 0100007F:9C40 0100007F:1538 zz 0 0 0 0 0 5\n";
+        assert!(parse_tcp_table(text).is_empty());
+    }
+
+    #[test]
+    fn keeps_only_outbound_connections() {
+        let mut entries = parse_tcp_table(TCP4);
+        entries.extend(parse_tcp_table(TCP6));
+        let out = outbound_connections(&entries);
+        let mut inodes: Vec<u64> = out.keys().copied().collect();
+        inodes.sort_unstable();
+        // Not 21001/22001/22005 (listeners), 21003/22003 (accepted by the
+        // 5432 listeners), 22006 (v4 accepted by [::]:6379), 21000-series
+        // TIME_WAIT with inode 0.
+        assert_eq!(
+            inodes,
+            vec![21002, 21004, 21005, 21006, 22002, 22004, 22007]
+        );
+        assert_eq!(
+            out[&21002],
+            TcpConnection {
+                local: addr("127.0.0.1:40000"),
+                remote: addr("127.0.0.1:5432"),
+                state: SeededTcpState::Established,
+            }
+        );
+        assert_eq!(out[&21004].state, SeededTcpState::SynSent);
+        assert_eq!(out[&21005].state, SeededTcpState::CloseWait);
+        assert_eq!(out[&22004].local, addr("10.0.0.10:40001"));
+    }
+
+    #[test]
+    fn listener_address_must_match_unless_wildcard() {
+        let entry = |local: &str, remote: &str, state: u8, inode: u64| TcpEntry {
+            local: addr(local),
+            remote: addr(remote),
+            state,
+            inode,
+        };
+        let entries = [
+            // Listens on 10.0.0.1:80 only.
+            entry("10.0.0.1:80", "0.0.0.0:0", TCP_LISTEN, 1),
+            // Same port on another local address: not accepted by it.
+            entry("127.0.0.1:80", "127.0.0.1:9999", TCP_ESTABLISHED, 2),
+            entry("10.0.0.1:80", "10.0.0.9:9999", TCP_ESTABLISHED, 3),
+            // 0.0.0.0 takes IPv4 only.
+            entry("0.0.0.0:81", "0.0.0.0:0", TCP_LISTEN, 4),
+            entry("[2001:db8::1]:81", "[2001:db8::2]:9999", TCP_ESTABLISHED, 5),
+            entry("192.168.1.1:81", "192.168.1.2:9999", TCP_ESTABLISHED, 6),
+        ];
+        let out = outbound_connections(&entries);
+        let mut inodes: Vec<u64> = out.keys().copied().collect();
+        inodes.sort_unstable();
+        assert_eq!(inodes, vec![2, 5]);
+    }
+
+    /// Builds one netlink message.
+    fn nlmsg(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let len = (NLMSG_HDRLEN + payload.len()) as u32;
+        let mut m = Vec::new();
+        m.extend_from_slice(&len.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&0x2u16.to_ne_bytes());
+        m.extend_from_slice(&1u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(payload);
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
+    fn rtattr(kind: u16, data: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(data);
+        while a.len() % 4 != 0 {
+            a.push(0);
+        }
+        a
+    }
+
+    fn diag_msg(inode: u32, name: Option<&[u8]>, peer: Option<u32>) -> Vec<u8> {
+        let mut p = vec![libc::AF_UNIX as u8, libc::SOCK_STREAM as u8, 1, 0];
+        p.extend_from_slice(&inode.to_ne_bytes());
+        p.extend_from_slice(&[0xaa; 8]);
+        if let Some(name) = name {
+            p.extend(rtattr(UNIX_DIAG_NAME, name));
+        }
+        // An attribute we do not know is skipped.
+        p.extend(rtattr(5, &[1, 2, 3]));
+        if let Some(peer) = peer {
+            p.extend(rtattr(UNIX_DIAG_PEER, &peer.to_ne_bytes()));
+        }
+        nlmsg(SOCK_DIAG_BY_FAMILY, &p)
+    }
+
+    fn sample_dump() -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Client 100 <-> accepted 101 on /run/postgresql/.s.PGSQL.5432.
+        buf.extend(diag_msg(100, None, Some(101)));
+        buf.extend(diag_msg(
+            101,
+            Some(b"/run/postgresql/.s.PGSQL.5432\0"),
+            Some(100),
+        ));
+        // Client 200 of an abstract server 201.
+        buf.extend(diag_msg(200, None, Some(201)));
+        buf.extend(diag_msg(201, Some(b"\0redis\0x"), Some(200)));
+        // A socketpair: neither side has a name.
+        buf.extend(diag_msg(300, None, Some(301)));
+        buf.extend(diag_msg(301, None, Some(300)));
+        buf.extend(nlmsg(NLMSG_DONE, &0u32.to_ne_bytes()));
+        buf
+    }
+
+    #[test]
+    fn parses_unix_diag_replies() {
+        let mut reply = UnixDiagReply::default();
+        parse_unix_diag(&sample_dump(), &mut reply);
+        assert!(reply.done);
+        assert_eq!(reply.error, None);
+        assert_eq!(reply.sockets.len(), 6);
+        assert_eq!(
+            reply.sockets[1],
+            UnixSocketInfo {
+                inode: 101,
+                kind: libc::SOCK_STREAM as u8,
+                state: 1,
+                name: Some("/run/postgresql/.s.PGSQL.5432".to_owned()),
+                peer: Some(100),
+            }
+        );
+        assert_eq!(reply.sockets[3].name.as_deref(), Some("@redis@x"));
+
+        let clients = unix_client_paths(&reply.sockets);
+        assert_eq!(clients.len(), 2);
+        assert_eq!(clients[&100], "/run/postgresql/.s.PGSQL.5432");
+        assert_eq!(clients[&200], "@redis@x");
+
+        // Stream sockets only.
+        let mut dgram = reply.sockets.clone();
+        dgram[0].kind = libc::SOCK_DGRAM as u8;
+        assert!(!unix_client_paths(&dgram).contains_key(&100));
+    }
+
+    #[test]
+    fn unix_diag_error_reply() {
+        let mut payload = (-libc::EPERM).to_ne_bytes().to_vec();
+        payload.extend_from_slice(&[0; 16]);
+        let mut reply = UnixDiagReply::default();
+        parse_unix_diag(&nlmsg(NLMSG_ERROR, &payload), &mut reply);
+        assert_eq!(reply.error, Some(libc::EPERM));
+        assert!(!reply.done);
+    }
+
+    #[test]
+    fn truncated_unix_diag_never_panics() {
+        let full = sample_dump();
+        let whole_messages = {
+            let mut r = UnixDiagReply::default();
+            parse_unix_diag(&full, &mut r);
+            r.sockets
+        };
+        for cut in 0..full.len() {
+            let mut reply = UnixDiagReply::default();
+            parse_unix_diag(&full[..cut], &mut reply);
+            // Whatever was complete is returned, in order.
+            assert!(reply.sockets.len() <= whole_messages.len());
+            assert_eq!(reply.sockets[..], whole_messages[..reply.sockets.len()]);
+            assert!(!reply.done);
+        }
+        // Lying lengths: a header longer than the buffer, a zero length, an
+        // attribute running past its message, a message too short for
+        // unix_diag_msg.
+        let mut reply = UnixDiagReply::default();
+        let mut lying = nlmsg(SOCK_DIAG_BY_FAMILY, &[1, 2, 3, 4]);
+        lying[0..4].copy_from_slice(&1000u32.to_ne_bytes());
+        parse_unix_diag(&lying, &mut reply);
+        parse_unix_diag(&[0u8; 64], &mut reply);
+        parse_unix_diag(&nlmsg(SOCK_DIAG_BY_FAMILY, &[1, 2, 3]), &mut reply);
+        assert!(reply.sockets.is_empty());
+
+        let mut bad_attr = diag_msg(7, None, None);
+        let at = NLMSG_HDRLEN + UNIX_DIAG_MSG_LEN;
+        bad_attr[at..at + 2].copy_from_slice(&500u16.to_ne_bytes());
+        parse_unix_diag(&bad_attr, &mut reply);
+        assert_eq!(reply.sockets.len(), 1);
+        assert_eq!(reply.sockets[0].inode, 7);
+        // A peer attribute too short for a u32 gives no peer.
+        let mut p = vec![libc::AF_UNIX as u8, 1, 1, 0];
+        p.extend_from_slice(&8u32.to_ne_bytes());
+        p.extend_from_slice(&[0; 8]);
+        p.extend(rtattr(UNIX_DIAG_PEER, &[1, 2]));
+        parse_unix_diag(&nlmsg(SOCK_DIAG_BY_FAMILY, &p), &mut reply);
+        assert_eq!(reply.sockets[1].peer, None);
+    }
+
+    #[test]
+    fn parses_links() {
+        assert_eq!(parse_socket_link("socket:[12345]"), Some(12345));
+        assert_eq!(parse_socket_link("pipe:[12345]"), None);
+        assert_eq!(parse_socket_link("socket:[12x]"), None);
+        assert_eq!(parse_socket_link("/dev/null"), None);
+        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4026531840));
+        assert_eq!(parse_ns_link("net:[]"), None);
+    }
+
+    /// A fake /proc under the temp dir, removed on drop.
+    struct FakeProc(PathBuf);
+
+    impl FakeProc {
+        fn new(name: &str) -> Self {
+            let root = std::env::temp_dir().join(format!(
+                "poolscope-procfs-{name}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).expect("create fake proc");
+            FakeProc(root)
+        }
+
+        fn process(&self, pid: u32, comm: &str, netns: Option<u64>, fds: &[(i32, &str)]) {
+            let dir = self.0.join(pid.to_string());
+            std::fs::create_dir_all(dir.join("fd")).expect("fd dir");
+            std::fs::create_dir_all(dir.join("ns")).expect("ns dir");
+            std::fs::write(dir.join("comm"), format!("{comm}\n")).expect("comm");
+            std::fs::write(dir.join("cmdline"), format!("{comm}\0--flag\0x y\0"))
+                .expect("cmdline");
+            if let Some(ns) = netns {
+                std::os::unix::fs::symlink(format!("net:[{ns}]"), dir.join("ns/net"))
+                    .expect("ns link");
+            }
+            for (fd, target) in fds {
+                std::os::unix::fs::symlink(target, dir.join("fd").join(fd.to_string()))
+                    .expect("fd link");
+            }
+        }
+
+        fn tables(&self, pid: u32, tcp: &str, tcp6: Option<&str>) {
+            let net = self.0.join(pid.to_string()).join("net");
+            std::fs::create_dir_all(&net).expect("net dir");
+            std::fs::write(net.join("tcp"), tcp).expect("tcp");
+            if let Some(tcp6) = tcp6 {
+                std::fs::write(net.join("tcp6"), tcp6).expect("tcp6");
+            }
+        }
+    }
+
+    impl Drop for FakeProc {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn scans_a_fake_proc_tree() {
+        let fake = FakeProc::new("scan");
+        // pid 10: client of 127.0.0.1:5432 (21002) and of 10.0.0.20:3306 via
+        // tcp6 (22004), plus a pipe, a unix client and an unknown socket.
+        fake.process(
+            10,
+            "app",
+            Some(1),
+            &[
+                (0, "/dev/null"),
+                (3, "socket:[21002]"),
+                (4, "pipe:[77]"),
+                (5, "socket:[22004]"),
+                (6, "socket:[555]"),
+                (7, "socket:[999999]"),
+            ],
+        );
+        fake.tables(10, TCP4, Some(TCP6));
+        // pid 11: the postgres server; its sockets are listeners/accepted.
+        fake.process(11, "postgres", Some(1), &[(5, "socket:[21001]"), (9, "socket:[21003]")]);
+        // In the same namespace: its tables must not be read again, so give
+        // it none (reading would find nothing and lose 21006).
+        fake.process(12, "worker", Some(1), &[(8, "socket:[21006]")]);
+        // Another namespace with its own tables, no tcp6.
+        fake.process(13, "other", Some(2), &[(3, "socket:[21002]")]);
+        fake.tables(
+            13,
+            "  sl  local_address rem_address   st\n   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 21002 1\n",
+            None,
+        );
+        // The agent itself is skipped.
+        fake.process(14, "poolscope", Some(1), &[(3, "socket:[21002]")]);
+        // A process whose fd dir vanished.
+        std::fs::create_dir_all(fake.0.join("15")).expect("dir");
+        // Non-numeric entries are ignored.
+        std::fs::create_dir_all(fake.0.join("self")).expect("dir");
+        std::fs::write(fake.0.join("uptime"), "1 1\n").expect("file");
+
+        let unix = || HashMap::from([(555u64, "/run/pg/.s.PGSQL.5432".to_owned())]);
+        let found = scan_connections_with(&fake.0, 14, unix);
+        assert_eq!(
+            found,
+            vec![
+                SeededSocket {
+                    pid: 10,
+                    fd: 3,
+                    comm: "app".to_owned(),
+                    inode: 21002,
+                    peer: SeededPeer::Tcp {
+                        local: addr("127.0.0.1:40000"),
+                        remote: addr("127.0.0.1:5432"),
+                        state: SeededTcpState::Established,
+                    },
+                },
+                SeededSocket {
+                    pid: 10,
+                    fd: 5,
+                    comm: "app".to_owned(),
+                    inode: 22004,
+                    peer: SeededPeer::Tcp {
+                        local: addr("10.0.0.10:40001"),
+                        remote: addr("10.0.0.20:3306"),
+                        state: SeededTcpState::Established,
+                    },
+                },
+                SeededSocket {
+                    pid: 10,
+                    fd: 6,
+                    comm: "app".to_owned(),
+                    inode: 555,
+                    peer: SeededPeer::Unix {
+                        path: "/run/pg/.s.PGSQL.5432".to_owned(),
+                    },
+                },
+                SeededSocket {
+                    pid: 12,
+                    fd: 8,
+                    comm: "worker".to_owned(),
+                    inode: 21006,
+                    peer: SeededPeer::Tcp {
+                        local: addr("127.0.0.1:3306"),
+                        remote: addr("127.0.0.1:49152"),
+                        state: SeededTcpState::Established,
+                    },
+                },
+            ]
+        );
+        // Without the skip, the agent's own socket shows up.
+        let found = scan_connections_with(&fake.0, 0, HashMap::new);
+        assert!(found.iter().any(|s| s.pid == 14 && s.fd == 3));
+
+        assert_eq!(process_comm(&fake.0, 10).as_deref(), Some("app"));
+        assert_eq!(
+            process_cmdline(&fake.0, 10).as_deref(),
+            Some("app --flag x y")
+        );
+        assert_eq!(process_comm(&fake.0, 99), None);
+        assert_eq!(process_cmdline(&fake.0, 99), None);
+        assert_eq!(scan_connections_with(&fake.0.join("nope"), 0, HashMap::new), vec![]);
+    }
+
+    #[test]
+    fn finds_own_tcp_client_socket() {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(server).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+
+        let pid = std::process::id();
+        let found = scan_connections(Path::new("/proc"), 0);
+        let mine: Vec<&SeededSocket> = found.iter().filter(|s| s.pid == pid).collect();
+        let seeded = mine
+            .iter()
+            .find(|s| s.fd == client.as_raw_fd())
+            .unwrap_or_else(|| panic!("client socket not found in {mine:#?}"));
+        assert_eq!(
+            seeded.peer,
+            SeededPeer::Tcp {
+                local: client.local_addr().expect("local"),
+                remote: server,
+                state: SeededTcpState::Established,
+            }
+        );
+        assert!(!seeded.comm.is_empty());
+        assert!(!mine.iter().any(|s| s.fd == accepted.as_raw_fd()));
+        assert!(!mine.iter().any(|s| s.fd == listener.as_raw_fd()));
+    }
+
+    #[test]
+    fn finds_own_unix_client_socket() {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = std::env::temp_dir().join(format!("poolscope-unix-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("db.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let client = UnixStream::connect(&path).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+
+        let pid = std::process::id();
+        let found = scan_connections(Path::new("/proc"), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mine: Vec<&SeededSocket> = found.iter().filter(|s| s.pid == pid).collect();
+        let seeded = mine
+            .iter()
+            .find(|s| s.fd == client.as_raw_fd())
+            .unwrap_or_else(|| panic!("client socket not found in {mine:#?}"));
+        assert_eq!(
+            seeded.peer,
+            SeededPeer::Unix {
+                path: path.display().to_string()
+            }
+        );
+        assert!(!mine.iter().any(|s| s.fd == accepted.as_raw_fd()));
+        assert!(!mine.iter().any(|s| s.fd == listener.as_raw_fd()));
+    }
+}

@@ -1,0 +1,349 @@
+//! Every instrument the agent exports, defined once as OpenTelemetry
+//! instruments on one meter. Prometheus reads them through the
+//! opentelemetry-prometheus exporter (and OTLP will read the same meter), so
+//! the two can never disagree on names, units or values.
+//!
+//! Names follow the OpenTelemetry rules; the exporter derives the Prometheus
+//! names (dots to underscores, unit suffix, `_total` for counters).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context;
+use opentelemetry::{
+    metrics::{Counter, Histogram, Meter, MeterProvider},
+    KeyValue,
+};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder, TextEncoder};
+
+use crate::lifecycle::{ConnState, Connection, Output, Tracker};
+
+/// Bucket bounds for connect and query durations, seconds (semconv's
+/// recommendation for database client durations).
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+];
+
+/// Connection lifetimes span milliseconds to days.
+pub const LIFETIME_BUCKETS: &[f64] = &[
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// Kernel-side counters, refreshed by the reader from the per-CPU STATS map.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KernelCounters {
+    pub dropped_events: u64,
+    pub ringbuf_pending_bytes: u64,
+    pub ringbuf_size_bytes: u64,
+    pub pending_insert_failed: u64,
+}
+
+/// What the observable instruments read at collection time.
+pub struct Observed {
+    pub tracker: Arc<Mutex<Tracker>>,
+    pub kernel: Arc<Mutex<KernelCounters>>,
+    /// Bound on distinct (process, server) series per gauge.
+    pub max_series: usize,
+}
+
+pub struct Telemetry {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+    connects: Counter<u64>,
+    connect_duration: Histogram<f64>,
+    lifetime: Histogram<f64>,
+    events: Counter<u64>,
+    events_unmatched: Counter<u64>,
+    decode_errors: Counter<u64>,
+}
+
+/// Series key for per-process, per-server gauges.
+type SeriesKey = (u32, String, String, Option<u16>);
+
+/// Counts open and CLOSE_WAIT connections per (process, server), folding
+/// everything past `max_series` into one overflow series so that a process
+/// that talks to thousands of servers cannot blow up the label space.
+pub fn connection_series(
+    open: &mut dyn Iterator<Item = &Connection>,
+    max_series: usize,
+) -> BTreeMap<SeriesKey, (u64, u64)> {
+    let mut series: BTreeMap<SeriesKey, (u64, u64)> = BTreeMap::new();
+    for conn in open {
+        let mut key = (
+            conn.id.pid,
+            conn.comm.clone(),
+            conn.remote.address(),
+            conn.remote.port(),
+        );
+        if !series.contains_key(&key) && series.len() >= max_series {
+            key = (0, "_other".into(), "_other".into(), None);
+        }
+        let entry = series.entry(key).or_default();
+        entry.0 += 1;
+        if conn.state == ConnState::PeerClosed {
+            entry.1 += 1;
+        }
+    }
+    series
+}
+
+fn series_attributes(key: &SeriesKey) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new("process.pid", i64::from(key.0)),
+        KeyValue::new("process.executable.name", key.1.clone()),
+        KeyValue::new("server.address", key.2.clone()),
+    ];
+    if let Some(port) = key.3 {
+        attrs.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    attrs
+}
+
+impl Telemetry {
+    pub fn new(observed: Observed) -> anyhow::Result<Telemetry> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .build()
+            .context("cannot build the Prometheus exporter")?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("poolscope");
+        let telemetry = Telemetry {
+            connects: meter
+                .u64_counter("poolscope.connects")
+                .with_description("connect() calls by final outcome")
+                .with_unit("{connect}")
+                .build(),
+            connect_duration: meter
+                .f64_histogram("poolscope.connect.duration")
+                .with_description("Time from connect() to the end of the TCP handshake (or failure)")
+                .with_unit("s")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+            lifetime: meter
+                .f64_histogram("poolscope.connection.lifetime")
+                .with_description("Time from connect() to close, for connections that closed")
+                .with_unit("s")
+                .with_boundaries(LIFETIME_BUCKETS.to_vec())
+                .build(),
+            events: meter
+                .u64_counter("poolscope.kernel.events")
+                .with_description("Kernel events read from the ring buffer")
+                .with_unit("{event}")
+                .build(),
+            events_unmatched: meter
+                .u64_counter("poolscope.kernel.events.unmatched")
+                .with_description("Kernel events that matched no tracked connection (late or stale)")
+                .with_unit("{event}")
+                .build(),
+            decode_errors: meter
+                .u64_counter("poolscope.kernel.events.malformed")
+                .with_description("Ring-buffer records that could not be decoded")
+                .with_unit("{event}")
+                .build(),
+            registry,
+            provider,
+        };
+        register_observables(&meter, observed);
+        Ok(telemetry)
+    }
+
+    pub fn record(&self, outputs: &[Output]) {
+        self.events.add(1, &[]);
+        for output in outputs {
+            match output {
+                Output::ConnectFinished {
+                    remote,
+                    outcome,
+                    latency_ns,
+                    ..
+                } => {
+                    let attrs = [
+                        KeyValue::new("result", outcome.as_str()),
+                        KeyValue::new("network.transport", remote.transport()),
+                    ];
+                    self.connects.add(1, &attrs);
+                    if let Some(ns) = latency_ns {
+                        self.connect_duration.record(*ns as f64 / 1e9, &attrs);
+                    }
+                }
+                Output::Closed {
+                    remote,
+                    lifetime_ns,
+                    seen_at_start,
+                    ..
+                } => {
+                    // A seeded connection's lifetime is only a lower bound.
+                    if !seen_at_start {
+                        self.lifetime.record(
+                            *lifetime_ns as f64 / 1e9,
+                            &[KeyValue::new("network.transport", remote.transport())],
+                        );
+                    }
+                }
+                Output::PeerClosed { .. } => {}
+                Output::Unmatched => self.events_unmatched.add(1, &[]),
+            }
+        }
+    }
+
+    pub fn record_decode_error(&self) {
+        self.decode_errors.add(1, &[]);
+    }
+
+    /// The Prometheus text exposition format 0.0.4.
+    pub fn render_prometheus(&self) -> anyhow::Result<String> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .context("cannot encode metrics")?;
+        String::from_utf8(buf).context("metrics are not UTF-8")
+    }
+
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            log::debug!("meter provider shutdown: {e}");
+        }
+    }
+}
+
+fn register_observables(meter: &Meter, observed: Observed) {
+    let Observed {
+        tracker,
+        kernel,
+        max_series,
+    } = observed;
+    let open_tracker = Arc::clone(&tracker);
+    // The SDK keeps the callbacks alive; the handles need not be stored.
+    let _ = meter
+        .u64_observable_gauge("poolscope.connection.open")
+        .with_description("Open connections per process and server")
+        .with_unit("{connection}")
+        .with_callback(move |obs| {
+            let Ok(t) = open_tracker.lock() else { return };
+            for (key, (open, _)) in connection_series(&mut t.open_connections(), max_series) {
+                obs.observe(open, &series_attributes(&key));
+            }
+        })
+        .build();
+    let _ = meter
+        .u64_observable_gauge("poolscope.connection.close_wait")
+        .with_description("Connections whose server hung up while the process still holds the fd")
+        .with_unit("{connection}")
+        .with_callback(move |obs| {
+            let Ok(t) = tracker.lock() else { return };
+            for (key, (_, close_wait)) in connection_series(&mut t.open_connections(), max_series)
+            {
+                if close_wait > 0 {
+                    obs.observe(close_wait, &series_attributes(&key));
+                }
+            }
+        })
+        .build();
+    let dropped = Arc::clone(&kernel);
+    let _ = meter
+        .u64_observable_counter("poolscope.kernel.events.dropped")
+        .with_description("Kernel events lost because the ring buffer was full")
+        .with_unit("{event}")
+        .with_callback(move |obs| {
+            if let Ok(k) = dropped.lock() {
+                obs.observe(k.dropped_events, &[]);
+            }
+        })
+        .build();
+    let pending = Arc::clone(&kernel);
+    let _ = meter
+        .u64_observable_gauge("poolscope.kernel.ringbuf.pending")
+        .with_description("Bytes waiting in the kernel ring buffer at the last sample")
+        .with_unit("By")
+        .with_callback(move |obs| {
+            if let Ok(k) = pending.lock() {
+                obs.observe(k.ringbuf_pending_bytes, &[]);
+            }
+        })
+        .build();
+    let _ = meter
+        .u64_observable_gauge("poolscope.kernel.ringbuf.size")
+        .with_description("Size of the kernel ring buffer")
+        .with_unit("By")
+        .with_callback(move |obs| {
+            if let Ok(k) = kernel.lock() {
+                obs.observe(k.ringbuf_size_bytes, &[]);
+            }
+        })
+        .build();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{ConnId, Endpoint, Event, EventKind, TrackerConfig};
+
+    fn tracker_with(conns: &[(u32, &str, u16)]) -> Tracker {
+        let mut t = Tracker::new(TrackerConfig::default());
+        for (i, (pid, comm, port)) in conns.iter().enumerate() {
+            t.apply(Event {
+                ts_ns: 10,
+                conn: ConnId {
+                    pid: *pid,
+                    fd: i as i32,
+                    generation: 1 + i as u64,
+                },
+                kind: EventKind::Connect {
+                    tid: *pid,
+                    ret: 0,
+                    remote: Endpoint::Inet(format!("10.0.0.1:{port}").parse().expect("addr")),
+                    comm: (*comm).into(),
+                },
+            });
+        }
+        t
+    }
+
+    #[test]
+    fn series_are_bounded() {
+        let t = tracker_with(&[(1, "a", 5432), (1, "a", 5432), (2, "b", 3306), (3, "c", 6379)]);
+        let series = connection_series(&mut t.open_connections(), 2);
+        assert_eq!(series.len(), 3, "two real series and one overflow: {series:?}");
+        let total: u64 = series.values().map(|v| v.0).sum();
+        assert_eq!(total, 4, "overflow keeps the counts");
+        assert!(series.keys().any(|k| k.1 == "_other"));
+    }
+
+    #[test]
+    fn prometheus_text_has_the_documented_names() {
+        let tracker = Arc::new(Mutex::new(tracker_with(&[(7, "psql", 5432)])));
+        let telemetry = Telemetry::new(Observed {
+            tracker,
+            kernel: Arc::default(),
+            max_series: 10,
+        })
+        .expect("telemetry");
+        telemetry.record(&[Output::ConnectFinished {
+            id: ConnId {
+                pid: 7,
+                fd: 3,
+                generation: 1,
+            },
+            comm: "psql".into(),
+            remote: Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")),
+            outcome: crate::lifecycle::ConnectOutcome::Refused,
+            latency_ns: Some(1_000),
+        }]);
+        let text = telemetry.render_prometheus().expect("render");
+        for name in [
+            "poolscope_connects_total{network_transport=\"tcp\",result=\"refused\"} 1",
+            "poolscope_connect_duration_seconds_bucket",
+            "poolscope_connection_open{",
+            "process_executable_name=\"psql\"",
+            "poolscope_kernel_events_dropped_total",
+            "poolscope_kernel_ringbuf_size_bytes",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

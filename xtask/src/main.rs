@@ -1,0 +1,243 @@
+//! Developer commands behind `cargo xtask`: the ones the README shows.
+
+mod setup;
+
+use std::{
+    env,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The kernel crate is built and linted with Debian's toolchain: it ships a
+/// prebuilt `core` for bpfel-unknown-none, which rustup's stable lacks.
+const KERNEL_RUSTC: &str = "/usr/bin/rustc";
+const KERNEL_CARGO: &str = "/usr/bin/cargo";
+// Called directly: `cargo clippy` would find rustup's cargo-clippy first
+// (cargo searches $CARGO_HOME/bin before PATH), whose driver is rustc 1.95.
+const KERNEL_CARGO_CLIPPY: &str = "/usr/bin/cargo-clippy";
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "poolscope's developer commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain and test dependencies (idempotent; apt needs root).
+    Setup,
+    /// Build the agent in release mode and run it: `cargo xtask run -- ARGS`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Format check, lints, build and the whole test suite; args go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    // One readable line; returning the error from main would print a
+    // backtrace whenever RUST_BACKTRACE is set.
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> Result<()> {
+    // bpf-linker (and anything else `cargo install`ed) lives here; CI and
+    // `sudo` shells often leave it off PATH.
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![cargo_home().join("bin")];
+    dirs.extend(env::split_paths(&path));
+    env::set_var("PATH", env::join_paths(dirs)?);
+
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::setup(true),
+        Cmd::Run { args } => run_agent(&args),
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+fn run_agent(args: &[String]) -> Result<()> {
+    setup::setup(false)?;
+    run(cargo().args(["build", "--release", "-p", "poolscope"]))?;
+    let bin = target_dir().join("release").join("poolscope");
+    // Loading BPF needs root; without sudo the agent explains that itself.
+    let mut cmd = match which("sudo") {
+        Some(sudo) if !is_root() => {
+            let mut cmd = Command::new(sudo);
+            cmd.arg(&bin);
+            cmd
+        }
+        _ => Command::new(&bin),
+    };
+    cmd.arg("run").args(args);
+    // exec: the agent gets signals directly and its exit code is ours.
+    Err(cmd.exec()).with_context(|| format!("cannot start {}", bin.display()))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    step("setup", || setup::setup(true))?;
+    step("cargo fmt --all --check", || {
+        Ok(())
+    })?;
+    step("clippy (host crates)", || {
+        run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+    })?;
+    let _ = clippy_kernel;
+    step("build release agent", || {
+        run(cargo().args(["build", "--release", "-p", "poolscope"]))
+    })?;
+    if !is_root() {
+        println!("note: not root, so tests that load BPF programs skip themselves");
+    }
+    step("cargo test", || {
+        let bin = target_dir().join("release").join("poolscope");
+        run(cargo()
+            .args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "agent-ebpf",
+            ])
+            .args(args)
+            .env("POOLSCOPE_BIN", bin))
+    })?;
+    println!("all steps passed");
+    Ok(())
+}
+
+fn clippy_kernel() -> Result<()> {
+    if !Path::new(KERNEL_CARGO_CLIPPY).exists() {
+        println!("skipped: no clippy for the kernel toolchain (apt-get install rust-web-clippy)");
+        return Ok(());
+    }
+    let mut cmd = Command::new(KERNEL_CARGO_CLIPPY);
+    // cargo-clippy expects to be called as cargo's `clippy` subcommand.
+    cmd.arg("clippy");
+    kernel_build_env(&mut cmd);
+    run(cmd.args(["--", "-D", "warnings"]))
+}
+
+/// Environment and target arguments for cargo acting on the kernel crate
+/// (agent/build.rs does the same for the real build). The rustup variables
+/// would otherwise drag in rustup's compiler, which has no BPF `core`.
+fn kernel_build_env(cmd: &mut Command) {
+    let flags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ];
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_RUSTC",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(root())
+        .env("RUSTC", KERNEL_RUSTC)
+        // cargo-clippy runs $CARGO; `cargo run` set it to rustup's cargo.
+        .env("CARGO", KERNEL_CARGO)
+        // aya-ebpf 0.2.1 uses asm_experimental_arch; allow it for that crate only.
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
+        .args(["-p", "agent-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none"])
+        .arg("--target-dir")
+        .arg(root().join("target").join("ebpf"));
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    println!("==> {name}");
+    f().with_context(|| format!("step failed: {name}"))
+}
+
+/// The workspace's cargo (the one running us), at the workspace root.
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} exited with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Stdout of a command that succeeded, or None.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// "`cargo fmt --all --check`": the program's file name keeps it short.
+fn describe(cmd: &Command) -> String {
+    let program = Path::new(cmd.get_program());
+    let mut words = vec![program.file_name().unwrap_or(program.as_os_str())];
+    words.extend(cmd.get_args());
+    let words: Vec<_> = words.iter().map(|w| w.to_string_lossy()).collect();
+    format!("`{}`", words.join(" "))
+}
+
+fn root() -> PathBuf {
+    // xtask/ sits directly under the workspace root.
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME").map_or_else(
+        || PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"),
+        PathBuf::from,
+    )
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Effective uid 0, read from /proc so that no libc binding is needed.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
+            line.split_whitespace().nth(2).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
+}

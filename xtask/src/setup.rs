@@ -1,0 +1,169 @@
+//! `cargo xtask setup`: installs from the package registries only, prints one
+//! line per thing it checks, and changes nothing when all is present.
+
+use std::{fs, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use super::{cargo, cargo_home, is_root, output, run, which, KERNEL_RUSTC};
+
+/// Debian's Rust for the kernel crate (1.96 with a prebuilt BPF `core`), its
+/// clippy, and what bpf-linker's build links against besides LLVM itself.
+const KERNEL_DEBS: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "rust-web-clippy",
+    "libzstd-dev",
+];
+/// Real servers and tools the integration tests start on loopback.
+const TEST_DEBS: &[&str] = &[
+    "postgresql",
+    "postgresql-contrib",
+    "mariadb-server",
+    "redis-server",
+    "prometheus",
+    "python3",
+    "curl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// `with_test_deps: false` installs only what building the agent needs.
+pub fn setup(with_test_deps: bool) -> Result<()> {
+    let mut apt = Apt::default();
+    let mut debs: Vec<String> = KERNEL_DEBS.iter().map(|s| s.to_string()).collect();
+    if with_test_deps {
+        debs.extend(TEST_DEBS.iter().map(|s| s.to_string()));
+    }
+    apt.ensure(&debs)?;
+    // LLVM's dev packages and bpf-linker must match the LLVM inside Debian's
+    // rustc, which can only be asked once rustc-web is installed.
+    let major = kernel_llvm_major()?;
+    apt.ensure(&[format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")])?;
+    ensure_rustup_components()?;
+    ensure_bpf_linker(major)
+}
+
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn ensure(&mut self, pkgs: &[String]) -> Result<()> {
+        let mut missing = Vec::new();
+        for pkg in pkgs {
+            if deb_installed(pkg) {
+                println!("ok: {pkg}");
+            } else {
+                missing.push(pkg.as_str());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !is_root() {
+            bail!(
+                "Debian packages {} are missing and installing them needs root: run `cargo xtask setup` as root.",
+                missing.join(" ")
+            );
+        }
+        for pkg in &missing {
+            println!("installing: {pkg}");
+        }
+        // The package index is refreshed at most once per run.
+        if !self.updated {
+            run(apt_get().arg("update"))?;
+            self.updated = true;
+        }
+        run(apt_get()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing))
+    }
+}
+
+fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+fn deb_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|status| status == "install ok installed")
+}
+
+/// The LLVM major version of Debian's rustc, from `LLVM version: 22.1.8`.
+fn kernel_llvm_major() -> Result<u32> {
+    let vv = output(Command::new(KERNEL_RUSTC).arg("-vV"))
+        .with_context(|| format!("`{KERNEL_RUSTC} -vV` failed"))?;
+    vv.lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next()?.trim().parse().ok())
+        .with_context(|| format!("no `LLVM version: N.x` line in `{KERNEL_RUSTC} -vV`"))
+}
+
+/// rustup's minimal profile leaves out rustfmt and clippy, which `test` needs.
+fn ensure_rustup_components() -> Result<()> {
+    for (component, subcommand) in [("rustfmt", "fmt"), ("clippy", "clippy")] {
+        if output(cargo().args([subcommand, "--version"])).is_some() {
+            println!("ok: {component}");
+            continue;
+        }
+        if which("rustup").is_none() {
+            bail!(
+                "`cargo {subcommand}` is missing and there is no rustup to add {component} with."
+            );
+        }
+        println!("installing: {component}");
+        run(Command::new("rustup").args(["component", "add", component]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker has to be built against the same LLVM major as the rustc that
+/// emits the kernel crate's bitcode, or it cannot read it.
+fn ensure_bpf_linker(major: u32) -> Result<()> {
+    let stamp = cargo_home().join("bpf-linker.llvm-major");
+    let stamped = fs::read_to_string(&stamp)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let version = output(Command::new("bpf-linker").arg("--version"));
+    let right_version =
+        version.as_deref().map(str::trim) == Some(&*format!("bpf-linker {BPF_LINKER_VERSION}"));
+    // Without our stamp (installed by hand), cargo's own record of the
+    // features it was built with names the LLVM major just as well.
+    if right_version && stamped.or_else(installed_llvm_feature) == Some(major) {
+        if stamped.is_none() {
+            fs::write(&stamp, format!("{major}\n"))
+                .with_context(|| format!("cannot write {}", stamp.display()))?;
+        }
+        println!("ok: bpf-linker {BPF_LINKER_VERSION} (LLVM {major})");
+        return Ok(());
+    }
+    println!("installing: bpf-linker {BPF_LINKER_VERSION} for LLVM {major} (builds for minutes)");
+    run(cargo()
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        // --force: the same version built for another LLVM must be replaced.
+        .args(["--locked", "--force", "--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        // Without it llvm-sys finds an older llvm-config and fails to link.
+        .env("LLVM_PREFIX", format!("/usr/lib/llvm-{major}")))?;
+    fs::write(&stamp, format!("{major}\n"))
+        .with_context(|| format!("cannot write {}", stamp.display()))
+}
+
+/// The `llvm-N` feature of the bpf-linker in cargo's install record.
+fn installed_llvm_feature() -> Option<u32> {
+    let text = fs::read_to_string(cargo_home().join(".crates2.json")).ok()?;
+    let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let prefix = format!("bpf-linker {BPF_LINKER_VERSION} ");
+    let (_, install) = record["installs"]
+        .as_object()?
+        .iter()
+        .find(|(key, _)| key.starts_with(&prefix))?;
+    install["features"]
+        .as_array()?
+        .iter()
+        .find_map(|f| f.as_str()?.strip_prefix("llvm-")?.parse().ok())
+}
