@@ -15,6 +15,9 @@ pub mod names {
     pub const PENDING: &str = "PENDING";
     pub const SOCKS: &str = "SOCKS";
     pub const AGENT_TGID: &str = "AGENT_TGID";
+    pub const IO_ARGS: &str = "IO_ARGS";
+    pub const SCRATCH: &str = "SCRATCH";
+    pub const CAPTURE_HEAD_BYTES: &str = "CAPTURE_HEAD_BYTES";
 }
 
 /// The kernel programs, as (program name, tracepoint category, tracepoint name).
@@ -25,6 +28,22 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+    ("sys_enter_write", "syscalls", "sys_enter_write"),
+    ("sys_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev"),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("sys_enter_read", "syscalls", "sys_enter_read"),
+    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("sys_enter_readv", "syscalls", "sys_enter_readv"),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("sys_exit_write", "syscalls", "sys_exit_write"),
+    ("sys_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("sys_exit_writev", "syscalls", "sys_exit_writev"),
+    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("sys_exit_read", "syscalls", "sys_exit_read"),
+    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("sys_exit_readv", "syscalls", "sys_exit_readv"),
+    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
 ];
 
 /// Event kinds carried in [`EventHeader::kind`].
@@ -37,6 +56,8 @@ pub mod kind {
     pub const CLOSE: u32 = 3;
     /// The last thread of a process exited.
     pub const PROCESS_EXIT: u32 = 4;
+    /// Bytes a tracked socket sent or received.
+    pub const DATA: u32 = 5;
 }
 
 /// Indices into the per-CPU `STATS` array.
@@ -47,6 +68,8 @@ pub mod stat {
     pub const RINGBUF_PENDING_BYTES: u32 = 1;
     /// Connect attempts that could not be remembered (PENDING map full/failed).
     pub const PENDING_INSERT_FAILED: u32 = 2;
+    /// Data events lost because the ring buffer was full (also in DROPPED_EVENTS).
+    pub const DROPPED_DATA_EVENTS: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -75,6 +98,33 @@ pub mod sock_flags {
 pub const EINPROGRESS: i64 = -115;
 
 pub const COMM_LEN: usize = 16;
+/// Most bytes copied from the start of one read/write buffer. The loader may
+/// lower it (CAPTURE_HEAD_BYTES); the struct is sized for the maximum.
+pub const HEAD_MAX: usize = 512;
+/// Bytes copied from the end of a buffer longer than the head: enough for
+/// end-of-response markers (ReadyForQuery, MySQL's final OK/EOF).
+pub const TAIL_MAX: usize = 64;
+/// Size of `DataEvent::data`; a power of two so that the kernel can bound
+/// offsets with a mask the verifier understands.
+pub const DATA_BUF: usize = 1024;
+
+/// Which syscall family moved the bytes.
+pub mod io_kind {
+    /// read/write/recvfrom/sendto: one plain buffer.
+    pub const BUFFER: u8 = 0;
+    /// readv/writev: an iovec array.
+    pub const IOVEC: u8 = 1;
+    /// recvmsg/sendmsg: a msghdr with an iovec array.
+    pub const MSGHDR: u8 = 2;
+}
+
+/// Direction of a data event.
+pub mod direction {
+    /// The process wrote: a request to its server.
+    pub const SEND: u8 = 0;
+    /// The process read: a response from its server.
+    pub const RECV: u8 = 1;
+}
 pub const UNIX_PATH_LEN: usize = 108;
 
 /// Header of every ring-buffer event.
@@ -145,6 +195,42 @@ pub struct ProcessExitEvent {
     pub comm: [u8; COMM_LEN],
 }
 
+/// Data a tracked socket moved. Only `DATA_EVENT_FIXED + head_len + tail_len`
+/// bytes are sent: `data` holds the head followed by the tail.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    /// When the syscall began (header.ts_ns is when it returned).
+    pub enter_ns: u64,
+    /// Bytes the syscall transferred.
+    pub total_len: u32,
+    pub head_len: u16,
+    pub tail_len: u16,
+    pub direction: u8,
+    pub io_kind: u8,
+    pub _pad0: [u8; 6],
+    pub data: [u8; DATA_BUF],
+}
+
+/// Size of `DataEvent` without `data`.
+pub const DATA_EVENT_FIXED: usize = 32 + 8 + 4 + 2 + 2 + 1 + 1 + 6;
+
+/// A read/write in flight on a tracked fd, per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoArgs {
+    pub enter_ns: u64,
+    pub conn_start_ns: u64,
+    /// Buffer, iovec array or msghdr, per `io_kind`.
+    pub ptr: u64,
+    pub iov_count: u64,
+    pub fd: i32,
+    pub direction: u8,
+    pub io_kind: u8,
+    pub _pad0: u16,
+}
+
 /// Key of the kernel's live-connection map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -196,6 +282,7 @@ mod user {
     unsafe impl aya::Pod for ConnInfo {}
     unsafe impl aya::Pod for PendingConnect {}
     unsafe impl aya::Pod for SockOwner {}
+    unsafe impl aya::Pod for IoArgs {}
 }
 
 #[cfg(test)]
@@ -213,5 +300,8 @@ mod tests {
         assert_eq!(size_of::<ProcessExitEvent>(), 48);
         assert_eq!(size_of::<PendingConnect>(), 32);
         assert_eq!(size_of::<SockOwner>(), 24);
+        assert_eq!(size_of::<DataEvent>(), DATA_EVENT_FIXED + DATA_BUF);
+        assert_eq!(size_of::<IoArgs>(), 40);
+        assert!(HEAD_MAX + TAIL_MAX <= DATA_BUF && DATA_BUF.is_power_of_two());
     }
 }

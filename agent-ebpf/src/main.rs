@@ -7,12 +7,13 @@
 #![no_std]
 #![no_main]
 
+mod io;
 mod maps;
 
 use agent_common::{
-    family, kind, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey, ConnectEvent, EventHeader,
-    PendingConnect, ProcessExitEvent, SockOwner, SockStateEvent, COMM_LEN, EINPROGRESS,
-    UNIX_PATH_LEN,
+    family, kind, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey, ConnectEvent,
+    EventHeader, PendingConnect, ProcessExitEvent, SockOwner, SockStateEvent, COMM_LEN,
+    EINPROGRESS, UNIX_PATH_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -32,10 +33,10 @@ static AGENT_TGID: u32 = 0;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Offsets of `sys_enter_*` / `sys_exit_*` arguments (see the tracepoint's format file).
-const SYSCALL_ARG0: usize = 16;
-const SYSCALL_ARG1: usize = 24;
-const SYSCALL_ARG2: usize = 32;
-const SYSCALL_RET: usize = 16;
+pub(crate) const SYSCALL_ARG0: usize = 16;
+pub(crate) const SYSCALL_ARG1: usize = 24;
+pub(crate) const SYSCALL_ARG2: usize = 32;
+pub(crate) const SYSCALL_RET: usize = 16;
 
 const IPPROTO_TCP: u16 = 6;
 
@@ -44,7 +45,7 @@ fn agent_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&AGENT_TGID) }
 }
 
-fn stat_add(index: u32, value: u64) {
+pub(crate) fn stat_add(index: u32, value: u64) {
     if let Some(slot) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *slot += value };
@@ -70,7 +71,7 @@ fn emit<T: Copy + 'static>(event: &T) {
     }
 }
 
-fn header(kind: u32, pid_tgid: u64, fd: i32, conn_start_ns: u64) -> EventHeader {
+pub(crate) fn header(kind: u32, pid_tgid: u64, fd: i32, conn_start_ns: u64) -> EventHeader {
     EventHeader {
         kind,
         tgid: (pid_tgid >> 32) as u32,
@@ -99,8 +100,7 @@ fn try_sys_enter_connect(ctx: &TracePointContext) -> Result<(), i64> {
     let addrlen: u64 = unsafe { ctx.read_at(SYSCALL_ARG2) }.map_err(i64::from)?;
     // SAFETY: bpf_probe_read_user checks the user pointer.
     let addr_family: u16 = unsafe { bpf_probe_read_user(uservaddr as *const u16) }?;
-    if addr_family != family::INET && addr_family != family::INET6 && addr_family != family::UNIX
-    {
+    if addr_family != family::INET && addr_family != family::INET6 && addr_family != family::UNIX {
         return Ok(());
     }
     let pending = PendingConnect {
@@ -113,7 +113,7 @@ fn try_sys_enter_connect(ctx: &TracePointContext) -> Result<(), i64> {
         saw_syn_sent: 0,
         _pad0: 0,
     };
-    if PENDING.insert(&pid_tgid, &pending, 0).is_err() {
+    if PENDING.insert(pid_tgid, pending, 0).is_err() {
         stat_add(stat::PENDING_INSERT_FAILED, 1);
     }
     Ok(())
@@ -128,11 +128,11 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
-    let pending = match unsafe { PENDING.get(&pid_tgid) } {
+    let pending = match unsafe { PENDING.get(pid_tgid) } {
         Some(p) => *p,
         None => return Ok(()),
     };
-    let _ = PENDING.remove(&pid_tgid);
+    let _ = PENDING.remove(pid_tgid);
     // SAFETY: offset from the tracepoint's format file.
     let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(i64::from)?;
     let is_inet = pending.family != family::UNIX;
@@ -149,7 +149,7 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         let info = ConnInfo {
             conn_start_ns: pending.start_ns,
         };
-        let _ = CONNS.insert(&key, &info, 0);
+        let _ = CONNS.insert(key, info, 0);
     }
 
     let mut event = ConnectEvent {
@@ -217,7 +217,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         // Runs inside connect(), in the caller's context: remember who owns
         // this socket, since later transitions run in softirq context.
         let pid_tgid = bpf_get_current_pid_tgid();
-        if let Some(pending) = PENDING.get_ptr_mut(&pid_tgid) {
+        if let Some(pending) = PENDING.get_ptr_mut(pid_tgid) {
             // SAFETY: pointer into this thread's own map entry.
             let pending = unsafe { &mut *pending };
             pending.saw_syn_sent = 1;
@@ -228,7 +228,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 flags: 0,
                 _pad0: 0,
             };
-            let _ = SOCKS.insert(&skaddr, &owner, 0);
+            let _ = SOCKS.insert(skaddr, owner, 0);
         }
         return Ok(());
     }
@@ -237,9 +237,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         || new_state == tcp_state::CLOSE_WAIT
         || (new_state == tcp_state::CLOSE && old_state == tcp_state::SYN_SENT);
     // SAFETY: the value is copied out immediately.
-    let owner = unsafe { SOCKS.get(&skaddr) }.copied();
+    let owner = unsafe { SOCKS.get(skaddr) }.copied();
     if new_state == tcp_state::CLOSE {
-        let _ = SOCKS.remove(&skaddr);
+        let _ = SOCKS.remove(skaddr);
     }
     // Peer hang-ups are reported even for sockets we did not see connect, so
     // that connections seeded from /proc are matched by address in userspace.
@@ -288,7 +288,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: offset from tcp/tcp_receive_reset/format.
     let skaddr: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
-    if let Some(owner) = SOCKS.get_ptr_mut(&skaddr) {
+    if let Some(owner) = SOCKS.get_ptr_mut(skaddr) {
         // SAFETY: pointer into the map entry for this socket.
         unsafe { (*owner).flags |= u32::from(sock_flags::RESET_RECEIVED) };
     }
@@ -311,11 +311,11 @@ fn try_sys_enter_close(ctx: &TracePointContext) -> Result<(), i64> {
     };
     // The one lookup that every close() on the host pays.
     // SAFETY: the value is copied out immediately.
-    let info = match unsafe { CONNS.get(&key) } {
+    let info = match unsafe { CONNS.get(key) } {
         Some(info) => *info,
         None => return Ok(()),
     };
-    let _ = CONNS.remove(&key);
+    let _ = CONNS.remove(key);
     emit(&CloseEvent {
         header: header(kind::CLOSE, pid_tgid, fd as i32, info.conn_start_ns),
     });

@@ -1,7 +1,7 @@
 //! Every map the kernel programs share with userspace. Names must match
 //! `agent_common::names`; userspace resizes some of them at load time.
 
-use agent_common::{stat, ConnInfo, ConnKey, PendingConnect, SockOwner};
+use agent_common::{stat, ConnInfo, ConnKey, DataEvent, IoArgs, PendingConnect, SockOwner};
 use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -26,3 +26,11 @@ pub static PENDING: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entri
 /// Kernel socket address -> owning connection, for softirq-context state changes.
 #[map]
 pub static SOCKS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);
+
+/// Reads and writes in flight on tracked fds, by pid_tgid.
+#[map]
+pub static IO_ARGS: LruHashMap<u64, IoArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU room to assemble a data event (too big for the BPF stack).
+#[map]
+pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);

@@ -243,7 +243,11 @@ fn location(origin: &str, line: Option<usize>) -> String {
 /// 1-based line number of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Keys expected in the table at `section` (empty path: the top level).
@@ -655,16 +659,16 @@ level = "debug"
         assert!(text.starts_with("cannot read config file "), "{text}");
         assert!(text.contains(&path.display().to_string()), "{text}");
 
-        let path = std::env::temp_dir().join(format!(
-            "poolscope-config-ok-{}.toml",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("poolscope-config-ok-{}.toml", std::process::id()));
         std::fs::write(&path, "[http]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").expect("write");
         let e = Config::load(Some(&path)).expect_err("bogus");
         let _ = std::fs::remove_file(&path);
         assert!(
-            e.to_string()
-                .starts_with(&format!("config {} line 3: unknown key `bogus`", path.display())),
+            e.to_string().starts_with(&format!(
+                "config {} line 3: unknown key `bogus`",
+                path.display()
+            )),
             "{e}"
         );
     }

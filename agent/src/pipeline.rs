@@ -62,7 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             log::info!("tracefs was not mounted; mounted it at {}", ebpf::TRACEFS)
         }
     }
-    let mut probes = KernelProbes::load(config.kernel.ring_buffer_bytes)?;
+    let mut probes = KernelProbes::load(config.kernel.ring_buffer_bytes, 256)?;
     log::info!(
         "kernel probes attached: {} tracepoints (kprobes and fentry are not used)",
         agent_common::TRACEPOINTS.len()
@@ -152,7 +152,11 @@ fn seed_from_proc(pipeline: &Pipeline) {
         };
         if let Ok(mut probes) = pipeline.probes.lock() {
             if let Err(e) = probes.track_seeded(socket.pid, socket.fd) {
-                log::debug!("cannot track seeded fd {} of pid {}: {e:#}", socket.fd, socket.pid);
+                log::debug!(
+                    "cannot track seeded fd {} of pid {}: {e:#}",
+                    socket.fd,
+                    socket.pid
+                );
             }
         }
         pipeline.apply(Event {

@@ -4,7 +4,8 @@
 //! value, never a panic, and the reader counts it and moves on.
 
 use agent_common::{
-    family, kind, sock_flags, CloseEvent, ConnectEvent, EventHeader, ProcessExitEvent, SockStateEvent,
+    family, kind, sock_flags, CloseEvent, ConnectEvent, EventHeader, ProcessExitEvent,
+    SockStateEvent,
 };
 use std::{
     mem::size_of,
@@ -123,6 +124,53 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 comm: c_string(&e.comm),
             }
         }
+        kind::DATA => {
+            let fixed = agent_common::DATA_EVENT_FIXED;
+            if bytes.len() < fixed {
+                return Err(DecodeError::Short {
+                    need: fixed,
+                    got: bytes.len(),
+                });
+            }
+            let field = |at: usize, len: usize| bytes.get(at..at + len);
+            let u32_at = |at| {
+                field(at, 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_ne_bytes)
+            };
+            let u16_at = |at| {
+                field(at, 2)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u16::from_ne_bytes)
+            };
+            let u64_at = |at| {
+                field(at, 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_ne_bytes)
+            };
+            let short = DecodeError::Short {
+                need: fixed,
+                got: bytes.len(),
+            };
+            let enter_ns = u64_at(32).ok_or(short.clone())?;
+            let total_len = u32_at(40).ok_or(short.clone())?;
+            let head_len = usize::from(u16_at(44).ok_or(short.clone())?);
+            let tail_len = usize::from(u16_at(46).ok_or(short.clone())?);
+            let direction = *bytes.get(48).ok_or(short)?;
+            let need = fixed + head_len + tail_len;
+            let data = bytes.get(fixed..need).ok_or(DecodeError::Short {
+                need,
+                got: bytes.len(),
+            })?;
+            let (head, tail) = data.split_at(head_len);
+            EventKind::Data {
+                sent: direction == agent_common::direction::SEND,
+                enter_ns,
+                total_len,
+                head: head.to_vec(),
+                tail: tail.to_vec(),
+            }
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Event {
@@ -180,7 +228,10 @@ mod tests {
                 ret, remote, comm, ..
             } => {
                 assert_eq!(ret, -111);
-                assert_eq!(remote, Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")));
+                assert_eq!(
+                    remote,
+                    Endpoint::Inet("127.0.0.1:5432".parse().expect("addr"))
+                );
                 assert_eq!(comm, "psql");
             }
             other => panic!("unexpected {other:?}"),
@@ -189,7 +240,10 @@ mod tests {
 
     #[test]
     fn decodes_unix_and_abstract_paths() {
-        assert_eq!(unix_path(b"/run/pg/.s.PGSQL.5432\0zz", 30), "/run/pg/.s.PGSQL.5432");
+        assert_eq!(
+            unix_path(b"/run/pg/.s.PGSQL.5432\0zz", 30),
+            "/run/pg/.s.PGSQL.5432"
+        );
         assert_eq!(unix_path(b"\0hidden", 7), "@hidden");
         assert_eq!(unix_path(b"/x", 200), "/x");
     }
@@ -200,14 +254,20 @@ mod tests {
         raw[10] = 0xff;
         raw[11] = 0xff;
         raw[12..].copy_from_slice(&[10, 1, 2, 3]);
-        assert_eq!(ip_from(family::INET6, &raw), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(
+            ip_from(family::INET6, &raw),
+            IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))
+        );
     }
 
     #[test]
     fn rejects_short_and_unknown_records() {
         let bytes = bytes_of(&header(kind::CONNECT));
         assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
-        assert!(matches!(decode(&bytes[..5]), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode(&bytes[..5]),
+            Err(DecodeError::Short { .. })
+        ));
         assert_eq!(
             decode(&bytes_of(&header(99))),
             Err(DecodeError::UnknownKind(99))

@@ -94,9 +94,7 @@ fn run_agent(args: &[String]) -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     step("setup", || setup::setup(true))?;
-    step("cargo fmt --all --check", || {
-        Ok(())
-    })?;
+    step("cargo fmt --all --check", || Ok(()))?;
     step("clippy (host crates)", || {
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
     })?;

@@ -111,7 +111,10 @@ async fn healthz() -> &'static str {
 async fn metrics(State(state): State<ApiState>) -> Response {
     match state.telemetry.render_prometheus() {
         Ok(text) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

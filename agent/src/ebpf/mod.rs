@@ -20,7 +20,8 @@ use tokio::io::unix::AsyncFd;
 use crate::telemetry::KernelCounters;
 
 /// The kernel programs, built by build.rs.
-static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+static KERNEL_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -127,7 +128,7 @@ fn explain_load_error(err: &aya::EbpfError) -> String {
 impl KernelProbes {
     /// Loads the programs with our own pid filtered out and attaches every
     /// tracepoint. Fails with one clear sentence on missing prerequisites.
-    pub fn load(ring_buffer_bytes: u32) -> anyhow::Result<KernelProbes> {
+    pub fn load(ring_buffer_bytes: u32, capture_head_bytes: u32) -> anyhow::Result<KernelProbes> {
         let missing = missing_capabilities(effective_capabilities());
         if !missing.is_empty() {
             bail!(
@@ -138,6 +139,7 @@ impl KernelProbes {
         let own_tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(names::AGENT_TGID, &own_tgid, true)
+            .override_global(names::CAPTURE_HEAD_BYTES, &capture_head_bytes, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .load(KERNEL_OBJECT)
             .map_err(|e| anyhow::anyhow!(explain_load_error(&e)))?;
@@ -149,9 +151,8 @@ impl KernelProbes {
                 .with_context(|| format!("{program} is not a tracepoint program"))?;
             prog.load()
                 .with_context(|| format!("the kernel refused program {program}"))?;
-            prog.attach(category, tracepoint).with_context(|| {
-                format!("cannot attach to tracepoint {category}:{tracepoint}")
-            })?;
+            prog.attach(category, tracepoint)
+                .with_context(|| format!("cannot attach to tracepoint {category}:{tracepoint}"))?;
         }
         // Per-program run time, where the kernel allows it (5.8+).
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -182,9 +183,7 @@ impl KernelProbes {
             .map(names::STATS)
             .context("kernel object has no STATS map")?;
         let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        let sum = |index: u32| -> anyhow::Result<u64> {
-            Ok(stats.get(&index, 0)?.iter().sum())
-        };
+        let sum = |index: u32| -> anyhow::Result<u64> { Ok(stats.get(&index, 0)?.iter().sum()) };
         let max = |index: u32| -> anyhow::Result<u64> {
             Ok(stats.get(&index, 0)?.iter().copied().max().unwrap_or(0))
         };
@@ -300,7 +299,7 @@ pub fn check_kernel() -> Vec<CheckLine> {
         },
     ));
     lines.push(fentry_line());
-    match KernelProbes::load(1 << 16) {
+    match KernelProbes::load(1 << 16, 64) {
         Ok(_) => {
             for (program, category, tracepoint) in TRACEPOINTS {
                 lines.push(line(
@@ -333,7 +332,9 @@ fn fentry_line() -> CheckLine {
         Err(e) => CheckLine {
             ok: false,
             what,
-            detail: format!("unavailable (loading a probe program failed: {e}); tracepoints are in use"),
+            detail: format!(
+                "unavailable (loading a probe program failed: {e}); tracepoints are in use"
+            ),
         },
     }
 }

@@ -96,6 +96,15 @@ pub enum EventKind {
     Close,
     /// The process's last thread exited; `conn.fd` is meaningless.
     ProcessExit { comm: String },
+    /// Bytes the process sent (`sent`) or received on the connection:
+    /// the head and, for long buffers, the tail of what moved.
+    Data {
+        sent: bool,
+        enter_ns: u64,
+        total_len: u32,
+        head: Vec<u8>,
+        tail: Vec<u8>,
+    },
     /// A connection that existed before the agent started, found in /proc.
     Seeded {
         comm: String,
@@ -152,10 +161,10 @@ impl ConnectOutcome {
     pub fn from_errno(ret: i64) -> ConnectOutcome {
         match -ret {
             0 => ConnectOutcome::Ok,
-            111 => ConnectOutcome::Refused,                     // ECONNREFUSED
-            110 => ConnectOutcome::TimedOut,                    // ETIMEDOUT
-            101 | 113 | 99 => ConnectOutcome::Unreachable,      // ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL
-            2 => ConnectOutcome::Refused,                       // ENOENT: no Unix socket at that path
+            111 => ConnectOutcome::Refused,  // ECONNREFUSED
+            110 => ConnectOutcome::TimedOut, // ETIMEDOUT
+            101 | 113 | 99 => ConnectOutcome::Unreachable, // ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL
+            2 => ConnectOutcome::Refused,                  // ENOENT: no Unix socket at that path
             _ => ConnectOutcome::Error,
         }
     }

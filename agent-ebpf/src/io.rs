@@ -1,0 +1,203 @@
+//! Data capture on tracked sockets: the head (and for long plain buffers the
+//! tail) of every read/write, with byte counts and timestamps.
+//!
+//! Every read/write syscall on the host pays one CONNS lookup at entry; only
+//! tracked fds pay more. Entry remembers the buffer per thread; exit, once the
+//! byte count is known, copies the bytes into a per-CPU scratch event and
+//! sends only the bytes that were filled.
+
+use agent_common::{
+    direction, io_kind, kind, stat, ConnKey, DataEvent, IoArgs, DATA_EVENT_FIXED, HEAD_MAX,
+    TAIL_MAX,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    header,
+    maps::{CONNS, EVENTS, IO_ARGS, SCRATCH},
+    stat_add, SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
+};
+
+/// How many head bytes to copy; the loader may lower it (never above HEAD_MAX).
+#[no_mangle]
+static CAPTURE_HEAD_BYTES: u32 = 256;
+
+fn head_limit() -> u64 {
+    // SAFETY: a read-only global that the loader patches before load.
+    let configured = unsafe { core::ptr::read_volatile(&CAPTURE_HEAD_BYTES) } as u64;
+    if configured > HEAD_MAX as u64 {
+        HEAD_MAX as u64
+    } else {
+        configured
+    }
+}
+
+fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: offsets from the syscalls' format files (all args are 8 bytes).
+    let fd: u64 = unsafe { ctx.read_at(SYSCALL_ARG0) }.map_err(i64::from)?;
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd: fd as u32,
+    };
+    // SAFETY: the value is copied out immediately.
+    let conn_start_ns = match unsafe { CONNS.get(key) } {
+        Some(info) => info.conn_start_ns,
+        None => return Ok(()),
+    };
+    let ptr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(i64::from)?;
+    let iov_count: u64 = if io == io_kind::IOVEC {
+        unsafe { ctx.read_at(SYSCALL_ARG2) }.map_err(i64::from)?
+    } else {
+        0
+    };
+    let args = IoArgs {
+        // SAFETY: helper without preconditions.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+        conn_start_ns,
+        ptr,
+        iov_count,
+        fd: fd as i32,
+        direction: dir,
+        io_kind: io,
+        _pad0: 0,
+    };
+    let _ = IO_ARGS.insert(pid_tgid, args, 0);
+    Ok(())
+}
+
+/// The first buffer of an iovec array: (base, length).
+fn first_iovec(iov: u64) -> Result<(u64, u64), i64> {
+    // SAFETY: bpf_probe_read_user checks the user pointer; struct iovec is
+    // { void *iov_base; size_t iov_len; }.
+    let pair: [u64; 2] = unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }?;
+    Ok((pair[0], pair[1]))
+}
+
+fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let args = match unsafe { IO_ARGS.get(pid_tgid) } {
+        Some(a) => *a,
+        None => return Ok(()),
+    };
+    let _ = IO_ARGS.remove(pid_tgid);
+    // SAFETY: offset from the format file.
+    let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(i64::from)?;
+    if ret <= 0 {
+        // EAGAIN, EOF or an error: no bytes moved.
+        return Ok(());
+    }
+    let total = ret as u64;
+    // Where the bytes are, and how many are contiguous there. For vectored
+    // I/O only the first buffer is copied and no tail is taken.
+    let (buf, contiguous) = match args.io_kind {
+        io_kind::BUFFER => (args.ptr, total),
+        io_kind::IOVEC => first_iovec(args.ptr)?,
+        _ => {
+            // struct user_msghdr: msg_iov at offset 16.
+            // SAFETY: bpf_probe_read_user checks the user pointer.
+            let iov: u64 = unsafe { bpf_probe_read_user((args.ptr + 16) as *const u64) }?;
+            first_iovec(iov)?
+        }
+    };
+    let contiguous = if contiguous > total {
+        total
+    } else {
+        contiguous
+    };
+
+    let Some(event) = SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: per-CPU scratch slot, used by one program at a time on this CPU.
+    let event: &mut DataEvent = unsafe { &mut *event };
+    let mut head = contiguous;
+    let limit = head_limit();
+    if head > limit {
+        head = limit;
+    }
+    // A second, constant clamp that the verifier can see.
+    let head = (head as usize) & (HEAD_MAX * 2 - 1);
+    let head = if head > HEAD_MAX { HEAD_MAX } else { head };
+    let mut tail = 0usize;
+    if args.io_kind == io_kind::BUFFER && total > head as u64 {
+        let rest = total - head as u64;
+        tail = if rest > TAIL_MAX as u64 {
+            TAIL_MAX
+        } else {
+            rest as usize
+        };
+    }
+    let tail = tail & (TAIL_MAX * 2 - 1);
+    let tail = if tail > TAIL_MAX { TAIL_MAX } else { tail };
+
+    let dst = event.data.as_mut_ptr();
+    // SAFETY: head <= HEAD_MAX and head + tail <= HEAD_MAX + TAIL_MAX <=
+    // DATA_BUF; the helpers check the user pointers.
+    unsafe {
+        if generated::bpf_probe_read_user(dst.cast(), head as u32, buf as *const _) != 0 {
+            return Ok(());
+        }
+        if tail > 0 {
+            let src = (buf + total - tail as u64) as *const _;
+            if generated::bpf_probe_read_user(dst.add(head).cast(), tail as u32, src) != 0 {
+                return Ok(());
+            }
+        }
+    }
+    event.header = header(kind::DATA, pid_tgid, args.fd, args.conn_start_ns);
+    event.enter_ns = args.enter_ns;
+    event.total_len = if total > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        total as u32
+    };
+    event.head_len = head as u16;
+    event.tail_len = tail as u16;
+    event.direction = args.direction;
+    event.io_kind = args.io_kind;
+    event._pad0 = [0; 6];
+
+    let size = DATA_EVENT_FIXED + head + tail;
+    let size = size & (2 * agent_common::DATA_BUF - 1);
+    // SAFETY: size <= DATA_EVENT_FIXED + HEAD_MAX + TAIL_MAX <= size_of DataEvent.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((event as *const DataEvent).cast::<u8>(), size) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        stat_add(stat::DROPPED_EVENTS, 1);
+        stat_add(stat::DROPPED_DATA_EVENTS, 1);
+    }
+    Ok(())
+}
+
+macro_rules! io_programs {
+    ($($enter:ident, $exit:ident, $dir:expr, $kind:expr;)*) => {$(
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            let _ = io_enter(&ctx, $dir, $kind);
+            0
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            let _ = io_exit(&ctx);
+            0
+        }
+    )*};
+}
+
+io_programs! {
+    sys_enter_write, sys_exit_write, direction::SEND, io_kind::BUFFER;
+    sys_enter_sendto, sys_exit_sendto, direction::SEND, io_kind::BUFFER;
+    sys_enter_writev, sys_exit_writev, direction::SEND, io_kind::IOVEC;
+    sys_enter_sendmsg, sys_exit_sendmsg, direction::SEND, io_kind::MSGHDR;
+    sys_enter_read, sys_exit_read, direction::RECV, io_kind::BUFFER;
+    sys_enter_recvfrom, sys_exit_recvfrom, direction::RECV, io_kind::BUFFER;
+    sys_enter_readv, sys_exit_readv, direction::RECV, io_kind::IOVEC;
+    sys_enter_recvmsg, sys_exit_recvmsg, direction::RECV, io_kind::MSGHDR;
+}
