@@ -16,8 +16,15 @@ const KERNEL_CARGO: &str = "/usr/bin/cargo";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.parent().expect("agent/ has a parent").to_path_buf();
-    for watched in ["agent-ebpf/src", "agent-ebpf/Cargo.toml", "agent-common/src"] {
+    let root = manifest_dir
+        .parent()
+        .expect("agent/ has a parent")
+        .to_path_buf();
+    for watched in [
+        "agent-ebpf/src",
+        "agent-ebpf/Cargo.toml",
+        "agent-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=POOLSCOPE_EBPF_OBJECT");

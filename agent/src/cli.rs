@@ -17,7 +17,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "poolscope", version, about = "See database connection pools from the kernel")]
+#[command(
+    name = "poolscope",
+    version,
+    about = "See database connection pools from the kernel"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

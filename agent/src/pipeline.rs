@@ -152,7 +152,11 @@ fn seed_from_proc(pipeline: &Pipeline) {
         };
         if let Ok(mut probes) = pipeline.probes.lock() {
             if let Err(e) = probes.track_seeded(socket.pid, socket.fd) {
-                log::debug!("cannot track seeded fd {} of pid {}: {e:#}", socket.fd, socket.pid);
+                log::debug!(
+                    "cannot track seeded fd {} of pid {}: {e:#}",
+                    socket.fd,
+                    socket.pid
+                );
             }
         }
         pipeline.apply(Event {

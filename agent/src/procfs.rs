@@ -297,7 +297,10 @@ fn unix_name(data: &[u8]) -> Option<String> {
     match data.split_first() {
         None => None,
         Some((0, rest)) => {
-            let shown: Vec<u8> = rest.iter().map(|&b| if b == 0 { b'@' } else { b }).collect();
+            let shown: Vec<u8> = rest
+                .iter()
+                .map(|&b| if b == 0 { b'@' } else { b })
+                .collect();
             Some(format!("@{}", String::from_utf8_lossy(&shown)))
         }
         Some(_) => {
@@ -445,9 +448,7 @@ pub fn unix_client_paths(sockets: &[UnixSocketInfo]) -> HashMap<u64, String> {
     sockets
         .iter()
         .filter(|s| {
-            s.kind == libc::SOCK_STREAM as u8
-                && s.state == UNIX_STATE_CONNECTED
-                && s.name.is_none()
+            s.kind == libc::SOCK_STREAM as u8 && s.state == UNIX_STATE_CONNECTED && s.name.is_none()
         })
         .filter_map(|s| {
             let path = names.get(&s.peer?)?;
@@ -462,7 +463,11 @@ pub fn unix_client_paths(sockets: &[UnixSocketInfo]) -> HashMap<u64, String> {
 
 /// Parses an fd link target `socket:[12345]`.
 pub fn parse_socket_link(target: &str) -> Option<u64> {
-    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Parses a namespace link target such as `net:[4026531840]`.
@@ -555,7 +560,10 @@ fn scan_connections_with(
     unix_source: impl FnOnce() -> HashMap<u64, String>,
 ) -> Vec<SeededSocket> {
     let Ok(dir) = std::fs::read_dir(proc_root) else {
-        log::warn!("cannot read {}, not seeding connections", proc_root.display());
+        log::warn!(
+            "cannot read {}, not seeding connections",
+            proc_root.display()
+        );
         return Vec::new();
     };
     let mut pids: Vec<u32> = dir
@@ -652,6 +660,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn parses_hex_addresses() {
         assert_eq!(
             parse_hex_socket_addr("0100007F:1538"),
@@ -685,6 +694,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn parses_tcp_tables() {
         let v4 = parse_tcp_table(TCP4);
         assert_eq!(v4.len(), 7);
@@ -716,6 +726,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn keeps_only_outbound_connections() {
         let mut entries = parse_tcp_table(TCP4);
         entries.extend(parse_tcp_table(TCP6));
@@ -925,10 +936,8 @@ mod tests {
 
     impl FakeProc {
         fn new(name: &str) -> Self {
-            let root = std::env::temp_dir().join(format!(
-                "poolscope-procfs-{name}-{}",
-                std::process::id()
-            ));
+            let root = std::env::temp_dir()
+                .join(format!("poolscope-procfs-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&root);
             std::fs::create_dir_all(&root).expect("create fake proc");
             FakeProc(root)
@@ -939,8 +948,7 @@ mod tests {
             std::fs::create_dir_all(dir.join("fd")).expect("fd dir");
             std::fs::create_dir_all(dir.join("ns")).expect("ns dir");
             std::fs::write(dir.join("comm"), format!("{comm}\n")).expect("comm");
-            std::fs::write(dir.join("cmdline"), format!("{comm}\0--flag\0x y\0"))
-                .expect("cmdline");
+            std::fs::write(dir.join("cmdline"), format!("{comm}\0--flag\0x y\0")).expect("cmdline");
             if let Some(ns) = netns {
                 std::os::unix::fs::symlink(format!("net:[{ns}]"), dir.join("ns/net"))
                     .expect("ns link");
@@ -968,6 +976,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn scans_a_fake_proc_tree() {
         let fake = FakeProc::new("scan");
         // pid 10: client of 127.0.0.1:5432 (21002) and of 10.0.0.20:3306 via
@@ -987,7 +996,12 @@ mod tests {
         );
         fake.tables(10, TCP4, Some(TCP6));
         // pid 11: the postgres server; its sockets are listeners/accepted.
-        fake.process(11, "postgres", Some(1), &[(5, "socket:[21001]"), (9, "socket:[21003]")]);
+        fake.process(
+            11,
+            "postgres",
+            Some(1),
+            &[(5, "socket:[21001]"), (9, "socket:[21003]")],
+        );
         // In the same namespace: its tables must not be read again, so give
         // it none (reading would find nothing and lose 21006).
         fake.process(12, "worker", Some(1), &[(8, "socket:[21006]")]);
@@ -1066,7 +1080,10 @@ mod tests {
         );
         assert_eq!(process_comm(&fake.0, 99), None);
         assert_eq!(process_cmdline(&fake.0, 99), None);
-        assert_eq!(scan_connections_with(&fake.0.join("nope"), 0, HashMap::new), vec![]);
+        assert_eq!(
+            scan_connections_with(&fake.0.join("nope"), 0, HashMap::new),
+            vec![]
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! value, never a panic, and the reader counts it and moves on.
 
 use agent_common::{
-    family, kind, sock_flags, CloseEvent, ConnectEvent, EventHeader, ProcessExitEvent, SockStateEvent,
+    family, kind, sock_flags, CloseEvent, ConnectEvent, EventHeader, ProcessExitEvent,
+    SockStateEvent,
 };
 use std::{
     mem::size_of,
@@ -180,7 +181,10 @@ mod tests {
                 ret, remote, comm, ..
             } => {
                 assert_eq!(ret, -111);
-                assert_eq!(remote, Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")));
+                assert_eq!(
+                    remote,
+                    Endpoint::Inet("127.0.0.1:5432".parse().expect("addr"))
+                );
                 assert_eq!(comm, "psql");
             }
             other => panic!("unexpected {other:?}"),
@@ -189,7 +193,10 @@ mod tests {
 
     #[test]
     fn decodes_unix_and_abstract_paths() {
-        assert_eq!(unix_path(b"/run/pg/.s.PGSQL.5432\0zz", 30), "/run/pg/.s.PGSQL.5432");
+        assert_eq!(
+            unix_path(b"/run/pg/.s.PGSQL.5432\0zz", 30),
+            "/run/pg/.s.PGSQL.5432"
+        );
         assert_eq!(unix_path(b"\0hidden", 7), "@hidden");
         assert_eq!(unix_path(b"/x", 200), "/x");
     }
@@ -200,14 +207,20 @@ mod tests {
         raw[10] = 0xff;
         raw[11] = 0xff;
         raw[12..].copy_from_slice(&[10, 1, 2, 3]);
-        assert_eq!(ip_from(family::INET6, &raw), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(
+            ip_from(family::INET6, &raw),
+            IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))
+        );
     }
 
     #[test]
     fn rejects_short_and_unknown_records() {
         let bytes = bytes_of(&header(kind::CONNECT));
         assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
-        assert!(matches!(decode(&bytes[..5]), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode(&bytes[..5]),
+            Err(DecodeError::Short { .. })
+        ));
         assert_eq!(
             decode(&bytes_of(&header(99))),
             Err(DecodeError::UnknownKind(99))

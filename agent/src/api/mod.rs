@@ -111,7 +111,10 @@ async fn healthz() -> &'static str {
 async fn metrics(State(state): State<ApiState>) -> Response {
     match state.telemetry.render_prometheus() {
         Ok(text) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
@@ -129,6 +132,6 @@ async fn connections(State(state): State<ApiState>) -> Response {
         .chain(tracker.closed_connections())
         .map(|c| connection_view(c, &state.clock, now))
         .collect();
-    connections.sort_by(|a, b| (a.pid, a.fd, a.generation).cmp(&(b.pid, b.fd, b.generation)));
+    connections.sort_by_key(|c| (c.pid, c.fd, c.generation));
     Json(ConnectionsResponse { connections }).into_response()
 }

@@ -20,7 +20,8 @@ use tokio::io::unix::AsyncFd;
 use crate::telemetry::KernelCounters;
 
 /// The kernel programs, built by build.rs.
-static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+static KERNEL_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -149,9 +150,8 @@ impl KernelProbes {
                 .with_context(|| format!("{program} is not a tracepoint program"))?;
             prog.load()
                 .with_context(|| format!("the kernel refused program {program}"))?;
-            prog.attach(category, tracepoint).with_context(|| {
-                format!("cannot attach to tracepoint {category}:{tracepoint}")
-            })?;
+            prog.attach(category, tracepoint)
+                .with_context(|| format!("cannot attach to tracepoint {category}:{tracepoint}"))?;
         }
         // Per-program run time, where the kernel allows it (5.8+).
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -182,9 +182,7 @@ impl KernelProbes {
             .map(names::STATS)
             .context("kernel object has no STATS map")?;
         let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        let sum = |index: u32| -> anyhow::Result<u64> {
-            Ok(stats.get(&index, 0)?.iter().sum())
-        };
+        let sum = |index: u32| -> anyhow::Result<u64> { Ok(stats.get(&index, 0)?.iter().sum()) };
         let max = |index: u32| -> anyhow::Result<u64> {
             Ok(stats.get(&index, 0)?.iter().copied().max().unwrap_or(0))
         };
@@ -330,11 +328,18 @@ fn fentry_line() -> CheckLine {
             what,
             detail: "unavailable on this kernel; tracepoints are in use".into(),
         },
-        Err(e) => CheckLine {
-            ok: false,
-            what,
-            detail: format!("unavailable (loading a probe program failed: {e}); tracepoints are in use"),
-        },
+        Err(e) => {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            CheckLine {
+                ok: false,
+                what,
+                detail: format!(
+                    "unavailable (loading a probe program failed{cause}); tracepoints are in use"
+                ),
+            }
+        }
     }
 }
 

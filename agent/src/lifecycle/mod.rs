@@ -152,10 +152,10 @@ impl ConnectOutcome {
     pub fn from_errno(ret: i64) -> ConnectOutcome {
         match -ret {
             0 => ConnectOutcome::Ok,
-            111 => ConnectOutcome::Refused,                     // ECONNREFUSED
-            110 => ConnectOutcome::TimedOut,                    // ETIMEDOUT
-            101 | 113 | 99 => ConnectOutcome::Unreachable,      // ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL
-            2 => ConnectOutcome::Refused,                       // ENOENT: no Unix socket at that path
+            111 => ConnectOutcome::Refused,  // ECONNREFUSED
+            110 => ConnectOutcome::TimedOut, // ETIMEDOUT
+            101 | 113 | 99 => ConnectOutcome::Unreachable, // ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL
+            2 => ConnectOutcome::Refused,                  // ENOENT: no Unix socket at that path
             _ => ConnectOutcome::Error,
         }
     }

@@ -90,7 +90,17 @@ fn outcomes(outputs: &[Output]) -> Vec<ConnectOutcome> {
 fn blocking_connect_then_close() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
-    assert!(t.apply(state(1_400, c, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 40_000)).len() == 1);
+    assert!(
+        t.apply(state(
+            1_400,
+            c,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            40_000
+        ))
+        .len()
+            == 1
+    );
     // connect() returns after the handshake: the outcome is counted once.
     assert!(outcomes(&t.apply(connect(1_500, c, 0))).is_empty());
     let conn = t.open_connections().next().expect("open");
@@ -101,7 +111,14 @@ fn blocking_connect_then_close() {
     assert_eq!(conn.tid, Some(PID + 1));
 
     let out = t.apply(close(9_000, c));
-    assert!(matches!(out[..], [Output::Closed { lifetime_ns: 8_000, reason: CloseReason::Closed, .. }]));
+    assert!(matches!(
+        out[..],
+        [Output::Closed {
+            lifetime_ns: 8_000,
+            reason: CloseReason::Closed,
+            ..
+        }]
+    ));
     assert!(open_ids(&t).is_empty());
     assert_eq!(t.closed_connections().count(), 1);
 }
@@ -111,8 +128,17 @@ fn nonblocking_connect_established_later() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
     assert!(t.apply(connect(1_100, c, EINPROGRESS)).is_empty());
-    assert_eq!(t.open_connections().next().map(|c| c.state), Some(ConnState::Connecting));
-    let out = t.apply(state(3_000, c, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 40_001));
+    assert_eq!(
+        t.open_connections().next().map(|c| c.state),
+        Some(ConnState::Connecting)
+    );
+    let out = t.apply(state(
+        3_000,
+        c,
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        40_001,
+    ));
     assert_eq!(outcomes(&out), vec![ConnectOutcome::Ok]);
     let conn = t.open_connections().next().expect("open");
     assert_eq!(conn.connect_latency_ns, Some(2_000));
@@ -125,7 +151,13 @@ fn refused_blocking_and_nonblocking() {
     let out = t.apply(connect(1_200, blocking, -111));
     assert_eq!(outcomes(&out), vec![ConnectOutcome::Refused]);
     // The state change for the same failure arrives afterwards: not counted twice.
-    let mut late = state(1_100, blocking, tcp_state::SYN_SENT, tcp_state::CLOSE, 40_002);
+    let mut late = state(
+        1_100,
+        blocking,
+        tcp_state::SYN_SENT,
+        tcp_state::CLOSE,
+        40_002,
+    );
     if let EventKind::SockState { reset_received, .. } = &mut late.kind {
         *reset_received = true;
     }
@@ -144,7 +176,13 @@ fn syn_timeout_without_reset_is_timed_out() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
     t.apply(connect(1_100, c, EINPROGRESS));
-    let out = t.apply(state(9_000, c, tcp_state::SYN_SENT, tcp_state::CLOSE, 40_003));
+    let out = t.apply(state(
+        9_000,
+        c,
+        tcp_state::SYN_SENT,
+        tcp_state::CLOSE,
+        40_003,
+    ));
     assert_eq!(outcomes(&out), vec![ConnectOutcome::TimedOut]);
 }
 
@@ -153,12 +191,27 @@ fn peer_close_is_reported_once_and_kept_open() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
     t.apply(connect(1_100, c, 0));
-    let out = t.apply(state(5_000, c, tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 40_004));
+    let out = t.apply(state(
+        5_000,
+        c,
+        tcp_state::ESTABLISHED,
+        tcp_state::CLOSE_WAIT,
+        40_004,
+    ));
     assert_eq!(out, vec![Output::PeerClosed { id: c }]);
     assert!(t
-        .apply(state(5_001, c, tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 40_004))
+        .apply(state(
+            5_001,
+            c,
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE_WAIT,
+            40_004
+        ))
         .is_empty());
-    let conn = t.open_connections().next().expect("still open: the fd was never closed");
+    let conn = t
+        .open_connections()
+        .next()
+        .expect("still open: the fd was never closed");
     assert_eq!(conn.state, ConnState::PeerClosed);
     assert_eq!(conn.peer_closed_at_ns, Some(5_000));
 }
@@ -200,7 +253,13 @@ fn late_events_of_a_replaced_connection_do_not_touch_the_new_one() {
     t.apply(close(2_000, first));
     t.apply(connect(5_100, second, 0));
     // A state change of the first socket, delivered late from another CPU.
-    let out = t.apply(state(1_900, first, tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 1));
+    let out = t.apply(state(
+        1_900,
+        first,
+        tcp_state::ESTABLISHED,
+        tcp_state::CLOSE_WAIT,
+        1,
+    ));
     assert_eq!(out, vec![Output::Unmatched]);
     assert_eq!(t.apply(close(2_000, first)), vec![Output::Unmatched]);
     let conn = t.open_connections().next().expect("open");
@@ -211,7 +270,13 @@ fn late_events_of_a_replaced_connection_do_not_touch_the_new_one() {
 fn state_change_before_connect_event() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
-    t.apply(state(1_050, c, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 40_005));
+    t.apply(state(
+        1_050,
+        c,
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        40_005,
+    ));
     t.apply(connect(1_060, c, EINPROGRESS));
     let conn = t.open_connections().next().expect("open");
     assert_eq!(conn.state, ConnState::Established);
@@ -223,7 +288,13 @@ fn state_change_before_connect_event() {
 fn close_before_connect_event_does_not_resurrect() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
-    t.apply(state(1_050, c, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 40_006));
+    t.apply(state(
+        1_050,
+        c,
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        40_006,
+    ));
     t.apply(close(1_070, c));
     t.apply(connect(1_060, c, 0));
     assert!(open_ids(&t).is_empty());
@@ -235,7 +306,11 @@ fn close_before_connect_event_does_not_resurrect() {
 fn exit_closes_all_of_the_process_connections() {
     let mut t = tracker();
     for fd in 3..6 {
-        t.apply(connect(1_000 + fd as u64, id(PID, fd, 1_000 + fd as u64), 0));
+        t.apply(connect(
+            1_000 + fd as u64,
+            id(PID, fd, 1_000 + fd as u64),
+            0,
+        ));
     }
     t.apply(connect(1_000, id(PID + 1, 3, 999), 0));
     let out = t.apply(exit(9_000, PID));
@@ -275,7 +350,10 @@ fn reused_pid_is_a_new_process() {
     t.apply(reborn);
     assert_eq!(open_ids(&t), vec![id(PID, FD, 5_000)]);
     assert_eq!(t.process_name(PID), Some("other"));
-    assert_eq!(t.open_connections().next().map(|c| c.comm.as_str()), Some("other"));
+    assert_eq!(
+        t.open_connections().next().map(|c| c.comm.as_str()),
+        Some("other")
+    );
     // And the old exit no longer applies to it.
     t.apply(close(6_000, id(PID, FD, 5_000)));
     assert!(open_ids(&t).is_empty());
@@ -298,11 +376,23 @@ fn seeded_connections_close_and_match_peer_close_by_address() {
     let conn = t.open_connections().next().expect("seeded");
     assert!(conn.seen_at_start);
     // Untracked peer close: pid 0, matched by the address pair.
-    let out = t.apply(state(700, id(0, 0, 0), tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 41_000));
+    let out = t.apply(state(
+        700,
+        id(0, 0, 0),
+        tcp_state::ESTABLISHED,
+        tcp_state::CLOSE_WAIT,
+        41_000,
+    ));
     assert_eq!(out, vec![Output::PeerClosed { id: seeded }]);
     // The kernel reports the close with generation 0, as the loader seeded it.
     let out = t.apply(close(900, seeded));
-    assert!(matches!(out[..], [Output::Closed { seen_at_start: true, .. }]));
+    assert!(matches!(
+        out[..],
+        [Output::Closed {
+            seen_at_start: true,
+            ..
+        }]
+    ));
 }
 
 #[test]

@@ -3,8 +3,8 @@ use std::collections::{HashMap, VecDeque};
 use agent_common::{tcp_state, EINPROGRESS};
 
 use super::{
-    CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Event, EventKind,
-    Output, SeededPhase,
+    CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Event, EventKind, Output,
+    SeededPhase,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,7 +267,13 @@ impl Tracker {
         } else if ret != EINPROGRESS {
             let outcome = ConnectOutcome::from_errno(ret);
             self.resolve_outcome(&mut conn, outcome, ts_ns, out);
-            self.finish(conn, ts_ns, ConnState::Failed, CloseReason::ConnectFailed, out);
+            self.finish(
+                conn,
+                ts_ns,
+                ConnState::Failed,
+                CloseReason::ConnectFailed,
+                out,
+            );
             return;
         }
         self.place(conn, out);
@@ -300,9 +306,13 @@ impl Tracker {
     /// Puts a connection in the open set, unless its process already exited.
     fn place(&mut self, conn: Connection, out: &mut Vec<Output>) {
         match self.exited_after(conn.id) {
-            Some(exit_ns) => {
-                self.finish(conn, exit_ns, ConnState::Closed, CloseReason::ProcessExit, out)
-            }
+            Some(exit_ns) => self.finish(
+                conn,
+                exit_ns,
+                ConnState::Closed,
+                CloseReason::ProcessExit,
+                out,
+            ),
             None => {
                 self.open.insert((conn.id.pid, conn.id.fd), conn);
             }
@@ -350,7 +360,13 @@ impl Tracker {
                     ConnectOutcome::TimedOut
                 };
                 self.resolve_outcome(&mut conn, outcome, ts_ns, out);
-                self.finish(conn, ts_ns, ConnState::Failed, CloseReason::ConnectFailed, out);
+                self.finish(
+                    conn,
+                    ts_ns,
+                    ConnState::Failed,
+                    CloseReason::ConnectFailed,
+                    out,
+                );
                 return;
             }
             _ => {}
@@ -386,7 +402,13 @@ impl Tracker {
             Slot::Older => {
                 // We missed this connection's start; what was open there is gone.
                 if let Some(old) = self.take_open(id.pid, id.fd) {
-                    self.finish(old, id.generation, ConnState::Closed, CloseReason::Replaced, out);
+                    self.finish(
+                        old,
+                        id.generation,
+                        ConnState::Closed,
+                        CloseReason::Replaced,
+                        out,
+                    );
                 }
                 out.push(Output::Unmatched);
             }
@@ -403,7 +425,13 @@ impl Tracker {
             .collect();
         for fd in fds {
             if let Some(conn) = self.take_open(pid, fd) {
-                self.finish(conn, ts_ns, ConnState::Closed, CloseReason::ProcessExit, out);
+                self.finish(
+                    conn,
+                    ts_ns,
+                    ConnState::Closed,
+                    CloseReason::ProcessExit,
+                    out,
+                );
             }
         }
         self.exited.insert(pid, ts_ns);

@@ -120,7 +120,9 @@ impl Telemetry {
                 .build(),
             connect_duration: meter
                 .f64_histogram("poolscope.connect.duration")
-                .with_description("Time from connect() to the end of the TCP handshake (or failure)")
+                .with_description(
+                    "Time from connect() to the end of the TCP handshake (or failure)",
+                )
                 .with_unit("s")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
@@ -137,7 +139,9 @@ impl Telemetry {
                 .build(),
             events_unmatched: meter
                 .u64_counter("poolscope.kernel.events.unmatched")
-                .with_description("Kernel events that matched no tracked connection (late or stale)")
+                .with_description(
+                    "Kernel events that matched no tracked connection (late or stale)",
+                )
                 .with_unit("{event}")
                 .build(),
             decode_errors: meter
@@ -236,8 +240,7 @@ fn register_observables(meter: &Meter, observed: Observed) {
         .with_unit("{connection}")
         .with_callback(move |obs| {
             let Ok(t) = tracker.lock() else { return };
-            for (key, (_, close_wait)) in connection_series(&mut t.open_connections(), max_series)
-            {
+            for (key, (_, close_wait)) in connection_series(&mut t.open_connections(), max_series) {
                 if close_wait > 0 {
                     obs.observe(close_wait, &series_attributes(&key));
                 }
@@ -306,9 +309,18 @@ mod tests {
 
     #[test]
     fn series_are_bounded() {
-        let t = tracker_with(&[(1, "a", 5432), (1, "a", 5432), (2, "b", 3306), (3, "c", 6379)]);
+        let t = tracker_with(&[
+            (1, "a", 5432),
+            (1, "a", 5432),
+            (2, "b", 3306),
+            (3, "c", 6379),
+        ]);
         let series = connection_series(&mut t.open_connections(), 2);
-        assert_eq!(series.len(), 3, "two real series and one overflow: {series:?}");
+        assert_eq!(
+            series.len(),
+            3,
+            "two real series and one overflow: {series:?}"
+        );
         let total: u64 = series.values().map(|v| v.0).sum();
         assert_eq!(total, 4, "overflow keeps the counts");
         assert!(series.keys().any(|k| k.1 == "_other"));
