@@ -29,7 +29,7 @@ const TRACKING_KEYS: &[&str] = &[
 ];
 const LOG_KEYS: &[&str] = &["level"];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub http: HttpConfig,
@@ -111,17 +111,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            http: HttpConfig::default(),
-            kernel: KernelConfig::default(),
-            tracking: TrackingConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 /// Values given on the command line; each one that is set replaces the file's.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
@@ -146,12 +135,12 @@ impl Config {
             toml::from_str(text).map_err(|e| describe_toml_error(text, origin, &e))?;
         config.log.level = config.log.level.to_ascii_lowercase();
         config.validate().map_err(|invalid| {
-            // Point at the key's line; the probe cannot fail on text that
+            // Point at the key's line; locating cannot fail on text that
             // just deserialized, but degrade to no line rather than panic.
             let line = key_sites(text)
                 .into_iter()
                 .find(|site| site.path == [invalid.section, invalid.key])
-                .map(|site| line_of(text, site.key.start));
+                .map(|site| line_of(text, site.span.start));
             anyhow!(
                 "{}bad value for `{}` in [{}]: {}",
                 location(origin, line),
@@ -176,30 +165,34 @@ impl Config {
     }
 
     /// Applies command-line overrides (they win over the file) and validates
-    /// the result again.
+    /// the result again. On error `self` is left unchanged.
     pub fn apply(&mut self, o: &Overrides) -> Result<()> {
+        let mut next = self.clone();
         if let Some(listen) = o.listen {
-            self.http.listen = listen;
+            next.http.listen = listen;
         }
         if let Some(bytes) = o.ring_buffer_bytes {
-            self.kernel.ring_buffer_bytes = bytes;
+            next.kernel.ring_buffer_bytes = bytes;
         }
         if let Some(level) = &o.log_level {
-            self.log.level = level.to_ascii_lowercase();
+            next.log.level = level.to_ascii_lowercase();
         }
-        self.validate().map_err(|invalid| {
+        next.validate().map_err(|invalid| {
             anyhow!(
                 "bad value for `{}` in [{}] (after command-line overrides): {}",
                 invalid.key,
                 invalid.section,
                 invalid.reason
             )
-        })
+        })?;
+        *self = next;
+        Ok(())
     }
 
     fn validate(&self) -> std::result::Result<(), Invalid> {
         let bytes = self.kernel.ring_buffer_bytes;
-        if !bytes.is_power_of_two() || bytes % 4096 != 0 {
+        // A power of two is a multiple of 4096 exactly when it is >= 4096.
+        if !bytes.is_power_of_two() || bytes < 4096 {
             return Err(Invalid {
                 section: "kernel",
                 key: "ring_buffer_bytes",
@@ -217,6 +210,18 @@ impl Config {
                     "{:?} is not one of {}",
                     self.log.level,
                     LOG_LEVELS.join("|")
+                ),
+            });
+        }
+        // The tracker works in nanoseconds; refuse what would overflow there.
+        let retention = self.tracking.closed_retention_seconds;
+        if retention.checked_mul(1_000_000_000).is_none() {
+            return Err(Invalid {
+                section: "tracking",
+                key: "closed_retention_seconds",
+                reason: format!(
+                    "{retention} is too large (at most {})",
+                    u64::MAX / 1_000_000_000
                 ),
             });
         }
@@ -284,13 +289,12 @@ fn describe_toml_error(text: &str, origin: &str, err: &toml::de::Error) -> anyho
     let line = Some(line_of(text, span.start));
     let at = location(origin, line);
     // The error span covers the key (unknown field) or the value (wrong
-    // type); find the most deeply nested key whose key or value holds it.
-    // A syntax error makes the probe fail, and then the message stands alone.
+    // type). Syntax errors leave no sites, and the message stands alone.
     let sites = key_sites(text);
-    let site = sites
-        .iter()
-        .filter(|s| s.key.contains(&span.start) || s.value.contains(&span.start))
-        .max_by_key(|s| s.path.len());
+    let on_key = sites.iter().find(|s| s.span.contains(&span.start));
+    // Otherwise the span is a value, which follows its own key: the last key
+    // that starts before it.
+    let site = on_key.or_else(|| sites.iter().rev().find(|s| s.span.start <= span.start));
     let Some(site) = site else {
         return anyhow!("{at}{message}");
     };
@@ -298,7 +302,7 @@ fn describe_toml_error(text: &str, origin: &str, err: &toml::de::Error) -> anyho
         Some((key, section)) => (key, section),
         None => return anyhow!("{at}{message}"),
     };
-    if message.starts_with("unknown field") && site.key.contains(&span.start) {
+    if message.starts_with("unknown field") && on_key.is_some() {
         return match expected_keys(section) {
             Some(expected) => anyhow!(
                 "{at}unknown key `{key}` {} (expected one of: {})",
@@ -318,50 +322,51 @@ fn describe_toml_error(text: &str, origin: &str, err: &toml::de::Error) -> anyho
     )
 }
 
-/// Where a key and its value sit in the text, with the full key path.
+/// Where a key sits in the text, with its full path (`["kernel",
+/// "ring_buffer_bytes"]`).
 #[derive(Debug)]
 struct KeySite {
     path: Vec<String>,
-    key: Range<usize>,
-    value: Range<usize>,
+    span: Range<usize>,
 }
 
-/// Lists every key of the document with its spans, so that errors (whose
-/// spans toml gives without the key path) can be mapped back to a key.
-/// Returns nothing if the text is not valid TOML.
+/// Lists every key of the document with its span, in text order, so that
+/// errors (whose spans toml gives without the key path) can be mapped back
+/// to a key. Returns nothing if the text is not valid TOML.
 fn key_sites(text: &str) -> Vec<KeySite> {
     let mut sites = Vec::new();
     if let Ok(Probe::Table(entries)) = toml::from_str::<Probe>(text) {
         flatten(&mut Vec::new(), entries, &mut sites);
     }
+    sites.sort_by_key(|s| s.span.start);
     sites
 }
 
 fn flatten(
     prefix: &mut Vec<String>,
-    entries: Vec<(Spanned<String>, Spanned<Probe>)>,
+    entries: Vec<(Spanned<String>, Probe)>,
     out: &mut Vec<KeySite>,
 ) {
     for (key, value) in entries {
-        let key_span = key.span();
-        let value_span = value.span();
+        let span = key.span();
         prefix.push(key.into_inner());
         out.push(KeySite {
             path: prefix.clone(),
-            key: key_span,
-            value: value_span,
+            span,
         });
-        if let Probe::Table(inner) = value.into_inner() {
+        if let Probe::Table(inner) = value {
             flatten(prefix, inner, out);
         }
         prefix.pop();
     }
 }
 
-/// A TOML value reduced to its table structure with spans.
+/// A TOML document reduced to its keys with their spans. Only keys are
+/// spanned: toml gives no span for dotted tables (`a.b = 1`), and a value
+/// always follows its own key, which is enough to attribute value errors.
 enum Probe {
     Leaf,
-    Table(Vec<(Spanned<String>, Spanned<Probe>)>),
+    Table(Vec<(Spanned<String>, Probe)>),
 }
 
 impl<'de> Deserialize<'de> for Probe {
@@ -382,15 +387,19 @@ impl<'de> Visitor<'de> for ProbeVisitor {
     fn visit_bool<E>(self, _: bool) -> Result<Probe, E> {
         Ok(Probe::Leaf)
     }
+
     fn visit_i64<E>(self, _: i64) -> Result<Probe, E> {
         Ok(Probe::Leaf)
     }
+
     fn visit_u64<E>(self, _: u64) -> Result<Probe, E> {
         Ok(Probe::Leaf)
     }
+
     fn visit_f64<E>(self, _: f64) -> Result<Probe, E> {
         Ok(Probe::Leaf)
     }
+
     fn visit_str<E>(self, _: &str) -> Result<Probe, E> {
         Ok(Probe::Leaf)
     }
@@ -410,7 +419,7 @@ impl<'de> Visitor<'de> for ProbeVisitor {
                 Ok(None) => break,
                 Err(_) => return Ok(Probe::Leaf),
             };
-            let value = map.next_value::<Spanned<Probe>>()?;
+            let value = map.next_value::<Probe>()?;
             entries.push((key, value));
         }
         Ok(Probe::Table(entries))
@@ -568,6 +577,19 @@ level = "debug"
             e.starts_with("config /etc/poolscope.toml line 2: bad value for `max_closed`"),
             "{e}"
         );
+        // Dotted keys and inline tables are located just as well.
+        assert_eq!(
+            err("kernel.mount_tracefs = 1"),
+            "config /etc/poolscope.toml line 1: bad value for `mount_tracefs` in [kernel]: \
+             invalid type: integer `1`, expected a boolean"
+        );
+        let e = err("\nkernel = { ring_buffer_bytes = -1 }");
+        assert!(
+            e.starts_with(
+                "config /etc/poolscope.toml line 2: bad value for `ring_buffer_bytes` in [kernel]"
+            ),
+            "{e}"
+        );
         // A datetime where a number belongs still names the key.
         let e = err("[tracking]\nmax_closed = 1979-05-27T07:32:00Z\n");
         assert!(
@@ -614,6 +636,11 @@ level = "debug"
         let c = Config::from_toml_str("[log]\nlevel = \"WARN\"\n", "x").expect("upper");
         assert_eq!(c.log.level, "warn");
         assert!(err("[tracking]\nmax_series = 0\n").contains("line 2"));
+        assert!(
+            err("[tracking]\n\nclosed_retention_seconds = 18446744074\n").starts_with(
+                "config /etc/poolscope.toml line 3: bad value for `closed_retention_seconds`"
+            )
+        );
     }
 
     #[test]
@@ -646,6 +673,9 @@ level = "debug"
             })
             .expect_err("bad level");
         assert!(e.to_string().contains("chatty"), "{e}");
+        // Failed overrides leave the configuration as it was.
+        assert_eq!(c.kernel.ring_buffer_bytes, 1 << 22);
+        assert_eq!(c.log.level, "trace");
     }
 
     #[test]

@@ -660,6 +660,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn parses_hex_addresses() {
         assert_eq!(
             parse_hex_socket_addr("0100007F:1538"),
@@ -693,6 +694,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn parses_tcp_tables() {
         let v4 = parse_tcp_table(TCP4);
         assert_eq!(v4.len(), 7);
@@ -724,6 +726,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn keeps_only_outbound_connections() {
         let mut entries = parse_tcp_table(TCP4);
         entries.extend(parse_tcp_table(TCP6));
@@ -973,6 +976,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_endian = "little")]
     fn scans_a_fake_proc_tree() {
         let fake = FakeProc::new("scan");
         // pid 10: client of 127.0.0.1:5432 (21002) and of 10.0.0.20:3306 via

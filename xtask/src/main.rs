@@ -94,11 +94,13 @@ fn run_agent(args: &[String]) -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     step("setup", || setup::setup(true))?;
-    step("cargo fmt --all --check", || Ok(()))?;
+    step("cargo fmt --all --check", || {
+        run(cargo().args(["fmt", "--all", "--check"]))
+    })?;
     step("clippy (host crates)", || {
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
     })?;
-    let _ = clippy_kernel;
+    step("clippy (kernel crate)", clippy_kernel)?;
     step("build release agent", || {
         run(cargo().args(["build", "--release", "-p", "poolscope"]))
     })?;

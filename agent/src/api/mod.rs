@@ -132,6 +132,6 @@ async fn connections(State(state): State<ApiState>) -> Response {
         .chain(tracker.closed_connections())
         .map(|c| connection_view(c, &state.clock, now))
         .collect();
-    connections.sort_by(|a, b| (a.pid, a.fd, a.generation).cmp(&(b.pid, b.fd, b.generation)));
+    connections.sort_by_key(|c| (c.pid, c.fd, c.generation));
     Json(ConnectionsResponse { connections }).into_response()
 }

@@ -329,13 +329,18 @@ fn fentry_line() -> CheckLine {
             what,
             detail: "unavailable on this kernel; tracepoints are in use".into(),
         },
-        Err(e) => CheckLine {
-            ok: false,
-            what,
-            detail: format!(
-                "unavailable (loading a probe program failed: {e}); tracepoints are in use"
-            ),
-        },
+        Err(e) => {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            CheckLine {
+                ok: false,
+                what,
+                detail: format!(
+                    "unavailable (loading a probe program failed{cause}); tracepoints are in use"
+                ),
+            }
+        }
     }
 }
 
