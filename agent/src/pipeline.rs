@@ -2,6 +2,7 @@
 //! plus the HTTP API, until SIGTERM or SIGINT.
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -29,11 +30,53 @@ struct Pipeline {
     tracker: Arc<Mutex<Tracker>>,
     telemetry: Arc<Telemetry>,
     probes: Arc<Mutex<KernelProbes>>,
+    /// Socket type of each Unix path seen, so /proc is read once per path.
+    unix_types: Mutex<HashMap<String, u16>>,
 }
 
+/// Unix paths whose socket type we remember; past this the cache restarts.
+const UNIX_TYPE_CACHE: usize = 1024;
+
 impl Pipeline {
+    /// connect() on a Unix datagram socket (syslog, journald) is no
+    /// connection: only stream sockets are tracked. The kernel cannot tell
+    /// them apart cheaply, so we ask /proc once per path.
+    fn is_unix_datagram(&self, event: &Event) -> bool {
+        let EventKind::Connect {
+            remote: Endpoint::Unix(path),
+            ret: 0,
+            ..
+        } = &event.kind
+        else {
+            return false;
+        };
+        let Ok(mut cache) = self.unix_types.lock() else {
+            return false;
+        };
+        let kind = match cache.get(path) {
+            Some(kind) => Some(*kind),
+            None => {
+                let kind = procfs::unix_bound_type(Path::new("/proc"), event.conn.pid, path);
+                if let Some(kind) = kind {
+                    if cache.len() >= UNIX_TYPE_CACHE {
+                        cache.clear();
+                    }
+                    cache.insert(path.clone(), kind);
+                }
+                kind
+            }
+        };
+        kind.is_some_and(|k| k != procfs::UNIX_SOCK_STREAM)
+    }
+
     /// Applies one event and does what its outputs ask of the kernel side.
     fn apply(&self, event: Event) {
+        if self.is_unix_datagram(&event) {
+            if let Ok(mut probes) = self.probes.lock() {
+                probes.forget(event.conn.pid, event.conn.fd);
+            }
+            return;
+        }
         let outputs = match self.tracker.lock() {
             Ok(mut tracker) => tracker.apply(event),
             Err(_) => return,
@@ -56,6 +99,7 @@ impl Pipeline {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    ebpf::require_privileges()?;
     match ebpf::ensure_tracefs(config.kernel.mount_tracefs)? {
         TracefsStatus::AlreadyMounted => {}
         TracefsStatus::MountedByUs => {
@@ -84,6 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: Arc::clone(&tracker),
         telemetry: Arc::clone(&telemetry),
         probes: Arc::new(Mutex::new(probes)),
+        unix_types: Mutex::default(),
     });
 
     // Seed after attaching, so nothing closes unseen between scan and attach.

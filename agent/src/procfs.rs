@@ -477,6 +477,29 @@ fn parse_ns_link(target: &str) -> Option<u64> {
 }
 
 /// `/proc/PID/comm` without its trailing newline.
+/// Socket type numbers as /proc/net/unix prints them.
+pub const UNIX_SOCK_STREAM: u16 = 1;
+
+/// The type of the socket bound to `path` in a /proc/net/unix table: tells a
+/// stream server (a connection) from a datagram one (syslog, journald).
+pub fn parse_unix_bound_type(table: &str, path: &str) -> Option<u16> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (kind, name) = (fields.get(4)?, fields.get(7)?);
+        if *name == path {
+            u16::from_str_radix(kind, 16).ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// The type of the socket bound to `path`, as seen from `pid`'s network namespace.
+pub fn unix_bound_type(proc_root: &Path, pid: u32, path: &str) -> Option<u16> {
+    let table = std::fs::read_to_string(proc_root.join(pid.to_string()).join("net/unix")).ok()?;
+    parse_unix_bound_type(&table, path)
+}
+
 pub fn process_comm(proc_root: &Path, pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm")).ok()?;
     Some(text.trim_end_matches('\n').to_owned())
@@ -1141,5 +1164,20 @@ mod tests {
         );
         assert!(!mine.iter().any(|s| s.fd == accepted.as_raw_fd()));
         assert!(!mine.iter().any(|s| s.fd == listener.as_raw_fd()));
+    }
+
+    #[test]
+    fn unix_bound_type_tells_stream_from_datagram() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 2001 /run/postgresql/.s.PGSQL.5432\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 2002 /dev/log\n\
+            0000000000000000: 00000002 00000000 00000000 0001 03 2003\n";
+        assert_eq!(
+            parse_unix_bound_type(table, "/run/postgresql/.s.PGSQL.5432"),
+            Some(UNIX_SOCK_STREAM)
+        );
+        assert_eq!(parse_unix_bound_type(table, "/dev/log"), Some(2));
+        assert_eq!(parse_unix_bound_type(table, "/nope"), None);
+        assert_eq!(parse_unix_bound_type("garbage", "/dev/log"), None);
     }
 }

@@ -1,0 +1,800 @@
+//! Fixtures for poolscope's integration tests: the real agent binary, a
+//! throwaway PostgreSQL cluster, and a scripted child process whose sockets
+//! the tests open and close. Each fixture owns what it starts and stops it on
+//! drop, so a failing test leaves no agent, server or temp dir behind.
+//!
+//! Events reach the agent asynchronously; tests poll with [`wait_until`] (or
+//! [`Agent::wait_for`]) instead of sleeping.
+
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+pub use poolscope::api::{ConnectionView, ConnectionsResponse};
+pub use poolscope::lifecycle::{CloseReason, ConnState, ConnectOutcome};
+
+/// How long asynchronous kernel events get to show up in the API.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Environment
+// ---------------------------------------------------------------------------
+
+/// True when this process may load BPF programs. Kernel tests call it first
+/// and return early on `false`. In CI (`CI=true`) not being root is a failure,
+/// so that a misconfigured runner cannot pass by skipping everything.
+pub fn require_kernel() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("kernel tests must run as root in CI (euid is {euid})");
+    }
+    eprintln!("skipped: kernel tests need root to load BPF programs (euid is {euid})");
+    false
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent directory")
+        .to_path_buf()
+}
+
+/// The agent binary under test: `$POOLSCOPE_BIN`, else the newest of
+/// `target/release/poolscope` and `target/debug/poolscope`.
+pub fn agent_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("POOLSCOPE_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "POOLSCOPE_BIN={} does not exist; run cargo build -p poolscope first",
+            bin.display()
+        );
+        return bin;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    ["release", "debug"]
+        .iter()
+        .map(|profile| target.join(profile).join("poolscope"))
+        .filter_map(|p| {
+            let modified = fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+            Some((modified, p))
+        })
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!(
+                "no poolscope binary in {}/{{release,debug}} and POOLSCOPE_BIN is not set: \
+                 run cargo build -p poolscope first",
+                target.display()
+            )
+        })
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on (at the time of the call).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("cannot bind an ephemeral port on 127.0.0.1")
+        .port()
+}
+
+/// Whether a socket listens on TCP `port` (any IPv4 address), read from
+/// /proc/net/tcp so that asking does not itself connect.
+pub fn tcp_listening(port: u16) -> bool {
+    const TCP_LISTEN: &str = "0A";
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local_suffix = format!(":{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() > 3 && cols[1].ends_with(&local_suffix) && cols[3] == TCP_LISTEN
+    })
+}
+
+/// Calls `f` every 100 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for a child to exit, up to `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    wait_until(timeout, || child.try_wait().ok().flatten())
+}
+
+/// A directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------
+
+/// The `bin` directory of the newest PostgreSQL under /usr/lib/postgresql.
+pub fn postgres_bin_dir() -> PathBuf {
+    let versions = fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .into_iter()
+        .flatten();
+    versions
+        .filter_map(|e| {
+            let entry = e.ok()?;
+            let version: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .max_by_key(|(version, _)| *version)
+        .map(|(_, bin)| bin)
+        .unwrap_or_else(|| {
+            panic!(
+                "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: run cargo xtask setup"
+            )
+        })
+}
+
+/// A throwaway PostgreSQL cluster listening on 127.0.0.1:`port` and on the
+/// Unix socket [`Postgres::socket_path`], with trust authentication for the
+/// `postgres` user. Stopped (immediate mode) and deleted on drop.
+pub struct Postgres {
+    pub port: u16,
+    bin: PathBuf,
+    dir: TempDir,
+}
+
+fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
+    let name = CString::new("postgres").expect("no NUL in a literal");
+    // SAFETY: `name` is a valid C string; getpwnam returns NULL or a pointer
+    // to a static record that we read at once, before any other getpw* call.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !pw.is_null(),
+        "there is no `postgres` user: run cargo xtask setup"
+    );
+    // SAFETY: checked non-NULL above.
+    unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = postgres_bin_dir();
+        let dir = TempDir::new("poolscope-pg");
+        if is_root() {
+            // initdb refuses to run as root: the cluster belongs to `postgres`.
+            let (uid, gid) = postgres_ids();
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .expect("cannot chown the cluster directory to postgres");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+            .expect("cannot chmod the cluster directory");
+        let data = dir.path().join("data");
+        let mut pg = Postgres { port: 0, bin, dir };
+        pg.run_as_postgres(
+            "initdb",
+            &[
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "-D",
+                path_str(&data),
+            ],
+        );
+        // Another test may take the port between free_port() and the server's
+        // bind; try a few.
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let options = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                path_str(pg.dir.path())
+            );
+            let log = pg.dir.path().join("postgres.log");
+            match pg.try_run_as_postgres(
+                "pg_ctl",
+                &[
+                    "-D",
+                    path_str(&data),
+                    "-l",
+                    path_str(&log),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    &options,
+                    "start",
+                ],
+            ) {
+                Ok(_) => {
+                    pg.port = port;
+                    return pg;
+                }
+                Err(e) => last_error = format!("{e}\npostgres.log:\n{}", read_lossy(&log)),
+            }
+        }
+        panic!("cannot start PostgreSQL: {last_error}");
+    }
+
+    fn command_as_postgres(&self, tool: &str) -> Command {
+        let program = self.bin.join(tool);
+        let mut cmd = if is_root() {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(program);
+            cmd
+        } else {
+            Command::new(program)
+        };
+        cmd.current_dir(self.dir.path()).stdin(Stdio::null());
+        cmd
+    }
+
+    fn try_run_as_postgres(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+        // Output goes to a file: pg_ctl's server must not inherit our pipes.
+        let out_path = self.dir.path().join(format!("{tool}.out"));
+        let out = File::create(&out_path).map_err(|e| format!("cannot create output: {e}"))?;
+        let err = out.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let status = self
+            .command_as_postgres(tool)
+            .args(args)
+            .stdout(out)
+            .stderr(err)
+            .status()
+            .map_err(|e| format!("cannot run {tool}: {e}"))?;
+        let output = read_lossy(&out_path);
+        if status.success() {
+            Ok(output)
+        } else {
+            Err(format!("{tool} {args:?} failed ({status}):\n{output}"))
+        }
+    }
+
+    fn run_as_postgres(&self, tool: &str, args: &[&str]) -> String {
+        self.try_run_as_postgres(tool, args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The psql client binary of the same installation.
+    pub fn psql_bin(&self) -> PathBuf {
+        self.bin.join("psql")
+    }
+
+    /// Directory that holds the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Path of the server's Unix socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// Runs one SQL command over TCP and returns psql's unaligned output.
+    pub fn psql(&self, sql: &str) -> String {
+        let port = self.port.to_string();
+        let output = Command::new(self.psql_bin())
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-At",
+            ])
+            .args(["-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run psql");
+        assert!(
+            output.status.success(),
+            "psql -c {sql:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// Server log, for failure messages.
+    pub fn log(&self) -> String {
+        read_lossy(&self.dir.path().join("postgres.log"))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.port != 0 {
+            let data = self.dir.path().join("data");
+            let _ = self.try_run_as_postgres(
+                "pg_ctl",
+                &["-D", path_str(&data), "-m", "immediate", "-w", "stop"],
+            );
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+// ---------------------------------------------------------------------------
+// The agent
+// ---------------------------------------------------------------------------
+
+/// A running `poolscope run`, listening on its own loopback port, logging to
+/// a file. SIGTERM and wait on drop.
+pub struct Agent {
+    pub addr: SocketAddr,
+    child: Child,
+    dir: TempDir,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        Agent::start_with(&[])
+    }
+
+    /// Starts the agent with extra `run` arguments and waits (30 s at most)
+    /// until `/healthz` answers. Panics with the agent's log if it exits first.
+    pub fn start_with(args: &[&str]) -> Agent {
+        let bin = agent_bin();
+        let dir = TempDir::new("poolscope-agent");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("valid address");
+        let log_path = dir.path().join("agent.log");
+        let log = File::create(&log_path).expect("cannot create the agent log");
+        let log_err = log.try_clone().expect("cannot dup the agent log");
+        let child = Command::new(&bin)
+            .args(["run", "--listen", &addr.to_string()])
+            .args(args)
+            .env_remove("POOLSCOPE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut agent = Agent { addr, child, dir };
+        let ready = wait_until(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "the agent ({}) exited before serving /healthz: {status}\n--- agent log ---\n{}",
+                    bin.display(),
+                    agent.log()
+                );
+            }
+            // Connect only once the port listens: a refused probe would count
+            // as a refused connect in every other agent that runs meanwhile.
+            if !tcp_listening(addr.port()) {
+                return None;
+            }
+            agent
+                .get("/healthz")
+                .ok()
+                .filter(|body| body.trim() == "ok")
+        });
+        if ready.is_none() {
+            panic!(
+                "the agent did not answer /healthz on {addr} within 30 s\n--- agent log ---\n{}",
+                agent.log()
+            );
+        }
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the agent printed so far.
+    pub fn log(&self) -> String {
+        read_lossy(&self.dir.path().join("agent.log"))
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        poolscope::cli::http_get(self.addr, path)
+    }
+
+    pub fn connections(&self) -> Vec<ConnectionView> {
+        let body = self
+            .get("/api/v1/connections")
+            .unwrap_or_else(|e| panic!("GET /api/v1/connections: {e:#}"));
+        let response: ConnectionsResponse = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/api/v1/connections is not valid JSON ({e}): {body}"));
+        response.connections
+    }
+
+    /// The connections of one process.
+    pub fn connections_of(&self, pid: u32) -> Vec<ConnectionView> {
+        self.connections()
+            .into_iter()
+            .filter(|c| c.pid == pid)
+            .collect()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics")
+            .unwrap_or_else(|e| panic!("GET /metrics: {e:#}"))
+    }
+
+    /// Value of the first sample matching `selector` (see [`metric_sample`]),
+    /// 0 when there is none (counters and gauges appear on first use).
+    pub fn metric_value(&self, selector: &str) -> f64 {
+        metric_sample(&self.metrics(), selector).unwrap_or(0.0)
+    }
+
+    /// Polls the process's connections until `f` accepts them, for at most
+    /// [`EVENT_TIMEOUT`]; panics with what the agent last showed and its log.
+    pub fn wait_for<T>(
+        &self,
+        pid: u32,
+        what: &str,
+        mut f: impl FnMut(&[ConnectionView]) -> Option<T>,
+    ) -> T {
+        let mut last = Vec::new();
+        let found = wait_until(EVENT_TIMEOUT, || {
+            last = self.connections_of(pid);
+            f(&last)
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "timed out after {EVENT_TIMEOUT:?} waiting for {what} (pid {pid})\n\
+                 --- last connections of pid {pid} ---\n{}\n--- agent log ---\n{}",
+                serde_json::to_string_pretty(&last).unwrap_or_default(),
+                self.log()
+            )
+        })
+    }
+
+    /// Polls `/metrics` until the sample matching `selector` satisfies `ok`.
+    pub fn wait_for_metric(&self, selector: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let mut last = String::new();
+        let found = wait_until(EVENT_TIMEOUT, || {
+            last = self.metrics();
+            let v = metric_sample(&last, selector).unwrap_or(0.0);
+            ok(v).then_some(v)
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "timed out after {EVENT_TIMEOUT:?} waiting for {selector} \
+                 (now {:?})\n--- metrics ---\n{last}",
+                metric_sample(&last, selector)
+            )
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: plain kill(2) on our own child, which we have not reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            if wait_exit(&mut self.child, Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text
+// ---------------------------------------------------------------------------
+
+/// `name{a="1",b="2"}` -> ("name", [("a","1"), ("b","2")]).
+fn parse_series(text: &str) -> Option<(&str, Vec<(String, String)>)> {
+    let Some((name, rest)) = text.split_once('{') else {
+        return Some((text.trim(), Vec::new()));
+    };
+    let body = rest.strip_suffix('}')?;
+    let mut labels = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if chars.next() != Some('"') {
+            return None;
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next()? {
+                '"' => break,
+                '\\' => match chars.next()? {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                c => value.push(c),
+            }
+        }
+        labels.push((key.trim().to_string(), value));
+    }
+    Some((name.trim(), labels))
+}
+
+/// The value of the first sample in Prometheus text `metrics` whose name is
+/// the selector's and whose labels include all the selector's labels, e.g.
+/// `poolscope_connects_total{result="refused"}`.
+pub fn metric_sample(metrics: &str, selector: &str) -> Option<f64> {
+    metric_samples(metrics, selector).into_iter().next()
+}
+
+/// Every sample matching `selector` (see [`metric_sample`]).
+pub fn metric_samples(metrics: &str, selector: &str) -> Vec<f64> {
+    let Some((want_name, want_labels)) = parse_series(selector) else {
+        panic!("bad metric selector {selector:?}");
+    };
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = parse_series(series)?;
+            (name == want_name && want_labels.iter().all(|w| labels.contains(w)))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The connection client child
+// ---------------------------------------------------------------------------
+
+/// Python interpreter for the client: the system one when there is one, so
+/// that the process is `python3` itself rather than a version-manager shim.
+pub fn python3() -> PathBuf {
+    let system = Path::new("/usr/bin/python3");
+    if system.exists() {
+        system.to_path_buf()
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// `tests/scripts/conn_client.py`, driven over stdin/stdout. The test knows
+/// its pid, so it can pick the child's connections out of the agent's view.
+pub struct ConnClient {
+    pub pid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// A failed connect as the client reports it: errno name and the fd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectError {
+    pub errno: String,
+    pub fd: i32,
+}
+
+impl ConnClient {
+    pub fn spawn() -> ConnClient {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/conn_client.py");
+        let mut child = Command::new(python3())
+            .arg("-u")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut client = ConnClient {
+            pid: child.id(),
+            child,
+            stdin: Some(stdin),
+            stdout,
+        };
+        let reported: u32 = client
+            .command("pid")
+            .parse()
+            .expect("the client's pid is a number");
+        assert_eq!(
+            reported, client.pid,
+            "the client runs in the process we spawned"
+        );
+        client
+    }
+
+    /// Sends one command line and returns the one-line answer.
+    pub fn command(&mut self, line: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {line:?} to the client: {e}"));
+        let mut answer = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("cannot read the client's answer to {line:?}: {e}"));
+        assert!(n > 0, "the client exited on {line:?}");
+        let answer = answer.trim().to_string();
+        assert!(
+            !answer.starts_with("error "),
+            "the client failed {line:?}: {answer}"
+        );
+        answer
+    }
+
+    /// A blocking TCP connect: Ok((fd, local port)) or the errno and fd.
+    pub fn try_open(&mut self, host: &str, port: u16) -> Result<(i32, u16), ConnectError> {
+        let answer = self.command(&format!("open {host} {port}"));
+        let words: Vec<&str> = answer.split_whitespace().collect();
+        match words.as_slice() {
+            ["err", errno, fd] => Err(ConnectError {
+                errno: errno.to_string(),
+                fd: fd.parse().expect("fd is a number"),
+            }),
+            [fd, local_port] => Ok((
+                fd.parse().expect("fd is a number"),
+                local_port.parse().expect("port is a number"),
+            )),
+            _ => panic!("unexpected answer to open: {answer:?}"),
+        }
+    }
+
+    /// A TCP connect that must succeed: (fd, local port).
+    pub fn open(&mut self, host: &str, port: u16) -> (i32, u16) {
+        self.try_open(host, port)
+            .unwrap_or_else(|e| panic!("connect to {host}:{port} failed: {e:?}"))
+    }
+
+    /// A Unix-socket connect that must succeed: the fd.
+    pub fn open_unix(&mut self, path: &Path) -> i32 {
+        let answer = self.command(&format!("open_unix {}", path.display()));
+        answer
+            .parse()
+            .unwrap_or_else(|_| panic!("connect to {} failed: {answer}", path.display()))
+    }
+
+    pub fn close(&mut self, fd: i32) {
+        let answer = self.command(&format!("close {fd}"));
+        assert_eq!(answer, "ok", "close {fd}");
+    }
+
+    /// Makes the client exit at once without closing anything
+    /// (`os._exit`) and reaps it.
+    pub fn exit_without_closing(&mut self) -> ExitStatus {
+        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
+        writeln!(stdin, "exit")
+            .and_then(|_| stdin.flush())
+            .expect("cannot send exit to the client");
+        self.stdin = None;
+        wait_exit(&mut self.child, Duration::from_secs(10)).expect("the client did not exit")
+    }
+}
+
+impl Drop for ConnClient {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether a process still runs (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_comm = stat.rsplit_once(')')?.1;
+            after_comm.split_whitespace().next().map(|s| s != "Z")
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_match_label_subsets() {
+        let text = "# HELP x\n\
+            poolscope_connects_total{network_transport=\"tcp\",result=\"refused\"} 3\n\
+            poolscope_connects_total{network_transport=\"tcp\",result=\"ok\"} 7\n\
+            poolscope_connection_open{process_executable_name=\"a b\",process_pid=\"12\",server_address=\"127.0.0.1\",server_port=\"5432\"} 5\n\
+            poolscope_kernel_events_dropped_total 0\n";
+        assert_eq!(
+            metric_sample(text, "poolscope_connects_total{result=\"refused\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric_sample(
+                text,
+                "poolscope_connects_total{network_transport=\"tcp\",result=\"ok\"}"
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            metric_sample(text, "poolscope_connection_open{process_pid=\"12\"}"),
+            Some(5.0)
+        );
+        assert_eq!(
+            metric_sample(text, "poolscope_connection_open{process_pid=\"1\"}"),
+            None
+        );
+        assert_eq!(
+            metric_sample(text, "poolscope_kernel_events_dropped_total"),
+            Some(0.0)
+        );
+        assert_eq!(metric_samples(text, "poolscope_connects_total").len(), 2);
+        assert_eq!(metric_sample(text, "poolscope_connects"), None);
+    }
+}

@@ -69,8 +69,34 @@ pub enum TracefsStatus {
     MountedByUs,
 }
 
+/// Read from the mount table, not by looking inside: tracefs is 0700 root,
+/// so an unprivileged stat would wrongly say "not mounted".
 fn tracefs_mounted() -> bool {
-    Path::new(TRACEFS).join("events").is_dir()
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|table| {
+            table.lines().any(|line| {
+                let mut fields = line.split_whitespace();
+                let mount_point = fields.nth(4);
+                let fs_type = line
+                    .split(" - ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next());
+                mount_point == Some(TRACEFS) && fs_type == Some("tracefs")
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Fails with one sentence when we lack the privileges to load probes.
+pub fn require_privileges() -> anyhow::Result<()> {
+    let missing = missing_capabilities(effective_capabilities());
+    if !missing.is_empty() {
+        bail!(
+            "poolscope needs root (or {}) to load its kernel probes; run it with sudo",
+            missing.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Tracepoints need tracefs; hosts and containers often lack the mount.
@@ -97,9 +123,6 @@ pub fn ensure_tracefs(may_mount: bool) -> anyhow::Result<TracefsStatus> {
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         bail!("tracefs is not mounted at {TRACEFS} and mounting it failed ({err}); mount it with `mount -t tracefs nodev {TRACEFS}`");
-    }
-    if !tracefs_mounted() {
-        bail!("mounted tracefs at {TRACEFS} but it has no events/ directory");
     }
     Ok(TracefsStatus::MountedByUs)
 }
@@ -129,13 +152,7 @@ impl KernelProbes {
     /// Loads the programs with our own pid filtered out and attaches every
     /// tracepoint. Fails with one clear sentence on missing prerequisites.
     pub fn load(ring_buffer_bytes: u32, capture_head_bytes: u32) -> anyhow::Result<KernelProbes> {
-        let missing = missing_capabilities(effective_capabilities());
-        if !missing.is_empty() {
-            bail!(
-                "poolscope needs root (or {}) to load its kernel probes; run it with sudo",
-                missing.join(", ")
-            );
-        }
+        require_privileges()?;
         let own_tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(names::AGENT_TGID, &own_tgid, true)

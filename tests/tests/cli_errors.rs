@@ -1,0 +1,204 @@
+//! What a person sees when the agent cannot start, and `poolscope check`.
+//! Errors must be one sentence on stderr, never a panic or a backtrace, even
+//! with RUST_BACKTRACE=1.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::{Command, Output, Stdio},
+};
+
+use poolscope_tests::{agent_bin, free_port, is_root, require_kernel, TempDir};
+
+fn run_agent(cmd: &mut Command) -> (Output, String, String) {
+    let output = cmd
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("POOLSCOPE_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output, stdout, stderr)
+}
+
+fn assert_no_panic(stderr: &str) {
+    let lower = stderr.to_lowercase();
+    for word in ["panicked", "backtrace", "stack backtrace", "rust_backtrace"] {
+        assert!(
+            !lower.contains(word),
+            "stderr must not show {word:?}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn unknown_config_key_names_key_and_line() {
+    let dir = TempDir::new("poolscope-cli");
+    let config = dir.path().join("poolscope.toml");
+    fs::write(
+        &config,
+        "[http]\nlisten = \"127.0.0.1:9464\"\nno_such_knob = true\n\n[log]\nlevel = \"info\"\n",
+    )
+    .unwrap();
+    let (output, _, stderr) = run_agent(
+        Command::new(agent_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config),
+    );
+    assert!(
+        !output.status.success(),
+        "an unknown key is an error: {stderr}"
+    );
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no_such_knob"), "names the key:\n{stderr}");
+    assert!(stderr.contains("line 3"), "names the line:\n{stderr}");
+    assert!(
+        stderr.contains(config.to_str().unwrap()),
+        "names the file:\n{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+    assert_no_panic(&stderr);
+}
+
+#[test]
+fn missing_config_file_is_one_line() {
+    let dir = TempDir::new("poolscope-cli");
+    let missing = dir.path().join("absent.toml");
+    let (output, _, stderr) = run_agent(
+        Command::new(agent_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&missing),
+    );
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(missing.to_str().unwrap()),
+        "names the file:\n{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+    assert_no_panic(&stderr);
+}
+
+#[test]
+fn run_without_privileges_says_so_in_one_line() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut bin = agent_bin();
+    // nobody may not be able to reach the build tree (a clone under /root):
+    // run a world-readable copy.
+    let copy_dir = TempDir::new("poolscope-nobody");
+    if is_root() {
+        let copy = copy_dir.path().join("poolscope");
+        fs::copy(&bin, &copy).unwrap();
+        fs::set_permissions(copy_dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+        bin = copy;
+    }
+    let mut cmd = if is_root() {
+        // Drop to nobody with no capabilities at all.
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&bin);
+        cmd
+    } else {
+        Command::new(&bin)
+    };
+    cmd.args(["run", "--listen", &listen]).current_dir("/");
+    let (output, _, stderr) = run_agent(&mut cmd);
+    assert!(
+        !stderr.contains("failed to execute"),
+        "nobody cannot execute {}: {stderr}",
+        bin.display()
+    );
+    assert!(
+        !output.status.success(),
+        "the agent cannot run unprivileged:\n{stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line on stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("root") || stderr.contains("CAP_BPF"),
+        "the error says what is missing (root or CAP_BPF):\n{stderr}"
+    );
+    assert_no_panic(&stderr);
+}
+
+/// `check`'s lines: `MARK WHAT DETAIL`, MARK being `ok` or `MISS`.
+fn check_line<'a>(stdout: &'a str, what: &str) -> (&'a str, &'a str) {
+    stdout
+        .lines()
+        .find_map(|line| {
+            let (mark, rest) = line.split_once(' ')?;
+            let rest = rest.trim_start();
+            rest.starts_with(what).then_some((mark, rest))
+        })
+        .unwrap_or_else(|| panic!("no {what:?} line in check's output:\n{stdout}"))
+}
+
+#[test]
+fn check_reports_each_feature() {
+    if !require_kernel() {
+        return;
+    }
+    let (output, stdout, stderr) = run_agent(Command::new(agent_bin()).arg("check"));
+    assert!(
+        output.status.success(),
+        "check passes as root on this kernel:\n{stdout}\n{stderr}"
+    );
+    assert_no_panic(&stderr);
+
+    for what in ["kernel", "capabilities", "tracefs"] {
+        let (mark, rest) = check_line(&stdout, what);
+        assert_eq!(mark, "ok", "{rest}\n{stdout}");
+    }
+
+    // kprobes: available exactly when tracefs has kprobe_events.
+    let kprobes_present = Path::new("/sys/kernel/tracing/kprobe_events").exists()
+        || Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();
+    let (mark, rest) = check_line(&stdout, "kprobes");
+    if kprobes_present {
+        assert_eq!(mark, "ok", "{rest}");
+    } else {
+        assert_eq!(mark, "MISS", "{rest}");
+        assert!(rest.contains("unavailable"), "{rest}");
+    }
+
+    // fentry: a MISS line says it is unavailable and that tracepoints are used.
+    let (mark, rest) = check_line(&stdout, "fentry");
+    assert!(mark == "ok" || mark == "MISS", "{rest}");
+    assert_eq!(mark == "MISS", rest.contains("unavailable"), "{rest}");
+    if mark == "MISS" {
+        assert!(rest.contains("tracepoints are in use"), "{rest}");
+    }
+
+    for tracepoint in [
+        "syscalls:sys_enter_connect",
+        "syscalls:sys_exit_connect",
+        "sock:inet_sock_set_state",
+        "syscalls:sys_enter_close",
+        "sched:sched_process_exit",
+    ] {
+        let (mark, rest) = check_line(&stdout, &format!("tracepoint {tracepoint}"));
+        assert_eq!(mark, "ok", "{rest}");
+        assert!(rest.contains("in use"), "{rest}");
+    }
+    for line in stdout.lines() {
+        let mut words = line.split_whitespace();
+        let (mark, what) = (words.next(), words.next());
+        if what.is_some_and(|w| w.starts_with("tracepoint")) {
+            assert_eq!(mark, Some("ok"), "every tracepoint loads: {line}");
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Connection lifecycles seen from the real kernel: each test starts its own
+//! PostgreSQL and agent, drives a child process whose pid it knows, and checks
+//! what `/api/v1/connections` and `/metrics` say about that pid.
+//!
+//! Tests run in parallel and every agent sees every process on the host, so
+//! assertions always select the child's pid (and fd / ports), never totals.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use poolscope_tests::{
+    metric_sample, process_alive, require_kernel, wait_exit, Agent, CloseReason, ConnClient,
+    ConnState, ConnectOutcome, ConnectionView, Postgres,
+};
+
+const LOCALHOST: &str = "127.0.0.1";
+
+fn open_selector(pid: u32, server: &str) -> String {
+    format!("poolscope_connection_open{{process_pid=\"{pid}\",server_address=\"{server}\"}}")
+}
+
+fn close_wait_selector(pid: u32, server: &str) -> String {
+    format!("poolscope_connection_close_wait{{process_pid=\"{pid}\",server_address=\"{server}\"}}")
+}
+
+const REFUSED: &str = "poolscope_connects_total{network_transport=\"tcp\",result=\"refused\"}";
+
+fn find(conns: &[ConnectionView], fd: i32, local_port: u16) -> Option<&ConnectionView> {
+    conns
+        .iter()
+        .find(|c| c.fd == fd && c.local_port == Some(local_port))
+}
+
+/// The one connection on `fd` of this process, once it is in `state`.
+fn in_state(conns: &[ConnectionView], fd: i32, state: ConnState) -> Option<ConnectionView> {
+    conns
+        .iter()
+        .find(|c| c.fd == fd && c.state == state)
+        .cloned()
+}
+
+#[test]
+fn tcp_connections_are_tracked_from_connect_to_close() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start();
+    let mut client = ConnClient::spawn();
+    let pid = client.pid;
+
+    let opened: Vec<(i32, u16)> = (0..5).map(|_| client.open(LOCALHOST, pg.port)).collect();
+    let mut fds: Vec<i32> = opened.iter().map(|(fd, _)| *fd).collect();
+    fds.sort_unstable();
+    fds.dedup();
+    assert_eq!(fds.len(), 5, "five distinct fds: {opened:?}");
+
+    let established = agent.wait_for(pid, "5 established connections", |conns| {
+        opened
+            .iter()
+            .map(|(fd, port)| {
+                find(conns, *fd, *port)
+                    .filter(|c| c.state == ConnState::Established)
+                    .cloned()
+            })
+            .collect::<Option<Vec<_>>>()
+    });
+    for c in &established {
+        assert_eq!(c.pid, pid);
+        assert_eq!(c.process, "python3", "{c:?}");
+        assert_eq!(c.transport, "tcp", "{c:?}");
+        assert_eq!(c.local_address.as_deref(), Some(LOCALHOST), "{c:?}");
+        assert_eq!(c.remote_address, LOCALHOST, "{c:?}");
+        assert_eq!(c.remote_port, Some(pg.port), "{c:?}");
+        assert_eq!(c.connect_result, Some(ConnectOutcome::Ok), "{c:?}");
+        assert!(!c.seen_at_start, "opened after the agent started: {c:?}");
+        assert!(c.closed_at.is_none() && c.close_reason.is_none(), "{c:?}");
+        assert_ne!(c.generation, 0, "a connect seen by the kernel: {c:?}");
+    }
+    let all = agent.connections_of(pid);
+    assert_eq!(
+        all.len(),
+        5,
+        "the child made exactly five connections: {all:#?}"
+    );
+
+    let open = open_selector(pid, LOCALHOST);
+    agent.wait_for_metric(&open, |v| v == 5.0);
+    let text = agent.metrics();
+    let labelled = format!(
+        "poolscope_connection_open{{process_executable_name=\"python3\",process_pid=\"{pid}\",\
+         server_address=\"{LOCALHOST}\",server_port=\"{}\"}}",
+        pg.port
+    );
+    assert_eq!(metric_sample(&text, &labelled), Some(5.0), "{text}");
+    assert!(
+        metric_sample(&text, "poolscope_kernel_events_dropped_total").is_some(),
+        "dropped-events counter is exported:\n{text}"
+    );
+
+    for (fd, _) in &opened {
+        client.close(*fd);
+    }
+    let closed = agent.wait_for(pid, "5 closed connections", |conns| {
+        opened
+            .iter()
+            .map(|(fd, port)| {
+                find(conns, *fd, *port)
+                    .filter(|c| c.state == ConnState::Closed)
+                    .cloned()
+            })
+            .collect::<Option<Vec<_>>>()
+    });
+    for (c, before) in closed.iter().zip(&established) {
+        assert_eq!(c.close_reason, Some(CloseReason::Closed), "{c:?}");
+        assert!(c.closed_at.is_some(), "{c:?}");
+        assert_eq!(c.generation, before.generation, "same connection: {c:?}");
+    }
+    agent.wait_for_metric(&open, |v| v == 0.0);
+    let lifetimes = agent
+        .metric_value("poolscope_connection_lifetime_seconds_count{network_transport=\"tcp\"}");
+    assert!(
+        lifetimes >= 5.0,
+        "closed lifetimes are recorded: {lifetimes}"
+    );
+}
+
+#[test]
+fn unix_socket_connection_is_tracked() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start();
+    let mut client = ConnClient::spawn();
+    let pid = client.pid;
+    let path = pg.socket_path();
+    let path_text = path.to_str().unwrap().to_string();
+
+    let fd = client.open_unix(&path);
+    let c = agent.wait_for(pid, "an established unix connection", |conns| {
+        in_state(conns, fd, ConnState::Established)
+    });
+    assert_eq!(c.transport, "unix", "{c:?}");
+    assert_eq!(c.remote_address, path_text, "{c:?}");
+    assert_eq!(c.remote_port, None, "{c:?}");
+    assert_eq!(c.process, "python3", "{c:?}");
+    assert_eq!(c.connect_result, Some(ConnectOutcome::Ok), "{c:?}");
+    agent.wait_for_metric(&open_selector(pid, &path_text), |v| v == 1.0);
+
+    client.close(fd);
+    let c = agent.wait_for(pid, "the unix connection closed", |conns| {
+        in_state(conns, fd, ConnState::Closed)
+    });
+    assert_eq!(c.close_reason, Some(CloseReason::Closed), "{c:?}");
+    assert_eq!(c.remote_address, path_text, "{c:?}");
+}
+
+#[test]
+fn refused_connects_fail_with_refused() {
+    if !require_kernel() {
+        return;
+    }
+    let agent = Agent::start();
+
+    // Blocking connect (Python): connect() itself returns ECONNREFUSED.
+    let mut client = ConnClient::spawn();
+    let port = poolscope_tests::free_port();
+    let before = agent.metric_value(REFUSED);
+    let err = client
+        .try_open(LOCALHOST, port)
+        .expect_err("nothing listens on the port");
+    assert_eq!(err.errno, "ECONNREFUSED");
+    let c = agent.wait_for(client.pid, "a failed, refused connect", |conns| {
+        conns
+            .iter()
+            .find(|c| c.fd == err.fd && c.remote_port == Some(port))
+            .filter(|c| c.state == ConnState::Failed)
+            .cloned()
+    });
+    assert_eq!(c.connect_result, Some(ConnectOutcome::Refused), "{c:?}");
+    assert_eq!(c.remote_address, LOCALHOST, "{c:?}");
+    assert_eq!(c.process, "python3", "{c:?}");
+    agent.wait_for_metric(REFUSED, |v| v >= before + 1.0);
+
+    // Non-blocking connect (libpq): EINPROGRESS, then a reset in SYN_SENT.
+    let port = poolscope_tests::free_port();
+    let before = agent.metric_value(REFUSED);
+    let psql_bin = poolscope_tests::postgres_bin_dir().join("psql");
+    let mut psql = Command::new(&psql_bin)
+        .args([
+            "-X",
+            "-h",
+            LOCALHOST,
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-c", "select 1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let psql_pid = psql.id();
+    let status = wait_exit(&mut psql, Duration::from_secs(30)).expect("psql exits");
+    assert!(!status.success(), "psql cannot connect to a closed port");
+    let c = agent.wait_for(psql_pid, "psql's failed, refused connect", |conns| {
+        conns
+            .iter()
+            .find(|c| c.remote_port == Some(port))
+            .filter(|c| c.state == ConnState::Failed)
+            .cloned()
+    });
+    assert_eq!(c.connect_result, Some(ConnectOutcome::Refused), "{c:?}");
+    assert_eq!(c.process, "psql", "{c:?}");
+    assert_eq!(c.transport, "tcp", "{c:?}");
+    agent.wait_for_metric(REFUSED, |v| v >= before + 1.0);
+}
+
+#[test]
+fn peer_close_shows_close_wait_while_the_client_lives() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start();
+    let conninfo = format!(
+        "host={LOCALHOST} port={} user=postgres dbname=postgres application_name=victim",
+        pg.port
+    );
+    // psql reading a script from a pipe that we keep open: it connects and waits.
+    let mut victim = Command::new(pg.psql_bin())
+        .args(["-X", "-q", &conninfo])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = victim.id();
+    let before = agent.wait_for(pid, "the victim's established connection", |conns| {
+        conns
+            .iter()
+            .find(|c| c.remote_port == Some(pg.port) && c.state == ConnState::Established)
+            .cloned()
+    });
+    assert_eq!(before.process, "psql", "{before:?}");
+    let visible = poolscope_tests::wait_until(Duration::from_secs(10), || {
+        (pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'victim'") == "1")
+            .then_some(())
+    });
+    assert!(visible.is_some(), "the victim's backend never showed up");
+
+    let killed = pg.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'victim'",
+    );
+    assert_eq!(killed, "t", "the victim's backend was terminated");
+
+    let c = agent.wait_for(pid, "the victim's connection in CLOSE_WAIT", |conns| {
+        in_state(conns, before.fd, ConnState::PeerClosed)
+    });
+    assert_eq!(c.generation, before.generation, "same connection: {c:?}");
+    assert!(c.peer_closed_at.is_some(), "{c:?}");
+    assert!(c.closed_at.is_none(), "the fd is still open: {c:?}");
+    agent.wait_for_metric(&close_wait_selector(pid, LOCALHOST), |v| v == 1.0);
+    assert_eq!(agent.metric_value(&open_selector(pid, LOCALHOST)), 1.0);
+    assert!(process_alive(pid), "psql still runs, holding the fd");
+
+    // EOF on stdin: psql exits and the connection leaves the open set.
+    drop(victim.stdin.take());
+    wait_exit(&mut victim, Duration::from_secs(10)).expect("psql exits on EOF");
+    let c = agent.wait_for(pid, "the victim's connection closed", |conns| {
+        in_state(conns, before.fd, ConnState::Closed)
+    });
+    assert!(c.close_reason.is_some(), "{c:?}");
+    agent.wait_for_metric(&close_wait_selector(pid, LOCALHOST), |v| v == 0.0);
+}
+
+#[test]
+fn connections_open_before_start_are_seeded() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let mut client = ConnClient::spawn();
+    let pid = client.pid;
+    let (fd, local_port) = client.open(LOCALHOST, pg.port);
+
+    let agent = Agent::start();
+    let c = agent.wait_for(pid, "the seeded connection", |conns| {
+        find(conns, fd, local_port).cloned()
+    });
+    assert!(c.seen_at_start, "{c:?}");
+    assert_eq!(c.state, ConnState::Established, "{c:?}");
+    assert_eq!(c.process, "python3", "{c:?}");
+    assert_eq!(c.transport, "tcp", "{c:?}");
+    assert_eq!(c.local_address.as_deref(), Some(LOCALHOST), "{c:?}");
+    assert_eq!(c.remote_address, LOCALHOST, "{c:?}");
+    assert_eq!(c.remote_port, Some(pg.port), "{c:?}");
+    agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 1.0);
+
+    client.close(fd);
+    let c = agent.wait_for(pid, "the seeded connection closed", |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == ConnState::Closed)
+            .cloned()
+    });
+    assert_eq!(c.close_reason, Some(CloseReason::Closed), "{c:?}");
+    assert!(c.seen_at_start, "{c:?}");
+    agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 0.0);
+}
+
+#[test]
+fn reused_fd_is_a_new_generation() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start();
+    let mut client = ConnClient::spawn();
+    let pid = client.pid;
+
+    // Back to back, without waiting in between: the agent must keep the
+    // two lives of the fd apart even when their events arrive together.
+    let (fd, first_port) = client.open(LOCALHOST, pg.port);
+    client.close(fd);
+    let (fd_again, second_port) = client.open(LOCALHOST, pg.port);
+    assert_eq!(fd_again, fd, "the kernel hands out the lowest free fd");
+    assert_ne!(first_port, second_port);
+
+    let (first, second) = agent.wait_for(pid, "two generations of the fd", |conns| {
+        let first = find(conns, fd, first_port).filter(|c| c.state == ConnState::Closed)?;
+        let second = find(conns, fd, second_port).filter(|c| c.state == ConnState::Established)?;
+        Some((first.clone(), second.clone()))
+    });
+    let on_fd: Vec<_> = agent
+        .connections_of(pid)
+        .into_iter()
+        .filter(|c| c.fd == fd)
+        .collect();
+    assert_eq!(
+        on_fd.len(),
+        2,
+        "exactly two entries for fd {fd}: {on_fd:#?}"
+    );
+    assert_ne!(first.generation, second.generation);
+    assert!(
+        first.generation < second.generation,
+        "generations follow connect order: {first:?} {second:?}"
+    );
+    assert_eq!(first.close_reason, Some(CloseReason::Closed), "{first:?}");
+    assert!(second.closed_at.is_none(), "{second:?}");
+    agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 1.0);
+}
+
+#[test]
+fn process_exit_closes_its_connections() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start();
+    let mut client = ConnClient::spawn();
+    let pid = client.pid;
+    let (fd, local_port) = client.open(LOCALHOST, pg.port);
+    agent.wait_for(pid, "the established connection", |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == ConnState::Established)
+            .cloned()
+    });
+
+    let status = client.exit_without_closing();
+    assert!(status.success(), "os._exit(0): {status}");
+    let c = agent.wait_for(pid, "the connection closed by the exit", |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == ConnState::Closed)
+            .cloned()
+    });
+    assert_eq!(c.close_reason, Some(CloseReason::ProcessExit), "{c:?}");
+    assert!(c.closed_at.is_some(), "{c:?}");
+    agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 0.0);
+}
