@@ -244,6 +244,17 @@ pub struct ConnKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnInfo {
     pub conn_start_ns: u64,
+    /// `conn_flags` bits.
+    pub flags: u32,
+    pub _pad0: u32,
+}
+
+/// Bits of [`ConnInfo::flags`].
+pub mod conn_flags {
+    /// Copy this connection's reads and writes. Userspace clears it once it
+    /// knows the connection speaks no database protocol, so that such
+    /// connections cost one map lookup per syscall and nothing more.
+    pub const CAPTURE_DATA: u32 = 1;
 }
 
 /// A connect() in flight, per thread.
@@ -302,6 +313,7 @@ mod tests {
         assert_eq!(size_of::<SockOwner>(), 24);
         assert_eq!(size_of::<DataEvent>(), DATA_EVENT_FIXED + DATA_BUF);
         assert_eq!(size_of::<IoArgs>(), 40);
+        assert_eq!(size_of::<ConnInfo>(), 16);
         assert!(HEAD_MAX + TAIL_MAX <= DATA_BUF && DATA_BUF.is_power_of_two());
     }
 }

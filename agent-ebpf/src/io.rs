@@ -7,8 +7,8 @@
 //! sends only the bytes that were filled.
 
 use agent_common::{
-    direction, io_kind, kind, stat, ConnKey, DataEvent, IoArgs, DATA_EVENT_FIXED, HEAD_MAX,
-    TAIL_MAX,
+    conn_flags, direction, io_kind, kind, stat, ConnKey, DataEvent, IoArgs, DATA_EVENT_FIXED,
+    HEAD_MAX, TAIL_MAX,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
@@ -46,8 +46,8 @@ fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
     };
     // SAFETY: the value is copied out immediately.
     let conn_start_ns = match unsafe { CONNS.get(key) } {
-        Some(info) => info.conn_start_ns,
-        None => return Ok(()),
+        Some(info) if info.flags & conn_flags::CAPTURE_DATA != 0 => info.conn_start_ns,
+        _ => return Ok(()),
     };
     let ptr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(i64::from)?;
     let iov_count: u64 = if io == io_kind::IOVEC {

@@ -11,9 +11,9 @@ mod io;
 mod maps;
 
 use agent_common::{
-    family, kind, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey, ConnectEvent,
-    EventHeader, PendingConnect, ProcessExitEvent, SockOwner, SockStateEvent, COMM_LEN,
-    EINPROGRESS, UNIX_PATH_LEN,
+    conn_flags, family, kind, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey,
+    ConnectEvent, EventHeader, PendingConnect, ProcessExitEvent, SockOwner, SockStateEvent,
+    COMM_LEN, EINPROGRESS, UNIX_PATH_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -148,6 +148,8 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         };
         let info = ConnInfo {
             conn_start_ns: pending.start_ns,
+            flags: conn_flags::CAPTURE_DATA,
+            _pad0: 0,
         };
         let _ = CONNS.insert(key, info, 0);
     }

@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     api::{ConnectionView, ConnectionsResponse},
     config::Overrides,
+    lifecycle::ConnState,
+    reports::SlowQueriesResponse,
 };
 
 #[derive(Debug, Parser)]
@@ -34,7 +36,18 @@ pub enum Command {
     /// Report what this kernel supports, one line per feature.
     Check,
     /// Show the connections a running agent tracks.
-    Connections(ClientArgs),
+    Connections(ConnectionsArgs),
+    /// Show recent slow queries from a running agent.
+    Queries(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Include closed and failed connections (kept for a while after they end).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -93,16 +106,62 @@ pub fn http_get(agent: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
-pub fn connections(args: &ClientArgs) -> anyhow::Result<()> {
-    let body = http_get(args.agent, "/api/v1/connections")?;
+pub fn connections(args: &ConnectionsArgs) -> anyhow::Result<()> {
+    let body = http_get(args.client.agent, "/api/v1/connections")?;
+    let mut response: ConnectionsResponse =
+        serde_json::from_str(&body).context("the agent's /api/v1/connections is not valid JSON")?;
+    if !args.all {
+        response
+            .connections
+            .retain(|c| !matches!(c.state, ConnState::Closed | ConnState::Failed));
+    }
+    if args.client.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    } else {
+        print!("{}", connections_table(&response.connections));
+    }
+    Ok(())
+}
+
+pub fn queries(args: &ClientArgs) -> anyhow::Result<()> {
+    let body = http_get(args.agent, "/api/v1/queries/slow")?;
     if args.json {
         println!("{body}");
         return Ok(());
     }
-    let response: ConnectionsResponse =
-        serde_json::from_str(&body).context("the agent's /api/v1/connections is not valid JSON")?;
-    print!("{}", connections_table(&response.connections));
+    let response: SlowQueriesResponse = serde_json::from_str(&body)
+        .context("the agent's /api/v1/queries/slow is not valid JSON")?;
+    print!("{}", slow_queries_table(&response));
     Ok(())
+}
+
+pub fn slow_queries_table(response: &SlowQueriesResponse) -> String {
+    let mut out = format!(
+        "slow queries (over {:.0} ms), newest first\n{:<24} {:>7} {:<14} {:<10} {:<22} {:>10} {:<8} {}\n",
+        response.threshold_seconds * 1e3,
+        "AT",
+        "PID",
+        "PROCESS",
+        "SYSTEM",
+        "SERVER",
+        "DURATION",
+        "ERROR",
+        "QUERY"
+    );
+    for q in &response.slow_queries {
+        out.push_str(&format!(
+            "{:<24} {:>7} {:<14} {:<10} {:<22} {:>8.1}ms {:<8} {}\n",
+            q.at,
+            q.pid,
+            q.process,
+            q.db_system,
+            q.server,
+            q.duration_seconds * 1e3,
+            q.error.as_ref().map(|e| e.code.as_str()).unwrap_or("-"),
+            q.query.as_deref().unwrap_or("-")
+        ));
+    }
+    out
 }
 
 fn endpoint(address: Option<&str>, port: Option<u16>) -> String {
@@ -116,8 +175,8 @@ fn endpoint(address: Option<&str>, port: Option<u16>) -> String {
 
 pub fn connections_table(rows: &[ConnectionView]) -> String {
     let mut out = format!(
-        "{:>7} {:<16} {:>4} {:<22} {:<28} {:<12} {:>10} {:>10} {}\n",
-        "PID", "PROCESS", "FD", "LOCAL", "REMOTE", "STATE", "CONNECT", "AGE", "NOTE"
+        "{:>7} {:<16} {:>4} {:<22} {:<28} {:<12} {:<10} {:>10} {:>10} {}\n",
+        "PID", "PROCESS", "FD", "LOCAL", "REMOTE", "STATE", "DB", "CONNECT", "AGE", "NOTE"
     );
     for c in rows {
         let connect = c
@@ -137,14 +196,30 @@ pub fn connections_table(rows: &[ConnectionView]) -> String {
                 note.push(result.as_str().to_string());
             }
         }
+        if c.encrypted {
+            note.push("tls".into());
+        }
+        if let Some(tx) = c.tx_state {
+            if tx != crate::protocol::TxState::Idle {
+                if let Ok(serde_json::Value::String(name)) = serde_json::to_value(tx) {
+                    note.push(name);
+                }
+            }
+        }
+        if let Some(query) = &c.last_query {
+            let short: String = query.chars().take(60).collect();
+            note.push(format!("last: {short}"));
+        }
+        let db = c.db_system.map(|d| d.as_str()).unwrap_or("-");
         out.push_str(&format!(
-            "{:>7} {:<16} {:>4} {:<22} {:<28} {:<12} {:>10} {:>9.1}s {}\n",
+            "{:>7} {:<16} {:>4} {:<22} {:<28} {:<12} {:<10} {:>10} {:>9.1}s {}\n",
             c.pid,
             c.process,
             c.fd,
             endpoint(c.local_address.as_deref(), c.local_port),
             endpoint(Some(&c.remote_address), c.remote_port),
             state,
+            db,
             connect,
             c.lifetime_seconds,
             note.join(",")

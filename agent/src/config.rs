@@ -18,7 +18,7 @@ pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 
 // Field lists per section, used to say what was expected after an unknown key.
 // Kept next to the structs; a test checks they match what serde accepts.
-const TOP_KEYS: &[&str] = &["http", "kernel", "tracking", "log"];
+const TOP_KEYS: &[&str] = &["http", "kernel", "tracking", "queries", "log"];
 const HTTP_KEYS: &[&str] = &["listen"];
 const KERNEL_KEYS: &[&str] = &["ring_buffer_bytes", "mount_tracefs"];
 const TRACKING_KEYS: &[&str] = &[
@@ -26,6 +26,12 @@ const TRACKING_KEYS: &[&str] = &[
     "max_closed",
     "max_series",
     "seed_from_proc",
+];
+const QUERIES_KEYS: &[&str] = &[
+    "capture_bytes",
+    "slow_threshold_ms",
+    "raw_text",
+    "max_slow_kept",
 ];
 const LOG_KEYS: &[&str] = &["level"];
 
@@ -35,6 +41,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub kernel: KernelConfig,
     pub tracking: TrackingConfig,
+    pub queries: QueriesConfig,
     pub log: LogConfig,
 }
 
@@ -66,6 +73,32 @@ pub struct TrackingConfig {
     pub max_series: usize,
     /// Seed connections that already exist at start from /proc.
     pub seed_from_proc: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueriesConfig {
+    /// Bytes copied from the start of each read/write on a database socket
+    /// (at most 512); longer statements are cut there.
+    pub capture_bytes: u32,
+    /// Round trips slower than this are reported as slow queries.
+    pub slow_threshold_ms: u64,
+    /// Keep query text as sent. Off by default: literals become `?`, since
+    /// they may hold personal data.
+    pub raw_text: bool,
+    /// Slow-query reports kept in memory.
+    pub max_slow_kept: usize,
+}
+
+impl Default for QueriesConfig {
+    fn default() -> Self {
+        Self {
+            capture_bytes: 256,
+            slow_threshold_ms: 500,
+            raw_text: false,
+            max_slow_kept: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +258,17 @@ impl Config {
                 ),
             });
         }
+        let capture = self.queries.capture_bytes;
+        if !(16..=agent_common::HEAD_MAX as u32).contains(&capture) {
+            return Err(Invalid {
+                section: "queries",
+                key: "capture_bytes",
+                reason: format!(
+                    "{capture} is out of range (16 to {})",
+                    agent_common::HEAD_MAX
+                ),
+            });
+        }
         // Zero series would silently drop every per-process metric.
         if self.tracking.max_series == 0 {
             return Err(Invalid {
@@ -263,6 +307,7 @@ fn expected_keys(section: &[String]) -> Option<&'static [&'static str]> {
             "http" => Some(HTTP_KEYS),
             "kernel" => Some(KERNEL_KEYS),
             "tracking" => Some(TRACKING_KEYS),
+            "queries" => Some(QUERIES_KEYS),
             "log" => Some(LOG_KEYS),
             _ => None,
         },
@@ -444,6 +489,12 @@ max_closed = 10
 max_series = 50
 seed_from_proc = false
 
+[queries]
+capture_bytes = 128
+slow_threshold_ms = 250
+raw_text = true
+max_slow_kept = 10
+
 [log]
 level = "debug"
 "#;
@@ -462,6 +513,12 @@ level = "debug"
                 max_closed: 10,
                 max_series: 50,
                 seed_from_proc: false,
+            },
+            queries: QueriesConfig {
+                capture_bytes: 128,
+                slow_threshold_ms: 250,
+                raw_text: true,
+                max_slow_kept: 10,
             },
             log: LogConfig {
                 level: "debug".to_owned(),
@@ -541,7 +598,7 @@ level = "debug"
         assert_eq!(
             err("[kernel]\nring_buffer_bytes = 4096\n\n[htp]\n"),
             "config /etc/poolscope.toml line 4: unknown key `htp` at the top level \
-             (expected one of: http, kernel, tracking, log)"
+             (expected one of: http, kernel, tracking, queries, log)"
         );
         // Inline tables and dotted keys are located just as well.
         assert_eq!(

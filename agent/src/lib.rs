@@ -10,5 +10,7 @@ pub mod ebpf;
 pub mod lifecycle;
 pub mod pipeline;
 pub mod procfs;
+pub mod protocol;
+pub mod reports;
 pub mod telemetry;
 pub mod wire;

@@ -62,5 +62,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::connections(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Queries(args) => {
+            cli::queries(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

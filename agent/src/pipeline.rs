@@ -22,6 +22,7 @@ use crate::{
         TrackerConfig,
     },
     procfs::{self, SeededPeer, SeededTcpState},
+    reports::Reports,
     telemetry::{KernelCounters, Observed, Telemetry},
     wire,
 };
@@ -30,6 +31,8 @@ struct Pipeline {
     tracker: Arc<Mutex<Tracker>>,
     telemetry: Arc<Telemetry>,
     probes: Arc<Mutex<KernelProbes>>,
+    reports: Arc<Mutex<Reports>>,
+    clock: Clock,
     /// Socket type of each Unix path seen, so /proc is read once per path.
     unix_types: Mutex<HashMap<String, u16>>,
 }
@@ -82,7 +85,22 @@ impl Pipeline {
             Err(_) => return,
         };
         self.telemetry.record(&outputs);
+        let slow = match self.reports.lock() {
+            Ok(mut reports) => reports.observe(&outputs, &self.clock),
+            Err(_) => Vec::new(),
+        };
+        for report in slow {
+            // One structured line per report, for log pipelines.
+            if let Ok(line) = serde_json::to_string(&report) {
+                log::warn!(target: "poolscope::slow_query", "{line}");
+            }
+        }
         for output in &outputs {
+            if let Output::NotDatabase { id } = output {
+                if let Ok(mut probes) = self.probes.lock() {
+                    probes.stop_capture(id.pid, id.fd, id.generation);
+                }
+            }
             // An exit closes fds without close(): drop them from the filter.
             if let Output::Closed {
                 id,
@@ -106,7 +124,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             log::info!("tracefs was not mounted; mounted it at {}", ebpf::TRACEFS)
         }
     }
-    let mut probes = KernelProbes::load(config.kernel.ring_buffer_bytes, 256)?;
+    let mut probes = KernelProbes::load(
+        config.kernel.ring_buffer_bytes,
+        config.queries.capture_bytes,
+    )?;
     log::info!(
         "kernel probes attached: {} tracepoints (kprobes and fentry are not used)",
         agent_common::TRACEPOINTS.len()
@@ -116,9 +137,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(Tracker::new(TrackerConfig {
         closed_retention_ns: config.tracking.closed_retention_seconds * 1_000_000_000,
         max_closed: config.tracking.max_closed,
+        raw_queries: config.queries.raw_text,
         ..TrackerConfig::default()
     })));
     let kernel = Arc::new(Mutex::new(KernelCounters::default()));
+    let reports = Arc::new(Mutex::new(Reports::new(
+        config.queries.slow_threshold_ms * 1_000_000,
+        config.queries.max_slow_kept,
+    )));
     let telemetry = Arc::new(Telemetry::new(Observed {
         tracker: Arc::clone(&tracker),
         kernel: Arc::clone(&kernel),
@@ -128,6 +154,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: Arc::clone(&tracker),
         telemetry: Arc::clone(&telemetry),
         probes: Arc::new(Mutex::new(probes)),
+        reports: Arc::clone(&reports),
+        clock,
         unix_types: Mutex::default(),
     });
 
@@ -140,6 +168,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&pipeline), kernel));
     let api_state = ApiState {
         tracker,
+        reports,
         telemetry: Arc::clone(&telemetry),
         clock,
     };

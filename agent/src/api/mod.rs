@@ -17,12 +17,15 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::{monotonic_ns, Clock},
     lifecycle::{CloseReason, ConnState, ConnectOutcome, Connection, Endpoint, Tracker},
+    protocol::{DbSystem, TxState},
+    reports::{Reports, SlowQueriesResponse},
     telemetry::Telemetry,
 };
 
 #[derive(Clone)]
 pub struct ApiState {
     pub tracker: Arc<Mutex<Tracker>>,
+    pub reports: Arc<Mutex<Reports>>,
     pub telemetry: Arc<Telemetry>,
     pub clock: Clock,
 }
@@ -51,6 +54,18 @@ pub struct ConnectionView {
     pub close_reason: Option<CloseReason>,
     pub lifetime_seconds: f64,
     pub seen_at_start: bool,
+    pub db_system: Option<DbSystem>,
+    pub encrypted: bool,
+    pub namespace: Option<String>,
+    pub db_user: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub last_activity: Option<String>,
+    pub round_trips: u64,
+    pub last_operation: Option<String>,
+    pub last_query: Option<String>,
+    pub tx_state: Option<TxState>,
+    pub protocol_lost: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +98,18 @@ pub fn connection_view(conn: &Connection, clock: &Clock, now_ns: u64) -> Connect
         close_reason: conn.close_reason,
         lifetime_seconds: conn.lifetime_ns(now_ns) as f64 / 1e9,
         seen_at_start: conn.seen_at_start,
+        db_system: conn.db_system,
+        encrypted: conn.encrypted,
+        namespace: conn.namespace.clone(),
+        db_user: conn.db_user.clone(),
+        bytes_sent: conn.bytes_sent,
+        bytes_received: conn.bytes_received,
+        last_activity: conn.last_activity_ns.map(|ns| clock.rfc3339(ns)),
+        round_trips: conn.round_trips,
+        last_operation: conn.last_operation.clone(),
+        last_query: conn.last_query.clone(),
+        tx_state: conn.tx_state,
+        protocol_lost: conn.protocol_lost,
     }
 }
 
@@ -91,6 +118,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/api/v1/connections", get(connections))
+        .route("/api/v1/queries/slow", get(slow_queries))
         .with_state(state)
 }
 
@@ -98,7 +126,7 @@ pub async fn serve(listen: SocketAddr, state: ApiState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    log::info!("HTTP API on http://{listen} (/metrics, /healthz, /api/v1/connections)");
+    log::info!("HTTP API on http://{listen} (/metrics, /healthz, /api/v1/connections, /api/v1/queries/slow)");
     axum::serve(listener, router(state))
         .await
         .map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
@@ -134,4 +162,15 @@ async fn connections(State(state): State<ApiState>) -> Response {
         .collect();
     connections.sort_by_key(|c| (c.pid, c.fd, c.generation));
     Json(ConnectionsResponse { connections }).into_response()
+}
+
+async fn slow_queries(State(state): State<ApiState>) -> Response {
+    let Ok(reports) = state.reports.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "reports lock poisoned\n").into_response();
+    };
+    Json(SlowQueriesResponse {
+        threshold_seconds: reports.slow_threshold_ns() as f64 / 1e9,
+        slow_queries: reports.slow_queries(),
+    })
+    .into_response()
 }

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use agent_common::{names, stat, ConnInfo, ConnKey, TRACEPOINTS};
+use agent_common::{conn_flags, names, stat, ConnInfo, ConnKey, TRACEPOINTS};
 use anyhow::{bail, Context};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
@@ -226,7 +226,12 @@ impl KernelProbes {
         };
         // BPF_NOEXIST: a connect the kernel saw after attaching wins.
         const BPF_NOEXIST: u64 = 1;
-        match conns.insert(key, ConnInfo { conn_start_ns: 0 }, BPF_NOEXIST) {
+        let info = ConnInfo {
+            conn_start_ns: 0,
+            flags: conn_flags::CAPTURE_DATA,
+            _pad0: 0,
+        };
+        match conns.insert(key, info, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
@@ -234,6 +239,27 @@ impl KernelProbes {
                 Ok(())
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stops copying a connection's data (it speaks no database protocol).
+    /// Only touches the entry if it still belongs to that generation.
+    pub fn stop_capture(&mut self, pid: u32, fd: i32, generation: u64) {
+        let Some(map) = self.ebpf.map_mut(names::CONNS) else {
+            return;
+        };
+        let Ok(mut conns) = BpfHashMap::<&mut MapData, ConnKey, ConnInfo>::try_from(map) else {
+            return;
+        };
+        let key = ConnKey {
+            tgid: pid,
+            fd: fd as u32,
+        };
+        if let Ok(mut info) = conns.get(&key, 0) {
+            if info.conn_start_ns == generation {
+                info.flags &= !conn_flags::CAPTURE_DATA;
+                let _ = conns.insert(key, info, 0);
+            }
         }
     }
 

@@ -15,6 +15,8 @@ mod tracker;
 pub use tracker::{Tracker, TrackerConfig};
 
 use serde::{Deserialize, Serialize};
+
+use crate::protocol::{DbSystem, RoundTrip, TxState};
 use std::net::SocketAddr;
 
 /// Identity of one connection. `generation == 0` means seeded from /proc.
@@ -204,6 +206,27 @@ pub struct Connection {
     pub closed_at_ns: Option<u64>,
     pub close_reason: Option<CloseReason>,
     pub seen_at_start: bool,
+    /// What the connection speaks, once its first bytes told.
+    pub db_system: Option<DbSystem>,
+    /// TLS or GSSAPI: timed by request/response turns, no statements seen.
+    pub encrypted: bool,
+    pub namespace: Option<String>,
+    pub db_user: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Last read or write, monotonic ns.
+    pub last_activity_ns: Option<u64>,
+    pub round_trips: u64,
+    /// Sanitized text of the last statement (raw only when configured).
+    pub last_query: Option<String>,
+    pub last_operation: Option<String>,
+    /// Transaction status after the last response, when the protocol says.
+    pub tx_state: Option<TxState>,
+    /// Times the protocol parser lost its framing.
+    pub protocol_lost: u64,
+    /// Data events seen, for giving up on protocol detection.
+    #[serde(skip)]
+    pub data_chunks: u32,
 }
 
 impl Connection {
@@ -239,6 +262,23 @@ pub enum Output {
         reason: CloseReason,
         lifetime_ns: u64,
         seen_at_start: bool,
+    },
+    /// One request and its complete response on a database connection.
+    RoundTrip {
+        id: ConnId,
+        comm: String,
+        remote: Endpoint,
+        system: DbSystem,
+        trip: RoundTrip,
+    },
+    /// The protocol parser lost its framing on this connection.
+    ProtocolLost {
+        id: ConnId,
+        reason: &'static str,
+    },
+    /// The connection speaks no database protocol: stop copying its data.
+    NotDatabase {
+        id: ConnId,
     },
     /// An event that matched nothing and was dropped (counted, not an error).
     Unmatched,

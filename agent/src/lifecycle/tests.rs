@@ -440,6 +440,7 @@ fn expire_drops_old_closed_connections_and_bounds_them() {
         closed_retention_ns: 1_000,
         max_closed: 2,
         exit_memory_ns: 1_000,
+        raw_queries: false,
     });
     for fd in 0..5 {
         let c = id(PID, fd, 10);

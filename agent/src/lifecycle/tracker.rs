@@ -2,6 +2,8 @@ use std::collections::{HashMap, VecDeque};
 
 use agent_common::{tcp_state, EINPROGRESS};
 
+use crate::protocol::{Chunk, Direction, Observation, SessionParser};
+
 use super::{
     CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Event, EventKind, Output,
     SeededPhase,
@@ -16,6 +18,8 @@ pub struct TrackerConfig {
     /// How long a process exit is remembered, to place events that arrive
     /// after it (from another CPU) in the dead process rather than a live one.
     pub exit_memory_ns: u64,
+    /// Keep query text as sent instead of sanitizing literals away.
+    pub raw_queries: bool,
 }
 
 impl Default for TrackerConfig {
@@ -24,19 +28,26 @@ impl Default for TrackerConfig {
             closed_retention_ns: 300_000_000_000,
             max_closed: 4096,
             exit_memory_ns: 10_000_000_000,
+            raw_queries: false,
         }
     }
 }
 
 /// Processes and their connections.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Tracker {
     config: TrackerConfig,
     open: HashMap<(u32, i32), Connection>,
     closed: VecDeque<Connection>,
     comms: HashMap<u32, String>,
     exited: HashMap<u32, u64>,
+    /// Protocol state of open connections that carried data.
+    parsers: HashMap<(u32, i32), SessionParser>,
 }
+
+/// Data chunks after which a connection that matched no protocol is given
+/// up on (its data is no longer copied).
+const DETECTION_CHUNKS: u32 = 4;
 
 /// How an event's generation relates to the connection now on its (pid, fd).
 enum Slot {
@@ -95,7 +106,29 @@ impl Tracker {
                 self.on_sock_state(ts_ns, conn, change, &mut out)
             }
             EventKind::Close => self.on_close(ts_ns, conn, &mut out),
-            EventKind::Data { .. } => {}
+            EventKind::Data {
+                sent,
+                enter_ns,
+                total_len,
+                head,
+                tail,
+            } => {
+                let direction = if sent {
+                    Direction::ToServer
+                } else {
+                    Direction::FromServer
+                };
+                // A request starts when its write begins; a response ends
+                // when its read returns.
+                let chunk = Chunk {
+                    direction,
+                    ts_ns: if sent { enter_ns } else { ts_ns },
+                    head: &head,
+                    tail: &tail,
+                    total_len: total_len as usize,
+                };
+                self.on_data(conn, chunk, &mut out)
+            }
             EventKind::ProcessExit { .. } => self.on_exit(ts_ns, conn.pid, &mut out),
             EventKind::Seeded {
                 comm,
@@ -176,7 +209,78 @@ impl Tracker {
     }
 
     fn take_open(&mut self, pid: u32, fd: i32) -> Option<Connection> {
+        self.parsers.remove(&(pid, fd));
         self.open.remove(&(pid, fd))
+    }
+
+    fn on_data(&mut self, id: ConnId, chunk: Chunk, out: &mut Vec<Output>) {
+        if !matches!(self.slot(id), Slot::Current) {
+            out.push(Output::Unmatched);
+            return;
+        }
+        let key = (id.pid, id.fd);
+        let Some(conn) = self.open.get_mut(&key) else {
+            return;
+        };
+        match chunk.direction {
+            Direction::ToServer => conn.bytes_sent += chunk.total_len as u64,
+            Direction::FromServer => conn.bytes_received += chunk.total_len as u64,
+        }
+        conn.last_activity_ns = Some(chunk.ts_ns);
+        let raw = self.config.raw_queries;
+        let parser = self.parsers.entry(key).or_insert_with(|| {
+            let mut parser = SessionParser::new(conn.remote.port());
+            parser.set_raw_queries(raw);
+            parser
+        });
+        let mut observations = Vec::new();
+        parser.feed(&chunk, &mut observations);
+        conn.db_system = parser.system();
+        conn.encrypted = parser.is_encrypted();
+        conn.data_chunks = conn.data_chunks.saturating_add(1);
+        if conn.db_system.is_none() && conn.data_chunks >= DETECTION_CHUNKS {
+            self.parsers.remove(&key);
+            out.push(Output::NotDatabase { id });
+            return;
+        }
+        for observation in observations {
+            match observation {
+                Observation::RoundTrip(trip) => {
+                    conn.round_trips += 1;
+                    if trip.query.is_some() {
+                        conn.last_query.clone_from(&trip.query);
+                        conn.last_operation.clone_from(&trip.operation);
+                    }
+                    if trip.tx_state.is_some() {
+                        conn.tx_state = trip.tx_state;
+                    }
+                    if trip.namespace.is_some() {
+                        conn.namespace.clone_from(&trip.namespace);
+                    }
+                    if let Some(system) = conn.db_system {
+                        out.push(Output::RoundTrip {
+                            id,
+                            comm: conn.comm.clone(),
+                            remote: conn.remote.clone(),
+                            system,
+                            trip,
+                        });
+                    }
+                }
+                Observation::Startup { user, database } => {
+                    conn.db_user = user;
+                    if database.is_some() {
+                        conn.namespace = database;
+                    }
+                }
+                Observation::Encrypted => conn.encrypted = true,
+                Observation::Lost { reason } => {
+                    conn.protocol_lost += 1;
+                    out.push(Output::ProtocolLost { id, reason });
+                }
+                Observation::Resynced => {}
+            }
+        }
     }
 
     /// Makes room for `conn` on its (pid, fd): an older connection there was
@@ -214,6 +318,19 @@ impl Tracker {
             closed_at_ns: None,
             close_reason: None,
             seen_at_start: false,
+            db_system: None,
+            encrypted: false,
+            namespace: None,
+            db_user: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            last_activity_ns: None,
+            round_trips: 0,
+            last_query: None,
+            last_operation: None,
+            tx_state: None,
+            protocol_lost: 0,
+            data_chunks: 0,
         }
     }
 

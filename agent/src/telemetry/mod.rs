@@ -19,13 +19,20 @@ use opentelemetry::{
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
-use crate::lifecycle::{ConnState, Connection, Output, Tracker};
+use crate::{
+    lifecycle::{ConnState, Connection, Output, Tracker},
+    protocol::DbSystem,
+};
 
 /// Bucket bounds for connect and query durations, seconds (semconv's
 /// recommendation for database client durations).
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
 ];
+
+/// `db.client.operation.duration` buckets, seconds, as the semantic
+/// conventions recommend.
+pub const OPERATION_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
 
 /// Connection lifetimes span milliseconds to days.
 pub const LIFETIME_BUCKETS: &[f64] = &[
@@ -58,6 +65,111 @@ pub struct Telemetry {
     events: Counter<u64>,
     events_unmatched: Counter<u64>,
     decode_errors: Counter<u64>,
+    operation_duration: Histogram<f64>,
+    protocol_lost: Counter<u64>,
+    operation_names: OperationNames,
+}
+
+/// SQL statements' first keywords that may become `db.operation.name`.
+/// Anything else (a typo, a fragment after lost framing) is left unnamed so
+/// that label values stay few and meaningful.
+const SQL_OPERATIONS: &[&str] = &[
+    "ABORT",
+    "ALTER",
+    "ANALYZE",
+    "BEGIN",
+    "CALL",
+    "CHECKPOINT",
+    "CLOSE",
+    "CLUSTER",
+    "COMMENT",
+    "COMMIT",
+    "COPY",
+    "CREATE",
+    "DEALLOCATE",
+    "DECLARE",
+    "DELETE",
+    "DESCRIBE",
+    "DISCARD",
+    "DO",
+    "DROP",
+    "END",
+    "EXECUTE",
+    "EXPLAIN",
+    "FETCH",
+    "FLUSH",
+    "GRANT",
+    "HANDLER",
+    "IMPORT",
+    "INSERT",
+    "KILL",
+    "LISTEN",
+    "LOAD",
+    "LOCK",
+    "MERGE",
+    "MOVE",
+    "NOTIFY",
+    "OPTIMIZE",
+    "PREPARE",
+    "REFRESH",
+    "REINDEX",
+    "RELEASE",
+    "RENAME",
+    "REPLACE",
+    "RESET",
+    "REVOKE",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "SELECT",
+    "SET",
+    "SHOW",
+    "START",
+    "TABLE",
+    "TRUNCATE",
+    "UNLISTEN",
+    "UPDATE",
+    "USE",
+    "VACUUM",
+    "VALUES",
+    "WITH",
+    "XA",
+];
+
+/// Most distinct Redis command names kept as label values.
+const MAX_COMMAND_NAMES: usize = 256;
+
+/// Bounds the values of `db.operation.name`.
+#[derive(Default)]
+struct OperationNames {
+    commands: Mutex<std::collections::HashSet<String>>,
+}
+
+impl OperationNames {
+    fn bounded(&self, system: DbSystem, operation: &str) -> Option<String> {
+        match system {
+            DbSystem::Postgresql | DbSystem::Mysql => SQL_OPERATIONS
+                .binary_search(&operation)
+                .ok()
+                .map(|_| operation.to_string()),
+            DbSystem::Redis => {
+                let plausible = !operation.is_empty()
+                    && operation.len() <= 32
+                    && operation
+                        .bytes()
+                        .all(|b| b.is_ascii_alphabetic() || b == b' ' || b == b'_');
+                if !plausible {
+                    return None;
+                }
+                let mut seen = self.commands.lock().ok()?;
+                if seen.contains(operation) || seen.len() < MAX_COMMAND_NAMES {
+                    seen.insert(operation.to_string());
+                    Some(operation.to_string())
+                } else {
+                    Some("_OTHER".to_string())
+                }
+            }
+        }
+    }
 }
 
 /// Series key for per-process, per-server gauges.
@@ -149,6 +261,18 @@ impl Telemetry {
                 .with_description("Ring-buffer records that could not be decoded")
                 .with_unit("{event}")
                 .build(),
+            operation_duration: meter
+                .f64_histogram("db.client.operation.duration")
+                .with_description("Duration of database client operations, from the first byte of the request to the end of the response")
+                .with_unit("s")
+                .with_boundaries(OPERATION_BUCKETS.to_vec())
+                .build(),
+            protocol_lost: meter
+                .u64_counter("poolscope.protocol.lost")
+                .with_description("Times a connection's protocol parser lost its framing (it resynchronises at the next message)")
+                .with_unit("{event}")
+                .build(),
+            operation_names: OperationNames::default(),
             registry,
             provider,
         };
@@ -189,7 +313,32 @@ impl Telemetry {
                         );
                     }
                 }
-                Output::PeerClosed { .. } => {}
+                Output::RoundTrip {
+                    remote,
+                    system,
+                    trip,
+                    ..
+                } => {
+                    let mut attrs = vec![
+                        KeyValue::new("db.system.name", system.as_str()),
+                        KeyValue::new("server.address", remote.address()),
+                    ];
+                    if let Some(port) = remote.port() {
+                        attrs.push(KeyValue::new("server.port", i64::from(port)));
+                    }
+                    if let Some(operation) = trip.operation.as_deref() {
+                        if let Some(name) = self.operation_names.bounded(*system, operation) {
+                            attrs.push(KeyValue::new("db.operation.name", name));
+                        }
+                    }
+                    if let Some(error) = &trip.error {
+                        attrs.push(KeyValue::new("error.type", error.code.clone()));
+                    }
+                    let seconds = trip.end_ns.saturating_sub(trip.start_ns) as f64 / 1e9;
+                    self.operation_duration.record(seconds, &attrs);
+                }
+                Output::ProtocolLost { .. } => self.protocol_lost.add(1, &[]),
+                Output::PeerClosed { .. } | Output::NotDatabase { .. } => {}
                 Output::Unmatched => self.events_unmatched.add(1, &[]),
             }
         }
@@ -305,6 +454,47 @@ mod tests {
             });
         }
         t
+    }
+
+    #[test]
+    fn sql_operation_list_is_sorted_for_binary_search() {
+        assert!(SQL_OPERATIONS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn operation_names_are_bounded() {
+        let names = OperationNames::default();
+        assert_eq!(
+            names.bounded(DbSystem::Postgresql, "SELECT").as_deref(),
+            Some("SELECT")
+        );
+        assert_eq!(names.bounded(DbSystem::Postgresql, "SELEC"), None);
+        assert_eq!(
+            names.bounded(DbSystem::Redis, "GET").as_deref(),
+            Some("GET")
+        );
+        assert_eq!(names.bounded(DbSystem::Redis, "G\u{0}T"), None);
+        for i in 0..MAX_COMMAND_NAMES {
+            let name: String = format!("X{i}")
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_digit() {
+                        (b'A' + c as u8 - b'0') as char
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            names.bounded(DbSystem::Redis, &name);
+        }
+        assert_eq!(
+            names.bounded(DbSystem::Redis, "NEVERSEEN").as_deref(),
+            Some("_OTHER")
+        );
+        assert_eq!(
+            names.bounded(DbSystem::Redis, "GET").as_deref(),
+            Some("GET")
+        );
     }
 
     #[test]

@@ -1,0 +1,517 @@
+//! One parser per connection: protocol detection, and the bookkeeping every
+//! protocol shares (requests waiting for responses, bounded maps, timing of
+//! encrypted sessions).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+use super::frame::View;
+use super::{mysql, postgres, redis};
+use super::{Chunk, DbError, DbSystem, Direction, Observation, RoundTrip, TxState};
+
+/// Requests waiting for a response, per connection. A client that pipelines
+/// more than this without reading is not one we can follow.
+const MAX_PENDING: usize = 1024;
+
+/// Chunks looked at before deciding a connection speaks no known protocol.
+const DETECT_CHUNKS: u8 = 4;
+
+/// What one feed needs besides the bytes.
+pub(crate) struct Ctx<'o> {
+    pub(crate) ts: u64,
+    pub(crate) raw: bool,
+    pub(crate) out: &'o mut Vec<Observation>,
+}
+
+/// A request waiting for (or receiving) its response.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    pub(crate) start_ns: u64,
+    pub(crate) operation: Option<String>,
+    pub(crate) query: Option<String>,
+    pub(crate) error: Option<DbError>,
+    pub(crate) rows: Option<u64>,
+    pub(crate) prepared: bool,
+    /// Answered but not worth reporting (a bare PostgreSQL Sync).
+    pub(crate) silent: bool,
+    /// PostgreSQL: an extended-protocol batch not yet closed by Sync.
+    pub(crate) open: bool,
+    /// Protocol-specific class of the request (MySQL command byte, Redis
+    /// command class).
+    pub(crate) kind: u8,
+    /// Protocol-specific argument kept for the response (a database name).
+    pub(crate) note: Option<String>,
+}
+
+impl Pending {
+    pub(crate) fn new(start_ns: u64) -> Self {
+        Pending {
+            start_ns,
+            ..Pending::default()
+        }
+    }
+
+    /// Keeps the first error: later ones are consequences.
+    pub(crate) fn set_error(&mut self, error: DbError) {
+        self.error.get_or_insert(error);
+    }
+
+    pub(crate) fn add_rows(&mut self, n: u64) {
+        self.rows = Some(self.rows.unwrap_or(0).saturating_add(n));
+    }
+}
+
+/// Requests in the order sent; responses answer the oldest (all three
+/// protocols answer in order).
+#[derive(Default)]
+pub(crate) struct Book {
+    pending: VecDeque<Pending>,
+    /// Set while requests may have gone unseen (the client's framing was
+    /// lost): answers with nothing pending are then round trips of unknown
+    /// requests that started at this time.
+    orphan_start: Option<u64>,
+    last_server_ns: Option<u64>,
+}
+
+impl Book {
+    pub(crate) fn push(&mut self, p: Pending, out: &mut Vec<Observation>) {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+            out.push(Observation::Lost {
+                reason: "too many requests without a response",
+            });
+        }
+        self.pending.push_back(p);
+    }
+
+    /// The request the response being read answers: the oldest, or an
+    /// unseen one while requests may have been missed.
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Pending> {
+        if self.pending.is_empty() {
+            let orphan = self.orphan_start?;
+            self.pending.push_back(Pending::new(orphan));
+        }
+        self.pending.front_mut()
+    }
+
+    pub(crate) fn back_mut(&mut self) -> Option<&mut Pending> {
+        self.pending.back_mut()
+    }
+
+    /// The request a complete response answers: the oldest, or an unseen
+    /// one while requests may have been missed.
+    pub(crate) fn pop(&mut self) -> Option<Pending> {
+        self.pending
+            .pop_front()
+            .or_else(|| self.orphan_start.map(Pending::new))
+    }
+
+    pub(crate) fn may_have_missed_requests(&mut self, ts: Option<u64>) {
+        self.orphan_start = ts;
+    }
+
+    pub(crate) fn server_chunk(&mut self, ts: u64) {
+        self.last_server_ns = Some(ts);
+    }
+
+    /// Every request still waiting is taken as answered by the last server
+    /// chunk: used when the response's end was not seen and the client moved
+    /// on to a new request.
+    pub(crate) fn answer_all(
+        &mut self,
+        namespace: Option<&str>,
+        tx_state: Option<TxState>,
+        out: &mut Vec<Observation>,
+    ) {
+        let Some(end_ns) = self.last_server_ns else {
+            self.pending.clear();
+            return;
+        };
+        let end = End {
+            end_ns,
+            namespace,
+            tx_state,
+        };
+        while let Some(p) = self.pending.pop_front() {
+            end.emit(p, out);
+        }
+    }
+}
+
+/// What a finished round trip takes from the session.
+#[derive(Clone, Copy)]
+pub(crate) struct End<'s> {
+    pub(crate) end_ns: u64,
+    pub(crate) namespace: Option<&'s str>,
+    pub(crate) tx_state: Option<TxState>,
+}
+
+impl End<'_> {
+    pub(crate) fn emit(&self, p: Pending, out: &mut Vec<Observation>) {
+        if p.silent {
+            return;
+        }
+        out.push(Observation::RoundTrip(RoundTrip {
+            start_ns: p.start_ns,
+            end_ns: self.end_ns.max(p.start_ns),
+            operation: p.operation,
+            query: p.query,
+            namespace: self.namespace.map(str::to_string),
+            error: p.error,
+            rows: p.rows,
+            tx_state: self.tx_state,
+            prepared: p.prepared,
+        }));
+    }
+}
+
+/// A map that forgets its oldest entry past `cap` (prepared statements,
+/// portals): memory per connection stays bounded whatever the client does.
+pub(crate) struct BoundedMap<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
+    pub(crate) fn new(cap: usize) -> Self {
+        BoundedMap {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    pub(crate) fn insert(&mut self, key: K, value: V) {
+        if self.map.insert(key.clone(), value).is_some() {
+            return;
+        }
+        self.order.push_back(key);
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, key: &K) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn remove(&mut self, key: &K) {
+        if self.map.remove(key).is_some() {
+            self.order.retain(|k| k != key);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Round trips of an encrypted (or otherwise opaque) session, timed by
+/// alternation: a turn starts with the first client chunk after a server
+/// chunk and ends with the last server chunk before the next client chunk.
+/// A turn is reported when the next one starts (the end is not known
+/// before). Turns whose first client record is a TLS handshake, change
+/// cipher spec or alert record are the TLS handshake itself, not requests.
+#[derive(Default)]
+pub(crate) struct Alternation {
+    start: Option<u64>,
+    end: Option<u64>,
+    counted: bool,
+}
+
+impl Alternation {
+    pub(crate) fn client(
+        &mut self,
+        view: &View<'_>,
+        ts: u64,
+        namespace: Option<&str>,
+        out: &mut Vec<Observation>,
+    ) {
+        if let (Some(start_ns), Some(end_ns)) = (self.start, self.end) {
+            if self.counted {
+                let end = End {
+                    end_ns,
+                    namespace,
+                    tx_state: None,
+                };
+                end.emit(Pending::new(start_ns), out);
+            }
+            self.start = None;
+            self.end = None;
+        }
+        if self.start.is_none() {
+            self.start = Some(ts);
+            self.counted = !matches!(view.start().first(), Some(0x14..=0x16));
+        }
+    }
+
+    pub(crate) fn server(&mut self, ts: u64) {
+        if self.start.is_some() {
+            self.end = Some(ts);
+        }
+    }
+}
+
+/// A TLS record header: content type 20..=23, version 3.x.
+pub(crate) fn is_tls_record(bytes: &[u8]) -> bool {
+    matches!(bytes, [0x14..=0x17, 0x03, 0x00..=0x04, ..])
+}
+
+enum Inner {
+    Detecting,
+    Postgres(Box<postgres::Session>),
+    Mysql(Box<mysql::Session>),
+    Redis(Box<redis::Session>),
+    /// Not a database protocol we know: feed does nothing.
+    Other,
+}
+
+impl Inner {
+    fn of(system: DbSystem) -> Inner {
+        match system {
+            DbSystem::Postgresql => Inner::Postgres(Box::default()),
+            DbSystem::Mysql => Inner::Mysql(Box::default()),
+            DbSystem::Redis => Inner::Redis(Box::default()),
+        }
+    }
+}
+
+/// The protocol parser of one connection. Feed it every chunk in order.
+pub struct SessionParser {
+    hint: Option<DbSystem>,
+    raw: bool,
+    looked: u8,
+    inner: Inner,
+}
+
+impl SessionParser {
+    /// `hint_port` (the server's port) only orders the guesses: the protocol
+    /// is detected from the first bytes.
+    pub fn new(hint_port: Option<u16>) -> Self {
+        SessionParser {
+            hint: hint_port.and_then(DbSystem::from_port),
+            raw: false,
+            looked: 0,
+            inner: Inner::Detecting,
+        }
+    }
+
+    /// A parser that takes `system` for granted (no detection): for
+    /// connections known from elsewhere (a pool adapter) and for fuzzing.
+    pub fn for_system(system: DbSystem) -> Self {
+        SessionParser {
+            hint: Some(system),
+            raw: false,
+            looked: 0,
+            inner: Inner::of(system),
+        }
+    }
+
+    /// The protocol, once detected.
+    pub fn system(&self) -> Option<DbSystem> {
+        match self.inner {
+            Inner::Postgres(_) => Some(DbSystem::Postgresql),
+            Inner::Mysql(_) => Some(DbSystem::Mysql),
+            Inner::Redis(_) => Some(DbSystem::Redis),
+            Inner::Detecting | Inner::Other => None,
+        }
+    }
+
+    /// The session switched to TLS (or GSSAPI encryption).
+    pub fn is_encrypted(&self) -> bool {
+        match &self.inner {
+            Inner::Postgres(s) => s.encrypted(),
+            Inner::Mysql(s) => s.encrypted(),
+            Inner::Redis(s) => s.encrypted(),
+            Inner::Detecting | Inner::Other => false,
+        }
+    }
+
+    /// Transaction status after the last response that told it.
+    pub fn tx_state(&self) -> Option<TxState> {
+        match &self.inner {
+            Inner::Postgres(s) => s.tx_state(),
+            Inner::Mysql(s) => s.tx_state(),
+            Inner::Redis(s) => s.tx_state(),
+            Inner::Detecting | Inner::Other => None,
+        }
+    }
+
+    /// Report query text as sent instead of sanitized (default: sanitized).
+    pub fn set_raw_queries(&mut self, raw: bool) {
+        self.raw = raw;
+    }
+
+    /// Parses one chunk; what it completes is appended to `out`.
+    pub fn feed(&mut self, chunk: &Chunk<'_>, out: &mut Vec<Observation>) {
+        let view = View::new(chunk);
+        if let Inner::Detecting = self.inner {
+            if view.total() == 0 {
+                return;
+            }
+            match detect(chunk.direction, &view, self.hint) {
+                Some(system) => self.inner = Inner::of(system),
+                None => {
+                    self.looked += 1;
+                    if self.looked >= DETECT_CHUNKS {
+                        self.inner = Inner::Other;
+                    }
+                    return;
+                }
+            }
+        }
+        let mut cx = Ctx {
+            ts: chunk.ts_ns,
+            raw: self.raw,
+            out,
+        };
+        match &mut self.inner {
+            Inner::Postgres(s) => s.feed(chunk.direction, &view, &mut cx),
+            Inner::Mysql(s) => s.feed(chunk.direction, &view, &mut cx),
+            Inner::Redis(s) => s.feed(chunk.direction, &view, &mut cx),
+            Inner::Detecting | Inner::Other => {}
+        }
+    }
+}
+
+/// The protocol a connection's first chunks show. Connection starts
+/// (PostgreSQL startup, MySQL greeting, a RESP command) are unambiguous;
+/// requests seen mid-session (the agent started after the connection) are
+/// checked strictly, the hinted protocol first.
+fn detect(direction: Direction, view: &View<'_>, hint: Option<DbSystem>) -> Option<DbSystem> {
+    let start = view.start();
+    match direction {
+        Direction::FromServer => mysql::is_greeting(start).then_some(DbSystem::Mysql),
+        Direction::ToServer => {
+            if postgres::is_startup(start) {
+                return Some(DbSystem::Postgresql);
+            }
+            if is_tls_record(start) {
+                // Direct TLS: PostgreSQL 17 and Redis can; MySQL greets first.
+                return hint.filter(|h| *h != DbSystem::Mysql);
+            }
+            let mut order = vec![DbSystem::Redis, DbSystem::Postgresql, DbSystem::Mysql];
+            if let Some(h) = hint {
+                order.retain(|s| *s != h);
+                order.insert(0, h);
+            }
+            order.into_iter().find(|s| match s {
+                DbSystem::Redis => redis::is_request_start(start),
+                DbSystem::Postgresql => postgres::is_request_start(view),
+                DbSystem::Mysql => mysql::is_command_start(view),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::testutil::*;
+
+    #[test]
+    fn bounded_map_forgets_the_oldest() {
+        let mut m = BoundedMap::new(2);
+        m.insert(1, "a");
+        m.insert(2, "b");
+        m.insert(1, "a2");
+        m.insert(3, "c");
+        assert_eq!(
+            (m.get(&1), m.get(&2), m.get(&3)),
+            (None, Some(&"b"), Some(&"c"))
+        );
+        m.remove(&2);
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn detection_by_first_bytes() {
+        let cases: Vec<(Direction, Vec<u8>, Option<DbSystem>)> = vec![
+            (
+                Direction::ToServer,
+                pg_startup("u", Some("db")),
+                Some(DbSystem::Postgresql),
+            ),
+            (
+                Direction::ToServer,
+                pg_ssl_request(),
+                Some(DbSystem::Postgresql),
+            ),
+            (Direction::FromServer, my_greeting(), Some(DbSystem::Mysql)),
+            (
+                Direction::ToServer,
+                resp_command(&["PING"]),
+                Some(DbSystem::Redis),
+            ),
+            (
+                Direction::ToServer,
+                b"PING\r\n".to_vec(),
+                Some(DbSystem::Redis),
+            ),
+            (
+                Direction::ToServer,
+                pg_msg(b'Q', &cstring("SELECT 1")),
+                Some(DbSystem::Postgresql),
+            ),
+            (
+                Direction::ToServer,
+                my_packet(0, &my_query("SELECT 1")),
+                Some(DbSystem::Mysql),
+            ),
+            (
+                Direction::ToServer,
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                None,
+            ),
+            (
+                Direction::FromServer,
+                b"SSH-2.0-OpenSSH_9.6\r\n".to_vec(),
+                None,
+            ),
+        ];
+        for (dir, bytes, want) in cases {
+            let mut p = SessionParser::new(None);
+            let mut out = Vec::new();
+            p.feed(&Chunk::whole(dir, 1, &bytes), &mut out);
+            assert_eq!(p.system(), want, "{:?}", String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    #[test]
+    fn not_a_database_goes_quiet() {
+        let mut p = SessionParser::new(Some(5432));
+        let mut out = Vec::new();
+        for i in 0..10 {
+            p.feed(
+                &Chunk::whole(Direction::ToServer, i, b"greetings, friend\n"),
+                &mut out,
+            );
+        }
+        // Even a valid start is ignored once the parser gave up.
+        p.feed(
+            &Chunk::whole(Direction::ToServer, 11, &pg_startup("u", None)),
+            &mut out,
+        );
+        assert_eq!((p.system(), out.len()), (None, 0));
+    }
+
+    #[test]
+    fn direct_tls_needs_a_hint() {
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
+        let mut out = Vec::new();
+        let mut p = SessionParser::new(None);
+        p.feed(&Chunk::whole(Direction::ToServer, 1, &hello), &mut out);
+        assert_eq!(p.system(), None);
+        let mut p = SessionParser::new(Some(5432));
+        p.feed(&Chunk::whole(Direction::ToServer, 1, &hello), &mut out);
+        assert_eq!(
+            (p.system(), p.is_encrypted()),
+            (Some(DbSystem::Postgresql), true)
+        );
+        assert_eq!(out, vec![Observation::Encrypted]);
+    }
+}
