@@ -18,6 +18,7 @@ pub mod names {
     pub const IO_ARGS: &str = "IO_ARGS";
     pub const SCRATCH: &str = "SCRATCH";
     pub const CAPTURE_HEAD_BYTES: &str = "CAPTURE_HEAD_BYTES";
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 }
 
 /// The kernel programs, as (program name, tracepoint category, tracepoint name).

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    header,
+    data_wakeup_flag, header,
     maps::{CONNS, EVENTS, IO_ARGS, SCRATCH},
     stat_add, SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
 };
@@ -168,7 +168,7 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: size <= DATA_EVENT_FIXED + HEAD_MAX + TAIL_MAX <= size_of DataEvent.
     let bytes =
         unsafe { core::slice::from_raw_parts((event as *const DataEvent).cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+    if EVENTS.output::<[u8]>(bytes, data_wakeup_flag()).is_err() {
         stat_add(stat::DROPPED_EVENTS, 1);
         stat_add(stat::DROPPED_DATA_EVENTS, 1);
     }

@@ -31,6 +31,26 @@ static AGENT_TGID: u32 = 0;
 
 /// `bpf_ringbuf_query` flag: bytes not yet consumed.
 const BPF_RB_AVAIL_DATA: u64 = 0;
+/// `bpf_ringbuf_output` flags.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Data events wake the reader only once this many bytes wait; below it the
+/// reader's own timer collects them. A wakeup per query would cost the host
+/// a context switch per query. Set by the loader from the ring buffer size.
+#[no_mangle]
+static WAKEUP_BYTES: u64 = 65536;
+
+/// Wakeup flag for a data event: none until enough bytes wait.
+pub(crate) fn data_wakeup_flag() -> u64 {
+    // SAFETY: a read-only global that the loader patches before load.
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
 
 /// Offsets of `sys_enter_*` / `sys_exit_*` arguments (see the tracepoint's format file).
 pub(crate) const SYSCALL_ARG0: usize = 16;

@@ -255,22 +255,31 @@ async fn read_events(
     mut events: AsyncFd<RingBuf<MapData>>,
     pipeline: Arc<Pipeline>,
 ) -> anyhow::Result<()> {
+    let mut drain = tokio::time::interval(ebpf::DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = events
-            .readable_mut()
-            .await
-            .context("waiting on the ring buffer")?;
-        let ring = guard.get_inner_mut();
-        while let Some(record) = ring.next() {
-            match wire::decode(&record) {
-                Ok(event) => pipeline.apply(event),
-                Err(e) => {
-                    pipeline.telemetry.record_decode_error();
-                    log::debug!("{e}");
-                }
+        // Lifecycle events and a filling buffer wake us; quiet data events
+        // wait for the next tick.
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                drain_ring(guard.get_inner_mut(), &pipeline);
+                guard.clear_ready();
+            }
+            _ = drain.tick() => drain_ring(events.get_mut(), &pipeline),
+        }
+    }
+}
+
+fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &Pipeline) {
+    while let Some(record) = ring.next() {
+        match wire::decode(&record) {
+            Ok(event) => pipeline.apply(event),
+            Err(e) => {
+                pipeline.telemetry.record_decode_error();
+                log::debug!("{e}");
             }
         }
-        guard.clear_ready();
     }
 }
 

@@ -127,6 +127,10 @@ pub fn ensure_tracefs(may_mount: bool) -> anyhow::Result<TracefsStatus> {
     Ok(TracefsStatus::MountedByUs)
 }
 
+/// How often the reader drains the ring buffer when no wakeup came: data
+/// events only wake it once an eighth of the buffer is full.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Loaded and attached kernel programs.
 pub struct KernelProbes {
     ebpf: Ebpf,
@@ -153,10 +157,14 @@ impl KernelProbes {
     /// tracepoint. Fails with one clear sentence on missing prerequisites.
     pub fn load(ring_buffer_bytes: u32, capture_head_bytes: u32) -> anyhow::Result<KernelProbes> {
         require_privileges()?;
+        // Wake the reader early enough that a burst cannot fill the buffer
+        // between two of its timer ticks.
+        let wakeup_bytes = u64::from(ring_buffer_bytes / 8);
         let own_tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(names::AGENT_TGID, &own_tgid, true)
             .override_global(names::CAPTURE_HEAD_BYTES, &capture_head_bytes, true)
+            .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .load(KERNEL_OBJECT)
             .map_err(|e| anyhow::anyhow!(explain_load_error(&e)))?;

@@ -13,8 +13,10 @@ use super::{Chunk, DbError, DbSystem, Direction, Observation, RoundTrip, TxState
 /// more than this without reading is not one we can follow.
 const MAX_PENDING: usize = 1024;
 
-/// Chunks looked at before deciding a connection speaks no known protocol.
-const DETECT_CHUNKS: u8 = 4;
+/// Chunks looked at before deciding a connection speaks no known protocol:
+/// at most this many client chunks, or four times as many server chunks.
+const DETECT_CLIENT_CHUNKS: u8 = 4;
+const DETECT_CHUNKS_MAX: u8 = 16;
 
 /// What one feed needs besides the bytes.
 pub(crate) struct Ctx<'o> {
@@ -348,16 +350,21 @@ impl SessionParser {
 
     /// Parses one chunk; what it completes is appended to `out`.
     pub fn feed(&mut self, chunk: &Chunk<'_>, out: &mut Vec<Observation>) {
+        if matches!(self.inner, Inner::Other) || chunk.total_len == 0 && chunk.head.is_empty() {
+            return;
+        }
         let view = View::new(chunk);
         if let Inner::Detecting = self.inner {
-            if view.total() == 0 {
-                return;
-            }
             match detect(chunk.direction, &view, self.hint) {
                 Some(system) => self.inner = Inner::of(system),
                 None => {
-                    self.looked += 1;
-                    if self.looked >= DETECT_CHUNKS {
+                    // Servers may stream a while (the agent came late
+                    // during a long response): client chunks count more.
+                    self.looked += match chunk.direction {
+                        Direction::ToServer => DETECT_CHUNKS_MAX / DETECT_CLIENT_CHUNKS,
+                        Direction::FromServer => 1,
+                    };
+                    if self.looked >= DETECT_CHUNKS_MAX {
                         self.inner = Inner::Other;
                     }
                     return;

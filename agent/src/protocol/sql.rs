@@ -372,7 +372,7 @@ pub(crate) fn describe(
     } else {
         sanitize_dialect(&text, dialect)
     };
-    (operation(&text), Some(query))
+    (operation(&text), (!query.is_empty()).then_some(query))
 }
 
 /// At most `max` characters of `s`.
