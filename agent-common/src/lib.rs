@@ -101,13 +101,13 @@ pub const EINPROGRESS: i64 = -115;
 pub const COMM_LEN: usize = 16;
 /// Most bytes copied from the start of one read/write buffer. The loader may
 /// lower it (CAPTURE_HEAD_BYTES); the struct is sized for the maximum.
-pub const HEAD_MAX: usize = 512;
+pub const HEAD_MAX: usize = 4096;
 /// Bytes copied from the end of a buffer longer than the head: enough for
 /// end-of-response markers (ReadyForQuery, MySQL's final OK/EOF).
 pub const TAIL_MAX: usize = 64;
 /// Size of `DataEvent::data`; a power of two so that the kernel can bound
 /// offsets with a mask the verifier understands.
-pub const DATA_BUF: usize = 1024;
+pub const DATA_BUF: usize = 8192;
 
 /// Which syscall family moved the bytes.
 pub mod io_kind {
@@ -230,6 +230,9 @@ pub struct IoArgs {
     pub direction: u8,
     pub io_kind: u8,
     pub _pad0: u16,
+    /// Head bytes to copy (from the connection's ConnInfo).
+    pub capture_bytes: u32,
+    pub _pad1: u32,
 }
 
 /// Key of the kernel's live-connection map.
@@ -247,7 +250,9 @@ pub struct ConnInfo {
     pub conn_start_ns: u64,
     /// `conn_flags` bits.
     pub flags: u32,
-    pub _pad0: u32,
+    /// Head bytes to copy per read/write; 0 means the loader's default
+    /// (CAPTURE_HEAD_BYTES), used until userspace knows the protocol.
+    pub capture_bytes: u32,
 }
 
 /// Bits of [`ConnInfo::flags`].
@@ -313,7 +318,7 @@ mod tests {
         assert_eq!(size_of::<PendingConnect>(), 32);
         assert_eq!(size_of::<SockOwner>(), 24);
         assert_eq!(size_of::<DataEvent>(), DATA_EVENT_FIXED + DATA_BUF);
-        assert_eq!(size_of::<IoArgs>(), 40);
+        assert_eq!(size_of::<IoArgs>(), 48);
         assert_eq!(size_of::<ConnInfo>(), 16);
         assert!(HEAD_MAX + TAIL_MAX <= DATA_BUF && DATA_BUF.is_power_of_two());
     }

@@ -22,18 +22,18 @@ use crate::{
     stat_add, SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
 };
 
-/// How many head bytes to copy; the loader may lower it (never above HEAD_MAX).
+/// Head bytes to copy while a connection's protocol is not known yet; the
+/// loader sets it, userspace sets a per-connection value once it knows.
 #[no_mangle]
-static CAPTURE_HEAD_BYTES: u32 = 256;
+static CAPTURE_HEAD_BYTES: u32 = 4096;
 
-fn head_limit() -> u64 {
-    // SAFETY: a read-only global that the loader patches before load.
-    let configured = unsafe { core::ptr::read_volatile(&CAPTURE_HEAD_BYTES) } as u64;
-    if configured > HEAD_MAX as u64 {
-        HEAD_MAX as u64
-    } else {
-        configured
+/// The head limit for a connection: its own, else the default.
+fn head_limit(per_connection: u32) -> u32 {
+    if per_connection != 0 {
+        return per_connection;
     }
+    // SAFETY: a read-only global that the loader patches before load.
+    unsafe { core::ptr::read_volatile(&CAPTURE_HEAD_BYTES) }
 }
 
 fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
@@ -45,8 +45,10 @@ fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
         fd: fd as u32,
     };
     // SAFETY: the value is copied out immediately.
-    let conn_start_ns = match unsafe { CONNS.get(key) } {
-        Some(info) if info.flags & conn_flags::CAPTURE_DATA != 0 => info.conn_start_ns,
+    let (conn_start_ns, capture_bytes) = match unsafe { CONNS.get(key) } {
+        Some(info) if info.flags & conn_flags::CAPTURE_DATA != 0 => {
+            (info.conn_start_ns, head_limit(info.capture_bytes))
+        }
         _ => return Ok(()),
     };
     let ptr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(i64::from)?;
@@ -65,6 +67,8 @@ fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
         direction: dir,
         io_kind: io,
         _pad0: 0,
+        capture_bytes,
+        _pad1: 0,
     };
     let _ = IO_ARGS.insert(pid_tgid, args, 0);
     Ok(())
@@ -117,7 +121,7 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: per-CPU scratch slot, used by one program at a time on this CPU.
     let event: &mut DataEvent = unsafe { &mut *event };
     let mut head = contiguous;
-    let limit = head_limit();
+    let limit = u64::from(args.capture_bytes);
     if head > limit {
         head = limit;
     }

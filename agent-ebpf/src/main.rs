@@ -169,7 +169,7 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         let info = ConnInfo {
             conn_start_ns: pending.start_ns,
             flags: conn_flags::CAPTURE_DATA,
-            _pad0: 0,
+            capture_bytes: 0,
         };
         let _ = CONNS.insert(key, info, 0);
     }

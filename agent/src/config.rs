@@ -29,6 +29,7 @@ const TRACKING_KEYS: &[&str] = &[
 ];
 const QUERIES_KEYS: &[&str] = &[
     "capture_bytes",
+    "redis_capture_bytes",
     "slow_threshold_ms",
     "raw_text",
     "max_slow_kept",
@@ -78,9 +79,13 @@ pub struct TrackingConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueriesConfig {
-    /// Bytes copied from the start of each read/write on a database socket
-    /// (at most 512); longer statements are cut there.
+    /// Bytes copied from the start of each read/write on a PostgreSQL or
+    /// MySQL socket (16 to 4096); longer statements are cut there, and the
+    /// end of a longer response is found from its last 64 bytes.
     pub capture_bytes: u32,
+    /// The same for Redis, where a pipeline's commands must all be seen to
+    /// be counted: a write of many commands is cut after this many bytes.
+    pub redis_capture_bytes: u32,
     /// Round trips slower than this are reported as slow queries.
     pub slow_threshold_ms: u64,
     /// Keep query text as sent. Off by default: literals become `?`, since
@@ -94,6 +99,7 @@ impl Default for QueriesConfig {
     fn default() -> Self {
         Self {
             capture_bytes: 256,
+            redis_capture_bytes: 4096,
             slow_threshold_ms: 500,
             raw_text: false,
             max_slow_kept: 1000,
@@ -258,16 +264,20 @@ impl Config {
                 ),
             });
         }
-        let capture = self.queries.capture_bytes;
-        if !(16..=agent_common::HEAD_MAX as u32).contains(&capture) {
-            return Err(Invalid {
-                section: "queries",
-                key: "capture_bytes",
-                reason: format!(
-                    "{capture} is out of range (16 to {})",
-                    agent_common::HEAD_MAX
-                ),
-            });
+        for (key, capture) in [
+            ("capture_bytes", self.queries.capture_bytes),
+            ("redis_capture_bytes", self.queries.redis_capture_bytes),
+        ] {
+            if !(16..=agent_common::HEAD_MAX as u32).contains(&capture) {
+                return Err(Invalid {
+                    section: "queries",
+                    key,
+                    reason: format!(
+                        "{capture} is out of range (16 to {})",
+                        agent_common::HEAD_MAX
+                    ),
+                });
+            }
         }
         // Zero series would silently drop every per-process metric.
         if self.tracking.max_series == 0 {
@@ -491,6 +501,7 @@ seed_from_proc = false
 
 [queries]
 capture_bytes = 128
+redis_capture_bytes = 1024
 slow_threshold_ms = 250
 raw_text = true
 max_slow_kept = 10
@@ -516,6 +527,7 @@ level = "debug"
             },
             queries: QueriesConfig {
                 capture_bytes: 128,
+                redis_capture_bytes: 1024,
                 slow_threshold_ms: 250,
                 raw_text: true,
                 max_slow_kept: 10,

@@ -2,6 +2,7 @@
 //! adapters. The binary (`main.rs`) is a thin shell over this library so that
 //! tests reuse the loader, the tracker and the API.
 
+pub mod adapter;
 pub mod api;
 pub mod cli;
 pub mod clock;

@@ -22,6 +22,7 @@ use crate::{
         TrackerConfig,
     },
     procfs::{self, SeededPeer, SeededTcpState},
+    protocol::DbSystem,
     reports::Reports,
     telemetry::{KernelCounters, Observed, Telemetry},
     wire,
@@ -33,8 +34,16 @@ struct Pipeline {
     probes: Arc<Mutex<KernelProbes>>,
     reports: Arc<Mutex<Reports>>,
     clock: Clock,
+    capture: CaptureBytes,
     /// Socket type of each Unix path seen, so /proc is read once per path.
     unix_types: Mutex<HashMap<String, u16>>,
+}
+
+/// Head bytes copied per read/write, by protocol.
+#[derive(Debug, Clone, Copy)]
+struct CaptureBytes {
+    sql: u32,
+    redis: u32,
 }
 
 /// Unix paths whose socket type we remember; past this the cache restarts.
@@ -96,10 +105,22 @@ impl Pipeline {
             }
         }
         for output in &outputs {
-            if let Output::NotDatabase { id } = output {
-                if let Ok(mut probes) = self.probes.lock() {
-                    probes.stop_capture(id.pid, id.fd, id.generation);
+            match output {
+                Output::NotDatabase { id } => {
+                    if let Ok(mut probes) = self.probes.lock() {
+                        probes.stop_capture(id.pid, id.fd, id.generation);
+                    }
                 }
+                Output::Detected { id, system } => {
+                    let bytes = match system {
+                        DbSystem::Redis => self.capture.redis,
+                        DbSystem::Postgresql | DbSystem::Mysql => self.capture.sql,
+                    };
+                    if let Ok(mut probes) = self.probes.lock() {
+                        probes.set_capture_bytes(id.pid, id.fd, id.generation, bytes);
+                    }
+                }
+                _ => {}
             }
             // An exit closes fds without close(): drop them from the filter.
             if let Output::Closed {
@@ -126,7 +147,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let mut probes = KernelProbes::load(
         config.kernel.ring_buffer_bytes,
-        config.queries.capture_bytes,
+        // Until a connection's protocol is known, copy enough for either.
+        config
+            .queries
+            .capture_bytes
+            .max(config.queries.redis_capture_bytes),
     )?;
     log::info!(
         "kernel probes attached: {} tracepoints (kprobes and fentry are not used)",
@@ -156,6 +181,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probes: Arc::new(Mutex::new(probes)),
         reports: Arc::clone(&reports),
         clock,
+        capture: CaptureBytes {
+            sql: config.queries.capture_bytes,
+            redis: config.queries.redis_capture_bytes,
+        },
         unix_types: Mutex::default(),
     });
 

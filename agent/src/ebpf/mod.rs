@@ -237,7 +237,7 @@ impl KernelProbes {
         let info = ConnInfo {
             conn_start_ns: 0,
             flags: conn_flags::CAPTURE_DATA,
-            _pad0: 0,
+            capture_bytes: 0,
         };
         match conns.insert(key, info, BPF_NOEXIST) {
             Ok(()) => Ok(()),
@@ -251,8 +251,26 @@ impl KernelProbes {
     }
 
     /// Stops copying a connection's data (it speaks no database protocol).
-    /// Only touches the entry if it still belongs to that generation.
     pub fn stop_capture(&mut self, pid: u32, fd: i32, generation: u64) {
+        self.update_conn(pid, fd, generation, |info| {
+            info.flags &= !conn_flags::CAPTURE_DATA
+        });
+    }
+
+    /// Sets how many head bytes to copy of a connection's reads and writes.
+    pub fn set_capture_bytes(&mut self, pid: u32, fd: i32, generation: u64, bytes: u32) {
+        self.update_conn(pid, fd, generation, |info| info.capture_bytes = bytes);
+    }
+
+    /// Changes a connection's kernel entry, if it still belongs to that
+    /// generation (the fd may have been reused since).
+    fn update_conn(
+        &mut self,
+        pid: u32,
+        fd: i32,
+        generation: u64,
+        change: impl FnOnce(&mut ConnInfo),
+    ) {
         let Some(map) = self.ebpf.map_mut(names::CONNS) else {
             return;
         };
@@ -265,7 +283,7 @@ impl KernelProbes {
         };
         if let Ok(mut info) = conns.get(&key, 0) {
             if info.conn_start_ns == generation {
-                info.flags &= !conn_flags::CAPTURE_DATA;
+                change(&mut info);
                 let _ = conns.insert(key, info, 0);
             }
         }

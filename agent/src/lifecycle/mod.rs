@@ -12,11 +12,14 @@
 
 mod tracker;
 
-pub use tracker::{Tracker, TrackerConfig};
+pub use tracker::{implicit_pool_name, Pool, PoolView, Tracker, TrackerConfig};
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{DbSystem, RoundTrip, TxState};
+use crate::{
+    adapter::message::AcquireResult,
+    protocol::{DbSystem, RoundTrip, TxState},
+};
 use std::net::SocketAddr;
 
 /// Identity of one connection. `generation == 0` means seeded from /proc.
@@ -227,6 +230,14 @@ pub struct Connection {
     /// Data events seen, for giving up on protocol detection.
     #[serde(skip)]
     pub data_chunks: u32,
+    /// The adapter pool this connection belongs to.
+    pub pool: Option<String>,
+    /// When the pool handed it out, while it is out.
+    pub checked_out_at_ns: Option<u64>,
+    /// The thread that acquired it, when the adapter said.
+    pub holder_tid: Option<u32>,
+    /// A request went out and its response has not completed.
+    pub awaiting_response: bool,
 }
 
 impl Connection {
@@ -279,6 +290,35 @@ pub enum Output {
     /// The connection speaks no database protocol: stop copying its data.
     NotDatabase {
         id: ConnId,
+    },
+    /// The connection's protocol became known.
+    Detected {
+        id: ConnId,
+        system: DbSystem,
+    },
+    /// A pool acquire ended; `used_before`/`pending_before` are the pool's
+    /// state as the waiter saw it.
+    AcquireFinished {
+        pid: u32,
+        pool: String,
+        wait_ns: u64,
+        result: AcquireResult,
+        used_before: u64,
+        pending_before: u64,
+        max: Option<u32>,
+        tid: Option<u32>,
+    },
+    /// A connection went back to its pool after `use_ns`.
+    Released {
+        pid: u32,
+        pool: String,
+        use_ns: u64,
+    },
+    /// A pool's new connection became usable `create_ns` after connect().
+    PoolConnectionCreated {
+        pid: u32,
+        pool: String,
+        create_ns: u64,
     },
     /// An event that matched nothing and was dropped (counted, not an error).
     Unmatched,

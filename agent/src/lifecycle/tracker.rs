@@ -4,6 +4,11 @@ use agent_common::{tcp_state, EINPROGRESS};
 
 use crate::protocol::{Chunk, Direction, Observation, SessionParser};
 
+#[path = "pools.rs"]
+mod pools;
+
+pub use pools::{implicit_pool_name, Pool, PoolView};
+
 use super::{
     CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Event, EventKind, Output,
     SeededPhase,
@@ -43,6 +48,10 @@ pub struct Tracker {
     exited: HashMap<u32, u64>,
     /// Protocol state of open connections that carried data.
     parsers: HashMap<(u32, i32), SessionParser>,
+    /// Pools that adapters reported, by (pid, pool name).
+    pools: HashMap<(u32, String), Pool>,
+    /// Adapter events waiting for the kernel to show their connection.
+    unmatched: VecDeque<pools::Unmatched>,
 }
 
 /// Data chunks after which a connection that matched no protocol is given
@@ -153,6 +162,7 @@ impl Tracker {
                 break;
             }
         }
+        self.expire_unmatched(now_ns);
         let memory = self.config.exit_memory_ns;
         self.exited
             .retain(|_, exit_ns| exit_ns.saturating_add(memory) >= now_ns);
@@ -223,7 +233,10 @@ impl Tracker {
             return;
         };
         match chunk.direction {
-            Direction::ToServer => conn.bytes_sent += chunk.total_len as u64,
+            Direction::ToServer => {
+                conn.bytes_sent += chunk.total_len as u64;
+                conn.awaiting_response = true;
+            }
             Direction::FromServer => conn.bytes_received += chunk.total_len as u64,
         }
         conn.last_activity_ns = Some(chunk.ts_ns);
@@ -235,6 +248,11 @@ impl Tracker {
         });
         let mut observations = Vec::new();
         parser.feed(&chunk, &mut observations);
+        if conn.db_system.is_none() {
+            if let Some(system) = parser.system() {
+                out.push(Output::Detected { id, system });
+            }
+        }
         conn.db_system = parser.system();
         conn.encrypted = parser.is_encrypted();
         conn.data_chunks = conn.data_chunks.saturating_add(1);
@@ -247,6 +265,7 @@ impl Tracker {
             match observation {
                 Observation::RoundTrip(trip) => {
                     conn.round_trips += 1;
+                    conn.awaiting_response = false;
                     if trip.query.is_some() {
                         conn.last_query.clone_from(&trip.query);
                         conn.last_operation.clone_from(&trip.operation);
@@ -331,6 +350,10 @@ impl Tracker {
             tx_state: None,
             protocol_lost: 0,
             data_chunks: 0,
+            pool: None,
+            checked_out_at_ns: None,
+            holder_tid: None,
+            awaiting_response: false,
         }
     }
 
@@ -432,7 +455,10 @@ impl Tracker {
                 out,
             ),
             None => {
-                self.open.insert((conn.id.pid, conn.id.fd), conn);
+                let pid = conn.id.pid;
+                let now = conn.opened_at_ns;
+                self.open.insert((pid, conn.id.fd), conn);
+                self.retry_unmatched(pid, now, out);
             }
         }
     }
@@ -554,6 +580,7 @@ impl Tracker {
         }
         self.exited.insert(pid, ts_ns);
         self.comms.remove(&pid);
+        self.forget_pools(pid);
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -20,7 +20,8 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::{
-    lifecycle::{ConnState, Connection, Output, Tracker},
+    adapter::message::AcquireResult,
+    lifecycle::{ConnState, Connection, Output, PoolView, Tracker},
     protocol::DbSystem,
 };
 
@@ -68,6 +69,9 @@ pub struct Telemetry {
     operation_duration: Histogram<f64>,
     protocol_lost: Counter<u64>,
     operation_names: OperationNames,
+    pool_wait_time: Histogram<f64>,
+    pool_use_time: Histogram<f64>,
+    pool_create_time: Histogram<f64>,
 }
 
 /// SQL statements' first keywords that may become `db.operation.name`.
@@ -273,6 +277,24 @@ impl Telemetry {
                 .with_unit("{event}")
                 .build(),
             operation_names: OperationNames::default(),
+            pool_wait_time: meter
+                .f64_histogram("db.client.connection.wait_time")
+                .with_description("Time a pool acquire waited for a connection")
+                .with_unit("s")
+                .with_boundaries(OPERATION_BUCKETS.to_vec())
+                .build(),
+            pool_use_time: meter
+                .f64_histogram("db.client.connection.use_time")
+                .with_description("Time between a pool handing out a connection and getting it back")
+                .with_unit("s")
+                .with_boundaries(LIFETIME_BUCKETS.to_vec())
+                .build(),
+            pool_create_time: meter
+                .f64_histogram("db.client.connection.create_time")
+                .with_description("Time from connect() to a connection the pool can hand out")
+                .with_unit("s")
+                .with_boundaries(OPERATION_BUCKETS.to_vec())
+                .build(),
             registry,
             provider,
         };
@@ -338,7 +360,39 @@ impl Telemetry {
                     self.operation_duration.record(seconds, &attrs);
                 }
                 Output::ProtocolLost { .. } => self.protocol_lost.add(1, &[]),
-                Output::PeerClosed { .. } | Output::NotDatabase { .. } => {}
+                Output::AcquireFinished {
+                    pid,
+                    pool,
+                    wait_ns,
+                    result,
+                    ..
+                } => {
+                    let mut attrs = pool_attributes(*pid, pool);
+                    if *result != AcquireResult::Ok {
+                        attrs.push(KeyValue::new(
+                            "error.type",
+                            if *result == AcquireResult::Timeout {
+                                "timeout"
+                            } else {
+                                "error"
+                            },
+                        ));
+                    }
+                    self.pool_wait_time.record(*wait_ns as f64 / 1e9, &attrs);
+                }
+                Output::Released { pid, pool, use_ns } => self
+                    .pool_use_time
+                    .record(*use_ns as f64 / 1e9, &pool_attributes(*pid, pool)),
+                Output::PoolConnectionCreated {
+                    pid,
+                    pool,
+                    create_ns,
+                } => self
+                    .pool_create_time
+                    .record(*create_ns as f64 / 1e9, &pool_attributes(*pid, pool)),
+                Output::PeerClosed { .. }
+                | Output::NotDatabase { .. }
+                | Output::Detected { .. } => {}
                 Output::Unmatched => self.events_unmatched.add(1, &[]),
             }
         }
@@ -364,12 +418,107 @@ impl Telemetry {
     }
 }
 
+/// Attributes of per-pool series: the pool and the process that owns it.
+fn pool_attributes(pid: u32, pool: &str) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("db.client.connection.pool.name", pool.to_string()),
+        KeyValue::new("process.pid", i64::from(pid)),
+    ]
+}
+
+/// Per-pool gauges, all read from one snapshot of the pools.
+fn register_pool_observables(meter: &Meter, tracker: &Arc<Mutex<Tracker>>, max_series: usize) {
+    let views = move |tracker: &Arc<Mutex<Tracker>>| -> Vec<PoolView> {
+        match tracker.lock() {
+            Ok(t) => {
+                let mut views = t.pool_views();
+                views.truncate(max_series);
+                views
+            }
+            Err(_) => Vec::new(),
+        }
+    };
+    let t = Arc::clone(tracker);
+    let _ = meter
+        .i64_observable_up_down_counter("db.client.connection.count")
+        .with_description("Connections of each pool by state (used: handed out or busy; idle)")
+        .with_unit("{connection}")
+        .with_callback(move |obs| {
+            for view in views(&t) {
+                for (state, count) in [("used", view.used), ("idle", view.idle)] {
+                    let mut attrs = pool_attributes(view.pid, &view.name);
+                    attrs.push(KeyValue::new("db.client.connection.state", state));
+                    obs.observe(count as i64, &attrs);
+                }
+            }
+        })
+        .build();
+    type Field = fn(&PoolView) -> Option<i64>;
+    let gauges: [(&'static str, &'static str, Field); 4] = [
+        (
+            "db.client.connection.max",
+            "Most open connections the pool allows",
+            |v| v.max.map(i64::from),
+        ),
+        (
+            "db.client.connection.idle.max",
+            "Most idle connections the pool keeps",
+            |v| v.idle_max.map(i64::from),
+        ),
+        (
+            "db.client.connection.idle.min",
+            "Fewest idle connections the pool keeps",
+            |v| v.min_idle.map(i64::from),
+        ),
+        (
+            "db.client.connection.pending_requests",
+            "Acquires waiting for a connection",
+            |v| {
+                if v.from_adapter {
+                    Some(v.pending as i64)
+                } else {
+                    None
+                }
+            },
+        ),
+    ];
+    for (name, description, field) in gauges {
+        let t = Arc::clone(tracker);
+        let _ = meter
+            .i64_observable_up_down_counter(name)
+            .with_description(description)
+            .with_unit("{connection}")
+            .with_callback(move |obs| {
+                for view in views(&t) {
+                    if let Some(value) = field(&view) {
+                        obs.observe(value, &pool_attributes(view.pid, &view.name));
+                    }
+                }
+            })
+            .build();
+    }
+    let t = Arc::clone(tracker);
+    let _ = meter
+        .u64_observable_counter("db.client.connection.timeouts")
+        .with_description("Acquires that timed out")
+        .with_unit("{timeout}")
+        .with_callback(move |obs| {
+            for view in views(&t) {
+                if view.from_adapter {
+                    obs.observe(view.timeouts, &pool_attributes(view.pid, &view.name));
+                }
+            }
+        })
+        .build();
+}
+
 fn register_observables(meter: &Meter, observed: Observed) {
     let Observed {
         tracker,
         kernel,
         max_series,
     } = observed;
+    register_pool_observables(meter, &tracker, max_series);
     let open_tracker = Arc::clone(&tracker);
     // The SDK keeps the callbacks alive; the handles need not be stored.
     let _ = meter

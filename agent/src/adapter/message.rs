@@ -1,0 +1,373 @@
+//! Pool-adapter messages: one JSON object per datagram, versioned by `v`.
+//! Pure decoding; see docs/adapter-protocol.md for the format.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use crate::protocol::DbSystem;
+
+/// The protocol version this agent speaks.
+pub const VERSION: u32 = 1;
+/// Larger datagrams are refused unread.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// Pool names longer than this are refused (they become label values).
+pub const MAX_POOL_NAME: usize = 128;
+
+/// Which connection an adapter means: its local address (TCP), its fd in
+/// the sending process, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnRef {
+    pub local: Option<SocketAddr>,
+    pub fd: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireResult {
+    Ok,
+    Timeout,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PoolInfo {
+    pub db_system: Option<DbSystem>,
+    pub server_address: Option<String>,
+    pub server_port: Option<u16>,
+    pub namespace: Option<String>,
+    pub max: Option<u32>,
+    pub min_idle: Option<u32>,
+    pub idle_max: Option<u32>,
+    pub library: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterEvent {
+    Register(PoolInfo),
+    AcquireStart {
+        request: u64,
+        tid: Option<u32>,
+    },
+    AcquireEnd {
+        request: u64,
+        result: AcquireResult,
+        conn: ConnRef,
+        tid: Option<u32>,
+    },
+    Release {
+        conn: ConnRef,
+    },
+    ConnectionCreated {
+        conn: ConnRef,
+    },
+    ConnectionClosed {
+        conn: ConnRef,
+    },
+}
+
+/// A decoded message: which pool, what happened, and when (monotonic ns)
+/// if the adapter said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterMessage {
+    pub pool: String,
+    pub event: AdapterEvent,
+    pub mono_ns: Option<u64>,
+    /// The pid the message claims, if any: checked against the kernel's.
+    pub claimed_pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    TooLarge(usize),
+    NotJson(String),
+    UnknownVersion(u32),
+    UnknownKind(String),
+    Invalid(String),
+}
+
+impl std::fmt::Display for MessageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MessageError::TooLarge(n) => {
+                write!(f, "message of {n} bytes exceeds {MAX_MESSAGE_BYTES}")
+            }
+            MessageError::NotJson(e) => write!(f, "message is not valid JSON: {e}"),
+            MessageError::UnknownVersion(v) => {
+                write!(
+                    f,
+                    "unknown protocol version {v} (this agent speaks {VERSION})"
+                )
+            }
+            MessageError::UnknownKind(k) => write!(f, "unknown message kind {k:?}"),
+            MessageError::Invalid(e) => write!(f, "invalid message: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MessageError {}
+
+impl MessageError {
+    /// Short label for the rejection counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MessageError::TooLarge(_) => "too_large",
+            MessageError::NotJson(_) => "malformed",
+            MessageError::UnknownVersion(_) => "unknown_version",
+            MessageError::UnknownKind(_) => "unknown_kind",
+            MessageError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// The wire shape; every field but `v`, `kind` and `pool` is optional so that
+/// one struct reads every kind, and unknown fields are ignored so that newer
+/// adapters can add some.
+#[derive(Deserialize)]
+struct Wire {
+    v: u32,
+    kind: String,
+    pool: String,
+    pid: Option<u32>,
+    mono_ns: Option<u64>,
+    request: Option<u64>,
+    tid: Option<u32>,
+    result: Option<String>,
+    local_address: Option<String>,
+    fd: Option<i32>,
+    db_system: Option<String>,
+    server_address: Option<String>,
+    server_port: Option<u16>,
+    namespace: Option<String>,
+    max: Option<u32>,
+    min_idle: Option<u32>,
+    idle_max: Option<u32>,
+    library: Option<String>,
+}
+
+fn invalid(what: &str) -> MessageError {
+    MessageError::Invalid(what.to_string())
+}
+
+fn conn_ref(wire: &Wire) -> Result<ConnRef, MessageError> {
+    let local = match &wire.local_address {
+        Some(text) => Some(
+            text.parse::<SocketAddr>()
+                .map_err(|_| invalid("local_address is not ip:port"))?,
+        ),
+        None => None,
+    };
+    if local.is_none() && wire.fd.is_none() {
+        return Err(invalid("needs local_address or fd to name the connection"));
+    }
+    if wire.fd.is_some_and(|fd| fd < 0) {
+        return Err(invalid("fd is negative"));
+    }
+    Ok(ConnRef { local, fd: wire.fd })
+}
+
+fn short_text(value: &Option<String>, field: &str) -> Result<Option<String>, MessageError> {
+    match value {
+        Some(text) if text.chars().count() > MAX_POOL_NAME => {
+            Err(MessageError::Invalid(format!("{field} is too long")))
+        }
+        other => Ok(other.clone()),
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<AdapterMessage, MessageError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLarge(bytes.len()));
+    }
+    let wire: Wire =
+        serde_json::from_slice(bytes).map_err(|e| MessageError::NotJson(e.to_string()))?;
+    if wire.v != VERSION {
+        return Err(MessageError::UnknownVersion(wire.v));
+    }
+    if wire.pool.is_empty() || wire.pool.chars().count() > MAX_POOL_NAME {
+        return Err(invalid("pool name must have 1 to 128 characters"));
+    }
+    let event = match wire.kind.as_str() {
+        "pool" => AdapterEvent::Register(PoolInfo {
+            db_system: match wire.db_system.as_deref() {
+                None => None,
+                Some("postgresql") => Some(DbSystem::Postgresql),
+                Some("mysql") | Some("mariadb") => Some(DbSystem::Mysql),
+                Some("redis") => Some(DbSystem::Redis),
+                Some(_) => return Err(invalid("db_system is not postgresql, mysql or redis")),
+            },
+            server_address: short_text(&wire.server_address, "server_address")?,
+            server_port: wire.server_port,
+            namespace: short_text(&wire.namespace, "namespace")?,
+            max: wire.max,
+            min_idle: wire.min_idle,
+            idle_max: wire.idle_max,
+            library: short_text(&wire.library, "library")?,
+        }),
+        "acquire_start" => AdapterEvent::AcquireStart {
+            request: wire
+                .request
+                .ok_or_else(|| invalid("acquire_start needs request"))?,
+            tid: wire.tid,
+        },
+        "acquire_end" => {
+            let result = match wire.result.as_deref() {
+                Some("ok") => AcquireResult::Ok,
+                Some("timeout") => AcquireResult::Timeout,
+                Some("error") => AcquireResult::Error,
+                _ => return Err(invalid("acquire_end needs result ok, timeout or error")),
+            };
+            let conn = if result == AcquireResult::Ok {
+                conn_ref(&wire)?
+            } else {
+                ConnRef::default()
+            };
+            AdapterEvent::AcquireEnd {
+                request: wire
+                    .request
+                    .ok_or_else(|| invalid("acquire_end needs request"))?,
+                result,
+                conn,
+                tid: wire.tid,
+            }
+        }
+        "release" => AdapterEvent::Release {
+            conn: conn_ref(&wire)?,
+        },
+        "connection_created" => AdapterEvent::ConnectionCreated {
+            conn: conn_ref(&wire)?,
+        },
+        "connection_closed" => AdapterEvent::ConnectionClosed {
+            conn: conn_ref(&wire)?,
+        },
+        other => return Err(MessageError::UnknownKind(other.chars().take(32).collect())),
+    };
+    Ok(AdapterMessage {
+        pool: wire.pool,
+        event,
+        mono_ns: wire.mono_ns,
+        claimed_pid: wire.pid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> AdapterMessage {
+        decode(text.as_bytes()).expect("decodes")
+    }
+
+    fn err(text: &str) -> MessageError {
+        decode(text.as_bytes()).expect_err("rejected")
+    }
+
+    #[test]
+    fn decodes_every_kind() {
+        let m = ok(
+            r#"{"v":1,"kind":"pool","pool":"orders","db_system":"postgresql","server_address":"127.0.0.1","server_port":5432,"namespace":"shop","max":15,"min_idle":5,"library":"sqlalchemy"}"#,
+        );
+        assert_eq!(m.pool, "orders");
+        assert!(matches!(
+            m.event,
+            AdapterEvent::Register(PoolInfo {
+                max: Some(15),
+                db_system: Some(DbSystem::Postgresql),
+                ..
+            })
+        ));
+        let m =
+            ok(r#"{"v":1,"kind":"acquire_start","pool":"p","request":7,"tid":99,"mono_ns":123}"#);
+        assert_eq!(
+            m.event,
+            AdapterEvent::AcquireStart {
+                request: 7,
+                tid: Some(99)
+            }
+        );
+        assert_eq!(m.mono_ns, Some(123));
+        let m = ok(
+            r#"{"v":1,"kind":"acquire_end","pool":"p","request":7,"result":"ok","local_address":"127.0.0.1:40000","fd":9}"#,
+        );
+        assert_eq!(
+            m.event,
+            AdapterEvent::AcquireEnd {
+                request: 7,
+                result: AcquireResult::Ok,
+                conn: ConnRef {
+                    local: Some("127.0.0.1:40000".parse().expect("addr")),
+                    fd: Some(9)
+                },
+                tid: None,
+            }
+        );
+        let m = ok(r#"{"v":1,"kind":"acquire_end","pool":"p","request":8,"result":"timeout"}"#);
+        assert!(matches!(
+            m.event,
+            AdapterEvent::AcquireEnd {
+                result: AcquireResult::Timeout,
+                ..
+            }
+        ));
+        assert!(matches!(
+            ok(r#"{"v":1,"kind":"release","pool":"p","fd":3}"#).event,
+            AdapterEvent::Release { .. }
+        ));
+        assert!(matches!(
+            ok(r#"{"v":1,"kind":"connection_created","pool":"p","fd":3}"#).event,
+            AdapterEvent::ConnectionCreated { .. }
+        ));
+        assert!(matches!(
+            ok(r#"{"v":1,"kind":"connection_closed","pool":"p","local_address":"[::1]:5000"}"#)
+                .event,
+            AdapterEvent::ConnectionClosed { .. }
+        ));
+    }
+
+    #[test]
+    fn ignores_unknown_fields_for_forward_compatibility() {
+        let m = ok(r#"{"v":1,"kind":"release","pool":"p","fd":3,"future":{"x":1}}"#);
+        assert!(matches!(m.event, AdapterEvent::Release { .. }));
+    }
+
+    #[test]
+    fn rejects_bad_messages_with_a_reason() {
+        assert_eq!(err("not json").reason(), "malformed");
+        assert_eq!(
+            err(r#"{"v":2,"kind":"release","pool":"p","fd":1}"#).reason(),
+            "unknown_version"
+        );
+        assert_eq!(
+            err(r#"{"v":1,"kind":"explode","pool":"p"}"#).reason(),
+            "unknown_kind"
+        );
+        assert_eq!(
+            err(r#"{"v":1,"kind":"release","pool":"p"}"#).reason(),
+            "invalid"
+        );
+        assert_eq!(
+            err(r#"{"v":1,"kind":"release","pool":"","fd":1}"#).reason(),
+            "invalid"
+        );
+        assert_eq!(
+            err(r#"{"v":1,"kind":"release","pool":"p","fd":-1}"#).reason(),
+            "invalid"
+        );
+        assert_eq!(
+            err(r#"{"v":1,"kind":"release","pool":"p","local_address":"nope"}"#).reason(),
+            "invalid"
+        );
+        assert_eq!(
+            err(r#"{"v":1,"kind":"acquire_end","pool":"p","request":1,"result":"maybe"}"#).reason(),
+            "invalid"
+        );
+        let big = format!(
+            r#"{{"v":1,"kind":"release","pool":"{}","fd":1}}"#,
+            "x".repeat(5000)
+        );
+        assert_eq!(err(&big).reason(), "too_large");
+        assert_eq!(
+            decode(&[0xff, 0xfe, 0x00]).expect_err("binary").reason(),
+            "malformed"
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! The adapter socket: a Unix datagram socket whose senders are named by the
+//! kernel (SCM_CREDENTIALS), never by what they write.
+
+use std::{
+    fs, io,
+    os::{
+        fd::AsRawFd,
+        unix::{fs::PermissionsExt, net::UnixDatagram},
+    },
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use tokio::io::unix::AsyncFd;
+
+use super::message::{self, AdapterMessage, MessageError, MAX_MESSAGE_BYTES};
+
+/// A message the kernel vouched for: `pid` is the sender's real pid (in our
+/// pid namespace), whatever the message says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    pub pid: u32,
+    pub uid: u32,
+    pub message: AdapterMessage,
+}
+
+/// What became of one datagram.
+#[derive(Debug)]
+pub enum Outcome {
+    Accepted(Received),
+    Rejected {
+        pid: Option<u32>,
+        error: MessageError,
+    },
+    /// The message claimed a pid that is not the sender's.
+    Spoofed {
+        pid: u32,
+        claimed: u32,
+    },
+}
+
+pub struct AdapterSocket {
+    socket: AsyncFd<UnixDatagram>,
+    path: PathBuf,
+    buf: Vec<u8>,
+}
+
+impl AdapterSocket {
+    /// Binds the socket (replacing a stale one) with the given mode, and
+    /// asks the kernel for each sender's credentials.
+    pub fn bind(path: &Path, mode: u32) -> anyhow::Result<AdapterSocket> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot remove stale {}", path.display()))
+            }
+        }
+        let socket = UnixDatagram::bind(path)
+            .with_context(|| format!("cannot bind the adapter socket {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        let one: libc::c_int = 1;
+        // SAFETY: valid socket fd and a pointer to a c_int of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PASSCRED,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context("cannot enable SO_PASSCRED");
+        }
+        socket.set_nonblocking(true)?;
+        Ok(AdapterSocket {
+            // SAFETY: the UnixDatagram owns its fd for as long as the AsyncFd
+            // owns it, and always reports that same fd.
+            socket: unsafe { AsyncFd::register(socket) }
+                .map_err(|e| anyhow::anyhow!("cannot poll the adapter socket: {e}"))?,
+            path: path.to_path_buf(),
+            // One byte more than allowed, to notice oversized datagrams.
+            buf: vec![0; MAX_MESSAGE_BYTES + 1],
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next datagram and judges it.
+    pub async fn recv(&mut self) -> io::Result<Outcome> {
+        loop {
+            let mut guard = self.socket.readable().await?;
+            let fd = guard.get_inner().as_raw_fd();
+            match guard.try_io(|_| recv_with_credentials(fd, &mut self.buf)) {
+                Ok(Ok((len, truncated, creds))) => {
+                    return Ok(judge(
+                        &self.buf[..len.min(self.buf.len())],
+                        truncated,
+                        creds,
+                    ))
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl Drop for AdapterSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Decides on one datagram: the kernel's pid wins over any claim.
+pub fn judge(bytes: &[u8], truncated: bool, creds: Option<libc::ucred>) -> Outcome {
+    let Some(creds) = creds else {
+        return Outcome::Rejected {
+            pid: None,
+            error: MessageError::Invalid("no sender credentials".into()),
+        };
+    };
+    let pid = creds.pid as u32;
+    if truncated {
+        return Outcome::Rejected {
+            pid: Some(pid),
+            error: MessageError::TooLarge(bytes.len()),
+        };
+    }
+    match message::decode(bytes) {
+        Ok(message) => match message.claimed_pid {
+            Some(claimed) if claimed != pid => Outcome::Spoofed { pid, claimed },
+            _ => Outcome::Accepted(Received {
+                pid,
+                uid: creds.uid,
+                message,
+            }),
+        },
+        Err(error) => Outcome::Rejected {
+            pid: Some(pid),
+            error,
+        },
+    }
+}
+
+/// recvmsg with room for one SCM_CREDENTIALS message.
+fn recv_with_credentials(
+    fd: i32,
+    buf: &mut [u8],
+) -> io::Result<(usize, bool, Option<libc::ucred>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // u64 storage keeps the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; zero is a valid initial value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at live buffers of the sizes given.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0 || n as usize > MAX_MESSAGE_BYTES;
+    let mut creds = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled,
+    // bounded by msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS
+            {
+                creds = Some(std::ptr::read_unaligned(
+                    libc::CMSG_DATA(cmsg).cast::<libc::ucred>(),
+                ));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, truncated, creds))
+}
+
+/// Logs rejected messages at most once per interval, saying how many were
+/// dropped since, so that a misbehaving sender cannot flood the log.
+pub struct RateLimitedLog {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    pub fn new(interval: Duration) -> RateLimitedLog {
+        RateLimitedLog {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Returns the line to log now, if any.
+    pub fn line(&mut self, now: Instant, text: &str) -> Option<String> {
+        match self.last {
+            Some(last) if now.duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                let suppressed = std::mem::take(&mut self.suppressed);
+                Some(if suppressed > 0 {
+                    format!("{text} ({suppressed} more rejected since the last report)")
+                } else {
+                    text.to_string()
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(pid: i32) -> Option<libc::ucred> {
+        Some(libc::ucred {
+            pid,
+            uid: 1000,
+            gid: 1000,
+        })
+    }
+
+    #[test]
+    fn the_kernel_pid_wins_over_a_claimed_one() {
+        let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3,"pid":1}"#;
+        assert!(matches!(
+            judge(msg, false, creds(42)),
+            Outcome::Spoofed {
+                pid: 42,
+                claimed: 1
+            }
+        ));
+        let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3,"pid":42}"#;
+        assert!(matches!(
+            judge(msg, false, creds(42)),
+            Outcome::Accepted(Received { pid: 42, .. })
+        ));
+        let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3}"#;
+        assert!(matches!(judge(msg, false, creds(42)), Outcome::Accepted(_)));
+        assert!(matches!(
+            judge(msg, false, None),
+            Outcome::Rejected { pid: None, .. }
+        ));
+        assert!(matches!(
+            judge(msg, true, creds(42)),
+            Outcome::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn rate_limited_log_counts_what_it_suppresses() {
+        let mut log = RateLimitedLog::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(log.line(t0, "bad").as_deref(), Some("bad"));
+        assert_eq!(log.line(t0, "bad"), None);
+        assert_eq!(log.line(t0, "bad"), None);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(
+            log.line(later, "bad").as_deref(),
+            Some("bad (2 more rejected since the last report)")
+        );
+    }
+
+    #[tokio::test]
+    async fn receives_with_the_senders_real_pid() {
+        let dir = std::env::temp_dir().join(format!("poolscope-adapter-{}", std::process::id()));
+        let path = dir.join("adapter.sock");
+        let mut server = AdapterSocket::bind(&path, 0o666).expect("bind");
+        let client = UnixDatagram::unbound().expect("client");
+        client
+            .send_to(br#"{"v":1,"kind":"release","pool":"p","fd":3}"#, &path)
+            .expect("send");
+        client.send_to(b"garbage", &path).expect("send");
+        match server.recv().await.expect("recv") {
+            Outcome::Accepted(r) => assert_eq!(r.pid, std::process::id()),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            server.recv().await.expect("recv"),
+            Outcome::Rejected { .. }
+        ));
+        drop(server);
+        assert!(!path.exists(), "the socket file is removed on drop");
+        let _ = fs::remove_dir(&dir);
+    }
+}

@@ -1,0 +1,406 @@
+//! Pools: what adapters report, joined to the kernel's connections by
+//! (pid, fd) or (pid, local address). A child of the tracker module so that
+//! it shares the tracker's state without widening its interface.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+use super::Tracker;
+use crate::{
+    adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, ConnRef, PoolInfo},
+    lifecycle::{Connection, Endpoint, Output},
+    protocol::{DbSystem, TxState},
+};
+
+/// Acquires waiting per pool that we remember; more means a broken adapter.
+const MAX_PENDING: usize = 10_000;
+/// Adapter messages about connections the kernel has not shown us yet.
+const MAX_UNMATCHED: usize = 1024;
+/// How long such a message waits for its connection.
+const UNMATCHED_TTL_NS: u64 = 5_000_000_000;
+/// Pools per process; more are ignored (pool names become label values).
+const MAX_POOLS_PER_PROCESS: usize = 64;
+
+/// A pool an adapter registered.
+#[derive(Debug, Clone, Default)]
+pub struct Pool {
+    pub pid: u32,
+    pub name: String,
+    pub info: Option<PoolInfo>,
+    /// request id -> (start ns, waiting thread)
+    pending: HashMap<u64, (u64, Option<u32>)>,
+    pub acquires: u64,
+    pub releases: u64,
+    pub timeouts: u64,
+    pub errors: u64,
+}
+
+impl Pool {
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Longest current wait, for the pools view.
+    pub fn oldest_pending_ns(&self) -> Option<u64> {
+        self.pending.values().map(|(start, _)| *start).min()
+    }
+}
+
+/// A pool as the API and the gauges show it: adapter pools and, for
+/// processes without an adapter, implicit ones (one per process and server).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PoolView {
+    pub pid: u32,
+    pub process: String,
+    pub name: String,
+    /// false for implicit pools inferred from traffic.
+    pub from_adapter: bool,
+    pub db_system: Option<DbSystem>,
+    pub server: Option<String>,
+    pub namespace: Option<String>,
+    pub library: Option<String>,
+    pub used: u64,
+    pub idle: u64,
+    pub max: Option<u32>,
+    pub min_idle: Option<u32>,
+    pub idle_max: Option<u32>,
+    pub pending: u64,
+    pub acquires: u64,
+    pub releases: u64,
+    pub timeouts: u64,
+}
+
+/// An adapter event waiting for the kernel to show its connection.
+#[derive(Debug, Clone)]
+pub(super) struct Unmatched {
+    pid: u32,
+    ts_ns: u64,
+    pool: String,
+    event: AdapterEvent,
+}
+
+/// The fallback pool name of the semantic conventions.
+pub fn implicit_pool_name(remote: &Endpoint, namespace: Option<&str>) -> String {
+    let base = match remote {
+        Endpoint::Inet(sa) => format!("{}:{}", sa.ip(), sa.port()),
+        Endpoint::Unix(path) => path.clone(),
+    };
+    match namespace {
+        Some(ns) => format!("{base}/{ns}"),
+        None => base,
+    }
+}
+
+/// A connection counts as in use without an adapter when a transaction is
+/// open or a request waits for its response.
+fn implicitly_used(conn: &Connection) -> bool {
+    matches!(
+        conn.tx_state,
+        Some(TxState::InTransaction | TxState::Failed)
+    ) || conn.awaiting_response
+}
+
+impl Tracker {
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.values()
+    }
+
+    /// Adapter pools and implicit ones, with their connection counts.
+    pub fn pool_views(&self) -> Vec<PoolView> {
+        let mut views: HashMap<(u32, String), PoolView> = HashMap::new();
+        for pool in self.pools.values() {
+            let info = pool.info.clone().unwrap_or_default();
+            views.insert(
+                (pool.pid, pool.name.clone()),
+                PoolView {
+                    pid: pool.pid,
+                    process: self.comms.get(&pool.pid).cloned().unwrap_or_default(),
+                    name: pool.name.clone(),
+                    from_adapter: true,
+                    db_system: info.db_system,
+                    server: info.server_address.map(|a| match info.server_port {
+                        Some(p) => format!("{a}:{p}"),
+                        None => a,
+                    }),
+                    namespace: info.namespace,
+                    library: info.library,
+                    used: 0,
+                    idle: 0,
+                    max: info.max,
+                    min_idle: info.min_idle,
+                    idle_max: info.idle_max,
+                    pending: pool.pending.len() as u64,
+                    acquires: pool.acquires,
+                    releases: pool.releases,
+                    timeouts: pool.timeouts,
+                },
+            );
+        }
+        for conn in self.open.values() {
+            if !conn.is_open() {
+                continue;
+            }
+            let (name, from_adapter) = match &conn.pool {
+                Some(name) => (name.clone(), true),
+                // Only database connections form implicit pools.
+                None if conn.db_system.is_some() => (
+                    implicit_pool_name(&conn.remote, conn.namespace.as_deref()),
+                    false,
+                ),
+                None => continue,
+            };
+            let used = if from_adapter {
+                conn.checked_out_at_ns.is_some()
+            } else {
+                implicitly_used(conn)
+            };
+            let view = views
+                .entry((conn.id.pid, name.clone()))
+                .or_insert_with(|| PoolView {
+                    pid: conn.id.pid,
+                    process: conn.comm.clone(),
+                    name,
+                    from_adapter,
+                    db_system: conn.db_system,
+                    server: Some(conn.remote.to_string()),
+                    namespace: conn.namespace.clone(),
+                    library: None,
+                    used: 0,
+                    idle: 0,
+                    max: None,
+                    min_idle: None,
+                    idle_max: None,
+                    pending: 0,
+                    acquires: 0,
+                    releases: 0,
+                    timeouts: 0,
+                });
+            if view.db_system.is_none() {
+                view.db_system = conn.db_system;
+            }
+            if used {
+                view.used += 1;
+            } else {
+                view.idle += 1;
+            }
+        }
+        let mut views: Vec<PoolView> = views.into_values().collect();
+        views.sort_by(|a, b| (a.pid, &a.name).cmp(&(b.pid, &b.name)));
+        views
+    }
+
+    /// Folds one adapter message (its sender's pid vouched for by the
+    /// kernel) into the pools and their connections.
+    pub fn apply_adapter(&mut self, pid: u32, ts_ns: u64, message: AdapterMessage) -> Vec<Output> {
+        let mut out = Vec::new();
+        let AdapterMessage { pool, event, .. } = message;
+        let key = (pid, pool.clone());
+        if !self.pools.contains_key(&key) {
+            let per_process = self.pools.keys().filter(|(p, _)| *p == pid).count();
+            if per_process >= MAX_POOLS_PER_PROCESS {
+                out.push(Output::Unmatched);
+                return out;
+            }
+            self.pools.insert(
+                key.clone(),
+                Pool {
+                    pid,
+                    name: pool.clone(),
+                    ..Pool::default()
+                },
+            );
+        }
+        match event {
+            AdapterEvent::Register(info) => {
+                if let Some(p) = self.pools.get_mut(&key) {
+                    p.info = Some(info);
+                }
+            }
+            AdapterEvent::AcquireStart { request, tid } => {
+                if let Some(p) = self.pools.get_mut(&key) {
+                    if p.pending.len() < MAX_PENDING {
+                        p.pending.insert(request, (ts_ns, tid));
+                    }
+                }
+            }
+            AdapterEvent::AcquireEnd {
+                request,
+                result,
+                conn,
+                tid,
+            } => self.on_acquire_end(pid, ts_ns, &pool, request, result, conn, tid, &mut out),
+            event @ (AdapterEvent::Release { .. }
+            | AdapterEvent::ConnectionCreated { .. }
+            | AdapterEvent::ConnectionClosed { .. }) => {
+                self.on_connection_event(pid, ts_ns, &pool, event, &mut out)
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_acquire_end(
+        &mut self,
+        pid: u32,
+        ts_ns: u64,
+        pool_name: &str,
+        request: u64,
+        result: AcquireResult,
+        conn: ConnRef,
+        tid: Option<u32>,
+        out: &mut Vec<Output>,
+    ) {
+        // The pool's state as the waiter saw it, before this acquire ends.
+        let used_before = self
+            .open
+            .values()
+            .filter(|c| {
+                c.id.pid == pid
+                    && c.pool.as_deref() == Some(pool_name)
+                    && c.checked_out_at_ns.is_some()
+            })
+            .count() as u64;
+        let key = (pid, pool_name.to_string());
+        let Some(pool) = self.pools.get_mut(&key) else {
+            return;
+        };
+        let pending_before = pool.pending.len() as u64;
+        let started = pool.pending.remove(&request);
+        match result {
+            AcquireResult::Ok => pool.acquires += 1,
+            AcquireResult::Timeout => pool.timeouts += 1,
+            AcquireResult::Error => pool.errors += 1,
+        }
+        let max = pool.info.as_ref().and_then(|i| i.max);
+        if let Some((start_ns, waiter)) = started {
+            out.push(Output::AcquireFinished {
+                pid,
+                pool: pool_name.to_string(),
+                wait_ns: ts_ns.saturating_sub(start_ns),
+                result,
+                used_before,
+                pending_before,
+                max,
+                tid: tid.or(waiter),
+            });
+        }
+        if result == AcquireResult::Ok {
+            let event = AdapterEvent::AcquireEnd {
+                request,
+                result,
+                conn,
+                tid: tid.or(started.and_then(|(_, t)| t)),
+            };
+            self.on_connection_event(pid, ts_ns, pool_name, event, out);
+        }
+    }
+
+    fn find_connection(&mut self, pid: u32, conn: ConnRef) -> Option<&mut Connection> {
+        if let Some(fd) = conn.fd {
+            if self.open.contains_key(&(pid, fd)) {
+                return self.open.get_mut(&(pid, fd));
+            }
+        }
+        let local = conn.local?;
+        self.open
+            .values_mut()
+            .find(|c| c.id.pid == pid && c.local == Some(local))
+    }
+
+    /// Applies an event that names a connection, or keeps it until the
+    /// kernel shows that connection (adapters can be faster than the ring
+    /// buffer).
+    fn on_connection_event(
+        &mut self,
+        pid: u32,
+        ts_ns: u64,
+        pool: &str,
+        event: AdapterEvent,
+        out: &mut Vec<Output>,
+    ) {
+        let conn_ref = match &event {
+            AdapterEvent::AcquireEnd { conn, .. }
+            | AdapterEvent::Release { conn }
+            | AdapterEvent::ConnectionCreated { conn }
+            | AdapterEvent::ConnectionClosed { conn } => *conn,
+            _ => return,
+        };
+        let Some(conn) = self.find_connection(pid, conn_ref) else {
+            if self.unmatched.len() >= MAX_UNMATCHED {
+                self.unmatched.pop_front();
+            }
+            self.unmatched.push_back(Unmatched {
+                pid,
+                ts_ns,
+                pool: pool.to_string(),
+                event,
+            });
+            return;
+        };
+        conn.pool = Some(pool.to_string());
+        match event {
+            AdapterEvent::AcquireEnd { tid, .. } => {
+                conn.checked_out_at_ns = Some(ts_ns);
+                conn.holder_tid = tid;
+            }
+            AdapterEvent::Release { .. } => {
+                if let Some(since) = conn.checked_out_at_ns.take() {
+                    out.push(Output::Released {
+                        pid,
+                        pool: pool.to_string(),
+                        use_ns: ts_ns.saturating_sub(since),
+                    });
+                }
+                conn.holder_tid = None;
+                if let Some(p) = self.pools.get_mut(&(pid, pool.to_string())) {
+                    p.releases += 1;
+                }
+            }
+            // From connect() to a connection the pool can hand out.
+            AdapterEvent::ConnectionCreated { .. } if conn.id.generation != 0 => {
+                out.push(Output::PoolConnectionCreated {
+                    pid,
+                    pool: pool.to_string(),
+                    create_ns: ts_ns.saturating_sub(conn.id.generation),
+                });
+            }
+            AdapterEvent::ConnectionClosed { .. } => {
+                conn.checked_out_at_ns = None;
+                conn.holder_tid = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Retries adapter events of `pid` that named a connection we had not
+    /// seen yet; called when the kernel shows a new connection of `pid`.
+    pub(super) fn retry_unmatched(&mut self, pid: u32, now_ns: u64, out: &mut Vec<Output>) {
+        if !self.unmatched.iter().any(|u| u.pid == pid) {
+            return;
+        }
+        let waiting: VecDeque<Unmatched> = std::mem::take(&mut self.unmatched);
+        for u in waiting {
+            if u.pid != pid {
+                self.unmatched.push_back(u);
+                continue;
+            }
+            if now_ns.saturating_sub(u.ts_ns) > UNMATCHED_TTL_NS {
+                continue;
+            }
+            self.on_connection_event(u.pid, u.ts_ns, &u.pool, u.event, out);
+        }
+    }
+
+    /// Drops adapter state of a process that exited.
+    pub(super) fn forget_pools(&mut self, pid: u32) {
+        self.pools.retain(|(p, _), _| *p != pid);
+        self.unmatched.retain(|u| u.pid != pid);
+    }
+
+    /// Drops unmatched adapter events too old to ever match.
+    pub(super) fn expire_unmatched(&mut self, now_ns: u64) {
+        self.unmatched
+            .retain(|u| now_ns.saturating_sub(u.ts_ns) <= UNMATCHED_TTL_NS);
+    }
+}
