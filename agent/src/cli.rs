@@ -12,10 +12,11 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    api::{ConnectionView, ConnectionsResponse},
+    api::{ConnectionView, ConnectionsResponse, PoolsResponse},
     config::Overrides,
     lifecycle::ConnState,
     reports::SlowQueriesResponse,
+    reports::{LeakReport, LeaksResponse},
 };
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,10 @@ pub enum Command {
     Connections(ConnectionsArgs),
     /// Show recent slow queries from a running agent.
     Queries(ClientArgs),
+    /// Show leak reports (open first, then recently resolved).
+    Leaks(ClientArgs),
+    /// Show every pool: adapter pools and implicit ones.
+    Pools(ClientArgs),
 }
 
 #[derive(Debug, Args)]
@@ -226,4 +231,104 @@ pub fn connections_table(rows: &[ConnectionView]) -> String {
         ));
     }
     out
+}
+
+pub fn leaks(args: &ClientArgs) -> anyhow::Result<()> {
+    let body = http_get(args.agent, "/api/v1/leaks")?;
+    let response: LeaksResponse =
+        serde_json::from_str(&body).context("the agent's /api/v1/leaks is not valid JSON")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    } else {
+        print!("{}", leaks_table(&response.reports));
+    }
+    Ok(())
+}
+
+fn json_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "-".into(),
+    }
+}
+
+pub fn leaks_table(reports: &[LeakReport]) -> String {
+    let mut out = format!(
+        "{:>4} {:<20} {:<8} {:>7} {:<14} {:<16} {:<22} {:>4} {:>8}  {}\n",
+        "ID", "KIND", "STATUS", "PID", "PROCESS", "POOL", "LOCAL", "FD", "HELD", "EVIDENCE"
+    );
+    for r in reports {
+        let held = r
+            .held_for_seconds
+            .or(r.wait_seconds)
+            .map(|s| format!("{s:.1}s"))
+            .unwrap_or_else(|| "-".into());
+        let mut evidence = r.evidence.clone();
+        if let Some(resolution) = &r.resolution {
+            evidence = format!("{evidence} [{resolution}]");
+        }
+        if let Some(query) = &r.last_query {
+            let short: String = query.chars().take(50).collect();
+            evidence = format!("{evidence}; last query: {short}");
+        }
+        out.push_str(&format!(
+            "{:>4} {:<20} {:<8} {:>7} {:<14} {:<16} {:<22} {:>4} {:>8}  {}\n",
+            r.id,
+            json_name(&r.kind),
+            json_name(&r.status),
+            r.pid,
+            r.process,
+            r.pool.as_deref().unwrap_or("-"),
+            r.local_address.as_deref().unwrap_or("-"),
+            r.fd.map(|fd| fd.to_string()).unwrap_or_else(|| "-".into()),
+            held,
+            evidence
+        ));
+    }
+    out
+}
+
+pub fn pools(args: &ClientArgs) -> anyhow::Result<()> {
+    let body = http_get(args.agent, "/api/v1/pools")?;
+    let response: PoolsResponse =
+        serde_json::from_str(&body).context("the agent's /api/v1/pools is not valid JSON")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(());
+    }
+    println!(
+        "{:>7} {:<14} {:<32} {:<8} {:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>9}",
+        "PID",
+        "PROCESS",
+        "POOL",
+        "SOURCE",
+        "DB",
+        "USED",
+        "IDLE",
+        "MAX",
+        "PENDING",
+        "ACQUIRES",
+        "TIMEOUTS"
+    );
+    for p in &response.pools {
+        println!(
+            "{:>7} {:<14} {:<32} {:<8} {:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>9}",
+            p.pid,
+            p.process,
+            p.name,
+            if p.from_adapter {
+                "adapter"
+            } else {
+                "inferred"
+            },
+            p.db_system.map(|d| d.as_str()).unwrap_or("-"),
+            p.used,
+            p.idle,
+            p.max.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            p.pending,
+            p.acquires,
+            p.timeouts
+        );
+    }
+    Ok(())
 }

@@ -18,7 +18,9 @@ pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 
 // Field lists per section, used to say what was expected after an unknown key.
 // Kept next to the structs; a test checks they match what serde accepts.
-const TOP_KEYS: &[&str] = &["http", "kernel", "tracking", "queries", "log"];
+const TOP_KEYS: &[&str] = &[
+    "http", "kernel", "tracking", "queries", "adapter", "leaks", "log",
+];
 const HTTP_KEYS: &[&str] = &["listen"];
 const KERNEL_KEYS: &[&str] = &["ring_buffer_bytes", "mount_tracefs"];
 const TRACKING_KEYS: &[&str] = &[
@@ -34,6 +36,16 @@ const QUERIES_KEYS: &[&str] = &[
     "raw_text",
     "max_slow_kept",
 ];
+const ADAPTER_KEYS: &[&str] = &["enabled", "socket", "socket_mode"];
+const LEAKS_KEYS: &[&str] = &[
+    "leak_threshold_seconds",
+    "quiet_seconds",
+    "idle_in_transaction_seconds",
+    "close_wait_seconds",
+    "abandoned_seconds",
+    "slow_acquire_ms",
+    "max_resolved_kept",
+];
 const LOG_KEYS: &[&str] = &["level"];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -43,6 +55,8 @@ pub struct Config {
     pub kernel: KernelConfig,
     pub tracking: TrackingConfig,
     pub queries: QueriesConfig,
+    pub adapter: AdapterConfig,
+    pub leaks: LeaksConfig,
     pub log: LogConfig,
 }
 
@@ -93,6 +107,82 @@ pub struct QueriesConfig {
     pub raw_text: bool,
     /// Slow-query reports kept in memory.
     pub max_slow_kept: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    /// Listen for pool adapters.
+    pub enabled: bool,
+    /// The Unix datagram socket adapters send to.
+    pub socket: std::path::PathBuf,
+    /// Its permissions, octal. Any local process may report its own pools:
+    /// the kernel names the sender, so none can speak for another.
+    pub socket_mode: String,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: "/run/poolscope/adapter.sock".into(),
+            socket_mode: "0666".into(),
+        }
+    }
+}
+
+impl AdapterConfig {
+    /// `socket_mode` as a number; validated at load.
+    pub fn mode(&self) -> u32 {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o666)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaksConfig {
+    /// Checked out longer than this: leaked if quiet, a slow holder if busy.
+    pub leak_threshold_seconds: f64,
+    /// No traffic for this long counts as quiet.
+    pub quiet_seconds: f64,
+    /// An open transaction quiet for this long.
+    pub idle_in_transaction_seconds: f64,
+    /// The server hung up this long ago and the fd is still open.
+    pub close_wait_seconds: f64,
+    /// Quiet this long while the process opens newer connections to the same server.
+    pub abandoned_seconds: f64,
+    /// Pool acquires that wait longer than this are reported.
+    pub slow_acquire_ms: f64,
+    /// Resolved reports kept in memory.
+    pub max_resolved_kept: usize,
+}
+
+impl Default for LeaksConfig {
+    fn default() -> Self {
+        Self {
+            leak_threshold_seconds: 30.0,
+            quiet_seconds: 5.0,
+            idle_in_transaction_seconds: 30.0,
+            close_wait_seconds: 10.0,
+            abandoned_seconds: 300.0,
+            slow_acquire_ms: 1000.0,
+            max_resolved_kept: 1000,
+        }
+    }
+}
+
+impl LeaksConfig {
+    pub fn thresholds(&self) -> crate::detect::Thresholds {
+        let ns = |seconds: f64| (seconds * 1e9) as u64;
+        crate::detect::Thresholds {
+            leak_ns: ns(self.leak_threshold_seconds),
+            quiet_ns: ns(self.quiet_seconds),
+            idle_in_transaction_ns: ns(self.idle_in_transaction_seconds),
+            close_wait_ns: ns(self.close_wait_seconds),
+            abandoned_ns: ns(self.abandoned_seconds),
+            slow_acquire_ns: ns(self.slow_acquire_ms / 1e3),
+        }
+    }
 }
 
 impl Default for QueriesConfig {
@@ -279,6 +369,36 @@ impl Config {
                 });
             }
         }
+        if u32::from_str_radix(self.adapter.socket_mode.trim_start_matches("0o"), 8)
+            .map_or(true, |m| m > 0o777)
+        {
+            return Err(Invalid {
+                section: "adapter",
+                key: "socket_mode",
+                reason: format!(
+                    "{:?} is not an octal mode like \"0666\"",
+                    self.adapter.socket_mode
+                ),
+            });
+        }
+        let l = &self.leaks;
+        for (key, value) in [
+            ("leak_threshold_seconds", l.leak_threshold_seconds),
+            ("quiet_seconds", l.quiet_seconds),
+            ("idle_in_transaction_seconds", l.idle_in_transaction_seconds),
+            ("close_wait_seconds", l.close_wait_seconds),
+            ("abandoned_seconds", l.abandoned_seconds),
+            ("slow_acquire_ms", l.slow_acquire_ms),
+        ] {
+            // Up to a year: enough for any threshold, and safe in nanoseconds.
+            if !(0.0..=31_536_000_000.0).contains(&value) || value.is_nan() {
+                return Err(Invalid {
+                    section: "leaks",
+                    key,
+                    reason: format!("{value} is not a duration between 0 and a year"),
+                });
+            }
+        }
         // Zero series would silently drop every per-process metric.
         if self.tracking.max_series == 0 {
             return Err(Invalid {
@@ -318,6 +438,8 @@ fn expected_keys(section: &[String]) -> Option<&'static [&'static str]> {
             "kernel" => Some(KERNEL_KEYS),
             "tracking" => Some(TRACKING_KEYS),
             "queries" => Some(QUERIES_KEYS),
+            "adapter" => Some(ADAPTER_KEYS),
+            "leaks" => Some(LEAKS_KEYS),
             "log" => Some(LOG_KEYS),
             _ => None,
         },
@@ -506,6 +628,20 @@ slow_threshold_ms = 250
 raw_text = true
 max_slow_kept = 10
 
+[adapter]
+enabled = false
+socket = "/tmp/a.sock"
+socket_mode = "0660"
+
+[leaks]
+leak_threshold_seconds = 3.0
+quiet_seconds = 1.5
+idle_in_transaction_seconds = 4.0
+close_wait_seconds = 2.0
+abandoned_seconds = 60.0
+slow_acquire_ms = 250.0
+max_resolved_kept = 20
+
 [log]
 level = "debug"
 "#;
@@ -531,6 +667,20 @@ level = "debug"
                 slow_threshold_ms: 250,
                 raw_text: true,
                 max_slow_kept: 10,
+            },
+            adapter: AdapterConfig {
+                enabled: false,
+                socket: "/tmp/a.sock".into(),
+                socket_mode: "0660".into(),
+            },
+            leaks: LeaksConfig {
+                leak_threshold_seconds: 3.0,
+                quiet_seconds: 1.5,
+                idle_in_transaction_seconds: 4.0,
+                close_wait_seconds: 2.0,
+                abandoned_seconds: 60.0,
+                slow_acquire_ms: 250.0,
+                max_resolved_kept: 20,
             },
             log: LogConfig {
                 level: "debug".to_owned(),
@@ -610,7 +760,7 @@ level = "debug"
         assert_eq!(
             err("[kernel]\nring_buffer_bytes = 4096\n\n[htp]\n"),
             "config /etc/poolscope.toml line 4: unknown key `htp` at the top level \
-             (expected one of: http, kernel, tracking, queries, log)"
+             (expected one of: http, kernel, tracking, queries, adapter, leaks, log)"
         );
         // Inline tables and dotted keys are located just as well.
         assert_eq!(

@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod detect;
 pub mod ebpf;
 pub mod lifecycle;
 pub mod pipeline;

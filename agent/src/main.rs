@@ -66,5 +66,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::queries(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Leaks(args) => {
+            cli::leaks(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pools(args) => {
+            cli::pools(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -13,9 +13,11 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
+    adapter::server::{AdapterSocket, Outcome, RateLimitedLog},
     api::{self, ApiState},
     clock::{monotonic_ns, Clock},
     config::Config,
+    detect::{self, Thresholds},
     ebpf::{self, KernelProbes, TracefsStatus},
     lifecycle::{
         CloseReason, ConnId, Endpoint, Event, EventKind, Output, SeededPhase, Tracker,
@@ -23,7 +25,7 @@ use crate::{
     },
     procfs::{self, SeededPeer, SeededTcpState},
     protocol::DbSystem,
-    reports::Reports,
+    reports::{LeakChange, LeakReports, ProcessDetails, Reports},
     telemetry::{KernelCounters, Observed, Telemetry},
     wire,
 };
@@ -33,6 +35,8 @@ struct Pipeline {
     telemetry: Arc<Telemetry>,
     probes: Arc<Mutex<KernelProbes>>,
     reports: Arc<Mutex<Reports>>,
+    leaks: Arc<Mutex<LeakReports>>,
+    thresholds: Thresholds,
     clock: Clock,
     capture: CaptureBytes,
     /// Socket type of each Unix path seen, so /proc is read once per path.
@@ -93,9 +97,31 @@ impl Pipeline {
             Ok(mut tracker) => tracker.apply(event),
             Err(_) => return,
         };
-        self.telemetry.record(&outputs);
+        self.handle_outputs(&outputs);
+    }
+
+    /// Counts, reports and acts on what the tracker concluded.
+    fn handle_outputs(&self, outputs: &[Output]) {
+        self.telemetry.record(outputs);
+        if outputs
+            .iter()
+            .any(|o| matches!(o, Output::AcquireFinished { .. }))
+        {
+            let changes = match self.leaks.lock() {
+                Ok(mut leaks) => leaks.observe_acquires(
+                    outputs,
+                    self.thresholds.slow_acquire_ns,
+                    &mut process_details,
+                    &|pid| procfs::process_comm(Path::new("/proc"), pid).unwrap_or_default(),
+                    monotonic_ns(),
+                    &self.clock,
+                ),
+                Err(_) => Vec::new(),
+            };
+            self.publish_leak_changes(&changes);
+        }
         let slow = match self.reports.lock() {
-            Ok(mut reports) => reports.observe(&outputs, &self.clock),
+            Ok(mut reports) => reports.observe(outputs, &self.clock),
             Err(_) => Vec::new(),
         };
         for report in slow {
@@ -104,7 +130,7 @@ impl Pipeline {
                 log::warn!(target: "poolscope::slow_query", "{line}");
             }
         }
-        for output in &outputs {
+        for output in outputs {
             match output {
                 Output::NotDatabase { id } => {
                     if let Ok(mut probes) = self.probes.lock() {
@@ -132,6 +158,104 @@ impl Pipeline {
                 if let Ok(mut probes) = self.probes.lock() {
                     probes.forget(id.pid, id.fd);
                 }
+            }
+        }
+    }
+
+    /// Logs each opened or resolved report as one JSON line, and counts it.
+    fn publish_leak_changes(&self, changes: &[LeakChange]) {
+        for change in changes {
+            let (verb, report) = match change {
+                LeakChange::Opened(r) => ("opened", r),
+                LeakChange::Resolved(r) => ("resolved", r),
+            };
+            if let Ok(line) = serde_json::to_string(report) {
+                log::warn!(target: "poolscope::leak", "{verb} {line}");
+            }
+        }
+        self.telemetry.record_leak_changes(changes);
+    }
+
+    /// Applies the leak rules to the tracker's connections now.
+    fn evaluate_leaks(&self, now: u64) {
+        let changes = {
+            let Ok(tracker) = self.tracker.lock() else {
+                return;
+            };
+            let findings = detect::evaluate(tracker.open_connections(), now, &self.thresholds);
+            let lookup = |id| tracker.connection(id);
+            match self.leaks.lock() {
+                Ok(mut leaks) => {
+                    leaks.update(&findings, &lookup, &mut process_details, now, &self.clock)
+                }
+                Err(_) => return,
+            }
+        };
+        self.publish_leak_changes(&changes);
+    }
+
+    /// One adapter datagram, judged by the socket.
+    fn apply_adapter(&self, outcome: Outcome, rejections: &mut RateLimitedLog) {
+        match outcome {
+            Outcome::Accepted(received) => {
+                self.telemetry.record_adapter_message("accepted", "");
+                let now = monotonic_ns();
+                // The adapter's own CLOCK_MONOTONIC is the kernel's; trust it
+                // when plausible, so that waits are measured where they happen.
+                let ts = received
+                    .message
+                    .mono_ns
+                    .filter(|&t| t <= now && now - t < 10_000_000_000)
+                    .unwrap_or(now);
+                let outputs = match self.tracker.lock() {
+                    Ok(mut tracker) => tracker.apply_adapter(received.pid, ts, received.message),
+                    Err(_) => return,
+                };
+                self.handle_outputs(&outputs);
+            }
+            Outcome::Rejected { pid, error } => {
+                self.telemetry
+                    .record_adapter_message("rejected", error.reason());
+                let who = pid.map_or_else(|| "unknown pid".to_string(), |p| format!("pid {p}"));
+                if let Some(line) = rejections.line(
+                    std::time::Instant::now(),
+                    &format!("adapter message from {who} dropped: {error}"),
+                ) {
+                    log::warn!("{line}");
+                }
+            }
+            Outcome::Spoofed { pid, claimed } => {
+                self.telemetry
+                    .record_adapter_message("rejected", "spoofed_pid");
+                if let Some(line) = rejections.line(
+                    std::time::Instant::now(),
+                    &format!("adapter message from pid {pid} claimed to be pid {claimed}: dropped"),
+                ) {
+                    log::warn!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// What /proc says about a process (and a thread) for a report.
+fn process_details(pid: u32, tid: Option<u32>) -> ProcessDetails {
+    let proc_root = Path::new("/proc");
+    ProcessDetails {
+        cmdline: procfs::process_cmdline(proc_root, pid),
+        container_id: procfs::container_id(proc_root, pid),
+        thread_name: tid.and_then(|tid| procfs::thread_name(proc_root, pid, tid)),
+    }
+}
+
+async fn serve_adapters(mut socket: AdapterSocket, pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
+    let mut rejections = RateLimitedLog::new(Duration::from_secs(10));
+    loop {
+        match socket.recv().await {
+            Ok(outcome) => pipeline.apply_adapter(outcome, &mut rejections),
+            Err(e) => {
+                log::warn!("adapter socket {}: {e}", socket.path().display());
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -170,9 +294,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.queries.slow_threshold_ms * 1_000_000,
         config.queries.max_slow_kept,
     )));
+    let leaks = Arc::new(Mutex::new(LeakReports::new(config.leaks.max_resolved_kept)));
     let telemetry = Arc::new(Telemetry::new(Observed {
         tracker: Arc::clone(&tracker),
         kernel: Arc::clone(&kernel),
+        leaks: Arc::clone(&leaks),
         max_series: config.tracking.max_series,
     })?);
     let pipeline = Arc::new(Pipeline {
@@ -180,6 +306,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         telemetry: Arc::clone(&telemetry),
         probes: Arc::new(Mutex::new(probes)),
         reports: Arc::clone(&reports),
+        leaks: Arc::clone(&leaks),
+        thresholds: config.leaks.thresholds(),
         clock,
         capture: CaptureBytes {
             sql: config.queries.capture_bytes,
@@ -194,10 +322,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let reader = tokio::spawn(read_events(events, Arc::clone(&pipeline)));
+    // Without the adapter socket the agent still sees every connection from
+    // the kernel; say so rather than refuse to run.
+    let adapters = if config.adapter.enabled {
+        match AdapterSocket::bind(&config.adapter.socket, config.adapter.mode()) {
+            Ok(socket) => {
+                log::info!("pool adapters: listening on {}", socket.path().display());
+                Some(tokio::spawn(serve_adapters(socket, Arc::clone(&pipeline))))
+            }
+            Err(e) => {
+                log::warn!("pool adapters disabled: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&pipeline), kernel));
     let api_state = ApiState {
         tracker,
         reports,
+        leaks,
         telemetry: Arc::clone(&telemetry),
         clock,
     };
@@ -212,6 +357,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     housekeeping.abort();
+    if let Some(adapters) = adapters {
+        adapters.abort();
+    }
     telemetry.shutdown();
     result
 }
@@ -327,8 +475,10 @@ async fn housekeeping(pipeline: Arc<Pipeline>, kernel: Arc<Mutex<KernelCounters>
             Some(Err(e)) => log::debug!("cannot read kernel counters: {e:#}"),
             None => {}
         }
+        let now = monotonic_ns();
         if let Ok(mut tracker) = pipeline.tracker.lock() {
-            tracker.expire(monotonic_ns());
+            tracker.expire(now);
         }
+        pipeline.evaluate_leaks(now);
     }
 }

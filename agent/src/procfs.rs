@@ -500,6 +500,39 @@ pub fn unix_bound_type(proc_root: &Path, pid: u32, path: &str) -> Option<u16> {
     parse_unix_bound_type(&table, path)
 }
 
+/// The container a process runs in, from its cgroup path: the 64-hex id
+/// that Docker, containerd, CRI-O and systemd-managed runtimes put in it
+/// (`docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>`, or a bare
+/// `/kubepods/.../<id>`).
+pub fn parse_container_id(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        path.rsplit('/').find_map(|segment| {
+            let segment = segment.strip_suffix(".scope").unwrap_or(segment);
+            let id = segment.rsplit(['-', ':']).next()?;
+            (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| id.to_ascii_lowercase())
+        })
+    })
+}
+
+pub fn container_id(proc_root: &Path, pid: u32) -> Option<String> {
+    let cgroup = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    parse_container_id(&cgroup)
+}
+
+/// A thread's name (/proc/PID/task/TID/comm).
+pub fn thread_name(proc_root: &Path, pid: u32, tid: u32) -> Option<String> {
+    let path = proc_root
+        .join(pid.to_string())
+        .join("task")
+        .join(tid.to_string())
+        .join("comm");
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
 pub fn process_comm(proc_root: &Path, pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm")).ok()?;
     Some(text.trim_end_matches('\n').to_owned())
@@ -1179,5 +1212,24 @@ mod tests {
         assert_eq!(parse_unix_bound_type(table, "/dev/log"), Some(2));
         assert_eq!(parse_unix_bound_type(table, "/nope"), None);
         assert_eq!(parse_unix_bound_type("garbage", "/dev/log"), None);
+    }
+
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "3f4a1b2c3d4e5f60718293a4b5c6d7e8f9011223344556677889900aabbccdde";
+        for line in [
+            format!("0::/system.slice/docker-{id}.scope"),
+            format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{id}.scope"),
+            format!("0::/kubepods/burstable/pod5678/{id}"),
+            format!("0::/machine.slice/libpod-{id}.scope/container"),
+            format!("12:pids:/kubepods/besteffort/podabc/crio-{id}"),
+        ] {
+            assert_eq!(parse_container_id(&line).as_deref(), Some(id), "{line}");
+        }
+        assert_eq!(
+            parse_container_id("0::/user.slice/user-0.slice/session-3.scope"),
+            None
+        );
+        assert_eq!(parse_container_id("garbage"), None);
     }
 }

@@ -1,14 +1,18 @@
-//! Bounded store of notable events (slow queries today), kept in memory for
-//! the API and the CLI. Pure: the pipeline pushes, the API reads.
+//! Bounded stores of notable events, kept in memory for the API, the CLI
+//! and the log: slow queries, and leak reports that open when a rule starts
+//! to match a connection and resolve when it stops. Pure: the pipeline
+//! pushes findings and outputs, the API reads.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    adapter::message::AcquireResult,
     clock::Clock,
-    lifecycle::{Endpoint, Output},
-    protocol::{DbError, TxState},
+    detect::{Finding, LeakKind},
+    lifecycle::{ConnId, ConnState, Connection, Endpoint, Output},
+    protocol::{DbError, DbSystem, TxState},
 };
 
 /// A round trip that took longer than the slow-query threshold.
@@ -109,6 +113,308 @@ impl Reports {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportStatus {
+    Open,
+    Resolved,
+}
+
+/// One leak (or slow-holder, or slow-acquire) report, as the API, the CLI
+/// and the log show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeakReport {
+    pub id: u64,
+    pub kind: LeakKind,
+    pub status: ReportStatus,
+    pub pid: u32,
+    pub process: String,
+    pub cmdline: Option<String>,
+    pub container_id: Option<String>,
+    pub pool: Option<String>,
+    pub db_system: Option<DbSystem>,
+    pub server: Option<String>,
+    pub local_address: Option<String>,
+    pub fd: Option<i32>,
+    pub generation: Option<u64>,
+    pub holder_tid: Option<u32>,
+    pub holder_thread: Option<String>,
+    pub connection_opened_at: Option<String>,
+    pub checked_out_at: Option<String>,
+    pub held_for_seconds: Option<f64>,
+    pub last_activity: Option<String>,
+    pub last_query: Option<String>,
+    pub tx_state: Option<TxState>,
+    pub evidence: String,
+    pub reported_at: String,
+    pub resolved_at: Option<String>,
+    pub resolution: Option<String>,
+    /// Slow acquires: how long the waiter waited and the pool's state then.
+    pub wait_seconds: Option<f64>,
+    pub pool_used: Option<u64>,
+    pub pool_max: Option<u32>,
+    pub pool_pending: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaksResponse {
+    pub reports: Vec<LeakReport>,
+}
+
+/// What only /proc knows about a process: filled in by the pipeline.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessDetails {
+    pub cmdline: Option<String>,
+    pub container_id: Option<String>,
+    pub thread_name: Option<String>,
+}
+
+/// A change of the leak reports, for the log and the counters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeakChange {
+    Opened(LeakReport),
+    Resolved(LeakReport),
+}
+
+/// Open reports by (connection, kind), and the recently resolved ones.
+#[derive(Debug)]
+pub struct LeakReports {
+    next_id: u64,
+    open: HashMap<(ConnId, LeakKind), LeakReport>,
+    resolved: VecDeque<LeakReport>,
+    max_resolved: usize,
+}
+
+fn endpoint_text(remote: &Endpoint) -> String {
+    match remote {
+        Endpoint::Inet(sa) => sa.to_string(),
+        Endpoint::Unix(path) => path.clone(),
+    }
+}
+
+/// Why a report stopped matching, from what the connection does now.
+fn resolution(kind: LeakKind, now: Option<&Connection>) -> String {
+    let Some(conn) = now.filter(|c| c.is_open()) else {
+        return "the connection was closed".into();
+    };
+    match kind {
+        LeakKind::Leaked | LeakKind::SlowHolder if conn.checked_out_at_ns.is_none() => {
+            "returned to the pool".into()
+        }
+        LeakKind::IdleInTransaction
+            if !matches!(
+                conn.tx_state,
+                Some(TxState::InTransaction | TxState::Failed)
+            ) =>
+        {
+            "the transaction ended".into()
+        }
+        LeakKind::CloseWait if conn.state != ConnState::PeerClosed => "the fd was closed".into(),
+        _ => "traffic resumed".into(),
+    }
+}
+
+impl LeakReports {
+    pub fn new(max_resolved: usize) -> LeakReports {
+        LeakReports {
+            next_id: 1,
+            open: HashMap::new(),
+            resolved: VecDeque::new(),
+            max_resolved,
+        }
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn keep_resolved(&mut self, report: LeakReport) {
+        if self.resolved.len() >= self.max_resolved {
+            self.resolved.pop_front();
+        }
+        self.resolved.push_back(report);
+    }
+
+    /// Opens reports for new findings, refreshes the open ones, and
+    /// resolves those whose rule no longer matches. `lookup` finds a
+    /// connection (open or recently closed); `details` asks /proc.
+    pub fn update<'a>(
+        &mut self,
+        findings: &[Finding],
+        lookup: &dyn Fn(ConnId) -> Option<&'a Connection>,
+        details: &mut dyn FnMut(u32, Option<u32>) -> ProcessDetails,
+        now: u64,
+        clock: &Clock,
+    ) -> Vec<LeakChange> {
+        let mut changes = Vec::new();
+        let current: HashMap<(ConnId, LeakKind), &Finding> =
+            findings.iter().map(|f| ((f.conn, f.kind), f)).collect();
+        let ended: Vec<(ConnId, LeakKind)> = self
+            .open
+            .keys()
+            .filter(|key| !current.contains_key(key))
+            .copied()
+            .collect();
+        for key in ended {
+            if let Some(mut report) = self.open.remove(&key) {
+                report.status = ReportStatus::Resolved;
+                report.resolved_at = Some(clock.rfc3339(now));
+                report.resolution = Some(resolution(key.1, lookup(key.0)));
+                changes.push(LeakChange::Resolved(report.clone()));
+                self.keep_resolved(report);
+            }
+        }
+        for (key, finding) in current {
+            let Some(conn) = lookup(key.0) else { continue };
+            if let Some(report) = self.open.get_mut(&key) {
+                refresh(report, conn, finding, now, clock);
+                continue;
+            }
+            let more = details(conn.id.pid, conn.holder_tid);
+            let mut report = LeakReport {
+                id: self.take_id(),
+                kind: finding.kind,
+                status: ReportStatus::Open,
+                pid: conn.id.pid,
+                process: conn.comm.clone(),
+                cmdline: more.cmdline,
+                container_id: more.container_id,
+                pool: conn.pool.clone(),
+                db_system: conn.db_system,
+                server: Some(endpoint_text(&conn.remote)),
+                local_address: conn.local.map(|sa| sa.to_string()),
+                fd: Some(conn.id.fd),
+                generation: Some(conn.id.generation),
+                holder_tid: conn.holder_tid,
+                holder_thread: more.thread_name,
+                connection_opened_at: Some(clock.rfc3339(conn.opened_at_ns)),
+                checked_out_at: None,
+                held_for_seconds: None,
+                last_activity: None,
+                last_query: None,
+                tx_state: None,
+                evidence: String::new(),
+                reported_at: clock.rfc3339(now),
+                resolved_at: None,
+                resolution: None,
+                wait_seconds: None,
+                pool_used: None,
+                pool_max: None,
+                pool_pending: None,
+            };
+            refresh(&mut report, conn, finding, now, clock);
+            changes.push(LeakChange::Opened(report.clone()));
+            self.open.insert(key, report);
+        }
+        changes
+    }
+
+    /// Records slow acquires from the pipeline's outputs; they are events,
+    /// reported and resolved at once.
+    pub fn observe_acquires(
+        &mut self,
+        outputs: &[Output],
+        threshold_ns: u64,
+        details: &mut dyn FnMut(u32, Option<u32>) -> ProcessDetails,
+        process_name: &dyn Fn(u32) -> String,
+        now: u64,
+        clock: &Clock,
+    ) -> Vec<LeakChange> {
+        let mut changes = Vec::new();
+        for output in outputs {
+            let Output::AcquireFinished {
+                pid,
+                pool,
+                wait_ns,
+                result,
+                used_before,
+                pending_before,
+                max,
+                tid,
+            } = output
+            else {
+                continue;
+            };
+            if *wait_ns < threshold_ns {
+                continue;
+            }
+            let more = details(*pid, *tid);
+            let outcome = match result {
+                AcquireResult::Ok => "got a connection",
+                AcquireResult::Timeout => "timed out",
+                AcquireResult::Error => "failed",
+            };
+            let max_text = max.map(|m| m.to_string()).unwrap_or_else(|| "?".into());
+            let report = LeakReport {
+                id: self.take_id(),
+                kind: LeakKind::SlowAcquire,
+                status: ReportStatus::Resolved,
+                pid: *pid,
+                process: process_name(*pid),
+                cmdline: more.cmdline,
+                container_id: more.container_id,
+                pool: Some(pool.clone()),
+                db_system: None,
+                server: None,
+                local_address: None,
+                fd: None,
+                generation: None,
+                holder_tid: *tid,
+                holder_thread: more.thread_name,
+                connection_opened_at: None,
+                checked_out_at: None,
+                held_for_seconds: None,
+                last_activity: None,
+                last_query: None,
+                tx_state: None,
+                evidence: format!(
+                    "waited {:.3}s for a connection with {used_before}/{max_text} in use and {pending_before} waiting",
+                    *wait_ns as f64 / 1e9
+                ),
+                reported_at: clock.rfc3339(now),
+                resolved_at: Some(clock.rfc3339(now)),
+                resolution: Some(outcome.into()),
+                wait_seconds: Some(*wait_ns as f64 / 1e9),
+                pool_used: Some(*used_before),
+                pool_max: *max,
+                pool_pending: Some(*pending_before),
+            };
+            changes.push(LeakChange::Opened(report.clone()));
+            self.keep_resolved(report);
+        }
+        changes
+    }
+
+    /// Open reports first (oldest first), then resolved ones (newest first).
+    pub fn reports(&self) -> Vec<LeakReport> {
+        let mut open: Vec<LeakReport> = self.open.values().cloned().collect();
+        open.sort_by_key(|r| r.id);
+        open.extend(self.resolved.iter().rev().cloned());
+        open
+    }
+
+    pub fn open_reports(&self) -> impl Iterator<Item = &LeakReport> {
+        self.open.values()
+    }
+}
+
+/// Updates what changes while a report stays open.
+fn refresh(report: &mut LeakReport, conn: &Connection, finding: &Finding, now: u64, clock: &Clock) {
+    report.checked_out_at = conn.checked_out_at_ns.map(|ns| clock.rfc3339(ns));
+    report.held_for_seconds = conn
+        .checked_out_at_ns
+        .map(|ns| now.saturating_sub(ns) as f64 / 1e9);
+    report.last_activity = conn.last_activity_ns.map(|ns| clock.rfc3339(ns));
+    report.last_query.clone_from(&conn.last_query);
+    report.tx_state = conn.tx_state;
+    report.local_address = conn.local.map(|sa| sa.to_string());
+    report.pool.clone_from(&conn.pool);
+    report.db_system = conn.db_system;
+    report.evidence.clone_from(&finding.evidence);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +462,136 @@ mod tests {
         );
         assert_eq!(kept[0].query.as_deref(), Some("SELECT pg_sleep(?)"));
         assert_eq!(kept[0].server, "127.0.0.1:5432");
+    }
+
+    fn leaked_conn(fd: i32, checked_out: bool) -> Connection {
+        let mut c = Connection::new(
+            ConnId {
+                pid: 5,
+                fd,
+                generation: 1,
+            },
+            "app".into(),
+            Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")),
+            1,
+        );
+        c.state = ConnState::Established;
+        c.pool = Some("orders".into());
+        c.checked_out_at_ns = checked_out.then_some(2);
+        c.holder_tid = Some(77);
+        c
+    }
+
+    fn finding(c: &Connection, kind: LeakKind) -> Finding {
+        Finding {
+            kind,
+            conn: c.id,
+            evidence: "because".into(),
+        }
+    }
+
+    #[test]
+    fn reports_open_once_refresh_and_resolve_with_the_reason() {
+        let clock = Clock::new();
+        let mut store = LeakReports::new(10);
+        let out = leaked_conn(3, true);
+        let asked = std::cell::Cell::new(0);
+        let mut details = |_pid: u32, tid: Option<u32>| {
+            asked.set(asked.get() + 1);
+            ProcessDetails {
+                cmdline: Some("python app.py".into()),
+                container_id: None,
+                thread_name: tid.map(|t| format!("worker-{t}")),
+            }
+        };
+        let findings = vec![finding(&out, LeakKind::Leaked)];
+        let changes = store.update(&findings, &|_| Some(&out), &mut details, 10, &clock);
+        assert!(
+            matches!(&changes[..], [LeakChange::Opened(r)] if r.kind == LeakKind::Leaked && r.holder_thread.as_deref() == Some("worker-77") && r.pool.as_deref() == Some("orders"))
+        );
+        // Still matching: no new report, no new /proc lookup.
+        assert!(store
+            .update(&findings, &|_| Some(&out), &mut details, 11, &clock)
+            .is_empty());
+        assert_eq!(asked.get(), 1);
+        assert_eq!(store.reports().len(), 1);
+        // Returned to the pool: resolved, saying so.
+        let back = leaked_conn(3, false);
+        let changes = store.update(&[], &|_| Some(&back), &mut details, 12, &clock);
+        assert!(
+            matches!(&changes[..], [LeakChange::Resolved(r)] if r.resolution.as_deref() == Some("returned to the pool"))
+        );
+        assert_eq!(store.open_reports().count(), 0);
+        assert_eq!(store.reports()[0].status, ReportStatus::Resolved);
+    }
+
+    #[test]
+    fn closing_resolves_and_resolved_reports_are_bounded() {
+        let clock = Clock::new();
+        let mut store = LeakReports::new(2);
+        let mut details = |_: u32, _: Option<u32>| ProcessDetails::default();
+        for fd in 0..4 {
+            let c = leaked_conn(fd, true);
+            store.update(
+                &[finding(&c, LeakKind::Leaked)],
+                &|_| Some(&c),
+                &mut details,
+                10,
+                &clock,
+            );
+            let changes = store.update(&[], &|_| None, &mut details, 11, &clock);
+            assert!(
+                matches!(&changes[..], [LeakChange::Resolved(r)] if r.resolution.as_deref() == Some("the connection was closed"))
+            );
+        }
+        assert_eq!(store.reports().len(), 2);
+    }
+
+    #[test]
+    fn slow_acquires_carry_the_pool_state() {
+        let clock = Clock::new();
+        let mut store = LeakReports::new(10);
+        let mut details = |_: u32, _: Option<u32>| ProcessDetails::default();
+        let outputs = vec![
+            Output::AcquireFinished {
+                pid: 5,
+                pool: "orders".into(),
+                wait_ns: 2_000_000_000,
+                result: AcquireResult::Ok,
+                used_before: 15,
+                pending_before: 2,
+                max: Some(15),
+                tid: Some(9),
+            },
+            Output::AcquireFinished {
+                pid: 5,
+                pool: "orders".into(),
+                wait_ns: 10,
+                result: AcquireResult::Ok,
+                used_before: 1,
+                pending_before: 1,
+                max: Some(15),
+                tid: None,
+            },
+        ];
+        let changes = store.observe_acquires(
+            &outputs,
+            1_000_000_000,
+            &mut details,
+            &|_| "app".into(),
+            5,
+            &clock,
+        );
+        assert_eq!(changes.len(), 1);
+        let r = &store.reports()[0];
+        assert_eq!(
+            (r.kind, r.pool_used, r.pool_max, r.pool_pending),
+            (LeakKind::SlowAcquire, Some(15), Some(15), Some(2))
+        );
+        assert!(
+            r.evidence.contains("15/15 in use and 2 waiting"),
+            "{}",
+            r.evidence
+        );
     }
 }

@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::{monotonic_ns, Clock},
+    lifecycle::PoolView,
     lifecycle::{CloseReason, ConnState, ConnectOutcome, Connection, Endpoint, Tracker},
     protocol::{DbSystem, TxState},
-    reports::{Reports, SlowQueriesResponse},
+    reports::{LeakReports, LeaksResponse, Reports, SlowQueriesResponse},
     telemetry::Telemetry,
 };
 
@@ -26,6 +27,7 @@ use crate::{
 pub struct ApiState {
     pub tracker: Arc<Mutex<Tracker>>,
     pub reports: Arc<Mutex<Reports>>,
+    pub leaks: Arc<Mutex<LeakReports>>,
     pub telemetry: Arc<Telemetry>,
     pub clock: Clock,
 }
@@ -119,6 +121,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/api/v1/connections", get(connections))
         .route("/api/v1/queries/slow", get(slow_queries))
+        .route("/api/v1/leaks", get(leaks))
+        .route("/api/v1/pools", get(pools))
         .with_state(state)
 }
 
@@ -126,7 +130,7 @@ pub async fn serve(listen: SocketAddr, state: ApiState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    log::info!("HTTP API on http://{listen} (/metrics, /healthz, /api/v1/connections, /api/v1/queries/slow)");
+    log::info!("HTTP API on http://{listen} (/metrics, /healthz, /api/v1/{{connections,pools,leaks,queries/slow}})");
     axum::serve(listener, router(state))
         .await
         .map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
@@ -171,6 +175,31 @@ async fn slow_queries(State(state): State<ApiState>) -> Response {
     Json(SlowQueriesResponse {
         threshold_seconds: reports.slow_threshold_ns() as f64 / 1e9,
         slow_queries: reports.slow_queries(),
+    })
+    .into_response()
+}
+
+async fn leaks(State(state): State<ApiState>) -> Response {
+    let Ok(leaks) = state.leaks.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "leaks lock poisoned\n").into_response();
+    };
+    Json(LeaksResponse {
+        reports: leaks.reports(),
+    })
+    .into_response()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolsResponse {
+    pub pools: Vec<PoolView>,
+}
+
+async fn pools(State(state): State<ApiState>) -> Response {
+    let Ok(tracker) = state.tracker.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "tracker lock poisoned\n").into_response();
+    };
+    Json(PoolsResponse {
+        pools: tracker.pool_views(),
     })
     .into_response()
 }

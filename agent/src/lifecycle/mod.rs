@@ -241,6 +241,43 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection whose connect() began at `opened_at_ns`; nothing else
+    /// is known of it yet.
+    pub fn new(id: ConnId, comm: String, remote: Endpoint, opened_at_ns: u64) -> Connection {
+        Connection {
+            id,
+            comm,
+            tid: None,
+            remote,
+            local: None,
+            state: ConnState::Connecting,
+            outcome: None,
+            opened_at_ns,
+            connect_latency_ns: None,
+            peer_closed_at_ns: None,
+            closed_at_ns: None,
+            close_reason: None,
+            seen_at_start: false,
+            db_system: None,
+            encrypted: false,
+            namespace: None,
+            db_user: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            last_activity_ns: None,
+            round_trips: 0,
+            last_query: None,
+            last_operation: None,
+            tx_state: None,
+            protocol_lost: 0,
+            data_chunks: 0,
+            pool: None,
+            checked_out_at_ns: None,
+            holder_tid: None,
+            awaiting_response: false,
+        }
+    }
+
     pub fn lifetime_ns(&self, now_ns: u64) -> u64 {
         self.closed_at_ns
             .unwrap_or(now_ns)

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Tracker;
 use crate::{
@@ -49,7 +49,7 @@ impl Pool {
 
 /// A pool as the API and the gauges show it: adapter pools and, for
 /// processes without an adapter, implicit ones (one per process and server).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolView {
     pub pid: u32,
     pub process: String,

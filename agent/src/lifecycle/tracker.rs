@@ -84,6 +84,14 @@ impl Tracker {
         self.closed.iter()
     }
 
+    /// A connection by its identity, open or recently closed.
+    pub fn connection(&self, id: ConnId) -> Option<&Connection> {
+        match self.open.get(&(id.pid, id.fd)) {
+            Some(c) if c.id == id => Some(c),
+            _ => self.closed.iter().rev().find(|c| c.id == id),
+        }
+    }
+
     pub fn process_name(&self, pid: u32) -> Option<&str> {
         self.comms.get(&pid).map(String::as_str)
     }
@@ -323,38 +331,8 @@ impl Tracker {
     }
 
     fn new_connection(&self, id: ConnId, remote: Endpoint, opened_at_ns: u64) -> Connection {
-        Connection {
-            id,
-            comm: self.comms.get(&id.pid).cloned().unwrap_or_default(),
-            tid: None,
-            remote,
-            local: None,
-            state: ConnState::Connecting,
-            outcome: None,
-            opened_at_ns,
-            connect_latency_ns: None,
-            peer_closed_at_ns: None,
-            closed_at_ns: None,
-            close_reason: None,
-            seen_at_start: false,
-            db_system: None,
-            encrypted: false,
-            namespace: None,
-            db_user: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            last_activity_ns: None,
-            round_trips: 0,
-            last_query: None,
-            last_operation: None,
-            tx_state: None,
-            protocol_lost: 0,
-            data_chunks: 0,
-            pool: None,
-            checked_out_at_ns: None,
-            holder_tid: None,
-            awaiting_response: false,
-        }
+        let comm = self.comms.get(&id.pid).cloned().unwrap_or_default();
+        Connection::new(id, comm, remote, opened_at_ns)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -344,13 +344,13 @@ impl Session {
         }
         let seq = m.header.get(3).copied().unwrap_or_default();
         match self.phase {
-            Phase::HandshakeResponse => self.handshake_response(m.body, cx),
+            Phase::HandshakeResponse => self.handshake_response(m.body, m.body_len, cx),
             Phase::Command if seq == 0 => self.command(m.body, cx),
             _ => Flow::Continue,
         }
     }
 
-    fn handshake_response(&mut self, payload: &[u8], cx: &mut Ctx<'_>) -> Flow {
+    fn handshake_response(&mut self, payload: &[u8], len: usize, cx: &mut Ctx<'_>) -> Flow {
         let caps = le32(payload).unwrap_or_default();
         if caps & CLIENT_PROTOCOL_41 == 0 {
             // Pre-4.1 clients: too old to be worth parsing; keep going.
@@ -358,7 +358,7 @@ impl Session {
             return Flow::Continue;
         }
         let agreed = caps & self.server_caps;
-        if agreed & CLIENT_SSL != 0 && payload.len() <= 32 {
+        if agreed & CLIENT_SSL != 0 && len <= 32 {
             // SSLRequest: TLS starts with the client's next bytes.
             self.phase = Phase::Opaque;
             self.encrypted = true;

@@ -350,7 +350,7 @@ impl SessionParser {
 
     /// Parses one chunk; what it completes is appended to `out`.
     pub fn feed(&mut self, chunk: &Chunk<'_>, out: &mut Vec<Observation>) {
-        if matches!(self.inner, Inner::Other) || chunk.total_len == 0 && chunk.head.is_empty() {
+        if matches!(self.inner, Inner::Other) || (chunk.total_len == 0 && chunk.head.is_empty()) {
             return;
         }
         let view = View::new(chunk);

@@ -21,8 +21,10 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::{
     adapter::message::AcquireResult,
+    detect::LeakKind,
     lifecycle::{ConnState, Connection, Output, PoolView, Tracker},
     protocol::DbSystem,
+    reports::{LeakChange, LeakReports},
 };
 
 /// Bucket bounds for connect and query durations, seconds (semconv's
@@ -53,6 +55,7 @@ pub struct KernelCounters {
 pub struct Observed {
     pub tracker: Arc<Mutex<Tracker>>,
     pub kernel: Arc<Mutex<KernelCounters>>,
+    pub leaks: Arc<Mutex<LeakReports>>,
     /// Bound on distinct (process, server) series per gauge.
     pub max_series: usize,
 }
@@ -72,6 +75,8 @@ pub struct Telemetry {
     pool_wait_time: Histogram<f64>,
     pool_use_time: Histogram<f64>,
     pool_create_time: Histogram<f64>,
+    adapter_messages: Counter<u64>,
+    leak_reports: Counter<u64>,
 }
 
 /// SQL statements' first keywords that may become `db.operation.name`.
@@ -277,6 +282,16 @@ impl Telemetry {
                 .with_unit("{event}")
                 .build(),
             operation_names: OperationNames::default(),
+            adapter_messages: meter
+                .u64_counter("poolscope.adapter.messages")
+                .with_description("Pool-adapter messages by result (accepted, rejected) and rejection reason")
+                .with_unit("{message}")
+                .build(),
+            leak_reports: meter
+                .u64_counter("poolscope.leak.reports")
+                .with_description("Leak, slow-holder and slow-acquire reports opened, by kind")
+                .with_unit("{report}")
+                .build(),
             pool_wait_time: meter
                 .f64_histogram("db.client.connection.wait_time")
                 .with_description("Time a pool acquire waited for a connection")
@@ -394,6 +409,23 @@ impl Telemetry {
                 | Output::NotDatabase { .. }
                 | Output::Detected { .. } => {}
                 Output::Unmatched => self.events_unmatched.add(1, &[]),
+            }
+        }
+    }
+
+    pub fn record_adapter_message(&self, result: &'static str, reason: &'static str) {
+        let mut attrs = vec![KeyValue::new("result", result)];
+        if !reason.is_empty() {
+            attrs.push(KeyValue::new("reason", reason));
+        }
+        self.adapter_messages.add(1, &attrs);
+    }
+
+    pub fn record_leak_changes(&self, changes: &[LeakChange]) {
+        for change in changes {
+            if let LeakChange::Opened(report) = change {
+                self.leak_reports
+                    .add(1, &[KeyValue::new("kind", report.kind.as_str())]);
             }
         }
     }
@@ -516,8 +548,32 @@ fn register_observables(meter: &Meter, observed: Observed) {
     let Observed {
         tracker,
         kernel,
+        leaks,
         max_series,
     } = observed;
+    let _ = meter
+        .i64_observable_up_down_counter("poolscope.leak.open")
+        .with_description("Open leak and slow-holder reports by kind, process and pool")
+        .with_unit("{report}")
+        .with_callback(move |obs| {
+            let Ok(leaks) = leaks.lock() else { return };
+            let mut counts: BTreeMap<(LeakKind, u32, String), i64> = BTreeMap::new();
+            for report in leaks.open_reports() {
+                let pool = report.pool.clone().unwrap_or_default();
+                *counts.entry((report.kind, report.pid, pool)).or_default() += 1;
+            }
+            for ((kind, pid, pool), count) in counts.into_iter().take(max_series) {
+                let mut attrs = vec![
+                    KeyValue::new("kind", kind.as_str()),
+                    KeyValue::new("process.pid", i64::from(pid)),
+                ];
+                if !pool.is_empty() {
+                    attrs.push(KeyValue::new("db.client.connection.pool.name", pool));
+                }
+                obs.observe(count, &attrs);
+            }
+        })
+        .build();
     register_pool_observables(meter, &tracker, max_series);
     let open_tracker = Arc::clone(&tracker);
     // The SDK keeps the callbacks alive; the handles need not be stored.
@@ -671,6 +727,7 @@ mod tests {
         let telemetry = Telemetry::new(Observed {
             tracker,
             kernel: Arc::default(),
+            leaks: Arc::new(Mutex::new(LeakReports::new(10))),
             max_series: 10,
         })
         .expect("telemetry");
