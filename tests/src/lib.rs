@@ -1,12 +1,14 @@
-//! Fixtures for poolscope's integration tests: the real agent binary, a
-//! throwaway PostgreSQL cluster, and a scripted child process whose sockets
-//! the tests open and close. Each fixture owns what it starts and stops it on
-//! drop, so a failing test leaves no agent, server or temp dir behind.
+//! Fixtures for poolscope's integration tests: the real agent binary,
+//! throwaway PostgreSQL, MariaDB and Redis servers, and scripted child
+//! processes whose sockets (and database sessions) the tests drive. Each
+//! fixture owns what it starts and stops it on drop, so a failing test leaves
+//! no agent, server or temp dir behind.
 //!
 //! Events reach the agent asynchronously; tests poll with [`wait_until`] (or
 //! [`Agent::wait_for`]) instead of sleeping.
 
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     fs::{self, File},
     io::{BufRead, BufReader, Write},
@@ -20,6 +22,12 @@ use std::{
 
 pub use poolscope::api::{ConnectionView, ConnectionsResponse};
 pub use poolscope::lifecycle::{CloseReason, ConnState, ConnectOutcome};
+pub use poolscope::protocol::{DbSystem, TxState};
+pub use poolscope::reports::{SlowQueriesResponse, SlowQuery};
+pub use serde_json::{json, Value};
+
+/// The loopback address the fixtures' servers listen on.
+pub const LOCALHOST_V4: &str = "127.0.0.1";
 
 /// How long asynchronous kernel events get to show up in the API.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -206,13 +214,19 @@ pub struct Postgres {
 }
 
 fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
-    let name = CString::new("postgres").expect("no NUL in a literal");
+    user_ids("postgres")
+}
+
+/// uid and gid of a system user that `cargo xtask setup` creates (with the
+/// server package that runs as it).
+fn user_ids(user: &str) -> (libc::uid_t, libc::gid_t) {
+    let name = CString::new(user).expect("no NUL in a user name");
     // SAFETY: `name` is a valid C string; getpwnam returns NULL or a pointer
     // to a static record that we read at once, before any other getpw* call.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
     assert!(
         !pw.is_null(),
-        "there is no `postgres` user: run cargo xtask setup"
+        "there is no `{user}` user: run cargo xtask setup"
     );
     // SAFETY: checked non-NULL above.
     unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
@@ -363,6 +377,26 @@ impl Postgres {
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
+    /// Runs one SQL command over the Unix socket, so that it does not show
+    /// in the per-port metrics of the TCP port, and returns psql's output.
+    pub fn psql_unix(&self, sql: &str) -> String {
+        let port = self.port.to_string();
+        let output = Command::new(self.psql_bin())
+            .args(["-X", "-p", &port, "-U", "postgres", "-At", "-h"])
+            .arg(self.socket_dir())
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run psql");
+        assert!(
+            output.status.success(),
+            "psql -c {sql:?} over the Unix socket failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
     /// Server log, for failure messages.
     pub fn log(&self) -> String {
         read_lossy(&self.dir.path().join("postgres.log"))
@@ -386,6 +420,256 @@ fn path_str(p: &Path) -> &str {
 }
 
 // ---------------------------------------------------------------------------
+// MariaDB
+// ---------------------------------------------------------------------------
+
+/// A server child whose stdout and stderr go to `log` in its own temp dir.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let out = File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let err = out.try_clone().expect("cannot dup a log file");
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Waits (60 s at most) until `child` listens on 127.0.0.1:`port`; false if
+/// it exited first (typically: another process took the port).
+fn wait_listening(child: &mut Child, port: u16) -> bool {
+    wait_until(Duration::from_secs(60), || {
+        if let Ok(Some(_)) = child.try_wait() {
+            return Some(false);
+        }
+        tcp_listening(port).then_some(true)
+    })
+    .unwrap_or(false)
+}
+
+fn kill_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A throwaway MariaDB server on 127.0.0.1:`port` and on the Unix socket
+/// [`MariaDb::socket_path`], with a database `poolscope` and a user
+/// `poolscope` (any host, empty password, all privileges) for TCP clients.
+/// Killed and deleted on drop.
+pub struct MariaDb {
+    pub port: u16,
+    child: Child,
+    dir: TempDir,
+}
+
+/// The MariaDB server binary: `mariadbd`, or `mysqld` on older packages.
+fn mariadbd_bin() -> PathBuf {
+    ["/usr/sbin/mariadbd", "/usr/sbin/mysqld"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no /usr/sbin/mariadbd: run cargo xtask setup"))
+}
+
+impl MariaDb {
+    /// The user TCP clients log in as.
+    pub const USER: &'static str = "poolscope";
+    /// The database TCP clients use.
+    pub const DATABASE: &'static str = "poolscope";
+
+    pub fn start() -> MariaDb {
+        let dir = TempDir::new("poolscope-mariadb");
+        let data = dir.path().join("data");
+        if is_root() {
+            // mariadbd drops to `mysql`, which must own the data and socket.
+            let (uid, gid) = user_ids("mysql");
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .expect("cannot chown the MariaDB directory to mysql");
+        }
+        let install_log = dir.path().join("install.log");
+        let mut install = Command::new("mariadb-install-db");
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", path_str(&data)))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .current_dir(dir.path());
+        if is_root() {
+            install.arg("--user=mysql");
+        }
+        let status = spawn_logged(&mut install, &install_log)
+            .wait()
+            .expect("cannot wait for mariadb-install-db");
+        assert!(
+            status.success(),
+            "mariadb-install-db failed ({status}):\n{}",
+            read_lossy(&install_log)
+        );
+        // Another test may take the port between free_port() and the
+        // server's bind; try a few.
+        for _ in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new(mariadbd_bin());
+            cmd.arg("--no-defaults")
+                .arg(format!("--datadir={}", path_str(&data)))
+                .arg(format!("--port={port}"))
+                .arg("--bind-address=127.0.0.1")
+                .arg(format!(
+                    "--socket={}",
+                    path_str(&dir.path().join("mysql.sock"))
+                ))
+                .arg(format!(
+                    "--pid-file={}",
+                    path_str(&dir.path().join("mariadbd.pid"))
+                ))
+                .args([
+                    "--skip-name-resolve",
+                    "--skip-log-bin",
+                    "--innodb-buffer-pool-size=16M",
+                    "--innodb-log-file-size=8M",
+                    "--skip-innodb-doublewrite",
+                    "--innodb-flush-log-at-trx-commit=0",
+                ])
+                .current_dir(dir.path());
+            if is_root() {
+                cmd.arg("--user=mysql");
+            }
+            let mut child = spawn_logged(&mut cmd, &dir.path().join("mariadbd.log"));
+            if !wait_listening(&mut child, port) {
+                kill_child(&mut child);
+                continue;
+            }
+            let db = MariaDb { port, child, dir };
+            // The socket appears a moment after the TCP listener.
+            let socket = db.socket_path();
+            let ready = wait_until(Duration::from_secs(30), || socket.exists().then_some(()));
+            assert!(
+                ready.is_some(),
+                "MariaDB never made its socket {}\n{}",
+                socket.display(),
+                db.log()
+            );
+            db.sql(&format!(
+                "CREATE DATABASE {db_name}; \
+                 CREATE USER '{user}'@'%' IDENTIFIED BY ''; \
+                 GRANT ALL PRIVILEGES ON *.* TO '{user}'@'%'",
+                db_name = Self::DATABASE,
+                user = Self::USER
+            ));
+            return db;
+        }
+        panic!(
+            "cannot start MariaDB on a free port:\n{}",
+            read_lossy(&dir.path().join("mariadbd.log"))
+        );
+    }
+
+    /// Path of the server's Unix socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("mysql.sock")
+    }
+
+    /// Runs SQL as root with the `mariadb` CLI over the Unix socket (so that
+    /// it does not show in the per-port metrics of the TCP port), in the
+    /// database `poolscope` once it exists, and returns the tab-separated
+    /// output without column names.
+    pub fn sql(&self, sql: &str) -> String {
+        let mut cmd = Command::new("mariadb");
+        cmd.arg("--no-defaults")
+            .arg(format!("--socket={}", path_str(&self.socket_path())))
+            .args(["--user=root", "--batch", "--skip-column-names"]);
+        if !sql.starts_with("CREATE DATABASE") {
+            cmd.arg(format!("--database={}", Self::DATABASE));
+        }
+        let output = cmd
+            .args(["-e", sql])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run the mariadb client");
+        assert!(
+            output.status.success(),
+            "mariadb -e {sql:?} failed ({}): {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// The `mariadb` command-line client in batch mode, connected over TCP
+    /// as [`MariaDb::USER`] to [`MariaDb::DATABASE`], without TLS, going on
+    /// after errors (`--force`): it sends exactly the statements it reads
+    /// and nothing of its own.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new("mariadb");
+        cmd.arg("--no-defaults")
+            .args(["--host", LOCALHOST_V4, "--port", &self.port.to_string()])
+            .arg(format!("--user={}", Self::USER))
+            .arg(format!("--database={}", Self::DATABASE))
+            .args(["--batch", "--skip-column-names", "--skip-ssl", "--force"]);
+        cmd
+    }
+
+    /// Server log, for failure messages.
+    pub fn log(&self) -> String {
+        read_lossy(&self.dir.path().join("mariadbd.log"))
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------
+
+/// A throwaway Redis server on 127.0.0.1:`port`, without persistence.
+/// Killed and deleted on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+    dir: TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = TempDir::new("poolscope-redis");
+        for _ in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .current_dir(dir.path());
+            let mut child = spawn_logged(&mut cmd, &dir.path().join("redis.log"));
+            if wait_listening(&mut child, port) {
+                return Redis { port, child, dir };
+            }
+            kill_child(&mut child);
+        }
+        panic!(
+            "cannot start redis-server on a free port:\n{}",
+            read_lossy(&dir.path().join("redis.log"))
+        );
+    }
+
+    /// Server log, for failure messages.
+    pub fn log(&self) -> String {
+        read_lossy(&self.dir.path().join("redis.log"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The agent
 // ---------------------------------------------------------------------------
 
@@ -405,8 +689,24 @@ impl Agent {
     /// Starts the agent with extra `run` arguments and waits (30 s at most)
     /// until `/healthz` answers. Panics with the agent's log if it exits first.
     pub fn start_with(args: &[&str]) -> Agent {
-        let bin = agent_bin();
+        Agent::launch(TempDir::new("poolscope-agent"), args)
+    }
+
+    /// Starts the agent with `toml` as its configuration file (written to
+    /// the agent's temp dir) and extra `run` arguments.
+    pub fn start_with_config(toml: &str, args: &[&str]) -> Agent {
         let dir = TempDir::new("poolscope-agent");
+        let config = dir.path().join("poolscope.toml");
+        fs::write(&config, toml)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        let config = path_str(&config).to_string();
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        Agent::launch(dir, &all)
+    }
+
+    fn launch(dir: TempDir, args: &[&str]) -> Agent {
+        let bin = agent_bin();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("valid address");
@@ -514,6 +814,87 @@ impl Agent {
         })
     }
 
+    /// `/api/v1/queries/slow`.
+    pub fn slow_queries(&self) -> SlowQueriesResponse {
+        let body = self
+            .get("/api/v1/queries/slow")
+            .unwrap_or_else(|e| panic!("GET /api/v1/queries/slow: {e:#}"));
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/api/v1/queries/slow is not valid JSON ({e}): {body}"))
+    }
+
+    /// Polls the slow-query reports of one process (oldest first) until `f`
+    /// accepts them, for at most [`EVENT_TIMEOUT`]; panics with what the
+    /// agent last showed and its log.
+    pub fn wait_for_slow<T>(
+        &self,
+        pid: u32,
+        what: &str,
+        mut f: impl FnMut(&[SlowQuery]) -> Option<T>,
+    ) -> T {
+        let mut last = Vec::new();
+        let found = wait_until(EVENT_TIMEOUT, || {
+            let mut mine: Vec<SlowQuery> = self
+                .slow_queries()
+                .slow_queries
+                .into_iter()
+                .filter(|q| q.pid == pid)
+                .collect();
+            mine.reverse();
+            last = mine;
+            f(&last)
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "timed out after {EVENT_TIMEOUT:?} waiting for {what} (pid {pid})\n\
+                 --- last slow queries of pid {pid} ---\n{}\n--- agent log ---\n{}",
+                serde_json::to_string_pretty(&last).unwrap_or_default(),
+                self.log()
+            )
+        })
+    }
+
+    /// Round trips per (operation, error type) to 127.0.0.1:`port`, from the
+    /// `db_client_operation_duration_seconds` histogram.
+    pub fn operations(&self, port: u16) -> OperationCounts {
+        operation_counts(&self.metrics(), port)
+    }
+
+    /// Polls [`Agent::operations`] until the round trips of `operation`
+    /// with `error_type` ("" for none) have been counted `n` times, and
+    /// returns all counts then. Round trips of one connection are counted in
+    /// order, so when a client's last statement is this sentinel, everything
+    /// it sent before is in the counts too.
+    pub fn wait_for_operation(
+        &self,
+        port: u16,
+        operation: &str,
+        error_type: &str,
+        n: u64,
+    ) -> OperationCounts {
+        let mut last = OperationCounts::new();
+        let key = (operation.to_string(), error_type.to_string());
+        let sentinel = format!("{operation} (error_type {error_type:?})");
+        let found = wait_until(EVENT_TIMEOUT, || {
+            last = self.operations(port);
+            (last.get(&key).copied().unwrap_or(0) >= n).then(|| last.clone())
+        });
+        found.unwrap_or_else(|| {
+            let conns: Vec<ConnectionView> = self
+                .connections()
+                .into_iter()
+                .filter(|c| c.remote_port == Some(port))
+                .collect();
+            panic!(
+                "timed out after {EVENT_TIMEOUT:?} waiting for {n} {sentinel} round trips to \
+                 port {port}\n--- operations to port {port} ---\n{last:#?}\n\
+                 --- connections to port {port} ---\n{}\n--- agent log ---\n{}",
+                serde_json::to_string_pretty(&conns).unwrap_or_default(),
+                self.log()
+            )
+        })
+    }
+
     /// Polls `/metrics` until the sample matching `selector` satisfies `ok`.
     pub fn wait_for_metric(&self, selector: &str, ok: impl Fn(f64) -> bool) -> f64 {
         let mut last = String::new();
@@ -584,6 +965,57 @@ fn parse_series(text: &str) -> Option<(&str, Vec<(String, String)>)> {
         labels.push((key.trim().to_string(), value));
     }
     Some((name.trim(), labels))
+}
+
+/// Every sample of metric `name`: its labels and value.
+pub fn metric_series(metrics: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, labels) = parse_series(series)?;
+            let value = value.trim().parse::<f64>().ok()?;
+            (series_name == name).then_some((labels, value))
+        })
+        .collect()
+}
+
+/// Round trips per (`db_operation_name`, `error_type`), "" for a label that
+/// is absent.
+pub type OperationCounts = BTreeMap<(String, String), u64>;
+
+/// Counts of the `db_client_operation_duration_seconds` histogram for
+/// `server_port` = `port`, summed over the other labels.
+pub fn operation_counts(metrics: &str, port: u16) -> OperationCounts {
+    let port = port.to_string();
+    let mut counts = OperationCounts::new();
+    for (labels, value) in metric_series(metrics, "db_client_operation_duration_seconds_count") {
+        let label = |key: &str| {
+            labels
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        if label("server_port") != port {
+            continue;
+        }
+        let key = (label("db_operation_name"), label("error_type"));
+        // Counts are integers; the text format may print them as floats.
+        *counts.entry(key).or_default() += value.round() as u64;
+    }
+    counts
+}
+
+/// Builds expected [`OperationCounts`]: `[("SELECT", "", 7), ("SELECT",
+/// "42601", 1)]`.
+pub fn operations(expected: &[(&str, &str, u64)]) -> OperationCounts {
+    expected
+        .iter()
+        .filter(|(_, _, n)| *n > 0)
+        .map(|(op, error, n)| ((op.to_string(), error.to_string()), *n))
+        .collect()
 }
 
 /// The value of the first sample in Prometheus text `metrics` whose name is
@@ -746,6 +1178,246 @@ impl Drop for ConnClient {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Command-line SQL clients
+// ---------------------------------------------------------------------------
+
+/// A command-line client (`psql`, `mariadb`) reading SQL from a pipe that
+/// the test keeps open, so that its session lasts between statements.
+/// Output goes to files; killed on drop.
+pub struct SqlShell {
+    pub pid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    dir: TempDir,
+}
+
+/// What a [`SqlShell`] printed, once it exited.
+#[derive(Debug)]
+pub struct ShellOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl SqlShell {
+    pub fn spawn(mut cmd: Command) -> SqlShell {
+        let dir = TempDir::new("poolscope-shell");
+        let stdout = File::create(dir.path().join("stdout")).expect("cannot create stdout");
+        let stderr = File::create(dir.path().join("stderr")).expect("cannot create stderr");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdin = child.stdin.take();
+        SqlShell {
+            pid: child.id(),
+            child,
+            stdin,
+            dir,
+        }
+    }
+
+    /// Writes SQL (complete statements, with their `;`) to the client.
+    pub fn send(&mut self, sql: &str) {
+        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
+        writeln!(stdin, "{sql}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {sql:?} to the client: {e}"));
+    }
+
+    /// What the client printed so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.dir.path().join("stdout"))
+    }
+
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.dir.path().join("stderr"))
+    }
+
+    /// Closes the client's stdin (end of script) and waits for it to exit.
+    pub fn finish(&mut self) -> ShellOutput {
+        self.stdin = None;
+        let status = wait_exit(&mut self.child, Duration::from_secs(30))
+            .expect("the client did not exit at the end of its input");
+        ShellOutput {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Drop for SqlShell {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The database client child
+// ---------------------------------------------------------------------------
+
+/// A database error as the client library reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientDbError {
+    /// SQLSTATE (psycopg) or MySQL error number (mysql-connector).
+    pub code: String,
+    pub message: String,
+}
+
+/// What one SQL statement returned: rows (None for statements without a
+/// result set) or the database's error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqlOutcome {
+    pub rows: Option<Vec<Vec<Value>>>,
+    pub error: Option<ClientDbError>,
+}
+
+/// `tests/scripts/db_client.py`: one database connection (psycopg 3,
+/// mysql-connector-python or a plain socket speaking RESP) in a child whose
+/// pid the test knows, driven with one JSON request per line.
+pub struct DbClient {
+    pub pid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl DbClient {
+    pub fn spawn() -> DbClient {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/db_client.py");
+        let mut child = Command::new(python3())
+            .arg("-u")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut client = DbClient {
+            pid: child.id(),
+            child,
+            stdin: Some(stdin),
+            stdout,
+        };
+        let reported = client.request(json!({"op": "pid"}))["pid"].as_u64();
+        assert_eq!(
+            reported,
+            Some(u64::from(client.pid)),
+            "the client runs in the process we spawned"
+        );
+        client
+    }
+
+    /// Sends one request and returns the answer; panics unless it is ok.
+    pub fn request(&mut self, request: Value) -> Value {
+        let line = request.to_string();
+        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {line} to the client: {e}"));
+        let mut answer = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("cannot read the client's answer to {line}: {e}"));
+        assert!(n > 0, "the client exited on {line}");
+        let answer: Value = serde_json::from_str(&answer).unwrap_or_else(|e| {
+            panic!("the client's answer to {line} is not JSON ({e}): {answer}")
+        });
+        assert_eq!(
+            answer["ok"],
+            Value::Bool(true),
+            "the client failed {line}: {answer}"
+        );
+        answer
+    }
+
+    /// Connects to 127.0.0.1:`port`; `system` is "postgresql", "mysql" or
+    /// "redis". Returns (fd, local port).
+    pub fn connect(&mut self, system: &str, port: u16) -> (i32, u16) {
+        let answer = self.request(json!({"op": "connect", "system": system, "port": port}));
+        let fd = answer["fd"].as_i64().and_then(|fd| i32::try_from(fd).ok());
+        let local = answer["local_port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok());
+        match (fd, local) {
+            (Some(fd), Some(local)) => (fd, local),
+            _ => panic!("unexpected answer to connect: {answer}"),
+        }
+    }
+
+    fn outcome(answer: &Value) -> SqlOutcome {
+        let rows = answer["rows"].as_array().map(|rows| {
+            rows.iter()
+                .map(|row| row.as_array().cloned().unwrap_or_default())
+                .collect()
+        });
+        let error = answer["db_error"].as_object().map(|e| ClientDbError {
+            code: e
+                .get("code")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            message: e
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        });
+        SqlOutcome { rows, error }
+    }
+
+    /// One statement without parameters (PostgreSQL: simple query protocol;
+    /// MySQL: COM_QUERY); a database error is returned, not a panic.
+    pub fn try_sql(&mut self, sql: &str) -> SqlOutcome {
+        Self::outcome(&self.request(json!({"op": "sql", "sql": sql})))
+    }
+
+    /// One statement that must succeed; its rows, if it returns any.
+    pub fn sql(&mut self, sql: &str) -> Option<Vec<Vec<Value>>> {
+        let outcome = self.try_sql(sql);
+        if let Some(e) = outcome.error {
+            panic!("{sql:?} failed: {e:?}");
+        }
+        outcome.rows
+    }
+
+    /// A statement with `%s` placeholders prepared once and executed once
+    /// per parameter list (PostgreSQL: psycopg's `prepare=True`; MySQL: a
+    /// prepared cursor). Must succeed; the rows of the last execution.
+    pub fn prepared(&mut self, sql: &str, params_list: &[Vec<Value>]) -> Option<Vec<Vec<Value>>> {
+        let answer = self.request(
+            json!({"op": "sql", "sql": sql, "params_list": params_list, "prepared": true}),
+        );
+        let outcome = Self::outcome(&answer);
+        if let Some(e) = outcome.error {
+            panic!("prepared {sql:?} {params_list:?} failed: {e:?}");
+        }
+        outcome.rows
+    }
+
+    /// Sends all `commands` to Redis in one write and returns the replies
+    /// (error replies as `{"error": "..."}`) and the bytes written.
+    pub fn redis(&mut self, commands: &[Vec<String>]) -> (Vec<Value>, usize) {
+        let answer = self.request(json!({"op": "redis", "commands": commands}));
+        let replies = answer["replies"].as_array().cloned().unwrap_or_default();
+        let sent = answer["bytes_sent"].as_u64().unwrap_or_default();
+        (replies, usize::try_from(sent).unwrap_or(usize::MAX))
+    }
+}
+
+impl Drop for DbClient {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
     }
 }
 

@@ -27,6 +27,12 @@ const TEST_DEBS: &[&str] = &[
     "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The interpreter the integration tests run their Python clients with
+/// (`poolscope_tests::python3`): Debian's, not a version manager's shim.
+const TEST_PYTHON: &str = "/usr/bin/python3";
+/// Database drivers the query tests' Python clients import.
+const TEST_PIP: &[&str] = &["psycopg[binary]", "mysql-connector-python"];
+const TEST_PIP_IMPORTS: &str = "import psycopg, mysql.connector";
 
 /// `with_test_deps: false` installs only what building the agent needs.
 pub fn setup(with_test_deps: bool) -> Result<()> {
@@ -41,7 +47,34 @@ pub fn setup(with_test_deps: bool) -> Result<()> {
     let major = kernel_llvm_major()?;
     apt.ensure(&[format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")])?;
     ensure_rustup_components()?;
-    ensure_bpf_linker(major)
+    ensure_bpf_linker(major)?;
+    if with_test_deps {
+        ensure_test_python_packages(&mut apt)?;
+    }
+    Ok(())
+}
+
+/// The Python database drivers, installed with pip (Debian's python3-pip)
+/// into the interpreter the tests use, only when importing them fails.
+fn ensure_test_python_packages(apt: &mut Apt) -> Result<()> {
+    if output(Command::new(TEST_PYTHON).args(["-c", TEST_PIP_IMPORTS])).is_some() {
+        println!("ok: python packages {}", TEST_PIP.join(" "));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "Python packages {} are missing for {TEST_PYTHON} and installing them needs root: \
+             run `cargo xtask setup` as root.",
+            TEST_PIP.join(" ")
+        );
+    }
+    apt.ensure(&["python3-pip".to_string()])?;
+    println!("installing: python packages {}", TEST_PIP.join(" "));
+    // Debian has no mysql-connector-python; --break-system-packages because
+    // Debian marks its Python externally managed (PEP 668).
+    run(Command::new(TEST_PYTHON)
+        .args(["-m", "pip", "install", "--quiet", "--break-system-packages"])
+        .args(TEST_PIP))
 }
 
 #[derive(Default)]
