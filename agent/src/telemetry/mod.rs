@@ -754,4 +754,196 @@ mod tests {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
     }
+
+    /// A tracker, leak store and telemetry where every instrument has data.
+    fn everything_observed() -> Telemetry {
+        use crate::adapter::message::{AdapterEvent, AdapterMessage, ConnRef, PoolInfo};
+        use crate::detect::Finding;
+        use crate::protocol::{DbSystem, RoundTrip};
+        let mut t = tracker_with(&[(7, "app", 5432), (7, "app", 5432)]);
+        // fd 0: the server hung up.
+        t.apply(Event {
+            ts_ns: 20,
+            conn: ConnId {
+                pid: 7,
+                fd: 0,
+                generation: 1,
+            },
+            kind: EventKind::SockState {
+                old_state: 1,
+                new_state: 8,
+                local: "127.0.0.1:40000".parse().expect("addr"),
+                remote: "10.0.0.1:5432".parse().expect("addr"),
+                reset_received: false,
+            },
+        });
+        // fd 1: an adapter pool's connection, handed out.
+        let adapter = |event| AdapterMessage {
+            pool: "orders".into(),
+            event,
+            mono_ns: None,
+            claimed_pid: None,
+        };
+        let fd1 = ConnRef {
+            local: None,
+            fd: Some(1),
+        };
+        let mut outputs = t.apply_adapter(
+            7,
+            30,
+            adapter(AdapterEvent::Register(PoolInfo {
+                db_system: Some(DbSystem::Postgresql),
+                max: Some(5),
+                min_idle: Some(1),
+                idle_max: Some(5),
+                ..PoolInfo::default()
+            })),
+        );
+        outputs.extend(t.apply_adapter(
+            7,
+            31,
+            adapter(AdapterEvent::ConnectionCreated { conn: fd1 }),
+        ));
+        outputs.extend(t.apply_adapter(
+            7,
+            32,
+            adapter(AdapterEvent::AcquireStart {
+                request: 1,
+                tid: None,
+            }),
+        ));
+        outputs.extend(t.apply_adapter(
+            7,
+            33,
+            adapter(AdapterEvent::AcquireStart {
+                request: 2,
+                tid: None,
+            }),
+        ));
+        outputs.extend(t.apply_adapter(
+            7,
+            34,
+            adapter(AdapterEvent::AcquireEnd {
+                request: 1,
+                result: AcquireResult::Ok,
+                conn: fd1,
+                tid: None,
+            }),
+        ));
+        outputs.extend(t.apply_adapter(7, 35, adapter(AdapterEvent::Release { conn: fd1 })));
+        outputs.extend(t.apply_adapter(
+            7,
+            36,
+            adapter(AdapterEvent::AcquireEnd {
+                request: 2,
+                result: AcquireResult::Timeout,
+                conn: ConnRef::default(),
+                tid: None,
+            }),
+        ));
+        let peer_closed = t
+            .open_connections()
+            .find(|c| c.id.fd == 0)
+            .expect("fd 0")
+            .id;
+        let leaks = Arc::new(Mutex::new(LeakReports::new(10)));
+        let clock = crate::clock::Clock::new();
+        let changes = {
+            let lookup = |id| t.connection(id);
+            leaks.lock().expect("leaks").update(
+                &[Finding {
+                    kind: LeakKind::CloseWait,
+                    conn: peer_closed,
+                    evidence: "test".into(),
+                }],
+                &lookup,
+                &mut |_, _| crate::reports::ProcessDetails::default(),
+                40,
+                &clock,
+            )
+        };
+        let telemetry = Telemetry::new(Observed {
+            tracker: Arc::new(Mutex::new(t)),
+            kernel: Arc::default(),
+            leaks,
+            max_series: 10,
+        })
+        .expect("telemetry");
+        let id = ConnId {
+            pid: 7,
+            fd: 9,
+            generation: 1,
+        };
+        let remote = Endpoint::Inet("127.0.0.1:5432".parse().expect("addr"));
+        outputs.extend([
+            Output::ConnectFinished {
+                id,
+                comm: "app".into(),
+                remote: remote.clone(),
+                outcome: crate::lifecycle::ConnectOutcome::Ok,
+                latency_ns: Some(1_000),
+            },
+            Output::Closed {
+                id,
+                comm: "app".into(),
+                remote: remote.clone(),
+                reason: crate::lifecycle::CloseReason::Closed,
+                lifetime_ns: 5_000,
+                seen_at_start: false,
+            },
+            Output::RoundTrip {
+                id,
+                comm: "app".into(),
+                remote,
+                system: DbSystem::Postgresql,
+                trip: RoundTrip {
+                    start_ns: 1,
+                    end_ns: 2,
+                    operation: Some("SELECT".into()),
+                    query: None,
+                    namespace: None,
+                    error: None,
+                    rows: None,
+                    tx_state: None,
+                    prepared: false,
+                },
+            },
+            Output::ProtocolLost { id, reason: "test" },
+            Output::Unmatched,
+        ]);
+        telemetry.record(&outputs);
+        telemetry.record_decode_error();
+        telemetry.record_adapter_message("accepted", "");
+        telemetry.record_leak_changes(&changes);
+        telemetry
+    }
+
+    /// Prometheus names from docs/metrics.md's table (second column).
+    fn documented_names() -> std::collections::BTreeSet<String> {
+        let doc = include_str!("../../../docs/metrics.md");
+        doc.lines()
+            .filter(|l| l.starts_with("| `"))
+            .filter_map(|l| l.split('|').nth(2))
+            .map(|cell| cell.trim().trim_matches('`').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_metric_is_documented_and_every_documented_metric_exists() {
+        let text = everything_observed().render_prometheus().expect("render");
+        let exported: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|name| *name != "target_info")
+            .map(str::to_string)
+            .collect();
+        let documented = documented_names();
+        let undocumented: Vec<_> = exported.difference(&documented).collect();
+        let missing: Vec<_> = documented.difference(&exported).collect();
+        assert!(
+            undocumented.is_empty() && missing.is_empty(),
+            "exported but not in docs/metrics.md: {undocumented:?}; documented but not exported: {missing:?}"
+        );
+    }
 }
