@@ -19,7 +19,7 @@ pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 // Field lists per section, used to say what was expected after an unknown key.
 // Kept next to the structs; a test checks they match what serde accepts.
 const TOP_KEYS: &[&str] = &[
-    "http", "kernel", "tracking", "queries", "adapter", "leaks", "log",
+    "http", "kernel", "tracking", "queries", "adapter", "leaks", "otlp", "log",
 ];
 const HTTP_KEYS: &[&str] = &["listen"];
 const KERNEL_KEYS: &[&str] = &["ring_buffer_bytes", "mount_tracefs"];
@@ -46,6 +46,14 @@ const LEAKS_KEYS: &[&str] = &[
     "slow_acquire_ms",
     "max_resolved_kept",
 ];
+const OTLP_KEYS: &[&str] = &[
+    "endpoint",
+    "protocol",
+    "interval_seconds",
+    "timeout_seconds",
+    "max_queued_events",
+    "query_spans",
+];
 const LOG_KEYS: &[&str] = &["level"];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -57,6 +65,7 @@ pub struct Config {
     pub queries: QueriesConfig,
     pub adapter: AdapterConfig,
     pub leaks: LeaksConfig,
+    pub otlp: OtlpConfig,
     pub log: LogConfig,
 }
 
@@ -182,6 +191,74 @@ impl LeaksConfig {
             abandoned_ns: ns(self.abandoned_seconds),
             slow_acquire_ns: ns(self.slow_acquire_ms / 1e3),
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// Collector address, e.g. `http://otel-collector:4317` (gRPC) or
+    /// `http://otel-collector:4318` (HTTP). Empty: OTEL_EXPORTER_OTLP_ENDPOINT,
+    /// and without it no OTLP export.
+    pub endpoint: String,
+    /// `grpc` or `http/protobuf`. Empty: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc.
+    pub protocol: String,
+    /// Metric export interval.
+    pub interval_seconds: f64,
+    /// Per-request timeout (the exporter retries with backoff within it).
+    pub timeout_seconds: f64,
+    /// Events (log records) waiting for export, at most; more are dropped
+    /// and counted in poolscope.export.dropped.
+    pub max_queued_events: usize,
+    /// Send each query round trip as a client span.
+    pub query_spans: bool,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            protocol: String::new(),
+            interval_seconds: 10.0,
+            timeout_seconds: 10.0,
+            max_queued_events: 10_000,
+            query_spans: false,
+        }
+    }
+}
+
+impl OtlpConfig {
+    /// The settings in force, from this section and the standard OTEL_*
+    /// variables; `None` when no endpoint is configured anywhere.
+    pub fn settings(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<crate::telemetry::otlp::OtlpSettings>> {
+        use crate::telemetry::otlp::{OtlpSettings, Protocol};
+        let endpoint = if self.endpoint.is_empty() {
+            env("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default()
+        } else {
+            self.endpoint.clone()
+        };
+        if endpoint.is_empty() {
+            return Ok(None);
+        }
+        let protocol_text = if self.protocol.is_empty() {
+            env("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|| "grpc".into())
+        } else {
+            self.protocol.clone()
+        };
+        let protocol = Protocol::parse(&protocol_text).ok_or_else(|| {
+            anyhow!("OTLP protocol {protocol_text:?} is not supported: use grpc or http/protobuf")
+        })?;
+        Ok(Some(OtlpSettings {
+            endpoint,
+            protocol,
+            interval: std::time::Duration::from_secs_f64(self.interval_seconds),
+            timeout: std::time::Duration::from_secs_f64(self.timeout_seconds),
+            max_queued_events: self.max_queued_events,
+            query_spans: self.query_spans,
+        }))
     }
 }
 
@@ -399,6 +476,34 @@ impl Config {
                 });
             }
         }
+        if !self.otlp.protocol.is_empty()
+            && crate::telemetry::otlp::Protocol::parse(&self.otlp.protocol).is_none()
+        {
+            return Err(Invalid {
+                section: "otlp",
+                key: "protocol",
+                reason: format!("{:?} is not grpc or http/protobuf", self.otlp.protocol),
+            });
+        }
+        for (key, value) in [
+            ("interval_seconds", self.otlp.interval_seconds),
+            ("timeout_seconds", self.otlp.timeout_seconds),
+        ] {
+            if !(0.1..=86_400.0).contains(&value) {
+                return Err(Invalid {
+                    section: "otlp",
+                    key,
+                    reason: format!("{value} is not between 0.1 and 86400 seconds"),
+                });
+            }
+        }
+        if self.otlp.max_queued_events == 0 {
+            return Err(Invalid {
+                section: "otlp",
+                key: "max_queued_events",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
         // Zero series would silently drop every per-process metric.
         if self.tracking.max_series == 0 {
             return Err(Invalid {
@@ -440,6 +545,7 @@ fn expected_keys(section: &[String]) -> Option<&'static [&'static str]> {
             "queries" => Some(QUERIES_KEYS),
             "adapter" => Some(ADAPTER_KEYS),
             "leaks" => Some(LEAKS_KEYS),
+            "otlp" => Some(OTLP_KEYS),
             "log" => Some(LOG_KEYS),
             _ => None,
         },
@@ -642,6 +748,14 @@ abandoned_seconds = 60.0
 slow_acquire_ms = 250.0
 max_resolved_kept = 20
 
+[otlp]
+endpoint = "http://127.0.0.1:4318"
+protocol = "http/protobuf"
+interval_seconds = 2.0
+timeout_seconds = 3.0
+max_queued_events = 100
+query_spans = true
+
 [log]
 level = "debug"
 "#;
@@ -681,6 +795,14 @@ level = "debug"
                 abandoned_seconds: 60.0,
                 slow_acquire_ms: 250.0,
                 max_resolved_kept: 20,
+            },
+            otlp: OtlpConfig {
+                endpoint: "http://127.0.0.1:4318".into(),
+                protocol: "http/protobuf".into(),
+                interval_seconds: 2.0,
+                timeout_seconds: 3.0,
+                max_queued_events: 100,
+                query_spans: true,
             },
             log: LogConfig {
                 level: "debug".to_owned(),
@@ -760,7 +882,7 @@ level = "debug"
         assert_eq!(
             err("[kernel]\nring_buffer_bytes = 4096\n\n[htp]\n"),
             "config /etc/poolscope.toml line 4: unknown key `htp` at the top level \
-             (expected one of: http, kernel, tracking, queries, adapter, leaks, log)"
+             (expected one of: http, kernel, tracking, queries, adapter, leaks, otlp, log)"
         );
         // Inline tables and dotted keys are located just as well.
         assert_eq!(

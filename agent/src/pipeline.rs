@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
+use opentelemetry::{logs::Severity, KeyValue};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -17,7 +18,7 @@ use crate::{
     api::{self, ApiState},
     clock::{monotonic_ns, Clock},
     config::Config,
-    detect::{self, Thresholds},
+    detect::{self, LeakKind, Thresholds},
     ebpf::{self, KernelProbes, TracefsStatus},
     lifecycle::{
         CloseReason, ConnId, Endpoint, Event, EventKind, Output, SeededPhase, Tracker,
@@ -26,7 +27,10 @@ use crate::{
     procfs::{self, SeededPeer, SeededTcpState},
     protocol::DbSystem,
     reports::{LeakChange, LeakReports, ProcessDetails, Reports},
-    telemetry::{KernelCounters, Observed, Telemetry},
+    telemetry::{
+        otlp::{self, OtlpExport},
+        KernelCounters, Observed, Telemetry,
+    },
     wire,
 };
 
@@ -36,6 +40,7 @@ struct Pipeline {
     probes: Arc<Mutex<KernelProbes>>,
     reports: Arc<Mutex<Reports>>,
     leaks: Arc<Mutex<LeakReports>>,
+    otlp: Option<Arc<OtlpExport>>,
     thresholds: Thresholds,
     clock: Clock,
     capture: CaptureBytes,
@@ -129,6 +134,16 @@ impl Pipeline {
             if let Ok(line) = serde_json::to_string(&report) {
                 log::warn!(target: "poolscope::slow_query", "{line}");
             }
+            if let Some(otlp) = &self.otlp {
+                let attributes = serde_json::to_value(&report)
+                    .map(|v| otlp::json_attributes(&v))
+                    .unwrap_or_default();
+                let body = report.query.clone().unwrap_or_default();
+                otlp.emit_event("poolscope.query.slow", Severity::Info, body, attributes);
+            }
+        }
+        if let Some(otlp) = self.otlp.as_ref().filter(|o| o.spans_enabled()) {
+            self.emit_spans(otlp, outputs);
         }
         for output in outputs {
             match output {
@@ -162,7 +177,8 @@ impl Pipeline {
         }
     }
 
-    /// Logs each opened or resolved report as one JSON line, and counts it.
+    /// Logs each opened or resolved report as one JSON line, sends it as an
+    /// OTLP log record, and counts it.
     fn publish_leak_changes(&self, changes: &[LeakChange]) {
         for change in changes {
             let (verb, report) = match change {
@@ -172,8 +188,70 @@ impl Pipeline {
             if let Ok(line) = serde_json::to_string(report) {
                 log::warn!(target: "poolscope::leak", "{verb} {line}");
             }
+            if let Some(otlp) = &self.otlp {
+                let (name, severity) = match (change, report.kind) {
+                    (_, LeakKind::SlowAcquire) => ("poolscope.acquire.slow", Severity::Warn),
+                    (LeakChange::Resolved(_), _) => ("poolscope.leak.resolved", Severity::Info),
+                    (LeakChange::Opened(_), LeakKind::SlowHolder) => {
+                        ("poolscope.leak.opened", Severity::Info)
+                    }
+                    (LeakChange::Opened(_), _) => ("poolscope.leak.opened", Severity::Warn),
+                };
+                let attributes = serde_json::to_value(report)
+                    .map(|v| otlp::json_attributes(&v))
+                    .unwrap_or_default();
+                otlp.emit_event(name, severity, report.evidence.clone(), attributes);
+            }
         }
         self.telemetry.record_leak_changes(changes);
+    }
+
+    /// Sends round trips as client spans (when configured).
+    fn emit_spans(&self, otlp: &OtlpExport, outputs: &[Output]) {
+        for output in outputs {
+            let Output::RoundTrip {
+                id,
+                remote,
+                system,
+                trip,
+                ..
+            } = output
+            else {
+                continue;
+            };
+            let mut attributes = vec![
+                KeyValue::new("db.system.name", system.as_str()),
+                KeyValue::new("server.address", remote.address()),
+                KeyValue::new("process.pid", i64::from(id.pid)),
+            ];
+            if let Some(port) = remote.port() {
+                attributes.push(KeyValue::new("server.port", i64::from(port)));
+            }
+            if let Some(op) = &trip.operation {
+                attributes.push(KeyValue::new("db.operation.name", op.clone()));
+            }
+            if let Some(query) = &trip.query {
+                attributes.push(KeyValue::new("db.query.text", query.clone()));
+            }
+            if let Some(ns) = &trip.namespace {
+                attributes.push(KeyValue::new("db.namespace", ns.clone()));
+            }
+            if let Some(error) = &trip.error {
+                attributes.push(KeyValue::new("error.type", error.code.clone()));
+                attributes.push(KeyValue::new("db.response.status_code", error.code.clone()));
+            }
+            let name = trip
+                .operation
+                .clone()
+                .unwrap_or_else(|| system.as_str().to_string());
+            otlp.emit_span(
+                name,
+                self.clock.to_wall(trip.start_ns),
+                self.clock.to_wall(trip.end_ns),
+                attributes,
+                trip.error.is_some(),
+            );
+        }
     }
 
     /// Applies the leak rules to the tracker's connections now.
@@ -248,6 +326,20 @@ fn process_details(pid: u32, tid: Option<u32>) -> ProcessDetails {
     }
 }
 
+/// service.name, service.version and host.name for every signal.
+fn agent_resource() -> opentelemetry_sdk::Resource {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    opentelemetry_sdk::Resource::builder()
+        .with_service_name("poolscope")
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("host.name", host),
+        ])
+        .build()
+}
+
 async fn serve_adapters(mut socket: AdapterSocket, pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
     let mut rejections = RateLimitedLog::new(Duration::from_secs(10));
     loop {
@@ -295,7 +387,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.queries.max_slow_kept,
     )));
     let leaks = Arc::new(Mutex::new(LeakReports::new(config.leaks.max_resolved_kept)));
+    let resource = agent_resource();
+    let otlp_settings = config.otlp.settings(&|name| std::env::var(name).ok())?;
+    let (otlp_reader, otlp_export) = match &otlp_settings {
+        Some(settings) => {
+            let handle = tokio::runtime::Handle::current();
+            let resource = resource.clone();
+            let settings_for_thread = settings.clone();
+            // The blocking HTTP client cannot be built on a runtime thread.
+            let parts =
+                std::thread::spawn(move || otlp::build(&settings_for_thread, &resource, handle))
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("building the OTLP exporters panicked"))??;
+            log::info!(
+                "OTLP export to {} ({:?}): metrics every {:?}, events as log records{}",
+                settings.endpoint,
+                settings.protocol,
+                settings.interval,
+                if settings.query_spans {
+                    ", query spans"
+                } else {
+                    ""
+                }
+            );
+            (Some(parts.reader), Some(Arc::new(parts.export)))
+        }
+        None => (None, None),
+    };
     let telemetry = Arc::new(Telemetry::new(Observed {
+        resource,
+        otlp_reader,
+        export_counters: otlp_export.as_ref().map(|e| Arc::clone(&e.counters)),
         tracker: Arc::clone(&tracker),
         kernel: Arc::clone(&kernel),
         leaks: Arc::clone(&leaks),
@@ -307,6 +429,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probes: Arc::new(Mutex::new(probes)),
         reports: Arc::clone(&reports),
         leaks: Arc::clone(&leaks),
+        otlp: otlp_export.clone(),
         thresholds: config.leaks.thresholds(),
         clock,
         capture: CaptureBytes {
@@ -357,10 +480,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     housekeeping.abort();
+    // Flush what we have, within bounded time: the meter's last export and
+    // the queued events.
+    telemetry.shutdown();
+    if let Some(otlp) = &otlp_export {
+        otlp.shutdown(Duration::from_secs(5));
+    }
     if let Some(adapters) = adapters {
         adapters.abort();
     }
-    telemetry.shutdown();
     result
 }
 

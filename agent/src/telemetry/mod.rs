@@ -19,6 +19,8 @@ use opentelemetry::{
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
+pub mod otlp;
+
 use crate::{
     adapter::message::AcquireResult,
     detect::LeakKind,
@@ -53,6 +55,12 @@ pub struct KernelCounters {
 
 /// What the observable instruments read at collection time.
 pub struct Observed {
+    /// Who we are (service.name, host.name, version).
+    pub resource: opentelemetry_sdk::Resource,
+    /// Push the same instruments over OTLP too, when configured.
+    pub otlp_reader:
+        Option<opentelemetry_sdk::metrics::PeriodicReader<otlp::CountedMetricExporter>>,
+    pub export_counters: Option<Arc<otlp::ExportCounters>>,
     pub tracker: Arc<Mutex<Tracker>>,
     pub kernel: Arc<Mutex<KernelCounters>>,
     pub leaks: Arc<Mutex<LeakReports>>,
@@ -224,14 +232,20 @@ fn series_attributes(key: &SeriesKey) -> Vec<KeyValue> {
 }
 
 impl Telemetry {
-    pub fn new(observed: Observed) -> anyhow::Result<Telemetry> {
+    pub fn new(mut observed: Observed) -> anyhow::Result<Telemetry> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .scope_info_enabled(false)
             .build()
             .context("cannot build the Prometheus exporter")?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(observed.resource.clone())
+            .with_reader(exporter);
+        if let Some(reader) = observed.otlp_reader.take() {
+            builder = builder.with_reader(reader);
+        }
+        let provider = builder.build();
         let meter = provider.meter("poolscope");
         let telemetry = Telemetry {
             connects: meter
@@ -450,6 +464,53 @@ impl Telemetry {
     }
 }
 
+/// Self-metrics of the OTLP export.
+fn register_export_observables(meter: &Meter, counters: Arc<otlp::ExportCounters>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = Arc::clone(&counters);
+    let _ = meter
+        .u64_observable_counter("poolscope.export.batches")
+        .with_description("OTLP export batches by signal (metrics, logs) and result (ok, failed)")
+        .with_unit("{batch}")
+        .with_callback(move |obs| {
+            for (signal, result, value) in [
+                ("metrics", "ok", c.metric_batches_ok.load(Relaxed)),
+                ("metrics", "failed", c.metric_batches_failed.load(Relaxed)),
+                ("logs", "ok", c.log_batches_ok.load(Relaxed)),
+                ("logs", "failed", c.log_batches_failed.load(Relaxed)),
+            ] {
+                obs.observe(
+                    value,
+                    &[
+                        KeyValue::new("signal", signal),
+                        KeyValue::new("result", result),
+                    ],
+                );
+            }
+        })
+        .build();
+    let c = Arc::clone(&counters);
+    let _ = meter
+        .u64_observable_counter("poolscope.export.dropped")
+        .with_description("Events (OTLP log records) dropped: the bounded queue was full or their batch failed after retries")
+        .with_unit("{event}")
+        .with_callback(move |obs| {
+            obs.observe(c.events_dropped.load(Relaxed), &[KeyValue::new("signal", "logs")])
+        })
+        .build();
+    let _ = meter
+        .i64_observable_up_down_counter("poolscope.export.queued")
+        .with_description("Events waiting in the bounded OTLP queue")
+        .with_unit("{event}")
+        .with_callback(move |obs| {
+            obs.observe(
+                counters.events_queued.load(Relaxed) as i64,
+                &[KeyValue::new("signal", "logs")],
+            )
+        })
+        .build();
+}
+
 /// Attributes of per-pool series: the pool and the process that owns it.
 fn pool_attributes(pid: u32, pool: &str) -> Vec<KeyValue> {
     vec![
@@ -550,7 +611,12 @@ fn register_observables(meter: &Meter, observed: Observed) {
         kernel,
         leaks,
         max_series,
+        export_counters,
+        ..
     } = observed;
+    if let Some(counters) = export_counters {
+        register_export_observables(meter, counters);
+    }
     let _ = meter
         .i64_observable_up_down_counter("poolscope.leak.open")
         .with_description("Open leak and slow-holder reports by kind, process and pool")
@@ -725,6 +791,9 @@ mod tests {
     fn prometheus_text_has_the_documented_names() {
         let tracker = Arc::new(Mutex::new(tracker_with(&[(7, "psql", 5432)])));
         let telemetry = Telemetry::new(Observed {
+            resource: opentelemetry_sdk::Resource::builder().build(),
+            otlp_reader: None,
+            export_counters: None,
             tracker,
             kernel: Arc::default(),
             leaks: Arc::new(Mutex::new(LeakReports::new(10))),
@@ -863,6 +932,9 @@ mod tests {
             )
         };
         let telemetry = Telemetry::new(Observed {
+            resource: opentelemetry_sdk::Resource::builder().build(),
+            otlp_reader: None,
+            export_counters: Some(Arc::default()),
             tracker: Arc::new(Mutex::new(t)),
             kernel: Arc::default(),
             leaks,

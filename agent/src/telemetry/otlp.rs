@@ -1,0 +1,515 @@
+//! OTLP push, next to the Prometheus pull: the same meter's instruments go
+//! out through the SDK's periodic reader, and events (leak reports, slow
+//! acquires, slow queries) go out as log records through a bounded queue of
+//! our own, so that a collector that is down or slow costs a fixed amount of
+//! memory, drops are counted, and the event pipeline never waits.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use opentelemetry::{
+    logs::{AnyValue, LogRecord, Logger, LoggerProvider, Severity},
+    trace::{Span, SpanKind, Tracer, TracerProvider},
+    InstrumentationScope, KeyValue,
+};
+use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::{
+    error::OTelSdkResult,
+    logs::{LogBatch, LogExporter as _, LogProcessor, SdkLogRecord, SdkLogger, SdkLoggerProvider},
+    metrics::{data::ResourceMetrics, exporter::PushMetricExporter, PeriodicReader, Temporality},
+    trace::SdkTracerProvider,
+    Resource,
+};
+
+/// The two OTLP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    /// `grpc` or `http/protobuf`, as OTEL_EXPORTER_OTLP_PROTOCOL spells them.
+    pub fn parse(text: &str) -> Option<Protocol> {
+        match text {
+            "grpc" => Some(Protocol::Grpc),
+            "http/protobuf" | "http" => Some(Protocol::HttpProtobuf),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OtlpSettings {
+    /// Base endpoint (`http://collector:4317` for gRPC, `http://collector:4318`
+    /// for HTTP); signal paths are appended for HTTP.
+    pub endpoint: String,
+    pub protocol: Protocol,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Events waiting for export, at most; more are dropped and counted.
+    pub max_queued_events: usize,
+    pub query_spans: bool,
+}
+
+/// Export health, read by the self-metrics.
+#[derive(Debug, Default)]
+pub struct ExportCounters {
+    pub metric_batches_ok: AtomicU64,
+    pub metric_batches_failed: AtomicU64,
+    pub log_batches_ok: AtomicU64,
+    pub log_batches_failed: AtomicU64,
+    /// Events dropped: the queue was full or their batch failed.
+    pub events_dropped: AtomicU64,
+    pub events_queued: AtomicU64,
+}
+
+/// Counts what the OTLP metric exporter achieves.
+#[derive(Debug)]
+pub struct CountedMetricExporter {
+    inner: MetricExporter,
+    counters: Arc<ExportCounters>,
+}
+
+impl PushMetricExporter for CountedMetricExporter {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.inner.export(metrics).await;
+        let counter = if result.is_ok() {
+            &self.counters.metric_batches_ok
+        } else {
+            &self.counters.metric_batches_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+/// Runs an exporter future to completion from our own threads: tonic needs
+/// the agent's Tokio runtime, the blocking HTTP client must not see one.
+#[derive(Clone)]
+enum Executor {
+    Tokio(tokio::runtime::Handle),
+    Plain,
+}
+
+impl Executor {
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        match self {
+            Executor::Tokio(handle) => handle.block_on(future),
+            Executor::Plain => futures_executor::block_on(future),
+        }
+    }
+}
+
+type QueuedRecord = (SdkLogRecord, InstrumentationScope);
+
+/// A log processor with a bounded queue and one export thread.
+#[derive(Debug)]
+struct QueueProcessor {
+    sender: Mutex<Option<SyncSender<QueuedRecord>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<ExportCounters>,
+}
+
+const LOG_BATCH: usize = 256;
+
+impl QueueProcessor {
+    fn start(
+        mut exporter: LogExporter,
+        resource: &Resource,
+        capacity: usize,
+        executor: Executor,
+        counters: Arc<ExportCounters>,
+    ) -> anyhow::Result<QueueProcessor> {
+        exporter.set_resource(resource);
+        let (sender, receiver) = mpsc::sync_channel(capacity);
+        let thread_counters = Arc::clone(&counters);
+        let worker = std::thread::Builder::new()
+            .name("poolscope-otlp-logs".into())
+            .spawn(move || export_loop(exporter, receiver, executor, thread_counters))
+            .context("cannot start the OTLP log thread")?;
+        Ok(QueueProcessor {
+            sender: Mutex::new(Some(sender)),
+            worker: Mutex::new(Some(worker)),
+            counters,
+        })
+    }
+}
+
+fn export_loop(
+    exporter: LogExporter,
+    receiver: Receiver<QueuedRecord>,
+    executor: Executor,
+    counters: Arc<ExportCounters>,
+) {
+    let mut batch: Vec<QueuedRecord> = Vec::with_capacity(LOG_BATCH);
+    loop {
+        let closed = match receiver.recv_timeout(Duration::from_secs(1)) {
+            Ok(record) => {
+                batch.push(record);
+                while batch.len() < LOG_BATCH {
+                    match receiver.try_recv() {
+                        Ok(record) => batch.push(record),
+                        Err(_) => break,
+                    }
+                }
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        if !batch.is_empty() {
+            let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> =
+                batch.iter().map(|(r, s)| (r, s)).collect();
+            // The exporter retries with backoff itself; a batch that still
+            // fails is dropped, and counted.
+            let result = executor.block_on(exporter.export(LogBatch::new(&refs)));
+            let n = batch.len() as u64;
+            counters.events_queued.fetch_sub(n, Ordering::Relaxed);
+            if result.is_ok() {
+                counters.log_batches_ok.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counters.log_batches_failed.fetch_add(1, Ordering::Relaxed);
+                counters.events_dropped.fetch_add(n, Ordering::Relaxed);
+            }
+            batch.clear();
+        }
+        if closed {
+            let _ = exporter.shutdown_with_timeout(Duration::from_secs(1));
+            return;
+        }
+    }
+}
+
+impl LogProcessor for QueueProcessor {
+    fn emit(&self, data: &mut SdkLogRecord, instrumentation: &InstrumentationScope) {
+        let Ok(sender) = self.sender.lock() else {
+            return;
+        };
+        let Some(sender) = sender.as_ref() else {
+            self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        match sender.try_send((data.clone(), instrumentation.clone())) {
+            Ok(()) => {
+                self.counters.events_queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    /// Closes the queue and waits (bounded) for the thread to send what it has.
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        if let Ok(mut sender) = self.sender.lock() {
+            sender.take();
+        }
+        let worker = self.worker.lock().ok().and_then(|mut w| w.take());
+        if let Some(worker) = worker {
+            let deadline = Instant::now() + timeout;
+            while !worker.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if worker.is_finished() {
+                let _ = worker.join();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything OTLP: the metric reader for the meter provider, the event
+/// logger and, when asked for, the query tracer.
+pub struct OtlpExport {
+    pub counters: Arc<ExportCounters>,
+    logger_provider: SdkLoggerProvider,
+    logger: SdkLogger,
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+/// The OTLP pieces built, before the meter provider takes the reader.
+pub struct OtlpParts {
+    pub reader: PeriodicReader<CountedMetricExporter>,
+    pub export: OtlpExport,
+}
+
+/// HTTP endpoints take the signal's path; gRPC takes the base address.
+fn signal_endpoint(settings: &OtlpSettings, path: &str) -> String {
+    let base = settings.endpoint.trim_end_matches('/');
+    match settings.protocol {
+        Protocol::Grpc => base.to_string(),
+        Protocol::HttpProtobuf => format!("{base}{path}"),
+    }
+}
+
+/// Builds the exporters. Called on a plain thread: the blocking HTTP client
+/// refuses to be built inside the Tokio runtime, while tonic wants its handle.
+pub fn build(
+    settings: &OtlpSettings,
+    resource: &Resource,
+    runtime: tokio::runtime::Handle,
+) -> anyhow::Result<OtlpParts> {
+    let counters = Arc::new(ExportCounters::default());
+    let _guard = match settings.protocol {
+        Protocol::Grpc => Some(runtime.enter()),
+        Protocol::HttpProtobuf => None,
+    };
+    let (metric_exporter, log_exporter, span_exporter) = match settings.protocol {
+        Protocol::Grpc => (
+            MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(signal_endpoint(settings, ""))
+                .with_timeout(settings.timeout)
+                .build()?,
+            LogExporter::builder()
+                .with_tonic()
+                .with_endpoint(signal_endpoint(settings, ""))
+                .with_timeout(settings.timeout)
+                .build()?,
+            if settings.query_spans {
+                Some(
+                    SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(signal_endpoint(settings, ""))
+                        .with_timeout(settings.timeout)
+                        .build()?,
+                )
+            } else {
+                None
+            },
+        ),
+        Protocol::HttpProtobuf => (
+            MetricExporter::builder()
+                .with_http()
+                .with_endpoint(signal_endpoint(settings, "/v1/metrics"))
+                .with_timeout(settings.timeout)
+                .build()?,
+            LogExporter::builder()
+                .with_http()
+                .with_endpoint(signal_endpoint(settings, "/v1/logs"))
+                .with_timeout(settings.timeout)
+                .build()?,
+            if settings.query_spans {
+                Some(
+                    SpanExporter::builder()
+                        .with_http()
+                        .with_endpoint(signal_endpoint(settings, "/v1/traces"))
+                        .with_timeout(settings.timeout)
+                        .build()?,
+                )
+            } else {
+                None
+            },
+        ),
+    };
+    let executor = match settings.protocol {
+        Protocol::Grpc => Executor::Tokio(runtime),
+        Protocol::HttpProtobuf => Executor::Plain,
+    };
+    let reader = PeriodicReader::builder(CountedMetricExporter {
+        inner: metric_exporter,
+        counters: Arc::clone(&counters),
+    })
+    .with_interval(settings.interval)
+    .build();
+    let processor = QueueProcessor::start(
+        log_exporter,
+        resource,
+        settings.max_queued_events,
+        executor,
+        Arc::clone(&counters),
+    )?;
+    let logger_provider = SdkLoggerProvider::builder()
+        .with_resource(resource.clone())
+        .with_log_processor(processor)
+        .build();
+    let logger = logger_provider.logger("poolscope");
+    let tracer_provider = span_exporter.map(|exporter| {
+        SdkTracerProvider::builder()
+            .with_resource(resource.clone())
+            .with_batch_exporter(exporter)
+            .build()
+    });
+    Ok(OtlpParts {
+        reader,
+        export: OtlpExport {
+            counters,
+            logger_provider,
+            logger,
+            tracer_provider,
+        },
+    })
+}
+
+/// Turns a JSON object (an API report) into log attributes: the same field
+/// names as the API, nested objects flattened with dots, nulls left out.
+pub fn json_attributes(value: &serde_json::Value) -> Vec<(String, AnyValue)> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, AnyValue)>) {
+        match value {
+            serde_json::Value::Null => {}
+            serde_json::Value::Bool(b) => out.push((prefix.to_string(), AnyValue::Boolean(*b))),
+            serde_json::Value::Number(n) => {
+                let v = match (n.as_i64(), n.as_f64()) {
+                    (Some(i), _) => AnyValue::Int(i),
+                    (None, Some(f)) => AnyValue::Double(f),
+                    _ => AnyValue::String(n.to_string().into()),
+                };
+                out.push((prefix.to_string(), v));
+            }
+            serde_json::Value::String(s) => {
+                out.push((prefix.to_string(), AnyValue::String(s.clone().into())))
+            }
+            serde_json::Value::Array(items) => out.push((
+                prefix.to_string(),
+                AnyValue::String(serde_json::Value::Array(items.clone()).to_string().into()),
+            )),
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&name, v, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", value, &mut out);
+    out
+}
+
+impl OtlpExport {
+    /// Sends one event as a log record.
+    pub fn emit_event(
+        &self,
+        event_name: &'static str,
+        severity: Severity,
+        body: String,
+        attributes: Vec<(String, AnyValue)>,
+    ) {
+        let mut record = self.logger.create_log_record();
+        record.set_event_name(event_name);
+        record.set_severity_number(severity);
+        record.set_severity_text(severity.name());
+        record.set_body(AnyValue::String(body.into()));
+        record.set_timestamp(std::time::SystemTime::now());
+        record.add_attributes(attributes);
+        self.logger.emit(record);
+    }
+
+    /// One round trip as a client span, when query spans are on.
+    pub fn emit_span(
+        &self,
+        name: String,
+        start: std::time::SystemTime,
+        end: std::time::SystemTime,
+        attributes: Vec<KeyValue>,
+        error: bool,
+    ) {
+        let Some(provider) = &self.tracer_provider else {
+            return;
+        };
+        let tracer = provider.tracer("poolscope");
+        let mut span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .with_start_time(start)
+            .with_attributes(attributes)
+            .start(&tracer);
+        if error {
+            span.set_status(opentelemetry::trace::Status::error("database error"));
+        }
+        span.end_with_timestamp(end);
+    }
+
+    pub fn spans_enabled(&self) -> bool {
+        self.tracer_provider.is_some()
+    }
+
+    /// Sends what is queued, within `timeout`.
+    pub fn shutdown(&self, timeout: Duration) {
+        let _ = self.logger_provider.shutdown_with_timeout(timeout);
+        if let Some(tracer) = &self.tracer_provider {
+            let _ = tracer.shutdown_with_timeout(timeout);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_parse_as_the_environment_spells_them() {
+        assert_eq!(Protocol::parse("grpc"), Some(Protocol::Grpc));
+        assert_eq!(
+            Protocol::parse("http/protobuf"),
+            Some(Protocol::HttpProtobuf)
+        );
+        assert_eq!(Protocol::parse("http/json"), None);
+    }
+
+    #[test]
+    fn json_reports_become_flat_attributes() {
+        let value = serde_json::json!({
+            "kind": "leaked", "pid": 7, "held_for_seconds": 1.5, "pool": null,
+            "error": {"code": "42601", "message": "syntax"}, "open": true
+        });
+        let attrs = json_attributes(&value);
+        let get = |k: &str| attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("kind"), Some(AnyValue::String("leaked".into())));
+        assert_eq!(get("pid"), Some(AnyValue::Int(7)));
+        assert_eq!(get("held_for_seconds"), Some(AnyValue::Double(1.5)));
+        assert_eq!(get("error.code"), Some(AnyValue::String("42601".into())));
+        assert_eq!(get("open"), Some(AnyValue::Boolean(true)));
+        assert_eq!(get("pool"), None);
+    }
+
+    #[test]
+    fn http_endpoints_get_signal_paths() {
+        let mut settings = OtlpSettings {
+            endpoint: "http://127.0.0.1:4318/".into(),
+            protocol: Protocol::HttpProtobuf,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            max_queued_events: 10,
+            query_spans: false,
+        };
+        assert_eq!(
+            signal_endpoint(&settings, "/v1/logs"),
+            "http://127.0.0.1:4318/v1/logs"
+        );
+        settings.protocol = Protocol::Grpc;
+        assert_eq!(
+            signal_endpoint(&settings, "/v1/logs"),
+            "http://127.0.0.1:4318"
+        );
+    }
+}
