@@ -996,7 +996,10 @@ mod tests {
         doc.lines()
             .filter(|l| l.starts_with("| `"))
             .filter_map(|l| l.split('|').nth(2))
-            .map(|cell| cell.trim().trim_matches('`').to_string())
+            .map(|cell| cell.trim())
+            // Only the metrics table: its second column is one `name`.
+            .filter(|cell| cell.starts_with('`') && !cell.contains(' '))
+            .map(|cell| cell.trim_matches('`').to_string())
             .collect()
     }
 
