@@ -117,6 +117,7 @@ pub fn connection_view(conn: &Connection, clock: &Clock, now_ns: u64) -> Connect
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(live_page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/api/v1/connections", get(connections))
@@ -134,6 +135,25 @@ pub async fn serve(listen: SocketAddr, state: ApiState) -> anyhow::Result<()> {
     axum::serve(listener, router(state))
         .await
         .map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
+}
+
+/// The page a person opens first: pools, connections and open leak
+/// reports of this host, refreshing itself from the JSON API.
+const LIVE_PAGE: &str = include_str!("live.html");
+
+async fn live_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The page only talks to this agent.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+            ),
+        ],
+        LIVE_PAGE,
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
