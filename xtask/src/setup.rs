@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs from the package registries only, prints one
 //! line per thing it checks, and changes nothing when all is present.
 
-use std::{fs, process::Command};
+use std::{fs, path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 
@@ -25,6 +25,8 @@ const TEST_DEBS: &[&str] = &[
     "prometheus",
     "python3",
     "curl",
+    // The live page's test renders it in headless Chromium.
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The interpreter the integration tests run their Python clients with
@@ -50,6 +52,56 @@ pub fn setup(with_test_deps: bool) -> Result<()> {
     ensure_bpf_linker(major)?;
     if with_test_deps {
         ensure_test_python_packages(&mut apt)?;
+        ensure_node_adapter_deps(&mut apt)?;
+    }
+    Ok(())
+}
+
+/// The Node.js adapter's npm dependencies (`pg`, for its tests) and its
+/// native Unix-datagram sender, which `npm ci` builds with node-gyp, in
+/// adapters/node, only when one of them is missing. Node.js and npm come
+/// from Debian when the machine has none; node-gyp needs make and g++.
+fn ensure_node_adapter_deps(apt: &mut Apt) -> Result<()> {
+    let dir = super::root().join("adapters").join("node");
+    let pg = dir.join("node_modules").join("pg").join("package.json");
+    let sender = dir.join("build/Release/poolscope_adapter.node");
+    if pg.is_file() && sender.is_file() {
+        println!("ok: node adapter dependencies (adapters/node)");
+        return Ok(());
+    }
+    // Only when missing: the machine's own Node.js (e.g. a newer one that
+    // bundles npm) must not be replaced by Debian's.
+    for (tool, debs) in [
+        ("node", &["nodejs", "npm"][..]),
+        ("npm", &["npm"][..]),
+        ("make", &["make"][..]),
+        ("g++", &["g++"][..]),
+    ] {
+        if which(tool).is_none() {
+            apt.ensure(&debs.iter().map(|d| d.to_string()).collect::<Vec<_>>())?;
+        }
+    }
+    let subcommand = if dir.join("package-lock.json").is_file() {
+        "ci"
+    } else {
+        "install"
+    };
+    println!("installing: node adapter dependencies (npm {subcommand} in adapters/node)");
+    let mut npm = Command::new("npm");
+    npm.current_dir(&dir)
+        .args([subcommand, "--no-audit", "--no-fund"]);
+    // node-gyp compiles against the installed headers instead of
+    // downloading them at build time.
+    if Path::new("/usr/include/node/common.gypi").is_file() {
+        npm.env("npm_config_nodedir", "/usr");
+    }
+    run(&mut npm)?;
+    if !sender.is_file() {
+        bail!(
+            "`npm {subcommand}` in {} did not build the native sender {} (see node-gyp's output above)",
+            dir.display(),
+            sender.display()
+        );
     }
     Ok(())
 }

@@ -54,10 +54,6 @@ pub struct Tracker {
     unmatched: VecDeque<pools::Unmatched>,
 }
 
-/// Data chunks after which a connection that matched no protocol is given
-/// up on (its data is no longer copied).
-const DETECTION_CHUNKS: u32 = 4;
-
 /// How an event's generation relates to the connection now on its (pid, fd).
 enum Slot {
     Current,
@@ -245,7 +241,12 @@ impl Tracker {
                 conn.bytes_sent += chunk.total_len as u64;
                 conn.awaiting_response = true;
             }
-            Direction::FromServer => conn.bytes_received += chunk.total_len as u64,
+            // An inferred pool counts a connection as used while a request
+            // waits; any answer (a handshake step, a response) ends that.
+            Direction::FromServer => {
+                conn.bytes_received += chunk.total_len as u64;
+                conn.awaiting_response = false;
+            }
         }
         conn.last_activity_ns = Some(chunk.ts_ns);
         let raw = self.config.raw_queries;
@@ -263,9 +264,9 @@ impl Tracker {
         }
         conn.db_system = parser.system();
         conn.encrypted = parser.is_encrypted();
-        conn.data_chunks = conn.data_chunks.saturating_add(1);
-        if conn.db_system.is_none() && conn.data_chunks >= DETECTION_CHUNKS {
-            self.parsers.remove(&key);
+        if parser.gave_up() {
+            // The parser stays (it ignores what still comes): a new one
+            // would start detecting again in the middle of the stream.
             out.push(Output::NotDatabase { id });
             return;
         }
