@@ -28,6 +28,7 @@ const TRACKING_KEYS: &[&str] = &[
     "max_closed",
     "max_series",
     "seed_from_proc",
+    "pod_logs_dir",
 ];
 const QUERIES_KEYS: &[&str] = &[
     "capture_bytes",
@@ -97,6 +98,10 @@ pub struct TrackingConfig {
     pub max_series: usize,
     /// Seed connections that already exist at start from /proc.
     pub seed_from_proc: bool,
+    /// The kubelet's pod log directory (`<namespace>_<pod>_<uid>` entries),
+    /// used to name the pods that processes run in; mount it read-only in a
+    /// DaemonSet. Ignored when it does not exist.
+    pub pod_logs_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -305,6 +310,7 @@ impl Default for TrackingConfig {
             max_closed: 4096,
             max_series: 2000,
             seed_from_proc: true,
+            pod_logs_dir: "/var/log/pods".into(),
         }
     }
 }
@@ -726,6 +732,7 @@ closed_retention_seconds = 60
 max_closed = 10
 max_series = 50
 seed_from_proc = false
+pod_logs_dir = "/tmp/pods"
 
 [queries]
 capture_bytes = 128
@@ -774,6 +781,7 @@ level = "debug"
                 max_closed: 10,
                 max_series: 50,
                 seed_from_proc: false,
+                pod_logs_dir: "/tmp/pods".into(),
             },
             queries: QueriesConfig {
                 capture_bytes: 128,

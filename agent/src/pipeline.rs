@@ -41,6 +41,8 @@ struct Pipeline {
     reports: Arc<Mutex<Reports>>,
     leaks: Arc<Mutex<LeakReports>>,
     otlp: Option<Arc<OtlpExport>>,
+    /// The kubelet's pod log directory, to name pods (when it exists).
+    pod_logs_dir: Option<std::path::PathBuf>,
     thresholds: Thresholds,
     clock: Clock,
     capture: CaptureBytes,
@@ -99,7 +101,22 @@ impl Pipeline {
             return;
         }
         let outputs = match self.tracker.lock() {
-            Ok(mut tracker) => tracker.apply(event),
+            Ok(mut tracker) => {
+                // Where a process runs is read once, at its first connect.
+                if matches!(
+                    event.kind,
+                    EventKind::Connect { .. } | EventKind::Seeded { .. }
+                ) && !tracker.knows_placement(event.conn.pid)
+                {
+                    let placement = procfs::placement(
+                        Path::new("/proc"),
+                        event.conn.pid,
+                        self.pod_logs_dir.as_deref(),
+                    );
+                    tracker.set_placement(event.conn.pid, placement);
+                }
+                tracker.apply(event)
+            }
             Err(_) => return,
         };
         self.handle_outputs(&outputs);
@@ -430,6 +447,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         reports: Arc::clone(&reports),
         leaks: Arc::clone(&leaks),
         otlp: otlp_export.clone(),
+        pod_logs_dir: Some(config.tracking.pod_logs_dir.clone()).filter(|d| d.is_dir()),
         thresholds: config.leaks.thresholds(),
         clock,
         capture: CaptureBytes {

@@ -521,6 +521,82 @@ pub fn container_id(proc_root: &Path, pid: u32) -> Option<String> {
     parse_container_id(&cgroup)
 }
 
+/// The Kubernetes pod a cgroup path names, if any: `pod<uid>` segments
+/// (cgroupfs driver) or `kubepods-<qos>-pod<uid_with_underscores>.slice`
+/// (systemd driver). Returned with dashes, as the API server spells it.
+pub fn parse_pod_uid(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        path.split('/').find_map(|segment| {
+            let segment = segment.strip_suffix(".slice").unwrap_or(segment);
+            let at = segment.rfind("pod")?;
+            let uid = segment.get(at + 3..)?.replace('_', "-");
+            let is_uid = uid.len() == 36
+                && uid.bytes().enumerate().all(|(i, b)| {
+                    matches!(i, 8 | 13 | 18 | 23) == (b == b'-')
+                        && (b == b'-' || b.is_ascii_hexdigit())
+                });
+            is_uid.then_some(uid)
+        })
+    })
+}
+
+/// Where a process runs: its container and pod, when it has them.
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Placement {
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+}
+
+impl Placement {
+    pub fn is_empty(&self) -> bool {
+        self.container_id.is_none() && self.pod_uid.is_none()
+    }
+}
+
+/// Pod name and namespace by uid, from the kubelet's log directory names
+/// (`<namespace>_<name>_<uid>` under /var/log/pods), which every node has.
+pub fn pod_names(pod_logs_dir: &Path, uid: &str) -> Option<(String, String)> {
+    std::fs::read_dir(pod_logs_dir).ok()?.find_map(|entry| {
+        let name = entry.ok()?.file_name().into_string().ok()?;
+        let rest = name.strip_suffix(uid)?.strip_suffix('_')?;
+        let (namespace, pod) = rest.split_once('_')?;
+        Some((namespace.to_string(), pod.to_string()))
+    })
+}
+
+/// A process's placement, from its cgroup and (for pods) the kubelet's
+/// log directory.
+pub fn placement(proc_root: &Path, pid: u32, pod_logs_dir: Option<&Path>) -> Placement {
+    let Ok(cgroup) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) else {
+        return Placement::default();
+    };
+    let pod_uid = parse_pod_uid(&cgroup);
+    let names = match (&pod_uid, pod_logs_dir) {
+        (Some(uid), Some(dir)) => pod_names(dir, uid),
+        _ => None,
+    };
+    Placement {
+        container_id: parse_container_id(&cgroup),
+        pod_uid,
+        pod_namespace: names.as_ref().map(|n| n.0.clone()),
+        pod_name: names.map(|n| n.1),
+    }
+}
+
 /// A thread's name (/proc/PID/task/TID/comm).
 pub fn thread_name(proc_root: &Path, pid: u32, tid: u32) -> Option<String> {
     let path = proc_root
@@ -1231,5 +1307,39 @@ mod tests {
             None
         );
         assert_eq!(parse_container_id("garbage"), None);
+    }
+
+    #[test]
+    fn pod_uids_from_both_cgroup_drivers() {
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let systemd = format!(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-abc.scope",
+            uid.replace('-', "_")
+        );
+        assert_eq!(parse_pod_uid(&systemd).as_deref(), Some(uid));
+        let cgroupfs = format!("0::/kubepods/besteffort/pod{uid}/0123");
+        assert_eq!(parse_pod_uid(&cgroupfs).as_deref(), Some(uid));
+        assert_eq!(parse_pod_uid("0::/system.slice/docker-abc.scope"), None);
+        assert_eq!(parse_pod_uid("0::/kubepods/podnot-a-uid/x"), None);
+    }
+
+    #[test]
+    fn pod_names_from_the_kubelet_log_directory() {
+        let dir = std::env::temp_dir().join(format!("poolscope-pods-{}", std::process::id()));
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        std::fs::create_dir_all(dir.join(format!("shop_orders-7d9f_{uid}"))).expect("mkdir");
+        std::fs::create_dir_all(
+            dir.join("kube-system_coredns-1_11111111-2222-3333-4444-555555555555"),
+        )
+        .expect("mkdir");
+        assert_eq!(
+            pod_names(&dir, uid),
+            Some(("shop".to_string(), "orders-7d9f".to_string()))
+        );
+        assert_eq!(
+            pod_names(&dir, "99999999-2222-3333-4444-555555555555"),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

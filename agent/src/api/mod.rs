@@ -18,6 +18,7 @@ use crate::{
     clock::{monotonic_ns, Clock},
     lifecycle::PoolView,
     lifecycle::{CloseReason, ConnState, ConnectOutcome, Connection, Endpoint, Tracker},
+    procfs::Placement,
     protocol::{DbSystem, TxState},
     reports::{LeakReports, LeaksResponse, Reports, SlowQueriesResponse},
     telemetry::Telemetry,
@@ -68,6 +69,11 @@ pub struct ConnectionView {
     pub last_query: Option<String>,
     pub tx_state: Option<TxState>,
     pub protocol_lost: u64,
+    pub pool: Option<String>,
+    pub checked_out: bool,
+    /// Where the process runs (container id, pod), when it runs in one.
+    #[serde(flatten)]
+    pub placement: Placement,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,7 +81,12 @@ pub struct ConnectionsResponse {
     pub connections: Vec<ConnectionView>,
 }
 
-pub fn connection_view(conn: &Connection, clock: &Clock, now_ns: u64) -> ConnectionView {
+pub fn connection_view(
+    conn: &Connection,
+    placement: Option<&Placement>,
+    clock: &Clock,
+    now_ns: u64,
+) -> ConnectionView {
     let (remote_address, remote_port) = match &conn.remote {
         Endpoint::Inet(sa) => (sa.ip().to_string(), Some(sa.port())),
         Endpoint::Unix(path) => (path.clone(), None),
@@ -112,6 +123,9 @@ pub fn connection_view(conn: &Connection, clock: &Clock, now_ns: u64) -> Connect
         last_query: conn.last_query.clone(),
         tx_state: conn.tx_state,
         protocol_lost: conn.protocol_lost,
+        pool: conn.pool.clone(),
+        checked_out: conn.checked_out_at_ns.is_some(),
+        placement: placement.cloned().unwrap_or_default(),
     }
 }
 
@@ -182,7 +196,7 @@ async fn connections(State(state): State<ApiState>) -> Response {
     let mut connections: Vec<ConnectionView> = tracker
         .open_connections()
         .chain(tracker.closed_connections())
-        .map(|c| connection_view(c, &state.clock, now))
+        .map(|c| connection_view(c, tracker.placement(c.id.pid), &state.clock, now))
         .collect();
     connections.sort_by_key(|c| (c.pid, c.fd, c.generation));
     Json(ConnectionsResponse { connections }).into_response()

@@ -45,6 +45,8 @@ pub struct Tracker {
     open: HashMap<(u32, i32), Connection>,
     closed: VecDeque<Connection>,
     comms: HashMap<u32, String>,
+    /// Container and pod of processes with connections, told by the pipeline.
+    placements: HashMap<u32, crate::procfs::Placement>,
     exited: HashMap<u32, u64>,
     /// Protocol state of open connections that carried data.
     parsers: HashMap<(u32, i32), SessionParser>,
@@ -78,6 +80,20 @@ impl Tracker {
 
     pub fn closed_connections(&self) -> impl Iterator<Item = &Connection> {
         self.closed.iter()
+    }
+
+    /// Whether the placement of `pid` is known (the pipeline asks /proc once).
+    pub fn knows_placement(&self, pid: u32) -> bool {
+        self.placements.contains_key(&pid)
+    }
+
+    pub fn set_placement(&mut self, pid: u32, placement: crate::procfs::Placement) {
+        self.placements.insert(pid, placement);
+    }
+
+    /// The container and pod of `pid`, when it runs in one.
+    pub fn placement(&self, pid: u32) -> Option<&crate::procfs::Placement> {
+        self.placements.get(&pid).filter(|p| !p.is_empty())
     }
 
     /// A connection by its identity, open or recently closed.
@@ -559,6 +575,7 @@ impl Tracker {
         }
         self.exited.insert(pid, ts_ns);
         self.comms.remove(&pid);
+        self.placements.remove(&pid);
         self.forget_pools(pid);
     }
 

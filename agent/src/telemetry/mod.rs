@@ -25,6 +25,7 @@ use crate::{
     adapter::message::AcquireResult,
     detect::LeakKind,
     lifecycle::{ConnState, Connection, Output, PoolView, Tracker},
+    procfs::Placement,
     protocol::DbSystem,
     reports::{LeakChange, LeakReports},
 };
@@ -190,13 +191,14 @@ impl OperationNames {
 }
 
 /// Series key for per-process, per-server gauges.
-type SeriesKey = (u32, String, String, Option<u16>);
+type SeriesKey = (u32, String, String, Option<u16>, Option<Placement>);
 
 /// Counts open and CLOSE_WAIT connections per (process, server), folding
 /// everything past `max_series` into one overflow series so that a process
 /// that talks to thousands of servers cannot blow up the label space.
 pub fn connection_series(
     open: &mut dyn Iterator<Item = &Connection>,
+    placement: &dyn Fn(u32) -> Option<Placement>,
     max_series: usize,
 ) -> BTreeMap<SeriesKey, (u64, u64)> {
     let mut series: BTreeMap<SeriesKey, (u64, u64)> = BTreeMap::new();
@@ -206,9 +208,10 @@ pub fn connection_series(
             conn.comm.clone(),
             conn.remote.address(),
             conn.remote.port(),
+            placement(conn.id.pid),
         );
         if !series.contains_key(&key) && series.len() >= max_series {
-            key = (0, "_other".into(), "_other".into(), None);
+            key = (0, "_other".into(), "_other".into(), None, None);
         }
         let entry = series.entry(key).or_default();
         entry.0 += 1;
@@ -228,7 +231,24 @@ fn series_attributes(key: &SeriesKey) -> Vec<KeyValue> {
     if let Some(port) = key.3 {
         attrs.push(KeyValue::new("server.port", i64::from(port)));
     }
+    if let Some(placement) = &key.4 {
+        placement_attributes(placement, &mut attrs);
+    }
     attrs
+}
+
+/// `container.id`, `k8s.pod.uid`, `k8s.pod.name`, `k8s.namespace.name`.
+fn placement_attributes(placement: &Placement, attrs: &mut Vec<KeyValue>) {
+    for (key, value) in [
+        ("container.id", &placement.container_id),
+        ("k8s.pod.uid", &placement.pod_uid),
+        ("k8s.pod.name", &placement.pod_name),
+        ("k8s.namespace.name", &placement.pod_namespace),
+    ] {
+        if let Some(value) = value {
+            attrs.push(KeyValue::new(key, value.clone()));
+        }
+    }
 }
 
 impl Telemetry {
@@ -649,7 +669,10 @@ fn register_observables(meter: &Meter, observed: Observed) {
         .with_unit("{connection}")
         .with_callback(move |obs| {
             let Ok(t) = open_tracker.lock() else { return };
-            for (key, (open, _)) in connection_series(&mut t.open_connections(), max_series) {
+            let placement = |pid| t.placement(pid).cloned();
+            for (key, (open, _)) in
+                connection_series(&mut t.open_connections(), &placement, max_series)
+            {
                 obs.observe(open, &series_attributes(&key));
             }
         })
@@ -660,7 +683,10 @@ fn register_observables(meter: &Meter, observed: Observed) {
         .with_unit("{connection}")
         .with_callback(move |obs| {
             let Ok(t) = tracker.lock() else { return };
-            for (key, (_, close_wait)) in connection_series(&mut t.open_connections(), max_series) {
+            let placement = |pid| t.placement(pid).cloned();
+            for (key, (_, close_wait)) in
+                connection_series(&mut t.open_connections(), &placement, max_series)
+            {
                 if close_wait > 0 {
                     obs.observe(close_wait, &series_attributes(&key));
                 }
@@ -776,7 +802,7 @@ mod tests {
             (2, "b", 3306),
             (3, "c", 6379),
         ]);
-        let series = connection_series(&mut t.open_connections(), 2);
+        let series = connection_series(&mut t.open_connections(), &|_| None, 2);
         assert_eq!(
             series.len(),
             3,
