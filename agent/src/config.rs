@@ -902,7 +902,7 @@ level = "debug"
             err("\n\ntracking.max_clsed = 3\n"),
             "config /etc/poolscope.toml line 3: unknown key `max_clsed` in [tracking] \
              (expected one of: closed_retention_seconds, max_closed, max_series, \
-             seed_from_proc)"
+             seed_from_proc, pod_logs_dir)"
         );
     }
 
