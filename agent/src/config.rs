@@ -37,7 +37,7 @@ const QUERIES_KEYS: &[&str] = &[
     "raw_text",
     "max_slow_kept",
 ];
-const ADAPTER_KEYS: &[&str] = &["enabled", "socket", "socket_mode"];
+const ADAPTER_KEYS: &[&str] = &["enabled", "socket", "socket_mode", "min_queue_datagrams"];
 const LEAKS_KEYS: &[&str] = &[
     "leak_threshold_seconds",
     "quiet_seconds",
@@ -133,6 +133,10 @@ pub struct AdapterConfig {
     /// Its permissions, octal. Any local process may report its own pools:
     /// the kernel names the sender, so none can speak for another.
     pub socket_mode: String,
+    /// Raise `net.unix.max_dgram_qlen` to at least this before binding, so
+    /// that a pool's burst of messages is queued rather than refused
+    /// (0: leave the system setting alone).
+    pub min_queue_datagrams: u32,
 }
 
 impl Default for AdapterConfig {
@@ -141,6 +145,7 @@ impl Default for AdapterConfig {
             enabled: true,
             socket: "/run/poolscope/adapter.sock".into(),
             socket_mode: "0666".into(),
+            min_queue_datagrams: 1024,
         }
     }
 }
@@ -745,6 +750,7 @@ max_slow_kept = 10
 enabled = false
 socket = "/tmp/a.sock"
 socket_mode = "0660"
+min_queue_datagrams = 0
 
 [leaks]
 leak_threshold_seconds = 3.0
@@ -794,6 +800,7 @@ level = "debug"
                 enabled: false,
                 socket: "/tmp/a.sock".into(),
                 socket_mode: "0660".into(),
+                min_queue_datagrams: 0,
             },
             leaks: LeaksConfig {
                 leak_threshold_seconds: 3.0,

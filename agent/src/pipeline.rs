@@ -466,7 +466,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Without the adapter socket the agent still sees every connection from
     // the kernel; say so rather than refuse to run.
     let adapters = if config.adapter.enabled {
-        match AdapterSocket::bind(&config.adapter.socket, config.adapter.mode()) {
+        match AdapterSocket::bind(
+            &config.adapter.socket,
+            config.adapter.mode(),
+            config.adapter.min_queue_datagrams,
+        ) {
             Ok(socket) => {
                 log::info!("pool adapters: listening on {}", socket.path().display());
                 Some(tokio::spawn(serve_adapters(socket, Arc::clone(&pipeline))))

@@ -49,7 +49,8 @@ pub struct AdapterSocket {
 impl AdapterSocket {
     /// Binds the socket (replacing a stale one) with the given mode, and
     /// asks the kernel for each sender's credentials.
-    pub fn bind(path: &Path, mode: u32) -> anyhow::Result<AdapterSocket> {
+    pub fn bind(path: &Path, mode: u32, min_queue: u32) -> anyhow::Result<AdapterSocket> {
+        ensure_datagram_queue(min_queue);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
@@ -117,6 +118,33 @@ impl AdapterSocket {
 impl Drop for AdapterSocket {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+const MAX_DGRAM_QLEN: &str = "/proc/sys/net/unix/max_dgram_qlen";
+
+/// A Unix datagram socket queues `net.unix.max_dgram_qlen` datagrams
+/// (often 10); a pool's burst of checkouts overflows that in a millisecond
+/// and senders get EAGAIN. The limit is taken when a socket is created, so
+/// raise it (for this network namespace) before binding, and say so.
+fn ensure_datagram_queue(min_queue: u32) {
+    if min_queue == 0 {
+        return;
+    }
+    let current = fs::read_to_string(MAX_DGRAM_QLEN)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    match current {
+        Some(n) if n >= min_queue => {}
+        Some(n) => match fs::write(MAX_DGRAM_QLEN, min_queue.to_string()) {
+            Ok(()) => log::info!(
+                "raised net.unix.max_dgram_qlen from {n} to {min_queue} so that adapters' bursts are not refused"
+            ),
+            Err(e) => log::warn!(
+                "net.unix.max_dgram_qlen is {n}: adapters' bursts may be refused (cannot raise it: {e})"
+            ),
+        },
+        None => {}
     }
 }
 
@@ -286,7 +314,7 @@ mod tests {
     async fn receives_with_the_senders_real_pid() {
         let dir = std::env::temp_dir().join(format!("poolscope-adapter-{}", std::process::id()));
         let path = dir.join("adapter.sock");
-        let mut server = AdapterSocket::bind(&path, 0o666).expect("bind");
+        let mut server = AdapterSocket::bind(&path, 0o666, 0).expect("bind");
         let client = UnixDatagram::unbound().expect("client");
         client
             .send_to(br#"{"v":1,"kind":"release","pool":"p","fd":3}"#, &path)

@@ -227,9 +227,6 @@ pub struct Connection {
     pub tx_state: Option<TxState>,
     /// Times the protocol parser lost its framing.
     pub protocol_lost: u64,
-    /// Data events seen, for giving up on protocol detection.
-    #[serde(skip)]
-    pub data_chunks: u32,
     /// The adapter pool this connection belongs to.
     pub pool: Option<String>,
     /// When the pool handed it out, while it is out.
@@ -270,7 +267,6 @@ impl Connection {
             last_operation: None,
             tx_state: None,
             protocol_lost: 0,
-            data_chunks: 0,
             pool: None,
             checked_out_at_ns: None,
             holder_tid: None,

@@ -296,16 +296,26 @@ impl Tracker {
         }
     }
 
-    fn find_connection(&mut self, pid: u32, conn: ConnRef) -> Option<&mut Connection> {
+    /// The open connection an adapter event names, if it existed when the
+    /// event happened. When the event gives both fd and local address they
+    /// must agree, so that a late event about a closed connection never
+    /// lands on a newer one that reused its fd.
+    fn find_connection(&mut self, pid: u32, conn: ConnRef, ts_ns: u64) -> Option<&mut Connection> {
+        let matches = |c: &Connection| {
+            c.id.pid == pid
+                && c.id.generation <= ts_ns
+                && conn.fd.is_none_or(|fd| c.id.fd == fd)
+                && match (conn.local, c.local) {
+                    (Some(wanted), Some(actual)) => wanted == actual,
+                    // The kernel may not have told us the local address yet.
+                    (Some(_), None) => conn.fd.is_some(),
+                    (None, _) => true,
+                }
+        };
         if let Some(fd) = conn.fd {
-            if self.open.contains_key(&(pid, fd)) {
-                return self.open.get_mut(&(pid, fd));
-            }
+            return self.open.get_mut(&(pid, fd)).filter(|c| matches(c));
         }
-        let local = conn.local?;
-        self.open
-            .values_mut()
-            .find(|c| c.id.pid == pid && c.local == Some(local))
+        self.open.values_mut().find(|c| matches(c))
     }
 
     /// Applies an event that names a connection, or keeps it until the
@@ -326,7 +336,7 @@ impl Tracker {
             | AdapterEvent::ConnectionClosed { conn } => *conn,
             _ => return,
         };
-        let Some(conn) = self.find_connection(pid, conn_ref) else {
+        let Some(conn) = self.find_connection(pid, conn_ref, ts_ns) else {
             if self.unmatched.len() >= MAX_UNMATCHED {
                 self.unmatched.pop_front();
             }

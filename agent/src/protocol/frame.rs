@@ -2,8 +2,6 @@
 //! length in a fixed header (PostgreSQL, MySQL). Also the view of a chunk
 //! with its unknown middle, which the RESP reader uses too.
 
-use std::borrow::Cow;
-
 use super::{Chunk, Observation};
 
 /// Bytes of a message body kept for the parser; the rest is skipped. Enough
@@ -15,13 +13,59 @@ pub(crate) const KEEP_MAX: usize = 4096;
 /// held whole may be longer, and scanning all of it would not pay.
 const SUFFIX_SCAN: usize = 512;
 
+/// Carry buffers up to this capacity are reused; larger ones are freed, so
+/// that an idle connection holds little.
+const CARRY_RECYCLE: usize = 512;
+
 /// A chunk as positions `0..total`: bytes `0..first.len()` and
 /// `tail_start..total` are known, the rest is not.
 pub(crate) struct View<'a> {
-    first: Cow<'a, [u8]>,
+    first: Run<'a>,
     tail: &'a [u8],
     tail_start: usize,
     total: usize,
+}
+
+/// Head and tail that meet, joined on the stack when they are short (the
+/// default capture), without an allocation per chunk.
+const INLINE_MAX: usize = super::DEFAULT_HEAD_MAX + super::TAIL_MAX;
+
+/// The first run of known bytes. (A `View` lives on the stack for one
+/// chunk: its size is the point.)
+#[allow(clippy::large_enum_variant)]
+enum Run<'a> {
+    Borrowed(&'a [u8]),
+    Inline([u8; INLINE_MAX], usize),
+    Owned(Vec<u8>),
+}
+
+impl Run<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Run::Borrowed(b) => b,
+            Run::Inline(buf, len) => buf.get(..*len).unwrap_or_default(),
+            Run::Owned(v) => v,
+        }
+    }
+
+    fn joined<'a>(head: &[u8], tail: &[u8]) -> Run<'a> {
+        let len = head.len() + tail.len();
+        if len <= INLINE_MAX {
+            let mut buf = [0u8; INLINE_MAX];
+            if let Some(dst) = buf.get_mut(..head.len()) {
+                dst.copy_from_slice(head);
+            }
+            if let Some(dst) = buf.get_mut(head.len()..len) {
+                dst.copy_from_slice(tail);
+            }
+            Run::Inline(buf, len)
+        } else {
+            let mut all = Vec::with_capacity(len);
+            all.extend_from_slice(head);
+            all.extend_from_slice(tail);
+            Run::Owned(all)
+        }
+    }
 }
 
 impl<'a> View<'a> {
@@ -30,25 +74,22 @@ impl<'a> View<'a> {
         let total = chunk.total_len.max(known);
         if chunk.tail.is_empty() {
             View {
-                first: Cow::Borrowed(chunk.head),
+                first: Run::Borrowed(chunk.head),
                 tail: &[],
                 tail_start: total,
                 total,
             }
         } else if known == total {
             // Head and tail meet: one contiguous run is simpler to frame.
-            let mut all = Vec::with_capacity(known);
-            all.extend_from_slice(chunk.head);
-            all.extend_from_slice(chunk.tail);
             View {
-                first: Cow::Owned(all),
+                first: Run::joined(chunk.head, chunk.tail),
                 tail: &[],
                 tail_start: total,
                 total,
             }
         } else {
             View {
-                first: Cow::Borrowed(chunk.head),
+                first: Run::Borrowed(chunk.head),
                 tail: chunk.tail,
                 tail_start: total - chunk.tail.len(),
                 total,
@@ -63,7 +104,7 @@ impl<'a> View<'a> {
     /// Known bytes from `pos` up to the end of the run holding it; empty when
     /// `pos` is unknown or past the end.
     pub(crate) fn from(&self, pos: usize) -> &[u8] {
-        if let Some(run) = self.first.get(pos..) {
+        if let Some(run) = self.first.bytes().get(pos..) {
             if !run.is_empty() {
                 return run;
             }
@@ -76,8 +117,9 @@ impl<'a> View<'a> {
 
     /// The known bytes that end the chunk, with the position of the first.
     pub(crate) fn suffix(&self) -> (usize, &[u8]) {
-        if self.first.len() >= self.total {
-            (0, &self.first)
+        let first = self.first.bytes();
+        if first.len() >= self.total {
+            (0, first)
         } else {
             (self.tail_start, self.tail)
         }
@@ -85,7 +127,7 @@ impl<'a> View<'a> {
 
     /// The first known bytes of the chunk.
     pub(crate) fn start(&self) -> &[u8] {
-        &self.first
+        self.first.bytes()
     }
 }
 
@@ -96,8 +138,6 @@ pub(crate) struct Msg<'m> {
     pub(crate) body: &'m [u8],
     /// The length the header announced.
     pub(crate) body_len: usize,
-    /// The message ends exactly where the chunk ends.
-    pub(crate) ends_chunk: bool,
 }
 
 /// What a message handler asks of the framer.
@@ -244,7 +284,6 @@ impl Framer {
                 header: &avail[..hdr],
                 body: &avail[hdr..known],
                 body_len,
-                ends_chunk: end == total,
             };
             if on_msg(&msg) == Flow::Stop {
                 self.resync();
@@ -309,18 +348,28 @@ impl Framer {
                 header: carry.get(..hdr).unwrap_or_default(),
                 body: carry.get(hdr..).unwrap_or_default(),
                 body_len,
-                ends_chunk: end == total,
             };
-            if on_msg(&msg) == Flow::Stop {
+            let fed = if on_msg(&msg) == Flow::Stop {
                 self.resync();
-                return Some(Fed::Framed);
-            }
-            if end >= total {
+                Some(Fed::Framed)
+            } else if end >= total {
                 self.skip = (end - total) as u64;
-                return Some(Fed::Framed);
-            }
-            *pos = end;
-            return None;
+                Some(Fed::Framed)
+            } else {
+                *pos = end;
+                None
+            };
+            self.recycle(carry);
+            return fed;
+        }
+    }
+
+    /// Keeps a small carry buffer for the next message that outlives its
+    /// chunk (a client reading packet headers apart carries every packet).
+    fn recycle(&mut self, mut carry: Vec<u8>) {
+        if carry.capacity() <= CARRY_RECYCLE && self.carry.is_empty() {
+            carry.clear();
+            self.carry = carry;
         }
     }
 }
@@ -407,6 +456,11 @@ pub(crate) struct Ending<'v> {
 impl Link {
     pub(crate) fn is_lost(&self) -> bool {
         self.framer.is_lost()
+    }
+
+    /// The last chunk ended inside a message.
+    pub(crate) fn mid_message(&self) -> bool {
+        self.framer.mid_message()
     }
 
     /// Frame the next chunk from its start (the other side moved on).
@@ -515,7 +569,6 @@ pub(crate) fn whole_msg(m: &[u8], header_len: usize) -> Msg<'_> {
         header,
         body,
         body_len: body.len(),
-        ends_chunk: false,
     }
 }
 
@@ -583,6 +636,23 @@ mod tests {
         assert_eq!(fed, Fed::Framed);
         assert_eq!(got.len(), 2);
         assert_eq!(got[1], b"z".to_vec());
+    }
+
+    #[test]
+    fn head_and_tail_that_meet_are_joined() {
+        // Short (joined on the stack) and long (joined on the heap).
+        for (count, head_max) in [(60, 256), (830, 4096)] {
+            let mut data = Vec::new();
+            for _ in 0..count {
+                data.extend(b"m\x03abc");
+            }
+            let chunk = Chunk::cut(Direction::FromServer, 0, &data, head_max);
+            assert!(!chunk.tail.is_empty());
+            let mut framer = Framer::default();
+            let (got, fed) = frame_all(&mut framer, &chunk);
+            assert_eq!((got.len(), fed), (count, Fed::Framed));
+            assert_eq!(View::new(&chunk).suffix(), (0, &data[..]));
+        }
     }
 
     #[test]

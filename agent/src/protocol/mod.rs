@@ -29,6 +29,7 @@ mod postgres;
 mod redis;
 mod session;
 mod sql;
+mod sql_old;
 #[cfg(test)]
 mod testutil;
 

@@ -7,7 +7,7 @@
 use super::frame::{whole_msg, Flow, Link, Msg, View, Wire};
 use super::session::{Alternation, Book, BoundedMap, Ctx, End, Pending};
 use super::sql::{cstr, db_error, describe, Dialect};
-use super::{Direction, Observation, TxState};
+use super::{Chunk, Direction, Observation, TxState};
 
 const HEADER: usize = 4;
 const MAX_PAYLOAD: usize = 0xFF_FFFF;
@@ -86,14 +86,34 @@ fn lenenc(bytes: &[u8]) -> Option<(u64, &[u8])> {
 
 /// A server greeting: HandshakeV10 (protocol 10, a printable version).
 pub(crate) fn is_greeting(start: &[u8]) -> bool {
-    let Some((len, 0, payload)) = packet(start) else {
-        return false;
-    };
+    packet(start).is_some_and(|(len, seq, payload)| greeting_packet(len, seq, payload))
+}
+
+/// A chunk that is only a packet header (the client reads each packet's
+/// header and payload apart) that could announce a greeting: sequence id 0
+/// and a greeting's length.
+pub(crate) fn greeting_header(view: &View<'_>) -> Option<[u8; HEADER]> {
+    let header: [u8; HEADER] = view.start().try_into().ok()?;
+    let len = WIRE.announced(&header)?;
+    (view.total() == HEADER && header[3] == 0 && GREETING_LEN.contains(&len)).then_some(header)
+}
+
+/// `start` is the payload of the greeting that `header` announced.
+pub(crate) fn is_split_greeting(header: &[u8; HEADER], start: &[u8]) -> bool {
+    let len = WIRE.announced(header).unwrap_or_default();
+    greeting_packet(len, header[3], start.get(..len).unwrap_or(start))
+}
+
+/// Payload lengths of a plausible greeting.
+const GREETING_LEN: std::ops::RangeInclusive<usize> = 40..=1024;
+
+fn greeting_packet(len: usize, seq: u8, payload: &[u8]) -> bool {
     let Some((&10, rest)) = payload.split_first() else {
         return false;
     };
     let (version, after) = cstr(rest);
-    (40..=1024).contains(&len)
+    seq == 0
+        && GREETING_LEN.contains(&len)
         && (1..=64).contains(&version.len())
         && version.iter().all(u8::is_ascii_graphic)
         && after.len() >= 4 + 8 + 1 + 2
@@ -167,8 +187,11 @@ fn status_flags(payload: &[u8]) -> Option<u16> {
     le16(rest)
 }
 
-fn is_eof(m: &Msg<'_>) -> bool {
-    m.body.first() == Some(&0xfe) && m.body_len < 9
+/// A classic EOF packet (0xFE, warnings, status): exactly 5 bytes. An OK
+/// with the 0xFE header (DEPRECATE_EOF) has at least 7, and a text row
+/// starting with 0xFE at least 9 (binary rows start with 0x00).
+fn is_classic_eof(m: &Msg<'_>) -> bool {
+    m.body.first() == Some(&0xfe) && m.body_len == 5
 }
 
 #[derive(Clone)]
@@ -203,8 +226,17 @@ enum Reply {
     /// DEPRECATE_EOF (unknown when the agent came late).
     ColumnsEnd,
     Rows,
-    /// Parameter and column definitions after COM_STMT_PREPARE's OK.
-    Definitions(u64),
+    /// Parameter then column definitions after COM_STMT_PREPARE's OK:
+    /// definitions left in this group, and the size of the group after it.
+    Definitions {
+        left: u16,
+        then: u16,
+    },
+    /// A group of definitions ended: a classic EOF follows unless
+    /// DEPRECATE_EOF.
+    DefinitionsEnd {
+        then: u16,
+    },
 }
 
 pub(crate) struct Session {
@@ -227,6 +259,8 @@ pub(crate) struct Session {
     /// continues it.
     client_continues: bool,
     server_continues: bool,
+    /// A chunk that held only the header of what may be the greeting.
+    greeting_header: Option<[u8; HEADER]>,
     alternation: Alternation,
 }
 
@@ -247,6 +281,7 @@ impl Default for Session {
             reply: Reply::First,
             client_continues: false,
             server_continues: false,
+            greeting_header: None,
             alternation: Alternation::default(),
         }
     }
@@ -269,15 +304,33 @@ impl Session {
                     .client(view, cx.ts, self.namespace.as_deref(), cx.out)
             }
             (Phase::Opaque, Direction::FromServer) => self.alternation.server(cx.ts),
-            (Phase::Greeting, Direction::FromServer) if !is_greeting(view.start()) => {
-                // Server bytes before any request: the agent came late.
-            }
+            (Phase::Greeting, Direction::FromServer) => self.greeting(view, cx),
             (Phase::Greeting, Direction::ToServer) => {
                 self.phase = Phase::Command;
                 self.client_chunk(view, cx);
             }
             (_, Direction::ToServer) => self.client_chunk(view, cx),
             (_, Direction::FromServer) => self.server_chunk(view, cx),
+        }
+    }
+
+    /// A server chunk before any request: the greeting, whole or (read in
+    /// two calls) its header and then its payload; anything else means the
+    /// agent came late.
+    fn greeting(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+        if let Some(header) = self.greeting_header.take() {
+            if is_split_greeting(&header, view.start()) {
+                let chunk = Chunk::whole(Direction::FromServer, cx.ts, &header);
+                self.server_chunk(&View::new(&chunk), cx);
+                self.server_chunk(view, cx);
+                return;
+            }
+        }
+        if is_greeting(view.start()) || self.server.mid_message() {
+            // (The rest of a greeting that began in the last chunk.)
+            self.server_chunk(view, cx);
+        } else {
+            self.greeting_header = greeting_header(view);
         }
     }
 
@@ -499,13 +552,14 @@ impl Session {
                         };
                         self.statements.insert(id, statement);
                     }
-                    // Each non-empty group of definitions ends with an EOF
-                    // unless DEPRECATE_EOF.
-                    let eofs = u64::from(self.deprecate_eof != Some(true));
-                    let group = |n: u16| if n > 0 { u64::from(n) + eofs } else { 0 };
-                    match group(params) + group(columns) {
-                        0 => self.finish(cx),
-                        n => self.reply = Reply::Definitions(n),
+                    // Parameter definitions, then column definitions.
+                    if params > 0 {
+                        self.reply = Reply::Definitions {
+                            left: params,
+                            then: columns,
+                        };
+                    } else {
+                        self.next_definitions(columns, cx);
                     }
                 }
                 (_, Some(0x00)) if m.body_len >= 7 => {
@@ -538,13 +592,13 @@ impl Session {
                 }
             }
             Reply::ColumnsEnd => {
-                // Handshake unseen: an EOF that ends its chunk is taken for
-                // the end of an empty result under DEPRECATE_EOF (a server
-                // writes a result's end last), otherwise for the EOF after
-                // the column definitions.
-                let classic = self.deprecate_eof == Some(false) || !m.ends_chunk;
                 self.reply = Reply::Rows;
-                if !(is_eof(m) && classic) {
+                if is_classic_eof(m) {
+                    self.deprecate_eof.get_or_insert(false);
+                } else {
+                    // No EOF after the definitions (possible only when the
+                    // handshake went unseen): a row or the result's end.
+                    self.deprecate_eof.get_or_insert(true);
                     self.reply(m, cx);
                 }
             }
@@ -556,10 +610,36 @@ impl Session {
                 }
                 _ => p.add_rows(1),
             },
-            Reply::Definitions(left) => match left.saturating_sub(1) {
-                0 => self.finish(cx),
-                n => self.reply = Reply::Definitions(n),
+            Reply::Definitions { left, then } => match left.saturating_sub(1) {
+                0 if self.deprecate_eof == Some(true) => self.next_definitions(then, cx),
+                0 => self.reply = Reply::DefinitionsEnd { then },
+                left => self.reply = Reply::Definitions { left, then },
             },
+            Reply::DefinitionsEnd { then } => {
+                if is_classic_eof(m) {
+                    self.deprecate_eof.get_or_insert(false);
+                    self.next_definitions(then, cx);
+                } else {
+                    // No EOF after the group (the handshake went unseen):
+                    // this packet is what follows it, a definition of the
+                    // next group or the next response.
+                    self.deprecate_eof.get_or_insert(true);
+                    self.next_definitions(then, cx);
+                    self.reply(m, cx);
+                }
+            }
+        }
+    }
+
+    /// After a group of definitions: the next group, or the response's end.
+    fn next_definitions(&mut self, then: u16, cx: &mut Ctx<'_>) {
+        if then > 0 {
+            self.reply = Reply::Definitions {
+                left: then,
+                then: 0,
+            };
+        } else {
+            self.finish(cx);
         }
     }
 
@@ -885,6 +965,142 @@ mod tests {
         d.client(b"\xff\xff\xff\xff junk");
         query(&mut d, "SELECT 3");
         assert_eq!(d.others().last(), Some(&Observation::Resynced));
+    }
+
+    const COM_STMT_RESET: u8 = 0x1a;
+
+    /// mysql-connector-python's session, every packet read as a header read
+    /// and a payload read: greeting, authentication, a ping, a prepare, and
+    /// executions each preceded by a reset.
+    #[test]
+    fn packets_read_header_then_payload() {
+        for deprecate in [true, false] {
+            let caps = if deprecate {
+                MY_CAPS
+            } else {
+                MY_CAPS & !CLIENT_DEPRECATE_EOF
+            };
+            let mut d = Drive::detect();
+            d.server_reads(&my_greeting());
+            assert_eq!(d.parser.system(), Some(DbSystem::Mysql), "{deprecate}");
+            d.client(&my_handshake_response(caps, "app", Some("orders")));
+            d.server_reads(&my_ok(2, 0, 0x0002));
+            assert_eq!(
+                d.others(),
+                vec![Observation::Startup {
+                    user: Some("app".into()),
+                    database: Some("orders".into())
+                }]
+            );
+            assert!(d.take().is_empty());
+
+            d.client(&my_packet(0, &[COM_PING]));
+            d.server_reads(&my_ok(1, 0, 0x0002));
+            assert_eq!(one(&mut d).operation.as_deref(), Some("PING"));
+
+            let mut prepare = vec![COM_STMT_PREPARE];
+            prepare.extend(b"SELECT name FROM items WHERE id = ?");
+            d.client(&my_packet(0, &prepare));
+            d.server_reads(&my_prepare_ok(1, 1, 1, deprecate));
+            let rt = one(&mut d);
+            assert_eq!((rt.prepared, rt.rows), (true, None));
+            assert_eq!(rt.end_ns, d.ts, "the prepare ends with its last packet");
+
+            for id in 1..=3 {
+                let mut reset = vec![COM_STMT_RESET];
+                reset.extend(1u32.to_le_bytes());
+                d.client(&my_packet(0, &reset));
+                d.server_reads(&my_ok(1, 0, 0x0002));
+                assert_eq!(one(&mut d).operation, None);
+
+                d.client(&my_execute(1, id));
+                let start = d.ts;
+                d.server_reads(&my_binary_result_set(&["one"], deprecate, 0x0002));
+                let rt = one(&mut d);
+                assert_eq!(
+                    rt.query.as_deref(),
+                    Some("SELECT name FROM items WHERE id = ?")
+                );
+                assert_eq!(
+                    (rt.rows, rt.start_ns, rt.end_ns),
+                    (Some(1), start, d.ts),
+                    "deprecate {deprecate}"
+                );
+                assert_eq!(rt.namespace.as_deref(), Some("orders"));
+            }
+            query(&mut d, "SELECT name FROM items");
+            d.server_reads(&my_result_set(&["a", "b"], deprecate, 0x0003));
+            assert_eq!(one(&mut d).rows, Some(2));
+            assert_eq!(d.parser.tx_state(), Some(TxState::InTransaction));
+            assert!(d.others().is_empty(), "{:?}", d.others());
+        }
+    }
+
+    /// The agent came late (no handshake seen): whether EOFs follow the
+    /// definitions is learnt from the packets, read one by one or not.
+    #[test]
+    fn late_attach_executes_read_per_packet() {
+        for deprecate in [true, false] {
+            for per_packet in [true, false] {
+                let mut d = Drive::detect();
+                let feed = |d: &mut Drive, bytes: &[u8]| {
+                    if per_packet {
+                        d.server_reads(bytes);
+                    } else {
+                        d.server(bytes);
+                    }
+                };
+                let mut prepare = vec![COM_STMT_PREPARE];
+                prepare.extend(b"SELECT c FROM t WHERE a = ? AND b = ?");
+                d.client(&my_packet(0, &prepare));
+                assert_eq!(d.parser.system(), Some(DbSystem::Mysql));
+                feed(&mut d, &my_prepare_ok(4, 2, 1, deprecate));
+                for _ in 0..2 {
+                    d.client(&my_execute(4, 7));
+                    feed(&mut d, &my_binary_result_set(&["x"], deprecate, 0x0002));
+                }
+                query(&mut d, "SELECT 1");
+                feed(&mut d, &my_result_set(&[], deprecate, 0x0002));
+                let rts = d.take();
+                let got: Vec<_> = rts.iter().map(|r| (r.prepared, r.rows)).collect();
+                assert_eq!(
+                    got,
+                    vec![
+                        (true, None),
+                        (true, Some(1)),
+                        (true, Some(1)),
+                        (false, Some(0))
+                    ],
+                    "deprecate {deprecate}, per packet {per_packet}"
+                );
+                assert!(d.others().is_empty(), "{:?}", d.others());
+            }
+        }
+    }
+
+    #[test]
+    fn a_greeting_split_anywhere_is_followed() {
+        let mut stream = my_greeting();
+        stream.extend(my_handshake_response(MY_CAPS, "u", Some("d")));
+        let greeting = my_greeting().len();
+        for cut in 1..greeting {
+            let mut d = Drive::new(Some(DbSystem::Mysql));
+            d.server(&stream[..cut]);
+            d.server(&stream[cut..greeting]);
+            d.client(&stream[greeting..]);
+            d.server_reads(&my_ok(2, 0, 0));
+            // Cut elsewhere, a first read too short to look like a
+            // greeting's start makes the agent take itself for late.
+            let want = if cut == 4 || is_greeting(&stream[..cut]) {
+                vec![Observation::Startup {
+                    user: Some("u".into()),
+                    database: Some("d".into()),
+                }]
+            } else {
+                vec![]
+            };
+            assert_eq!(d.others(), want, "cut {cut}");
+        }
     }
 
     #[test]

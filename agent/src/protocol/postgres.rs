@@ -445,35 +445,39 @@ impl Session {
                 let (name, rest) = cstr(body);
                 let (operation, query) = describe(cstr(rest).0, cx.raw, Dialect::Standard);
                 let statement = Statement { operation, query };
+                batch(&mut self.book, Some(&statement), cx);
                 if terminated(body, 1) {
-                    self.statements.insert(name.to_vec(), statement.clone());
+                    self.statements.insert(name.to_vec(), statement);
                 }
-                self.batch(Some(&statement), cx);
             }
             b'B' => {
                 let (portal, rest) = cstr(body);
                 let (name, _) = cstr(rest);
-                if terminated(body, 2) {
+                // The same portal bound to the same statement again (the
+                // unnamed portal, each execution): nothing to remember.
+                if terminated(body, 2) && self.portals.get(portal).map(Vec::as_slice) != Some(name)
+                {
                     self.portals.insert(portal.to_vec(), name.to_vec());
                 }
-                let statement = self.statements.get(&name.to_vec()).cloned();
-                self.batch(statement.as_ref(), cx);
+                batch(&mut self.book, self.statements.get(name), cx);
             }
             b'E' => {
-                let statement = self.portal_statement(cstr(body).0);
-                self.batch(statement.as_ref(), cx);
+                let statement = portal_statement(&self.portals, &self.statements, cstr(body).0);
+                batch(&mut self.book, statement, cx);
             }
             b'D' => {
                 let statement = match body.split_first() {
-                    Some((b'S', name)) => self.statements.get(&cstr(name).0.to_vec()).cloned(),
-                    Some((b'P', name)) => self.portal_statement(cstr(name).0),
+                    Some((b'S', name)) => self.statements.get(cstr(name).0),
+                    Some((b'P', name)) => {
+                        portal_statement(&self.portals, &self.statements, cstr(name).0)
+                    }
                     _ => None,
                 };
-                self.batch(statement.as_ref(), cx);
+                batch(&mut self.book, statement, cx);
             }
             b'C' => match body.split_first() {
-                Some((b'S', name)) => self.statements.remove(&cstr(name).0.to_vec()),
-                Some((b'P', name)) => self.portals.remove(&cstr(name).0.to_vec()),
+                Some((b'S', name)) => self.statements.remove(cstr(name).0),
+                Some((b'P', name)) => self.portals.remove(cstr(name).0),
                 _ => {}
             },
             b'S' => match self.book.back_mut() {
@@ -497,26 +501,30 @@ impl Session {
         }
         Flow::Continue
     }
+}
 
-    fn portal_statement(&self, portal: &[u8]) -> Option<Statement> {
-        let name = self.portals.get(&portal.to_vec())?;
-        self.statements.get(name).cloned()
+/// The statement a portal was bound to.
+fn portal_statement<'s>(
+    portals: &BoundedMap<Vec<u8>, Vec<u8>>,
+    statements: &'s BoundedMap<Vec<u8>, Statement>,
+    portal: &[u8],
+) -> Option<&'s Statement> {
+    statements.get(portals.get(portal)?.as_slice())
+}
+
+/// Adds a Parse/Bind/Describe/Execute to the extended-protocol batch being
+/// sent (until Sync), opening one if needed.
+fn batch(book: &mut Book, statement: Option<&Statement>, cx: &mut Ctx<'_>) {
+    if !book.back_mut().is_some_and(|p| p.open) {
+        let p = Pending {
+            open: true,
+            prepared: true,
+            ..Pending::new(cx.ts)
+        };
+        book.push(p, cx.out);
     }
-
-    /// Adds a Parse/Bind/Describe/Execute to the extended-protocol batch
-    /// being sent (until Sync), opening one if needed.
-    fn batch(&mut self, statement: Option<&Statement>, cx: &mut Ctx<'_>) {
-        if !self.book.back_mut().is_some_and(|p| p.open) {
-            let p = Pending {
-                open: true,
-                prepared: true,
-                ..Pending::new(cx.ts)
-            };
-            self.book.push(p, cx.out);
-        }
-        if let Some(p) = self.book.back_mut() {
-            p.describe(statement);
-        }
+    if let Some(p) = book.back_mut() {
+        p.describe(statement);
     }
 }
 

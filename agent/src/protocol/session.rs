@@ -2,6 +2,7 @@
 //! protocol shares (requests waiting for responses, bounded maps, timing of
 //! encrypted sessions).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
@@ -196,13 +197,21 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
         }
     }
 
-    pub(crate) fn get(&self, key: &K) -> Option<&V> {
+    pub(crate) fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.map.get(key)
     }
 
-    pub(crate) fn remove(&mut self, key: &K) {
+    pub(crate) fn remove<Q>(&mut self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if self.map.remove(key).is_some() {
-            self.order.retain(|k| k != key);
+            self.order.retain(|k| k.borrow() != key);
         }
     }
 
@@ -287,6 +296,10 @@ pub struct SessionParser {
     hint: Option<DbSystem>,
     raw: bool,
     looked: u8,
+    /// While detecting: the last server chunk was only a packet header that
+    /// may announce a MySQL greeting (the client reads header and payload
+    /// apart).
+    greeting_header: Option<[u8; 4]>,
     inner: Inner,
 }
 
@@ -298,6 +311,7 @@ impl SessionParser {
             hint: hint_port.and_then(DbSystem::from_port),
             raw: false,
             looked: 0,
+            greeting_header: None,
             inner: Inner::Detecting,
         }
     }
@@ -309,6 +323,7 @@ impl SessionParser {
             hint: Some(system),
             raw: false,
             looked: 0,
+            greeting_header: None,
             inner: Inner::of(system),
         }
     }
@@ -321,6 +336,12 @@ impl SessionParser {
             Inner::Redis(_) => Some(DbSystem::Redis),
             Inner::Detecting | Inner::Other => None,
         }
+    }
+
+    /// Detection concluded that the connection speaks no database protocol
+    /// we know: `feed` ignores everything from now on.
+    pub fn gave_up(&self) -> bool {
+        matches!(self.inner, Inner::Other)
     }
 
     /// The session switched to TLS (or GSSAPI encryption).
@@ -355,31 +376,47 @@ impl SessionParser {
         }
         let view = View::new(chunk);
         if let Inner::Detecting = self.inner {
-            match detect(chunk.direction, &view, self.hint) {
-                Some(system) => self.inner = Inner::of(system),
-                None => {
-                    // Servers may stream a while (the agent came late
-                    // during a long response): client chunks count more.
-                    self.looked += match chunk.direction {
-                        Direction::ToServer => DETECT_CHUNKS_MAX / DETECT_CLIENT_CHUNKS,
-                        Direction::FromServer => 1,
-                    };
-                    if self.looked >= DETECT_CHUNKS_MAX {
-                        self.inner = Inner::Other;
-                    }
-                    return;
+            let header = self.greeting_header.take();
+            if let Some(system) = detect(chunk.direction, &view, self.hint) {
+                self.inner = Inner::of(system);
+            } else if let (Direction::FromServer, Some(header)) = (chunk.direction, header) {
+                if mysql::is_split_greeting(&header, view.start()) {
+                    // The greeting's header came alone: replay it first.
+                    self.inner = Inner::of(DbSystem::Mysql);
+                    let first = Chunk::whole(Direction::FromServer, chunk.ts_ns, &header);
+                    self.parse(&first, &View::new(&first), out);
                 }
             }
+            if let Inner::Detecting = self.inner {
+                if chunk.direction == Direction::FromServer {
+                    self.greeting_header = mysql::greeting_header(&view);
+                }
+                // Servers may stream a while (the agent came late during a
+                // long response): client chunks count more.
+                self.looked += match chunk.direction {
+                    Direction::ToServer => DETECT_CHUNKS_MAX / DETECT_CLIENT_CHUNKS,
+                    Direction::FromServer => 1,
+                };
+                if self.looked >= DETECT_CHUNKS_MAX {
+                    self.inner = Inner::Other;
+                    self.greeting_header = None;
+                }
+                return;
+            }
         }
+        self.parse(chunk, &view, out);
+    }
+
+    fn parse(&mut self, chunk: &Chunk<'_>, view: &View<'_>, out: &mut Vec<Observation>) {
         let mut cx = Ctx {
             ts: chunk.ts_ns,
             raw: self.raw,
             out,
         };
         match &mut self.inner {
-            Inner::Postgres(s) => s.feed(chunk.direction, &view, &mut cx),
-            Inner::Mysql(s) => s.feed(chunk.direction, &view, &mut cx),
-            Inner::Redis(s) => s.feed(chunk.direction, &view, &mut cx),
+            Inner::Postgres(s) => s.feed(chunk.direction, view, &mut cx),
+            Inner::Mysql(s) => s.feed(chunk.direction, view, &mut cx),
+            Inner::Redis(s) => s.feed(chunk.direction, view, &mut cx),
             Inner::Detecting | Inner::Other => {}
         }
     }
@@ -401,12 +438,9 @@ fn detect(direction: Direction, view: &View<'_>, hint: Option<DbSystem>) -> Opti
                 // Direct TLS: PostgreSQL 17 and Redis can; MySQL greets first.
                 return hint.filter(|h| *h != DbSystem::Mysql);
             }
-            let mut order = vec![DbSystem::Redis, DbSystem::Postgresql, DbSystem::Mysql];
-            if let Some(h) = hint {
-                order.retain(|s| *s != h);
-                order.insert(0, h);
-            }
-            order.into_iter().find(|s| match s {
+            let order = [DbSystem::Redis, DbSystem::Postgresql, DbSystem::Mysql];
+            let rest = order.into_iter().filter(|s| Some(*s) != hint);
+            hint.into_iter().chain(rest).find(|s| match s {
                 DbSystem::Redis => redis::is_request_start(start),
                 DbSystem::Postgresql => postgres::is_request_start(view),
                 DbSystem::Mysql => mysql::is_command_start(view),
@@ -486,6 +520,63 @@ mod tests {
             p.feed(&Chunk::whole(dir, 1, &bytes), &mut out);
             assert_eq!(p.system(), want, "{:?}", String::from_utf8_lossy(&bytes));
         }
+    }
+
+    #[test]
+    fn greeting_read_in_two_calls_is_detected() {
+        let greeting = my_greeting();
+        let (header, payload) = greeting.split_at(4);
+        let mut p = SessionParser::new(None);
+        let mut out = Vec::new();
+        p.feed(&Chunk::whole(Direction::FromServer, 1, header), &mut out);
+        assert_eq!((p.system(), p.gave_up()), (None, false));
+        p.feed(&Chunk::whole(Direction::FromServer, 2, payload), &mut out);
+        assert_eq!(p.system(), Some(DbSystem::Mysql));
+        let response = my_handshake_response(MY_CAPS, "app", Some("db"));
+        p.feed(&Chunk::whole(Direction::ToServer, 3, &response), &mut out);
+        assert_eq!(
+            out,
+            vec![Observation::Startup {
+                user: Some("app".into()),
+                database: Some("db".into())
+            }]
+        );
+
+        // A header whose payload is not a greeting's detects nothing.
+        let mut p = SessionParser::new(Some(3306));
+        p.feed(&Chunk::whole(Direction::FromServer, 1, header), &mut out);
+        p.feed(
+            &Chunk::whole(Direction::FromServer, 2, &payload[1..]),
+            &mut out,
+        );
+        assert_eq!(p.system(), None);
+        // Nor does a payload whose header came with other bytes.
+        let mut p = SessionParser::new(Some(3306));
+        p.feed(
+            &Chunk::whole(Direction::FromServer, 1, &greeting[..5]),
+            &mut out,
+        );
+        p.feed(&Chunk::whole(Direction::FromServer, 2, payload), &mut out);
+        assert_eq!(p.system(), None);
+    }
+
+    #[test]
+    fn gives_up_after_a_few_client_chunks() {
+        let mut p = SessionParser::new(None);
+        let mut out = Vec::new();
+        for i in 0..3 {
+            p.feed(
+                &Chunk::whole(Direction::ToServer, i, b"GET / HTTP/1.1\r\n\r\n"),
+                &mut out,
+            );
+            assert!(!p.gave_up());
+        }
+        p.feed(
+            &Chunk::whole(Direction::ToServer, 4, b"GET / HTTP/1.1\r\n\r\n"),
+            &mut out,
+        );
+        assert!(p.gave_up());
+        assert!(!SessionParser::for_system(DbSystem::Redis).gave_up());
     }
 
     #[test]

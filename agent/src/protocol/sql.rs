@@ -1,6 +1,8 @@
 //! Query text: sanitizing (literals become `?`), the operation name, and the
 //! text caps shared by the parsers.
 
+use std::borrow::Cow;
+
 use super::{DbError, ERROR_MESSAGE_MAX_CHARS, QUERY_MAX_CHARS};
 
 /// Lexical rules that differ between servers.
@@ -29,67 +31,126 @@ pub fn sanitize(sql: &str) -> String {
 /// more than the output cap, but never unboundedly.
 const SCAN_OUT_MAX: usize = 4 * QUERY_MAX_CHARS;
 
+/// Works on the text's bytes: every character that steers the lexer is
+/// ASCII, and UTF-8 never repeats an ASCII byte inside a longer character,
+/// so multi-byte characters are decoded only where their class matters
+/// (whitespace or part of a word). One `String` is allocated for the
+/// output, plus one more when an `IN` list is collapsed.
 pub(crate) fn sanitize_dialect(sql: &str, dialect: Dialect) -> String {
-    let chars: Vec<char> = sql.chars().collect();
-    let mut out = Out::default();
+    let bytes = sql.as_bytes();
+    let mut out = Out {
+        text: String::with_capacity(sql.len().min(SCAN_OUT_MAX + 4)),
+        pending_space: false,
+        saw_in: false,
+    };
     let mut i = 0;
-    while i < chars.len() && out.text.len() < SCAN_OUT_MAX {
-        let c = chars[i];
-        let next = chars.get(i + 1).copied();
-        i = match c {
-            _ if c.is_whitespace() => {
+    while let Some(&b) = bytes.get(i) {
+        if out.text.len() >= SCAN_OUT_MAX {
+            break;
+        }
+        let next = bytes.get(i + 1).copied();
+        i = match b {
+            _ if !b.is_ascii() => {
+                let c = char_at(sql, i);
+                if c.is_whitespace() {
+                    out.space();
+                    i + c.len_utf8()
+                } else {
+                    word(sql, i, dialect, &mut out)
+                }
+            }
+            _ if is_ascii_space(b) => {
                 out.space();
                 i + 1
             }
-            '-' if next == Some('-') => {
+            b'-' if next == Some(b'-') => {
                 out.space();
-                skip_line(&chars, i)
+                skip_line(bytes, i)
             }
-            '#' if dialect == Dialect::Mysql => {
+            b'#' if dialect == Dialect::Mysql => {
                 out.space();
-                skip_line(&chars, i)
+                skip_line(bytes, i)
             }
-            '/' if next == Some('*') => {
+            b'/' if next == Some(b'*') => {
                 out.space();
-                skip_block_comment(&chars, i)
+                skip_block_comment(bytes, i)
             }
-            '\'' => {
+            b'\'' => {
                 out.literal();
-                skip_quoted(&chars, i, '\'', dialect == Dialect::Mysql)
+                skip_quoted(bytes, i, b'\'', dialect == Dialect::Mysql)
             }
-            '"' if dialect == Dialect::Mysql => {
+            b'"' if dialect == Dialect::Mysql => {
                 out.literal();
-                skip_quoted(&chars, i, '"', true)
+                skip_quoted(bytes, i, b'"', true)
             }
-            '"' => out.verbatim(&chars, i, skip_quoted(&chars, i, '"', false)),
-            '`' if dialect == Dialect::Mysql => {
-                out.verbatim(&chars, i, skip_quoted(&chars, i, '`', false))
+            b'"' => out.verbatim(sql, i, skip_quoted(bytes, i, b'"', false)),
+            b'`' if dialect == Dialect::Mysql => {
+                out.verbatim(sql, i, skip_quoted(bytes, i, b'`', false))
             }
-            '$' => dollar(&chars, i, &mut out),
-            _ if c.is_ascii_digit() || (c == '.' && next.is_some_and(|n| n.is_ascii_digit())) => {
+            b'$' => dollar(sql, i, &mut out),
+            _ if b.is_ascii_digit() || (b == b'.' && next.is_some_and(|n| n.is_ascii_digit())) => {
                 out.literal();
-                skip_number(&chars, i)
+                skip_number(bytes, i)
             }
-            '-' | '+' if out.sign_allowed() && starts_number(&chars, i + 1) => {
+            b'-' | b'+' if out.sign_allowed() && starts_number(bytes, i + 1) => {
                 out.literal();
-                skip_number(&chars, i + 1)
+                skip_number(bytes, i + 1)
             }
-            _ if is_ident_start(c) => word(&chars, i, dialect, &mut out),
+            _ if b.is_ascii_alphabetic() || b == b'_' => word(sql, i, dialect, &mut out),
             _ => {
-                out.push(c);
+                out.push(char::from(b));
                 i + 1
             }
         };
     }
-    let text = collapse_in_lists(out.text.trim());
-    truncate_chars(&text, QUERY_MAX_CHARS)
+    let mut text = out.text;
+    trim_in_place(&mut text);
+    if out.saw_in && find_in_list(&text).is_some() {
+        text = collapse_in_lists(&text);
+    }
+    truncate_in_place(&mut text, QUERY_MAX_CHARS);
+    text
+}
+
+/// The character starting at byte `i` (a boundary); U+FFFD if none, which
+/// the callers treat as one byte of a word.
+fn char_at(s: &str, i: usize) -> char {
+    s.get(i..)
+        .and_then(|rest| rest.chars().next())
+        .unwrap_or(char::REPLACEMENT_CHARACTER)
+}
+
+/// ASCII bytes that `char::is_whitespace` takes: TAB, LF, VT, FF, CR, space.
+fn is_ascii_space(b: u8) -> bool {
+    matches!(b, b'\t'..=b'\r' | b' ')
+}
+
+/// `str::trim` without a new allocation.
+fn trim_in_place(text: &mut String) {
+    let end = text.trim_end().len();
+    text.truncate(end);
+    let start = text.len() - text.trim_start().len();
+    if start > 0 {
+        text.drain(..start);
+    }
+}
+
+/// Keeps at most `max` characters of `text`.
+fn truncate_in_place(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    if let Some((at, _)) = text.char_indices().nth(max) {
+        text.truncate(at);
+    }
 }
 
 /// Output with whitespace collapsed and knowledge of the last token.
-#[derive(Default)]
 struct Out {
     text: String,
     pending_space: bool,
+    /// An `IN` keyword went out: there may be a list to collapse.
+    saw_in: bool,
 }
 
 impl Out {
@@ -97,17 +158,22 @@ impl Out {
         self.pending_space = !self.text.is_empty();
     }
 
-    fn push(&mut self, c: char) {
+    fn flush_space(&mut self) {
         if self.pending_space {
             self.text.push(' ');
             self.pending_space = false;
         }
+    }
+
+    fn push(&mut self, c: char) {
+        self.flush_space();
         self.text.push(c);
     }
 
     fn push_str(&mut self, s: &str) {
-        for c in s.chars() {
-            self.push(c);
+        if !s.is_empty() {
+            self.flush_space();
+            self.text.push_str(s);
         }
     }
 
@@ -115,10 +181,12 @@ impl Out {
         self.push('?');
     }
 
-    fn verbatim(&mut self, chars: &[char], from: usize, to: usize) -> usize {
-        for &c in chars.get(from..to).unwrap_or_default() {
-            self.push(c);
-        }
+    /// Copies `sql[from..to]` as it is; returns `to`.
+    fn verbatim(&mut self, sql: &str, from: usize, to: usize) -> usize {
+        let s = sql.get(from..to).unwrap_or_default();
+        // A quoted identifier may hold what looks like an `IN` list.
+        self.saw_in |= s.contains('(');
+        self.push_str(s);
         to
     }
 
@@ -140,33 +208,33 @@ fn is_ident_char(c: char) -> bool {
     is_ident_start(c) || c.is_ascii_digit() || c == '$'
 }
 
-fn starts_number(chars: &[char], i: usize) -> bool {
-    match chars.get(i) {
-        Some(c) if c.is_ascii_digit() => true,
-        Some('.') => chars.get(i + 1).is_some_and(|c| c.is_ascii_digit()),
+fn starts_number(bytes: &[u8], i: usize) -> bool {
+    match bytes.get(i) {
+        Some(b) if b.is_ascii_digit() => true,
+        Some(b'.') => bytes.get(i + 1).is_some_and(u8::is_ascii_digit),
         _ => false,
     }
 }
 
-fn skip_line(chars: &[char], i: usize) -> usize {
-    chars
+fn skip_line(bytes: &[u8], i: usize) -> usize {
+    bytes
         .get(i..)
-        .and_then(|rest| rest.iter().position(|&c| c == '\n'))
-        .map_or(chars.len(), |p| i + p + 1)
+        .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+        .map_or(bytes.len(), |p| i + p + 1)
 }
 
-fn skip_block_comment(chars: &[char], i: usize) -> usize {
+fn skip_block_comment(bytes: &[u8], i: usize) -> usize {
     // PostgreSQL nests block comments; MySQL does not, but nesting rarely
     // appears there and either way the comment is dropped.
     let mut depth = 0usize;
     let mut j = i;
-    while j < chars.len() {
-        match (chars[j], chars.get(j + 1)) {
-            ('/', Some('*')) => {
+    while let Some(&b) = bytes.get(j) {
+        match (b, bytes.get(j + 1)) {
+            (b'/', Some(b'*')) => {
                 depth += 1;
                 j += 2;
             }
-            ('*', Some('/')) => {
+            (b'*', Some(b'/')) => {
                 depth = depth.saturating_sub(1);
                 j += 2;
                 if depth == 0 {
@@ -176,19 +244,20 @@ fn skip_block_comment(chars: &[char], i: usize) -> usize {
             _ => j += 1,
         }
     }
-    chars.len()
+    bytes.len()
 }
 
 /// Index past the closing `quote` of the quoted run opening at `i`. A
-/// doubled quote is an escaped one; with `backslash`, so is `\x`.
-fn skip_quoted(chars: &[char], i: usize, quote: char, backslash: bool) -> usize {
+/// doubled quote is an escaped one; with `backslash`, so is `\x`. (A
+/// backslash before a multi-byte character skips only its first byte; the
+/// others cannot be taken for a quote.)
+fn skip_quoted(bytes: &[u8], i: usize, quote: u8, backslash: bool) -> usize {
     let mut j = i + 1;
-    while j < chars.len() {
-        let c = chars[j];
-        if backslash && c == '\\' {
+    while let Some(&b) = bytes.get(j) {
+        if backslash && b == b'\\' {
             j += 2;
-        } else if c == quote {
-            if chars.get(j + 1) == Some(&quote) {
+        } else if b == quote {
+            if bytes.get(j + 1) == Some(&quote) {
                 j += 2;
             } else {
                 return j + 1;
@@ -197,27 +266,27 @@ fn skip_quoted(chars: &[char], i: usize, quote: char, backslash: bool) -> usize 
             j += 1;
         }
     }
-    chars.len()
+    bytes.len()
 }
 
 /// Index past a number starting at `i`: decimal with fraction and exponent,
 /// or `0x..`/`0b..`; letters glued to it are taken too (`1abc` is not valid
 /// SQL, and splitting it would only leak half of it).
-fn skip_number(chars: &[char], i: usize) -> usize {
+fn skip_number(bytes: &[u8], i: usize) -> usize {
+    let hex = matches!(bytes.get(i + 1), Some(b'x' | b'X'));
     let mut j = i;
     let mut seen_e = false;
-    while let Some(&c) = chars.get(j) {
-        let take = c.is_ascii_alphanumeric()
-            || c == '_'
-            || (c == '.' && !seen_e)
-            || ((c == '+' || c == '-')
+    while let Some(&b) = bytes.get(j) {
+        let take = b.is_ascii_alphanumeric()
+            || b == b'_'
+            || (b == b'.' && !seen_e)
+            || ((b == b'+' || b == b'-')
                 && seen_e
-                && matches!(chars.get(j.wrapping_sub(1)), Some('e' | 'E')));
+                && matches!(bytes.get(j.wrapping_sub(1)), Some(b'e' | b'E')));
         if !take {
             break;
         }
-        let hex = chars.get(i + 1).is_some_and(|x| matches!(x, 'x' | 'X'));
-        if (c == 'e' || c == 'E') && !hex {
+        if (b == b'e' || b == b'E') && !hex {
             seen_e = true;
         }
         j += 1;
@@ -225,51 +294,74 @@ fn skip_number(chars: &[char], i: usize) -> usize {
     j
 }
 
+/// Index past the identifier characters from `i` on; `$` ends the run
+/// unless `dollar`.
+fn ident_end(sql: &str, i: usize, dollar: bool) -> usize {
+    let bytes = sql.as_bytes();
+    let mut j = i;
+    while let Some(&b) = bytes.get(j) {
+        if b.is_ascii() {
+            if !(b.is_ascii_alphanumeric() || b == b'_' || (dollar && b == b'$')) {
+                break;
+            }
+            j += 1;
+        } else {
+            let c = char_at(sql, j);
+            if c.is_whitespace() {
+                break;
+            }
+            j += c.len_utf8();
+        }
+    }
+    j
+}
+
 /// `$1` placeholders stay; `$tag$...$tag$` is a literal.
-fn dollar(chars: &[char], i: usize, out: &mut Out) -> usize {
+fn dollar(sql: &str, i: usize, out: &mut Out) -> usize {
+    let bytes = sql.as_bytes();
     let mut j = i + 1;
-    if chars.get(j).is_some_and(|c| c.is_ascii_digit()) {
-        while chars.get(j).is_some_and(|c| c.is_ascii_digit()) {
+    if bytes.get(j).is_some_and(u8::is_ascii_digit) {
+        while bytes.get(j).is_some_and(u8::is_ascii_digit) {
             j += 1;
         }
-        return out.verbatim(chars, i, j);
+        return out.verbatim(sql, i, j);
     }
-    while chars.get(j).is_some_and(|&c| is_ident_char(c) && c != '$') {
-        j += 1;
-    }
-    if chars.get(j) != Some(&'$') {
+    let j = ident_end(sql, j, false);
+    if bytes.get(j) != Some(&b'$') {
         // A lone `$`: not a quote, keep it.
         out.push('$');
         return i + 1;
     }
-    let tag = chars.get(i..=j).unwrap_or_default();
+    let tag = sql.get(i..=j).unwrap_or("$");
     out.literal();
     let body = j + 1;
-    (body..chars.len())
-        .find(|&k| chars.get(k..k + tag.len()) == Some(tag))
-        .map_or(chars.len(), |k| k + tag.len())
+    sql.get(body..)
+        .and_then(|rest| rest.find(tag))
+        .map_or(sql.len(), |k| body + k + tag.len())
 }
 
 /// An identifier or keyword, or a prefixed string literal (`E'..'`, `X'..'`,
 /// `B'..'`, `N'..'`, `U&'..'`).
-fn word(chars: &[char], i: usize, dialect: Dialect, out: &mut Out) -> usize {
-    let mut j = i;
-    while chars.get(j).is_some_and(|&c| is_ident_char(c)) {
-        j += 1;
-    }
-    let w: String = chars.get(i..j).unwrap_or_default().iter().collect();
-    let upper = w.to_ascii_uppercase();
-    let quote_at = if upper == "U" && chars.get(j) == Some(&'&') {
+fn word(sql: &str, i: usize, dialect: Dialect, out: &mut Out) -> usize {
+    let bytes = sql.as_bytes();
+    let j = ident_end(sql, i, true).max(i + 1);
+    let w = sql.get(i..j).unwrap_or_default();
+    let prefix = match w.as_bytes() {
+        [p] => p.to_ascii_uppercase(),
+        _ => 0,
+    };
+    let quote_at = if prefix == b'U' && bytes.get(j) == Some(&b'&') {
         j + 1
     } else {
         j
     };
-    if chars.get(quote_at) == Some(&'\'') && matches!(upper.as_str(), "E" | "X" | "B" | "N" | "U") {
+    if bytes.get(quote_at) == Some(&b'\'') && matches!(prefix, b'E' | b'X' | b'B' | b'N' | b'U') {
         out.literal();
-        let backslash = upper == "E" || dialect == Dialect::Mysql;
-        return skip_quoted(chars, quote_at, '\'', backslash);
+        let backslash = prefix == b'E' || dialect == Dialect::Mysql;
+        return skip_quoted(bytes, quote_at, b'\'', backslash);
     }
-    out.push_str(&w);
+    out.saw_in |= w.eq_ignore_ascii_case("in");
+    out.push_str(w);
     j
 }
 
@@ -334,29 +426,39 @@ fn is_in(i: u8, n: u8) -> bool {
 /// First SQL keyword, uppercased: the `db.operation.name`. Leading comments,
 /// whitespace and brackets are passed over; `None` if there is no keyword.
 pub(crate) fn operation(sql: &str) -> Option<String> {
-    let chars: Vec<char> = sql.chars().take(4 * QUERY_MAX_CHARS).collect();
+    // Only the first 4 * QUERY_MAX_CHARS characters are looked at.
+    const LOOK_MAX: usize = 4 * QUERY_MAX_CHARS;
+    let sql = if sql.len() <= LOOK_MAX {
+        sql
+    } else {
+        let end = sql
+            .char_indices()
+            .nth(LOOK_MAX)
+            .map_or(sql.len(), |(at, _)| at);
+        sql.get(..end).unwrap_or(sql)
+    };
+    let bytes = sql.as_bytes();
     let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        let next = chars.get(i + 1).copied();
-        i = if c.is_whitespace() || c == '(' || c == ';' {
-            i + 1
-        } else if c == '-' && next == Some('-') || c == '#' {
-            skip_line(&chars, i)
-        } else if c == '/' && next == Some('*') {
-            skip_block_comment(&chars, i)
-        } else {
-            break;
+    while let Some(&b) = bytes.get(i) {
+        let next = bytes.get(i + 1).copied();
+        i = match b {
+            b'(' | b';' => i + 1,
+            _ if is_ascii_space(b) => i + 1,
+            b'-' if next == Some(b'-') => skip_line(bytes, i),
+            b'#' => skip_line(bytes, i),
+            b'/' if next == Some(b'*') => skip_block_comment(bytes, i),
+            _ if !b.is_ascii() && char_at(sql, i).is_whitespace() => i + char_at(sql, i).len_utf8(),
+            _ => break,
         };
     }
-    let word: String = chars
-        .get(i..)
-        .unwrap_or_default()
+    let word = bytes.get(i..).unwrap_or_default();
+    let len = word
         .iter()
-        .take_while(|c| c.is_ascii_alphabetic() || **c == '_')
         .take(32)
-        .collect();
-    (!word.is_empty()).then(|| word.to_ascii_uppercase())
+        .take_while(|b| b.is_ascii_alphabetic() || **b == b'_')
+        .count();
+    let word = word.get(..len).unwrap_or_default();
+    (!word.is_empty()).then(|| String::from_utf8_lossy(word).to_ascii_uppercase())
 }
 
 /// The `operation` and `query` of a round trip from statement text as it
@@ -366,7 +468,10 @@ pub(crate) fn describe(
     raw: bool,
     dialect: Dialect,
 ) -> (Option<String>, Option<String>) {
-    let text = String::from_utf8_lossy(text);
+    let text = match std::str::from_utf8(text) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(text),
+    };
     let query = if raw {
         truncate_chars(text.trim(), QUERY_MAX_CHARS)
     } else {
@@ -377,6 +482,9 @@ pub(crate) fn describe(
 
 /// At most `max` characters of `s`.
 pub(crate) fn truncate_chars(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
     match s.char_indices().nth(max) {
         Some((at, _)) => s.get(..at).unwrap_or_default().to_string(),
         None => s.to_string(),

@@ -220,12 +220,7 @@ fn lenenc_str(s: &str) -> Vec<u8> {
 /// A text result set with one column and the given rows.
 pub(crate) fn my_result_set(rows: &[&str], deprecate_eof: bool, status: u16) -> Vec<u8> {
     let mut v = my_packet(1, &[1]);
-    let mut def = Vec::new();
-    for part in ["def", "db", "t", "t", "c", "c"] {
-        def.extend(lenenc_str(part));
-    }
-    def.extend([0x0c, 33, 0, 0, 0, 1, 0xfd, 0, 0, 0, 0, 0]);
-    v.extend(my_packet(2, &def));
+    v.extend(my_packet(2, &my_column_def("c")));
     let mut seq = 3u8;
     if !deprecate_eof {
         v.extend(my_eof(seq, status));
@@ -241,6 +236,95 @@ pub(crate) fn my_result_set(rows: &[&str], deprecate_eof: bool, status: u16) -> 
         v.extend(my_eof(seq, status));
     }
     v
+}
+
+fn my_column_def(name: &str) -> Vec<u8> {
+    let mut def = Vec::new();
+    for part in ["def", "db", "t", "t", name, name] {
+        def.extend(lenenc_str(part));
+    }
+    def.extend([0x0c, 33, 0, 0, 0, 1, 0xfd, 0, 0, 0, 0, 0]);
+    def
+}
+
+/// COM_STMT_PREPARE's response: the OK (statement `id`), the parameter
+/// definitions, then the column definitions, each group followed by an EOF
+/// unless `deprecate_eof`.
+pub(crate) fn my_prepare_ok(id: u32, params: u16, columns: u16, deprecate_eof: bool) -> Vec<u8> {
+    let mut ok = vec![0x00];
+    ok.extend(id.to_le_bytes());
+    ok.extend(columns.to_le_bytes());
+    ok.extend(params.to_le_bytes());
+    ok.extend([0, 0, 0]);
+    let mut v = my_packet(1, &ok);
+    let mut seq = 2u8;
+    for n in [params, columns] {
+        for i in 0..n {
+            v.extend(my_packet(seq, &my_column_def(&format!("c{i}"))));
+            seq = seq.wrapping_add(1);
+        }
+        if n > 0 && !deprecate_eof {
+            v.extend(my_eof(seq, 0x0002));
+            seq = seq.wrapping_add(1);
+        }
+    }
+    v
+}
+
+/// COM_STMT_EXECUTE of statement `id` with one integer parameter.
+pub(crate) fn my_execute(id: u32, param: u32) -> Vec<u8> {
+    let mut p = vec![0x17];
+    p.extend(id.to_le_bytes());
+    // No cursor, iteration count 1, NULL bitmap, new-params-bound, LONG.
+    p.extend([0, 1, 0, 0, 0, 0, 1, 3, 0]);
+    p.extend(param.to_le_bytes());
+    my_packet(0, &p)
+}
+
+/// A binary result set (COM_STMT_EXECUTE's) with one column and the given
+/// rows.
+pub(crate) fn my_binary_result_set(rows: &[&str], deprecate_eof: bool, status: u16) -> Vec<u8> {
+    let mut v = my_packet(1, &[1]);
+    v.extend(my_packet(2, &my_column_def("c")));
+    let mut seq = 3u8;
+    if !deprecate_eof {
+        v.extend(my_eof(seq, status));
+        seq += 1;
+    }
+    for row in rows {
+        // Header 0x00, a NULL bitmap of (columns + 7 + 2) / 8 bytes, values.
+        let mut p = vec![0x00, 0x00];
+        p.extend(lenenc_str(row));
+        v.extend(my_packet(seq, &p));
+        seq = seq.wrapping_add(1);
+    }
+    if deprecate_eof {
+        v.extend(my_eof_ok(seq, status));
+    } else {
+        v.extend(my_eof(seq, status));
+    }
+    v
+}
+
+/// The reads of a client that reads each packet's 4-byte header and then
+/// its payload (mysql-connector-python): `stream` cut into those pieces.
+pub(crate) fn my_reads(stream: &[u8]) -> Vec<&[u8]> {
+    let mut reads = Vec::new();
+    let mut rest = stream;
+    while rest.len() >= 4 {
+        let len = usize::from(rest[0]) | usize::from(rest[1]) << 8 | usize::from(rest[2]) << 16;
+        let (header, after) = rest.split_at(4);
+        let (payload, after) = after.split_at(len.min(after.len()));
+        reads.push(header);
+        if !payload.is_empty() {
+            reads.push(payload);
+        }
+        rest = after;
+    }
+    if !rest.is_empty() {
+        reads.push(rest);
+    }
+    reads
 }
 
 // ---- Redis ----
@@ -295,6 +379,15 @@ impl Drive {
 
     pub(crate) fn server(&mut self, data: &[u8]) -> &mut Self {
         self.send(Direction::FromServer, data)
+    }
+
+    /// `data` read by the client packet by packet, header and payload apart
+    /// (MySQL).
+    pub(crate) fn server_reads(&mut self, data: &[u8]) -> &mut Self {
+        for read in my_reads(data) {
+            self.server(read);
+        }
+        self
     }
 
     pub(crate) fn round_trips(&self) -> Vec<RoundTrip> {
