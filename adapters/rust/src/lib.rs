@@ -1,0 +1,678 @@
+//! Tells the poolscope agent what a Rust application's connection pool does:
+//! when connections are created, handed out, returned and closed, and how
+//! long callers wait for one. The agent joins these events to the sockets it
+//! sees in the kernel, so that a leak report can say which pool holds a
+//! connection, which thread took it, and since when.
+//!
+//! The wire format is docs/adapter-protocol.md (version 1): one JSON object
+//! per Unix datagram, sent to `$POOLSCOPE_ADAPTER_SOCKET`, else
+//! `/run/poolscope/adapter.sock`. The agent names the sender from the
+//! kernel's credentials, so no message carries a pid.
+//!
+//! Reporting never gets in the application's way: sends are non-blocking,
+//! and when the agent is absent (`ENOENT`, `ECONNREFUSED`) or a message
+//! cannot be built, it is dropped and counted, never a panic or an error.
+//! See [`Reporter`] for what happens when the agent is present but busy.
+//!
+//! - [`Reporter`]: the socket, for any pool library.
+//! - [`PoolReporter`]: one pool's messages, with request ids for acquires.
+//! - `deadpool_pg` (feature `deadpool-postgres`): a deadpool-postgres pool
+//!   that reports by itself, naming each connection by its socket.
+
+#![cfg(unix)]
+
+use std::{
+    collections::VecDeque,
+    io,
+    net::SocketAddr,
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::net::UnixDatagram,
+    },
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak,
+    },
+    thread,
+    time::Duration,
+};
+
+use serde_json::{Map, Value};
+
+#[cfg(feature = "deadpool-postgres")]
+pub mod deadpool_pg;
+
+/// Protocol version.
+pub const PROTOCOL_VERSION: u64 = 1;
+/// Where the agent listens unless `POOLSCOPE_ADAPTER_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/poolscope/adapter.sock";
+/// The environment variable naming the agent's socket.
+pub const SOCKET_ENV: &str = "POOLSCOPE_ADAPTER_SOCKET";
+/// The agent refuses larger datagrams; we do not send them.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// Longest pool name (and other text field) the agent accepts, in characters.
+pub const MAX_TEXT_CHARS: usize = 128;
+/// Messages kept in order while the agent's queue is full (see [`Reporter`]).
+pub const MAX_BACKLOG: usize = 16_384;
+
+/// How often the background sender retries while the agent's queue is full.
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+/// How long the background sender keeps retrying a full queue before it
+/// gives the backlog up (the agent is not reading).
+const BACKLOG_GIVE_UP: Duration = Duration::from_secs(5);
+/// Messages the background sender sends per hold of the lock.
+const BACKLOG_BATCH: usize = 64;
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the kernel's clock, which the agent
+/// uses too. 0 if the clock cannot be read (never on Linux).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// The calling thread's id (what `/proc/<pid>/task/<tid>` names), if the
+/// platform has one.
+pub fn current_tid() -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        u32::try_from(tid).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// Which connection a message means: the client side's `ip:port` for TCP,
+/// the socket's fd in this process, or both (the agent tries the fd first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnId {
+    pub local_address: Option<SocketAddr>,
+    pub fd: Option<RawFd>,
+}
+
+impl ConnId {
+    /// Names a socket by its fd and, for TCP, its local address
+    /// (`getsockname`). For a Unix socket only the fd names it.
+    pub fn of_socket(fd: &impl AsRawFd) -> ConnId {
+        let fd = fd.as_raw_fd();
+        ConnId {
+            local_address: local_inet_address(fd),
+            fd: (fd >= 0).then_some(fd),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.local_address.is_none() && self.fd.is_none()
+    }
+
+    fn write(&self, msg: &mut Map<String, Value>) {
+        if let Some(local) = self.local_address {
+            msg.insert("local_address".into(), Value::String(local.to_string()));
+        }
+        if let Some(fd) = self.fd {
+            msg.insert("fd".into(), Value::from(fd));
+        }
+    }
+}
+
+/// The local `ip:port` of an IPv4 or IPv6 socket, from `getsockname`.
+fn local_inet_address(fd: RawFd) -> Option<SocketAddr> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage is writable for `len` bytes; getsockname writes at
+    // most that much and sets len.
+    let rc = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    match i32::from(storage.ss_family) {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the kernel wrote a sockaddr_in (family AF_INET, length checked).
+            let sin: libc::sockaddr_in = unsafe {
+                std::ptr::read_unaligned((&storage as *const libc::sockaddr_storage).cast())
+            };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the kernel wrote a sockaddr_in6 (family AF_INET6, length checked).
+            let sin6: libc::sockaddr_in6 = unsafe {
+                std::ptr::read_unaligned((&storage as *const libc::sockaddr_storage).cast())
+            };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// What a pool is, for the `pool` message. Every field is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolInfo {
+    /// `postgresql`, `mysql` or `redis`.
+    pub db_system: Option<String>,
+    pub server_address: Option<String>,
+    pub server_port: Option<u16>,
+    /// The database.
+    pub namespace: Option<String>,
+    /// Most connections the pool opens.
+    pub max: Option<u32>,
+    pub min_idle: Option<u32>,
+    pub idle_max: Option<u32>,
+    /// The pool library, e.g. `deadpool-postgres`.
+    pub library: Option<String>,
+}
+
+/// How an acquire ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireResult {
+    /// The caller got this connection.
+    Ok(ConnId),
+    /// The pool gave up waiting.
+    Timeout,
+    /// The pool failed (could not connect, was closed...), or the caller
+    /// stopped waiting.
+    Error,
+}
+
+/// What a [`Reporter`] did with the messages it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReporterStats {
+    /// Handed to the kernel (queued at the agent's socket).
+    pub sent: u64,
+    /// Given up: no agent, a full backlog, or a message that could not be built.
+    pub dropped: u64,
+    /// Waiting in the backlog for room in the agent's queue.
+    pub backlogged: u64,
+    /// Ever put in the backlog because the agent's queue was full (sent
+    /// later, or dropped if the agent made no room).
+    pub deferred: u64,
+}
+
+/// The connection to the agent: an unbound, non-blocking Unix datagram
+/// socket. Cheap to clone (clones share the socket); `Send + Sync`.
+///
+/// Sends never block and never fail the caller:
+/// - no agent (`ENOENT`, `ECONNREFUSED`, ...): the message is dropped;
+/// - the agent's queue is full (`EAGAIN`: Linux queues only
+///   `net.unix.max_dgram_qlen` datagrams per socket, 10 by default, and a
+///   pool under load sends bursts): the message goes to an in-memory backlog
+///   of at most [`MAX_BACKLOG`] messages that a background thread sends on,
+///   in order, as the agent makes room (and drops if it makes none within
+///   5 s). While the backlog is not empty new messages queue behind it, so
+///   the agent always sees a connection's events in the order they
+///   happened (a `release` before the next `acquire_end` of that
+///   connection). Each message carries its own `mono_ns`, so a late
+///   delivery does not shift the times the agent records.
+#[derive(Clone)]
+pub struct Reporter {
+    inner: Option<Arc<Inner>>,
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporter")
+            .field("socket", &self.socket_path())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    socket: UnixDatagram,
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    wake: Condvar,
+    sender_started: AtomicBool,
+    sent: AtomicU64,
+    dropped: AtomicU64,
+    deferred: AtomicU64,
+}
+
+/// What one non-blocking send did.
+enum Sent {
+    Ok,
+    Full,
+    Failed,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Vec<u8>>> {
+        // A panic while holding the lock leaves a valid queue behind.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn try_send(&self, bytes: &[u8]) -> Sent {
+        match self.socket.send_to(bytes, &self.path) {
+            Ok(_) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+                Sent::Ok
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Full,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Sent::Full,
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                Sent::Failed
+            }
+        }
+    }
+
+    /// Sends queued messages until the queue is empty or the agent's is
+    /// full (at most `limit`). Returns whether the queue is now empty.
+    fn drain(&self, queue: &mut VecDeque<Vec<u8>>, limit: usize) -> bool {
+        for _ in 0..limit {
+            let Some(front) = queue.front() else {
+                return true;
+            };
+            match self.try_send(front) {
+                Sent::Ok | Sent::Failed => {
+                    queue.pop_front();
+                }
+                Sent::Full => return false,
+            }
+        }
+        queue.is_empty()
+    }
+
+    fn send(self: &Arc<Self>, bytes: Vec<u8>) {
+        let mut queue = self.lock();
+        if queue.is_empty() {
+            match self.try_send(&bytes) {
+                Sent::Ok | Sent::Failed => return,
+                Sent::Full => {}
+            }
+        } else if self.drain(&mut queue, BACKLOG_BATCH) {
+            match self.try_send(&bytes) {
+                Sent::Ok | Sent::Failed => return,
+                Sent::Full => {}
+            }
+        }
+        if queue.len() >= MAX_BACKLOG {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        queue.push_back(bytes);
+        self.deferred.fetch_add(1, Ordering::Relaxed);
+        drop(queue);
+        self.start_sender();
+        self.wake.notify_one();
+    }
+
+    /// Starts the background sender the first time the agent's queue is full.
+    fn start_sender(self: &Arc<Self>) {
+        if self.sender_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = thread::Builder::new()
+            .name("poolscope-adapter".into())
+            .spawn(move || background_sender(weak));
+        if spawned.is_err() {
+            // No thread: the backlog drains on later sends instead.
+            self.sender_started.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Sends the backlog as the agent makes room; exits with the last Reporter.
+fn background_sender(weak: Weak<Inner>) {
+    let mut stuck_since: Option<std::time::Instant> = None;
+    loop {
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        let mut queue = inner.lock();
+        if queue.is_empty() {
+            stuck_since = None;
+            // Wake up now and then to notice that every Reporter is gone.
+            let (guard, _) = inner
+                .wake
+                .wait_timeout(queue, Duration::from_millis(500))
+                .unwrap_or_else(PoisonError::into_inner);
+            queue = guard;
+            if queue.is_empty() {
+                continue;
+            }
+        }
+        let before = queue.len();
+        let empty = inner.drain(&mut queue, BACKLOG_BATCH);
+        if empty || queue.len() < before {
+            stuck_since = None;
+        } else {
+            let since = *stuck_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= BACKLOG_GIVE_UP {
+                // The agent is not reading: give the backlog up.
+                inner
+                    .dropped
+                    .fetch_add(queue.len() as u64, Ordering::Relaxed);
+                queue.clear();
+                stuck_since = None;
+            }
+        }
+        drop(queue);
+        drop(inner);
+        if !empty {
+            thread::sleep(BACKLOG_RETRY);
+        }
+    }
+}
+
+impl Reporter {
+    /// Sends to `$POOLSCOPE_ADAPTER_SOCKET`, else [`DEFAULT_SOCKET`].
+    pub fn from_env() -> Reporter {
+        Reporter::with_socket(socket_path_from(std::env::var_os(SOCKET_ENV)))
+    }
+
+    /// Sends to the agent socket at `path`. If no socket can be made (out
+    /// of file descriptors), the reporter is disabled.
+    pub fn with_socket(path: impl Into<PathBuf>) -> Reporter {
+        let socket = UnixDatagram::unbound().and_then(|s| {
+            s.set_nonblocking(true)?;
+            Ok(s)
+        });
+        Reporter {
+            inner: socket.ok().map(|socket| {
+                Arc::new(Inner {
+                    path: path.into(),
+                    socket,
+                    queue: Mutex::new(VecDeque::new()),
+                    wake: Condvar::new(),
+                    sender_started: AtomicBool::new(false),
+                    sent: AtomicU64::new(0),
+                    dropped: AtomicU64::new(0),
+                    deferred: AtomicU64::new(0),
+                })
+            }),
+        }
+    }
+
+    /// A reporter that sends nothing.
+    pub fn disabled() -> Reporter {
+        Reporter { inner: None }
+    }
+
+    /// The agent socket this reporter sends to, if enabled.
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.inner.as_deref().map(|i| i.path.as_path())
+    }
+
+    pub fn stats(&self) -> ReporterStats {
+        match &self.inner {
+            Some(inner) => ReporterStats {
+                sent: inner.sent.load(Ordering::Relaxed),
+                dropped: inner.dropped.load(Ordering::Relaxed),
+                backlogged: inner.lock().len() as u64,
+                deferred: inner.deferred.load(Ordering::Relaxed),
+            },
+            None => ReporterStats::default(),
+        }
+    }
+
+    /// Waits up to `timeout` for the backlog to be sent (for a clean exit);
+    /// returns whether it is empty. Does nothing without a backlog.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(inner) = &self.inner else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let mut queue = inner.lock();
+                if inner.drain(&mut queue, BACKLOG_BATCH) {
+                    return true;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(BACKLOG_RETRY);
+        }
+    }
+
+    /// Sends one message: `v`, `kind`, `pool` and `mono_ns` are added to
+    /// `fields`. Messages the agent would refuse (an empty pool name, more
+    /// than 4096 bytes) are dropped here.
+    pub fn send(&self, kind: &str, pool: &str, mut fields: Map<String, Value>) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let pool = truncate(pool);
+        if pool.is_empty() {
+            inner.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        fields.insert("v".into(), Value::from(PROTOCOL_VERSION));
+        fields.insert("kind".into(), Value::String(kind.into()));
+        fields.insert("pool".into(), Value::String(pool.into()));
+        fields.insert("mono_ns".into(), Value::from(monotonic_ns()));
+        match serde_json::to_vec(&fields) {
+            Ok(bytes) if bytes.len() <= MAX_MESSAGE_BYTES => inner.send(bytes),
+            _ => {
+                inner.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `pool`: registers (or updates) a pool.
+    pub fn pool(&self, pool: &str, info: &PoolInfo) {
+        let mut m = Map::new();
+        let mut text = |key: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                m.insert(key.into(), Value::String(truncate(v).into()));
+            }
+        };
+        text("db_system", &info.db_system);
+        text("server_address", &info.server_address);
+        text("namespace", &info.namespace);
+        text("library", &info.library);
+        let numbers = [
+            ("server_port", info.server_port.map(u32::from)),
+            ("max", info.max),
+            ("min_idle", info.min_idle),
+            ("idle_max", info.idle_max),
+        ];
+        for (key, value) in numbers {
+            if let Some(v) = value {
+                m.insert(key.into(), Value::from(v));
+            }
+        }
+        self.send("pool", pool, m);
+    }
+
+    /// `connection_created`: the pool opened a connection, ready to use.
+    pub fn connection_created(&self, pool: &str, conn: ConnId) {
+        self.conn_message("connection_created", pool, conn);
+    }
+
+    /// `acquire_start`: a caller (this thread) asks for a connection.
+    /// `request` must be unique among the pool's waiting requests.
+    pub fn acquire_start(&self, pool: &str, request: u64) {
+        let mut m = Map::new();
+        m.insert("request".into(), Value::from(request));
+        if let Some(tid) = current_tid() {
+            m.insert("tid".into(), Value::from(tid));
+        }
+        self.send("acquire_start", pool, m);
+    }
+
+    /// `acquire_end`: the caller (this thread) got a connection or gave up.
+    pub fn acquire_end(&self, pool: &str, request: u64, result: AcquireResult) {
+        let mut m = Map::new();
+        m.insert("request".into(), Value::from(request));
+        let result = match result {
+            AcquireResult::Ok(conn) => {
+                conn.write(&mut m);
+                "ok"
+            }
+            AcquireResult::Timeout => "timeout",
+            AcquireResult::Error => "error",
+        };
+        m.insert("result".into(), Value::String(result.into()));
+        if let Some(tid) = current_tid() {
+            m.insert("tid".into(), Value::from(tid));
+        }
+        self.send("acquire_end", pool, m);
+    }
+
+    /// `release`: the caller returned the connection to the pool.
+    pub fn release(&self, pool: &str, conn: ConnId) {
+        self.conn_message("release", pool, conn);
+    }
+
+    /// `connection_closed`: the pool closed or discarded the connection.
+    pub fn connection_closed(&self, pool: &str, conn: ConnId) {
+        self.conn_message("connection_closed", pool, conn);
+    }
+
+    fn conn_message(&self, kind: &str, pool: &str, conn: ConnId) {
+        if conn.is_empty() {
+            // The agent would refuse it: nothing names the connection.
+            if let Some(inner) = &self.inner {
+                inner.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let mut m = Map::new();
+        conn.write(&mut m);
+        self.send(kind, pool, m);
+    }
+}
+
+/// The agent socket named by the environment variable's value, if set and
+/// not empty.
+fn socket_path_from(env: Option<std::ffi::OsString>) -> PathBuf {
+    env.filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// At most [`MAX_TEXT_CHARS`] characters, as the agent requires.
+fn truncate(text: &str) -> &str {
+    match text.char_indices().nth(MAX_TEXT_CHARS) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+/// One pool's side of the protocol: its name, its reporter, and request ids
+/// for acquires. Share it (`Arc`) among the pool's users.
+#[derive(Debug)]
+pub struct PoolReporter {
+    reporter: Reporter,
+    name: String,
+    next_request: AtomicU64,
+}
+
+impl PoolReporter {
+    /// `name` must be unique within the process (at most 128 characters;
+    /// longer names are cut).
+    pub fn new(reporter: Reporter, name: &str) -> PoolReporter {
+        PoolReporter {
+            reporter,
+            name: truncate(name).to_string(),
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
+    pub fn register(&self, info: &PoolInfo) {
+        self.reporter.pool(&self.name, info);
+    }
+
+    /// Sends `acquire_start` and returns the pending acquire, which sends
+    /// `acquire_end` when finished, or `result: "error"` if dropped unfinished
+    /// (the caller stopped waiting: a cancelled future, a panic).
+    pub fn acquire_start(&self) -> PendingAcquire<'_> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.reporter.acquire_start(&self.name, request);
+        PendingAcquire {
+            pool: self,
+            request,
+            done: false,
+        }
+    }
+
+    pub fn connection_created(&self, conn: ConnId) {
+        self.reporter.connection_created(&self.name, conn);
+    }
+
+    pub fn release(&self, conn: ConnId) {
+        self.reporter.release(&self.name, conn);
+    }
+
+    pub fn connection_closed(&self, conn: ConnId) {
+        self.reporter.connection_closed(&self.name, conn);
+    }
+}
+
+/// An acquire in progress (see [`PoolReporter::acquire_start`]).
+#[derive(Debug)]
+#[must_use = "dropping it reports the acquire as failed"]
+pub struct PendingAcquire<'a> {
+    pool: &'a PoolReporter,
+    request: u64,
+    done: bool,
+}
+
+impl PendingAcquire<'_> {
+    pub fn request(&self) -> u64 {
+        self.request
+    }
+
+    pub fn finish(mut self, result: AcquireResult) {
+        self.done = true;
+        self.pool
+            .reporter
+            .acquire_end(&self.pool.name, self.request, result);
+    }
+}
+
+impl Drop for PendingAcquire<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.pool
+                .reporter
+                .acquire_end(&self.pool.name, self.request, AcquireResult::Error);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

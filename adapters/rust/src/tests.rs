@@ -1,0 +1,378 @@
+//! The messages as the agent receives them: a datagram socket bound in a
+//! temp dir stands in for the agent.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    os::unix::net::UnixStream,
+    sync::atomic::AtomicU32,
+    time::Instant,
+};
+
+use super::*;
+
+/// A bound datagram socket in its own temp dir, removed on drop.
+pub(crate) struct FakeAgent {
+    dir: PathBuf,
+    path: PathBuf,
+    socket: UnixDatagram,
+}
+
+impl FakeAgent {
+    pub(crate) fn new() -> FakeAgent {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "poolscope-adapter-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("adapter.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind the fake agent");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        FakeAgent { dir, path, socket }
+    }
+
+    pub(crate) fn reporter(&self) -> Reporter {
+        Reporter::with_socket(&self.path)
+    }
+
+    pub(crate) fn recv(&self) -> Value {
+        let mut buf = vec![0u8; 65536];
+        let n = self.socket.recv(&mut buf).expect("a datagram within 5 s");
+        assert!(n <= MAX_MESSAGE_BYTES, "datagram of {n} bytes");
+        serde_json::from_slice(&buf[..n]).expect("the datagram is JSON")
+    }
+
+    /// Whether a datagram arrives within 100 ms (consuming it).
+    pub(crate) fn pending(&self) -> bool {
+        self.socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        let mut buf = vec![0u8; 65536];
+        let got = self.socket.recv(&mut buf).is_ok();
+        self.socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        got
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Checks the envelope every message has, and that it claims no pid.
+pub(crate) fn check_envelope(msg: &Value, kind: &str, pool: &str) {
+    assert_eq!(msg["v"], 1, "{msg}");
+    assert_eq!(msg["kind"], kind, "{msg}");
+    assert_eq!(msg["pool"], pool, "{msg}");
+    assert!(msg.get("pid").is_none(), "never sends a pid: {msg}");
+    let mono = msg["mono_ns"].as_u64().expect("mono_ns is an integer");
+    let now = monotonic_ns();
+    assert!(
+        mono <= now && now - mono < 5_000_000_000,
+        "mono_ns {mono} is CLOCK_MONOTONIC (now {now})"
+    );
+}
+
+#[test]
+fn pool_registration_carries_what_is_known() {
+    let agent = FakeAgent::new();
+    let reporter = agent.reporter();
+    reporter.pool(
+        "orders",
+        &PoolInfo {
+            db_system: Some("postgresql".into()),
+            server_address: Some("10.0.0.5".into()),
+            server_port: Some(5432),
+            namespace: Some("shop".into()),
+            max: Some(15),
+            min_idle: Some(5),
+            idle_max: None,
+            library: Some("deadpool-postgres".into()),
+        },
+    );
+    let msg = agent.recv();
+    check_envelope(&msg, "pool", "orders");
+    assert_eq!(msg["db_system"], "postgresql");
+    assert_eq!(msg["server_address"], "10.0.0.5");
+    assert_eq!(msg["server_port"], 5432);
+    assert_eq!(msg["namespace"], "shop");
+    assert_eq!(msg["max"], 15);
+    assert_eq!(msg["min_idle"], 5);
+    assert!(msg.get("idle_max").is_none(), "absent fields are left out");
+    assert_eq!(msg["library"], "deadpool-postgres");
+    assert_eq!(
+        reporter.stats(),
+        ReporterStats {
+            sent: 1,
+            ..ReporterStats::default()
+        }
+    );
+}
+
+#[test]
+fn an_acquire_names_its_request_thread_and_connection() {
+    let agent = FakeAgent::new();
+    let pool = PoolReporter::new(agent.reporter(), "p");
+    let conn = ConnId {
+        local_address: Some("127.0.0.1:51234".parse().expect("addr")),
+        fd: Some(12),
+    };
+    let pending = pool.acquire_start();
+    let request = pending.request();
+    pending.finish(AcquireResult::Ok(conn));
+    pool.release(conn);
+    let tid = current_tid().expect("Linux has thread ids");
+
+    let start = agent.recv();
+    check_envelope(&start, "acquire_start", "p");
+    assert_eq!(start["request"], request);
+    assert_eq!(start["tid"], tid);
+
+    let end = agent.recv();
+    check_envelope(&end, "acquire_end", "p");
+    assert_eq!(end["request"], request);
+    assert_eq!(end["result"], "ok");
+    assert_eq!(end["local_address"], "127.0.0.1:51234");
+    assert_eq!(end["fd"], 12);
+    assert_eq!(end["tid"], tid);
+    assert!(
+        end["mono_ns"].as_u64() >= start["mono_ns"].as_u64(),
+        "the clock only goes forward"
+    );
+
+    let release = agent.recv();
+    check_envelope(&release, "release", "p");
+    assert_eq!(release["local_address"], "127.0.0.1:51234");
+    assert_eq!(release["fd"], 12);
+    assert!(release.get("request").is_none());
+
+    // Request ids are unique among a pool's acquires.
+    let a = pool.acquire_start();
+    let b = pool.acquire_start();
+    assert_ne!(a.request(), b.request());
+    assert_ne!(a.request(), request);
+    a.finish(AcquireResult::Timeout);
+    b.finish(AcquireResult::Error);
+    let _ = (agent.recv(), agent.recv());
+    let timeout = agent.recv();
+    assert_eq!(timeout["result"], "timeout");
+    assert!(timeout.get("fd").is_none() && timeout.get("local_address").is_none());
+    assert_eq!(agent.recv()["result"], "error");
+}
+
+#[test]
+fn an_abandoned_acquire_ends_as_an_error() {
+    let agent = FakeAgent::new();
+    let pool = PoolReporter::new(agent.reporter(), "p");
+    let pending = pool.acquire_start();
+    let request = pending.request();
+    drop(pending);
+    assert_eq!(agent.recv()["kind"], "acquire_start");
+    let end = agent.recv();
+    assert_eq!(end["kind"], "acquire_end");
+    assert_eq!(end["request"], request);
+    assert_eq!(end["result"], "error");
+}
+
+#[test]
+fn connection_events_by_fd_only_for_unix_sockets() {
+    let agent = FakeAgent::new();
+    let reporter = agent.reporter();
+    let (a, _b) = UnixStream::pair().expect("pair");
+    let unix = ConnId::of_socket(&a);
+    assert_eq!(unix.fd, Some(a.as_raw_fd()));
+    assert_eq!(unix.local_address, None);
+    reporter.connection_created("p", unix);
+    reporter.connection_closed("p", unix);
+    let created = agent.recv();
+    check_envelope(&created, "connection_created", "p");
+    assert_eq!(created["fd"], a.as_raw_fd());
+    assert!(created.get("local_address").is_none());
+    let closed = agent.recv();
+    check_envelope(&closed, "connection_closed", "p");
+    assert_eq!(closed["fd"], a.as_raw_fd());
+
+    // Nothing names the connection: the agent would refuse it, so it is
+    // not sent.
+    reporter.release("p", ConnId::default());
+    assert!(!agent.pending());
+    assert_eq!(reporter.stats().dropped, 1);
+}
+
+#[test]
+fn tcp_connections_are_named_by_local_address_and_fd() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let id = ConnId::of_socket(&stream);
+    assert_eq!(id.local_address, Some(stream.local_addr().expect("local")));
+    assert_eq!(id.fd, Some(stream.as_raw_fd()));
+
+    let v6 = TcpListener::bind("[::1]:0").ok();
+    if let Some(listener) = v6 {
+        let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let id = ConnId::of_socket(&stream);
+        assert_eq!(id.local_address, Some(stream.local_addr().expect("local")));
+    }
+}
+
+#[test]
+fn without_an_agent_messages_are_dropped_quietly() {
+    let dir = std::env::temp_dir().join(format!("poolscope-no-agent-{}", std::process::id()));
+    let reporter = Reporter::with_socket(dir.join("missing.sock"));
+    let pool = PoolReporter::new(reporter.clone(), "p");
+    let started = Instant::now();
+    for _ in 0..100 {
+        pool.acquire_start().finish(AcquireResult::Ok(ConnId {
+            local_address: None,
+            fd: Some(3),
+        }));
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "never blocks");
+    assert_eq!(
+        reporter.stats(),
+        ReporterStats {
+            dropped: 200,
+            ..ReporterStats::default()
+        }
+    );
+    // A disabled reporter does nothing at all.
+    let disabled = Reporter::disabled();
+    disabled.release("p", ConnId::default());
+    assert_eq!(disabled.stats(), ReporterStats::default());
+    assert_eq!(disabled.socket_path(), None);
+}
+
+#[test]
+fn a_full_agent_queue_keeps_messages_in_order() {
+    // Linux queues net.unix.max_dgram_qlen datagrams (10 by default) at
+    // a socket nobody reads; the rest must wait, in order, not be lost.
+    let agent = FakeAgent::new();
+    let reporter = agent.reporter();
+    let pool = PoolReporter::new(reporter.clone(), "burst");
+    let qlen: u64 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(10);
+    let n = 500 + qlen;
+    let started = Instant::now();
+    let mut requests = Vec::new();
+    for _ in 0..n {
+        let pending = pool.acquire_start();
+        requests.push(pending.request());
+        pending.finish(AcquireResult::Timeout);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "sending to a full queue does not block: {:?}",
+        started.elapsed()
+    );
+    let stats = reporter.stats();
+    assert!(
+        stats.backlogged > 0,
+        "a queue nobody reads fills up: {stats:?}"
+    );
+    for request in requests {
+        let start = agent.recv();
+        assert_eq!(start["kind"], "acquire_start");
+        assert_eq!(start["request"], request);
+        let end = agent.recv();
+        assert_eq!(end["kind"], "acquire_end");
+        assert_eq!(end["request"], request);
+    }
+    assert!(reporter.flush(Duration::from_secs(5)));
+    let stats = reporter.stats();
+    assert_eq!((stats.sent, stats.dropped, stats.backlogged), (2 * n, 0, 0));
+    assert!(stats.deferred >= 2 * n - qlen - 1, "{stats:?}");
+}
+
+#[test]
+fn concurrent_senders_keep_each_threads_order() {
+    let agent = FakeAgent::new();
+    let reporter = agent.reporter();
+    let threads = 4u64;
+    let per_thread = 200u64;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let reporter = reporter.clone();
+            s.spawn(move || {
+                for i in 0..per_thread {
+                    reporter.acquire_start("p", t * 1_000_000 + i);
+                }
+            });
+        }
+        let mut last = vec![None::<u64>; threads as usize];
+        for _ in 0..threads * per_thread {
+            let msg = agent.recv();
+            let request = msg["request"].as_u64().expect("request");
+            let (t, i) = ((request / 1_000_000) as usize, request % 1_000_000);
+            if let Some(prev) = last[t] {
+                assert!(i > prev, "thread {t}: {i} after {prev}");
+            }
+            last[t] = Some(i);
+        }
+    });
+    assert!(reporter.flush(Duration::from_secs(5)));
+    assert_eq!(reporter.stats().sent, threads * per_thread);
+    assert_eq!(reporter.stats().dropped, 0);
+}
+
+#[test]
+fn text_is_cut_to_what_the_agent_accepts() {
+    let agent = FakeAgent::new();
+    let reporter = agent.reporter();
+    let long = "é".repeat(300);
+    reporter.pool(
+        &long,
+        &PoolInfo {
+            namespace: Some(long.clone()),
+            ..PoolInfo::default()
+        },
+    );
+    let msg = agent.recv();
+    assert_eq!(msg["pool"].as_str().map(|s| s.chars().count()), Some(128));
+    assert_eq!(
+        msg["namespace"].as_str().map(|s| s.chars().count()),
+        Some(128)
+    );
+
+    // An empty pool name and an oversized message are never sent.
+    reporter.release(
+        "",
+        ConnId {
+            local_address: None,
+            fd: Some(3),
+        },
+    );
+    let mut huge = Map::new();
+    huge.insert("extra".into(), Value::String("x".repeat(5000)));
+    reporter.send("release", "p", huge);
+    assert!(!agent.pending());
+    assert_eq!(reporter.stats().dropped, 2);
+}
+
+#[test]
+fn the_socket_path_comes_from_the_environment() {
+    assert_eq!(
+        socket_path_from(Some("/tmp/x.sock".into())),
+        PathBuf::from("/tmp/x.sock")
+    );
+    assert_eq!(
+        socket_path_from(Some("".into())),
+        PathBuf::from(DEFAULT_SOCKET)
+    );
+    assert_eq!(socket_path_from(None), PathBuf::from(DEFAULT_SOCKET));
+}
+
+#[test]
+fn monotonic_clock_moves_forward() {
+    let a = monotonic_ns();
+    std::thread::sleep(Duration::from_millis(2));
+    let b = monotonic_ns();
+    assert!(a > 0 && b >= a + 2_000_000, "{a} then {b}");
+}

@@ -1,0 +1,352 @@
+//! The Rust pool adapter (adapters/rust, crate `poolscope-adapter`) against
+//! the real agent, kernel and PostgreSQL: a deadpool-postgres workload
+//! (`poolscope-adapter-testapp`, a workspace binary) reports its pool over
+//! the adapter socket, and the agent's `/api/v1/pools` must agree with the
+//! counts the application kept itself; a connection it then holds without
+//! using it must show up in `/api/v1/leaks` as `leaked`.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use poolscope::{
+    api::PoolsResponse,
+    detect::LeakKind,
+    lifecycle::PoolView,
+    reports::{LeakReport, LeaksResponse, ReportStatus},
+};
+use poolscope_tests::{
+    require_kernel, wait_until, Agent, DbSystem, Postgres, TempDir, Value, EVENT_TIMEOUT,
+};
+
+const POOL: &str = "rust-workload";
+const TASKS: u64 = 8;
+const CYCLES: u64 = 200;
+const MAX: u32 = 4;
+const LEAK_THRESHOLD_SECONDS: f64 = 3.0;
+const QUIET_SECONDS: f64 = 1.5;
+
+const TESTAPP: &str = "poolscope-adapter-testapp";
+
+/// The test app: `$POOLSCOPE_ADAPTER_TESTAPP`, else built now with cargo in
+/// the profile and target dir of this test binary (a no-op when it is up to
+/// date), so that a plain `cargo test -p poolscope-tests` runs the current
+/// source.
+fn testapp_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("POOLSCOPE_ADAPTER_TESTAPP") {
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "POOLSCOPE_ADAPTER_TESTAPP={} does not exist",
+            bin.display()
+        );
+        return bin;
+    }
+    // This test runs as <target>/<profile>/deps/adapter_rust-<hash>.
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in <target>/<profile>/deps");
+    let target_dir = profile_dir.parent().expect("<target>/<profile>");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(name) => name.to_string(),
+        None => panic!("unexpected test binary path {}", exe.display()),
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent");
+    let cargo = std::env::var_os("CARGO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(option_env!("CARGO").unwrap_or("cargo")));
+    let output = Command::new(&cargo)
+        .args(["build", "--quiet", "-p", TESTAPP, "--profile", &profile])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(workspace)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cargo.display()));
+    assert!(
+        output.status.success(),
+        "cargo build -p {TESTAPP} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bin = profile_dir.join(TESTAPP);
+    assert!(bin.is_file(), "cargo built no {}", bin.display());
+    bin
+}
+
+/// The workload child: one JSON line per answer on stdout.
+struct TestApp {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl TestApp {
+    fn spawn(socket: &Path, pg_port: u16) -> TestApp {
+        let bin = testapp_bin();
+        let mut child = Command::new(&bin)
+            .args(["--port", &pg_port.to_string()])
+            .args(["--tasks", &TASKS.to_string()])
+            .args(["--cycles", &CYCLES.to_string()])
+            .args(["--max", &MAX.to_string()])
+            .args(["--pool", POOL])
+            .env("POOLSCOPE_ADAPTER_SOCKET", socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        TestApp {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next answer; panics if none comes within `timeout`.
+    fn answer(&mut self, timeout: Duration) -> Value {
+        let line = match self.lines.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "no answer from the test app within {timeout:?} ({e}); exit status: {:?}",
+                self.child.try_wait()
+            ),
+        };
+        let value: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("the test app printed non-JSON ({e}): {line}"));
+        assert!(value.get("error").is_none(), "the test app failed: {value}");
+        value
+    }
+
+    fn command(&mut self, command: &str) -> Value {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{command}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {command:?} to the test app: {e}"));
+        self.answer(Duration::from_secs(30))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stdin = None;
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn count(answer: &Value, key: &str) -> u64 {
+    answer[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not a count in {answer}"))
+}
+
+fn pools(agent: &Agent) -> Vec<PoolView> {
+    let body = agent
+        .get("/api/v1/pools")
+        .unwrap_or_else(|e| panic!("GET /api/v1/pools: {e:#}"));
+    serde_json::from_str::<PoolsResponse>(&body)
+        .unwrap_or_else(|e| panic!("/api/v1/pools is not valid JSON ({e}): {body}"))
+        .pools
+}
+
+fn leaks(agent: &Agent) -> Vec<LeakReport> {
+    let body = agent
+        .get("/api/v1/leaks")
+        .unwrap_or_else(|e| panic!("GET /api/v1/leaks: {e:#}"));
+    serde_json::from_str::<LeaksResponse>(&body)
+        .unwrap_or_else(|e| panic!("/api/v1/leaks is not valid JSON ({e}): {body}"))
+        .reports
+}
+
+/// Polls the app's adapter pool until `ok` accepts it, for at most
+/// [`EVENT_TIMEOUT`]; panics with what the agent last showed and its log.
+fn wait_for_pool(agent: &Agent, pid: u32, what: &str, ok: impl Fn(&PoolView) -> bool) -> PoolView {
+    let mut last = Vec::new();
+    let found = wait_until(EVENT_TIMEOUT, || {
+        last = pools(agent).into_iter().filter(|p| p.pid == pid).collect();
+        last.iter().find(|p| p.name == POOL && ok(p)).cloned()
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "timed out after {EVENT_TIMEOUT:?} waiting for {what} (pid {pid})\n\
+             --- pools of pid {pid} ---\n{}\n--- connections ---\n{}\n--- agent log ---\n{}",
+            serde_json::to_string_pretty(&last).unwrap_or_default(),
+            serde_json::to_string_pretty(&agent.connections_of(pid)).unwrap_or_default(),
+            agent.log()
+        )
+    })
+}
+
+#[test]
+fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let dir = TempDir::new("poolscope-adapter-rust");
+    let socket = dir.path().join("adapter.sock");
+    let agent = Agent::start_with_config(
+        &format!(
+            "[adapter]\nsocket = \"{}\"\n\n[leaks]\nleak_threshold_seconds = {LEAK_THRESHOLD_SECONDS:.1}\n\
+             quiet_seconds = {QUIET_SECONDS:.1}\n",
+            socket.display()
+        ),
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists().then_some(())).is_some(),
+        "the agent never made its adapter socket {}\n{}",
+        socket.display(),
+        agent.log()
+    );
+
+    // The workload: 8 tasks x 200 get/query/drop cycles on a pool of 4.
+    let mut app = TestApp::spawn(&socket, pg.port);
+    let done = app.answer(Duration::from_secs(120));
+    eprintln!("the test app after its workload: {done}");
+    let pid = app.pid();
+    assert_eq!(count(&done, "pid"), u64::from(pid), "{done}");
+    let acquires = count(&done, "acquires");
+    let releases = count(&done, "releases");
+    assert_eq!(acquires, TASKS * CYCLES, "{done}");
+    assert_eq!(releases, TASKS * CYCLES, "{done}");
+    assert_eq!(count(&done, "dropped"), 0, "no message was lost: {done}");
+    assert_eq!(count(&done, "backlogged"), 0, "{done}");
+    assert!(count(&done, "pool_size") <= u64::from(MAX), "{done}");
+
+    let pool = wait_for_pool(&agent, pid, "the app's counts", |p| {
+        p.acquires == acquires && p.releases == releases && p.used == 0
+    });
+    assert!(pool.from_adapter, "{pool:?}");
+    assert_eq!(pool.max, Some(MAX), "{pool:?}");
+    assert_eq!(pool.used, 0, "{pool:?}");
+    assert!(
+        pool.idle >= 1 && pool.idle <= u64::from(MAX),
+        "the pool's open connections are idle: {pool:?}"
+    );
+    assert_eq!(pool.pending, 0, "{pool:?}");
+    assert_eq!(pool.timeouts, 0, "{pool:?}");
+    assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:?}");
+    assert_eq!(
+        pool.server.as_deref(),
+        Some(format!("127.0.0.1:{}", pg.port).as_str()),
+        "{pool:?}"
+    );
+    assert_eq!(pool.namespace.as_deref(), Some("postgres"), "{pool:?}");
+    assert_eq!(
+        pool.library.as_deref(),
+        Some("deadpool-postgres"),
+        "{pool:?}"
+    );
+    // Every connection the pool opened is the kernel's connection of the
+    // app to the server, joined to the pool.
+    let conns: Vec<_> = agent
+        .connections_of(pid)
+        .into_iter()
+        .filter(|c| c.remote_port == Some(pg.port) && c.closed_at.is_none())
+        .collect();
+    assert_eq!(
+        conns.len() as u64,
+        pool.idle,
+        "the pool's connections are the app's open connections to the server: {}",
+        serde_json::to_string_pretty(&conns).unwrap_or_default()
+    );
+
+    // A connection checked out and never used: leaked, within the threshold
+    // plus two seconds.
+    let held = app.command("leak");
+    let held_at = Instant::now();
+    let held_local = held["local_address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the held connection has a local address: {held}"))
+        .to_string();
+    let held_fd = held["fd"].as_i64().expect("the held connection's fd");
+    let deadline = Duration::from_secs_f64(LEAK_THRESHOLD_SECONDS + 2.0);
+    let mut last = Vec::new();
+    let leak = wait_until(deadline, || {
+        last = leaks(&agent).into_iter().filter(|r| r.pid == pid).collect();
+        last.iter()
+            .find(|r| r.kind == LeakKind::Leaked && r.status == ReportStatus::Open)
+            .cloned()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no open `leaked` report for pid {pid} within {deadline:?} of checking out \
+             {held_local} (fd {held_fd})\n--- reports of pid {pid} ---\n{}\n--- pools ---\n{}\n\
+             --- agent log ---\n{}",
+            serde_json::to_string_pretty(&last).unwrap_or_default(),
+            serde_json::to_string_pretty(&pools(&agent)).unwrap_or_default(),
+            agent.log()
+        )
+    });
+    let found_after = held_at.elapsed();
+    assert!(found_after <= deadline, "found after {found_after:?}");
+    assert_eq!(leak.pool.as_deref(), Some(POOL), "{leak:?}");
+    assert_eq!(
+        leak.local_address.as_deref(),
+        Some(held_local.as_str()),
+        "{leak:?}"
+    );
+    assert_eq!(leak.fd.map(i64::from), Some(held_fd), "{leak:?}");
+    assert_eq!(leak.db_system, Some(DbSystem::Postgresql), "{leak:?}");
+    let held_for = leak.held_for_seconds.unwrap_or_default();
+    assert!(
+        held_for >= LEAK_THRESHOLD_SECONDS,
+        "reported only past the threshold: {leak:?}"
+    );
+    let tid = leak.holder_tid.expect("the leak names the holding thread");
+    assert!(
+        Path::new(&format!("/proc/{pid}/task/{tid}")).exists(),
+        "the holder tid {tid} is a thread of the app (pid {pid})"
+    );
+    // The pool shows the held connection as used.
+    wait_for_pool(&agent, pid, "one connection in use", |p| {
+        p.used == 1 && p.acquires == acquires + 1
+    });
+
+    // Returning it resolves the report.
+    let back = app.command("release");
+    assert_eq!(count(&back, "releases"), releases + 1, "{back}");
+    let resolved = wait_until(EVENT_TIMEOUT, || {
+        leaks(&agent)
+            .into_iter()
+            .find(|r| r.id == leak.id && r.status == ReportStatus::Resolved)
+    });
+    assert!(
+        resolved.is_some(),
+        "the leak report was not resolved once the connection came back:\n{}",
+        serde_json::to_string_pretty(&leaks(&agent)).unwrap_or_default()
+    );
+    wait_for_pool(&agent, pid, "all connections back", |p| {
+        p.used == 0 && p.releases == releases + 1
+    });
+}
