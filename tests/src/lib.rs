@@ -26,6 +26,8 @@ pub use poolscope::protocol::{DbSystem, TxState};
 pub use poolscope::reports::{SlowQueriesResponse, SlowQuery};
 pub use serde_json::{json, Value};
 
+pub mod otlp_receiver;
+
 /// The loopback address the fixtures' servers listen on.
 pub const LOCALHOST_V4: &str = "127.0.0.1";
 
@@ -1469,4 +1471,222 @@ mod tests {
         assert_eq!(metric_samples(text, "poolscope_connects_total").len(), 2);
         assert_eq!(metric_sample(text, "poolscope_connects"), None);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Node.js pool adapter (adapters/node)
+// ---------------------------------------------------------------------------
+
+/// `adapters/node`: the npm package `poolscope-adapter`.
+pub fn node_adapter_dir() -> PathBuf {
+    workspace_root().join("adapters").join("node")
+}
+
+/// True when `node`, the adapter's npm dependencies (`pg`) and its compiled
+/// Unix-datagram sender are all there. In CI (`CI=true`) a missing one is a
+/// failure, so that a runner without them cannot pass by skipping; elsewhere
+/// the test is skipped with what to run.
+pub fn require_node_adapter() -> bool {
+    let dir = node_adapter_dir();
+    let mut missing = Vec::new();
+    let node_runs = Command::new("node")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !node_runs {
+        missing.push("node (Debian's nodejs and npm)".to_string());
+    }
+    for (path, what) in [
+        ("node_modules/pg/package.json", "the npm dependencies"),
+        (
+            "build/Release/poolscope_adapter.node",
+            "the native sender (node-gyp)",
+        ),
+    ] {
+        if !dir.join(path).is_file() {
+            missing.push(format!("{what}: {}", dir.join(path).display()));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let text = format!(
+        "the Node.js adapter tests need {}; run cargo xtask setup (or npm ci in {})",
+        missing.join(", "),
+        dir.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{text}");
+    }
+    eprintln!("skipped: {text}");
+    false
+}
+
+// ===========================================================================
+// Pool adapters: the Python application with real pools, leak reports
+// through the CLI, pools, and the agent's memory. Used by
+// tests/tests/adapter_python.rs.
+// ===========================================================================
+
+pub use poolscope::api::PoolsResponse;
+pub use poolscope::detect::LeakKind;
+pub use poolscope::lifecycle::PoolView;
+pub use poolscope::reports::{LeakReport, LeaksResponse, ReportStatus};
+
+/// `adapters/python`: the Python adapter package, put on the app's
+/// PYTHONPATH.
+pub fn python_adapter_dir() -> PathBuf {
+    workspace_root().join("adapters/python")
+}
+
+/// An agent configuration with the adapter socket at `socket` and the
+/// given `[leaks]` thresholds (`("leak_threshold_seconds", 3.0)`, ...).
+pub fn adapter_config(socket: &Path, leaks: &[(&str, f64)]) -> String {
+    let mut toml = format!("[adapter]\nsocket = {:?}\n\n[leaks]\n", path_str(socket));
+    for (key, value) in leaks {
+        toml.push_str(&format!("{key} = {value:?}\n"));
+    }
+    toml
+}
+
+/// `tests/scripts/pool_app.py`: an application with real SQLAlchemy and
+/// psycopg_pool pools (and, when asked, the pool adapter), driven with one
+/// JSON request per line. Killed on drop.
+pub struct PoolApp {
+    pub pid: u32,
+    /// The native id of the app's main thread, which serves the requests
+    /// (and so checks out the connections that `checkout` holds).
+    pub tid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl PoolApp {
+    /// Starts the app; its adapter (if a pool is created with one) sends to
+    /// `adapter_socket`. Without a socket the variable is removed, so an
+    /// adapter would try the default path.
+    pub fn spawn(adapter_socket: Option<&Path>) -> PoolApp {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pool_app.py");
+        let mut cmd = Command::new(python3());
+        cmd.arg("-u")
+            .arg(&script)
+            .env("PYTHONPATH", python_adapter_dir())
+            .env_remove("POOLSCOPE_ADAPTER_SOCKET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(socket) = adapter_socket {
+            cmd.env("POOLSCOPE_ADAPTER_SOCKET", socket);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut app = PoolApp {
+            pid: child.id(),
+            tid: 0,
+            child,
+            stdin: Some(stdin),
+            stdout,
+        };
+        let answer = app.request(json!({"op": "pid"}));
+        assert_eq!(
+            answer["pid"].as_u64(),
+            Some(u64::from(app.pid)),
+            "the app runs in the process we spawned"
+        );
+        app.tid = answer["tid"]
+            .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
+            .expect("the app's thread id");
+        app
+    }
+
+    /// Sends one request and returns the answer; panics unless it is ok.
+    pub fn request(&mut self, request: Value) -> Value {
+        let line = request.to_string();
+        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
+        let mut answer = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("cannot read the app's answer to {line}: {e}"));
+        assert!(n > 0, "the app exited on {line}");
+        let answer: Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("the app's answer to {line} is not JSON ({e}): {answer}"));
+        assert_eq!(
+            answer["ok"],
+            Value::Bool(true),
+            "the app failed {line}: {answer}"
+        );
+        answer
+    }
+}
+
+impl Drop for PoolApp {
+    fn drop(&mut self) {
+        self.stdin = None;
+        kill_child(&mut self.child);
+    }
+}
+
+impl Agent {
+    /// Leak reports as `poolscope leaks --json --agent ADDR` prints them.
+    pub fn leaks_cli(&self) -> Vec<LeakReport> {
+        let output = Command::new(agent_bin())
+            .args(["leaks", "--json", "--agent", &self.addr.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run poolscope leaks");
+        assert!(
+            output.status.success(),
+            "poolscope leaks --json failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let response: LeaksResponse = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "poolscope leaks --json printed no valid JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        });
+        response.reports
+    }
+
+    /// `/api/v1/pools`.
+    pub fn pools(&self) -> Vec<PoolView> {
+        let body = self
+            .get("/api/v1/pools")
+            .unwrap_or_else(|e| panic!("GET /api/v1/pools: {e:#}"));
+        let response: PoolsResponse = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/api/v1/pools is not valid JSON ({e}): {body}"));
+        response.pools
+    }
+
+    /// The pool `name` of process `pid`, if the agent shows it.
+    pub fn pool(&self, pid: u32, name: &str) -> Option<PoolView> {
+        self.pools()
+            .into_iter()
+            .find(|p| p.pid == pid && p.name == name)
+    }
+
+    /// Sum of every sample matching `selector` (see [`metric_sample`]).
+    pub fn metric_sum(&self, selector: &str) -> f64 {
+        metric_samples(&self.metrics(), selector).iter().sum()
+    }
+}
+
+/// Resident memory of a process in KiB (VmRSS in /proc/PID/status).
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -29,7 +29,6 @@ mod postgres;
 mod redis;
 mod session;
 mod sql;
-mod sql_old;
 #[cfg(test)]
 mod testutil;
 

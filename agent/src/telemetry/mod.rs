@@ -30,6 +30,17 @@ use crate::{
     reports::{LeakChange, LeakReports},
 };
 
+/// Prometheus names that the exporter's derivation gets wrong: a `_count`
+/// suffix is reserved for histograms and summaries, so the semantic
+/// conventions' `db.client.connection.count` gauge is exposed as
+/// `db_client_connections` (OTLP keeps the OpenTelemetry name).
+fn prometheus_rename(name: &str) -> Option<&'static str> {
+    match name {
+        "db_client_connection_count" => Some("db_client_connections"),
+        _ => None,
+    }
+}
+
 /// Bucket bounds for connect and query durations, seconds (semconv's
 /// recommendation for database client durations).
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -470,9 +481,15 @@ impl Telemetry {
 
     /// The Prometheus text exposition format 0.0.4.
     pub fn render_prometheus(&self) -> anyhow::Result<String> {
+        let mut families = self.registry.gather();
+        for family in &mut families {
+            if let Some(renamed) = prometheus_rename(family.name()) {
+                family.set_name(renamed.to_string());
+            }
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&families, &mut buf)
             .context("cannot encode metrics")?;
         String::from_utf8(buf).context("metrics are not UTF-8")
     }

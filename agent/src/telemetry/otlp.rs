@@ -129,6 +129,7 @@ struct QueueProcessor {
     sender: Mutex<Option<SyncSender<QueuedRecord>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<ExportCounters>,
+    capacity: usize,
 }
 
 const LOG_BATCH: usize = 256;
@@ -152,6 +153,7 @@ impl QueueProcessor {
             sender: Mutex::new(Some(sender)),
             worker: Mutex::new(Some(worker)),
             counters,
+            capacity,
         })
     }
 }
@@ -210,6 +212,12 @@ impl LogProcessor for QueueProcessor {
             self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // The bound covers what waits in the channel and the batch being
+        // exported: both hold memory.
+        if self.counters.events_queued.load(Ordering::Relaxed) >= self.capacity as u64 {
+            self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match sender.try_send((data.clone(), instrumentation.clone())) {
             Ok(()) => {
                 self.counters.events_queued.fetch_add(1, Ordering::Relaxed);
