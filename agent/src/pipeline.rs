@@ -297,10 +297,17 @@ impl Pipeline {
                 let now = monotonic_ns();
                 // The adapter's own CLOCK_MONOTONIC is the kernel's; trust it
                 // when plausible, so that waits are measured where they happen.
+                // Adapters may hold messages back briefly when our queue is
+                // full, so an old timestamp is still the right one; only
+                // the future and the implausibly old are replaced.
                 let ts = received
                     .message
                     .mono_ns
-                    .filter(|&t| t <= now && now - t < 10_000_000_000)
+                    .filter(|&t| {
+                        t <= now.saturating_add(1_000_000_000)
+                            && now.saturating_sub(t) < 600_000_000_000
+                    })
+                    .map(|t| t.min(now))
                     .unwrap_or(now);
                 let outputs = match self.tracker.lock() {
                     Ok(mut tracker) => tracker.apply_adapter(received.pid, ts, received.message),

@@ -19,6 +19,8 @@ const MAX_PENDING: usize = 10_000;
 const MAX_UNMATCHED: usize = 1024;
 /// How long such a message waits for its connection.
 const UNMATCHED_TTL_NS: u64 = 5_000_000_000;
+/// Longest an acquire is taken to be waiting without its end.
+const PENDING_TTL_NS: u64 = 300_000_000_000;
 /// Pools per process; more are ignored (pool names become label values).
 const MAX_POOLS_PER_PROCESS: usize = 64;
 
@@ -233,6 +235,13 @@ impl Tracker {
             event @ (AdapterEvent::Release { .. }
             | AdapterEvent::ConnectionCreated { .. }
             | AdapterEvent::ConnectionClosed { .. }) => {
+                // Counted here, once, whether or not the connection is known
+                // yet (acquires are counted the same way).
+                if matches!(event, AdapterEvent::Release { .. }) {
+                    if let Some(p) = self.pools.get_mut(&key) {
+                        p.releases += 1;
+                    }
+                }
                 self.on_connection_event(pid, ts_ns, &pool, event, &mut out)
             }
         }
@@ -363,9 +372,6 @@ impl Tracker {
                     });
                 }
                 conn.holder_tid = None;
-                if let Some(p) = self.pools.get_mut(&(pid, pool.to_string())) {
-                    p.releases += 1;
-                }
             }
             // From connect() to a connection the pool can hand out.
             AdapterEvent::ConnectionCreated { .. } if conn.id.generation != 0 => {
@@ -412,5 +418,11 @@ impl Tracker {
     pub(super) fn expire_unmatched(&mut self, now_ns: u64) {
         self.unmatched
             .retain(|u| now_ns.saturating_sub(u.ts_ns) <= UNMATCHED_TTL_NS);
+        // An acquire whose end never arrived (a lost message, a crashed
+        // caller) must not count as waiting forever.
+        for pool in self.pools.values_mut() {
+            pool.pending
+                .retain(|_, (start, _)| now_ns.saturating_sub(*start) <= PENDING_TTL_NS);
+        }
     }
 }

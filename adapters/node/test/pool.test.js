@@ -1,0 +1,345 @@
+'use strict'
+// instrument() on a real pg.Pool (pg-pool underneath) whose clients are
+// fakes with real TCP sockets to a local server: the pool's own event order,
+// the sockets' real local addresses and fds, and no PostgreSQL needed.
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+const net = require('node:net')
+const { EventEmitter } = require('node:events')
+const { Pool } = require('pg')
+
+const { instrument, stats, _internal } = require('../lib/index')
+const { Receiver, eventually } = require('./helpers')
+
+function startServer(t) {
+  const sockets = new Set()
+  const server = net.createServer((s) => {
+    sockets.add(s)
+    s.on('close', () => sockets.delete(s))
+    s.on('error', () => {})
+  })
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () => {
+      t.after(() => {
+        for (const s of sockets) s.destroy()
+        server.close()
+      })
+      resolve(server.address().port)
+    })
+  })
+}
+
+/** Enough of pg.Client for pg-pool: connect, query, end, and a socket. */
+function fakeClientClass(port, behaviour = {}) {
+  return class FakeClient extends EventEmitter {
+    constructor(options) {
+      super()
+      // Where pg would say it connects (the fake really connects to `port`).
+      this.host = options.host || 'localhost'
+      this.port = options.port || 5432
+      this.database = options.database || 'postgres'
+      this._queryable = true
+      this._ending = false
+    }
+
+    connect(cb) {
+      if (behaviour.failConnect) {
+        setImmediate(() => cb(new Error('connection refused (fake)')))
+        return
+      }
+      const stream = net.connect(port, '127.0.0.1')
+      this.connection = { stream }
+      stream.once('connect', () => cb())
+      stream.once('error', (err) => cb(err))
+    }
+
+    query(text, values, cb) {
+      setImmediate(() => cb(undefined, { rows: [] }))
+    }
+
+    end(cb) {
+      this._ending = true
+      this._queryable = false
+      const stream = this.connection && this.connection.stream
+      if (!stream || stream.destroyed) {
+        if (cb) setImmediate(cb)
+        return
+      }
+      stream.once('close', () => {
+        this.emit('end')
+        if (cb) cb()
+      })
+      stream.destroy()
+    }
+
+    ref() {}
+    unref() {}
+  }
+}
+
+async function setup(t, poolOptions = {}, behaviour = {}) {
+  const port = await startServer(t)
+  const rx = new Receiver()
+  t.after(() => rx.close())
+  const pool = new Pool(
+    Object.assign(
+      { host: '127.0.0.1', port: 5432, database: 'shop', max: 2, Client: fakeClientClass(port, behaviour) },
+      poolOptions
+    )
+  )
+  instrument(pool, { name: 'orders', socketPath: rx.path })
+  return { pool, rx }
+}
+
+const kinds = (messages) => messages.map((m) => m.kind)
+
+test('registration names the pool, its server and its limits', async (t) => {
+  const { pool, rx } = await setup(t, { max: 4, min: 1 })
+  const [reg] = rx.messages()
+  const { mono_ns: monoNs, ...rest } = reg
+  assert.ok(Number.isInteger(monoNs) && monoNs > 0)
+  assert.deepEqual(rest, {
+    v: 1,
+    kind: 'pool',
+    pool: 'orders',
+    db_system: 'postgresql',
+    server_address: '127.0.0.1',
+    server_port: 5432,
+    library: 'node-postgres',
+    namespace: 'shop',
+    max: 4,
+    min_idle: 1,
+  })
+  assert.equal(stats(pool).pool, 'orders')
+  await pool.end()
+})
+
+test('acquire, release and close, in order, naming the real socket', async (t) => {
+  const { pool, rx } = await setup(t)
+  rx.messages() // registration
+  const client = await pool.connect()
+  const stream = client.connection.stream
+  const conn = { local_address: `${stream.localAddress}:${stream.localPort}`, fd: stream._handle.fd }
+  assert.ok(conn.fd > 2)
+  let m = rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'connection_created', 'acquire_end'])
+  assert.equal(m[0].request, 1)
+  assert.deepEqual({ local_address: m[1].local_address, fd: m[1].fd }, conn)
+  assert.equal(m[2].request, 1)
+  assert.equal(m[2].result, 'ok')
+  assert.deepEqual({ local_address: m[2].local_address, fd: m[2].fd }, conn)
+  assert.ok(m[2].mono_ns >= m[0].mono_ns)
+  assert.equal(m[2].tid, undefined, 'no tid from Node')
+
+  client.release()
+  m = rx.messages()
+  assert.deepEqual(kinds(m), ['release'])
+  assert.deepEqual({ local_address: m[0].local_address, fd: m[0].fd }, conn)
+
+  // The idle client is handed out again: no new connection.
+  const again = await pool.connect()
+  assert.equal(again, client)
+  m = rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'acquire_end'])
+  assert.equal(m[0].request, 2)
+  assert.equal(m[1].request, 2)
+  again.release()
+  rx.messages()
+
+  await pool.end()
+  m = await eventually(() => {
+    const got = rx.messages()
+    return got.length ? got : null
+  })
+  assert.deepEqual(kinds(m), ['connection_closed'])
+  assert.deepEqual({ local_address: m[0].local_address, fd: m[0].fd }, conn, 'named as it was while open')
+})
+
+test('the first connection corrects what the options guessed', async (t) => {
+  const { pool, rx } = await setup(t, { host: undefined, port: undefined, database: undefined })
+  assert.equal(rx.messages()[0].server_address, 'localhost')
+  await pool.query('SELECT 1')
+  const m = rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'pool', 'connection_created', 'acquire_end', 'release'])
+  assert.equal(m[1].namespace, 'postgres', 'the database the client used')
+  await pool.query('SELECT 1')
+  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'acquire_end', 'release'], 'only once')
+  await pool.end()
+})
+
+test('callback style, done() and pool.query are all seen', async (t) => {
+  const { pool, rx } = await setup(t)
+  rx.messages()
+  await new Promise((resolve, reject) => {
+    pool.connect((err, client, done) => {
+      if (err) return reject(err)
+      done()
+      resolve()
+    })
+  })
+  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'connection_created', 'acquire_end', 'release'])
+  await pool.query('SELECT 1')
+  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'acquire_end', 'release'])
+  await new Promise((resolve) => pool.query('SELECT 1', [], resolve))
+  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'acquire_end', 'release'])
+  await pool.end()
+})
+
+test('a waiter gets its own request id and its wait is measured', async (t) => {
+  const { pool, rx } = await setup(t, { max: 1 })
+  rx.messages()
+  const first = await pool.connect()
+  rx.messages()
+  const waiting = pool.connect()
+  assert.equal(pool.waitingCount, 1)
+  let m = rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start'])
+  const start = m[0]
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  first.release()
+  const second = await waiting
+  m = rx.messages()
+  assert.deepEqual(kinds(m), ['release', 'acquire_end'])
+  assert.equal(m[1].request, start.request)
+  assert.ok(m[1].mono_ns - start.mono_ns >= 45e6, 'waited about 50 ms')
+  second.release()
+  await pool.end()
+})
+
+test('a timed-out acquire ends with result timeout, a failed one with error', async (t) => {
+  const { pool, rx } = await setup(t, { max: 1, connectionTimeoutMillis: 30 })
+  rx.messages()
+  const held = await pool.connect()
+  rx.messages()
+  await assert.rejects(pool.connect(), /timeout/)
+  let m = rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'acquire_end'])
+  assert.equal(m[1].result, 'timeout')
+  assert.equal(m[1].request, m[0].request)
+  assert.equal(m[1].local_address, undefined)
+  held.release()
+  await pool.end()
+
+  const failing = await setup(t, {}, { failConnect: true })
+  failing.rx.messages()
+  await assert.rejects(failing.pool.connect(), /refused/)
+  m = failing.rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'acquire_end'])
+  assert.equal(m[1].result, 'error')
+  await failing.pool.end()
+})
+
+test('a double release is reported once and still throws as pg-pool does', async (t) => {
+  const { pool, rx } = await setup(t)
+  rx.messages()
+  const client = await pool.connect()
+  client.release()
+  assert.throws(() => client.release(), /already been released/)
+  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'connection_created', 'acquire_end', 'release'])
+  await pool.end()
+})
+
+test('release(err) reports the release, then the close', async (t) => {
+  const { pool, rx } = await setup(t)
+  rx.messages()
+  const client = await pool.connect()
+  rx.messages()
+  client.release(new Error('broken'))
+  const m = []
+  await eventually(() => {
+    m.push(...rx.messages())
+    return m.length >= 2
+  })
+  assert.deepEqual(kinds(m), ['release', 'connection_closed'])
+  await pool.end()
+})
+
+test('instrument never throws and is idempotent', async (t) => {
+  assert.equal(instrument(null), null)
+  assert.deepEqual(instrument({}), {})
+  const weird = { connect: 1, on: 2 }
+  assert.equal(instrument(weird), weird)
+  const { pool, rx } = await setup(t)
+  rx.messages()
+  assert.equal(instrument(pool, { name: 'again', socketPath: rx.path }), pool)
+  await pool.query('SELECT 1')
+  const m = rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'connection_created', 'acquire_end', 'release'], 'hooks installed once')
+  assert.ok(m.every((x) => x.pool === 'orders'))
+  await pool.end()
+})
+
+test('without an agent the pool works as before', async (t) => {
+  const port = await startServer(t)
+  const pool = new Pool({ max: 2, Client: fakeClientClass(port) })
+  instrument(pool, { name: 'lonely', socketPath: `/tmp/poolscope-absent-${process.pid}/adapter.sock` })
+  for (let i = 0; i < 5; i++) await pool.query('SELECT 1')
+  const s = stats(pool)
+  assert.equal(s.sent, 0)
+  assert.ok(s.dropped >= 16)
+  await pool.end()
+})
+
+test('default pool name and server come from options, URL, env, defaults', async () => {
+  const { serverFromOptions, formatAddress, isTimeout } = _internal
+  assert.deepEqual(serverFromOptions({ host: 'db', port: 6432, database: 'x' }, {}), {
+    host: 'db',
+    port: 6432,
+    database: 'x',
+  })
+  assert.deepEqual(serverFromOptions({ connectionString: 'postgres://u:p@[::1]:5433/shop' }, {}), {
+    host: '::1',
+    port: 5433,
+    database: 'shop',
+  })
+  assert.deepEqual(serverFromOptions({ connectionString: 'postgresql:///shop?host=/run/postgresql' }, {}), {
+    host: '/run/postgresql',
+    port: 5432,
+    database: 'shop',
+  })
+  assert.deepEqual(serverFromOptions({}, { PGHOST: 'h', PGPORT: '7', PGUSER: 'me' }), {
+    host: 'h',
+    port: 7,
+    database: 'me',
+  })
+  assert.deepEqual(serverFromOptions({}, {}), { host: 'localhost', port: 5432, database: undefined })
+  assert.equal(formatAddress('::1', 5), '[::1]:5')
+  assert.equal(formatAddress('10.0.0.1', 5), '10.0.0.1:5')
+  assert.equal(isTimeout(new Error('timeout exceeded when trying to connect')), true)
+  assert.equal(isTimeout(new Error('Connection terminated due to connection timeout')), true)
+  assert.equal(isTimeout(new Error('ECONNREFUSED')), false)
+
+  const rx = new Receiver()
+  try {
+    const pool = new Pool({ host: '127.0.0.1', port: 5439, database: 'shop' })
+    instrument(pool, { socketPath: rx.path })
+    assert.equal(rx.messages()[0].pool, '127.0.0.1:5439/shop')
+    const long = new Pool({})
+    instrument(long, { name: 'é'.repeat(300), socketPath: rx.path })
+    assert.equal(Array.from(rx.messages()[0].pool).length, 128)
+    await pool.end()
+    await long.end()
+  } finally {
+    rx.close()
+  }
+})
+
+test('IPv6 local addresses are bracketed', async (t) => {
+  const server = net.createServer((s) => s.on('error', () => {}))
+  const listening = await new Promise((resolve) => {
+    server.once('error', () => resolve(false))
+    server.listen(0, '::1', () => resolve(true))
+  })
+  if (!listening) {
+    t.skip('no IPv6 loopback here')
+    return
+  }
+  t.after(() => server.close())
+  const stream = net.connect(server.address().port, '::1')
+  await new Promise((resolve) => stream.once('connect', resolve))
+  const ref = _internal.connectionOf({ connection: { stream } })
+  assert.equal(ref.local_address, `[::1]:${stream.localPort}`)
+  assert.equal(ref.fd, stream._handle.fd)
+  stream.destroy()
+})

@@ -1,0 +1,383 @@
+//! The Node.js pool adapter (`adapters/node`) against a real PostgreSQL and
+//! the agent: a node-postgres `pg.Pool`, instrumented with
+//! `poolscope-adapter`, runs in a child process whose pid the test knows.
+//! What the agent shows for that pid (`/api/v1/pools`, `/api/v1/leaks`) must
+//! agree with what the application itself counted.
+//!
+//! Needs root (BPF), PostgreSQL, node, and `npm ci` in adapters/node (which
+//! `cargo xtask setup` runs); under `CI=true` a missing one fails the test.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use poolscope::{
+    api::PoolsResponse,
+    detect::LeakKind,
+    lifecycle::PoolView,
+    reports::{LeakReport, LeaksResponse, ReportStatus},
+};
+use poolscope_tests::*;
+
+/// The pool's name in the application (test/fixtures/pool_app.js).
+const POOL: &str = "node-orders";
+const POOL_MAX: u32 = 4;
+const CYCLES: u64 = 200;
+const WORKERS: u64 = 8;
+const LEAK_THRESHOLD_SECONDS: f64 = 3.0;
+const QUIET_SECONDS: f64 = 1.5;
+/// A leak must be reported this long after the threshold at the latest.
+const LEAK_REPORT_SLACK: Duration = Duration::from_secs(2);
+
+/// `adapters/node/test/fixtures/pool_app.js`, driven with one JSON request
+/// per line; killed on drop.
+struct NodeApp {
+    pid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl NodeApp {
+    fn spawn(pg: &Postgres, socket: &Path) -> NodeApp {
+        let dir = node_adapter_dir();
+        let script = dir.join("test/fixtures/pool_app.js");
+        let mut child = Command::new("node")
+            .arg(&script)
+            .current_dir(&dir)
+            .env("POOLSCOPE_ADAPTER_SOCKET", socket)
+            .env("PGHOST", LOCALHOST_V4)
+            .env("PGPORT", pg.port.to_string())
+            .env("PGUSER", "postgres")
+            .env("PGDATABASE", "postgres")
+            .env("POOL_NAME", POOL)
+            .env("POOL_MAX", POOL_MAX.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start node {}: {e}", script.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut app = NodeApp {
+            pid: child.id(),
+            child,
+            stdin: Some(stdin),
+            stdout,
+        };
+        let ready = app.read_answer("startup");
+        assert_eq!(
+            ready["pid"].as_u64(),
+            Some(u64::from(app.pid)),
+            "the app runs in the process we spawned: {ready}"
+        );
+        assert_eq!(
+            ready["adapter"],
+            Value::Bool(true),
+            "the adapter's native sender did not load: {ready}"
+        );
+        app
+    }
+
+    fn read_answer(&mut self, what: &str) -> Value {
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("cannot read the app's answer to {what}: {e}"));
+        assert!(n > 0, "the app exited on {what}");
+        let answer: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("the app's answer to {what} is not JSON ({e}): {line}"));
+        assert_eq!(
+            answer["ok"],
+            Value::Bool(true),
+            "the app failed {what}: {answer}"
+        );
+        answer
+    }
+
+    fn request(&mut self, request: Value) -> Value {
+        let line = request.to_string();
+        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
+        self.read_answer(&line)
+    }
+}
+
+impl Drop for NodeApp {
+    fn drop(&mut self) {
+        self.stdin = None;
+        if wait_exit(&mut self.child, Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn count(answer: &Value, key: &str) -> u64 {
+    answer[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in the app's answer: {answer}"))
+}
+
+fn pools_of(agent: &Agent, pid: u32) -> Vec<PoolView> {
+    let body = agent
+        .get("/api/v1/pools")
+        .unwrap_or_else(|e| panic!("GET /api/v1/pools: {e:#}"));
+    let response: PoolsResponse = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("/api/v1/pools is not valid JSON ({e}): {body}"));
+    response
+        .pools
+        .into_iter()
+        .filter(|p| p.pid == pid)
+        .collect()
+}
+
+fn leaks_of(agent: &Agent, pid: u32) -> Vec<LeakReport> {
+    let body = agent
+        .get("/api/v1/leaks")
+        .unwrap_or_else(|e| panic!("GET /api/v1/leaks: {e:#}"));
+    let response: LeaksResponse = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("/api/v1/leaks is not valid JSON ({e}): {body}"));
+    response
+        .reports
+        .into_iter()
+        .filter(|r| r.pid == pid)
+        .collect()
+}
+
+/// Polls the app's adapter pool in the agent until `ok` accepts it.
+fn wait_for_pool(
+    agent: &Agent,
+    app: &mut NodeApp,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&PoolView) -> bool,
+) -> PoolView {
+    let mut last = Vec::new();
+    let found = wait_until(within, || {
+        last = pools_of(agent, app.pid);
+        last.iter().find(|p| p.name == POOL && ok(p)).cloned()
+    });
+    found.unwrap_or_else(|| {
+        let state = app.request(json!({"op": "state"}));
+        panic!(
+            "timed out after {within:?} waiting for {what} (pid {})\n\
+             --- the app's own state ---\n{state}\n\
+             --- pools of pid {} ---\n{}\n--- agent log ---\n{}",
+            app.pid,
+            app.pid,
+            serde_json::to_string_pretty(&last).unwrap_or_default(),
+            agent.log()
+        )
+    })
+}
+
+#[test]
+fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
+    if !require_kernel() || !require_node_adapter() {
+        return;
+    }
+    let pg = Postgres::start();
+    let dir = TempDir::new("poolscope-node-adapter");
+    let socket = dir.path().join("run").join("adapter.sock");
+    let config = format!(
+        "[adapter]\nsocket = {socket:?}\n\n\
+         [leaks]\nleak_threshold_seconds = {LEAK_THRESHOLD_SECONDS:.1}\nquiet_seconds = {QUIET_SECONDS:.1}\n",
+        socket = socket.display().to_string(),
+    );
+    let agent = Agent::start_with_config(&config, &[]);
+    assert!(
+        socket.exists(),
+        "the agent did not bind {}\n{}",
+        socket.display(),
+        agent.log()
+    );
+    let mut app = NodeApp::spawn(&pg, &socket);
+
+    // 1. Many short checkouts from concurrent workers.
+    let run = app.request(json!({"op": "run", "cycles": CYCLES, "workers": WORKERS}));
+    let acquires = count(&run, "acquires");
+    let releases = count(&run, "releases");
+    assert_eq!(
+        (acquires, releases),
+        (CYCLES, CYCLES),
+        "the app's own counts: {run}"
+    );
+    let pool = wait_for_pool(
+        &agent,
+        &mut app,
+        EVENT_TIMEOUT,
+        &format!("pool {POOL} with {acquires} acquires, {releases} releases and none in use"),
+        |p| p.acquires == acquires && p.releases == releases && p.used == 0,
+    );
+    assert!(pool.from_adapter, "{pool:?}");
+    assert_eq!(pool.max, Some(POOL_MAX), "{pool:?}");
+    assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:?}");
+    assert_eq!(pool.library.as_deref(), Some("node-postgres"), "{pool:?}");
+    assert_eq!(
+        pool.server,
+        Some(format!("{LOCALHOST_V4}:{}", pg.port)),
+        "{pool:?}"
+    );
+    assert_eq!(pool.namespace.as_deref(), Some("postgres"), "{pool:?}");
+    assert_eq!((pool.pending, pool.timeouts), (0, 0), "{pool:?}");
+    let open = count(&run, "total");
+    assert!(
+        (1..=u64::from(POOL_MAX)).contains(&open),
+        "the app holds {open} connections: {run}"
+    );
+    assert_eq!(
+        pool.idle, open,
+        "every connection the app holds is an idle pool connection: {pool:?}"
+    );
+    assert!(
+        pools_of(&agent, app.pid).iter().all(|p| p.from_adapter),
+        "no implicit pool besides the adapter's: {:#?}",
+        pools_of(&agent, app.pid)
+    );
+
+    // 2. One client taken and never used again: leaked once the threshold
+    // has passed (and it has been quiet), within the slack.
+    let leak = app.request(json!({"op": "leak"}));
+    let taken = Instant::now();
+    let leak_fd = count(&leak, "fd");
+    let leak_local = leak["local_address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no local_address in {leak}"))
+        .to_string();
+    let deadline = Duration::from_secs_f64(LEAK_THRESHOLD_SECONDS) + LEAK_REPORT_SLACK;
+    let mut last = Vec::new();
+    let report = wait_until(deadline.saturating_sub(taken.elapsed()), || {
+        last = leaks_of(&agent, app.pid);
+        last.iter()
+            .find(|r| r.kind == LeakKind::Leaked && r.status == ReportStatus::Open)
+            .cloned()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no open `leaked` report for pid {} within {deadline:?} of the checkout\n\
+             --- leak reports of pid {} ---\n{}\n--- pools ---\n{}\n--- agent log ---\n{}",
+            app.pid,
+            app.pid,
+            serde_json::to_string_pretty(&last).unwrap_or_default(),
+            serde_json::to_string_pretty(&pools_of(&agent, app.pid)).unwrap_or_default(),
+            agent.log()
+        )
+    });
+    assert_eq!(report.pool.as_deref(), Some(POOL), "{report:#?}");
+    assert_eq!(
+        report.fd.map(i64::from),
+        Some(leak_fd as i64),
+        "{report:#?}"
+    );
+    assert_eq!(
+        report.local_address.as_deref(),
+        Some(leak_local.as_str()),
+        "{report:#?}"
+    );
+    assert_eq!(report.db_system, Some(DbSystem::Postgresql), "{report:#?}");
+    let held = report.held_for_seconds.unwrap_or_default();
+    assert!(
+        held >= LEAK_THRESHOLD_SECONDS,
+        "reported before the threshold: {report:#?}"
+    );
+    assert!(
+        leaks_of(&agent, app.pid)
+            .iter()
+            .all(|r| r.kind == LeakKind::Leaked && r.fd == report.fd),
+        "only the leaked connection is reported: {:#?}",
+        leaks_of(&agent, app.pid)
+    );
+    let pool = wait_for_pool(
+        &agent,
+        &mut app,
+        EVENT_TIMEOUT,
+        "the leaked connection in use",
+        |p| p.used == 1 && p.acquires == acquires + 1,
+    );
+    assert_eq!(pool.releases, releases, "{pool:?}");
+
+    // 3. Giving it back resolves the report.
+    let back = app.request(json!({"op": "release_leaked"}));
+    assert_eq!(
+        (count(&back, "acquires"), count(&back, "releases")),
+        (acquires + 1, releases + 1),
+        "{back}"
+    );
+    wait_for_pool(
+        &agent,
+        &mut app,
+        EVENT_TIMEOUT,
+        "every connection back in the pool",
+        |p| p.used == 0 && p.acquires == acquires + 1 && p.releases == releases + 1,
+    );
+    let resolved = wait_until(EVENT_TIMEOUT, || {
+        leaks_of(&agent, app.pid)
+            .into_iter()
+            .find(|r| r.id == report.id && r.status == ReportStatus::Resolved)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the leak report was not resolved after the release: {:#?}",
+            leaks_of(&agent, app.pid)
+        )
+    });
+    assert_eq!(
+        resolved.resolution.as_deref(),
+        Some("returned to the pool"),
+        "{resolved:#?}"
+    );
+
+    let end = app.request(json!({"op": "exit"}));
+    let adapter = &end["adapter"];
+    eprintln!("the adapter's own counts: {adapter}");
+    assert_eq!(
+        adapter["dropped"].as_u64(),
+        Some(0),
+        "the adapter dropped messages: {end}"
+    );
+}
+
+/// The adapter's own unit tests (`node --test`, as `npm test` runs them):
+/// run here so that `cargo test` covers them. They need no kernel and no
+/// database: a receiving Unix datagram socket and fake pg clients.
+#[test]
+fn node_adapter_unit_tests_pass() {
+    if !require_node_adapter() {
+        return;
+    }
+    let dir = node_adapter_dir();
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
+        .expect("adapters/node/test exists")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".test.js"))
+        .map(|name| format!("test/{name}"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no *.test.js in {}/test", dir.display());
+    let output = Command::new("node")
+        .arg("--test")
+        .args(&files)
+        .current_dir(&dir)
+        .env_remove("POOLSCOPE_ADAPTER_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run node --test");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "node --test {files:?} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("# fail 0")),
+        "node --test ran but did not report `# fail 0`:\n{stdout}"
+    );
+}
