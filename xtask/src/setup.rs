@@ -27,14 +27,27 @@ const TEST_DEBS: &[&str] = &[
     "curl",
     // The live page's test renders it in headless Chromium.
     "chromium",
+    // deploy.rs: `systemd-analyze verify` of the unit, and libseccomp for
+    // reproducing the unit's system call filters where systemd is not PID 1.
+    "systemd",
+    "python3-seccomp",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The interpreter the integration tests run their Python clients with
 /// (`poolscope_tests::python3`): Debian's, not a version manager's shim.
 const TEST_PYTHON: &str = "/usr/bin/python3";
-/// Database drivers the query tests' Python clients import.
-const TEST_PIP: &[&str] = &["psycopg[binary]", "mysql-connector-python"];
-const TEST_PIP_IMPORTS: &str = "import psycopg, mysql.connector";
+/// Database drivers the query tests' Python clients import, and the pool
+/// libraries the Python adapter's tests instrument.
+const TEST_PIP: &[&str] = &[
+    "psycopg[binary]",
+    "mysql-connector-python",
+    "SQLAlchemy",
+    "psycopg_pool",
+    // deploy.rs validates the Kubernetes manifests with it (offline schemas).
+    "kubernetes-validate",
+];
+const TEST_PIP_IMPORTS: &str =
+    "import psycopg, mysql.connector, sqlalchemy, psycopg_pool, kubernetes_validate";
 
 /// `with_test_deps: false` installs only what building the agent needs.
 pub fn setup(with_test_deps: bool) -> Result<()> {
@@ -53,8 +66,35 @@ pub fn setup(with_test_deps: bool) -> Result<()> {
     if with_test_deps {
         ensure_test_python_packages(&mut apt)?;
         ensure_node_adapter_deps(&mut apt)?;
+        ensure_dashboard_deps(&mut apt)?;
     }
     Ok(())
+}
+
+/// The dashboards' type checker (typescript and @grafana/schema, pinned in
+/// dashboards/package-lock.json), installed with `npm ci` only when missing.
+fn ensure_dashboard_deps(apt: &mut Apt) -> Result<()> {
+    let dir = super::root().join("dashboards");
+    let installed = ["typescript", "@grafana/schema"].iter().all(|package| {
+        dir.join("node_modules")
+            .join(package)
+            .join("package.json")
+            .is_file()
+    });
+    if installed {
+        println!("ok: dashboard checker dependencies (dashboards)");
+        return Ok(());
+    }
+    // As for the adapter: Debian's Node.js and npm only when there are none.
+    for (tool, debs) in [("node", &["nodejs", "npm"][..]), ("npm", &["npm"][..])] {
+        if which(tool).is_none() {
+            apt.ensure(&debs.iter().map(|d| d.to_string()).collect::<Vec<_>>())?;
+        }
+    }
+    println!("installing: dashboard checker dependencies (npm ci in dashboards)");
+    run(Command::new("npm")
+        .current_dir(&dir)
+        .args(["ci", "--no-audit", "--no-fund"]))
 }
 
 /// The Node.js adapter's npm dependencies (`pg`, for its tests) and its
