@@ -352,8 +352,16 @@ fn process_details(pid: u32, tid: Option<u32>) -> ProcessDetails {
 
 /// service.name, service.version and host.name for every signal.
 fn agent_resource() -> opentelemetry_sdk::Resource {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
+    // In a DaemonSet the hostname is the pod's: the downward API's node
+    // name (NODE_NAME) is the host's.
+    let host = std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
         .unwrap_or_default();
     opentelemetry_sdk::Resource::builder()
         .with_service_name("poolscope")

@@ -34,7 +34,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the toolchain and test dependencies (idempotent; apt needs root).
-    Setup,
+    Setup {
+        /// Only what building the agent needs (for images and packaging).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the agent in release mode and run it: `cargo xtask run -- ARGS`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -68,7 +72,7 @@ fn try_main() -> Result<()> {
     env::set_var("PATH", env::join_paths(dirs)?);
 
     match Cli::parse().cmd {
-        Cmd::Setup => setup::setup(true),
+        Cmd::Setup { build_only } => setup::setup(!build_only),
         Cmd::Run { args } => run_agent(&args),
         Cmd::Test { args } => test(&args),
     }
