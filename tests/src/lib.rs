@@ -1434,45 +1434,6 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selectors_match_label_subsets() {
-        let text = "# HELP x\n\
-            poolscope_connects_total{network_transport=\"tcp\",result=\"refused\"} 3\n\
-            poolscope_connects_total{network_transport=\"tcp\",result=\"ok\"} 7\n\
-            poolscope_connection_open{process_executable_name=\"a b\",process_pid=\"12\",server_address=\"127.0.0.1\",server_port=\"5432\"} 5\n\
-            poolscope_kernel_events_dropped_total 0\n";
-        assert_eq!(
-            metric_sample(text, "poolscope_connects_total{result=\"refused\"}"),
-            Some(3.0)
-        );
-        assert_eq!(
-            metric_sample(
-                text,
-                "poolscope_connects_total{network_transport=\"tcp\",result=\"ok\"}"
-            ),
-            Some(7.0)
-        );
-        assert_eq!(
-            metric_sample(text, "poolscope_connection_open{process_pid=\"12\"}"),
-            Some(5.0)
-        );
-        assert_eq!(
-            metric_sample(text, "poolscope_connection_open{process_pid=\"1\"}"),
-            None
-        );
-        assert_eq!(
-            metric_sample(text, "poolscope_kernel_events_dropped_total"),
-            Some(0.0)
-        );
-        assert_eq!(metric_samples(text, "poolscope_connects_total").len(), 2);
-        assert_eq!(metric_sample(text, "poolscope_connects"), None);
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Node.js pool adapter (adapters/node)
 // ---------------------------------------------------------------------------
@@ -1689,4 +1650,43 @@ pub fn vm_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_match_label_subsets() {
+        let text = "# HELP x\n\
+            poolscope_connects_total{network_transport=\"tcp\",result=\"refused\"} 3\n\
+            poolscope_connects_total{network_transport=\"tcp\",result=\"ok\"} 7\n\
+            poolscope_connection_open{process_executable_name=\"a b\",process_pid=\"12\",server_address=\"127.0.0.1\",server_port=\"5432\"} 5\n\
+            poolscope_kernel_events_dropped_total 0\n";
+        assert_eq!(
+            metric_sample(text, "poolscope_connects_total{result=\"refused\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric_sample(
+                text,
+                "poolscope_connects_total{network_transport=\"tcp\",result=\"ok\"}"
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            metric_sample(text, "poolscope_connection_open{process_pid=\"12\"}"),
+            Some(5.0)
+        );
+        assert_eq!(
+            metric_sample(text, "poolscope_connection_open{process_pid=\"1\"}"),
+            None
+        );
+        assert_eq!(
+            metric_sample(text, "poolscope_kernel_events_dropped_total"),
+            Some(0.0)
+        );
+        assert_eq!(metric_samples(text, "poolscope_connects_total").len(), 2);
+        assert_eq!(metric_sample(text, "poolscope_connects"), None);
+    }
 }
