@@ -114,6 +114,9 @@ impl Pipeline {
                         self.pod_logs_dir.as_deref(),
                     );
                     tracker.set_placement(event.conn.pid, placement);
+                    if let Some(name) = procfs::process_comm(Path::new("/proc"), event.conn.pid) {
+                        tracker.set_process_name(event.conn.pid, name);
+                    }
                 }
                 tracker.apply(event)
             }

@@ -124,7 +124,6 @@ impl MessageError {
 /// adapters can add some.
 #[derive(Deserialize)]
 struct Wire {
-    v: u32,
     kind: String,
     pool: String,
     pid: Option<u32>,
@@ -178,11 +177,24 @@ pub fn decode(bytes: &[u8]) -> Result<AdapterMessage, MessageError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(MessageError::TooLarge(bytes.len()));
     }
-    let wire: Wire =
+    // Syntax first, then the version, then the shape: each failure gets its
+    // own reason (a v2 message may have fields v1 lacks).
+    let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| MessageError::NotJson(e.to_string()))?;
-    if wire.v != VERSION {
-        return Err(MessageError::UnknownVersion(wire.v));
+    if !value.is_object() {
+        return Err(MessageError::NotJson("not a JSON object".into()));
     }
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(MessageError::UnknownVersion(
+                u32::try_from(v).unwrap_or(u32::MAX),
+            ))
+        }
+        None => return Err(invalid("needs a numeric version `v`")),
+    }
+    let wire: Wire =
+        serde_json::from_value(value).map_err(|e| MessageError::Invalid(e.to_string()))?;
     if wire.pool.is_empty() || wire.pool.chars().count() > MAX_POOL_NAME {
         return Err(invalid("pool name must have 1 to 128 characters"));
     }

@@ -30,12 +30,23 @@ pub struct Pool {
     pub pid: u32,
     pub name: String,
     pub info: Option<PoolInfo>,
-    /// request id -> (start ns, waiting thread)
-    pending: HashMap<u64, (u64, Option<u32>)>,
+    /// Acquires waiting, by request id.
+    pending: HashMap<u64, Waiting>,
     pub acquires: u64,
     pub releases: u64,
     pub timeouts: u64,
     pub errors: u64,
+}
+
+/// An acquire in progress.
+#[derive(Debug, Clone, Copy, Default)]
+struct Waiting {
+    start_ns: u64,
+    tid: Option<u32>,
+    /// Connections in use when the wait began: a waiter on a full pool gets
+    /// its connection only after another is returned, so the use at the end
+    /// understates what the waiter saw.
+    used_at_start: u64,
 }
 
 impl Pool {
@@ -45,7 +56,7 @@ impl Pool {
 
     /// Longest current wait, for the pools view.
     pub fn oldest_pending_ns(&self) -> Option<u64> {
-        self.pending.values().map(|(start, _)| *start).min()
+        self.pending.values().map(|w| w.start_ns).min()
     }
 }
 
@@ -192,6 +203,16 @@ impl Tracker {
         views
     }
 
+    /// Connections of a pool handed out now.
+    fn used_connections(&self, pid: u32, pool: &str) -> u64 {
+        self.open
+            .values()
+            .filter(|c| {
+                c.id.pid == pid && c.pool.as_deref() == Some(pool) && c.checked_out_at_ns.is_some()
+            })
+            .count() as u64
+    }
+
     /// Folds one adapter message (its sender's pid vouched for by the
     /// kernel) into the pools and their connections.
     pub fn apply_adapter(&mut self, pid: u32, ts_ns: u64, message: AdapterMessage) -> Vec<Output> {
@@ -220,9 +241,17 @@ impl Tracker {
                 }
             }
             AdapterEvent::AcquireStart { request, tid } => {
+                let used_at_start = self.used_connections(pid, &pool);
                 if let Some(p) = self.pools.get_mut(&key) {
                     if p.pending.len() < MAX_PENDING {
-                        p.pending.insert(request, (ts_ns, tid));
+                        p.pending.insert(
+                            request,
+                            Waiting {
+                                start_ns: ts_ns,
+                                tid,
+                                used_at_start,
+                            },
+                        );
                     }
                 }
             }
@@ -260,16 +289,9 @@ impl Tracker {
         tid: Option<u32>,
         out: &mut Vec<Output>,
     ) {
-        // The pool's state as the waiter saw it, before this acquire ends.
-        let used_before = self
-            .open
-            .values()
-            .filter(|c| {
-                c.id.pid == pid
-                    && c.pool.as_deref() == Some(pool_name)
-                    && c.checked_out_at_ns.is_some()
-            })
-            .count() as u64;
+        // The pool's state as the waiter saw it: the busier of its start
+        // and now, before this acquire ends.
+        let used_now = self.used_connections(pid, pool_name);
         let key = (pid, pool_name.to_string());
         let Some(pool) = self.pools.get_mut(&key) else {
             return;
@@ -282,16 +304,16 @@ impl Tracker {
             AcquireResult::Error => pool.errors += 1,
         }
         let max = pool.info.as_ref().and_then(|i| i.max);
-        if let Some((start_ns, waiter)) = started {
+        if let Some(waiting) = started {
             out.push(Output::AcquireFinished {
                 pid,
                 pool: pool_name.to_string(),
-                wait_ns: ts_ns.saturating_sub(start_ns),
+                wait_ns: ts_ns.saturating_sub(waiting.start_ns),
                 result,
-                used_before,
+                used_before: used_now.max(waiting.used_at_start),
                 pending_before,
                 max,
-                tid: tid.or(waiter),
+                tid: tid.or(waiting.tid),
             });
         }
         if result == AcquireResult::Ok {
@@ -299,7 +321,7 @@ impl Tracker {
                 request,
                 result,
                 conn,
-                tid: tid.or(started.and_then(|(_, t)| t)),
+                tid: tid.or(started.and_then(|w| w.tid)),
             };
             self.on_connection_event(pid, ts_ns, pool_name, event, out);
         }
@@ -422,7 +444,7 @@ impl Tracker {
         // caller) must not count as waiting forever.
         for pool in self.pools.values_mut() {
             pool.pending
-                .retain(|_, (start, _)| now_ns.saturating_sub(*start) <= PENDING_TTL_NS);
+                .retain(|_, w| now_ns.saturating_sub(w.start_ns) <= PENDING_TTL_NS);
         }
     }
 }

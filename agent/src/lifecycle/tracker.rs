@@ -91,6 +91,14 @@ impl Tracker {
         self.placements.insert(pid, placement);
     }
 
+    /// The process's own name (the kernel's events carry the calling
+    /// thread's, which may be a worker's).
+    pub fn set_process_name(&mut self, pid: u32, name: String) {
+        if !name.is_empty() {
+            self.comms.insert(pid, name);
+        }
+    }
+
     /// The container and pod of `pid`, when it runs in one.
     pub fn placement(&self, pid: u32) -> Option<&crate::procfs::Placement> {
         self.placements.get(&pid).filter(|p| !p.is_empty())
@@ -364,7 +372,7 @@ impl Tracker {
         out: &mut Vec<Output>,
     ) {
         if !comm.is_empty() && self.exited_after(id).is_none() {
-            self.comms.insert(id.pid, comm.clone());
+            self.comms.entry(id.pid).or_insert_with(|| comm.clone());
             // A connect newer than a remembered exit means the pid was reused.
             if self.exited.get(&id.pid).is_some_and(|&e| e < id.generation) {
                 self.exited.remove(&id.pid);
@@ -392,7 +400,9 @@ impl Tracker {
         };
         conn.tid = Some(tid);
         conn.remote = remote;
-        if !comm.is_empty() {
+        if let Some(name) = self.comms.get(&id.pid) {
+            conn.comm.clone_from(name);
+        } else if !comm.is_empty() {
             conn.comm = comm;
         }
         if ret == 0 {

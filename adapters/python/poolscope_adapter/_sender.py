@@ -1,0 +1,423 @@
+"""Sending adapter messages: one JSON object per Unix datagram, never
+waiting.
+
+Everything here fails soft and nothing is ever raised into the application.
+With no agent (``ENOENT``, ``ECONNREFUSED``, ...) a message is dropped and
+counted. When the agent's queue is momentarily full (``EAGAIN``: a pool
+under load sends bursts) the message joins a small, bounded, ordered
+backlog that a background thread sends on as the agent makes room, and
+that is given up if the agent makes none for a while
+(docs/adapter-protocol.md, Transport).
+"""
+
+import collections
+import errno
+import json
+import os
+import socket
+import threading
+import time
+import weakref
+
+#: Protocol version this adapter speaks (docs/adapter-protocol.md).
+VERSION = 1
+#: Where the agent listens unless ``POOLSCOPE_ADAPTER_SOCKET`` says otherwise.
+DEFAULT_SOCKET = "/run/poolscope/adapter.sock"
+#: The agent drops larger datagrams.
+MAX_MESSAGE_BYTES = 4096
+#: Pool names (and other short texts) longer than this are refused.
+MAX_NAME_CHARS = 128
+
+ENV_SOCKET = "POOLSCOPE_ADAPTER_SOCKET"
+
+# sendto() results.
+_OK, _FULL, _FAILED = 0, 1, 2
+# The agent's queue (or our socket's send buffer) is full: try again soon.
+_FULL_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+
+
+def socket_path():
+    """The agent's socket: ``$POOLSCOPE_ADAPTER_SOCKET``, else the default."""
+    return os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
+
+
+def mono_ns():
+    """CLOCK_MONOTONIC in nanoseconds: the kernel's (and the agent's) clock."""
+    return time.monotonic_ns()
+
+
+class _ProcessState:
+    """A sender's socket and backlog in one process. A forked child makes
+    its own: what the parent had backlogged is the parent's to send."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            # Datagrams waiting in the agent's queue count against our send
+            # buffer: room for a few hundred more (the kernel caps it).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        except OSError:
+            pass
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.backlog = collections.deque()
+        self.thread_started = False
+        self.closed = False
+
+
+class Sender:
+    """A non-blocking sender of adapter messages to one socket path.
+
+    ``path`` defaults to :func:`socket_path` at construction. Thread-safe;
+    messages from all threads reach the agent in the order they were sent.
+    ``send()`` never waits: it hands the datagram to the kernel, puts it in
+    the backlog, or drops it.
+    """
+
+    #: Most messages kept while the agent's queue is full.
+    BACKLOG_MAX = 16384
+    #: Give the backlog up after this long without the agent making room.
+    BACKLOG_GIVE_UP = 5.0
+    #: How often the background thread retries a full queue (seconds).
+    BACKLOG_RETRY = 0.001
+    #: Messages sent per hold of the lock.
+    BACKLOG_BATCH = 64
+
+    def __init__(self, path=None):
+        self.path = path or socket_path()
+        #: Handed to the kernel (queued at the agent's socket).
+        self.sent = 0
+        #: Given up, in all.
+        self.dropped = 0
+        #: Given up, by reason: an errno name ("ENOENT", "ECONNREFUSED";
+        #: "EAGAIN" for a backlog the agent never made room for),
+        #: "backlog_full", "closed", "too_large" or "unserializable".
+        self.dropped_by = {}
+        #: Ever put in the backlog (sent later, or given up).
+        self.deferred = 0
+        self._state_lock = threading.Lock()
+        self._st = None
+
+    # -- per-process state ------------------------------------------------
+
+    def _state(self):
+        st = self._st
+        if st is not None and st.pid == os.getpid():
+            return st
+        with self._state_lock:
+            st = self._st
+            if st is None or st.pid != os.getpid():
+                if st is not None:
+                    # Inherited over fork(): this process's copy of the fd.
+                    try:
+                        st.sock.close()
+                    except Exception:
+                        pass
+                st = _ProcessState()
+                self._st = st
+            return st
+
+    def _drop(self, reason, n=1):
+        self.dropped += n
+        self.dropped_by[reason] = self.dropped_by.get(reason, 0) + n
+        return False
+
+    def _try_send(self, st, data):
+        try:
+            st.sock.sendto(data, socket.MSG_DONTWAIT, self.path)
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                return _FULL
+            self._drop(errno.errorcode.get(e.errno, "error") if e.errno else "error")
+            return _FAILED
+        self.sent += 1
+        return _OK
+
+    def _drain(self, st, limit):
+        """Sends backlogged messages (at most ``limit``) until the agent's
+        queue is full; ``st.lock`` held. True if the backlog is empty."""
+        backlog = st.backlog
+        for _ in range(limit):
+            if not backlog:
+                return True
+            if self._try_send(st, backlog[0]) == _FULL:
+                return False
+            backlog.popleft()
+        return not backlog
+
+    # -- API ----------------------------------------------------------------
+
+    def send(self, message):
+        """Sends one message (a dict): True if it was sent or backlogged,
+        False if it was dropped. Never blocks, never raises."""
+        try:
+            data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+        except Exception:
+            return self._drop("unserializable")
+        if len(data) > MAX_MESSAGE_BYTES:
+            return self._drop("too_large")
+        try:
+            st = self._state()
+            with st.lock:
+                # Behind whatever waits already, so that order is kept.
+                if not st.backlog or self._drain(st, self.BACKLOG_BATCH):
+                    result = self._try_send(st, data)
+                    if result != _FULL:
+                        return result == _OK
+                if len(st.backlog) >= self.BACKLOG_MAX:
+                    return self._drop("backlog_full")
+                st.backlog.append(data)
+                self.deferred += 1
+                self._start_thread(st)
+                st.wake.notify()
+                return True
+        except Exception:
+            return self._drop("error")
+
+    def _start_thread(self, st):
+        if st.thread_started:
+            return
+        st.thread_started = True
+        try:
+            threading.Thread(
+                target=_send_backlog,
+                args=(weakref.ref(self), st),
+                name="poolscope-adapter",
+                daemon=True,
+            ).start()
+        except Exception:
+            # No thread: later sends drain the backlog instead.
+            st.thread_started = False
+
+    def stats(self):
+        """The counters, and how many messages wait in the backlog now."""
+        st = self._st
+        waiting = len(st.backlog) if st is not None and st.pid == os.getpid() else 0
+        return {
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "dropped_by": dict(self.dropped_by),
+            "deferred": self.deferred,
+            "backlogged": waiting,
+        }
+
+    def flush(self, timeout=1.0):
+        """Waits up to ``timeout`` seconds for the backlog to be sent (for a
+        clean exit). True if it is empty. Never raises."""
+        try:
+            st = self._state()
+            deadline = time.monotonic() + timeout
+            while True:
+                with st.lock:
+                    if self._drain(st, self.BACKLOG_BATCH):
+                        return True
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(self.BACKLOG_RETRY)
+        except Exception:
+            return False
+
+    def close(self):
+        """Closes the socket; what waits in the backlog is dropped."""
+        with self._state_lock:
+            st, self._st = self._st, None
+        if st is None:
+            return
+        with st.lock:
+            st.closed = True
+            if st.backlog and st.pid == os.getpid():
+                self._drop("closed", len(st.backlog))
+            st.backlog.clear()
+            st.wake.notify()
+        try:
+            st.sock.close()
+        except Exception:
+            pass
+
+
+def _send_backlog(sender_ref, st):
+    """The background thread: sends the backlog in order as the agent makes
+    room, gives it up when the agent makes none for ``BACKLOG_GIVE_UP``, and
+    ends with its sender (or its process's state)."""
+    stuck_since = None
+    while True:
+        sender = sender_ref()
+        if sender is None or st.closed or st.pid != os.getpid():
+            return
+        with st.lock:
+            if not st.backlog:
+                stuck_since = None
+                # Wake now and then to notice a sender that is gone.
+                st.wake.wait(0.5)
+                empty = True
+            else:
+                before = len(st.backlog)
+                empty = sender._drain(st, sender.BACKLOG_BATCH)
+                if empty or len(st.backlog) < before:
+                    stuck_since = None
+                else:
+                    now = time.monotonic()
+                    if stuck_since is None:
+                        stuck_since = now
+                    elif now - stuck_since >= sender.BACKLOG_GIVE_UP:
+                        sender._drop("EAGAIN", len(st.backlog))
+                        st.backlog.clear()
+                        stuck_since = None
+        retry = sender.BACKLOG_RETRY
+        del sender
+        if not empty:
+            time.sleep(retry)
+
+
+_default = None
+_default_lock = threading.Lock()
+
+
+def default_sender():
+    """The process's shared sender to :func:`socket_path`."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Sender()
+    return _default
+
+
+def _short(text):
+    if text is None:
+        return None
+    text = str(text)
+    if not text or len(text) > MAX_NAME_CHARS:
+        return None
+    return text
+
+
+def normalize_db_system(name):
+    """The agent's db_system for a dialect or driver name, or None."""
+    if not name:
+        return None
+    name = str(name).lower()
+    if name.startswith("postgres") or name in ("psycopg", "psycopg2", "asyncpg", "pg8000"):
+        return "postgresql"
+    if name in ("mysql", "mariadb") or name.startswith("mysql") or name == "pymysql":
+        return "mysql"
+    if name == "redis":
+        return "redis"
+    return None
+
+
+class PoolReporter:
+    """Builds and sends the messages of one pool.
+
+    The library integrations call its methods from their hooks; each method
+    swallows every error. ``conn`` arguments are connection references as
+    :func:`poolscope_adapter._conn.connection_ref` returns them: a dict with
+    ``fd`` and/or ``local_address``, or None when the connection could not
+    be named (then nothing is sent: the agent would reject it).
+    """
+
+    #: Send the registration again this often (seconds), so that an agent
+    #: that restarted learns the pool's settings back.
+    REREGISTER_SECONDS = 60.0
+
+    def __init__(self, name, info, sender=None):
+        self.name = str(name)[:MAX_NAME_CHARS] or "pool"
+        self.info = {k: v for k, v in info.items() if v is not None}
+        self.sender = sender or default_sender()
+        self._requests = iter(range(1, 1 << 62))
+        self._request_lock = threading.Lock()
+        self._registered_at = None
+        self._registered_pid = None
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _send(self, kind, fields):
+        message = {"v": VERSION, "kind": kind, "pool": self.name, "mono_ns": mono_ns()}
+        message.update(fields)
+        return self.sender.send(message)
+
+    def _maybe_reregister(self):
+        now = time.monotonic()
+        if (
+            self._registered_pid != os.getpid()
+            or self._registered_at is None
+            or now - self._registered_at >= self.REREGISTER_SECONDS
+        ):
+            self.register()
+
+    def next_request(self):
+        with self._request_lock:
+            return next(self._requests)
+
+    # -- messages ---------------------------------------------------------
+
+    def register(self):
+        try:
+            fields = {}
+            for key in ("db_system", "server_address", "namespace", "library"):
+                value = _short(self.info.get(key))
+                if value is not None:
+                    fields[key] = value
+            if fields.get("db_system") not in (None, "postgresql", "mysql", "redis"):
+                del fields["db_system"]
+            for key in ("server_port", "max", "min_idle", "idle_max"):
+                value = self.info.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    if key == "server_port" and value > 65535:
+                        continue
+                    if value > 0xFFFFFFFF:
+                        continue
+                    fields[key] = value
+            self._registered_at = time.monotonic()
+            self._registered_pid = os.getpid()
+            self._send("pool", fields)
+        except Exception:
+            pass
+
+    def update(self, **info):
+        """Changes the registration (e.g. a new max) and sends it again."""
+        try:
+            self.info.update({k: v for k, v in info.items() if v is not None})
+            self.register()
+        except Exception:
+            pass
+
+    def acquire_start(self, request):
+        try:
+            self._maybe_reregister()
+            self._send("acquire_start", {"request": request, "tid": threading.get_native_id()})
+        except Exception:
+            pass
+
+    def acquire_end(self, request, result, conn=None):
+        try:
+            self._maybe_reregister()
+            fields = {"request": request, "result": result, "tid": threading.get_native_id()}
+            if result == "ok":
+                if not conn:
+                    return
+                fields.update(conn)
+            self._send("acquire_end", fields)
+        except Exception:
+            pass
+
+    def _conn_event(self, kind, conn):
+        try:
+            if not conn:
+                return
+            self._maybe_reregister()
+            self._send(kind, dict(conn))
+        except Exception:
+            pass
+
+    def release(self, conn):
+        self._conn_event("release", conn)
+
+    def connection_created(self, conn):
+        self._conn_event("connection_created", conn)
+
+    def connection_closed(self, conn):
+        self._conn_event("connection_closed", conn)

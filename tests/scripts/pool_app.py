@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""An application with real connection pools, driven by one JSON request
+per line on stdin (one JSON answer line each: {"ok": true, ...} or
+{"ok": false, "error": "..."}). The adapter tests spawn it so that they know
+the pid whose pools and connections the agent reports on.
+
+The pool adapter (adapters/python, on PYTHONPATH) is used only when a pool
+is created with "adapter": true; it sends to $POOLSCOPE_ADAPTER_SOCKET.
+Every count this app answers is its own (what it did), independent of the
+adapter, so that the tests can compare the agent's view with the truth.
+
+  {"op": "pid"}                        -> {"pid": N, "tid": main thread's native id}
+  {"op": "sqlalchemy", "engine": E, "port": P, "pool_size": 5,
+   "max_overflow": 10, "pool_timeout": 30, "poolclass": "queue"|"null",
+   "adapter": true, "pool_name": "orders"}
+      a SQLAlchemy engine (psycopg 3) named E -> {"pool_name": ...}
+  {"op": "psycopg_pool", "engine": E, "port": P, "min_size": 2, "max_size": 4,
+   "adapter": true, "pool_name": "billing"}
+      a psycopg_pool.ConnectionPool named E (opened, waits for min_size)
+  {"op": "checkout", "engine": E, "id": ID}
+      holds one connection under ID, does nothing with it
+      -> {"fd", "local_port", "local_address"}
+  {"op": "query", "id": ID, "sql": "SELECT 1", "commit": true}
+      one statement on a held connection (and COMMIT unless commit=false)
+  {"op": "idle_in_transaction", "id": ID}  BEGIN and a SELECT, left open
+  {"op": "busy", "id": ID, "interval": 0.1}
+      a thread runs SELECT + COMMIT on the held connection every interval
+  {"op": "busy_stop", "id": ID}       -> {"queries": N}
+  {"op": "release", "id": ID, "after": 0.0}
+      returns the connection to its pool (after sleeping `after` seconds)
+  {"op": "waiter", "engine": E, "id": ID}
+      a thread asks the pool for a connection (and holds it if it gets one)
+  {"op": "waiter_result", "id": ID}   waits for it
+      -> {"result": "ok"|"timeout"|"error", "waited": s, "tid": the waiting thread}
+  {"op": "churn_start", "engine": E, "interval": 1.0}
+      a thread keeps one fresh connection of E open and busy: every
+      interval it opens a new one and closes the previous one
+  {"op": "churn_stop"}                -> {"local_ports": [...]}
+  {"op": "load", "engine": E, "threads": 4, "seconds": 120, "pause": 0.01}
+      starts threads doing short transactions (checkout, 3 statements,
+      checkin) until the time is up
+  {"op": "load_wait"}                 -> {"transactions", "errors"}
+  {"op": "counts", "engine": E}      -> {"acquires", "releases"} done by this app
+  {"op": "adapter_stats"}            -> the adapter sender's counters
+      {"sent", "dropped", "dropped_by", "deferred", "backlogged"}
+  {"op": "pool_checkouts", "engine": E, "n": N}
+      N sequential checkout/SELECT/checkin (psycopg_pool: half through
+      connection(), half through getconn/putconn)
+"""
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+engines = {}  # name -> Engine
+kinds = {}  # engine name -> "sqlalchemy" | "psycopg_pool"
+held = {}  # id -> (engine name, connection object)
+busy = {}  # id -> (thread, stop event, counter list)
+waiters = {}  # id -> (thread, result dict)
+churn = None
+load = None
+counts = {}  # engine name -> {"acquires": n, "releases": n}
+count_lock = threading.Lock()
+
+
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def count(engine, key):
+    with count_lock:
+        counts.setdefault(engine, {"acquires": 0, "releases": 0})[key] += 1
+
+
+def dbapi_of(name, conn):
+    if kinds[name] == "sqlalchemy":
+        return conn.connection.dbapi_connection
+    return conn
+
+
+def describe(name, conn):
+    fd = dbapi_of(name, conn).pgconn.socket
+    s = socket.socket(fileno=fd)
+    try:
+        host, port = s.getsockname()[:2]
+    finally:
+        s.detach()
+    return {"fd": fd, "local_port": port, "local_address": "%s:%d" % (host, port)}
+
+
+def acquire(name):
+    """One checkout through the pool's usual front door."""
+    engine = engines[name]
+    if kinds[name] == "sqlalchemy":
+        conn = engine.connect()
+    else:
+        conn = engine.getconn()
+    count(name, "acquires")
+    return conn
+
+
+def give_back(name, conn):
+    if kinds[name] == "sqlalchemy":
+        conn.close()
+    else:
+        engines[name].putconn(conn)
+    count(name, "releases")
+
+
+def run(name, conn, sql, commit=True):
+    if kinds[name] == "sqlalchemy":
+        conn.exec_driver_sql(sql)
+        if commit:
+            conn.commit()
+    else:
+        conn.execute(sql)
+        if commit:
+            conn.commit()
+
+
+def op_sqlalchemy(req):
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    name = req.get("engine", "main")
+    url = "postgresql+psycopg://postgres@127.0.0.1:%d/postgres" % int(req["port"])
+    options = {"connect_args": {"sslmode": "disable", "gssencmode": "disable"}}
+    if req.get("poolclass", "queue") == "null":
+        options["poolclass"] = NullPool
+    else:
+        options.update(
+            pool_size=int(req.get("pool_size", 5)),
+            max_overflow=int(req.get("max_overflow", 10)),
+            pool_timeout=float(req.get("pool_timeout", 30)),
+        )
+    engine = sqlalchemy.create_engine(url, **options)
+    engines[name] = engine
+    kinds[name] = "sqlalchemy"
+    pool_name = None
+    if req.get("adapter"):
+        from poolscope_adapter import instrument_sqlalchemy
+
+        inst = instrument_sqlalchemy(engine, pool_name=req.get("pool_name"))
+        if inst is None:
+            raise RuntimeError("instrument_sqlalchemy failed")
+        pool_name = inst.name
+    return {"pool_name": pool_name}
+
+
+def op_psycopg_pool(req):
+    import psycopg_pool
+
+    name = req.get("engine", "main")
+    conninfo = "host=127.0.0.1 port=%d user=postgres dbname=postgres sslmode=disable gssencmode=disable" % int(
+        req["port"]
+    )
+    pool = psycopg_pool.ConnectionPool(
+        conninfo,
+        min_size=int(req.get("min_size", 2)),
+        max_size=int(req.get("max_size", 4)),
+        timeout=float(req.get("timeout", 30)),
+        name=req.get("pool_name") or name,
+        open=False,
+    )
+    pool_name = None
+    if req.get("adapter"):
+        from poolscope_adapter import instrument_psycopg_pool
+
+        inst = instrument_psycopg_pool(pool, pool_name=req.get("pool_name"))
+        if inst is None:
+            raise RuntimeError("instrument_psycopg_pool failed")
+        pool_name = inst.name
+    pool.open(wait=True, timeout=30)
+    engines[name] = pool
+    kinds[name] = "psycopg_pool"
+    return {"pool_name": pool_name}
+
+
+def op_checkout(req):
+    name = req.get("engine", "main")
+    conn = acquire(name)
+    held[req["id"]] = (name, conn)
+    return describe(name, conn)
+
+
+def op_query(req):
+    name, conn = held[req["id"]]
+    run(name, conn, req.get("sql", "SELECT 1"), commit=req.get("commit", True))
+    return {}
+
+
+def op_idle_in_transaction(req):
+    name, conn = held[req["id"]]
+    if kinds[name] == "sqlalchemy":
+        conn.begin()
+        conn.exec_driver_sql("SELECT 1")
+    else:
+        conn.execute("SELECT 1")  # psycopg opens the transaction itself
+    return {}
+
+
+def op_busy(req):
+    name, conn = held[req["id"]]
+    interval = float(req.get("interval", 0.1))
+    stop = threading.Event()
+    done = [0]
+
+    def loop():
+        while not stop.is_set():
+            run(name, conn, "SELECT 1")
+            done[0] += 1
+            stop.wait(interval)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    busy[req["id"]] = (t, stop, done)
+    return {}
+
+
+def op_busy_stop(req):
+    t, stop, done = busy.pop(req["id"])
+    stop.set()
+    t.join()
+    return {"queries": done[0]}
+
+
+def op_release(req):
+    after = float(req.get("after", 0))
+    if after:
+        time.sleep(after)
+    name, conn = held.pop(req["id"])
+    give_back(name, conn)
+    return {}
+
+
+def op_waiter(req):
+    name = req.get("engine", "main")
+    result = {}
+
+    def wait():
+        result["tid"] = threading.get_native_id()
+        t0 = time.monotonic()
+        try:
+            conn = acquire(name)
+        except Exception as e:
+            result["waited"] = time.monotonic() - t0
+            timeout = type(e).__name__ in ("TimeoutError", "PoolTimeout")
+            result["result"] = "timeout" if timeout else "error"
+            result["error"] = "%s: %s" % (type(e).__name__, e)
+            return
+        result["waited"] = time.monotonic() - t0
+        result["result"] = "ok"
+        held[req["id"]] = (name, conn)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    waiters[req["id"]] = (t, result)
+    return {}
+
+
+def op_waiter_result(req):
+    t, result = waiters.pop(req["id"])
+    t.join(timeout=float(req.get("timeout", 60)))
+    if t.is_alive():
+        raise RuntimeError("the waiter is still waiting")
+    return dict(result)
+
+
+def op_churn_start(req):
+    global churn
+    name = req.get("engine", "main")
+    interval = float(req.get("interval", 1.0))
+    stop = threading.Event()
+    ports = []
+
+    def loop():
+        current = None
+        while not stop.is_set():
+            new = acquire(name)
+            run(name, new, "SELECT 1")
+            ports.append(describe(name, new)["local_port"])
+            if current is not None:
+                give_back(name, current)
+            current = new
+            deadline = time.monotonic() + interval
+            while not stop.is_set() and time.monotonic() < deadline:
+                run(name, current, "SELECT 1")
+                stop.wait(0.1)
+        if current is not None:
+            give_back(name, current)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    churn = (t, stop, ports)
+    return {}
+
+
+def op_churn_stop(req):
+    global churn
+    t, stop, ports = churn
+    churn = None
+    stop.set()
+    t.join()
+    return {"local_ports": ports}
+
+
+def op_load(req):
+    global load
+    name = req.get("engine", "main")
+    seconds = float(req.get("seconds", 10))
+    pause = float(req.get("pause", 0.01))
+    nthreads = int(req.get("threads", 4))
+    deadline = time.monotonic() + seconds
+    stats = {"transactions": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def work(n):
+        import random
+
+        rnd = random.Random(n)
+        while time.monotonic() < deadline:
+            try:
+                conn = acquire(name)
+                try:
+                    aid = rnd.randint(1, 100)
+                    delta = rnd.randint(-50, 50)
+                    if kinds[name] == "sqlalchemy":
+                        conn.exec_driver_sql(
+                            "UPDATE accounts SET balance = balance + %(d)s WHERE aid = %(a)s",
+                            {"d": delta, "a": aid},
+                        )
+                        conn.exec_driver_sql("SELECT balance FROM accounts WHERE aid = %(a)s", {"a": aid})
+                        conn.exec_driver_sql(
+                            "INSERT INTO history (aid, delta) VALUES (%(a)s, %(d)s)", {"a": aid, "d": delta}
+                        )
+                        conn.commit()
+                    else:
+                        conn.execute("UPDATE accounts SET balance = balance + %s WHERE aid = %s", (delta, aid))
+                        conn.execute("SELECT balance FROM accounts WHERE aid = %s", (aid,))
+                        conn.execute("INSERT INTO history (aid, delta) VALUES (%s, %s)", (aid, delta))
+                        conn.commit()
+                finally:
+                    give_back(name, conn)
+                with lock:
+                    stats["transactions"] += 1
+            except Exception:
+                with lock:
+                    stats["errors"] += 1
+            time.sleep(pause)
+
+    threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(nthreads)]
+    for t in threads:
+        t.start()
+    load = (threads, stats)
+    return {}
+
+
+def op_load_wait(req):
+    global load
+    threads, stats = load
+    for t in threads:
+        t.join()
+    load = None
+    return dict(stats)
+
+
+def op_counts(req):
+    name = req.get("engine", "main")
+    with count_lock:
+        return dict(counts.get(name, {"acquires": 0, "releases": 0}))
+
+
+def op_pool_checkouts(req):
+    name = req.get("engine", "main")
+    n = int(req.get("n", 10))
+    pool = engines[name]
+    for i in range(n):
+        if kinds[name] == "psycopg_pool" and i % 2 == 0:
+            with pool.connection() as conn:
+                count(name, "acquires")
+                conn.execute("SELECT 1")
+            count(name, "releases")
+        else:
+            conn = acquire(name)
+            run(name, conn, "SELECT 1")
+            give_back(name, conn)
+    return {}
+
+
+def op_adapter_stats(req):
+    from poolscope_adapter import default_sender
+
+    return default_sender().stats()
+
+
+OPS = {
+    "adapter_stats": op_adapter_stats,
+    "pid": lambda req: {"pid": os.getpid(), "tid": threading.get_native_id()},
+    "sqlalchemy": op_sqlalchemy,
+    "psycopg_pool": op_psycopg_pool,
+    "checkout": op_checkout,
+    "query": op_query,
+    "idle_in_transaction": op_idle_in_transaction,
+    "busy": op_busy,
+    "busy_stop": op_busy_stop,
+    "release": op_release,
+    "waiter": op_waiter,
+    "waiter_result": op_waiter_result,
+    "churn_start": op_churn_start,
+    "churn_stop": op_churn_stop,
+    "load": op_load,
+    "load_wait": op_load_wait,
+    "counts": op_counts,
+    "pool_checkouts": op_pool_checkouts,
+}
+
+
+def main():
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            answer = OPS[req["op"]](req)
+            answer["ok"] = True
+        except ImportError as e:
+            answer = {"ok": False, "error": "%s (run cargo xtask setup)" % e}
+        except Exception as e:  # keep serving; the test reads the error
+            answer = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        reply(answer)
+    # stdin closed: leave at once, without waiting for pools' threads.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
