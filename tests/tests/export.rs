@@ -459,9 +459,9 @@ fn prometheus_scrapes_the_values_the_api_reports() {
         let metrics = agent.metrics();
         for (pid, pools) in [(a, &pools_a), (b, &pools_b)] {
             let api = api_pool_counts(pools);
-            let scraped = pool_counts(&prometheus.query(&format!(
-                "db_client_connections{{process_pid=\"{pid}\"}}"
-            )));
+            let scraped = pool_counts(
+                &prometheus.query(&format!("db_client_connections{{process_pid=\"{pid}\"}}")),
+            );
             let exposed = pool_counts(
                 exposition_samples(&metrics, "db_client_connections")
                     .iter()
