@@ -212,11 +212,26 @@ impl KernelProbes {
         let max = |index: u32| -> anyhow::Result<u64> {
             Ok(stats.get(&index, 0)?.iter().copied().max().unwrap_or(0))
         };
+        // Run-time statistics exist only while enabled (kernel 5.8+); a
+        // program whose info cannot be read is left out.
+        let probes = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((
+                    name.to_string(),
+                    info.run_time().as_nanos() as u64,
+                    info.run_count(),
+                ))
+            })
+            .collect();
         Ok(KernelCounters {
             dropped_events: sum(stat::DROPPED_EVENTS)?,
             ringbuf_pending_bytes: max(stat::RINGBUF_PENDING_BYTES)?,
             ringbuf_size_bytes: u64::from(self.ring_buffer_bytes),
             pending_insert_failed: sum(stat::PENDING_INSERT_FAILED)?,
+            probes,
         })
     }
 

@@ -57,12 +57,15 @@ pub const LIFETIME_BUCKETS: &[f64] = &[
 ];
 
 /// Kernel-side counters, refreshed by the reader from the per-CPU STATS map.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct KernelCounters {
     pub dropped_events: u64,
     pub ringbuf_pending_bytes: u64,
     pub ringbuf_size_bytes: u64,
     pub pending_insert_failed: u64,
+    /// Per kernel program: (name, total run time ns, runs), where the kernel
+    /// keeps BPF run-time statistics (enabled by the loader).
+    pub probes: Vec<(String, u64, u64)>,
 }
 
 /// What the observable instruments read at collection time.
@@ -721,6 +724,34 @@ fn register_observables(meter: &Meter, observed: Observed) {
             }
         })
         .build();
+    let probe_time = Arc::clone(&kernel);
+    let _ = meter
+        .f64_observable_counter("poolscope.probe.run_time")
+        .with_description(
+            "Time the kernel spent running each of poolscope's programs (BPF run-time statistics)",
+        )
+        .with_unit("s")
+        .with_callback(move |obs| {
+            if let Ok(k) = probe_time.lock() {
+                for (name, ns, _) in &k.probes {
+                    obs.observe(*ns as f64 / 1e9, &[KeyValue::new("probe", name.clone())]);
+                }
+            }
+        })
+        .build();
+    let probe_runs = Arc::clone(&kernel);
+    let _ = meter
+        .u64_observable_counter("poolscope.probe.runs")
+        .with_description("Times each of poolscope's kernel programs ran")
+        .with_unit("{run}")
+        .with_callback(move |obs| {
+            if let Ok(k) = probe_runs.lock() {
+                for (name, _, runs) in &k.probes {
+                    obs.observe(*runs, &[KeyValue::new("probe", name.clone())]);
+                }
+            }
+        })
+        .build();
     let pending = Arc::clone(&kernel);
     let _ = meter
         .u64_observable_gauge("poolscope.kernel.ringbuf.pending")
@@ -979,7 +1010,10 @@ mod tests {
             otlp_reader: None,
             export_counters: Some(Arc::default()),
             tracker: Arc::new(Mutex::new(t)),
-            kernel: Arc::default(),
+            kernel: Arc::new(Mutex::new(KernelCounters {
+                probes: vec![("sys_enter_read".into(), 1_000, 10)],
+                ..KernelCounters::default()
+            })),
             leaks,
             max_series: 10,
         })
