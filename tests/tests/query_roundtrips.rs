@@ -542,7 +542,6 @@ fn without_session_setup(mut counts: OperationCounts) -> (OperationCounts, u64) 
 }
 
 #[test]
-#[ignore = "MySQL greeting read in two calls is not detected yet (pure-Python clients); being fixed in protocol/"]
 fn mariadb_prepared_statements_show_their_text() {
     if !require_kernel() {
         return;

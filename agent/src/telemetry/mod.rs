@@ -142,6 +142,8 @@ const SQL_OPERATIONS: &[&str] = &[
     "MOVE",
     "NOTIFY",
     "OPTIMIZE",
+    // MySQL COM_PING, which the parser names like a statement.
+    "PING",
     "PREPARE",
     "REFRESH",
     "REINDEX",
