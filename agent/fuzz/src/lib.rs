@@ -1,17 +1,30 @@
 //! Turns fuzz input into a connection's chunks: each chunk is a control
-//! byte (bit 0: direction; bits 1-2: head size 256/16/64/everything; bit 3:
-//! claim more bytes than were copied; bits 4-7: high nibble of the length),
-//! a length byte, and up to 4095 bytes of data.
+//! byte (bit 0: direction, 0 to the server; bits 1-2: head size
+//! 256/16/64/everything; bit 3: claim more bytes than were copied; bits
+//! 4-7: high nibble of the length), a length byte, and up to 4095 bytes of
+//! data. An input whose length is a multiple of 3 goes to a parser that
+//! detects the protocol (hinted by the usual port); others to one preset to
+//! the target's protocol. An odd length asks for raw query text.
 
 use poolscope::protocol::{
     Chunk, DbSystem, Direction, Observation, SessionParser, ERROR_MESSAGE_MAX_CHARS,
     QUERY_MAX_CHARS,
 };
 
-/// Feeds `data`, cut into chunks, to a parser preset to `system`, and checks
+/// Feeds `data`, cut into chunks, to a parser for `system`, and checks
 /// what comes out. Panics (a finding) only on a broken invariant.
 pub fn feed(system: DbSystem, data: &[u8]) {
-    let mut parser = SessionParser::for_system(system);
+    let detecting = data.len() % 3 == 0;
+    let mut parser = if detecting {
+        let port = match system {
+            DbSystem::Postgresql => 5432,
+            DbSystem::Mysql => 3306,
+            DbSystem::Redis => 6379,
+        };
+        SessionParser::new(Some(port))
+    } else {
+        SessionParser::for_system(system)
+    };
     parser.set_raw_queries(data.len() % 2 == 1);
     let mut out = Vec::new();
     let mut rest = data;
@@ -40,6 +53,9 @@ pub fn feed(system: DbSystem, data: &[u8]) {
         }
         parser.feed(&chunk, &mut out);
         check(&out);
+        if parser.gave_up() {
+            assert!(detecting && parser.system().is_none() && out.is_empty());
+        }
         out.clear();
         ts += 1;
         rest = next;
