@@ -86,10 +86,7 @@ impl Reports {
                 fd: id.fd,
                 generation: id.generation,
                 db_system: system.as_str().to_string(),
-                server: match remote {
-                    Endpoint::Inet(sa) => sa.to_string(),
-                    Endpoint::Unix(path) => path.clone(),
-                },
+                server: endpoint_text(remote),
                 namespace: trip.namespace.clone(),
                 operation: trip.operation.clone(),
                 query: trip.query.clone(),
