@@ -490,10 +490,20 @@ impl MariaDb {
                 .expect("cannot chown the MariaDB directory to mysql");
         }
         let install_log = dir.path().join("install.log");
+        // A private tmpdir: bootstraps running in parallel collide on
+        // temporary-table names in a shared /tmp.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).expect("cannot create the MariaDB tmpdir");
+        if is_root() {
+            let (uid, gid) = user_ids("mysql");
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
+                .expect("cannot chown the MariaDB tmpdir to mysql");
+        }
         let mut install = Command::new("mariadb-install-db");
         install
             .arg("--no-defaults")
             .arg(format!("--datadir={}", path_str(&data)))
+            .arg(format!("--tmpdir={}", path_str(&tmp)))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
             .current_dir(dir.path());
         if is_root() {
@@ -514,6 +524,7 @@ impl MariaDb {
             let mut cmd = Command::new(mariadbd_bin());
             cmd.arg("--no-defaults")
                 .arg(format!("--datadir={}", path_str(&data)))
+                .arg(format!("--tmpdir={}", path_str(&tmp)))
                 .arg(format!("--port={port}"))
                 .arg("--bind-address=127.0.0.1")
                 .arg(format!(
