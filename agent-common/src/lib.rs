@@ -19,9 +19,29 @@ pub mod names {
     pub const SCRATCH: &str = "SCRATCH";
     pub const CAPTURE_HEAD_BYTES: &str = "CAPTURE_HEAD_BYTES";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    pub const TRACKED_PROCS: &str = "TRACKED_PROCS";
+    pub const SYSCALL_PATH_FOR_ALL: &str = "SYSCALL_PATH_FOR_ALL";
 }
 
-/// The kernel programs, as (program name, tracepoint category, tracepoint name).
+/// Slots in `TRACKED_PROCS`, indexed by `tgid & (TRACKED_PROCS_SLOTS - 1)`.
+/// A slot is non-zero while some process hashing to it may own a tracked
+/// connection, so socket I/O of every other process leaves after one array
+/// load. Collisions only cost the colliding process a hash lookup.
+pub const TRACKED_PROCS_SLOTS: u32 = 1 << 16;
+
+/// The slot of a process in `TRACKED_PROCS`.
+pub const fn tracked_procs_slot(tgid: u32) -> u32 {
+    tgid & (TRACKED_PROCS_SLOTS - 1)
+}
+
+/// Capacity of the live-connection maps (CONNS, SOCKS). Plain hash maps, not
+/// LRU: a tracked connection is never evicted silently; a full map refuses
+/// the insert and the refusal is counted (`stat::CONNS_FULL`).
+pub const MAX_TRACKED_CONNECTIONS: u32 = 131_072;
+
+/// The kernel programs that every data path needs, as (program name,
+/// tracepoint category, tracepoint name): connects, closes, TCP state and
+/// process exits. All fire on rare events, so they cost little.
 pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_connect", "syscalls", "sys_enter_connect"),
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
@@ -29,6 +49,19 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+
+/// The socket data path (the default): raw tracepoints that fire only for
+/// socket sends and receives, as (program name, tracepoint name). They read
+/// the fd and user buffer from the syscall's saved registers.
+pub const SOCKET_DATA_RAW_TRACEPOINTS: &[(&str, &str)] = &[
+    ("sock_send_length", "sock_send_length"),
+    ("sock_recv_length", "sock_recv_length"),
+];
+
+/// The syscall data path (the fallback where the socket path cannot load):
+/// per-call tracepoints on every read/write/send/recv of every process.
+pub const SYSCALL_DATA_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_write", "syscalls", "sys_enter_write"),
     ("sys_enter_sendto", "syscalls", "sys_enter_sendto"),
     ("sys_enter_writev", "syscalls", "sys_enter_writev"),
@@ -71,7 +104,12 @@ pub mod stat {
     pub const PENDING_INSERT_FAILED: u32 = 2;
     /// Data events lost because the ring buffer was full (also in DROPPED_EVENTS).
     pub const DROPPED_DATA_EVENTS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Connections not tracked because CONNS or SOCKS was full.
+    pub const CONNS_FULL: u32 = 4;
+    /// Socket I/O, by a process that tracks a connection, that the socket
+    /// path could not attribute to an fd (io_uring, sendfile, sendmmsg...).
+    pub const UNREADABLE_SOCKET_IO: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Address families as the kernel numbers them.
@@ -202,7 +240,8 @@ pub struct ProcessExitEvent {
 #[derive(Clone, Copy)]
 pub struct DataEvent {
     pub header: EventHeader,
-    /// When the syscall began (header.ts_ns is when it returned).
+    /// When the syscall began (header.ts_ns is when it returned). The socket
+    /// path sees only the end of a send or receive: there both are that time.
     pub enter_ns: u64,
     /// Bytes the syscall transferred.
     pub total_len: u32,
@@ -261,6 +300,10 @@ pub mod conn_flags {
     /// knows the connection speaks no database protocol, so that such
     /// connections cost one map lookup per syscall and nothing more.
     pub const CAPTURE_DATA: u32 = 1;
+    /// The syscall data path copies this connection: every connection when
+    /// that path is the only one, else Unix-socket connections, whose I/O
+    /// the socket tracepoints do not see.
+    pub const SYSCALL_COPY: u32 = 2;
 }
 
 /// A connect() in flight, per thread.

@@ -1,7 +1,9 @@
 //! Data capture on tracked sockets: the head (and for long plain buffers the
 //! tail) of every read/write, with byte counts and timestamps.
 //!
-//! Every read/write syscall on the host pays one CONNS lookup at entry; only
+//! This file holds the copy both data paths share, and the syscall path: the
+//! fallback for kernels where the socket path (`sock_io`) cannot load. On it
+//! every read/write syscall on the host pays one CONNS lookup at entry; only
 //! tracked fds pay more. Entry remembers the buffer per thread; exit, once the
 //! byte count is known, copies the bytes into a per-CPU scratch event and
 //! sends only the bytes that were filled.
@@ -28,13 +30,16 @@ use crate::{
 static CAPTURE_HEAD_BYTES: u32 = 4096;
 
 /// The head limit for a connection: its own, else the default.
-fn head_limit(per_connection: u32) -> u32 {
+pub(crate) fn head_limit(per_connection: u32) -> u32 {
     if per_connection != 0 {
         return per_connection;
     }
     // SAFETY: a read-only global that the loader patches before load.
     unsafe { core::ptr::read_volatile(&CAPTURE_HEAD_BYTES) }
 }
+
+/// Connections this path copies: capturing, and assigned to this path.
+const COPIED_HERE: u32 = conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY;
 
 fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -46,7 +51,7 @@ fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
     };
     // SAFETY: the value is copied out immediately.
     let (conn_start_ns, capture_bytes) = match unsafe { CONNS.get(key) } {
-        Some(info) if info.flags & conn_flags::CAPTURE_DATA != 0 => {
+        Some(info) if info.flags & COPIED_HERE == COPIED_HERE => {
             (info.conn_start_ns, head_limit(info.capture_bytes))
         }
         _ => return Ok(()),
@@ -96,16 +101,48 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
         // EAGAIN, EOF or an error: no bytes moved.
         return Ok(());
     }
-    let total = ret as u64;
+    send_data_event(
+        &UserIo {
+            pid_tgid,
+            fd: args.fd,
+            conn_start_ns: args.conn_start_ns,
+            capture_bytes: args.capture_bytes,
+            direction: args.direction,
+            io_kind: args.io_kind,
+            ptr: args.ptr,
+            enter_ns: args.enter_ns,
+        },
+        ret as u64,
+    )
+}
+
+/// One finished read or write of a tracked connection, as the user made it.
+pub(crate) struct UserIo {
+    pub pid_tgid: u64,
+    pub fd: i32,
+    pub conn_start_ns: u64,
+    /// Head bytes to copy (already resolved against the default).
+    pub capture_bytes: u32,
+    pub direction: u8,
+    pub io_kind: u8,
+    /// Buffer, iovec array or msghdr in user memory, per `io_kind`.
+    pub ptr: u64,
+    pub enter_ns: u64,
+}
+
+/// Copies the head (and for long plain buffers the tail) of `total` bytes
+/// that `io` moved into a data event. Shared by both data paths, so that
+/// userspace sees the same events whichever is attached.
+pub(crate) fn send_data_event(io: &UserIo, total: u64) -> Result<(), i64> {
     // Where the bytes are, and how many are contiguous there. For vectored
     // I/O only the first buffer is copied and no tail is taken.
-    let (buf, contiguous) = match args.io_kind {
-        io_kind::BUFFER => (args.ptr, total),
-        io_kind::IOVEC => first_iovec(args.ptr)?,
+    let (buf, contiguous) = match io.io_kind {
+        io_kind::BUFFER => (io.ptr, total),
+        io_kind::IOVEC => first_iovec(io.ptr)?,
         _ => {
             // struct user_msghdr: msg_iov at offset 16.
             // SAFETY: bpf_probe_read_user checks the user pointer.
-            let iov: u64 = unsafe { bpf_probe_read_user((args.ptr + 16) as *const u64) }?;
+            let iov: u64 = unsafe { bpf_probe_read_user((io.ptr + 16) as *const u64) }?;
             first_iovec(iov)?
         }
     };
@@ -121,7 +158,7 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: per-CPU scratch slot, used by one program at a time on this CPU.
     let event: &mut DataEvent = unsafe { &mut *event };
     let mut head = contiguous;
-    let limit = u64::from(args.capture_bytes);
+    let limit = u64::from(io.capture_bytes);
     if head > limit {
         head = limit;
     }
@@ -129,7 +166,7 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let head = (head as usize) & (HEAD_MAX * 2 - 1);
     let head = if head > HEAD_MAX { HEAD_MAX } else { head };
     let mut tail = 0usize;
-    if args.io_kind == io_kind::BUFFER && total > head as u64 {
+    if io.io_kind == io_kind::BUFFER && total > head as u64 {
         let rest = total - head as u64;
         tail = if rest > TAIL_MAX as u64 {
             TAIL_MAX
@@ -154,8 +191,12 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
             }
         }
     }
-    event.header = header(kind::DATA, pid_tgid, args.fd, args.conn_start_ns);
-    event.enter_ns = args.enter_ns;
+    event.header = header(kind::DATA, io.pid_tgid, io.fd, io.conn_start_ns);
+    event.enter_ns = if io.enter_ns == 0 {
+        event.header.ts_ns
+    } else {
+        io.enter_ns
+    };
     event.total_len = if total > u32::MAX as u64 {
         u32::MAX
     } else {
@@ -163,8 +204,8 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     };
     event.head_len = head as u16;
     event.tail_len = tail as u16;
-    event.direction = args.direction;
-    event.io_kind = args.io_kind;
+    event.direction = io.direction;
+    event.io_kind = io.io_kind;
     event._pad0 = [0; 6];
 
     let size = DATA_EVENT_FIXED + head + tail;

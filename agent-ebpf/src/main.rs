@@ -9,6 +9,7 @@
 
 mod io;
 mod maps;
+mod sock_io;
 
 use agent_common::{
     conn_flags, family, kind, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey,
@@ -23,7 +24,23 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use maps::{CONNS, EVENTS, PENDING, SOCKS, STATS};
+use maps::{CONNS, EVENTS, PENDING, SOCKS, STATS, TRACKED_PROCS};
+
+/// 1 when the syscall data path is the only one, so that it copies every
+/// connection; 0 when the socket path is in use and it copies Unix sockets.
+#[no_mangle]
+static SYSCALL_PATH_FOR_ALL: u32 = 0;
+
+/// Flags of a new connection: which data path copies it.
+fn new_conn_flags(addr_family: u16) -> u32 {
+    // SAFETY: a read-only global that the loader patches before load.
+    let for_all = unsafe { core::ptr::read_volatile(&SYSCALL_PATH_FOR_ALL) } != 0;
+    if for_all || addr_family == family::UNIX {
+        conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY
+    } else {
+        conn_flags::CAPTURE_DATA
+    }
+}
 
 /// The agent's own tgid, set by the loader, so that its own sockets are ignored.
 #[no_mangle]
@@ -59,6 +76,15 @@ pub(crate) const SYSCALL_ARG2: usize = 32;
 pub(crate) const SYSCALL_RET: usize = 16;
 
 const IPPROTO_TCP: u16 = 6;
+
+/// Lets this process's socket I/O past the first filter. Only userspace
+/// clears a slot (when no live process hashing to it tracks a connection).
+fn mark_tracked_process(tgid: u32) {
+    if let Some(slot) = TRACKED_PROCS.get_ptr_mut(agent_common::tracked_procs_slot(tgid)) {
+        // SAFETY: pointer into an array slot; a racing writer writes 1 too.
+        unsafe { *slot = 1 };
+    }
+}
 
 fn agent_tgid() -> u32 {
     // SAFETY: a read-only global that the loader patches before load.
@@ -168,10 +194,13 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         };
         let info = ConnInfo {
             conn_start_ns: pending.start_ns,
-            flags: conn_flags::CAPTURE_DATA,
+            flags: new_conn_flags(pending.family),
             capture_bytes: 0,
         };
-        let _ = CONNS.insert(key, info, 0);
+        if CONNS.insert(key, info, 0).is_err() {
+            stat_add(stat::CONNS_FULL, 1);
+        }
+        mark_tracked_process(key.tgid);
     }
 
     let mut event = ConnectEvent {
@@ -250,7 +279,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 flags: 0,
                 _pad0: 0,
             };
-            let _ = SOCKS.insert(skaddr, owner, 0);
+            if SOCKS.insert(skaddr, owner, 0).is_err() {
+                stat_add(stat::CONNS_FULL, 1);
+            }
         }
         return Ok(());
     }

@@ -1,10 +1,13 @@
 //! Every map the kernel programs share with userspace. Names must match
 //! `agent_common::names`; userspace resizes some of them at load time.
 
-use agent_common::{stat, ConnInfo, ConnKey, DataEvent, IoArgs, PendingConnect, SockOwner};
+use agent_common::{
+    stat, ConnInfo, ConnKey, DataEvent, IoArgs, PendingConnect, SockOwner, MAX_TRACKED_CONNECTIONS,
+    TRACKED_PROCS_SLOTS,
+};
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Events to userspace. 1 MiB by default; the loader may resize it.
@@ -16,16 +19,24 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 /// Live tracked connections by (tgid, fd): the read/write/close filter.
+/// Not LRU: evicting a live connection would lose it silently.
 #[map]
-pub static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+pub static CONNS: HashMap<ConnKey, ConnInfo> =
+    HashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+/// Non-zero where a process (by `tracked_procs_slot(tgid)`) may own a
+/// tracked connection: the first, cheapest filter of socket I/O.
+#[map]
+pub static TRACKED_PROCS: Array<u32> = Array::with_max_entries(TRACKED_PROCS_SLOTS, 0);
 
 /// connect() calls in flight, by pid_tgid.
 #[map]
 pub static PENDING: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(16384, 0);
 
 /// Kernel socket address -> owning connection, for softirq-context state changes.
+/// Entries leave at TCP_CLOSE, so a plain hash never fills with the dead.
 #[map]
-pub static SOCKS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);
+pub static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
 
 /// Reads and writes in flight on tracked fds, by pid_tgid.
 #[map]

@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Keep BPF run-time statistics per kernel program (poolscope.probe.*);
+    /// they cost a little on every run, so they are off unless measuring.
+    #[arg(long)]
+    pub probe_stats: bool,
 }
 
 impl RunArgs {
@@ -77,6 +81,7 @@ impl RunArgs {
             listen: self.listen,
             ring_buffer_bytes: self.ring_buffer_bytes,
             log_level: self.log_level.clone(),
+            probe_stats: self.probe_stats,
         }
     }
 }

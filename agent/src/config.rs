@@ -22,7 +22,12 @@ const TOP_KEYS: &[&str] = &[
     "http", "kernel", "tracking", "queries", "adapter", "leaks", "otlp", "log",
 ];
 const HTTP_KEYS: &[&str] = &["listen"];
-const KERNEL_KEYS: &[&str] = &["ring_buffer_bytes", "mount_tracefs"];
+const KERNEL_KEYS: &[&str] = &[
+    "ring_buffer_bytes",
+    "mount_tracefs",
+    "data_path",
+    "probe_stats",
+];
 const TRACKING_KEYS: &[&str] = &[
     "closed_retention_seconds",
     "max_closed",
@@ -85,6 +90,25 @@ pub struct KernelConfig {
     pub ring_buffer_bytes: u32,
     /// Mount tracefs at /sys/kernel/tracing if it is not mounted yet.
     pub mount_tracefs: bool,
+    /// Which hooks copy socket data: `auto` (the socket path, else the
+    /// syscall path), `socket` or `syscalls` (see docs/data-path.md).
+    pub data_path: DataPath,
+    /// Keep BPF run-time statistics (poolscope.probe.*). They cost a little
+    /// on every run of every program, so they are for measuring.
+    pub probe_stats: bool,
+}
+
+/// The kernel hooks that copy socket data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// The socket path where the kernel loads it, else the syscall path.
+    #[default]
+    Auto,
+    /// Raw tracepoints on socket sends and receives only; fail if refused.
+    Socket,
+    /// Tracepoints on every read/write/send/recv syscall (costly; fallback).
+    Syscalls,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -304,6 +328,8 @@ impl Default for KernelConfig {
         Self {
             ring_buffer_bytes: 1 << 20,
             mount_tracefs: true,
+            data_path: DataPath::Auto,
+            probe_stats: false,
         }
     }
 }
@@ -334,6 +360,7 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub ring_buffer_bytes: Option<u32>,
     pub log_level: Option<String>,
+    pub probe_stats: bool,
 }
 
 /// A validation failure: which key (`section.key`) and why.
@@ -393,6 +420,9 @@ impl Config {
         }
         if let Some(level) = &o.log_level {
             next.log.level = level.to_ascii_lowercase();
+        }
+        if o.probe_stats {
+            next.kernel.probe_stats = true;
         }
         next.validate().map_err(|invalid| {
             anyhow!(
@@ -731,6 +761,8 @@ listen = "0.0.0.0:9000"
 [kernel]
 ring_buffer_bytes = 262144
 mount_tracefs = false
+data_path = "syscalls"
+probe_stats = true
 
 [tracking]
 closed_retention_seconds = 60
@@ -781,6 +813,8 @@ level = "debug"
             kernel: KernelConfig {
                 ring_buffer_bytes: 262144,
                 mount_tracefs: false,
+                data_path: DataPath::Syscalls,
+                probe_stats: true,
             },
             tracking: TrackingConfig {
                 closed_retention_seconds: 60,
@@ -1008,6 +1042,7 @@ level = "debug"
             listen: Some("[::1]:8080".parse().expect("addr")),
             ring_buffer_bytes: Some(1 << 22),
             log_level: Some("Trace".to_owned()),
+            probe_stats: true,
         })
         .expect("overrides");
         assert_eq!(c.http.listen, "[::1]:8080".parse().expect("addr"));

@@ -19,7 +19,7 @@ use crate::{
     clock::{monotonic_ns, Clock},
     config::Config,
     detect::{self, LeakKind, Thresholds},
-    ebpf::{self, KernelProbes, TracefsStatus},
+    ebpf::{self, KernelProbes, LoadOptions, TracefsStatus},
     lifecycle::{
         CloseReason, ConnId, Endpoint, Event, EventKind, Output, SeededPhase, Tracker,
         TrackerConfig,
@@ -99,6 +99,26 @@ impl Pipeline {
                 probes.forget(event.conn.pid, event.conn.fd);
             }
             return;
+        }
+        // The socket data path looks only at processes that track a
+        // connection: keep its per-process filter in step.
+        match event.kind {
+            EventKind::Connect {
+                ref remote, ret, ..
+            } => {
+                if let Ok(mut probes) = self.probes.lock() {
+                    probes.process_tracks(event.conn.pid);
+                    if matches!(remote, Endpoint::Unix(_)) && ret == 0 {
+                        probes.unix_connection_opened(event.conn.pid, event.conn.fd);
+                    }
+                }
+            }
+            EventKind::ProcessExit { .. } => {
+                if let Ok(mut probes) = self.probes.lock() {
+                    probes.process_exited(event.conn.pid);
+                }
+            }
+            _ => {}
         }
         let outputs = match self.tracker.lock() {
             Ok(mut tracker) => {
@@ -184,14 +204,14 @@ impl Pipeline {
                 _ => {}
             }
             // An exit closes fds without close(): drop them from the filter.
-            if let Output::Closed {
-                id,
-                reason: CloseReason::ProcessExit,
-                ..
-            } = output
-            {
+            // A close() already removed its entry in the kernel.
+            if let Output::Closed { id, reason, .. } = output {
                 if let Ok(mut probes) = self.probes.lock() {
-                    probes.forget(id.pid, id.fd);
+                    if *reason == CloseReason::ProcessExit {
+                        probes.forget(id.pid, id.fd);
+                    } else {
+                        probes.connection_closed(id.pid, id.fd);
+                    }
                 }
             }
         }
@@ -396,17 +416,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             log::info!("tracefs was not mounted; mounted it at {}", ebpf::TRACEFS)
         }
     }
-    let mut probes = KernelProbes::load(
-        config.kernel.ring_buffer_bytes,
+    let mut probes = KernelProbes::load(LoadOptions {
+        ring_buffer_bytes: config.kernel.ring_buffer_bytes,
         // Until a connection's protocol is known, copy enough for either.
-        config
+        capture_head_bytes: config
             .queries
             .capture_bytes
             .max(config.queries.redis_capture_bytes),
-    )?;
+        data_path: config.kernel.data_path,
+        probe_stats: config.kernel.probe_stats,
+    })?;
     log::info!(
-        "kernel probes attached: {} tracepoints (kprobes and fentry are not used)",
-        agent_common::TRACEPOINTS.len()
+        "kernel probes attached: {} connection tracepoints and the {}{} (kprobes and fentry are not used)",
+        agent_common::TRACEPOINTS.len(),
+        probes.data_path().describe(),
+        if config.kernel.probe_stats {
+            ", with BPF run-time statistics"
+        } else {
+            ""
+        }
     );
     let events = probes.take_events()?;
     let clock = Clock::new();
@@ -553,6 +581,7 @@ fn seed_from_proc(pipeline: &Pipeline) {
     let now = monotonic_ns();
     let count = found.len();
     for socket in found {
+        let unix = matches!(socket.peer, SeededPeer::Unix { .. });
         let (local, remote, phase) = match socket.peer {
             SeededPeer::Tcp {
                 local,
@@ -570,7 +599,7 @@ fn seed_from_proc(pipeline: &Pipeline) {
             SeededPeer::Unix { path } => (None, Endpoint::Unix(path), SeededPhase::Established),
         };
         if let Ok(mut probes) = pipeline.probes.lock() {
-            if let Err(e) = probes.track_seeded(socket.pid, socket.fd) {
+            if let Err(e) = probes.track_seeded(socket.pid, socket.fd, unix) {
                 log::debug!(
                     "cannot track seeded fd {} of pid {}: {e:#}",
                     socket.fd,
@@ -633,7 +662,10 @@ async fn housekeeping(pipeline: Arc<Pipeline>, kernel: Arc<Mutex<KernelCounters>
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let counters = pipeline.probes.lock().ok().map(|p| p.counters());
+        let counters = pipeline.probes.lock().ok().map(|mut p| {
+            p.tick();
+            p.counters()
+        });
         match counters {
             Some(Ok(c)) => {
                 if let Ok(mut k) = kernel.lock() {

@@ -145,6 +145,78 @@ fn postgres_simple_queries_are_counted_per_operation() {
     assert!(c.last_activity.is_some(), "{c:#?}");
 }
 
+/// The socket tracepoints do not fire for Unix sockets: the agent attaches
+/// the syscall path while a Unix-socket connection lives, so psql's
+/// statements over PostgreSQL's own socket are still seen, and detaches it
+/// again once the connection is gone.
+#[test]
+fn postgres_over_a_unix_socket_is_parsed_too() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start();
+    let port = pg.port.to_string();
+    let mut cmd = std::process::Command::new(pg.psql_bin());
+    cmd.args(["-X", "-q", "-p", &port, "-U", "postgres", "-h"])
+        .arg(pg.socket_dir())
+        .args(["-v", "ON_ERROR_STOP=0"]);
+    let mut shell = SqlShell::spawn(cmd);
+    let pid = shell.pid;
+    let socket = pg.socket_path().display().to_string();
+    // Bytes sent before the agent attached the syscall path (milliseconds
+    // after it saw the connect) are not seen: wait for that first.
+    shell.send("SELECT 1;");
+    agent.wait_for(pid, "psql's Unix-socket connection", |conns| {
+        conns.iter().find(|c| c.remote_address == socket).cloned()
+    });
+    let attached = poolscope_tests::wait_until(std::time::Duration::from_secs(10), || {
+        agent
+            .log()
+            .contains("the syscall path is attached for Unix sockets")
+            .then_some(())
+    });
+    assert!(
+        attached.is_some(),
+        "syscall path not attached: {}",
+        agent.log()
+    );
+    shell.send("BEGIN;");
+    shell.send("SELECT relname FROM pg_class WHERE relname = 'pg_proc';");
+    let found = poolscope_tests::wait_until(std::time::Duration::from_secs(10), || {
+        agent.connections_of(pid).into_iter().find(|c| {
+            c.remote_address == socket
+                && c.last_query.as_deref()
+                    == Some("SELECT relname FROM pg_class WHERE relname = ?;")
+        })
+    });
+    let Some(c) = found else {
+        panic!(
+            "psql's Unix-socket statements were not seen: {:#?}\n--- agent log ---\n{}",
+            agent.connections_of(pid),
+            agent.log()
+        );
+    };
+    assert_eq!(c.db_system, Some(DbSystem::Postgresql), "{c:#?}");
+    assert_eq!(c.tx_state, Some(TxState::InTransaction), "{c:#?}");
+    assert_eq!(c.last_operation.as_deref(), Some("SELECT"), "{c:#?}");
+    shell.send("COMMIT;");
+    let out = shell.finish();
+    assert!(out.status.success(), "psql: {out:?}");
+    // Detached about 10 s after the last Unix-socket connection went.
+    let detached = poolscope_tests::wait_until(std::time::Duration::from_secs(30), || {
+        agent
+            .log()
+            .contains("no Unix-socket connection is tracked: the syscall path is detached")
+            .then_some(())
+    });
+    assert!(
+        detached.is_some(),
+        "syscall path still attached: {}",
+        agent.log()
+    );
+}
+
 #[test]
 fn postgres_syntax_error_is_counted_with_its_sqlstate() {
     if !require_kernel() {

@@ -8,13 +8,18 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use agent_common::{conn_flags, names, stat, ConnInfo, ConnKey, TRACEPOINTS};
+use agent_common::{
+    conn_flags, names, stat, tracked_procs_slot, ConnInfo, ConnKey, SOCKET_DATA_RAW_TRACEPOINTS,
+    SYSCALL_DATA_TRACEPOINTS, TRACEPOINTS,
+};
 use anyhow::{bail, Context};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{trace_point::TracePointLinkId, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
+
+use crate::config::DataPath;
 use tokio::io::unix::AsyncFd;
 
 use crate::telemetry::KernelCounters;
@@ -135,8 +140,154 @@ pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 pub struct KernelProbes {
     ebpf: Ebpf,
     ring_buffer_bytes: u32,
-    /// Keeps BPF run-time statistics enabled while we live (None when refused).
+    data_path: DataPathInUse,
+    /// Keeps BPF run-time statistics enabled while we live (None when off
+    /// or refused).
     _stats: Option<OwnedFd>,
+    /// Processes that may own a tracked connection, and how many of them
+    /// share each TRACKED_PROCS slot, so that a slot is cleared only when
+    /// its last process is gone.
+    tracked_pids: std::collections::HashSet<u32>,
+    slot_users: std::collections::HashMap<u32, u32>,
+    /// Socket path only: the syscall path is attached while Unix-socket
+    /// connections that may speak a database protocol live, since the
+    /// socket tracepoints do not fire for Unix sockets.
+    unix_conns: std::collections::HashSet<(u32, i32)>,
+    unix_links: Vec<(&'static str, TracePointLinkId)>,
+    unix_idle_since: Option<std::time::Instant>,
+}
+
+/// How long the syscall path stays attached after the last Unix-socket
+/// connection went, so that short-lived connections do not make it flap.
+const UNIX_PATH_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The data path the loader attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPathInUse {
+    /// Raw tracepoints on socket sends and receives.
+    Socket,
+    /// Tracepoints on every read/write/send/recv syscall.
+    Syscalls,
+}
+
+impl DataPathInUse {
+    pub fn describe(self) -> &'static str {
+        match self {
+            DataPathInUse::Socket => {
+                "socket path (raw tracepoints sock_send_length and sock_recv_length)"
+            }
+            DataPathInUse::Syscalls => {
+                "syscall path (tracepoints on every read/write/send/recv syscall)"
+            }
+        }
+    }
+}
+
+/// What the loader is asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub ring_buffer_bytes: u32,
+    /// Head bytes copied until a connection's protocol is known.
+    pub capture_head_bytes: u32,
+    pub data_path: DataPath,
+    pub probe_stats: bool,
+}
+
+fn load_and_attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("kernel object has no program {program}"))?
+        .try_into()
+        .with_context(|| format!("{program} is not a tracepoint program"))?;
+    prog.load()
+        .with_context(|| format!("the kernel refused program {program}"))?;
+    prog.attach(category, name)
+        .with_context(|| format!("cannot attach to tracepoint {category}:{name}"))?;
+    Ok(())
+}
+
+fn attach_socket_path(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for (program, tracepoint) in SOCKET_DATA_RAW_TRACEPOINTS {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(program)
+            .with_context(|| format!("kernel object has no program {program}"))?
+            .try_into()
+            .with_context(|| format!("{program} is not a raw tracepoint program"))?;
+        prog.load()
+            .with_context(|| format!("the kernel refused program {program}"))?;
+        prog.attach(tracepoint)
+            .with_context(|| format!("cannot attach to raw tracepoint {tracepoint}"))?;
+    }
+    Ok(())
+}
+
+fn syscall_program<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a mut TracePoint> {
+    ebpf.program_mut(program)
+        .with_context(|| format!("kernel object has no program {program}"))?
+        .try_into()
+        .with_context(|| format!("{program} is not a tracepoint program"))
+}
+
+/// Loads the syscall path's programs without attaching them.
+fn load_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for (program, _, _) in SYSCALL_DATA_TRACEPOINTS {
+        syscall_program(ebpf, program)?
+            .load()
+            .with_context(|| format!("the kernel refused program {program}"))?;
+    }
+    Ok(())
+}
+
+/// Attaches the (loaded) syscall path; on failure nothing stays attached.
+fn attach_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<Vec<(&'static str, TracePointLinkId)>> {
+    let mut links = Vec::with_capacity(SYSCALL_DATA_TRACEPOINTS.len());
+    for (program, category, tracepoint) in SYSCALL_DATA_TRACEPOINTS {
+        let attached = syscall_program(ebpf, program).and_then(|prog| {
+            prog.attach(category, tracepoint)
+                .with_context(|| format!("cannot attach to tracepoint {category}:{tracepoint}"))
+        });
+        match attached {
+            Ok(link) => links.push((*program, link)),
+            Err(e) => {
+                detach_syscall_path(ebpf, links);
+                return Err(e);
+            }
+        }
+    }
+    Ok(links)
+}
+
+fn detach_syscall_path(ebpf: &mut Ebpf, links: Vec<(&'static str, TracePointLinkId)>) {
+    for (program, link) in links {
+        if let Ok(prog) = syscall_program(ebpf, program) {
+            if let Err(e) = prog.detach(link) {
+                log::warn!("cannot detach {program}: {e}");
+            }
+        }
+    }
+}
+
+/// Loads the kernel object; `syscall_path_for_all` tells the syscall path
+/// whether it copies every connection or only Unix-socket ones.
+fn load_object(options: &LoadOptions, syscall_path_for_all: bool) -> anyhow::Result<Ebpf> {
+    // Wake the reader early enough that a burst cannot fill the buffer
+    // between two of its timer ticks.
+    let wakeup_bytes = u64::from(options.ring_buffer_bytes / 8);
+    let own_tgid = std::process::id();
+    let for_all = u32::from(syscall_path_for_all);
+    EbpfLoader::new()
+        .override_global(names::AGENT_TGID, &own_tgid, true)
+        .override_global(names::CAPTURE_HEAD_BYTES, &options.capture_head_bytes, true)
+        .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
+        .override_global(names::SYSCALL_PATH_FOR_ALL, &for_all, true)
+        .map_max_entries(names::EVENTS, options.ring_buffer_bytes)
+        .load(KERNEL_OBJECT)
+        .map_err(|e| anyhow::anyhow!(explain_load_error(&e)))
 }
 
 /// Turns a load failure into one sentence a user can act on.
@@ -153,39 +304,182 @@ fn explain_load_error(err: &aya::EbpfError) -> String {
 }
 
 impl KernelProbes {
-    /// Loads the programs with our own pid filtered out and attaches every
-    /// tracepoint. Fails with one clear sentence on missing prerequisites.
-    pub fn load(ring_buffer_bytes: u32, capture_head_bytes: u32) -> anyhow::Result<KernelProbes> {
+    /// Loads the programs with our own pid filtered out and attaches the
+    /// connection tracepoints and one data path. Fails with one clear
+    /// sentence on missing prerequisites.
+    pub fn load(options: LoadOptions) -> anyhow::Result<KernelProbes> {
         require_privileges()?;
-        // Wake the reader early enough that a burst cannot fill the buffer
-        // between two of its timer ticks.
-        let wakeup_bytes = u64::from(ring_buffer_bytes / 8);
-        let own_tgid = std::process::id();
-        let mut ebpf = EbpfLoader::new()
-            .override_global(names::AGENT_TGID, &own_tgid, true)
-            .override_global(names::CAPTURE_HEAD_BYTES, &capture_head_bytes, true)
-            .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
-            .map_max_entries(names::EVENTS, ring_buffer_bytes)
-            .load(KERNEL_OBJECT)
-            .map_err(|e| anyhow::anyhow!(explain_load_error(&e)))?;
-        for (program, category, tracepoint) in TRACEPOINTS {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(program)
-                .with_context(|| format!("kernel object has no program {program}"))?
-                .try_into()
-                .with_context(|| format!("{program} is not a tracepoint program"))?;
-            prog.load()
-                .with_context(|| format!("the kernel refused program {program}"))?;
-            prog.attach(category, tracepoint)
-                .with_context(|| format!("cannot attach to tracepoint {category}:{tracepoint}"))?;
+        // The data path is chosen before the connection tracepoints attach,
+        // so that no connection is marked for a path that is not in use.
+        let (mut ebpf, data_path, unix_links) = match options.data_path {
+            DataPath::Socket => {
+                let mut ebpf = load_object(&options, false)?;
+                attach_socket_path(&mut ebpf)
+                    .context("the socket data path (kernel.data_path = \"socket\")")?;
+                (ebpf, DataPathInUse::Socket, Vec::new())
+            }
+            DataPath::Syscalls => {
+                let mut ebpf = load_object(&options, true)?;
+                load_syscall_path(&mut ebpf)?;
+                let links = attach_syscall_path(&mut ebpf)?;
+                (ebpf, DataPathInUse::Syscalls, links)
+            }
+            DataPath::Auto => {
+                let mut ebpf = load_object(&options, false)?;
+                match attach_socket_path(&mut ebpf) {
+                    Ok(()) => (ebpf, DataPathInUse::Socket, Vec::new()),
+                    Err(e) => {
+                        log::warn!(
+                            "the socket data path is not available on this kernel ({e:#}); \
+                             falling back to the syscall path, which adds a cost to every \
+                             read and write of every process"
+                        );
+                        drop(ebpf);
+                        let mut ebpf = load_object(&options, true)?;
+                        load_syscall_path(&mut ebpf)?;
+                        let links = attach_syscall_path(&mut ebpf)?;
+                        (ebpf, DataPathInUse::Syscalls, links)
+                    }
+                }
+            }
+        };
+        if data_path == DataPathInUse::Socket {
+            // Loaded now, attached only while Unix-socket connections live.
+            if let Err(e) = load_syscall_path(&mut ebpf) {
+                log::warn!("Unix-socket connections will carry no statements: {e:#}");
+            }
         }
-        // Per-program run time, where the kernel allows it (5.8+).
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        for (program, category, tracepoint) in TRACEPOINTS {
+            load_and_attach_tracepoint(&mut ebpf, program, category, tracepoint)?;
+        }
+        let ring_buffer_bytes = options.ring_buffer_bytes;
+        // Per-program run time, where the kernel allows it (5.8+), only when
+        // asked: the statistics cost on every run of every program.
+        let stats = if options.probe_stats {
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .map_err(|e| log::warn!("cannot enable BPF run-time statistics: {e}"))
+                .ok()
+        } else {
+            None
+        };
         Ok(KernelProbes {
             ebpf,
             ring_buffer_bytes,
+            data_path,
             _stats: stats,
+            tracked_pids: Default::default(),
+            slot_users: Default::default(),
+            unix_conns: Default::default(),
+            unix_links,
+            unix_idle_since: None,
         })
+    }
+
+    /// A Unix-socket connection that may speak a database protocol: on the
+    /// socket path, attach the syscall path while such connections live.
+    pub fn unix_connection_opened(&mut self, pid: u32, fd: i32) {
+        if self.data_path != DataPathInUse::Socket {
+            return;
+        }
+        self.unix_conns.insert((pid, fd));
+        self.unix_idle_since = None;
+        if self.unix_links.is_empty() {
+            match attach_syscall_path(&mut self.ebpf) {
+                Ok(links) => {
+                    log::info!(
+                        "a Unix-socket connection is tracked: the syscall path is attached \
+                         for Unix sockets while such connections live"
+                    );
+                    self.unix_links = links;
+                }
+                Err(e) => {
+                    log::warn!("cannot attach the syscall path for Unix-socket connections: {e:#}")
+                }
+            }
+        }
+    }
+
+    /// A connection closed (the kernel removed its entry itself).
+    pub fn connection_closed(&mut self, pid: u32, fd: i32) {
+        self.connection_done(pid, fd);
+    }
+
+    /// A connection closed, was forgotten or speaks no database protocol.
+    fn connection_done(&mut self, pid: u32, fd: i32) {
+        if self.unix_conns.remove(&(pid, fd)) && self.unix_conns.is_empty() {
+            self.unix_idle_since = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Detaches the syscall path once no Unix-socket connection needed it
+    /// for a while. Called periodically.
+    pub fn tick(&mut self) {
+        if self.data_path != DataPathInUse::Socket || self.unix_links.is_empty() {
+            return;
+        }
+        if !self.unix_conns.is_empty() {
+            return;
+        }
+        let idle_since = *self
+            .unix_idle_since
+            .get_or_insert_with(std::time::Instant::now);
+        if idle_since.elapsed() >= UNIX_PATH_LINGER {
+            let links = std::mem::take(&mut self.unix_links);
+            detach_syscall_path(&mut self.ebpf, links);
+            log::info!("no Unix-socket connection is tracked: the syscall path is detached");
+        }
+    }
+
+    /// Whether the syscall path is attached now.
+    pub fn syscall_path_attached(&self) -> bool {
+        !self.unix_links.is_empty()
+    }
+
+    /// The data path in use.
+    pub fn data_path(&self) -> DataPathInUse {
+        self.data_path
+    }
+
+    /// Notes that a process owns a tracked connection, so that the socket
+    /// path looks at its socket I/O. The kernel marks a process itself at
+    /// connect; this covers seeded connections and re-marks a slot that an
+    /// exit in the same slot cleared in the meantime.
+    pub fn process_tracks(&mut self, pid: u32) {
+        if !self.tracked_pids.insert(pid) {
+            return;
+        }
+        let slot = tracked_procs_slot(pid);
+        *self.slot_users.entry(slot).or_insert(0) += 1;
+        self.set_tracked_slot(slot, 1);
+    }
+
+    /// A process exited: its slot is cleared once no other tracked process
+    /// shares it.
+    pub fn process_exited(&mut self, pid: u32) {
+        if !self.tracked_pids.remove(&pid) {
+            return;
+        }
+        let slot = tracked_procs_slot(pid);
+        let users = self.slot_users.entry(slot).or_insert(1);
+        *users = users.saturating_sub(1);
+        if *users == 0 {
+            self.slot_users.remove(&slot);
+            self.set_tracked_slot(slot, 0);
+        }
+    }
+
+    fn set_tracked_slot(&mut self, slot: u32, value: u32) {
+        let Some(map) = self.ebpf.map_mut(names::TRACKED_PROCS) else {
+            return;
+        };
+        match Array::<&mut MapData, u32>::try_from(map) {
+            Ok(mut slots) => {
+                if let Err(e) = slots.set(slot, value, 0) {
+                    log::warn!("cannot update the kernel's tracked-process filter: {e}");
+                }
+            }
+            Err(e) => log::warn!("the kernel's tracked-process filter is not an array: {e}"),
+        }
     }
 
     /// The event ring buffer, ready for async reading. Call once.
@@ -231,13 +525,21 @@ impl KernelProbes {
             ringbuf_pending_bytes: max(stat::RINGBUF_PENDING_BYTES)?,
             ringbuf_size_bytes: u64::from(self.ring_buffer_bytes),
             pending_insert_failed: sum(stat::PENDING_INSERT_FAILED)?,
+            conns_full: sum(stat::CONNS_FULL)?,
+            unattributed_socket_io: sum(stat::UNREADABLE_SOCKET_IO)?,
             probes,
         })
     }
 
     /// Tells the kernel about a connection found in /proc, so that its
-    /// close is reported. Generation 0 marks it as seeded.
-    pub fn track_seeded(&mut self, pid: u32, fd: i32) -> anyhow::Result<()> {
+    /// close is reported and its data copied. Generation 0 marks it as
+    /// seeded.
+    pub fn track_seeded(&mut self, pid: u32, fd: i32, unix: bool) -> anyhow::Result<()> {
+        self.process_tracks(pid);
+        if unix {
+            self.unix_connection_opened(pid, fd);
+        }
+        let syscall_copy = unix || self.data_path == DataPathInUse::Syscalls;
         let map = self
             .ebpf
             .map_mut(names::CONNS)
@@ -251,7 +553,11 @@ impl KernelProbes {
         const BPF_NOEXIST: u64 = 1;
         let info = ConnInfo {
             conn_start_ns: 0,
-            flags: conn_flags::CAPTURE_DATA,
+            flags: if syscall_copy {
+                conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY
+            } else {
+                conn_flags::CAPTURE_DATA
+            },
             capture_bytes: 0,
         };
         match conns.insert(key, info, BPF_NOEXIST) {
@@ -267,6 +573,7 @@ impl KernelProbes {
 
     /// Stops copying a connection's data (it speaks no database protocol).
     pub fn stop_capture(&mut self, pid: u32, fd: i32, generation: u64) {
+        self.connection_done(pid, fd);
         self.update_conn(pid, fd, generation, |info| {
             info.flags &= !conn_flags::CAPTURE_DATA
         });
@@ -305,8 +612,10 @@ impl KernelProbes {
     }
 
     /// Forgets a connection in the kernel's filter (its process exited
-    /// without closing it, so no close() will remove it).
+    /// without closing it, so no close() will remove it), or a connection
+    /// the kernel already removed (closed).
     pub fn forget(&mut self, pid: u32, fd: i32) {
+        self.connection_done(pid, fd);
         let Some(map) = self.ebpf.map_mut(names::CONNS) else {
             return;
         };
@@ -383,8 +692,13 @@ pub fn check_kernel() -> Vec<CheckLine> {
         },
     ));
     lines.push(fentry_line());
-    match KernelProbes::load(1 << 16, 64) {
-        Ok(_) => {
+    match KernelProbes::load(LoadOptions {
+        ring_buffer_bytes: 1 << 16,
+        capture_head_bytes: 64,
+        data_path: DataPath::Auto,
+        probe_stats: false,
+    }) {
+        Ok(probes) => {
             for (program, category, tracepoint) in TRACEPOINTS {
                 lines.push(line(
                     true,
@@ -392,6 +706,20 @@ pub fn check_kernel() -> Vec<CheckLine> {
                     format!("{program} loaded and attached (in use)"),
                 ));
             }
+            let in_use = probes.data_path();
+            lines.push(line(
+                in_use == DataPathInUse::Socket,
+                "data path",
+                match in_use {
+                    DataPathInUse::Socket => {
+                        format!("{} loaded and attached (in use)", in_use.describe())
+                    }
+                    DataPathInUse::Syscalls => format!(
+                        "the socket path was refused; {} in use (slower)",
+                        in_use.describe()
+                    ),
+                },
+            ));
         }
         Err(e) => lines.push(line(false, "tracepoints", format!("{e:#}"))),
     }

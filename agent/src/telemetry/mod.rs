@@ -63,6 +63,11 @@ pub struct KernelCounters {
     pub ringbuf_pending_bytes: u64,
     pub ringbuf_size_bytes: u64,
     pub pending_insert_failed: u64,
+    /// Connections the kernel could not track because its maps were full.
+    pub conns_full: u64,
+    /// Socket I/O of tracking processes that the socket data path could not
+    /// attribute to an fd (io_uring, sendfile, sendmmsg...).
+    pub unattributed_socket_io: u64,
     /// Per kernel program: (name, total run time ns, runs), where the kernel
     /// keeps BPF run-time statistics (enabled by the loader).
     pub probes: Vec<(String, u64, u64)>,
@@ -735,6 +740,32 @@ fn register_observables(meter: &Meter, observed: Observed) {
         .with_callback(move |obs| {
             if let Ok(k) = dropped.lock() {
                 obs.observe(k.dropped_events, &[]);
+            }
+        })
+        .build();
+    let full = Arc::clone(&kernel);
+    let _ = meter
+        .u64_observable_counter("poolscope.kernel.connections.untracked")
+        .with_description(
+            "Connections the kernel could not track because its connection maps were full",
+        )
+        .with_unit("{connection}")
+        .with_callback(move |obs| {
+            if let Ok(k) = full.lock() {
+                obs.observe(k.conns_full, &[]);
+            }
+        })
+        .build();
+    let unattributed = Arc::clone(&kernel);
+    let _ = meter
+        .u64_observable_counter("poolscope.kernel.socket_io.unattributed")
+        .with_description(
+            "Socket sends and receives of processes with a tracked connection that the socket data path could not attribute to an fd (io_uring, sendfile, sendmmsg)",
+        )
+        .with_unit("{call}")
+        .with_callback(move |obs| {
+            if let Ok(k) = unattributed.lock() {
+                obs.observe(k.unattributed_socket_io, &[]);
             }
         })
         .build();

@@ -1,0 +1,126 @@
+//! The socket data path (default): raw tracepoints at the end of every socket
+//! send and receive (`sock_send_length`, `sock_recv_length`).
+//!
+//! Why not the syscall tracepoints: a per-call tracepoint on read/write fires
+//! for every file, pipe and socket of every process, and its cost is paid
+//! before any program runs. These fire only for socket I/O, in the caller's
+//! context, after the bytes moved. They carry no fd or buffer, but the
+//! syscall's saved user registers do: the syscall number tells which call it
+//! is, and its arguments name the fd and the user buffer, which for a receive
+//! now holds the bytes just read.
+//!
+//! Cost, in order: processes that track no connection leave after one array
+//! load; tracked processes pay one register read and one CONNS lookup; only
+//! tracked database connections pay for the copy.
+
+use agent_common::{conn_flags, direction, io_kind, stat, tracked_procs_slot, ConnKey};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+
+use crate::{
+    io::{head_limit, send_data_event, UserIo},
+    maps::{CONNS, TRACKED_PROCS},
+    stat_add,
+};
+
+/// `MSG_PEEK`: the bytes stay queued and will be read again.
+const MSG_PEEK: i32 = 2;
+
+/// Syscall numbers and the saved-register layout (`struct pt_regs`) of the
+/// target architecture.
+#[cfg(bpf_target_arch = "x86_64")]
+mod arch {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    /// Offset of `dx`; `si`, `di` and `orig_ax` follow it, 8 bytes each, so
+    /// one read gets the first three arguments and the syscall number.
+    pub const REGS_DX_OFFSET: usize = 96;
+}
+
+#[cfg(not(bpf_target_arch = "x86_64"))]
+compile_error!("the socket data path knows the syscall registers of x86_64 only");
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
+    let _ = on_socket_io(&ctx, direction::SEND);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
+    let _ = on_socket_io(&ctx, direction::RECV);
+    0
+}
+
+/// TP_PROTO(struct sock *sk, int ret, int flags).
+fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
+    let ret = ctx.arg::<u64>(1) as i32;
+    if ret <= 0 {
+        return Ok(());
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    match TRACKED_PROCS.get(tracked_procs_slot(tgid)) {
+        Some(&marked) if marked != 0 => {}
+        _ => return Ok(()),
+    }
+    if dir == direction::RECV && ctx.arg::<u64>(2) as i32 & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    // SAFETY: helpers without preconditions; the kernel checks that the
+    // task pointer is the BTF-typed current task.
+    let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) };
+    // SAFETY: bpf_probe_read_kernel checks the kernel pointer.
+    let [_dx, si, di, nr]: [u64; 4] = unsafe {
+        bpf_probe_read_kernel((regs as usize + arch::REGS_DX_OFFSET) as *const [u64; 4])
+    }?;
+    let kind = match nr {
+        arch::READ | arch::WRITE | arch::SENDTO | arch::RECVFROM => io_kind::BUFFER,
+        arch::READV | arch::WRITEV => io_kind::IOVEC,
+        arch::SENDMSG | arch::RECVMSG => io_kind::MSGHDR,
+        _ => {
+            // io_uring, sendfile, sendmmsg, a kernel thread...: the bytes
+            // are not where a syscall argument says, nor is the fd. Counted
+            // (for any socket of a process that tracks one), not guessed.
+            stat_add(stat::UNREADABLE_SOCKET_IO, 1);
+            return Ok(());
+        }
+    };
+    let key = ConnKey {
+        tgid,
+        fd: di as u32,
+    };
+    // SAFETY: the value is copied out immediately.
+    let info = match unsafe { CONNS.get(key) } {
+        // Connections assigned to the syscall path are copied there.
+        Some(info)
+            if info.flags & (conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY)
+                == conn_flags::CAPTURE_DATA =>
+        {
+            *info
+        }
+        _ => return Ok(()),
+    };
+    send_data_event(
+        &UserIo {
+            pid_tgid,
+            fd: di as i32,
+            conn_start_ns: info.conn_start_ns,
+            capture_bytes: head_limit(info.capture_bytes),
+            direction: dir,
+            io_kind: kind,
+            ptr: si,
+            enter_ns: 0,
+        },
+        ret as u64,
+    )
+}
