@@ -296,6 +296,14 @@ impl Session {
         self.tx
     }
 
+    pub(crate) fn request_outstanding(&self) -> bool {
+        match self.phase {
+            Phase::Opaque => self.alternation.waiting(),
+            Phase::Command => self.book.waiting(),
+            Phase::Greeting | Phase::HandshakeResponse | Phase::Auth | Phase::Ended => false,
+        }
+    }
+
     pub(crate) fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut Ctx<'_>) {
         match (self.phase, direction) {
             (Phase::Ended, _) => {}
@@ -783,6 +791,44 @@ mod tests {
             );
             assert_eq!(rt.end_ns, 6000);
         }
+    }
+
+    /// Like PostgreSQL's start-up: the authentication OK tells the
+    /// transaction status before any round trip, and authentication is no
+    /// request outstanding.
+    #[test]
+    fn handshake_ok_gives_the_transaction_status() {
+        let mut d = Drive::detect();
+        d.server(&my_greeting());
+        d.client(&my_handshake_response(MY_CAPS, "app", Some("orders")));
+        assert_eq!(d.parser.tx_state(), None);
+        assert!(!d.parser.request_outstanding(), "authentication");
+        d.server(&my_ok(2, 0, 0x0002));
+        assert_eq!(d.parser.tx_state(), Some(TxState::Idle));
+        assert!(!d.parser.request_outstanding());
+        assert!(d.take().is_empty());
+    }
+
+    #[test]
+    fn a_command_is_outstanding_until_its_last_packet() {
+        let mut d = connected(MY_CAPS);
+        d.take();
+        query(&mut d, "SELECT SLEEP(30)");
+        assert!(d.parser.request_outstanding());
+        let rows = ["a", "b", "c"];
+        let resp = my_result_set(&rows, true, 0x0002);
+        let reads = my_reads(&resp);
+        let (last, before) = reads.split_last().expect("reads");
+        for read in before {
+            d.server(read);
+            assert!(d.parser.request_outstanding(), "the result set goes on");
+        }
+        d.server(last);
+        assert!(!d.parser.request_outstanding());
+        assert_eq!(one(&mut d).rows, Some(3));
+        query(&mut d, "SELECT 1");
+        d.client(&my_packet(0, &[0x01])); // COM_QUIT
+        assert!(!d.parser.request_outstanding(), "the session ended");
     }
 
     #[test]

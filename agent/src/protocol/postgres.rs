@@ -250,6 +250,14 @@ impl Session {
         self.tx
     }
 
+    pub(crate) fn request_outstanding(&self) -> bool {
+        match self.phase {
+            Phase::Encrypted => self.alternation.waiting(),
+            Phase::Ended => false,
+            _ => self.book.waiting(),
+        }
+    }
+
     pub(crate) fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut Ctx<'_>) {
         match (self.phase, direction) {
             (Phase::Ended, _) => {}
@@ -579,6 +587,130 @@ mod tests {
             }]
         );
         assert_eq!(d.parser.tx_state(), Some(TxState::Idle));
+    }
+
+    /// Issue 9: a connection that has only completed its start-up is
+    /// `idle` in pg_stat_activity. Its transaction status is known from the
+    /// start-up's ReadyForQuery, before any round trip, however the client
+    /// reads the start-up response.
+    #[test]
+    fn startup_ready_for_query_gives_the_transaction_status() {
+        let ok = pg_startup_ok();
+        for cut in 0..=ok.len() {
+            let mut d = Drive::detect();
+            d.client(&pg_startup("alice", Some("shop")));
+            assert_eq!(d.parser.tx_state(), None, "cut {cut}: not ready yet");
+            assert!(!d.parser.request_outstanding(), "start-up is no request");
+            d.server(&ok[..cut]);
+            d.server(&ok[cut..]);
+            assert_eq!(d.parser.tx_state(), Some(TxState::Idle), "cut {cut}");
+            assert!(!d.parser.request_outstanding(), "cut {cut}");
+            assert!(d.take().is_empty(), "cut {cut}: start-up is no round trip");
+        }
+        // Password authentication: the client answers mid-start-up.
+        let mut d = Drive::detect();
+        d.client(&pg_startup("alice", Some("shop")));
+        d.server(&pg_msg(
+            b'R',
+            &5u32
+                .to_be_bytes()
+                .iter()
+                .chain(b"salt")
+                .copied()
+                .collect::<Vec<_>>(),
+        ));
+        assert_eq!(d.parser.tx_state(), None);
+        d.client(&pg_msg(b'p', b"md5abc\0"));
+        assert!(!d.parser.request_outstanding(), "a password is no request");
+        d.server(&ok);
+        assert_eq!(d.parser.tx_state(), Some(TxState::Idle));
+        assert!(d.take().is_empty());
+    }
+
+    /// What pg_stat_activity calls `active`: a request sent and its
+    /// ReadyForQuery not yet read, also while rows stream back.
+    #[test]
+    fn a_request_is_outstanding_until_its_ready_for_query() {
+        let mut d = connected();
+        d.take();
+        assert!(!d.parser.request_outstanding());
+        d.client(&pg_query("SELECT pg_sleep(30)"));
+        assert!(d.parser.request_outstanding(), "the server is sleeping");
+        assert_eq!(d.parser.tx_state(), Some(TxState::Idle), "as last told");
+        let mut resp = pg_msg(b'T', &[0, 0]);
+        resp.extend(pg_data_row(""));
+        resp.extend(pg_complete("SELECT 1"));
+        resp.extend(pg_ready(b'I'));
+        d.server(&resp);
+        assert!(!d.parser.request_outstanding());
+        assert_eq!(d.take().len(), 1);
+
+        // Rows streaming back, read in pieces that cut messages anywhere,
+        // each well past the kernel's head.
+        d.head_max = 256;
+        let big = "x".repeat(20_000);
+        let mut resp = pg_msg(b'T', &[0, 0]);
+        for _ in 0..12 {
+            resp.extend(pg_data_row(&big));
+        }
+        resp.extend(pg_complete("SELECT 12"));
+        resp.extend(pg_ready(b'I'));
+        for read in [8192, 16_384, 5000] {
+            d.client(&pg_query("SELECT g, repeat('x', 20000) FROM t"));
+            let pieces: Vec<&[u8]> = resp.chunks(read).collect();
+            let (last, rows) = pieces.split_last().expect("pieces");
+            for piece in rows {
+                d.server(piece);
+                assert!(
+                    d.parser.request_outstanding(),
+                    "read {read}: rows still come"
+                );
+            }
+            d.server(last);
+            assert!(
+                !d.parser.request_outstanding(),
+                "read {read}: {:?}",
+                d.others()
+            );
+            assert_eq!(d.take().len(), 1, "read {read}");
+        }
+
+        // Extended protocol: until the Sync's ReadyForQuery.
+        d.head_max = usize::MAX;
+        let mut batch = pg_parse("", "SELECT $1");
+        batch.extend(pg_bind("", ""));
+        batch.extend(pg_execute(""));
+        batch.extend(pg_sync());
+        d.client(&batch);
+        assert!(d.parser.request_outstanding());
+        let mut resp = pg_msg(b'1', &[]);
+        resp.extend(pg_msg(b'2', &[]));
+        resp.extend(pg_data_row("42"));
+        d.server(&resp);
+        assert!(d.parser.request_outstanding());
+        let mut resp = pg_complete("SELECT 1");
+        resp.extend(pg_ready(b'T'));
+        d.server(&resp);
+        assert!(!d.parser.request_outstanding());
+        assert_eq!(d.parser.tx_state(), Some(TxState::InTransaction));
+
+        // Terminate: nothing more is outstanding.
+        d.client(&pg_query("SELECT 1"));
+        d.client(&pg_msg(b'X', &[]));
+        assert!(!d.parser.request_outstanding());
+    }
+
+    #[test]
+    fn encrypted_sessions_wait_until_the_server_answers() {
+        let mut d = Drive::detect();
+        d.client(&pg_ssl_request());
+        d.server(b"S");
+        assert!(!d.parser.request_outstanding());
+        d.client(&[0x17, 3, 3, 0, 1, 0]);
+        assert!(d.parser.request_outstanding());
+        d.server(&[0x17, 3, 3, 0, 1, 0]);
+        assert!(!d.parser.request_outstanding());
+        assert_eq!(d.parser.tx_state(), None, "nothing to read it from");
     }
 
     #[test]

@@ -398,6 +398,14 @@ impl Session {
         self.tx
     }
 
+    pub(crate) fn request_outstanding(&self) -> bool {
+        if self.encrypted {
+            self.alternation.waiting()
+        } else {
+            self.book.waiting()
+        }
+    }
+
     pub(crate) fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut Ctx<'_>) {
         if !std::mem::replace(&mut self.started, true) {
             self.client = Reader::client();
@@ -739,6 +747,22 @@ mod tests {
         d.client(&resp_command(&["NOPE"]));
         d.server(b"+OK\r\n-ERR unknown command 'NOPE'\r\n");
         assert_eq!(d.parser.tx_state(), Some(TxState::Failed));
+    }
+
+    #[test]
+    fn a_pipeline_is_outstanding_until_its_last_reply() {
+        let mut d = Drive::detect();
+        let mut write = resp_command(&["SET", "a", "1"]);
+        write.extend(resp_command(&["BLPOP", "q", "0"]));
+        d.client(&write);
+        assert!(d.parser.request_outstanding());
+        d.server(b"+OK\r\n");
+        assert!(d.parser.request_outstanding(), "BLPOP still blocks");
+        d.server(b"*2\r\n$1\r\nq\r\n$1\r\n");
+        assert!(d.parser.request_outstanding(), "half a reply");
+        d.server(b"x\r\n");
+        assert!(!d.parser.request_outstanding());
+        assert_eq!(d.take().len(), 2);
     }
 
     #[test]

@@ -109,6 +109,12 @@ impl Book {
             .or_else(|| self.orphan_start.map(Pending::new))
     }
 
+    /// A request was sent and its response has not ended (a bare
+    /// PostgreSQL Sync included: the server has not said it is ready).
+    pub(crate) fn waiting(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub(crate) fn may_have_missed_requests(&mut self, ts: Option<u64>) {
         self.orphan_start = ts;
     }
@@ -265,6 +271,13 @@ impl Alternation {
             self.end = Some(ts);
         }
     }
+
+    /// The client spoke and the server has not answered yet. Once it has,
+    /// the turn may go on (a long response) or be over: without framing,
+    /// the first answer is taken as the end.
+    pub(crate) fn waiting(&self) -> bool {
+        self.start.is_some() && self.end.is_none()
+    }
 }
 
 /// A TLS record header: content type 20..=23, version 3.x.
@@ -354,13 +367,30 @@ impl SessionParser {
         }
     }
 
-    /// Transaction status after the last response that told it.
+    /// Transaction status after the last response that told it, start-up
+    /// included: PostgreSQL's first ReadyForQuery and MySQL's
+    /// authentication OK say it before any round trip, so callers should
+    /// read it after every feed rather than only from round trips.
     pub fn tx_state(&self) -> Option<TxState> {
         match &self.inner {
             Inner::Postgres(s) => s.tx_state(),
             Inner::Mysql(s) => s.tx_state(),
             Inner::Redis(s) => s.tx_state(),
             Inner::Detecting | Inner::Other => None,
+        }
+    }
+
+    /// A request went out and the end of its response (ReadyForQuery, the
+    /// last OK/ERR/EOF, the whole RESP reply) has not come back: the
+    /// server is working on it, or still sending its answer. Start-up and
+    /// authentication are not requests. What `pg_stat_activity` calls
+    /// `active`, and what an inferred pool counts as used.
+    pub fn request_outstanding(&self) -> bool {
+        match &self.inner {
+            Inner::Postgres(s) => s.request_outstanding(),
+            Inner::Mysql(s) => s.request_outstanding(),
+            Inner::Redis(s) => s.request_outstanding(),
+            Inner::Detecting | Inner::Other => false,
         }
     }
 
