@@ -24,7 +24,7 @@ pub mod otlp;
 use crate::{
     adapter::message::AcquireResult,
     detect::LeakKind,
-    lifecycle::{ConnState, Connection, Output, PoolView, Tracker},
+    lifecycle::{ConnState, Connection, Endpoint, Output, PoolView, Tracker},
     procfs::Placement,
     protocol::DbSystem,
     reports::{LeakChange, LeakReports},
@@ -105,6 +105,45 @@ pub struct Telemetry {
     pool_create_time: Histogram<f64>,
     adapter_messages: Counter<u64>,
     leak_reports: Counter<u64>,
+    server_attributes: ServerAttributes,
+}
+
+/// The server attributes of round trips, built once per server: formatting
+/// an address on every round trip was a tenth of the agent's CPU under load.
+#[derive(Default)]
+struct ServerAttributes {
+    by_server: Mutex<std::collections::HashMap<(DbSystem, Endpoint), Arc<[KeyValue]>>>,
+}
+
+impl ServerAttributes {
+    /// Servers remembered at most; past it the cache starts over, so an
+    /// agent that sees many servers stays bounded.
+    const MAX: usize = 4096;
+
+    fn get(&self, system: DbSystem, remote: &Endpoint) -> Arc<[KeyValue]> {
+        let build = || -> Arc<[KeyValue]> {
+            let mut attrs = vec![
+                KeyValue::new("db.system.name", system.as_str()),
+                KeyValue::new("server.address", remote.address()),
+            ];
+            if let Some(port) = remote.port() {
+                attrs.push(KeyValue::new("server.port", i64::from(port)));
+            }
+            attrs.into()
+        };
+        let Ok(mut cache) = self.by_server.lock() else {
+            return build();
+        };
+        if let Some(attrs) = cache.get(&(system, remote.clone())) {
+            return Arc::clone(attrs);
+        }
+        if cache.len() >= Self::MAX {
+            cache.clear();
+        }
+        let attrs = build();
+        cache.insert((system, remote.clone()), Arc::clone(&attrs));
+        attrs
+    }
 }
 
 /// SQL statements' first keywords that may become `db.operation.name`.
@@ -349,6 +388,7 @@ impl Telemetry {
                 .with_unit("{event}")
                 .build(),
             operation_names: OperationNames::default(),
+            server_attributes: ServerAttributes::default(),
             adapter_messages: meter
                 .u64_counter("poolscope.adapter.messages")
                 .with_description("Pool-adapter messages by result (accepted, rejected) and rejection reason")
@@ -423,13 +463,9 @@ impl Telemetry {
                     trip,
                     ..
                 } => {
-                    let mut attrs = vec![
-                        KeyValue::new("db.system.name", system.as_str()),
-                        KeyValue::new("server.address", remote.address()),
-                    ];
-                    if let Some(port) = remote.port() {
-                        attrs.push(KeyValue::new("server.port", i64::from(port)));
-                    }
+                    let server = self.server_attributes.get(*system, remote);
+                    let mut attrs = Vec::with_capacity(server.len() + 2);
+                    attrs.extend_from_slice(&server);
                     if let Some(operation) = trip.operation.as_deref() {
                         if let Some(name) = self.operation_names.bounded(*system, operation) {
                             attrs.push(KeyValue::new("db.operation.name", name));
