@@ -326,7 +326,7 @@ impl Default for HttpConfig {
 impl Default for KernelConfig {
     fn default() -> Self {
         Self {
-            ring_buffer_bytes: 1 << 20,
+            ring_buffer_bytes: 1 << 22,
             mount_tracefs: true,
             data_path: DataPath::Auto,
             probe_stats: false,
@@ -870,7 +870,7 @@ level = "debug"
     fn defaults() {
         let c = Config::default();
         assert_eq!(c.http.listen, "127.0.0.1:9464".parse().expect("addr"));
-        assert_eq!(c.kernel.ring_buffer_bytes, 1024 * 1024);
+        assert_eq!(c.kernel.ring_buffer_bytes, 4 * 1024 * 1024);
         assert!(c.kernel.mount_tracefs);
         assert_eq!(c.tracking.closed_retention_seconds, 300);
         assert_eq!(c.tracking.max_closed, 4096);
@@ -881,7 +881,7 @@ level = "debug"
         assert_eq!(Config::load(None).expect("none"), c);
         // A partial section keeps the other defaults of that section.
         let c = Config::from_toml_str("[kernel]\nmount_tracefs = false\n", "x").expect("partial");
-        assert_eq!(c.kernel.ring_buffer_bytes, 1024 * 1024);
+        assert_eq!(c.kernel.ring_buffer_bytes, 4 * 1024 * 1024);
         assert!(!c.kernel.mount_tracefs);
     }
 
