@@ -29,6 +29,18 @@ pub mod names {
 /// load. Collisions only cost the colliding process a hash lookup.
 pub const TRACKED_PROCS_SLOTS: u32 = 1 << 16;
 
+/// Values of a `TRACKED_PROCS` slot, one byte each so that the kernel's
+/// one-byte store of `TRACKS` can never undo userspace's `UNBOUND`.
+pub mod tracked_procs {
+    /// A process in this slot tracks a connection (set by the kernel at
+    /// connect and by userspace).
+    pub const TRACKS: u32 = 0x1;
+    /// ... and some of them are not in SOCKS (Unix sockets or connections
+    /// found in /proc at start), so socket I/O that SOCKS does not know
+    /// must still be looked up by fd.
+    pub const UNBOUND: u32 = 0x100;
+}
+
 /// The slot of a process in `TRACKED_PROCS`.
 pub const fn tracked_procs_slot(tgid: u32) -> u32 {
     tgid & (TRACKED_PROCS_SLOTS - 1)

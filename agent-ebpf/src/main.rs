@@ -81,8 +81,9 @@ const IPPROTO_TCP: u16 = 6;
 /// clears a slot (when no live process hashing to it tracks a connection).
 fn mark_tracked_process(tgid: u32) {
     if let Some(slot) = TRACKED_PROCS.get_ptr_mut(agent_common::tracked_procs_slot(tgid)) {
-        // SAFETY: pointer into an array slot; a racing writer writes 1 too.
-        unsafe { *slot = 1 };
+        // SAFETY: pointer into an array slot. One byte only (the low one on
+        // this little-endian target): the UNBOUND byte is userspace's.
+        unsafe { *slot.cast::<u8>() = agent_common::tracked_procs::TRACKS as u8 };
     }
 }
 

@@ -10,10 +10,13 @@
 //! now holds the bytes just read.
 //!
 //! Cost, in order: processes that track no connection leave after one array
-//! load; tracked processes pay one register read and one CONNS lookup; only
-//! tracked database connections pay for the copy.
+//! load; their other sockets after one SOCKS lookup; their connections pay
+//! one register read and one CONNS lookup; only database connections pay
+//! for the copy.
 
-use agent_common::{conn_flags, direction, io_kind, stat, tracked_procs_slot, ConnKey};
+use agent_common::{
+    conn_flags, direction, io_kind, stat, tracked_procs, tracked_procs_slot, ConnKey,
+};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated},
     macros::raw_tracepoint,
@@ -22,7 +25,7 @@ use aya_ebpf::{
 
 use crate::{
     io::{head_limit, send_data_event, UserIo},
-    maps::{CONNS, TRACKED_PROCS},
+    maps::{CONNS, SOCKS, TRACKED_PROCS},
     stat_add,
 };
 
@@ -69,11 +72,19 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    match TRACKED_PROCS.get(tracked_procs_slot(tgid)) {
-        Some(&marked) if marked != 0 => {}
+    let marks = match TRACKED_PROCS.get(tracked_procs_slot(tgid)) {
+        Some(&marks) if marks != 0 => marks,
         _ => return Ok(()),
-    }
+    };
     if dir == direction::RECV && ctx.arg::<u64>(2) as i32 & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    // A socket this process connected while we watched is in SOCKS; others
+    // (its listening side, sockets it accepted) leave here, before the
+    // costlier register read, unless it also owns connections that SOCKS
+    // cannot know.
+    let sk = ctx.arg::<u64>(0);
+    if SOCKS.get_ptr(sk).is_none() && marks & tracked_procs::UNBOUND == 0 {
         return Ok(());
     }
     // SAFETY: helpers without preconditions; the kernel checks that the

@@ -9,8 +9,8 @@ use std::{
 };
 
 use agent_common::{
-    conn_flags, names, stat, tracked_procs_slot, ConnInfo, ConnKey, SOCKET_DATA_RAW_TRACEPOINTS,
-    SYSCALL_DATA_TRACEPOINTS, TRACEPOINTS,
+    conn_flags, names, stat, tracked_procs, tracked_procs_slot, ConnInfo, ConnKey,
+    SOCKET_DATA_RAW_TRACEPOINTS, SYSCALL_DATA_TRACEPOINTS, TRACEPOINTS,
 };
 use anyhow::{bail, Context};
 use aya::{
@@ -149,6 +149,8 @@ pub struct KernelProbes {
     /// its last process is gone.
     tracked_pids: std::collections::HashSet<u32>,
     slot_users: std::collections::HashMap<u32, u32>,
+    /// Slots whose processes own connections missing from SOCKS.
+    unbound_slots: std::collections::HashSet<u32>,
     /// Socket path only: the syscall path is attached while Unix-socket
     /// connections that may speak a database protocol live, since the
     /// socket tracepoints do not fire for Unix sockets.
@@ -369,6 +371,7 @@ impl KernelProbes {
             _stats: stats,
             tracked_pids: Default::default(),
             slot_users: Default::default(),
+            unbound_slots: Default::default(),
             unix_conns: Default::default(),
             unix_links,
             unix_idle_since: None,
@@ -450,7 +453,23 @@ impl KernelProbes {
         }
         let slot = tracked_procs_slot(pid);
         *self.slot_users.entry(slot).or_insert(0) += 1;
-        self.set_tracked_slot(slot, 1);
+        let marks = if self.unbound_slots.contains(&slot) {
+            tracked_procs::TRACKS | tracked_procs::UNBOUND
+        } else {
+            tracked_procs::TRACKS
+        };
+        self.set_tracked_slot(slot, marks);
+    }
+
+    /// A process owns a connection that the kernel's socket map does not
+    /// know (a Unix socket or one found in /proc): its socket I/O must be
+    /// looked up by fd too.
+    fn process_has_unbound(&mut self, pid: u32) {
+        self.process_tracks(pid);
+        let slot = tracked_procs_slot(pid);
+        if self.unbound_slots.insert(slot) {
+            self.set_tracked_slot(slot, tracked_procs::TRACKS | tracked_procs::UNBOUND);
+        }
     }
 
     /// A process exited: its slot is cleared once no other tracked process
@@ -464,6 +483,7 @@ impl KernelProbes {
         *users = users.saturating_sub(1);
         if *users == 0 {
             self.slot_users.remove(&slot);
+            self.unbound_slots.remove(&slot);
             self.set_tracked_slot(slot, 0);
         }
     }
@@ -535,7 +555,7 @@ impl KernelProbes {
     /// close is reported and its data copied. Generation 0 marks it as
     /// seeded.
     pub fn track_seeded(&mut self, pid: u32, fd: i32, unix: bool) -> anyhow::Result<()> {
-        self.process_tracks(pid);
+        self.process_has_unbound(pid);
         if unix {
             self.unix_connection_opened(pid, fd);
         }
