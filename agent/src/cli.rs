@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    api::{ConnectionView, ConnectionsResponse, PoolsResponse},
+    api::{ConnectionView, ConnectionsResponse, PoolsResponse, CONNECTIONS_PAGE_MAX},
     config::Overrides,
     lifecycle::ConnState,
     reports::SlowQueriesResponse,
@@ -116,10 +116,35 @@ pub fn http_get(agent: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
+/// Every connection a running agent lists, following its pages.
+pub fn fetch_connections(agent: SocketAddr) -> anyhow::Result<Vec<ConnectionView>> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            // Cursors are digits, dots and minus signs: nothing to escape.
+            Some(cursor) => {
+                format!("/api/v1/connections?limit={CONNECTIONS_PAGE_MAX}&after={cursor}")
+            }
+            None => format!("/api/v1/connections?limit={CONNECTIONS_PAGE_MAX}"),
+        };
+        let body = http_get(agent, &path)?;
+        let page: ConnectionsResponse = serde_json::from_str(&body)
+            .context("the agent's /api/v1/connections is not valid JSON")?;
+        all.extend(page.connections);
+        match page.next {
+            Some(next) if after.as_ref() != Some(&next) => after = Some(next),
+            Some(next) => bail!("the agent's /api/v1/connections repeated the cursor {next}"),
+            None => return Ok(all),
+        }
+    }
+}
+
 pub fn connections(args: &ConnectionsArgs) -> anyhow::Result<()> {
-    let body = http_get(args.client.agent, "/api/v1/connections")?;
-    let mut response: ConnectionsResponse =
-        serde_json::from_str(&body).context("the agent's /api/v1/connections is not valid JSON")?;
+    let mut response = ConnectionsResponse {
+        connections: fetch_connections(args.client.agent)?,
+        next: None,
+    };
     if !args.all {
         response
             .connections

@@ -2,11 +2,12 @@
 
 use std::{
     net::SocketAddr,
+    ops::Bound,
     sync::{Arc, Mutex},
 };
 
 use axum::{
-    extract::State,
+    extract::{Query, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::{monotonic_ns, Clock},
     lifecycle::PoolView,
-    lifecycle::{CloseReason, ConnState, ConnectOutcome, Connection, Endpoint, Tracker},
+    lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Tracker},
     procfs::Placement,
     protocol::{DbSystem, TxState},
     reports::{LeakReports, LeaksResponse, Reports, SlowQueriesResponse},
@@ -76,9 +77,159 @@ pub struct ConnectionView {
     pub placement: Placement,
 }
 
+/// One page of `/api/v1/connections`, in (pid, fd, generation) order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectionsResponse {
     pub connections: Vec<ConnectionView>,
+    /// Where the next page starts (`?after=` this), or null on the last
+    /// page. Absent from agents that did not page (read as null).
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+/// Connections on a page when the caller names no `limit`.
+pub const CONNECTIONS_PAGE_DEFAULT: usize = 1000;
+/// The largest `limit` honoured; larger ones are lowered to it.
+pub const CONNECTIONS_PAGE_MAX: usize = 10_000;
+/// A page also ends once its JSON passes this size (then `next` is set even
+/// below `limit`): what one caller makes the agent hold stays about this,
+/// however long the queries on its connections are.
+pub const CONNECTIONS_PAGE_BYTES: usize = 1 << 20;
+/// Connections turned into views per hold of the tracker lock, so that a
+/// page never stalls the event pipeline for long.
+const VIEWS_PER_LOCK: usize = 256;
+
+/// `/api/v1/connections?limit=N&after=CURSOR&pid=PID`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ConnectionsQuery {
+    pub limit: Option<usize>,
+    /// The `next` of the previous page.
+    pub after: Option<String>,
+    /// Only this process's connections.
+    pub pid: Option<u32>,
+}
+
+/// The cursor naming a connection: opaque to callers, "pid.fd.generation".
+pub fn connections_cursor(id: ConnId) -> String {
+    format!("{}.{}.{}", id.pid, id.fd, id.generation)
+}
+
+pub fn parse_connections_cursor(text: &str) -> Option<ConnId> {
+    let mut parts = text.splitn(3, '.');
+    let pid = parts.next()?.parse().ok()?;
+    let fd = parts.next()?.parse().ok()?;
+    let generation = parts.next()?.parse().ok()?;
+    Some(ConnId {
+        pid,
+        fd,
+        generation,
+    })
+}
+
+/// Why a page could not be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageError {
+    BadCursor,
+    LockPoisoned,
+}
+
+/// One page of connections as JSON (a [`ConnectionsResponse`]), built a
+/// few hundred connections per hold of the lock and written out as it
+/// goes: neither the tracker lock nor the memory grows with the number of
+/// connections.
+pub fn connections_page(
+    tracker: &Mutex<Tracker>,
+    query: &ConnectionsQuery,
+    clock: &Clock,
+    now_ns: u64,
+) -> Result<Vec<u8>, PageError> {
+    let limit = query
+        .limit
+        .unwrap_or(CONNECTIONS_PAGE_DEFAULT)
+        .clamp(1, CONNECTIONS_PAGE_MAX);
+    let after = match &query.after {
+        Some(text) => Some(parse_connections_cursor(text).ok_or(PageError::BadCursor)?),
+        None => None,
+    };
+    let mut start = match (after, query.pid) {
+        (Some(id), Some(pid)) if id.pid < pid => Bound::Included(first_of(pid)),
+        (Some(id), _) => Bound::Excluded(id),
+        (None, Some(pid)) => Bound::Included(first_of(pid)),
+        (None, None) => Bound::Unbounded,
+    };
+    let in_scope = |c: &Connection| query.pid.is_none_or(|pid| c.id.pid == pid);
+
+    // Room for the whole page up front: no copying as it grows, and the
+    // pages of it never written are never touched.
+    let room = CONNECTIONS_PAGE_BYTES.min(limit.saturating_mul(2048)) + 64 * 1024;
+    let mut body = Vec::with_capacity(room);
+    body.extend_from_slice(b"{\"connections\":[");
+    let mut emitted = 0usize;
+    let mut last: Option<ConnId> = None;
+    let mut next = None;
+    'page: loop {
+        let want = VIEWS_PER_LOCK.min(limit - emitted);
+        let (views, more) = {
+            let tracker = tracker.lock().map_err(|_| PageError::LockPoisoned)?;
+            let mut listed = tracker.connections_from(start).take_while(|c| in_scope(c));
+            let views: Vec<(ConnId, ConnectionView)> = listed
+                .by_ref()
+                .take(want)
+                .map(|c| {
+                    let view = connection_view(c, tracker.placement(c.id.pid), clock, now_ns);
+                    (c.id, view)
+                })
+                .collect();
+            (views, listed.next().is_some())
+        };
+        for (id, view) in views {
+            if emitted > 0 && body.len() >= CONNECTIONS_PAGE_BYTES {
+                // Full before `id`: the next page starts after the last one here.
+                next = last;
+                break 'page;
+            }
+            if emitted > 0 {
+                body.push(b',');
+            }
+            // A struct of strings and numbers always serializes.
+            if serde_json::to_writer(&mut body, &view).is_err() {
+                body.extend_from_slice(b"null");
+            }
+            emitted += 1;
+            last = Some(id);
+        }
+        match last {
+            Some(id) if more => {
+                if emitted >= limit {
+                    next = Some(id);
+                    break;
+                }
+                start = Bound::Excluded(id);
+            }
+            _ => break,
+        }
+    }
+    body.extend_from_slice(b"],\"next\":");
+    match next {
+        Some(id) => {
+            let cursor = connections_cursor(id);
+            if serde_json::to_writer(&mut body, &cursor).is_err() {
+                body.extend_from_slice(b"null");
+            }
+        }
+        None => body.extend_from_slice(b"null"),
+    }
+    body.push(b'}');
+    Ok(body)
+}
+
+/// The lowest id of a process, where its listing starts.
+fn first_of(pid: u32) -> ConnId {
+    ConnId {
+        pid,
+        fd: i32::MIN,
+        generation: 0,
+    }
 }
 
 pub fn connection_view(
@@ -188,18 +339,22 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     }
 }
 
-async fn connections(State(state): State<ApiState>) -> Response {
+async fn connections(
+    State(state): State<ApiState>,
+    Query(query): Query<ConnectionsQuery>,
+) -> Response {
     let now = monotonic_ns();
-    let Ok(tracker) = state.tracker.lock() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "tracker lock poisoned\n").into_response();
-    };
-    let mut connections: Vec<ConnectionView> = tracker
-        .open_connections()
-        .chain(tracker.closed_connections())
-        .map(|c| connection_view(c, tracker.placement(c.id.pid), &state.clock, now))
-        .collect();
-    connections.sort_by_key(|c| (c.pid, c.fd, c.generation));
-    Json(ConnectionsResponse { connections }).into_response()
+    match connections_page(&state.tracker, &query, &state.clock, now) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(PageError::BadCursor) => (
+            StatusCode::BAD_REQUEST,
+            "after: not a cursor this API gave (use the previous page's next)\n",
+        )
+            .into_response(),
+        Err(PageError::LockPoisoned) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "tracker lock poisoned\n").into_response()
+        }
+    }
 }
 
 async fn slow_queries(State(state): State<ApiState>) -> Response {
@@ -236,4 +391,297 @@ async fn pools(State(state): State<ApiState>) -> Response {
         pools: tracker.pool_views(),
     })
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Event, EventKind, TrackerConfig};
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        cell::Cell,
+    };
+
+    /// Counts each thread's live heap bytes and their peak, so that a test
+    /// can tell what one API caller makes the agent hold.
+    struct PerThread;
+
+    thread_local! {
+        static LIVE: Cell<isize> = const { Cell::new(0) };
+        static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn count(delta: isize) {
+        // try_with: allocations during thread teardown are not counted.
+        let _ = LIVE.try_with(|live| {
+            let now = live.get() + delta;
+            live.set(now);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+        });
+    }
+
+    // SAFETY: every call is passed on to the system allocator unchanged.
+    unsafe impl GlobalAlloc for PerThread {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count(layout.size() as isize);
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            count(-(layout.size() as isize));
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count(new_size as isize - layout.size() as isize);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: PerThread = PerThread;
+
+    /// Peak heap growth of this thread while `f` runs.
+    fn peak_bytes<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        let base = LIVE.with(Cell::get);
+        PEAK.with(|p| p.set(base));
+        let result = f();
+        let peak = PEAK.with(Cell::get) - base;
+        (result, usize::try_from(peak).unwrap_or(0))
+    }
+
+    /// A tracker with `n` open connections over 10 processes, each named
+    /// `comm` (a long one makes long views), and `closed` closed ones.
+    fn tracker(n: u32, closed: u32, comm: &str) -> Mutex<Tracker> {
+        let mut t = Tracker::new(TrackerConfig::default());
+        for i in 0..n + closed {
+            let conn = ConnId {
+                pid: 1_000 + i % 10,
+                fd: (i / 10) as i32,
+                generation: 1_000,
+            };
+            t.apply(Event {
+                ts_ns: 1_100,
+                conn,
+                kind: EventKind::Connect {
+                    tid: 1,
+                    ret: 0,
+                    remote: Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")),
+                    comm: comm.to_string(),
+                },
+            });
+            if i >= n {
+                t.apply(Event {
+                    ts_ns: 1_200,
+                    conn,
+                    kind: EventKind::Close,
+                });
+            }
+        }
+        Mutex::new(t)
+    }
+
+    fn page(t: &Mutex<Tracker>, query: &ConnectionsQuery) -> ConnectionsResponse {
+        let body = connections_page(t, query, &Clock::new(), 2_000).expect("page");
+        serde_json::from_slice(&body).expect("page is a ConnectionsResponse")
+    }
+
+    /// Follows `next` from `query`; returns the pages' sizes and all ids.
+    fn all_pages(t: &Mutex<Tracker>, mut query: ConnectionsQuery) -> (Vec<usize>, Vec<ConnId>) {
+        let mut sizes = Vec::new();
+        let mut ids = Vec::new();
+        loop {
+            let response = page(t, &query);
+            sizes.push(response.connections.len());
+            ids.extend(response.connections.iter().map(|c| ConnId {
+                pid: c.pid,
+                fd: c.fd,
+                generation: c.generation,
+            }));
+            match response.next {
+                Some(next) => query.after = Some(next),
+                None => return (sizes, ids),
+            }
+        }
+    }
+
+    fn all_ids(t: &Mutex<Tracker>) -> Vec<ConnId> {
+        let t = t.lock().expect("lock");
+        let mut ids: Vec<ConnId> = t
+            .open_connections()
+            .chain(t.closed_connections())
+            .map(|c| c.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn pages_cover_every_connection_once_in_order() {
+        let t = tracker(2_300, 200, "app");
+        let (sizes, ids) = all_pages(&t, ConnectionsQuery::default());
+        assert_eq!(sizes, vec![1_000, 1_000, 500]);
+        assert_eq!(ids, all_ids(&t));
+
+        // Larger pages on request, up to the page's size in bytes (views
+        // of these connections are about 700 bytes).
+        let (sizes, ids) = all_pages(
+            &t,
+            ConnectionsQuery {
+                limit: Some(1_000_000),
+                ..ConnectionsQuery::default()
+            },
+        );
+        assert!(sizes[0] > 1_000 && sizes.len() == 2, "{sizes:?}");
+        assert_eq!(ids, all_ids(&t));
+        // An exact fit ends without an empty page.
+        let (sizes, _) = all_pages(
+            &t,
+            ConnectionsQuery {
+                limit: Some(500),
+                ..ConnectionsQuery::default()
+            },
+        );
+        assert_eq!(sizes, vec![500; 5]);
+        let first = page(
+            &t,
+            &ConnectionsQuery {
+                limit: Some(0),
+                ..ConnectionsQuery::default()
+            },
+        );
+        assert_eq!(first.connections.len(), 1);
+    }
+
+    #[test]
+    fn pages_of_one_process() {
+        let t = tracker(2_000, 0, "app");
+        let (sizes, ids) = all_pages(
+            &t,
+            ConnectionsQuery {
+                limit: Some(150),
+                pid: Some(1_003),
+                ..ConnectionsQuery::default()
+            },
+        );
+        assert_eq!(sizes, vec![150, 50]);
+        let expected: Vec<ConnId> = all_ids(&t).into_iter().filter(|c| c.pid == 1_003).collect();
+        assert_eq!(ids, expected);
+        // A cursor from an earlier process starts at this one's first.
+        let response = page(
+            &t,
+            &ConnectionsQuery {
+                after: Some(connections_cursor(expected[0]).replace("1003.", "1001.")),
+                pid: Some(1_003),
+                ..ConnectionsQuery::default()
+            },
+        );
+        assert_eq!(response.connections.len(), 200);
+        let none = page(
+            &t,
+            &ConnectionsQuery {
+                pid: Some(7),
+                ..ConnectionsQuery::default()
+            },
+        );
+        assert!(none.connections.is_empty() && none.next.is_none());
+    }
+
+    #[test]
+    fn a_page_ends_at_its_size_in_bytes() {
+        // Views of about 10 kB: a page of 1000 would be 10 MB.
+        let t = tracker(500, 0, &"x".repeat(10_000));
+        let (sizes, ids) = all_pages(&t, ConnectionsQuery::default());
+        assert!(sizes.len() >= 4, "{sizes:?}");
+        assert!(sizes.iter().all(|&n| n <= 110), "{sizes:?}");
+        assert_eq!(ids, all_ids(&t));
+        let body =
+            connections_page(&t, &ConnectionsQuery::default(), &Clock::new(), 2_000).expect("page");
+        assert!(
+            body.len() < CONNECTIONS_PAGE_BYTES + 20_000,
+            "{}",
+            body.len()
+        );
+    }
+
+    #[test]
+    fn cursors_round_trip_and_bad_ones_are_refused() {
+        let id = ConnId {
+            pid: 7,
+            fd: -1,
+            generation: 123_456_789_012,
+        };
+        assert_eq!(parse_connections_cursor(&connections_cursor(id)), Some(id));
+        let t = tracker(3, 0, "app");
+        for bad in ["", "1.2", "a.b.c", "1.2.3.4", "-1.2.3"] {
+            let query = ConnectionsQuery {
+                after: Some(bad.into()),
+                ..ConnectionsQuery::default()
+            };
+            assert_eq!(
+                connections_page(&t, &query, &Clock::new(), 0),
+                Err(PageError::BadCursor),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn twenty_callers_at_100k_connections_hold_little_memory() {
+        /// What a caller reads of a page here: its length and `next`,
+        /// without keeping the views.
+        #[derive(Deserialize)]
+        struct Skim {
+            connections: Vec<serde::de::IgnoredAny>,
+            next: Option<String>,
+        }
+        let (t, state) = peak_bytes(|| tracker(100_000, 4_096, "postgres-client"));
+        println!(
+            "tracker with 100,000 open and 4,096 closed connections (no traffic): {:.1} MiB",
+            state as f64 / (1 << 20) as f64
+        );
+        let t = Arc::new(t);
+        // Unoptimized builds read the first pages only: memory is per page.
+        let pages = if cfg!(debug_assertions) {
+            10
+        } else {
+            usize::MAX
+        };
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let t = Arc::clone(&t);
+                std::thread::spawn(move || {
+                    let clock = Clock::new();
+                    let mut query = ConnectionsQuery::default();
+                    let (mut listed, mut peak) = (0, 0);
+                    for _ in 0..pages {
+                        let (body, held) =
+                            peak_bytes(|| connections_page(&t, &query, &clock, 2_000));
+                        peak = peak.max(held);
+                        let skim: Skim =
+                            serde_json::from_slice(&body.expect("page")).expect("JSON");
+                        listed += skim.connections.len();
+                        match skim.next {
+                            Some(next) => query.after = Some(next),
+                            None => break,
+                        }
+                    }
+                    (listed, peak)
+                })
+            })
+            .collect();
+        let mut total_peak = 0;
+        for caller in callers {
+            let (listed, peak) = caller.join().expect("caller");
+            if !cfg!(debug_assertions) {
+                assert_eq!(listed, 104_096);
+            }
+            total_peak += peak;
+        }
+        println!(
+            "20 callers paging through 104,096 connections: at most {:.1} MiB held for them at once",
+            total_peak as f64 / (1 << 20) as f64
+        );
+        // The DaemonSet's limit is 128 MiB; the tracker's own state needs
+        // most of it at 100k connections.
+        assert!(total_peak < 32 << 20, "{total_peak} bytes");
+    }
 }

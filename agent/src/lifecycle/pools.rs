@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::Tracker;
+use crate::lifecycle::index::Key;
 use crate::{
     adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, ConnRef, PoolInfo},
     lifecycle::{Connection, Endpoint, Output},
@@ -205,12 +206,7 @@ impl Tracker {
 
     /// Connections of a pool handed out now.
     fn used_connections(&self, pid: u32, pool: &str) -> u64 {
-        self.open
-            .values()
-            .filter(|c| {
-                c.id.pid == pid && c.pool.as_deref() == Some(pool) && c.checked_out_at_ns.is_some()
-            })
-            .count() as u64
+        self.open.used(pid, pool)
     }
 
     /// Folds one adapter message (its sender's pid vouched for by the
@@ -220,11 +216,12 @@ impl Tracker {
         let AdapterMessage { pool, event, .. } = message;
         let key = (pid, pool.clone());
         if !self.pools.contains_key(&key) {
-            let per_process = self.pools.keys().filter(|(p, _)| *p == pid).count();
-            if per_process >= MAX_POOLS_PER_PROCESS {
+            let per_process = self.pools_per_pid.entry(pid).or_default();
+            if *per_process >= MAX_POOLS_PER_PROCESS {
                 out.push(Output::Unmatched);
                 return out;
             }
+            *per_process += 1;
             self.pools.insert(
                 key.clone(),
                 Pool {
@@ -331,7 +328,7 @@ impl Tracker {
     /// event happened. When the event gives both fd and local address they
     /// must agree, so that a late event about a closed connection never
     /// lands on a newer one that reused its fd.
-    fn find_connection(&mut self, pid: u32, conn: ConnRef, ts_ns: u64) -> Option<&mut Connection> {
+    fn find_connection(&self, pid: u32, conn: ConnRef, ts_ns: u64) -> Option<Key> {
         let matches = |c: &Connection| {
             c.id.pid == pid
                 && c.id.generation <= ts_ns
@@ -343,10 +340,15 @@ impl Tracker {
                     (None, _) => true,
                 }
         };
-        if let Some(fd) = conn.fd {
-            return self.open.get_mut(&(pid, fd)).filter(|c| matches(c));
+        let matching = |key: &Key| self.open.get(key).is_some_and(matches);
+        match (conn.fd, conn.local) {
+            (Some(fd), _) => Some((pid, fd)).filter(matching),
+            // Sockets are named by their local address: the index holds the
+            // few (usually one) connections bound to it.
+            (None, Some(local)) => self.open.with_local(local).find(matching),
+            // Names nothing in particular: any connection of the process.
+            (None, None) => self.open.of_process(pid).find(matching),
         }
-        self.open.values_mut().find(|c| matches(c))
     }
 
     /// Applies an event that names a connection, or keeps it until the
@@ -367,11 +369,11 @@ impl Tracker {
             | AdapterEvent::ConnectionClosed { conn } => *conn,
             _ => return,
         };
-        let Some(conn) = self.find_connection(pid, conn_ref, ts_ns) else {
+        let Some(key) = self.find_connection(pid, conn_ref, ts_ns) else {
             if self.unmatched.len() >= MAX_UNMATCHED {
-                self.unmatched.pop_front();
+                self.pop_unmatched();
             }
-            self.unmatched.push_back(Unmatched {
+            self.push_unmatched(Unmatched {
                 pid,
                 ts_ns,
                 pool: pool.to_string(),
@@ -379,45 +381,39 @@ impl Tracker {
             });
             return;
         };
-        conn.pool = Some(pool.to_string());
-        match event {
-            AdapterEvent::AcquireEnd { tid, .. } => {
-                conn.checked_out_at_ns = Some(ts_ns);
-                conn.holder_tid = tid;
+        self.open.update(&key, |conn| {
+            apply_to_connection(conn, pid, ts_ns, pool, event, out)
+        });
+    }
+
+    fn push_unmatched(&mut self, u: Unmatched) {
+        *self.unmatched_per_pid.entry(u.pid).or_default() += 1;
+        self.unmatched.push_back(u);
+    }
+
+    fn pop_unmatched(&mut self) -> Option<Unmatched> {
+        let u = self.unmatched.pop_front()?;
+        self.forget_unmatched(u.pid, 1);
+        Some(u)
+    }
+
+    fn forget_unmatched(&mut self, pid: u32, count: usize) {
+        if let Some(n) = self.unmatched_per_pid.get_mut(&pid) {
+            *n = n.saturating_sub(count);
+            if *n == 0 {
+                self.unmatched_per_pid.remove(&pid);
             }
-            AdapterEvent::Release { .. } => {
-                if let Some(since) = conn.checked_out_at_ns.take() {
-                    out.push(Output::Released {
-                        pid,
-                        pool: pool.to_string(),
-                        use_ns: ts_ns.saturating_sub(since),
-                    });
-                }
-                conn.holder_tid = None;
-            }
-            // From connect() to a connection the pool can hand out.
-            AdapterEvent::ConnectionCreated { .. } if conn.id.generation != 0 => {
-                out.push(Output::PoolConnectionCreated {
-                    pid,
-                    pool: pool.to_string(),
-                    create_ns: ts_ns.saturating_sub(conn.id.generation),
-                });
-            }
-            AdapterEvent::ConnectionClosed { .. } => {
-                conn.checked_out_at_ns = None;
-                conn.holder_tid = None;
-            }
-            _ => {}
         }
     }
 
     /// Retries adapter events of `pid` that named a connection we had not
     /// seen yet; called when the kernel shows a new connection of `pid`.
     pub(super) fn retry_unmatched(&mut self, pid: u32, now_ns: u64, out: &mut Vec<Output>) {
-        if !self.unmatched.iter().any(|u| u.pid == pid) {
+        if !self.unmatched_per_pid.contains_key(&pid) {
             return;
         }
         let waiting: VecDeque<Unmatched> = std::mem::take(&mut self.unmatched);
+        self.unmatched_per_pid.remove(&pid);
         for u in waiting {
             if u.pid != pid {
                 self.unmatched.push_back(u);
@@ -426,25 +422,80 @@ impl Tracker {
             if now_ns.saturating_sub(u.ts_ns) > UNMATCHED_TTL_NS {
                 continue;
             }
+            // Still unmatched ones come back through push_unmatched.
             self.on_connection_event(u.pid, u.ts_ns, &u.pool, u.event, out);
         }
     }
 
     /// Drops adapter state of a process that exited.
     pub(super) fn forget_pools(&mut self, pid: u32) {
-        self.pools.retain(|(p, _), _| *p != pid);
-        self.unmatched.retain(|u| u.pid != pid);
+        if self.pools_per_pid.remove(&pid).is_some() {
+            self.pools.retain(|(p, _), _| *p != pid);
+        }
+        if self.unmatched_per_pid.remove(&pid).is_some() {
+            self.unmatched.retain(|u| u.pid != pid);
+        }
     }
 
     /// Drops unmatched adapter events too old to ever match.
     pub(super) fn expire_unmatched(&mut self, now_ns: u64) {
-        self.unmatched
-            .retain(|u| now_ns.saturating_sub(u.ts_ns) <= UNMATCHED_TTL_NS);
+        // Oldest first in arrival order; timestamps may be out of order, so
+        // every entry is checked (the queue is bounded).
+        let waiting: VecDeque<Unmatched> = std::mem::take(&mut self.unmatched);
+        self.unmatched_per_pid.clear();
+        for u in waiting {
+            if now_ns.saturating_sub(u.ts_ns) <= UNMATCHED_TTL_NS {
+                self.push_unmatched(u);
+            }
+        }
         // An acquire whose end never arrived (a lost message, a crashed
         // caller) must not count as waiting forever.
         for pool in self.pools.values_mut() {
             pool.pending
                 .retain(|_, w| now_ns.saturating_sub(w.start_ns) <= PENDING_TTL_NS);
         }
+    }
+}
+
+/// What an adapter event tells about its connection.
+fn apply_to_connection(
+    conn: &mut Connection,
+    pid: u32,
+    ts_ns: u64,
+    pool: &str,
+    event: AdapterEvent,
+    out: &mut Vec<Output>,
+) {
+    if conn.pool.as_deref() != Some(pool) {
+        conn.pool = Some(pool.to_string());
+    }
+    match event {
+        AdapterEvent::AcquireEnd { tid, .. } => {
+            conn.checked_out_at_ns = Some(ts_ns);
+            conn.holder_tid = tid;
+        }
+        AdapterEvent::Release { .. } => {
+            if let Some(since) = conn.checked_out_at_ns.take() {
+                out.push(Output::Released {
+                    pid,
+                    pool: pool.to_string(),
+                    use_ns: ts_ns.saturating_sub(since),
+                });
+            }
+            conn.holder_tid = None;
+        }
+        // From connect() to a connection the pool can hand out.
+        AdapterEvent::ConnectionCreated { .. } if conn.id.generation != 0 => {
+            out.push(Output::PoolConnectionCreated {
+                pid,
+                pool: pool.to_string(),
+                create_ns: ts_ns.saturating_sub(conn.id.generation),
+            });
+        }
+        AdapterEvent::ConnectionClosed { .. } => {
+            conn.checked_out_at_ns = None;
+            conn.holder_tid = None;
+        }
+        _ => {}
     }
 }

@@ -2,7 +2,9 @@
 //! deliver them, and what the tracker must conclude.
 
 use super::*;
+use crate::adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, ConnRef};
 use agent_common::{tcp_state, EINPROGRESS};
+use std::{collections::HashMap, ops::Bound};
 
 const PID: u32 = 100;
 const FD: i32 = 5;
@@ -471,4 +473,448 @@ fn seeding_that_raced_a_new_connect_is_not_a_second_connection() {
     assert!(!out.iter().any(|o| matches!(o, Output::Closed { .. })));
     assert_eq!(open_ids(&t), vec![id(PID, FD, 1_000)]);
     assert_eq!(t.closed_connections().count(), 0);
+}
+
+// Pools and indexes: adapter messages, host-wide state changes and the
+// listing find their connection by index, and the indexes follow every
+// way a connection can leave.
+
+fn adapter(pool: &str, event: AdapterEvent) -> AdapterMessage {
+    AdapterMessage {
+        pool: pool.into(),
+        event,
+        mono_ns: None,
+        claimed_pid: None,
+    }
+}
+
+fn by_local(addr: SocketAddr) -> ConnRef {
+    ConnRef {
+        local: Some(addr),
+        fd: None,
+    }
+}
+
+/// A distinct local address for each of many connections.
+fn nth_local(i: u32) -> SocketAddr {
+    let ip = std::net::Ipv4Addr::new(127, 1, (i / 50_000) as u8, 1);
+    SocketAddr::new(ip.into(), 10_000 + (i % 50_000) as u16)
+}
+
+/// Opens `n` established connections spread over `processes` pids (pid
+/// 1000 + i % processes, fd 10 + i / processes), local address `nth_local(i)`.
+fn open_many(t: &mut Tracker, n: u32, processes: u32) -> Vec<ConnId> {
+    (0..n)
+        .map(|i| {
+            let c = id(1_000 + i % processes, 10 + (i / processes) as i32, 1_000);
+            let mut change = state(1_100, c, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 0);
+            if let EventKind::SockState { local, .. } = &mut change.kind {
+                *local = nth_local(i);
+            }
+            t.apply(change);
+            t.apply(connect(1_200, c, 0));
+            c
+        })
+        .collect()
+}
+
+/// CPU time of this thread: what the work costs, whatever else the
+/// machine is doing.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Asserts a CPU budget as the agent is built (release, how `cargo xtask
+/// test` runs the suite). An unoptimized build gets five times the budget:
+/// still far below what a scan per event would cost.
+fn assert_cpu_under(what: &str, spent_ns: u64, budget_ns: u64) {
+    println!("{what}: {:.3} s of CPU", spent_ns as f64 / 1e9);
+    let budget_ns = if cfg!(debug_assertions) {
+        println!("(debug build: budget x5; the real one holds with --release)");
+        budget_ns * 5
+    } else {
+        budget_ns
+    };
+    assert!(
+        spent_ns < budget_ns,
+        "{what} took {spent_ns} ns of CPU, budget {budget_ns} ns"
+    );
+}
+
+const MANY: u32 = 100_000;
+
+#[test]
+fn adapter_messages_with_100k_open_connections_are_index_lookups() {
+    let mut t = tracker();
+    let processes = 10;
+    let conns = open_many(&mut t, MANY, processes);
+    assert_eq!(t.open_count(), MANY as usize);
+    let pool = "main";
+
+    let started = thread_cpu_ns();
+    let mut messages = 0u32;
+    let mut acquired = 0u64;
+    let mut released = 0u64;
+    let mut last_used_before = HashMap::new();
+    // Half of the messages check connections out (start and end, named by
+    // local address only, the form that used to scan), half return them.
+    let checked_out = (MANY / 4) as usize;
+    for (i, c) in conns.iter().take(checked_out).enumerate() {
+        let i = i as u32;
+        let ts = 10_000 + u64::from(i);
+        t.apply_adapter(
+            c.pid,
+            ts,
+            adapter(
+                pool,
+                AdapterEvent::AcquireStart {
+                    request: u64::from(i),
+                    tid: None,
+                },
+            ),
+        );
+        for o in t.apply_adapter(
+            c.pid,
+            ts + 1,
+            adapter(
+                pool,
+                AdapterEvent::AcquireEnd {
+                    request: u64::from(i),
+                    result: AcquireResult::Ok,
+                    conn: by_local(nth_local(i)),
+                    tid: None,
+                },
+            ),
+        ) {
+            if let Output::AcquireFinished {
+                pid, used_before, ..
+            } = o
+            {
+                acquired += 1;
+                last_used_before.insert(pid, used_before);
+            }
+        }
+        messages += 2;
+    }
+    for (i, c) in conns.iter().take(checked_out).enumerate() {
+        let i = i as u32;
+        let ts = 200_000 + u64::from(i);
+        let out = t.apply_adapter(
+            c.pid,
+            ts,
+            adapter(
+                pool,
+                AdapterEvent::Release {
+                    conn: by_local(nth_local(i)),
+                },
+            ),
+        );
+        released += out
+            .iter()
+            .filter(|o| matches!(o, Output::Released { .. }))
+            .count() as u64;
+        // And by fd and address together, the adapters' other form.
+        t.apply_adapter(
+            c.pid,
+            ts + 1,
+            adapter(
+                pool,
+                AdapterEvent::ConnectionCreated {
+                    conn: ConnRef {
+                        local: Some(nth_local(i)),
+                        fd: Some(c.fd),
+                    },
+                },
+            ),
+        );
+        messages += 2;
+    }
+    let spent = thread_cpu_ns() - started;
+
+    assert_eq!(messages, MANY);
+    assert_eq!(acquired, checked_out as u64);
+    assert_eq!(released, checked_out as u64);
+    // Each process's last acquire saw all its earlier ones still out.
+    let per_process = checked_out as u64 / u64::from(processes);
+    assert!(
+        last_used_before.values().all(|&u| u == per_process - 1),
+        "{last_used_before:?}"
+    );
+    let views = t.pool_views();
+    assert_eq!(views.len(), processes as usize);
+    assert!(views.iter().all(|v| v.used == 0 && v.from_adapter));
+    assert_cpu_under(
+        "100k adapter messages, 100k open connections",
+        spent,
+        1_000_000_000,
+    );
+}
+
+#[test]
+fn host_wide_close_wait_with_100k_open_connections_is_an_index_lookup() {
+    let mut t = tracker();
+    let conns = open_many(&mut t, MANY, 100);
+    let started = thread_cpu_ns();
+    let mut peer_closed = 0;
+    for i in 0..MANY {
+        // The kernel did not see these sockets connect: pid 0, matched by
+        // the address pair.
+        let mut change = state(
+            5_000,
+            id(0, 0, 0),
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE_WAIT,
+            0,
+        );
+        if let EventKind::SockState { local, .. } = &mut change.kind {
+            *local = nth_local(i);
+        }
+        let out = t.apply(change);
+        assert_eq!(
+            out,
+            vec![Output::PeerClosed {
+                id: conns[i as usize]
+            }]
+        );
+        peer_closed += 1;
+    }
+    let spent = thread_cpu_ns() - started;
+    assert_eq!(peer_closed, MANY);
+    assert!(t
+        .open_connections()
+        .all(|c| c.state == ConnState::PeerClosed));
+    assert_cpu_under(
+        "100k host-wide CLOSE_WAIT, 100k open connections",
+        spent,
+        1_000_000_000,
+    );
+}
+
+#[test]
+fn state_changes_with_a_long_closed_list_are_index_lookups() {
+    let mut t = Tracker::new(TrackerConfig {
+        max_closed: MANY as usize,
+        ..TrackerConfig::default()
+    });
+    for c in open_many(&mut t, MANY, 100) {
+        t.apply(close(2_000, c));
+    }
+    assert_eq!(t.closed_count(), MANY as usize);
+    // New connections on the same fds: every state change asks whether its
+    // connection already closed.
+    let started = thread_cpu_ns();
+    for i in 0..MANY {
+        let c = id(1_000 + i % 100, 10 + (i / 100) as i32, 3_000);
+        let out = t.apply(state(
+            3_100,
+            c,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            40_000,
+        ));
+        assert_eq!(outcomes(&out), vec![ConnectOutcome::Ok]);
+    }
+    let spent = thread_cpu_ns() - started;
+    assert_eq!(t.open_count(), MANY as usize);
+    assert_cpu_under(
+        "100k state changes, 100k closed connections",
+        spent,
+        1_000_000_000,
+    );
+}
+
+#[test]
+fn pool_use_follows_connections_that_leave_while_checked_out() {
+    let mut t = tracker();
+    let a = id(PID, 5, 1_000);
+    let b = id(PID, 6, 1_000);
+    for (c, port) in [(a, 41_001), (b, 41_002)] {
+        t.apply(state(
+            1_100,
+            c,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            port,
+        ));
+    }
+    let acquire = |t: &mut Tracker, request: u64, ts: u64, conn: ConnRef| -> u64 {
+        t.apply_adapter(
+            PID,
+            ts,
+            adapter("p", AdapterEvent::AcquireStart { request, tid: None }),
+        );
+        t.apply_adapter(
+            PID,
+            ts + 1,
+            adapter(
+                "p",
+                AdapterEvent::AcquireEnd {
+                    request,
+                    result: AcquireResult::Ok,
+                    conn,
+                    tid: None,
+                },
+            ),
+        )
+        .iter()
+        .find_map(|o| match o {
+            Output::AcquireFinished { used_before, .. } => Some(*used_before),
+            _ => None,
+        })
+        .expect("acquire finished")
+    };
+    assert_eq!(acquire(&mut t, 1, 2_000, by_local(local(41_001))), 0);
+    assert_eq!(acquire(&mut t, 2, 2_010, by_local(local(41_002))), 1);
+    // Closed while checked out: no longer in use.
+    t.apply(close(2_100, a));
+    let view = t.pool_views().into_iter().next().expect("pool");
+    assert_eq!((view.used, view.idle), (1, 0));
+    // A state change re-places the other; it stays checked out.
+    t.apply(state(
+        2_200,
+        b,
+        tcp_state::ESTABLISHED,
+        tcp_state::CLOSE_WAIT,
+        41_002,
+    ));
+    let c = id(PID, 7, 2_300);
+    t.apply(state(
+        2_350,
+        c,
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        41_003,
+    ));
+    assert_eq!(acquire(&mut t, 3, 2_400, by_local(local(41_003))), 1);
+    // The old socket's address names nothing now.
+    t.apply_adapter(
+        PID,
+        2_500,
+        adapter(
+            "p",
+            AdapterEvent::Release {
+                conn: by_local(local(41_001)),
+            },
+        ),
+    );
+    assert_eq!(t.pool_views()[0].used, 2);
+    // Exit takes them all.
+    t.apply(exit(3_000, PID));
+    assert!(t.pool_views().is_empty());
+    t.apply(state(
+        3_100,
+        id(PID, 5, 3_050),
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        41_004,
+    ));
+    assert_eq!(acquire(&mut t, 4, 3_200, by_local(local(41_004))), 0);
+}
+
+#[test]
+fn adapter_event_before_its_connection_waits_for_it() {
+    let mut t = tracker();
+    t.apply_adapter(
+        PID,
+        1_000,
+        adapter(
+            "p",
+            AdapterEvent::AcquireEnd {
+                request: 1,
+                result: AcquireResult::Ok,
+                conn: by_local(local(42_000)),
+                tid: None,
+            },
+        ),
+    );
+    // Another process's connection does not retry it.
+    t.apply(state(
+        1_010,
+        id(PID + 1, 3, 900),
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        42_000,
+    ));
+    assert_eq!(t.pool_views().iter().filter(|v| v.used > 0).count(), 0);
+    t.apply(state(
+        1_020,
+        id(PID, 3, 900),
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        42_000,
+    ));
+    let used: Vec<(u32, u64)> = t.pool_views().iter().map(|v| (v.pid, v.used)).collect();
+    assert_eq!(used, vec![(PID, 1)]);
+}
+
+#[test]
+fn listing_is_in_id_order_from_a_cursor_each_id_once() {
+    let mut t = tracker();
+    let ids = [
+        id(PID + 1, 3, 1_000),
+        id(PID, 7, 1_000),
+        id(PID, 4, 2_000),
+        id(PID, 4, 500),
+        id(PID + 2, 1, 1_000),
+    ];
+    t.apply(connect(600, ids[3], 0));
+    t.apply(close(700, ids[3]));
+    for c in [ids[0], ids[1], ids[2], ids[4]] {
+        t.apply(connect(c.generation + 100, c, 0));
+    }
+    t.apply(close(3_000, ids[4]));
+    let all: Vec<ConnId> = t.connections_from(Bound::Unbounded).map(|c| c.id).collect();
+    let mut sorted = ids.to_vec();
+    sorted.sort();
+    assert_eq!(all, sorted);
+    // A page boundary between two connections of one fd.
+    let after: Vec<ConnId> = t
+        .connections_from(Bound::Excluded(id(PID, 4, 500)))
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(after, sorted[1..].to_vec());
+    // One process.
+    let of_pid: Vec<ConnId> = t
+        .connections_from(Bound::Included(id(PID + 1, i32::MIN, 0)))
+        .take_while(|c| c.id.pid == PID + 1)
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(of_pid, vec![ids[0]]);
+    assert_eq!(
+        t.connections_from(Bound::Unbounded).count(),
+        t.open_count() + t.closed_count()
+    );
+}
+
+#[test]
+fn closed_index_survives_the_bound_on_closed_connections() {
+    let mut t = Tracker::new(TrackerConfig {
+        max_closed: 3,
+        ..TrackerConfig::default()
+    });
+    let ids: Vec<ConnId> = (0..10).map(|fd| id(PID, fd, 1_000)).collect();
+    for &c in &ids {
+        t.apply(connect(1_100, c, 0));
+        t.apply(close(2_000, c));
+    }
+    for (n, &c) in ids.iter().enumerate() {
+        assert_eq!(t.connection(c).is_some(), n >= 7, "{c:?}");
+    }
+    let listed: Vec<ConnId> = t.connections_from(Bound::Unbounded).map(|c| c.id).collect();
+    assert_eq!(listed, ids[7..].to_vec());
+    // A late connect of a kept one completes it in place.
+    let mut late = connect(1_050, ids[8], 0);
+    if let EventKind::Connect { tid, .. } = &mut late.kind {
+        *tid = 77;
+    }
+    t.apply(late);
+    assert_eq!(t.connection(ids[8]).map(|c| c.tid), Some(Some(77)));
+    assert_eq!(t.closed_count(), 3);
 }

@@ -1,4 +1,7 @@
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    ops::Bound,
+};
 
 use agent_common::{tcp_state, EINPROGRESS};
 
@@ -10,6 +13,7 @@ mod pools;
 pub use pools::{implicit_pool_name, Pool, PoolView};
 
 use super::{
+    index::{listing, ClosedList, OpenSet},
     CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Event, EventKind, Output,
     SeededPhase,
 };
@@ -42,8 +46,11 @@ impl Default for TrackerConfig {
 #[derive(Default)]
 pub struct Tracker {
     config: TrackerConfig,
-    open: HashMap<(u32, i32), Connection>,
-    closed: VecDeque<Connection>,
+    /// Open connections, indexed by (pid, fd), process, local address and
+    /// pool use.
+    open: OpenSet,
+    /// Recently closed connections, oldest first, indexed by id.
+    closed: ClosedList,
     comms: HashMap<u32, String>,
     /// Container and pod of processes with connections, told by the pipeline.
     placements: HashMap<u32, crate::procfs::Placement>,
@@ -54,6 +61,11 @@ pub struct Tracker {
     pools: HashMap<(u32, String), Pool>,
     /// Adapter events waiting for the kernel to show their connection.
     unmatched: VecDeque<pools::Unmatched>,
+    /// How many of `unmatched` each process has, so that a new connection
+    /// of a process with none skips the queue.
+    unmatched_per_pid: HashMap<u32, usize>,
+    /// How many pools each process has (pools are bounded per process).
+    pools_per_pid: HashMap<u32, usize>,
 }
 
 /// How an event's generation relates to the connection now on its (pid, fd).
@@ -82,6 +94,21 @@ impl Tracker {
         self.closed.iter()
     }
 
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn closed_count(&self) -> usize {
+        self.closed.len()
+    }
+
+    /// Open and closed connections in id order, from `start` on: the API
+    /// lists them a page at a time from a cursor. An id appears once, open
+    /// if it is open.
+    pub fn connections_from(&self, start: Bound<ConnId>) -> impl Iterator<Item = &Connection> {
+        listing(&self.open, &self.closed, start)
+    }
+
     /// Whether the placement of `pid` is known (the pipeline asks /proc once).
     pub fn knows_placement(&self, pid: u32) -> bool {
         self.placements.contains_key(&pid)
@@ -108,7 +135,7 @@ impl Tracker {
     pub fn connection(&self, id: ConnId) -> Option<&Connection> {
         match self.open.get(&(id.pid, id.fd)) {
             Some(c) if c.id == id => Some(c),
-            _ => self.closed.iter().rev().find(|c| c.id == id),
+            _ => self.closed.get(&id),
         }
     }
 
@@ -206,7 +233,7 @@ impl Tracker {
     }
 
     fn closed_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
-        self.closed.iter_mut().rev().find(|c| c.id == id)
+        self.closed.get_mut(&id)
     }
 
     /// When the process is known to have exited after this connection began,
@@ -462,7 +489,7 @@ impl Tracker {
             None => {
                 let pid = conn.id.pid;
                 let now = conn.opened_at_ns;
-                self.open.insert((pid, conn.id.fd), conn);
+                self.open.insert(conn);
                 self.retry_unmatched(pid, now, out);
             }
         }
@@ -530,14 +557,13 @@ impl Tracker {
             out.push(Output::Unmatched);
             return;
         }
-        let remote = Endpoint::Inet(change.remote);
-        let found = self
-            .open
-            .values_mut()
-            .find(|c| c.local == Some(change.local) && c.remote == remote);
-        match found {
-            Some(conn) => mark_peer_closed(conn, ts_ns, out),
-            None => out.push(Output::Unmatched),
+        let found = self.open.by_addresses(change.local, change.remote);
+        let marked = found.and_then(|key| {
+            self.open
+                .update(&key, |conn| mark_peer_closed(conn, ts_ns, out))
+        });
+        if marked.is_none() {
+            out.push(Output::Unmatched);
         }
     }
 
@@ -568,9 +594,9 @@ impl Tracker {
     fn on_exit(&mut self, ts_ns: u64, pid: u32, out: &mut Vec<Output>) {
         let fds: Vec<i32> = self
             .open
-            .values()
-            .filter(|c| c.id.pid == pid && c.id.generation <= ts_ns)
-            .map(|c| c.id.fd)
+            .of_process(pid)
+            .filter(|key| self.open.get(key).is_some_and(|c| c.id.generation <= ts_ns))
+            .map(|(_, fd)| fd)
             .collect();
         for fd in fds {
             if let Some(conn) = self.take_open(pid, fd) {
@@ -622,7 +648,7 @@ impl Tracker {
                 conn.peer_closed_at_ns = Some(ts_ns);
             }
         }
-        self.open.insert((id.pid, id.fd), conn);
+        self.open.insert(conn);
     }
 }
 
