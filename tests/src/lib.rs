@@ -776,21 +776,22 @@ impl Agent {
         poolscope::cli::http_get(self.addr, path)
     }
 
+    /// Every connection the agent lists, following its pages.
     pub fn connections(&self) -> Vec<ConnectionView> {
-        let body = self
-            .get("/api/v1/connections")
-            .unwrap_or_else(|e| panic!("GET /api/v1/connections: {e:#}"));
-        let response: ConnectionsResponse = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("/api/v1/connections is not valid JSON ({e}): {body}"));
-        response.connections
+        poolscope::cli::fetch_connections(self.addr)
+            .unwrap_or_else(|e| panic!("GET /api/v1/connections: {e:#}"))
     }
 
-    /// The connections of one process.
+    /// The connections of one process (one page: a test's process holds
+    /// far fewer than a page).
     pub fn connections_of(&self, pid: u32) -> Vec<ConnectionView> {
-        self.connections()
-            .into_iter()
-            .filter(|c| c.pid == pid)
-            .collect()
+        let path = format!("/api/v1/connections?pid={pid}&limit=10000");
+        let body = self
+            .get(&path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e:#}"));
+        let response: ConnectionsResponse = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{path} is not valid JSON ({e}): {body}"));
+        response.connections
     }
 
     pub fn metrics(&self) -> String {

@@ -39,8 +39,7 @@ use std::{
 use poolscope::config::Config;
 use poolscope_tests::{
     agent_bin, free_port, json, operation_counts, python3, require_kernel, tcp_listening,
-    wait_exit, wait_until, ConnClient, ConnectionView, ConnectionsResponse, Postgres, TempDir,
-    Value, EVENT_TIMEOUT,
+    wait_exit, wait_until, ConnClient, ConnectionView, Postgres, TempDir, Value, EVENT_TIMEOUT,
 };
 
 /// The capabilities the agent is given, as Kubernetes spells them.
@@ -1502,12 +1501,7 @@ impl SandboxedAgent {
     }
 
     fn connections(&self) -> Vec<ConnectionView> {
-        let body = self
-            .get("/api/v1/connections")
-            .expect("GET /api/v1/connections");
-        let response: ConnectionsResponse =
-            serde_json::from_str(&body).expect("/api/v1/connections is JSON");
-        response.connections
+        poolscope::cli::fetch_connections(self.addr).expect("GET /api/v1/connections")
     }
 
     /// A line of /proc/PID/status of the agent (unshare and setpriv exec:

@@ -918,3 +918,60 @@ fn closed_index_survives_the_bound_on_closed_connections() {
     assert_eq!(t.connection(ids[8]).map(|c| c.tid), Some(Some(77)));
     assert_eq!(t.closed_count(), 3);
 }
+
+fn data(ts: u64, conn: ConnId, sent: bool, bytes: &[u8]) -> Event {
+    Event {
+        ts_ns: ts,
+        conn,
+        kind: EventKind::Data {
+            sent,
+            enter_ns: ts,
+            total_len: bytes.len() as u32,
+            head: bytes.to_vec(),
+            tail: Vec::new(),
+        },
+    }
+}
+
+fn pg_msg(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![t];
+    v.extend(((body.len() + 4) as u32).to_be_bytes());
+    v.extend(body);
+    v
+}
+
+/// Issue 9: pg_stat_activity says `idle` for a connection that only did its
+/// start-up, and `active` while rows of a long query stream back.
+#[test]
+fn postgres_transaction_status_from_start_up_and_request_until_its_end() {
+    let mut t = tracker();
+    let c = id(PID, FD, 1_000);
+    t.apply(connect(1_000, c, 0));
+    let mut startup = Vec::new();
+    let params = b"\x00\x03\x00\x00user\x00app\x00\x00";
+    startup.extend(((params.len() + 4) as u32).to_be_bytes());
+    startup.extend(params);
+    t.apply(data(2_000, c, true, &startup));
+    let mut ok = pg_msg(b'R', &[0, 0, 0, 0]);
+    ok.extend(pg_msg(b'Z', b"I"));
+    t.apply(data(3_000, c, false, &ok));
+    let conn = t.connection(c).expect("open");
+    assert_eq!(conn.tx_state, Some(TxState::Idle), "{conn:?}");
+    assert!(!conn.awaiting_response, "{conn:?}");
+    assert_eq!(conn.round_trips, 0, "start-up is no round trip");
+
+    t.apply(data(4_000, c, true, &pg_msg(b'Q', b"SELECT 1\x00")));
+    assert!(t.connection(c).expect("open").awaiting_response);
+    let mut rows = pg_msg(b'T', &[0, 0]);
+    rows.extend(pg_msg(b'D', &[0, 1, 0, 0, 0, 1, b'1']));
+    t.apply(data(5_000, c, false, &rows));
+    let conn = t.connection(c).expect("open");
+    assert!(conn.awaiting_response, "rows still come: {conn:?}");
+    let mut end = pg_msg(b'C', b"SELECT 1\x00");
+    end.extend(pg_msg(b'Z', b"T"));
+    t.apply(data(6_000, c, false, &end));
+    let conn = t.connection(c).expect("open");
+    assert!(!conn.awaiting_response, "{conn:?}");
+    assert_eq!(conn.tx_state, Some(TxState::InTransaction));
+    assert_eq!(conn.round_trips, 1);
+}

@@ -325,7 +325,6 @@ impl Tracker {
             match observation {
                 Observation::RoundTrip(trip) => {
                     conn.round_trips += 1;
-                    conn.awaiting_response = false;
                     if trip.query.is_some() {
                         conn.last_query.clone_from(&trip.query);
                         conn.last_operation.clone_from(&trip.operation);
@@ -359,6 +358,17 @@ impl Tracker {
                 }
                 Observation::Resynced => {}
             }
+        }
+        // The parser knows the session better than its round trips tell:
+        // the transaction status from the start (PostgreSQL's start-up
+        // ReadyForQuery, MySQL's authentication OK, which are no round
+        // trips), and whether a request waits for the end of its response,
+        // not merely for its first bytes (rows may stream for long).
+        if let Some(tx) = parser.tx_state() {
+            conn.tx_state = Some(tx);
+        }
+        if conn.db_system.is_some() {
+            conn.awaiting_response = parser.request_outstanding();
         }
     }
 

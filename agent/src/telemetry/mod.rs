@@ -112,8 +112,10 @@ pub struct Telemetry {
 /// an address on every round trip was a tenth of the agent's CPU under load.
 #[derive(Default)]
 struct ServerAttributes {
-    by_server: Mutex<std::collections::HashMap<(DbSystem, Endpoint), Arc<[KeyValue]>>>,
+    by_server: Mutex<std::collections::HashMap<ServerKey, Arc<[KeyValue]>>>,
 }
+
+type ServerKey = (DbSystem, Endpoint);
 
 impl ServerAttributes {
     /// Servers remembered at most; past it the cache starts over, so an
