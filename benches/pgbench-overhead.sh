@@ -8,6 +8,10 @@
 # pgbench's transactions, and the agent's mean round-trip latency against
 # pgbench's average latency.
 #
+# The overhead across workloads (PostgreSQL, MariaDB, Redis, file and pipe
+# I/O), with CPU per operation from cgroups, is `cargo xtask bench` (see
+# benches/README.md); this script stays for its latency comparison.
+#
 # Usage (root, after `cargo xtask setup`):
 #   benches/pgbench-overhead.sh [ROUNDS] [DURATION] [CLIENTS]
 set -euo pipefail

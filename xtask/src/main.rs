@@ -1,5 +1,6 @@
 //! Developer commands behind `cargo xtask`: the ones the README shows.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -49,6 +50,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// What the agent costs PostgreSQL, MariaDB, Redis and unrelated I/O:
+    /// interleaved runs without/with it, CPU per operation from cgroups
+    /// (root; about 13 minutes with the defaults).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +80,7 @@ fn try_main() -> Result<()> {
         Cmd::Setup { build_only } => setup::setup(!build_only),
         Cmd::Run { args } => run_agent(&args),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench(args) => bench::bench(args),
     }
 }
 

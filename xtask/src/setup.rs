@@ -32,6 +32,18 @@ const TEST_DEBS: &[&str] = &[
     "systemd",
     "python3-seccomp",
 ];
+/// What `cargo xtask bench` runs: the servers, sysbench (built with its
+/// MySQL driver, which talks to MariaDB) and fio. Only the bench installs
+/// sysbench and fio.
+const BENCH_DEBS: &[&str] = &[
+    "postgresql",
+    "postgresql-contrib",
+    "mariadb-server",
+    "mariadb-client",
+    "redis-server",
+    "sysbench",
+    "fio",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The interpreter the integration tests run their Python clients with
 /// (`poolscope_tests::python3`): Debian's, not a version manager's shim.
@@ -69,6 +81,12 @@ pub fn setup(with_test_deps: bool) -> Result<()> {
         ensure_dashboard_deps(&mut apt)?;
     }
     Ok(())
+}
+
+/// The servers and load generators of `cargo xtask bench`.
+pub fn ensure_bench_deps() -> Result<()> {
+    let debs: Vec<String> = BENCH_DEBS.iter().map(|s| s.to_string()).collect();
+    Apt::default().ensure(&debs)
 }
 
 /// The dashboards' type checker (typescript and @grafana/schema, pinned in
