@@ -143,6 +143,9 @@ pub mod tcp_state {
 pub mod sock_flags {
     /// The peer answered with a RST: a connect that fails after it was refused.
     pub const RESET_RECEIVED: u16 = 1;
+    /// Userspace stopped copying this connection (not a database): the
+    /// socket path leaves at the SOCKS lookup for it.
+    pub const NOT_CAPTURED: u16 = 2;
 }
 
 /// The `ret` of connect() for a non-blocking socket whose handshake goes on.

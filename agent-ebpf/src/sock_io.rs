@@ -15,7 +15,7 @@
 //! for the copy.
 
 use agent_common::{
-    conn_flags, direction, io_kind, stat, tracked_procs, tracked_procs_slot, ConnKey,
+    conn_flags, direction, io_kind, sock_flags, stat, tracked_procs, tracked_procs_slot, ConnKey,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated},
@@ -84,8 +84,14 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
     // costlier register read, unless it also owns connections that SOCKS
     // cannot know.
     let sk = ctx.arg::<u64>(0);
-    if SOCKS.get_ptr(sk).is_none() && marks & tracked_procs::UNBOUND == 0 {
-        return Ok(());
+    let owner = SOCKS.get_ptr_mut(sk);
+    match owner {
+        // SAFETY: pointer into this socket's map entry, read once.
+        Some(owner) if unsafe { (*owner).flags } & u32::from(sock_flags::NOT_CAPTURED) != 0 => {
+            return Ok(());
+        }
+        None if marks & tracked_procs::UNBOUND == 0 => return Ok(()),
+        _ => {}
     }
     // SAFETY: helpers without preconditions; the kernel checks that the
     // task pointer is the BTF-typed current task.
@@ -112,15 +118,23 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
     };
     // SAFETY: the value is copied out immediately.
     let info = match unsafe { CONNS.get(key) } {
-        // Connections assigned to the syscall path are copied there.
-        Some(info)
-            if info.flags & (conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY)
-                == conn_flags::CAPTURE_DATA =>
-        {
-            *info
-        }
-        _ => return Ok(()),
+        Some(info) => *info,
+        None => return Ok(()),
     };
+    // Connections assigned to the syscall path are copied there.
+    if info.flags & (conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY)
+        != conn_flags::CAPTURE_DATA
+    {
+        if info.flags & conn_flags::CAPTURE_DATA == 0 {
+            if let Some(owner) = owner {
+                // Not a database: its next I/O leaves at the SOCKS lookup.
+                // SAFETY: pointer into this socket's map entry; a racing
+                // writer only sets bits too.
+                unsafe { (*owner).flags |= u32::from(sock_flags::NOT_CAPTURED) };
+            }
+        }
+        return Ok(());
+    }
     send_data_event(
         &UserIo {
             pid_tgid,
