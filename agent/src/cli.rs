@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     api::{ConnectionView, ConnectionsResponse, PoolsResponse, CONNECTIONS_PAGE_MAX},
-    config::Overrides,
+    config::{DataPath, Overrides},
     lifecycle::ConnState,
     reports::SlowQueriesResponse,
     reports::{LeakReport, LeaksResponse},
@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// they cost a little on every run, so they are off unless measuring.
     #[arg(long)]
     pub probe_stats: bool,
+    /// Hooks that copy socket data: auto, socket or syscalls
+    /// (docs/data-path.md).
+    #[arg(long, value_enum)]
+    pub data_path: Option<DataPath>,
 }
 
 impl RunArgs {
@@ -82,6 +86,7 @@ impl RunArgs {
             ring_buffer_bytes: self.ring_buffer_bytes,
             log_level: self.log_level.clone(),
             probe_stats: self.probe_stats,
+            data_path: self.data_path,
         }
     }
 }

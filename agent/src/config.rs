@@ -99,7 +99,7 @@ pub struct KernelConfig {
 }
 
 /// The kernel hooks that copy socket data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPath {
     /// The socket path where the kernel loads it, else the syscall path.
@@ -361,6 +361,7 @@ pub struct Overrides {
     pub ring_buffer_bytes: Option<u32>,
     pub log_level: Option<String>,
     pub probe_stats: bool,
+    pub data_path: Option<DataPath>,
 }
 
 /// A validation failure: which key (`section.key`) and why.
@@ -423,6 +424,9 @@ impl Config {
         }
         if o.probe_stats {
             next.kernel.probe_stats = true;
+        }
+        if let Some(path) = o.data_path {
+            next.kernel.data_path = path;
         }
         next.validate().map_err(|invalid| {
             anyhow!(
@@ -1043,11 +1047,14 @@ level = "debug"
             ring_buffer_bytes: Some(1 << 22),
             log_level: Some("Trace".to_owned()),
             probe_stats: true,
+            data_path: Some(DataPath::Socket),
         })
         .expect("overrides");
         assert_eq!(c.http.listen, "[::1]:8080".parse().expect("addr"));
         assert_eq!(c.kernel.ring_buffer_bytes, 1 << 22);
         assert_eq!(c.log.level, "trace");
+        assert!(c.kernel.probe_stats);
+        assert_eq!(c.kernel.data_path, DataPath::Socket);
         assert_eq!(c.tracking, full().tracking);
 
         let e = c
