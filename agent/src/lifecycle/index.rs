@@ -8,7 +8,7 @@ use std::{
     ops::Bound,
 };
 
-use super::{ConnId, Connection, Endpoint};
+use super::{fast_hash::NumberMap, ConnId, Connection, Endpoint};
 
 /// A connection's place in the open set: (pid, fd).
 pub(super) type Key = (u32, i32);
@@ -23,7 +23,7 @@ pub(super) type Key = (u32, i32);
 pub(super) struct OpenSet {
     // Boxed: a hash table keeps spare slots and, while it grows, two copies
     // of itself; at 100k connections of ~370 bytes that was tens of MB.
-    conns: HashMap<Key, Box<Connection>>,
+    conns: NumberMap<Key, Box<Connection>>,
     order: BTreeSet<Key>,
     // A set of tuples rather than a map of vectors: no allocation per entry,
     // and the rare shared socket (inherited over fork) still has one entry

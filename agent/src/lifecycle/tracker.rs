@@ -13,6 +13,7 @@ mod pools;
 pub use pools::{implicit_pool_name, Pool, PoolView};
 
 use super::{
+    fast_hash::NumberMap,
     index::{listing, ClosedList, OpenSet},
     CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Event, EventKind, Output,
     SeededPhase,
@@ -51,12 +52,12 @@ pub struct Tracker {
     open: OpenSet,
     /// Recently closed connections, oldest first, indexed by id.
     closed: ClosedList,
-    comms: HashMap<u32, String>,
+    comms: NumberMap<u32, String>,
     /// Container and pod of processes with connections, told by the pipeline.
-    placements: HashMap<u32, crate::procfs::Placement>,
-    exited: HashMap<u32, u64>,
+    placements: NumberMap<u32, crate::procfs::Placement>,
+    exited: NumberMap<u32, u64>,
     /// Protocol state of open connections that carried data.
-    parsers: HashMap<(u32, i32), SessionParser>,
+    parsers: NumberMap<(u32, i32), SessionParser>,
     /// Pools that adapters reported, by (pid, pool name).
     pools: HashMap<(u32, String), Pool>,
     /// Adapter events waiting for the kernel to show their connection.
