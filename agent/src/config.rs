@@ -34,6 +34,7 @@ const TRACKING_KEYS: &[&str] = &[
     "max_series",
     "seed_from_proc",
     "pod_logs_dir",
+    "full_command_lines",
 ];
 const QUERIES_KEYS: &[&str] = &[
     "capture_bytes",
@@ -126,6 +127,10 @@ pub struct TrackingConfig {
     /// used to name the pods that processes run in; mount it read-only in a
     /// DaemonSet. Ignored when it does not exist.
     pub pod_logs_dir: std::path::PathBuf,
+    /// Show processes' command lines as they are. Off by default: passwords
+    /// in connection URLs, `--password=`, `PGPASSWORD=`, `-pSECRET` and
+    /// token flags are replaced by `***` in reports, the API, logs and OTLP.
+    pub full_command_lines: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -341,6 +346,7 @@ impl Default for TrackingConfig {
             max_closed: 4096,
             max_series: 2000,
             seed_from_proc: true,
+            full_command_lines: false,
             pod_logs_dir: "/var/log/pods".into(),
         }
     }
@@ -774,6 +780,7 @@ max_closed = 10
 max_series = 50
 seed_from_proc = false
 pod_logs_dir = "/tmp/pods"
+full_command_lines = true
 
 [queries]
 capture_bytes = 128
@@ -826,6 +833,7 @@ level = "debug"
                 max_series: 50,
                 seed_from_proc: false,
                 pod_logs_dir: "/tmp/pods".into(),
+                full_command_lines: true,
             },
             queries: QueriesConfig {
                 capture_bytes: 128,
@@ -947,7 +955,7 @@ level = "debug"
             err("\n\ntracking.max_clsed = 3\n"),
             "config /etc/poolscope.toml line 3: unknown key `max_clsed` in [tracking] \
              (expected one of: closed_retention_seconds, max_closed, max_series, \
-             seed_from_proc, pod_logs_dir)"
+             seed_from_proc, pod_logs_dir, full_command_lines)"
         );
     }
 

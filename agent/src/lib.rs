@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod pipeline;
 pub mod procfs;
 pub mod protocol;
+pub mod redact;
 pub mod reports;
 pub mod telemetry;
 pub mod wire;

@@ -48,6 +48,8 @@ struct Pipeline {
     capture: CaptureBytes,
     /// Socket type of each Unix path seen, so /proc is read once per path.
     unix_types: Mutex<HashMap<String, u16>>,
+    /// Command lines as they are, secrets included (off by default).
+    full_command_lines: bool,
 }
 
 /// Head bytes copied per read/write, by protocol.
@@ -156,7 +158,7 @@ impl Pipeline {
                 Ok(mut leaks) => leaks.observe_acquires(
                     outputs,
                     self.thresholds.slow_acquire_ns,
-                    &mut process_details,
+                    &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
                     &|pid| procfs::process_comm(Path::new("/proc"), pid).unwrap_or_default(),
                     monotonic_ns(),
                     &self.clock,
@@ -303,9 +305,13 @@ impl Pipeline {
             let findings = detect::evaluate(tracker.open_connections(), now, &self.thresholds);
             let lookup = |id| tracker.connection(id);
             match self.leaks.lock() {
-                Ok(mut leaks) => {
-                    leaks.update(&findings, &lookup, &mut process_details, now, &self.clock)
-                }
+                Ok(mut leaks) => leaks.update(
+                    &findings,
+                    &lookup,
+                    &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
+                    now,
+                    &self.clock,
+                ),
                 Err(_) => return,
             }
         };
@@ -364,10 +370,10 @@ impl Pipeline {
 }
 
 /// What /proc says about a process (and a thread) for a report.
-fn process_details(pid: u32, tid: Option<u32>) -> ProcessDetails {
+fn process_details(pid: u32, tid: Option<u32>, full_command_line: bool) -> ProcessDetails {
     let proc_root = Path::new("/proc");
     ProcessDetails {
-        cmdline: procfs::process_cmdline(proc_root, pid),
+        cmdline: procfs::process_cmdline(proc_root, pid, full_command_line),
         container_id: procfs::container_id(proc_root, pid),
         thread_name: tid.and_then(|tid| procfs::thread_name(proc_root, pid, tid)),
     }
@@ -501,6 +507,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             redis: config.queries.redis_capture_bytes,
         },
         unix_types: Mutex::default(),
+        full_command_lines: config.tracking.full_command_lines,
     });
 
     // Seed after attaching, so nothing closes unseen between scan and attach.

@@ -614,9 +614,10 @@ pub fn process_comm(proc_root: &Path, pid: u32) -> Option<String> {
     Some(text.trim_end_matches('\n').to_owned())
 }
 
-/// `/proc/PID/cmdline` with the NUL separators turned into spaces; `None`
-/// when unreadable or empty (kernel threads, zombies).
-pub fn process_cmdline(proc_root: &Path, pid: u32) -> Option<String> {
+/// `/proc/PID/cmdline` with the NUL separators turned into spaces, secrets
+/// redacted unless `full` (see `redact`); `None` when unreadable or empty
+/// (kernel threads, zombies).
+pub fn process_cmdline(proc_root: &Path, pid: u32, full: bool) -> Option<String> {
     let bytes = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
     let args: Vec<String> = bytes
         .split(|&b| b == 0)
@@ -625,8 +626,10 @@ pub fn process_cmdline(proc_root: &Path, pid: u32) -> Option<String> {
         .collect();
     if args.is_empty() {
         None
-    } else {
+    } else if full {
         Some(args.join(" "))
+    } else {
+        Some(crate::redact::command_line(&args))
     }
 }
 
@@ -1207,11 +1210,11 @@ mod tests {
 
         assert_eq!(process_comm(&fake.0, 10).as_deref(), Some("app"));
         assert_eq!(
-            process_cmdline(&fake.0, 10).as_deref(),
+            process_cmdline(&fake.0, 10, false).as_deref(),
             Some("app --flag x y")
         );
         assert_eq!(process_comm(&fake.0, 99), None);
-        assert_eq!(process_cmdline(&fake.0, 99), None);
+        assert_eq!(process_cmdline(&fake.0, 99, false), None);
         assert_eq!(
             scan_connections_with(&fake.0.join("nope"), 0, HashMap::new),
             vec![]
