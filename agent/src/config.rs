@@ -482,6 +482,14 @@ impl Config {
                 ),
             });
         }
+        let slow_ms = self.queries.slow_threshold_ms;
+        if slow_ms.checked_mul(1_000_000).is_none() {
+            return Err(Invalid {
+                section: "queries",
+                key: "slow_threshold_ms",
+                reason: format!("{slow_ms} is too large (at most {})", u64::MAX / 1_000_000),
+            });
+        }
         for (key, capture) in [
             ("capture_bytes", self.queries.capture_bytes),
             ("redis_capture_bytes", self.queries.redis_capture_bytes),
@@ -1107,5 +1115,13 @@ level = "debug"
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_slow_threshold_that_overflows_nanoseconds_is_refused() {
+        let e = Config::from_toml_str("[queries]\nslow_threshold_ms = 18446744073710\n", "x")
+            .expect_err("overflow");
+        assert!(e.to_string().contains("slow_threshold_ms"), "{e}");
+        assert!(e.to_string().contains("too large"), "{e}");
     }
 }

@@ -452,7 +452,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })));
     let kernel = Arc::new(Mutex::new(KernelCounters::default()));
     let reports = Arc::new(Mutex::new(Reports::new(
-        config.queries.slow_threshold_ms * 1_000_000,
+        config.queries.slow_threshold_ms.saturating_mul(1_000_000),
         config.queries.max_slow_kept,
     )));
     let leaks = Arc::new(Mutex::new(LeakReports::new(config.leaks.max_resolved_kept)));

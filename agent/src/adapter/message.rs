@@ -83,6 +83,10 @@ pub enum MessageError {
     UnknownVersion(u32),
     UnknownKind(String),
     Invalid(String),
+    /// The kernel named the sender with pid 0: it lives in a pid namespace
+    /// the agent cannot see into, so its pools could not be told apart from
+    /// those of every other such sender.
+    UnknownSender,
 }
 
 impl std::fmt::Display for MessageError {
@@ -100,6 +104,10 @@ impl std::fmt::Display for MessageError {
             }
             MessageError::UnknownKind(k) => write!(f, "unknown message kind {k:?}"),
             MessageError::Invalid(e) => write!(f, "invalid message: {e}"),
+            MessageError::UnknownSender => write!(
+                f,
+                "the sender's pid is not visible in the agent's pid namespace (run the agent with the host's pid namespace)"
+            ),
         }
     }
 }
@@ -115,6 +123,7 @@ impl MessageError {
             MessageError::UnknownVersion(_) => "unknown_version",
             MessageError::UnknownKind(_) => "unknown_kind",
             MessageError::Invalid(_) => "invalid",
+            MessageError::UnknownSender => "unknown_sender",
         }
     }
 }

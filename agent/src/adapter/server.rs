@@ -156,7 +156,14 @@ pub fn judge(bytes: &[u8], truncated: bool, creds: Option<libc::ucred>) -> Outco
             error: MessageError::Invalid("no sender credentials".into()),
         };
     };
-    let pid = creds.pid as u32;
+    // pid 0: the sender is outside our pid namespace. Accepting it would
+    // let every such sender speak for one shared, unknowable process.
+    let Ok(pid @ 1..) = u32::try_from(creds.pid) else {
+        return Outcome::Rejected {
+            pid: None,
+            error: MessageError::UnknownSender,
+        };
+    };
     if truncated {
         return Outcome::Rejected {
             pid: Some(pid),
@@ -267,6 +274,22 @@ mod tests {
             uid: 1000,
             gid: 1000,
         })
+    }
+
+    #[test]
+    fn senders_outside_our_pid_namespace_are_rejected() {
+        let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3}"#;
+        let outcome = judge(msg, false, creds(0));
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Rejected {
+                    pid: None,
+                    error: MessageError::UnknownSender
+                }
+            ),
+            "{outcome:?}"
+        );
     }
 
     #[test]
