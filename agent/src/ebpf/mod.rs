@@ -201,11 +201,7 @@ fn load_and_attach_tracepoint(
     category: &str,
     name: &str,
 ) -> anyhow::Result<()> {
-    let prog: &mut TracePoint = ebpf
-        .program_mut(program)
-        .with_context(|| format!("kernel object has no program {program}"))?
-        .try_into()
-        .with_context(|| format!("{program} is not a tracepoint program"))?;
+    let prog = tracepoint_program(ebpf, program)?;
     prog.load()
         .with_context(|| format!("the kernel refused program {program}"))?;
     prog.attach(category, name)
@@ -228,7 +224,8 @@ fn attach_socket_path(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn syscall_program<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a mut TracePoint> {
+/// A tracepoint program of the kernel object, by name.
+fn tracepoint_program<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a mut TracePoint> {
     ebpf.program_mut(program)
         .with_context(|| format!("kernel object has no program {program}"))?
         .try_into()
@@ -238,7 +235,7 @@ fn syscall_program<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a 
 /// Loads the syscall path's programs without attaching them.
 fn load_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     for (program, _, _) in SYSCALL_DATA_TRACEPOINTS {
-        syscall_program(ebpf, program)?
+        tracepoint_program(ebpf, program)?
             .load()
             .with_context(|| format!("the kernel refused program {program}"))?;
     }
@@ -249,7 +246,7 @@ fn load_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 fn attach_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<Vec<(&'static str, TracePointLinkId)>> {
     let mut links = Vec::with_capacity(SYSCALL_DATA_TRACEPOINTS.len());
     for (program, category, tracepoint) in SYSCALL_DATA_TRACEPOINTS {
-        let attached = syscall_program(ebpf, program).and_then(|prog| {
+        let attached = tracepoint_program(ebpf, program).and_then(|prog| {
             prog.attach(category, tracepoint)
                 .with_context(|| format!("cannot attach to tracepoint {category}:{tracepoint}"))
         });
@@ -266,7 +263,7 @@ fn attach_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<Vec<(&'static str, Tra
 
 fn detach_syscall_path(ebpf: &mut Ebpf, links: Vec<(&'static str, TracePointLinkId)>) {
     for (program, link) in links {
-        if let Ok(prog) = syscall_program(ebpf, program) {
+        if let Ok(prog) = tracepoint_program(ebpf, program) {
             if let Err(e) = prog.detach(link) {
                 log::warn!("cannot detach {program}: {e}");
             }
@@ -402,13 +399,9 @@ impl KernelProbes {
         }
     }
 
-    /// A connection closed (the kernel removed its entry itself).
+    /// A connection closed (the kernel removed its entry itself), was
+    /// forgotten or speaks no database protocol.
     pub fn connection_closed(&mut self, pid: u32, fd: i32) {
-        self.connection_done(pid, fd);
-    }
-
-    /// A connection closed, was forgotten or speaks no database protocol.
-    fn connection_done(&mut self, pid: u32, fd: i32) {
         if self.unix_conns.remove(&(pid, fd)) && self.unix_conns.is_empty() {
             self.unix_idle_since = Some(std::time::Instant::now());
         }
@@ -431,11 +424,6 @@ impl KernelProbes {
             detach_syscall_path(&mut self.ebpf, links);
             log::info!("no Unix-socket connection is tracked: the syscall path is detached");
         }
-    }
-
-    /// Whether the syscall path is attached now.
-    pub fn syscall_path_attached(&self) -> bool {
-        !self.unix_links.is_empty()
     }
 
     /// The data path in use.
@@ -593,7 +581,7 @@ impl KernelProbes {
 
     /// Stops copying a connection's data (it speaks no database protocol).
     pub fn stop_capture(&mut self, pid: u32, fd: i32, generation: u64) {
-        self.connection_done(pid, fd);
+        self.connection_closed(pid, fd);
         self.update_conn(pid, fd, generation, |info| {
             info.flags &= !conn_flags::CAPTURE_DATA
         });
@@ -635,7 +623,7 @@ impl KernelProbes {
     /// without closing it, so no close() will remove it), or a connection
     /// the kernel already removed (closed).
     pub fn forget(&mut self, pid: u32, fd: i32) {
-        self.connection_done(pid, fd);
+        self.connection_closed(pid, fd);
         let Some(map) = self.ebpf.map_mut(names::CONNS) else {
             return;
         };

@@ -770,43 +770,41 @@ fn register_observables(meter: &Meter, observed: Observed) {
             }
         })
         .build();
-    let dropped = Arc::clone(&kernel);
-    let _ = meter
-        .u64_observable_counter("poolscope.kernel.events.dropped")
-        .with_description("Kernel events lost because the ring buffer was full")
-        .with_unit("{event}")
-        .with_callback(move |obs| {
-            if let Ok(k) = dropped.lock() {
-                obs.observe(k.dropped_events, &[]);
-            }
-        })
-        .build();
-    let full = Arc::clone(&kernel);
-    let _ = meter
-        .u64_observable_counter("poolscope.kernel.connections.untracked")
-        .with_description(
+    // Plain kernel counters: one observable each, read from the last sample.
+    type Reading = fn(&KernelCounters) -> u64;
+    let counters: [(&str, &str, &str, Reading); 3] = [
+        (
+            "poolscope.kernel.events.dropped",
+            "Kernel events lost because the ring buffer was full",
+            "{event}",
+            |k| k.dropped_events,
+        ),
+        (
+            "poolscope.kernel.connections.untracked",
             "Connections the kernel could not track because its connection maps were full",
-        )
-        .with_unit("{connection}")
-        .with_callback(move |obs| {
-            if let Ok(k) = full.lock() {
-                obs.observe(k.conns_full, &[]);
-            }
-        })
-        .build();
-    let unattributed = Arc::clone(&kernel);
-    let _ = meter
-        .u64_observable_counter("poolscope.kernel.socket_io.unattributed")
-        .with_description(
+            "{connection}",
+            |k| k.conns_full,
+        ),
+        (
+            "poolscope.kernel.socket_io.unattributed",
             "Socket sends and receives of processes with a tracked connection that the socket data path could not attribute to an fd (io_uring, sendfile, sendmmsg)",
-        )
-        .with_unit("{call}")
-        .with_callback(move |obs| {
-            if let Ok(k) = unattributed.lock() {
-                obs.observe(k.unattributed_socket_io, &[]);
-            }
-        })
-        .build();
+            "{call}",
+            |k| k.unattributed_socket_io,
+        ),
+    ];
+    for (name, description, unit, read) in counters {
+        let kernel = Arc::clone(&kernel);
+        let _ = meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_unit(unit)
+            .with_callback(move |obs| {
+                if let Ok(k) = kernel.lock() {
+                    obs.observe(read(&k), &[]);
+                }
+            })
+            .build();
+    }
     let probe_time = Arc::clone(&kernel);
     let _ = meter
         .f64_observable_counter("poolscope.probe.run_time")
