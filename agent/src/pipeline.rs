@@ -25,7 +25,7 @@ use crate::{
         TrackerConfig,
     },
     procfs::{self, SeededPeer, SeededTcpState},
-    protocol::DbSystem,
+    protocol::{self, DbSystem},
     reports::{LeakChange, LeakReports, ProcessDetails, Reports},
     telemetry::{
         otlp::{self, OtlpExport},
@@ -110,7 +110,9 @@ impl Pipeline {
             } => {
                 if let Ok(mut probes) = self.probes.lock() {
                     probes.process_tracks(event.conn.pid);
-                    if matches!(remote, Endpoint::Unix(_)) && ret == 0 {
+                    if ret == 0
+                        && matches!(remote, Endpoint::Unix(path) if protocol::unix_path_may_be_database(path))
+                    {
                         probes.unix_connection_opened(event.conn.pid, event.conn.fd);
                     }
                 }
@@ -588,7 +590,7 @@ fn seed_from_proc(pipeline: &Pipeline) {
     let now = monotonic_ns();
     let count = found.len();
     for socket in found {
-        let unix = matches!(socket.peer, SeededPeer::Unix { .. });
+        let unix = matches!(&socket.peer, SeededPeer::Unix { path } if protocol::unix_path_may_be_database(path));
         let (local, remote, phase) = match socket.peer {
             SeededPeer::Tcp {
                 local,

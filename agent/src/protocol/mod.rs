@@ -184,3 +184,48 @@ pub enum Observation {
     /// Framing found again after `Lost`.
     Resynced,
 }
+
+/// Whether a Unix socket's path is where a database server usually listens:
+/// PostgreSQL and pgbouncer (`.s.PGSQL.<port>`), MySQL/MariaDB (`mysqld.sock`,
+/// `mysql.sock`, `mariadb.sock`) and Redis (`redis*.sock`). Only such
+/// connections make the agent attach the costly syscall data path; a host
+/// always has other Unix connections (D-Bus, journald) that may stay quiet
+/// for ever and would otherwise keep it attached.
+pub fn unix_path_may_be_database(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+    name.starts_with(".s.pgsql.")
+        || ((name.contains("mysql") || name.contains("mariadb") || name.contains("redis"))
+            && name.ends_with(".sock"))
+}
+
+#[cfg(test)]
+mod unix_path_tests {
+    use super::unix_path_may_be_database;
+
+    #[test]
+    fn database_socket_paths_are_recognised() {
+        for path in [
+            "/var/run/postgresql/.s.PGSQL.5432",
+            "/tmp/.s.PGSQL.6432",
+            "/run/mysqld/mysqld.sock",
+            "/var/lib/mysql/mysql.sock",
+            "/tmp/poolscope-mariadb-1/mariadb.sock",
+            "/run/redis/redis-server.sock",
+        ] {
+            assert!(unix_path_may_be_database(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn other_unix_sockets_are_not() {
+        for path in [
+            "/run/dbus/system_bus_socket",
+            "/run/systemd/journal/stdout",
+            "/var/run/docker.sock",
+            "/run/mysqld",
+            "",
+        ] {
+            assert!(!unix_path_may_be_database(path), "{path}");
+        }
+    }
+}
