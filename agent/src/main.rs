@@ -35,7 +35,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(pipeline::run(config))?;
+            let result = runtime.block_on(pipeline::run(config));
+            // Blocking work still running (a /proc read, an export stuck
+            // on a hung collector) must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(300));
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {

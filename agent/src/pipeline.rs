@@ -4,7 +4,10 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -20,6 +23,7 @@ use crate::{
     config::Config,
     detect::{self, LeakKind, Thresholds},
     ebpf::{self, KernelProbes, LoadOptions, TracefsStatus},
+    health::{AdapterState, Health},
     lifecycle::{
         CloseReason, ConnId, Endpoint, Event, EventKind, Output, SeededPhase, Tracker,
         TrackerConfig,
@@ -27,29 +31,37 @@ use crate::{
     procfs::{self, SeededPeer, SeededTcpState},
     protocol::{self, DbSystem},
     reports::{LeakChange, LeakReports, ProcessDetails, Reports},
+    state::{Broken, Shared, State},
     telemetry::{
         otlp::{self, OtlpExport},
-        KernelCounters, Observed, Telemetry,
+        Observed, Telemetry,
     },
     wire,
 };
 
 struct Pipeline {
-    tracker: Arc<Mutex<Tracker>>,
+    state: Arc<Shared<State>>,
+    /// The probes and what steering them needs; only the pipeline uses it.
+    kernel: Shared<KernelSide>,
     telemetry: Arc<Telemetry>,
-    probes: Arc<Mutex<KernelProbes>>,
-    reports: Arc<Mutex<Reports>>,
-    leaks: Arc<Mutex<LeakReports>>,
     otlp: Option<Arc<OtlpExport>>,
     /// The kubelet's pod log directory, to name pods (when it exists).
     pod_logs_dir: Option<std::path::PathBuf>,
     thresholds: Thresholds,
     clock: Clock,
     capture: CaptureBytes,
-    /// Socket type of each Unix path seen, so /proc is read once per path.
-    unix_types: Mutex<HashMap<String, u16>>,
     /// Command lines as they are, secrets included (off by default).
     full_command_lines: bool,
+    /// Kernel events that arrived while /proc was scanned and did not fit
+    /// in what the reader holds meanwhile.
+    dropped_while_seeding: AtomicU64,
+}
+
+/// The loaded kernel programs, and the Unix socket types seen.
+struct KernelSide {
+    probes: KernelProbes,
+    /// Socket type of each Unix path seen, so /proc is read once per path.
+    unix_types: HashMap<String, u16>,
 }
 
 /// Head bytes copied per read/write, by protocol.
@@ -63,116 +75,108 @@ struct CaptureBytes {
 const UNIX_TYPE_CACHE: usize = 1024;
 
 impl Pipeline {
+    fn health(&self) -> &Arc<Health> {
+        self.state.health()
+    }
+
     /// connect() on a Unix datagram socket (syslog, journald) is no
     /// connection: only stream sockets are tracked. The kernel cannot tell
     /// them apart cheaply, so we ask /proc once per path.
-    fn is_unix_datagram(&self, event: &Event) -> bool {
+    fn is_unix_datagram(&self, event: &Event) -> Result<bool, Broken> {
         let EventKind::Connect {
             remote: Endpoint::Unix(path),
             ret: 0,
             ..
         } = &event.kind
         else {
-            return false;
+            return Ok(false);
         };
-        let Ok(mut cache) = self.unix_types.lock() else {
-            return false;
-        };
-        let kind = match cache.get(path) {
+        let kind = self.kernel.with(|k| match k.unix_types.get(path) {
             Some(kind) => Some(*kind),
             None => {
                 let kind = procfs::unix_bound_type(Path::new("/proc"), event.conn.pid, path);
                 if let Some(kind) = kind {
-                    if cache.len() >= UNIX_TYPE_CACHE {
-                        cache.clear();
+                    if k.unix_types.len() >= UNIX_TYPE_CACHE {
+                        k.unix_types.clear();
                     }
-                    cache.insert(path.clone(), kind);
+                    k.unix_types.insert(path.clone(), kind);
                 }
                 kind
             }
-        };
-        kind.is_some_and(|k| k != procfs::UNIX_SOCK_STREAM)
+        })?;
+        Ok(kind.is_some_and(|k| k != procfs::UNIX_SOCK_STREAM))
     }
 
     /// Applies one event and does what its outputs ask of the kernel side.
-    fn apply(&self, event: Event) {
-        if self.is_unix_datagram(&event) {
-            if let Ok(mut probes) = self.probes.lock() {
-                probes.forget(event.conn.pid, event.conn.fd);
-            }
-            return;
+    fn apply(&self, event: Event) -> Result<(), Broken> {
+        if self.is_unix_datagram(&event)? {
+            return self
+                .kernel
+                .with(|k| k.probes.forget(event.conn.pid, event.conn.fd));
         }
         // The socket data path looks only at processes that track a
         // connection: keep its per-process filter in step.
         match event.kind {
             EventKind::Connect {
                 ref remote, ret, ..
-            } => {
-                if let Ok(mut probes) = self.probes.lock() {
-                    probes.process_tracks(event.conn.pid);
-                    if ret == 0
-                        && matches!(remote, Endpoint::Unix(path) if protocol::unix_path_may_be_database(path))
-                    {
-                        probes.unix_connection_opened(event.conn.pid, event.conn.fd);
-                    }
+            } => self.kernel.with(|k| {
+                k.probes.process_tracks(event.conn.pid);
+                if ret == 0
+                    && matches!(remote, Endpoint::Unix(path) if protocol::unix_path_may_be_database(path))
+                {
+                    k.probes.unix_connection_opened(event.conn.pid, event.conn.fd);
                 }
-            }
-            EventKind::ProcessExit { .. } => {
-                if let Ok(mut probes) = self.probes.lock() {
-                    probes.process_exited(event.conn.pid);
-                }
-            }
+            })?,
+            EventKind::ProcessExit { .. } => self
+                .kernel
+                .with(|k| k.probes.process_exited(event.conn.pid))?,
             _ => {}
         }
-        let outputs = match self.tracker.lock() {
-            Ok(mut tracker) => {
-                // Where a process runs is read once, at its first connect.
-                if matches!(
-                    event.kind,
-                    EventKind::Connect { .. } | EventKind::Seeded { .. }
-                ) && !tracker.knows_placement(event.conn.pid)
-                {
-                    let placement = procfs::placement(
-                        Path::new("/proc"),
-                        event.conn.pid,
-                        self.pod_logs_dir.as_deref(),
-                    );
-                    tracker.set_placement(event.conn.pid, placement);
-                    if let Some(name) = procfs::process_comm(Path::new("/proc"), event.conn.pid) {
-                        tracker.set_process_name(event.conn.pid, name);
-                    }
+        let outputs = self.state.with(|state| {
+            let tracker = &mut state.tracker;
+            // Where a process runs is read once, at its first connect.
+            if matches!(
+                event.kind,
+                EventKind::Connect { .. } | EventKind::Seeded { .. }
+            ) && !tracker.knows_placement(event.conn.pid)
+            {
+                let placement = procfs::placement(
+                    Path::new("/proc"),
+                    event.conn.pid,
+                    self.pod_logs_dir.as_deref(),
+                );
+                tracker.set_placement(event.conn.pid, placement);
+                if let Some(name) = procfs::process_comm(Path::new("/proc"), event.conn.pid) {
+                    tracker.set_process_name(event.conn.pid, name);
                 }
-                tracker.apply(event)
             }
-            Err(_) => return,
-        };
-        self.handle_outputs(&outputs);
+            tracker.apply(event)
+        })?;
+        self.handle_outputs(&outputs)
     }
 
     /// Counts, reports and acts on what the tracker concluded.
-    fn handle_outputs(&self, outputs: &[Output]) {
+    fn handle_outputs(&self, outputs: &[Output]) -> Result<(), Broken> {
         self.telemetry.record(outputs);
-        if outputs
+        let acquired = outputs
             .iter()
-            .any(|o| matches!(o, Output::AcquireFinished { .. }))
-        {
-            let changes = match self.leaks.lock() {
-                Ok(mut leaks) => leaks.observe_acquires(
+            .any(|o| matches!(o, Output::AcquireFinished { .. }));
+        let (changes, slow) = self.state.with(|state| {
+            let changes = if acquired {
+                state.leaks.observe_acquires(
                     outputs,
                     self.thresholds.slow_acquire_ns,
                     &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
                     &|pid| procfs::process_comm(Path::new("/proc"), pid).unwrap_or_default(),
                     monotonic_ns(),
                     &self.clock,
-                ),
-                Err(_) => Vec::new(),
+                )
+            } else {
+                Vec::new()
             };
-            self.publish_leak_changes(&changes);
-        }
-        let slow = match self.reports.lock() {
-            Ok(mut reports) => reports.observe(outputs, &self.clock),
-            Err(_) => Vec::new(),
-        };
+            (changes, state.reports.observe(outputs, &self.clock))
+        })?;
+        self.publish_leak_changes(&changes);
         for report in slow {
             // One structured line per report, for log pipelines.
             if let Ok(line) = serde_json::to_string(&report) {
@@ -189,36 +193,42 @@ impl Pipeline {
         if let Some(otlp) = self.otlp.as_ref().filter(|o| o.spans_enabled()) {
             self.emit_spans(otlp, outputs);
         }
-        for output in outputs {
-            match output {
-                Output::NotDatabase { id } => {
-                    if let Ok(mut probes) = self.probes.lock() {
-                        probes.stop_capture(id.pid, id.fd, id.generation);
-                    }
-                }
-                Output::Detected { id, system } => {
-                    let bytes = match system {
-                        DbSystem::Redis => self.capture.redis,
-                        DbSystem::Postgresql | DbSystem::Mysql => self.capture.sql,
-                    };
-                    if let Ok(mut probes) = self.probes.lock() {
-                        probes.set_capture_bytes(id.pid, id.fd, id.generation, bytes);
-                    }
-                }
-                _ => {}
-            }
-            // An exit closes fds without close(): drop them from the filter.
-            // A close() already removed its entry in the kernel.
-            if let Output::Closed { id, reason, .. } = output {
-                if let Ok(mut probes) = self.probes.lock() {
-                    if *reason == CloseReason::ProcessExit {
-                        probes.forget(id.pid, id.fd);
-                    } else {
-                        probes.connection_closed(id.pid, id.fd);
-                    }
-                }
-            }
+        let steers_kernel = outputs.iter().any(|o| {
+            matches!(
+                o,
+                Output::NotDatabase { .. } | Output::Detected { .. } | Output::Closed { .. }
+            )
+        });
+        if !steers_kernel {
+            return Ok(());
         }
+        self.kernel.with(|k| {
+            for output in outputs {
+                match output {
+                    Output::NotDatabase { id } => {
+                        k.probes.stop_capture(id.pid, id.fd, id.generation);
+                    }
+                    Output::Detected { id, system } => {
+                        let bytes = match system {
+                            DbSystem::Redis => self.capture.redis,
+                            DbSystem::Postgresql | DbSystem::Mysql => self.capture.sql,
+                        };
+                        k.probes
+                            .set_capture_bytes(id.pid, id.fd, id.generation, bytes);
+                    }
+                    // An exit closes fds without close(): drop them from the
+                    // filter. A close() already removed its entry in the kernel.
+                    Output::Closed { id, reason, .. } => {
+                        if *reason == CloseReason::ProcessExit {
+                            k.probes.forget(id.pid, id.fd);
+                        } else {
+                            k.probes.connection_closed(id.pid, id.fd);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
     }
 
     /// Logs each opened or resolved report as one JSON line, sends it as an
@@ -299,29 +309,29 @@ impl Pipeline {
     }
 
     /// Applies the leak rules to the tracker's connections now.
-    fn evaluate_leaks(&self, now: u64) {
-        let changes = {
-            let Ok(tracker) = self.tracker.lock() else {
-                return;
-            };
+    fn evaluate_leaks(&self, now: u64) -> Result<(), Broken> {
+        let changes = self.state.with(|state| {
+            let tracker = &state.tracker;
             let findings = detect::evaluate(tracker.open_connections(), now, &self.thresholds);
             let lookup = |id| tracker.connection(id);
-            match self.leaks.lock() {
-                Ok(mut leaks) => leaks.update(
-                    &findings,
-                    &lookup,
-                    &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
-                    now,
-                    &self.clock,
-                ),
-                Err(_) => return,
-            }
-        };
+            state.leaks.update(
+                &findings,
+                &lookup,
+                &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
+                now,
+                &self.clock,
+            )
+        })?;
         self.publish_leak_changes(&changes);
+        Ok(())
     }
 
     /// One adapter datagram, judged by the socket.
-    fn apply_adapter(&self, outcome: Outcome, rejections: &mut RateLimitedLog) {
+    fn apply_adapter(
+        &self,
+        outcome: Outcome,
+        rejections: &mut RateLimitedLog,
+    ) -> Result<(), Broken> {
         match outcome {
             Outcome::Accepted(received) => {
                 self.telemetry.record_adapter_message("accepted", "");
@@ -340,11 +350,12 @@ impl Pipeline {
                     })
                     .map(|t| t.min(now))
                     .unwrap_or(now);
-                let outputs = match self.tracker.lock() {
-                    Ok(mut tracker) => tracker.apply_adapter(received.pid, ts, received.message),
-                    Err(_) => return,
-                };
-                self.handle_outputs(&outputs);
+                let outputs = self.state.with(|state| {
+                    state
+                        .tracker
+                        .apply_adapter(received.pid, ts, received.message)
+                })?;
+                return self.handle_outputs(&outputs);
             }
             Outcome::Rejected { pid, error } => {
                 self.telemetry
@@ -368,6 +379,7 @@ impl Pipeline {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -407,7 +419,7 @@ async fn serve_adapters(mut socket: AdapterSocket, pipeline: Arc<Pipeline>) -> a
     let mut rejections = RateLimitedLog::new(Duration::from_secs(10));
     loop {
         match socket.recv().await {
-            Ok(outcome) => pipeline.apply_adapter(outcome, &mut rejections),
+            Ok(outcome) => pipeline.apply_adapter(outcome, &mut rejections)?,
             Err(e) => {
                 log::warn!("adapter socket {}: {e}", socket.path().display());
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -415,6 +427,10 @@ async fn serve_adapters(mut socket: AdapterSocket, pipeline: Arc<Pipeline>) -> a
         }
     }
 }
+
+/// From SIGTERM to exit, whatever the collector does: the exporters' last
+/// flush shares this one deadline, and what is left after it is dropped.
+pub const SHUTDOWN_FLUSH_DEADLINE: Duration = Duration::from_secs(3);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     ebpf::require_privileges()?;
@@ -424,6 +440,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             log::info!("tracefs was not mounted; mounted it at {}", ebpf::TRACEFS)
         }
     }
+    let health = Arc::new(Health::default());
+    health.adapter(if config.adapter.enabled {
+        AdapterState::Pending
+    } else {
+        AdapterState::Disabled
+    });
     let mut probes = KernelProbes::load(LoadOptions {
         ring_buffer_bytes: config.kernel.ring_buffer_bytes,
         // Until a connection's protocol is known, copy enough for either.
@@ -444,20 +466,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ""
         }
     );
+    health.probes_attached();
     let events = probes.take_events()?;
     let clock = Clock::new();
-    let tracker = Arc::new(Mutex::new(Tracker::new(TrackerConfig {
+    let tracker = Tracker::new(TrackerConfig {
         closed_retention_ns: config.tracking.closed_retention_seconds * 1_000_000_000,
         max_closed: config.tracking.max_closed,
         raw_queries: config.queries.raw_text,
         ..TrackerConfig::default()
-    })));
-    let kernel = Arc::new(Mutex::new(KernelCounters::default()));
-    let reports = Arc::new(Mutex::new(Reports::new(
+    });
+    let reports = Reports::new(
         config.queries.slow_threshold_ms.saturating_mul(1_000_000),
         config.queries.max_slow_kept,
-    )));
-    let leaks = Arc::new(Mutex::new(LeakReports::new(config.leaks.max_resolved_kept)));
+    );
+    let leaks = LeakReports::new(config.leaks.max_resolved_kept);
+    let state = Arc::new(Shared::new(
+        State::new(tracker, reports, leaks),
+        "agent state",
+        Arc::clone(&health),
+    ));
     let resource = agent_resource();
     let otlp_settings = config.otlp.settings(&|name| std::env::var(name).ok())?;
     let (otlp_reader, otlp_export) = match &otlp_settings {
@@ -489,17 +516,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         resource,
         otlp_reader,
         export_counters: otlp_export.as_ref().map(|e| Arc::clone(&e.counters)),
-        tracker: Arc::clone(&tracker),
-        kernel: Arc::clone(&kernel),
-        leaks: Arc::clone(&leaks),
+        state: Arc::clone(&state),
         max_series: config.tracking.max_series,
     })?);
     let pipeline = Arc::new(Pipeline {
-        tracker: Arc::clone(&tracker),
+        state: Arc::clone(&state),
+        kernel: Shared::new(
+            KernelSide {
+                probes,
+                unix_types: HashMap::new(),
+            },
+            "kernel probe bookkeeping",
+            Arc::clone(&health),
+        ),
         telemetry: Arc::clone(&telemetry),
-        probes: Arc::new(Mutex::new(probes)),
-        reports: Arc::clone(&reports),
-        leaks: Arc::clone(&leaks),
         otlp: otlp_export.clone(),
         pod_logs_dir: Some(config.tracking.pod_logs_dir.clone()).filter(|d| d.is_dir()),
         thresholds: config.leaks.thresholds(),
@@ -508,19 +538,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             sql: config.queries.capture_bytes,
             redis: config.queries.redis_capture_bytes,
         },
-        unix_types: Mutex::default(),
         full_command_lines: config.tracking.full_command_lines,
+        dropped_while_seeding: AtomicU64::new(0),
     });
 
-    // Seed after attaching, so nothing closes unseen between scan and attach.
-    if config.tracking.seed_from_proc {
-        seed_from_proc(&pipeline);
-    }
-
-    let reader = tokio::spawn(read_events(events, Arc::clone(&pipeline)));
+    // Every task that must run for the agent to be whole; the first one to
+    // end, however it ends, stops the agent with its reason.
+    let mut tasks = Tasks::default();
+    // HTTP first, so that /healthz says what is still starting.
+    let api_state = ApiState {
+        state: Arc::clone(&state),
+        health: Arc::clone(&health),
+        telemetry: Arc::clone(&telemetry),
+        clock,
+    };
+    tasks.spawn("HTTP server", api::serve(config.http.listen, api_state));
+    tasks.spawn(
+        "event reader",
+        read_events(
+            events,
+            Arc::clone(&pipeline),
+            config.tracking.seed_from_proc,
+        ),
+    );
     // Without the adapter socket the agent still sees every connection from
-    // the kernel; say so rather than refuse to run.
-    let adapters = if config.adapter.enabled {
+    // the kernel; say so (log and readiness) rather than refuse to run.
+    if config.adapter.enabled {
         match AdapterSocket::bind(
             &config.adapter.socket,
             config.adapter.mode(),
@@ -528,45 +571,119 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ) {
             Ok(socket) => {
                 log::info!("pool adapters: listening on {}", socket.path().display());
-                Some(tokio::spawn(serve_adapters(socket, Arc::clone(&pipeline))))
+                health.adapter(AdapterState::Bound);
+                tasks.spawn(
+                    "adapter socket server",
+                    serve_adapters(socket, Arc::clone(&pipeline)),
+                );
             }
             Err(e) => {
                 log::warn!("pool adapters disabled: {e:#}");
-                None
+                health.adapter(AdapterState::Unavailable);
             }
         }
-    } else {
-        None
-    };
-    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&pipeline), kernel));
-    let api_state = ApiState {
-        tracker,
-        reports,
-        leaks,
-        telemetry: Arc::clone(&telemetry),
-        clock,
-    };
-    let server = tokio::spawn(api::serve(config.http.listen, api_state));
+    }
+    tasks.spawn("housekeeping", housekeeping(Arc::clone(&pipeline)));
 
-    let result = tokio::select! {
-        r = server => r.context("HTTP task failed")?,
-        r = reader => r.context("event reader failed")?,
+    let failure = tokio::select! {
+        failure = tasks.first_to_end() => Some(failure),
         _ = shutdown_signal() => {
             log::info!("shutting down");
-            Ok(())
+            None
         }
     };
-    housekeeping.abort();
-    // Flush what we have, within bounded time: the meter's last export and
-    // the queued events.
-    telemetry.shutdown();
-    if let Some(otlp) = &otlp_export {
-        otlp.shutdown(Duration::from_secs(5));
+    if let Some(reason) = &failure {
+        health.fail(reason.clone());
     }
-    if let Some(adapters) = adapters {
-        adapters.abort();
+    tasks.abort_all();
+    flush_exporters(telemetry, otlp_export, SHUTDOWN_FLUSH_DEADLINE);
+    match failure {
+        Some(reason) => Err(anyhow::anyhow!("{reason}")),
+        None => Ok(()),
     }
-    result
+}
+
+/// The agent's long-running tasks, by name.
+#[derive(Default)]
+struct Tasks {
+    set: tokio::task::JoinSet<anyhow::Result<()>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits for the first task to end and says why it did. None of them
+    /// ends on its own while the agent is well, so any end is a failure.
+    async fn first_to_end(&mut self) -> String {
+        let Some(done) = self.set.join_next_with_id().await else {
+            return "no task was running".to_string();
+        };
+        let (id, outcome) = match done {
+            Ok((id, result)) => (id, result.err().map(|e| format!("{e:#}"))),
+            Err(e) => {
+                let name = self.name(e.id());
+                let why = if e.is_panic() {
+                    let payload = e.into_panic();
+                    let text = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_string());
+                    format!("panicked: {text}")
+                } else {
+                    "was cancelled".to_string()
+                };
+                return format!("the {name} {why}");
+            }
+        };
+        let name = self.name(id);
+        match outcome {
+            Some(error) => format!("the {name} failed: {error}"),
+            None => format!("the {name} stopped"),
+        }
+    }
+
+    fn name(&self, id: tokio::task::Id) -> &'static str {
+        self.names.get(&id).copied().unwrap_or("task")
+    }
+
+    fn abort_all(&mut self) {
+        self.set.abort_all();
+    }
+}
+
+/// Sends what the exporters hold, for at most `deadline` in all: a hung
+/// collector must not hold the agent past its supervisor's patience.
+fn flush_exporters(telemetry: Arc<Telemetry>, otlp: Option<Arc<OtlpExport>>, deadline: Duration) {
+    let started = std::time::Instant::now();
+    let (done, finished) = std::sync::mpsc::channel();
+    let flush = std::thread::Builder::new()
+        .name("poolscope-flush".into())
+        .spawn(move || {
+            telemetry.shutdown();
+            if let Some(otlp) = otlp {
+                otlp.shutdown(deadline.saturating_sub(started.elapsed()));
+            }
+            let _ = done.send(());
+        });
+    if let Err(e) = flush {
+        log::warn!("cannot start the final export: {e}");
+        return;
+    }
+    if finished.recv_timeout(deadline).is_err() {
+        log::warn!(
+            "the exporters did not finish within {} s (collector unreachable or slow): exiting without them",
+            deadline.as_secs()
+        );
+    }
 }
 
 async fn shutdown_signal() {
@@ -584,9 +701,9 @@ async fn shutdown_signal() {
     }
 }
 
-fn seed_from_proc(pipeline: &Pipeline) {
-    let own_pid = std::process::id();
-    let found = procfs::scan_connections(Path::new("/proc"), own_pid);
+/// Makes the connections found in /proc known, as if each had just been
+/// opened.
+fn seed(pipeline: &Pipeline, found: Vec<procfs::SeededSocket>) -> Result<(), Broken> {
     let now = monotonic_ns();
     let count = found.len();
     for socket in found {
@@ -607,15 +724,15 @@ fn seed_from_proc(pipeline: &Pipeline) {
             ),
             SeededPeer::Unix { path } => (None, Endpoint::Unix(path), SeededPhase::Established),
         };
-        if let Ok(mut probes) = pipeline.probes.lock() {
-            if let Err(e) = probes.track_seeded(socket.pid, socket.fd, unix) {
+        pipeline.kernel.with(|k| {
+            if let Err(e) = k.probes.track_seeded(socket.pid, socket.fd, unix) {
                 log::debug!(
                     "cannot track seeded fd {} of pid {}: {e:#}",
                     socket.fd,
                     socket.pid
                 );
             }
-        }
+        })?;
         pipeline.apply(Event {
             ts_ns: now,
             conn: ConnId {
@@ -629,65 +746,166 @@ fn seed_from_proc(pipeline: &Pipeline) {
                 remote,
                 phase,
             },
-        });
+        })?;
     }
     log::info!("seeded {count} existing connections from /proc");
+    Ok(())
 }
 
+/// Ring-buffer records held in memory while /proc is scanned, at most this
+/// many bytes; past it they are counted as dropped events.
+const HELD_WHILE_SEEDING_BYTES: usize = 32 << 20;
+
+/// Records read from the ring while seeding, applied once the seeded
+/// connections are known (the order the kernel produced them in stays).
+#[derive(Default)]
+struct Held {
+    records: Vec<Box<[u8]>>,
+    bytes: usize,
+    dropped: u64,
+}
+
+impl Held {
+    fn take_from(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(record) = ring.next() {
+            if self.bytes + record.len() > HELD_WHILE_SEEDING_BYTES {
+                self.dropped += 1;
+                continue;
+            }
+            self.bytes += record.len();
+            self.records.push(Box::from(&*record));
+        }
+    }
+}
+
+/// Seeds from /proc (when asked) while already draining the ring, so that a
+/// slow scan on a busy host cannot overflow it; then reads events for good.
 async fn read_events(
     mut events: AsyncFd<RingBuf<MapData>>,
     pipeline: Arc<Pipeline>,
+    seed_from_proc: bool,
 ) -> anyhow::Result<()> {
     let mut drain = tokio::time::interval(ebpf::DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if seed_from_proc {
+        let own_pid = std::process::id();
+        let scan = tokio::task::spawn_blocking(move || {
+            procfs::scan_connections(Path::new("/proc"), own_pid)
+        });
+        tokio::pin!(scan);
+        let mut held = Held::default();
+        let found = loop {
+            tokio::select! {
+                found = &mut scan => break found.context("the /proc scan failed")?,
+                guard = events.readable_mut() => {
+                    let mut guard = guard.context("waiting on the ring buffer")?;
+                    held.take_from(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                _ = drain.tick() => held.take_from(events.get_mut()),
+            }
+        };
+        // A connection closed during the scan may be in it: its close, held
+        // here, comes after its seeding, as it happened.
+        seed(&pipeline, found)?;
+        for record in held.records {
+            apply_record(&record, &pipeline)?;
+        }
+        if held.dropped > 0 {
+            log::warn!(
+                "{} kernel events dropped while seeding from /proc (more than {} MiB arrived during the scan)",
+                held.dropped,
+                HELD_WHILE_SEEDING_BYTES >> 20
+            );
+            pipeline
+                .dropped_while_seeding
+                .fetch_add(held.dropped, Relaxed);
+        }
+    }
+    pipeline.health().reader_started(monotonic_ns());
     loop {
         // Lifecycle events and a filling buffer wake us; quiet data events
         // wait for the next tick.
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain_ring(guard.get_inner_mut(), &pipeline);
+                drain_ring(guard.get_inner_mut(), &pipeline)?;
                 guard.clear_ready();
             }
-            _ = drain.tick() => drain_ring(events.get_mut(), &pipeline),
+            _ = drain.tick() => drain_ring(events.get_mut(), &pipeline)?,
         }
+        pipeline.health().reader_beat(monotonic_ns());
     }
 }
 
-fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &Pipeline) {
+fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &Pipeline) -> Result<(), Broken> {
     while let Some(record) = ring.next() {
-        match wire::decode(&record) {
-            Ok(event) => pipeline.apply(event),
-            Err(e) => {
-                pipeline.telemetry.record_decode_error();
-                log::debug!("{e}");
-            }
+        apply_record(&record, pipeline)?;
+    }
+    Ok(())
+}
+
+fn apply_record(record: &[u8], pipeline: &Pipeline) -> Result<(), Broken> {
+    match wire::decode(record) {
+        Ok(event) => pipeline.apply(event),
+        Err(e) => {
+            pipeline.telemetry.record_decode_error();
+            log::debug!("{e}");
+            Ok(())
         }
     }
 }
 
 /// Once a second: refresh kernel counters and forget expired history.
-async fn housekeeping(pipeline: Arc<Pipeline>, kernel: Arc<Mutex<KernelCounters>>) {
+async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let counters = pipeline.probes.lock().ok().map(|mut p| {
-            p.tick();
-            p.counters()
-        });
-        match counters {
-            Some(Ok(c)) => {
-                if let Ok(mut k) = kernel.lock() {
-                    *k = c;
-                }
-            }
-            Some(Err(e)) => log::debug!("cannot read kernel counters: {e:#}"),
-            None => {}
-        }
+        let counters = pipeline.kernel.with(|k| {
+            k.probes.tick();
+            k.probes.counters()
+        })?;
         let now = monotonic_ns();
-        if let Ok(mut tracker) = pipeline.tracker.lock() {
-            tracker.expire(now);
+        match counters {
+            Ok(mut c) => {
+                c.dropped_events += pipeline.dropped_while_seeding.load(Relaxed);
+                pipeline.state.with(|s| s.kernel = c)?;
+            }
+            Err(e) => log::debug!("cannot read kernel counters: {e:#}"),
         }
-        pipeline.evaluate_leaks(now);
+        pipeline.state.with(|s| s.tracker.expire(now))?;
+        pipeline.evaluate_leaks(now)?;
+        pipeline.health().housekeeping_beat(monotonic_ns());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_task_to_end_is_named_with_its_reason() {
+        let mut tasks = Tasks::default();
+        tasks.spawn("steady", std::future::pending());
+        tasks.spawn("failing", async {
+            Err(anyhow::anyhow!("ring buffer gone"))
+        });
+        assert_eq!(
+            tasks.first_to_end().await,
+            "the failing failed: ring buffer gone"
+        );
+
+        let mut tasks = Tasks::default();
+        tasks.spawn("steady", std::future::pending());
+        tasks.spawn("panicking", async { panic!("index out of bounds") });
+        assert_eq!(
+            tasks.first_to_end().await,
+            "the panicking panicked: index out of bounds"
+        );
+
+        let mut tasks = Tasks::default();
+        tasks.spawn("quitter", async { Ok(()) });
+        assert_eq!(tasks.first_to_end().await, "the quitter stopped");
+        tasks.abort_all();
     }
 }

@@ -708,6 +708,13 @@ impl Agent {
     /// Starts the agent with `toml` as its configuration file (written to
     /// the agent's temp dir) and extra `run` arguments.
     pub fn start_with_config(toml: &str, args: &[&str]) -> Agent {
+        Agent::start_with_config_until(toml, args, "/healthz")
+    }
+
+    /// As [`Agent::start_with_config`], but waits only until `health_path`
+    /// (e.g. `/healthz/live` for an agent that is not meant to be ready)
+    /// answers `ok`.
+    pub fn start_with_config_until(toml: &str, args: &[&str], health_path: &str) -> Agent {
         let dir = TempDir::new("poolscope-agent");
         let config = dir.path().join("poolscope.toml");
         fs::write(&config, toml)
@@ -715,10 +722,14 @@ impl Agent {
         let config = path_str(&config).to_string();
         let mut all = vec!["--config", config.as_str()];
         all.extend_from_slice(args);
-        Agent::launch(dir, &all)
+        Agent::launch_until(dir, &all, health_path)
     }
 
     fn launch(dir: TempDir, args: &[&str]) -> Agent {
+        Agent::launch_until(dir, args, "/healthz")
+    }
+
+    fn launch_until(dir: TempDir, args: &[&str], health_path: &str) -> Agent {
         let bin = agent_bin();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
@@ -750,17 +761,53 @@ impl Agent {
                 return None;
             }
             agent
-                .get("/healthz")
+                .get(health_path)
                 .ok()
                 .filter(|body| body.trim() == "ok")
         });
         if ready.is_none() {
             panic!(
-                "the agent did not answer /healthz on {addr} within 30 s\n--- agent log ---\n{}",
+                "the agent did not answer {health_path} on {addr} within 30 s\n--- agent log ---\n{}",
                 agent.log()
             );
         }
         agent
+    }
+
+    /// The status code and body of GET `path`, whatever the status.
+    pub fn get_with_status(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr)?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow::anyhow!("malformed response: {text:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
+        Ok((status, body.to_string()))
+    }
+
+    /// Sends SIGTERM and waits (30 s at most) for the agent to exit: its
+    /// exit status and how long it took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        let pid = i32::try_from(self.child.id()).expect("pid fits in i32");
+        // SAFETY: plain kill(2) on our own child, which we have not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = wait_exit(&mut self.child, Duration::from_secs(30)).unwrap_or_else(|| {
+            panic!(
+                "the agent did not exit within 30 s of SIGTERM\n--- agent log ---\n{}",
+                self.log()
+            )
+        });
+        (status, started.elapsed())
     }
 
     pub fn pid(&self) -> u32 {

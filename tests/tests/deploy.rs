@@ -767,7 +767,8 @@ fn daemonset_privileges_match_the_unit_and_the_docs() {
     // Above what the agent was measured to need (30 MiB charged at start).
     assert!(quantity(str_at(resources, "/limits/memory")) >= 64.0 * 1024.0 * 1024.0);
 
-    // Probes: /healthz on the named port the config listens on.
+    // Probes: /healthz/live and /healthz/ready on the named port the config
+    // listens on.
     let (configmap, config) = configmap_config();
     let port = container["ports"]
         .as_array()
@@ -776,11 +777,11 @@ fn daemonset_privileges_match_the_unit_and_the_docs() {
         .find(|p| p["name"] == "metrics")
         .expect("a port named metrics");
     assert_eq!(port["containerPort"], json!(config.http.listen.port()));
-    for probe in ["livenessProbe", "readinessProbe"] {
-        assert_eq!(
-            str_at(container, &format!("/{probe}/httpGet/path")),
-            "/healthz"
-        );
+    for (probe, path) in [
+        ("livenessProbe", "/healthz/live"),
+        ("readinessProbe", "/healthz/ready"),
+    ] {
+        assert_eq!(str_at(container, &format!("/{probe}/httpGet/path")), path);
         assert_eq!(
             str_at(container, &format!("/{probe}/httpGet/port")),
             "metrics"

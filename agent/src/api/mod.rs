@@ -1,10 +1,6 @@
 //! The HTTP surface: /metrics, /healthz and the JSON API, on one listener.
 
-use std::{
-    net::SocketAddr,
-    ops::Bound,
-    sync::{Arc, Mutex},
-};
+use std::{net::SocketAddr, ops::Bound, sync::Arc};
 
 use axum::{
     extract::{Query, State},
@@ -17,19 +13,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::{monotonic_ns, Clock},
+    health::{Health, Verdict},
     lifecycle::PoolView,
-    lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint, Tracker},
+    lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint},
     procfs::Placement,
     protocol::{DbSystem, TxState},
-    reports::{LeakReports, LeaksResponse, Reports, SlowQueriesResponse},
+    reports::{LeaksResponse, SlowQueriesResponse},
+    state::{Broken, Shared, State as AgentState},
     telemetry::Telemetry,
 };
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub tracker: Arc<Mutex<Tracker>>,
-    pub reports: Arc<Mutex<Reports>>,
-    pub leaks: Arc<Mutex<LeakReports>>,
+    pub state: Arc<Shared<AgentState>>,
+    pub health: Arc<Health>,
     pub telemetry: Arc<Telemetry>,
     pub clock: Clock,
 }
@@ -130,7 +127,13 @@ pub fn parse_connections_cursor(text: &str) -> Option<ConnId> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PageError {
     BadCursor,
-    LockPoisoned,
+    Broken(Broken),
+}
+
+impl From<Broken> for PageError {
+    fn from(e: Broken) -> PageError {
+        PageError::Broken(e)
+    }
 }
 
 /// One page of connections as JSON (a [`ConnectionsResponse`]), built a
@@ -138,7 +141,7 @@ pub enum PageError {
 /// goes: neither the tracker lock nor the memory grows with the number of
 /// connections.
 pub fn connections_page(
-    tracker: &Mutex<Tracker>,
+    state: &Shared<AgentState>,
     query: &ConnectionsQuery,
     clock: &Clock,
     now_ns: u64,
@@ -169,8 +172,8 @@ pub fn connections_page(
     let mut next = None;
     'page: loop {
         let want = VIEWS_PER_LOCK.min(limit - emitted);
-        let (views, more) = {
-            let tracker = tracker.lock().map_err(|_| PageError::LockPoisoned)?;
+        let (views, more) = state.with(|state| {
+            let tracker = &state.tracker;
             let mut listed = tracker.connections_from(start).take_while(|c| in_scope(c));
             let views: Vec<(ConnId, ConnectionView)> = listed
                 .by_ref()
@@ -181,7 +184,7 @@ pub fn connections_page(
                 })
                 .collect();
             (views, listed.next().is_some())
-        };
+        })?;
         for (id, view) in views {
             if emitted > 0 && body.len() >= CONNECTIONS_PAGE_BYTES {
                 // Full before `id`: the next page starts after the last one here.
@@ -285,6 +288,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/", get(live_page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/healthz/live", get(liveness))
+        .route("/healthz/ready", get(readiness))
         .route("/api/v1/connections", get(connections))
         .route("/api/v1/queries/slow", get(slow_queries))
         .route("/api/v1/leaks", get(leaks))
@@ -321,8 +326,37 @@ async fn live_page() -> Response {
         .into_response()
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// `ok` (200), or 503 with one line per problem.
+fn health_response(verdict: Verdict) -> Response {
+    if verdict.ok() {
+        return "ok\n".into_response();
+    }
+    let mut body = String::new();
+    for problem in verdict.problems {
+        body.push_str(&problem);
+        body.push('\n');
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+}
+
+/// Live and ready: what a person or a load balancer asks.
+async fn healthz(State(state): State<ApiState>) -> Response {
+    health_response(state.health.readiness(monotonic_ns()))
+}
+
+/// Whether to restart the agent (the kubelet's liveness probe).
+async fn liveness(State(state): State<ApiState>) -> Response {
+    health_response(state.health.liveness(monotonic_ns()))
+}
+
+/// Whether the agent sees and serves everything it should.
+async fn readiness(State(state): State<ApiState>) -> Response {
+    health_response(state.health.readiness(monotonic_ns()))
+}
+
+/// The state is broken: say so and where to look.
+fn broken(e: Broken) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
@@ -344,38 +378,34 @@ async fn connections(
     Query(query): Query<ConnectionsQuery>,
 ) -> Response {
     let now = monotonic_ns();
-    match connections_page(&state.tracker, &query, &state.clock, now) {
+    match connections_page(&state.state, &query, &state.clock, now) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(PageError::BadCursor) => (
             StatusCode::BAD_REQUEST,
             "after: not a cursor this API gave (use the previous page's next)\n",
         )
             .into_response(),
-        Err(PageError::LockPoisoned) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "tracker lock poisoned\n").into_response()
-        }
+        Err(PageError::Broken(e)) => broken(e),
     }
 }
 
 async fn slow_queries(State(state): State<ApiState>) -> Response {
-    let Ok(reports) = state.reports.lock() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "reports lock poisoned\n").into_response();
-    };
-    Json(SlowQueriesResponse {
-        threshold_seconds: reports.slow_threshold_ns() as f64 / 1e9,
-        slow_queries: reports.slow_queries(),
-    })
-    .into_response()
+    match state.state.with(|s| SlowQueriesResponse {
+        threshold_seconds: s.reports.slow_threshold_ns() as f64 / 1e9,
+        slow_queries: s.reports.slow_queries(),
+    }) {
+        Ok(response) => Json(response).into_response(),
+        Err(e) => broken(e),
+    }
 }
 
 async fn leaks(State(state): State<ApiState>) -> Response {
-    let Ok(leaks) = state.leaks.lock() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "leaks lock poisoned\n").into_response();
-    };
-    Json(LeaksResponse {
-        reports: leaks.reports(),
-    })
-    .into_response()
+    match state.state.with(|s| LeaksResponse {
+        reports: s.leaks.reports(),
+    }) {
+        Ok(response) => Json(response).into_response(),
+        Err(e) => broken(e),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,19 +414,18 @@ pub struct PoolsResponse {
 }
 
 async fn pools(State(state): State<ApiState>) -> Response {
-    let Ok(tracker) = state.tracker.lock() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "tracker lock poisoned\n").into_response();
-    };
-    Json(PoolsResponse {
-        pools: tracker.pool_views(),
-    })
-    .into_response()
+    match state.state.with(|s| PoolsResponse {
+        pools: s.tracker.pool_views(),
+    }) {
+        Ok(response) => Json(response).into_response(),
+        Err(e) => broken(e),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::{Event, EventKind, TrackerConfig};
+    use crate::lifecycle::{Event, EventKind, Tracker, TrackerConfig};
     use std::{
         alloc::{GlobalAlloc, Layout, System},
         cell::Cell,
@@ -450,7 +479,7 @@ mod tests {
 
     /// A tracker with `n` open connections over 10 processes, each named
     /// `comm` (a long one makes long views), and `closed` closed ones.
-    fn tracker(n: u32, closed: u32, comm: &str) -> Mutex<Tracker> {
+    fn tracker(n: u32, closed: u32, comm: &str) -> Arc<Shared<AgentState>> {
         let mut t = Tracker::new(TrackerConfig::default());
         for i in 0..n + closed {
             let conn = ConnId {
@@ -476,16 +505,16 @@ mod tests {
                 });
             }
         }
-        Mutex::new(t)
+        AgentState::shared_for_tests(t)
     }
 
-    fn page(t: &Mutex<Tracker>, query: &ConnectionsQuery) -> ConnectionsResponse {
+    fn page(t: &Shared<AgentState>, query: &ConnectionsQuery) -> ConnectionsResponse {
         let body = connections_page(t, query, &Clock::new(), 2_000).expect("page");
         serde_json::from_slice(&body).expect("page is a ConnectionsResponse")
     }
 
     /// Follows `next` from `query`; returns the pages' sizes and all ids.
-    fn all_pages(t: &Mutex<Tracker>, mut query: ConnectionsQuery) -> (Vec<usize>, Vec<ConnId>) {
+    fn all_pages(t: &Shared<AgentState>, mut query: ConnectionsQuery) -> (Vec<usize>, Vec<ConnId>) {
         let mut sizes = Vec::new();
         let mut ids = Vec::new();
         loop {
@@ -503,13 +532,16 @@ mod tests {
         }
     }
 
-    fn all_ids(t: &Mutex<Tracker>) -> Vec<ConnId> {
-        let t = t.lock().expect("lock");
+    fn all_ids(t: &Shared<AgentState>) -> Vec<ConnId> {
         let mut ids: Vec<ConnId> = t
-            .open_connections()
-            .chain(t.closed_connections())
-            .map(|c| c.id)
-            .collect();
+            .with(|s| {
+                s.tracker
+                    .open_connections()
+                    .chain(s.tracker.closed_connections())
+                    .map(|c| c.id)
+                    .collect()
+            })
+            .expect("state");
         ids.sort();
         ids
     }
@@ -638,7 +670,6 @@ mod tests {
             "tracker with 100,000 open and 4,096 closed connections (no traffic): {:.1} MiB",
             state as f64 / (1 << 20) as f64
         );
-        let t = Arc::new(t);
         // Unoptimized builds read the first pages only: memory is per page.
         let pages = if cfg!(debug_assertions) {
             10

@@ -1,12 +1,7 @@
 //! The only module that talks to aya: prerequisites, loading, attaching, the
 //! ring-buffer reader and the per-CPU counters.
 
-use std::{
-    fs,
-    os::fd::OwnedFd,
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::{fs, os::fd::OwnedFd, path::Path};
 
 use agent_common::{
     conn_flags, names, stat, tracked_procs, tracked_procs_slot, ConnInfo, ConnKey,
@@ -763,6 +758,3 @@ fn fentry_line() -> CheckLine {
         }
     }
 }
-
-/// Shared handle for the reader task.
-pub type SharedProbes = Arc<Mutex<KernelProbes>>;

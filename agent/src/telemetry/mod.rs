@@ -24,10 +24,11 @@ pub mod otlp;
 use crate::{
     adapter::message::AcquireResult,
     detect::LeakKind,
-    lifecycle::{ConnState, Connection, Endpoint, Output, PoolView, Tracker},
+    lifecycle::{ConnState, Connection, Endpoint, Output, PoolView},
     procfs::Placement,
     protocol::DbSystem,
-    reports::{LeakChange, LeakReports},
+    reports::LeakChange,
+    state::{Shared, State},
 };
 
 /// Prometheus names that the exporter's derivation gets wrong: a `_count`
@@ -81,9 +82,9 @@ pub struct Observed {
     pub otlp_reader:
         Option<opentelemetry_sdk::metrics::PeriodicReader<otlp::CountedMetricExporter>>,
     pub export_counters: Option<Arc<otlp::ExportCounters>>,
-    pub tracker: Arc<Mutex<Tracker>>,
-    pub kernel: Arc<Mutex<KernelCounters>>,
-    pub leaks: Arc<Mutex<LeakReports>>,
+    /// Read at collection time; broken state shows nothing (the failure is
+    /// on /healthz and the agent is stopping).
+    pub state: Arc<Shared<State>>,
     /// Bound on distinct (process, server) series per gauge.
     pub max_series: usize,
 }
@@ -617,18 +618,17 @@ fn pool_attributes(pid: u32, pool: &str) -> Vec<KeyValue> {
 }
 
 /// Per-pool gauges, all read from one snapshot of the pools.
-fn register_pool_observables(meter: &Meter, tracker: &Arc<Mutex<Tracker>>, max_series: usize) {
-    let views = move |tracker: &Arc<Mutex<Tracker>>| -> Vec<PoolView> {
-        match tracker.lock() {
-            Ok(t) => {
-                let mut views = t.pool_views();
+fn register_pool_observables(meter: &Meter, state: &Arc<Shared<State>>, max_series: usize) {
+    let views = move |state: &Shared<State>| -> Vec<PoolView> {
+        state
+            .with(|s| {
+                let mut views = s.tracker.pool_views();
                 views.truncate(max_series);
                 views
-            }
-            Err(_) => Vec::new(),
-        }
+            })
+            .unwrap_or_default()
     };
-    let t = Arc::clone(tracker);
+    let t = Arc::clone(state);
     let _ = meter
         .i64_observable_up_down_counter("db.client.connection.count")
         .with_description("Connections of each pool by state (used: handed out or busy; idle)")
@@ -673,7 +673,7 @@ fn register_pool_observables(meter: &Meter, tracker: &Arc<Mutex<Tracker>>, max_s
         ),
     ];
     for (name, description, field) in gauges {
-        let t = Arc::clone(tracker);
+        let t = Arc::clone(state);
         let _ = meter
             .i64_observable_up_down_counter(name)
             .with_description(description)
@@ -687,7 +687,7 @@ fn register_pool_observables(meter: &Meter, tracker: &Arc<Mutex<Tracker>>, max_s
             })
             .build();
     }
-    let t = Arc::clone(tracker);
+    let t = Arc::clone(state);
     let _ = meter
         .u64_observable_counter("db.client.connection.timeouts")
         .with_description("Acquires that timed out")
@@ -704,9 +704,7 @@ fn register_pool_observables(meter: &Meter, tracker: &Arc<Mutex<Tracker>>, max_s
 
 fn register_observables(meter: &Meter, observed: Observed) {
     let Observed {
-        tracker,
-        kernel,
-        leaks,
+        state,
         max_series,
         export_counters,
         ..
@@ -714,17 +712,21 @@ fn register_observables(meter: &Meter, observed: Observed) {
     if let Some(counters) = export_counters {
         register_export_observables(meter, counters);
     }
+    let leaks = Arc::clone(&state);
     let _ = meter
         .i64_observable_up_down_counter("poolscope.leak.open")
         .with_description("Open leak and slow-holder reports by kind, process and pool")
         .with_unit("{report}")
         .with_callback(move |obs| {
-            let Ok(leaks) = leaks.lock() else { return };
-            let mut counts: BTreeMap<(LeakKind, u32, String), i64> = BTreeMap::new();
-            for report in leaks.open_reports() {
-                let pool = report.pool.clone().unwrap_or_default();
-                *counts.entry((report.kind, report.pid, pool)).or_default() += 1;
-            }
+            let counts = leaks.with(|s| {
+                let mut counts: BTreeMap<(LeakKind, u32, String), i64> = BTreeMap::new();
+                for report in s.leaks.open_reports() {
+                    let pool = report.pool.clone().unwrap_or_default();
+                    *counts.entry((report.kind, report.pid, pool)).or_default() += 1;
+                }
+                counts
+            });
+            let Ok(counts) = counts else { return };
             for ((kind, pid, pool), count) in counts.into_iter().take(max_series) {
                 let mut attrs = vec![
                     KeyValue::new("kind", kind.as_str()),
@@ -737,37 +739,42 @@ fn register_observables(meter: &Meter, observed: Observed) {
             }
         })
         .build();
-    register_pool_observables(meter, &tracker, max_series);
-    let open_tracker = Arc::clone(&tracker);
+    register_pool_observables(meter, &state, max_series);
+    let open_tracker = Arc::clone(&state);
     // The SDK keeps the callbacks alive; the handles need not be stored.
     let _ = meter
         .u64_observable_gauge("poolscope.connection.open")
         .with_description("Open connections per process and server")
         .with_unit("{connection}")
         .with_callback(move |obs| {
-            let Ok(t) = open_tracker.lock() else { return };
-            let placement = |pid| t.placement(pid).cloned();
-            for (key, (open, _)) in
-                connection_series(&mut t.open_connections(), &placement, max_series)
-            {
-                obs.observe(open, &series_attributes(&key));
-            }
+            let _ = open_tracker.with(|s| {
+                let t = &s.tracker;
+                let placement = |pid| t.placement(pid).cloned();
+                for (key, (open, _)) in
+                    connection_series(&mut t.open_connections(), &placement, max_series)
+                {
+                    obs.observe(open, &series_attributes(&key));
+                }
+            });
         })
         .build();
+    let close_wait_tracker = Arc::clone(&state);
     let _ = meter
         .u64_observable_gauge("poolscope.connection.close_wait")
         .with_description("Connections whose server hung up while the process still holds the fd")
         .with_unit("{connection}")
         .with_callback(move |obs| {
-            let Ok(t) = tracker.lock() else { return };
-            let placement = |pid| t.placement(pid).cloned();
-            for (key, (_, close_wait)) in
-                connection_series(&mut t.open_connections(), &placement, max_series)
-            {
-                if close_wait > 0 {
-                    obs.observe(close_wait, &series_attributes(&key));
+            let _ = close_wait_tracker.with(|s| {
+                let t = &s.tracker;
+                let placement = |pid| t.placement(pid).cloned();
+                for (key, (_, close_wait)) in
+                    connection_series(&mut t.open_connections(), &placement, max_series)
+                {
+                    if close_wait > 0 {
+                        obs.observe(close_wait, &series_attributes(&key));
+                    }
                 }
-            }
+            });
         })
         .build();
     // Plain kernel counters: one observable each, read from the last sample.
@@ -793,19 +800,19 @@ fn register_observables(meter: &Meter, observed: Observed) {
         ),
     ];
     for (name, description, unit, read) in counters {
-        let kernel = Arc::clone(&kernel);
+        let kernel = Arc::clone(&state);
         let _ = meter
             .u64_observable_counter(name)
             .with_description(description)
             .with_unit(unit)
             .with_callback(move |obs| {
-                if let Ok(k) = kernel.lock() {
-                    obs.observe(read(&k), &[]);
+                if let Ok(value) = kernel.with(|s| read(&s.kernel)) {
+                    obs.observe(value, &[]);
                 }
             })
             .build();
     }
-    let probe_time = Arc::clone(&kernel);
+    let probe_time = Arc::clone(&state);
     let _ = meter
         .f64_observable_counter("poolscope.probe.run_time")
         .with_description(
@@ -813,34 +820,34 @@ fn register_observables(meter: &Meter, observed: Observed) {
         )
         .with_unit("s")
         .with_callback(move |obs| {
-            if let Ok(k) = probe_time.lock() {
-                for (name, ns, _) in &k.probes {
+            let _ = probe_time.with(|s| {
+                for (name, ns, _) in &s.kernel.probes {
                     obs.observe(*ns as f64 / 1e9, &[KeyValue::new("probe", name.clone())]);
                 }
-            }
+            });
         })
         .build();
-    let probe_runs = Arc::clone(&kernel);
+    let probe_runs = Arc::clone(&state);
     let _ = meter
         .u64_observable_counter("poolscope.probe.runs")
         .with_description("Times each of poolscope's kernel programs ran")
         .with_unit("{run}")
         .with_callback(move |obs| {
-            if let Ok(k) = probe_runs.lock() {
-                for (name, _, runs) in &k.probes {
+            let _ = probe_runs.with(|s| {
+                for (name, _, runs) in &s.kernel.probes {
                     obs.observe(*runs, &[KeyValue::new("probe", name.clone())]);
                 }
-            }
+            });
         })
         .build();
-    let pending = Arc::clone(&kernel);
+    let pending = Arc::clone(&state);
     let _ = meter
         .u64_observable_gauge("poolscope.kernel.ringbuf.pending")
         .with_description("Bytes waiting in the kernel ring buffer at the last sample")
         .with_unit("By")
         .with_callback(move |obs| {
-            if let Ok(k) = pending.lock() {
-                obs.observe(k.ringbuf_pending_bytes, &[]);
+            if let Ok(bytes) = pending.with(|s| s.kernel.ringbuf_pending_bytes) {
+                obs.observe(bytes, &[]);
             }
         })
         .build();
@@ -849,8 +856,8 @@ fn register_observables(meter: &Meter, observed: Observed) {
         .with_description("Size of the kernel ring buffer")
         .with_unit("By")
         .with_callback(move |obs| {
-            if let Ok(k) = kernel.lock() {
-                obs.observe(k.ringbuf_size_bytes, &[]);
+            if let Ok(bytes) = state.with(|s| s.kernel.ringbuf_size_bytes) {
+                obs.observe(bytes, &[]);
             }
         })
         .build();
@@ -859,7 +866,7 @@ fn register_observables(meter: &Meter, observed: Observed) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::{ConnId, Endpoint, Event, EventKind, TrackerConfig};
+    use crate::lifecycle::{ConnId, Endpoint, Event, EventKind, Tracker, TrackerConfig};
 
     fn tracker_with(conns: &[(u32, &str, u16)]) -> Tracker {
         let mut t = Tracker::new(TrackerConfig::default());
@@ -944,14 +951,11 @@ mod tests {
 
     #[test]
     fn prometheus_text_has_the_documented_names() {
-        let tracker = Arc::new(Mutex::new(tracker_with(&[(7, "psql", 5432)])));
         let telemetry = Telemetry::new(Observed {
             resource: opentelemetry_sdk::Resource::builder().build(),
             otlp_reader: None,
             export_counters: None,
-            tracker,
-            kernel: Arc::default(),
-            leaks: Arc::new(Mutex::new(LeakReports::new(10))),
+            state: State::shared_for_tests(tracker_with(&[(7, "psql", 5432)])),
             max_series: 10,
         })
         .expect("telemetry");
@@ -1070,11 +1074,11 @@ mod tests {
             .find(|c| c.id.fd == 0)
             .expect("fd 0")
             .id;
-        let leaks = Arc::new(Mutex::new(LeakReports::new(10)));
+        let mut leaks = crate::reports::LeakReports::new(10);
         let clock = crate::clock::Clock::new();
         let changes = {
             let lookup = |id| t.connection(id);
-            leaks.lock().expect("leaks").update(
+            leaks.update(
                 &[Finding {
                     kind: LeakKind::CloseWait,
                     conn: peer_closed,
@@ -1090,12 +1094,14 @@ mod tests {
             resource: opentelemetry_sdk::Resource::builder().build(),
             otlp_reader: None,
             export_counters: Some(Arc::default()),
-            tracker: Arc::new(Mutex::new(t)),
-            kernel: Arc::new(Mutex::new(KernelCounters {
-                probes: vec![("sys_enter_read".into(), 1_000, 10)],
-                ..KernelCounters::default()
-            })),
-            leaks,
+            state: {
+                let mut state = State::new(t, crate::reports::Reports::new(1, 1), leaks);
+                state.kernel = KernelCounters {
+                    probes: vec![("sys_enter_read".into(), 1_000, 10)],
+                    ..KernelCounters::default()
+                };
+                Arc::new(Shared::new(state, "state", Arc::default()))
+            },
             max_series: 10,
         })
         .expect("telemetry");

@@ -1,0 +1,126 @@
+//! The agent's state has one owner and one rule.
+//!
+//! Everything the pipeline learns (connections and pools, slow queries, leak
+//! reports, the kernel's counters) lives in one [`State`] behind one lock,
+//! reached only through [`Shared::with`]. The rule: a thread that panicked
+//! while holding the lock may have left the state half-updated, so the first
+//! caller to find it so records the failure in [`Health`] (`/healthz` then
+//! fails, with the reason) and every caller gets [`Broken`]. The event
+//! reader stops on `Broken`, and the agent exits non-zero so that its
+//! supervisor restarts it with a fresh state: a failure is loud, never a
+//! silently skipped update.
+
+use std::sync::{Arc, Mutex};
+
+use crate::{
+    health::Health,
+    lifecycle::Tracker,
+    reports::{LeakReports, Reports},
+    telemetry::KernelCounters,
+};
+
+/// What the agent knows.
+pub struct State {
+    pub tracker: Tracker,
+    pub reports: Reports,
+    pub leaks: LeakReports,
+    /// The kernel side's counters at the last housekeeping tick.
+    pub kernel: KernelCounters,
+}
+
+impl State {
+    pub fn new(tracker: Tracker, reports: Reports, leaks: LeakReports) -> State {
+        State {
+            tracker,
+            reports,
+            leaks,
+            kernel: KernelCounters::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl State {
+    /// A shared state around `tracker`, for the unit tests of its readers.
+    pub fn shared_for_tests(tracker: Tracker) -> Arc<Shared<State>> {
+        Arc::new(Shared::new(
+            State::new(tracker, Reports::new(1, 1), LeakReports::new(10)),
+            "state",
+            Arc::default(),
+        ))
+    }
+}
+
+/// The state can no longer be trusted; the reason is on `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Broken;
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the agent's state was left broken by a panic (see /healthz and the log)")
+    }
+}
+
+impl std::error::Error for Broken {}
+
+/// A value shared by the agent's tasks under the rule above.
+pub struct Shared<T> {
+    value: Mutex<T>,
+    /// Names the value in the failure reason.
+    name: &'static str,
+    health: Arc<Health>,
+}
+
+impl<T> Shared<T> {
+    pub fn new(value: T, name: &'static str, health: Arc<Health>) -> Shared<T> {
+        Shared {
+            value: Mutex::new(value),
+            name,
+            health,
+        }
+    }
+
+    /// Runs `f` with the value, or says it is broken.
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Result<R, Broken> {
+        match self.value.lock() {
+            Ok(mut guard) => Ok(f(&mut guard)),
+            Err(_) => {
+                self.health.fail(format!(
+                    "a task panicked while updating the {}; its contents cannot be trusted",
+                    self.name
+                ));
+                Err(Broken)
+            }
+        }
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_breaks_the_value_for_every_caller_and_fails_health() {
+        let health = Arc::new(Health::default());
+        let shared = Arc::new(Shared::new(1u32, "counter", Arc::clone(&health)));
+        assert_eq!(shared.with(|v| *v + 1), Ok(2));
+        let s = Arc::clone(&shared);
+        let panicked = std::thread::spawn(move || {
+            let _ = s.with(|v| {
+                *v = 7;
+                panic!("half-way through an update");
+            });
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(shared.with(|v| *v), Err(Broken));
+        assert_eq!(shared.with(|v| *v), Err(Broken));
+        let reason = health.failure().expect("failure recorded");
+        assert!(reason.contains("counter"), "{reason}");
+        assert!(!health.liveness(0).ok());
+    }
+}
