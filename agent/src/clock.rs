@@ -20,6 +20,12 @@ pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
+/// CLOCK_BOOTTIME: the monotonic clock plus time spent suspended (what
+/// /proc counts process start times in).
+pub fn boottime_ns() -> u64 {
+    clock_ns(libc::CLOCK_BOOTTIME)
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     /// Wall-clock ns since the epoch minus monotonic ns.

@@ -559,6 +559,10 @@ pub struct Placement {
     pub pod_uid: Option<String>,
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
+    /// When the process started (CLOCK_MONOTONIC ns), read with the rest:
+    /// the floor for times the process claims about itself. Not shown.
+    #[serde(skip)]
+    pub process_started_ns: Option<u64>,
 }
 
 impl Placement {
@@ -581,8 +585,12 @@ pub fn pod_names(pod_logs_dir: &Path, uid: &str) -> Option<(String, String)> {
 /// A process's placement, from its cgroup and (for pods) the kubelet's
 /// log directory.
 pub fn placement(proc_root: &Path, pid: u32, pod_logs_dir: Option<&Path>) -> Placement {
+    let process_started_ns = process_started_ns(proc_root, pid);
     let Ok(cgroup) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) else {
-        return Placement::default();
+        return Placement {
+            process_started_ns,
+            ..Placement::default()
+        };
     };
     let pod_uid = parse_pod_uid(&cgroup);
     let names = match (&pod_uid, pod_logs_dir) {
@@ -594,7 +602,32 @@ pub fn placement(proc_root: &Path, pid: u32, pod_logs_dir: Option<&Path>) -> Pla
         pod_uid,
         pod_namespace: names.as_ref().map(|n| n.0.clone()),
         pod_name: names.map(|n| n.1),
+        process_started_ns,
     }
+}
+
+/// `starttime` of /proc/PID/stat (field 22, clock ticks since boot), in
+/// clock ticks; the command name in field 2 may hold spaces and ')'.
+pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Fields from 3 (state) on: starttime is the 20th of them.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// When process `pid` started, on CLOCK_MONOTONIC. The kernel counts
+/// `starttime` on the boot-time clock, which runs ahead of the monotonic
+/// one by the time spent suspended; rounded down to a tick, so it never
+/// lies after the real start.
+pub fn process_started_ns(proc_root: &Path, pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    let ticks = parse_start_ticks(&stat)?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&hz| hz > 0)?;
+    let boot_ns = ticks.checked_mul(1_000_000_000)? / hz;
+    let suspended = crate::clock::boottime_ns().saturating_sub(crate::clock::monotonic_ns());
+    Some(boot_ns.saturating_sub(suspended))
 }
 
 /// A thread's name (/proc/PID/task/TID/comm).
@@ -763,6 +796,21 @@ fn scan_connections_with(
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn start_ticks_survive_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 1585 0 0 0 3 1 0 0 20 0 1 0 987654 12345678 900";
+        assert_eq!(parse_start_ticks(stat), Some(987_654));
+        assert_eq!(parse_start_ticks("4242 (app) S 1 2"), None);
+        assert_eq!(parse_start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn our_own_start_is_in_the_past_on_the_monotonic_clock() {
+        let started = process_started_ns(Path::new("/proc"), std::process::id())
+            .expect("our own /proc/PID/stat");
+        assert!(started <= crate::clock::monotonic_ns());
+    }
 
     // Fixture lines come from a little-endian host, as the kernel prints them.
     const TCP4: &str = "\

@@ -12,10 +12,10 @@ adapter, so that the tests can compare the agent's view with the truth.
   {"op": "pid"}                        -> {"pid": N, "tid": main thread's native id}
   {"op": "sqlalchemy", "engine": E, "port": P, "pool_size": 5,
    "max_overflow": 10, "pool_timeout": 30, "poolclass": "queue"|"null",
-   "adapter": true, "pool_name": "orders"}
+   "adapter": true, "pool_name": "orders", "state_interval": 30}
       a SQLAlchemy engine (psycopg 3) named E -> {"pool_name": ...}
   {"op": "psycopg_pool", "engine": E, "port": P, "min_size": 2, "max_size": 4,
-   "adapter": true, "pool_name": "billing"}
+   "adapter": true, "pool_name": "billing", "state_interval": 30}
       a psycopg_pool.ConnectionPool named E (opened, waits for min_size)
   {"op": "checkout", "engine": E, "id": ID}
       holds one connection under ID, does nothing with it
@@ -144,7 +144,9 @@ def op_sqlalchemy(req):
     if req.get("adapter"):
         from poolscope_adapter import instrument_sqlalchemy
 
-        inst = instrument_sqlalchemy(engine, pool_name=req.get("pool_name"))
+        inst = instrument_sqlalchemy(
+            engine, pool_name=req.get("pool_name"), state_interval=req.get("state_interval")
+        )
         if inst is None:
             raise RuntimeError("instrument_sqlalchemy failed")
         pool_name = inst.name
@@ -170,7 +172,9 @@ def op_psycopg_pool(req):
     if req.get("adapter"):
         from poolscope_adapter import instrument_psycopg_pool
 
-        inst = instrument_psycopg_pool(pool, pool_name=req.get("pool_name"))
+        inst = instrument_psycopg_pool(
+            pool, pool_name=req.get("pool_name"), state_interval=req.get("state_interval")
+        )
         if inst is None:
             raise RuntimeError("instrument_psycopg_pool failed")
         pool_name = inst.name

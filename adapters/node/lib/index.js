@@ -131,6 +131,13 @@ function isTimeout(err) {
   return Boolean(err && typeof err.message === 'string' && /timeout/i.test(err.message))
 }
 
+/** Entries per checkout_state datagram (the agent takes up to 64). */
+const STATE_ENTRIES = 32
+
+function connKey(ref) {
+  return ref.fd !== undefined ? `fd:${ref.fd}` : `addr:${ref.local_address}`
+}
+
 class PoolReporter {
   constructor(pool, options) {
     this.pool = pool
@@ -145,10 +152,57 @@ class PoolReporter {
     this.connections = new WeakMap()
     this.learnedFromClient = false
     this.timer = null
+    /** Checked out now: connection key -> { ref, monoNs (BigInt), tid }. */
+    this.out = new Map()
+    this.comebacksSeen = this.sender.comebacks || 0
   }
 
   send(kind, fields, monoNs) {
-    return this.sender.send(Object.assign({ v: VERSION, kind, pool: this.name }, fields), monoNs)
+    const sent = this.sender.send(Object.assign({ v: VERSION, kind, pool: this.name }, fields), monoNs)
+    this.afterSend()
+    return sent
+  }
+
+  /** A send just found the agent back: it knows nothing of this pool. */
+  afterSend() {
+    const comebacks = this.sender.comebacks || 0
+    if (comebacks !== this.comebacksSeen) {
+      this.comebacksSeen = comebacks
+      this.sendState()
+    }
+  }
+
+  /**
+   * The registration and the connections checked out now (`checkout_state`,
+   * at most STATE_ENTRIES per datagram), sent when the agent comes back and
+   * periodically while any are out; the agent takes it idempotently.
+   */
+  sendState() {
+    this.register()
+    const entries = [...this.out.values()].sort((a, b) => (a.monoNs < b.monoNs ? -1 : a.monoNs > b.monoNs ? 1 : 0))
+    for (let i = 0; i < entries.length; i += STATE_ENTRIES) {
+      const list = entries.slice(i, i + STATE_ENTRIES).map((e) => {
+        const fields = Object.assign({}, e.ref)
+        if (e.tid !== undefined) fields.tid = e.tid
+        // mono_ns written from the BigInt in full (past 2^53 too).
+        return `${JSON.stringify(fields).slice(0, -1)},"mono_ns":${e.monoNs.toString()}}`
+      })
+      const head = JSON.stringify({ v: VERSION, kind: 'checkout_state', pool: this.name })
+      const text = `${head.slice(0, -1)},"checkouts":[${list.join(',')}],"mono_ns":${monotonicNs().toString()}}`
+      this.sender.sendBytes(Buffer.from(text, 'utf8'))
+    }
+  }
+
+  checkedOut(ref, monoNs) {
+    this.out.set(connKey(ref), { ref, monoNs, tid: undefined })
+  }
+
+  returned(ref) {
+    if (!this.out.delete(connKey(ref)) && ref.local_address !== undefined) {
+      for (const [key, e] of this.out) {
+        if (e.ref.local_address === ref.local_address) this.out.delete(key)
+      }
+    }
   }
 
   register() {
@@ -202,7 +256,10 @@ class PoolReporter {
 
   onRemove(client) {
     const ref = this.connections.get(client) || connectionOf(client)
-    if (ref) this.send('connection_closed', ref)
+    if (ref) {
+      this.returned(ref)
+      this.send('connection_closed', ref)
+    }
   }
 
   /** Called when pool.connect() hands out `client` (or fails). */
@@ -213,6 +270,9 @@ class PoolReporter {
       return
     }
     const ref = this.connectionRef(client) || {}
+    // Before sending: a comeback noticed by this very send re-sends the
+    // state, this checkout included.
+    if (ref.fd !== undefined || ref.local_address !== undefined) this.checkedOut(ref, now)
     this.send('acquire_end', Object.assign({ request, result: 'ok' }, ref), now)
     this.wrapRelease(client)
   }
@@ -229,7 +289,10 @@ class PoolReporter {
         reported = true
         try {
           const ref = reporter.connectionRef(client)
-          if (ref !== null) reporter.send('release', ref)
+          if (ref !== null) {
+            reporter.returned(ref)
+            reporter.send('release', ref)
+          }
         } catch (e) {
           // never into the application
         }
@@ -293,10 +356,14 @@ class PoolReporter {
     }
   }
 
+  /** The registration now, then every `reregisterMs` the registration
+   * and, while connections are out, the checkouts (a restarted agent
+   * learns them back even if the application stays idle). */
   start(reregisterMs) {
     this.register()
     if (reregisterMs > 0) {
-      this.timer = setInterval(safely(() => this.register()), reregisterMs)
+      const tick = () => (this.out.size > 0 ? this.sendState() : this.register())
+      this.timer = setInterval(safely(tick), reregisterMs)
       if (typeof this.timer.unref === 'function') this.timer.unref()
     }
   }
@@ -320,7 +387,10 @@ class PoolReporter {
  * options.name          pool name (1 to 128 characters; default host:port/database)
  * options.socketPath    agent socket (default $POOLSCOPE_ADAPTER_SOCKET, else
  *                       /run/poolscope/adapter.sock)
- * options.reregisterMs  resend the registration this often (default 30000; 0: never)
+ * options.reregisterMs  resend the registration, and the connections checked
+ *                       out (checkout_state), this often (default 30000; 0: never);
+ *                       they are also re-sent when the agent comes back
+ * options.stateIntervalMs  the same (it wins when both are given)
  */
 function instrument(pool, options = {}) {
   try {
@@ -330,7 +400,7 @@ function instrument(pool, options = {}) {
     const reporter = new PoolReporter(pool, opts)
     reporter.install()
     Object.defineProperty(pool, INSTRUMENTED, { value: reporter, enumerable: false, configurable: true })
-    const every = positiveInt(opts.reregisterMs)
+    const every = positiveInt(opts.stateIntervalMs) ?? positiveInt(opts.reregisterMs)
     reporter.start(every === undefined ? DEFAULT_REREGISTER_MS : every)
   } catch (err) {
     // An adapter must never break the application.

@@ -41,6 +41,9 @@ function encode(message, monoNs) {
 /** errnos that mean "the agent's receive queue is full for now". */
 const EAGAIN = -11
 const ENOBUFS = -105
+// No agent listens: after these, the next send that succeeds means it came back.
+const ENOENT = -2
+const ECONNREFUSED = -111
 /** Messages kept while the agent's queue is full (a few hundred KiB). */
 const MAX_BACKLOG = 2048
 /** Retry delays (ms) while the queue stays full; back to the first one as
@@ -73,6 +76,10 @@ class Sender {
     this.retryStep = 0
     /** When the backlog last got a message through (or started). */
     this.lastProgressMs = 0
+    /** Sends that succeeded after sends failed for want of an agent: each
+     * is an agent (re)starting, and pools re-send their state. */
+    this.comebacks = 0
+    this.agentGone = false
   }
 
   /** Whether sends can reach a socket at all (the native sender loaded). */
@@ -88,13 +95,21 @@ class Sender {
    */
   send(message, monoNs = monotonicNs()) {
     try {
+      return this.sendBytes(encode(message, monoNs))
+    } catch (err) {
+      return this._drop(0)
+    }
+  }
+
+  /** Sends a message already encoded (see `send`). */
+  sendBytes(bytes) {
+    try {
       if (native === null) return this._drop(0)
       if (this.fd < 0) {
         const fd = native.socket()
         if (fd < 0) return this._drop(fd)
         this.fd = fd
       }
-      const bytes = encode(message, monoNs)
       if (bytes.length > MAX_MESSAGE_BYTES) return this._drop(0)
       if (this.backlog.length > 0) {
         // Keep the order: behind what already waits, then try to catch up.
@@ -105,6 +120,7 @@ class Sender {
       const n = native.sendTo(this.fd, this.socketPath, bytes)
       if (n >= 0) {
         this.sent += 1
+        this._arrived()
         return true
       }
       if (n === EAGAIN || n === ENOBUFS) return this._defer(bytes)
@@ -153,8 +169,10 @@ class Sender {
         if (n === EAGAIN || n === ENOBUFS) break
         this.backlog.shift()
         progressed = true
-        if (n >= 0) this.sent += 1
-        else this._drop(n)
+        if (n >= 0) {
+          this.sent += 1
+          this._arrived()
+        } else this._drop(n)
       }
       if (progressed) {
         this.retryStep = 0
@@ -174,7 +192,15 @@ class Sender {
     this._schedule()
   }
 
+  _arrived() {
+    if (this.agentGone) {
+      this.agentGone = false
+      this.comebacks += 1
+    }
+  }
+
   _drop(errno) {
+    if (errno === ENOENT || errno === ECONNREFUSED) this.agentGone = true
     this.dropped += 1
     if (errno) this.lastError = errno
     return false
@@ -189,6 +215,7 @@ class Sender {
       deferred: this.deferred,
       waiting: this.backlog.length,
       lastError: this.lastError,
+      comebacks: this.comebacks,
     }
   }
 

@@ -78,7 +78,7 @@ function fakeClientClass(port, behaviour = {}) {
   }
 }
 
-async function setup(t, poolOptions = {}, behaviour = {}) {
+async function setup(t, poolOptions = {}, behaviour = {}, instrumentOptions = {}) {
   const port = await startServer(t)
   const rx = new Receiver()
   t.after(() => rx.close())
@@ -88,7 +88,7 @@ async function setup(t, poolOptions = {}, behaviour = {}) {
       poolOptions
     )
   )
-  instrument(pool, { name: 'orders', socketPath: rx.path })
+  instrument(pool, Object.assign({ name: 'orders', socketPath: rx.path }, instrumentOptions))
   return { pool, rx }
 }
 
@@ -342,4 +342,53 @@ test('IPv6 local addresses are bracketed', async (t) => {
   assert.equal(ref.local_address, `[::1]:${stream.localPort}`)
   assert.equal(ref.fd, stream._handle.fd)
   stream.destroy()
+})
+
+// Re-sending the checkouts after an agent restart (checkout_state).
+
+const fs = require('node:fs')
+const { native } = require('../lib/native')
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+const states = (messages) => messages.filter((m) => m.kind === 'checkout_state')
+
+test('an agent that comes back gets the registration and what is checked out', async (t) => {
+  const { pool, rx } = await setup(t, { max: 3 })
+  const a = await pool.connect()
+  const b = await pool.connect()
+  const acquired = rx.messages().filter((m) => m.kind === 'acquire_end')
+  // The agent exits: socket closed, file left (ECONNREFUSED).
+  native.close(rx.fd)
+  b.release() // lost with the agent
+  fs.unlinkSync(rx.path)
+  rx.fd = native.bind(rx.path)
+  const c = await pool.connect() // the new agent's first messages
+  const m = rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'pool', 'checkout_state', 'acquire_end'])
+  const [state] = states(m)
+  assert.deepEqual(state.checkouts, [{ local_address: acquired[0].local_address, fd: acquired[0].fd, mono_ns: acquired[0].mono_ns }])
+  assert.equal(stats(pool).comebacks, 1)
+  // Once per comeback; c is in the next state.
+  a.release()
+  c.release()
+  assert.deepEqual(kinds(rx.messages()), ['release', 'release'])
+  await pool.end()
+})
+
+test('the state is re-sent periodically only while connections are out', async (t) => {
+  const { pool, rx } = await setup(t, { max: 3 }, {}, { stateIntervalMs: 100 })
+  await sleep(250)
+  assert.equal(states(rx.messages()).length, 0)
+  const a = await pool.connect()
+  const fd = a.connection.stream._handle.fd
+  await sleep(350)
+  const got = states(rx.messages())
+  assert.ok(got.length >= 2, JSON.stringify(got))
+  assert.deepEqual(got.map((s) => s.checkouts.map((e) => e.fd)), got.map(() => [fd]))
+  a.release()
+  rx.messages()
+  await sleep(300)
+  const after = rx.messages()
+  assert.equal(states(after).length, 0)
+  assert.ok(kinds(after).includes('pool'), 'the registration is still repeated')
+  await pool.end()
 })

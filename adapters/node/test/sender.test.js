@@ -23,7 +23,7 @@ test('one datagram per message, named by the kernel with our pid', (t) => {
   assert.equal(got[0].text, '{"v":1,"kind":"release","pool":"p","fd":7,"mono_ns":123}')
   assert.deepEqual(got[1].json, { v: 1, kind: 'release', pool: 'p', fd: 8, mono_ns: 124 })
   assert.equal(got[0].json.pid, undefined, 'adapters leave pid out')
-  assert.deepEqual(sender.stats(), { active: true, socket: rx.path, sent: 2, dropped: 0, deferred: 0, waiting: 0, lastError: 0 })
+  assert.deepEqual(sender.stats(), { active: true, socket: rx.path, sent: 2, dropped: 0, deferred: 0, waiting: 0, lastError: 0, comebacks: 0 })
   sender.close()
 })
 

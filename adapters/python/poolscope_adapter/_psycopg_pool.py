@@ -266,14 +266,16 @@ class PsycopgPoolInstrumentation:
             pass
 
 
-def instrument_psycopg_pool(pool, pool_name=None, sender=None):
+def instrument_psycopg_pool(pool, pool_name=None, sender=None, state_interval=None):
     """Reports a psycopg_pool pool to the poolscope agent.
 
     ``pool_name`` defaults to the pool's own ``name``. Call it right after
     creating the pool (connections opened before are not announced as
     created, but are still joined to the kernel's view when handed out).
     Returns the instrumentation, or None if the pool could not be
-    instrumented; never raises.
+    instrumented; never raises. ``state_interval`` (seconds, default
+    ``$POOLSCOPE_ADAPTER_STATE_INTERVAL`` or 30; 0 turns it off) is how
+    often the connections checked out are re-sent while there are any.
     """
     try:
         existing = getattr(pool, _ATTR, None)
@@ -292,7 +294,7 @@ def instrument_psycopg_pool(pool, pool_name=None, sender=None):
             "min_idle": min_size if isinstance(min_size, int) else None,
             "library": "psycopg_pool",
         }
-        reporter = PoolReporter(name, info, sender=sender)
+        reporter = PoolReporter(name, info, sender=sender, state_interval=state_interval)
         instrumentation = PsycopgPoolInstrumentation(pool, reporter)
         instrumentation.install()
         setattr(pool, _ATTR, instrumentation)

@@ -34,6 +34,16 @@ ENV_SOCKET = "POOLSCOPE_ADAPTER_SOCKET"
 _OK, _FULL, _FAILED = 0, 1, 2
 # The agent's queue (or our socket's send buffer) is full: try again soon.
 _FULL_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+# No agent listens: after these, the next successful send means it came back.
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED})
+
+ENV_STATE_INTERVAL = "POOLSCOPE_ADAPTER_STATE_INTERVAL"
+#: How often (seconds) a pool with connections checked out re-sends its
+#: registration and checkouts, so that an agent that restarted while the
+#: application was idle learns them back.
+DEFAULT_STATE_INTERVAL = 30.0
+#: Entries per ``checkout_state`` datagram (the agent takes up to 64).
+STATE_ENTRIES_PER_MESSAGE = 32
 
 
 def socket_path():
@@ -98,6 +108,10 @@ class Sender:
         self.dropped_by = {}
         #: Ever put in the backlog (sent later, or given up).
         self.deferred = 0
+        #: Times a send succeeded after sends had failed for want of an
+        #: agent: each is an agent (re)starting, and pools re-send their state.
+        self.comebacks = 0
+        self._agent_gone = False
         self._state_lock = threading.Lock()
         self._st = None
 
@@ -131,9 +145,14 @@ class Sender:
         except OSError as e:
             if e.errno in _FULL_ERRNOS:
                 return _FULL
+            if e.errno in _GONE_ERRNOS:
+                self._agent_gone = True
             self._drop(errno.errorcode.get(e.errno, "error") if e.errno else "error")
             return _FAILED
         self.sent += 1
+        if self._agent_gone:
+            self._agent_gone = False
+            self.comebacks += 1
         return _OK
 
     def _drain(self, st, limit):
@@ -202,6 +221,7 @@ class Sender:
             "dropped_by": dict(self.dropped_by),
             "deferred": self.deferred,
             "backlogged": waiting,
+            "comebacks": self.comebacks,
         }
 
     def flush(self, timeout=1.0):
@@ -323,21 +343,73 @@ class PoolReporter:
     #: that restarted learns the pool's settings back.
     REREGISTER_SECONDS = 60.0
 
-    def __init__(self, name, info, sender=None):
+    def __init__(self, name, info, sender=None, state_interval=None):
         self.name = str(name)[:MAX_NAME_CHARS] or "pool"
         self.info = {k: v for k, v in info.items() if v is not None}
         self.sender = sender or default_sender()
+        #: Seconds between periodic re-sends of the checkouts (while there
+        #: are any); 0 turns them off (re-sends after a comeback remain).
+        self.state_interval = _state_interval(state_interval)
         self._requests = iter(range(1, 1 << 62))
         self._request_lock = threading.Lock()
         self._registered_at = None
         self._registered_pid = None
+        # Connections checked out now: key -> checkout_state entry.
+        self._out = {}
+        self._out_lock = threading.Lock()
+        self._out_pid = os.getpid()
+        self._comebacks_seen = getattr(self.sender, "comebacks", 0)
+        self._state_sent_at = time.monotonic()
 
     # -- plumbing ---------------------------------------------------------
 
-    def _send(self, kind, fields):
-        message = {"v": VERSION, "kind": kind, "pool": self.name, "mono_ns": mono_ns()}
+    def _send(self, kind, fields, at_ns=None):
+        message = {
+            "v": VERSION,
+            "kind": kind,
+            "pool": self.name,
+            "mono_ns": at_ns if at_ns is not None else mono_ns(),
+        }
         message.update(fields)
-        return self.sender.send(message)
+        sent = self.sender.send(message)
+        comebacks = getattr(self.sender, "comebacks", 0)
+        if comebacks != self._comebacks_seen:
+            # The agent came back: it knows nothing of this pool.
+            self._comebacks_seen = comebacks
+            self.send_state()
+        return sent
+
+    def _checkouts(self):
+        """The checked-out entries of this process (a forked child holds
+        none of its parent's checkouts)."""
+        with self._out_lock:
+            if self._out_pid != os.getpid():
+                self._out_pid = os.getpid()
+                self._out = {}
+            return list(self._out.values())
+
+    def _checked_out(self, conn, at_ns, tid):
+        entry = {k: conn[k] for k in ("local_address", "fd") if k in conn}
+        entry["mono_ns"] = at_ns
+        entry["tid"] = tid
+        with self._out_lock:
+            if self._out_pid != os.getpid():
+                self._out_pid = os.getpid()
+                self._out = {}
+            was_idle = not self._out
+            self._out[_conn_key(conn)] = entry
+        if was_idle:
+            # Only on idle -> busy, to keep the ticker's lock off the hot path.
+            _ticker.watch(self)
+
+    def _returned(self, conn):
+        with self._out_lock:
+            if self._out.pop(_conn_key(conn), None) is None and conn.get("local_address"):
+                # Named differently than when it was handed out.
+                address = conn["local_address"]
+                for key, entry in list(self._out.items()):
+                    if entry.get("local_address") == address:
+                        del self._out[key]
 
     def _maybe_reregister(self):
         now = time.monotonic()
@@ -395,12 +467,17 @@ class PoolReporter:
     def acquire_end(self, request, result, conn=None):
         try:
             self._maybe_reregister()
-            fields = {"request": request, "result": result, "tid": threading.get_native_id()}
+            tid = threading.get_native_id()
+            fields = {"request": request, "result": result, "tid": tid}
+            at_ns = mono_ns()
             if result == "ok":
                 if not conn:
                     return
                 fields.update(conn)
-            self._send("acquire_end", fields)
+                # Before sending: a comeback noticed by this very send
+                # re-sends the state, this checkout included.
+                self._checked_out(conn, at_ns, tid)
+            self._send("acquire_end", fields, at_ns)
         except Exception:
             pass
 
@@ -409,6 +486,8 @@ class PoolReporter:
             if not conn:
                 return
             self._maybe_reregister()
+            if kind in ("release", "connection_closed"):
+                self._returned(conn)
             self._send(kind, dict(conn))
         except Exception:
             pass
@@ -421,3 +500,114 @@ class PoolReporter:
 
     def connection_closed(self, conn):
         self._conn_event("connection_closed", conn)
+
+    def send_state(self):
+        """Sends the registration and the connections checked out now
+        (``checkout_state``, split to fit the datagram limit). Sent when the
+        agent comes back and periodically; the agent takes it idempotently."""
+        try:
+            self._state_sent_at = time.monotonic()
+            self.register()
+            entries = self._checkouts()
+            if not entries:
+                return
+            entries.sort(key=lambda e: e["mono_ns"])
+            base = len(
+                json.dumps(
+                    {"v": VERSION, "kind": "checkout_state", "pool": self.name,
+                     "mono_ns": mono_ns(), "checkouts": []},
+                    separators=(",", ":"),
+                ).encode("utf-8")
+            )
+            chunk, size = [], base
+            for entry in entries:
+                n = len(json.dumps(entry, separators=(",", ":")).encode("utf-8")) + 1
+                if chunk and (
+                    len(chunk) >= STATE_ENTRIES_PER_MESSAGE or size + n > MAX_MESSAGE_BYTES
+                ):
+                    self._send("checkout_state", {"checkouts": chunk})
+                    chunk, size = [], base
+                chunk.append(entry)
+                size += n
+            self._send("checkout_state", {"checkouts": chunk})
+        except Exception:
+            pass
+
+    def _state_due(self, now):
+        """Seconds until the next periodic state is due (0: now), or None
+        when there is nothing to send."""
+        if self.state_interval <= 0 or not self._checkouts():
+            return None
+        return max(0.0, self._state_sent_at + self.state_interval - now)
+
+
+def _conn_key(conn):
+    fd = conn.get("fd")
+    return ("fd", fd) if fd is not None else ("addr", conn.get("local_address"))
+
+
+def _state_interval(value):
+    if value is None:
+        value = os.environ.get(ENV_STATE_INTERVAL)
+    if value is None or value == "":
+        return DEFAULT_STATE_INTERVAL
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return DEFAULT_STATE_INTERVAL
+    return value if value >= 0 else DEFAULT_STATE_INTERVAL
+
+
+class _StateTicker:
+    """One daemon thread per process that re-sends the state of pools with
+    connections checked out, each at its own interval. Pools are held
+    weakly; the thread sleeps while there is nothing to send."""
+
+    #: Longest sleep, so that a pool watched later is not missed for long.
+    MAX_SLEEP = 30.0
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.pools = weakref.WeakSet()
+        self.pid = None
+
+    def watch(self, reporter):
+        if reporter.state_interval <= 0:
+            return
+        with self.lock:
+            self.pools.add(reporter)
+            if self.pid != os.getpid():
+                # First use, or a forked child: threads do not survive fork.
+                self.pid = os.getpid()
+                try:
+                    threading.Thread(
+                        target=self._run, name="poolscope-adapter-state", daemon=True
+                    ).start()
+                except Exception:
+                    self.pid = None
+            self.wake.notify()
+
+    def _run(self):
+        pid = os.getpid()
+        while True:
+            with self.lock:
+                if self.pid != pid:
+                    return
+                pools = list(self.pools)
+            now = time.monotonic()
+            sleep = self.MAX_SLEEP
+            for reporter in pools:
+                due = reporter._state_due(now)
+                if due is None:
+                    continue
+                if due == 0:
+                    reporter.send_state()
+                    due = reporter.state_interval
+                sleep = min(sleep, due)
+            del pools
+            with self.lock:
+                self.wake.wait(max(sleep, 0.01))
+
+
+_ticker = _StateTicker()

@@ -276,14 +276,16 @@ class SQLAlchemyInstrumentation:
         _names.discard(self.name)
 
 
-def instrument_sqlalchemy(engine, pool_name=None, sender=None):
+def instrument_sqlalchemy(engine, pool_name=None, sender=None, state_interval=None):
     """Reports ``engine``'s connection pool to the poolscope agent.
 
     ``engine`` is a SQLAlchemy ``Engine`` (or an ``AsyncEngine``, whose
     ``sync_engine`` is used). ``pool_name`` defaults to
     ``host:port/database``. Returns the instrumentation (its ``name`` is the
     pool name the agent shows), or None if the engine could not be
-    instrumented; never raises.
+    instrumented; never raises. ``state_interval`` (seconds, default
+    ``$POOLSCOPE_ADAPTER_STATE_INTERVAL`` or 30; 0 turns it off) is how
+    often the connections checked out are re-sent while there are any.
     """
     try:
         engine = getattr(engine, "sync_engine", engine)
@@ -310,7 +312,7 @@ def instrument_sqlalchemy(engine, pool_name=None, sender=None):
             "idle_max": idle_max,
             "library": "sqlalchemy",
         }
-        reporter = PoolReporter(name, info, sender=sender)
+        reporter = PoolReporter(name, info, sender=sender, state_interval=state_interval)
         instrumentation = SQLAlchemyInstrumentation(engine, reporter)
         instrumentation.install()
         setattr(engine, _ATTR, instrumentation)

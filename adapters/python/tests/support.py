@@ -10,7 +10,15 @@ import tempfile
 import threading
 import time
 
-KINDS = {"pool", "acquire_start", "acquire_end", "release", "connection_created", "connection_closed"}
+KINDS = {
+    "pool",
+    "acquire_start",
+    "acquire_end",
+    "release",
+    "connection_created",
+    "connection_closed",
+    "checkout_state",
+}
 
 
 class Receiver:
@@ -108,6 +116,11 @@ def check_message(m):
     )
     if named:
         assert "fd" in m or "local_address" in m, m
+    if m["kind"] == "checkout_state":
+        assert isinstance(m["checkouts"], list) and len(m["checkouts"]) <= 64, m
+        for entry in m["checkouts"]:
+            assert "fd" in entry or "local_address" in entry, m
+            assert isinstance(entry["mono_ns"], int) and entry["mono_ns"] > 0, m
 
 
 class TcpPeer:

@@ -22,7 +22,7 @@
 #![cfg(unix)]
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     io,
     net::SocketAddr,
     os::{
@@ -35,7 +35,7 @@ use std::{
         Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::{Map, Value};
@@ -61,6 +61,12 @@ const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 /// How long the background sender keeps retrying a full queue before it
 /// gives the backlog up (the agent is not reading).
 const BACKLOG_GIVE_UP: Duration = Duration::from_secs(5);
+/// How often a pool with connections checked out re-sends its registration
+/// and checkouts (`checkout_state`), so that an agent that restarted while
+/// the application was idle learns them back.
+pub const DEFAULT_STATE_INTERVAL: Duration = Duration::from_secs(30);
+/// Entries per `checkout_state` datagram (the agent takes up to 64).
+const STATE_ENTRIES_PER_MESSAGE: usize = 32;
 /// Messages the background sender sends per hold of the lock.
 const BACKLOG_BATCH: usize = 64;
 
@@ -257,6 +263,10 @@ struct Inner {
     sent: AtomicU64,
     dropped: AtomicU64,
     deferred: AtomicU64,
+    /// A send failed for want of an agent (`ENOENT`, `ECONNREFUSED`).
+    agent_gone: AtomicBool,
+    /// Sends that succeeded after `agent_gone`: agents (re)starting.
+    comebacks: AtomicU64,
 }
 
 /// What one non-blocking send did.
@@ -276,11 +286,17 @@ impl Inner {
         match self.socket.send_to(bytes, &self.path) {
             Ok(_) => {
                 self.sent.fetch_add(1, Ordering::Relaxed);
+                if self.agent_gone.swap(false, Ordering::AcqRel) {
+                    self.comebacks.fetch_add(1, Ordering::AcqRel);
+                }
                 Sent::Ok
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Full,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Sent::Full,
-            Err(_) => {
+            Err(e) => {
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) {
+                    self.agent_gone.store(true, Ordering::Release);
+                }
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 Sent::Failed
             }
@@ -411,6 +427,8 @@ impl Reporter {
                     sent: AtomicU64::new(0),
                     dropped: AtomicU64::new(0),
                     deferred: AtomicU64::new(0),
+                    agent_gone: AtomicBool::new(false),
+                    comebacks: AtomicU64::new(0),
                 })
             }),
         }
@@ -438,6 +456,14 @@ impl Reporter {
         }
     }
 
+    /// How many times a send succeeded after sends had failed for want of
+    /// an agent: each is an agent (re)starting.
+    pub fn comebacks(&self) -> u64 {
+        self.inner
+            .as_deref()
+            .map_or(0, |i| i.comebacks.load(Ordering::Acquire))
+    }
+
     /// Waits up to `timeout` for the backlog to be sent (for a clean exit);
     /// returns whether it is empty. Does nothing without a backlog.
     pub fn flush(&self, timeout: Duration) -> bool {
@@ -462,7 +488,11 @@ impl Reporter {
     /// Sends one message: `v`, `kind`, `pool` and `mono_ns` are added to
     /// `fields`. Messages the agent would refuse (an empty pool name, more
     /// than 4096 bytes) are dropped here.
-    pub fn send(&self, kind: &str, pool: &str, mut fields: Map<String, Value>) {
+    pub fn send(&self, kind: &str, pool: &str, fields: Map<String, Value>) {
+        self.send_at(kind, pool, fields, monotonic_ns());
+    }
+
+    fn send_at(&self, kind: &str, pool: &str, mut fields: Map<String, Value>, mono_ns: u64) {
         let Some(inner) = &self.inner else {
             return;
         };
@@ -474,7 +504,7 @@ impl Reporter {
         fields.insert("v".into(), Value::from(PROTOCOL_VERSION));
         fields.insert("kind".into(), Value::String(kind.into()));
         fields.insert("pool".into(), Value::String(pool.into()));
-        fields.insert("mono_ns".into(), Value::from(monotonic_ns()));
+        fields.insert("mono_ns".into(), Value::from(mono_ns));
         match serde_json::to_vec(&fields) {
             Ok(bytes) if bytes.len() <= MAX_MESSAGE_BYTES => inner.send(bytes),
             _ => {
@@ -527,6 +557,17 @@ impl Reporter {
 
     /// `acquire_end`: the caller (this thread) got a connection or gave up.
     pub fn acquire_end(&self, pool: &str, request: u64, result: AcquireResult) {
+        self.acquire_end_at(pool, request, result, current_tid(), monotonic_ns());
+    }
+
+    fn acquire_end_at(
+        &self,
+        pool: &str,
+        request: u64,
+        result: AcquireResult,
+        tid: Option<u32>,
+        mono_ns: u64,
+    ) {
         let mut m = Map::new();
         m.insert("request".into(), Value::from(request));
         let result = match result {
@@ -538,10 +579,10 @@ impl Reporter {
             AcquireResult::Error => "error",
         };
         m.insert("result".into(), Value::String(result.into()));
-        if let Some(tid) = current_tid() {
+        if let Some(tid) = tid {
             m.insert("tid".into(), Value::from(tid));
         }
-        self.send("acquire_end", pool, m);
+        self.send_at("acquire_end", pool, m, mono_ns);
     }
 
     /// `release`: the caller returned the connection to the pool.
@@ -584,13 +625,165 @@ fn truncate(text: &str) -> &str {
     }
 }
 
-/// One pool's side of the protocol: its name, its reporter, and request ids
-/// for acquires. Share it (`Arc`) among the pool's users.
+/// One pool's side of the protocol: its name, its reporter, request ids
+/// for acquires, and the connections checked out now, which it re-sends
+/// (`pool` and `checkout_state`) when the agent comes back and every
+/// [`DEFAULT_STATE_INTERVAL`] while any are out, so that a leak that began
+/// before an agent restart is still reported. Share it (`Arc`) among the
+/// pool's users.
 #[derive(Debug)]
 pub struct PoolReporter {
+    state: Arc<PoolState>,
+    next_request: AtomicU64,
+}
+
+/// What a pool re-sends; the state ticker holds it weakly.
+#[derive(Debug)]
+struct PoolState {
     reporter: Reporter,
     name: String,
-    next_request: AtomicU64,
+    info: Mutex<Option<PoolInfo>>,
+    /// Checked out now, by fd (else local address).
+    out: Mutex<HashMap<ConnKey, Checkout>>,
+    comebacks_seen: AtomicU64,
+    /// Nanoseconds between periodic re-sends; 0: none.
+    interval_ns: AtomicU64,
+    last_state: Mutex<Instant>,
+}
+
+type ConnKey = (Option<RawFd>, Option<SocketAddr>);
+
+fn conn_key(conn: ConnId) -> ConnKey {
+    match conn.fd {
+        Some(fd) => (Some(fd), None),
+        None => (None, conn.local_address),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Checkout {
+    conn: ConnId,
+    since_ns: u64,
+    tid: Option<u32>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves valid data behind.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PoolState {
+    /// Re-sends the state if a send just found the agent back.
+    fn after_send(&self) {
+        let now = self.reporter.comebacks();
+        if self.comebacks_seen.swap(now, Ordering::AcqRel) != now {
+            self.send_state();
+        }
+    }
+
+    fn send_state(&self) {
+        *locked(&self.last_state) = Instant::now();
+        if let Some(info) = locked(&self.info).clone() {
+            self.reporter.pool(&self.name, &info);
+        }
+        let mut entries: Vec<Checkout> = locked(&self.out).values().copied().collect();
+        entries.sort_by_key(|c| c.since_ns);
+        for chunk in entries.chunks(STATE_ENTRIES_PER_MESSAGE) {
+            let list = chunk
+                .iter()
+                .map(|c| {
+                    let mut e = Map::new();
+                    c.conn.write(&mut e);
+                    e.insert("mono_ns".into(), Value::from(c.since_ns));
+                    if let Some(tid) = c.tid {
+                        e.insert("tid".into(), Value::from(tid));
+                    }
+                    Value::Object(e)
+                })
+                .collect();
+            let mut m = Map::new();
+            m.insert("checkouts".into(), Value::Array(list));
+            // 32 entries of at most ~120 bytes and a 128-character name
+            // fit in 4096 bytes.
+            self.reporter.send("checkout_state", &self.name, m);
+        }
+    }
+
+    /// How long until the periodic state is due (zero: now), or `None`
+    /// when there is nothing to send.
+    fn state_due(&self, now: Instant) -> Option<Duration> {
+        let interval = Duration::from_nanos(self.interval_ns.load(Ordering::Relaxed));
+        if interval.is_zero() || locked(&self.out).is_empty() {
+            return None;
+        }
+        let next = *locked(&self.last_state) + interval;
+        Some(next.saturating_duration_since(now))
+    }
+}
+
+/// One thread per process re-sends the state of pools with connections out.
+struct Ticker {
+    pools: Mutex<Vec<Weak<PoolState>>>,
+    wake: Condvar,
+    started: AtomicBool,
+}
+
+static TICKER: Ticker = Ticker {
+    pools: Mutex::new(Vec::new()),
+    wake: Condvar::new(),
+    started: AtomicBool::new(false),
+};
+
+/// Longest the ticker sleeps, so that it notices pools that went away.
+const TICKER_MAX_SLEEP: Duration = Duration::from_secs(30);
+
+impl Ticker {
+    fn watch(&'static self, pool: &Arc<PoolState>) {
+        {
+            let mut pools = locked(&self.pools);
+            pools.retain(|w| w.strong_count() > 0);
+            if !pools
+                .iter()
+                .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(pool)))
+            {
+                pools.push(Arc::downgrade(pool));
+            }
+        }
+        if !self.started.swap(true, Ordering::AcqRel) {
+            let spawned = thread::Builder::new()
+                .name("poolscope-adapter-state".into())
+                .spawn(move || self.run());
+            if spawned.is_err() {
+                self.started.store(false, Ordering::Release);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn run(&'static self) {
+        loop {
+            let pools: Vec<Arc<PoolState>> = locked(&self.pools)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect();
+            let mut sleep = TICKER_MAX_SLEEP;
+            for pool in &pools {
+                let Some(mut due) = pool.state_due(Instant::now()) else {
+                    continue;
+                };
+                if due.is_zero() {
+                    pool.send_state();
+                    due = Duration::from_nanos(pool.interval_ns.load(Ordering::Relaxed));
+                }
+                sleep = sleep.min(due);
+            }
+            drop(pools);
+            let guard = locked(&self.pools);
+            let _ = self
+                .wake
+                .wait_timeout(guard, sleep.max(Duration::from_millis(10)));
+        }
+    }
 }
 
 impl PoolReporter {
@@ -598,22 +791,47 @@ impl PoolReporter {
     /// longer names are cut).
     pub fn new(reporter: Reporter, name: &str) -> PoolReporter {
         PoolReporter {
-            reporter,
-            name: truncate(name).to_string(),
+            state: Arc::new(PoolState {
+                comebacks_seen: AtomicU64::new(reporter.comebacks()),
+                reporter,
+                name: truncate(name).to_string(),
+                info: Mutex::new(None),
+                out: Mutex::new(HashMap::new()),
+                interval_ns: AtomicU64::new(DEFAULT_STATE_INTERVAL.as_nanos() as u64),
+                last_state: Mutex::new(Instant::now()),
+            }),
             next_request: AtomicU64::new(1),
         }
     }
 
+    /// How often the checkouts are re-sent while there are any
+    /// ([`DEFAULT_STATE_INTERVAL`]; zero turns it off, re-sends after the
+    /// agent comes back remain).
+    pub fn with_state_interval(self, interval: Duration) -> PoolReporter {
+        let ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+        self.state.interval_ns.store(ns, Ordering::Relaxed);
+        self
+    }
+
     pub fn name(&self) -> &str {
-        &self.name
+        &self.state.name
     }
 
     pub fn reporter(&self) -> &Reporter {
-        &self.reporter
+        &self.state.reporter
     }
 
+    /// Sends the registration, and keeps it to send again with the state.
     pub fn register(&self, info: &PoolInfo) {
-        self.reporter.pool(&self.name, info);
+        *locked(&self.state.info) = Some(info.clone());
+        self.state.reporter.pool(&self.state.name, info);
+        self.state.after_send();
+    }
+
+    /// Sends the registration and the connections checked out now, as
+    /// after an agent restart. The agent takes it idempotently.
+    pub fn send_state(&self) {
+        self.state.send_state();
     }
 
     /// Sends `acquire_start` and returns the pending acquire, which sends
@@ -621,7 +839,8 @@ impl PoolReporter {
     /// (the caller stopped waiting: a cancelled future, a panic).
     pub fn acquire_start(&self) -> PendingAcquire<'_> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.reporter.acquire_start(&self.name, request);
+        self.state.reporter.acquire_start(&self.state.name, request);
+        self.state.after_send();
         PendingAcquire {
             pool: self,
             request,
@@ -630,15 +849,64 @@ impl PoolReporter {
     }
 
     pub fn connection_created(&self, conn: ConnId) {
-        self.reporter.connection_created(&self.name, conn);
+        self.state
+            .reporter
+            .connection_created(&self.state.name, conn);
+        self.state.after_send();
     }
 
     pub fn release(&self, conn: ConnId) {
-        self.reporter.release(&self.name, conn);
+        self.returned(conn);
+        self.state.reporter.release(&self.state.name, conn);
+        self.state.after_send();
     }
 
     pub fn connection_closed(&self, conn: ConnId) {
-        self.reporter.connection_closed(&self.name, conn);
+        self.returned(conn);
+        self.state
+            .reporter
+            .connection_closed(&self.state.name, conn);
+        self.state.after_send();
+    }
+
+    fn returned(&self, conn: ConnId) {
+        let mut out = locked(&self.state.out);
+        if out.remove(&conn_key(conn)).is_none() {
+            if let Some(local) = conn.local_address {
+                // Named differently than when it was handed out.
+                out.retain(|_, c| c.conn.local_address != Some(local));
+            }
+        }
+    }
+
+    fn finish(&self, request: u64, result: AcquireResult) {
+        let at = monotonic_ns();
+        let tid = current_tid();
+        if let AcquireResult::Ok(conn) = result {
+            if !conn.is_empty() {
+                let was_idle = {
+                    let mut out = locked(&self.state.out);
+                    let was_idle = out.is_empty();
+                    out.insert(
+                        conn_key(conn),
+                        Checkout {
+                            conn,
+                            since_ns: at,
+                            tid,
+                        },
+                    );
+                    was_idle
+                };
+                // Only on idle -> busy: keeps the ticker's lock off the hot path.
+                if was_idle {
+                    TICKER.watch(&self.state);
+                }
+            }
+        }
+        self.state
+            .reporter
+            .acquire_end_at(&self.state.name, request, result, tid, at);
+        self.state.after_send();
     }
 }
 
@@ -658,18 +926,14 @@ impl PendingAcquire<'_> {
 
     pub fn finish(mut self, result: AcquireResult) {
         self.done = true;
-        self.pool
-            .reporter
-            .acquire_end(&self.pool.name, self.request, result);
+        self.pool.finish(self.request, result);
     }
 }
 
 impl Drop for PendingAcquire<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.pool
-                .reporter
-                .acquire_end(&self.pool.name, self.request, AcquireResult::Error);
+            self.pool.finish(self.request, AcquireResult::Error);
         }
     }
 }

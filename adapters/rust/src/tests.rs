@@ -376,3 +376,173 @@ fn monotonic_clock_moves_forward() {
     let b = monotonic_ns();
     assert!(a > 0 && b >= a + 2_000_000, "{a} then {b}");
 }
+
+// Re-sending the checkouts after an agent restart (`checkout_state`).
+
+fn conn(i: i32) -> ConnId {
+    ConnId {
+        local_address: Some(SocketAddr::from(([127, 0, 0, 1], 40_000 + i as u16))),
+        fd: Some(100 + i),
+    }
+}
+
+/// Every message until none arrives for 100 ms.
+fn all(agent: &FakeAgent) -> Vec<Value> {
+    agent
+        .socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n) = agent.socket.recv(&mut buf) {
+        assert!(n <= MAX_MESSAGE_BYTES, "datagram of {n} bytes");
+        got.push(serde_json::from_slice(&buf[..n]).expect("JSON"));
+    }
+    agent
+        .socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    got
+}
+
+fn kinds(msgs: &[Value]) -> Vec<&str> {
+    msgs.iter().filter_map(|m| m["kind"].as_str()).collect()
+}
+
+fn entries(msgs: &[Value]) -> Vec<Value> {
+    msgs.iter()
+        .filter(|m| m["kind"] == "checkout_state")
+        .flat_map(|m| m["checkouts"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn info() -> PoolInfo {
+    PoolInfo {
+        max: Some(200),
+        ..PoolInfo::default()
+    }
+}
+
+#[test]
+fn state_lists_what_is_out_since_its_acquire_and_by_whom() {
+    let agent = FakeAgent::new();
+    let pool = PoolReporter::new(agent.reporter(), "orders").with_state_interval(Duration::ZERO);
+    pool.register(&info());
+    for i in 0..3 {
+        pool.acquire_start().finish(AcquireResult::Ok(conn(i)));
+    }
+    pool.release(conn(0));
+    pool.connection_closed(ConnId {
+        fd: Some(102),
+        local_address: None,
+    });
+    let acquired: Vec<Value> = all(&agent)
+        .into_iter()
+        .filter(|m| m["kind"] == "acquire_end" && m["fd"] == 101)
+        .collect();
+    pool.send_state();
+    let msgs = all(&agent);
+    assert_eq!(kinds(&msgs), ["pool", "checkout_state"]);
+    check_envelope(&msgs[1], "checkout_state", "orders");
+    assert_eq!(
+        entries(&msgs),
+        vec![serde_json::json!({
+            "fd": 101,
+            "local_address": "127.0.0.1:40001",
+            "mono_ns": acquired[0]["mono_ns"],
+            "tid": current_tid(),
+        })]
+    );
+}
+
+#[test]
+fn a_large_pool_splits_its_state_to_fit_the_datagram_limit() {
+    let agent = FakeAgent::new();
+    let name = "p".repeat(200);
+    let pool = PoolReporter::new(agent.reporter(), &name).with_state_interval(Duration::ZERO);
+    for i in 0..150 {
+        let c = ConnId {
+            local_address: Some("[2001:db8::1234:5678]:40000".parse().expect("addr")),
+            fd: Some(1000 + i),
+        };
+        pool.acquire_start().finish(AcquireResult::Ok(c));
+    }
+    all(&agent);
+    pool.send_state();
+    let msgs = all(&agent);
+    let states: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| m["kind"] == "checkout_state")
+        .collect();
+    assert_eq!(states.len(), 5);
+    assert!(states
+        .iter()
+        .all(|m| m["checkouts"].as_array().is_some_and(|a| a.len() <= 32)));
+    let mut fds: Vec<i64> = entries(&msgs)
+        .iter()
+        .filter_map(|e| e["fd"].as_i64())
+        .collect();
+    fds.sort_unstable();
+    assert_eq!(fds, (1000..1150).collect::<Vec<i64>>());
+    assert_eq!(agent.reporter().stats().dropped, 0);
+}
+
+#[test]
+fn an_agent_that_comes_back_gets_the_registration_and_the_state() {
+    let agent = FakeAgent::new();
+    let path = agent.path.clone();
+    let reporter = agent.reporter();
+    let pool = PoolReporter::new(reporter.clone(), "orders").with_state_interval(Duration::ZERO);
+    pool.register(&info());
+    pool.acquire_start().finish(AcquireResult::Ok(conn(0)));
+    pool.acquire_start().finish(AcquireResult::Ok(conn(1)));
+    all(&agent);
+    // The agent exits: its socket is closed but the file stays
+    // (ECONNREFUSED), then it is removed (ENOENT).
+    let mut agent = agent;
+    agent.socket = UnixDatagram::unbound().expect("a socket");
+    pool.release(conn(1));
+    std::fs::remove_file(&path).expect("unlink");
+    pool.acquire_start().finish(AcquireResult::Timeout);
+    assert_eq!(reporter.comebacks(), 0);
+    agent.socket = UnixDatagram::bind(&path).expect("bind again");
+    pool.connection_created(conn(7));
+    let msgs = all(&agent);
+    assert_eq!(
+        kinds(&msgs),
+        ["connection_created", "pool", "checkout_state"]
+    );
+    assert_eq!(msgs[1]["max"], 200);
+    let fds: Vec<i64> = entries(&msgs)
+        .iter()
+        .filter_map(|e| e["fd"].as_i64())
+        .collect();
+    assert_eq!(fds, [100]);
+    assert_eq!(reporter.comebacks(), 1);
+    // Once per comeback.
+    pool.connection_created(conn(8));
+    assert_eq!(kinds(&all(&agent)), ["connection_created"]);
+}
+
+#[test]
+fn state_is_resent_periodically_only_while_connections_are_out() {
+    let agent = FakeAgent::new();
+    let pool = PoolReporter::new(agent.reporter(), "orders")
+        .with_state_interval(Duration::from_millis(200));
+    pool.register(&info());
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(kinds(&all(&agent)), ["pool"]);
+    pool.acquire_start().finish(AcquireResult::Ok(conn(0)));
+    thread::sleep(Duration::from_millis(900));
+    let msgs = all(&agent);
+    let states = kinds(&msgs)
+        .iter()
+        .filter(|k| **k == "checkout_state")
+        .count();
+    assert!((3..=6).contains(&states), "{msgs:?}");
+    pool.release(conn(0));
+    thread::sleep(Duration::from_millis(300));
+    all(&agent);
+    thread::sleep(Duration::from_millis(600));
+    assert!(!kinds(&all(&agent)).contains(&"checkout_state"));
+}

@@ -13,6 +13,9 @@ pub const VERSION: u32 = 1;
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// Pool names longer than this are refused (they become label values).
 pub const MAX_POOL_NAME: usize = 128;
+/// Entries in one `checkout_state` message; more is refused. A datagram of
+/// 4096 bytes holds about 40 real ones, so this only stops `{}` floods.
+pub const MAX_CHECKOUTS_PER_MESSAGE: usize = 64;
 
 /// Which connection an adapter means: its local address (TCP), its fd in
 /// the sending process, or both.
@@ -41,6 +44,16 @@ pub struct PoolInfo {
     pub library: Option<String>,
 }
 
+/// One connection a `checkout_state` message says is checked out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkout {
+    pub conn: ConnRef,
+    /// When the pool handed it out (the adapter's CLOCK_MONOTONIC); the
+    /// tracker clamps it, a sender's word being no proof.
+    pub since_ns: u64,
+    pub tid: Option<u32>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterEvent {
     Register(PoolInfo),
@@ -62,6 +75,11 @@ pub enum AdapterEvent {
     },
     ConnectionClosed {
         conn: ConnRef,
+    },
+    /// The pool's current checkouts (or some of them), re-sent so that an
+    /// agent that restarted learns checkouts that began before it.
+    CheckoutState {
+        checkouts: Vec<Checkout>,
     },
 }
 
@@ -150,6 +168,16 @@ struct Wire {
     min_idle: Option<u32>,
     idle_max: Option<u32>,
     library: Option<String>,
+    checkouts: Option<Vec<WireCheckout>>,
+}
+
+/// One entry of `checkouts`.
+#[derive(Deserialize)]
+struct WireCheckout {
+    local_address: Option<String>,
+    fd: Option<i32>,
+    mono_ns: Option<u64>,
+    tid: Option<u32>,
 }
 
 fn invalid(what: &str) -> MessageError {
@@ -157,20 +185,47 @@ fn invalid(what: &str) -> MessageError {
 }
 
 fn conn_ref(wire: &Wire) -> Result<ConnRef, MessageError> {
-    let local = match &wire.local_address {
+    named_conn(&wire.local_address, wire.fd)
+}
+
+fn named_conn(local_address: &Option<String>, fd: Option<i32>) -> Result<ConnRef, MessageError> {
+    let local = match local_address {
         Some(text) => Some(
             text.parse::<SocketAddr>()
                 .map_err(|_| invalid("local_address is not ip:port"))?,
         ),
         None => None,
     };
-    if local.is_none() && wire.fd.is_none() {
+    if local.is_none() && fd.is_none() {
         return Err(invalid("needs local_address or fd to name the connection"));
     }
-    if wire.fd.is_some_and(|fd| fd < 0) {
+    if fd.is_some_and(|fd| fd < 0) {
         return Err(invalid("fd is negative"));
     }
-    Ok(ConnRef { local, fd: wire.fd })
+    Ok(ConnRef { local, fd })
+}
+
+fn checkout_state(wire: &Wire) -> Result<AdapterEvent, MessageError> {
+    let entries = wire
+        .checkouts
+        .as_deref()
+        .ok_or_else(|| invalid("checkout_state needs checkouts"))?;
+    if entries.len() > MAX_CHECKOUTS_PER_MESSAGE {
+        return Err(invalid("checkout_state has more than 64 checkouts"));
+    }
+    let checkouts = entries
+        .iter()
+        .map(|e| {
+            Ok(Checkout {
+                conn: named_conn(&e.local_address, e.fd)?,
+                since_ns: e
+                    .mono_ns
+                    .ok_or_else(|| invalid("each checkout needs mono_ns"))?,
+                tid: e.tid,
+            })
+        })
+        .collect::<Result<Vec<_>, MessageError>>()?;
+    Ok(AdapterEvent::CheckoutState { checkouts })
 }
 
 fn short_text(value: &Option<String>, field: &str) -> Result<Option<String>, MessageError> {
@@ -260,6 +315,7 @@ pub fn decode(bytes: &[u8]) -> Result<AdapterMessage, MessageError> {
         "connection_closed" => AdapterEvent::ConnectionClosed {
             conn: conn_ref(&wire)?,
         },
+        "checkout_state" => checkout_state(&wire)?,
         other => return Err(MessageError::UnknownKind(other.chars().take(32).collect())),
     };
     Ok(AdapterMessage {
@@ -342,6 +398,80 @@ mod tests {
                 .event,
             AdapterEvent::ConnectionClosed { .. }
         ));
+    }
+
+    #[test]
+    fn decodes_checkout_state() {
+        let m = ok(
+            r#"{"v":1,"kind":"checkout_state","pool":"orders","mono_ns":900,"checkouts":[{"local_address":"10.0.0.7:51234","fd":12,"mono_ns":500,"tid":81233},{"fd":13,"mono_ns":600},{"local_address":"[::1]:5000","mono_ns":700,"later":true}]}"#,
+        );
+        assert_eq!(m.mono_ns, Some(900));
+        let AdapterEvent::CheckoutState { checkouts } = m.event else {
+            panic!("not a checkout_state: {m:?}");
+        };
+        assert_eq!(
+            checkouts,
+            vec![
+                Checkout {
+                    conn: ConnRef {
+                        local: Some("10.0.0.7:51234".parse().expect("addr")),
+                        fd: Some(12)
+                    },
+                    since_ns: 500,
+                    tid: Some(81233)
+                },
+                Checkout {
+                    conn: ConnRef {
+                        local: None,
+                        fd: Some(13)
+                    },
+                    since_ns: 600,
+                    tid: None
+                },
+                Checkout {
+                    conn: ConnRef {
+                        local: Some("[::1]:5000".parse().expect("addr")),
+                        fd: None
+                    },
+                    since_ns: 700,
+                    tid: None
+                },
+            ]
+        );
+        // An empty list is a pool with nothing out.
+        assert_eq!(
+            ok(r#"{"v":1,"kind":"checkout_state","pool":"p","checkouts":[]}"#).event,
+            AdapterEvent::CheckoutState { checkouts: vec![] }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_checkout_state() {
+        for bad in [
+            r#"{"v":1,"kind":"checkout_state","pool":"p"}"#,
+            r#"{"v":1,"kind":"checkout_state","pool":"p","checkouts":{}}"#,
+            r#"{"v":1,"kind":"checkout_state","pool":"p","checkouts":[{"fd":1}]}"#,
+            r#"{"v":1,"kind":"checkout_state","pool":"p","checkouts":[{"mono_ns":1}]}"#,
+            r#"{"v":1,"kind":"checkout_state","pool":"p","checkouts":[{"fd":-1,"mono_ns":1}]}"#,
+            r#"{"v":1,"kind":"checkout_state","pool":"p","checkouts":[{"fd":1,"mono_ns":-1}]}"#,
+            r#"{"v":1,"kind":"checkout_state","pool":"p","checkouts":[7]}"#,
+        ] {
+            assert_eq!(err(bad).reason(), "invalid", "{bad}");
+        }
+        let entry = r#"{"fd":1,"mono_ns":1}"#;
+        let list = |n: usize| vec![entry; n].join(",");
+        let at_most = format!(
+            r#"{{"v":1,"kind":"checkout_state","pool":"p","checkouts":[{}]}}"#,
+            list(MAX_CHECKOUTS_PER_MESSAGE)
+        );
+        assert!(
+            matches!(ok(&at_most).event, AdapterEvent::CheckoutState { checkouts } if checkouts.len() == MAX_CHECKOUTS_PER_MESSAGE)
+        );
+        let too_many = format!(
+            r#"{{"v":1,"kind":"checkout_state","pool":"p","checkouts":[{}]}}"#,
+            list(MAX_CHECKOUTS_PER_MESSAGE + 1)
+        );
+        assert_eq!(err(&too_many).reason(), "invalid");
     }
 
     #[test]

@@ -235,6 +235,10 @@ pub struct Connection {
     pub checked_out_at_ns: Option<u64>,
     /// The thread that acquired it, when the adapter said.
     pub holder_tid: Option<u32>,
+    /// When the adapter last said it went back to the pool (or closed it):
+    /// re-sent checkout state older than this is stale.
+    #[serde(skip)]
+    pub released_at_ns: Option<u64>,
     /// A request went out and its response has not completed.
     pub awaiting_response: bool,
 }
@@ -272,6 +276,7 @@ impl Connection {
             pool: None,
             checked_out_at_ns: None,
             holder_tid: None,
+            released_at_ns: None,
             awaiting_response: false,
         }
     }
@@ -361,3 +366,6 @@ pub enum Output {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod checkout_state_tests;

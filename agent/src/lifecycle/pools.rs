@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::Tracker;
 use crate::lifecycle::index::Key;
 use crate::{
-    adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, ConnRef, PoolInfo},
+    adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, PoolInfo},
     lifecycle::{Connection, Endpoint, Output},
     protocol::{DbSystem, TxState},
 };
@@ -24,6 +24,9 @@ const UNMATCHED_TTL_NS: u64 = 5_000_000_000;
 const PENDING_TTL_NS: u64 = 300_000_000_000;
 /// Pools per process; more are ignored (pool names become label values).
 const MAX_POOLS_PER_PROCESS: usize = 64;
+/// Most connections of one pool that re-sent checkout state may mark as
+/// checked out, whatever `max` the pool registered.
+const MAX_STATE_CHECKOUTS: u64 = 1024;
 
 /// A pool an adapter registered.
 #[derive(Debug, Clone, Default)]
@@ -258,6 +261,9 @@ impl Tracker {
                 conn,
                 tid,
             } => self.on_acquire_end(pid, ts_ns, &pool, request, result, conn, tid, &mut out),
+            AdapterEvent::CheckoutState { checkouts } => {
+                self.on_checkout_state(pid, ts_ns, &pool, checkouts, &mut out)
+            }
             event @ (AdapterEvent::Release { .. }
             | AdapterEvent::ConnectionCreated { .. }
             | AdapterEvent::ConnectionClosed { .. }) => {
@@ -321,6 +327,64 @@ impl Tracker {
                 tid: tid.or(started.and_then(|w| w.tid)),
             };
             self.on_connection_event(pid, ts_ns, pool_name, event, out);
+        }
+    }
+
+    /// Re-sent checkouts (after an agent restart, or periodically): marks
+    /// the connections named as checked out, idempotently. A checkout the
+    /// tracker already knows keeps its start and holder, and acquires are
+    /// not counted, so the same state may arrive any number of times.
+    /// Entries naming no connection the kernel showed us are dropped, not
+    /// queued: adapters re-send the state periodically.
+    fn on_checkout_state(
+        &mut self,
+        pid: u32,
+        ts_ns: u64,
+        pool_name: &str,
+        checkouts: Vec<Checkout>,
+        out: &mut Vec<Output>,
+    ) {
+        let limit = self
+            .pools
+            .get(&(pid, pool_name.to_string()))
+            .and_then(|p| p.info.as_ref())
+            .and_then(|i| i.max)
+            .map_or(MAX_STATE_CHECKOUTS, |max| {
+                u64::from(max).min(MAX_STATE_CHECKOUTS)
+            });
+        let process_started = self.placements.get(&pid).and_then(|p| p.process_started_ns);
+        for entry in checkouts {
+            let conn = self
+                .find_connection(pid, entry.conn, ts_ns)
+                .and_then(|key| self.open.get(&key).map(|c| (key, c)));
+            let Some((key, conn)) = conn else {
+                out.push(Output::Unmatched);
+                continue;
+            };
+            if conn.checked_out_at_ns.is_some() {
+                continue;
+            }
+            // A snapshot taken before a release that reached us first
+            // (another thread returned the connection meanwhile) is stale.
+            if conn
+                .released_at_ns
+                .is_some_and(|released| entry.since_ns < released)
+            {
+                out.push(Output::Unmatched);
+                continue;
+            }
+            if self.used_connections(pid, pool_name) >= limit {
+                out.push(Output::Unmatched);
+                continue;
+            }
+            let since = clamp_checkout_start(conn, process_started, entry.since_ns, ts_ns);
+            self.open.update(&key, |conn| {
+                if conn.pool.as_deref() != Some(pool_name) {
+                    conn.pool = Some(pool_name.to_string());
+                }
+                conn.checked_out_at_ns = Some(since);
+                conn.holder_tid = entry.tid;
+            });
         }
     }
 
@@ -475,6 +539,7 @@ fn apply_to_connection(
             conn.holder_tid = tid;
         }
         AdapterEvent::Release { .. } => {
+            conn.released_at_ns = Some(ts_ns);
             if let Some(since) = conn.checked_out_at_ns.take() {
                 out.push(Output::Released {
                     pid,
@@ -493,9 +558,29 @@ fn apply_to_connection(
             });
         }
         AdapterEvent::ConnectionClosed { .. } => {
+            conn.released_at_ns = Some(ts_ns);
             conn.checked_out_at_ns = None;
             conn.holder_tid = None;
         }
         _ => {}
     }
+}
+
+/// When a re-sent checkout began, as far as the agent believes it: never
+/// after the message itself, and never before the connection's birth as
+/// the kernel saw it. A connection found in /proc at start has no known
+/// birth (its `opened_at_ns` is the agent's start), so there the floor is
+/// its process's start: a checkout can be older than the agent but not
+/// older than the process that claims it.
+fn clamp_checkout_start(
+    conn: &Connection,
+    process_started_ns: Option<u64>,
+    claimed_ns: u64,
+    message_ns: u64,
+) -> u64 {
+    let floor = match process_started_ns {
+        Some(started) if conn.seen_at_start => started.min(conn.opened_at_ns),
+        _ => conn.opened_at_ns,
+    };
+    claimed_ns.clamp(floor, message_ns.max(floor))
 }
