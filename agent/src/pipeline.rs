@@ -30,7 +30,9 @@ use crate::{
     },
     procfs::{self, SeededPeer, SeededTcpState},
     protocol::{self, DbSystem},
-    reports::{LeakChange, LeakReports, ProcessDetails, Reports},
+    reports::{
+        LeakChange, LeakReports, ProcessDetails, Reports, PUBLISH_IN_ALL, PUBLISH_PER_PROCESS,
+    },
     state::{Broken, Shared, State},
     telemetry::{
         otlp::{self, OtlpExport},
@@ -134,25 +136,28 @@ impl Pipeline {
         }
         let outputs = self.state.with(|state| {
             let tracker = &mut state.tracker;
-            // Where a process runs is read once, at its first connect.
             if matches!(
                 event.kind,
                 EventKind::Connect { .. } | EventKind::Seeded { .. }
-            ) && !tracker.knows_placement(event.conn.pid)
-            {
-                let placement = procfs::placement(
-                    Path::new("/proc"),
-                    event.conn.pid,
-                    self.pod_logs_dir.as_deref(),
-                );
-                tracker.set_placement(event.conn.pid, placement);
-                if let Some(name) = procfs::process_comm(Path::new("/proc"), event.conn.pid) {
-                    tracker.set_process_name(event.conn.pid, name);
-                }
+            ) {
+                self.learn_process(tracker, event.conn.pid);
             }
             tracker.apply(event)
         })?;
         self.handle_outputs(&outputs)
+    }
+
+    /// Where a process runs, when it started and its name: read from /proc
+    /// once, at its first connect or adapter message.
+    fn learn_process(&self, tracker: &mut Tracker, pid: u32) {
+        if tracker.knows_placement(pid) {
+            return;
+        }
+        let placement = procfs::placement(Path::new("/proc"), pid, self.pod_logs_dir.as_deref());
+        tracker.set_placement(pid, placement);
+        if let Some(name) = procfs::process_comm(Path::new("/proc"), pid) {
+            tracker.set_process_name(pid, name);
+        }
     }
 
     /// Counts, reports and acts on what the tracker concluded.
@@ -174,7 +179,12 @@ impl Pipeline {
             } else {
                 Vec::new()
             };
-            (changes, state.reports.observe(outputs, &self.clock))
+            self.telemetry.record_leak_changes(&changes);
+            let now = monotonic_ns();
+            let changes = self.within_budget(state, changes, LeakChange::pid, now);
+            let slow = state.reports.observe(outputs, &self.clock);
+            let slow = self.within_budget(state, slow, |r| r.pid, now);
+            (changes, slow)
         })?;
         self.publish_leak_changes(&changes);
         for report in slow {
@@ -231,8 +241,38 @@ impl Pipeline {
         })
     }
 
-    /// Logs each opened or resolved report as one JSON line, sends it as an
-    /// OTLP log record, and counts it.
+    /// What of `lines` goes out under the per-process and global budgets;
+    /// the rest is counted, and summed up in the log once per window.
+    fn within_budget<T>(
+        &self,
+        state: &mut State,
+        lines: Vec<T>,
+        pid: impl Fn(&T) -> u32,
+        now: u64,
+    ) -> Vec<T> {
+        if lines.is_empty() {
+            return lines;
+        }
+        let mut held_back = Vec::new();
+        let mut admitted = Vec::with_capacity(lines.len());
+        for line in lines {
+            match state.publish.admit(pid(&line), now, &mut held_back) {
+                Ok(()) => admitted.push(line),
+                Err(why) => self.telemetry.record_unpublished(why),
+            }
+        }
+        for (pid, count) in held_back {
+            log::warn!(
+                "{count} report lines about pid {pid} were held back in the last minute \
+                 (at most {PUBLISH_PER_PROCESS} per process and {PUBLISH_IN_ALL} in all per minute); \
+                 the reports are in /api/v1/leaks and /api/v1/queries/slow"
+            );
+        }
+        admitted
+    }
+
+    /// Logs each opened or resolved report as one JSON line and sends it as
+    /// an OTLP log record (they were counted when they changed).
     fn publish_leak_changes(&self, changes: &[LeakChange]) {
         for change in changes {
             let (verb, report) = match change {
@@ -257,7 +297,6 @@ impl Pipeline {
                 otlp.emit_event(name, severity, report.evidence.clone(), attributes);
             }
         }
-        self.telemetry.record_leak_changes(changes);
     }
 
     /// Sends round trips as client spans (when configured).
@@ -314,13 +353,15 @@ impl Pipeline {
             let tracker = &state.tracker;
             let findings = detect::evaluate(tracker.open_connections(), now, &self.thresholds);
             let lookup = |id| tracker.connection(id);
-            state.leaks.update(
+            let changes = state.leaks.update(
                 &findings,
                 &lookup,
                 &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
                 now,
                 &self.clock,
-            )
+            );
+            self.telemetry.record_leak_changes(&changes);
+            self.within_budget(state, changes, LeakChange::pid, now)
         })?;
         self.publish_leak_changes(&changes);
         Ok(())
@@ -334,27 +375,20 @@ impl Pipeline {
     ) -> Result<(), Broken> {
         match outcome {
             Outcome::Accepted(received) => {
-                self.telemetry.record_adapter_message("accepted", "");
                 let now = monotonic_ns();
-                // The adapter's own CLOCK_MONOTONIC is the kernel's; trust it
-                // when plausible, so that waits are measured where they happen.
-                // Adapters may hold messages back briefly when our queue is
-                // full, so an old timestamp is still the right one; only
-                // the future and the implausibly old are replaced.
-                let ts = received
-                    .message
-                    .mono_ns
-                    .filter(|&t| {
-                        t <= now.saturating_add(1_000_000_000)
-                            && now.saturating_sub(t) < 600_000_000_000
-                    })
-                    .map(|t| t.min(now))
-                    .unwrap_or(now);
                 let outputs = self.state.with(|state| {
-                    state
-                        .tracker
-                        .apply_adapter(received.pid, ts, received.message)
+                    let tracker = &mut state.tracker;
+                    self.learn_process(tracker, received.pid);
+                    let ts = tracker.adapter_time(received.pid, received.message.mono_ns, now);
+                    tracker.apply_adapter(received.pid, ts, received.message)
                 })?;
+                // A refusal by a bound is counted as a rejection instead.
+                if !outputs
+                    .iter()
+                    .any(|o| matches!(o, Output::AdapterRefused { .. }))
+                {
+                    self.telemetry.record_adapter_message("accepted", "");
+                }
                 return self.handle_outputs(&outputs);
             }
             Outcome::Rejected { pid, error } => {

@@ -173,12 +173,23 @@ pub enum LeakChange {
     Resolved(LeakReport),
 }
 
+impl LeakChange {
+    /// The process the report is about.
+    pub fn pid(&self) -> u32 {
+        match self {
+            LeakChange::Opened(r) | LeakChange::Resolved(r) => r.pid,
+        }
+    }
+}
+
 /// Open reports by (connection, kind), and the recently resolved ones.
 #[derive(Debug)]
 pub struct LeakReports {
     next_id: u64,
     open: HashMap<(ConnId, LeakKind), LeakReport>,
     resolved: VecDeque<LeakReport>,
+    /// Resolved reports kept per process, for fair eviction.
+    resolved_per_pid: HashMap<u32, usize>,
     max_resolved: usize,
 }
 
@@ -217,6 +228,7 @@ impl LeakReports {
             next_id: 1,
             open: HashMap::new(),
             resolved: VecDeque::new(),
+            resolved_per_pid: HashMap::new(),
             max_resolved,
         }
     }
@@ -227,11 +239,41 @@ impl LeakReports {
         id
     }
 
+    /// Keeps a resolved report in the bounded history. When it is full, the
+    /// oldest report of the process that holds the most goes: one process's
+    /// flood of reports (any local user can make its own pool report slow
+    /// acquires) replaces its own history, never another's.
     fn keep_resolved(&mut self, report: LeakReport) {
-        if self.resolved.len() >= self.max_resolved {
-            self.resolved.pop_front();
+        if self.max_resolved == 0 {
+            return;
         }
+        if self.resolved.len() >= self.max_resolved {
+            let heaviest = self
+                .resolved_per_pid
+                .iter()
+                .max_by_key(|(pid, n)| (**n, std::cmp::Reverse(**pid)))
+                .map(|(pid, _)| *pid);
+            let at = heaviest
+                .and_then(|pid| self.resolved.iter().position(|r| r.pid == pid))
+                .unwrap_or(0);
+            if let Some(evicted) = self.resolved.remove(at) {
+                self.count_resolved(evicted.pid, false);
+            }
+        }
+        self.count_resolved(report.pid, true);
         self.resolved.push_back(report);
+    }
+
+    fn count_resolved(&mut self, pid: u32, added: bool) {
+        let n = self.resolved_per_pid.entry(pid).or_default();
+        if added {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.resolved_per_pid.remove(&pid);
+            }
+        }
     }
 
     /// Opens reports for new findings, refreshes the open ones, and
@@ -412,6 +454,74 @@ fn refresh(report: &mut LeakReport, conn: &Connection, finding: &Finding, now: u
     report.evidence.clone_from(&finding.evidence);
 }
 
+/// How many report lines (log and OTLP event) one process may cause per
+/// window, and all processes together.
+pub const PUBLISH_PER_PROCESS: u32 = 30;
+pub const PUBLISH_IN_ALL: u32 = 600;
+pub const PUBLISH_WINDOW_NS: u64 = 60_000_000_000;
+
+/// Why a report was kept but not published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpublished {
+    ProcessBudget,
+    GlobalBudget,
+}
+
+impl Unpublished {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unpublished::ProcessBudget => "process_budget",
+            Unpublished::GlobalBudget => "global_budget",
+        }
+    }
+}
+
+/// Rate limits report lines per process and in all, per window: any local
+/// process can make its own pool report thousands of slow acquires, and
+/// its flood must neither fill the log nor crowd out others' reports. The
+/// reports themselves stay in the API; only their lines are limited.
+#[derive(Debug, Default)]
+pub struct PublishBudget {
+    window_start_ns: u64,
+    in_all: u32,
+    per_process: HashMap<u32, u32>,
+    /// Lines held back this window, per process, for one summary line.
+    held_back: HashMap<u32, u64>,
+}
+
+impl PublishBudget {
+    /// Whether a line about process `pid` may go out at `now`. At each new
+    /// window, returns (through `summary`) how many were held back in the
+    /// last one, per process, so that the log says so once.
+    pub fn admit(
+        &mut self,
+        pid: u32,
+        now: u64,
+        summary: &mut Vec<(u32, u64)>,
+    ) -> Result<(), Unpublished> {
+        if now.saturating_sub(self.window_start_ns) >= PUBLISH_WINDOW_NS {
+            summary.extend(self.held_back.drain());
+            self.window_start_ns = now;
+            self.in_all = 0;
+            self.per_process.clear();
+        }
+        let mine = self.per_process.entry(pid).or_default();
+        let verdict = if *mine >= PUBLISH_PER_PROCESS {
+            Err(Unpublished::ProcessBudget)
+        } else if self.in_all >= PUBLISH_IN_ALL {
+            Err(Unpublished::GlobalBudget)
+        } else {
+            *mine += 1;
+            self.in_all += 1;
+            Ok(())
+        };
+        if verdict.is_err() {
+            *self.held_back.entry(pid).or_default() += 1;
+        }
+        verdict
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,5 +700,70 @@ mod tests {
             "{}",
             r.evidence
         );
+    }
+
+    #[test]
+    fn a_flood_of_one_process_replaces_its_own_history_only() {
+        let clock = Clock::new();
+        let mut store = LeakReports::new(100);
+        let mut details = |_: u32, _: Option<u32>| ProcessDetails::default();
+        let slow = |pid: u32| Output::AcquireFinished {
+            pid,
+            pool: "p".into(),
+            wait_ns: 2_000_000_000,
+            result: AcquireResult::Timeout,
+            used_before: 1,
+            pending_before: 0,
+            max: Some(1),
+            tid: None,
+        };
+        let mut observe = |store: &mut LeakReports, outputs: &[Output]| {
+            store.observe_acquires(outputs, 1, &mut details, &|_| "app".into(), 5, &clock)
+        };
+        // Two honest processes, three reports each, then 5,000 from one.
+        for pid in [10, 20] {
+            observe(&mut store, &[slow(pid), slow(pid), slow(pid)]);
+        }
+        let flood: Vec<Output> = (0..5_000).map(|_| slow(666)).collect();
+        observe(&mut store, &flood);
+        let reports = store.reports();
+        assert_eq!(reports.len(), 100);
+        let of = |pid| reports.iter().filter(|r| r.pid == pid).count();
+        assert_eq!((of(10), of(20), of(666)), (3, 3, 94));
+        // The honest ones keep their place as the newest flood arrives.
+        observe(&mut store, &[slow(666)]);
+        assert_eq!(store.reports().iter().filter(|r| r.pid == 10).count(), 3);
+    }
+
+    #[test]
+    fn publication_is_bounded_per_process_and_in_all_per_window() {
+        const S: u64 = 1_000_000_000;
+        let mut budget = PublishBudget::default();
+        let mut summary = Vec::new();
+        let start = 100 * S;
+        let admitted = (0..5_000)
+            .filter(|_| budget.admit(666, start, &mut summary).is_ok())
+            .count();
+        assert_eq!(admitted, PUBLISH_PER_PROCESS as usize);
+        // Another process still gets its lines out.
+        assert_eq!(budget.admit(10, start + S, &mut summary), Ok(()));
+        // Many processes together stop at the global bound.
+        let admitted = (1_000..2_000)
+            .filter(|pid| budget.admit(*pid, start + 2 * S, &mut summary).is_ok())
+            .count();
+        assert_eq!(
+            admitted,
+            (PUBLISH_IN_ALL - PUBLISH_PER_PROCESS - 1) as usize
+        );
+        assert_eq!(
+            budget.admit(10, start + 3 * S, &mut summary),
+            Err(Unpublished::GlobalBudget)
+        );
+        assert!(summary.is_empty());
+        // A new window: budgets refill, and what was held back is told once.
+        assert_eq!(budget.admit(666, start + 61 * S, &mut summary), Ok(()));
+        summary.sort_unstable();
+        assert_eq!(summary.first(), Some(&(10, 1)));
+        assert!(summary.contains(&(666, 5_000 - u64::from(PUBLISH_PER_PROCESS))));
     }
 }

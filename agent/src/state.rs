@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::{
     health::Health,
     lifecycle::Tracker,
-    reports::{LeakReports, Reports},
+    reports::{LeakReports, PublishBudget, Reports},
     telemetry::KernelCounters,
 };
 
@@ -26,6 +26,8 @@ pub struct State {
     pub leaks: LeakReports,
     /// The kernel side's counters at the last housekeeping tick.
     pub kernel: KernelCounters,
+    /// Report lines (log, OTLP events) each process may still cause.
+    pub publish: PublishBudget,
 }
 
 impl State {
@@ -35,6 +37,7 @@ impl State {
             reports,
             leaks,
             kernel: KernelCounters::default(),
+            publish: PublishBudget::default(),
         }
     }
 }

@@ -362,6 +362,11 @@ pub enum Output {
     },
     /// An event that matched nothing and was dropped (counted, not an error).
     Unmatched,
+    /// An adapter message refused by a bound (its sender's share or the
+    /// agent's total), with the reason it is counted under.
+    AdapterRefused {
+        reason: &'static str,
+    },
 }
 
 #[cfg(test)]

@@ -14,12 +14,18 @@ use crate::{
     protocol::{DbSystem, TxState},
 };
 
-/// Acquires waiting per pool that we remember; more means a broken adapter.
-const MAX_PENDING: usize = 10_000;
-/// Adapter messages about connections the kernel has not shown us yet.
+/// Acquires waiting that we remember per process, and in all; more means a
+/// broken (or hostile) adapter.
+const MAX_PENDING_PER_PROCESS: usize = 10_000;
+const MAX_PENDING: usize = 100_000;
+/// Adapter messages about connections the kernel has not shown us yet, per
+/// process and in all.
+const MAX_UNMATCHED_PER_PROCESS: usize = 128;
 const MAX_UNMATCHED: usize = 1024;
 /// How long such a message waits for its connection.
 const UNMATCHED_TTL_NS: u64 = 5_000_000_000;
+/// How far back an adapter's own timestamps are believed.
+const ADAPTER_TIME_TRUSTED_NS: u64 = 600_000_000_000;
 /// Longest an acquire is taken to be waiting without its end.
 const PENDING_TTL_NS: u64 = 300_000_000_000;
 /// Pools per process; more are ignored (pool names become label values).
@@ -212,6 +218,27 @@ impl Tracker {
         self.open.used(pid, pool)
     }
 
+    /// When an adapter message from `pid` happened, from the time it claims
+    /// (`mono_ns`, the kernel's CLOCK_MONOTONIC) and `now`. The claim is
+    /// trusted when plausible, so that waits are measured where they
+    /// happen even for messages an adapter held back briefly; the future,
+    /// anything over 10 minutes old, and anything before the sender's own
+    /// process started are not: a sender cannot date what it reports
+    /// before itself.
+    pub fn adapter_time(&self, pid: u32, claimed_ns: Option<u64>, now_ns: u64) -> u64 {
+        let Some(claimed) = claimed_ns.filter(|&t| {
+            t <= now_ns.saturating_add(1_000_000_000)
+                && now_ns.saturating_sub(t) < ADAPTER_TIME_TRUSTED_NS
+        }) else {
+            return now_ns;
+        };
+        let claimed = claimed.min(now_ns);
+        match self.placements.get(&pid).and_then(|p| p.process_started_ns) {
+            Some(started) => claimed.max(started.min(now_ns)),
+            None => claimed,
+        }
+    }
+
     /// Folds one adapter message (its sender's pid vouched for by the
     /// kernel) into the pools and their connections.
     pub fn apply_adapter(&mut self, pid: u32, ts_ns: u64, message: AdapterMessage) -> Vec<Output> {
@@ -219,12 +246,11 @@ impl Tracker {
         let AdapterMessage { pool, event, .. } = message;
         let key = (pid, pool.clone());
         if !self.pools.contains_key(&key) {
-            let per_process = self.pools_per_pid.entry(pid).or_default();
-            if *per_process >= MAX_POOLS_PER_PROCESS {
-                out.push(Output::Unmatched);
+            if let Err(reason) = self.make_room_for_pool(pid) {
+                out.push(Output::AdapterRefused { reason });
                 return out;
             }
-            *per_process += 1;
+            *self.pools_per_pid.entry(pid).or_default() += 1;
             self.pools.insert(
                 key.clone(),
                 Pool {
@@ -241,17 +267,26 @@ impl Tracker {
                 }
             }
             AdapterEvent::AcquireStart { request, tid } => {
+                let known = self
+                    .pools
+                    .get(&key)
+                    .is_some_and(|p| p.pending.contains_key(&request));
+                if !known {
+                    if let Err(reason) = self.make_room_for_pending(pid) {
+                        out.push(Output::AdapterRefused { reason });
+                        return out;
+                    }
+                }
                 let used_at_start = self.used_connections(pid, &pool);
                 if let Some(p) = self.pools.get_mut(&key) {
-                    if p.pending.len() < MAX_PENDING {
-                        p.pending.insert(
-                            request,
-                            Waiting {
-                                start_ns: ts_ns,
-                                tid,
-                                used_at_start,
-                            },
-                        );
+                    let waiting = Waiting {
+                        start_ns: ts_ns,
+                        tid,
+                        used_at_start,
+                    };
+                    if p.pending.insert(request, waiting).is_none() {
+                        count(&mut self.pending_per_pid, pid, 1);
+                        self.pending_total += 1;
                     }
                 }
             }
@@ -301,6 +336,10 @@ impl Tracker {
         };
         let pending_before = pool.pending.len() as u64;
         let started = pool.pending.remove(&request);
+        if started.is_some() {
+            uncount(&mut self.pending_per_pid, pid, 1);
+            self.pending_total = self.pending_total.saturating_sub(1);
+        }
         match result {
             AcquireResult::Ok => pool.acquires += 1,
             AcquireResult::Timeout => pool.timeouts += 1,
@@ -434,8 +473,9 @@ impl Tracker {
             _ => return,
         };
         let Some(key) = self.find_connection(pid, conn_ref, ts_ns) else {
-            if self.unmatched.len() >= MAX_UNMATCHED {
-                self.pop_unmatched();
+            if let Err(reason) = self.make_room_for_unmatched(pid) {
+                out.push(Output::AdapterRefused { reason });
+                return;
             }
             self.push_unmatched(Unmatched {
                 pid,
@@ -455,10 +495,99 @@ impl Tracker {
         self.unmatched.push_back(u);
     }
 
-    fn pop_unmatched(&mut self) -> Option<Unmatched> {
-        let u = self.unmatched.pop_front()?;
-        self.forget_unmatched(u.pid, 1);
-        Some(u)
+    /// Room for one more early event of `pid`: each process keeps at most
+    /// its share, and when all are taken the process holding the most
+    /// gives up its oldest, so one sender's flood never pushes out
+    /// another's events.
+    fn make_room_for_unmatched(&mut self, pid: u32) -> Result<(), &'static str> {
+        let mine = self.unmatched_per_pid.get(&pid).copied().unwrap_or(0);
+        if mine >= MAX_UNMATCHED_PER_PROCESS {
+            return Err("early_event_limit");
+        }
+        if self.unmatched.len() < MAX_UNMATCHED {
+            return Ok(());
+        }
+        let Some((heaviest, _)) = heaviest_above(&self.unmatched_per_pid, mine) else {
+            return Err("early_event_limit");
+        };
+        if let Some(at) = self.unmatched.iter().position(|u| u.pid == heaviest) {
+            self.unmatched.remove(at);
+            self.forget_unmatched(heaviest, 1);
+        }
+        Ok(())
+    }
+
+    /// Room for one more pool of `pid`: at most 64 per process, and when
+    /// the agent's total is reached, the process with the most pools gives
+    /// one up (the least used) if it has more than `pid` would have.
+    fn make_room_for_pool(&mut self, pid: u32) -> Result<(), &'static str> {
+        let mine = self.pools_per_pid.get(&pid).copied().unwrap_or(0);
+        if mine >= MAX_POOLS_PER_PROCESS {
+            return Err("pool_limit");
+        }
+        if self.pools.len() < self.config.max_pools {
+            return Ok(());
+        }
+        let Some((heaviest, _)) = heaviest_above(&self.pools_per_pid, mine) else {
+            return Err("pool_limit");
+        };
+        let victim = self
+            .pools
+            .iter()
+            .filter(|((p, _), _)| *p == heaviest)
+            .min_by_key(|(_, pool)| {
+                (
+                    pool.acquires + pool.releases + pool.timeouts + pool.errors,
+                    pool.name.clone(),
+                )
+            })
+            .map(|(key, _)| key.clone());
+        if let Some(key) = victim {
+            if let Some(pool) = self.pools.remove(&key) {
+                self.forget_pending(pool.pid, pool.pending.len());
+                uncount(&mut self.pools_per_pid, pool.pid, 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Room for one more waiting acquire of `pid`, shared the same way.
+    fn make_room_for_pending(&mut self, pid: u32) -> Result<(), &'static str> {
+        let mine = self.pending_per_pid.get(&pid).copied().unwrap_or(0);
+        if mine >= MAX_PENDING_PER_PROCESS {
+            return Err("pending_limit");
+        }
+        if self.pending_total < MAX_PENDING {
+            return Ok(());
+        }
+        let Some((heaviest, _)) = heaviest_above(&self.pending_per_pid, mine) else {
+            return Err("pending_limit");
+        };
+        // Any of its waits: finding the oldest would cost a scan of up to
+        // 10,000 per message while the flood lasts.
+        let victim = self
+            .pools
+            .values()
+            .filter(|pool| pool.pid == heaviest)
+            .find_map(|pool| {
+                pool.pending
+                    .keys()
+                    .next()
+                    .map(|request| (pool.name.clone(), *request))
+            });
+        if let Some((name, request)) = victim {
+            if let Some(pool) = self.pools.get_mut(&(heaviest, name)) {
+                if pool.pending.remove(&request).is_some() {
+                    self.forget_pending(heaviest, 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forget_pending(&mut self, pid: u32, n: usize) {
+        uncount(&mut self.pending_per_pid, pid, n);
+        self.pending_total = self.pending_total.saturating_sub(n);
     }
 
     fn forget_unmatched(&mut self, pid: u32, count: usize) {
@@ -496,6 +625,9 @@ impl Tracker {
         if self.pools_per_pid.remove(&pid).is_some() {
             self.pools.retain(|(p, _), _| *p != pid);
         }
+        if let Some(n) = self.pending_per_pid.remove(&pid) {
+            self.pending_total = self.pending_total.saturating_sub(n);
+        }
         if self.unmatched_per_pid.remove(&pid).is_some() {
             self.unmatched.retain(|u| u.pid != pid);
         }
@@ -514,11 +646,43 @@ impl Tracker {
         }
         // An acquire whose end never arrived (a lost message, a crashed
         // caller) must not count as waiting forever.
+        let mut expired = Vec::new();
         for pool in self.pools.values_mut() {
+            let before = pool.pending.len();
             pool.pending
                 .retain(|_, w| now_ns.saturating_sub(w.start_ns) <= PENDING_TTL_NS);
+            if pool.pending.len() < before {
+                expired.push((pool.pid, before - pool.pending.len()));
+            }
+        }
+        for (pid, n) in expired {
+            self.forget_pending(pid, n);
         }
     }
+}
+
+fn count(counts: &mut HashMap<u32, usize>, pid: u32, n: usize) {
+    *counts.entry(pid).or_default() += n;
+}
+
+fn uncount(counts: &mut HashMap<u32, usize>, pid: u32, n: usize) {
+    if let Some(have) = counts.get_mut(&pid) {
+        *have = have.saturating_sub(n);
+        if *have == 0 {
+            counts.remove(&pid);
+        }
+    }
+}
+
+/// The process holding the most, if it holds more than one past `mine`
+/// (giving one up then still leaves it at least as much as the asker).
+/// Scans every process: only called when a bound is reached.
+fn heaviest_above(counts: &HashMap<u32, usize>, mine: usize) -> Option<(u32, usize)> {
+    counts
+        .iter()
+        .map(|(pid, n)| (*pid, *n))
+        .max_by_key(|(pid, n)| (*n, std::cmp::Reverse(*pid)))
+        .filter(|(_, n)| *n > mine + 1)
 }
 
 /// What an adapter event tells about its connection.

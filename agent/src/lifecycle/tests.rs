@@ -442,7 +442,7 @@ fn expire_drops_old_closed_connections_and_bounds_them() {
         closed_retention_ns: 1_000,
         max_closed: 2,
         exit_memory_ns: 1_000,
-        raw_queries: false,
+        ..TrackerConfig::default()
     });
     for fd in 0..5 {
         let c = id(PID, fd, 10);
@@ -974,4 +974,195 @@ fn postgres_transaction_status_from_start_up_and_request_until_its_end() {
     assert!(!conn.awaiting_response, "{conn:?}");
     assert_eq!(conn.tx_state, Some(TxState::InTransaction));
     assert_eq!(conn.round_trips, 1);
+}
+
+// Fair shares: any local process may send adapter messages, so each bound
+// is per sender and global, and one sender's flood never pushes out another.
+
+fn refused(out: &[Output]) -> Option<&'static str> {
+    out.iter().find_map(|o| match o {
+        Output::AdapterRefused { reason } => Some(*reason),
+        _ => None,
+    })
+}
+
+fn pool_names_of(t: &Tracker, pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = t
+        .pools()
+        .filter(|p| p.pid == pid)
+        .map(|p| p.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_pool_flood_never_leaves_a_legitimate_process_without_its_pool() {
+    let mut t = Tracker::new(TrackerConfig {
+        max_pools: 256,
+        ..TrackerConfig::default()
+    });
+    let register = |name: &str| adapter(name, AdapterEvent::Register(Default::default()));
+    // 200 processes try 64 pools each: each gets its own 64 at most, and
+    // together they stop at the global bound.
+    for pid in 10_000..10_200 {
+        for n in 0..70 {
+            let out = t.apply_adapter(pid, 1, register(&format!("p{n}")));
+            if n >= 64 {
+                assert_eq!(refused(&out), Some("pool_limit"));
+            }
+        }
+    }
+    assert_eq!(t.pools().count(), 256);
+    // Shares even out: nobody keeps more than two more than another.
+    let mut per: HashMap<u32, usize> = HashMap::new();
+    for p in t.pools() {
+        *per.entry(p.pid).or_default() += 1;
+    }
+    let (min, max) = (
+        per.values().min().copied().unwrap_or(0),
+        per.values().max().copied().unwrap_or(0),
+    );
+    assert!(max <= 2, "shares {min}..{max}");
+    // A legitimate process still registers its pool, taken from the
+    // heaviest holder, and keeps it whatever comes after.
+    let out = t.apply_adapter(42, 2, register("orders"));
+    assert_eq!(refused(&out), None);
+    assert_eq!(pool_names_of(&t, 42), vec!["orders".to_string()]);
+    for pid in 20_000..20_500 {
+        t.apply_adapter(pid, 3, register("more"));
+    }
+    assert_eq!(pool_names_of(&t, 42), vec!["orders".to_string()]);
+    assert_eq!(t.pools().count(), 256);
+}
+
+#[test]
+fn waiting_acquires_are_bounded_per_process_and_shared_fairly() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let start = |request| AdapterEvent::AcquireStart { request, tid: None };
+    let mut refusals = 0;
+    for request in 0..10_050 {
+        if refused(&t.apply_adapter(7, 1, adapter("p", start(request)))).is_some() {
+            refusals += 1;
+        }
+    }
+    assert_eq!(refusals, 50, "10,000 waiting per process");
+    // Ten more flooders fill the global bound of 100,000...
+    for pid in 100..110 {
+        for request in 0..10_000 {
+            t.apply_adapter(pid, 2, adapter("p", start(request)));
+        }
+    }
+    assert_eq!(t.pending_total, 100_000);
+    // ...each ending with an even share, taken from the heaviest.
+    let shares: Vec<usize> = t.pending_per_pid.values().copied().collect();
+    assert!(
+        shares.iter().all(|n| (9_090..=9_092).contains(n)),
+        "{shares:?}"
+    );
+    // A quiet process's acquire still waits, at a flooder's expense.
+    let out = t.apply_adapter(42, 3, adapter("orders", start(1)));
+    assert_eq!(refused(&out), None);
+    assert_eq!(t.pending_total, 100_000);
+    let out = t.apply_adapter(
+        42,
+        5_000_000_003,
+        adapter(
+            "orders",
+            AdapterEvent::AcquireEnd {
+                request: 1,
+                result: AcquireResult::Timeout,
+                conn: ConnRef::default(),
+                tid: None,
+            },
+        ),
+    );
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::AcquireFinished {
+            pid: 42,
+            wait_ns: 5_000_000_000,
+            ..
+        }
+    )));
+    // A process that exits gives its share back.
+    let share = t.pending_per_pid[&7];
+    t.apply(Event {
+        ts_ns: 10,
+        conn: ConnId {
+            pid: 7,
+            fd: -1,
+            generation: 0,
+        },
+        kind: EventKind::ProcessExit { comm: "x".into() },
+    });
+    assert_eq!(t.pending_total, 100_000 - 1 - share);
+    let counted: usize = t.pools().map(|p| p.pending_count()).sum();
+    assert_eq!(counted, t.pending_total);
+    assert!(!t.pending_per_pid.contains_key(&7));
+}
+
+#[test]
+fn early_events_are_shared_per_process() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let release = |fd| AdapterEvent::Release {
+        conn: ConnRef {
+            local: None,
+            fd: Some(fd),
+        },
+    };
+    // A flooder names connections that do not exist: its share is 128.
+    let refusals = (0..1_000)
+        .filter(|fd| refused(&t.apply_adapter(666, 1, adapter("p", release(*fd)))).is_some())
+        .count();
+    assert_eq!(refusals, 1_000 - 128);
+    // A legitimate process's early release waits for its connection and is
+    // applied when the kernel shows it.
+    t.apply_adapter(
+        PID,
+        1_050,
+        adapter(
+            "p",
+            AdapterEvent::AcquireEnd {
+                request: 1,
+                result: AcquireResult::Ok,
+                conn: ConnRef {
+                    local: None,
+                    fd: Some(FD),
+                },
+                tid: None,
+            },
+        ),
+    );
+    t.apply(connect(1_000, id(PID, FD, 1_000), 0));
+    let conn = t
+        .open_connections()
+        .find(|c| c.id.pid == PID)
+        .expect("conn");
+    assert_eq!(conn.pool.as_deref(), Some("p"));
+    assert_eq!(conn.checked_out_at_ns, Some(1_050));
+}
+
+#[test]
+fn adapter_times_are_never_before_the_sender_started_nor_far_back() {
+    const S: u64 = 1_000_000_000;
+    let mut t = Tracker::new(TrackerConfig::default());
+    let now = 10_000 * S;
+    t.set_placement(
+        7,
+        crate::procfs::Placement {
+            process_started_ns: Some(now - 100 * S),
+            ..Default::default()
+        },
+    );
+    // Plausible claims are believed.
+    assert_eq!(t.adapter_time(7, Some(now - 5 * S), now), now - 5 * S);
+    // Older than the sender itself: its start.
+    assert_eq!(t.adapter_time(7, Some(now - 500 * S), now), now - 100 * S);
+    // Far back or in the future: the time of receipt.
+    assert_eq!(t.adapter_time(7, Some(now - 700 * S), now), now);
+    assert_eq!(t.adapter_time(7, Some(now + 5 * S), now), now);
+    assert_eq!(t.adapter_time(7, None, now), now);
+    // A sender whose start is unknown is bounded by the 10 minutes only.
+    assert_eq!(t.adapter_time(8, Some(now - 500 * S), now), now - 500 * S);
 }

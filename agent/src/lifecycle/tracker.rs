@@ -30,6 +30,8 @@ pub struct TrackerConfig {
     pub exit_memory_ns: u64,
     /// Keep query text as sent instead of sanitizing literals away.
     pub raw_queries: bool,
+    /// Adapter pools of all processes together (each process at most 64).
+    pub max_pools: usize,
 }
 
 impl Default for TrackerConfig {
@@ -39,6 +41,7 @@ impl Default for TrackerConfig {
             max_closed: 4096,
             exit_memory_ns: 10_000_000_000,
             raw_queries: false,
+            max_pools: 1024,
         }
     }
 }
@@ -67,6 +70,9 @@ pub struct Tracker {
     unmatched_per_pid: HashMap<u32, usize>,
     /// How many pools each process has (pools are bounded per process).
     pools_per_pid: HashMap<u32, usize>,
+    /// Acquires waiting, per process and in all (bounded both ways).
+    pub(super) pending_per_pid: HashMap<u32, usize>,
+    pub(super) pending_total: usize,
 }
 
 /// How an event's generation relates to the connection now on its (pid, fd).

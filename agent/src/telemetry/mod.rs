@@ -106,6 +106,7 @@ pub struct Telemetry {
     pool_create_time: Histogram<f64>,
     adapter_messages: Counter<u64>,
     leak_reports: Counter<u64>,
+    unpublished: Counter<u64>,
     server_attributes: ServerAttributes,
 }
 
@@ -402,6 +403,11 @@ impl Telemetry {
                 .with_description("Leak, slow-holder and slow-acquire reports opened, by kind")
                 .with_unit("{report}")
                 .build(),
+            unpublished: meter
+                .u64_counter("poolscope.reports.unpublished")
+                .with_description("Report lines (log and OTLP event) held back by the per-process or global budget; the reports stay in the API")
+                .with_unit("{report}")
+                .build(),
             pool_wait_time: meter
                 .f64_histogram("db.client.connection.wait_time")
                 .with_description("Time a pool acquire waited for a connection")
@@ -515,6 +521,9 @@ impl Telemetry {
                 | Output::NotDatabase { .. }
                 | Output::Detected { .. } => {}
                 Output::Unmatched => self.events_unmatched.add(1, &[]),
+                Output::AdapterRefused { reason } => {
+                    self.record_adapter_message("rejected", reason)
+                }
             }
         }
     }
@@ -534,6 +543,11 @@ impl Telemetry {
                     .add(1, &[KeyValue::new("kind", report.kind.as_str())]);
             }
         }
+    }
+
+    pub fn record_unpublished(&self, why: crate::reports::Unpublished) {
+        self.unpublished
+            .add(1, &[KeyValue::new("reason", why.as_str())]);
     }
 
     pub fn record_decode_error(&self) {
@@ -1150,6 +1164,7 @@ mod tests {
         telemetry.record(&outputs);
         telemetry.record_decode_error();
         telemetry.record_adapter_message("accepted", "");
+        telemetry.record_unpublished(crate::reports::Unpublished::ProcessBudget);
         telemetry.record_leak_changes(&changes);
         telemetry
     }

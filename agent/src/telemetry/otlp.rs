@@ -203,6 +203,27 @@ fn export_loop(
     }
 }
 
+/// Events a local process can cause in any number by reporting its own pool
+/// (or running slow queries), as opposed to leak reports, which need a
+/// connection held for the leak threshold.
+fn is_bulk_event(name: Option<&str>) -> bool {
+    matches!(
+        name,
+        Some("poolscope.acquire.slow" | "poolscope.query.slow")
+    )
+}
+
+/// Whether an event fits the queue holding `queued` of `capacity`: bulk
+/// events may fill three quarters of it, the rest all of it.
+fn queue_admits(queued: u64, capacity: usize, name: Option<&str>) -> bool {
+    let bound = if is_bulk_event(name) {
+        capacity - capacity / 4
+    } else {
+        capacity
+    };
+    queued < bound as u64
+}
+
 impl LogProcessor for QueueProcessor {
     fn emit(&self, data: &mut SdkLogRecord, instrumentation: &InstrumentationScope) {
         let Ok(sender) = self.sender.lock() else {
@@ -213,8 +234,11 @@ impl LogProcessor for QueueProcessor {
             return;
         };
         // The bound covers what waits in the channel and the batch being
-        // exported: both hold memory.
-        if self.counters.events_queued.load(Ordering::Relaxed) >= self.capacity as u64 {
+        // exported: both hold memory. Events any sender can make in bulk
+        // (slow acquires and slow queries) get only part of it, so that
+        // leak reports still fit when they flood.
+        let queued = self.counters.events_queued.load(Ordering::Relaxed);
+        if !queue_admits(queued, self.capacity, data.event_name()) {
             self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -473,6 +497,18 @@ impl OtlpExport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_slow_acquires_leaves_room_for_leak_reports() {
+        let slow = Some("poolscope.acquire.slow");
+        let leak = Some("poolscope.leak.opened");
+        assert!(queue_admits(749, 1000, slow));
+        assert!(!queue_admits(750, 1000, slow));
+        assert!(!queue_admits(750, 1000, Some("poolscope.query.slow")));
+        assert!(queue_admits(750, 1000, leak));
+        assert!(queue_admits(999, 1000, leak));
+        assert!(!queue_admits(1000, 1000, leak));
+    }
 
     #[test]
     fn protocols_parse_as_the_environment_spells_them() {
