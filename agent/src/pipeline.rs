@@ -546,7 +546,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         telemetry: Arc::clone(&telemetry),
         clock,
     };
-    let server = tokio::spawn(api::serve(config.http.listen, api_state));
+    let server = tokio::spawn(api::serve(config.http.clone(), api_state));
 
     let result = tokio::select! {
         r = server => r.context("HTTP task failed")?,
