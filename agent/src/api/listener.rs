@@ -93,6 +93,40 @@ struct Shared {
     reserved: Reserved,
 }
 
+/// Raises the soft fd limit to the hard one (systemd and container runtimes
+/// often start services at 1,024 soft with a far higher hard limit), and
+/// warns when the result leaves little room beside `max_connections`: the
+/// BPF maps, programs and sockets of the rest of the agent need fds too.
+pub fn raise_fd_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into memory we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit from memory we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = (max_connections + RESERVED_SLOTS) as u64 + 512;
+    if limit.rlim_cur < needed {
+        log::warn!(
+            "the fd limit is {} (RLIMIT_NOFILE), less than [http] max_connections = {} needs \
+             beside the agent's own fds ({needed}): raise LimitNOFILE or lower max_connections",
+            limit.rlim_cur,
+            max_connections
+        );
+    }
+}
+
 /// Serves `app` on `listener` until the task is dropped. Only a failure to
 /// run at all returns; errors of single connections are theirs alone.
 pub async fn run(listener: TcpListener, app: Router, limits: Limits) -> anyhow::Result<()> {

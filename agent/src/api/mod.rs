@@ -298,6 +298,7 @@ pub fn router(state: ApiState) -> Router {
 /// Serves the API with the limits and token of `[http]` (see `listener`).
 pub async fn serve(http: HttpConfig, state: ApiState) -> anyhow::Result<()> {
     let listen = http.listen;
+    listener::raise_fd_limit(http.max_connections);
     let token = http
         .bearer_token()
         .map_err(|(key, reason)| anyhow::anyhow!("bad value for `{key}` in [http]: {reason}"))?;
