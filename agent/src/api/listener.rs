@@ -508,6 +508,90 @@ mod tests {
         }
     }
 
+    /// One HTTP/1.0 GET: the status, or 0 when the connection closed first.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let exchange = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream
+                .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await?;
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await?;
+            Ok::<_, io::Error>(raw)
+        };
+        let raw = timeout(Duration::from_secs(2), exchange)
+            .await
+            .expect("answered within 2 s")
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+        (status, body.unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn probes_are_served_when_half_open_connections_hold_every_slot() {
+        use axum::routing::get as route;
+        let app = Router::new()
+            .route("/healthz", route(|| async { "ok\n" }))
+            .route("/api", route(|| async { "api\n" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let server = tokio::spawn(run(listener, app, limits));
+        // Every general and reserved slot taken by half a request line.
+        let mut hogs = Vec::new();
+        for _ in 0..limits.max_connections + RESERVED_SLOTS {
+            let mut hog = TcpStream::connect(addr).await.expect("connect");
+            hog.write_all(b"GET /api HT").await.expect("write");
+            hogs.push(hog);
+        }
+        sleep(Duration::from_millis(100)).await;
+
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_owned()));
+        assert_eq!(get(addr, "/api").await.0, 503);
+        // The probe evicted the oldest reserved hog; the header-read timeout
+        // (general slots) and the request-line deadline (reserved) close
+        // the rest.
+        for (i, hog) in hogs.iter_mut().enumerate() {
+            let mut byte = [0u8; 64];
+            let read = timeout(Duration::from_secs(3), hog.read(&mut byte)).await;
+            assert!(
+                matches!(read, Ok(Ok(0) | Err(_))),
+                "hog {i} still open: {read:?}"
+            );
+        }
+        assert_eq!(get(addr, "/api").await, (200, "api\n".to_owned()));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_connection_where_nothing_moves_is_closed() {
+        use axum::routing::get as route;
+        // A response that never comes stands for a client that never reads.
+        let app = Router::new().route("/stall", route(std::future::pending::<&'static str>));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_millis(300),
+        };
+        let server = tokio::spawn(run(listener, app, limits));
+        let started = Instant::now();
+        assert_eq!(get(addr, "/stall").await.0, 0, "closed without an answer");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        server.abort();
+    }
+
     #[test]
     fn a_newcomer_evicts_the_oldest_reserved_slot() {
         let reserved = Reserved::new(2);
