@@ -21,7 +21,14 @@ pub const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 const TOP_KEYS: &[&str] = &[
     "http", "kernel", "tracking", "queries", "adapter", "leaks", "otlp", "log",
 ];
-const HTTP_KEYS: &[&str] = &["listen"];
+const HTTP_KEYS: &[&str] = &[
+    "listen",
+    "max_connections",
+    "header_read_timeout_seconds",
+    "idle_timeout_seconds",
+    "bearer_token",
+    "bearer_token_file",
+];
 const KERNEL_KEYS: &[&str] = &[
     "ring_buffer_bytes",
     "mount_tracefs",
@@ -81,6 +88,103 @@ pub struct Config {
 pub struct HttpConfig {
     /// Address of the HTTP API, `/metrics` and the web view.
     pub listen: SocketAddr,
+    /// Concurrent HTTP connections served; beyond it only `/healthz` and
+    /// `/metrics` are answered (on a few reserved slots), the rest get 503.
+    pub max_connections: usize,
+    /// A request's line and headers must arrive within this; it is also how
+    /// long a kept-alive connection may wait for its next request.
+    pub header_read_timeout_seconds: f64,
+    /// A connection on which nothing is read or written for this long is
+    /// closed (a client that stops reading its response).
+    pub idle_timeout_seconds: f64,
+    /// Token that `/api/*` requests must send as `Authorization: Bearer`.
+    /// `/`, `/healthz` and `/metrics` stay open. Prefer `bearer_token_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<Secret>,
+    /// File holding the token (surrounding whitespace ignored), read at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<std::path::PathBuf>,
+}
+
+/// A configured secret: compared and used, never printed by `{:?}`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl HttpConfig {
+    /// The `/api/*` token, from `bearer_token` or `bearer_token_file`, or
+    /// `None` when the API is open. The error names the key at fault.
+    pub fn bearer_token(&self) -> std::result::Result<Option<String>, (&'static str, String)> {
+        let (key, text) = match (&self.bearer_token, &self.bearer_token_file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err((
+                    "bearer_token",
+                    "set either bearer_token or bearer_token_file, not both".to_owned(),
+                ))
+            }
+            (Some(token), None) => ("bearer_token", token.0.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    (
+                        "bearer_token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                ("bearer_token_file", text)
+            }
+        };
+        let token = text.trim();
+        if token.is_empty() {
+            return Err((key, "the token is empty".to_owned()));
+        }
+        // What an Authorization header can carry as one word, compared as is.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err((
+                key,
+                "the token must be printable ASCII without spaces".to_owned(),
+            ));
+        }
+        Ok(Some(token.to_owned()))
+    }
+
+    fn validate(&self) -> std::result::Result<(), Invalid> {
+        let invalid = |key, reason| Invalid {
+            section: "http",
+            key,
+            reason,
+        };
+        // Fds are the limit that matters; the unit raises them to 65536.
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(invalid(
+                "max_connections",
+                format!("{} is not between 1 and 1000000", self.max_connections),
+            ));
+        }
+        for (key, value) in [
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+        ] {
+            if !(0.1..=3600.0).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("{value} is not between 0.1 and 3600 seconds"),
+                ));
+            }
+        }
+        self.bearer_token()
+            .map(|_| ())
+            .map_err(|(key, reason)| invalid(key, reason))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -324,6 +428,11 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9464)),
+            max_connections: 256,
+            header_read_timeout_seconds: 5.0,
+            idle_timeout_seconds: 30.0,
+            bearer_token: None,
+            bearer_token_file: None,
         }
     }
 }
@@ -447,6 +556,7 @@ impl Config {
     }
 
     fn validate(&self) -> std::result::Result<(), Invalid> {
+        self.http.validate()?;
         let bytes = self.kernel.ring_buffer_bytes;
         // A power of two is a multiple of 4096 exactly when it is >= 4096.
         if !bytes.is_power_of_two() || bytes < 4096 {
@@ -775,6 +885,10 @@ mod tests {
     const FULL: &str = r#"
 [http]
 listen = "0.0.0.0:9000"
+max_connections = 10
+header_read_timeout_seconds = 2.5
+idle_timeout_seconds = 7.0
+bearer_token = "s3cret-token"
 
 [kernel]
 ring_buffer_bytes = 262144
@@ -828,6 +942,11 @@ level = "debug"
         Config {
             http: HttpConfig {
                 listen: "0.0.0.0:9000".parse().expect("addr"),
+                max_connections: 10,
+                header_read_timeout_seconds: 2.5,
+                idle_timeout_seconds: 7.0,
+                bearer_token: Some(Secret("s3cret-token".into())),
+                bearer_token_file: None,
             },
             kernel: KernelConfig {
                 ring_buffer_bytes: 262144,
@@ -919,8 +1038,11 @@ level = "debug"
 
     #[test]
     fn key_lists_match_the_structs() {
-        // Every listed key is accepted where it is listed...
-        let text = toml::to_string(&Config::default()).expect("serialize");
+        // Every listed key is accepted where it is listed (optional keys
+        // appear only when set; both token keys are set here).
+        let mut all = full();
+        all.http.bearer_token_file = Some("/tmp/token".into());
+        let text = toml::to_string(&all).expect("serialize");
         let value: toml::Table = text.parse().expect("parse");
         let mut top: Vec<_> = value.keys().cloned().collect();
         top.sort();
@@ -946,7 +1068,8 @@ level = "debug"
         assert_eq!(
             err("# poolscope\n[http]\nlistn = \"127.0.0.1:1\"\n"),
             "config /etc/poolscope.toml line 3: unknown key `listn` in [http] \
-             (expected one of: listen)"
+             (expected one of: listen, max_connections, header_read_timeout_seconds, \
+             idle_timeout_seconds, bearer_token, bearer_token_file)"
         );
         assert_eq!(
             err("[kernel]\nring_buffer_bytes = 4096\n\n[htp]\n"),
@@ -1123,5 +1246,76 @@ level = "debug"
             .expect_err("overflow");
         assert!(e.to_string().contains("slow_threshold_ms"), "{e}");
         assert!(e.to_string().contains("too large"), "{e}");
+    }
+    #[test]
+    fn bearer_token_errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("poolscope-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let good = dir.join("token");
+        std::fs::write(&good, "  abc-123\n").expect("write");
+        let blank = dir.join("blank");
+        std::fs::write(&blank, "\n").expect("write");
+        let missing = dir.join("missing");
+        let parse = |text: &str| Config::from_toml_str(text, "x");
+
+        let c = parse(&format!(
+            "[http]\nbearer_token_file = {:?}\n",
+            good.display().to_string()
+        ))
+        .expect("file");
+        assert_eq!(c.http.bearer_token(), Ok(Some("abc-123".to_owned())));
+        let c = parse("[http]\nbearer_token = \"t0k\"\n").expect("inline");
+        assert_eq!(c.http.bearer_token(), Ok(Some("t0k".to_owned())));
+        assert!(!format!("{c:?}").contains("t0k"), "Debug shows the token");
+        assert_eq!(Config::default().http.bearer_token(), Ok(None));
+
+        let both = format!(
+            "[http]\nbearer_token = \"a\"\nbearer_token_file = {:?}\n",
+            good.display().to_string()
+        );
+        for (text, key, why) in [
+            (both, "bearer_token", "not both"),
+            (
+                "[http]\nbearer_token = \"\"\n".to_owned(),
+                "bearer_token",
+                "empty",
+            ),
+            (
+                "[http]\nbearer_token = \"a b\"\n".to_owned(),
+                "bearer_token",
+                "printable",
+            ),
+            (
+                format!(
+                    "[http]\nbearer_token_file = {:?}\n",
+                    blank.display().to_string()
+                ),
+                "bearer_token_file",
+                "empty",
+            ),
+            (
+                format!(
+                    "[http]\nbearer_token_file = {:?}\n",
+                    missing.display().to_string()
+                ),
+                "bearer_token_file",
+                "cannot read",
+            ),
+            (
+                "[http]\nmax_connections = 0\n".to_owned(),
+                "max_connections",
+                "between",
+            ),
+            (
+                "[http]\nheader_read_timeout_seconds = 0.0\n".to_owned(),
+                "header_read_timeout_seconds",
+                "between",
+            ),
+        ] {
+            let e = format!("{:#}", parse(&text).expect_err(&text));
+            assert!(e.contains(&format!("`{key}` in [http]")), "{e}");
+            assert!(e.contains(why), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

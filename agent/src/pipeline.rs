@@ -586,7 +586,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         telemetry: Arc::clone(&telemetry),
         clock,
     };
-    tasks.spawn("HTTP server", api::serve(config.http.listen, api_state));
+    tasks.spawn("HTTP server", api::serve(config.http.clone(), api_state));
     tasks.spawn(
         "event reader",
         read_events(

@@ -17,7 +17,7 @@ What it rebuilds, in the order systemd applies it:
                ProtectHome=yes, PrivateTmp=yes, PrivateDevices=yes (a /dev of
                pseudo devices), RuntimeDirectory= (a writable tmpfs owned by
                the service user, mode RuntimeDirectoryMode=)
-  limits       LimitMEMLOCK=, MemoryDenyWriteExecute=yes (PR_SET_MDWE, the
+  limits       LimitMEMLOCK=, LimitNOFILE=, MemoryDenyWriteExecute=yes (PR_SET_MDWE, the
                kernel feature systemd 254+ uses)
   identity     DynamicUser=yes or User= (as `nobody`), CapabilityBoundingSet=,
                AmbientCapabilities=, NoNewPrivileges=yes (setpriv)
@@ -55,7 +55,7 @@ HANDLED = {
     "Type", "ExecStart", "Restart", "RestartSec", "TimeoutStopSec", "Description",
     "Documentation", "After", "Wants", "Requires", "WantedBy", "Environment",
     "DynamicUser", "User", "Group", "CapabilityBoundingSet", "AmbientCapabilities",
-    "NoNewPrivileges", "LimitMEMLOCK", "ProtectSystem", "RuntimeDirectory",
+    "NoNewPrivileges", "LimitMEMLOCK", "LimitNOFILE", "ProtectSystem", "RuntimeDirectory",
     "RuntimeDirectoryMode", "ProtectHome", "PrivateTmp", "PrivateDevices",
     "PrivateMounts", "UMask", "ProtectKernelModules", "ProtectKernelTunables",
     "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "ProtectHostname",
@@ -191,6 +191,14 @@ def stage_mounts(unit, command):
             # Raising a hard limit needs CAP_SYS_RESOURCE, which PID 1 has
             # and some containers lack; kernels from 5.11 on ignore it.
             print(f"unit-sandbox: not reproduced: LimitMEMLOCK={memlock} ({e})", file=sys.stderr)
+    nofile = last(s, "LimitNOFILE")
+    if nofile:
+        value = resource.RLIM_INFINITY if nofile == "infinity" else int(nofile)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (value, value))
+        except (ValueError, OSError) as e:
+            # Above the current hard limit it needs CAP_SYS_RESOURCE too.
+            print(f"unit-sandbox: not reproduced: LimitNOFILE={nofile} ({e})", file=sys.stderr)
     if yes(s, "MemoryDenyWriteExecute"):
         libc = ctypes.CDLL(None, use_errno=True)
         # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN: kept across fork and exec.

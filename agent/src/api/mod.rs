@@ -1,6 +1,9 @@
 //! The HTTP surface: /metrics, /healthz and the JSON API, on one listener.
 
-use std::{net::SocketAddr, ops::Bound, sync::Arc};
+mod auth;
+pub mod listener;
+
+use std::{ops::Bound, sync::Arc};
 
 use axum::{
     extract::{Query, State},
@@ -13,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::{monotonic_ns, Clock},
+    config::HttpConfig,
     health::{Health, Verdict},
     lifecycle::PoolView,
     lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint},
@@ -297,14 +301,30 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(listen: SocketAddr, state: ApiState) -> anyhow::Result<()> {
+/// Serves the API with the limits and token of `[http]` (see `listener`).
+pub async fn serve(http: HttpConfig, state: ApiState) -> anyhow::Result<()> {
+    let listen = http.listen;
+    listener::raise_fd_limit(http.max_connections);
+    let token = http
+        .bearer_token()
+        .map_err(|(key, reason)| anyhow::anyhow!("bad value for `{key}` in [http]: {reason}"))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    log::info!("HTTP API on http://{listen} (/metrics, /healthz, /api/v1/{{connections,pools,leaks,queries/slow}})");
-    axum::serve(listener, router(state))
-        .await
-        .map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
+    if token.is_none() && !listen.ip().is_loopback() {
+        log::warn!(
+            "HTTP API on {listen}, beyond loopback, without a token: anyone who reaches it can \
+             read every connection and query; set [http] bearer_token_file"
+        );
+    }
+    log::info!(
+        "HTTP API on http://{listen} (/metrics, /healthz, /api/v1/{{connections,pools,leaks,queries/slow}}{}); \
+         at most {} connections",
+        if token.is_some() { " with a bearer token" } else { "" },
+        http.max_connections
+    );
+    let app = auth::require_token(router(state), token);
+    listener::run(listener, app, listener::Limits::from_config(&http)).await
 }
 
 /// The page a person opens first: pools, connections and open leak
