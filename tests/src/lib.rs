@@ -1110,6 +1110,50 @@ pub fn metric_samples(metrics: &str, selector: &str) -> Vec<f64> {
 
 /// Python interpreter for the client: the system one when there is one, so
 /// that the process is `python3` itself rather than a version-manager shim.
+/// The unprivileged user that attack tests run their attackers as.
+pub const FUZZ_USER: &str = "poolscope-fuzz";
+
+/// uid and gid of [`FUZZ_USER`], created (as a system user without a home
+/// or a shell) if missing: CI machines have it only if a test makes it.
+pub fn unprivileged_user() -> (u32, u32) {
+    let exists = Command::new("id")
+        .arg(FUZZ_USER)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !exists {
+        let out = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                FUZZ_USER,
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run useradd to create {FUZZ_USER}: {e}"));
+        assert!(
+            out.status.success(),
+            "useradd {FUZZ_USER} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id")
+            .args([flag, FUZZ_USER])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run id: {e}"));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("id {flag} {FUZZ_USER}: {e}"))
+    };
+    let (uid, gid) = (id("-u"), id("-g"));
+    assert_ne!(uid, 0, "{FUZZ_USER} must not be root");
+    (uid, gid)
+}
+
 pub fn python3() -> PathBuf {
     let system = Path::new("/usr/bin/python3");
     if system.exists() {

@@ -17,10 +17,10 @@ use std::{
 };
 
 use poolscope_tests::{
-    agent_bin, python3, require_kernel, wait_until, Agent, ConnectionsResponse, TempDir, Value,
+    agent_bin, python3, require_kernel, unprivileged_user, wait_until, Agent, ConnectionsResponse,
+    TempDir, Value,
 };
 
-const FUZZ_USER: &str = "poolscope-fuzz";
 /// Half-open connections the attacker holds (the issue's figure).
 const HALF_OPEN: usize = 1_000;
 /// The agent's fd limit during the attack: the 1,024 of the issue's report,
@@ -69,41 +69,6 @@ for _ in sys.stdin:
             still_open += 1
     print(json.dumps({"closed": closed, "open": still_open, "answered": answered}), flush=True)
 "#;
-
-/// uid and gid of [`FUZZ_USER`], created if missing.
-fn fuzz_user() -> (u32, u32) {
-    let exists = Command::new("id")
-        .arg(FUZZ_USER)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    if !exists {
-        let out = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                FUZZ_USER,
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run useradd to create {FUZZ_USER}: {e}"));
-        assert!(
-            out.status.success(),
-            "useradd {FUZZ_USER} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let id = |flag: &str| -> u32 {
-        let out = Command::new("id").args([flag, FUZZ_USER]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
-    let (uid, gid) = (id("-u"), id("-g"));
-    assert_ne!(uid, 0, "{FUZZ_USER} must not be root");
-    (uid, gid)
-}
 
 struct Attacker {
     child: Child,
@@ -213,7 +178,7 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
     if !require_kernel() {
         return;
     }
-    let (uid, gid) = fuzz_user();
+    let (uid, gid) = unprivileged_user();
     let agent = Agent::start_with_config(
         &format!(
             "[http]\nmax_connections = {MAX_CONNECTIONS}\n\
