@@ -50,7 +50,14 @@ const QUERIES_KEYS: &[&str] = &[
     "raw_text",
     "max_slow_kept",
 ];
-const ADAPTER_KEYS: &[&str] = &["enabled", "socket", "socket_mode", "min_queue_datagrams"];
+const ADAPTER_KEYS: &[&str] = &[
+    "enabled",
+    "socket",
+    "socket_mode",
+    "min_queue_datagrams",
+    "allowed_uids",
+    "allowed_gids",
+];
 const LEAKS_KEYS: &[&str] = &[
     "leak_threshold_seconds",
     "quiet_seconds",
@@ -270,6 +277,10 @@ pub struct AdapterConfig {
     /// that a pool's burst of messages is queued rather than refused
     /// (0: leave the system setting alone).
     pub min_queue_datagrams: u32,
+    /// When either list is set, only root and these uids or primary gids
+    /// may send (others are rejected and counted); empty: everyone.
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
 }
 
 impl Default for AdapterConfig {
@@ -279,11 +290,21 @@ impl Default for AdapterConfig {
             socket: "/run/poolscope/adapter.sock".into(),
             socket_mode: "0666".into(),
             min_queue_datagrams: 1024,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }
 
 impl AdapterConfig {
+    /// Who may send, from the allow-lists.
+    pub fn senders(&self) -> crate::adapter::server::Senders {
+        crate::adapter::server::Senders {
+            uids: self.allowed_uids.clone(),
+            gids: self.allowed_gids.clone(),
+        }
+    }
+
     /// `socket_mode` as a number; validated at load.
     pub fn mode(&self) -> u32 {
         u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o666)
@@ -916,6 +937,8 @@ enabled = false
 socket = "/tmp/a.sock"
 socket_mode = "0660"
 min_queue_datagrams = 0
+allowed_uids = [1000, 1001]
+allowed_gids = [50]
 
 [leaks]
 leak_threshold_seconds = 3.0
@@ -974,6 +997,8 @@ level = "debug"
                 socket: "/tmp/a.sock".into(),
                 socket_mode: "0660".into(),
                 min_queue_datagrams: 0,
+                allowed_uids: vec![1000, 1001],
+                allowed_gids: vec![50],
             },
             leaks: LeaksConfig {
                 leak_threshold_seconds: 3.0,

@@ -602,6 +602,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             &config.adapter.socket,
             config.adapter.mode(),
             config.adapter.min_queue_datagrams,
+            config.adapter.senders(),
         ) {
             Ok(socket) => {
                 log::info!("pool adapters: listening on {}", socket.path().display());

@@ -105,6 +105,11 @@ pub enum MessageError {
     /// the agent cannot see into, so its pools could not be told apart from
     /// those of every other such sender.
     UnknownSender,
+    /// The sender's uid and gid are on neither allow-list.
+    NotAllowed {
+        uid: u32,
+        gid: u32,
+    },
 }
 
 impl std::fmt::Display for MessageError {
@@ -126,6 +131,10 @@ impl std::fmt::Display for MessageError {
                 f,
                 "the sender's pid is not visible in the agent's pid namespace (run the agent with the host's pid namespace)"
             ),
+            MessageError::NotAllowed { uid, gid } => write!(
+                f,
+                "uid {uid} / gid {gid} is not in [adapter] allowed_uids or allowed_gids"
+            ),
         }
     }
 }
@@ -142,6 +151,7 @@ impl MessageError {
             MessageError::UnknownKind(_) => "unknown_kind",
             MessageError::Invalid(_) => "invalid",
             MessageError::UnknownSender => "unknown_sender",
+            MessageError::NotAllowed { .. } => "sender_not_allowed",
         }
     }
 }

@@ -40,16 +40,40 @@ pub enum Outcome {
     },
 }
 
+/// Who may send: everyone when both lists are empty (the default; the
+/// kernel names each sender, so none can speak for another), else only
+/// root and the listed uids and primary gids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Senders {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl Senders {
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        (self.uids.is_empty() && self.gids.is_empty())
+            || uid == 0
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+    }
+}
+
 pub struct AdapterSocket {
     socket: AsyncFd<UnixDatagram>,
     path: PathBuf,
     buf: Vec<u8>,
+    senders: Senders,
 }
 
 impl AdapterSocket {
     /// Binds the socket (replacing a stale one) with the given mode, and
     /// asks the kernel for each sender's credentials.
-    pub fn bind(path: &Path, mode: u32, min_queue: u32) -> anyhow::Result<AdapterSocket> {
+    pub fn bind(
+        path: &Path,
+        mode: u32,
+        min_queue: u32,
+        senders: Senders,
+    ) -> anyhow::Result<AdapterSocket> {
         ensure_datagram_queue(min_queue);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -88,6 +112,7 @@ impl AdapterSocket {
             path: path.to_path_buf(),
             // One byte more than allowed, to notice oversized datagrams.
             buf: vec![0; MAX_MESSAGE_BYTES + 1],
+            senders,
         })
     }
 
@@ -106,6 +131,7 @@ impl AdapterSocket {
                         &self.buf[..len.min(self.buf.len())],
                         truncated,
                         creds,
+                        &self.senders,
                     ))
                 }
                 Ok(Err(e)) => return Err(e),
@@ -149,7 +175,12 @@ fn ensure_datagram_queue(min_queue: u32) {
 }
 
 /// Decides on one datagram: the kernel's pid wins over any claim.
-pub fn judge(bytes: &[u8], truncated: bool, creds: Option<libc::ucred>) -> Outcome {
+pub fn judge(
+    bytes: &[u8],
+    truncated: bool,
+    creds: Option<libc::ucred>,
+    senders: &Senders,
+) -> Outcome {
     let Some(creds) = creds else {
         return Outcome::Rejected {
             pid: None,
@@ -164,6 +195,15 @@ pub fn judge(bytes: &[u8], truncated: bool, creds: Option<libc::ucred>) -> Outco
             error: MessageError::UnknownSender,
         };
     };
+    if !senders.allows(creds.uid, creds.gid) {
+        return Outcome::Rejected {
+            pid: Some(pid),
+            error: MessageError::NotAllowed {
+                uid: creds.uid,
+                gid: creds.gid,
+            },
+        };
+    }
     if truncated {
         return Outcome::Rejected {
             pid: Some(pid),
@@ -277,9 +317,45 @@ mod tests {
     }
 
     #[test]
+    fn allow_lists_admit_root_and_the_listed_only() {
+        let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3}"#;
+        let from = |uid, gid, senders: &Senders| {
+            judge(msg, false, Some(libc::ucred { pid: 42, uid, gid }), senders)
+        };
+        assert!(matches!(
+            from(1000, 1000, &Senders::default()),
+            Outcome::Accepted(_)
+        ));
+        let apps = Senders {
+            uids: vec![1001],
+            gids: vec![50],
+        };
+        for (uid, gid) in [(1001, 1000), (1000, 50), (0, 0)] {
+            assert!(
+                matches!(from(uid, gid, &apps), Outcome::Accepted(_)),
+                "{uid}/{gid}"
+            );
+        }
+        let refused = from(1000, 1000, &apps);
+        assert!(
+            matches!(
+                &refused,
+                Outcome::Rejected {
+                    pid: Some(42),
+                    error: MessageError::NotAllowed {
+                        uid: 1000,
+                        gid: 1000
+                    }
+                }
+            ),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
     fn senders_outside_our_pid_namespace_are_rejected() {
         let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3}"#;
-        let outcome = judge(msg, false, creds(0));
+        let outcome = judge(msg, false, creds(0), &Senders::default());
         assert!(
             matches!(
                 outcome,
@@ -296,7 +372,7 @@ mod tests {
     fn the_kernel_pid_wins_over_a_claimed_one() {
         let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3,"pid":1}"#;
         assert!(matches!(
-            judge(msg, false, creds(42)),
+            judge(msg, false, creds(42), &Senders::default()),
             Outcome::Spoofed {
                 pid: 42,
                 claimed: 1
@@ -304,17 +380,20 @@ mod tests {
         ));
         let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3,"pid":42}"#;
         assert!(matches!(
-            judge(msg, false, creds(42)),
+            judge(msg, false, creds(42), &Senders::default()),
             Outcome::Accepted(Received { pid: 42, .. })
         ));
         let msg = br#"{"v":1,"kind":"release","pool":"p","fd":3}"#;
-        assert!(matches!(judge(msg, false, creds(42)), Outcome::Accepted(_)));
         assert!(matches!(
-            judge(msg, false, None),
+            judge(msg, false, creds(42), &Senders::default()),
+            Outcome::Accepted(_)
+        ));
+        assert!(matches!(
+            judge(msg, false, None, &Senders::default()),
             Outcome::Rejected { pid: None, .. }
         ));
         assert!(matches!(
-            judge(msg, true, creds(42)),
+            judge(msg, true, creds(42), &Senders::default()),
             Outcome::Rejected { .. }
         ));
     }
@@ -337,7 +416,7 @@ mod tests {
     async fn receives_with_the_senders_real_pid() {
         let dir = std::env::temp_dir().join(format!("poolscope-adapter-{}", std::process::id()));
         let path = dir.join("adapter.sock");
-        let mut server = AdapterSocket::bind(&path, 0o666, 0).expect("bind");
+        let mut server = AdapterSocket::bind(&path, 0o666, 0, Senders::default()).expect("bind");
         let client = UnixDatagram::unbound().expect("client");
         client
             .send_to(br#"{"v":1,"kind":"release","pool":"p","fd":3}"#, &path)
