@@ -908,7 +908,11 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
             }
             Err(e) => log::debug!("cannot read kernel counters: {e:#}"),
         }
-        pipeline.state.with(|s| s.tracker.expire(now))?;
+        let live = pipeline.state.with(|s| {
+            s.tracker.expire(now);
+            s.tracker.pools().map(|p| (p.pid, p.name.clone())).collect()
+        })?;
+        pipeline.telemetry.forget_gone_pools(&live);
         pipeline.evaluate_leaks(now)?;
         pipeline.health().housekeeping_beat(monotonic_ns());
     }

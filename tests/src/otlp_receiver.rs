@@ -708,6 +708,37 @@ impl OtlpReceiver {
             .map(MetricsSnapshot::from_request)
     }
 
+    /// The newest state of every metric: for each name, the points of the
+    /// newest request that holds it, among the requests received within
+    /// `window` before the newest one. The agent pushes each export as two
+    /// requests (its per-pool histograms have a meter provider of their
+    /// own), so no single request holds every metric.
+    pub fn latest_export(&self, window: Duration) -> Option<MetricsSnapshot> {
+        let store = lock(&self.store);
+        let newest = store.metrics.back()?.at;
+        let mut merged: Option<MetricsSnapshot> = None;
+        for received in store.metrics.iter().rev() {
+            if newest.duration_since(received.at) > window {
+                break;
+            }
+            let snapshot = MetricsSnapshot::from_request(received);
+            let Some(merged) = merged.as_mut() else {
+                merged = Some(snapshot);
+                continue;
+            };
+            let fresh: BTreeSet<String> =
+                snapshot.names.difference(&merged.names).cloned().collect();
+            merged.points.extend(
+                snapshot
+                    .points
+                    .into_iter()
+                    .filter(|p| fresh.contains(&p.name)),
+            );
+            merged.names.extend(fresh);
+        }
+        merged
+    }
+
     /// The newest metrics request that holds metric `name`.
     pub fn latest_with(&self, name: &str) -> Option<MetricsSnapshot> {
         let store = lock(&self.store);

@@ -687,6 +687,10 @@ const EXPECTED_METRICS: &[&str] = &[
     "poolscope.export.queued",
 ];
 
+/// The requests of one OTLP export (the agent's two meter providers push
+/// side by side, once per 1 s interval).
+const EXPORT_WINDOW: Duration = Duration::from_millis(900);
+
 /// What the adapter pool and the hung-up connection add.
 const POOL_METRICS: &[&str] = &[
     "poolscope.adapter.messages",
@@ -709,7 +713,7 @@ fn check_metric_catalogue(receiver: &OtlpReceiver, agent: &Agent, expected: &[&s
     agree(
         "OTLP metric names against /metrics and docs/metrics.md",
         || {
-            let Some(snapshot) = receiver.latest_metrics() else {
+            let Some(snapshot) = receiver.latest_export(EXPORT_WINDOW) else {
                 return Err(format!("no metrics yet; {}", receiver.summary()));
             };
             let exposed = exposed_families(&agent.metrics());
@@ -743,7 +747,7 @@ fn check_metric_catalogue(receiver: &OtlpReceiver, agent: &Agent, expected: &[&s
         },
     );
 
-    let snapshot = receiver.latest_metrics().expect("metrics");
+    let snapshot = receiver.latest_export(EXPORT_WINDOW).expect("metrics");
     for point in &snapshot.points {
         let doc = by_otel[point.name.as_str()];
         assert_eq!(point.unit, doc.unit, "unit of {}: {point:?}", point.name);

@@ -7,8 +7,9 @@
 //! names (dots to underscores, unit suffix, `_total` for counters).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use anyhow::Context;
@@ -20,6 +21,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
 pub mod otlp;
+pub mod pool_series;
 
 use crate::{
     adapter::message::AcquireResult,
@@ -79,8 +81,7 @@ pub struct Observed {
     /// Who we are (service.name, host.name, version).
     pub resource: opentelemetry_sdk::Resource,
     /// Push the same instruments over OTLP too, when configured.
-    pub otlp_reader:
-        Option<opentelemetry_sdk::metrics::PeriodicReader<otlp::CountedMetricExporter>>,
+    pub otlp_reader: Option<otlp::MetricReaders>,
     pub export_counters: Option<Arc<otlp::ExportCounters>>,
     /// Read at collection time; broken state shows nothing (the failure is
     /// on /healthz and the agent is stopping).
@@ -101,9 +102,8 @@ pub struct Telemetry {
     operation_duration: Histogram<f64>,
     protocol_lost: Counter<u64>,
     operation_names: OperationNames,
-    pool_wait_time: Histogram<f64>,
-    pool_use_time: Histogram<f64>,
-    pool_create_time: Histogram<f64>,
+    /// Per-pool histograms, forgotten when their pools are gone.
+    pool_series: pool_series::PoolSeries,
     adapter_messages: Counter<u64>,
     leak_reports: Counter<u64>,
     unpublished: Counter<u64>,
@@ -335,13 +335,32 @@ impl Telemetry {
             .scope_info_enabled(false)
             .build()
             .context("cannot build the Prometheus exporter")?;
+        // Every series the agent observes is bounded by `max_series` (pools
+        // and servers; `db.client.connection.count` has two states per
+        // pool), so the SDK's own limit must sit above that: its overflow
+        // series would fold a legitimate pool into `otel_metric_overflow`.
+        let series_limit = observed
+            .max_series
+            .saturating_mul(2)
+            .saturating_add(16)
+            .max(2000);
         let mut builder = SdkMeterProvider::builder()
             .with_resource(observed.resource.clone())
-            .with_reader(exporter);
-        if let Some(reader) = observed.otlp_reader.take() {
-            builder = builder.with_reader(reader);
+            .with_reader(exporter)
+            .with_view(move |_: &opentelemetry_sdk::metrics::Instrument| {
+                opentelemetry_sdk::metrics::Stream::builder()
+                    .with_cardinality_limit(series_limit)
+                    .build()
+                    .ok()
+            });
+        let mut pool_otlp = None;
+        if let Some(readers) = observed.otlp_reader.take() {
+            builder = builder.with_reader(readers.main);
+            pool_otlp = Some((readers.pools, readers.factory));
         }
         let provider = builder.build();
+        let pool_series = pool_series::PoolSeries::new(observed.resource.clone(), pool_otlp)?;
+        register_forget_observables(&provider.meter("poolscope"), &pool_series.counts);
         let meter = provider.meter("poolscope");
         let telemetry = Telemetry {
             connects: meter
@@ -408,24 +427,7 @@ impl Telemetry {
                 .with_description("Report lines (log and OTLP event) held back by the per-process or global budget; the reports stay in the API")
                 .with_unit("{report}")
                 .build(),
-            pool_wait_time: meter
-                .f64_histogram("db.client.connection.wait_time")
-                .with_description("Time a pool acquire waited for a connection")
-                .with_unit("s")
-                .with_boundaries(OPERATION_BUCKETS.to_vec())
-                .build(),
-            pool_use_time: meter
-                .f64_histogram("db.client.connection.use_time")
-                .with_description("Time between a pool handing out a connection and getting it back")
-                .with_unit("s")
-                .with_boundaries(LIFETIME_BUCKETS.to_vec())
-                .build(),
-            pool_create_time: meter
-                .f64_histogram("db.client.connection.create_time")
-                .with_description("Time from connect() to a connection the pool can hand out")
-                .with_unit("s")
-                .with_boundaries(OPERATION_BUCKETS.to_vec())
-                .build(),
+            pool_series,
             registry,
             provider,
         };
@@ -494,29 +496,25 @@ impl Telemetry {
                     result,
                     ..
                 } => {
-                    let mut attrs = pool_attributes(*pid, pool);
-                    if *result != AcquireResult::Ok {
-                        attrs.push(KeyValue::new(
-                            "error.type",
-                            if *result == AcquireResult::Timeout {
-                                "timeout"
-                            } else {
-                                "error"
-                            },
-                        ));
-                    }
-                    self.pool_wait_time.record(*wait_ns as f64 / 1e9, &attrs);
+                    let error = match result {
+                        AcquireResult::Ok => None,
+                        AcquireResult::Timeout => Some("timeout"),
+                        AcquireResult::Error => Some("error"),
+                    };
+                    self.pool_series
+                        .record_wait(*pid, pool, *wait_ns as f64 / 1e9, error);
                 }
-                Output::Released { pid, pool, use_ns } => self
-                    .pool_use_time
-                    .record(*use_ns as f64 / 1e9, &pool_attributes(*pid, pool)),
+                Output::Released { pid, pool, use_ns } => {
+                    self.pool_series
+                        .record_use(*pid, pool, *use_ns as f64 / 1e9)
+                }
                 Output::PoolConnectionCreated {
                     pid,
                     pool,
                     create_ns,
                 } => self
-                    .pool_create_time
-                    .record(*create_ns as f64 / 1e9, &pool_attributes(*pid, pool)),
+                    .pool_series
+                    .record_create(*pid, pool, *create_ns as f64 / 1e9),
                 Output::PeerClosed { .. }
                 | Output::NotDatabase { .. }
                 | Output::Detected { .. } => {}
@@ -554,9 +552,18 @@ impl Telemetry {
         self.decode_errors.add(1, &[]);
     }
 
+    /// Forgets the histogram series of pools that are not in `live` (pid,
+    /// pool name), the pools the tracker still knows. Called by
+    /// housekeeping; see [`pool_series`] for when it acts and what it costs.
+    pub fn forget_gone_pools(&self, live: &HashSet<(u32, String)>) {
+        self.pool_series.forget_gone(live, Instant::now());
+    }
+
     /// The Prometheus text exposition format 0.0.4.
     pub fn render_prometheus(&self) -> anyhow::Result<String> {
         let mut families = self.registry.gather();
+        families.extend(self.pool_series.registry().gather());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         for family in &mut families {
             if let Some(renamed) = prometheus_rename(family.name()) {
                 family.set_name(renamed.to_string());
@@ -569,10 +576,20 @@ impl Telemetry {
         String::from_utf8(buf).context("metrics are not UTF-8")
     }
 
+    /// The last exports of both providers, side by side so that a hung
+    /// collector costs one timeout, not two.
     pub fn shutdown(&self) {
-        if let Err(e) = self.provider.shutdown() {
-            log::debug!("meter provider shutdown: {e}");
-        }
+        std::thread::scope(|scope| {
+            let pools = std::thread::Builder::new()
+                .name("poolscope-pool-flush".into())
+                .spawn_scoped(scope, || self.pool_series.shutdown());
+            if let Err(e) = self.provider.shutdown() {
+                log::debug!("meter provider shutdown: {e}");
+            }
+            if pools.is_err() {
+                self.pool_series.shutdown();
+            }
+        });
     }
 }
 
@@ -623,12 +640,23 @@ fn register_export_observables(meter: &Meter, counters: Arc<otlp::ExportCounters
         .build();
 }
 
-/// Attributes of per-pool series: the pool and the process that owns it.
-fn pool_attributes(pid: u32, pool: &str) -> Vec<KeyValue> {
-    vec![
-        KeyValue::new("db.client.connection.pool.name", pool.to_string()),
-        KeyValue::new("process.pid", i64::from(pid)),
-    ]
+/// How often gone pools' series were forgotten.
+fn register_forget_observables(meter: &Meter, counts: &Arc<pool_series::ForgetCounts>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = Arc::clone(counts);
+    let _ = meter
+        .u64_observable_counter("poolscope.telemetry.pool_series.forgotten")
+        .with_description("Pools whose histogram series were dropped because their process exited")
+        .with_unit("{pool}")
+        .with_callback(move |obs| obs.observe(c.forgotten.load(Relaxed), &[]))
+        .build();
+    let c = Arc::clone(counts);
+    let _ = meter
+        .u64_observable_counter("poolscope.telemetry.pool_series.resets")
+        .with_description("Rebuilds of the pool histograms to forget gone pools; each restarts the live pools' histograms from zero")
+        .with_unit("{reset}")
+        .with_callback(move |obs| obs.observe(c.resets.load(Relaxed), &[]))
+        .build();
 }
 
 /// Per-pool gauges, all read from one snapshot of the pools.
@@ -650,7 +678,7 @@ fn register_pool_observables(meter: &Meter, state: &Arc<Shared<State>>, max_seri
         .with_callback(move |obs| {
             for view in views(&t) {
                 for (state, count) in [("used", view.used), ("idle", view.idle)] {
-                    let mut attrs = pool_attributes(view.pid, &view.name);
+                    let mut attrs = pool_series::attributes(view.pid, &view.name);
                     attrs.push(KeyValue::new("db.client.connection.state", state));
                     obs.observe(count as i64, &attrs);
                 }
@@ -695,7 +723,7 @@ fn register_pool_observables(meter: &Meter, state: &Arc<Shared<State>>, max_seri
             .with_callback(move |obs| {
                 for view in views(&t) {
                     if let Some(value) = field(&view) {
-                        obs.observe(value, &pool_attributes(view.pid, &view.name));
+                        obs.observe(value, &pool_series::attributes(view.pid, &view.name));
                     }
                 }
             })
@@ -709,7 +737,10 @@ fn register_pool_observables(meter: &Meter, state: &Arc<Shared<State>>, max_seri
         .with_callback(move |obs| {
             for view in views(&t) {
                 if view.from_adapter {
-                    obs.observe(view.timeouts, &pool_attributes(view.pid, &view.name));
+                    obs.observe(
+                        view.timeouts,
+                        &pool_series::attributes(view.pid, &view.name),
+                    );
                 }
             }
         })
@@ -1167,6 +1198,163 @@ mod tests {
         telemetry.record_unpublished(crate::reports::Unpublished::ProcessBudget);
         telemetry.record_leak_changes(&changes);
         telemetry
+    }
+
+    fn pools_telemetry() -> Telemetry {
+        Telemetry::new(Observed {
+            resource: opentelemetry_sdk::Resource::builder().build(),
+            otlp_reader: None,
+            export_counters: None,
+            state: State::shared_for_tests(Tracker::new(TrackerConfig::default())),
+            max_series: 10,
+        })
+        .expect("telemetry")
+    }
+
+    fn waited(pid: u32, pool: &str, result: AcquireResult) -> Output {
+        Output::AcquireFinished {
+            pid,
+            pool: pool.into(),
+            wait_ns: 2_000_000,
+            result,
+            used_before: 0,
+            pending_before: 0,
+            max: None,
+            tid: None,
+        }
+    }
+
+    /// The `_count` lines of the wait-time histogram of one pool.
+    fn wait_counts(text: &str, pid: u32, pool: &str) -> Vec<String> {
+        let pool = format!("db_client_connection_pool_name=\"{pool}\"");
+        let pid = format!("process_pid=\"{pid}\"");
+        text.lines()
+            .filter(|l| l.starts_with("db_client_connection_wait_time_seconds_count{"))
+            .filter(|l| l.contains(&pool) && l.contains(&pid))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn gone_pools_series_are_forgotten_and_live_pools_restart_from_zero() {
+        let telemetry = pools_telemetry();
+        let mut outputs = vec![waited(7, "orders", AcquireResult::Ok); 3];
+        for i in 0..200u32 {
+            let pool = format!("p{}", i % 8);
+            outputs.push(waited(1000 + i / 8, &pool, AcquireResult::Timeout));
+            outputs.push(Output::Released {
+                pid: 1000 + i / 8,
+                pool: pool.clone(),
+                use_ns: 1_000,
+            });
+            outputs.push(Output::PoolConnectionCreated {
+                pid: 1000 + i / 8,
+                pool,
+                create_ns: 1_000,
+            });
+        }
+        telemetry.record(&outputs);
+        let before = telemetry.render_prometheus().expect("render");
+        assert_eq!(wait_counts(&before, 1003, "p5").len(), 1, "{before}");
+        assert_eq!(wait_counts(&before, 7, "orders").len(), 1);
+
+        let live: HashSet<(u32, String)> = [(7, "orders".to_string())].into();
+        telemetry.forget_gone_pools(&live);
+        telemetry.record(&vec![waited(7, "orders", AcquireResult::Ok); 2]);
+        let after = telemetry.render_prometheus().expect("render");
+        for pid in 1000..1025 {
+            assert!(
+                !after.contains(&format!("process_pid=\"{pid}\"")),
+                "pools of gone process {pid} still exported:\n{after}"
+            );
+        }
+        let live_lines = wait_counts(&after, 7, "orders");
+        assert_eq!(live_lines.len(), 1, "{after}");
+        assert!(
+            live_lines[0].ends_with(" 2"),
+            "counts restart at the reset: {live_lines:?}"
+        );
+        assert!(after.contains("poolscope_telemetry_pool_series_forgotten_total 200"));
+        assert!(after.contains("poolscope_telemetry_pool_series_resets_total 1"));
+        assert_eq!(
+            after
+                .matches("# TYPE db_client_connection_wait_time_seconds ")
+                .count(),
+            1,
+            "one family per name across both registries:\n{after}"
+        );
+
+        // More gone pools right away: the next rebuild waits its turn...
+        let many: Vec<Output> = (0..100)
+            .map(|i| waited(2000 + i, "q", AcquireResult::Ok))
+            .collect();
+        telemetry.record(&many);
+        telemetry.forget_gone_pools(&live);
+        let text = telemetry.render_prometheus().expect("render");
+        assert_eq!(wait_counts(&text, 2042, "q").len(), 1);
+        // ...and comes once the interval has passed.
+        let later = Instant::now() + pool_series::MIN_REBUILD_INTERVAL;
+        assert_eq!(telemetry.pool_series.forget_gone(&live, later), 100);
+        let text = telemetry.render_prometheus().expect("render");
+        assert!(wait_counts(&text, 2042, "q").is_empty(), "{text}");
+        assert!(text.contains("poolscope_telemetry_pool_series_resets_total 2"));
+
+        // A few gone pools are not worth resetting the live ones.
+        telemetry.record(&[
+            waited(3000, "r", AcquireResult::Ok),
+            waited(7, "orders", AcquireResult::Ok),
+        ]);
+        let much_later = later + 2 * pool_series::MIN_REBUILD_INTERVAL;
+        assert_eq!(telemetry.pool_series.forget_gone(&live, much_later), 0);
+    }
+
+    #[test]
+    fn gone_pools_near_the_cardinality_limit_are_forgotten_without_waiting() {
+        let telemetry = pools_telemetry();
+        let live: HashSet<(u32, String)> = [(7, "orders".to_string())].into();
+        let first: Vec<Output> = (0..100)
+            .map(|i| waited(2000 + i, "q", AcquireResult::Ok))
+            .collect();
+        telemetry.record(&first);
+        let now = Instant::now();
+        assert_eq!(telemetry.pool_series.forget_gone(&live, now), 100);
+        let flood: Vec<Output> = (0..pool_series::PRESSURE_POOLS as u32)
+            .map(|i| waited(10_000 + i, "flood", AcquireResult::Ok))
+            .collect();
+        telemetry.record(&flood);
+        assert_eq!(
+            telemetry.pool_series.forget_gone(&live, now),
+            pool_series::PRESSURE_POOLS
+        );
+    }
+
+    #[test]
+    fn a_live_pool_keeps_its_own_series_among_a_thousand_live_pools() {
+        let telemetry = pools_telemetry();
+        let mut outputs = Vec::new();
+        let mut live = HashSet::new();
+        // Every result, so that the wait-time histogram holds 3,000 series,
+        // past the SDK's default limit of 2,000.
+        for i in 0..1000u32 {
+            for result in [
+                AcquireResult::Ok,
+                AcquireResult::Timeout,
+                AcquireResult::Error,
+            ] {
+                outputs.push(waited(5000 + i, "crowd", result));
+            }
+            live.insert((5000 + i, "crowd".to_string()));
+        }
+        outputs.push(waited(7, "orders", AcquireResult::Ok));
+        live.insert((7, "orders".to_string()));
+        telemetry.record(&outputs);
+        telemetry.forget_gone_pools(&live);
+        let text = telemetry.render_prometheus().expect("render");
+        assert!(!text.contains("otel_metric_overflow"), "overflowed");
+        let lines = wait_counts(&text, 7, "orders");
+        assert_eq!(lines.len(), 1, "the live pool has its own series");
+        assert!(lines[0].ends_with(" 1"), "{lines:?}");
+        assert!(text.contains("poolscope_telemetry_pool_series_resets_total 0"));
     }
 
     /// Prometheus names from docs/metrics.md's table (second column).

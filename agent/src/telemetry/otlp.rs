@@ -284,9 +284,73 @@ pub struct OtlpExport {
     tracer_provider: Option<SdkTracerProvider>,
 }
 
-/// The OTLP pieces built, before the meter provider takes the reader.
+/// A periodic OTLP metric reader, owned by one meter provider.
+pub type MetricReader = PeriodicReader<CountedMetricExporter>;
+
+/// The metric readers: one for the agent's main meter provider, one for the
+/// per-pool histograms' provider, and the means to build that one again
+/// (the pool series' provider is rebuilt to forget the pools of processes
+/// that exited, and a reader belongs to one provider for good).
+pub struct MetricReaders {
+    pub main: MetricReader,
+    pub pools: MetricReader,
+    pub factory: ReaderFactory,
+}
+
+/// Builds metric readers with exporters of their own, from any thread.
+#[derive(Clone)]
+pub struct ReaderFactory {
+    settings: OtlpSettings,
+    runtime: tokio::runtime::Handle,
+    counters: Arc<ExportCounters>,
+}
+
+impl ReaderFactory {
+    /// Builds the exporter on a plain thread of its own: the blocking HTTP
+    /// client refuses to be built on a Tokio runtime thread, which is where
+    /// the housekeeping task calls this.
+    pub fn build(&self) -> anyhow::Result<MetricReader> {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("poolscope-otlp-build".into())
+                .spawn_scoped(scope, || self.build_here())
+                .context("cannot start a thread to build the OTLP metric exporter")?
+                .join()
+                .map_err(|_| anyhow::anyhow!("building the OTLP metric exporter panicked"))?
+        })
+    }
+
+    /// Only on a thread outside the Tokio runtime.
+    fn build_here(&self) -> anyhow::Result<MetricReader> {
+        let settings = &self.settings;
+        let exporter = match settings.protocol {
+            Protocol::Grpc => {
+                // tonic needs the runtime's handle to build its channel.
+                let _guard = self.runtime.enter();
+                MetricExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(signal_endpoint(settings, ""))
+                    .with_timeout(settings.timeout)
+                    .build()?
+            }
+            Protocol::HttpProtobuf => MetricExporter::builder()
+                .with_http()
+                .with_endpoint(signal_endpoint(settings, "/v1/metrics"))
+                .with_timeout(settings.timeout)
+                .build()?,
+        };
+        Ok(PeriodicReader::builder(CountedMetricExporter {
+            inner: exporter,
+            counters: Arc::clone(&self.counters),
+        })
+        .with_interval(settings.interval)
+        .build())
+    }
+}
+
+/// The OTLP pieces built, before the meter providers take the readers.
 pub struct OtlpParts {
-    pub reader: PeriodicReader<CountedMetricExporter>,
+    pub reader: MetricReaders,
     pub export: OtlpExport,
 }
 
@@ -311,13 +375,18 @@ pub fn build(
         Protocol::Grpc => Some(runtime.enter()),
         Protocol::HttpProtobuf => None,
     };
-    let (metric_exporter, log_exporter, span_exporter) = match settings.protocol {
+    let factory = ReaderFactory {
+        settings: settings.clone(),
+        runtime: runtime.clone(),
+        counters: Arc::clone(&counters),
+    };
+    let readers = MetricReaders {
+        main: factory.build_here()?,
+        pools: factory.build_here()?,
+        factory,
+    };
+    let (log_exporter, span_exporter) = match settings.protocol {
         Protocol::Grpc => (
-            MetricExporter::builder()
-                .with_tonic()
-                .with_endpoint(signal_endpoint(settings, ""))
-                .with_timeout(settings.timeout)
-                .build()?,
             LogExporter::builder()
                 .with_tonic()
                 .with_endpoint(signal_endpoint(settings, ""))
@@ -336,11 +405,6 @@ pub fn build(
             },
         ),
         Protocol::HttpProtobuf => (
-            MetricExporter::builder()
-                .with_http()
-                .with_endpoint(signal_endpoint(settings, "/v1/metrics"))
-                .with_timeout(settings.timeout)
-                .build()?,
             LogExporter::builder()
                 .with_http()
                 .with_endpoint(signal_endpoint(settings, "/v1/logs"))
@@ -363,12 +427,6 @@ pub fn build(
         Protocol::Grpc => Executor::Tokio(runtime),
         Protocol::HttpProtobuf => Executor::Plain,
     };
-    let reader = PeriodicReader::builder(CountedMetricExporter {
-        inner: metric_exporter,
-        counters: Arc::clone(&counters),
-    })
-    .with_interval(settings.interval)
-    .build();
     let processor = QueueProcessor::start(
         log_exporter,
         resource,
@@ -388,7 +446,7 @@ pub fn build(
             .build()
     });
     Ok(OtlpParts {
-        reader,
+        reader: readers,
         export: OtlpExport {
             counters,
             logger_provider,

@@ -1,0 +1,305 @@
+//! The per-pool histograms (`db.client.connection.wait_time`, `.use_time`,
+//! `.create_time`), in a meter provider of their own.
+//!
+//! Why a provider of their own: the SDK keeps every attribute set of a
+//! cumulative instrument for the life of its meter provider and offers no
+//! way to drop one, and any local user can name pools (the adapter socket is
+//! open to all), so series of pools whose processes exited would pile up
+//! until the instrument's cardinality limit folds a legitimate pool into the
+//! overflow series. There is no observable histogram to report only live
+//! pools instead. So this provider is thrown away and built again when
+//! enough recorded pools are gone: the gone pools' series disappear, and the
+//! live pools' histograms restart from zero (a counter reset, which
+//! Prometheus' `rate()` and OTLP's new start time both handle).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use opentelemetry::{
+    metrics::{Histogram, MeterProvider},
+    KeyValue,
+};
+use opentelemetry_sdk::{
+    metrics::{Instrument, SdkMeterProvider, Stream},
+    Resource,
+};
+
+use super::{otlp, LIFETIME_BUCKETS, OPERATION_BUCKETS};
+
+/// Series each pool histogram may hold. Live pools are bounded by the
+/// tracker (at most 1,024 in all) and a pool has at most three wait-time
+/// series (ok, timeout, error), so this leaves room for the gone pools
+/// recorded between two rebuilds without ever folding a live pool into the
+/// SDK's overflow series.
+pub const CARDINALITY_LIMIT: usize = 8192;
+
+/// Gone pools that make a rebuild worth its reset of the live pools.
+pub const GONE_THRESHOLD: usize = 32;
+
+/// Rebuilds happen at most this often (each one costs the live pools the
+/// increments since the last scrape), unless the series run short of room.
+pub const MIN_REBUILD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Recorded pools past which a rebuild does not wait for the interval: the
+/// wait-time series (three per pool at most) would otherwise come near the
+/// cardinality limit, and overflow is worse than a reset.
+pub const PRESSURE_POOLS: usize = CARDINALITY_LIMIT / 4;
+
+/// One generation of the pool histograms.
+struct Instruments {
+    provider: SdkMeterProvider,
+    registry: prometheus::Registry,
+    wait_time: Histogram<f64>,
+    use_time: Histogram<f64>,
+    create_time: Histogram<f64>,
+    /// Whether an OTLP reader pushes this generation (its last export is
+    /// worth waiting for on a thread of its own).
+    pushes: bool,
+}
+
+impl Instruments {
+    fn build(resource: &Resource, otlp: Option<otlp::MetricReader>) -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            // The main registry already says who we are.
+            .without_target_info()
+            .build()
+            .context("cannot build the Prometheus exporter of the pool series")?;
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(resource.clone())
+            .with_reader(exporter)
+            .with_view(|_: &Instrument| {
+                Stream::builder()
+                    .with_cardinality_limit(CARDINALITY_LIMIT)
+                    .build()
+                    .ok()
+            });
+        let pushes = otlp.is_some();
+        if let Some(reader) = otlp {
+            builder = builder.with_reader(reader);
+        }
+        let provider = builder.build();
+        let meter = provider.meter("poolscope");
+        Ok(Instruments {
+            wait_time: meter
+                .f64_histogram("db.client.connection.wait_time")
+                .with_description("Time a pool acquire waited for a connection")
+                .with_unit("s")
+                .with_boundaries(OPERATION_BUCKETS.to_vec())
+                .build(),
+            use_time: meter
+                .f64_histogram("db.client.connection.use_time")
+                .with_description(
+                    "Time between a pool handing out a connection and getting it back",
+                )
+                .with_unit("s")
+                .with_boundaries(LIFETIME_BUCKETS.to_vec())
+                .build(),
+            create_time: meter
+                .f64_histogram("db.client.connection.create_time")
+                .with_description("Time from connect() to a connection the pool can hand out")
+                .with_unit("s")
+                .with_boundaries(OPERATION_BUCKETS.to_vec())
+                .build(),
+            provider,
+            registry,
+            pushes,
+        })
+    }
+
+    /// Sends this generation's last OTLP export. With a collector that
+    /// hangs this takes the exporter's timeout, so it runs on a thread of
+    /// its own unless there is nothing to push.
+    fn retire(self) {
+        if !self.pushes {
+            let _ = self.provider.shutdown();
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("poolscope-pool-flush".into())
+            .spawn(move || {
+                if let Err(e) = self.provider.shutdown() {
+                    log::debug!("retired pool series provider: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            log::debug!("cannot start the last export of the retired pool series: {e}");
+        }
+    }
+}
+
+struct Generation {
+    instruments: Instruments,
+    /// The pools this generation has series for.
+    recorded: HashMap<u32, HashSet<String>>,
+    recorded_count: usize,
+    last_rebuild: Option<Instant>,
+}
+
+impl Generation {
+    fn note(&mut self, pid: u32, pool: &str) {
+        let pools = self.recorded.entry(pid).or_default();
+        if !pools.contains(pool) {
+            pools.insert(pool.to_string());
+            self.recorded_count += 1;
+        }
+    }
+
+    /// Recorded pools that are not in `live`.
+    fn gone(&self, live: &HashSet<(u32, String)>) -> usize {
+        // Walks `live` so that no key is built per recorded pool.
+        let still_live = live
+            .iter()
+            .filter(|(pid, pool)| self.recorded.get(pid).is_some_and(|p| p.contains(pool)))
+            .count();
+        self.recorded_count.saturating_sub(still_live)
+    }
+}
+
+/// What the self-metrics read.
+#[derive(Debug, Default)]
+pub struct ForgetCounts {
+    /// Pools whose series were dropped because their pool was gone.
+    pub forgotten: AtomicU64,
+    /// Rebuilds, each of which restarted the live pools' histograms.
+    pub resets: AtomicU64,
+}
+
+/// The pool histograms, rebuilt to forget gone pools.
+pub struct PoolSeries {
+    current: Mutex<Generation>,
+    resource: Resource,
+    otlp: Option<otlp::ReaderFactory>,
+    pub counts: Arc<ForgetCounts>,
+}
+
+impl PoolSeries {
+    pub fn new(
+        resource: Resource,
+        otlp: Option<(otlp::MetricReader, otlp::ReaderFactory)>,
+    ) -> anyhow::Result<Self> {
+        let (reader, factory) = match otlp {
+            Some((reader, factory)) => (Some(reader), Some(factory)),
+            None => (None, None),
+        };
+        Ok(PoolSeries {
+            current: Mutex::new(Generation {
+                instruments: Instruments::build(&resource, reader)?,
+                recorded: HashMap::new(),
+                recorded_count: 0,
+                last_rebuild: None,
+            }),
+            resource,
+            otlp: factory,
+            counts: Arc::default(),
+        })
+    }
+
+    /// Nothing inside the lock leaves the bookkeeping half-done in a way
+    /// that matters (at worst a pool is counted once too often), so a panic
+    /// elsewhere does not stop the pool series.
+    fn lock(&self) -> MutexGuard<'_, Generation> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn record_wait(&self, pid: u32, pool: &str, seconds: f64, error: Option<&'static str>) {
+        let mut attrs = attributes(pid, pool);
+        if let Some(error) = error {
+            attrs.push(KeyValue::new("error.type", error));
+        }
+        let mut current = self.lock();
+        current.note(pid, pool);
+        current.instruments.wait_time.record(seconds, &attrs);
+    }
+
+    pub fn record_use(&self, pid: u32, pool: &str, seconds: f64) {
+        let attrs = attributes(pid, pool);
+        let mut current = self.lock();
+        current.note(pid, pool);
+        current.instruments.use_time.record(seconds, &attrs);
+    }
+
+    pub fn record_create(&self, pid: u32, pool: &str, seconds: f64) {
+        let attrs = attributes(pid, pool);
+        let mut current = self.lock();
+        current.note(pid, pool);
+        current.instruments.create_time.record(seconds, &attrs);
+    }
+
+    /// The current generation's Prometheus registry (gathered outside the
+    /// lock, so that a scrape never holds up recording).
+    pub fn registry(&self) -> prometheus::Registry {
+        self.lock().instruments.registry.clone()
+    }
+
+    /// Drops the series of pools not in `live` (pid, pool name) by
+    /// rebuilding the provider, when at least [`GONE_THRESHOLD`] recorded
+    /// pools are gone and the last rebuild is [`MIN_REBUILD_INTERVAL`] old
+    /// (or the series run short of room). Returns the pools forgotten.
+    pub fn forget_gone(&self, live: &HashSet<(u32, String)>, now: Instant) -> usize {
+        let mut current = self.lock();
+        let gone = current.gone(live);
+        if gone < GONE_THRESHOLD {
+            return 0;
+        }
+        let due = current
+            .last_rebuild
+            .is_none_or(|last| now.saturating_duration_since(last) >= MIN_REBUILD_INTERVAL);
+        if !due && current.recorded_count < PRESSURE_POOLS {
+            return 0;
+        }
+        // Failures wait for the next turn too, so that a failing exporter
+        // build is not retried every second.
+        current.last_rebuild = Some(now);
+        let built = match &self.otlp {
+            Some(factory) => factory.build().map(Some),
+            None => Ok(None),
+        }
+        .and_then(|reader| Instruments::build(&self.resource, reader));
+        let fresh = match built {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                log::warn!(
+                    "cannot rebuild the pool histograms; the series of {gone} gone pools stay until the next try: {e:#}"
+                );
+                return 0;
+            }
+        };
+        let old = std::mem::replace(&mut current.instruments, fresh);
+        current.recorded.clear();
+        current.recorded_count = 0;
+        drop(current);
+        self.counts.forgotten.fetch_add(gone as u64, Relaxed);
+        self.counts.resets.fetch_add(1, Relaxed);
+        log::info!(
+            "forgot the histogram series of {gone} pools of exited processes; the live pools' histograms restart from zero"
+        );
+        old.retire();
+        gone
+    }
+
+    /// The last export, then no more.
+    pub fn shutdown(&self) {
+        let provider = self.lock().instruments.provider.clone();
+        if let Err(e) = provider.shutdown() {
+            log::debug!("pool series provider shutdown: {e}");
+        }
+    }
+}
+
+/// Attributes of per-pool series: the pool and the process that owns it.
+pub fn attributes(pid: u32, pool: &str) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("db.client.connection.pool.name", pool.to_string()),
+        KeyValue::new("process.pid", i64::from(pid)),
+    ]
+}

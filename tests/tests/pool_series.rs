@@ -1,0 +1,304 @@
+//! Pool histograms of processes that exited are forgotten, and a live
+//! pool keeps its series, against the real agent and kernel.
+//!
+//! Any local user may send adapter datagrams, and every pool name becomes
+//! a label value of `db.client.connection.wait_time`. Short-lived sender
+//! processes (each its own pid, as the kernel tells the agent) name many
+//! pools and exit; a long-lived sender's pool records before and after. The
+//! senders are small Python processes sending raw protocol-v1 JSON.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use poolscope_tests::{
+    adapter_config, json, otlp_receiver::OtlpReceiver, require_kernel, wait_exit, wait_until,
+    Agent, TempDir,
+};
+
+/// Short-lived senders and the pools each names.
+const SENDERS: usize = 40;
+const POOLS_EACH: usize = 16;
+
+/// A rebuild comes at most once a minute (the agent's
+/// `MIN_REBUILD_INTERVAL`); exits that straddle a housekeeping tick may need
+/// a second one.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(80);
+
+/// Sends, for each of its pools, an acquire that timed out; says `ready`;
+/// then does it again for every line it reads, until its stdin closes.
+const SENDER: &str = r#"
+import json, socket, sys
+path, prefix, pools = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.settimeout(10)
+request = 0
+def burst():
+    global request
+    for i in range(pools):
+        pool = f"{prefix}{i}"
+        request += 1
+        for m in ({"kind": "acquire_start"}, {"kind": "acquire_end", "result": "timeout"}):
+            m.update(v=1, pool=pool, request=request)
+            s.sendto(json.dumps(m).encode(), path)
+burst()
+print("ready", flush=True)
+for _ in sys.stdin:
+    burst()
+    print("ready", flush=True)
+"#;
+
+struct Sender {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Sender {
+    fn spawn(socket: &Path, prefix: &str, pools: usize) -> Sender {
+        let mut child = Command::new("python3")
+            .args(["-c", SENDER])
+            .arg(socket)
+            .arg(prefix)
+            .arg(pools.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start python3");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Sender {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_ready(&mut self) {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "sender {} said {line:?}", self.pid());
+    }
+
+    fn again(&mut self) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin).unwrap();
+        stdin.flush().unwrap();
+        self.wait_ready();
+    }
+
+    /// Closes its stdin: it exits.
+    fn finish(&mut self) {
+        self.stdin.take();
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sample lines (not comments) of an exposition.
+fn series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count()
+}
+
+/// The value of the wait-time `_count` line of (pid, pool), if any.
+fn wait_count(text: &str, pid: u32, pool: &str) -> Option<f64> {
+    let pool = format!("db_client_connection_pool_name=\"{pool}\"");
+    let pid = format!("process_pid=\"{pid}\"");
+    text.lines()
+        .filter(|l| l.starts_with("db_client_connection_wait_time_seconds_count{"))
+        .find(|l| l.contains(&pool) && l.contains(&pid))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn gauge(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn pools_of_exited_processes_are_forgotten_and_a_live_pool_keeps_its_series() {
+    if !require_kernel() {
+        return;
+    }
+    scenario(None);
+}
+
+/// The same over OTLP too: the rebuilt provider gets an exporter of its own
+/// (the blocking HTTP client, built off the agent's runtime threads), and
+/// the pushed wait times forget the gone pools as /metrics does.
+#[test]
+fn pushed_pool_series_forget_exited_processes_too() {
+    if !require_kernel() {
+        return;
+    }
+    let receiver = OtlpReceiver::start();
+    scenario(Some(&receiver));
+}
+
+const WAIT_TIME: &str = "db.client.connection.wait_time";
+
+fn scenario(receiver: Option<&OtlpReceiver>) {
+    let dir = TempDir::new("poolscope-pool-series");
+    let socket = dir.path().join("adapter.sock");
+    let mut config = adapter_config(&socket, &[]);
+    if let Some(receiver) = receiver {
+        config.push_str(&format!(
+            "\n[otlp]\nendpoint = {:?}\nprotocol = \"http/protobuf\"\ninterval_seconds = 1.0\ntimeout_seconds = 2.0\n",
+            receiver.http_endpoint()
+        ));
+    }
+    let agent = Agent::start_with_config(&config, &[]);
+    let baseline = series(&agent.metrics());
+
+    let mut legit = Sender::spawn(&socket, "legit", 1);
+    legit.wait_ready();
+    let mut flood: Vec<Sender> = (0..SENDERS)
+        .map(|_| Sender::spawn(&socket, "flood", POOLS_EACH))
+        .collect();
+    for sender in &mut flood {
+        sender.wait_ready();
+    }
+    let flood_pids: Vec<u32> = flood.iter().map(Sender::pid).collect();
+
+    // Every pool has its line while its process lives.
+    let text = wait_until(Duration::from_secs(10), || {
+        let text = agent.metrics();
+        let all = flood_pids.iter().all(|pid| {
+            (0..POOLS_EACH).all(|i| wait_count(&text, *pid, &format!("flood{i}")).is_some())
+        });
+        (all && wait_count(&text, legit.pid(), "legit0") == Some(1.0)).then_some(text)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not every pool was exported:\n{}\n--- agent log ---\n{}",
+            agent.metrics(),
+            agent.log()
+        )
+    });
+    let flooded = series(&text);
+    assert!(
+        flooded >= baseline + SENDERS * POOLS_EACH * 12,
+        "the flood shows: {baseline} series before, {flooded} with it"
+    );
+    assert!(!text.contains("otel_metric_overflow"));
+
+    // The flood's processes exit, all at once.
+    for sender in &mut flood {
+        sender.finish();
+    }
+    for sender in &mut flood {
+        assert!(
+            wait_exit(&mut sender.child, Duration::from_secs(10)).is_some(),
+            "sender {} did not exit",
+            sender.pid()
+        );
+    }
+    let exited = Instant::now();
+    let text = wait_until(FORGET_TIMEOUT, || {
+        let text = agent.metrics();
+        let gone = flood_pids
+            .iter()
+            .all(|pid| !text.contains(&format!("process_pid=\"{pid}\"")));
+        gone.then_some(text)
+    })
+    .unwrap_or_else(|| {
+        let text = agent.metrics();
+        let left = flood_pids
+            .iter()
+            .filter(|pid| text.contains(&format!("process_pid=\"{pid}\"")))
+            .count();
+        panic!(
+            "{left} of {SENDERS} exited senders still have series {:?} after their exit\n--- agent log ---\n{}",
+            exited.elapsed(),
+            agent.log()
+        )
+    });
+    let forgotten = gauge(&text, "poolscope_telemetry_pool_series_forgotten_total");
+    // Pools whose process exit came after the tick of the first rebuild
+    // are dropped by it all the same, without counting as forgotten.
+    assert!(
+        (32.0..=(SENDERS * POOLS_EACH) as f64).contains(&forgotten),
+        "{forgotten} pools forgotten"
+    );
+    let resets = gauge(&text, "poolscope_telemetry_pool_series_resets_total");
+    assert!((1.0..=2.0).contains(&resets), "{resets} resets");
+
+    // The live pool records again: its histogram restarted at the reset,
+    // and it has its own line (not the overflow series).
+    legit.again();
+    legit.again();
+    let text = wait_until(Duration::from_secs(10), || {
+        let text = agent.metrics();
+        (wait_count(&text, legit.pid(), "legit0") == Some(2.0)).then_some(text)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the live pool's wait time is not 2 after the reset:\n{}",
+            agent.metrics()
+        )
+    });
+    assert!(!text.contains("otel_metric_overflow"));
+    if let Some(receiver) = receiver {
+        let legit_pid = i64::from(legit.pid());
+        let pushed = wait_until(Duration::from_secs(10), || {
+            let snapshot = receiver.latest_with(WAIT_TIME)?;
+            let legit = snapshot.value(
+                WAIT_TIME,
+                &[
+                    ("process.pid", json!(legit_pid)),
+                    ("db.client.connection.pool.name", json!("legit0")),
+                ],
+            );
+            let flood_left = snapshot
+                .points
+                .iter()
+                .filter(|p| p.name == WAIT_TIME)
+                .filter(|p| {
+                    p.attributes
+                        .get("process.pid")
+                        .and_then(|v| v.as_i64())
+                        .is_some_and(|pid| flood_pids.iter().any(|f| i64::from(*f) == pid))
+                })
+                .count();
+            (legit == Some(2.0) && flood_left == 0).then_some(())
+        });
+        assert!(
+            pushed.is_some(),
+            "the pushed wait times still hold gone pools or miss the live one: {:?}\n--- agent log ---\n{}",
+            receiver.latest_with(WAIT_TIME).map(|s| s.points.len()),
+            agent.log()
+        );
+        assert!(!agent.log().contains("cannot rebuild"), "{}", agent.log());
+    }
+    let after = series(&text);
+    assert!(
+        after <= baseline + 200,
+        "series back near the baseline: {baseline} before, {flooded} flooded, {after} after"
+    );
+    eprintln!(
+        "pool series{}: {baseline} at start, {flooded} with {} pools of {SENDERS} processes, {after} after they exited ({} forgotten in {resets} resets, {:.1} s after the exits)",
+        if receiver.is_some() { " (with OTLP)" } else { "" },
+        SENDERS * POOLS_EACH,
+        forgotten,
+        exited.elapsed().as_secs_f64()
+    );
+    legit.finish();
+}
