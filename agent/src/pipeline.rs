@@ -187,10 +187,12 @@ impl Pipeline {
             (changes, slow)
         })?;
         self.publish_leak_changes(&changes);
-        for report in slow {
+        for (report, log_it) in slow {
             // One structured line per report, for log pipelines.
-            if let Ok(line) = serde_json::to_string(&report) {
-                log::warn!(target: "poolscope::slow_query", "{line}");
+            if log_it {
+                if let Ok(line) = serde_json::to_string(&report) {
+                    log::warn!(target: "poolscope::slow_query", "{line}");
+                }
             }
             if let Some(otlp) = &self.otlp {
                 let attributes = serde_json::to_value(&report)
@@ -241,25 +243,31 @@ impl Pipeline {
         })
     }
 
-    /// What of `lines` goes out under the per-process and global budgets;
-    /// the rest is counted, and summed up in the log once per window.
+    /// Which of `reports` get a log line under the per-process and global
+    /// budgets (true); the rest are counted, and summed up in the log once
+    /// per window. OTLP events go out for all of them: the bounded queue,
+    /// which favours leak reports, is their limit.
     fn within_budget<T>(
         &self,
         state: &mut State,
-        lines: Vec<T>,
+        reports: Vec<T>,
         pid: impl Fn(&T) -> u32,
         now: u64,
-    ) -> Vec<T> {
-        if lines.is_empty() {
-            return lines;
+    ) -> Vec<(T, bool)> {
+        if reports.is_empty() {
+            return Vec::new();
         }
         let mut held_back = Vec::new();
-        let mut admitted = Vec::with_capacity(lines.len());
-        for line in lines {
-            match state.publish.admit(pid(&line), now, &mut held_back) {
-                Ok(()) => admitted.push(line),
-                Err(why) => self.telemetry.record_unpublished(why),
-            }
+        let mut admitted = Vec::with_capacity(reports.len());
+        for report in reports {
+            let log_it = match state.publish.admit(pid(&report), now, &mut held_back) {
+                Ok(()) => true,
+                Err(why) => {
+                    self.telemetry.record_unpublished(why);
+                    false
+                }
+            };
+            admitted.push((report, log_it));
         }
         for (pid, count) in held_back {
             log::warn!(
@@ -271,16 +279,19 @@ impl Pipeline {
         admitted
     }
 
-    /// Logs each opened or resolved report as one JSON line and sends it as
-    /// an OTLP log record (they were counted when they changed).
-    fn publish_leak_changes(&self, changes: &[LeakChange]) {
-        for change in changes {
+    /// Logs each opened or resolved report as one JSON line (within the
+    /// budget) and sends it as an OTLP log record (they were counted when
+    /// they changed).
+    fn publish_leak_changes(&self, changes: &[(LeakChange, bool)]) {
+        for (change, log_it) in changes {
             let (verb, report) = match change {
                 LeakChange::Opened(r) => ("opened", r),
                 LeakChange::Resolved(r) => ("resolved", r),
             };
-            if let Ok(line) = serde_json::to_string(report) {
-                log::warn!(target: "poolscope::leak", "{verb} {line}");
+            if *log_it {
+                if let Ok(line) = serde_json::to_string(report) {
+                    log::warn!(target: "poolscope::leak", "{verb} {line}");
+                }
             }
             if let Some(otlp) = &self.otlp {
                 let (name, severity) = match (change, report.kind) {

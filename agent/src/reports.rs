@@ -454,8 +454,8 @@ fn refresh(report: &mut LeakReport, conn: &Connection, finding: &Finding, now: u
     report.evidence.clone_from(&finding.evidence);
 }
 
-/// How many report lines (log and OTLP event) one process may cause per
-/// window, and all processes together.
+/// How many report log lines one process may cause per window, and all
+/// processes together.
 pub const PUBLISH_PER_PROCESS: u32 = 30;
 pub const PUBLISH_IN_ALL: u32 = 600;
 pub const PUBLISH_WINDOW_NS: u64 = 60_000_000_000;
@@ -476,10 +476,10 @@ impl Unpublished {
     }
 }
 
-/// Rate limits report lines per process and in all, per window: any local
-/// process can make its own pool report thousands of slow acquires, and
-/// its flood must neither fill the log nor crowd out others' reports. The
-/// reports themselves stay in the API; only their lines are limited.
+/// Rate limits report log lines per process and in all, per window: any
+/// local process can make its own pool report thousands of slow acquires,
+/// and its flood must neither fill the log nor crowd out others' lines. The
+/// reports themselves stay in the API and in OTLP events.
 #[derive(Debug, Default)]
 pub struct PublishBudget {
     window_start_ns: u64,

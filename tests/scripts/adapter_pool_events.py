@@ -10,7 +10,9 @@ Opens one real connection (psycopg 3, autocommit, no TLS) to PostgreSQL on
   pool                 postgresql 127.0.0.1:PORT/postgres, max 5, min_idle 1,
                        idle_max 5
   connection_created   the connection
-  acquire_start 1      1.5 s ago (mono_ns in the past: no sleeping)
+  acquire_start 1      1.5 s ago (mono_ns in the past; the process first
+                       lives that long, because the agent never dates a
+                       message before its sender started)
   acquire_end 1        ok, the connection: a slow acquire of 1.5 s
   release              the connection
   acquire_start 2      0.2 s ago
@@ -28,6 +30,8 @@ import sys
 import time
 
 import psycopg
+
+STARTED = time.monotonic()
 
 
 def main():
@@ -69,6 +73,7 @@ def main():
         library="poolscope-tests",
     )
     send("connection_created", fd=fd)
+    time.sleep(max(0.0, 1.6 - (time.monotonic() - STARTED)))
     send("acquire_start", ago_s=1.5, request=1)
     send("acquire_end", request=1, result="ok", fd=fd)
     send("release", fd=fd)

@@ -424,7 +424,7 @@ impl Telemetry {
                 .build(),
             unpublished: meter
                 .u64_counter("poolscope.reports.unpublished")
-                .with_description("Report lines (log and OTLP event) held back by the per-process or global budget; the reports stay in the API")
+                .with_description("Report log lines held back by the per-process or global budget; the reports stay in the API and in OTLP events")
                 .with_unit("{report}")
                 .build(),
             pool_series,
