@@ -414,6 +414,14 @@ pub struct LogRecordView {
     pub time_unix_nano: u64,
 }
 
+/// One span, flattened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanView {
+    pub name: String,
+    pub kind: i32,
+    pub attributes: BTreeMap<String, Value>,
+}
+
 // ---------------------------------------------------------------------------
 // Servers
 // ---------------------------------------------------------------------------
@@ -803,6 +811,46 @@ impl OtlpReceiver {
             .into_iter()
             .filter(|r| r.event_name == event_name)
             .collect()
+    }
+
+    /// Every request kept, of every signal, encoded as protobuf again: a
+    /// string anywhere in what arrived (attribute, body, name, resource) is
+    /// in these bytes as UTF-8, whatever field holds it.
+    pub fn encoded_requests(&self) -> Vec<(Signal, Vec<u8>)> {
+        let store = lock(&self.store);
+        let metrics = store
+            .metrics
+            .iter()
+            .map(|r| (Signal::Metrics, r.request.encode_to_vec()));
+        let logs = store
+            .logs
+            .iter()
+            .map(|r| (Signal::Logs, r.request.encode_to_vec()));
+        let traces = store
+            .traces
+            .iter()
+            .map(|r| (Signal::Traces, r.request.encode_to_vec()));
+        metrics.chain(logs).chain(traces).collect()
+    }
+
+    /// Every span kept, oldest first, flattened.
+    pub fn spans(&self) -> Vec<SpanView> {
+        let store = lock(&self.store);
+        let mut out = Vec::new();
+        for received in &store.traces {
+            for rs in &received.request.resource_spans {
+                for ss in &rs.scope_spans {
+                    for span in &ss.spans {
+                        out.push(SpanView {
+                            name: span.name.clone(),
+                            kind: span.kind,
+                            attributes: attributes(&span.attributes),
+                        });
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Resource attributes of the newest request of `signal`.

@@ -438,6 +438,7 @@ impl SessionParser {
     }
 
     fn parse(&mut self, chunk: &Chunk<'_>, view: &View<'_>, out: &mut Vec<Observation>) {
+        let before = out.len();
         let mut cx = Ctx {
             ts: chunk.ts_ns,
             raw: self.raw,
@@ -448,6 +449,19 @@ impl SessionParser {
             Inner::Mysql(s) => s.feed(chunk.direction, view, &mut cx),
             Inner::Redis(s) => s.feed(chunk.direction, view, &mut cx),
             Inner::Detecting | Inner::Other => {}
+        }
+        if self.raw {
+            return;
+        }
+        // Error messages echo query literals: sanitized here, in one place
+        // for all three protocols, like the query text.
+        for observation in out.iter_mut().skip(before) {
+            if let Observation::RoundTrip(RoundTrip {
+                error: Some(error), ..
+            }) = observation
+            {
+                error.message = super::sql::sanitize_error_message(&error.message);
+            }
         }
     }
 }
@@ -483,6 +497,58 @@ fn detect(direction: Direction, view: &View<'_>, hint: Option<DbSystem>) -> Opti
 mod tests {
     use super::*;
     use crate::protocol::testutil::*;
+
+    /// The error message of the one round trip `d` saw.
+    fn error_message(d: &Drive) -> String {
+        let trips = d.round_trips();
+        assert_eq!(trips.len(), 1, "{trips:?}");
+        trips[0].error.clone().expect("an error").message
+    }
+
+    #[test]
+    fn error_messages_are_sanitized_unless_raw() {
+        for raw in [false, true] {
+            let mut pg = Drive::new(Some(DbSystem::Postgresql));
+            pg.parser.set_raw_queries(raw);
+            pg.client(&pg_query("SELECT 's3cret'::int"));
+            let mut resp = pg_error("22P02", "invalid input syntax for type integer: \"s3cret\"");
+            resp.extend(pg_ready(b'I'));
+            pg.server(&resp);
+
+            let mut my = Drive::detect();
+            my.parser.set_raw_queries(raw);
+            my.server(&my_greeting());
+            my.client(&my_handshake_response(MY_CAPS, "app", None));
+            my.server(&my_ok(2, 0, 0x0002));
+            my.take();
+            my.client(&my_packet(0, &my_query("INSERT INTO t VALUES ('s3cret')")));
+            my.server(&my_err(
+                1,
+                1062,
+                "23000",
+                "Duplicate entry 's3cret' for key 'PRIMARY'",
+            ));
+
+            let mut rd = Drive::new(Some(DbSystem::Redis));
+            rd.parser.set_raw_queries(raw);
+            rd.client(&resp_command(&["AUTHX", "s3cret"]));
+            rd.server(b"-ERR unknown command 'AUTHX', with args beginning with: 's3cret' \r\n");
+
+            for (d, sanitized) in [
+                (&pg, "invalid input syntax for type integer: ?"),
+                (&my, "Duplicate entry ?"),
+                (&rd, "unknown command ?"),
+            ] {
+                let message = error_message(d);
+                if raw {
+                    assert!(message.contains("s3cret"), "{message:?}");
+                } else {
+                    assert!(message.ends_with(sanitized), "{message:?}");
+                    assert!(!message.contains("s3cret"), "{message:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn bounded_map_forgets_the_oldest() {

@@ -499,6 +499,28 @@ pub(crate) fn db_error(code: &str, message: &str) -> DbError {
     }
 }
 
+/// A server's error message without the values it quotes. Servers echo
+/// the offending input: PostgreSQL `invalid input syntax for type integer:
+/// "..."`, MySQL `Duplicate entry '...'` and `near '...rest of the query'`,
+/// Redis `with args beginning with: '...'`; that is query literals. Quotes
+/// inside the echoed text need not pair, so everything from the first quote
+/// to the last one becomes `?` (identifiers in quotes go too: the SQLSTATE or
+/// error number still says what went wrong).
+pub(crate) fn sanitize_error_message(message: &str) -> String {
+    let is_quote = |c: char| c == '\'' || c == '"' || c == '`';
+    let Some(first) = message.find(is_quote) else {
+        return message.to_string();
+    };
+    let last = message.rfind(is_quote).unwrap_or(first);
+    // A lone quote (a message cut short inside one): hide to the end.
+    let rest = if last > first {
+        message.get(last + 1..).unwrap_or_default()
+    } else {
+        ""
+    };
+    format!("{}?{rest}", message.get(..first).unwrap_or_default())
+}
+
 /// Bytes up to the first NUL (or all of them), and what follows the NUL.
 pub(crate) fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
     match bytes.iter().position(|&b| b == 0) {
@@ -517,6 +539,37 @@ mod tests {
     #[track_caller]
     fn same(input: &str, want: &str) {
         assert_eq!(sanitize(input), want, "input: {input:?}");
+    }
+
+    #[test]
+    fn error_messages_lose_what_they_quote() {
+        for (message, want) in [
+            (
+                "invalid input syntax for type integer: \"s3cret\"",
+                "invalid input syntax for type integer: ?",
+            ),
+            (
+                "Duplicate entry 'bob@example.com' for key 'users.email'",
+                "Duplicate entry ?",
+            ),
+            // MySQL echoes the rest of the query, quotes and all.
+            (
+                "You have an error in your SQL syntax; check the manual near ''s3cret', 'x' at line 1",
+                "You have an error in your SQL syntax; check the manual near ? at line 1",
+            ),
+            (
+                "ERR unknown command 'AUTHX', with args beginning with: 's3cret' ",
+                "ERR unknown command ? ",
+            ),
+            // Cut short inside a quote: hidden to the end.
+            ("value \"s3cret", "value ?"),
+            ("division by zero", "division by zero"),
+            ("", ""),
+            ("'", "?"),
+            ("ü\"ü\"ü", "ü?ü"),
+        ] {
+            assert_eq!(sanitize_error_message(message), want, "{message:?}");
+        }
     }
 
     #[test]
