@@ -9,6 +9,11 @@
 //! reader stops on `Broken`, and the agent exits non-zero so that its
 //! supervisor restarts it with a fresh state: a failure is loud, never a
 //! silently skipped update.
+//!
+//! The agent's other locks guard caches (server attributes, command names)
+//! and plumbing (the OTLP queue's sender, the HTTP server's reserved
+//! slots), whose contents stay valid whatever panicked while holding them:
+//! those recover the lock (`PoisonError::into_inner`) and carry on.
 
 use std::sync::{Arc, Mutex};
 

@@ -135,9 +135,11 @@ impl ServerAttributes {
             }
             attrs.into()
         };
-        let Ok(mut cache) = self.by_server.lock() else {
-            return build();
-        };
+        // A cache stays valid whatever panicked while holding it.
+        let mut cache = self
+            .by_server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(attrs) = cache.get(&(system, remote.clone())) {
             return Arc::clone(attrs);
         }
@@ -254,7 +256,10 @@ impl OperationNames {
                 if !plausible {
                     return None;
                 }
-                let mut seen = self.commands.lock().ok()?;
+                let mut seen = self
+                    .commands
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if seen.contains(operation) || seen.len() < MAX_COMMAND_NAMES {
                     seen.insert(operation.to_string());
                     Some(operation.to_string())

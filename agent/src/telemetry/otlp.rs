@@ -8,7 +8,7 @@ use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -226,9 +226,8 @@ fn queue_admits(queued: u64, capacity: usize, name: Option<&str>) -> bool {
 
 impl LogProcessor for QueueProcessor {
     fn emit(&self, data: &mut SdkLogRecord, instrumentation: &InstrumentationScope) {
-        let Ok(sender) = self.sender.lock() else {
-            return;
-        };
+        // The queue's plumbing stays valid whatever panicked while holding it.
+        let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(sender) = sender.as_ref() else {
             self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -258,10 +257,15 @@ impl LogProcessor for QueueProcessor {
 
     /// Closes the queue and waits (bounded) for the thread to send what it has.
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        if let Ok(mut sender) = self.sender.lock() {
-            sender.take();
-        }
-        let worker = self.worker.lock().ok().and_then(|mut w| w.take());
+        self.sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(worker) = worker {
             let deadline = Instant::now() + timeout;
             while !worker.is_finished() && Instant::now() < deadline {
