@@ -678,7 +678,7 @@ impl fmt::Display for Report<'_> {
             f,
             "| load | `pgbench -C -R {CHURN_RATE}` (a new connection per `SELECT 1`) and {STEADY_CLIENTS} long-lived pgbench connections (`SELECT 1` every 200 ms) to a throwaway PostgreSQL; \
              a flood sender started every second ({SENDER_RATE} datagrams/s for {SENDER_SECONDS} s, then exits; modes in turn: 200 pool names, acquire_start dated 500 s back / at boot / in the future, malformed), \
-             half as root, half as `{FUZZ_USER}`; one legitimate pool (`{LEGIT_POOL}`) all along; \
+             half as root, half as `{FUZZ_USER}`; legitimate pools `{LEGIT_POOL}` from the start and `{LATE_POOL}` from halfway; \
              the OTLP collector up 30 s, then 30 s out (hung, then refusing, in turn) |"
         )?;
 
