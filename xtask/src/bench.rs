@@ -11,8 +11,8 @@
 //! throughput ratio is reported beside it. The agent runs in a cgroup of its
 //! own, so its CPU time (all threads, user and system) is read the same way.
 
-mod cgroup;
-mod prom;
+pub(crate) mod cgroup;
+pub(crate) mod prom;
 mod report;
 
 use std::{
@@ -154,8 +154,8 @@ impl Workload {
 }
 
 /// What the workload's tool reported about one run.
-struct ToolRun {
-    ops: f64,
+pub(crate) struct ToolRun {
+    pub(crate) ops: f64,
     secs: f64,
     /// Round trips by the tool's own count.
     expected: Option<f64>,
@@ -194,15 +194,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         .filter(|w| args.only.is_empty() || args.only.contains(&w.group()))
         .collect();
 
-    let agent_bin = match &args.agent {
-        Some(path) => fs::canonicalize(path)
-            .with_context(|| format!("no agent binary at {}", path.display()))?,
-        None => {
-            setup::setup(false)?;
-            run(cargo().args(["build", "--release", "-p", "poolscope"]))?;
-            target_dir().join("release").join("poolscope")
-        }
-    };
+    let agent_bin = agent_binary(args.agent.as_deref())?;
     setup::ensure_bench_deps()?;
     let help = Command::new(&agent_bin)
         .args(["run", "--help"])
@@ -323,6 +315,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The agent to measure: the given binary, or the release build (built now).
+pub(crate) fn agent_binary(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(path) => {
+            fs::canonicalize(path).with_context(|| format!("no agent binary at {}", path.display()))
+        }
+        None => {
+            setup::setup(false)?;
+            run(cargo().args(["build", "--release", "-p", "poolscope"]))?;
+            Ok(target_dir().join("release").join("poolscope"))
+        }
+    }
+}
+
 fn progress_line(r: &Run) -> String {
     let side = if r.agent.is_some() {
         "with   "
@@ -401,7 +407,7 @@ impl Bench {
         let wants = |group| workloads.iter().any(|w| w.group() == group);
         let pg = if wants(Group::Pg) {
             eprintln!("starting PostgreSQL (pgbench -i -s {PG_SCALE})");
-            Some(Postgres::start(work.path(), &work_cg)?)
+            Some(Postgres::start(work.path(), &work_cg, Some(PG_SCALE))?)
         } else {
             None
         };
@@ -649,26 +655,17 @@ impl Bench {
 
     fn try_start_agent(&mut self) -> Result<Agent> {
         self.agent_starts += 1;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let log = self
             .work
             .path()
             .join(format!("agent-{}.log", self.agent_starts));
-        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let child = command_in(&self.agent_cg, &self.agent_bin)
-            .args(["run", "--listen", &addr.to_string(), "--config"])
-            .arg(&self.agent_config)
-            .args(&self.agent_args)
-            .env_remove("POOLSCOPE_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.agent_bin.display()))?;
-        let mut agent = Agent { child, addr, log };
-        agent.wait_ready()?;
-        Ok(agent)
+        Agent::start(
+            &self.agent_cg,
+            &self.agent_bin,
+            &self.agent_config,
+            &self.agent_args,
+            log,
+        )
     }
 }
 
@@ -719,7 +716,7 @@ fn agent_sample(
 
 /// "number of transactions actually processed: N" and "tps = X (without
 /// initial connection time)".
-fn parse_pgbench(out: &str, statements: f64) -> Result<ToolRun> {
+pub(crate) fn parse_pgbench(out: &str, statements: f64) -> Result<ToolRun> {
     let txns: f64 = out
         .lines()
         .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -802,16 +799,17 @@ fn parse_fio(out: &str, wall: Duration) -> Result<ToolRun> {
 
 /// A throwaway PostgreSQL cluster (the newest installed) on loopback, its
 /// postmaster started inside the workload cgroup.
-struct Postgres {
-    bin: PathBuf,
-    dir: PathBuf,
+pub(crate) struct Postgres {
+    pub(crate) bin: PathBuf,
+    pub(crate) dir: PathBuf,
     /// The data directory, as an argument.
     data: String,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Postgres {
-    fn start(work: &Path, cg: &Cgroup) -> Result<Postgres> {
+    /// With `init_scale`, pgbench's tables are created at that scale.
+    pub(crate) fn start(work: &Path, cg: &Cgroup, init_scale: Option<&str>) -> Result<Postgres> {
         let bin = postgres_bin_dir()?;
         let dir = work.join("pg");
         make_dir(&dir, Some("postgres"))?;
@@ -865,8 +863,11 @@ impl Postgres {
             .and_then(|s| s.lines().next()?.trim().parse().ok())
             .context("no pid in postmaster.pid")?;
         ensure_in_cgroup(cg, postmaster, "postgres")?;
+        let Some(scale) = init_scale else {
+            return Ok(pg);
+        };
         let mut init = Command::new(pg.bin.join("pgbench"));
-        init.args(["-i", "-q", "-s", PG_SCALE, "-h"])
+        init.args(["-i", "-q", "-s", scale, "-h"])
             .arg(&pg.dir)
             .args(["-p", &pg.port.to_string(), "-U", "postgres", "postgres"]);
         let base = pg.dir.join("pgbench-init");
@@ -907,14 +908,14 @@ impl Drop for Postgres {
     }
 }
 
-fn utf8(path: &Path) -> Result<String> {
+pub(crate) fn utf8(path: &Path) -> Result<String> {
     path.to_str()
         .map(str::to_string)
         .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 /// The `bin` directory of the newest PostgreSQL under /usr/lib/postgresql.
-fn postgres_bin_dir() -> Result<PathBuf> {
+pub(crate) fn postgres_bin_dir() -> Result<PathBuf> {
     let entries = fs::read_dir("/usr/lib/postgresql").context("no /usr/lib/postgresql")?;
     entries
         .filter_map(|e| {
@@ -1075,12 +1076,12 @@ impl Redis {
 
 /// A server child (the cgroup wrapper execs it, so the pid is the
 /// server's); killed and reaped on drop.
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
 }
 
 impl Server {
-    fn spawn(cmd: &mut Command, log: &Path, name: &str) -> Result<Server> {
+    pub(crate) fn spawn(cmd: &mut Command, log: &Path, name: &str) -> Result<Server> {
         let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let err = out.try_clone()?;
         let child = cmd
@@ -1133,13 +1134,41 @@ fn ensure_in_cgroup(cg: &Cgroup, pid: u32, name: &str) -> Result<()> {
 // ---------------------------------------------------------------------------
 
 /// A running agent; SIGTERM (then SIGKILL) and reaped on drop.
-struct Agent {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) log: PathBuf,
 }
 
 impl Agent {
+    /// Starts `bin run` inside `cg` on a free loopback port with `config`
+    /// (and nothing from the environment), its output in `log`, and waits
+    /// until it is ready.
+    pub(crate) fn start(
+        cg: &Cgroup,
+        bin: &Path,
+        config: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> Result<Agent> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = command_in(cg, bin)
+            .args(["run", "--listen", &addr.to_string(), "--config"])
+            .arg(config)
+            .args(args)
+            .env_remove("POOLSCOPE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut agent = Agent { child, addr, log };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
     /// Until /healthz answers and the agent holds attached BPF links or
     /// perf events (its kernel probes), within [`AGENT_READY_TIMEOUT`].
     fn wait_ready(&mut self) -> Result<()> {
@@ -1164,7 +1193,7 @@ impl Agent {
         }
     }
 
-    fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => bail!(
@@ -1175,12 +1204,12 @@ impl Agent {
         }
     }
 
-    fn metrics(&self) -> Result<prom::Metrics> {
+    pub(crate) fn metrics(&self) -> Result<prom::Metrics> {
         Ok(prom::Metrics::parse(&http_get(self.addr, "/metrics")?))
     }
 
     /// (VmRSS, VmHWM) in KiB.
-    fn memory_kb(&self) -> (u64, u64) {
+    pub(crate) fn memory_kb(&self) -> (u64, u64) {
         let status =
             fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         let field = |name: &str| {
@@ -1227,15 +1256,15 @@ fn attached_hooks(pid: u32) -> usize {
 // ---------------------------------------------------------------------------
 
 /// The bench's directory under /tmp; removed on drop.
-struct WorkDir(PathBuf);
+pub(crate) struct WorkDir(PathBuf);
 
 impl WorkDir {
-    fn create(path: PathBuf) -> Result<WorkDir> {
+    pub(crate) fn create(path: PathBuf) -> Result<WorkDir> {
         make_dir(&path, None)?;
         Ok(WorkDir(path))
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -1249,7 +1278,7 @@ impl Drop for WorkDir {
 }
 
 /// A directory others can traverse (mode 0755), owned by `owner` if given.
-fn make_dir(path: &Path, owner: Option<&str>) -> Result<()> {
+pub(crate) fn make_dir(path: &Path, owner: Option<&str>) -> Result<()> {
     fs::create_dir(path).with_context(|| format!("cannot create {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
@@ -1261,7 +1290,7 @@ fn make_dir(path: &Path, owner: Option<&str>) -> Result<()> {
 
 /// Runs `cmd` to completion within `limit` (killed after it), its stdout in
 /// `<base>.out` and stderr in `<base>.err`; returns stdout.
-fn run_bounded(cmd: &mut Command, base: &Path, limit: Duration) -> Result<String> {
+pub(crate) fn run_bounded(cmd: &mut Command, base: &Path, limit: Duration) -> Result<String> {
     let out_path = base.with_extension("out");
     let err_path = base.with_extension("err");
     let out =
@@ -1299,7 +1328,7 @@ fn run_bounded(cmd: &mut Command, base: &Path, limit: Duration) -> Result<String
 }
 
 /// Polls `done` every 50 ms until it holds or `limit` passes.
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + limit;
     while !done() {
         if Instant::now() > deadline {
@@ -1311,7 +1340,7 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
 }
 
 /// The last `lines` lines of a file, for error messages.
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     let mut out = all[all.len().saturating_sub(lines)..].join("\n");
@@ -1332,13 +1361,13 @@ fn is_tmpfs(path: &str) -> bool {
         })
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a port")?;
     Ok(listener.local_addr()?.port())
 }
 
 /// Whether some socket listens on TCP `port` (IPv4), from /proc/net/tcp.
-fn tcp_listening(port: u16) -> bool {
+pub(crate) fn tcp_listening(port: u16) -> bool {
     let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let port = format!(":{port:04X}");
     table.lines().skip(1).any(|line| {
@@ -1350,7 +1379,7 @@ fn tcp_listening(port: u16) -> bool {
 
 /// A plain HTTP/1.0 GET (the response then has no chunked framing), with
 /// timeouts; the body of a 200 answer.
-fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("cannot connect to {addr}"))?;
@@ -1373,14 +1402,14 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
-fn command_line(program: &str, args: &[&str]) -> String {
+pub(crate) fn command_line(program: &str, args: &[&str]) -> String {
     output(Command::new(program).args(args))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "?".to_string())
 }
 
 /// /proc/loadavg's 1, 5 and 15 minute averages (what `uptime` prints).
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
@@ -1389,7 +1418,7 @@ fn load_average() -> String {
 
 /// The short commit, and whether the agent was built with uncommitted
 /// changes to its sources (a shared working tree often has some).
-fn commit_description(agent: Option<&Path>) -> String {
+pub(crate) fn commit_description(agent: Option<&Path>) -> String {
     let root = root();
     let commit =
         output(

@@ -2,6 +2,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 
 use std::{
     env,
@@ -54,6 +55,13 @@ enum Cmd {
     /// interleaved runs without/with it, CPU per operation from cgroups
     /// (root; about 13 minutes with the defaults).
     Bench(bench::BenchArgs),
+    /// The release agent for N minutes under connection churn, adapter
+    /// floods and collector outages: are its RSS and fds flat? (root; not
+    /// part of `test`)
+    Soak(soak::SoakArgs),
+    /// One of the soak's adapter senders (the soak runs it).
+    #[command(hide = true)]
+    SoakSender(soak::sender::SenderArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +89,8 @@ fn try_main() -> Result<()> {
         Cmd::Run { args } => run_agent(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::bench(args),
+        Cmd::Soak(args) => soak::soak(args),
+        Cmd::SoakSender(args) => soak::sender::run(args),
     }
 }
 

@@ -89,6 +89,11 @@ pub fn ensure_bench_deps() -> Result<()> {
     Apt::default().ensure(&debs)
 }
 
+/// What `cargo xtask soak` runs: PostgreSQL and pgbench.
+pub fn ensure_soak_deps() -> Result<()> {
+    Apt::default().ensure(&["postgresql".to_string(), "postgresql-contrib".to_string()])
+}
+
 /// The dashboards' type checker (typescript and @grafana/schema, pinned in
 /// dashboards/package-lock.json), installed with `npm ci` only when missing.
 fn ensure_dashboard_deps(apt: &mut Apt) -> Result<()> {
