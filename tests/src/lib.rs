@@ -1154,6 +1154,67 @@ pub fn unprivileged_user() -> (u32, u32) {
     (uid, gid)
 }
 
+/// A Python script run as [`FUZZ_USER`], driven line by line: the test
+/// writes a line to its stdin to tell it to go on, and it answers with one
+/// JSON line on stdout. Killed on drop.
+pub struct Unprivileged {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub started: Instant,
+}
+
+impl Unprivileged {
+    /// Runs `python3 -c script args...` as the fuzz user, in `/` (the
+    /// user may not read the test's directories).
+    pub fn python(script: &str, args: &[String]) -> Unprivileged {
+        use std::os::unix::process::CommandExt;
+        let (uid, gid) = unprivileged_user();
+        let started = Instant::now();
+        let mut child = Command::new(python3())
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .uid(uid)
+            .gid(gid)
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3 as {FUZZ_USER}: {e}"));
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            panic!("python3 without pipes");
+        };
+        Unprivileged {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+            started,
+        }
+    }
+
+    /// The script's next JSON line.
+    pub fn line(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("reading the script's output: {e}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("the script said {line:?}: {e}"))
+    }
+
+    /// Writes `text` and a newline to the script's stdin.
+    pub fn tell(&mut self, text: &str) {
+        writeln!(self.stdin, "{text}").unwrap_or_else(|e| panic!("writing to the script: {e}"));
+    }
+}
+
+impl Drop for Unprivileged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn python3() -> PathBuf {
     let system = Path::new("/usr/bin/python3");
     if system.exists() {

@@ -11,16 +11,13 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixDatagram, process::CommandExt},
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    time::{Duration, Instant},
+    os::unix::{fs::PermissionsExt, net::UnixDatagram},
+    path::PathBuf,
+    time::Duration,
 };
 
 use poolscope_tests::{
-    json, metric_sample, python3, require_kernel, unprivileged_user, wait_until, Agent, TempDir,
-    Value,
+    json, metric_sample, require_kernel, wait_until, Agent, TempDir, Unprivileged, Value,
 };
 
 /// Processes of the pool flood, and pools each tries to register (the
@@ -78,56 +75,6 @@ else:
     print(json.dumps({"pid": os.getpid(), "sent": 2 * n}), flush=True)
     sys.stdin.readline()
 "#;
-
-struct Attacker {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    started: Instant,
-}
-
-impl Attacker {
-    fn start(socket: &Path, args: &[String]) -> Attacker {
-        let (uid, gid) = unprivileged_user();
-        let started = Instant::now();
-        let mut child = Command::new(python3())
-            .args(["-c", ATTACKER])
-            .arg(socket)
-            .args(args)
-            .uid(uid)
-            .gid(gid)
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Attacker {
-            child,
-            stdin,
-            stdout,
-            started,
-        }
-    }
-
-    fn line(&mut self) -> Value {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("attacker said {line:?}: {e}"))
-    }
-
-    fn tell(&mut self) {
-        writeln!(self.stdin).unwrap();
-    }
-}
-
-impl Drop for Attacker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// CLOCK_MONOTONIC, the clock adapters date their messages with.
 fn monotonic_ns() -> u64 {
@@ -233,9 +180,10 @@ fn one_users_adapter_floods_cost_no_other_process_its_pools_series_or_reports() 
     wait_for_messages(&agent, 3.0);
 
     // 200 processes x 64 pools, each with a recorded wait.
-    let mut flood = Attacker::start(
-        &socket,
+    let mut flood = Unprivileged::python(
+        ATTACKER,
         &[
+            socket.display().to_string(),
             "pools".into(),
             FLOOD_PROCESSES.to_string(),
             FLOOD_POOLS.to_string(),
@@ -298,7 +246,14 @@ fn one_users_adapter_floods_cost_no_other_process_its_pools_series_or_reports() 
 
     // 5,000 acquires dated 500 s back, from a process a moment old.
     let judged = messages_judged(&agent);
-    let mut old = Attacker::start(&socket, &["old".into(), OLD_ACQUIRES.to_string()]);
+    let mut old = Unprivileged::python(
+        ATTACKER,
+        &[
+            socket.display().to_string(),
+            "old".into(),
+            OLD_ACQUIRES.to_string(),
+        ],
+    );
     let said = old.line();
     let old_pid = said["pid"].as_u64().unwrap() as u32;
     wait_for_messages(&agent, judged + (2 * OLD_ACQUIRES) as f64);
@@ -348,11 +303,11 @@ fn one_users_adapter_floods_cost_no_other_process_its_pools_series_or_reports() 
         held_back >= (OLD_ACQUIRES - 30) as f64,
         "held-back lines are counted: {held_back}"
     );
-    old.tell();
+    old.tell("");
 
     // The flood exits: its pools and their series are forgotten, the
     // legitimate ones stay.
-    flood.tell();
+    flood.tell("");
     assert_eq!(flood.line()["exited"], json!(FLOOD_PROCESSES));
     let forgotten = wait_until(Duration::from_secs(30), || {
         let pools = pools_of(&agent);

@@ -9,16 +9,16 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    os::unix::{fs::PermissionsExt, process::CommandExt},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    os::unix::fs::PermissionsExt,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use poolscope_tests::{
-    agent_bin, python3, require_kernel, unprivileged_user, wait_until, Agent, ConnectionsResponse,
-    TempDir, Value,
+    agent_bin, require_kernel, unprivileged_user, wait_until, Agent, ConnectionsResponse, TempDir,
+    Unprivileged,
 };
 
 /// Half-open connections the attacker holds (the issue's figure).
@@ -70,55 +70,11 @@ for _ in sys.stdin:
     print(json.dumps({"closed": closed, "open": still_open, "answered": answered}), flush=True)
 "#;
 
-struct Attacker {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Attacker {
-    fn start(addr: SocketAddr, n: usize, uid: u32, gid: u32) -> Attacker {
-        let mut child = Command::new(python3())
-            .args(["-c", ATTACKER])
-            .arg(addr.ip().to_string())
-            .arg(addr.port().to_string())
-            .arg(n.to_string())
-            .uid(uid)
-            .gid(gid)
-            // The fuzz user may not read the test's directory.
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Attacker {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn line(&mut self) -> Value {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("attacker said {line:?}: {e}"))
-    }
-
-    /// How many of its connections the agent has closed, and how many are open.
-    fn check(&mut self) -> (u64, u64) {
-        writeln!(self.stdin, "check").unwrap();
-        let v = self.line();
-        (v["closed"].as_u64().unwrap(), v["open"].as_u64().unwrap())
-    }
-}
-
-impl Drop for Attacker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// How many of its connections the agent has closed, and how many are open.
+fn check(attacker: &mut Unprivileged) -> (u64, u64) {
+    attacker.tell("check");
+    let v = attacker.line();
+    (v["closed"].as_u64().unwrap(), v["open"].as_u64().unwrap())
 }
 
 /// One HTTP/1.0 GET: status, body and how long the whole exchange took.
@@ -178,7 +134,7 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
     if !require_kernel() {
         return;
     }
-    let (uid, gid) = unprivileged_user();
+    let (uid, _) = unprivileged_user();
     let agent = Agent::start_with_config(
         &format!(
             "[http]\nmax_connections = {MAX_CONNECTIONS}\n\
@@ -194,7 +150,14 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
         "the agent already holds {baseline} fds"
     );
 
-    let mut attacker = Attacker::start(agent.addr, HALF_OPEN, uid, gid);
+    let mut attacker = Unprivileged::python(
+        ATTACKER,
+        &[
+            agent.addr.ip().to_string(),
+            agent.addr.port().to_string(),
+            HALF_OPEN.to_string(),
+        ],
+    );
     let started = attacker.line();
     let attack_began = Instant::now();
     assert_eq!(started["uid"].as_u64(), Some(u64::from(uid)), "{started}");
@@ -246,7 +209,7 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
     let closed_all = wait_until(
         Duration::from_secs(HEADER_READ_TIMEOUT_SECONDS + 10),
         || {
-            last = attacker.check();
+            last = check(&mut attacker);
             (last.1 == 0).then_some(())
         },
     );
