@@ -89,7 +89,7 @@ impl Reports {
                 server: endpoint_text(remote),
                 namespace: trip.namespace.clone(),
                 operation: trip.operation.clone(),
-                query: trip.query.clone(),
+                query: trip.query_text(),
                 duration_seconds: duration as f64 / 1e9,
                 error: trip.error.clone(),
                 rows: trip.rows,
@@ -446,7 +446,7 @@ fn refresh(report: &mut LeakReport, conn: &Connection, finding: &Finding, now: u
         .checked_out_at_ns
         .map(|ns| now.saturating_sub(ns) as f64 / 1e9);
     report.last_activity = conn.last_activity_ns.map(|ns| clock.rfc3339(ns));
-    report.last_query.clone_from(&conn.last_query);
+    report.last_query = conn.last_query_text();
     report.tx_state = conn.tx_state;
     report.local_address = conn.local.map(|sa| sa.to_string());
     report.pool.clone_from(&conn.pool);
@@ -544,7 +544,9 @@ mod tests {
                 start_ns: 1_000,
                 end_ns: 1_000 + ms * 1_000_000,
                 operation: Some("SELECT".into()),
-                query: Some("SELECT pg_sleep(?)".into()),
+                query: Some(crate::protocol::QueryText::shown_as_is(
+                    "SELECT pg_sleep(?)".into(),
+                )),
                 namespace: Some("db".into()),
                 error: None,
                 rows: Some(1),

@@ -66,7 +66,7 @@ fn check(out: &[Observation]) {
     for o in out {
         if let Observation::RoundTrip(rt) = o {
             assert!(rt.end_ns >= rt.start_ns, "{rt:?}");
-            let query = rt.query.as_deref().unwrap_or_default();
+            let query = rt.query_text().unwrap_or_default();
             assert!(query.chars().count() <= QUERY_MAX_CHARS, "{rt:?}");
             if let Some(e) = &rt.error {
                 assert!(

@@ -278,7 +278,7 @@ pub fn connection_view(
         last_activity: conn.last_activity_ns.map(|ns| clock.rfc3339(ns)),
         round_trips: conn.round_trips,
         last_operation: conn.last_operation.clone(),
-        last_query: conn.last_query.clone(),
+        last_query: conn.last_query_text(),
         tx_state: conn.tx_state,
         protocol_lost: conn.protocol_lost,
         pool: conn.pool.clone(),

@@ -222,8 +222,9 @@ pub struct Connection {
     /// Last read or write, monotonic ns.
     pub last_activity_ns: Option<u64>,
     pub round_trips: u64,
-    /// Sanitized text of the last statement (raw only when configured).
-    pub last_query: Option<String>,
+    /// The last statement, sanitized when shown (raw only when configured;
+    /// see [`crate::protocol::QueryText`]).
+    pub last_query: Option<crate::protocol::QueryText>,
     pub last_operation: Option<String>,
     /// Transaction status after the last response, when the protocol says.
     pub tx_state: Option<TxState>,
@@ -285,6 +286,15 @@ impl Connection {
         self.closed_at_ns
             .unwrap_or(now_ns)
             .saturating_sub(self.opened_at_ns)
+    }
+
+    /// The last statement as it may be shown (sanitized unless raw text
+    /// was asked for).
+    pub fn last_query_text(&self) -> Option<String> {
+        self.last_query
+            .as_ref()
+            .map(crate::protocol::QueryText::text)
+            .filter(|t| !t.is_empty())
     }
 
     pub fn is_open(&self) -> bool {

@@ -144,7 +144,68 @@ pub struct DbError {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Statement text as it is kept: SQL is sanitized only when shown (API,
+/// reports, spans), because most round trips are never shown and
+/// sanitizing each one was a tenth of the agent's CPU. Every way out goes
+/// through [`QueryText::text`], so no output can carry the unsanitized form.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QueryText {
+    text: String,
+    /// Some: SQL as sent, sanitized with this dialect when shown.
+    /// None: final as it is (raw text on request, Redis's `GET ?`).
+    sanitize: Option<sql::Dialect>,
+}
+
+impl QueryText {
+    /// Text to show as it is.
+    pub fn shown_as_is(text: String) -> QueryText {
+        QueryText {
+            text,
+            sanitize: None,
+        }
+    }
+
+    pub(crate) fn sql(text: String, dialect: sql::Dialect) -> QueryText {
+        QueryText {
+            text,
+            sanitize: Some(dialect),
+        }
+    }
+
+    /// The text to show: sanitized unless raw text was asked for (empty
+    /// when nothing but comments and space was sent).
+    pub fn text(&self) -> String {
+        match self.sanitize {
+            Some(dialect) => sql::sanitize_dialect(&self.text, dialect),
+            None => self.text.clone(),
+        }
+    }
+}
+
+/// Serialized as it is shown: sanitized.
+impl serde::Serialize for QueryText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text())
+    }
+}
+
+impl Clone for QueryText {
+    fn clone(&self) -> QueryText {
+        QueryText {
+            text: self.text.clone(),
+            sanitize: self.sanitize,
+        }
+    }
+
+    /// Reuses the buffer: a connection's last query is replaced on every
+    /// round trip.
+    fn clone_from(&mut self, source: &QueryText) {
+        self.text.clone_from(&source.text);
+        self.sanitize = source.sanitize;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoundTrip {
     /// Timestamp of the chunk holding the first byte of the request.
     pub start_ns: u64,
@@ -152,9 +213,9 @@ pub struct RoundTrip {
     pub end_ns: u64,
     /// `db.operation.name`: first SQL keyword or Redis command, uppercased.
     pub operation: Option<String>,
-    /// Sanitized (or, when asked for, raw) text; Redis: command and a `?` per
-    /// argument.
-    pub query: Option<String>,
+    /// The statement (sanitized when shown, unless raw text was asked for);
+    /// Redis: command and a `?` per argument.
+    pub query: Option<QueryText>,
     /// Database name (PostgreSQL, MySQL) or index (Redis `SELECT`).
     pub namespace: Option<String>,
     pub error: Option<DbError>,
@@ -164,6 +225,16 @@ pub struct RoundTrip {
     pub tx_state: Option<TxState>,
     /// Extended protocol (PostgreSQL Parse/Bind/Execute) or MySQL COM_STMT_*.
     pub prepared: bool,
+}
+
+impl RoundTrip {
+    /// The query text to show (sanitized unless raw text was asked for).
+    pub fn query_text(&self) -> Option<String> {
+        self.query
+            .as_ref()
+            .map(QueryText::text)
+            .filter(|t| !t.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

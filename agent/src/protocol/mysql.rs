@@ -197,7 +197,7 @@ fn is_classic_eof(m: &Msg<'_>) -> bool {
 #[derive(Clone)]
 struct Statement {
     operation: Option<String>,
-    query: Option<String>,
+    query: Option<super::QueryText>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -741,7 +741,10 @@ mod tests {
         query(&mut d, "DELETE FROM t WHERE id = 7");
         d.server(&my_ok(1, 3, 0x0002));
         let rt = one(&mut d);
-        assert_eq!(rt.query.as_deref(), Some("DELETE FROM t WHERE id = ?"));
+        assert_eq!(
+            rt.query_text().as_deref(),
+            Some("DELETE FROM t WHERE id = ?")
+        );
         assert_eq!(
             (rt.namespace.as_deref(), rt.rows),
             (Some("orders"), Some(3))
@@ -876,7 +879,10 @@ mod tests {
         d.client(&my_packet(0, &execute));
         d.server(&my_result_set(&["x"], true, 0x0002));
         let rt = one(&mut d);
-        assert_eq!(rt.query.as_deref(), Some("SELECT * FROM t WHERE id = ?"));
+        assert_eq!(
+            rt.query_text().as_deref(),
+            Some("SELECT * FROM t WHERE id = ?")
+        );
         assert_eq!((rt.prepared, rt.rows), (true, Some(1)));
 
         // Close has no response; executing the closed id has no text.
@@ -893,7 +899,7 @@ mod tests {
         ));
         let rt = one(&mut d);
         assert_eq!(
-            (rt.query, rt.error.map(|e| e.code)),
+            (rt.query_text(), rt.error.map(|e| e.code)),
             (None, Some("1243".into()))
         );
     }
@@ -1064,7 +1070,7 @@ mod tests {
                 d.server_reads(&my_binary_result_set(&["one"], deprecate, 0x0002));
                 let rt = one(&mut d);
                 assert_eq!(
-                    rt.query.as_deref(),
+                    rt.query_text().as_deref(),
                     Some("SELECT name FROM items WHERE id = ?")
                 );
                 assert_eq!(

@@ -194,7 +194,7 @@ fn tag_rows(tag: &[u8]) -> Option<u64> {
 #[derive(Clone)]
 struct Statement {
     operation: Option<String>,
-    query: Option<String>,
+    query: Option<super::QueryText>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -726,7 +726,7 @@ mod tests {
         let rt = one(&mut d);
         assert_eq!(rt.operation.as_deref(), Some("SELECT"));
         assert_eq!(
-            rt.query.as_deref(),
+            rt.query_text().as_deref(),
             Some("SELECT * FROM items WHERE id = ?")
         );
         assert_eq!(rt.namespace.as_deref(), Some("shop"));
@@ -835,7 +835,7 @@ mod tests {
         for rt in rts {
             assert_eq!(rt.operation.as_deref(), Some("SELECT"));
             assert_eq!(
-                rt.query.as_deref(),
+                rt.query_text().as_deref(),
                 Some("SELECT abalance FROM pgbench_accounts WHERE aid = $1")
             );
             assert!(rt.prepared);
@@ -886,7 +886,7 @@ mod tests {
         d.server(&resp);
         let rt = one(&mut d);
         assert_eq!(
-            (rt.query, rt.error.map(|e| e.code)),
+            (rt.query_text(), rt.error.map(|e| e.code)),
             (None, Some("26000".into()))
         );
     }
@@ -1095,7 +1095,7 @@ mod tests {
         d.server(&resp);
         let rts = d.round_trips();
         assert_eq!(
-            rts.last().and_then(|r| r.query.clone()).as_deref(),
+            rts.last().and_then(|r| r.query_text()).as_deref(),
             Some("SELECT ?")
         );
     }

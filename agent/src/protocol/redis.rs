@@ -547,7 +547,10 @@ impl Session {
             .filter(|db| !db.is_empty() && db.bytes().all(|b| b.is_ascii_digit()));
         let p = Pending {
             operation: Some(name),
-            query: Some(truncate_chars(&query, QUERY_MAX_CHARS)),
+            query: Some(super::QueryText::shown_as_is(truncate_chars(
+                &query,
+                QUERY_MAX_CHARS,
+            ))),
             kind,
             note,
             ..Pending::new(cx.ts)
@@ -652,7 +655,7 @@ mod tests {
         d.server(b"$5\r\nalice\r\n");
         let rt = one(&mut d);
         assert_eq!(
-            (rt.operation.as_deref(), rt.query.as_deref()),
+            (rt.operation.as_deref(), rt.query_text().as_deref()),
             (Some("GET"), Some("GET ?"))
         );
         assert_eq!((rt.start_ns, rt.end_ns, rt.tx_state), (1000, 2000, None));
@@ -677,7 +680,9 @@ mod tests {
             assert_eq!(rts.len(), 100, "head {head_max}");
             assert!(rts.iter().all(|r| r.end_ns >= r.start_ns));
             if head_max == usize::MAX {
-                assert!(rts.iter().all(|r| r.query.as_deref() == Some("SET ? ?")));
+                assert!(rts
+                    .iter()
+                    .all(|r| r.query_text().as_deref() == Some("SET ? ?")));
                 assert_eq!(rts[99].end_ns, 4000);
             } else {
                 // Commands past the head are counted from their replies.
@@ -779,7 +784,7 @@ mod tests {
         }
         let rts = d.take();
         assert_eq!(rts.len(), 2);
-        assert_eq!(rts[0].query.as_deref(), Some("SET ? ?"));
+        assert_eq!(rts[0].query_text().as_deref(), Some("SET ? ?"));
         assert_eq!(
             rts[1].end_ns,
             3000 + 1000 * reply.len().div_ceil(16_384) as u64
@@ -797,7 +802,7 @@ mod tests {
         let rts = d.take();
         assert_eq!(rts[0].namespace.as_deref(), Some("2"));
         assert_eq!(
-            (rts[1].operation.as_deref(), rts[1].query.as_deref()),
+            (rts[1].operation.as_deref(), rts[1].query_text().as_deref()),
             (Some("CONFIG"), Some("CONFIG GET ?"))
         );
         assert_eq!(rts[1].namespace.as_deref(), Some("2"));

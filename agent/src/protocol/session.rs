@@ -31,7 +31,7 @@ pub(crate) struct Ctx<'o> {
 pub(crate) struct Pending {
     pub(crate) start_ns: u64,
     pub(crate) operation: Option<String>,
-    pub(crate) query: Option<String>,
+    pub(crate) query: Option<super::QueryText>,
     pub(crate) error: Option<DbError>,
     pub(crate) rows: Option<u64>,
     pub(crate) prepared: bool,

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use super::{DbError, ERROR_MESSAGE_MAX_CHARS, QUERY_MAX_CHARS};
+use super::{DbError, QueryText, ERROR_MESSAGE_MAX_CHARS, QUERY_MAX_CHARS};
 
 /// Lexical rules that differ between servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,22 +462,30 @@ pub(crate) fn operation(sql: &str) -> Option<String> {
 }
 
 /// The `operation` and `query` of a round trip from statement text as it
-/// appeared on the wire (possibly cut short by the kernel's head).
+/// appeared on the wire (possibly cut short by the kernel's head). The
+/// query is sanitized when shown, not here.
 pub(crate) fn describe(
     text: &[u8],
     raw: bool,
     dialect: Dialect,
-) -> (Option<String>, Option<String>) {
+) -> (Option<String>, Option<QueryText>) {
     let text = match std::str::from_utf8(text) {
         Ok(text) => Cow::Borrowed(text),
         Err(_) => String::from_utf8_lossy(text),
     };
+    let operation = operation(&text);
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return (operation, None);
+    }
+    // What sanitizing reads at most: the rest could never be shown.
+    let kept = truncate_chars(trimmed, if raw { QUERY_MAX_CHARS } else { SCAN_OUT_MAX });
     let query = if raw {
-        truncate_chars(text.trim(), QUERY_MAX_CHARS)
+        QueryText::shown_as_is(kept)
     } else {
-        sanitize_dialect(&text, dialect)
+        QueryText::sql(kept, dialect)
     };
-    (operation(&text), (!query.is_empty()).then_some(query))
+    (operation, Some(query))
 }
 
 /// At most `max` characters of `s`.
@@ -535,6 +543,29 @@ pub(crate) fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn described_queries_are_kept_as_sent_and_shown_sanitized() {
+        let sql = b"SELECT * FROM users WHERE email = 'ann@example.com' AND id = 42";
+        let (operation, query) = describe(sql, false, Dialect::Standard);
+        assert_eq!(operation.as_deref(), Some("SELECT"));
+        let query = query.expect("a query");
+        let shown = "SELECT * FROM users WHERE email = ? AND id = ?";
+        assert_eq!(query.text(), shown);
+        // Every way out is the shown text, serialization included.
+        assert_eq!(
+            serde_json::to_string(&query).expect("json"),
+            format!("{shown:?}")
+        );
+        let mut copy = QueryText::shown_as_is("x".repeat(300));
+        copy.clone_from(&query);
+        assert_eq!(copy.text(), shown);
+        // Raw on request.
+        let (_, raw) = describe(sql, true, Dialect::Standard);
+        assert!(raw.expect("raw").text().contains("ann@example.com"));
+        // Nothing but space: no query.
+        assert_eq!(describe(b"  \n ", false, Dialect::Standard).1, None);
+    }
 
     #[track_caller]
     fn same(input: &str, want: &str) {
