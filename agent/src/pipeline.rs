@@ -66,6 +66,12 @@ struct KernelSide {
     unix_types: HashMap<String, u16>,
 }
 
+/// The reports an event made, and whether each gets a log line.
+struct Reported {
+    changes: Vec<(LeakChange, bool)>,
+    slow: Vec<(crate::reports::SlowQuery, bool)>,
+}
+
 /// Head bytes copied per read/write, by protocol.
 #[derive(Debug, Clone, Copy)]
 struct CaptureBytes {
@@ -134,58 +140,68 @@ impl Pipeline {
                 .with(|k| k.probes.process_exited(event.conn.pid))?,
             _ => {}
         }
-        let outputs = self.state.with(|state| {
-            let tracker = &mut state.tracker;
-            if matches!(
-                event.kind,
-                EventKind::Connect { .. } | EventKind::Seeded { .. }
-            ) {
-                self.learn_process(tracker, event.conn.pid);
-            }
-            tracker.apply(event)
+        if matches!(
+            event.kind,
+            EventKind::Connect { .. } | EventKind::Seeded { .. }
+        ) {
+            self.learn_process(event.conn.pid)?;
+        }
+        // One hold of the state per event: the tracker's conclusions and
+        // the reports they make.
+        let (outputs, reports) = self.state.with(|state| {
+            let outputs = state.tracker.apply(event);
+            let reports = self.report(state, &outputs);
+            (outputs, reports)
         })?;
-        self.handle_outputs(&outputs)
+        self.handle_outputs(&outputs, reports)
     }
 
     /// Where a process runs, when it started and its name: read from /proc
-    /// once, at its first connect or adapter message.
-    fn learn_process(&self, tracker: &mut Tracker, pid: u32) {
-        if tracker.knows_placement(pid) {
-            return;
+    /// once, at its first connect or adapter message, outside the state's
+    /// lock (the event reader must not wait on /proc).
+    fn learn_process(&self, pid: u32) -> Result<(), Broken> {
+        if self.state.with(|s| s.tracker.knows_placement(pid))? {
+            return Ok(());
         }
         let placement = procfs::placement(Path::new("/proc"), pid, self.pod_logs_dir.as_deref());
-        tracker.set_placement(pid, placement);
-        if let Some(name) = procfs::process_comm(Path::new("/proc"), pid) {
-            tracker.set_process_name(pid, name);
-        }
+        let name = procfs::process_comm(Path::new("/proc"), pid);
+        self.state.with(|s| {
+            s.tracker.set_placement(pid, placement);
+            if let Some(name) = name {
+                s.tracker.set_process_name(pid, name);
+            }
+        })
     }
 
-    /// Counts, reports and acts on what the tracker concluded.
-    fn handle_outputs(&self, outputs: &[Output]) -> Result<(), Broken> {
-        self.telemetry.record(outputs);
-        let acquired = outputs
+    /// The leak and slow-query reports the tracker's outputs make, each
+    /// with whether it gets a log line (see [`Self::within_budget`]).
+    fn report(&self, state: &mut State, outputs: &[Output]) -> Reported {
+        let changes = if outputs
             .iter()
-            .any(|o| matches!(o, Output::AcquireFinished { .. }));
-        let (changes, slow) = self.state.with(|state| {
-            let changes = if acquired {
-                state.leaks.observe_acquires(
-                    outputs,
-                    self.thresholds.slow_acquire_ns,
-                    &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
-                    &|pid| procfs::process_comm(Path::new("/proc"), pid).unwrap_or_default(),
-                    monotonic_ns(),
-                    &self.clock,
-                )
-            } else {
-                Vec::new()
-            };
-            self.telemetry.record_leak_changes(&changes);
-            let now = monotonic_ns();
-            let changes = self.within_budget(state, changes, LeakChange::pid, now);
-            let slow = state.reports.observe(outputs, &self.clock);
-            let slow = self.within_budget(state, slow, |r| r.pid, now);
-            (changes, slow)
-        })?;
+            .any(|o| matches!(o, Output::AcquireFinished { .. }))
+        {
+            state.leaks.observe_acquires(
+                outputs,
+                self.thresholds.slow_acquire_ns,
+                &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
+                &|pid| procfs::process_comm(Path::new("/proc"), pid).unwrap_or_default(),
+                monotonic_ns(),
+                &self.clock,
+            )
+        } else {
+            Vec::new()
+        };
+        self.telemetry.record_leak_changes(&changes);
+        let changes = self.within_budget(state, changes, LeakChange::pid);
+        let slow = state.reports.observe(outputs, &self.clock);
+        let slow = self.within_budget(state, slow, |r| r.pid);
+        Reported { changes, slow }
+    }
+
+    /// Counts, publishes and acts on what the tracker concluded.
+    fn handle_outputs(&self, outputs: &[Output], reported: Reported) -> Result<(), Broken> {
+        self.telemetry.record(outputs);
+        let Reported { changes, slow } = reported;
         self.publish_leak_changes(&changes);
         for (report, log_it) in slow {
             // One structured line per report, for log pipelines.
@@ -252,11 +268,11 @@ impl Pipeline {
         state: &mut State,
         reports: Vec<T>,
         pid: impl Fn(&T) -> u32,
-        now: u64,
     ) -> Vec<(T, bool)> {
         if reports.is_empty() {
             return Vec::new();
         }
+        let now = monotonic_ns();
         let mut held_back = Vec::new();
         let mut admitted = Vec::with_capacity(reports.len());
         for report in reports {
@@ -372,7 +388,7 @@ impl Pipeline {
                 &self.clock,
             );
             self.telemetry.record_leak_changes(&changes);
-            self.within_budget(state, changes, LeakChange::pid, now)
+            self.within_budget(state, changes, LeakChange::pid)
         })?;
         self.publish_leak_changes(&changes);
         Ok(())
@@ -386,12 +402,14 @@ impl Pipeline {
     ) -> Result<(), Broken> {
         match outcome {
             Outcome::Accepted(received) => {
+                self.learn_process(received.pid)?;
                 let now = monotonic_ns();
-                let outputs = self.state.with(|state| {
+                let (outputs, reports) = self.state.with(|state| {
                     let tracker = &mut state.tracker;
-                    self.learn_process(tracker, received.pid);
                     let ts = tracker.adapter_time(received.pid, received.message.mono_ns, now);
-                    tracker.apply_adapter(received.pid, ts, received.message)
+                    let outputs = tracker.apply_adapter(received.pid, ts, received.message);
+                    let reports = self.report(state, &outputs);
+                    (outputs, reports)
                 })?;
                 // A refusal by a bound is counted as a rejection instead.
                 if !outputs
@@ -400,7 +418,7 @@ impl Pipeline {
                 {
                     self.telemetry.record_adapter_message("accepted", "");
                 }
-                return self.handle_outputs(&outputs);
+                return self.handle_outputs(&outputs, reports);
             }
             Outcome::Rejected { pid, error } => {
                 self.telemetry

@@ -535,11 +535,9 @@ impl Tracker {
             .pools
             .iter()
             .filter(|((p, _), _)| *p == heaviest)
-            .min_by_key(|(_, pool)| {
-                (
-                    pool.acquires + pool.releases + pool.timeouts + pool.errors,
-                    pool.name.clone(),
-                )
+            .min_by(|(_, a), (_, b)| {
+                let use_of = |p: &Pool| p.acquires + p.releases + p.timeouts + p.errors;
+                (use_of(a), &a.name).cmp(&(use_of(b), &b.name))
             })
             .map(|(key, _)| key.clone());
         if let Some(key) = victim {

@@ -246,20 +246,25 @@ impl PoolSeries {
     /// pools are gone and the last rebuild is [`MIN_REBUILD_INTERVAL`] old
     /// (or the series run short of room). Returns the pools forgotten.
     pub fn forget_gone(&self, live: &HashSet<(u32, String)>, now: Instant) -> usize {
-        let mut current = self.lock();
-        let gone = current.gone(live);
-        if gone < GONE_THRESHOLD {
-            return 0;
+        {
+            let mut current = self.lock();
+            let gone = current.gone(live);
+            if gone < GONE_THRESHOLD {
+                return 0;
+            }
+            let due = current
+                .last_rebuild
+                .is_none_or(|last| now.saturating_duration_since(last) >= MIN_REBUILD_INTERVAL);
+            if !due && current.recorded_count < PRESSURE_POOLS {
+                return 0;
+            }
+            // Failures wait for the next turn too, so that a failing
+            // exporter build is not retried every second.
+            current.last_rebuild = Some(now);
         }
-        let due = current
-            .last_rebuild
-            .is_none_or(|last| now.saturating_duration_since(last) >= MIN_REBUILD_INTERVAL);
-        if !due && current.recorded_count < PRESSURE_POOLS {
-            return 0;
-        }
-        // Failures wait for the next turn too, so that a failing exporter
-        // build is not retried every second.
-        current.last_rebuild = Some(now);
+        // Built outside the lock (the OTLP exporter is built on a thread of
+        // its own): recording goes on meanwhile. Only housekeeping calls
+        // this, so no other rebuild can start in between.
         let built = match &self.otlp {
             Some(factory) => factory.build().map(Some),
             None => Ok(None),
@@ -269,11 +274,14 @@ impl PoolSeries {
             Ok(fresh) => fresh,
             Err(e) => {
                 log::warn!(
-                    "cannot rebuild the pool histograms; the series of {gone} gone pools stay until the next try: {e:#}"
+                    "cannot rebuild the pool histograms; the series of gone pools stay until the next try: {e:#}"
                 );
                 return 0;
             }
         };
+        let mut current = self.lock();
+        // Pools gone by now, including any recorded while building.
+        let gone = current.gone(live);
         let old = std::mem::replace(&mut current.instruments, fresh);
         current.recorded.clear();
         current.recorded_count = 0;
