@@ -215,7 +215,7 @@ impl Pipeline {
                     .map(|v| otlp::json_attributes(&v))
                     .unwrap_or_default();
                 let body = report.query.clone().unwrap_or_default();
-                otlp.emit_event("poolscope.query.slow", Severity::Info, body, attributes);
+                otlp.emit_event(otlp::EVENT_QUERY_SLOW, Severity::Info, body, attributes);
             }
         }
         if let Some(otlp) = self.otlp.as_ref().filter(|o| o.spans_enabled()) {
@@ -311,12 +311,12 @@ impl Pipeline {
             }
             if let Some(otlp) = &self.otlp {
                 let (name, severity) = match (change, report.kind) {
-                    (_, LeakKind::SlowAcquire) => ("poolscope.acquire.slow", Severity::Warn),
-                    (LeakChange::Resolved(_), _) => ("poolscope.leak.resolved", Severity::Info),
+                    (_, LeakKind::SlowAcquire) => (otlp::EVENT_ACQUIRE_SLOW, Severity::Warn),
+                    (LeakChange::Resolved(_), _) => (otlp::EVENT_LEAK_RESOLVED, Severity::Info),
                     (LeakChange::Opened(_), LeakKind::SlowHolder) => {
-                        ("poolscope.leak.opened", Severity::Info)
+                        (otlp::EVENT_LEAK_OPENED, Severity::Info)
                     }
-                    (LeakChange::Opened(_), _) => ("poolscope.leak.opened", Severity::Warn),
+                    (LeakChange::Opened(_), _) => (otlp::EVENT_LEAK_OPENED, Severity::Warn),
                 };
                 let attributes = serde_json::to_value(report)
                     .map(|v| otlp::json_attributes(&v))
