@@ -801,7 +801,7 @@ fn parse_fio(out: &str, wall: Duration) -> Result<ToolRun> {
 /// postmaster started inside the workload cgroup.
 pub(crate) struct Postgres {
     pub(crate) bin: PathBuf,
-    pub(crate) dir: PathBuf,
+    dir: PathBuf,
     /// The data directory, as an argument.
     data: String,
     pub(crate) port: u16,
@@ -915,7 +915,7 @@ pub(crate) fn utf8(path: &Path) -> Result<String> {
 }
 
 /// The `bin` directory of the newest PostgreSQL under /usr/lib/postgresql.
-pub(crate) fn postgres_bin_dir() -> Result<PathBuf> {
+fn postgres_bin_dir() -> Result<PathBuf> {
     let entries = fs::read_dir("/usr/lib/postgresql").context("no /usr/lib/postgresql")?;
     entries
         .filter_map(|e| {
@@ -1137,7 +1137,7 @@ fn ensure_in_cgroup(cg: &Cgroup, pid: u32, name: &str) -> Result<()> {
 pub(crate) struct Agent {
     pub(crate) child: Child,
     pub(crate) addr: SocketAddr,
-    pub(crate) log: PathBuf,
+    log: PathBuf,
 }
 
 impl Agent {
@@ -1278,7 +1278,7 @@ impl Drop for WorkDir {
 }
 
 /// A directory others can traverse (mode 0755), owned by `owner` if given.
-pub(crate) fn make_dir(path: &Path, owner: Option<&str>) -> Result<()> {
+fn make_dir(path: &Path, owner: Option<&str>) -> Result<()> {
     fs::create_dir(path).with_context(|| format!("cannot create {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
@@ -1290,7 +1290,7 @@ pub(crate) fn make_dir(path: &Path, owner: Option<&str>) -> Result<()> {
 
 /// Runs `cmd` to completion within `limit` (killed after it), its stdout in
 /// `<base>.out` and stderr in `<base>.err`; returns stdout.
-pub(crate) fn run_bounded(cmd: &mut Command, base: &Path, limit: Duration) -> Result<String> {
+fn run_bounded(cmd: &mut Command, base: &Path, limit: Duration) -> Result<String> {
     let out_path = base.with_extension("out");
     let err_path = base.with_extension("err");
     let out =
@@ -1361,13 +1361,13 @@ fn is_tmpfs(path: &str) -> bool {
         })
 }
 
-pub(crate) fn free_port() -> Result<u16> {
+fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a port")?;
     Ok(listener.local_addr()?.port())
 }
 
 /// Whether some socket listens on TCP `port` (IPv4), from /proc/net/tcp.
-pub(crate) fn tcp_listening(port: u16) -> bool {
+fn tcp_listening(port: u16) -> bool {
     let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let port = format!(":{port:04X}");
     table.lines().skip(1).any(|line| {

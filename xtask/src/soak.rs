@@ -29,17 +29,14 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use self::{
-    collector::Collector,
-    sender::{Mode, LEGIT_POOL},
-};
+use self::{collector::Collector, sender::LEGIT_POOL};
 use super::{
     bench::{
         self,
         cgroup::{self, command_in, Cgroup},
         prom, Agent, Postgres, Server, WorkDir,
     },
-    is_root, output, setup, target_dir,
+    is_root, output, run, setup, target_dir,
 };
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -61,6 +58,9 @@ const SENDER_SECONDS: &str = "3";
 const SENDER_RATE: &str = "2000";
 /// Flood senders alive at once, at most (on a slow machine they overlap).
 const MAX_SENDERS: usize = 8;
+/// The flood senders' modes in turn, as `--mode` spells them (a test
+/// checks that they parse).
+const FLOOD_MODES: [&str; 3] = ["pools", "old", "malformed"];
 const LEGIT_RATE: &str = "20";
 /// A second legitimate pool, from a process started halfway, when the
 /// floods have long filled every bound.
@@ -89,14 +89,11 @@ struct Sample {
     healthz_ms: f64,
     /// None when /healthz answered 200.
     healthz_error: Option<String>,
-    /// Sample lines in /metrics (None if it could not be read).
+    /// Series in /metrics (None if it could not be read).
     series: Option<u64>,
-    metrics: prom::Metrics,
     /// The legitimate pools in /metrics: (any series, wait-time series).
     legit: (bool, bool),
     late: (bool, bool),
-    /// Sample lines per metric family, for the families with most.
-    families: Vec<(String, u64)>,
 }
 
 pub fn soak(args: SoakArgs) -> Result<()> {
@@ -164,9 +161,6 @@ pub fn soak(args: SoakArgs) -> Result<()> {
     let agent_log = work.path().join("agent.log");
     eprintln!("soak: starting the agent");
     let mut agent = Agent::start(&agent_cg, &agent_bin, &config, &[], agent_log.clone())?;
-    let clock_ticks: f64 = bench::command_line("getconf", &["CLK_TCK"])
-        .parse()
-        .unwrap_or(100.0);
 
     let secs = total.as_secs().to_string();
     let scripts = write_pgbench_scripts(work.path())?;
@@ -208,6 +202,7 @@ pub fn soak(args: SoakArgs) -> Result<()> {
         &steady_log,
         "pgbench (steady)",
     )?;
+    let legit_log = |pool: &str| work.path().join(format!("{pool}.log"));
     let legit_sender = |pool: &str| {
         Server::spawn(
             command_in(&load_cg, &sender_bin)
@@ -216,12 +211,13 @@ pub fn soak(args: SoakArgs) -> Result<()> {
                 .args(["--seconds", &(total.as_secs() + 120).to_string()])
                 .arg("--socket")
                 .arg(&socket),
-            &work.path().join(format!("{pool}.log")),
+            &legit_log(pool),
             "a legitimate adapter sender",
         )
     };
-    let legit = legit_sender(LEGIT_POOL)?;
-    let mut late = None;
+    let mut legit = legit_sender(LEGIT_POOL)?;
+    // The late sender, and when it started (seconds into the soak).
+    let mut late: Option<(Server, f64)> = None;
     let late_at = total / 2;
     eprintln!(
         "soak: {} min of churn, adapter floods and collector outages; a sample every {} s",
@@ -231,7 +227,11 @@ pub fn soak(args: SoakArgs) -> Result<()> {
 
     let stop = AtomicBool::new(false);
     let mut samples = Vec::new();
+    // Only the last /metrics is kept: one per sample would grow with
+    // samples × series on long runs.
+    let mut metrics = None;
     let mut problems = Vec::new();
+    let mut agent_death = None;
     let senders_log = work.path().join("senders.log");
     let floods = thread::scope(|scope| -> Result<FloodStats> {
         let stop = &stop;
@@ -239,18 +239,24 @@ pub fn soak(args: SoakArgs) -> Result<()> {
         let floods = scope.spawn(|| flood(&load_cg, &sender_bin, &socket, &senders_log, stop));
         let started = Instant::now();
         let mut next = started;
+        let mut late_failed = false;
         loop {
-            let sample = sample(&mut agent, started, clock_ticks);
+            let (sample, read) = sample(&agent, &agent_cg, started);
             eprintln!("{}", progress_line(&sample));
             samples.push(sample);
-            if late.is_none() && started.elapsed() >= late_at {
+            metrics = read.or(metrics.take());
+            if late.is_none() && !late_failed && started.elapsed() >= late_at {
+                let at = started.elapsed().as_secs_f64();
                 match legit_sender(LATE_POOL) {
-                    Ok(sender) => late = Some(sender),
-                    Err(e) => problems.push(format!("{e:#}")),
+                    Ok(sender) => late = Some((sender, at)),
+                    Err(e) => {
+                        late_failed = true;
+                        problems.push(format!("{e:#}"));
+                    }
                 }
             }
             if let Err(e) = agent.check_running() {
-                problems.push(format!("{e:#}"));
+                agent_death = Some(format!("{e:#}"));
                 break;
             }
             for (name, load) in [("churn", &mut churn), ("steady", &mut steady)] {
@@ -274,19 +280,40 @@ pub fn soak(args: SoakArgs) -> Result<()> {
             .join()
             .map_err(|_| anyhow::anyhow!("the flood thread panicked"))
     })?;
-    // The legitimate sender stops only now, so that its pool was there to
-    // be seen by the last sample.
+    // The legitimate senders stop only now, so that their pools were there
+    // to be seen by the last sample; one that already exited stopped
+    // sending before the end.
+    let late_started = late.as_ref().map(|(_, at)| *at);
+    for (pool, sender) in [
+        (LEGIT_POOL, Some(&mut legit)),
+        (LATE_POOL, late.as_mut().map(|(sender, _)| sender)),
+    ] {
+        if let Some(Ok(Some(status))) = sender.map(|s| s.child.try_wait()) {
+            problems.push(format!(
+                "the legitimate sender of `{pool}` exited before the end ({status}): {}",
+                bench::tail(&legit_log(pool), 3)
+            ));
+        }
+    }
     drop(legit);
     drop(late);
-    let churned = pgbench_transactions(&mut churn, &churn_log, &mut problems);
-    let _ = pgbench_transactions(&mut steady, &steady_log, &mut problems);
+    if agent_death.is_none() {
+        agent_death = agent.check_running().err().map(|e| format!("{e:#}"));
+    }
+    // After an early death pgbench still runs its -T: nothing to wait for.
+    let churned = if agent_death.is_none() {
+        let churned = pgbench_transactions(&mut churn, &churn_log, &mut problems);
+        let _ = pgbench_transactions(&mut steady, &steady_log, &mut problems);
+        churned
+    } else {
+        None
+    };
     if floods.failed_starts > 0 {
         problems.push(format!(
             "{} flood senders could not be started: {}",
             floods.failed_starts, floods.last_error
         ));
     }
-    let alive = agent.check_running().is_ok();
     let stopping = Instant::now();
     drop(agent);
     let shutdown = stopping.elapsed();
@@ -297,17 +324,18 @@ pub fn soak(args: SoakArgs) -> Result<()> {
         minutes: args.minutes,
         baseline,
         samples: &samples,
+        metrics: metrics.as_ref(),
         problems: &problems,
-        alive,
+        agent_death: agent_death.as_deref(),
         churned,
         floods: &floods,
         collector: &stats,
         shutdown,
-        late_at,
+        late_started,
         agent_log_bytes: fs::metadata(&agent_log).map_or(0, |m| m.len()),
     };
     let verdict = report.verdict();
-    let markdown = report.to_string();
+    let markdown = report.markdown(&verdict).to_string();
     println!("{markdown}");
     let dir = target_dir().join("soak");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -333,17 +361,13 @@ fn ensure_fuzz_user() -> Result<()> {
         .context("cannot run id")?
         .success();
     if !exists {
-        bench::run_bounded(
-            Command::new("useradd").args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                FUZZ_USER,
-            ]),
-            &env::temp_dir().join(format!("poolscope-soak-useradd-{}", std::process::id())),
-            Duration::from_secs(60),
-        )?;
+        run(Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            FUZZ_USER,
+        ]))?;
     }
     let uid = output(Command::new("id").args(["-u", FUZZ_USER]))
         .context("id -u poolscope-fuzz failed")?;
@@ -376,65 +400,32 @@ fn pgbench_transactions(run: &mut Server, log: &Path, problems: &mut Vec<String>
     bench::parse_pgbench(&out, 1.0).ok().map(|r| r.ops)
 }
 
-fn sample(agent: &mut Agent, started: Instant, clock_ticks: f64) -> Sample {
+/// A look at the agent, and its /metrics if they could be read.
+fn sample(agent: &Agent, cg: &Cgroup, started: Instant) -> (Sample, Option<prom::Metrics>) {
     let pid = agent.child.id();
     let t = started.elapsed().as_secs_f64();
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    let fds = fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
-    // utime and stime: the 12th and 13th fields after the command name
-    // (which may itself hold spaces and parentheses).
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let ticks: f64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0);
+    let (rss_kb, _) = agent.memory_kb();
+    let count =
+        |dir: &str| fs::read_dir(format!("/proc/{pid}/{dir}")).map_or(0, |d| d.count() as u64);
     let asked = Instant::now();
     let healthz = bench::http_get(agent.addr, "/healthz");
     let healthz_ms = asked.elapsed().as_secs_f64() * 1e3;
-    let text = bench::http_get(agent.addr, "/metrics").ok();
-    let metrics = text
-        .as_deref()
-        .map(prom::Metrics::parse)
-        .unwrap_or_default();
-    let lines = || {
-        text.iter()
-            .flat_map(|t| t.lines())
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    };
-    let mut families = std::collections::BTreeMap::<String, u64>::new();
-    for line in lines() {
-        let name = line.split(['{', ' ']).next().unwrap_or_default();
-        *families.entry(name.to_string()).or_default() += 1;
-    }
-    let mut families: Vec<(String, u64)> = families.into_iter().collect();
-    families.sort_by_key(|f| std::cmp::Reverse(f.1));
-    families.truncate(3);
+    let metrics = agent.metrics().ok();
     let seen = |pool: &str| {
-        let label = format!("{POOL_LABEL}=\"{pool}\"");
-        (
-            lines().any(|l| l.contains(&label)),
-            metrics.sum(WAIT_TIME_COUNT, &[(POOL_LABEL, pool)]) > 0.0,
-        )
+        metrics.as_ref().map_or((false, false), |m| {
+            (
+                m.series().iter().any(|s| s.label(POOL_LABEL) == Some(pool)),
+                m.sum(WAIT_TIME_COUNT, &[(POOL_LABEL, pool)]) > 0.0,
+            )
+        })
     };
-    Sample {
+    let sample = Sample {
         t,
-        rss_kb: field("VmRSS:"),
-        fds,
-        threads: field("Threads:"),
-        cpu_s: ticks / clock_ticks,
+        rss_kb,
+        fds: count("fd"),
+        threads: count("task"),
+        // The agent is alone in its cgroup: all its threads, user and system.
+        cpu_s: cg.usage_ns().map_or(0.0, |ns| ns as f64 / 1e9),
         healthz_ms,
         healthz_error: healthz.err().map(|e| {
             format!("{e:#}")
@@ -443,28 +434,51 @@ fn sample(agent: &mut Agent, started: Instant, clock_ticks: f64) -> Sample {
                 .unwrap_or_default()
                 .to_string()
         }),
-        series: text.as_ref().map(|_| lines().count() as u64),
+        series: metrics.as_ref().map(|m| m.series().len() as u64),
         legit: seen(LEGIT_POOL),
         late: seen(LATE_POOL),
-        families,
-        metrics,
+    };
+    (sample, metrics)
+}
+
+/// The three metric families with most series, and their counts.
+fn largest_families(metrics: &prom::Metrics) -> Vec<(&str, u64)> {
+    let mut families = std::collections::BTreeMap::<&str, u64>::new();
+    for s in metrics.series() {
+        *families.entry(s.name.as_str()).or_default() += 1;
     }
+    let mut families: Vec<(&str, u64)> = families.into_iter().collect();
+    families.sort_by_key(|f| std::cmp::Reverse(f.1));
+    families.truncate(3);
+    families
+}
+
+/// A sample's values, formatted once for the progress line and the
+/// report's table: t (s), RSS (MiB), fds, threads, CPU (s), /healthz (ms,
+/// and the error if any), series.
+fn cells(s: &Sample) -> [String; 7] {
+    [
+        format!("{:.0}", s.t),
+        format!("{:.1}", s.rss_kb as f64 / 1024.0),
+        s.fds.to_string(),
+        s.threads.to_string(),
+        format!("{:.1}", s.cpu_s),
+        format!(
+            "{:.1}{}",
+            s.healthz_ms,
+            s.healthz_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ),
+        s.series.map_or_else(|| "?".to_string(), |n| n.to_string()),
+    ]
 }
 
 fn progress_line(s: &Sample) -> String {
+    let [t, rss, fds, threads, cpu, healthz, series] = cells(s);
     format!(
-        "[{:>4.0} s] RSS {:>6.1} MiB, fds {:>4}, threads {:>3}, CPU {:>6.1} s, healthz {:>6.1} ms{}, series {}",
-        s.t,
-        s.rss_kb as f64 / 1024.0,
-        s.fds,
-        s.threads,
-        s.cpu_s,
-        s.healthz_ms,
-        s.healthz_error
-            .as_deref()
-            .map(|e| format!(" ({e})"))
-            .unwrap_or_default(),
-        s.series.map_or_else(|| "?".to_string(), |n| n.to_string()),
+        "[{t:>4} s] RSS {rss:>6} MiB, fds {fds:>4}, threads {threads:>3}, CPU {cpu:>6} s, healthz {healthz:>6} ms, series {series}"
     )
 }
 
@@ -474,6 +488,8 @@ struct FloodStats {
     started_fuzz: u64,
     /// Senders that exited with an error.
     failed: u64,
+    /// The last error a sender reported, from the senders' log.
+    last_failure: String,
     failed_starts: u64,
     last_error: String,
 }
@@ -488,11 +504,6 @@ fn flood(
     log: &Path,
     stop: &AtomicBool,
 ) -> FloodStats {
-    const MODES: [(Mode, &str); 3] = [
-        (Mode::Pools, "pools"),
-        (Mode::Old, "old"),
-        (Mode::Malformed, "malformed"),
-    ];
     let mut stats = FloodStats::default();
     let mut running: Vec<Child> = Vec::new();
     let mut i: u64 = 0;
@@ -503,13 +514,19 @@ fn flood(
                 false
             }
             Ok(None) => true,
-            Err(_) => false,
+            // Its state is unknown: stopped, reaped and counted as failed.
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                stats.failed += 1;
+                false
+            }
         });
     };
     while !stop.load(Relaxed) {
         reap(&mut running, &mut stats);
         if running.len() < MAX_SENDERS {
-            let (_, mode) = MODES[(i % 3) as usize];
+            let mode = FLOOD_MODES[(i % 3) as usize];
             let as_fuzz = (i / 3) % 2 == 1;
             let mut cmd = if as_fuzz {
                 let mut cmd = command_in(cg, "setpriv");
@@ -558,6 +575,16 @@ fn flood(
         let _ = child.kill();
         let _ = child.wait();
     }
+    if stats.failed > 0 {
+        // Senders report their failure on stderr as "error: ..." (main).
+        let text = fs::read_to_string(log).unwrap_or_default();
+        stats.last_failure = text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .unwrap_or("no error in the senders' log")
+            .to_string();
+    }
     stats
 }
 
@@ -566,15 +593,28 @@ struct Report<'a> {
     minutes: u32,
     baseline: Duration,
     samples: &'a [Sample],
+    /// The last /metrics read.
+    metrics: Option<&'a prom::Metrics>,
     problems: &'a [String],
-    alive: bool,
+    /// How the agent died, if it did not run to the end.
+    agent_death: Option<&'a str>,
     churned: Option<f64>,
     floods: &'a FloodStats,
     collector: &'a collector::Stats,
     shutdown: Duration,
-    late_at: Duration,
+    /// When the late pool's sender started (seconds into the soak).
+    late_started: Option<f64>,
     agent_log_bytes: u64,
 }
+
+/// Ok, or the reasons the soak failed.
+type Verdict = std::result::Result<(), Vec<String>>;
+
+const ADAPTER: &str = "poolscope_adapter_messages_total";
+
+/// Where a sample records whether a pool was in /metrics: (any series,
+/// wait-time series).
+type Seen = fn(&Sample) -> (bool, bool);
 
 /// first, min, max, last, at the baseline.
 struct Row {
@@ -605,8 +645,19 @@ impl Report<'_> {
         })
     }
 
-    /// Ok, or the reasons it failed.
-    fn verdict(&self) -> std::result::Result<(), Vec<String>> {
+    /// The legitimate pools: each with the time its samples count from
+    /// (one interval after its sender started: the first sample may come
+    /// before its first datagram is read), if it was started.
+    fn pools(&self) -> Vec<(&'static str, f64, Seen)> {
+        let interval = SAMPLE_EVERY.as_secs_f64();
+        let mut pools: Vec<(&'static str, f64, Seen)> = vec![(LEGIT_POOL, interval, |s| s.legit)];
+        if let Some(at) = self.late_started {
+            pools.push((LATE_POOL, at + interval, |s| s.late));
+        }
+        pools
+    }
+
+    fn verdict(&self) -> Verdict {
         let mut reasons = Vec::new();
         let base = self.base_sample().map_or(0.0, |s| s.t);
         match self.row(|s| Some(s.rss_kb as f64)) {
@@ -641,8 +692,44 @@ impl Report<'_> {
         if failed > 0 {
             reasons.push(format!("/healthz failed {failed} times"));
         }
-        if !self.alive {
-            reasons.push("the agent did not run to the end".to_string());
+        if let Some(death) = self.agent_death {
+            reasons.push(format!("the agent did not run to the end: {death}"));
+        }
+        for (pool, since, seen) in self.pools() {
+            let due: Vec<&Sample> = self.samples.iter().filter(|s| s.t >= since).collect();
+            let missing: Vec<String> = due
+                .iter()
+                .filter(|s| !seen(s).0)
+                .map(|s| format!("{:.0} s", s.t))
+                .collect();
+            if !missing.is_empty() {
+                // A few times are enough to see a pattern; a long run could
+                // list hundreds.
+                const SHOWN: usize = 5;
+                let more = if missing.len() > SHOWN { ", …" } else { "" };
+                reasons.push(format!(
+                    "legitimate pool `{pool}` missing from /metrics in {} of {} samples from {since:.0} s (at {}{more})",
+                    missing.len(),
+                    due.len(),
+                    missing[..missing.len().min(SHOWN)].join(", "),
+                ));
+            }
+        }
+        if self.floods.failed > 0 {
+            reasons.push(format!(
+                "{} of {} flood senders exited with an error (last: {})",
+                self.floods.failed,
+                self.floods.started_root + self.floods.started_fuzz,
+                self.floods.last_failure
+            ));
+        }
+        // The malformed flood must have reached the agent and been refused.
+        match self.metrics {
+            None => reasons.push("/metrics was never read".to_string()),
+            Some(m) if m.sum(ADAPTER, &[("result", "rejected")]) <= 0.0 => {
+                reasons.push("the agent rejected no adapter datagrams".to_string());
+            }
+            Some(_) => {}
         }
         reasons.extend(self.problems.iter().cloned());
         if reasons.is_empty() {
@@ -652,22 +739,32 @@ impl Report<'_> {
         }
     }
 
-    /// The last sample's value of a counter of the agent (since its start).
+    /// The last value read of a counter of the agent (since its start).
     fn counter(&self, name: &str, matching: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .rev()
-            .find(|s| s.series.is_some())
-            .map_or(0.0, |s| s.metrics.sum(name, matching))
+        self.metrics.map_or(0.0, |m| m.sum(name, matching))
+    }
+
+    /// The report in Markdown, with its verdict.
+    fn markdown<'r>(&'r self, verdict: &'r Verdict) -> Markdown<'r> {
+        Markdown {
+            report: self,
+            verdict,
+        }
     }
 }
 
-impl fmt::Display for Report<'_> {
+struct Markdown<'r> {
+    report: &'r Report<'r>,
+    verdict: &'r Verdict,
+}
+
+impl fmt::Display for Markdown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let base = self.base_sample().map_or(0.0, |s| s.t);
-        writeln!(f, "# poolscope soak, {} min\n", self.minutes)?;
+        let Markdown { report, verdict } = *self;
+        let base = report.base_sample().map_or(0.0, |s| s.t);
+        writeln!(f, "# poolscope soak, {} min\n", report.minutes)?;
         writeln!(f, "| | |\n|---|---|")?;
-        for (k, v) in &self.header {
+        for (k, v) in &report.header {
             writeln!(f, "| {k} | {v} |")?;
         }
         writeln!(
@@ -685,7 +782,7 @@ impl fmt::Display for Report<'_> {
         writeln!(
             f,
             "\n## Agent resources ({} samples, every {} s)\n",
-            self.samples.len(),
+            report.samples.len(),
             SAMPLE_EVERY.as_secs()
         )?;
         writeln!(
@@ -701,7 +798,7 @@ impl fmt::Display for Report<'_> {
             ("/metrics series", |s| s.series.map(|n| n as f64), false),
         ];
         for (name, value, relative) in rows {
-            let Some(r) = self.row(value) else {
+            let Some(r) = report.row(value) else {
                 writeln!(f, "| {name} | no samples | | | | | |")?;
                 continue;
             };
@@ -732,20 +829,20 @@ impl fmt::Display for Report<'_> {
             )?;
         }
 
-        let cpu = self.samples.last().map_or(0.0, |s| s.cpu_s);
-        let span = self.samples.last().map_or(0.0, |s| s.t).max(1.0);
+        let cpu = report.samples.last().map_or(0.0, |s| s.cpu_s);
+        let span = report.samples.last().map_or(0.0, |s| s.t).max(1.0);
         writeln!(
             f,
-            "\nAgent CPU (utime + stime): {cpu:.1} s over the soak, {:.1} % of one core on average.",
+            "\nAgent CPU (its cgroup's, all threads, user and system): {cpu:.1} s over the soak, {:.1} % of one core on average.",
             cpu / span * 100.0
         )?;
-        let mut latencies: Vec<f64> = self.samples.iter().map(|s| s.healthz_ms).collect();
+        let mut latencies: Vec<f64> = report.samples.iter().map(|s| s.healthz_ms).collect();
         latencies.sort_by(f64::total_cmp);
-        let worst = self
+        let worst = report
             .samples
             .iter()
             .max_by(|a, b| a.healthz_ms.total_cmp(&b.healthz_ms));
-        let failures: Vec<String> = self
+        let failures: Vec<String> = report
             .samples
             .iter()
             .filter_map(|s| Some(format!("{} at {:.0} s", s.healthz_error.as_deref()?, s.t)))
@@ -753,7 +850,7 @@ impl fmt::Display for Report<'_> {
         writeln!(
             f,
             "`/healthz`: {} checks, {}; latency median {:.1} ms, worst {:.1} ms{}.",
-            self.samples.len(),
+            report.samples.len(),
             if failures.is_empty() {
                 "all 200".to_string()
             } else {
@@ -765,16 +862,18 @@ impl fmt::Display for Report<'_> {
         )?;
 
         let pct = RSS_GROWTH_LIMIT * 100.0;
-        match self.verdict() {
+        match verdict {
             Ok(()) => writeln!(
                 f,
                 "\n**Verdict: PASS** (flat: RSS growth from {base:.0} s to the end below {pct:.0} %, open fds growth below {FD_GROWTH_LIMIT}; \
-                 every /healthz 200; the agent and the load ran throughout)"
+                 every /healthz 200; the legitimate pools in /metrics from one interval after their start; every flood sender delivered; \
+                 malformed datagrams rejected; the agent and the load ran throughout)"
             )?,
             Err(reasons) => writeln!(
                 f,
                 "\n**Verdict: FAIL**: {} (limits: RSS growth from {base:.0} s to the end below {pct:.0} %, open fds growth below {FD_GROWTH_LIMIT}, \
-                 every /healthz 200, the agent and the load running throughout)",
+                 every /healthz 200, the legitimate pools in /metrics from one interval after their start, every flood sender delivering, \
+                 malformed datagrams rejected, the agent and the load running throughout)",
                 reasons.join("; ")
             )?,
         }
@@ -784,11 +883,12 @@ impl fmt::Display for Report<'_> {
             "\n## What the load did (agent counters since its start)\n"
         )?;
         writeln!(f, "| | |\n|---|---|")?;
-        let c = |name: &str, matching: &[(&str, &str)]| self.counter(name, matching);
+        let c = |name: &str, matching: &[(&str, &str)]| report.counter(name, matching);
         writeln!(
             f,
             "| connections opened by `pgbench -C` | {} |",
-            self.churned
+            report
+                .churned
                 .map_or_else(|| "?".to_string(), |n| format!("{n:.0}"))
         )?;
         writeln!(
@@ -799,12 +899,11 @@ impl fmt::Display for Report<'_> {
         writeln!(
             f,
             "| flood senders started | {} as root, {} as `{FUZZ_USER}` ({} exited with an error) |",
-            self.floods.started_root, self.floods.started_fuzz, self.floods.failed
+            report.floods.started_root, report.floods.started_fuzz, report.floods.failed
         )?;
-        const ADAPTER: &str = "poolscope_adapter_messages_total";
-        let last = self.samples.iter().rev().find(|s| s.series.is_some());
-        let reasons = last
-            .map(|s| s.metrics.by_label(ADAPTER, "reason"))
+        let reasons = report
+            .metrics
+            .map(|m| m.by_label(ADAPTER, "reason"))
             .unwrap_or_default();
         let reasons: Vec<String> = reasons
             .iter()
@@ -817,14 +916,11 @@ impl fmt::Display for Report<'_> {
             c(ADAPTER, &[("result", "rejected")]),
             reasons.join(", ")
         )?;
-        let late_from = self.late_at.as_secs_f64() + SAMPLE_EVERY.as_secs_f64();
-        type Seen = fn(&Sample) -> (bool, bool);
-        let pools: [(&str, f64, Seen); 2] = [
-            (LEGIT_POOL, 0.0, |s| s.legit),
-            (LATE_POOL, late_from, |s| s.late),
-        ];
-        for (pool, since, seen) in pools {
-            let after: Vec<(bool, bool)> = self
+        if report.late_started.is_none() {
+            writeln!(f, "| legitimate pool `{LATE_POOL}` | never started |")?;
+        }
+        for (pool, since, seen) in report.pools() {
+            let after: Vec<(bool, bool)> = report
                 .samples
                 .iter()
                 .filter(|s| s.t >= since)
@@ -839,9 +935,8 @@ impl fmt::Display for Report<'_> {
                 after.iter().filter(|s| s.1).count(),
             )?;
         }
-        if let Some(last) = self.samples.iter().rev().find(|s| s.series.is_some()) {
-            let families: Vec<String> = last
-                .families
+        if let Some(metrics) = report.metrics {
+            let families: Vec<String> = largest_families(metrics)
                 .iter()
                 .map(|(name, n)| format!("`{name}` {n}"))
                 .collect();
@@ -851,7 +946,7 @@ impl fmt::Display for Report<'_> {
                 families.join(", ")
             )?;
         }
-        let s = self.collector;
+        let s = report.collector;
         writeln!(
             f,
             "| OTLP collector | {} hung and {} refusing outages; answered {} metric and {} log requests; held {} connections unanswered |",
@@ -896,15 +991,15 @@ impl fmt::Display for Report<'_> {
         writeln!(
             f,
             "| agent log | {:.1} KiB |",
-            self.agent_log_bytes as f64 / 1024.0
+            report.agent_log_bytes as f64 / 1024.0
         )?;
         writeln!(
             f,
             "| SIGTERM to exit (collector down) | {:.2} s |",
-            self.shutdown.as_secs_f64()
+            report.shutdown.as_secs_f64()
         )?;
-        if !self.problems.is_empty() {
-            writeln!(f, "\nProblems: {}", self.problems.join("; "))?;
+        if !report.problems.is_empty() {
+            writeln!(f, "\nProblems: {}", report.problems.join("; "))?;
         }
 
         writeln!(f, "\n## Samples\n")?;
@@ -913,23 +1008,215 @@ impl fmt::Display for Report<'_> {
             "| t (s) | RSS (MiB) | fds | threads | CPU (s) | /healthz (ms) | series |"
         )?;
         writeln!(f, "|---:|---:|---:|---:|---:|---:|---:|")?;
-        for s in self.samples {
-            writeln!(
-                f,
-                "| {:.0} | {:.1} | {} | {} | {:.1} | {:.1}{} | {} |",
-                s.t,
-                s.rss_kb as f64 / 1024.0,
-                s.fds,
-                s.threads,
-                s.cpu_s,
-                s.healthz_ms,
-                s.healthz_error
-                    .as_deref()
-                    .map(|e| format!(" {e}"))
-                    .unwrap_or_default(),
-                s.series.map_or_else(|| "?".to_string(), |n| n.to_string())
-            )?;
+        for s in report.samples {
+            writeln!(f, "| {} |", cells(s).join(" | "))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::*;
+
+    const GOOD_METRICS: &str = "\
+poolscope_adapter_messages_total{result=\"accepted\"} 100
+poolscope_adapter_messages_total{result=\"rejected\",reason=\"json\"} 7
+db_client_connection_wait_time_seconds_count{db_client_connection_pool_name=\"soak-legit\"} 3
+db_client_connection_wait_time_seconds_count{db_client_connection_pool_name=\"soak-legit-late\"} 2
+";
+
+    /// A flat, healthy sample at `t` s, both pools seen.
+    fn sample(t: f64) -> Sample {
+        Sample {
+            t,
+            rss_kb: 50_000,
+            fds: 40,
+            threads: 9,
+            cpu_s: t / 10.0,
+            healthz_ms: 1.0,
+            healthz_error: None,
+            series: Some(4),
+            legit: (true, true),
+            late: (true, true),
+        }
+    }
+
+    /// A minute of samples every 5 s, the late pool's sender started at
+    /// 30.05 s (just after the sample at 30 s, as the soak does).
+    fn samples() -> Vec<Sample> {
+        (0..=12).map(|i| sample(f64::from(i) * 5.0)).collect()
+    }
+
+    struct Inputs {
+        samples: Vec<Sample>,
+        metrics: Option<prom::Metrics>,
+        problems: Vec<String>,
+        agent_death: Option<String>,
+        floods: FloodStats,
+        collector: collector::Stats,
+        late_started: Option<f64>,
+    }
+
+    impl Inputs {
+        fn new(samples: Vec<Sample>) -> Inputs {
+            Inputs {
+                samples,
+                metrics: Some(prom::Metrics::parse(GOOD_METRICS)),
+                problems: Vec::new(),
+                agent_death: None,
+                floods: FloodStats {
+                    started_root: 30,
+                    started_fuzz: 30,
+                    ..FloodStats::default()
+                },
+                collector: collector::Stats::default(),
+                late_started: Some(30.05),
+            }
+        }
+
+        fn report(&self) -> Report<'_> {
+            Report {
+                header: Vec::new(),
+                minutes: 1,
+                baseline: Duration::from_secs(12),
+                samples: &self.samples,
+                metrics: self.metrics.as_ref(),
+                problems: &self.problems,
+                agent_death: self.agent_death.as_deref(),
+                churned: Some(6000.0),
+                floods: &self.floods,
+                collector: &self.collector,
+                shutdown: Duration::from_millis(200),
+                late_started: self.late_started,
+                agent_log_bytes: 0,
+            }
+        }
+
+        fn reasons(&self) -> Vec<String> {
+            self.report().verdict().err().unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn a_flat_healthy_run_passes() {
+        let inputs = Inputs::new(samples());
+        assert_eq!(inputs.report().verdict(), Ok(()));
+    }
+
+    #[test]
+    fn the_legitimate_pool_may_miss_only_the_first_sample() {
+        let mut inputs = Inputs::new(samples());
+        inputs.samples[0].legit = (false, false);
+        assert_eq!(inputs.reasons(), Vec::<String>::new());
+        inputs.samples[1].legit = (false, false);
+        inputs.samples[12].legit = (false, false);
+        assert_eq!(
+            inputs.reasons(),
+            ["legitimate pool `soak-legit` missing from /metrics in 2 of 12 samples from 5 s (at 5 s, 60 s)"]
+        );
+    }
+
+    #[test]
+    fn the_late_pool_must_show_one_interval_after_its_start() {
+        let mut inputs = Inputs::new(samples());
+        // Before the sender started, and the first sample after: allowed.
+        for s in &mut inputs.samples[..=7] {
+            s.late = (false, false);
+        }
+        assert_eq!(inputs.reasons(), Vec::<String>::new());
+        inputs.samples[8].late = (false, false);
+        assert_eq!(
+            inputs.reasons(),
+            ["legitimate pool `soak-legit-late` missing from /metrics in 1 of 5 samples from 35 s (at 40 s)"]
+        );
+        for s in &mut inputs.samples[8..] {
+            s.late = (false, false);
+        }
+        assert_eq!(
+            inputs.reasons(),
+            ["legitimate pool `soak-legit-late` missing from /metrics in 5 of 5 samples from 35 s (at 40 s, 45 s, 50 s, 55 s, 60 s)"]
+        );
+        inputs.samples[7].late = (false, false);
+        inputs.late_started = Some(29.0);
+        assert_eq!(
+            inputs.reasons(),
+            ["legitimate pool `soak-legit-late` missing from /metrics in 6 of 6 samples from 34 s (at 35 s, 40 s, 45 s, 50 s, 55 s, …)"]
+        );
+        // Never started: that is a problem of its own (recorded by the
+        // soak), not a missing pool.
+        inputs.late_started = None;
+        assert_eq!(inputs.reasons(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn failed_flood_senders_fail_the_soak() {
+        let mut inputs = Inputs::new(samples());
+        inputs.floods.failed = 2;
+        inputs.floods.last_failure = "sender Pools seed 3: sent 0".to_string();
+        assert_eq!(
+            inputs.reasons(),
+            ["2 of 60 flood senders exited with an error (last: sender Pools seed 3: sent 0)"]
+        );
+    }
+
+    #[test]
+    fn malformed_datagrams_must_be_rejected() {
+        let mut inputs = Inputs::new(samples());
+        inputs.metrics = Some(prom::Metrics::parse(
+            "poolscope_adapter_messages_total{result=\"accepted\"} 100\n",
+        ));
+        assert_eq!(
+            inputs.reasons(),
+            ["the agent rejected no adapter datagrams"]
+        );
+        inputs.metrics = None;
+        assert_eq!(inputs.reasons(), ["/metrics was never read"]);
+    }
+
+    #[test]
+    fn an_early_death_is_one_reason() {
+        let mut inputs = Inputs::new(samples().into_iter().take(4).collect());
+        inputs.agent_death = Some("the agent exited (signal: 9)".to_string());
+        inputs.late_started = None;
+        assert_eq!(
+            inputs.reasons(),
+            ["the agent did not run to the end: the agent exited (signal: 9)"]
+        );
+    }
+
+    #[test]
+    fn the_report_shows_the_verdict_it_is_given() {
+        let inputs = Inputs::new(samples());
+        let report = inputs.report();
+        let verdict = Err(vec!["given reason".to_string()]);
+        let markdown = report.markdown(&verdict).to_string();
+        assert!(
+            markdown.contains("**Verdict: FAIL**: given reason ("),
+            "{markdown}"
+        );
+        let markdown = report.markdown(&Ok(())).to_string();
+        assert!(markdown.contains("**Verdict: PASS**"), "{markdown}");
+    }
+
+    #[test]
+    fn progress_and_table_show_the_same_cells() {
+        let mut s = sample(35.0);
+        s.healthz_error = Some("timed out".to_string());
+        s.series = None;
+        let line = progress_line(&s);
+        for cell in cells(&s) {
+            assert!(line.contains(&cell), "{cell:?} not in {line:?}");
+        }
+        assert!(line.contains("1.0 (timed out)"), "{line}");
+    }
+
+    #[test]
+    fn flood_modes_are_sender_modes() {
+        for mode in FLOOD_MODES {
+            assert!(sender::Mode::from_str(mode, false).is_ok(), "{mode}");
+        }
     }
 }

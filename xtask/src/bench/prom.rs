@@ -33,6 +33,11 @@ impl Metrics {
         Metrics { samples }
     }
 
+    /// Every series read, in the order of the text.
+    pub fn series(&self) -> &[Sample] {
+        &self.samples
+    }
+
     /// Sum of the series of `name` whose labels include all of `matching`.
     pub fn sum(&self, name: &str, matching: &[(&str, &str)]) -> f64 {
         self.samples

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Mode {
@@ -68,6 +68,7 @@ pub fn run(args: SenderArgs) -> Result<()> {
     let limit = Duration::from_secs_f64(args.seconds.max(0.0));
     let per_tick = f64::from(args.rate) * TICK.as_secs_f64();
     let (mut sent, mut full, mut failed, mut i, mut budget) = (0u64, 0u64, 0u64, 0u64, 0.0);
+    let mut last_error = None;
     while started.elapsed() < limit {
         budget += per_tick;
         while budget >= 1.0 {
@@ -77,16 +78,33 @@ pub fn run(args: SenderArgs) -> Result<()> {
             match socket.send_to(&message, &args.socket) {
                 Ok(_) => sent += 1,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => full += 1,
-                Err(_) => failed += 1,
+                Err(e) => {
+                    failed += 1;
+                    last_error = Some(e);
+                }
             }
         }
         thread::sleep(TICK);
     }
-    eprintln!(
+    let summary = format!(
         "sender {:?} seed {}: sent {sent}, queue full {full}, failed {failed}",
         args.mode, args.seed
     );
+    // A non-zero exit is how the soak learns that a flood never reached
+    // the agent (no socket, no permission): its checks would pass vacuously.
+    if !delivered_enough(sent, failed) {
+        let why = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
+        bail!("{summary}{why}");
+    }
+    eprintln!("{summary}");
     Ok(())
+}
+
+/// Something was sent, and no more sends failed than succeeded. A full
+/// queue (the agent not keeping up) is the agent's to handle, not the
+/// sender's failure, so it is left out.
+fn delivered_enough(sent: u64, failed: u64) -> bool {
+    sent > 0 && failed <= sent
 }
 
 /// CLOCK_MONOTONIC in ns, as adapters send it. Without a libc binding it is
@@ -258,6 +276,14 @@ mod tests {
             }
         }
         assert!(open.is_empty(), "{open:?}");
+    }
+
+    #[test]
+    fn a_sender_that_delivered_nothing_or_mostly_failed_fails() {
+        assert!(delivered_enough(10, 0));
+        assert!(delivered_enough(10, 10));
+        assert!(!delivered_enough(0, 0));
+        assert!(!delivered_enough(10, 11));
     }
 
     #[test]
