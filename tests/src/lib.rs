@@ -686,6 +686,15 @@ impl Drop for Redis {
 // The agent
 // ---------------------------------------------------------------------------
 
+/// What [`Agent::get_raw`] got back.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub body: String,
+    /// From the connect to the end of the answer.
+    pub took: Duration,
+}
+
 /// A running `poolscope run`, listening on its own loopback port, logging to
 /// a file. SIGTERM and wait on drop.
 pub struct Agent {
@@ -776,12 +785,29 @@ impl Agent {
 
     /// The status code and body of GET `path`, whatever the status.
     pub fn get_with_status(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.get_raw(path, None).map(|r| (r.status, r.body))
+    }
+
+    /// One HTTP/1.0 GET of `path`, with `Authorization: Bearer token` when
+    /// given: the status, the body and how long the whole exchange took
+    /// (connect to the end of the answer). The tests' one raw GET.
+    pub fn get_raw(&self, path: &str, token: Option<&str>) -> anyhow::Result<RawResponse> {
         use std::io::Read;
-        let mut stream = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(3))?;
+        let started = Instant::now();
+        let mut stream = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr)?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: {}\r\n{auth}\r\n",
+            self.addr
+        )?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw)?;
+        let took = started.elapsed();
         let text = String::from_utf8_lossy(&raw);
         let (head, body) = text
             .split_once("\r\n\r\n")
@@ -791,7 +817,11 @@ impl Agent {
             .nth(1)
             .and_then(|code| code.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
-        Ok((status, body.to_string()))
+        Ok(RawResponse {
+            status,
+            body: body.to_string(),
+            took,
+        })
     }
 
     /// Sends SIGTERM and waits (30 s at most) for the agent to exit: its
@@ -1110,6 +1140,15 @@ pub fn metric_samples(metrics: &str, selector: &str) -> Vec<f64> {
 
 /// Python interpreter for the client: the system one when there is one, so
 /// that the process is `python3` itself rather than a version-manager shim.
+pub fn python3() -> PathBuf {
+    let system = Path::new("/usr/bin/python3");
+    if system.exists() {
+        system.to_path_buf()
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 /// The unprivileged user that attack tests run their attackers as.
 pub const FUZZ_USER: &str = "poolscope-fuzz";
 
@@ -1154,73 +1193,109 @@ pub fn unprivileged_user() -> (u32, u32) {
     (uid, gid)
 }
 
-/// A Python script run as [`FUZZ_USER`], driven line by line: the test
-/// writes a line to its stdin to tell it to go on, and it answers with one
-/// JSON line on stdout. Killed on drop.
-pub struct Unprivileged {
+/// A Python script (`python3 -c`), run as this process's user or as
+/// [`FUZZ_USER`], driven line by line: the test writes a line to its stdin
+/// to tell it to go on, and it answers with a line on stdout. Killed on
+/// drop.
+pub struct Script {
     child: Child,
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     pub started: Instant,
 }
 
-impl Unprivileged {
-    /// Runs `python3 -c script args...` as the fuzz user, in `/` (the
-    /// user may not read the test's directories).
-    pub fn python(script: &str, args: &[String]) -> Unprivileged {
+impl Script {
+    /// Runs `python3 -c script args...` as this process's user.
+    pub fn python(script: &str, args: &[String]) -> Script {
+        Script::spawn(script, args, None)
+    }
+
+    /// Runs `python3 -c script args...` as [`FUZZ_USER`], in `/` (the user
+    /// may not read the test's directories).
+    pub fn unprivileged(script: &str, args: &[String]) -> Script {
+        Script::spawn(script, args, Some(unprivileged_user()))
+    }
+
+    fn spawn(script: &str, args: &[String], user: Option<(u32, u32)>) -> Script {
         use std::os::unix::process::CommandExt;
-        let (uid, gid) = unprivileged_user();
         let started = Instant::now();
-        let mut child = Command::new(python3())
-            .arg("-c")
+        let mut cmd = Command::new(python3());
+        cmd.arg("-c")
             .arg(script)
             .args(args)
-            .uid(uid)
-            .gid(gid)
             .current_dir("/")
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some((uid, gid)) = user {
+            cmd.uid(uid).gid(gid);
+        }
+        let who = if user.is_some() {
+            FUZZ_USER
+        } else {
+            "this user"
+        };
+        let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start python3 as {FUZZ_USER}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start python3 as {who}: {e}"));
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             panic!("python3 without pipes");
         };
-        Unprivileged {
+        Script {
             child,
-            stdin,
+            stdin: Some(stdin),
             stdout: BufReader::new(stdout),
             started,
         }
     }
 
-    /// The script's next JSON line.
-    pub fn line(&mut self) -> Value {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The script's next line, without its newline; panics at end of output.
+    pub fn raw_line(&mut self) -> String {
         let mut line = String::new();
-        self.stdout
+        let n = self
+            .stdout
             .read_line(&mut line)
             .unwrap_or_else(|e| panic!("reading the script's output: {e}"));
+        assert!(n > 0, "the script (pid {}) ended its output", self.pid());
+        line.trim_end_matches('\n').to_string()
+    }
+
+    /// The script's next line, as JSON.
+    pub fn line(&mut self) -> Value {
+        let line = self.raw_line();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("the script said {line:?}: {e}"))
     }
 
     /// Writes `text` and a newline to the script's stdin.
     pub fn tell(&mut self, text: &str) {
-        writeln!(self.stdin, "{text}").unwrap_or_else(|e| panic!("writing to the script: {e}"));
+        let stdin = self
+            .stdin
+            .as_mut()
+            .unwrap_or_else(|| panic!("the script's stdin is closed"));
+        writeln!(stdin, "{text}").unwrap_or_else(|e| panic!("writing to the script: {e}"));
+        stdin
+            .flush()
+            .unwrap_or_else(|e| panic!("writing to the script: {e}"));
+    }
+
+    /// Closes the script's stdin (a script reading it to its end exits).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits up to `timeout` for the script to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_exit(&mut self.child, timeout)
     }
 }
 
-impl Drop for Unprivileged {
+impl Drop for Script {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn python3() -> PathBuf {
-    let system = Path::new("/usr/bin/python3");
-    if system.exists() {
-        system.to_path_buf()
-    } else {
-        PathBuf::from("python3")
+        self.stdin = None;
+        kill_child(&mut self.child);
     }
 }
 
@@ -1754,6 +1829,51 @@ impl PoolApp {
     }
 }
 
+/// A held connection as the app saw it (getsockname on the driver's fd),
+/// and when the test got it.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    pub fd: i32,
+    pub port: u16,
+    pub at: Instant,
+}
+
+impl PoolApp {
+    /// Checks a connection out of `engine`'s pool and holds it as `id`.
+    pub fn checkout(&mut self, engine: &str, id: &str) -> Held {
+        let answer = self.request(json!({"op": "checkout", "engine": engine, "id": id}));
+        held_from(&answer)
+    }
+}
+
+/// The connection the app's answer names (`fd`, `local_port`, and a
+/// `local_address` on 127.0.0.1 that agrees with the port), held from now.
+fn held_from(answer: &Value) -> Held {
+    let fd = answer["fd"].as_i64().and_then(|v| i32::try_from(v).ok());
+    let port = answer["local_port"]
+        .as_u64()
+        .and_then(|v| u16::try_from(v).ok());
+    assert_eq!(
+        answer["local_address"].as_str(),
+        port.map(|p| format!("{LOCALHOST_V4}:{p}")).as_deref(),
+        "{answer}"
+    );
+    Held {
+        fd: fd.unwrap_or_else(|| panic!("no fd in {answer}")),
+        port: port.unwrap_or_else(|| panic!("no local port in {answer}")),
+        at: Instant::now(),
+    }
+}
+
+/// The local port of a report's connection, if it names one.
+pub fn local_port(report: &LeakReport) -> Option<u16> {
+    report
+        .local_address
+        .as_deref()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port())
+}
+
 impl Drop for PoolApp {
     fn drop(&mut self) {
         self.stdin = None;
@@ -1799,6 +1919,31 @@ impl Agent {
         self.pools()
             .into_iter()
             .find(|p| p.pid == pid && p.name == name)
+    }
+
+    /// Waits ([`EVENT_TIMEOUT`] at most) until the agent shows the pool
+    /// `name` of `pid` as `ok` wants it; panics with what it showed and its
+    /// log.
+    pub fn wait_for_pool(
+        &self,
+        pid: u32,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&PoolView) -> bool,
+    ) -> PoolView {
+        let mut last = None;
+        let found = wait_until(EVENT_TIMEOUT, || {
+            last = self.pool(pid, name);
+            last.clone().filter(|p| ok(p))
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "timed out after {EVENT_TIMEOUT:?} waiting for {what}: pool {name:?} of pid {pid} \
+                 is {last:#?}\n--- all pools ---\n{}\n--- agent log ---\n{}",
+                serde_json::to_string_pretty(&self.pools()).unwrap_or_default(),
+                self.log()
+            )
+        })
     }
 
     /// Sum of every sample matching `selector` (see [`metric_sample`]).

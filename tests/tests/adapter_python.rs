@@ -21,9 +21,9 @@ use std::{
 };
 
 use poolscope_tests::{
-    adapter_config, json, process_alive, require_kernel, vm_rss_kib, wait_until, Agent, DbSystem,
-    LeakKind, LeakReport, PoolApp, PoolView, Postgres, ReportStatus, TempDir, TxState, Value,
-    EVENT_TIMEOUT,
+    adapter_config, json, local_port, process_alive, require_kernel, vm_rss_kib, wait_until, Agent,
+    DbSystem, Held, LeakKind, LeakReport, PoolApp, PoolView, Postgres, ReportStatus, TempDir,
+    TxState, Value, EVENT_TIMEOUT,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
@@ -87,45 +87,6 @@ impl Rig {
     fn server(&self) -> String {
         format!("{LOCALHOST}:{}", self.pg.port)
     }
-}
-
-/// A held connection as the app saw it (getsockname on the driver's fd),
-/// and when the test got it.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    fd: i32,
-    port: u16,
-    at: Instant,
-}
-
-fn checkout(app: &mut PoolApp, engine: &str, id: &str) -> Held {
-    let answer = app.request(json!({"op": "checkout", "engine": engine, "id": id}));
-    held_from(&answer)
-}
-
-fn held_from(answer: &Value) -> Held {
-    let fd = answer["fd"].as_i64().and_then(|v| i32::try_from(v).ok());
-    let port = answer["local_port"]
-        .as_u64()
-        .and_then(|v| u16::try_from(v).ok());
-    assert_eq!(
-        answer["local_address"].as_str(),
-        port.map(|p| format!("{LOCALHOST}:{p}")).as_deref(),
-        "{answer}"
-    );
-    Held {
-        fd: fd.unwrap_or_else(|| panic!("no fd in {answer}")),
-        port: port.unwrap_or_else(|| panic!("no local port in {answer}")),
-        at: Instant::now(),
-    }
-}
-
-fn local_port(report: &LeakReport) -> Option<u16> {
-    report
-        .local_address
-        .as_deref()
-        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-        .map(|a| a.port())
 }
 
 /// Every report of one pid seen while polling: the latest version of each
@@ -205,29 +166,6 @@ fn assert_on_time(what: &str, first_seen: Instant, since: Instant, threshold: f6
     );
 }
 
-/// Waits until the agent shows the pool `name` of `pid` as `ok` wants it.
-fn wait_for_pool(
-    agent: &Agent,
-    pid: u32,
-    name: &str,
-    what: &str,
-    ok: impl Fn(&PoolView) -> bool,
-) -> PoolView {
-    let mut last = None;
-    let found = wait_until(EVENT_TIMEOUT, || {
-        last = agent.pool(pid, name);
-        last.clone().filter(|p| ok(p))
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "timed out after {EVENT_TIMEOUT:?} waiting for {what}: pool {name:?} of pid {pid} is \
-             {last:#?}\n--- all pools ---\n{}\n--- agent log ---\n{}",
-            serde_json::to_string_pretty(&agent.pools()).unwrap_or_default(),
-            agent.log()
-        )
-    })
-}
-
 fn create_sqlalchemy(app: &mut PoolApp, rig: &Rig, engine: &str, options: Value) -> Value {
     let mut request = json!({"op": "sqlalchemy", "engine": engine, "port": rig.pg.port});
     if let (Some(r), Some(o)) = (request.as_object_mut(), options.as_object()) {
@@ -257,9 +195,7 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
     );
     assert_eq!(answer["pool_name"], "orders");
 
-    let pool = wait_for_pool(agent, pid, "orders", "the registration", |p| {
-        p.max.is_some()
-    });
+    let pool = agent.wait_for_pool(pid, "orders", "the registration", |p| p.max.is_some());
     assert!(pool.from_adapter, "{pool:#?}");
     assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:#?}");
     assert_eq!(
@@ -276,11 +212,11 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
     app.request(json!({"op": "pool_checkouts", "engine": "main", "n": 5}));
 
     let leaks: Vec<Held> = (1..=3)
-        .map(|i| checkout(&mut app, "main", &format!("leak{i}")))
+        .map(|i| app.checkout("main", &format!("leak{i}")))
         .collect();
-    let busy = checkout(&mut app, "main", "busy");
+    let busy = app.checkout("main", "busy");
     app.request(json!({"op": "busy", "id": "busy", "interval": 0.1}));
-    let tx = checkout(&mut app, "main", "tx");
+    let tx = app.checkout("main", "tx");
     app.request(json!({"op": "idle_in_transaction", "id": "tx"}));
     let ports: BTreeSet<u16> = leaks.iter().chain([&busy, &tx]).map(|h| h.port).collect();
     assert_eq!(
@@ -373,9 +309,7 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
     assert_eq!(r.tx_state, Some(TxState::InTransaction), "{r:#?}");
 
     // The pool as the agent sees it now: five out.
-    let pool = wait_for_pool(agent, pid, "orders", "five connections in use", |p| {
-        p.used == 5
-    });
+    let pool = agent.wait_for_pool(pid, "orders", "five connections in use", |p| p.used == 5);
     assert_eq!(pool.pending, 0, "{pool:#?}");
     assert_eq!(pool.process, "python3", "{pool:#?}");
 
@@ -451,12 +385,12 @@ fn without_adapter_kernel_rules_find_idle_transaction_and_abandoned_connections(
         json!({"poolclass": "null", "adapter": false}),
     );
 
-    let tx = checkout(&mut app, "main", "tx");
+    let tx = app.checkout("main", "tx");
     app.request(json!({"op": "idle_in_transaction", "id": "tx"}));
     // Two connections used once, then left open and quiet...
     let mut old = Vec::new();
     for id in ["old1", "old2"] {
-        let h = checkout(&mut app, "null", id);
+        let h = app.checkout("null", id);
         app.request(json!({"op": "query", "id": id}));
         old.push(Held {
             at: Instant::now(),
@@ -545,13 +479,13 @@ fn slow_acquire_is_reported_with_the_pool_state() {
         json!({"pool_size": 1, "max_overflow": 0, "pool_timeout": 3, "adapter": true,
                "pool_name": "tiny"}),
     );
-    wait_for_pool(agent, pid, "tiny", "the registration", |p| p.max == Some(1));
+    agent.wait_for_pool(pid, "tiny", "the registration", |p| p.max == Some(1));
     let waits = format!(
         "db_client_connection_wait_time_seconds_count{{db_client_connection_pool_name=\"tiny\",process_pid=\"{pid}\"}}"
     );
 
-    let holder = checkout(&mut app, "main", "holder");
-    let pool = wait_for_pool(agent, pid, "tiny", "the holder's checkout", |p| {
+    let holder = app.checkout("main", "holder");
+    let pool = agent.wait_for_pool(pid, "tiny", "the holder's checkout", |p| {
         p.used == 1 && p.acquires == 1
     });
     assert_eq!(pool.pending, 0, "{pool:#?}");
@@ -560,9 +494,7 @@ fn slow_acquire_is_reported_with_the_pool_state() {
 
     // A waiter gives up after pool_timeout (3 s).
     app.request(json!({"op": "waiter", "engine": "main", "id": "w1"}));
-    let pending = wait_for_pool(agent, pid, "tiny", "the waiter to queue", |p| {
-        p.pending == 1
-    });
+    let pending = agent.wait_for_pool(pid, "tiny", "the waiter to queue", |p| p.pending == 1);
     assert_eq!(pending.used, 1, "{pending:#?}");
     let w1 = app.request(json!({"op": "waiter_result", "id": "w1"}));
     assert_eq!(w1["result"], "timeout", "{w1}");
@@ -598,7 +530,7 @@ fn slow_acquire_is_reported_with_the_pool_state() {
     // A second waiter gets the connection when the holder returns it, a
     // second later.
     app.request(json!({"op": "waiter", "engine": "main", "id": "w2"}));
-    wait_for_pool(agent, pid, "tiny", "the second waiter to queue", |p| {
+    agent.wait_for_pool(pid, "tiny", "the second waiter to queue", |p| {
         p.pending == 1
     });
     app.request(json!({"op": "release", "id": "holder", "after": 1.0}));
@@ -643,7 +575,7 @@ fn slow_acquire_is_reported_with_the_pool_state() {
         "one wait each for w1 (timed out) and w2\n{}",
         agent.metrics()
     );
-    let pool = wait_for_pool(agent, pid, "tiny", "w2 holding the connection", |p| {
+    let pool = agent.wait_for_pool(pid, "tiny", "w2 holding the connection", |p| {
         p.used == 1 && p.pending == 0
     });
     assert_eq!(pool.timeouts, 1, "{pool:#?}");
@@ -678,14 +610,12 @@ fn slow_acquire_that_gets_a_connection_reports_the_exhausted_pool() {
         json!({"pool_size": 1, "max_overflow": 0, "pool_timeout": 10, "adapter": true,
                "pool_name": "tiny"}),
     );
-    checkout(&mut app, "main", "holder");
-    wait_for_pool(agent, pid, "tiny", "the holder's checkout", |p| {
+    app.checkout("main", "holder");
+    agent.wait_for_pool(pid, "tiny", "the holder's checkout", |p| {
         p.used == 1 && p.max == Some(1)
     });
     app.request(json!({"op": "waiter", "engine": "main", "id": "w"}));
-    wait_for_pool(agent, pid, "tiny", "the waiter to queue", |p| {
-        p.pending == 1
-    });
+    agent.wait_for_pool(pid, "tiny", "the waiter to queue", |p| p.pending == 1);
     app.request(json!({"op": "release", "id": "holder", "after": 1.0}));
     assert_eq!(
         app.request(json!({"op": "waiter_result", "id": "w"}))["result"],
@@ -735,9 +665,7 @@ fn healthy_pool_under_load_has_no_reports_and_exact_counts() {
         "main",
         json!({"pool_size": 5, "max_overflow": 10, "adapter": true, "pool_name": "bank"}),
     );
-    wait_for_pool(agent, pid, "bank", "the registration", |p| {
-        p.max == Some(15)
-    });
+    agent.wait_for_pool(pid, "bank", "the registration", |p| p.max == Some(15));
 
     let started = Instant::now();
     app.request(json!({"op": "load", "engine": "main", "threads": 4,
@@ -812,9 +740,7 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
                                     "pool_name": "billing"}),
     );
     assert_eq!(answer["pool_name"], "billing");
-    let pool = wait_for_pool(agent, pid, "billing", "the registration", |p| {
-        p.max.is_some()
-    });
+    let pool = agent.wait_for_pool(pid, "billing", "the registration", |p| p.max.is_some());
     assert_eq!(pool.max, Some(4), "{pool:#?}");
     assert_eq!(pool.min_idle, Some(2), "{pool:#?}");
     assert_eq!(pool.library.as_deref(), Some("psycopg_pool"), "{pool:#?}");
@@ -828,13 +754,13 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
 
     // Through connection() and through getconn/putconn, half each.
     app.request(json!({"op": "pool_checkouts", "engine": "pp", "n": 40}));
-    let leak = checkout(&mut app, "pp", "leak");
+    let leak = app.checkout("pp", "leak");
     let counts = app.request(json!({"op": "counts", "engine": "pp"}));
     let acquires = counts["acquires"].as_u64().unwrap();
     let releases = counts["releases"].as_u64().unwrap();
     assert_eq!((acquires, releases), (41, 40), "{counts}");
 
-    let pool = wait_for_pool(agent, pid, "billing", "the app's counts", |p| {
+    let pool = agent.wait_for_pool(pid, "billing", "the app's counts", |p| {
         p.acquires == acquires && p.releases == releases && p.used == 1
     });
     assert_eq!(pool.pending, 0, "{pool:#?}");
@@ -963,7 +889,7 @@ fn adapter_socket_rejects_spoofed_and_malformed_messages() {
     // The test process reports a pool of its own, with one waiter.
     send(br#"{"v":1,"kind":"pool","pool":"mine","db_system":"postgresql","max":3}"#);
     send(br#"{"v":1,"kind":"acquire_start","pool":"mine","request":1}"#);
-    wait_for_pool(agent, me, "mine", "the test's own pool", |p| {
+    agent.wait_for_pool(me, "mine", "the test's own pool", |p| {
         p.max == Some(3) && p.pending == 1
     });
     // Claiming one's own pid is allowed.
@@ -971,7 +897,7 @@ fn adapter_socket_rejects_spoofed_and_malformed_messages() {
         format!(r#"{{"v":1,"kind":"acquire_start","pool":"mine","request":2,"pid":{me}}}"#)
             .as_bytes(),
     );
-    let mine = wait_for_pool(agent, me, "mine", "a second waiter", |p| p.pending == 2);
+    let mine = agent.wait_for_pool(me, "mine", "a second waiter", |p| p.pending == 2);
     assert_eq!(mine.max, Some(3));
 
     // Claiming another pid is not, whatever the message says.
@@ -1087,7 +1013,7 @@ fn adapter_socket_rejects_spoofed_and_malformed_messages() {
 
     // Other senders carry on.
     send(br#"{"v":1,"kind":"pool","pool":"mine","db_system":"postgresql","max":5}"#);
-    let mine = wait_for_pool(agent, me, "mine", "an update after the flood", |p| {
+    let mine = agent.wait_for_pool(me, "mine", "an update after the flood", |p| {
         p.max == Some(5)
     });
     assert_eq!(mine.pending, 2, "{mine:#?}");

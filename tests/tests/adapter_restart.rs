@@ -16,8 +16,8 @@ use std::{
 };
 
 use poolscope_tests::{
-    adapter_config, json, require_kernel, wait_until, Agent, LeakKind, LeakReport, PoolApp,
-    Postgres, ReportStatus, TempDir, EVENT_TIMEOUT,
+    adapter_config, json, local_port, require_kernel, wait_until, Agent, LeakKind, LeakReport,
+    PoolApp, Postgres, ReportStatus, TempDir, EVENT_TIMEOUT,
 };
 
 const LEAK_S: f64 = 3.0;
@@ -43,14 +43,6 @@ fn thresholds() -> Vec<(&'static str, f64)> {
 fn wall(rfc3339: Option<&str>, what: &str, report: &LeakReport) -> SystemTime {
     let text = rfc3339.unwrap_or_else(|| panic!("no {what} in {report:#?}"));
     humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{what} {text:?}: {e}"))
-}
-
-fn local_port(report: &LeakReport) -> Option<u16> {
-    report
-        .local_address
-        .as_deref()
-        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-        .map(|a| a.port())
 }
 
 /// Polls `agent` until it reports a leak on local port `port` of `pid`.
@@ -88,7 +80,7 @@ fn python_leak_from_before_an_agent_restart_is_reported_by_the_new_agent() {
     let pg = Postgres::start();
     let dir = TempDir::new("poolscope-restart");
     let socket = dir.path().join("adapter.sock");
-    let first = start_agent(&socket);
+    let mut first = start_agent(&socket);
 
     let mut app = PoolApp::spawn(Some(&socket));
     let pid = app.pid;
@@ -102,33 +94,20 @@ fn python_leak_from_before_an_agent_restart_is_reported_by_the_new_agent() {
     app.request(json!({"op": "pool_checkouts", "engine": "main", "n": 2}));
 
     let before_checkout = SystemTime::now();
-    let held = app.request(json!({"op": "checkout", "engine": "main", "id": "leak"}));
-    let checked_out = Instant::now();
-    let fd = held["fd"]
-        .as_i64()
-        .and_then(|v| i32::try_from(v).ok())
-        .unwrap();
-    let port = held["local_port"]
-        .as_u64()
-        .and_then(|v| u16::try_from(v).ok())
-        .unwrap();
-    let known = wait_until(EVENT_TIMEOUT, || {
-        first.pool(pid, "orders").filter(|p| p.used == 1)
+    let held = app.checkout("main", "leak");
+    let (fd, port, checked_out) = (held.fd, held.port, held.at);
+    first.wait_for_pool(pid, "orders", "the first agent to see the checkout", |p| {
+        p.used == 1
     });
+
+    // SIGTERM, a clean exit, and a while with no agent at all.
+    let (status, _) = first.terminate();
     assert!(
-        known.is_some(),
-        "the first agent never saw the checkout: {:#?}\n{}",
-        first.pools(),
+        status.success(),
+        "the first agent exits 0 on SIGTERM, got {status}\n{}",
         first.log()
     );
-
-    // SIGTERM, and a while with no agent at all.
-    let first_pid = first.pid();
     drop(first);
-    assert!(
-        !poolscope_tests::process_alive(first_pid),
-        "the first agent is still running"
-    );
     let stopped = SystemTime::now();
     thread::sleep(AGENT_DOWN);
 

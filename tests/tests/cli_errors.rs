@@ -4,25 +4,47 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    fs,
+    fs::{self, File},
     os::unix::fs::PermissionsExt,
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Command, ExitStatus, Stdio},
+    time::Duration,
 };
 
-use poolscope_tests::{agent_bin, free_port, is_root, require_kernel, TempDir};
+use poolscope_tests::{agent_bin, free_port, is_root, require_kernel, wait_exit, TempDir};
 
-fn run_agent(cmd: &mut Command) -> (Output, String, String) {
-    let output = cmd
+/// How long a command that is expected to end (an error, `check`) may run.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the command to its end: its exit status, stdout and stderr. A
+/// command still running after [`EXIT_TIMEOUT`] (say, an agent that accepted
+/// a configuration it should have refused) is killed and fails the test.
+fn run_agent(cmd: &mut Command) -> (ExitStatus, String, String) {
+    let dir = TempDir::new("poolscope-cli-output");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = cmd
         .env("RUST_BACKTRACE", "1")
         .env_remove("POOLSCOPE_CONFIG")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
-        .output()
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap())
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    (output, stdout, stderr)
+    let status = wait_exit(&mut child, EXIT_TIMEOUT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap()).into_owned();
+    let (stdout, stderr) = (read(&out_path), read(&err_path));
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "{cmd:?} was still running after {EXIT_TIMEOUT:?} (killed)\n\
+             --- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+        )
+    });
+    (status, stdout, stderr)
 }
 
 fn assert_no_panic(stderr: &str) {
@@ -44,17 +66,14 @@ fn unknown_config_key_names_key_and_line() {
         "[http]\nlisten = \"127.0.0.1:9464\"\nno_such_knob = true\n\n[log]\nlevel = \"info\"\n",
     )
     .unwrap();
-    let (output, _, stderr) = run_agent(
+    let (status, _, stderr) = run_agent(
         Command::new(agent_bin())
             .arg("run")
             .arg("--config")
             .arg(&config),
     );
-    assert!(
-        !output.status.success(),
-        "an unknown key is an error: {stderr}"
-    );
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!status.success(), "an unknown key is an error: {stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no_such_knob"), "names the key:\n{stderr}");
     assert!(stderr.contains("line 3"), "names the line:\n{stderr}");
     assert!(
@@ -69,13 +88,13 @@ fn unknown_config_key_names_key_and_line() {
 fn missing_config_file_is_one_line() {
     let dir = TempDir::new("poolscope-cli");
     let missing = dir.path().join("absent.toml");
-    let (output, _, stderr) = run_agent(
+    let (status, _, stderr) = run_agent(
         Command::new(agent_bin())
             .arg("run")
             .arg("--config")
             .arg(&missing),
     );
-    assert!(!output.status.success(), "{stderr}");
+    assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains(missing.to_str().unwrap()),
         "names the file:\n{stderr}"
@@ -113,14 +132,14 @@ fn run_without_privileges_says_so_in_one_line() {
         Command::new(&bin)
     };
     cmd.args(["run", "--listen", &listen]).current_dir("/");
-    let (output, _, stderr) = run_agent(&mut cmd);
+    let (status, _, stderr) = run_agent(&mut cmd);
     assert!(
         !stderr.contains("failed to execute"),
         "nobody cannot execute {}: {stderr}",
         bin.display()
     );
     assert!(
-        !output.status.success(),
+        !status.success(),
         "the agent cannot run unprivileged:\n{stderr}"
     );
     assert_eq!(
@@ -152,9 +171,9 @@ fn check_reports_each_feature() {
     if !require_kernel() {
         return;
     }
-    let (output, stdout, stderr) = run_agent(Command::new(agent_bin()).arg("check"));
+    let (status, stdout, stderr) = run_agent(Command::new(agent_bin()).arg("check"));
     assert!(
-        output.status.success(),
+        status.success(),
         "check passes as root on this kernel:\n{stdout}\n{stderr}"
     );
     assert_no_panic(&stderr);
@@ -200,5 +219,54 @@ fn check_reports_each_feature() {
         if what.is_some_and(|w| w.starts_with("tracepoint")) {
             assert_eq!(mark, Some("ok"), "every tracepoint loads: {line}");
         }
+    }
+}
+
+#[test]
+fn bad_token_settings_name_the_key() {
+    let dir = TempDir::new("poolscope-token-config");
+    let token_file = dir.path().join("token");
+    fs::write(&token_file, "secret\n").unwrap();
+    let empty_file = dir.path().join("empty");
+    fs::write(&empty_file, "\n").unwrap();
+    let missing = dir.path().join("missing");
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    for (config, key, why) in [
+        (
+            format!(
+                "bearer_token = \"a\"\nbearer_token_file = {}\n",
+                quoted(&token_file)
+            ),
+            "bearer_token",
+            "not both",
+        ),
+        ("bearer_token = \"\"\n".to_owned(), "bearer_token", "empty"),
+        (
+            format!("bearer_token_file = {}\n", quoted(&empty_file)),
+            "bearer_token_file",
+            "empty",
+        ),
+        (
+            format!("bearer_token_file = {}\n", quoted(&missing)),
+            "bearer_token_file",
+            "cannot read",
+        ),
+    ] {
+        let path = dir.path().join("poolscope.toml");
+        fs::write(&path, format!("[http]\n{config}")).unwrap();
+        // Its own port: were the configuration accepted, the agent would
+        // run (until run_agent kills it) without taking the default one.
+        let listen = format!("127.0.0.1:{}", free_port());
+        let (status, _, stderr) = run_agent(
+            Command::new(agent_bin())
+                .args(["run", "--listen", &listen, "--config"])
+                .arg(&path),
+        );
+        assert!(!status.success(), "{config}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{key}` in [http]")) && stderr.contains(why),
+            "{config}: {stderr}"
+        );
+        assert_no_panic(&stderr);
     }
 }

@@ -3,15 +3,16 @@
 
 use std::{
     net::TcpListener,
+    path::Path,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     thread,
     time::Duration,
 };
 
-use poolscope_tests::{require_kernel, Agent, TempDir};
+use poolscope_tests::{adapter_config, require_kernel, wait_until, Agent, TempDir};
 
 #[test]
 fn live_and_ready_each_answer_ok_on_a_whole_agent() {
@@ -19,10 +20,7 @@ fn live_and_ready_each_answer_ok_on_a_whole_agent() {
         return;
     }
     let adapter_dir = TempDir::new("poolscope-health-adapter");
-    let config = format!(
-        "[adapter]\nsocket = {:?}\n",
-        adapter_dir.path().join("adapter.sock")
-    );
+    let config = adapter_config(&adapter_dir.path().join("adapter.sock"), &[]);
     let agent = Agent::start_with_config(&config, &[]);
     for path in ["/healthz", "/healthz/live", "/healthz/ready"] {
         let (status, body) = agent.get_with_status(path).expect(path);
@@ -36,8 +34,8 @@ fn an_unbound_adapter_socket_makes_the_agent_live_but_not_ready() {
         return;
     }
     // A path under /proc can never be bound.
-    let config = "[adapter]\nsocket = \"/proc/poolscope-nowhere/adapter.sock\"\n";
-    let agent = Agent::start_with_config_until(config, &[], "/healthz/live");
+    let config = adapter_config(Path::new("/proc/poolscope-nowhere/adapter.sock"), &[]);
+    let agent = Agent::start_with_config_until(&config, &[], "/healthz/live");
     let (status, body) = agent.get_with_status("/healthz/ready").expect("ready");
     assert_eq!(status, 503, "{body}\n{}", agent.log());
     assert!(
@@ -54,6 +52,8 @@ fn an_unbound_adapter_socket_makes_the_agent_live_but_not_ready() {
 struct HungCollector {
     port: u16,
     stop: Arc<AtomicBool>,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
 }
 
 impl HungCollector {
@@ -63,16 +63,25 @@ impl HungCollector {
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counting = Arc::clone(&accepted);
         thread::spawn(move || {
             let mut held = Vec::new();
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => held.push(stream),
+                    Ok((stream, _)) => {
+                        held.push(stream);
+                        counting.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(_) => thread::sleep(Duration::from_millis(20)),
                 }
             }
         });
-        HungCollector { port, stop }
+        HungCollector {
+            port,
+            stop,
+            accepted,
+        }
     }
 }
 
@@ -94,14 +103,20 @@ fn sigterm_exits_within_five_seconds_while_the_collector_hangs() {
         // the deadline can end the agent in time.
         let config = format!(
             "[otlp]\nendpoint = \"http://127.0.0.1:{}\"\nprotocol = {protocol:?}\n\
-             interval_seconds = 1.0\ntimeout_seconds = 30.0\n\n\
-             [adapter]\nsocket = {:?}\n",
+             interval_seconds = 1.0\ntimeout_seconds = 30.0\n\n{}",
             collector.port,
-            adapter_dir.path().join("adapter.sock")
+            adapter_config(&adapter_dir.path().join("adapter.sock"), &[])
         );
         let mut agent = Agent::start_with_config(&config, &[]);
-        // Let a periodic export start and hang on the collector.
-        thread::sleep(Duration::from_secs(3));
+        // A periodic export has begun and hangs on the collector.
+        let connected = wait_until(Duration::from_secs(10), || {
+            (collector.accepted.load(Ordering::Relaxed) >= 1).then_some(())
+        });
+        assert!(
+            connected.is_some(),
+            "{protocol}: the agent never connected to the collector\n--- agent log ---\n{}",
+            agent.log()
+        );
         let (status, took) = agent.terminate();
         let log = agent.log();
         assert!(

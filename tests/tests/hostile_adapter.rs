@@ -16,8 +16,9 @@ use std::{
     time::Duration,
 };
 
+use poolscope::clock::monotonic_ns;
 use poolscope_tests::{
-    json, metric_sample, require_kernel, wait_until, Agent, TempDir, Unprivileged, Value,
+    adapter_config, json, metric_sample, require_kernel, wait_until, Agent, Script, TempDir, Value,
 };
 
 /// Processes of the pool flood, and pools each tries to register (the
@@ -76,17 +77,6 @@ else:
     sys.stdin.readline()
 "#;
 
-/// CLOCK_MONOTONIC, the clock adapters date their messages with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The legitimate process: this test, reporting its own pools.
 struct Legitimate {
     socket: UnixDatagram,
@@ -102,6 +92,7 @@ impl Legitimate {
 
     /// A wait of `waited` that timed out, reported now.
     fn slow_timeout(&self, pool: &str, request: u64, waited: Duration) {
+        // Dated on CLOCK_MONOTONIC, as adapters date their messages.
         let start = monotonic_ns() - waited.as_nanos() as u64;
         self.send(json!({"v": 1, "kind": "acquire_start", "pool": pool, "request": request, "mono_ns": start}));
         self.send(json!({"v": 1, "kind": "acquire_end", "pool": pool, "request": request, "result": "timeout"}));
@@ -164,8 +155,8 @@ fn one_users_adapter_floods_cost_no_other_process_its_pools_series_or_reports() 
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let socket = dir.path().join("adapter.sock");
     let config = format!(
-        "[adapter]\nsocket = {socket:?}\n\n[leaks]\nslow_acquire_ms = 100.0\n\n\
-         [log]\nlevel = \"info\"\n"
+        "{}\n[log]\nlevel = \"info\"\n",
+        adapter_config(&socket, &[("slow_acquire_ms", 100.0)])
     );
     let agent = Agent::start_with_config(&config, &[]);
     let me = std::process::id();
@@ -180,7 +171,7 @@ fn one_users_adapter_floods_cost_no_other_process_its_pools_series_or_reports() 
     wait_for_messages(&agent, 3.0);
 
     // 200 processes x 64 pools, each with a recorded wait.
-    let mut flood = Unprivileged::python(
+    let mut flood = Script::unprivileged(
         ATTACKER,
         &[
             socket.display().to_string(),
@@ -246,7 +237,7 @@ fn one_users_adapter_floods_cost_no_other_process_its_pools_series_or_reports() 
 
     // 5,000 acquires dated 500 s back, from a process a moment old.
     let judged = messages_judged(&agent);
-    let mut old = Unprivileged::python(
+    let mut old = Script::unprivileged(
         ATTACKER,
         &[
             socket.display().to_string(),

@@ -9,16 +9,12 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use poolscope_tests::{
-    agent_bin, require_kernel, unprivileged_user, wait_until, Agent, ConnectionsResponse, TempDir,
-    Unprivileged,
+    require_kernel, unprivileged_user, wait_until, Agent, ConnectionsResponse, Script, TempDir,
 };
 
 /// Half-open connections the attacker holds (the issue's figure).
@@ -73,40 +69,19 @@ for _ in sys.stdin:
 "#;
 
 /// How many of its connections the agent has closed, and how many are open.
-fn check(attacker: &mut Unprivileged) -> (u64, u64) {
+fn check(attacker: &mut Script) -> (u64, u64) {
     attacker.tell("check");
     let v = attacker.line();
     (v["closed"].as_u64().unwrap(), v["open"].as_u64().unwrap())
 }
 
-/// One HTTP/1.0 GET: status, body and how long the whole exchange took.
-fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String, Duration) {
-    let start = Instant::now();
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to {addr} for {path}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").unwrap();
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let elapsed = start.elapsed();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
-    (status, body.to_string(), elapsed)
+/// GET `path` (with `token` as a bearer token): status, body and how long
+/// the whole exchange took; panics if there is no answer.
+fn get(agent: &Agent, path: &str, token: Option<&str>) -> (u16, String, Duration) {
+    let r = agent
+        .get_raw(path, token)
+        .unwrap_or_else(|e| panic!("GET {path}: {e:#}"));
+    (r.status, r.body, r.took)
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -154,7 +129,7 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
 
     // Before the first connect: the agent's header-read timers start later.
     let attack_began = Instant::now();
-    let mut attacker = Unprivileged::python(
+    let mut attacker = Script::unprivileged(
         ATTACKER,
         &[
             agent.addr.ip().to_string(),
@@ -172,12 +147,12 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
 
     // While they are held: health checks answer fast, scrapes answer, and
     // the rest of the API is refused at once rather than queued.
-    let (status, _, took) = get(agent.addr, "/api/v1/pools", None);
+    let (status, _, took) = get(&agent, "/api/v1/pools", None);
     assert_eq!(status, 503, "the API beyond the cap is refused");
     assert!(took < Duration::from_secs(1), "refusal took {took:?}");
     let mut slowest = Duration::ZERO;
     for _ in 0..10 {
-        let (status, body, took) = get(agent.addr, "/healthz", None);
+        let (status, body, took) = get(&agent, "/healthz", None);
         assert_eq!((status, body.trim()), (200, "ok"), "/healthz under attack");
         assert!(
             took < Duration::from_secs(1),
@@ -188,7 +163,7 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
         std::thread::sleep(Duration::from_millis(100));
     }
     for _ in 0..3 {
-        let (status, body, took) = get(agent.addr, "/metrics", None);
+        let (status, body, took) = get(&agent, "/metrics", None);
         assert_eq!(status, 200, "/metrics under attack: {body}");
         assert!(body.contains("# TYPE "), "/metrics body: {body:.200}");
         assert!(took < Duration::from_secs(2), "/metrics took {took:?}");
@@ -234,7 +209,7 @@ fn half_open_flood_from_an_unprivileged_user_does_not_starve_health_checks() {
         "the agent holds {} fds after the timeout (baseline {baseline})",
         open_fds(pid)
     );
-    let (status, _, _) = get(agent.addr, "/api/v1/pools", None);
+    let (status, _, _) = get(&agent, "/api/v1/pools", None);
     assert_eq!(status, 200, "the API is served again");
     assert!(
         agent.log().contains("connections are in use"),
@@ -261,88 +236,31 @@ fn bearer_token_guards_the_api_and_not_the_probes() {
         &[],
     );
 
-    let (status, body, _) = get(agent.addr, "/api/v1/connections", None);
+    let (status, body, _) = get(&agent, "/api/v1/connections", None);
     assert_eq!(status, 401, "no token: {body}");
-    let (status, _, _) = get(agent.addr, "/api/v1/connections", Some("wrong-token"));
+    let (status, _, _) = get(&agent, "/api/v1/connections", Some("wrong-token"));
     assert_eq!(status, 401, "wrong token");
     let (status, _, _) = get(
-        agent.addr,
+        &agent,
         "/api/v1/connections",
         Some(&TOKEN[..TOKEN.len() - 1]),
     );
     assert_eq!(status, 401, "a prefix of the token");
-    let (status, body, _) = get(agent.addr, "/api/v1/connections", Some(TOKEN));
+    let (status, body, _) = get(&agent, "/api/v1/connections", Some(TOKEN));
     assert_eq!(status, 200, "with the token: {body}");
     let _: ConnectionsResponse = serde_json::from_str(&body).unwrap();
     for path in ["/api/v1/leaks", "/api/v1/pools", "/api/v1/queries/slow"] {
-        assert_eq!(
-            get(agent.addr, path, None).0,
-            401,
-            "{path} without the token"
-        );
-        assert_eq!(get(agent.addr, path, Some(TOKEN)).0, 200, "{path} with it");
+        assert_eq!(get(&agent, path, None).0, 401, "{path} without the token");
+        assert_eq!(get(&agent, path, Some(TOKEN)).0, 200, "{path} with it");
     }
     // Open without it: probes, scrapes and the live page itself.
     for path in ["/healthz", "/metrics", "/"] {
-        assert_eq!(
-            get(agent.addr, path, None).0,
-            200,
-            "{path} without the token"
-        );
+        assert_eq!(get(&agent, path, None).0, 200, "{path} without the token");
     }
-    let (_, body, _) = get(agent.addr, "/healthz", None);
+    let (_, body, _) = get(&agent, "/healthz", None);
     assert_eq!(body.trim(), "ok");
     assert!(
         !agent.log().contains(TOKEN),
         "the token is in the agent's log"
     );
-}
-
-#[test]
-fn bad_token_settings_name_the_key() {
-    let dir = TempDir::new("poolscope-token-config");
-    let token_file = dir.path().join("token");
-    fs::write(&token_file, "secret\n").unwrap();
-    let empty_file = dir.path().join("empty");
-    fs::write(&empty_file, "\n").unwrap();
-    let missing = dir.path().join("missing");
-    let quoted = |p: &std::path::Path| format!("{:?}", p.display().to_string());
-    for (config, key, why) in [
-        (
-            format!(
-                "bearer_token = \"a\"\nbearer_token_file = {}\n",
-                quoted(&token_file)
-            ),
-            "bearer_token",
-            "not both",
-        ),
-        ("bearer_token = \"\"\n".to_owned(), "bearer_token", "empty"),
-        (
-            format!("bearer_token_file = {}\n", quoted(&empty_file)),
-            "bearer_token_file",
-            "empty",
-        ),
-        (
-            format!("bearer_token_file = {}\n", quoted(&missing)),
-            "bearer_token_file",
-            "cannot read",
-        ),
-    ] {
-        let path = dir.path().join("poolscope.toml");
-        fs::write(&path, format!("[http]\n{config}")).unwrap();
-        let output = Command::new(agent_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .env_remove("POOLSCOPE_CONFIG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{config}: {stderr}");
-        assert!(
-            stderr.contains(&format!("`{key}` in [http]")) && stderr.contains(why),
-            "{config}: {stderr}"
-        );
-    }
 }

@@ -9,15 +9,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    io::{BufRead, BufReader, Write},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use poolscope_tests::{
-    adapter_config, json, otlp_receiver::OtlpReceiver, require_kernel, wait_exit, wait_until,
-    Agent, TempDir,
+    adapter_config, json, otlp_receiver::OtlpReceiver, require_kernel, wait_until, Agent, Script,
+    TempDir,
 };
 
 /// Short-lived senders and the pools each names.
@@ -52,59 +50,38 @@ for _ in sys.stdin:
     print("ready", flush=True)
 "#;
 
-struct Sender {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
+/// A sender process (its own pid), driven through its stdin.
+struct Sender(Script);
 
 impl Sender {
     fn spawn(socket: &Path, prefix: &str, pools: usize) -> Sender {
-        let mut child = Command::new("python3")
-            .args(["-c", SENDER])
-            .arg(socket)
-            .arg(prefix)
-            .arg(pools.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start python3");
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Sender {
-            child,
-            stdin,
-            stdout,
-        }
+        Sender(Script::python(
+            SENDER,
+            &[
+                socket.display().to_string(),
+                prefix.to_string(),
+                pools.to_string(),
+            ],
+        ))
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid()
     }
 
     fn wait_ready(&mut self) {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
+        let line = self.0.raw_line();
         assert_eq!(line.trim(), "ready", "sender {} said {line:?}", self.pid());
     }
 
     fn again(&mut self) {
-        let stdin = self.stdin.as_mut().unwrap();
-        writeln!(stdin).unwrap();
-        stdin.flush().unwrap();
+        self.0.tell("");
         self.wait_ready();
     }
 
     /// Closes its stdin: it exits.
     fn finish(&mut self) {
-        self.stdin.take();
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.close_stdin();
     }
 }
 
@@ -206,7 +183,7 @@ fn scenario(receiver: Option<&OtlpReceiver>) {
     }
     for sender in &mut flood {
         assert!(
-            wait_exit(&mut sender.child, Duration::from_secs(10)).is_some(),
+            sender.0.wait_exit(Duration::from_secs(10)).is_some(),
             "sender {} did not exit",
             sender.pid()
         );

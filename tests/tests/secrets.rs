@@ -29,9 +29,9 @@ use std::{
 };
 
 use poolscope_tests::{
-    agent_bin, json, otlp_receiver::OtlpReceiver, python3, python_adapter_dir, require_kernel,
-    wait_until, Agent, LeakKind, LeakReport, LeaksResponse, Postgres, ReportStatus, SlowQuery,
-    TempDir, Value,
+    adapter_config, agent_bin, json, otlp_receiver::OtlpReceiver, python3, python_adapter_dir,
+    require_kernel, wait_until, Agent, LeakKind, LeakReport, LeaksResponse, Postgres, ReportStatus,
+    SlowQuery, TempDir, Value,
 };
 
 /// In every secret, and in nothing else the test or the agent writes.
@@ -48,8 +48,11 @@ const FAILING_CODE: &str = "22P02";
 
 /// Short thresholds, so that the reports come within seconds (as in
 /// adapter_python.rs: idle in transaction below the leak threshold).
-const LEAKS: &str = "[leaks]\nleak_threshold_seconds = 3.0\nquiet_seconds = 1.5\n\
-                     idle_in_transaction_seconds = 2.0\n";
+const LEAKS: &[(&str, f64)] = &[
+    ("leak_threshold_seconds", 3.0),
+    ("quiet_seconds", 1.5),
+    ("idle_in_transaction_seconds", 2.0),
+];
 
 /// How long reports, events and exports get to show up.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -450,11 +453,11 @@ fn rig(queries: &str, extra: &str) -> Rig {
     let dir = TempDir::new("poolscope-secrets");
     let socket = dir.path().join("adapter.sock");
     let config = format!(
-        "[adapter]\nsocket = {socket:?}\n\n{LEAKS}\n\
+        "{adapter}\n\
          [queries]\nslow_threshold_ms = 200\n{queries}\n\
          [otlp]\nendpoint = {endpoint:?}\nprotocol = \"grpc\"\ninterval_seconds = 1.0\n\
          timeout_seconds = 2.0\nquery_spans = true\n\n{extra}",
-        socket = socket.to_str().unwrap(),
+        adapter = adapter_config(&socket, LEAKS),
         endpoint = receiver.grpc_endpoint(),
     );
     let agent = Agent::start_with_config(&config, &[]);
