@@ -391,6 +391,10 @@ class PoolReporter {
  *                       out (checkout_state), this often (default 30000; 0: never);
  *                       they are also re-sent when the agent comes back
  * options.stateIntervalMs  the same (it wins when both are given)
+ *
+ * One timer, two names: `reregisterMs` is the original option (README) and
+ * stays for the applications that set it; `stateIntervalMs` is the name
+ * docs/adapter-protocol.md gives it alongside the other adapters' settings.
  */
 function instrument(pool, options = {}) {
   try {

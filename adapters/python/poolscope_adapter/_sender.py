@@ -56,6 +56,12 @@ def mono_ns():
     return time.monotonic_ns()
 
 
+def _encode(message):
+    """A message's datagram: compact JSON in UTF-8 (raises if it cannot be
+    serialized)."""
+    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+
+
 class _ProcessState:
     """A sender's socket and backlog in one process. A forked child makes
     its own: what the parent had backlogged is the parent's to send."""
@@ -173,7 +179,7 @@ class Sender:
         """Sends one message (a dict): True if it was sent or backlogged,
         False if it was dropped. Never blocks, never raises."""
         try:
-            data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+            data = _encode(message)
         except Exception:
             return self._drop("unserializable")
         if len(data) > MAX_MESSAGE_BYTES:
@@ -379,37 +385,40 @@ class PoolReporter:
             self.send_state()
         return sent
 
+    def _out_here(self):
+        """The checked-out entries of this process, by key; ``_out_lock``
+        held. A forked child starts with none of its parent's."""
+        if self._out_pid != os.getpid():
+            self._out_pid = os.getpid()
+            self._out = {}
+        return self._out
+
     def _checkouts(self):
-        """The checked-out entries of this process (a forked child holds
-        none of its parent's checkouts)."""
+        """The checked-out entries of this process."""
         with self._out_lock:
-            if self._out_pid != os.getpid():
-                self._out_pid = os.getpid()
-                self._out = {}
-            return list(self._out.values())
+            return list(self._out_here().values())
 
     def _checked_out(self, conn, at_ns, tid):
         entry = {k: conn[k] for k in ("local_address", "fd") if k in conn}
         entry["mono_ns"] = at_ns
         entry["tid"] = tid
         with self._out_lock:
-            if self._out_pid != os.getpid():
-                self._out_pid = os.getpid()
-                self._out = {}
-            was_idle = not self._out
-            self._out[_conn_key(conn)] = entry
+            out = self._out_here()
+            was_idle = not out
+            out[_conn_key(conn)] = entry
         if was_idle:
             # Only on idle -> busy, to keep the ticker's lock off the hot path.
             _ticker.watch(self)
 
     def _returned(self, conn):
         with self._out_lock:
-            if self._out.pop(_conn_key(conn), None) is None and conn.get("local_address"):
+            out = self._out_here()
+            if out.pop(_conn_key(conn), None) is None and conn.get("local_address"):
                 # Named differently than when it was handed out.
                 address = conn["local_address"]
-                for key, entry in list(self._out.items()):
+                for key, entry in list(out.items()):
                     if entry.get("local_address") == address:
-                        del self._out[key]
+                        del out[key]
 
     def _maybe_reregister(self):
         now = time.monotonic()
@@ -513,15 +522,14 @@ class PoolReporter:
                 return
             entries.sort(key=lambda e: e["mono_ns"])
             base = len(
-                json.dumps(
+                _encode(
                     {"v": VERSION, "kind": "checkout_state", "pool": self.name,
-                     "mono_ns": mono_ns(), "checkouts": []},
-                    separators=(",", ":"),
-                ).encode("utf-8")
+                     "mono_ns": mono_ns(), "checkouts": []}
+                )
             )
             chunk, size = [], base
             for entry in entries:
-                n = len(json.dumps(entry, separators=(",", ":")).encode("utf-8")) + 1
+                n = len(_encode(entry)) + 1
                 if chunk and (
                     len(chunk) >= STATE_ENTRIES_PER_MESSAGE or size + n > MAX_MESSAGE_BYTES
                 ):

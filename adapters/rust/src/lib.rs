@@ -276,10 +276,15 @@ enum Sent {
     Failed,
 }
 
+/// Locks `m`, poisoned or not: a panic while holding one of this crate's
+/// locks leaves valid data behind.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, VecDeque<Vec<u8>>> {
-        // A panic while holding the lock leaves a valid queue behind.
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+        locked(&self.queue)
     }
 
     fn try_send(&self, bytes: &[u8]) -> Sent {
@@ -665,11 +670,6 @@ struct Checkout {
     conn: ConnId,
     since_ns: u64,
     tid: Option<u32>,
-}
-
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves valid data behind.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl PoolState {
