@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod pipeline;
 pub mod procfs;
 pub mod protocol;
+pub mod ratelimit;
 pub mod redact;
 pub mod reports;
 pub mod state;

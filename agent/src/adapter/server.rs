@@ -8,7 +8,6 @@ use std::{
         unix::{fs::PermissionsExt, net::UnixDatagram},
     },
     path::{Path, PathBuf},
-    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -267,42 +266,8 @@ fn recv_with_credentials(
     Ok((n as usize, truncated, creds))
 }
 
-/// Logs rejected messages at most once per interval, saying how many were
-/// dropped since, so that a misbehaving sender cannot flood the log.
-pub struct RateLimitedLog {
-    interval: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    pub fn new(interval: Duration) -> RateLimitedLog {
-        RateLimitedLog {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Returns the line to log now, if any.
-    pub fn line(&mut self, now: Instant, text: &str) -> Option<String> {
-        match self.last {
-            Some(last) if now.duration_since(last) < self.interval => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                let suppressed = std::mem::take(&mut self.suppressed);
-                Some(if suppressed > 0 {
-                    format!("{text} ({suppressed} more rejected since the last report)")
-                } else {
-                    text.to_string()
-                })
-            }
-        }
-    }
-}
+/// Rejections are logged through it (`pipeline`), named here as before.
+pub use crate::ratelimit::RateLimitedLog;
 
 #[cfg(test)]
 mod tests {
@@ -396,20 +361,6 @@ mod tests {
             judge(msg, true, creds(42), &Senders::default()),
             Outcome::Rejected { .. }
         ));
-    }
-
-    #[test]
-    fn rate_limited_log_counts_what_it_suppresses() {
-        let mut log = RateLimitedLog::new(Duration::from_secs(1));
-        let t0 = Instant::now();
-        assert_eq!(log.line(t0, "bad").as_deref(), Some("bad"));
-        assert_eq!(log.line(t0, "bad"), None);
-        assert_eq!(log.line(t0, "bad"), None);
-        let later = t0 + Duration::from_secs(2);
-        assert_eq!(
-            log.line(later, "bad").as_deref(),
-            Some("bad (2 more rejected since the last report)")
-        );
     }
 
     #[tokio::test]

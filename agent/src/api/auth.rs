@@ -1,10 +1,12 @@
 //! The optional bearer token of the JSON API (`[http] bearer_token` or
 //! `bearer_token_file`).
 //!
-//! Only `/`, `/healthz` (and `/healthz/live`, `/healthz/ready`) and `/metrics` are open: probes and scrapers need
-//! no secret, and the live page is static (its scripts send the token they
-//! are given). Every other path, unknown ones included, needs the token, so
-//! a route added later is closed by default.
+//! Only `/`, `/healthz` (and `/healthz/live`, `/healthz/ready`) and
+//! `/metrics` are open: probes and scrapers need no secret, and the live page
+//! is static (its scripts send the token they are given). Every other path,
+//! unknown ones included, needs the token, so a route added later is closed
+//! by default. A refusal closes the connection: a client without the token
+//! must not keep one of the `max_connections` slots by keep-alive.
 
 use std::sync::Arc;
 
@@ -15,6 +17,8 @@ use axum::{
     response::{IntoResponse, Response},
     Router,
 };
+
+use super::PROBE_PATHS;
 
 /// `app` with the token required where it applies; `app` itself without one.
 pub fn require_token(app: Router, token: Option<String>) -> Router {
@@ -27,12 +31,9 @@ pub fn require_token(app: Router, token: Option<String>) -> Router {
     }
 }
 
-/// Paths served without the token.
+/// Paths served without the token: the live page and the probes.
 pub fn is_open(path: &str) -> bool {
-    matches!(
-        path,
-        "/" | "/healthz" | "/healthz/live" | "/healthz/ready" | "/metrics"
-    )
+    path == "/" || PROBE_PATHS.contains(&path)
 }
 
 async fn check(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
@@ -42,7 +43,11 @@ async fn check(State(token): State<Arc<str>>, request: Request, next: Next) -> R
     }
     (
         StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer realm=\"poolscope\"")],
+        [
+            (header::WWW_AUTHENTICATE, "Bearer realm=\"poolscope\""),
+            // hyper closes the connection after a response that says so.
+            (header::CONNECTION, "close"),
+        ],
         "this agent's API needs `Authorization: Bearer <token>` ([http] bearer_token)\n",
     )
         .into_response()
@@ -100,6 +105,59 @@ mod tests {
         for closed in ["/api/v1/connections", "/healthz/", "//api/v1/leaks", "/x"] {
             assert!(!is_open(closed));
         }
+    }
+
+    /// A refusal closes the connection; an authorized client keeps its own.
+    #[tokio::test]
+    async fn a_refused_request_closes_its_connection() {
+        use std::time::Duration;
+        use tokio::{
+            io::{AsyncReadExt, AsyncWriteExt},
+            net::{TcpListener, TcpStream},
+            time::timeout,
+        };
+        let app = Router::new().route("/api", axum::routing::get(|| async { "api\n" }));
+        let app = require_token(app, Some("t0ken".to_owned()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = super::super::listener::Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let server = tokio::spawn(super::super::listener::run(listener, app, limits));
+
+        let mut refused = TcpStream::connect(addr).await.expect("connect");
+        refused
+            .write_all(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut raw = Vec::new();
+        timeout(Duration::from_secs(2), refused.read_to_end(&mut raw))
+            .await
+            .expect("closed by the server, not left open")
+            .expect("read");
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 401"), "{text}");
+        assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+
+        // With the token, the same request leaves the connection open for
+        // the next one.
+        let mut kept = TcpStream::connect(addr).await.expect("connect");
+        for _ in 0..2 {
+            kept.write_all(b"GET /api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 1024];
+            let n = timeout(Duration::from_secs(2), kept.read(&mut buf))
+                .await
+                .expect("answered")
+                .expect("read");
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            assert!(text.ends_with("api\n"), "{text}");
+        }
+        server.abort();
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP transport: every connection has deadlines, at most
 //! `max_connections` are served at once, and a few reserved slots keep
-//! `/healthz` (and `/healthz/live`, `/healthz/ready`) and `/metrics` answering when other clients hold all the rest.
+//! `/healthz` (and `/healthz/live`, `/healthz/ready`) and `/metrics`
+//! answering when other clients hold all the rest.
 //!
 //! Any local user can connect to the API, so a client that opens many
 //! connections and sends nothing (or half a request) must neither exhaust
@@ -14,8 +15,10 @@
 //!   request line, within a second, on one of [`RESERVED_SLOTS`] slots: a
 //!   GET or HEAD of /healthz or /metrics is served there (one request, then
 //!   close), anything else is answered 503. When those slots are all taken
-//!   the oldest is dropped for the newcomer, so a flood must outpace a real
-//!   probe, which sends its request line with its first packet;
+//!   the oldest still reading its request line is dropped for the newcomer
+//!   (one already answering a probe only when none is left), so a flood
+//!   must outpace a real probe, which sends its request line with its first
+//!   packet;
 //! - accept errors (EMFILE and kin) pause the loop instead of spinning it.
 
 use std::{
@@ -27,7 +30,7 @@ use std::{
         Arc, Mutex,
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant as StdInstant},
 };
 
 use axum::Router;
@@ -43,7 +46,8 @@ use tokio::{
     time::{sleep, sleep_until, timeout, Instant},
 };
 
-use crate::config::HttpConfig;
+use super::PROBE_PATHS;
+use crate::{config::HttpConfig, ratelimit::RateLimitedLog};
 
 /// Connections beyond `max_connections` that may be read for a probe's
 /// request line at once.
@@ -148,8 +152,8 @@ pub async fn run(listener: TcpListener, app: Router, limits: Limits) -> anyhow::
         reserved: Reserved::new(RESERVED_SLOTS),
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut over_cap = Warner::new();
-    let mut accept_errors = Warner::new();
+    let mut over_cap = RateLimitedLog::new(WARN_EVERY);
+    let mut accept_errors = RateLimitedLog::new(WARN_EVERY);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -162,9 +166,12 @@ pub async fn run(listener: TcpListener, app: Router, limits: Limits) -> anyhow::
                     }
                     _ => Duration::from_millis(5),
                 };
-                accept_errors.note(|n| {
-                    log::warn!("HTTP: cannot accept connections: {e} ({n} times since the last warning); pausing {pause:?}")
-                });
+                if let Some(more) = accept_errors.allow(StdInstant::now()) {
+                    log::warn!(
+                        "HTTP: cannot accept connections: {e} ({more} more times since the last \
+                         warning); pausing {pause:?}"
+                    );
+                }
                 sleep(pause).await;
                 continue;
             }
@@ -180,19 +187,19 @@ pub async fn run(listener: TcpListener, app: Router, limits: Limits) -> anyhow::
                 });
             }
             Err(_) => {
-                let max = limits.max_connections;
-                over_cap.note(|n| {
+                if let Some(more) = over_cap.allow(StdInstant::now()) {
                     log::warn!(
-                        "HTTP: all {max} connections are in use; {n} more since the last warning \
-                         got only /healthz and /metrics (others: 503)"
-                    )
-                });
+                        "HTTP: all {} connections are in use; this one and {more} more since the \
+                         last warning got only /healthz and /metrics (others: 503)",
+                        limits.max_connections
+                    );
+                }
                 let slot = shared.reserved.admit();
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = slot.evicted.notified() => {}
-                        _ = timeout(PROBE_DEADLINE, serve_reserved(stream, &shared)) => {}
+                        _ = timeout(PROBE_DEADLINE, serve_reserved(stream, &shared, slot.seq)) => {}
                     }
                     shared.reserved.release(slot.seq);
                 });
@@ -215,8 +222,9 @@ async fn serve_general(stream: TcpStream, shared: &Shared) {
     }
 }
 
-/// A connection beyond `max_connections`: served only if it is a probe.
-async fn serve_reserved(mut stream: TcpStream, shared: &Shared) {
+/// A connection beyond `max_connections` on reserved slot `seq`: served
+/// only if it is a probe.
+async fn serve_reserved(mut stream: TcpStream, shared: &Shared, seq: u64) {
     let Ok(Ok(Some(head))) = timeout(PROBE_LINE_TIMEOUT, read_request_line(&mut stream)).await
     else {
         return;
@@ -225,6 +233,8 @@ async fn serve_reserved(mut stream: TcpStream, shared: &Shared) {
         refuse(stream).await;
         return;
     }
+    // From here the slot serves a real probe: newcomers evict others first.
+    shared.reserved.verified(seq);
     // hyper reads the request from the start: the line we took comes first.
     let io = TokioIo::new(Io::new(stream, head, Activity::new()));
     let _ = shared
@@ -265,10 +275,7 @@ pub fn is_probe_line(head: &[u8]) -> bool {
     };
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
     matches!(method, b"GET" | b"HEAD")
-        && matches!(
-            path,
-            b"/healthz" | b"/healthz/live" | b"/healthz/ready" | b"/metrics"
-        )
+        && PROBE_PATHS.iter().any(|p| p.as_bytes() == path)
         && version.starts_with(b"HTTP/1.")
 }
 
@@ -293,11 +300,19 @@ async fn refuse(mut stream: TcpStream) {
 }
 
 /// The reserved slots: at most `slots` connections, and a newcomer evicts
-/// the oldest (probes finish in milliseconds, so the oldest is the one
-/// most likely holding its slot on purpose).
+/// the oldest still reading its request line (probes send theirs at once,
+/// so the oldest is the one most likely holding its slot on purpose); one
+/// verified as a probe only when every slot is, and then the oldest.
 struct Reserved {
     slots: usize,
-    held: Mutex<(u64, BTreeMap<u64, Arc<Notify>>)>,
+    held: Mutex<(u64, BTreeMap<u64, Held>)>,
+}
+
+/// One taken slot: how to tell its task to go, and whether its request
+/// line was a probe's.
+struct Held {
+    evicted: Arc<Notify>,
+    verified: bool,
 }
 
 struct Slot {
@@ -321,15 +336,37 @@ impl Reserved {
         let seq = *next;
         *next += 1;
         while held.len() >= self.slots {
-            match held.pop_first() {
-                // notify_one keeps the wake-up for a task not waiting yet.
-                Some((_, oldest)) => oldest.notify_one(),
-                None => break,
-            }
+            // Sequence numbers grow, so the map's first matching entry is
+            // the oldest; at most `slots` entries to look through.
+            let victim = held
+                .iter()
+                .find(|(_, h)| !h.verified)
+                .or_else(|| held.iter().next())
+                .map(|(&seq, _)| seq);
+            let Some(victim) = victim.and_then(|seq| held.remove(&seq)) else {
+                break;
+            };
+            // notify_one keeps the wake-up for a task not waiting yet.
+            victim.evicted.notify_one();
         }
         let evicted = Arc::new(Notify::new());
-        held.insert(seq, Arc::clone(&evicted));
+        held.insert(
+            seq,
+            Held {
+                evicted: Arc::clone(&evicted),
+                verified: false,
+            },
+        );
         Slot { seq, evicted }
+    }
+
+    /// Slot `seq` serves a probe: evicted only after every unverified slot.
+    /// A slot evicted meanwhile stays gone (its task is being stopped).
+    fn verified(&self, seq: u64) {
+        let mut guard = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = guard.1.get_mut(&seq) {
+            held.verified = true;
+        }
     }
 
     fn release(&self, seq: u64) {
@@ -458,31 +495,6 @@ impl AsyncWrite for Io {
     }
 }
 
-/// Counts occurrences and lets one warning through per [`WARN_EVERY`].
-struct Warner {
-    last: Option<Instant>,
-    count: u64,
-}
-
-impl Warner {
-    fn new() -> Warner {
-        Warner {
-            last: None,
-            count: 0,
-        }
-    }
-
-    fn note(&mut self, warn: impl FnOnce(u64)) {
-        self.count += 1;
-        let now = Instant::now();
-        if self.last.is_none_or(|last| now >= last + WARN_EVERY) {
-            warn(self.count);
-            self.count = 0;
-            self.last = Some(now);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,20 +551,34 @@ mod tests {
         (status, body.unwrap_or_default())
     }
 
+    /// Serves `app` on a loopback port, at most 4 connections at once.
+    async fn start(
+        app: Router,
+        header_read_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        Limits,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            max_connections: 4,
+            header_read_timeout,
+            idle_timeout,
+        };
+        (addr, limits, tokio::spawn(run(listener, app, limits)))
+    }
+
     #[tokio::test]
     async fn probes_are_served_when_half_open_connections_hold_every_slot() {
         use axum::routing::get as route;
         let app = Router::new()
             .route("/healthz", route(|| async { "ok\n" }))
             .route("/api", route(|| async { "api\n" }));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let limits = Limits {
-            max_connections: 4,
-            header_read_timeout: Duration::from_millis(500),
-            idle_timeout: Duration::from_secs(5),
-        };
-        let server = tokio::spawn(run(listener, app, limits));
+        let (addr, limits, server) =
+            start(app, Duration::from_millis(500), Duration::from_secs(5)).await;
         // Every general and reserved slot taken by half a request line.
         let mut hogs = Vec::new();
         for _ in 0..limits.max_connections + RESERVED_SLOTS {
@@ -584,14 +610,8 @@ mod tests {
         use axum::routing::get as route;
         // A response that never comes stands for a client that never reads.
         let app = Router::new().route("/stall", route(std::future::pending::<&'static str>));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let limits = Limits {
-            max_connections: 4,
-            header_read_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_millis(300),
-        };
-        let server = tokio::spawn(run(listener, app, limits));
+        let (addr, _, server) =
+            start(app, Duration::from_secs(5), Duration::from_millis(300)).await;
         let started = Instant::now();
         assert_eq!(get(addr, "/stall").await.0, 0, "closed without an answer");
         assert!(started.elapsed() >= Duration::from_millis(300));
@@ -622,5 +642,43 @@ mod tests {
         assert_eq!(held(&reserved), 1);
         reserved.release(c.seq);
         assert_eq!(held(&reserved), 0);
+    }
+
+    /// Whether `slot` was told to go (taking the wake-up).
+    fn told_to_go(slot: &Slot) -> bool {
+        futures_executor::block_on(async {
+            tokio::select! {
+                biased;
+                _ = slot.evicted.notified() => true,
+                _ = std::future::ready(()) => false,
+            }
+        })
+    }
+
+    #[test]
+    fn a_slot_answering_a_probe_is_evicted_only_after_those_still_reading() {
+        let reserved = Reserved::new(2);
+        let a = reserved.admit();
+        let b = reserved.admit();
+        // `a` sent a probe's line and is being answered; `b` sends nothing.
+        reserved.verified(a.seq);
+        let c = reserved.admit();
+        assert!(told_to_go(&b), "the reader goes first, though younger");
+        assert!(!told_to_go(&a));
+        reserved.release(b.seq);
+        // Every slot verified: the oldest goes.
+        reserved.verified(c.seq);
+        let d = reserved.admit();
+        assert!(told_to_go(&a));
+        assert!(!told_to_go(&c));
+        assert!(!told_to_go(&d));
+        // A slot evicted before its line was verified stays evicted.
+        reserved.verified(a.seq);
+        let held = reserved.held.lock().map(|g| g.1.len()).unwrap_or(0);
+        assert_eq!(held, 2);
+        let e = reserved.admit();
+        assert!(told_to_go(&d), "d still reads; c is verified");
+        assert!(!told_to_go(&c));
+        assert!(!told_to_go(&e));
     }
 }

@@ -287,13 +287,21 @@ pub fn connection_view(
     }
 }
 
+/// The health checks and the scrape: served without the token (`auth`) and
+/// on the reserved slots when every connection is taken (`listener`).
+pub const PROBE_PATHS: &[&str] = &[HEALTHZ, HEALTHZ_LIVE, HEALTHZ_READY, METRICS];
+const HEALTHZ: &str = "/healthz";
+const HEALTHZ_LIVE: &str = "/healthz/live";
+const HEALTHZ_READY: &str = "/healthz/ready";
+const METRICS: &str = "/metrics";
+
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/", get(live_page))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/healthz/live", get(liveness))
-        .route("/healthz/ready", get(readiness))
+        .route(METRICS, get(metrics))
+        .route(HEALTHZ, get(healthz))
+        .route(HEALTHZ_LIVE, get(liveness))
+        .route(HEALTHZ_READY, get(readiness))
         .route("/api/v1/connections", get(connections))
         .route("/api/v1/queries/slow", get(slow_queries))
         .route("/api/v1/leaks", get(leaks))
