@@ -17,7 +17,7 @@ use opentelemetry::{logs::Severity, KeyValue};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    adapter::server::{AdapterSocket, Outcome, RateLimitedLog},
+    adapter::server::{AdapterSocket, Outcome},
     api::{self, ApiState},
     clock::{monotonic_ns, Clock},
     config::Config,
@@ -30,6 +30,7 @@ use crate::{
     },
     procfs::{self, SeededPeer, SeededTcpState},
     protocol::{self, DbSystem},
+    ratelimit::RateLimitedLog,
     reports::{
         LeakChange, LeakReports, ProcessDetails, Reports, PUBLISH_IN_ALL, PUBLISH_PER_PROCESS,
     },

@@ -266,9 +266,6 @@ fn recv_with_credentials(
     Ok((n as usize, truncated, creds))
 }
 
-/// Rejections are logged through it (`pipeline`), named here as before.
-pub use crate::ratelimit::RateLimitedLog;
-
 #[cfg(test)]
 mod tests {
     use super::*;
