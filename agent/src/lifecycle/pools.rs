@@ -239,10 +239,37 @@ impl Tracker {
         }
     }
 
+    /// A datagram can be read after its sender exited (it waited in the
+    /// socket's queue): what it says would recreate pools and a placement
+    /// that no exit event will ever forget, so it is refused. A pid that a
+    /// new process took since is believed (its start time is after the
+    /// exit).
+    fn sender_is_alive(&mut self, pid: u32) -> Result<(), &'static str> {
+        let Some(&exit_ns) = self.exited.get(&pid) else {
+            return Ok(());
+        };
+        let restarted = self
+            .placements
+            .get(&pid)
+            .and_then(|p| p.process_started_ns)
+            .is_some_and(|started| started > exit_ns);
+        if restarted {
+            self.exited.remove(&pid);
+            return Ok(());
+        }
+        self.placements.remove(&pid);
+        self.comms.remove(&pid);
+        Err("sender_exited")
+    }
+
     /// Folds one adapter message (its sender's pid vouched for by the
     /// kernel) into the pools and their connections.
     pub fn apply_adapter(&mut self, pid: u32, ts_ns: u64, message: AdapterMessage) -> Vec<Output> {
         let mut out = Vec::new();
+        if let Err(reason) = self.sender_is_alive(pid) {
+            out.push(Output::AdapterRefused { reason });
+            return out;
+        }
         let AdapterMessage { pool, event, .. } = message;
         let key = (pid, pool.clone());
         if !self.pools.contains_key(&key) {

@@ -1166,3 +1166,35 @@ fn adapter_times_are_never_before_the_sender_started_nor_far_back() {
     // A sender whose start is unknown is bounded by the 10 minutes only.
     assert_eq!(t.adapter_time(8, Some(now - 500 * S), now), now - 500 * S);
 }
+
+#[test]
+fn datagrams_read_after_their_sender_exited_leave_nothing_behind() {
+    const S: u64 = 1_000_000_000;
+    let mut t = Tracker::new(TrackerConfig::default());
+    let register = |name: &str| adapter(name, AdapterEvent::Register(Default::default()));
+    let placed = |started: Option<u64>| crate::procfs::Placement {
+        process_started_ns: started,
+        ..Default::default()
+    };
+    t.set_placement(7, placed(Some(S)));
+    assert_eq!(
+        refused(&t.apply_adapter(7, 2 * S, register("orders"))),
+        None
+    );
+    t.apply(exit(3 * S, 7));
+    assert_eq!(t.pools().count(), 0);
+    // Still queued in the socket when the process exited: the pipeline asks
+    // /proc again and finds nothing.
+    t.set_placement(7, placed(None));
+    let out = t.apply_adapter(7, 4 * S, register("orders"));
+    assert_eq!(refused(&out), Some("sender_exited"));
+    assert_eq!(t.pools().count(), 0);
+    assert!(!t.knows_placement(7), "a dead sender's placement stays");
+    // A new process that took the pid is believed.
+    t.set_placement(7, placed(Some(5 * S)));
+    assert_eq!(
+        refused(&t.apply_adapter(7, 6 * S, register("orders"))),
+        None
+    );
+    assert_eq!(pool_names_of(&t, 7), vec!["orders".to_string()]);
+}

@@ -506,6 +506,8 @@ impl Tracker {
             None => {
                 let pid = conn.id.pid;
                 let now = conn.opened_at_ns;
+                // A connection born after a remembered exit: the pid was reused.
+                self.exited.remove(&pid);
                 self.open.insert(conn);
                 self.retry_unmatched(pid, now, out);
             }
