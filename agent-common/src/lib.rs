@@ -52,15 +52,24 @@ pub const fn tracked_procs_slot(tgid: u32) -> u32 {
 pub const MAX_TRACKED_CONNECTIONS: u32 = 131_072;
 
 /// The kernel programs that every data path needs, as (program name,
-/// tracepoint category, tracepoint name): connects, closes, TCP state and
-/// process exits. All fire on rare events, so they cost little.
+/// tracepoint category, tracepoint name): TCP state changes (which also
+/// carry TCP connects and closes, from the caller's saved registers) and
+/// process exits. None of them is a syscall tracepoint: enabling any
+/// syscall tracepoint sends every syscall of every task on the host
+/// through the kernel's slow syscall path.
 pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
-    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("sched_process_exit", "sched", "sched_process_exit"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+
+/// Connects and closes of Unix sockets, which no socket-level tracepoint
+/// reports: syscall tracepoints, attached only when Unix-socket connections
+/// are watched (`kernel.unix_sockets`), at the slow-path cost above.
+pub const UNIX_SOCKET_TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
+    ("sys_enter_close", "syscalls", "sys_enter_close"),
 ];
 
 /// The socket data path (the default): raw tracepoints that fire only for
@@ -121,7 +130,10 @@ pub mod stat {
     /// Socket I/O, by a process that tracks a connection, that the socket
     /// path could not attribute to an fd (io_uring, sendfile, sendmmsg...).
     pub const UNREADABLE_SOCKET_IO: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// TCP connects that were not made by connect() (io_uring, TCP Fast
+    /// Open through sendto/sendmsg): no fd to name them by, so not tracked.
+    pub const UNATTRIBUTED_CONNECTS: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Address families as the kernel numbers them.
@@ -135,8 +147,10 @@ pub mod family {
 pub mod tcp_state {
     pub const ESTABLISHED: i32 = 1;
     pub const SYN_SENT: i32 = 2;
+    pub const FIN_WAIT1: i32 = 4;
     pub const CLOSE: i32 = 7;
     pub const CLOSE_WAIT: i32 = 8;
+    pub const LAST_ACK: i32 = 9;
 }
 
 /// Bits of [`SockStateEvent::flags`] and [`SockOwner::flags`].
@@ -319,6 +333,9 @@ pub mod conn_flags {
     /// that path is the only one, else Unix-socket connections, whose I/O
     /// the socket tracepoints do not see.
     pub const SYSCALL_COPY: u32 = 2;
+    /// `sys_enter_close` ends this connection (Unix sockets). TCP
+    /// connections end at their state changes instead.
+    pub const CLOSE_BY_SYSCALL: u32 = 4;
 }
 
 /// A connect() in flight, per thread.
@@ -330,10 +347,8 @@ pub struct PendingConnect {
     pub fd: i32,
     pub addrlen: u32,
     pub family: u16,
-    /// Set when the TCP stack moved this thread's socket to SYN_SENT, which
-    /// tells TCP apart from a UDP connect().
-    pub saw_syn_sent: u16,
-    pub _pad0: u32,
+    pub _pad0: u16,
+    pub _pad1: u32,
 }
 
 /// Who owns a kernel socket, recorded when its connect() sent the SYN.

@@ -18,8 +18,8 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        bpf_probe_read_user_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user, bpf_probe_read_user_buf, generated,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -35,7 +35,9 @@ static SYSCALL_PATH_FOR_ALL: u32 = 0;
 fn new_conn_flags(addr_family: u16) -> u32 {
     // SAFETY: a read-only global that the loader patches before load.
     let for_all = unsafe { core::ptr::read_volatile(&SYSCALL_PATH_FOR_ALL) } != 0;
-    if for_all || addr_family == family::UNIX {
+    if addr_family == family::UNIX {
+        conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY | conn_flags::CLOSE_BY_SYSCALL
+    } else if for_all {
         conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY
     } else {
         conn_flags::CAPTURE_DATA
@@ -76,6 +78,51 @@ pub(crate) const SYSCALL_ARG2: usize = 32;
 pub(crate) const SYSCALL_RET: usize = 16;
 
 const IPPROTO_TCP: u16 = 6;
+
+/// Syscall numbers and the saved-register layout (`struct pt_regs`) of the
+/// target architecture.
+#[cfg(bpf_target_arch = "x86_64")]
+pub(crate) mod arch {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const CLOSE: u64 = 3;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const CONNECT: u64 = 42;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    pub const SHUTDOWN: u64 = 48;
+    /// Offset of `dx`; `si`, `di` and `orig_ax` follow it, 8 bytes each, so
+    /// one read gets the first three arguments and the syscall number.
+    pub const REGS_DX_OFFSET: usize = 96;
+}
+
+#[cfg(not(bpf_target_arch = "x86_64"))]
+compile_error!("the kernel programs know the syscall registers of x86_64 only");
+
+/// The syscall the current task is in, as its saved user registers tell.
+pub(crate) struct SyscallRegs {
+    pub nr: u64,
+    pub arg0: u64,
+    pub arg1: u64,
+}
+
+pub(crate) fn syscall_regs() -> Result<SyscallRegs, i64> {
+    // SAFETY: helpers without preconditions; the kernel checks that the
+    // task pointer is the BTF-typed current task.
+    let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) };
+    // SAFETY: bpf_probe_read_kernel checks the kernel pointer.
+    let [_dx, si, di, nr]: [u64; 4] = unsafe {
+        bpf_probe_read_kernel((regs as usize + arch::REGS_DX_OFFSET) as *const [u64; 4])
+    }?;
+    Ok(SyscallRegs {
+        nr,
+        arg0: di,
+        arg1: si,
+    })
+}
 
 /// Lets this process's socket I/O past the first filter. Only userspace
 /// clears a slot (when no live process hashing to it tracks a connection).
@@ -147,7 +194,8 @@ fn try_sys_enter_connect(ctx: &TracePointContext) -> Result<(), i64> {
     let addrlen: u64 = unsafe { ctx.read_at(SYSCALL_ARG2) }.map_err(i64::from)?;
     // SAFETY: bpf_probe_read_user checks the user pointer.
     let addr_family: u16 = unsafe { bpf_probe_read_user(uservaddr as *const u16) }?;
-    if addr_family != family::INET && addr_family != family::INET6 && addr_family != family::UNIX {
+    // TCP connects are seen at their SYN_SENT state change instead.
+    if addr_family != family::UNIX {
         return Ok(());
     }
     let pending = PendingConnect {
@@ -157,8 +205,8 @@ fn try_sys_enter_connect(ctx: &TracePointContext) -> Result<(), i64> {
         fd: fd as i32,
         addrlen: addrlen as u32,
         family: addr_family,
-        saw_syn_sent: 0,
         _pad0: 0,
+        _pad1: 0,
     };
     if PENDING.insert(pid_tgid, pending, 0).is_err() {
         stat_add(stat::PENDING_INSERT_FAILED, 1);
@@ -182,13 +230,7 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     let _ = PENDING.remove(pid_tgid);
     // SAFETY: offset from the tracepoint's format file.
     let ret: i64 = unsafe { ctx.read_at(SYSCALL_RET) }.map_err(i64::from)?;
-    let is_inet = pending.family != family::UNIX;
-    if is_inet && pending.saw_syn_sent == 0 && ret == 0 {
-        // An inet connect that never sent a SYN is UDP (a DNS resolver, say).
-        return Ok(());
-    }
-    let established_or_pending = ret == 0 || ret == EINPROGRESS;
-    if established_or_pending {
+    if ret == 0 || ret == EINPROGRESS {
         let key = ConnKey {
             tgid: (pid_tgid >> 32) as u32,
             fd: pending.fd as u32,
@@ -217,33 +259,18 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         _pad1: [0; 4],
     };
     let sa = pending.uservaddr as *const u8;
-    // SAFETY (all reads below): bpf_probe_read_user* check the user pointer;
-    // offsets are those of sockaddr_in, sockaddr_in6 and sockaddr_un.
-    match pending.family {
-        family::INET => {
-            let port: u16 = unsafe { bpf_probe_read_user(sa.add(2) as *const u16) }?;
-            event.port = u16::from_be(port);
-            let v4: [u8; 4] = unsafe { bpf_probe_read_user(sa.add(4) as *const [u8; 4]) }?;
-            event.addr[..4].copy_from_slice(&v4);
-        }
-        family::INET6 => {
-            let port: u16 = unsafe { bpf_probe_read_user(sa.add(2) as *const u16) }?;
-            event.port = u16::from_be(port);
-            event.addr = unsafe { bpf_probe_read_user(sa.add(8) as *const [u8; 16]) }?;
-        }
-        _ => {
-            let len = (pending.addrlen as usize).saturating_sub(2);
-            let len = if len > UNIX_PATH_LEN {
-                UNIX_PATH_LEN
-            } else {
-                len
-            };
-            event.path_len = len as u16;
-            // A short sockaddr_un may end before 108 bytes: read what is there.
-            if unsafe { bpf_probe_read_user_buf(sa.add(2), &mut event.path) }.is_err() {
-                let _ = unsafe { bpf_probe_read_user_buf(sa.add(2), &mut event.path[..64]) };
-            }
-        }
+    let len = (pending.addrlen as usize).saturating_sub(2);
+    let len = if len > UNIX_PATH_LEN {
+        UNIX_PATH_LEN
+    } else {
+        len
+    };
+    event.path_len = len as u16;
+    // SAFETY: bpf_probe_read_user_buf checks the user pointer; the path
+    // follows sockaddr_un's 2-byte family. A short sockaddr_un may end
+    // before 108 bytes: read what is there.
+    if unsafe { bpf_probe_read_user_buf(sa.add(2), &mut event.path) }.is_err() {
+        let _ = unsafe { bpf_probe_read_user_buf(sa.add(2), &mut event.path[..64]) };
     }
     emit(&event);
     Ok(())
@@ -264,40 +291,191 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let skaddr: u64 = unsafe { ctx.read_at(8) }.map_err(i64::from)?;
     let old_state: i32 = unsafe { ctx.read_at(16) }.map_err(i64::from)?;
     let new_state: i32 = unsafe { ctx.read_at(20) }.map_err(i64::from)?;
-
-    if new_state == tcp_state::SYN_SENT {
-        // Runs inside connect(), in the caller's context: remember who owns
-        // this socket, since later transitions run in softirq context.
-        let pid_tgid = bpf_get_current_pid_tgid();
-        if let Some(pending) = PENDING.get_ptr_mut(pid_tgid) {
-            // SAFETY: pointer into this thread's own map entry.
-            let pending = unsafe { &mut *pending };
-            pending.saw_syn_sent = 1;
-            let owner = SockOwner {
-                tgid: (pid_tgid >> 32) as u32,
-                fd: pending.fd,
-                conn_start_ns: pending.start_ns,
-                flags: 0,
-                _pad0: 0,
-            };
-            if SOCKS.insert(skaddr, owner, 0).is_err() {
-                stat_add(stat::CONNS_FULL, 1);
+    match new_state {
+        tcp_state::SYN_SENT => on_tcp_connect(ctx, skaddr),
+        // Only the owner's close() or shutdown() sends the first FIN, so
+        // these run in its context, where its saved registers say which.
+        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => on_local_fin(skaddr),
+        tcp_state::CLOSE if old_state != tcp_state::SYN_SENT => {
+            // A reset, or the end of a socket that was shut down before its
+            // close(): the connection is over, whatever the fd does next.
+            // SAFETY: the value is copied out immediately.
+            if let Some(owner) = unsafe { SOCKS.get(skaddr) }.copied() {
+                let _ = SOCKS.remove(skaddr);
+                emit_close(owner.tgid, owner.fd, owner.conn_start_ns, 0);
             }
+            Ok(())
         }
+        _ => on_tcp_state(ctx, skaddr, old_state, new_state),
+    }
+}
+
+/// A TCP connect() sends its SYN: runs inside the call, in the caller's
+/// context, so the fd is in its saved registers and the peer in the
+/// tracepoint. Later state changes run in softirq context and find the
+/// owner by socket.
+fn on_tcp_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == agent_tgid() {
         return Ok(());
     }
+    let regs = syscall_regs()?;
+    if regs.nr != arch::CONNECT {
+        // io_uring or TCP Fast Open: the fd is not where connect() keeps it.
+        stat_add(stat::UNATTRIBUTED_CONNECTS, 1);
+        return Ok(());
+    }
+    let fd = regs.arg0 as i32;
+    // SAFETY: helper without preconditions.
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    let owner = SockOwner {
+        tgid,
+        fd,
+        conn_start_ns: start_ns,
+        flags: 0,
+        _pad0: 0,
+    };
+    if SOCKS.insert(skaddr, owner, 0).is_err() {
+        stat_add(stat::CONNS_FULL, 1);
+        return Ok(());
+    }
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    let info = ConnInfo {
+        conn_start_ns: start_ns,
+        flags: new_conn_flags(family::INET),
+        capture_bytes: 0,
+    };
+    if CONNS.insert(key, info, 0).is_err() {
+        let _ = SOCKS.remove(skaddr);
+        stat_add(stat::CONNS_FULL, 1);
+        return Ok(());
+    }
+    mark_tracked_process(tgid);
 
+    // SAFETY (all reads): offsets from sock/inet_sock_set_state/format.
+    let addr_family: u16 = unsafe { ctx.read_at(28) }.map_err(i64::from)?;
+    let mut event = ConnectEvent {
+        header: header(kind::CONNECT, pid_tgid, fd, start_ns),
+        // The handshake goes on; its end comes as a state change.
+        ret: EINPROGRESS,
+        family: addr_family,
+        port: unsafe { ctx.read_at(26) }.map_err(i64::from)?,
+        path_len: 0,
+        _pad0: 0,
+        addr: [0; 16],
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        path: [0; UNIX_PATH_LEN],
+        _pad1: [0; 4],
+    };
+    if addr_family == family::INET6 {
+        event.addr = unsafe { ctx.read_at(56) }.map_err(i64::from)?;
+    } else {
+        let d: [u8; 4] = unsafe { ctx.read_at(36) }.map_err(i64::from)?;
+        event.addr[..4].copy_from_slice(&d);
+    }
+    emit(&event);
+    Ok(())
+}
+
+/// The local side sent its first FIN: close() (or the process's exit, or
+/// dup2 over the fd) ends the connection; shutdown() only half-closes it,
+/// and its end comes at CLOSE.
+fn on_local_fin(skaddr: u64) -> Result<(), i64> {
+    let regs = syscall_regs()?;
+    if regs.nr == arch::SHUTDOWN {
+        return Ok(());
+    }
+    // SAFETY: the value is copied out immediately.
+    if let Some(owner) = unsafe { SOCKS.get(skaddr) }.copied() {
+        let _ = SOCKS.remove(skaddr);
+        emit_close(
+            owner.tgid,
+            owner.fd,
+            owner.conn_start_ns,
+            bpf_get_current_pid_tgid() as u32,
+        );
+        return Ok(());
+    }
+    // A connection found in /proc at start-up, whose socket was never
+    // learned: known by (tgid, fd) only, so only a close() names it.
+    if regs.nr != arch::CLOSE {
+        return Ok(());
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is copied out immediately.
+    if let Some(info) = unsafe {
+        CONNS.get(ConnKey {
+            tgid,
+            fd: regs.arg0 as u32,
+        })
+    } {
+        if info.flags & conn_flags::CLOSE_BY_SYSCALL == 0 {
+            emit_close(
+                tgid,
+                regs.arg0 as i32,
+                info.conn_start_ns,
+                bpf_get_current_pid_tgid() as u32,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Forgets the connection `(tgid, fd)` that began at `conn_start_ns`,
+/// unless the fd already names a newer one.
+fn forget_conn(tgid: u32, fd: i32, conn_start_ns: u64) {
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    // SAFETY: the value is read immediately.
+    if unsafe { CONNS.get(key) }.is_some_and(|info| info.conn_start_ns == conn_start_ns) {
+        let _ = CONNS.remove(key);
+    }
+}
+
+/// Ends the connection `(tgid, fd)` that began at `conn_start_ns` and tells
+/// userspace.
+fn emit_close(tgid: u32, fd: i32, conn_start_ns: u64, tid: u32) {
+    forget_conn(tgid, fd, conn_start_ns);
+    let mut hdr = header(
+        kind::CLOSE,
+        ((tgid as u64) << 32) | tgid as u64,
+        fd,
+        conn_start_ns,
+    );
+    hdr.tid = tid;
+    emit(&CloseEvent { header: hdr });
+}
+
+/// Handshake outcomes and peer hang-ups.
+fn on_tcp_state(
+    ctx: &TracePointContext,
+    skaddr: u64,
+    old_state: i32,
+    new_state: i32,
+) -> Result<(), i64> {
     let interesting = new_state == tcp_state::ESTABLISHED
         || new_state == tcp_state::CLOSE_WAIT
         || (new_state == tcp_state::CLOSE && old_state == tcp_state::SYN_SENT);
+    if !interesting {
+        return Ok(());
+    }
     // SAFETY: the value is copied out immediately.
     let owner = unsafe { SOCKS.get(skaddr) }.copied();
     if new_state == tcp_state::CLOSE {
         let _ = SOCKS.remove(skaddr);
+        if let Some(owner) = owner {
+            forget_conn(owner.tgid, owner.fd, owner.conn_start_ns);
+        }
     }
     // Peer hang-ups are reported even for sockets we did not see connect, so
     // that connections seeded from /proc are matched by address in userspace.
-    if !interesting || (owner.is_none() && new_state != tcp_state::CLOSE_WAIT) {
+    if owner.is_none() && new_state != tcp_state::CLOSE_WAIT {
         return Ok(());
     }
     let owner = owner.unwrap_or_default();
@@ -363,11 +541,12 @@ fn try_sys_enter_close(ctx: &TracePointContext) -> Result<(), i64> {
         tgid: (pid_tgid >> 32) as u32,
         fd: fd as u32,
     };
-    // The one lookup that every close() on the host pays.
+    // The one lookup that every close() on the host pays while Unix
+    // sockets are watched. TCP connections end at their state changes.
     // SAFETY: the value is copied out immediately.
     let info = match unsafe { CONNS.get(key) } {
-        Some(info) => *info,
-        None => return Ok(()),
+        Some(info) if info.flags & conn_flags::CLOSE_BY_SYSCALL != 0 => *info,
+        _ => return Ok(()),
     };
     let _ = CONNS.remove(key);
     emit(&CloseEvent {

@@ -18,39 +18,18 @@ use agent_common::{
     conn_flags, direction, io_kind, sock_flags, stat, tracked_procs, tracked_procs_slot, ConnKey,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
 };
 
 use crate::{
+    arch,
     io::{head_limit, send_data_event, UserIo},
     maps::{CONNS, SOCKS, TRACKED_PROCS},
-    stat_add,
+    stat_add, syscall_regs, SyscallRegs,
 };
 
 /// `MSG_PEEK`: the bytes stay queued and will be read again.
 const MSG_PEEK: i32 = 2;
-
-/// Syscall numbers and the saved-register layout (`struct pt_regs`) of the
-/// target architecture.
-#[cfg(bpf_target_arch = "x86_64")]
-mod arch {
-    pub const READ: u64 = 0;
-    pub const WRITE: u64 = 1;
-    pub const READV: u64 = 19;
-    pub const WRITEV: u64 = 20;
-    pub const SENDTO: u64 = 44;
-    pub const RECVFROM: u64 = 45;
-    pub const SENDMSG: u64 = 46;
-    pub const RECVMSG: u64 = 47;
-    /// Offset of `dx`; `si`, `di` and `orig_ax` follow it, 8 bytes each, so
-    /// one read gets the first three arguments and the syscall number.
-    pub const REGS_DX_OFFSET: usize = 96;
-}
-
-#[cfg(not(bpf_target_arch = "x86_64"))]
-compile_error!("the socket data path knows the syscall registers of x86_64 only");
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
@@ -93,13 +72,11 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
         None if marks & tracked_procs::UNBOUND == 0 => return Ok(()),
         _ => {}
     }
-    // SAFETY: helpers without preconditions; the kernel checks that the
-    // task pointer is the BTF-typed current task.
-    let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) };
-    // SAFETY: bpf_probe_read_kernel checks the kernel pointer.
-    let [_dx, si, di, nr]: [u64; 4] = unsafe {
-        bpf_probe_read_kernel((regs as usize + arch::REGS_DX_OFFSET) as *const [u64; 4])
-    }?;
+    let SyscallRegs {
+        nr,
+        arg0: di,
+        arg1: si,
+    } = syscall_regs()?;
     let kind = match nr {
         arch::READ | arch::WRITE | arch::SENDTO | arch::RECVFROM => io_kind::BUFFER,
         arch::READV | arch::WRITEV => io_kind::IOVEC,

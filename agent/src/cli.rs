@@ -96,33 +96,92 @@ pub struct ClientArgs {
     /// Address of the running agent's HTTP listener.
     #[arg(long, default_value = "127.0.0.1:9464", env = "POOLSCOPE_AGENT")]
     pub agent: SocketAddr,
+    /// File holding the agent's API bearer token, for an agent configured
+    /// with one (the environment variable POOLSCOPE_TOKEN works too; a
+    /// token is never taken on the command line, where `ps` would show it).
+    #[arg(long, env = "POOLSCOPE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
-/// A minimal HTTP/1.0 GET: the CLI only ever talks to a local agent.
-pub fn http_get(agent: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let unreachable = || format!("cannot reach the agent at {agent}; is `poolscope run` running?");
-    let mut stream =
-        TcpStream::connect_timeout(&agent, Duration::from_secs(3)).with_context(unreachable)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {agent}\r\n\r\n").with_context(unreachable)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).with_context(unreachable)?;
-    let text = String::from_utf8_lossy(&raw);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("the agent at {agent} sent a malformed response");
-    };
-    let status = head.lines().next().unwrap_or_default();
-    if !status.contains(" 200 ") {
-        bail!("the agent at {agent} answered {status} for {path}");
+impl ClientArgs {
+    /// A client for the agent these arguments name, with its token.
+    pub fn client(&self) -> anyhow::Result<AgentClient> {
+        let token = match &self.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the token file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("POOLSCOPE_TOKEN").ok(),
+        };
+        Ok(AgentClient {
+            addr: self.agent,
+            token: token.filter(|t| !t.is_empty()),
+        })
     }
-    Ok(body.to_string())
+}
+
+/// A running agent's API, as the CLI reads it.
+pub struct AgentClient {
+    pub addr: SocketAddr,
+    pub token: Option<String>,
+}
+
+impl AgentClient {
+    /// A client for an agent whose API needs no token.
+    pub fn without_token(addr: SocketAddr) -> AgentClient {
+        AgentClient { addr, token: None }
+    }
+
+    /// A minimal HTTP/1.0 GET: the CLI only ever talks to a local agent.
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        let agent = self.addr;
+        let unreachable =
+            || format!("cannot reach the agent at {agent}; is `poolscope run` running?");
+        let mut stream =
+            TcpStream::connect_timeout(&agent, Duration::from_secs(3)).with_context(unreachable)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let authorization = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: {agent}\r\n{authorization}\r\n"
+        )
+        .with_context(unreachable)?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).with_context(unreachable)?;
+        let text = String::from_utf8_lossy(&raw);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            bail!("the agent at {agent} sent a malformed response");
+        };
+        let status = head.lines().next().unwrap_or_default();
+        if status.contains(" 401 ") {
+            bail!(
+                "the agent at {agent} wants a bearer token for {path}{}: pass --token-file \
+                 or set POOLSCOPE_TOKEN",
+                if self.token.is_some() {
+                    " and refused the one given"
+                } else {
+                    ""
+                }
+            );
+        }
+        if !status.contains(" 200 ") {
+            bail!("the agent at {agent} answered {status} for {path}");
+        }
+        Ok(body.to_string())
+    }
 }
 
 /// Every connection a running agent lists, following its pages.
-pub fn fetch_connections(agent: SocketAddr) -> anyhow::Result<Vec<ConnectionView>> {
+pub fn fetch_connections(agent: &AgentClient) -> anyhow::Result<Vec<ConnectionView>> {
     let mut all = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -133,7 +192,7 @@ pub fn fetch_connections(agent: SocketAddr) -> anyhow::Result<Vec<ConnectionView
             }
             None => format!("/api/v1/connections?limit={CONNECTIONS_PAGE_MAX}"),
         };
-        let body = http_get(agent, &path)?;
+        let body = agent.get(&path)?;
         let page: ConnectionsResponse = serde_json::from_str(&body)
             .context("the agent's /api/v1/connections is not valid JSON")?;
         all.extend(page.connections);
@@ -147,7 +206,7 @@ pub fn fetch_connections(agent: SocketAddr) -> anyhow::Result<Vec<ConnectionView
 
 pub fn connections(args: &ConnectionsArgs) -> anyhow::Result<()> {
     let mut response = ConnectionsResponse {
-        connections: fetch_connections(args.client.agent)?,
+        connections: fetch_connections(&args.client.client()?)?,
         next: None,
     };
     if !args.all {
@@ -164,7 +223,7 @@ pub fn connections(args: &ConnectionsArgs) -> anyhow::Result<()> {
 }
 
 pub fn queries(args: &ClientArgs) -> anyhow::Result<()> {
-    let body = http_get(args.agent, "/api/v1/queries/slow")?;
+    let body = args.client()?.get("/api/v1/queries/slow")?;
     if args.json {
         println!("{body}");
         return Ok(());
@@ -269,7 +328,7 @@ pub fn connections_table(rows: &[ConnectionView]) -> String {
 }
 
 pub fn leaks(args: &ClientArgs) -> anyhow::Result<()> {
-    let body = http_get(args.agent, "/api/v1/leaks")?;
+    let body = args.client()?.get("/api/v1/leaks")?;
     let response: LeaksResponse =
         serde_json::from_str(&body).context("the agent's /api/v1/leaks is not valid JSON")?;
     if args.json {
@@ -324,7 +383,7 @@ pub fn leaks_table(reports: &[LeakReport]) -> String {
 }
 
 pub fn pools(args: &ClientArgs) -> anyhow::Result<()> {
-    let body = http_get(args.agent, "/api/v1/pools")?;
+    let body = args.client()?.get("/api/v1/pools")?;
     let response: PoolsResponse =
         serde_json::from_str(&body).context("the agent's /api/v1/pools is not valid JSON")?;
     if args.json {

@@ -34,6 +34,7 @@ const KERNEL_KEYS: &[&str] = &[
     "mount_tracefs",
     "data_path",
     "probe_stats",
+    "unix_sockets",
 ];
 const TRACKING_KEYS: &[&str] = &[
     "closed_retention_seconds",
@@ -208,6 +209,12 @@ pub struct KernelConfig {
     /// Keep BPF run-time statistics (poolscope.probe.*). They cost a little
     /// on every run of every program, so they are for measuring.
     pub probe_stats: bool,
+    /// Watch database connections over Unix sockets. Their connects and
+    /// closes can only be seen by syscall tracepoints, and while any
+    /// syscall tracepoint is attached every syscall of every process on the
+    /// host takes the kernel's slow path (measured in BENCHMARKS.md); TCP
+    /// connections need none.
+    pub unix_sockets: bool,
 }
 
 /// The kernel hooks that copy socket data.
@@ -465,6 +472,7 @@ impl Default for KernelConfig {
             mount_tracefs: true,
             data_path: DataPath::Auto,
             probe_stats: false,
+            unix_sockets: true,
         }
     }
 }
@@ -916,6 +924,7 @@ ring_buffer_bytes = 262144
 mount_tracefs = false
 data_path = "syscalls"
 probe_stats = true
+unix_sockets = false
 
 [tracking]
 closed_retention_seconds = 60
@@ -976,6 +985,7 @@ level = "debug"
                 mount_tracefs: false,
                 data_path: DataPath::Syscalls,
                 probe_stats: true,
+                unix_sockets: false,
             },
             tracking: TrackingConfig {
                 closed_retention_seconds: 60,

@@ -520,10 +520,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .max(config.queries.redis_capture_bytes),
         data_path: config.kernel.data_path,
         probe_stats: config.kernel.probe_stats,
+        unix_sockets: config.kernel.unix_sockets,
     })?;
     log::info!(
-        "kernel probes attached: {} connection tracepoints and the {}{} (kprobes and fentry are not used)",
-        agent_common::TRACEPOINTS.len(),
+        "kernel probes attached: {} connection tracepoints{} and the {}{} (kprobes and fentry are not used)",
+        ebpf::connection_tracepoints(config.kernel.unix_sockets).count(),
+        if config.kernel.unix_sockets {
+            " (with Unix-socket connects and closes)"
+        } else {
+            " (TCP only: kernel.unix_sockets is off)"
+        },
         probes.data_path().describe(),
         if config.kernel.probe_stats {
             ", with BPF run-time statistics"
@@ -623,7 +629,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         read_events(
             events,
             Arc::clone(&pipeline),
-            config.tracking.seed_from_proc,
+            Seeding {
+                from_proc: config.tracking.seed_from_proc,
+                unix_sockets: config.kernel.unix_sockets,
+            },
         ),
     );
     // Without the adapter socket the agent still sees every connection from
@@ -844,23 +853,31 @@ impl Held {
     }
 }
 
+/// What the event reader seeds from /proc before reading events.
+struct Seeding {
+    from_proc: bool,
+    /// Without the Unix-socket tracepoints nothing would see such a
+    /// connection close, so none is seeded.
+    unix_sockets: bool,
+}
+
 /// Seeds from /proc (when asked) while already draining the ring, so that a
 /// slow scan on a busy host cannot overflow it; then reads events for good.
 async fn read_events(
     mut events: AsyncFd<RingBuf<MapData>>,
     pipeline: Arc<Pipeline>,
-    seed_from_proc: bool,
+    seeding: Seeding,
 ) -> anyhow::Result<()> {
     let mut drain = tokio::time::interval(ebpf::DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if seed_from_proc {
+    if seeding.from_proc {
         let own_pid = std::process::id();
         let scan = tokio::task::spawn_blocking(move || {
             procfs::scan_connections(Path::new("/proc"), own_pid)
         });
         tokio::pin!(scan);
         let mut held = Held::default();
-        let found = loop {
+        let mut found = loop {
             tokio::select! {
                 found = &mut scan => break found.context("the /proc scan failed")?,
                 guard = events.readable_mut() => {
@@ -871,6 +888,9 @@ async fn read_events(
                 _ = drain.tick() => held.take_from(events.get_mut()),
             }
         };
+        if !seeding.unix_sockets {
+            found.retain(|socket| !matches!(socket.peer, SeededPeer::Unix { .. }));
+        }
         // A connection closed during the scan may be in it: its close, held
         // here, comes after its seeding, as it happened.
         seed(&pipeline, found)?;

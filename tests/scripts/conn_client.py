@@ -8,6 +8,7 @@ and closes sockets. One command per line, one answer line per command:
   open HOST PORT      -> "err ERRNAME FD"          (connect failed; fd left open)
   open_unix PATH      -> "fd"  or "err ERRNAME FD"
   close FD            -> "ok"
+  shutdown FD         -> "ok"                      (shutdown(SHUT_WR); fd stays open)
   pid                 -> "PID"
   exit                -> leaves at once with os._exit(0), closing nothing
   quit                -> "bye", closes everything and exits
@@ -49,6 +50,9 @@ def handle(words):
         return connect(socket.AF_UNIX, words[1])
     if cmd == "close" and len(words) == 2:
         socks.pop(int(words[1])).close()
+        return "ok"
+    if cmd == "shutdown" and len(words) == 2:
+        socks[int(words[1])].shutdown(socket.SHUT_WR)
         return "ok"
     if cmd == "pid":
         return "%d" % os.getpid()

@@ -849,13 +849,17 @@ impl Agent {
         read_lossy(&self.dir.path().join("agent.log"))
     }
 
+    fn client(&self) -> poolscope::cli::AgentClient {
+        poolscope::cli::AgentClient::without_token(self.addr)
+    }
+
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        poolscope::cli::http_get(self.addr, path)
+        self.client().get(path)
     }
 
     /// Every connection the agent lists, following its pages.
     pub fn connections(&self) -> Vec<ConnectionView> {
-        poolscope::cli::fetch_connections(self.addr)
+        poolscope::cli::fetch_connections(&self.client())
             .unwrap_or_else(|e| panic!("GET /api/v1/connections: {e:#}"))
     }
 
@@ -1399,6 +1403,12 @@ impl ConnClient {
     pub fn close(&mut self, fd: i32) {
         let answer = self.command(&format!("close {fd}"));
         assert_eq!(answer, "ok", "close {fd}");
+    }
+
+    /// Half-closes a connection (`shutdown(SHUT_WR)`); its fd stays open.
+    pub fn shutdown(&mut self, fd: i32) {
+        let answer = self.command(&format!("shutdown {fd}"));
+        assert_eq!(answer, "ok", "shutdown {fd}");
     }
 
     /// Makes the client exit at once without closing anything

@@ -1498,11 +1498,12 @@ impl SandboxedAgent {
     }
 
     fn get(&self, path: &str) -> anyhow::Result<String> {
-        poolscope::cli::http_get(self.addr, path)
+        poolscope::cli::AgentClient::without_token(self.addr).get(path)
     }
 
     fn connections(&self) -> Vec<ConnectionView> {
-        poolscope::cli::fetch_connections(self.addr).expect("GET /api/v1/connections")
+        poolscope::cli::fetch_connections(&poolscope::cli::AgentClient::without_token(self.addr))
+            .expect("GET /api/v1/connections")
     }
 
     /// A line of /proc/PID/status of the agent (unshare and setpriv exec:

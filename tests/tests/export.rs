@@ -263,7 +263,8 @@ impl Prometheus {
                 if let Ok(Some(_)) = child.try_wait() {
                     return Some(false);
                 }
-                poolscope::cli::http_get(addr, "/-/ready")
+                poolscope::cli::AgentClient::without_token(addr)
+                    .get("/-/ready")
                     .ok()
                     .map(|_| true)
             });
@@ -286,7 +287,8 @@ impl Prometheus {
     /// An instant query through the HTTP API (`/api/v1/query`).
     fn query(&self, promql: &str) -> Vec<PromSample> {
         let path = format!("/api/v1/query?query={}", url_encode(promql));
-        let body = poolscope::cli::http_get(self.addr, &path)
+        let body = poolscope::cli::AgentClient::without_token(self.addr)
+            .get(&path)
             .unwrap_or_else(|e| panic!("Prometheus query {promql:?}: {e:#}"));
         let answer: Value = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("Prometheus answered no JSON ({e}): {body}"));

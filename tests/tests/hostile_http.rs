@@ -259,6 +259,42 @@ fn bearer_token_guards_the_api_and_not_the_probes() {
     }
     let (_, body, _) = get(&agent, "/healthz", None);
     assert_eq!(body.trim(), "ok");
+    // The CLI: refused without the token, saying how to give it; served
+    // with it from a file or the environment.
+    let cli = |command: &str, env: &[(&str, &str)], args: &[&str]| {
+        let addr = agent.addr.to_string();
+        let mut cmd = std::process::Command::new(poolscope_tests::agent_bin());
+        cmd.args([command, "--agent", &addr]).args(args);
+        cmd.env_remove("POOLSCOPE_TOKEN")
+            .env_remove("POOLSCOPE_TOKEN_FILE");
+        cmd.envs(env.iter().copied());
+        cmd.output().unwrap()
+    };
+    let token_path = token_file.display().to_string();
+    for command in ["connections", "pools", "leaks", "queries"] {
+        let out = cli(command, &[], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} without a token");
+        assert!(stderr.contains("--token-file"), "{command}: {stderr}");
+        let out = cli(command, &[], &["--token-file", &token_path]);
+        assert!(
+            out.status.success(),
+            "{command} --token-file: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cli(command, &[("POOLSCOPE_TOKEN", TOKEN)], &["--json"]);
+        assert!(
+            out.status.success(),
+            "{command} with POOLSCOPE_TOKEN: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = cli("pools", &[("POOLSCOPE_TOKEN", "wrong-token")], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("refused the one given"),
+        "{stderr}"
+    );
     assert!(
         !agent.log().contains(TOKEN),
         "the token is in the agent's log"

@@ -160,6 +160,78 @@ fn unix_socket_connection_is_tracked() {
 }
 
 #[test]
+fn without_unix_sockets_only_tcp_is_tracked() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start_with_config("[kernel]\nunix_sockets = false\n", &[]);
+    let mut client = ConnClient::spawn();
+    let pid = client.pid;
+    let unix_fd = client.open_unix(&pg.socket_path());
+    // Connected after the Unix socket: once the agent shows it, it has read
+    // every event from before.
+    let (fd, local_port) = client.open(LOCALHOST, pg.port);
+    agent.wait_for(pid, "the TCP connection", |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == ConnState::Established)
+            .cloned()
+    });
+    let all = agent.connections_of(pid);
+    assert!(
+        all.iter().all(|c| c.fd != unix_fd && c.transport == "tcp"),
+        "no Unix-socket connection is watched: {all:#?}"
+    );
+    client.close(fd);
+    let c = agent.wait_for(pid, "the TCP connection closed", |conns| {
+        in_state(conns, fd, ConnState::Closed)
+    });
+    assert_eq!(c.close_reason, Some(CloseReason::Closed), "{c:?}");
+}
+
+#[test]
+fn a_connection_shut_down_ends_when_its_socket_closes() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let agent = Agent::start();
+    let mut client = ConnClient::spawn();
+    let pid = client.pid;
+    let (fd, local_port) = client.open(LOCALHOST, pg.port);
+    agent.wait_for(pid, "the established connection", |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == ConnState::Established)
+            .cloned()
+    });
+    // The server answers the half-close by closing its side: the socket
+    // leaves TCP (TIME_WAIT) while the client still holds the fd.
+    client.shutdown(fd);
+    let c = agent.wait_for(pid, "the shut-down connection closed", |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == ConnState::Closed)
+            .cloned()
+    });
+    assert!(c.closed_at.is_some(), "{c:?}");
+    client.close(fd);
+    // The fd's close after the socket ended adds nothing.
+    let (fd_again, _) = client.open(LOCALHOST, pg.port);
+    agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 1.0);
+    client.close(fd_again);
+    agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 0.0);
+    let on_fd: Vec<_> = agent
+        .connections_of(pid)
+        .into_iter()
+        .filter(|c| c.local_port == Some(local_port))
+        .collect();
+    assert_eq!(
+        on_fd.len(),
+        1,
+        "one entry for the first connection: {on_fd:#?}"
+    );
+}
+
+#[test]
 fn refused_connects_fail_with_refused() {
     if !require_kernel() {
         return;

@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// none of the statistics' own cost in the with-agent runs).
     #[arg(long)]
     no_probe_stats: bool,
+    /// An extra `[kernel]` setting for the agent, as KEY=VALUE in TOML
+    /// (e.g. `--kernel unix_sockets=false`); repeatable.
+    #[arg(long = "kernel", value_name = "KEY=VALUE")]
+    kernel_settings: Vec<String>,
     /// The cgroup hierarchy to read CPU time from; by default v1's cpuacct
     /// where it is mounted, else v2.
     #[arg(long, value_enum)]
@@ -244,6 +248,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         &workloads,
         &agent_bin,
         agent_args,
+        &args.kernel_settings,
         args.duration,
     )?;
     let mut runs = Vec::new();
@@ -297,8 +302,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     header.push((
         "agent".to_string(),
         format!(
-            "{} run, BPF run-time statistics {probe_stats_note}",
-            agent_bin.display()
+            "{} run, BPF run-time statistics {probe_stats_note}{}",
+            agent_bin.display(),
+            if args.kernel_settings.is_empty() {
+                String::new()
+            } else {
+                format!(", [kernel] {}", args.kernel_settings.join(", "))
+            }
         ),
     ));
 
@@ -380,6 +390,7 @@ impl Bench {
         workloads: &[Workload],
         agent_bin: &Path,
         agent_args: Vec<String>,
+        kernel_settings: &[String],
         duration: u32,
     ) -> Result<Bench> {
         let pid = std::process::id();
@@ -398,11 +409,16 @@ impl Bench {
         let agent_config = work.path().join("poolscope.toml");
         // A private adapter socket: another agent on this host keeps its own.
         let socket = work.path().join("adapter.sock");
-        fs::write(
-            &agent_config,
-            format!("[adapter]\nsocket = {:?}\n", socket.display().to_string()),
-        )
-        .with_context(|| format!("cannot write {}", agent_config.display()))?;
+        let mut config = format!("[adapter]\nsocket = {:?}\n", socket.display().to_string());
+        if !kernel_settings.is_empty() {
+            config.push_str("\n[kernel]\n");
+            for setting in kernel_settings {
+                config.push_str(setting);
+                config.push('\n');
+            }
+        }
+        fs::write(&agent_config, config)
+            .with_context(|| format!("cannot write {}", agent_config.display()))?;
 
         let wants = |group| workloads.iter().any(|w| w.group() == group);
         let pg = if wants(Group::Pg) {

@@ -5,7 +5,7 @@ use std::{fs, os::fd::OwnedFd, path::Path};
 
 use agent_common::{
     conn_flags, names, stat, tracked_procs, tracked_procs_slot, ConnInfo, ConnKey,
-    SOCKET_DATA_RAW_TRACEPOINTS, SYSCALL_DATA_TRACEPOINTS, TRACEPOINTS,
+    SOCKET_DATA_RAW_TRACEPOINTS, SYSCALL_DATA_TRACEPOINTS, TRACEPOINTS, UNIX_SOCKET_TRACEPOINTS,
 };
 use anyhow::{bail, Context};
 use aya::{
@@ -188,6 +188,9 @@ pub struct LoadOptions {
     pub capture_head_bytes: u32,
     pub data_path: DataPath,
     pub probe_stats: bool,
+    /// Attach the syscall tracepoints that see Unix-socket connects and
+    /// closes (`kernel.unix_sockets`).
+    pub unix_sockets: bool,
 }
 
 fn load_and_attach_tracepoint(
@@ -297,6 +300,19 @@ fn explain_load_error(err: &aya::EbpfError) -> String {
     }
 }
 
+/// The connection tracepoints to attach: TCP's always, Unix sockets' when
+/// they are watched.
+pub fn connection_tracepoints(
+    unix_sockets: bool,
+) -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str)> {
+    let unix: &[_] = if unix_sockets {
+        UNIX_SOCKET_TRACEPOINTS
+    } else {
+        &[]
+    };
+    TRACEPOINTS.iter().chain(unix)
+}
+
 impl KernelProbes {
     /// Loads the programs with our own pid filtered out and attaches the
     /// connection tracepoints and one data path. Fails with one clear
@@ -337,13 +353,13 @@ impl KernelProbes {
                 }
             }
         };
-        if data_path == DataPathInUse::Socket {
+        if data_path == DataPathInUse::Socket && options.unix_sockets {
             // Loaded now, attached only while Unix-socket connections live.
             if let Err(e) = load_syscall_path(&mut ebpf) {
                 log::warn!("Unix-socket connections will carry no statements: {e:#}");
             }
         }
-        for (program, category, tracepoint) in TRACEPOINTS {
+        for (program, category, tracepoint) in connection_tracepoints(options.unix_sockets) {
             load_and_attach_tracepoint(&mut ebpf, program, category, tracepoint)?;
         }
         let ring_buffer_bytes = options.ring_buffer_bytes;
@@ -530,6 +546,7 @@ impl KernelProbes {
             pending_insert_failed: sum(stat::PENDING_INSERT_FAILED)?,
             conns_full: sum(stat::CONNS_FULL)?,
             unattributed_socket_io: sum(stat::UNREADABLE_SOCKET_IO)?,
+            unattributed_connects: sum(stat::UNATTRIBUTED_CONNECTS)?,
             probes,
         })
     }
@@ -554,13 +571,16 @@ impl KernelProbes {
         };
         // BPF_NOEXIST: a connect the kernel saw after attaching wins.
         const BPF_NOEXIST: u64 = 1;
+        let mut flags = conn_flags::CAPTURE_DATA;
+        if syscall_copy {
+            flags |= conn_flags::SYSCALL_COPY;
+        }
+        if unix {
+            flags |= conn_flags::CLOSE_BY_SYSCALL;
+        }
         let info = ConnInfo {
             conn_start_ns: 0,
-            flags: if syscall_copy {
-                conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY
-            } else {
-                conn_flags::CAPTURE_DATA
-            },
+            flags,
             capture_bytes: 0,
         };
         match conns.insert(key, info, BPF_NOEXIST) {
@@ -700,9 +720,10 @@ pub fn check_kernel() -> Vec<CheckLine> {
         capture_head_bytes: 64,
         data_path: DataPath::Auto,
         probe_stats: false,
+        unix_sockets: true,
     }) {
         Ok(probes) => {
-            for (program, category, tracepoint) in TRACEPOINTS {
+            for (program, category, tracepoint) in connection_tracepoints(true) {
                 lines.push(line(
                     true,
                     &format!("tracepoint {category}:{tracepoint}"),

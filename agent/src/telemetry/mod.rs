@@ -71,6 +71,7 @@ pub struct KernelCounters {
     /// Socket I/O of tracking processes that the socket data path could not
     /// attribute to an fd (io_uring, sendfile, sendmmsg...).
     pub unattributed_socket_io: u64,
+    pub unattributed_connects: u64,
     /// Per kernel program: (name, total run time ns, runs), where the kernel
     /// keeps BPF run-time statistics (enabled by the loader).
     pub probes: Vec<(String, u64, u64)>,
@@ -829,7 +830,7 @@ fn register_observables(meter: &Meter, observed: Observed) {
         .build();
     // Plain kernel counters: one observable each, read from the last sample.
     type Reading = fn(&KernelCounters) -> u64;
-    let counters: [(&str, &str, &str, Reading); 3] = [
+    let counters: [(&str, &str, &str, Reading); 4] = [
         (
             "poolscope.kernel.events.dropped",
             "Kernel events lost because the ring buffer was full",
@@ -847,6 +848,12 @@ fn register_observables(meter: &Meter, observed: Observed) {
             "Socket sends and receives of processes with a tracked connection that the socket data path could not attribute to an fd (io_uring, sendfile, sendmmsg)",
             "{call}",
             |k| k.unattributed_socket_io,
+        ),
+        (
+            "poolscope.kernel.connects.unattributed",
+            "TCP connects not made by connect() (io_uring, TCP Fast Open): no fd names them, so they are not tracked",
+            "{connection}",
+            |k| k.unattributed_connects,
         ),
     ];
     for (name, description, unit, read) in counters {
