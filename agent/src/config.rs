@@ -209,11 +209,11 @@ pub struct KernelConfig {
     /// Keep BPF run-time statistics (poolscope.probe.*). They cost a little
     /// on every run of every program, so they are for measuring.
     pub probe_stats: bool,
-    /// Watch database connections over Unix sockets. Their connects and
-    /// closes can only be seen by syscall tracepoints, and while any
-    /// syscall tracepoint is attached every syscall of every process on the
-    /// host takes the kernel's slow path (measured in BENCHMARKS.md); TCP
-    /// connections need none.
+    /// Watch database connections over Unix sockets. Off by default: their
+    /// connects and closes can only be seen by syscall tracepoints, and
+    /// while any syscall tracepoint is attached every syscall of every
+    /// process on the host takes the kernel's slow path (+44 ns per call
+    /// here, BENCHMARKS.md); TCP connections need none.
     pub unix_sockets: bool,
 }
 
@@ -472,7 +472,7 @@ impl Default for KernelConfig {
             mount_tracefs: true,
             data_path: DataPath::Auto,
             probe_stats: false,
-            unix_sockets: true,
+            unix_sockets: false,
         }
     }
 }
@@ -924,7 +924,7 @@ ring_buffer_bytes = 262144
 mount_tracefs = false
 data_path = "syscalls"
 probe_stats = true
-unix_sockets = false
+unix_sockets = true
 
 [tracking]
 closed_retention_seconds = 60
@@ -985,7 +985,7 @@ level = "debug"
                 mount_tracefs: false,
                 data_path: DataPath::Syscalls,
                 probe_stats: true,
-                unix_sockets: false,
+                unix_sockets: true,
             },
             tracking: TrackingConfig {
                 closed_retention_seconds: 60,

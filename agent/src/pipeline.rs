@@ -889,7 +889,18 @@ async fn read_events(
             }
         };
         if !seeding.unix_sockets {
+            let unwatched = found
+                .iter()
+                .filter(|socket| matches!(&socket.peer, SeededPeer::Unix { path } if protocol::unix_path_may_be_database(path)))
+                .count();
             found.retain(|socket| !matches!(socket.peer, SeededPeer::Unix { .. }));
+            if unwatched > 0 {
+                log::warn!(
+                    "{unwatched} connections to database Unix sockets are open and not watched: \
+                     set kernel.unix_sockets = true to watch them (its syscall hooks slow \
+                     every syscall on the host; see docs/data-path.md)"
+                );
+            }
         }
         // A connection closed during the scan may be in it: its close, held
         // here, comes after its seeding, as it happened.

@@ -13,7 +13,7 @@ use std::{
 
 use poolscope_tests::{
     metric_sample, process_alive, require_kernel, wait_exit, Agent, CloseReason, ConnClient,
-    ConnState, ConnectOutcome, ConnectionView, Postgres,
+    ConnState, ConnectOutcome, ConnectionView, Postgres, Script,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
@@ -134,7 +134,7 @@ fn unix_socket_connection_is_tracked() {
         return;
     }
     let pg = Postgres::start();
-    let agent = Agent::start();
+    let agent = Agent::start_with_config("[kernel]\nunix_sockets = true\n", &[]);
     let mut client = ConnClient::spawn();
     let pid = client.pid;
     let path = pg.socket_path();
@@ -165,9 +165,16 @@ fn without_unix_sockets_only_tcp_is_tracked() {
         return;
     }
     let pg = Postgres::start();
-    let agent = Agent::start_with_config("[kernel]\nunix_sockets = false\n", &[]);
     let mut client = ConnClient::spawn();
     let pid = client.pid;
+    let before_start = client.open_unix(&pg.socket_path());
+    let agent = Agent::start_with_config("[kernel]\nunix_sockets = false\n", &[]);
+    let log = agent.log();
+    assert!(
+        log.contains("database Unix sockets are open and not watched")
+            && log.contains("kernel.unix_sockets = true"),
+        "the log says what is not watched and how to watch it:\n{log}"
+    );
     let unix_fd = client.open_unix(&pg.socket_path());
     // Connected after the Unix socket: once the agent shows it, it has read
     // every event from before.
@@ -179,7 +186,8 @@ fn without_unix_sockets_only_tcp_is_tracked() {
     });
     let all = agent.connections_of(pid);
     assert!(
-        all.iter().all(|c| c.fd != unix_fd && c.transport == "tcp"),
+        all.iter()
+            .all(|c| c.fd != unix_fd && c.fd != before_start && c.transport == "tcp"),
         "no Unix-socket connection is watched: {all:#?}"
     );
     client.close(fd);
@@ -384,6 +392,85 @@ fn connections_open_before_start_are_seeded() {
     assert_eq!(c.close_reason, Some(CloseReason::Closed), "{c:?}");
     assert!(c.seen_at_start, "{c:?}");
     agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 0.0);
+}
+
+/// Accepts connections and keeps the first `argv[1]` (closing the rest at
+/// once); prints its port.
+const KEEPING_LISTENER: &str = r#"
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+keep = int(sys.argv[1])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(4096)
+print(srv.getsockname()[1], flush=True)
+kept = []
+while True:
+    c, _ = srv.accept()
+    if len(kept) < keep:
+        kept.append(c)
+    else:
+        c.close()
+"#;
+
+/// Holds `argv[2]` connections to port `argv[1]`, then opens and closes
+/// connections in a loop until a line arrives on stdin; prints how many.
+const HOLD_AND_CHURN: &str = r#"
+import resource, socket, sys, threading
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+port, hold = int(sys.argv[1]), int(sys.argv[2])
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(hold)]
+print("held", flush=True)
+stop = threading.Event()
+count = [0]
+def churn():
+    while not stop.is_set():
+        socket.create_connection(("127.0.0.1", port)).close()
+        count[0] += 1
+t = threading.Thread(target=churn)
+t.start()
+sys.stdin.readline()
+stop.set()
+t.join()
+print(count[0], flush=True)
+sys.stdin.readline()
+"#;
+
+#[test]
+fn connections_that_come_and_go_while_the_agent_seeds_are_not_left_open() {
+    if !require_kernel() {
+        return;
+    }
+    const HELD: usize = 2_000;
+    let mut listener = Script::python(KEEPING_LISTENER, &[HELD.to_string()]);
+    let port = listener.raw_line();
+    // The held connections make the /proc scan take a while; the churn goes
+    // on during it, so connections open when the scan saw them are closed
+    // before the agent applies what it found.
+    let mut client = Script::python(HOLD_AND_CHURN, &[port.clone(), HELD.to_string()]);
+    assert_eq!(client.raw_line(), "held");
+    let pid = client.pid();
+    let agent = Agent::start_with_config("[kernel]\nring_buffer_bytes = 1048576\n", &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    client.tell("stop");
+    let churned: u64 = client.raw_line().parse().unwrap();
+    assert!(churned > 100, "the churn ran: {churned}");
+    // Only the held connections stay open: every churned one, whether the
+    // scan saw it or not, is closed.
+    agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == HELD as f64);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        metric_sample(&agent.metrics(), &open_selector(pid, LOCALHOST)),
+        Some(HELD as f64)
+    );
+    assert_eq!(
+        agent.metric_value("poolscope_kernel_events_dropped_total"),
+        0.0,
+        "events held in memory while seeding, none dropped"
+    );
+    drop(listener);
 }
 
 #[test]

@@ -145,17 +145,17 @@ fn postgres_simple_queries_are_counted_per_operation() {
     assert!(c.last_activity.is_some(), "{c:#?}");
 }
 
-/// The socket tracepoints do not fire for Unix sockets: the agent attaches
-/// the syscall path while a Unix-socket connection lives, so psql's
-/// statements over PostgreSQL's own socket are still seen, and detaches it
-/// again once the connection is gone.
+/// With `kernel.unix_sockets = true` the agent attaches the syscall path
+/// while a Unix-socket connection lives, so psql's statements over
+/// PostgreSQL's own socket are seen, and detaches it again once the
+/// connection is gone.
 #[test]
 fn postgres_over_a_unix_socket_is_parsed_too() {
     if !require_kernel() {
         return;
     }
     let pg = Postgres::start();
-    let agent = Agent::start();
+    let agent = Agent::start_with_config("[kernel]\nunix_sockets = true\n", &[]);
     let port = pg.port.to_string();
     let mut cmd = std::process::Command::new(pg.psql_bin());
     cmd.args(["-X", "-q", "-p", &port, "-U", "postgres", "-h"])

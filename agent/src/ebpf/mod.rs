@@ -723,11 +723,21 @@ pub fn check_kernel() -> Vec<CheckLine> {
         unix_sockets: true,
     }) {
         Ok(probes) => {
-            for (program, category, tracepoint) in connection_tracepoints(true) {
+            for (program, category, tracepoint) in TRACEPOINTS {
                 lines.push(line(
                     true,
                     &format!("tracepoint {category}:{tracepoint}"),
                     format!("{program} loaded and attached (in use)"),
+                ));
+            }
+            for (program, category, tracepoint) in UNIX_SOCKET_TRACEPOINTS {
+                lines.push(line(
+                    true,
+                    &format!("tracepoint {category}:{tracepoint}"),
+                    format!(
+                        "{program} loaded and attached (in use only with kernel.unix_sockets = true: \
+                         it slows every syscall on the host)"
+                    ),
                 ));
             }
             let in_use = probes.data_path();
