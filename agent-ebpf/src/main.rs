@@ -177,6 +177,22 @@ pub(crate) fn header(kind: u32, pid_tgid: u64, fd: i32, conn_start_ns: u64) -> E
     }
 }
 
+/// A connect event of the calling thread, its address still to fill in.
+fn connect_event(header: EventHeader, ret: i64, family: u16, port: u16) -> ConnectEvent {
+    ConnectEvent {
+        header,
+        ret,
+        family,
+        port,
+        path_len: 0,
+        _pad0: 0,
+        addr: [0; 16],
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        path: [0; UNIX_PATH_LEN],
+        _pad1: [0; 4],
+    }
+}
+
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let _ = try_sys_enter_connect(&ctx);
@@ -246,18 +262,12 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         mark_tracked_process(key.tgid);
     }
 
-    let mut event = ConnectEvent {
-        header: header(kind::CONNECT, pid_tgid, pending.fd, pending.start_ns),
+    let mut event = connect_event(
+        header(kind::CONNECT, pid_tgid, pending.fd, pending.start_ns),
         ret,
-        family: pending.family,
-        port: 0,
-        path_len: 0,
-        _pad0: 0,
-        addr: [0; 16],
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-        path: [0; UNIX_PATH_LEN],
-        _pad1: [0; 4],
-    };
+        pending.family,
+        0,
+    );
     let sa = pending.uservaddr as *const u8;
     let len = (pending.addrlen as usize).saturating_sub(2);
     let len = if len > UNIX_PATH_LEN {
@@ -358,19 +368,13 @@ fn on_tcp_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
 
     // SAFETY (all reads): offsets from sock/inet_sock_set_state/format.
     let addr_family: u16 = unsafe { ctx.read_at(28) }.map_err(i64::from)?;
-    let mut event = ConnectEvent {
-        header: header(kind::CONNECT, pid_tgid, fd, start_ns),
+    let mut event = connect_event(
+        header(kind::CONNECT, pid_tgid, fd, start_ns),
         // The handshake goes on; its end comes as a state change.
-        ret: EINPROGRESS,
-        family: addr_family,
-        port: unsafe { ctx.read_at(26) }.map_err(i64::from)?,
-        path_len: 0,
-        _pad0: 0,
-        addr: [0; 16],
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-        path: [0; UNIX_PATH_LEN],
-        _pad1: [0; 4],
-    };
+        EINPROGRESS,
+        addr_family,
+        unsafe { ctx.read_at(26) }.map_err(i64::from)?,
+    );
     if addr_family == family::INET6 {
         event.addr = unsafe { ctx.read_at(56) }.map_err(i64::from)?;
     } else {

@@ -34,6 +34,18 @@ fn find(conns: &[ConnectionView], fd: i32, local_port: u16) -> Option<&Connectio
         .find(|c| c.fd == fd && c.local_port == Some(local_port))
 }
 
+/// Opens a TCP connection to `port` on localhost and waits until the agent
+/// shows it established: (fd, local port).
+fn open_established(agent: &Agent, client: &mut ConnClient, port: u16) -> (i32, u16) {
+    let (fd, local_port) = client.open(LOCALHOST, port);
+    agent.wait_for(client.pid, "the established connection", |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == ConnState::Established)
+            .cloned()
+    });
+    (fd, local_port)
+}
+
 /// The one connection on `fd` of this process, once it is in `state`.
 fn in_state(conns: &[ConnectionView], fd: i32, state: ConnState) -> Option<ConnectionView> {
     conns
@@ -178,12 +190,7 @@ fn without_unix_sockets_only_tcp_is_tracked() {
     let unix_fd = client.open_unix(&pg.socket_path());
     // Connected after the Unix socket: once the agent shows it, it has read
     // every event from before.
-    let (fd, local_port) = client.open(LOCALHOST, pg.port);
-    agent.wait_for(pid, "the TCP connection", |conns| {
-        find(conns, fd, local_port)
-            .filter(|c| c.state == ConnState::Established)
-            .cloned()
-    });
+    let (fd, _) = open_established(&agent, &mut client, pg.port);
     let all = agent.connections_of(pid);
     assert!(
         all.iter()
@@ -206,12 +213,7 @@ fn a_connection_shut_down_ends_when_its_socket_closes() {
     let agent = Agent::start();
     let mut client = ConnClient::spawn();
     let pid = client.pid;
-    let (fd, local_port) = client.open(LOCALHOST, pg.port);
-    agent.wait_for(pid, "the established connection", |conns| {
-        find(conns, fd, local_port)
-            .filter(|c| c.state == ConnState::Established)
-            .cloned()
-    });
+    let (fd, local_port) = open_established(&agent, &mut client, pg.port);
     // The server answers the half-close by closing its side: the socket
     // leaves TCP (TIME_WAIT) while the client still holds the fd.
     client.shutdown(fd);
@@ -525,12 +527,7 @@ fn process_exit_closes_its_connections() {
     let agent = Agent::start();
     let mut client = ConnClient::spawn();
     let pid = client.pid;
-    let (fd, local_port) = client.open(LOCALHOST, pg.port);
-    agent.wait_for(pid, "the established connection", |conns| {
-        find(conns, fd, local_port)
-            .filter(|c| c.state == ConnState::Established)
-            .cloned()
-    });
+    let (fd, local_port) = open_established(&agent, &mut client, pg.port);
 
     let status = client.exit_without_closing();
     assert!(status.success(), "os._exit(0): {status}");
