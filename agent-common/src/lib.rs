@@ -329,9 +329,8 @@ pub mod conn_flags {
     /// knows the connection speaks no database protocol, so that such
     /// connections cost one map lookup per syscall and nothing more.
     pub const CAPTURE_DATA: u32 = 1;
-    /// The syscall data path copies this connection: every connection when
-    /// that path is the only one, else Unix-socket connections, whose I/O
-    /// the socket tracepoints do not see.
+    /// The syscall data path copies this connection (set on every
+    /// connection when that path is the one in use).
     pub const SYSCALL_COPY: u32 = 2;
     /// `sys_enter_close` ends this connection (Unix sockets). TCP
     /// connections end at their state changes instead.

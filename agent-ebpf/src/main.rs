@@ -26,8 +26,8 @@ use aya_ebpf::{
 };
 use maps::{CONNS, EVENTS, PENDING, SOCKS, STATS, TRACKED_PROCS};
 
-/// 1 when the syscall data path is the only one, so that it copies every
-/// connection; 0 when the socket path is in use and it copies Unix sockets.
+/// 1 when the syscall data path is the one in use, so that it copies every
+/// connection; 0 when the socket path copies them.
 #[no_mangle]
 static SYSCALL_PATH_FOR_ALL: u32 = 0;
 
@@ -35,12 +35,15 @@ static SYSCALL_PATH_FOR_ALL: u32 = 0;
 fn new_conn_flags(addr_family: u16) -> u32 {
     // SAFETY: a read-only global that the loader patches before load.
     let for_all = unsafe { core::ptr::read_volatile(&SYSCALL_PATH_FOR_ALL) } != 0;
-    if addr_family == family::UNIX {
-        conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY | conn_flags::CLOSE_BY_SYSCALL
-    } else if for_all {
-        conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY
+    let close = if addr_family == family::UNIX {
+        conn_flags::CLOSE_BY_SYSCALL
     } else {
-        conn_flags::CAPTURE_DATA
+        0
+    };
+    if for_all {
+        conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY | close
+    } else {
+        conn_flags::CAPTURE_DATA | close
     }
 }
 

@@ -133,7 +133,7 @@ impl Pipeline {
                 if ret == 0
                     && matches!(remote, Endpoint::Unix(path) if protocol::unix_path_may_be_database(path))
                 {
-                    k.probes.unix_connection_opened(event.conn.pid, event.conn.fd);
+                    k.probes.unix_connection_opened(event.conn.pid);
                 }
             })?,
             EventKind::ProcessExit { .. } => self
@@ -247,12 +247,8 @@ impl Pipeline {
                     }
                     // An exit closes fds without close(): drop them from the
                     // filter. A close() already removed its entry in the kernel.
-                    Output::Closed { id, reason, .. } => {
-                        if *reason == CloseReason::ProcessExit {
-                            k.probes.forget(id.pid, id.fd);
-                        } else {
-                            k.probes.connection_closed(id.pid, id.fd);
-                        }
+                    Output::Closed { id, reason, .. } if *reason == CloseReason::ProcessExit => {
+                        k.probes.forget(id.pid, id.fd);
                     }
                     _ => {}
                 }
@@ -1000,10 +996,7 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
         if ticks.is_multiple_of(RETURN_MEMORY_EVERY_TICKS) {
             return_free_memory();
         }
-        let counters = pipeline.kernel.with(|k| {
-            k.probes.tick();
-            k.probes.counters()
-        })?;
+        let counters = pipeline.kernel.with(|k| k.probes.counters())?;
         let now = monotonic_ns();
         match counters {
             Ok(mut c) => {

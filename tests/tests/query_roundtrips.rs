@@ -145,10 +145,9 @@ fn postgres_simple_queries_are_counted_per_operation() {
     assert!(c.last_activity.is_some(), "{c:#?}");
 }
 
-/// With `kernel.unix_sockets = true` the agent attaches the syscall path
-/// while a Unix-socket connection lives, so psql's statements over
-/// PostgreSQL's own socket are seen, and detaches it again once the
-/// connection is gone.
+/// With `kernel.unix_sockets = true`, psql's statements over PostgreSQL's
+/// own socket are parsed from the socket tracepoints (which fire for Unix
+/// sockets too), and no syscall data path is attached for them.
 #[test]
 fn postgres_over_a_unix_socket_is_parsed_too() {
     if !require_kernel() {
@@ -164,23 +163,12 @@ fn postgres_over_a_unix_socket_is_parsed_too() {
     let mut shell = SqlShell::spawn(cmd);
     let pid = shell.pid;
     let socket = pg.socket_path().display().to_string();
-    // Bytes sent before the agent attached the syscall path (milliseconds
-    // after it saw the connect) are not seen: wait for that first.
+    // Bytes sent before the agent marked the process for lookups by fd
+    // (milliseconds after it saw the connect) are not seen: wait for that.
     shell.send("SELECT 1;");
     agent.wait_for(pid, "psql's Unix-socket connection", |conns| {
         conns.iter().find(|c| c.remote_address == socket).cloned()
     });
-    let attached = poolscope_tests::wait_until(std::time::Duration::from_secs(10), || {
-        agent
-            .log()
-            .contains("the syscall path is attached for Unix sockets")
-            .then_some(())
-    });
-    assert!(
-        attached.is_some(),
-        "syscall path not attached: {}",
-        agent.log()
-    );
     shell.send("BEGIN;");
     shell.send("SELECT relname FROM pg_class WHERE relname = 'pg_proc';");
     let found = poolscope_tests::wait_until(std::time::Duration::from_secs(10), || {
@@ -200,19 +188,20 @@ fn postgres_over_a_unix_socket_is_parsed_too() {
     assert_eq!(c.db_system, Some(DbSystem::Postgresql), "{c:#?}");
     assert_eq!(c.tx_state, Some(TxState::InTransaction), "{c:#?}");
     assert_eq!(c.last_operation.as_deref(), Some("SELECT"), "{c:#?}");
+    assert!(c.round_trips >= 2, "{c:#?}");
     shell.send("COMMIT;");
     let out = shell.finish();
     assert!(out.status.success(), "psql: {out:?}");
-    // Detached about 10 s after the last Unix-socket connection went.
-    let detached = poolscope_tests::wait_until(std::time::Duration::from_secs(30), || {
-        agent
-            .log()
-            .contains("no Unix-socket connection is tracked: the syscall path is detached")
-            .then_some(())
+    let c = agent.wait_for(pid, "psql's Unix-socket connection closed", |conns| {
+        conns
+            .iter()
+            .find(|c| c.remote_address == socket && c.state == ConnState::Closed)
+            .cloned()
     });
+    assert!(c.close_reason.is_some(), "{c:#?}");
     assert!(
-        detached.is_some(),
-        "syscall path still attached: {}",
+        !agent.log().contains("syscall path"),
+        "no syscall data path for Unix sockets: {}",
         agent.log()
     );
 }
@@ -343,8 +332,22 @@ fn postgres_transaction_state_follows_ready_for_query() {
     if !require_kernel() {
         return;
     }
+    transaction_state_follows_ready_for_query(&[]);
+}
+
+/// The syscall data path (the fallback where the socket path cannot load)
+/// sees the same round trips, statements and transaction states.
+#[test]
+fn postgres_transaction_state_on_the_syscall_data_path() {
+    if !require_kernel() {
+        return;
+    }
+    transaction_state_follows_ready_for_query(&["--data-path", "syscalls"]);
+}
+
+fn transaction_state_follows_ready_for_query(agent_args: &[&str]) {
     let pg = Postgres::start();
-    let agent = Agent::start();
+    let agent = Agent::start_with(agent_args);
     let mut client = DbClient::spawn();
     let pid = client.pid;
     let (fd, local_port) = client.connect("postgresql", pg.port);

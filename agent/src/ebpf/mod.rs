@@ -146,17 +146,9 @@ pub struct KernelProbes {
     slot_users: std::collections::HashMap<u32, u32>,
     /// Slots whose processes own connections missing from SOCKS.
     unbound_slots: std::collections::HashSet<u32>,
-    /// Socket path only: the syscall path is attached while Unix-socket
-    /// connections that may speak a database protocol live, since the
-    /// socket tracepoints do not fire for Unix sockets.
-    unix_conns: std::collections::HashSet<(u32, i32)>,
-    unix_links: Vec<(&'static str, TracePointLinkId)>,
-    unix_idle_since: Option<std::time::Instant>,
+    /// The syscall data path's links, when it is the one in use.
+    _syscall_links: Vec<(&'static str, TracePointLinkId)>,
 }
-
-/// How long the syscall path stays attached after the last Unix-socket
-/// connection went, so that short-lived connections do not make it flap.
-const UNIX_PATH_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The data path the loader attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,8 +261,8 @@ fn detach_syscall_path(ebpf: &mut Ebpf, links: Vec<(&'static str, TracePointLink
     }
 }
 
-/// Loads the kernel object; `syscall_path_for_all` tells the syscall path
-/// whether it copies every connection or only Unix-socket ones.
+/// Loads the kernel object; `syscall_path_for_all` tells the kernel whether
+/// the syscall path is the data path in use.
 fn load_object(options: &LoadOptions, syscall_path_for_all: bool) -> anyhow::Result<Ebpf> {
     // Wake the reader early enough that a burst cannot fill the buffer
     // between two of its timer ticks.
@@ -321,7 +313,7 @@ impl KernelProbes {
         require_privileges()?;
         // The data path is chosen before the connection tracepoints attach,
         // so that no connection is marked for a path that is not in use.
-        let (mut ebpf, data_path, unix_links) = match options.data_path {
+        let (mut ebpf, data_path, syscall_links) = match options.data_path {
             DataPath::Socket => {
                 let mut ebpf = load_object(&options, false)?;
                 attach_socket_path(&mut ebpf)
@@ -353,12 +345,6 @@ impl KernelProbes {
                 }
             }
         };
-        if data_path == DataPathInUse::Socket && options.unix_sockets {
-            // Loaded now, attached only while Unix-socket connections live.
-            if let Err(e) = load_syscall_path(&mut ebpf) {
-                log::warn!("Unix-socket connections will carry no statements: {e:#}");
-            }
-        }
         for (program, category, tracepoint) in connection_tracepoints(options.unix_sockets) {
             load_and_attach_tracepoint(&mut ebpf, program, category, tracepoint)?;
         }
@@ -380,61 +366,15 @@ impl KernelProbes {
             tracked_pids: Default::default(),
             slot_users: Default::default(),
             unbound_slots: Default::default(),
-            unix_conns: Default::default(),
-            unix_links,
-            unix_idle_since: None,
+            _syscall_links: syscall_links,
         })
     }
 
-    /// A Unix-socket connection that may speak a database protocol: on the
-    /// socket path, attach the syscall path while such connections live.
-    pub fn unix_connection_opened(&mut self, pid: u32, fd: i32) {
-        if self.data_path != DataPathInUse::Socket {
-            return;
-        }
-        self.unix_conns.insert((pid, fd));
-        self.unix_idle_since = None;
-        if self.unix_links.is_empty() {
-            match attach_syscall_path(&mut self.ebpf) {
-                Ok(links) => {
-                    log::info!(
-                        "a Unix-socket connection is tracked: the syscall path is attached \
-                         for Unix sockets while such connections live"
-                    );
-                    self.unix_links = links;
-                }
-                Err(e) => {
-                    log::warn!("cannot attach the syscall path for Unix-socket connections: {e:#}")
-                }
-            }
-        }
-    }
-
-    /// A connection closed (the kernel removed its entry itself), was
-    /// forgotten or speaks no database protocol.
-    pub fn connection_closed(&mut self, pid: u32, fd: i32) {
-        if self.unix_conns.remove(&(pid, fd)) && self.unix_conns.is_empty() {
-            self.unix_idle_since = Some(std::time::Instant::now());
-        }
-    }
-
-    /// Detaches the syscall path once no Unix-socket connection needed it
-    /// for a while. Called periodically.
-    pub fn tick(&mut self) {
-        if self.data_path != DataPathInUse::Socket || self.unix_links.is_empty() {
-            return;
-        }
-        if !self.unix_conns.is_empty() {
-            return;
-        }
-        let idle_since = *self
-            .unix_idle_since
-            .get_or_insert_with(std::time::Instant::now);
-        if idle_since.elapsed() >= UNIX_PATH_LINGER {
-            let links = std::mem::take(&mut self.unix_links);
-            detach_syscall_path(&mut self.ebpf, links);
-            log::info!("no Unix-socket connection is tracked: the syscall path is detached");
-        }
+    /// A Unix-socket connection that may speak a database protocol. The
+    /// socket tracepoints fire for Unix sockets too, but SOCKS knows only
+    /// TCP sockets: its process's socket I/O must also be looked up by fd.
+    pub fn unix_connection_opened(&mut self, pid: u32) {
+        self.process_has_unbound(pid);
     }
 
     /// The data path in use.
@@ -556,10 +496,7 @@ impl KernelProbes {
     /// seeded.
     pub fn track_seeded(&mut self, pid: u32, fd: i32, unix: bool) -> anyhow::Result<()> {
         self.process_has_unbound(pid);
-        if unix {
-            self.unix_connection_opened(pid, fd);
-        }
-        let syscall_copy = unix || self.data_path == DataPathInUse::Syscalls;
+        let syscall_copy = self.data_path == DataPathInUse::Syscalls;
         let map = self
             .ebpf
             .map_mut(names::CONNS)
@@ -596,7 +533,6 @@ impl KernelProbes {
 
     /// Stops copying a connection's data (it speaks no database protocol).
     pub fn stop_capture(&mut self, pid: u32, fd: i32, generation: u64) {
-        self.connection_closed(pid, fd);
         self.update_conn(pid, fd, generation, |info| {
             info.flags &= !conn_flags::CAPTURE_DATA
         });
@@ -638,7 +574,6 @@ impl KernelProbes {
     /// without closing it, so no close() will remove it), or a connection
     /// the kernel already removed (closed).
     pub fn forget(&mut self, pid: u32, fd: i32) {
-        self.connection_closed(pid, fd);
         let Some(map) = self.ebpf.map_mut(names::CONNS) else {
             return;
         };
