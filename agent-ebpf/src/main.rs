@@ -112,6 +112,7 @@ pub(crate) struct SyscallRegs {
     pub arg1: u64,
 }
 
+#[inline(always)]
 pub(crate) fn syscall_regs() -> Result<SyscallRegs, i64> {
     // SAFETY: helpers without preconditions; the kernel checks that the
     // task pointer is the BTF-typed current task.

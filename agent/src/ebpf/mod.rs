@@ -146,8 +146,6 @@ pub struct KernelProbes {
     slot_users: std::collections::HashMap<u32, u32>,
     /// Slots whose processes own connections missing from SOCKS.
     unbound_slots: std::collections::HashSet<u32>,
-    /// The syscall data path's links, when it is the one in use.
-    _syscall_links: Vec<(&'static str, TracePointLinkId)>,
 }
 
 /// The data path the loader attached.
@@ -233,7 +231,8 @@ fn load_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 }
 
 /// Attaches the (loaded) syscall path; on failure nothing stays attached.
-fn attach_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<Vec<(&'static str, TracePointLinkId)>> {
+/// The links live as long as the programs, which `Ebpf` owns.
+fn attach_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let mut links = Vec::with_capacity(SYSCALL_DATA_TRACEPOINTS.len());
     for (program, category, tracepoint) in SYSCALL_DATA_TRACEPOINTS {
         let attached = tracepoint_program(ebpf, program).and_then(|prog| {
@@ -248,7 +247,7 @@ fn attach_syscall_path(ebpf: &mut Ebpf) -> anyhow::Result<Vec<(&'static str, Tra
             }
         }
     }
-    Ok(links)
+    Ok(())
 }
 
 fn detach_syscall_path(ebpf: &mut Ebpf, links: Vec<(&'static str, TracePointLinkId)>) {
@@ -313,23 +312,23 @@ impl KernelProbes {
         require_privileges()?;
         // The data path is chosen before the connection tracepoints attach,
         // so that no connection is marked for a path that is not in use.
-        let (mut ebpf, data_path, syscall_links) = match options.data_path {
+        let (mut ebpf, data_path) = match options.data_path {
             DataPath::Socket => {
                 let mut ebpf = load_object(&options, false)?;
                 attach_socket_path(&mut ebpf)
                     .context("the socket data path (kernel.data_path = \"socket\")")?;
-                (ebpf, DataPathInUse::Socket, Vec::new())
+                (ebpf, DataPathInUse::Socket)
             }
             DataPath::Syscalls => {
                 let mut ebpf = load_object(&options, true)?;
                 load_syscall_path(&mut ebpf)?;
-                let links = attach_syscall_path(&mut ebpf)?;
-                (ebpf, DataPathInUse::Syscalls, links)
+                attach_syscall_path(&mut ebpf)?;
+                (ebpf, DataPathInUse::Syscalls)
             }
             DataPath::Auto => {
                 let mut ebpf = load_object(&options, false)?;
                 match attach_socket_path(&mut ebpf) {
-                    Ok(()) => (ebpf, DataPathInUse::Socket, Vec::new()),
+                    Ok(()) => (ebpf, DataPathInUse::Socket),
                     Err(e) => {
                         log::warn!(
                             "the socket data path is not available on this kernel ({e:#}); \
@@ -339,8 +338,8 @@ impl KernelProbes {
                         drop(ebpf);
                         let mut ebpf = load_object(&options, true)?;
                         load_syscall_path(&mut ebpf)?;
-                        let links = attach_syscall_path(&mut ebpf)?;
-                        (ebpf, DataPathInUse::Syscalls, links)
+                        attach_syscall_path(&mut ebpf)?;
+                        (ebpf, DataPathInUse::Syscalls)
                     }
                 }
             }
@@ -366,7 +365,6 @@ impl KernelProbes {
             tracked_pids: Default::default(),
             slot_users: Default::default(),
             unbound_slots: Default::default(),
-            _syscall_links: syscall_links,
         })
     }
 
