@@ -152,7 +152,7 @@ impl Workload {
             Workload::FioRandRw => {
                 "fio randrw 70/30, 4 KiB, psync, 64 MiB file on /dev/shm when it is a tmpfs (op = I/O)"
             }
-            Workload::DdPipe => "dd if=/dev/zero bs=4k | cat > /dev/null (op = 4 KiB block)",
+            Workload::DdPipe => "dd if=/dev/zero bs=4k | cat > /dev/null, writer on CPU 0 and reader on CPU 1 (op = 4 KiB block)",
         }
     }
 }
@@ -641,8 +641,22 @@ impl Bench {
 
     fn dd(&self, blocks: u64) -> Result<ToolRun> {
         let mut cmd = command_in(&self.work_cg, "sh");
+        // Writer and reader each on a CPU of their own: left to the
+        // scheduler, the pair runs either on two CPUs (about 1.2 us of CPU
+        // per block here) or stacked on one (about 2 us, measured), and
+        // which one it picks flips between runs for reasons unrelated to
+        // the agent, which made this row bimodal.
+        let pin = |cpu: u32| {
+            if thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
+                format!("taskset -c {cpu} ")
+            } else {
+                String::new()
+            }
+        };
         cmd.arg("-c").arg(format!(
-            "dd if=/dev/zero bs={DD_BLOCK_BYTES} count={blocks} status=none | cat > /dev/null"
+            "{}dd if=/dev/zero bs={DD_BLOCK_BYTES} count={blocks} status=none | {}cat > /dev/null",
+            pin(0),
+            pin(1)
         ));
         let started = Instant::now();
         run_bounded(&mut cmd, &self.work.path().join("dd"), self.run_limit())?;
