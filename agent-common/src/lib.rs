@@ -16,7 +16,6 @@ pub mod names {
     pub const SOCKS: &str = "SOCKS";
     pub const AGENT_TGID: &str = "AGENT_TGID";
     pub const IO_ARGS: &str = "IO_ARGS";
-    pub const SCRATCH: &str = "SCRATCH";
     pub const CAPTURE_HEAD_BYTES: &str = "CAPTURE_HEAD_BYTES";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     pub const TRACKED_PROCS: &str = "TRACKED_PROCS";
@@ -172,9 +171,8 @@ pub const HEAD_MAX: usize = 4096;
 /// Bytes copied from the end of a buffer longer than the head: enough for
 /// end-of-response markers (ReadyForQuery, MySQL's final OK/EOF).
 pub const TAIL_MAX: usize = 64;
-/// Size of `DataEvent::data`; a power of two so that the kernel can bound
-/// offsets with a mask the verifier understands.
-pub const DATA_BUF: usize = 8192;
+/// Room for the data of the largest data event: a full head and a tail.
+pub const DATA_BUF: usize = HEAD_MAX + TAIL_MAX;
 
 /// Which syscall family moved the bytes.
 pub mod io_kind {
@@ -263,11 +261,14 @@ pub struct ProcessExitEvent {
     pub comm: [u8; COMM_LEN],
 }
 
-/// Data a tracked socket moved. Only `DATA_EVENT_FIXED + head_len + tail_len`
-/// bytes are sent: `data` holds the head followed by the tail.
+/// Data a tracked socket moved: `data` holds `head_len` bytes of the head
+/// followed by `tail_len` bytes of the tail; the rest of `data` is not
+/// written. The kernel reserves the smallest of a few sizes `N` that holds
+/// what it copies (so that it copies straight into the ring buffer), hence a
+/// record may be longer than `DATA_EVENT_FIXED + head_len + tail_len`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct DataEvent {
+pub struct DataEvent<const N: usize = DATA_BUF> {
     pub header: EventHeader,
     /// When the syscall began (header.ts_ns is when it returned). The socket
     /// path sees only the end of a send or receive: there both are that time.
@@ -279,7 +280,7 @@ pub struct DataEvent {
     pub direction: u8,
     pub io_kind: u8,
     pub _pad0: [u8; 6],
-    pub data: [u8; DATA_BUF],
+    pub data: [u8; N],
 }
 
 /// Size of `DataEvent` without `data`.
@@ -392,6 +393,7 @@ mod tests {
         assert_eq!(size_of::<DataEvent>(), DATA_EVENT_FIXED + DATA_BUF);
         assert_eq!(size_of::<IoArgs>(), 48);
         assert_eq!(size_of::<ConnInfo>(), 16);
-        assert!(HEAD_MAX + TAIL_MAX <= DATA_BUF && DATA_BUF.is_power_of_two());
+        assert_eq!(size_of::<DataEvent<64>>(), DATA_EVENT_FIXED + 64);
+        assert!(HEAD_MAX.is_power_of_two());
     }
 }

@@ -8,9 +8,10 @@
 //! byte count is known, copies the bytes into a per-CPU scratch event and
 //! sends only the bytes that were filled.
 
+use core::ptr::addr_of_mut;
+
 use agent_common::{
-    conn_flags, direction, io_kind, kind, stat, ConnKey, DataEvent, IoArgs, DATA_EVENT_FIXED,
-    HEAD_MAX, TAIL_MAX,
+    conn_flags, direction, io_kind, kind, stat, ConnKey, DataEvent, IoArgs, HEAD_MAX, TAIL_MAX,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
@@ -20,8 +21,8 @@ use aya_ebpf::{
 
 use crate::{
     data_wakeup_flag, header,
-    maps::{CONNS, EVENTS, IO_ARGS, SCRATCH},
-    stat_add, SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
+    maps::{CONNS, EVENTS, IO_ARGS},
+    stat_add, BPF_RB_NO_WAKEUP, SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
 };
 
 /// Head bytes to copy while a connection's protocol is not known yet; the
@@ -152,19 +153,16 @@ pub(crate) fn send_data_event(io: &UserIo, total: u64) -> Result<(), i64> {
         contiguous
     };
 
-    let Some(event) = SCRATCH.get_ptr_mut(0) else {
-        return Ok(());
-    };
-    // SAFETY: per-CPU scratch slot, used by one program at a time on this CPU.
-    let event: &mut DataEvent = unsafe { &mut *event };
     let mut head = contiguous;
     let limit = u64::from(io.capture_bytes);
     if head > limit {
         head = limit;
     }
-    // A second, constant clamp that the verifier can see.
-    let head = (head as usize) & (HEAD_MAX * 2 - 1);
-    let head = if head > HEAD_MAX { HEAD_MAX } else { head };
+    let head = if head > HEAD_MAX as u64 {
+        HEAD_MAX
+    } else {
+        head as usize
+    };
     let mut tail = 0usize;
     if io.io_kind == io_kind::BUFFER && total > head as u64 {
         let rest = total - head as u64;
@@ -174,50 +172,95 @@ pub(crate) fn send_data_event(io: &UserIo, total: u64) -> Result<(), i64> {
             rest as usize
         };
     }
-    let tail = tail & (TAIL_MAX * 2 - 1);
-    let tail = if tail > TAIL_MAX { TAIL_MAX } else { tail };
+    // The smallest record that holds the copy: the bytes go straight from
+    // the user's buffer into the ring buffer, and short messages (most Redis
+    // requests and replies, short SQL) use little of it.
+    let copy = Copy {
+        io,
+        buf,
+        total,
+        head,
+        tail,
+    };
+    if tail == 0 && head <= 64 {
+        copy.emit::<64, 64>()
+    } else if head <= 256 {
+        copy.emit::<256, { 256 + TAIL_MAX }>()
+    } else if head <= 1024 {
+        copy.emit::<1024, { 1024 + TAIL_MAX }>()
+    } else {
+        copy.emit::<HEAD_MAX, { HEAD_MAX + TAIL_MAX }>()
+    }
+}
 
-    let dst = event.data.as_mut_ptr();
-    // SAFETY: head <= HEAD_MAX and head + tail <= HEAD_MAX + TAIL_MAX <=
-    // DATA_BUF; the helpers check the user pointers.
-    unsafe {
-        if generated::bpf_probe_read_user(dst.cast(), head as u32, buf as *const _) != 0 {
+/// What to copy of one read/write: `head` bytes from `buf` and the last
+/// `tail` of its `total` bytes.
+struct Copy<'a> {
+    io: &'a UserIo,
+    buf: u64,
+    total: u64,
+    head: usize,
+    tail: usize,
+}
+
+impl Copy<'_> {
+    /// Reserves a record with room for `H` head bytes and `N - H` tail
+    /// bytes, copies into it and sends it.
+    #[inline(always)]
+    fn emit<const H: usize, const N: usize>(&self) -> Result<(), i64> {
+        const { assert!(H.is_power_of_two() && N >= H && N - H <= TAIL_MAX) };
+        let Some(mut entry) = EVENTS.reserve::<DataEvent<N>>(0) else {
+            stat_add(stat::DROPPED_EVENTS, 1);
+            stat_add(stat::DROPPED_DATA_EVENTS, 1);
             return Ok(());
-        }
-        if tail > 0 {
-            let src = (buf + total - tail as u64) as *const _;
-            if generated::bpf_probe_read_user(dst.add(head).cast(), tail as u32, src) != 0 {
+        };
+        // Constant clamps the verifier can see: head <= H, tail <= N - H.
+        // The compiler knows the caller's bounds and would drop them, while
+        // the verifier may have lost those bounds: hide the values from it.
+        let head = core::hint::black_box(self.head) & (H * 2 - 1);
+        let head = if head > H { H } else { head };
+        let tail = core::hint::black_box(self.tail) & (TAIL_MAX * 2 - 1);
+        let tail = if tail > N - H { N - H } else { tail };
+        let event = entry.as_mut_ptr();
+        // SAFETY: `event` is the reserved record, which the kernel sized for
+        // DataEvent<N>; head + tail <= N; the helpers check the user
+        // pointers.
+        unsafe {
+            let dst = (*event).data.as_mut_ptr();
+            if generated::bpf_probe_read_user(dst.cast(), head as u32, self.buf as *const _) != 0 {
+                entry.discard(BPF_RB_NO_WAKEUP);
                 return Ok(());
             }
+            if tail > 0 {
+                let src = (self.buf + self.total - tail as u64) as *const _;
+                if generated::bpf_probe_read_user(dst.add(head).cast(), tail as u32, src) != 0 {
+                    entry.discard(BPF_RB_NO_WAKEUP);
+                    return Ok(());
+                }
+            }
+            let io = self.io;
+            let header = header(kind::DATA, io.pid_tgid, io.fd, io.conn_start_ns);
+            let enter_ns = if io.enter_ns == 0 {
+                header.ts_ns
+            } else {
+                io.enter_ns
+            };
+            addr_of_mut!((*event).header).write(header);
+            addr_of_mut!((*event).enter_ns).write(enter_ns);
+            addr_of_mut!((*event).total_len).write(if self.total > u32::MAX as u64 {
+                u32::MAX
+            } else {
+                self.total as u32
+            });
+            addr_of_mut!((*event).head_len).write(head as u16);
+            addr_of_mut!((*event).tail_len).write(tail as u16);
+            addr_of_mut!((*event).direction).write(io.direction);
+            addr_of_mut!((*event).io_kind).write(io.io_kind);
+            addr_of_mut!((*event)._pad0).write([0; 6]);
         }
+        entry.submit(data_wakeup_flag());
+        Ok(())
     }
-    event.header = header(kind::DATA, io.pid_tgid, io.fd, io.conn_start_ns);
-    event.enter_ns = if io.enter_ns == 0 {
-        event.header.ts_ns
-    } else {
-        io.enter_ns
-    };
-    event.total_len = if total > u32::MAX as u64 {
-        u32::MAX
-    } else {
-        total as u32
-    };
-    event.head_len = head as u16;
-    event.tail_len = tail as u16;
-    event.direction = io.direction;
-    event.io_kind = io.io_kind;
-    event._pad0 = [0; 6];
-
-    let size = DATA_EVENT_FIXED + head + tail;
-    let size = size & (2 * agent_common::DATA_BUF - 1);
-    // SAFETY: size <= DATA_EVENT_FIXED + HEAD_MAX + TAIL_MAX <= size_of DataEvent.
-    let bytes =
-        unsafe { core::slice::from_raw_parts((event as *const DataEvent).cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(bytes, data_wakeup_flag()).is_err() {
-        stat_add(stat::DROPPED_EVENTS, 1);
-        stat_add(stat::DROPPED_DATA_EVENTS, 1);
-    }
-    Ok(())
 }
 
 macro_rules! io_programs {

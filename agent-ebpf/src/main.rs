@@ -54,7 +54,7 @@ static AGENT_TGID: u32 = 0;
 /// `bpf_ringbuf_query` flag: bytes not yet consumed.
 const BPF_RB_AVAIL_DATA: u64 = 0;
 /// `bpf_ringbuf_output` flags.
-const BPF_RB_NO_WAKEUP: u64 = 1;
+pub(crate) const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Data events wake the reader only once this many bytes wait; below it the

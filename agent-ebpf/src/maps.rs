@@ -2,7 +2,7 @@
 //! `agent_common::names`; userspace resizes some of them at load time.
 
 use agent_common::{
-    stat, ConnInfo, ConnKey, DataEvent, IoArgs, PendingConnect, SockOwner, MAX_TRACKED_CONNECTIONS,
+    stat, ConnInfo, ConnKey, IoArgs, PendingConnect, SockOwner, MAX_TRACKED_CONNECTIONS,
     TRACKED_PROCS_SLOTS,
 };
 use aya_ebpf::{
@@ -41,7 +41,3 @@ pub static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(MAX_TRACKE
 /// Reads and writes in flight on tracked fds, by pid_tgid.
 #[map]
 pub static IO_ARGS: LruHashMap<u64, IoArgs> = LruHashMap::with_max_entries(16384, 0);
-
-/// Per-CPU room to assemble a data event (too big for the BPF stack).
-#[map]
-pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
