@@ -117,10 +117,19 @@ pub(crate) fn syscall_regs() -> Result<SyscallRegs, i64> {
     // SAFETY: helpers without preconditions; the kernel checks that the
     // task pointer is the BTF-typed current task.
     let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) };
-    // SAFETY: bpf_probe_read_kernel checks the kernel pointer.
-    let [_dx, si, di, nr]: [u64; 4] = unsafe {
-        bpf_probe_read_kernel((regs as usize + arch::REGS_DX_OFFSET) as *const [u64; 4])
-    }?;
+    // The helper returns a BTF-typed pointer to `struct pt_regs`: the
+    // verifier lets its members be loaded directly (a fault-handled load),
+    // which costs less than a bpf_probe_read_kernel call.
+    let at = |offset: usize| {
+        // SAFETY: a member of struct pt_regs, 8 bytes; the kernel checks
+        // the offset against the BTF type and handles a fault.
+        unsafe { core::ptr::read_volatile((regs as usize + offset) as *const u64) }
+    };
+    let (si, di, nr) = (
+        at(arch::REGS_DX_OFFSET + 8),
+        at(arch::REGS_DX_OFFSET + 16),
+        at(arch::REGS_DX_OFFSET + 24),
+    );
     Ok(SyscallRegs {
         nr,
         arg0: di,
