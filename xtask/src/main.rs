@@ -14,14 +14,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-/// The kernel crate is built and linted with Debian's toolchain: it ships a
-/// prebuilt `core` for bpfel-unknown-none, which rustup's stable lacks.
-const KERNEL_RUSTC: &str = "/usr/bin/rustc";
-const KERNEL_CARGO: &str = "/usr/bin/cargo";
-// Called directly: `cargo clippy` would find rustup's cargo-clippy first
-// (cargo searches $CARGO_HOME/bin before PATH), whose driver is rustc 1.95.
-const KERNEL_CARGO_CLIPPY: &str = "/usr/bin/cargo-clippy";
-
 #[derive(Parser)]
 #[command(
     name = "xtask",
@@ -145,47 +137,17 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 fn clippy_kernel() -> Result<()> {
-    if !Path::new(KERNEL_CARGO_CLIPPY).exists() {
+    // The kernel crate is linted with the toolchain that builds it
+    // (xtask/kernel-build); its cargo-clippy is called directly, since
+    // `cargo clippy` would find rustup's first ($CARGO_HOME/bin comes
+    // before PATH), whose driver has no BPF `core`.
+    let toolchain = kernel_build::Toolchain::find().map_err(anyhow::Error::msg)?;
+    let Some(clippy) = toolchain.cargo_clippy() else {
         println!("skipped: no clippy for the kernel toolchain (apt-get install rust-web-clippy)");
         return Ok(());
-    }
-    let mut cmd = Command::new(KERNEL_CARGO_CLIPPY);
-    // cargo-clippy expects to be called as cargo's `clippy` subcommand.
-    cmd.arg("clippy");
-    kernel_build_env(&mut cmd);
+    };
+    let mut cmd = toolchain.command(&clippy, "clippy", &root(), env::consts::ARCH);
     run(cmd.args(["--", "-D", "warnings"]))
-}
-
-/// Environment and target arguments for cargo acting on the kernel crate
-/// (agent/build.rs does the same for the real build). The rustup variables
-/// would otherwise drag in rustup's compiler, which has no BPF `core`.
-fn kernel_build_env(cmd: &mut Command) {
-    let flags = [
-        "--cfg=bpf_target_arch=\"x86_64\"",
-        "-Cdebuginfo=2",
-        "-Clink-arg=--btf",
-    ];
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_BUILD_RUSTC",
-        "CARGO_TARGET_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.current_dir(root())
-        .env("RUSTC", KERNEL_RUSTC)
-        // cargo-clippy runs $CARGO; `cargo run` set it to rustup's cargo.
-        .env("CARGO", KERNEL_CARGO)
-        // aya-ebpf 0.2.1 uses asm_experimental_arch; allow it for that crate only.
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
-        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
-        .args(["-p", "agent-ebpf", "--release"])
-        .args(["--target", "bpfel-unknown-none"])
-        .arg("--target-dir")
-        .arg(root().join("target").join("ebpf"));
 }
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {

@@ -5,7 +5,7 @@ use std::{fs, path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-use super::{cargo, cargo_home, is_root, output, run, which, KERNEL_RUSTC};
+use super::{cargo, cargo_home, is_root, output, run, which};
 
 /// Debian's Rust for the kernel crate (1.96 with a prebuilt BPF `core`), its
 /// clippy, and what bpf-linker's build links against besides LLVM itself.
@@ -241,14 +241,17 @@ fn deb_installed(pkg: &str) -> bool {
         .is_some_and(|status| status == "install ok installed")
 }
 
-/// The LLVM major version of Debian's rustc, from `LLVM version: 22.1.8`.
+/// The LLVM major version of the kernel toolchain's rustc (Debian's), from
+/// `LLVM version: 22.1.8`.
 fn kernel_llvm_major() -> Result<u32> {
-    let vv = output(Command::new(KERNEL_RUSTC).arg("-vV"))
-        .with_context(|| format!("`{KERNEL_RUSTC} -vV` failed"))?;
+    let toolchain = kernel_build::Toolchain::find().map_err(anyhow::Error::msg)?;
+    let rustc = toolchain.rustc.display();
+    let vv = output(Command::new(&toolchain.rustc).arg("-vV"))
+        .with_context(|| format!("`{rustc} -vV` failed"))?;
     vv.lines()
         .find_map(|line| line.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next()?.trim().parse().ok())
-        .with_context(|| format!("no `LLVM version: N.x` line in `{KERNEL_RUSTC} -vV`"))
+        .with_context(|| format!("no `LLVM version: N.x` line in `{rustc} -vV`"))
 }
 
 /// rustup's minimal profile leaves out rustfmt and clippy, which `test` needs.
