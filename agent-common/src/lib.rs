@@ -100,18 +100,34 @@ pub const SYSCALL_DATA_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
 ];
 
-/// Event kinds carried in [`EventHeader::kind`].
-pub mod kind {
+/// What a ring-buffer record is: [`EventHeader::kind`] holds it as a `u32`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
     /// A connect() syscall finished (successfully, in progress, or failed).
-    pub const CONNECT: u32 = 1;
+    Connect = 1,
     /// A tracked TCP socket changed state (established, peer closed, failed).
-    pub const SOCK_STATE: u32 = 2;
+    SockState = 2,
     /// A tracked fd was closed.
-    pub const CLOSE: u32 = 3;
+    Close = 3,
     /// The last thread of a process exited.
-    pub const PROCESS_EXIT: u32 = 4;
+    ProcessExit = 4,
     /// Bytes a tracked socket sent or received.
-    pub const DATA: u32 = 5;
+    Data = 5,
+}
+
+impl RecordKind {
+    /// The kind an `EventHeader::kind` names, if any.
+    pub const fn from_u32(value: u32) -> Option<RecordKind> {
+        Some(match value {
+            1 => RecordKind::Connect,
+            2 => RecordKind::SockState,
+            3 => RecordKind::Close,
+            4 => RecordKind::ProcessExit,
+            5 => RecordKind::Data,
+            _ => return None,
+        })
+    }
 }
 
 /// Indices into the per-CPU `STATS` array.

@@ -11,7 +11,8 @@
 use core::ptr::addr_of_mut;
 
 use agent_common::{
-    conn_flags, direction, io_kind, kind, stat, ConnKey, DataEvent, IoArgs, HEAD_MAX, TAIL_MAX,
+    conn_flags, direction, io_kind, stat, ConnKey, DataEvent, IoArgs, RecordKind, HEAD_MAX,
+    TAIL_MAX,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
@@ -239,7 +240,7 @@ impl Copy<'_> {
                 }
             }
             let io = self.io;
-            let header = header(kind::DATA, io.pid_tgid, io.fd, io.conn_start_ns);
+            let header = header(RecordKind::Data, io.pid_tgid, io.fd, io.conn_start_ns);
             let enter_ns = if io.enter_ns == 0 {
                 header.ts_ns
             } else {

@@ -12,14 +12,14 @@ mod maps;
 mod sock_io;
 
 use agent_common::{
-    conn_flags, family, kind, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey,
-    ConnectEvent, EventHeader, PendingConnect, ProcessExitEvent, SockOwner, SockStateEvent,
-    COMM_LEN, EINPROGRESS, UNIX_PATH_LEN,
+    conn_flags, family, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey, ConnectEvent,
+    EventHeader, PendingConnect, ProcessExitEvent, RecordKind, SockOwner, SockStateEvent, COMM_LEN,
+    EINPROGRESS, UNIX_PATH_LEN,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, bpf_probe_read_user_buf, generated,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_probe_read_user_buf, generated,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -178,9 +178,9 @@ fn emit<T: Copy + 'static>(event: &T) {
     }
 }
 
-pub(crate) fn header(kind: u32, pid_tgid: u64, fd: i32, conn_start_ns: u64) -> EventHeader {
+pub(crate) fn header(kind: RecordKind, pid_tgid: u64, fd: i32, conn_start_ns: u64) -> EventHeader {
     EventHeader {
-        kind,
+        kind: kind as u32,
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         fd,
@@ -276,7 +276,7 @@ fn try_sys_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     }
 
     let mut event = connect_event(
-        header(kind::CONNECT, pid_tgid, pending.fd, pending.start_ns),
+        header(RecordKind::Connect, pid_tgid, pending.fd, pending.start_ns),
         ret,
         pending.family,
         0,
@@ -382,7 +382,7 @@ fn on_tcp_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
     // SAFETY (all reads): offsets from sock/inet_sock_set_state/format.
     let addr_family: u16 = unsafe { ctx.read_at(28) }.map_err(i64::from)?;
     let mut event = connect_event(
-        header(kind::CONNECT, pid_tgid, fd, start_ns),
+        header(RecordKind::Connect, pid_tgid, fd, start_ns),
         // The handshake goes on; its end comes as a state change.
         EINPROGRESS,
         addr_family,
@@ -460,7 +460,7 @@ fn forget_conn(tgid: u32, fd: i32, conn_start_ns: u64) {
 fn emit_close(tgid: u32, fd: i32, conn_start_ns: u64, tid: u32) {
     forget_conn(tgid, fd, conn_start_ns);
     let mut hdr = header(
-        kind::CLOSE,
+        RecordKind::Close,
         ((tgid as u64) << 32) | tgid as u64,
         fd,
         conn_start_ns,
@@ -497,7 +497,7 @@ fn on_tcp_state(
     }
     let owner = owner.unwrap_or_default();
     let mut hdr = header(
-        kind::SOCK_STATE,
+        RecordKind::SockState,
         ((owner.tgid as u64) << 32) | owner.tgid as u64,
         owner.fd,
         owner.conn_start_ns,
@@ -567,7 +567,7 @@ fn try_sys_enter_close(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let _ = CONNS.remove(key);
     emit(&CloseEvent {
-        header: header(kind::CLOSE, pid_tgid, fd as i32, info.conn_start_ns),
+        header: header(RecordKind::Close, pid_tgid, fd as i32, info.conn_start_ns),
     });
     Ok(())
 }
@@ -586,7 +586,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     emit(&ProcessExitEvent {
-        header: header(kind::PROCESS_EXIT, pid_tgid, -1, 0),
+        header: header(RecordKind::ProcessExit, pid_tgid, -1, 0),
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     });
     Ok(())

@@ -4,8 +4,8 @@
 //! value, never a panic, and the reader counts it and moves on.
 
 use agent_common::{
-    family, kind, sock_flags, CloseEvent, ConnectEvent, EventHeader, ProcessExitEvent,
-    SockStateEvent,
+    family, sock_flags, CloseEvent, ConnectEvent, DataEvent, EventHeader, ProcessExitEvent,
+    RecordKind, SockStateEvent, DATA_EVENT_FIXED,
 };
 use std::{
     mem::size_of,
@@ -89,8 +89,11 @@ fn conn_id(h: &EventHeader) -> ConnId {
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read_pod(bytes)?;
-    let kind = match header.kind {
-        kind::CONNECT => {
+    let Some(record_kind) = RecordKind::from_u32(header.kind) else {
+        return Err(DecodeError::UnknownKind(header.kind));
+    };
+    let kind = match record_kind {
+        RecordKind::Connect => {
             let e: ConnectEvent = read_pod(bytes)?;
             let remote = if e.family == family::UNIX {
                 Endpoint::Unix(unix_path(&e.path, e.path_len))
@@ -104,7 +107,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 comm: c_string(&e.comm),
             }
         }
-        kind::SOCK_STATE => {
+        RecordKind::SockState => {
             let e: SockStateEvent = read_pod(bytes)?;
             EventKind::SockState {
                 old_state: e.old_state,
@@ -114,64 +117,37 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 reset_received: e.flags & sock_flags::RESET_RECEIVED != 0,
             }
         }
-        kind::CLOSE => {
+        RecordKind::Close => {
             let _: CloseEvent = read_pod(bytes)?;
             EventKind::Close
         }
-        kind::PROCESS_EXIT => {
+        RecordKind::ProcessExit => {
             let e: ProcessExitEvent = read_pod(bytes)?;
             EventKind::ProcessExit {
                 comm: c_string(&e.comm),
             }
         }
-        kind::DATA => {
-            let fixed = agent_common::DATA_EVENT_FIXED;
-            if bytes.len() < fixed {
-                return Err(DecodeError::Short {
-                    need: fixed,
+        RecordKind::Data => {
+            // The fixed part; the kernel sizes records in a few classes, so
+            // the record may hold more than the bytes it filled.
+            let e: DataEvent<0> = read_pod(bytes)?;
+            let head_len = usize::from(e.head_len);
+            let need = DATA_EVENT_FIXED + head_len + usize::from(e.tail_len);
+            let data = bytes
+                .get(DATA_EVENT_FIXED..need)
+                .ok_or(DecodeError::Short {
+                    need,
                     got: bytes.len(),
-                });
-            }
-            let field = |at: usize, len: usize| bytes.get(at..at + len);
-            let u32_at = |at| {
-                field(at, 4)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u32::from_ne_bytes)
-            };
-            let u16_at = |at| {
-                field(at, 2)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u16::from_ne_bytes)
-            };
-            let u64_at = |at| {
-                field(at, 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_ne_bytes)
-            };
-            let short = DecodeError::Short {
-                need: fixed,
-                got: bytes.len(),
-            };
-            let enter_ns = u64_at(32).ok_or(short.clone())?;
-            let total_len = u32_at(40).ok_or(short.clone())?;
-            let head_len = usize::from(u16_at(44).ok_or(short.clone())?);
-            let tail_len = usize::from(u16_at(46).ok_or(short.clone())?);
-            let direction = *bytes.get(48).ok_or(short)?;
-            let need = fixed + head_len + tail_len;
-            let data = bytes.get(fixed..need).ok_or(DecodeError::Short {
-                need,
-                got: bytes.len(),
-            })?;
+                })?;
             let (head, tail) = data.split_at(head_len);
             EventKind::Data {
-                sent: direction == agent_common::direction::SEND,
-                enter_ns,
-                total_len,
+                sent: e.direction == agent_common::direction::SEND,
+                enter_ns: e.enter_ns,
+                total_len: e.total_len,
                 head: head.to_vec(),
                 tail: tail.to_vec(),
             }
         }
-        other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Event {
         ts_ns: header.ts_ns,
@@ -209,7 +185,7 @@ mod tests {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let e = ConnectEvent {
-            header: header(kind::CONNECT),
+            header: header(RecordKind::Connect as u32),
             ret: -111,
             family: family::INET,
             port: 5432,
@@ -262,7 +238,7 @@ mod tests {
 
     #[test]
     fn rejects_short_and_unknown_records() {
-        let bytes = bytes_of(&header(kind::CONNECT));
+        let bytes = bytes_of(&header(RecordKind::Connect as u32));
         assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
         assert!(matches!(
             decode(&bytes[..5]),
@@ -278,15 +254,78 @@ mod tests {
     #[test]
     fn decodes_close_and_exit() {
         let ev = decode(&bytes_of(&CloseEvent {
-            header: header(kind::CLOSE),
+            header: header(RecordKind::Close as u32),
         }))
         .expect("close");
         assert_eq!(ev.kind, EventKind::Close);
         let ev = decode(&bytes_of(&ProcessExitEvent {
-            header: header(kind::PROCESS_EXIT),
+            header: header(RecordKind::ProcessExit as u32),
             comm: [b'x'; COMM_LEN],
         }))
         .expect("exit");
         assert!(matches!(ev.kind, EventKind::ProcessExit { .. }));
+    }
+
+    /// A data record as the kernel writes it: the fixed part, then the
+    /// head and the tail, in a record of one of its size classes.
+    fn data_record(head: &[u8], tail: &[u8], room: usize) -> Vec<u8> {
+        let fixed = DataEvent::<0> {
+            header: header(RecordKind::Data as u32),
+            enter_ns: 900,
+            total_len: 5000,
+            head_len: head.len() as u16,
+            tail_len: tail.len() as u16,
+            direction: agent_common::direction::RECV,
+            io_kind: agent_common::io_kind::BUFFER,
+            _pad0: [0; 6],
+            data: [],
+        };
+        let mut bytes = bytes_of(&fixed);
+        bytes.extend_from_slice(head);
+        bytes.extend_from_slice(tail);
+        bytes.resize(DATA_EVENT_FIXED + room, 0xAA);
+        bytes
+    }
+
+    #[test]
+    fn decodes_data_records_of_any_size_class() {
+        let bytes = data_record(b"T\0\0\0head", b"Z\0\0\0\x05I", 320);
+        let ev = decode(&bytes).expect("decodes");
+        assert_eq!(ev.ts_ns, 1_000);
+        match ev.kind {
+            EventKind::Data {
+                sent,
+                enter_ns,
+                total_len,
+                head,
+                tail,
+            } => {
+                assert!(!sent);
+                assert_eq!((enter_ns, total_len), (900, 5000));
+                assert_eq!(head, b"T\0\0\0head");
+                assert_eq!(tail, b"Z\0\0\0\x05I");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_data_record_shorter_than_its_lengths_is_an_error() {
+        let mut bytes = data_record(b"0123456789", b"", 10);
+        bytes.truncate(DATA_EVENT_FIXED + 4);
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::Short {
+                need: DATA_EVENT_FIXED + 10,
+                got: DATA_EVENT_FIXED + 4
+            })
+        );
+        assert!(matches!(
+            decode(&bytes[..DATA_EVENT_FIXED - 1]),
+            Err(DecodeError::Short { .. })
+        ));
+        let mut unknown = bytes_of(&header(99));
+        unknown.resize(64, 0);
+        assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(99)));
     }
 }
