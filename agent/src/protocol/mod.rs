@@ -23,6 +23,7 @@
 //! longer than one read whose message boundaries fall in the unseen middle
 //! produces such a pair; it is expected, not an error.
 
+mod book;
 mod frame;
 mod mysql;
 mod postgres;

@@ -4,8 +4,10 @@
 //! Packets are a 3-byte little-endian payload length, a sequence id, and the
 //! payload; a payload of 0xFFFFFF bytes continues in the next packet.
 
+use super::book::{
+    Alternation, BoundedMap, FeedContext, Pending, Protocol, RequestQueue, ResponseEnd,
+};
 use super::frame::{whole_msg, Flow, Link, Msg, View, Wire};
-use super::session::{Alternation, Book, BoundedMap, Ctx, End, Pending};
 use super::sql::{cstr, db_error, describe, Dialect};
 use super::{Chunk, Direction, Observation, TxState};
 
@@ -243,7 +245,7 @@ pub(crate) struct Session {
     phase: Phase,
     client: Link,
     server: Link,
-    book: Book,
+    book: RequestQueue,
     server_caps: u32,
     /// CLIENT_DEPRECATE_EOF as negotiated; `None` when the handshake was not
     /// seen.
@@ -270,7 +272,7 @@ impl Default for Session {
             phase: Phase::Greeting,
             client: Link::default(),
             server: Link::default(),
-            book: Book::default(),
+            book: RequestQueue::default(),
             server_caps: u32::MAX,
             deprecate_eof: None,
             compress: false,
@@ -287,16 +289,16 @@ impl Default for Session {
     }
 }
 
-impl Session {
-    pub(crate) fn encrypted(&self) -> bool {
+impl Protocol for Session {
+    fn encrypted(&self) -> bool {
         self.encrypted
     }
 
-    pub(crate) fn tx_state(&self) -> Option<TxState> {
+    fn tx_state(&self) -> Option<TxState> {
         self.tx
     }
 
-    pub(crate) fn request_outstanding(&self) -> bool {
+    fn request_outstanding(&self) -> bool {
         match self.phase {
             Phase::Opaque => self.alternation.waiting(),
             Phase::Command => self.book.waiting(),
@@ -304,7 +306,7 @@ impl Session {
         }
     }
 
-    pub(crate) fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut FeedContext<'_>) {
         match (self.phase, direction) {
             (Phase::Ended, _) => {}
             (Phase::Opaque, Direction::ToServer) => {
@@ -321,11 +323,13 @@ impl Session {
             (_, Direction::FromServer) => self.server_chunk(view, cx),
         }
     }
+}
 
+impl Session {
     /// A server chunk before any request: the greeting, whole or (read in
     /// two calls) its header and then its payload; anything else means the
     /// agent came late.
-    fn greeting(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn greeting(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         if let Some(header) = self.greeting_header.take() {
             if is_split_greeting(&header, view.start()) {
                 let chunk = Chunk::whole(Direction::FromServer, cx.ts, &header);
@@ -342,15 +346,15 @@ impl Session {
         }
     }
 
-    fn end(&self, ts: u64) -> End<'_> {
-        End {
+    fn end(&self, ts: u64) -> ResponseEnd<'_> {
+        ResponseEnd {
             end_ns: ts,
             namespace: self.namespace.as_deref(),
             tx_state: self.tx,
         }
     }
 
-    fn client_chunk(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn client_chunk(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         if self.server.is_lost() {
             // The response's end was not seen and the client moved on.
             self.book
@@ -374,7 +378,7 @@ impl Session {
         self.client = link;
     }
 
-    fn server_chunk(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn server_chunk(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         self.book.server_chunk(cx.ts);
         let mut link = std::mem::take(&mut self.server);
         let ending = link.feed(view, &WIRE, response_end, response_end, |m| {
@@ -399,7 +403,7 @@ impl Session {
         }
     }
 
-    fn on_client(&mut self, m: &Msg<'_>, cx: &mut Ctx<'_>) -> Flow {
+    fn on_client(&mut self, m: &Msg<'_>, cx: &mut FeedContext<'_>) -> Flow {
         if std::mem::replace(&mut self.client_continues, m.body_len == MAX_PAYLOAD) {
             return Flow::Continue;
         }
@@ -411,7 +415,7 @@ impl Session {
         }
     }
 
-    fn handshake_response(&mut self, payload: &[u8], len: usize, cx: &mut Ctx<'_>) -> Flow {
+    fn handshake_response(&mut self, payload: &[u8], len: usize, cx: &mut FeedContext<'_>) -> Flow {
         let caps = le32(payload).unwrap_or_default();
         if caps & CLIENT_PROTOCOL_41 == 0 {
             // Pre-4.1 clients: too old to be worth parsing; keep going.
@@ -423,7 +427,7 @@ impl Session {
             // SSLRequest: TLS starts with the client's next bytes.
             self.phase = Phase::Opaque;
             self.encrypted = true;
-            self.book = Book::default();
+            self.book = RequestQueue::default();
             cx.out.push(Observation::Encrypted);
             return Flow::Stop;
         }
@@ -454,7 +458,7 @@ impl Session {
         Flow::Continue
     }
 
-    fn command(&mut self, payload: &[u8], cx: &mut Ctx<'_>) -> Flow {
+    fn command(&mut self, payload: &[u8], cx: &mut FeedContext<'_>) -> Flow {
         let Some((&command, rest)) = payload.split_first() else {
             return Flow::Continue;
         };
@@ -500,7 +504,7 @@ impl Session {
         Flow::Continue
     }
 
-    fn on_server(&mut self, m: &Msg<'_>, cx: &mut Ctx<'_>) -> Flow {
+    fn on_server(&mut self, m: &Msg<'_>, cx: &mut FeedContext<'_>) -> Flow {
         if std::mem::replace(&mut self.server_continues, m.body_len == MAX_PAYLOAD) {
             return Flow::Continue;
         }
@@ -538,7 +542,7 @@ impl Session {
     }
 
     /// One packet of the response to the oldest command.
-    fn reply(&mut self, m: &Msg<'_>, cx: &mut Ctx<'_>) {
+    fn reply(&mut self, m: &Msg<'_>, cx: &mut FeedContext<'_>) {
         let Some(p) = self.book.front_mut() else {
             return;
         };
@@ -640,7 +644,7 @@ impl Session {
     }
 
     /// After a group of definitions: the next group, or the response's end.
-    fn next_definitions(&mut self, then: u16, cx: &mut Ctx<'_>) {
+    fn next_definitions(&mut self, then: u16, cx: &mut FeedContext<'_>) {
         if then > 0 {
             self.reply = Reply::Definitions {
                 left: then,
@@ -653,7 +657,7 @@ impl Session {
 
     /// An OK or EOF that ends a result: the response ends unless more
     /// results follow.
-    fn end_of_result(&mut self, payload: &[u8], cx: &mut Ctx<'_>) {
+    fn end_of_result(&mut self, payload: &[u8], cx: &mut FeedContext<'_>) {
         let status = status_flags(payload);
         if let Some(status) = status {
             self.tx = Some(tx_of(status));
@@ -665,7 +669,7 @@ impl Session {
         }
     }
 
-    fn finish(&mut self, cx: &mut Ctx<'_>) {
+    fn finish(&mut self, cx: &mut FeedContext<'_>) {
         self.reply = Reply::First;
         if let Some(p) = self.book.pop() {
             self.end(cx.ts).emit(p, cx.out);

@@ -2,8 +2,11 @@
 //! simple and extended query, copy (framed like any message), errors and
 //! ReadyForQuery's transaction status.
 
+use super::book::{
+    is_tls_record, Alternation, BoundedMap, FeedContext, Pending, Protocol, RequestQueue,
+    ResponseEnd,
+};
 use super::frame::{whole_msg, Flow, Link, Msg, View, Wire};
-use super::session::{is_tls_record, Alternation, Book, BoundedMap, Ctx, End, Pending};
 use super::sql::{cstr, db_error, describe, Dialect};
 use super::{DbError, Direction, Observation, TxState};
 
@@ -216,7 +219,7 @@ pub(crate) struct Session {
     phase: Phase,
     client: Link,
     server: Link,
-    book: Book,
+    book: RequestQueue,
     statements: BoundedMap<Vec<u8>, Statement>,
     /// Portal name → statement name.
     portals: BoundedMap<Vec<u8>, Vec<u8>>,
@@ -231,7 +234,7 @@ impl Default for Session {
             phase: Phase::Start,
             client: Link::default(),
             server: Link::default(),
-            book: Book::default(),
+            book: RequestQueue::default(),
             statements: BoundedMap::new(STATEMENTS_MAX),
             portals: BoundedMap::new(STATEMENTS_MAX),
             namespace: None,
@@ -241,16 +244,16 @@ impl Default for Session {
     }
 }
 
-impl Session {
-    pub(crate) fn encrypted(&self) -> bool {
+impl Protocol for Session {
+    fn encrypted(&self) -> bool {
         self.phase == Phase::Encrypted
     }
 
-    pub(crate) fn tx_state(&self) -> Option<TxState> {
+    fn tx_state(&self) -> Option<TxState> {
         self.tx
     }
 
-    pub(crate) fn request_outstanding(&self) -> bool {
+    fn request_outstanding(&self) -> bool {
         match self.phase {
             Phase::Encrypted => self.alternation.waiting(),
             Phase::Ended => false,
@@ -258,7 +261,7 @@ impl Session {
         }
     }
 
-    pub(crate) fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut FeedContext<'_>) {
         match (self.phase, direction) {
             (Phase::Ended, _) => {}
             (Phase::Encrypted, Direction::ToServer) => {
@@ -280,14 +283,16 @@ impl Session {
             (_, Direction::FromServer) => self.server_chunk(view, cx),
         }
     }
+}
 
-    fn encrypt(&mut self, cx: &mut Ctx<'_>) {
+impl Session {
+    fn encrypt(&mut self, cx: &mut FeedContext<'_>) {
         self.phase = Phase::Encrypted;
-        self.book = Book::default();
+        self.book = RequestQueue::default();
         cx.out.push(Observation::Encrypted);
     }
 
-    fn start(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn start(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         let start = view.start();
         if is_tls_record(start) {
             // PostgreSQL 17's direct TLS: no SSLRequest first.
@@ -318,7 +323,7 @@ impl Session {
     }
 
     /// StartupMessage parameters: NUL-terminated name/value pairs.
-    fn startup(&mut self, params: &[u8], cx: &mut Ctx<'_>) {
+    fn startup(&mut self, params: &[u8], cx: &mut FeedContext<'_>) {
         let (mut user, mut database) = (None, None);
         let mut rest = params;
         loop {
@@ -340,7 +345,7 @@ impl Session {
         cx.out.push(Observation::Startup { user, database });
     }
 
-    fn client_chunk(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn client_chunk(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         if self.server.is_lost() {
             // The response's end was not seen and the client moved on.
             self.book
@@ -370,7 +375,7 @@ impl Session {
         self.client = link;
     }
 
-    fn server_chunk(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn server_chunk(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         self.book.server_chunk(cx.ts);
         let mut link = std::mem::take(&mut self.server);
         let is_ready = |m: &[u8]| m.first() == Some(&b'Z');
@@ -386,15 +391,15 @@ impl Session {
         self.server = link;
     }
 
-    fn end(&self, ts: u64) -> End<'_> {
-        End {
+    fn end(&self, ts: u64) -> ResponseEnd<'_> {
+        ResponseEnd {
             end_ns: ts,
             namespace: self.namespace.as_deref(),
             tx_state: self.tx,
         }
     }
 
-    fn on_backend(&mut self, m: &Msg<'_>, cx: &mut Ctx<'_>) -> Flow {
+    fn on_backend(&mut self, m: &Msg<'_>, cx: &mut FeedContext<'_>) -> Flow {
         let Some(&t) = m.header.first() else {
             return Flow::Continue;
         };
@@ -433,7 +438,7 @@ impl Session {
         Flow::Continue
     }
 
-    fn on_frontend(&mut self, m: &Msg<'_>, cx: &mut Ctx<'_>) -> Flow {
+    fn on_frontend(&mut self, m: &Msg<'_>, cx: &mut FeedContext<'_>) -> Flow {
         let Some(&t) = m.header.first() else {
             return Flow::Continue;
         };
@@ -522,7 +527,7 @@ fn portal_statement<'s>(
 
 /// Adds a Parse/Bind/Describe/Execute to the extended-protocol batch being
 /// sent (until Sync), opening one if needed.
-fn batch(book: &mut Book, statement: Option<&Statement>, cx: &mut Ctx<'_>) {
+fn batch(book: &mut RequestQueue, statement: Option<&Statement>, cx: &mut FeedContext<'_>) {
     if !book.back_mut().is_some_and(|p| p.open) {
         let p = Pending {
             open: true,

@@ -5,8 +5,10 @@
 //! payloads are skipped by their announced length, so a large value costs
 //! nothing; a type line that falls in a chunk's unseen middle loses framing.
 
+use super::book::{
+    is_tls_record, Alternation, FeedContext, Pending, Protocol, RequestQueue, ResponseEnd,
+};
 use super::frame::{Report, View};
-use super::session::{is_tls_record, Alternation, Book, Ctx, End, Pending};
 use super::sql::{db_error, truncate_chars};
 use super::{DbError, Direction, Observation, TxState, QUERY_MAX_CHARS};
 
@@ -381,7 +383,7 @@ pub(crate) struct Session {
     server: Reader,
     client_report: Report,
     server_report: Report,
-    book: Book,
+    book: RequestQueue,
     namespace: Option<String>,
     tx: Option<TxState>,
     /// A SUBSCRIBE was sent: RESP2 pushes arrive as plain arrays.
@@ -389,16 +391,16 @@ pub(crate) struct Session {
     alternation: Alternation,
 }
 
-impl Session {
-    pub(crate) fn encrypted(&self) -> bool {
+impl Protocol for Session {
+    fn encrypted(&self) -> bool {
         self.encrypted
     }
 
-    pub(crate) fn tx_state(&self) -> Option<TxState> {
+    fn tx_state(&self) -> Option<TxState> {
         self.tx
     }
 
-    pub(crate) fn request_outstanding(&self) -> bool {
+    fn request_outstanding(&self) -> bool {
         if self.encrypted {
             self.alternation.waiting()
         } else {
@@ -406,7 +408,7 @@ impl Session {
         }
     }
 
-    pub(crate) fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn feed(&mut self, direction: Direction, view: &View<'_>, cx: &mut FeedContext<'_>) {
         if !std::mem::replace(&mut self.started, true) {
             self.client = Reader::client();
             if direction == Direction::ToServer && is_tls_record(view.start()) {
@@ -424,16 +426,18 @@ impl Session {
             (false, Direction::FromServer) => self.server_chunk(view, cx),
         }
     }
+}
 
-    fn end(&self, ts: u64) -> End<'_> {
-        End {
+impl Session {
+    fn end(&self, ts: u64) -> ResponseEnd<'_> {
+        ResponseEnd {
             end_ns: ts,
             namespace: self.namespace.as_deref(),
             tx_state: self.tx,
         }
     }
 
-    fn client_chunk(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn client_chunk(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         if self.server.lost {
             // The reply's end was not seen and the client moved on.
             self.book
@@ -470,7 +474,7 @@ impl Session {
         }
     }
 
-    fn server_chunk(&mut self, view: &View<'_>, cx: &mut Ctx<'_>) {
+    fn server_chunk(&mut self, view: &View<'_>, cx: &mut FeedContext<'_>) {
         self.book.server_chunk(cx.ts);
         if self.server.lost {
             // Replies cannot be told apart from the middle of one: wait
@@ -488,7 +492,7 @@ impl Session {
         }
     }
 
-    fn on_command(&mut self, v: &Value, cx: &mut Ctx<'_>) {
+    fn on_command(&mut self, v: &Value, cx: &mut FeedContext<'_>) {
         let inline_words: Vec<&[u8]>;
         let (name, sub, args) = match v.kind {
             b'*' => (
@@ -558,7 +562,7 @@ impl Session {
         self.book.push(p, cx.out);
     }
 
-    fn on_reply(&mut self, v: &Value, cx: &mut Ctx<'_>) {
+    fn on_reply(&mut self, v: &Value, cx: &mut FeedContext<'_>) {
         let first = v.strings.first().map(|s| s.to_ascii_lowercase());
         let first = first.as_deref().unwrap_or_default();
         let confirmation = matches!(first, b"subscribe" | b"psubscribe" | b"ssubscribe");
