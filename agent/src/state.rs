@@ -21,8 +21,25 @@ use crate::{
     health::Health,
     lifecycle::Tracker,
     reports::{LeakReports, PublishBudget, Reports},
-    telemetry::KernelCounters,
 };
+
+/// Kernel-side counters, refreshed by the reader from the per-CPU STATS map.
+#[derive(Debug, Default, Clone)]
+pub struct KernelCounters {
+    pub dropped_events: u64,
+    pub ringbuf_pending_bytes: u64,
+    pub ringbuf_size_bytes: u64,
+    pub pending_insert_failed: u64,
+    /// Connections the kernel could not track because its maps were full.
+    pub conns_full: u64,
+    /// Socket I/O of tracking processes that the socket data path could not
+    /// attribute to an fd (io_uring, sendfile, sendmmsg...).
+    pub unattributed_socket_io: u64,
+    pub unattributed_connects: u64,
+    /// Per kernel program: (name, total run time ns, runs), where the kernel
+    /// keeps BPF run-time statistics (enabled by the loader).
+    pub probes: Vec<(String, u64, u64)>,
+}
 
 /// What the agent knows.
 pub struct State {

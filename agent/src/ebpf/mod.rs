@@ -17,7 +17,7 @@ use aya::{
 use crate::config::DataPath;
 use tokio::io::unix::AsyncFd;
 
-use crate::telemetry::KernelCounters;
+use crate::state::KernelCounters;
 
 /// The kernel programs, built by build.rs.
 static KERNEL_OBJECT: &[u8] =

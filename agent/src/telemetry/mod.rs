@@ -30,7 +30,7 @@ use crate::{
     procfs::Placement,
     protocol::DbSystem,
     reports::LeakChange,
-    state::{Shared, State},
+    state::{KernelCounters, Shared, State},
 };
 
 /// Prometheus names that the exporter's derivation gets wrong: a `_count`
@@ -58,24 +58,6 @@ pub const OPERATION_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
 pub const LIFETIME_BUCKETS: &[f64] = &[
     0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
 ];
-
-/// Kernel-side counters, refreshed by the reader from the per-CPU STATS map.
-#[derive(Debug, Default, Clone)]
-pub struct KernelCounters {
-    pub dropped_events: u64,
-    pub ringbuf_pending_bytes: u64,
-    pub ringbuf_size_bytes: u64,
-    pub pending_insert_failed: u64,
-    /// Connections the kernel could not track because its maps were full.
-    pub conns_full: u64,
-    /// Socket I/O of tracking processes that the socket data path could not
-    /// attribute to an fd (io_uring, sendfile, sendmmsg...).
-    pub unattributed_socket_io: u64,
-    pub unattributed_connects: u64,
-    /// Per kernel program: (name, total run time ns, runs), where the kernel
-    /// keeps BPF run-time statistics (enabled by the loader).
-    pub probes: Vec<(String, u64, u64)>,
-}
 
 /// What the observable instruments read at collection time.
 pub struct Observed {
