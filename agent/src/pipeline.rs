@@ -24,6 +24,7 @@ use crate::{
     detect::{self, LeakKind, Thresholds},
     ebpf::{self, KernelProbes, LoadOptions, TracefsStatus},
     health::{AdapterState, Health},
+    kernel_records,
     lifecycle::{
         CloseReason, ConnId, Endpoint, Event, EventKind, Output, SeededPhase, Tracker,
         TrackerConfig,
@@ -39,7 +40,6 @@ use crate::{
         otlp::{self, OtlpExport},
         Observed, Telemetry,
     },
-    wire,
 };
 
 struct Pipeline {
@@ -939,7 +939,7 @@ fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &Pipeline) -> Result<(), Br
 }
 
 fn apply_record(record: &[u8], pipeline: &Pipeline) -> Result<(), Broken> {
-    match wire::decode(record) {
+    match kernel_records::decode(record) {
         Ok(event) => pipeline.apply(event),
         Err(e) => {
             pipeline.telemetry.record_decode_error();

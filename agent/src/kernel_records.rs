@@ -1,4 +1,4 @@
-//! Bytes from the kernel's ring buffer -> typed events.
+//! Records from the kernel's ring buffer -> typed events.
 //!
 //! Pure and length-checked: a short, oversized or unknown record is an error
 //! value, never a panic, and the reader counts it and moves on.
