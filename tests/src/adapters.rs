@@ -1,0 +1,210 @@
+//! The pool adapters under test: the Node.js adapter's checkout and the
+//! Python application with real pools.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Instant,
+};
+
+use crate::{json, kill_child, path_str, python3, workspace_root, Value, LOCALHOST_V4};
+
+/// `adapters/node`: the npm package `poolscope-adapter`.
+pub fn node_adapter_dir() -> PathBuf {
+    workspace_root().join("adapters").join("node")
+}
+
+/// True when `node`, the adapter's npm dependencies (`pg`) and its compiled
+/// Unix-datagram sender are all there. In CI (`CI=true`) a missing one is a
+/// failure, so that a runner without them cannot pass by skipping; elsewhere
+/// the test is skipped with what to run.
+pub fn require_node_adapter() -> bool {
+    let dir = node_adapter_dir();
+    let mut missing = Vec::new();
+    let node_runs = Command::new("node")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !node_runs {
+        missing.push("node (Debian's nodejs and npm)".to_string());
+    }
+    for (path, what) in [
+        ("node_modules/pg/package.json", "the npm dependencies"),
+        (
+            "build/Release/poolscope_adapter.node",
+            "the native sender (node-gyp)",
+        ),
+    ] {
+        if !dir.join(path).is_file() {
+            missing.push(format!("{what}: {}", dir.join(path).display()));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let text = format!(
+        "the Node.js adapter tests need {}; run cargo xtask setup (or npm ci in {})",
+        missing.join(", "),
+        dir.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{text}");
+    }
+    eprintln!("skipped: {text}");
+    false
+}
+
+pub use poolscope::api::PoolsResponse;
+pub use poolscope::detect::LeakKind;
+pub use poolscope::lifecycle::PoolView;
+pub use poolscope::reports::{LeakReport, LeaksResponse, ReportStatus};
+
+/// `adapters/python`: the Python adapter package, put on the app's
+/// PYTHONPATH.
+pub fn python_adapter_dir() -> PathBuf {
+    workspace_root().join("adapters/python")
+}
+
+/// An agent configuration with the adapter socket at `socket` and the
+/// given `[leaks]` thresholds (`("leak_threshold_seconds", 3.0)`, ...).
+pub fn adapter_config(socket: &Path, leaks: &[(&str, f64)]) -> String {
+    let mut toml = format!("[adapter]\nsocket = {:?}\n\n[leaks]\n", path_str(socket));
+    for (key, value) in leaks {
+        toml.push_str(&format!("{key} = {value:?}\n"));
+    }
+    toml
+}
+
+/// `tests/scripts/pool_app.py`: an application with real SQLAlchemy and
+/// psycopg_pool pools (and, when asked, the pool adapter), driven with one
+/// JSON request per line. Killed on drop.
+pub struct PoolApp {
+    pub pid: u32,
+    /// The native id of the app's main thread, which serves the requests
+    /// (and so checks out the connections that `checkout` holds).
+    pub tid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl PoolApp {
+    /// Starts the app; its adapter (if a pool is created with one) sends to
+    /// `adapter_socket`. Without a socket the variable is removed, so an
+    /// adapter would try the default path.
+    pub fn spawn(adapter_socket: Option<&Path>) -> PoolApp {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pool_app.py");
+        let mut cmd = Command::new(python3());
+        cmd.arg("-u")
+            .arg(&script)
+            .env("PYTHONPATH", python_adapter_dir())
+            .env_remove("POOLSCOPE_ADAPTER_SOCKET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(socket) = adapter_socket {
+            cmd.env("POOLSCOPE_ADAPTER_SOCKET", socket);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut app = PoolApp {
+            pid: child.id(),
+            tid: 0,
+            child,
+            stdin: Some(stdin),
+            stdout,
+        };
+        let answer = app.request(json!({"op": "pid"}));
+        assert_eq!(
+            answer["pid"].as_u64(),
+            Some(u64::from(app.pid)),
+            "the app runs in the process we spawned"
+        );
+        app.tid = answer["tid"]
+            .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
+            .expect("the app's thread id");
+        app
+    }
+
+    /// Sends one request and returns the answer; panics unless it is ok.
+    pub fn request(&mut self, request: Value) -> Value {
+        let line = request.to_string();
+        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
+        let mut answer = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("cannot read the app's answer to {line}: {e}"));
+        assert!(n > 0, "the app exited on {line}");
+        let answer: Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("the app's answer to {line} is not JSON ({e}): {answer}"));
+        assert_eq!(
+            answer["ok"],
+            Value::Bool(true),
+            "the app failed {line}: {answer}"
+        );
+        answer
+    }
+}
+
+/// A held connection as the app saw it (getsockname on the driver's fd),
+/// and when the test got it.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    pub fd: i32,
+    pub port: u16,
+    pub at: Instant,
+}
+
+impl PoolApp {
+    /// Checks a connection out of `engine`'s pool and holds it as `id`.
+    pub fn checkout(&mut self, engine: &str, id: &str) -> Held {
+        let answer = self.request(json!({"op": "checkout", "engine": engine, "id": id}));
+        held_from(&answer)
+    }
+}
+
+/// The connection the app's answer names (`fd`, `local_port`, and a
+/// `local_address` on 127.0.0.1 that agrees with the port), held from now.
+fn held_from(answer: &Value) -> Held {
+    let fd = answer["fd"].as_i64().and_then(|v| i32::try_from(v).ok());
+    let port = answer["local_port"]
+        .as_u64()
+        .and_then(|v| u16::try_from(v).ok());
+    assert_eq!(
+        answer["local_address"].as_str(),
+        port.map(|p| format!("{LOCALHOST_V4}:{p}")).as_deref(),
+        "{answer}"
+    );
+    Held {
+        fd: fd.unwrap_or_else(|| panic!("no fd in {answer}")),
+        port: port.unwrap_or_else(|| panic!("no local port in {answer}")),
+        at: Instant::now(),
+    }
+}
+
+/// The local port of a report's connection, if it names one.
+pub fn local_port(report: &LeakReport) -> Option<u16> {
+    report
+        .local_address
+        .as_deref()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port())
+}
+
+impl Drop for PoolApp {
+    fn drop(&mut self) {
+        self.stdin = None;
+        kill_child(&mut self.child);
+    }
+}
