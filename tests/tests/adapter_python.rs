@@ -1065,3 +1065,26 @@ fn incomplete_and_future_messages_are_counted_by_their_reason() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The adapter's own unit tests (adapters/python/tests: the sender, the
+/// fail-soft rule, the SQLAlchemy and psycopg_pool hooks against fake and
+/// real pools), run by the interpreter the scenarios above use. Under CI
+/// every one must run: a skip there means a dependency that setup should
+/// have installed is missing.
+#[test]
+fn the_adapters_own_unit_tests_pass() {
+    let out = std::process::Command::new(poolscope_tests::python3())
+        .args(["-m", "unittest", "discover", "-s", "tests", "-t", "."])
+        .current_dir(poolscope_tests::python_adapter_dir())
+        .output()
+        .expect("run python3 -m unittest");
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "unit tests failed:\n{report}");
+    assert!(report.contains("\nOK"), "{report}");
+    if std::env::var_os("CI").is_some() {
+        assert!(
+            !report.contains("skipped"),
+            "tests skipped under CI:\n{report}"
+        );
+    }
+}

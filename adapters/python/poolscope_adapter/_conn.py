@@ -4,6 +4,8 @@ descriptor in this process and, for TCP, the local ``ip:port``."""
 import fcntl
 import socket
 
+from ._failsoft import quietly
+
 
 def _fd_of(obj):
     """The socket fd behind a driver connection, or None."""
@@ -16,21 +18,17 @@ def _fd_of(obj):
     # psycopg 3: the libpq connection's socket (raises once closed).
     pgconn = getattr(obj, "pgconn", None)
     if pgconn is not None:
-        try:
+        with quietly():
             fd = pgconn.socket
             if isinstance(fd, int) and fd >= 0:
                 return fd
-        except Exception:
-            pass
     # psycopg2 and psycopg 3 both have fileno().
     fileno = getattr(obj, "fileno", None)
     if callable(fileno):
-        try:
+        with quietly():
             fd = fileno()
             if isinstance(fd, int) and fd >= 0:
                 return fd
-        except Exception:
-            pass
     # PyMySQL: _sock; mysql-connector (pure Python): _socket.sock.
     for path in (("_sock",), ("_socket", "sock")):
         target = obj
@@ -39,23 +37,19 @@ def _fd_of(obj):
             if target is None:
                 break
         if target is not None:
-            try:
+            with quietly():
                 fd = target.fileno()
                 if isinstance(fd, int) and fd >= 0:
                     return fd
-            except Exception:
-                pass
     # asyncpg: the transport's socket.
     transport = getattr(obj, "_transport", None)
     if transport is not None:
-        try:
+        with quietly():
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 fd = sock.fileno()
                 if isinstance(fd, int) and fd >= 0:
                     return fd
-        except Exception:
-            pass
     return None
 
 
@@ -89,21 +83,17 @@ def local_address_of_fd(fd):
     finally:
         # Hand the fd back untouched: detach() stops the socket object from
         # closing it, now or when it is garbage collected.
-        try:
+        with quietly():
             sock.detach()
-        except Exception:
-            pass
         _restore_flags(fd, flags)
 
 
 def _restore_flags(fd, flags):
     if flags is None:
         return
-    try:
+    with quietly():
         if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    except Exception:
-        pass
 
 
 def connection_ref(dbapi_connection):

@@ -16,6 +16,7 @@ import weakref
 
 from ._conn import connection_ref
 from ._sender import PoolReporter
+from ._failsoft import quietly
 
 log = logging.getLogger("poolscope_adapter")
 
@@ -26,7 +27,7 @@ _WRAPPED = ("getconn", "putconn", "_connect", "_close_connection", "resize")
 def _server_info(pool):
     """(host, port, dbname) from the pool's conninfo and kwargs, best effort."""
     params = {}
-    try:
+    with quietly():
         conninfo = pool.conninfo
         if isinstance(conninfo, str):
             try:
@@ -38,14 +39,10 @@ def _server_info(pool):
                     if "=" in part:
                         key, value = part.split("=", 1)
                         params[key] = value.strip("'")
-    except Exception:
-        pass
-    try:
+    with quietly():
         kwargs = pool.kwargs
         if isinstance(kwargs, dict):
             params.update({k: v for k, v in kwargs.items() if v is not None})
-    except Exception:
-        pass
     host = params.get("host") or params.get("hostaddr")
     if isinstance(host, str) and "," in host:
         host = host.split(",", 1)[0]
@@ -92,7 +89,7 @@ class PsycopgPoolInstrumentation:
             return None
 
     def _end(self, request, error=None, conn=None):
-        try:
+        with quietly():
             if request is None:
                 return
             if error is None:
@@ -104,32 +101,22 @@ class PsycopgPoolInstrumentation:
                 PoolTimeout = ()
             result = "timeout" if PoolTimeout and isinstance(error, PoolTimeout) else "error"
             self.reporter.acquire_end(request, result)
-        except Exception:
-            pass
 
     def _release(self, conn):
-        try:
+        with quietly():
             self.reporter.release(self._ref(conn))
-        except Exception:
-            pass
 
     def _created(self, conn):
-        try:
+        with quietly():
             self.reporter.connection_created(self._ref(conn, refresh=True))
-        except Exception:
-            pass
 
     def _closed(self, conn):
-        try:
+        with quietly():
             self.reporter.connection_closed(self._ref(conn))
-        except Exception:
-            pass
 
     def _resized(self):
-        try:
+        with quietly():
             self.reporter.update(max=self.pool.max_size, min_idle=self.pool.min_size)
-        except Exception:
-            pass
 
     # -- wrappers -----------------------------------------------------------
 
@@ -254,16 +241,12 @@ class PsycopgPoolInstrumentation:
     def uninstall(self):
         """Restores the pool's own methods; nothing more is sent."""
         for name in _WRAPPED:
-            try:
+            with quietly():
                 wrapper = self.pool.__dict__.get(name)
                 if wrapper is not None and hasattr(wrapper, "_poolscope_original"):
                     delattr(self.pool, name)
-            except Exception:
-                pass
-        try:
+        with quietly():
             delattr(self.pool, _ATTR)
-        except Exception:
-            pass
 
 
 def instrument_psycopg_pool(pool, pool_name=None, sender=None, state_interval=None):

@@ -19,6 +19,8 @@ import threading
 import time
 import weakref
 
+from ._failsoft import quietly
+
 #: Protocol version this adapter speaks (docs/adapter-protocol.md).
 VERSION = 1
 #: Where the agent listens unless ``POOLSCOPE_ADAPTER_SOCKET`` says otherwise.
@@ -132,10 +134,8 @@ class Sender:
             if st is None or st.pid != os.getpid():
                 if st is not None:
                     # Inherited over fork(): this process's copy of the fd.
-                    try:
+                    with quietly():
                         st.sock.close()
-                    except Exception:
-                        pass
                 st = _ProcessState()
                 self._st = st
             return st
@@ -258,10 +258,8 @@ class Sender:
                 self._drop("closed", len(st.backlog))
             st.backlog.clear()
             st.wake.notify()
-        try:
+        with quietly():
             st.sock.close()
-        except Exception:
-            pass
 
 
 def _send_backlog(sender_ref, st):
@@ -436,7 +434,7 @@ class PoolReporter:
     # -- messages ---------------------------------------------------------
 
     def register(self):
-        try:
+        with quietly():
             fields = {}
             for key in ("db_system", "server_address", "namespace", "library"):
                 value = _short(self.info.get(key))
@@ -455,26 +453,20 @@ class PoolReporter:
             self._registered_at = time.monotonic()
             self._registered_pid = os.getpid()
             self._send("pool", fields)
-        except Exception:
-            pass
 
     def update(self, **info):
         """Changes the registration (e.g. a new max) and sends it again."""
-        try:
+        with quietly():
             self.info.update({k: v for k, v in info.items() if v is not None})
             self.register()
-        except Exception:
-            pass
 
     def acquire_start(self, request):
-        try:
+        with quietly():
             self._maybe_reregister()
             self._send("acquire_start", {"request": request, "tid": threading.get_native_id()})
-        except Exception:
-            pass
 
     def acquire_end(self, request, result, conn=None):
-        try:
+        with quietly():
             self._maybe_reregister()
             tid = threading.get_native_id()
             fields = {"request": request, "result": result, "tid": tid}
@@ -487,19 +479,15 @@ class PoolReporter:
                 # re-sends the state, this checkout included.
                 self._checked_out(conn, at_ns, tid)
             self._send("acquire_end", fields, at_ns)
-        except Exception:
-            pass
 
     def _conn_event(self, kind, conn):
-        try:
+        with quietly():
             if not conn:
                 return
             self._maybe_reregister()
             if kind in ("release", "connection_closed"):
                 self._returned(conn)
             self._send(kind, dict(conn))
-        except Exception:
-            pass
 
     def release(self, conn):
         self._conn_event("release", conn)
@@ -514,7 +502,7 @@ class PoolReporter:
         """Sends the registration and the connections checked out now
         (``checkout_state``, split to fit the datagram limit). Sent when the
         agent comes back and periodically; the agent takes it idempotently."""
-        try:
+        with quietly():
             self._state_sent_at = time.monotonic()
             self.register()
             entries = self._checkouts()
@@ -538,8 +526,6 @@ class PoolReporter:
                 chunk.append(entry)
                 size += n
             self._send("checkout_state", {"checkouts": chunk})
-        except Exception:
-            pass
 
     def _state_due(self, now):
         """Seconds until the next periodic state is due (0: now), or None

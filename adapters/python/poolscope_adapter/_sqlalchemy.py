@@ -14,6 +14,7 @@ import logging
 
 from ._conn import connection_ref
 from ._sender import PoolReporter, normalize_db_system
+from ._failsoft import quietly
 
 log = logging.getLogger("poolscope_adapter")
 
@@ -44,14 +45,10 @@ def _pool_settings(pool):
     """(max, idle_max) of a SQLAlchemy pool, None where unbounded/unknown."""
     size = None
     overflow = None
-    try:
+    with quietly():
         size = pool.size()
-    except Exception:
-        pass
-    try:
+    with quietly():
         overflow = pool._max_overflow
-    except Exception:
-        pass
     if not isinstance(size, int) or size <= 0:
         return None, None
     if isinstance(overflow, int) and overflow >= 0:
@@ -96,15 +93,13 @@ class SQLAlchemyInstrumentation:
         return state
 
     def on_connect(self, dbapi_connection, record):
-        try:
+        with quietly():
             state = self._record_state(dbapi_connection, record)
             if state is not None:
                 self.reporter.connection_created(state["ref"])
-        except Exception:
-            pass
 
     def on_checkout(self, dbapi_connection, record, proxy):
-        try:
+        with quietly():
             state = self._record_state(dbapi_connection, record)
             current = _current_request.get()
             if current:
@@ -117,20 +112,16 @@ class SQLAlchemyInstrumentation:
                 return
             state["out"] = True
             self.reporter.acquire_end(request, "ok", state["ref"])
-        except Exception:
-            pass
 
     def on_checkin(self, dbapi_connection, record):
-        try:
+        with quietly():
             state = self._record_state(dbapi_connection, record)
             if state is not None and state["out"]:
                 state["out"] = False
                 self.reporter.release(state["ref"])
-        except Exception:
-            pass
 
     def _closing(self, dbapi_connection, record):
-        try:
+        with quietly():
             state = self._record_state(dbapi_connection, record)
             if state is None or state["closed"]:
                 return
@@ -141,8 +132,6 @@ class SQLAlchemyInstrumentation:
                 self.reporter.release(state["ref"])
             state["closed"] = True
             self.reporter.connection_closed(state["ref"])
-        except Exception:
-            pass
 
     def on_close(self, dbapi_connection, record):
         self._closing(dbapi_connection, record)
@@ -174,21 +163,17 @@ class SQLAlchemyInstrumentation:
         def connect():
             request = None
             token = None
-            try:
+            with quietly():
                 request = reporter.next_request()
                 token = _current_request.set([request])
                 reporter.acquire_start(request)
-            except Exception:
-                pass
             try:
                 fairy = original()
             except BaseException as e:
-                try:
+                with quietly():
                     if request is not None:
                         result = "timeout" if PoolTimeout and isinstance(e, PoolTimeout) else "error"
                         reporter.acquire_end(request, result)
-                except Exception:
-                    pass
                 raise
             finally:
                 if token is not None:
@@ -197,7 +182,7 @@ class SQLAlchemyInstrumentation:
                         _current_request.reset(token)
                     except Exception:
                         pending = None
-            try:
+            with quietly():
                 if token is not None and pending:
                     # No checkout event for this one (a pool handing out a
                     # connection the caller already holds): end it here.
@@ -206,26 +191,20 @@ class SQLAlchemyInstrumentation:
                     if state is not None:
                         state["out"] = True
                         reporter.acquire_end(pending.pop(), "ok", state["ref"])
-            except Exception:
-                pass
             return fairy
 
         connect._poolscope_original = original
-        try:
+        with quietly():
             pool.connect = connect
             pool._poolscope_connect = connect
             self._wrapped.append(pool)
-        except Exception:
-            pass
 
     def _on_engine_disposed(self, engine):
         # dispose() recreates the pool: events carry over, the wrapper and
         # the registration are renewed.
-        try:
+        with quietly():
             self._wrap_connect(engine.pool)
             self.reporter.register()
-        except Exception:
-            pass
 
     def install(self):
         from sqlalchemy import event
@@ -252,27 +231,21 @@ class SQLAlchemyInstrumentation:
         except Exception:
             return
         for target, name, fn in self._listeners:
-            try:
+            with quietly():
                 # Pool listeners live on whichever pool the engine has now.
                 if target is not self.engine:
                     target = self.engine.pool
                 event.remove(target, name, fn)
-            except Exception:
-                pass
         self._listeners = []
         for pool in self._wrapped + [self.engine.pool]:
-            try:
+            with quietly():
                 wrapper = pool.__dict__.get("connect")
                 if wrapper is not None and hasattr(wrapper, "_poolscope_original"):
                     del pool.connect
                 pool.__dict__.pop("_poolscope_connect", None)
-            except Exception:
-                pass
         self._wrapped = []
-        try:
+        with quietly():
             delattr(self.engine, _ATTR)
-        except Exception:
-            pass
         _names.discard(self.name)
 
 
