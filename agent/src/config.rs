@@ -101,9 +101,11 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// A request's line and headers must arrive within this; it is also how
     /// long a kept-alive connection may wait for its next request.
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub header_read_timeout_seconds: f64,
     /// A connection on which nothing is read or written for this long is
     /// closed (a client that stops reading its response).
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub idle_timeout_seconds: f64,
     /// Token that `/api/*` requests must send as `Authorization: Bearer`.
     /// `/`, `/healthz` and `/metrics` stay open. Prefer `bearer_token_file`.
@@ -234,6 +236,7 @@ pub enum DataPath {
 #[serde(deny_unknown_fields, default)]
 pub struct TrackingConfig {
     /// How long closed connections stay visible in the API.
+    #[serde(deserialize_with = "duration::seconds_u64")]
     pub closed_retention_seconds: u64,
     /// At most this many closed connections are kept.
     pub max_closed: usize,
@@ -262,6 +265,7 @@ pub struct QueriesConfig {
     /// be counted: a write of many commands is cut after this many bytes.
     pub redis_capture_bytes: u32,
     /// Round trips slower than this are reported as slow queries.
+    #[serde(deserialize_with = "duration::millis_u64")]
     pub slow_threshold_ms: u64,
     /// Keep query text as sent. Off by default: literals become `?`, since
     /// they may hold personal data.
@@ -322,16 +326,22 @@ impl AdapterConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LeaksConfig {
     /// Checked out longer than this: leaked if quiet, a slow holder if busy.
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub leak_threshold_seconds: f64,
     /// No traffic for this long counts as quiet.
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub quiet_seconds: f64,
     /// An open transaction quiet for this long.
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub idle_in_transaction_seconds: f64,
     /// The server hung up this long ago and the fd is still open.
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub close_wait_seconds: f64,
     /// Quiet this long while the process opens newer connections to the same server.
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub abandoned_seconds: f64,
     /// Pool acquires that wait longer than this are reported.
+    #[serde(deserialize_with = "duration::millis_f64")]
     pub slow_acquire_ms: f64,
     /// Resolved reports kept in memory.
     pub max_resolved_kept: usize,
@@ -375,8 +385,10 @@ pub struct OtlpConfig {
     /// `grpc` or `http/protobuf`. Empty: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc.
     pub protocol: String,
     /// Metric export interval.
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub interval_seconds: f64,
     /// Per-request timeout (the exporter retries with backoff within it).
+    #[serde(deserialize_with = "duration::seconds_f64")]
     pub timeout_seconds: f64,
     /// Events (log records) waiting for export, at most; more are dropped
     /// and counted in poolscope.export.dropped.
@@ -711,6 +723,82 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+/// Durations in the file: a number in the key's own unit
+/// (`quiet_seconds = 1.5`, `slow_threshold_ms = 200`) or a string that
+/// names its unit (`quiet_seconds = "1500ms"`, `"2m"`, `"1h 30m"`), the
+/// same for every duration key. A bad string is an error at its value's
+/// line, like any other bad value.
+mod duration {
+    use serde::de::{Deserializer, Error, Visitor};
+
+    /// Reads a number (in the key's unit) or a duration string, giving the
+    /// duration in units of `unit_ns`.
+    struct InUnit {
+        unit_ns: f64,
+    }
+
+    impl Visitor<'_> for InUnit {
+        type Value = f64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a number, or a duration such as \"500ms\", \"30s\" or \"2m\"")
+        }
+
+        fn visit_u64<E: Error>(self, n: u64) -> Result<f64, E> {
+            Ok(n as f64)
+        }
+
+        fn visit_i64<E: Error>(self, n: i64) -> Result<f64, E> {
+            Ok(n as f64)
+        }
+
+        fn visit_f64<E: Error>(self, n: f64) -> Result<f64, E> {
+            Ok(n)
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<f64, E> {
+            humantime::parse_duration(text.trim())
+                .map(|d| d.as_nanos() as f64 / self.unit_ns)
+                .map_err(|e| {
+                    E::custom(format!(
+                        "{text:?} is not a duration ({e}); write a number, or a string \
+                         such as \"500ms\", \"30s\" or \"2m\""
+                    ))
+                })
+        }
+    }
+
+    fn read<'de, D: Deserializer<'de>>(d: D, unit_ns: f64) -> Result<f64, D::Error> {
+        d.deserialize_any(InUnit { unit_ns })
+    }
+
+    fn whole<E: Error>(value: f64, unit: &str) -> Result<u64, E> {
+        if value >= 0.0 && value.fract() == 0.0 && value < u64::MAX as f64 {
+            Ok(value as u64)
+        } else {
+            Err(E::custom(format!(
+                "{value} is not a whole number of {unit} at least 0"
+            )))
+        }
+    }
+
+    pub fn seconds_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        read(d, 1e9)
+    }
+
+    pub fn millis_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        read(d, 1e6)
+    }
+
+    pub fn seconds_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        whole(read(d, 1e9)?, "seconds")
+    }
+
+    pub fn millis_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        whole(read(d, 1e6)?, "milliseconds")
     }
 }
 
@@ -1057,6 +1145,53 @@ level = "debug"
         let c = Config::from_toml_str("[kernel]\nmount_tracefs = false\n", "x").expect("partial");
         assert_eq!(c.kernel.ring_buffer_bytes, 4 * 1024 * 1024);
         assert!(!c.kernel.mount_tracefs);
+    }
+
+    #[test]
+    fn durations_take_a_number_in_the_keys_unit_or_a_string_with_its_own() {
+        let c = Config::from_toml_str(
+            "[leaks]\nquiet_seconds = \"1500ms\"\nleak_threshold_seconds = 90\n\
+             slow_acquire_ms = \"2s\"\nabandoned_seconds = 2.5\n\
+             [tracking]\nclosed_retention_seconds = \"5m\"\n\
+             [queries]\nslow_threshold_ms = \"1s 500ms\"\n\
+             [http]\nidle_timeout_seconds = \"1m\"\n\
+             [otlp]\ninterval_seconds = \"250ms\"\n",
+            "x",
+        )
+        .expect("durations");
+        assert_eq!(c.leaks.quiet_seconds, 1.5);
+        assert_eq!(c.leaks.leak_threshold_seconds, 90.0);
+        assert_eq!(c.leaks.slow_acquire_ms, 2000.0);
+        assert_eq!(c.leaks.abandoned_seconds, 2.5);
+        assert_eq!(c.tracking.closed_retention_seconds, 300);
+        assert_eq!(c.queries.slow_threshold_ms, 1500);
+        assert_eq!(c.http.idle_timeout_seconds, 60.0);
+        assert_eq!(c.otlp.interval_seconds, 0.25);
+    }
+
+    #[test]
+    fn bad_durations_name_the_key_and_the_line() {
+        for (text, wanted) in [
+            (
+                "[leaks]\nquiet_seconds = \"5 parsecs\"\n",
+                "config x line 2: bad value for `quiet_seconds` in [leaks]: \"5 parsecs\" is not a duration",
+            ),
+            (
+                "[tracking]\n\nclosed_retention_seconds = \"1500ms\"\n",
+                "config x line 3: bad value for `closed_retention_seconds` in [tracking]: 1.5 is not a whole number of seconds",
+            ),
+            (
+                "[queries]\nslow_threshold_ms = -5\n",
+                "config x line 2: bad value for `slow_threshold_ms` in [queries]: -5 is not a whole number of milliseconds",
+            ),
+            (
+                "[leaks]\nquiet_seconds = true\n",
+                "config x line 2: bad value for `quiet_seconds` in [leaks]: invalid type: boolean `true`, expected a number, or a duration",
+            ),
+        ] {
+            let err = Config::from_toml_str(text, "x").expect_err(text).to_string();
+            assert!(err.starts_with(wanted), "{text:?}:\n{err}");
+        }
     }
 
     #[test]
