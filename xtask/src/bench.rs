@@ -47,8 +47,13 @@ const REDIS_PIPELINE: &str = "16";
 const SYSBENCH_TABLES: &str = "4";
 const SYSBENCH_TABLE_SIZE: &str = "10000";
 const DD_BLOCK_BYTES: u64 = 4096;
-/// After a run, the agent gets this long to read the last events.
+/// After a run, the agent gets at least this long to read the last events,
+/// and more while it is still counting (see `drain`).
 const DRAIN: Duration = Duration::from_millis(300);
+/// The most a drain waits for an agent that is still catching up.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// The agent's count of round trips, per server port.
+const OPERATION_COUNT: &str = "db_client_operation_duration_seconds_count";
 /// After the agent is ready, its start-up work settles for this long.
 const SETTLE: Duration = Duration::from_millis(500);
 /// Upper bound on the agent's start (load, attach, first /healthz).
@@ -521,10 +526,9 @@ impl Bench {
         let w1 = self.work_cg.usage_ns()?;
         let sample = match (agent.as_mut(), before) {
             (Some(agent), Some((m0, a0))) => {
-                thread::sleep(DRAIN);
+                let m1 = drain(agent, &m0, port, tool.expected)?;
                 let a1 = self.agent_cg.usage_ns()?;
                 agent.check_running()?;
-                let m1 = agent.metrics()?;
                 let (rss_kb, hwm_kb) = agent.memory_kb();
                 Some(agent_sample(
                     &m0,
@@ -692,6 +696,42 @@ impl Bench {
 }
 
 /// Deltas of the agent's own counters over a run.
+/// Waits until the agent has read what the run left in the ring buffer:
+/// it has counted the tool's operations, or its count stopped growing for
+/// `DRAIN`. A saturated 2-core machine can leave it a fraction of a second
+/// behind when the tool stops; measuring then would miss both operations
+/// and the agent CPU they cost. Returns the metrics at the end.
+fn drain(
+    agent: &Agent,
+    m0: &prom::Metrics,
+    port: Option<u16>,
+    expected: Option<f64>,
+) -> Result<prom::Metrics> {
+    let started = Instant::now();
+    let Some(port) = port else {
+        thread::sleep(DRAIN);
+        return agent.metrics();
+    };
+    let port = port.to_string();
+    let counted = |m: &prom::Metrics| {
+        let matching = [("server_port", port.as_str())];
+        m.sum(OPERATION_COUNT, &matching) - m0.sum(OPERATION_COUNT, &matching)
+    };
+    let (mut last, mut still_since) = (f64::NAN, Instant::now());
+    loop {
+        thread::sleep(Duration::from_millis(100));
+        let m = agent.metrics()?;
+        let seen = counted(&m);
+        if seen != last {
+            (last, still_since) = (seen, Instant::now());
+        }
+        let done = expected.is_some_and(|e| seen >= e) && started.elapsed() >= DRAIN;
+        if done || still_since.elapsed() >= DRAIN || started.elapsed() >= DRAIN_MAX {
+            return Ok(m);
+        }
+    }
+}
+
 fn agent_sample(
     m0: &prom::Metrics,
     m1: &prom::Metrics,
@@ -700,14 +740,13 @@ fn agent_sample(
     rss_kb: u64,
     hwm_kb: u64,
 ) -> AgentSample {
-    const COUNT: &str = "db_client_operation_duration_seconds_count";
     const RUN_TIME: &str = "poolscope_probe_run_time_seconds_total";
     const RUNS: &str = "poolscope_probe_runs_total";
     const DROPPED: &str = "poolscope_kernel_events_dropped_total";
     let seen = port.map(|port| {
         let port = port.to_string();
         let matching = [("server_port", port.as_str())];
-        m1.sum(COUNT, &matching) - m0.sum(COUNT, &matching)
+        m1.sum(OPERATION_COUNT, &matching) - m0.sum(OPERATION_COUNT, &matching)
     });
     let (t0, t1) = (
         m0.by_label(RUN_TIME, "probe"),

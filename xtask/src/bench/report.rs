@@ -34,7 +34,8 @@ pub fn render(
          with-agent side."
             .to_string(),
         "agent us/op: the agent's CPU time (all threads, user and system, from its own \
-         cgroup) during the run and a 0.3 s drain, per operation; 1 us/op is 1 % of a \
+         cgroup) during the run and the drain after it (until it has counted the tool's operations, \
+         or its count stood still for 0.3 s), per operation; 1 us/op is 1 % of a \
          core at 10,000 ops/s. RSS: the median VmRSS at the end of the with-agent runs, and the highest VmHWM."
             .to_string(),
         "counted / tool: round trips the agent counted to the server's port \
