@@ -1167,30 +1167,12 @@ mod tests {
         stream.extend(my_packet(0, &my_query("SELECT 1")));
         stream.extend(my_result_set(&["a", "b"], false, 0x0008));
         stream.extend(my_err(1, 1064, "42000", "x"));
-        for cut in 0..stream.len() {
-            for head_max in [1, 4, 16, usize::MAX] {
-                let mut d = Drive::new(Some(DbSystem::Mysql));
-                d.head_max = head_max;
-                d.server(&stream[..cut]);
-                d.client(&stream[cut..]);
-                d.server(&stream[cut..]);
-                d.client(&stream[..cut]);
-            }
-        }
-        for seed in 1..200 {
-            let mut d = Drive::new(Some(DbSystem::Mysql));
-            d.head_max = 64;
-            for i in 0..8u64 {
-                let bytes = noise(seed * 17 + i, (seed as usize * 11) % 300);
-                d.send(
-                    if i % 2 == 0 {
-                        Direction::FromServer
-                    } else {
-                        Direction::ToServer
-                    },
-                    &bytes,
-                );
-            }
-        }
+        feed_truncated_and_random(
+            DbSystem::Mysql,
+            Direction::FromServer,
+            &stream,
+            [1, 4, 16, usize::MAX],
+            (17, 11),
+        );
     }
 }

@@ -1125,30 +1125,12 @@ mod tests {
         stream.extend(pg_complete("SELECT 1"));
         stream.extend(pg_error("42601", "x"));
         stream.extend(pg_ready(b'I'));
-        for cut in 0..stream.len() {
-            for head_max in [1, 5, 16, usize::MAX] {
-                let mut d = Drive::new(Some(DbSystem::Postgresql));
-                d.head_max = head_max;
-                d.client(&stream[..cut]);
-                d.server(&stream[cut..]);
-                d.client(&stream[cut..]);
-                d.server(&stream[..cut]);
-            }
-        }
-        for seed in 1..200 {
-            let mut d = Drive::new(Some(DbSystem::Postgresql));
-            d.head_max = 64;
-            for i in 0..8u64 {
-                let bytes = noise(seed * 31 + i, (seed as usize * 7) % 300);
-                d.send(
-                    if i % 2 == 0 {
-                        Direction::ToServer
-                    } else {
-                        Direction::FromServer
-                    },
-                    &bytes,
-                );
-            }
-        }
+        feed_truncated_and_random(
+            DbSystem::Postgresql,
+            Direction::ToServer,
+            &stream,
+            [1, 5, 16, usize::MAX],
+            (31, 7),
+        );
     }
 }

@@ -880,31 +880,13 @@ mod tests {
             b"*3\r\n%1\r\n+a\r\n|1\r\n+b\r\n:1\r\n$?\r\n;2\r\nab\r\n;0\r\n*?\r\n:1\r\n.\r\n",
         );
         stream.extend(b"PING\r\n-ERR x\r\n>2\r\n+a\r\n+b\r\n");
-        for cut in 0..stream.len() {
-            for head_max in [1, 3, 16, usize::MAX] {
-                let mut d = Drive::new(Some(DbSystem::Redis));
-                d.head_max = head_max;
-                d.client(&stream[..cut]);
-                d.server(&stream[cut..]);
-                d.server(&stream[..cut]);
-                d.client(&stream[cut..]);
-            }
-        }
-        for seed in 1..200 {
-            let mut d = Drive::new(Some(DbSystem::Redis));
-            d.head_max = 64;
-            for i in 0..8u64 {
-                let bytes = noise(seed * 13 + i, (seed as usize * 5) % 300);
-                d.send(
-                    if i % 2 == 0 {
-                        Direction::ToServer
-                    } else {
-                        Direction::FromServer
-                    },
-                    &bytes,
-                );
-            }
-        }
+        feed_truncated_and_random(
+            DbSystem::Redis,
+            Direction::ToServer,
+            &stream,
+            [1, 3, 16, usize::MAX],
+            (13, 5),
+        );
         // Deep nesting is refused, not followed.
         let mut d = Drive::new(Some(DbSystem::Redis));
         d.client(&resp_command(&["GET", "k"]));

@@ -428,3 +428,41 @@ pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The robustness check every parser gets: `stream` (a conversation that
+/// `first` opens) cut at every byte, fed in both orders with small head
+/// limits (`head_limits`: what the kernel copies), then 200 conversations
+/// of seeded noise (`noise_seed`: multipliers for the seed and the length,
+/// so that each protocol sees other bytes). Passing means not panicking;
+/// what the parser makes of it is the other tests' business.
+pub(crate) fn feed_truncated_and_random(
+    system: DbSystem,
+    first: Direction,
+    stream: &[u8],
+    head_limits: [usize; 4],
+    noise_seed: (u64, usize),
+) {
+    let other = match first {
+        Direction::ToServer => Direction::FromServer,
+        Direction::FromServer => Direction::ToServer,
+    };
+    for cut in 0..stream.len() {
+        for head_max in head_limits {
+            let mut d = Drive::new(Some(system));
+            d.head_max = head_max;
+            d.send(first, &stream[..cut]);
+            d.send(other, &stream[cut..]);
+            d.send(first, &stream[cut..]);
+            d.send(other, &stream[..cut]);
+        }
+    }
+    let (seed_mul, len_mul) = noise_seed;
+    for seed in 1..200u64 {
+        let mut d = Drive::new(Some(system));
+        d.head_max = 64;
+        for i in 0..8u64 {
+            let bytes = noise(seed * seed_mul + i, (seed as usize * len_mul) % 300);
+            d.send(if i % 2 == 0 { first } else { other }, &bytes);
+        }
+    }
+}
