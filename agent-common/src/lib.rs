@@ -119,12 +119,13 @@ pub enum RecordKind {
 impl RecordKind {
     /// The kind an `EventHeader::kind` names, if any.
     pub const fn from_u32(value: u32) -> Option<RecordKind> {
+        use RecordKind::*;
         Some(match value {
-            1 => RecordKind::Connect,
-            2 => RecordKind::SockState,
-            3 => RecordKind::Close,
-            4 => RecordKind::ProcessExit,
-            5 => RecordKind::Data,
+            v if v == Connect as u32 => Connect,
+            v if v == SockState as u32 => SockState,
+            v if v == Close as u32 => Close,
+            v if v == ProcessExit as u32 => ProcessExit,
+            v if v == Data as u32 => Data,
             _ => return None,
         })
     }

@@ -5,8 +5,7 @@
 //! fallback for kernels where the socket path (`sock_io`) cannot load. On it
 //! every read/write syscall on the host pays one CONNS lookup at entry; only
 //! tracked fds pay more. Entry remembers the buffer per thread; exit, once the
-//! byte count is known, copies the bytes into a per-CPU scratch event and
-//! sends only the bytes that were filled.
+//! byte count is known, copies the bytes into a ring-buffer record.
 
 use core::ptr::addr_of_mut;
 

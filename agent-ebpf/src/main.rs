@@ -97,9 +97,11 @@ pub(crate) mod arch {
     pub const SENDMSG: u64 = 46;
     pub const RECVMSG: u64 = 47;
     pub const SHUTDOWN: u64 = 48;
-    /// Offset of `dx`; `si`, `di` and `orig_ax` follow it, 8 bytes each, so
-    /// one read gets the first three arguments and the syscall number.
-    pub const REGS_DX_OFFSET: usize = 96;
+    /// Offsets in `struct pt_regs` of the first two syscall arguments and
+    /// the syscall number.
+    pub const REGS_SI_OFFSET: usize = 104;
+    pub const REGS_DI_OFFSET: usize = 112;
+    pub const REGS_ORIG_AX_OFFSET: usize = 120;
 }
 
 #[cfg(not(bpf_target_arch = "x86_64"))]
@@ -126,9 +128,9 @@ pub(crate) fn syscall_regs() -> Result<SyscallRegs, i64> {
         unsafe { core::ptr::read_volatile((regs as usize + offset) as *const u64) }
     };
     let (si, di, nr) = (
-        at(arch::REGS_DX_OFFSET + 8),
-        at(arch::REGS_DX_OFFSET + 16),
-        at(arch::REGS_DX_OFFSET + 24),
+        at(arch::REGS_SI_OFFSET),
+        at(arch::REGS_DI_OFFSET),
+        at(arch::REGS_ORIG_AX_OFFSET),
     );
     Ok(SyscallRegs {
         nr,
