@@ -37,10 +37,12 @@ use crate::{
     },
     state::{Broken, Shared, State},
     telemetry::{
+        self,
         otlp::{self, OtlpExport},
         Observed, Telemetry,
     },
 };
+use telemetry_catalogue::{self as catalogue, attr};
 
 struct Pipeline {
     state: Arc<Shared<State>>,
@@ -216,7 +218,12 @@ impl Pipeline {
                     .map(|v| otlp::json_attributes(&v))
                     .unwrap_or_default();
                 let body = report.query.clone().unwrap_or_default();
-                otlp.emit_event(otlp::EVENT_QUERY_SLOW, Severity::Info, body, attributes);
+                otlp.emit_event(
+                    catalogue::EVENT_QUERY_SLOW.name,
+                    Severity::Info,
+                    body,
+                    attributes,
+                );
             }
         }
         if let Some(otlp) = self.otlp.as_ref().filter(|o| o.spans_enabled()) {
@@ -308,12 +315,18 @@ impl Pipeline {
             }
             if let Some(otlp) = &self.otlp {
                 let (name, severity) = match (change, report.kind) {
-                    (_, LeakKind::SlowAcquire) => (otlp::EVENT_ACQUIRE_SLOW, Severity::Warn),
-                    (LeakChange::Resolved(_), _) => (otlp::EVENT_LEAK_RESOLVED, Severity::Info),
-                    (LeakChange::Opened(_), LeakKind::SlowHolder) => {
-                        (otlp::EVENT_LEAK_OPENED, Severity::Info)
+                    (_, LeakKind::SlowAcquire) => {
+                        (catalogue::EVENT_ACQUIRE_SLOW.name, Severity::Warn)
                     }
-                    (LeakChange::Opened(_), _) => (otlp::EVENT_LEAK_OPENED, Severity::Warn),
+                    (LeakChange::Resolved(_), _) => {
+                        (catalogue::EVENT_LEAK_RESOLVED.name, Severity::Info)
+                    }
+                    (LeakChange::Opened(_), LeakKind::SlowHolder) => {
+                        (catalogue::EVENT_LEAK_OPENED.name, Severity::Info)
+                    }
+                    (LeakChange::Opened(_), _) => {
+                        (catalogue::EVENT_LEAK_OPENED.name, Severity::Warn)
+                    }
                 };
                 let attributes = serde_json::to_value(report)
                     .map(|v| otlp::json_attributes(&v))
@@ -336,26 +349,24 @@ impl Pipeline {
             else {
                 continue;
             };
-            let mut attributes = vec![
-                KeyValue::new("db.system.name", system.as_str()),
-                KeyValue::new("server.address", remote.address()),
-                KeyValue::new("process.pid", i64::from(id.pid)),
-            ];
-            if let Some(port) = remote.port() {
-                attributes.push(KeyValue::new("server.port", i64::from(port)));
-            }
+            // Declared in the catalogue's QUERY_SPAN.
+            let mut attributes = telemetry::database_server_attributes(*system, remote);
+            attributes.push(KeyValue::new(attr::PROCESS_PID, i64::from(id.pid)));
             if let Some(op) = &trip.operation {
-                attributes.push(KeyValue::new("db.operation.name", op.clone()));
+                attributes.push(KeyValue::new(attr::DB_OPERATION_NAME, op.clone()));
             }
             if let Some(query) = trip.query_text() {
-                attributes.push(KeyValue::new("db.query.text", query));
+                attributes.push(KeyValue::new(attr::DB_QUERY_TEXT, query));
             }
             if let Some(ns) = &trip.namespace {
-                attributes.push(KeyValue::new("db.namespace", ns.clone()));
+                attributes.push(KeyValue::new(attr::DB_NAMESPACE, ns.clone()));
             }
             if let Some(error) = &trip.error {
-                attributes.push(KeyValue::new("error.type", error.code.clone()));
-                attributes.push(KeyValue::new("db.response.status_code", error.code.clone()));
+                attributes.push(KeyValue::new(attr::ERROR_TYPE, error.code.clone()));
+                attributes.push(KeyValue::new(
+                    attr::DB_RESPONSE_STATUS_CODE,
+                    error.code.clone(),
+                ));
             }
             let name = trip
                 .operation

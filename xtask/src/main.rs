@@ -38,6 +38,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write the generated tables of docs/metrics.md from the telemetry
+    /// catalogue; `--check` fails instead when the document is stale.
+    Docs {
+        #[arg(long)]
+        check: bool,
+    },
     /// Format check, lints, build and the whole test suite; args go to `cargo test`.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -79,6 +85,7 @@ fn try_main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup { build_only } => setup::setup(!build_only),
         Cmd::Run { args } => run_agent(&args),
+        Cmd::Docs { check } => docs(check),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::bench(args),
         Cmd::Soak(args) => soak::soak(args),
@@ -109,6 +116,9 @@ fn test(args: &[String]) -> Result<()> {
     step("cargo fmt --all --check", || {
         run(cargo().args(["fmt", "--all", "--check"]))
     })?;
+    step("docs/metrics.md matches the telemetry catalogue", || {
+        docs(true)
+    })?;
     step("clippy (host crates)", || {
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
     })?;
@@ -133,6 +143,27 @@ fn test(args: &[String]) -> Result<()> {
             .env("POOLSCOPE_BIN", bin))
     })?;
     println!("all steps passed");
+    Ok(())
+}
+
+fn docs(check: bool) -> Result<()> {
+    let path = root().join("docs").join("metrics.md");
+    let current = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let updated = telemetry_catalogue::update_document(&current)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if updated == current {
+        println!("{} is up to date", path.display());
+        return Ok(());
+    }
+    if check {
+        bail!(
+            "{} is stale: its tables differ from agent/telemetry-catalogue; run `cargo xtask docs`",
+            path.display()
+        );
+    }
+    std::fs::write(&path, updated).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 

@@ -1,7 +1,8 @@
-//! Every instrument the agent exports, defined once as OpenTelemetry
-//! instruments on one meter. Prometheus reads them through the
-//! opentelemetry-prometheus exporter (and OTLP will read the same meter), so
-//! the two can never disagree on names, units or values.
+//! Every instrument the agent exports, as OpenTelemetry instruments on one
+//! meter, built from their declarations in `agent/telemetry-catalogue`.
+//! Prometheus reads them through the opentelemetry-prometheus exporter and
+//! OTLP reads the same meter, so the two can never disagree on names, units
+//! or values.
 //!
 //! Names follow the OpenTelemetry rules; the exporter derives the Prometheus
 //! names (dots to underscores, unit suffix, `_total` for counters).
@@ -20,8 +21,15 @@ use opentelemetry::{
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
+mod instruments;
 pub mod otlp;
 pub mod pool_series;
+
+use instruments::{
+    counter, histogram, observable_counter, observable_f64_counter, observable_gauge,
+    observable_up_down_counter,
+};
+use telemetry_catalogue::{self as catalogue, attr};
 
 use crate::{
     adapter::message::AcquireResult,
@@ -32,32 +40,6 @@ use crate::{
     reports::LeakChange,
     state::{KernelCounters, Shared, State},
 };
-
-/// Prometheus names that the exporter's derivation gets wrong: a `_count`
-/// suffix is reserved for histograms and summaries, so the semantic
-/// conventions' `db.client.connection.count` gauge is exposed as
-/// `db_client_connections` (OTLP keeps the OpenTelemetry name).
-fn prometheus_rename(name: &str) -> Option<&'static str> {
-    match name {
-        "db_client_connection_count" => Some("db_client_connections"),
-        _ => None,
-    }
-}
-
-/// Bucket bounds for connect and query durations, seconds (semconv's
-/// recommendation for database client durations).
-pub const DURATION_BUCKETS: &[f64] = &[
-    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
-];
-
-/// `db.client.operation.duration` buckets, seconds, as the semantic
-/// conventions recommend.
-pub const OPERATION_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
-
-/// Connection lifetimes span milliseconds to days.
-pub const LIFETIME_BUCKETS: &[f64] = &[
-    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
-];
 
 /// What the observable instruments read at collection time.
 pub struct Observed {
@@ -108,16 +90,6 @@ impl ServerAttributes {
     const MAX: usize = 4096;
 
     fn get(&self, system: DbSystem, remote: &Endpoint) -> Arc<[KeyValue]> {
-        let build = || -> Arc<[KeyValue]> {
-            let mut attrs = vec![
-                KeyValue::new("db.system.name", system.as_str()),
-                KeyValue::new("server.address", remote.address()),
-            ];
-            if let Some(port) = remote.port() {
-                attrs.push(KeyValue::new("server.port", i64::from(port)));
-            }
-            attrs.into()
-        };
         // A cache stays valid whatever panicked while holding it.
         let mut cache = self
             .by_server
@@ -129,10 +101,23 @@ impl ServerAttributes {
         if cache.len() >= Self::MAX {
             cache.clear();
         }
-        let attrs = build();
+        let attrs: Arc<[KeyValue]> = database_server_attributes(system, remote).into();
         cache.insert((system, remote.clone()), Arc::clone(&attrs));
         attrs
     }
+}
+
+/// `db.system.name`, `server.address` and `server.port` (TCP): the
+/// attributes that say which database server, on metrics and spans alike.
+pub fn database_server_attributes(system: DbSystem, remote: &Endpoint) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new(attr::DB_SYSTEM_NAME, system.as_str()),
+        KeyValue::new(attr::SERVER_ADDRESS, remote.address()),
+    ];
+    if let Some(port) = remote.port() {
+        attrs.push(KeyValue::new(attr::SERVER_PORT, i64::from(port)));
+    }
+    attrs
 }
 
 /// SQL statements' first keywords that may become `db.operation.name`.
@@ -288,12 +273,12 @@ pub fn connection_series(
 
 fn series_attributes(key: &SeriesKey) -> Vec<KeyValue> {
     let mut attrs = vec![
-        KeyValue::new("process.pid", i64::from(key.0)),
-        KeyValue::new("process.executable.name", key.1.clone()),
-        KeyValue::new("server.address", key.2.clone()),
+        KeyValue::new(attr::PROCESS_PID, i64::from(key.0)),
+        KeyValue::new(attr::PROCESS_EXECUTABLE_NAME, key.1.clone()),
+        KeyValue::new(attr::SERVER_ADDRESS, key.2.clone()),
     ];
     if let Some(port) = key.3 {
-        attrs.push(KeyValue::new("server.port", i64::from(port)));
+        attrs.push(KeyValue::new(attr::SERVER_PORT, i64::from(port)));
     }
     if let Some(placement) = &key.4 {
         placement_attributes(placement, &mut attrs);
@@ -304,10 +289,10 @@ fn series_attributes(key: &SeriesKey) -> Vec<KeyValue> {
 /// `container.id`, `k8s.pod.uid`, `k8s.pod.name`, `k8s.namespace.name`.
 fn placement_attributes(placement: &Placement, attrs: &mut Vec<KeyValue>) {
     for (key, value) in [
-        ("container.id", &placement.container_id),
-        ("k8s.pod.uid", &placement.pod_uid),
-        ("k8s.pod.name", &placement.pod_name),
-        ("k8s.namespace.name", &placement.pod_namespace),
+        (attr::CONTAINER_ID, &placement.container_id),
+        (attr::K8S_POD_UID, &placement.pod_uid),
+        (attr::K8S_POD_NAME, &placement.pod_name),
+        (attr::K8S_NAMESPACE_NAME, &placement.pod_namespace),
     ] {
         if let Some(value) = value {
             attrs.push(KeyValue::new(key, value.clone()));
@@ -351,70 +336,19 @@ impl Telemetry {
         register_forget_observables(&provider.meter("poolscope"), &pool_series.counts);
         let meter = provider.meter("poolscope");
         let telemetry = Telemetry {
-            connects: meter
-                .u64_counter("poolscope.connects")
-                .with_description("connect() calls by final outcome")
-                .with_unit("{connect}")
-                .build(),
-            connect_duration: meter
-                .f64_histogram("poolscope.connect.duration")
-                .with_description(
-                    "Time from connect() to the end of the TCP handshake (or failure)",
-                )
-                .with_unit("s")
-                .with_boundaries(DURATION_BUCKETS.to_vec())
-                .build(),
-            lifetime: meter
-                .f64_histogram("poolscope.connection.lifetime")
-                .with_description("Time from connect() to close, for connections that closed")
-                .with_unit("s")
-                .with_boundaries(LIFETIME_BUCKETS.to_vec())
-                .build(),
-            events: meter
-                .u64_counter("poolscope.kernel.events")
-                .with_description("Kernel events read from the ring buffer")
-                .with_unit("{event}")
-                .build(),
-            events_unmatched: meter
-                .u64_counter("poolscope.kernel.events.unmatched")
-                .with_description(
-                    "Kernel events that matched no tracked connection (late or stale)",
-                )
-                .with_unit("{event}")
-                .build(),
-            decode_errors: meter
-                .u64_counter("poolscope.kernel.events.malformed")
-                .with_description("Ring-buffer records that could not be decoded")
-                .with_unit("{event}")
-                .build(),
-            operation_duration: meter
-                .f64_histogram("db.client.operation.duration")
-                .with_description("Duration of database client operations, from the first byte of the request to the end of the response")
-                .with_unit("s")
-                .with_boundaries(OPERATION_BUCKETS.to_vec())
-                .build(),
-            protocol_lost: meter
-                .u64_counter("poolscope.protocol.lost")
-                .with_description("Times a connection's protocol parser lost its framing (it resynchronises at the next message)")
-                .with_unit("{event}")
-                .build(),
+            connects: counter(&meter, &catalogue::CONNECTS),
+            connect_duration: histogram(&meter, &catalogue::CONNECT_DURATION),
+            lifetime: histogram(&meter, &catalogue::CONNECTION_LIFETIME),
+            events: counter(&meter, &catalogue::KERNEL_EVENTS),
+            events_unmatched: counter(&meter, &catalogue::KERNEL_EVENTS_UNMATCHED),
+            decode_errors: counter(&meter, &catalogue::KERNEL_EVENTS_MALFORMED),
+            operation_duration: histogram(&meter, &catalogue::OPERATION_DURATION),
+            protocol_lost: counter(&meter, &catalogue::PROTOCOL_LOST),
             operation_names: OperationNames::default(),
             server_attributes: ServerAttributes::default(),
-            adapter_messages: meter
-                .u64_counter("poolscope.adapter.messages")
-                .with_description("Pool-adapter messages by result (accepted, rejected) and rejection reason")
-                .with_unit("{message}")
-                .build(),
-            leak_reports: meter
-                .u64_counter("poolscope.leak.reports")
-                .with_description("Leak, slow-holder and slow-acquire reports opened, by kind")
-                .with_unit("{report}")
-                .build(),
-            unpublished: meter
-                .u64_counter("poolscope.reports.unpublished")
-                .with_description("Report log lines held back by the per-process or global budget; the reports stay in the API and in OTLP events")
-                .with_unit("{report}")
-                .build(),
+            adapter_messages: counter(&meter, &catalogue::ADAPTER_MESSAGES),
+            leak_reports: counter(&meter, &catalogue::LEAK_REPORTS),
+            unpublished: counter(&meter, &catalogue::REPORTS_UNPUBLISHED),
             pool_series,
             registry,
             provider,
@@ -434,8 +368,8 @@ impl Telemetry {
                     ..
                 } => {
                     let attrs = [
-                        KeyValue::new("result", outcome.as_str()),
-                        KeyValue::new("network.transport", remote.transport()),
+                        KeyValue::new(attr::RESULT, outcome.as_str()),
+                        KeyValue::new(attr::NETWORK_TRANSPORT, remote.transport()),
                     ];
                     self.connects.add(1, &attrs);
                     if let Some(ns) = latency_ns {
@@ -452,7 +386,7 @@ impl Telemetry {
                     if !seen_at_start {
                         self.lifetime.record(
                             *lifetime_ns as f64 / 1e9,
-                            &[KeyValue::new("network.transport", remote.transport())],
+                            &[KeyValue::new(attr::NETWORK_TRANSPORT, remote.transport())],
                         );
                     }
                 }
@@ -467,11 +401,11 @@ impl Telemetry {
                     attrs.extend_from_slice(&server);
                     if let Some(operation) = trip.operation.as_deref() {
                         if let Some(name) = self.operation_names.bounded(*system, operation) {
-                            attrs.push(KeyValue::new("db.operation.name", name));
+                            attrs.push(KeyValue::new(attr::DB_OPERATION_NAME, name));
                         }
                     }
                     if let Some(error) = &trip.error {
-                        attrs.push(KeyValue::new("error.type", error.code.clone()));
+                        attrs.push(KeyValue::new(attr::ERROR_TYPE, error.code.clone()));
                     }
                     let seconds = trip.end_ns.saturating_sub(trip.start_ns) as f64 / 1e9;
                     self.operation_duration.record(seconds, &attrs);
@@ -515,9 +449,9 @@ impl Telemetry {
     }
 
     pub fn record_adapter_message(&self, result: &'static str, reason: &'static str) {
-        let mut attrs = vec![KeyValue::new("result", result)];
+        let mut attrs = vec![KeyValue::new(attr::RESULT, result)];
         if !reason.is_empty() {
-            attrs.push(KeyValue::new("reason", reason));
+            attrs.push(KeyValue::new(attr::REASON, reason));
         }
         self.adapter_messages.add(1, &attrs);
     }
@@ -526,14 +460,14 @@ impl Telemetry {
         for change in changes {
             if let LeakChange::Opened(report) = change {
                 self.leak_reports
-                    .add(1, &[KeyValue::new("kind", report.kind.as_str())]);
+                    .add(1, &[KeyValue::new(attr::KIND, report.kind.as_str())]);
             }
         }
     }
 
     pub fn record_unpublished(&self, why: crate::reports::Unpublished) {
         self.unpublished
-            .add(1, &[KeyValue::new("reason", why.as_str())]);
+            .add(1, &[KeyValue::new(attr::REASON, why.as_str())]);
     }
 
     pub fn record_decode_error(&self) {
@@ -554,7 +488,7 @@ impl Telemetry {
         families.sort_by(|a, b| a.name().cmp(b.name()));
         for family in &mut families {
             if let Some(renamed) = prometheus_rename(family.name()) {
-                family.set_name(renamed.to_string());
+                family.set_name(renamed);
             }
         }
         let mut buf = Vec::new();
@@ -581,70 +515,61 @@ impl Telemetry {
     }
 }
 
+/// The catalogue's name for a family the exporter names wrongly (a gauge
+/// ending in `_count`, which Prometheus reserves for histograms).
+fn prometheus_rename(derived: &str) -> Option<String> {
+    catalogue::INSTRUMENTS
+        .iter()
+        .find(|i| i.prometheus_name_override.is_some() && i.derived_prometheus_name() == derived)
+        .map(|i| i.prometheus_name())
+}
+
 /// Self-metrics of the OTLP export.
 fn register_export_observables(meter: &Meter, counters: Arc<otlp::ExportCounters>) {
     use std::sync::atomic::Ordering::Relaxed;
     let c = Arc::clone(&counters);
-    let _ = meter
-        .u64_observable_counter("poolscope.export.batches")
-        .with_description("OTLP export batches by signal (metrics, logs) and result (ok, failed)")
-        .with_unit("{batch}")
-        .with_callback(move |obs| {
-            for (signal, result, value) in [
-                ("metrics", "ok", c.metric_batches_ok.load(Relaxed)),
-                ("metrics", "failed", c.metric_batches_failed.load(Relaxed)),
-                ("logs", "ok", c.log_batches_ok.load(Relaxed)),
-                ("logs", "failed", c.log_batches_failed.load(Relaxed)),
-            ] {
-                obs.observe(
-                    value,
-                    &[
-                        KeyValue::new("signal", signal),
-                        KeyValue::new("result", result),
-                    ],
-                );
-            }
-        })
-        .build();
-    let c = Arc::clone(&counters);
-    let _ = meter
-        .u64_observable_counter("poolscope.export.dropped")
-        .with_description("Events (OTLP log records) dropped: the bounded queue was full or their batch failed after retries")
-        .with_unit("{event}")
-        .with_callback(move |obs| {
-            obs.observe(c.events_dropped.load(Relaxed), &[KeyValue::new("signal", "logs")])
-        })
-        .build();
-    let _ = meter
-        .i64_observable_up_down_counter("poolscope.export.queued")
-        .with_description("Events waiting in the bounded OTLP queue")
-        .with_unit("{event}")
-        .with_callback(move |obs| {
+    observable_counter(meter, &catalogue::EXPORT_BATCHES, move |obs| {
+        for (signal, result, value) in [
+            ("metrics", "ok", c.metric_batches_ok.load(Relaxed)),
+            ("metrics", "failed", c.metric_batches_failed.load(Relaxed)),
+            ("logs", "ok", c.log_batches_ok.load(Relaxed)),
+            ("logs", "failed", c.log_batches_failed.load(Relaxed)),
+        ] {
             obs.observe(
-                counters.events_queued.load(Relaxed) as i64,
-                &[KeyValue::new("signal", "logs")],
-            )
-        })
-        .build();
+                value,
+                &[
+                    KeyValue::new(attr::SIGNAL, signal),
+                    KeyValue::new(attr::RESULT, result),
+                ],
+            );
+        }
+    });
+    let c = Arc::clone(&counters);
+    observable_counter(meter, &catalogue::EXPORT_DROPPED, move |obs| {
+        obs.observe(
+            c.events_dropped.load(Relaxed),
+            &[KeyValue::new(attr::SIGNAL, "logs")],
+        )
+    });
+    observable_up_down_counter(meter, &catalogue::EXPORT_QUEUED, move |obs| {
+        obs.observe(
+            counters.events_queued.load(Relaxed) as i64,
+            &[KeyValue::new(attr::SIGNAL, "logs")],
+        )
+    });
 }
 
 /// How often gone pools' series were forgotten.
 fn register_forget_observables(meter: &Meter, counts: &Arc<pool_series::ForgetCounts>) {
     use std::sync::atomic::Ordering::Relaxed;
     let c = Arc::clone(counts);
-    let _ = meter
-        .u64_observable_counter("poolscope.telemetry.pool_series.forgotten")
-        .with_description("Pools whose histogram series were dropped because their process exited")
-        .with_unit("{pool}")
-        .with_callback(move |obs| obs.observe(c.forgotten.load(Relaxed), &[]))
-        .build();
+    observable_counter(meter, &catalogue::POOL_SERIES_FORGOTTEN, move |obs| {
+        obs.observe(c.forgotten.load(Relaxed), &[])
+    });
     let c = Arc::clone(counts);
-    let _ = meter
-        .u64_observable_counter("poolscope.telemetry.pool_series.resets")
-        .with_description("Rebuilds of the pool histograms to forget gone pools; each restarts the live pools' histograms from zero")
-        .with_unit("{reset}")
-        .with_callback(move |obs| obs.observe(c.resets.load(Relaxed), &[]))
-        .build();
+    observable_counter(meter, &catalogue::POOL_SERIES_RESETS, move |obs| {
+        obs.observe(c.resets.load(Relaxed), &[])
+    });
 }
 
 /// Per-pool gauges, all read from one snapshot of the pools.
@@ -659,82 +584,53 @@ fn register_pool_observables(meter: &Meter, state: &Arc<Shared<State>>, max_seri
             .unwrap_or_default()
     };
     let t = Arc::clone(state);
-    let _ = meter
-        .i64_observable_up_down_counter("db.client.connection.count")
-        .with_description("Connections of each pool by state (used: handed out or busy; idle)")
-        .with_unit("{connection}")
-        .with_callback(move |obs| {
+    observable_up_down_counter(meter, &catalogue::CONNECTION_COUNT, move |obs| {
+        for view in views(&t) {
+            for (state, count) in [("used", view.used), ("idle", view.idle)] {
+                let mut attrs = pool_series::attributes(view.pid, &view.name);
+                attrs.push(KeyValue::new(attr::DB_CONNECTION_STATE, state));
+                obs.observe(count as i64, &attrs);
+            }
+        }
+    });
+    type Field = fn(&PoolView) -> Option<i64>;
+    let gauges: [(&'static catalogue::Instrument, Field); 4] = [
+        (&catalogue::CONNECTION_MAX, |v| v.max.map(i64::from)),
+        (&catalogue::CONNECTION_IDLE_MAX, |v| {
+            v.idle_max.map(i64::from)
+        }),
+        (&catalogue::CONNECTION_IDLE_MIN, |v| {
+            v.min_idle.map(i64::from)
+        }),
+        (&catalogue::CONNECTION_PENDING_REQUESTS, |v| {
+            v.from_adapter.then_some(v.pending as i64)
+        }),
+    ];
+    for (instrument, field) in gauges {
+        let t = Arc::clone(state);
+        observable_up_down_counter(meter, instrument, move |obs| {
             for view in views(&t) {
-                for (state, count) in [("used", view.used), ("idle", view.idle)] {
-                    let mut attrs = pool_series::attributes(view.pid, &view.name);
-                    attrs.push(KeyValue::new("db.client.connection.state", state));
-                    obs.observe(count as i64, &attrs);
+                if let Some(value) = field(&view) {
+                    obs.observe(value, &pool_series::attributes(view.pid, &view.name));
                 }
             }
-        })
-        .build();
-    type Field = fn(&PoolView) -> Option<i64>;
-    let gauges: [(&'static str, &'static str, Field); 4] = [
-        (
-            "db.client.connection.max",
-            "Most open connections the pool allows",
-            |v| v.max.map(i64::from),
-        ),
-        (
-            "db.client.connection.idle.max",
-            "Most idle connections the pool keeps",
-            |v| v.idle_max.map(i64::from),
-        ),
-        (
-            "db.client.connection.idle.min",
-            "Fewest idle connections the pool keeps",
-            |v| v.min_idle.map(i64::from),
-        ),
-        (
-            "db.client.connection.pending_requests",
-            "Acquires waiting for a connection",
-            |v| {
-                if v.from_adapter {
-                    Some(v.pending as i64)
-                } else {
-                    None
-                }
-            },
-        ),
-    ];
-    for (name, description, field) in gauges {
-        let t = Arc::clone(state);
-        let _ = meter
-            .i64_observable_up_down_counter(name)
-            .with_description(description)
-            .with_unit("{connection}")
-            .with_callback(move |obs| {
-                for view in views(&t) {
-                    if let Some(value) = field(&view) {
-                        obs.observe(value, &pool_series::attributes(view.pid, &view.name));
-                    }
-                }
-            })
-            .build();
+        });
     }
     let t = Arc::clone(state);
-    let _ = meter
-        .u64_observable_counter("db.client.connection.timeouts")
-        .with_description("Acquires that timed out")
-        .with_unit("{timeout}")
-        .with_callback(move |obs| {
-            for view in views(&t) {
-                if view.from_adapter {
-                    obs.observe(
-                        view.timeouts,
-                        &pool_series::attributes(view.pid, &view.name),
-                    );
-                }
+    observable_counter(meter, &catalogue::CONNECTION_TIMEOUTS, move |obs| {
+        for view in views(&t) {
+            if view.from_adapter {
+                obs.observe(
+                    view.timeouts,
+                    &pool_series::attributes(view.pid, &view.name),
+                );
             }
-        })
-        .build();
+        }
+    });
 }
 
+// The SDK keeps the callbacks alive; the instruments' handles need not be
+// stored.
 fn register_observables(meter: &Meter, observed: Observed) {
     let Observed {
         state,
@@ -746,160 +642,104 @@ fn register_observables(meter: &Meter, observed: Observed) {
         register_export_observables(meter, counters);
     }
     let leaks = Arc::clone(&state);
-    let _ = meter
-        .i64_observable_up_down_counter("poolscope.leak.open")
-        .with_description("Open leak and slow-holder reports by kind, process and pool")
-        .with_unit("{report}")
-        .with_callback(move |obs| {
-            let counts = leaks.with(|s| {
-                let mut counts: BTreeMap<(LeakKind, u32, String), i64> = BTreeMap::new();
-                for report in s.leaks.open_reports() {
-                    let pool = report.pool.clone().unwrap_or_default();
-                    *counts.entry((report.kind, report.pid, pool)).or_default() += 1;
-                }
-                counts
-            });
-            let Ok(counts) = counts else { return };
-            for ((kind, pid, pool), count) in counts.into_iter().take(max_series) {
-                let mut attrs = vec![
-                    KeyValue::new("kind", kind.as_str()),
-                    KeyValue::new("process.pid", i64::from(pid)),
-                ];
-                if !pool.is_empty() {
-                    attrs.push(KeyValue::new("db.client.connection.pool.name", pool));
-                }
-                obs.observe(count, &attrs);
+    observable_up_down_counter(meter, &catalogue::LEAK_OPEN, move |obs| {
+        let counts = leaks.with(|s| {
+            let mut counts: BTreeMap<(LeakKind, u32, String), i64> = BTreeMap::new();
+            for report in s.leaks.open_reports() {
+                let pool = report.pool.clone().unwrap_or_default();
+                *counts.entry((report.kind, report.pid, pool)).or_default() += 1;
             }
-        })
-        .build();
+            counts
+        });
+        let Ok(counts) = counts else { return };
+        for ((kind, pid, pool), count) in counts.into_iter().take(max_series) {
+            let mut attrs = vec![
+                KeyValue::new(attr::KIND, kind.as_str()),
+                KeyValue::new(attr::PROCESS_PID, i64::from(pid)),
+            ];
+            if !pool.is_empty() {
+                attrs.push(KeyValue::new(attr::DB_CONNECTION_POOL_NAME, pool));
+            }
+            obs.observe(count, &attrs);
+        }
+    });
     register_pool_observables(meter, &state, max_series);
     let open_tracker = Arc::clone(&state);
-    // The SDK keeps the callbacks alive; the handles need not be stored.
-    let _ = meter
-        .u64_observable_gauge("poolscope.connection.open")
-        .with_description("Open connections per process and server")
-        .with_unit("{connection}")
-        .with_callback(move |obs| {
-            let _ = open_tracker.with(|s| {
-                let t = &s.tracker;
-                let placement = |pid| t.placement(pid).cloned();
-                for (key, (open, _)) in
-                    connection_series(&mut t.open_connections(), &placement, max_series)
-                {
-                    obs.observe(open, &series_attributes(&key));
-                }
-            });
-        })
-        .build();
+    observable_gauge(meter, &catalogue::CONNECTION_OPEN, move |obs| {
+        let _ = open_tracker.with(|s| {
+            let t = &s.tracker;
+            let placement = |pid| t.placement(pid).cloned();
+            for (key, (open, _)) in
+                connection_series(&mut t.open_connections(), &placement, max_series)
+            {
+                obs.observe(open, &series_attributes(&key));
+            }
+        });
+    });
     let close_wait_tracker = Arc::clone(&state);
-    let _ = meter
-        .u64_observable_gauge("poolscope.connection.close_wait")
-        .with_description("Connections whose server hung up while the process still holds the fd")
-        .with_unit("{connection}")
-        .with_callback(move |obs| {
-            let _ = close_wait_tracker.with(|s| {
-                let t = &s.tracker;
-                let placement = |pid| t.placement(pid).cloned();
-                for (key, (_, close_wait)) in
-                    connection_series(&mut t.open_connections(), &placement, max_series)
-                {
-                    if close_wait > 0 {
-                        obs.observe(close_wait, &series_attributes(&key));
-                    }
+    observable_gauge(meter, &catalogue::CONNECTION_CLOSE_WAIT, move |obs| {
+        let _ = close_wait_tracker.with(|s| {
+            let t = &s.tracker;
+            let placement = |pid| t.placement(pid).cloned();
+            for (key, (_, close_wait)) in
+                connection_series(&mut t.open_connections(), &placement, max_series)
+            {
+                if close_wait > 0 {
+                    obs.observe(close_wait, &series_attributes(&key));
                 }
-            });
-        })
-        .build();
+            }
+        });
+    });
     // Plain kernel counters: one observable each, read from the last sample.
     type Reading = fn(&KernelCounters) -> u64;
-    let counters: [(&str, &str, &str, Reading); 4] = [
-        (
-            "poolscope.kernel.events.dropped",
-            "Kernel events lost because the ring buffer was full",
-            "{event}",
-            |k| k.dropped_events,
-        ),
-        (
-            "poolscope.kernel.connections.untracked",
-            "Connections the kernel could not track because its connection maps were full",
-            "{connection}",
-            |k| k.conns_full,
-        ),
-        (
-            "poolscope.kernel.socket_io.unattributed",
-            "Socket sends and receives of processes with a tracked connection that the socket data path could not attribute to an fd (io_uring, sendfile, sendmmsg)",
-            "{call}",
-            |k| k.unattributed_socket_io,
-        ),
-        (
-            "poolscope.kernel.connects.unattributed",
-            "TCP connects not made by connect() (io_uring, TCP Fast Open): no fd names them, so they are not tracked",
-            "{connection}",
-            |k| k.unattributed_connects,
-        ),
+    let counters: [(&'static catalogue::Instrument, Reading); 4] = [
+        (&catalogue::KERNEL_EVENTS_DROPPED, |k| k.dropped_events),
+        (&catalogue::KERNEL_CONNECTIONS_UNTRACKED, |k| k.conns_full),
+        (&catalogue::KERNEL_SOCKET_IO_UNATTRIBUTED, |k| {
+            k.unattributed_socket_io
+        }),
+        (&catalogue::KERNEL_CONNECTS_UNATTRIBUTED, |k| {
+            k.unattributed_connects
+        }),
     ];
-    for (name, description, unit, read) in counters {
+    for (instrument, read) in counters {
         let kernel = Arc::clone(&state);
-        let _ = meter
-            .u64_observable_counter(name)
-            .with_description(description)
-            .with_unit(unit)
-            .with_callback(move |obs| {
-                if let Ok(value) = kernel.with(|s| read(&s.kernel)) {
-                    obs.observe(value, &[]);
-                }
-            })
-            .build();
+        observable_counter(meter, instrument, move |obs| {
+            if let Ok(value) = kernel.with(|s| read(&s.kernel)) {
+                obs.observe(value, &[]);
+            }
+        });
     }
     let probe_time = Arc::clone(&state);
-    let _ = meter
-        .f64_observable_counter("poolscope.probe.run_time")
-        .with_description(
-            "Time the kernel spent running each of poolscope's programs (BPF run-time statistics)",
-        )
-        .with_unit("s")
-        .with_callback(move |obs| {
-            let _ = probe_time.with(|s| {
-                for (name, ns, _) in &s.kernel.probes {
-                    obs.observe(*ns as f64 / 1e9, &[KeyValue::new("probe", name.clone())]);
-                }
-            });
-        })
-        .build();
+    observable_f64_counter(meter, &catalogue::PROBE_RUN_TIME, move |obs| {
+        let _ = probe_time.with(|s| {
+            for (name, ns, _) in &s.kernel.probes {
+                obs.observe(
+                    *ns as f64 / 1e9,
+                    &[KeyValue::new(attr::PROBE, name.clone())],
+                );
+            }
+        });
+    });
     let probe_runs = Arc::clone(&state);
-    let _ = meter
-        .u64_observable_counter("poolscope.probe.runs")
-        .with_description("Times each of poolscope's kernel programs ran")
-        .with_unit("{run}")
-        .with_callback(move |obs| {
-            let _ = probe_runs.with(|s| {
-                for (name, _, runs) in &s.kernel.probes {
-                    obs.observe(*runs, &[KeyValue::new("probe", name.clone())]);
-                }
-            });
-        })
-        .build();
+    observable_counter(meter, &catalogue::PROBE_RUNS, move |obs| {
+        let _ = probe_runs.with(|s| {
+            for (name, _, runs) in &s.kernel.probes {
+                obs.observe(*runs, &[KeyValue::new(attr::PROBE, name.clone())]);
+            }
+        });
+    });
     let pending = Arc::clone(&state);
-    let _ = meter
-        .u64_observable_gauge("poolscope.kernel.ringbuf.pending")
-        .with_description("Bytes waiting in the kernel ring buffer at the last sample")
-        .with_unit("By")
-        .with_callback(move |obs| {
-            if let Ok(bytes) = pending.with(|s| s.kernel.ringbuf_pending_bytes) {
-                obs.observe(bytes, &[]);
-            }
-        })
-        .build();
-    let _ = meter
-        .u64_observable_gauge("poolscope.kernel.ringbuf.size")
-        .with_description("Size of the kernel ring buffer")
-        .with_unit("By")
-        .with_callback(move |obs| {
-            if let Ok(bytes) = state.with(|s| s.kernel.ringbuf_size_bytes) {
-                obs.observe(bytes, &[]);
-            }
-        })
-        .build();
+    observable_gauge(meter, &catalogue::KERNEL_RINGBUF_PENDING, move |obs| {
+        if let Ok(bytes) = pending.with(|s| s.kernel.ringbuf_pending_bytes) {
+            obs.observe(bytes, &[]);
+        }
+    });
+    observable_gauge(meter, &catalogue::KERNEL_RINGBUF_SIZE, move |obs| {
+        if let Ok(bytes) = state.with(|s| s.kernel.ringbuf_size_bytes) {
+            obs.observe(bytes, &[]);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -1351,35 +1191,90 @@ mod tests {
         assert!(text.contains("poolscope_telemetry_pool_series_resets_total 0"));
     }
 
-    /// Prometheus names from docs/metrics.md's table (second column).
-    fn documented_names() -> std::collections::BTreeSet<String> {
-        let doc = include_str!("../../../docs/metrics.md");
-        doc.lines()
-            .filter(|l| l.starts_with("| `"))
-            .filter_map(|l| l.split('|').nth(2))
-            .map(|cell| cell.trim())
-            // Only the metrics table: its second column is one `name`.
-            .filter(|cell| cell.starts_with('`') && !cell.contains(' '))
-            .map(|cell| cell.trim_matches('`').to_string())
-            .collect()
+    /// One exported sample line: (family, label names).
+    fn sample_labels(line: &str) -> Option<(&str, Vec<&str>)> {
+        if line.starts_with('#') || line.is_empty() {
+            return None;
+        }
+        let (name, rest) = match line.find('{') {
+            Some(brace) => (&line[..brace], &line[brace + 1..]),
+            None => (line.split_whitespace().next()?, ""),
+        };
+        let labels = rest
+            .split("\",")
+            .filter_map(|pair| pair.split_once("=\""))
+            .map(|(key, _)| key.trim_start_matches(','))
+            .filter(|key| !key.is_empty())
+            .collect();
+        Some((name, labels))
     }
 
+    /// Every family on /metrics is declared in the catalogue with its
+    /// type and description, every declared instrument is exported, and
+    /// every sample carries its required attributes and no undeclared one.
     #[test]
-    fn every_metric_is_documented_and_every_documented_metric_exists() {
+    fn what_is_exported_is_what_the_catalogue_declares() {
         let text = everything_observed().render_prometheus().expect("render");
-        let exported: std::collections::BTreeSet<String> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|name| *name != "target_info")
-            .map(str::to_string)
-            .collect();
-        let documented = documented_names();
-        let undocumented: Vec<_> = exported.difference(&documented).collect();
-        let missing: Vec<_> = documented.difference(&exported).collect();
-        assert!(
-            undocumented.is_empty() && missing.is_empty(),
-            "exported but not in docs/metrics.md: {undocumented:?}; documented but not exported: {missing:?}"
-        );
+        let mut exported = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE line");
+                if name == "target_info" {
+                    continue;
+                }
+                let declared = catalogue::by_prometheus_name(name)
+                    .unwrap_or_else(|| panic!("{name} is exported but not in the catalogue"));
+                assert_eq!(kind, declared.kind.prometheus_type(), "{name}");
+                let help = format!("# HELP {name} {}", declared.description);
+                assert!(text.contains(&help), "{name}: HELP is not its description");
+                exported.insert(declared.name);
+            }
+        }
+        for instrument in catalogue::INSTRUMENTS {
+            assert!(
+                exported.contains(instrument.name),
+                "{} is declared but not exported",
+                instrument.name
+            );
+        }
+        for (sample, labels) in text.lines().filter_map(sample_labels) {
+            if sample == "target_info" {
+                continue;
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    let base = sample.strip_suffix(suffix)?;
+                    catalogue::by_prometheus_name(base)
+                        .filter(|i| i.kind == catalogue::Kind::Histogram)
+                })
+                .or_else(|| catalogue::by_prometheus_name(sample))
+                .unwrap_or_else(|| panic!("sample {sample} of no declared family"));
+            let declared = |label: &str| {
+                family
+                    .attributes
+                    .iter()
+                    .any(|a| a.key.replace('.', "_") == label)
+            };
+            for label in &labels {
+                assert!(
+                    *label == "le" || declared(label),
+                    "{}: attribute {label} is not declared",
+                    family.name
+                );
+            }
+            for required in family
+                .attributes
+                .iter()
+                .filter(|a| a.requirement == catalogue::Requirement::Required)
+            {
+                assert!(
+                    labels.contains(&required.key.replace('.', "_").as_str()),
+                    "{}: a sample lacks {}: {labels:?}",
+                    family.name,
+                    required.key
+                );
+            }
+        }
     }
 }

@@ -28,6 +28,7 @@ use opentelemetry_sdk::{
     trace::SdkTracerProvider,
     Resource,
 };
+use telemetry_catalogue::{EVENT_ACQUIRE_SLOW, EVENT_QUERY_SLOW};
 
 /// The two OTLP transports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,17 +204,11 @@ fn export_loop(
     }
 }
 
-/// The event names the agent emits (OTLP log records' `event_name`).
-pub const EVENT_QUERY_SLOW: &str = "poolscope.query.slow";
-pub const EVENT_ACQUIRE_SLOW: &str = "poolscope.acquire.slow";
-pub const EVENT_LEAK_OPENED: &str = "poolscope.leak.opened";
-pub const EVENT_LEAK_RESOLVED: &str = "poolscope.leak.resolved";
-
 /// Events a local process can cause in any number by reporting its own pool
 /// (or running slow queries), as opposed to leak reports, which need a
 /// connection held for the leak threshold.
 fn is_bulk_event(name: Option<&str>) -> bool {
-    matches!(name, Some(EVENT_ACQUIRE_SLOW | EVENT_QUERY_SLOW))
+    name == Some(EVENT_ACQUIRE_SLOW.name) || name == Some(EVENT_QUERY_SLOW.name)
 }
 
 /// Whether an event fits the queue holding `queued` of `capacity`: bulk
@@ -562,14 +557,15 @@ impl OtlpExport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telemetry_catalogue::EVENT_LEAK_OPENED;
 
     #[test]
     fn a_flood_of_slow_acquires_leaves_room_for_leak_reports() {
-        let slow = Some(EVENT_ACQUIRE_SLOW);
-        let leak = Some(EVENT_LEAK_OPENED);
+        let slow = Some(EVENT_ACQUIRE_SLOW.name);
+        let leak = Some(EVENT_LEAK_OPENED.name);
         assert!(queue_admits(749, 1000, slow));
         assert!(!queue_admits(750, 1000, slow));
-        assert!(!queue_admits(750, 1000, Some(EVENT_QUERY_SLOW)));
+        assert!(!queue_admits(750, 1000, Some(EVENT_QUERY_SLOW.name)));
         assert!(queue_admits(750, 1000, leak));
         assert!(queue_admits(999, 1000, leak));
         assert!(!queue_admits(1000, 1000, leak));

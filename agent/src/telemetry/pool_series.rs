@@ -31,7 +31,9 @@ use opentelemetry_sdk::{
     Resource,
 };
 
-use super::{otlp, LIFETIME_BUCKETS, OPERATION_BUCKETS};
+use telemetry_catalogue::{self as catalogue, attr};
+
+use super::{instruments::histogram, otlp};
 
 /// Series each pool histogram may hold. Live pools are bounded by the
 /// tracker (at most 1,024 in all) and a pool has at most three wait-time
@@ -90,26 +92,9 @@ impl Instruments {
         let provider = builder.build();
         let meter = provider.meter("poolscope");
         Ok(Instruments {
-            wait_time: meter
-                .f64_histogram("db.client.connection.wait_time")
-                .with_description("Time a pool acquire waited for a connection")
-                .with_unit("s")
-                .with_boundaries(OPERATION_BUCKETS.to_vec())
-                .build(),
-            use_time: meter
-                .f64_histogram("db.client.connection.use_time")
-                .with_description(
-                    "Time between a pool handing out a connection and getting it back",
-                )
-                .with_unit("s")
-                .with_boundaries(LIFETIME_BUCKETS.to_vec())
-                .build(),
-            create_time: meter
-                .f64_histogram("db.client.connection.create_time")
-                .with_description("Time from connect() to a connection the pool can hand out")
-                .with_unit("s")
-                .with_boundaries(OPERATION_BUCKETS.to_vec())
-                .build(),
+            wait_time: histogram(&meter, &catalogue::CONNECTION_WAIT_TIME),
+            use_time: histogram(&meter, &catalogue::CONNECTION_USE_TIME),
+            create_time: histogram(&meter, &catalogue::CONNECTION_CREATE_TIME),
             provider,
             registry,
             pushes,
@@ -214,7 +199,7 @@ impl PoolSeries {
     pub fn record_wait(&self, pid: u32, pool: &str, seconds: f64, error: Option<&'static str>) {
         let mut attrs = attributes(pid, pool);
         if let Some(error) = error {
-            attrs.push(KeyValue::new("error.type", error));
+            attrs.push(KeyValue::new(attr::ERROR_TYPE, error));
         }
         let mut current = self.lock();
         current.note(pid, pool);
@@ -307,7 +292,7 @@ impl PoolSeries {
 /// Attributes of per-pool series: the pool and the process that owns it.
 pub fn attributes(pid: u32, pool: &str) -> Vec<KeyValue> {
     vec![
-        KeyValue::new("db.client.connection.pool.name", pool.to_string()),
-        KeyValue::new("process.pid", i64::from(pid)),
+        KeyValue::new(attr::DB_CONNECTION_POOL_NAME, pool.to_string()),
+        KeyValue::new(attr::PROCESS_PID, i64::from(pid)),
     ]
 }
