@@ -439,6 +439,17 @@ impl Pipeline {
                     log::warn!("{line}");
                 }
             }
+            Outcome::StreamLimit { pid, uid } => {
+                self.telemetry
+                    .record_adapter_message("rejected", "stream_limit");
+                let who = pid.map_or_else(|| "unknown pid".to_string(), |p| format!("pid {p}"));
+                if let Some(line) = rejections.line(
+                    std::time::Instant::now(),
+                    &format!("adapter stream from {who} (uid {uid}) closed: too many open streams"),
+                ) {
+                    log::warn!("{line}");
+                }
+            }
             Outcome::Spoofed { pid, claimed } => {
                 self.telemetry
                     .record_adapter_message("rejected", "spoofed_pid");

@@ -37,6 +37,12 @@ pub enum Outcome {
         pid: u32,
         claimed: u32,
     },
+    /// A stream refused at accept: its uid, or everyone, had as many open
+    /// as allowed.
+    StreamLimit {
+        pid: Option<u32>,
+        uid: u32,
+    },
 }
 
 /// Who may send: everyone when both lists are empty (the default; the
