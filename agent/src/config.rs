@@ -58,6 +58,9 @@ const ADAPTER_KEYS: &[&str] = &[
     "min_queue_datagrams",
     "allowed_uids",
     "allowed_gids",
+    "stream_socket",
+    "max_streams",
+    "max_streams_per_uid",
 ];
 const LEAKS_KEYS: &[&str] = &[
     "leak_threshold_seconds",
@@ -292,6 +295,13 @@ pub struct AdapterConfig {
     /// may send (others are rejected and counted); empty: everyone.
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// The Unix stream socket for adapters that cannot send credentialed
+    /// datagrams (JVM, Node without native code): the same messages, one
+    /// per line, with the same mode and allow-lists. Empty: none.
+    pub stream_socket: std::path::PathBuf,
+    /// Streams open at once, in all and per uid; more are closed at accept.
+    pub max_streams: usize,
+    pub max_streams_per_uid: usize,
 }
 
 impl Default for AdapterConfig {
@@ -303,6 +313,9 @@ impl Default for AdapterConfig {
             min_queue_datagrams: 1024,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            stream_socket: "/run/poolscope/adapter-stream.sock".into(),
+            max_streams: 1024,
+            max_streams_per_uid: 64,
         }
     }
 }
@@ -313,6 +326,13 @@ impl AdapterConfig {
         crate::adapter::server::Senders {
             uids: self.allowed_uids.clone(),
             gids: self.allowed_gids.clone(),
+        }
+    }
+
+    pub fn stream_limits(&self) -> crate::adapter::stream::StreamLimits {
+        crate::adapter::stream::StreamLimits {
+            max_streams: self.max_streams,
+            max_streams_per_uid: self.max_streams_per_uid,
         }
     }
 
@@ -1036,6 +1056,9 @@ socket_mode = "0660"
 min_queue_datagrams = 0
 allowed_uids = [1000, 1001]
 allowed_gids = [50]
+stream_socket = "/tmp/a-stream.sock"
+max_streams = 10
+max_streams_per_uid = 2
 
 [leaks]
 leak_threshold_seconds = 3.0
@@ -1097,6 +1120,9 @@ level = "debug"
                 min_queue_datagrams: 0,
                 allowed_uids: vec![1000, 1001],
                 allowed_gids: vec![50],
+                stream_socket: "/tmp/a-stream.sock".into(),
+                max_streams: 10,
+                max_streams_per_uid: 2,
             },
             leaks: LeaksConfig {
                 leak_threshold_seconds: 3.0,

@@ -17,7 +17,10 @@ use opentelemetry::{logs::Severity, KeyValue};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    adapter::server::{AdapterSocket, Outcome},
+    adapter::{
+        server::{AdapterSocket, Outcome},
+        stream::AdapterStreamSocket,
+    },
     api::{self, ApiState},
     clock::{monotonic_ns, Clock},
     config::Config,
@@ -510,6 +513,26 @@ async fn serve_adapters(mut socket: AdapterSocket, pipeline: Arc<Pipeline>) -> a
     }
 }
 
+/// Applies what the streams' lines became, in the order each stream sent
+/// them; the channel's room is what slows a stream that writes faster than
+/// the agent applies.
+async fn serve_adapter_streams(
+    socket: AdapterStreamSocket,
+    pipeline: Arc<Pipeline>,
+) -> anyhow::Result<()> {
+    let (outcomes, mut received) = tokio::sync::mpsc::channel(1024);
+    let accepting = tokio::spawn(socket.serve(outcomes));
+    let mut rejections = RateLimitedLog::new(Duration::from_secs(10));
+    while let Some(outcome) = received.recv().await {
+        pipeline.apply_adapter(outcome, &mut rejections)?;
+    }
+    match accepting.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::anyhow!("adapter stream socket: {e}")),
+        Err(e) => Err(anyhow::anyhow!("adapter stream socket task: {e}")),
+    }
+}
+
 /// From SIGTERM to exit, whatever the collector does: the exporters' last
 /// flush shares this one deadline, and what is left after it is dropped.
 pub const SHUTDOWN_FLUSH_DEADLINE: Duration = Duration::from_secs(3);
@@ -674,6 +697,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 log::warn!("pool adapters disabled: {e:#}");
                 health.adapter(AdapterState::Unavailable);
             }
+        }
+    }
+    if config.adapter.enabled && !config.adapter.stream_socket.as_os_str().is_empty() {
+        match AdapterStreamSocket::bind(
+            &config.adapter.stream_socket,
+            config.adapter.mode(),
+            config.adapter.senders(),
+            config.adapter.stream_limits(),
+        ) {
+            Ok(socket) => {
+                log::info!(
+                    "pool adapters: listening for streams on {}",
+                    socket.path().display()
+                );
+                tasks.spawn(
+                    "adapter stream server",
+                    serve_adapter_streams(socket, Arc::clone(&pipeline)),
+                );
+            }
+            Err(e) => log::warn!("pool adapter streams disabled: {e:#}"),
         }
     }
     tasks.spawn("housekeeping", housekeeping(Arc::clone(&pipeline)));

@@ -380,14 +380,15 @@ pub const ADAPTER_MESSAGES: Instrument = instrument(
     "poolscope.adapter.messages",
     Kind::Counter,
     "{message}",
-    "datagrams received on the adapter socket",
+    "messages received from pool adapters (datagrams, and lines of the stream socket); a \
+     stream refused at accept counts as one rejected message",
     &[
         required(attr::RESULT, "accepted, rejected"),
         when(
             attr::REASON,
             "too_large, malformed, unknown_version, unknown_kind, invalid, unknown_sender, \
              spoofed_pid, sender_not_allowed, sender_exited, and the fair-share bounds pool_limit, \
-             pending_limit, early_event_limit",
+             pending_limit, early_event_limit, and stream_limit (too many open streams)",
             "only when rejected",
         ),
     ],
