@@ -16,6 +16,7 @@ pub use poolscope::reports::{SlowQueriesResponse, SlowQuery};
 pub use serde_json::{json, Value};
 
 pub mod otlp_receiver;
+pub mod yaml;
 
 /// The loopback address the fixtures' servers listen on.
 pub const LOCALHOST_V4: &str = "127.0.0.1";
