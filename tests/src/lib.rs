@@ -30,6 +30,7 @@ mod children;
 mod databases;
 mod env;
 mod prometheus;
+mod scenario;
 
 pub use adapters::*;
 pub use agent::*;
@@ -37,3 +38,4 @@ pub use children::*;
 pub use databases::*;
 pub use env::*;
 pub use prometheus::*;
+pub use scenario::*;
