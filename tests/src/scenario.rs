@@ -50,16 +50,14 @@ impl<'a> ClientConn<'a> {
     }
 }
 
-/// Step: wait until the agent has counted `sentinel` (operation, error
-/// type, count) on `port`, the client's last round trip, and check that the
-/// counts by operation and error type are then exactly `expected`.
-pub fn expect_operations(
-    agent: &Agent,
-    port: u16,
-    sentinel: (&str, &str, u64),
-    expected: &[(&str, &str, u64)],
-) {
-    let (operation, error_type, n) = sentinel;
+/// Step: wait until the agent has counted the last entry of `expected`
+/// (operation, error type, count) on `port`, the client's last round trip,
+/// and check that the counts by operation and error type are then exactly
+/// `expected`.
+pub fn expect_operations(agent: &Agent, port: u16, expected: &[(&str, &str, u64)]) {
+    let Some(&(operation, error_type, n)) = expected.last() else {
+        panic!("no operations expected on port {port}");
+    };
     let counts = agent.wait_for_operation(port, operation, error_type, n);
     assert_eq!(
         counts,

@@ -70,7 +70,6 @@ fn postgres_simple_queries_are_counted_per_operation() {
     expect_operations(
         &agent,
         pg.port,
-        ("SHOW", "", 1),
         &[
             ("INSERT", "", 3),
             ("SELECT", "", 7),
@@ -194,7 +193,6 @@ fn postgres_syntax_error_is_counted_with_its_sqlstate() {
     expect_operations(
         &agent,
         pg.port,
-        ("SELECT", "42601", 1),
         &[("SELECT", "", 1), ("SELECT", "42601", 1)],
     );
     expect_operation_series(
@@ -241,7 +239,7 @@ fn postgres_prepared_statements_show_their_text() {
     assert_eq!(rows, vec![vec![json!("item 5"), json!("")]]);
 
     // One prepare and five executions.
-    expect_operations(&agent, pg.port, ("SELECT", "", 6), &[("SELECT", "", 6)]);
+    expect_operations(&agent, pg.port, &[("SELECT", "", 6)]);
 
     let text = "SELECT name, pg_sleep(?) FROM items WHERE id = $1";
     let c = conn.after_round_trips(6, "six round trips");
@@ -355,7 +353,6 @@ fn transaction_state_follows_ready_for_query(agent_args: &[&str]) {
     expect_operations(
         &agent,
         pg.port,
-        ("ROLLBACK", "", 1),
         &[
             ("BEGIN", "", 2),
             ("SELECT", "", 1),
@@ -404,7 +401,7 @@ fn slow_query_is_reported_with_sanitized_text() {
     );
     assert!(!q.at.is_empty(), "{q:#?}");
 
-    expect_operations(&agent, pg.port, ("SELECT", "", 2), &[("SELECT", "", 2)]);
+    expect_operations(&agent, pg.port, &[("SELECT", "", 2)]);
     let metrics = agent.metrics();
     let port = pg.port.to_string();
     let sums: Vec<f64> = metric_series(&metrics, "db_client_operation_duration_seconds_sum")
@@ -476,7 +473,6 @@ fn mariadb_queries_are_counted_with_error_numbers() {
     expect_operations(
         &agent,
         db.port,
-        ("SELECT", "1064", 1),
         &[
             ("INSERT", "", 4),
             ("SELECT", "", 5),
@@ -571,7 +567,6 @@ fn mariadb_transaction_state_follows_server_status() {
     expect_operations(
         &agent,
         db.port,
-        ("COMMIT", "", 1),
         &[("START", "", 1), ("UPDATE", "", 1), ("COMMIT", "", 1)],
     );
     let out = shell.finish();
@@ -700,7 +695,6 @@ fn redis_pipeline_in_one_write_is_counted_per_command() {
     expect_operations(
         &agent,
         redis.port,
-        ("PING", "", 1),
         &[("SET", "", 50), ("GET", "", 50), ("PING", "", 1)],
     );
     let c = conn.after_round_trips(101, "the connection's 101 round trips");
@@ -749,7 +743,6 @@ fn redis_commands_and_error_replies_are_counted() {
     expect_operations(
         &agent,
         redis.port,
-        ("PING", "", 1),
         &[
             ("SET", "", 2),
             ("INCR", "", 1),
