@@ -16,6 +16,7 @@ pub use poolscope::reports::{SlowQueriesResponse, SlowQuery};
 pub use serde_json::{json, Value};
 
 pub mod otlp_receiver;
+pub mod yaml;
 
 /// The loopback address the fixtures' servers listen on.
 pub const LOCALHOST_V4: &str = "127.0.0.1";
@@ -29,6 +30,7 @@ mod children;
 mod databases;
 mod env;
 mod prometheus;
+mod scenario;
 
 pub use adapters::*;
 pub use agent::*;
@@ -36,3 +38,4 @@ pub use children::*;
 pub use databases::*;
 pub use env::*;
 pub use prometheus::*;
+pub use scenario::*;

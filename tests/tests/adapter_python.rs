@@ -87,20 +87,79 @@ impl Rig {
     fn server(&self) -> String {
         format!("{LOCALHOST}:{}", self.pg.port)
     }
+
+    /// Step: start the app, its adapter sending to this rig's socket or not.
+    fn app(&self, adapter: bool) -> PoolApp {
+        PoolApp::spawn(adapter.then_some(self.socket.as_path()))
+    }
+
+    /// Step: a SQLAlchemy engine named `engine` in the app, with `options`.
+    fn sqlalchemy(&self, app: &mut PoolApp, engine: &str, options: Value) -> Value {
+        let mut request = json!({"op": "sqlalchemy", "engine": engine, "port": self.pg.port});
+        if let (Some(r), Some(o)) = (request.as_object_mut(), options.as_object()) {
+            r.extend(o.clone());
+        }
+        app.request(request)
+    }
+
+    /// Step: start the app with a SQLAlchemy engine `main` of `options`,
+    /// its adapter on as `options` say; returns the app and its answer.
+    fn sqlalchemy_app(&self, options: Value) -> (PoolApp, Value) {
+        let mut app = self.app(options["adapter"] == true);
+        let answer = self.sqlalchemy(&mut app, "main", options);
+        (app, answer)
+    }
+
+    /// Step: the adapter registered pool `name` of `library` for `pid`,
+    /// with this rig's PostgreSQL as its server.
+    fn expect_registration(&self, pid: u32, name: &str, library: &str) -> PoolView {
+        let pool = self
+            .agent
+            .wait_for_pool(pid, name, "the registration", |p| p.max.is_some());
+        assert!(pool.from_adapter, "{pool:#?}");
+        assert_eq!(pool.library.as_deref(), Some(library), "{pool:#?}");
+        assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:#?}");
+        assert_eq!(
+            pool.server.as_deref(),
+            Some(self.server().as_str()),
+            "{pool:#?}"
+        );
+        assert_eq!(pool.namespace.as_deref(), Some("postgres"), "{pool:#?}");
+        pool
+    }
+}
+
+/// Step: the app's own (acquires, releases) of `engine`, and its answer.
+fn app_counts(app: &mut PoolApp, engine: &str) -> (u64, u64, Value) {
+    let counts = app.request(json!({"op": "counts", "engine": engine}));
+    let acquires = counts["acquires"].as_u64().unwrap();
+    let releases = counts["releases"].as_u64().unwrap();
+    (acquires, releases, counts)
 }
 
 /// Every report of one pid seen while polling: the latest version of each
 /// (by id) and when the test first saw it.
-#[derive(Default)]
-struct Seen {
+struct Seen<'a> {
+    agent: &'a Agent,
+    pid: u32,
     first: BTreeMap<u64, Instant>,
     latest: BTreeMap<u64, LeakReport>,
 }
 
-impl Seen {
-    fn poll(&mut self, agent: &Agent, pid: u32) {
+impl<'a> Seen<'a> {
+    fn new(agent: &'a Agent, pid: u32) -> Seen<'a> {
+        Seen {
+            agent,
+            pid,
+            first: BTreeMap::new(),
+            latest: BTreeMap::new(),
+        }
+    }
+
+    fn poll(&mut self) {
         let now = Instant::now();
-        for r in agent.leaks_cli().into_iter().filter(|r| r.pid == pid) {
+        let pid = self.pid;
+        for r in self.agent.leaks_cli().into_iter().filter(|r| r.pid == pid) {
             self.first.entry(r.id).or_insert(now);
             self.latest.insert(r.id, r);
         }
@@ -125,32 +184,67 @@ impl Seen {
     fn dump(&self) -> String {
         serde_json::to_string_pretty(&self.latest.values().collect::<Vec<_>>()).unwrap_or_default()
     }
-}
 
-/// Polls the CLI's reports of `pid` until `done` accepts them or
-/// `timeout` passes; panics with what it saw and the agent's log.
-fn watch(
-    agent: &Agent,
-    pid: u32,
-    seen: &mut Seen,
-    timeout: Duration,
-    what: &str,
-    done: impl Fn(&Seen) -> bool,
-) {
-    let ok = wait_until(timeout, || {
-        seen.poll(agent, pid);
-        done(seen).then_some(())
-    });
-    if ok.is_none() {
-        panic!(
-            "timed out after {timeout:?} waiting for {what} (pid {pid})\n\
-             --- reports of pid {pid} ---\n{}\n--- connections of pid {pid} ---\n{}\n\
-             --- pools ---\n{}\n--- agent log ---\n{}",
-            seen.dump(),
-            serde_json::to_string_pretty(&agent.connections_of(pid)).unwrap_or_default(),
-            serde_json::to_string_pretty(&agent.pools()).unwrap_or_default(),
-            agent.log()
+    /// The reports of `kind`.
+    fn of_kind(&self, kind: LeakKind) -> Vec<&LeakReport> {
+        self.latest.values().filter(|r| r.kind == kind).collect()
+    }
+
+    /// Step: poll the CLI's reports until `done` accepts them or `timeout`
+    /// passes; panics with what it saw and the agent's log.
+    fn watch(&mut self, timeout: Duration, what: &str, done: impl Fn(&Seen) -> bool) {
+        let ok = wait_until(timeout, || {
+            self.poll();
+            done(self).then_some(())
+        });
+        if ok.is_none() {
+            let (agent, pid) = (self.agent, self.pid);
+            panic!(
+                "timed out after {timeout:?} waiting for {what} (pid {pid})\n\
+                 --- reports of pid {pid} ---\n{}\n--- connections of pid {pid} ---\n{}\n\
+                 --- pools ---\n{}\n--- agent log ---\n{}",
+                self.dump(),
+                serde_json::to_string_pretty(&agent.connections_of(pid)).unwrap_or_default(),
+                serde_json::to_string_pretty(&agent.pools()).unwrap_or_default(),
+                agent.log()
+            );
+        }
+    }
+
+    /// Step: the first report of each case must be there by `timeout`.
+    fn watch_for_first(&mut self, threshold: f64, what: &str, done: impl Fn(&Seen) -> bool) {
+        let timeout = Duration::from_secs_f64(threshold) + REPORT_SLACK + Duration::from_secs(5);
+        self.watch(timeout, what, done);
+    }
+
+    /// Step: keep polling for 2 s more, so that a report that should not
+    /// come has its chance to.
+    fn keep_watching(&mut self) {
+        let until = Instant::now() + Duration::from_secs(2);
+        self.watch(Duration::from_secs(5), "2 s more", |_| {
+            Instant::now() >= until
+        });
+    }
+
+    /// Step: every report ever seen, by kind and local port, is `expected`.
+    fn expect_kinds(&self, expected: BTreeSet<(LeakKind, Option<u16>)>) {
+        assert_eq!(
+            self.kinds_by_port(),
+            expected,
+            "every report of pid {} ever seen, by kind and local port\n{}",
+            self.pid,
+            self.dump()
         );
+    }
+
+    /// Step: the report of `kind` on `held`'s connection, first seen on
+    /// time: `threshold` seconds after `held` started.
+    fn on_time(&self, kind: LeakKind, held: &Held, threshold: f64, what: &str) -> &LeakReport {
+        let (r, first) = self
+            .find(kind, held.port)
+            .unwrap_or_else(|| panic!("no {kind:?} report for {what}\n{}", self.dump()));
+        assert_on_time(what, first, held.at, threshold);
+        r
     }
 }
 
@@ -166,14 +260,6 @@ fn assert_on_time(what: &str, first_seen: Instant, since: Instant, threshold: f6
     );
 }
 
-fn create_sqlalchemy(app: &mut PoolApp, rig: &Rig, engine: &str, options: Value) -> Value {
-    let mut request = json!({"op": "sqlalchemy", "engine": engine, "port": rig.pg.port});
-    if let (Some(r), Some(o)) = (request.as_object_mut(), options.as_object()) {
-        r.extend(o.clone());
-    }
-    app.request(request)
-}
-
 // ---------------------------------------------------------------------------
 // a. Leaks, a slow holder and an idle transaction, told apart
 // ---------------------------------------------------------------------------
@@ -185,26 +271,13 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
     }
     let rig = Rig::start(&fast_thresholds());
     let agent = &rig.agent;
-    let mut app = PoolApp::spawn(Some(&rig.socket));
-    let pid = app.pid;
-    let answer = create_sqlalchemy(
-        &mut app,
-        &rig,
-        "main",
+    let (mut app, answer) = rig.sqlalchemy_app(
         json!({"pool_size": 5, "max_overflow": 10, "adapter": true, "pool_name": "orders"}),
     );
+    let pid = app.pid;
     assert_eq!(answer["pool_name"], "orders");
 
-    let pool = agent.wait_for_pool(pid, "orders", "the registration", |p| p.max.is_some());
-    assert!(pool.from_adapter, "{pool:#?}");
-    assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:#?}");
-    assert_eq!(
-        pool.server.as_deref(),
-        Some(rig.server().as_str()),
-        "{pool:#?}"
-    );
-    assert_eq!(pool.namespace.as_deref(), Some("postgres"), "{pool:#?}");
-    assert_eq!(pool.library.as_deref(), Some("sqlalchemy"), "{pool:#?}");
+    let pool = rig.expect_registration(pid, "orders", "sqlalchemy");
     assert_eq!(pool.max, Some(15), "pool_size + max_overflow: {pool:#?}");
     assert_eq!(pool.idle_max, Some(5), "pool_size: {pool:#?}");
 
@@ -225,12 +298,9 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
         "five distinct connections: {leaks:?} {busy:?} {tx:?}"
     );
 
-    let mut seen = Seen::default();
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        Duration::from_secs_f64(LEAK_S) + REPORT_SLACK + Duration::from_secs(5),
+    let mut seen = Seen::new(agent, pid);
+    seen.watch_for_first(
+        LEAK_S,
         "3 leaked, 1 slow holder, 1 idle in transaction",
         |s| {
             leaks
@@ -242,15 +312,7 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
     );
     // Keep watching for a while longer: the busy one must stay a slow holder
     // and nothing else may show up.
-    let until = Instant::now() + Duration::from_secs(2);
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        Duration::from_secs(5),
-        "2 s more",
-        |_| Instant::now() >= until,
-    );
+    seen.keep_watching();
 
     let mut expected: BTreeSet<(LeakKind, Option<u16>)> = leaks
         .iter()
@@ -258,16 +320,10 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
         .collect();
     expected.insert((LeakKind::SlowHolder, Some(busy.port)));
     expected.insert((LeakKind::IdleInTransaction, Some(tx.port)));
-    assert_eq!(
-        seen.kinds_by_port(),
-        expected,
-        "every report of pid {pid} ever seen, by kind and local port\n{}",
-        seen.dump()
-    );
+    seen.expect_kinds(expected);
 
     for (i, h) in leaks.iter().enumerate() {
-        let (r, first) = seen.find(LeakKind::Leaked, h.port).unwrap();
-        assert_on_time(&format!("leak{}", i + 1), first, h.at, LEAK_S);
+        let r = seen.on_time(LeakKind::Leaked, h, LEAK_S, &format!("leak{}", i + 1));
         assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
         assert_eq!(r.pid, pid, "{r:#?}");
         assert_eq!(r.process, "python3", "{r:#?}");
@@ -294,15 +350,18 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
             "{r:#?}"
         );
     }
-    let (r, first) = seen.find(LeakKind::SlowHolder, busy.port).unwrap();
-    assert_on_time("the busy holder", first, busy.at, LEAK_S);
+    let r = seen.on_time(LeakKind::SlowHolder, &busy, LEAK_S, "the busy holder");
     assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
     assert_eq!(r.pool.as_deref(), Some("orders"), "{r:#?}");
     assert_eq!(r.fd, Some(busy.fd), "{r:#?}");
     assert!(!r.kind.is_leak(), "a slow holder is not a leak");
 
-    let (r, first) = seen.find(LeakKind::IdleInTransaction, tx.port).unwrap();
-    assert_on_time("the idle transaction", first, tx.at, IDLE_IN_TX_S);
+    let r = seen.on_time(
+        LeakKind::IdleInTransaction,
+        &tx,
+        IDLE_IN_TX_S,
+        "the idle transaction",
+    );
     assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
     assert_eq!(r.pool.as_deref(), Some("orders"), "{r:#?}");
     assert_eq!(r.fd, Some(tx.fd), "{r:#?}");
@@ -316,10 +375,7 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
     // Returning one leaked connection resolves its report, and only its.
     let returned = seen.find(LeakKind::Leaked, leaks[0].port).unwrap().0.id;
     app.request(json!({"op": "release", "id": "leak1"}));
-    watch(
-        agent,
-        pid,
-        &mut seen,
+    seen.watch(
         EVENT_TIMEOUT,
         "the returned connection's report to resolve",
         |s| s.latest[&returned].status == ReportStatus::Resolved,
@@ -345,14 +401,9 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
     );
     app.request(json!({"op": "release", "id": "busy"}));
     let holder = seen.find(LeakKind::SlowHolder, busy.port).unwrap().0.id;
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        EVENT_TIMEOUT,
-        "the slow holder to resolve",
-        |s| s.latest[&holder].status == ReportStatus::Resolved,
-    );
+    seen.watch(EVENT_TIMEOUT, "the slow holder to resolve", |s| {
+        s.latest[&holder].status == ReportStatus::Resolved
+    });
     assert_eq!(
         seen.latest[&holder].resolution.as_deref(),
         Some("returned to the pool")
@@ -370,17 +421,11 @@ fn without_adapter_kernel_rules_find_idle_transaction_and_abandoned_connections(
     }
     let rig = Rig::start(&fast_thresholds());
     let agent = &rig.agent;
-    let mut app = PoolApp::spawn(None);
+    let (mut app, _) =
+        rig.sqlalchemy_app(json!({"pool_size": 5, "max_overflow": 10, "adapter": false}));
     let pid = app.pid;
-    create_sqlalchemy(
+    rig.sqlalchemy(
         &mut app,
-        &rig,
-        "main",
-        json!({"pool_size": 5, "max_overflow": 10, "adapter": false}),
-    );
-    create_sqlalchemy(
-        &mut app,
-        &rig,
         "null",
         json!({"poolclass": "null", "adapter": false}),
     );
@@ -400,12 +445,9 @@ fn without_adapter_kernel_rules_find_idle_transaction_and_abandoned_connections(
     // ...while the app keeps opening new ones to the same server.
     app.request(json!({"op": "churn_start", "engine": "null", "interval": 1.0}));
 
-    let mut seen = Seen::default();
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        Duration::from_secs_f64(ABANDONED_S) + REPORT_SLACK + Duration::from_secs(5),
+    let mut seen = Seen::new(agent, pid);
+    seen.watch_for_first(
+        ABANDONED_S,
         "an idle transaction and two abandoned connections",
         |s| {
             s.find(LeakKind::IdleInTransaction, tx.port).is_some()
@@ -414,15 +456,7 @@ fn without_adapter_kernel_rules_find_idle_transaction_and_abandoned_connections(
                     .all(|h| s.find(LeakKind::Abandoned, h.port).is_some())
         },
     );
-    let until = Instant::now() + Duration::from_secs(2);
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        Duration::from_secs(5),
-        "2 s more",
-        |_| Instant::now() >= until,
-    );
+    seen.keep_watching();
     let churned = app.request(json!({"op": "churn_stop"}))["local_ports"]
         .as_array()
         .unwrap()
@@ -434,22 +468,25 @@ fn without_adapter_kernel_rules_find_idle_transaction_and_abandoned_connections(
         .map(|h| (LeakKind::Abandoned, Some(h.port)))
         .collect();
     expected.insert((LeakKind::IdleInTransaction, Some(tx.port)));
-    assert_eq!(
-        seen.kinds_by_port(),
-        expected,
-        "every report of pid {pid} ever seen, by kind and local port\n{}",
-        seen.dump()
-    );
+    seen.expect_kinds(expected);
 
-    let (r, first) = seen.find(LeakKind::IdleInTransaction, tx.port).unwrap();
-    assert_on_time("the idle transaction", first, tx.at, IDLE_IN_TX_S);
+    let r = seen.on_time(
+        LeakKind::IdleInTransaction,
+        &tx,
+        IDLE_IN_TX_S,
+        "the idle transaction",
+    );
     assert_eq!(r.pool, None, "no adapter, no pool name: {r:#?}");
     assert_eq!(r.fd, Some(tx.fd), "{r:#?}");
     assert_eq!(r.tx_state, Some(TxState::InTransaction), "{r:#?}");
     assert_eq!(r.db_system, Some(DbSystem::Postgresql), "{r:#?}");
     for (i, h) in old.iter().enumerate() {
-        let (r, first) = seen.find(LeakKind::Abandoned, h.port).unwrap();
-        assert_on_time(&format!("old{}", i + 1), first, h.at, ABANDONED_S);
+        let r = seen.on_time(
+            LeakKind::Abandoned,
+            h,
+            ABANDONED_S,
+            &format!("old{}", i + 1),
+        );
         assert_eq!(r.pid, pid, "{r:#?}");
         assert_eq!(r.pool, None, "{r:#?}");
         assert_eq!(r.fd, Some(h.fd), "{r:#?}");
@@ -470,15 +507,11 @@ fn slow_acquire_is_reported_with_the_pool_state() {
     }
     let rig = Rig::start(&fast_thresholds());
     let agent = &rig.agent;
-    let mut app = PoolApp::spawn(Some(&rig.socket));
-    let pid = app.pid;
-    create_sqlalchemy(
-        &mut app,
-        &rig,
-        "main",
+    let (mut app, _) = rig.sqlalchemy_app(
         json!({"pool_size": 1, "max_overflow": 0, "pool_timeout": 3, "adapter": true,
                "pool_name": "tiny"}),
     );
+    let pid = app.pid;
     agent.wait_for_pool(pid, "tiny", "the registration", |p| p.max == Some(1));
     let waits = format!(
         "db_client_connection_wait_time_seconds_count{{db_client_connection_pool_name=\"tiny\",process_pid=\"{pid}\"}}"
@@ -500,20 +533,11 @@ fn slow_acquire_is_reported_with_the_pool_state() {
     assert_eq!(w1["result"], "timeout", "{w1}");
     let w1_tid = w1["tid"].as_u64().and_then(|t| u32::try_from(t).ok());
 
-    let mut seen = Seen::default();
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        EVENT_TIMEOUT,
-        "the slow acquire that timed out",
-        |s| s.latest.values().any(|r| r.kind == LeakKind::SlowAcquire),
-    );
-    let slow: Vec<&LeakReport> = seen
-        .latest
-        .values()
-        .filter(|r| r.kind == LeakKind::SlowAcquire)
-        .collect();
+    let mut seen = Seen::new(agent, pid);
+    seen.watch(EVENT_TIMEOUT, "the slow acquire that timed out", |s| {
+        !s.of_kind(LeakKind::SlowAcquire).is_empty()
+    });
+    let slow = seen.of_kind(LeakKind::SlowAcquire);
     assert_eq!(slow.len(), 1, "{}", seen.dump());
     let r = slow[0];
     assert_eq!(r.pool.as_deref(), Some("tiny"), "{r:#?}");
@@ -536,24 +560,13 @@ fn slow_acquire_is_reported_with_the_pool_state() {
     app.request(json!({"op": "release", "id": "holder", "after": 1.0}));
     let w2 = app.request(json!({"op": "waiter_result", "id": "w2"}));
     assert_eq!(w2["result"], "ok", "{w2}");
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        EVENT_TIMEOUT,
-        "the second slow acquire",
-        |s| {
-            s.latest
-                .values()
-                .filter(|r| r.kind == LeakKind::SlowAcquire)
-                .count()
-                >= 2
-        },
-    );
+    seen.watch(EVENT_TIMEOUT, "the second slow acquire", |s| {
+        s.of_kind(LeakKind::SlowAcquire).len() >= 2
+    });
     let r = seen
-        .latest
-        .values()
-        .find(|r| r.kind == LeakKind::SlowAcquire && r.resolution.as_deref() != Some("timed out"))
+        .of_kind(LeakKind::SlowAcquire)
+        .into_iter()
+        .find(|r| r.resolution.as_deref() != Some("timed out"))
         .unwrap();
     assert_eq!(r.resolution.as_deref(), Some("got a connection"), "{r:#?}");
     assert!(
@@ -601,15 +614,11 @@ fn slow_acquire_that_gets_a_connection_reports_the_exhausted_pool() {
     }
     let rig = Rig::start(&fast_thresholds());
     let agent = &rig.agent;
-    let mut app = PoolApp::spawn(Some(&rig.socket));
-    let pid = app.pid;
-    create_sqlalchemy(
-        &mut app,
-        &rig,
-        "main",
+    let (mut app, _) = rig.sqlalchemy_app(
         json!({"pool_size": 1, "max_overflow": 0, "pool_timeout": 10, "adapter": true,
                "pool_name": "tiny"}),
     );
+    let pid = app.pid;
     app.checkout("main", "holder");
     agent.wait_for_pool(pid, "tiny", "the holder's checkout", |p| {
         p.used == 1 && p.max == Some(1)
@@ -621,15 +630,10 @@ fn slow_acquire_that_gets_a_connection_reports_the_exhausted_pool() {
         app.request(json!({"op": "waiter_result", "id": "w"}))["result"],
         "ok"
     );
-    let mut seen = Seen::default();
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        EVENT_TIMEOUT,
-        "the slow acquire",
-        |s| s.latest.values().any(|r| r.kind == LeakKind::SlowAcquire),
-    );
+    let mut seen = Seen::new(agent, pid);
+    seen.watch(EVENT_TIMEOUT, "the slow acquire", |s| {
+        !s.of_kind(LeakKind::SlowAcquire).is_empty()
+    });
     let r = seen.latest.values().next().unwrap();
     assert_eq!(r.resolution.as_deref(), Some("got a connection"), "{r:#?}");
     assert_eq!(
@@ -657,23 +661,19 @@ fn healthy_pool_under_load_has_no_reports_and_exact_counts() {
          INSERT INTO accounts (aid) SELECT generate_series(1, 100); \
          CREATE TABLE history (aid int, delta int, at timestamptz DEFAULT now())",
     );
-    let mut app = PoolApp::spawn(Some(&rig.socket));
-    let pid = app.pid;
-    create_sqlalchemy(
-        &mut app,
-        &rig,
-        "main",
+    let (mut app, _) = rig.sqlalchemy_app(
         json!({"pool_size": 5, "max_overflow": 10, "adapter": true, "pool_name": "bank"}),
     );
+    let pid = app.pid;
     agent.wait_for_pool(pid, "bank", "the registration", |p| p.max == Some(15));
 
     let started = Instant::now();
     app.request(json!({"op": "load", "engine": "main", "threads": 4,
                        "seconds": LOAD.as_secs_f64(), "pause": 0.01}));
-    let mut seen = Seen::default();
+    let mut seen = Seen::new(agent, pid);
     let mut polls = 0;
     while started.elapsed() < LOAD {
-        seen.poll(agent, pid);
+        seen.poll();
         polls += 1;
         assert!(
             seen.latest.is_empty(),
@@ -688,9 +688,7 @@ fn healthy_pool_under_load_has_no_reports_and_exact_counts() {
     let transactions = stats["transactions"].as_u64().unwrap();
     assert_eq!(stats["errors"], 0, "{stats}");
     assert!(transactions > 1000, "{stats}");
-    let counts = app.request(json!({"op": "counts", "engine": "main"}));
-    let acquires = counts["acquires"].as_u64().unwrap();
-    let releases = counts["releases"].as_u64().unwrap();
+    let (acquires, releases, counts) = app_counts(&mut app, "main");
     assert_eq!(acquires, transactions, "{counts} {stats}");
     assert_eq!(acquires, releases, "{counts}");
 
@@ -712,7 +710,7 @@ fn healthy_pool_under_load_has_no_reports_and_exact_counts() {
     assert_eq!(pool.timeouts, 0, "{pool:#?}");
     assert!(pool.idle >= 1 && pool.idle <= 15, "{pool:#?}");
 
-    seen.poll(agent, pid);
+    seen.poll();
     assert!(
         seen.latest.is_empty(),
         "a healthy pool got reports:\n{}",
@@ -732,7 +730,7 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
     }
     let rig = Rig::start(&fast_thresholds());
     let agent = &rig.agent;
-    let mut app = PoolApp::spawn(Some(&rig.socket));
+    let mut app = rig.app(true);
     let pid = app.pid;
     let answer = app.request(
         json!({"op": "psycopg_pool", "engine": "pp", "port": rig.pg.port,
@@ -740,24 +738,14 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
                                     "pool_name": "billing"}),
     );
     assert_eq!(answer["pool_name"], "billing");
-    let pool = agent.wait_for_pool(pid, "billing", "the registration", |p| p.max.is_some());
+    let pool = rig.expect_registration(pid, "billing", "psycopg_pool");
     assert_eq!(pool.max, Some(4), "{pool:#?}");
     assert_eq!(pool.min_idle, Some(2), "{pool:#?}");
-    assert_eq!(pool.library.as_deref(), Some("psycopg_pool"), "{pool:#?}");
-    assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:#?}");
-    assert_eq!(
-        pool.server.as_deref(),
-        Some(rig.server().as_str()),
-        "{pool:#?}"
-    );
-    assert_eq!(pool.namespace.as_deref(), Some("postgres"), "{pool:#?}");
 
     // Through connection() and through getconn/putconn, half each.
     app.request(json!({"op": "pool_checkouts", "engine": "pp", "n": 40}));
     let leak = app.checkout("pp", "leak");
-    let counts = app.request(json!({"op": "counts", "engine": "pp"}));
-    let acquires = counts["acquires"].as_u64().unwrap();
-    let releases = counts["releases"].as_u64().unwrap();
+    let (acquires, releases, counts) = app_counts(&mut app, "pp");
     assert_eq!((acquires, releases), (41, 40), "{counts}");
 
     let pool = agent.wait_for_pool(pid, "billing", "the app's counts", |p| {
@@ -765,26 +753,15 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
     });
     assert_eq!(pool.pending, 0, "{pool:#?}");
 
-    let mut seen = Seen::default();
-    watch(
-        agent,
-        pid,
-        &mut seen,
-        Duration::from_secs_f64(LEAK_S) + REPORT_SLACK + Duration::from_secs(5),
-        "the leaked connection",
-        |s| s.find(LeakKind::Leaked, leak.port).is_some(),
-    );
-    let (r, first) = seen.find(LeakKind::Leaked, leak.port).unwrap();
-    assert_on_time("the leak", first, leak.at, LEAK_S);
+    let mut seen = Seen::new(agent, pid);
+    seen.watch_for_first(LEAK_S, "the leaked connection", |s| {
+        s.find(LeakKind::Leaked, leak.port).is_some()
+    });
+    let r = seen.on_time(LeakKind::Leaked, &leak, LEAK_S, "the leak");
     assert_eq!(r.pool.as_deref(), Some("billing"), "{r:#?}");
     assert_eq!(r.fd, Some(leak.fd), "{r:#?}");
     assert_eq!(r.holder_tid, Some(app.tid), "{r:#?}");
-    assert_eq!(
-        seen.kinds_by_port(),
-        BTreeSet::from([(LeakKind::Leaked, Some(leak.port))]),
-        "{}",
-        seen.dump()
-    );
+    seen.expect_kinds(BTreeSet::from([(LeakKind::Leaked, Some(leak.port))]));
 }
 
 // ---------------------------------------------------------------------------

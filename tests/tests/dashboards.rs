@@ -21,7 +21,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use poolscope_tests::{TempDir, Value};
+use poolscope_tests::{yaml, TempDir, Value};
 
 /// The dashboards the project ships; each must exist and pass every check.
 const DASHBOARDS: &[&str] = &["agent.json", "leaks.json", "pools.json", "queries.json"];
@@ -667,8 +667,7 @@ fn dashboard_exprs(file: &str, dashboard: &Value, problems: &mut Vec<String>) ->
 // ---------------------------------------------------------------------------
 
 fn alerts_yaml() -> Value {
-    let path = dashboards_dir().join("alerts.yaml");
-    yaml::parse(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    yaml::read(&dashboards_dir().join("alerts.yaml"))
 }
 
 fn alert_rules(alerts: &Value) -> Vec<&Value> {
@@ -685,9 +684,15 @@ fn alert_exprs(alerts: &Value) -> Vec<Expr> {
         .into_iter()
         .map(|rule| {
             let name = rule["alert"].as_str().or(rule["record"].as_str());
+            // A plain number is PromQL too, and YAML reads it as one.
+            let promql = match &rule["expr"] {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => String::new(),
+            };
             Expr {
                 source: format!("alerts.yaml: {}", name.unwrap_or("?")),
-                promql: rule["expr"].as_str().unwrap_or_default().to_string(),
+                promql,
                 legend_labels: Vec::new(),
                 values_of: None,
             }
@@ -995,10 +1000,10 @@ fn every_alert_is_documented_and_tested_both_ways() {
             continue;
         };
         names.insert(name.to_string());
-        let severity = rule["labels"]["severity"].as_str().unwrap_or_default();
-        if !SEVERITIES.contains(&severity) {
+        let severity = &rule["labels"]["severity"];
+        if !severity.as_str().is_some_and(|s| SEVERITIES.contains(&s)) {
             problems.push(format!(
-                "{name}: severity {severity:?} is not one of {SEVERITIES:?}"
+                "{name}: severity {severity} is not one of {SEVERITIES:?}"
             ));
         }
         for key in ANNOTATIONS {
@@ -1006,7 +1011,9 @@ fn every_alert_is_documented_and_tested_both_ways() {
                 .as_str()
                 .is_none_or(|s| s.trim().is_empty())
             {
-                problems.push(format!("{name}: no `{key}` annotation"));
+                problems.push(format!(
+                    "{name}: no `{key}` annotation (a non-empty string)"
+                ));
             }
         }
     }
@@ -1016,8 +1023,7 @@ fn every_alert_is_documented_and_tested_both_ways() {
         }
     }
 
-    let path = dashboards_dir().join("alerts_test.yaml");
-    let tests = yaml::parse(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tests = yaml::read(&dashboards_dir().join("alerts_test.yaml"));
     let mut fires = BTreeSet::new();
     let mut silent = BTreeSet::new();
     for group in tests["tests"].as_array().into_iter().flatten() {
@@ -1025,7 +1031,13 @@ fn every_alert_is_documented_and_tested_both_ways() {
             .as_array()
             .is_some_and(|s| !s.is_empty());
         for case in group["alert_rule_test"].as_array().into_iter().flatten() {
-            let name = case["alertname"].as_str().unwrap_or_default().to_string();
+            let Some(name) = case["alertname"].as_str().map(str::to_string) else {
+                problems.push(format!(
+                    "alerts_test.yaml: alertname {} is not a string",
+                    case["alertname"]
+                ));
+                continue;
+            };
             if !names.contains(&name) {
                 problems.push(format!("alerts_test.yaml tests an unknown alert {name:?}"));
             }
@@ -1110,15 +1122,19 @@ fn dashboards_use_the_datasource_variable_and_a_sound_layout() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// The small YAML reader below reads the block style the rules files use.
+/// The tests' YAML reader (`poolscope_tests::yaml`) reads the block style
+/// the rules files use, keeping YAML's types: a group's `limit` is a number,
+/// a duration a string.
 #[test]
 fn yaml_reader_reads_the_rules_files_style() {
     let doc = r#"
 # comment
 groups:
   - name: g   # trailing comment
+    limit: 10
     rules:
       - alert: A
+        for: 5m
         expr: |
           sum(x)
             > 1
@@ -1149,284 +1165,7 @@ nothing: {}
     assert_eq!(v["list"][1], "b");
     assert!(v["nothing"].as_object().is_some_and(|m| m.is_empty()));
     assert!(yaml::parse("a: b\n  c: d\n").is_err());
-}
-
-// ---------------------------------------------------------------------------
-// A small YAML reader for the block style of Prometheus rules files
-// ---------------------------------------------------------------------------
-
-/// Reads mappings, sequences, plain and quoted scalars, block scalars (`|`,
-/// `>`, with `-`/`+` chomping) and flow `[a, b]` / `{}`: what alerts.yaml
-/// and alerts_test.yaml use. Scalars stay strings. Anything else is an
-/// error, never a guess; promtool remains the judge of the real YAML.
-mod yaml {
-    use serde_json::{Map, Value};
-
-    pub fn parse(text: &str) -> Result<Value, String> {
-        let mut p = Parser {
-            lines: text.lines().map(str::to_string).collect(),
-            pos: 0,
-        };
-        let value = match p.next_indent() {
-            Some(indent) => p.node(indent)?,
-            None => Value::Null,
-        };
-        if p.next_indent().is_some() {
-            return Err(format!("line {}: unexpected indentation", p.pos + 1));
-        }
-        Ok(value)
-    }
-
-    struct Parser {
-        lines: Vec<String>,
-        pos: usize,
-    }
-
-    fn indent_of(line: &str) -> usize {
-        line.len() - line.trim_start_matches(' ').len()
-    }
-
-    fn is_item(content: &str) -> bool {
-        content == "-" || content.starts_with("- ")
-    }
-
-    /// `key: rest` with a plain key.
-    fn key_split(content: &str) -> Option<(&str, &str)> {
-        let colon = content.find(':')?;
-        let (key, rest) = (&content[..colon], &content[colon + 1..]);
-        let plain_key = !key.is_empty()
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        (plain_key && (rest.is_empty() || rest.starts_with(' '))).then_some((key, rest))
-    }
-
-    fn strip_comment(plain: &str) -> &str {
-        match plain.find(" #") {
-            Some(pos) => &plain[..pos],
-            None => plain,
-        }
-        .trim()
-    }
-
-    fn scalar(text: &str, line: usize) -> Result<Value, String> {
-        let err = |what: &str| Err(format!("line {line}: {what}: {text}"));
-        let text = text.trim();
-        if let Some(body) = text.strip_prefix('"') {
-            let mut out = String::new();
-            let mut chars = body.chars();
-            loop {
-                match chars.next() {
-                    None => return err("unclosed double quote (multi-line strings unsupported)"),
-                    Some('"') => break,
-                    Some('\\') => match chars.next() {
-                        Some('n') => out.push('\n'),
-                        Some('t') => out.push('\t'),
-                        Some(c @ ('"' | '\\' | '/')) => out.push(c),
-                        _ => return err("unsupported escape"),
-                    },
-                    Some(c) => out.push(c),
-                }
-            }
-            let tail = chars.as_str().trim();
-            if !(tail.is_empty() || tail.starts_with('#')) {
-                return err("text after a quoted string");
-            }
-            Ok(Value::String(out))
-        } else if let Some(body) = text.strip_prefix('\'') {
-            let mut out = String::new();
-            let mut chars = body.chars().peekable();
-            loop {
-                match chars.next() {
-                    None => return err("unclosed single quote (multi-line strings unsupported)"),
-                    Some('\'') if chars.peek() == Some(&'\'') => {
-                        chars.next();
-                        out.push('\'');
-                    }
-                    Some('\'') => break,
-                    Some(c) => out.push(c),
-                }
-            }
-            let tail: String = chars.collect();
-            if !(tail.trim().is_empty() || tail.trim().starts_with('#')) {
-                return err("text after a quoted string");
-            }
-            Ok(Value::String(out))
-        } else if text.starts_with('[') {
-            let inner = strip_comment(text)
-                .strip_prefix('[')
-                .and_then(|t| t.strip_suffix(']'));
-            let Some(inner) = inner else {
-                return err("unsupported flow sequence");
-            };
-            if inner.contains(['[', '{', '"', '\'']) {
-                return err("unsupported flow sequence");
-            }
-            Ok(Value::Array(
-                inner
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| Value::String(s.to_string()))
-                    .collect(),
-            ))
-        } else if text.starts_with('{') {
-            if strip_comment(text) == "{}" {
-                Ok(Value::Object(Map::new()))
-            } else {
-                err("unsupported flow mapping")
-            }
-        } else if text.starts_with(['|', '>', '&', '*', '!', '%', '@', '`']) {
-            err("unsupported YAML")
-        } else {
-            Ok(Value::String(strip_comment(text).to_string()))
-        }
-    }
-
-    impl Parser {
-        /// Skips blank and comment lines; the next line's indentation.
-        fn next_indent(&mut self) -> Option<usize> {
-            while let Some(line) = self.lines.get(self.pos) {
-                let trimmed = line.trim();
-                if !(trimmed.is_empty() || trimmed.starts_with('#')) {
-                    return Some(indent_of(line));
-                }
-                self.pos += 1;
-            }
-            None
-        }
-
-        fn content(&self, indent: usize) -> String {
-            self.lines[self.pos][indent..].trim_end().to_string()
-        }
-
-        fn node(&mut self, indent: usize) -> Result<Value, String> {
-            if is_item(&self.content(indent)) {
-                self.sequence(indent)
-            } else {
-                self.mapping(indent)
-            }
-        }
-
-        fn sequence(&mut self, indent: usize) -> Result<Value, String> {
-            let mut items = Vec::new();
-            while self.next_indent() == Some(indent) {
-                let content = self.content(indent);
-                if !is_item(&content) {
-                    return Err(format!("line {}: expected `- item`", self.pos + 1));
-                }
-                let rest = content.get(2..).unwrap_or_default();
-                let body = rest.trim_start();
-                if body.is_empty() || body.starts_with('#') {
-                    self.pos += 1;
-                    match self.next_indent() {
-                        Some(i) if i > indent => items.push(self.node(i)?),
-                        _ => items.push(Value::Null),
-                    }
-                } else if is_item(body) || key_split(body).is_some() {
-                    // The item is a block node starting on this line: let
-                    // it begin at the column after "- ".
-                    let item_indent = indent + 2 + (rest.len() - body.len());
-                    self.lines[self.pos] = format!("{}{body}", " ".repeat(item_indent));
-                    items.push(self.node(item_indent)?);
-                } else {
-                    items.push(scalar(body, self.pos + 1)?);
-                    self.pos += 1;
-                }
-            }
-            Ok(Value::Array(items))
-        }
-
-        fn mapping(&mut self, indent: usize) -> Result<Value, String> {
-            let mut map = Map::new();
-            while self.next_indent() == Some(indent) {
-                let line = self.pos + 1;
-                let content = self.content(indent);
-                if is_item(&content) {
-                    return Err(format!("line {line}: a `- item` where a key was expected"));
-                }
-                let (key, rest) = key_split(&content)
-                    .ok_or_else(|| format!("line {line}: expected `key: value`"))?;
-                let rest = rest.trim();
-                self.pos += 1;
-                let value = if rest.is_empty() || rest.starts_with('#') {
-                    match self.next_indent() {
-                        Some(i) if i > indent => self.node(i)?,
-                        Some(i) if i == indent && is_item(&self.content(i)) => self.sequence(i)?,
-                        _ => Value::Null,
-                    }
-                } else if rest.starts_with(['|', '>']) {
-                    self.block_scalar(indent, strip_comment(rest), line)?
-                } else {
-                    scalar(rest, line)?
-                };
-                if map.insert(key.to_string(), value).is_some() {
-                    return Err(format!("line {line}: duplicate key `{key}`"));
-                }
-            }
-            if let Some(i) = self.next_indent() {
-                if i > indent {
-                    return Err(format!("line {}: unexpected indentation", self.pos + 1));
-                }
-            }
-            Ok(Value::Object(map))
-        }
-
-        fn block_scalar(
-            &mut self,
-            parent: usize,
-            header: &str,
-            line: usize,
-        ) -> Result<Value, String> {
-            let folded = header.starts_with('>');
-            let chomp = &header[1..];
-            if !matches!(chomp, "" | "-" | "+") {
-                return Err(format!(
-                    "line {line}: unsupported block scalar header `{header}`"
-                ));
-            }
-            let mut raw = Vec::new();
-            while let Some(l) = self.lines.get(self.pos) {
-                if !l.trim().is_empty() && indent_of(l) <= parent {
-                    break;
-                }
-                raw.push(l.clone());
-                self.pos += 1;
-            }
-            let trailing_blank = raw.iter().rev().take_while(|l| l.trim().is_empty()).count();
-            raw.truncate(raw.len() - trailing_blank);
-            let content_indent = raw.first().map_or(0, |l| indent_of(l));
-            let lines: Vec<&str> = raw
-                .iter()
-                .map(|l| l.get(content_indent..).unwrap_or_default())
-                .collect();
-            let mut text = if folded {
-                let mut out = String::new();
-                let mut previous_blank = true;
-                for l in &lines {
-                    if l.trim().is_empty() {
-                        out.push('\n');
-                        previous_blank = true;
-                    } else {
-                        if !previous_blank {
-                            out.push(' ');
-                        }
-                        out.push_str(l);
-                        previous_blank = false;
-                    }
-                }
-                out
-            } else {
-                lines.join("\n")
-            };
-            if !text.is_empty() {
-                match chomp {
-                    "-" => {}
-                    "+" => text.push_str(&"\n".repeat(trailing_blank + 1)),
-                    _ => text.push('\n'),
-                }
-            }
-            Ok(Value::String(text))
-        }
-    }
+    assert_eq!(v["groups"][0]["limit"], 10);
+    assert_ne!(v["groups"][0]["limit"], "10");
+    assert_eq!(rule["for"], "5m");
 }

@@ -9,6 +9,9 @@
 //!   by name, and the ServiceMonitor is checked here instead, field by field
 //!   against the CRD (prometheus-operator 0.84), with its metadata and label
 //!   selector validated by kubernetes-validate inside core resources.
+//!   Rust reads the YAML with `poolscope_tests::yaml`, which refuses what
+//!   YAML 1.1 readers (kubernetes-validate's PyYAML, Kubernetes) would read
+//!   otherwise; only kubernetes-validate itself runs in Python.
 //! - Both configuration files parse with the agent's own parser, name every
 //!   key, and keep every default but `[http] listen`.
 //! - The capabilities are the same in the DaemonSet, the unit and the docs;
@@ -39,7 +42,8 @@ use std::{
 use poolscope::config::Config;
 use poolscope_tests::{
     agent_bin, free_port, json, operation_counts, python3, require_kernel, tcp_listening,
-    wait_exit, wait_until, ConnClient, ConnectionView, Postgres, TempDir, Value, EVENT_TIMEOUT,
+    wait_exit, wait_until, yaml, ConnClient, ConnectionView, Postgres, TempDir, Value,
+    EVENT_TIMEOUT,
 };
 
 /// The capabilities the agent is given, as Kubernetes spells them.
@@ -136,29 +140,10 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// The YAML documents of a file as JSON values, read with PyYAML (which
-/// kubernetes-validate reads them with too); empty documents are left out.
-fn yaml_documents(path: &Path) -> Vec<Value> {
-    const TO_JSON: &str = "import json, sys, yaml\n\
-        docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
-        print(json.dumps(docs))";
-    let out = run(Command::new(python3()).args(["-c", TO_JSON]).arg(path));
-    assert!(
-        out.status.success(),
-        "{} is not valid YAML: {}",
-        path.display(),
-        text(&out.stderr)
-    );
-    match serde_json::from_slice(&out.stdout) {
-        Ok(Value::Array(docs)) => docs,
-        other => panic!("unexpected PyYAML output for {}: {other:?}", path.display()),
-    }
-}
-
 /// The one resource in `deploy/kubernetes/<file>`.
 fn manifest(file: &str) -> Value {
     let path = kubernetes_dir().join(file);
-    let mut docs = yaml_documents(&path);
+    let mut docs = yaml::read_documents(&path);
     assert_eq!(docs.len(), 1, "{} holds one resource", path.display());
     docs.remove(0)
 }
@@ -216,7 +201,13 @@ fn labels(value: &Value, pointer: &str) -> BTreeMap<String, String> {
         .and_then(Value::as_object)
         .unwrap_or_else(|| panic!("no labels at {pointer} in {value}"))
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+        .map(|(k, v)| {
+            // Kubernetes takes strings only: `version: 1` is an error there.
+            let v = v
+                .as_str()
+                .unwrap_or_else(|| panic!("label {k} at {pointer} is {v}, not a string"));
+            (k.clone(), v.to_string())
+        })
         .collect()
 }
 
@@ -283,7 +274,7 @@ fn manifests_pass_kubernetes_validate_strict() {
     let mut files: Vec<(PathBuf, Vec<Value>)> = manifest_files()
         .into_iter()
         .map(|f| {
-            let docs = yaml_documents(&f);
+            let docs = yaml::read_documents(&f);
             (f, docs)
         })
         .collect();
@@ -294,7 +285,7 @@ fn manifests_pass_kubernetes_validate_strict() {
     for (i, block) in blocks.iter().enumerate() {
         let path = scratch.path().join(format!("readme-{i}.yaml"));
         fs::write(&path, block).expect("write a README example");
-        let docs = yaml_documents(&path);
+        let docs = yaml::read_documents(&path);
         files.push((path, docs));
     }
     for version in KUBERNETES_VERSIONS {
@@ -549,7 +540,9 @@ fn servicemonitor_follows_the_crd_and_scrapes_the_service() {
                 "{at}.action {action:?}"
             );
             for label in rule["sourceLabels"].as_array().into_iter().flatten() {
-                let label = label.as_str().unwrap_or_default();
+                let label = label
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{at}.sourceLabels: {label} is not a string"));
                 assert!(
                     label.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                         && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
@@ -658,7 +651,11 @@ fn mounts(daemonset: &Value) -> Vec<(String, String, bool, Value)> {
                 .find(|v| v["name"] == m["name"])
                 .unwrap_or_else(|| panic!("no volume {name}"))
                 .clone();
-            let read_only = m["readOnly"].as_bool().unwrap_or(false);
+            let read_only = match &m["readOnly"] {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                other => panic!("{name}: readOnly is {other}, not a boolean"),
+            };
             (name, str_at(m, "/mountPath").to_string(), read_only, volume)
         })
         .collect()
@@ -675,9 +672,6 @@ fn configmap_config() -> (Value, Config) {
 
 #[test]
 fn daemonset_privileges_match_the_unit_and_the_docs() {
-    if !have_kubernetes_validate() {
-        return;
-    }
     let daemonset = manifest("daemonset.yaml");
     let pod = &daemonset["spec"]["template"]["spec"];
     let container = agent_container(&daemonset);
@@ -916,7 +910,7 @@ fn daemonset_sysctl_options_are_valid() {
     for (i, text) in options.iter().enumerate() {
         let path = scratch.path().join(format!("daemonset-option-{i}.yaml"));
         fs::write(&path, text).expect("write an option");
-        let docs = yaml_documents(&path);
+        let docs = yaml::read_documents(&path);
         for version in KUBERNETES_VERSIONS {
             kubernetes_validate(&path, &docs, *version);
         }
@@ -971,9 +965,6 @@ fn sysctl_file_raises_the_datagram_queue() {
 
 #[test]
 fn service_and_networkpolicy_reach_the_agent() {
-    if !have_kubernetes_validate() {
-        return;
-    }
     let daemonset = manifest("daemonset.yaml");
     let pod_labels = labels(&daemonset, "/spec/template/metadata/labels");
     assert!(is_subset(
@@ -1011,10 +1002,7 @@ fn service_and_networkpolicy_reach_the_agent() {
 
 #[test]
 fn kustomization_lists_every_manifest_in_one_namespace() {
-    if !have_kubernetes_validate() {
-        return;
-    }
-    let kustomization = yaml_documents(&kubernetes_dir().join("kustomization.yaml"));
+    let kustomization = yaml::read_documents(&kubernetes_dir().join("kustomization.yaml"));
     let kustomization = &kustomization[0];
     let namespace = str_at(kustomization, "/namespace");
     let listed: BTreeSet<String> = kustomization["resources"]
@@ -1038,7 +1026,7 @@ fn kustomization_lists_every_manifest_in_one_namespace() {
     }
     let mut names = BTreeSet::new();
     for file in manifest_files() {
-        for resource in yaml_documents(&file) {
+        for resource in yaml::read_documents(&file) {
             let kind = str_at(&resource, "/kind").to_string();
             let name = str_at(&resource, "/metadata/name").to_string();
             if kind == "Namespace" {
@@ -1073,7 +1061,7 @@ fn kustomization_lists_every_manifest_in_one_namespace() {
     let scratch = TempDir::new("poolscope-deploy-kustomize");
     let rendered_path = scratch.path().join("rendered.yaml");
     fs::write(&rendered_path, &out.stdout).expect("write the rendered manifests");
-    let rendered: BTreeSet<(String, String)> = yaml_documents(&rendered_path)
+    let rendered: BTreeSet<(String, String)> = yaml::read_documents(&rendered_path)
         .iter()
         .map(|r| {
             (
@@ -1084,7 +1072,7 @@ fn kustomization_lists_every_manifest_in_one_namespace() {
         .collect();
     let optional: BTreeSet<(String, String)> = OPTIONAL_MANIFESTS
         .iter()
-        .flat_map(|f| yaml_documents(&kubernetes_dir().join(f)))
+        .flat_map(|f| yaml::read_documents(&kubernetes_dir().join(f)))
         .map(|r| {
             (
                 str_at(&r, "/kind").to_string(),
@@ -1098,9 +1086,6 @@ fn kustomization_lists_every_manifest_in_one_namespace() {
 
 #[test]
 fn readme_application_mounts_the_adapter_socket() {
-    if !have_kubernetes_validate() {
-        return;
-    }
     let (_, config) = configmap_config();
     let socket = config.adapter.socket.clone();
     let socket_dir = socket.parent().expect("the socket's directory");
@@ -1108,7 +1093,7 @@ fn readme_application_mounts_the_adapter_socket() {
     let blocks = markdown_yaml_blocks(&read(&root().join("deploy/README.md")));
     let path = scratch.path().join("app.yaml");
     fs::write(&path, blocks.join("---\n")).expect("write the README examples");
-    let apps: Vec<Value> = yaml_documents(&path)
+    let apps: Vec<Value> = yaml::read_documents(&path)
         .into_iter()
         .filter(|r| r["kind"] == "Deployment")
         .collect();
@@ -1190,9 +1175,6 @@ fn configuration_files_show_every_key_and_keep_the_defaults() {
     );
     names_every_key(&systemd_text, "deploy/systemd/poolscope.toml");
 
-    if !have_kubernetes_validate() {
-        return;
-    }
     let (configmap, config) = configmap_config();
     let mut expected = Config::default();
     expected.http.listen = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT));

@@ -14,43 +14,16 @@
 #![allow(clippy::unwrap_used)]
 
 use poolscope_tests::{
-    json, metric_series, operations, require_kernel, Agent, ConnState, ConnectionView, DbClient,
-    DbSystem, MariaDb, OperationCounts, Postgres, Redis, SlowQuery, SqlShell, TxState, Value,
+    expect_connection, expect_operation_series, expect_operations, expect_slow_query, json,
+    metric_series, operations, require_kernel, Agent, ClientConn, ConnExpect, ConnState,
+    ConnectionView, DbSystem, MariaDb, OperationCounts, Postgres, Redis, SlowExpect, SlowQuery,
+    SqlShell, TxState, Value,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
 
-/// The client's connection (by fd and local port) once the agent has seen
-/// `round_trips` round trips on it.
-fn after_round_trips(
-    conns: &[ConnectionView],
-    fd: i32,
-    local_port: u16,
-    round_trips: u64,
-) -> Option<ConnectionView> {
-    conns
-        .iter()
-        .find(|c| c.fd == fd && c.local_port == Some(local_port) && c.round_trips >= round_trips)
-        .cloned()
-}
-
 fn strings(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| w.to_string()).collect()
-}
-
-/// The one `db_client_operation_duration_seconds_count` series of a port and
-/// operation, with all its labels, so that label names and values are
-/// checked as exported.
-fn operation_series(metrics: &str, port: u16, operation: &str) -> Vec<Vec<(String, String)>> {
-    let port = port.to_string();
-    metric_series(metrics, "db_client_operation_duration_seconds_count")
-        .into_iter()
-        .map(|(labels, _)| labels)
-        .filter(|labels| {
-            labels.contains(&("server_port".to_string(), port.clone()))
-                && labels.contains(&("db_operation_name".to_string(), operation.to_string()))
-        })
-        .collect()
 }
 
 fn has_label(labels: &[(String, String)], key: &str, value: &str) -> bool {
@@ -69,9 +42,8 @@ fn postgres_simple_queries_are_counted_per_operation() {
     let pg = Postgres::start();
     pg.psql_unix("CREATE TABLE items (id int PRIMARY KEY, name text, qty int)");
     let agent = Agent::start();
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, local_port) = client.connect("postgresql", pg.port);
+    let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
+    let client = &mut conn.client;
 
     // 3 INSERT, 7 SELECT, 2 UPDATE, 1 BEGIN, 1 COMMIT, then the sentinel.
     for (id, name) in [(1, "one"), (2, "two"), (3, "three")] {
@@ -95,52 +67,49 @@ fn postgres_simple_queries_are_counted_per_operation() {
     assert_eq!(rows, vec![vec![json!(59)]]);
     client.sql("SHOW server_version");
 
-    let counts = agent.wait_for_operation(pg.port, "SHOW", "", 1);
-    assert_eq!(
-        counts,
-        operations(&[
+    expect_operations(
+        &agent,
+        pg.port,
+        &[
             ("INSERT", "", 3),
             ("SELECT", "", 7),
             ("UPDATE", "", 2),
             ("BEGIN", "", 1),
             ("COMMIT", "", 1),
             ("SHOW", "", 1),
-        ]),
-        "round trips to port {} by operation",
-        pg.port
+        ],
     );
-
-    let metrics = agent.metrics();
-    let series = operation_series(&metrics, pg.port, "SELECT");
-    assert_eq!(series.len(), 1, "one SELECT series: {series:?}");
-    let labels = &series[0];
-    assert!(
-        has_label(labels, "db_system_name", "postgresql"),
-        "{labels:?}"
+    let labels = expect_operation_series(
+        &agent,
+        pg.port,
+        "SELECT",
+        &[],
+        &[
+            ("db_system_name", "postgresql"),
+            ("server_address", LOCALHOST),
+        ],
     );
-    assert!(has_label(labels, "server_address", LOCALHOST), "{labels:?}");
     assert!(
         !labels.iter().any(|(k, _)| k == "error_type"),
         "no error type on successful round trips: {labels:?}"
     );
 
-    let c = agent.wait_for(pid, "the connection's 15 round trips", |conns| {
-        after_round_trips(conns, fd, local_port, 15)
-    });
-    assert_eq!(c.round_trips, 15, "{c:#?}");
-    assert_eq!(c.state, ConnState::Established, "{c:#?}");
-    assert_eq!(c.db_system, Some(DbSystem::Postgresql), "{c:#?}");
-    assert!(!c.encrypted, "{c:#?}");
-    assert_eq!(c.namespace.as_deref(), Some("postgres"), "{c:#?}");
-    assert_eq!(c.db_user.as_deref(), Some("postgres"), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("SHOW"), "{c:#?}");
-    assert_eq!(
-        c.last_query.as_deref(),
-        Some("SHOW server_version"),
-        "{c:#?}"
+    let c = conn.after_round_trips(15, "the connection's 15 round trips");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            state: Some(ConnState::Established),
+            db_system: Some(DbSystem::Postgresql),
+            encrypted: Some(false),
+            namespace: Some("postgres"),
+            db_user: Some("postgres"),
+            last_operation: Some("SHOW"),
+            last_query: Some("SHOW server_version"),
+            tx_state: Some(TxState::Idle),
+            protocol_lost: Some(0),
+            ..ConnExpect::default()
+        },
     );
-    assert_eq!(c.tx_state, Some(TxState::Idle), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
     assert!(c.bytes_sent > 0 && c.bytes_received > 0, "{c:#?}");
     assert!(c.last_activity.is_some(), "{c:#?}");
 }
@@ -213,46 +182,39 @@ fn postgres_syntax_error_is_counted_with_its_sqlstate() {
     }
     let pg = Postgres::start();
     let agent = Agent::start();
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, local_port) = client.connect("postgresql", pg.port);
+    let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
-    client.sql("SELECT 1");
+    conn.client.sql("SELECT 1");
     let bad = "SELECT name FROM WHERE id = 42 AND name = 'secret'";
-    let outcome = client.try_sql(bad);
+    let outcome = conn.client.try_sql(bad);
     let error = outcome.error.expect("a syntax error");
     assert_eq!(error.code, "42601", "{error:?}");
 
-    let counts = agent.wait_for_operation(pg.port, "SELECT", "42601", 1);
-    assert_eq!(
-        counts,
-        operations(&[("SELECT", "", 1), ("SELECT", "42601", 1)]),
-        "round trips to port {} by operation and error type",
-        pg.port
+    expect_operations(
+        &agent,
+        pg.port,
+        &[("SELECT", "", 1), ("SELECT", "42601", 1)],
     );
-    let metrics = agent.metrics();
-    let failed: Vec<_> = operation_series(&metrics, pg.port, "SELECT")
-        .into_iter()
-        .filter(|labels| has_label(labels, "error_type", "42601"))
-        .collect();
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert!(
-        has_label(&failed[0], "db_system_name", "postgresql"),
-        "{failed:?}"
+    expect_operation_series(
+        &agent,
+        pg.port,
+        "SELECT",
+        &[("error_type", "42601")],
+        &[("db_system_name", "postgresql")],
     );
 
-    let c = agent.wait_for(pid, "the failed round trip", |conns| {
-        after_round_trips(conns, fd, local_port, 2)
-    });
-    assert_eq!(c.round_trips, 2, "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("SELECT"), "{c:#?}");
-    assert_eq!(
-        c.last_query.as_deref(),
-        Some("SELECT name FROM WHERE id = ? AND name = ?"),
-        "literals are sanitized: {c:#?}"
+    let c = conn.after_round_trips(2, "the failed round trip");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            last_operation: Some("SELECT"),
+            // Literals are sanitized.
+            last_query: Some("SELECT name FROM WHERE id = ? AND name = ?"),
+            tx_state: Some(TxState::Idle),
+            protocol_lost: Some(0),
+            ..ConnExpect::default()
+        },
     );
-    assert_eq!(c.tx_state, Some(TxState::Idle), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
 }
 
 #[test]
@@ -266,42 +228,35 @@ fn postgres_prepared_statements_show_their_text() {
          INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 10) i",
     );
     let agent = Agent::start_with_config("[queries]\nslow_threshold_ms = 10\n", &[]);
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, local_port) = client.connect("postgresql", pg.port);
+    let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
     // psycopg prepares in a round trip of its own (Parse, Sync), then runs
     // Bind/Describe/Execute/Sync once per execution: 1 + 5 round trips, all
     // of them carrying or naming the SELECT.
     let sql = "SELECT name, pg_sleep(0.02) FROM items WHERE id = %s";
     let params: Vec<Vec<Value>> = (1..=5).map(|id| vec![json!(id)]).collect();
-    let rows = client.prepared(sql, &params).unwrap();
+    let rows = conn.client.prepared(sql, &params).unwrap();
     assert_eq!(rows, vec![vec![json!("item 5"), json!("")]]);
 
-    let counts = agent.wait_for_operation(pg.port, "SELECT", "", 6);
-    assert_eq!(
-        counts,
-        operations(&[("SELECT", "", 6)]),
-        "one prepare and five executions to port {}",
-        pg.port
-    );
+    // One prepare and five executions.
+    expect_operations(&agent, pg.port, &[("SELECT", "", 6)]);
 
     let text = "SELECT name, pg_sleep(?) FROM items WHERE id = $1";
-    let c = agent.wait_for(pid, "six round trips", |conns| {
-        after_round_trips(conns, fd, local_port, 6)
-    });
-    assert_eq!(c.round_trips, 6, "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("SELECT"), "{c:#?}");
-    assert_eq!(
-        c.last_query.as_deref(),
-        Some(text),
-        "executions of a named statement show its text: {c:#?}"
+    let c = conn.after_round_trips(6, "six round trips");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            last_operation: Some("SELECT"),
+            // Executions of a named statement show its text.
+            last_query: Some(text),
+            protocol_lost: Some(0),
+            ..ConnExpect::default()
+        },
     );
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
 
     // Each execution sleeps 20 ms, above the 10 ms threshold; the prepare
     // round trip executes nothing.
-    let executions = agent.wait_for_slow(pid, "five slow executions", |slow| {
+    let executions = agent.wait_for_slow(conn.pid, "five slow executions", |slow| {
         let executions: Vec<SlowQuery> = slow
             .iter()
             .filter(|q| q.duration_seconds >= 0.02)
@@ -312,18 +267,23 @@ fn postgres_prepared_statements_show_their_text() {
     assert_eq!(executions.len(), 5, "{executions:#?}");
     let server = format!("{LOCALHOST}:{}", pg.port);
     for q in &executions {
-        assert_eq!(q.fd, fd, "{q:#?}");
-        assert_eq!(q.generation, c.generation, "{q:#?}");
-        assert_eq!(q.process, "python3", "{q:#?}");
-        assert_eq!(q.db_system, "postgresql", "{q:#?}");
-        assert_eq!(q.server, server, "{q:#?}");
-        assert_eq!(q.namespace.as_deref(), Some("postgres"), "{q:#?}");
-        assert_eq!(q.operation.as_deref(), Some("SELECT"), "{q:#?}");
-        assert_eq!(q.query.as_deref(), Some(text), "{q:#?}");
-        assert_eq!(q.rows, Some(1), "{q:#?}");
-        assert!(q.error.is_none(), "{q:#?}");
-        assert_eq!(q.tx_state, Some(TxState::Idle), "{q:#?}");
-        assert!(q.duration_seconds < 1.0, "{q:#?}");
+        expect_slow_query(
+            q,
+            &SlowExpect {
+                fd: Some(conn.fd),
+                generation: Some(c.generation),
+                process: Some("python3"),
+                db_system: Some("postgresql"),
+                server: Some(server.as_str()),
+                namespace: Some("postgres"),
+                operation: Some("SELECT"),
+                query: Some(text),
+                rows: Some(1),
+                tx_state: Some(TxState::Idle),
+                duration_seconds: Some((0.02, 1.0)),
+                ..SlowExpect::default()
+            },
+        );
     }
 }
 
@@ -348,51 +308,58 @@ fn postgres_transaction_state_on_the_syscall_data_path() {
 fn transaction_state_follows_ready_for_query(agent_args: &[&str]) {
     let pg = Postgres::start();
     let agent = Agent::start_with(agent_args);
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, local_port) = client.connect("postgresql", pg.port);
-    let state_after = |n: u64, what: &str| {
-        let c = agent.wait_for(pid, what, |conns| {
-            after_round_trips(conns, fd, local_port, n)
-        });
-        assert_eq!(c.round_trips, n, "{what}: {c:#?}");
-        c
-    };
+    let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
-    client.sql("BEGIN");
-    client.sql("SELECT 1");
-    let c = state_after(2, "BEGIN; SELECT 1");
-    assert_eq!(c.tx_state, Some(TxState::InTransaction), "{c:#?}");
-    assert_eq!(c.last_query.as_deref(), Some("SELECT ?"), "{c:#?}");
+    conn.client.sql("BEGIN");
+    conn.client.sql("SELECT 1");
+    let c = conn.after_round_trips(2, "BEGIN; SELECT 1");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            tx_state: Some(TxState::InTransaction),
+            last_query: Some("SELECT ?"),
+            ..ConnExpect::default()
+        },
+    );
 
-    client.sql("COMMIT");
-    let c = state_after(3, "COMMIT");
-    assert_eq!(c.tx_state, Some(TxState::Idle), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("COMMIT"), "{c:#?}");
+    conn.client.sql("COMMIT");
+    let c = conn.after_round_trips(3, "COMMIT");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            tx_state: Some(TxState::Idle),
+            last_operation: Some("COMMIT"),
+            ..ConnExpect::default()
+        },
+    );
 
-    client.sql("BEGIN");
-    let outcome = client.try_sql("SELECT 1/0");
+    conn.client.sql("BEGIN");
+    let outcome = conn.client.try_sql("SELECT 1/0");
     assert_eq!(outcome.error.map(|e| e.code).as_deref(), Some("22012"));
-    let c = state_after(5, "BEGIN; SELECT 1/0");
+    let c = conn.after_round_trips(5, "BEGIN; SELECT 1/0");
     assert_eq!(c.tx_state, Some(TxState::Failed), "{c:#?}");
 
-    client.sql("ROLLBACK");
-    let c = state_after(6, "ROLLBACK");
-    assert_eq!(c.tx_state, Some(TxState::Idle), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
+    conn.client.sql("ROLLBACK");
+    let c = conn.after_round_trips(6, "ROLLBACK");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            tx_state: Some(TxState::Idle),
+            protocol_lost: Some(0),
+            ..ConnExpect::default()
+        },
+    );
 
-    let counts = agent.operations(pg.port);
-    assert_eq!(
-        counts,
-        operations(&[
+    expect_operations(
+        &agent,
+        pg.port,
+        &[
             ("BEGIN", "", 2),
             ("SELECT", "", 1),
             ("SELECT", "22012", 1),
             ("COMMIT", "", 1),
             ("ROLLBACK", "", 1),
-        ]),
-        "round trips to port {}",
-        pg.port
+        ],
     );
 }
 
@@ -403,38 +370,38 @@ fn slow_query_is_reported_with_sanitized_text() {
     }
     let pg = Postgres::start();
     let agent = Agent::start();
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, _) = client.connect("postgresql", pg.port);
+    let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
-    client.sql("SELECT 1");
-    client.sql("SELECT pg_sleep(0.6)");
-    let slow = agent.wait_for_slow(pid, "the slow pg_sleep", |slow| {
+    conn.client.sql("SELECT 1");
+    conn.client.sql("SELECT pg_sleep(0.6)");
+    let slow = agent.wait_for_slow(conn.pid, "the slow pg_sleep", |slow| {
         (!slow.is_empty()).then(|| slow.to_vec())
     });
     let response = agent.slow_queries();
     assert_eq!(response.threshold_seconds, 0.5, "the default threshold");
     assert_eq!(slow.len(), 1, "only the sleep was slow: {slow:#?}");
     let q = &slow[0];
-    assert_eq!(q.pid, pid, "{q:#?}");
-    assert_eq!(q.fd, fd, "{q:#?}");
-    assert_eq!(q.process, "python3", "{q:#?}");
-    assert_eq!(q.db_system, "postgresql", "{q:#?}");
-    assert_eq!(q.server, format!("{LOCALHOST}:{}", pg.port), "{q:#?}");
-    assert_eq!(q.namespace.as_deref(), Some("postgres"), "{q:#?}");
-    assert_eq!(q.operation.as_deref(), Some("SELECT"), "{q:#?}");
-    assert_eq!(q.query.as_deref(), Some("SELECT pg_sleep(?)"), "{q:#?}");
-    assert!(
-        q.duration_seconds >= 0.6 && q.duration_seconds < 1.5,
-        "{q:#?}"
+    let server = format!("{LOCALHOST}:{}", pg.port);
+    expect_slow_query(
+        q,
+        &SlowExpect {
+            pid: Some(conn.pid),
+            fd: Some(conn.fd),
+            process: Some("python3"),
+            db_system: Some("postgresql"),
+            server: Some(server.as_str()),
+            namespace: Some("postgres"),
+            operation: Some("SELECT"),
+            query: Some("SELECT pg_sleep(?)"),
+            duration_seconds: Some((0.6, 1.5)),
+            rows: Some(1),
+            tx_state: Some(TxState::Idle),
+            ..SlowExpect::default()
+        },
     );
-    assert!(q.error.is_none(), "{q:#?}");
-    assert_eq!(q.rows, Some(1), "{q:#?}");
-    assert_eq!(q.tx_state, Some(TxState::Idle), "{q:#?}");
     assert!(!q.at.is_empty(), "{q:#?}");
 
-    let counts = agent.wait_for_operation(pg.port, "SELECT", "", 2);
-    assert_eq!(counts, operations(&[("SELECT", "", 2)]));
+    expect_operations(&agent, pg.port, &[("SELECT", "", 2)]);
     let metrics = agent.metrics();
     let port = pg.port.to_string();
     let sums: Vec<f64> = metric_series(&metrics, "db_client_operation_duration_seconds_sum")
@@ -461,13 +428,17 @@ fn slow_query_is_reported_with_sanitized_text() {
 // MariaDB
 // ---------------------------------------------------------------------------
 
-/// The `mariadb` CLI's connection to `port`, once the agent has seen
-/// `round_trips` round trips on it.
-fn cli_connection(conns: &[ConnectionView], port: u16, round_trips: u64) -> Option<ConnectionView> {
-    conns
-        .iter()
-        .find(|c| c.remote_port == Some(port) && c.round_trips >= round_trips)
-        .cloned()
+/// Step: the `mariadb` CLI's connection to `port` once the agent has seen
+/// `n` round trips on it; exactly `n`, as the CLI sent no more.
+fn cli_after_round_trips(agent: &Agent, pid: u32, port: u16, n: u64, what: &str) -> ConnectionView {
+    let c = agent.wait_for(pid, what, |conns| {
+        conns
+            .iter()
+            .find(|c| c.remote_port == Some(port) && c.round_trips >= n)
+            .cloned()
+    });
+    assert_eq!(c.round_trips, n, "{what}: {c:#?}");
+    c
 }
 
 #[test]
@@ -498,49 +469,43 @@ fn mariadb_queries_are_counted_with_error_numbers() {
     shell.send("SELECT sum(qty) FROM items;");
     shell.send("SELECT name FROM WHERE id = 42 AND name = 'secret';");
 
-    let counts = agent.wait_for_operation(db.port, "SELECT", "1064", 1);
-    assert_eq!(
-        counts,
-        operations(&[
+    // By operation and error number.
+    expect_operations(
+        &agent,
+        db.port,
+        &[
             ("INSERT", "", 4),
             ("SELECT", "", 5),
             ("UPDATE", "", 2),
             ("DELETE", "", 1),
             ("SELECT", "1064", 1),
-        ]),
-        "round trips to port {} by operation and error number",
-        db.port
+        ],
     );
-    let metrics = agent.metrics();
-    let series = operation_series(&metrics, db.port, "INSERT");
-    assert_eq!(series.len(), 1, "{series:?}");
-    assert!(
-        has_label(&series[0], "db_system_name", "mysql"),
-        "{series:?}"
-    );
-    assert!(
-        has_label(&series[0], "server_address", LOCALHOST),
-        "{series:?}"
+    expect_operation_series(
+        &agent,
+        db.port,
+        "INSERT",
+        &[],
+        &[("db_system_name", "mysql"), ("server_address", LOCALHOST)],
     );
 
-    let c = agent.wait_for(pid, "13 round trips", |conns| {
-        cli_connection(conns, db.port, 13)
-    });
-    assert_eq!(c.round_trips, 13, "{c:#?}");
-    assert_eq!(c.process, "mariadb", "{c:#?}");
-    assert_eq!(c.state, ConnState::Established, "{c:#?}");
-    assert_eq!(c.db_system, Some(DbSystem::Mysql), "{c:#?}");
-    assert!(!c.encrypted, "{c:#?}");
-    assert_eq!(c.namespace.as_deref(), Some(MariaDb::DATABASE), "{c:#?}");
-    assert_eq!(c.db_user.as_deref(), Some(MariaDb::USER), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("SELECT"), "{c:#?}");
-    assert_eq!(
-        c.last_query.as_deref(),
-        Some("SELECT name FROM WHERE id = ? AND name = ?"),
-        "literals are sanitized: {c:#?}"
+    let c = cli_after_round_trips(&agent, pid, db.port, 13, "13 round trips");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            process: Some("mariadb"),
+            state: Some(ConnState::Established),
+            db_system: Some(DbSystem::Mysql),
+            encrypted: Some(false),
+            namespace: Some(MariaDb::DATABASE),
+            db_user: Some(MariaDb::USER),
+            last_operation: Some("SELECT"),
+            // Literals are sanitized.
+            last_query: Some("SELECT name FROM WHERE id = ? AND name = ?"),
+            tx_state: Some(TxState::Idle),
+            protocol_lost: Some(0),
+        },
     );
-    assert_eq!(c.tx_state, Some(TxState::Idle), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
 
     let out = shell.finish();
     assert!(out.stderr.contains("ERROR 1064"), "{out:?}");
@@ -572,35 +537,37 @@ fn mariadb_transaction_state_follows_server_status() {
     let agent = Agent::start();
     let mut shell = SqlShell::spawn(db.cli());
     let pid = shell.pid;
-    let state_after = |n: u64, what: &str| {
-        let c = agent.wait_for(pid, what, |conns| cli_connection(conns, db.port, n));
-        assert_eq!(c.round_trips, n, "{what}: {c:#?}");
-        c
-    };
 
     shell.send("START TRANSACTION;");
     shell.send("UPDATE items SET name = 'uno' WHERE id = 1;");
-    let c = state_after(2, "START TRANSACTION; UPDATE");
-    assert_eq!(c.tx_state, Some(TxState::InTransaction), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("UPDATE"), "{c:#?}");
-    assert_eq!(
-        c.last_query.as_deref(),
-        Some("UPDATE items SET name = ? WHERE id = ?"),
-        "{c:#?}"
+    let c = cli_after_round_trips(&agent, pid, db.port, 2, "START TRANSACTION; UPDATE");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            tx_state: Some(TxState::InTransaction),
+            last_operation: Some("UPDATE"),
+            last_query: Some("UPDATE items SET name = ? WHERE id = ?"),
+            ..ConnExpect::default()
+        },
     );
 
     shell.send("COMMIT;");
-    let c = state_after(3, "COMMIT");
-    assert_eq!(c.tx_state, Some(TxState::Idle), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("COMMIT"), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
+    let c = cli_after_round_trips(&agent, pid, db.port, 3, "COMMIT");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            tx_state: Some(TxState::Idle),
+            last_operation: Some("COMMIT"),
+            protocol_lost: Some(0),
+            ..ConnExpect::default()
+        },
+    );
     assert_eq!(db.sql("SELECT name FROM items WHERE id = 1"), "uno");
 
-    assert_eq!(
-        agent.operations(db.port),
-        operations(&[("START", "", 1), ("UPDATE", "", 1), ("COMMIT", "", 1)]),
-        "round trips to port {}",
-        db.port
+    expect_operations(
+        &agent,
+        db.port,
+        &[("START", "", 1), ("UPDATE", "", 1), ("COMMIT", "", 1)],
     );
     let out = shell.finish();
     assert!(out.status.success(), "{out:?}");
@@ -634,16 +601,14 @@ fn mariadb_prepared_statements_show_their_text() {
     // mysql-connector-python (pure Python) reads every packet in two recv
     // calls, its 4-byte header and then its payload, the server's greeting
     // included: the agent must follow packets across reads.
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, local_port) = client.connect("mysql", db.port);
+    let mut conn = ClientConn::open(&agent, "mysql", db.port);
 
     // cursor() pings (COM_PING); then COM_STMT_PREPARE once and, per
     // execution, COM_STMT_RESET (the connector's habit; it carries no text,
     // so its round trips have no operation name) and COM_STMT_EXECUTE.
     let sql = "SELECT name FROM items WHERE id = %s";
     let params: Vec<Vec<Value>> = (1..=3).map(|id| vec![json!(id)]).collect();
-    let rows = client.prepared(sql, &params).unwrap();
+    let rows = conn.client.prepared(sql, &params).unwrap();
     assert_eq!(rows, vec![vec![json!("three")]]);
     let counts = agent.wait_for_operation(db.port, "SELECT", "", 4);
     let (counts, setup) = without_session_setup(counts);
@@ -655,25 +620,25 @@ fn mariadb_prepared_statements_show_their_text() {
         db.port
     );
     let seen = 8 + setup;
-    let c = agent.wait_for(pid, "the prepared round trips", |conns| {
-        after_round_trips(conns, fd, local_port, seen)
-    });
-    assert_eq!(c.round_trips, seen, "{c:#?}");
-    assert_eq!(c.db_system, Some(DbSystem::Mysql), "{c:#?}");
-    assert_eq!(c.namespace.as_deref(), Some(MariaDb::DATABASE), "{c:#?}");
-    assert_eq!(c.db_user.as_deref(), Some(MariaDb::USER), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("SELECT"), "{c:#?}");
-    assert_eq!(
-        c.last_query.as_deref(),
-        Some("SELECT name FROM items WHERE id = ?"),
-        "executions show the prepared text: {c:#?}"
+    let c = conn.after_round_trips(seen, "the prepared round trips");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            db_system: Some(DbSystem::Mysql),
+            namespace: Some(MariaDb::DATABASE),
+            db_user: Some(MariaDb::USER),
+            last_operation: Some("SELECT"),
+            // Executions show the prepared text.
+            last_query: Some("SELECT name FROM items WHERE id = ?"),
+            tx_state: Some(TxState::Idle),
+            protocol_lost: Some(0),
+            ..ConnExpect::default()
+        },
     );
-    assert_eq!(c.tx_state, Some(TxState::Idle), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
 
     // The prepare's round trip (its OK, parameter and column definitions)
     // has no rows; each execution returns one row.
-    let trips = agent.wait_for_slow(pid, "every round trip reported", |slow| {
+    let trips = agent.wait_for_slow(conn.pid, "every round trip reported", |slow| {
         (slow.len() as u64 >= seen).then(|| slow.to_vec())
     });
     let selects: Vec<(Option<u64>, Option<&str>)> = trips
@@ -705,9 +670,7 @@ fn redis_pipeline_in_one_write_is_counted_per_command() {
     }
     let redis = Redis::start();
     let agent = Agent::start();
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, local_port) = client.connect("redis", redis.port);
+    let mut conn = ClientConn::open(&agent, "redis", redis.port);
 
     let mut commands = Vec::new();
     for i in 0..50 {
@@ -720,29 +683,30 @@ fn redis_pipeline_in_one_write_is_counted_per_command() {
     for i in 0..50 {
         commands.push(strings(&["GET", &format!("key:{i}")]));
     }
-    let (replies, sent) = client.redis(&commands);
+    let (replies, sent) = conn.client.redis(&commands);
     assert_eq!(replies.len(), 100);
     assert!(replies[..50].iter().all(|r| r == "OK"), "{replies:?}");
     assert_eq!(replies[99], json!("value 49"));
     // The point of the test: the write is much longer than what the kernel
     // copies of it (256 bytes of head, 64 of tail).
     assert!(sent > 2000, "{sent} bytes in one write");
-    client.redis(&[strings(&["PING"])]);
+    conn.client.redis(&[strings(&["PING"])]);
 
-    let counts = agent.wait_for_operation(redis.port, "PING", "", 1);
-    let c = agent.wait_for(pid, "the connection", |conns| {
-        after_round_trips(conns, fd, local_port, 0)
-    });
-    assert_eq!(
-        counts,
-        operations(&[("SET", "", 50), ("GET", "", 50), ("PING", "", 1)]),
-        "round trips to port {}; the connection: {c:#?}",
-        redis.port
+    expect_operations(
+        &agent,
+        redis.port,
+        &[("SET", "", 50), ("GET", "", 50), ("PING", "", 1)],
     );
-    assert_eq!(c.round_trips, 101, "{c:#?}");
-    assert_eq!(c.db_system, Some(DbSystem::Redis), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("PING"), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
+    let c = conn.after_round_trips(101, "the connection's 101 round trips");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            db_system: Some(DbSystem::Redis),
+            last_operation: Some("PING"),
+            protocol_lost: Some(0),
+            ..ConnExpect::default()
+        },
+    );
 }
 
 #[test]
@@ -752,9 +716,8 @@ fn redis_commands_and_error_replies_are_counted() {
     }
     let redis = Redis::start();
     let agent = Agent::start();
-    let mut client = DbClient::spawn();
-    let pid = client.pid;
-    let (fd, local_port) = client.connect("redis", redis.port);
+    let mut conn = ClientConn::open(&agent, "redis", redis.port);
+    let client = &mut conn.client;
 
     // A pipeline the kernel copies whole (under 256 bytes), then commands
     // one by one, one of them failing.
@@ -777,38 +740,36 @@ fn redis_commands_and_error_replies_are_counted() {
     client.redis(&[strings(&["DEL", "a", "b"])]);
     client.redis(&[strings(&["PING"])]);
 
-    let counts = agent.wait_for_operation(redis.port, "PING", "", 1);
-    assert_eq!(
-        counts,
-        operations(&[
+    expect_operations(
+        &agent,
+        redis.port,
+        &[
             ("SET", "", 2),
             ("INCR", "", 1),
             ("INCR", "ERR", 1),
             ("GET", "", 2),
             ("DEL", "", 1),
             ("PING", "", 1),
-        ]),
-        "round trips to port {}",
-        redis.port
+        ],
     );
-    let metrics = agent.metrics();
-    let failed: Vec<_> = operation_series(&metrics, redis.port, "INCR")
-        .into_iter()
-        .filter(|labels| has_label(labels, "error_type", "ERR"))
-        .collect();
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert!(
-        has_label(&failed[0], "db_system_name", "redis"),
-        "{failed:?}"
+    expect_operation_series(
+        &agent,
+        redis.port,
+        "INCR",
+        &[("error_type", "ERR")],
+        &[("db_system_name", "redis")],
     );
 
-    let c = agent.wait_for(pid, "8 round trips", |conns| {
-        after_round_trips(conns, fd, local_port, 8)
-    });
-    assert_eq!(c.round_trips, 8, "{c:#?}");
-    assert_eq!(c.db_system, Some(DbSystem::Redis), "{c:#?}");
-    assert_eq!(c.last_operation.as_deref(), Some("PING"), "{c:#?}");
-    assert_eq!(c.last_query.as_deref(), Some("PING"), "{c:#?}");
-    assert_eq!(c.protocol_lost, 0, "{c:#?}");
-    assert!(!c.encrypted, "{c:#?}");
+    let c = conn.after_round_trips(8, "8 round trips");
+    expect_connection(
+        &c,
+        &ConnExpect {
+            db_system: Some(DbSystem::Redis),
+            last_operation: Some("PING"),
+            last_query: Some("PING"),
+            protocol_lost: Some(0),
+            encrypted: Some(false),
+            ..ConnExpect::default()
+        },
+    );
 }
