@@ -4,9 +4,10 @@
 //!   (`dashboards/check/check-dashboards.mjs`, TypeScript `--strict`);
 //! - every PromQL expression (panel targets, template-variable selectors,
 //!   alert rules) parses, checked by promtool as recording rules;
-//! - every expression queries only metrics the agent exports, as listed in
-//!   docs/metrics.md (which the agent's own unit test keeps in sync with the
-//!   code), with only the labels those metrics carry;
+//! - every expression queries only metrics the agent exports, as declared
+//!   in agent/telemetry-catalogue (which the agent builds its instruments
+//!   from, and its unit test checks against /metrics), with only the labels
+//!   those metrics carry;
 //! - `promtool check rules` and `promtool test rules` pass on the alerts,
 //!   and every alert has a firing and a silent unit test.
 //!
@@ -113,7 +114,7 @@ fn output_text(out: &Output) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// docs/metrics.md: the metrics the agent exports
+// The metrics the agent exports
 // ---------------------------------------------------------------------------
 
 /// Every series name a query may use, with the labels it carries.
@@ -127,41 +128,25 @@ struct Catalog {
 }
 
 impl Catalog {
-    fn from_docs() -> Catalog {
-        Catalog::parse(&read(&workspace_root().join("docs/metrics.md")))
-    }
-
-    /// The metrics table: `| otel name | prometheus name | type | unit |
-    /// attributes | meaning |`, attributes as backticked OpenTelemetry names
-    /// (dots become underscores in Prometheus).
-    fn parse(doc: &str) -> Catalog {
+    /// From the telemetry catalogue, which the agent builds its instruments
+    /// from (and its unit test checks against what it exports).
+    fn from_agent() -> Catalog {
         let mut catalog = Catalog {
             series: BTreeMap::new(),
             histograms: BTreeSet::new(),
             labels: TARGET_LABELS.iter().map(|l| l.to_string()).collect(),
         };
-        for line in doc.lines().filter(|l| l.starts_with("| `")) {
-            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            let Some(name) = cells.get(2).copied() else {
-                continue;
-            };
-            // Only the metrics table: its second column is one `name`.
-            if !name.starts_with('`') || name.contains(' ') {
-                continue;
-            }
-            let name = name.trim_matches('`');
-            let kind = cells.get(3).copied().unwrap_or_default();
-            let attributes = cells.get(5).copied().unwrap_or_default();
-            let mut labels: BTreeSet<String> = attributes
-                .split('`')
-                .skip(1)
-                .step_by(2)
-                .map(|a| a.replace('.', "_"))
+        for instrument in telemetry_catalogue::INSTRUMENTS {
+            let name = instrument.prometheus_name();
+            let mut labels: BTreeSet<String> = instrument
+                .attributes
+                .iter()
+                .map(|a| a.key.replace('.', "_"))
                 .collect();
             labels.extend(TARGET_LABELS.iter().map(|l| l.to_string()));
             catalog.labels.extend(labels.iter().cloned());
-            if kind == "histogram" {
-                catalog.histograms.insert(name.to_string());
+            if instrument.kind == telemetry_catalogue::Kind::Histogram {
+                catalog.histograms.insert(name.clone());
                 for suffix in ["_sum", "_count"] {
                     catalog
                         .series
@@ -171,14 +156,9 @@ impl Catalog {
                 catalog.labels.insert("le".to_string());
                 catalog.series.insert(format!("{name}_bucket"), labels);
             } else {
-                catalog.series.insert(name.to_string(), labels);
+                catalog.series.insert(name, labels);
             }
         }
-        assert!(
-            catalog.series.len() >= 20,
-            "found only {} series in docs/metrics.md's table: has its layout changed?",
-            catalog.series.len()
-        );
         catalog
     }
 
@@ -192,7 +172,7 @@ impl Catalog {
                 ));
             } else if !self.series.contains_key(metric) {
                 problems.push(format!(
-                    "metric `{metric}` is not exported (not in docs/metrics.md)"
+                    "metric `{metric}` is not exported (not in agent/telemetry-catalogue)"
                 ));
             }
         }
@@ -811,13 +791,13 @@ fn every_promql_expression_parses() {
     );
 }
 
-/// (c) Panels, variables and alerts query only the metrics docs/metrics.md
-/// lists (the agent's unit test keeps it in sync with what it exports), with
+/// (c) Panels, variables and alerts query only the metrics the telemetry
+/// catalogue declares (the agent's unit test checks it against /metrics), with
 /// the labels those metrics carry; legends and alert annotations name only
 /// exported labels.
 #[test]
 fn dashboards_and_alerts_query_only_exported_metrics() {
-    let catalog = Catalog::from_docs();
+    let catalog = Catalog::from_agent();
     let (exprs, mut problems) = all_exprs();
     let mut used = BTreeSet::new();
     for expr in &exprs {
@@ -903,7 +883,7 @@ fn dashboards_and_alerts_query_only_exported_metrics() {
 /// a histogram queried without its suffix, and a label a metric lacks.
 #[test]
 fn the_metric_check_rejects_what_the_agent_does_not_export() {
-    let catalog = Catalog::from_docs();
+    let catalog = Catalog::from_agent();
     let problems = |expr: &str| {
         let refs = promql_refs(expr).unwrap_or_else(|e| panic!("{e} in {expr}"));
         catalog.problems(&refs)
