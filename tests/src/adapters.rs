@@ -68,14 +68,24 @@ pub fn python_adapter_dir() -> PathBuf {
     workspace_root().join("adapters/python")
 }
 
-/// An agent configuration with the adapter socket at `socket` and the
-/// given `[leaks]` thresholds (`("leak_threshold_seconds", 3.0)`, ...).
+/// An agent configuration with the adapter socket at `socket` (and the
+/// stream socket beside it, [`stream_socket_beside`]) and the given
+/// `[leaks]` thresholds (`("leak_threshold_seconds", 3.0)`, ...).
 pub fn adapter_config(socket: &Path, leaks: &[(&str, f64)]) -> String {
-    let mut toml = format!("[adapter]\nsocket = {:?}\n\n[leaks]\n", path_str(socket));
+    let mut toml = format!(
+        "[adapter]\nsocket = {:?}\nstream_socket = {:?}\n\n[leaks]\n",
+        path_str(socket),
+        path_str(&stream_socket_beside(socket))
+    );
     for (key, value) in leaks {
         toml.push_str(&format!("{key} = {value:?}\n"));
     }
     toml
+}
+
+/// The stream socket an [`adapter_config`] puts beside the datagram one.
+pub fn stream_socket_beside(socket: &Path) -> PathBuf {
+    socket.with_file_name("adapter-stream.sock")
 }
 
 /// `tests/scripts/pool_app.py`: an application with real SQLAlchemy and
