@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod config_types;
 pub mod detect;
 pub mod ebpf;
 pub mod health;

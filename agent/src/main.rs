@@ -30,7 +30,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let mut config = Config::load(args.config.as_deref())?;
             config.apply(&args.overrides())?;
-            init_logging(&config.log.level);
+            init_logging(config.log.level.as_str());
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

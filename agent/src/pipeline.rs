@@ -553,12 +553,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         AdapterState::Disabled
     });
     let mut probes = KernelProbes::load(LoadOptions {
-        ring_buffer_bytes: config.kernel.ring_buffer_bytes,
+        ring_buffer_bytes: config.kernel.ring_buffer_bytes.get(),
         // Until a connection's protocol is known, copy enough for either.
         capture_head_bytes: config
             .queries
             .capture_bytes
-            .max(config.queries.redis_capture_bytes),
+            .get()
+            .max(config.queries.redis_capture_bytes.get()),
         data_path: config.kernel.data_path,
         probe_stats: config.kernel.probe_stats,
         unix_sockets: config.kernel.unix_sockets,
@@ -582,13 +583,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let events = probes.take_events()?;
     let clock = Clock::new();
     let tracker = Tracker::new(TrackerConfig {
-        closed_retention_ns: config.tracking.closed_retention_seconds * 1_000_000_000,
+        closed_retention_ns: config.tracking.closed_retention_seconds.as_nanos(),
         max_closed: config.tracking.max_closed,
         raw_queries: config.queries.raw_text,
         ..TrackerConfig::default()
     });
     let reports = Reports::new(
-        config.queries.slow_threshold_ms.saturating_mul(1_000_000),
+        config.queries.slow_threshold_ms.as_nanos(),
         config.queries.max_slow_kept,
     );
     let leaks = LeakReports::new(config.leaks.max_resolved_kept);
@@ -629,7 +630,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         otlp_reader,
         export_counters: otlp_export.as_ref().map(|e| Arc::clone(&e.counters)),
         state: Arc::clone(&state),
-        max_series: config.tracking.max_series,
+        max_series: config.tracking.max_series.get(),
     })?);
     let pipeline = Arc::new(Pipeline {
         state: Arc::clone(&state),
@@ -647,8 +648,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         thresholds: config.leaks.thresholds(),
         clock,
         capture: CaptureBytes {
-            sql: config.queries.capture_bytes,
-            redis: config.queries.redis_capture_bytes,
+            sql: config.queries.capture_bytes.get(),
+            redis: config.queries.redis_capture_bytes.get(),
         },
         full_command_lines: config.tracking.full_command_lines,
         dropped_while_seeding: AtomicU64::new(0),

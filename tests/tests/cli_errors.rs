@@ -1,6 +1,7 @@
 //! What a person sees when the agent cannot start, and `poolscope check`.
-//! Errors must be one sentence on stderr, never a panic or a backtrace, even
-//! with RUST_BACKTRACE=1.
+//! Errors must be one sentence on stderr (for a bad configuration file, the
+//! TOML parser's few lines that show the line at fault), never a panic or a
+//! backtrace, even with RUST_BACKTRACE=1.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -57,31 +58,122 @@ fn assert_no_panic(stderr: &str) {
     }
 }
 
-#[test]
-fn unknown_config_key_names_key_and_line() {
+/// Runs `poolscope run --config FILE` with `text` in FILE, expecting it
+/// to fail at once without a panic: FILE's path and the stderr.
+fn refused_config(text: &str) -> (TempDir, String, String) {
     let dir = TempDir::new("poolscope-cli");
     let config = dir.path().join("poolscope.toml");
-    fs::write(
-        &config,
-        "[http]\nlisten = \"127.0.0.1:9464\"\nno_such_knob = true\n\n[log]\nlevel = \"info\"\n",
-    )
-    .unwrap();
+    fs::write(&config, text).unwrap();
     let (status, _, stderr) = run_agent(
         Command::new(agent_bin())
             .arg("run")
             .arg("--config")
             .arg(&config),
     );
-    assert!(!status.success(), "an unknown key is an error: {stderr}");
+    assert!(!status.success(), "{text:?} is an error: {stderr}");
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("no_such_knob"), "names the key:\n{stderr}");
-    assert!(stderr.contains("line 3"), "names the line:\n{stderr}");
-    assert!(
-        stderr.contains(config.to_str().unwrap()),
-        "names the file:\n{stderr}"
-    );
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
     assert_no_panic(&stderr);
+    (dir, config.display().to_string(), stderr)
+}
+
+/// Asserts that `text` is refused with a short error that names the file,
+/// the key's path and line first, then shows that line and says `what` is
+/// wrong on the last.
+fn assert_config_refused(text: &str, key: &str, line: usize, what: &str) {
+    let (_dir, config, stderr) = refused_config(text);
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    let first = lines.first().copied().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("poolscope: config {config}: ")),
+        "names the file first:\n{stderr}"
+    );
+    assert!(
+        first.contains(&format!("key `{key}`")),
+        "names the key:\n{stderr}"
+    );
+    assert!(
+        first.contains(&format!("line {line},")),
+        "names the line:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("\n{line} | ")),
+        "shows the line:\n{stderr}"
+    );
+    assert!(
+        lines.last().is_some_and(|l| l.contains(what)),
+        "says what is wrong:\n{stderr}"
+    );
+    assert!(lines.len() <= 6, "a few lines, one screen:\n{stderr}");
+}
+
+#[test]
+fn unknown_config_key_names_key_and_line() {
+    assert_config_refused(
+        "[http]\nlisten = \"127.0.0.1:9464\"\nno_such_knob = true\n\n[log]\nlevel = \"info\"\n",
+        "http.no_such_knob",
+        3,
+        "unknown field `no_such_knob`, expected one of `listen`,",
+    );
+    assert_config_refused(
+        "[log]\nlevel = \"info\"\n\n[htp]\nlisten = \"127.0.0.1:9464\"\n",
+        "htp",
+        4,
+        "unknown field `htp`, expected one of `http`, `kernel`,",
+    );
+}
+
+#[test]
+fn bad_config_values_name_key_and_line() {
+    for (text, key, line, what) in [
+        (
+            "[kernel]\nmount_tracefs = \"yes\"\n",
+            "kernel.mount_tracefs",
+            2,
+            "invalid type: string \"yes\", expected a boolean",
+        ),
+        (
+            "[leaks]\n\nquiet_seconds = \"5 parsecs\"\n",
+            "leaks.quiet_seconds",
+            3,
+            "\"5 parsecs\" is not a duration",
+        ),
+        (
+            "[kernel]\nring_buffer_bytes = 100000\n",
+            "kernel.ring_buffer_bytes",
+            2,
+            "100000 is not a power of two that is a multiple of 4096",
+        ),
+        (
+            "[adapter]\nsocket_mode = \"0999\"\n",
+            "adapter.socket_mode",
+            2,
+            "\"0999\" is not an octal mode",
+        ),
+        (
+            "[http]\nlisten = \"localhost\"\n",
+            "http.listen",
+            2,
+            "\"localhost\" is not an IP address with a port",
+        ),
+    ] {
+        assert_config_refused(text, key, line, what);
+    }
+}
+
+#[test]
+fn malformed_config_file_names_the_line() {
+    let (_dir, config, stderr) = refused_config("[http]\nlisten = \"127.0.0.1:9464\"\n[kernel\n");
+    assert!(
+        stderr.starts_with(&format!(
+            "poolscope: config {config}: TOML parse error at line 3, column "
+        )),
+        "names the file and the line:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("\n3 | [kernel\n"),
+        "shows the line:\n{stderr}"
+    );
+    assert!(stderr.trim_end().lines().count() <= 6, "{stderr}");
 }
 
 #[test]
@@ -264,7 +356,7 @@ fn bad_token_settings_name_the_key() {
         );
         assert!(!status.success(), "{config}: {stderr}");
         assert!(
-            stderr.contains(&format!("`{key}` in [http]")) && stderr.contains(why),
+            stderr.contains(&format!("key `http.{key}`")) && stderr.contains(why),
             "{config}: {stderr}"
         );
         assert_no_panic(&stderr);

@@ -2,6 +2,7 @@
 //! returns and waits over a Unix datagram socket, or a stream socket beside
 //! it (docs/adapter-protocol.md).
 
+pub mod config;
 pub mod message;
 pub mod server;
 pub mod stream;

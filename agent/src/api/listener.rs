@@ -46,8 +46,8 @@ use tokio::{
     time::{sleep, sleep_until, timeout, Instant},
 };
 
-use super::PROBE_PATHS;
-use crate::{config::HttpConfig, ratelimit::RateLimitedLog};
+use super::{config::HttpConfig, PROBE_PATHS};
+use crate::ratelimit::RateLimitedLog;
 
 /// Connections beyond `max_connections` that may be read for a probe's
 /// request line at once.
@@ -77,9 +77,9 @@ pub struct Limits {
 impl Limits {
     pub fn from_config(http: &HttpConfig) -> Limits {
         Limits {
-            max_connections: http.max_connections,
-            header_read_timeout: Duration::from_secs_f64(http.header_read_timeout_seconds),
-            idle_timeout: Duration::from_secs_f64(http.idle_timeout_seconds),
+            max_connections: http.max_connections.get(),
+            header_read_timeout: http.header_read_timeout_seconds.get(),
+            idle_timeout: http.idle_timeout_seconds.get(),
         }
     }
 }

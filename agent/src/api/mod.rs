@@ -1,6 +1,7 @@
 //! The HTTP surface: /metrics, /healthz and the JSON API, on one listener.
 
 mod auth;
+pub mod config;
 pub mod listener;
 
 use std::{ops::Bound, sync::Arc};
@@ -14,9 +15,9 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 
+use self::config::HttpConfig;
 use crate::{
     clock::{monotonic_ns, Clock},
-    config::HttpConfig,
     health::{Health, Verdict},
     lifecycle::PoolView,
     lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint},
@@ -312,10 +313,10 @@ pub fn router(state: ApiState) -> Router {
 /// Serves the API with the limits and token of `[http]` (see `listener`).
 pub async fn serve(http: HttpConfig, state: ApiState) -> anyhow::Result<()> {
     let listen = http.listen;
-    listener::raise_fd_limit(http.max_connections);
+    listener::raise_fd_limit(http.max_connections.get());
     let token = http
         .bearer_token()
-        .map_err(|(key, reason)| anyhow::anyhow!("bad value for `{key}` in [http]: {reason}"))?;
+        .map_err(|(key, reason)| anyhow::anyhow!("config key `http.{key}`: {reason}"))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -329,7 +330,7 @@ pub async fn serve(http: HttpConfig, state: ApiState) -> anyhow::Result<()> {
         "HTTP API on http://{listen} (/metrics, /healthz, /api/v1/{{connections,pools,leaks,queries/slow}}{}); \
          at most {} connections",
         if token.is_some() { " with a bearer token" } else { "" },
-        http.max_connections
+        http.max_connections.get()
     );
     let app = auth::require_token(router(state), token);
     listener::run(listener, app, listener::Limits::from_config(&http)).await

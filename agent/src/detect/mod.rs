@@ -2,6 +2,8 @@
 //! in, findings out; the reports store turns findings into open and resolved
 //! reports.
 
+pub mod config;
+
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,8 @@
 //! The only module that talks to aya: prerequisites, loading, attaching, the
 //! ring-buffer reader and the per-CPU counters.
 
+pub mod config;
+
 use std::{fs, os::fd::OwnedFd, path::Path};
 
 use agent_common::{
@@ -13,10 +15,9 @@ use aya::{
     programs::{trace_point::TracePointLinkId, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-
-use crate::config::DataPath;
 use tokio::io::unix::AsyncFd;
 
+pub use self::config::DataPath;
 use crate::state::KernelCounters;
 
 /// The kernel programs, built by build.rs.

@@ -10,6 +10,7 @@
 //! tracker tell a reused fd or pid from the connection it replaced, and order
 //! events that arrive out of order from different CPUs.
 
+pub mod config;
 mod fast_hash;
 mod index;
 mod tracker;

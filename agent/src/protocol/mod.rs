@@ -24,6 +24,7 @@
 //! produces such a pair; it is expected, not an error.
 
 mod book;
+pub mod config;
 mod frame;
 mod mysql;
 mod postgres;

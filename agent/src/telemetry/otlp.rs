@@ -4,6 +4,8 @@
 //! our own, so that a collector that is down or slow costs a fixed amount of
 //! memory, drops are counted, and the event pipeline never waits.
 
+pub mod config;
+
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -44,6 +46,14 @@ impl Protocol {
             "grpc" => Some(Protocol::Grpc),
             "http/protobuf" | "http" => Some(Protocol::HttpProtobuf),
             _ => None,
+        }
+    }
+
+    /// How [`Protocol::parse`] spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
         }
     }
 }
