@@ -215,7 +215,10 @@ fn refusals_keep_their_order() {
             tid: None
         }
     );
-    assert_eq!(err(r#"{"v":1,"kind":"explode","pool":""}"#).reason(), "invalid");
+    assert_eq!(
+        err(r#"{"v":1,"kind":"explode","pool":""}"#).reason(),
+        "invalid"
+    );
     assert_eq!(err(r#"{"v":1,"kind":"explode"}"#).reason(), "invalid");
     assert_eq!(
         err(r#"{"v":1,"kind":"explode","pool":"p","pid":-1}"#).reason(),
@@ -227,9 +230,13 @@ fn refusals_keep_their_order() {
     );
     // A kind whose name is also a result or a db_system is still unknown,
     // and a known kind with an unknown result is invalid, not unknown.
-    assert_eq!(err(r#"{"v":1,"kind":"ok","pool":"p"}"#).reason(), "unknown_kind");
     assert_eq!(
-        err(r#"{"v":1,"kind":"acquire_end","pool":"p","request":1,"result":"acquire_end"}"#).reason(),
+        err(r#"{"v":1,"kind":"ok","pool":"p"}"#).reason(),
+        "unknown_kind"
+    );
+    assert_eq!(
+        err(r#"{"v":1,"kind":"acquire_end","pool":"p","request":1,"result":"acquire_end"}"#)
+            .reason(),
         "invalid"
     );
     let long = format!(r#"{{"v":1,"kind":"{}","pool":"p"}}"#, "k".repeat(100));
@@ -254,7 +261,10 @@ fn encoding_refuses_what_decoding_refuses() {
     );
     // 64 entries of the longest kind do not fit in a datagram.
     let entry = Checkout {
-        conn: conn(Some("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"), Some(i32::MAX)),
+        conn: conn(
+            Some("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
+            Some(i32::MAX),
+        ),
         mono_ns: u64::MAX,
         tid: Some(u32::MAX),
     };
