@@ -11,7 +11,9 @@
 //! - [`Message::encode`] writes one, refusing what [`decode`] would refuse.
 //!
 //! Adding a kind is adding a [`Body`] variant (with its checks in
-//! [`Message::validate`] if it has any) and a golden file.
+//! [`Message::validate`] if it has any) and a golden file; the compiler
+//! and the tests point at the rest (its name in [`Body::kind`], the
+//! agent's mapping).
 
 use std::net::SocketAddr;
 
