@@ -8,8 +8,80 @@ const os = require('node:os')
 const path = require('node:path')
 const { native } = require('../lib/native')
 
+// The golden messages (adapters/protocol/golden/, one file per kind): every
+// message the adapter sends must have the shape of that kind's examples.
+const GOLDEN_DIR = path.join(__dirname, '..', '..', 'protocol', 'golden')
+
+function jsonType(value) {
+  if (value === null) return 'null'
+  if (Array.isArray(value)) return 'array'
+  if (typeof value === 'number') return Number.isInteger(value) ? 'integer' : 'number'
+  return typeof value // string, boolean, object
+}
+
+/**
+ * What examples (JSON objects) have: each key's JSON types, the keys all
+ * of them have, and for lists of objects the shape of their items.
+ */
+function shapeOf(examples) {
+  const values = new Map()
+  for (const e of examples) {
+    for (const [k, v] of Object.entries(e)) values.set(k, [...(values.get(k) || []), v])
+  }
+  const types = new Map([...values].map(([k, vs]) => [k, new Set(vs.map(jsonType))]))
+  const required = Object.keys(examples[0] || {}).filter((k) => examples.every((e) => k in e))
+  const items = new Map()
+  for (const [k, vs] of values) {
+    const listed = vs.filter(Array.isArray).flat()
+    if (listed.length > 0) items.set(k, shapeOf(listed))
+  }
+  return { types, required, items }
+}
+
+const GOLDEN = (() => {
+  const byKind = new Map()
+  for (const name of fs.readdirSync(GOLDEN_DIR).sort()) {
+    if (!name.endsWith('.json')) continue
+    for (const m of JSON.parse(fs.readFileSync(path.join(GOLDEN_DIR, name), 'utf8')).valid) {
+      byKind.set(m.kind, [...(byKind.get(m.kind) || []), m])
+    }
+  }
+  return new Map([...byKind].map(([kind, examples]) => [kind, shapeOf(examples)]))
+})()
+
+/** Kinds whose messages were checked against the golden shapes, in this process. */
+const checkedKinds = new Set()
+
+/**
+ * Asserts that `m` has the golden shape of its kind: only keys the examples
+ * have, each with a JSON type they give it, and every key all of them have.
+ * Values (times, fds, addresses) are compared by type only.
+ */
+function checkGoldenShape(m, shape = undefined, where = 'message') {
+  if (shape === undefined) {
+    shape = GOLDEN.get(m.kind)
+    if (shape === undefined) throw new Error(`no golden file for ${JSON.stringify(m)}`)
+  }
+  const text = JSON.stringify(m)
+  for (const k of shape.required) {
+    if (!(k in m)) throw new Error(`${where} lacks ${k}: ${text}`)
+  }
+  for (const [k, v] of Object.entries(m)) {
+    const types = shape.types.get(k)
+    if (types === undefined) throw new Error(`${where} has ${k}, no golden example has: ${text}`)
+    if (!types.has(jsonType(v))) throw new Error(`${where}: ${k} is a ${jsonType(v)}, golden: ${[...types]} (${text})`)
+    if (shape.items.has(k)) for (const item of v) checkGoldenShape(item, shape.items.get(k), `${where}.${k}[]`)
+  }
+  if (where === 'message') checkedKinds.add(m.kind)
+}
+
 class Receiver {
-  constructor() {
+  /**
+   * `golden: false` for tests of the transport that send hand-made payloads
+   * rather than the adapter's messages: their shapes are not the golden ones.
+   */
+  constructor({ golden = true } = {}) {
+    this.golden = golden
     if (native === null) throw new Error('the native sender is not built: run npm install (node-gyp)')
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'poolscope-node-'))
     this.path = path.join(this.dir, 'adapter.sock')
@@ -25,7 +97,9 @@ class Receiver {
       if (got === null) return out
       if (typeof got === 'number') throw new Error(`recv failed: errno ${-got}`)
       const text = got.data.toString('utf8')
-      out.push({ text, json: JSON.parse(text), pid: got.pid, uid: got.uid })
+      const json = JSON.parse(text)
+      if (this.golden) checkGoldenShape(json)
+      out.push({ text, json, pid: got.pid, uid: got.uid })
     }
   }
 
@@ -67,4 +141,4 @@ async function eventually(f, timeoutMs = 5000) {
   }
 }
 
-module.exports = { Receiver, eventually, queueLength }
+module.exports = { Receiver, eventually, queueLength, GOLDEN, checkGoldenShape, checkedKinds }

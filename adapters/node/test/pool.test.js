@@ -10,7 +10,7 @@ const { EventEmitter } = require('node:events')
 const { Pool } = require('pg')
 
 const { instrument, stats, _internal } = require('../lib/index')
-const { Receiver, eventually } = require('./helpers')
+const { Receiver, eventually, GOLDEN, checkGoldenShape, checkedKinds } = require('./helpers')
 
 function startServer(t) {
   const sockets = new Set()
@@ -391,4 +391,13 @@ test('the state is re-sent periodically only while connections are out', async (
   assert.equal(states(after).length, 0)
   assert.ok(kinds(after).includes('pool'), 'the registration is still repeated')
   await pool.end()
+})
+
+// Defined last: the tests of this file run in order, and each message they
+// read was checked against the golden shapes (helpers.js, Receiver).
+test('every kind the adapter sends was checked against the golden messages', () => {
+  assert.deepEqual([...checkedKinds].sort(), [...GOLDEN.keys()].sort())
+  assert.throws(() => checkGoldenShape({ v: 1, kind: 'release', pool: 'p', mono_ns: 1, fd: '3' }), /fd is a string/)
+  assert.throws(() => checkGoldenShape({ v: 1, kind: 'release', pool: 'p', mono_ns: 1, fd: 3, extra: 1 }), /no golden example/)
+  assert.throws(() => checkGoldenShape({ v: 1, kind: 'checkout_state', pool: 'p', mono_ns: 1, checkouts: [{ fd: 1 }] }), /lacks mono_ns/)
 })

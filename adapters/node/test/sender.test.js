@@ -12,7 +12,7 @@ test('the native sender is built and loaded', () => {
 })
 
 test('one datagram per message, named by the kernel with our pid', (t) => {
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   t.after(() => rx.close())
   const sender = new Sender(rx.path)
   assert.equal(sender.send({ v: 1, kind: 'release', pool: 'p', fd: 7 }, 123n), true)
@@ -28,7 +28,7 @@ test('one datagram per message, named by the kernel with our pid', (t) => {
 })
 
 test('mono_ns is process.hrtime.bigint() written in full, even past 2^53', (t) => {
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   t.after(() => rx.close())
   const sender = new Sender(rx.path)
   const before = process.hrtime.bigint()
@@ -63,7 +63,7 @@ test('no agent: sends are dropped and counted, nothing throws', () => {
 })
 
 test('oversized messages are dropped, not sent', (t) => {
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   t.after(() => rx.close())
   const sender = new Sender(rx.path)
   assert.equal(sender.send({ v: 1, kind: 'pool', pool: 'p', library: 'x'.repeat(MAX_MESSAGE_BYTES) }), false)
@@ -72,7 +72,7 @@ test('oversized messages are dropped, not sent', (t) => {
 })
 
 test('a full agent queue: messages wait in order, bounded, and never block', async (t) => {
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   const total = queueLength() + 500
   t.after(() => rx.close())
   const sender = new Sender(rx.path, { maxBacklog: 100 })
@@ -103,7 +103,7 @@ test('what waits is retried while the application sits idle', async (t) => {
   // A process whose event loop has nothing to do but wait (here for a long
   // timer, as an app waits for requests): the backlog must still drain as
   // the agent makes room, without any activity of the application.
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   const total = queueLength() + 300
   t.after(() => rx.close())
   const { spawn } = require('node:child_process')
@@ -139,7 +139,7 @@ test('what waits is retried while the application sits idle', async (t) => {
 })
 
 test('a backlog does not keep the process alive and is dropped on close', (t) => {
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   const total = queueLength() + 50
   t.after(() => rx.close())
   const sender = new Sender(rx.path)
@@ -152,7 +152,7 @@ test('a backlog does not keep the process alive and is dropped on close', (t) =>
 })
 
 test('if the agent goes away, what waits is dropped, not kept', async () => {
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   const total = queueLength() + 50
   const sender = new Sender(rx.path)
   for (let i = 0; i < total; i++) sender.send({ v: 1, kind: 'release', pool: 'p', fd: i })
@@ -165,7 +165,7 @@ test('if the agent goes away, what waits is dropped, not kept', async () => {
 })
 
 test('an agent that stays stuck: the backlog is given up, new sends go on', async (t) => {
-  const rx = new Receiver()
+  const rx = new Receiver({ golden: false })
   const total = queueLength() + 20
   t.after(() => rx.close())
   const sender = new Sender(rx.path, { giveUpMs: 50 })

@@ -10,19 +10,81 @@ import tempfile
 import threading
 import time
 
-KINDS = {
-    "pool",
-    "acquire_start",
-    "acquire_end",
-    "release",
-    "connection_created",
-    "connection_closed",
-    "checkout_state",
-}
+# The golden messages (adapters/protocol/golden/, one file per kind): every
+# message the adapter sends must have the shape of that kind's examples.
+GOLDEN_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "protocol", "golden"
+)
+
+
+def _json_type(value):
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    for kind, name in ((float, "number"), (str, "string"), (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _shape(examples):
+    """What examples (JSON objects) have: each key's JSON types, the keys
+    all of them have, and for lists of objects the shape of their items."""
+    values = {}
+    for example in examples:
+        for key, value in example.items():
+            values.setdefault(key, []).append(value)
+    return {
+        "types": {k: {_json_type(v) for v in vs} for k, vs in values.items()},
+        "required": set.intersection(*(set(e) for e in examples)) if examples else set(),
+        "items": {
+            k: _shape([item for v in vs if isinstance(v, list) for item in v])
+            for k, vs in values.items()
+            if any(isinstance(v, list) and v for v in vs)
+        },
+    }
+
+
+def _load_golden():
+    by_kind = {}
+    for name in sorted(os.listdir(GOLDEN_DIR)):
+        if name.endswith(".json"):
+            with open(os.path.join(GOLDEN_DIR, name), encoding="utf-8") as f:
+                for message in json.load(f)["valid"]:
+                    by_kind.setdefault(message["kind"], []).append(message)
+    return {kind: _shape(examples) for kind, examples in by_kind.items()}
+
+
+GOLDEN = _load_golden()
+KINDS = set(GOLDEN)
+
+
+def check_golden_shape(m, shape=None, where="message"):
+    """Asserts that `m` has the golden shape of its kind: only keys the
+    examples have, each with a JSON type they give it, and every key all of
+    them have. Values (times, pids, fds) are compared by type only."""
+    if shape is None:
+        assert m.get("kind") in GOLDEN, "no golden file for %r" % m
+        shape = GOLDEN[m["kind"]]
+    missing = shape["required"] - set(m)
+    assert not missing, "%s lacks %s: %r" % (where, sorted(missing), m)
+    for key, value in m.items():
+        assert key in shape["types"], "%s has %r, no golden example has: %r" % (where, key, m)
+        assert _json_type(value) in shape["types"][key], "%s: %r is a %s, golden: %s (%r)" % (
+            where, key, _json_type(value), sorted(shape["types"][key]), m)
+        if key in shape["items"]:
+            for item in value:
+                check_golden_shape(item, shape["items"][key], "%s.%s[]" % (where, key))
 
 
 class Receiver:
-    def __init__(self):
+    """`golden=False` for tests of the transport that send hand-made
+    payloads rather than the adapter's messages: their shapes are not the
+    golden ones."""
+
+    def __init__(self, golden=True):
+        self.golden = golden
         self.dir = tempfile.mkdtemp(prefix="poolscope-adapter-test-")
         self.path = os.path.join(self.dir, "adapter.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -70,7 +132,7 @@ class Receiver:
                     pid = struct.unpack("iII", payload[:12])[0]
             assert len(data) <= 4096, "datagram of %d bytes" % len(data)
             message = json.loads(data.decode("utf-8"))
-            check_message(message)
+            check_message(message, self.golden)
             new.append((pid, message))
         self.received.extend(new)
         return [m for _, m in new]
@@ -99,8 +161,11 @@ class Receiver:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def check_message(m):
-    """What every message must be, per docs/adapter-protocol.md."""
+def check_message(m, golden=True):
+    """What every message must be, per docs/adapter-protocol.md and (unless
+    told otherwise) the golden messages."""
+    if golden:
+        check_golden_shape(m)
     assert m["v"] == 1, m
     assert m["kind"] in KINDS, m
     assert isinstance(m["pool"], str) and 1 <= len(m["pool"]) <= 128, m

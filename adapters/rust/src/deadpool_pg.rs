@@ -81,7 +81,7 @@ use tokio_postgres::{
     Client as PgClient, Config as PgConfig, SimpleQueryMessage,
 };
 
-use crate::{AcquireResult, ConnId, PoolInfo, PoolReporter, Reporter};
+use crate::{AcquireResult, ConnId, DbSystem, PoolInfo, PoolReporter, Reporter};
 
 /// The library name sent in the `pool` message.
 pub const LIBRARY: &str = "deadpool-postgres";
@@ -387,7 +387,7 @@ impl Manager {
             (Some(Host::Unix(_)), None)
         );
         PoolInfo {
-            db_system: Some("postgresql".into()),
+            db_system: Some(DbSystem::Postgresql),
             server_address,
             server_port: tcp.then_some(port),
             namespace: self

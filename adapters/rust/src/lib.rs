@@ -6,8 +6,10 @@
 //!
 //! The wire format is docs/adapter-protocol.md (version 1): one JSON object
 //! per Unix datagram, sent to `$POOLSCOPE_ADAPTER_SOCKET`, else
-//! `/run/poolscope/adapter.sock`. The agent names the sender from the
-//! kernel's credentials, so no message carries a pid.
+//! `/run/poolscope/adapter.sock`. Messages are built as values of the
+//! protocol crate's types ([`protocol`]), the same the agent decodes. The
+//! agent names the sender from the kernel's credentials, so no message
+//! carries a pid.
 //!
 //! Reporting never gets in the application's way: sends are non-blocking,
 //! and when the agent is absent (`ENOENT`, `ECONNREFUSED`) or a message
@@ -38,21 +40,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::{Map, Value};
+pub use poolscope_adapter_protocol as protocol;
+/// Which connection a message means: the client side's `ip:port` for TCP,
+/// the socket's fd in this process, or both (the agent tries the fd first).
+/// [`conn_of_socket`] names a socket.
+pub use protocol::ConnRef as ConnId;
+pub use protocol::{AcquireResult, DbSystem, PoolInfo};
+use protocol::{Body, Checkout, Message};
 
 #[cfg(feature = "deadpool-postgres")]
 pub mod deadpool_pg;
 
 /// Protocol version.
-pub const PROTOCOL_VERSION: u64 = 1;
+pub const PROTOCOL_VERSION: u32 = protocol::VERSION;
 /// Where the agent listens unless `POOLSCOPE_ADAPTER_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/poolscope/adapter.sock";
 /// The environment variable naming the agent's socket.
 pub const SOCKET_ENV: &str = "POOLSCOPE_ADAPTER_SOCKET";
 /// The agent refuses larger datagrams; we do not send them.
-pub const MAX_MESSAGE_BYTES: usize = 4096;
+pub const MAX_MESSAGE_BYTES: usize = protocol::MAX_MESSAGE_BYTES;
 /// Longest pool name (and other text field) the agent accepts, in characters.
-pub const MAX_TEXT_CHARS: usize = 128;
+pub const MAX_TEXT_CHARS: usize = protocol::MAX_TEXT_CHARS;
 /// Messages kept in order while the agent's queue is full (see [`Reporter`]).
 pub const MAX_BACKLOG: usize = 16_384;
 
@@ -103,36 +111,13 @@ pub fn current_tid() -> Option<u32> {
     }
 }
 
-/// Which connection a message means: the client side's `ip:port` for TCP,
-/// the socket's fd in this process, or both (the agent tries the fd first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConnId {
-    pub local_address: Option<SocketAddr>,
-    pub fd: Option<RawFd>,
-}
-
-impl ConnId {
-    /// Names a socket by its fd and, for TCP, its local address
-    /// (`getsockname`). For a Unix socket only the fd names it.
-    pub fn of_socket(fd: &impl AsRawFd) -> ConnId {
-        let fd = fd.as_raw_fd();
-        ConnId {
-            local_address: local_inet_address(fd),
-            fd: (fd >= 0).then_some(fd),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.local_address.is_none() && self.fd.is_none()
-    }
-
-    fn write(&self, msg: &mut Map<String, Value>) {
-        if let Some(local) = self.local_address {
-            msg.insert("local_address".into(), Value::String(local.to_string()));
-        }
-        if let Some(fd) = self.fd {
-            msg.insert("fd".into(), Value::from(fd));
-        }
+/// Names a socket by its fd and, for TCP, its local address
+/// (`getsockname`). For a Unix socket only the fd names it.
+pub fn conn_of_socket(fd: &impl AsRawFd) -> ConnId {
+    let fd = fd.as_raw_fd();
+    ConnId {
+        local_address: local_inet_address(fd),
+        fd: (fd >= 0).then_some(fd),
     }
 }
 
@@ -180,35 +165,6 @@ fn local_inet_address(fd: RawFd) -> Option<SocketAddr> {
         }
         _ => None,
     }
-}
-
-/// What a pool is, for the `pool` message. Every field is optional.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PoolInfo {
-    /// `postgresql`, `mysql` or `redis`.
-    pub db_system: Option<String>,
-    pub server_address: Option<String>,
-    pub server_port: Option<u16>,
-    /// The database.
-    pub namespace: Option<String>,
-    /// Most connections the pool opens.
-    pub max: Option<u32>,
-    pub min_idle: Option<u32>,
-    pub idle_max: Option<u32>,
-    /// The pool library, e.g. `deadpool-postgres`.
-    pub library: Option<String>,
-}
-
-/// How an acquire ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcquireResult {
-    /// The caller got this connection.
-    Ok(ConnId),
-    /// The pool gave up waiting.
-    Timeout,
-    /// The pool failed (could not connect, was closed...), or the caller
-    /// stopped waiting.
-    Error,
 }
 
 /// What a [`Reporter`] did with the messages it was given.
@@ -490,74 +446,48 @@ impl Reporter {
         }
     }
 
-    /// Sends one message: `v`, `kind`, `pool` and `mono_ns` are added to
-    /// `fields`. Messages the agent would refuse (an empty pool name, more
-    /// than 4096 bytes) are dropped here.
-    pub fn send(&self, kind: &str, pool: &str, fields: Map<String, Value>) {
-        self.send_at(kind, pool, fields, monotonic_ns());
+    /// Sends one message about `pool`, stamped now. Messages the agent
+    /// would refuse (an empty pool name, a connection named by nothing,
+    /// more than 4096 bytes) are dropped here and counted.
+    fn send(&self, pool: &str, body: Body) {
+        self.send_at(pool, body, monotonic_ns());
     }
 
-    fn send_at(&self, kind: &str, pool: &str, mut fields: Map<String, Value>, mono_ns: u64) {
+    fn send_at(&self, pool: &str, body: Body, mono_ns: u64) {
         let Some(inner) = &self.inner else {
             return;
         };
-        let pool = truncate(pool);
-        if pool.is_empty() {
-            inner.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        fields.insert("v".into(), Value::from(PROTOCOL_VERSION));
-        fields.insert("kind".into(), Value::String(kind.into()));
-        fields.insert("pool".into(), Value::String(pool.into()));
-        fields.insert("mono_ns".into(), Value::from(mono_ns));
-        match serde_json::to_vec(&fields) {
-            Ok(bytes) if bytes.len() <= MAX_MESSAGE_BYTES => inner.send(bytes),
-            _ => {
+        match Message::new(truncate(pool), body).at(mono_ns).encode() {
+            Ok(bytes) => inner.send(bytes),
+            Err(_) => {
                 inner.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
-    /// `pool`: registers (or updates) a pool.
+    /// `pool`: registers (or updates) a pool. Texts longer than the agent
+    /// accepts are cut.
     pub fn pool(&self, pool: &str, info: &PoolInfo) {
-        let mut m = Map::new();
-        let mut text = |key: &str, value: &Option<String>| {
-            if let Some(v) = value {
-                m.insert(key.into(), Value::String(truncate(v).into()));
-            }
+        let cut = |text: &Option<String>| text.as_deref().map(|t| truncate(t).to_string());
+        let info = PoolInfo {
+            server_address: cut(&info.server_address),
+            namespace: cut(&info.namespace),
+            library: cut(&info.library),
+            ..info.clone()
         };
-        text("db_system", &info.db_system);
-        text("server_address", &info.server_address);
-        text("namespace", &info.namespace);
-        text("library", &info.library);
-        let numbers = [
-            ("server_port", info.server_port.map(u32::from)),
-            ("max", info.max),
-            ("min_idle", info.min_idle),
-            ("idle_max", info.idle_max),
-        ];
-        for (key, value) in numbers {
-            if let Some(v) = value {
-                m.insert(key.into(), Value::from(v));
-            }
-        }
-        self.send("pool", pool, m);
+        self.send(pool, Body::Pool(info));
     }
 
     /// `connection_created`: the pool opened a connection, ready to use.
     pub fn connection_created(&self, pool: &str, conn: ConnId) {
-        self.conn_message("connection_created", pool, conn);
+        self.send(pool, Body::ConnectionCreated(conn));
     }
 
     /// `acquire_start`: a caller (this thread) asks for a connection.
     /// `request` must be unique among the pool's waiting requests.
     pub fn acquire_start(&self, pool: &str, request: u64) {
-        let mut m = Map::new();
-        m.insert("request".into(), Value::from(request));
-        if let Some(tid) = current_tid() {
-            m.insert("tid".into(), Value::from(tid));
-        }
-        self.send("acquire_start", pool, m);
+        let tid = current_tid();
+        self.send(pool, Body::AcquireStart { request, tid });
     }
 
     /// `acquire_end`: the caller (this thread) got a connection or gave up.
@@ -573,44 +503,22 @@ impl Reporter {
         tid: Option<u32>,
         mono_ns: u64,
     ) {
-        let mut m = Map::new();
-        m.insert("request".into(), Value::from(request));
-        let result = match result {
-            AcquireResult::Ok(conn) => {
-                conn.write(&mut m);
-                "ok"
-            }
-            AcquireResult::Timeout => "timeout",
-            AcquireResult::Error => "error",
+        let body = Body::AcquireEnd {
+            request,
+            result,
+            tid,
         };
-        m.insert("result".into(), Value::String(result.into()));
-        if let Some(tid) = tid {
-            m.insert("tid".into(), Value::from(tid));
-        }
-        self.send_at("acquire_end", pool, m, mono_ns);
+        self.send_at(pool, body, mono_ns);
     }
 
     /// `release`: the caller returned the connection to the pool.
     pub fn release(&self, pool: &str, conn: ConnId) {
-        self.conn_message("release", pool, conn);
+        self.send(pool, Body::Release(conn));
     }
 
     /// `connection_closed`: the pool closed or discarded the connection.
     pub fn connection_closed(&self, pool: &str, conn: ConnId) {
-        self.conn_message("connection_closed", pool, conn);
-    }
-
-    fn conn_message(&self, kind: &str, pool: &str, conn: ConnId) {
-        if conn.is_empty() {
-            // The agent would refuse it: nothing names the connection.
-            if let Some(inner) = &self.inner {
-                inner.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            return;
-        }
-        let mut m = Map::new();
-        conn.write(&mut m);
-        self.send(kind, pool, m);
+        self.send(pool, Body::ConnectionClosed(conn));
     }
 }
 
@@ -648,7 +556,8 @@ struct PoolState {
     reporter: Reporter,
     name: String,
     info: Mutex<Option<PoolInfo>>,
-    /// Checked out now, by fd (else local address).
+    /// Checked out now, by fd (else local address), since the `mono_ns`
+    /// of their `acquire_end`.
     out: Mutex<HashMap<ConnKey, Checkout>>,
     comebacks_seen: AtomicU64,
     /// Nanoseconds between periodic re-sends; 0: none.
@@ -663,13 +572,6 @@ fn conn_key(conn: ConnId) -> ConnKey {
         Some(fd) => (Some(fd), None),
         None => (None, conn.local_address),
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Checkout {
-    conn: ConnId,
-    since_ns: u64,
-    tid: Option<u32>,
 }
 
 impl PoolState {
@@ -687,25 +589,13 @@ impl PoolState {
             self.reporter.pool(&self.name, &info);
         }
         let mut entries: Vec<Checkout> = locked(&self.out).values().copied().collect();
-        entries.sort_by_key(|c| c.since_ns);
+        entries.sort_by_key(|c| c.mono_ns);
         for chunk in entries.chunks(STATE_ENTRIES_PER_MESSAGE) {
-            let list = chunk
-                .iter()
-                .map(|c| {
-                    let mut e = Map::new();
-                    c.conn.write(&mut e);
-                    e.insert("mono_ns".into(), Value::from(c.since_ns));
-                    if let Some(tid) = c.tid {
-                        e.insert("tid".into(), Value::from(tid));
-                    }
-                    Value::Object(e)
-                })
-                .collect();
-            let mut m = Map::new();
-            m.insert("checkouts".into(), Value::Array(list));
+            let checkouts = chunk.to_vec();
             // 32 entries of at most ~120 bytes and a 128-character name
             // fit in 4096 bytes.
-            self.reporter.send("checkout_state", &self.name, m);
+            self.reporter
+                .send(&self.name, Body::CheckoutState { checkouts });
         }
     }
 
@@ -891,7 +781,7 @@ impl PoolReporter {
                         conn_key(conn),
                         Checkout {
                             conn,
-                            since_ns: at,
+                            mono_ns: at,
                             tid,
                         },
                     );

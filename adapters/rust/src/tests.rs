@@ -8,6 +8,8 @@ use std::{
     time::Instant,
 };
 
+use serde_json::Value;
+
 use super::*;
 
 /// A bound datagram socket in its own temp dir, removed on drop.
@@ -86,7 +88,7 @@ fn pool_registration_carries_what_is_known() {
     reporter.pool(
         "orders",
         &PoolInfo {
-            db_system: Some("postgresql".into()),
+            db_system: Some(DbSystem::Postgresql),
             server_address: Some("10.0.0.5".into()),
             server_port: Some(5432),
             namespace: Some("shop".into()),
@@ -185,7 +187,7 @@ fn connection_events_by_fd_only_for_unix_sockets() {
     let agent = FakeAgent::new();
     let reporter = agent.reporter();
     let (a, _b) = UnixStream::pair().expect("pair");
-    let unix = ConnId::of_socket(&a);
+    let unix = conn_of_socket(&a);
     assert_eq!(unix.fd, Some(a.as_raw_fd()));
     assert_eq!(unix.local_address, None);
     reporter.connection_created("p", unix);
@@ -209,14 +211,14 @@ fn connection_events_by_fd_only_for_unix_sockets() {
 fn tcp_connections_are_named_by_local_address_and_fd() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
     let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-    let id = ConnId::of_socket(&stream);
+    let id = conn_of_socket(&stream);
     assert_eq!(id.local_address, Some(stream.local_addr().expect("local")));
     assert_eq!(id.fd, Some(stream.as_raw_fd()));
 
     let v6 = TcpListener::bind("[::1]:0").ok();
     if let Some(listener) = v6 {
         let stream = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let id = ConnId::of_socket(&stream);
+        let id = conn_of_socket(&stream);
         assert_eq!(id.local_address, Some(stream.local_addr().expect("local")));
     }
 }
@@ -349,9 +351,20 @@ fn text_is_cut_to_what_the_agent_accepts() {
             fd: Some(3),
         },
     );
-    let mut huge = Map::new();
-    huge.insert("extra".into(), Value::String("x".repeat(5000)));
-    reporter.send("release", "p", huge);
+    let entry = protocol::Checkout {
+        conn: ConnId {
+            local_address: Some(
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                    .parse()
+                    .expect("addr"),
+            ),
+            fd: Some(i32::MAX),
+        },
+        mono_ns: u64::MAX,
+        tid: Some(u32::MAX),
+    };
+    let checkouts = vec![entry; protocol::MAX_CHECKOUTS_PER_MESSAGE];
+    reporter.send("p", Body::CheckoutState { checkouts });
     assert!(!agent.pending());
     assert_eq!(reporter.stats().dropped, 2);
 }

@@ -189,7 +189,7 @@ pub fn judge(
     let Some(creds) = creds else {
         return Outcome::Rejected {
             pid: None,
-            error: MessageError::Invalid("no sender credentials".into()),
+            error: MessageError::NoCredentials,
         };
     };
     // pid 0: the sender is outside our pid namespace. Accepting it would
@@ -212,7 +212,7 @@ pub fn judge(
     if truncated {
         return Outcome::Rejected {
             pid: Some(pid),
-            error: MessageError::TooLarge(bytes.len()),
+            error: MessageError::Refused(poolscope_adapter_protocol::Error::TooLarge(bytes.len())),
         };
     }
     match message::decode(bytes) {

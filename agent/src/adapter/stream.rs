@@ -23,6 +23,8 @@ use tokio::{
     sync::mpsc,
 };
 
+use poolscope_adapter_protocol as wire;
+
 use super::{
     message::{MessageError, MAX_MESSAGE_BYTES},
     server::{judge, Outcome, Senders},
@@ -262,7 +264,7 @@ async fn read_stream(
             let _ = outcomes
                 .send(Outcome::Rejected {
                     pid: u32::try_from(creds.pid).ok().filter(|&p| p > 0),
-                    error: MessageError::TooLarge(len),
+                    error: MessageError::Refused(wire::Error::TooLarge(len)),
                 })
                 .await;
             return;
@@ -352,7 +354,7 @@ mod tests {
         assert!(matches!(
             rx.recv().await.expect("outcome"),
             Outcome::Rejected {
-                error: MessageError::NotJson(_),
+                error: MessageError::Refused(wire::Error::Malformed(_)),
                 ..
             }
         ));
@@ -364,7 +366,7 @@ mod tests {
         assert!(matches!(
             rx.recv().await.expect("outcome"),
             Outcome::Rejected {
-                error: MessageError::TooLarge(_),
+                error: MessageError::Refused(wire::Error::TooLarge(_)),
                 ..
             }
         ));

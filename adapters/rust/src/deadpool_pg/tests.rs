@@ -139,7 +139,7 @@ async fn a_connections_life_is_reported_with_its_socket() {
     assert_eq!(id.local_address, Some(local), "named by its local address");
     let fd = id.fd.expect("and by its fd");
     // SAFETY: the connection (and so its socket) is alive while `client` is.
-    let by_fd = ConnId::of_socket(&unsafe { BorrowedFd::borrow_raw(fd) });
+    let by_fd = crate::conn_of_socket(&unsafe { BorrowedFd::borrow_raw(fd) });
     assert_eq!(by_fd.local_address, Some(local), "the fd is that socket");
     let want = (Some(local.to_string()), Some(i64::from(fd)));
 

@@ -1,0 +1,389 @@
+//! The pool-adapter protocol, version 1: what applications' pool adapters
+//! send to the poolscope agent, one JSON object per message (one Unix
+//! datagram each). docs/adapter-protocol.md explains it; this crate and the
+//! golden files in `golden/` (one per kind, checked by this crate's tests
+//! and by every adapter's) are its definition.
+//!
+//! - [`Message`] is a message: its pool, when, and a [`Body`], whose
+//!   variants are the kinds (the `kind` field is the serde tag).
+//! - [`decode`] reads one message, refusing with an [`Error`] whose
+//!   [`Error::reason`] is the label the agent counts it under.
+//! - [`Message::encode`] writes one, refusing what [`decode`] would refuse.
+//!
+//! Adding a kind is adding a [`Body`] variant (with its checks in
+//! [`Message::validate`] if it has any) and a golden file; the compiler
+//! and the tests point at the rest (its name in [`Body::kind`], the
+//! agent's mapping).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The protocol version: the `v` field of every message.
+pub const VERSION: u32 = 1;
+/// Larger messages are refused unread.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// Pool names and the other text fields have at most this many characters
+/// (they become label values); pool names at least one.
+pub const MAX_TEXT_CHARS: usize = 128;
+/// Entries in one `checkout_state` message; more is refused. 4096 bytes
+/// hold about 40 real ones, so this only stops floods of tiny entries.
+pub const MAX_CHECKOUTS_PER_MESSAGE: usize = 64;
+
+/// The `v` field: always [`VERSION`], so that a message of this crate
+/// cannot claim another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Version;
+
+impl Serialize for Version {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(VERSION)
+    }
+}
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u64::deserialize(d)? {
+            v if v == u64::from(VERSION) => Ok(Version),
+            v => Err(serde::de::Error::custom(format!(
+                "unknown protocol version {v}"
+            ))),
+        }
+    }
+}
+
+/// One message: which pool, what happened ([`Body`]), and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub v: Version,
+    /// 1 to [`MAX_TEXT_CHARS`] characters, unique within the sending process.
+    pub pool: String,
+    #[serde(flatten)]
+    pub body: Body,
+    /// When it happened: `CLOCK_MONOTONIC` nanoseconds of the sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mono_ns: Option<u64>,
+    /// The pid the sender claims; the agent refuses a message whose claim
+    /// is not the kernel's word. Adapters leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// What happened, by `kind`. Fields an adapter may leave out are `Option`s
+/// and are left out when `None`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body {
+    /// Registers (or updates) the pool.
+    Pool(PoolInfo),
+    /// The pool opened a connection, ready to use.
+    ConnectionCreated(ConnRef),
+    /// A caller asks the pool for a connection.
+    AcquireStart {
+        /// Unique among the pool's waiting requests.
+        request: u64,
+        /// The waiting thread.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<u32>,
+    },
+    /// The caller got a connection, or gave up.
+    AcquireEnd {
+        request: u64,
+        #[serde(flatten)]
+        result: AcquireResult,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<u32>,
+    },
+    /// The caller returned the connection to the pool.
+    Release(ConnRef),
+    /// The pool closed or discarded the connection.
+    ConnectionClosed(ConnRef),
+    /// The pool's connections checked out now (or some of them), re-sent so
+    /// that an agent that restarted learns checkouts that began before it.
+    CheckoutState { checkouts: Vec<Checkout> },
+}
+
+impl Body {
+    /// The `kind` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Pool(_) => "pool",
+            Body::ConnectionCreated(_) => "connection_created",
+            Body::AcquireStart { .. } => "acquire_start",
+            Body::AcquireEnd { .. } => "acquire_end",
+            Body::Release(_) => "release",
+            Body::ConnectionClosed(_) => "connection_closed",
+            Body::CheckoutState { .. } => "checkout_state",
+        }
+    }
+}
+
+/// Which connection a message means: the client side's `ip:port` for TCP
+/// (as `getsockname()` gives it), the socket's fd in the sending process,
+/// or both. At least one, and the fd not negative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct ConnRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_address: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+}
+
+impl ConnRef {
+    pub fn is_empty(&self) -> bool {
+        self.local_address.is_none() && self.fd.is_none()
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.is_empty() {
+            return Err(invalid("needs local_address or fd to name the connection"));
+        }
+        if self.fd.is_some_and(|fd| fd < 0) {
+            return Err(invalid("fd is negative"));
+        }
+        Ok(())
+    }
+}
+
+/// How an acquire ended: the `result` field, and for `ok` the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AcquireResult {
+    /// The caller got this connection.
+    Ok(ConnRef),
+    /// The pool gave up waiting.
+    Timeout,
+    /// The pool failed (could not connect, was closed...), or the caller
+    /// stopped waiting.
+    Error,
+}
+
+/// The database a pool talks to. `mariadb` is read as its own value (so
+/// that it is written back as sent); the agent treats it as `mysql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbSystem {
+    Postgresql,
+    Mysql,
+    Mariadb,
+    Redis,
+}
+
+/// What a pool is, for the `pool` message. Every field is optional; texts
+/// have at most [`MAX_TEXT_CHARS`] characters.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PoolInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_system: Option<DbSystem>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_port: Option<u16>,
+    /// The database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Most connections the pool opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_idle: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_max: Option<u32>,
+    /// The pool library, e.g. `sqlalchemy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library: Option<String>,
+}
+
+/// One connection a `checkout_state` message says is checked out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkout {
+    #[serde(flatten)]
+    pub conn: ConnRef,
+    /// When the pool handed it out (the `mono_ns` of its `acquire_end`).
+    pub mono_ns: u64,
+    /// The holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tid: Option<u32>,
+}
+
+/// Why a message is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// More than [`MAX_MESSAGE_BYTES`] bytes.
+    TooLarge(usize),
+    /// Not a JSON object.
+    Malformed(String),
+    /// A `v` other than [`VERSION`].
+    UnknownVersion(u32),
+    /// A `kind` this version does not know (at most 32 characters of it).
+    UnknownKind(String),
+    /// A field missing, of the wrong type, or out of bounds.
+    Invalid(String),
+}
+
+impl Error {
+    /// The label the agent counts refusals under
+    /// (`poolscope_adapter_messages_total{result="rejected",reason=...}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::TooLarge(_) => "too_large",
+            Error::Malformed(_) => "malformed",
+            Error::UnknownVersion(_) => "unknown_version",
+            Error::UnknownKind(_) => "unknown_kind",
+            Error::Invalid(_) => "invalid",
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::TooLarge(n) => write!(f, "message of {n} bytes exceeds {MAX_MESSAGE_BYTES}"),
+            Error::Malformed(e) => write!(f, "message is not valid JSON: {e}"),
+            Error::UnknownVersion(v) => write!(
+                f,
+                "unknown protocol version {v} (this agent speaks {VERSION})"
+            ),
+            Error::UnknownKind(k) => write!(f, "unknown message kind {k:?}"),
+            Error::Invalid(e) => write!(f, "invalid message: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn invalid(what: &str) -> Error {
+    Error::Invalid(what.to_string())
+}
+
+fn short_text(value: &Option<String>, field: &str) -> Result<(), Error> {
+    match value {
+        Some(text) if text.chars().count() > MAX_TEXT_CHARS => {
+            Err(Error::Invalid(format!("{field} is too long")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_pool_name(pool: &str) -> Result<(), Error> {
+    if pool.is_empty() || pool.chars().count() > MAX_TEXT_CHARS {
+        return Err(invalid("pool name must have 1 to 128 characters"));
+    }
+    Ok(())
+}
+
+impl Message {
+    /// A message of this version, without `mono_ns` or `pid`.
+    pub fn new(pool: impl Into<String>, body: Body) -> Message {
+        Message {
+            v: Version,
+            pool: pool.into(),
+            body,
+            mono_ns: None,
+            pid: None,
+        }
+    }
+
+    pub fn at(mut self, mono_ns: u64) -> Message {
+        self.mono_ns = Some(mono_ns);
+        self
+    }
+
+    /// The rules that types alone do not say: lengths, counts, a
+    /// connection named.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_pool_name(&self.pool)?;
+        match &self.body {
+            Body::Pool(info) => {
+                short_text(&info.server_address, "server_address")?;
+                short_text(&info.namespace, "namespace")?;
+                short_text(&info.library, "library")?;
+            }
+            Body::AcquireStart { .. } => {}
+            Body::AcquireEnd { result, .. } => match result {
+                AcquireResult::Ok(conn) => conn.validate()?,
+                AcquireResult::Timeout | AcquireResult::Error => {}
+            },
+            Body::ConnectionCreated(conn) | Body::Release(conn) | Body::ConnectionClosed(conn) => {
+                conn.validate()?
+            }
+            Body::CheckoutState { checkouts } => {
+                if checkouts.len() > MAX_CHECKOUTS_PER_MESSAGE {
+                    return Err(invalid("checkout_state has more than 64 checkouts"));
+                }
+                for checkout in checkouts {
+                    checkout.conn.validate()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The message as sent: compact JSON, refused as [`decode`] would
+    /// refuse it (invalid, or larger than [`MAX_MESSAGE_BYTES`]).
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        self.validate()?;
+        let bytes = serde_json::to_vec(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(Error::TooLarge(bytes.len()));
+        }
+        Ok(bytes)
+    }
+}
+
+/// The envelope every kind has, read first so that a message with a bad
+/// pool name is `invalid` whatever its kind.
+#[derive(Deserialize)]
+struct Head {
+    #[allow(dead_code)]
+    kind: String,
+    pool: String,
+    #[allow(dead_code)]
+    mono_ns: Option<u64>,
+    #[allow(dead_code)]
+    pid: Option<u32>,
+}
+
+/// Whether `kind` names a [`Body`] variant: serde says "unknown variant"
+/// for the tag of a body that has nothing else, and only for its tag.
+fn is_known_kind(kind: &str) -> bool {
+    let lone = serde_json::json!({ "kind": kind });
+    match Body::deserialize(&lone) {
+        Ok(_) => true,
+        Err(e) => !e.to_string().starts_with("unknown variant"),
+    }
+}
+
+/// Reads one message. Unknown fields are ignored, so that newer adapters
+/// may send more. Each refusal has its own reason, checked in this order:
+/// size, JSON syntax, version (a v2 message may have fields v1 lacks),
+/// envelope (`kind` and `pool` strings, pool name length), kind, fields.
+pub fn decode(bytes: &[u8]) -> Result<Message, Error> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(Error::TooLarge(bytes.len()));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| Error::Malformed(e.to_string()))?;
+    if !value.is_object() {
+        return Err(Error::Malformed("not a JSON object".into()));
+    }
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => return Err(Error::UnknownVersion(u32::try_from(v).unwrap_or(u32::MAX))),
+        None => return Err(invalid("needs a numeric version `v`")),
+    }
+    let head = Head::deserialize(&value).map_err(|e| Error::Invalid(e.to_string()))?;
+    check_pool_name(&head.pool)?;
+    let message = Message::deserialize(&value).map_err(|e| {
+        if is_known_kind(&head.kind) {
+            Error::Invalid(e.to_string())
+        } else {
+            Error::UnknownKind(head.kind.chars().take(32).collect())
+        }
+    })?;
+    message.validate()?;
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests;
