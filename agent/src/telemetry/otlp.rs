@@ -627,4 +627,88 @@ mod tests {
             "http://127.0.0.1:4318"
         );
     }
+
+    /// The keys of the log record of `report` with every field set.
+    fn record_keys(report: &impl serde::Serialize) -> std::collections::BTreeSet<String> {
+        let value = serde_json::to_value(report).expect("serializable");
+        json_attributes(&value)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    fn declared(event: &telemetry_catalogue::Event) -> std::collections::BTreeSet<String> {
+        event.attributes.iter().map(|a| a.key.to_string()).collect()
+    }
+
+    /// Every attribute a log record can carry is declared in the
+    /// catalogue (which docs/metrics.md is written from), and every declared
+    /// one exists: a field added to a report fails here until declared.
+    #[test]
+    fn event_records_carry_the_attributes_the_catalogue_declares() {
+        use crate::{
+            detect::LeakKind,
+            protocol::{DbError, DbSystem, TxState},
+            reports::{LeakReport, ReportStatus, SlowQuery},
+        };
+        let text = || Some("x".to_string());
+        let report = LeakReport {
+            id: 1,
+            kind: LeakKind::Leaked,
+            status: ReportStatus::Resolved,
+            pid: 2,
+            process: "app".into(),
+            cmdline: text(),
+            container_id: text(),
+            pool: text(),
+            db_system: Some(DbSystem::Postgresql),
+            server: text(),
+            local_address: text(),
+            fd: Some(3),
+            generation: Some(4),
+            holder_tid: Some(5),
+            holder_thread: text(),
+            connection_opened_at: text(),
+            checked_out_at: text(),
+            held_for_seconds: Some(1.5),
+            last_activity: text(),
+            last_query: text(),
+            tx_state: Some(TxState::InTransaction),
+            evidence: "e".into(),
+            reported_at: "t".into(),
+            resolved_at: text(),
+            resolution: text(),
+            wait_seconds: Some(0.5),
+            pool_used: Some(1),
+            pool_max: Some(2),
+            pool_pending: Some(3),
+        };
+        for event in [
+            &telemetry_catalogue::EVENT_LEAK_OPENED,
+            &telemetry_catalogue::EVENT_LEAK_RESOLVED,
+            &EVENT_ACQUIRE_SLOW,
+        ] {
+            assert_eq!(record_keys(&report), declared(event), "{}", event.name);
+        }
+        let slow = SlowQuery {
+            at: "t".into(),
+            pid: 2,
+            process: "app".into(),
+            fd: 3,
+            generation: 4,
+            db_system: "postgresql".into(),
+            server: "s".into(),
+            namespace: text(),
+            operation: text(),
+            query: text(),
+            duration_seconds: 1.0,
+            error: Some(DbError {
+                code: "42601".into(),
+                message: "m".into(),
+            }),
+            rows: Some(1),
+            tx_state: Some(TxState::Idle),
+        };
+        assert_eq!(record_keys(&slow), declared(&EVENT_QUERY_SLOW));
+    }
 }

@@ -584,27 +584,100 @@ pub struct Event {
     pub name: &'static str,
     pub when: &'static str,
     pub severity: &'static str,
+    /// The record's attributes: the report's fields as the API shows them,
+    /// nested objects flattened with dots.
+    pub attributes: &'static [Attribute],
 }
+
+const WHEN_KNOWN: &str = "when known";
+/// A leak, slow-holder or slow-acquire report (`GET /api/v1/leaks`).
+const REPORT_ATTRIBUTES: &[Attribute] = &[
+    required("id", "the report's number"),
+    required("kind", LEAK_KINDS),
+    required("status", "open, resolved"),
+    required("pid", ""),
+    required("process", "executable name"),
+    when(
+        "cmdline",
+        "redacted unless configured otherwise",
+        WHEN_KNOWN,
+    ),
+    when("container_id", "", "when the process runs in a container"),
+    when("pool", "", "adapter or inferred pools"),
+    when("db_system", "postgresql, mysql, redis", WHEN_KNOWN),
+    when("server", "address:port", WHEN_KNOWN),
+    when("local_address", "", "TCP connections"),
+    when("fd", "", "reports about one connection"),
+    when("generation", "", "reports about one connection"),
+    when("holder_tid", "", "when the adapter said which thread"),
+    when(
+        "holder_thread",
+        "the thread's name",
+        "when the adapter said which thread",
+    ),
+    when(
+        "connection_opened_at",
+        "RFC 3339",
+        "reports about one connection",
+    ),
+    when("checked_out_at", "RFC 3339", "adapter pools"),
+    when("held_for_seconds", "", "adapter pools"),
+    when("last_activity", "RFC 3339", "reports about one connection"),
+    when("last_query", "sanitized", WHEN_KNOWN),
+    when("tx_state", "idle, in_transaction, failed", WHEN_KNOWN),
+    required("evidence", "why the rule fired, in words"),
+    required("reported_at", "RFC 3339"),
+    when("resolved_at", "RFC 3339", "resolved reports"),
+    when("resolution", "why it resolved", "resolved reports"),
+    when("wait_seconds", "", "slow acquires"),
+    when("pool_used", "", "slow acquires"),
+    when("pool_max", "", "slow acquires, when the pool said"),
+    when("pool_pending", "", "slow acquires"),
+];
 
 pub const EVENT_LEAK_OPENED: Event = Event {
     name: "poolscope.leak.opened",
     when: "a leak report opens (`kind` says which rule)",
     severity: "WARN (INFO for `slow_holder`)",
+    attributes: REPORT_ATTRIBUTES,
 };
 pub const EVENT_LEAK_RESOLVED: Event = Event {
     name: "poolscope.leak.resolved",
     when: "it resolves (`resolution` says why)",
     severity: "INFO",
+    attributes: REPORT_ATTRIBUTES,
 };
 pub const EVENT_ACQUIRE_SLOW: Event = Event {
     name: "poolscope.acquire.slow",
     when: "a pool acquire waited past the threshold",
     severity: "WARN",
+    attributes: REPORT_ATTRIBUTES,
 };
 pub const EVENT_QUERY_SLOW: Event = Event {
     name: "poolscope.query.slow",
     when: "a round trip took longer than the slow-query threshold; body = sanitized query",
     severity: "INFO",
+    attributes: &[
+        required("at", "RFC 3339"),
+        required("pid", ""),
+        required("process", "executable name"),
+        required("fd", ""),
+        required("generation", ""),
+        required("db_system", "postgresql, mysql, redis"),
+        required("server", "address:port"),
+        when("namespace", "the database", WHEN_KNOWN),
+        when("operation", "SELECT, GET...", "when recognized"),
+        when("query", "sanitized", "when the parser saw it"),
+        required("duration_seconds", ""),
+        when(
+            "error.code",
+            "SQLSTATE, MySQL error number, Redis error prefix",
+            "only on errors",
+        ),
+        when("error.message", "", "only on errors"),
+        when("rows", "", "when the server said"),
+        when("tx_state", "idle, in_transaction, failed", WHEN_KNOWN),
+    ],
 };
 
 pub const EVENTS: &[&Event] = &[

@@ -46,9 +46,16 @@ fn metrics_table() -> String {
 }
 
 fn events_table() -> String {
-    let mut out = String::from("| event name | when | severity |\n|---|---|---|\n");
+    let mut out =
+        String::from("| event name | when | severity | attributes |\n|---|---|---|---|\n");
     for e in EVENTS {
-        out.push_str(&format!("| `{}` | {} | {} |\n", e.name, e.when, e.severity));
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            e.name,
+            e.when,
+            e.severity,
+            attributes_text(e.attributes)
+        ));
     }
     out
 }
