@@ -412,19 +412,19 @@ pub(crate) fn last_messages<'v>(
 /// for losing framing, reading a chunk's end from its tail, and finding
 /// framing again.
 #[derive(Default)]
-pub(crate) struct Link {
+pub(crate) struct FramedDirection {
     framer: Framer,
-    report: Report,
+    report: FramingLoss,
 }
 
 /// `Lost` once per loss of framing, `Resynced` when found again.
 #[derive(Default)]
-pub(crate) struct Report {
+pub(crate) struct FramingLoss {
     /// `Lost` was reported and `Resynced` not yet.
     lost: bool,
 }
 
-impl Report {
+impl FramingLoss {
     pub(crate) fn lost(&mut self, reason: &'static str, out: &mut Vec<Observation>) {
         if !self.lost {
             self.lost = true;
@@ -440,7 +440,7 @@ impl Report {
     }
 }
 
-/// What [`Link::feed`] saw beyond the messages it handed on.
+/// What [`FramedDirection::feed`] saw beyond the messages it handed on.
 pub(crate) struct Ending<'v> {
     /// Messages read back from the chunk's tail, in order, for the caller to
     /// handle after the framed ones.
@@ -453,7 +453,7 @@ pub(crate) struct Ending<'v> {
     overran: bool,
 }
 
-impl Link {
+impl FramedDirection {
     pub(crate) fn is_lost(&self) -> bool {
         self.framer.is_lost()
     }

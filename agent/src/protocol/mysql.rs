@@ -7,7 +7,7 @@
 use super::book::{
     Alternation, BoundedMap, FeedContext, Pending, Protocol, RequestQueue, ResponseEnd,
 };
-use super::frame::{whole_msg, Flow, Link, Msg, View, Wire};
+use super::frame::{whole_msg, Flow, FramedDirection, Msg, View, Wire};
 use super::sql::{cstr, db_error, describe, Dialect};
 use super::{Chunk, Direction, Observation, TxState};
 
@@ -243,8 +243,8 @@ enum Reply {
 
 pub(crate) struct Session {
     phase: Phase,
-    client: Link,
-    server: Link,
+    client: FramedDirection,
+    server: FramedDirection,
     book: RequestQueue,
     server_caps: u32,
     /// CLIENT_DEPRECATE_EOF as negotiated; `None` when the handshake was not
@@ -270,8 +270,8 @@ impl Default for Session {
     fn default() -> Self {
         Session {
             phase: Phase::Greeting,
-            client: Link::default(),
-            server: Link::default(),
+            client: FramedDirection::default(),
+            server: FramedDirection::default(),
             book: RequestQueue::default(),
             server_caps: u32::MAX,
             deprecate_eof: None,

@@ -6,7 +6,7 @@ use super::book::{
     is_tls_record, Alternation, BoundedMap, FeedContext, Pending, Protocol, RequestQueue,
     ResponseEnd,
 };
-use super::frame::{whole_msg, Flow, Link, Msg, View, Wire};
+use super::frame::{whole_msg, Flow, FramedDirection, Msg, View, Wire};
 use super::sql::{cstr, db_error, describe, Dialect};
 use super::{DbError, Direction, Observation, TxState};
 
@@ -217,8 +217,8 @@ enum Phase {
 
 pub(crate) struct Session {
     phase: Phase,
-    client: Link,
-    server: Link,
+    client: FramedDirection,
+    server: FramedDirection,
     book: RequestQueue,
     statements: BoundedMap<Vec<u8>, Statement>,
     /// Portal name → statement name.
@@ -232,8 +232,8 @@ impl Default for Session {
     fn default() -> Self {
         Session {
             phase: Phase::Start,
-            client: Link::default(),
-            server: Link::default(),
+            client: FramedDirection::default(),
+            server: FramedDirection::default(),
             book: RequestQueue::default(),
             statements: BoundedMap::new(STATEMENTS_MAX),
             portals: BoundedMap::new(STATEMENTS_MAX),

@@ -8,7 +8,7 @@
 use super::book::{
     is_tls_record, Alternation, FeedContext, Pending, Protocol, RequestQueue, ResponseEnd,
 };
-use super::frame::{Report, View};
+use super::frame::{FramingLoss, View};
 use super::sql::{db_error, truncate_chars};
 use super::{DbError, Direction, Observation, TxState, QUERY_MAX_CHARS};
 
@@ -119,7 +119,7 @@ enum State {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fed {
+enum Framing {
     Framed,
     Lost,
 }
@@ -179,16 +179,16 @@ impl Reader {
         }
     }
 
-    fn lose(&mut self) -> Fed {
+    fn lose(&mut self) -> Framing {
         self.resync();
         self.lost = true;
-        Fed::Lost
+        Framing::Lost
     }
 
     /// Reads one chunk, handing each complete top-level value to `on_value`.
-    fn feed(&mut self, view: &View<'_>, mut on_value: impl FnMut(&Value)) -> Fed {
+    fn feed(&mut self, view: &View<'_>, mut on_value: impl FnMut(&Value)) -> Framing {
         if self.lost {
-            return Fed::Lost;
+            return Framing::Lost;
         }
         let total = view.total();
         let mut pos = 0usize;
@@ -246,7 +246,7 @@ impl Reader {
                 on_value(&self.value);
             }
         }
-        Fed::Framed
+        Framing::Framed
     }
 
     fn keep_line(&mut self, bytes: &[u8]) {
@@ -381,8 +381,8 @@ pub(crate) struct Session {
     encrypted: bool,
     client: Reader,
     server: Reader,
-    client_report: Report,
-    server_report: Report,
+    client_report: FramingLoss,
+    server_report: FramingLoss,
     book: RequestQueue,
     namespace: Option<String>,
     tx: Option<TxState>,
@@ -464,8 +464,8 @@ impl Session {
         let fed = reader.feed(view, |v| self.on_command(v, cx));
         self.client = reader;
         match fed {
-            Fed::Framed => self.client_report.framed(cx.out),
-            Fed::Lost => {
+            Framing::Framed => self.client_report.framed(cx.out),
+            Framing::Lost => {
                 // Commands in the unseen middle: replies to them count.
                 self.book.may_have_missed_requests(Some(cx.ts));
                 self.client_report
@@ -485,8 +485,8 @@ impl Session {
         let fed = reader.feed(view, |v| self.on_reply(v, cx));
         self.server = reader;
         match fed {
-            Fed::Framed => self.server_report.framed(cx.out),
-            Fed::Lost => self
+            Framing::Framed => self.server_report.framed(cx.out),
+            Framing::Lost => self
                 .server_report
                 .lost("reply boundary in the unseen middle of a read", cx.out),
         }
