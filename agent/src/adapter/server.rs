@@ -80,20 +80,7 @@ impl AdapterSocket {
         senders: Senders,
     ) -> anyhow::Result<AdapterSocket> {
         ensure_datagram_queue(min_queue);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot remove stale {}", path.display()))
-            }
-        }
-        let socket = UnixDatagram::bind(path)
-            .with_context(|| format!("cannot bind the adapter socket {}", path.display()))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        let socket = bind_socket_file(path, mode, "adapter socket", |p| UnixDatagram::bind(p))?;
         let one: libc::c_int = 1;
         // SAFETY: valid socket fd and a pointer to a c_int of the right size.
         let rc = unsafe {
@@ -150,6 +137,29 @@ impl Drop for AdapterSocket {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// Binds a socket at `path` with `bind`: the directory created, a stale
+/// socket file replaced, the file given `mode`.
+pub fn bind_socket_file<S>(
+    path: &Path,
+    mode: u32,
+    what: &str,
+    bind: impl FnOnce(&Path) -> io::Result<S>,
+) -> anyhow::Result<S> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
+    }
+    let socket =
+        bind(path).with_context(|| format!("cannot bind the {what} {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(socket)
 }
 
 const MAX_DGRAM_QLEN: &str = "/proc/sys/net/unix/max_dgram_qlen";

@@ -11,12 +11,10 @@
 use std::{
     collections::HashMap,
     fs, io,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
 
-use anyhow::Context;
 use tokio::{
     io::AsyncReadExt,
     net::{UnixListener, UnixStream},
@@ -27,7 +25,7 @@ use poolscope_adapter_protocol as wire;
 
 use super::{
     message::{MessageError, MAX_MESSAGE_BYTES},
-    server::{judge, Outcome, Senders},
+    server::{bind_socket_file, judge, Outcome, Senders},
 };
 
 /// Streams open at once, in all and per uid.
@@ -153,20 +151,9 @@ impl AdapterStreamSocket {
         senders: Senders,
         limits: StreamLimits,
     ) -> anyhow::Result<AdapterStreamSocket> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot remove stale {}", path.display()))
-            }
-        }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot bind the adapter stream socket {}", path.display()))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        let listener = bind_socket_file(path, mode, "adapter stream socket", |path| {
+            UnixListener::bind(path)
+        })?;
         Ok(AdapterStreamSocket {
             listener,
             path: path.to_path_buf(),
