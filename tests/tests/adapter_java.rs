@@ -14,20 +14,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Write},
+    collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use java_build::Built;
 use poolscope_tests::{
-    json, local_port, require_kernel, wait_exit, wait_until, Agent, DbSystem, LeakKind, LeakReport,
-    MariaDb, PoolView, Postgres, ReportStatus, TempDir, TxState, Value, EVENT_TIMEOUT,
-    LOCALHOST_V4,
+    json, require_kernel, Agent, DbSystem, HeldConnection, JsonLinesChild, LeakKind, MariaDb,
+    PoolView, Postgres, ReportStatus, Seen, TempDir, TxState, Value, EVENT_TIMEOUT, LOCALHOST_V4,
 };
 
 /// Short thresholds, so that the scenario takes seconds. Idle in
@@ -40,10 +38,6 @@ const SLOW_ACQUIRE_S: f64 = 0.5;
 /// HikariCP's connectionTimeout in the app: the waiter on the exhausted
 /// pool gives up after it.
 const CONNECTION_TIMEOUT_MS: u64 = 1000;
-/// How late a report may appear after its threshold was crossed.
-const REPORT_SLACK: Duration = Duration::from_secs(2);
-/// How early (the test's clock starts when the app answered).
-const EARLY_SLACK: Duration = Duration::from_millis(300);
 
 fn thresholds() -> String {
     [
@@ -133,15 +127,13 @@ impl Rig {
 }
 
 /// `adapters/java/testapp`: a HikariCP pool driven with one JSON request per
-/// line. Killed on drop.
+/// line.
 struct JavaApp {
+    app: JsonLinesChild,
     pid: u32,
     /// The app's main thread, which serves requests and takes the held
     /// connections.
     tid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
 }
 
 /// What the app's pool connects to.
@@ -153,8 +145,8 @@ struct Db<'a> {
 
 impl JavaApp {
     fn spawn(built: &Built, stream: &Path, db: &Db, pool: &str, max: u32) -> JavaApp {
-        let mut child = Command::new("java")
-            .arg("-cp")
+        let mut cmd = Command::new("java");
+        cmd.arg("-cp")
             .arg(built.testapp_classpath())
             // HikariCP's own log (slf4j-simple, stderr): warnings only.
             .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
@@ -165,56 +157,22 @@ impl JavaApp {
             .env("DB_USER", db.user)
             .env("POOL_NAME", pool)
             .env("POOL_MAX", max.to_string())
-            .env("CONNECTION_TIMEOUT_MS", CONNECTION_TIMEOUT_MS.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start java: {e}"));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut app = JavaApp {
-            pid: child.id(),
-            tid: 0,
-            child,
-            stdin: Some(stdin),
-            stdout,
-        };
-        let ready = app.answer("startup");
-        assert_eq!(
-            ready["pid"].as_u64(),
-            Some(u64::from(app.pid)),
-            "the app runs in the process we spawned: {ready}"
-        );
+            .env("CONNECTION_TIMEOUT_MS", CONNECTION_TIMEOUT_MS.to_string());
+        let (app, ready) = JsonLinesChild::start(&mut cmd, "java");
         assert_eq!(
             ready["total"].as_u64(),
             Some(u64::from(max)),
             "HikariCP opened the whole fixed pool: {ready}"
         );
-        app.tid = tid_of(&ready);
-        app
-    }
-
-    fn answer(&mut self, what: &str) -> Value {
-        let mut line = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut line)
-            .unwrap_or_else(|e| panic!("cannot read the app's answer to {what}: {e}"));
-        assert!(n > 0, "the app exited on {what}");
-        let answer: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the app's answer to {what} is not JSON ({e}): {line}"));
-        assert_eq!(answer["ok"], true, "the app failed {what}: {answer}");
-        answer
+        JavaApp {
+            pid: app.pid,
+            tid: tid_of(&ready),
+            app,
+        }
     }
 
     fn request(&mut self, request: Value) -> Value {
-        let line = request.to_string();
-        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
-        self.answer(&line)
+        self.app.request(request)
     }
 
     /// Step: the app takes a connection on its main thread and holds it as
@@ -230,16 +188,6 @@ impl JavaApp {
         Held {
             local,
             at: Instant::now(),
-        }
-    }
-}
-
-impl Drop for JavaApp {
-    fn drop(&mut self) {
-        self.stdin = None;
-        if wait_exit(&mut self.child, Duration::from_secs(5)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
@@ -266,91 +214,13 @@ struct Held {
     at: Instant,
 }
 
-/// Every report of one pid seen while polling: the latest version of each
-/// (by id) and when the test first saw it.
-struct Seen<'a> {
-    agent: &'a Agent,
-    pid: u32,
-    first: BTreeMap<u64, Instant>,
-    latest: BTreeMap<u64, LeakReport>,
-}
-
-impl<'a> Seen<'a> {
-    fn new(agent: &'a Agent, pid: u32) -> Seen<'a> {
-        Seen {
-            agent,
-            pid,
-            first: BTreeMap::new(),
-            latest: BTreeMap::new(),
-        }
+impl HeldConnection for Held {
+    fn local_port(&self) -> u16 {
+        self.local.port()
     }
 
-    fn poll(&mut self) {
-        let now = Instant::now();
-        let pid = self.pid;
-        for r in self.agent.leaks_cli().into_iter().filter(|r| r.pid == pid) {
-            self.first.entry(r.id).or_insert(now);
-            self.latest.insert(r.id, r);
-        }
-    }
-
-    fn find(&self, kind: LeakKind, held: &Held) -> Option<(&LeakReport, Instant)> {
-        self.latest
-            .values()
-            .find(|r| r.kind == kind && local_port(r) == Some(held.local.port()))
-            .map(|r| (r, self.first[&r.id]))
-    }
-
-    fn of_kind(&self, kind: LeakKind) -> Vec<&LeakReport> {
-        self.latest.values().filter(|r| r.kind == kind).collect()
-    }
-
-    fn dump(&self) -> String {
-        serde_json::to_string_pretty(&self.latest.values().collect::<Vec<_>>()).unwrap_or_default()
-    }
-
-    /// Step: poll until `done` accepts the reports or `timeout` passes.
-    fn watch(&mut self, timeout: Duration, what: &str, done: impl Fn(&Seen) -> bool) {
-        let ok = wait_until(timeout, || {
-            self.poll();
-            done(self).then_some(())
-        });
-        if ok.is_none() {
-            let (agent, pid) = (self.agent, self.pid);
-            panic!(
-                "timed out after {timeout:?} waiting for {what} (pid {pid})\n\
-                 --- reports of pid {pid} ---\n{}\n--- connections of pid {pid} ---\n{}\n\
-                 --- pools ---\n{}\n--- agent log ---\n{}",
-                self.dump(),
-                serde_json::to_string_pretty(&agent.connections_of(pid)).unwrap_or_default(),
-                serde_json::to_string_pretty(&agent.pools()).unwrap_or_default(),
-                agent.log()
-            );
-        }
-    }
-
-    /// Step: keep polling for 2 s more, so that a report that should not
-    /// come has its chance to.
-    fn keep_watching(&mut self) {
-        let until = Instant::now() + Duration::from_secs(2);
-        self.watch(Duration::from_secs(5), "2 s more", |_| {
-            Instant::now() >= until
-        });
-    }
-
-    /// The report of `kind` on `held`'s connection, first seen on time.
-    fn on_time(&self, kind: LeakKind, held: &Held, threshold: f64, what: &str) -> &LeakReport {
-        let (r, first) = self
-            .find(kind, held)
-            .unwrap_or_else(|| panic!("no {kind:?} report for {what}\n{}", self.dump()));
-        let after = first.saturating_duration_since(held.at);
-        let threshold = Duration::from_secs_f64(threshold);
-        assert!(
-            after + EARLY_SLACK >= threshold && after <= threshold + REPORT_SLACK,
-            "{what} appeared {after:?} after it started; expected between {threshold:?} and {:?}",
-            threshold + REPORT_SLACK
-        );
-        r
+    fn since(&self) -> Instant {
+        self.at
     }
 }
 
@@ -436,13 +306,16 @@ fn hikari_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
     assert_eq!(ports.len(), 4, "four distinct connections");
 
     let mut seen = Seen::new(agent, pid);
-    seen.watch(
-        Duration::from_secs_f64(LEAK_S) + REPORT_SLACK + Duration::from_secs(5),
+    seen.watch_for_first(
+        LEAK_S,
         "2 leaked, 1 slow holder, 1 idle in transaction",
         |s| {
-            leaks.iter().all(|h| s.find(LeakKind::Leaked, h).is_some())
-                && s.find(LeakKind::SlowHolder, &busy).is_some()
-                && s.find(LeakKind::IdleInTransaction, &tx).is_some()
+            leaks
+                .iter()
+                .all(|h| s.find(LeakKind::Leaked, h.local.port()).is_some())
+                && s.find(LeakKind::SlowHolder, busy.local.port()).is_some()
+                && s.find(LeakKind::IdleInTransaction, tx.local.port())
+                    .is_some()
         },
     );
 
@@ -492,17 +365,7 @@ fn hikari_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
     expected.insert((LeakKind::SlowHolder, Some(busy.local.port())));
     expected.insert((LeakKind::IdleInTransaction, Some(tx.local.port())));
     expected.insert((LeakKind::SlowAcquire, None));
-    let kinds: BTreeSet<(LeakKind, Option<u16>)> = seen
-        .latest
-        .values()
-        .map(|r| (r.kind, local_port(r)))
-        .collect();
-    assert_eq!(
-        kinds,
-        expected,
-        "every report of pid {pid} ever seen, by kind and local port\n{}",
-        seen.dump()
-    );
+    seen.expect_kinds(expected);
 
     for (i, h) in leaks.iter().enumerate() {
         let r = seen.on_time(LeakKind::Leaked, h, LEAK_S, &format!("leak{}", i + 1));
@@ -554,7 +417,11 @@ fn hikari_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
     );
     assert!(r.pool_pending.is_some_and(|p| p >= 1), "{r:#?}");
 
-    let leak1 = seen.find(LeakKind::Leaked, &leaks[0]).unwrap().0.id;
+    let leak1 = seen
+        .find(LeakKind::Leaked, leaks[0].local.port())
+        .unwrap()
+        .0
+        .id;
     eprintln!(
         "a HikariCP leak as GET /api/v1/leaks serves it:\n{}",
         api_report_json(agent, leak1)
@@ -568,7 +435,11 @@ fn hikari_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
         count(&released, "queries") as f64 >= LEAK_S / 0.1 / 2.0,
         "the holder kept querying: {released}"
     );
-    let holder = seen.find(LeakKind::SlowHolder, &busy).unwrap().0.id;
+    let holder = seen
+        .find(LeakKind::SlowHolder, busy.local.port())
+        .unwrap()
+        .0
+        .id;
     seen.watch(
         EVENT_TIMEOUT,
         "the returned connections' reports to resolve",
@@ -579,7 +450,7 @@ fn hikari_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
             })
         },
     );
-    let (r, _) = seen.find(LeakKind::Leaked, &leaks[1]).unwrap();
+    let (r, _) = seen.find(LeakKind::Leaked, leaks[1].local.port()).unwrap();
     assert_eq!(r.status, ReportStatus::Open, "still leaked: {r:#?}");
 
     let end = app.request(json!({"op": "exit"}));
@@ -623,11 +494,9 @@ fn mariadb_connections_are_named_by_their_socket() {
     );
     let leak = app.checkout("leak", "leak");
     let mut seen = Seen::new(agent, pid);
-    seen.watch(
-        Duration::from_secs_f64(LEAK_S) + REPORT_SLACK + Duration::from_secs(5),
-        "the MariaDB connection leaked",
-        |s| s.find(LeakKind::Leaked, &leak).is_some(),
-    );
+    seen.watch_for_first(LEAK_S, "the MariaDB connection leaked", |s| {
+        s.find(LeakKind::Leaked, leak.local.port()).is_some()
+    });
     let r = seen.on_time(LeakKind::Leaked, &leak, LEAK_S, "the MariaDB leak");
     assert_eq!(r.pool.as_deref(), Some(pool), "{r:#?}");
     assert_eq!(r.db_system, Some(DbSystem::Mysql), "{r:#?}");

@@ -3,14 +3,11 @@ package io.poolscope.adapter.hikari;
 import com.zaxxer.hikari.HikariConfig;
 import com.zaxxer.hikari.HikariDataSource;
 import io.poolscope.adapter.PoolReporter;
-import java.lang.reflect.InvocationHandler;
-import java.lang.reflect.InvocationTargetException;
 import java.lang.reflect.Method;
 import java.lang.reflect.Proxy;
 import java.sql.Connection;
 import java.sql.SQLException;
 import java.sql.SQLTransientConnectionException;
-import java.util.concurrent.atomic.AtomicBoolean;
 
 /**
  * A {@link HikariDataSource} whose {@link #getConnection()} reports the
@@ -73,42 +70,20 @@ public final class InstrumentedHikariDataSource extends HikariDataSource {
     }
 
     /** Reports the connection's return to the pool, once, before it happens. */
-    private static final class HandedOut implements InvocationHandler {
-        private final Connection delegate;
-        private final String local;
-        private final PoolReporter pool;
-        private final AtomicBoolean released = new AtomicBoolean();
-
+    private static final class HandedOut extends ReportingHandler {
         HandedOut(Connection delegate, String local, PoolReporter pool) {
-            this.delegate = delegate;
-            this.local = local;
-            this.pool = pool;
+            super(delegate, local, pool);
         }
 
         @Override
-        public Object invoke(Object proxy, Method method, Object[] args) throws Throwable {
-            String name = method.getName();
-            if (method.getDeclaringClass() == Object.class) {
-                switch (name) {
-                    case "equals":
-                        return proxy == args[0];
-                    case "hashCode":
-                        return System.identityHashCode(proxy);
-                    default:
-                        return delegate.toString();
-                }
-            }
-            if (name.equals("close") && args == null && released.compareAndSet(false, true)) {
+        Object intercept(Object proxy, Method method, Object[] args) {
+            if (method.getName().equals("close") && args == null && once()) {
                 // Before HikariCP puts it back: once it is back, another
                 // thread may take it, and its acquire_end must come after
                 // this release.
                 pool.release(local);
             }
-            try {
-                return method.invoke(delegate, args);
-            } catch (InvocationTargetException e) {
-                throw e.getCause();
-            }
+            return PASS;
         }
     }
 }

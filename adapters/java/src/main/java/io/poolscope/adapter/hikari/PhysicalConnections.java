@@ -3,14 +3,11 @@ package io.poolscope.adapter.hikari;
 import io.poolscope.adapter.PoolReporter;
 import io.poolscope.adapter.Sockets;
 import java.io.PrintWriter;
-import java.lang.reflect.InvocationHandler;
-import java.lang.reflect.InvocationTargetException;
 import java.lang.reflect.Method;
 import java.lang.reflect.Proxy;
 import java.sql.Connection;
 import java.sql.SQLException;
 import java.sql.SQLFeatureNotSupportedException;
-import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.logging.Logger;
 import javax.sql.DataSource;
 
@@ -56,32 +53,15 @@ final class PhysicalConnections implements DataSource {
     }
 
     /** Reports the close of one physical connection, once. */
-    private static final class Physical implements InvocationHandler {
-        private final Connection delegate;
-        private final String local;
-        private final PoolReporter pool;
-        private final AtomicBoolean closed = new AtomicBoolean();
-
+    private static final class Physical extends ReportingHandler {
         Physical(Connection delegate, String local, PoolReporter pool) {
-            this.delegate = delegate;
-            this.local = local;
-            this.pool = pool;
+            super(delegate, local, pool);
         }
 
         @Override
-        public Object invoke(Object proxy, Method method, Object[] args) throws Throwable {
+        Object intercept(Object proxy, Method method, Object[] args) {
             String name = method.getName();
             int argc = args == null ? 0 : args.length;
-            if (method.getDeclaringClass() == Object.class) {
-                switch (name) {
-                    case "equals":
-                        return proxy == args[0];
-                    case "hashCode":
-                        return System.identityHashCode(proxy);
-                    default:
-                        return delegate.toString();
-                }
-            }
             if (method.getDeclaringClass() == PoolscopeConnection.class) {
                 return local;
             }
@@ -89,17 +69,12 @@ final class PhysicalConnections implements DataSource {
                     && args[0] instanceof Class<?> iface && iface.isInstance(proxy)) {
                 return name.equals("unwrap") ? proxy : Boolean.TRUE;
             }
-            if ((name.equals("close") && argc == 0) || (name.equals("abort") && argc == 1)) {
+            if (((name.equals("close") && argc == 0) || (name.equals("abort") && argc == 1))
+                    && once()) {
                 // Before the socket goes: the agent still knows the connection.
-                if (closed.compareAndSet(false, true)) {
-                    pool.connectionClosed(local);
-                }
+                pool.connectionClosed(local);
             }
-            try {
-                return method.invoke(delegate, args);
-            } catch (InvocationTargetException e) {
-                throw e.getCause();
-            }
+            return PASS;
         }
     }
 
