@@ -2,14 +2,13 @@
 //! Python application with real pools.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::Instant,
 };
 
-use crate::{json, kill_child, path_str, python3, workspace_root, Value, LOCALHOST_V4};
+use crate::{json, path_str, python3, workspace_root, JsonLinesChild, Value, LOCALHOST_V4};
 
 /// `adapters/node`: the npm package `poolscope-adapter`.
 pub fn node_adapter_dir() -> PathBuf {
@@ -96,9 +95,7 @@ pub struct PoolApp {
     /// The native id of the app's main thread, which serves the requests
     /// (and so checks out the connections that `checkout` holds).
     pub tid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    app: JsonLinesChild,
 }
 
 impl PoolApp {
@@ -111,24 +108,15 @@ impl PoolApp {
         cmd.arg("-u")
             .arg(&script)
             .env("PYTHONPATH", python_adapter_dir())
-            .env_remove("POOLSCOPE_ADAPTER_SOCKET")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .env_remove("POOLSCOPE_ADAPTER_SOCKET");
         if let Some(socket) = adapter_socket {
             cmd.env("POOLSCOPE_ADAPTER_SOCKET", socket);
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let child = JsonLinesChild::spawn(&mut cmd, &format!("python3 {}", script.display()));
         let mut app = PoolApp {
-            pid: child.id(),
+            pid: child.pid,
             tid: 0,
-            child,
-            stdin: Some(stdin),
-            stdout,
+            app: child.kill_on_drop(),
         };
         let answer = app.request(json!({"op": "pid"}));
         assert_eq!(
@@ -145,25 +133,7 @@ impl PoolApp {
 
     /// Sends one request and returns the answer; panics unless it is ok.
     pub fn request(&mut self, request: Value) -> Value {
-        let line = request.to_string();
-        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
-        let mut answer = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("cannot read the app's answer to {line}: {e}"));
-        assert!(n > 0, "the app exited on {line}");
-        let answer: Value = serde_json::from_str(&answer)
-            .unwrap_or_else(|e| panic!("the app's answer to {line} is not JSON ({e}): {answer}"));
-        assert_eq!(
-            answer["ok"],
-            Value::Bool(true),
-            "the app failed {line}: {answer}"
-        );
-        answer
+        self.app.request(request)
     }
 }
 
@@ -210,11 +180,4 @@ pub fn local_port(report: &LeakReport) -> Option<u16> {
         .as_deref()
         .and_then(|a| a.parse::<SocketAddr>().ok())
         .map(|a| a.port())
-}
-
-impl Drop for PoolApp {
-    fn drop(&mut self) {
-        self.stdin = None;
-        kill_child(&mut self.child);
-    }
 }

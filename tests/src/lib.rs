@@ -29,6 +29,8 @@ mod agent;
 mod children;
 mod databases;
 mod env;
+mod json_lines;
+mod leak_watch;
 mod prometheus;
 mod scenario;
 
@@ -37,5 +39,7 @@ pub use agent::*;
 pub use children::*;
 pub use databases::*;
 pub use env::*;
+pub use json_lines::*;
+pub use leak_watch::*;
 pub use prometheus::*;
 pub use scenario::*;

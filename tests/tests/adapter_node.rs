@@ -8,9 +8,8 @@
 //! `cargo xtask setup` runs); under `CI=true` a missing one fails the test.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -33,20 +32,18 @@ const QUIET_SECONDS: f64 = 1.5;
 const LEAK_REPORT_SLACK: Duration = Duration::from_secs(2);
 
 /// `adapters/node/test/fixtures/pool_app.js`, driven with one JSON request
-/// per line; killed on drop.
+/// per line.
 struct NodeApp {
     pid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    app: JsonLinesChild,
 }
 
 impl NodeApp {
     fn spawn(pg: &Postgres, socket: &Path) -> NodeApp {
         let dir = node_adapter_dir();
         let script = dir.join("test/fixtures/pool_app.js");
-        let mut child = Command::new("node")
-            .arg(&script)
+        let mut cmd = Command::new("node");
+        cmd.arg(&script)
             .current_dir(&dir)
             .env("POOLSCOPE_ADAPTER_SOCKET", socket)
             .env("PGHOST", LOCALHOST_V4)
@@ -54,68 +51,18 @@ impl NodeApp {
             .env("PGUSER", "postgres")
             .env("PGDATABASE", "postgres")
             .env("POOL_NAME", POOL)
-            .env("POOL_MAX", POOL_MAX.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start node {}: {e}", script.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut app = NodeApp {
-            pid: child.id(),
-            child,
-            stdin: Some(stdin),
-            stdout,
-        };
-        let ready = app.read_answer("startup");
-        assert_eq!(
-            ready["pid"].as_u64(),
-            Some(u64::from(app.pid)),
-            "the app runs in the process we spawned: {ready}"
-        );
+            .env("POOL_MAX", POOL_MAX.to_string());
+        let (app, ready) = JsonLinesChild::start(&mut cmd, &format!("node {}", script.display()));
         assert_eq!(
             ready["adapter"],
             Value::Bool(true),
             "the adapter's native sender did not load: {ready}"
         );
-        app
-    }
-
-    fn read_answer(&mut self, what: &str) -> Value {
-        let mut line = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut line)
-            .unwrap_or_else(|e| panic!("cannot read the app's answer to {what}: {e}"));
-        assert!(n > 0, "the app exited on {what}");
-        let answer: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the app's answer to {what} is not JSON ({e}): {line}"));
-        assert_eq!(
-            answer["ok"],
-            Value::Bool(true),
-            "the app failed {what}: {answer}"
-        );
-        answer
+        NodeApp { pid: app.pid, app }
     }
 
     fn request(&mut self, request: Value) -> Value {
-        let line = request.to_string();
-        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
-        self.read_answer(&line)
-    }
-}
-
-impl Drop for NodeApp {
-    fn drop(&mut self) {
-        self.stdin = None;
-        if wait_exit(&mut self.child, Duration::from_secs(5)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.app.request(request)
     }
 }
 

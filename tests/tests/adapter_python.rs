@@ -22,8 +22,8 @@ use std::{
 
 use poolscope_tests::{
     adapter_config, json, local_port, process_alive, require_kernel, vm_rss_kib, wait_until, Agent,
-    DbSystem, Held, LeakKind, LeakReport, PoolApp, PoolView, Postgres, ReportStatus, TempDir,
-    TxState, Value, EVENT_TIMEOUT,
+    DbSystem, Held, LeakKind, PoolApp, PoolView, Postgres, ReportStatus, Seen, TempDir, TxState,
+    Value, EVENT_TIMEOUT,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
@@ -37,13 +37,6 @@ const QUIET_S: f64 = 1.5;
 const IDLE_IN_TX_S: f64 = 2.0;
 const ABANDONED_S: f64 = 4.0;
 const SLOW_ACQUIRE_S: f64 = 0.5;
-
-/// How late a report may appear after its threshold was crossed: the agent
-/// evaluates once a second, the test polls every 100 ms or so.
-const REPORT_SLACK: Duration = Duration::from_secs(2);
-/// How early: the test's clock for a checkout starts when the app answered,
-/// a little after the adapter's timestamp.
-const EARLY_SLACK: Duration = Duration::from_millis(300);
 
 fn fast_thresholds() -> Vec<(&'static str, f64)> {
     vec![
@@ -135,129 +128,6 @@ fn app_counts(app: &mut PoolApp, engine: &str) -> (u64, u64, Value) {
     let acquires = counts["acquires"].as_u64().unwrap();
     let releases = counts["releases"].as_u64().unwrap();
     (acquires, releases, counts)
-}
-
-/// Every report of one pid seen while polling: the latest version of each
-/// (by id) and when the test first saw it.
-struct Seen<'a> {
-    agent: &'a Agent,
-    pid: u32,
-    first: BTreeMap<u64, Instant>,
-    latest: BTreeMap<u64, LeakReport>,
-}
-
-impl<'a> Seen<'a> {
-    fn new(agent: &'a Agent, pid: u32) -> Seen<'a> {
-        Seen {
-            agent,
-            pid,
-            first: BTreeMap::new(),
-            latest: BTreeMap::new(),
-        }
-    }
-
-    fn poll(&mut self) {
-        let now = Instant::now();
-        let pid = self.pid;
-        for r in self.agent.leaks_cli().into_iter().filter(|r| r.pid == pid) {
-            self.first.entry(r.id).or_insert(now);
-            self.latest.insert(r.id, r);
-        }
-    }
-
-    /// The one report of `kind` on local port `port`, with when it was
-    /// first seen.
-    fn find(&self, kind: LeakKind, port: u16) -> Option<(&LeakReport, Instant)> {
-        self.latest
-            .values()
-            .find(|r| r.kind == kind && local_port(r) == Some(port))
-            .map(|r| (r, self.first[&r.id]))
-    }
-
-    fn kinds_by_port(&self) -> BTreeSet<(LeakKind, Option<u16>)> {
-        self.latest
-            .values()
-            .map(|r| (r.kind, local_port(r)))
-            .collect()
-    }
-
-    fn dump(&self) -> String {
-        serde_json::to_string_pretty(&self.latest.values().collect::<Vec<_>>()).unwrap_or_default()
-    }
-
-    /// The reports of `kind`.
-    fn of_kind(&self, kind: LeakKind) -> Vec<&LeakReport> {
-        self.latest.values().filter(|r| r.kind == kind).collect()
-    }
-
-    /// Step: poll the CLI's reports until `done` accepts them or `timeout`
-    /// passes; panics with what it saw and the agent's log.
-    fn watch(&mut self, timeout: Duration, what: &str, done: impl Fn(&Seen) -> bool) {
-        let ok = wait_until(timeout, || {
-            self.poll();
-            done(self).then_some(())
-        });
-        if ok.is_none() {
-            let (agent, pid) = (self.agent, self.pid);
-            panic!(
-                "timed out after {timeout:?} waiting for {what} (pid {pid})\n\
-                 --- reports of pid {pid} ---\n{}\n--- connections of pid {pid} ---\n{}\n\
-                 --- pools ---\n{}\n--- agent log ---\n{}",
-                self.dump(),
-                serde_json::to_string_pretty(&agent.connections_of(pid)).unwrap_or_default(),
-                serde_json::to_string_pretty(&agent.pools()).unwrap_or_default(),
-                agent.log()
-            );
-        }
-    }
-
-    /// Step: the first report of each case must be there by `timeout`.
-    fn watch_for_first(&mut self, threshold: f64, what: &str, done: impl Fn(&Seen) -> bool) {
-        let timeout = Duration::from_secs_f64(threshold) + REPORT_SLACK + Duration::from_secs(5);
-        self.watch(timeout, what, done);
-    }
-
-    /// Step: keep polling for 2 s more, so that a report that should not
-    /// come has its chance to.
-    fn keep_watching(&mut self) {
-        let until = Instant::now() + Duration::from_secs(2);
-        self.watch(Duration::from_secs(5), "2 s more", |_| {
-            Instant::now() >= until
-        });
-    }
-
-    /// Step: every report ever seen, by kind and local port, is `expected`.
-    fn expect_kinds(&self, expected: BTreeSet<(LeakKind, Option<u16>)>) {
-        assert_eq!(
-            self.kinds_by_port(),
-            expected,
-            "every report of pid {} ever seen, by kind and local port\n{}",
-            self.pid,
-            self.dump()
-        );
-    }
-
-    /// Step: the report of `kind` on `held`'s connection, first seen on
-    /// time: `threshold` seconds after `held` started.
-    fn on_time(&self, kind: LeakKind, held: &Held, threshold: f64, what: &str) -> &LeakReport {
-        let (r, first) = self
-            .find(kind, held.port)
-            .unwrap_or_else(|| panic!("no {kind:?} report for {what}\n{}", self.dump()));
-        assert_on_time(what, first, held.at, threshold);
-        r
-    }
-}
-
-/// Asserts that a report appeared within [threshold - early slack,
-/// threshold + REPORT_SLACK] of `since`.
-fn assert_on_time(what: &str, first_seen: Instant, since: Instant, threshold: f64) {
-    let after = first_seen.saturating_duration_since(since);
-    let threshold = Duration::from_secs_f64(threshold);
-    assert!(
-        after + EARLY_SLACK >= threshold && after <= threshold + REPORT_SLACK,
-        "{what} appeared {after:?} after it started; expected between {threshold:?} and {:?}",
-        threshold + REPORT_SLACK
-    );
 }
 
 // ---------------------------------------------------------------------------

@@ -79,6 +79,7 @@ pub fn setup(with_test_deps: bool) -> Result<()> {
         ensure_test_python_packages(&mut apt)?;
         ensure_node_adapter_deps(&mut apt)?;
         ensure_dashboard_deps(&mut apt)?;
+        ensure_java_adapter(&mut apt)?;
     }
     Ok(())
 }
@@ -166,6 +167,20 @@ fn ensure_node_adapter_deps(apt: &mut Apt) -> Result<()> {
             sender.display()
         );
     }
+    Ok(())
+}
+
+/// The JVM adapter: a JDK and Debian's HikariCP, pgjdbc, MariaDB
+/// Connector/J and SLF4J jars (Maven Central is not reachable here), then
+/// the adapter's jar, its unit tests and the test application compiled
+/// with javac into target/java (java-build; the tests build them again
+/// from the current source).
+fn ensure_java_adapter(apt: &mut Apt) -> Result<()> {
+    let debs: Vec<String> = java_build::DEBS.iter().map(|s| s.to_string()).collect();
+    apt.ensure(&debs)?;
+    let out = super::target_dir().join("java");
+    let built = java_build::build(&super::root(), &out).map_err(anyhow::Error::msg)?;
+    println!("built: JVM adapter {}", built.adapter_jar.display());
     Ok(())
 }
 

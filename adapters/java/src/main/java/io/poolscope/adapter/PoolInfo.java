@@ -1,0 +1,38 @@
+package io.poolscope.adapter;
+
+/**
+ * What a pool is, for its {@code pool} message. Every field is optional
+ * (null or negative: left out).
+ *
+ * @param dbSystem {@code postgresql}, {@code mysql} or {@code redis}
+ * @param serverAddress the database server's host
+ * @param serverPort its port
+ * @param namespace the database
+ * @param max most connections the pool opens
+ * @param minIdle fewest idle connections it keeps
+ * @param idleMax most idle connections it keeps
+ * @param library the pool library, e.g. {@code HikariCP}
+ */
+public record PoolInfo(String dbSystem, String serverAddress, int serverPort, String namespace,
+        int max, int minIdle, int idleMax, String library) {
+
+    /** Writes the fields of a {@code pool} message. */
+    void write(Json json) {
+        json.put("db_system", Json.cut(dbSystem, PoolReporter.MAX_TEXT_CHARS));
+        json.put("server_address", Json.cut(serverAddress, PoolReporter.MAX_TEXT_CHARS));
+        if (serverPort > 0 && serverPort <= 65535) {
+            json.put("server_port", serverPort);
+        }
+        json.put("namespace", Json.cut(namespace, PoolReporter.MAX_TEXT_CHARS));
+        if (max >= 0) {
+            json.put("max", max);
+        }
+        if (minIdle >= 0) {
+            json.put("min_idle", minIdle);
+        }
+        if (idleMax >= 0) {
+            json.put("idle_max", idleMax);
+        }
+        json.put("library", Json.cut(library, PoolReporter.MAX_TEXT_CHARS));
+    }
+}

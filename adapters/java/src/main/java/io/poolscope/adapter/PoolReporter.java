@@ -1,0 +1,231 @@
+package io.poolscope.adapter;
+
+import java.util.ArrayList;
+import java.util.Comparator;
+import java.util.List;
+import java.util.Map;
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicLong;
+
+/**
+ * One pool's side of the protocol (docs/adapter-protocol.md): its name and
+ * registration, request ids for acquires, and the connections it has
+ * checked out now, which the {@link Reporter} re-sends when the agent comes
+ * back and periodically while there are any. For any pool library; the
+ * HikariCP integration ({@code io.poolscope.adapter.hikari.Poolscope})
+ * drives one of these. Thread-safe; no method blocks or throws.
+ *
+ * <p>Connections are named by their socket's local address
+ * ({@code "ip:port"}, see {@link Sockets#localAddress}); a message about a
+ * connection without one (null) is not sent, since the agent could not
+ * join it to a socket.
+ */
+public final class PoolReporter {
+    /** Longest pool name (and other text) the agent takes, in characters. */
+    public static final int MAX_TEXT_CHARS = 128;
+    /** How often the state of a pool with connections out is re-sent. */
+    public static final long DEFAULT_STATE_INTERVAL_NANOS = 30_000_000_000L;
+    /** Entries per {@code checkout_state} message (the agent takes 64). */
+    static final int STATE_ENTRIES_PER_MESSAGE = 32;
+
+    private final Reporter reporter;
+    private final String name;
+    private final String quotedName;
+    private volatile PoolInfo info;
+    private final AtomicLong nextRequest = new AtomicLong(1);
+    private final Map<String, Checkout> out = new ConcurrentHashMap<>();
+    private final AtomicLong skipped = new AtomicLong();
+    private volatile long stateIntervalNanos = DEFAULT_STATE_INTERVAL_NANOS;
+    private volatile long lastStateNanos = System.nanoTime();
+
+    private record Checkout(String localAddress, long sinceNanos, int tid) {}
+
+    /** {@code name}: unique within the process, cut to 128 characters. */
+    public PoolReporter(Reporter reporter, String name, PoolInfo info) {
+        this.reporter = reporter;
+        this.name = name == null || name.isEmpty() ? "pool" : Json.cut(name, MAX_TEXT_CHARS);
+        this.quotedName = Json.quote(new StringBuilder(), this.name).toString();
+        this.info = info;
+        reporter.watch(this);
+    }
+
+    public String name() {
+        return name;
+    }
+
+    public Reporter reporter() {
+        return reporter;
+    }
+
+    /** How often the checkouts are re-sent while there are any; 0: never. */
+    public PoolReporter withStateIntervalNanos(long nanos) {
+        stateIntervalNanos = Math.max(0, nanos);
+        return this;
+    }
+
+    /** Connections checked out now, as this adapter knows them. */
+    public int checkedOut() {
+        return out.size();
+    }
+
+    /** Messages not sent because no local address named the connection. */
+    public long unnamed() {
+        return skipped.get();
+    }
+
+    private Json message(String kind, long monoNanos) {
+        return new Json().put("v", Reporter.PROTOCOL_VERSION).put("kind", kind)
+                .putRaw("pool", quotedName).put("mono_ns", monoNanos);
+    }
+
+    /** Sends the registration (again, with {@code info} when not null). */
+    public void register(PoolInfo newInfo) {
+        try {
+            if (newInfo != null) {
+                info = newInfo;
+            }
+            Json m = message("pool", Threads.monotonicNanos());
+            PoolInfo current = info;
+            if (current != null) {
+                current.write(m);
+            }
+            reporter.send(m.toString());
+        } catch (RuntimeException e) {
+            // Never into the application.
+        }
+    }
+
+    /** {@code acquire_start} from the calling thread; returns the request id. */
+    public long acquireStart() {
+        long request = nextRequest.getAndIncrement();
+        try {
+            Json m = message("acquire_start", Threads.monotonicNanos()).put("request", request);
+            int tid = Threads.currentTid();
+            if (tid > 0) {
+                m.put("tid", tid);
+            }
+            reporter.send(m.toString());
+        } catch (RuntimeException e) {
+            // Never into the application.
+        }
+        return request;
+    }
+
+    /** {@code acquire_end}, result ok: the calling thread got this connection. */
+    public void acquireOk(long request, String localAddress) {
+        acquireEnd(request, "ok", localAddress);
+    }
+
+    /** {@code acquire_end}, result timeout: the pool gave up waiting. */
+    public void acquireTimeout(long request) {
+        acquireEnd(request, "timeout", null);
+    }
+
+    /** {@code acquire_end}, result error: the pool failed, or the caller stopped waiting. */
+    public void acquireError(long request) {
+        acquireEnd(request, "error", null);
+    }
+
+    private void acquireEnd(long request, String result, String localAddress) {
+        try {
+            long at = Threads.monotonicNanos();
+            int tid = Threads.currentTid();
+            boolean ok = result.equals("ok");
+            if (ok && localAddress == null) {
+                skipped.incrementAndGet();
+                return;
+            }
+            Json m = message("acquire_end", at).put("request", request).put("result", result);
+            if (ok) {
+                m.put("local_address", localAddress);
+                // Before sending: a state re-sent from now on includes it.
+                out.put(localAddress, new Checkout(localAddress, at, tid));
+            }
+            if (tid > 0) {
+                m.put("tid", tid);
+            }
+            reporter.send(m.toString());
+        } catch (RuntimeException e) {
+            // Never into the application.
+        }
+    }
+
+    /** {@code release}: the caller returned the connection to the pool. */
+    public void release(String localAddress) {
+        connectionMessage("release", localAddress);
+    }
+
+    /** {@code connection_created}: the pool opened a connection, ready to use. */
+    public void connectionCreated(String localAddress) {
+        connectionMessage("connection_created", localAddress);
+    }
+
+    /** {@code connection_closed}: the pool closed or discarded the connection. */
+    public void connectionClosed(String localAddress) {
+        connectionMessage("connection_closed", localAddress);
+    }
+
+    private void connectionMessage(String kind, String localAddress) {
+        try {
+            if (localAddress == null) {
+                skipped.incrementAndGet();
+                return;
+            }
+            if (!kind.equals("connection_created")) {
+                out.remove(localAddress);
+            }
+            reporter.send(message(kind, Threads.monotonicNanos())
+                    .put("local_address", localAddress).toString());
+        } catch (RuntimeException e) {
+            // Never into the application.
+        }
+    }
+
+    /**
+     * Sends the registration and the connections checked out now
+     * ({@code checkout_state}, 32 to a message), as after an agent
+     * restart. The agent takes it idempotently.
+     */
+    public void sendState() {
+        try {
+            lastStateNanos = System.nanoTime();
+            register(null);
+            List<Checkout> entries = new ArrayList<>(out.values());
+            if (entries.isEmpty()) {
+                return;
+            }
+            entries.sort(Comparator.comparingLong(Checkout::sinceNanos));
+            for (int from = 0; from < entries.size(); from += STATE_ENTRIES_PER_MESSAGE) {
+                StringBuilder list = new StringBuilder("[");
+                List<Checkout> chunk = entries.subList(from,
+                        Math.min(entries.size(), from + STATE_ENTRIES_PER_MESSAGE));
+                for (Checkout c : chunk) {
+                    if (list.length() > 1) {
+                        list.append(',');
+                    }
+                    Json e = new Json().put("local_address", c.localAddress())
+                            .put("mono_ns", c.sinceNanos());
+                    if (c.tid() > 0) {
+                        e.put("tid", c.tid());
+                    }
+                    list.append(e);
+                }
+                list.append(']');
+                // 32 entries of at most ~90 bytes and a 128-character name
+                // fit in 4096 bytes.
+                reporter.send(message("checkout_state", Threads.monotonicNanos())
+                        .putRaw("checkouts", list).toString());
+            }
+        } catch (RuntimeException e) {
+            // Never into the application.
+        }
+    }
+
+    /** Re-sends the state if connections are out and the interval has passed. */
+    void sendStateIfDue(long nowNanos) {
+        long interval = stateIntervalNanos;
+        if (interval > 0 && !out.isEmpty() && nowNanos - lastStateNanos >= interval) {
+            sendState();
+        }
+    }
+}

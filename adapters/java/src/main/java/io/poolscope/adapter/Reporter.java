@@ -1,0 +1,304 @@
+package io.poolscope.adapter;
+
+import java.io.IOException;
+import java.lang.ref.WeakReference;
+import java.net.StandardProtocolFamily;
+import java.net.UnixDomainSocketAddress;
+import java.nio.ByteBuffer;
+import java.nio.channels.SocketChannel;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Path;
+import java.util.ArrayDeque;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicLong;
+
+/**
+ * The connection to the poolscope agent: its Unix stream socket
+ * ({@code $POOLSCOPE_ADAPTER_STREAM_SOCKET}, else
+ * {@value #DEFAULT_STREAM_SOCKET}), one JSON message per line. The agent
+ * names the sender by the kernel's credentials of the stream (SO_PEERCRED),
+ * so no message carries a pid.
+ *
+ * <p>Reporting never gets in the application's way: {@link #send} puts the
+ * line in a bounded, ordered queue of {@value #MAX_QUEUED} messages (or
+ * drops and counts it when the queue is full) and returns; one daemon
+ * thread ({@code poolscope-adapter}) writes the queue to the socket. When
+ * the agent is absent the thread drops what is queued (counted) and tries
+ * again with a backoff of 100 ms doubling to 5 s; when it connects after a
+ * failure (the agent came back or restarted) every pool re-sends its
+ * registration and the connections it has checked out
+ * ({@code checkout_state}). The same thread re-sends that state every
+ * {@link PoolReporter#DEFAULT_STATE_INTERVAL_NANOS 30 s} for pools that have
+ * connections out, so an agent that restarted while the application was
+ * idle still learns of a leak that began before.
+ */
+public final class Reporter {
+    /** Protocol version. */
+    public static final int PROTOCOL_VERSION = 1;
+    /** Where the agent listens unless the environment says otherwise. */
+    public static final String DEFAULT_STREAM_SOCKET = "/run/poolscope/adapter-stream.sock";
+    /** The environment variable naming the agent's stream socket. */
+    public static final String STREAM_SOCKET_ENV = "POOLSCOPE_ADAPTER_STREAM_SOCKET";
+    /** The agent drops a stream whose line is longer; such lines are not sent. */
+    public static final int MAX_MESSAGE_BYTES = 4096;
+    /** Messages waiting for the writer thread at most; more are dropped. */
+    public static final int MAX_QUEUED = 4096;
+
+    private static final long FIRST_BACKOFF_MS = 100;
+    private static final long MAX_BACKOFF_MS = 5000;
+    /** Messages written per system call at most. */
+    private static final int BATCH = 64;
+    /** Longest the writer sleeps, so that periodic state is on time. */
+    private static final long MAX_IDLE_WAIT_MS = 500;
+
+    private static volatile Reporter defaultReporter;
+
+    private final Path path;
+    private final Object lock = new Object();
+    private final ArrayDeque<byte[]> queue = new ArrayDeque<>();
+    private final List<WeakReference<PoolReporter>> pools = new ArrayList<>();
+    private boolean writerStarted;
+    private boolean writerWaiting;
+
+    private final AtomicLong sent = new AtomicLong();
+    private final AtomicLong dropped = new AtomicLong();
+    private final AtomicLong connects = new AtomicLong();
+    private final AtomicLong comebacks = new AtomicLong();
+    private volatile boolean connected;
+
+    /** A reporter for the agent at {@code path} (its stream socket). */
+    public Reporter(Path path) {
+        this.path = path;
+    }
+
+    /** The process's reporter for the socket the environment names. */
+    public static Reporter fromEnv() {
+        Reporter r = defaultReporter;
+        if (r == null) {
+            synchronized (Reporter.class) {
+                r = defaultReporter;
+                if (r == null) {
+                    r = new Reporter(socketPath(System.getenv(STREAM_SOCKET_ENV)));
+                    defaultReporter = r;
+                }
+            }
+        }
+        return r;
+    }
+
+    static Path socketPath(String env) {
+        return Path.of(env == null || env.isEmpty() ? DEFAULT_STREAM_SOCKET : env);
+    }
+
+    public Path socketPath() {
+        return path;
+    }
+
+    /** What this reporter did so far. */
+    public Stats stats() {
+        int queued;
+        synchronized (lock) {
+            queued = queue.size();
+        }
+        return new Stats(sent.get(), dropped.get(), queued, connects.get(), comebacks.get(), connected);
+    }
+
+    /** Counters of a {@link Reporter}. */
+    public record Stats(long sent, long dropped, int queued, long connects, long comebacks, boolean connected) {
+        public String toJson() {
+            return new Json().put("sent", sent).put("dropped", dropped).put("queued", queued)
+                    .put("connects", connects).put("comebacks", comebacks)
+                    .putRaw("connected", Boolean.toString(connected)).toString();
+        }
+    }
+
+    /**
+     * Queues one message (a JSON object without the newline). Never blocks
+     * beyond a short lock and never throws: a message that is too long, or
+     * that finds the queue full, is dropped and counted.
+     */
+    public void send(String json) {
+        try {
+            byte[] bytes = json.getBytes(StandardCharsets.UTF_8);
+            if (bytes.length > MAX_MESSAGE_BYTES || json.indexOf('\n') >= 0) {
+                dropped.incrementAndGet();
+                return;
+            }
+            synchronized (lock) {
+                if (queue.size() >= MAX_QUEUED) {
+                    dropped.incrementAndGet();
+                    return;
+                }
+                queue.addLast(bytes);
+                if (!writerStarted) {
+                    startWriter();
+                } else if (writerWaiting) {
+                    lock.notify();
+                }
+            }
+        } catch (RuntimeException | Error e) {
+            dropped.incrementAndGet();
+        }
+    }
+
+    /** Waits up to {@code timeoutMs} for the queue to be written; true if it was. */
+    public boolean flush(long timeoutMs) {
+        long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(timeoutMs);
+        try {
+            while (System.nanoTime() < deadline) {
+                synchronized (lock) {
+                    if (queue.isEmpty()) {
+                        return true;
+                    }
+                }
+                Thread.sleep(5);
+            }
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+        return false;
+    }
+
+    /** Pools whose state the writer re-sends (after a comeback, periodically). */
+    void watch(PoolReporter pool) {
+        synchronized (lock) {
+            pools.removeIf(w -> w.get() == null);
+            pools.add(new WeakReference<>(pool));
+        }
+    }
+
+    private void startWriter() {
+        // Called with the lock held.
+        writerStarted = true;
+        try {
+            Thread t = new Thread(this::writeLoop, "poolscope-adapter");
+            t.setDaemon(true);
+            t.start();
+        } catch (RuntimeException | Error e) {
+            // No thread: messages wait and are dropped once the queue is full.
+            writerStarted = false;
+        }
+    }
+
+    private List<PoolReporter> livePools() {
+        List<PoolReporter> live = new ArrayList<>();
+        synchronized (lock) {
+            pools.removeIf(w -> w.get() == null);
+            for (WeakReference<PoolReporter> w : pools) {
+                PoolReporter p = w.get();
+                if (p != null) {
+                    live.add(p);
+                }
+            }
+        }
+        return live;
+    }
+
+    private void dropQueued() {
+        synchronized (lock) {
+            dropped.addAndGet(queue.size());
+            queue.clear();
+        }
+    }
+
+    private void writeLoop() {
+        SocketChannel channel = null;
+        boolean failed = false;
+        long backoffMs = FIRST_BACKOFF_MS;
+        ByteBuffer buffer = ByteBuffer.allocate(BATCH * (MAX_MESSAGE_BYTES + 1));
+        List<byte[]> batch = new ArrayList<>(BATCH);
+        while (true) {
+            try {
+                if (channel == null) {
+                    try {
+                        channel = SocketChannel.open(StandardProtocolFamily.UNIX);
+                        channel.connect(UnixDomainSocketAddress.of(path));
+                        connected = true;
+                        connects.incrementAndGet();
+                        backoffMs = FIRST_BACKOFF_MS;
+                        if (failed) {
+                            // The agent is back (or restarted): it knows
+                            // nothing of our pools.
+                            failed = false;
+                            comebacks.incrementAndGet();
+                            for (PoolReporter p : livePools()) {
+                                p.sendState();
+                            }
+                        }
+                    } catch (IOException | RuntimeException e) {
+                        closeQuietly(channel);
+                        channel = null;
+                        connected = false;
+                        failed = true;
+                        // No agent: what is queued is given up, as a
+                        // datagram to an absent agent would be.
+                        dropQueued();
+                        Thread.sleep(backoffMs);
+                        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+                        continue;
+                    }
+                }
+                batch.clear();
+                synchronized (lock) {
+                    if (queue.isEmpty()) {
+                        writerWaiting = true;
+                        try {
+                            lock.wait(MAX_IDLE_WAIT_MS);
+                        } finally {
+                            writerWaiting = false;
+                        }
+                    }
+                    while (batch.size() < BATCH && !queue.isEmpty()) {
+                        batch.add(queue.pollFirst());
+                    }
+                }
+                if (!batch.isEmpty()) {
+                    buffer.clear();
+                    for (byte[] line : batch) {
+                        buffer.put(line).put((byte) '\n');
+                    }
+                    buffer.flip();
+                    try {
+                        while (buffer.hasRemaining()) {
+                            channel.write(buffer);
+                        }
+                        sent.addAndGet(batch.size());
+                    } catch (IOException e) {
+                        // The agent went away (or dropped the stream).
+                        dropped.addAndGet(batch.size());
+                        closeQuietly(channel);
+                        channel = null;
+                        connected = false;
+                        failed = true;
+                        continue;
+                    }
+                }
+                long now = System.nanoTime();
+                for (PoolReporter p : livePools()) {
+                    p.sendStateIfDue(now);
+                }
+            } catch (InterruptedException e) {
+                // A daemon thread: nobody should interrupt it, but if
+                // someone does, carry on.
+                Thread.interrupted();
+            } catch (RuntimeException | Error e) {
+                // Never let the writer die of a bug; keep going.
+                if (e instanceof VirtualMachineError vme && !(e instanceof StackOverflowError)) {
+                    throw vme;
+                }
+            }
+        }
+    }
+
+    private static void closeQuietly(SocketChannel channel) {
+        if (channel != null) {
+            try {
+                channel.close();
+            } catch (IOException ignored) {
+                // Nothing to do.
+            }
+        }
+    }
+}

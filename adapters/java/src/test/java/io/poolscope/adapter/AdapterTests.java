@@ -1,0 +1,299 @@
+package io.poolscope.adapter;
+
+import java.io.BufferedReader;
+import java.io.InputStreamReader;
+import java.net.InetAddress;
+import java.net.ServerSocket;
+import java.net.Socket;
+import java.net.StandardProtocolFamily;
+import java.net.UnixDomainSocketAddress;
+import java.nio.channels.Channels;
+import java.nio.channels.ServerSocketChannel;
+import java.nio.channels.SocketChannel;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.concurrent.LinkedBlockingQueue;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * The adapter's unit tests, without a test framework: {@code java -cp ...
+ * io.poolscope.adapter.AdapterTests} exits 0 and prints {@code ok N tests}
+ * when all pass. They need no agent, database or kernel: a Unix stream
+ * socket of their own stands in for the agent.
+ */
+public final class AdapterTests {
+    private static int run;
+
+    public static void main(String[] args) throws Exception {
+        jsonEscapesAndCuts();
+        jdbcUrlsAreRead();
+        tidsAreReadFromProcThreadSelf();
+        socketsAreFoundInDriverFields();
+        messagesArriveAsLinesInOrder();
+        noAgentDropsAndComebackResendsState();
+        System.out.println("ok " + run + " tests");
+    }
+
+    private static void check(boolean ok, String what) {
+        if (!ok) {
+            throw new AssertionError(what);
+        }
+    }
+
+    private static void eq(Object got, Object want, String what) {
+        if (got == null ? want != null : !got.equals(want)) {
+            throw new AssertionError(what + ": got " + got + ", want " + want);
+        }
+    }
+
+    static void jsonEscapesAndCuts() {
+        String s = new Json().put("a", "q\"\\\n\u0001é\uD83D\uDE00").put("n", 5).put("none", (String) null).toString();
+        eq(s, "{\"a\":\"q\\\"\\\\\\n\\u0001é\uD83D\uDE00\",\"n\":5}", "escaped JSON");
+        eq(new Json().put("lone", "x\uD800y").toString(), "{\"lone\":\"x\uFFFDy\"}", "lone surrogate");
+        String emoji = "\uD83D\uDE00".repeat(200);
+        String cut = Json.cut(emoji, 128);
+        eq(cut.codePointCount(0, cut.length()), 128, "cut by code points");
+        run++;
+    }
+
+    static void jdbcUrlsAreRead() {
+        eq(JdbcUrl.parse("jdbc:postgresql://127.0.0.1:5433/shop?ssl=false"),
+                new JdbcUrl("postgresql", "127.0.0.1", 5433, "shop"), "pg url");
+        eq(JdbcUrl.parse("jdbc:postgresql://db/shop"), new JdbcUrl("postgresql", "db", 5432, "shop"), "default port");
+        eq(JdbcUrl.parse("jdbc:mariadb://a:3307,b:3308/app"), new JdbcUrl("mysql", "a", 3307, "app"), "failover list");
+        eq(JdbcUrl.parse("jdbc:mysql://[::1]:3310/x"), new JdbcUrl("mysql", "::1", 3310, "x"), "ipv6");
+        eq(JdbcUrl.parse("jdbc:postgresql:shop"), new JdbcUrl("postgresql", "localhost", 5432, "shop"), "short form");
+        eq(JdbcUrl.parse("jdbc:h2:mem:x"), JdbcUrl.UNKNOWN, "other systems");
+        eq(JdbcUrl.parse("jdbc:postgresql://h:notaport/db"), JdbcUrl.UNKNOWN, "garbage is unknown, no exception");
+        eq(JdbcUrl.parse(null), JdbcUrl.UNKNOWN, "null");
+        run++;
+    }
+
+    static void tidsAreReadFromProcThreadSelf() throws Exception {
+        eq(Threads.parseTid("123/task/456"), 456, "parsed");
+        eq(Threads.parseTid("self"), -1, "not a task link");
+        int main = Threads.currentTid();
+        check(main > 0, "a tid on Linux");
+        eq(Threads.currentTid(), main, "cached");
+        check(Files.isDirectory(Path.of("/proc/self/task/" + main)), "the tid is one of our tasks");
+        int[] other = new int[1];
+        Thread t = new Thread(() -> other[0] = Threads.currentTid());
+        t.start();
+        t.join();
+        check(other[0] > 0 && other[0] != main, "another thread, another tid: " + other[0]);
+        run++;
+    }
+
+    /** Stand-ins for drivers' classes: pgjdbc-like (3 deep) and MariaDB-like (2). */
+    static final class Stream {
+        final Object padding = new ArrayList<>(List.of("x"));
+        Socket connection;
+    }
+
+    static final class Executor {
+        Stream pgStream;
+    }
+
+    static final class PgLike {
+        final Executor queryExecutor = new Executor();
+        final PgLike self = this;
+    }
+
+    static final class Protocol {
+        Socket socket;
+    }
+
+    static final class MariaLike {
+        Object protocol;
+    }
+
+    static void socketsAreFoundInDriverFields() throws Exception {
+        try (ServerSocket server = new ServerSocket(0, 4, InetAddress.getLoopbackAddress());
+                Socket a = new Socket(InetAddress.getLoopbackAddress(), server.getLocalPort());
+                Socket b = new Socket(InetAddress.getLoopbackAddress(), server.getLocalPort())) {
+            PgLike pg = new PgLike();
+            pg.queryExecutor.pgStream = new Stream();
+            pg.queryExecutor.pgStream.connection = a;
+            eq(Sockets.localAddress(pg), "127.0.0.1:" + a.getLocalPort(), "pgjdbc-like");
+            // The path is remembered per class and read again for the next one.
+            PgLike pg2 = new PgLike();
+            pg2.queryExecutor.pgStream = new Stream();
+            pg2.queryExecutor.pgStream.connection = b;
+            eq(Sockets.localAddress(pg2), "127.0.0.1:" + b.getLocalPort(), "second of a class");
+            MariaLike m = new MariaLike();
+            Protocol p = new Protocol();
+            p.socket = b;
+            m.protocol = p;
+            eq(Sockets.localAddress(m), "127.0.0.1:" + b.getLocalPort(), "mariadb-like");
+            eq(Sockets.localAddress(new MariaLike()), null, "no socket");
+            eq(Sockets.localAddress(null), null, "null");
+        }
+        run++;
+    }
+
+    /** A stand-in agent: accepts streams and collects their lines. */
+    static final class FakeAgent implements AutoCloseable {
+        final Path path;
+        final ServerSocketChannel server;
+        final LinkedBlockingQueue<String> lines = new LinkedBlockingQueue<>();
+        final List<SocketChannel> accepted = new ArrayList<>();
+
+        FakeAgent(Path path) throws Exception {
+            this.path = path;
+            Files.deleteIfExists(path);
+            server = ServerSocketChannel.open(StandardProtocolFamily.UNIX);
+            server.bind(UnixDomainSocketAddress.of(path));
+            Thread t = new Thread(this::acceptLoop, "fake-agent");
+            t.setDaemon(true);
+            t.start();
+        }
+
+        private void acceptLoop() {
+            try {
+                while (true) {
+                    SocketChannel c = server.accept();
+                    synchronized (accepted) {
+                        accepted.add(c);
+                    }
+                    Thread r = new Thread(() -> {
+                        try (BufferedReader in = new BufferedReader(new InputStreamReader(
+                                Channels.newInputStream(c), StandardCharsets.UTF_8))) {
+                            String line;
+                            while ((line = in.readLine()) != null) {
+                                lines.add(line);
+                            }
+                        } catch (Exception e) {
+                            // Closed.
+                        }
+                    });
+                    r.setDaemon(true);
+                    r.start();
+                }
+            } catch (Exception e) {
+                // Closed.
+            }
+        }
+
+        String next() throws InterruptedException {
+            String line = lines.poll(5, TimeUnit.SECONDS);
+            if (line == null) {
+                throw new AssertionError("no line from the adapter within 5 s");
+            }
+            return line;
+        }
+
+        @Override
+        public void close() throws java.io.IOException {
+            server.close();
+            synchronized (accepted) {
+                for (SocketChannel c : accepted) {
+                    c.close();
+                }
+            }
+            Files.deleteIfExists(path);
+        }
+    }
+
+    static void messagesArriveAsLinesInOrder() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            Reporter r = new Reporter(agent.path);
+            PoolReporter pool = new PoolReporter(r, "orders",
+                    new PoolInfo("postgresql", "127.0.0.1", 5432, "shop", 8, 8, -1, "HikariCP"));
+            pool.register(null);
+            String pm = agent.next();
+            check(pm.startsWith("{\"v\":1,\"kind\":\"pool\",\"pool\":\"orders\",\"mono_ns\":"), pm);
+            check(pm.endsWith(",\"db_system\":\"postgresql\",\"server_address\":\"127.0.0.1\","
+                    + "\"server_port\":5432,\"namespace\":\"shop\",\"max\":8,\"min_idle\":8,\"library\":\"HikariCP\"}"), pm);
+            pool.connectionCreated("127.0.0.1:40000");
+            long req = pool.acquireStart();
+            pool.acquireOk(req, "127.0.0.1:40000");
+            pool.release("127.0.0.1:40000");
+            long req2 = pool.acquireStart();
+            pool.acquireTimeout(req2);
+            pool.acquireOk(pool.acquireStart(), null);
+            pool.connectionClosed("127.0.0.1:40000");
+            int tid = Threads.currentTid();
+            String[] want = {
+                "\"kind\":\"connection_created\",\"pool\":\"orders\",\"mono_ns\":*,\"local_address\":\"127.0.0.1:40000\"}",
+                "\"kind\":\"acquire_start\",\"pool\":\"orders\",\"mono_ns\":*,\"request\":1,\"tid\":" + tid + "}",
+                "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":*,\"request\":1,\"result\":\"ok\",\"local_address\":\"127.0.0.1:40000\",\"tid\":" + tid + "}",
+                "\"kind\":\"release\",\"pool\":\"orders\",\"mono_ns\":*,\"local_address\":\"127.0.0.1:40000\"}",
+                "\"kind\":\"acquire_start\",\"pool\":\"orders\",\"mono_ns\":*,\"request\":2,\"tid\":" + tid + "}",
+                "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":*,\"request\":2,\"result\":\"timeout\",\"tid\":" + tid + "}",
+                // request 3's end named no connection: not sent.
+                "\"kind\":\"acquire_start\",\"pool\":\"orders\",\"mono_ns\":*,\"request\":3,\"tid\":" + tid + "}",
+                "\"kind\":\"connection_closed\",\"pool\":\"orders\",\"mono_ns\":*,\"local_address\":\"127.0.0.1:40000\"}",
+            };
+            long lastNs = 0;
+            for (String w : want) {
+                String line = agent.next();
+                String[] parts = w.split("\\*", 2);
+                check(line.startsWith("{\"v\":1," + parts[0]) && line.endsWith(parts[1]), line + " is not " + w);
+                long ns = Long.parseLong(line.substring(("{\"v\":1," + parts[0]).length(), line.length() - parts[1].length()));
+                check(ns >= lastNs, "mono_ns in order");
+                lastNs = ns;
+            }
+            eq(pool.unnamed(), 1L, "the unnamed acquire is counted");
+            check(r.flush(2000), "flushed");
+            eq(r.stats().dropped(), 0L, "nothing dropped");
+            // Too long: dropped, never sent (the agent would drop the stream).
+            r.send("{\"x\":\"" + "a".repeat(5000) + "\"}");
+            eq(r.stats().dropped(), 1L, "oversized dropped");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void noAgentDropsAndComebackResendsState() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        Path sock = dir.resolve("stream.sock");
+        Reporter r = new Reporter(sock);
+        PoolReporter pool = new PoolReporter(r, "p", new PoolInfo("mysql", null, -1, null, 2, 1, -1, "HikariCP"))
+                .withStateIntervalNanos(0);
+        // No agent: the application goes on, messages are dropped.
+        pool.register(null);
+        long req = pool.acquireStart();
+        pool.acquireOk(req, "127.0.0.1:40001");
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
+        while (r.stats().dropped() < 3 && System.nanoTime() < deadline) {
+            Thread.sleep(10);
+        }
+        eq(r.stats().dropped(), 3L, "dropped without an agent");
+        eq(pool.checkedOut(), 1, "the checkout is remembered");
+        try (FakeAgent agent = new FakeAgent(sock)) {
+            // The writer retries with backoff and, once connected, sends the state.
+            String reg = agent.next();
+            check(reg.contains("\"kind\":\"pool\",\"pool\":\"p\""), reg);
+            String state = agent.next();
+            check(state.contains("\"kind\":\"checkout_state\"")
+                    && state.contains("\"checkouts\":[{\"local_address\":\"127.0.0.1:40001\",\"mono_ns\":"), state);
+            eq(r.stats().comebacks(), 1L, "one comeback");
+            // The agent restarts: a write fails, the next connect is a comeback.
+        }
+        deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
+        while (r.stats().connected() && System.nanoTime() < deadline) {
+            pool.acquireStart();
+            Thread.sleep(20);
+        }
+        check(!r.stats().connected(), "noticed the agent left");
+        try (FakeAgent agent = new FakeAgent(sock)) {
+            String line;
+            do {
+                line = agent.next();
+            } while (!line.contains("\"kind\":\"checkout_state\""));
+            check(line.contains("127.0.0.1:40001"), line);
+            eq(r.stats().comebacks(), 2L, "second comeback");
+            pool.release("127.0.0.1:40001");
+            eq(pool.checkedOut(), 0, "released");
+        } finally {
+            Files.deleteIfExists(sock);
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+}

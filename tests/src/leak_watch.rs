@@ -1,0 +1,164 @@
+//! Watching an application's leak reports as `poolscope leaks --json`
+//! prints them: every report of one pid seen while polling, when each was
+//! first seen, and the steps the adapter scenarios assert with (on time,
+//! exactly these kinds on these connections).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use crate::{local_port, wait_until, Agent, Held, LeakKind, LeakReport};
+
+/// How late a report may appear after its threshold was crossed: the agent
+/// evaluates once a second, the test polls every 100 ms or so.
+pub const REPORT_SLACK: Duration = Duration::from_secs(2);
+/// How early: the test's clock for a checkout starts when the app answered,
+/// a little after the adapter's timestamp.
+pub const EARLY_SLACK: Duration = Duration::from_millis(300);
+
+/// A connection an application holds: its local port and since when (the
+/// test's clock).
+pub trait HeldConnection {
+    fn local_port(&self) -> u16;
+    fn since(&self) -> Instant;
+}
+
+impl HeldConnection for Held {
+    fn local_port(&self) -> u16 {
+        self.port
+    }
+
+    fn since(&self) -> Instant {
+        self.at
+    }
+}
+
+/// Every report of one pid seen while polling: the latest version of each
+/// (by id) and when the test first saw it.
+pub struct Seen<'a> {
+    agent: &'a Agent,
+    pub pid: u32,
+    pub first: BTreeMap<u64, Instant>,
+    pub latest: BTreeMap<u64, LeakReport>,
+}
+
+impl<'a> Seen<'a> {
+    pub fn new(agent: &'a Agent, pid: u32) -> Seen<'a> {
+        Seen {
+            agent,
+            pid,
+            first: BTreeMap::new(),
+            latest: BTreeMap::new(),
+        }
+    }
+
+    pub fn poll(&mut self) {
+        let now = Instant::now();
+        let pid = self.pid;
+        for r in self.agent.leaks_cli().into_iter().filter(|r| r.pid == pid) {
+            self.first.entry(r.id).or_insert(now);
+            self.latest.insert(r.id, r);
+        }
+    }
+
+    /// The one report of `kind` on local port `port`, with when it was
+    /// first seen.
+    pub fn find(&self, kind: LeakKind, port: u16) -> Option<(&LeakReport, Instant)> {
+        self.latest
+            .values()
+            .find(|r| r.kind == kind && local_port(r) == Some(port))
+            .map(|r| (r, self.first[&r.id]))
+    }
+
+    pub fn kinds_by_port(&self) -> BTreeSet<(LeakKind, Option<u16>)> {
+        self.latest
+            .values()
+            .map(|r| (r.kind, local_port(r)))
+            .collect()
+    }
+
+    pub fn dump(&self) -> String {
+        serde_json::to_string_pretty(&self.latest.values().collect::<Vec<_>>()).unwrap_or_default()
+    }
+
+    /// The reports of `kind`.
+    pub fn of_kind(&self, kind: LeakKind) -> Vec<&LeakReport> {
+        self.latest.values().filter(|r| r.kind == kind).collect()
+    }
+
+    /// Step: poll the CLI's reports until `done` accepts them or `timeout`
+    /// passes; panics with what it saw and the agent's log.
+    pub fn watch(&mut self, timeout: Duration, what: &str, done: impl Fn(&Seen) -> bool) {
+        let ok = wait_until(timeout, || {
+            self.poll();
+            done(self).then_some(())
+        });
+        if ok.is_none() {
+            let (agent, pid) = (self.agent, self.pid);
+            panic!(
+                "timed out after {timeout:?} waiting for {what} (pid {pid})\n\
+                 --- reports of pid {pid} ---\n{}\n--- connections of pid {pid} ---\n{}\n\
+                 --- pools ---\n{}\n--- agent log ---\n{}",
+                self.dump(),
+                serde_json::to_string_pretty(&agent.connections_of(pid)).unwrap_or_default(),
+                serde_json::to_string_pretty(&agent.pools()).unwrap_or_default(),
+                agent.log()
+            );
+        }
+    }
+
+    /// Step: the first report of each case must be there by `timeout`.
+    pub fn watch_for_first(&mut self, threshold: f64, what: &str, done: impl Fn(&Seen) -> bool) {
+        let timeout = Duration::from_secs_f64(threshold) + REPORT_SLACK + Duration::from_secs(5);
+        self.watch(timeout, what, done);
+    }
+
+    /// Step: keep polling for 2 s more, so that a report that should not
+    /// come has its chance to.
+    pub fn keep_watching(&mut self) {
+        let until = Instant::now() + Duration::from_secs(2);
+        self.watch(Duration::from_secs(5), "2 s more", |_| {
+            Instant::now() >= until
+        });
+    }
+
+    /// Step: every report ever seen, by kind and local port, is `expected`.
+    pub fn expect_kinds(&self, expected: BTreeSet<(LeakKind, Option<u16>)>) {
+        assert_eq!(
+            self.kinds_by_port(),
+            expected,
+            "every report of pid {} ever seen, by kind and local port\n{}",
+            self.pid,
+            self.dump()
+        );
+    }
+
+    /// Step: the report of `kind` on `held`'s connection, first seen on
+    /// time: `threshold` seconds after `held` started.
+    pub fn on_time(
+        &self,
+        kind: LeakKind,
+        held: &impl HeldConnection,
+        threshold: f64,
+        what: &str,
+    ) -> &LeakReport {
+        let (r, first) = self
+            .find(kind, held.local_port())
+            .unwrap_or_else(|| panic!("no {kind:?} report for {what}\n{}", self.dump()));
+        assert_on_time(what, first, held.since(), threshold);
+        r
+    }
+}
+
+/// Asserts that a report appeared within [threshold - early slack,
+/// threshold + REPORT_SLACK] of `since`.
+pub fn assert_on_time(what: &str, first_seen: Instant, since: Instant, threshold: f64) {
+    let after = first_seen.saturating_duration_since(since);
+    let threshold = Duration::from_secs_f64(threshold);
+    assert!(
+        after + EARLY_SLACK >= threshold && after <= threshold + REPORT_SLACK,
+        "{what} appeared {after:?} after it started; expected between {threshold:?} and {:?}",
+        threshold + REPORT_SLACK
+    );
+}
