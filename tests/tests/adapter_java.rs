@@ -24,8 +24,9 @@ use std::{
 
 use java_build::Built;
 use poolscope_tests::{
-    json, require_kernel, Agent, DbSystem, HeldConnection, JsonLinesChild, LeakKind, MariaDb,
-    PoolView, Postgres, ReportStatus, Seen, TempDir, TxState, Value, EVENT_TIMEOUT, LOCALHOST_V4,
+    assert_golden_shapes, golden_shapes, json, require_kernel, Agent, DbSystem, HeldConnection,
+    JsonLinesChild, LeakKind, MariaDb, PoolView, Postgres, ReportStatus, Seen, TempDir, TxState,
+    Value, EVENT_TIMEOUT, LOCALHOST_V4,
 };
 
 /// Short thresholds, so that the scenario takes seconds. Idle in
@@ -525,10 +526,13 @@ fn java_adapter_unit_tests_pass() {
     let Some(built) = java_adapter() else {
         return;
     };
+    let dir = TempDir::new("poolscope-java-golden");
+    let sent = dir.path().join("sent.jsonl");
     let output = Command::new("java")
         .arg("-cp")
         .arg(built.unit_test_classpath())
         .arg(java_build::UNIT_TESTS_MAIN)
+        .arg(&sent)
         .env_remove("POOLSCOPE_ADAPTER_STREAM_SOCKET")
         .stdin(Stdio::null())
         .output()
@@ -541,4 +545,14 @@ fn java_adapter_unit_tests_pass() {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
+    // Every message the unit tests saw sent has its kind's golden shape,
+    // and every kind was sent.
+    let lines: Vec<String> = std::fs::read_to_string(&sent)
+        .unwrap_or_else(|e| panic!("the unit tests wrote no {}: {e}", sent.display()))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let kinds = assert_golden_shapes(&lines);
+    let all: std::collections::BTreeSet<String> = golden_shapes().into_keys().collect();
+    assert_eq!(kinds, all, "kinds the Java adapter's tests sent");
 }

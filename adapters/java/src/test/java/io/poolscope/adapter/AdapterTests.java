@@ -27,6 +27,14 @@ import java.util.concurrent.TimeUnit;
 public final class AdapterTests {
     private static int run;
 
+    /** Every message a fake agent received, in order. */
+    private static final List<String> SENT = new ArrayList<>();
+
+    /**
+     * With a path as its argument, also writes every message the tests saw
+     * sent there, one per line, for the golden-shape check of the Rust
+     * test that runs these (tests/tests/adapter_java.rs).
+     */
     public static void main(String[] args) throws Exception {
         jsonEscapesAndCuts();
         jdbcUrlsAreRead();
@@ -34,6 +42,9 @@ public final class AdapterTests {
         socketsAreFoundInDriverFields();
         messagesArriveAsLinesInOrder();
         noAgentDropsAndComebackResendsState();
+        if (args.length > 0) {
+            Files.write(Path.of(args[0]), SENT, StandardCharsets.UTF_8);
+        }
         System.out.println("ok " + run + " tests");
     }
 
@@ -182,6 +193,7 @@ public final class AdapterTests {
             if (line == null) {
                 throw new AssertionError("no line from the adapter within 5 s");
             }
+            SENT.add(line);
             return line;
         }
 
