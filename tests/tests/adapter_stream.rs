@@ -227,8 +227,10 @@ fn idle_streams_huge_lines_and_floods_of_one_user_cost_no_one_else() {
     );
     let refused = wait_for_rejected(&agent, "stream_limit", 1.0);
     let agent_fds = fds();
+    // Its 32 streams, plus a few in flight: a stream accepted and about to
+    // be refused, the API connection that read the counter.
     assert!(
-        agent_fds <= fds_before + 32,
+        agent_fds <= fds_before + 32 + 8,
         "the agent holds {agent_fds} fds ({fds_before} before) with {IDLE_STREAMS} idle streams knocking (refused {refused})"
     );
     // Their slots are given back when they close.
