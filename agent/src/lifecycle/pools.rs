@@ -214,8 +214,31 @@ impl Tracker {
     }
 
     /// Connections of a pool handed out now.
+    /// Connections of the pool handed out now: those checked out on known
+    /// connections, and those whose `acquire_end` waits for the kernel to
+    /// show its (new) connection, which the pool has handed out all the
+    /// same (less returns that wait likewise). The wait list holds at most
+    /// a few early events per process, and is looked at only for a process
+    /// that has some.
     fn used_connections(&self, pid: u32, pool: &str) -> u64 {
-        self.open.used(pid, pool)
+        let known = self.open.used(pid, pool);
+        if !self.unmatched_per_pid.contains_key(&pid) {
+            return known;
+        }
+        let waiting: i64 = self
+            .unmatched
+            .iter()
+            .filter(|u| u.pid == pid && u.pool == pool)
+            .map(|u| match u.event {
+                AdapterEvent::AcquireEnd {
+                    result: AcquireResult::Ok,
+                    ..
+                } => 1,
+                AdapterEvent::Release { .. } => -1,
+                _ => 0,
+            })
+            .sum();
+        known.saturating_add_signed(waiting.max(0))
     }
 
     /// When an adapter message from `pid` happened, from the time it claims

@@ -854,6 +854,117 @@ fn adapter_event_before_its_connection_waits_for_it() {
     assert_eq!(used, vec![(PID, 1)]);
 }
 
+fn acquired(t: &mut Tracker, ts: u64, request: u64, port: u16) {
+    t.apply_adapter(
+        PID,
+        ts,
+        adapter("p", AdapterEvent::AcquireStart { request, tid: None }),
+    );
+    t.apply_adapter(
+        PID,
+        ts + 1,
+        adapter(
+            "p",
+            AdapterEvent::AcquireEnd {
+                request,
+                result: AcquireResult::Ok,
+                conn: by_local(local(port)),
+                tid: None,
+            },
+        ),
+    );
+}
+
+fn released(t: &mut Tracker, ts: u64, port: u16) {
+    t.apply_adapter(
+        PID,
+        ts,
+        adapter(
+            "p",
+            AdapterEvent::Release {
+                conn: by_local(local(port)),
+            },
+        ),
+    );
+}
+
+fn waiter_starts(t: &mut Tracker, ts: u64) {
+    t.apply_adapter(
+        PID,
+        ts,
+        adapter(
+            "p",
+            AdapterEvent::AcquireStart {
+                request: 99,
+                tid: None,
+            },
+        ),
+    );
+}
+
+/// The waiter times out: what it was told the pool had in use.
+fn waiter_gives_up(t: &mut Tracker, ts: u64) -> Vec<u64> {
+    t.apply_adapter(
+        PID,
+        ts,
+        adapter(
+            "p",
+            AdapterEvent::AcquireEnd {
+                request: 99,
+                result: AcquireResult::Timeout,
+                conn: ConnRef::default(),
+                tid: None,
+            },
+        ),
+    )
+    .into_iter()
+    .filter_map(|o| match o {
+        Output::AcquireFinished { used_before, .. } => Some(used_before),
+        _ => None,
+    })
+    .collect()
+}
+
+fn established(t: &mut Tracker, ts: u64, fd: i32, port: u16) {
+    t.apply(state(
+        ts,
+        id(PID, fd, 900 + fd as u64),
+        tcp_state::SYN_SENT,
+        tcp_state::ESTABLISHED,
+        port,
+    ));
+}
+
+/// A checkout whose new connection the kernel has not shown yet is in use
+/// all the same: a waiter that starts meanwhile sees the pool as full
+/// (it used to see one fewer, and report a slow acquire on a pool that
+/// was not full).
+#[test]
+fn a_waiter_counts_checkouts_that_wait_for_their_connection() {
+    let mut t = tracker();
+    established(&mut t, 1_000, 3, 42_000);
+    acquired(&mut t, 1_010, 1, 42_000);
+    // The kernel has not shown this one yet.
+    acquired(&mut t, 1_020, 2, 42_001);
+    waiter_starts(&mut t, 1_030);
+    // Now it has, and the first one comes back before the waiter gives up.
+    established(&mut t, 1_040, 4, 42_001);
+    released(&mut t, 1_050, 42_000);
+    assert_eq!(
+        waiter_gives_up(&mut t, 5_000),
+        vec![2],
+        "both were out when the waiter came"
+    );
+
+    // A return that waits likewise takes its checkout back off the count.
+    let mut t = tracker();
+    acquired(&mut t, 1_000, 1, 42_000);
+    acquired(&mut t, 1_010, 2, 42_001);
+    released(&mut t, 1_020, 42_000);
+    waiter_starts(&mut t, 1_030);
+    assert_eq!(waiter_gives_up(&mut t, 5_000), vec![1]);
+}
+
 #[test]
 fn listing_is_in_id_order_from_a_cursor_each_id_once() {
     let mut t = tracker();
