@@ -5,9 +5,23 @@
 //! steps; each step asserts what it names and says so when it fails.
 
 use crate::{
-    metric_series, operations, Agent, ConnState, ConnectionView, DbClient, DbSystem, SlowQuery,
-    TxState,
+    metric_series, operations, require_kernel, Agent, ConnState, ConnectionView, DbClient,
+    DbSystem, SlowQuery, TxState,
 };
+
+/// Step: where the kernel lets an agent run ([`require_kernel`]), a fresh
+/// server (`server`, with whatever setup it runs) and then an agent
+/// (`agent`) that watches it; `None` elsewhere, and the test ends there.
+pub fn server_and_agent<S>(
+    server: impl FnOnce() -> S,
+    agent: impl FnOnce() -> Agent,
+) -> Option<(S, Agent)> {
+    if !require_kernel() {
+        return None;
+    }
+    let server = server();
+    Some((server, agent()))
+}
 
 /// One connection of a scripted client (`DbClient`, its pid known) to a
 /// server on 127.0.0.1, with the agent that watches it.
