@@ -172,13 +172,69 @@ impl Drop for Script {
     }
 }
 
+/// A script of `tests/scripts/` under python3, driven one line at a time:
+/// a line to its stdin, a one-line answer from its stdout. Killed on drop.
+struct LineChild {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl LineChild {
+    fn spawn(name: &str) -> LineChild {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name);
+        let mut child = Command::new(python3())
+            .arg("-u")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        LineChild {
+            child,
+            stdin: Some(stdin),
+            stdout,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `line` and returns the answer line as read, newline and all;
+    /// panics if the child exited instead. `shown` is the line as failures
+    /// name it.
+    fn ask(&mut self, line: &str, shown: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {shown} to the client: {e}"));
+        let mut answer = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("cannot read the client's answer to {shown}: {e}"));
+        assert!(n > 0, "the client exited on {shown}");
+        answer
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
 /// `tests/scripts/conn_client.py`, driven over stdin/stdout. The test knows
 /// its pid, so it can pick the child's connections out of the agent's view.
 pub struct ConnClient {
     pub pid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    io: LineChild,
 }
 
 /// A failed connect as the client reports it: errno name and the fd.
@@ -190,23 +246,8 @@ pub struct ConnectError {
 
 impl ConnClient {
     pub fn spawn() -> ConnClient {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/conn_client.py");
-        let mut child = Command::new(python3())
-            .arg("-u")
-            .arg(&script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut client = ConnClient {
-            pid: child.id(),
-            child,
-            stdin: Some(stdin),
-            stdout,
-        };
+        let io = LineChild::spawn("conn_client.py");
+        let mut client = ConnClient { pid: io.pid(), io };
         let reported: u32 = client
             .command("pid")
             .parse()
@@ -220,16 +261,7 @@ impl ConnClient {
 
     /// Sends one command line and returns the one-line answer.
     pub fn command(&mut self, line: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line:?} to the client: {e}"));
-        let mut answer = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("cannot read the client's answer to {line:?}: {e}"));
-        assert!(n > 0, "the client exited on {line:?}");
+        let answer = self.io.ask(line, &format!("{line:?}"));
         let answer = answer.trim().to_string();
         assert!(
             !answer.starts_with("error "),
@@ -283,21 +315,13 @@ impl ConnClient {
     /// Makes the client exit at once without closing anything
     /// (`os._exit`) and reaps it.
     pub fn exit_without_closing(&mut self) -> ExitStatus {
-        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
+        let io = &mut self.io;
+        let stdin = io.stdin.as_mut().expect("the client's stdin is open");
         writeln!(stdin, "exit")
             .and_then(|_| stdin.flush())
             .expect("cannot send exit to the client");
-        self.stdin = None;
-        wait_exit(&mut self.child, Duration::from_secs(10)).expect("the client did not exit")
-    }
-}
-
-impl Drop for ConnClient {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        io.stdin = None;
+        wait_exit(&mut io.child, Duration::from_secs(10)).expect("the client did not exit")
     }
 }
 
@@ -322,30 +346,13 @@ pub struct SqlOutcome {
 /// pid the test knows, driven with one JSON request per line.
 pub struct DbClient {
     pub pid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    io: LineChild,
 }
 
 impl DbClient {
     pub fn spawn() -> DbClient {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/db_client.py");
-        let mut child = Command::new(python3())
-            .arg("-u")
-            .arg(&script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start python3 {}: {e}", script.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut client = DbClient {
-            pid: child.id(),
-            child,
-            stdin: Some(stdin),
-            stdout,
-        };
+        let io = LineChild::spawn("db_client.py");
+        let mut client = DbClient { pid: io.pid(), io };
         let reported = client.request(json!({"op": "pid"}))["pid"].as_u64();
         assert_eq!(
             reported,
@@ -358,16 +365,7 @@ impl DbClient {
     /// Sends one request and returns the answer; panics unless it is ok.
     pub fn request(&mut self, request: Value) -> Value {
         let line = request.to_string();
-        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line} to the client: {e}"));
-        let mut answer = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("cannot read the client's answer to {line}: {e}"));
-        assert!(n > 0, "the client exited on {line}");
+        let answer = self.io.ask(&line, &line);
         let answer: Value = serde_json::from_str(&answer).unwrap_or_else(|e| {
             panic!("the client's answer to {line} is not JSON ({e}): {answer}")
         });
@@ -450,12 +448,6 @@ impl DbClient {
         let replies = answer["replies"].as_array().cloned().unwrap_or_default();
         let sent = answer["bytes_sent"].as_u64().unwrap_or_default();
         (replies, usize::try_from(sent).unwrap_or(usize::MAX))
-    }
-}
-
-impl Drop for DbClient {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
     }
 }
 

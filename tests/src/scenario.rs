@@ -4,10 +4,26 @@
 //! the connection and its slow queries. A test reads as a list of these
 //! steps; each step asserts what it names and says so when it fails.
 
+use std::fmt::Debug;
+
 use crate::{
-    metric_series, operations, Agent, ConnState, ConnectionView, DbClient, DbSystem, SlowQuery,
-    TxState,
+    metric_series, operations, require_kernel, Agent, ConnState, ConnectionView, DbClient,
+    DbSystem, SlowQuery, TxState,
 };
+
+/// Step: where the kernel lets an agent run ([`require_kernel`]), a fresh
+/// server (`server`, with whatever setup it runs) and then an agent
+/// (`agent`) that watches it; `None` elsewhere, and the test ends there.
+pub fn server_and_agent<S>(
+    server: impl FnOnce() -> S,
+    agent: impl FnOnce() -> Agent,
+) -> Option<(S, Agent)> {
+    if !require_kernel() {
+        return None;
+    }
+    let server = server();
+    Some((server, agent()))
+}
 
 /// One connection of a scripted client (`DbClient`, its pid known) to a
 /// server on 127.0.0.1, with the agent that watches it.
@@ -113,42 +129,41 @@ pub struct ConnExpect<'a> {
     pub protocol_lost: Option<u64>,
 }
 
+/// Checks that `got` is `want`, unless `want` is `None` (not checked);
+/// on failure names the field and shows `whole`.
+fn check<T: PartialEq + Debug, W: Debug>(field: &str, got: T, want: Option<T>, whole: &W) {
+    if let Some(want) = want {
+        assert_eq!(got, want, "{field}: {whole:#?}");
+    }
+}
+
+/// [`check`] for a field that may be absent: a `want` requires it present
+/// and equal.
+fn check_some<T: PartialEq + Debug, W: Debug>(
+    field: &str,
+    got: Option<T>,
+    want: Option<T>,
+    whole: &W,
+) {
+    check(field, got, want.map(Some), whole);
+}
+
 /// Step: the connection shows what `e` names.
 pub fn expect_connection(c: &ConnectionView, e: &ConnExpect) {
-    fn check<T: PartialEq + std::fmt::Debug>(
-        field: &str,
-        got: T,
-        want: Option<T>,
-        c: &ConnectionView,
-    ) {
-        if let Some(want) = want {
-            assert_eq!(got, want, "{field}: {c:#?}");
-        }
-    }
-    check("process", Some(c.process.as_str()), e.process.map(Some), c);
+    check_some("process", Some(c.process.as_str()), e.process, c);
     check("state", c.state, e.state, c);
-    check("db_system", c.db_system, e.db_system.map(Some), c);
+    check_some("db_system", c.db_system, e.db_system, c);
     check("encrypted", c.encrypted, e.encrypted, c);
-    check(
-        "namespace",
-        c.namespace.as_deref(),
-        e.namespace.map(Some),
-        c,
-    );
-    check("db_user", c.db_user.as_deref(), e.db_user.map(Some), c);
-    check(
+    check_some("namespace", c.namespace.as_deref(), e.namespace, c);
+    check_some("db_user", c.db_user.as_deref(), e.db_user, c);
+    check_some(
         "last_operation",
         c.last_operation.as_deref(),
-        e.last_operation.map(Some),
+        e.last_operation,
         c,
     );
-    check(
-        "last_query",
-        c.last_query.as_deref(),
-        e.last_query.map(Some),
-        c,
-    );
-    check("tx_state", c.tx_state, e.tx_state.map(Some), c);
+    check_some("last_query", c.last_query.as_deref(), e.last_query, c);
+    check_some("tx_state", c.tx_state, e.tx_state, c);
     check("protocol_lost", c.protocol_lost, e.protocol_lost, c);
 }
 
@@ -172,32 +187,17 @@ pub struct SlowExpect<'a> {
 
 /// Step: the slow query's report shows what `e` names, and no error.
 pub fn expect_slow_query(q: &SlowQuery, e: &SlowExpect) {
-    fn check<T: PartialEq + std::fmt::Debug>(field: &str, got: T, want: Option<T>, q: &SlowQuery) {
-        if let Some(want) = want {
-            assert_eq!(got, want, "{field}: {q:#?}");
-        }
-    }
     check("pid", q.pid, e.pid, q);
     check("fd", q.fd, e.fd, q);
     check("generation", q.generation, e.generation, q);
     check("process", q.process.as_str(), e.process, q);
     check("db_system", q.db_system.as_str(), e.db_system, q);
     check("server", q.server.as_str(), e.server, q);
-    check(
-        "namespace",
-        q.namespace.as_deref(),
-        e.namespace.map(Some),
-        q,
-    );
-    check(
-        "operation",
-        q.operation.as_deref(),
-        e.operation.map(Some),
-        q,
-    );
-    check("query", q.query.as_deref(), e.query.map(Some), q);
-    check("rows", q.rows, e.rows.map(Some), q);
-    check("tx_state", q.tx_state, e.tx_state.map(Some), q);
+    check_some("namespace", q.namespace.as_deref(), e.namespace, q);
+    check_some("operation", q.operation.as_deref(), e.operation, q);
+    check_some("query", q.query.as_deref(), e.query, q);
+    check_some("rows", q.rows, e.rows, q);
+    check_some("tx_state", q.tx_state, e.tx_state, q);
     if let Some((min, max)) = e.duration_seconds {
         assert!(
             q.duration_seconds >= min && q.duration_seconds < max,

@@ -808,6 +808,21 @@ fn check_resource(resource: &BTreeMap<String, Value>, what: &str) {
     );
 }
 
+/// The fields that name a report, in the API and in its log record.
+const REPORT_FIELDS: [&str; 5] = ["id", "kind", "status", "pid", "process"];
+
+/// Step: the log record carries `REPORT_FIELDS` and `fields` as the API's
+/// report `api` shows them (`null` where the API has none).
+fn expect_record_as_api(record: &LogRecordView, api: &Value, fields: &[&str]) {
+    for key in REPORT_FIELDS.iter().chain(fields) {
+        let got = record.attributes.get(*key).unwrap_or(&Value::Null);
+        assert_eq!(
+            got, &api[key],
+            "attribute {key} of {record:#?}\nAPI report: {api:#}"
+        );
+    }
+}
+
 /// The `poolscope.leak.opened` record of `report`, checked field by field
 /// against the API's report.
 fn check_leak_record(receiver: &OtlpReceiver, report: &LeakReport) -> LogRecordView {
@@ -820,12 +835,7 @@ fn check_leak_record(receiver: &OtlpReceiver, report: &LeakReport) -> LogRecordV
     let api = serde_json::to_value(report).expect("report JSON");
     // Fields fixed when the report opened; held_for_seconds and the like
     // may move on in the API.
-    for key in [
-        "id",
-        "kind",
-        "status",
-        "pid",
-        "process",
+    let fields = [
         "cmdline",
         "db_system",
         "server",
@@ -837,14 +847,8 @@ fn check_leak_record(receiver: &OtlpReceiver, report: &LeakReport) -> LogRecordV
         "evidence",
         "reported_at",
         "connection_opened_at",
-    ] {
-        let want = &api[key];
-        let got = record.attributes.get(key).unwrap_or(&Value::Null);
-        assert_eq!(
-            got, want,
-            "attribute {key} of {record:#?}\nAPI report: {api:#}"
-        );
-    }
+    ];
+    expect_record_as_api(&record, &api, &fields);
     assert_eq!(
         record.attributes.get("kind"),
         Some(&json!("idle_in_transaction"))
@@ -1088,12 +1092,7 @@ fn check_slow_acquire_record(receiver: &OtlpReceiver, agent: &Agent, pid: u32) {
         .find(|r| r.pid == pid && r.kind.as_str() == "slow_acquire")
         .unwrap_or_else(|| panic!("no slow_acquire report for pid {pid}: {:#?}", leaks(agent)));
     let api = serde_json::to_value(&report).expect("report JSON");
-    for key in [
-        "id",
-        "kind",
-        "status",
-        "pid",
-        "process",
+    let fields = [
         "pool",
         "evidence",
         "reported_at",
@@ -1103,13 +1102,8 @@ fn check_slow_acquire_record(receiver: &OtlpReceiver, agent: &Agent, pid: u32) {
         "pool_used",
         "pool_max",
         "pool_pending",
-    ] {
-        let got = record.attributes.get(key).unwrap_or(&Value::Null);
-        assert_eq!(
-            got, &api[key],
-            "attribute {key} of {record:#?}\nAPI report: {api:#}"
-        );
-    }
+    ];
+    expect_record_as_api(&record, &api, &fields);
     assert_eq!(record.attributes.get("pool"), Some(&json!(ADAPTER_POOL)));
     assert_eq!(
         record.attributes.get("resolution"),
@@ -1132,18 +1126,29 @@ fn otlp_config(endpoint: &str, protocol: &str, extra: &str) -> String {
     ))
 }
 
-#[test]
-fn otlp_grpc_receives_documented_metrics_events_and_equal_values() {
+/// Step: where the kernel lets an agent run, a PostgreSQL, an OTLP receiver,
+/// and an agent (its adapter socket in the returned dir) exporting to the
+/// receiver over `transport`; `None` elsewhere, and the test ends there.
+fn otlp_agent(transport: Transport) -> Option<(Postgres, OtlpReceiver, TempDir, Agent)> {
     if !require_kernel() {
-        return;
+        return None;
     }
     let pg = Postgres::start();
     let receiver = OtlpReceiver::start();
     let adapter_dir = TempDir::new("poolscope-export-adapter");
-    let agent = start_agent(
-        &otlp_config(&receiver.grpc_endpoint(), "grpc", ""),
-        &adapter_dir,
-    );
+    let config = match transport {
+        Transport::Grpc => otlp_config(&receiver.grpc_endpoint(), "grpc", ""),
+        Transport::Http => otlp_config(&receiver.http_endpoint(), "http/protobuf", ""),
+    };
+    let agent = start_agent(&config, &adapter_dir);
+    Some((pg, receiver, adapter_dir, agent))
+}
+
+#[test]
+fn otlp_grpc_receives_documented_metrics_events_and_equal_values() {
+    let Some((pg, receiver, adapter_dir, agent)) = otlp_agent(Transport::Grpc) else {
+        return;
+    };
     let work = Workload::run(&pg);
     let b = work.idle_in_tx.pid;
     // An adapter pool (a slow acquire, a release, a timed-out acquire) and
@@ -1241,16 +1246,10 @@ fn otlp_grpc_receives_documented_metrics_events_and_equal_values() {
 
 #[test]
 fn otlp_http_protobuf_receives_metrics_and_events() {
-    if !require_kernel() {
+    // The adapter dir lives as long as the agent.
+    let Some((pg, receiver, _adapter_dir, agent)) = otlp_agent(Transport::Http) else {
         return;
-    }
-    let pg = Postgres::start();
-    let receiver = OtlpReceiver::start();
-    let adapter_dir = TempDir::new("poolscope-export-adapter");
-    let agent = start_agent(
-        &otlp_config(&receiver.http_endpoint(), "http/protobuf", ""),
-        &adapter_dir,
-    );
+    };
     let work = Workload::run(&pg);
     let report = wait_for_idle_in_tx_report(&agent, work.idle_in_tx.pid);
     let record = check_leak_record(&receiver, &report);
@@ -1380,26 +1379,14 @@ fn otlp_outage_under_load_is_bounded_and_recovers() {
     assert_eq!(last.severity_text, "INFO", "{last:#?}");
     // pgbench sends the script line as written, semicolon included.
     assert_eq!(last.body, json!("SELECT ?;"), "{last:#?}");
-    assert_eq!(
-        last.attributes.get("query"),
-        Some(&json!("SELECT ?;")),
-        "{last:#?}"
-    );
-    assert_eq!(
-        last.attributes.get("process"),
-        Some(&json!("pgbench")),
-        "{last:#?}"
-    );
-    assert_eq!(
-        last.attributes.get("db_system"),
-        Some(&json!("postgresql")),
-        "{last:#?}"
-    );
-    assert_eq!(
-        last.attributes.get("server"),
-        Some(&json!(format!("127.0.0.1:{}", pg.port))),
-        "{last:#?}"
-    );
+    for (key, want) in [
+        ("query", json!("SELECT ?;")),
+        ("process", json!("pgbench")),
+        ("db_system", json!("postgresql")),
+        ("server", json!(format!("127.0.0.1:{}", pg.port))),
+    ] {
+        assert_eq!(last.attributes.get(key), Some(&want), "{key}: {last:#?}");
+    }
     drop(slow);
     let dropped_before = agent.metric_value("poolscope_export_dropped_total{signal=\"logs\"}");
     let failed_before =

@@ -12,8 +12,8 @@ use std::{
 };
 
 use poolscope_tests::{
-    metric_sample, process_alive, require_kernel, wait_exit, Agent, CloseReason, ConnClient,
-    ConnState, ConnectOutcome, ConnectionView, Postgres, Script,
+    metric_sample, process_alive, require_kernel, server_and_agent, wait_exit, Agent, CloseReason,
+    ConnClient, ConnState, ConnectOutcome, ConnectionView, Postgres, Script,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
@@ -34,16 +34,77 @@ fn find(conns: &[ConnectionView], fd: i32, local_port: u16) -> Option<&Connectio
         .find(|c| c.fd == fd && c.local_port == Some(local_port))
 }
 
+/// Step: where the kernel lets an agent run, a fresh PostgreSQL, then an
+/// agent started by `agent` and a scripted client whose TCP connections the
+/// test drives; `None` elsewhere, and the test ends there.
+fn postgres_agent_client(agent: impl FnOnce() -> Agent) -> Option<(Postgres, Agent, ConnClient)> {
+    let (pg, agent) = server_and_agent(Postgres::start, agent)?;
+    Some((pg, agent, ConnClient::spawn()))
+}
+
+/// Step: the connection on `fd` from `local_port` of `pid`, once the agent
+/// shows it in `state`.
+fn wait_in_state(
+    agent: &Agent,
+    pid: u32,
+    (fd, local_port): (i32, u16),
+    state: ConnState,
+    what: &str,
+) -> ConnectionView {
+    agent.wait_for(pid, what, |conns| {
+        find(conns, fd, local_port)
+            .filter(|c| c.state == state)
+            .cloned()
+    })
+}
+
+/// Step: every connection of `opened` (fd, local port) of `pid`, in that
+/// order, once the agent shows all of them in `state`.
+fn wait_all_in_state(
+    agent: &Agent,
+    pid: u32,
+    opened: &[(i32, u16)],
+    state: ConnState,
+    what: &str,
+) -> Vec<ConnectionView> {
+    agent.wait_for(pid, what, |conns| {
+        opened
+            .iter()
+            .map(|(fd, port)| {
+                find(conns, *fd, *port)
+                    .filter(|c| c.state == state)
+                    .cloned()
+            })
+            .collect::<Option<Vec<_>>>()
+    })
+}
+
+/// Step: the connect of `pid` that `is_it` picks out, once the agent shows
+/// it failed; it was refused.
+fn wait_refused(
+    agent: &Agent,
+    pid: u32,
+    what: &str,
+    is_it: impl Fn(&ConnectionView) -> bool,
+) -> ConnectionView {
+    let c = agent.wait_for(pid, what, |conns| {
+        conns
+            .iter()
+            .find(|c| is_it(c))
+            .filter(|c| c.state == ConnState::Failed)
+            .cloned()
+    });
+    assert_eq!(c.connect_result, Some(ConnectOutcome::Refused), "{c:?}");
+    c
+}
+
 /// Opens a TCP connection to `port` on localhost and waits until the agent
 /// shows it established: (fd, local port).
 fn open_established(agent: &Agent, client: &mut ConnClient, port: u16) -> (i32, u16) {
-    let (fd, local_port) = client.open(LOCALHOST, port);
-    agent.wait_for(client.pid, "the established connection", |conns| {
-        find(conns, fd, local_port)
-            .filter(|c| c.state == ConnState::Established)
-            .cloned()
-    });
-    (fd, local_port)
+    let opened = client.open(LOCALHOST, port);
+    let what = "the established connection";
+    wait_in_state(agent, client.pid, opened, ConnState::Established, what);
+    opened
 }
 
 /// The one connection on `fd` of this process, once it is in `state`.
@@ -56,12 +117,9 @@ fn in_state(conns: &[ConnectionView], fd: i32, state: ConnState) -> Option<Conne
 
 #[test]
 fn tcp_connections_are_tracked_from_connect_to_close() {
-    if !require_kernel() {
+    let Some((pg, agent, mut client)) = postgres_agent_client(Agent::start) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start();
-    let mut client = ConnClient::spawn();
+    };
     let pid = client.pid;
 
     let opened: Vec<(i32, u16)> = (0..5).map(|_| client.open(LOCALHOST, pg.port)).collect();
@@ -70,16 +128,13 @@ fn tcp_connections_are_tracked_from_connect_to_close() {
     fds.dedup();
     assert_eq!(fds.len(), 5, "five distinct fds: {opened:?}");
 
-    let established = agent.wait_for(pid, "5 established connections", |conns| {
-        opened
-            .iter()
-            .map(|(fd, port)| {
-                find(conns, *fd, *port)
-                    .filter(|c| c.state == ConnState::Established)
-                    .cloned()
-            })
-            .collect::<Option<Vec<_>>>()
-    });
+    let established = wait_all_in_state(
+        &agent,
+        pid,
+        &opened,
+        ConnState::Established,
+        "5 established connections",
+    );
     for c in &established {
         assert_eq!(c.pid, pid);
         assert_eq!(c.process, "python3", "{c:?}");
@@ -116,16 +171,8 @@ fn tcp_connections_are_tracked_from_connect_to_close() {
     for (fd, _) in &opened {
         client.close(*fd);
     }
-    let closed = agent.wait_for(pid, "5 closed connections", |conns| {
-        opened
-            .iter()
-            .map(|(fd, port)| {
-                find(conns, *fd, *port)
-                    .filter(|c| c.state == ConnState::Closed)
-                    .cloned()
-            })
-            .collect::<Option<Vec<_>>>()
-    });
+    let what = "5 closed connections";
+    let closed = wait_all_in_state(&agent, pid, &opened, ConnState::Closed, what);
     for (c, before) in closed.iter().zip(&established) {
         assert_eq!(c.close_reason, Some(CloseReason::Closed), "{c:?}");
         assert!(c.closed_at.is_some(), "{c:?}");
@@ -142,12 +189,10 @@ fn tcp_connections_are_tracked_from_connect_to_close() {
 
 #[test]
 fn unix_socket_connection_is_tracked() {
-    if !require_kernel() {
+    let unix_sockets = || Agent::start_with_config("[kernel]\nunix_sockets = true\n", &[]);
+    let Some((pg, agent, mut client)) = postgres_agent_client(unix_sockets) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start_with_config("[kernel]\nunix_sockets = true\n", &[]);
-    let mut client = ConnClient::spawn();
+    };
     let pid = client.pid;
     let path = pg.socket_path();
     let path_text = path.to_str().unwrap().to_string();
@@ -206,22 +251,16 @@ fn without_unix_sockets_only_tcp_is_tracked() {
 
 #[test]
 fn a_connection_shut_down_ends_when_its_socket_closes() {
-    if !require_kernel() {
+    let Some((pg, agent, mut client)) = postgres_agent_client(Agent::start) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start();
-    let mut client = ConnClient::spawn();
+    };
     let pid = client.pid;
     let (fd, local_port) = open_established(&agent, &mut client, pg.port);
     // The server answers the half-close by closing its side: the socket
     // leaves TCP (TIME_WAIT) while the client still holds the fd.
     client.shutdown(fd);
-    let c = agent.wait_for(pid, "the shut-down connection closed", |conns| {
-        find(conns, fd, local_port)
-            .filter(|c| c.state == ConnState::Closed)
-            .cloned()
-    });
+    let what = "the shut-down connection closed";
+    let c = wait_in_state(&agent, pid, (fd, local_port), ConnState::Closed, what);
     assert!(c.closed_at.is_some(), "{c:?}");
     client.close(fd);
     // The fd's close after the socket ended adds nothing.
@@ -256,14 +295,9 @@ fn refused_connects_fail_with_refused() {
         .try_open(LOCALHOST, port)
         .expect_err("nothing listens on the port");
     assert_eq!(err.errno, "ECONNREFUSED");
-    let c = agent.wait_for(client.pid, "a failed, refused connect", |conns| {
-        conns
-            .iter()
-            .find(|c| c.fd == err.fd && c.remote_port == Some(port))
-            .filter(|c| c.state == ConnState::Failed)
-            .cloned()
+    let c = wait_refused(&agent, client.pid, "a failed, refused connect", |c| {
+        c.fd == err.fd && c.remote_port == Some(port)
     });
-    assert_eq!(c.connect_result, Some(ConnectOutcome::Refused), "{c:?}");
     assert_eq!(c.remote_address, LOCALHOST, "{c:?}");
     assert_eq!(c.process, "python3", "{c:?}");
     agent.wait_for_metric(REFUSED, |v| v >= before + 1.0);
@@ -291,14 +325,9 @@ fn refused_connects_fail_with_refused() {
     let psql_pid = psql.id();
     let status = wait_exit(&mut psql, Duration::from_secs(30)).expect("psql exits");
     assert!(!status.success(), "psql cannot connect to a closed port");
-    let c = agent.wait_for(psql_pid, "psql's failed, refused connect", |conns| {
-        conns
-            .iter()
-            .find(|c| c.remote_port == Some(port))
-            .filter(|c| c.state == ConnState::Failed)
-            .cloned()
+    let c = wait_refused(&agent, psql_pid, "psql's failed, refused connect", |c| {
+        c.remote_port == Some(port)
     });
-    assert_eq!(c.connect_result, Some(ConnectOutcome::Refused), "{c:?}");
     assert_eq!(c.process, "psql", "{c:?}");
     assert_eq!(c.transport, "tcp", "{c:?}");
     agent.wait_for_metric(REFUSED, |v| v >= before + 1.0);
@@ -386,11 +415,8 @@ fn connections_open_before_start_are_seeded() {
     agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 1.0);
 
     client.close(fd);
-    let c = agent.wait_for(pid, "the seeded connection closed", |conns| {
-        find(conns, fd, local_port)
-            .filter(|c| c.state == ConnState::Closed)
-            .cloned()
-    });
+    let what = "the seeded connection closed";
+    let c = wait_in_state(&agent, pid, (fd, local_port), ConnState::Closed, what);
     assert_eq!(c.close_reason, Some(CloseReason::Closed), "{c:?}");
     assert!(c.seen_at_start, "{c:?}");
     agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 0.0);
@@ -477,12 +503,9 @@ fn connections_that_come_and_go_while_the_agent_seeds_are_not_left_open() {
 
 #[test]
 fn reused_fd_is_a_new_generation() {
-    if !require_kernel() {
+    let Some((pg, agent, mut client)) = postgres_agent_client(Agent::start) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start();
-    let mut client = ConnClient::spawn();
+    };
     let pid = client.pid;
 
     // Back to back, without waiting in between: the agent must keep the
@@ -520,22 +543,16 @@ fn reused_fd_is_a_new_generation() {
 
 #[test]
 fn process_exit_closes_its_connections() {
-    if !require_kernel() {
+    let Some((pg, agent, mut client)) = postgres_agent_client(Agent::start) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start();
-    let mut client = ConnClient::spawn();
+    };
     let pid = client.pid;
     let (fd, local_port) = open_established(&agent, &mut client, pg.port);
 
     let status = client.exit_without_closing();
     assert!(status.success(), "os._exit(0): {status}");
-    let c = agent.wait_for(pid, "the connection closed by the exit", |conns| {
-        find(conns, fd, local_port)
-            .filter(|c| c.state == ConnState::Closed)
-            .cloned()
-    });
+    let what = "the connection closed by the exit";
+    let c = wait_in_state(&agent, pid, (fd, local_port), ConnState::Closed, what);
     assert_eq!(c.close_reason, Some(CloseReason::ProcessExit), "{c:?}");
     assert!(c.closed_at.is_some(), "{c:?}");
     agent.wait_for_metric(&open_selector(pid, LOCALHOST), |v| v == 0.0);

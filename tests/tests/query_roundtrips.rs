@@ -15,7 +15,7 @@
 
 use poolscope_tests::{
     expect_connection, expect_operation_series, expect_operations, expect_slow_query, json,
-    metric_series, operations, require_kernel, Agent, ClientConn, ConnExpect, ConnState,
+    metric_series, operations, server_and_agent, Agent, ClientConn, ConnExpect, ConnState,
     ConnectionView, DbSystem, MariaDb, OperationCounts, Postgres, Redis, SlowExpect, SlowQuery,
     SqlShell, TxState, Value,
 };
@@ -30,18 +30,49 @@ fn has_label(labels: &[(String, String)], key: &str, value: &str) -> bool {
     labels.iter().any(|(k, v)| k == key && v == value)
 }
 
+/// A fresh PostgreSQL that has run `setup` over its Unix socket (no port:
+/// none of it is counted).
+fn postgres_with(setup: &str) -> Postgres {
+    let pg = Postgres::start();
+    pg.psql_unix(setup);
+    pg
+}
+
+/// A fresh MariaDB that has run `setup` over its Unix socket.
+fn mariadb_with(setup: &str) -> MariaDb {
+    let db = MariaDb::start();
+    db.sql(setup);
+    db
+}
+
+/// What a slow SELECT of the Python client's connection `conn` to the
+/// PostgreSQL at `server` shows in its report: one row, outside a
+/// transaction, its text `query`.
+fn slow_python_select<'a>(conn: &ClientConn, server: &'a str, query: &'a str) -> SlowExpect<'a> {
+    SlowExpect {
+        fd: Some(conn.fd),
+        process: Some("python3"),
+        db_system: Some("postgresql"),
+        server: Some(server),
+        namespace: Some("postgres"),
+        operation: Some("SELECT"),
+        query: Some(query),
+        rows: Some(1),
+        tx_state: Some(TxState::Idle),
+        ..SlowExpect::default()
+    }
+}
+
 // ---------------------------------------------------------------------------
 // PostgreSQL
 // ---------------------------------------------------------------------------
 
 #[test]
 fn postgres_simple_queries_are_counted_per_operation() {
-    if !require_kernel() {
+    let items = || postgres_with("CREATE TABLE items (id int PRIMARY KEY, name text, qty int)");
+    let Some((pg, agent)) = server_and_agent(items, Agent::start) else {
         return;
-    }
-    let pg = Postgres::start();
-    pg.psql_unix("CREATE TABLE items (id int PRIMARY KEY, name text, qty int)");
-    let agent = Agent::start();
+    };
     let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
     let client = &mut conn.client;
 
@@ -119,11 +150,10 @@ fn postgres_simple_queries_are_counted_per_operation() {
 /// sockets too), and no syscall data path is attached for them.
 #[test]
 fn postgres_over_a_unix_socket_is_parsed_too() {
-    if !require_kernel() {
+    let unix_sockets = || Agent::start_with_config("[kernel]\nunix_sockets = true\n", &[]);
+    let Some((pg, agent)) = server_and_agent(Postgres::start, unix_sockets) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start_with_config("[kernel]\nunix_sockets = true\n", &[]);
+    };
     let port = pg.port.to_string();
     let mut cmd = std::process::Command::new(pg.psql_bin());
     cmd.args(["-X", "-q", "-p", &port, "-U", "postgres", "-h"])
@@ -177,11 +207,9 @@ fn postgres_over_a_unix_socket_is_parsed_too() {
 
 #[test]
 fn postgres_syntax_error_is_counted_with_its_sqlstate() {
-    if !require_kernel() {
+    let Some((pg, agent)) = server_and_agent(Postgres::start, Agent::start) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start();
+    };
     let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
     conn.client.sql("SELECT 1");
@@ -219,15 +247,16 @@ fn postgres_syntax_error_is_counted_with_its_sqlstate() {
 
 #[test]
 fn postgres_prepared_statements_show_their_text() {
-    if !require_kernel() {
+    let items = || {
+        postgres_with(
+            "CREATE TABLE items (id int PRIMARY KEY, name text); \
+             INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 10) i",
+        )
+    };
+    let threshold = || Agent::start_with_config("[queries]\nslow_threshold_ms = 10\n", &[]);
+    let Some((pg, agent)) = server_and_agent(items, threshold) else {
         return;
-    }
-    let pg = Postgres::start();
-    pg.psql_unix(
-        "CREATE TABLE items (id int PRIMARY KEY, name text); \
-         INSERT INTO items SELECT i, 'item ' || i FROM generate_series(1, 10) i",
-    );
-    let agent = Agent::start_with_config("[queries]\nslow_threshold_ms = 10\n", &[]);
+    };
     let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
     // psycopg prepares in a round trip of its own (Parse, Sync), then runs
@@ -270,18 +299,9 @@ fn postgres_prepared_statements_show_their_text() {
         expect_slow_query(
             q,
             &SlowExpect {
-                fd: Some(conn.fd),
                 generation: Some(c.generation),
-                process: Some("python3"),
-                db_system: Some("postgresql"),
-                server: Some(server.as_str()),
-                namespace: Some("postgres"),
-                operation: Some("SELECT"),
-                query: Some(text),
-                rows: Some(1),
-                tx_state: Some(TxState::Idle),
                 duration_seconds: Some((0.02, 1.0)),
-                ..SlowExpect::default()
+                ..slow_python_select(&conn, &server, text)
             },
         );
     }
@@ -289,9 +309,6 @@ fn postgres_prepared_statements_show_their_text() {
 
 #[test]
 fn postgres_transaction_state_follows_ready_for_query() {
-    if !require_kernel() {
-        return;
-    }
     transaction_state_follows_ready_for_query(&[]);
 }
 
@@ -299,15 +316,14 @@ fn postgres_transaction_state_follows_ready_for_query() {
 /// sees the same round trips, statements and transaction states.
 #[test]
 fn postgres_transaction_state_on_the_syscall_data_path() {
-    if !require_kernel() {
-        return;
-    }
     transaction_state_follows_ready_for_query(&["--data-path", "syscalls"]);
 }
 
 fn transaction_state_follows_ready_for_query(agent_args: &[&str]) {
-    let pg = Postgres::start();
-    let agent = Agent::start_with(agent_args);
+    let agent_with_args = || Agent::start_with(agent_args);
+    let Some((pg, agent)) = server_and_agent(Postgres::start, agent_with_args) else {
+        return;
+    };
     let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
     conn.client.sql("BEGIN");
@@ -365,11 +381,9 @@ fn transaction_state_follows_ready_for_query(agent_args: &[&str]) {
 
 #[test]
 fn slow_query_is_reported_with_sanitized_text() {
-    if !require_kernel() {
+    let Some((pg, agent)) = server_and_agent(Postgres::start, Agent::start) else {
         return;
-    }
-    let pg = Postgres::start();
-    let agent = Agent::start();
+    };
     let mut conn = ClientConn::open(&agent, "postgresql", pg.port);
 
     conn.client.sql("SELECT 1");
@@ -386,17 +400,8 @@ fn slow_query_is_reported_with_sanitized_text() {
         q,
         &SlowExpect {
             pid: Some(conn.pid),
-            fd: Some(conn.fd),
-            process: Some("python3"),
-            db_system: Some("postgresql"),
-            server: Some(server.as_str()),
-            namespace: Some("postgres"),
-            operation: Some("SELECT"),
-            query: Some("SELECT pg_sleep(?)"),
             duration_seconds: Some((0.6, 1.5)),
-            rows: Some(1),
-            tx_state: Some(TxState::Idle),
-            ..SlowExpect::default()
+            ..slow_python_select(&conn, &server, "SELECT pg_sleep(?)")
         },
     );
     assert!(!q.at.is_empty(), "{q:#?}");
@@ -443,12 +448,11 @@ fn cli_after_round_trips(agent: &Agent, pid: u32, port: u16, n: u64, what: &str)
 
 #[test]
 fn mariadb_queries_are_counted_with_error_numbers() {
-    if !require_kernel() {
+    let items =
+        || mariadb_with("CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(20), qty INT)");
+    let Some((db, agent)) = server_and_agent(items, Agent::start) else {
         return;
-    }
-    let db = MariaDb::start();
-    db.sql("CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(20), qty INT)");
-    let agent = Agent::start();
+    };
     // libmariadb, COM_QUERY: 4 INSERT, 5 SELECT, 2 UPDATE, 1 DELETE, then a
     // syntax error; the session stays open (--force, stdin open).
     let mut shell = SqlShell::spawn(db.cli());
@@ -526,15 +530,15 @@ fn mariadb_queries_are_counted_with_error_numbers() {
 
 #[test]
 fn mariadb_transaction_state_follows_server_status() {
-    if !require_kernel() {
+    let items = || {
+        mariadb_with(
+            "CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(20)); \
+             INSERT INTO items VALUES (1, 'one')",
+        )
+    };
+    let Some((db, agent)) = server_and_agent(items, Agent::start) else {
         return;
-    }
-    let db = MariaDb::start();
-    db.sql(
-        "CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(20)); \
-         INSERT INTO items VALUES (1, 'one')",
-    );
-    let agent = Agent::start();
+    };
     let mut shell = SqlShell::spawn(db.cli());
     let pid = shell.pid;
 
@@ -585,19 +589,22 @@ fn without_session_setup(mut counts: OperationCounts) -> (OperationCounts, u64) 
 
 #[test]
 fn mariadb_prepared_statements_show_their_text() {
-    if !require_kernel() {
-        return;
-    }
-    let db = MariaDb::start();
-    db.sql(
-        "CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(20)); \
-         INSERT INTO items VALUES (1, 'one'), (2, 'two'), (3, 'three')",
-    );
+    let items = || {
+        mariadb_with(
+            "CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(20)); \
+             INSERT INTO items VALUES (1, 'one'), (2, 'two'), (3, 'three')",
+        )
+    };
     // Every round trip is a "slow query", so that each one's rows show.
-    let agent = Agent::start_with_config(
-        "[queries]\nslow_threshold_ms = 0\nmax_slow_kept = 1000000\n",
-        &[],
-    );
+    let every_trip_slow = || {
+        Agent::start_with_config(
+            "[queries]\nslow_threshold_ms = 0\nmax_slow_kept = 1000000\n",
+            &[],
+        )
+    };
+    let Some((db, agent)) = server_and_agent(items, every_trip_slow) else {
+        return;
+    };
     // mysql-connector-python (pure Python) reads every packet in two recv
     // calls, its 4-byte header and then its payload, the server's greeting
     // included: the agent must follow packets across reads.
@@ -665,11 +672,9 @@ fn mariadb_prepared_statements_show_their_text() {
 
 #[test]
 fn redis_pipeline_in_one_write_is_counted_per_command() {
-    if !require_kernel() {
+    let Some((redis, agent)) = server_and_agent(Redis::start, Agent::start) else {
         return;
-    }
-    let redis = Redis::start();
-    let agent = Agent::start();
+    };
     let mut conn = ClientConn::open(&agent, "redis", redis.port);
 
     let mut commands = Vec::new();
@@ -711,11 +716,9 @@ fn redis_pipeline_in_one_write_is_counted_per_command() {
 
 #[test]
 fn redis_commands_and_error_replies_are_counted() {
-    if !require_kernel() {
+    let Some((redis, agent)) = server_and_agent(Redis::start, Agent::start) else {
         return;
-    }
-    let redis = Redis::start();
-    let agent = Agent::start();
+    };
     let mut conn = ClientConn::open(&agent, "redis", redis.port);
     let client = &mut conn.client;
 

@@ -686,22 +686,38 @@ fn check_live_page(out: &Outputs) {
     );
 }
 
+/// One test's run: the rig, the applications, what each caused and the
+/// agent's outputs. Bound in this order, they are dropped the other way
+/// round: the applications end before the rig's agent and server.
+type Run = (Rig, Vec<SecretApp>, Vec<Seen>, Outputs);
+
+/// Step: where the kernel lets an agent run, the rig (`queries` and
+/// `extra` as [`rig`] takes them), the applications, everything each caused
+/// (its slow query shown as `slow_text`), and then all the agent's outputs;
+/// `None` elsewhere, and the test ends there.
+fn run(queries: &str, extra: &str, slow_text: &str) -> Option<Run> {
+    if !require_kernel() {
+        return None;
+    }
+    let rig = rig(queries, extra);
+    let apps = start_apps(&rig.pg, &rig.dir, &rig.socket);
+    let seen = apps
+        .iter()
+        .map(|app| wait_for_everything(&rig, app, slow_text))
+        .collect();
+    let out = collect(&rig.agent, &rig.receiver);
+    Some((rig, apps, seen, out))
+}
+
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
 
 #[test]
 fn no_secret_from_command_lines_or_query_literals_reaches_any_output() {
-    if !require_kernel() {
+    let Some((rig, apps, seen, out)) = run("", "", SLOW_SQL_SANITIZED) else {
         return;
-    }
-    let rig = rig("", "");
-    let apps = start_apps(&rig.pg, &rig.dir, &rig.socket);
-    let seen: Vec<Seen> = apps
-        .iter()
-        .map(|app| wait_for_everything(&rig, app, SLOW_SQL_SANITIZED))
-        .collect();
-    let out = collect(&rig.agent, &rig.receiver);
+    };
 
     // Not vacuous: every output holds what it is about, with the redaction
     // marker where the secrets were and `?` where the literals were.
@@ -752,16 +768,10 @@ fn no_secret_from_command_lines_or_query_literals_reaches_any_output() {
 
 #[test]
 fn full_command_lines_show_the_secrets_but_query_literals_stay_hidden() {
-    if !require_kernel() {
+    let full_command_lines = "[tracking]\nfull_command_lines = true\n";
+    let Some((rig, apps, seen, out)) = run("", full_command_lines, SLOW_SQL_SANITIZED) else {
         return;
-    }
-    let rig = rig("", "[tracking]\nfull_command_lines = true\n");
-    let apps = start_apps(&rig.pg, &rig.dir, &rig.socket);
-    let seen: Vec<Seen> = apps
-        .iter()
-        .map(|app| wait_for_everything(&rig, app, SLOW_SQL_SANITIZED))
-        .collect();
-    let out = collect(&rig.agent, &rig.receiver);
+    };
     for (app, seen) in apps.iter().zip(&seen) {
         // The command line as given, secrets and all, wherever the
         // default agent showed the redacted one.
@@ -776,16 +786,9 @@ fn full_command_lines_show_the_secrets_but_query_literals_stay_hidden() {
 
 #[test]
 fn raw_text_shows_query_literals() {
-    if !require_kernel() {
+    let Some((rig, apps, seen, out)) = run("raw_text = true\n", "", SLOW_SQL) else {
         return;
-    }
-    let rig = rig("raw_text = true\n", "");
-    let apps = start_apps(&rig.pg, &rig.dir, &rig.socket);
-    let seen: Vec<Seen> = apps
-        .iter()
-        .map(|app| wait_for_everything(&rig, app, SLOW_SQL))
-        .collect();
-    let out = collect(&rig.agent, &rig.receiver);
+    };
     for (app, seen) in apps.iter().zip(&seen) {
         check_outputs_hold(&rig, &out, app, seen, &app.redacted);
         assert_eq!(seen.failed.query.as_deref(), Some(FAILING_SQL));

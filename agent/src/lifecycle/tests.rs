@@ -52,6 +52,27 @@ fn state(ts: u64, conn: ConnId, old: i32, new: i32, port: u16) -> Event {
     }
 }
 
+/// The handshake done: SYN_SENT -> ESTABLISHED, from local `port`.
+fn established(ts: u64, conn: ConnId, port: u16) -> Event {
+    state(ts, conn, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, port)
+}
+
+/// The peer hung up: ESTABLISHED -> CLOSE_WAIT.
+fn peer_closed(ts: u64, conn: ConnId, port: u16) -> Event {
+    state(
+        ts,
+        conn,
+        tcp_state::ESTABLISHED,
+        tcp_state::CLOSE_WAIT,
+        port,
+    )
+}
+
+/// The handshake given up: SYN_SENT -> CLOSE.
+fn syn_closed(ts: u64, conn: ConnId, port: u16) -> Event {
+    state(ts, conn, tcp_state::SYN_SENT, tcp_state::CLOSE, port)
+}
+
 fn close(ts: u64, conn: ConnId) -> Event {
     Event {
         ts_ns: ts,
@@ -88,21 +109,23 @@ fn outcomes(outputs: &[Output]) -> Vec<ConnectOutcome> {
         .collect()
 }
 
+/// A tracker in which `FD` of `PID` was connected, closed and connected
+/// again: the tracker and the fd's first and second connections.
+fn fd_closed_and_reused() -> (Tracker, ConnId, ConnId) {
+    let mut t = tracker();
+    let first = id(PID, FD, 1_000);
+    let second = id(PID, FD, 5_000);
+    t.apply(connect(1_100, first, 0));
+    t.apply(close(2_000, first));
+    t.apply(connect(5_100, second, 0));
+    (t, first, second)
+}
+
 #[test]
 fn blocking_connect_then_close() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
-    assert!(
-        t.apply(state(
-            1_400,
-            c,
-            tcp_state::SYN_SENT,
-            tcp_state::ESTABLISHED,
-            40_000
-        ))
-        .len()
-            == 1
-    );
+    assert!(t.apply(established(1_400, c, 40_000)).len() == 1);
     // connect() returns after the handshake: the outcome is counted once.
     assert!(outcomes(&t.apply(connect(1_500, c, 0))).is_empty());
     let conn = t.open_connections().next().expect("open");
@@ -134,13 +157,7 @@ fn nonblocking_connect_established_later() {
         t.open_connections().next().map(|c| c.state),
         Some(ConnState::Connecting)
     );
-    let out = t.apply(state(
-        3_000,
-        c,
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        40_001,
-    ));
+    let out = t.apply(established(3_000, c, 40_001));
     assert_eq!(outcomes(&out), vec![ConnectOutcome::Ok]);
     let conn = t.open_connections().next().expect("open");
     assert_eq!(conn.connect_latency_ns, Some(2_000));
@@ -153,13 +170,7 @@ fn refused_blocking_and_nonblocking() {
     let out = t.apply(connect(1_200, blocking, -111));
     assert_eq!(outcomes(&out), vec![ConnectOutcome::Refused]);
     // The state change for the same failure arrives afterwards: not counted twice.
-    let mut late = state(
-        1_100,
-        blocking,
-        tcp_state::SYN_SENT,
-        tcp_state::CLOSE,
-        40_002,
-    );
+    let mut late = syn_closed(1_100, blocking, 40_002);
     if let EventKind::SockState { reset_received, .. } = &mut late.kind {
         *reset_received = true;
     }
@@ -178,13 +189,7 @@ fn syn_timeout_without_reset_is_timed_out() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
     t.apply(connect(1_100, c, EINPROGRESS));
-    let out = t.apply(state(
-        9_000,
-        c,
-        tcp_state::SYN_SENT,
-        tcp_state::CLOSE,
-        40_003,
-    ));
+    let out = t.apply(syn_closed(9_000, c, 40_003));
     assert_eq!(outcomes(&out), vec![ConnectOutcome::TimedOut]);
 }
 
@@ -193,23 +198,9 @@ fn peer_close_is_reported_once_and_kept_open() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
     t.apply(connect(1_100, c, 0));
-    let out = t.apply(state(
-        5_000,
-        c,
-        tcp_state::ESTABLISHED,
-        tcp_state::CLOSE_WAIT,
-        40_004,
-    ));
+    let out = t.apply(peer_closed(5_000, c, 40_004));
     assert_eq!(out, vec![Output::PeerClosed { id: c }]);
-    assert!(t
-        .apply(state(
-            5_001,
-            c,
-            tcp_state::ESTABLISHED,
-            tcp_state::CLOSE_WAIT,
-            40_004
-        ))
-        .is_empty());
+    assert!(t.apply(peer_closed(5_001, c, 40_004)).is_empty());
     let conn = t
         .open_connections()
         .next()
@@ -220,12 +211,7 @@ fn peer_close_is_reported_once_and_kept_open() {
 
 #[test]
 fn reused_fd_is_a_new_connection() {
-    let mut t = tracker();
-    let first = id(PID, FD, 1_000);
-    let second = id(PID, FD, 5_000);
-    t.apply(connect(1_100, first, 0));
-    t.apply(close(2_000, first));
-    t.apply(connect(5_100, second, 0));
+    let (t, first, second) = fd_closed_and_reused();
     assert_eq!(open_ids(&t), vec![second]);
     let closed: Vec<ConnId> = t.closed_connections().map(|c| c.id).collect();
     assert_eq!(closed, vec![first]);
@@ -248,20 +234,9 @@ fn reused_fd_without_a_seen_close_replaces_the_old_connection() {
 
 #[test]
 fn late_events_of_a_replaced_connection_do_not_touch_the_new_one() {
-    let mut t = tracker();
-    let first = id(PID, FD, 1_000);
-    let second = id(PID, FD, 5_000);
-    t.apply(connect(1_100, first, 0));
-    t.apply(close(2_000, first));
-    t.apply(connect(5_100, second, 0));
+    let (mut t, first, second) = fd_closed_and_reused();
     // A state change of the first socket, delivered late from another CPU.
-    let out = t.apply(state(
-        1_900,
-        first,
-        tcp_state::ESTABLISHED,
-        tcp_state::CLOSE_WAIT,
-        1,
-    ));
+    let out = t.apply(peer_closed(1_900, first, 1));
     assert_eq!(out, vec![Output::Unmatched]);
     assert_eq!(t.apply(close(2_000, first)), vec![Output::Unmatched]);
     let conn = t.open_connections().next().expect("open");
@@ -272,13 +247,7 @@ fn late_events_of_a_replaced_connection_do_not_touch_the_new_one() {
 fn state_change_before_connect_event() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
-    t.apply(state(
-        1_050,
-        c,
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        40_005,
-    ));
+    t.apply(established(1_050, c, 40_005));
     t.apply(connect(1_060, c, EINPROGRESS));
     let conn = t.open_connections().next().expect("open");
     assert_eq!(conn.state, ConnState::Established);
@@ -290,13 +259,7 @@ fn state_change_before_connect_event() {
 fn close_before_connect_event_does_not_resurrect() {
     let mut t = tracker();
     let c = id(PID, FD, 1_000);
-    t.apply(state(
-        1_050,
-        c,
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        40_006,
-    ));
+    t.apply(established(1_050, c, 40_006));
     t.apply(close(1_070, c));
     t.apply(connect(1_060, c, 0));
     assert!(open_ids(&t).is_empty());
@@ -378,13 +341,7 @@ fn seeded_connections_close_and_match_peer_close_by_address() {
     let conn = t.open_connections().next().expect("seeded");
     assert!(conn.seen_at_start);
     // Untracked peer close: pid 0, matched by the address pair.
-    let out = t.apply(state(
-        700,
-        id(0, 0, 0),
-        tcp_state::ESTABLISHED,
-        tcp_state::CLOSE_WAIT,
-        41_000,
-    ));
+    let out = t.apply(peer_closed(700, id(0, 0, 0), 41_000));
     assert_eq!(out, vec![Output::PeerClosed { id: seeded }]);
     // The kernel reports the close with generation 0, as the loader seeded it.
     let out = t.apply(close(900, seeded));
@@ -496,6 +453,17 @@ fn by_local(addr: SocketAddr) -> ConnRef {
 }
 
 /// A distinct local address for each of many connections.
+/// Acquire `request` ended with `result` on `conn`, the sender's thread not
+/// named.
+fn acquire_end(request: u64, result: AcquireResult, conn: ConnRef) -> AdapterEvent {
+    AdapterEvent::AcquireEnd {
+        request,
+        result,
+        conn,
+        tid: None,
+    }
+}
+
 fn nth_local(i: u32) -> SocketAddr {
     let ip = std::net::Ipv4Addr::new(127, 1, (i / 50_000) as u8, 1);
     SocketAddr::new(ip.into(), 10_000 + (i % 50_000) as u16)
@@ -507,7 +475,7 @@ fn open_many(t: &mut Tracker, n: u32, processes: u32) -> Vec<ConnId> {
     (0..n)
         .map(|i| {
             let c = id(1_000 + i % processes, 10 + (i / processes) as i32, 1_000);
-            let mut change = state(1_100, c, tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 0);
+            let mut change = established(1_100, c, 0);
             if let EventKind::SockState { local, .. } = &mut change.kind {
                 *local = nth_local(i);
             }
@@ -585,12 +553,7 @@ fn adapter_messages_with_100k_open_connections_are_index_lookups() {
             ts + 1,
             adapter(
                 pool,
-                AdapterEvent::AcquireEnd {
-                    request: u64::from(i),
-                    result: AcquireResult::Ok,
-                    conn: by_local(nth_local(i)),
-                    tid: None,
-                },
+                acquire_end(u64::from(i), AcquireResult::Ok, by_local(nth_local(i))),
             ),
         ) {
             if let Output::AcquireFinished {
@@ -712,13 +675,7 @@ fn state_changes_with_a_long_closed_list_are_index_lookups() {
     let started = thread_cpu_ns();
     for i in 0..MANY {
         let c = id(1_000 + i % 100, 10 + (i / 100) as i32, 3_000);
-        let out = t.apply(state(
-            3_100,
-            c,
-            tcp_state::SYN_SENT,
-            tcp_state::ESTABLISHED,
-            40_000,
-        ));
+        let out = t.apply(established(3_100, c, 40_000));
         assert_eq!(outcomes(&out), vec![ConnectOutcome::Ok]);
     }
     let spent = thread_cpu_ns() - started;
@@ -736,13 +693,7 @@ fn pool_use_follows_connections_that_leave_while_checked_out() {
     let a = id(PID, 5, 1_000);
     let b = id(PID, 6, 1_000);
     for (c, port) in [(a, 41_001), (b, 41_002)] {
-        t.apply(state(
-            1_100,
-            c,
-            tcp_state::SYN_SENT,
-            tcp_state::ESTABLISHED,
-            port,
-        ));
+        t.apply(established(1_100, c, port));
     }
     let acquire = |t: &mut Tracker, request: u64, ts: u64, conn: ConnRef| -> u64 {
         t.apply_adapter(
@@ -753,15 +704,7 @@ fn pool_use_follows_connections_that_leave_while_checked_out() {
         t.apply_adapter(
             PID,
             ts + 1,
-            adapter(
-                "p",
-                AdapterEvent::AcquireEnd {
-                    request,
-                    result: AcquireResult::Ok,
-                    conn,
-                    tid: None,
-                },
-            ),
+            adapter("p", acquire_end(request, AcquireResult::Ok, conn)),
         )
         .iter()
         .find_map(|o| match o {
@@ -777,21 +720,9 @@ fn pool_use_follows_connections_that_leave_while_checked_out() {
     let view = t.pool_views().into_iter().next().expect("pool");
     assert_eq!((view.used, view.idle), (1, 0));
     // A state change re-places the other; it stays checked out.
-    t.apply(state(
-        2_200,
-        b,
-        tcp_state::ESTABLISHED,
-        tcp_state::CLOSE_WAIT,
-        41_002,
-    ));
+    t.apply(peer_closed(2_200, b, 41_002));
     let c = id(PID, 7, 2_300);
-    t.apply(state(
-        2_350,
-        c,
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        41_003,
-    ));
+    t.apply(established(2_350, c, 41_003));
     assert_eq!(acquire(&mut t, 3, 2_400, by_local(local(41_003))), 1);
     // The old socket's address names nothing now.
     t.apply_adapter(
@@ -808,13 +739,7 @@ fn pool_use_follows_connections_that_leave_while_checked_out() {
     // Exit takes them all.
     t.apply(exit(3_000, PID));
     assert!(t.pool_views().is_empty());
-    t.apply(state(
-        3_100,
-        id(PID, 5, 3_050),
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        41_004,
-    ));
+    t.apply(established(3_100, id(PID, 5, 3_050), 41_004));
     assert_eq!(acquire(&mut t, 4, 3_200, by_local(local(41_004))), 0);
 }
 
@@ -826,30 +751,13 @@ fn adapter_event_before_its_connection_waits_for_it() {
         1_000,
         adapter(
             "p",
-            AdapterEvent::AcquireEnd {
-                request: 1,
-                result: AcquireResult::Ok,
-                conn: by_local(local(42_000)),
-                tid: None,
-            },
+            acquire_end(1, AcquireResult::Ok, by_local(local(42_000))),
         ),
     );
     // Another process's connection does not retry it.
-    t.apply(state(
-        1_010,
-        id(PID + 1, 3, 900),
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        42_000,
-    ));
+    t.apply(established(1_010, id(PID + 1, 3, 900), 42_000));
     assert_eq!(t.pool_views().iter().filter(|v| v.used > 0).count(), 0);
-    t.apply(state(
-        1_020,
-        id(PID, 3, 900),
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        42_000,
-    ));
+    t.apply(established(1_020, id(PID, 3, 900), 42_000));
     let used: Vec<(u32, u64)> = t.pool_views().iter().map(|v| (v.pid, v.used)).collect();
     assert_eq!(used, vec![(PID, 1)]);
 }
@@ -1180,12 +1088,7 @@ fn waiting_acquires_are_bounded_per_process_and_shared_fairly() {
         5_000_000_003,
         adapter(
             "orders",
-            AdapterEvent::AcquireEnd {
-                request: 1,
-                result: AcquireResult::Timeout,
-                conn: ConnRef::default(),
-                tid: None,
-            },
+            acquire_end(1, AcquireResult::Timeout, ConnRef::default()),
         ),
     );
     assert!(out.iter().any(|o| matches!(
@@ -1234,15 +1137,14 @@ fn early_events_are_shared_per_process() {
         1_050,
         adapter(
             "p",
-            AdapterEvent::AcquireEnd {
-                request: 1,
-                result: AcquireResult::Ok,
-                conn: ConnRef {
+            acquire_end(
+                1,
+                AcquireResult::Ok,
+                ConnRef {
                     local: None,
                     fd: Some(FD),
                 },
-                tid: None,
-            },
+            ),
         ),
     );
     t.apply(connect(1_000, id(PID, FD, 1_000), 0));
