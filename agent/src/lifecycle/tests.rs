@@ -833,16 +833,6 @@ fn waiter_gives_up(t: &mut Tracker, ts: u64) -> Vec<u64> {
     .collect()
 }
 
-fn established(t: &mut Tracker, ts: u64, fd: i32, port: u16) {
-    t.apply(state(
-        ts,
-        id(PID, fd, 900 + fd as u64),
-        tcp_state::SYN_SENT,
-        tcp_state::ESTABLISHED,
-        port,
-    ));
-}
-
 /// A checkout whose new connection the kernel has not shown yet is in use
 /// all the same: a waiter that starts meanwhile sees the pool as full
 /// (it used to see one fewer, and report a slow acquire on a pool that
@@ -850,13 +840,13 @@ fn established(t: &mut Tracker, ts: u64, fd: i32, port: u16) {
 #[test]
 fn a_waiter_counts_checkouts_that_wait_for_their_connection() {
     let mut t = tracker();
-    established(&mut t, 1_000, 3, 42_000);
+    t.apply(established(1_000, id(PID, 3, 903), 42_000));
     acquired(&mut t, 1_010, 1, 42_000);
     // The kernel has not shown this one yet.
     acquired(&mut t, 1_020, 2, 42_001);
     waiter_starts(&mut t, 1_030);
     // Now it has, and the first one comes back before the waiter gives up.
-    established(&mut t, 1_040, 4, 42_001);
+    t.apply(established(1_040, id(PID, 4, 904), 42_001));
     released(&mut t, 1_050, 42_000);
     assert_eq!(
         waiter_gives_up(&mut t, 5_000),
