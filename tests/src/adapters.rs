@@ -11,15 +11,19 @@ use std::{
 
 use crate::{json, kill_child, path_str, python3, workspace_root, Value, LOCALHOST_V4};
 
+/// The npm packages the Node.js adapter's tests use (its devDependencies).
+pub const NODE_ADAPTER_DEV_PACKAGES: [&str; 3] = ["pg", "mysql2", "mysql"];
+
 /// `adapters/node`: the npm package `poolscope-adapter`.
 pub fn node_adapter_dir() -> PathBuf {
     workspace_root().join("adapters").join("node")
 }
 
-/// True when `node`, the adapter's npm dependencies (`pg`) and its compiled
-/// Unix-datagram sender are all there. In CI (`CI=true`) a missing one is a
-/// failure, so that a runner without them cannot pass by skipping; elsewhere
-/// the test is skipped with what to run.
+/// True when `node` and the adapter's npm dependencies (`pg`, `mysql2` and
+/// `mysql`, for its tests; the adapter itself is pure JavaScript) are there.
+/// In CI (`CI=true`) a missing one is a failure, so that a runner without
+/// them cannot pass by skipping; elsewhere the test is skipped with what to
+/// run.
 pub fn require_node_adapter() -> bool {
     let dir = node_adapter_dir();
     let mut missing = Vec::new();
@@ -31,15 +35,10 @@ pub fn require_node_adapter() -> bool {
     if !node_runs {
         missing.push("node (Debian's nodejs and npm)".to_string());
     }
-    for (path, what) in [
-        ("node_modules/pg/package.json", "the npm dependencies"),
-        (
-            "build/Release/poolscope_adapter.node",
-            "the native sender (node-gyp)",
-        ),
-    ] {
-        if !dir.join(path).is_file() {
-            missing.push(format!("{what}: {}", dir.join(path).display()));
+    for package in NODE_ADAPTER_DEV_PACKAGES {
+        let manifest = dir.join("node_modules").join(package).join("package.json");
+        if !manifest.is_file() {
+            missing.push(format!("the npm package {package}: {}", manifest.display()));
         }
     }
     if missing.is_empty() {

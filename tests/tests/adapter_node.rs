@@ -4,8 +4,10 @@
 //! What the agent shows for that pid (`/api/v1/pools`, `/api/v1/leaks`) must
 //! agree with what the application itself counted.
 //!
-//! Needs root (BPF), PostgreSQL, node, and `npm ci` in adapters/node (which
-//! `cargo xtask setup` runs); under `CI=true` a missing one fails the test.
+//! The adapter is pure JavaScript and sends on the agent's Unix stream
+//! socket. Needs root (BPF), PostgreSQL, node, and `npm ci` in
+//! adapters/node (which `cargo xtask setup` runs); under `CI=true` a missing
+//! one fails the test.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -42,13 +44,15 @@ struct NodeApp {
 }
 
 impl NodeApp {
-    fn spawn(pg: &Postgres, socket: &Path) -> NodeApp {
+    /// Starts the app, its adapter sending to the stream socket `stream`.
+    fn spawn(pg: &Postgres, stream: &Path) -> NodeApp {
         let dir = node_adapter_dir();
         let script = dir.join("test/fixtures/pool_app.js");
         let mut child = Command::new("node")
             .arg(&script)
             .current_dir(&dir)
-            .env("POOLSCOPE_ADAPTER_SOCKET", socket)
+            .env_remove("POOLSCOPE_ADAPTER_SOCKET")
+            .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", stream)
             .env("PGHOST", LOCALHOST_V4)
             .env("PGPORT", pg.port.to_string())
             .env("PGUSER", "postgres")
@@ -75,9 +79,9 @@ impl NodeApp {
             "the app runs in the process we spawned: {ready}"
         );
         assert_eq!(
-            ready["adapter"],
-            Value::Bool(true),
-            "the adapter's native sender did not load: {ready}"
+            ready["adapter"]["socket"].as_str(),
+            stream.to_str(),
+            "the adapter sends to the agent's stream socket: {ready}"
         );
         app
     }
@@ -186,19 +190,22 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
     let pg = Postgres::start();
     let dir = TempDir::new("poolscope-node-adapter");
     let socket = dir.path().join("run").join("adapter.sock");
-    let config = format!(
-        "[adapter]\nsocket = {socket:?}\n\n\
-         [leaks]\nleak_threshold_seconds = {LEAK_THRESHOLD_SECONDS:.1}\nquiet_seconds = {QUIET_SECONDS:.1}\n",
-        socket = socket.display().to_string(),
+    let config = adapter_config(
+        &socket,
+        &[
+            ("leak_threshold_seconds", LEAK_THRESHOLD_SECONDS),
+            ("quiet_seconds", QUIET_SECONDS),
+        ],
     );
     let agent = Agent::start_with_config(&config, &[]);
+    let stream = stream_socket_beside(&socket);
     assert!(
-        socket.exists(),
-        "the agent did not bind {}\n{}",
-        socket.display(),
+        stream.exists(),
+        "the agent did not bind its stream socket {}\n{}",
+        stream.display(),
         agent.log()
     );
-    let mut app = NodeApp::spawn(&pg, &socket);
+    let mut app = NodeApp::spawn(&pg, &stream);
 
     // 1. Many short checkouts from concurrent workers.
     let run = app.request(json!({"op": "run", "cycles": CYCLES, "workers": WORKERS}));
@@ -342,11 +349,17 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
         Some(0),
         "the adapter dropped messages: {end}"
     );
+    assert_eq!(
+        adapter["connects"].as_u64(),
+        Some(1),
+        "one stream for the whole run: {end}"
+    );
 }
 
 /// The adapter's own unit tests (`node --test`, as `npm test` runs them):
 /// run here so that `cargo test` covers them. They need no kernel and no
-/// database: a receiving Unix datagram socket and fake pg clients.
+/// database: a listening Unix stream socket, fake pg clients and fake
+/// mysql2/mysql pools.
 #[test]
 fn node_adapter_unit_tests_pass() {
     if !require_node_adapter() {
