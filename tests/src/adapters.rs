@@ -56,6 +56,97 @@ pub fn require_node_adapter() -> bool {
     false
 }
 
+/// A Node.js application of `adapters/node` (`script`, relative to it),
+/// driven with one JSON request per line on stdin and one JSON answer per
+/// line on stdout; its adapter sends to the stream socket `stream`. Its
+/// first line says it is ready, with its pid. Killed on drop.
+pub struct NodeApp {
+    pub pid: u32,
+    /// The app's first answer (`ready`, `pid`, and what the app adds).
+    pub ready: Value,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl NodeApp {
+    pub fn spawn(script: &str, stream: &Path, envs: &[(&str, String)]) -> NodeApp {
+        let dir = node_adapter_dir();
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join(script))
+            .current_dir(&dir)
+            .env_remove("POOLSCOPE_ADAPTER_SOCKET")
+            .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", stream)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in envs {
+            cmd.env(key, value);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start node {script}: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut app = NodeApp {
+            pid: child.id(),
+            ready: Value::Null,
+            child,
+            stdin: Some(stdin),
+            stdout,
+        };
+        let ready = app.read_answer("startup");
+        assert_eq!(
+            ready["pid"].as_u64(),
+            Some(u64::from(app.pid)),
+            "the app runs in the process we spawned: {ready}"
+        );
+        assert_eq!(
+            ready["adapter"]["socket"].as_str(),
+            stream.to_str(),
+            "the adapter sends to the agent's stream socket: {ready}"
+        );
+        app.ready = ready;
+        app
+    }
+
+    fn read_answer(&mut self, what: &str) -> Value {
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("cannot read the app's answer to {what}: {e}"));
+        assert!(n > 0, "the app exited on {what}");
+        let answer: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("the app's answer to {what} is not JSON ({e}): {line}"));
+        assert_eq!(
+            answer["ok"],
+            Value::Bool(true),
+            "the app failed {what}: {answer}"
+        );
+        answer
+    }
+
+    /// Sends one request and returns the answer; panics unless it is ok.
+    pub fn request(&mut self, request: Value) -> Value {
+        let line = request.to_string();
+        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
+        self.read_answer(&line)
+    }
+}
+
+impl Drop for NodeApp {
+    fn drop(&mut self) {
+        self.stdin = None;
+        if crate::wait_exit(&mut self.child, std::time::Duration::from_secs(5)).is_none() {
+            kill_child(&mut self.child);
+        }
+    }
+}
+
 pub use poolscope::api::PoolsResponse;
 pub use poolscope::detect::LeakKind;
 pub use poolscope::lifecycle::PoolView;

@@ -10,9 +10,8 @@
 //! one fails the test.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -34,93 +33,21 @@ const QUIET_SECONDS: f64 = 1.5;
 /// A leak must be reported this long after the threshold at the latest.
 const LEAK_REPORT_SLACK: Duration = Duration::from_secs(2);
 
-/// `adapters/node/test/fixtures/pool_app.js`, driven with one JSON request
-/// per line; killed on drop.
-struct NodeApp {
-    pid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl NodeApp {
-    /// Starts the app, its adapter sending to the stream socket `stream`.
-    fn spawn(pg: &Postgres, stream: &Path) -> NodeApp {
-        let dir = node_adapter_dir();
-        let script = dir.join("test/fixtures/pool_app.js");
-        let mut child = Command::new("node")
-            .arg(&script)
-            .current_dir(&dir)
-            .env_remove("POOLSCOPE_ADAPTER_SOCKET")
-            .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", stream)
-            .env("PGHOST", LOCALHOST_V4)
-            .env("PGPORT", pg.port.to_string())
-            .env("PGUSER", "postgres")
-            .env("PGDATABASE", "postgres")
-            .env("POOL_NAME", POOL)
-            .env("POOL_MAX", POOL_MAX.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start node {}: {e}", script.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut app = NodeApp {
-            pid: child.id(),
-            child,
-            stdin: Some(stdin),
-            stdout,
-        };
-        let ready = app.read_answer("startup");
-        assert_eq!(
-            ready["pid"].as_u64(),
-            Some(u64::from(app.pid)),
-            "the app runs in the process we spawned: {ready}"
-        );
-        assert_eq!(
-            ready["adapter"]["socket"].as_str(),
-            stream.to_str(),
-            "the adapter sends to the agent's stream socket: {ready}"
-        );
-        app
-    }
-
-    fn read_answer(&mut self, what: &str) -> Value {
-        let mut line = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut line)
-            .unwrap_or_else(|e| panic!("cannot read the app's answer to {what}: {e}"));
-        assert!(n > 0, "the app exited on {what}");
-        let answer: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the app's answer to {what} is not JSON ({e}): {line}"));
-        assert_eq!(
-            answer["ok"],
-            Value::Bool(true),
-            "the app failed {what}: {answer}"
-        );
-        answer
-    }
-
-    fn request(&mut self, request: Value) -> Value {
-        let line = request.to_string();
-        let stdin = self.stdin.as_mut().expect("the app's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
-        self.read_answer(&line)
-    }
-}
-
-impl Drop for NodeApp {
-    fn drop(&mut self) {
-        self.stdin = None;
-        if wait_exit(&mut self.child, Duration::from_secs(5)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `adapters/node/test/fixtures/pool_app.js` with its pool on `pg`, its
+/// adapter sending to the stream socket `stream`.
+fn spawn_app(pg: &Postgres, stream: &Path) -> NodeApp {
+    NodeApp::spawn(
+        "test/fixtures/pool_app.js",
+        stream,
+        &[
+            ("PGHOST", LOCALHOST_V4.to_string()),
+            ("PGPORT", pg.port.to_string()),
+            ("PGUSER", "postgres".to_string()),
+            ("PGDATABASE", "postgres".to_string()),
+            ("POOL_NAME", POOL.to_string()),
+            ("POOL_MAX", POOL_MAX.to_string()),
+        ],
+    )
 }
 
 fn count(answer: &Value, key: &str) -> u64 {
@@ -205,7 +132,7 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
         stream.display(),
         agent.log()
     );
-    let mut app = NodeApp::spawn(&pg, &stream);
+    let mut app = spawn_app(&pg, &stream);
 
     // 1. Many short checkouts from concurrent workers.
     let run = app.request(json!({"op": "run", "cycles": CYCLES, "workers": WORKERS}));
