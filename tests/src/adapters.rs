@@ -111,31 +111,40 @@ impl NodeApp {
     }
 
     fn read_answer(&mut self, what: &str) -> Value {
-        let mut line = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut line)
-            .unwrap_or_else(|e| panic!("cannot read the app's answer to {what}: {e}"));
-        assert!(n > 0, "the app exited on {what}");
-        let answer: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the app's answer to {what} is not JSON ({e}): {line}"));
-        assert_eq!(
-            answer["ok"],
-            Value::Bool(true),
-            "the app failed {what}: {answer}"
-        );
-        answer
+        read_answer(&mut self.stdout, what)
     }
 
     /// Sends one request and returns the answer; panics unless it is ok.
     pub fn request(&mut self, request: Value) -> Value {
-        let line = request.to_string();
         let stdin = self.stdin.as_mut().expect("the app's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
-        self.read_answer(&line)
+        exchange(stdin, &mut self.stdout, &request)
     }
+}
+
+/// One JSON answer line of a test app; panics unless it is `ok`.
+fn read_answer(stdout: &mut BufReader<ChildStdout>, what: &str) -> Value {
+    let mut line = String::new();
+    let n = stdout
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("cannot read the app's answer to {what}: {e}"));
+    assert!(n > 0, "the app exited on {what}");
+    let answer: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("the app's answer to {what} is not JSON ({e}): {line}"));
+    assert_eq!(
+        answer["ok"],
+        Value::Bool(true),
+        "the app failed {what}: {answer}"
+    );
+    answer
+}
+
+/// Writes `request` as one line to a test app and reads its answer.
+fn exchange(stdin: &mut ChildStdin, stdout: &mut BufReader<ChildStdout>, request: &Value) -> Value {
+    let line = request.to_string();
+    writeln!(stdin, "{line}")
+        .and_then(|_| stdin.flush())
+        .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
+    read_answer(stdout, &line)
 }
 
 impl Drop for NodeApp {
@@ -235,25 +244,8 @@ impl PoolApp {
 
     /// Sends one request and returns the answer; panics unless it is ok.
     pub fn request(&mut self, request: Value) -> Value {
-        let line = request.to_string();
         let stdin = self.stdin.as_mut().expect("the app's stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("cannot send {line} to the app: {e}"));
-        let mut answer = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("cannot read the app's answer to {line}: {e}"));
-        assert!(n > 0, "the app exited on {line}");
-        let answer: Value = serde_json::from_str(&answer)
-            .unwrap_or_else(|e| panic!("the app's answer to {line} is not JSON ({e}): {answer}"));
-        assert_eq!(
-            answer["ok"],
-            Value::Bool(true),
-            "the app failed {line}: {answer}"
-        );
-        answer
+        exchange(stdin, &mut self.stdout, &request)
     }
 }
 

@@ -183,6 +183,17 @@ class Reporter {
     }
   }
 
+  /** Stops the timers when the application ends the pool. */
+  wrapEnd() {
+    const reporter = this
+    const originalEnd = this.pool.end
+    if (typeof originalEnd !== 'function') return
+    this.pool.end = function end(...args) {
+      reporter.stop()
+      return originalEnd.apply(this, args)
+    }
+  }
+
   stop() {
     if (this.timer !== null) {
       clearInterval(this.timer)

@@ -181,13 +181,7 @@ class MysqlReporter extends Reporter {
       return originalRelease.call(this, conn, ...rest)
     }
 
-    const originalEnd = pool.end
-    if (typeof originalEnd === 'function') {
-      pool.end = function end(...args) {
-        reporter.stop()
-        return originalEnd.apply(this, args)
-      }
-    }
+    this.wrapEnd()
   }
 }
 

@@ -217,13 +217,7 @@ class PgReporter extends Reporter {
       )
     }
 
-    const originalEnd = pool.end
-    if (typeof originalEnd === 'function') {
-      pool.end = function end(...args) {
-        reporter.stop()
-        return originalEnd.apply(this, args)
-      }
-    }
+    this.wrapEnd()
   }
 }
 

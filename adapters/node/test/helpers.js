@@ -166,6 +166,28 @@ class Receiver {
   }
 }
 
+/**
+ * A TCP server on 127.0.0.1 that accepts and never says a word, closed
+ * with its sockets after the test `t`; resolves with its port.
+ */
+function silentTcpServer(t) {
+  const sockets = new Set()
+  const server = net.createServer((s) => {
+    sockets.add(s)
+    s.on('close', () => sockets.delete(s))
+    s.on('error', () => {})
+  })
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () => {
+      t.after(() => {
+        for (const s of sockets) s.destroy()
+        server.close()
+      })
+      resolve(server.address().port)
+    })
+  })
+}
+
 /** Polls `f` every few ms until it returns a truthy value (or times out). */
 async function eventually(f, timeoutMs = 5000) {
   const deadline = Date.now() + timeoutMs
@@ -175,6 +197,25 @@ async function eventually(f, timeoutMs = 5000) {
     if (Date.now() > deadline) throw new Error('timed out')
     await new Promise((resolve) => setTimeout(resolve, 5))
   }
+}
+
+/** The first message `rx` got, a registration, without its (checked)
+ * `mono_ns`. */
+async function registration(rx) {
+  const [reg] = await rx.messages()
+  const { mono_ns: monoNs, ...rest } = reg
+  if (!(Number.isInteger(monoNs) && monoNs > 0)) throw new Error(`no mono_ns in ${JSON.stringify(reg)}`)
+  return rest
+}
+
+/** Asserts that `m` is one acquire that ended without a connection, with
+ * `result`. */
+function assertFailedAcquire(m, result) {
+  const got = m.map((x) => x.kind)
+  if (JSON.stringify(got) !== '["acquire_start","acquire_end"]') throw new Error(`not one failed acquire: ${JSON.stringify(m)}`)
+  if (m[1].result !== result) throw new Error(`result ${m[1].result}, not ${result}: ${JSON.stringify(m)}`)
+  if (m[1].request !== m[0].request) throw new Error(`the end of another request: ${JSON.stringify(m)}`)
+  if (m[1].local_address !== undefined || m[1].fd !== undefined) throw new Error(`names a connection: ${JSON.stringify(m)}`)
 }
 
 /** Messages from `rx` until there are at least `n` (or times out). */
@@ -189,4 +230,4 @@ async function collect(rx, n, timeoutMs = 5000) {
   }
 }
 
-module.exports = { Receiver, collect, eventually, GOLDEN, checkGoldenShape, checkedKinds }
+module.exports = { Receiver, assertFailedAcquire, collect, registration, eventually, silentTcpServer, GOLDEN, checkGoldenShape, checkedKinds }
