@@ -124,6 +124,7 @@ test('oversized messages are dropped, a 4096-byte one is sent', async (t) => {
 
 test('an agent that starts later gets what waited, in order, with its times; a comeback is counted', async (t) => {
   const dir = require('node:fs').mkdtempSync(path.join(os.tmpdir(), 'poolscope-late-'))
+  t.after(() => require('node:fs').rmSync(dir, { recursive: true, force: true }))
   const socketPath = path.join(dir, 'adapter-stream.sock')
   const sender = new Sender(socketPath, fast)
   t.after(() => sender.close())
@@ -182,6 +183,7 @@ test('an agent that restarts: the sender reconnects with a backoff and keeps the
 
 test("an agent that stops reading: Node's write buffer stays bounded, sends never block", async (t) => {
   const dir = require('node:fs').mkdtempSync(path.join(os.tmpdir(), 'poolscope-stuck-'))
+  t.after(() => require('node:fs').rmSync(dir, { recursive: true, force: true }))
   const socketPath = path.join(dir, 'adapter-stream.sock')
   const streams = []
   const server = net.createServer((s) => {
