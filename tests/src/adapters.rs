@@ -10,15 +10,19 @@ use std::{
 
 use crate::{json, path_str, python3, workspace_root, JsonLinesChild, Value, LOCALHOST_V4};
 
+/// The npm packages the Node.js adapter's tests use (its devDependencies).
+pub const NODE_ADAPTER_DEV_PACKAGES: [&str; 3] = ["pg", "mysql2", "mysql"];
+
 /// `adapters/node`: the npm package `poolscope-adapter`.
 pub fn node_adapter_dir() -> PathBuf {
     workspace_root().join("adapters").join("node")
 }
 
-/// True when `node`, the adapter's npm dependencies (`pg`) and its compiled
-/// Unix-datagram sender are all there. In CI (`CI=true`) a missing one is a
-/// failure, so that a runner without them cannot pass by skipping; elsewhere
-/// the test is skipped with what to run.
+/// True when `node` and the adapter's npm dependencies (`pg`, `mysql2` and
+/// `mysql`, for its tests; the adapter itself is pure JavaScript) are there.
+/// In CI (`CI=true`) a missing one is a failure, so that a runner without
+/// them cannot pass by skipping; elsewhere the test is skipped with what to
+/// run.
 pub fn require_node_adapter() -> bool {
     let dir = node_adapter_dir();
     let mut missing = Vec::new();
@@ -30,15 +34,10 @@ pub fn require_node_adapter() -> bool {
     if !node_runs {
         missing.push("node (Debian's nodejs and npm)".to_string());
     }
-    for (path, what) in [
-        ("node_modules/pg/package.json", "the npm dependencies"),
-        (
-            "build/Release/poolscope_adapter.node",
-            "the native sender (node-gyp)",
-        ),
-    ] {
-        if !dir.join(path).is_file() {
-            missing.push(format!("{what}: {}", dir.join(path).display()));
+    for package in NODE_ADAPTER_DEV_PACKAGES {
+        let manifest = dir.join("node_modules").join(package).join("package.json");
+        if !manifest.is_file() {
+            missing.push(format!("the npm package {package}: {}", manifest.display()));
         }
     }
     if missing.is_empty() {
@@ -54,6 +53,47 @@ pub fn require_node_adapter() -> bool {
     }
     eprintln!("skipped: {text}");
     false
+}
+
+/// A Node.js application of `adapters/node` (`script`, relative to it),
+/// driven with one JSON request per line on stdin and one JSON answer per
+/// line on stdout; its adapter sends to the stream socket `stream`. Its
+/// first line says it is ready, with its pid. Killed on drop.
+pub struct NodeApp {
+    pub pid: u32,
+    /// The app's first answer (`ready`, `pid`, and what the app adds).
+    pub ready: Value,
+    app: JsonLinesChild,
+}
+
+impl NodeApp {
+    pub fn spawn(script: &str, stream: &Path, envs: &[(&str, String)]) -> NodeApp {
+        let dir = node_adapter_dir();
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join(script))
+            .current_dir(&dir)
+            .env_remove("POOLSCOPE_ADAPTER_SOCKET")
+            .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", stream);
+        for (key, value) in envs {
+            cmd.env(key, value);
+        }
+        let (app, ready) = JsonLinesChild::start(&mut cmd, &format!("node {script}"));
+        assert_eq!(
+            ready["adapter"]["socket"].as_str(),
+            stream.to_str(),
+            "the adapter sends to the agent's stream socket: {ready}"
+        );
+        NodeApp {
+            pid: app.pid,
+            ready,
+            app,
+        }
+    }
+
+    /// Sends one request and returns the answer; panics unless it is ok.
+    pub fn request(&mut self, request: Value) -> Value {
+        self.app.request(request)
+    }
 }
 
 pub use poolscope::api::PoolsResponse;

@@ -4,8 +4,10 @@
 //! What the agent shows for that pid (`/api/v1/pools`, `/api/v1/leaks`) must
 //! agree with what the application itself counted.
 //!
-//! Needs root (BPF), PostgreSQL, node, and `npm ci` in adapters/node (which
-//! `cargo xtask setup` runs); under `CI=true` a missing one fails the test.
+//! The adapter is pure JavaScript and sends on the agent's Unix stream
+//! socket. Needs root (BPF), PostgreSQL, node, and `npm ci` in
+//! adapters/node (which `cargo xtask setup` runs); under `CI=true` a missing
+//! one fails the test.
 
 use std::{
     path::Path,
@@ -31,39 +33,21 @@ const QUIET_SECONDS: f64 = 1.5;
 /// A leak must be reported this long after the threshold at the latest.
 const LEAK_REPORT_SLACK: Duration = Duration::from_secs(2);
 
-/// `adapters/node/test/fixtures/pool_app.js`, driven with one JSON request
-/// per line.
-struct NodeApp {
-    pid: u32,
-    app: JsonLinesChild,
-}
-
-impl NodeApp {
-    fn spawn(pg: &Postgres, socket: &Path) -> NodeApp {
-        let dir = node_adapter_dir();
-        let script = dir.join("test/fixtures/pool_app.js");
-        let mut cmd = Command::new("node");
-        cmd.arg(&script)
-            .current_dir(&dir)
-            .env("POOLSCOPE_ADAPTER_SOCKET", socket)
-            .env("PGHOST", LOCALHOST_V4)
-            .env("PGPORT", pg.port.to_string())
-            .env("PGUSER", "postgres")
-            .env("PGDATABASE", "postgres")
-            .env("POOL_NAME", POOL)
-            .env("POOL_MAX", POOL_MAX.to_string());
-        let (app, ready) = JsonLinesChild::start(&mut cmd, &format!("node {}", script.display()));
-        assert_eq!(
-            ready["adapter"],
-            Value::Bool(true),
-            "the adapter's native sender did not load: {ready}"
-        );
-        NodeApp { pid: app.pid, app }
-    }
-
-    fn request(&mut self, request: Value) -> Value {
-        self.app.request(request)
-    }
+/// `adapters/node/test/fixtures/pool_app.js` with its pool on `pg`, its
+/// adapter sending to the stream socket `stream`.
+fn spawn_app(pg: &Postgres, stream: &Path) -> NodeApp {
+    NodeApp::spawn(
+        "test/fixtures/pool_app.js",
+        stream,
+        &[
+            ("PGHOST", LOCALHOST_V4.to_string()),
+            ("PGPORT", pg.port.to_string()),
+            ("PGUSER", "postgres".to_string()),
+            ("PGDATABASE", "postgres".to_string()),
+            ("POOL_NAME", POOL.to_string()),
+            ("POOL_MAX", POOL_MAX.to_string()),
+        ],
+    )
 }
 
 fn count(answer: &Value, key: &str) -> u64 {
@@ -133,19 +117,22 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
     let pg = Postgres::start();
     let dir = TempDir::new("poolscope-node-adapter");
     let socket = dir.path().join("run").join("adapter.sock");
-    let config = format!(
-        "[adapter]\nsocket = {socket:?}\n\n\
-         [leaks]\nleak_threshold_seconds = {LEAK_THRESHOLD_SECONDS:.1}\nquiet_seconds = {QUIET_SECONDS:.1}\n",
-        socket = socket.display().to_string(),
+    let config = adapter_config(
+        &socket,
+        &[
+            ("leak_threshold_seconds", LEAK_THRESHOLD_SECONDS),
+            ("quiet_seconds", QUIET_SECONDS),
+        ],
     );
     let agent = Agent::start_with_config(&config, &[]);
+    let stream = stream_socket_beside(&socket);
     assert!(
-        socket.exists(),
-        "the agent did not bind {}\n{}",
-        socket.display(),
+        stream.exists(),
+        "the agent did not bind its stream socket {}\n{}",
+        stream.display(),
         agent.log()
     );
-    let mut app = NodeApp::spawn(&pg, &socket);
+    let mut app = spawn_app(&pg, &stream);
 
     // 1. Many short checkouts from concurrent workers.
     let run = app.request(json!({"op": "run", "cycles": CYCLES, "workers": WORKERS}));
@@ -289,11 +276,17 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
         Some(0),
         "the adapter dropped messages: {end}"
     );
+    assert_eq!(
+        adapter["connects"].as_u64(),
+        Some(1),
+        "one stream for the whole run: {end}"
+    );
 }
 
 /// The adapter's own unit tests (`node --test`, as `npm test` runs them):
 /// run here so that `cargo test` covers them. They need no kernel and no
-/// database: a receiving Unix datagram socket and fake pg clients.
+/// database: a listening Unix stream socket, fake pg clients and fake
+/// mysql2/mysql pools.
 #[test]
 fn node_adapter_unit_tests_pass() {
     if !require_node_adapter() {

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs from the package registries only, prints one
 //! line per thing it checks, and changes nothing when all is present.
 
-use std::{fs, path::Path, process::Command};
+use std::{fs, process::Command};
 
 use anyhow::{bail, Context, Result};
 
@@ -121,26 +121,26 @@ fn ensure_dashboard_deps(apt: &mut Apt) -> Result<()> {
         .args(["ci", "--no-audit", "--no-fund"]))
 }
 
-/// The Node.js adapter's npm dependencies (`pg`, for its tests) and its
-/// native Unix-datagram sender, which `npm ci` builds with node-gyp, in
-/// adapters/node, only when one of them is missing. Node.js and npm come
-/// from Debian when the machine has none; node-gyp needs make and g++.
+/// The Node.js adapter's npm dependencies (`pg`, `mysql2` and `mysql`, its
+/// devDependencies, for its tests; the adapter itself is pure JavaScript
+/// and builds nothing), installed with `npm ci` in adapters/node only when
+/// one of them is missing. Node.js and npm come from Debian when the
+/// machine has none.
 fn ensure_node_adapter_deps(apt: &mut Apt) -> Result<()> {
     let dir = super::root().join("adapters").join("node");
-    let pg = dir.join("node_modules").join("pg").join("package.json");
-    let sender = dir.join("build/Release/poolscope_adapter.node");
-    if pg.is_file() && sender.is_file() {
+    let installed = ["pg", "mysql2", "mysql"].iter().all(|package| {
+        dir.join("node_modules")
+            .join(package)
+            .join("package.json")
+            .is_file()
+    });
+    if installed {
         println!("ok: node adapter dependencies (adapters/node)");
         return Ok(());
     }
     // Only when missing: the machine's own Node.js (e.g. a newer one that
     // bundles npm) must not be replaced by Debian's.
-    for (tool, debs) in [
-        ("node", &["nodejs", "npm"][..]),
-        ("npm", &["npm"][..]),
-        ("make", &["make"][..]),
-        ("g++", &["g++"][..]),
-    ] {
+    for (tool, debs) in [("node", &["nodejs", "npm"][..]), ("npm", &["npm"][..])] {
         if which(tool).is_none() {
             apt.ensure(&debs.iter().map(|d| d.to_string()).collect::<Vec<_>>())?;
         }
@@ -151,23 +151,9 @@ fn ensure_node_adapter_deps(apt: &mut Apt) -> Result<()> {
         "install"
     };
     println!("installing: node adapter dependencies (npm {subcommand} in adapters/node)");
-    let mut npm = Command::new("npm");
-    npm.current_dir(&dir)
-        .args([subcommand, "--no-audit", "--no-fund"]);
-    // node-gyp compiles against the installed headers instead of
-    // downloading them at build time.
-    if Path::new("/usr/include/node/common.gypi").is_file() {
-        npm.env("npm_config_nodedir", "/usr");
-    }
-    run(&mut npm)?;
-    if !sender.is_file() {
-        bail!(
-            "`npm {subcommand}` in {} did not build the native sender {} (see node-gyp's output above)",
-            dir.display(),
-            sender.display()
-        );
-    }
-    Ok(())
+    run(Command::new("npm")
+        .current_dir(&dir)
+        .args([subcommand, "--no-audit", "--no-fund"]))
 }
 
 /// The JVM adapter: a JDK and Debian's HikariCP, pgjdbc, MariaDB

@@ -1,19 +1,38 @@
 'use strict'
-// One datagram per message to the agent's socket, without ever blocking or
-// throwing. A send that cannot happen (no agent, no native sender, a message
-// too large) drops the message and counts it; one that cannot happen *yet*
-// (the agent's queue is full) waits in a bounded backlog and is retried from
-// a timer.
+// Newline-delimited JSON messages on the agent's Unix stream socket
+// (docs/adapter-protocol.md, "The stream socket"), in pure JavaScript.
+//
+// The promises every adapter keeps: a send never blocks and never throws
+// into the application. While there is no connection (the agent is absent,
+// restarting, or the first connect is still under way) messages wait in a
+// small bounded backlog, in order; a full backlog drops new messages and
+// counts them. Once connected, a message goes straight to the socket unless
+// the socket already buffers too much (an agent that stopped reading): then
+// it is dropped and counted, so that Node's write buffer cannot grow without
+// bound. A lost connection is re-opened with a backoff. Socket and timers are
+// unref()ed: the adapter never keeps a process alive.
 
-const { native } = require('./native')
+const net = require('node:net')
 
-/** Where the agent listens unless POOLSCOPE_ADAPTER_SOCKET says otherwise. */
-const DEFAULT_SOCKET = '/run/poolscope/adapter.sock'
-/** The agent refuses larger datagrams. */
+/** Where the agent listens unless POOLSCOPE_ADAPTER_STREAM_SOCKET says otherwise. */
+const DEFAULT_SOCKET = '/run/poolscope/adapter-stream.sock'
+/** The agent drops a stream whose line (without its newline) is longer. */
 const MAX_MESSAGE_BYTES = 4096
+/** Messages kept while not connected (at most a few hundred KiB). */
+const MAX_BACKLOG = 1024
+/** Bytes Node may buffer on a connected socket before new messages are dropped. */
+const MAX_WRITABLE_BYTES = 256 * 1024
+/** Delays (ms) before reconnecting, one step further after each failure;
+ * back to the first once a connection is made. */
+const RECONNECT_DELAYS_MS = [50, 100, 250, 500, 1000, 2000, 5000]
+/** A backlog that found no agent for this long is given up: the agent would
+ * no longer trust the messages' times anyway (it clamps at 10 minutes). */
+const GIVE_UP_MS = 60_000
+
+const NEWLINE = Buffer.from('\n')
 
 function socketPathFromEnv(env = process.env) {
-  const fromEnv = env.POOLSCOPE_ADAPTER_SOCKET
+  const fromEnv = env.POOLSCOPE_ADAPTER_STREAM_SOCKET
   return typeof fromEnv === 'string' && fromEnv !== '' ? fromEnv : DEFAULT_SOCKET
 }
 
@@ -29,6 +48,7 @@ function monotonicNs() {
  * The message as JSON text. `mono_ns` (a BigInt) is written as a JSON integer
  * in full: JSON.stringify cannot write BigInts, and a Number would lose
  * precision once the machine has been up for more than 2^53 ns (104 days).
+ * JSON.stringify escapes control characters, so the text holds no newline.
  */
 function encode(message, monoNs) {
   let text = JSON.stringify(message)
@@ -38,202 +58,247 @@ function encode(message, monoNs) {
   return Buffer.from(text, 'utf8')
 }
 
-/** errnos that mean "the agent's receive queue is full for now". */
-const EAGAIN = -11
-const ENOBUFS = -105
-// No agent listens: after these, the next send that succeeds means it came back.
-const ENOENT = -2
-const ECONNREFUSED = -111
-/** Messages kept while the agent's queue is full (a few hundred KiB). */
-const MAX_BACKLOG = 2048
-/** Retry delays (ms) while the queue stays full; back to the first one as
- * soon as a message gets through. Timers only: an unref()ed setImmediate
- * does not wake an idle event loop, so a retry scheduled with it would wait
- * for the application's next I/O, however late that comes. */
-const RETRY_DELAYS_MS = [1, 1, 2, 5, 10, 20]
-/** A backlog that got nothing through for this long is given up: the agent
- * is stuck, and it would no longer trust the messages' times anyway. */
-const GIVE_UP_MS = 10_000
-
 function nowMs() {
   return Number(process.hrtime.bigint() / 1_000_000n)
 }
 
+function option(value, fallback) {
+  return Number.isInteger(value) && value >= 0 ? value : fallback
+}
+
 class Sender {
+  /**
+   * options: maxBacklog, maxWritableBytes, reconnectDelaysMs (array),
+   * giveUpMs: bounds and timings above (tests shorten them).
+   */
   constructor(socketPath = socketPathFromEnv(), options = {}) {
     this.socketPath = socketPath
-    this.maxBacklog = Number.isInteger(options.maxBacklog) ? options.maxBacklog : MAX_BACKLOG
-    this.giveUpMs = Number.isInteger(options.giveUpMs) ? options.giveUpMs : GIVE_UP_MS
-    this.fd = -1
+    this.maxBacklog = option(options.maxBacklog, MAX_BACKLOG)
+    this.maxWritableBytes = option(options.maxWritableBytes, MAX_WRITABLE_BYTES)
+    this.reconnectDelaysMs =
+      Array.isArray(options.reconnectDelaysMs) && options.reconnectDelaysMs.length > 0
+        ? options.reconnectDelaysMs
+        : RECONNECT_DELAYS_MS
+    this.giveUpMs = option(options.giveUpMs, GIVE_UP_MS)
+    /** null, or the socket: connecting until `connected`. */
+    this.socket = null
+    this.connected = false
+    this.closed = false
+    this.reconnectTimer = null
+    this.failures = 0
+    this.backlog = []
+    /** When the backlog's oldest message was queued. */
+    this.backlogSinceMs = 0
+    /** Messages written to a connected socket. */
     this.sent = 0
     this.dropped = 0
-    /** Messages that waited for room in the agent's queue at least once. */
+    /** Messages that waited in the backlog for a connection. */
     this.deferred = 0
-    /** errno (negative) of the last failed send, for diagnostics. */
-    this.lastError = 0
-    this.backlog = []
-    this.retry = null
-    this.retryStep = 0
-    /** When the backlog last got a message through (or started). */
-    this.lastProgressMs = 0
-    /** Sends that succeeded after sends failed for want of an agent: each
-     * is an agent (re)starting, and pools re-send their state. */
+    /** Connections made, and lost (or refused). */
+    this.connects = 0
+    this.disconnects = 0
+    /** The last error's code (ENOENT, ECONNREFUSED, EPIPE...), for diagnostics. */
+    this.lastError = null
+    /** Connections made after a connection failed or was lost: each may be
+     * a new agent that knows nothing of this process's pools, so pools
+     * re-send their registration and checkouts. */
     this.comebacks = 0
-    this.agentGone = false
+    this.everFailed = false
+    this.comebackListeners = new Set()
   }
 
-  /** Whether sends can reach a socket at all (the native sender loaded). */
+  /** Always true: the sender is pure JavaScript (kept for callers of the
+   * native sender's `active`). */
   get active() {
-    return native !== null
+    return true
   }
 
   /**
    * Sends one message (an object with v, kind, pool, ...) stamped with
-   * `monoNs` (BigInt, default now). True if the kernel took the datagram or
-   * it waits in the backlog for room in the agent's queue; false if it was
-   * dropped.
+   * `monoNs` (BigInt, default now). True if it was written to the socket or
+   * waits in the backlog for a connection; false if it was dropped.
    */
   send(message, monoNs = monotonicNs()) {
     try {
       return this.sendBytes(encode(message, monoNs))
     } catch (err) {
-      return this._drop(0)
+      return this._drop()
     }
   }
 
-  /** Sends a message already encoded (see `send`). */
+  /** Sends a message already encoded (see `send`): one line, no newline. */
   sendBytes(bytes) {
     try {
-      if (native === null) return this._drop(0)
-      if (this.fd < 0) {
-        const fd = native.socket()
-        if (fd < 0) return this._drop(fd)
-        this.fd = fd
-      }
-      if (bytes.length > MAX_MESSAGE_BYTES) return this._drop(0)
-      if (this.backlog.length > 0) {
-        // Keep the order: behind what already waits, then try to catch up.
-        const kept = this._defer(bytes)
-        this._flush(false)
-        return kept
-      }
-      const n = native.sendTo(this.fd, this.socketPath, bytes)
-      if (n >= 0) {
-        this.sent += 1
-        this._arrived()
-        return true
-      }
-      if (n === EAGAIN || n === ENOBUFS) return this._defer(bytes)
-      return this._drop(n)
+      if (this.closed || !Buffer.isBuffer(bytes) || bytes.length > MAX_MESSAGE_BYTES) return this._drop()
+      if (this.connected && this.backlog.length === 0) return this._write(bytes)
+      return this._defer(bytes)
     } catch (err) {
-      return this._drop(0)
+      return this._drop()
     }
   }
 
-  /**
-   * The agent's queue is full (Linux lets an unconnected Unix datagram
-   * socket queue only net.unix.max_dgram_qlen messages, 10 by default, and a
-   * busy application fills that in microseconds). Dropping here would lose
-   * releases and make false leak reports, so the message waits, bounded, and
-   * is retried from a timer: never blocking, never keeping the process alive.
-   */
-  _defer(bytes) {
-    if (this.backlog.length >= this.maxBacklog) return this._drop(EAGAIN)
-    if (this.backlog.length === 0) this.lastProgressMs = nowMs()
-    this.backlog.push(bytes)
-    this.deferred += 1
-    this._schedule()
+  /** Writes one line to the connected socket, unless it buffers too much. */
+  _write(bytes) {
+    const socket = this.socket
+    if (socket.writableLength + bytes.length + 1 > this.maxWritableBytes) return this._drop()
+    // One write per line: the agent reads lines, never a line cut by another.
+    socket.write(bytes.length === 0 ? NEWLINE : Buffer.concat([bytes, NEWLINE], bytes.length + 1))
+    this.sent += 1
     return true
   }
 
-  _schedule() {
-    if (this.retry !== null || this.backlog.length === 0) return
-    const delay = RETRY_DELAYS_MS[Math.min(this.retryStep, RETRY_DELAYS_MS.length - 1)]
-    const run = () => {
-      this.retry = null
-      this._flush(true)
-    }
-    this.retry = setTimeout(run, delay)
-    // Messages still waiting when the application is otherwise done are
-    // not worth keeping it alive for.
-    if (typeof this.retry.unref === 'function') this.retry.unref()
-  }
-
-  /** Sends what waits, oldest first, until the queue is full again. A
-   * retry from the timer that got nothing through waits longer next time. */
-  _flush(fromTimer) {
-    try {
-      let progressed = false
-      while (this.backlog.length > 0) {
-        const n = native.sendTo(this.fd, this.socketPath, this.backlog[0])
-        if (n === EAGAIN || n === ENOBUFS) break
-        this.backlog.shift()
-        progressed = true
-        if (n >= 0) {
-          this.sent += 1
-          this._arrived()
-        } else this._drop(n)
-      }
-      if (progressed) {
-        this.retryStep = 0
-        this.lastProgressMs = nowMs()
-      } else if (fromTimer) {
-        this.retryStep += 1
-        if (this.backlog.length > 0 && nowMs() - this.lastProgressMs > this.giveUpMs) {
-          this.lastError = EAGAIN
-          this.dropped += this.backlog.length
-          this.backlog = []
-        }
-      }
-    } catch (err) {
+  /** A backlog nobody took for `giveUpMs` is given up (counted). */
+  _expire() {
+    if (this.backlog.length > 0 && this.giveUpMs > 0 && nowMs() - this.backlogSinceMs > this.giveUpMs) {
       this.dropped += this.backlog.length
       this.backlog = []
     }
-    this._schedule()
   }
 
-  _arrived() {
-    if (this.agentGone) {
-      this.agentGone = false
-      this.comebacks += 1
+  _defer(bytes) {
+    this._expire()
+    if (this.backlog.length >= this.maxBacklog) return this._drop()
+    if (this.backlog.length === 0) this.backlogSinceMs = nowMs()
+    this.backlog.push(bytes)
+    this.deferred += 1
+    this._connectSoon()
+    return true
+  }
+
+  _drop() {
+    this.dropped += 1
+    return false
+  }
+
+  /** Connects now if nothing is under way and no backoff is pending. */
+  _connectSoon() {
+    if (this.closed || this.socket !== null || this.reconnectTimer !== null) return
+    this._connect()
+  }
+
+  _connect() {
+    let socket
+    try {
+      socket = net.createConnection({ path: this.socketPath })
+    } catch (err) {
+      this.lastError = (err && err.code) || 'EINVAL'
+      this._lost()
+      return
+    }
+    this.socket = socket
+    socket.unref()
+    socket.on('connect', () => {
+      if (this.socket !== socket) return
+      this.connected = true
+      this.connects += 1
+      this.failures = 0
+      const comeback = this.everFailed
+      this.everFailed = false
+      this._expire()
+      this._flush()
+      if (comeback) {
+        this.comebacks += 1
+        for (const listener of this.comebackListeners) {
+          try {
+            listener()
+          } catch (err) {
+            // never into the application
+          }
+        }
+      }
+    })
+    // The agent never writes: reading only notices its end (EOF).
+    socket.on('data', () => {})
+    socket.on('end', () => socket.destroy())
+    socket.on('error', (err) => {
+      this.lastError = (err && err.code) || 'EIO'
+      // From now on messages wait in the backlog for the next connection.
+      if (this.socket === socket) this.connected = false
+    })
+    socket.on('close', () => {
+      if (this.socket !== socket) return
+      this._lost()
+    })
+  }
+
+  /** The connection failed or ended: what Node still buffered is lost. */
+  _lost() {
+    if (this.socket !== null) {
+      this.disconnects += 1
+      this.socket.destroy()
+    }
+    this.socket = null
+    this.connected = false
+    this.everFailed = true
+    if (this.closed) return
+    // Before any connection was made, reconnect only while something waits
+    // (an application that never finds an agent and sends nothing costs
+    // nothing); after one, always (one attempt per 5 s at most).
+    if (this.backlog.length === 0 && this.failures === 0 && this.connects === 0) return
+    const delays = this.reconnectDelaysMs
+    const delay = delays[Math.min(this.failures, delays.length - 1)]
+    this.failures += 1
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = null
+      if (this.closed || this.socket !== null) return
+      // Even with nothing waiting: a restarted agent then gets the pools'
+      // state (a comeback) without waiting for the application's next event.
+      this._expire()
+      this._connect()
+    }, delay)
+    this.reconnectTimer.unref()
+  }
+
+  /** Writes what waited, oldest first, as far as the socket takes it. */
+  _flush() {
+    while (this.backlog.length > 0 && this.connected) {
+      this._write(this.backlog.shift())
     }
   }
 
-  _drop(errno) {
-    if (errno === ENOENT || errno === ECONNREFUSED) this.agentGone = true
-    this.dropped += 1
-    if (errno) this.lastError = errno
-    return false
+  /** Calls `listener` after each comeback (see `comebacks`). */
+  onComeback(listener) {
+    this.comebackListeners.add(listener)
+    return () => this.comebackListeners.delete(listener)
   }
 
   stats() {
     return {
-      active: this.active,
+      active: true,
       socket: this.socketPath,
+      connected: this.connected,
       sent: this.sent,
       dropped: this.dropped,
       deferred: this.deferred,
       waiting: this.backlog.length,
+      buffered: this.socket !== null && this.connected ? this.socket.writableLength : 0,
+      connects: this.connects,
+      disconnects: this.disconnects,
       lastError: this.lastError,
       comebacks: this.comebacks,
     }
   }
 
+  /** Stops: what waits is dropped (counted), the socket ended after what
+   * Node buffered is written. */
   close() {
-    if (this.retry !== null) {
-      clearTimeout(this.retry)
-      this.retry = null
+    this.closed = true
+    if (this.reconnectTimer !== null) {
+      clearTimeout(this.reconnectTimer)
+      this.reconnectTimer = null
     }
     this.dropped += this.backlog.length
     this.backlog = []
-    if (this.fd >= 0 && native !== null) {
+    if (this.socket !== null) {
       try {
-        native.close(this.fd)
+        if (this.connected) this.socket.end()
+        else this.socket.destroy()
       } catch (err) {
         // nothing to do
       }
     }
-    this.fd = -1
+    this.socket = null
+    this.connected = false
   }
 }
 
@@ -253,6 +318,7 @@ module.exports = {
   DEFAULT_SOCKET,
   MAX_BACKLOG,
   MAX_MESSAGE_BYTES,
+  MAX_WRITABLE_BYTES,
   Sender,
   encode,
   monotonicNs,

@@ -1,12 +1,12 @@
 'use strict'
-// A receiving Unix datagram socket in a temp dir, as the agent binds it
-// (SO_PASSCRED), read synchronously: sends are synchronous, so whatever the
-// adapter sent is already queued when a test looks.
+// A listening Unix stream socket in a temp dir, as the agent binds it, and
+// the golden shapes that every message the adapter sends must have.
 
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
-const { native } = require('../lib/native')
+const net = require('node:net')
+const { senderFor } = require('../lib/sender')
 
 // The golden messages (adapters/protocol/golden/, one file per kind): every
 // message the adapter sends must have the shape of that kind's examples.
@@ -75,6 +75,12 @@ function checkGoldenShape(m, shape = undefined, where = 'message') {
   if (where === 'message') checkedKinds.add(m.kind)
 }
 
+/**
+ * A listening Unix stream socket in a temp dir, as the agent binds it: reads
+ * newline-delimited JSON from every stream it accepts. Sends are
+ * asynchronous, so `await rx.messages()` first waits until every message the
+ * senders of this path wrote has arrived.
+ */
 class Receiver {
   /**
    * `golden: false` for tests of the transport that send hand-made payloads
@@ -82,52 +88,104 @@ class Receiver {
    */
   constructor({ golden = true } = {}) {
     this.golden = golden
-    if (native === null) throw new Error('the native sender is not built: run npm install (node-gyp)')
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'poolscope-node-'))
-    this.path = path.join(this.dir, 'adapter.sock')
-    this.fd = native.bind(this.path)
-    if (this.fd < 0) throw new Error(`cannot bind ${this.path}: errno ${-this.fd}`)
+    this.path = path.join(this.dir, 'adapter-stream.sock')
+    /** Lines received and not yet taken by messages()/drain(). */
+    this.queue = []
+    /** Lines received in all. */
+    this.received = 0
+    /** Lines the senders wrote that will never arrive (a test that drops
+     * streams says how many). */
+    this.lost = 0
+    this.streams = new Set()
+    this.accepted = 0
+    this.onStream = (s) => {
+      this.accepted += 1
+      this.streams.add(s)
+      let partial = ''
+      s.setEncoding('utf8')
+      s.on('data', (chunk) => {
+        const lines = (partial + chunk).split('\n')
+        partial = lines.pop()
+        for (const text of lines) {
+          if (text === '') continue
+          this.received += 1
+          this.queue.push(text)
+        }
+      })
+      s.on('error', () => {})
+      s.on('close', () => this.streams.delete(s))
+    }
+    this.listen()
   }
 
-  /** Every datagram queued now: { text, json, pid, uid }. */
-  drain() {
-    const out = []
-    for (;;) {
-      const got = native.recv(this.fd)
-      if (got === null) return out
-      if (typeof got === 'number') throw new Error(`recv failed: errno ${-got}`)
-      const text = got.data.toString('utf8')
+  listen() {
+    this.server = net.createServer(this.onStream)
+    this.listening = new Promise((resolve, reject) => {
+      this.server.once('error', reject)
+      this.server.listen(this.path, resolve)
+    })
+    return this.listening
+  }
+
+  /**
+   * Every line received so far, once what `senders` wrote has arrived
+   * (default: the shared sender of this path, which instrument() uses):
+   * [{ text, json }].
+   */
+  async drain(senders = [senderFor(this.path)], timeoutMs = 5000) {
+    await this.listening
+    await eventually(() => {
+      const sent = senders.reduce((n, s) => n + s.stats().sent, 0)
+      return senders.every((s) => s.stats().waiting === 0) && this.received + this.lost >= sent
+    }, timeoutMs)
+    const out = this.queue.map((text) => {
       const json = JSON.parse(text)
       if (this.golden) checkGoldenShape(json)
-      out.push({ text, json, pid: got.pid, uid: got.uid })
-    }
+      return { text, json }
+    })
+    this.queue = []
+    return out
   }
 
-  /** The messages (parsed) queued now. */
-  messages() {
-    return this.drain().map((m) => m.json)
+  /** The messages (parsed) received so far (see drain). */
+  async messages(senders = undefined, timeoutMs = undefined) {
+    return (await this.drain(senders, timeoutMs)).map((m) => m.json)
+  }
+
+  /** The agent exits: stops listening, drops every stream, removes the file. */
+  async stop() {
+    for (const s of this.streams) s.destroy()
+    await new Promise((resolve) => this.server.close(() => resolve()))
   }
 
   close() {
-    native.close(this.fd)
+    for (const s of this.streams) s.destroy()
+    this.server.close()
     fs.rmSync(this.dir, { recursive: true, force: true })
   }
 }
 
 /**
- * How many datagrams a receiving socket queues before senders get EAGAIN:
- * net.unix.max_dgram_qlen as the socket was created, or less. Read it after
- * creating the Receiver: a poolscope agent starting meanwhile may raise it
- * (never lower it), and then this overstates the socket's limit, which is
- * what a test that means to fill the queue needs.
+ * A TCP server on 127.0.0.1 that accepts and never says a word, closed
+ * with its sockets after the test `t`; resolves with its port.
  */
-function queueLength() {
-  try {
-    const n = Number(fs.readFileSync('/proc/sys/net/unix/max_dgram_qlen', 'utf8').trim())
-    return Number.isInteger(n) && n > 0 ? n : 10
-  } catch (err) {
-    return 10
-  }
+function silentTcpServer(t) {
+  const sockets = new Set()
+  const server = net.createServer((s) => {
+    sockets.add(s)
+    s.on('close', () => sockets.delete(s))
+    s.on('error', () => {})
+  })
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () => {
+      t.after(() => {
+        for (const s of sockets) s.destroy()
+        server.close()
+      })
+      resolve(server.address().port)
+    })
+  })
 }
 
 /** Polls `f` every few ms until it returns a truthy value (or times out). */
@@ -141,4 +199,35 @@ async function eventually(f, timeoutMs = 5000) {
   }
 }
 
-module.exports = { Receiver, eventually, queueLength, GOLDEN, checkGoldenShape, checkedKinds }
+/** The first message `rx` got, a registration, without its (checked)
+ * `mono_ns`. */
+async function registration(rx) {
+  const [reg] = await rx.messages()
+  const { mono_ns: monoNs, ...rest } = reg
+  if (!(Number.isInteger(monoNs) && monoNs > 0)) throw new Error(`no mono_ns in ${JSON.stringify(reg)}`)
+  return rest
+}
+
+/** Asserts that `m` is one acquire that ended without a connection, with
+ * `result`. */
+function assertFailedAcquire(m, result) {
+  const got = m.map((x) => x.kind)
+  if (JSON.stringify(got) !== '["acquire_start","acquire_end"]') throw new Error(`not one failed acquire: ${JSON.stringify(m)}`)
+  if (m[1].result !== result) throw new Error(`result ${m[1].result}, not ${result}: ${JSON.stringify(m)}`)
+  if (m[1].request !== m[0].request) throw new Error(`the end of another request: ${JSON.stringify(m)}`)
+  if (m[1].local_address !== undefined || m[1].fd !== undefined) throw new Error(`names a connection: ${JSON.stringify(m)}`)
+}
+
+/** Messages from `rx` until there are at least `n` (or times out). */
+async function collect(rx, n, timeoutMs = 5000) {
+  const got = []
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    got.push(...(await rx.messages()))
+    if (got.length >= n) return got
+    if (Date.now() > deadline) throw new Error(`timed out with ${got.length} of ${n} messages: ${JSON.stringify(got)}`)
+    await new Promise((resolve) => setTimeout(resolve, 5))
+  }
+}
+
+module.exports = { Receiver, assertFailedAcquire, collect, registration, eventually, silentTcpServer, GOLDEN, checkGoldenShape, checkedKinds }

@@ -10,25 +10,7 @@ const { EventEmitter } = require('node:events')
 const { Pool } = require('pg')
 
 const { instrument, stats, _internal } = require('../lib/index')
-const { Receiver, eventually, GOLDEN, checkGoldenShape, checkedKinds } = require('./helpers')
-
-function startServer(t) {
-  const sockets = new Set()
-  const server = net.createServer((s) => {
-    sockets.add(s)
-    s.on('close', () => sockets.delete(s))
-    s.on('error', () => {})
-  })
-  return new Promise((resolve) => {
-    server.listen(0, '127.0.0.1', () => {
-      t.after(() => {
-        for (const s of sockets) s.destroy()
-        server.close()
-      })
-      resolve(server.address().port)
-    })
-  })
-}
+const { Receiver, assertFailedAcquire, collect, registration, silentTcpServer, eventually, GOLDEN, checkGoldenShape, checkedKinds } = require('./helpers')
 
 /** Enough of pg.Client for pg-pool: connect, query, end, and a socket. */
 function fakeClientClass(port, behaviour = {}) {
@@ -79,7 +61,7 @@ function fakeClientClass(port, behaviour = {}) {
 }
 
 async function setup(t, poolOptions = {}, behaviour = {}, instrumentOptions = {}) {
-  const port = await startServer(t)
+  const port = await silentTcpServer(t)
   const rx = new Receiver()
   t.after(() => rx.close())
   const pool = new Pool(
@@ -96,10 +78,7 @@ const kinds = (messages) => messages.map((m) => m.kind)
 
 test('registration names the pool, its server and its limits', async (t) => {
   const { pool, rx } = await setup(t, { max: 4, min: 1 })
-  const [reg] = rx.messages()
-  const { mono_ns: monoNs, ...rest } = reg
-  assert.ok(Number.isInteger(monoNs) && monoNs > 0)
-  assert.deepEqual(rest, {
+  assert.deepEqual(await registration(rx), {
     v: 1,
     kind: 'pool',
     pool: 'orders',
@@ -117,12 +96,12 @@ test('registration names the pool, its server and its limits', async (t) => {
 
 test('acquire, release and close, in order, naming the real socket', async (t) => {
   const { pool, rx } = await setup(t)
-  rx.messages() // registration
+  await rx.messages() // registration
   const client = await pool.connect()
   const stream = client.connection.stream
   const conn = { local_address: `${stream.localAddress}:${stream.localPort}`, fd: stream._handle.fd }
   assert.ok(conn.fd > 2)
-  let m = rx.messages()
+  let m = await rx.messages()
   assert.deepEqual(kinds(m), ['acquire_start', 'connection_created', 'acquire_end'])
   assert.equal(m[0].request, 1)
   assert.deepEqual({ local_address: m[1].local_address, fd: m[1].fd }, conn)
@@ -133,44 +112,41 @@ test('acquire, release and close, in order, naming the real socket', async (t) =
   assert.equal(m[2].tid, undefined, 'no tid from Node')
 
   client.release()
-  m = rx.messages()
+  m = await rx.messages()
   assert.deepEqual(kinds(m), ['release'])
   assert.deepEqual({ local_address: m[0].local_address, fd: m[0].fd }, conn)
 
   // The idle client is handed out again: no new connection.
   const again = await pool.connect()
   assert.equal(again, client)
-  m = rx.messages()
+  m = await rx.messages()
   assert.deepEqual(kinds(m), ['acquire_start', 'acquire_end'])
   assert.equal(m[0].request, 2)
   assert.equal(m[1].request, 2)
   again.release()
-  rx.messages()
+  await rx.messages()
 
   await pool.end()
-  m = await eventually(() => {
-    const got = rx.messages()
-    return got.length ? got : null
-  })
+  m = await collect(rx, 1)
   assert.deepEqual(kinds(m), ['connection_closed'])
   assert.deepEqual({ local_address: m[0].local_address, fd: m[0].fd }, conn, 'named as it was while open')
 })
 
 test('the first connection corrects what the options guessed', async (t) => {
   const { pool, rx } = await setup(t, { host: undefined, port: undefined, database: undefined })
-  assert.equal(rx.messages()[0].server_address, 'localhost')
+  assert.equal((await rx.messages())[0].server_address, 'localhost')
   await pool.query('SELECT 1')
-  const m = rx.messages()
+  const m = await rx.messages()
   assert.deepEqual(kinds(m), ['acquire_start', 'pool', 'connection_created', 'acquire_end', 'release'])
   assert.equal(m[1].namespace, 'postgres', 'the database the client used')
   await pool.query('SELECT 1')
-  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'acquire_end', 'release'], 'only once')
+  assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'acquire_end', 'release'], 'only once')
   await pool.end()
 })
 
 test('callback style, done() and pool.query are all seen', async (t) => {
   const { pool, rx } = await setup(t)
-  rx.messages()
+  await rx.messages()
   await new Promise((resolve, reject) => {
     pool.connect((err, client, done) => {
       if (err) return reject(err)
@@ -178,28 +154,28 @@ test('callback style, done() and pool.query are all seen', async (t) => {
       resolve()
     })
   })
-  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'connection_created', 'acquire_end', 'release'])
+  assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'connection_created', 'acquire_end', 'release'])
   await pool.query('SELECT 1')
-  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'acquire_end', 'release'])
+  assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'acquire_end', 'release'])
   await new Promise((resolve) => pool.query('SELECT 1', [], resolve))
-  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'acquire_end', 'release'])
+  assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'acquire_end', 'release'])
   await pool.end()
 })
 
 test('a waiter gets its own request id and its wait is measured', async (t) => {
   const { pool, rx } = await setup(t, { max: 1 })
-  rx.messages()
+  await rx.messages()
   const first = await pool.connect()
-  rx.messages()
+  await rx.messages()
   const waiting = pool.connect()
   assert.equal(pool.waitingCount, 1)
-  let m = rx.messages()
+  let m = await rx.messages()
   assert.deepEqual(kinds(m), ['acquire_start'])
   const start = m[0]
   await new Promise((resolve) => setTimeout(resolve, 50))
   first.release()
   const second = await waiting
-  m = rx.messages()
+  m = await rx.messages()
   assert.deepEqual(kinds(m), ['release', 'acquire_end'])
   assert.equal(m[1].request, start.request)
   assert.ok(m[1].mono_ns - start.mono_ns >= 45e6, 'waited about 50 ms')
@@ -209,48 +185,38 @@ test('a waiter gets its own request id and its wait is measured', async (t) => {
 
 test('a timed-out acquire ends with result timeout, a failed one with error', async (t) => {
   const { pool, rx } = await setup(t, { max: 1, connectionTimeoutMillis: 30 })
-  rx.messages()
+  await rx.messages()
   const held = await pool.connect()
-  rx.messages()
+  await rx.messages()
   await assert.rejects(pool.connect(), /timeout/)
-  let m = rx.messages()
-  assert.deepEqual(kinds(m), ['acquire_start', 'acquire_end'])
-  assert.equal(m[1].result, 'timeout')
-  assert.equal(m[1].request, m[0].request)
-  assert.equal(m[1].local_address, undefined)
+  assertFailedAcquire(await rx.messages(), 'timeout')
   held.release()
   await pool.end()
 
   const failing = await setup(t, {}, { failConnect: true })
-  failing.rx.messages()
+  await failing.rx.messages()
   await assert.rejects(failing.pool.connect(), /refused/)
-  m = failing.rx.messages()
-  assert.deepEqual(kinds(m), ['acquire_start', 'acquire_end'])
-  assert.equal(m[1].result, 'error')
+  assertFailedAcquire(await failing.rx.messages(), 'error')
   await failing.pool.end()
 })
 
 test('a double release is reported once and still throws as pg-pool does', async (t) => {
   const { pool, rx } = await setup(t)
-  rx.messages()
+  await rx.messages()
   const client = await pool.connect()
   client.release()
   assert.throws(() => client.release(), /already been released/)
-  assert.deepEqual(kinds(rx.messages()), ['acquire_start', 'connection_created', 'acquire_end', 'release'])
+  assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'connection_created', 'acquire_end', 'release'])
   await pool.end()
 })
 
 test('release(err) reports the release, then the close', async (t) => {
   const { pool, rx } = await setup(t)
-  rx.messages()
+  await rx.messages()
   const client = await pool.connect()
-  rx.messages()
+  await rx.messages()
   client.release(new Error('broken'))
-  const m = []
-  await eventually(() => {
-    m.push(...rx.messages())
-    return m.length >= 2
-  })
+  const m = await collect(rx, 2)
   assert.deepEqual(kinds(m), ['release', 'connection_closed'])
   await pool.end()
 })
@@ -261,23 +227,25 @@ test('instrument never throws and is idempotent', async (t) => {
   const weird = { connect: 1, on: 2 }
   assert.equal(instrument(weird), weird)
   const { pool, rx } = await setup(t)
-  rx.messages()
+  await rx.messages()
   assert.equal(instrument(pool, { name: 'again', socketPath: rx.path }), pool)
   await pool.query('SELECT 1')
-  const m = rx.messages()
+  const m = await rx.messages()
   assert.deepEqual(kinds(m), ['acquire_start', 'connection_created', 'acquire_end', 'release'], 'hooks installed once')
   assert.ok(m.every((x) => x.pool === 'orders'))
   await pool.end()
 })
 
 test('without an agent the pool works as before', async (t) => {
-  const port = await startServer(t)
+  const port = await silentTcpServer(t)
   const pool = new Pool({ max: 2, Client: fakeClientClass(port) })
   instrument(pool, { name: 'lonely', socketPath: `/tmp/poolscope-absent-${process.pid}/adapter.sock` })
   for (let i = 0; i < 5; i++) await pool.query('SELECT 1')
   const s = stats(pool)
   assert.equal(s.sent, 0)
-  assert.ok(s.dropped >= 16)
+  assert.equal(s.connected, false)
+  assert.ok(s.waiting + s.dropped >= 16, JSON.stringify(s))
+  assert.ok(s.waiting <= 1024, 'the backlog is bounded')
   await pool.end()
 })
 
@@ -314,10 +282,10 @@ test('default pool name and server come from options, URL, env, defaults', async
   try {
     const pool = new Pool({ host: '127.0.0.1', port: 5439, database: 'shop' })
     instrument(pool, { socketPath: rx.path })
-    assert.equal(rx.messages()[0].pool, '127.0.0.1:5439/shop')
+    assert.equal((await rx.messages())[0].pool, '127.0.0.1:5439/shop')
     const long = new Pool({})
     instrument(long, { name: 'é'.repeat(300), socketPath: rx.path })
-    assert.equal(Array.from(rx.messages()[0].pool).length, 128)
+    assert.equal(Array.from((await rx.messages())[0].pool).length, 128)
     await pool.end()
     await long.end()
   } finally {
@@ -347,47 +315,46 @@ test('IPv6 local addresses are bracketed', async (t) => {
 // Re-sending the checkouts after an agent restart (checkout_state).
 
 const fs = require('node:fs')
-const { native } = require('../lib/native')
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const states = (messages) => messages.filter((m) => m.kind === 'checkout_state')
 
-test('an agent that comes back gets the registration and what is checked out', async (t) => {
+test('an agent that comes back gets what waited, the registration and what is checked out', async (t) => {
   const { pool, rx } = await setup(t, { max: 3 })
   const a = await pool.connect()
   const b = await pool.connect()
-  const acquired = rx.messages().filter((m) => m.kind === 'acquire_end')
-  // The agent exits: socket closed, file left (ECONNREFUSED).
-  native.close(rx.fd)
-  b.release() // lost with the agent
-  fs.unlinkSync(rx.path)
-  rx.fd = native.bind(rx.path)
-  const c = await pool.connect() // the new agent's first messages
-  const m = rx.messages()
-  assert.deepEqual(kinds(m), ['acquire_start', 'pool', 'checkout_state', 'acquire_end'])
+  const acquired = (await rx.messages()).filter((m) => m.kind === 'acquire_end')
+  // The agent exits: its streams close, its socket file goes.
+  await rx.stop()
+  await eventually(() => stats(pool).connected === false)
+  b.release() // waits in the backlog for the next agent
+  assert.equal(stats(pool).waiting, 1)
+  await rx.listen() // a new agent: the sender reconnects after its backoff
+  const m = await collect(rx, 3)
+  assert.deepEqual(kinds(m), ['release', 'pool', 'checkout_state'])
+  assert.equal(m[0].fd, acquired[1].fd, 'the release that waited')
   const [state] = states(m)
   assert.deepEqual(state.checkouts, [{ local_address: acquired[0].local_address, fd: acquired[0].fd, mono_ns: acquired[0].mono_ns }])
   assert.equal(stats(pool).comebacks, 1)
-  // Once per comeback; c is in the next state.
+  assert.equal(stats(pool).dropped, 0)
   a.release()
-  c.release()
-  assert.deepEqual(kinds(rx.messages()), ['release', 'release'])
+  assert.deepEqual(kinds(await rx.messages()), ['release'])
   await pool.end()
 })
 
 test('the state is re-sent periodically only while connections are out', async (t) => {
   const { pool, rx } = await setup(t, { max: 3 }, {}, { stateIntervalMs: 100 })
   await sleep(250)
-  assert.equal(states(rx.messages()).length, 0)
+  assert.equal(states(await rx.messages()).length, 0)
   const a = await pool.connect()
   const fd = a.connection.stream._handle.fd
   await sleep(350)
-  const got = states(rx.messages())
+  const got = states(await rx.messages())
   assert.ok(got.length >= 2, JSON.stringify(got))
   assert.deepEqual(got.map((s) => s.checkouts.map((e) => e.fd)), got.map(() => [fd]))
   a.release()
-  rx.messages()
+  await rx.messages()
   await sleep(300)
-  const after = rx.messages()
+  const after = await rx.messages()
   assert.equal(states(after).length, 0)
   assert.ok(kinds(after).includes('pool'), 'the registration is still repeated')
   await pool.end()

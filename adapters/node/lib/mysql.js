@@ -1,0 +1,188 @@
+'use strict'
+// mysql2 (callback pools, and promise pools through the callback pool they
+// wrap) and mysql (the older library): pool registration, acquires with
+// their wait, releases, connections opened and closed.
+//
+// Both libraries' pools have the same shape: getConnection(cb),
+// releaseConnection(conn) (which PoolConnection#release calls), the events
+// `connection`, `acquire`, `enqueue` and `release`, and `config` with
+// `connectionLimit`, `queueLimit` and the `connectionConfig`. A connection's
+// socket is `conn.stream` in mysql2 and `conn._socket` in mysql.
+
+const { monotonicNs } = require('./sender')
+const { Reporter, eventLoopTid, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
+
+/** Marks a getConnection callback that already has its acquire_start: the
+ * pools call getConnection again with a queued callback (mysql when a
+ * connection is released to a waiter; mysql2 when a removed connection's
+ * waiter is served), which is the same request, not a new one. */
+const WAITER = Symbol.for('poolscope-adapter.waiter')
+
+/** A callback pool of mysql2 or mysql. */
+function isCallbackPool(pool) {
+  return (
+    Boolean(pool) &&
+    typeof pool.getConnection === 'function' &&
+    typeof pool.releaseConnection === 'function' &&
+    typeof pool.on === 'function' &&
+    Boolean(pool.config) &&
+    typeof pool.config === 'object' &&
+    Boolean(pool.config.connectionConfig)
+  )
+}
+
+/** mysql2's PromisePool (`pool.promise()`, `require('mysql2/promise').createPool`):
+ * its `.pool` is the callback pool that does the work. */
+function isPromisePool(pool) {
+  return Boolean(pool) && typeof pool.getConnection === 'function' && isCallbackPool(pool.pool)
+}
+
+/** mysql2's pools have `promise()`; mysql's have not. */
+function libraryOf(pool) {
+  return typeof pool.promise === 'function' ? 'mysql2' : 'mysql'
+}
+
+/** The connection's socket: mysql2 `conn.stream` (a TLSSocket under TLS,
+ * whose `_parent`/`socket` is the TCP socket), mysql `conn._socket`. */
+function socketsOf(conn) {
+  if (!conn || typeof conn !== 'object') return []
+  const core = conn.connection && typeof conn.connection === 'object' && !conn.stream && !conn._socket ? conn.connection : conn
+  return [...withInner(core.stream), ...withInner(core._socket)]
+}
+
+function connectionOf(conn) {
+  return refOfStreams(socketsOf(conn))
+}
+
+/** The pool refused at once because it is exhausted (queueLimit reached,
+ * waitForConnections false) or a wait ran out of time (mysql's
+ * acquireTimeout, a connect timeout): `timeout`; anything else `error`. */
+function resultOfError(err) {
+  const code = err && typeof err.code === 'string' ? err.code : ''
+  const message = err && typeof err.message === 'string' ? err.message : ''
+  if (['POOL_ENQUEUELIMIT', 'POOL_CONNLIMIT', 'PROTOCOL_SEQUENCE_TIMEOUT', 'ETIMEDOUT'].includes(code)) return 'timeout'
+  if (/^(Queue limit reached|No connections available)\.?$/.test(message)) return 'timeout'
+  return /timeout|timed out/i.test(message) ? 'timeout' : 'error'
+}
+
+class MysqlReporter extends Reporter {
+  constructor(pool, options) {
+    const c = (pool.config && pool.config.connectionConfig) || {}
+    const socketPath = nonEmpty(c.socketPath)
+    const server = socketPath
+      ? { host: socketPath, port: undefined, database: nonEmpty(c.database) }
+      : { host: nonEmpty(c.host) ?? 'localhost', port: positiveInt(c.port) ?? 3306, database: nonEmpty(c.database) }
+    const where = server.port === undefined ? server.host : `${server.host}:${server.port}`
+    super(pool, options, `${where}/${server.database ?? ''}`.replace(/\/$/, ''))
+    this.server = server
+    this.library = libraryOf(pool)
+    /** connection -> its reference, taken while its socket is open. */
+    this.connections = new WeakMap()
+    /** Connections whose connection_created was sent and whose close is watched. */
+    this.announced = new WeakSet()
+  }
+
+  registration() {
+    const config = this.pool.config || {}
+    const fields = { db_system: 'mysql', server_address: this.server.host, library: this.library }
+    if (this.server.port !== undefined) fields.server_port = this.server.port
+    if (this.server.database !== undefined) fields.namespace = this.server.database
+    // connectionLimit 0 means no limit.
+    const max = positiveInt(config.connectionLimit)
+    if (max !== undefined && max > 0) fields.max = max
+    // mysql2: idle connections beyond maxIdle are closed.
+    const maxIdle = positiveInt(config.maxIdle)
+    if (max !== undefined && max > 0 && maxIdle !== undefined && maxIdle < max) fields.idle_max = maxIdle
+    return fields
+  }
+
+  connectionRef(conn) {
+    let ref = this.connections.get(conn)
+    if (ref === undefined) {
+      ref = connectionOf(conn)
+      if (ref !== null) this.connections.set(conn, ref)
+    }
+    return ref
+  }
+
+  /** A connection the pool made (its `connection` event), or one first
+   * seen when handed out: announce it and watch its socket close. */
+  announce(conn) {
+    if (!conn || typeof conn !== 'object' || this.announced.has(conn)) return
+    const ref = this.connectionRef(conn)
+    if (ref === null) return
+    this.announced.add(conn)
+    this.send('connection_created', ref)
+    const [socket] = socketsOf(conn)
+    if (socket && typeof socket.once === 'function') {
+      socket.once(
+        'close',
+        safely(() => {
+          this.returned(ref)
+          this.send('connection_closed', ref)
+        })
+      )
+    }
+  }
+
+  acquired(request, err, conn) {
+    const now = monotonicNs()
+    if (err) {
+      this.send('acquire_end', { request, result: resultOfError(err), tid: eventLoopTid }, now)
+      return
+    }
+    this.announce(conn)
+    const ref = this.connectionRef(conn) || {}
+    if (ref.fd !== undefined || ref.local_address !== undefined) this.checkedOut(ref, now, eventLoopTid)
+    this.send('acquire_end', Object.assign({ request, result: 'ok' }, ref, { tid: eventLoopTid }), now)
+  }
+
+  /** releaseConnection(conn) with the connection still in the pool
+   * (`_pool` set) returns it; the pools also call it for connections they
+   * removed (`_pool` null), which is a close, reported from the socket. */
+  released(conn) {
+    if (!conn || !conn._pool) return
+    const ref = this.connections.get(conn) || connectionOf(conn)
+    // Once per checkout: a second release of the same checkout is not one.
+    if (ref && this.returned(ref)) this.send('release', ref)
+  }
+
+  install() {
+    const pool = this.pool
+    const reporter = this
+    pool.on('connection', safely((conn) => reporter.announce(conn)))
+
+    const originalGet = pool.getConnection
+    pool.getConnection = function getConnection(cb, ...rest) {
+      if (typeof cb !== 'function' || cb[WAITER] !== undefined) return originalGet.call(this, cb, ...rest)
+      let request = 0
+      try {
+        request = reporter.nextRequestId()
+        reporter.send('acquire_start', { request, tid: eventLoopTid })
+      } catch (e) {
+        // never into the application
+      }
+      const done = safely((err, conn) => reporter.acquired(request, err, conn))
+      const callback = function (err, conn, ...more) {
+        done(err, conn)
+        return cb.call(this, err, conn, ...more)
+      }
+      callback[WAITER] = request
+      return originalGet.call(this, callback, ...rest)
+    }
+
+    const originalRelease = pool.releaseConnection
+    pool.releaseConnection = function releaseConnection(conn, ...rest) {
+      try {
+        reporter.released(conn)
+      } catch (e) {
+        // never into the application
+      }
+      return originalRelease.call(this, conn, ...rest)
+    }
+
+    this.wrapEnd()
+  }
+}
+
+module.exports = { MysqlReporter, isCallbackPool, isPromisePool, connectionOf, resultOfError, WAITER }

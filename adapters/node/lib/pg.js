@@ -1,0 +1,224 @@
+'use strict'
+// node-postgres (pg.Pool, pg-pool 3.x): pool registration, acquires with
+// their wait, releases, connections opened and closed.
+
+const { monotonicNs } = require('./sender')
+const { Reporter, formatAddress, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
+
+const LIBRARY = 'node-postgres'
+const RELEASE_WRAPPED = Symbol.for('poolscope-adapter.release')
+
+/** host, port and database as pg itself would pick them before connecting:
+ * options, then the connection string, then the PG* environment, then pg's
+ * defaults (localhost:5432, database named like the user). */
+function serverFromOptions(options, env = process.env) {
+  let url = null
+  if (nonEmpty(options.connectionString)) {
+    try {
+      url = new URL(options.connectionString)
+    } catch (err) {
+      url = null
+    }
+  }
+  const fromUrl = (key) => {
+    if (url === null) return undefined
+    const v = url.searchParams.get(key)
+    return nonEmpty(v === null ? undefined : v)
+  }
+  const decode = (text) => {
+    try {
+      return decodeURIComponent(text)
+    } catch (err) {
+      return text
+    }
+  }
+  const host =
+    nonEmpty(options.host) ??
+    fromUrl('host') ??
+    (url && nonEmpty(decode(url.hostname).replace(/^\[(.*)\]$/, '$1'))) ??
+    nonEmpty(env.PGHOST) ??
+    'localhost'
+  const port =
+    positiveInt(options.port) ?? (url && positiveInt(url.port)) ?? positiveInt(env.PGPORT) ?? 5432
+  const user =
+    nonEmpty(options.user) ?? (url && nonEmpty(decode(url.username))) ?? nonEmpty(env.PGUSER) ?? nonEmpty(env.USER)
+  const database =
+    nonEmpty(options.database) ??
+    (url && nonEmpty(decode(url.pathname.replace(/^\//, '')))) ??
+    nonEmpty(env.PGDATABASE) ??
+    user
+  return { host, port, database }
+}
+
+/** How the agent can find the client's connection: local "ip:port" and/or
+ * the fd (under TLS, of the TCP socket beneath). */
+function connectionOf(client) {
+  const stream = client && client.connection && client.connection.stream
+  const ref = refOfStreams(withInner(stream)) || {}
+  // pg-native (libpq) clients: the socket's fd, from libpq itself.
+  if (ref.fd === undefined && client && client.native && client.native.pq) {
+    const pq = client.native.pq
+    const fd = typeof pq.socket === 'function' ? pq.socket() : undefined
+    if (Number.isInteger(fd) && fd >= 0) ref.fd = fd
+  }
+  return ref.local_address !== undefined || ref.fd !== undefined ? ref : null
+}
+
+function isTimeout(err) {
+  return Boolean(err && typeof err.message === 'string' && /timeout/i.test(err.message))
+}
+
+function isPgPool(pool) {
+  return Boolean(pool) && typeof pool.connect === 'function' && typeof pool.on === 'function'
+}
+
+class PgReporter extends Reporter {
+  constructor(pool, options) {
+    const server = serverFromOptions(pool.options || {})
+    super(pool, options, `${server.host}:${server.port}/${server.database ?? ''}`.replace(/\/$/, ''))
+    this.server = server
+    /** client -> its connection reference, taken while the socket is open
+     * (the pool emits `remove` only after the socket is closed). */
+    this.connections = new WeakMap()
+    this.learnedFromClient = false
+  }
+
+  registration() {
+    const options = this.pool.options || {}
+    const fields = {
+      db_system: 'postgresql',
+      server_address: this.server.host,
+      server_port: this.server.port,
+      library: LIBRARY,
+    }
+    if (this.server.database !== undefined) fields.namespace = this.server.database
+    const max = positiveInt(options.max)
+    if (max !== undefined) fields.max = max
+    const min = positiveInt(options.min)
+    if (min !== undefined) fields.min_idle = min
+    return fields
+  }
+
+  /** The first connected client says where pg really connected. */
+  learnFrom(client) {
+    if (this.learnedFromClient || !client) return
+    this.learnedFromClient = true
+    const host = nonEmpty(client.host)
+    const port = positiveInt(client.port)
+    const database = nonEmpty(client.database)
+    const next = {
+      host: host ?? this.server.host,
+      port: port ?? this.server.port,
+      database: database ?? this.server.database,
+    }
+    if (next.host !== this.server.host || next.port !== this.server.port || next.database !== this.server.database) {
+      this.server = next
+      this.register()
+    }
+  }
+
+  connectionRef(client) {
+    let ref = this.connections.get(client)
+    if (ref === undefined) {
+      ref = connectionOf(client)
+      if (ref !== null && client && typeof client === 'object') this.connections.set(client, ref)
+    }
+    return ref
+  }
+
+  onConnect(client) {
+    this.learnFrom(client)
+    const ref = this.connectionRef(client)
+    if (ref !== null) this.send('connection_created', ref)
+  }
+
+  onRemove(client) {
+    const ref = this.connections.get(client) || connectionOf(client)
+    if (ref) {
+      this.returned(ref)
+      this.send('connection_closed', ref)
+    }
+  }
+
+  /** Called when pool.connect() hands out `client` (or fails). */
+  acquired(request, err, client) {
+    const now = monotonicNs()
+    if (err) {
+      this.send('acquire_end', { request, result: isTimeout(err) ? 'timeout' : 'error' }, now)
+      return
+    }
+    const ref = this.connectionRef(client) || {}
+    if (ref.fd !== undefined || ref.local_address !== undefined) this.checkedOut(ref, now)
+    this.send('acquire_end', Object.assign({ request, result: 'ok' }, ref), now)
+    this.wrapRelease(client)
+  }
+
+  /** pg-pool gives each checkout its own client.release; report the first
+   * call of it (a second one throws in pg-pool, as it would without us). */
+  wrapRelease(client) {
+    const original = client && client.release
+    if (typeof original !== 'function' || original[RELEASE_WRAPPED]) return
+    const reporter = this
+    let reported = false
+    const release = function (...args) {
+      if (!reported) {
+        reported = true
+        try {
+          const ref = reporter.connectionRef(client)
+          if (ref !== null) {
+            reporter.returned(ref)
+            reporter.send('release', ref)
+          }
+        } catch (e) {
+          // never into the application
+        }
+      }
+      return original.apply(this, args)
+    }
+    release[RELEASE_WRAPPED] = true
+    client.release = release
+  }
+
+  install() {
+    const pool = this.pool
+    const reporter = this
+    pool.on('connect', safely((client) => reporter.onConnect(client)))
+    pool.on('remove', safely((client) => reporter.onRemove(client)))
+
+    const originalConnect = pool.connect
+    pool.connect = function connect(callback) {
+      let request = 0
+      try {
+        request = reporter.nextRequestId()
+        reporter.send('acquire_start', { request })
+      } catch (e) {
+        // never into the application
+      }
+      const done = safely((err, client) => reporter.acquired(request, err, client))
+      if (typeof callback === 'function') {
+        return originalConnect.call(this, function (err, client, release) {
+          done(err, client)
+          // The wrapped release, so that `done()`-style callers are seen too.
+          const wrapped = !err && client && typeof client.release === 'function' ? client.release : release
+          return callback.call(this, err, client, wrapped)
+        })
+      }
+      const promise = originalConnect.call(this)
+      if (!promise || typeof promise.then !== 'function') return promise
+      return promise.then(
+        (client) => {
+          done(undefined, client)
+          return client
+        },
+        (err) => {
+          done(err)
+          throw err
+        }
+      )
+    }
+
+    this.wrapEnd()
+  }
+}
+
+module.exports = { PgReporter, isPgPool, connectionOf, serverFromOptions, isTimeout, formatAddress }

@@ -1,0 +1,277 @@
+'use strict'
+// instrument() on real mysql2 pools (callback and promise) and real mysql
+// pools, against a fake MySQL server made with mysql2's own server side
+// (handshake, OK to every query and ping): the libraries' own pool logic and
+// event order, the sockets' real local addresses and fds, no MariaDB needed.
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+const net = require('node:net')
+const mysql2 = require('mysql2')
+const mysql2Promise = require('mysql2/promise')
+const mysql = require('mysql')
+
+const { instrument, stats, tid, _internal } = require('../lib/index')
+const { Receiver, assertFailedAcquire, collect, registration, silentTcpServer, GOLDEN, checkedKinds } = require('./helpers')
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+const kinds = (messages) => messages.map((m) => m.kind)
+const conn2 = (c) => ({ local_address: `${c.stream.localAddress}:${c.stream.localPort}`, fd: c.stream._handle.fd })
+const conn1 = (c) => ({ local_address: `${c._socket.localAddress}:${c._socket.localPort}`, fd: c._socket._handle.fd })
+const named = (m) => ({ local_address: m.local_address, fd: m.fd })
+
+/** A fake MySQL server on 127.0.0.1: handshakes, answers OK. */
+function startServer(t) {
+  const server = mysql2.createServer()
+  const conns = new Set()
+  server.on('connection', (conn) => {
+    conns.add(conn)
+    conn.serverHandshake({
+      protocolVersion: 10,
+      serverVersion: '10.11.0-fake',
+      connectionId: conns.size,
+      statusFlags: 2,
+      characterSet: 8,
+      capabilityFlags: 0xffffff & ~0x800, // no TLS
+    })
+    // mysql (the older library) expects the reply's sequence id to be 1.
+    const ok = () => {
+      conn.sequenceId = 1
+      conn.writeOk()
+    }
+    conn.on('query', ok)
+    conn.on('ping', ok)
+    conn.on('error', () => {})
+  })
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () => {
+      t.after(() => {
+        for (const c of conns) c.stream.destroy()
+        server.close()
+      })
+      resolve(server._server.address().port)
+    })
+  })
+}
+
+async function setup(t, lib, options = {}, name = 'shop') {
+  const port = options.port || (await startServer(t))
+  const rx = new Receiver()
+  t.after(() => rx.close())
+  const config = Object.assign({ host: '127.0.0.1', port, user: 'u', database: 'shop', connectionLimit: 2 }, options)
+  const pool = lib.createPool(config)
+  assert.equal(instrument(pool, { name, socketPath: rx.path }), pool)
+  return { pool, rx, port }
+}
+
+const get = (pool) =>
+  new Promise((resolve, reject) => pool.getConnection((err, c) => (err ? reject(err) : resolve(c))))
+const end = (pool) => new Promise((resolve) => pool.end(() => resolve()))
+
+test('tid is the event loop thread: the pid on the main thread', () => {
+  assert.equal(tid, process.pid)
+})
+
+for (const [lib, library, socketOf] of [
+  [mysql2, 'mysql2', conn2],
+  [mysql, 'mysql', conn1],
+]) {
+  test(`${library}: registration names the pool, its server and connectionLimit`, async (t) => {
+    const { pool, rx, port } = await setup(t, lib, { connectionLimit: 4 })
+    assert.deepEqual(await registration(rx), {
+      v: 1,
+      kind: 'pool',
+      pool: 'shop',
+      db_system: 'mysql',
+      server_address: '127.0.0.1',
+      server_port: port,
+      namespace: 'shop',
+      max: 4,
+      library,
+    })
+    assert.equal(stats(pool).pool, 'shop')
+    await end(pool)
+  })
+
+  test(`${library}: acquire, release, reuse, query and close, naming the real socket`, async (t) => {
+    const { pool, rx } = await setup(t, lib)
+    await rx.messages()
+    const c = await get(pool)
+    const conn = socketOf(c)
+    let m = await rx.messages()
+    assert.deepEqual(kinds(m), ['acquire_start', 'connection_created', 'acquire_end'])
+    assert.deepEqual(named(m[1]), conn)
+    assert.deepEqual([m[2].request, m[2].result, m[2].tid], [m[0].request, 'ok', process.pid])
+    assert.deepEqual(named(m[2]), conn)
+    assert.equal(m[0].tid, process.pid)
+    c.release()
+    m = await rx.messages()
+    assert.deepEqual(kinds(m), ['release'])
+    assert.deepEqual(named(m[0]), conn)
+    if (library === 'mysql2') {
+      c.release() // mysql2 ignores a second release: so do we
+      assert.deepEqual(await rx.messages(), [])
+    }
+    const again = await get(pool)
+    assert.equal(again, c, 'the idle connection, no new one')
+    m = await rx.messages()
+    assert.deepEqual(kinds(m), ['acquire_start', 'acquire_end'])
+    assert.equal(m[0].request, 2)
+    again.release()
+    await rx.messages()
+    await new Promise((resolve, reject) => pool.query('SELECT 1', (err) => (err ? reject(err) : resolve())))
+    assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'acquire_end', 'release'])
+    await end(pool)
+    m = await collect(rx, 1)
+    assert.deepEqual(kinds(m), ['connection_closed'])
+    assert.deepEqual(named(m[0]), conn, 'named as it was while open')
+  })
+
+  test(`${library}: a waiter on an exhausted pool gets one request id and its wait`, async (t) => {
+    const { pool, rx } = await setup(t, lib, { connectionLimit: 1 })
+    await rx.messages()
+    const held = await get(pool)
+    await rx.messages()
+    const waiting = get(pool)
+    let m = await rx.messages()
+    assert.deepEqual(kinds(m), ['acquire_start'])
+    const start = m[0]
+    assert.equal(pool._connectionQueue.length, 1)
+    await sleep(50)
+    held.release()
+    const got = await waiting
+    assert.equal(got, held)
+    m = await rx.messages()
+    // mysql calls getConnection again for the waiter: still one request.
+    assert.deepEqual(kinds(m), ['release', 'acquire_end'])
+    assert.equal(m[1].request, start.request)
+    assert.ok(m[1].mono_ns - start.mono_ns >= 45e6, 'waited about 50 ms')
+    assert.deepEqual(named(m[1]), socketOf(held))
+    got.release()
+    await end(pool)
+  })
+
+  test(`${library}: queueLimit and waitForConnections refusals end as timeout`, async (t) => {
+    const { pool, rx } = await setup(t, lib, { connectionLimit: 1, queueLimit: 1 })
+    const held = await get(pool)
+    const waiting = get(pool)
+    await rx.messages()
+    await assert.rejects(get(pool), /Queue limit reached/)
+    assertFailedAcquire(await rx.messages(), 'timeout')
+    held.release()
+    ;(await waiting).release()
+    await end(pool)
+
+    const strict = await setup(t, lib, { connectionLimit: 1, waitForConnections: false })
+    const one = await get(strict.pool)
+    await strict.rx.messages()
+    await assert.rejects(get(strict.pool), /No connections available/)
+    assertFailedAcquire(await strict.rx.messages(), 'timeout')
+    one.release()
+    await end(strict.pool)
+  })
+
+  test(`${library}: a connection that cannot be made ends the acquire with error`, async (t) => {
+    const probe = net.createServer()
+    await new Promise((resolve) => probe.listen(0, '127.0.0.1', resolve))
+    const port = probe.address().port
+    await new Promise((resolve) => probe.close(resolve)) // nobody listens there now
+    const { pool, rx } = await setup(t, lib, { port })
+    await rx.messages()
+    await assert.rejects(get(pool), /ECONNREFUSED/)
+    assertFailedAcquire(await rx.messages(), 'error')
+    await end(pool)
+  })
+
+  test(`${library}: a checked-out connection destroyed: closed, never released`, async (t) => {
+    const { pool, rx } = await setup(t, lib)
+    const c = await get(pool)
+    const conn = socketOf(c)
+    await rx.messages()
+    c.destroy()
+    const m = await collect(rx, 1)
+    assert.deepEqual(kinds(m), ['connection_closed'])
+    assert.deepEqual(named(m[0]), conn)
+    await end(pool)
+    assert.deepEqual(await rx.messages(), [])
+  })
+}
+
+test('mysql: acquireTimeout while connecting ends the acquire with timeout', async (t) => {
+  const port = await silentTcpServer(t)
+  const { pool, rx } = await setup(t, mysql, { port, acquireTimeout: 100 })
+  await rx.messages()
+  await assert.rejects(get(pool), (err) => err.code === 'PROTOCOL_SEQUENCE_TIMEOUT')
+  assertFailedAcquire(await rx.messages(), 'timeout')
+  await end(pool)
+})
+
+test('mysql2/promise: createPool and pool.promise() are both reported', async (t) => {
+  const port = await startServer(t)
+  const rx = new Receiver()
+  t.after(() => rx.close())
+  const pool = mysql2Promise.createPool({ host: '127.0.0.1', port, user: 'u', database: 'shop', connectionLimit: 2 })
+  assert.equal(instrument(pool, { name: 'promised', socketPath: rx.path }), pool)
+  assert.equal(instrument(pool, { name: 'again', socketPath: rx.path }), pool, 'idempotent')
+  const [reg] = await rx.messages()
+  assert.deepEqual([reg.kind, reg.pool, reg.library, reg.max], ['pool', 'promised', 'mysql2', 2])
+  const c = await pool.getConnection()
+  const conn = conn2(c.connection)
+  let m = await rx.messages()
+  assert.deepEqual(kinds(m), ['acquire_start', 'connection_created', 'acquire_end'])
+  assert.deepEqual(named(m[2]), conn)
+  await c.query('SELECT 1')
+  c.release()
+  assert.deepEqual(kinds(await rx.messages()), ['release'])
+  await pool.query('SELECT 1')
+  assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'acquire_end', 'release'])
+  assert.equal(stats(pool).pool, 'promised')
+  // pool.promise() of an instrumented callback pool: the same reporter.
+  const core = pool.pool
+  const p2 = core.promise()
+  const d = await p2.getConnection()
+  assert.deepEqual(kinds(await rx.messages()), ['acquire_start', 'acquire_end'])
+  p2.releaseConnection(d)
+  m = await rx.messages()
+  assert.deepEqual(kinds(m), ['release'])
+  assert.equal(m[0].pool, 'promised')
+  await pool.end()
+  assert.deepEqual(kinds(await collect(rx, 1)), ['connection_closed'])
+})
+
+test('a restarted agent gets the checkouts of a mysql2 pool, with their tid', async (t) => {
+  const { pool, rx } = await setup(t, mysql2, { connectionLimit: 3 })
+  const a = await get(pool)
+  const acquired = (await rx.messages()).filter((m) => m.kind === 'acquire_end')
+  await rx.stop()
+  await rx.listen()
+  const m = await collect(rx, 2)
+  assert.deepEqual(kinds(m), ['pool', 'checkout_state'])
+  assert.deepEqual(m[1].checkouts, [{ ...named(acquired[0]), tid: process.pid, mono_ns: acquired[0].mono_ns }])
+  a.release()
+  await end(pool)
+})
+
+test('errors are classified: exhausted pools and timeouts as timeout, the rest as error', () => {
+  const r = _internal.mysqlResultOfError
+  assert.equal(r(Object.assign(new Error('Queue limit reached.'), { code: 'POOL_ENQUEUELIMIT' })), 'timeout')
+  assert.equal(r(new Error('Queue limit reached.')), 'timeout')
+  assert.equal(r(new Error('No connections available.')), 'timeout')
+  assert.equal(r(Object.assign(new Error('x'), { code: 'PROTOCOL_SEQUENCE_TIMEOUT' })), 'timeout')
+  assert.equal(r(Object.assign(new Error('connect ETIMEDOUT'), { code: 'ETIMEDOUT' })), 'timeout')
+  assert.equal(r(new Error('Pool is closed.')), 'error')
+  assert.equal(r(Object.assign(new Error('Access denied'), { code: 'ER_ACCESS_DENIED_ERROR' })), 'error')
+  assert.equal(r(undefined), 'error')
+})
+
+test('instrument never throws on look-alikes', () => {
+  const weird = { getConnection: () => {}, releaseConnection: 1, on: () => {}, config: {} }
+  assert.equal(instrument(weird), weird)
+  const promiseLike = { getConnection: () => {}, pool: {} }
+  assert.equal(instrument(promiseLike), promiseLike)
+  assert.equal(stats(weird), null)
+})
+
+test('every kind the mysql adapters send was checked against the golden messages', () => {
+  assert.deepEqual([...checkedKinds].sort(), [...GOLDEN.keys()].sort())
+})
