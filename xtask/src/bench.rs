@@ -11,6 +11,7 @@
 //! throughput ratio is reported beside it. The agent runs in a cgroup of its
 //! own, so its CPU time (all threads, user and system) is read the same way.
 
+mod adapters;
 pub(crate) mod cgroup;
 pub(crate) mod prom;
 mod report;
@@ -52,6 +53,8 @@ const DD_BLOCK_BYTES: u64 = 4096;
 const DRAIN: Duration = Duration::from_millis(300);
 /// The most a drain waits for an agent that is still catching up.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// The agents' adapter stream socket, in the bench's directory.
+const STREAM_SOCKET: &str = "adapter-stream.sock";
 /// The agent's count of round trips, per server port.
 const OPERATION_COUNT: &str = "db_client_operation_duration_seconds_count";
 /// After the agent is ready, its start-up work settles for this long.
@@ -69,6 +72,10 @@ pub enum Group {
     Redis,
     /// Unrelated file and pipe I/O: fio and dd through a pipe.
     Io,
+    /// The pool adapters (HikariCP, node pg, node mysql2): CPU per
+    /// acquire+release and borrow/query/return throughput, adapter off/on.
+    /// Not in the default set (about 10 minutes more): ask for it.
+    Adapters,
 }
 
 #[derive(clap::Args, Debug)]
@@ -79,9 +86,13 @@ pub struct BenchArgs {
     /// Seconds per run.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
     duration: u32,
-    /// Workload groups to run (comma-separated); all by default.
+    /// Workload groups to run (comma-separated); all but `adapters` by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Group>,
+    /// Acquire+release pairs per run of the adapters group (after a
+    /// warm-up of a quarter as many); its query runs last --duration.
+    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(100..))]
+    adapter_pairs: u64,
     /// Measure this agent binary instead of building target/release/poolscope.
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -220,14 +231,45 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         format!("the agent has no {PROBE_STATS_FLAG} option: passed nothing")
     };
 
+    let adapter_settings = args
+        .only
+        .contains(&Group::Adapters)
+        .then_some(adapters::Settings {
+            rounds: args.rounds,
+            pairs: args.adapter_pairs,
+            seconds: args.duration,
+        });
+    let programs = match &adapter_settings {
+        Some(_) => {
+            let built = setup::ensure_adapter_bench_deps()?;
+            Some(adapters::Programs {
+                java_classpath: built.testapp_classpath(),
+                node_script: root()
+                    .join("adapters")
+                    .join("node")
+                    .join("bench")
+                    .join("pool_bench.js"),
+            })
+        }
+        None => None,
+    };
+
     let hierarchy = cgroup::detect(args.cgroup)?;
     let per_run = f64::from(args.duration) + 1.5;
-    let minutes = (f64::from(args.rounds) * workloads.len() as f64 * 2.0 * per_run + 60.0) / 60.0;
+    let minutes = (f64::from(args.rounds) * workloads.len() as f64 * 2.0 * per_run + 60.0) / 60.0
+        + adapter_settings
+            .as_ref()
+            .map_or(0.0, adapters::estimate_minutes);
     eprintln!(
-        "bench: {} workloads x {} rounds x 2 runs of {} s, about {minutes:.0} min; {hierarchy}",
+        "bench: {} workloads x {} rounds x 2 runs of {} s{}, about {minutes:.0} min; {hierarchy}",
         workloads.len(),
         args.rounds,
-        args.duration
+        args.duration,
+        if adapter_settings.is_some() {
+            ", and the pool adapters"
+        } else {
+            ""
+        }
     );
 
     let mut header = vec![
@@ -255,6 +297,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         agent_args,
         &args.kernel_settings,
         args.duration,
+        adapter_settings.is_some(),
     )?;
     let mut runs = Vec::new();
     let mut failures = Vec::new();
@@ -295,6 +338,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             }
         }
     }
+    let (adapter_samples, adapter_failures) = match (&adapter_settings, &programs) {
+        (Some(settings), Some(programs)) => adapters::run(&mut bench, programs, settings),
+        _ => (Vec::new(), Vec::new()),
+    };
     drop(bench);
     header.push(("load average at end".to_string(), load_average()));
     header.push((
@@ -317,15 +364,30 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         ),
     ));
 
-    let (text, markdown) = report::render(&header, &workloads, &runs, &failures);
+    let (mut text, mut markdown) = if workloads.is_empty() {
+        report::header_only(&header)
+    } else {
+        report::render(&header, &workloads, &runs, &failures)
+    };
+    if let Some(settings) = &adapter_settings {
+        let (t, md) = adapters::render(&adapter_samples, &adapter_failures, settings);
+        text.push_str(&t);
+        markdown.push_str(&md);
+    }
     println!("{text}");
     let dir = target_dir().join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("report.md");
     fs::write(&path, markdown).with_context(|| format!("cannot write {}", path.display()))?;
     println!("markdown: {}", path.display());
-    if runs.is_empty() {
+    if !workloads.is_empty() && runs.is_empty() {
         bail!("no run pair completed ({} failures)", failures.len());
+    }
+    if adapter_settings.is_some() && adapter_samples.is_empty() {
+        bail!(
+            "no adapter run completed ({} failures)",
+            adapter_failures.len()
+        );
     }
     Ok(())
 }
@@ -397,6 +459,7 @@ impl Bench {
         agent_args: Vec<String>,
         kernel_settings: &[String],
         duration: u32,
+        adapters: bool,
     ) -> Result<Bench> {
         let pid = std::process::id();
         let work = WorkDir::create(std::env::temp_dir().join(format!("poolscope-bench-{pid}")))?;
@@ -414,7 +477,12 @@ impl Bench {
         let agent_config = work.path().join("poolscope.toml");
         // A private adapter socket: another agent on this host keeps its own.
         let socket = work.path().join("adapter.sock");
-        let mut config = format!("[adapter]\nsocket = {:?}\n", socket.display().to_string());
+        let stream = work.path().join(STREAM_SOCKET);
+        let mut config = format!(
+            "[adapter]\nsocket = {:?}\nstream_socket = {:?}\n",
+            socket.display().to_string(),
+            stream.display().to_string()
+        );
         if !kernel_settings.is_empty() {
             config.push_str("\n[kernel]\n");
             for setting in kernel_settings {
@@ -429,10 +497,13 @@ impl Bench {
         let pg = if wants(Group::Pg) {
             eprintln!("starting PostgreSQL (pgbench -i -s {PG_SCALE})");
             Some(Postgres::start(work.path(), &work_cg, Some(PG_SCALE))?)
+        } else if adapters {
+            eprintln!("starting PostgreSQL");
+            Some(Postgres::start(work.path(), &work_cg, None)?)
         } else {
             None
         };
-        let mariadb = if wants(Group::Mysql) {
+        let mariadb = if wants(Group::Mysql) || adapters {
             eprintln!("starting MariaDB (sysbench prepare)");
             Some(MariaDb::start(work.path(), &work_cg)?)
         } else {
@@ -506,8 +577,14 @@ impl Bench {
             Group::Pg => self.pg.as_ref().map(|s| s.port),
             Group::Mysql => self.mariadb.as_ref().map(|s| s.port),
             Group::Redis => self.redis.as_ref().map(|s| s.port),
-            Group::Io => None,
+            Group::Io | Group::Adapters => None,
         }
+    }
+
+    /// The agent's adapter stream socket (the adapters group's programs
+    /// report to it).
+    fn stream_socket(&self) -> PathBuf {
+        self.work.path().join(STREAM_SOCKET)
     }
 
     fn measure(&mut self, workload: Workload, with_agent: bool, round: u32) -> Result<Run> {

@@ -51,7 +51,8 @@ enum Cmd {
     },
     /// What the agent costs PostgreSQL, MariaDB, Redis and unrelated I/O:
     /// interleaved runs without/with it, CPU per operation from cgroups
-    /// (root; about 13 minutes with the defaults).
+    /// (root; about 13 minutes with the defaults). `--only adapters`: what
+    /// the pool adapters cost per acquire+release (not in the default set).
     Bench(bench::BenchArgs),
     /// The release agent for N minutes under connection churn, adapter
     /// floods and collector outages: are its RSS and fds flat? (root; not

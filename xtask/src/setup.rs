@@ -156,6 +156,18 @@ fn ensure_node_adapter_deps(apt: &mut Apt) -> Result<()> {
         .args([subcommand, "--no-audit", "--no-fund"]))
 }
 
+/// What `cargo xtask bench --only adapters` runs: the JVM adapter and its
+/// test application's jar (with `PoolBench`), built from the current
+/// source, and the Node.js adapter's pg and mysql2.
+pub fn ensure_adapter_bench_deps() -> Result<java_build::Built> {
+    let mut apt = Apt::default();
+    ensure_node_adapter_deps(&mut apt)?;
+    let debs: Vec<String> = java_build::DEBS.iter().map(|s| s.to_string()).collect();
+    apt.ensure(&debs)?;
+    let out = super::target_dir().join("java");
+    java_build::build(&super::root(), &out).map_err(anyhow::Error::msg)
+}
+
 /// The JVM adapter: a JDK and Debian's HikariCP, pgjdbc, MariaDB
 /// Connector/J and SLF4J jars (Maven Central is not reachable here), then
 /// the adapter's jar, its unit tests and the test application compiled

@@ -55,13 +55,7 @@ pub fn render(
         ));
     }
 
-    let mut text = String::from("poolscope bench\n");
-    let mut md = String::from("## poolscope bench\n\n");
-    let width = header.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    for (key, value) in header {
-        text.push_str(&format!("{key:<width$}  {value}\n"));
-        md.push_str(&format!("- {key}: {value}\n"));
-    }
+    let (mut text, mut md) = header_only(header);
     text.push_str("\nworkloads:\n");
     md.push_str("\nWorkloads:\n\n");
     for w in workloads {
@@ -82,6 +76,18 @@ pub fn render(
     }
     md.push('\n');
     md.push_str(&runs_table(runs).markdown());
+    (text, md)
+}
+
+/// Only the header (when no workload of the main tables ran).
+pub fn header_only(header: &[(String, String)]) -> (String, String) {
+    let mut text = String::from("poolscope bench\n");
+    let mut md = String::from("## poolscope bench\n\n");
+    let width = header.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, value) in header {
+        text.push_str(&format!("{key:<width$}  {value}\n"));
+        md.push_str(&format!("- {key}: {value}\n"));
+    }
     (text, md)
 }
 
@@ -179,14 +185,14 @@ impl Summary {
     }
 }
 
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
+pub(super) struct Spread {
+    pub(super) median: f64,
+    pub(super) min: f64,
+    pub(super) max: f64,
 }
 
 impl Spread {
-    fn of(values: Vec<f64>) -> Spread {
+    pub(super) fn of(values: Vec<f64>) -> Spread {
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         Spread {
@@ -196,7 +202,7 @@ impl Spread {
         }
     }
 
-    fn ratio(&self) -> String {
+    pub(super) fn ratio(&self) -> String {
         format!("{:.3} [{:.3}..{:.3}]", self.median, self.min, self.max)
     }
 }
@@ -211,7 +217,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Three significant-ish digits for microseconds.
-fn us(v: f64) -> String {
+pub(super) fn us(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
@@ -367,14 +373,14 @@ fn runs_table(runs: &[Run]) -> Table {
     t
 }
 
-struct Table {
+pub(super) struct Table {
     title: String,
     headers: Vec<String>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(title: &str, headers: &[&str]) -> Table {
+    pub(super) fn new(title: &str, headers: &[&str]) -> Table {
         Table {
             title: title.to_string(),
             headers: headers.iter().map(|h| h.to_string()).collect(),
@@ -382,13 +388,13 @@ impl Table {
         }
     }
 
-    fn row(&mut self, cells: Vec<String>) {
+    pub(super) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
     /// Columns padded to their widest cell; the first left-aligned, the
     /// rest right-aligned.
-    fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         let widths: Vec<usize> = (0..self.headers.len())
             .map(|i| {
                 self.rows
@@ -423,7 +429,7 @@ impl Table {
         out
     }
 
-    fn markdown(&self) -> String {
+    pub(super) fn markdown(&self) -> String {
         let mut out = format!("### {}\n\n", self.title);
         out.push_str(&format!("| {} |\n", self.headers.join(" | ")));
         let align: Vec<&str> = (0..self.headers.len())

@@ -1,0 +1,167 @@
+package io.poolscope.testapp;
+
+import com.zaxxer.hikari.HikariConfig;
+import com.zaxxer.hikari.HikariDataSource;
+import io.poolscope.adapter.Reporter;
+import io.poolscope.adapter.Threads;
+import io.poolscope.adapter.hikari.Poolscope;
+import java.io.File;
+import java.io.IOException;
+import java.lang.management.ManagementFactory;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.sql.Connection;
+import java.sql.ResultSet;
+import java.sql.SQLException;
+import java.sql.Statement;
+
+/**
+ * The adapter bench's JVM side ({@code cargo xtask bench --only adapters},
+ * xtask/src/bench/adapters.rs): one single-threaded loop over a fixed
+ * HikariCP pool, then one JSON line on stdout.
+ *
+ * <p>{@code MODE=pairs}: {@code N} getConnection()/close() pairs, no query.
+ * {@code MODE=query}: getConnection(), {@code SELECT 1}, close(), for
+ * {@code SECONDS}. {@code ADAPTER=on} builds the pool with
+ * {@code Poolscope.instrument(config, name)}, {@code off} with
+ * {@code new HikariDataSource(config)}: the loop is the same code either
+ * way. Both measure after a warm-up so
+ * that the JIT has compiled the loop ({@code WARMUP} pairs, or
+ * {@code WARMUP_SECONDS} of queries). CPU time is the whole process's
+ * (all threads: the adapter's writer, GC, JIT), from the threads'
+ * {@code schedstat} (ns).
+ *
+ * <p>Environment: {@code JDBC_URL}, {@code DB_USER}, {@code MODE},
+ * {@code ADAPTER}, {@code N}, {@code SECONDS}, {@code WARMUP},
+ * {@code WARMUP_SECONDS},
+ * {@code AGENT} ({@code present}: wait until the adapter is connected),
+ * and the adapter's {@code POOLSCOPE_ADAPTER_STREAM_SOCKET}.
+ */
+public final class PoolBench {
+    private static final int POOL_SIZE = 4;
+
+    private PoolBench() {}
+
+    private static String env(String name, String fallback) {
+        String v = System.getenv(name);
+        return v == null || v.isEmpty() ? fallback : v;
+    }
+
+    public static void main(String[] args) throws Exception {
+        boolean query = "query".equals(env("MODE", "pairs"));
+        boolean adapter = "on".equals(env("ADAPTER", "off"));
+        boolean agent = "present".equals(env("AGENT", "absent"));
+        long n = Long.parseLong(env("N", "1000000"));
+        double seconds = Double.parseDouble(env("SECONDS", "5"));
+        long warmup = Long.parseLong(env("WARMUP", "200000"));
+        double warmupSeconds = Double.parseDouble(env("WARMUP_SECONDS", "1"));
+
+        HikariConfig config = new HikariConfig();
+        config.setJdbcUrl(env("JDBC_URL", null));
+        config.setUsername(env("DB_USER", "postgres"));
+        config.setPassword("");
+        config.setMaximumPoolSize(POOL_SIZE);
+        config.setMinimumIdle(POOL_SIZE);
+        config.setRegisterMbeans(false);
+        HikariDataSource ds = adapter
+                ? Poolscope.instrument(config, "bench-java")
+                : new HikariDataSource(config);
+        long deadline = System.nanoTime() + 30_000_000_000L;
+        while (ds.getHikariPoolMXBean().getTotalConnections() < POOL_SIZE
+                && System.nanoTime() < deadline) {
+            Thread.sleep(10);
+        }
+        if (adapter && agent) {
+            while (!Reporter.fromEnv().stats().connected() && System.nanoTime() < deadline) {
+                Thread.sleep(10);
+            }
+        }
+        if (query) {
+            queries(ds, Long.MAX_VALUE, System.nanoTime() + (long) (warmupSeconds * 1e9));
+        } else {
+            pairs(ds, warmup);
+        }
+        Reporter.Stats s0 = adapter ? Reporter.fromEnv().stats() : null;
+        long cpu0 = processCpuNs();
+        long t0 = System.nanoTime();
+        long ops = query ? queries(ds, Long.MAX_VALUE, t0 + (long) (seconds * 1e9)) : pairs(ds, n);
+        long t1 = System.nanoTime();
+        long cpu1 = processCpuNs();
+        Reporter.Stats s1 = adapter ? Reporter.fromEnv().stats() : null;
+        ds.close();
+
+        StringBuilder out = new StringBuilder("{\"ops\":").append(ops)
+                .append(",\"cpu_ns\":").append(cpu1 - cpu0)
+                .append(",\"wall_ns\":").append(t1 - t0);
+        if (s0 != null && s1 != null) {
+            out.append(",\"sent\":").append(s1.sent() - s0.sent())
+                    .append(",\"dropped\":").append(s1.dropped() - s0.dropped())
+                    .append(",\"connected\":").append(s1.connected());
+        }
+        System.out.println(out.append('}'));
+        System.out.flush();
+    }
+
+    /**
+     * CPU time of all the process's threads, in ns: the calling thread's
+     * from its CPU clock, the others' from the first field of their
+     * {@code /proc/self/task/TID/schedstat} (run time in ns, exact for a
+     * thread that is not running at the moment, and within a tick for one
+     * that is). {@code getProcessCpuTime()} counts in clock ticks (10 ms)
+     * here, too coarse for short runs; it is the fallback.
+     */
+    private static long processCpuNs() {
+        String self = Long.toString(Threads.currentTid());
+        long total = 0;
+        File[] tasks = new File("/proc/self/task").listFiles();
+        if (tasks != null && !self.equals("-1")) {
+            total = ManagementFactory.getThreadMXBean().getCurrentThreadCpuTime();
+            for (File task : tasks) {
+                if (task.getName().equals(self)) {
+                    continue;
+                }
+                try {
+                    String stat = Files.readString(Path.of(task.getPath(), "schedstat"));
+                    total += Long.parseLong(stat.substring(0, stat.indexOf(' ')));
+                } catch (IOException | RuntimeException e) {
+                    // A thread that ended meanwhile.
+                }
+            }
+        }
+        if (total > 0) {
+            return total;
+        }
+        var os = (com.sun.management.OperatingSystemMXBean) ManagementFactory.getOperatingSystemMXBean();
+        return os.getProcessCpuTime();
+    }
+
+    /** {@code n} borrow/return pairs. */
+    private static long pairs(HikariDataSource ds, long n) throws SQLException {
+        for (long i = 0; i < n; i++) {
+            Connection c = ds.getConnection();
+            c.close();
+        }
+        return n;
+    }
+
+    /** Borrow, SELECT 1, return: {@code n} times or until {@code until} (nanoTime). */
+    private static long queries(HikariDataSource ds, long n, long until) throws SQLException {
+        long done = 0;
+        long sum = 0;
+        while (done < n) {
+            try (Connection c = ds.getConnection(); Statement st = c.createStatement();
+                    ResultSet rs = st.executeQuery("SELECT 1")) {
+                rs.next();
+                sum += rs.getInt(1);
+            }
+            done++;
+            if ((done & 63) == 0 && System.nanoTime() >= until) {
+                break;
+            }
+        }
+        if (sum != done) {
+            throw new IllegalStateException("SELECT 1 returned something else");
+        }
+        return done;
+    }
+}

@@ -1,0 +1,701 @@
+//! `cargo xtask bench --only adapters`: what the pool adapters cost the
+//! application that loads them (issue 12, item 5).
+//!
+//! For each pool (HikariCP on pgjdbc; node-postgres; mysql2), a small
+//! program (adapters/java/testapp `PoolBench`, adapters/node/bench
+//! `pool_bench.js`) runs one single-threaded loop on a real pool against
+//! the bench's PostgreSQL or MariaDB and prints its own CPU time (the
+//! whole process: all threads, so the adapter's writer, GC and JIT count)
+//! and wall time:
+//!
+//! - `pairs`: N acquire+release pairs, no query; adapter off and on, agent
+//!   absent and present: the CPU per pair the adapter adds (target: at
+//!   most 2 us);
+//! - `query`: acquire, `SELECT 1`, release for `--duration` seconds,
+//!   adapter off and on, agent running: the throughput ratio (target:
+//!   at least 0.98).
+//!
+//! "Adapter off" is the same program and loop without the `instrument`
+//! call. Every configuration is a fresh process (and a fresh agent when
+//! the agent is present); within a round a pool's configurations run in one
+//! order, in the next round in the reverse order (A,B,C,D,D,C,B,A...), and
+//! on/off are compared within each round.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    cgroup::command_in,
+    report::{us, Spread, Table},
+    run_bounded, Bench,
+};
+
+/// Target: the CPU the adapter adds to one acquire+release pair.
+pub const MAX_ADDED_NS_PER_PAIR: f64 = 2000.0;
+/// Target: borrow/query/return throughput with the adapter over without.
+pub const MIN_THROUGHPUT_RATIO: f64 = 0.98;
+/// The most one program run may take (JVM start, pool fill, warm-up, loop).
+const RUN_LIMIT: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Pool {
+    Hikari,
+    NodePg,
+    NodeMysql2,
+}
+
+impl Pool {
+    pub const ALL: [Pool; 3] = [Pool::Hikari, Pool::NodePg, Pool::NodeMysql2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Hikari => "java HikariCP",
+            Pool::NodePg => "node pg",
+            Pool::NodeMysql2 => "node mysql2",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Pool::Hikari => {
+                "HikariCP (Debian's 2.7.9) + pgjdbc against PostgreSQL, pool of 4, \
+                 Poolscope.instrument(config) vs new HikariDataSource(config); \
+                 java -XX:+UseSerialGC -Xmx256m"
+            }
+            Pool::NodePg => "pg.Pool (max 4) against PostgreSQL, connect()/release(), instrument(pool) or not",
+            Pool::NodeMysql2 => {
+                "mysql2/promise createPool (connectionLimit 4) against MariaDB, getConnection()/release(), \
+                 instrument(pool) or not"
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// Acquire+release pairs, no query.
+    Pairs,
+    /// Acquire, SELECT 1, release.
+    Query,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Config {
+    pub pool: Pool,
+    pub mode: Mode,
+    pub adapter: bool,
+    pub agent: bool,
+}
+
+impl Config {
+    fn label(&self) -> String {
+        format!(
+            "{} {}, adapter {}, agent {}",
+            self.pool.name(),
+            match self.mode {
+                Mode::Pairs => "pairs",
+                Mode::Query => "query",
+            },
+            if self.adapter { "on" } else { "off" },
+            if self.agent { "present" } else { "absent" },
+        )
+    }
+}
+
+/// A pool's configurations, in the order of odd rounds.
+pub fn configs(pool: Pool) -> Vec<Config> {
+    let c = |mode, adapter, agent| Config {
+        pool,
+        mode,
+        adapter,
+        agent,
+    };
+    vec![
+        c(Mode::Pairs, false, false),
+        c(Mode::Pairs, true, false),
+        c(Mode::Pairs, false, true),
+        c(Mode::Pairs, true, true),
+        c(Mode::Query, false, true),
+        c(Mode::Query, true, true),
+    ]
+}
+
+/// Odd rounds run `configs` as given, even rounds in reverse, so that
+/// neither side of a comparison always runs first (A,B,B,A).
+pub fn round_order(configs: &[Config], round: u32) -> Vec<Config> {
+    let mut order = configs.to_vec();
+    if round.is_multiple_of(2) {
+        order.reverse();
+    }
+    order
+}
+
+/// One program run.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub config: Config,
+    pub round: u32,
+    pub ops: f64,
+    pub cpu_ns: f64,
+    pub wall_ns: f64,
+    /// The adapter's messages sent and dropped during the loop (adapter on).
+    pub sent: Option<f64>,
+    pub dropped: Option<f64>,
+    /// Whether the adapter was connected to the agent at the end.
+    pub connected: Option<bool>,
+}
+
+/// The program's last stdout line: `{"ops":..,"cpu_ns":..,"wall_ns":..}`,
+/// with `sent` and `dropped` when the adapter is on.
+pub fn parse_output(config: Config, round: u32, out: &str) -> Result<Sample> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("no JSON line in the program's output:\n{out}"))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+    let num = |k: &str| doc[k].as_f64();
+    let field = |k: &str| num(k).with_context(|| format!("no {k} in {line}"));
+    let sample = Sample {
+        config,
+        round,
+        ops: field("ops")?,
+        cpu_ns: field("cpu_ns")?,
+        wall_ns: field("wall_ns")?,
+        sent: num("sent"),
+        dropped: num("dropped"),
+        connected: doc["connected"].as_bool(),
+    };
+    if sample.ops <= 0.0 || sample.wall_ns <= 0.0 {
+        bail!("the program did no work: {line}");
+    }
+    Ok(sample)
+}
+
+/// Settings of the adapters group.
+pub struct Settings {
+    pub rounds: u32,
+    /// Acquire+release pairs per `pairs` run (after a warm-up of a quarter
+    /// as many).
+    pub pairs: u64,
+    /// Seconds of each `query` run (after a 1 s warm-up).
+    pub seconds: u32,
+}
+
+/// What the programs need to run.
+pub struct Programs {
+    /// The Java class path: the test application's jar, the adapter's and
+    /// Debian's.
+    pub java_classpath: String,
+    /// adapters/node/bench/pool_bench.js
+    pub node_script: PathBuf,
+}
+
+/// Rough minutes for the group: program start-up, warm-ups, agent starts.
+pub fn estimate_minutes(settings: &Settings) -> f64 {
+    // Per pool and round: 4 pair runs (about 6 s at the default 500k
+    // pairs, all start-up and warm-up included), 2 query runs, 3 agent
+    // starts of about 2 s.
+    let pair_run = 2.0 + settings.pairs as f64 * 1.25 * 6e-6;
+    let query_run = f64::from(settings.seconds) + 3.0;
+    let per_pool = 4.0 * pair_run + 2.0 * query_run + 3.0 * 2.0;
+    f64::from(settings.rounds) * Pool::ALL.len() as f64 * per_pool / 60.0
+}
+
+/// Runs every pool's configurations, round by round; returns the samples
+/// of complete rounds (per pool) and the failures.
+pub fn run(
+    bench: &mut Bench,
+    programs: &Programs,
+    settings: &Settings,
+) -> (Vec<Sample>, Vec<String>) {
+    let mut samples = Vec::new();
+    let mut failures = Vec::new();
+    for round in 1..=settings.rounds {
+        for pool in Pool::ALL {
+            let mut this_round = Vec::new();
+            for config in round_order(&configs(pool), round) {
+                match run_one(bench, programs, settings, config, round) {
+                    Ok(s) => {
+                        eprintln!(
+                            "[{round}/{}] {}: {}",
+                            settings.rounds,
+                            config.label(),
+                            progress(&s)
+                        );
+                        this_round.push(s);
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "[{round}/{}] {}: FAILED: {e:#}",
+                            settings.rounds,
+                            config.label()
+                        );
+                        failures.push(format!(
+                            "round {round}, {}: {}",
+                            config.label(),
+                            format!("{e:#}").lines().next().unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+            samples.extend(this_round);
+        }
+    }
+    (samples, failures)
+}
+
+fn progress(s: &Sample) -> String {
+    let mut line = match s.config.mode {
+        Mode::Pairs => format!("{} ns CPU/pair", ns(s.cpu_ns / s.ops)),
+        Mode::Query => format!(
+            "{:.0} queries/s, {} us CPU/query",
+            s.ops / (s.wall_ns / 1e9),
+            us(s.cpu_ns / s.ops / 1e3)
+        ),
+    };
+    if let (Some(sent), Some(dropped)) = (s.sent, s.dropped) {
+        line.push_str(&format!(", adapter sent {sent:.0} dropped {dropped:.0}"));
+    }
+    if s.config.agent && s.connected == Some(false) {
+        line.push_str(", adapter NOT connected at the end");
+    }
+    line
+}
+
+fn run_one(
+    bench: &mut Bench,
+    programs: &Programs,
+    settings: &Settings,
+    config: Config,
+    round: u32,
+) -> Result<Sample> {
+    let mut cmd = command(bench, programs, settings, config)?;
+    let agent = if config.agent {
+        Some(bench.start_agent()?)
+    } else {
+        None
+    };
+    let base = bench.work.path().join("adapter-bench");
+    let out = run_bounded(&mut cmd, &base, RUN_LIMIT);
+    if let Some(mut agent) = agent {
+        agent.check_running()?;
+    }
+    parse_output(config, round, &out?)
+}
+
+fn command(
+    bench: &Bench,
+    programs: &Programs,
+    settings: &Settings,
+    config: Config,
+) -> Result<Command> {
+    let pg_port = || bench.pg.as_ref().map(|p| p.port).context("no PostgreSQL");
+    let mut cmd = match config.pool {
+        Pool::Hikari => {
+            let mut cmd = command_in(&bench.work_cg, "java");
+            cmd.args(["-XX:+UseSerialGC", "-Xms256m", "-Xmx256m"])
+                .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+                .args(["-cp", &programs.java_classpath])
+                .arg("io.poolscope.testapp.PoolBench")
+                .env(
+                    "JDBC_URL",
+                    format!("jdbc:postgresql://127.0.0.1:{}/postgres", pg_port()?),
+                )
+                .env("DB_USER", "postgres");
+            cmd
+        }
+        Pool::NodePg | Pool::NodeMysql2 => {
+            let mut cmd = command_in(&bench.work_cg, "node");
+            cmd.arg(&programs.node_script);
+            if config.pool == Pool::NodePg {
+                cmd.env("LIB", "pg").env(
+                    "PG_URL",
+                    format!("postgres://postgres@127.0.0.1:{}/postgres", pg_port()?),
+                );
+            } else {
+                let db = bench.mariadb.as_ref().context("no MariaDB")?;
+                cmd.env("LIB", "mysql2")
+                    .env("MYSQL_HOST", "127.0.0.1")
+                    .env("MYSQL_PORT", db.port.to_string())
+                    .env("MYSQL_USER", super::MariaDb::USER)
+                    .env("MYSQL_DATABASE", super::MariaDb::DATABASE);
+            }
+            cmd
+        }
+    };
+    let warmup = (settings.pairs / 4).max(1000);
+    cmd.env(
+        "MODE",
+        match config.mode {
+            Mode::Pairs => "pairs",
+            Mode::Query => "query",
+        },
+    )
+    .env("ADAPTER", if config.adapter { "on" } else { "off" })
+    .env("AGENT", if config.agent { "present" } else { "absent" })
+    .env("N", settings.pairs.to_string())
+    .env("WARMUP", warmup.to_string())
+    .env("SECONDS", settings.seconds.to_string())
+    .env("WARMUP_SECONDS", "1")
+    .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", bench.stream_socket());
+    Ok(cmd)
+}
+
+/// Nanoseconds, no decimals above 100.
+fn ns(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// One row of the table: a pool, a measure, both sides and the comparison.
+struct Row {
+    pool: Pool,
+    measure: &'static str,
+    agent: &'static str,
+    off: Spread,
+    on: Spread,
+    /// Per round: on - off (ns per pair) or on / off (throughput).
+    compared: Spread,
+    rounds: usize,
+    verdict: String,
+    messages: String,
+}
+
+/// For each round with both sides: (off value, on value).
+fn paired(
+    samples: &[Sample],
+    pool: Pool,
+    mode: Mode,
+    agent: bool,
+    value: &dyn Fn(&Sample) -> f64,
+) -> (Vec<(f64, f64)>, (f64, f64)) {
+    let find = |round: u32, adapter: bool| {
+        samples.iter().find(|s| {
+            s.round == round
+                && s.config
+                    == Config {
+                        pool,
+                        mode,
+                        adapter,
+                        agent,
+                    }
+        })
+    };
+    let mut rounds: Vec<u32> = samples.iter().map(|s| s.round).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    let mut pairs = Vec::new();
+    let mut messages = (0.0, 0.0);
+    for round in rounds {
+        if let (Some(off), Some(on)) = (find(round, false), find(round, true)) {
+            pairs.push((value(off), value(on)));
+            messages.0 += on.sent.unwrap_or(0.0);
+            messages.1 += on.dropped.unwrap_or(0.0);
+        }
+    }
+    (pairs, messages)
+}
+
+fn rows(samples: &[Sample]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let per_pair = |s: &Sample| s.cpu_ns / s.ops;
+    let rate = |s: &Sample| s.ops / (s.wall_ns / 1e9);
+    for pool in Pool::ALL {
+        for (mode, agent) in [
+            (Mode::Pairs, false),
+            (Mode::Pairs, true),
+            (Mode::Query, true),
+        ] {
+            let value: &dyn Fn(&Sample) -> f64 = match mode {
+                Mode::Pairs => &per_pair,
+                Mode::Query => &rate,
+            };
+            let (pairs, (sent, dropped)) = paired(samples, pool, mode, agent, value);
+            if pairs.is_empty() {
+                continue;
+            }
+            let off = Spread::of(pairs.iter().map(|p| p.0).collect());
+            let on = Spread::of(pairs.iter().map(|p| p.1).collect());
+            let (compared, verdict) = match mode {
+                Mode::Pairs => {
+                    let added = Spread::of(pairs.iter().map(|p| p.1 - p.0).collect());
+                    let ok = added.median <= MAX_ADDED_NS_PER_PAIR;
+                    let verdict = format!(
+                        "added <= {MAX_ADDED_NS_PER_PAIR:.0} ns: {}",
+                        if ok { "met" } else { "MISSED" }
+                    );
+                    (added, verdict)
+                }
+                Mode::Query => {
+                    let ratio = Spread::of(pairs.iter().map(|p| p.1 / p.0).collect());
+                    let ok = ratio.median >= MIN_THROUGHPUT_RATIO;
+                    let verdict = format!(
+                        "ratio >= {MIN_THROUGHPUT_RATIO}: {}",
+                        if ok { "met" } else { "MISSED" }
+                    );
+                    (ratio, verdict)
+                }
+            };
+            rows.push(Row {
+                pool,
+                measure: match mode {
+                    Mode::Pairs => "CPU ns per acquire+release",
+                    Mode::Query => "queries/s, borrow+SELECT 1+return",
+                },
+                agent: if agent { "present" } else { "absent" },
+                off,
+                on,
+                compared,
+                rounds: pairs.len(),
+                verdict,
+                messages: format!("{sent:.0} / {dropped:.0}"),
+            });
+        }
+    }
+    rows
+}
+
+/// The group's one table.
+pub fn table(samples: &[Sample]) -> Table {
+    let mut t = Table::new(
+        "Pool adapters: cost per acquire+release, and borrow/query/return throughput",
+        &[
+            "pool",
+            "measure",
+            "agent",
+            "rounds",
+            "adapter off",
+            "adapter on",
+            "on - off (ns) or on / off",
+            "target",
+            "adapter msgs sent / dropped",
+        ],
+    );
+    let spread = |s: &Spread, f: &dyn Fn(f64) -> String| {
+        format!("{} [{}..{}]", f(s.median), f(s.min), f(s.max))
+    };
+    for r in rows(samples) {
+        let (off, on, compared) = if r.measure.starts_with("CPU") {
+            (
+                spread(&r.off, &ns),
+                spread(&r.on, &ns),
+                spread(&r.compared, &|v| format!("{v:+.0}")),
+            )
+        } else {
+            let rate = |v: f64| format!("{v:.0}");
+            (
+                spread(&r.off, &rate),
+                spread(&r.on, &rate),
+                r.compared.ratio(),
+            )
+        };
+        t.row(vec![
+            r.pool.name().to_string(),
+            r.measure.to_string(),
+            r.agent.to_string(),
+            r.rounds.to_string(),
+            off,
+            on,
+            compared,
+            r.verdict,
+            r.messages,
+        ]);
+    }
+    t
+}
+
+/// The group's section of the report: (plain text, markdown).
+pub fn render(samples: &[Sample], failures: &[String], settings: &Settings) -> (String, String) {
+    let t = table(samples);
+    let mut notes = vec![
+        format!(
+            "pairs: {} acquire+release pairs per run, no query, after {} for warm-up; CPU is the \
+             whole application process's (all threads: the adapter's writer, GC, JIT), per pair; \
+             on - off is per round, median [min..max] over the rounds.",
+            settings.pairs,
+            (settings.pairs / 4).max(1000)
+        ),
+        format!(
+            "query: borrow, SELECT 1, return for {} s per run after 1 s of warm-up, agent \
+             running; on / off per round.",
+            settings.seconds
+        ),
+        "adapter off: the same program without the instrument() call; every run is a fresh \
+         process (and a fresh agent when present); a pool's configurations run in one order, \
+         then reversed in the next round."
+            .to_string(),
+        "adapter msgs: messages the adapter sent to the agent and dropped (its bounded queue \
+         was full, or no agent) during the measured loops, summed over the adapter-on runs. \
+         A tight loop makes messages faster than the agent may take them; drops are cheaper \
+         than sends, so many drops understate the cost."
+            .to_string(),
+    ];
+    if !failures.is_empty() {
+        notes.push(format!(
+            "{} run(s) failed and were left out: {}",
+            failures.len(),
+            failures.join("; ")
+        ));
+    }
+    let mut text = String::from("\npool adapters:\n");
+    let mut md = String::from("\n## Pool adapters\n\n");
+    for pool in Pool::ALL {
+        text.push_str(&format!("  {:<14} {}\n", pool.name(), pool.describe()));
+        md.push_str(&format!("- {}: {}\n", pool.name(), pool.describe()));
+    }
+    text.push('\n');
+    text.push_str(&t.text());
+    md.push('\n');
+    md.push_str(&t.markdown());
+    text.push('\n');
+    md.push('\n');
+    for note in &notes {
+        text.push_str(&format!("* {note}\n"));
+        md.push_str(&format!("- {note}\n"));
+    }
+    md.push_str("\n### Adapter runs\n\n| round | configuration | ops | s | CPU ns/op | sent | dropped |\n|---:|---|---:|---:|---:|---:|---:|\n");
+    for s in samples {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.2} | {} | {} | {} |\n",
+            s.round,
+            s.config.label(),
+            s.ops,
+            s.wall_ns / 1e9,
+            ns(s.cpu_ns / s.ops),
+            s.sent.map_or("-".to_string(), |v| format!("{v:.0}")),
+            s.dropped.map_or("-".to_string(), |v| format!("{v:.0}")),
+        ));
+    }
+    (text, md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(config: Config, round: u32, ops: f64, cpu_ns: f64, wall_ns: f64) -> Sample {
+        Sample {
+            config,
+            round,
+            ops,
+            cpu_ns,
+            wall_ns,
+            sent: config.adapter.then_some(3.0 * ops),
+            dropped: config.adapter.then_some(0.0),
+            connected: config.adapter.then_some(true),
+        }
+    }
+
+    #[test]
+    fn rounds_flip_order() {
+        let c = configs(Pool::NodePg);
+        assert_eq!(c.len(), 6);
+        assert_eq!(round_order(&c, 1), c);
+        let mut reversed = c.clone();
+        reversed.reverse();
+        assert_eq!(round_order(&c, 2), reversed);
+        assert_eq!(round_order(&c, 3), c);
+        // Adapter off and on of one measure sit side by side: A,B then B,A.
+        assert!(!c[0].adapter && c[1].adapter && c[0].mode == c[1].mode);
+    }
+
+    #[test]
+    fn parses_program_output() {
+        let c = configs(Pool::Hikari)[1];
+        let s = parse_output(
+            c,
+            2,
+            "[main] INFO noise\n{\"ops\":1000,\"cpu_ns\":500000,\"wall_ns\":600000,\"sent\":3000,\"dropped\":5,\"connected\":false}\n",
+        )
+        .expect("parses");
+        assert_eq!((s.ops, s.cpu_ns, s.wall_ns), (1000.0, 500_000.0, 600_000.0));
+        assert_eq!((s.sent, s.dropped), (Some(3000.0), Some(5.0)));
+        assert_eq!(s.connected, Some(false));
+        assert_eq!(s.round, 2);
+        let off = parse_output(
+            configs(Pool::Hikari)[0],
+            1,
+            "{\"ops\":1,\"cpu_ns\":1,\"wall_ns\":1}",
+        )
+        .expect("parses");
+        assert_eq!(off.sent, None);
+        assert!(parse_output(c, 1, "no json").is_err());
+        assert!(parse_output(c, 1, "{\"ops\":0,\"cpu_ns\":1,\"wall_ns\":1}").is_err());
+    }
+
+    #[test]
+    fn compares_within_rounds() {
+        let c = configs(Pool::NodePg);
+        let (off_absent, on_absent, q_off, q_on) = (c[0], c[1], c[4], c[5]);
+        // Round 1: 200 and 1,200 ns per pair; round 2: 300 and 1,000; round
+        // 3 has only the off side and is left out. Queries: 10,000/s off,
+        // 9,900/s on.
+        let samples = vec![
+            sample(off_absent, 1, 1000.0, 200_000.0, 1.0e6),
+            sample(on_absent, 1, 1000.0, 1_200_000.0, 1.0e6),
+            sample(on_absent, 2, 1000.0, 1_000_000.0, 1.0e6),
+            sample(off_absent, 2, 1000.0, 300_000.0, 1.0e6),
+            sample(off_absent, 3, 1000.0, 100.0, 1.0e6),
+            sample(q_off, 1, 10_000.0, 1.0, 1.0e9),
+            sample(q_on, 1, 9_900.0, 1.0, 1.0e9),
+        ];
+
+        let (pairs, (sent, dropped)) = paired(&samples, Pool::NodePg, Mode::Pairs, false, &|s| {
+            s.cpu_ns / s.ops
+        });
+        assert_eq!(pairs, vec![(200.0, 1200.0), (300.0, 1000.0)]);
+        assert_eq!(
+            Spread::of(pairs.iter().map(|p| p.1 - p.0).collect()).median,
+            850.0
+        );
+        assert_eq!((sent, dropped), (6000.0, 0.0));
+
+        let rows = rows(&samples);
+        assert_eq!(rows.len(), 2, "agent-present pairs have no samples");
+        assert_eq!(rows[0].rounds, 2);
+        assert_eq!(rows[0].compared.median, 850.0);
+        assert_eq!(
+            (rows[0].compared.min, rows[0].compared.max),
+            (700.0, 1000.0)
+        );
+        assert!(rows[0].verdict.ends_with("met"));
+        assert!((rows[1].compared.median - 0.99).abs() < 1e-12);
+        assert!(rows[1].verdict.ends_with("met"));
+
+        let text = table(&samples).text();
+        assert!(text.contains("node pg"), "{text}");
+        assert!(text.contains("+850 [+700..+1000]"), "{text}");
+        assert!(text.contains("0.990 [0.990..0.990]"), "{text}");
+        assert!(text.contains("10000 [10000..10000]"), "{text}");
+    }
+
+    #[test]
+    fn misses_are_loud() {
+        let c = configs(Pool::Hikari);
+        let samples = vec![
+            sample(c[4], 1, 10_000.0, 1.0, 1.0e9),
+            sample(c[5], 1, 9_000.0, 1.0, 1.0e9),
+            sample(c[2], 1, 1000.0, 100_000.0, 1.0),
+            sample(c[3], 1, 1000.0, 2_500_000.0, 1.0),
+        ];
+        let rows = rows(&samples);
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.verdict.ends_with("MISSED")));
+    }
+
+    #[test]
+    fn estimate_is_minutes() {
+        let m = estimate_minutes(&Settings {
+            rounds: 5,
+            pairs: 500_000,
+            seconds: 10,
+        });
+        assert!((5.0..20.0).contains(&m), "{m}");
+    }
+}
