@@ -167,7 +167,16 @@ impl Config {
         self.http
             .bearer_token()
             .map(|_| ())
-            .map_err(|(key, reason)| anyhow!("key `http.{key}`: {reason}"))
+            .map_err(|(key, reason)| anyhow!("key `http.{key}`: {reason}"))?;
+        // Binding one would remove the other's socket file.
+        if self.adapter.stream_socket == self.adapter.socket {
+            return Err(anyhow!(
+                "key `adapter.stream_socket`: {} is also `adapter.socket`; the datagram and the \
+                 stream socket need paths of their own",
+                self.adapter.socket.display()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -434,10 +443,10 @@ level = "debug"
                 "invalid type: boolean `true`, expected a number of seconds, or a duration",
             ),
             (
-                "[leaks]\nslow_acquire_ms = \"2y\"\n",
+                "[leaks]\nslow_acquire_ms = \"200y\"\n",
                 "leaks.slow_acquire_ms",
                 2,
-                "\"2y\" is not between 0 and 31536000000 milliseconds",
+                "\"200y\" is not between 0 and 3153600000000 milliseconds",
             ),
             (
                 "[http]\nidle_timeout_seconds = 0.05\n",
@@ -867,5 +876,20 @@ level = "debug"
         ] {
             assert_located(&err(text), key, 2, why);
         }
+    }
+
+    #[test]
+    fn the_two_adapter_sockets_need_paths_of_their_own() {
+        let parse = |text: &str| Config::from_toml_str(text, "x");
+        let e = format!(
+            "{:#}",
+            parse("[adapter]\nsocket = \"/tmp/a.sock\"\nstream_socket = \"/tmp/a.sock\"\n")
+                .expect_err("same path")
+        );
+        assert!(
+            e.starts_with("config x: key `adapter.stream_socket`: /tmp/a.sock is also"),
+            "{e}"
+        );
+        assert!(parse("[adapter]\nsocket = \"/tmp/a.sock\"\n").is_ok());
     }
 }

@@ -6,7 +6,7 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, Mutex, PoisonError,
     },
     time::Duration,
 };
@@ -521,16 +521,23 @@ async fn serve_adapter_streams(
     pipeline: Arc<Pipeline>,
 ) -> anyhow::Result<()> {
     let (outcomes, mut received) = tokio::sync::mpsc::channel(1024);
-    let accepting = tokio::spawn(socket.serve(outcomes));
+    // Refusals at accept are counted (and logged, within the budget) on
+    // the accepting task, not queued behind the streams' lines.
+    let refusals = Arc::new(Mutex::new(RateLimitedLog::new(Duration::from_secs(10))));
+    let at_accept = Arc::clone(&pipeline);
+    let accepting = tokio::spawn(socket.serve(outcomes, move |outcome| {
+        let mut log = refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        // A refusal touches no state, so it cannot break the pipeline.
+        let _ = at_accept.apply_adapter(outcome, &mut log);
+    }));
     let mut rejections = RateLimitedLog::new(Duration::from_secs(10));
     while let Some(outcome) = received.recv().await {
         pipeline.apply_adapter(outcome, &mut rejections)?;
     }
-    match accepting.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(anyhow::anyhow!("adapter stream socket: {e}")),
-        Err(e) => Err(anyhow::anyhow!("adapter stream socket task: {e}")),
-    }
+    accepting.abort();
+    Err(anyhow::anyhow!(
+        "adapter stream socket: its accepting task ended"
+    ))
 }
 
 /// From SIGTERM to exit, whatever the collector does: the exporters' last
@@ -665,6 +672,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         telemetry: Arc::clone(&telemetry),
         clock,
     };
+    let streams = if config.adapter.enabled && !config.adapter.stream_socket.as_os_str().is_empty()
+    {
+        config.adapter.max_streams.get()
+    } else {
+        0
+    };
+    api::listener::raise_fd_limit(config.http.max_connections.get(), streams);
     tasks.spawn("HTTP server", api::serve(config.http.clone(), api_state));
     tasks.spawn(
         "event reader",

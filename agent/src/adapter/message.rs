@@ -102,6 +102,9 @@ pub enum MessageError {
     UnknownSender,
     /// The sender's uid and gid are on neither allow-list.
     NotAllowed { uid: u32, gid: u32 },
+    /// The process the kernel named had exited by the time the agent
+    /// accepted its stream.
+    SenderExited,
 }
 
 impl std::fmt::Display for MessageError {
@@ -117,6 +120,9 @@ impl std::fmt::Display for MessageError {
                 f,
                 "uid {uid} / gid {gid} is not in [adapter] allowed_uids or allowed_gids"
             ),
+            MessageError::SenderExited => {
+                write!(f, "the sender exited before the agent accepted its stream")
+            }
         }
     }
 }
@@ -131,6 +137,7 @@ impl MessageError {
             MessageError::NoCredentials => "invalid",
             MessageError::UnknownSender => "unknown_sender",
             MessageError::NotAllowed { .. } => "sender_not_allowed",
+            MessageError::SenderExited => "sender_exited",
         }
     }
 }

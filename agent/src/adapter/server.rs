@@ -202,37 +202,64 @@ pub fn judge(
             error: MessageError::NoCredentials,
         };
     };
-    // pid 0: the sender is outside our pid namespace. Accepting it would
-    // let every such sender speak for one shared, unknowable process.
-    let Ok(pid @ 1..) = u32::try_from(creds.pid) else {
-        return Outcome::Rejected {
-            pid: None,
-            error: MessageError::UnknownSender,
-        };
+    let pid = match admit_sender(&creds, senders) {
+        Ok(pid) => pid,
+        Err(refusal) => return refusal.into(),
     };
-    if !senders.allows(creds.uid, creds.gid) {
-        return Outcome::Rejected {
-            pid: Some(pid),
-            error: MessageError::NotAllowed {
-                uid: creds.uid,
-                gid: creds.gid,
-            },
-        };
-    }
     if truncated {
         return Outcome::Rejected {
             pid: Some(pid),
             error: MessageError::Refused(poolscope_adapter_protocol::Error::TooLarge(bytes.len())),
         };
     }
+    judge_message(bytes, pid, creds.uid)
+}
+
+/// Why a sender is refused before anything it sent is read.
+#[derive(Debug)]
+pub struct Refusal {
+    pub pid: Option<u32>,
+    pub error: MessageError,
+}
+
+impl From<Refusal> for Outcome {
+    fn from(r: Refusal) -> Outcome {
+        Outcome::Rejected {
+            pid: r.pid,
+            error: r.error,
+        }
+    }
+}
+
+/// The sender's pid, if the kernel named one the agent can see and the
+/// allow-lists admit it.
+pub fn admit_sender(creds: &libc::ucred, senders: &Senders) -> Result<u32, Refusal> {
+    // pid 0: the sender is outside our pid namespace. Accepting it would
+    // let every such sender speak for one shared, unknowable process.
+    let Ok(pid @ 1..) = u32::try_from(creds.pid) else {
+        return Err(Refusal {
+            pid: None,
+            error: MessageError::UnknownSender,
+        });
+    };
+    if !senders.allows(creds.uid, creds.gid) {
+        return Err(Refusal {
+            pid: Some(pid),
+            error: MessageError::NotAllowed {
+                uid: creds.uid,
+                gid: creds.gid,
+            },
+        });
+    }
+    Ok(pid)
+}
+
+/// One message of an admitted sender: the kernel's pid wins over any claim.
+pub fn judge_message(bytes: &[u8], pid: u32, uid: u32) -> Outcome {
     match message::decode(bytes) {
         Ok(message) => match message.claimed_pid {
             Some(claimed) if claimed != pid => Outcome::Spoofed { pid, claimed },
-            _ => Outcome::Accepted(Received {
-                pid,
-                uid: creds.uid,
-                message,
-            }),
+            _ => Outcome::Accepted(Received { pid, uid, message }),
         },
         Err(error) => Outcome::Rejected {
             pid: Some(pid),

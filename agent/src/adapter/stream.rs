@@ -6,17 +6,20 @@
 //! Bounds: a line longer than a datagram may be drops the stream (the
 //! sender is broken or hostile, and resynchronising inside a flood of bytes
 //! is guesswork); streams are capped per uid and in all, so one user's
-//! idle streams cannot take the slots of another's.
+//! idle streams cannot take the slots of another's; a stream lives no
+//! longer than the process that opened it (a pidfd), so a child that
+//! inherited it cannot speak for a later process that reuses the pid.
 
 use std::{
     collections::HashMap,
-    fs, io,
+    fs,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
 
 use tokio::{
-    io::AsyncReadExt,
+    io::{unix::AsyncFd, AsyncReadExt},
     net::{UnixListener, UnixStream},
     sync::mpsc,
 };
@@ -25,7 +28,7 @@ use poolscope_adapter_protocol as wire;
 
 use super::{
     message::{MessageError, MAX_MESSAGE_BYTES},
-    server::{bind_socket_file, judge, Outcome, Senders},
+    server::{admit_sender, bind_socket_file, judge_message, Outcome, Senders},
 };
 
 /// Streams open at once, in all and per uid.
@@ -45,10 +48,14 @@ impl Default for StreamLimits {
 }
 
 /// Splits a byte stream into lines of at most `max_line` bytes (the
-/// newline not counted), keeping at most one partial line.
+/// newline not counted). It keeps at most one partial line and the bytes
+/// of the last read, and hands lines out one at a time, so that a reader
+/// can wait between them.
 #[derive(Debug)]
 pub struct LineFramer {
-    partial: Vec<u8>,
+    buf: Vec<u8>,
+    /// Where the next line starts in `buf`.
+    start: usize,
     max_line: usize,
 }
 
@@ -59,39 +66,43 @@ pub struct Oversized(pub usize);
 impl LineFramer {
     pub fn new(max_line: usize) -> LineFramer {
         LineFramer {
-            partial: Vec::new(),
+            buf: Vec::new(),
+            start: 0,
             max_line,
         }
     }
 
-    /// Feeds `bytes`, handing each complete line (without its newline, a
-    /// trailing `\r` removed; empty lines skipped) to `line`.
-    pub fn feed(&mut self, mut bytes: &[u8], mut line: impl FnMut(&[u8])) -> Result<(), Oversized> {
-        while let Some(newline) = bytes.iter().position(|&b| b == b'\n') {
-            let (head, rest) = bytes.split_at(newline);
-            bytes = &rest[1..];
-            let whole_len = self.partial.len() + head.len();
-            if whole_len > self.max_line {
-                return Err(Oversized(whole_len));
-            }
-            let whole: &[u8] = if self.partial.is_empty() {
-                head
-            } else {
-                self.partial.extend_from_slice(head);
-                &self.partial
+    /// Appends what was read.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete line (without its newline, a trailing `\r`
+    /// removed; empty lines skipped), `None` when no complete line is left,
+    /// or `Oversized` when a line, complete or not, is longer than allowed.
+    pub fn next_line(&mut self) -> Option<Result<&[u8], Oversized>> {
+        loop {
+            let rest = &self.buf[self.start..];
+            let Some(newline) = rest.iter().position(|&b| b == b'\n') else {
+                return (rest.len() > self.max_line).then_some(Err(Oversized(rest.len())));
             };
-            let whole = whole.strip_suffix(b"\r").unwrap_or(whole);
-            if !whole.is_empty() {
-                line(whole);
+            if newline > self.max_line {
+                return Some(Err(Oversized(newline)));
             }
-            self.partial.clear();
+            let line_start = self.start;
+            self.start += newline + 1;
+            let line = &self.buf[line_start..line_start + newline];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if !line.is_empty() {
+                // Re-borrowed so that the loop's earlier borrow has ended.
+                let end = line_start + line.len();
+                return Some(Ok(&self.buf[line_start..end]));
+            }
         }
-        let pending = self.partial.len() + bytes.len();
-        if pending > self.max_line {
-            return Err(Oversized(pending));
-        }
-        self.partial.extend_from_slice(bytes);
-        Ok(())
     }
 }
 
@@ -168,10 +179,16 @@ impl AdapterStreamSocket {
     }
 
     /// Accepts streams for ever, sending what each line became to
-    /// `outcomes`. A stream over the limits is closed at once, and so is
-    /// one whose sender the kernel cannot name; each is reported as a
-    /// rejection.
-    pub async fn serve(self, outcomes: mpsc::Sender<Outcome>) -> io::Result<()> {
+    /// `outcomes`. A stream is closed at once, and reported to `refused`
+    /// (never through the channel, which a flood of refusals would fill),
+    /// when the kernel cannot name its sender, the allow-lists refuse it,
+    /// its process is already gone, or its uid (or everyone) has as many
+    /// streams open as allowed.
+    pub async fn serve(
+        self,
+        outcomes: mpsc::Sender<Outcome>,
+        refused: impl Fn(Outcome) + Send + Sync + 'static,
+    ) {
         loop {
             let (stream, _) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -189,24 +206,39 @@ impl AdapterStreamSocket {
                     gid: cred.gid(),
                 },
                 Err(_) => {
-                    let _ = outcomes.try_send(Outcome::Rejected {
+                    refused(Outcome::Rejected {
                         pid: None,
                         error: MessageError::UnknownSender,
                     });
                     continue;
                 }
             };
+            let pid = match admit_sender(&creds, &self.senders) {
+                Ok(pid) => pid,
+                Err(refusal) => {
+                    refused(refusal.into());
+                    continue;
+                }
+            };
+            let Some(exited) = ProcessExit::watch(&stream, pid) else {
+                refused(Outcome::Rejected {
+                    pid: Some(pid),
+                    error: MessageError::SenderExited,
+                });
+                continue;
+            };
             let Some(slot) = take_slot(&self.open, creds.uid, self.limits) else {
-                let _ = outcomes.try_send(Outcome::StreamLimit {
-                    pid: u32::try_from(creds.pid).ok().filter(|&p| p > 0),
+                refused(Outcome::StreamLimit {
+                    pid: Some(pid),
                     uid: creds.uid,
                 });
                 continue;
             };
             tokio::spawn(read_stream(
                 stream,
-                creds,
-                self.senders.clone(),
+                pid,
+                creds.uid,
+                exited,
                 outcomes.clone(),
                 slot,
             ));
@@ -220,41 +252,96 @@ impl Drop for AdapterStreamSocket {
     }
 }
 
-/// Reads one stream's lines until it closes, breaks a bound, or the agent
-/// stops listening. Outcomes wait for room in the channel: a sender that
-/// writes faster than the agent applies is slowed by its own socket
-/// buffer, never by others.
+/// Readable once the process exits: a pidfd, from the socket itself
+/// (`SO_PEERPIDFD`, Linux 6.5+, exact) or else opened by pid right after
+/// accept (the process connected a moment ago, so the pid is still its).
+struct ProcessExit(AsyncFd<OwnedFd>);
+
+/// `SO_PEERPIDFD` (linux/socket.h), which the libc crate may not name.
+const SO_PEERPIDFD: libc::c_int = 77;
+
+impl ProcessExit {
+    fn watch(stream: &UnixStream, pid: u32) -> Option<ProcessExit> {
+        let fd = peer_pidfd(stream).or_else(|| open_pidfd(pid))?;
+        // SAFETY: the OwnedFd owns the pidfd for as long as the AsyncFd owns
+        // it, and always reports that same fd.
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .ok()
+            .map(ProcessExit)
+    }
+
+    async fn exited(&self) {
+        // Readable means exited; an error means the same to us.
+        let _ = self.0.readable().await;
+    }
+}
+
+fn peer_pidfd(stream: &UnixStream) -> Option<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a c_int with its size for the answer.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one stream's lines until it closes, breaks a bound, its process
+/// exits (a child that inherited the stream cannot outlive the process
+/// the kernel named), or the agent stops listening. Each line's outcome
+/// waits for room in the channel before the next line is read, so a
+/// stream holds at most one read's bytes and one outcome; streams share
+/// the channel in turn.
 async fn read_stream(
     mut stream: UnixStream,
-    creds: libc::ucred,
-    senders: Senders,
+    pid: u32,
+    uid: u32,
+    exited: ProcessExit,
     outcomes: mpsc::Sender<Outcome>,
     _slot: Slot,
 ) {
     let mut framer = LineFramer::new(MAX_MESSAGE_BYTES);
     let mut buf = vec![0u8; 8192];
     loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            () = exited.exited() => return,
         };
-        let mut judged = Vec::new();
-        let fed = framer.feed(&buf[..n], |line| {
-            judged.push(judge(line, false, Some(creds), &senders));
-        });
-        for outcome in judged {
+        framer.push(&buf[..n]);
+        while let Some(line) = framer.next_line() {
+            let outcome = match line {
+                Ok(line) => judge_message(line, pid, uid),
+                Err(Oversized(len)) => {
+                    let _ = outcomes
+                        .send(Outcome::Rejected {
+                            pid: Some(pid),
+                            error: MessageError::Refused(wire::Error::TooLarge(len)),
+                        })
+                        .await;
+                    return;
+                }
+            };
             if outcomes.send(outcome).await.is_err() {
                 return;
             }
-        }
-        if let Err(Oversized(len)) = fed {
-            let _ = outcomes
-                .send(Outcome::Rejected {
-                    pid: u32::try_from(creds.pid).ok().filter(|&p| p > 0),
-                    error: MessageError::Refused(wire::Error::TooLarge(len)),
-                })
-                .await;
-            return;
         }
     }
 }
@@ -264,8 +351,11 @@ mod tests {
     use super::*;
 
     fn lines(framer: &mut LineFramer, bytes: &[u8]) -> Result<Vec<String>, Oversized> {
+        framer.push(bytes);
         let mut out = Vec::new();
-        framer.feed(bytes, |l| out.push(String::from_utf8_lossy(l).into_owned()))?;
+        while let Some(line) = framer.next_line() {
+            out.push(String::from_utf8_lossy(line?).into_owned());
+        }
         Ok(out)
     }
 
@@ -304,6 +394,20 @@ mod tests {
     }
 
     #[test]
+    fn the_framer_holds_at_most_one_partial_line_and_the_last_read() {
+        let mut f = LineFramer::new(8);
+        let mut got = Vec::new();
+        for _ in 0..10_000 {
+            got.extend(lines(&mut f, b"ab\ncd\nef").expect("fits"));
+            assert!(f.buf.len() <= 8 + 8, "kept {} bytes", f.buf.len());
+        }
+        assert_eq!(got.len(), 20_000);
+        assert!(got
+            .iter()
+            .all(|l| ["ab", "cd", "efab"].contains(&l.as_str())));
+    }
+
+    #[test]
     fn slots_are_bounded_per_uid_and_in_all_and_given_back() {
         let open = Arc::default();
         let limits = StreamLimits {
@@ -328,7 +432,7 @@ mod tests {
             AdapterStreamSocket::bind(&path, 0o666, Senders::default(), StreamLimits::default())
                 .expect("bind");
         let (tx, mut rx) = mpsc::channel(16);
-        let serving = tokio::spawn(server.serve(tx));
+        let serving = tokio::spawn(server.serve(tx, |refused| panic!("refused {refused:?}")));
         let mut client = UnixStream::connect(&path).await.expect("connect");
         client
             .write_all(b"{\"v\":1,\"kind\":\"release\",\"pool\":\"p\",\"fd\":3}\nnot json\n")
@@ -345,7 +449,7 @@ mod tests {
                 ..
             }
         ));
-        // A line past the limit drops the stream.
+        // A line past the limit drops the stream: the agent closes it.
         client
             .write_all(&vec![b'x'; MAX_MESSAGE_BYTES + 2])
             .await
@@ -358,10 +462,14 @@ mod tests {
             }
         ));
         let mut rest = Vec::new();
-        let closed = client.read_to_end(&mut rest).await;
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.read_to_end(&mut rest),
+        )
+        .await;
         assert!(
-            closed.is_ok_and(|n| n == 0) || rest.is_empty(),
-            "the agent closed it"
+            matches!(closed, Ok(Ok(0))),
+            "the agent closes the stream: {closed:?}"
         );
         serving.abort();
         let _ = fs::remove_dir_all(&dir);

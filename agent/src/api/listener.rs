@@ -99,9 +99,10 @@ struct Shared {
 
 /// Raises the soft fd limit to the hard one (systemd and container runtimes
 /// often start services at 1,024 soft with a far higher hard limit), and
-/// warns when the result leaves little room beside `max_connections`: the
-/// BPF maps, programs and sockets of the rest of the agent need fds too.
-pub fn raise_fd_limit(max_connections: usize) {
+/// warns when the result leaves little room beside `max_connections` HTTP
+/// connections and `max_streams` adapter streams: the BPF maps, programs
+/// and sockets of the rest of the agent need fds too.
+pub fn raise_fd_limit(max_connections: usize, max_streams: usize) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -120,13 +121,15 @@ pub fn raise_fd_limit(max_connections: usize) {
             limit = raised;
         }
     }
-    let needed = (max_connections + RESERVED_SLOTS) as u64 + 512;
+    let needed = (max_connections + RESERVED_SLOTS + max_streams) as u64 + 512;
     if limit.rlim_cur < needed {
         log::warn!(
-            "the fd limit is {} (RLIMIT_NOFILE), less than [http] max_connections = {} needs \
-             beside the agent's own fds ({needed}): raise LimitNOFILE or lower max_connections",
+            "the fd limit is {} (RLIMIT_NOFILE), less than [http] max_connections = {} and \
+             [adapter] max_streams = {} need beside the agent's own fds ({needed}): raise \
+             LimitNOFILE or lower those",
             limit.rlim_cur,
-            max_connections
+            max_connections,
+            max_streams
         );
     }
 }

@@ -313,7 +313,6 @@ pub fn router(state: ApiState) -> Router {
 /// Serves the API with the limits and token of `[http]` (see `listener`).
 pub async fn serve(http: HttpConfig, state: ApiState) -> anyhow::Result<()> {
     let listen = http.listen;
-    listener::raise_fd_limit(http.max_connections.get());
     let token = http
         .bearer_token()
         .map_err(|(key, reason)| anyhow::anyhow!("config key `http.{key}`: {reason}"))?;

@@ -4,11 +4,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config_types::{Duration, MILLI, SECOND};
 
-/// A year, the longest threshold: enough for any rule.
-const YEAR: u64 = 365 * 24 * 3600 * SECOND;
+/// A century, the longest threshold: a rule is "turned off" with a huge
+/// one (say `1e9` seconds), and the detectors add thresholds to clock
+/// readings, which a century cannot overflow.
+const CENTURY: u64 = 100 * 365 * 24 * 3600 * SECOND;
 
-/// A rule's threshold, from zero to a year.
-pub type Threshold<const UNIT: u64> = Duration<UNIT, 0, YEAR>;
+/// A rule's threshold, from zero to a century.
+pub type Threshold<const UNIT: u64> = Duration<UNIT, 0, CENTURY>;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a table, [leaks]")]
