@@ -4,7 +4,7 @@
 // (checkout_state) when the agent comes back and periodically.
 
 const fs = require('node:fs')
-const { senderFor, socketPathFromEnv, monotonicNs } = require('./sender')
+const { senderFor, socketPathFromEnv, monotonicNs, MAX_MESSAGE_BYTES } = require('./sender')
 
 const VERSION = 1
 const MAX_POOL_NAME = 128
@@ -119,23 +119,45 @@ class Reporter {
 
   /**
    * The registration and the connections checked out now (`checkout_state`,
-   * at most STATE_ENTRIES per message), sent when the agent comes back and
-   * periodically while any are out; the agent takes it idempotently.
+   * at most STATE_ENTRIES per message and never more than MAX_MESSAGE_BYTES
+   * once encoded: a long non-ASCII pool name and IPv6 addresses take more
+   * bytes than characters), sent when the agent comes back and periodically
+   * while any are out; the agent takes it idempotently.
    */
   sendState() {
     this.register()
+    for (const line of this.stateLines()) this.sender.sendBytes(line)
+  }
+
+  /** The checkout_state messages (Buffers), oldest checkouts first. */
+  stateLines() {
     const entries = [...this.out.values()].sort((a, b) => (a.monoNs < b.monoNs ? -1 : a.monoNs > b.monoNs ? 1 : 0))
-    for (let i = 0; i < entries.length; i += STATE_ENTRIES) {
-      const list = entries.slice(i, i + STATE_ENTRIES).map((e) => {
-        const fields = Object.assign({}, e.ref)
-        if (e.tid !== undefined) fields.tid = e.tid
-        // mono_ns written from the BigInt in full (past 2^53 too).
-        return `${JSON.stringify(fields).slice(0, -1)},"mono_ns":${e.monoNs.toString()}}`
-      })
-      const head = JSON.stringify({ v: VERSION, kind: 'checkout_state', pool: this.name })
-      const text = `${head.slice(0, -1)},"checkouts":[${list.join(',')}],"mono_ns":${monotonicNs().toString()}}`
-      this.sender.sendBytes(Buffer.from(text, 'utf8'))
+    if (entries.length === 0) return []
+    const head = JSON.stringify({ v: VERSION, kind: 'checkout_state', pool: this.name })
+    // One time for the whole state: when it was taken.
+    const prefix = `${head.slice(0, -1)},"checkouts":[`
+    const suffix = `],"mono_ns":${monotonicNs().toString()}}`
+    const base = Buffer.byteLength(prefix) + Buffer.byteLength(suffix)
+    const lines = []
+    let list = []
+    let bytes = base
+    const flush = () => {
+      lines.push(Buffer.from(`${prefix}${list.join(',')}${suffix}`, 'utf8'))
+      list = []
+      bytes = base
     }
+    for (const e of entries) {
+      const fields = Object.assign({}, e.ref)
+      if (e.tid !== undefined) fields.tid = e.tid
+      // mono_ns written from the BigInt in full (past 2^53 too).
+      const text = `${JSON.stringify(fields).slice(0, -1)},"mono_ns":${e.monoNs.toString()}}`
+      const size = Buffer.byteLength(text)
+      if (list.length > 0 && (list.length >= STATE_ENTRIES || bytes + 1 + size > MAX_MESSAGE_BYTES)) flush()
+      bytes += (list.length > 0 ? 1 : 0) + size
+      list.push(text)
+    }
+    flush()
+    return lines
   }
 
   checkedOut(ref, monoNs, tid) {

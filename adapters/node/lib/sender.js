@@ -23,8 +23,12 @@ const MAX_BACKLOG = 1024
 /** Bytes Node may buffer on a connected socket before new messages are dropped. */
 const MAX_WRITABLE_BYTES = 256 * 1024
 /** Delays (ms) before reconnecting, one step further after each failure;
- * back to the first once a connection is made. */
+ * back to the first once a connection has lasted STABLE_MS. */
 const RECONNECT_DELAYS_MS = [50, 100, 250, 500, 1000, 2000, 5000]
+/** A connection that lasts this long is the agent taking us: it resets the
+ * backoff and, after a failure, counts as a comeback. One lost sooner (an
+ * agent at its stream limit accepts and closes at once) does neither. */
+const STABLE_MS = 1000
 /** A backlog that found no agent for this long is given up: the agent would
  * no longer trust the messages' times anyway (it clamps at 10 minutes). */
 const GIVE_UP_MS = 60_000
@@ -69,7 +73,7 @@ function option(value, fallback) {
 class Sender {
   /**
    * options: maxBacklog, maxWritableBytes, reconnectDelaysMs (array),
-   * giveUpMs: bounds and timings above (tests shorten them).
+   * giveUpMs, stableMs: bounds and timings above (tests shorten them).
    */
   constructor(socketPath = socketPathFromEnv(), options = {}) {
     this.socketPath = socketPath
@@ -80,6 +84,8 @@ class Sender {
         ? options.reconnectDelaysMs
         : RECONNECT_DELAYS_MS
     this.giveUpMs = option(options.giveUpMs, GIVE_UP_MS)
+    this.stableMs = option(options.stableMs, STABLE_MS)
+    this.stableTimer = null
     /** null, or the socket: connecting until `connected`. */
     this.socket = null
     this.connected = false
@@ -99,9 +105,10 @@ class Sender {
     this.disconnects = 0
     /** The last error's code (ENOENT, ECONNREFUSED, EPIPE...), for diagnostics. */
     this.lastError = null
-    /** Connections made after a connection failed or was lost: each may be
-     * a new agent that knows nothing of this process's pools, so pools
-     * re-send their registration and checkouts. */
+    /** Connections made after a connection failed or was lost, that lasted
+     * (stableMs): each may be a new agent that knows nothing of this
+     * process's pools. Pools re-send their registration and checkouts on
+     * every connection after a failure (before what waited), counted or not. */
     this.comebacks = 0
     this.everFailed = false
     this.comebackListeners = new Set()
@@ -191,13 +198,13 @@ class Sender {
       if (this.socket !== socket) return
       this.connected = true
       this.connects += 1
-      this.failures = 0
-      const comeback = this.everFailed
-      this.everFailed = false
       this._expire()
-      this._flush()
-      if (comeback) {
-        this.comebacks += 1
+      if (this.everFailed) {
+        // The agent may be new and know nothing of the pools: their state
+        // (registrations, checkouts) goes first, then what waited. While the
+        // backlog is set aside the listeners' messages are written at once.
+        const waiting = this.backlog
+        this.backlog = []
         for (const listener of this.comebackListeners) {
           try {
             listener()
@@ -205,7 +212,21 @@ class Sender {
             // never into the application
           }
         }
+        this.backlog = this.backlog.length === 0 ? waiting : waiting.concat(this.backlog)
       }
+      this._flush()
+      // The backoff starts over (and a comeback is counted) only once the
+      // connection lasted: an agent at its stream limit closes at once.
+      this.stableTimer = setTimeout(() => {
+        this.stableTimer = null
+        if (this.socket !== socket || !this.connected) return
+        this.failures = 0
+        if (this.everFailed) {
+          this.everFailed = false
+          this.comebacks += 1
+        }
+      }, this.stableMs)
+      this.stableTimer.unref()
     })
     // The agent never writes: reading only notices its end (EOF).
     socket.on('data', () => {})
@@ -223,6 +244,7 @@ class Sender {
 
   /** The connection failed or ended: what Node still buffered is lost. */
   _lost() {
+    this._clearStableTimer()
     if (this.socket !== null) {
       this.disconnects += 1
       this.socket.destroy()
@@ -247,6 +269,13 @@ class Sender {
       this._connect()
     }, delay)
     this.reconnectTimer.unref()
+  }
+
+  _clearStableTimer() {
+    if (this.stableTimer !== null) {
+      clearTimeout(this.stableTimer)
+      this.stableTimer = null
+    }
   }
 
   /** Writes what waited, oldest first, as far as the socket takes it. */
@@ -283,6 +312,7 @@ class Sender {
    * Node buffered is written. */
   close() {
     this.closed = true
+    this._clearStableTimer()
     if (this.reconnectTimer !== null) {
       clearTimeout(this.reconnectTimer)
       this.reconnectTimer = null
@@ -319,6 +349,7 @@ module.exports = {
   MAX_BACKLOG,
   MAX_MESSAGE_BYTES,
   MAX_WRITABLE_BYTES,
+  STABLE_MS,
   Sender,
   encode,
   monotonicNs,

@@ -11,12 +11,12 @@ const os = require('node:os')
 const path = require('node:path')
 const { spawn } = require('node:child_process')
 
-const { Sender, encode, socketPathFromEnv, senderFor, DEFAULT_SOCKET, MAX_MESSAGE_BYTES } = require('../lib/sender')
+const { Sender, encode, socketPathFromEnv, senderFor, DEFAULT_SOCKET, MAX_BACKLOG, MAX_MESSAGE_BYTES } = require('../lib/sender')
 const adapter = require('../lib/index')
 const { Receiver, collect, eventually } = require('./helpers')
 
 const SENDER = require.resolve('../lib/sender')
-const fast = { reconnectDelaysMs: [10, 20, 40] }
+const fast = { reconnectDelaysMs: [10, 20, 40], stableMs: 100 }
 const release = (fd) => ({ v: 1, kind: 'release', pool: 'p', fd })
 const nowhere = () => path.join(os.tmpdir(), `poolscope-absent-${process.pid}-${Math.random()}`, 'adapter-stream.sock')
 
@@ -151,8 +151,8 @@ test('an agent that starts later gets what waited, in order, with its times; a c
     lines.map((l) => JSON.parse(l)),
     Array.from({ length: 20 }, (_, i) => ({ ...release(i), mono_ns: 1000 + i }))
   )
-  assert.equal(sender.stats().comebacks, 1)
   assert.equal(comebacks, 1, 'listeners are told (pools re-send their state)')
+  await eventually(() => sender.stats().comebacks === 1, 3000)
   assert.equal(sender.stats().waiting, 0)
 })
 
@@ -172,6 +172,7 @@ test('an agent that restarts: the sender reconnects with a backoff and keeps the
   await rx.listen()
   const got = await collect(rx, 10)
   assert.deepEqual(got.map((m) => m.fd), [10, 11, 12, 13, 14, 15, 16, 17, 18, 19])
+  await eventually(() => sender.stats().comebacks === 1, 3000)
   const s = sender.stats()
   assert.deepEqual([s.connects, s.disconnects >= 1, s.comebacks, s.dropped], [2, true, 1, 0])
   // An idle sender whose agent restarts reconnects by itself (so that pools
@@ -245,4 +246,102 @@ test('socket path: POOLSCOPE_ADAPTER_STREAM_SOCKET, else the default', () => {
   assert.equal(socketPathFromEnv({ POOLSCOPE_ADAPTER_SOCKET: '/tmp/d.sock' }), DEFAULT_SOCKET, 'the datagram path is not the stream path')
   assert.equal(senderFor('/tmp/a.sock'), senderFor('/tmp/a.sock'), 'one sender per path')
   senderFor('/tmp/a.sock').close()
+})
+
+test('an agent that closes every stream at accept (its stream limit): a few connects with backoff, no spin, sends never block', async (t) => {
+  const dir = require('node:fs').mkdtempSync(path.join(os.tmpdir(), 'poolscope-refused-'))
+  t.after(() => require('node:fs').rmSync(dir, { recursive: true, force: true }))
+  const socketPath = path.join(dir, 'adapter-stream.sock')
+  let accepted = 0
+  const server = net.createServer((s) => {
+    accepted += 1
+    s.on('error', () => {})
+    s.destroy()
+  })
+  await new Promise((resolve) => server.listen(socketPath, resolve))
+  t.after(() => server.close())
+  // The real delays and stable time, as an application has them.
+  const sender = new Sender(socketPath)
+  t.after(() => sender.close())
+  let states = 0
+  sender.onComeback(() => {
+    states += 1
+    sender.send({ v: 1, kind: 'pool', pool: 'p' })
+  })
+  const started = Date.now()
+  let slowest = 0
+  while (Date.now() - started < 2000) {
+    const before = process.hrtime.bigint()
+    assert.equal(typeof sender.send(release(1)), 'boolean', 'never throws')
+    slowest = Math.max(slowest, Number(process.hrtime.bigint() - before))
+    await new Promise((resolve) => setTimeout(resolve, 2))
+  }
+  const s = sender.stats()
+  assert.ok(s.connects >= 2 && s.connects <= 6, `a handful of connects in 2 s, not one per 50 ms: ${JSON.stringify(s)}`)
+  assert.ok(accepted <= 6, `accepted ${accepted}`)
+  assert.ok(states <= 6, `the state re-sent ${states} times`)
+  assert.equal(s.comebacks, 0, 'a stream closed at once is no comeback')
+  assert.ok(s.waiting <= MAX_BACKLOG, 'bounded')
+  assert.ok(slowest < 50e6, `send never blocks: slowest ${slowest} ns`)
+})
+
+test('after a comeback the state comes first, then what waited, in order', async (t) => {
+  const rx = new Receiver({ golden: false })
+  t.after(() => rx.close())
+  const sender = new Sender(rx.path, fast)
+  t.after(() => sender.close())
+  const { Reporter } = require('../lib/common')
+  class TestReporter extends Reporter {
+    registration() {
+      return { db_system: 'postgresql', max: 4 }
+    }
+  }
+  const reporter = new TestReporter({}, { sender, name: 'p' }, 'p')
+  reporter.start(0)
+  t.after(() => reporter.stop())
+  reporter.checkedOut({ local_address: '10.0.0.7:51234', fd: 12 }, 1000n, 81233)
+  assert.deepEqual((await rx.messages([sender])).map((m) => m.kind), ['pool'])
+  await rx.stop()
+  await eventually(() => !sender.stats().connected)
+  for (let i = 0; i < 5; i++) sender.send(release(i), BigInt(2000 + i))
+  await eventually(() => sender.failures >= 1)
+  await rx.listen()
+  const got = await collect(rx, 7)
+  assert.deepEqual(got.map((m) => m.kind), ['pool', 'checkout_state', 'release', 'release', 'release', 'release', 'release'])
+  assert.deepEqual(got[1].checkouts, [{ local_address: '10.0.0.7:51234', fd: 12, tid: 81233, mono_ns: 1000 }])
+  assert.deepEqual(got.slice(2).map((m) => [m.fd, m.mono_ns]), [0, 1, 2, 3, 4].map((i) => [i, 2000 + i]))
+  await eventually(() => sender.stats().comebacks === 1, 3000)
+})
+
+test('checkout_state lines fit in 4096 bytes: 64 IPv6 checkouts, a 128-character non-ASCII pool name', () => {
+  const { Reporter } = require('../lib/common')
+  const lines = []
+  const fake = { send: () => true, sendBytes: (b) => (lines.push(b), true), stats: () => ({}) }
+  const name = '😀'.repeat(64) + 'é中'.repeat(32)
+  assert.equal(Array.from(name).length, 128)
+  class TestReporter extends Reporter {
+    registration() {
+      return {}
+    }
+  }
+  const reporter = new TestReporter({}, { sender: fake, name }, 'p')
+  assert.equal(reporter.name, name, 'not cut')
+  const want = []
+  for (let i = 0; i < 64; i++) {
+    const address = `[fd12:3456:789a:bcde:f012:3456:789a:${i.toString(16).padStart(4, '0')}]:${60000 + i}`
+    want.push(address)
+    reporter.checkedOut({ local_address: address, fd: 1000 + i }, 2n ** 60n + BigInt(i), 4194304)
+  }
+  reporter.sendState()
+  assert.ok(lines.length > 2, `${lines.length} lines: split by bytes, not only by 32 entries`)
+  const got = []
+  for (const line of lines) {
+    assert.ok(line.length <= MAX_MESSAGE_BYTES, `a line of ${line.length} bytes`)
+    const m = JSON.parse(line.toString('utf8'))
+    assert.equal(m.kind, 'checkout_state')
+    assert.equal(m.pool, name)
+    assert.ok(m.checkouts.length >= 1 && m.checkouts.length <= 32)
+    got.push(...m.checkouts.map((c) => c.local_address))
+  }
+  assert.deepEqual(got, want, 'every checkout, oldest first')
 })

@@ -84,15 +84,19 @@ public final class PoolReporter {
             if (newInfo != null) {
                 info = newInfo;
             }
-            Json m = message("pool", Threads.monotonicNanos());
-            PoolInfo current = info;
-            if (current != null) {
-                current.write(m);
-            }
-            reporter.send(m.toString());
+            reporter.send(registration());
         } catch (RuntimeException e) {
             // Never into the application.
         }
+    }
+
+    private String registration() {
+        Json m = message("pool", Threads.monotonicNanos());
+        PoolInfo current = info;
+        if (current != null) {
+            current.write(m);
+        }
+        return m.toString();
     }
 
     /** {@code acquire_start} from the calling thread; returns the request id. */
@@ -183,42 +187,87 @@ public final class PoolReporter {
 
     /**
      * Sends the registration and the connections checked out now
-     * ({@code checkout_state}, 32 to a message), as after an agent
+     * ({@code checkout_state}, up to 32 to a message and never more than
+     * {@value Reporter#MAX_MESSAGE_BYTES} bytes), as after an agent
      * restart. The agent takes it idempotently.
      */
     public void sendState() {
         try {
-            lastStateNanos = System.nanoTime();
-            register(null);
-            List<Checkout> entries = new ArrayList<>(out.values());
-            if (entries.isEmpty()) {
-                return;
-            }
-            entries.sort(Comparator.comparingLong(Checkout::sinceNanos));
-            for (int from = 0; from < entries.size(); from += STATE_ENTRIES_PER_MESSAGE) {
-                StringBuilder list = new StringBuilder("[");
-                List<Checkout> chunk = entries.subList(from,
-                        Math.min(entries.size(), from + STATE_ENTRIES_PER_MESSAGE));
-                for (Checkout c : chunk) {
-                    if (list.length() > 1) {
-                        list.append(',');
-                    }
-                    Json e = new Json().put("local_address", c.localAddress())
-                            .put("mono_ns", c.sinceNanos());
-                    if (c.tid() > 0) {
-                        e.put("tid", c.tid());
-                    }
-                    list.append(e);
-                }
-                list.append(']');
-                // 32 entries of at most ~90 bytes and a 128-character name
-                // fit in 4096 bytes.
-                reporter.send(message("checkout_state", Threads.monotonicNanos())
-                        .putRaw("checkouts", list).toString());
+            for (String line : stateMessages()) {
+                reporter.send(line);
             }
         } catch (RuntimeException e) {
             // Never into the application.
         }
+    }
+
+    /**
+     * The state as messages: the registration, then the checkouts, oldest
+     * first, in {@code checkout_state} messages sized by their encoded
+     * (UTF-8) length: a long non-ASCII pool name and long (IPv6) addresses
+     * still give lines the agent takes.
+     */
+    List<String> stateMessages() {
+        lastStateNanos = System.nanoTime();
+        List<String> lines = new ArrayList<>();
+        lines.add(registration());
+        List<Checkout> entries = new ArrayList<>(out.values());
+        if (entries.isEmpty()) {
+            return lines;
+        }
+        entries.sort(Comparator.comparingLong(Checkout::sinceNanos));
+        // One time for the whole state: when it was taken.
+        String empty = message("checkout_state", Threads.monotonicNanos()).putRaw("checkouts", "").toString();
+        // {...,"checkouts":  +  [ e,e,... ]  +  }
+        String head = empty.substring(0, empty.length() - 1) + "[";
+        int base = utf8Length(head) + 2;
+        StringBuilder list = new StringBuilder();
+        int count = 0;
+        int bytes = base;
+        for (Checkout c : entries) {
+            Json e = new Json().put("local_address", c.localAddress()).put("mono_ns", c.sinceNanos());
+            if (c.tid() > 0) {
+                e.put("tid", c.tid());
+            }
+            String entry = e.toString();
+            int entryBytes = utf8Length(entry);
+            if (count > 0 && (count >= STATE_ENTRIES_PER_MESSAGE
+                    || bytes + 1 + entryBytes > Reporter.MAX_MESSAGE_BYTES)) {
+                lines.add(head + list + "]}");
+                list.setLength(0);
+                count = 0;
+                bytes = base;
+            }
+            if (count > 0) {
+                list.append(',');
+                bytes++;
+            }
+            list.append(entry);
+            bytes += entryBytes;
+            count++;
+        }
+        lines.add(head + list + "]}");
+        return lines;
+    }
+
+    /** Bytes of {@code text} in UTF-8 (a lone surrogate, which Json never writes, counted as 3). */
+    static int utf8Length(CharSequence text) {
+        int n = 0;
+        for (int i = 0; i < text.length(); i++) {
+            char c = text.charAt(i);
+            if (c < 0x80) {
+                n += 1;
+            } else if (c < 0x800) {
+                n += 2;
+            } else if (Character.isHighSurrogate(c) && i + 1 < text.length()
+                    && Character.isLowSurrogate(text.charAt(i + 1))) {
+                n += 4;
+                i++;
+            } else {
+                n += 3;
+            }
+        }
+        return n;
     }
 
     /** Re-sends the state if connections are out and the interval has passed. */

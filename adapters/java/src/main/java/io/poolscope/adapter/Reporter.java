@@ -26,10 +26,13 @@ import java.util.concurrent.atomic.AtomicLong;
  * drops and counts it when the queue is full) and returns; one daemon
  * thread ({@code poolscope-adapter}) writes the queue to the socket. When
  * the agent is absent the thread drops what is queued (counted) and tries
- * again with a backoff of 100 ms doubling to 5 s; when it connects after a
- * failure (the agent came back or restarted) every pool re-sends its
- * registration and the connections it has checked out
- * ({@code checkout_state}). The same thread re-sends that state every
+ * again with a backoff of 100 ms doubling to 5 s, after a failed connect
+ * and after a lost stream alike; the backoff starts over only once a
+ * connection has lasted {@value #STABLE_NANOS} ns (an agent at its stream
+ * limit accepts and closes at once). When it connects after a failure (the
+ * agent came back or restarted) it first writes every pool's registration
+ * and the connections it has checked out ({@code checkout_state}), then
+ * what is queued. The same thread re-sends that state every
  * {@link PoolReporter#DEFAULT_STATE_INTERVAL_NANOS 30 s} for pools that have
  * connections out, so an agent that restarted while the application was
  * idle still learns of a leak that began before.
@@ -52,6 +55,11 @@ public final class Reporter {
     private static final int BATCH = 64;
     /** Longest the writer sleeps, so that periodic state is on time. */
     private static final long MAX_IDLE_WAIT_MS = 500;
+    /** A connection that lasted this long resets the backoff (and, after a
+     * failure, is a comeback); one lost sooner leaves both as they are. */
+    static final long STABLE_NANOS = 1_000_000_000L;
+    /** How often the writer checks that the agent did not close the stream. */
+    private static final long PROBE_INTERVAL_NANOS = 100_000_000L;
 
     private static volatile Reporter defaultReporter;
 
@@ -203,42 +211,24 @@ public final class Reporter {
         }
     }
 
+    // The writer thread's own state (no other thread touches it).
+    private SocketChannel channel;
+    /** A connection failed or was lost, and none has lasted since. */
+    private boolean failed;
+    private boolean stable;
+    private long backoffMs = FIRST_BACKOFF_MS;
+    private long connectedAtNanos;
+    private long lastProbeNanos;
+    private ByteBuffer buffer;
+    private final ByteBuffer probe = ByteBuffer.allocate(256);
+
     private void writeLoop() {
-        SocketChannel channel = null;
-        boolean failed = false;
-        long backoffMs = FIRST_BACKOFF_MS;
-        ByteBuffer buffer = ByteBuffer.allocate(BATCH * (MAX_MESSAGE_BYTES + 1));
+        buffer = ByteBuffer.allocate(BATCH * (MAX_MESSAGE_BYTES + 1));
         List<byte[]> batch = new ArrayList<>(BATCH);
         while (true) {
             try {
-                if (channel == null) {
-                    try {
-                        channel = SocketChannel.open(StandardProtocolFamily.UNIX);
-                        channel.connect(UnixDomainSocketAddress.of(path));
-                        connected = true;
-                        connects.incrementAndGet();
-                        backoffMs = FIRST_BACKOFF_MS;
-                        if (failed) {
-                            // The agent is back (or restarted): it knows
-                            // nothing of our pools.
-                            failed = false;
-                            comebacks.incrementAndGet();
-                            for (PoolReporter p : livePools()) {
-                                p.sendState();
-                            }
-                        }
-                    } catch (IOException | RuntimeException e) {
-                        closeQuietly(channel);
-                        channel = null;
-                        connected = false;
-                        failed = true;
-                        // No agent: what is queued is given up, as a
-                        // datagram to an absent agent would be.
-                        dropQueued();
-                        Thread.sleep(backoffMs);
-                        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-                        continue;
-                    }
+                if (channel == null && !connect()) {
+                    continue;
                 }
                 batch.clear();
                 synchronized (lock) {
@@ -254,28 +244,32 @@ public final class Reporter {
                         batch.add(queue.pollFirst());
                     }
                 }
-                if (!batch.isEmpty()) {
-                    buffer.clear();
-                    for (byte[] line : batch) {
-                        buffer.put(line).put((byte) '\n');
-                    }
-                    buffer.flip();
-                    try {
-                        while (buffer.hasRemaining()) {
-                            channel.write(buffer);
-                        }
-                        sent.addAndGet(batch.size());
-                    } catch (IOException e) {
-                        // The agent went away (or dropped the stream).
-                        dropped.addAndGet(batch.size());
-                        closeQuietly(channel);
-                        channel = null;
-                        connected = false;
-                        failed = true;
-                        continue;
-                    }
+                if (!batch.isEmpty() && !write(batch)) {
+                    // The agent went away (or dropped the stream).
+                    dropped.addAndGet(batch.size());
+                    lost();
+                    continue;
                 }
                 long now = System.nanoTime();
+                boolean lasted = now - connectedAtNanos >= STABLE_NANOS;
+                if (now - lastProbeNanos >= PROBE_INTERVAL_NANOS || (lasted && !stable)) {
+                    lastProbeNanos = now;
+                    if (!open()) {
+                        lost();
+                        continue;
+                    }
+                    if (lasted && !stable) {
+                        // Only a connection that lasts is the agent taking
+                        // us: one it closed at once (its stream limit) must
+                        // not cut the backoff short nor count as a comeback.
+                        stable = true;
+                        backoffMs = FIRST_BACKOFF_MS;
+                        if (failed) {
+                            failed = false;
+                            comebacks.incrementAndGet();
+                        }
+                    }
+                }
                 for (PoolReporter p : livePools()) {
                     p.sendStateIfDue(now);
                 }
@@ -290,6 +284,113 @@ public final class Reporter {
                 }
             }
         }
+    }
+
+    /**
+     * Connects; after a failure, writes every pool's state (registration,
+     * checkouts) first, ahead of what is queued, since a new agent knows
+     * nothing of the pools. False (after the backoff) if that failed.
+     */
+    private boolean connect() throws InterruptedException {
+        SocketChannel c = null;
+        try {
+            c = SocketChannel.open(StandardProtocolFamily.UNIX);
+            c.connect(UnixDomainSocketAddress.of(path));
+        } catch (IOException | RuntimeException e) {
+            closeQuietly(c);
+            connected = false;
+            failed = true;
+            // No agent: what is queued is given up, as a datagram to an
+            // absent agent would be.
+            dropQueued();
+            backoff();
+            return false;
+        }
+        channel = c;
+        connected = true;
+        connects.incrementAndGet();
+        connectedAtNanos = System.nanoTime();
+        lastProbeNanos = connectedAtNanos;
+        stable = false;
+        if (failed) {
+            List<byte[]> state = new ArrayList<>();
+            for (PoolReporter p : livePools()) {
+                try {
+                    for (String line : p.stateMessages()) {
+                        byte[] bytes = line.getBytes(StandardCharsets.UTF_8);
+                        if (bytes.length > MAX_MESSAGE_BYTES) {
+                            dropped.incrementAndGet();
+                        } else {
+                            state.add(bytes);
+                        }
+                    }
+                } catch (RuntimeException e) {
+                    // One pool's bug does not keep the others' state.
+                }
+            }
+            for (int from = 0; from < state.size(); from += BATCH) {
+                List<byte[]> part = state.subList(from, Math.min(state.size(), from + BATCH));
+                if (!write(part)) {
+                    dropped.addAndGet(state.size() - from);
+                    lost();
+                    return false;
+                }
+            }
+        }
+        return true;
+    }
+
+    /** Writes the lines (at most {@value #BATCH}); false if the stream failed. */
+    private boolean write(List<byte[]> lines) {
+        buffer.clear();
+        for (byte[] line : lines) {
+            buffer.put(line).put((byte) '\n');
+        }
+        buffer.flip();
+        try {
+            while (buffer.hasRemaining()) {
+                channel.write(buffer);
+            }
+        } catch (IOException e) {
+            return false;
+        }
+        sent.addAndGet(lines.size());
+        return true;
+    }
+
+    /** Whether the agent still holds the stream: it never writes, so a
+     * read finds nothing, or the end when it closed the stream. */
+    private boolean open() {
+        try {
+            channel.configureBlocking(false);
+            try {
+                int n;
+                do {
+                    probe.clear();
+                    n = channel.read(probe);
+                } while (n > 0);
+                return n == 0;
+            } finally {
+                channel.configureBlocking(true);
+            }
+        } catch (IOException | RuntimeException e) {
+            return false;
+        }
+    }
+
+    /** The stream is lost: close it and wait before connecting again. */
+    private void lost() throws InterruptedException {
+        closeQuietly(channel);
+        channel = null;
+        connected = false;
+        failed = true;
+        backoff();
+    }
+
+    private void backoff() throws InterruptedException {
+        long ms = backoffMs;
+        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+        Thread.sleep(ms);
     }
 
     private static void closeQuietly(SocketChannel channel) {

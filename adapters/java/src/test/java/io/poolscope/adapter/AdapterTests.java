@@ -42,6 +42,9 @@ public final class AdapterTests {
         socketsAreFoundInDriverFields();
         messagesArriveAsLinesInOrder();
         noAgentDropsAndComebackResendsState();
+        stateComesBeforeTheBacklogAfterAComeback();
+        aStreamClosedAtAcceptIsRetriedWithBackoff();
+        stateLinesFitWithLongNamesAndIpv6();
         if (args.length > 0) {
             Files.write(Path.of(args[0]), SENT, StandardCharsets.UTF_8);
         }
@@ -57,6 +60,16 @@ public final class AdapterTests {
     private static void eq(Object got, Object want, String what) {
         if (got == null ? want != null : !got.equals(want)) {
             throw new AssertionError(what + ": got " + got + ", want " + want);
+        }
+    }
+
+    private static void waitFor(java.util.function.BooleanSupplier ok, String what) throws InterruptedException {
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
+        while (!ok.getAsBoolean()) {
+            if (System.nanoTime() > deadline) {
+                throw new AssertionError("timed out: " + what);
+            }
+            Thread.sleep(10);
         }
     }
 
@@ -197,6 +210,16 @@ public final class AdapterTests {
             return line;
         }
 
+        /** The agent drops every stream it holds (as for a line too long). */
+        void dropStreams() throws java.io.IOException {
+            synchronized (accepted) {
+                for (SocketChannel c : accepted) {
+                    c.close();
+                }
+                accepted.clear();
+            }
+        }
+
         @Override
         public void close() throws java.io.IOException {
             server.close();
@@ -284,7 +307,8 @@ public final class AdapterTests {
             String state = agent.next();
             check(state.contains("\"kind\":\"checkout_state\"")
                     && state.contains("\"checkouts\":[{\"local_address\":\"127.0.0.1:40001\",\"mono_ns\":"), state);
-            eq(r.stats().comebacks(), 1L, "one comeback");
+            // A comeback once the connection lasted.
+            waitFor(() -> r.stats().comebacks() == 1L, "one comeback");
             // The agent restarts: a write fails, the next connect is a comeback.
         }
         deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
@@ -299,11 +323,152 @@ public final class AdapterTests {
                 line = agent.next();
             } while (!line.contains("\"kind\":\"checkout_state\""));
             check(line.contains("127.0.0.1:40001"), line);
-            eq(r.stats().comebacks(), 2L, "second comeback");
+            waitFor(() -> r.stats().comebacks() == 2L, "second comeback");
             pool.release("127.0.0.1:40001");
             eq(pool.checkedOut(), 0, "released");
         } finally {
             Files.deleteIfExists(sock);
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void stateComesBeforeTheBacklogAfterAComeback() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            Reporter r = new Reporter(agent.path);
+            PoolReporter pool = new PoolReporter(r, "ordered", new PoolInfo("postgresql", null, -1, null, 4, 1, -1, "HikariCP"))
+                    .withStateIntervalNanos(0);
+            pool.register(null);
+            pool.acquireOk(pool.acquireStart(), "127.0.0.1:40100");
+            for (int i = 0; i < 3; i++) {
+                check(agent.next().contains("\"pool\":\"ordered\""), "first stream");
+            }
+            // The agent drops the stream: the writer notices without a write.
+            agent.dropStreams();
+            waitFor(() -> !r.stats().connected(), "noticed the stream closed");
+            // Queued while the writer waits to reconnect.
+            for (int i = 0; i < 5; i++) {
+                pool.connectionCreated("127.0.0.1:" + (41000 + i));
+            }
+            String reg = agent.next();
+            check(reg.contains("\"kind\":\"pool\",\"pool\":\"ordered\""), "registration first: " + reg);
+            String state = agent.next();
+            check(state.contains("\"kind\":\"checkout_state\"") && state.contains("127.0.0.1:40100"),
+                    "then the checkouts: " + state);
+            for (int i = 0; i < 5; i++) {
+                String line = agent.next();
+                check(line.contains("\"kind\":\"connection_created\"")
+                        && line.contains("127.0.0.1:" + (41000 + i)), "then the backlog, in order: " + line);
+            }
+            waitFor(() -> r.stats().comebacks() == 1L, "a comeback");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void aStreamClosedAtAcceptIsRetriedWithBackoff() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        Path sock = dir.resolve("stream.sock");
+        // An agent at its stream limit: the kernel completes connect(), the
+        // agent closes the stream at once.
+        int[] accepts = new int[1];
+        try (ServerSocketChannel server = ServerSocketChannel.open(StandardProtocolFamily.UNIX)) {
+            server.bind(UnixDomainSocketAddress.of(sock));
+            Thread t = new Thread(() -> {
+                try {
+                    while (true) {
+                        server.accept().close();
+                        synchronized (accepts) {
+                            accepts[0]++;
+                        }
+                    }
+                } catch (Exception e) {
+                    // Closed.
+                }
+            }, "refusing-agent");
+            t.setDaemon(true);
+            t.start();
+            Reporter r = new Reporter(sock);
+            PoolReporter pool = new PoolReporter(r, "refused", null).withStateIntervalNanos(0);
+            pool.register(null);
+            pool.acquireOk(pool.acquireStart(), "127.0.0.1:40200");
+            long started = System.nanoTime();
+            long slowest = 0;
+            while (System.nanoTime() - started < TimeUnit.MILLISECONDS.toNanos(2000)) {
+                long before = System.nanoTime();
+                pool.acquireStart();
+                slowest = Math.max(slowest, System.nanoTime() - before);
+                Thread.sleep(1);
+            }
+            long connects = r.stats().connects();
+            int accepted;
+            synchronized (accepts) {
+                accepted = accepts[0];
+            }
+            check(connects >= 2 && connects <= 6, "a handful of connects in 2 s, not a spin: " + r.stats().toJson());
+            check(accepted <= 6, "accepted " + accepted);
+            check(slowest < TimeUnit.MILLISECONDS.toNanos(100), "send never blocks: slowest " + slowest + " ns");
+            eq(r.stats().comebacks(), 0L, "a stream closed at once is no comeback");
+            check(r.stats().queued() <= Reporter.MAX_QUEUED, "bounded");
+        } finally {
+            Files.deleteIfExists(sock);
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void stateLinesFitWithLongNamesAndIpv6() throws Exception {
+        // 128 characters, none ASCII: 4 bytes each in UTF-8.
+        String name = "\uD83D\uDE00".repeat(64) + "\u00e9\u4e2d".repeat(32);
+        eq(name.codePointCount(0, name.length()), 128, "a 128-character name");
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            Reporter r = new Reporter(agent.path);
+            PoolReporter pool = new PoolReporter(r, name, null).withStateIntervalNanos(0);
+            eq(pool.name(), name, "not cut");
+            List<String> want = new ArrayList<>();
+            for (int i = 0; i < 64; i++) {
+                String addr = String.format("[fd12:3456:789a:bcde:f012:3456:789a:%04x%%enp0s31f6]:%d", i, 60000 + i);
+                want.add(addr);
+                pool.acquireOk(pool.acquireStart(), addr);
+            }
+            List<String> lines = pool.stateMessages();
+            int got = 0;
+            for (String line : lines) {
+                int bytes = line.getBytes(StandardCharsets.UTF_8).length;
+                check(bytes <= Reporter.MAX_MESSAGE_BYTES, "line of " + bytes + " bytes");
+                eq(PoolReporter.utf8Length(line), bytes, "utf8Length");
+                if (line.contains("\"kind\":\"checkout_state\"")) {
+                    int at = 0;
+                    int entries = 0;
+                    while ((at = line.indexOf("\"local_address\":\"", at)) >= 0) {
+                        at += "\"local_address\":\"".length();
+                        String addr = line.substring(at, line.indexOf('"', at));
+                        eq(addr, want.get(got), "checkout " + got);
+                        got++;
+                        entries++;
+                    }
+                    check(entries >= 1 && entries <= 32, entries + " entries");
+                }
+            }
+            eq(got, 64, "every checkout");
+            check(lines.size() > 3, "more than 2 checkout_state lines: the bytes, not 32 entries, split them");
+            // Sent: none is dropped, all reach the agent.
+            long droppedBefore = r.stats().dropped();
+            pool.sendState();
+            check(r.flush(5000), "flushed");
+            eq(r.stats().dropped(), droppedBefore, "nothing dropped");
+            int states = 0;
+            String line;
+            while ((line = agent.lines.poll(1, TimeUnit.SECONDS)) != null) {
+                if (line.contains("\"kind\":\"checkout_state\"")) {
+                    states++;
+                }
+            }
+            eq(states, lines.size() - 1, "all checkout_state lines arrived");
+        } finally {
             Files.deleteIfExists(dir);
         }
         run++;
