@@ -57,6 +57,31 @@ elif mode == "huge":
         pass
     print(json.dumps({"pid": os.getpid(), "sent": sent}), flush=True)
     sys.stdin.readline()
+elif mode == "inherit":
+    # The parent connects and registers a pool, forks, and exits; its child,
+    # which inherited the stream, then tries to speak on it.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall((json.dumps({"v": 1, "kind": "pool", "pool": "parent", "max": 3}) + "\n").encode())
+    time.sleep(0.5)
+    r, w = os.pipe()
+    parent = os.getpid()
+    if os.fork() == 0:
+        os.close(w)
+        os.read(r, 1)  # the parent has exited when its end closes
+        time.sleep(0.5)
+        wrote = 0
+        for _ in range(20):
+            try:
+                s.sendall((json.dumps({"v": 1, "kind": "pool", "pool": "inherited", "max": 7}) + "\n").encode())
+                wrote += 1
+            except OSError:
+                break
+            time.sleep(0.05)
+        print(json.dumps({"parent": parent, "child": os.getpid(), "wrote": wrote}), flush=True)
+        sys.stdin.readline()
+        os._exit(0)
+    os._exit(0)
 else:
     # Writes lines as fast as it can and never reads.
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -227,10 +252,11 @@ fn idle_streams_huge_lines_and_floods_of_one_user_cost_no_one_else() {
     );
     let refused = wait_for_rejected(&agent, "stream_limit", 1.0);
     let agent_fds = fds();
-    // Its 32 streams, plus a few in flight: a stream accepted and about to
-    // be refused, the API connection that read the counter.
+    // Its 32 streams and their processes' pidfds, plus a few in flight: a
+    // stream accepted and about to be refused, the API connection that read
+    // the counter.
     assert!(
-        agent_fds <= fds_before + 32 + 8,
+        agent_fds <= fds_before + 2 * 32 + 8,
         "the agent holds {agent_fds} fds ({fds_before} before) with {IDLE_STREAMS} idle streams knocking (refused {refused})"
     );
     // Their slots are given back when they close.
@@ -278,4 +304,39 @@ fn idle_streams_huge_lines_and_floods_of_one_user_cost_no_one_else() {
     let mut after = Sender::connect(&path);
     after.send(json!({"v": 1, "kind": "pool", "pool": "after", "max": 5}));
     wait_for_pool_max(&agent, me, "after", 5);
+}
+
+/// A stream is its opener's only while the opener lives: after it exits,
+/// a child that inherited the stream is cut off, so it can speak neither
+/// as its parent nor as a later process that reuses the parent's pid.
+#[test]
+fn a_child_that_inherits_a_stream_cannot_speak_after_its_parent_exits() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = TempDir::new("poolscope-adapter-stream-fork");
+    let (agent, path) = agent_and_stream_socket(&dir);
+    let mut script =
+        Script::unprivileged(ATTACKER, &[path.display().to_string(), "inherit".into()]);
+    let said = script.line();
+    let child = said["child"].as_u64().unwrap();
+    // The agent closed the stream when the parent exited: the child's
+    // first write finds no reader (without that, the agent would read its
+    // lines and only drop them as the dead parent's).
+    assert_eq!(
+        said["wrote"].as_u64(),
+        Some(0),
+        "the child (pid {child}) could still write on its exited parent's stream: {said}"
+    );
+    // The parent's own line, sent while it lived, was accepted.
+    let accepted = metric_sample(
+        &agent.metrics(),
+        r#"poolscope_adapter_messages_total{result="accepted"}"#,
+    );
+    assert!(accepted.is_some_and(|n| n >= 1.0), "{accepted:?}");
+    assert!(
+        agent.pools().iter().all(|p| p.name != "inherited"),
+        "{:?}",
+        agent.pools()
+    );
 }

@@ -121,7 +121,8 @@ pub fn raise_fd_limit(max_connections: usize, max_streams: usize) {
             limit = raised;
         }
     }
-    let needed = (max_connections + RESERVED_SLOTS + max_streams) as u64 + 512;
+    // A stream holds its socket and a pidfd of its process.
+    let needed = (max_connections + RESERVED_SLOTS + 2 * max_streams) as u64 + 512;
     if limit.rlim_cur < needed {
         log::warn!(
             "the fd limit is {} (RLIMIT_NOFILE), less than [http] max_connections = {} and \
