@@ -110,6 +110,8 @@ class Sender {
      * process's pools. Pools re-send their registration and checkouts on
      * every connection after a failure (before what waited), counted or not. */
     this.comebacks = 0
+    /** The socket corked until the end of this turn of the event loop. */
+    this.corkedSocket = null
     this.everFailed = false
     this.comebackListeners = new Set()
   }
@@ -148,6 +150,17 @@ class Sender {
   _write(bytes) {
     const socket = this.socket
     if (socket.writableLength + bytes.length + 1 > this.maxWritableBytes) return this._drop()
+    // The lines of one turn of the event loop leave in one writev: the
+    // socket stays corked until setImmediate runs, after this turn's
+    // callbacks (a checkout's messages cost one system call, not one each).
+    if (this.corkedSocket !== socket) {
+      this.corkedSocket = socket
+      socket.cork()
+      setImmediate(() => {
+        if (this.corkedSocket === socket) this.corkedSocket = null
+        socket.uncork()
+      })
+    }
     // One write per line: the agent reads lines, never a line cut by another.
     socket.write(bytes.length === 0 ? NEWLINE : Buffer.concat([bytes, NEWLINE], bytes.length + 1))
     this.sent += 1
