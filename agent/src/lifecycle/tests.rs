@@ -773,12 +773,7 @@ fn acquired(t: &mut Tracker, ts: u64, request: u64, port: u16) {
         ts + 1,
         adapter(
             "p",
-            AdapterEvent::AcquireEnd {
-                request,
-                result: AcquireResult::Ok,
-                conn: by_local(local(port)),
-                tid: None,
-            },
+            acquire_end(request, AcquireResult::Ok, by_local(local(port))),
         ),
     );
 }
@@ -817,12 +812,7 @@ fn waiter_gives_up(t: &mut Tracker, ts: u64) -> Vec<u64> {
         ts,
         adapter(
             "p",
-            AdapterEvent::AcquireEnd {
-                request: 99,
-                result: AcquireResult::Timeout,
-                conn: ConnRef::default(),
-                tid: None,
-            },
+            acquire_end(99, AcquireResult::Timeout, ConnRef::default()),
         ),
     )
     .into_iter()
