@@ -56,6 +56,7 @@ fn decodes_every_kind() {
             request: 7,
             result: AcquireResult::Ok(conn(Some("127.0.0.1:40000"), Some(9))),
             tid: None,
+            wait_ns: None,
         }
     );
     let m = ok(r#"{"v":1,"kind":"acquire_end","pool":"p","request":8,"result":"timeout"}"#);
@@ -64,7 +65,8 @@ fn decodes_every_kind() {
         Body::AcquireEnd {
             request: 8,
             result: AcquireResult::Timeout,
-            tid: None
+            tid: None,
+            wait_ns: None,
         }
     );
     assert_eq!(
@@ -212,7 +214,8 @@ fn refusals_keep_their_order() {
         Body::AcquireEnd {
             request: 1,
             result: AcquireResult::Timeout,
-            tid: None
+            tid: None,
+            wait_ns: None,
         }
     );
     assert_eq!(
@@ -332,6 +335,7 @@ fn golden_messages_decode_and_encode_back_the_same() {
             request: 0,
             result: AcquireResult::Error,
             tid: None,
+            wait_ns: None,
         },
         Body::Release(ConnRef::default()),
         Body::ConnectionClosed(ConnRef::default()),
@@ -363,4 +367,96 @@ fn golden_refusals_have_their_reason() {
     for reason in ["malformed", "unknown_version", "unknown_kind", "invalid"] {
         assert!(seen.contains(reason), "no golden refusal for {reason}");
     }
+}
+
+/// Golden messages, and each bent every way a field can be: left out,
+/// given another JSON type or an odd value, written twice; and a few
+/// envelopes that are not messages.
+fn bent_messages() -> Vec<Vec<u8>> {
+    let odd = [
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(1.0),
+        json!(u64::MAX),
+        json!("x"),
+        json!("ok"),
+        json!(""),
+        json!("127.0.0.1:1"),
+        json!([1]),
+        json!({"a": 1}),
+    ];
+    let mut out: Vec<Vec<u8>> = [
+        "[1,\"release\",\"p\"]",
+        " {\"v\":1,\"kind\":\"release\",\"pool\":\"p\",\"fd\":1} ",
+        "{\"v\":1,\"kind\":\"release\",\"pool\":\"p\",\"fd\":1,\"fd\":2}",
+        "{\"v\":1,\"kind\":\"rel\\u0065ase\",\"pool\":\"p\",\"fd\":1}",
+        "{\"v\":1,\"kind\":\"release\",\"pool\":\"p\",\"fd\":1}x",
+    ]
+    .iter()
+    .map(|t| t.as_bytes().to_vec())
+    .collect();
+    for (name, file) in golden_files() {
+        let messages = list(&file, "valid", &name)
+            .iter()
+            .chain(list(&file, "invalid", &name).iter().map(|c| &c["message"]))
+            .filter(|m| m.is_object());
+        for message in messages {
+            let fields = message.as_object().expect("object");
+            out.push(serde_json::to_vec(message).expect("JSON"));
+            // Its own fields, and those of the frequent kinds it lacks.
+            let mut keys: BTreeSet<String> = fields.keys().cloned().collect();
+            for extra in ["request", "result", "wait_ns", "tid", "fd", "local_address"] {
+                keys.insert(extra.to_string());
+            }
+            for key in keys {
+                let mut without = fields.clone();
+                without.remove(&key);
+                out.push(serde_json::to_vec(&without).expect("JSON"));
+                for value in &odd {
+                    let mut bent = fields.clone();
+                    bent.insert(key.clone(), value.clone());
+                    out.push(serde_json::to_vec(&bent).expect("JSON"));
+                }
+                // Written twice, the first time odd.
+                let text = serde_json::to_string(message).expect("JSON");
+                let twice = format!(
+                    "{{{}:null,{}",
+                    serde_json::to_string(&key).expect("JSON"),
+                    &text[1..]
+                );
+                out.push(twice.into_bytes());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_fast_path_reads_what_the_full_reading_reads() {
+    let mut taken = 0;
+    let all = bent_messages();
+    for bytes in &all {
+        let text = String::from_utf8_lossy(bytes);
+        match decode_frequent(bytes) {
+            // Whatever the fast path takes, the full reading takes the same.
+            Some(fast) => {
+                taken += 1;
+                assert_eq!(decode_fully(bytes).as_ref(), Ok(&fast), "{text}");
+            }
+            // What it leaves, decode still reads in full.
+            None => assert_eq!(decode(bytes), decode_fully(bytes), "{text}"),
+        }
+    }
+    // The golden messages of the frequent kinds all take the fast path.
+    for (name, file) in golden_files() {
+        if ["pool", "checkout_state", "any-kind"].contains(&name.as_str()) {
+            continue;
+        }
+        for sent in list(&file, "valid", &name) {
+            let bytes = serde_json::to_vec(sent).expect("JSON");
+            assert!(decode_frequent(&bytes).is_some(), "{name}.json: {sent}");
+        }
+    }
+    assert!(taken > 100 && taken < all.len(), "{taken} of {}", all.len());
 }

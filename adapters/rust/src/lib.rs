@@ -507,6 +507,7 @@ impl Reporter {
             request,
             result,
             tid,
+            wait_ns: None,
         };
         self.send_at(pool, body, mono_ns);
     }

@@ -60,6 +60,8 @@ pub enum AdapterEvent {
         result: AcquireResult,
         conn: ConnRef,
         tid: Option<u32>,
+        /// The wait, from an adapter that sent no acquire_start for it.
+        wait_ns: Option<u64>,
     },
     Release {
         conn: ConnRef,
@@ -181,6 +183,7 @@ impl From<wire::Body> for AdapterEvent {
                 request,
                 result,
                 tid,
+                wait_ns,
             } => {
                 let (result, conn) = match result {
                     wire::AcquireResult::Ok(conn) => (AcquireResult::Ok, conn.into()),
@@ -192,6 +195,7 @@ impl From<wire::Body> for AdapterEvent {
                     result,
                     conn,
                     tid,
+                    wait_ns,
                 }
             }
             wire::Body::Release(conn) => AdapterEvent::Release { conn: conn.into() },
@@ -291,7 +295,7 @@ mod tests {
             })
         ));
         let m = ok(
-            r#"{"v":1,"kind":"acquire_end","pool":"p","request":3,"result":"ok","local_address":"[::1]:4000","fd":5,"tid":6,"pid":77}"#,
+            r#"{"v":1,"kind":"acquire_end","pool":"p","request":3,"result":"ok","local_address":"[::1]:4000","fd":5,"tid":6,"wait_ns":800,"pid":77}"#,
         );
         assert_eq!(m.claimed_pid, Some(77));
         assert_eq!(
@@ -304,6 +308,7 @@ mod tests {
                     fd: Some(5)
                 },
                 tid: Some(6),
+                wait_ns: Some(800),
             }
         );
         for (result, want) in [
@@ -320,6 +325,7 @@ mod tests {
                     result: want,
                     conn: ConnRef::default(),
                     tid: None,
+                    wait_ns: None,
                 }
             );
         }

@@ -229,6 +229,7 @@ fn a_checkout_the_agent_saw_keeps_its_start_and_counts() {
                     fd: Some(9),
                 },
                 tid: Some(5),
+                wait_ns: None,
             },
         ),
     );

@@ -34,6 +34,15 @@ const MAX_POOLS_PER_PROCESS: usize = 64;
 /// checked out, whatever `max` the pool registered.
 const MAX_STATE_CHECKOUTS: u64 = 1024;
 
+/// An acquire_end's fields, unpacked from [`AdapterEvent::AcquireEnd`].
+struct AcquireEnd {
+    request: u64,
+    result: AcquireResult,
+    conn: ConnRef,
+    tid: Option<u32>,
+    wait_ns: Option<u64>,
+}
+
 /// A pool an adapter registered.
 #[derive(Debug, Clone, Default)]
 pub struct Pool {
@@ -345,7 +354,17 @@ impl Tracker {
                 result,
                 conn,
                 tid,
-            } => self.on_acquire_end(pid, ts_ns, &pool, request, result, conn, tid, &mut out),
+                wait_ns,
+            } => {
+                let end = AcquireEnd {
+                    request,
+                    result,
+                    conn,
+                    tid,
+                    wait_ns,
+                };
+                self.on_acquire_end(pid, ts_ns, &pool, end, &mut out)
+            }
             AdapterEvent::CheckoutState { checkouts } => {
                 self.on_checkout_state(pid, ts_ns, &pool, checkouts, &mut out)
             }
@@ -365,18 +384,21 @@ impl Tracker {
         out
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn on_acquire_end(
         &mut self,
         pid: u32,
         ts_ns: u64,
         pool_name: &str,
-        request: u64,
-        result: AcquireResult,
-        conn: ConnRef,
-        tid: Option<u32>,
+        end: AcquireEnd,
         out: &mut Vec<Output>,
     ) {
+        let AcquireEnd {
+            request,
+            result,
+            conn,
+            tid,
+            wait_ns,
+        } = end;
         // The pool's state as the waiter saw it: the busier of its start
         // and now, before this acquire ends.
         let used_now = self.used_connections(pid, pool_name);
@@ -396,16 +418,27 @@ impl Tracker {
             AcquireResult::Error => pool.errors += 1,
         }
         let max = pool.info.as_ref().and_then(|i| i.max);
-        if let Some(waiting) = started {
+        // The wait: from the acquire_start the agent kept, else the one the
+        // adapter folded into this message (a sender's word: no longer than
+        // the oldest time the agent trusts it for).
+        let waited = match started {
+            Some(waiting) => Some((
+                ts_ns.saturating_sub(waiting.start_ns),
+                used_now.max(waiting.used_at_start),
+                waiting.tid,
+            )),
+            None => wait_ns.map(|w| (w.min(ADAPTER_TIME_TRUSTED_NS), used_now, None)),
+        };
+        if let Some((wait_ns, used_before, start_tid)) = waited {
             out.push(Output::AcquireFinished {
                 pid,
                 pool: pool_name.to_string(),
-                wait_ns: ts_ns.saturating_sub(waiting.start_ns),
+                wait_ns,
                 result,
-                used_before: used_now.max(waiting.used_at_start),
+                used_before,
                 pending_before,
                 max,
-                tid: tid.or(waiting.tid),
+                tid: tid.or(start_tid),
             });
         }
         if result == AcquireResult::Ok {
@@ -414,6 +447,7 @@ impl Tracker {
                 result,
                 conn,
                 tid: tid.or(started.and_then(|w| w.tid)),
+                wait_ns: None,
             };
             self.on_connection_event(pid, ts_ns, pool_name, event, out);
         }

@@ -452,7 +452,6 @@ fn by_local(addr: SocketAddr) -> ConnRef {
     }
 }
 
-/// A distinct local address for each of many connections.
 /// Acquire `request` ended with `result` on `conn`, the sender's thread not
 /// named.
 fn acquire_end(request: u64, result: AcquireResult, conn: ConnRef) -> AdapterEvent {
@@ -461,9 +460,11 @@ fn acquire_end(request: u64, result: AcquireResult, conn: ConnRef) -> AdapterEve
         result,
         conn,
         tid: None,
+        wait_ns: None,
     }
 }
 
+/// A distinct local address for each of many connections.
 fn nth_local(i: u32) -> SocketAddr {
     let ip = std::net::Ipv4Addr::new(127, 1, (i / 50_000) as u8, 1);
     SocketAddr::new(ip.into(), 10_000 + (i % 50_000) as u16)
@@ -1094,6 +1095,51 @@ fn waiting_acquires_are_bounded_per_process_and_shared_fairly() {
     let counted: usize = t.pools().map(|p| p.pending_count()).sum();
     assert_eq!(counted, t.pending_total);
     assert!(!t.pending_per_pid.contains_key(&7));
+}
+
+#[test]
+fn an_acquire_end_without_its_start_carries_its_own_wait() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let end = |request, wait_ns| AdapterEvent::AcquireEnd {
+        request,
+        result: AcquireResult::Timeout,
+        conn: ConnRef::default(),
+        tid: Some(9),
+        wait_ns,
+    };
+    let finished = |out: &[Output]| -> Vec<(u64, Option<u32>)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::AcquireFinished { wait_ns, tid, .. } => Some((*wait_ns, *tid)),
+                _ => None,
+            })
+            .collect()
+    };
+    // Folded: the wait is the adapter's.
+    let out = t.apply_adapter(7, 1_000, adapter("p", end(1, Some(5_200))));
+    assert_eq!(finished(&out), vec![(5_200, Some(9))]);
+    // A claim longer than the agent trusts an adapter's times for is cut.
+    let out = t.apply_adapter(7, 2_000, adapter("p", end(2, Some(u64::MAX))));
+    assert_eq!(finished(&out), vec![(600_000_000_000, Some(9))]);
+    // With its start kept, the agent's own measure wins over the claim.
+    t.apply_adapter(
+        7,
+        3_000,
+        adapter(
+            "p",
+            AdapterEvent::AcquireStart {
+                request: 3,
+                tid: None,
+            },
+        ),
+    );
+    let out = t.apply_adapter(7, 10_000, adapter("p", end(3, Some(1))));
+    assert_eq!(finished(&out), vec![(7_000, Some(9))]);
+    // Neither: counted, but no wait to observe.
+    let out = t.apply_adapter(7, 11_000, adapter("p", end(4, None)));
+    assert_eq!(finished(&out), vec![]);
+    let pool = t.pools().find(|p| p.name == "p").expect("pool");
+    assert_eq!(pool.timeouts, 4);
 }
 
 #[test]
