@@ -513,6 +513,9 @@ async fn serve_adapters(mut socket: AdapterSocket, pipeline: Arc<Pipeline>) -> a
     }
 }
 
+/// Stream lines applied per wake-up of the applying task at most.
+const ADAPTER_BATCH: usize = 256;
+
 /// Applies what the streams' lines became, in the order each stream sent
 /// them; the channel's room is what slows a stream that writes faster than
 /// the agent applies.
@@ -531,8 +534,13 @@ async fn serve_adapter_streams(
         let _ = at_accept.apply_adapter(outcome, &mut log);
     }));
     let mut rejections = RateLimitedLog::new(Duration::from_secs(10));
-    while let Some(outcome) = received.recv().await {
-        pipeline.apply_adapter(outcome, &mut rejections)?;
+    // Taken many at a time: under load this task wakes once per batch of
+    // lines, not once per line.
+    let mut batch = Vec::with_capacity(ADAPTER_BATCH);
+    while received.recv_many(&mut batch, ADAPTER_BATCH).await > 0 {
+        for outcome in batch.drain(..) {
+            pipeline.apply_adapter(outcome, &mut rejections)?;
+        }
     }
     accepting.abort();
     Err(anyhow::anyhow!(

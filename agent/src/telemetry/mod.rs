@@ -449,11 +449,18 @@ impl Telemetry {
     }
 
     pub fn record_adapter_message(&self, result: &'static str, reason: &'static str) {
-        let mut attrs = vec![KeyValue::new(attr::RESULT, result)];
-        if !reason.is_empty() {
-            attrs.push(KeyValue::new(attr::REASON, reason));
+        if reason.is_empty() {
+            self.adapter_messages
+                .add(1, &[KeyValue::new(attr::RESULT, result)]);
+        } else {
+            self.adapter_messages.add(
+                1,
+                &[
+                    KeyValue::new(attr::RESULT, result),
+                    KeyValue::new(attr::REASON, reason),
+                ],
+            );
         }
-        self.adapter_messages.add(1, &attrs);
     }
 
     pub fn record_leak_changes(&self, changes: &[LeakChange]) {
@@ -935,6 +942,7 @@ mod tests {
                 result: AcquireResult::Ok,
                 conn: fd1,
                 tid: None,
+                wait_ns: None,
             }),
         ));
         outputs.extend(t.apply_adapter(7, 35, adapter(AdapterEvent::Release { conn: fd1 })));
@@ -946,6 +954,7 @@ mod tests {
                 result: AcquireResult::Timeout,
                 conn: ConnRef::default(),
                 tid: None,
+                wait_ns: None,
             }),
         ));
         let peer_closed = t
