@@ -88,8 +88,29 @@ const eventLoopTid = (() => {
   }
 })()
 
+/** An acquire's state: its acquire_start not sent yet, sent, or ended. */
+const STARTING = 0
+const STARTED = 1
+const ENDED = 2
+
+function tidText(tid) {
+  return Number.isInteger(tid) && tid > 0 ? `,"tid":${tid}` : ''
+}
+
+/** What a connection reference caches about itself (symbols: JSON and the
+ * messages never show them). References are made once per connection, so
+ * the hot path builds no strings for them. */
+const REF_KEY = Symbol('poolscope.refKey')
+const REF_TEXT = Symbol('poolscope.refText')
+
+/** The checkouts' key of the connection `ref` names: its fd, else its address. */
 function connKey(ref) {
-  return ref.fd !== undefined ? `fd:${ref.fd}` : `addr:${ref.local_address}`
+  let key = ref[REF_KEY]
+  if (key === undefined) {
+    key = ref.fd !== undefined ? `fd:${ref.fd}` : `addr:${ref.local_address}`
+    ref[REF_KEY] = key
+  }
+  return key
 }
 
 /**
@@ -104,13 +125,116 @@ class Reporter {
     this.name = truncate(nonEmpty(options.name) ?? fallbackName, MAX_POOL_NAME)
     this.nextRequest = 1
     this.timer = null
-    /** Checked out now: connection key -> { ref, monoNs (BigInt), tid }. */
+    /** Connections seen checked out: connection key -> { ref, monoNs
+     * (BigInt; null once returned), tid }, and how many are out now. */
     this.out = new Map()
+    this.outCount = 0
     this.unsubscribe = null
+    /** Per kind: the message's opening text (see `head`). */
+    this.heads = new Map()
+    /** Acquires begun since the sender's last batch (see `acquireStart`). */
+    this.starting = []
+    this.sendStartsNow = () => this.sendStarts()
   }
 
+  /** Rare messages, built from an object. */
   send(kind, fields, monoNs) {
     return this.sender.send(Object.assign({ v: VERSION, kind, pool: this.name }, fields), monoNs)
+  }
+
+  /** `{"v":1,"kind":KIND,"pool":NAME` once per kind, with how many more
+   * bytes than characters it takes in UTF-8 (the pool name may be any text;
+   * everything the hot path adds to it is ASCII). */
+  head(kind) {
+    let h = this.heads.get(kind)
+    if (h === undefined) {
+      const text = `{"v":${VERSION},"kind":${JSON.stringify(kind)},"pool":${JSON.stringify(this.name)}`
+      h = { text, extraBytes: Buffer.byteLength(text) - text.length }
+      this.heads.set(kind, h)
+    }
+    return h
+  }
+
+  /** The hot path: `members` is ASCII JSON text, each member led by a comma. */
+  sendMembers(kind, members, monoNs = monotonicNs()) {
+    const h = this.head(kind)
+    const text = `${h.text}${members},"mono_ns":${monoNs}}`
+    return this.sender.sendText(text, text.length + h.extraBytes)
+  }
+
+  /** A connection reference's members (`,"local_address":...,"fd":...`),
+   * built once per reference. */
+  refText(ref) {
+    if (ref === null || typeof ref !== 'object') return ''
+    let text = ref[REF_TEXT]
+    if (text === undefined) {
+      text = ''
+      if (ref.local_address !== undefined) text += `,"local_address":${JSON.stringify(ref.local_address)}`
+      if (ref.fd !== undefined) text += `,"fd":${ref.fd}`
+      ref[REF_TEXT] = text
+    }
+    return text
+  }
+
+  /** release, connection_created, connection_closed. */
+  sendRef(kind, ref, monoNs = monotonicNs()) {
+    return this.sendMembers(kind, this.refText(ref), monoNs)
+  }
+
+  /**
+   * A caller asks for a connection: returns the acquire, to hand to
+   * `acquireEnd`. Its acquire_start waits for the sender's next batch, and
+   * is never sent if the acquire ends first (most find an idle connection
+   * at once): the acquire_end then carries the wait (`wait_ns`), one
+   * message instead of two. An acquire still waiting when the batch leaves
+   * has its acquire_start sent in it, with the time it began, so the agent
+   * sees it pending within a few milliseconds.
+   */
+  acquireStart(tid) {
+    const acquire = { request: this.nextRequestId(), monoNs: monotonicNs(), tid, state: STARTING }
+    if (this.starting.push(acquire) === 1) this.sender.atNextWrite(this.sendStartsNow)
+    return acquire
+  }
+
+  /** `acquireStart`, or null if it failed (never into the application). */
+  safeAcquireStart(tid) {
+    try {
+      return this.acquireStart(tid)
+    } catch (e) {
+      return null
+    }
+  }
+
+  /** The subclass's `acquired(acquire, err, connection)` (the pool handed
+   * out a connection or failed), never throwing into the application. */
+  safeAcquired(acquire, err, connection) {
+    try {
+      this.acquired(acquire, err, connection)
+    } catch (e) {
+      // never into the application
+    }
+  }
+
+  sendStarts() {
+    const starting = this.starting
+    this.starting = []
+    for (const acquire of starting) {
+      if (acquire.state !== STARTING) continue
+      acquire.state = STARTED
+      this.sendMembers('acquire_start', `,"request":${acquire.request}${tidText(acquire.tid)}`, acquire.monoNs)
+    }
+  }
+
+  /** The acquire ended at `monoNs`: `result` ok (with the connection's
+   * `ref`), timeout or error. */
+  acquireEnd(acquire, result, ref, tid, monoNs) {
+    let members = `,"request":${acquire.request},"result":"${result}"${result === 'ok' ? this.refText(ref) : ''}${tidText(tid)}`
+    if (acquire.state === STARTING) {
+      const wait = monoNs - acquire.monoNs
+      members += `,"wait_ns":${wait > 0n ? wait : 0n}`
+    }
+    acquire.state = ENDED
+    return this.sendMembers('acquire_end', members, monoNs)
   }
 
   register() {
@@ -131,7 +255,7 @@ class Reporter {
 
   /** The checkout_state messages (Buffers), oldest checkouts first. */
   stateLines() {
-    const entries = [...this.out.values()].sort((a, b) => (a.monoNs < b.monoNs ? -1 : a.monoNs > b.monoNs ? 1 : 0))
+    const entries = [...this.out.values()].filter((e) => e.monoNs !== null).sort((a, b) => (a.monoNs < b.monoNs ? -1 : a.monoNs > b.monoNs ? 1 : 0))
     if (entries.length === 0) return []
     const head = JSON.stringify({ v: VERSION, kind: 'checkout_state', pool: this.name })
     // One time for the whole state: when it was taken.
@@ -160,18 +284,39 @@ class Reporter {
     return lines
   }
 
+  /** `ref` was handed out at `monoNs` to thread `tid`. A connection's
+   * entry stays in `out` between checkouts (marked returned), so that the
+   * hot path neither adds nor deletes map entries; `forget` drops it. */
   checkedOut(ref, monoNs, tid) {
-    this.out.set(connKey(ref), { ref, monoNs, tid })
+    const key = connKey(ref)
+    let entry = this.out.get(key)
+    if (entry === undefined) {
+      entry = { ref, monoNs: null, tid: undefined }
+      this.out.set(key, entry)
+    }
+    if (entry.monoNs === null) this.outCount += 1
+    entry.ref = ref
+    entry.monoNs = monoNs
+    entry.tid = tid
   }
 
   /** Forgets a checkout; true if `ref` was checked out. */
   returned(ref) {
-    if (this.out.delete(connKey(ref))) return true
+    const entry = this.out.get(connKey(ref))
+    if (entry !== undefined && entry.monoNs !== null) {
+      entry.monoNs = null
+      entry.tid = undefined
+      this.outCount -= 1
+      return true
+    }
+    // Named otherwise than when handed out: by its address.
     let found = false
     if (ref.local_address !== undefined) {
-      for (const [key, e] of this.out) {
-        if (e.ref.local_address === ref.local_address) {
-          this.out.delete(key)
+      for (const e of this.out.values()) {
+        if (e.monoNs !== null && e.ref.local_address === ref.local_address) {
+          e.monoNs = null
+          e.tid = undefined
+          this.outCount -= 1
           found = true
         }
       }
@@ -179,8 +324,15 @@ class Reporter {
     return found
   }
 
+  /** The connection closed: returned, and its entry dropped. */
+  forget(ref) {
+    this.returned(ref)
+    this.out.delete(connKey(ref))
+  }
+
   isOut(ref) {
-    return this.out.has(connKey(ref))
+    const entry = this.out.get(connKey(ref))
+    return entry !== undefined && entry.monoNs !== null
   }
 
   nextRequestId() {
@@ -199,7 +351,7 @@ class Reporter {
       this.unsubscribe = this.sender.onComeback(safely(() => this.sendState()))
     }
     if (everyMs > 0) {
-      const tick = () => (this.out.size > 0 ? this.sendState() : this.register())
+      const tick = () => (this.outCount > 0 ? this.sendState() : this.register())
       this.timer = setInterval(safely(tick), everyMs)
       if (typeof this.timer.unref === 'function') this.timer.unref()
     }

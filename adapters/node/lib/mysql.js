@@ -112,29 +112,30 @@ class MysqlReporter extends Reporter {
     const ref = this.connectionRef(conn)
     if (ref === null) return
     this.announced.add(conn)
-    this.send('connection_created', ref)
+    this.sendRef('connection_created', ref)
     const [socket] = socketsOf(conn)
     if (socket && typeof socket.once === 'function') {
       socket.once(
         'close',
         safely(() => {
-          this.returned(ref)
-          this.send('connection_closed', ref)
+          this.forget(ref)
+          this.sendRef('connection_closed', ref)
         })
       )
     }
   }
 
-  acquired(request, err, conn) {
+  acquired(acquire, err, conn) {
+    if (acquire === null) return
     const now = monotonicNs()
     if (err) {
-      this.send('acquire_end', { request, result: resultOfError(err), tid: eventLoopTid }, now)
+      this.acquireEnd(acquire, resultOfError(err), null, eventLoopTid, now)
       return
     }
     this.announce(conn)
-    const ref = this.connectionRef(conn) || {}
-    if (ref.fd !== undefined || ref.local_address !== undefined) this.checkedOut(ref, now, eventLoopTid)
-    this.send('acquire_end', Object.assign({ request, result: 'ok' }, ref, { tid: eventLoopTid }), now)
+    const ref = this.connectionRef(conn)
+    if (ref !== null) this.checkedOut(ref, now, eventLoopTid)
+    this.acquireEnd(acquire, 'ok', ref, eventLoopTid, now)
   }
 
   /** releaseConnection(conn) with the connection still in the pool
@@ -144,7 +145,7 @@ class MysqlReporter extends Reporter {
     if (!conn || !conn._pool) return
     const ref = this.connections.get(conn) || connectionOf(conn)
     // Once per checkout: a second release of the same checkout is not one.
-    if (ref && this.returned(ref)) this.send('release', ref)
+    if (ref && this.returned(ref)) this.sendRef('release', ref)
   }
 
   install() {
@@ -155,19 +156,12 @@ class MysqlReporter extends Reporter {
     const originalGet = pool.getConnection
     pool.getConnection = function getConnection(cb, ...rest) {
       if (typeof cb !== 'function' || cb[WAITER] !== undefined) return originalGet.call(this, cb, ...rest)
-      let request = 0
-      try {
-        request = reporter.nextRequestId()
-        reporter.send('acquire_start', { request, tid: eventLoopTid })
-      } catch (e) {
-        // never into the application
-      }
-      const done = safely((err, conn) => reporter.acquired(request, err, conn))
+      const acquire = reporter.safeAcquireStart(eventLoopTid)
       const callback = function (err, conn, ...more) {
-        done(err, conn)
+        reporter.safeAcquired(acquire, err, conn)
         return cb.call(this, err, conn, ...more)
       }
-      callback[WAITER] = request
+      callback[WAITER] = acquire
       return originalGet.call(this, callback, ...rest)
     }
 

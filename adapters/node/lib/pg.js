@@ -129,27 +129,28 @@ class PgReporter extends Reporter {
   onConnect(client) {
     this.learnFrom(client)
     const ref = this.connectionRef(client)
-    if (ref !== null) this.send('connection_created', ref)
+    if (ref !== null) this.sendRef('connection_created', ref)
   }
 
   onRemove(client) {
     const ref = this.connections.get(client) || connectionOf(client)
     if (ref) {
-      this.returned(ref)
-      this.send('connection_closed', ref)
+      this.forget(ref)
+      this.sendRef('connection_closed', ref)
     }
   }
 
   /** Called when pool.connect() hands out `client` (or fails). */
-  acquired(request, err, client) {
+  acquired(acquire, err, client) {
+    if (acquire === null) return
     const now = monotonicNs()
     if (err) {
-      this.send('acquire_end', { request, result: isTimeout(err) ? 'timeout' : 'error' }, now)
+      this.acquireEnd(acquire, isTimeout(err) ? 'timeout' : 'error', null, undefined, now)
       return
     }
-    const ref = this.connectionRef(client) || {}
-    if (ref.fd !== undefined || ref.local_address !== undefined) this.checkedOut(ref, now)
-    this.send('acquire_end', Object.assign({ request, result: 'ok' }, ref), now)
+    const ref = this.connectionRef(client)
+    if (ref !== null) this.checkedOut(ref, now)
+    this.acquireEnd(acquire, 'ok', ref, undefined, now)
     this.wrapRelease(client)
   }
 
@@ -167,7 +168,7 @@ class PgReporter extends Reporter {
           const ref = reporter.connectionRef(client)
           if (ref !== null) {
             reporter.returned(ref)
-            reporter.send('release', ref)
+            reporter.sendRef('release', ref)
           }
         } catch (e) {
           // never into the application
@@ -187,34 +188,26 @@ class PgReporter extends Reporter {
 
     const originalConnect = pool.connect
     pool.connect = function connect(callback) {
-      let request = 0
-      try {
-        request = reporter.nextRequestId()
-        reporter.send('acquire_start', { request })
-      } catch (e) {
-        // never into the application
-      }
-      const done = safely((err, client) => reporter.acquired(request, err, client))
+      const acquire = reporter.safeAcquireStart(undefined)
       if (typeof callback === 'function') {
         return originalConnect.call(this, function (err, client, release) {
-          done(err, client)
+          reporter.safeAcquired(acquire, err, client)
           // The wrapped release, so that `done()`-style callers are seen too.
           const wrapped = !err && client && typeof client.release === 'function' ? client.release : release
           return callback.call(this, err, client, wrapped)
         })
       }
-      const promise = originalConnect.call(this)
-      if (!promise || typeof promise.then !== 'function') return promise
-      return promise.then(
-        (client) => {
-          done(undefined, client)
-          return client
-        },
-        (err) => {
-          done(err)
-          throw err
-        }
-      )
+      // The promise pg-pool would make, made here around its callback
+      // form: one promise per acquire, as without the adapter, not a second
+      // one chained to it.
+      const PromiseImpl = typeof this.Promise === 'function' ? this.Promise : Promise
+      return new PromiseImpl((resolve, reject) => {
+        originalConnect.call(this, (err, client) => {
+          reporter.safeAcquired(acquire, err, client)
+          if (err) reject(err)
+          else resolve(client)
+        })
+      })
     }
 
     this.wrapEnd()

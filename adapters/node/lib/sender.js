@@ -6,18 +6,29 @@
 // into the application. While there is no connection (the agent is absent,
 // restarting, or the first connect is still under way) messages wait in a
 // small bounded backlog, in order; a full backlog drops new messages and
-// counts them. Once connected, a message goes straight to the socket unless
-// the socket already buffers too much (an agent that stopped reading): then
-// it is dropped and counted, so that Node's write buffer cannot grow without
+// counts them. Once connected, a message joins a batch of lines written to
+// the socket together some milliseconds later (BATCH_MS), unless the socket
+// already buffers too much (an agent that stopped reading): then it
+// is dropped and counted, so that Node's write buffer cannot grow without
 // bound. A lost connection is re-opened with a backoff. Socket and timers are
 // unref()ed: the adapter never keeps a process alive.
 
 const net = require('node:net')
+const { performance } = require('node:perf_hooks')
 
 /** Where the agent listens unless POOLSCOPE_ADAPTER_STREAM_SOCKET says otherwise. */
 const DEFAULT_SOCKET = '/run/poolscope/adapter-stream.sock'
 /** The agent drops a stream whose line (without its newline) is longer. */
 const MAX_MESSAGE_BYTES = 4096
+/** How long a line may wait for the lines after it (ms): a busy
+ * application writes the messages of many acquires in one system call, and
+ * the agent reads them in one wake-up, instead of one of each per query.
+ * The batch leaves at the end of the first turn of the event loop that
+ * finds it this old (no wake-up of its own while the application is busy),
+ * or after twice as long from a timer (an application gone quiet). */
+const BATCH_MS = 10
+/** A batch this large (bytes) is written at once. */
+const BATCH_MAX_BYTES = 16 * 1024
 /** Messages kept while not connected (at most a few hundred KiB). */
 const MAX_BACKLOG = 1024
 /** Bytes Node may buffer on a connected socket before new messages are dropped. */
@@ -32,8 +43,6 @@ const STABLE_MS = 1000
 /** A backlog that found no agent for this long is given up: the agent would
  * no longer trust the messages' times anyway (it clamps at 10 minutes). */
 const GIVE_UP_MS = 60_000
-
-const NEWLINE = Buffer.from('\n')
 
 function socketPathFromEnv(env = process.env) {
   const fromEnv = env.POOLSCOPE_ADAPTER_STREAM_SOCKET
@@ -54,16 +63,25 @@ function monotonicNs() {
  * precision once the machine has been up for more than 2^53 ns (104 days).
  * JSON.stringify escapes control characters, so the text holds no newline.
  */
+function encodeText(message, monoNs) {
+  const text = JSON.stringify(message)
+  return typeof monoNs === 'bigint' && monoNs >= 0n ? `${text.slice(0, -1)},"mono_ns":${monoNs.toString()}}` : text
+}
+
+/** The message as UTF-8 bytes (see `encodeText`). */
 function encode(message, monoNs) {
-  let text = JSON.stringify(message)
-  if (typeof monoNs === 'bigint' && monoNs >= 0n) {
-    text = `${text.slice(0, -1)},"mono_ns":${monoNs.toString()}}`
-  }
-  return Buffer.from(text, 'utf8')
+  return Buffer.from(encodeText(message, monoNs), 'utf8')
+}
+
+const NEWLINE = 0x0a
+
+/** Room for a batch that reached BATCH_MAX_BYTES by its last line. */
+function newBatchBuffer() {
+  return Buffer.allocUnsafe(BATCH_MAX_BYTES + MAX_MESSAGE_BYTES + 1)
 }
 
 function nowMs() {
-  return Number(process.hrtime.bigint() / 1_000_000n)
+  return performance.now()
 }
 
 function option(value, fallback) {
@@ -110,8 +128,26 @@ class Sender {
      * process's pools. Pools re-send their registration and checkouts on
      * every connection after a failure (before what waited), counted or not. */
     this.comebacks = 0
-    /** The socket corked until the end of this turn of the event loop. */
-    this.corkedSocket = null
+    /** Lines waiting to be written together (one buffer, one system call)
+     * when `batchMs` have passed since the first, or once they reach
+     * BATCH_MAX_BYTES. */
+    this.batchMs = option(options.batchMs, BATCH_MS)
+    this.batch = newBatchBuffer()
+    this.batchBytes = 0
+    this.batchLines = 0
+    this.batchSocket = null
+    /** When the batch's first line (or callback) came (performance.now()
+     * ms), or null: nothing waits. */
+    this.batchSinceMs = null
+    /** The timer (or immediate, when batchMs is 0) that writes the batch
+     * of an application gone quiet. */
+    this.flushTimer = null
+    /** An end-of-turn check of the batch's age is scheduled. */
+    this.turnCheck = false
+    /** Called just before the batch is written (see `atNextWrite`). */
+    this.beforeWrite = []
+    this.flushNow = () => this._batchTime()
+    this.checkNow = () => this._checkTurn()
     this.everFailed = false
     this.comebackListeners = new Set()
   }
@@ -129,7 +165,8 @@ class Sender {
    */
   send(message, monoNs = monotonicNs()) {
     try {
-      return this.sendBytes(encode(message, monoNs))
+      const text = encodeText(message, monoNs)
+      return this.sendText(text, Buffer.byteLength(text))
     } catch (err) {
       return this._drop()
     }
@@ -137,34 +174,126 @@ class Sender {
 
   /** Sends a message already encoded (see `send`): one line, no newline. */
   sendBytes(bytes) {
+    if (!Buffer.isBuffer(bytes)) return this._drop()
+    return this.sendText(bytes.toString('utf8'), bytes.length)
+  }
+
+  /**
+   * Sends one line of JSON text (no newline) whose UTF-8 encoding takes
+   * `bytes` bytes: the adapters' hot path, which knows the length without
+   * measuring (their messages are ASCII but for the pool name).
+   */
+  sendText(text, bytes) {
     try {
-      if (this.closed || !Buffer.isBuffer(bytes) || bytes.length > MAX_MESSAGE_BYTES) return this._drop()
-      if (this.connected && this.backlog.length === 0) return this._write(bytes)
-      return this._defer(bytes)
+      if (this.closed || typeof text !== 'string' || !(bytes <= MAX_MESSAGE_BYTES)) return this._drop()
+      if (this.connected && this.backlog.length === 0) return this._write(text, bytes)
+      return this._defer(text)
     } catch (err) {
       return this._drop()
     }
   }
 
-  /** Writes one line to the connected socket, unless it buffers too much. */
-  _write(bytes) {
+  /** Adds one line to the batch, unless the socket buffers too much. */
+  _write(text, bytes) {
     const socket = this.socket
-    if (socket.writableLength + bytes.length + 1 > this.maxWritableBytes) return this._drop()
-    // The lines of one turn of the event loop leave in one writev: the
-    // socket stays corked until setImmediate runs, after this turn's
-    // callbacks (a checkout's messages cost one system call, not one each).
-    if (this.corkedSocket !== socket) {
-      this.corkedSocket = socket
-      socket.cork()
-      setImmediate(() => {
-        if (this.corkedSocket === socket) this.corkedSocket = null
-        socket.uncork()
-      })
-    }
-    // One write per line: the agent reads lines, never a line cut by another.
-    socket.write(bytes.length === 0 ? NEWLINE : Buffer.concat([bytes, NEWLINE], bytes.length + 1))
+    if (socket.writableLength + this.batchBytes + bytes + 1 > this.maxWritableBytes) return this._drop()
+    if (this.batchLines === 0) this.batchSocket = socket
+    this._pending()
+    // Encoded straight into the batch's buffer (ASCII, the usual message,
+    // by the cheaper latin1 copy). Whole lines only: the agent reads
+    // lines, never one cut by another.
+    const at = this.batchBytes
+    const written = bytes === text.length ? this.batch.latin1Write(text, at) : this.batch.utf8Write(text, at)
+    this.batch[at + written] = NEWLINE
+    this.batchBytes = at + written + 1
+    this.batchLines += 1
     this.sent += 1
+    if (this.batchBytes >= BATCH_MAX_BYTES) this._writeBatch()
     return true
+  }
+
+  /**
+   * Calls `fn` just before the next batch is written (and makes sure one
+   * will be), so that it can still add lines to it: the pools send there
+   * the acquire_start of acquires still waiting (see Reporter#acquireStart).
+   */
+  atNextWrite(fn) {
+    this.beforeWrite.push(fn)
+    this._pending()
+  }
+
+  /** Something joined the batch: it leaves at the end of a turn once old
+   * enough, or from the timer. */
+  _pending() {
+    if (this.closed) return
+    if (this.batchSinceMs === null) {
+      this.batchSinceMs = performance.now()
+      this.flushTimer = this.batchMs > 0 ? setTimeout(this.flushNow, 2 * this.batchMs) : setImmediate(this.flushNow)
+      this.flushTimer.unref()
+    }
+    if (!this.turnCheck && this.batchMs > 0) {
+      // Runs once this turn's callbacks are done; never re-armed from
+      // itself, so an idle loop does not spin.
+      this.turnCheck = true
+      setImmediate(this.checkNow)
+    }
+  }
+
+  _checkTurn() {
+    this.turnCheck = false
+    if (this.batchSinceMs !== null && performance.now() - this.batchSinceMs >= this.batchMs) this._batchTime()
+  }
+
+  _cancelBatchTimer() {
+    if (this.flushTimer !== null) {
+      clearTimeout(this.flushTimer)
+      clearImmediate(this.flushTimer)
+      this.flushTimer = null
+    }
+    this.batchSinceMs = null
+  }
+
+  /** The batch's time is up: what waits for it joins, then it is written. */
+  _batchTime() {
+    const callbacks = this.beforeWrite
+    this.beforeWrite = []
+    for (const fn of callbacks) {
+      try {
+        fn()
+      } catch (err) {
+        // never into the application
+      }
+    }
+    this._cancelBatchTimer()
+    this._writeBatch()
+  }
+
+  /** Writes the batch. Lines batched for a socket lost meanwhile were not
+   * sent after all. */
+  _writeBatch() {
+    const { batch, batchBytes, batchLines, batchSocket } = this
+    this.batchBytes = 0
+    this.batchLines = 0
+    this.batchSocket = null
+    // Written early (BATCH_MAX_BYTES) with no callback waiting: no timer
+    // is needed until the next line.
+    if (this.beforeWrite.length === 0) this._cancelBatchTimer()
+    if (batchLines === 0) return
+    if (batchSocket !== this.socket || !this.connected) {
+      this.sent -= batchLines
+      this.dropped += batchLines
+      return
+    }
+    try {
+      batchSocket.write(batch.subarray(0, batchBytes))
+      // The kernel took all of it at once (the usual case): the buffer is
+      // free for the next batch. Otherwise Node still holds it.
+      if (batchSocket.writableLength !== 0) this.batch = newBatchBuffer()
+    } catch (err) {
+      this.sent -= batchLines
+      this.dropped += batchLines
+      this.batch = newBatchBuffer()
+    }
   }
 
   /** A backlog nobody took for `giveUpMs` is given up (counted). */
@@ -175,11 +304,11 @@ class Sender {
     }
   }
 
-  _defer(bytes) {
+  _defer(text) {
     this._expire()
     if (this.backlog.length >= this.maxBacklog) return this._drop()
     if (this.backlog.length === 0) this.backlogSinceMs = nowMs()
-    this.backlog.push(bytes)
+    this.backlog.push(text)
     this.deferred += 1
     this._connectSoon()
     return true
@@ -294,7 +423,8 @@ class Sender {
   /** Writes what waited, oldest first, as far as the socket takes it. */
   _flush() {
     while (this.backlog.length > 0 && this.connected) {
-      this._write(this.backlog.shift())
+      const text = this.backlog.shift()
+      this._write(text, Buffer.byteLength(text))
     }
   }
 
@@ -313,7 +443,9 @@ class Sender {
       dropped: this.dropped,
       deferred: this.deferred,
       waiting: this.backlog.length,
-      buffered: this.socket !== null && this.connected ? this.socket.writableLength : 0,
+      buffered: this.socket !== null && this.connected ? this.socket.writableLength + this.batchBytes : 0,
+      /** A batch (or lines about to join one) waits for its time. */
+      batching: this.batchSinceMs !== null,
       connects: this.connects,
       disconnects: this.disconnects,
       lastError: this.lastError,
@@ -324,6 +456,8 @@ class Sender {
   /** Stops: what waits is dropped (counted), the socket ended after what
    * Node buffered is written. */
   close() {
+    // What waits for the batch's time goes before the end.
+    this._batchTime()
     this.closed = true
     this._clearStableTimer()
     if (this.reconnectTimer !== null) {
@@ -358,6 +492,7 @@ function senderFor(socketPath = socketPathFromEnv()) {
 }
 
 module.exports = {
+  BATCH_MS,
   DEFAULT_SOCKET,
   MAX_BACKLOG,
   MAX_MESSAGE_BYTES,
@@ -365,6 +500,7 @@ module.exports = {
   STABLE_MS,
   Sender,
   encode,
+  encodeText,
   monotonicNs,
   senderFor,
   socketPathFromEnv,
