@@ -14,6 +14,7 @@ import java.sql.Connection;
 import java.sql.ResultSet;
 import java.sql.SQLException;
 import java.sql.Statement;
+import java.util.concurrent.locks.LockSupport;
 
 /**
  * The adapter bench's JVM side ({@code cargo xtask bench --only adapters},
@@ -32,7 +33,8 @@ import java.sql.Statement;
  * {@code schedstat} (ns).
  *
  * <p>Environment: {@code JDBC_URL}, {@code DB_USER}, {@code MODE},
- * {@code ADAPTER}, {@code N}, {@code SECONDS}, {@code WARMUP},
+ * {@code ADAPTER}, {@code N}, {@code RATE} (pairs a second at most, 0: no
+ * pacing), {@code SECONDS}, {@code WARMUP},
  * {@code WARMUP_SECONDS},
  * {@code AGENT} ({@code present}: wait until the adapter is connected),
  * and the adapter's {@code POOLSCOPE_ADAPTER_STREAM_SOCKET}.
@@ -54,6 +56,7 @@ public final class PoolBench {
         long n = Long.parseLong(env("N", "1000000"));
         double seconds = Double.parseDouble(env("SECONDS", "5"));
         long warmup = Long.parseLong(env("WARMUP", "200000"));
+        long rate = Long.parseLong(env("RATE", "0"));
         double warmupSeconds = Double.parseDouble(env("WARMUP_SECONDS", "1"));
 
         HikariConfig config = new HikariConfig();
@@ -79,12 +82,12 @@ public final class PoolBench {
         if (query) {
             queries(ds, Long.MAX_VALUE, System.nanoTime() + (long) (warmupSeconds * 1e9));
         } else {
-            pairs(ds, warmup);
+            pairs(ds, warmup, rate);
         }
         Reporter.Stats s0 = adapter ? Reporter.fromEnv().stats() : null;
         long cpu0 = processCpuNs();
         long t0 = System.nanoTime();
-        long ops = query ? queries(ds, Long.MAX_VALUE, t0 + (long) (seconds * 1e9)) : pairs(ds, n);
+        long ops = query ? queries(ds, Long.MAX_VALUE, t0 + (long) (seconds * 1e9)) : pairs(ds, n, rate);
         long t1 = System.nanoTime();
         long cpu1 = processCpuNs();
         Reporter.Stats s1 = adapter ? Reporter.fromEnv().stats() : null;
@@ -96,7 +99,9 @@ public final class PoolBench {
         if (s0 != null && s1 != null) {
             out.append(",\"sent\":").append(s1.sent() - s0.sent())
                     .append(",\"dropped\":").append(s1.dropped() - s0.dropped())
-                    .append(",\"connected\":").append(s1.connected());
+                    .append(",\"connected\":").append(s1.connected())
+                    // Everything the agent got from this run, warm-up included.
+                    .append(",\"sent_total\":").append(s1.sent());
         }
         System.out.println(out.append('}'));
         System.out.flush();
@@ -135,11 +140,27 @@ public final class PoolBench {
         return os.getProcessCpuTime();
     }
 
-    /** {@code n} borrow/return pairs. */
-    private static long pairs(HikariDataSource ds, long n) throws SQLException {
+    /**
+     * {@code n} borrow/return pairs, at most {@code rate} a second (0: as
+     * fast as they go). An unpaced loop makes messages faster than any
+     * writer sends them (millions a second), so most would be dropped, and
+     * a drop costs less than a send; paced at a rate far above what a
+     * service does, every message is sent and the CPU per pair is the cost
+     * of sending it. The pacing sleeps every 64 pairs, with the adapter on
+     * or off alike.
+     */
+    private static long pairs(HikariDataSource ds, long n, long rate) throws SQLException {
+        long start = System.nanoTime();
         for (long i = 0; i < n; i++) {
             Connection c = ds.getConnection();
             c.close();
+            if (rate > 0 && (i & 63) == 63) {
+                long due = start + (i + 1) * 1_000_000_000L / rate;
+                long ahead = due - System.nanoTime();
+                if (ahead > 0) {
+                    LockSupport.parkNanos(ahead);
+                }
+            }
         }
         return n;
     }

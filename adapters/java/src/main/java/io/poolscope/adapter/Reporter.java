@@ -24,7 +24,8 @@ import java.util.concurrent.atomic.AtomicLong;
  * <p>Reporting never gets in the application's way: {@link #send} puts the
  * line in a bounded, ordered queue of {@value #MAX_QUEUED} messages (or
  * drops and counts it when the queue is full) and returns; one daemon
- * thread ({@code poolscope-adapter}) writes the queue to the socket. When
+ * thread ({@code poolscope-adapter}) writes the queue to the socket, the
+ * messages of {@link #BATCH_NANOS 10 ms} at a time. When
  * the agent is absent the thread drops what is queued (counted) and tries
  * again with a backoff of 100 ms doubling to 5 s, after a failed connect
  * and after a lost stream alike; the backoff starts over only once a
@@ -51,8 +52,13 @@ public final class Reporter {
 
     private static final long FIRST_BACKOFF_MS = 100;
     private static final long MAX_BACKOFF_MS = 5000;
-    /** Messages written per system call at most. */
-    private static final int BATCH = 64;
+    /** Bytes written per system call at most (whole lines). */
+    private static final int WRITE_BYTES = 64 * 1024;
+    /** How long the writer, woken by a first message, lets the next ones
+     * join it: under load it then wakes and writes a few hundred times a
+     * second, not once per message, and costs the application a lock and
+     * a queue slot per message instead of a thread wake-up. */
+    static final long BATCH_NANOS = 10_000_000L;
     /** Longest the writer sleeps, so that periodic state is on time. */
     private static final long MAX_IDLE_WAIT_MS = 500;
     /** A connection that lasted this long resets the backoff (and, after a
@@ -223,14 +229,15 @@ public final class Reporter {
     private final ByteBuffer probe = ByteBuffer.allocate(256);
 
     private void writeLoop() {
-        buffer = ByteBuffer.allocate(BATCH * (MAX_MESSAGE_BYTES + 1));
-        List<byte[]> batch = new ArrayList<>(BATCH);
+        buffer = ByteBuffer.allocate(WRITE_BYTES);
+        List<byte[]> batch = new ArrayList<>();
         while (true) {
             try {
                 if (channel == null && !connect()) {
                     continue;
                 }
                 batch.clear();
+                boolean woken = false;
                 synchronized (lock) {
                     if (queue.isEmpty()) {
                         writerWaiting = true;
@@ -239,9 +246,18 @@ public final class Reporter {
                         } finally {
                             writerWaiting = false;
                         }
+                        woken = !queue.isEmpty();
                     }
-                    while (batch.size() < BATCH && !queue.isEmpty()) {
-                        batch.add(queue.pollFirst());
+                }
+                if (woken) {
+                    Thread.sleep(BATCH_NANOS / 1_000_000L, (int) (BATCH_NANOS % 1_000_000L));
+                }
+                synchronized (lock) {
+                    int bytes = 0;
+                    while (!queue.isEmpty() && bytes + queue.peekFirst().length + 1 <= WRITE_BYTES) {
+                        byte[] line = queue.pollFirst();
+                        bytes += line.length + 1;
+                        batch.add(line);
                     }
                 }
                 if (!batch.isEmpty() && !write(batch)) {
@@ -328,19 +344,26 @@ public final class Reporter {
                     // One pool's bug does not keep the others' state.
                 }
             }
-            for (int from = 0; from < state.size(); from += BATCH) {
-                List<byte[]> part = state.subList(from, Math.min(state.size(), from + BATCH));
-                if (!write(part)) {
+            int from = 0;
+            while (from < state.size()) {
+                int to = from;
+                int bytes = 0;
+                while (to < state.size() && bytes + state.get(to).length + 1 <= WRITE_BYTES) {
+                    bytes += state.get(to).length + 1;
+                    to++;
+                }
+                if (!write(state.subList(from, to))) {
                     dropped.addAndGet(state.size() - from);
                     lost();
                     return false;
                 }
+                from = to;
             }
         }
         return true;
     }
 
-    /** Writes the lines (at most {@value #BATCH}); false if the stream failed. */
+    /** Writes the lines (at most {@value #WRITE_BYTES} bytes); false if the stream failed. */
     private boolean write(List<byte[]> lines) {
         buffer.clear();
         for (byte[] line : lines) {

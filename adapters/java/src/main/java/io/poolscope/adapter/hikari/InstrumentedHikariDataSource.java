@@ -3,17 +3,16 @@ package io.poolscope.adapter.hikari;
 import com.zaxxer.hikari.HikariConfig;
 import com.zaxxer.hikari.HikariDataSource;
 import io.poolscope.adapter.PoolReporter;
-import java.lang.reflect.Method;
-import java.lang.reflect.Proxy;
 import java.sql.Connection;
 import java.sql.SQLException;
 import java.sql.SQLTransientConnectionException;
+import java.util.concurrent.Executor;
 
 /**
  * A {@link HikariDataSource} whose {@link #getConnection()} reports the
  * wait ({@code acquire_start}/{@code acquire_end}: ok, timeout on
  * {@link SQLTransientConnectionException}, error otherwise) and hands out
- * the connection behind a proxy whose first {@code close()} reports
+ * the connection in a wrapper whose first {@code close()} reports
  * {@code release}. Everything else is HikariCP's own (MXBeans, close,
  * configuration).
  */
@@ -45,19 +44,10 @@ public final class InstrumentedHikariDataSource extends HikariDataSource {
         }
         String local = localAddressOf(connection);
         pool.acquireOk(request, local);
-        if (local == null) {
-            return connection;
-        }
-        try {
-            return (Connection) Proxy.newProxyInstance(
-                    InstrumentedHikariDataSource.class.getClassLoader(),
-                    new Class<?>[] {Connection.class}, new HandedOut(connection, local, pool));
-        } catch (RuntimeException | LinkageError e) {
-            return connection;
-        }
+        return local == null ? connection : new HandedOut(connection, local, pool);
     }
 
-    /** The local address of a connection HikariCP handed out (its proxy). */
+    /** The local address of a connection HikariCP handed out (its proxy of our wrapper). */
     static String localAddressOf(Connection connection) {
         try {
             if (connection != null && connection.isWrapperFor(PoolscopeConnection.class)) {
@@ -70,20 +60,40 @@ public final class InstrumentedHikariDataSource extends HikariDataSource {
     }
 
     /** Reports the connection's return to the pool, once, before it happens. */
-    private static final class HandedOut extends ReportingHandler {
+    private static final class HandedOut extends DelegatingConnection {
+        private final String local;
+        private final PoolReporter pool;
+
         HandedOut(Connection delegate, String local, PoolReporter pool) {
-            super(delegate, local, pool);
+            super(delegate);
+            this.local = local;
+            this.pool = pool;
         }
 
         @Override
-        Object intercept(Object proxy, Method method, Object[] args) {
-            if (method.getName().equals("close") && args == null && once()) {
+        public void close() throws SQLException {
+            if (once()) {
                 // Before HikariCP puts it back: once it is back, another
                 // thread may take it, and its acquire_end must come after
                 // this release.
                 pool.release(local);
             }
-            return PASS;
+            delegate.close();
+        }
+
+        @Override
+        public void abort(Executor executor) throws SQLException {
+            delegate.abort(executor);
+        }
+
+        @Override
+        public <T> T unwrap(Class<T> iface) throws SQLException {
+            return iface.isInstance(this) ? iface.cast(this) : delegate.unwrap(iface);
+        }
+
+        @Override
+        public boolean isWrapperFor(Class<?> iface) throws SQLException {
+            return iface.isInstance(this) || delegate.isWrapperFor(iface);
         }
     }
 }

@@ -3,11 +3,10 @@ package io.poolscope.adapter.hikari;
 import io.poolscope.adapter.PoolReporter;
 import io.poolscope.adapter.Sockets;
 import java.io.PrintWriter;
-import java.lang.reflect.Method;
-import java.lang.reflect.Proxy;
 import java.sql.Connection;
 import java.sql.SQLException;
 import java.sql.SQLFeatureNotSupportedException;
+import java.util.concurrent.Executor;
 import java.util.logging.Logger;
 import javax.sql.DataSource;
 
@@ -15,8 +14,7 @@ import javax.sql.DataSource;
  * The DataSource HikariCP opens its physical connections with: the real
  * one, and a report of each connection it opens ({@code connection_created})
  * and closes ({@code connection_closed}). Each connection is handed to
- * HikariCP behind a {@link Proxy} that implements
- * {@link PoolscopeConnection}.
+ * HikariCP in a wrapper that implements {@link PoolscopeConnection}.
  */
 final class PhysicalConnections implements DataSource {
     private final DataSource delegate;
@@ -43,38 +41,52 @@ final class PhysicalConnections implements DataSource {
         }
         String local = Sockets.localAddress(physical);
         pool.connectionCreated(local);
-        try {
-            return (Connection) Proxy.newProxyInstance(PhysicalConnections.class.getClassLoader(),
-                    new Class<?>[] {Connection.class, PoolscopeConnection.class},
-                    new Physical(physical, local, pool));
-        } catch (RuntimeException | LinkageError e) {
-            return physical;
-        }
+        return new Physical(physical, local, pool);
     }
 
-    /** Reports the close of one physical connection, once. */
-    private static final class Physical extends ReportingHandler {
+    /** One physical connection: named, and its close reported once. */
+    private static final class Physical extends DelegatingConnection implements PoolscopeConnection {
+        private final String local;
+        private final PoolReporter pool;
+
         Physical(Connection delegate, String local, PoolReporter pool) {
-            super(delegate, local, pool);
+            super(delegate);
+            this.local = local;
+            this.pool = pool;
         }
 
         @Override
-        Object intercept(Object proxy, Method method, Object[] args) {
-            String name = method.getName();
-            int argc = args == null ? 0 : args.length;
-            if (method.getDeclaringClass() == PoolscopeConnection.class) {
-                return local;
-            }
-            if ((name.equals("unwrap") || name.equals("isWrapperFor")) && argc == 1
-                    && args[0] instanceof Class<?> iface && iface.isInstance(proxy)) {
-                return name.equals("unwrap") ? proxy : Boolean.TRUE;
-            }
-            if (((name.equals("close") && argc == 0) || (name.equals("abort") && argc == 1))
-                    && once()) {
-                // Before the socket goes: the agent still knows the connection.
+        public String poolscopeLocalAddress() {
+            return local;
+        }
+
+        /** Before the socket goes: the agent still knows the connection. */
+        private void closing() {
+            if (once()) {
                 pool.connectionClosed(local);
             }
-            return PASS;
+        }
+
+        @Override
+        public void close() throws SQLException {
+            closing();
+            delegate.close();
+        }
+
+        @Override
+        public void abort(Executor executor) throws SQLException {
+            closing();
+            delegate.abort(executor);
+        }
+
+        @Override
+        public <T> T unwrap(Class<T> iface) throws SQLException {
+            return iface.isInstance(this) ? iface.cast(this) : delegate.unwrap(iface);
+        }
+
+        @Override
+        public boolean isWrapperFor(Class<?> iface) throws SQLException {
+            return iface.isInstance(this) || delegate.isWrapperFor(iface);
         }
     }
 

@@ -26,7 +26,7 @@ import javax.sql.DataSource;
  * {@code connection_closed} for each physical connection, named by its
  * socket's local address; and it returns a {@link HikariDataSource} whose
  * {@code getConnection()} reports {@code acquire_start}/{@code acquire_end}
- * and hands out the connection behind a proxy whose {@code close()}
+ * and hands out the connection in a wrapper whose {@code close()}
  * reports {@code release}. The pool is registered with
  * {@code maximumPoolSize} as max, {@code minimumIdle}, and the server and
  * database from the JDBC URL.

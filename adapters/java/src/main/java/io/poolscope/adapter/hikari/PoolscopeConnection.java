@@ -1,7 +1,7 @@
 package io.poolscope.adapter.hikari;
 
 /**
- * Implemented by the proxy around each physical connection that HikariCP
+ * Implemented by the wrapper around each physical connection that HikariCP
  * holds, so that the connection it hands out can be named:
  * {@code hikariConnection.unwrap(PoolscopeConnection.class)}.
  */
