@@ -91,8 +91,15 @@ pub struct BenchArgs {
     only: Vec<Group>,
     /// Acquire+release pairs per run of the adapters group (after a
     /// warm-up of a quarter as many); its query runs last --duration.
-    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(100..))]
     adapter_pairs: u64,
+    /// Acquire+release pairs a second at most in the adapters group's pair
+    /// runs (0: unpaced, which floods the agent and measures drops).
+    #[arg(long, default_value_t = 20_000)]
+    adapter_rate: u64,
+    /// The pools the adapters group measures (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    adapter_pools: Vec<adapters::Pool>,
     /// Measure this agent binary instead of building target/release/poolscope.
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -238,6 +245,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             rounds: args.rounds,
             pairs: args.adapter_pairs,
             seconds: args.duration,
+            rate: args.adapter_rate,
+            pools: if args.adapter_pools.is_empty() {
+                adapters::Pool::ALL.to_vec()
+            } else {
+                args.adapter_pools.clone()
+            },
         });
     let programs = match &adapter_settings {
         Some(_) => {

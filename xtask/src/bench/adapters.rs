@@ -38,10 +38,14 @@ pub const MIN_THROUGHPUT_RATIO: f64 = 0.98;
 /// The most one program run may take (JVM start, pool fill, warm-up, loop).
 const RUN_LIMIT: Duration = Duration::from_secs(600);
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Pool {
+    /// HikariCP on pgjdbc.
+    #[value(name = "java")]
     Hikari,
+    /// node-postgres.
     NodePg,
+    /// mysql2.
     NodeMysql2,
 }
 
@@ -144,6 +148,10 @@ pub struct Sample {
     pub dropped: Option<f64>,
     /// Whether the adapter was connected to the agent at the end.
     pub connected: Option<bool>,
+    /// With the agent and the adapter: messages sent over the whole run
+    /// (warm-up included), and the agent's CPU over the same run.
+    pub sent_total: Option<f64>,
+    pub agent_cpu_ns: Option<f64>,
 }
 
 /// The program's last stdout line: `{"ops":..,"cpu_ns":..,"wall_ns":..}`,
@@ -167,6 +175,8 @@ pub fn parse_output(config: Config, round: u32, out: &str) -> Result<Sample> {
         sent: num("sent"),
         dropped: num("dropped"),
         connected: doc["connected"].as_bool(),
+        sent_total: num("sent_total"),
+        agent_cpu_ns: None,
     };
     if sample.ops <= 0.0 || sample.wall_ns <= 0.0 {
         bail!("the program did no work: {line}");
@@ -182,6 +192,10 @@ pub struct Settings {
     pub pairs: u64,
     /// Seconds of each `query` run (after a 1 s warm-up).
     pub seconds: u32,
+    /// Pairs a second at most in `pairs` runs (0: unpaced).
+    pub rate: u64,
+    /// The pools to measure, in this order.
+    pub pools: Vec<Pool>,
 }
 
 /// What the programs need to run.
@@ -195,13 +209,18 @@ pub struct Programs {
 
 /// Rough minutes for the group: program start-up, warm-ups, agent starts.
 pub fn estimate_minutes(settings: &Settings) -> f64 {
-    // Per pool and round: 4 pair runs (about 6 s at the default 500k
-    // pairs, all start-up and warm-up included), 2 query runs, 3 agent
-    // starts of about 2 s.
-    let pair_run = 2.0 + settings.pairs as f64 * 1.25 * 6e-6;
+    // Per pool and round: 4 pair runs (paced, or about 6 us a pair
+    // unpaced; start-up and a warm-up of a quarter as many included), 2
+    // query runs, 3 agent starts of about 2 s.
+    let per_pair_s = if settings.rate > 0 {
+        1.0 / settings.rate as f64
+    } else {
+        6e-6
+    };
+    let pair_run = 2.0 + settings.pairs as f64 * 1.25 * per_pair_s;
     let query_run = f64::from(settings.seconds) + 3.0;
     let per_pool = 4.0 * pair_run + 2.0 * query_run + 3.0 * 2.0;
-    f64::from(settings.rounds) * Pool::ALL.len() as f64 * per_pool / 60.0
+    f64::from(settings.rounds) * settings.pools.len() as f64 * per_pool / 60.0
 }
 
 /// Runs every pool's configurations, round by round; returns the samples
@@ -214,7 +233,7 @@ pub fn run(
     let mut samples = Vec::new();
     let mut failures = Vec::new();
     for round in 1..=settings.rounds {
-        for pool in Pool::ALL {
+        for &pool in &settings.pools {
             let mut this_round = Vec::new();
             for config in round_order(&configs(pool), round) {
                 match run_one(bench, programs, settings, config, round) {
@@ -279,11 +298,17 @@ fn run_one(
         None
     };
     let base = bench.work.path().join("adapter-bench");
+    let agent_cpu_before = bench.agent_cg.usage_ns()?;
     let out = run_bounded(&mut cmd, &base, RUN_LIMIT);
+    let agent_cpu = bench.agent_cg.usage_ns()?.saturating_sub(agent_cpu_before);
     if let Some(mut agent) = agent {
         agent.check_running()?;
     }
-    parse_output(config, round, &out?)
+    let mut sample = parse_output(config, round, &out?)?;
+    if config.agent && config.adapter {
+        sample.agent_cpu_ns = Some(agent_cpu as f64);
+    }
+    Ok(sample)
 }
 
 fn command(
@@ -337,6 +362,7 @@ fn command(
     .env("ADAPTER", if config.adapter { "on" } else { "off" })
     .env("AGENT", if config.agent { "present" } else { "absent" })
     .env("N", settings.pairs.to_string())
+    .env("RATE", settings.rate.to_string())
     .env("WARMUP", warmup.to_string())
     .env("SECONDS", settings.seconds.to_string())
     .env("WARMUP_SECONDS", "1")
@@ -461,6 +487,37 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
     rows
 }
 
+/// Per pool: the agent's CPU per adapter message, over the runs with both
+/// the agent and the adapter (whole runs: warm-up and the agent's idle
+/// work included, so a little above the cost of a message).
+fn agent_cost(samples: &[Sample], pools: &[Pool]) -> Vec<String> {
+    pools
+        .iter()
+        .filter_map(|&pool| {
+            let per_message: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.config.pool == pool)
+                .filter_map(|s| match (s.agent_cpu_ns, s.sent_total) {
+                    (Some(cpu), Some(sent)) if sent > 0.0 => Some(cpu / sent),
+                    _ => None,
+                })
+                .collect();
+            if per_message.is_empty() {
+                return None;
+            }
+            let n = per_message.len();
+            let s = Spread::of(per_message);
+            Some(format!(
+                "{}: the agent's CPU per adapter message {} [{}..{}] ({n} runs with agent and adapter)",
+                pool.name(),
+                ns(s.median),
+                ns(s.min),
+                ns(s.max)
+            ))
+        })
+        .collect()
+}
+
 /// The group's one table.
 pub fn table(samples: &[Sample]) -> Table {
     let mut t = Table::new(
@@ -515,11 +572,16 @@ pub fn render(samples: &[Sample], failures: &[String], settings: &Settings) -> (
     let t = table(samples);
     let mut notes = vec![
         format!(
-            "pairs: {} acquire+release pairs per run, no query, after {} for warm-up; CPU is the \
-             whole application process's (all threads: the adapter's writer, GC, JIT), per pair; \
-             on - off is per round, median [min..max] over the rounds.",
+            "pairs: {} acquire+release pairs per run, no query, after {} for warm-up, {}; CPU \
+             is the whole application process's (all threads: the adapter's writer, GC, JIT), per \
+             pair; on - off is per round, median [min..max] over the rounds.",
             settings.pairs,
-            (settings.pairs / 4).max(1000)
+            (settings.pairs / 4).max(1000),
+            if settings.rate > 0 {
+                format!("paced at {} pairs/s at most", settings.rate)
+            } else {
+                "unpaced".to_string()
+            }
         ),
         format!(
             "query: borrow, SELECT 1, return for {} s per run after 1 s of warm-up, agent \
@@ -536,6 +598,7 @@ pub fn render(samples: &[Sample], failures: &[String], settings: &Settings) -> (
          than sends, so many drops understate the cost."
             .to_string(),
     ];
+    notes.extend(agent_cost(samples, &settings.pools));
     if !failures.is_empty() {
         notes.push(format!(
             "{} run(s) failed and were left out: {}",
@@ -545,7 +608,7 @@ pub fn render(samples: &[Sample], failures: &[String], settings: &Settings) -> (
     }
     let mut text = String::from("\npool adapters:\n");
     let mut md = String::from("\n## Pool adapters\n\n");
-    for pool in Pool::ALL {
+    for pool in &settings.pools {
         text.push_str(&format!("  {:<14} {}\n", pool.name(), pool.describe()));
         md.push_str(&format!("- {}: {}\n", pool.name(), pool.describe()));
     }
@@ -589,7 +652,18 @@ mod tests {
             sent: config.adapter.then_some(3.0 * ops),
             dropped: config.adapter.then_some(0.0),
             connected: config.adapter.then_some(true),
+            sent_total: (config.adapter && config.agent).then_some(4.0 * ops),
+            agent_cpu_ns: (config.adapter && config.agent).then_some(8.0 * ops),
         }
+    }
+
+    #[test]
+    fn agent_cost_is_per_message_over_the_runs() {
+        let c = configs(Pool::NodePg);
+        let samples: Vec<Sample> = c.iter().map(|&c| sample(c, 1, 1000.0, 1e6, 1.0)).collect();
+        let notes = agent_cost(&samples, &[Pool::NodePg, Pool::Hikari]);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("per adapter message 2.0 ["), "{notes:?}");
     }
 
     #[test]
@@ -692,9 +766,11 @@ mod tests {
     #[test]
     fn estimate_is_minutes() {
         let m = estimate_minutes(&Settings {
-            rounds: 5,
-            pairs: 500_000,
+            rounds: 3,
+            pairs: 200_000,
             seconds: 10,
+            rate: 20_000,
+            pools: Pool::ALL.to_vec(),
         });
         assert!((5.0..20.0).contains(&m), "{m}");
     }
