@@ -1,10 +1,12 @@
 package io.poolscope.adapter;
 
+import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
 import java.util.Comparator;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicIntegerFieldUpdater;
 import java.util.concurrent.atomic.AtomicLong;
 
 /**
@@ -73,7 +75,7 @@ public final class PoolReporter {
         return skipped.get();
     }
 
-    private Json message(String kind, long monoNanos) {
+    Json message(String kind, long monoNanos) {
         return new Json().put("v", Reporter.PROTOCOL_VERSION).put("kind", kind)
                 .putRaw("pool", quotedName).put("mono_ns", monoNanos);
     }
@@ -99,47 +101,95 @@ public final class PoolReporter {
         return m.toString();
     }
 
-    /** {@code acquire_start} from the calling thread; returns the request id. */
-    public long acquireStart() {
-        long request = nextRequest.getAndIncrement();
-        try {
-            Json m = message("acquire_start", Threads.monotonicNanos()).put("request", request);
-            int tid = Threads.currentTid();
+    /**
+     * One acquire, from {@link #acquireStart} to its end. Its
+     * {@code acquire_start} is made by the writer thread when it reaches
+     * it, and only if the acquire has not ended by then: most acquires find
+     * an idle connection at once and end within the writer's batch window,
+     * and their {@code acquire_end} carries the wait ({@code wait_ns})
+     * instead, one message instead of two. An acquire still waiting when
+     * the writer comes is sent as pending, with the time it began.
+     */
+    public static final class Acquire implements Reporter.Deferred {
+        private static final int STARTING = 0;
+        private static final int START_SENT = 1;
+        private static final int ENDED = 2;
+        private static final AtomicIntegerFieldUpdater<Acquire> STATE =
+                AtomicIntegerFieldUpdater.newUpdater(Acquire.class, "state");
+
+        private final PoolReporter pool;
+        private final long request;
+        private final long startNanos;
+        private final int tid;
+        private volatile int state = STARTING;
+
+        Acquire(PoolReporter pool, long request, long startNanos, int tid) {
+            this.pool = pool;
+            this.request = request;
+            this.startNanos = startNanos;
+            this.tid = tid;
+        }
+
+        /** The request id, unique in the pool. */
+        public long request() {
+            return request;
+        }
+
+        @Override
+        public byte[] lineIfStillWanted() {
+            if (!STATE.compareAndSet(this, STARTING, START_SENT)) {
+                return null;
+            }
+            Json m = pool.message("acquire_start", startNanos).put("request", request);
             if (tid > 0) {
                 m.put("tid", tid);
             }
-            reporter.send(m.toString());
-        } catch (RuntimeException e) {
-            // Never into the application.
+            return m.toString().getBytes(StandardCharsets.UTF_8);
         }
-        return request;
+
+        /** Ends it: true if its start was not sent (the end carries the wait). */
+        boolean end() {
+            return STATE.compareAndSet(this, STARTING, ENDED);
+        }
+    }
+
+    /** A caller of this thread asks for a connection (see {@link Acquire}). */
+    public Acquire acquireStart() {
+        Acquire acquire = new Acquire(this, nextRequest.getAndIncrement(), Threads.monotonicNanos(),
+                Threads.currentTid());
+        reporter.sendDeferred(acquire);
+        return acquire;
     }
 
     /** {@code acquire_end}, result ok: the calling thread got this connection. */
-    public void acquireOk(long request, String localAddress) {
-        acquireEnd(request, "ok", localAddress);
+    public void acquireOk(Acquire acquire, String localAddress) {
+        acquireEnd(acquire, "ok", localAddress);
     }
 
     /** {@code acquire_end}, result timeout: the pool gave up waiting. */
-    public void acquireTimeout(long request) {
-        acquireEnd(request, "timeout", null);
+    public void acquireTimeout(Acquire acquire) {
+        acquireEnd(acquire, "timeout", null);
     }
 
     /** {@code acquire_end}, result error: the pool failed, or the caller stopped waiting. */
-    public void acquireError(long request) {
-        acquireEnd(request, "error", null);
+    public void acquireError(Acquire acquire) {
+        acquireEnd(acquire, "error", null);
     }
 
-    private void acquireEnd(long request, String result, String localAddress) {
+    private void acquireEnd(Acquire acquire, String result, String localAddress) {
         try {
+            if (acquire == null) {
+                return;
+            }
             long at = Threads.monotonicNanos();
             int tid = Threads.currentTid();
+            boolean folded = acquire.end();
             boolean ok = result.equals("ok");
             if (ok && localAddress == null) {
                 skipped.incrementAndGet();
                 return;
             }
-            Json m = message("acquire_end", at).put("request", request).put("result", result);
+            Json m = message("acquire_end", at).put("request", acquire.request()).put("result", result);
             if (ok) {
                 m.put("local_address", localAddress);
                 // Before sending: a state re-sent from now on includes it.
@@ -147,6 +197,9 @@ public final class PoolReporter {
             }
             if (tid > 0) {
                 m.put("tid", tid);
+            }
+            if (folded) {
+                m.put("wait_ns", Math.max(0, at - acquire.startNanos));
             }
             reporter.send(m.toString());
         } catch (RuntimeException e) {

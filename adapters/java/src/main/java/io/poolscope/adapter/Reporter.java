@@ -70,8 +70,10 @@ public final class Reporter {
     private static volatile Reporter defaultReporter;
 
     private final Path path;
+    private final long batchNanos;
     private final Object lock = new Object();
-    private final ArrayDeque<byte[]> queue = new ArrayDeque<>();
+    /** Lines ({@code byte[]}) and {@link Deferred} messages, in order. */
+    private final ArrayDeque<Object> queue = new ArrayDeque<>();
     private final List<WeakReference<PoolReporter>> pools = new ArrayList<>();
     private boolean writerStarted;
     private boolean writerWaiting;
@@ -84,7 +86,23 @@ public final class Reporter {
 
     /** A reporter for the agent at {@code path} (its stream socket). */
     public Reporter(Path path) {
+        this(path, BATCH_NANOS);
+    }
+
+    /** As {@link #Reporter(Path)}, with another batch window (tests). */
+    Reporter(Path path, long batchNanos) {
         this.path = path;
+        this.batchNanos = Math.max(0, batchNanos);
+    }
+
+    /**
+     * A message whose line is made when the writer reaches it, if it is
+     * still wanted then: an {@code acquire_start} is not sent once its
+     * acquire has ended (the {@code acquire_end} then carries the wait).
+     */
+    interface Deferred {
+        /** The line, or null when it is no longer to be sent. */
+        byte[] lineIfStillWanted();
     }
 
     /** The process's reporter for the socket the environment names. */
@@ -140,20 +158,33 @@ public final class Reporter {
                 dropped.incrementAndGet();
                 return;
             }
-            synchronized (lock) {
-                if (queue.size() >= MAX_QUEUED) {
-                    dropped.incrementAndGet();
-                    return;
-                }
-                queue.addLast(bytes);
-                if (!writerStarted) {
-                    startWriter();
-                } else if (writerWaiting) {
-                    lock.notify();
-                }
-            }
+            enqueue(bytes);
         } catch (RuntimeException | Error e) {
             dropped.incrementAndGet();
+        }
+    }
+
+    /** Queues a message whose line the writer makes (see {@link Deferred}). */
+    void sendDeferred(Deferred message) {
+        try {
+            enqueue(message);
+        } catch (RuntimeException | Error e) {
+            dropped.incrementAndGet();
+        }
+    }
+
+    private void enqueue(Object message) {
+        synchronized (lock) {
+            if (queue.size() >= MAX_QUEUED) {
+                dropped.incrementAndGet();
+                return;
+            }
+            queue.addLast(message);
+            if (!writerStarted) {
+                startWriter();
+            } else if (writerWaiting) {
+                lock.notify();
+            }
         }
     }
 
@@ -249,13 +280,27 @@ public final class Reporter {
                         woken = !queue.isEmpty();
                     }
                 }
-                if (woken) {
-                    Thread.sleep(BATCH_NANOS / 1_000_000L, (int) (BATCH_NANOS % 1_000_000L));
+                if (woken && batchNanos > 0) {
+                    Thread.sleep(batchNanos / 1_000_000L, (int) (batchNanos % 1_000_000L));
                 }
                 synchronized (lock) {
                     int bytes = 0;
-                    while (!queue.isEmpty() && bytes + queue.peekFirst().length + 1 <= WRITE_BYTES) {
-                        byte[] line = queue.pollFirst();
+                    while (!queue.isEmpty()) {
+                        Object next = queue.peekFirst();
+                        if (next instanceof Deferred deferred) {
+                            queue.pollFirst();
+                            byte[] made = deferred.lineIfStillWanted();
+                            if (made == null || made.length > MAX_MESSAGE_BYTES) {
+                                continue;
+                            }
+                            queue.addFirst(made);
+                            next = made;
+                        }
+                        byte[] line = (byte[]) next;
+                        if (bytes + line.length + 1 > WRITE_BYTES) {
+                            break;
+                        }
+                        queue.pollFirst();
                         bytes += line.length + 1;
                         batch.add(line);
                     }

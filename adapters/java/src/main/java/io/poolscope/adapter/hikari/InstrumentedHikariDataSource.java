@@ -31,7 +31,7 @@ public final class InstrumentedHikariDataSource extends HikariDataSource {
 
     @Override
     public Connection getConnection() throws SQLException {
-        long request = pool.acquireStart();
+        PoolReporter.Acquire request = pool.acquireStart();
         Connection connection;
         try {
             connection = super.getConnection();
