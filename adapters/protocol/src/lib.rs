@@ -360,76 +360,6 @@ fn is_known_kind(kind: &str) -> bool {
     }
 }
 
-/// Every field of the kinds an acquire and a release send, read in one
-/// pass straight from the bytes (no intermediate JSON tree, no tag
-/// buffering): the fast path of [`decode`] for what adapters send most.
-#[derive(Deserialize)]
-struct Frequent<'a> {
-    v: u64,
-    #[serde(borrow)]
-    kind: std::borrow::Cow<'a, str>,
-    pool: String,
-    mono_ns: Option<u64>,
-    pid: Option<u32>,
-    request: Option<u64>,
-    #[serde(borrow)]
-    result: Option<std::borrow::Cow<'a, str>>,
-    tid: Option<u32>,
-    wait_ns: Option<u64>,
-    local_address: Option<SocketAddr>,
-    fd: Option<i32>,
-}
-
-/// The message if it is a valid one of the frequent kinds whose fields all
-/// have the types [`decode`]'s full reading wants; `None` for anything
-/// else (another kind, a duplicate field, a type it does not take, an
-/// invalid message), which the full reading then decides, so that a
-/// refusal and its reason never depend on this path.
-fn decode_frequent(bytes: &[u8]) -> Option<Message> {
-    // A struct also reads from a JSON array; a message is an object.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return None;
-    }
-    let f: Frequent = serde_json::from_slice(bytes).ok()?;
-    if f.v != u64::from(VERSION) {
-        return None;
-    }
-    let conn = ConnRef {
-        local_address: f.local_address,
-        fd: f.fd,
-    };
-    let body = match f.kind.as_ref() {
-        "acquire_start" => Body::AcquireStart {
-            request: f.request?,
-            tid: f.tid,
-        },
-        "acquire_end" => Body::AcquireEnd {
-            request: f.request?,
-            result: match f.result?.as_ref() {
-                "ok" => AcquireResult::Ok(conn),
-                "timeout" => AcquireResult::Timeout,
-                "error" => AcquireResult::Error,
-                _ => return None,
-            },
-            tid: f.tid,
-            wait_ns: f.wait_ns,
-        },
-        "release" => Body::Release(conn),
-        "connection_created" => Body::ConnectionCreated(conn),
-        "connection_closed" => Body::ConnectionClosed(conn),
-        _ => return None,
-    };
-    let message = Message {
-        v: Version,
-        pool: f.pool,
-        body,
-        mono_ns: f.mono_ns,
-        pid: f.pid,
-    };
-    message.validate().ok()?;
-    Some(message)
-}
-
 /// Reads one message. Unknown fields are ignored, so that newer adapters
 /// may send more. Each refusal has its own reason, checked in this order:
 /// size, JSON syntax, version (a v2 message may have fields v1 lacks),
@@ -438,7 +368,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, Error> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(Error::TooLarge(bytes.len()));
     }
-    if let Some(message) = decode_frequent(bytes) {
+    if let Some(message) = frequent::decode(bytes) {
         return Ok(message);
     }
     decode_fully(bytes)
@@ -468,6 +398,8 @@ fn decode_fully(bytes: &[u8]) -> Result<Message, Error> {
     message.validate()?;
     Ok(message)
 }
+
+mod frequent;
 
 #[cfg(test)]
 mod tests;

@@ -59,6 +59,9 @@ public final class Reporter {
      * second, not once per message, and costs the application a lock and
      * a queue slot per message instead of a thread wake-up. */
     static final long BATCH_NANOS = 10_000_000L;
+    /** Queued messages that are written without waiting for the window
+     * (a sixteenth of the queue's bound). */
+    private static final int WRITE_AT_ONCE = MAX_QUEUED / 16;
     /** Longest the writer sleeps, so that periodic state is on time. */
     private static final long MAX_IDLE_WAIT_MS = 500;
     /** A connection that lasted this long resets the backoff (and, after a
@@ -254,13 +257,15 @@ public final class Reporter {
     private boolean failed;
     private boolean stable;
     private long backoffMs = FIRST_BACKOFF_MS;
+    private long lastWriteNanos;
     private long connectedAtNanos;
     private long lastProbeNanos;
     private ByteBuffer buffer;
     private final ByteBuffer probe = ByteBuffer.allocate(256);
 
     private void writeLoop() {
-        buffer = ByteBuffer.allocate(WRITE_BYTES);
+        // Direct: a heap buffer is copied into a temporary direct one on every write.
+        buffer = ByteBuffer.allocateDirect(WRITE_BYTES);
         List<byte[]> batch = new ArrayList<>();
         while (true) {
             try {
@@ -269,6 +274,7 @@ public final class Reporter {
                 }
                 batch.clear();
                 boolean woken = false;
+                int queued;
                 synchronized (lock) {
                     if (queue.isEmpty()) {
                         writerWaiting = true;
@@ -279,9 +285,15 @@ public final class Reporter {
                         }
                         woken = !queue.isEmpty();
                     }
+                    queued = queue.size();
                 }
-                if (woken && batchNanos > 0) {
-                    Thread.sleep(batchNanos / 1_000_000L, (int) (batchNanos % 1_000_000L));
+                // One write per batch window: woken by a first message, the
+                // whole window; with messages already waiting, what is left
+                // of the window since the last write. A queue filling up is
+                // written at once.
+                long linger = woken ? batchNanos : batchNanos - (System.nanoTime() - lastWriteNanos);
+                if (queued > 0 && queued < WRITE_AT_ONCE && linger > 0) {
+                    Thread.sleep(linger / 1_000_000L, (int) (linger % 1_000_000L));
                 }
                 synchronized (lock) {
                     int bytes = 0;
@@ -305,11 +317,14 @@ public final class Reporter {
                         batch.add(line);
                     }
                 }
-                if (!batch.isEmpty() && !write(batch)) {
-                    // The agent went away (or dropped the stream).
-                    dropped.addAndGet(batch.size());
-                    lost();
-                    continue;
+                if (!batch.isEmpty()) {
+                    if (!write(batch)) {
+                        // The agent went away (or dropped the stream).
+                        dropped.addAndGet(batch.size());
+                        lost();
+                        continue;
+                    }
+                    lastWriteNanos = System.nanoTime();
                 }
                 long now = System.nanoTime();
                 boolean lasted = now - connectedAtNanos >= STABLE_NANOS;

@@ -458,7 +458,7 @@ public final class AdapterTests {
             eq(pool.name(), name, "not cut");
             List<String> want = new ArrayList<>();
             for (int i = 0; i < 64; i++) {
-                String addr = String.format("[fd12:3456:789a:bcde:f012:3456:789a:%04x%%enp0s31f6]:%d", i, 60000 + i);
+                String addr = String.format("[fd12:3456:789a:bcde:f012:3456:789a:%04x%%enp0s31f6abcdef]:%d", i, 60000 + i);
                 want.add(addr);
                 pool.acquireOk(pool.acquireStart(), addr);
             }
