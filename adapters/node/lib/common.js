@@ -134,6 +134,9 @@ class Reporter {
     this.heads = new Map()
     /** Acquires begun since the sender's last batch (see `acquireStart`). */
     this.starting = []
+    /** Checkouts whose acquire_end waits for the batch (see `handedOut`). */
+    this.held = []
+    this.sendAllHeldNow = () => this.sendAllHeld()
     this.sendStartsNow = () => this.sendStarts()
   }
 
@@ -225,16 +228,78 @@ class Reporter {
     }
   }
 
-  /** The acquire ended at `monoNs`: `result` ok (with the connection's
-   * `ref`), timeout or error. */
+  /** The acquire ended at `monoNs` without a connection: `result` timeout
+   * or error (or ok with a connection that cannot be named). */
   acquireEnd(acquire, result, ref, tid, monoNs) {
-    let members = `,"request":${acquire.request},"result":"${result}"${result === 'ok' ? this.refText(ref) : ''}${tidText(tid)}`
-    if (acquire.state === STARTING) {
-      const wait = monoNs - acquire.monoNs
-      members += `,"wait_ns":${wait > 0n ? wait : 0n}`
-    }
+    const wait = this.endAcquire(acquire, monoNs)
+    return this.sendMembers('acquire_end', this.endMembers(acquire.request, result, ref, tid, wait), monoNs)
+  }
+
+  /**
+   * The acquire got `ref`'s connection at `monoNs`, for thread `tid`. Its
+   * acquire_end waits for the sender's next batch, and if the connection
+   * comes back first (a short checkout, the usual one) the pair leaves as
+   * one `checkout` message (see `releasedConnection`); otherwise it is sent with the
+   * batch, with its own time.
+   */
+  handedOut(acquire, ref, tid, monoNs) {
+    const wait = this.endAcquire(acquire, monoNs)
+    const entry = this.checkedOut(ref, monoNs, tid)
+    if (entry.held !== null) this.sendHeld(entry)
+    entry.held = { request: acquire.request, tid, wait }
+    if (this.held.push(entry) === 1) this.sender.atNextWrite(this.sendAllHeldNow)
+  }
+
+  /** Ends the acquire; the wait to send with its end, or null when its
+   * acquire_start was sent. */
+  endAcquire(acquire, monoNs) {
+    const folded = acquire.state === STARTING
     acquire.state = ENDED
-    return this.sendMembers('acquire_end', members, monoNs)
+    if (!folded) return null
+    const wait = monoNs - acquire.monoNs
+    return wait > 0n ? wait : 0n
+  }
+
+  endMembers(request, result, ref, tid, wait) {
+    const conn = result === 'ok' ? this.refText(ref) : ''
+    const waited = wait === null ? '' : `,"wait_ns":${wait}`
+    return `,"request":${request},"result":"${result}"${conn}${tidText(tid)}${waited}`
+  }
+
+  /** The held acquire_end of `entry`, sent now. */
+  sendHeld(entry) {
+    const held = entry.held
+    if (held === null) return
+    entry.held = null
+    this.sendMembers('acquire_end', this.endMembers(held.request, 'ok', entry.ref, held.tid, held.wait), entry.monoNs)
+  }
+
+  sendAllHeld() {
+    const held = this.held
+    this.held = []
+    for (const entry of held) this.sendHeld(entry)
+  }
+
+  /**
+   * The caller gave `ref`'s connection back. A checkout whose acquire_end
+   * is still held leaves as one `checkout` message (its wait, and its use
+   * from being handed out to now); otherwise a `release`, if the
+   * connection was out (or `always`).
+   */
+  releasedConnection(ref, always) {
+    const now = monotonicNs()
+    const entry = this.out.get(connKey(ref))
+    if (entry !== undefined && entry.held !== null && entry.monoNs !== null) {
+      const held = entry.held
+      entry.held = null
+      const use = now - entry.monoNs
+      this.returned(ref)
+      const waited = held.wait === null ? '' : `,"wait_ns":${held.wait}`
+      const members = `,"request":${held.request}${this.refText(entry.ref)}${tidText(held.tid)}${waited},"use_ns":${use > 0n ? use : 0n}`
+      return this.sendMembers('checkout', members, now)
+    }
+    if (this.returned(ref) || always) return this.sendRef('release', ref, now)
+    return false
   }
 
   register() {
@@ -291,13 +356,14 @@ class Reporter {
     const key = connKey(ref)
     let entry = this.out.get(key)
     if (entry === undefined) {
-      entry = { ref, monoNs: null, tid: undefined }
+      entry = { ref, monoNs: null, tid: undefined, held: null }
       this.out.set(key, entry)
     }
     if (entry.monoNs === null) this.outCount += 1
     entry.ref = ref
     entry.monoNs = monoNs
     entry.tid = tid
+    return entry
   }
 
   /** Forgets a checkout; true if `ref` was checked out. */
@@ -324,8 +390,11 @@ class Reporter {
     return found
   }
 
-  /** The connection closed: returned, and its entry dropped. */
+  /** The connection closed: its held acquire_end sent (before the close),
+   * returned, and its entry dropped. */
   forget(ref) {
+    const entry = this.out.get(connKey(ref))
+    if (entry !== undefined) this.sendHeld(entry)
     this.returned(ref)
     this.out.delete(connKey(ref))
   }

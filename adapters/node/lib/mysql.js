@@ -134,8 +134,8 @@ class MysqlReporter extends Reporter {
     }
     this.announce(conn)
     const ref = this.connectionRef(conn)
-    if (ref !== null) this.checkedOut(ref, now, eventLoopTid)
-    this.acquireEnd(acquire, 'ok', ref, eventLoopTid, now)
+    if (ref !== null) this.handedOut(acquire, ref, eventLoopTid, now)
+    else this.acquireEnd(acquire, 'ok', null, eventLoopTid, now)
   }
 
   /** releaseConnection(conn) with the connection still in the pool
@@ -145,7 +145,7 @@ class MysqlReporter extends Reporter {
     if (!conn || !conn._pool) return
     const ref = this.connections.get(conn) || connectionOf(conn)
     // Once per checkout: a second release of the same checkout is not one.
-    if (ref && this.returned(ref)) this.sendRef('release', ref)
+    if (ref) this.releasedConnection(ref, false)
   }
 
   install() {

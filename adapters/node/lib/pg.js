@@ -149,8 +149,8 @@ class PgReporter extends Reporter {
       return
     }
     const ref = this.connectionRef(client)
-    if (ref !== null) this.checkedOut(ref, now)
-    this.acquireEnd(acquire, 'ok', ref, undefined, now)
+    if (ref !== null) this.handedOut(acquire, ref, undefined, now)
+    else this.acquireEnd(acquire, 'ok', null, undefined, now)
     this.wrapRelease(client)
   }
 
@@ -166,10 +166,7 @@ class PgReporter extends Reporter {
         reported = true
         try {
           const ref = reporter.connectionRef(client)
-          if (ref !== null) {
-            reporter.returned(ref)
-            reporter.sendRef('release', ref)
-          }
+          if (ref !== null) reporter.releasedConnection(ref, true)
         } catch (e) {
           // never into the application
         }

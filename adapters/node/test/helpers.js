@@ -207,9 +207,11 @@ async function eventually(f, timeoutMs = 5000) {
  * the start of one still waiting when the turn ends, after the turn's other
  * messages. Whether an acquire that opens a connection ends within its turn
  * depends on timing, so tests compare this form: an acquire_start
- * (`folded: true`) put back for each folded acquire_end, and every
- * acquire_start moved back before the messages that came after it began
- * (larger mono_ns). Nothing else moves.
+ * (`folded: true`) put back for each folded acquire_end, a `checkout` (a
+ * whole short checkout in one message) shown as its acquire_end and
+ * release, and every acquire_start and acquire_end made so moved back
+ * before the messages that came after it (larger mono_ns). Nothing else
+ * moves.
  */
 function unfolded(messages) {
   const out = []
@@ -227,6 +229,25 @@ function unfolded(messages) {
       start.folded = true
       place(start)
       out.push(end)
+    } else if (m.kind === 'checkout') {
+      // A whole short checkout: its acquire_end (and folded start) when it
+      // was handed out, then the release.
+      const { wait_ns: waitNs, use_ns: useNs, ...rest } = m
+      const end = { ...rest, kind: 'acquire_end', result: 'ok', mono_ns: m.mono_ns - useNs }
+      if (waitNs !== undefined) {
+        const start = { v: m.v, kind: 'acquire_start', pool: m.pool, request: m.request }
+        if (m.tid !== undefined) start.tid = m.tid
+        start.mono_ns = end.mono_ns - waitNs
+        start.folded = true
+        place(start)
+      }
+      place(end)
+      const release = { v: m.v, kind: 'release', pool: m.pool }
+      if (m.local_address !== undefined) release.local_address = m.local_address
+      if (m.fd !== undefined) release.fd = m.fd
+      release.mono_ns = m.mono_ns
+      release.folded = true
+      out.push(release)
     } else if (m.kind === 'acquire_start') {
       place(m)
     } else {

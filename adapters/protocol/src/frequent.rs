@@ -1,4 +1,4 @@
-//! The fast path of [`crate::decode`]: the kinds an acquire and a release
+//! The fast path of [`crate::decode`]: the kinds acquires and releases
 //! send, read by one pass over the bytes. Everything it does not expect
 //! (another kind, an escape in a string, a number that is not a plain
 //! unsigned integer, a nested value, a field written twice, a message
@@ -126,6 +126,7 @@ struct Fields<'a> {
     result: Option<&'a str>,
     tid: Option<u32>,
     wait_ns: Option<u64>,
+    use_ns: Option<u64>,
     local_address: Option<SocketAddr>,
     fd: Option<i32>,
 }
@@ -151,6 +152,7 @@ impl<'a> Fields<'a> {
             "result" => once(&mut self.result, s.string()?),
             "tid" => once(&mut self.tid, u32::try_from(s.unsigned()?).ok()?),
             "wait_ns" => once(&mut self.wait_ns, s.unsigned()?),
+            "use_ns" => once(&mut self.use_ns, s.unsigned()?),
             "local_address" => once(&mut self.local_address, s.string()?.parse().ok()?),
             "fd" => once(&mut self.fd, i32::try_from(s.unsigned()?).ok()?),
             _ => s.skip_value(),
@@ -182,6 +184,13 @@ impl<'a> Fields<'a> {
                 wait_ns: self.wait_ns,
             },
             "release" => Body::Release(conn),
+            "checkout" => Body::Checkout {
+                request: self.request?,
+                conn,
+                tid: self.tid,
+                wait_ns: self.wait_ns,
+                use_ns: self.use_ns?,
+            },
             "connection_created" => Body::ConnectionCreated(conn),
             "connection_closed" => Body::ConnectionClosed(conn),
             _ => return None,

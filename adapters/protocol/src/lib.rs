@@ -102,6 +102,23 @@ pub enum Body {
     },
     /// The caller returned the connection to the pool.
     Release(ConnRef),
+    /// A whole short checkout in one message, from an adapter that batches:
+    /// an acquire that got this connection and released it `use_ns` later
+    /// (the message's `mono_ns` is the release), both within one batch.
+    /// The agent takes it as the `acquire_end` and the `release` it stands
+    /// for.
+    Checkout {
+        request: u64,
+        #[serde(flatten)]
+        conn: ConnRef,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<u32>,
+        /// As in `acquire_end`: the wait, when no `acquire_start` was sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ns: Option<u64>,
+        /// From the acquire's end to the release.
+        use_ns: u64,
+    },
     /// The pool closed or discarded the connection.
     ConnectionClosed(ConnRef),
     /// The pool's connections checked out now (or some of them), re-sent so
@@ -118,6 +135,7 @@ impl Body {
             Body::AcquireStart { .. } => "acquire_start",
             Body::AcquireEnd { .. } => "acquire_end",
             Body::Release(_) => "release",
+            Body::Checkout { .. } => "checkout",
             Body::ConnectionClosed(_) => "connection_closed",
             Body::CheckoutState { .. } => "checkout_state",
         }
@@ -310,9 +328,10 @@ impl Message {
                 AcquireResult::Ok(conn) => conn.validate()?,
                 AcquireResult::Timeout | AcquireResult::Error => {}
             },
-            Body::ConnectionCreated(conn) | Body::Release(conn) | Body::ConnectionClosed(conn) => {
-                conn.validate()?
-            }
+            Body::ConnectionCreated(conn)
+            | Body::Release(conn)
+            | Body::ConnectionClosed(conn)
+            | Body::Checkout { conn, .. } => conn.validate()?,
             Body::CheckoutState { checkouts } => {
                 if checkouts.len() > MAX_CHECKOUTS_PER_MESSAGE {
                     return Err(invalid("checkout_state has more than 64 checkouts"));

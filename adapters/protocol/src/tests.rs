@@ -338,6 +338,13 @@ fn golden_messages_decode_and_encode_back_the_same() {
             wait_ns: None,
         },
         Body::Release(ConnRef::default()),
+        Body::Checkout {
+            request: 0,
+            conn: ConnRef::default(),
+            tid: None,
+            wait_ns: None,
+            use_ns: 0,
+        },
         Body::ConnectionClosed(ConnRef::default()),
         Body::CheckoutState { checkouts: vec![] },
     ];
@@ -421,7 +428,15 @@ fn bent_messages() -> Vec<Vec<u8>> {
             out.push(serde_json::to_vec(message).expect("JSON"));
             // Its own fields, and those of the frequent kinds it lacks.
             let mut keys: BTreeSet<String> = fields.keys().cloned().collect();
-            for extra in ["request", "result", "wait_ns", "tid", "fd", "local_address"] {
+            for extra in [
+                "request",
+                "result",
+                "wait_ns",
+                "use_ns",
+                "tid",
+                "fd",
+                "local_address",
+            ] {
                 keys.insert(extra.to_string());
             }
             for key in keys {

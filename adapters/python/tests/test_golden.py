@@ -43,7 +43,9 @@ class GoldenShapeTest(unittest.TestCase):
             r.acquire_end(request, result)
         # Each message was checked against the golden shapes as it was read.
         sent = {m["kind"] for m in receiver.messages()}
-        self.assertEqual(sent, KINDS)
+        # `checkout` (a short checkout in one message) is for adapters that
+        # batch; this one sends each message as its own datagram at once.
+        self.assertEqual(sent, KINDS - {"checkout"})
 
 
 if __name__ == "__main__":

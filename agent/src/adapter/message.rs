@@ -66,6 +66,15 @@ pub enum AdapterEvent {
     Release {
         conn: ConnRef,
     },
+    /// A whole short checkout: the acquire_end (`use_ns` before the
+    /// message's time) and the release it stands for.
+    Checkout {
+        request: u64,
+        conn: ConnRef,
+        tid: Option<u32>,
+        wait_ns: Option<u64>,
+        use_ns: u64,
+    },
     ConnectionCreated {
         conn: ConnRef,
     },
@@ -199,6 +208,19 @@ impl From<wire::Body> for AdapterEvent {
                 }
             }
             wire::Body::Release(conn) => AdapterEvent::Release { conn: conn.into() },
+            wire::Body::Checkout {
+                request,
+                conn,
+                tid,
+                wait_ns,
+                use_ns,
+            } => AdapterEvent::Checkout {
+                request,
+                conn: conn.into(),
+                tid,
+                wait_ns,
+                use_ns,
+            },
             wire::Body::ConnectionCreated(conn) => {
                 AdapterEvent::ConnectionCreated { conn: conn.into() }
             }
@@ -248,6 +270,7 @@ mod tests {
             AdapterEvent::AcquireStart { .. } => "acquire_start",
             AdapterEvent::AcquireEnd { .. } => "acquire_end",
             AdapterEvent::Release { .. } => "release",
+            AdapterEvent::Checkout { .. } => "checkout",
             AdapterEvent::ConnectionCreated { .. } => "connection_created",
             AdapterEvent::ConnectionClosed { .. } => "connection_closed",
             AdapterEvent::CheckoutState { .. } => "checkout_state",

@@ -368,6 +368,31 @@ impl Tracker {
             AdapterEvent::CheckoutState { checkouts } => {
                 self.on_checkout_state(pid, ts_ns, &pool, checkouts, &mut out)
             }
+            AdapterEvent::Checkout {
+                request,
+                conn,
+                tid,
+                wait_ns,
+                use_ns,
+            } => {
+                // The acquire_end it stands for, when the connection was
+                // handed out (a sender's word: no longer ago than the agent
+                // trusts its times for), then the release.
+                let acquired_ns = ts_ns.saturating_sub(use_ns.min(ADAPTER_TIME_TRUSTED_NS));
+                let end = AcquireEnd {
+                    request,
+                    result: AcquireResult::Ok,
+                    conn,
+                    tid,
+                    wait_ns,
+                };
+                self.on_acquire_end(pid, acquired_ns, &pool, end, &mut out);
+                if let Some(p) = self.pools.get_mut(&key) {
+                    p.releases += 1;
+                }
+                let release = AdapterEvent::Release { conn };
+                self.on_connection_event(pid, ts_ns, &pool, release, &mut out)
+            }
             event @ (AdapterEvent::Release { .. }
             | AdapterEvent::ConnectionCreated { .. }
             | AdapterEvent::ConnectionClosed { .. }) => {

@@ -1098,6 +1098,71 @@ fn waiting_acquires_are_bounded_per_process_and_shared_fairly() {
 }
 
 #[test]
+fn a_checkout_message_is_its_acquire_end_and_its_release() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let conns = open_many(&mut t, 1, 1);
+    let c = conns[0];
+    let conn = by_local(nth_local(0));
+    let out = t.apply_adapter(
+        c.pid,
+        50_000,
+        adapter(
+            "p",
+            AdapterEvent::Checkout {
+                request: 1,
+                conn,
+                tid: Some(7),
+                wait_ns: Some(300),
+                use_ns: 20_000,
+            },
+        ),
+    );
+    let finished: Vec<(u64, Option<u32>)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::AcquireFinished { wait_ns, tid, .. } => Some((*wait_ns, *tid)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished, vec![(300, Some(7))]);
+    let used: Vec<u64> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Released { use_ns, .. } => Some(*use_ns),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(used, vec![20_000], "held from 30,000 to 50,000");
+    let pool = t.pools().find(|p| p.name == "p").expect("pool");
+    assert_eq!((pool.acquires, pool.releases), (1, 1));
+    let tracked = t.connection(c).expect("connection");
+    assert_eq!(tracked.pool.as_deref(), Some("p"));
+    assert_eq!(tracked.checked_out_at_ns, None, "back in the pool");
+    // A use longer than the agent trusts an adapter's times for is cut.
+    let out = t.apply_adapter(
+        c.pid,
+        900_000_000_000,
+        adapter(
+            "p",
+            AdapterEvent::Checkout {
+                request: 2,
+                conn,
+                tid: None,
+                wait_ns: None,
+                use_ns: u64::MAX,
+            },
+        ),
+    );
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Released {
+            use_ns: 600_000_000_000,
+            ..
+        }
+    )));
+}
+
+#[test]
 fn an_acquire_end_without_its_start_carries_its_own_wait() {
     let mut t = Tracker::new(TrackerConfig::default());
     let end = |request, wait_ns| AdapterEvent::AcquireEnd {

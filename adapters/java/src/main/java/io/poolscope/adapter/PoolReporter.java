@@ -6,6 +6,7 @@ import java.util.Comparator;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicIntegerFieldUpdater;
 import java.util.concurrent.atomic.AtomicLong;
 
@@ -36,6 +37,8 @@ public final class PoolReporter {
     private volatile PoolInfo info;
     private final AtomicLong nextRequest = new AtomicLong(1);
     private final Map<String, Checkout> out = new ConcurrentHashMap<>();
+    /** Handed-out connections whose acquire_end is not sent yet. */
+    private final Map<String, HeldEnd> held = new ConcurrentHashMap<>();
     private final AtomicLong skipped = new AtomicLong();
     private volatile long stateIntervalNanos = DEFAULT_STATE_INTERVAL_NANOS;
     private volatile long lastStateNanos = System.nanoTime();
@@ -183,23 +186,26 @@ public final class PoolReporter {
             }
             long at = Threads.monotonicNanos();
             int tid = Threads.currentTid();
-            boolean folded = acquire.end();
+            long waitNanos = acquire.end() ? Math.max(0, at - acquire.startNanos) : -1;
             boolean ok = result.equals("ok");
             if (ok && localAddress == null) {
                 skipped.incrementAndGet();
                 return;
             }
-            Json m = message("acquire_end", at).put("request", acquire.request()).put("result", result);
             if (ok) {
-                m.put("local_address", localAddress);
                 // Before sending: a state re-sent from now on includes it.
                 out.put(localAddress, new Checkout(localAddress, at, tid));
+                HeldEnd end = new HeldEnd(acquire.request(), localAddress, tid, waitNanos, at);
+                held.put(localAddress, end);
+                reporter.sendDeferred(end);
+                return;
             }
+            Json m = message("acquire_end", at).put("request", acquire.request()).put("result", result);
             if (tid > 0) {
                 m.put("tid", tid);
             }
-            if (folded) {
-                m.put("wait_ns", Math.max(0, at - acquire.startNanos));
+            if (waitNanos >= 0) {
+                m.put("wait_ns", waitNanos);
             }
             reporter.send(m.toString());
         } catch (RuntimeException e) {
@@ -207,8 +213,76 @@ public final class PoolReporter {
         }
     }
 
+    /**
+     * The {@code acquire_end} of a connection handed out, made by the writer
+     * thread when it reaches it, unless the connection came back first: then
+     * the checkout leaves as one {@code checkout} message from
+     * {@link #release} (a short checkout, the usual one). One held over the
+     * batch window is sent with its own time, so the agent sees the
+     * connection in use within a window.
+     */
+    private final class HeldEnd implements Reporter.Deferred {
+        private static final int HELD = 0;
+        private static final int SENT = 1;
+        private static final int FOLDED = 2;
+
+        final long request;
+        final String localAddress;
+        final int tid;
+        /** -1 when the acquire's start was sent. */
+        final long waitNanos;
+        final long atNanos;
+        private final AtomicInteger state = new AtomicInteger(HELD);
+
+        HeldEnd(long request, String localAddress, int tid, long waitNanos, long atNanos) {
+            this.request = request;
+            this.localAddress = localAddress;
+            this.tid = tid;
+            this.waitNanos = waitNanos;
+            this.atNanos = atNanos;
+        }
+
+        @Override
+        public byte[] lineIfStillWanted() {
+            if (!state.compareAndSet(HELD, SENT)) {
+                return null;
+            }
+            Json m = message("acquire_end", atNanos).put("request", request).put("result", "ok")
+                    .put("local_address", localAddress);
+            return withHolder(m).toString().getBytes(StandardCharsets.UTF_8);
+        }
+
+        /** True if the end was not sent: the release may stand for both. */
+        boolean fold() {
+            return state.compareAndSet(HELD, FOLDED);
+        }
+
+        Json withHolder(Json m) {
+            if (tid > 0) {
+                m.put("tid", tid);
+            }
+            if (waitNanos >= 0) {
+                m.put("wait_ns", waitNanos);
+            }
+            return m;
+        }
+    }
+
     /** {@code release}: the caller returned the connection to the pool. */
     public void release(String localAddress) {
+        try {
+            HeldEnd end = localAddress == null ? null : held.remove(localAddress);
+            if (end != null && end.fold()) {
+                out.remove(localAddress);
+                long at = Threads.monotonicNanos();
+                Json m = message("checkout", at).put("request", end.request)
+                        .put("local_address", localAddress);
+                reporter.send(end.withHolder(m).put("use_ns", Math.max(0, at - end.atNanos)).toString());
+                return;
+            }
+        } catch (RuntimeException e) {
+            // Never into the application.
+        }
         connectionMessage("release", localAddress);
     }
 
@@ -230,6 +304,8 @@ public final class PoolReporter {
             }
             if (!kind.equals("connection_created")) {
                 out.remove(localAddress);
+                // A held acquire_end stays queued ahead of this message.
+                held.remove(localAddress);
             }
             reporter.send(message(kind, Threads.monotonicNanos())
                     .put("local_address", localAddress).toString());

@@ -258,9 +258,10 @@ public final class AdapterTests {
             // # is mono_ns, * another number.
             String[] want = {
                 "\"kind\":\"connection_created\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\"}",
+                // Acquired and released within the batch window: one
+                // checkout (no acquire_start, no separate end and release).
+                "\"kind\":\"checkout\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":1,\"local_address\":\"127.0.0.1:40000\",\"tid\":" + tid + ",\"wait_ns\":*,\"use_ns\":*}",
                 // Folded: no acquire_start, the wait in the acquire_end.
-                "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":1,\"result\":\"ok\",\"local_address\":\"127.0.0.1:40000\",\"tid\":" + tid + ",\"wait_ns\":*}",
-                "\"kind\":\"release\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\"}",
                 "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":2,\"result\":\"timeout\",\"tid\":" + tid + ",\"wait_ns\":*}",
                 // Request 3's end named no connection: nothing at all.
                 "\"kind\":\"connection_closed\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\"}",
@@ -302,6 +303,12 @@ public final class AdapterTests {
             String end = agent.next();
             check(end.contains("\"kind\":\"acquire_end\"") && end.contains("\"request\":1,")
                     && !end.contains("wait_ns"), "its start was sent, so no wait_ns: " + end);
+            // Its end was sent too: the return is a plain release.
+            pool.release("127.0.0.1:40002");
+            String release = agent.next();
+            check(release.contains("\"kind\":\"release\"") && release.endsWith("\"local_address\":\"127.0.0.1:40002\"}"),
+                    release);
+            eq(pool.checkedOut(), 0, "returned");
         } finally {
             Files.deleteIfExists(dir);
         }
