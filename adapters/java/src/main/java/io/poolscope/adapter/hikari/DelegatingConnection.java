@@ -23,8 +23,9 @@ import java.util.concurrent.atomic.AtomicBoolean;
 
 /**
  * A {@link Connection} that passes every call to {@link #delegate} but
- * {@code close}, {@code abort}, {@code unwrap} and {@code isWrapperFor},
- * which subclasses define: the adapter's wrappers around the connections
+ * {@code close}, which subclasses define (and {@code unwrap} and
+ * {@code isWrapperFor}, which also answer for the wrapper itself): the
+ * adapter's wrappers around the connections
  * HikariCP opens and hands out. Plain calls, not a reflective
  * {@link java.lang.reflect.Proxy}: every statement the application makes
  * goes through two of these.
@@ -45,6 +46,22 @@ abstract class DelegatingConnection implements Connection {
     @Override
     public String toString() {
         return delegate.toString();
+    }
+
+    /** What the wrapper is (a {@link PoolscopeConnection}, say), else the delegate's. */
+    @Override
+    public <T> T unwrap(Class<T> iface) throws SQLException {
+        return iface.isInstance(this) ? iface.cast(this) : delegate.unwrap(iface);
+    }
+
+    @Override
+    public boolean isWrapperFor(Class<?> iface) throws SQLException {
+        return iface.isInstance(this) || delegate.isWrapperFor(iface);
+    }
+
+    @Override
+    public void abort(Executor executor) throws SQLException {
+        delegate.abort(executor);
     }
 
     @Override

@@ -6,7 +6,6 @@ import io.poolscope.adapter.PoolReporter;
 import java.sql.Connection;
 import java.sql.SQLException;
 import java.sql.SQLTransientConnectionException;
-import java.util.concurrent.Executor;
 
 /**
  * A {@link HikariDataSource} whose {@link #getConnection()} reports the
@@ -81,19 +80,6 @@ public final class InstrumentedHikariDataSource extends HikariDataSource {
             delegate.close();
         }
 
-        @Override
-        public void abort(Executor executor) throws SQLException {
-            delegate.abort(executor);
-        }
 
-        @Override
-        public <T> T unwrap(Class<T> iface) throws SQLException {
-            return iface.isInstance(this) ? iface.cast(this) : delegate.unwrap(iface);
-        }
-
-        @Override
-        public boolean isWrapperFor(Class<?> iface) throws SQLException {
-            return iface.isInstance(this) || delegate.isWrapperFor(iface);
-        }
     }
 }

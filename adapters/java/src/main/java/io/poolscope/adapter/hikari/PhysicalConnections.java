@@ -79,15 +79,6 @@ final class PhysicalConnections implements DataSource {
             delegate.abort(executor);
         }
 
-        @Override
-        public <T> T unwrap(Class<T> iface) throws SQLException {
-            return iface.isInstance(this) ? iface.cast(this) : delegate.unwrap(iface);
-        }
-
-        @Override
-        public boolean isWrapperFor(Class<?> iface) throws SQLException {
-            return iface.isInstance(this) || delegate.isWrapperFor(iface);
-        }
     }
 
     @Override
