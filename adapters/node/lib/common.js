@@ -97,6 +97,11 @@ function tidText(tid) {
   return Number.isInteger(tid) && tid > 0 ? `,"tid":${tid}` : ''
 }
 
+/** The wait of a folded acquire (null: its acquire_start was sent). */
+function waitText(wait) {
+  return wait === null ? '' : `,"wait_ns":${wait}`
+}
+
 /** What a connection reference caches about itself (symbols: JSON and the
  * messages never show them). References are made once per connection, so
  * the hot path builds no strings for them. */
@@ -126,7 +131,9 @@ class Reporter {
     this.nextRequest = 1
     this.timer = null
     /** Connections seen checked out: connection key -> { ref, monoNs
-     * (BigInt; null once returned), tid }, and how many are out now. */
+     * (BigInt; null once returned), tid, held ({ request, wait } while the
+     * checkout's acquire_end waits for the batch, else null) }, and how
+     * many are out now. */
     this.out = new Map()
     this.outCount = 0
     this.unsubscribe = null
@@ -186,7 +193,7 @@ class Reporter {
 
   /**
    * A caller asks for a connection: returns the acquire, to hand to
-   * `acquireEnd`. Its acquire_start waits for the sender's next batch, and
+   * `handedOut` or `acquireEnd`. Its acquire_start waits for the sender's next batch, and
    * is never sent if the acquire ends first (most find an idle connection
    * at once): the acquire_end then carries the wait (`wait_ns`), one
    * message instead of two. An acquire still waiting when the batch leaves
@@ -239,14 +246,14 @@ class Reporter {
    * The acquire got `ref`'s connection at `monoNs`, for thread `tid`. Its
    * acquire_end waits for the sender's next batch, and if the connection
    * comes back first (a short checkout, the usual one) the pair leaves as
-   * one `checkout` message (see `releasedConnection`); otherwise it is sent with the
-   * batch, with its own time.
+   * one `checkout` message (see `releasedConnection`); otherwise it is
+   * sent with the batch, with its own time.
    */
   handedOut(acquire, ref, tid, monoNs) {
     const wait = this.endAcquire(acquire, monoNs)
     const entry = this.checkedOut(ref, monoNs, tid)
     if (entry.held !== null) this.sendHeld(entry)
-    entry.held = { request: acquire.request, tid, wait }
+    entry.held = { request: acquire.request, wait }
     if (this.held.push(entry) === 1) this.sender.atNextWrite(this.sendAllHeldNow)
   }
 
@@ -262,8 +269,7 @@ class Reporter {
 
   endMembers(request, result, ref, tid, wait) {
     const conn = result === 'ok' ? this.refText(ref) : ''
-    const waited = wait === null ? '' : `,"wait_ns":${wait}`
-    return `,"request":${request},"result":"${result}"${conn}${tidText(tid)}${waited}`
+    return `,"request":${request},"result":"${result}"${conn}${tidText(tid)}${waitText(wait)}`
   }
 
   /** The held acquire_end of `entry`, sent now. */
@@ -271,7 +277,7 @@ class Reporter {
     const held = entry.held
     if (held === null) return
     entry.held = null
-    this.sendMembers('acquire_end', this.endMembers(held.request, 'ok', entry.ref, held.tid, held.wait), entry.monoNs)
+    this.sendMembers('acquire_end', this.endMembers(held.request, 'ok', entry.ref, entry.tid, held.wait), entry.monoNs)
   }
 
   sendAllHeld() {
@@ -289,13 +295,12 @@ class Reporter {
   releasedConnection(ref, always) {
     const now = monotonicNs()
     const entry = this.out.get(connKey(ref))
-    if (entry !== undefined && entry.held !== null && entry.monoNs !== null) {
-      const held = entry.held
+    if (entry !== undefined && entry.held !== null) {
+      const { held, tid } = entry
       entry.held = null
       const use = now - entry.monoNs
       this.returned(ref)
-      const waited = held.wait === null ? '' : `,"wait_ns":${held.wait}`
-      const members = `,"request":${held.request}${this.refText(entry.ref)}${tidText(held.tid)}${waited},"use_ns":${use > 0n ? use : 0n}`
+      const members = `,"request":${held.request}${this.refText(entry.ref)}${tidText(tid)}${waitText(held.wait)},"use_ns":${use > 0n ? use : 0n}`
       return this.sendMembers('checkout', members, now)
     }
     if (this.returned(ref) || always) return this.sendRef('release', ref, now)
@@ -397,11 +402,6 @@ class Reporter {
     if (entry !== undefined) this.sendHeld(entry)
     this.returned(ref)
     this.out.delete(connKey(ref))
-  }
-
-  isOut(ref) {
-    const entry = this.out.get(connKey(ref))
-    return entry !== undefined && entry.monoNs !== null
   }
 
   nextRequestId() {

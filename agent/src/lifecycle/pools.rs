@@ -387,26 +387,31 @@ impl Tracker {
                     wait_ns,
                 };
                 self.on_acquire_end(pid, acquired_ns, &pool, end, &mut out);
-                if let Some(p) = self.pools.get_mut(&key) {
-                    p.releases += 1;
-                }
-                let release = AdapterEvent::Release { conn };
-                self.on_connection_event(pid, ts_ns, &pool, release, &mut out)
+                self.on_release(&key, ts_ns, conn, &mut out)
             }
-            event @ (AdapterEvent::Release { .. }
-            | AdapterEvent::ConnectionCreated { .. }
+            AdapterEvent::Release { conn } => self.on_release(&key, ts_ns, conn, &mut out),
+            event @ (AdapterEvent::ConnectionCreated { .. }
             | AdapterEvent::ConnectionClosed { .. }) => {
-                // Counted here, once, whether or not the connection is known
-                // yet (acquires are counted the same way).
-                if matches!(event, AdapterEvent::Release { .. }) {
-                    if let Some(p) = self.pools.get_mut(&key) {
-                        p.releases += 1;
-                    }
-                }
                 self.on_connection_event(pid, ts_ns, &pool, event, &mut out)
             }
         }
         out
+    }
+
+    /// The caller gave `conn` back: counted here, once, whether or not the
+    /// connection is known yet (acquires are counted the same way).
+    fn on_release(
+        &mut self,
+        key: &(u32, String),
+        ts_ns: u64,
+        conn: ConnRef,
+        out: &mut Vec<Output>,
+    ) {
+        if let Some(p) = self.pools.get_mut(key) {
+            p.releases += 1;
+        }
+        let (pid, pool_name) = key;
+        self.on_connection_event(*pid, ts_ns, pool_name, AdapterEvent::Release { conn }, out)
     }
 
     fn on_acquire_end(
