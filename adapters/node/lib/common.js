@@ -143,8 +143,9 @@ class Reporter {
     this.starting = []
     /** Checkouts whose acquire_end waits for the batch (see `handedOut`). */
     this.held = []
-    this.sendAllHeldNow = () => this.sendAllHeld()
-    this.sendStartsNow = () => this.sendStarts()
+    /** Whether the batch will call `sendPending`. */
+    this.pendingScheduled = false
+    this.sendPendingNow = () => this.sendPending()
   }
 
   /** Rare messages, built from an object. */
@@ -202,7 +203,8 @@ class Reporter {
    */
   acquireStart(tid) {
     const acquire = { request: this.nextRequestId(), monoNs: monotonicNs(), tid, state: STARTING }
-    if (this.starting.push(acquire) === 1) this.sender.atNextWrite(this.sendStartsNow)
+    this.starting.push(acquire)
+    this.schedulePending()
     return acquire
   }
 
@@ -225,11 +227,31 @@ class Reporter {
     }
   }
 
-  sendStarts() {
-    const starting = this.starting
+  schedulePending() {
+    if (this.pendingScheduled) return
+    this.pendingScheduled = true
+    this.sender.atNextWrite(this.sendPendingNow)
+  }
+
+  /**
+   * When the batch leaves: the starts of acquires still waiting and the
+   * ends of checkouts still out, in the order they happened, so that the
+   * agent sees the pool as a waiter saw it (the connections handed out
+   * before it began already in use).
+   */
+  sendPending() {
+    this.pendingScheduled = false
+    const starts = this.starting.filter((a) => a.state === STARTING)
+    const ends = this.held.filter((e) => e.held !== null)
     this.starting = []
-    for (const acquire of starting) {
-      if (acquire.state !== STARTING) continue
+    this.held = []
+    const events = [...starts.map((a) => [a.monoNs, a, null]), ...ends.map((e) => [e.monoNs, null, e])]
+    events.sort((x, y) => (x[0] < y[0] ? -1 : x[0] > y[0] ? 1 : 0))
+    for (const [, acquire, entry] of events) {
+      if (entry !== null) {
+        this.sendHeld(entry)
+        continue
+      }
       acquire.state = STARTED
       this.sendMembers('acquire_start', `,"request":${acquire.request}${tidText(acquire.tid)}`, acquire.monoNs)
     }
@@ -254,7 +276,8 @@ class Reporter {
     const entry = this.checkedOut(ref, monoNs, tid)
     if (entry.held !== null) this.sendHeld(entry)
     entry.held = { request: acquire.request, wait }
-    if (this.held.push(entry) === 1) this.sender.atNextWrite(this.sendAllHeldNow)
+    this.held.push(entry)
+    this.schedulePending()
   }
 
   /** Ends the acquire; the wait to send with its end, or null when its
@@ -278,12 +301,6 @@ class Reporter {
     if (held === null) return
     entry.held = null
     this.sendMembers('acquire_end', this.endMembers(held.request, 'ok', entry.ref, entry.tid, held.wait), entry.monoNs)
-  }
-
-  sendAllHeld() {
-    const held = this.held
-    this.held = []
-    for (const entry of held) this.sendHeld(entry)
   }
 
   /**

@@ -229,6 +229,28 @@ test('a checkout that begins and ends within a batch is one message', async (t) 
   await pool.end()
 })
 
+test('a waiter that begins after a hand-out in the same batch is sent after it', async (t) => {
+  const { pool, rx } = await setup(t, { max: 1 })
+  await rx.messages()
+  ;(await pool.connect()).release()
+  await rx.messages()
+  const first = await pool.connect()
+  const waiting = pool.connect()
+  // Raw, as the agent reads them: the hand-out first, so that the agent
+  // counts the connection in use when the waiter's acquire_start arrives.
+  const m = (await rx.drain()).map((x) => x.json)
+  assert.deepEqual(
+    m.map((x) => [x.kind, x.request]),
+    [
+      ['acquire_end', 2],
+      ['acquire_start', 3],
+    ]
+  )
+  first.release()
+  ;(await waiting).release()
+  await pool.end()
+})
+
 test('a timed-out acquire ends with result timeout, a failed one with error', async (t) => {
   const { pool, rx } = await setup(t, { max: 1, connectionTimeoutMillis: 30 })
   await rx.messages()
