@@ -406,11 +406,14 @@ impl Pipeline {
     }
 
     /// One adapter datagram, judged by the socket.
+    /// Applies one adapter message (or counts its refusal). Returns whether
+    /// it was accepted, for the caller to count: a stream's lines are
+    /// counted once per batch, not once each.
     fn apply_adapter(
         &self,
         outcome: Outcome,
         rejections: &mut RateLimitedLog,
-    ) -> Result<(), Broken> {
+    ) -> Result<bool, Broken> {
         match outcome {
             Outcome::Accepted(received) => {
                 self.learn_process(received.pid)?;
@@ -423,13 +426,11 @@ impl Pipeline {
                     (outputs, reports)
                 })?;
                 // A refusal by a bound is counted as a rejection instead.
-                if !outputs
+                let accepted = !outputs
                     .iter()
-                    .any(|o| matches!(o, Output::AdapterRefused { .. }))
-                {
-                    self.telemetry.record_adapter_message("accepted", "");
-                }
-                return self.handle_outputs(&outputs, reports);
+                    .any(|o| matches!(o, Output::AdapterRefused { .. }));
+                self.handle_outputs(&outputs, reports)?;
+                return Ok(accepted);
             }
             Outcome::Rejected { pid, error } => {
                 self.telemetry
@@ -464,7 +465,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -504,7 +505,11 @@ async fn serve_adapters(mut socket: AdapterSocket, pipeline: Arc<Pipeline>) -> a
     let mut rejections = RateLimitedLog::new(Duration::from_secs(10));
     loop {
         match socket.recv().await {
-            Ok(outcome) => pipeline.apply_adapter(outcome, &mut rejections)?,
+            Ok(outcome) => {
+                if pipeline.apply_adapter(outcome, &mut rejections)? {
+                    pipeline.telemetry.record_adapter_messages_accepted(1);
+                }
+            }
             Err(e) => {
                 log::warn!("adapter socket {}: {e}", socket.path().display());
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -538,9 +543,13 @@ async fn serve_adapter_streams(
     // lines, not once per line.
     let mut batch = Vec::with_capacity(ADAPTER_BATCH);
     while received.recv_many(&mut batch, ADAPTER_BATCH).await > 0 {
+        let mut accepted = 0;
         for outcome in batch.drain(..) {
-            pipeline.apply_adapter(outcome, &mut rejections)?;
+            accepted += u64::from(pipeline.apply_adapter(outcome, &mut rejections)?);
         }
+        pipeline
+            .telemetry
+            .record_adapter_messages_accepted(accepted);
     }
     accepting.abort();
     Err(anyhow::anyhow!(

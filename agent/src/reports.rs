@@ -320,7 +320,7 @@ impl LeakReports {
                 process: conn.comm.clone(),
                 cmdline: more.cmdline,
                 container_id: more.container_id,
-                pool: conn.pool.clone(),
+                pool: conn.pool.as_deref().map(str::to_string),
                 db_system: conn.db_system,
                 server: Some(endpoint_text(&conn.remote)),
                 local_address: conn.local.map(|sa| sa.to_string()),
@@ -449,7 +449,7 @@ fn refresh(report: &mut LeakReport, conn: &Connection, finding: &Finding, now: u
     report.last_query = conn.last_query_text();
     report.tx_state = conn.tx_state;
     report.local_address = conn.local.map(|sa| sa.to_string());
-    report.pool.clone_from(&conn.pool);
+    report.pool = conn.pool.as_deref().map(str::to_string);
     report.db_system = conn.db_system;
     report.evidence.clone_from(&finding.evidence);
 }

@@ -4,7 +4,7 @@
 // (checkout_state) when the agent comes back and periodically.
 
 const fs = require('node:fs')
-const { senderFor, socketPathFromEnv, monotonicNs, MAX_MESSAGE_BYTES } = require('./sender')
+const { senderFor, socketPathFromEnv, monotonicNs, putBytes, putUint, MAX_MESSAGE_BYTES } = require('./sender')
 
 const VERSION = 1
 const MAX_POOL_NAME = 128
@@ -107,6 +107,20 @@ function waitText(wait) {
  * the hot path builds no strings for them. */
 const REF_KEY = Symbol('poolscope.refKey')
 const REF_TEXT = Symbol('poolscope.refText')
+const REF_BYTES = Symbol('poolscope.refBytes')
+
+/** The fixed parts of a `checkout` line, as bytes. */
+const CHECKOUT_REQUEST = Buffer.from(',"request":')
+const CHECKOUT_TID = Buffer.from(',"tid":')
+const CHECKOUT_WAIT = Buffer.from(',"wait_ns":')
+const CHECKOUT_USE = Buffer.from(',"use_ns":')
+const CHECKOUT_MONO = Buffer.from(',"mono_ns":')
+const CLOSE_BRACE = 0x7d
+/** Room for the digits of any number the hot path writes (u64). */
+const DIGITS = 20
+/** A checkout line's bytes besides its head and connection. */
+const CHECKOUT_FIXED =
+  CHECKOUT_REQUEST.length + CHECKOUT_TID.length + CHECKOUT_WAIT.length + CHECKOUT_USE.length + CHECKOUT_MONO.length + 5 * DIGITS + 1
 
 /** The checkouts' key of the connection `ref` names: its fd, else its address. */
 function connKey(ref) {
@@ -139,6 +153,8 @@ class Reporter {
     this.unsubscribe = null
     /** Per kind: the message's opening text (see `head`). */
     this.heads = new Map()
+    /** The `checkout` message's opening, as bytes. */
+    this.checkoutHead = null
     /** Acquires begun since the sender's last batch (see `acquireStart`). */
     this.starting = []
     /** Checkouts whose acquire_end waits for the batch (see `handedOut`). */
@@ -185,6 +201,57 @@ class Reporter {
       ref[REF_TEXT] = text
     }
     return text
+  }
+
+  /** `refText` as UTF-8 bytes, made once per reference. */
+  refBytes(ref) {
+    let bytes = ref[REF_BYTES]
+    if (bytes === undefined) {
+      bytes = Buffer.from(this.refText(ref), 'utf8')
+      ref[REF_BYTES] = bytes
+    }
+    return bytes
+  }
+
+  /**
+   * The `checkout` message, the one every short checkout sends: written as
+   * bytes straight into the sender's batch (no text is built, and the
+   * numbers go in digit by digit); as text to a sender that takes only
+   * text.
+   */
+  sendCheckout(request, ref, tid, wait, use, monoNs) {
+    const sender = this.sender
+    if (typeof sender.openLine !== 'function') {
+      const members = `,"request":${request}${this.refText(ref)}${tidText(tid)}${waitText(wait)},"use_ns":${use}`
+      return this.sendMembers('checkout', members, monoNs)
+    }
+    let head = this.checkoutHead
+    if (head === null) {
+      head = Buffer.from(this.head('checkout').text, 'utf8')
+      this.checkoutHead = head
+    }
+    const refBytes = this.refBytes(ref)
+    let at = sender.openLine(head.length + refBytes.length + CHECKOUT_FIXED)
+    if (at < 0) return false
+    const buf = sender.lineBuffer
+    at = putBytes(buf, at, head)
+    at = putBytes(buf, at, CHECKOUT_REQUEST)
+    at = putUint(buf, at, request)
+    at = putBytes(buf, at, refBytes)
+    if (Number.isInteger(tid) && tid > 0) {
+      at = putBytes(buf, at, CHECKOUT_TID)
+      at = putUint(buf, at, tid)
+    }
+    if (wait !== null) {
+      at = putBytes(buf, at, CHECKOUT_WAIT)
+      at = putUint(buf, at, wait)
+    }
+    at = putBytes(buf, at, CHECKOUT_USE)
+    at = putUint(buf, at, use)
+    at = putBytes(buf, at, CHECKOUT_MONO)
+    at = putUint(buf, at, monoNs)
+    buf[at] = CLOSE_BRACE
+    return sender.commitLine(at + 1)
   }
 
   /** release, connection_created, connection_closed. */
@@ -317,8 +384,7 @@ class Reporter {
       entry.held = null
       const use = now - entry.monoNs
       this.returned(ref)
-      const members = `,"request":${held.request}${this.refText(entry.ref)}${tidText(tid)}${waitText(held.wait)},"use_ns":${use > 0n ? use : 0n}`
-      return this.sendMembers('checkout', members, now)
+      return this.sendCheckout(held.request, entry.ref, tid, held.wait, use > 0n ? use : 0n, now)
     }
     if (this.returned(ref) || always) return this.sendRef('release', ref, now)
     return false

@@ -74,6 +74,39 @@ function encode(message, monoNs) {
 }
 
 const NEWLINE = 0x0a
+const DIGIT_0 = 0x30
+
+/** Writes the non-negative integer `n` (a Number up to 2^53, or a BigInt)
+ * as decimal digits at `at`; returns the end. The hot path's numbers go in
+ * digit by digit: no string is made for them. */
+function putUint(buf, at, n) {
+  if (typeof n === 'bigint') {
+    const small = Number(n)
+    if (!Number.isSafeInteger(small)) return at + buf.latin1Write(n.toString(), at)
+    n = small
+  }
+  let len = 1
+  for (let x = n; x >= 10; x = Math.floor(x / 10)) len += 1
+  let end = at + len
+  while (n > 0x7fffffff) {
+    const q = Math.floor(n / 10)
+    buf[--end] = DIGIT_0 + (n - q * 10)
+    n = q
+  }
+  let m = n | 0
+  while (end > at) {
+    const q = (m / 10) | 0
+    buf[--end] = DIGIT_0 + (m - q * 10)
+    m = q
+  }
+  return at + len
+}
+
+/** Copies `bytes` (a Buffer) to `buf` at `at`; returns the end. */
+function putBytes(buf, at, bytes) {
+  buf.set(bytes, at)
+  return at + bytes.length
+}
 
 /** Room for a batch that reached BATCH_MAX_BYTES by its last line. */
 function newBatchBuffer() {
@@ -133,6 +166,10 @@ class Sender {
      * BATCH_MAX_BYTES. */
     this.batchMs = option(options.batchMs, BATCH_MS)
     this.batch = newBatchBuffer()
+    /** Where `openLine` lets the caller write: the batch, or (not connected)
+     * `scratch`, whose line then waits in the backlog as text. */
+    this.scratch = null
+    this.lineBuffer = null
     this.batchBytes = 0
     this.batchLines = 0
     this.batchSocket = null
@@ -210,6 +247,49 @@ class Sender {
     this.sent += 1
     if (this.batchBytes >= BATCH_MAX_BYTES) this._writeBatch()
     return true
+  }
+
+  /**
+   * The hot path's way in, for lines written as bytes: room for one line of
+   * at most `maxBytes` (<= MAX_MESSAGE_BYTES) bytes, to be written into
+   * `lineBuffer` from the returned offset, then `commitLine(end)`. -1 when
+   * the line would be dropped (counted): nothing is to be written.
+   */
+  openLine(maxBytes) {
+    try {
+      if (this.closed || !(maxBytes <= MAX_MESSAGE_BYTES)) return this._dropLine()
+      if (this.connected && this.backlog.length === 0) {
+        const socket = this.socket
+        if (socket.writableLength + this.batchBytes + maxBytes + 1 > this.maxWritableBytes) return this._dropLine()
+        if (this.batchLines === 0) this.batchSocket = socket
+        this._pending()
+        this.lineBuffer = this.batch
+        return this.batchBytes
+      }
+      this._expire()
+      if (this.backlog.length >= this.maxBacklog) return this._dropLine()
+      if (this.scratch === null) this.scratch = Buffer.allocUnsafe(MAX_MESSAGE_BYTES)
+      this.lineBuffer = this.scratch
+      return 0
+    } catch (err) {
+      return this._dropLine()
+    }
+  }
+
+  /** The line opened by `openLine` ends at `end` (exclusive). */
+  commitLine(end) {
+    const buf = this.lineBuffer
+    this.lineBuffer = null
+    if (buf === null) return false
+    if (buf === this.batch) {
+      buf[end] = NEWLINE
+      this.batchBytes = end + 1
+      this.batchLines += 1
+      this.sent += 1
+      if (this.batchBytes >= BATCH_MAX_BYTES) this._writeBatch()
+      return true
+    }
+    return this._defer(buf.utf8Slice(0, end))
   }
 
   /**
@@ -317,6 +397,11 @@ class Sender {
   _drop() {
     this.dropped += 1
     return false
+  }
+
+  _dropLine() {
+    this.dropped += 1
+    return -1
   }
 
   /** Connects now if nothing is under way and no backoff is pending. */
@@ -502,6 +587,8 @@ module.exports = {
   encode,
   encodeText,
   monotonicNs,
+  putBytes,
+  putUint,
   senderFor,
   socketPathFromEnv,
 }

@@ -345,3 +345,52 @@ test('checkout_state lines fit in 4096 bytes: 64 IPv6 checkouts, a 128-character
   }
   assert.deepEqual(got, want, 'every checkout, oldest first')
 })
+
+test('putUint writes the digits String() writes, for Numbers up to 2^53 and BigInts up to 2^64', () => {
+  const { putUint } = require('../lib/sender')
+  const values = [0, 1, 9, 10, 99, 100, 12345, 2 ** 31 - 1, 2 ** 31, 2 ** 32 + 7, 999999999999, 10 ** 15, Number.MAX_SAFE_INTEGER]
+  for (let i = 0; i < 2000; i++) values.push(Math.floor(Math.random() * 2 ** Math.floor(Math.random() * 53)))
+  const big = [0n, 7n, 2n ** 53n, 2n ** 53n + 1n, 2n ** 63n, 2n ** 64n - 1n, 123456789012345678n]
+  const buf = Buffer.alloc(64)
+  for (const n of [...values, ...big]) {
+    const end = putUint(buf, 3, n)
+    assert.equal(buf.toString('latin1', 3, end), n.toString(), `digits of ${n}`)
+  }
+})
+
+test('a checkout written as bytes reads as the message it stands for, waiting for the agent or batched, with a non-ASCII pool name', async (t) => {
+  const rx = new Receiver()
+  t.after(() => rx.close())
+  const sender = new Sender(rx.path, fast)
+  t.after(() => sender.close())
+  const { Reporter } = require('../lib/common')
+  class TestReporter extends Reporter {
+    registration() {
+      return { db_system: 'postgresql', max: 4 }
+    }
+  }
+  const name = 'zahlungen-€-😀'
+  const reporter = new TestReporter({}, { sender, name }, 'p')
+  const ref = { local_address: '[fd00::1]:5432', fd: 31 }
+  // Not connected yet: the line waits in the backlog.
+  assert.equal(sender.stats().connected, false)
+  assert.ok(reporter.sendCheckout(7, ref, 4321, 1500n, 250000n, 2n ** 53n + 11n))
+  await eventually(() => sender.stats().connected)
+  // Connected: straight into the batch (no tid, no wait: its start was sent).
+  assert.ok(reporter.sendCheckout(2 ** 40, ref, undefined, null, 0n, 123456789n))
+  const lines = await rx.drain([sender])
+  assert.equal(lines.length, 2)
+  const got = lines.map((l) => l.json)
+  // Past 2^53 the time is written in full (JSON.parse would round it).
+  assert.ok(lines[0].text.endsWith(`,"mono_ns":${2n ** 53n + 11n}}`), lines[0].text)
+  delete got[0].mono_ns
+  assert.deepEqual(got[0], {
+    v: 1, kind: 'checkout', pool: name, request: 7, local_address: '[fd00::1]:5432', fd: 31,
+    tid: 4321, wait_ns: 1500, use_ns: 250000,
+  })
+  assert.deepEqual(got[1], {
+    v: 1, kind: 'checkout', pool: name, request: 2 ** 40, local_address: '[fd00::1]:5432', fd: 31,
+    use_ns: 0, mono_ns: 123456789,
+  })
+  assert.equal(sender.stats().dropped, 0)
+})

@@ -282,7 +282,7 @@ pub fn connection_view(
         last_query: conn.last_query_text(),
         tx_state: conn.tx_state,
         protocol_lost: conn.protocol_lost,
-        pool: conn.pool.clone(),
+        pool: conn.pool.as_deref().map(str::to_string),
         checked_out: conn.checked_out_at_ns.is_some(),
         placement: placement.cloned().unwrap_or_default(),
     }

@@ -6,6 +6,7 @@ use std::{
     collections::{btree_map, BTreeMap, BTreeSet, HashMap, VecDeque},
     net::SocketAddr,
     ops::Bound,
+    sync::Arc,
 };
 
 use super::{fast_hash::NumberMap, ConnId, Connection, Endpoint};
@@ -29,13 +30,13 @@ pub(super) struct OpenSet {
     // and the rare shared socket (inherited over fork) still has one entry
     // per holder.
     by_local: BTreeSet<(SocketAddr, u32, i32)>,
-    used: HashMap<u32, HashMap<String, u64>>,
+    used: HashMap<u32, HashMap<Arc<str>, u64>>,
 }
 
 /// The (pid, pool) a connection counts as "used" in, if it is checked out.
-fn used_key(conn: &Connection) -> Option<(u32, &str)> {
+fn used_key(conn: &Connection) -> Option<(u32, &Arc<str>)> {
     match (&conn.pool, conn.checked_out_at_ns) {
-        (Some(pool), Some(_)) => Some((conn.id.pid, pool.as_str())),
+        (Some(pool), Some(_)) => Some((conn.id.pid, pool)),
         _ => None,
     }
 }
@@ -84,13 +85,15 @@ impl OpenSet {
     /// `f` must not change the id or the local address.
     pub fn update<R>(&mut self, key: &Key, f: impl FnOnce(&mut Connection) -> R) -> Option<R> {
         let conn = self.conns.get_mut(key)?;
-        let before = used_key(conn).map(|(pid, pool)| (pid, pool.to_string()));
+        // A shared name: taking it costs a count, not a copy (this runs on
+        // every checkout and release).
+        let before = used_key(conn).map(|(pid, pool)| (pid, Arc::clone(pool)));
         let local = conn.local;
         let result = f(conn);
         debug_assert_eq!(local, conn.local, "update must not move a connection");
         let after = used_key(conn);
-        if before.as_ref().map(|(p, n)| (*p, n.as_str())) != after {
-            let after = after.map(|(pid, pool)| (pid, pool.to_string()));
+        if before.as_ref().map(|(p, n)| (*p, n)) != after {
+            let after = after.map(|(pid, pool)| (pid, Arc::clone(pool)));
             if let Some((pid, pool)) = before {
                 decrement(&mut self.used, pid, &pool);
             }
@@ -110,7 +113,7 @@ impl OpenSet {
                 .used
                 .entry(pid)
                 .or_default()
-                .entry(pool.to_string())
+                .entry(Arc::clone(pool))
                 .or_default() += 1;
         }
     }
@@ -175,7 +178,7 @@ fn after_start(id: ConnId, start: Bound<ConnId>) -> bool {
     }
 }
 
-fn decrement(map: &mut HashMap<u32, HashMap<String, u64>>, pid: u32, pool: &str) {
+fn decrement(map: &mut HashMap<u32, HashMap<Arc<str>, u64>>, pid: u32, pool: &str) {
     let Some(pools) = map.get_mut(&pid) else {
         return;
     };

@@ -231,8 +231,9 @@ pub struct Connection {
     pub tx_state: Option<TxState>,
     /// Times the protocol parser lost its framing.
     pub protocol_lost: u64,
-    /// The adapter pool this connection belongs to.
-    pub pool: Option<String>,
+    /// The adapter pool this connection belongs to (shared: every
+    /// checkout and release counts it in the pool's index).
+    pub pool: Option<std::sync::Arc<str>>,
     /// When the pool handed it out, while it is out.
     pub checked_out_at_ns: Option<u64>,
     /// The thread that acquired it, when the adapter said.

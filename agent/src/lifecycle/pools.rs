@@ -174,7 +174,7 @@ impl Tracker {
                 continue;
             }
             let (name, from_adapter) = match &conn.pool {
-                Some(name) => (name.clone(), true),
+                Some(name) => (name.to_string(), true),
                 // Only database connections form implicit pools.
                 None if conn.db_system.is_some() => (
                     implicit_pool_name(&conn.remote, conn.namespace.as_deref()),
@@ -533,7 +533,7 @@ impl Tracker {
             let since = clamp_checkout_start(conn, process_started, entry.since_ns, ts_ns);
             self.open.update(&key, |conn| {
                 if conn.pool.as_deref() != Some(pool_name) {
-                    conn.pool = Some(pool_name.to_string());
+                    conn.pool = Some(pool_name.into());
                 }
                 conn.checked_out_at_ns = Some(since);
                 conn.holder_tid = entry.tid;
@@ -807,7 +807,7 @@ fn apply_to_connection(
     out: &mut Vec<Output>,
 ) {
     if conn.pool.as_deref() != Some(pool) {
-        conn.pool = Some(pool.to_string());
+        conn.pool = Some(pool.into());
     }
     match event {
         AdapterEvent::AcquireEnd { tid, .. } => {

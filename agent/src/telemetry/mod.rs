@@ -448,6 +448,14 @@ impl Telemetry {
         }
     }
 
+    /// Counts `n` accepted adapter messages at once.
+    pub fn record_adapter_messages_accepted(&self, n: u64) {
+        if n > 0 {
+            self.adapter_messages
+                .add(n, &[KeyValue::new(attr::RESULT, "accepted")]);
+        }
+    }
+
     pub fn record_adapter_message(&self, result: &'static str, reason: &'static str) {
         if reason.is_empty() {
             self.adapter_messages
@@ -1037,7 +1045,7 @@ mod tests {
         ]);
         telemetry.record(&outputs);
         telemetry.record_decode_error();
-        telemetry.record_adapter_message("accepted", "");
+        telemetry.record_adapter_messages_accepted(1);
         telemetry.record_unpublished(crate::reports::Unpublished::ProcessBudget);
         telemetry.record_leak_changes(&changes);
         telemetry

@@ -122,20 +122,52 @@ impl Instruments {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Series {
+    Wait,
+    Use,
+    Create,
+}
+
 struct Generation {
     instruments: Instruments,
-    /// The pools this generation has series for.
-    recorded: HashMap<u32, HashSet<String>>,
+    /// The pools this generation has series for, with their attributes
+    /// (built once per pool: recording runs for every checkout).
+    recorded: HashMap<u32, HashMap<String, Vec<KeyValue>>>,
     recorded_count: usize,
     last_rebuild: Option<Instant>,
 }
 
 impl Generation {
-    fn note(&mut self, pid: u32, pool: &str) {
+    /// Records into one of the pool's histograms, noting the pool.
+    fn record(
+        &mut self,
+        series: Series,
+        pid: u32,
+        pool: &str,
+        seconds: f64,
+        error: Option<&'static str>,
+    ) {
         let pools = self.recorded.entry(pid).or_default();
-        if !pools.contains(pool) {
-            pools.insert(pool.to_string());
+        if !pools.contains_key(pool) {
+            pools.insert(pool.to_string(), attributes(pid, pool));
             self.recorded_count += 1;
+        }
+        let Some(attrs) = pools.get(pool) else {
+            return;
+        };
+        let histogram = match series {
+            Series::Wait => &self.instruments.wait_time,
+            Series::Use => &self.instruments.use_time,
+            Series::Create => &self.instruments.create_time,
+        };
+        match error {
+            None => histogram.record(seconds, attrs),
+            Some(error) => {
+                let mut attrs = attrs.clone();
+                attrs.push(KeyValue::new(attr::ERROR_TYPE, error));
+                histogram.record(seconds, &attrs);
+            }
         }
     }
 
@@ -144,7 +176,7 @@ impl Generation {
         // Walks `live` so that no key is built per recorded pool.
         let still_live = live
             .iter()
-            .filter(|(pid, pool)| self.recorded.get(pid).is_some_and(|p| p.contains(pool)))
+            .filter(|(pid, pool)| self.recorded.get(pid).is_some_and(|p| p.contains_key(pool)))
             .count();
         self.recorded_count.saturating_sub(still_live)
     }
@@ -197,27 +229,15 @@ impl PoolSeries {
     }
 
     pub fn record_wait(&self, pid: u32, pool: &str, seconds: f64, error: Option<&'static str>) {
-        let mut attrs = attributes(pid, pool);
-        if let Some(error) = error {
-            attrs.push(KeyValue::new(attr::ERROR_TYPE, error));
-        }
-        let mut current = self.lock();
-        current.note(pid, pool);
-        current.instruments.wait_time.record(seconds, &attrs);
+        self.lock().record(Series::Wait, pid, pool, seconds, error);
     }
 
     pub fn record_use(&self, pid: u32, pool: &str, seconds: f64) {
-        let attrs = attributes(pid, pool);
-        let mut current = self.lock();
-        current.note(pid, pool);
-        current.instruments.use_time.record(seconds, &attrs);
+        self.lock().record(Series::Use, pid, pool, seconds, None);
     }
 
     pub fn record_create(&self, pid: u32, pool: &str, seconds: f64) {
-        let attrs = attributes(pid, pool);
-        let mut current = self.lock();
-        current.note(pid, pool);
-        current.instruments.create_time.record(seconds, &attrs);
+        self.lock().record(Series::Create, pid, pool, seconds, None);
     }
 
     /// The current generation's Prometheus registry (gathered outside the

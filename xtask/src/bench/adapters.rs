@@ -351,7 +351,7 @@ fn command(
             cmd
         }
     };
-    let warmup = (settings.pairs / 4).max(1000);
+    let warmup = warmup_pairs(settings.pairs, settings.rate);
     cmd.env(
         "MODE",
         match config.mode {
@@ -365,9 +365,24 @@ fn command(
     .env("RATE", settings.rate.to_string())
     .env("WARMUP", warmup.to_string())
     .env("SECONDS", settings.seconds.to_string())
-    .env("WARMUP_SECONDS", "1")
+    .env("WARMUP_SECONDS", WARMUP_SECONDS.to_string())
     .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", bench.stream_socket());
     Ok(cmd)
+}
+
+/// How long a process warms up before it is measured. The JITs keep
+/// compiling for seconds: the JVM's writer thread runs a hundred times a
+/// second, so its code crosses C2's thresholds 3-5 s in (seen with
+/// -XX:+PrintCompilation), and CPU spent compiling inside the measured run
+/// counted as the adapter's cost per pair.
+const WARMUP_SECONDS: u64 = 3;
+
+/// Warm-up pairs: a quarter of the measured ones, and at the paced rate at
+/// least [`WARMUP_SECONDS`] of them.
+fn warmup_pairs(pairs: u64, rate: u64) -> u64 {
+    (pairs / 4)
+        .max(rate.saturating_mul(WARMUP_SECONDS))
+        .max(1000)
 }
 
 /// Nanoseconds, no decimals above 100.
@@ -664,6 +679,13 @@ mod tests {
         let notes = agent_cost(&samples, &[Pool::NodePg, Pool::Hikari]);
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("per adapter message 2.0 ["), "{notes:?}");
+    }
+
+    #[test]
+    fn warm_up_lasts_seconds_at_the_paced_rate() {
+        assert_eq!(warmup_pairs(100_000, 20_000), 60_000);
+        assert_eq!(warmup_pairs(1_000_000, 20_000), 250_000);
+        assert_eq!(warmup_pairs(2_000, 0), 1_000);
     }
 
     #[test]
