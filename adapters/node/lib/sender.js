@@ -23,9 +23,11 @@ const MAX_MESSAGE_BYTES = 4096
 /** How long a line may wait for the lines after it (ms): a busy
  * application writes the messages of many acquires in one system call, and
  * the agent reads them in one wake-up, instead of one of each per query.
- * The batch leaves at the end of the first turn of the event loop that
- * finds it this old (no wake-up of its own while the application is busy),
- * or after twice as long from a timer (an application gone quiet). */
+ * The batch leaves from a timer this long after its first line: one timer
+ * per batch, nothing per message or per turn of the event loop (an
+ * end-of-turn check, a setImmediate per turn, cost a request/response
+ * service several microseconds per query: each turn then also polled
+ * for I/O once more). */
 const BATCH_MS = 10
 /** A batch this large (bytes) is written at once. */
 const BATCH_MAX_BYTES = 16 * 1024
@@ -176,15 +178,11 @@ class Sender {
     /** When the batch's first line (or callback) came (performance.now()
      * ms), or null: nothing waits. */
     this.batchSinceMs = null
-    /** The timer (or immediate, when batchMs is 0) that writes the batch
-     * of an application gone quiet. */
+    /** The timer (or immediate, when batchMs is 0) that writes the batch. */
     this.flushTimer = null
-    /** An end-of-turn check of the batch's age is scheduled. */
-    this.turnCheck = false
     /** Called just before the batch is written (see `atNextWrite`). */
     this.beforeWrite = []
     this.flushNow = () => this._batchTime()
-    this.checkNow = () => this._checkTurn()
     this.everFailed = false
     this.comebackListeners = new Set()
   }
@@ -302,26 +300,12 @@ class Sender {
     this._pending()
   }
 
-  /** Something joined the batch: it leaves at the end of a turn once old
-   * enough, or from the timer. */
+  /** Something joined the batch: it leaves when its timer fires. */
   _pending() {
-    if (this.closed) return
-    if (this.batchSinceMs === null) {
-      this.batchSinceMs = performance.now()
-      this.flushTimer = this.batchMs > 0 ? setTimeout(this.flushNow, 2 * this.batchMs) : setImmediate(this.flushNow)
-      this.flushTimer.unref()
-    }
-    if (!this.turnCheck && this.batchMs > 0) {
-      // Runs once this turn's callbacks are done; never re-armed from
-      // itself, so an idle loop does not spin.
-      this.turnCheck = true
-      setImmediate(this.checkNow)
-    }
-  }
-
-  _checkTurn() {
-    this.turnCheck = false
-    if (this.batchSinceMs !== null && performance.now() - this.batchSinceMs >= this.batchMs) this._batchTime()
+    if (this.closed || this.batchSinceMs !== null) return
+    this.batchSinceMs = performance.now()
+    this.flushTimer = this.batchMs > 0 ? setTimeout(this.flushNow, this.batchMs) : setImmediate(this.flushNow)
+    this.flushTimer.unref()
   }
 
   _cancelBatchTimer() {
