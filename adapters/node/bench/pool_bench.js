@@ -6,7 +6,9 @@
 // LIB=pg (pg.Pool) or LIB=mysql2 (mysql2/promise createPool).
 // MODE=pairs: N acquire/release pairs, no query (the event loop turns every
 // 64 pairs, see `pairs`). MODE=query: acquire,
-// SELECT 1, release, for SECONDS. ADAPTER=on calls instrument(pool) right
+// SELECT 1, release, for SECONDS. MODE=query_ab: the query loop over two
+// pools, one plain and one instrumented, in alternating slices (see
+// `queryAb`). ADAPTER=on calls instrument(pool) right
 // after creating the pool, ADAPTER=off does not: the loop is the same code
 // either way. Both measure after a warm-up (WARMUP pairs, or WARMUP_SECONDS
 // of queries). CPU time is the whole process's (process.cpuUsage(): user +
@@ -109,7 +111,54 @@ async function queries(pool, acquire, release, untilNs) {
   return done
 }
 
+/** Slices of the A/B query run (ms). */
+const SLICE_MS = 250
+
+/**
+ * MODE=query_ab: the query loop over two pools in one process, one plain
+ * and one instrumented, in alternating 250 ms slices (plain, instrumented,
+ * instrumented, plain, ...) for SECONDS after WARMUP_SECONDS on each. Two
+ * processes differ by more than the 2 % the comparison must resolve (where
+ * the JIT put things, which core the server's backends run on); slices of
+ * one process share all that, and the order cancels a drift. Prints
+ * {"ab":[plain side, instrumented side]}.
+ */
+async function queryAb() {
+  const sides = [makePool(), makePool()]
+  adapter.instrument(sides[1].pool, { name: `bench-node-${LIB}` })
+  for (const { pool, acquire, release } of sides) {
+    pool.on('error', () => {})
+    release(await acquire(pool))
+  }
+  if (AGENT) {
+    const deadline = Date.now() + 30000
+    while (!adapter.stats(sides[1].pool).connected && Date.now() < deadline) await sleep(10)
+    if (!adapter.stats(sides[1].pool).connected) process.stderr.write('the adapter did not connect to the agent\n')
+  }
+  const secondsFromNow = (s) => process.hrtime.bigint() + BigInt(Math.round(s * 1e9))
+  for (const { pool, acquire, release } of sides) await queries(pool, acquire, release, secondsFromNow(WARMUP_SECONDS))
+  const totals = sides.map(() => ({ ops: 0, cpu_ns: 0, wall_ns: 0 }))
+  const s0 = adapter.stats(sides[1].pool)
+  const slices = Math.max(4, 4 * Math.round((SECONDS * 1000) / SLICE_MS / 4))
+  for (let k = 0; k < slices; k++) {
+    const side = k % 4 === 1 || k % 4 === 2 ? 1 : 0
+    const { pool, acquire, release } = sides[side]
+    const cpu0 = process.cpuUsage()
+    const t0 = process.hrtime.bigint()
+    totals[side].ops += await queries(pool, acquire, release, t0 + BigInt(SLICE_MS * 1e6))
+    totals[side].wall_ns += Number(process.hrtime.bigint() - t0)
+    const cpu = process.cpuUsage(cpu0)
+    totals[side].cpu_ns += (cpu.user + cpu.system) * 1000
+  }
+  const s1 = adapter.stats(sides[1].pool)
+  Object.assign(totals[1], { sent: s1.sent - s0.sent, dropped: s1.dropped - s0.dropped, connected: s1.connected, sent_total: s1.sent })
+  process.stdout.write(JSON.stringify({ ab: totals }) + '\n')
+  for (const { pool } of sides) await pool.end()
+  process.exit(0)
+}
+
 async function main() {
+  if (MODE === 'query_ab') return queryAb()
   const { pool, acquire, release } = makePool()
   if (ADAPTER) adapter.instrument(pool, { name: `bench-node-${LIB}` })
   pool.on('error', () => {})

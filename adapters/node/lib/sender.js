@@ -23,11 +23,12 @@ const MAX_MESSAGE_BYTES = 4096
 /** How long a line may wait for the lines after it (ms): a busy
  * application writes the messages of many acquires in one system call, and
  * the agent reads them in one wake-up, instead of one of each per query.
- * The batch leaves from a timer this long after its first line: one timer
- * per batch, nothing per message or per turn of the event loop (an
- * end-of-turn check, a setImmediate per turn, cost a request/response
- * service several microseconds per query: each turn then also polled
- * for I/O once more). */
+ * The batch leaves at the next tick of an interval timer of this period,
+ * which runs while lines come and stops at the first tick that finds none:
+ * nothing per message or per turn of the event loop, and no timer made and
+ * cleared per batch (Node keeps a timer list per duration, and a list made
+ * and dropped a hundred times a second made every other timer of the
+ * application, such as a pool's idle timers, slower to set). */
 const BATCH_MS = 10
 /** A batch this large (bytes) is written at once. */
 const BATCH_MAX_BYTES = 16 * 1024
@@ -178,11 +179,12 @@ class Sender {
     /** When the batch's first line (or callback) came (performance.now()
      * ms), or null: nothing waits. */
     this.batchSinceMs = null
-    /** The timer (or immediate, when batchMs is 0) that writes the batch. */
+    /** The interval (or immediate, when batchMs is 0) that writes the batch. */
     this.flushTimer = null
     /** Called just before the batch is written (see `atNextWrite`). */
     this.beforeWrite = []
     this.flushNow = () => this._batchTime()
+    this.tickNow = () => this._tick()
     this.everFailed = false
     this.comebackListeners = new Set()
   }
@@ -300,20 +302,37 @@ class Sender {
     this._pending()
   }
 
-  /** Something joined the batch: it leaves when its timer fires. */
+  /** Something joined the batch: it leaves at the interval's next tick. */
   _pending() {
     if (this.closed || this.batchSinceMs !== null) return
     this.batchSinceMs = performance.now()
-    this.flushTimer = this.batchMs > 0 ? setTimeout(this.flushNow, this.batchMs) : setImmediate(this.flushNow)
+    if (this.batchMs === 0) {
+      this.flushTimer = setImmediate(this.flushNow)
+    } else if (this.flushTimer === null) {
+      this.flushTimer = setInterval(this.tickNow, this.batchMs)
+    } else {
+      return
+    }
     this.flushTimer.unref()
   }
 
-  _cancelBatchTimer() {
+  /** The interval's tick: the batch leaves, or, with none, the interval stops. */
+  _tick() {
+    if (this.batchSinceMs === null) this._stopTimer()
+    else this._batchTime()
+  }
+
+  _stopTimer() {
     if (this.flushTimer !== null) {
-      clearTimeout(this.flushTimer)
+      clearInterval(this.flushTimer)
       clearImmediate(this.flushTimer)
       this.flushTimer = null
     }
+  }
+
+  /** Nothing waits for a batch any more (an interval runs on until its next tick). */
+  _cancelBatchTimer() {
+    if (this.batchMs === 0) this._stopTimer()
     this.batchSinceMs = null
   }
 
@@ -527,6 +546,7 @@ class Sender {
   close() {
     // What waits for the batch's time goes before the end.
     this._batchTime()
+    this._stopTimer()
     this.closed = true
     this._clearStableTimer()
     if (this.reconnectTimer !== null) {

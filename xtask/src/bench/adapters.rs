@@ -82,6 +82,10 @@ pub enum Mode {
     Pairs,
     /// Acquire, SELECT 1, release.
     Query,
+    /// The query loop over a plain and an instrumented pool in one
+    /// process, in alternating slices: one run gives both `Query` samples
+    /// of a round.
+    QueryAb,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -100,6 +104,7 @@ impl Config {
             match self.mode {
                 Mode::Pairs => "pairs",
                 Mode::Query => "query",
+                Mode::QueryAb => "query A/B",
             },
             if self.adapter { "on" } else { "off" },
             if self.agent { "present" } else { "absent" },
@@ -120,8 +125,7 @@ pub fn configs(pool: Pool) -> Vec<Config> {
         c(Mode::Pairs, true, false),
         c(Mode::Pairs, false, true),
         c(Mode::Pairs, true, true),
-        c(Mode::Query, false, true),
-        c(Mode::Query, true, true),
+        c(Mode::QueryAb, true, true),
     ]
 }
 
@@ -155,8 +159,10 @@ pub struct Sample {
 }
 
 /// The program's last stdout line: `{"ops":..,"cpu_ns":..,"wall_ns":..}`,
-/// with `sent` and `dropped` when the adapter is on.
-pub fn parse_output(config: Config, round: u32, out: &str) -> Result<Sample> {
+/// with `sent` and `dropped` when the adapter is on; for an A/B run
+/// `{"ab":[plain side, instrumented side]}`, which gives the round's two
+/// `Query` samples.
+pub fn parse_output(config: Config, round: u32, out: &str) -> Result<Vec<Sample>> {
     let line = out
         .lines()
         .rev()
@@ -164,6 +170,28 @@ pub fn parse_output(config: Config, round: u32, out: &str) -> Result<Sample> {
         .with_context(|| format!("no JSON line in the program's output:\n{out}"))?;
     let doc: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+    if config.mode != Mode::QueryAb {
+        return Ok(vec![sample_of(config, round, &doc, line)?]);
+    }
+    let sides = doc["ab"]
+        .as_array()
+        .filter(|sides| sides.len() == 2)
+        .with_context(|| format!("no two A/B sides in {line}"))?;
+    sides
+        .iter()
+        .zip([false, true])
+        .map(|(side, adapter)| {
+            let config = Config {
+                mode: Mode::Query,
+                adapter,
+                ..config
+            };
+            sample_of(config, round, side, line)
+        })
+        .collect()
+}
+
+fn sample_of(config: Config, round: u32, doc: &serde_json::Value, line: &str) -> Result<Sample> {
     let num = |k: &str| doc[k].as_f64();
     let field = |k: &str| num(k).with_context(|| format!("no {k} in {line}"));
     let sample = Sample {
@@ -210,16 +238,17 @@ pub struct Programs {
 /// Rough minutes for the group: program start-up, warm-ups, agent starts.
 pub fn estimate_minutes(settings: &Settings) -> f64 {
     // Per pool and round: 4 pair runs (paced, or about 6 us a pair
-    // unpaced; start-up and a warm-up of a quarter as many included), 2
-    // query runs, 3 agent starts of about 2 s.
+    // unpaced; start-up and the warm-up included), one A/B query run (both
+    // sides warmed up, then measured), 2 agent starts of about 2 s.
     let per_pair_s = if settings.rate > 0 {
         1.0 / settings.rate as f64
     } else {
         6e-6
     };
-    let pair_run = 2.0 + settings.pairs as f64 * 1.25 * per_pair_s;
-    let query_run = f64::from(settings.seconds) + 3.0;
-    let per_pool = 4.0 * pair_run + 2.0 * query_run + 3.0 * 2.0;
+    let pairs = settings.pairs + warmup_pairs(settings.pairs, settings.rate);
+    let pair_run = 2.0 + pairs as f64 * per_pair_s;
+    let ab_run = 2.0 * f64::from(settings.seconds) + 2.0 * WARMUP_SECONDS as f64 + 3.0;
+    let per_pool = 4.0 * pair_run + ab_run + 2.0 * 2.0;
     f64::from(settings.rounds) * settings.pools.len() as f64 * per_pool / 60.0
 }
 
@@ -237,14 +266,16 @@ pub fn run(
             let mut this_round = Vec::new();
             for config in round_order(&configs(pool), round) {
                 match run_one(bench, programs, settings, config, round) {
-                    Ok(s) => {
-                        eprintln!(
-                            "[{round}/{}] {}: {}",
-                            settings.rounds,
-                            config.label(),
-                            progress(&s)
-                        );
-                        this_round.push(s);
+                    Ok(run) => {
+                        for s in run {
+                            eprintln!(
+                                "[{round}/{}] {}: {}",
+                                settings.rounds,
+                                s.config.label(),
+                                progress(&s)
+                            );
+                            this_round.push(s);
+                        }
                     }
                     Err(e) => {
                         eprintln!(
@@ -269,7 +300,7 @@ pub fn run(
 fn progress(s: &Sample) -> String {
     let mut line = match s.config.mode {
         Mode::Pairs => format!("{} ns CPU/pair", ns(s.cpu_ns / s.ops)),
-        Mode::Query => format!(
+        Mode::Query | Mode::QueryAb => format!(
             "{:.0} queries/s, {} us CPU/query",
             s.ops / (s.wall_ns / 1e9),
             us(s.cpu_ns / s.ops / 1e3)
@@ -290,7 +321,7 @@ fn run_one(
     settings: &Settings,
     config: Config,
     round: u32,
-) -> Result<Sample> {
+) -> Result<Vec<Sample>> {
     let mut cmd = command(bench, programs, settings, config)?;
     let agent = if config.agent {
         Some(bench.start_agent()?)
@@ -304,11 +335,13 @@ fn run_one(
     if let Some(mut agent) = agent {
         agent.check_running()?;
     }
-    let mut sample = parse_output(config, round, &out?)?;
-    if config.agent && config.adapter {
-        sample.agent_cpu_ns = Some(agent_cpu as f64);
+    let mut samples = parse_output(config, round, &out?)?;
+    for sample in &mut samples {
+        if sample.config.agent && sample.config.adapter {
+            sample.agent_cpu_ns = Some(agent_cpu as f64);
+        }
     }
-    Ok(sample)
+    Ok(samples)
 }
 
 fn command(
@@ -357,6 +390,7 @@ fn command(
         match config.mode {
             Mode::Pairs => "pairs",
             Mode::Query => "query",
+            Mode::QueryAb => "query_ab",
         },
     )
     .env("ADAPTER", if config.adapter { "on" } else { "off" })
@@ -364,7 +398,15 @@ fn command(
     .env("N", settings.pairs.to_string())
     .env("RATE", settings.rate.to_string())
     .env("WARMUP", warmup.to_string())
-    .env("SECONDS", settings.seconds.to_string())
+    // An A/B run measures both sides for `seconds` each.
+    .env(
+        "SECONDS",
+        match config.mode {
+            Mode::QueryAb => 2 * settings.seconds,
+            Mode::Pairs | Mode::Query => settings.seconds,
+        }
+        .to_string(),
+    )
     .env("WARMUP_SECONDS", WARMUP_SECONDS.to_string())
     .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", bench.stream_socket());
     Ok(cmd)
@@ -455,7 +497,7 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
         ] {
             let value: &dyn Fn(&Sample) -> f64 = match mode {
                 Mode::Pairs => &per_pair,
-                Mode::Query => &rate,
+                Mode::Query | Mode::QueryAb => &rate,
             };
             let (pairs, (sent, dropped)) = paired(samples, pool, mode, agent, value);
             if pairs.is_empty() {
@@ -473,7 +515,7 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
                     );
                     (added, verdict)
                 }
-                Mode::Query => {
+                Mode::Query | Mode::QueryAb => {
                     let ratio = Spread::of(pairs.iter().map(|p| p.1 / p.0).collect());
                     let ok = ratio.median >= MIN_THROUGHPUT_RATIO;
                     let verdict = format!(
@@ -487,7 +529,7 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
                 pool,
                 measure: match mode {
                     Mode::Pairs => "CPU ns per acquire+release",
-                    Mode::Query => "queries/s, borrow+SELECT 1+return",
+                    Mode::Query | Mode::QueryAb => "queries/s, borrow+SELECT 1+return",
                 },
                 agent: if agent { "present" } else { "absent" },
                 off,
@@ -591,7 +633,7 @@ pub fn render(samples: &[Sample], failures: &[String], settings: &Settings) -> (
              is the whole application process's (all threads: the adapter's writer, GC, JIT), per \
              pair; on - off is per round, median [min..max] over the rounds.",
             settings.pairs,
-            (settings.pairs / 4).max(1000),
+            warmup_pairs(settings.pairs, settings.rate),
             if settings.rate > 0 {
                 format!("paced at {} pairs/s at most", settings.rate)
             } else {
@@ -599,13 +641,16 @@ pub fn render(samples: &[Sample], failures: &[String], settings: &Settings) -> (
             }
         ),
         format!(
-            "query: borrow, SELECT 1, return for {} s per run after 1 s of warm-up, agent \
-             running; on / off per round.",
-            settings.seconds
+            "query: borrow, SELECT 1, return, agent running: one process per round with two \
+             pools, one plain and one instrumented, in alternating 250 ms slices (plain, \
+             instrumented, instrumented, plain, ...), {} s measured on each after {} s of \
+             warm-up on each; on / off per round. Separate processes differed by more than the \
+             2 % to resolve (JIT, which core the server's backends run on).",
+            settings.seconds, WARMUP_SECONDS
         ),
-        "adapter off: the same program without the instrument() call; every run is a fresh \
-         process (and a fresh agent when present); a pool's configurations run in one order, \
-         then reversed in the next round."
+        "adapter off: the same program without the instrument() call; every pairs run is a \
+         fresh process (and a fresh agent when present); a pool's configurations run in one \
+         order, then reversed in the next round."
             .to_string(),
         "adapter msgs: messages the adapter sent to the agent and dropped (its bounded queue \
          was full, or no agent) during the measured loops, summed over the adapter-on runs. \
@@ -691,7 +736,7 @@ mod tests {
     #[test]
     fn rounds_flip_order() {
         let c = configs(Pool::NodePg);
-        assert_eq!(c.len(), 6);
+        assert_eq!(c.len(), 5);
         assert_eq!(round_order(&c, 1), c);
         let mut reversed = c.clone();
         reversed.reverse();
@@ -704,31 +749,61 @@ mod tests {
     #[test]
     fn parses_program_output() {
         let c = configs(Pool::Hikari)[1];
-        let s = parse_output(
+        let s = &parse_output(
             c,
             2,
             "[main] INFO noise\n{\"ops\":1000,\"cpu_ns\":500000,\"wall_ns\":600000,\"sent\":3000,\"dropped\":5,\"connected\":false}\n",
         )
-        .expect("parses");
+        .expect("parses")[0];
         assert_eq!((s.ops, s.cpu_ns, s.wall_ns), (1000.0, 500_000.0, 600_000.0));
         assert_eq!((s.sent, s.dropped), (Some(3000.0), Some(5.0)));
         assert_eq!(s.connected, Some(false));
         assert_eq!(s.round, 2);
-        let off = parse_output(
+        let off = &parse_output(
             configs(Pool::Hikari)[0],
             1,
             "{\"ops\":1,\"cpu_ns\":1,\"wall_ns\":1}",
         )
-        .expect("parses");
+        .expect("parses")[0];
         assert_eq!(off.sent, None);
         assert!(parse_output(c, 1, "no json").is_err());
         assert!(parse_output(c, 1, "{\"ops\":0,\"cpu_ns\":1,\"wall_ns\":1}").is_err());
     }
 
     #[test]
+    fn an_ab_run_gives_both_query_samples_of_its_round() {
+        let ab = configs(Pool::NodePg)[4];
+        assert_eq!(ab.mode, Mode::QueryAb);
+        let got = parse_output(
+            ab,
+            3,
+            "{\"ab\":[{\"ops\":100,\"cpu_ns\":7,\"wall_ns\":9},{\"ops\":98,\"cpu_ns\":8,\"wall_ns\":9,\"sent\":98,\"dropped\":0,\"connected\":true}]}",
+        )
+        .expect("parses");
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].config.mode, got[0].config.adapter),
+            (Mode::Query, false)
+        );
+        assert_eq!(
+            (got[1].config.mode, got[1].config.adapter),
+            (Mode::Query, true)
+        );
+        assert_eq!((got[0].ops, got[1].ops, got[1].round), (100.0, 98.0, 3));
+        assert_eq!((got[0].sent, got[1].sent), (None, Some(98.0)));
+        assert!(parse_output(ab, 1, "{\"ab\":[{\"ops\":1,\"cpu_ns\":1,\"wall_ns\":1}]}").is_err());
+        assert!(parse_output(ab, 1, "{\"ops\":1,\"cpu_ns\":1,\"wall_ns\":1}").is_err());
+    }
+
+    #[test]
     fn compares_within_rounds() {
         let c = configs(Pool::NodePg);
-        let (off_absent, on_absent, q_off, q_on) = (c[0], c[1], c[4], c[5]);
+        let query = |adapter| Config {
+            mode: Mode::Query,
+            adapter,
+            ..c[4]
+        };
+        let (off_absent, on_absent, q_off, q_on) = (c[0], c[1], query(false), query(true));
         // Round 1: 200 and 1,200 ns per pair; round 2: 300 and 1,000; round
         // 3 has only the off side and is left out. Queries: 10,000/s off,
         // 9,900/s on.
@@ -774,9 +849,14 @@ mod tests {
     #[test]
     fn misses_are_loud() {
         let c = configs(Pool::Hikari);
+        let query = |adapter| Config {
+            mode: Mode::Query,
+            adapter,
+            ..c[4]
+        };
         let samples = vec![
-            sample(c[4], 1, 10_000.0, 1.0, 1.0e9),
-            sample(c[5], 1, 9_000.0, 1.0, 1.0e9),
+            sample(query(false), 1, 10_000.0, 1.0, 1.0e9),
+            sample(query(true), 1, 9_000.0, 1.0, 1.0e9),
             sample(c[2], 1, 1000.0, 100_000.0, 1.0),
             sample(c[3], 1, 1000.0, 2_500_000.0, 1.0),
         ];

@@ -49,7 +49,87 @@ public final class PoolBench {
         return v == null || v.isEmpty() ? fallback : v;
     }
 
+    /** A fixed pool of {@link #POOL_SIZE}, instrumented or not. */
+    private static HikariDataSource pool(boolean adapter, String name) throws InterruptedException {
+        HikariConfig config = new HikariConfig();
+        config.setJdbcUrl(env("JDBC_URL", null));
+        config.setUsername(env("DB_USER", "postgres"));
+        config.setPassword("");
+        config.setMaximumPoolSize(POOL_SIZE);
+        config.setMinimumIdle(POOL_SIZE);
+        config.setRegisterMbeans(false);
+        config.setPoolName(name);
+        HikariDataSource ds = adapter ? Poolscope.instrument(config, name) : new HikariDataSource(config);
+        long deadline = System.nanoTime() + 30_000_000_000L;
+        while (ds.getHikariPoolMXBean().getTotalConnections() < POOL_SIZE
+                && System.nanoTime() < deadline) {
+            Thread.sleep(10);
+        }
+        return ds;
+    }
+
+    /** Slices of the A/B query run, each {@value #SLICE_NANOS} ns. */
+    private static final long SLICE_NANOS = 250_000_000L;
+
+    /**
+     * {@code MODE=query_ab}: the query loop over two pools in one process,
+     * one plain and one instrumented, in alternating 250 ms slices (plain,
+     * instrumented, instrumented, plain, ...) for {@code SECONDS} after
+     * {@code WARMUP_SECONDS} on each. Two processes differ by more than
+     * the 2 % the comparison must resolve (where the JIT put things, which
+     * core the server's backends run on); slices of one process share all
+     * that, and the order cancels a drift. Prints
+     * {@code {"ab":[{plain side},{instrumented side}]}}.
+     */
+    private static void queryAb(boolean agent, double seconds, double warmupSeconds) throws Exception {
+        HikariDataSource[] sides = {pool(false, "bench-java-plain"), pool(true, "bench-java")};
+        long deadline = System.nanoTime() + 30_000_000_000L;
+        while (agent && !Reporter.fromEnv().stats().connected() && System.nanoTime() < deadline) {
+            Thread.sleep(10);
+        }
+        for (HikariDataSource ds : sides) {
+            queries(ds, Long.MAX_VALUE, System.nanoTime() + (long) (warmupSeconds * 1e9));
+        }
+        long[] ops = new long[2];
+        long[] cpu = new long[2];
+        long[] wall = new long[2];
+        Reporter.Stats s0 = Reporter.fromEnv().stats();
+        long slices = Math.max(4, 4 * Math.round(seconds * 1e9 / SLICE_NANOS / 4));
+        for (long k = 0; k < slices; k++) {
+            int side = (k % 4 == 1 || k % 4 == 2) ? 1 : 0;
+            long c0 = processCpuNs();
+            long t0 = System.nanoTime();
+            ops[side] += queries(sides[side], Long.MAX_VALUE, t0 + SLICE_NANOS);
+            wall[side] += System.nanoTime() - t0;
+            cpu[side] += processCpuNs() - c0;
+        }
+        Reporter.Stats s1 = Reporter.fromEnv().stats();
+        for (HikariDataSource ds : sides) {
+            ds.close();
+        }
+        StringBuilder out = new StringBuilder("{\"ab\":[");
+        for (int side = 0; side < 2; side++) {
+            out.append(side == 0 ? "" : ",").append("{\"ops\":").append(ops[side])
+                    .append(",\"cpu_ns\":").append(cpu[side])
+                    .append(",\"wall_ns\":").append(wall[side]);
+            if (side == 1) {
+                out.append(",\"sent\":").append(s1.sent() - s0.sent())
+                        .append(",\"dropped\":").append(s1.dropped() - s0.dropped())
+                        .append(",\"connected\":").append(s1.connected())
+                        .append(",\"sent_total\":").append(s1.sent());
+            }
+            out.append('}');
+        }
+        System.out.println(out.append("]}"));
+        System.out.flush();
+    }
+
     public static void main(String[] args) throws Exception {
+        if ("query_ab".equals(env("MODE", "pairs"))) {
+            queryAb("present".equals(env("AGENT", "absent")), Double.parseDouble(env("SECONDS", "5")),
+                    Double.parseDouble(env("WARMUP_SECONDS", "1")));
+            return;
+        }
         boolean query = "query".equals(env("MODE", "pairs"));
         boolean adapter = "on".equals(env("ADAPTER", "off"));
         boolean agent = "present".equals(env("AGENT", "absent"));
@@ -59,21 +139,8 @@ public final class PoolBench {
         long rate = Long.parseLong(env("RATE", "0"));
         double warmupSeconds = Double.parseDouble(env("WARMUP_SECONDS", "1"));
 
-        HikariConfig config = new HikariConfig();
-        config.setJdbcUrl(env("JDBC_URL", null));
-        config.setUsername(env("DB_USER", "postgres"));
-        config.setPassword("");
-        config.setMaximumPoolSize(POOL_SIZE);
-        config.setMinimumIdle(POOL_SIZE);
-        config.setRegisterMbeans(false);
-        HikariDataSource ds = adapter
-                ? Poolscope.instrument(config, "bench-java")
-                : new HikariDataSource(config);
+        HikariDataSource ds = pool(adapter, "bench-java");
         long deadline = System.nanoTime() + 30_000_000_000L;
-        while (ds.getHikariPoolMXBean().getTotalConnections() < POOL_SIZE
-                && System.nanoTime() < deadline) {
-            Thread.sleep(10);
-        }
         if (adapter && agent) {
             while (!Reporter.fromEnv().stats().connected() && System.nanoTime() < deadline) {
                 Thread.sleep(10);

@@ -75,8 +75,13 @@ public final class Reporter {
     private final Path path;
     private final long batchNanos;
     private final Object lock = new Object();
-    /** Lines ({@code byte[]}) and {@link Deferred} messages, in order. */
-    private final ArrayDeque<Object> queue = new ArrayDeque<>();
+    /** Lines ({@code byte[]}) and {@link Deferred} messages, in order.
+     * The writer takes the whole queue at once (swapping in an empty one)
+     * and makes and writes its lines outside the lock, so that the
+     * application's threads never wait while it does; at most
+     * {@value #MAX_QUEUED} wait here, and as many again in the writer's
+     * hands. */
+    private ArrayDeque<Object> queue = new ArrayDeque<>();
     private final List<WeakReference<PoolReporter>> pools = new ArrayList<>();
     private boolean writerStarted;
     private boolean writerWaiting;
@@ -266,13 +271,12 @@ public final class Reporter {
     private void writeLoop() {
         // Direct: a heap buffer is copied into a temporary direct one on every write.
         buffer = ByteBuffer.allocateDirect(WRITE_BYTES);
-        List<byte[]> batch = new ArrayList<>();
+        ArrayDeque<Object> taken = new ArrayDeque<>();
         while (true) {
             try {
                 if (channel == null && !connect()) {
                     continue;
                 }
-                batch.clear();
                 boolean woken = false;
                 int queued;
                 synchronized (lock) {
@@ -296,31 +300,15 @@ public final class Reporter {
                     Thread.sleep(linger / 1_000_000L, (int) (linger % 1_000_000L));
                 }
                 synchronized (lock) {
-                    int bytes = 0;
-                    while (!queue.isEmpty()) {
-                        Object next = queue.peekFirst();
-                        if (next instanceof Deferred deferred) {
-                            queue.pollFirst();
-                            byte[] made = deferred.lineIfStillWanted();
-                            if (made == null || made.length > MAX_MESSAGE_BYTES) {
-                                continue;
-                            }
-                            queue.addFirst(made);
-                            next = made;
-                        }
-                        byte[] line = (byte[]) next;
-                        if (bytes + line.length + 1 > WRITE_BYTES) {
-                            break;
-                        }
-                        queue.pollFirst();
-                        bytes += line.length + 1;
-                        batch.add(line);
-                    }
+                    ArrayDeque<Object> full = queue;
+                    queue = taken;
+                    taken = full;
                 }
-                if (!batch.isEmpty()) {
-                    if (!write(batch)) {
+                if (!taken.isEmpty()) {
+                    boolean written = writeTaken(taken);
+                    taken.clear();
+                    if (!written) {
                         // The agent went away (or dropped the stream).
-                        dropped.addAndGet(batch.size());
                         lost();
                         continue;
                     }
@@ -423,12 +411,41 @@ public final class Reporter {
         return true;
     }
 
-    /** Writes the lines (at most {@value #WRITE_BYTES} bytes); false if the stream failed. */
-    private boolean write(List<byte[]> lines) {
+    /**
+     * Writes what the writer took from the queue, in order, at most
+     * {@value #WRITE_BYTES} bytes per system call: each {@link Deferred}
+     * made into its line now, or skipped. False if the stream failed; what
+     * was not written is then counted as dropped.
+     */
+    private boolean writeTaken(ArrayDeque<Object> taken) {
         buffer.clear();
-        for (byte[] line : lines) {
+        int lines = 0;
+        int left = taken.size();
+        for (Object next : taken) {
+            left--;
+            byte[] line = next instanceof Deferred deferred ? deferred.lineIfStillWanted() : (byte[]) next;
+            if (line == null || line.length > MAX_MESSAGE_BYTES) {
+                continue;
+            }
+            if (buffer.remaining() < line.length + 1) {
+                if (!flushBuffer(lines)) {
+                    dropped.addAndGet(lines + 1 + left);
+                    return false;
+                }
+                lines = 0;
+            }
             buffer.put(line).put((byte) '\n');
+            lines++;
         }
+        if (lines > 0 && !flushBuffer(lines)) {
+            dropped.addAndGet(lines);
+            return false;
+        }
+        return true;
+    }
+
+    /** Writes the buffer's {@code lines} lines and clears it; false if the stream failed. */
+    private boolean flushBuffer(int lines) {
         buffer.flip();
         try {
             while (buffer.hasRemaining()) {
@@ -437,8 +454,18 @@ public final class Reporter {
         } catch (IOException e) {
             return false;
         }
-        sent.addAndGet(lines.size());
+        buffer.clear();
+        sent.addAndGet(lines);
         return true;
+    }
+
+    /** Writes the lines (at most {@value #WRITE_BYTES} bytes); false if the stream failed. */
+    private boolean write(List<byte[]> lines) {
+        buffer.clear();
+        for (byte[] line : lines) {
+            buffer.put(line).put((byte) '\n');
+        }
+        return flushBuffer(lines.size());
     }
 
     /** Whether the agent still holds the stream: it never writes, so a
