@@ -551,9 +551,11 @@ fn agent_cost(samples: &[Sample], pools: &[Pool]) -> Vec<String> {
     pools
         .iter()
         .filter_map(|&pool| {
+            // Pair runs only: in a query run the agent also follows every
+            // query's kernel events, which are no adapter message's cost.
             let per_message: Vec<f64> = samples
                 .iter()
-                .filter(|s| s.config.pool == pool)
+                .filter(|s| s.config.pool == pool && s.config.mode == Mode::Pairs)
                 .filter_map(|s| match (s.agent_cpu_ns, s.sent_total) {
                     (Some(cpu), Some(sent)) if sent > 0.0 => Some(cpu / sent),
                     _ => None,
@@ -565,7 +567,7 @@ fn agent_cost(samples: &[Sample], pools: &[Pool]) -> Vec<String> {
             let n = per_message.len();
             let s = Spread::of(per_message);
             Some(format!(
-                "{}: the agent's CPU per adapter message {} [{}..{}] ({n} runs with agent and adapter)",
+                "{}: the agent's CPU per adapter message {} [{}..{}] ({n} pair runs with agent and adapter, over the whole run)",
                 pool.name(),
                 ns(s.median),
                 ns(s.min),
