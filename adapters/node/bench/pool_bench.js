@@ -124,9 +124,12 @@ const SLICE_MS = 250
  * {"ab":[plain side, instrumented side]}.
  */
 async function queryAb() {
-  const sides = [makePool(), makePool()]
+  // Which pool is made (and connects) first alternates between runs
+  // (AB_INSTRUMENTED_FIRST): it is not to favour either side.
+  const made = [makePool(), makePool()]
+  const sides = env('AB_INSTRUMENTED_FIRST', '0') === '1' ? [made[1], made[0]] : made
   adapter.instrument(sides[1].pool, { name: `bench-node-${LIB}` })
-  for (const { pool, acquire, release } of sides) {
+  for (const { pool, acquire, release } of made) {
     pool.on('error', () => {})
     release(await acquire(pool))
   }
@@ -136,7 +139,7 @@ async function queryAb() {
     if (!adapter.stats(sides[1].pool).connected) process.stderr.write('the adapter did not connect to the agent\n')
   }
   const secondsFromNow = (s) => process.hrtime.bigint() + BigInt(Math.round(s * 1e9))
-  for (const { pool, acquire, release } of sides) await queries(pool, acquire, release, secondsFromNow(WARMUP_SECONDS))
+  for (const { pool, acquire, release } of made) await queries(pool, acquire, release, secondsFromNow(WARMUP_SECONDS))
   const totals = sides.map(() => ({ ops: 0, cpu_ns: 0, wall_ns: 0 }))
   const s0 = adapter.stats(sides[1].pool)
   const slices = Math.max(4, 4 * Math.round((SECONDS * 1000) / SLICE_MS / 4))

@@ -322,7 +322,7 @@ fn run_one(
     config: Config,
     round: u32,
 ) -> Result<Vec<Sample>> {
-    let mut cmd = command(bench, programs, settings, config)?;
+    let mut cmd = command(bench, programs, settings, config, round)?;
     let agent = if config.agent {
         Some(bench.start_agent()?)
     } else {
@@ -349,6 +349,7 @@ fn command(
     programs: &Programs,
     settings: &Settings,
     config: Config,
+    round: u32,
 ) -> Result<Command> {
     let pg_port = || bench.pg.as_ref().map(|p| p.port).context("no PostgreSQL");
     let mut cmd = match config.pool {
@@ -408,6 +409,11 @@ fn command(
         .to_string(),
     )
     .env("WARMUP_SECONDS", WARMUP_SECONDS.to_string())
+    // A/B runs make the instrumented pool first in even rounds.
+    .env(
+        "AB_INSTRUMENTED_FIRST",
+        if round.is_multiple_of(2) { "1" } else { "0" },
+    )
     .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", bench.stream_socket());
     Ok(cmd)
 }

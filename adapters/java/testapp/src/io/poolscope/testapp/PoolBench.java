@@ -82,7 +82,16 @@ public final class PoolBench {
      * {@code {"ab":[{plain side},{instrumented side}]}}.
      */
     private static void queryAb(boolean agent, double seconds, double warmupSeconds) throws Exception {
-        HikariDataSource[] sides = {pool(false, "bench-java-plain"), pool(true, "bench-java")};
+        // Which pool is made (and connects) first alternates between runs
+        // (AB_INSTRUMENTED_FIRST): it is not to favour either side.
+        HikariDataSource[] sides = new HikariDataSource[2];
+        if ("1".equals(env("AB_INSTRUMENTED_FIRST", "0"))) {
+            sides[1] = pool(true, "bench-java");
+            sides[0] = pool(false, "bench-java-plain");
+        } else {
+            sides[0] = pool(false, "bench-java-plain");
+            sides[1] = pool(true, "bench-java");
+        }
         long deadline = System.nanoTime() + 30_000_000_000L;
         while (agent && !Reporter.fromEnv().stats().connected() && System.nanoTime() < deadline) {
             Thread.sleep(10);
