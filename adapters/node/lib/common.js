@@ -216,15 +216,10 @@ class Reporter {
   /**
    * The `checkout` message, the one every short checkout sends: written as
    * bytes straight into the sender's batch (no text is built, and the
-   * numbers go in digit by digit); as text to a sender that takes only
-   * text.
+   * numbers go in digit by digit).
    */
   sendCheckout(request, ref, tid, wait, use, monoNs) {
     const sender = this.sender
-    if (typeof sender.openLine !== 'function') {
-      const members = `,"request":${request}${this.refText(ref)}${tidText(tid)}${waitText(wait)},"use_ns":${use}`
-      return this.sendMembers('checkout', members, monoNs)
-    }
     let head = this.checkoutHead
     if (head === null) {
       head = Buffer.from(this.head('checkout').text, 'utf8')

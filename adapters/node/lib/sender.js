@@ -331,7 +331,7 @@ class Sender {
   }
 
   /** Nothing waits for a batch any more (an interval runs on until its next tick). */
-  _cancelBatchTimer() {
+  _batchDone() {
     if (this.batchMs === 0) this._stopTimer()
     this.batchSinceMs = null
   }
@@ -347,7 +347,7 @@ class Sender {
         // never into the application
       }
     }
-    this._cancelBatchTimer()
+    this._batchDone()
     this._writeBatch()
   }
 
@@ -360,7 +360,7 @@ class Sender {
     this.batchSocket = null
     // Written early (BATCH_MAX_BYTES) with no callback waiting: no timer
     // is needed until the next line.
-    if (this.beforeWrite.length === 0) this._cancelBatchTimer()
+    if (this.beforeWrite.length === 0) this._batchDone()
     if (batchLines === 0) return
     if (batchSocket !== this.socket || !this.connected) {
       this.sent -= batchLines

@@ -18,6 +18,16 @@ const { Receiver, collect, eventually } = require('./helpers')
 const SENDER = require.resolve('../lib/sender')
 const fast = { reconnectDelaysMs: [10, 20, 40], stableMs: 100 }
 const release = (fd) => ({ v: 1, kind: 'release', pool: 'p', fd })
+/** A pool reporter over `sender`, with a fixed registration. */
+function testReporter(sender, name) {
+  const { Reporter } = require('../lib/common')
+  class TestReporter extends Reporter {
+    registration() {
+      return { db_system: 'postgresql', max: 4 }
+    }
+  }
+  return new TestReporter({}, { sender, name }, 'p')
+}
 const nowhere = () => path.join(os.tmpdir(), `poolscope-absent-${process.pid}-${Math.random()}`, 'adapter-stream.sock')
 
 /** Runs `code` in a child node with `args`; resolves with { code, ms, stdout }. */
@@ -290,13 +300,7 @@ test('after a comeback the state comes first, then what waited, in order', async
   t.after(() => rx.close())
   const sender = new Sender(rx.path, fast)
   t.after(() => sender.close())
-  const { Reporter } = require('../lib/common')
-  class TestReporter extends Reporter {
-    registration() {
-      return { db_system: 'postgresql', max: 4 }
-    }
-  }
-  const reporter = new TestReporter({}, { sender, name: 'p' }, 'p')
+  const reporter = testReporter(sender, 'p')
   reporter.start(0)
   t.after(() => reporter.stop())
   reporter.checkedOut({ local_address: '10.0.0.7:51234', fd: 12 }, 1000n, 81233)
@@ -314,17 +318,11 @@ test('after a comeback the state comes first, then what waited, in order', async
 })
 
 test('checkout_state lines fit in 4096 bytes: 64 IPv6 checkouts, a 128-character non-ASCII pool name', () => {
-  const { Reporter } = require('../lib/common')
   const lines = []
   const fake = { send: () => true, sendBytes: (b) => (lines.push(b), true), stats: () => ({}) }
   const name = '😀'.repeat(64) + 'é中'.repeat(32)
   assert.equal(Array.from(name).length, 128)
-  class TestReporter extends Reporter {
-    registration() {
-      return {}
-    }
-  }
-  const reporter = new TestReporter({}, { sender: fake, name }, 'p')
+  const reporter = testReporter(fake, name)
   assert.equal(reporter.name, name, 'not cut')
   const want = []
   for (let i = 0; i < 64; i++) {
@@ -363,14 +361,8 @@ test('a checkout written as bytes reads as the message it stands for, waiting fo
   t.after(() => rx.close())
   const sender = new Sender(rx.path, fast)
   t.after(() => sender.close())
-  const { Reporter } = require('../lib/common')
-  class TestReporter extends Reporter {
-    registration() {
-      return { db_system: 'postgresql', max: 4 }
-    }
-  }
   const name = 'zahlungen-€-😀'
-  const reporter = new TestReporter({}, { sender, name }, 'p')
+  const reporter = testReporter(sender, name)
   const ref = { local_address: '[fd00::1]:5432', fd: 31 }
   // Not connected yet: the line waits in the backlog.
   assert.equal(sender.stats().connected, false)
