@@ -270,11 +270,34 @@ fn idle_streams_huge_lines_and_floods_of_one_user_cost_no_one_else() {
         fds()
     );
 
-    // A 1 MiB line from the same user: its stream is dropped.
+    // A 1 MiB line from the same user: its stream is dropped. First every
+    // idle stream of that user must be gone from the agent (its fds back
+    // to where they were, give or take the API connection), or the huge
+    // stream may meet the user's stream limit instead.
+    let settled = wait_until(Duration::from_secs(10), || {
+        (fds() <= fds_before + 2).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "the idle streams' fds were not all closed: {} ({fds_before} before)",
+        fds()
+    );
     let too_large_before = rejected(&agent, "too_large");
+    let limit_before = rejected(&agent, "stream_limit");
     let mut huge = Script::unprivileged(ATTACKER, &[path_arg.clone(), "huge".into()]);
     let _ = huge.line();
-    wait_for_rejected(&agent, "too_large", too_large_before + 1.0);
+    if wait_until(Duration::from_secs(30), || {
+        (rejected(&agent, "too_large") >= too_large_before + 1.0).then_some(())
+    })
+    .is_none()
+    {
+        panic!(
+            "too_large: no rejection counted for the 1 MiB line (stream_limit rejections {} before, {} now)\n--- agent log ---\n{}",
+            limit_before,
+            rejected(&agent, "stream_limit"),
+            agent.log()
+        );
+    }
 
     // A flood from a sender that never reads, while the legitimate process
     // reports its pool on a stream of its own and /healthz is asked.
