@@ -116,11 +116,21 @@ const CHECKOUT_WAIT = Buffer.from(',"wait_ns":')
 const CHECKOUT_USE = Buffer.from(',"use_ns":')
 const CHECKOUT_MONO = Buffer.from(',"mono_ns":')
 const CLOSE_BRACE = 0x7d
+/** The parts of a `checkouts` line (see `sendFolded`). */
+const FOLDED_WAITS = Buffer.from(',"waits_ns":[')
+const FOLDED_USES = Buffer.from('],"uses_ns":[')
+const FOLDED_END = Buffer.from(']')
+const COMMA = 0x2c
+/** Checkouts folded into one `checkouts` line, at most (the protocol's
+ * bound; 64 pairs of u64 digits fit in a message with any pool name). */
+const MAX_FOLDED = 64
 /** Room for the digits of any number the hot path writes (u64). */
 const DIGITS = 20
 /** A checkout line's bytes besides its head and connection. */
 const CHECKOUT_FIXED =
   CHECKOUT_REQUEST.length + CHECKOUT_TID.length + CHECKOUT_WAIT.length + CHECKOUT_USE.length + CHECKOUT_MONO.length + 5 * DIGITS + 1
+/** A `checkouts` line's bytes besides its head, connection and numbers. */
+const FOLDED_FIXED = CHECKOUT_TID.length + FOLDED_WAITS.length + FOLDED_USES.length + FOLDED_END.length + CHECKOUT_MONO.length + 2 * DIGITS + 1
 
 /** The checkouts' key of the connection `ref` names: its fd, else its address. */
 function connKey(ref) {
@@ -145,9 +155,10 @@ class Reporter {
     this.nextRequest = 1
     this.timer = null
     /** Connections seen checked out: connection key -> { ref, monoNs
-     * (BigInt; null once returned), tid, held ({ request, wait } while the
-     * checkout's acquire_end waits for the batch, else null) }, and how
-     * many are out now. */
+     * (BigInt; null once returned), tid, held (the acquire, its `wait`
+     * set, while the checkout's acquire_end waits for the batch, else
+     * null), waits/uses/foldTid/foldNs (short checkouts folded since the
+     * last batch, see `fold`) }, and how many are out now. */
     this.out = new Map()
     this.outCount = 0
     this.unsubscribe = null
@@ -155,10 +166,12 @@ class Reporter {
     this.heads = new Map()
     /** The `checkout` message's opening, as bytes. */
     this.checkoutHead = null
-    /** Acquires begun since the sender's last batch (see `acquireStart`). */
-    this.starting = []
-    /** Checkouts whose acquire_end waits for the batch (see `handedOut`). */
-    this.held = []
+    /** Acquires whose acquire_start waits for the batch, newest first: a
+     * list linked through the acquires (`prev`, `next`), so that an acquire
+     * that ends at once, the usual one, leaves it without a search. */
+    this.waitingHead = null
+    /** The `checkouts` message's opening, as bytes. */
+    this.foldedHead = null
     /** Whether the batch will call `sendPending`. */
     this.pendingScheduled = false
     this.sendPendingNow = () => this.sendPending()
@@ -249,6 +262,65 @@ class Reporter {
     return sender.commitLine(at + 1)
   }
 
+  /**
+   * The short checkouts of `entry`'s connection folded since the last
+   * batch, as one `checkouts` line (bytes straight into the batch, as
+   * `sendCheckout`), and forgotten.
+   */
+  sendFolded(entry) {
+    const waits = entry.waits
+    const n = waits.length
+    if (n === 0) return true
+    const uses = entry.uses
+    const sender = this.sender
+    let head = this.foldedHead
+    if (head === null) {
+      head = Buffer.from(this.head('checkouts').text, 'utf8')
+      this.foldedHead = head
+    }
+    const refBytes = this.refBytes(entry.ref)
+    let at = sender.openLine(head.length + refBytes.length + FOLDED_FIXED + 2 * n * (DIGITS + 1))
+    if (at >= 0) {
+      const buf = sender.lineBuffer
+      at = putBytes(buf, at, head)
+      at = putBytes(buf, at, refBytes)
+      const tid = entry.foldTid
+      if (Number.isInteger(tid) && tid > 0) {
+        at = putBytes(buf, at, CHECKOUT_TID)
+        at = putUint(buf, at, tid)
+      }
+      at = putBytes(buf, at, FOLDED_WAITS)
+      for (let i = 0; i < n; i++) {
+        if (i > 0) buf[at++] = COMMA
+        at = putUint(buf, at, waits[i])
+      }
+      at = putBytes(buf, at, FOLDED_USES)
+      for (let i = 0; i < n; i++) {
+        if (i > 0) buf[at++] = COMMA
+        at = putUint(buf, at, uses[i])
+      }
+      at = putBytes(buf, at, FOLDED_END)
+      at = putBytes(buf, at, CHECKOUT_MONO)
+      at = putUint(buf, at, entry.foldNs)
+      buf[at] = CLOSE_BRACE
+      sender.commitLine(at + 1)
+    }
+    waits.length = 0
+    uses.length = 0
+    return at >= 0
+  }
+
+  /** A short checkout of `entry`'s connection (no acquire_start was sent
+   * for it), folded into the connection's next `checkouts` line. */
+  fold(entry, wait, use, tid, monoNs) {
+    entry.waits.push(wait)
+    entry.uses.push(use)
+    entry.foldTid = tid
+    entry.foldNs = monoNs
+    if (entry.waits.length >= MAX_FOLDED) return this.sendFolded(entry)
+    return true
+  }
+
   /** release, connection_created, connection_closed. */
   sendRef(kind, ref, monoNs = monotonicNs()) {
     return this.sendMembers(kind, this.refText(ref), monoNs)
@@ -264,10 +336,22 @@ class Reporter {
    * sees it pending within a few milliseconds.
    */
   acquireStart(tid) {
-    const acquire = { request: this.nextRequestId(), monoNs: monotonicNs(), tid, state: STARTING }
-    this.starting.push(acquire)
+    const next = this.waitingHead
+    const acquire = { request: this.nextRequestId(), monoNs: monotonicNs(), tid, state: STARTING, wait: null, prev: null, next }
+    if (next !== null) next.prev = acquire
+    this.waitingHead = acquire
     this.schedulePending()
     return acquire
+  }
+
+  /** `acquire` leaves the list of acquires whose acquire_start waits. */
+  unlinkWaiting(acquire) {
+    const { prev, next } = acquire
+    if (prev !== null) prev.next = next
+    else if (this.waitingHead === acquire) this.waitingHead = next
+    if (next !== null) next.prev = prev
+    acquire.prev = null
+    acquire.next = null
   }
 
   /** `acquireStart`, or null if it failed (never into the application). */
@@ -296,24 +380,31 @@ class Reporter {
   }
 
   /**
-   * When the batch leaves: the starts of acquires still waiting and the
-   * ends of checkouts still out, in the order they happened, so that the
+   * When the batch leaves: the folded short checkouts, then the starts of
+   * acquires still waiting and the ends of checkouts still out, in the
+   * order they happened, so that the
    * agent sees the pool as a waiter saw it (the connections handed out
    * before it began already in use).
    */
   sendPending() {
     this.pendingScheduled = false
-    const starts = this.starting.filter((a) => a.state === STARTING)
-    const ends = this.held.filter((e) => e.held !== null)
-    this.starting = []
-    this.held = []
-    const events = [...starts.map((a) => [a.monoNs, a, null]), ...ends.map((e) => [e.monoNs, null, e])]
+    // One pass over the pool's connections (no list grows per checkout):
+    // the folded checkouts leave first, each having ended before its
+    // connection's held acquire_end began.
+    const events = []
+    for (const entry of this.out.values()) {
+      this.sendFolded(entry)
+      if (entry.held !== null) events.push([entry.monoNs, null, entry])
+    }
+    for (let a = this.waitingHead; a !== null; a = a.next) events.push([a.monoNs, a, null])
+    if (events.length === 0) return
     events.sort((x, y) => (x[0] < y[0] ? -1 : x[0] > y[0] ? 1 : 0))
     for (const [, acquire, entry] of events) {
       if (entry !== null) {
         this.sendHeld(entry)
         continue
       }
+      this.unlinkWaiting(acquire)
       acquire.state = STARTED
       this.sendMembers('acquire_start', `,"request":${acquire.request}${tidText(acquire.tid)}`, acquire.monoNs)
     }
@@ -337,8 +428,8 @@ class Reporter {
     const wait = this.endAcquire(acquire, monoNs)
     const entry = this.checkedOut(ref, monoNs, tid)
     if (entry.held !== null) this.sendHeld(entry)
-    entry.held = { request: acquire.request, wait }
-    this.held.push(entry)
+    acquire.wait = wait
+    entry.held = acquire
     this.schedulePending()
   }
 
@@ -346,6 +437,7 @@ class Reporter {
    * acquire_start was sent. */
   endAcquire(acquire, monoNs) {
     const folded = acquire.state === STARTING
+    if (folded) this.unlinkWaiting(acquire)
     acquire.state = ENDED
     if (!folded) return null
     const wait = monoNs - acquire.monoNs
@@ -357,8 +449,10 @@ class Reporter {
     return `,"request":${request},"result":"${result}"${conn}${tidText(tid)}${waitText(wait)}`
   }
 
-  /** The held acquire_end of `entry`, sent now. */
+  /** The folded checkouts and held acquire_end of `entry`, sent now. */
   sendHeld(entry) {
+    // Its folded checkouts came before it.
+    this.sendFolded(entry)
     const held = entry.held
     if (held === null) return
     entry.held = null
@@ -367,9 +461,10 @@ class Reporter {
 
   /**
    * The caller gave `ref`'s connection back. A checkout whose acquire_end
-   * is still held leaves as one `checkout` message (its wait, and its use
-   * from being handed out to now); otherwise a `release`, if the
-   * connection was out (or `always`).
+   * is still held is folded into the connection's `checkouts` line (its
+   * wait, and its use from being handed out to now), or, if its
+   * acquire_start was sent, leaves as one `checkout` message; otherwise a
+   * `release`, if the connection was out (or `always`).
    */
   releasedConnection(ref, always) {
     const now = monotonicNs()
@@ -377,9 +472,12 @@ class Reporter {
     if (entry !== undefined && entry.held !== null) {
       const { held, tid } = entry
       entry.held = null
-      const use = now - entry.monoNs
+      let use = now - entry.monoNs
+      if (use < 0n) use = 0n
       this.returned(ref)
-      return this.sendCheckout(held.request, entry.ref, tid, held.wait, use > 0n ? use : 0n, now)
+      // No acquire_start was sent for it: nobody waits on its request.
+      if (held.wait !== null) return this.fold(entry, held.wait, use, tid, now)
+      return this.sendCheckout(held.request, entry.ref, tid, held.wait, use, now)
     }
     if (this.returned(ref) || always) return this.sendRef('release', ref, now)
     return false
@@ -439,7 +537,7 @@ class Reporter {
     const key = connKey(ref)
     let entry = this.out.get(key)
     if (entry === undefined) {
-      entry = { ref, monoNs: null, tid: undefined, held: null }
+      entry = { ref, monoNs: null, tid: undefined, held: null, waits: [], uses: [], foldTid: undefined, foldNs: 0n }
       this.out.set(key, entry)
     }
     if (entry.monoNs === null) this.outCount += 1
@@ -473,7 +571,7 @@ class Reporter {
     return found
   }
 
-  /** The connection closed: its held acquire_end sent (before the close),
+  /** The connection closed: its folded checkouts and held acquire_end sent (before the close),
    * returned, and its entry dropped. */
   forget(ref) {
     const entry = this.out.get(connKey(ref))

@@ -84,6 +84,7 @@ module.exports = {
     connectionOf: pg.connectionOf,
     serverFromOptions: pg.serverFromOptions,
     isTimeout: pg.isTimeout,
+    emitsRelease: pg.emitsRelease,
     formatAddress,
     mysqlConnectionOf: mysql.connectionOf,
     mysqlResultOfError: mysql.resultOfError,

@@ -68,6 +68,19 @@ function isTimeout(err) {
   return Boolean(err && typeof err.message === 'string' && /timeout/i.test(err.message))
 }
 
+/** Whether the pool emits `release` (pg-pool 3.4 and later, from pg 8.7):
+ * read from the code of its `_release`, since an older pool that lacks the
+ * event would only be found out by a release never reported. */
+function emitsRelease(pool) {
+  const f = pool && pool._release
+  if (typeof f !== 'function') return false
+  try {
+    return /\.emit\(\s*['"]release['"]/.test(Function.prototype.toString.call(f))
+  } catch (err) {
+    return false
+  }
+}
+
 function isPgPool(pool) {
   return Boolean(pool) && typeof pool.connect === 'function' && typeof pool.on === 'function'
 }
@@ -81,6 +94,9 @@ class PgReporter extends Reporter {
      * (the pool emits `remove` only after the socket is closed). */
     this.connections = new WeakMap()
     this.learnedFromClient = false
+    /** Releases come from the pool's `release` event; otherwise from each
+     * checkout's client.release, wrapped (see `wrapRelease`). */
+    this.releaseEvent = emitsRelease(pool)
   }
 
   registration() {
@@ -151,11 +167,19 @@ class PgReporter extends Reporter {
     const ref = this.connectionRef(client)
     if (ref !== null) this.handedOut(acquire, ref, undefined, now)
     else this.acquireEnd(acquire, 'ok', null, undefined, now)
-    this.wrapRelease(client)
+    if (!this.releaseEvent) this.wrapRelease(client)
   }
 
-  /** pg-pool gives each checkout its own client.release; report the first
-   * call of it (a second one throws in pg-pool, as it would without us). */
+  /** The checkout of `client` ended (reported once per checkout: pg-pool
+   * throws on a second release before it would report it again). */
+  onRelease(client) {
+    const ref = this.connectionRef(client)
+    if (ref !== null) this.releasedConnection(ref, true)
+  }
+
+  /** A pool without the `release` event gives each checkout its own
+   * client.release: report the first call of it (a second one throws in
+   * pg-pool, as it would without us). */
   wrapRelease(client) {
     const original = client && client.release
     if (typeof original !== 'function' || original[RELEASE_WRAPPED]) return
@@ -165,8 +189,7 @@ class PgReporter extends Reporter {
       if (!reported) {
         reported = true
         try {
-          const ref = reporter.connectionRef(client)
-          if (ref !== null) reporter.releasedConnection(ref, true)
+          reporter.onRelease(client)
         } catch (e) {
           // never into the application
         }
@@ -182,6 +205,7 @@ class PgReporter extends Reporter {
     const reporter = this
     pool.on('connect', safely((client) => reporter.onConnect(client)))
     pool.on('remove', safely((client) => reporter.onRemove(client)))
+    if (this.releaseEvent) pool.on('release', safely((err, client) => reporter.onRelease(client)))
 
     const originalConnect = pool.connect
     pool.connect = function connect(callback) {
@@ -211,4 +235,4 @@ class PgReporter extends Reporter {
   }
 }
 
-module.exports = { PgReporter, isPgPool, connectionOf, serverFromOptions, isTimeout, formatAddress }
+module.exports = { PgReporter, isPgPool, connectionOf, serverFromOptions, isTimeout, formatAddress, emitsRelease }

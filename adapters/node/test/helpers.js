@@ -209,7 +209,8 @@ async function eventually(f, timeoutMs = 5000) {
  * depends on timing, so tests compare this form: an acquire_start
  * (`folded: true`) put back for each folded acquire_end, a `checkout` (a
  * whole short checkout in one message) shown as its acquire_end and
- * release, and every acquire_start and acquire_end made so moved back
+ * release, a `checkouts` (short checkouts of one connection, folded) as
+ * each one's acquire_start, acquire_end and release, and every acquire_start and acquire_end made so moved back
  * before the messages that came after it (larger mono_ns). Nothing else
  * moves.
  */
@@ -248,6 +249,26 @@ function unfolded(messages) {
       release.mono_ns = m.mono_ns
       release.folded = true
       out.push(release)
+    } else if (m.kind === 'checkouts') {
+      // Short checkouts of one connection, folded: each as a checkout
+      // without its request id (its acquire_start was never sent), all
+      // released by the message's time.
+      const { waits_ns: waits, uses_ns: uses, ...rest } = m
+      waits.forEach((waitNs, i) => {
+        const { tid, ...conn } = rest
+        const end = { ...conn, kind: 'acquire_end', result: 'ok', mono_ns: m.mono_ns - uses[i] }
+        if (tid !== undefined) end.tid = tid
+        const start = { v: m.v, kind: 'acquire_start', pool: m.pool, mono_ns: end.mono_ns - waitNs, folded: true }
+        if (tid !== undefined) start.tid = tid
+        place(start)
+        place(end)
+        const release = { v: m.v, kind: 'release', pool: m.pool }
+        if (m.local_address !== undefined) release.local_address = m.local_address
+        if (m.fd !== undefined) release.fd = m.fd
+        release.mono_ns = m.mono_ns
+        release.folded = true
+        out.push(release)
+      })
     } else if (m.kind === 'acquire_start') {
       place(m)
     } else {

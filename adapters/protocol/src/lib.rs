@@ -26,8 +26,10 @@ pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// Pool names and the other text fields have at most this many characters
 /// (they become label values); pool names at least one.
 pub const MAX_TEXT_CHARS: usize = 128;
-/// Entries in one `checkout_state` message; more is refused. 4096 bytes
-/// hold about 40 real ones, so this only stops floods of tiny entries.
+/// Entries in one `checkout_state` message, and checkouts folded into one
+/// `checkouts` message; more is refused. 4096 bytes hold about 40 real
+/// `checkout_state` entries, so this only stops floods of tiny entries; it
+/// also bounds the work one `checkouts` line asks of the agent.
 pub const MAX_CHECKOUTS_PER_MESSAGE: usize = 64;
 
 /// The `v` field: always [`VERSION`], so that a message of this crate
@@ -119,6 +121,24 @@ pub enum Body {
         /// From the acquire's end to the release.
         use_ns: u64,
     },
+    /// Short checkouts of one connection folded into one message, from an
+    /// adapter that batches: each acquire found this connection at once
+    /// (no `acquire_start` was sent for it), waited `waits_ns[i]` and gave
+    /// the connection back `uses_ns[i]` later, all within one batch, the
+    /// last release at the message's `mono_ns`. The agent takes it as that
+    /// many `checkout` messages, without their request ids (no one waits
+    /// on them) and with the last holder's `tid`.
+    Checkouts {
+        #[serde(flatten)]
+        conn: ConnRef,
+        /// The last holder.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<u32>,
+        /// One wait per checkout, in the order they happened.
+        waits_ns: Vec<u64>,
+        /// One use per checkout, in the same order.
+        uses_ns: Vec<u64>,
+    },
     /// The pool closed or discarded the connection.
     ConnectionClosed(ConnRef),
     /// The pool's connections checked out now (or some of them), re-sent so
@@ -136,6 +156,7 @@ impl Body {
             Body::AcquireEnd { .. } => "acquire_end",
             Body::Release(_) => "release",
             Body::Checkout { .. } => "checkout",
+            Body::Checkouts { .. } => "checkouts",
             Body::ConnectionClosed(_) => "connection_closed",
             Body::CheckoutState { .. } => "checkout_state",
         }
@@ -332,6 +353,20 @@ impl Message {
             | Body::Release(conn)
             | Body::ConnectionClosed(conn)
             | Body::Checkout { conn, .. } => conn.validate()?,
+            Body::Checkouts {
+                conn,
+                waits_ns,
+                uses_ns,
+                ..
+            } => {
+                conn.validate()?;
+                if waits_ns.is_empty() || waits_ns.len() > MAX_CHECKOUTS_PER_MESSAGE {
+                    return Err(invalid("checkouts folds 1 to 64 checkouts"));
+                }
+                if uses_ns.len() != waits_ns.len() {
+                    return Err(invalid("checkouts needs one use per wait"));
+                }
+            }
             Body::CheckoutState { checkouts } => {
                 if checkouts.len() > MAX_CHECKOUTS_PER_MESSAGE {
                     return Err(invalid("checkout_state has more than 64 checkouts"));

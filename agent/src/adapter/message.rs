@@ -75,6 +75,15 @@ pub enum AdapterEvent {
         wait_ns: Option<u64>,
         use_ns: u64,
     },
+    /// Short checkouts of one connection, folded: for each, its wait and
+    /// its use; all were released by the message's time, the last one by
+    /// thread `tid`.
+    Checkouts {
+        conn: ConnRef,
+        tid: Option<u32>,
+        waits_ns: Vec<u64>,
+        uses_ns: Vec<u64>,
+    },
     ConnectionCreated {
         conn: ConnRef,
     },
@@ -221,6 +230,17 @@ impl From<wire::Body> for AdapterEvent {
                 wait_ns,
                 use_ns,
             },
+            wire::Body::Checkouts {
+                conn,
+                tid,
+                waits_ns,
+                uses_ns,
+            } => AdapterEvent::Checkouts {
+                conn: conn.into(),
+                tid,
+                waits_ns,
+                uses_ns,
+            },
             wire::Body::ConnectionCreated(conn) => {
                 AdapterEvent::ConnectionCreated { conn: conn.into() }
             }
@@ -271,6 +291,7 @@ mod tests {
             AdapterEvent::AcquireEnd { .. } => "acquire_end",
             AdapterEvent::Release { .. } => "release",
             AdapterEvent::Checkout { .. } => "checkout",
+            AdapterEvent::Checkouts { .. } => "checkouts",
             AdapterEvent::ConnectionCreated { .. } => "connection_created",
             AdapterEvent::ConnectionClosed { .. } => "connection_closed",
             AdapterEvent::CheckoutState { .. } => "checkout_state",

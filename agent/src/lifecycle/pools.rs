@@ -43,6 +43,14 @@ struct AcquireEnd {
     wait_ns: Option<u64>,
 }
 
+/// A `checkouts` message's contents.
+struct Folded {
+    conn: ConnRef,
+    tid: Option<u32>,
+    waits_ns: Vec<u64>,
+    uses_ns: Vec<u64>,
+}
+
 /// A pool an adapter registered.
 #[derive(Debug, Clone, Default)]
 pub struct Pool {
@@ -389,6 +397,20 @@ impl Tracker {
                 self.on_acquire_end(pid, acquired_ns, &pool, end, &mut out);
                 self.on_release(&key, ts_ns, conn, &mut out)
             }
+            AdapterEvent::Checkouts {
+                conn,
+                tid,
+                waits_ns,
+                uses_ns,
+            } => {
+                let folded = Folded {
+                    conn,
+                    tid,
+                    waits_ns,
+                    uses_ns,
+                };
+                self.on_checkouts(pid, ts_ns, &key, folded, &mut out)
+            }
             AdapterEvent::Release { conn } => self.on_release(&key, ts_ns, conn, &mut out),
             event @ (AdapterEvent::ConnectionCreated { .. }
             | AdapterEvent::ConnectionClosed { .. }) => {
@@ -396,6 +418,51 @@ impl Tracker {
             }
         }
         out
+    }
+
+    /// Short checkouts of one connection, folded by the adapter (all ended
+    /// by `ts_ns`): each is counted and timed as a `checkout` would be,
+    /// seeing the pool as it is now, and the connection ends up released.
+    /// Their request ids were never sent: no one waited on them.
+    fn on_checkouts(
+        &mut self,
+        pid: u32,
+        ts_ns: u64,
+        key: &(u32, String),
+        folded: Folded,
+        out: &mut Vec<Output>,
+    ) {
+        let pool_name = key.1.as_str();
+        let used_now = self.used_connections(pid, pool_name);
+        let Some(pool) = self.pools.get_mut(key) else {
+            return;
+        };
+        let n = folded.waits_ns.len() as u64;
+        pool.acquires += n;
+        pool.releases += n;
+        let pending_before = pool.pending.len() as u64;
+        let max = pool.info.as_ref().and_then(|i| i.max);
+        for (wait_ns, use_ns) in folded.waits_ns.iter().zip(&folded.uses_ns) {
+            // A sender's word: no longer than the agent trusts its times for.
+            out.push(Output::AcquireFinished {
+                pid,
+                pool: pool_name.to_string(),
+                wait_ns: (*wait_ns).min(ADAPTER_TIME_TRUSTED_NS),
+                result: AcquireResult::Ok,
+                used_before: used_now,
+                pending_before,
+                max,
+                tid: folded.tid,
+            });
+            out.push(Output::Released {
+                pid,
+                pool: pool_name.to_string(),
+                use_ns: (*use_ns).min(ADAPTER_TIME_TRUSTED_NS),
+            });
+        }
+        // The connection is the pool's and idle: released at the last one.
+        let release = AdapterEvent::Release { conn: folded.conn };
+        self.on_connection_event(pid, ts_ns, pool_name, release, out);
     }
 
     /// The caller gave `conn` back: counted here, once, whether or not the

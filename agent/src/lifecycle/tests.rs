@@ -1163,6 +1163,73 @@ fn a_checkout_message_is_its_acquire_end_and_its_release() {
 }
 
 #[test]
+fn folded_checkouts_are_each_counted_and_timed_and_leave_the_connection_idle() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let conns = open_many(&mut t, 2, 1);
+    let (c, other) = (conns[0], conns[1]);
+    let conn = by_local(nth_local(0));
+    // The other connection is out: the folded acquires saw one in use.
+    t.apply_adapter(
+        other.pid,
+        10_000,
+        adapter(
+            "p",
+            acquire_end(9, AcquireResult::Ok, by_local(nth_local(1))),
+        ),
+    );
+    let out = t.apply_adapter(
+        c.pid,
+        50_000,
+        adapter(
+            "p",
+            AdapterEvent::Checkouts {
+                conn,
+                tid: Some(7),
+                waits_ns: vec![300, 0, u64::MAX],
+                uses_ns: vec![20_000, 5, 1_000],
+            },
+        ),
+    );
+    let finished: Vec<(u64, u64, Option<u32>)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::AcquireFinished {
+                wait_ns,
+                used_before,
+                tid,
+                ..
+            } => Some((*wait_ns, *used_before, *tid)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        finished,
+        vec![
+            (300, 1, Some(7)),
+            (0, 1, Some(7)),
+            (600_000_000_000, 1, Some(7))
+        ],
+        "each wait, the pool as it is, a claim past what is trusted cut"
+    );
+    let used: Vec<u64> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Released { use_ns, .. } => Some(*use_ns),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(used, vec![20_000, 5, 1_000]);
+    let pool = t.pools().find(|p| p.name == "p").expect("pool");
+    assert_eq!((pool.acquires, pool.releases), (4, 3));
+    let tracked = t.connection(c).expect("connection");
+    assert_eq!(tracked.pool.as_deref(), Some("p"));
+    assert_eq!(tracked.checked_out_at_ns, None, "back in the pool");
+    assert_eq!(tracked.released_at_ns, Some(50_000));
+    let other = t.connection(other).expect("the other connection");
+    assert!(other.checked_out_at_ns.is_some(), "still out");
+}
+
+#[test]
 fn an_acquire_end_without_its_start_carries_its_own_wait() {
     let mut t = Tracker::new(TrackerConfig::default());
     let end = |request, wait_ns| AdapterEvent::AcquireEnd {
