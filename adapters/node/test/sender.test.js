@@ -356,6 +356,42 @@ test('putUint writes the digits String() writes, for Numbers up to 2^53 and BigI
   }
 })
 
+test('folded checkouts written as bytes read back exactly, waiting for the agent or batched, with a non-ASCII pool name', async (t) => {
+  const rx = new Receiver()
+  t.after(() => rx.close())
+  const sender = new Sender(rx.path, fast)
+  t.after(() => sender.close())
+  const name = 'zahlungen-€-😀'
+  const reporter = testReporter(sender, name)
+  const entry = { ref: { local_address: '[fd00::1]:5432', fd: 31 }, waits: [], uses: [], foldTid: undefined, foldNs: 0n }
+  const big = 2n ** 64n - 1n
+  // Not connected yet: the line waits in the backlog.
+  assert.equal(sender.stats().connected, false)
+  assert.ok(reporter.fold(entry, 1500n, 250000n, 4321, 2n ** 53n + 11n))
+  assert.ok(reporter.fold(entry, 0n, big, 4322, 2n ** 53n + 12n))
+  assert.ok(reporter.sendFolded(entry))
+  assert.deepEqual([entry.waits.length, entry.uses.length], [0, 0], 'sent, then forgotten')
+  await eventually(() => sender.stats().connected)
+  // Connected: straight into the batch; 64 at most per line.
+  for (let i = 0; i < 65; i++) reporter.fold(entry, BigInt(i), BigInt(2 * i), undefined, 123456789n)
+  assert.equal(entry.waits.length, 1, 'the 64th sent its line at once')
+  assert.ok(reporter.sendFolded(entry))
+  const lines = await rx.drain([sender])
+  assert.equal(lines.length, 3)
+  // Past 2^53 the numbers are written in full (JSON.parse would round them).
+  assert.ok(lines[0].text.endsWith(`"waits_ns":[1500,0],"uses_ns":[250000,${big}],"mono_ns":${2n ** 53n + 12n}}`), lines[0].text)
+  const got = lines.map((l) => l.json)
+  assert.deepEqual(
+    [got[0].kind, got[0].pool, got[0].local_address, got[0].fd, got[0].tid, got[0].request],
+    ['checkouts', name, '[fd00::1]:5432', 31, 4322, undefined]
+  )
+  assert.deepEqual(got[1].waits_ns, [...Array(64).keys()])
+  assert.deepEqual(got[1].uses_ns, [...Array(64).keys()].map((i) => 2 * i))
+  assert.equal(got[1].tid, undefined)
+  assert.deepEqual([got[2].waits_ns, got[2].uses_ns, got[2].mono_ns], [[64], [128], 123456789])
+  assert.equal(sender.stats().dropped, 0)
+})
+
 test('a checkout written as bytes reads as the message it stands for, waiting for the agent or batched, with a non-ASCII pool name', async (t) => {
   const rx = new Receiver()
   t.after(() => rx.close())

@@ -2,6 +2,7 @@ package io.poolscope.adapter;
 
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
+import java.util.Arrays;
 import java.util.Comparator;
 import java.util.List;
 import java.util.Map;
@@ -28,6 +29,9 @@ public final class PoolReporter {
     public static final int MAX_TEXT_CHARS = 128;
     /** How often the state of a pool with connections out is re-sent. */
     public static final long DEFAULT_STATE_INTERVAL_NANOS = 30_000_000_000L;
+    /** Checkouts folded into one {@code checkouts} line, at most (the
+     * protocol's bound). */
+    static final int MAX_FOLDED = 64;
     /** Entries per {@code checkout_state} message (the agent takes 64). */
     static final int STATE_ENTRIES_PER_MESSAGE = 32;
 
@@ -39,6 +43,9 @@ public final class PoolReporter {
     private final Map<String, Checkout> out = new ConcurrentHashMap<>();
     /** Handed-out connections whose acquire_end is not sent yet. */
     private final Map<String, HeldEnd> held = new ConcurrentHashMap<>();
+    /** Per connection, the {@code checkouts} line its short checkouts are
+     * folded into until the writer takes it (see {@link Folded}). */
+    private final Map<String, Folded> folding = new ConcurrentHashMap<>();
     private final AtomicLong skipped = new AtomicLong();
     private volatile long stateIntervalNanos = DEFAULT_STATE_INTERVAL_NANOS;
     private volatile long lastStateNanos = System.nanoTime();
@@ -268,22 +275,115 @@ public final class PoolReporter {
         }
     }
 
-    /** {@code release}: the caller returned the connection to the pool. */
+    /**
+     * {@code release}: the caller returned the connection to the pool. A
+     * short checkout (its acquire_end not sent yet) is folded into the
+     * connection's {@code checkouts} line, or, if its acquire_start was
+     * sent, leaves as one {@code checkout} message.
+     */
     public void release(String localAddress) {
         try {
             HeldEnd end = localAddress == null ? null : held.remove(localAddress);
             if (end != null && end.fold()) {
                 out.remove(localAddress);
                 long at = Threads.monotonicNanos();
+                long use = Math.max(0, at - end.atNanos);
+                if (end.waitNanos >= 0) {
+                    fold(localAddress, end.waitNanos, use, end.tid, at);
+                    return;
+                }
                 Json m = message("checkout", at).put("request", end.request)
                         .put("local_address", localAddress);
-                reporter.send(end.withHolder(m).put("use_ns", Math.max(0, at - end.atNanos)).toString());
+                reporter.send(end.withHolder(m).put("use_ns", use).toString());
                 return;
             }
         } catch (RuntimeException e) {
             // Never into the application.
         }
         connectionMessage("release", localAddress);
+    }
+
+    /** Adds a short checkout to its connection's open {@code checkouts}
+     * line, or to a new one queued now (after everything sent about the
+     * connection so far). */
+    private void fold(String localAddress, long waitNanos, long useNanos, int tid, long atNanos) {
+        Folded line = folding.get(localAddress);
+        if (line != null && line.add(waitNanos, useNanos, tid, atNanos)) {
+            return;
+        }
+        line = new Folded(localAddress);
+        line.add(waitNanos, useNanos, tid, atNanos);
+        folding.put(localAddress, line);
+        if (!reporter.sendDeferred(line)) {
+            folding.remove(localAddress, line);
+        }
+    }
+
+    /**
+     * Short checkouts of one connection, folded into one {@code checkouts}
+     * line (their waits and uses, the last holder and release): a busy
+     * service sends a line per connection and batch instead of a message
+     * per checkout. Checkouts are added until the writer takes the line
+     * (or it holds {@value #MAX_FOLDED}); the line sits in the queue where
+     * its first checkout was folded, so it leaves before any later message
+     * about its connection (a later checkout of the connection that was
+     * sent on its own came after the writer took the line).
+     */
+    private final class Folded implements Reporter.Deferred {
+        private final String localAddress;
+        private long[] waits = new long[8];
+        private long[] uses = new long[8];
+        private int count;
+        private int tid;
+        private long atNanos;
+        private boolean taken;
+
+        Folded(String localAddress) {
+            this.localAddress = localAddress;
+        }
+
+        /** False once the writer took the line, or when it is full. */
+        synchronized boolean add(long waitNanos, long useNanos, int holder, long at) {
+            if (taken || count >= MAX_FOLDED) {
+                return false;
+            }
+            if (count == waits.length) {
+                waits = Arrays.copyOf(waits, count * 2);
+                uses = Arrays.copyOf(uses, count * 2);
+            }
+            waits[count] = waitNanos;
+            uses[count] = useNanos;
+            count++;
+            tid = holder;
+            atNanos = at;
+            return true;
+        }
+
+        @Override
+        public synchronized byte[] lineIfStillWanted() {
+            taken = true;
+            folding.remove(localAddress, this);
+            if (count == 0) {
+                return null;
+            }
+            Json m = message("checkouts", atNanos).put("local_address", localAddress);
+            if (tid > 0) {
+                m.put("tid", tid);
+            }
+            m.putRaw("waits_ns", list(waits, count)).putRaw("uses_ns", list(uses, count));
+            return m.toString().getBytes(StandardCharsets.UTF_8);
+        }
+
+        private static StringBuilder list(long[] values, int count) {
+            StringBuilder b = new StringBuilder(count * 8 + 2).append('[');
+            for (int i = 0; i < count; i++) {
+                if (i > 0) {
+                    b.append(',');
+                }
+                b.append(values[i]);
+            }
+            return b.append(']');
+        }
     }
 
     /** {@code connection_created}: the pool opened a connection, ready to use. */

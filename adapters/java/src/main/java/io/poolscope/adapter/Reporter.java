@@ -172,20 +172,22 @@ public final class Reporter {
         }
     }
 
-    /** Queues a message whose line the writer makes (see {@link Deferred}). */
-    void sendDeferred(Deferred message) {
+    /** Queues a message whose line the writer makes (see {@link Deferred});
+     * false if it was dropped (counted). */
+    boolean sendDeferred(Deferred message) {
         try {
-            enqueue(message);
+            return enqueue(message);
         } catch (RuntimeException | Error e) {
             dropped.incrementAndGet();
+            return false;
         }
     }
 
-    private void enqueue(Object message) {
+    private boolean enqueue(Object message) {
         synchronized (lock) {
             if (queue.size() >= MAX_QUEUED) {
                 dropped.incrementAndGet();
-                return;
+                return false;
             }
             queue.addLast(message);
             if (!writerStarted) {
@@ -193,6 +195,7 @@ public final class Reporter {
             } else if (writerWaiting) {
                 lock.notify();
             }
+            return true;
         }
     }
 

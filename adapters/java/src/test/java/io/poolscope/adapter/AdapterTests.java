@@ -42,6 +42,7 @@ public final class AdapterTests {
         socketsAreFoundInDriverFields();
         messagesArriveAsLinesInOrder();
         aWaitingAcquireIsSentAsPending();
+        shortCheckoutsFoldInLinesOf64BeforeTheClose();
         noAgentDropsAndComebackResendsState();
         stateComesBeforeTheBacklogAfterAComeback();
         aStreamClosedAtAcceptIsRetriedWithBackoff();
@@ -247,23 +248,26 @@ public final class AdapterTests {
             check(pm.endsWith(",\"db_system\":\"postgresql\",\"server_address\":\"127.0.0.1\","
                     + "\"server_port\":5432,\"namespace\":\"shop\",\"max\":8,\"min_idle\":8,\"library\":\"HikariCP\"}"), pm);
             pool.connectionCreated("127.0.0.1:40000");
-            PoolReporter.Acquire req = pool.acquireStart();
-            pool.acquireOk(req, "127.0.0.1:40000");
-            pool.release("127.0.0.1:40000");
-            PoolReporter.Acquire req2 = pool.acquireStart();
-            pool.acquireTimeout(req2);
+            for (int i = 0; i < 2; i++) {
+                PoolReporter.Acquire req = pool.acquireStart();
+                pool.acquireOk(req, "127.0.0.1:40000");
+                pool.release("127.0.0.1:40000");
+            }
+            PoolReporter.Acquire req3 = pool.acquireStart();
+            pool.acquireTimeout(req3);
             pool.acquireOk(pool.acquireStart(), null);
             pool.connectionClosed("127.0.0.1:40000");
             int tid = Threads.currentTid();
             // # is mono_ns, * another number.
             String[] want = {
                 "\"kind\":\"connection_created\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\"}",
-                // Acquired and released within the batch window: one
-                // checkout (no acquire_start, no separate end and release).
-                "\"kind\":\"checkout\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":1,\"local_address\":\"127.0.0.1:40000\",\"tid\":" + tid + ",\"wait_ns\":*,\"use_ns\":*}",
+                // Acquired and released within the batch window, twice: one
+                // checkouts line (no acquire_start, no separate end and
+                // release, no request ids), a wait and a use for each.
+                "\"kind\":\"checkouts\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\",\"tid\":" + tid + ",\"waits_ns\":[*,*],\"uses_ns\":[*,*]}",
                 // Folded: no acquire_start, the wait in the acquire_end.
-                "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":2,\"result\":\"timeout\",\"tid\":" + tid + ",\"wait_ns\":*}",
-                // Request 3's end named no connection: nothing at all.
+                "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":3,\"result\":\"timeout\",\"tid\":" + tid + ",\"wait_ns\":*}",
+                // Request 4's end named no connection: nothing at all.
                 "\"kind\":\"connection_closed\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\"}",
             };
             long lastNs = 0;
@@ -309,6 +313,53 @@ public final class AdapterTests {
             check(release.contains("\"kind\":\"release\"") && release.endsWith("\"local_address\":\"127.0.0.1:40002\"}"),
                     release);
             eq(pool.checkedOut(), 0, "returned");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void shortCheckoutsFoldInLinesOf64BeforeTheClose() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            // A long window: every checkout below is short.
+            Reporter r = new Reporter(agent.path, 500_000_000L);
+            PoolReporter pool = new PoolReporter(r, "orders", null);
+            // An acquire whose start was sent (still waiting when the writer
+            // came), then given back within a window: one checkout message,
+            // with its request id and no wait of its own.
+            PoolReporter.Acquire waited = pool.acquireStart();
+            check(r.flush(2000), "the start written");
+            String start = agent.next();
+            check(start.contains("\"kind\":\"acquire_start\"") && start.contains("\"request\":1"), start);
+            pool.acquireOk(waited, "127.0.0.1:40003");
+            pool.release("127.0.0.1:40003");
+            String checkout = agent.next();
+            check(checkout.contains("\"kind\":\"checkout\"") && checkout.contains("\"request\":1,")
+                    && checkout.contains("\"use_ns\":") && !checkout.contains("wait_ns"), checkout);
+            for (int i = 0; i < 150; i++) {
+                pool.acquireOk(pool.acquireStart(), "127.0.0.1:40003");
+                pool.release("127.0.0.1:40003");
+            }
+            pool.connectionClosed("127.0.0.1:40003");
+            int folded = 0;
+            int lines = 0;
+            for (;;) {
+                String line = agent.next();
+                if (line.contains("\"kind\":\"connection_closed\"")) {
+                    break;
+                }
+                check(line.contains("\"kind\":\"checkouts\"") && line.contains("\"local_address\":\"127.0.0.1:40003\""), line);
+                int waits = line.substring(line.indexOf("\"waits_ns\":[")).split("]")[0].split(",").length;
+                int uses = line.substring(line.indexOf("\"uses_ns\":[")).split("]")[0].split(",").length;
+                eq(uses, waits, "a use per wait");
+                check(waits <= PoolReporter.MAX_FOLDED, "at most 64 in a line: " + waits);
+                folded += waits;
+                lines++;
+            }
+            eq(folded, 150, "every checkout folded, once, before the close");
+            check(lines >= 3, "lines of at most 64: " + lines);
+            eq(r.stats().dropped(), 0L, "nothing dropped");
         } finally {
             Files.deleteIfExists(dir);
         }
