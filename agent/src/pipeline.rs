@@ -182,10 +182,12 @@ impl Pipeline {
     /// The leak and slow-query reports the tracker's outputs make, each
     /// with whether it gets a log line (see [`Self::within_budget`]).
     fn report(&self, state: &mut State, outputs: &[Output]) -> Reported {
-        let changes = if outputs
-            .iter()
-            .any(|o| matches!(o, Output::AcquireFinished { .. }))
-        {
+        let changes = if outputs.iter().any(|o| {
+            matches!(
+                o,
+                Output::AcquireFinished { .. } | Output::CheckoutsFolded { .. }
+            )
+        }) {
             state.leaks.observe_acquires(
                 outputs,
                 self.thresholds.slow_acquire_ns,

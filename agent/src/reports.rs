@@ -362,23 +362,67 @@ impl LeakReports {
         clock: &Clock,
     ) -> Vec<LeakChange> {
         let mut changes = Vec::new();
-        for output in outputs {
-            let Output::AcquireFinished {
-                pid,
-                pool,
-                wait_ns,
-                result,
-                used_before,
-                pending_before,
-                max,
-                tid,
-            } = output
-            else {
-                continue;
+        // Every acquire that waited at least the threshold: those ended one
+        // by one, and those an adapter folded (each got a connection).
+        let slow = outputs.iter().flat_map(|output| {
+            let acquires: Vec<SlowAcquire> = match output {
+                Output::AcquireFinished {
+                    pid,
+                    pool,
+                    wait_ns,
+                    result,
+                    used_before,
+                    pending_before,
+                    max,
+                    tid,
+                } if *wait_ns >= threshold_ns => vec![SlowAcquire {
+                    pid,
+                    pool,
+                    wait_ns,
+                    result,
+                    used_before,
+                    pending_before,
+                    max,
+                    tid,
+                }],
+                Output::CheckoutsFolded {
+                    pid,
+                    pool,
+                    waits_ns,
+                    used_before,
+                    pending_before,
+                    max,
+                    tid,
+                    ..
+                } => waits_ns
+                    .iter()
+                    .filter(|wait_ns| **wait_ns >= threshold_ns)
+                    .map(|wait_ns| SlowAcquire {
+                        pid,
+                        pool,
+                        wait_ns,
+                        result: &AcquireResult::Ok,
+                        used_before,
+                        pending_before,
+                        max,
+                        tid,
+                    })
+                    .collect(),
+                _ => Vec::new(),
             };
-            if *wait_ns < threshold_ns {
-                continue;
-            }
+            acquires
+        });
+        for SlowAcquire {
+            pid,
+            pool,
+            wait_ns,
+            result,
+            used_before,
+            pending_before,
+            max,
+            tid,
+        } in slow
+        {
             let more = details(*pid, *tid);
             let outcome = match result {
                 AcquireResult::Ok => "got a connection",
@@ -437,6 +481,19 @@ impl LeakReports {
     pub fn open_reports(&self) -> impl Iterator<Item = &LeakReport> {
         self.open.values()
     }
+}
+
+/// One acquire that waited at least the slow-acquire threshold, as the
+/// outputs tell it.
+struct SlowAcquire<'a> {
+    pid: &'a u32,
+    pool: &'a String,
+    wait_ns: &'a u64,
+    result: &'a AcquireResult,
+    used_before: &'a u64,
+    pending_before: &'a u64,
+    max: &'a Option<u32>,
+    tid: &'a Option<u32>,
 }
 
 /// Updates what changes while a report stays open.
@@ -702,6 +759,44 @@ mod tests {
             "{}",
             r.evidence
         );
+    }
+
+    #[test]
+    fn a_folded_checkout_that_waited_long_is_a_slow_acquire() {
+        let clock = Clock::new();
+        let mut store = LeakReports::new(10);
+        let mut details = |_: u32, _: Option<u32>| ProcessDetails::default();
+        let outputs = vec![Output::CheckoutsFolded {
+            pid: 5,
+            pool: "orders".into(),
+            waits_ns: vec![10, 3_000_000_000, 20],
+            uses_ns: vec![1, 2, 3],
+            used_before: 3,
+            pending_before: 0,
+            max: Some(4),
+            tid: Some(9),
+        }];
+        let changes = store.observe_acquires(
+            &outputs,
+            1_000_000_000,
+            &mut details,
+            &|_| "app".into(),
+            5,
+            &clock,
+        );
+        assert_eq!(changes.len(), 1, "only the one past the threshold");
+        let r = &store.reports()[0];
+        assert_eq!(
+            (
+                r.kind,
+                r.wait_seconds,
+                r.pool_used,
+                r.pool_max,
+                r.holder_tid
+            ),
+            (LeakKind::SlowAcquire, Some(3.0), Some(3), Some(4), Some(9))
+        );
+        assert_eq!(r.resolution.as_deref(), Some("got a connection"));
     }
 
     #[test]

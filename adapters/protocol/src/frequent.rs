@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 
-use crate::{AcquireResult, Body, ConnRef, Message, Version, VERSION};
+use crate::{AcquireResult, Body, ConnRef, Message, Version, MAX_CHECKOUTS_PER_MESSAGE, VERSION};
 
 /// The message, or `None` to leave it to the full reading.
 pub(crate) fn decode(bytes: &[u8]) -> Option<Message> {
@@ -95,6 +95,32 @@ impl<'a> Scanner<'a> {
         Some(value)
     }
 
+    /// A list of plain unsigned integers, at most
+    /// [`MAX_CHECKOUTS_PER_MESSAGE`] of them (longer is left to the full
+    /// reading, which refuses it).
+    fn unsigned_list(&mut self) -> Option<Vec<u64>> {
+        self.expect(b'[')?;
+        let mut values = Vec::new();
+        self.skip_whitespace();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(values);
+        }
+        loop {
+            self.skip_whitespace();
+            if values.len() == MAX_CHECKOUTS_PER_MESSAGE {
+                return None;
+            }
+            values.push(self.unsigned()?);
+            self.skip_whitespace();
+            match self.next()? {
+                b',' => continue,
+                b']' => return Some(values),
+                _ => return None,
+            }
+        }
+    }
+
     /// The value of a field this path does not read: a string, a plain
     /// unsigned integer, `true`, `false` or `null`.
     fn skip_value(&mut self) -> Option<()> {
@@ -127,6 +153,8 @@ struct Fields<'a> {
     tid: Option<u32>,
     wait_ns: Option<u64>,
     use_ns: Option<u64>,
+    waits_ns: Option<Vec<u64>>,
+    uses_ns: Option<Vec<u64>>,
     local_address: Option<SocketAddr>,
     fd: Option<i32>,
 }
@@ -153,6 +181,8 @@ impl<'a> Fields<'a> {
             "tid" => once(&mut self.tid, u32::try_from(s.unsigned()?).ok()?),
             "wait_ns" => once(&mut self.wait_ns, s.unsigned()?),
             "use_ns" => once(&mut self.use_ns, s.unsigned()?),
+            "waits_ns" => once(&mut self.waits_ns, s.unsigned_list()?),
+            "uses_ns" => once(&mut self.uses_ns, s.unsigned_list()?),
             "local_address" => once(&mut self.local_address, s.string()?.parse().ok()?),
             "fd" => once(&mut self.fd, i32::try_from(s.unsigned()?).ok()?),
             _ => s.skip_value(),
@@ -190,6 +220,12 @@ impl<'a> Fields<'a> {
                 tid: self.tid,
                 wait_ns: self.wait_ns,
                 use_ns: self.use_ns?,
+            },
+            "checkouts" => Body::Checkouts {
+                conn,
+                tid: self.tid,
+                waits_ns: self.waits_ns?,
+                uses_ns: self.uses_ns?,
             },
             "connection_created" => Body::ConnectionCreated(conn),
             "connection_closed" => Body::ConnectionClosed(conn),

@@ -360,6 +360,20 @@ pub enum Output {
         max: Option<u32>,
         tid: Option<u32>,
     },
+    /// Short checkouts an adapter folded into one message (all ended):
+    /// each one's wait and use, every acquire seeing the pool in the state
+    /// `used_before`/`pending_before`. One output for all of them, so that
+    /// a busy pool costs the agent a lookup per message, not per checkout.
+    CheckoutsFolded {
+        pid: u32,
+        pool: String,
+        waits_ns: Vec<u64>,
+        uses_ns: Vec<u64>,
+        used_before: u64,
+        pending_before: u64,
+        max: Option<u32>,
+        tid: Option<u32>,
+    },
     /// A connection went back to its pool after `use_ns`.
     Released {
         pid: u32,

@@ -437,31 +437,31 @@ impl Tracker {
         let Some(pool) = self.pools.get_mut(key) else {
             return;
         };
-        let n = folded.waits_ns.len() as u64;
+        let Folded {
+            conn,
+            tid,
+            mut waits_ns,
+            mut uses_ns,
+        } = folded;
+        let n = waits_ns.len() as u64;
         pool.acquires += n;
         pool.releases += n;
-        let pending_before = pool.pending.len() as u64;
-        let max = pool.info.as_ref().and_then(|i| i.max);
-        for (wait_ns, use_ns) in folded.waits_ns.iter().zip(&folded.uses_ns) {
-            // A sender's word: no longer than the agent trusts its times for.
-            out.push(Output::AcquireFinished {
-                pid,
-                pool: pool_name.to_string(),
-                wait_ns: (*wait_ns).min(ADAPTER_TIME_TRUSTED_NS),
-                result: AcquireResult::Ok,
-                used_before: used_now,
-                pending_before,
-                max,
-                tid: folded.tid,
-            });
-            out.push(Output::Released {
-                pid,
-                pool: pool_name.to_string(),
-                use_ns: (*use_ns).min(ADAPTER_TIME_TRUSTED_NS),
-            });
+        // A sender's word: no longer than the agent trusts its times for.
+        for t in waits_ns.iter_mut().chain(uses_ns.iter_mut()) {
+            *t = (*t).min(ADAPTER_TIME_TRUSTED_NS);
         }
+        out.push(Output::CheckoutsFolded {
+            pid,
+            pool: pool_name.to_string(),
+            waits_ns,
+            uses_ns,
+            used_before: used_now,
+            pending_before: pool.pending.len() as u64,
+            max: pool.info.as_ref().and_then(|i| i.max),
+            tid,
+        });
         // The connection is the pool's and idle: released at the last one.
-        let release = AdapterEvent::Release { conn: folded.conn };
+        let release = AdapterEvent::Release { conn };
         self.on_connection_event(pid, ts_ns, pool_name, release, out);
     }
 

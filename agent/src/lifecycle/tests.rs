@@ -1190,35 +1190,42 @@ fn folded_checkouts_are_each_counted_and_timed_and_leave_the_connection_idle() {
             },
         ),
     );
-    let finished: Vec<(u64, u64, Option<u32>)> = out
+    let folded: Vec<_> = out
         .iter()
         .filter_map(|o| match o {
-            Output::AcquireFinished {
-                wait_ns,
+            Output::CheckoutsFolded {
+                waits_ns,
+                uses_ns,
                 used_before,
+                pending_before,
                 tid,
                 ..
-            } => Some((*wait_ns, *used_before, *tid)),
+            } => Some((
+                waits_ns.clone(),
+                uses_ns.clone(),
+                *used_before,
+                *pending_before,
+                *tid,
+            )),
             _ => None,
         })
         .collect();
     assert_eq!(
-        finished,
-        vec![
-            (300, 1, Some(7)),
-            (0, 1, Some(7)),
-            (600_000_000_000, 1, Some(7))
-        ],
-        "each wait, the pool as it is, a claim past what is trusted cut"
+        folded,
+        vec![(
+            vec![300, 0, 600_000_000_000],
+            vec![20_000, 5, 1_000],
+            1,
+            0,
+            Some(7)
+        )],
+        "each wait and use (a claim past what is trusted cut), the pool as it is, in one output"
     );
-    let used: Vec<u64> = out
-        .iter()
-        .filter_map(|o| match o {
-            Output::Released { use_ns, .. } => Some(*use_ns),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(used, vec![20_000, 5, 1_000]);
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::AcquireFinished { .. } | Output::Released { .. })),
+        "nothing per checkout"
+    );
     let pool = t.pools().find(|p| p.name == "p").expect("pool");
     assert_eq!((pool.acquires, pool.releases), (4, 3));
     let tracked = t.connection(c).expect("connection");

@@ -426,6 +426,15 @@ impl Telemetry {
                     self.pool_series
                         .record_wait(*pid, pool, *wait_ns as f64 / 1e9, error);
                 }
+                Output::CheckoutsFolded {
+                    pid,
+                    pool,
+                    waits_ns,
+                    uses_ns,
+                    ..
+                } => self
+                    .pool_series
+                    .record_folded(*pid, pool, waits_ns, uses_ns),
                 Output::Released { pid, pool, use_ns } => {
                     self.pool_series
                         .record_use(*pid, pool, *use_ns as f64 / 1e9)
@@ -1084,6 +1093,38 @@ mod tests {
             .filter(|l| l.contains(&pool) && l.contains(&pid))
             .map(str::to_string)
             .collect()
+    }
+
+    #[test]
+    fn folded_checkouts_count_one_wait_and_one_use_each() {
+        let telemetry = pools_telemetry();
+        telemetry.record(&[
+            waited(7, "orders", AcquireResult::Ok),
+            Output::CheckoutsFolded {
+                pid: 7,
+                pool: "orders".into(),
+                waits_ns: vec![1_000, 2_000_000_000, 3],
+                uses_ns: vec![5, 6, 7],
+                used_before: 0,
+                pending_before: 0,
+                max: None,
+                tid: None,
+            },
+        ]);
+        let text = telemetry.render_prometheus().expect("render");
+        let waits = wait_counts(&text, 7, "orders");
+        assert!(waits.len() == 1 && waits[0].ends_with(" 4"), "{waits:?}");
+        let uses: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("db_client_connection_use_time_seconds_count{"))
+            .filter(|l| l.contains("process_pid=\"7\""))
+            .collect();
+        assert!(uses.len() == 1 && uses[0].ends_with(" 3"), "{uses:?}");
+        let sum = text
+            .lines()
+            .find(|l| l.starts_with("db_client_connection_wait_time_seconds_sum{"))
+            .expect("wait sum");
+        assert!(sum.contains(" 2.002"), "the waits in seconds: {sum}");
     }
 
     #[test]

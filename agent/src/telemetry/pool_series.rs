@@ -140,6 +140,17 @@ struct Generation {
 
 impl Generation {
     /// Records into one of the pool's histograms, noting the pool.
+    /// The pool's series attributes and its histograms; the attributes
+    /// are made (and the pool counted as recorded) on its first record.
+    fn series(&mut self, pid: u32, pool: &str) -> Option<(&Vec<KeyValue>, &Instruments)> {
+        let pools = self.recorded.entry(pid).or_default();
+        if !pools.contains_key(pool) {
+            pools.insert(pool.to_string(), attributes(pid, pool));
+            self.recorded_count += 1;
+        }
+        Some((pools.get(pool)?, &self.instruments))
+    }
+
     fn record(
         &mut self,
         series: Series,
@@ -148,18 +159,13 @@ impl Generation {
         seconds: f64,
         error: Option<&'static str>,
     ) {
-        let pools = self.recorded.entry(pid).or_default();
-        if !pools.contains_key(pool) {
-            pools.insert(pool.to_string(), attributes(pid, pool));
-            self.recorded_count += 1;
-        }
-        let Some(attrs) = pools.get(pool) else {
+        let Some((attrs, instruments)) = self.series(pid, pool) else {
             return;
         };
         let histogram = match series {
-            Series::Wait => &self.instruments.wait_time,
-            Series::Use => &self.instruments.use_time,
-            Series::Create => &self.instruments.create_time,
+            Series::Wait => &instruments.wait_time,
+            Series::Use => &instruments.use_time,
+            Series::Create => &instruments.create_time,
         };
         match error {
             None => histogram.record(seconds, attrs),
@@ -230,6 +236,21 @@ impl PoolSeries {
 
     pub fn record_wait(&self, pid: u32, pool: &str, seconds: f64, error: Option<&'static str>) {
         self.lock().record(Series::Wait, pid, pool, seconds, error);
+    }
+
+    /// Folded checkouts' waits and uses (ns), under one lock and one
+    /// lookup of the pool's attributes.
+    pub fn record_folded(&self, pid: u32, pool: &str, waits_ns: &[u64], uses_ns: &[u64]) {
+        let mut current = self.lock();
+        let Some((attrs, instruments)) = current.series(pid, pool) else {
+            return;
+        };
+        for wait in waits_ns {
+            instruments.wait_time.record(*wait as f64 / 1e9, attrs);
+        }
+        for used in uses_ns {
+            instruments.use_time.record(*used as f64 / 1e9, attrs);
+        }
     }
 
     pub fn record_use(&self, pid: u32, pool: &str, seconds: f64) {
