@@ -30,19 +30,21 @@ def _json_type(value):
 
 def _shape(examples):
     """What examples (JSON objects) have: each key's JSON types, the keys
-    all of them have, and for lists of objects the shape of their items."""
+    all of them have, and for lists of objects the shape of their items
+    (lists of numbers, such as a `checkouts` message's, are checked as
+    arrays)."""
     values = {}
     for example in examples:
         for key, value in example.items():
             values.setdefault(key, []).append(value)
+
+    def objects(vs):
+        return [item for v in vs if isinstance(v, list) for item in v if isinstance(item, dict)]
+
     return {
         "types": {k: {_json_type(v) for v in vs} for k, vs in values.items()},
         "required": set.intersection(*(set(e) for e in examples)) if examples else set(),
-        "items": {
-            k: _shape([item for v in vs if isinstance(v, list) for item in v])
-            for k, vs in values.items()
-            if any(isinstance(v, list) and v for v in vs)
-        },
+        "items": {k: _shape(objects(vs)) for k, vs in values.items() if objects(vs)},
     }
 
 
