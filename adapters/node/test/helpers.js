@@ -221,6 +221,27 @@ function unfolded(messages) {
     while (at > 0 && out[at - 1].mono_ns > start.mono_ns) at--
     out.splice(at, 0, start)
   }
+  // A whole short checkout: its acquire_end (and folded start) when it
+  // was handed out, then the release.
+  const unfoldCheckout = (m) => {
+    const { wait_ns: waitNs, use_ns: useNs, ...rest } = m
+    const end = { ...rest, kind: 'acquire_end', result: 'ok', mono_ns: m.mono_ns - useNs }
+    if (waitNs !== undefined) {
+      const start = { v: m.v, kind: 'acquire_start', pool: m.pool }
+      if (m.request !== undefined) start.request = m.request
+      if (m.tid !== undefined) start.tid = m.tid
+      start.mono_ns = end.mono_ns - waitNs
+      start.folded = true
+      place(start)
+    }
+    place(end)
+    const release = { v: m.v, kind: 'release', pool: m.pool }
+    if (m.local_address !== undefined) release.local_address = m.local_address
+    if (m.fd !== undefined) release.fd = m.fd
+    release.mono_ns = m.mono_ns
+    release.folded = true
+    out.push(release)
+  }
   for (const m of messages) {
     if (m.kind === 'acquire_end' && m.wait_ns !== undefined) {
       const { wait_ns: waitNs, ...end } = m
@@ -231,44 +252,13 @@ function unfolded(messages) {
       place(start)
       out.push(end)
     } else if (m.kind === 'checkout') {
-      // A whole short checkout: its acquire_end (and folded start) when it
-      // was handed out, then the release.
-      const { wait_ns: waitNs, use_ns: useNs, ...rest } = m
-      const end = { ...rest, kind: 'acquire_end', result: 'ok', mono_ns: m.mono_ns - useNs }
-      if (waitNs !== undefined) {
-        const start = { v: m.v, kind: 'acquire_start', pool: m.pool, request: m.request }
-        if (m.tid !== undefined) start.tid = m.tid
-        start.mono_ns = end.mono_ns - waitNs
-        start.folded = true
-        place(start)
-      }
-      place(end)
-      const release = { v: m.v, kind: 'release', pool: m.pool }
-      if (m.local_address !== undefined) release.local_address = m.local_address
-      if (m.fd !== undefined) release.fd = m.fd
-      release.mono_ns = m.mono_ns
-      release.folded = true
-      out.push(release)
+      unfoldCheckout(m)
     } else if (m.kind === 'checkouts') {
       // Short checkouts of one connection, folded: each as a checkout
       // without its request id (its acquire_start was never sent), all
       // released by the message's time.
       const { waits_ns: waits, uses_ns: uses, ...rest } = m
-      waits.forEach((waitNs, i) => {
-        const { tid, ...conn } = rest
-        const end = { ...conn, kind: 'acquire_end', result: 'ok', mono_ns: m.mono_ns - uses[i] }
-        if (tid !== undefined) end.tid = tid
-        const start = { v: m.v, kind: 'acquire_start', pool: m.pool, mono_ns: end.mono_ns - waitNs, folded: true }
-        if (tid !== undefined) start.tid = tid
-        place(start)
-        place(end)
-        const release = { v: m.v, kind: 'release', pool: m.pool }
-        if (m.local_address !== undefined) release.local_address = m.local_address
-        if (m.fd !== undefined) release.fd = m.fd
-        release.mono_ns = m.mono_ns
-        release.folded = true
-        out.push(release)
-      })
+      waits.forEach((waitNs, i) => unfoldCheckout({ ...rest, wait_ns: waitNs, use_ns: uses[i] }))
     } else if (m.kind === 'acquire_start') {
       place(m)
     } else {
