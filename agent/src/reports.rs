@@ -362,29 +362,10 @@ impl LeakReports {
         clock: &Clock,
     ) -> Vec<LeakChange> {
         let mut changes = Vec::new();
-        // Every acquire that waited at least the threshold: those ended one
-        // by one, and those an adapter folded (each got a connection).
-        let slow = outputs.iter().flat_map(|output| {
-            let acquires: Vec<SlowAcquire> = match output {
-                Output::AcquireFinished {
-                    pid,
-                    pool,
-                    wait_ns,
-                    result,
-                    used_before,
-                    pending_before,
-                    max,
-                    tid,
-                } if *wait_ns >= threshold_ns => vec![SlowAcquire {
-                    pid,
-                    pool,
-                    wait_ns,
-                    result,
-                    used_before,
-                    pending_before,
-                    max,
-                    tid,
-                }],
+        // The folded checkouts that waited long, as the acquires they were.
+        let folded_slow: Vec<Output> = outputs
+            .iter()
+            .flat_map(|output| match output {
                 Output::CheckoutsFolded {
                     pid,
                     pool,
@@ -397,32 +378,37 @@ impl LeakReports {
                 } => waits_ns
                     .iter()
                     .filter(|wait_ns| **wait_ns >= threshold_ns)
-                    .map(|wait_ns| SlowAcquire {
-                        pid,
-                        pool,
-                        wait_ns,
-                        result: &AcquireResult::Ok,
-                        used_before,
-                        pending_before,
-                        max,
-                        tid,
+                    .map(|wait_ns| Output::AcquireFinished {
+                        pid: *pid,
+                        pool: pool.clone(),
+                        wait_ns: *wait_ns,
+                        result: AcquireResult::Ok,
+                        used_before: *used_before,
+                        pending_before: *pending_before,
+                        max: *max,
+                        tid: *tid,
                     })
                     .collect(),
                 _ => Vec::new(),
+            })
+            .collect();
+        for output in outputs.iter().chain(&folded_slow) {
+            let Output::AcquireFinished {
+                pid,
+                pool,
+                wait_ns,
+                result,
+                used_before,
+                pending_before,
+                max,
+                tid,
+            } = output
+            else {
+                continue;
             };
-            acquires
-        });
-        for SlowAcquire {
-            pid,
-            pool,
-            wait_ns,
-            result,
-            used_before,
-            pending_before,
-            max,
-            tid,
-        } in slow
-        {
+            if *wait_ns < threshold_ns {
+                continue;
+            }
             let more = details(*pid, *tid);
             let outcome = match result {
                 AcquireResult::Ok => "got a connection",
@@ -481,19 +467,6 @@ impl LeakReports {
     pub fn open_reports(&self) -> impl Iterator<Item = &LeakReport> {
         self.open.values()
     }
-}
-
-/// One acquire that waited at least the slow-acquire threshold, as the
-/// outputs tell it.
-struct SlowAcquire<'a> {
-    pid: &'a u32,
-    pool: &'a String,
-    wait_ns: &'a u64,
-    result: &'a AcquireResult,
-    used_before: &'a u64,
-    pending_before: &'a u64,
-    max: &'a Option<u32>,
-    tid: &'a Option<u32>,
 }
 
 /// Updates what changes while a report stays open.
