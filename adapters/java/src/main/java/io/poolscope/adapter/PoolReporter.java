@@ -404,8 +404,11 @@ public final class PoolReporter {
             }
             if (!kind.equals("connection_created")) {
                 out.remove(localAddress);
-                // A held acquire_end stays queued ahead of this message.
+                // A held acquire_end and a folded line stay queued ahead of
+                // this message; a later connection on the same address
+                // starts a line of its own, after it.
                 held.remove(localAddress);
+                folding.remove(localAddress);
             }
             reporter.send(message(kind, Threads.monotonicNanos())
                     .put("local_address", localAddress).toString());

@@ -342,6 +342,9 @@ public final class AdapterTests {
                 pool.release("127.0.0.1:40003");
             }
             pool.connectionClosed("127.0.0.1:40003");
+            // A new connection on the same address, within the same window.
+            pool.acquireOk(pool.acquireStart(), "127.0.0.1:40003");
+            pool.release("127.0.0.1:40003");
             int folded = 0;
             int lines = 0;
             for (;;) {
@@ -359,6 +362,10 @@ public final class AdapterTests {
             }
             eq(folded, 150, "every checkout folded, once, before the close");
             check(lines >= 3, "lines of at most 64: " + lines);
+            String after = agent.next();
+            check(after.contains("\"kind\":\"checkouts\"") && after.contains("\"waits_ns\":[")
+                    && after.substring(after.indexOf("\"waits_ns\":[")).split("]")[0].split(",").length == 1,
+                    "the new connection's checkout in a line of its own, after the close: " + after);
             eq(r.stats().dropped(), 0L, "nothing dropped");
         } finally {
             Files.deleteIfExists(dir);
