@@ -374,6 +374,13 @@ public final class PoolReporter {
             return m.toString().getBytes(StandardCharsets.UTF_8);
         }
 
+        /** Never sent: later checkouts start a line of their own. */
+        @Override
+        public synchronized void dropped() {
+            taken = true;
+            folding.remove(localAddress, this);
+        }
+
         private static StringBuilder list(long[] values, int count) {
             StringBuilder b = new StringBuilder(count * 8 + 2).append('[');
             for (int i = 0; i < count; i++) {

@@ -111,6 +111,19 @@ public final class Reporter {
     interface Deferred {
         /** The line, or null when it is no longer to be sent. */
         byte[] lineIfStillWanted();
+
+        /** Dropped unsent (no agent, or the stream failed): what would
+         * still join it must go elsewhere. */
+        default void dropped() {}
+    }
+
+    /** Tells the deferred messages among {@code messages} that they were dropped. */
+    private static void droppedAll(Iterable<Object> messages) {
+        for (Object message : messages) {
+            if (message instanceof Deferred deferred) {
+                deferred.dropped();
+            }
+        }
     }
 
     /** The process's reporter for the socket the environment names. */
@@ -255,6 +268,7 @@ public final class Reporter {
     private void dropQueued() {
         synchronized (lock) {
             dropped.addAndGet(queue.size());
+            droppedAll(queue);
             queue.clear();
         }
     }
@@ -309,6 +323,9 @@ public final class Reporter {
                 }
                 if (!taken.isEmpty()) {
                     boolean written = writeTaken(taken);
+                    if (!written) {
+                        droppedAll(taken);
+                    }
                     taken.clear();
                     if (!written) {
                         // The agent went away (or dropped the stream).

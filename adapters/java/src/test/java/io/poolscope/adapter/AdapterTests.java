@@ -44,6 +44,7 @@ public final class AdapterTests {
         aWaitingAcquireIsSentAsPending();
         shortCheckoutsFoldInLinesOf64BeforeTheClose();
         noAgentDropsAndComebackResendsState();
+        aFoldedLineDroppedWithoutAnAgentTakesNoMoreCheckouts();
         stateComesBeforeTheBacklogAfterAComeback();
         aStreamClosedAtAcceptIsRetriedWithBackoff();
         stateLinesFitWithLongNamesAndIpv6();
@@ -415,6 +416,33 @@ public final class AdapterTests {
             waitFor(() -> r.stats().comebacks() == 2L, "second comeback");
             pool.release("127.0.0.1:40001");
             eq(pool.checkedOut(), 0, "released");
+        } finally {
+            Files.deleteIfExists(sock);
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void aFoldedLineDroppedWithoutAnAgentTakesNoMoreCheckouts() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        Path sock = dir.resolve("stream.sock");
+        Reporter r = new Reporter(sock);
+        PoolReporter pool = new PoolReporter(r, "p", null).withStateIntervalNanos(0);
+        // No agent: a short checkout's line is queued, then dropped.
+        pool.acquireOk(pool.acquireStart(), "127.0.0.1:40004");
+        pool.release("127.0.0.1:40004");
+        waitFor(() -> r.stats().dropped() >= 1L && r.stats().queued() == 0, "dropped without an agent");
+        try (FakeAgent agent = new FakeAgent(sock)) {
+            waitFor(() -> r.stats().connected(), "connected");
+            // A checkout after the agent came: its own line, not the dropped one.
+            pool.acquireOk(pool.acquireStart(), "127.0.0.1:40004");
+            pool.release("127.0.0.1:40004");
+            String line;
+            do {
+                line = agent.next();
+            } while (!line.contains("\"kind\":\"checkouts\""));
+            check(line.contains("\"local_address\":\"127.0.0.1:40004\"")
+                    && line.substring(line.indexOf("\"waits_ns\":[")).split("]")[0].split(",").length == 1, line);
         } finally {
             Files.deleteIfExists(sock);
             Files.deleteIfExists(dir);
