@@ -48,6 +48,17 @@ pub struct Checkout {
     pub tid: Option<u32>,
 }
 
+/// Short checkouts of one connection, folded: for each, its wait and its
+/// use; all were released by the message's time, the last one by thread
+/// `tid`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Folded {
+    pub conn: ConnRef,
+    pub tid: Option<u32>,
+    pub waits_ns: Vec<u64>,
+    pub uses_ns: Vec<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterEvent {
     Register(PoolInfo),
@@ -75,15 +86,8 @@ pub enum AdapterEvent {
         wait_ns: Option<u64>,
         use_ns: u64,
     },
-    /// Short checkouts of one connection, folded: for each, its wait and
-    /// its use; all were released by the message's time, the last one by
-    /// thread `tid`.
-    Checkouts {
-        conn: ConnRef,
-        tid: Option<u32>,
-        waits_ns: Vec<u64>,
-        uses_ns: Vec<u64>,
-    },
+    /// Short checkouts of one connection, folded.
+    Checkouts(Folded),
     ConnectionCreated {
         conn: ConnRef,
     },
@@ -235,12 +239,12 @@ impl From<wire::Body> for AdapterEvent {
                 tid,
                 waits_ns,
                 uses_ns,
-            } => AdapterEvent::Checkouts {
+            } => AdapterEvent::Checkouts(Folded {
                 conn: conn.into(),
                 tid,
                 waits_ns,
                 uses_ns,
-            },
+            }),
             wire::Body::ConnectionCreated(conn) => {
                 AdapterEvent::ConnectionCreated { conn: conn.into() }
             }
@@ -291,7 +295,7 @@ mod tests {
             AdapterEvent::AcquireEnd { .. } => "acquire_end",
             AdapterEvent::Release { .. } => "release",
             AdapterEvent::Checkout { .. } => "checkout",
-            AdapterEvent::Checkouts { .. } => "checkouts",
+            AdapterEvent::Checkouts(_) => "checkouts",
             AdapterEvent::ConnectionCreated { .. } => "connection_created",
             AdapterEvent::ConnectionClosed { .. } => "connection_closed",
             AdapterEvent::CheckoutState { .. } => "checkout_state",

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::Tracker;
 use crate::lifecycle::index::Key;
 use crate::{
-    adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, PoolInfo},
+    adapter::message::{
+        AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, Folded, PoolInfo,
+    },
     lifecycle::{Connection, Endpoint, Output},
     protocol::{DbSystem, TxState},
 };
@@ -41,14 +43,6 @@ struct AcquireEnd {
     conn: ConnRef,
     tid: Option<u32>,
     wait_ns: Option<u64>,
-}
-
-/// A `checkouts` message's contents.
-struct Folded {
-    conn: ConnRef,
-    tid: Option<u32>,
-    waits_ns: Vec<u64>,
-    uses_ns: Vec<u64>,
 }
 
 /// A pool an adapter registered.
@@ -397,18 +391,7 @@ impl Tracker {
                 self.on_acquire_end(pid, acquired_ns, &pool, end, &mut out);
                 self.on_release(&key, ts_ns, conn, &mut out)
             }
-            AdapterEvent::Checkouts {
-                conn,
-                tid,
-                waits_ns,
-                uses_ns,
-            } => {
-                let folded = Folded {
-                    conn,
-                    tid,
-                    waits_ns,
-                    uses_ns,
-                };
+            AdapterEvent::Checkouts(folded) => {
                 self.on_checkouts(pid, ts_ns, &key, folded, &mut out)
             }
             AdapterEvent::Release { conn } => self.on_release(&key, ts_ns, conn, &mut out),

@@ -2,7 +2,7 @@
 //! deliver them, and what the tracker must conclude.
 
 use super::*;
-use crate::adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, ConnRef};
+use crate::adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, ConnRef, Folded};
 use agent_common::{tcp_state, EINPROGRESS};
 use std::{collections::HashMap, ops::Bound};
 
@@ -1182,12 +1182,12 @@ fn folded_checkouts_are_each_counted_and_timed_and_leave_the_connection_idle() {
         50_000,
         adapter(
             "p",
-            AdapterEvent::Checkouts {
+            AdapterEvent::Checkouts(Folded {
                 conn,
                 tid: Some(7),
                 waits_ns: vec![300, 0, u64::MAX],
                 uses_ns: vec![20_000, 5, 1_000],
-            },
+            }),
         ),
     );
     let folded: Vec<_> = out
