@@ -128,12 +128,15 @@ async function queryAb() {
   // (AB_INSTRUMENTED_FIRST): it is not to favour either side.
   const made = [makePool(), makePool()]
   const sides = env('AB_INSTRUMENTED_FIRST', '0') === '1' ? [made[1], made[0]] : made
-  adapter.instrument(sides[1].pool, { name: `bench-node-${LIB}` })
+  // AB_CONTROL=1: neither side instrumented, to see what the method itself
+  // tells two equal sides apart by.
+  const control = env('AB_CONTROL', '0') === '1'
+  if (!control) adapter.instrument(sides[1].pool, { name: `bench-node-${LIB}` })
   for (const { pool, acquire, release } of made) {
     pool.on('error', () => {})
     release(await acquire(pool))
   }
-  if (AGENT) {
+  if (AGENT && !control) {
     const deadline = Date.now() + 30000
     while (!adapter.stats(sides[1].pool).connected && Date.now() < deadline) await sleep(10)
     if (!adapter.stats(sides[1].pool).connected) process.stderr.write('the adapter did not connect to the agent\n')
@@ -141,7 +144,8 @@ async function queryAb() {
   const secondsFromNow = (s) => process.hrtime.bigint() + BigInt(Math.round(s * 1e9))
   for (const { pool, acquire, release } of made) await queries(pool, acquire, release, secondsFromNow(WARMUP_SECONDS))
   const totals = sides.map(() => ({ ops: 0, cpu_ns: 0, wall_ns: 0 }))
-  const s0 = adapter.stats(sides[1].pool)
+  const none = { sent: 0, dropped: 0, connected: false }
+  const s0 = adapter.stats(sides[1].pool) || none
   const slices = Math.max(4, 4 * Math.round((SECONDS * 1000) / SLICE_MS / 4))
   for (let k = 0; k < slices; k++) {
     const side = k % 4 === 1 || k % 4 === 2 ? 1 : 0
@@ -153,7 +157,7 @@ async function queryAb() {
     const cpu = process.cpuUsage(cpu0)
     totals[side].cpu_ns += (cpu.user + cpu.system) * 1000
   }
-  const s1 = adapter.stats(sides[1].pool)
+  const s1 = adapter.stats(sides[1].pool) || none
   Object.assign(totals[1], { sent: s1.sent - s0.sent, dropped: s1.dropped - s0.dropped, connected: s1.connected, sent_total: s1.sent })
   process.stdout.write(JSON.stringify({ ab: totals }) + '\n')
   for (const { pool } of sides) await pool.end()

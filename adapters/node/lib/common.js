@@ -4,7 +4,7 @@
 // (checkout_state) when the agent comes back and periodically.
 
 const fs = require('node:fs')
-const { senderFor, socketPathFromEnv, monotonicNs, putBytes, putUint, MAX_MESSAGE_BYTES } = require('./sender')
+const { senderFor, socketPathFromEnv, clockMs, monoNsAt, monotonicNs, nsBetween, putBytes, putUint, MAX_MESSAGE_BYTES } = require('./sender')
 
 const VERSION = 1
 const MAX_POOL_NAME = 128
@@ -97,17 +97,10 @@ function tidText(tid) {
   return Number.isInteger(tid) && tid > 0 ? `,"tid":${tid}` : ''
 }
 
-/** The wait of a folded acquire (null: its acquire_start was sent). */
+/** The wait of a folded acquire (-1: its acquire_start was sent). */
 function waitText(wait) {
-  return wait === null ? '' : `,"wait_ns":${wait}`
+  return wait >= 0 ? `,"wait_ns":${wait}` : ''
 }
-
-/** What a connection reference caches about itself (symbols: JSON and the
- * messages never show them). References are made once per connection, so
- * the hot path builds no strings for them. */
-const REF_KEY = Symbol('poolscope.refKey')
-const REF_TEXT = Symbol('poolscope.refText')
-const REF_BYTES = Symbol('poolscope.refBytes')
 
 /** The fixed parts of a `checkout` line, as bytes. */
 const CHECKOUT_REQUEST = Buffer.from(',"request":')
@@ -132,20 +125,72 @@ const CHECKOUT_FIXED =
 /** A `checkouts` line's bytes besides its head, connection and numbers. */
 const FOLDED_FIXED = CHECKOUT_TID.length + FOLDED_WAITS.length + FOLDED_USES.length + FOLDED_END.length + CHECKOUT_MONO.length + 2 * DIGITS + 1
 
-/** The checkouts' key of the connection `ref` names: its fd, else its address. */
-function connKey(ref) {
-  let key = ref[REF_KEY]
-  if (key === undefined) {
-    key = ref.fd !== undefined ? `fd:${ref.fd}` : `addr:${ref.local_address}`
-    ref[REF_KEY] = key
+/** A connection reference's members (`,"local_address":...,"fd":...`). */
+function refText(ref) {
+  let text = ''
+  if (ref.local_address !== undefined) text += `,"local_address":${JSON.stringify(ref.local_address)}`
+  if (ref.fd !== undefined) text += `,"fd":${ref.fd}`
+  return text
+}
+
+/** The key of the connection `ref` names: its fd, else its address. */
+function refKey(ref) {
+  return ref.fd !== undefined ? `fd:${ref.fd}` : `addr:${ref.local_address}`
+}
+
+/**
+ * One connection of the pool, made once (when first seen) with its
+ * reference's text and bytes; the hot path only reads and writes its
+ * fields. One class, so that those reads stay monomorphic.
+ */
+class Conn {
+  constructor(ref) {
+    this.ref = ref
+    this.key = refKey(ref)
+    this.text = refText(ref)
+    this.bytes = Buffer.from(this.text, 'utf8')
+    /** Handed out at (clockMs), or -1 while in the pool. */
+    this.sinceMs = -1
+    /** The holder's thread id, 0 if unknown. */
+    this.tid = 0
+    /** The acquire that got it, while the checkout's acquire_end waits for
+     * the batch (see `Reporter#handedOut`), else null. */
+    this.held = null
+    /** Short checkouts folded since the last batch (ns; see `fold`): their
+     * waits and uses, the last holder and when the last one ended. */
+    this.waits = []
+    this.uses = []
+    this.foldTid = 0
+    this.foldMs = 0
+    /** False once the connection closed (`Reporter#forget`). */
+    this.live = true
   }
-  return key
+}
+
+/** A caller's request for a connection (see `Reporter#acquireStart`). */
+class Acquire {
+  constructor(request, startMs, tid, next) {
+    this.request = request
+    this.startMs = startMs
+    this.tid = tid
+    this.state = STARTING
+    /** The wait to send with its end (ns), or -1: its acquire_start was sent. */
+    this.wait = -1
+    /** The list of acquires whose acquire_start waits for the batch. */
+    this.prev = null
+    this.next = next
+  }
+}
+
+function threadId(tid) {
+  return Number.isInteger(tid) && tid > 0 ? tid : 0
 }
 
 /**
  * Sends one pool's messages and keeps what re-sending its state needs.
  * Subclasses define `registration()` (the `pool` message's fields) and
- * `install()` (the hooks).
+ * `install()` (the hooks), and name connections with `connOf(ref)`, once
+ * per connection.
  */
 class Reporter {
   constructor(pool, options, fallbackName) {
@@ -154,12 +199,11 @@ class Reporter {
     this.name = truncate(nonEmpty(options.name) ?? fallbackName, MAX_POOL_NAME)
     this.nextRequest = 1
     this.timer = null
-    /** Connections seen checked out: connection key -> { ref, monoNs
-     * (BigInt; null once returned), tid, held (the acquire, its `wait`
-     * set, while the checkout's acquire_end waits for the batch, else
-     * null), waits/uses/foldTid/foldNs (short checkouts folded since the
-     * last batch, see `fold`) }, and how many are out now. */
-    this.out = new Map()
+    /** The pool's connections by key (see `Conn`), checked out or not: a
+     * connection's entry stays between checkouts, so that the hot path
+     * neither adds nor deletes map entries; `forget` drops it. */
+    this.conns = new Map()
+    /** How many are checked out now. */
     this.outCount = 0
     this.unsubscribe = null
     /** Per kind: the message's opening text (see `head`). */
@@ -175,6 +219,27 @@ class Reporter {
     /** Whether the batch will call `sendPending`. */
     this.pendingScheduled = false
     this.sendPendingNow = () => this.sendPending()
+  }
+
+  /** The connection `ref` names (made the first time). */
+  connOf(ref) {
+    const key = refKey(ref)
+    let conn = this.conns.get(key)
+    if (conn === undefined) {
+      conn = new Conn(ref)
+      this.conns.set(key, conn)
+    }
+    return conn
+  }
+
+  /** The known connection `ref` names, by its key or else by its address
+   * (a reference taken later may lack the fd), or null. */
+  knownConn(ref) {
+    const conn = this.conns.get(refKey(ref))
+    if (conn !== undefined) return conn
+    if (ref.local_address === undefined) return null
+    for (const c of this.conns.values()) if (c.ref.local_address === ref.local_address) return c
+    return null
   }
 
   /** Rare messages, built from an object. */
@@ -195,62 +260,42 @@ class Reporter {
     return h
   }
 
-  /** The hot path: `members` is ASCII JSON text, each member led by a comma. */
+  /** `members` is ASCII JSON text, each member led by a comma. */
   sendMembers(kind, members, monoNs = monotonicNs()) {
     const h = this.head(kind)
     const text = `${h.text}${members},"mono_ns":${monoNs}}`
     return this.sender.sendText(text, text.length + h.extraBytes)
   }
 
-  /** A connection reference's members (`,"local_address":...,"fd":...`),
-   * built once per reference. */
-  refText(ref) {
-    if (ref === null || typeof ref !== 'object') return ''
-    let text = ref[REF_TEXT]
-    if (text === undefined) {
-      text = ''
-      if (ref.local_address !== undefined) text += `,"local_address":${JSON.stringify(ref.local_address)}`
-      if (ref.fd !== undefined) text += `,"fd":${ref.fd}`
-      ref[REF_TEXT] = text
-    }
-    return text
-  }
-
-  /** `refText` as UTF-8 bytes, made once per reference. */
-  refBytes(ref) {
-    let bytes = ref[REF_BYTES]
-    if (bytes === undefined) {
-      bytes = Buffer.from(this.refText(ref), 'utf8')
-      ref[REF_BYTES] = bytes
-    }
-    return bytes
+  /** release, connection_created, connection_closed of `conn`. */
+  sendConn(kind, conn, monoNs = monotonicNs()) {
+    return this.sendMembers(kind, conn.text, monoNs)
   }
 
   /**
-   * The `checkout` message, the one every short checkout sends: written as
-   * bytes straight into the sender's batch (no text is built, and the
-   * numbers go in digit by digit).
+   * The `checkout` message (a checkout whose acquire_start was sent):
+   * written as bytes straight into the sender's batch (no text is built,
+   * and the numbers go in digit by digit).
    */
-  sendCheckout(request, ref, tid, wait, use, monoNs) {
+  sendCheckout(request, conn, tid, wait, use, monoNs) {
     const sender = this.sender
     let head = this.checkoutHead
     if (head === null) {
       head = Buffer.from(this.head('checkout').text, 'utf8')
       this.checkoutHead = head
     }
-    const refBytes = this.refBytes(ref)
-    let at = sender.openLine(head.length + refBytes.length + CHECKOUT_FIXED)
+    let at = sender.openLine(head.length + conn.bytes.length + CHECKOUT_FIXED)
     if (at < 0) return false
     const buf = sender.lineBuffer
     at = putBytes(buf, at, head)
     at = putBytes(buf, at, CHECKOUT_REQUEST)
     at = putUint(buf, at, request)
-    at = putBytes(buf, at, refBytes)
-    if (Number.isInteger(tid) && tid > 0) {
+    at = putBytes(buf, at, conn.bytes)
+    if (tid > 0) {
       at = putBytes(buf, at, CHECKOUT_TID)
       at = putUint(buf, at, tid)
     }
-    if (wait !== null) {
+    if (wait >= 0) {
       at = putBytes(buf, at, CHECKOUT_WAIT)
       at = putUint(buf, at, wait)
     }
@@ -263,31 +308,29 @@ class Reporter {
   }
 
   /**
-   * The short checkouts of `entry`'s connection folded since the last
-   * batch, as one `checkouts` line (bytes straight into the batch, as
-   * `sendCheckout`), and forgotten.
+   * The short checkouts of `conn` folded since the last batch, as one
+   * `checkouts` line (bytes straight into the batch, as `sendCheckout`),
+   * and forgotten.
    */
-  sendFolded(entry) {
-    const waits = entry.waits
+  sendFolded(conn) {
+    const waits = conn.waits
     const n = waits.length
     if (n === 0) return true
-    const uses = entry.uses
+    const uses = conn.uses
     const sender = this.sender
     let head = this.foldedHead
     if (head === null) {
       head = Buffer.from(this.head('checkouts').text, 'utf8')
       this.foldedHead = head
     }
-    const refBytes = this.refBytes(entry.ref)
-    let at = sender.openLine(head.length + refBytes.length + FOLDED_FIXED + 2 * n * (DIGITS + 1))
+    let at = sender.openLine(head.length + conn.bytes.length + FOLDED_FIXED + 2 * n * (DIGITS + 1))
     if (at >= 0) {
       const buf = sender.lineBuffer
       at = putBytes(buf, at, head)
-      at = putBytes(buf, at, refBytes)
-      const tid = entry.foldTid
-      if (Number.isInteger(tid) && tid > 0) {
+      at = putBytes(buf, at, conn.bytes)
+      if (conn.foldTid > 0) {
         at = putBytes(buf, at, CHECKOUT_TID)
-        at = putUint(buf, at, tid)
+        at = putUint(buf, at, conn.foldTid)
       }
       at = putBytes(buf, at, FOLDED_WAITS)
       for (let i = 0; i < n; i++) {
@@ -301,7 +344,7 @@ class Reporter {
       }
       at = putBytes(buf, at, FOLDED_END)
       at = putBytes(buf, at, CHECKOUT_MONO)
-      at = putUint(buf, at, entry.foldNs)
+      at = putUint(buf, at, monoNsAt(conn.foldMs))
       buf[at] = CLOSE_BRACE
       sender.commitLine(at + 1)
     }
@@ -310,20 +353,15 @@ class Reporter {
     return at >= 0
   }
 
-  /** A short checkout of `entry`'s connection (no acquire_start was sent
-   * for it), folded into the connection's next `checkouts` line. */
-  fold(entry, wait, use, tid, monoNs) {
-    entry.waits.push(wait)
-    entry.uses.push(use)
-    entry.foldTid = tid
-    entry.foldNs = monoNs
-    if (entry.waits.length >= MAX_FOLDED) return this.sendFolded(entry)
+  /** A short checkout of `conn` (no acquire_start was sent for it),
+   * folded into the connection's next `checkouts` line. */
+  fold(conn, wait, use, tid, endMs) {
+    conn.waits.push(wait)
+    conn.uses.push(use)
+    conn.foldTid = tid
+    conn.foldMs = endMs
+    if (conn.waits.length >= MAX_FOLDED) return this.sendFolded(conn)
     return true
-  }
-
-  /** release, connection_created, connection_closed. */
-  sendRef(kind, ref, monoNs = monotonicNs()) {
-    return this.sendMembers(kind, this.refText(ref), monoNs)
   }
 
   /**
@@ -337,7 +375,7 @@ class Reporter {
    */
   acquireStart(tid) {
     const next = this.waitingHead
-    const acquire = { request: this.nextRequestId(), monoNs: monotonicNs(), tid, state: STARTING, wait: null, prev: null, next }
+    const acquire = new Acquire(this.nextRequestId(), clockMs(), threadId(tid), next)
     if (next !== null) next.prev = acquire
     this.waitingHead = acquire
     this.schedulePending()
@@ -388,98 +426,107 @@ class Reporter {
    */
   sendPending() {
     this.pendingScheduled = false
+    // With nobody waiting, a checkout handed out less than a batch ago stays
+    // held for the next batch: most end before it and fold (a busy loop is
+    // mid-query at every batch, and would otherwise send an acquire_end and
+    // a release per batch). One that lasts is sent a batch later; a waiter
+    // sends every held one, so that the agent sees the pool as it saw it.
+    const youngFromMs = this.waitingHead === null ? clockMs() - this.sender.batchMs : Infinity
+    let kept = false
     // One pass over the pool's connections (no list grows per checkout):
     // the folded checkouts leave first, each having ended before its
     // connection's held acquire_end began.
     const events = []
-    for (const entry of this.out.values()) {
-      this.sendFolded(entry)
-      if (entry.held !== null) events.push([entry.monoNs, null, entry])
+    for (const conn of this.conns.values()) {
+      this.sendFolded(conn)
+      if (conn.held === null) continue
+      if (conn.sinceMs >= youngFromMs) kept = true
+      else events.push([conn.sinceMs, null, conn])
     }
-    for (let a = this.waitingHead; a !== null; a = a.next) events.push([a.monoNs, a, null])
+    if (kept) this.schedulePending()
+    for (let a = this.waitingHead; a !== null; a = a.next) events.push([a.startMs, a, null])
     if (events.length === 0) return
-    events.sort((x, y) => (x[0] < y[0] ? -1 : x[0] > y[0] ? 1 : 0))
-    for (const [, acquire, entry] of events) {
-      if (entry !== null) {
-        this.sendHeld(entry)
+    events.sort((x, y) => x[0] - y[0])
+    for (const [, acquire, conn] of events) {
+      if (conn !== null) {
+        this.sendHeld(conn)
         continue
       }
       this.unlinkWaiting(acquire)
       acquire.state = STARTED
-      this.sendMembers('acquire_start', `,"request":${acquire.request}${tidText(acquire.tid)}`, acquire.monoNs)
+      this.sendMembers('acquire_start', `,"request":${acquire.request}${tidText(acquire.tid)}`, monoNsAt(acquire.startMs))
     }
   }
 
-  /** The acquire ended at `monoNs` without a connection: `result` timeout
-   * or error (or ok with a connection that cannot be named). */
-  acquireEnd(acquire, result, ref, tid, monoNs) {
-    const wait = this.endAcquire(acquire, monoNs)
-    return this.sendMembers('acquire_end', this.endMembers(acquire.request, result, ref, tid, wait), monoNs)
+  /** The acquire ended at `endMs` (clockMs) without a connection: `result`
+   * timeout or error (or ok with a connection that cannot be named). */
+  acquireEnd(acquire, result, conn, tid, endMs) {
+    const wait = this.endAcquire(acquire, endMs)
+    return this.sendMembers('acquire_end', this.endMembers(acquire.request, result, conn, threadId(tid), wait), monoNsAt(endMs))
   }
 
   /**
-   * The acquire got `ref`'s connection at `monoNs`, for thread `tid`. Its
+   * The acquire got `conn` at `endMs` (clockMs), for thread `tid`. Its
    * acquire_end waits for the sender's next batch, and if the connection
-   * comes back first (a short checkout, the usual one) the pair leaves as
-   * one `checkout` message (see `releasedConnection`); otherwise it is
-   * sent with the batch, with its own time.
+   * comes back first (a short checkout, the usual one) the pair is folded
+   * into the connection's `checkouts` line (see `releasedConnection`);
+   * otherwise it is sent with the batch, with its own time.
    */
-  handedOut(acquire, ref, tid, monoNs) {
-    const wait = this.endAcquire(acquire, monoNs)
-    const entry = this.checkedOut(ref, monoNs, tid)
-    if (entry.held !== null) this.sendHeld(entry)
+  handedOut(acquire, conn, tid, endMs) {
+    const wait = this.endAcquire(acquire, endMs)
+    if (conn.held !== null) this.sendHeld(conn)
+    if (conn.sinceMs < 0) this.outCount += 1
+    conn.sinceMs = endMs
+    conn.tid = threadId(tid)
     acquire.wait = wait
-    entry.held = acquire
+    conn.held = acquire
     this.schedulePending()
   }
 
-  /** Ends the acquire; the wait to send with its end, or null when its
+  /** Ends the acquire; the wait (ns) to send with its end, or -1 when its
    * acquire_start was sent. */
-  endAcquire(acquire, monoNs) {
+  endAcquire(acquire, endMs) {
     const folded = acquire.state === STARTING
     if (folded) this.unlinkWaiting(acquire)
     acquire.state = ENDED
-    if (!folded) return null
-    const wait = monoNs - acquire.monoNs
-    return wait > 0n ? wait : 0n
+    return folded ? nsBetween(acquire.startMs, endMs) : -1
   }
 
-  endMembers(request, result, ref, tid, wait) {
-    const conn = result === 'ok' ? this.refText(ref) : ''
-    return `,"request":${request},"result":"${result}"${conn}${tidText(tid)}${waitText(wait)}`
+  endMembers(request, result, conn, tid, wait) {
+    const named = result === 'ok' && conn !== null ? conn.text : ''
+    return `,"request":${request},"result":"${result}"${named}${tidText(tid)}${waitText(wait)}`
   }
 
-  /** The folded checkouts and held acquire_end of `entry`, sent now. */
-  sendHeld(entry) {
+  /** The folded checkouts and held acquire_end of `conn`, sent now. */
+  sendHeld(conn) {
     // Its folded checkouts came before it.
-    this.sendFolded(entry)
-    const held = entry.held
+    this.sendFolded(conn)
+    const held = conn.held
     if (held === null) return
-    entry.held = null
-    this.sendMembers('acquire_end', this.endMembers(held.request, 'ok', entry.ref, entry.tid, held.wait), entry.monoNs)
+    conn.held = null
+    this.sendMembers('acquire_end', this.endMembers(held.request, 'ok', conn, conn.tid, held.wait), monoNsAt(conn.sinceMs))
   }
 
   /**
-   * The caller gave `ref`'s connection back. A checkout whose acquire_end
-   * is still held is folded into the connection's `checkouts` line (its
-   * wait, and its use from being handed out to now), or, if its
-   * acquire_start was sent, leaves as one `checkout` message; otherwise a
-   * `release`, if the connection was out (or `always`).
+   * The caller gave `conn` back. A checkout whose acquire_end is still
+   * held is folded into the connection's `checkouts` line (its wait, and
+   * its use from being handed out to now), or, if its acquire_start was
+   * sent, leaves as one `checkout` message; otherwise a `release`, if the
+   * connection was out (or `always`).
    */
-  releasedConnection(ref, always) {
-    const now = monotonicNs()
-    const entry = this.out.get(connKey(ref))
-    if (entry !== undefined && entry.held !== null) {
-      const { held, tid } = entry
-      entry.held = null
-      let use = now - entry.monoNs
-      if (use < 0n) use = 0n
-      this.returned(ref)
+  releasedConnection(conn, always) {
+    const nowMs = clockMs()
+    const held = conn.held
+    if (held !== null) {
+      conn.held = null
+      const use = nsBetween(conn.sinceMs, nowMs)
+      const tid = conn.tid
+      this.returned(conn)
       // No acquire_start was sent for it: nobody waits on its request.
-      if (held.wait !== null) return this.fold(entry, held.wait, use, tid, now)
-      return this.sendCheckout(held.request, entry.ref, tid, held.wait, use, now)
+      if (held.wait >= 0) return this.fold(conn, held.wait, use, tid, nowMs)
+      return this.sendCheckout(held.request, conn, tid, held.wait, use, monoNsAt(nowMs))
     }
-    if (this.returned(ref) || always) return this.sendRef('release', ref, now)
+    if (this.returned(conn) || always) return this.sendConn('release', conn, monoNsAt(nowMs))
     return false
   }
 
@@ -501,8 +548,8 @@ class Reporter {
 
   /** The checkout_state messages (Buffers), oldest checkouts first. */
   stateLines() {
-    const entries = [...this.out.values()].filter((e) => e.monoNs !== null).sort((a, b) => (a.monoNs < b.monoNs ? -1 : a.monoNs > b.monoNs ? 1 : 0))
-    if (entries.length === 0) return []
+    const out = [...this.conns.values()].filter((c) => c.sinceMs >= 0).sort((a, b) => a.sinceMs - b.sinceMs)
+    if (out.length === 0) return []
     const head = JSON.stringify({ v: VERSION, kind: 'checkout_state', pool: this.name })
     // One time for the whole state: when it was taken.
     const prefix = `${head.slice(0, -1)},"checkouts":[`
@@ -516,11 +563,11 @@ class Reporter {
       list = []
       bytes = base
     }
-    for (const e of entries) {
-      const fields = Object.assign({}, e.ref)
-      if (e.tid !== undefined) fields.tid = e.tid
+    for (const c of out) {
+      const fields = Object.assign({}, c.ref)
+      if (c.tid > 0) fields.tid = c.tid
       // mono_ns written from the BigInt in full (past 2^53 too).
-      const text = `${JSON.stringify(fields).slice(0, -1)},"mono_ns":${e.monoNs.toString()}}`
+      const text = `${JSON.stringify(fields).slice(0, -1)},"mono_ns":${monoNsAt(c.sinceMs).toString()}}`
       const size = Buffer.byteLength(text)
       if (list.length > 0 && (list.length >= STATE_ENTRIES || bytes + 1 + size > MAX_MESSAGE_BYTES)) flush()
       bytes += (list.length > 0 ? 1 : 0) + size
@@ -530,54 +577,30 @@ class Reporter {
     return lines
   }
 
-  /** `ref` was handed out at `monoNs` to thread `tid`. A connection's
-   * entry stays in `out` between checkouts (marked returned), so that the
-   * hot path neither adds nor deletes map entries; `forget` drops it. */
-  checkedOut(ref, monoNs, tid) {
-    const key = connKey(ref)
-    let entry = this.out.get(key)
-    if (entry === undefined) {
-      entry = { ref, monoNs: null, tid: undefined, held: null, waits: [], uses: [], foldTid: undefined, foldNs: 0n }
-      this.out.set(key, entry)
-    }
-    if (entry.monoNs === null) this.outCount += 1
-    entry.ref = ref
-    entry.monoNs = monoNs
-    entry.tid = tid
-    return entry
+  /** `conn` was handed out at `sinceMs` (clockMs) to thread `tid`, with no
+   * acquire of ours (e.g. a checkout already out when the adapter came). */
+  checkedOut(conn, sinceMs, tid) {
+    if (conn.sinceMs < 0) this.outCount += 1
+    conn.sinceMs = sinceMs
+    conn.tid = threadId(tid)
   }
 
-  /** Forgets a checkout; true if `ref` was checked out. */
-  returned(ref) {
-    const entry = this.out.get(connKey(ref))
-    if (entry !== undefined && entry.monoNs !== null) {
-      entry.monoNs = null
-      entry.tid = undefined
-      this.outCount -= 1
-      return true
-    }
-    // Named otherwise than when handed out: by its address.
-    let found = false
-    if (ref.local_address !== undefined) {
-      for (const e of this.out.values()) {
-        if (e.monoNs !== null && e.ref.local_address === ref.local_address) {
-          e.monoNs = null
-          e.tid = undefined
-          this.outCount -= 1
-          found = true
-        }
-      }
-    }
-    return found
+  /** `conn` is back in the pool; true if it was checked out. */
+  returned(conn) {
+    if (conn.sinceMs < 0) return false
+    conn.sinceMs = -1
+    conn.tid = 0
+    this.outCount -= 1
+    return true
   }
 
-  /** The connection closed: its folded checkouts and held acquire_end sent (before the close),
-   * returned, and its entry dropped. */
-  forget(ref) {
-    const entry = this.out.get(connKey(ref))
-    if (entry !== undefined) this.sendHeld(entry)
-    this.returned(ref)
-    this.out.delete(connKey(ref))
+  /** The connection closed: its folded checkouts and held acquire_end sent
+   * (before the close), returned, and its entry dropped. */
+  forget(conn) {
+    this.sendHeld(conn)
+    this.returned(conn)
+    conn.live = false
+    if (this.conns.get(conn.key) === conn) this.conns.delete(conn.key)
   }
 
   nextRequestId() {

@@ -9,7 +9,7 @@
 // `connectionLimit`, `queueLimit` and the `connectionConfig`. A connection's
 // socket is `conn.stream` in mysql2 and `conn._socket` in mysql.
 
-const { monotonicNs } = require('./sender')
+const { clockMs } = require('./sender')
 const { Reporter, eventLoopTid, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
 
 /** Marks a getConnection callback that already has its acquire_start: the
@@ -76,7 +76,7 @@ class MysqlReporter extends Reporter {
     super(pool, options, `${where}/${server.database ?? ''}`.replace(/\/$/, ''))
     this.server = server
     this.library = libraryOf(pool)
-    /** connection -> its reference, taken while its socket is open. */
+    /** connection -> its connection (Conn), named while its socket is open. */
     this.connections = new WeakMap()
     /** Connections whose connection_created was sent and whose close is watched. */
     this.announced = new WeakSet()
@@ -96,30 +96,33 @@ class MysqlReporter extends Reporter {
     return fields
   }
 
-  connectionRef(conn) {
-    let ref = this.connections.get(conn)
-    if (ref === undefined) {
-      ref = connectionOf(conn)
-      if (ref !== null) this.connections.set(conn, ref)
+  /** The connection's Conn, or null if its socket cannot be named. */
+  connFor(conn) {
+    let known = this.connections.get(conn)
+    if (known === undefined || !known.live) {
+      const ref = connectionOf(conn)
+      if (ref === null) return null
+      known = this.connOf(ref)
+      this.connections.set(conn, known)
     }
-    return ref
+    return known
   }
 
   /** A connection the pool made (its `connection` event), or one first
    * seen when handed out: announce it and watch its socket close. */
   announce(conn) {
     if (!conn || typeof conn !== 'object' || this.announced.has(conn)) return
-    const ref = this.connectionRef(conn)
-    if (ref === null) return
+    const known = this.connFor(conn)
+    if (known === null) return
     this.announced.add(conn)
-    this.sendRef('connection_created', ref)
+    this.sendConn('connection_created', known)
     const [socket] = socketsOf(conn)
     if (socket && typeof socket.once === 'function') {
       socket.once(
         'close',
         safely(() => {
-          this.forget(ref)
-          this.sendRef('connection_closed', ref)
+          this.forget(known)
+          this.sendConn('connection_closed', known)
         })
       )
     }
@@ -127,14 +130,14 @@ class MysqlReporter extends Reporter {
 
   acquired(acquire, err, conn) {
     if (acquire === null) return
-    const now = monotonicNs()
+    const now = clockMs()
     if (err) {
       this.acquireEnd(acquire, resultOfError(err), null, eventLoopTid, now)
       return
     }
     this.announce(conn)
-    const ref = this.connectionRef(conn)
-    if (ref !== null) this.handedOut(acquire, ref, eventLoopTid, now)
+    const known = this.connFor(conn)
+    if (known !== null) this.handedOut(acquire, known, eventLoopTid, now)
     else this.acquireEnd(acquire, 'ok', null, eventLoopTid, now)
   }
 
@@ -143,9 +146,13 @@ class MysqlReporter extends Reporter {
    * removed (`_pool` null), which is a close, reported from the socket. */
   released(conn) {
     if (!conn || !conn._pool) return
-    const ref = this.connections.get(conn) || connectionOf(conn)
+    let known = this.connections.get(conn)
+    if (known === undefined) {
+      const ref = connectionOf(conn)
+      known = ref === null ? null : this.knownConn(ref)
+    }
     // Once per checkout: a second release of the same checkout is not one.
-    if (ref) this.releasedConnection(ref, false)
+    if (known !== null) this.releasedConnection(known, false)
   }
 
   install() {

@@ -2,7 +2,7 @@
 // node-postgres (pg.Pool, pg-pool 3.x): pool registration, acquires with
 // their wait, releases, connections opened and closed.
 
-const { monotonicNs } = require('./sender')
+const { clockMs } = require('./sender')
 const { Reporter, formatAddress, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
 
 const LIBRARY = 'node-postgres'
@@ -90,7 +90,7 @@ class PgReporter extends Reporter {
     const server = serverFromOptions(pool.options || {})
     super(pool, options, `${server.host}:${server.port}/${server.database ?? ''}`.replace(/\/$/, ''))
     this.server = server
-    /** client -> its connection reference, taken while the socket is open
+    /** client -> its connection (Conn), named while the socket is open
      * (the pool emits `remove` only after the socket is closed). */
     this.connections = new WeakMap()
     this.learnedFromClient = false
@@ -133,48 +133,55 @@ class PgReporter extends Reporter {
     }
   }
 
-  connectionRef(client) {
-    let ref = this.connections.get(client)
-    if (ref === undefined) {
-      ref = connectionOf(client)
-      if (ref !== null && client && typeof client === 'object') this.connections.set(client, ref)
+  /** The client's connection (a Conn), or null if its socket cannot be named. */
+  connFor(client) {
+    let conn = this.connections.get(client)
+    if (conn === undefined || !conn.live) {
+      const ref = connectionOf(client)
+      if (ref === null) return null
+      conn = this.connOf(ref)
+      if (client && typeof client === 'object') this.connections.set(client, conn)
     }
-    return ref
+    return conn
   }
 
   onConnect(client) {
     this.learnFrom(client)
-    const ref = this.connectionRef(client)
-    if (ref !== null) this.sendRef('connection_created', ref)
+    const conn = this.connFor(client)
+    if (conn !== null) this.sendConn('connection_created', conn)
   }
 
   onRemove(client) {
-    const ref = this.connections.get(client) || connectionOf(client)
-    if (ref) {
-      this.forget(ref)
-      this.sendRef('connection_closed', ref)
+    let conn = this.connections.get(client)
+    if (conn === undefined) {
+      const ref = connectionOf(client)
+      conn = ref === null ? null : this.knownConn(ref) || this.connOf(ref)
+    }
+    if (conn !== null) {
+      this.forget(conn)
+      this.sendConn('connection_closed', conn)
     }
   }
 
   /** Called when pool.connect() hands out `client` (or fails). */
   acquired(acquire, err, client) {
     if (acquire === null) return
-    const now = monotonicNs()
+    const now = clockMs()
     if (err) {
-      this.acquireEnd(acquire, isTimeout(err) ? 'timeout' : 'error', null, undefined, now)
+      this.acquireEnd(acquire, isTimeout(err) ? 'timeout' : 'error', null, 0, now)
       return
     }
-    const ref = this.connectionRef(client)
-    if (ref !== null) this.handedOut(acquire, ref, undefined, now)
-    else this.acquireEnd(acquire, 'ok', null, undefined, now)
+    const conn = this.connFor(client)
+    if (conn !== null) this.handedOut(acquire, conn, 0, now)
+    else this.acquireEnd(acquire, 'ok', null, 0, now)
     if (!this.releaseEvent) this.wrapRelease(client)
   }
 
   /** The checkout of `client` ended (reported once per checkout: pg-pool
    * throws on a second release before it would report it again). */
   onRelease(client) {
-    const ref = this.connectionRef(client)
-    if (ref !== null) this.releasedConnection(ref, true)
+    const conn = this.connFor(client)
+    if (conn !== null) this.releasedConnection(conn, true)
   }
 
   /** A pool without the `release` event gives each checkout its own
@@ -205,7 +212,17 @@ class PgReporter extends Reporter {
     const reporter = this
     pool.on('connect', safely((client) => reporter.onConnect(client)))
     pool.on('remove', safely((client) => reporter.onRemove(client)))
-    if (this.releaseEvent) pool.on('release', safely((err, client) => reporter.onRelease(client)))
+    // Called once per checkout: a plain function (no rest arguments to
+    // collect and apply, as `safely` does).
+    if (this.releaseEvent) {
+      pool.on('release', function onPoolRelease(err, client) {
+        try {
+          reporter.onRelease(client)
+        } catch (e) {
+          // never into the application
+        }
+      })
+    }
 
     const originalConnect = pool.connect
     pool.connect = function connect(callback) {

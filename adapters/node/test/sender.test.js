@@ -11,7 +11,7 @@ const os = require('node:os')
 const path = require('node:path')
 const { spawn } = require('node:child_process')
 
-const { Sender, encode, socketPathFromEnv, senderFor, DEFAULT_SOCKET, MAX_BACKLOG, MAX_MESSAGE_BYTES } = require('../lib/sender')
+const { Sender, encode, socketPathFromEnv, senderFor, DEFAULT_SOCKET, MAX_BACKLOG, MAX_MESSAGE_BYTES, monoNsAt, clockMs, MONO_BASE_SLACK_NS } = require('../lib/sender')
 const adapter = require('../lib/index')
 const { Receiver, collect, eventually } = require('./helpers')
 
@@ -75,7 +75,7 @@ test('one line per message on one stream, in order, without pid', async (t) => {
   assert.equal(s.comebacks, 0, 'the first connection is not a comeback')
 })
 
-test('mono_ns is process.hrtime.bigint() written in full, even past 2^53', async (t) => {
+test('mono_ns is CLOCK_MONOTONIC (process.hrtime.bigint(), within the clock base\'s slack) written in full, even past 2^53', async (t) => {
   const rx = new Receiver({ golden: false })
   t.after(() => rx.close())
   const sender = new Sender(rx.path, fast)
@@ -85,7 +85,9 @@ test('mono_ns is process.hrtime.bigint() written in full, even past 2^53', async
   const after = process.hrtime.bigint()
   const [m] = await rx.drain([sender])
   const stamped = BigInt(/"mono_ns":(\d+)}$/.exec(m.text)[1])
-  assert.ok(stamped >= before && stamped <= after)
+  const slack = BigInt(MONO_BASE_SLACK_NS)
+  assert.ok(slack < 50_000n, `the adapter's clock is within ${slack} ns of CLOCK_MONOTONIC`)
+  assert.ok(stamped >= before - slack && stamped <= after + slack, `${before} <= ${stamped} <= ${after} (slack ${slack})`)
   const huge = 2n ** 60n + 1n
   assert.match(encode({ v: 1 }, huge).toString(), /^\{"v":1,"mono_ns":1152921504606846977\}$/)
   assert.equal(encode({ v: 1 }, undefined).toString(), '{"v":1}')
@@ -303,7 +305,8 @@ test('after a comeback the state comes first, then what waited, in order', async
   const reporter = testReporter(sender, 'p')
   reporter.start(0)
   t.after(() => reporter.stop())
-  reporter.checkedOut({ local_address: '10.0.0.7:51234', fd: 12 }, 1000n, 81233)
+  const sinceMs = 1234.5
+  reporter.checkedOut(reporter.connOf({ local_address: '10.0.0.7:51234', fd: 12 }), sinceMs, 81233)
   assert.deepEqual((await rx.messages([sender])).map((m) => m.kind), ['pool'])
   await rx.stop()
   await eventually(() => !sender.stats().connected)
@@ -312,7 +315,7 @@ test('after a comeback the state comes first, then what waited, in order', async
   await rx.listen()
   const got = await collect(rx, 7)
   assert.deepEqual(got.map((m) => m.kind), ['pool', 'checkout_state', 'release', 'release', 'release', 'release', 'release'])
-  assert.deepEqual(got[1].checkouts, [{ local_address: '10.0.0.7:51234', fd: 12, tid: 81233, mono_ns: 1000 }])
+  assert.deepEqual(got[1].checkouts, [{ local_address: '10.0.0.7:51234', fd: 12, tid: 81233, mono_ns: Number(monoNsAt(sinceMs)) }])
   assert.deepEqual(got.slice(2).map((m) => [m.fd, m.mono_ns]), [0, 1, 2, 3, 4].map((i) => [i, 2000 + i]))
   await eventually(() => sender.stats().comebacks === 1, 3000)
 })
@@ -328,7 +331,8 @@ test('checkout_state lines fit in 4096 bytes: 64 IPv6 checkouts, a 128-character
   for (let i = 0; i < 64; i++) {
     const address = `[fd12:3456:789a:bcde:f012:3456:789a:${i.toString(16).padStart(4, '0')}]:${60000 + i}`
     want.push(address)
-    reporter.checkedOut({ local_address: address, fd: 1000 + i }, 2n ** 60n + BigInt(i), 4194304)
+    // Handed out 30 years into the machine's uptime: mono_ns past 2^53.
+    reporter.checkedOut(reporter.connOf({ local_address: address, fd: 1000 + i }), 1e12 + i, 4194304)
   }
   reporter.sendState()
   assert.ok(lines.length > 2, `${lines.length} lines: split by bytes, not only by 32 entries`)
@@ -363,23 +367,26 @@ test('folded checkouts written as bytes read back exactly, waiting for the agent
   t.after(() => sender.close())
   const name = 'zahlungen-€-😀'
   const reporter = testReporter(sender, name)
-  const entry = { ref: { local_address: '[fd00::1]:5432', fd: 31 }, waits: [], uses: [], foldTid: undefined, foldNs: 0n }
-  const big = 2n ** 64n - 1n
+  const entry = reporter.connOf({ local_address: '[fd00::1]:5432', fd: 31 })
+  const big = Number.MAX_SAFE_INTEGER
+  // Ended 104 days into the machine's uptime: mono_ns past 2^53.
+  const lateMs = 2 ** 53 / 1e6 + 12
   // Not connected yet: the line waits in the backlog.
   assert.equal(sender.stats().connected, false)
-  assert.ok(reporter.fold(entry, 1500n, 250000n, 4321, 2n ** 53n + 11n))
-  assert.ok(reporter.fold(entry, 0n, big, 4322, 2n ** 53n + 12n))
+  assert.ok(reporter.fold(entry, 1500, 250000, 4321, lateMs - 1))
+  assert.ok(reporter.fold(entry, 0, big, 4322, lateMs))
   assert.ok(reporter.sendFolded(entry))
   assert.deepEqual([entry.waits.length, entry.uses.length], [0, 0], 'sent, then forgotten')
   await eventually(() => sender.stats().connected)
   // Connected: straight into the batch; 64 at most per line.
-  for (let i = 0; i < 65; i++) reporter.fold(entry, BigInt(i), BigInt(2 * i), undefined, 123456789n)
+  for (let i = 0; i < 65; i++) reporter.fold(entry, i, 2 * i, 0, 123.456789)
   assert.equal(entry.waits.length, 1, 'the 64th sent its line at once')
   assert.ok(reporter.sendFolded(entry))
   const lines = await rx.drain([sender])
   assert.equal(lines.length, 3)
   // Past 2^53 the numbers are written in full (JSON.parse would round them).
-  assert.ok(lines[0].text.endsWith(`"waits_ns":[1500,0],"uses_ns":[250000,${big}],"mono_ns":${2n ** 53n + 12n}}`), lines[0].text)
+  assert.ok(monoNsAt(lateMs) > 2n ** 53n)
+  assert.ok(lines[0].text.endsWith(`"waits_ns":[1500,0],"uses_ns":[250000,${big}],"mono_ns":${monoNsAt(lateMs)}}`), lines[0].text)
   const got = lines.map((l) => l.json)
   assert.deepEqual(
     [got[0].kind, got[0].pool, got[0].local_address, got[0].fd, got[0].tid, got[0].request],
@@ -388,7 +395,7 @@ test('folded checkouts written as bytes read back exactly, waiting for the agent
   assert.deepEqual(got[1].waits_ns, [...Array(64).keys()])
   assert.deepEqual(got[1].uses_ns, [...Array(64).keys()].map((i) => 2 * i))
   assert.equal(got[1].tid, undefined)
-  assert.deepEqual([got[2].waits_ns, got[2].uses_ns, got[2].mono_ns], [[64], [128], 123456789])
+  assert.deepEqual([got[2].waits_ns, got[2].uses_ns, got[2].mono_ns], [[64], [128], Number(monoNsAt(123.456789))])
   assert.equal(sender.stats().dropped, 0)
 })
 
@@ -399,13 +406,13 @@ test('a checkout written as bytes reads as the message it stands for, waiting fo
   t.after(() => sender.close())
   const name = 'zahlungen-€-😀'
   const reporter = testReporter(sender, name)
-  const ref = { local_address: '[fd00::1]:5432', fd: 31 }
+  const conn = reporter.connOf({ local_address: '[fd00::1]:5432', fd: 31 })
   // Not connected yet: the line waits in the backlog.
   assert.equal(sender.stats().connected, false)
-  assert.ok(reporter.sendCheckout(7, ref, 4321, 1500n, 250000n, 2n ** 53n + 11n))
+  assert.ok(reporter.sendCheckout(7, conn, 4321, 1500, 250000, 2n ** 53n + 11n))
   await eventually(() => sender.stats().connected)
   // Connected: straight into the batch (no tid, no wait: its start was sent).
-  assert.ok(reporter.sendCheckout(2 ** 40, ref, undefined, null, 0n, 123456789n))
+  assert.ok(reporter.sendCheckout(2 ** 40, conn, 0, -1, 0, 123456789n))
   const lines = await rx.drain([sender])
   assert.equal(lines.length, 2)
   const got = lines.map((l) => l.json)
@@ -421,4 +428,38 @@ test('a checkout written as bytes reads as the message it stands for, waiting fo
     use_ns: 0, mono_ns: 123456789,
   })
   assert.equal(sender.stats().dropped, 0)
+})
+
+test('a checkout handed out less than a batch ago stays held through the batch and folds; an older one, or any with a waiter, is sent', async (t) => {
+  const rx = new Receiver()
+  t.after(() => rx.close())
+  // A batch period far longer than the test: the batches leave when the
+  // test says (_batchTime, what the interval's tick does).
+  const sender = new Sender(rx.path, { ...fast, batchMs: 60_000 })
+  t.after(() => sender.close())
+  const reporter = testReporter(sender, 'p')
+  reporter.register()
+  await eventually(() => sender.stats().connected)
+  sender._batchTime()
+  assert.deepEqual((await rx.drain([sender])).map((l) => l.json.kind), ['pool'])
+  const young = reporter.connOf({ local_address: '127.0.0.1:40001', fd: 41 })
+  const old = reporter.connOf({ local_address: '127.0.0.1:40002', fd: 42 })
+  const now = clockMs()
+  reporter.handedOut(reporter.acquireStart(7), young, 7, now)
+  reporter.handedOut(reporter.acquireStart(8), old, 8, now - 120_000)
+  sender._batchTime()
+  assert.ok(reporter.pendingScheduled && sender.stats().batching, 'the young one waits for the next batch')
+  assert.notEqual(young.held, null)
+  assert.equal(old.held, null)
+  reporter.releasedConnection(young, true)
+  sender._batchTime()
+  let got = (await rx.drain([sender])).map((l) => l.json)
+  assert.deepEqual(got.map((m) => [m.kind, m.fd]), [['acquire_end', 42], ['checkouts', 41]], 'the old one at once, the young one folded')
+  assert.equal(got[1].waits_ns.length, 1)
+  // With a waiter, every held checkout goes before it, however young.
+  reporter.handedOut(reporter.acquireStart(7), young, 7, clockMs())
+  const waiter = reporter.acquireStart(9)
+  sender._batchTime()
+  got = (await rx.drain([sender])).map((l) => l.json)
+  assert.deepEqual(got.map((m) => [m.kind, m.fd, m.request]), [['acquire_end', 41, got[0].request], ['acquire_start', undefined, waiter.request]])
 })
