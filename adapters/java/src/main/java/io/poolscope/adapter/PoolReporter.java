@@ -6,7 +6,9 @@ import java.util.Arrays;
 import java.util.Comparator;
 import java.util.List;
 import java.util.Map;
+import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicIntegerFieldUpdater;
 import java.util.concurrent.atomic.AtomicLong;
@@ -40,17 +42,19 @@ public final class PoolReporter {
     private final String quotedName;
     private volatile PoolInfo info;
     private final AtomicLong nextRequest = new AtomicLong(1);
-    private final Map<String, Checkout> out = new ConcurrentHashMap<>();
-    /** Handed-out connections whose acquire_end is not sent yet. */
-    private final Map<String, HeldEnd> held = new ConcurrentHashMap<>();
-    /** Per connection, the {@code checkouts} line its short checkouts are
-     * folded into until the writer takes it (see {@link Folded}). */
-    private final Map<String, Folded> folding = new ConcurrentHashMap<>();
+    /** The pool's connections by local address, checked out or not: a
+     * connection's entry stays between checkouts, so that a checkout adds
+     * and removes no map entry; its close drops it. */
+    private final Map<String, Conn> conns = new ConcurrentHashMap<>();
+    /** Acquires whose {@code acquire_start} is not sent and that have not ended. */
+    private final Set<Acquire> waiting = ConcurrentHashMap.newKeySet();
+    /** Connections checked out now. */
+    private final AtomicInteger out = new AtomicInteger();
+    /** Whether the writer's next batch will call {@link #pendingLines}. */
+    private final AtomicBoolean pendingScheduled = new AtomicBoolean();
     private final AtomicLong skipped = new AtomicLong();
     private volatile long stateIntervalNanos = DEFAULT_STATE_INTERVAL_NANOS;
     private volatile long lastStateNanos = System.nanoTime();
-
-    private record Checkout(String localAddress, long sinceNanos, int tid) {}
 
     /** {@code name}: unique within the process, cut to 128 characters. */
     public PoolReporter(Reporter reporter, String name, PoolInfo info) {
@@ -77,7 +81,7 @@ public final class PoolReporter {
 
     /** Connections checked out now, as this adapter knows them. */
     public int checkedOut() {
-        return out.size();
+        return out.get();
     }
 
     /** Messages not sent because no local address named the connection. */
@@ -113,28 +117,26 @@ public final class PoolReporter {
 
     /**
      * One acquire, from {@link #acquireStart} to its end. Its
-     * {@code acquire_start} is made by the writer thread when it reaches
-     * it, and only if the acquire has not ended by then: most acquires find
-     * an idle connection at once and end within the writer's batch window,
-     * and their {@code acquire_end} carries the wait ({@code wait_ns})
-     * instead, one message instead of two. An acquire still waiting when
-     * the writer comes is sent as pending, with the time it began.
+     * {@code acquire_start} is sent by the writer's next batch, and only if
+     * the acquire has not ended by then: most acquires find an idle
+     * connection at once and end first, and their {@code acquire_end}
+     * carries the wait ({@code wait_ns}) instead, one message instead of
+     * two. An acquire still waiting then is sent as pending, with the time
+     * it began.
      */
-    public static final class Acquire implements Reporter.Deferred {
+    public static final class Acquire {
         private static final int STARTING = 0;
         private static final int START_SENT = 1;
         private static final int ENDED = 2;
         private static final AtomicIntegerFieldUpdater<Acquire> STATE =
                 AtomicIntegerFieldUpdater.newUpdater(Acquire.class, "state");
 
-        private final PoolReporter pool;
         private final long request;
         private final long startNanos;
         private final int tid;
         private volatile int state = STARTING;
 
-        Acquire(PoolReporter pool, long request, long startNanos, int tid) {
-            this.pool = pool;
+        Acquire(long request, long startNanos, int tid) {
             this.request = request;
             this.startNanos = startNanos;
             this.tid = tid;
@@ -145,16 +147,9 @@ public final class PoolReporter {
             return request;
         }
 
-        @Override
-        public byte[] lineIfStillWanted() {
-            if (!STATE.compareAndSet(this, STARTING, START_SENT)) {
-                return null;
-            }
-            Json m = pool.message("acquire_start", startNanos).put("request", request);
-            if (tid > 0) {
-                m.put("tid", tid);
-            }
-            return m.toString().getBytes(StandardCharsets.UTF_8);
+        /** The writer sends its start: true if it had not ended. */
+        boolean startSent() {
+            return STATE.compareAndSet(this, STARTING, START_SENT);
         }
 
         /** Ends it: true if its start was not sent (the end carries the wait). */
@@ -163,12 +158,54 @@ public final class PoolReporter {
         }
     }
 
+    /**
+     * One connection of the pool (by local address) and what of it waits
+     * for the writer's next batch: the {@code acquire_end} of its checkout
+     * ({@code held}), and its short checkouts since the last batch, folded
+     * (their waits and uses, the last holder, the last release). Guarded by
+     * its monitor: one application thread at a time holds a connection, and
+     * the writer looks at it once per batch.
+     */
+    private static final class Conn {
+        final String localAddress;
+        /** Handed out at, or -1 while in the pool. */
+        long sinceNanos = -1;
+        int tid;
+        /** Whether the checkout's acquire_end waits for the batch. */
+        boolean held;
+        long heldRequest;
+        /** The held acquire_end's wait, or -1 when the acquire's start was sent. */
+        long heldWait = -1;
+        long[] waits = new long[8];
+        long[] uses = new long[8];
+        int folded;
+        int foldTid;
+        long foldAtNanos;
+        /** Closed: dropped from the pool's connections. */
+        boolean closed;
+
+        Conn(String localAddress) {
+            this.localAddress = localAddress;
+        }
+    }
+
+    private Conn conn(String localAddress) {
+        Conn c = conns.get(localAddress);
+        return c != null ? c : conns.computeIfAbsent(localAddress, Conn::new);
+    }
+
     /** A caller of this thread asks for a connection (see {@link Acquire}). */
     public Acquire acquireStart() {
-        Acquire acquire = new Acquire(this, nextRequest.getAndIncrement(), Threads.monotonicNanos(),
-                Threads.currentTid());
-        reporter.sendDeferred(acquire);
-        return acquire;
+        try {
+            Acquire acquire = new Acquire(nextRequest.getAndIncrement(), Threads.monotonicNanos(),
+                    Threads.currentTid());
+            waiting.add(acquire);
+            schedulePending();
+            return acquire;
+        } catch (RuntimeException e) {
+            // Never into the application; the end of a null acquire is not reported.
+            return null;
+        }
     }
 
     /** {@code acquire_end}, result ok: the calling thread got this connection. */
@@ -194,20 +231,34 @@ public final class PoolReporter {
             long at = Threads.monotonicNanos();
             int tid = Threads.currentTid();
             long waitNanos = acquire.end() ? Math.max(0, at - acquire.startNanos) : -1;
+            waiting.remove(acquire);
             boolean ok = result.equals("ok");
             if (ok && localAddress == null) {
                 skipped.incrementAndGet();
                 return;
             }
             if (ok) {
-                // Before sending: a state re-sent from now on includes it.
-                out.put(localAddress, new Checkout(localAddress, at, tid));
-                HeldEnd end = new HeldEnd(acquire.request(), localAddress, tid, waitNanos, at);
-                held.put(localAddress, end);
-                reporter.sendDeferred(end);
+                // Its acquire_end waits for the batch: if the connection
+                // comes back first (a short checkout, the usual one) the
+                // pair is folded into the connection's checkouts line.
+                Conn c = conn(localAddress);
+                synchronized (c) {
+                    if (c.held) {
+                        sendHeldNow(c);
+                    }
+                    if (c.sinceNanos < 0) {
+                        out.incrementAndGet();
+                    }
+                    c.sinceNanos = at;
+                    c.tid = tid;
+                    c.held = true;
+                    c.heldRequest = acquire.request;
+                    c.heldWait = waitNanos;
+                }
+                schedulePending();
                 return;
             }
-            Json m = message("acquire_end", at).put("request", acquire.request()).put("result", result);
+            Json m = message("acquire_end", at).put("request", acquire.request).put("result", result);
             if (tid > 0) {
                 m.put("tid", tid);
             }
@@ -221,61 +272,6 @@ public final class PoolReporter {
     }
 
     /**
-     * The {@code acquire_end} of a connection handed out, made by the writer
-     * thread when it reaches it, unless the connection came back first: then
-     * the checkout leaves as one {@code checkout} message from
-     * {@link #release} (a short checkout, the usual one). One held over the
-     * batch window is sent with its own time, so the agent sees the
-     * connection in use within a window.
-     */
-    private final class HeldEnd implements Reporter.Deferred {
-        private static final int HELD = 0;
-        private static final int SENT = 1;
-        private static final int FOLDED = 2;
-
-        final long request;
-        final String localAddress;
-        final int tid;
-        /** -1 when the acquire's start was sent. */
-        final long waitNanos;
-        final long atNanos;
-        private final AtomicInteger state = new AtomicInteger(HELD);
-
-        HeldEnd(long request, String localAddress, int tid, long waitNanos, long atNanos) {
-            this.request = request;
-            this.localAddress = localAddress;
-            this.tid = tid;
-            this.waitNanos = waitNanos;
-            this.atNanos = atNanos;
-        }
-
-        @Override
-        public byte[] lineIfStillWanted() {
-            if (!state.compareAndSet(HELD, SENT)) {
-                return null;
-            }
-            Json m = message("acquire_end", atNanos).put("request", request).put("result", "ok")
-                    .put("local_address", localAddress);
-            return withHolder(m).toString().getBytes(StandardCharsets.UTF_8);
-        }
-
-        /** True if the end was not sent: the release may stand for both. */
-        boolean fold() {
-            return state.compareAndSet(HELD, FOLDED);
-        }
-
-        Json withHolder(Json m) {
-            if (tid > 0) {
-                m.put("tid", tid);
-            }
-            if (waitNanos >= 0) {
-                m.put("wait_ns", waitNanos);
-            }
-            return m;
-        }
-    }
-
-    /**
      * {@code release}: the caller returned the connection to the pool. A
      * short checkout (its acquire_end not sent yet) is folded into the
      * connection's {@code checkouts} line, or, if its acquire_start was
@@ -283,19 +279,35 @@ public final class PoolReporter {
      */
     public void release(String localAddress) {
         try {
-            HeldEnd end = localAddress == null ? null : held.remove(localAddress);
-            if (end != null && end.fold()) {
-                out.remove(localAddress);
+            if (localAddress == null) {
+                skipped.incrementAndGet();
+                return;
+            }
+            Conn c = conns.get(localAddress);
+            if (c != null) {
                 long at = Threads.monotonicNanos();
-                long use = Math.max(0, at - end.atNanos);
-                if (end.waitNanos >= 0) {
-                    fold(localAddress, end.waitNanos, use, end.tid, at);
+                synchronized (c) {
+                    if (c.held) {
+                        c.held = false;
+                        long use = Math.max(0, at - c.sinceNanos);
+                        int tid = c.tid;
+                        returned(c);
+                        if (c.heldWait >= 0) {
+                            fold(c, c.heldWait, use, tid, at);
+                            return;
+                        }
+                        // Its folded checkouts came before it.
+                        sendFoldedNow(c);
+                        Json m = message("checkout", at).put("request", c.heldRequest)
+                                .put("local_address", localAddress);
+                        reporter.send(withHolder(m, tid, -1).put("use_ns", use).toString());
+                        return;
+                    }
+                    returned(c);
+                    sendFoldedNow(c);
+                    reporter.send(message("release", at).put("local_address", localAddress).toString());
                     return;
                 }
-                Json m = message("checkout", at).put("request", end.request)
-                        .put("local_address", localAddress);
-                reporter.send(end.withHolder(m).put("use_ns", use).toString());
-                return;
             }
         } catch (RuntimeException e) {
             // Never into the application.
@@ -303,93 +315,167 @@ public final class PoolReporter {
         connectionMessage("release", localAddress);
     }
 
-    /** Adds a short checkout to its connection's open {@code checkouts}
-     * line, or to a new one queued now (after everything sent about the
-     * connection so far). */
-    private void fold(String localAddress, long waitNanos, long useNanos, int tid, long atNanos) {
-        Folded line = folding.get(localAddress);
-        if (line != null && line.add(waitNanos, useNanos, tid, atNanos)) {
-            return;
+    /** Called with c's monitor held. */
+    private void returned(Conn c) {
+        if (c.sinceNanos >= 0) {
+            c.sinceNanos = -1;
+            out.decrementAndGet();
         }
-        line = new Folded(localAddress);
-        line.add(waitNanos, useNanos, tid, atNanos);
-        folding.put(localAddress, line);
-        if (!reporter.sendDeferred(line)) {
-            folding.remove(localAddress, line);
+    }
+
+    /** A short checkout of c, folded into its next {@code checkouts} line
+     * (sent at once when it holds {@value #MAX_FOLDED}). Called with c's
+     * monitor held. */
+    private void fold(Conn c, long waitNanos, long useNanos, int tid, long atNanos) {
+        int n = c.folded;
+        if (n == c.waits.length) {
+            c.waits = Arrays.copyOf(c.waits, n * 2);
+            c.uses = Arrays.copyOf(c.uses, n * 2);
+        }
+        c.waits[n] = waitNanos;
+        c.uses[n] = useNanos;
+        c.folded = n + 1;
+        c.foldTid = tid;
+        c.foldAtNanos = atNanos;
+        if (c.folded >= MAX_FOLDED) {
+            sendFoldedNow(c);
+        } else if (n == 0) {
+            schedulePending();
+        }
+    }
+
+    /** c's folded checkouts as one {@code checkouts} line (null if none),
+     * and forgotten. Called with c's monitor held. */
+    private byte[] foldedLine(Conn c) {
+        int n = c.folded;
+        if (n == 0) {
+            return null;
+        }
+        c.folded = 0;
+        Json m = message("checkouts", c.foldAtNanos).put("local_address", c.localAddress);
+        if (c.foldTid > 0) {
+            m.put("tid", c.foldTid);
+        }
+        m.putRaw("waits_ns", list(c.waits, n)).putRaw("uses_ns", list(c.uses, n));
+        return m.toString().getBytes(StandardCharsets.UTF_8);
+    }
+
+    /** c's held acquire_end as a line, and no longer held. Called with c's monitor held. */
+    private byte[] heldLine(Conn c) {
+        c.held = false;
+        Json m = message("acquire_end", c.sinceNanos).put("request", c.heldRequest).put("result", "ok")
+                .put("local_address", c.localAddress);
+        return withHolder(m, c.tid, c.heldWait).toString().getBytes(StandardCharsets.UTF_8);
+    }
+
+    /** Queues c's folded line now, ahead of a message about c. Called with c's monitor held. */
+    private void sendFoldedNow(Conn c) {
+        byte[] line = foldedLine(c);
+        if (line != null) {
+            reporter.sendLine(line);
+        }
+    }
+
+    /** Queues c's folded line and held acquire_end now. Called with c's monitor held. */
+    private void sendHeldNow(Conn c) {
+        sendFoldedNow(c);
+        if (c.held) {
+            reporter.sendLine(heldLine(c));
+        }
+    }
+
+    private static Json withHolder(Json m, int tid, long waitNanos) {
+        if (tid > 0) {
+            m.put("tid", tid);
+        }
+        if (waitNanos >= 0) {
+            m.put("wait_ns", waitNanos);
+        }
+        return m;
+    }
+
+    private static StringBuilder list(long[] values, int count) {
+        StringBuilder b = new StringBuilder(count * 8 + 2).append('[');
+        for (int i = 0; i < count; i++) {
+            if (i > 0) {
+                b.append(',');
+            }
+            b.append(values[i]);
+        }
+        return b.append(']');
+    }
+
+    /** Makes sure the writer's next batch calls {@link #pendingLines}. */
+    private void schedulePending() {
+        if (!pendingScheduled.get() && pendingScheduled.compareAndSet(false, true)) {
+            reporter.wantPending();
         }
     }
 
     /**
-     * Short checkouts of one connection, folded into one {@code checkouts}
-     * line (their waits and uses, the last holder and release): a busy
-     * service sends a line per connection and batch instead of a message
-     * per checkout. Checkouts are added until the writer takes the line
-     * (or it holds {@value #MAX_FOLDED}); the line sits in the queue where
-     * its first checkout was folded, so it leaves before any later message
-     * about its connection (a later checkout of the connection that was
-     * sent on its own came after the writer took the line).
+     * What waits for the batch, called by the writer as it writes one (after
+     * the lines queued for it): every connection's folded checkouts, then,
+     * in the order they happened, the starts of acquires still waiting and
+     * the ends of checkouts still out, so that the agent sees the pool as a
+     * waiter saw it. With nobody waiting, a checkout handed out less than a
+     * batch window ago stays held for the next batch: most end before it
+     * and fold (a busy loop is mid-query at every batch, and would
+     * otherwise send an acquire_end and a release per batch); one that
+     * lasts is sent a batch later.
      */
-    private final class Folded implements Reporter.Deferred {
-        private final String localAddress;
-        private long[] waits = new long[8];
-        private long[] uses = new long[8];
-        private int count;
-        private int tid;
-        private long atNanos;
-        private boolean taken;
-
-        Folded(String localAddress) {
-            this.localAddress = localAddress;
+    void pendingLines(List<byte[]> lines, long batchNanos) {
+        if (!pendingScheduled.compareAndSet(true, false)) {
+            return;
         }
-
-        /** False once the writer took the line, or when it is full. */
-        synchronized boolean add(long waitNanos, long useNanos, int holder, long at) {
-            if (taken || count >= MAX_FOLDED) {
-                return false;
+        List<Object[]> events = new ArrayList<>();
+        for (Acquire a : waiting) {
+            if (a.state == Acquire.STARTING) {
+                events.add(new Object[] {a.startNanos, a});
             }
-            if (count == waits.length) {
-                waits = Arrays.copyOf(waits, count * 2);
-                uses = Arrays.copyOf(uses, count * 2);
-            }
-            waits[count] = waitNanos;
-            uses[count] = useNanos;
-            count++;
-            tid = holder;
-            atNanos = at;
-            return true;
         }
-
-        @Override
-        public synchronized byte[] lineIfStillWanted() {
-            taken = true;
-            folding.remove(localAddress, this);
-            if (count == 0) {
-                return null;
-            }
-            Json m = message("checkouts", atNanos).put("local_address", localAddress);
-            if (tid > 0) {
-                m.put("tid", tid);
-            }
-            m.putRaw("waits_ns", list(waits, count)).putRaw("uses_ns", list(uses, count));
-            return m.toString().getBytes(StandardCharsets.UTF_8);
-        }
-
-        /** Never sent: later checkouts start a line of their own. */
-        @Override
-        public synchronized void dropped() {
-            taken = true;
-            folding.remove(localAddress, this);
-        }
-
-        private static StringBuilder list(long[] values, int count) {
-            StringBuilder b = new StringBuilder(count * 8 + 2).append('[');
-            for (int i = 0; i < count; i++) {
-                if (i > 0) {
-                    b.append(',');
+        long youngFrom = events.isEmpty() ? Threads.monotonicNanos() - batchNanos : Long.MAX_VALUE;
+        boolean kept = false;
+        for (Conn c : conns.values()) {
+            synchronized (c) {
+                if (c.closed) {
+                    continue;
                 }
-                b.append(values[i]);
+                byte[] line = foldedLine(c);
+                if (line != null) {
+                    lines.add(line);
+                }
+                if (c.held) {
+                    if (c.sinceNanos >= youngFrom) {
+                        kept = true;
+                    } else {
+                        events.add(new Object[] {c.sinceNanos, c, c.heldRequest});
+                    }
+                }
             }
-            return b.append(']');
+        }
+        events.sort(Comparator.comparingLong(e -> (Long) e[0]));
+        for (Object[] e : events) {
+            if (e[1] instanceof Acquire a) {
+                if (a.startSent()) {
+                    waiting.remove(a);
+                    Json m = message("acquire_start", a.startNanos).put("request", a.request);
+                    if (a.tid > 0) {
+                        m.put("tid", a.tid);
+                    }
+                    lines.add(m.toString().getBytes(StandardCharsets.UTF_8));
+                }
+                continue;
+            }
+            Conn c = (Conn) e[1];
+            synchronized (c) {
+                // Still the same checkout, still held.
+                if (c.held && !c.closed && c.heldRequest == (Long) e[2]) {
+                    lines.add(heldLine(c));
+                }
+            }
+        }
+        if (kept) {
+            schedulePending();
         }
     }
 
@@ -409,16 +495,21 @@ public final class PoolReporter {
                 skipped.incrementAndGet();
                 return;
             }
-            if (!kind.equals("connection_created")) {
-                out.remove(localAddress);
-                // A held acquire_end and a folded line stay queued ahead of
-                // this message; a later connection on the same address
-                // starts a line of its own, after it.
-                held.remove(localAddress);
-                folding.remove(localAddress);
+            long at = Threads.monotonicNanos();
+            String line = message(kind, at).put("local_address", localAddress).toString();
+            Conn c = kind.equals("connection_created") ? null : conns.remove(localAddress);
+            if (c == null) {
+                reporter.send(line);
+                return;
             }
-            reporter.send(message(kind, Threads.monotonicNanos())
-                    .put("local_address", localAddress).toString());
+            // What waits for the batch about it goes first; a later
+            // connection on the same address is a new entry.
+            synchronized (c) {
+                sendHeldNow(c);
+                returned(c);
+                c.closed = true;
+                reporter.send(line);
+            }
         } catch (RuntimeException e) {
             // Never into the application.
         }
@@ -450,11 +541,20 @@ public final class PoolReporter {
         lastStateNanos = System.nanoTime();
         List<String> lines = new ArrayList<>();
         lines.add(registration());
-        List<Checkout> entries = new ArrayList<>(out.values());
+        List<long[]> entries = new ArrayList<>();
+        List<String> addresses = new ArrayList<>();
+        for (Conn c : conns.values()) {
+            synchronized (c) {
+                if (!c.closed && c.sinceNanos >= 0) {
+                    entries.add(new long[] {c.sinceNanos, c.tid, addresses.size()});
+                    addresses.add(c.localAddress);
+                }
+            }
+        }
         if (entries.isEmpty()) {
             return lines;
         }
-        entries.sort(Comparator.comparingLong(Checkout::sinceNanos));
+        entries.sort(Comparator.comparingLong(e -> e[0]));
         // One time for the whole state: when it was taken.
         String empty = message("checkout_state", Threads.monotonicNanos()).putRaw("checkouts", "").toString();
         // {...,"checkouts":  +  [ e,e,... ]  +  }
@@ -463,10 +563,10 @@ public final class PoolReporter {
         StringBuilder list = new StringBuilder();
         int count = 0;
         int bytes = base;
-        for (Checkout c : entries) {
-            Json e = new Json().put("local_address", c.localAddress()).put("mono_ns", c.sinceNanos());
-            if (c.tid() > 0) {
-                e.put("tid", c.tid());
+        for (long[] c : entries) {
+            Json e = new Json().put("local_address", addresses.get((int) c[2])).put("mono_ns", c[0]);
+            if (c[1] > 0) {
+                e.put("tid", c[1]);
             }
             String entry = e.toString();
             int entryBytes = utf8Length(entry);
@@ -512,7 +612,7 @@ public final class PoolReporter {
     /** Re-sends the state if connections are out and the interval has passed. */
     void sendStateIfDue(long nowNanos) {
         long interval = stateIntervalNanos;
-        if (interval > 0 && !out.isEmpty() && nowNanos - lastStateNanos >= interval) {
+        if (interval > 0 && out.get() > 0 && nowNanos - lastStateNanos >= interval) {
             sendState();
         }
     }

@@ -25,7 +25,7 @@ import java.util.concurrent.atomic.AtomicLong;
  * line in a bounded, ordered queue of {@value #MAX_QUEUED} messages (or
  * drops and counts it when the queue is full) and returns; one daemon
  * thread ({@code poolscope-adapter}) writes the queue to the socket, the
- * messages of {@link #BATCH_NANOS 10 ms} at a time. When
+ * messages of {@link #BATCH_NANOS 50 ms} at a time. When
  * the agent is absent the thread drops what is queued (counted) and tries
  * again with a backoff of 100 ms doubling to 5 s, after a failed connect
  * and after a lost stream alike; the backoff starts over only once a
@@ -55,10 +55,13 @@ public final class Reporter {
     /** Bytes written per system call at most (whole lines). */
     private static final int WRITE_BYTES = 64 * 1024;
     /** How long the writer, woken by a first message, lets the next ones
-     * join it: under load it then wakes and writes a few hundred times a
-     * second, not once per message, and costs the application a lock and
-     * a queue slot per message instead of a thread wake-up. */
-    static final long BATCH_NANOS = 10_000_000L;
+     * join it: under load it then wakes and writes twenty times a second,
+     * not once per message, and costs the application a lock and a queue
+     * slot per message instead of a thread wake-up. A batch costs the
+     * writer about 100 us whatever it holds (its wake-ups, the write, the
+     * pools' pending lines; on a slow test VM): 10 ms windows took 1 % of
+     * a core under load, 50 ms take 0.2 %. */
+    static final long BATCH_NANOS = 50_000_000L;
     /** Queued messages that are written without waiting for the window
      * (a sixteenth of the queue's bound). */
     private static final int WRITE_AT_ONCE = MAX_QUEUED / 16;
@@ -75,13 +78,15 @@ public final class Reporter {
     private final Path path;
     private final long batchNanos;
     private final Object lock = new Object();
-    /** Lines ({@code byte[]}) and {@link Deferred} messages, in order.
+    /** Lines, in order.
      * The writer takes the whole queue at once (swapping in an empty one)
      * and makes and writes its lines outside the lock, so that the
      * application's threads never wait while it does; at most
      * {@value #MAX_QUEUED} wait here, and as many again in the writer's
      * hands. */
-    private ArrayDeque<Object> queue = new ArrayDeque<>();
+    private ArrayDeque<byte[]> queue = new ArrayDeque<>();
+    /** A pool asked for its pending lines to join the next batch. */
+    private boolean pendingWanted;
     private final List<WeakReference<PoolReporter>> pools = new ArrayList<>();
     private boolean writerStarted;
     private boolean writerWaiting;
@@ -101,29 +106,6 @@ public final class Reporter {
     Reporter(Path path, long batchNanos) {
         this.path = path;
         this.batchNanos = Math.max(0, batchNanos);
-    }
-
-    /**
-     * A message whose line is made when the writer reaches it, if it is
-     * still wanted then: an {@code acquire_start} is not sent once its
-     * acquire has ended (the {@code acquire_end} then carries the wait).
-     */
-    interface Deferred {
-        /** The line, or null when it is no longer to be sent. */
-        byte[] lineIfStillWanted();
-
-        /** Dropped unsent (no agent, or the stream failed): what would
-         * still join it must go elsewhere. */
-        default void dropped() {}
-    }
-
-    /** Tells the deferred messages among {@code messages} that they were dropped. */
-    private static void droppedAll(Iterable<Object> messages) {
-        for (Object message : messages) {
-            if (message instanceof Deferred deferred) {
-                deferred.dropped();
-            }
-        }
     }
 
     /** The process's reporter for the socket the environment names. */
@@ -185,18 +167,38 @@ public final class Reporter {
         }
     }
 
-    /** Queues a message whose line the writer makes (see {@link Deferred});
-     * false if it was dropped (counted). */
-    boolean sendDeferred(Deferred message) {
+    /** Queues a line already encoded (UTF-8, no newline); false if it was dropped (counted). */
+    boolean sendLine(byte[] line) {
         try {
-            return enqueue(message);
+            if (line.length > MAX_MESSAGE_BYTES) {
+                dropped.incrementAndGet();
+                return false;
+            }
+            return enqueue(line);
         } catch (RuntimeException | Error e) {
             dropped.incrementAndGet();
             return false;
         }
     }
 
-    private boolean enqueue(Object message) {
+    /** A pool has lines for the next batch ({@link PoolReporter#pendingLines}):
+     * makes sure the writer writes one. */
+    void wantPending() {
+        try {
+            synchronized (lock) {
+                pendingWanted = true;
+                if (!writerStarted) {
+                    startWriter();
+                } else if (writerWaiting) {
+                    lock.notify();
+                }
+            }
+        } catch (RuntimeException | Error e) {
+            // The next message wakes the writer.
+        }
+    }
+
+    private boolean enqueue(byte[] message) {
         synchronized (lock) {
             if (queue.size() >= MAX_QUEUED) {
                 dropped.incrementAndGet();
@@ -218,7 +220,7 @@ public final class Reporter {
         try {
             while (System.nanoTime() < deadline) {
                 synchronized (lock) {
-                    if (queue.isEmpty()) {
+                    if (queue.isEmpty() && !pendingWanted) {
                         return true;
                     }
                 }
@@ -265,12 +267,32 @@ public final class Reporter {
         return live;
     }
 
+    /** No agent: what is queued, and what the pools hold for the batch, is
+     * given up (counted), as a datagram to an absent agent would be. */
     private void dropQueued() {
+        boolean pending;
         synchronized (lock) {
             dropped.addAndGet(queue.size());
-            droppedAll(queue);
             queue.clear();
+            pending = pendingWanted;
+            pendingWanted = false;
         }
+        if (pending) {
+            dropped.addAndGet(pendingLines().size());
+        }
+    }
+
+    /** Every pool's lines for this batch (see {@link PoolReporter#pendingLines}). */
+    private List<byte[]> pendingLines() {
+        List<byte[]> lines = new ArrayList<>();
+        for (PoolReporter p : livePools()) {
+            try {
+                p.pendingLines(lines, batchNanos);
+            } catch (RuntimeException e) {
+                // One pool's bug does not keep the others' lines.
+            }
+        }
+        return lines;
     }
 
     // The writer thread's own state (no other thread touches it).
@@ -288,7 +310,7 @@ public final class Reporter {
     private void writeLoop() {
         // Direct: a heap buffer is copied into a temporary direct one on every write.
         buffer = ByteBuffer.allocateDirect(WRITE_BYTES);
-        ArrayDeque<Object> taken = new ArrayDeque<>();
+        ArrayDeque<byte[]> taken = new ArrayDeque<>();
         while (true) {
             try {
                 if (channel == null && !connect()) {
@@ -296,17 +318,18 @@ public final class Reporter {
                 }
                 boolean woken = false;
                 int queued;
+                boolean pending;
                 synchronized (lock) {
-                    if (queue.isEmpty()) {
+                    if (queue.isEmpty() && !pendingWanted) {
                         writerWaiting = true;
                         try {
                             lock.wait(MAX_IDLE_WAIT_MS);
                         } finally {
                             writerWaiting = false;
                         }
-                        woken = !queue.isEmpty();
+                        woken = !queue.isEmpty() || pendingWanted;
                     }
-                    queued = queue.size();
+                    queued = queue.size() + (pendingWanted ? 1 : 0);
                 }
                 // One write per batch window: woken by a first message, the
                 // whole window; with messages already waiting, what is left
@@ -317,15 +340,19 @@ public final class Reporter {
                     Thread.sleep(linger / 1_000_000L, (int) (linger % 1_000_000L));
                 }
                 synchronized (lock) {
-                    ArrayDeque<Object> full = queue;
+                    ArrayDeque<byte[]> full = queue;
                     queue = taken;
                     taken = full;
+                    pending = pendingWanted;
+                    pendingWanted = false;
+                }
+                // What the pools hold for the batch goes after what was
+                // queued for it (see PoolReporter#pendingLines).
+                if (pending) {
+                    taken.addAll(pendingLines());
                 }
                 if (!taken.isEmpty()) {
                     boolean written = writeTaken(taken);
-                    if (!written) {
-                        droppedAll(taken);
-                    }
                     taken.clear();
                     if (!written) {
                         // The agent went away (or dropped the stream).
@@ -433,18 +460,16 @@ public final class Reporter {
 
     /**
      * Writes what the writer took from the queue, in order, at most
-     * {@value #WRITE_BYTES} bytes per system call: each {@link Deferred}
-     * made into its line now, or skipped. False if the stream failed; what
-     * was not written is then counted as dropped.
+     * {@value #WRITE_BYTES} bytes per system call. False if the stream
+     * failed; what was not written is then counted as dropped.
      */
-    private boolean writeTaken(ArrayDeque<Object> taken) {
+    private boolean writeTaken(ArrayDeque<byte[]> taken) {
         buffer.clear();
         int lines = 0;
         int left = taken.size();
-        for (Object next : taken) {
+        for (byte[] line : taken) {
             left--;
-            byte[] line = next instanceof Deferred deferred ? deferred.lineIfStillWanted() : (byte[]) next;
-            if (line == null || line.length > MAX_MESSAGE_BYTES) {
+            if (line.length > MAX_MESSAGE_BYTES) {
                 continue;
             }
             if (buffer.remaining() < line.length + 1) {
