@@ -370,6 +370,13 @@ public final class PoolReporter {
 
     /** Queues c's folded line now, ahead of a message about c. Called with c's monitor held. */
     private void sendFoldedNow(Conn c) {
+        if (c.folded > 0 && reporter.agentAbsent()) {
+            // It would be dropped: not made (lines made only to be dropped
+            // more than doubled the adapter's cost per checkout with no agent).
+            c.folded = 0;
+            reporter.droppedUnmade(1);
+            return;
+        }
         byte[] line = foldedLine(c);
         if (line != null) {
             reporter.sendLine(line);

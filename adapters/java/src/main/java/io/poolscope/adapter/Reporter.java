@@ -96,6 +96,9 @@ public final class Reporter {
     private final AtomicLong connects = new AtomicLong();
     private final AtomicLong comebacks = new AtomicLong();
     private volatile boolean connected;
+    /** The last connect failed: what would be queued now is dropped at the
+     * next attempt, so the pools need not make their lines. */
+    private volatile boolean agentAbsent;
 
     /** A reporter for the agent at {@code path} (its stream socket). */
     public Reporter(Path path) {
@@ -179,6 +182,16 @@ public final class Reporter {
             dropped.incrementAndGet();
             return false;
         }
+    }
+
+    /** Whether the last connect failed (see {@link #agentAbsent}). */
+    boolean agentAbsent() {
+        return agentAbsent;
+    }
+
+    /** Counts {@code n} messages dropped before they were made. */
+    void droppedUnmade(long n) {
+        dropped.addAndGet(n);
     }
 
     /** A pool has lines for the next batch ({@link PoolReporter#pendingLines}):
@@ -411,6 +424,7 @@ public final class Reporter {
             closeQuietly(c);
             connected = false;
             failed = true;
+            agentAbsent = true;
             // No agent: what is queued is given up, as a datagram to an
             // absent agent would be.
             dropQueued();
@@ -419,6 +433,7 @@ public final class Reporter {
         }
         channel = c;
         connected = true;
+        agentAbsent = false;
         connects.incrementAndGet();
         connectedAtNanos = System.nanoTime();
         lastProbeNanos = connectedAtNanos;
