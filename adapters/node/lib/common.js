@@ -189,8 +189,8 @@ function threadId(tid) {
 /**
  * Sends one pool's messages and keeps what re-sending its state needs.
  * Subclasses define `registration()` (the `pool` message's fields) and
- * `install()` (the hooks), and name connections with `connOf(ref)`, once
- * per connection.
+ * `install()` (the hooks) and `refOf(handle)` (how the agent can find the
+ * socket of the library's connection object).
  */
 class Reporter {
   constructor(pool, options, fallbackName) {
@@ -203,6 +203,9 @@ class Reporter {
      * connection's entry stays between checkouts, so that the hot path
      * neither adds nor deletes map entries; `forget` drops it. */
     this.conns = new Map()
+    /** The pool library's connection objects (clients) -> their Conn, named
+     * while the socket is open (see `connFor`). */
+    this.handles = new WeakMap()
     /** How many are checked out now. */
     this.outCount = 0
     this.unsubscribe = null
@@ -228,6 +231,19 @@ class Reporter {
     if (conn === undefined) {
       conn = new Conn(ref)
       this.conns.set(key, conn)
+    }
+    return conn
+  }
+
+  /** The Conn of the library's connection object `handle`, or null if its
+   * socket cannot be named (`refOf`, the subclass's). */
+  connFor(handle) {
+    let conn = this.handles.get(handle)
+    if (conn === undefined || !conn.live) {
+      const ref = this.refOf(handle)
+      if (ref === null) return null
+      conn = this.connOf(ref)
+      if (handle && typeof handle === 'object') this.handles.set(handle, conn)
     }
     return conn
   }

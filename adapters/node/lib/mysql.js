@@ -76,8 +76,6 @@ class MysqlReporter extends Reporter {
     super(pool, options, `${where}/${server.database ?? ''}`.replace(/\/$/, ''))
     this.server = server
     this.library = libraryOf(pool)
-    /** connection -> its connection (Conn), named while its socket is open. */
-    this.connections = new WeakMap()
     /** Connections whose connection_created was sent and whose close is watched. */
     this.announced = new WeakSet()
   }
@@ -96,16 +94,8 @@ class MysqlReporter extends Reporter {
     return fields
   }
 
-  /** The connection's Conn, or null if its socket cannot be named. */
-  connFor(conn) {
-    let known = this.connections.get(conn)
-    if (known === undefined || !known.live) {
-      const ref = connectionOf(conn)
-      if (ref === null) return null
-      known = this.connOf(ref)
-      this.connections.set(conn, known)
-    }
-    return known
+  refOf(conn) {
+    return connectionOf(conn)
   }
 
   /** A connection the pool made (its `connection` event), or one first
@@ -146,7 +136,7 @@ class MysqlReporter extends Reporter {
    * removed (`_pool` null), which is a close, reported from the socket. */
   released(conn) {
     if (!conn || !conn._pool) return
-    let known = this.connections.get(conn)
+    let known = this.handles.get(conn)
     if (known === undefined) {
       const ref = connectionOf(conn)
       known = ref === null ? null : this.knownConn(ref)

@@ -90,9 +90,6 @@ class PgReporter extends Reporter {
     const server = serverFromOptions(pool.options || {})
     super(pool, options, `${server.host}:${server.port}/${server.database ?? ''}`.replace(/\/$/, ''))
     this.server = server
-    /** client -> its connection (Conn), named while the socket is open
-     * (the pool emits `remove` only after the socket is closed). */
-    this.connections = new WeakMap()
     this.learnedFromClient = false
     /** Releases come from the pool's `release` event; otherwise from each
      * checkout's client.release, wrapped (see `wrapRelease`). */
@@ -133,16 +130,10 @@ class PgReporter extends Reporter {
     }
   }
 
-  /** The client's connection (a Conn), or null if its socket cannot be named. */
-  connFor(client) {
-    let conn = this.connections.get(client)
-    if (conn === undefined || !conn.live) {
-      const ref = connectionOf(client)
-      if (ref === null) return null
-      conn = this.connOf(ref)
-      if (client && typeof client === 'object') this.connections.set(client, conn)
-    }
-    return conn
+  /** The client's socket, named while it is open (the pool emits `remove`
+   * only after the socket is closed). */
+  refOf(client) {
+    return connectionOf(client)
   }
 
   onConnect(client) {
@@ -152,7 +143,7 @@ class PgReporter extends Reporter {
   }
 
   onRemove(client) {
-    let conn = this.connections.get(client)
+    let conn = this.handles.get(client)
     if (conn === undefined) {
       const ref = connectionOf(client)
       conn = ref === null ? null : this.knownConn(ref) || this.connOf(ref)
