@@ -34,6 +34,10 @@ public final class PoolReporter {
     /** Checkouts folded into one {@code checkouts} line, at most (the
      * protocol's bound). */
     static final int MAX_FOLDED = 64;
+    /** Connections remembered with nothing out or waiting, at most: a pool
+     * that reports no closes, its connections' addresses changing, keeps
+     * no more than this many (the writer forgets idle ones past it). */
+    static final int MAX_IDLE_CONNS = 1024;
     /** Entries per {@code checkout_state} message (the agent takes 64). */
     static final int STATE_ENTRIES_PER_MESSAGE = 32;
 
@@ -82,6 +86,11 @@ public final class PoolReporter {
     /** Connections checked out now, as this adapter knows them. */
     public int checkedOut() {
         return out.get();
+    }
+
+    /** Connections remembered now (checked out or not). */
+    int remembered() {
+        return conns.size();
     }
 
     /** Messages not sent because no local address named the connection. */
@@ -241,22 +250,29 @@ public final class PoolReporter {
                 // Its acquire_end waits for the batch: if the connection
                 // comes back first (a short checkout, the usual one) the
                 // pair is folded into the connection's checkouts line.
-                Conn c = conn(localAddress);
-                synchronized (c) {
-                    if (c.held) {
-                        sendHeldNow(c);
+                for (;;) {
+                    Conn c = conn(localAddress);
+                    synchronized (c) {
+                        if (c.closed) {
+                            // Forgotten meanwhile (closed, or idle past
+                            // MAX_IDLE_CONNS): a new entry.
+                            continue;
+                        }
+                        if (c.held) {
+                            sendHeldNow(c);
+                        }
+                        if (c.sinceNanos < 0) {
+                            out.incrementAndGet();
+                        }
+                        c.sinceNanos = at;
+                        c.tid = tid;
+                        c.held = true;
+                        c.heldRequest = acquire.request;
+                        c.heldWait = waitNanos;
                     }
-                    if (c.sinceNanos < 0) {
-                        out.incrementAndGet();
-                    }
-                    c.sinceNanos = at;
-                    c.tid = tid;
-                    c.held = true;
-                    c.heldRequest = acquire.request;
-                    c.heldWait = waitNanos;
+                    schedulePending();
+                    return;
                 }
-                schedulePending();
-                return;
             }
             Json m = message("acquire_end", at).put("request", acquire.request).put("result", result);
             if (tid > 0) {
@@ -287,7 +303,7 @@ public final class PoolReporter {
             if (c != null) {
                 long at = Threads.monotonicNanos();
                 synchronized (c) {
-                    if (c.held) {
+                    if (!c.closed && c.held) {
                         c.held = false;
                         long use = Math.max(0, at - c.sinceNanos);
                         int tid = c.tid;
@@ -303,10 +319,12 @@ public final class PoolReporter {
                         reporter.send(withHolder(m, tid, -1).put("use_ns", use).toString());
                         return;
                     }
-                    returned(c);
-                    sendFoldedNow(c);
-                    reporter.send(message("release", at).put("local_address", localAddress).toString());
-                    return;
+                    if (!c.closed) {
+                        returned(c);
+                        sendFoldedNow(c);
+                        reporter.send(message("release", at).put("local_address", localAddress).toString());
+                        return;
+                    }
                 }
             }
         } catch (RuntimeException e) {
@@ -442,9 +460,15 @@ public final class PoolReporter {
         }
         long youngFrom = events.isEmpty() ? Threads.monotonicNanos() - batchNanos : Long.MAX_VALUE;
         boolean kept = false;
+        boolean prune = conns.size() > MAX_IDLE_CONNS;
         for (Conn c : conns.values()) {
             synchronized (c) {
                 if (c.closed) {
+                    continue;
+                }
+                if (prune && c.sinceNanos < 0 && !c.held && c.folded == 0) {
+                    c.closed = true;
+                    conns.remove(c.localAddress, c);
                     continue;
                 }
                 byte[] line = foldedLine(c);

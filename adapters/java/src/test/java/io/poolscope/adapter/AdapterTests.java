@@ -45,6 +45,7 @@ public final class AdapterTests {
         aWaitingAcquireIsSentAsPending();
         shortCheckoutsFoldInLinesOf64BeforeTheClose();
         aYoungCheckoutStaysHeldThroughABatchUnlessSomeoneWaits();
+        idleConnectionsPastTheBoundAreForgotten();
         noAgentDropsAndComebackResendsState();
         aFoldedLineDroppedWithoutAnAgentTakesNoMoreCheckouts();
         stateComesBeforeTheBacklogAfterAComeback();
@@ -416,6 +417,44 @@ public final class AdapterTests {
                     && text(lines.get(0)).contains("127.0.0.1:40012"), text(lines.get(0)));
             check(text(lines.get(1)).contains("\"kind\":\"acquire_start\"")
                     && text(lines.get(1)).contains("\"request\":" + waiter.request()), text(lines.get(1)));
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void idleConnectionsPastTheBoundAreForgotten() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            // As above: the writer sleeps through the test's own batches.
+            Reporter r = new Reporter(agent.path, 60_000_000_000L);
+            PoolReporter pool = new PoolReporter(r, "p", null);
+            pool.register(null);
+            check(agent.next().contains("\"kind\":\"pool\""), "registered");
+            // A window longer than the test: a checkout out stays held.
+            long window = 60_000_000_000L;
+            // A pool that reports no closes while its connections' ports change.
+            int n = PoolReporter.MAX_IDLE_CONNS + 100;
+            for (int i = 0; i < n; i++) {
+                String local = "127.0.0.1:" + (20000 + i);
+                pool.acquireOk(pool.acquireStart(), local);
+                pool.release(local);
+            }
+            List<byte[]> lines = new ArrayList<>();
+            pool.pendingLines(lines, window);
+            eq(lines.size(), n, "every connection's folded checkout sent");
+            eq(pool.remembered(), n, "kept until their lines left");
+            pool.acquireOk(pool.acquireStart(), "127.0.0.1:40100");
+            pool.pendingLines(lines, window);
+            eq(pool.remembered(), 1, "the idle ones forgotten, the one out kept");
+            eq(pool.checkedOut(), 1, "one out");
+            // A forgotten connection comes back: a new entry, reported as usual.
+            pool.acquireOk(pool.acquireStart(), "127.0.0.1:20005");
+            pool.release("127.0.0.1:20005");
+            lines.clear();
+            pool.pendingLines(lines, window);
+            check(lines.size() == 1 && text(lines.get(0)).contains("\"kind\":\"checkouts\"")
+                    && text(lines.get(0)).contains("127.0.0.1:20005"), lines.size() + " lines");
         } finally {
             Files.deleteIfExists(dir);
         }
