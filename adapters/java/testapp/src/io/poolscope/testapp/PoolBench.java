@@ -102,14 +102,22 @@ public final class PoolBench {
         long[] ops = new long[2];
         long[] cpu = new long[2];
         long[] wall = new long[2];
+        // The loop's own thread, apart from the adapter's writer, GC and JIT.
+        java.lang.management.ThreadMXBean threads = java.lang.management.ManagementFactory.getThreadMXBean();
+        long[] threadCpu = new long[2];
+        long[] threadUser = new long[2];
         Reporter.Stats s0 = Reporter.fromEnv().stats();
         long slices = Math.max(4, 4 * Math.round(seconds * 1e9 / SLICE_NANOS / 4));
         for (long k = 0; k < slices; k++) {
             int side = (k % 4 == 1 || k % 4 == 2) ? 1 : 0;
             long c0 = processCpuNs();
+            long tc0 = threads.getCurrentThreadCpuTime();
+            long tu0 = threads.getCurrentThreadUserTime();
             long t0 = System.nanoTime();
             ops[side] += queries(sides[side], Long.MAX_VALUE, t0 + SLICE_NANOS);
             wall[side] += System.nanoTime() - t0;
+            threadCpu[side] += threads.getCurrentThreadCpuTime() - tc0;
+            threadUser[side] += threads.getCurrentThreadUserTime() - tu0;
             cpu[side] += processCpuNs() - c0;
         }
         Reporter.Stats s1 = Reporter.fromEnv().stats();
@@ -120,7 +128,9 @@ public final class PoolBench {
         for (int side = 0; side < 2; side++) {
             out.append(side == 0 ? "" : ",").append("{\"ops\":").append(ops[side])
                     .append(",\"cpu_ns\":").append(cpu[side])
-                    .append(",\"wall_ns\":").append(wall[side]);
+                    .append(",\"wall_ns\":").append(wall[side])
+                    .append(",\"thread_cpu_ns\":").append(threadCpu[side])
+                    .append(",\"thread_user_ns\":").append(threadUser[side]);
             if (side == 1) {
                 out.append(",\"sent\":").append(s1.sent() - s0.sent())
                         .append(",\"dropped\":").append(s1.dropped() - s0.dropped())
