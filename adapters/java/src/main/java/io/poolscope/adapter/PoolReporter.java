@@ -528,7 +528,10 @@ public final class PoolReporter {
             }
             long at = Threads.monotonicNanos();
             String line = message(kind, at).put("local_address", localAddress).toString();
-            Conn c = kind.equals("connection_created") ? null : conns.remove(localAddress);
+            // Only a close ends the entry: a release of a connection this
+            // pool does not remember (never handed out through it, or
+            // forgotten) must not drop a newer entry on the same address.
+            Conn c = kind.equals("connection_closed") ? conns.remove(localAddress) : null;
             if (c == null) {
                 reporter.send(line);
                 return;
