@@ -206,8 +206,6 @@ class Reporter {
     /** The pool library's connection objects (clients) -> their Conn, named
      * while the socket is open (see `connFor`). */
     this.handles = new WeakMap()
-    /** How many are checked out now. */
-    this.outCount = 0
     this.unsubscribe = null
     /** Per kind: the message's opening text (see `head`). */
     this.heads = new Map()
@@ -491,9 +489,7 @@ class Reporter {
   handedOut(acquire, conn, tid, endMs) {
     const wait = this.endAcquire(acquire, endMs)
     if (conn.held !== null) this.sendHeld(conn)
-    if (conn.sinceMs < 0) this.outCount += 1
-    conn.sinceMs = endMs
-    conn.tid = threadId(tid)
+    this.checkedOut(conn, endMs, tid)
     acquire.wait = wait
     conn.held = acquire
     this.schedulePending()
@@ -593,12 +589,16 @@ class Reporter {
     return lines
   }
 
-  /** `conn` was handed out at `sinceMs` (clockMs) to thread `tid`, with no
-   * acquire of ours (e.g. a checkout already out when the adapter came). */
+  /** `conn` was handed out at `sinceMs` (clockMs) to thread `tid`. */
   checkedOut(conn, sinceMs, tid) {
-    if (conn.sinceMs < 0) this.outCount += 1
     conn.sinceMs = sinceMs
     conn.tid = threadId(tid)
+  }
+
+  /** Whether any connection is checked out now. */
+  anyOut() {
+    for (const c of this.conns.values()) if (c.sinceMs >= 0) return true
+    return false
   }
 
   /** `conn` is back in the pool; true if it was checked out. */
@@ -606,7 +606,6 @@ class Reporter {
     if (conn.sinceMs < 0) return false
     conn.sinceMs = -1
     conn.tid = 0
-    this.outCount -= 1
     return true
   }
 
@@ -635,7 +634,7 @@ class Reporter {
       this.unsubscribe = this.sender.onComeback(safely(() => this.sendState()))
     }
     if (everyMs > 0) {
-      const tick = () => (this.outCount > 0 ? this.sendState() : this.register())
+      const tick = () => (this.anyOut() ? this.sendState() : this.register())
       this.timer = setInterval(safely(tick), everyMs)
       if (typeof this.timer.unref === 'function') this.timer.unref()
     }

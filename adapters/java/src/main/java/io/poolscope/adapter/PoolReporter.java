@@ -9,7 +9,6 @@ import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicBoolean;
-import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicIntegerFieldUpdater;
 import java.util.concurrent.atomic.AtomicLong;
 
@@ -52,8 +51,6 @@ public final class PoolReporter {
     private final Map<String, Conn> conns = new ConcurrentHashMap<>();
     /** Acquires whose {@code acquire_start} is not sent and that have not ended. */
     private final Set<Acquire> waiting = ConcurrentHashMap.newKeySet();
-    /** Connections checked out now. */
-    private final AtomicInteger out = new AtomicInteger();
     /** Whether the writer's next batch will call {@link #pendingLines}. */
     private final AtomicBoolean pendingScheduled = new AtomicBoolean();
     private final AtomicLong skipped = new AtomicLong();
@@ -85,7 +82,15 @@ public final class PoolReporter {
 
     /** Connections checked out now, as this adapter knows them. */
     public int checkedOut() {
-        return out.get();
+        int n = 0;
+        for (Conn c : conns.values()) {
+            synchronized (c) {
+                if (!c.closed && c.sinceNanos >= 0) {
+                    n++;
+                }
+            }
+        }
+        return n;
     }
 
     /** Connections remembered now (checked out or not). */
@@ -261,9 +266,6 @@ public final class PoolReporter {
                         if (c.held) {
                             sendHeldNow(c);
                         }
-                        if (c.sinceNanos < 0) {
-                            out.incrementAndGet();
-                        }
                         c.sinceNanos = at;
                         c.tid = tid;
                         c.held = true;
@@ -335,10 +337,7 @@ public final class PoolReporter {
 
     /** Called with c's monitor held. */
     private void returned(Conn c) {
-        if (c.sinceNanos >= 0) {
-            c.sinceNanos = -1;
-            out.decrementAndGet();
-        }
+        c.sinceNanos = -1;
     }
 
     /** A short checkout of c, folded into its next {@code checkouts} line
@@ -437,6 +436,9 @@ public final class PoolReporter {
         }
     }
 
+    /** An acquire's start or a checkout's held end (of request), at its time. */
+    private record Pending(long atNanos, Acquire acquire, Conn conn, long request) {}
+
     /**
      * What waits for the batch, called by the writer as it writes one (after
      * the lines queued for it): every connection's folded checkouts, then,
@@ -452,10 +454,10 @@ public final class PoolReporter {
         if (!pendingScheduled.compareAndSet(true, false)) {
             return;
         }
-        List<Object[]> events = new ArrayList<>();
+        List<Pending> events = new ArrayList<>();
         for (Acquire a : waiting) {
             if (a.state == Acquire.STARTING) {
-                events.add(new Object[] {a.startNanos, a});
+                events.add(new Pending(a.startNanos, a, null, 0));
             }
         }
         long youngFrom = events.isEmpty() ? Threads.monotonicNanos() - batchNanos : Long.MAX_VALUE;
@@ -479,14 +481,15 @@ public final class PoolReporter {
                     if (c.sinceNanos >= youngFrom) {
                         kept = true;
                     } else {
-                        events.add(new Object[] {c.sinceNanos, c, c.heldRequest});
+                        events.add(new Pending(c.sinceNanos, null, c, c.heldRequest));
                     }
                 }
             }
         }
-        events.sort(Comparator.comparingLong(e -> (Long) e[0]));
-        for (Object[] e : events) {
-            if (e[1] instanceof Acquire a) {
+        events.sort(Comparator.comparingLong(Pending::atNanos));
+        for (Pending e : events) {
+            Acquire a = e.acquire();
+            if (a != null) {
                 if (a.startSent()) {
                     waiting.remove(a);
                     Json m = message("acquire_start", a.startNanos).put("request", a.request);
@@ -497,10 +500,10 @@ public final class PoolReporter {
                 }
                 continue;
             }
-            Conn c = (Conn) e[1];
+            Conn c = e.conn();
             synchronized (c) {
                 // Still the same checkout, still held.
-                if (c.held && !c.closed && c.heldRequest == (Long) e[2]) {
+                if (c.held && !c.closed && c.heldRequest == e.request()) {
                     lines.add(heldLine(c));
                 }
             }
@@ -646,7 +649,7 @@ public final class PoolReporter {
     /** Re-sends the state if connections are out and the interval has passed. */
     void sendStateIfDue(long nowNanos) {
         long interval = stateIntervalNanos;
-        if (interval > 0 && out.get() > 0 && nowNanos - lastStateNanos >= interval) {
+        if (interval > 0 && nowNanos - lastStateNanos >= interval && checkedOut() > 0) {
             sendState();
         }
     }

@@ -381,16 +381,29 @@ public final class AdapterTests {
         run++;
     }
 
-    static void aYoungCheckoutStaysHeldThroughABatchUnlessSomeoneWaits() throws Exception {
+    /** A test of a pool's batches: {@code body} calls pendingLines itself. */
+    private interface OwnBatches {
+        void run(PoolReporter pool) throws Exception;
+    }
+
+    /** Runs {@code body} with a pool whose writer, its window a minute,
+     * sleeps through the test after the registration. */
+    private static void withOwnBatches(OwnBatches body) throws Exception {
         Path dir = Files.createTempDirectory("poolscope-java-test");
         try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
-            // The writer's window is a minute: after the registration it
-            // sleeps through the test, and the batches below are the test's
-            // own calls of pendingLines (with a 10 ms window).
             Reporter r = new Reporter(agent.path, 60_000_000_000L);
             PoolReporter pool = new PoolReporter(r, "p", null);
             pool.register(null);
             check(agent.next().contains("\"kind\":\"pool\""), "registered");
+            body.run(pool);
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void aYoungCheckoutStaysHeldThroughABatchUnlessSomeoneWaits() throws Exception {
+        withOwnBatches(pool -> {
             long window = 10_000_000L;
             List<byte[]> lines = new ArrayList<>();
             pool.acquireOk(pool.acquireStart(), "127.0.0.1:40010");
@@ -417,20 +430,11 @@ public final class AdapterTests {
                     && text(lines.get(0)).contains("127.0.0.1:40012"), text(lines.get(0)));
             check(text(lines.get(1)).contains("\"kind\":\"acquire_start\"")
                     && text(lines.get(1)).contains("\"request\":" + waiter.request()), text(lines.get(1)));
-        } finally {
-            Files.deleteIfExists(dir);
-        }
-        run++;
+        });
     }
 
     static void idleConnectionsPastTheBoundAreForgotten() throws Exception {
-        Path dir = Files.createTempDirectory("poolscope-java-test");
-        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
-            // As above: the writer sleeps through the test's own batches.
-            Reporter r = new Reporter(agent.path, 60_000_000_000L);
-            PoolReporter pool = new PoolReporter(r, "p", null);
-            pool.register(null);
-            check(agent.next().contains("\"kind\":\"pool\""), "registered");
+        withOwnBatches(pool -> {
             // A window longer than the test: a checkout out stays held.
             long window = 60_000_000_000L;
             // A pool that reports no closes while its connections' ports change.
@@ -455,10 +459,7 @@ public final class AdapterTests {
             pool.pendingLines(lines, window);
             check(lines.size() == 1 && text(lines.get(0)).contains("\"kind\":\"checkouts\"")
                     && text(lines.get(0)).contains("127.0.0.1:20005"), lines.size() + " lines");
-        } finally {
-            Files.deleteIfExists(dir);
-        }
-        run++;
+        });
     }
 
     private static String text(byte[] line) {
