@@ -1128,6 +1128,36 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_gets_a_series_only_for_what_it_recorded() {
+        let telemetry = pools_telemetry();
+        telemetry.record(&[
+            waited(7, "orders", AcquireResult::Ok),
+            waited(7, "orders", AcquireResult::Timeout),
+            waited(7, "orders", AcquireResult::Ok),
+        ]);
+        let text = telemetry.render_prometheus().expect("render");
+        let waits = wait_counts(&text, 7, "orders");
+        assert_eq!(waits.len(), 2, "ok and timeout apart: {waits:?}");
+        assert!(
+            waits
+                .iter()
+                .any(|l| !l.contains("error_type") && l.ends_with(" 2")),
+            "{waits:?}"
+        );
+        assert!(
+            waits
+                .iter()
+                .any(|l| l.contains("error_type") && l.ends_with(" 1")),
+            "{waits:?}"
+        );
+        // Bound series are exported from their binding on: a pool that
+        // only waited must not show an empty use-time series.
+        assert!(
+            !text.contains("db_client_connection_use_time_seconds_count{"),
+            "{text}"
+        );
+    }
+    #[test]
     fn gone_pools_series_are_forgotten_and_live_pools_restart_from_zero() {
         let telemetry = pools_telemetry();
         let mut outputs = vec![waited(7, "orders", AcquireResult::Ok); 3];
