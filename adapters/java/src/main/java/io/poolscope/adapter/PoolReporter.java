@@ -11,6 +11,7 @@ import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicIntegerFieldUpdater;
 import java.util.concurrent.atomic.AtomicLong;
+import java.util.concurrent.atomic.AtomicLongFieldUpdater;
 
 /**
  * One pool's side of the protocol (docs/adapter-protocol.md): its name and
@@ -39,6 +40,9 @@ public final class PoolReporter {
     static final int MAX_IDLE_CONNS = 1024;
     /** Entries per {@code checkout_state} message (the agent takes 64). */
     static final int STATE_ENTRIES_PER_MESSAGE = 32;
+    /** Threads with a waiting slot of their own in this pool, at most;
+     * the acquires of others go to the shared set. */
+    static final int MAX_THREAD_SLOTS = 4096;
 
     private final Reporter reporter;
     private final String name;
@@ -49,7 +53,19 @@ public final class PoolReporter {
      * connection's entry stays between checkouts, so that a checkout adds
      * and removes no map entry; its close drops it. */
     private final Map<String, Conn> conns = new ConcurrentHashMap<>();
-    /** Acquires whose {@code acquire_start} is not sent and that have not ended. */
+    /**
+     * Where acquires that have not ended wait for the writer to look at
+     * them: mostly in their thread's slot (a JDBC acquire blocks its
+     * thread, so a thread waits for one connection of a pool at a time),
+     * which costs a checkout two writes to memory its thread already has
+     * instead of adding to and removing from a shared set; the rest (a
+     * second acquire of one thread, threads past {@link #MAX_THREAD_SLOTS})
+     * in {@link #waiting}.
+     */
+    private final ThreadLocal<Slot> slot = ThreadLocal.withInitial(this::newSlot);
+    private final Set<Slot> slots = ConcurrentHashMap.newKeySet();
+    /** Acquires whose {@code acquire_start} is not sent, that have not
+     * ended, and that are in no thread's slot. */
     private final Set<Acquire> waiting = ConcurrentHashMap.newKeySet();
     /** Whether the writer's next batch will call {@link #pendingLines}. */
     private final AtomicBoolean pendingScheduled = new AtomicBoolean();
@@ -98,6 +114,11 @@ public final class PoolReporter {
         return conns.size();
     }
 
+    /** Threads with a slot where the writer looks (see {@link #slot}). */
+    int threadSlots() {
+        return slots.size();
+    }
+
     /** Messages not sent because no local address named the connection. */
     public long unnamed() {
         return skipped.get();
@@ -144,21 +165,31 @@ public final class PoolReporter {
         private static final int ENDED = 2;
         private static final AtomicIntegerFieldUpdater<Acquire> STATE =
                 AtomicIntegerFieldUpdater.newUpdater(Acquire.class, "state");
+        private static final AtomicLongFieldUpdater<Acquire> REQUEST =
+                AtomicLongFieldUpdater.newUpdater(Acquire.class, "request");
 
-        private final long request;
+        private final AtomicLong requests;
         private final long startNanos;
-        private final int tid;
+        private final Slot slot;
+        /** 0 until a message names it: folded checkouts never do, and take
+         * no id from the pool's shared counter. */
+        private volatile long request;
         private volatile int state = STARTING;
 
-        Acquire(long request, long startNanos, int tid) {
-            this.request = request;
+        Acquire(AtomicLong requests, long startNanos, Slot slot) {
+            this.requests = requests;
             this.startNanos = startNanos;
-            this.tid = tid;
+            this.slot = slot;
         }
 
         /** The request id, unique in the pool. */
         public long request() {
-            return request;
+            long r = request;
+            if (r != 0) {
+                return r;
+            }
+            long fresh = requests.getAndIncrement();
+            return REQUEST.compareAndSet(this, 0, fresh) ? fresh : request;
         }
 
         /** The writer sends its start: true if it had not ended. */
@@ -170,6 +201,40 @@ public final class PoolReporter {
         boolean end() {
             return STATE.compareAndSet(this, STARTING, ENDED);
         }
+    }
+
+    /** One thread's place for its waiting acquire in this pool, and its OS
+     * thread id (read once). Written by its thread, read by the writer. */
+    private static final class Slot {
+        final Thread owner;
+        final int tid;
+        /** In the pool's slots, where the writer looks. */
+        final boolean registered;
+        volatile Acquire waiting;
+
+        Slot(Thread owner, int tid, boolean registered) {
+            this.owner = owner;
+            this.tid = tid;
+            this.registered = registered;
+        }
+    }
+
+    /** The calling thread's slot, registered unless there are too many
+     * (then it is its own, unseen by the writer, and its acquires go to
+     * {@link #waiting}). */
+    private Slot newSlot() {
+        boolean room = slots.size() < MAX_THREAD_SLOTS;
+        Slot s = new Slot(Thread.currentThread(), Threads.currentTid(), room);
+        if (room) {
+            slots.add(s);
+        }
+        return s;
+    }
+
+    /** The calling thread's OS id, from its slot when the acquire is its own. */
+    private static int tidFor(Acquire acquire) {
+        Slot s = acquire.slot;
+        return s.owner == Thread.currentThread() ? s.tid : Threads.currentTid();
     }
 
     /**
@@ -187,7 +252,7 @@ public final class PoolReporter {
         int tid;
         /** Whether the checkout's acquire_end waits for the batch. */
         boolean held;
-        long heldRequest;
+        Acquire heldAcquire;
         /** The held acquire_end's wait, or -1 when the acquire's start was sent. */
         long heldWait = -1;
         long[] waits = new long[8];
@@ -211,9 +276,13 @@ public final class PoolReporter {
     /** A caller of this thread asks for a connection (see {@link Acquire}). */
     public Acquire acquireStart() {
         try {
-            Acquire acquire = new Acquire(nextRequest.getAndIncrement(), Threads.monotonicNanos(),
-                    Threads.currentTid());
-            waiting.add(acquire);
+            Slot s = slot.get();
+            Acquire acquire = new Acquire(nextRequest, Threads.monotonicNanos(), s);
+            if (s.waiting == null && s.registered) {
+                s.waiting = acquire;
+            } else {
+                waiting.add(acquire);
+            }
             schedulePending();
             return acquire;
         } catch (RuntimeException e) {
@@ -243,9 +312,14 @@ public final class PoolReporter {
                 return;
             }
             long at = Threads.monotonicNanos();
-            int tid = Threads.currentTid();
+            int tid = tidFor(acquire);
             long waitNanos = acquire.end() ? Math.max(0, at - acquire.startNanos) : -1;
-            waiting.remove(acquire);
+            Slot s = acquire.slot;
+            if (s.waiting == acquire) {
+                s.waiting = null;
+            } else {
+                waiting.remove(acquire);
+            }
             boolean ok = result.equals("ok");
             if (ok && localAddress == null) {
                 skipped.incrementAndGet();
@@ -269,14 +343,14 @@ public final class PoolReporter {
                         c.sinceNanos = at;
                         c.tid = tid;
                         c.held = true;
-                        c.heldRequest = acquire.request;
+                        c.heldAcquire = acquire;
                         c.heldWait = waitNanos;
                     }
                     schedulePending();
                     return;
                 }
             }
-            Json m = message("acquire_end", at).put("request", acquire.request).put("result", result);
+            Json m = message("acquire_end", at).put("request", acquire.request()).put("result", result);
             if (tid > 0) {
                 m.put("tid", tid);
             }
@@ -316,7 +390,7 @@ public final class PoolReporter {
                         }
                         // Its folded checkouts came before it.
                         sendFoldedNow(c);
-                        Json m = message("checkout", at).put("request", c.heldRequest)
+                        Json m = message("checkout", at).put("request", c.heldAcquire.request())
                                 .put("local_address", localAddress);
                         reporter.send(withHolder(m, tid, -1).put("use_ns", use).toString());
                         return;
@@ -380,7 +454,7 @@ public final class PoolReporter {
     /** c's held acquire_end as a line, and no longer held. Called with c's monitor held. */
     private byte[] heldLine(Conn c) {
         c.held = false;
-        Json m = message("acquire_end", c.sinceNanos).put("request", c.heldRequest).put("result", "ok")
+        Json m = message("acquire_end", c.sinceNanos).put("request", c.heldAcquire.request()).put("result", "ok")
                 .put("local_address", c.localAddress);
         return withHolder(m, c.tid, c.heldWait).toString().getBytes(StandardCharsets.UTF_8);
     }
@@ -436,8 +510,8 @@ public final class PoolReporter {
         }
     }
 
-    /** An acquire's start or a checkout's held end (of request), at its time. */
-    private record Pending(long atNanos, Acquire acquire, Conn conn, long request) {}
+    /** An acquire's start, or a checkout's held end (of the acquire), at its time. */
+    private record Pending(long atNanos, Acquire start, Conn conn, Acquire held) {}
 
     /**
      * What waits for the batch, called by the writer as it writes one (after
@@ -455,9 +529,20 @@ public final class PoolReporter {
             return;
         }
         List<Pending> events = new ArrayList<>();
+        for (Slot s : slots) {
+            if (!s.owner.isAlive()) {
+                // Nobody waits on a dead thread.
+                slots.remove(s);
+                continue;
+            }
+            Acquire a = s.waiting;
+            if (a != null && a.state == Acquire.STARTING) {
+                events.add(new Pending(a.startNanos, a, null, null));
+            }
+        }
         for (Acquire a : waiting) {
             if (a.state == Acquire.STARTING) {
-                events.add(new Pending(a.startNanos, a, null, 0));
+                events.add(new Pending(a.startNanos, a, null, null));
             }
         }
         long youngFrom = events.isEmpty() ? Threads.monotonicNanos() - batchNanos : Long.MAX_VALUE;
@@ -481,20 +566,20 @@ public final class PoolReporter {
                     if (c.sinceNanos >= youngFrom) {
                         kept = true;
                     } else {
-                        events.add(new Pending(c.sinceNanos, null, c, c.heldRequest));
+                        events.add(new Pending(c.sinceNanos, null, c, c.heldAcquire));
                     }
                 }
             }
         }
         events.sort(Comparator.comparingLong(Pending::atNanos));
         for (Pending e : events) {
-            Acquire a = e.acquire();
+            Acquire a = e.start();
             if (a != null) {
                 if (a.startSent()) {
                     waiting.remove(a);
-                    Json m = message("acquire_start", a.startNanos).put("request", a.request);
-                    if (a.tid > 0) {
-                        m.put("tid", a.tid);
+                    Json m = message("acquire_start", a.startNanos).put("request", a.request());
+                    if (a.slot.tid > 0) {
+                        m.put("tid", a.slot.tid);
                     }
                     lines.add(m.toString().getBytes(StandardCharsets.UTF_8));
                 }
@@ -503,7 +588,7 @@ public final class PoolReporter {
             Conn c = e.conn();
             synchronized (c) {
                 // Still the same checkout, still held.
-                if (c.held && !c.closed && c.heldRequest == e.request()) {
+                if (c.held && !c.closed && c.heldAcquire == e.held()) {
                     lines.add(heldLine(c));
                 }
             }

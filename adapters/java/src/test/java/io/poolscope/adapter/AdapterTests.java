@@ -46,6 +46,7 @@ public final class AdapterTests {
         shortCheckoutsFoldInLinesOf64BeforeTheClose();
         aYoungCheckoutStaysHeldThroughABatchUnlessSomeoneWaits();
         idleConnectionsPastTheBoundAreForgotten();
+        waitersOfEveryThreadAreSeen();
         noAgentDropsAndComebackResendsState();
         aFoldedLineDroppedWithoutAnAgentTakesNoMoreCheckouts();
         stateComesBeforeTheBacklogAfterAComeback();
@@ -266,11 +267,12 @@ public final class AdapterTests {
             String[] want = {
                 "\"kind\":\"connection_created\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\"}",
                 // Folded: no acquire_start, the wait in the acquire_end.
-                "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":3,\"result\":\"timeout\",\"tid\":" + tid + ",\"wait_ns\":*}",
+                // Its request id is the pool's first: folded checkouts take none.
+                "\"kind\":\"acquire_end\",\"pool\":\"orders\",\"mono_ns\":#,\"request\":1,\"result\":\"timeout\",\"tid\":" + tid + ",\"wait_ns\":*}",
                 // Acquired and released within the batch window, twice: one
                 // checkouts line (no acquire_start, no separate end and
                 // release, no request ids), a wait and a use for each, sent
-                // before the connection's close (request 4's end named no
+                // before the connection's close (the last acquire's end named no
                 // connection: nothing at all).
                 "\"kind\":\"checkouts\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\",\"tid\":" + tid + ",\"waits_ns\":[*,*],\"uses_ns\":[*,*]}",
                 "\"kind\":\"connection_closed\",\"pool\":\"orders\",\"mono_ns\":#,\"local_address\":\"127.0.0.1:40000\"}",
@@ -459,6 +461,53 @@ public final class AdapterTests {
             pool.pendingLines(lines, window);
             check(lines.size() == 1 && text(lines.get(0)).contains("\"kind\":\"checkouts\"")
                     && text(lines.get(0)).contains("127.0.0.1:20005"), lines.size() + " lines");
+        });
+    }
+
+    static void waitersOfEveryThreadAreSeen() throws Exception {
+        withOwnBatches(pool -> {
+            long window = 60_000_000_000L;
+            List<byte[]> lines = new ArrayList<>();
+            // Two threads waiting at once, and a second acquire of one
+            // thread while its first waits (its thread's slot is taken).
+            PoolReporter.Acquire[] theirs = new PoolReporter.Acquire[1];
+            int[] theirTid = new int[1];
+            java.util.concurrent.CountDownLatch started = new java.util.concurrent.CountDownLatch(1);
+            java.util.concurrent.CountDownLatch done = new java.util.concurrent.CountDownLatch(1);
+            Thread other = new Thread(() -> {
+                theirs[0] = pool.acquireStart();
+                theirTid[0] = Threads.currentTid();
+                started.countDown();
+                try {
+                    done.await();
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                }
+            });
+            other.start();
+            started.await();
+            PoolReporter.Acquire first = pool.acquireStart();
+            PoolReporter.Acquire second = pool.acquireStart();
+            pool.pendingLines(lines, window);
+            eq(lines.size(), 3, "three starts");
+            String all = lines.stream().map(AdapterTests::text).reduce("", String::concat);
+            for (PoolReporter.Acquire a : List.of(theirs[0], first, second)) {
+                check(all.contains("\"request\":" + a.request() + ","), a.request() + " in " + all);
+            }
+            check(all.contains("\"tid\":" + theirTid[0] + "}"), "the other thread's tid: " + all);
+            // Their ends carry no wait (the starts were sent); then nothing waits.
+            pool.acquireError(second);
+            pool.acquireError(first);
+            done.countDown();
+            other.join();
+            lines.clear();
+            pool.acquireStart();
+            pool.pendingLines(lines, window);
+            eq(lines.size(), 1, "a new wait of this thread, in its slot again");
+            lines.clear();
+            pool.pendingLines(lines, window);
+            eq(lines.size(), 0, "its start is sent once");
+            eq(pool.threadSlots(), 1, "the dead thread's slot dropped (nobody waits on a dead thread)");
         });
     }
 
