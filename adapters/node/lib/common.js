@@ -117,6 +117,11 @@ const COMMA = 0x2c
 /** Checkouts folded into one `checkouts` line, at most (the protocol's
  * bound; 64 pairs of u64 digits fit in a message with any pool name). */
 const MAX_FOLDED = 64
+/** Connections remembered with nothing out, at most: a pool whose closes
+ * go unseen while its connections' addresses change keeps no more than
+ * this many (the batch forgets idle ones past it; one seen again is
+ * remembered anew). */
+const MAX_IDLE_CONNS = 1024
 /** Room for the digits of any number the hot path writes (u64). */
 const DIGITS = 20
 /** A checkout line's bytes besides its head and connection. */
@@ -164,6 +169,9 @@ class Conn {
     this.foldMs = 0
     /** False once the connection closed (`Reporter#forget`). */
     this.live = true
+    /** Whether its connection_created was sent and its close is watched
+     * (for pools whose hooks may see a connection first when handed out). */
+    this.announced = false
   }
 }
 
@@ -451,8 +459,14 @@ class Reporter {
     // the folded checkouts leave first, each having ended before its
     // connection's held acquire_end began.
     const events = []
+    const prune = this.conns.size > MAX_IDLE_CONNS
     for (const conn of this.conns.values()) {
       this.sendFolded(conn)
+      if (prune && conn.held === null && conn.sinceMs < 0) {
+        conn.live = false
+        this.conns.delete(conn.key)
+        continue
+      }
       if (conn.held === null) continue
       if (conn.sinceMs >= youngFromMs) kept = true
       else events.push([conn.sinceMs, null, conn])
@@ -669,6 +683,7 @@ class Reporter {
 
 module.exports = {
   DEFAULT_REREGISTER_MS,
+  MAX_IDLE_CONNS,
   Reporter,
   eventLoopTid,
   formatAddress,

@@ -76,8 +76,6 @@ class MysqlReporter extends Reporter {
     super(pool, options, `${where}/${server.database ?? ''}`.replace(/\/$/, ''))
     this.server = server
     this.library = libraryOf(pool)
-    /** Connections whose connection_created was sent and whose close is watched. */
-    this.announced = new WeakSet()
   }
 
   registration() {
@@ -101,10 +99,14 @@ class MysqlReporter extends Reporter {
   /** A connection the pool made (its `connection` event), or one first
    * seen when handed out: announce it and watch its socket close. */
   announce(conn) {
-    if (!conn || typeof conn !== 'object' || this.announced.has(conn)) return
+    if (!conn || typeof conn !== 'object') return
     const known = this.connFor(conn)
-    if (known === null) return
-    this.announced.add(conn)
+    if (known !== null && !known.announced) this.announceAs(conn, known)
+  }
+
+  /** `conn`'s connection_created, as `known`, and its socket's close watched. */
+  announceAs(conn, known) {
+    known.announced = true
     this.sendConn('connection_created', known)
     const [socket] = socketsOf(conn)
     if (socket && typeof socket.once === 'function') {
@@ -125,10 +127,12 @@ class MysqlReporter extends Reporter {
       this.acquireEnd(acquire, resultOfError(err), null, eventLoopTid, now)
       return
     }
-    this.announce(conn)
     const known = this.connFor(conn)
-    if (known !== null) this.handedOut(acquire, known, eventLoopTid, now)
-    else this.acquireEnd(acquire, 'ok', null, eventLoopTid, now)
+    if (known !== null) {
+      // One first seen when handed out is announced then.
+      if (!known.announced) this.announceAs(conn, known)
+      this.handedOut(acquire, known, eventLoopTid, now)
+    } else this.acquireEnd(acquire, 'ok', null, eventLoopTid, now)
   }
 
   /** releaseConnection(conn) with the connection still in the pool
@@ -150,26 +154,31 @@ class MysqlReporter extends Reporter {
     const reporter = this
     pool.on('connection', safely((conn) => reporter.announce(conn)))
 
+    // Called once per checkout: the pools pass one argument, so no rest
+    // arguments are collected and spread for it (any others still pass).
     const originalGet = pool.getConnection
-    pool.getConnection = function getConnection(cb, ...rest) {
-      if (typeof cb !== 'function' || cb[WAITER] !== undefined) return originalGet.call(this, cb, ...rest)
+    pool.getConnection = function getConnection(cb) {
+      if (typeof cb !== 'function' || cb[WAITER] !== undefined) return originalGet.apply(this, arguments)
       const acquire = reporter.safeAcquireStart(eventLoopTid)
-      const callback = function (err, conn, ...more) {
+      const callback = function (err, conn) {
         reporter.safeAcquired(acquire, err, conn)
-        return cb.call(this, err, conn, ...more)
+        return arguments.length === 2 ? cb.call(this, err, conn) : cb.apply(this, arguments)
       }
       callback[WAITER] = acquire
-      return originalGet.call(this, callback, ...rest)
+      if (arguments.length === 1) return originalGet.call(this, callback)
+      const args = Array.prototype.slice.call(arguments)
+      args[0] = callback
+      return originalGet.apply(this, args)
     }
 
     const originalRelease = pool.releaseConnection
-    pool.releaseConnection = function releaseConnection(conn, ...rest) {
+    pool.releaseConnection = function releaseConnection(conn) {
       try {
         reporter.released(conn)
       } catch (e) {
         // never into the application
       }
-      return originalRelease.call(this, conn, ...rest)
+      return arguments.length === 1 ? originalRelease.call(this, conn) : originalRelease.apply(this, arguments)
     }
 
     this.wrapEnd()

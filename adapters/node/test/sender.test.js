@@ -13,6 +13,7 @@ const { spawn } = require('node:child_process')
 
 const { Sender, encode, socketPathFromEnv, senderFor, DEFAULT_SOCKET, MAX_BACKLOG, MAX_MESSAGE_BYTES, monoNsAt, clockMs, MONO_BASE_SLACK_NS } = require('../lib/sender')
 const adapter = require('../lib/index')
+const { MAX_IDLE_CONNS } = require('../lib/common')
 const { Receiver, collect, eventually } = require('./helpers')
 
 const SENDER = require.resolve('../lib/sender')
@@ -462,4 +463,31 @@ test('a checkout handed out less than a batch ago stays held through the batch a
   sender._batchTime()
   got = (await rx.drain([sender])).map((l) => l.json)
   assert.deepEqual(got.map((m) => [m.kind, m.fd, m.request]), [['acquire_end', 41, got[0].request], ['acquire_start', undefined, waiter.request]])
+})
+
+test('idle connections past the bound are forgotten at a batch; one still out is kept, one seen again is new', async (t) => {
+  const rx = new Receiver()
+  t.after(() => rx.close())
+  const sender = new Sender(rx.path, { ...fast, batchMs: 60_000 })
+  t.after(() => sender.close())
+  const reporter = testReporter(sender, 'p')
+  reporter.register()
+  await eventually(() => sender.stats().connected)
+  // A pool whose closes go unseen while its connections' ports change.
+  const n = MAX_IDLE_CONNS + 100
+  for (let i = 0; i < n; i++) {
+    const conn = reporter.connOf({ local_address: `127.0.0.1:${20000 + i}`, fd: 100 + i })
+    reporter.handedOut(reporter.acquireStart(7), conn, 7, clockMs())
+    reporter.releasedConnection(conn, true)
+  }
+  const out = reporter.connOf({ local_address: '127.0.0.1:40100', fd: 99 })
+  reporter.handedOut(reporter.acquireStart(7), out, 7, clockMs() - 120_000)
+  sender._batchTime()
+  const got = (await rx.drain([sender])).map((l) => l.json)
+  assert.equal(got.filter((m) => m.kind === 'checkouts').length, n, 'every folded checkout sent first')
+  assert.equal(reporter.conns.size, 1, 'the idle ones forgotten, the one out kept')
+  assert.equal(reporter.conns.values().next().value, out)
+  const again = reporter.connOf({ local_address: '127.0.0.1:20005', fd: 105 })
+  assert.equal(again.live, true)
+  assert.equal(reporter.conns.size, 2)
 })
