@@ -259,6 +259,10 @@ fn idle_streams_huge_lines_and_floods_of_one_user_cost_no_one_else() {
         agent_fds <= fds_before + 2 * 32 + 8,
         "the agent holds {agent_fds} fds ({fds_before} before) with {IDLE_STREAMS} idle streams knocking (refused {refused})"
     );
+    // Silent, they are closed by the agent after its first-line time
+    // (10 s) and counted: no one can hold slots with streams that say
+    // nothing.
+    wait_for_rejected(&agent, "silent_stream", 32.0);
     // Their slots are given back when they close.
     drop(idle);
     let freed = wait_until(Duration::from_secs(10), || {

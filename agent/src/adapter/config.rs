@@ -60,6 +60,7 @@ impl AdapterConfig {
         super::stream::StreamLimits {
             max_streams: self.max_streams.get(),
             max_streams_per_uid: self.max_streams_per_uid.get(),
+            ..Default::default()
         }
     }
 

@@ -129,6 +129,10 @@ pub enum MessageError {
     /// The process the kernel named had exited by the time the agent
     /// accepted its stream.
     SenderExited,
+    /// A stream sent no complete line within its first-line time: the
+    /// adapters send their registration as soon as they connect, so a
+    /// silent stream only holds a slot that another sender may need.
+    SilentStream,
 }
 
 impl std::fmt::Display for MessageError {
@@ -147,6 +151,10 @@ impl std::fmt::Display for MessageError {
             MessageError::SenderExited => {
                 write!(f, "the sender exited before the agent accepted its stream")
             }
+            MessageError::SilentStream => write!(
+                f,
+                "the stream sent no complete line in time after it was accepted (an adapter sends its registration at once); closed"
+            ),
         }
     }
 }
@@ -162,6 +170,7 @@ impl MessageError {
             MessageError::UnknownSender => "unknown_sender",
             MessageError::NotAllowed { .. } => "sender_not_allowed",
             MessageError::SenderExited => "sender_exited",
+            MessageError::SilentStream => "silent_stream",
         }
     }
 }

@@ -16,6 +16,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use tokio::{
@@ -31,18 +32,28 @@ use super::{
     server::{admit_sender, bind_socket_file, judge_message, Outcome, Senders},
 };
 
-/// Streams open at once, in all and per uid.
+/// Streams open at once, in all and per uid, and how long a new stream
+/// may stay silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamLimits {
     pub max_streams: usize,
     pub max_streams_per_uid: usize,
+    /// A stream whose first complete line has not come by then is closed:
+    /// otherwise a sender could hold its uid's slots (and, with a few
+    /// uids, everyone's) with connections that say nothing.
+    pub first_line_timeout: Duration,
 }
+
+/// The adapters send their registration as they connect; this leaves a
+/// stalled process plenty of room.
+pub const FIRST_LINE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for StreamLimits {
     fn default() -> Self {
         StreamLimits {
             max_streams: 1024,
             max_streams_per_uid: 64,
+            first_line_timeout: FIRST_LINE_TIMEOUT,
         }
     }
 }
@@ -241,6 +252,7 @@ impl AdapterStreamSocket {
                 exited,
                 outcomes.clone(),
                 slot,
+                self.limits.first_line_timeout,
             ));
         }
     }
@@ -301,9 +313,10 @@ fn open_pidfd(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Reads one stream's lines until it closes, breaks a bound, its process
-/// exits (a child that inherited the stream cannot outlive the process
-/// the kernel named), or the agent stops listening. Each line's outcome
+/// Reads one stream's lines until it closes, breaks a bound (a line too
+/// long, no first line within `first_line_timeout`), its process exits (a
+/// child that inherited the stream cannot outlive the process the kernel
+/// named), or the agent stops listening. Each line's outcome
 /// waits for room in the channel before the next line is read, so a
 /// stream holds at most one read's bytes and one outcome; streams share
 /// the channel in turn.
@@ -314,9 +327,13 @@ async fn read_stream(
     exited: ProcessExit,
     outcomes: mpsc::Sender<Outcome>,
     _slot: Slot,
+    first_line_timeout: Duration,
 ) {
     let mut framer = LineFramer::new(MAX_MESSAGE_BYTES);
     let mut buf = vec![0u8; 8192];
+    let first_line_due = tokio::time::sleep(first_line_timeout);
+    tokio::pin!(first_line_due);
+    let mut spoke = false;
     loop {
         let n = tokio::select! {
             read = stream.read(&mut buf) => match read {
@@ -324,9 +341,19 @@ async fn read_stream(
                 Ok(n) => n,
             },
             () = exited.exited() => return,
+            () = &mut first_line_due, if !spoke => {
+                let _ = outcomes
+                    .send(Outcome::Rejected {
+                        pid: Some(pid),
+                        error: MessageError::SilentStream,
+                    })
+                    .await;
+                return;
+            }
         };
         framer.push(&buf[..n]);
         while let Some(line) = framer.next_line() {
+            spoke = true;
             let outcome = match line {
                 Ok(line) => judge_message(line, pid, uid),
                 Err(Oversized(len)) => {
@@ -413,6 +440,7 @@ mod tests {
         let limits = StreamLimits {
             max_streams: 3,
             max_streams_per_uid: 2,
+            ..StreamLimits::default()
         };
         let a1 = take_slot(&open, 1000, limits).expect("first");
         let _a2 = take_slot(&open, 1000, limits).expect("second");
@@ -421,6 +449,63 @@ mod tests {
         assert!(take_slot(&open, 1002, limits).is_none(), "in all");
         drop(a1);
         assert!(take_slot(&open, 1002, limits).is_some(), "given back");
+    }
+
+    #[tokio::test]
+    async fn a_stream_silent_past_its_first_line_time_is_closed_and_one_that_spoke_is_not() {
+        use tokio::io::AsyncWriteExt;
+        let dir = std::env::temp_dir().join(format!("poolscope-silent-{}", std::process::id()));
+        let path = dir.join("adapter-stream.sock");
+        let limits = StreamLimits {
+            first_line_timeout: Duration::from_millis(300),
+            ..StreamLimits::default()
+        };
+        let server =
+            AdapterStreamSocket::bind(&path, 0o666, Senders::default(), limits).expect("bind");
+        let (tx, mut rx) = mpsc::channel(16);
+        let serving = tokio::spawn(server.serve(tx, |refused| panic!("refused {refused:?}")));
+        let mut silent = UnixStream::connect(&path).await.expect("connect");
+        let mut talker = UnixStream::connect(&path).await.expect("connect");
+        // Half a line is not a line.
+        silent.write_all(b"{\"v\":1,").await.expect("write");
+        talker
+            .write_all(b"{\"v\":1,\"kind\":\"release\",\"pool\":\"p\",\"fd\":3}\n")
+            .await
+            .expect("write");
+        assert!(matches!(
+            rx.recv().await.expect("outcome"),
+            Outcome::Accepted(_)
+        ));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        match outcome
+            .expect("the silent stream's outcome in time")
+            .expect("outcome")
+        {
+            Outcome::Rejected {
+                pid,
+                error: MessageError::SilentStream,
+            } => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "the silent one is closed: {closed:?}"
+        );
+        // The one that spoke in time is still read, well past the timeout.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        talker
+            .write_all(b"{\"v\":1,\"kind\":\"release\",\"pool\":\"p\",\"fd\":4}\n")
+            .await
+            .expect("write");
+        assert!(matches!(
+            rx.recv().await.expect("outcome"),
+            Outcome::Accepted(_)
+        ));
+        serving.abort();
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -387,7 +387,8 @@ pub const ADAPTER_MESSAGES: Instrument = instrument(
         when(
             attr::REASON,
             "too_large, malformed, unknown_version, unknown_kind, invalid, unknown_sender, \
-             spoofed_pid, sender_not_allowed, sender_exited, and the fair-share bounds pool_limit, \
+             spoofed_pid, sender_not_allowed, sender_exited, silent_stream (a stream that \
+             sent no line within 10 s of its accept), and the fair-share bounds pool_limit, \
              pending_limit, early_event_limit, and stream_limit (too many open streams)",
             "only when rejected",
         ),
