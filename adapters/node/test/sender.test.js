@@ -431,16 +431,22 @@ test('a checkout written as bytes reads as the message it stands for, waiting fo
   assert.equal(sender.stats().dropped, 0)
 })
 
-test('a checkout handed out less than a batch ago stays held through the batch and folds; an older one, or any with a waiter, is sent', async (t) => {
+/** A registered reporter whose batches leave when the test says
+ * (`sender._batchTime()`, what the interval's tick does): its batch period
+ * is far longer than the test. */
+async function withOwnBatches(t) {
   const rx = new Receiver()
   t.after(() => rx.close())
-  // A batch period far longer than the test: the batches leave when the
-  // test says (_batchTime, what the interval's tick does).
   const sender = new Sender(rx.path, { ...fast, batchMs: 60_000 })
   t.after(() => sender.close())
   const reporter = testReporter(sender, 'p')
   reporter.register()
   await eventually(() => sender.stats().connected)
+  return { rx, sender, reporter }
+}
+
+test('a checkout handed out less than a batch ago stays held through the batch and folds; an older one, or any with a waiter, is sent', async (t) => {
+  const { rx, sender, reporter } = await withOwnBatches(t)
   sender._batchTime()
   assert.deepEqual((await rx.drain([sender])).map((l) => l.json.kind), ['pool'])
   const young = reporter.connOf({ local_address: '127.0.0.1:40001', fd: 41 })
@@ -466,13 +472,7 @@ test('a checkout handed out less than a batch ago stays held through the batch a
 })
 
 test('idle connections past the bound are forgotten at a batch; one still out is kept, one seen again is new', async (t) => {
-  const rx = new Receiver()
-  t.after(() => rx.close())
-  const sender = new Sender(rx.path, { ...fast, batchMs: 60_000 })
-  t.after(() => sender.close())
-  const reporter = testReporter(sender, 'p')
-  reporter.register()
-  await eventually(() => sender.stats().connected)
+  const { rx, sender, reporter } = await withOwnBatches(t)
   // A pool whose closes go unseen while its connections' ports change.
   const n = MAX_IDLE_CONNS + 100
   for (let i = 0; i < n; i++) {

@@ -451,19 +451,34 @@ mod tests {
         assert!(take_slot(&open, 1002, limits).is_some(), "given back");
     }
 
+    /// A stream socket served in a directory of its own: the directory,
+    /// the socket's path, the server's task and its outcomes.
+    fn serve_in(
+        name: &str,
+        limits: StreamLimits,
+    ) -> (
+        PathBuf,
+        PathBuf,
+        tokio::task::JoinHandle<()>,
+        mpsc::Receiver<Outcome>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("poolscope-{name}-{}", std::process::id()));
+        let path = dir.join("adapter-stream.sock");
+        let server =
+            AdapterStreamSocket::bind(&path, 0o666, Senders::default(), limits).expect("bind");
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(server.serve(tx, |refused| panic!("refused {refused:?}")));
+        (dir, path, task, rx)
+    }
+
     #[tokio::test]
     async fn a_stream_silent_past_its_first_line_time_is_closed_and_one_that_spoke_is_not() {
         use tokio::io::AsyncWriteExt;
-        let dir = std::env::temp_dir().join(format!("poolscope-silent-{}", std::process::id()));
-        let path = dir.join("adapter-stream.sock");
         let limits = StreamLimits {
             first_line_timeout: Duration::from_millis(300),
             ..StreamLimits::default()
         };
-        let server =
-            AdapterStreamSocket::bind(&path, 0o666, Senders::default(), limits).expect("bind");
-        let (tx, mut rx) = mpsc::channel(16);
-        let serving = tokio::spawn(server.serve(tx, |refused| panic!("refused {refused:?}")));
+        let (dir, path, serving, mut rx) = serve_in("silent", limits);
         let mut silent = UnixStream::connect(&path).await.expect("connect");
         let mut talker = UnixStream::connect(&path).await.expect("connect");
         // Half a line is not a line.
@@ -511,13 +526,7 @@ mod tests {
     #[tokio::test]
     async fn lines_from_a_stream_are_judged_with_the_peers_pid() {
         use tokio::io::AsyncWriteExt;
-        let dir = std::env::temp_dir().join(format!("poolscope-stream-{}", std::process::id()));
-        let path = dir.join("adapter-stream.sock");
-        let server =
-            AdapterStreamSocket::bind(&path, 0o666, Senders::default(), StreamLimits::default())
-                .expect("bind");
-        let (tx, mut rx) = mpsc::channel(16);
-        let serving = tokio::spawn(server.serve(tx, |refused| panic!("refused {refused:?}")));
+        let (dir, path, serving, mut rx) = serve_in("stream", StreamLimits::default());
         let mut client = UnixStream::connect(&path).await.expect("connect");
         client
             .write_all(b"{\"v\":1,\"kind\":\"release\",\"pool\":\"p\",\"fd\":3}\nnot json\n")
