@@ -380,7 +380,7 @@ public final class PoolReporter {
                 long at = Threads.monotonicNanos();
                 synchronized (c) {
                     if (!c.closed && c.held) {
-                        c.held = false;
+                        Acquire held = takeHeld(c);
                         long use = Math.max(0, at - c.sinceNanos);
                         int tid = c.tid;
                         returned(c);
@@ -390,7 +390,7 @@ public final class PoolReporter {
                         }
                         // Its folded checkouts came before it.
                         sendFoldedNow(c);
-                        Json m = message("checkout", at).put("request", c.heldAcquire.request())
+                        Json m = message("checkout", at).put("request", held.request())
                                 .put("local_address", localAddress);
                         reporter.send(withHolder(m, tid, -1).put("use_ns", use).toString());
                         return;
@@ -407,6 +407,15 @@ public final class PoolReporter {
             // Never into the application.
         }
         connectionMessage("release", localAddress);
+    }
+
+    /** c's held checkout's acquire, no longer held (nor kept: it keeps
+     * its thread's slot). Called with c's monitor held. */
+    private static Acquire takeHeld(Conn c) {
+        Acquire held = c.heldAcquire;
+        c.held = false;
+        c.heldAcquire = null;
+        return held;
     }
 
     /** Called with c's monitor held. */
@@ -453,8 +462,8 @@ public final class PoolReporter {
 
     /** c's held acquire_end as a line, and no longer held. Called with c's monitor held. */
     private byte[] heldLine(Conn c) {
-        c.held = false;
-        Json m = message("acquire_end", c.sinceNanos).put("request", c.heldAcquire.request()).put("result", "ok")
+        Acquire held = takeHeld(c);
+        Json m = message("acquire_end", c.sinceNanos).put("request", held.request()).put("result", "ok")
                 .put("local_address", c.localAddress);
         return withHolder(m, c.tid, c.heldWait).toString().getBytes(StandardCharsets.UTF_8);
     }
