@@ -524,8 +524,10 @@ class Sender {
     if (this.closed) return
     // Before any connection was made, reconnect only while something waits
     // (an application that never finds an agent and sends nothing costs
-    // nothing); after one, always (one attempt per 5 s at most).
-    if (this.backlog.length === 0 && this.failures === 0 && this.connects === 0) return
+    // nothing); after one, also while a pool would re-send its state on
+    // connecting (one attempt per 5 s at most). A stream with nothing to
+    // say is not opened: the agent closes streams that stay silent.
+    if (this.backlog.length === 0 && (this.connects === 0 ? this.failures === 0 : this.comebackListeners.size === 0)) return
     const delays = this.reconnectDelaysMs
     const delay = delays[Math.min(this.failures, delays.length - 1)]
     this.failures += 1

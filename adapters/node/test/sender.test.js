@@ -188,11 +188,25 @@ test('an agent that restarts: the sender reconnects with a backoff and keeps the
   await eventually(() => sender.stats().comebacks === 1, 3000)
   const s = sender.stats()
   assert.deepEqual([s.connects, s.disconnects >= 1, s.comebacks, s.dropped], [2, true, 1, 0])
-  // An idle sender whose agent restarts reconnects by itself (so that pools
-  // re-send their state without waiting for the application's next event).
+  // An idle sender whose agent restarts reconnects by itself while a pool
+  // would re-send its state (so that it does, without waiting for the
+  // application's next event).
+  const off = sender.onComeback(() => sender.send(release(99)))
   await rx.stop()
   await rx.listen()
   await eventually(() => sender.stats().comebacks === 2, 3000)
+  assert.deepEqual((await collect(rx, 1)).map((m) => m.fd), [99])
+  // With nothing to say it opens no stream (the agent closes silent ones);
+  // the next message connects.
+  off()
+  await rx.stop()
+  await eventually(() => !sender.stats().connected)
+  await rx.listen()
+  const connects = sender.stats().connects
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  assert.equal(sender.stats().connects, connects, 'no stream with nothing to say')
+  sender.send(release(100))
+  assert.deepEqual((await collect(rx, 1)).map((m) => m.fd), [100])
 })
 
 test("an agent that stops reading: Node's write buffer stays bounded, sends never block", async (t) => {

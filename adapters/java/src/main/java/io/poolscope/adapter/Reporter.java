@@ -320,14 +320,46 @@ public final class Reporter {
     private ByteBuffer buffer;
     private final ByteBuffer probe = ByteBuffer.allocate(256);
 
+    /** No message queued, no pool's lines wanted, no pool to re-send. */
+    private boolean nothingToSay() {
+        synchronized (lock) {
+            if (!queue.isEmpty() || pendingWanted) {
+                return false;
+            }
+        }
+        return livePools().isEmpty();
+    }
+
+    private void waitForWork() throws InterruptedException {
+        synchronized (lock) {
+            if (queue.isEmpty() && !pendingWanted) {
+                writerWaiting = true;
+                try {
+                    lock.wait(MAX_IDLE_WAIT_MS);
+                } finally {
+                    writerWaiting = false;
+                }
+            }
+        }
+    }
+
     private void writeLoop() {
         // Direct: a heap buffer is copied into a temporary direct one on every write.
         buffer = ByteBuffer.allocateDirect(WRITE_BYTES);
         ArrayDeque<byte[]> taken = new ArrayDeque<>();
         while (true) {
             try {
-                if (channel == null && !connect()) {
-                    continue;
+                if (channel == null) {
+                    if (nothingToSay()) {
+                        // A stream would say nothing, and the agent closes
+                        // streams that stay silent: wait for a message or
+                        // a pool to connect for.
+                        waitForWork();
+                        continue;
+                    }
+                    if (!connect()) {
+                        continue;
+                    }
                 }
                 boolean woken = false;
                 int queued;

@@ -47,6 +47,7 @@ public final class AdapterTests {
         aYoungCheckoutStaysHeldThroughABatchUnlessSomeoneWaits();
         idleConnectionsPastTheBoundAreForgotten();
         waitersOfEveryThreadAreSeen();
+        aReporterWithNothingToSayOpensNoStream();
         noAgentDropsAndComebackResendsState();
         aFoldedLineDroppedWithoutAnAgentTakesNoMoreCheckouts();
         stateComesBeforeTheBacklogAfterAComeback();
@@ -509,6 +510,24 @@ public final class AdapterTests {
             eq(lines.size(), 0, "its start is sent once");
             eq(pool.threadSlots(), 1, "the dead thread's slot dropped (nobody waits on a dead thread)");
         });
+    }
+
+    static void aReporterWithNothingToSayOpensNoStream() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            Reporter r = new Reporter(agent.path, 0);
+            // The agent closes streams that stay silent: none is opened
+            // before there is something to say.
+            Thread.sleep(700);
+            eq(r.stats().connects(), 0L, "no pool, no message: no stream");
+            PoolReporter pool = new PoolReporter(r, "orders", null);
+            pool.register(null);
+            check(agent.next().contains("\"kind\":\"pool\""), "registered");
+            eq(r.stats().connects(), 1L, "the registration connects");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
     }
 
     private static String text(byte[] line) {
