@@ -522,6 +522,13 @@ public final class PoolReporter {
     /** An acquire's start, or a checkout's held end (of the acquire), at its time. */
     private record Pending(long atNanos, Acquire start, Conn conn, Acquire held) {}
 
+    /** The start of {@code a} (null: none) if it is still to be sent. */
+    private static void addIfStarting(List<Pending> events, Acquire a) {
+        if (a != null && a.state == Acquire.STARTING) {
+            events.add(new Pending(a.startNanos, a, null, null));
+        }
+    }
+
     /**
      * What waits for the batch, called by the writer as it writes one (after
      * the lines queued for it): every connection's folded checkouts, then,
@@ -544,15 +551,10 @@ public final class PoolReporter {
                 slots.remove(s);
                 continue;
             }
-            Acquire a = s.waiting;
-            if (a != null && a.state == Acquire.STARTING) {
-                events.add(new Pending(a.startNanos, a, null, null));
-            }
+            addIfStarting(events, s.waiting);
         }
         for (Acquire a : waiting) {
-            if (a.state == Acquire.STARTING) {
-                events.add(new Pending(a.startNanos, a, null, null));
-            }
+            addIfStarting(events, a);
         }
         long youngFrom = events.isEmpty() ? Threads.monotonicNanos() - batchNanos : Long.MAX_VALUE;
         boolean kept = false;

@@ -330,17 +330,20 @@ public final class Reporter {
         return livePools().isEmpty();
     }
 
-    private void waitForWork() throws InterruptedException {
-        synchronized (lock) {
-            if (queue.isEmpty() && !pendingWanted) {
-                writerWaiting = true;
-                try {
-                    lock.wait(MAX_IDLE_WAIT_MS);
-                } finally {
-                    writerWaiting = false;
-                }
-            }
+    /** With nothing queued or wanted, waits for it (at most
+     * {@link #MAX_IDLE_WAIT_MS}); whether it waited and something came.
+     * Called with the lock held. */
+    private boolean awaitWork() throws InterruptedException {
+        if (!queue.isEmpty() || pendingWanted) {
+            return false;
         }
+        writerWaiting = true;
+        try {
+            lock.wait(MAX_IDLE_WAIT_MS);
+        } finally {
+            writerWaiting = false;
+        }
+        return !queue.isEmpty() || pendingWanted;
     }
 
     private void writeLoop() {
@@ -354,26 +357,20 @@ public final class Reporter {
                         // A stream would say nothing, and the agent closes
                         // streams that stay silent: wait for a message or
                         // a pool to connect for.
-                        waitForWork();
+                        synchronized (lock) {
+                            awaitWork();
+                        }
                         continue;
                     }
                     if (!connect()) {
                         continue;
                     }
                 }
-                boolean woken = false;
+                boolean woken;
                 int queued;
                 boolean pending;
                 synchronized (lock) {
-                    if (queue.isEmpty() && !pendingWanted) {
-                        writerWaiting = true;
-                        try {
-                            lock.wait(MAX_IDLE_WAIT_MS);
-                        } finally {
-                            writerWaiting = false;
-                        }
-                        woken = !queue.isEmpty() || pendingWanted;
-                    }
+                    woken = awaitWork();
                     queued = queue.size() + (pendingWanted ? 1 : 0);
                 }
                 // One write per batch window: woken by a first message, the
