@@ -36,12 +36,18 @@ fn an_unbound_adapter_socket_makes_the_agent_live_but_not_ready() {
     // A path under /proc can never be bound.
     let config = adapter_config(Path::new("/proc/poolscope-nowhere/adapter.sock"), &[]);
     let agent = Agent::start_with_config_until(&config, &[], "/healthz/live");
-    let (status, body) = agent.get_with_status("/healthz/ready").expect("ready");
-    assert_eq!(status, 503, "{body}\n{}", agent.log());
-    assert!(
-        body.contains("adapter socket could not be bound"),
-        "the reason is given: {body:?}"
-    );
+    // Live answers before the agent has tried the socket (it seeds from
+    // /proc first), so readiness may still say "not bound yet": wait for the
+    // attempt, and the agent must never call itself ready meanwhile.
+    let mut last = String::new();
+    let failed = wait_until(Duration::from_secs(30), || {
+        let (status, body) = agent.get_with_status("/healthz/ready").expect("ready");
+        assert_eq!(status, 503, "{body}\n{}", agent.log());
+        let failed = body.contains("adapter socket could not be bound");
+        last = body;
+        failed.then_some(())
+    });
+    assert!(failed.is_some(), "the reason is given: {last:?}");
     let (status, body) = agent.get_with_status("/healthz").expect("healthz");
     assert_eq!(status, 503, "{body}");
     let (status, _) = agent.get_with_status("/healthz/live").expect("live");
