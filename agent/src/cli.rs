@@ -415,7 +415,7 @@ pub fn pools(args: &ClientArgs) -> anyhow::Result<()> {
             } else {
                 "inferred"
             },
-            p.db_system.map(|d| d.as_str()).unwrap_or("-"),
+            p.db_system.as_ref().map_or("-", |d| d.as_str()),
             p.used,
             p.idle,
             p.max.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),

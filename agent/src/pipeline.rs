@@ -391,7 +391,10 @@ impl Pipeline {
     fn evaluate_leaks(&self, now: u64) -> Result<(), Broken> {
         let changes = self.state.with(|state| {
             let tracker = &state.tracker;
-            let findings = detect::evaluate(tracker.open_connections(), now, &self.thresholds);
+            let connections = tracker
+                .open_connections()
+                .chain(tracker.adapter_only_connections());
+            let findings = detect::evaluate(connections, now, &self.thresholds);
             let lookup = |id| tracker.connection(id);
             let changes = state.leaks.update(
                 &findings,

@@ -12,7 +12,7 @@ use crate::{
     clock::Clock,
     detect::{Finding, LeakKind},
     lifecycle::{ConnId, ConnState, Connection, Endpoint, Output},
-    protocol::{DbError, DbSystem, TxState},
+    protocol::{DbError, SystemName, TxState},
 };
 
 /// A round trip that took longer than the slow-query threshold.
@@ -129,7 +129,7 @@ pub struct LeakReport {
     pub cmdline: Option<String>,
     pub container_id: Option<String>,
     pub pool: Option<String>,
-    pub db_system: Option<DbSystem>,
+    pub db_system: Option<SystemName>,
     pub server: Option<String>,
     pub local_address: Option<String>,
     pub fd: Option<i32>,
@@ -196,7 +196,7 @@ pub struct LeakReports {
 fn endpoint_text(remote: &Endpoint) -> String {
     match remote {
         Endpoint::Inet(sa) => sa.to_string(),
-        Endpoint::Unix(path) => path.clone(),
+        Endpoint::Unix(path) | Endpoint::Declared(path) => path.clone(),
     }
 }
 
@@ -206,7 +206,9 @@ fn resolution(kind: LeakKind, now: Option<&Connection>) -> String {
         return "the connection was closed".into();
     };
     match kind {
-        LeakKind::Leaked | LeakKind::SlowHolder if conn.checked_out_at_ns.is_none() => {
+        LeakKind::Leaked | LeakKind::SlowHolder | LeakKind::HeldTooLong
+            if conn.checked_out_at_ns.is_none() =>
+        {
             "returned to the pool".into()
         }
         LeakKind::IdleInTransaction
@@ -321,11 +323,13 @@ impl LeakReports {
                 cmdline: more.cmdline,
                 container_id: more.container_id,
                 pool: conn.pool.as_deref().map(str::to_string),
-                db_system: conn.db_system,
-                server: Some(endpoint_text(&conn.remote)),
+                db_system: conn.system(),
+                server: Some(endpoint_text(&conn.remote)).filter(|s| !s.is_empty()),
                 local_address: conn.local.map(|sa| sa.to_string()),
-                fd: Some(conn.id.fd),
-                generation: Some(conn.id.generation),
+                // Adapter-only connections have no fd, and the agent's
+                // number for them is of no use to anyone.
+                fd: Some(conn.id.fd).filter(|_| conn.has_socket()),
+                generation: Some(conn.id.generation).filter(|_| conn.has_socket()),
                 holder_tid: conn.holder_tid,
                 holder_thread: more.thread_name,
                 connection_opened_at: Some(clock.rfc3339(conn.opened_at_ns)),
@@ -480,7 +484,7 @@ fn refresh(report: &mut LeakReport, conn: &Connection, finding: &Finding, now: u
     report.tx_state = conn.tx_state;
     report.local_address = conn.local.map(|sa| sa.to_string());
     report.pool = conn.pool.as_deref().map(str::to_string);
-    report.db_system = conn.db_system;
+    report.db_system = conn.system();
     report.evidence.clone_from(&finding.evidence);
 }
 

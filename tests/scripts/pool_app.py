@@ -17,6 +17,11 @@ adapter, so that the tests can compare the agent's view with the truth.
   {"op": "psycopg_pool", "engine": E, "port": P, "min_size": 2, "max_size": 4,
    "adapter": true, "pool_name": "billing", "state_interval": 30}
       a psycopg_pool.ConnectionPool named E (opened, waits for min_size)
+  {"op": "sqlite_pool", "engine": E, "path": FILE, "max_size": 2, "timeout": 30,
+   "adapter": true, "pool_name": "handles"}
+      a hand-rolled pool of SQLite handles on FILE (HandlePool below),
+      reported with the generic reporter (report_pool)
+  {"op": "pool_state", "engine": E}  -> {"used", "idle", "max"} of a HandlePool
   {"op": "checkout", "engine": E, "id": ID}
       holds one connection under ID, does nothing with it
       -> {"fd", "local_port", "local_address"}
@@ -77,12 +82,16 @@ def count(engine, key):
 
 
 def dbapi_of(name, conn):
+    if kinds[name] == "sqlite":
+        return conn
     if kinds[name] == "sqlalchemy":
         return conn.connection.dbapi_connection
     return conn
 
 
 def describe(name, conn):
+    if kinds[name] == "sqlite":
+        return {}  # a handle has no socket
     fd = dbapi_of(name, conn).pgconn.socket
     s = socket.socket(fileno=fd)
     try:
@@ -97,6 +106,8 @@ def acquire(name):
     engine = engines[name]
     if kinds[name] == "sqlalchemy":
         conn = engine.connect()
+    elif kinds[name] == "sqlite":
+        conn = engine.get()
     else:
         conn = engine.getconn()
     count(name, "acquires")
@@ -106,6 +117,8 @@ def acquire(name):
 def give_back(name, conn):
     if kinds[name] == "sqlalchemy":
         conn.close()
+    elif kinds[name] == "sqlite":
+        engines[name].put(conn)
     else:
         engines[name].putconn(conn)
     count(name, "releases")
@@ -151,6 +164,86 @@ def op_sqlalchemy(req):
             raise RuntimeError("instrument_sqlalchemy failed")
         pool_name = inst.name
     return {"pool_name": pool_name}
+
+
+class HandlePool:
+    """A pool of SQLite handles as services keep them by hand: at most
+    `max_size` open, handed out idle first, callers waiting up to `timeout`
+    seconds for one when all are out. Reported through the generic
+    reporter when `report` is given."""
+
+    def __init__(self, path, max_size, timeout, report=None):
+        import sqlite3
+
+        self.connect = lambda: sqlite3.connect(path, check_same_thread=False)
+        self.max_size = max_size
+        self.timeout = timeout
+        self.report = report
+        self.cond = threading.Condition()
+        self.idle = []
+        self.open = 0
+        self.used = 0
+
+    def get(self):
+        waiting = self.report.acquire() if self.report else None
+        deadline = time.monotonic() + self.timeout
+        created = None
+        with self.cond:
+            while not self.idle and self.open >= self.max_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if waiting:
+                        waiting.timeout()
+                    raise TimeoutError("pool full: %d of %d handles out" % (self.used, self.max_size))
+                self.cond.wait(remaining)
+            if self.idle:
+                handle = self.idle.pop()
+            else:
+                handle = created = self.connect()
+                self.open += 1
+            self.used += 1
+        if self.report:
+            if created is not None:
+                self.report.connection_created(created)
+            waiting.ok(handle)
+        return handle
+
+    def put(self, handle):
+        if self.report:
+            self.report.released(handle)
+        with self.cond:
+            self.used -= 1
+            self.idle.append(handle)
+            self.cond.notify()
+
+    def state(self):
+        with self.cond:
+            return {"used": self.used, "idle": len(self.idle), "max": self.max_size}
+
+
+def op_sqlite_pool(req):
+    name = req.get("engine", "main")
+    report = None
+    if req.get("adapter"):
+        from poolscope_adapter import report_pool
+
+        report = report_pool(
+            req.get("pool_name") or name,
+            db_system="sqlite",
+            server_address=req["path"],
+            max=int(req.get("max_size", 2)),
+            library="handle_pool",
+            state_interval=req.get("state_interval"),
+        )
+    engines[name] = HandlePool(
+        req["path"], int(req.get("max_size", 2)), float(req.get("timeout", 30)), report
+    )
+    kinds[name] = "sqlite"
+    return {"pool_name": report.name if report else None}
+
+
+def op_pool_state(req):
+    return engines[req.get("engine", "main")].state()
 
 
 def op_psycopg_pool(req):
@@ -406,6 +499,8 @@ OPS = {
     "pid": lambda req: {"pid": os.getpid(), "tid": threading.get_native_id()},
     "sqlalchemy": op_sqlalchemy,
     "psycopg_pool": op_psycopg_pool,
+    "sqlite_pool": op_sqlite_pool,
+    "pool_state": op_pool_state,
     "checkout": op_checkout,
     "query": op_query,
     "idle_in_transaction": op_idle_in_transaction,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use poolscope::api::{ConnectionView, ConnectionsResponse};
 pub use poolscope::lifecycle::{CloseReason, ConnState, ConnectOutcome};
-pub use poolscope::protocol::{DbSystem, TxState};
+pub use poolscope::protocol::{DbSystem, SystemName, TxState};
 pub use poolscope::reports::{SlowQueriesResponse, SlowQuery};
 pub use serde_json::{json, Value};
 

@@ -25,8 +25,8 @@ use std::{
 use java_build::Built;
 use poolscope_tests::{
     assert_golden_shapes, golden_shapes, json, require_kernel, Agent, DbSystem, HeldConnection,
-    JsonLinesChild, LeakKind, MariaDb, PoolView, Postgres, ReportStatus, Seen, TempDir, TxState,
-    Value, EVENT_TIMEOUT, LOCALHOST_V4,
+    JsonLinesChild, LeakKind, MariaDb, PoolView, Postgres, ReportStatus, Seen, SystemName, TempDir,
+    TxState, Value, EVENT_TIMEOUT, LOCALHOST_V4,
 };
 
 /// Short thresholds, so that the scenario takes seconds. Idle in
@@ -241,7 +241,11 @@ fn expect_registration(
     });
     assert!(pool.from_adapter, "{pool:#?}");
     assert_eq!(pool.library.as_deref(), Some("HikariCP"), "{pool:#?}");
-    assert_eq!(pool.db_system, Some(db_system), "{pool:#?}");
+    assert_eq!(
+        pool.db_system,
+        Some(SystemName::Read(db_system)),
+        "{pool:#?}"
+    );
     assert_eq!(pool.server.as_deref(), Some(server), "{pool:#?}");
     assert_eq!(pool.namespace.as_deref(), Some(namespace), "{pool:#?}");
     assert_eq!(pool.max, Some(max), "maximumPoolSize: {pool:#?}");
@@ -373,7 +377,11 @@ fn hikari_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
         assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
         assert_eq!(r.pool.as_deref(), Some(POOL), "{r:#?}");
         assert_eq!(r.process, "java", "{r:#?}");
-        assert_eq!(r.db_system, Some(DbSystem::Postgresql), "{r:#?}");
+        assert_eq!(
+            r.db_system,
+            Some(SystemName::Read(DbSystem::Postgresql)),
+            "{r:#?}"
+        );
         assert_eq!(r.server.as_deref(), Some(server.as_str()), "{r:#?}");
         assert_eq!(
             r.local_address.as_deref(),
@@ -500,7 +508,11 @@ fn mariadb_connections_are_named_by_their_socket() {
     });
     let r = seen.on_time(LeakKind::Leaked, &leak, LEAK_S, "the MariaDB leak");
     assert_eq!(r.pool.as_deref(), Some(pool), "{r:#?}");
-    assert_eq!(r.db_system, Some(DbSystem::Mysql), "{r:#?}");
+    assert_eq!(
+        r.db_system,
+        Some(SystemName::Read(DbSystem::Mysql)),
+        "{r:#?}"
+    );
     assert_eq!(
         r.local_address.as_deref(),
         Some(leak.local.to_string().as_str()),

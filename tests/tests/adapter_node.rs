@@ -152,7 +152,11 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
     );
     assert!(pool.from_adapter, "{pool:?}");
     assert_eq!(pool.max, Some(POOL_MAX), "{pool:?}");
-    assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:?}");
+    assert_eq!(
+        pool.db_system,
+        Some(SystemName::Read(DbSystem::Postgresql)),
+        "{pool:?}"
+    );
     assert_eq!(pool.library.as_deref(), Some("node-postgres"), "{pool:?}");
     assert_eq!(
         pool.server,
@@ -215,7 +219,11 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
         Some(leak_local.as_str()),
         "{report:#?}"
     );
-    assert_eq!(report.db_system, Some(DbSystem::Postgresql), "{report:#?}");
+    assert_eq!(
+        report.db_system,
+        Some(SystemName::Read(DbSystem::Postgresql)),
+        "{report:#?}"
+    );
     let held = report.held_for_seconds.unwrap_or_default();
     assert!(
         held >= LEAK_THRESHOLD_SECONDS,

@@ -205,7 +205,11 @@ fn mysql2_leaks_busy_holder_open_transaction_and_exhausted_pool_are_told_apart()
     let pool = agent.wait_for_pool(pid, POOL, "the registration", |p| p.max.is_some());
     assert!(pool.from_adapter, "{pool:#?}");
     assert_eq!(pool.max, Some(POOL_MAX), "connectionLimit: {pool:#?}");
-    assert_eq!(pool.db_system, Some(DbSystem::Mysql), "{pool:#?}");
+    assert_eq!(
+        pool.db_system,
+        Some(SystemName::Read(DbSystem::Mysql)),
+        "{pool:#?}"
+    );
     assert_eq!(pool.library.as_deref(), Some("mysql2"), "{pool:#?}");
     assert_eq!(pool.server.as_deref(), Some(server.as_str()), "{pool:#?}");
     assert_eq!(
@@ -246,7 +250,11 @@ fn mysql2_leaks_busy_holder_open_transaction_and_exhausted_pool_are_told_apart()
         let r = seen.on_time(LeakKind::Leaked, c, LEAK_S);
         assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
         assert_eq!(r.pool.as_deref(), Some(POOL), "{r:#?}");
-        assert_eq!(r.db_system, Some(DbSystem::Mysql), "{r:#?}");
+        assert_eq!(
+            r.db_system,
+            Some(SystemName::Read(DbSystem::Mysql)),
+            "{r:#?}"
+        );
         assert_eq!(r.server.as_deref(), Some(server.as_str()), "{r:#?}");
         assert_eq!(r.fd, Some(c.fd), "{r:#?}");
         assert_eq!(

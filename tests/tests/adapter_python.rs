@@ -22,8 +22,8 @@ use std::{
 
 use poolscope_tests::{
     adapter_config, json, local_port, process_alive, require_kernel, vm_rss_kib, wait_until, Agent,
-    DbSystem, Held, LeakKind, PoolApp, PoolView, Postgres, ReportStatus, Seen, TempDir, TxState,
-    Value, EVENT_TIMEOUT,
+    DbSystem, Held, LeakKind, PoolApp, PoolView, Postgres, ReportStatus, Seen, SystemName, TempDir,
+    TxState, Value, EVENT_TIMEOUT,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
@@ -111,7 +111,11 @@ impl Rig {
             .wait_for_pool(pid, name, "the registration", |p| p.max.is_some());
         assert!(pool.from_adapter, "{pool:#?}");
         assert_eq!(pool.library.as_deref(), Some(library), "{pool:#?}");
-        assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:#?}");
+        assert_eq!(
+            pool.db_system,
+            Some(SystemName::Read(DbSystem::Postgresql)),
+            "{pool:#?}"
+        );
         assert_eq!(
             pool.server.as_deref(),
             Some(self.server().as_str()),
@@ -198,7 +202,11 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
         assert_eq!(r.pid, pid, "{r:#?}");
         assert_eq!(r.process, "python3", "{r:#?}");
         assert_eq!(r.pool.as_deref(), Some("orders"), "{r:#?}");
-        assert_eq!(r.db_system, Some(DbSystem::Postgresql), "{r:#?}");
+        assert_eq!(
+            r.db_system,
+            Some(SystemName::Read(DbSystem::Postgresql)),
+            "{r:#?}"
+        );
         assert_eq!(r.server.as_deref(), Some(rig.server().as_str()), "{r:#?}");
         assert_eq!(r.fd, Some(h.fd), "{r:#?}");
         assert_eq!(
@@ -349,7 +357,11 @@ fn without_adapter_kernel_rules_find_idle_transaction_and_abandoned_connections(
     assert_eq!(r.pool, None, "no adapter, no pool name: {r:#?}");
     assert_eq!(r.fd, Some(tx.fd), "{r:#?}");
     assert_eq!(r.tx_state, Some(TxState::InTransaction), "{r:#?}");
-    assert_eq!(r.db_system, Some(DbSystem::Postgresql), "{r:#?}");
+    assert_eq!(
+        r.db_system,
+        Some(SystemName::Read(DbSystem::Postgresql)),
+        "{r:#?}"
+    );
     for (i, h) in old.iter().enumerate() {
         let r = seen.on_time(
             LeakKind::Abandoned,
@@ -361,7 +373,11 @@ fn without_adapter_kernel_rules_find_idle_transaction_and_abandoned_connections(
         assert_eq!(r.pool, None, "{r:#?}");
         assert_eq!(r.fd, Some(h.fd), "{r:#?}");
         assert_eq!(r.server.as_deref(), Some(rig.server().as_str()), "{r:#?}");
-        assert_eq!(r.db_system, Some(DbSystem::Postgresql), "{r:#?}");
+        assert_eq!(
+            r.db_system,
+            Some(SystemName::Read(DbSystem::Postgresql)),
+            "{r:#?}"
+        );
         assert_eq!(r.holder_tid, None, "{r:#?}");
     }
 }
@@ -634,6 +650,149 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
     seen.expect_kinds(BTreeSet::from([(LeakKind::Leaked, Some(leak.port))]));
 }
 
+/// A pool with no socket at all: SQLite handles kept by the app's own pool
+/// (`HandlePool` in pool_app.py), reported through the generic reporter,
+/// whose connections the agent knows only by the ids the adapter gives
+/// them. One handle leaks, the pool runs out, a waiter times out and
+/// another waits for a return; healthy checkouts around them.
+#[test]
+fn a_sqlite_handle_pool_reports_its_leak_waits_and_state_without_sockets() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = TempDir::new("poolscope-sqlite-pool");
+    let socket = dir.path().join("adapter.sock");
+    // The holder stays out while both waiters wait (about 2.5 s): a leak
+    // threshold well past that leaves the leak the only one held too long.
+    const HELD_S: f64 = 5.0;
+    let mut thresholds = fast_thresholds();
+    thresholds.retain(|(name, _)| *name != "leak_threshold_seconds");
+    thresholds.push(("leak_threshold_seconds", HELD_S));
+    let agent = Agent::start_with_config(&adapter_config(&socket, &thresholds), &[]);
+    let db = dir.path().join("app.db");
+    let mut app = PoolApp::spawn(Some(&socket));
+    let pid = app.pid;
+    let answer = app.request(json!({"op": "sqlite_pool", "engine": "h",
+        "path": db.display().to_string(), "max_size": 2, "timeout": 1.5,
+        "adapter": true, "pool_name": "handles"}));
+    assert_eq!(answer["pool_name"], "handles", "{answer}");
+    let pool = agent.wait_for_pool(pid, "handles", "the registration", |p| p.max == Some(2));
+    assert!(pool.from_adapter, "{pool:#?}");
+    assert_eq!(
+        pool.db_system,
+        Some(SystemName::Named("sqlite".into())),
+        "a system the agent reads no protocol of is taken by name: {pool:#?}"
+    );
+    assert_eq!(
+        pool.server.as_deref(),
+        Some(db.display().to_string().as_str())
+    );
+    assert_eq!(pool.library.as_deref(), Some("handle_pool"), "{pool:#?}");
+
+    // Healthy checkouts, then a leak and a holder that fill the pool.
+    app.request(json!({"op": "pool_checkouts", "engine": "h", "n": 20}));
+    app.request(json!({"op": "checkout", "engine": "h", "id": "leak"}));
+    app.request(json!({"op": "checkout", "engine": "h", "id": "holder"}));
+    let state = app.request(json!({"op": "pool_state", "engine": "h"}));
+    let pool = agent.wait_for_pool(pid, "handles", "the pool full", |p| p.used == 2);
+    assert_eq!(
+        (pool.used, pool.idle, pool.max),
+        (
+            state["used"].as_u64().unwrap(),
+            state["idle"].as_u64().unwrap(),
+            state["max"].as_u64().and_then(|m| u32::try_from(m).ok())
+        ),
+        "the agent's pool is the app's own: {state} {pool:#?}"
+    );
+
+    // A waiter times out on the full pool (1.5 s); a second gets the
+    // holder's handle when it comes back 0.7 s later (both are slow
+    // acquires: past 0.5 s), and returns it.
+    app.request(json!({"op": "waiter", "engine": "h", "id": "w1"}));
+    let w1 = app.request(json!({"op": "waiter_result", "id": "w1"}));
+    assert_eq!(w1["result"], "timeout", "{w1}");
+    app.request(json!({"op": "waiter", "engine": "h", "id": "w2"}));
+    agent.wait_for_pool(pid, "handles", "the second waiter", |p| p.pending == 1);
+    app.request(json!({"op": "release", "id": "holder", "after": 0.7}));
+    let w2 = app.request(json!({"op": "waiter_result", "id": "w2"}));
+    assert_eq!(w2["result"], "ok", "{w2}");
+    app.request(json!({"op": "release", "id": "w2"}));
+
+    let mut seen = Seen::new(&agent, pid);
+    seen.watch(EVENT_TIMEOUT, "the slow acquires", |s| {
+        s.of_kind(LeakKind::SlowAcquire).len() >= 2
+    });
+    let slow = seen.of_kind(LeakKind::SlowAcquire);
+    let timed_out = slow
+        .iter()
+        .find(|r| r.resolution.as_deref() == Some("timed out"))
+        .unwrap_or_else(|| panic!("{}", seen.dump()));
+    assert_eq!(
+        (timed_out.pool_used, timed_out.pool_max),
+        (Some(2), Some(2)),
+        "{timed_out:#?}"
+    );
+    assert!(
+        timed_out.pool_pending.is_some_and(|p| p >= 1),
+        "{timed_out:#?}"
+    );
+    assert_eq!(
+        timed_out.holder_tid.map(u64::from),
+        w1["tid"].as_u64(),
+        "{timed_out:#?}"
+    );
+
+    // The leak: held too long, with no kernel evidence either way.
+    seen.watch(
+        EVENT_TIMEOUT + Duration::from_secs_f64(HELD_S),
+        "the leak",
+        |s| !s.of_kind(LeakKind::HeldTooLong).is_empty(),
+    );
+    let held = seen.of_kind(LeakKind::HeldTooLong);
+    assert_eq!(held.len(), 1, "only the leak: {}", seen.dump());
+    let r = held[0];
+    assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
+    assert_eq!(r.pool.as_deref(), Some("handles"), "{r:#?}");
+    assert_eq!(r.holder_tid, Some(app.tid), "{r:#?}");
+    assert_eq!(
+        r.db_system,
+        Some(SystemName::Named("sqlite".into())),
+        "{r:#?}"
+    );
+    assert_eq!((r.fd, r.local_address.as_deref()), (None, None), "{r:#?}");
+    assert!(r.evidence.contains("no kernel evidence"), "{r:#?}");
+    assert!(
+        seen.latest
+            .values()
+            .all(|r| matches!(r.kind, LeakKind::SlowAcquire | LeakKind::HeldTooLong)),
+        "nothing else: {}",
+        seen.dump()
+    );
+
+    // Every acquire's wait is in the histogram: 20 healthy, the leak, the
+    // holder, the waiter that timed out and the one that got a handle.
+    let waits = format!(
+        "db_client_connection_wait_time_seconds_count{{db_client_connection_pool_name=\"handles\",process_pid=\"{pid}\"}}"
+    );
+    let counted = wait_until(EVENT_TIMEOUT, || {
+        let v = agent.metric_sum(&waits);
+        (v >= 24.0).then_some(v)
+    });
+    assert_eq!(counted, Some(24.0), "{}", agent.metrics());
+    let state = app.request(json!({"op": "pool_state", "engine": "h"}));
+    let pool = agent.wait_for_pool(pid, "handles", "the leak alone out", |p| p.used == 1);
+    assert_eq!(
+        (pool.used, pool.idle, pool.pending),
+        (
+            state["used"].as_u64().unwrap(),
+            state["idle"].as_u64().unwrap(),
+            0
+        ),
+        "{state} {pool:#?}"
+    );
+    assert_eq!(pool.timeouts, 1, "{pool:#?}");
+}
+
 // ---------------------------------------------------------------------------
 // f. The adapter socket under abuse
 // ---------------------------------------------------------------------------
@@ -785,7 +944,7 @@ fn adapter_socket_rejects_spoofed_and_malformed_messages() {
                     p.timeouts,
                     p.used,
                     p.idle,
-                    p.db_system,
+                    p.db_system.clone(),
                 )
             })
     };

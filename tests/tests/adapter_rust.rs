@@ -22,7 +22,8 @@ use poolscope::{
     reports::{LeakReport, LeaksResponse, ReportStatus},
 };
 use poolscope_tests::{
-    require_kernel, wait_until, Agent, DbSystem, Postgres, TempDir, Value, EVENT_TIMEOUT,
+    require_kernel, wait_until, Agent, DbSystem, Postgres, SystemName, TempDir, Value,
+    EVENT_TIMEOUT,
 };
 
 const POOL: &str = "rust-workload";
@@ -255,7 +256,11 @@ fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
     );
     assert_eq!(pool.pending, 0, "{pool:?}");
     assert_eq!(pool.timeouts, 0, "{pool:?}");
-    assert_eq!(pool.db_system, Some(DbSystem::Postgresql), "{pool:?}");
+    assert_eq!(
+        pool.db_system,
+        Some(SystemName::Read(DbSystem::Postgresql)),
+        "{pool:?}"
+    );
     assert_eq!(
         pool.server.as_deref(),
         Some(format!("127.0.0.1:{}", pg.port).as_str()),
@@ -317,7 +322,11 @@ fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
         "{leak:?}"
     );
     assert_eq!(leak.fd.map(i64::from), Some(held_fd), "{leak:?}");
-    assert_eq!(leak.db_system, Some(DbSystem::Postgresql), "{leak:?}");
+    assert_eq!(
+        leak.db_system,
+        Some(SystemName::Read(DbSystem::Postgresql)),
+        "{leak:?}"
+    );
     let held_for = leak.held_for_seconds.unwrap_or_default();
     assert!(
         held_for >= LEAK_THRESHOLD_SECONDS,

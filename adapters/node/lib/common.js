@@ -135,11 +135,14 @@ function refText(ref) {
   let text = ''
   if (ref.local_address !== undefined) text += `,"local_address":${JSON.stringify(ref.local_address)}`
   if (ref.fd !== undefined) text += `,"fd":${ref.fd}`
+  if (ref.conn !== undefined) text += `,"conn":${ref.conn}`
   return text
 }
 
-/** The key of the connection `ref` names: its fd, else its address. */
+/** The key of the connection `ref` names: the adapter's id for it, else
+ * its fd, else its address. */
 function refKey(ref) {
+  if (ref.conn !== undefined) return `conn:${ref.conn}`
   return ref.fd !== undefined ? `fd:${ref.fd}` : `addr:${ref.local_address}`
 }
 

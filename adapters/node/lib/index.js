@@ -13,6 +13,7 @@ const { Sender, senderFor, socketPathFromEnv, DEFAULT_SOCKET } = require('./send
 const { DEFAULT_REREGISTER_MS, positiveInt, formatAddress, eventLoopTid } = require('./common')
 const pg = require('./pg')
 const mysql = require('./mysql')
+const generic = require('./generic')
 
 const INSTRUMENTED = Symbol.for('poolscope-adapter.instrumented')
 
@@ -62,6 +63,36 @@ function instrument(pool, options = {}) {
   return pool
 }
 
+/**
+ * Reports a pool the application keeps itself (SQLite handles, anything no
+ * integration covers), from the pool's own code; returns its ReportedPool:
+ *
+ *   const report = reportPool({ name: 'handles', dbSystem: 'sqlite', max: 4 })
+ *   report.connectionCreated(handle)       // the pool opened it
+ *   const waiting = report.acquire()       // before the pool may wait
+ *   waiting.ok(handle)                     // or waiting.timeout() / .error()
+ *   report.released(handle)                // back in the pool
+ *   report.connectionClosed(handle)        // closed or discarded
+ *
+ * options.name          pool name (1 to 128 characters)
+ * options.dbSystem      db.system.name: 'sqlite', 'postgresql'...
+ * options.serverAddress what it talks to (a host, the database file)
+ * options.serverPort, options.namespace, options.max, options.minIdle,
+ * options.library       the rest of the registration
+ * options.socketPath, options.stateIntervalMs  as for instrument()
+ */
+function reportPool(options = {}) {
+  const opts = options && typeof options === 'object' ? options : {}
+  const reporter = new generic.GenericReporter(opts)
+  try {
+    const every = positiveInt(opts.stateIntervalMs) ?? positiveInt(opts.reregisterMs)
+    reporter.start(every === undefined ? DEFAULT_REREGISTER_MS : every)
+  } catch (err) {
+    // An adapter must never break the application.
+  }
+  return new generic.ReportedPool(reporter)
+}
+
 /** What the adapter did for an instrumented pool (null if it is not). */
 function stats(pool) {
   const reporter = pool && (pool[INSTRUMENTED] || (pool.pool && pool.pool[INSTRUMENTED]))
@@ -70,6 +101,7 @@ function stats(pool) {
 
 module.exports = {
   instrument,
+  reportPool,
   stats,
   /** Always true: the sender is pure JavaScript, nothing to build. */
   available: true,

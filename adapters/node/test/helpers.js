@@ -238,6 +238,7 @@ function unfolded(messages) {
     const release = { v: m.v, kind: 'release', pool: m.pool }
     if (m.local_address !== undefined) release.local_address = m.local_address
     if (m.fd !== undefined) release.fd = m.fd
+    if (m.conn !== undefined) release.conn = m.conn
     release.mono_ns = m.mono_ns
     release.folded = true
     out.push(release)

@@ -157,6 +157,7 @@ struct Fields<'a> {
     uses_ns: Option<Vec<u64>>,
     local_address: Option<SocketAddr>,
     fd: Option<i32>,
+    conn: Option<u64>,
 }
 
 /// Sets a field read for the first time; a second time gives up.
@@ -185,6 +186,7 @@ impl<'a> Fields<'a> {
             "uses_ns" => once(&mut self.uses_ns, s.unsigned_list()?),
             "local_address" => once(&mut self.local_address, s.string()?.parse().ok()?),
             "fd" => once(&mut self.fd, i32::try_from(s.unsigned()?).ok()?),
+            "conn" => once(&mut self.conn, s.unsigned()?),
             _ => s.skip_value(),
         }
     }
@@ -196,6 +198,7 @@ impl<'a> Fields<'a> {
         let conn = ConnRef {
             local_address: self.local_address,
             fd: self.fd,
+            conn: self.conn,
         };
         let body = match self.kind? {
             "acquire_start" => Body::AcquireStart {

@@ -165,23 +165,32 @@ impl Body {
 
 /// Which connection a message means: the client side's `ip:port` for TCP
 /// (as `getsockname()` gives it), the socket's fd in the sending process,
-/// or both. At least one, and the fd not negative.
+/// a number the adapter chose for it (`conn`), or several of these. At
+/// least one, and the fd not negative.
+///
+/// `conn` is for pools that hide their sockets or have none (SQLite): unique
+/// within its pool while the connection lives. Sent with a socket once, it
+/// names that socket's connection in later messages that carry only `conn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct ConnRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_address: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conn: Option<u64>,
 }
 
 impl ConnRef {
     pub fn is_empty(&self) -> bool {
-        self.local_address.is_none() && self.fd.is_none()
+        self.local_address.is_none() && self.fd.is_none() && self.conn.is_none()
     }
 
     fn validate(&self) -> Result<(), Error> {
         if self.is_empty() {
-            return Err(invalid("needs local_address or fd to name the connection"));
+            return Err(invalid(
+                "needs local_address, fd or conn to name the connection",
+            ));
         }
         if self.fd.is_some_and(|fd| fd < 0) {
             return Err(invalid("fd is negative"));
@@ -203,15 +212,69 @@ pub enum AcquireResult {
     Error,
 }
 
-/// The database a pool talks to. `mariadb` is read as its own value (so
-/// that it is written back as sent); the agent treats it as `mysql`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// The database a pool talks to, as `db.system.name` of the semantic
+/// conventions names it. The agent reads the wire protocols of the first
+/// four; any other system (`sqlite`, `duckdb`, ...) is carried by name, 1 to
+/// [`MAX_SYSTEM_CHARS`] characters of `a-z`, `0-9`, `.` and `_`.
+/// `mariadb` is read as its own value (so that it is written back as
+/// sent); the agent treats it as `mysql`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum DbSystem {
     Postgresql,
     Mysql,
     Mariadb,
     Redis,
+    /// Any other system, by its name (checked when read).
+    Other(String),
+}
+
+/// Longest `db_system` name.
+pub const MAX_SYSTEM_CHARS: usize = 32;
+
+impl DbSystem {
+    pub fn as_str(&self) -> &str {
+        match self {
+            DbSystem::Postgresql => "postgresql",
+            DbSystem::Mysql => "mysql",
+            DbSystem::Mariadb => "mariadb",
+            DbSystem::Redis => "redis",
+            DbSystem::Other(name) => name,
+        }
+    }
+
+    /// The system named `name`, if it is a well-formed name.
+    pub fn named(name: &str) -> Result<DbSystem, Error> {
+        let well_formed = !name.is_empty()
+            && name.len() <= MAX_SYSTEM_CHARS
+            && name
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_'));
+        if !well_formed {
+            return Err(invalid(
+                "db_system must be 1 to 32 characters of a-z, 0-9, '.' and '_'",
+            ));
+        }
+        Ok(match name {
+            "postgresql" => DbSystem::Postgresql,
+            "mysql" => DbSystem::Mysql,
+            "mariadb" => DbSystem::Mariadb,
+            "redis" => DbSystem::Redis,
+            other => DbSystem::Other(other.to_string()),
+        })
+    }
+}
+
+impl Serialize for DbSystem {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for DbSystem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        DbSystem::named(&name).map_err(serde::de::Error::custom)
+    }
 }
 
 /// What a pool is, for the `pool` message. Every field is optional; texts

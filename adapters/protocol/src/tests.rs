@@ -16,6 +16,7 @@ fn conn(local: Option<&str>, fd: Option<i32>) -> ConnRef {
     ConnRef {
         local_address: local.map(|a| a.parse().expect("addr")),
         fd,
+        conn: None,
     }
 }
 

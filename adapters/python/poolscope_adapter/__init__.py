@@ -16,6 +16,7 @@ are used only if you instrument their pools.
 """
 
 from ._conn import connection_ref
+from ._generic import ReportedPool, Waiting, report_pool
 from ._psycopg_pool import instrument_psycopg_pool
 from ._sender import (
     DEFAULT_SOCKET,
@@ -37,10 +38,13 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "VERSION",
     "PoolReporter",
+    "ReportedPool",
     "Sender",
     "connection_ref",
     "default_sender",
     "instrument_psycopg_pool",
     "instrument_sqlalchemy",
+    "report_pool",
     "socket_path",
+    "Waiting",
 ]

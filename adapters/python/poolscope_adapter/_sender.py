@@ -14,6 +14,7 @@ import collections
 import errno
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -29,6 +30,9 @@ DEFAULT_SOCKET = "/run/poolscope/adapter.sock"
 MAX_MESSAGE_BYTES = 4096
 #: Pool names (and other short texts) longer than this are refused.
 MAX_NAME_CHARS = 128
+#: A ``db_system`` the agent takes: a ``db.system.name`` of the semantic
+#: conventions (``postgresql``, ``sqlite``...).
+_SYSTEM_NAME = re.compile(r"^[a-z0-9._]{1,32}$")
 
 ENV_SOCKET = "POOLSCOPE_ADAPTER_SOCKET"
 
@@ -330,7 +334,16 @@ def normalize_db_system(name):
         return "mysql"
     if name == "redis":
         return "redis"
-    return None
+    # Systems the agent reads no protocol of, by their semantic-convention
+    # names.
+    return {
+        "sqlite": "sqlite",
+        "pysqlite": "sqlite",
+        "aiosqlite": "sqlite",
+        "mssql": "microsoft.sql_server",
+        "oracle": "oracle.db",
+        "duckdb": "duckdb",
+    }.get(name)
 
 
 class PoolReporter:
@@ -397,7 +410,7 @@ class PoolReporter:
             return list(self._out_here().values())
 
     def _checked_out(self, conn, at_ns, tid):
-        entry = {k: conn[k] for k in ("local_address", "fd") if k in conn}
+        entry = {k: conn[k] for k in ("local_address", "fd", "conn") if k in conn}
         entry["mono_ns"] = at_ns
         entry["tid"] = tid
         with self._out_lock:
@@ -440,7 +453,7 @@ class PoolReporter:
                 value = _short(self.info.get(key))
                 if value is not None:
                     fields[key] = value
-            if fields.get("db_system") not in (None, "postgresql", "mysql", "redis"):
+            if "db_system" in fields and not _SYSTEM_NAME.match(fields["db_system"]):
                 del fields["db_system"]
             for key in ("server_port", "max", "min_idle", "idle_max"):
                 value = self.info.get(key)
@@ -536,6 +549,8 @@ class PoolReporter:
 
 
 def _conn_key(conn):
+    if conn.get("conn") is not None:
+        return ("conn", conn["conn"])
     fd = conn.get("fd")
     return ("fd", fd) if fd is not None else ("addr", conn.get("local_address"))
 

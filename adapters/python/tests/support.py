@@ -182,11 +182,11 @@ def check_message(m, golden=True):
         m["kind"] == "acquire_end" and m["result"] == "ok"
     )
     if named:
-        assert "fd" in m or "local_address" in m, m
+        assert "fd" in m or "local_address" in m or "conn" in m, m
     if m["kind"] == "checkout_state":
         assert isinstance(m["checkouts"], list) and len(m["checkouts"]) <= 64, m
         for entry in m["checkouts"]:
-            assert "fd" in entry or "local_address" in entry, m
+            assert "fd" in entry or "local_address" in entry or "conn" in entry, m
             assert isinstance(entry["mono_ns"], int) and entry["mono_ns"] > 0, m
 
 

@@ -207,12 +207,18 @@ class ReporterTest(unittest.TestCase):
             },
         )
 
-    def test_unknown_db_systems_are_left_out(self):
-        reporter = PoolReporter("p", {"db_system": "sqlite", "max": -1}, sender=self.reporter.sender)
+    def test_malformed_db_systems_and_bounds_are_left_out(self):
+        reporter = PoolReporter("p", {"db_system": "SQL Server", "max": -1}, sender=self.reporter.sender)
         reporter.register()
         [m] = self.receiver.messages()
         self.assertNotIn("db_system", m)
         self.assertNotIn("max", m)
+        # Any semantic-convention name is taken, not only the systems whose
+        # protocol the agent reads.
+        PoolReporter("q", {"db_system": "sqlite"}, sender=self.reporter.sender).register()
+        m = self.receiver.messages()[-1]
+        self.assertEqual(m["pool"], "q")
+        self.assertEqual(m["db_system"], "sqlite")
 
     def test_acquire_messages_carry_request_tid_and_monotonic_time(self):
         self.reporter.register()

@@ -79,7 +79,7 @@ class SQLAlchemyTest(unittest.TestCase):
         self.assertEqual(m["pool"], "orders")
         self.assertEqual(m["library"], "sqlalchemy")
         self.assertEqual((m["max"], m["idle_max"]), (3, 2))
-        self.assertNotIn("db_system", m, "sqlite is not a system the agent knows")
+        self.assertEqual(m["db_system"], "sqlite")
         # Instrumenting twice changes nothing.
         self.assertIs(instrument_sqlalchemy(engine, sender=self.sender), inst)
         self.assertEqual(len(self.receiver.messages()), 1)

@@ -155,10 +155,12 @@ impl Stream {
             Stream::Tcp(s) => ConnId {
                 local_address: s.local_addr().ok(),
                 fd: Some(s.as_raw_fd()),
+                conn: None,
             },
             Stream::Unix(s) => ConnId {
                 local_address: None,
                 fd: Some(s.as_raw_fd()),
+                conn: None,
             },
         }
     }

@@ -118,6 +118,7 @@ pub fn conn_of_socket(fd: &impl AsRawFd) -> ConnId {
     ConnId {
         local_address: local_inet_address(fd),
         fd: (fd >= 0).then_some(fd),
+        conn: None,
     }
 }
 

@@ -124,6 +124,7 @@ fn an_acquire_names_its_request_thread_and_connection() {
     let conn = ConnId {
         local_address: Some("127.0.0.1:51234".parse().expect("addr")),
         fd: Some(12),
+        conn: None,
     };
     let pending = pool.acquire_start();
     let request = pending.request();
@@ -233,6 +234,7 @@ fn without_an_agent_messages_are_dropped_quietly() {
         pool.acquire_start().finish(AcquireResult::Ok(ConnId {
             local_address: None,
             fd: Some(3),
+            conn: None,
         }));
     }
     assert!(started.elapsed() < Duration::from_secs(1), "never blocks");
@@ -349,6 +351,7 @@ fn text_is_cut_to_what_the_agent_accepts() {
         ConnId {
             local_address: None,
             fd: Some(3),
+            conn: None,
         },
     );
     let entry = protocol::Checkout {
@@ -359,6 +362,7 @@ fn text_is_cut_to_what_the_agent_accepts() {
                     .expect("addr"),
             ),
             fd: Some(i32::MAX),
+            conn: None,
         },
         mono_ns: u64::MAX,
         tid: Some(u32::MAX),
@@ -396,6 +400,7 @@ fn conn(i: i32) -> ConnId {
     ConnId {
         local_address: Some(SocketAddr::from(([127, 0, 0, 1], 40_000 + i as u16))),
         fd: Some(100 + i),
+        conn: None,
     }
 }
 
@@ -448,6 +453,7 @@ fn state_lists_what_is_out_since_its_acquire_and_by_whom() {
     pool.connection_closed(ConnId {
         fd: Some(102),
         local_address: None,
+        conn: None,
     });
     let acquired: Vec<Value> = all(&agent)
         .into_iter()
@@ -477,6 +483,7 @@ fn a_large_pool_splits_its_state_to_fit_the_datagram_limit() {
         let c = ConnId {
             local_address: Some("[2001:db8::1234:5678]:40000".parse().expect("addr")),
             fd: Some(1000 + i),
+            conn: None,
         };
         pool.acquire_start().finish(AcquireResult::Ok(c));
     }

@@ -7,16 +7,24 @@ use std::net::SocketAddr;
 
 use poolscope_adapter_protocol as wire;
 
-use crate::protocol::DbSystem;
+use crate::protocol::{DbSystem, SystemName};
 
 pub use wire::MAX_MESSAGE_BYTES;
 
 /// Which connection an adapter means: its local address (TCP), its fd in
-/// the sending process, or both.
+/// the sending process, the adapter's own id for it, or several.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ConnRef {
     pub local: Option<SocketAddr>,
     pub fd: Option<i32>,
+    pub conn: Option<u64>,
+}
+
+impl ConnRef {
+    /// Whether it names a socket (fd or local address), not only an id.
+    pub fn names_socket(&self) -> bool {
+        self.local.is_some() || self.fd.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +36,7 @@ pub enum AcquireResult {
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PoolInfo {
-    pub db_system: Option<DbSystem>,
+    pub db_system: Option<SystemName>,
     pub server_address: Option<String>,
     pub server_port: Option<u16>,
     pub namespace: Option<String>,
@@ -180,16 +188,18 @@ impl From<wire::ConnRef> for ConnRef {
         ConnRef {
             local: c.local_address,
             fd: c.fd,
+            conn: c.conn,
         }
     }
 }
 
-impl From<wire::DbSystem> for DbSystem {
-    fn from(d: wire::DbSystem) -> DbSystem {
+impl From<wire::DbSystem> for SystemName {
+    fn from(d: wire::DbSystem) -> SystemName {
         match d {
-            wire::DbSystem::Postgresql => DbSystem::Postgresql,
-            wire::DbSystem::Mysql | wire::DbSystem::Mariadb => DbSystem::Mysql,
-            wire::DbSystem::Redis => DbSystem::Redis,
+            wire::DbSystem::Postgresql => SystemName::Read(DbSystem::Postgresql),
+            wire::DbSystem::Mysql | wire::DbSystem::Mariadb => SystemName::Read(DbSystem::Mysql),
+            wire::DbSystem::Redis => SystemName::Read(DbSystem::Redis),
+            wire::DbSystem::Other(name) => SystemName::Named(name),
         }
     }
 }
@@ -198,7 +208,7 @@ impl From<wire::Body> for AdapterEvent {
     fn from(body: wire::Body) -> AdapterEvent {
         match body {
             wire::Body::Pool(info) => AdapterEvent::Register(PoolInfo {
-                db_system: info.db_system.map(DbSystem::from),
+                db_system: info.db_system.map(SystemName::from),
                 server_address: info.server_address,
                 server_port: info.server_port,
                 namespace: info.namespace,
@@ -339,7 +349,7 @@ mod tests {
         assert_eq!(
             m.event,
             AdapterEvent::Register(PoolInfo {
-                db_system: Some(DbSystem::Postgresql),
+                db_system: Some(SystemName::Read(DbSystem::Postgresql)),
                 max: Some(15),
                 ..PoolInfo::default()
             })
@@ -347,10 +357,27 @@ mod tests {
         assert!(matches!(
             ok(r#"{"v":1,"kind":"pool","pool":"p","db_system":"mariadb"}"#).event,
             AdapterEvent::Register(PoolInfo {
-                db_system: Some(DbSystem::Mysql),
+                db_system: Some(SystemName::Read(DbSystem::Mysql)),
                 ..
             })
         ));
+        // A system the agent reads no protocol of is carried by its name.
+        assert_eq!(
+            ok(r#"{"v":1,"kind":"pool","pool":"p","db_system":"sqlite"}"#).event,
+            AdapterEvent::Register(PoolInfo {
+                db_system: Some(SystemName::Named("sqlite".into())),
+                ..PoolInfo::default()
+            })
+        );
+        assert_eq!(
+            ok(r#"{"v":1,"kind":"release","pool":"p","conn":9}"#).event,
+            AdapterEvent::Release {
+                conn: ConnRef {
+                    conn: Some(9),
+                    ..ConnRef::default()
+                }
+            }
+        );
         let m = ok(
             r#"{"v":1,"kind":"acquire_end","pool":"p","request":3,"result":"ok","local_address":"[::1]:4000","fd":5,"tid":6,"wait_ns":800,"pid":77}"#,
         );
@@ -362,7 +389,8 @@ mod tests {
                 result: AcquireResult::Ok,
                 conn: ConnRef {
                     local: Some("[::1]:4000".parse().expect("addr")),
-                    fd: Some(5)
+                    fd: Some(5),
+                    conn: None,
                 },
                 tid: Some(6),
                 wait_ns: Some(800),
@@ -390,8 +418,8 @@ mod tests {
             ok(r#"{"v":1,"kind":"connection_closed","pool":"p","fd":2}"#).event,
             AdapterEvent::ConnectionClosed {
                 conn: ConnRef {
-                    local: None,
-                    fd: Some(2)
+                    fd: Some(2),
+                    ..ConnRef::default()
                 }
             }
         );
@@ -416,7 +444,11 @@ mod tests {
                 (None, Some(13), 600, None)
             ]
             .map(|(local, fd, since_ns, tid)| Checkout {
-                conn: ConnRef { local, fd },
+                conn: ConnRef {
+                    local,
+                    fd,
+                    conn: None
+                },
                 since_ns,
                 tid
             })

@@ -248,7 +248,7 @@ pub fn connection_view(
 ) -> ConnectionView {
     let (remote_address, remote_port) = match &conn.remote {
         Endpoint::Inet(sa) => (sa.ip().to_string(), Some(sa.port())),
-        Endpoint::Unix(path) => (path.clone(), None),
+        Endpoint::Unix(path) | Endpoint::Declared(path) => (path.clone(), None),
     };
     ConnectionView {
         pid: conn.id.pid,

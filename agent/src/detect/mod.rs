@@ -60,6 +60,10 @@ pub enum LeakKind {
     Abandoned,
     /// An acquire waited too long (an event, resolved at once).
     SlowAcquire,
+    /// Checked out too long, on a connection the agent knows only by its
+    /// adapter's word: no socket, so quiet (a leak) and busy (a long job)
+    /// cannot be told apart.
+    HeldTooLong,
 }
 
 impl LeakKind {
@@ -71,6 +75,7 @@ impl LeakKind {
             LeakKind::CloseWait => "close_wait",
             LeakKind::Abandoned => "abandoned",
             LeakKind::SlowAcquire => "slow_acquire",
+            LeakKind::HeldTooLong => "held_too_long",
         }
     }
 
@@ -109,7 +114,7 @@ pub fn evaluate<'a>(
     let open: Vec<&Connection> = connections.filter(|c| c.is_open()).collect();
     // Newest connect per (process, server), for the abandoned rule.
     let mut newest: HashMap<(u32, &Endpoint), u64> = HashMap::new();
-    for c in &open {
+    for c in open.iter().filter(|c| c.has_socket()) {
         let entry = newest.entry((c.id.pid, &c.remote)).or_insert(0);
         *entry = (*entry).max(c.opened_at_ns);
     }
@@ -131,6 +136,20 @@ fn evaluate_one(c: &Connection, now: u64, t: &Thresholds, newest: Option<u64>) -
             evidence,
         })
     };
+    if !c.has_socket() {
+        // Only the adapter's word: how long it is out, not what it does.
+        let held = now.saturating_sub(c.checked_out_at_ns?);
+        if held < t.leak_ns {
+            return None;
+        }
+        return finding(
+            LeakKind::HeldTooLong,
+            format!(
+                "checked out {} ago and not returned; the adapter names this connection without a socket, so there is no kernel evidence to tell a quiet leak from a busy holder",
+                secs(held)
+            ),
+        );
+    }
     if c.state == ConnState::PeerClosed {
         let since = c.peer_closed_at_ns.unwrap_or(now);
         if now.saturating_sub(since) >= t.close_wait_ns {

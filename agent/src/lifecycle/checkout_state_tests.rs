@@ -101,6 +101,7 @@ fn entry(fd: i32, port: u16, since_ns: u64, tid: u32) -> Checkout {
         conn: ConnRef {
             local: Some(local(port)),
             fd: Some(fd),
+            conn: None,
         },
         since_ns,
         tid: Some(tid),
@@ -227,6 +228,7 @@ fn a_checkout_the_agent_saw_keeps_its_start_and_counts() {
                 conn: ConnRef {
                     local: Some(local(42_000)),
                     fd: Some(9),
+                    conn: None,
                 },
                 tid: Some(5),
                 wait_ns: None,
@@ -322,6 +324,7 @@ fn entries_without_a_registered_max_stop_at_the_hard_cap() {
                 conn: ConnRef {
                     local: None,
                     fd: Some(fd as i32),
+                    conn: None,
                 },
                 since_ns: 500 * S,
                 tid: None,
@@ -349,6 +352,7 @@ fn a_snapshot_taken_before_a_release_that_arrived_first_is_stale() {
                 conn: ConnRef {
                     local: Some(local(41_000)),
                     fd: Some(7),
+                    conn: None,
                 },
             },
         ),

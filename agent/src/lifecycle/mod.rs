@@ -38,6 +38,9 @@ pub struct ConnId {
 pub enum Endpoint {
     Inet(SocketAddr),
     Unix(String),
+    /// No socket the agent knows: the server as the connection's pool
+    /// declared it (`host:port`, a file for SQLite), possibly empty.
+    Declared(String),
 }
 
 impl Endpoint {
@@ -45,7 +48,7 @@ impl Endpoint {
     pub fn address(&self) -> String {
         match self {
             Endpoint::Inet(sa) => sa.ip().to_string(),
-            Endpoint::Unix(path) => path.clone(),
+            Endpoint::Unix(path) | Endpoint::Declared(path) => path.clone(),
         }
     }
 
@@ -53,7 +56,7 @@ impl Endpoint {
     pub fn port(&self) -> Option<u16> {
         match self {
             Endpoint::Inet(sa) => Some(sa.port()),
-            Endpoint::Unix(_) => None,
+            Endpoint::Unix(_) | Endpoint::Declared(_) => None,
         }
     }
 
@@ -61,6 +64,7 @@ impl Endpoint {
         match self {
             Endpoint::Inet(_) => "tcp",
             Endpoint::Unix(_) => "unix",
+            Endpoint::Declared(_) => "none",
         }
     }
 }
@@ -70,6 +74,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Inet(sa) => write!(f, "{sa}"),
             Endpoint::Unix(path) => write!(f, "unix:{path}"),
+            Endpoint::Declared(server) => write!(f, "{server}"),
         }
     }
 }
@@ -244,6 +249,12 @@ pub struct Connection {
     pub released_at_ns: Option<u64>,
     /// A request went out and its response has not completed.
     pub awaiting_response: bool,
+    /// The id its adapter names it by (`conn`), when it does.
+    pub adapter_conn: Option<u64>,
+    /// The system its pool declared, for a connection known only by the
+    /// adapter's word (no bytes tell the agent what it speaks).
+    #[serde(skip)]
+    pub declared_system: Option<crate::protocol::SystemName>,
 }
 
 impl Connection {
@@ -281,7 +292,23 @@ impl Connection {
             holder_tid: None,
             released_at_ns: None,
             awaiting_response: false,
+            adapter_conn: None,
+            declared_system: None,
         }
+    }
+
+    /// Whether the kernel showed this connection's socket; those known only
+    /// by an adapter's word have none (and a negative fd of the agent's
+    /// choosing, never a real one).
+    pub fn has_socket(&self) -> bool {
+        self.id.fd >= 0
+    }
+
+    /// What it speaks: as read from its bytes, else as its pool declared.
+    pub fn system(&self) -> Option<crate::protocol::SystemName> {
+        self.db_system
+            .map(crate::protocol::SystemName::from)
+            .or_else(|| self.declared_system.clone())
     }
 
     pub fn lifetime_ns(&self, now_ns: u64) -> u64 {
@@ -400,3 +427,6 @@ mod tests;
 
 #[cfg(test)]
 mod checkout_state_tests;
+
+#[cfg(test)]
+mod named_tests;

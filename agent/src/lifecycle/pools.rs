@@ -6,14 +6,14 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::Tracker;
+use super::{named::Place, Tracker};
 use crate::lifecycle::index::Key;
 use crate::{
     adapter::message::{
         AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, Folded, PoolInfo,
     },
     lifecycle::{Connection, Endpoint, Output},
-    protocol::{DbSystem, TxState},
+    protocol::{SystemName, TxState},
 };
 
 /// Acquires waiting that we remember per process, and in all; more means a
@@ -53,6 +53,8 @@ pub struct Pool {
     pub info: Option<PoolInfo>,
     /// Acquires waiting, by request id.
     pending: HashMap<u64, Waiting>,
+    /// The connections the adapter names by its own ids (`conn`).
+    pub(super) named: HashMap<u64, super::named::Named>,
     pub acquires: u64,
     pub releases: u64,
     pub timeouts: u64,
@@ -90,7 +92,7 @@ pub struct PoolView {
     pub name: String,
     /// false for implicit pools inferred from traffic.
     pub from_adapter: bool,
-    pub db_system: Option<DbSystem>,
+    pub db_system: Option<SystemName>,
     pub server: Option<String>,
     pub namespace: Option<String>,
     pub library: Option<String>,
@@ -118,7 +120,7 @@ pub(super) struct Unmatched {
 pub fn implicit_pool_name(remote: &Endpoint, namespace: Option<&str>) -> String {
     let base = match remote {
         Endpoint::Inet(sa) => format!("{}:{}", sa.ip(), sa.port()),
-        Endpoint::Unix(path) => path.clone(),
+        Endpoint::Unix(path) | Endpoint::Declared(path) => path.clone(),
     };
     match namespace {
         Some(ns) => format!("{base}/{ns}"),
@@ -171,7 +173,7 @@ impl Tracker {
                 },
             );
         }
-        for conn in self.open.values() {
+        for conn in self.open.values().chain(self.alone.values()) {
             if !conn.is_open() {
                 continue;
             }
@@ -196,7 +198,7 @@ impl Tracker {
                     process: conn.comm.clone(),
                     name,
                     from_adapter,
-                    db_system: conn.db_system,
+                    db_system: conn.system(),
                     server: Some(conn.remote.to_string()),
                     namespace: conn.namespace.clone(),
                     library: None,
@@ -211,7 +213,7 @@ impl Tracker {
                     timeouts: 0,
                 });
             if view.db_system.is_none() {
-                view.db_system = conn.db_system;
+                view.db_system = conn.system();
             }
             if used {
                 view.used += 1;
@@ -232,7 +234,7 @@ impl Tracker {
     /// a few early events per process, and is looked at only for a process
     /// that has some.
     fn used_connections(&self, pid: u32, pool: &str) -> u64 {
-        let known = self.open.used(pid, pool);
+        let known = self.open.used(pid, pool) + self.alone.used(pid, pool);
         if !self.unmatched_per_pid.contains_key(&pid) {
             return known;
         }
@@ -557,10 +559,19 @@ impl Tracker {
             });
         let process_started = self.placements.get(&pid).and_then(|p| p.process_started_ns);
         for entry in checkouts {
-            let conn = self
-                .find_connection(pid, entry.conn, ts_ns)
-                .and_then(|key| self.open.get(&key).map(|c| (key, c)));
-            let Some((key, conn)) = conn else {
+            let place = match entry.conn.conn {
+                Some(id) if !entry.conn.names_socket() => {
+                    let event = AdapterEvent::Release { conn: entry.conn };
+                    self.place_named(pid, ts_ns, pool_name, id, &event, out)
+                }
+                _ => self.find_connection(pid, entry.conn, ts_ns).map(|key| {
+                    if let Some(id) = entry.conn.conn {
+                        self.name_socket(pid, pool_name, id, key);
+                    }
+                    Place::Open(key)
+                }),
+            };
+            let Some((place, conn)) = place.and_then(|p| self.at(p).map(|c| (p, c))) else {
                 out.push(Output::Unmatched);
                 continue;
             };
@@ -581,7 +592,8 @@ impl Tracker {
                 continue;
             }
             let since = clamp_checkout_start(conn, process_started, entry.since_ns, ts_ns);
-            self.open.update(&key, |conn| {
+            let (set, key) = self.set_of(place);
+            set.update(&key, |conn| {
                 if conn.pool.as_deref() != Some(pool_name) {
                     conn.pool = Some(pool_name.into());
                 }
@@ -636,6 +648,23 @@ impl Tracker {
             | AdapterEvent::ConnectionClosed { conn } => *conn,
             _ => return,
         };
+        let closing = matches!(event, AdapterEvent::ConnectionClosed { .. });
+        if !conn_ref.names_socket() {
+            // Named by the adapter's id alone (conn_ref names something:
+            // the protocol refuses a message that names nothing).
+            let Some(id) = conn_ref.conn else { return };
+            let Some(place) = self.place_named(pid, ts_ns, pool, id, &event, out) else {
+                return;
+            };
+            let (set, key) = self.set_of(place);
+            set.update(&key, |conn| {
+                apply_to_connection(conn, pid, ts_ns, pool, event, out)
+            });
+            if closing {
+                self.unname(pid, pool, id);
+            }
+            return;
+        }
         let Some(key) = self.find_connection(pid, conn_ref, ts_ns) else {
             if let Err(reason) = self.make_room_for_unmatched(pid) {
                 out.push(Output::AdapterRefused { reason });
@@ -649,9 +678,15 @@ impl Tracker {
             });
             return;
         };
+        if let Some(id) = conn_ref.conn {
+            self.name_socket(pid, pool, id, key);
+        }
         self.open.update(&key, |conn| {
             apply_to_connection(conn, pid, ts_ns, pool, event, out)
         });
+        if let Some(id) = conn_ref.conn.filter(|_| closing) {
+            self.unname(pid, pool, id);
+        }
     }
 
     fn push_unmatched(&mut self, u: Unmatched) {
@@ -707,6 +742,7 @@ impl Tracker {
         if let Some(key) = victim {
             if let Some(pool) = self.pools.remove(&key) {
                 self.forget_pending(pool.pid, pool.pending.len());
+                self.forget_names(&pool);
                 uncount(&mut self.pools_per_pid, pool.pid, 1);
             }
         }
@@ -793,6 +829,7 @@ impl Tracker {
         if self.unmatched_per_pid.remove(&pid).is_some() {
             self.unmatched.retain(|u| u.pid != pid);
         }
+        self.forget_named_of(pid);
     }
 
     /// Drops unmatched adapter events too old to ever match.
@@ -827,7 +864,7 @@ fn count(counts: &mut HashMap<u32, usize>, pid: u32, n: usize) {
     *counts.entry(pid).or_default() += n;
 }
 
-fn uncount(counts: &mut HashMap<u32, usize>, pid: u32, n: usize) {
+pub(super) fn uncount(counts: &mut HashMap<u32, usize>, pid: u32, n: usize) {
     if let Some(have) = counts.get_mut(&pid) {
         *have = have.saturating_sub(n);
         if *have == 0 {
@@ -839,7 +876,7 @@ fn uncount(counts: &mut HashMap<u32, usize>, pid: u32, n: usize) {
 /// The process holding the most, if it holds more than one past `mine`
 /// (giving one up then still leaves it at least as much as the asker).
 /// Scans every process: only called when a bound is reached.
-fn heaviest_above(counts: &HashMap<u32, usize>, mine: usize) -> Option<(u32, usize)> {
+pub(super) fn heaviest_above(counts: &HashMap<u32, usize>, mine: usize) -> Option<(u32, usize)> {
     counts
         .iter()
         .map(|(pid, n)| (*pid, *n))
@@ -876,7 +913,7 @@ fn apply_to_connection(
             conn.holder_tid = None;
         }
         // From connect() to a connection the pool can hand out.
-        AdapterEvent::ConnectionCreated { .. } if conn.id.generation != 0 => {
+        AdapterEvent::ConnectionCreated { .. } if conn.id.generation != 0 && conn.has_socket() => {
             out.push(Output::PoolConnectionCreated {
                 pid,
                 pool: pool.to_string(),
@@ -905,7 +942,8 @@ fn clamp_checkout_start(
     message_ns: u64,
 ) -> u64 {
     let floor = match process_started_ns {
-        Some(started) if conn.seen_at_start => started.min(conn.opened_at_ns),
+        // Known only by the adapter's word: the agent met it just now.
+        Some(started) if conn.seen_at_start || !conn.has_socket() => started.min(conn.opened_at_ns),
         _ => conn.opened_at_ns,
     };
     claimed_ns.clamp(floor, message_ns.max(floor))

@@ -449,6 +449,7 @@ fn by_local(addr: SocketAddr) -> ConnRef {
     ConnRef {
         local: Some(addr),
         fd: None,
+        conn: None,
     }
 }
 
@@ -594,6 +595,7 @@ fn adapter_messages_with_100k_open_connections_are_index_lookups() {
                     conn: ConnRef {
                         local: Some(nth_local(i)),
                         fd: Some(c.fd),
+                        conn: None,
                     },
                 },
             ),
@@ -1288,6 +1290,7 @@ fn early_events_are_shared_per_process() {
         conn: ConnRef {
             local: None,
             fd: Some(fd),
+            conn: None,
         },
     };
     // A flooder names connections that do not exist: its share is 128.
@@ -1308,6 +1311,7 @@ fn early_events_are_shared_per_process() {
                 ConnRef {
                     local: None,
                     fd: Some(FD),
+                    conn: None,
                 },
             ),
         ),

@@ -7,6 +7,8 @@ use agent_common::{tcp_state, EINPROGRESS};
 
 use crate::protocol::{Chunk, Direction, Observation, SessionParser};
 
+#[path = "named.rs"]
+mod named;
 #[path = "pools.rs"]
 mod pools;
 
@@ -73,6 +75,14 @@ pub struct Tracker {
     /// Acquires waiting, per process and in all (bounded both ways).
     pub(super) pending_per_pid: HashMap<u32, usize>,
     pub(super) pending_total: usize,
+    /// Connections known only by an adapter's id (no socket), with a
+    /// negative fd of the agent's choosing; see `named`.
+    alone: OpenSet,
+    alone_per_pid: HashMap<u32, usize>,
+    /// Adapter ids alive per process (bounded), and the next fd for its
+    /// adapter-only connections.
+    names_per_pid: HashMap<u32, usize>,
+    next_alone_fd: HashMap<u32, i32>,
 }
 
 /// How an event's generation relates to the connection now on its (pid, fd).
@@ -140,7 +150,8 @@ impl Tracker {
 
     /// A connection by its identity, open or recently closed.
     pub fn connection(&self, id: ConnId) -> Option<&Connection> {
-        match self.open.get(&(id.pid, id.fd)) {
+        let open = if id.fd < 0 { &self.alone } else { &self.open };
+        match open.get(&(id.pid, id.fd)) {
             Some(c) if c.id == id => Some(c),
             _ => self.closed.get(&id),
         }

@@ -77,6 +77,32 @@ impl DbSystem {
     }
 }
 
+/// `db.system.name` of a pool, a report or a connection: a system whose
+/// wire protocol the agent reads, or one that only an adapter names
+/// (`sqlite`, `duckdb`, ...: 1 to 32 characters of `a-z`, `0-9`, `.` and
+/// `_`, checked by the adapter protocol). Written as the name alone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SystemName {
+    Read(DbSystem),
+    Named(String),
+}
+
+impl SystemName {
+    pub fn as_str(&self) -> &str {
+        match self {
+            SystemName::Read(system) => system.as_str(),
+            SystemName::Named(name) => name,
+        }
+    }
+}
+
+impl From<DbSystem> for SystemName {
+    fn from(system: DbSystem) -> SystemName {
+        SystemName::Read(system)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     ToServer,

@@ -890,7 +890,7 @@ mod tests {
     fn everything_observed() -> Telemetry {
         use crate::adapter::message::{AdapterEvent, AdapterMessage, ConnRef, PoolInfo};
         use crate::detect::Finding;
-        use crate::protocol::{DbSystem, RoundTrip};
+        use crate::protocol::{DbSystem, RoundTrip, SystemName};
         let mut t = tracker_with(&[(7, "app", 5432), (7, "app", 5432)]);
         // fd 0: the server hung up.
         t.apply(Event {
@@ -918,12 +918,13 @@ mod tests {
         let fd1 = ConnRef {
             local: None,
             fd: Some(1),
+            conn: None,
         };
         let mut outputs = t.apply_adapter(
             7,
             30,
             adapter(AdapterEvent::Register(PoolInfo {
-                db_system: Some(DbSystem::Postgresql),
+                db_system: Some(SystemName::Read(DbSystem::Postgresql)),
                 max: Some(5),
                 min_idle: Some(1),
                 idle_max: Some(5),

@@ -648,7 +648,7 @@ mod tests {
     fn event_records_carry_the_attributes_the_catalogue_declares() {
         use crate::{
             detect::LeakKind,
-            protocol::{DbError, DbSystem, TxState},
+            protocol::{DbError, DbSystem, SystemName, TxState},
             reports::{LeakReport, ReportStatus, SlowQuery},
         };
         let text = || Some("x".to_string());
@@ -661,7 +661,7 @@ mod tests {
             cmdline: text(),
             container_id: text(),
             pool: text(),
-            db_system: Some(DbSystem::Postgresql),
+            db_system: Some(SystemName::Read(DbSystem::Postgresql)),
             server: text(),
             local_address: text(),
             fd: Some(3),

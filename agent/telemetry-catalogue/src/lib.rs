@@ -347,7 +347,7 @@ pub const CONNECTION_CREATE_TIME: Instrument = histogram(
     OPERATION_BUCKETS,
 );
 const LEAK_KINDS: &str =
-    "leaked, slow_holder, idle_in_transaction, close_wait, abandoned, slow_acquire";
+    "leaked, slow_holder, idle_in_transaction, close_wait, abandoned, slow_acquire, held_too_long";
 pub const LEAK_REPORTS: Instrument = instrument(
     "poolscope.leak.reports",
     Kind::Counter,
@@ -389,7 +389,8 @@ pub const ADAPTER_MESSAGES: Instrument = instrument(
             "too_large, malformed, unknown_version, unknown_kind, invalid, unknown_sender, \
              spoofed_pid, sender_not_allowed, sender_exited, silent_stream (a stream that \
              sent no line within 10 s of its accept), and the fair-share bounds pool_limit, \
-             pending_limit, early_event_limit, and stream_limit (too many open streams)",
+             pending_limit, early_event_limit, named_connection_limit (adapter-named connections), \
+             and stream_limit (too many open streams)",
             "only when rejected",
         ),
     ],
@@ -605,11 +606,19 @@ const REPORT_ATTRIBUTES: &[Attribute] = &[
     ),
     when("container_id", "", "when the process runs in a container"),
     when("pool", "", "adapter or inferred pools"),
-    when("db_system", "postgresql, mysql, redis", WHEN_KNOWN),
-    when("server", "address:port", WHEN_KNOWN),
+    when(
+        "db_system",
+        "postgresql, mysql, redis, or the name an adapter declared (sqlite...)",
+        WHEN_KNOWN,
+    ),
+    when(
+        "server",
+        "address:port (what the pool declared, e.g. a database file, for connections without a socket)",
+        WHEN_KNOWN,
+    ),
     when("local_address", "", "TCP connections"),
-    when("fd", "", "reports about one connection"),
-    when("generation", "", "reports about one connection"),
+    when("fd", "", "reports about one connection with a socket"),
+    when("generation", "", "reports about one connection with a socket"),
     when("holder_tid", "", "when the adapter said which thread"),
     when(
         "holder_thread",
