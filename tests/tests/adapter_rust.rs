@@ -3,7 +3,9 @@
 //! (`poolscope-adapter-testapp`, a workspace binary) reports its pool over
 //! the adapter socket, and the agent's `/api/v1/pools` must agree with the
 //! counts the application kept itself; a connection it then holds without
-//! using it must show up in `/api/v1/leaks` as `leaked`.
+//! using it must show up in `/api/v1/leaks` as `leaked`. A bb8 pool
+//! (`bb8_scenario`, the same package) leaks, holds, idles in a transaction
+//! and waits, and each case must be told apart.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -22,8 +24,8 @@ use poolscope::{
     reports::{LeakReport, LeaksResponse, ReportStatus},
 };
 use poolscope_tests::{
-    require_kernel, wait_until, Agent, DbSystem, Postgres, SystemName, TempDir, Value,
-    EVENT_TIMEOUT,
+    json, require_kernel, wait_until, Agent, DbSystem, HeldConnection, JsonLinesChild, Postgres,
+    Seen, SystemName, TempDir, TxState, Value, EVENT_TIMEOUT,
 };
 
 const POOL: &str = "rust-workload";
@@ -358,4 +360,228 @@ fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
     wait_for_pool(&agent, pid, "all connections back", |p| {
         p.used == 0 && p.releases == releases + 1
     });
+}
+
+// ---------------------------------------------------------------------------
+// bb8: leaks, a busy holder, an idle transaction and a waiter told apart
+// ---------------------------------------------------------------------------
+
+const BB8_POOL: &str = "rust-bb8";
+const BB8_MAX: u32 = 8;
+const LEAK_S: f64 = 3.0;
+const IDLE_IN_TX_S: f64 = 2.0;
+const SLOW_ACQUIRE_S: f64 = 0.5;
+/// bb8's connection_timeout in the app: the waiter on the exhausted pool
+/// gives up after this long.
+const BB8_TIMEOUT_MS: u64 = 1000;
+
+/// A connection the bb8 app holds: its client address as the server saw
+/// it, and when the test got it.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    local: std::net::SocketAddr,
+    at: Instant,
+}
+
+impl HeldConnection for Held {
+    fn local_port(&self) -> u16 {
+        self.local.port()
+    }
+
+    fn since(&self) -> Instant {
+        self.at
+    }
+}
+
+fn tid_of(answer: &Value) -> u32 {
+    answer["tid"]
+        .as_u64()
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|&t| t > 0)
+        .unwrap_or_else(|| panic!("no thread id in {answer}"))
+}
+
+#[test]
+fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let dir = TempDir::new("poolscope-adapter-bb8");
+    let socket = dir.path().join("adapter.sock");
+    let agent = Agent::start_with_config(
+        &format!(
+            "[adapter]\nsocket = \"{}\"\n\n[leaks]\nleak_threshold_seconds = {LEAK_S:.1}\n\
+             quiet_seconds = {QUIET_SECONDS:.1}\nidle_in_transaction_seconds = {IDLE_IN_TX_S:.1}\n\
+             slow_acquire_ms = {:.0}\n",
+            socket.display(),
+            SLOW_ACQUIRE_S * 1000.0
+        ),
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists().then_some(())).is_some(),
+        "the agent never made its adapter socket\n{}",
+        agent.log()
+    );
+    let bin = testapp_bin().with_file_name("bb8_scenario");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--port", &pg.port.to_string()])
+        .args(["--max", &BB8_MAX.to_string(), "--pool", BB8_POOL])
+        .args(["--timeout-ms", &BB8_TIMEOUT_MS.to_string()])
+        .env("POOLSCOPE_ADAPTER_SOCKET", &socket);
+    let (mut app, ready) = JsonLinesChild::start(&mut cmd, "bb8_scenario");
+    let (pid, app_tid) = (app.pid, tid_of(&ready));
+    assert_eq!(
+        count(&ready, "connections"),
+        u64::from(BB8_MAX),
+        "min_idle filled the pool: {ready}"
+    );
+
+    let pool = agent.wait_for_pool(pid, BB8_POOL, "the registration and the idle pool", |p| {
+        p.max.is_some() && p.idle == u64::from(BB8_MAX)
+    });
+    assert!(pool.from_adapter, "{pool:#?}");
+    assert_eq!(pool.library.as_deref(), Some("bb8"), "{pool:#?}");
+    assert_eq!(
+        pool.db_system,
+        Some(SystemName::Read(DbSystem::Postgresql)),
+        "{pool:#?}"
+    );
+    assert_eq!(pool.min_idle, Some(BB8_MAX), "{pool:#?}");
+
+    let mut checkout = |id: &str, kind: &str| {
+        let answer = app.request(json!({"op": "checkout", "id": id, "kind": kind}));
+        assert_eq!(tid_of(&answer), app_tid, "{answer}");
+        Held {
+            local: answer["local_address"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("the server told no client address: {answer}")),
+            at: Instant::now(),
+        }
+    };
+    let leaks = [checkout("leak1", "leak"), checkout("leak2", "leak")];
+    let busy = checkout("busy", "busy");
+    let tx = checkout("tx", "tx");
+    // Healthy workers share what is left (nothing, until a release) and
+    // must never be reported.
+    app.request(json!({"op": "workers", "n": 2}));
+
+    let mut seen = Seen::new(&agent, pid);
+    seen.watch_for_first(
+        LEAK_S,
+        "2 leaked, 1 slow holder, 1 idle in transaction",
+        |s| {
+            leaks
+                .iter()
+                .all(|h| s.find(LeakKind::Leaked, h.local.port()).is_some())
+                && s.find(LeakKind::SlowHolder, busy.local.port()).is_some()
+                && s.find(LeakKind::IdleInTransaction, tx.local.port())
+                    .is_some()
+        },
+    );
+
+    // The pool as bb8 counts it (State, the workers paused) and as the
+    // agent shows it.
+    let state = app.request(json!({"op": "state"}));
+    let (connections, idle) = (count(&state, "connections"), count(&state, "idle"));
+    let pool = agent.wait_for_pool(pid, BB8_POOL, "the agent's pool to match bb8's", |p| {
+        p.used == connections - idle && p.idle == idle
+    });
+    assert_eq!(
+        (pool.used, pool.idle, pool.max),
+        (connections - idle, idle, Some(BB8_MAX)),
+        "agent used/idle/max vs bb8's State: {state}\n{pool:#?}"
+    );
+    app.request(json!({"op": "resume_workers"}));
+
+    // A caller on the exhausted pool waits connection_timeout and gives up.
+    let wait = app.request(json!({"op": "exhaust_and_wait"}));
+    assert_eq!(wait["result"], "timeout", "{wait}");
+    assert_eq!(
+        count(&wait, "active_while_waiting"),
+        u64::from(BB8_MAX),
+        "{wait}"
+    );
+    app.request(json!({"op": "resume_workers"}));
+    seen.watch(EVENT_TIMEOUT, "the slow acquire", |s| {
+        !s.of_kind(LeakKind::SlowAcquire).is_empty()
+    });
+
+    seen.keep_watching();
+    let mut expected: std::collections::BTreeSet<(LeakKind, Option<u16>)> = leaks
+        .iter()
+        .map(|h| (LeakKind::Leaked, Some(h.local.port())))
+        .collect();
+    expected.insert((LeakKind::SlowHolder, Some(busy.local.port())));
+    expected.insert((LeakKind::IdleInTransaction, Some(tx.local.port())));
+    expected.insert((LeakKind::SlowAcquire, None));
+    seen.expect_kinds(expected);
+
+    for (i, h) in leaks.iter().enumerate() {
+        let r = seen.on_time(LeakKind::Leaked, h, LEAK_S, &format!("leak{}", i + 1));
+        assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
+        assert_eq!(r.pool.as_deref(), Some(BB8_POOL), "{r:#?}");
+        assert_eq!(
+            r.local_address.as_deref(),
+            Some(h.local.to_string().as_str()),
+            "the connection the server saw: {r:#?}"
+        );
+        assert_eq!(r.holder_tid, Some(app_tid), "{r:#?}");
+    }
+    let r = seen.on_time(LeakKind::SlowHolder, &busy, LEAK_S, "the busy holder");
+    assert_eq!(r.pool.as_deref(), Some(BB8_POOL), "{r:#?}");
+    let r = seen.on_time(
+        LeakKind::IdleInTransaction,
+        &tx,
+        IDLE_IN_TX_S,
+        "the idle transaction",
+    );
+    assert_eq!(r.tx_state, Some(TxState::InTransaction), "{r:#?}");
+    let slow = seen.of_kind(LeakKind::SlowAcquire);
+    assert_eq!(slow.len(), 1, "{}", seen.dump());
+    let r = slow[0];
+    assert_eq!(r.pool.as_deref(), Some(BB8_POOL), "{r:#?}");
+    assert_eq!(r.resolution.as_deref(), Some("timed out"), "{r:#?}");
+    assert_eq!(
+        r.holder_tid,
+        Some(tid_of(&wait)),
+        "the waiting thread: {r:#?}"
+    );
+    assert_eq!(
+        (r.pool_used, r.pool_max),
+        (Some(u64::from(BB8_MAX)), Some(BB8_MAX)),
+        "the exhausted pool: {r:#?}"
+    );
+    assert!(r.pool_pending.is_some_and(|p| p >= 1), "{r:#?}");
+
+    // Returning a leak and the busy one resolves their reports.
+    app.request(json!({"op": "release", "id": "leak1"}));
+    let released = app.request(json!({"op": "release", "id": "busy"}));
+    assert!(
+        count(&released, "queries") > 0,
+        "the holder kept querying: {released}"
+    );
+    let ids: Vec<u64> = [
+        seen.find(LeakKind::Leaked, leaks[0].local.port()),
+        seen.find(LeakKind::SlowHolder, busy.local.port()),
+    ]
+    .into_iter()
+    .map(|found| found.unwrap().0.id)
+    .collect();
+    seen.watch(
+        EVENT_TIMEOUT,
+        "the returned connections' reports to resolve",
+        |s| {
+            ids.iter().all(|id| {
+                s.latest[id].status == ReportStatus::Resolved
+                    && s.latest[id].resolution.as_deref() == Some("returned to the pool")
+            })
+        },
+    );
+    let end = app.request(json!({"op": "exit"}));
+    assert!(count(&end, "worker_cycles") > 0, "{end}");
+    assert_eq!(count(&end, "worker_errors"), 0, "{end}");
+    assert_eq!(end["adapter"]["dropped"].as_u64(), Some(0), "{end}");
 }

@@ -20,6 +20,7 @@
 //! - [`PoolReporter`]: one pool's messages, with request ids for acquires.
 //! - `deadpool_pg` (feature `deadpool-postgres`): a deadpool-postgres pool
 //!   that reports by itself, naming each connection by its socket.
+//! - `bb8_pg` (feature `bb8-postgres`): the same for a bb8 pool.
 
 #![cfg(unix)]
 
@@ -48,8 +49,12 @@ pub use protocol::ConnRef as ConnId;
 pub use protocol::{AcquireResult, DbSystem, PoolInfo};
 use protocol::{Body, Checkout, Message};
 
+#[cfg(feature = "bb8-postgres")]
+pub mod bb8_pg;
 #[cfg(feature = "deadpool-postgres")]
 pub mod deadpool_pg;
+#[cfg(any(feature = "deadpool-postgres", feature = "bb8-postgres"))]
+mod pg_connect;
 
 /// Protocol version.
 pub const PROTOCOL_VERSION: u32 = protocol::VERSION;
