@@ -4,7 +4,9 @@ package io.poolscope.adapter;
  * What a pool is, for its {@code pool} message. Every field is optional
  * (null or negative: left out).
  *
- * @param dbSystem {@code postgresql}, {@code mysql} or {@code redis}
+ * @param dbSystem {@code db.system.name} of the semantic conventions:
+ *     {@code postgresql}, {@code mysql}, {@code sqlite}... (1 to 32 of
+ *     {@code a-z0-9._}; anything else is left out)
  * @param serverAddress the database server's host
  * @param serverPort its port
  * @param namespace the database
@@ -16,9 +18,14 @@ package io.poolscope.adapter;
 public record PoolInfo(String dbSystem, String serverAddress, int serverPort, String namespace,
         int max, int minIdle, int idleMax, String library) {
 
+    /** The names the agent takes. */
+    private static final java.util.regex.Pattern SYSTEM_NAME = java.util.regex.Pattern.compile("[a-z0-9._]{1,32}");
+
     /** Writes the fields of a {@code pool} message. */
     void write(Json json) {
-        json.put("db_system", Json.cut(dbSystem, PoolReporter.MAX_TEXT_CHARS));
+        if (dbSystem != null && SYSTEM_NAME.matcher(dbSystem).matches()) {
+            json.put("db_system", dbSystem);
+        }
         json.put("server_address", Json.cut(serverAddress, PoolReporter.MAX_TEXT_CHARS));
         if (serverPort > 0 && serverPort <= 65535) {
             json.put("server_port", serverPort);

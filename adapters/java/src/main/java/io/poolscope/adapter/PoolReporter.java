@@ -22,9 +22,9 @@ import java.util.concurrent.atomic.AtomicLongFieldUpdater;
  * drives one of these. Thread-safe; no method blocks or throws.
  *
  * <p>Connections are named by their socket's local address
- * ({@code "ip:port"}, see {@link Sockets#localAddress}); a message about a
- * connection without one (null) is not sent, since the agent could not
- * join it to a socket.
+ * ({@code "ip:port"}, see {@link Sockets#localAddress}), or by an id of the
+ * pool's own ({@link #connectionId}) when it has no socket the adapter can
+ * see; a message about a connection without either (null) is not sent.
  */
 public final class PoolReporter {
     /** Longest pool name (and other text) the agent takes, in characters. */
@@ -122,6 +122,30 @@ public final class PoolReporter {
     /** Messages not sent because no local address named the connection. */
     public long unnamed() {
         return skipped.get();
+    }
+
+    /** What names a connection known by an id of the pool's own rather than
+     * by its socket (a handle with no socket, a library that hides it): use
+     * it wherever a local address goes. Ids are unique within the pool
+     * while their connection lives. */
+    public static String connectionId(long id) {
+        return ID_PREFIX + id;
+    }
+
+    /** Local addresses never start with it ({@code ip:port}, {@code [v6]:port}). */
+    private static final String ID_PREFIX = "#";
+
+    /** m, naming the connection {@code name}: its local address, or the
+     * id {@link #connectionId} made into it. */
+    static Json named(Json m, String name) {
+        if (name.startsWith(ID_PREFIX)) {
+            try {
+                return m.put("conn", Long.parseLong(name.substring(ID_PREFIX.length())));
+            } catch (NumberFormatException e) {
+                // Not one of ours: sent as given, for the agent to refuse.
+            }
+        }
+        return m.put("local_address", name);
     }
 
     Json message(String kind, long monoNanos) {
@@ -390,15 +414,14 @@ public final class PoolReporter {
                         }
                         // Its folded checkouts came before it.
                         sendFoldedNow(c);
-                        Json m = message("checkout", at).put("request", held.request())
-                                .put("local_address", localAddress);
+                        Json m = named(message("checkout", at).put("request", held.request()), localAddress);
                         reporter.send(withHolder(m, tid, -1).put("use_ns", use).toString());
                         return;
                     }
                     if (!c.closed) {
                         returned(c);
                         sendFoldedNow(c);
-                        reporter.send(message("release", at).put("local_address", localAddress).toString());
+                        reporter.send(named(message("release", at), localAddress).toString());
                         return;
                     }
                 }
@@ -452,7 +475,7 @@ public final class PoolReporter {
             return null;
         }
         c.folded = 0;
-        Json m = message("checkouts", c.foldAtNanos).put("local_address", c.localAddress);
+        Json m = named(message("checkouts", c.foldAtNanos), c.localAddress);
         if (c.foldTid > 0) {
             m.put("tid", c.foldTid);
         }
@@ -463,8 +486,8 @@ public final class PoolReporter {
     /** c's held acquire_end as a line, and no longer held. Called with c's monitor held. */
     private byte[] heldLine(Conn c) {
         Acquire held = takeHeld(c);
-        Json m = message("acquire_end", c.sinceNanos).put("request", held.request()).put("result", "ok")
-                .put("local_address", c.localAddress);
+        Json m = named(message("acquire_end", c.sinceNanos).put("request", held.request()).put("result", "ok"),
+                c.localAddress);
         return withHolder(m, c.tid, c.heldWait).toString().getBytes(StandardCharsets.UTF_8);
     }
 
@@ -609,6 +632,17 @@ public final class PoolReporter {
         }
     }
 
+    /** Whether the connection {@code name} is checked out now. */
+    boolean isOut(String name) {
+        Conn c = conns.get(name);
+        if (c == null) {
+            return false;
+        }
+        synchronized (c) {
+            return !c.closed && c.sinceNanos >= 0;
+        }
+    }
+
     /** {@code connection_created}: the pool opened a connection, ready to use. */
     public void connectionCreated(String localAddress) {
         connectionMessage("connection_created", localAddress);
@@ -626,7 +660,7 @@ public final class PoolReporter {
                 return;
             }
             long at = Threads.monotonicNanos();
-            String line = message(kind, at).put("local_address", localAddress).toString();
+            String line = named(message(kind, at), localAddress).toString();
             // Only a close ends the entry: a release of a connection this
             // pool does not remember (never handed out through it, or
             // forgotten) must not drop a newer entry on the same address.
@@ -697,7 +731,7 @@ public final class PoolReporter {
         int count = 0;
         int bytes = base;
         for (long[] c : entries) {
-            Json e = new Json().put("local_address", addresses.get((int) c[2])).put("mono_ns", c[0]);
+            Json e = named(new Json(), addresses.get((int) c[2])).put("mono_ns", c[0]);
             if (c[1] > 0) {
                 e.put("tid", c[1]);
             }

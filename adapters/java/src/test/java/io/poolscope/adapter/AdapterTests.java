@@ -53,6 +53,7 @@ public final class AdapterTests {
         stateComesBeforeTheBacklogAfterAComeback();
         aStreamClosedAtAcceptIsRetriedWithBackoff();
         stateLinesFitWithLongNamesAndIpv6();
+        aHandRolledPoolNamesItsHandlesById();
         if (args.length > 0) {
             Files.write(Path.of(args[0]), SENT, StandardCharsets.UTF_8);
         }
@@ -216,6 +217,15 @@ public final class AdapterTests {
             }
             SENT.add(line);
             return line;
+        }
+
+        /** Whether no line comes within {@code ms}. */
+        boolean pollNothing(long ms) throws InterruptedException {
+            String line = lines.poll(ms, TimeUnit.MILLISECONDS);
+            if (line != null) {
+                SENT.add(line);
+            }
+            return line == null;
         }
 
         /** The agent drops every stream it holds (as for a line too long). */
@@ -757,4 +767,52 @@ public final class AdapterTests {
         }
         run++;
     }
+
+    static void aHandRolledPoolNamesItsHandlesById() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            // No batch window: the writer takes a start at once.
+            Reporter r = new Reporter(agent.path, 0);
+            ReportedPool report = ReportedPool.report("handles",
+                    new PoolInfo("sqlite", "/tmp/app.db", -1, null, 2, -1, -1, "handle_pool"), r);
+            String pm = agent.next();
+            check(pm.endsWith(",\"db_system\":\"sqlite\",\"server_address\":\"/tmp/app.db\",\"max\":2,"
+                    + "\"library\":\"handle_pool\"}"), pm);
+            Object a = new Object();
+            Object b = new Object();
+            report.connectionCreated(a);
+            report.connectionCreated(b);
+            String created = agent.next();
+            check(created.contains("\"kind\":\"connection_created\"") && created.endsWith(",\"conn\":1}"), created);
+            created = agent.next();
+            check(created.endsWith(",\"conn\":2}"), created);
+            PoolReporter.Acquire waiting = report.acquireStart();
+            check(agent.next().contains("\"kind\":\"acquire_start\""), "the start");
+            report.acquireOk(waiting, b);
+            String end = agent.next();
+            check(end.contains("\"kind\":\"acquire_end\"") && end.contains(",\"conn\":2,")
+                    && !end.contains("local_address"), end);
+            List<String> state = report.reporter().stateMessages();
+            eq(state.size(), 2, "the registration and one checkout_state");
+            check(state.get(1).contains("\"checkouts\":[{\"conn\":2,\"mono_ns\":"), state.get(1));
+            report.release(b);
+            String release = agent.next();
+            check(release.contains("\"kind\":\"release\"") && release.endsWith(",\"conn\":2}"), release);
+            report.connectionClosed(a);
+            report.connectionClosed(a);
+            String closed = agent.next();
+            check(closed.contains("\"kind\":\"connection_closed\"") && closed.endsWith(",\"conn\":1}"), closed);
+            // A malformed system is left out rather than refused by the agent.
+            ReportedPool.report("other", new PoolInfo("SQL Server", null, -1, null, -1, -1, -1, null), r);
+            String other = agent.next();
+            check(other.contains("\"pool\":\"other\"") && !other.contains("db_system"), other);
+            check(r.flush(2000), "flushed");
+            eq(r.stats().dropped(), 0L, "nothing dropped; the second close was not sent");
+            check(agent.pollNothing(200), "the second close sent nothing");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
 }
