@@ -86,6 +86,16 @@ impl Connection {
     }
 }
 
+/// What the bb8 pool beneath ([`InstrumentedPool::inner`]) hands out
+/// derefs to the client.
+impl Deref for Connection {
+    type Target = PgClient;
+
+    fn deref(&self) -> &PgClient {
+        &self.client
+    }
+}
+
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
@@ -249,6 +259,7 @@ impl InstrumentedPool {
             max_size: 10,
             min_idle: None,
             reporter: None,
+            batch_window: crate::BATCH_WINDOW,
         }
     }
 
@@ -309,6 +320,7 @@ pub struct PoolBuilder {
     max_size: u32,
     min_idle: Option<u32>,
     reporter: Option<Reporter>,
+    batch_window: Duration,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -324,6 +336,13 @@ impl PoolBuilder {
     /// Where to report; [`Reporter::from_env`] unless set.
     pub fn reporter(mut self, reporter: Reporter) -> Self {
         self.reporter = Some(reporter);
+        self
+    }
+
+    /// How long short checkouts wait to be folded into one line
+    /// ([`crate::BATCH_WINDOW`]; zero: every event sent at once).
+    pub fn batch_window(mut self, window: Duration) -> Self {
+        self.batch_window = window;
         self
     }
 
@@ -376,7 +395,9 @@ impl PoolBuilder {
         let reporter = self.reporter.unwrap_or_else(Reporter::from_env);
         let manager = Manager {
             connector: self.connector,
-            pool: Arc::new(PoolReporter::new(reporter, &self.name)),
+            pool: Arc::new(
+                PoolReporter::new(reporter, &self.name).with_batch_window(self.batch_window),
+            ),
             max_size: self.max_size,
             min_idle: self.min_idle,
         };

@@ -263,6 +263,7 @@ impl InstrumentedPool {
             reporter: None,
             pool_config: PoolConfig::default(),
             runtime: Some(Runtime::Tokio1),
+            batch_window: crate::BATCH_WINDOW,
         }
     }
 
@@ -367,6 +368,7 @@ pub struct PoolBuilder {
     reporter: Option<Reporter>,
     pool_config: PoolConfig,
     runtime: Option<Runtime>,
+    batch_window: Duration,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -382,6 +384,13 @@ impl PoolBuilder {
     /// How connections are recycled (deadpool-postgres' [`ManagerConfig`]).
     pub fn manager_config(mut self, config: ManagerConfig) -> Self {
         self.manager_config = config;
+        self
+    }
+
+    /// How long short checkouts wait to be folded into one line
+    /// ([`crate::BATCH_WINDOW`]; zero: every event sent at once).
+    pub fn batch_window(mut self, window: Duration) -> Self {
+        self.batch_window = window;
         self
     }
 
@@ -434,7 +443,9 @@ impl PoolBuilder {
         let manager = Manager {
             connector: self.connector,
             config: self.manager_config,
-            pool: Arc::new(PoolReporter::new(reporter, &self.name)),
+            pool: Arc::new(
+                PoolReporter::new(reporter, &self.name).with_batch_window(self.batch_window),
+            ),
             max_size: std::sync::atomic::AtomicUsize::new(self.pool_config.max_size),
         };
         let mut builder = managed::Pool::builder(manager).config(self.pool_config);

@@ -34,13 +34,14 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak,
     },
     thread,
     time::{Duration, Instant},
 };
 
+pub use batch::BATCH_WINDOW;
 pub use poolscope_adapter_protocol as protocol;
 /// Which connection a message means: the client side's `ip:port` for TCP,
 /// the socket's fd in this process, or both (the agent tries the fd first).
@@ -49,6 +50,7 @@ pub use protocol::ConnRef as ConnId;
 pub use protocol::{AcquireResult, DbSystem, PoolInfo};
 use protocol::{Body, Checkout, Message};
 
+mod batch;
 #[cfg(feature = "bb8-postgres")]
 pub mod bb8_pg;
 #[cfg(feature = "deadpool-postgres")]
@@ -101,14 +103,44 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
+#[cfg(target_os = "linux")]
+static FORKS: AtomicU32 = AtomicU32::new(0);
+#[cfg(target_os = "linux")]
+static FORK_HANDLER: std::sync::Once = std::sync::Once::new();
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// This thread's id, and the fork count when it was read.
+    static TID: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+#[cfg(target_os = "linux")]
+extern "C" fn forked() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The calling thread's id (what `/proc/<pid>/task/<tid>` names), if the
 /// platform has one.
 pub fn current_tid() -> Option<u32> {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: gettid has no preconditions and cannot fail.
-        let tid = unsafe { libc::gettid() };
-        u32::try_from(tid).ok()
+        // Read once per thread (a system call each time cost a checkout
+        // more than the rest of its reporting); a fork gives the child's
+        // thread a new id, so the cache is as old as the last fork.
+        FORK_HANDLER.call_once(|| {
+            // SAFETY: registers a handler that only bumps an atomic.
+            unsafe { libc::pthread_atfork(None, None, Some(forked)) };
+        });
+        let forks = FORKS.load(Ordering::Relaxed);
+        TID.with(|cached| {
+            let (seen, tid) = cached.get();
+            if seen == forks && tid != 0 {
+                return Some(tid);
+            }
+            // SAFETY: gettid has no preconditions and cannot fail.
+            let tid = u32::try_from(unsafe { libc::gettid() }).ok()?;
+            cached.set((forks, tid));
+            Some(tid)
+        })
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -240,7 +272,7 @@ enum Sent {
 
 /// Locks `m`, poisoned or not: a panic while holding one of this crate's
 /// locks leaves valid data behind.
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -437,6 +469,8 @@ impl Reporter {
         let Some(inner) = &self.inner else {
             return true;
         };
+        // What the pools keep for their batches goes first.
+        batch::BATCHER.flush_all();
         let deadline = std::time::Instant::now() + timeout;
         loop {
             {
@@ -563,23 +597,20 @@ struct PoolState {
     reporter: Reporter,
     name: String,
     info: Mutex<Option<PoolInfo>>,
-    /// Checked out now, by fd (else local address), since the `mono_ns`
+    /// Checked out now, by id, fd or local address, since the `mono_ns`
     /// of their `acquire_end`.
     out: Mutex<HashMap<ConnKey, Checkout>>,
+    /// Short checkouts waiting to be folded (see `batch`).
+    batch: Mutex<batch::Batch>,
+    /// The batch window in nanoseconds; 0: every event sent at once.
+    window_ns: AtomicU64,
     comebacks_seen: AtomicU64,
     /// Nanoseconds between periodic re-sends; 0: none.
     interval_ns: AtomicU64,
     last_state: Mutex<Instant>,
 }
 
-type ConnKey = (Option<RawFd>, Option<SocketAddr>);
-
-fn conn_key(conn: ConnId) -> ConnKey {
-    match conn.fd {
-        Some(fd) => (Some(fd), None),
-        None => (None, conn.local_address),
-    }
-}
+use batch::{conn_key, ConnKey};
 
 impl PoolState {
     /// Re-sends the state if a send just found the agent back.
@@ -606,6 +637,14 @@ impl PoolState {
         }
     }
 
+    /// Sends a batch's messages; called with the batch locked, so that
+    /// messages about one connection leave in order.
+    fn send_all(&self, out: Vec<batch::Out>) {
+        for (body, at) in out {
+            self.reporter.send_at(&self.name, body, at);
+        }
+    }
+
     /// How long until the periodic state is due (zero: now), or `None`
     /// when there is nothing to send.
     fn state_due(&self, now: Instant) -> Option<Duration> {
@@ -615,6 +654,26 @@ impl PoolState {
         }
         let next = *locked(&self.last_state) + interval;
         Some(next.saturating_duration_since(now))
+    }
+}
+
+impl batch::Flush for PoolState {
+    fn flush(&self, force: bool) -> bool {
+        let more = {
+            let mut batch = locked(&self.batch);
+            let mut out = Vec::new();
+            let young = if force {
+                0
+            } else {
+                self.window_ns.load(Ordering::Relaxed)
+            };
+            let more = batch.flush(monotonic_ns(), young, &mut out);
+            batch.scheduled = more;
+            self.send_all(out);
+            more
+        };
+        self.after_send();
+        more
     }
 }
 
@@ -638,13 +697,17 @@ impl Ticker {
     fn watch(&'static self, pool: &Arc<PoolState>) {
         {
             let mut pools = locked(&self.pools);
-            pools.retain(|w| w.strong_count() > 0);
-            if !pools
+            if pools
                 .iter()
                 .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(pool)))
             {
-                pools.push(Arc::downgrade(pool));
+                // Watched already: the ticker finds it busy at its next
+                // wake (within an interval). Waking it on every idle ->
+                // busy would cost a checkout a futex wake-up.
+                return;
             }
+            pools.retain(|w| w.strong_count() > 0);
+            pools.push(Arc::downgrade(pool));
         }
         if !self.started.swap(true, Ordering::AcqRel) {
             let spawned = thread::Builder::new()
@@ -694,11 +757,46 @@ impl PoolReporter {
                 name: truncate(name).to_string(),
                 info: Mutex::new(None),
                 out: Mutex::new(HashMap::new()),
+                batch: Mutex::new(batch::Batch::default()),
+                window_ns: AtomicU64::new(batch::BATCH_WINDOW.as_nanos() as u64),
                 interval_ns: AtomicU64::new(DEFAULT_STATE_INTERVAL.as_nanos() as u64),
                 last_state: Mutex::new(Instant::now()),
             }),
             next_request: AtomicU64::new(1),
         }
+    }
+
+    /// How long short checkouts wait to be folded into one line
+    /// ([`BATCH_WINDOW`]); zero sends every event at once, one datagram
+    /// each.
+    pub fn with_batch_window(self, window: Duration) -> PoolReporter {
+        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        self.state.window_ns.store(ns, Ordering::Relaxed);
+        self
+    }
+
+    fn batching(&self) -> bool {
+        self.state.window_ns.load(Ordering::Relaxed) > 0
+    }
+
+    /// Has the batcher flush this pool's batch (`batch` is its lock);
+    /// without a batcher thread, flushes it now.
+    fn schedule(&self, batch: &mut batch::Batch) {
+        if batch.scheduled {
+            return;
+        }
+        let weak = Arc::downgrade(&self.state);
+        if !batch.tracked {
+            batch::BATCHER.track(weak.clone());
+            batch.tracked = true;
+        }
+        if batch::BATCHER.schedule(weak) {
+            batch.scheduled = true;
+            return;
+        }
+        let mut out = Vec::new();
+        batch.flush(monotonic_ns(), 0, &mut out);
+        self.state.send_all(out);
     }
 
     /// How often the checkouts are re-sent while there are any
@@ -736,8 +834,15 @@ impl PoolReporter {
     /// (the caller stopped waiting: a cancelled future, a panic).
     pub fn acquire_start(&self) -> PendingAcquire<'_> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.state.reporter.acquire_start(&self.state.name, request);
-        self.state.after_send();
+        if self.batching() {
+            let (at, tid) = (monotonic_ns(), current_tid());
+            let mut batch = locked(&self.state.batch);
+            batch.start(request, at, tid);
+            self.schedule(&mut batch);
+        } else {
+            self.state.reporter.acquire_start(&self.state.name, request);
+            self.state.after_send();
+        }
         PendingAcquire {
             pool: self,
             request,
@@ -754,15 +859,32 @@ impl PoolReporter {
 
     pub fn release(&self, conn: ConnId) {
         self.returned(conn);
-        self.state.reporter.release(&self.state.name, conn);
+        if self.batching() {
+            let at = monotonic_ns();
+            let mut batch = locked(&self.state.batch);
+            let mut out = Vec::new();
+            batch.release(conn, at, &mut out);
+            self.schedule(&mut batch);
+            self.state.send_all(out);
+        } else {
+            self.state.reporter.release(&self.state.name, conn);
+        }
         self.state.after_send();
     }
 
     pub fn connection_closed(&self, conn: ConnId) {
         self.returned(conn);
-        self.state
-            .reporter
-            .connection_closed(&self.state.name, conn);
+        if self.batching() {
+            let at = monotonic_ns();
+            let mut batch = locked(&self.state.batch);
+            let mut out = Vec::new();
+            batch.closed(conn, at, &mut out);
+            self.state.send_all(out);
+        } else {
+            self.state
+                .reporter
+                .connection_closed(&self.state.name, conn);
+        }
         self.state.after_send();
     }
 
@@ -800,9 +922,17 @@ impl PoolReporter {
                 }
             }
         }
-        self.state
-            .reporter
-            .acquire_end_at(&self.state.name, request, result, tid, at);
+        if self.batching() {
+            let mut batch = locked(&self.state.batch);
+            let mut out = Vec::new();
+            batch.finish(request, result, tid, at, &mut out);
+            self.schedule(&mut batch);
+            self.state.send_all(out);
+        } else {
+            self.state
+                .reporter
+                .acquire_end_at(&self.state.name, request, result, tid, at);
+        }
         self.state.after_send();
     }
 }

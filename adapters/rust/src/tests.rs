@@ -120,7 +120,7 @@ fn pool_registration_carries_what_is_known() {
 #[test]
 fn an_acquire_names_its_request_thread_and_connection() {
     let agent = FakeAgent::new();
-    let pool = PoolReporter::new(agent.reporter(), "p");
+    let pool = PoolReporter::new(agent.reporter(), "p").with_batch_window(Duration::ZERO);
     let conn = ConnId {
         local_address: Some("127.0.0.1:51234".parse().expect("addr")),
         fd: Some(12),
@@ -172,7 +172,7 @@ fn an_acquire_names_its_request_thread_and_connection() {
 #[test]
 fn an_abandoned_acquire_ends_as_an_error() {
     let agent = FakeAgent::new();
-    let pool = PoolReporter::new(agent.reporter(), "p");
+    let pool = PoolReporter::new(agent.reporter(), "p").with_batch_window(Duration::ZERO);
     let pending = pool.acquire_start();
     let request = pending.request();
     drop(pending);
@@ -228,7 +228,7 @@ fn tcp_connections_are_named_by_local_address_and_fd() {
 fn without_an_agent_messages_are_dropped_quietly() {
     let dir = std::env::temp_dir().join(format!("poolscope-no-agent-{}", std::process::id()));
     let reporter = Reporter::with_socket(dir.join("missing.sock"));
-    let pool = PoolReporter::new(reporter.clone(), "p");
+    let pool = PoolReporter::new(reporter.clone(), "p").with_batch_window(Duration::ZERO);
     let started = Instant::now();
     for _ in 0..100 {
         pool.acquire_start().finish(AcquireResult::Ok(ConnId {
@@ -258,7 +258,7 @@ fn a_full_agent_queue_keeps_messages_in_order() {
     // a socket nobody reads; the rest must wait, in order, not be lost.
     let agent = FakeAgent::new();
     let reporter = agent.reporter();
-    let pool = PoolReporter::new(reporter.clone(), "burst");
+    let pool = PoolReporter::new(reporter.clone(), "burst").with_batch_window(Duration::ZERO);
     let qlen: u64 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -565,4 +565,58 @@ fn state_is_resent_periodically_only_while_connections_are_out() {
     all(&agent);
     thread::sleep(Duration::from_millis(600));
     assert!(!kinds(&all(&agent)).contains(&"checkout_state"));
+}
+
+/// The default: short checkouts leave folded with the pool's batch, a
+/// checkout still out a window later leaves as its own acquire_end, and
+/// `Reporter::flush` sends what waits at once.
+#[test]
+fn short_checkouts_leave_folded_with_the_batch() {
+    let agent = FakeAgent::new();
+    let reporter = agent.reporter();
+    let pool = PoolReporter::new(reporter.clone(), "batched").with_state_interval(Duration::ZERO);
+    let handle = ConnId {
+        conn: Some(7),
+        ..ConnId::default()
+    };
+    let started = Instant::now();
+    for _ in 0..10 {
+        let wait = pool.acquire_start();
+        wait.finish(AcquireResult::Ok(handle));
+        pool.release(handle);
+    }
+    let folded = agent.recv();
+    check_envelope(&folded, "checkouts", "batched");
+    assert_eq!(folded["conn"], 7, "{folded}");
+    assert_eq!(
+        folded["waits_ns"].as_array().map(Vec::len),
+        Some(10),
+        "{folded}"
+    );
+    assert!(
+        started.elapsed() >= BATCH_WINDOW / 2,
+        "sent with the batch, not at once"
+    );
+    assert!(!agent.pending(), "one line for ten checkouts");
+
+    // Held past a window: its acquire_end alone, then a plain release.
+    let wait = pool.acquire_start();
+    wait.finish(AcquireResult::Ok(handle));
+    let end = agent.recv();
+    check_envelope(&end, "acquire_end", "batched");
+    assert!(
+        end["wait_ns"].is_u64(),
+        "its start was folded into it: {end}"
+    );
+    pool.release(handle);
+    check_envelope(&agent.recv(), "release", "batched");
+
+    // flush sends a short checkout without waiting for the window.
+    let wait = pool.acquire_start();
+    wait.finish(AcquireResult::Ok(handle));
+    pool.release(handle);
+    let flushed_at = Instant::now();
+    assert!(reporter.flush(Duration::from_secs(1)));
+    check_envelope(&agent.recv(), "checkouts", "batched");
+    assert!(flushed_at.elapsed() < BATCH_WINDOW, "at once");
 }

@@ -14,6 +14,7 @@ const POOL_NAME: &str = "orders";
 async fn pool(agent: &FakeAgent, config: PgConfig, max: u32) -> InstrumentedPool {
     InstrumentedPool::builder(POOL_NAME, config, tokio_postgres::NoTls)
         .reporter(agent.reporter())
+        .batch_window(Duration::ZERO)
         .max_size(max)
         .connection_timeout(Duration::from_millis(300))
         .build_unchecked()

@@ -17,6 +17,7 @@ const POOL_NAME: &str = "orders";
 fn pool(agent: &FakeAgent, config: PgConfig, max: usize) -> InstrumentedPool {
     InstrumentedPool::builder(POOL_NAME, config, tokio_postgres::NoTls)
         .reporter(agent.reporter())
+        .batch_window(Duration::ZERO)
         .max_size(max)
         .build()
         .expect("build the pool")

@@ -1,0 +1,353 @@
+//! Short checkouts, folded (as the JVM and Node adapters do). One datagram
+//! per event costs the application several microseconds each (the send,
+//! the agent's wake-up, the kernel's credentials), three per checkout; most
+//! checkouts last less than a batch. So a pool keeps, until its next batch
+//! ([`BATCH_WINDOW`] by default):
+//!
+//! - the starts of acquires: one that ends first is sent as its
+//!   `acquire_end` alone, carrying its wait (`wait_ns`); one still waiting
+//!   at the batch is sent as `acquire_start`, with its own time;
+//! - the `acquire_end` of a checkout: if the connection comes back first,
+//!   the checkout is folded into the connection's `checkouts` line (its
+//!   wait and its use), sent with the batch or at 64; one still out at the
+//!   batch after the one it began in is sent, with its own time, and its
+//!   return is then a plain `release`.
+//!
+//! A batch that sends a waiting acquire's start sends every held
+//! `acquire_end` first, so that the agent sees the pool as the waiter saw
+//! it. A connection's folded checkouts always go before anything else
+//! about it. This module is the logic (what to send, in which order); the
+//! pool sends what it returns while holding the batch's lock, so that two
+//! threads never send one connection's messages out of order.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::RawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Condvar, Mutex, Weak,
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::{locked, protocol::Body, AcquireResult, ConnId};
+
+/// How long short checkouts wait to be folded.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// Checkouts folded into one `checkouts` line (the protocol's bound).
+const MAX_FOLDED: usize = crate::protocol::MAX_CHECKOUTS_PER_MESSAGE;
+
+/// What names a connection in a pool's maps: its id, else its fd, else its
+/// local address.
+pub(crate) type ConnKey = (Option<u64>, Option<RawFd>, Option<SocketAddr>);
+
+pub(crate) fn conn_key(conn: ConnId) -> ConnKey {
+    match (conn.conn, conn.fd) {
+        (Some(id), _) => (Some(id), None, None),
+        (None, Some(fd)) => (None, Some(fd), None),
+        (None, None) => (None, None, conn.local_address),
+    }
+}
+
+/// A message to send, and when it happened.
+pub(crate) type Out = (Body, u64);
+
+/// A checkout whose `acquire_end` waits for the batch.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    request: u64,
+    since_ns: u64,
+    tid: Option<u32>,
+    wait_ns: u64,
+}
+
+/// What waits for the batch about one connection.
+#[derive(Debug)]
+struct Pending {
+    conn: ConnId,
+    held: Option<Held>,
+    waits: Vec<u64>,
+    uses: Vec<u64>,
+    /// The last folded checkout's holder and end.
+    fold_tid: Option<u32>,
+    fold_ns: u64,
+}
+
+impl Pending {
+    fn new(conn: ConnId) -> Pending {
+        Pending {
+            conn,
+            held: None,
+            waits: Vec::new(),
+            uses: Vec::new(),
+            fold_tid: None,
+            fold_ns: 0,
+        }
+    }
+
+    /// The folded checkouts as one line, forgotten.
+    fn take_folded(&mut self, out: &mut Vec<Out>) {
+        if self.waits.is_empty() {
+            return;
+        }
+        let body = Body::Checkouts {
+            conn: self.conn,
+            tid: self.fold_tid,
+            waits_ns: std::mem::take(&mut self.waits),
+            uses_ns: std::mem::take(&mut self.uses),
+        };
+        out.push((body, self.fold_ns));
+    }
+
+    /// The held checkout's `acquire_end`, no longer held.
+    fn take_held(&mut self, out: &mut Vec<Out>) {
+        if let Some(h) = self.held.take() {
+            out.push(held_end(self.conn, h));
+        }
+    }
+}
+
+fn held_end(conn: ConnId, h: Held) -> Out {
+    let body = Body::AcquireEnd {
+        request: h.request,
+        result: AcquireResult::Ok(conn),
+        tid: h.tid,
+        wait_ns: Some(h.wait_ns),
+    };
+    (body, h.since_ns)
+}
+
+/// One pool's messages waiting for its batch.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// Acquires whose `acquire_start` waits: (request, start, tid). A few:
+    /// the batch sends those older than a window.
+    starting: Vec<(u64, u64, Option<u32>)>,
+    conns: HashMap<ConnKey, Pending>,
+    /// Whether the batcher will flush this pool.
+    pub(crate) scheduled: bool,
+    /// Whether the batcher knows the pool (for `flush_all`).
+    pub(crate) tracked: bool,
+}
+
+impl Batch {
+    /// An acquire began; its start waits for the batch.
+    pub(crate) fn start(&mut self, request: u64, start_ns: u64, tid: Option<u32>) {
+        self.starting.push((request, start_ns, tid));
+    }
+
+    /// The acquire `request` ended at `at` with `result`, for thread `tid`.
+    pub(crate) fn finish(
+        &mut self,
+        request: u64,
+        result: AcquireResult,
+        tid: Option<u32>,
+        at: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let started = self
+            .starting
+            .iter()
+            .position(|(r, _, _)| *r == request)
+            .map(|at| {
+                let (_, start, tid) = self.starting.swap_remove(at);
+                (start, tid)
+            });
+        match (result, started) {
+            (AcquireResult::Ok(conn), Some((start, _))) if !conn.is_empty() => {
+                let p = self
+                    .conns
+                    .entry(conn_key(conn))
+                    .or_insert_with(|| Pending::new(conn));
+                // A checkout of it never reported returned: its end goes as is.
+                p.take_held(out);
+                p.held = Some(Held {
+                    request,
+                    since_ns: at,
+                    tid,
+                    wait_ns: at.saturating_sub(start),
+                });
+            }
+            (result, Some((start, _))) => {
+                let body = Body::AcquireEnd {
+                    request,
+                    result,
+                    tid,
+                    wait_ns: Some(at.saturating_sub(start)),
+                };
+                out.push((body, at));
+            }
+            (result, None) => {
+                if let AcquireResult::Ok(conn) = result {
+                    self.drain_conn(conn, out);
+                }
+                let body = Body::AcquireEnd {
+                    request,
+                    result,
+                    tid,
+                    wait_ns: None,
+                };
+                out.push((body, at));
+            }
+        }
+    }
+
+    /// `conn` came back to the pool at `at`.
+    pub(crate) fn release(&mut self, conn: ConnId, at: u64, out: &mut Vec<Out>) {
+        if let Some(p) = self.conns.get_mut(&conn_key(conn)) {
+            if let Some(h) = p.held.take() {
+                p.waits.push(h.wait_ns);
+                p.uses.push(at.saturating_sub(h.since_ns));
+                p.fold_tid = h.tid;
+                p.fold_ns = at;
+                if p.waits.len() >= MAX_FOLDED {
+                    p.take_folded(out);
+                }
+                return;
+            }
+            p.take_folded(out);
+        }
+        out.push((Body::Release(conn), at));
+    }
+
+    /// The pool closed `conn` at `at`.
+    pub(crate) fn closed(&mut self, conn: ConnId, at: u64, out: &mut Vec<Out>) {
+        if let Some(mut p) = self.conns.remove(&conn_key(conn)) {
+            p.take_folded(out);
+            p.take_held(out);
+        }
+        out.push((Body::ConnectionClosed(conn), at));
+    }
+
+    /// What waits about `conn`, sent now (something newer about it goes out).
+    fn drain_conn(&mut self, conn: ConnId, out: &mut Vec<Out>) {
+        if let Some(p) = self.conns.get_mut(&conn_key(conn)) {
+            p.take_folded(out);
+            p.take_held(out);
+        }
+    }
+
+    /// The batch at `now`: every folded line; the starts of acquires that
+    /// began more than `young_ns` ago, after every held end; held ends
+    /// older than that. Returns whether anything is left for the next one.
+    pub(crate) fn flush(&mut self, now: u64, young_ns: u64, out: &mut Vec<Out>) -> bool {
+        let cutoff = now.saturating_sub(young_ns);
+        let mut events: Vec<Out> = Vec::new();
+        let before = events.len();
+        self.starting.retain(|&(request, start, tid)| {
+            let old = start <= cutoff;
+            if old {
+                events.push((Body::AcquireStart { request, tid }, start));
+            }
+            !old
+        });
+        let someone_waits = events.len() > before;
+        for p in self.conns.values_mut() {
+            p.take_folded(out);
+            if p.held
+                .is_some_and(|h| someone_waits || h.since_ns <= cutoff)
+            {
+                p.take_held(&mut events);
+            }
+        }
+        self.conns.retain(|_, p| p.held.is_some());
+        events.sort_by_key(|(_, at)| *at);
+        out.extend(events);
+        !self.starting.is_empty() || !self.conns.is_empty()
+    }
+}
+
+/// A pool the batcher flushes.
+pub(crate) trait Flush: Send + Sync {
+    /// Sends the pool's batch; returns whether more waits for the next.
+    fn flush(&self, force: bool) -> bool;
+}
+
+/// One thread per process flushes the pools' batches, a window after the
+/// first thing of a batch waits.
+pub(crate) struct Batcher {
+    due: Mutex<Vec<Weak<dyn Flush>>>,
+    /// Every pool that ever had a batch, for [`Batcher::flush_all`].
+    all: Mutex<Vec<Weak<dyn Flush>>>,
+    wake: Condvar,
+    started: AtomicBool,
+    spawn_failed: AtomicBool,
+}
+
+pub(crate) static BATCHER: Batcher = Batcher {
+    due: Mutex::new(Vec::new()),
+    all: Mutex::new(Vec::new()),
+    wake: Condvar::new(),
+    started: AtomicBool::new(false),
+    spawn_failed: AtomicBool::new(false),
+};
+
+impl Batcher {
+    /// Flushes `pool` a window from now; false when no thread can (the
+    /// caller then sends at once).
+    pub(crate) fn schedule(&'static self, pool: Weak<dyn Flush>) -> bool {
+        if self.spawn_failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        if !self.started.swap(true, Ordering::AcqRel) {
+            let spawned = thread::Builder::new()
+                .name("poolscope-adapter-batch".into())
+                .spawn(move || self.run());
+            if spawned.is_err() {
+                self.spawn_failed.store(true, Ordering::Relaxed);
+                return false;
+            }
+        }
+        let mut due = locked(&self.due);
+        let first = due.is_empty();
+        due.push(pool);
+        drop(due);
+        if first {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Remembers `pool` for [`Batcher::flush_all`] (once per pool).
+    pub(crate) fn track(&self, pool: Weak<dyn Flush>) {
+        let mut all = locked(&self.all);
+        all.retain(|w| w.strong_count() > 0);
+        all.push(pool);
+    }
+
+    /// Sends every pool's batch now (before an exit).
+    pub(crate) fn flush_all(&self) {
+        let pools: Vec<_> = locked(&self.all).iter().filter_map(Weak::upgrade).collect();
+        for pool in pools {
+            pool.flush(true);
+        }
+    }
+
+    fn run(&'static self) {
+        loop {
+            {
+                let mut due = locked(&self.due);
+                while due.is_empty() {
+                    due = match self.wake.wait(due) {
+                        Ok(guard) => guard,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                }
+            }
+            thread::sleep(BATCH_WINDOW);
+            let due: Vec<_> = std::mem::take(&mut *locked(&self.due));
+            for pool in due.iter().filter_map(Weak::upgrade) {
+                if pool.flush(false) {
+                    locked(&self.due).push(Arc::downgrade(&pool));
+                }
+            }
+        }
+    }
+}
+
+use std::sync::Arc;
+
+#[cfg(test)]
+mod tests;

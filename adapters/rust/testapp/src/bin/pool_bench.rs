@@ -1,0 +1,223 @@
+//! The adapter bench's Rust side (`cargo xtask bench --only adapters`,
+//! xtask/src/bench/adapters.rs): one loop over a real bb8 pool on one
+//! thread (a current-thread tokio runtime), then one JSON line on stdout,
+//! as adapters/node/bench/pool_bench.js does for Node.
+//!
+//! MODE=pairs: N get/drop pairs, no query. MODE=query: get, `SELECT 1`,
+//! drop, for SECONDS. MODE=query_ab: the query loop over two pools, one
+//! plain and one instrumented, in alternating 250 ms slices (plain,
+//! instrumented, instrumented, plain, ...), SECONDS measured on each after
+//! WARMUP_SECONDS on each; prints `{"ab":[plain, instrumented]}`.
+//! ADAPTER=on checks out through `InstrumentedPool::get` (reporting to
+//! `$POOLSCOPE_ADAPTER_SOCKET`); ADAPTER=off through the bb8 pool beneath,
+//! with a reporter that sends nothing: the same pool and loop, without the
+//! adapter's work. CPU is the whole process's (CLOCK_PROCESS_CPUTIME_ID:
+//! every thread, the adapter's backlog sender included).
+//!
+//! Environment: MODE, ADAPTER, AGENT (present: the agent is there), N,
+//! RATE (pairs a second at most, 0: unpaced), WARMUP (pairs), SECONDS,
+//! WARMUP_SECONDS, AB_INSTRUMENTED_FIRST, PG_PORT (127.0.0.1, user and
+//! database postgres), POOLSCOPE_ADAPTER_SOCKET.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use poolscope_adapter::{
+    bb8_pg::{InstrumentedPool, RunError},
+    Reporter,
+};
+use serde_json::{json, Value};
+
+const POOL_SIZE: u32 = 4;
+const SLICE: Duration = Duration::from_millis(250);
+/// Pairs between two yields to the runtime (its timers, the pool's tasks).
+const PAIRS_PER_TURN: u64 = 64;
+
+fn env(name: &str, fallback: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| fallback.to_string())
+}
+
+fn env_num(name: &str, fallback: u64) -> Result<u64> {
+    env(name, &fallback.to_string())
+        .parse()
+        .with_context(|| format!("{name} is not a number"))
+}
+
+fn cpu_ns() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
+}
+
+/// One side of the bench: a pool, checked out with or without the adapter.
+struct Side {
+    pool: InstrumentedPool,
+    adapter: bool,
+}
+
+impl Side {
+    async fn build(adapter: bool) -> Result<Side> {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host("127.0.0.1")
+            .port(env_num("PG_PORT", 5432)?.try_into().context("PG_PORT")?)
+            .user("postgres")
+            .dbname("postgres");
+        let reporter = if adapter {
+            Reporter::from_env()
+        } else {
+            Reporter::disabled()
+        };
+        let pool = InstrumentedPool::builder("bench-rust-bb8", pg, tokio_postgres::NoTls)
+            .reporter(reporter)
+            .max_size(POOL_SIZE)
+            .test_on_check_out(false)
+            .build()
+            .await
+            .context("cannot build the pool")?;
+        Ok(Side { pool, adapter })
+    }
+
+    /// One checkout, `work` on it, and its return.
+    async fn checkout(&self, query: bool) -> Result<()> {
+        if self.adapter {
+            let client = self.pool.get().await.map_err(run_error)?;
+            if query {
+                select_one(&client).await?;
+            }
+        } else {
+            let conn = self.pool.inner().get().await.map_err(run_error)?;
+            if query {
+                select_one(&conn).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run_error(e: RunError<poolscope_adapter::bb8_pg::Error>) -> anyhow::Error {
+    anyhow::anyhow!("get: {e:?}")
+}
+
+async fn select_one(client: &tokio_postgres::Client) -> Result<()> {
+    let row = client
+        .query_one("SELECT 1", &[])
+        .await
+        .context("SELECT 1")?;
+    let one: i32 = row.get(0);
+    if one != 1 {
+        bail!("SELECT 1 returned {one}");
+    }
+    Ok(())
+}
+
+async fn pairs(side: &Side, n: u64, rate: u64) -> Result<u64> {
+    let start = Instant::now();
+    for i in 0..n {
+        side.checkout(false).await?;
+        if i % PAIRS_PER_TURN == PAIRS_PER_TURN - 1 {
+            let due = if rate > 0 {
+                Duration::from_secs_f64((i + 1) as f64 / rate as f64)
+            } else {
+                Duration::ZERO
+            };
+            match due.checked_sub(start.elapsed()) {
+                Some(ahead) if ahead >= Duration::from_millis(1) => tokio::time::sleep(ahead).await,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    }
+    Ok(n)
+}
+
+async fn queries(side: &Side, until: Instant) -> Result<u64> {
+    let mut done = 0;
+    loop {
+        side.checkout(true).await?;
+        done += 1;
+        if done % 64 == 0 && Instant::now() >= until {
+            return Ok(done);
+        }
+    }
+}
+
+async fn query_ab(seconds: u64, warmup: Duration) -> Result<Value> {
+    let instrumented_first = env("AB_INSTRUMENTED_FIRST", "0") == "1";
+    let (plain, instrumented) = if instrumented_first {
+        let i = Side::build(true).await?;
+        (Side::build(false).await?, i)
+    } else {
+        let p = Side::build(false).await?;
+        (p, Side::build(true).await?)
+    };
+    let sides = [plain, instrumented];
+    for side in &sides {
+        queries(side, Instant::now() + warmup).await?;
+    }
+    let before = sides[1].pool.reporter().stats();
+    let mut totals = [(0u64, 0f64, 0f64); 2];
+    let slices =
+        (4 * ((seconds as f64 * 1000.0 / SLICE.as_millis() as f64 / 4.0).round() as u64)).max(4);
+    for k in 0..slices {
+        let which = usize::from(k % 4 == 1 || k % 4 == 2);
+        let (cpu0, t0) = (cpu_ns(), Instant::now());
+        totals[which].0 += queries(&sides[which], t0 + SLICE).await?;
+        totals[which].2 += t0.elapsed().as_nanos() as f64;
+        totals[which].1 += cpu_ns() - cpu0;
+    }
+    let after = sides[1].pool.reporter().stats();
+    let side = |t: (u64, f64, f64)| json!({"ops": t.0, "cpu_ns": t.1, "wall_ns": t.2});
+    let mut on = side(totals[1]);
+    on["sent"] = json!(after.sent - before.sent);
+    on["dropped"] = json!(after.dropped - before.dropped);
+    on["connected"] = json!(after.dropped == before.dropped);
+    on["sent_total"] = json!(after.sent);
+    Ok(json!({"ab": [side(totals[0]), on]}))
+}
+
+async fn run() -> Result<Value> {
+    let mode = env("MODE", "pairs");
+    let n = env_num("N", 100_000)?;
+    let rate = env_num("RATE", 0)?;
+    let seconds = env_num("SECONDS", 5)?;
+    let warmup_seconds = Duration::from_secs(env_num("WARMUP_SECONDS", 1)?);
+    if mode == "query_ab" {
+        return query_ab(seconds, warmup_seconds).await;
+    }
+    let side = Side::build(env("ADAPTER", "off") == "on").await?;
+    if mode == "query" {
+        queries(&side, Instant::now() + warmup_seconds).await?;
+    } else {
+        pairs(&side, env_num("WARMUP", n / 4)?, rate).await?;
+    }
+    let before = side.pool.reporter().stats();
+    let (cpu0, t0) = (cpu_ns(), Instant::now());
+    let ops = if mode == "query" {
+        queries(&side, t0 + Duration::from_secs(seconds)).await?
+    } else {
+        pairs(&side, n, rate).await?
+    };
+    let (wall, cpu) = (t0.elapsed().as_nanos() as f64, cpu_ns() - cpu0);
+    let mut out = json!({"ops": ops, "cpu_ns": cpu, "wall_ns": wall});
+    if side.adapter {
+        let after = side.pool.reporter().stats();
+        out["sent"] = json!(after.sent - before.sent);
+        out["dropped"] = json!(after.dropped - before.dropped);
+        out["connected"] = json!(after.dropped == before.dropped);
+        out["sent_total"] = json!(after.sent);
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let out = runtime.block_on(run())?;
+    println!("{out}");
+    Ok(())
+}
