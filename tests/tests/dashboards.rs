@@ -31,6 +31,7 @@ const ALERTS: &[&str] = &[
     "PoolNearExhaustion",
     "SlowAcquires",
     "ConnectionLeakOpen",
+    "ConnectionHeldTooLong",
     "CloseWaitLeak",
     "IdleInTransaction",
     "QueryErrorRate",

@@ -55,6 +55,8 @@ const DRAIN: Duration = Duration::from_millis(300);
 const DRAIN_MAX: Duration = Duration::from_secs(10);
 /// The agents' adapter stream socket, in the bench's directory.
 const STREAM_SOCKET: &str = "adapter-stream.sock";
+/// The agents' adapter datagram socket, in the bench's directory.
+const ADAPTER_SOCKET: &str = "adapter.sock";
 /// The agent's count of round trips, per server port.
 const OPERATION_COUNT: &str = "db_client_operation_duration_seconds_count";
 /// After the agent is ready, its start-up work settles for this long.
@@ -255,6 +257,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let programs = match &adapter_settings {
         Some(_) => {
             let built = setup::ensure_adapter_bench_deps()?;
+            run(cargo().args(["build", "--release", "-p", "poolscope-adapter-testapp"]))?;
             Some(adapters::Programs {
                 java_classpath: built.testapp_classpath(),
                 node_script: root()
@@ -262,6 +265,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     .join("node")
                     .join("bench")
                     .join("pool_bench.js"),
+                rust_bench: target_dir().join("release").join("pool_bench"),
             })
         }
         None => None,
@@ -489,7 +493,7 @@ impl Bench {
         cgroup::spawn_watchdog(pid, &[&work_cg, &agent_cg], &dirs)?;
         let agent_config = work.path().join("poolscope.toml");
         // A private adapter socket: another agent on this host keeps its own.
-        let socket = work.path().join("adapter.sock");
+        let socket = work.path().join(ADAPTER_SOCKET);
         let stream = work.path().join(STREAM_SOCKET);
         let mut config = format!(
             "[adapter]\nsocket = {:?}\nstream_socket = {:?}\n",
@@ -598,6 +602,11 @@ impl Bench {
     /// report to it).
     fn stream_socket(&self) -> PathBuf {
         self.work.path().join(STREAM_SOCKET)
+    }
+
+    /// The agent's adapter datagram socket (the Rust adapter's).
+    fn adapter_socket(&self) -> PathBuf {
+        self.work.path().join(ADAPTER_SOCKET)
     }
 
     fn measure(&mut self, workload: Workload, with_agent: bool, round: u32) -> Result<Run> {

@@ -1,9 +1,10 @@
 //! `cargo xtask bench --only adapters`: what the pool adapters cost the
 //! application that loads them (issue 12, item 5).
 //!
-//! For each pool (HikariCP on pgjdbc; node-postgres; mysql2), a small
+//! For each pool (HikariCP on pgjdbc; node-postgres; mysql2; bb8), a small
 //! program (adapters/java/testapp `PoolBench`, adapters/node/bench
-//! `pool_bench.js`) runs one single-threaded loop on a real pool against
+//! `pool_bench.js`, adapters/rust/testapp `pool_bench`) runs one
+//! single-threaded loop on a real pool against
 //! the bench's PostgreSQL or MariaDB and prints its own CPU time (the
 //! whole process: all threads, so the adapter's writer, GC and JIT count)
 //! and wall time:
@@ -47,16 +48,19 @@ pub enum Pool {
     NodePg,
     /// mysql2.
     NodeMysql2,
+    /// bb8 (tokio-postgres).
+    RustBb8,
 }
 
 impl Pool {
-    pub const ALL: [Pool; 3] = [Pool::Hikari, Pool::NodePg, Pool::NodeMysql2];
+    pub const ALL: [Pool; 4] = [Pool::Hikari, Pool::NodePg, Pool::NodeMysql2, Pool::RustBb8];
 
     pub fn name(self) -> &'static str {
         match self {
             Pool::Hikari => "java HikariCP",
             Pool::NodePg => "node pg",
             Pool::NodeMysql2 => "node mysql2",
+            Pool::RustBb8 => "rust bb8",
         }
     }
 
@@ -71,6 +75,10 @@ impl Pool {
             Pool::NodeMysql2 => {
                 "mysql2/promise createPool (connectionLimit 4) against MariaDB, getConnection()/release(), \
                  instrument(pool) or not"
+            }
+            Pool::RustBb8 => {
+                "bb8 (max 4, tokio-postgres) against PostgreSQL on a current-thread tokio runtime, \
+                 InstrumentedPool::get() vs the bb8 pool beneath (no reporting)"
             }
         }
     }
@@ -233,6 +241,8 @@ pub struct Programs {
     pub java_classpath: String,
     /// adapters/node/bench/pool_bench.js
     pub node_script: PathBuf,
+    /// adapters/rust/testapp's pool_bench binary.
+    pub rust_bench: PathBuf,
 }
 
 /// Rough minutes for the group: program start-up, warm-ups, agent starts.
@@ -382,6 +392,12 @@ fn command(
                     .env("MYSQL_USER", super::MariaDb::USER)
                     .env("MYSQL_DATABASE", super::MariaDb::DATABASE);
             }
+            cmd
+        }
+        Pool::RustBb8 => {
+            let mut cmd = command_in(&bench.work_cg, &programs.rust_bench);
+            cmd.env("PG_PORT", pg_port()?.to_string())
+                .env("POOLSCOPE_ADAPTER_SOCKET", bench.adapter_socket());
             cmd
         }
     };
