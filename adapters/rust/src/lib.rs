@@ -597,11 +597,11 @@ struct PoolState {
     reporter: Reporter,
     name: String,
     info: Mutex<Option<PoolInfo>>,
-    /// Checked out now, by id, fd or local address, since the `mono_ns`
-    /// of their `acquire_end`.
-    out: Mutex<HashMap<ConnKey, Checkout>>,
-    /// Short checkouts waiting to be folded (see `batch`).
+    /// Short checkouts waiting to be folded (see `batch`), and the
+    /// checkouts out now (one lock for both: each checkout takes it twice).
     batch: Mutex<batch::Batch>,
+    /// Whether the state ticker knows this pool.
+    watched: AtomicBool,
     /// The batch window in nanoseconds; 0: every event sent at once.
     window_ns: AtomicU64,
     comebacks_seen: AtomicU64,
@@ -626,7 +626,7 @@ impl PoolState {
         if let Some(info) = locked(&self.info).clone() {
             self.reporter.pool(&self.name, &info);
         }
-        let mut entries: Vec<Checkout> = locked(&self.out).values().copied().collect();
+        let mut entries: Vec<Checkout> = locked(&self.batch).out.values().copied().collect();
         entries.sort_by_key(|c| c.mono_ns);
         for chunk in entries.chunks(STATE_ENTRIES_PER_MESSAGE) {
             let checkouts = chunk.to_vec();
@@ -649,7 +649,7 @@ impl PoolState {
     /// when there is nothing to send.
     fn state_due(&self, now: Instant) -> Option<Duration> {
         let interval = Duration::from_nanos(self.interval_ns.load(Ordering::Relaxed));
-        if interval.is_zero() || locked(&self.out).is_empty() {
+        if interval.is_zero() || locked(&self.batch).out.is_empty() {
             return None;
         }
         let next = *locked(&self.last_state) + interval;
@@ -756,8 +756,8 @@ impl PoolReporter {
                 reporter,
                 name: truncate(name).to_string(),
                 info: Mutex::new(None),
-                out: Mutex::new(HashMap::new()),
                 batch: Mutex::new(batch::Batch::default()),
+                watched: AtomicBool::new(false),
                 window_ns: AtomicU64::new(batch::BATCH_WINDOW.as_nanos() as u64),
                 interval_ns: AtomicU64::new(DEFAULT_STATE_INTERVAL.as_nanos() as u64),
                 last_state: Mutex::new(Instant::now()),
@@ -858,10 +858,10 @@ impl PoolReporter {
     }
 
     pub fn release(&self, conn: ConnId) {
-        self.returned(conn);
+        let at = monotonic_ns();
+        let mut batch = locked(&self.state.batch);
+        returned(&mut batch.out, conn);
         if self.batching() {
-            let at = monotonic_ns();
-            let mut batch = locked(&self.state.batch);
             let mut out = Vec::new();
             batch.release(conn, at, &mut out);
             self.schedule(&mut batch);
@@ -869,14 +869,15 @@ impl PoolReporter {
         } else {
             self.state.reporter.release(&self.state.name, conn);
         }
+        drop(batch);
         self.state.after_send();
     }
 
     pub fn connection_closed(&self, conn: ConnId) {
-        self.returned(conn);
+        let at = monotonic_ns();
+        let mut batch = locked(&self.state.batch);
+        returned(&mut batch.out, conn);
         if self.batching() {
-            let at = monotonic_ns();
-            let mut batch = locked(&self.state.batch);
             let mut out = Vec::new();
             batch.closed(conn, at, &mut out);
             self.state.send_all(out);
@@ -885,45 +886,27 @@ impl PoolReporter {
                 .reporter
                 .connection_closed(&self.state.name, conn);
         }
+        drop(batch);
         self.state.after_send();
-    }
-
-    fn returned(&self, conn: ConnId) {
-        let mut out = locked(&self.state.out);
-        if out.remove(&conn_key(conn)).is_none() {
-            if let Some(local) = conn.local_address {
-                // Named differently than when it was handed out.
-                out.retain(|_, c| c.conn.local_address != Some(local));
-            }
-        }
     }
 
     fn finish(&self, request: u64, result: AcquireResult) {
         let at = monotonic_ns();
         let tid = current_tid();
-        if let AcquireResult::Ok(conn) = result {
-            if !conn.is_empty() {
-                let was_idle = {
-                    let mut out = locked(&self.state.out);
-                    let was_idle = out.is_empty();
-                    out.insert(
-                        conn_key(conn),
-                        Checkout {
-                            conn,
-                            mono_ns: at,
-                            tid,
-                        },
-                    );
-                    was_idle
+        let mut batch = locked(&self.state.batch);
+        let checked_out = match result {
+            AcquireResult::Ok(conn) if !conn.is_empty() => {
+                let checkout = Checkout {
+                    conn,
+                    mono_ns: at,
+                    tid,
                 };
-                // Only on idle -> busy: keeps the ticker's lock off the hot path.
-                if was_idle {
-                    TICKER.watch(&self.state);
-                }
+                batch.out.insert(conn_key(conn), checkout);
+                true
             }
-        }
+            _ => false,
+        };
         if self.batching() {
-            let mut batch = locked(&self.state.batch);
             let mut out = Vec::new();
             batch.finish(request, result, tid, at, &mut out);
             self.schedule(&mut batch);
@@ -933,7 +916,22 @@ impl PoolReporter {
                 .reporter
                 .acquire_end_at(&self.state.name, request, result, tid, at);
         }
+        drop(batch);
+        // Once per pool: the ticker then looks at it at every wake.
+        if checked_out && !self.state.watched.swap(true, Ordering::Relaxed) {
+            TICKER.watch(&self.state);
+        }
         self.state.after_send();
+    }
+}
+
+/// `conn` is back: no longer among the checkouts re-sent as state.
+fn returned(out: &mut HashMap<ConnKey, Checkout>, conn: ConnId) {
+    if out.remove(&conn_key(conn)).is_none() {
+        if let Some(local) = conn.local_address {
+            // Named differently than when it was handed out.
+            out.retain(|_, c| c.conn.local_address != Some(local));
+        }
     }
 }
 
