@@ -116,7 +116,7 @@ impl Tracker {
         let Some(known) = self.pools.get(&key).map(|p| p.named.get(&id).copied()) else {
             return;
         };
-        if known.is_none() && self.names_of(pid) >= MAX_NAMES_PER_PROCESS {
+        if known.is_none() && !self.room_for_a_name(pid) {
             // The socket still names the connection; only the id is lost.
             return;
         }
@@ -154,6 +154,31 @@ impl Tracker {
         self.names_per_pid.get(&pid).copied().unwrap_or(0)
     }
 
+    /// Whether `pid` may have one more id: under its share, or once the
+    /// ids of sockets that closed since (an adapter need not say
+    /// `connection_closed`) are forgotten. Scans only at the bound.
+    fn room_for_a_name(&mut self, pid: u32) -> bool {
+        if self.names_of(pid) < MAX_NAMES_PER_PROCESS {
+            return true;
+        }
+        let open = &self.open;
+        let mut forgotten = 0;
+        for pool in self.pools.values_mut().filter(|p| p.pid == pid) {
+            pool.named.retain(|_, named| {
+                let alive = match *named {
+                    Named::Socket(key, generation) => open
+                        .get(&key)
+                        .is_some_and(|c| c.id.generation == generation && c.is_open()),
+                    Named::Alone(_) => true,
+                };
+                forgotten += usize::from(!alive);
+                alive
+            });
+        }
+        super::pools::uncount(&mut self.names_per_pid, pid, forgotten);
+        self.names_of(pid) < MAX_NAMES_PER_PROCESS
+    }
+
     /// A connection of `pool` known only by the adapter's id, from now.
     fn new_alone(
         &mut self,
@@ -170,7 +195,7 @@ impl Tracker {
         else {
             return Err("pool_limit");
         };
-        if self.names_of(pid) >= MAX_NAMES_PER_PROCESS {
+        if !self.room_for_a_name(pid) {
             return Err("named_connection_limit");
         }
         self.make_room_for_alone(pid)?;

@@ -342,3 +342,42 @@ fn established(t: &mut Tracker, pid: u32, fd: i32, port: u16) -> ConnId {
     });
     id
 }
+
+#[test]
+fn ids_of_sockets_that_closed_make_room_for_new_ones() {
+    let mut t = tracker_for(PID);
+    register_sqlite(&mut t, PID, 10);
+    // 4096 connections named by id beside their socket, each closed by the
+    // kernel without a connection_closed from the adapter.
+    for i in 0..4096u16 {
+        let fd = i32::from(i) + 10;
+        let conn = established(&mut t, PID, fd, 20_000 + i);
+        let both = ConnRef {
+            fd: Some(fd),
+            conn: Some(u64::from(i)),
+            ..ConnRef::default()
+        };
+        send(
+            &mut t,
+            PID,
+            T0,
+            AdapterEvent::ConnectionCreated { conn: both },
+        );
+        t.apply(Event {
+            ts_ns: T0 + 1,
+            conn,
+            kind: EventKind::Close,
+        });
+    }
+    let out = send(
+        &mut t,
+        PID,
+        T0 + S,
+        AdapterEvent::ConnectionCreated { conn: named(9_999) },
+    );
+    assert!(
+        out.is_empty(),
+        "room once the dead ids are forgotten: {out:?}"
+    );
+    assert_eq!(t.adapter_only_connections().count(), 1);
+}
