@@ -38,6 +38,10 @@ use crate::{locked, protocol::Body, AcquireResult, ConnId};
 pub const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// Checkouts folded into one `checkouts` line (the protocol's bound).
 const MAX_FOLDED: usize = crate::protocol::MAX_CHECKOUTS_PER_MESSAGE;
+/// Full `checkouts` lines kept for the batch, at most; past this they are
+/// sent at once. Sent with the batch, a pool's lines reach the agent
+/// together and cost it one wake-up, not one each.
+const MAX_READY_LINES: usize = 256;
 
 /// What names a connection in a pool's maps: its id, else its fd, else its
 /// local address.
@@ -151,6 +155,9 @@ pub(crate) struct Batch {
     /// the batch sends those older than a window.
     starting: Vec<(u64, u64, Option<u32>)>,
     conns: HashMap<ConnKey, Pending>,
+    /// Full `checkouts` lines waiting for the batch, in the order they
+    /// filled.
+    ready: Vec<Out>,
     /// Whether the batcher will flush this pool.
     pub(crate) scheduled: bool,
     /// Whether the batcher knows the pool (for `flush_all`).
@@ -220,6 +227,15 @@ impl Batch {
                 out.push((body, at));
             }
         }
+        self.ready_first(out);
+    }
+
+    /// The full lines kept for the batch go before anything sent at once,
+    /// so that no connection's messages cross.
+    fn ready_first(&mut self, out: &mut Vec<Out>) {
+        if !out.is_empty() && !self.ready.is_empty() {
+            out.splice(0..0, self.ready.drain(..));
+        }
     }
 
     /// `conn` came back to the pool at `at`.
@@ -231,13 +247,20 @@ impl Batch {
                 p.fold_tid = h.tid;
                 p.fold_ns = at;
                 if p.waits.len() >= MAX_FOLDED {
-                    p.take_folded(out);
+                    let sink = if self.ready.len() < MAX_READY_LINES {
+                        &mut self.ready
+                    } else {
+                        &mut *out
+                    };
+                    p.take_folded(sink);
                 }
+                self.ready_first(out);
                 return;
             }
             p.take_folded(out);
         }
         out.push((Body::Release(conn), at));
+        self.ready_first(out);
     }
 
     /// The pool closed `conn` at `at`.
@@ -247,6 +270,7 @@ impl Batch {
             p.take_held(out);
         }
         out.push((Body::ConnectionClosed(conn), at));
+        self.ready_first(out);
     }
 
     /// What waits about `conn`, sent now (something newer about it goes out).
@@ -261,6 +285,7 @@ impl Batch {
     /// began more than `young_ns` ago, after every held end; held ends
     /// older than that. Returns whether anything is left for the next one.
     pub(crate) fn flush(&mut self, now: u64, young_ns: u64, out: &mut Vec<Out>) -> bool {
+        out.append(&mut self.ready);
         let cutoff = now.saturating_sub(young_ns);
         let mut events: Vec<Out> = Vec::new();
         let before = events.len();

@@ -97,7 +97,34 @@ fn a_checkout_out_past_a_window_is_sent_then_released_plainly() {
 }
 
 #[test]
-fn sixty_four_folded_checkouts_leave_at_once() {
+fn full_lines_of_64_wait_for_the_batch_and_go_before_anything_sent_at_once() {
+    let mut b = Batch::default();
+    let mut out = Vec::new();
+    for i in 0..130 {
+        b.start(i, i * 10, None);
+        b.finish(i, AcquireResult::Ok(conn(1)), None, i * 10 + 1, &mut out);
+        b.release(conn(1), i * 10 + 2, &mut out);
+    }
+    assert!(out.is_empty(), "two full lines kept for the batch: {out:?}");
+    // Something about the connection sent at once: the full lines first.
+    b.closed(conn(1), 2_000, &mut out);
+    assert_eq!(
+        kinds(&out),
+        ["checkouts", "checkouts", "checkouts", "connection_closed"],
+        "{out:?}"
+    );
+    let folded: Vec<usize> = out
+        .iter()
+        .filter_map(|(body, _)| match body {
+            Body::Checkouts { waits_ns, .. } => Some(waits_ns.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(folded, [64, 64, 2]);
+}
+
+#[test]
+fn full_lines_leave_with_the_batch() {
     let mut b = Batch::default();
     let mut out = Vec::new();
     for i in 0..64 {
@@ -105,11 +132,9 @@ fn sixty_four_folded_checkouts_leave_at_once() {
         b.finish(i, AcquireResult::Ok(conn(1)), None, i * 10 + 1, &mut out);
         b.release(conn(1), i * 10 + 2, &mut out);
     }
+    assert!(out.is_empty());
+    assert!(!b.flush(1_000 * MS, WINDOW, &mut out));
     assert_eq!(kinds(&out), ["checkouts"]);
-    let Body::Checkouts { waits_ns, .. } = &out[0].0 else {
-        panic!()
-    };
-    assert_eq!(waits_ns.len(), 64);
 }
 
 #[test]
