@@ -26,7 +26,7 @@ use std::{
     os::fd::RawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Condvar, Mutex, Weak,
+        Arc, Condvar, Mutex, Weak,
     },
     thread,
     time::Duration,
@@ -399,8 +399,6 @@ impl Batcher {
         }
     }
 }
-
-use std::sync::Arc;
 
 #[cfg(test)]
 mod tests;

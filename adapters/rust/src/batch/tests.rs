@@ -96,15 +96,20 @@ fn a_checkout_out_past_a_window_is_sent_then_released_plainly() {
     assert_eq!(kinds(&out), ["release"]);
 }
 
+/// `n` short checkouts of connection 1, one after another.
+fn short_checkouts(b: &mut Batch, n: u64, out: &mut Vec<Out>) {
+    for i in 0..n {
+        b.start(i, i * 10, None);
+        b.finish(i, AcquireResult::Ok(conn(1)), None, i * 10 + 1, out);
+        b.release(conn(1), i * 10 + 2, out);
+    }
+}
+
 #[test]
 fn full_lines_of_64_wait_for_the_batch_and_go_before_anything_sent_at_once() {
     let mut b = Batch::default();
     let mut out = Vec::new();
-    for i in 0..130 {
-        b.start(i, i * 10, None);
-        b.finish(i, AcquireResult::Ok(conn(1)), None, i * 10 + 1, &mut out);
-        b.release(conn(1), i * 10 + 2, &mut out);
-    }
+    short_checkouts(&mut b, 130, &mut out);
     assert!(out.is_empty(), "two full lines kept for the batch: {out:?}");
     // Something about the connection sent at once: the full lines first.
     b.closed(conn(1), 2_000, &mut out);
@@ -127,11 +132,7 @@ fn full_lines_of_64_wait_for_the_batch_and_go_before_anything_sent_at_once() {
 fn full_lines_leave_with_the_batch() {
     let mut b = Batch::default();
     let mut out = Vec::new();
-    for i in 0..64 {
-        b.start(i, i * 10, None);
-        b.finish(i, AcquireResult::Ok(conn(1)), None, i * 10 + 1, &mut out);
-        b.release(conn(1), i * 10 + 2, &mut out);
-    }
+    short_checkouts(&mut b, 64, &mut out);
     assert!(out.is_empty());
     assert!(!b.flush(1_000 * MS, WINDOW, &mut out));
     assert_eq!(kinds(&out), ["checkouts"]);
