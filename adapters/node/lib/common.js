@@ -161,13 +161,18 @@ class Conn {
     this.sinceMs = -1
     /** The holder's thread id, 0 if unknown. */
     this.tid = 0
-    /** The acquire that got it, while the checkout's acquire_end waits for
-     * the batch (see `Reporter#handedOut`), else null. */
-    this.held = null
+    /** While the checkout's acquire_end waits for the batch (see
+     * `Reporter#handedOut`): the acquire's request id, else 0; and its wait
+     * (ns), or -1 if its acquire_start was sent. Numbers, not the acquire:
+     * a long-lived object pointing at a young one costs every checkout a
+     * write barrier and every scavenge a root. */
+    this.heldRequest = 0
+    this.heldWait = -1
     /** Short checkouts folded since the last batch (ns; see `fold`): their
      * waits and uses, the last holder and when the last one ended. */
-    this.waits = []
-    this.uses = []
+    this.waits = new Float64Array(MAX_FOLDED)
+    this.uses = new Float64Array(MAX_FOLDED)
+    this.folded = 0
     this.foldTid = 0
     this.foldMs = 0
     /** False once the connection closed (`Reporter#forget`). */
@@ -185,8 +190,6 @@ class Acquire {
     this.startMs = startMs
     this.tid = tid
     this.state = STARTING
-    /** The wait to send with its end (ns), or -1: its acquire_start was sent. */
-    this.wait = -1
     /** The list of acquires whose acquire_start waits for the batch. */
     this.prev = null
     this.next = next
@@ -338,9 +341,9 @@ class Reporter {
    * and forgotten.
    */
   sendFolded(conn) {
-    const waits = conn.waits
-    const n = waits.length
+    const n = conn.folded
     if (n === 0) return true
+    const waits = conn.waits
     const uses = conn.uses
     const sender = this.sender
     let head = this.foldedHead
@@ -373,19 +376,20 @@ class Reporter {
       buf[at] = CLOSE_BRACE
       sender.commitLine(at + 1)
     }
-    waits.length = 0
-    uses.length = 0
+    conn.folded = 0
     return at >= 0
   }
 
   /** A short checkout of `conn` (no acquire_start was sent for it),
    * folded into the connection's next `checkouts` line. */
   fold(conn, wait, use, tid, endMs) {
-    conn.waits.push(wait)
-    conn.uses.push(use)
+    const n = conn.folded
+    conn.waits[n] = wait
+    conn.uses[n] = use
+    conn.folded = n + 1
     conn.foldTid = tid
     conn.foldMs = endMs
-    if (conn.waits.length >= MAX_FOLDED) return this.sendFolded(conn)
+    if (n + 1 >= MAX_FOLDED) return this.sendFolded(conn)
     return true
   }
 
@@ -465,12 +469,12 @@ class Reporter {
     const prune = this.conns.size > MAX_IDLE_CONNS
     for (const conn of this.conns.values()) {
       this.sendFolded(conn)
-      if (prune && conn.held === null && conn.sinceMs < 0) {
+      if (prune && conn.heldRequest === 0 && conn.sinceMs < 0) {
         conn.live = false
         this.conns.delete(conn.key)
         continue
       }
-      if (conn.held === null) continue
+      if (conn.heldRequest === 0) continue
       if (conn.sinceMs >= youngFromMs) kept = true
       else events.push([conn.sinceMs, null, conn])
     }
@@ -505,10 +509,10 @@ class Reporter {
    */
   handedOut(acquire, conn, tid, endMs) {
     const wait = this.endAcquire(acquire, endMs)
-    if (conn.held !== null) this.sendHeld(conn)
+    if (conn.heldRequest !== 0) this.sendHeld(conn)
     this.checkedOut(conn, endMs, tid)
-    acquire.wait = wait
-    conn.held = acquire
+    conn.heldRequest = acquire.request
+    conn.heldWait = wait
     this.schedulePending()
   }
 
@@ -530,10 +534,10 @@ class Reporter {
   sendHeld(conn) {
     // Its folded checkouts came before it.
     this.sendFolded(conn)
-    const held = conn.held
-    if (held === null) return
-    conn.held = null
-    this.sendMembers('acquire_end', this.endMembers(held.request, 'ok', conn, conn.tid, held.wait), monoNsAt(conn.sinceMs))
+    const request = conn.heldRequest
+    if (request === 0) return
+    conn.heldRequest = 0
+    this.sendMembers('acquire_end', this.endMembers(request, 'ok', conn, conn.tid, conn.heldWait), monoNsAt(conn.sinceMs))
   }
 
   /**
@@ -545,15 +549,16 @@ class Reporter {
    */
   releasedConnection(conn, always) {
     const nowMs = clockMs()
-    const held = conn.held
-    if (held !== null) {
-      conn.held = null
+    const request = conn.heldRequest
+    if (request !== 0) {
+      conn.heldRequest = 0
+      const wait = conn.heldWait
       const use = nsBetween(conn.sinceMs, nowMs)
       const tid = conn.tid
       this.returned(conn)
       // No acquire_start was sent for it: nobody waits on its request.
-      if (held.wait >= 0) return this.fold(conn, held.wait, use, tid, nowMs)
-      return this.sendCheckout(held.request, conn, tid, held.wait, use, monoNsAt(nowMs))
+      if (wait >= 0) return this.fold(conn, wait, use, tid, nowMs)
+      return this.sendCheckout(request, conn, tid, wait, use, monoNsAt(nowMs))
     }
     if (this.returned(conn) || always) return this.sendConn('release', conn, monoNsAt(nowMs))
     return false
