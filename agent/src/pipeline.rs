@@ -1108,6 +1108,7 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
             Err(e) => log::debug!("cannot read kernel counters: {e:#}"),
         }
         let live = pipeline.state.with(|s| {
+            s.tracker.bind_hidden_sockets(now, s.kernel.dropped_events);
             s.tracker.expire(now);
             s.tracker.pools().map(|p| (p.pid, p.name.clone())).collect()
         })?;

@@ -48,6 +48,17 @@ adapter, so that the tests can compare the agent's view with the truth.
   {"op": "counts", "engine": E}      -> {"acquires", "releases"} done by this app
   {"op": "adapter_stats"}            -> the adapter sender's counters
       {"sent", "dropped", "dropped_by", "deferred", "backlogged"}
+  {"op": "hidden_pools", "port": P, "threads": 8, "per_thread": 3,
+   "noisy_threads": 2, "queries": 20}
+      two pools, "alpha" and "beta", whose connections are reported by id
+      alone (generic reporter, connected_here=True), opened by many threads
+      at once, each alternating between the pools; the first noisy_threads
+      threads first open a connection of their own (unpooled); then every
+      thread runs `queries` checkouts with SELECT 1 on each of its
+      connections, all at once. With "hold": true, the first and the last
+      thread then keep their last connection checked out, unused (leaks).
+      Everything stays open.
+      -> {"connections": [{"pool", "conn", "local_address", "tid", "noisy", "held"}]}
   {"op": "pool_checkouts", "engine": E, "n": N}
       N sequential checkout/SELECT/checkin (psycopg_pool: half through
       connection(), half through getconn/putconn)
@@ -240,6 +251,86 @@ def op_sqlite_pool(req):
     )
     kinds[name] = "sqlite"
     return {"pool_name": report.name if report else None}
+
+
+hidden = []  # connections of op_hidden_pools, kept open
+
+
+def local_address_of(conn):
+    s = socket.socket(fileno=conn.pgconn.socket)
+    try:
+        host, port = s.getsockname()[:2]
+    finally:
+        s.detach()
+    return "%s:%d" % (host, port)
+
+
+def op_hidden_pools(req):
+    import psycopg
+    from poolscope_adapter import report_pool
+
+    port = int(req["port"])
+    threads = int(req.get("threads", 8))
+    per_thread = int(req.get("per_thread", 3))
+    noisy_threads = int(req.get("noisy_threads", 2))
+    queries = int(req.get("queries", 20))
+    hold = bool(req.get("hold", False))
+    conninfo = "host=127.0.0.1 port=%d user=postgres dbname=postgres sslmode=disable gssencmode=disable" % port
+    pools = [
+        (name, report_pool(name, db_system="postgresql", server_address="127.0.0.1",
+                           server_port=port, max=threads * per_thread, library="hidden_pool"))
+        for name in ("alpha", "beta")
+    ]
+    truth = []
+    errors = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def worker(i):
+        try:
+            noisy = i < noisy_threads
+            tid = threading.get_native_id()
+            mine = []
+            start.wait()
+            if noisy:
+                own = psycopg.connect(conninfo, autocommit=True)
+                with lock:
+                    hidden.append(own)
+            for _ in range(per_thread):
+                for name, report in pools:
+                    conn = psycopg.connect(conninfo, autocommit=True)
+                    report.connection_created(conn, connected_here=True)
+                    mine.append((report, conn))
+                    with lock:
+                        hidden.append(conn)
+                        truth.append({"pool": name, "conn": report.conn_id(conn),
+                                      "local_address": local_address_of(conn),
+                                      "tid": tid, "noisy": noisy, "held": False})
+            for _ in range(queries):
+                for report, conn in mine:
+                    waiting = report.acquire()
+                    waiting.ok(conn)
+                    conn.execute("SELECT 1").fetchone()
+                    report.released(conn)
+            if hold and i in (0, threads - 1):
+                report, conn = mine[-1]
+                report.acquire().ok(conn)
+                with lock:
+                    for entry in truth:
+                        if entry["conn"] == report.conn_id(conn) and entry["pool"] == report.name:
+                            entry["held"] = True
+        except Exception as e:  # the answer says so
+            with lock:
+                errors.append("%s: %s" % (type(e).__name__, e))
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return {"connections": truth}
 
 
 def op_pool_state(req):
@@ -515,6 +606,7 @@ OPS = {
     "load_wait": op_load_wait,
     "counts": op_counts,
     "pool_checkouts": op_pool_checkouts,
+    "hidden_pools": op_hidden_pools,
 }
 
 

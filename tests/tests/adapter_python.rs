@@ -1094,3 +1094,145 @@ fn the_adapters_own_unit_tests_pass() {
         );
     }
 }
+
+/// Issue 13, item 2: a library that hides its sockets names its
+/// connections by id alone, saying which thread connected each; the agent
+/// ties an id to a socket only when the kernel's connects leave exactly
+/// one. Two pools, eight threads opening their connections at once (each
+/// alternating between the pools), then all querying at once. Two threads
+/// first open a connection of their own: for them two sockets fit, and
+/// nothing may be tied. The app knows each connection's socket; a wrong
+/// tie is a failure, and so is a clean thread's connection left untied.
+/// Then a clean and a noisy thread each keep a connection out, unused:
+/// the tied one is a leak by the kernel's evidence (its socket quiet), the
+/// other is only held too long.
+#[test]
+fn hidden_sockets_are_tied_only_when_one_fits_and_never_wrongly() {
+    if !require_kernel() {
+        return;
+    }
+    let rig = Rig::start(&fast_thresholds());
+    let mut app = rig.app(true);
+    let pid = app.pid;
+    let (threads, per_thread, noisy_threads) = (8, 3, 2);
+    let answer = app.request(json!({"op": "hidden_pools", "port": rig.pg.port,
+        "threads": threads, "per_thread": per_thread, "noisy_threads": noisy_threads,
+        "queries": 20, "hold": true}));
+    let connections = answer["connections"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answer}"));
+    // (pool, conn id) -> (local address, opened by a noisy thread)
+    let truth: BTreeMap<(String, u64), (String, bool)> = connections
+        .iter()
+        .map(|c| {
+            let key = (
+                c["pool"].as_str().unwrap().to_string(),
+                c["conn"].as_u64().unwrap(),
+            );
+            let value = (
+                c["local_address"].as_str().unwrap().to_string(),
+                c["noisy"] == true,
+            );
+            (key, value)
+        })
+        .collect();
+    let held = |noisy: bool| {
+        connections
+            .iter()
+            .find(|c| c["held"] == true && c["noisy"] == noisy)
+            .unwrap_or_else(|| panic!("{answer}"))
+    };
+    let (held_tied, held_by_word) = (held(false), held(true));
+    let total = threads * per_thread * 2;
+    assert_eq!(truth.len(), total, "{answer}");
+    let clean = truth.values().filter(|(_, noisy)| !noisy).count();
+    assert_eq!(clean, (threads - noisy_threads) * per_thread * 2);
+
+    // Every claim judged (about a second after its message).
+    let judged = wait_until(EVENT_TIMEOUT, || {
+        let n = rig
+            .agent
+            .metric_sum("poolscope_adapter_connections_bound_total");
+        (n as usize >= total).then_some(n)
+    });
+    assert!(
+        judged.is_some(),
+        "not every claim was judged:\n{}",
+        rig.agent.metrics()
+    );
+    let connections = rig.agent.connections_of(pid);
+    let mut tied = 0;
+    let mut wrong = Vec::new();
+    for c in &connections {
+        let (Some(pool), Some(id)) = (c.pool.as_ref(), c.adapter_conn) else {
+            continue;
+        };
+        tied += 1;
+        let local = format!(
+            "{}:{}",
+            c.local_address.as_deref().unwrap_or("?"),
+            c.local_port.unwrap_or(0)
+        );
+        match truth.get(&(pool.clone(), id)) {
+            Some((truly, false)) if *truly == local => {}
+            other => wrong.push(format!("{pool}#{id} tied to {local}, truly {other:?}")),
+        }
+    }
+    assert!(wrong.is_empty(), "wrong ties: {wrong:#?}");
+    assert_eq!(
+        tied, clean,
+        "every connection of a clean thread tied, none of a noisy one"
+    );
+    assert_eq!(
+        rig.agent
+            .metric_value("poolscope_adapter_connections_bound_total{result=\"bound\"}")
+            as usize,
+        clean
+    );
+    assert_eq!(
+        rig.agent
+            .metric_value("poolscope_adapter_connections_bound_total{result=\"ambiguous\"}")
+            as usize,
+        total - clean
+    );
+    // The pools count every connection, tied or known by word; the two
+    // held ones are out.
+    let mut used = BTreeMap::new();
+    for c in [held_tied, held_by_word] {
+        *used.entry(c["pool"].as_str().unwrap()).or_insert(0u64) += 1;
+    }
+    for name in ["alpha", "beta"] {
+        let out = used.get(name).copied().unwrap_or(0);
+        let pool = rig
+            .agent
+            .wait_for_pool(pid, name, "the held ones out", |p| {
+                p.used == out && (p.used + p.idle) as usize == total / 2
+            });
+        assert!(pool.from_adapter, "{pool:#?}");
+    }
+
+    let mut seen = Seen::new(&rig.agent, pid);
+    seen.watch_for_first(LEAK_S, "both held connections reported", |s| {
+        !s.of_kind(LeakKind::Leaked).is_empty() && !s.of_kind(LeakKind::HeldTooLong).is_empty()
+    });
+    seen.keep_watching();
+    let leaked = seen.of_kind(LeakKind::Leaked);
+    assert_eq!(leaked.len(), 1, "{}", seen.dump());
+    assert_eq!(
+        leaked[0].local_address.as_deref(),
+        held_tied["local_address"].as_str(),
+        "the tied connection is reported with its socket: {}",
+        seen.dump()
+    );
+    assert_eq!(leaked[0].pool.as_deref(), held_tied["pool"].as_str());
+    let by_word = seen.of_kind(LeakKind::HeldTooLong);
+    assert_eq!(by_word.len(), 1, "{}", seen.dump());
+    assert_eq!(by_word[0].pool.as_deref(), held_by_word["pool"].as_str());
+    assert_eq!(by_word[0].local_address, None, "{}", seen.dump());
+    assert_eq!(
+        by_word[0].holder_tid.map(u64::from),
+        held_by_word["tid"].as_u64(),
+        "{}",
+        seen.dump()
+    );
+}

@@ -230,7 +230,10 @@ impl<'a> Fields<'a> {
                 waits_ns: self.waits_ns?,
                 uses_ns: self.uses_ns?,
             },
-            "connection_created" => Body::ConnectionCreated(conn),
+            "connection_created" => Body::ConnectionCreated {
+                conn,
+                tid: self.tid,
+            },
             "connection_closed" => Body::ConnectionClosed(conn),
             _ => return None,
         };

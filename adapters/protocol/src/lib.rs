@@ -79,7 +79,18 @@ pub enum Body {
     /// Registers (or updates) the pool.
     Pool(PoolInfo),
     /// The pool opened a connection, ready to use.
-    ConnectionCreated(ConnRef),
+    ConnectionCreated {
+        #[serde(flatten)]
+        conn: ConnRef,
+        /// The thread whose `connect()` opened the connection's socket,
+        /// sent only when the adapter is sure of it (a driver that connects
+        /// on the calling thread, reported from that thread). For a
+        /// connection named by `conn` alone, the agent may then tie it to
+        /// the socket that thread connected (docs/adapter-protocol.md,
+        /// "Connections named by the adapter").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<u32>,
+    },
     /// A caller asks the pool for a connection.
     AcquireStart {
         /// Unique among the pool's waiting requests.
@@ -151,7 +162,7 @@ impl Body {
     pub fn kind(&self) -> &'static str {
         match self {
             Body::Pool(_) => "pool",
-            Body::ConnectionCreated(_) => "connection_created",
+            Body::ConnectionCreated { .. } => "connection_created",
             Body::AcquireStart { .. } => "acquire_start",
             Body::AcquireEnd { .. } => "acquire_end",
             Body::Release(_) => "release",
@@ -412,7 +423,7 @@ impl Message {
                 AcquireResult::Ok(conn) => conn.validate()?,
                 AcquireResult::Timeout | AcquireResult::Error => {}
             },
-            Body::ConnectionCreated(conn)
+            Body::ConnectionCreated { conn, .. }
             | Body::Release(conn)
             | Body::ConnectionClosed(conn)
             | Body::Checkout { conn, .. } => conn.validate()?,

@@ -76,7 +76,20 @@ fn decodes_every_kind() {
     );
     assert_eq!(
         ok(r#"{"v":1,"kind":"connection_created","pool":"p","fd":3}"#).body,
-        Body::ConnectionCreated(conn(None, Some(3)))
+        Body::ConnectionCreated {
+            conn: conn(None, Some(3)),
+            tid: None
+        }
+    );
+    assert_eq!(
+        ok(r#"{"v":1,"kind":"connection_created","pool":"p","conn":4,"tid":77}"#).body,
+        Body::ConnectionCreated {
+            conn: ConnRef {
+                conn: Some(4),
+                ..ConnRef::default()
+            },
+            tid: Some(77)
+        }
     );
     assert_eq!(
         ok(r#"{"v":1,"kind":"connection_closed","pool":"p","local_address":"[::1]:5000"}"#).body,
@@ -327,7 +340,10 @@ fn golden_messages_decode_and_encode_back_the_same() {
     // kind) must be there.
     let examples = [
         Body::Pool(PoolInfo::default()),
-        Body::ConnectionCreated(ConnRef::default()),
+        Body::ConnectionCreated {
+            conn: ConnRef::default(),
+            tid: None,
+        },
         Body::AcquireStart {
             request: 0,
             tid: None,

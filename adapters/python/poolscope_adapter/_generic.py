@@ -107,12 +107,24 @@ class ReportedPool:
                 return
         self._ids.pop(next(iter(self._ids)))
 
-    def connection_created(self, connection, sock=None):
+    def connection_created(self, connection, sock=None, connected_here=False):
         """The pool opened ``connection``. ``sock``: its socket (a socket
         object, an fd, or a driver connection with one) if the pool can name
-        it; the agent then joins it to the kernel's view of that socket."""
+        it; the agent then joins it to the kernel's view of that socket.
+
+        ``connected_here=True`` says that this thread opened the socket (a
+        driver that connects on the calling thread, as psycopg2 does): the
+        agent may then find the socket itself, when exactly one fits. Leave
+        it False if the connect may have run on another thread."""
         with quietly():
-            self.reporter.connection_created(self._ref(connection, sock))
+            ref = self._ref(connection, sock)
+            self.reporter.connection_created(ref, connected_here=connected_here)
+
+    def conn_id(self, connection):
+        """The number the agent knows ``connection`` by (its ``conn`` id in
+        the API and reports), or None if it was never reported."""
+        with self._lock:
+            return self._ids.get(connection)
 
     def acquire(self):
         """A caller asks for a connection: call before the pool may wait."""

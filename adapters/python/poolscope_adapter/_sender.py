@@ -505,7 +505,11 @@ class PoolReporter:
     def release(self, conn):
         self._conn_event("release", conn)
 
-    def connection_created(self, conn):
+    def connection_created(self, conn, connected_here=False):
+        """``connected_here``: this thread's connect() opened the socket
+        (the agent may then tie a connection named by ``conn`` alone to it)."""
+        if connected_here and conn:
+            conn = dict(conn, tid=threading.get_native_id())
         self._conn_event("connection_created", conn)
 
     def connection_closed(self, conn):

@@ -520,7 +520,17 @@ impl Reporter {
 
     /// `connection_created`: the pool opened a connection, ready to use.
     pub fn connection_created(&self, pool: &str, conn: ConnId) {
-        self.send(pool, Body::ConnectionCreated(conn));
+        self.send(pool, Body::ConnectionCreated { conn, tid: None });
+    }
+
+    /// `connection_created` of a connection whose socket this thread
+    /// connected (a blocking driver, or a runtime that runs the connect
+    /// on this thread): the agent may then tie a connection named by `conn`
+    /// alone to that socket. Say it only when it is certain; under a
+    /// work-stealing runtime the connect may have run on another thread.
+    pub fn connection_created_here(&self, pool: &str, conn: ConnId) {
+        let tid = current_tid();
+        self.send(pool, Body::ConnectionCreated { conn, tid });
     }
 
     /// `acquire_start`: a caller (this thread) asks for a connection.

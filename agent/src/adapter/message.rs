@@ -98,6 +98,8 @@ pub enum AdapterEvent {
     Checkouts(Folded),
     ConnectionCreated {
         conn: ConnRef,
+        /// The thread that connected its socket, when the adapter is sure.
+        tid: Option<u32>,
     },
     ConnectionClosed {
         conn: ConnRef,
@@ -264,9 +266,10 @@ impl From<wire::Body> for AdapterEvent {
                 waits_ns,
                 uses_ns,
             }),
-            wire::Body::ConnectionCreated(conn) => {
-                AdapterEvent::ConnectionCreated { conn: conn.into() }
-            }
+            wire::Body::ConnectionCreated { conn, tid } => AdapterEvent::ConnectionCreated {
+                conn: conn.into(),
+                tid,
+            },
             wire::Body::ConnectionClosed(conn) => {
                 AdapterEvent::ConnectionClosed { conn: conn.into() }
             }

@@ -73,6 +73,10 @@ pub struct ConnectionView {
     pub tx_state: Option<TxState>,
     pub protocol_lost: u64,
     pub pool: Option<String>,
+    /// The id its adapter names it by (`conn`), when one does: sent beside
+    /// the socket, or tied to it from the kernel's evidence.
+    #[serde(default)]
+    pub adapter_conn: Option<u64>,
     pub checked_out: bool,
     /// Where the process runs (container id, pod), when it runs in one.
     #[serde(flatten)]
@@ -283,6 +287,7 @@ pub fn connection_view(
         tx_state: conn.tx_state,
         protocol_lost: conn.protocol_lost,
         pool: conn.pool.as_deref().map(str::to_string),
+        adapter_conn: conn.adapter_conn,
         checked_out: conn.checked_out_at_ns.is_some(),
         placement: placement.cloned().unwrap_or_default(),
     }

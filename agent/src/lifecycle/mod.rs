@@ -15,7 +15,7 @@ mod fast_hash;
 mod index;
 mod tracker;
 
-pub use tracker::{implicit_pool_name, Pool, PoolView, Tracker, TrackerConfig};
+pub use tracker::{implicit_pool_name, BindingStats, Pool, PoolView, Tracker, TrackerConfig};
 
 use serde::{Deserialize, Serialize};
 
@@ -430,3 +430,6 @@ mod checkout_state_tests;
 
 #[cfg(test)]
 mod named_tests;
+
+#[cfg(test)]
+mod binding_tests;

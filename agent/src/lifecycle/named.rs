@@ -301,8 +301,12 @@ impl Tracker {
 }
 
 /// A socket's connection takes over what the adapter told of it while the
-/// agent knew it only by id: its checkout, unless the socket's own is newer.
+/// agent knew it only by id: its pool, and its checkout unless the socket's
+/// own is newer.
 fn take_over(conn: &mut Connection, alone: Connection) {
+    if conn.pool.is_none() {
+        conn.pool = alone.pool;
+    }
     if conn.checked_out_at_ns.is_none() && alone.checked_out_at_ns.is_some() {
         conn.checked_out_at_ns = alone.checked_out_at_ns;
         conn.holder_tid = alone.holder_tid;

@@ -90,7 +90,10 @@ fn a_pool_without_sockets_is_seen_through_its_ids() {
             &mut t,
             PID,
             T0,
-            AdapterEvent::ConnectionCreated { conn: named(id) },
+            AdapterEvent::ConnectionCreated {
+                conn: named(id),
+                tid: None,
+            },
         );
     }
     assert_eq!(pool_state(&t, PID), (0, 3, Some(3), Some("sqlite".into())));
@@ -155,7 +158,10 @@ fn an_id_sent_with_its_socket_names_that_socket_later() {
         &mut t,
         PID,
         T0 + S,
-        AdapterEvent::ConnectionCreated { conn: both },
+        AdapterEvent::ConnectionCreated {
+            conn: both,
+            tid: None,
+        },
     );
     send(&mut t, PID, T0 + 2 * S, acquired(named(5), 9));
     let on_socket = t.connection(conn).expect("open");
@@ -196,7 +202,10 @@ fn an_id_known_by_word_hands_its_checkout_to_its_socket() {
         &mut t,
         PID,
         T0 + 2 * S,
-        AdapterEvent::ConnectionCreated { conn: both },
+        AdapterEvent::ConnectionCreated {
+            conn: both,
+            tid: None,
+        },
     );
     assert_eq!(t.adapter_only_connections().count(), 0);
     let on_socket = t.connection(conn).expect("open");
@@ -247,7 +256,10 @@ fn ids_are_bounded_per_process_and_in_all_and_go_with_their_process() {
                 &mut t,
                 pid,
                 T0,
-                AdapterEvent::ConnectionCreated { conn: named(id) },
+                AdapterEvent::ConnectionCreated {
+                    conn: named(id),
+                    tid: None,
+                },
             );
             assert!(out.is_empty(), "{pid}/{id}: {out:?}");
         }
@@ -259,6 +271,7 @@ fn ids_are_bounded_per_process_and_in_all_and_go_with_their_process() {
         T0,
         AdapterEvent::ConnectionCreated {
             conn: named(per_process),
+            tid: None,
         },
     );
     assert!(
@@ -277,7 +290,10 @@ fn ids_are_bounded_per_process_and_in_all_and_go_with_their_process() {
         &mut t,
         9,
         T0,
-        AdapterEvent::ConnectionCreated { conn: named(1) },
+        AdapterEvent::ConnectionCreated {
+            conn: named(1),
+            tid: None,
+        },
     );
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(pool_state(&t, 9).1, 1);
@@ -361,7 +377,10 @@ fn ids_of_sockets_that_closed_make_room_for_new_ones() {
             &mut t,
             PID,
             T0,
-            AdapterEvent::ConnectionCreated { conn: both },
+            AdapterEvent::ConnectionCreated {
+                conn: both,
+                tid: None,
+            },
         );
         t.apply(Event {
             ts_ns: T0 + 1,
@@ -373,7 +392,10 @@ fn ids_of_sockets_that_closed_make_room_for_new_ones() {
         &mut t,
         PID,
         T0 + S,
-        AdapterEvent::ConnectionCreated { conn: named(9_999) },
+        AdapterEvent::ConnectionCreated {
+            conn: named(9_999),
+            tid: None,
+        },
     );
     assert!(
         out.is_empty(),

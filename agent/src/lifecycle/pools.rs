@@ -644,7 +644,7 @@ impl Tracker {
         let conn_ref = match &event {
             AdapterEvent::AcquireEnd { conn, .. }
             | AdapterEvent::Release { conn }
-            | AdapterEvent::ConnectionCreated { conn }
+            | AdapterEvent::ConnectionCreated { conn, .. }
             | AdapterEvent::ConnectionClosed { conn } => *conn,
             _ => return,
         };
@@ -656,6 +656,13 @@ impl Tracker {
             let Some(place) = self.place_named(pid, ts_ns, pool, id, &event, out) else {
                 return;
             };
+            // The adapter says which thread connected it: the kernel saw
+            // that connect, so its socket may be found (see `binding`).
+            if let (Place::Alone(_), AdapterEvent::ConnectionCreated { tid: Some(tid), .. }) =
+                (place, &event)
+            {
+                self.claim_socket(pid, pool, id, *tid, ts_ns);
+            }
             let (set, key) = self.set_of(place);
             set.update(&key, |conn| {
                 apply_to_connection(conn, pid, ts_ns, pool, event, out)
@@ -830,6 +837,7 @@ impl Tracker {
             self.unmatched.retain(|u| u.pid != pid);
         }
         self.forget_named_of(pid);
+        self.forget_claims_of(pid);
     }
 
     /// Drops unmatched adapter events too old to ever match.

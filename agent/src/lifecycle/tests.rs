@@ -597,6 +597,7 @@ fn adapter_messages_with_100k_open_connections_are_index_lookups() {
                         fd: Some(c.fd),
                         conn: None,
                     },
+                    tid: None,
                 },
             ),
         );

@@ -7,11 +7,14 @@ use agent_common::{tcp_state, EINPROGRESS};
 
 use crate::protocol::{Chunk, Direction, Observation, SessionParser};
 
+#[path = "binding.rs"]
+mod binding;
 #[path = "named.rs"]
 mod named;
 #[path = "pools.rs"]
 mod pools;
 
+pub use binding::BindingStats;
 pub use pools::{implicit_pool_name, Pool, PoolView};
 
 use super::{
@@ -83,6 +86,9 @@ pub struct Tracker {
     /// adapter-only connections.
     names_per_pid: HashMap<u32, usize>,
     next_alone_fd: HashMap<u32, i32>,
+    /// Connections named by id alone that wait to be tied to their socket;
+    /// see `binding`.
+    claims: binding::Claims,
 }
 
 /// How an event's generation relates to the connection now on its (pid, fd).

@@ -714,6 +714,18 @@ fn register_observables(meter: &Meter, observed: Observed) {
             }
         });
     });
+    let bindings = Arc::clone(&state);
+    observable_counter(meter, &catalogue::ADAPTER_CONNECTIONS_BOUND, move |obs| {
+        if let Ok(stats) = bindings.with(|s| s.tracker.binding_stats()) {
+            for (result, n) in [
+                ("bound", stats.bound),
+                ("ambiguous", stats.ambiguous),
+                ("refused", stats.refused),
+            ] {
+                obs.observe(n, &[KeyValue::new(attr::RESULT, result)]);
+            }
+        }
+    });
     // Plain kernel counters: one observable each, read from the last sample.
     type Reading = fn(&KernelCounters) -> u64;
     let counters: [(&'static catalogue::Instrument, Reading); 4] = [
@@ -934,7 +946,10 @@ mod tests {
         outputs.extend(t.apply_adapter(
             7,
             31,
-            adapter(AdapterEvent::ConnectionCreated { conn: fd1 }),
+            adapter(AdapterEvent::ConnectionCreated {
+                conn: fd1,
+                tid: None,
+            }),
         ));
         outputs.extend(t.apply_adapter(
             7,

@@ -376,6 +376,19 @@ pub const LEAK_OPEN: Instrument = instrument(
         when(attr::DB_CONNECTION_POOL_NAME, "", "when known"),
     ],
 );
+pub const ADAPTER_CONNECTIONS_BOUND: Instrument = instrument(
+    "poolscope.adapter.connections.bound",
+    Kind::Counter,
+    "{connection}",
+    "connections an adapter named by its own id alone, with the thread that connected them, \
+     judged against the kernel's connects (docs/adapter-protocol.md): tied to their socket when \
+     exactly one fits, else left known by the adapter's word",
+    &[required(
+        attr::RESULT,
+        "bound, ambiguous (no single socket fits, or the kernel dropped events meanwhile), \
+         refused (no room to wait for the evidence)",
+    )],
+);
 pub const ADAPTER_MESSAGES: Instrument = instrument(
     "poolscope.adapter.messages",
     Kind::Counter,
@@ -552,6 +565,7 @@ pub const INSTRUMENTS: &[&Instrument] = &[
     &REPORTS_UNPUBLISHED,
     &LEAK_OPEN,
     &ADAPTER_MESSAGES,
+    &ADAPTER_CONNECTIONS_BOUND,
     &EXPORT_BATCHES,
     &EXPORT_DROPPED,
     &EXPORT_QUEUED,
