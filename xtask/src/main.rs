@@ -112,6 +112,9 @@ fn run_agent(args: &[String]) -> Result<()> {
     Err(cmd.exec()).with_context(|| format!("cannot start {}", bin.display()))
 }
 
+/// Every host crate of the workspace, in release: what the tests run.
+const WORKSPACE_RELEASE: [&str; 4] = ["--release", "--workspace", "--exclude", "agent-ebpf"];
+
 fn test(args: &[String]) -> Result<()> {
     step("setup", || setup::setup(true))?;
     step("cargo fmt --all --check", || {
@@ -124,24 +127,28 @@ fn test(args: &[String]) -> Result<()> {
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
     })?;
     step("clippy (kernel crate)", clippy_kernel)?;
-    step("build release agent", || {
-        run(cargo().args(["build", "--release", "-p", "poolscope"]))
+    // The agent and the test apps are built with the features of the
+    // whole workspace, as `cargo test --workspace` resolves them: built
+    // alone (`-p poolscope`, `-p poolscope-adapter-testapp`) they would
+    // differ in a few features (tokio's, tonic's, hyper-util's), and every
+    // crate above those would be compiled twice.
+    step("build release agent and test apps", || {
+        run(cargo().arg("build").args(WORKSPACE_RELEASE))
     })?;
     if !is_root() {
         println!("note: not root, so tests that load BPF programs skip themselves");
     }
     step("cargo test", || {
-        let bin = target_dir().join("release").join("poolscope");
+        let release = target_dir().join("release");
         run(cargo()
-            .args([
-                "test",
-                "--release",
-                "--workspace",
-                "--exclude",
-                "agent-ebpf",
-            ])
+            .arg("test")
+            .args(WORKSPACE_RELEASE)
             .args(args)
-            .env("POOLSCOPE_BIN", bin))
+            .env("POOLSCOPE_BIN", release.join("poolscope"))
+            .env(
+                "POOLSCOPE_ADAPTER_TESTAPP",
+                release.join("poolscope-adapter-testapp"),
+            ))
     })?;
     println!("all steps passed");
     Ok(())
