@@ -3,9 +3,9 @@
 //! (`poolscope-adapter-testapp`, a workspace binary) reports its pool over
 //! the adapter socket, and the agent's `/api/v1/pools` must agree with the
 //! counts the application kept itself; a connection it then holds without
-//! using it must show up in `/api/v1/leaks` as `leaked`. A bb8 pool
-//! (`bb8_scenario`, the same package) leaks, holds, idles in a transaction
-//! and waits, and each case must be told apart.
+//! using it must show up in `/api/v1/leaks` as `leaked`. A bb8 pool and a
+//! sqlx pool (`bb8_scenario`, `sqlx_scenario`, the same package) leak,
+//! hold, idle in a transaction and wait, and each case must be told apart.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -24,8 +24,8 @@ use poolscope::{
     reports::{LeakReport, LeaksResponse, ReportStatus},
 };
 use poolscope_tests::{
-    json, require_kernel, wait_until, Agent, DbSystem, HeldConnection, JsonLinesChild, Postgres,
-    Seen, SystemName, TempDir, TxState, Value, EVENT_TIMEOUT,
+    json, require_kernel, wait_until, Agent, DbSystem, HeldConnection, JsonLinesChild, MariaDb,
+    Postgres, Seen, SystemName, TempDir, TxState, Value, EVENT_TIMEOUT,
 };
 
 const POOL: &str = "rust-workload";
@@ -363,20 +363,32 @@ fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
 }
 
 // ---------------------------------------------------------------------------
-// bb8: leaks, a busy holder, an idle transaction and a waiter told apart
+// bb8 and sqlx: leaks, a busy holder, an idle transaction and a waiter told
+// apart (testapp/src/scenario.rs, one binary per pool)
 // ---------------------------------------------------------------------------
 
-const BB8_POOL: &str = "rust-bb8";
-const BB8_MAX: u32 = 8;
+/// Connections in the scenario apps' pools (all opened at the start).
+const SCENARIO_MAX: u32 = 8;
 const LEAK_S: f64 = 3.0;
 const IDLE_IN_TX_S: f64 = 2.0;
 const SLOW_ACQUIRE_S: f64 = 0.5;
-/// bb8's connection_timeout in the app: the waiter on the exhausted pool
-/// gives up after this long.
-const BB8_TIMEOUT_MS: u64 = 1000;
+/// The pools' acquire timeout in the apps: the waiter on the exhausted
+/// pool gives up after this long.
+const SCENARIO_TIMEOUT_MS: u64 = 1000;
 
-/// A connection the bb8 app holds: its client address as the server saw
-/// it, and when the test got it.
+/// Which pool a scenario app drives.
+struct Scenario {
+    /// The testapp binary.
+    bin: &'static str,
+    /// The pool's name, and the library it registers as.
+    pool: &'static str,
+    library: &'static str,
+    /// Against MariaDB (`--system mysql`) rather than PostgreSQL.
+    mysql: bool,
+}
+
+/// A connection the scenario app holds: its client address as the server
+/// saw it, and when the test got it.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     local: std::net::SocketAddr,
@@ -403,11 +415,57 @@ fn tid_of(answer: &Value) -> u32 {
 
 #[test]
 fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
+    leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart(Scenario {
+        bin: "bb8_scenario",
+        pool: "rust-bb8",
+        library: "bb8",
+        mysql: false,
+    });
+}
+
+/// sqlx hides its sockets: the adapter names each connection by an id and
+/// the address the server saw (see `sqlx_pool`), and the outcomes must be
+/// those of the pools that name their sockets.
+#[test]
+fn sqlx_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
+    leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart(Scenario {
+        bin: "sqlx_scenario",
+        pool: "rust-sqlx",
+        library: "sqlx",
+        mysql: false,
+    });
+}
+
+/// The same with sqlx's MySQL pool, against MariaDB.
+#[test]
+fn sqlx_mysql_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
+    leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart(Scenario {
+        bin: "sqlx_scenario",
+        pool: "rust-sqlx-mysql",
+        library: "sqlx",
+        mysql: true,
+    });
+}
+
+fn leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart(scenario: Scenario) {
     if !require_kernel() {
         return;
     }
-    let pg = Postgres::start();
-    let dir = TempDir::new("poolscope-adapter-bb8");
+    let Scenario {
+        bin,
+        pool: name,
+        library,
+        mysql,
+    } = scenario;
+    // The server lives as long as the test (dropped at its end).
+    let (port, system, _server): (u16, DbSystem, Box<dyn std::any::Any>) = if mysql {
+        let db = MariaDb::start();
+        (db.port, DbSystem::Mysql, Box::new(db))
+    } else {
+        let pg = Postgres::start();
+        (pg.port, DbSystem::Postgresql, Box::new(pg))
+    };
+    let dir = TempDir::new("poolscope-adapter-scenario");
     let socket = dir.path().join("adapter.sock");
     let agent = Agent::start_with_config(
         &format!(
@@ -424,31 +482,27 @@ fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
         "the agent never made its adapter socket\n{}",
         agent.log()
     );
-    let bin = testapp_bin().with_file_name("bb8_scenario");
-    let mut cmd = Command::new(&bin);
-    cmd.args(["--port", &pg.port.to_string()])
-        .args(["--max", &BB8_MAX.to_string(), "--pool", BB8_POOL])
-        .args(["--timeout-ms", &BB8_TIMEOUT_MS.to_string()])
+    let mut cmd = Command::new(testapp_bin().with_file_name(bin));
+    cmd.args(["--port", &port.to_string()])
+        .args(["--system", if mysql { "mysql" } else { "postgresql" }])
+        .args(["--max", &SCENARIO_MAX.to_string(), "--pool", name])
+        .args(["--timeout-ms", &SCENARIO_TIMEOUT_MS.to_string()])
         .env("POOLSCOPE_ADAPTER_SOCKET", &socket);
-    let (mut app, ready) = JsonLinesChild::start(&mut cmd, "bb8_scenario");
+    let (mut app, ready) = JsonLinesChild::start(&mut cmd, bin);
     let (pid, app_tid) = (app.pid, tid_of(&ready));
     assert_eq!(
         count(&ready, "connections"),
-        u64::from(BB8_MAX),
-        "min_idle filled the pool: {ready}"
+        u64::from(SCENARIO_MAX),
+        "the pool opened its minimum (all) first: {ready}"
     );
 
-    let pool = agent.wait_for_pool(pid, BB8_POOL, "the registration and the idle pool", |p| {
-        p.max.is_some() && p.idle == u64::from(BB8_MAX)
+    let pool = agent.wait_for_pool(pid, name, "the registration and the idle pool", |p| {
+        p.max.is_some() && p.idle == u64::from(SCENARIO_MAX)
     });
     assert!(pool.from_adapter, "{pool:#?}");
-    assert_eq!(pool.library.as_deref(), Some("bb8"), "{pool:#?}");
-    assert_eq!(
-        pool.db_system,
-        Some(SystemName::Read(DbSystem::Postgresql)),
-        "{pool:#?}"
-    );
-    assert_eq!(pool.min_idle, Some(BB8_MAX), "{pool:#?}");
+    assert_eq!(pool.library.as_deref(), Some(library), "{pool:#?}");
+    assert_eq!(pool.db_system, Some(SystemName::Read(system)), "{pool:#?}");
+    assert_eq!(pool.min_idle, Some(SCENARIO_MAX), "{pool:#?}");
 
     let mut checkout = |id: &str, kind: &str| {
         let answer = app.request(json!({"op": "checkout", "id": id, "kind": kind}));
@@ -482,26 +536,26 @@ fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
         },
     );
 
-    // The pool as bb8 counts it (State, the workers paused) and as the
-    // agent shows it.
+    // The pool as the app counts it (the workers paused) and as the agent
+    // shows it.
     let state = app.request(json!({"op": "state"}));
     let (connections, idle) = (count(&state, "connections"), count(&state, "idle"));
-    let pool = agent.wait_for_pool(pid, BB8_POOL, "the agent's pool to match bb8's", |p| {
+    let pool = agent.wait_for_pool(pid, name, "the agent's pool to match the app's", |p| {
         p.used == connections - idle && p.idle == idle
     });
     assert_eq!(
         (pool.used, pool.idle, pool.max),
-        (connections - idle, idle, Some(BB8_MAX)),
-        "agent used/idle/max vs bb8's State: {state}\n{pool:#?}"
+        (connections - idle, idle, Some(SCENARIO_MAX)),
+        "agent used/idle/max vs the app's: {state}\n{pool:#?}"
     );
     app.request(json!({"op": "resume_workers"}));
 
-    // A caller on the exhausted pool waits connection_timeout and gives up.
+    // A caller on the exhausted pool waits its acquire timeout and gives up.
     let wait = app.request(json!({"op": "exhaust_and_wait"}));
     assert_eq!(wait["result"], "timeout", "{wait}");
     assert_eq!(
         count(&wait, "active_while_waiting"),
-        u64::from(BB8_MAX),
+        u64::from(SCENARIO_MAX),
         "{wait}"
     );
     app.request(json!({"op": "resume_workers"}));
@@ -522,7 +576,7 @@ fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
     for (i, h) in leaks.iter().enumerate() {
         let r = seen.on_time(LeakKind::Leaked, h, LEAK_S, &format!("leak{}", i + 1));
         assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
-        assert_eq!(r.pool.as_deref(), Some(BB8_POOL), "{r:#?}");
+        assert_eq!(r.pool.as_deref(), Some(name), "{r:#?}");
         assert_eq!(
             r.local_address.as_deref(),
             Some(h.local.to_string().as_str()),
@@ -531,7 +585,7 @@ fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
         assert_eq!(r.holder_tid, Some(app_tid), "{r:#?}");
     }
     let r = seen.on_time(LeakKind::SlowHolder, &busy, LEAK_S, "the busy holder");
-    assert_eq!(r.pool.as_deref(), Some(BB8_POOL), "{r:#?}");
+    assert_eq!(r.pool.as_deref(), Some(name), "{r:#?}");
     let r = seen.on_time(
         LeakKind::IdleInTransaction,
         &tx,
@@ -542,7 +596,7 @@ fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
     let slow = seen.of_kind(LeakKind::SlowAcquire);
     assert_eq!(slow.len(), 1, "{}", seen.dump());
     let r = slow[0];
-    assert_eq!(r.pool.as_deref(), Some(BB8_POOL), "{r:#?}");
+    assert_eq!(r.pool.as_deref(), Some(name), "{r:#?}");
     assert_eq!(r.resolution.as_deref(), Some("timed out"), "{r:#?}");
     assert_eq!(
         r.holder_tid,
@@ -551,7 +605,7 @@ fn bb8_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
     );
     assert_eq!(
         (r.pool_used, r.pool_max),
-        (Some(u64::from(BB8_MAX)), Some(BB8_MAX)),
+        (Some(u64::from(SCENARIO_MAX)), Some(SCENARIO_MAX)),
         "the exhausted pool: {r:#?}"
     );
     assert!(r.pool_pending.is_some_and(|p| p >= 1), "{r:#?}");

@@ -57,6 +57,8 @@ pub mod bb8_pg;
 pub mod deadpool_pg;
 #[cfg(any(feature = "deadpool-postgres", feature = "bb8-postgres"))]
 mod pg_connect;
+#[cfg(any(feature = "sqlx-postgres", feature = "sqlx-mysql"))]
+pub mod sqlx_pool;
 
 /// Protocol version.
 pub const PROTOCOL_VERSION: u32 = protocol::VERSION;
@@ -864,6 +866,15 @@ impl PoolReporter {
         self.state
             .reporter
             .connection_created(&self.state.name, conn);
+        self.state.after_send();
+    }
+
+    /// `connection_created` of a connection this thread connected (see
+    /// [`Reporter::connection_created_here`]).
+    pub fn connection_created_here(&self, conn: ConnId) {
+        self.state
+            .reporter
+            .connection_created_here(&self.state.name, conn);
         self.state.after_send();
     }
 

@@ -50,10 +50,18 @@ pub enum Pool {
     NodeMysql2,
     /// bb8 (tokio-postgres).
     RustBb8,
+    /// sqlx (PostgreSQL).
+    RustSqlx,
 }
 
 impl Pool {
-    pub const ALL: [Pool; 4] = [Pool::Hikari, Pool::NodePg, Pool::NodeMysql2, Pool::RustBb8];
+    pub const ALL: [Pool; 5] = [
+        Pool::Hikari,
+        Pool::NodePg,
+        Pool::NodeMysql2,
+        Pool::RustBb8,
+        Pool::RustSqlx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -61,6 +69,7 @@ impl Pool {
             Pool::NodePg => "node pg",
             Pool::NodeMysql2 => "node mysql2",
             Pool::RustBb8 => "rust bb8",
+            Pool::RustSqlx => "rust sqlx",
         }
     }
 
@@ -79,6 +88,10 @@ impl Pool {
             Pool::RustBb8 => {
                 "bb8 (max 4, tokio-postgres) against PostgreSQL on a current-thread tokio runtime, \
                  InstrumentedPool::get() vs the bb8 pool beneath (no reporting)"
+            }
+            Pool::RustSqlx => {
+                "sqlx PgPool (max 4, test_before_acquire off) against PostgreSQL on a current-thread \
+                 tokio runtime, InstrumentedPool::acquire() vs the sqlx pool beneath (no reporting)"
             }
         }
     }
@@ -394,9 +407,17 @@ fn command(
             }
             cmd
         }
-        Pool::RustBb8 => {
+        Pool::RustBb8 | Pool::RustSqlx => {
             let mut cmd = command_in(&bench.work_cg, &programs.rust_bench);
             cmd.env("PG_PORT", pg_port()?.to_string())
+                .env(
+                    "POOL",
+                    if config.pool == Pool::RustBb8 {
+                        "bb8"
+                    } else {
+                        "sqlx"
+                    },
+                )
                 .env("POOLSCOPE_ADAPTER_SOCKET", bench.adapter_socket());
             cmd
         }

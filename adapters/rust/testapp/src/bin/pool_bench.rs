@@ -1,20 +1,20 @@
 //! The adapter bench's Rust side (`cargo xtask bench --only adapters`,
-//! xtask/src/bench/adapters.rs): one loop over a real bb8 pool on one
-//! thread (a current-thread tokio runtime), then one JSON line on stdout,
-//! as adapters/node/bench/pool_bench.js does for Node.
+//! xtask/src/bench/adapters.rs): one loop over a real pool (POOL=bb8 or
+//! sqlx) on one thread (a current-thread tokio runtime), then one JSON line
+//! on stdout, as adapters/node/bench/pool_bench.js does for Node.
 //!
 //! MODE=pairs: N get/drop pairs, no query. MODE=query: get, `SELECT 1`,
 //! drop, for SECONDS. MODE=query_ab: the query loop over two pools, one
 //! plain and one instrumented, in alternating 250 ms slices (plain,
 //! instrumented, instrumented, plain, ...), SECONDS measured on each after
 //! WARMUP_SECONDS on each; prints `{"ab":[plain, instrumented]}`.
-//! ADAPTER=on checks out through `InstrumentedPool::get` (reporting to
-//! `$POOLSCOPE_ADAPTER_SOCKET`); ADAPTER=off through the bb8 pool beneath,
-//! with a reporter that sends nothing: the same pool and loop, without the
-//! adapter's work. CPU is the whole process's (CLOCK_PROCESS_CPUTIME_ID:
+//! ADAPTER=on checks out through the instrumented pool (`get`, `acquire`;
+//! reporting to `$POOLSCOPE_ADAPTER_SOCKET`); ADAPTER=off through the bb8
+//! or sqlx pool beneath, with a reporter that sends nothing: the same pool
+//! and loop, without the adapter's work. CPU is the whole process's (CLOCK_PROCESS_CPUTIME_ID:
 //! every thread, the adapter's backlog sender included).
 //!
-//! Environment: MODE, ADAPTER, AGENT (present: the agent is there), N,
+//! Environment: POOL, MODE, ADAPTER, AGENT (present: the agent is there), N,
 //! RATE (pairs a second at most, 0: unpaced), WARMUP (pairs), SECONDS,
 //! WARMUP_SECONDS, AB_INSTRUMENTED_FIRST, PG_PORT (127.0.0.1, user and
 //! database postgres), POOLSCOPE_ADAPTER_SOCKET.
@@ -22,11 +22,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use poolscope_adapter::{
-    bb8_pg::{InstrumentedPool, RunError},
-    Reporter,
-};
+use poolscope_adapter::{bb8_pg, sqlx_pool, Reporter, ReporterStats};
 use serde_json::{json, Value};
+use sqlx::Postgres;
 
 const POOL_SIZE: u32 = 4;
 const SLICE: Duration = Duration::from_millis(250);
@@ -53,52 +51,99 @@ fn cpu_ns() -> f64 {
     ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
 }
 
+/// The pool a side checks out from.
+enum Pool {
+    Bb8(bb8_pg::InstrumentedPool),
+    Sqlx(sqlx_pool::InstrumentedPool<Postgres>),
+}
+
 /// One side of the bench: a pool, checked out with or without the adapter.
 struct Side {
-    pool: InstrumentedPool,
+    pool: Pool,
     adapter: bool,
 }
 
 impl Side {
     async fn build(adapter: bool) -> Result<Side> {
-        let mut pg = tokio_postgres::Config::new();
-        pg.host("127.0.0.1")
-            .port(env_num("PG_PORT", 5432)?.try_into().context("PG_PORT")?)
-            .user("postgres")
-            .dbname("postgres");
+        let port: u16 = env_num("PG_PORT", 5432)?.try_into().context("PG_PORT")?;
         let reporter = if adapter {
             Reporter::from_env()
         } else {
             Reporter::disabled()
         };
-        let pool = InstrumentedPool::builder("bench-rust-bb8", pg, tokio_postgres::NoTls)
-            .reporter(reporter)
-            .max_size(POOL_SIZE)
-            .test_on_check_out(false)
-            .build()
-            .await
-            .context("cannot build the pool")?;
+        let pool = match env("POOL", "bb8").as_str() {
+            "bb8" => {
+                let mut pg = tokio_postgres::Config::new();
+                pg.host("127.0.0.1")
+                    .port(port)
+                    .user("postgres")
+                    .dbname("postgres");
+                let pool =
+                    bb8_pg::InstrumentedPool::builder("bench-rust-bb8", pg, tokio_postgres::NoTls)
+                        .reporter(reporter)
+                        .max_size(POOL_SIZE)
+                        .test_on_check_out(false)
+                        .build()
+                        .await
+                        .context("cannot build the pool")?;
+                Pool::Bb8(pool)
+            }
+            "sqlx" => {
+                let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+                let pool = sqlx_pool::InstrumentedPool::<Postgres>::builder("bench-rust-sqlx")
+                    .reporter(reporter)
+                    .max_connections(POOL_SIZE)
+                    .test_before_acquire(false)
+                    .connect(&url)
+                    .await
+                    .context("cannot build the pool")?;
+                Pool::Sqlx(pool)
+            }
+            other => bail!("POOL={other}: bb8 or sqlx"),
+        };
         Ok(Side { pool, adapter })
     }
 
-    /// One checkout, `work` on it, and its return.
+    /// One checkout, a `SELECT 1` on it if `query`, and its return.
     async fn checkout(&self, query: bool) -> Result<()> {
-        if self.adapter {
-            let client = self.pool.get().await.map_err(run_error)?;
-            if query {
-                select_one(&client).await?;
+        match (&self.pool, self.adapter) {
+            (Pool::Bb8(pool), true) => {
+                let client = pool.get().await.map_err(bb8_error)?;
+                if query {
+                    select_one(&client).await?;
+                }
             }
-        } else {
-            let conn = self.pool.inner().get().await.map_err(run_error)?;
-            if query {
-                select_one(&conn).await?;
+            (Pool::Bb8(pool), false) => {
+                let conn = pool.inner().get().await.map_err(bb8_error)?;
+                if query {
+                    select_one(&conn).await?;
+                }
+            }
+            (Pool::Sqlx(pool), true) => {
+                let mut conn = pool.acquire().await.context("acquire")?;
+                if query {
+                    sqlx_select_one(&mut conn).await?;
+                }
+            }
+            (Pool::Sqlx(pool), false) => {
+                let mut conn = pool.inner().acquire().await.context("acquire")?;
+                if query {
+                    sqlx_select_one(&mut conn).await?;
+                }
             }
         }
         Ok(())
     }
+
+    fn stats(&self) -> ReporterStats {
+        match &self.pool {
+            Pool::Bb8(pool) => pool.reporter().stats(),
+            Pool::Sqlx(pool) => pool.reporter().stats(),
+        }
+    }
 }
 
-fn run_error(e: RunError<poolscope_adapter::bb8_pg::Error>) -> anyhow::Error {
+fn bb8_error(e: bb8_pg::RunError<bb8_pg::Error>) -> anyhow::Error {
     anyhow::anyhow!("get: {e:?}")
 }
 
@@ -107,7 +152,18 @@ async fn select_one(client: &tokio_postgres::Client) -> Result<()> {
         .query_one("SELECT 1", &[])
         .await
         .context("SELECT 1")?;
-    let one: i32 = row.get(0);
+    check_one(row.get(0))
+}
+
+async fn sqlx_select_one(conn: &mut sqlx::PgConnection) -> Result<()> {
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(conn)
+        .await
+        .context("SELECT 1")?;
+    check_one(one)
+}
+
+fn check_one(one: i32) -> Result<()> {
     if one != 1 {
         bail!("SELECT 1 returned {one}");
     }
@@ -157,7 +213,7 @@ async fn query_ab(seconds: u64, warmup: Duration) -> Result<Value> {
     for side in &sides {
         queries(side, Instant::now() + warmup).await?;
     }
-    let before = sides[1].pool.reporter().stats();
+    let before = sides[1].stats();
     let mut totals = [(0u64, 0f64, 0f64); 2];
     let slices =
         (4 * ((seconds as f64 * 1000.0 / SLICE.as_millis() as f64 / 4.0).round() as u64)).max(4);
@@ -168,7 +224,7 @@ async fn query_ab(seconds: u64, warmup: Duration) -> Result<Value> {
         totals[which].2 += t0.elapsed().as_nanos() as f64;
         totals[which].1 += cpu_ns() - cpu0;
     }
-    let after = sides[1].pool.reporter().stats();
+    let after = sides[1].stats();
     let side = |t: (u64, f64, f64)| json!({"ops": t.0, "cpu_ns": t.1, "wall_ns": t.2});
     let mut on = side(totals[1]);
     on["sent"] = json!(after.sent - before.sent);
@@ -193,7 +249,7 @@ async fn run() -> Result<Value> {
     } else {
         pairs(&side, env_num("WARMUP", n / 4)?, rate).await?;
     }
-    let before = side.pool.reporter().stats();
+    let before = side.stats();
     let (cpu0, t0) = (cpu_ns(), Instant::now());
     let ops = if mode == "query" {
         queries(&side, t0 + Duration::from_secs(seconds)).await?
@@ -203,7 +259,7 @@ async fn run() -> Result<Value> {
     let (wall, cpu) = (t0.elapsed().as_nanos() as f64, cpu_ns() - cpu0);
     let mut out = json!({"ops": ops, "cpu_ns": cpu, "wall_ns": wall});
     if side.adapter {
-        let after = side.pool.reporter().stats();
+        let after = side.stats();
         out["sent"] = json!(after.sent - before.sent);
         out["dropped"] = json!(after.dropped - before.dropped);
         out["connected"] = json!(after.dropped == before.dropped);
