@@ -509,9 +509,24 @@ class Reporter {
    */
   handedOut(acquire, conn, tid, endMs) {
     const wait = this.endAcquire(acquire, endMs)
+    this.holdCheckout(conn, acquire.request, wait, tid, endMs)
+  }
+
+  /**
+   * `conn` handed out at `endMs` by an acquire that found it idle within
+   * the turn of the event loop that asked (see `PgReporter#install`):
+   * nothing was kept for that acquire (no batch can leave within a turn),
+   * and its wait, the rest of the turn, is the caller's own time: 0.
+   */
+  handedOutAtOnce(conn, tid, endMs) {
+    this.holdCheckout(conn, this.nextRequestId(), 0, tid, endMs)
+  }
+
+  /** `conn`'s checkout by `request`, its acquire_end held for the batch. */
+  holdCheckout(conn, request, wait, tid, endMs) {
     if (conn.heldRequest !== 0) this.sendHeld(conn)
     this.checkedOut(conn, endMs, tid)
-    conn.heldRequest = acquire.request
+    conn.heldRequest = request
     conn.heldWait = wait
     this.schedulePending()
   }

@@ -7,6 +7,9 @@ const { Reporter, formatAddress, nonEmpty, positiveInt, refOfStreams, safely, wi
 
 const LIBRARY = 'node-postgres'
 const RELEASE_WRAPPED = Symbol.for('poolscope-adapter.release')
+/** The acquire of a `connect()` that pg-pool serves from its idle clients
+ * within the turn (see `install`): nothing is kept for it. */
+const AT_ONCE = Object.freeze({ atOnce: true })
 
 /** host, port and database as pg itself would pick them before connecting:
  * options, then the connection string, then the PG* environment, then pg's
@@ -158,14 +161,21 @@ class PgReporter extends Reporter {
   acquired(acquire, err, client) {
     if (acquire === null) return
     const now = clockMs()
-    if (err) {
+    if (acquire === AT_ONCE) {
+      const conn = err ? null : this.connFor(client)
+      if (conn !== null) this.handedOutAtOnce(conn, 0, now)
+      // Not served after all (the pool ended meanwhile), or unnamed: an
+      // acquire of no wait, ended now.
+      else this.acquireEnd(this.acquireStart(undefined), err ? 'error' : 'ok', null, 0, now)
+    } else if (err) {
       this.acquireEnd(acquire, isTimeout(err) ? 'timeout' : 'error', null, 0, now)
       return
+    } else {
+      const conn = this.connFor(client)
+      if (conn !== null) this.handedOut(acquire, conn, 0, now)
+      else this.acquireEnd(acquire, 'ok', null, 0, now)
     }
-    const conn = this.connFor(client)
-    if (conn !== null) this.handedOut(acquire, conn, 0, now)
-    else this.acquireEnd(acquire, 'ok', null, 0, now)
-    if (!this.releaseEvent) this.wrapRelease(client)
+    if (!err && !this.releaseEvent) this.wrapRelease(client)
   }
 
   /** The checkout of `client` ended (reported once per checkout: pg-pool
@@ -217,7 +227,12 @@ class PgReporter extends Reporter {
 
     const originalConnect = pool.connect
     pool.connect = function connect(callback) {
-      const acquire = reporter.safeAcquireStart(undefined)
+      // An idle client for this caller and every one ahead of it: pg-pool
+      // hands it out at the next tick, within this turn of the event loop,
+      // before any batch can leave, so nothing needs keeping for this
+      // acquire (the usual case; its wait is the caller's own time).
+      const acquire =
+        !this.ending && this.idleCount > this.waitingCount ? AT_ONCE : reporter.safeAcquireStart(undefined)
       if (typeof callback === 'function') {
         return originalConnect.call(this, function (err, client, release) {
           reporter.safeAcquired(acquire, err, client)

@@ -204,6 +204,31 @@ test('an acquire that finds an idle client is one message: its acquire_end with 
   await pool.end()
 })
 
+test('an acquire served from an idle client within its turn has no wait: the rest of the turn is the caller\'s own time', async (t) => {
+  const { pool, rx } = await setup(t, { max: 2 })
+  await rx.messages()
+  ;(await pool.connect()).release()
+  await rx.messages()
+  const pending = pool.connect()
+  // A second caller in the same turn finds the one idle client taken: it
+  // waits, and its wait is measured.
+  const second = pool.connect()
+  const until = Date.now() + 5
+  while (Date.now() < until) {
+    // the caller's own work before it yields
+  }
+  const client = await pending
+  const other = await second
+  const m = (await rx.drain()).map((x) => x.json)
+  const ends = m.filter((x) => x.kind === 'acquire_end')
+  assert.equal(ends.length, 2, JSON.stringify(m))
+  assert.equal(ends[0].wait_ns, 0, 'served from the idle client within the turn')
+  assert.ok(ends[1].wait_ns >= 5e6, `the second waited for a new client: ${JSON.stringify(ends[1])}`)
+  client.release()
+  other.release()
+  await pool.end()
+})
+
 test('checkouts that begin and end within a batch are folded into one message per connection', async (t) => {
   const { pool, rx } = await setup(t)
   await rx.messages()
