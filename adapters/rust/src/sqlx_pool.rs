@@ -178,6 +178,8 @@ pub fn connection_identity<C>(conn: &C) -> usize {
 struct Names {
     by_identity: Mutex<HashMap<usize, Named>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Counts creations and hand-outs: the order of last use.
+    uses: std::sync::atomic::AtomicU64,
     /// Entries past this are dropped, least recently used first (sqlx
     /// does not say when it closes a connection).
     limit: usize,
@@ -186,7 +188,7 @@ struct Names {
 #[derive(Clone, Copy)]
 struct Named {
     conn: ConnId,
-    /// When it was last created or handed out (an ever-growing count).
+    /// When it was last created or handed out (`Names::next_use`).
     used: u64,
 }
 
@@ -195,6 +197,7 @@ impl Names {
         Names {
             by_identity: Mutex::new(HashMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(1),
+            uses: std::sync::atomic::AtomicU64::new(0),
             limit: 2 * max_connections as usize + 16,
         }
     }
@@ -210,12 +213,16 @@ impl Names {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn next_use(&self) -> u64 {
+        self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A new connection at `identity`, named `conn`; returns what it
     /// replaces (a connection gone, whose place it took) and what the
     /// bound pushed out.
     fn created(&self, identity: usize, conn: ConnId) -> Vec<ConnId> {
         let mut names = self.lock();
-        let used = self.fresh_id();
+        let used = self.next_use();
         let mut gone: Vec<ConnId> = names
             .insert(identity, Named { conn, used })
             .map(|old| old.conn)
@@ -236,7 +243,7 @@ impl Names {
     /// if it was never seen or was forgotten).
     fn handed_out(&self, identity: usize) -> (ConnId, bool) {
         let mut names = self.lock();
-        let used = self.fresh_id();
+        let used = self.next_use();
         match names.get_mut(&identity) {
             Some(named) => {
                 named.used = used;

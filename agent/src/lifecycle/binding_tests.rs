@@ -2,9 +2,12 @@
 //! socket from the kernel's connects (`binding`): each says which socket
 //! the evidence leaves, and above all where it must leave none.
 
-use super::*;
+use super::{
+    named_tests::{message, named},
+    *,
+};
 use crate::{
-    adapter::message::{AcquireResult, AdapterEvent, AdapterMessage, ConnRef, PoolInfo},
+    adapter::message::{AcquireResult, AdapterEvent, ConnRef, PoolInfo},
     detect::{self, LeakKind, Thresholds},
     procfs::Placement,
     protocol::{DbSystem, SystemName},
@@ -45,22 +48,6 @@ fn register(t: &mut Tracker, pid: u32, port: Option<u16>) {
         T0 - 100 * S,
         message(POOL, AdapterEvent::Register(info)),
     );
-}
-
-fn message(pool: &str, event: AdapterEvent) -> AdapterMessage {
-    AdapterMessage {
-        pool: pool.into(),
-        event,
-        mono_ns: None,
-        claimed_pid: None,
-    }
-}
-
-fn named(id: u64) -> ConnRef {
-    ConnRef {
-        conn: Some(id),
-        ..ConnRef::default()
-    }
 }
 
 /// Thread `tid` of `pid` connects `fd` at `ts` (from local port `port`).

@@ -8,12 +8,9 @@
 //! of the tracker module, as `pools` is.
 
 use super::Tracker;
-use crate::{
-    adapter::message::AdapterEvent,
-    lifecycle::{
-        index::{Key, OpenSet},
-        ConnId, ConnState, Connection, Endpoint, Output,
-    },
+use crate::lifecycle::{
+    index::{Key, OpenSet},
+    ConnId, ConnState, Connection, Endpoint, Output,
 };
 
 /// Ids one process may have alive across its pools; more are refused.
@@ -81,20 +78,21 @@ impl Tracker {
     }
 
     /// The place for an event naming its connection by `id` alone: where
-    /// the id points, or a new adapter-only connection (none for a close).
+    /// the id points, or a new adapter-only connection (none for a close:
+    /// `closing`).
     pub(super) fn place_named(
         &mut self,
         pid: u32,
         ts_ns: u64,
         pool: &str,
         id: u64,
-        event: &AdapterEvent,
+        closing: bool,
         out: &mut Vec<Output>,
     ) -> Option<Place> {
         if let Some(place) = self.named(pid, pool, id) {
             return Some(place);
         }
-        if matches!(event, AdapterEvent::ConnectionClosed { .. }) {
+        if closing {
             return None;
         }
         match self.new_alone(pid, ts_ns, pool, id) {

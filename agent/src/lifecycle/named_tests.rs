@@ -15,7 +15,7 @@ const PID: u32 = 400;
 const S: u64 = 1_000_000_000;
 const T0: u64 = 1_000 * S;
 
-fn message(pool: &str, event: AdapterEvent) -> AdapterMessage {
+pub(super) fn message(pool: &str, event: AdapterEvent) -> AdapterMessage {
     AdapterMessage {
         pool: pool.into(),
         event,
@@ -24,7 +24,7 @@ fn message(pool: &str, event: AdapterEvent) -> AdapterMessage {
     }
 }
 
-fn named(id: u64) -> ConnRef {
+pub(super) fn named(id: u64) -> ConnRef {
     ConnRef {
         conn: Some(id),
         ..ConnRef::default()

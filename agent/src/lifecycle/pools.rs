@@ -561,8 +561,7 @@ impl Tracker {
         for entry in checkouts {
             let place = match entry.conn.conn {
                 Some(id) if !entry.conn.names_socket() => {
-                    let event = AdapterEvent::Release { conn: entry.conn };
-                    self.place_named(pid, ts_ns, pool_name, id, &event, out)
+                    self.place_named(pid, ts_ns, pool_name, id, false, out)
                 }
                 _ => self.find_connection(pid, entry.conn, ts_ns).map(|key| {
                     if let Some(id) = entry.conn.conn {
@@ -653,7 +652,7 @@ impl Tracker {
             // Named by the adapter's id alone (conn_ref names something:
             // the protocol refuses a message that names nothing).
             let Some(id) = conn_ref.conn else { return };
-            let Some(place) = self.place_named(pid, ts_ns, pool, id, &event, out) else {
+            let Some(place) = self.place_named(pid, ts_ns, pool, id, closing, out) else {
                 return;
             };
             // The adapter says which thread connected it: the kernel saw

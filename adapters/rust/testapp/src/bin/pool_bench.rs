@@ -8,6 +8,10 @@
 //! plain and one instrumented, in alternating 250 ms slices (plain,
 //! instrumented, instrumented, plain, ...), SECONDS measured on each after
 //! WARMUP_SECONDS on each; prints `{"ab":[plain, instrumented]}`.
+//! MODE=pairs_ab: N pairs on each of two such pools, in alternating slices
+//! of AB_PAIRS pairs (plain, instrumented, instrumented, plain, ...) after
+//! WARMUP pairs on each: the pair cost compared within one process, where
+//! separate processes differ by more than it (sqlx); the same output.
 //! ADAPTER=on checks out through the instrumented pool (`get`, `acquire`;
 //! reporting to `$POOLSCOPE_ADAPTER_SOCKET`); ADAPTER=off through the bb8
 //! or sqlx pool beneath, with a reporter that sends nothing: the same pool
@@ -201,15 +205,7 @@ async fn queries(side: &Side, until: Instant) -> Result<u64> {
 }
 
 async fn query_ab(seconds: u64, warmup: Duration) -> Result<Value> {
-    let instrumented_first = env("AB_INSTRUMENTED_FIRST", "0") == "1";
-    let (plain, instrumented) = if instrumented_first {
-        let i = Side::build(true).await?;
-        (Side::build(false).await?, i)
-    } else {
-        let p = Side::build(false).await?;
-        (p, Side::build(true).await?)
-    };
-    let sides = [plain, instrumented];
+    let sides = both_sides().await?;
     for side in &sides {
         queries(side, Instant::now() + warmup).await?;
     }
@@ -224,14 +220,50 @@ async fn query_ab(seconds: u64, warmup: Duration) -> Result<Value> {
         totals[which].2 += t0.elapsed().as_nanos() as f64;
         totals[which].1 += cpu_ns() - cpu0;
     }
-    let after = sides[1].stats();
+    Ok(ab_output(totals, before, sides[1].stats()))
+}
+
+/// The two sides of an A/B run, plain first unless AB_INSTRUMENTED_FIRST
+/// (which pool connects first alternates between runs).
+async fn both_sides() -> Result<[Side; 2]> {
+    if env("AB_INSTRUMENTED_FIRST", "0") == "1" {
+        let i = Side::build(true).await?;
+        Ok([Side::build(false).await?, i])
+    } else {
+        let p = Side::build(false).await?;
+        Ok([p, Side::build(true).await?])
+    }
+}
+
+/// `{"ab": [plain, instrumented]}` from per-side (ops, CPU ns, wall ns) and
+/// the instrumented side's reporter counts before and after.
+fn ab_output(totals: [(u64, f64, f64); 2], before: ReporterStats, after: ReporterStats) -> Value {
     let side = |t: (u64, f64, f64)| json!({"ops": t.0, "cpu_ns": t.1, "wall_ns": t.2});
     let mut on = side(totals[1]);
     on["sent"] = json!(after.sent - before.sent);
     on["dropped"] = json!(after.dropped - before.dropped);
     on["connected"] = json!(after.dropped == before.dropped);
     on["sent_total"] = json!(after.sent);
-    Ok(json!({"ab": [side(totals[0]), on]}))
+    json!({"ab": [side(totals[0]), on]})
+}
+
+async fn pairs_ab(n: u64, warmup: u64, rate: u64) -> Result<Value> {
+    let sides = both_sides().await?;
+    for side in &sides {
+        pairs(side, warmup, rate).await?;
+    }
+    let slice = env_num("AB_PAIRS", 10_000)?.max(PAIRS_PER_TURN);
+    let before = sides[1].stats();
+    let mut totals = [(0u64, 0f64, 0f64); 2];
+    let slices = (2 * n.div_ceil(slice)).next_multiple_of(4);
+    for k in 0..slices {
+        let which = usize::from(k % 4 == 1 || k % 4 == 2);
+        let (cpu0, t0) = (cpu_ns(), Instant::now());
+        totals[which].0 += pairs(&sides[which], slice, rate).await?;
+        totals[which].2 += t0.elapsed().as_nanos() as f64;
+        totals[which].1 += cpu_ns() - cpu0;
+    }
+    Ok(ab_output(totals, before, sides[1].stats()))
 }
 
 async fn run() -> Result<Value> {
@@ -242,6 +274,9 @@ async fn run() -> Result<Value> {
     let warmup_seconds = Duration::from_secs(env_num("WARMUP_SECONDS", 1)?);
     if mode == "query_ab" {
         return query_ab(seconds, warmup_seconds).await;
+    }
+    if mode == "pairs_ab" {
+        return pairs_ab(n, env_num("WARMUP", n / 4)?, rate).await;
     }
     let side = Side::build(env("ADAPTER", "off") == "on").await?;
     if mode == "query" {
