@@ -93,6 +93,13 @@ const STARTING = 0
 const STARTED = 1
 const ENDED = 2
 
+/** The acquire of a request that the pool serves from its idle connections
+ * within the turn of the event loop that asked (pg-pool's and mysql2's
+ * hand-out at the next tick, no I/O): no batch can leave before it ends,
+ * so nothing is kept for it, and its wait, the rest of the turn, is the
+ * caller's own time (see `handedOutAtOnce`). */
+const AT_ONCE = Object.freeze({ atOnce: true })
+
 function tidText(tid) {
   return Number.isInteger(tid) && tid > 0 ? `,"tid":${tid}` : ''
 }
@@ -513,10 +520,23 @@ class Reporter {
   }
 
   /**
+   * The pool's answer to `acquire` (an Acquire or AT_ONCE) at `endMs`:
+   * `conn`, or null with `result` (the pool failed, or handed out a
+   * connection that cannot be named).
+   */
+  answered(acquire, result, conn, tid, endMs) {
+    if (acquire === AT_ONCE) {
+      if (conn !== null) this.handedOutAtOnce(conn, tid, endMs)
+      // Not served after all (the pool ended meanwhile), or unnamed: an
+      // acquire of no wait, ended now.
+      else this.acquireEnd(this.acquireStart(tid), result, null, tid, endMs)
+    } else if (conn !== null) this.handedOut(acquire, conn, tid, endMs)
+    else this.acquireEnd(acquire, result, null, tid, endMs)
+  }
+
+  /**
    * `conn` handed out at `endMs` by an acquire that found it idle within
-   * the turn of the event loop that asked (see `PgReporter#install`):
-   * nothing was kept for that acquire (no batch can leave within a turn),
-   * and its wait, the rest of the turn, is the caller's own time: 0.
+   * the turn of the event loop that asked (AT_ONCE): its wait is 0.
    */
   handedOutAtOnce(conn, tid, endMs) {
     this.holdCheckout(conn, this.nextRequestId(), 0, tid, endMs)
@@ -705,6 +725,7 @@ class Reporter {
 }
 
 module.exports = {
+  AT_ONCE,
   DEFAULT_REREGISTER_MS,
   MAX_IDLE_CONNS,
   Reporter,

@@ -10,7 +10,7 @@
 // socket is `conn.stream` in mysql2 and `conn._socket` in mysql.
 
 const { clockMs } = require('./sender')
-const { Reporter, eventLoopTid, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
+const { AT_ONCE, Reporter, eventLoopTid, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
 
 /** Marks a getConnection callback that already has its acquire_start: the
  * pools call getConnection again with a queued callback (mysql when a
@@ -123,16 +123,27 @@ class MysqlReporter extends Reporter {
   acquired(acquire, err, conn) {
     if (acquire === null) return
     const now = clockMs()
-    if (err) {
-      this.acquireEnd(acquire, resultOfError(err), null, eventLoopTid, now)
-      return
+    const known = err ? null : this.connFor(conn)
+    // One first seen when handed out is announced then.
+    if (known !== null && !known.announced) this.announceAs(conn, known)
+    this.answered(acquire, err ? resultOfError(err) : 'ok', known, eventLoopTid, now)
+  }
+
+  /**
+   * Whether getConnection() on `pool` now is served from its free
+   * connections within this turn of the event loop (AT_ONCE): mysql2 pops
+   * one and hands it out at the next tick when the pool is open and has
+   * one (nobody can queue while one is free). mysql pings a connection
+   * idle for long before handing it out, so its acquires are timed.
+   */
+  servesAtOnce(pool) {
+    try {
+      if (this.library !== 'mysql2' || pool._closed) return false
+      const free = pool._freeConnections
+      return free !== null && typeof free === 'object' && free.length > 0
+    } catch (e) {
+      return false // never into the application
     }
-    const known = this.connFor(conn)
-    if (known !== null) {
-      // One first seen when handed out is announced then.
-      if (!known.announced) this.announceAs(conn, known)
-      this.handedOut(acquire, known, eventLoopTid, now)
-    } else this.acquireEnd(acquire, 'ok', null, eventLoopTid, now)
   }
 
   /** releaseConnection(conn) with the connection still in the pool
@@ -159,7 +170,7 @@ class MysqlReporter extends Reporter {
     const originalGet = pool.getConnection
     pool.getConnection = function getConnection(cb) {
       if (typeof cb !== 'function' || cb[WAITER] !== undefined) return originalGet.apply(this, arguments)
-      const acquire = reporter.safeAcquireStart(eventLoopTid)
+      const acquire = reporter.servesAtOnce(this) ? AT_ONCE : reporter.safeAcquireStart(eventLoopTid)
       const callback = function (err, conn) {
         reporter.safeAcquired(acquire, err, conn)
         return arguments.length === 2 ? cb.call(this, err, conn) : cb.apply(this, arguments)

@@ -3,13 +3,10 @@
 // their wait, releases, connections opened and closed.
 
 const { clockMs } = require('./sender')
-const { Reporter, formatAddress, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
+const { AT_ONCE, Reporter, formatAddress, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
 
 const LIBRARY = 'node-postgres'
 const RELEASE_WRAPPED = Symbol.for('poolscope-adapter.release')
-/** The acquire of a `connect()` that pg-pool serves from its idle clients
- * within the turn (see `install`): nothing is kept for it. */
-const AT_ONCE = Object.freeze({ atOnce: true })
 
 /** host, port and database as pg itself would pick them before connecting:
  * options, then the connection string, then the PG* environment, then pg's
@@ -161,20 +158,8 @@ class PgReporter extends Reporter {
   acquired(acquire, err, client) {
     if (acquire === null) return
     const now = clockMs()
-    if (acquire === AT_ONCE) {
-      const conn = err ? null : this.connFor(client)
-      if (conn !== null) this.handedOutAtOnce(conn, 0, now)
-      // Not served after all (the pool ended meanwhile), or unnamed: an
-      // acquire of no wait, ended now.
-      else this.acquireEnd(this.acquireStart(undefined), err ? 'error' : 'ok', null, 0, now)
-    } else if (err) {
-      this.acquireEnd(acquire, isTimeout(err) ? 'timeout' : 'error', null, 0, now)
-      return
-    } else {
-      const conn = this.connFor(client)
-      if (conn !== null) this.handedOut(acquire, conn, 0, now)
-      else this.acquireEnd(acquire, 'ok', null, 0, now)
-    }
+    const conn = err ? null : this.connFor(client)
+    this.answered(acquire, err ? (isTimeout(err) ? 'timeout' : 'error') : 'ok', conn, 0, now)
     if (!err && !this.releaseEvent) this.wrapRelease(client)
   }
 

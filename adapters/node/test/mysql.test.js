@@ -209,6 +209,30 @@ test('mysql: acquireTimeout while connecting ends the acquire with timeout', asy
   await end(pool)
 })
 
+test('mysql2: an acquire served from a free connection within its turn has no wait; one that waits for a new connection has its wait', async (t) => {
+  const { pool, rx } = await setup(t, mysql2)
+  await rx.messages()
+  ;(await get(pool)).release()
+  await rx.messages()
+  const pending = get(pool)
+  // The one free connection is taken: the second caller waits for a new one.
+  const second = get(pool)
+  const until = Date.now() + 5
+  while (Date.now() < until) {
+    // the caller's own work before it yields
+  }
+  const first = await pending
+  const other = await second
+  const ends = (await rx.drain()).map((x) => x.json).filter((x) => x.kind === 'acquire_end')
+  assert.equal(ends.length, 2, JSON.stringify(ends))
+  assert.equal(ends[0].wait_ns, 0, 'served from the free connection within the turn')
+  assert.ok(ends[1].wait_ns >= 5e6, `the second waited for a new connection: ${JSON.stringify(ends[1])}`)
+  assert.notEqual(ends[0].request, ends[1].request)
+  first.release()
+  other.release()
+  await end(pool)
+})
+
 test('mysql2/promise: createPool and pool.promise() are both reported', async (t) => {
   const port = await startServer(t)
   const rx = new Receiver()

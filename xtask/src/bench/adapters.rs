@@ -52,15 +52,19 @@ pub enum Pool {
     RustBb8,
     /// sqlx (PostgreSQL).
     RustSqlx,
+    /// A hand-rolled pool on the generic reporter, its connections named
+    /// by ids that the agent binds to their sockets.
+    RustIds,
 }
 
 impl Pool {
-    pub const ALL: [Pool; 5] = [
+    pub const ALL: [Pool; 6] = [
         Pool::Hikari,
         Pool::NodePg,
         Pool::NodeMysql2,
         Pool::RustBb8,
         Pool::RustSqlx,
+        Pool::RustIds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Pool {
             Pool::NodeMysql2 => "node mysql2",
             Pool::RustBb8 => "rust bb8",
             Pool::RustSqlx => "rust sqlx",
+            Pool::RustIds => "rust ids",
         }
     }
 
@@ -92,6 +97,11 @@ impl Pool {
             Pool::RustSqlx => {
                 "sqlx PgPool (max 4, test_before_acquire off) against PostgreSQL on a current-thread \
                  tokio runtime, InstrumentedPool::acquire() vs the sqlx pool beneath (no reporting)"
+            }
+            Pool::RustIds => {
+                "a hand-rolled pool of 4 tokio-postgres clients on the generic PoolReporter, each \
+                 named by an id alone (connection_created_here after connecting it, so that the agent \
+                 binds it to its socket), current-thread tokio runtime; off: a disabled reporter"
             }
         }
     }
@@ -407,15 +417,15 @@ fn command(
             }
             cmd
         }
-        Pool::RustBb8 | Pool::RustSqlx => {
+        Pool::RustBb8 | Pool::RustSqlx | Pool::RustIds => {
             let mut cmd = command_in(&bench.work_cg, &programs.rust_bench);
             cmd.env("PG_PORT", pg_port()?.to_string())
                 .env(
                     "POOL",
-                    if config.pool == Pool::RustBb8 {
-                        "bb8"
-                    } else {
-                        "sqlx"
+                    match config.pool {
+                        Pool::RustBb8 => "bb8",
+                        Pool::RustSqlx => "sqlx",
+                        _ => "ids",
                     },
                 )
                 .env("POOLSCOPE_ADAPTER_SOCKET", bench.adapter_socket());

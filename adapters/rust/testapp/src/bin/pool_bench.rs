@@ -1,6 +1,6 @@
 //! The adapter bench's Rust side (`cargo xtask bench --only adapters`,
-//! xtask/src/bench/adapters.rs): one loop over a real pool (POOL=bb8 or
-//! sqlx) on one thread (a current-thread tokio runtime), then one JSON line
+//! xtask/src/bench/adapters.rs): one loop over a real pool (POOL=bb8, sqlx
+//! or ids: see [`IdPool`]) on one thread (a current-thread tokio runtime), then one JSON line
 //! on stdout, as adapters/node/bench/pool_bench.js does for Node.
 //!
 //! MODE=pairs: N get/drop pairs, no query. MODE=query: get, `SELECT 1`,
@@ -25,8 +25,13 @@
 
 use std::time::{Duration, Instant};
 
+use std::cell::RefCell;
+
 use anyhow::{bail, Context, Result};
-use poolscope_adapter::{bb8_pg, sqlx_pool, Reporter, ReporterStats};
+use poolscope_adapter::{
+    bb8_pg, sqlx_pool, AcquireResult, ConnId, DbSystem, PoolInfo, PoolReporter, Reporter,
+    ReporterStats,
+};
 use serde_json::{json, Value};
 use sqlx::Postgres;
 
@@ -59,6 +64,81 @@ fn cpu_ns() -> f64 {
 enum Pool {
     Bb8(bb8_pg::InstrumentedPool),
     Sqlx(sqlx_pool::InstrumentedPool<Postgres>),
+    Ids(IdPool),
+}
+
+/// A hand-rolled pool of tokio-postgres clients reported through the
+/// generic `PoolReporter`, each connection named by an id alone and
+/// announced with `connection_created_here` right after this thread
+/// connected it: the agent ties each id to its socket from the kernel's
+/// evidence (issue 13's binding), so the bench measures what a bound,
+/// id-named connection costs the agent per acquire+release. Off, the same
+/// pool reports to a disabled reporter.
+struct IdPool {
+    report: PoolReporter,
+    idle: RefCell<Vec<(u64, tokio_postgres::Client)>>,
+}
+
+impl IdPool {
+    async fn connect(reporter: Reporter, port: u16) -> Result<IdPool> {
+        let report = PoolReporter::new(reporter, "bench-rust-ids");
+        report.register(&PoolInfo {
+            db_system: Some(DbSystem::Postgresql),
+            server_address: Some("127.0.0.1".into()),
+            server_port: Some(port),
+            max: Some(POOL_SIZE),
+            library: Some("hand-rolled".into()),
+            ..PoolInfo::default()
+        });
+        let mut idle = Vec::new();
+        for id in 1..=u64::from(POOL_SIZE) {
+            let (client, connection) = pg_config(port)
+                .connect(tokio_postgres::NoTls)
+                .await
+                .context("cannot connect")?;
+            tokio::spawn(connection);
+            // On this current-thread runtime the connect above ran on this
+            // thread: the claim's evidence.
+            report.connection_created_here(IdPool::named(id));
+            idle.push((id, client));
+        }
+        Ok(IdPool {
+            report,
+            idle: RefCell::new(idle),
+        })
+    }
+
+    fn named(id: u64) -> ConnId {
+        ConnId {
+            conn: Some(id),
+            ..ConnId::default()
+        }
+    }
+
+    /// A checkout: never waits (one caller at a time).
+    fn get(&self) -> Result<(u64, tokio_postgres::Client)> {
+        let wait = self.report.acquire_start();
+        let Some((id, client)) = self.idle.borrow_mut().pop() else {
+            wait.finish(AcquireResult::Error);
+            bail!("the id pool is empty");
+        };
+        wait.finish(AcquireResult::Ok(IdPool::named(id)));
+        Ok((id, client))
+    }
+
+    fn put(&self, (id, client): (u64, tokio_postgres::Client)) {
+        self.report.release(IdPool::named(id));
+        self.idle.borrow_mut().push((id, client));
+    }
+}
+
+fn pg_config(port: u16) -> tokio_postgres::Config {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .dbname("postgres");
+    pg
 }
 
 /// One side of the bench: a pool, checked out with or without the adapter.
@@ -77,19 +157,17 @@ impl Side {
         };
         let pool = match env("POOL", "bb8").as_str() {
             "bb8" => {
-                let mut pg = tokio_postgres::Config::new();
-                pg.host("127.0.0.1")
-                    .port(port)
-                    .user("postgres")
-                    .dbname("postgres");
-                let pool =
-                    bb8_pg::InstrumentedPool::builder("bench-rust-bb8", pg, tokio_postgres::NoTls)
-                        .reporter(reporter)
-                        .max_size(POOL_SIZE)
-                        .test_on_check_out(false)
-                        .build()
-                        .await
-                        .context("cannot build the pool")?;
+                let pool = bb8_pg::InstrumentedPool::builder(
+                    "bench-rust-bb8",
+                    pg_config(port),
+                    tokio_postgres::NoTls,
+                )
+                .reporter(reporter)
+                .max_size(POOL_SIZE)
+                .test_on_check_out(false)
+                .build()
+                .await
+                .context("cannot build the pool")?;
                 Pool::Bb8(pool)
             }
             "sqlx" => {
@@ -103,7 +181,8 @@ impl Side {
                     .context("cannot build the pool")?;
                 Pool::Sqlx(pool)
             }
-            other => bail!("POOL={other}: bb8 or sqlx"),
+            "ids" => Pool::Ids(IdPool::connect(reporter, port).await?),
+            other => bail!("POOL={other}: bb8, sqlx or ids"),
         };
         Ok(Side { pool, adapter })
     }
@@ -135,6 +214,17 @@ impl Side {
                     sqlx_select_one(&mut conn).await?;
                 }
             }
+            // The adapter's presence is the reporter's (disabled when off).
+            (Pool::Ids(pool), _) => {
+                let held = pool.get()?;
+                let queried = if query {
+                    select_one(&held.1).await
+                } else {
+                    Ok(())
+                };
+                pool.put(held);
+                queried?;
+            }
         }
         Ok(())
     }
@@ -143,6 +233,7 @@ impl Side {
         match &self.pool {
             Pool::Bb8(pool) => pool.reporter().stats(),
             Pool::Sqlx(pool) => pool.reporter().stats(),
+            Pool::Ids(pool) => pool.report.reporter().stats(),
         }
     }
 }
