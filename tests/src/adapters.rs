@@ -18,13 +18,32 @@ pub fn node_adapter_dir() -> PathBuf {
     workspace_root().join("adapters").join("node")
 }
 
+/// The example pool of SQLite handles (`examples/sqlite-pool` in
+/// adapters/node) and the npm package it needs besides the adapter.
+pub const NODE_SQLITE_EXAMPLE: &str = "examples/sqlite-pool";
+pub const NODE_SQLITE_EXAMPLE_PACKAGES: [&str; 1] = ["better-sqlite3"];
+
 /// True when `node` and the adapter's npm dependencies (`pg`, `mysql2` and
 /// `mysql`, for its tests; the adapter itself is pure JavaScript) are there.
 /// In CI (`CI=true`) a missing one is a failure, so that a runner without
 /// them cannot pass by skipping; elsewhere the test is skipped with what to
 /// run.
 pub fn require_node_adapter() -> bool {
-    let dir = node_adapter_dir();
+    require_node_packages(&node_adapter_dir(), &NODE_ADAPTER_DEV_PACKAGES)
+}
+
+/// As [`require_node_adapter`], and the SQLite example's `better-sqlite3`
+/// (a native module that npm builds from source here: no prebuilt binary
+/// can be downloaded).
+pub fn require_node_sqlite_example() -> bool {
+    require_node_adapter()
+        && require_node_packages(
+            &node_adapter_dir().join(NODE_SQLITE_EXAMPLE),
+            &NODE_SQLITE_EXAMPLE_PACKAGES,
+        )
+}
+
+fn require_node_packages(dir: &Path, packages: &[&str]) -> bool {
     let mut missing = Vec::new();
     let node_runs = Command::new("node")
         .arg("--version")
@@ -34,7 +53,7 @@ pub fn require_node_adapter() -> bool {
     if !node_runs {
         missing.push("node (Debian's nodejs and npm)".to_string());
     }
-    for package in NODE_ADAPTER_DEV_PACKAGES {
+    for package in packages {
         let manifest = dir.join("node_modules").join(package).join("package.json");
         if !manifest.is_file() {
             missing.push(format!("the npm package {package}: {}", manifest.display()));
@@ -44,7 +63,7 @@ pub fn require_node_adapter() -> bool {
         return true;
     }
     let text = format!(
-        "the Node.js adapter tests need {}; run cargo xtask setup (or npm ci in {})",
+        "the Node.js tests need {}; run cargo xtask setup (or npm ci in {})",
         missing.join(", "),
         dir.display()
     );

@@ -329,3 +329,150 @@ fn node_adapter_unit_tests_pass() {
         "node --test ran but did not report `# fail 0`:\n{stdout}"
     );
 }
+
+/// The README's example pool of SQLite handles
+/// (`examples/sqlite-pool/handle_pool.js`, better-sqlite3), driven by
+/// `test/fixtures/sqlite_app.js`: no socket at all, so the agent knows the
+/// handles only by the ids the generic reporter gives them. One handle
+/// leaks, the pool of 2 runs out, a waiter times out and another waits for
+/// a return; healthy checkouts around them.
+#[test]
+fn the_example_sqlite_handle_pool_reports_its_leak_waits_and_state() {
+    if !require_kernel() || !require_node_sqlite_example() {
+        return;
+    }
+    const POOL: &str = "node-handles";
+    // The holder stays out while both waiters wait (about 2.5 s): a leak
+    // threshold past that leaves the leak the only one held too long.
+    const HELD_S: f64 = 5.0;
+    let dir = TempDir::new("poolscope-node-sqlite");
+    let socket = dir.path().join("adapter.sock");
+    let agent = Agent::start_with_config(
+        &adapter_config(
+            &socket,
+            &[
+                ("leak_threshold_seconds", HELD_S),
+                ("slow_acquire_ms", 500.0),
+            ],
+        ),
+        &[],
+    );
+    let db = dir.path().join("app.db");
+    let mut app = NodeApp::spawn(
+        "test/fixtures/sqlite_app.js",
+        &stream_socket_beside(&socket),
+        &[
+            ("SQLITE_PATH", db.display().to_string()),
+            ("POOL_NAME", POOL.to_string()),
+            ("POOL_MAX", "2".to_string()),
+            ("POOL_TIMEOUT_MS", "1500".to_string()),
+        ],
+    );
+    let pid = app.pid;
+    let tid = app.ready["tid"].as_u64();
+    assert_eq!(
+        tid,
+        Some(u64::from(pid)),
+        "the event loop's thread: {}",
+        app.ready
+    );
+
+    // Healthy checkouts, then a leak and a holder that fill the pool.
+    app.request(json!({"op": "checkouts", "n": 20}));
+    let pool = agent.wait_for_pool(pid, POOL, "the registration", |p| p.max == Some(2));
+    assert!(pool.from_adapter, "{pool:#?}");
+    assert_eq!(
+        pool.db_system,
+        Some(SystemName::Named("sqlite".into())),
+        "{pool:#?}"
+    );
+    assert_eq!(pool.server, Some(db.display().to_string()), "{pool:#?}");
+    assert_eq!(pool.library.as_deref(), Some("handle_pool"), "{pool:#?}");
+    app.request(json!({"op": "checkout", "id": "leak"}));
+    app.request(json!({"op": "checkout", "id": "holder"}));
+    let state = app.request(json!({"op": "pool_state"}));
+    let pool = agent.wait_for_pool(pid, POOL, "the pool full", |p| p.used == 2);
+    assert_eq!(
+        (pool.used, pool.idle, pool.max),
+        (
+            count(&state, "used"),
+            count(&state, "idle"),
+            u32::try_from(count(&state, "max")).ok()
+        ),
+        "the agent's pool is the app's own: {state} {pool:#?}"
+    );
+
+    // A waiter times out on the full pool (1.5 s); a second gets the
+    // holder's handle when it comes back 0.7 s later (both slow acquires:
+    // past 0.5 s), and returns it.
+    app.request(json!({"op": "waiter", "id": "w1"}));
+    let w1 = app.request(json!({"op": "waiter_result", "id": "w1"}));
+    assert_eq!(w1["result"], "timeout", "{w1}");
+    app.request(json!({"op": "waiter", "id": "w2"}));
+    agent.wait_for_pool(pid, POOL, "the second waiter", |p| p.pending == 1);
+    app.request(json!({"op": "release", "id": "holder", "after_ms": 700}));
+    let w2 = app.request(json!({"op": "waiter_result", "id": "w2"}));
+    assert_eq!(w2["result"], "ok", "{w2}");
+    app.request(json!({"op": "release", "id": "w2"}));
+
+    let mut seen = Seen::new(&agent, pid);
+    seen.watch(EVENT_TIMEOUT, "the slow acquires", |s| {
+        s.of_kind(LeakKind::SlowAcquire).len() >= 2
+    });
+    let slow = seen.of_kind(LeakKind::SlowAcquire);
+    let timed_out = slow
+        .iter()
+        .find(|r| r.resolution.as_deref() == Some("timed out"))
+        .unwrap_or_else(|| panic!("{}", seen.dump()));
+    assert_eq!(
+        (timed_out.pool_used, timed_out.pool_max),
+        (Some(2), Some(2)),
+        "{timed_out:#?}"
+    );
+    assert!(
+        timed_out.pool_pending.is_some_and(|p| p >= 1),
+        "{timed_out:#?}"
+    );
+    assert_eq!(timed_out.holder_tid.map(u64::from), tid, "{timed_out:#?}");
+
+    // The leak: held too long, with no kernel evidence either way.
+    seen.watch(
+        EVENT_TIMEOUT + Duration::from_secs_f64(HELD_S),
+        "the leak",
+        |s| !s.of_kind(LeakKind::HeldTooLong).is_empty(),
+    );
+    let held = seen.of_kind(LeakKind::HeldTooLong);
+    assert_eq!(held.len(), 1, "only the leak: {}", seen.dump());
+    let r = held[0];
+    assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
+    assert_eq!(r.pool.as_deref(), Some(POOL), "{r:#?}");
+    assert_eq!(r.holder_tid.map(u64::from), tid, "{r:#?}");
+    assert_eq!((r.fd, r.local_address.as_deref()), (None, None), "{r:#?}");
+    assert!(r.evidence.contains("no kernel evidence"), "{r:#?}");
+    assert!(
+        seen.latest
+            .values()
+            .all(|r| matches!(r.kind, LeakKind::SlowAcquire | LeakKind::HeldTooLong)),
+        "nothing else: {}",
+        seen.dump()
+    );
+
+    // Every acquire's wait is in the histogram: 20 healthy, the leak, the
+    // holder, the waiter that timed out and the one that got a handle.
+    let waits = format!(
+        "db_client_connection_wait_time_seconds_count{{db_client_connection_pool_name=\"{POOL}\",process_pid=\"{pid}\"}}"
+    );
+    let counted = wait_until(EVENT_TIMEOUT, || {
+        let v = agent.metric_sum(&waits);
+        (v >= 24.0).then_some(v)
+    });
+    assert_eq!(counted, Some(24.0), "{}", agent.metrics());
+    let state = app.request(json!({"op": "pool_state"}));
+    let pool = agent.wait_for_pool(pid, POOL, "the leak alone out", |p| p.used == 1);
+    assert_eq!(
+        (pool.used, pool.idle, pool.pending),
+        (count(&state, "used"), count(&state, "idle"), 0),
+        "{state} {pool:#?}"
+    );
+    assert_eq!(pool.timeouts, 1, "{pool:#?}");
+}

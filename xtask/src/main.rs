@@ -84,7 +84,16 @@ fn try_main() -> Result<()> {
     env::set_var("PATH", env::join_paths(dirs)?);
 
     match Cli::parse().cmd {
-        Cmd::Setup { build_only } => setup::setup(!build_only),
+        Cmd::Setup { build_only } => {
+            setup::setup(!build_only)?;
+            if build_only {
+                return Ok(());
+            }
+            match setup::start_node_sqlite_example()? {
+                Some(build) => build.finish(),
+                None => Ok(()),
+            }
+        }
         Cmd::Run { args } => run_agent(&args),
         Cmd::Docs { check } => docs(check),
         Cmd::Test { args } => test(&args),
@@ -117,6 +126,7 @@ const WORKSPACE_RELEASE: [&str; 4] = ["--release", "--workspace", "--exclude", "
 
 fn test(args: &[String]) -> Result<()> {
     step("setup", || setup::setup(true))?;
+    let sqlite_example = setup::start_node_sqlite_example()?;
     step("cargo fmt --all --check", || {
         run(cargo().args(["fmt", "--all", "--check"]))
     })?;
@@ -135,6 +145,9 @@ fn test(args: &[String]) -> Result<()> {
     step("build release agent and test apps", || {
         run(cargo().arg("build").args(WORKSPACE_RELEASE))
     })?;
+    if let Some(build) = sqlite_example {
+        step("node sqlite example built", || build.finish())?;
+    }
     if !is_root() {
         println!("note: not root, so tests that load BPF programs skip themselves");
     }

@@ -1,7 +1,11 @@
 //! `cargo xtask setup`: installs from the package registries only, prints one
 //! line per thing it checks, and changes nothing when all is present.
 
-use std::{fs, process::Command};
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -154,6 +158,88 @@ fn ensure_node_adapter_deps(apt: &mut Apt) -> Result<()> {
     run(Command::new("npm")
         .current_dir(&dir)
         .args([subcommand, "--no-audit", "--no-fund"]))
+}
+
+/// The Node.js example pool of SQLite handles (adapters/node/examples/
+/// sqlite-pool), which its integration test runs: `npm ci` there builds
+/// better-sqlite3 from source (no prebuilt binary can be downloaded here),
+/// minutes of C compiling, so `cargo xtask test` starts it beside clippy
+/// and the build and waits for it before the tests. None when it is
+/// already built.
+pub fn start_node_sqlite_example() -> Result<Option<Background>> {
+    let dir = super::root()
+        .join("adapters")
+        .join("node")
+        .join("examples")
+        .join("sqlite-pool");
+    let built = dir
+        .join("node_modules")
+        .join("better-sqlite3")
+        .join("build")
+        .join("Release")
+        .join("better_sqlite3.node");
+    if built.is_file() {
+        println!("ok: node sqlite example (better-sqlite3 built)");
+        return Ok(None);
+    }
+    let log = super::target_dir().join("npm-sqlite-example.log");
+    if let Some(parent) = log.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let out = fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = out.try_clone().context("cannot share the log file")?;
+    println!(
+        "installing (in the background): node sqlite example (npm ci in {}, log {})",
+        dir.display(),
+        log.display()
+    );
+    let child = Command::new("npm")
+        .current_dir(&dir)
+        .args(["ci", "--no-audit", "--no-fund"])
+        // Straight to the compiler: the download it would try first fails.
+        .env("npm_config_build_from_source", "true")
+        .env("JOBS", "max")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("cannot start npm ci in {}", dir.display()))?;
+    Ok(Some(Background {
+        child,
+        what: format!("npm ci in {}", dir.display()),
+        log,
+    }))
+}
+
+/// A set-up step running in the background: [`Background::finish`] waits
+/// for it.
+pub struct Background {
+    child: Child,
+    what: String,
+    log: PathBuf,
+}
+
+impl Background {
+    pub fn finish(mut self) -> Result<()> {
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("cannot wait for {}", self.what))?;
+        if status.success() {
+            println!("installed: {}", self.what);
+            return Ok(());
+        }
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "{} exited with {status}; the end of {}:\n{}",
+            self.what,
+            self.log.display(),
+            tail.join("\n")
+        )
+    }
 }
 
 /// What `cargo xtask bench --only adapters` runs: the JVM adapter and its
