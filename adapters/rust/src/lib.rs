@@ -25,7 +25,7 @@
 #![cfg(unix)]
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     io,
     net::SocketAddr,
     os::{
@@ -947,7 +947,7 @@ impl PoolReporter {
 }
 
 /// `conn` is back: no longer among the checkouts re-sent as state.
-fn returned(out: &mut HashMap<ConnKey, Checkout>, conn: ConnId) {
+fn returned(out: &mut batch::FastMap<ConnKey, Checkout>, conn: ConnId) {
     if out.remove(&conn_key(conn)).is_none() {
         if let Some(local) = conn.local_address {
             // Named differently than when it was handed out.

@@ -62,7 +62,6 @@
 //!   [`PoolBuilder::configure`] and it replaces this one.
 
 use std::{
-    collections::HashMap,
     fmt,
     net::SocketAddr,
     ops::{Deref, DerefMut},
@@ -75,7 +74,7 @@ use sqlx::{
     Database,
 };
 
-use crate::{AcquireResult, ConnId, DbSystem, PoolInfo, PoolReporter, Reporter};
+use crate::{batch::FastMap, AcquireResult, ConnId, DbSystem, PoolInfo, PoolReporter, Reporter};
 
 /// The library name sent in the `pool` message.
 pub const LIBRARY: &str = "sqlx";
@@ -176,7 +175,7 @@ pub fn connection_identity<C>(conn: &C) -> usize {
 /// The pool's connections by identity, with the id and socket address
 /// they are named by.
 struct Names {
-    by_identity: Mutex<HashMap<usize, Named>>,
+    by_identity: Mutex<FastMap<usize, Named>>,
     next_id: std::sync::atomic::AtomicU64,
     /// Counts creations and hand-outs: the order of last use.
     uses: std::sync::atomic::AtomicU64,
@@ -195,14 +194,14 @@ struct Named {
 impl Names {
     fn new(max_connections: u32) -> Names {
         Names {
-            by_identity: Mutex::new(HashMap::new()),
+            by_identity: Mutex::new(FastMap::default()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             uses: std::sync::atomic::AtomicU64::new(0),
             limit: 2 * max_connections as usize + 16,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Named>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<usize, Named>> {
         self.by_identity
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
