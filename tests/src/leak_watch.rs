@@ -162,3 +162,87 @@ pub fn assert_on_time(what: &str, first_seen: Instant, since: Instant, threshold
         threshold + REPORT_SLACK
     );
 }
+
+/// The thread ids of a handle-pool scenario (a pool of 2 SQLite handles
+/// with no socket: one leaked, one held while a waiter times out and
+/// another is served, then returned; adapter_python's and adapter_node's).
+pub struct HandlePoolTids {
+    /// The thread that leaked a handle.
+    pub holder: Option<u64>,
+    /// The thread of the waiter that timed out.
+    pub timed_out_waiter: Option<u64>,
+}
+
+/// What the agent must report for a handle-pool scenario of `pool` in
+/// `pid`: a slow acquire that timed out on the full pool (used 2 of 2,
+/// someone pending), the leaked handle alone held too long (`held_s`) with
+/// no socket and "no kernel evidence", nothing else; then `acquires` waits
+/// in the pool's wait histogram.
+pub fn expect_handle_pool_reports(
+    agent: &Agent,
+    pid: u32,
+    pool: &str,
+    tids: HandlePoolTids,
+    held_s: f64,
+    acquires: f64,
+) {
+    let mut seen = Seen::new(agent, pid);
+    seen.watch(crate::EVENT_TIMEOUT, "the slow acquires", |s| {
+        s.of_kind(LeakKind::SlowAcquire).len() >= 2
+    });
+    let slow = seen.of_kind(LeakKind::SlowAcquire);
+    let timed_out = slow
+        .iter()
+        .find(|r| r.resolution.as_deref() == Some("timed out"))
+        .unwrap_or_else(|| panic!("{}", seen.dump()));
+    assert_eq!(
+        (timed_out.pool_used, timed_out.pool_max),
+        (Some(2), Some(2)),
+        "{timed_out:#?}"
+    );
+    assert!(
+        timed_out.pool_pending.is_some_and(|p| p >= 1),
+        "{timed_out:#?}"
+    );
+    assert_eq!(
+        timed_out.holder_tid.map(u64::from),
+        tids.timed_out_waiter,
+        "{timed_out:#?}"
+    );
+
+    // The leak: held too long, with no kernel evidence either way.
+    seen.watch(
+        crate::EVENT_TIMEOUT + Duration::from_secs_f64(held_s),
+        "the leak",
+        |s| !s.of_kind(LeakKind::HeldTooLong).is_empty(),
+    );
+    let held = seen.of_kind(LeakKind::HeldTooLong);
+    assert_eq!(held.len(), 1, "only the leak: {}", seen.dump());
+    let r = held[0];
+    assert_eq!(r.status, crate::ReportStatus::Open, "{r:#?}");
+    assert_eq!(r.pool.as_deref(), Some(pool), "{r:#?}");
+    assert_eq!(r.holder_tid.map(u64::from), tids.holder, "{r:#?}");
+    assert_eq!(
+        r.db_system,
+        Some(crate::SystemName::Named("sqlite".into())),
+        "{r:#?}"
+    );
+    assert_eq!((r.fd, r.local_address.as_deref()), (None, None), "{r:#?}");
+    assert!(r.evidence.contains("no kernel evidence"), "{r:#?}");
+    assert!(
+        seen.latest
+            .values()
+            .all(|r| matches!(r.kind, LeakKind::SlowAcquire | LeakKind::HeldTooLong)),
+        "nothing else: {}",
+        seen.dump()
+    );
+
+    let waits = format!(
+        "db_client_connection_wait_time_seconds_count{{db_client_connection_pool_name=\"{pool}\",process_pid=\"{pid}\"}}"
+    );
+    let counted = wait_until(crate::EVENT_TIMEOUT, || {
+        let v = agent.metric_sum(&waits);
+        (v >= acquires).then_some(v)
+    });
+    assert_eq!(counted, Some(acquires), "{}", agent.metrics());
+}

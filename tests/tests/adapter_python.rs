@@ -21,9 +21,9 @@ use std::{
 };
 
 use poolscope_tests::{
-    adapter_config, json, local_port, process_alive, require_kernel, vm_rss_kib, wait_until, Agent,
-    DbSystem, Held, LeakKind, PoolApp, PoolView, Postgres, ReportStatus, Seen, SystemName, TempDir,
-    TxState, Value, EVENT_TIMEOUT,
+    adapter_config, expect_handle_pool_reports, json, local_port, process_alive, require_kernel,
+    vm_rss_kib, wait_until, Agent, DbSystem, HandlePoolTids, Held, LeakKind, PoolApp, PoolView,
+    Postgres, ReportStatus, Seen, SystemName, TempDir, TxState, Value, EVENT_TIMEOUT,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
@@ -718,67 +718,13 @@ fn a_sqlite_handle_pool_reports_its_leak_waits_and_state_without_sockets() {
     assert_eq!(w2["result"], "ok", "{w2}");
     app.request(json!({"op": "release", "id": "w2"}));
 
-    let mut seen = Seen::new(&agent, pid);
-    seen.watch(EVENT_TIMEOUT, "the slow acquires", |s| {
-        s.of_kind(LeakKind::SlowAcquire).len() >= 2
-    });
-    let slow = seen.of_kind(LeakKind::SlowAcquire);
-    let timed_out = slow
-        .iter()
-        .find(|r| r.resolution.as_deref() == Some("timed out"))
-        .unwrap_or_else(|| panic!("{}", seen.dump()));
-    assert_eq!(
-        (timed_out.pool_used, timed_out.pool_max),
-        (Some(2), Some(2)),
-        "{timed_out:#?}"
-    );
-    assert!(
-        timed_out.pool_pending.is_some_and(|p| p >= 1),
-        "{timed_out:#?}"
-    );
-    assert_eq!(
-        timed_out.holder_tid.map(u64::from),
-        w1["tid"].as_u64(),
-        "{timed_out:#?}"
-    );
-
-    // The leak: held too long, with no kernel evidence either way.
-    seen.watch(
-        EVENT_TIMEOUT + Duration::from_secs_f64(HELD_S),
-        "the leak",
-        |s| !s.of_kind(LeakKind::HeldTooLong).is_empty(),
-    );
-    let held = seen.of_kind(LeakKind::HeldTooLong);
-    assert_eq!(held.len(), 1, "only the leak: {}", seen.dump());
-    let r = held[0];
-    assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
-    assert_eq!(r.pool.as_deref(), Some("handles"), "{r:#?}");
-    assert_eq!(r.holder_tid, Some(app.tid), "{r:#?}");
-    assert_eq!(
-        r.db_system,
-        Some(SystemName::Named("sqlite".into())),
-        "{r:#?}"
-    );
-    assert_eq!((r.fd, r.local_address.as_deref()), (None, None), "{r:#?}");
-    assert!(r.evidence.contains("no kernel evidence"), "{r:#?}");
-    assert!(
-        seen.latest
-            .values()
-            .all(|r| matches!(r.kind, LeakKind::SlowAcquire | LeakKind::HeldTooLong)),
-        "nothing else: {}",
-        seen.dump()
-    );
-
-    // Every acquire's wait is in the histogram: 20 healthy, the leak, the
-    // holder, the waiter that timed out and the one that got a handle.
-    let waits = format!(
-        "db_client_connection_wait_time_seconds_count{{db_client_connection_pool_name=\"handles\",process_pid=\"{pid}\"}}"
-    );
-    let counted = wait_until(EVENT_TIMEOUT, || {
-        let v = agent.metric_sum(&waits);
-        (v >= 24.0).then_some(v)
-    });
-    assert_eq!(counted, Some(24.0), "{}", agent.metrics());
+    // Every acquire's wait is counted: 20 healthy, the leak, the holder,
+    // the waiter that timed out and the one that got a handle.
+    let tids = HandlePoolTids {
+        holder: Some(u64::from(app.tid)),
+        timed_out_waiter: w1["tid"].as_u64(),
+    };
+    expect_handle_pool_reports(&agent, pid, "handles", tids, HELD_S, 24.0);
     let state = app.request(json!({"op": "pool_state", "engine": "h"}));
     let pool = agent.wait_for_pool(pid, "handles", "the leak alone out", |p| p.used == 1);
     assert_eq!(
