@@ -417,20 +417,9 @@ fn command(
             }
             cmd
         }
-        Pool::RustBb8 | Pool::RustSqlx | Pool::RustIds => {
-            let mut cmd = command_in(&bench.work_cg, &programs.rust_bench);
-            cmd.env("PG_PORT", pg_port()?.to_string())
-                .env(
-                    "POOL",
-                    match config.pool {
-                        Pool::RustBb8 => "bb8",
-                        Pool::RustSqlx => "sqlx",
-                        _ => "ids",
-                    },
-                )
-                .env("POOLSCOPE_ADAPTER_SOCKET", bench.adapter_socket());
-            cmd
-        }
+        Pool::RustBb8 => rust_bench(bench, programs, "bb8", pg_port()?),
+        Pool::RustSqlx => rust_bench(bench, programs, "sqlx", pg_port()?),
+        Pool::RustIds => rust_bench(bench, programs, "ids", pg_port()?),
     };
     let warmup = warmup_pairs(settings.pairs, settings.rate);
     cmd.env(
@@ -463,6 +452,15 @@ fn command(
     )
     .env("POOLSCOPE_ADAPTER_STREAM_SOCKET", bench.stream_socket());
     Ok(cmd)
+}
+
+/// `pool_bench` with its pool `POOL` against the bench's PostgreSQL.
+fn rust_bench(bench: &Bench, programs: &Programs, pool: &str, pg_port: u16) -> Command {
+    let mut cmd = command_in(&bench.work_cg, &programs.rust_bench);
+    cmd.env("PG_PORT", pg_port.to_string())
+        .env("POOL", pool)
+        .env("POOLSCOPE_ADAPTER_SOCKET", bench.adapter_socket());
+    cmd
 }
 
 /// How long a process warms up before it is measured. The JITs keep

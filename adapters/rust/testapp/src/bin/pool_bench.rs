@@ -23,9 +23,10 @@
 //! WARMUP_SECONDS, AB_INSTRUMENTED_FIRST, PG_PORT (127.0.0.1, user and
 //! database postgres), POOLSCOPE_ADAPTER_SOCKET.
 
-use std::time::{Duration, Instant};
-
-use std::cell::RefCell;
+use std::{
+    cell::RefCell,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
 use poolscope_adapter::{
@@ -300,14 +301,32 @@ async fn query_ab(seconds: u64, warmup: Duration) -> Result<Value> {
     for side in &sides {
         queries(side, Instant::now() + warmup).await?;
     }
-    let before = sides[1].stats();
-    let mut totals = [(0u64, 0f64, 0f64); 2];
     let slices =
         (4 * ((seconds as f64 * 1000.0 / SLICE.as_millis() as f64 / 4.0).round() as u64)).max(4);
+    alternate(&sides, slices, Slice::Queries).await
+}
+
+/// What one slice of an A/B run does on its side.
+#[derive(Clone, Copy)]
+enum Slice {
+    /// The query loop for [`SLICE`].
+    Queries,
+    /// This many pairs, paced at this rate.
+    Pairs(u64, u64),
+}
+
+/// `slices` slices over the two sides (plain, instrumented, instrumented,
+/// plain, ...): each side's ops, CPU and wall time, as `ab_output`.
+async fn alternate(sides: &[Side; 2], slices: u64, work: Slice) -> Result<Value> {
+    let before = sides[1].stats();
+    let mut totals = [(0u64, 0f64, 0f64); 2];
     for k in 0..slices {
         let which = usize::from(k % 4 == 1 || k % 4 == 2);
         let (cpu0, t0) = (cpu_ns(), Instant::now());
-        totals[which].0 += queries(&sides[which], t0 + SLICE).await?;
+        totals[which].0 += match work {
+            Slice::Queries => queries(&sides[which], t0 + SLICE).await?,
+            Slice::Pairs(n, rate) => pairs(&sides[which], n, rate).await?,
+        };
         totals[which].2 += t0.elapsed().as_nanos() as f64;
         totals[which].1 += cpu_ns() - cpu0;
     }
@@ -344,17 +363,8 @@ async fn pairs_ab(n: u64, warmup: u64, rate: u64) -> Result<Value> {
         pairs(side, warmup, rate).await?;
     }
     let slice = env_num("AB_PAIRS", 10_000)?.max(PAIRS_PER_TURN);
-    let before = sides[1].stats();
-    let mut totals = [(0u64, 0f64, 0f64); 2];
     let slices = (2 * n.div_ceil(slice)).next_multiple_of(4);
-    for k in 0..slices {
-        let which = usize::from(k % 4 == 1 || k % 4 == 2);
-        let (cpu0, t0) = (cpu_ns(), Instant::now());
-        totals[which].0 += pairs(&sides[which], slice, rate).await?;
-        totals[which].2 += t0.elapsed().as_nanos() as f64;
-        totals[which].1 += cpu_ns() - cpu0;
-    }
-    Ok(ab_output(totals, before, sides[1].stats()))
+    alternate(&sides, slices, Slice::Pairs(slice, rate)).await
 }
 
 async fn run() -> Result<Value> {
