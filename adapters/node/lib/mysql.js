@@ -175,7 +175,9 @@ class MysqlReporter extends Reporter {
         reporter.safeAcquired(acquire, err, conn)
         return arguments.length === 2 ? cb.call(this, err, conn) : cb.apply(this, arguments)
       }
-      callback[WAITER] = acquire
+      // An at-once callback is never queued, so never comes back through
+      // here; leaving it unmarked spares a property store per checkout.
+      if (acquire !== AT_ONCE) callback[WAITER] = acquire
       if (arguments.length === 1) return originalGet.call(this, callback)
       const args = Array.prototype.slice.call(arguments)
       args[0] = callback

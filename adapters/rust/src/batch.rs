@@ -32,7 +32,11 @@ use std::{
     time::Duration,
 };
 
-use crate::{locked, protocol::Body, AcquireResult, ConnId};
+use crate::{
+    locked,
+    protocol::{Body, Checkout},
+    AcquireResult, ConnId,
+};
 
 /// The adapter's maps, keyed by its own ids, fds and addresses (nothing an
 /// outsider chooses): hashed with foldhash, a few times cheaper per lookup
@@ -97,10 +101,15 @@ struct Held {
     wait_ns: u64,
 }
 
-/// What waits for the batch about one connection.
+/// What the pool knows of one connection between batches: what waits for
+/// the batch about it, and its checkout while it is out (re-sent as
+/// `checkout_state`). One entry for both, so that a checkout looks its
+/// connection up once when handed out and once when back.
 #[derive(Debug)]
 struct Pending {
     conn: ConnId,
+    /// The checkout out now, as named when handed out.
+    out: Option<Checkout>,
     held: Option<Held>,
     waits: Vec<u64>,
     uses: Vec<u64>,
@@ -113,6 +122,7 @@ impl Pending {
     fn new(conn: ConnId) -> Pending {
         Pending {
             conn,
+            out: None,
             held: None,
             waits: Vec::new(),
             uses: Vec::new(),
@@ -141,6 +151,11 @@ impl Pending {
             out.push(held_end(self.conn, h));
         }
     }
+
+    /// Nothing about it waits and it is not out: the entry may go.
+    fn idle(&self) -> bool {
+        self.out.is_none() && self.held.is_none() && self.waits.is_empty()
+    }
 }
 
 fn held_end(conn: ConnId, h: Held) -> Out {
@@ -159,6 +174,7 @@ pub(crate) struct Batch {
     /// Acquires whose `acquire_start` waits: (request, start, tid). A few:
     /// the batch sends those older than a window.
     starting: Vec<(u64, u64, Option<u32>)>,
+    /// The connections with something waiting or checked out.
     conns: FastMap<ConnKey, Pending>,
     /// Full `checkouts` lines waiting for the batch, in the order they
     /// filled.
@@ -167,9 +183,6 @@ pub(crate) struct Batch {
     pub(crate) scheduled: bool,
     /// Whether the batcher knows the pool (for `flush_all`).
     pub(crate) tracked: bool,
-    /// The pool's checkouts out now (re-sent as `checkout_state`), kept
-    /// here to share the batch's lock.
-    pub(crate) out: FastMap<ConnKey, crate::protocol::Checkout>,
 }
 
 impl Batch {
@@ -179,6 +192,7 @@ impl Batch {
     }
 
     /// The acquire `request` ended at `at` with `result`, for thread `tid`.
+    /// Returns whether a connection is now out.
     pub(crate) fn finish(
         &mut self,
         request: u64,
@@ -186,7 +200,7 @@ impl Batch {
         tid: Option<u32>,
         at: u64,
         out: &mut Vec<Out>,
-    ) {
+    ) -> bool {
         let started = self
             .starting
             .iter()
@@ -197,10 +211,7 @@ impl Batch {
             });
         match (result, started) {
             (AcquireResult::Ok(conn), Some((start, _))) if !conn.is_empty() => {
-                let p = self
-                    .conns
-                    .entry(conn_key(conn))
-                    .or_insert_with(|| Pending::new(conn));
+                let p = self.handed_out(conn, at, tid);
                 // A checkout of it never reported returned: its end goes as is.
                 p.take_held(out);
                 p.held = Some(Held {
@@ -221,7 +232,12 @@ impl Batch {
             }
             (result, None) => {
                 if let AcquireResult::Ok(conn) = result {
-                    self.drain_conn(conn, out);
+                    if !conn.is_empty() {
+                        // What waits about it goes before its end.
+                        let p = self.handed_out(conn, at, tid);
+                        p.take_folded(out);
+                        p.take_held(out);
+                    }
                 }
                 let body = Body::AcquireEnd {
                     request,
@@ -233,6 +249,85 @@ impl Batch {
             }
         }
         self.ready_first(out);
+        matches!(result, AcquireResult::Ok(conn) if !conn.is_empty())
+    }
+
+    /// `conn` handed out at `at` to `tid`: its entry, with the checkout.
+    fn handed_out(&mut self, conn: ConnId, at: u64, tid: Option<u32>) -> &mut Pending {
+        let p = self
+            .conns
+            .entry(conn_key(conn))
+            .or_insert_with(|| Pending::new(conn));
+        p.out = Some(Checkout {
+            conn,
+            mono_ns: at,
+            tid,
+        });
+        p
+    }
+
+    /// The acquire ended with `result` at `at`, its `acquire_end` sent at
+    /// once (no batch): only the checkout is kept. Returns whether a
+    /// connection is now out.
+    pub(crate) fn finish_unbatched(
+        &mut self,
+        result: AcquireResult,
+        tid: Option<u32>,
+        at: u64,
+    ) -> bool {
+        match result {
+            AcquireResult::Ok(conn) if !conn.is_empty() => {
+                self.handed_out(conn, at, tid);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `conn` is back, with no batch: no longer out, and forgotten.
+    pub(crate) fn returned_unbatched(&mut self, conn: ConnId) {
+        let key = conn_key(conn);
+        if let Some(p) = self.conns.get_mut(&key) {
+            if p.out.take().is_some() {
+                if p.idle() {
+                    self.conns.remove(&key);
+                }
+                return;
+            }
+        }
+        self.returned_by_address(conn);
+    }
+
+    /// The pool closed `conn`, with no batch: forgotten.
+    pub(crate) fn closed_unbatched(&mut self, conn: ConnId) {
+        if self.conns.remove(&conn_key(conn)).is_none() {
+            self.returned_by_address(conn);
+        }
+    }
+
+    /// `conn` came back named differently than when it was handed out
+    /// (its fd unknown then, say): the checkout of its address is over.
+    fn returned_by_address(&mut self, conn: ConnId) {
+        let Some(local) = conn.local_address else {
+            return;
+        };
+        for p in self.conns.values_mut() {
+            if p.out.is_some_and(|c| c.conn.local_address == Some(local)) {
+                p.out = None;
+            }
+        }
+    }
+
+    /// The checkouts out now, oldest first.
+    pub(crate) fn checkouts(&self) -> Vec<Checkout> {
+        let mut list: Vec<Checkout> = self.conns.values().filter_map(|p| p.out).collect();
+        list.sort_by_key(|c| c.mono_ns);
+        list
+    }
+
+    /// Whether any connection is out.
+    pub(crate) fn any_out(&self) -> bool {
+        self.conns.values().any(|p| p.out.is_some())
     }
 
     /// The full lines kept for the batch go before anything sent at once,
@@ -245,8 +340,15 @@ impl Batch {
 
     /// `conn` came back to the pool at `at`.
     pub(crate) fn release(&mut self, conn: ConnId, at: u64, out: &mut Vec<Out>) {
+        let mut was_out = false;
         if let Some(p) = self.conns.get_mut(&conn_key(conn)) {
+            was_out = p.out.take().is_some();
             if let Some(h) = p.held.take() {
+                if p.waits.is_empty() {
+                    // A line's room at once, not grown five times.
+                    p.waits.reserve_exact(MAX_FOLDED);
+                    p.uses.reserve_exact(MAX_FOLDED);
+                }
                 p.waits.push(h.wait_ns);
                 p.uses.push(at.saturating_sub(h.since_ns));
                 p.fold_tid = h.tid;
@@ -264,26 +366,24 @@ impl Batch {
             }
             p.take_folded(out);
         }
+        if !was_out {
+            self.returned_by_address(conn);
+        }
         out.push((Body::Release(conn), at));
         self.ready_first(out);
     }
 
     /// The pool closed `conn` at `at`.
     pub(crate) fn closed(&mut self, conn: ConnId, at: u64, out: &mut Vec<Out>) {
-        if let Some(mut p) = self.conns.remove(&conn_key(conn)) {
-            p.take_folded(out);
-            p.take_held(out);
+        match self.conns.remove(&conn_key(conn)) {
+            Some(mut p) => {
+                p.take_folded(out);
+                p.take_held(out);
+            }
+            None => self.returned_by_address(conn),
         }
         out.push((Body::ConnectionClosed(conn), at));
         self.ready_first(out);
-    }
-
-    /// What waits about `conn`, sent now (something newer about it goes out).
-    fn drain_conn(&mut self, conn: ConnId, out: &mut Vec<Out>) {
-        if let Some(p) = self.conns.get_mut(&conn_key(conn)) {
-            p.take_folded(out);
-            p.take_held(out);
-        }
     }
 
     /// The batch at `now`: every folded line; the starts of acquires that
@@ -310,10 +410,10 @@ impl Batch {
                 p.take_held(&mut events);
             }
         }
-        self.conns.retain(|_, p| p.held.is_some());
+        self.conns.retain(|_, p| !p.idle());
         events.sort_by_key(|(_, at)| *at);
         out.extend(events);
-        !self.starting.is_empty() || !self.conns.is_empty()
+        !self.starting.is_empty() || self.conns.values().any(|p| p.held.is_some())
     }
 }
 

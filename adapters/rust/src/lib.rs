@@ -48,7 +48,7 @@ pub use poolscope_adapter_protocol as protocol;
 /// [`conn_of_socket`] names a socket.
 pub use protocol::ConnRef as ConnId;
 pub use protocol::{AcquireResult, DbSystem, PoolInfo};
-use protocol::{Body, Checkout, Message};
+use protocol::{Body, Message};
 
 mod batch;
 #[cfg(feature = "bb8-postgres")]
@@ -622,13 +622,15 @@ struct PoolState {
     last_state: Mutex<Instant>,
 }
 
-use batch::{conn_key, ConnKey};
-
 impl PoolState {
     /// Re-sends the state if a send just found the agent back.
     fn after_send(&self) {
         let now = self.reporter.comebacks();
-        if self.comebacks_seen.swap(now, Ordering::AcqRel) != now {
+        // Loaded first: every checkout passes here, and a swap is a locked
+        // instruction each time.
+        if self.comebacks_seen.load(Ordering::Acquire) != now
+            && self.comebacks_seen.swap(now, Ordering::AcqRel) != now
+        {
             self.send_state();
         }
     }
@@ -638,8 +640,7 @@ impl PoolState {
         if let Some(info) = locked(&self.info).clone() {
             self.reporter.pool(&self.name, &info);
         }
-        let mut entries: Vec<Checkout> = locked(&self.batch).out.values().copied().collect();
-        entries.sort_by_key(|c| c.mono_ns);
+        let entries = locked(&self.batch).checkouts();
         for chunk in entries.chunks(STATE_ENTRIES_PER_MESSAGE) {
             let checkouts = chunk.to_vec();
             // 32 entries of at most ~120 bytes and a 128-character name
@@ -661,7 +662,7 @@ impl PoolState {
     /// when there is nothing to send.
     fn state_due(&self, now: Instant) -> Option<Duration> {
         let interval = Duration::from_nanos(self.interval_ns.load(Ordering::Relaxed));
-        if interval.is_zero() || locked(&self.batch).out.is_empty() {
+        if interval.is_zero() || !locked(&self.batch).any_out() {
             return None;
         }
         let next = *locked(&self.last_state) + interval;
@@ -881,13 +882,13 @@ impl PoolReporter {
     pub fn release(&self, conn: ConnId) {
         let at = monotonic_ns();
         let mut batch = locked(&self.state.batch);
-        returned(&mut batch.out, conn);
         if self.batching() {
             let mut out = Vec::new();
             batch.release(conn, at, &mut out);
             self.schedule(&mut batch);
             self.state.send_all(out);
         } else {
+            batch.returned_unbatched(conn);
             self.state.reporter.release(&self.state.name, conn);
         }
         drop(batch);
@@ -897,12 +898,12 @@ impl PoolReporter {
     pub fn connection_closed(&self, conn: ConnId) {
         let at = monotonic_ns();
         let mut batch = locked(&self.state.batch);
-        returned(&mut batch.out, conn);
         if self.batching() {
             let mut out = Vec::new();
             batch.closed(conn, at, &mut out);
             self.state.send_all(out);
         } else {
+            batch.closed_unbatched(conn);
             self.state
                 .reporter
                 .connection_closed(&self.state.name, conn);
@@ -915,44 +916,28 @@ impl PoolReporter {
         let at = monotonic_ns();
         let tid = current_tid();
         let mut batch = locked(&self.state.batch);
-        let checked_out = match result {
-            AcquireResult::Ok(conn) if !conn.is_empty() => {
-                let checkout = Checkout {
-                    conn,
-                    mono_ns: at,
-                    tid,
-                };
-                batch.out.insert(conn_key(conn), checkout);
-                true
-            }
-            _ => false,
-        };
-        if self.batching() {
+        let checked_out = if self.batching() {
             let mut out = Vec::new();
-            batch.finish(request, result, tid, at, &mut out);
+            let checked_out = batch.finish(request, result, tid, at, &mut out);
             self.schedule(&mut batch);
             self.state.send_all(out);
+            checked_out
         } else {
+            let checked_out = batch.finish_unbatched(result, tid, at);
             self.state
                 .reporter
                 .acquire_end_at(&self.state.name, request, result, tid, at);
-        }
+            checked_out
+        };
         drop(batch);
         // Once per pool: the ticker then looks at it at every wake.
-        if checked_out && !self.state.watched.swap(true, Ordering::Relaxed) {
+        if checked_out
+            && !self.state.watched.load(Ordering::Relaxed)
+            && !self.state.watched.swap(true, Ordering::Relaxed)
+        {
             TICKER.watch(&self.state);
         }
         self.state.after_send();
-    }
-}
-
-/// `conn` is back: no longer among the checkouts re-sent as state.
-fn returned(out: &mut batch::FastMap<ConnKey, Checkout>, conn: ConnId) {
-    if out.remove(&conn_key(conn)).is_none() {
-        if let Some(local) = conn.local_address {
-            // Named differently than when it was handed out.
-            out.retain(|_, c| c.conn.local_address != Some(local));
-        }
     }
 }
 

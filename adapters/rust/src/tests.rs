@@ -475,6 +475,32 @@ fn state_lists_what_is_out_since_its_acquire_and_by_whom() {
 }
 
 #[test]
+fn a_checkout_returned_under_another_name_of_its_socket_leaves_the_state() {
+    for window in [BATCH_WINDOW, Duration::ZERO] {
+        let agent = FakeAgent::new();
+        let pool = PoolReporter::new(agent.reporter(), "orders")
+            .with_state_interval(Duration::ZERO)
+            .with_batch_window(window);
+        pool.register(&info());
+        let by_address = ConnId {
+            fd: None,
+            ..conn(1)
+        };
+        pool.acquire_start().finish(AcquireResult::Ok(by_address));
+        pool.acquire_start().finish(AcquireResult::Ok(conn(2)));
+        // Its fd known by now: the same socket, by its address.
+        pool.release(conn(1));
+        pool.send_state();
+        let out: Vec<Value> = entries(&all(&agent));
+        assert_eq!(out.len(), 1, "{window:?}: {out:?}");
+        assert_eq!(out[0]["fd"], 102, "{window:?}");
+        pool.release(conn(2));
+        pool.send_state();
+        assert!(entries(&all(&agent)).is_empty(), "{window:?}");
+    }
+}
+
+#[test]
 fn a_large_pool_splits_its_state_to_fit_the_datagram_limit() {
     let agent = FakeAgent::new();
     let name = "p".repeat(200);
