@@ -12,8 +12,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    api::{ConnectionView, ConnectionsResponse, PoolsResponse, CONNECTIONS_PAGE_MAX},
+    api::{ConnectionView, ConnectionsResponse, PoolsResponse, CONNECTIONS_PAGE_MAX, POOL_HEALTH},
     config::{DataPath, Overrides},
+    detect::pool_health::{HealthResponse, Status},
     lifecycle::ConnState,
     reports::SlowQueriesResponse,
     reports::{LeakReport, LeaksResponse},
@@ -44,6 +45,22 @@ pub enum Command {
     Leaks(ClientArgs),
     /// Show every pool: adapter pools and implicit ones.
     Pools(ClientArgs),
+    /// Say whether each pool is ok, a warning or critical, and why. Exits 0
+    /// when every pool is ok, 1 on a warning, 2 when one is critical, 3
+    /// when the agent cannot tell (the Nagios convention).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only this process's pools.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Only pools of this name.
+    #[arg(long)]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -137,8 +154,18 @@ impl AgentClient {
         AgentClient { addr, token: None }
     }
 
-    /// A minimal HTTP/1.0 GET: the CLI only ever talks to a local agent.
+    /// GET `path`, which must answer 200.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        let (code, body) = self.request(path)?;
+        if code != 200 {
+            bail!("the agent at {} answered {code} for {path}", self.addr);
+        }
+        Ok(body)
+    }
+
+    /// A minimal HTTP/1.0 GET: the CLI only ever talks to a local agent.
+    /// Returns the status code and the body; a refused token is an error.
+    pub fn request(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let agent = self.addr;
         let unreachable =
             || format!("cannot reach the agent at {agent}; is `poolscope run` running?");
@@ -162,7 +189,10 @@ impl AgentClient {
             bail!("the agent at {agent} sent a malformed response");
         };
         let status = head.lines().next().unwrap_or_default();
-        if status.contains(" 401 ") {
+        let Some(code) = status.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok()) else {
+            bail!("the agent at {agent} sent a malformed status line: {status:?}");
+        };
+        if code == 401 {
             bail!(
                 "the agent at {agent} wants a bearer token for {path}{}: pass --token-file \
                  or set POOLSCOPE_TOKEN",
@@ -173,10 +203,7 @@ impl AgentClient {
                 }
             );
         }
-        if !status.contains(" 200 ") {
-            bail!("the agent at {agent} answered {status} for {path}");
-        }
-        Ok(body.to_string())
+        Ok((code, body.to_string()))
     }
 }
 
@@ -425,4 +452,83 @@ pub fn pools(args: &ClientArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `/api/v1/health`'s query for these arguments, its values escaped.
+fn health_path(args: &HealthArgs) -> String {
+    let mut params = Vec::new();
+    if let Some(pid) = args.pid {
+        params.push(format!("pid={pid}"));
+    }
+    if let Some(pool) = &args.pool {
+        params.push(format!("pool={}", percent_encode(pool)));
+    }
+    if params.is_empty() {
+        POOL_HEALTH.to_string()
+    } else {
+        format!("{POOL_HEALTH}?{}", params.join("&"))
+    }
+}
+
+/// `text` with everything but unreserved URL characters percent-encoded.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prints the pools' health; returns the worst status.
+pub fn health(args: &HealthArgs) -> anyhow::Result<Status> {
+    let path = health_path(args);
+    let (code, body) = args.client.client()?.request(&path)?;
+    if code == 404 {
+        bail!("the agent knows no pool for {path}");
+    }
+    if code != 200 && code != 503 {
+        bail!("the agent answered {code} for {path}: {}", body.trim());
+    }
+    let response: HealthResponse = serde_json::from_str(&body)
+        .with_context(|| format!("the agent's {POOL_HEALTH} is not valid JSON"))?;
+    if args.client.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    } else {
+        print!("{}", health_table(&response));
+    }
+    Ok(response.status)
+}
+
+/// The health table: one line per pool, then its reasons indented.
+pub fn health_table(response: &HealthResponse) -> String {
+    let mut out = format!(
+        "{:<9} {:>7} {:<14} {:<32} {:>5} {:>5} {:>5} {:>8}\n",
+        "STATUS", "PID", "PROCESS", "POOL", "USED", "IDLE", "MAX", "PENDING"
+    );
+    for p in &response.pools {
+        out.push_str(&format!(
+            "{:<9} {:>7} {:<14} {:<32} {:>5} {:>5} {:>5} {:>8}\n",
+            p.status.as_str(),
+            p.pid,
+            p.process,
+            p.pool,
+            p.used,
+            p.idle,
+            p.max.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            p.pending
+        ));
+        for r in &p.reasons {
+            out.push_str(&format!(
+                "          {:<8} {:<16} {}\n",
+                r.status.as_str(),
+                r.rule,
+                r.detail
+            ));
+        }
+    }
+    out.push_str(&format!("overall: {}\n", response.status.as_str()));
+    out
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::{
     adapter::config::{AdapterConfig, SocketMode},
     api::config::{HttpConfig, Secret},
-    detect::config::LeaksConfig,
+    detect::config::{LeaksConfig, PoolHealthConfig},
     ebpf::config::{DataPath, KernelConfig, RingBufferBytes},
     lifecycle::config::TrackingConfig,
     protocol::config::QueriesConfig,
@@ -36,6 +36,7 @@ pub struct Config {
     pub queries: QueriesConfig,
     pub adapter: AdapterConfig,
     pub leaks: LeaksConfig,
+    pub pool_health: PoolHealthConfig,
     pub otlp: OtlpConfig,
     pub log: LogConfig,
 }
@@ -168,6 +169,17 @@ impl Config {
             .bearer_token()
             .map(|_| ())
             .map_err(|(key, reason)| anyhow!("key `http.{key}`: {reason}"))?;
+        let (warning, critical) = (
+            self.pool_health.warning_utilization_percent.get(),
+            self.pool_health.critical_utilization_percent.get(),
+        );
+        if warning > critical {
+            return Err(anyhow!(
+                "key `pool_health.warning_utilization_percent`: {warning} is above \
+                 `pool_health.critical_utilization_percent` ({critical}); a pool is a warning \
+                 before it is critical"
+            ));
+        }
         // Binding one would remove the other's socket file.
         if self.adapter.stream_socket == self.adapter.socket {
             return Err(anyhow!(
@@ -236,6 +248,12 @@ close_wait_seconds = 2.0
 abandoned_seconds = 60.0
 slow_acquire_ms = 250.0
 max_resolved_kept = 20
+
+[pool_health]
+warning_utilization_percent = 70
+critical_utilization_percent = 95
+long_wait_ms = 500
+recent_seconds = "1m"
 
 [otlp]
 endpoint = "http://127.0.0.1:4318"
@@ -309,6 +327,12 @@ level = "debug"
                 abandoned_seconds: checked(ms(60_000)),
                 slow_acquire_ms: checked(ms(250)),
                 max_resolved_kept: 20,
+            },
+            pool_health: PoolHealthConfig {
+                warning_utilization_percent: Bounded::new(70),
+                critical_utilization_percent: Bounded::new(95),
+                long_wait_ms: checked(ms(500)),
+                recent_seconds: checked(ms(60_000)),
             },
             otlp: OtlpConfig {
                 endpoint: "http://127.0.0.1:4318".into(),
@@ -495,7 +519,7 @@ level = "debug"
             "htp",
             4,
             "unknown field `htp`, expected one of `http`, `kernel`, `tracking`, `queries`, \
-             `adapter`, `leaks`, `otlp`, `log`",
+             `adapter`, `leaks`, `pool_health`, `otlp`, `log`",
         );
         // Inline tables and dotted keys are located just as well.
         let e = err("log = { level = \"info\", colour = true }\n");
@@ -891,5 +915,29 @@ level = "debug"
             "{e}"
         );
         assert!(parse("[adapter]\nsocket = \"/tmp/a.sock\"\n").is_ok());
+    }
+
+    #[test]
+    fn pool_health_warns_before_it_is_critical() {
+        let parse = |text: &str| Config::from_toml_str(text, "x");
+        let e = format!(
+            "{:#}",
+            parse("[pool_health]\nwarning_utilization_percent = 95\n").expect_err("95 > 90")
+        );
+        assert!(
+            e.starts_with(
+                "config x: key `pool_health.warning_utilization_percent`: 95 is above \
+                 `pool_health.critical_utilization_percent` (90)"
+            ),
+            "{e}"
+        );
+        assert!(parse("[pool_health]\nwarning_utilization_percent = 90\n").is_ok());
+        let e = err("[pool_health]\ncritical_utilization_percent = 101\n");
+        assert_located(
+            &e,
+            "pool_health.critical_utilization_percent",
+            2,
+            "101 is not between 1 and 100",
+        );
     }
 }

@@ -4,6 +4,7 @@ use clap::Parser;
 use poolscope::{
     cli::{self, Cli, Command},
     config::Config,
+    detect::pool_health::Status,
     ebpf, pipeline,
 };
 
@@ -78,5 +79,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::pools(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        // Nagios's codes: 0 ok, 1 warning, 2 critical, 3 unknown.
+        Command::Health(args) => Ok(match cli::health(&args) {
+            Ok(Status::Ok) => ExitCode::SUCCESS,
+            Ok(Status::Warning) => ExitCode::from(1),
+            Ok(Status::Critical) => ExitCode::from(2),
+            Err(e) => {
+                eprintln!("poolscope: {e:#}");
+                ExitCode::from(3)
+            }
+        }),
     }
 }

@@ -693,6 +693,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health: Arc::clone(&health),
         telemetry: Arc::clone(&telemetry),
         clock,
+        pool_health: config.pool_health.thresholds(),
     };
     let streams = if config.adapter.enabled && !config.adapter.stream_socket.as_os_str().is_empty()
     {

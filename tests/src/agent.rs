@@ -376,6 +376,23 @@ impl Agent {
         response.reports
     }
 
+    /// `poolscope health --agent ADDR ARGS...`: its exit code and what it
+    /// printed.
+    pub fn health_cli(&self, args: &[&str]) -> (i32, String) {
+        let output = Command::new(agent_bin())
+            .args(["health", "--agent", &self.addr.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run poolscope health");
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code().unwrap_or(-1), printed)
+    }
+
     /// `/api/v1/pools`.
     pub fn pools(&self) -> Vec<PoolView> {
         let body = self

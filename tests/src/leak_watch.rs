@@ -237,6 +237,8 @@ pub fn expect_handle_pool_reports(
         seen.dump()
     );
 
+    expect_pool_health_after_a_timeout_and_a_leak(agent, pid, pool);
+
     let waits = format!(
         "db_client_connection_wait_time_seconds_count{{db_client_connection_pool_name=\"{pool}\",process_pid=\"{pid}\"}}"
     );
@@ -245,4 +247,79 @@ pub fn expect_handle_pool_reports(
         (v >= acquires).then_some(v)
     });
     assert_eq!(counted, Some(acquires), "{}", agent.metrics());
+}
+
+/// Pool health of `pool` in `pid` after one of its acquires timed out and
+/// a leak report opened on it: critical for the timeout, a warning for the
+/// leak, as `/api/v1/health` (503, for probes) and `poolscope health`
+/// (exit 2, the Nagios code) say; asked about another process, 404 and
+/// "knows no pool".
+pub fn expect_pool_health_after_a_timeout_and_a_leak(agent: &Agent, pid: u32, pool: &str) {
+    use poolscope::detect::pool_health::{HealthResponse, Status};
+    let path = format!("/api/v1/health?pid={pid}&pool={pool}");
+    let (code, body) = agent.get_with_status(&path).expect("GET /api/v1/health");
+    assert_eq!(code, 503, "{body}");
+    let health: HealthResponse = serde_json::from_str(&body).expect("health JSON");
+    assert_eq!(health.status, Status::Critical, "{health:#?}");
+    assert_eq!(health.pools.len(), 1, "{health:#?}");
+    let reasons: Vec<(&str, Status, &str)> = health.pools[0]
+        .reasons
+        .iter()
+        .map(|r| (r.rule.as_str(), r.status, r.detail.as_str()))
+        .collect();
+    assert!(
+        reasons.contains(&(
+            "acquire_timeouts",
+            Status::Critical,
+            "1 acquire timed out in the last 5 min"
+        )),
+        "{health:#?}"
+    );
+    assert!(
+        reasons.contains(&(
+            "open_leaks",
+            Status::Warning,
+            "1 open leak report on its connections (poolscope leaks)"
+        )),
+        "{health:#?}"
+    );
+
+    let (exit, printed) = agent.health_cli(&["--pid", &pid.to_string(), "--pool", pool]);
+    assert_eq!(exit, 2, "{printed}");
+    assert!(printed.contains("critical acquire_timeouts"), "{printed}");
+    assert!(printed.contains("warning  open_leaks"), "{printed}");
+    assert!(printed.ends_with("overall: critical\n"), "{printed}");
+    // Kept for a person to read (the README's sample comes from one).
+    let artifacts = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("artifacts");
+    if std::fs::create_dir_all(&artifacts).is_ok() {
+        let _ = std::fs::write(artifacts.join(format!("pool-health-{pool}.txt")), &printed);
+    }
+
+    let (exit, printed) = agent.health_cli(&["--pid", &(pid + 1_000_000).to_string()]);
+    assert_eq!(exit, 3, "{printed}");
+    assert!(printed.contains("knows no pool"), "{printed}");
+}
+
+/// Pool health of `pool` in `pid` while both its connections are out and
+/// a request waits: critical, exhausted first among the reasons.
+pub fn expect_exhausted_pool_health(agent: &Agent, pid: u32, pool: &str) {
+    use poolscope::detect::pool_health::{HealthResponse, Status};
+    let (code, body) = agent
+        .get_with_status(&format!("/api/v1/health?pid={pid}"))
+        .expect("GET /api/v1/health");
+    assert_eq!(code, 503, "{body}");
+    let health: HealthResponse = serde_json::from_str(&body).expect("health JSON");
+    let p = health
+        .pools
+        .iter()
+        .find(|p| p.pool == pool)
+        .unwrap_or_else(|| panic!("{health:#?}"));
+    assert_eq!(p.status, Status::Critical, "{p:#?}");
+    assert_eq!((p.used, p.max, p.pending), (2, Some(2), 1), "{p:#?}");
+    let rules: Vec<&str> = p.reasons.iter().map(|r| r.rule.as_str()).collect();
+    assert_eq!(&rules[..2], ["utilization", "exhausted"], "{p:#?}");
+    assert_eq!(
+        p.reasons[1].detail,
+        "all 2 connections in use and 1 request waiting"
+    );
 }

@@ -410,6 +410,7 @@ fn the_example_sqlite_handle_pool_reports_its_leak_waits_and_state() {
     assert_eq!(w1["result"], "timeout", "{w1}");
     app.request(json!({"op": "waiter", "id": "w2"}));
     agent.wait_for_pool(pid, POOL, "the second waiter", |p| p.pending == 1);
+    expect_exhausted_pool_health(&agent, pid, POOL);
     app.request(json!({"op": "release", "id": "holder", "after_ms": 700}));
     let w2 = app.request(json!({"op": "waiter_result", "id": "w2"}));
     assert_eq!(w2["result"], "ok", "{w2}");

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use self::config::HttpConfig;
 use crate::{
     clock::{monotonic_ns, Clock},
+    detect::pool_health::{self, HealthResponse, HealthThresholds, OpenLeaks, Status},
     health::{Health, Verdict},
     lifecycle::PoolView,
     lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint},
@@ -34,6 +35,8 @@ pub struct ApiState {
     pub health: Arc<Health>,
     pub telemetry: Arc<Telemetry>,
     pub clock: Clock,
+    /// `[pool_health]`: the thresholds of `/api/v1/health`.
+    pub pool_health: HealthThresholds,
 }
 
 /// One connection as `/api/v1/connections` shows it. The CLI reads the same
@@ -300,6 +303,9 @@ const HEALTHZ: &str = "/healthz";
 const HEALTHZ_LIVE: &str = "/healthz/live";
 const HEALTHZ_READY: &str = "/healthz/ready";
 const METRICS: &str = "/metrics";
+/// Pool health; unlike `/healthz` (the agent's own), it names processes
+/// and pools, so it takes the token.
+pub const POOL_HEALTH: &str = "/api/v1/health";
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -312,6 +318,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/queries/slow", get(slow_queries))
         .route("/api/v1/leaks", get(leaks))
         .route("/api/v1/pools", get(pools))
+        .route(POOL_HEALTH, get(pool_health_endpoint))
         .with_state(state)
 }
 
@@ -331,7 +338,7 @@ pub async fn serve(http: HttpConfig, state: ApiState) -> anyhow::Result<()> {
         );
     }
     log::info!(
-        "HTTP API on http://{listen} (/metrics, /healthz, /api/v1/{{connections,pools,leaks,queries/slow}}{}); \
+        "HTTP API on http://{listen} (/metrics, /healthz, /api/v1/{{connections,pools,health,leaks,queries/slow}}{}); \
          at most {} connections",
         if token.is_some() { " with a bearer token" } else { "" },
         http.max_connections.get()
@@ -444,6 +451,69 @@ async fn leaks(State(state): State<ApiState>) -> Response {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolsResponse {
     pub pools: Vec<PoolView>,
+}
+
+/// `/api/v1/health`'s parameters.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolHealthQuery {
+    /// Only this process's pools.
+    pub pid: Option<u32>,
+    /// Only pools of this name.
+    pub pool: Option<String>,
+    /// A warning fails too (503), not only critical.
+    #[serde(default)]
+    pub strict: bool,
+}
+
+/// The pools' health as `/api/v1/health` answers: 503 when a pool (of
+/// those asked for) is critical, or with `strict` when one is not ok; 404
+/// when none is asked for by `pid` or `pool`, so that a probe for a
+/// process that lost its pools fails.
+pub fn pool_health(
+    s: &AgentState,
+    query: &PoolHealthQuery,
+    thresholds: &HealthThresholds,
+    now_ns: u64,
+) -> (StatusCode, HealthResponse) {
+    let views: Vec<PoolView> = s
+        .tracker
+        .pool_views()
+        .into_iter()
+        .filter(|v| query.pid.is_none_or(|pid| v.pid == pid))
+        .filter(|v| query.pool.as_ref().is_none_or(|name| &v.name == name))
+        .collect();
+    let activity = s.tracker.pool_activity(now_ns, thresholds.recent_ns);
+    let leaks = OpenLeaks::count(s.leaks.open_reports());
+    let response = pool_health::assess_all(&views, &activity, &leaks, thresholds);
+    let filtered = query.pid.is_some() || query.pool.is_some();
+    let failing = match response.status {
+        Status::Critical => true,
+        Status::Warning => query.strict,
+        Status::Ok => false,
+    };
+    let code = if filtered && response.pools.is_empty() {
+        StatusCode::NOT_FOUND
+    } else if failing {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, response)
+}
+
+async fn pool_health_endpoint(
+    State(state): State<ApiState>,
+    Query(query): Query<PoolHealthQuery>,
+) -> Response {
+    let thresholds = state.pool_health;
+    match state
+        .state
+        .with(|s| pool_health(s, &query, &thresholds, monotonic_ns()))
+    {
+        Ok((code, response)) => (code, Json(response)).into_response(),
+        Err(e) => broken(e),
+    }
 }
 
 async fn pools(State(state): State<ApiState>) -> Response {
@@ -747,5 +817,128 @@ mod tests {
         // The DaemonSet's limit is 128 MiB; the tracker's own state needs
         // most of it at 100k connections.
         assert!(total_peak < 32 << 20, "{total_peak} bytes");
+    }
+
+    /// Process 300 with a pool "handles" of `max` SQLite handles, `out` of
+    /// them checked out and `waiting` requests waiting.
+    fn pool_of(max: u32, out: u64, waiting: u64) -> Arc<Shared<AgentState>> {
+        use crate::adapter::message::{
+            AcquireResult, AdapterEvent, AdapterMessage, ConnRef, PoolInfo,
+        };
+        use crate::protocol::SystemName;
+        const S: u64 = 1_000_000_000;
+        let mut t = Tracker::new(TrackerConfig::default());
+        t.set_placement(
+            300,
+            Placement {
+                process_started_ns: Some(S),
+                ..Placement::default()
+            },
+        );
+        let mut send = |event| {
+            let message = AdapterMessage {
+                pool: "handles".into(),
+                event,
+                mono_ns: None,
+                claimed_pid: None,
+            };
+            t.apply_adapter(300, 10 * S, message);
+        };
+        send(AdapterEvent::Register(PoolInfo {
+            db_system: Some(SystemName::Named("sqlite".into())),
+            max: Some(max),
+            ..PoolInfo::default()
+        }));
+        for id in 1..=u64::from(max) {
+            let conn = ConnRef {
+                conn: Some(id),
+                ..ConnRef::default()
+            };
+            send(AdapterEvent::ConnectionCreated { conn, tid: None });
+            if id <= out {
+                send(AdapterEvent::AcquireEnd {
+                    request: id,
+                    result: AcquireResult::Ok,
+                    conn,
+                    tid: Some(7),
+                    wait_ns: Some(0),
+                });
+            }
+        }
+        for request in 100..100 + waiting {
+            send(AdapterEvent::AcquireStart { request, tid: None });
+        }
+        AgentState::shared_for_tests(t)
+    }
+
+    fn health_of(
+        state: &Shared<AgentState>,
+        query: PoolHealthQuery,
+    ) -> (StatusCode, HealthResponse) {
+        state
+            .with(|s| pool_health(s, &query, &HealthThresholds::default(), 12_000_000_000))
+            .expect("state")
+    }
+
+    #[test]
+    fn an_exhausted_pool_is_critical_and_fails_the_probe() {
+        let (code, r) = health_of(&pool_of(2, 2, 1), PoolHealthQuery::default());
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.status, Status::Critical);
+        let rules: Vec<&str> = r.pools[0].reasons.iter().map(|r| r.rule.as_str()).collect();
+        assert_eq!(rules, ["utilization", "exhausted", "long_wait", "no_idle"]);
+        assert_eq!((r.pools[0].used, r.pools[0].pending), (2, 1));
+        // The request has waited 2 s (since 10 s; now 12 s).
+        assert!(
+            r.pools[0].reasons[2]
+                .detail
+                .starts_with("a request has waited 2.0 s"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_warning_passes_the_probe_unless_strict() {
+        let state = pool_of(10, 8, 0);
+        let (code, r) = health_of(&state, PoolHealthQuery::default());
+        assert_eq!((code, r.status), (StatusCode::OK, Status::Warning));
+        let strict = PoolHealthQuery {
+            strict: true,
+            ..PoolHealthQuery::default()
+        };
+        assert_eq!(health_of(&state, strict).0, StatusCode::SERVICE_UNAVAILABLE);
+        let (code, r) = health_of(&pool_of(10, 1, 0), PoolHealthQuery::default());
+        assert_eq!((code, r.status), (StatusCode::OK, Status::Ok));
+    }
+
+    #[test]
+    fn health_asked_for_a_pool_nobody_has_is_not_found() {
+        let state = pool_of(2, 2, 1);
+        let mine = PoolHealthQuery {
+            pid: Some(300),
+            pool: Some("handles".into()),
+            ..PoolHealthQuery::default()
+        };
+        assert_eq!(health_of(&state, mine).1.pools.len(), 1);
+        for query in [
+            PoolHealthQuery {
+                pid: Some(301),
+                ..PoolHealthQuery::default()
+            },
+            PoolHealthQuery {
+                pool: Some("other".into()),
+                ..PoolHealthQuery::default()
+            },
+        ] {
+            let (code, r) = health_of(&state, query);
+            assert_eq!(code, StatusCode::NOT_FOUND);
+            assert!(r.pools.is_empty());
+        }
+        // No filter and no pool at all: nothing is wrong.
+        let empty = AgentState::shared_for_tests(Tracker::new(TrackerConfig::default()));
+        assert_eq!(
+            health_of(&empty, PoolHealthQuery::default()).0,
+            StatusCode::OK
+        );
     }
 }

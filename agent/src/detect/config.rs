@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config_types::{Duration, MILLI, SECOND};
+use crate::config_types::{Bounded, Duration, Seconds, MILLI, SECOND};
 
 /// A century, the longest threshold: a rule is "turned off" with a huge
 /// one (say `1e9` seconds), and the detectors add thresholds to clock
@@ -54,6 +54,43 @@ impl LeaksConfig {
             close_wait_ns: self.close_wait_seconds.as_nanos(),
             abandoned_ns: self.abandoned_seconds.as_nanos(),
             slow_acquire_ns: self.slow_acquire_ms.as_nanos(),
+        }
+    }
+}
+
+/// `[pool_health]`: the thresholds of `/api/v1/health` and `poolscope
+/// health` (detect::pool_health).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a table, [pool_health]")]
+pub struct PoolHealthConfig {
+    /// Percent of `max` in use from which a pool is a warning.
+    pub warning_utilization_percent: Bounded<u8, 1, 100>,
+    /// Percent of `max` in use from which a pool is critical.
+    pub critical_utilization_percent: Bounded<u8, 1, 100>,
+    /// A request waiting this long for a connection makes a warning.
+    pub long_wait_ms: Threshold<MILLI>,
+    /// How far back acquire timeouts (critical) and errors (a warning) count.
+    pub recent_seconds: Seconds<SECOND, { 24 * 3600 * SECOND }>,
+}
+
+impl Default for PoolHealthConfig {
+    fn default() -> Self {
+        Self {
+            warning_utilization_percent: Bounded::new(80),
+            critical_utilization_percent: Bounded::new(90),
+            long_wait_ms: Threshold::new(1000),
+            recent_seconds: Seconds::new(300),
+        }
+    }
+}
+
+impl PoolHealthConfig {
+    pub fn thresholds(&self) -> super::pool_health::HealthThresholds {
+        super::pool_health::HealthThresholds {
+            warning_utilization: f64::from(self.warning_utilization_percent.get()) / 100.0,
+            critical_utilization: f64::from(self.critical_utilization_percent.get()) / 100.0,
+            long_wait_ns: self.long_wait_ms.as_nanos(),
+            recent_ns: self.recent_seconds.as_nanos(),
         }
     }
 }

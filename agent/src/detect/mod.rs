@@ -3,6 +3,7 @@
 //! reports.
 
 pub mod config;
+pub mod pool_health;
 
 use std::collections::HashMap;
 

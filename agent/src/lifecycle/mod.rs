@@ -15,7 +15,9 @@ mod fast_hash;
 mod index;
 mod tracker;
 
-pub use tracker::{implicit_pool_name, BindingStats, Pool, PoolView, Tracker, TrackerConfig};
+pub use tracker::{
+    implicit_pool_name, BindingStats, Pool, PoolActivity, PoolView, Tracker, TrackerConfig,
+};
 
 use serde::{Deserialize, Serialize};
 

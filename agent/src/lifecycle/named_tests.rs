@@ -403,3 +403,54 @@ fn ids_of_sockets_that_closed_make_room_for_new_ones() {
     );
     assert_eq!(t.adapter_only_connections().count(), 1);
 }
+
+#[test]
+fn pool_activity_tells_the_longest_wait_and_the_recent_failures() {
+    let mut t = tracker_for(PID);
+    register_sqlite(&mut t, PID, 1);
+    let end = |request, result| AdapterEvent::AcquireEnd {
+        request,
+        result,
+        conn: ConnRef::default(),
+        tid: None,
+        wait_ns: None,
+    };
+    // Two timeouts and an error long ago, one timeout recently; a request
+    // waiting since T0 + 100 s.
+    send(&mut t, PID, T0, end(1, AcquireResult::Timeout));
+    send(&mut t, PID, T0 + S, end(2, AcquireResult::Timeout));
+    send(&mut t, PID, T0 + S, end(3, AcquireResult::Error));
+    send(&mut t, PID, T0 + 90 * S, end(4, AcquireResult::Timeout));
+    send(
+        &mut t,
+        PID,
+        T0 + 100 * S,
+        AdapterEvent::AcquireStart {
+            request: 5,
+            tid: None,
+        },
+    );
+    let at = |t: &Tracker, now, recent| t.pool_activity(now, recent)[&(PID, "handles".to_string())];
+    let a = at(&t, T0 + 102 * S, 300 * S);
+    assert_eq!(a.longest_wait_ns, Some(2 * S));
+    assert_eq!(
+        (a.recent_timeouts, a.recent_errors, a.saturated),
+        (3, 1, false)
+    );
+    // Only the last one is within a minute.
+    let a = at(&t, T0 + 102 * S, 60 * S);
+    assert_eq!((a.recent_timeouts, a.recent_errors), (1, 0));
+
+    // A storm: only the latest are kept, and the count says it is a floor.
+    for request in 10..110 {
+        send(
+            &mut t,
+            PID,
+            T0 + 200 * S,
+            end(request, AcquireResult::Timeout),
+        );
+    }
+    let a = at(&t, T0 + 201 * S, 300 * S);
+    assert_eq!(a.recent_timeouts, 32);
+    assert!(a.saturated);
+}

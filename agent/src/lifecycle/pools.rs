@@ -35,6 +35,9 @@ const MAX_POOLS_PER_PROCESS: usize = 64;
 /// Most connections of one pool that re-sent checkout state may mark as
 /// checked out, whatever `max` the pool registered.
 const MAX_STATE_CHECKOUTS: u64 = 1024;
+/// Failed acquires remembered per pool and kind, for pool health's "in
+/// the last minutes": a storm of them costs no more than this many.
+const RECENT_FAILURES_KEPT: usize = 32;
 
 /// An acquire_end's fields, unpacked from [`AdapterEvent::AcquireEnd`].
 struct AcquireEnd {
@@ -59,6 +62,38 @@ pub struct Pool {
     pub releases: u64,
     pub timeouts: u64,
     pub errors: u64,
+    /// When the latest acquires timed out, and failed otherwise.
+    recent_timeouts: VecDeque<u64>,
+    recent_errors: VecDeque<u64>,
+}
+
+/// What the tracker knows of an adapter pool beyond its view, for pool
+/// health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolActivity {
+    /// How long the oldest waiting request has waited.
+    pub longest_wait_ns: Option<u64>,
+    /// Acquires that timed out within the window asked for.
+    pub recent_timeouts: u64,
+    /// Acquires that failed otherwise within the window.
+    pub recent_errors: u64,
+    /// The counts are floors: more failed within the window than the pool
+    /// remembers ([`RECENT_FAILURES_KEPT`] of each kind).
+    pub saturated: bool,
+}
+
+/// Keeps `ts` among the latest failures of one kind.
+fn remember_failure(list: &mut VecDeque<u64>, ts_ns: u64) {
+    if list.len() >= RECENT_FAILURES_KEPT {
+        list.pop_front();
+    }
+    list.push_back(ts_ns);
+}
+
+/// Failures in `list` at or after `since_ns`, and whether that is a floor.
+fn failures_since(list: &VecDeque<u64>, since_ns: u64) -> (u64, bool) {
+    let n = list.iter().filter(|ts| **ts >= since_ns).count();
+    (n as u64, n >= RECENT_FAILURES_KEPT)
 }
 
 /// An acquire in progress.
@@ -80,6 +115,20 @@ impl Pool {
     /// Longest current wait, for the pools view.
     pub fn oldest_pending_ns(&self) -> Option<u64> {
         self.pending.values().map(|w| w.start_ns).min()
+    }
+
+    /// Its waits and failures at `now_ns`, failures counted from
+    /// `recent_ns` before it.
+    pub fn activity(&self, now_ns: u64, recent_ns: u64) -> PoolActivity {
+        let since = now_ns.saturating_sub(recent_ns);
+        let (recent_timeouts, full_t) = failures_since(&self.recent_timeouts, since);
+        let (recent_errors, full_e) = failures_since(&self.recent_errors, since);
+        PoolActivity {
+            longest_wait_ns: self.oldest_pending_ns().map(|s| now_ns.saturating_sub(s)),
+            recent_timeouts,
+            recent_errors,
+            saturated: full_t || full_e,
+        }
     }
 }
 
@@ -143,6 +192,19 @@ impl Tracker {
     }
 
     /// Adapter pools and implicit ones, with their connection counts.
+    /// Every adapter pool's waits and failures (see [`Pool::activity`]),
+    /// by (pid, pool name).
+    pub fn pool_activity(
+        &self,
+        now_ns: u64,
+        recent_ns: u64,
+    ) -> HashMap<(u32, String), PoolActivity> {
+        self.pools
+            .iter()
+            .map(|(key, pool)| (key.clone(), pool.activity(now_ns, recent_ns)))
+            .collect()
+    }
+
     pub fn pool_views(&self) -> Vec<PoolView> {
         let mut views: HashMap<(u32, String), PoolView> = HashMap::new();
         for pool in self.pools.values() {
@@ -496,8 +558,14 @@ impl Tracker {
         }
         match result {
             AcquireResult::Ok => pool.acquires += 1,
-            AcquireResult::Timeout => pool.timeouts += 1,
-            AcquireResult::Error => pool.errors += 1,
+            AcquireResult::Timeout => {
+                pool.timeouts += 1;
+                remember_failure(&mut pool.recent_timeouts, ts_ns);
+            }
+            AcquireResult::Error => {
+                pool.errors += 1;
+                remember_failure(&mut pool.recent_errors, ts_ns);
+            }
         }
         let max = pool.info.as_ref().and_then(|i| i.max);
         // The wait: from the acquire_start the agent kept, else the one the

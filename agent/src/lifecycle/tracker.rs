@@ -15,7 +15,7 @@ mod named;
 mod pools;
 
 pub use binding::BindingStats;
-pub use pools::{implicit_pool_name, Pool, PoolView};
+pub use pools::{implicit_pool_name, Pool, PoolActivity, PoolView};
 
 use super::{
     fast_hash::NumberMap,
