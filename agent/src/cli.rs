@@ -471,7 +471,7 @@ fn health_path(args: &HealthArgs) -> String {
 }
 
 /// `text` with everything but unreserved URL characters percent-encoded.
-fn percent_encode(text: &str) -> String {
+pub fn percent_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

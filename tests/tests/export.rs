@@ -213,18 +213,6 @@ struct Prometheus {
     dir: TempDir,
 }
 
-/// Percent-encodes a query-string value.
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// One series of an instant query: its labels and value.
 type PromSample = (BTreeMap<String, String>, f64);
 
@@ -286,7 +274,10 @@ impl Prometheus {
 
     /// An instant query through the HTTP API (`/api/v1/query`).
     fn query(&self, promql: &str) -> Vec<PromSample> {
-        let path = format!("/api/v1/query?query={}", url_encode(promql));
+        let path = format!(
+            "/api/v1/query?query={}",
+            poolscope::cli::percent_encode(promql)
+        );
         let body = poolscope::cli::AgentClient::without_token(self.addr)
             .get(&path)
             .unwrap_or_else(|e| panic!("Prometheus query {promql:?}: {e:#}"));
