@@ -660,6 +660,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         export_counters: otlp_export.as_ref().map(|e| Arc::clone(&e.counters)),
         state: Arc::clone(&state),
         max_series: config.tracking.max_series.get(),
+        slow_threshold_ns: config.queries.slow_threshold_ms.as_nanos(),
     })?);
     let pipeline = Arc::new(Pipeline {
         state: Arc::clone(&state),

@@ -37,9 +37,20 @@ const ALERTS: &[&str] = &[
     "QueryErrorRate",
     "AgentDroppingEvents",
     "AgentExportDropping",
+    "PoolHighUtilization",
+    "PoolExhausted",
+    "PoolLongQueue",
+    "PoolNoIdleConnections",
+    "PoolAcquireTimeouts",
+    "ConnectionErrors",
+    "QueryLatencyHigh",
+    "SlowQueryRate",
+    "AgentDown",
 ];
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
-const ANNOTATIONS: &[&str] = &["summary", "description", "runbook"];
+const ANNOTATIONS: &[&str] = &["summary", "description", "runbook", "runbook_url"];
+/// The runbook every alert's `runbook_url` points into, from the repository's root.
+const RUNBOOK: &str = "docs/runbook.md";
 /// The data source every panel and variable queries: a template variable, so
 /// the dashboards import into any Grafana whatever its Prometheus is called.
 const DATASOURCE_UID: &str = "${DS_PROMETHEUS}";
@@ -137,6 +148,11 @@ impl Catalog {
             histograms: BTreeSet::new(),
             labels: TARGET_LABELS.iter().map(|l| l.to_string()).collect(),
         };
+        // Prometheus's own series for every target: the agent-down alert.
+        catalog.series.insert(
+            "up".to_string(),
+            TARGET_LABELS.iter().map(|l| l.to_string()).collect(),
+        );
         for instrument in telemetry_catalogue::INSTRUMENTS {
             let name = instrument.prometheus_name();
             let mut labels: BTreeSet<String> = instrument
@@ -1003,6 +1019,7 @@ fn every_alert_is_documented_and_tested_both_ways() {
             problems.push(format!("alerts.yaml has no alert {expected}"));
         }
     }
+    problems.extend(runbook_problems(&rules));
 
     let tests = yaml::read(&dashboards_dir().join("alerts_test.yaml"));
     let mut fires = BTreeSet::new();
@@ -1040,6 +1057,64 @@ fn every_alert_is_documented_and_tested_both_ways() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// GitHub's anchor of a Markdown heading: lower case, spaces as dashes,
+/// other punctuation dropped.
+fn heading_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each alert's `runbook_url` is `docs/runbook.md#<its section>`, and that
+/// section exists and is the alert's own (headed by its name).
+fn runbook_problems(rules: &[&Value]) -> Vec<String> {
+    let runbook = read(&workspace_root().join(RUNBOOK));
+    let sections: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(heading_anchor)
+        .collect();
+    let mut problems = Vec::new();
+    for rule in rules {
+        let Some(name) = rule["alert"].as_str() else {
+            continue;
+        };
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap_or("");
+        let wanted = format!("{RUNBOOK}#{}", heading_anchor(name));
+        if url != wanted {
+            problems.push(format!("{name}: runbook_url {url:?}, expected {wanted:?}"));
+        } else if !sections.contains(&heading_anchor(name)) {
+            problems.push(format!("{name}: {RUNBOOK} has no section `## {name}`"));
+        }
+    }
+    problems
+}
+
+#[test]
+fn the_runbook_check_finds_a_missing_section() {
+    let rule = serde_json::json!({
+        "alert": "NoSuchAlert",
+        "annotations": {"runbook_url": "docs/runbook.md#nosuchalert"},
+    });
+    let problems = runbook_problems(&[&rule]);
+    assert_eq!(
+        problems,
+        ["NoSuchAlert: docs/runbook.md has no section `## NoSuchAlert`"]
+    );
+    let rule = serde_json::json!({
+        "alert": "PoolExhausted",
+        "annotations": {"runbook_url": "https://example.com/x"},
+    });
+    assert_eq!(runbook_problems(&[&rule]).len(), 1);
 }
 
 /// Every dashboard queries Prometheus through the `${DS_PROMETHEUS}`

@@ -427,6 +427,16 @@ fn slow_query_is_reported_with_sanitized_text() {
         .map(|(_, v)| v)
         .collect();
     assert_eq!(le_half, vec![1.0], "only SELECT 1 took under 0.5 s");
+    // The slow-query counter counts what was reported slow, and only that.
+    let slow_counted: Vec<f64> = metric_series(&metrics, "poolscope_queries_slow_total")
+        .into_iter()
+        .filter(|(labels, _)| {
+            has_label(labels, "server_port", &port)
+                && has_label(labels, "db_operation_name", "SELECT")
+        })
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(slow_counted, vec![1.0], "{metrics}");
 }
 
 // ---------------------------------------------------------------------------

@@ -53,6 +53,9 @@ pub struct Observed {
     pub state: Arc<Shared<State>>,
     /// Bound on distinct (process, server) series per gauge.
     pub max_series: usize,
+    /// `[queries] slow_threshold_ms`: round trips this long are counted
+    /// as slow.
+    pub slow_threshold_ns: u64,
 }
 
 pub struct Telemetry {
@@ -65,6 +68,8 @@ pub struct Telemetry {
     events_unmatched: Counter<u64>,
     decode_errors: Counter<u64>,
     operation_duration: Histogram<f64>,
+    slow_queries: Counter<u64>,
+    slow_threshold_ns: u64,
     protocol_lost: Counter<u64>,
     operation_names: OperationNames,
     /// Per-pool histograms, forgotten when their pools are gone.
@@ -343,6 +348,8 @@ impl Telemetry {
             events_unmatched: counter(&meter, &catalogue::KERNEL_EVENTS_UNMATCHED),
             decode_errors: counter(&meter, &catalogue::KERNEL_EVENTS_MALFORMED),
             operation_duration: histogram(&meter, &catalogue::OPERATION_DURATION),
+            slow_queries: counter(&meter, &catalogue::QUERIES_SLOW),
+            slow_threshold_ns: observed.slow_threshold_ns,
             protocol_lost: counter(&meter, &catalogue::PROTOCOL_LOST),
             operation_names: OperationNames::default(),
             server_attributes: ServerAttributes::default(),
@@ -404,11 +411,16 @@ impl Telemetry {
                             attrs.push(KeyValue::new(attr::DB_OPERATION_NAME, name));
                         }
                     }
+                    let duration_ns = trip.end_ns.saturating_sub(trip.start_ns);
+                    // The same rule as the slow-query reports (reports.rs).
+                    if duration_ns >= self.slow_threshold_ns {
+                        self.slow_queries.add(1, &attrs);
+                    }
                     if let Some(error) = &trip.error {
                         attrs.push(KeyValue::new(attr::ERROR_TYPE, error.code.clone()));
                     }
-                    let seconds = trip.end_ns.saturating_sub(trip.start_ns) as f64 / 1e9;
-                    self.operation_duration.record(seconds, &attrs);
+                    self.operation_duration
+                        .record(duration_ns as f64 / 1e9, &attrs);
                 }
                 Output::ProtocolLost { .. } => self.protocol_lost.add(1, &[]),
                 Output::AcquireFinished {
@@ -872,6 +884,7 @@ mod tests {
             export_counters: None,
             state: State::shared_for_tests(tracker_with(&[(7, "psql", 5432)])),
             max_series: 10,
+            slow_threshold_ns: 250_000_000,
         })
         .expect("telemetry");
         telemetry.record(&[Output::ConnectFinished {
@@ -896,6 +909,63 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn round_trips_at_or_past_the_slow_threshold_are_counted_slow() {
+        use crate::protocol::{DbSystem, RoundTrip};
+        let telemetry = Telemetry::new(Observed {
+            resource: opentelemetry_sdk::Resource::builder().build(),
+            otlp_reader: None,
+            export_counters: None,
+            state: State::shared_for_tests(tracker_with(&[(7, "psql", 5432)])),
+            max_series: 10,
+            slow_threshold_ns: 250_000_000,
+        })
+        .expect("telemetry");
+        let trip = |ms: u64, error: bool| Output::RoundTrip {
+            id: ConnId {
+                pid: 7,
+                fd: 3,
+                generation: 1,
+            },
+            comm: "psql".into(),
+            remote: Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")),
+            system: DbSystem::Postgresql,
+            trip: RoundTrip {
+                start_ns: 1_000,
+                end_ns: 1_000 + ms * 1_000_000,
+                operation: Some("SELECT".into()),
+                query: None,
+                namespace: None,
+                error: error.then(|| crate::protocol::DbError {
+                    code: "57014".into(),
+                    message: "canceling statement".into(),
+                }),
+                rows: None,
+                tx_state: None,
+                prepared: false,
+            },
+        };
+        telemetry.record(&[
+            trip(10, false),
+            trip(249, false),
+            trip(250, false),
+            trip(900, true),
+        ]);
+        let text = telemetry.render_prometheus().expect("render");
+        let slow: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("poolscope_queries_slow_total{"))
+            .collect();
+        // One series, errors included and not split by error type.
+        assert_eq!(slow.len(), 1, "{text}");
+        assert!(
+            slow[0].contains("db_operation_name=\"SELECT\""),
+            "{}",
+            slow[0]
+        );
+        assert!(slow[0].ends_with(" 2"), "{}", slow[0]);
     }
 
     /// A tracker, leak store and telemetry where every instrument has data.
@@ -1024,6 +1094,7 @@ mod tests {
                 Arc::new(Shared::new(state, "state", Arc::default()))
             },
             max_series: 10,
+            slow_threshold_ns: 250_000_000,
         })
         .expect("telemetry");
         let id = ConnId {
@@ -1055,7 +1126,7 @@ mod tests {
                 system: DbSystem::Postgresql,
                 trip: RoundTrip {
                     start_ns: 1,
-                    end_ns: 2,
+                    end_ns: 300_000_001,
                     operation: Some("SELECT".into()),
                     query: None,
                     namespace: None,
@@ -1083,6 +1154,7 @@ mod tests {
             export_counters: None,
             state: State::shared_for_tests(Tracker::new(TrackerConfig::default())),
             max_series: 10,
+            slow_threshold_ns: 250_000_000,
         })
         .expect("telemetry")
     }

@@ -269,6 +269,23 @@ pub const OPERATION_DURATION: Instrument = histogram(
     ],
     OPERATION_BUCKETS,
 );
+pub const QUERIES_SLOW: Instrument = instrument(
+    "poolscope.queries.slow",
+    Kind::Counter,
+    "{query}",
+    "round trips that took `[queries] slow_threshold_ms` or longer (the slow-query reports, \
+     counted before any log budget), for a slow-query rate alert",
+    &[
+        required(attr::DB_SYSTEM_NAME, "postgresql, mysql, redis"),
+        when(
+            attr::DB_OPERATION_NAME,
+            "SELECT, COMMIT, GET...: as on db.client.operation.duration",
+            "when recognized",
+        ),
+        required(attr::SERVER_ADDRESS, ""),
+        when(attr::SERVER_PORT, "", "on TCP"),
+    ],
+);
 pub const CONNECTION_COUNT: Instrument = Instrument {
     // Prometheus reserves a `_count` suffix for histograms and summaries.
     prometheus_name_override: Some("db_client_connections"),
@@ -552,6 +569,7 @@ pub const INSTRUMENTS: &[&Instrument] = &[
     &CONNECTION_CLOSE_WAIT,
     &CONNECTION_LIFETIME,
     &OPERATION_DURATION,
+    &QUERIES_SLOW,
     &CONNECTION_COUNT,
     &CONNECTION_MAX,
     &CONNECTION_IDLE_MAX,
