@@ -876,9 +876,10 @@ mod tests {
         assert!(series.keys().any(|k| k.1 == "_other"));
     }
 
-    #[test]
-    fn prometheus_text_has_the_documented_names() {
-        let telemetry = Telemetry::new(Observed {
+    /// Telemetry over one `psql` connection of pid 7 to port 5432; slow
+    /// round trips from 250 ms.
+    fn psql_telemetry() -> Telemetry {
+        Telemetry::new(Observed {
             resource: opentelemetry_sdk::Resource::builder().build(),
             otlp_reader: None,
             export_counters: None,
@@ -886,7 +887,12 @@ mod tests {
             max_series: 10,
             slow_threshold_ns: 250_000_000,
         })
-        .expect("telemetry");
+        .expect("telemetry")
+    }
+
+    #[test]
+    fn prometheus_text_has_the_documented_names() {
+        let telemetry = psql_telemetry();
         telemetry.record(&[Output::ConnectFinished {
             id: ConnId {
                 pid: 7,
@@ -914,15 +920,7 @@ mod tests {
     #[test]
     fn round_trips_at_or_past_the_slow_threshold_are_counted_slow() {
         use crate::protocol::{DbSystem, RoundTrip};
-        let telemetry = Telemetry::new(Observed {
-            resource: opentelemetry_sdk::Resource::builder().build(),
-            otlp_reader: None,
-            export_counters: None,
-            state: State::shared_for_tests(tracker_with(&[(7, "psql", 5432)])),
-            max_series: 10,
-            slow_threshold_ns: 250_000_000,
-        })
-        .expect("telemetry");
+        let telemetry = psql_telemetry();
         let trip = |ms: u64, error: bool| Output::RoundTrip {
             id: ConnId {
                 pid: 7,
