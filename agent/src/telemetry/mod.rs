@@ -876,6 +876,17 @@ mod tests {
         assert!(series.keys().any(|k| k.1 == "_other"));
     }
 
+    /// The connection of [`psql_telemetry`]'s tracker, and its server.
+    const PSQL_CONN: ConnId = ConnId {
+        pid: 7,
+        fd: 3,
+        generation: 1,
+    };
+
+    fn psql_server() -> Endpoint {
+        Endpoint::Inet("127.0.0.1:5432".parse().expect("addr"))
+    }
+
     /// Telemetry over one `psql` connection of pid 7 to port 5432; slow
     /// round trips from 250 ms.
     fn psql_telemetry() -> Telemetry {
@@ -894,13 +905,9 @@ mod tests {
     fn prometheus_text_has_the_documented_names() {
         let telemetry = psql_telemetry();
         telemetry.record(&[Output::ConnectFinished {
-            id: ConnId {
-                pid: 7,
-                fd: 3,
-                generation: 1,
-            },
+            id: PSQL_CONN,
             comm: "psql".into(),
-            remote: Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")),
+            remote: psql_server(),
             outcome: crate::lifecycle::ConnectOutcome::Refused,
             latency_ns: Some(1_000),
         }]);
@@ -922,13 +929,9 @@ mod tests {
         use crate::protocol::{DbSystem, RoundTrip};
         let telemetry = psql_telemetry();
         let trip = |ms: u64, error: bool| Output::RoundTrip {
-            id: ConnId {
-                pid: 7,
-                fd: 3,
-                generation: 1,
-            },
+            id: PSQL_CONN,
             comm: "psql".into(),
-            remote: Endpoint::Inet("127.0.0.1:5432".parse().expect("addr")),
+            remote: psql_server(),
             system: DbSystem::Postgresql,
             trip: RoundTrip {
                 start_ns: 1_000,
