@@ -50,6 +50,12 @@ function socketsOf(conn) {
   return [...withInner(core.stream), ...withInner(core._socket)]
 }
 
+/** The newest of a pool's free connections: mysql2 keeps them in a
+ * Denque (`peekBack`), older releases in an array. */
+function newestOf(free) {
+  return typeof free.peekBack === 'function' ? free.peekBack() : free[free.length - 1]
+}
+
 function connectionOf(conn) {
   return refOfStreams(socketsOf(conn))
 }
@@ -130,19 +136,20 @@ class MysqlReporter extends Reporter {
   }
 
   /**
-   * Whether getConnection() on `pool` now is served from its free
-   * connections within this turn of the event loop (AT_ONCE): mysql2 pops
-   * one and hands it out at the next tick when the pool is open and has
-   * one (nobody can queue while one is free). mysql pings a connection
-   * idle for long before handing it out, so its acquires are timed.
+   * The free connections of `pool` when getConnection() on it now is
+   * served from them within this turn of the event loop (AT_ONCE), else
+   * null: mysql2 pops the newest one, emits `acquire` and hands it out at
+   * the next tick when the pool is open and has one (nobody can queue
+   * while one is free). mysql pings a connection idle for long before
+   * handing it out, so its acquires are timed.
    */
-  servesAtOnce(pool) {
+  freeAtOnce(pool) {
     try {
-      if (this.library !== 'mysql2' || pool._closed) return false
+      if (this.library !== 'mysql2' || pool._closed) return null
       const free = pool._freeConnections
-      return free !== null && typeof free === 'object' && free.length > 0
+      return free !== null && typeof free === 'object' && free.length > 0 ? free : null
     } catch (e) {
-      return false // never into the application
+      return null // never into the application
     }
   }
 
@@ -170,18 +177,45 @@ class MysqlReporter extends Reporter {
     const originalGet = pool.getConnection
     pool.getConnection = function getConnection(cb) {
       if (typeof cb !== 'function' || cb[WAITER] !== undefined) return originalGet.apply(this, arguments)
-      const acquire = reporter.servesAtOnce(this) ? AT_ONCE : reporter.safeAcquireStart(eventLoopTid)
+      const free = reporter.freeAtOnce(this)
+      if (free !== null) return getAtOnce(this, free, arguments)
+      const acquire = reporter.safeAcquireStart(eventLoopTid)
       const callback = function (err, conn) {
         reporter.safeAcquired(acquire, err, conn)
         return arguments.length === 2 ? cb.call(this, err, conn) : cb.apply(this, arguments)
       }
-      // An at-once callback is never queued, so never comes back through
-      // here; leaving it unmarked spares a property store per checkout.
-      if (acquire !== AT_ONCE) callback[WAITER] = acquire
+      callback[WAITER] = acquire
       if (arguments.length === 1) return originalGet.call(this, callback)
       const args = Array.prototype.slice.call(arguments)
       args[0] = callback
       return originalGet.apply(this, args)
+    }
+
+    // A checkout served from the free connections (the usual one) is seen
+    // in the call itself: the connection popped is the newest free one,
+    // and the application's callback runs unwrapped (no closure, no extra
+    // frame per checkout). Its time is the call's, a tick before the
+    // callback, as good as the callback's for a checkout of no wait.
+    function getAtOnce(self, free, args) {
+      let before = 0
+      let newest
+      try {
+        before = free.length
+        newest = newestOf(free)
+      } catch (e) {
+        newest = undefined // never into the application
+      }
+      const result = args.length === 1 ? originalGet.call(self, args[0]) : originalGet.apply(self, args)
+      let popped = null
+      try {
+        // Only if the pool did take exactly that one (a pool that took
+        // another would leave it the newest).
+        if (newest !== undefined && free.length === before - 1 && newestOf(free) !== newest) popped = newest
+      } catch (e) {
+        // never into the application
+      }
+      reporter.safeAcquired(AT_ONCE, null, popped)
+      return result
     }
 
     const originalRelease = pool.releaseConnection

@@ -300,8 +300,18 @@ async function collect(rx, n, timeoutMs = 5000) {
   }
 }
 
+/** Keeps the thread busy for `ms` milliseconds, by a clock finer than
+ * Date.now()'s milliseconds (which could end the wait after ms - 1). */
+function busyFor(ms) {
+  const until = process.hrtime.bigint() + BigInt(Math.round(ms * 1e6))
+  while (process.hrtime.bigint() < until) {
+    // busy on purpose: the caller's own work within its turn
+  }
+}
+
 module.exports = {
   Receiver,
+  busyFor,
   assertFailedAcquire,
   collect,
   registration,

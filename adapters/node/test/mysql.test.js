@@ -12,7 +12,7 @@ const mysql2Promise = require('mysql2/promise')
 const mysql = require('mysql')
 
 const { instrument, stats, tid, _internal } = require('../lib/index')
-const { Receiver, assertFailedAcquire, collect, registration, silentTcpServer, GOLDEN, checkedKinds } = require('./helpers')
+const { Receiver, busyFor, assertFailedAcquire, collect, registration, silentTcpServer, GOLDEN, checkedKinds } = require('./helpers')
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const kinds = (messages) => messages.map((m) => m.kind)
@@ -217,15 +217,16 @@ test('mysql2: an acquire served from a free connection within its turn has no wa
   const pending = get(pool)
   // The one free connection is taken: the second caller waits for a new one.
   const second = get(pool)
-  const until = Date.now() + 5
-  while (Date.now() < until) {
-    // the caller's own work before it yields
-  }
+  busyFor(5) // the caller's own work before it yields
   const first = await pending
   const other = await second
   const ends = (await rx.drain()).map((x) => x.json).filter((x) => x.kind === 'acquire_end')
   assert.equal(ends.length, 2, JSON.stringify(ends))
   assert.equal(ends[0].wait_ns, 0, 'served from the free connection within the turn')
+  // Seen in the call, without wrapping the callback: still the connection
+  // the caller got.
+  const { address, port: localPort } = first.stream.address()
+  assert.equal(ends[0].local_address, `${address}:${localPort}`, JSON.stringify(ends[0]))
   assert.ok(ends[1].wait_ns >= 5e6, `the second waited for a new connection: ${JSON.stringify(ends[1])}`)
   assert.notEqual(ends[0].request, ends[1].request)
   first.release()

@@ -11,7 +11,7 @@ const { Pool } = require('pg')
 
 const { instrument, stats, _internal } = require('../lib/index')
 const { monotonicNs } = require('../lib/sender')
-const { Receiver, assertFailedAcquire, collect, registration, silentTcpServer, eventually, GOLDEN, checkGoldenShape, checkedKinds } = require('./helpers')
+const { Receiver, busyFor, assertFailedAcquire, collect, registration, silentTcpServer, eventually, GOLDEN, checkGoldenShape, checkedKinds } = require('./helpers')
 
 /** Enough of pg.Client for pg-pool: connect, query, end, and a socket. */
 function fakeClientClass(port, behaviour = {}) {
@@ -213,10 +213,7 @@ test('an acquire served from an idle client within its turn has no wait: the res
   // A second caller in the same turn finds the one idle client taken: it
   // waits, and its wait is measured.
   const second = pool.connect()
-  const until = Date.now() + 5
-  while (Date.now() < until) {
-    // the caller's own work before it yields
-  }
+  busyFor(5) // the caller's own work before it yields
   const client = await pending
   const other = await second
   const m = (await rx.drain()).map((x) => x.json)
