@@ -12,10 +12,15 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    api::{ConnectionView, ConnectionsResponse, PoolsResponse, CONNECTIONS_PAGE_MAX, POOL_HEALTH},
+    api::{
+        ConnectionView, ConnectionsResponse, PoolsResponse, QueryLatencyResponse,
+        CONNECTIONS_PAGE_MAX, POOL_HEALTH, QUERY_LATENCY, SIZING,
+    },
     config::{DataPath, Overrides},
     detect::pool_health::{HealthResponse, Status},
+    detect::sizing::SizingResponse,
     lifecycle::ConnState,
+    percentiles::Percentiles,
     reports::SlowQueriesResponse,
     reports::{LeakReport, LeaksResponse},
 };
@@ -45,6 +50,9 @@ pub enum Command {
     Leaks(ClientArgs),
     /// Show every pool: adapter pools and implicit ones.
     Pools(ClientArgs),
+    /// Advise each adapter pool's max (grow, shrink or keep, and why) from
+    /// its use over the last hour.
+    Sizing(ClientArgs),
     /// Say whether each pool is ok, a warning or critical, and why. Exits 0
     /// when every pool is ok, 1 on a warning, 2 when one is critical, 3
     /// when the agent cannot tell (the Nagios convention).
@@ -250,15 +258,68 @@ pub fn connections(args: &ConnectionsArgs) -> anyhow::Result<()> {
 }
 
 pub fn queries(args: &ClientArgs) -> anyhow::Result<()> {
-    let body = args.client()?.get("/api/v1/queries/slow")?;
+    let client = args.client()?;
+    let latency_body = client.get(QUERY_LATENCY)?;
+    let body = client.get("/api/v1/queries/slow")?;
     if args.json {
-        println!("{body}");
+        println!("{{\"latency\":{latency_body},\"slow\":{body}}}");
         return Ok(());
     }
+    let latency: QueryLatencyResponse = serde_json::from_str(&latency_body)
+        .with_context(|| format!("the agent's {QUERY_LATENCY} is not valid JSON"))?;
     let response: SlowQueriesResponse = serde_json::from_str(&body)
         .context("the agent's /api/v1/queries/slow is not valid JSON")?;
+    println!("{}", query_latency_table(&latency));
     print!("{}", slow_queries_table(&response));
     Ok(())
+}
+
+/// A duration in seconds as a person reads it: 0, 850us, 12.3ms, 1.20s.
+pub fn short_duration(seconds: f64) -> String {
+    if seconds <= 0.0 {
+        "0".to_string()
+    } else if seconds < 1e-3 {
+        format!("{:.0}us", seconds * 1e6)
+    } else if seconds < 1.0 {
+        format!("{:.1}ms", seconds * 1e3)
+    } else {
+        format!("{seconds:.2}s")
+    }
+}
+
+/// A number, or "-" for none.
+fn or_dash(n: Option<u32>) -> String {
+    n.map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+/// "p50 / p95 / p99" of a window, or "-" without samples.
+fn percentile_cells(p: Option<&Percentiles>) -> [String; 3] {
+    match p {
+        Some(p) => [p.p50, p.p95, p.p99].map(short_duration),
+        None => ["-", "-", "-"].map(String::from),
+    }
+}
+
+pub fn query_latency_table(response: &QueryLatencyResponse) -> String {
+    let mut out = format!(
+        "query latency over the last {} s, slowest p99 first\n{:<10} {:<28} {:<16} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+        response.window_seconds, "SYSTEM", "SERVER", "OPERATION", "COUNT", "P50", "P95", "P99", "MAX"
+    );
+    for q in &response.queries {
+        let [p50, p95, p99] = percentile_cells(Some(&q.duration_seconds));
+        out.push_str(&format!(
+            "{:<10} {:<28} {:<16} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+            q.db_system,
+            q.server,
+            q.operation.as_deref().unwrap_or("-"),
+            q.duration_seconds.count,
+            p50,
+            p95,
+            p99,
+            short_duration(q.duration_seconds.max)
+        ));
+    }
+    out
 }
 
 pub fn slow_queries_table(response: &SlowQueriesResponse) -> String {
@@ -417,8 +478,14 @@ pub fn pools(args: &ClientArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(());
     }
-    println!(
-        "{:>7} {:<14} {:<32} {:<8} {:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>9}",
+    print!("{}", pools_table(&response));
+    Ok(())
+}
+
+pub fn pools_table(response: &PoolsResponse) -> String {
+    let mut out = format!(
+        "wait and use percentiles over the last {} s\n{:>7} {:<14} {:<32} {:<8} {:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}\n",
+        response.window_seconds,
         "PID",
         "PROCESS",
         "POOL",
@@ -429,11 +496,17 @@ pub fn pools(args: &ClientArgs) -> anyhow::Result<()> {
         "MAX",
         "PENDING",
         "ACQUIRES",
-        "TIMEOUTS"
+        "TIMEOUTS",
+        "WAIT50",
+        "WAIT99",
+        "USE50",
+        "USE99"
     );
     for p in &response.pools {
-        println!(
-            "{:>7} {:<14} {:<32} {:<8} {:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>9}",
+        let [wait50, _, wait99] = percentile_cells(p.percentiles.wait_seconds.as_ref());
+        let [use50, _, use99] = percentile_cells(p.percentiles.use_seconds.as_ref());
+        out.push_str(&format!(
+            "{:>7} {:<14} {:<32} {:<8} {:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}\n",
             p.pid,
             p.process,
             p.name,
@@ -445,13 +518,49 @@ pub fn pools(args: &ClientArgs) -> anyhow::Result<()> {
             p.db_system.as_ref().map_or("-", |d| d.as_str()),
             p.used,
             p.idle,
-            p.max.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            or_dash(p.max),
             p.pending,
             p.acquires,
-            p.timeouts
-        );
+            p.timeouts,
+            wait50,
+            wait99,
+            use50,
+            use99
+        ));
     }
+    out
+}
+
+pub fn sizing(args: &ClientArgs) -> anyhow::Result<()> {
+    let body = args.client()?.get(SIZING)?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let response: SizingResponse = serde_json::from_str(&body)
+        .with_context(|| format!("the agent's {SIZING} is not valid JSON"))?;
+    print!("{}", sizing_table(&response));
     Ok(())
+}
+
+pub fn sizing_table(response: &SizingResponse) -> String {
+    let mut out = format!(
+        "sizing advice from the last {} s\n{:>7} {:<14} {:<32} {:<17} {:>5} {:>7} {}\n",
+        response.window_seconds, "PID", "PROCESS", "POOL", "VERDICT", "MAX", "ADVISED", "WHY"
+    );
+    for p in &response.pools {
+        out.push_str(&format!(
+            "{:>7} {:<14} {:<32} {:<17} {:>5} {:>7} {}\n",
+            p.pid,
+            p.process,
+            p.pool,
+            p.advice.verdict.as_str(),
+            or_dash(p.advice.max),
+            or_dash(p.advice.recommended_max),
+            p.advice.reason
+        ));
+    }
+    out
 }
 
 /// `/api/v1/health`'s query for these arguments, its values escaped.
@@ -517,7 +626,7 @@ pub fn health_table(response: &HealthResponse) -> String {
             p.pool,
             p.used,
             p.idle,
-            p.max.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            or_dash(p.max),
             p.pending
         ));
         for r in &p.reasons {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::{
     adapter::config::{AdapterConfig, SocketMode},
     api::config::{HttpConfig, Secret},
-    detect::config::{LeaksConfig, PoolHealthConfig},
+    detect::config::{LeaksConfig, PoolHealthConfig, SizingConfig},
     ebpf::config::{DataPath, KernelConfig, RingBufferBytes},
     lifecycle::config::TrackingConfig,
     protocol::config::QueriesConfig,
@@ -37,6 +37,7 @@ pub struct Config {
     pub adapter: AdapterConfig,
     pub leaks: LeaksConfig,
     pub pool_health: PoolHealthConfig,
+    pub sizing: SizingConfig,
     pub otlp: OtlpConfig,
     pub log: LogConfig,
 }
@@ -180,6 +181,14 @@ impl Config {
                  before it is critical"
             ));
         }
+        if self.sizing.min_observed_seconds.as_nanos() > self.sizing.window_seconds.as_nanos() {
+            return Err(anyhow!(
+                "key `sizing.min_observed_seconds`: {:?} is longer than `sizing.window_seconds` \
+                 ({:?}); no pool could ever be observed that long within the window",
+                self.sizing.min_observed_seconds.get(),
+                self.sizing.window_seconds.get()
+            ));
+        }
         // Binding one would remove the other's socket file.
         if self.adapter.stream_socket == self.adapter.socket {
             return Err(anyhow!(
@@ -254,6 +263,11 @@ warning_utilization_percent = 70
 critical_utilization_percent = 95
 long_wait_ms = 500
 recent_seconds = "1m"
+
+[sizing]
+window_seconds = "30m"
+min_observed_seconds = 120
+sample_seconds = 2
 
 [otlp]
 endpoint = "http://127.0.0.1:4318"
@@ -333,6 +347,11 @@ level = "debug"
                 critical_utilization_percent: Bounded::new(95),
                 long_wait_ms: checked(ms(500)),
                 recent_seconds: checked(ms(60_000)),
+            },
+            sizing: SizingConfig {
+                window_seconds: checked(ms(1_800_000)),
+                min_observed_seconds: checked(ms(120_000)),
+                sample_seconds: checked(ms(2_000)),
             },
             otlp: OtlpConfig {
                 endpoint: "http://127.0.0.1:4318".into(),
@@ -519,7 +538,7 @@ level = "debug"
             "htp",
             4,
             "unknown field `htp`, expected one of `http`, `kernel`, `tracking`, `queries`, \
-             `adapter`, `leaks`, `pool_health`, `otlp`, `log`",
+             `adapter`, `leaks`, `pool_health`, `sizing`, `otlp`, `log`",
         );
         // Inline tables and dotted keys are located just as well.
         let e = err("log = { level = \"info\", colour = true }\n");
@@ -915,6 +934,26 @@ level = "debug"
             "{e}"
         );
         assert!(parse("[adapter]\nsocket = \"/tmp/a.sock\"\n").is_ok());
+    }
+
+    #[test]
+    fn sizing_needs_a_window_it_can_observe() {
+        let parse = |text: &str| Config::from_toml_str(text, "x");
+        let e = format!(
+            "{:#}",
+            parse("[sizing]\nwindow_seconds = 60\nmin_observed_seconds = 120\n")
+                .expect_err("120 s within 60 s")
+        );
+        assert!(
+            e.starts_with(
+                "config x: key `sizing.min_observed_seconds`: 120s is longer than \
+                 `sizing.window_seconds` (60s)"
+            ),
+            "{e}"
+        );
+        assert!(parse("[sizing]\nwindow_seconds = 60\nmin_observed_seconds = 60\n").is_ok());
+        let e = err("[sizing]\nsample_seconds = 0.5\n");
+        assert_located(&e, "sizing.sample_seconds", 2, "0.5");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod ebpf;
 pub mod health;
 pub mod kernel_records;
 pub mod lifecycle;
+pub mod percentiles;
 pub mod pipeline;
 pub mod procfs;
 pub mod protocol;

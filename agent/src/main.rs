@@ -79,6 +79,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::pools(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sizing(args) => {
+            cli::sizing(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         // Nagios's codes: 0 ok, 1 warning, 2 critical, 3 unknown.
         Command::Health(args) => Ok(match cli::health(&args) {
             Ok(Status::Ok) => ExitCode::SUCCESS,

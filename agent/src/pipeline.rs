@@ -24,7 +24,7 @@ use crate::{
     api::{self, ApiState},
     clock::{monotonic_ns, Clock},
     config::Config,
-    detect::{self, LeakKind, Thresholds},
+    detect::{self, sizing::SizingWindow, LeakKind, Thresholds},
     ebpf::{self, KernelProbes, LoadOptions, TracefsStatus},
     health::{AdapterState, Health},
     kernel_records,
@@ -56,6 +56,9 @@ struct Pipeline {
     /// The kubelet's pod log directory, to name pods (when it exists).
     pod_logs_dir: Option<std::path::PathBuf>,
     thresholds: Thresholds,
+    /// `[sizing]`: how far back pools are sampled, and how often.
+    sizing: SizingWindow,
+    sizing_sample_ticks: u64,
     clock: Clock,
     capture: CaptureBytes,
     /// Command lines as they are, secrets included (off by default).
@@ -676,6 +679,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         otlp: otlp_export.clone(),
         pod_logs_dir: Some(config.tracking.pod_logs_dir.clone()).filter(|d| d.is_dir()),
         thresholds: config.leaks.thresholds(),
+        sizing: config.sizing.window(),
+        sizing_sample_ticks: config.sizing.sample_seconds.get().as_secs().max(1),
         clock,
         capture: CaptureBytes {
             sql: config.queries.capture_bytes.get(),
@@ -695,6 +700,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         telemetry: Arc::clone(&telemetry),
         clock,
         pool_health: config.pool_health.thresholds(),
+        sizing: config.sizing.window(),
     };
     let streams = if config.adapter.enabled && !config.adapter.stream_socket.as_os_str().is_empty()
     {
@@ -1109,9 +1115,19 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
             }
             Err(e) => log::debug!("cannot read kernel counters: {e:#}"),
         }
+        let sample_usage = ticks.is_multiple_of(pipeline.sizing_sample_ticks);
+        let window_ns = pipeline.sizing.window_ns;
         let live = pipeline.state.with(|s| {
             s.tracker.bind_hidden_sockets(now, s.kernel.dropped_events);
             s.tracker.expire(now);
+            if sample_usage {
+                let views = s.tracker.pool_views();
+                let activity = s.tracker.pool_activity(now, 0);
+                let tracker = &mut s.tracker;
+                s.pool_usage.sample(now, window_ns, &views, &activity, |v| {
+                    tracker.take_peak_used(v.pid, &v.name)
+                });
+            }
             s.tracker.pools().map(|p| (p.pid, p.name.clone())).collect()
         })?;
         pipeline.telemetry.forget_gone_pools(&live);

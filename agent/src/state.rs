@@ -18,6 +18,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::{
+    detect::sizing::PoolUsage,
     health::Health,
     lifecycle::Tracker,
     reports::{LeakReports, PublishBudget, Reports},
@@ -50,6 +51,8 @@ pub struct State {
     pub kernel: KernelCounters,
     /// Report lines (log, OTLP events) each process may still cause.
     pub publish: PublishBudget,
+    /// Each adapter pool's sampled use, for sizing advice.
+    pub pool_usage: PoolUsage,
 }
 
 impl State {
@@ -60,6 +63,7 @@ impl State {
             leaks,
             kernel: KernelCounters::default(),
             publish: PublishBudget::default(),
+            pool_usage: PoolUsage::default(),
         }
     }
 }

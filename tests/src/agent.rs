@@ -379,12 +379,18 @@ impl Agent {
     /// `poolscope health --agent ADDR ARGS...`: its exit code and what it
     /// printed.
     pub fn health_cli(&self, args: &[&str]) -> (i32, String) {
+        self.cli("health", args)
+    }
+
+    /// `poolscope COMMAND --agent ADDR ARGS...`: its exit code and what it
+    /// printed (stdout, then stderr).
+    pub fn cli(&self, command: &str, args: &[&str]) -> (i32, String) {
         let output = Command::new(agent_bin())
-            .args(["health", "--agent", &self.addr.to_string()])
+            .args([command, "--agent", &self.addr.to_string()])
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .expect("cannot run poolscope health");
+            .unwrap_or_else(|e| panic!("cannot run poolscope {command}: {e}"));
         let printed = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),

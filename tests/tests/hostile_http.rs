@@ -271,7 +271,14 @@ fn bearer_token_guards_the_api_and_not_the_probes() {
         cmd.output().unwrap()
     };
     let token_path = token_file.display().to_string();
-    for command in ["connections", "pools", "leaks", "queries"] {
+    for command in [
+        "connections",
+        "pools",
+        "leaks",
+        "queries",
+        "sizing",
+        "health",
+    ] {
         let out = cli(command, &[], &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{command} without a token");

@@ -27,7 +27,7 @@ fn chromium(profile: &TempDir) -> Command {
         "--disable-component-update",
         "--disable-sync",
         "--window-size=1400,900",
-        // Let the page's first refresh (a fetch of three API paths) finish.
+        // Let the page's first refresh (a fetch of five API paths) finish.
         "--virtual-time-budget=5000",
     ])
     .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -123,6 +123,10 @@ fn live_page_shows_the_leak_the_pool_and_the_process() {
         &format!("python3 ({pid})"),
         "1 / 3",
         "checked out",
+        // Sizing: the pool was sampled for less than the 10 minutes needed.
+        "insufficient data",
+        // The query-latency table's row of the leaker's SELECT.
+        "<td>SELECT</td>",
     ] {
         assert!(
             dom.contains(expected),

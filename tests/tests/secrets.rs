@@ -418,6 +418,7 @@ fn collect(agent: &Agent, receiver: &OtlpReceiver) -> Outputs {
         &["leaks", "--json"],
         &["queries"],
         &["pools"],
+        &["sizing"],
         &["connections", "--all"],
     ] {
         out.add(format!("poolscope {}", args.join(" ")), cli(agent, args));

@@ -19,9 +19,11 @@ use self::config::HttpConfig;
 use crate::{
     clock::{monotonic_ns, Clock},
     detect::pool_health::{self, HealthResponse, HealthThresholds, OpenLeaks, Status},
+    detect::sizing::{SizingResponse, SizingWindow},
     health::{Health, Verdict},
     lifecycle::PoolView,
     lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint},
+    percentiles::{self, QueryPercentiles},
     procfs::Placement,
     protocol::{DbSystem, TxState},
     reports::{LeaksResponse, SlowQueriesResponse},
@@ -37,6 +39,8 @@ pub struct ApiState {
     pub clock: Clock,
     /// `[pool_health]`: the thresholds of `/api/v1/health`.
     pub pool_health: HealthThresholds,
+    /// `[sizing]`: the window of `/api/v1/sizing`.
+    pub sizing: SizingWindow,
 }
 
 /// One connection as `/api/v1/connections` shows it. The CLI reads the same
@@ -306,6 +310,8 @@ const METRICS: &str = "/metrics";
 /// Pool health; unlike `/healthz` (the agent's own), it names processes
 /// and pools, so it takes the token.
 pub const POOL_HEALTH: &str = "/api/v1/health";
+pub const QUERY_LATENCY: &str = "/api/v1/queries/latency";
+pub const SIZING: &str = "/api/v1/sizing";
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -316,6 +322,8 @@ pub fn router(state: ApiState) -> Router {
         .route(HEALTHZ_READY, get(readiness))
         .route("/api/v1/connections", get(connections))
         .route("/api/v1/queries/slow", get(slow_queries))
+        .route(QUERY_LATENCY, get(query_latency))
+        .route(SIZING, get(sizing))
         .route("/api/v1/leaks", get(leaks))
         .route("/api/v1/pools", get(pools))
         .route(POOL_HEALTH, get(pool_health_endpoint))
@@ -450,8 +458,14 @@ async fn leaks(State(state): State<ApiState>) -> Response {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolsResponse {
+    /// The span each pool's percentiles cover.
+    #[serde(default)]
+    pub window_seconds: u64,
     pub pools: Vec<PoolView>,
 }
+
+/// The span of the percentiles the API shows.
+pub const WINDOW_SECONDS: u64 = percentiles::WINDOW_NS / 1_000_000_000;
 
 /// `/api/v1/health`'s parameters.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -517,12 +531,72 @@ async fn pool_health_endpoint(
 }
 
 async fn pools(State(state): State<ApiState>) -> Response {
-    match state.state.with(|s| PoolsResponse {
-        pools: s.tracker.pool_views(),
-    }) {
+    match state.state.with(|s| s.tracker.pool_views()) {
+        Ok(mut pools) => {
+            let now = monotonic_ns();
+            state.telemetry.percentiles(|l| {
+                for p in &mut pools {
+                    p.percentiles = l.pool_percentiles(p.pid, &p.name, now);
+                }
+            });
+            Json(PoolsResponse {
+                window_seconds: WINDOW_SECONDS,
+                pools,
+            })
+            .into_response()
+        }
+        Err(e) => broken(e),
+    }
+}
+
+/// `/api/v1/sizing`'s answer: each adapter pool's advice over the window.
+pub fn sizing_advice(
+    s: &AgentState,
+    telemetry: &Telemetry,
+    window: SizingWindow,
+    now_ns: u64,
+) -> SizingResponse {
+    let views = s.tracker.pool_views();
+    let pools = telemetry.percentiles(|l| {
+        s.pool_usage.advice(&views, now_ns, window, |v| {
+            l.pool_percentiles(v.pid, &v.name, now_ns)
+                .wait_seconds
+                .map(|w| w.p99)
+        })
+    });
+    SizingResponse {
+        window_seconds: window.window_ns / 1_000_000_000,
+        pools,
+    }
+}
+
+async fn sizing(State(state): State<ApiState>) -> Response {
+    let window = state.sizing;
+    match state
+        .state
+        .with(|s| sizing_advice(s, &state.telemetry, window, monotonic_ns()))
+    {
         Ok(response) => Json(response).into_response(),
         Err(e) => broken(e),
     }
+}
+
+/// `/api/v1/queries/latency`: round-trip percentiles per server and
+/// operation, slowest P99 first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueryLatencyResponse {
+    /// The span the percentiles cover.
+    pub window_seconds: u64,
+    pub queries: Vec<QueryPercentiles>,
+}
+
+async fn query_latency(State(state): State<ApiState>) -> Response {
+    let now = monotonic_ns();
+    Json(QueryLatencyResponse {
+        window_seconds: WINDOW_SECONDS,
+        queries: state.telemetry.percentiles(|l| l.query_percentiles(now)),
+    })
+    .into_response()
 }
 
 #[cfg(test)]

@@ -94,3 +94,35 @@ impl PoolHealthConfig {
         }
     }
 }
+
+/// `[sizing]`: how far back `/api/v1/sizing` and `poolscope sizing` look,
+/// and how often pools are sampled for it (detect::sizing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a table, [sizing]")]
+pub struct SizingConfig {
+    /// The window advice rests on.
+    pub window_seconds: Seconds<{ 10 * SECOND }, { 7 * 24 * 3600 * SECOND }>,
+    /// No advice before a pool was sampled this long.
+    pub min_observed_seconds: Seconds<SECOND, { 7 * 24 * 3600 * SECOND }>,
+    /// How often each pool's use is sampled.
+    pub sample_seconds: Seconds<SECOND, { 60 * SECOND }>,
+}
+
+impl Default for SizingConfig {
+    fn default() -> Self {
+        Self {
+            window_seconds: Seconds::new(3600),
+            min_observed_seconds: Seconds::new(600),
+            sample_seconds: Seconds::new(5),
+        }
+    }
+}
+
+impl SizingConfig {
+    pub fn window(&self) -> super::sizing::SizingWindow {
+        super::sizing::SizingWindow {
+            window_ns: self.window_seconds.as_nanos(),
+            min_observed_ns: self.min_observed_seconds.as_nanos(),
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod pool_health;
+pub mod sizing;
 
 use std::collections::HashMap;
 

@@ -23,6 +23,7 @@ fn pool(used: u64, idle: u64, max: Option<u32>, pending: u64) -> PoolView {
         acquires: 0,
         releases: 0,
         timeouts: 0,
+        percentiles: Default::default(),
     }
 }
 

@@ -391,3 +391,42 @@ fn unknown_connections_are_dropped_not_queued() {
     connect(&mut t, PID, 7, 41_000, 2 * S);
     assert!(conn(&t, PID, 7).checked_out_at_ns.is_none());
 }
+
+/// Sizing samples the pools now and then; checkouts between two samples
+/// still count toward the peak in use.
+#[test]
+fn the_peak_in_use_between_samples_is_kept_until_taken() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    connect(&mut t, PID, 9, 42_000, AGENT_START + S);
+    connect(&mut t, PID, 10, 42_001, AGENT_START + S);
+    register(&mut t, PID, "orders", Some(5));
+    let named = |fd: i32, port: u16| ConnRef {
+        local: Some(local(port)),
+        fd: Some(fd),
+        conn: None,
+    };
+    let at = AGENT_START + 2 * S;
+    for (request, fd, port) in [(1, 9, 42_000), (2, 10, 42_001)] {
+        let end = AdapterEvent::AcquireEnd {
+            request,
+            result: AcquireResult::Ok,
+            conn: named(fd, port),
+            tid: Some(5),
+            wait_ns: None,
+        };
+        t.apply_adapter(PID, at, message("orders", end));
+    }
+    let release = |t: &mut Tracker, fd: i32, port: u16| {
+        let event = AdapterEvent::Release {
+            conn: named(fd, port),
+        };
+        t.apply_adapter(PID, at + S, message("orders", event));
+    };
+    release(&mut t, 10, 42_001);
+    assert_eq!(t.take_peak_used(PID, "orders"), 2, "both were out at once");
+    assert_eq!(t.take_peak_used(PID, "orders"), 1, "one still out");
+    release(&mut t, 9, 42_000);
+    assert_eq!(t.take_peak_used(PID, "orders"), 1, "out since the last");
+    assert_eq!(t.take_peak_used(PID, "orders"), 0);
+    assert_eq!(t.take_peak_used(PID, "nobody"), 0);
+}

@@ -13,6 +13,7 @@ use crate::{
         AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, Folded, PoolInfo,
     },
     lifecycle::{Connection, Endpoint, Output},
+    percentiles::PoolPercentiles,
     protocol::{SystemName, TxState},
 };
 
@@ -65,6 +66,10 @@ pub struct Pool {
     /// When the latest acquires timed out, and failed otherwise.
     recent_timeouts: VecDeque<u64>,
     recent_errors: VecDeque<u64>,
+    /// The most connections in use at once since sizing last sampled the
+    /// pool ([`Tracker::take_peak_used`]): checkouts shorter than the
+    /// sampling interval count too.
+    peak_used: u64,
 }
 
 /// What the tracker knows of an adapter pool beyond its view, for pool
@@ -154,6 +159,10 @@ pub struct PoolView {
     pub acquires: u64,
     pub releases: u64,
     pub timeouts: u64,
+    /// Acquire waits and use times over the last minutes (the tracker
+    /// leaves them empty; the API fills them from the telemetry's windows).
+    #[serde(flatten)]
+    pub percentiles: PoolPercentiles,
 }
 
 /// An adapter event waiting for the kernel to show its connection.
@@ -205,6 +214,16 @@ impl Tracker {
             .collect()
     }
 
+    /// The most connections of the pool in use at once since the last
+    /// call, at least those in use now; starts over from now.
+    pub fn take_peak_used(&mut self, pid: u32, pool: &str) -> u64 {
+        let used = self.used_connections(pid, pool);
+        match self.pools.get_mut(&(pid, pool.to_string())) {
+            Some(p) => std::mem::replace(&mut p.peak_used, used).max(used),
+            None => used,
+        }
+    }
+
     pub fn pool_views(&self) -> Vec<PoolView> {
         let mut views: HashMap<(u32, String), PoolView> = HashMap::new();
         for pool in self.pools.values() {
@@ -232,6 +251,7 @@ impl Tracker {
                     acquires: pool.acquires,
                     releases: pool.releases,
                     timeouts: pool.timeouts,
+                    percentiles: PoolPercentiles::default(),
                 },
             );
         }
@@ -273,6 +293,7 @@ impl Tracker {
                     acquires: 0,
                     releases: 0,
                     timeouts: 0,
+                    percentiles: PoolPercentiles::default(),
                 });
             if view.db_system.is_none() {
                 view.db_system = conn.system();
@@ -493,6 +514,10 @@ impl Tracker {
         let n = waits_ns.len() as u64;
         pool.acquires += n;
         pool.releases += n;
+        // The folded connection was in use beside those in use now.
+        if n > 0 {
+            pool.peak_used = pool.peak_used.max(used_now + 1);
+        }
         // A sender's word: no longer than the agent trusts its times for.
         for t in waits_ns.iter_mut().chain(uses_ns.iter_mut()) {
             *t = (*t).min(ADAPTER_TIME_TRUSTED_NS);
@@ -557,7 +582,10 @@ impl Tracker {
             self.pending_total = self.pending_total.saturating_sub(1);
         }
         match result {
-            AcquireResult::Ok => pool.acquires += 1,
+            AcquireResult::Ok => {
+                pool.acquires += 1;
+                pool.peak_used = pool.peak_used.max(used_now + 1);
+            }
             AcquireResult::Timeout => {
                 pool.timeouts += 1;
                 remember_failure(&mut pool.recent_timeouts, ts_ns);

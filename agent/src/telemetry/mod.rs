@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Instant,
 };
 
@@ -33,8 +33,10 @@ use telemetry_catalogue::{self as catalogue, attr};
 
 use crate::{
     adapter::message::AcquireResult,
+    clock::monotonic_ns,
     detect::LeakKind,
     lifecycle::{ConnState, Connection, Endpoint, Output, PoolView},
+    percentiles::Latencies,
     procfs::Placement,
     protocol::DbSystem,
     reports::LeakChange,
@@ -78,6 +80,28 @@ pub struct Telemetry {
     leak_reports: Counter<u64>,
     unpublished: Counter<u64>,
     server_attributes: ServerAttributes,
+    /// Percentiles over a sliding window, for the API (the histograms
+    /// above are cumulative, for Prometheus and OTLP to take apart).
+    latencies: Mutex<Latencies>,
+}
+
+/// A mutex locked at its first use and held until dropped: one lock for a
+/// batch of outputs, none for a batch that needs none.
+struct LockOnUse<'a, T> {
+    mutex: &'a Mutex<T>,
+    guard: Option<MutexGuard<'a, T>>,
+}
+
+impl<'a, T> LockOnUse<'a, T> {
+    fn new(mutex: &'a Mutex<T>) -> Self {
+        LockOnUse { mutex, guard: None }
+    }
+
+    fn get(&mut self) -> &mut T {
+        // What the lock guards stays valid whatever panicked holding it.
+        self.guard
+            .get_or_insert_with(|| self.mutex.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 /// The server attributes of round trips, built once per server: formatting
@@ -99,7 +123,7 @@ impl ServerAttributes {
         let mut cache = self
             .by_server
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(attrs) = cache.get(&(system, remote.clone())) {
             return Arc::clone(attrs);
         }
@@ -229,10 +253,7 @@ impl OperationNames {
                 if !plausible {
                     return None;
                 }
-                let mut seen = self
-                    .commands
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut seen = self.commands.lock().unwrap_or_else(PoisonError::into_inner);
                 if seen.contains(operation) || seen.len() < MAX_COMMAND_NAMES {
                     seen.insert(operation.to_string());
                     Some(operation.to_string())
@@ -357,6 +378,7 @@ impl Telemetry {
             leak_reports: counter(&meter, &catalogue::LEAK_REPORTS),
             unpublished: counter(&meter, &catalogue::REPORTS_UNPUBLISHED),
             pool_series,
+            latencies: Mutex::default(),
             registry,
             provider,
         };
@@ -366,6 +388,9 @@ impl Telemetry {
 
     pub fn record(&self, outputs: &[Output]) {
         self.events.add(1, &[]);
+        // Taken once per call, and only if an output needs it.
+        let mut latencies = LockOnUse::new(&self.latencies);
+        let mut now_ns = None;
         for output in outputs {
             match output {
                 Output::ConnectFinished {
@@ -406,12 +431,21 @@ impl Telemetry {
                     let server = self.server_attributes.get(*system, remote);
                     let mut attrs = Vec::with_capacity(server.len() + 2);
                     attrs.extend_from_slice(&server);
-                    if let Some(operation) = trip.operation.as_deref() {
-                        if let Some(name) = self.operation_names.bounded(*system, operation) {
-                            attrs.push(KeyValue::new(attr::DB_OPERATION_NAME, name));
-                        }
-                    }
+                    let operation = trip
+                        .operation
+                        .as_deref()
+                        .and_then(|operation| self.operation_names.bounded(*system, operation));
                     let duration_ns = trip.end_ns.saturating_sub(trip.start_ns);
+                    latencies.get().record_query(
+                        *system,
+                        remote,
+                        operation.as_deref(),
+                        duration_ns,
+                        trip.end_ns,
+                    );
+                    if let Some(name) = operation {
+                        attrs.push(KeyValue::new(attr::DB_OPERATION_NAME, name));
+                    }
                     // The same rule as the slow-query reports (reports.rs).
                     if duration_ns >= self.slow_threshold_ns {
                         self.slow_queries.add(1, &attrs);
@@ -437,6 +471,10 @@ impl Telemetry {
                     };
                     self.pool_series
                         .record_wait(*pid, pool, *wait_ns as f64 / 1e9, error);
+                    let now = *now_ns.get_or_insert_with(monotonic_ns);
+                    latencies
+                        .get()
+                        .record_pool(*pid, pool, now, &[*wait_ns], &[]);
                 }
                 Output::CheckoutsFolded {
                     pid,
@@ -444,12 +482,21 @@ impl Telemetry {
                     waits_ns,
                     uses_ns,
                     ..
-                } => self
-                    .pool_series
-                    .record_folded(*pid, pool, waits_ns, uses_ns),
+                } => {
+                    self.pool_series
+                        .record_folded(*pid, pool, waits_ns, uses_ns);
+                    let now = *now_ns.get_or_insert_with(monotonic_ns);
+                    latencies
+                        .get()
+                        .record_pool(*pid, pool, now, waits_ns, uses_ns);
+                }
                 Output::Released { pid, pool, use_ns } => {
                     self.pool_series
-                        .record_use(*pid, pool, *use_ns as f64 / 1e9)
+                        .record_use(*pid, pool, *use_ns as f64 / 1e9);
+                    let now = *now_ns.get_or_insert_with(monotonic_ns);
+                    latencies
+                        .get()
+                        .record_pool(*pid, pool, now, &[], &[*use_ns]);
                 }
                 Output::PoolConnectionCreated {
                     pid,
@@ -467,6 +514,11 @@ impl Telemetry {
                 }
             }
         }
+    }
+
+    /// What `f` reads off the percentile windows.
+    pub fn percentiles<T>(&self, f: impl FnOnce(&Latencies) -> T) -> T {
+        f(LockOnUse::new(&self.latencies).get())
     }
 
     /// Counts `n` accepted adapter messages at once.
