@@ -18,7 +18,10 @@ use std::collections::{HashMap, VecDeque};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::{lifecycle::Endpoint, protocol::DbSystem};
+use crate::{
+    lifecycle::{fast_hash::NumberMap, Endpoint},
+    protocol::DbSystem,
+};
 
 /// The span the percentiles cover.
 pub const WINDOW_NS: u64 = 300 * 1_000_000_000;
@@ -130,9 +133,10 @@ impl LatencyWindow {
     /// step (timestamps of different CPUs, or a batch read late) goes into
     /// the newest step: it is at most a step off.
     fn current(&mut self, now_ns: u64, bytes: &mut usize) -> Option<&mut Histogram<u32>> {
-        let step = now_ns / STEP_NS;
+        // Within the newest step (the usual case): no division.
         let newest = self.steps.back().map(|(s, _)| *s);
-        if newest.is_none_or(|n| n < step) {
+        if newest.is_none_or(|n| now_ns >= (n + 1).saturating_mul(STEP_NS)) {
+            let step = now_ns / STEP_NS;
             let mut reused = None;
             while self.steps.front().is_some_and(|(s, _)| s + STEPS <= step) {
                 reused = self.steps.pop_front().map(|(_, h)| h);
@@ -218,10 +222,13 @@ pub struct Latencies {
     pools: HashMap<u32, HashMap<String, PoolLatency>>,
     pool_count: usize,
     /// Operation windows by server; "" is a round trip of no operation.
-    queries: HashMap<Endpoint, (DbSystem, HashMap<String, LatencyWindow>)>,
+    /// The cheap hash: servers are the kernel's remote addresses, operation
+    /// names a bounded vocabulary, and both maps are bounded; this runs for
+    /// every round trip.
+    queries: NumberMap<Endpoint, (DbSystem, NumberMap<String, LatencyWindow>)>,
     query_count: usize,
-    /// The step at which stale windows were last dropped.
-    swept_step: u64,
+    /// When stale windows are next dropped (the start of the next step).
+    next_sweep_ns: u64,
     /// What the histograms hold (recounted at every sweep).
     bytes: usize,
     /// Samples not recorded because their series would pass a bound, or
@@ -275,40 +282,38 @@ impl Latencies {
     ) {
         self.sweep(end_ns);
         let operation = operation.unwrap_or("");
-        if !self
+        // The usual case, a series seen before: one lookup in each map.
+        let known = self
             .queries
-            .get(server)
-            .is_some_and(|(_, ops)| ops.contains_key(operation))
-        {
-            if self.query_count >= MAX_QUERY_SERIES {
+            .get_mut(server)
+            .and_then(|(_, ops)| ops.get_mut(operation));
+        let window = match known {
+            Some(window) => window,
+            None if self.query_count >= MAX_QUERY_SERIES => {
                 self.refused += 1;
                 return;
             }
-            self.queries
-                .entry(server.clone())
-                .or_insert_with(|| (system, HashMap::new()))
-                .1
-                .insert(operation.to_string(), LatencyWindow::default());
-            self.query_count += 1;
-        }
-        if let Some(window) = self
-            .queries
-            .get_mut(server)
-            .and_then(|(_, ops)| ops.get_mut(operation))
-        {
-            if !window.record(duration_ns, end_ns, &mut self.bytes) {
-                self.refused += 1;
+            None => {
+                self.query_count += 1;
+                self.queries
+                    .entry(server.clone())
+                    .or_insert_with(|| (system, NumberMap::default()))
+                    .1
+                    .entry(operation.to_string())
+                    .or_default()
             }
+        };
+        if !window.record(duration_ns, end_ns, &mut self.bytes) {
+            self.refused += 1;
         }
     }
 
     /// Drops the windows with nothing inside the window, once a step.
     fn sweep(&mut self, now_ns: u64) {
-        let step = now_ns / STEP_NS;
-        if step <= self.swept_step {
+        if now_ns < self.next_sweep_ns {
             return;
         }
-        self.swept_step = step;
+        self.next_sweep_ns = (now_ns / STEP_NS + 1).saturating_mul(STEP_NS);
         for pools in self.pools.values_mut() {
             pools.retain(|_, p| !(p.wait.is_stale(now_ns) && p.use_time.is_stale(now_ns)));
         }

@@ -24,7 +24,11 @@ use crate::{
     api::{self, ApiState},
     clock::{monotonic_ns, Clock},
     config::Config,
-    detect::{self, sizing::SizingWindow, LeakKind, Thresholds},
+    detect::{
+        self,
+        sizing::{PoolUsage, SizingWindow},
+        LeakKind, Thresholds,
+    },
     ebpf::{self, KernelProbes, LoadOptions, TracefsStatus},
     health::{AdapterState, Health},
     kernel_records,
@@ -1120,7 +1124,11 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
         let live = pipeline.state.with(|s| {
             s.tracker.bind_hidden_sockets(now, s.kernel.dropped_events);
             s.tracker.expire(now);
-            if sample_usage {
+            // Only adapter pools are sized: without one, no walk over the
+            // connections.
+            if sample_usage && s.tracker.pools().next().is_none() {
+                s.pool_usage = PoolUsage::default();
+            } else if sample_usage {
                 let views = s.tracker.pool_views();
                 let activity = s.tracker.pool_activity(now, 0);
                 let tracker = &mut s.tracker;

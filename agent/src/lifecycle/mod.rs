@@ -11,7 +11,7 @@
 //! events that arrive out of order from different CPUs.
 
 pub mod config;
-mod fast_hash;
+pub(crate) mod fast_hash;
 mod index;
 mod tracker;
 
