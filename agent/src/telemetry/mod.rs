@@ -16,7 +16,7 @@ use std::{
 use anyhow::Context;
 use opentelemetry::{
     metrics::{Counter, Histogram, Meter, MeterProvider},
-    KeyValue,
+    KeyValue, StringValue,
 };
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
@@ -234,16 +234,20 @@ const MAX_COMMAND_NAMES: usize = 256;
 /// Bounds the values of `db.operation.name`.
 #[derive(Default)]
 struct OperationNames {
-    commands: Mutex<std::collections::HashSet<String>>,
+    /// Shared, so that naming a known command allocates nothing.
+    commands: Mutex<HashSet<Arc<str>>>,
 }
 
 impl OperationNames {
-    fn bounded(&self, system: DbSystem, operation: &str) -> Option<String> {
+    /// The operation as an attribute value, or None if it is not one to
+    /// name: a static name for SQL, a shared one for Redis (no allocation
+    /// per round trip either way).
+    fn bounded(&self, system: DbSystem, operation: &str) -> Option<StringValue> {
         match system {
             DbSystem::Postgresql | DbSystem::Mysql => SQL_OPERATIONS
                 .binary_search(&operation)
                 .ok()
-                .map(|_| operation.to_string()),
+                .map(|i| StringValue::from(SQL_OPERATIONS[i])),
             DbSystem::Redis => {
                 let plausible = !operation.is_empty()
                     && operation.len() <= 32
@@ -254,12 +258,15 @@ impl OperationNames {
                     return None;
                 }
                 let mut seen = self.commands.lock().unwrap_or_else(PoisonError::into_inner);
-                if seen.contains(operation) || seen.len() < MAX_COMMAND_NAMES {
-                    seen.insert(operation.to_string());
-                    Some(operation.to_string())
-                } else {
-                    Some("_OTHER".to_string())
+                if let Some(name) = seen.get(operation) {
+                    return Some(StringValue::from(Arc::clone(name)));
                 }
+                if seen.len() >= MAX_COMMAND_NAMES {
+                    return Some(StringValue::from("_OTHER"));
+                }
+                let name: Arc<str> = Arc::from(operation);
+                seen.insert(Arc::clone(&name));
+                Some(StringValue::from(name))
             }
         }
     }
@@ -439,7 +446,7 @@ impl Telemetry {
                     latencies.get().record_query(
                         *system,
                         remote,
-                        operation.as_deref(),
+                        operation.as_ref().map(StringValue::as_str),
                         duration_ns,
                         trip.end_ns,
                     );
@@ -877,12 +884,18 @@ mod tests {
     fn operation_names_are_bounded() {
         let names = OperationNames::default();
         assert_eq!(
-            names.bounded(DbSystem::Postgresql, "SELECT").as_deref(),
+            names
+                .bounded(DbSystem::Postgresql, "SELECT")
+                .as_ref()
+                .map(StringValue::as_str),
             Some("SELECT")
         );
         assert_eq!(names.bounded(DbSystem::Postgresql, "SELEC"), None);
         assert_eq!(
-            names.bounded(DbSystem::Redis, "GET").as_deref(),
+            names
+                .bounded(DbSystem::Redis, "GET")
+                .as_ref()
+                .map(StringValue::as_str),
             Some("GET")
         );
         assert_eq!(names.bounded(DbSystem::Redis, "G\u{0}T"), None);
@@ -900,11 +913,17 @@ mod tests {
             names.bounded(DbSystem::Redis, &name);
         }
         assert_eq!(
-            names.bounded(DbSystem::Redis, "NEVERSEEN").as_deref(),
+            names
+                .bounded(DbSystem::Redis, "NEVERSEEN")
+                .as_ref()
+                .map(StringValue::as_str),
             Some("_OTHER")
         );
         assert_eq!(
-            names.bounded(DbSystem::Redis, "GET").as_deref(),
+            names
+                .bounded(DbSystem::Redis, "GET")
+                .as_ref()
+                .map(StringValue::as_str),
             Some("GET")
         );
     }
