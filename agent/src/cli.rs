@@ -502,9 +502,10 @@ pub fn pools_table(response: &PoolsResponse) -> String {
         "USE50",
         "USE99"
     );
-    for p in &response.pools {
-        let [wait50, _, wait99] = percentile_cells(p.percentiles.wait_seconds.as_ref());
-        let [use50, _, use99] = percentile_cells(p.percentiles.use_seconds.as_ref());
+    for pool in &response.pools {
+        let [wait50, _, wait99] = percentile_cells(pool.percentiles.wait_seconds.as_ref());
+        let [use50, _, use99] = percentile_cells(pool.percentiles.use_seconds.as_ref());
+        let p = &pool.view;
         out.push_str(&format!(
             "{:>7} {:<14} {:<32} {:<8} {:<10} {:>5} {:>5} {:>5} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}\n",
             p.pid,

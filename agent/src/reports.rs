@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     adapter::message::AcquireResult,
     clock::Clock,
-    detect::{Finding, LeakKind},
+    detect::{pool_health::OpenLeak, Finding, LeakKind},
     lifecycle::{ConnId, ConnState, Connection, Endpoint, Output},
     protocol::{DbError, SystemName, TxState},
 };
@@ -221,6 +221,18 @@ fn resolution(kind: LeakKind, now: Option<&Connection>) -> String {
         }
         LeakKind::CloseWait if conn.state != ConnState::PeerClosed => "the fd was closed".into(),
         _ => "traffic resumed".into(),
+    }
+}
+
+impl LeakReport {
+    /// What pool health counts of it.
+    pub fn open_leak(&self) -> OpenLeak<'_> {
+        OpenLeak {
+            pid: self.pid,
+            kind: self.kind,
+            pool: self.pool.as_deref(),
+            server: self.server.as_deref(),
+        }
     }
 }
 

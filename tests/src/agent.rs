@@ -399,14 +399,14 @@ impl Agent {
         (output.status.code().unwrap_or(-1), printed)
     }
 
-    /// `/api/v1/pools`.
+    /// `/api/v1/pools`, the tracker's views (without the percentiles).
     pub fn pools(&self) -> Vec<PoolView> {
         let body = self
             .get("/api/v1/pools")
             .unwrap_or_else(|e| panic!("GET /api/v1/pools: {e:#}"));
         let response: PoolsResponse = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("/api/v1/pools is not valid JSON ({e}): {body}"));
-        response.pools
+        response.pools.into_iter().map(|p| p.view).collect()
     }
 
     /// The pool `name` of process `pid`, if the agent shows it.

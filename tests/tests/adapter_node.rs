@@ -16,7 +16,6 @@ use std::{
 };
 
 use poolscope::{
-    api::PoolsResponse,
     detect::LeakKind,
     lifecycle::PoolView,
     reports::{LeakReport, LeaksResponse, ReportStatus},
@@ -57,13 +56,8 @@ fn count(answer: &Value, key: &str) -> u64 {
 }
 
 fn pools_of(agent: &Agent, pid: u32) -> Vec<PoolView> {
-    let body = agent
-        .get("/api/v1/pools")
-        .unwrap_or_else(|e| panic!("GET /api/v1/pools: {e:#}"));
-    let response: PoolsResponse = serde_json::from_str(&body)
-        .unwrap_or_else(|e| panic!("/api/v1/pools is not valid JSON ({e}): {body}"));
-    response
-        .pools
+    agent
+        .pools()
         .into_iter()
         .filter(|p| p.pid == pid)
         .collect()

@@ -18,7 +18,6 @@ use std::{
 };
 
 use poolscope::{
-    api::PoolsResponse,
     detect::LeakKind,
     lifecycle::PoolView,
     reports::{LeakReport, LeaksResponse, ReportStatus},
@@ -172,15 +171,6 @@ fn count(answer: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} is not a count in {answer}"))
 }
 
-fn pools(agent: &Agent) -> Vec<PoolView> {
-    let body = agent
-        .get("/api/v1/pools")
-        .unwrap_or_else(|e| panic!("GET /api/v1/pools: {e:#}"));
-    serde_json::from_str::<PoolsResponse>(&body)
-        .unwrap_or_else(|e| panic!("/api/v1/pools is not valid JSON ({e}): {body}"))
-        .pools
-}
-
 fn leaks(agent: &Agent) -> Vec<LeakReport> {
     let body = agent
         .get("/api/v1/leaks")
@@ -195,7 +185,7 @@ fn leaks(agent: &Agent) -> Vec<LeakReport> {
 fn wait_for_pool(agent: &Agent, pid: u32, what: &str, ok: impl Fn(&PoolView) -> bool) -> PoolView {
     let mut last = Vec::new();
     let found = wait_until(EVENT_TIMEOUT, || {
-        last = pools(agent).into_iter().filter(|p| p.pid == pid).collect();
+        last = agent.pools().into_iter().filter(|p| p.pid == pid).collect();
         last.iter().find(|p| p.name == POOL && ok(p)).cloned()
     });
     found.unwrap_or_else(|| {
@@ -311,7 +301,7 @@ fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
              {held_local} (fd {held_fd})\n--- reports of pid {pid} ---\n{}\n--- pools ---\n{}\n\
              --- agent log ---\n{}",
             serde_json::to_string_pretty(&last).unwrap_or_default(),
-            serde_json::to_string_pretty(&pools(&agent)).unwrap_or_default(),
+            serde_json::to_string_pretty(&agent.pools()).unwrap_or_default(),
             agent.log()
         )
     });

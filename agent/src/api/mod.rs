@@ -23,10 +23,10 @@ use crate::{
     health::{Health, Verdict},
     lifecycle::PoolView,
     lifecycle::{CloseReason, ConnId, ConnState, ConnectOutcome, Connection, Endpoint},
-    percentiles::{self, QueryPercentiles},
+    percentiles::{self, PoolPercentiles, QueryPercentiles},
     procfs::Placement,
     protocol::{DbSystem, TxState},
-    reports::{LeaksResponse, SlowQueriesResponse},
+    reports::{LeakReport, LeaksResponse, SlowQueriesResponse},
     state::{Broken, Shared, State as AgentState},
     telemetry::Telemetry,
 };
@@ -461,7 +461,17 @@ pub struct PoolsResponse {
     /// The span each pool's percentiles cover.
     #[serde(default)]
     pub window_seconds: u64,
-    pub pools: Vec<PoolView>,
+    pub pools: Vec<PoolWithPercentiles>,
+}
+
+/// A pool as `/api/v1/pools` shows it: the tracker's view and, beside it,
+/// its acquire waits and use times over the last minutes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolWithPercentiles {
+    #[serde(flatten)]
+    pub view: PoolView,
+    #[serde(flatten)]
+    pub percentiles: PoolPercentiles,
 }
 
 /// The span of the percentiles the API shows.
@@ -498,7 +508,7 @@ pub fn pool_health(
         .filter(|v| query.pool.as_ref().is_none_or(|name| &v.name == name))
         .collect();
     let activity = s.tracker.pool_activity(now_ns, thresholds.recent_ns);
-    let leaks = OpenLeaks::count(s.leaks.open_reports());
+    let leaks = OpenLeaks::count(s.leaks.open_reports().map(LeakReport::open_leak));
     let response = pool_health::assess_all(&views, &activity, &leaks, thresholds);
     let filtered = query.pid.is_some() || query.pool.is_some();
     let failing = match response.status {
@@ -532,12 +542,16 @@ async fn pool_health_endpoint(
 
 async fn pools(State(state): State<ApiState>) -> Response {
     match state.state.with(|s| s.tracker.pool_views()) {
-        Ok(mut pools) => {
+        Ok(views) => {
             let now = monotonic_ns();
-            state.telemetry.percentiles(|l| {
-                for p in &mut pools {
-                    p.percentiles = l.pool_percentiles(p.pid, &p.name, now);
-                }
+            let pools = state.telemetry.percentiles(|l| {
+                views
+                    .into_iter()
+                    .map(|view| PoolWithPercentiles {
+                        percentiles: l.pool_percentiles(view.pid, &view.name, now),
+                        view,
+                    })
+                    .collect()
             });
             Json(PoolsResponse {
                 window_seconds: WINDOW_SECONDS,

@@ -25,8 +25,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::LeakKind;
 pub use crate::lifecycle::PoolActivity;
-use crate::{lifecycle::PoolView, reports::LeakReport};
+use crate::lifecycle::PoolView;
 
 /// A pool's verdict; ordered from best to worst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -137,16 +138,25 @@ pub struct OpenLeaks {
     by_server: HashMap<(u32, String), u64>,
 }
 
+/// What pool health needs of one open leak report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenLeak<'a> {
+    pub pid: u32,
+    pub kind: LeakKind,
+    pub pool: Option<&'a str>,
+    pub server: Option<&'a str>,
+}
+
 impl OpenLeaks {
-    pub fn count<'a>(reports: impl Iterator<Item = &'a LeakReport>) -> OpenLeaks {
+    pub fn count<'a>(reports: impl Iterator<Item = OpenLeak<'a>>) -> OpenLeaks {
         let mut open = OpenLeaks::default();
         for r in reports.filter(|r| r.kind.is_leak()) {
-            let key = match (&r.pool, &r.server) {
+            let key = match (r.pool, r.server) {
                 (Some(pool), _) => (&mut open.by_pool, pool),
                 (None, Some(server)) => (&mut open.by_server, server),
                 (None, None) => continue,
             };
-            *key.0.entry((r.pid, key.1.clone())).or_default() += 1;
+            *key.0.entry((r.pid, key.1.to_string())).or_default() += 1;
         }
         open
     }

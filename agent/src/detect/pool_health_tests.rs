@@ -1,6 +1,7 @@
 //! Each rule of pool health on a pool made to match it, and just short of it.
 
 use super::*;
+use crate::reports::LeakReport;
 
 const S: u64 = 1_000_000_000;
 
@@ -23,7 +24,6 @@ fn pool(used: u64, idle: u64, max: Option<u32>, pending: u64) -> PoolView {
         acquires: 0,
         releases: 0,
         timeouts: 0,
-        percentiles: Default::default(),
     }
 }
 
@@ -244,7 +244,7 @@ fn open_leaks_are_counted_per_pool_and_for_inferred_pools_per_server() {
         report(serde_json::json!({"pool": "billing"})),
         report(serde_json::json!({"server": "10.0.0.9:3306", "kind": "abandoned"})),
     ];
-    let open = OpenLeaks::count(reports.iter());
+    let open = OpenLeaks::count(reports.iter().map(LeakReport::open_leak));
     let orders = pool(1, 1, Some(10), 0);
     assert_eq!(open.of(&orders), 2);
     let mut inferred = pool(1, 0, None, 0);

@@ -13,7 +13,6 @@ use crate::{
         AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, Folded, PoolInfo,
     },
     lifecycle::{Connection, Endpoint, Output},
-    percentiles::PoolPercentiles,
     protocol::{SystemName, TxState},
 };
 
@@ -159,10 +158,6 @@ pub struct PoolView {
     pub acquires: u64,
     pub releases: u64,
     pub timeouts: u64,
-    /// Acquire waits and use times over the last minutes (the tracker
-    /// leaves them empty; the API fills them from the telemetry's windows).
-    #[serde(flatten)]
-    pub percentiles: PoolPercentiles,
 }
 
 /// An adapter event waiting for the kernel to show its connection.
@@ -251,7 +246,6 @@ impl Tracker {
                     acquires: pool.acquires,
                     releases: pool.releases,
                     timeouts: pool.timeouts,
-                    percentiles: PoolPercentiles::default(),
                 },
             );
         }
@@ -293,7 +287,6 @@ impl Tracker {
                     acquires: 0,
                     releases: 0,
                     timeouts: 0,
-                    percentiles: PoolPercentiles::default(),
                 });
             if view.db_system.is_none() {
                 view.db_system = conn.system();
