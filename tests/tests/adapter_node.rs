@@ -56,11 +56,7 @@ fn count(answer: &Value, key: &str) -> u64 {
 }
 
 fn pools_of(agent: &Agent, pid: u32) -> Vec<PoolView> {
-    agent
-        .pools()
-        .into_iter()
-        .filter(|p| p.pid == pid)
-        .collect()
+    agent.pools().into_iter().filter(|p| p.pid == pid).collect()
 }
 
 fn leaks_of(agent: &Agent, pid: u32) -> Vec<LeakReport> {
