@@ -605,12 +605,14 @@ fn short_checkouts_leave_folded_with_the_batch() {
         conn: Some(7),
         ..ConnId::default()
     };
-    let started = Instant::now();
     for _ in 0..10 {
         let wait = pool.acquire_start();
         wait.finish(AcquireResult::Ok(handle));
         pool.release(handle);
     }
+    // Held for the batch, not sent at once: the ten leave as one line.
+    // (When is the shared batcher's next tick, which other tests' pools
+    // also set: any time within a window, so it is not asserted.)
     let folded = agent.recv();
     check_envelope(&folded, "checkouts", "batched");
     assert_eq!(folded["conn"], 7, "{folded}");
@@ -618,10 +620,6 @@ fn short_checkouts_leave_folded_with_the_batch() {
         folded["waits_ns"].as_array().map(Vec::len),
         Some(10),
         "{folded}"
-    );
-    assert!(
-        started.elapsed() >= BATCH_WINDOW / 2,
-        "sent with the batch, not at once"
     );
     assert!(!agent.pending(), "one line for ten checkouts");
 
