@@ -466,6 +466,10 @@ pub fn leaks_table(reports: &[LeakReport]) -> String {
             held,
             evidence
         ));
+        // The holder's code under its row, as a JVM prints a stack.
+        for frame in r.holder_stack.iter().flatten() {
+            out.push_str(&format!("{:>12} at {frame}\n", ""));
+        }
     }
     out
 }

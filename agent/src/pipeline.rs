@@ -340,9 +340,7 @@ impl Pipeline {
                         (catalogue::EVENT_LEAK_OPENED.name, Severity::Warn)
                     }
                 };
-                let attributes = serde_json::to_value(report)
-                    .map(|v| otlp::json_attributes(&v))
-                    .unwrap_or_default();
+                let attributes = otlp::report_attributes(report);
                 otlp.emit_event(name, severity, report.evidence.clone(), attributes);
             }
         }
@@ -403,9 +401,11 @@ impl Pipeline {
                 .chain(tracker.adapter_only_connections());
             let findings = detect::evaluate(connections, now, &self.thresholds);
             let lookup = |id| tracker.connection(id);
+            let holder_stack = |conn: &_| tracker.holder_stack(conn).cloned();
             let changes = state.leaks.update(
                 &findings,
                 &lookup,
+                &holder_stack,
                 &mut |pid, tid| process_details(pid, tid, self.full_command_lines),
                 now,
                 &self.clock,

@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    adapter::message::AcquireResult,
+    adapter::message::{AcquireResult, HolderStack},
     clock::Clock,
     detect::{pool_health::OpenLeak, Finding, LeakKind},
     lifecycle::{ConnId, ConnState, Connection, Endpoint, Output},
@@ -136,6 +136,10 @@ pub struct LeakReport {
     pub generation: Option<u64>,
     pub holder_tid: Option<u32>,
     pub holder_thread: Option<String>,
+    /// The code that checked the connection out, innermost frame first,
+    /// when its adapter sent it (docs/adapter-protocol.md, Holder stacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_stack: Option<Vec<String>>,
     pub connection_opened_at: Option<String>,
     pub checked_out_at: Option<String>,
     pub held_for_seconds: Option<f64>,
@@ -297,6 +301,7 @@ impl LeakReports {
         &mut self,
         findings: &[Finding],
         lookup: &dyn Fn(ConnId) -> Option<&'a Connection>,
+        holder_stack: &dyn Fn(&Connection) -> Option<HolderStack>,
         details: &mut dyn FnMut(u32, Option<u32>) -> ProcessDetails,
         now: u64,
         clock: &Clock,
@@ -323,6 +328,10 @@ impl LeakReports {
             let Some(conn) = lookup(key.0) else { continue };
             if let Some(report) = self.open.get_mut(&key) {
                 refresh(report, conn, finding, now, clock);
+                if report.holder_stack.is_none() {
+                    // A stack that came after the report opened.
+                    report.holder_stack = holder_stack(conn).map(|s| s.to_vec());
+                }
                 continue;
             }
             let more = details(conn.id.pid, conn.holder_tid);
@@ -344,6 +353,7 @@ impl LeakReports {
                 generation: Some(conn.id.generation).filter(|_| conn.has_socket()),
                 holder_tid: conn.holder_tid,
                 holder_thread: more.thread_name,
+                holder_stack: None,
                 connection_opened_at: Some(clock.rfc3339(conn.opened_at_ns)),
                 checked_out_at: None,
                 held_for_seconds: None,
@@ -360,6 +370,7 @@ impl LeakReports {
                 pool_pending: None,
             };
             refresh(&mut report, conn, finding, now, clock);
+            report.holder_stack = holder_stack(conn).map(|s| s.to_vec());
             changes.push(LeakChange::Opened(report.clone()));
             self.open.insert(key, report);
         }
@@ -448,6 +459,7 @@ impl LeakReports {
                 generation: None,
                 holder_tid: *tid,
                 holder_thread: more.thread_name,
+                holder_stack: None,
                 connection_opened_at: None,
                 checked_out_at: None,
                 held_for_seconds: None,
@@ -645,6 +657,10 @@ mod tests {
         }
     }
 
+    fn no_stack(_: &Connection) -> Option<HolderStack> {
+        None
+    }
+
     #[test]
     fn reports_open_once_refresh_and_resolve_with_the_reason() {
         let clock = Clock::new();
@@ -660,21 +676,42 @@ mod tests {
             }
         };
         let findings = vec![finding(&out, LeakKind::Leaked)];
-        let changes = store.update(&findings, &|_| Some(&out), &mut details, 10, &clock);
-        assert!(
-            matches!(&changes[..], [LeakChange::Opened(r)] if r.kind == LeakKind::Leaked && r.holder_thread.as_deref() == Some("worker-77") && r.pool.as_deref() == Some("orders"))
+        let changes = store.update(
+            &findings,
+            &|_| Some(&out),
+            &no_stack,
+            &mut details,
+            10,
+            &clock,
         );
-        // Still matching: no new report, no new /proc lookup.
+        assert!(
+            matches!(&changes[..], [LeakChange::Opened(r)] if r.kind == LeakKind::Leaked && r.holder_thread.as_deref() == Some("worker-77") && r.pool.as_deref() == Some("orders") && r.holder_stack.is_none())
+        );
+        // Still matching: no new report, no new /proc lookup; a holder
+        // stack that came after the report opened is added to it.
+        let stack: HolderStack = vec!["leaky (app.py:3)".to_string()].into();
+        let with_stack = |_: &Connection| Some(stack.clone());
         assert!(store
-            .update(&findings, &|_| Some(&out), &mut details, 11, &clock)
+            .update(
+                &findings,
+                &|_| Some(&out),
+                &with_stack,
+                &mut details,
+                11,
+                &clock
+            )
             .is_empty());
         assert_eq!(asked.get(), 1);
         assert_eq!(store.reports().len(), 1);
-        // Returned to the pool: resolved, saying so.
+        assert_eq!(
+            store.reports()[0].holder_stack.as_deref(),
+            Some(&["leaky (app.py:3)".to_string()][..])
+        );
+        // Returned to the pool: resolved, saying so, with its stack.
         let back = leaked_conn(3, false);
-        let changes = store.update(&[], &|_| Some(&back), &mut details, 12, &clock);
+        let changes = store.update(&[], &|_| Some(&back), &no_stack, &mut details, 12, &clock);
         assert!(
-            matches!(&changes[..], [LeakChange::Resolved(r)] if r.resolution.as_deref() == Some("returned to the pool"))
+            matches!(&changes[..], [LeakChange::Resolved(r)] if r.resolution.as_deref() == Some("returned to the pool") && r.holder_stack.is_some())
         );
         assert_eq!(store.open_reports().count(), 0);
         assert_eq!(store.reports()[0].status, ReportStatus::Resolved);
@@ -690,11 +727,12 @@ mod tests {
             store.update(
                 &[finding(&c, LeakKind::Leaked)],
                 &|_| Some(&c),
+                &no_stack,
                 &mut details,
                 10,
                 &clock,
             );
-            let changes = store.update(&[], &|_| None, &mut details, 11, &clock);
+            let changes = store.update(&[], &|_| None, &no_stack, &mut details, 11, &clock);
             assert!(
                 matches!(&changes[..], [LeakChange::Resolved(r)] if r.resolution.as_deref() == Some("the connection was closed"))
             );

@@ -25,8 +25,8 @@ use std::{
 use java_build::Built;
 use poolscope_tests::{
     assert_golden_shapes, golden_shapes, json, require_kernel, Agent, DbSystem, HeldConnection,
-    JsonLinesChild, LeakKind, MariaDb, PoolView, Postgres, ReportStatus, Seen, SystemName, TempDir,
-    TxState, Value, EVENT_TIMEOUT, LOCALHOST_V4,
+    JsonLinesChild, LeakKind, LeakReport, MariaDb, PoolView, Postgres, ReportStatus, Seen,
+    SystemName, TempDir, TxState, Value, EVENT_TIMEOUT, LOCALHOST_V4,
 };
 
 /// Short thresholds, so that the scenario takes seconds. Idle in
@@ -266,6 +266,39 @@ fn api_report_json(agent: &Agent, id: u64) -> String {
     serde_json::to_string_pretty(&report).unwrap_or_default()
 }
 
+/// The test app's method that takes a `leak` checkout's connection
+/// (PoolApp.leakTheConnectionOnPurpose): the code a leak's holder stack
+/// must name.
+const LEAKING_METHOD: &str = "io.poolscope.testapp.PoolApp.leakTheConnectionOnPurpose(";
+
+/// Step: the leak report carries the adapter's holder stack (the checkout
+/// was held past stack_after, 1 s, well before the 3 s leak threshold),
+/// which names the app's method that took the connection, with no frame
+/// of HikariCP or of the adapter before it (innermost first).
+fn expect_holder_stack(r: &LeakReport) {
+    let stack = r
+        .holder_stack
+        .as_deref()
+        .unwrap_or_else(|| panic!("no holder_stack in the leak report: {r:#?}"));
+    let at = stack
+        .iter()
+        .position(|f| f.starts_with(LEAKING_METHOD))
+        .unwrap_or_else(|| panic!("no frame of {LEAKING_METHOD}..) in {stack:#?}"));
+    for frame in &stack[..at] {
+        assert!(
+            !frame.starts_with("com.zaxxer.hikari.") && !frame.starts_with("io.poolscope.adapter."),
+            "a frame of the pool or the adapter above the application's: {stack:#?}"
+        );
+    }
+    assert!(
+        stack.len() <= 32
+            && stack
+                .iter()
+                .all(|f| !f.is_empty() && f.chars().count() <= 256),
+        "{stack:#?}"
+    );
+}
+
 const POOL: &str = "java-orders";
 const POOL_MAX: u32 = 8;
 
@@ -394,11 +427,20 @@ fn hikari_leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart() {
             "the app's main thread took it: {r:#?}"
         );
         assert!(r.held_for_seconds.is_some_and(|s| s >= LEAK_S), "{r:#?}");
+        expect_holder_stack(r);
     }
     let r = seen.on_time(LeakKind::SlowHolder, &busy, LEAK_S, "the busy holder");
     assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
     assert_eq!(r.pool.as_deref(), Some(POOL), "{r:#?}");
     assert_eq!(r.holder_tid, Some(app.tid), "{r:#?}");
+    // The busy connection was taken in the app's request handler.
+    assert!(
+        r.holder_stack
+            .as_ref()
+            .and_then(|s| s.first())
+            .is_some_and(|f| f.starts_with("io.poolscope.testapp.PoolApp.handle(")),
+        "{r:#?}"
+    );
     let r = seen.on_time(
         LeakKind::IdleInTransaction,
         &tx,
@@ -519,6 +561,7 @@ fn mariadb_connections_are_named_by_their_socket() {
         "the connection MariaDB saw: {r:#?}"
     );
     assert_eq!(r.holder_tid, Some(app.tid), "{r:#?}");
+    expect_holder_stack(r);
     let id = r.id;
     app.request(json!({"op": "release", "id": "leak"}));
     seen.watch(EVENT_TIMEOUT, "the leak to resolve", |s| {

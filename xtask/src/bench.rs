@@ -266,6 +266,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     .join("bench")
                     .join("pool_bench.js"),
                 rust_bench: target_dir().join("release").join("pool_bench"),
+                python: crate::setup::TEST_PYTHON.into(),
+                python_script: root()
+                    .join("adapters")
+                    .join("python")
+                    .join("bench")
+                    .join("pool_bench.py"),
             })
         }
         None => None,

@@ -51,7 +51,7 @@ const BENCH_DEBS: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The interpreter the integration tests run their Python clients with
 /// (`poolscope_tests::python3`): Debian's, not a version manager's shim.
-const TEST_PYTHON: &str = "/usr/bin/python3";
+pub const TEST_PYTHON: &str = "/usr/bin/python3";
 /// Database drivers the query tests' Python clients import, and the pool
 /// libraries the Python adapter's tests instrument.
 const TEST_PIP: &[&str] = &[

@@ -31,6 +31,11 @@ pub const MAX_TEXT_CHARS: usize = 128;
 /// `checkout_state` entries, so this only stops floods of tiny entries; it
 /// also bounds the work one `checkouts` line asks of the agent.
 pub const MAX_CHECKOUTS_PER_MESSAGE: usize = 64;
+/// Frames in one `holder_stack`, and characters in one frame: enough for
+/// the application's side of a checkout (adapters drop the pool library's
+/// own frames first), small enough that the agent can keep thousands.
+pub const MAX_STACK_FRAMES: usize = 32;
+pub const MAX_FRAME_CHARS: usize = 256;
 
 /// The `v` field: always [`VERSION`], so that a message of this crate
 /// cannot claim another.
@@ -155,6 +160,22 @@ pub enum Body {
     /// The pool's connections checked out now (or some of them), re-sent so
     /// that an agent that restarted learns checkouts that began before it.
     CheckoutState { checkouts: Vec<Checkout> },
+    /// The code that checked the connection out, sent by an adapter for a
+    /// checkout still held a while after it began (capturing is cheap,
+    /// formatting is not, so short checkouts never send one). The agent
+    /// keeps it with that checkout and puts it in the checkout's leak or
+    /// slow-holder report.
+    HolderStack {
+        #[serde(flatten)]
+        conn: ConnRef,
+        /// When the checkout began: the `mono_ns` of its `acquire_end`. A
+        /// stack of a checkout that has since been returned is dropped.
+        since_ns: u64,
+        /// The frames, innermost first, each `function (file:line)` or as
+        /// the language writes them: 1 to [`MAX_STACK_FRAMES`] frames of 1
+        /// to [`MAX_FRAME_CHARS`] characters, no control characters.
+        stack: Vec<String>,
+    },
 }
 
 impl Body {
@@ -170,6 +191,7 @@ impl Body {
             Body::Checkouts { .. } => "checkouts",
             Body::ConnectionClosed(_) => "connection_closed",
             Body::CheckoutState { .. } => "checkout_state",
+            Body::HolderStack { .. } => "holder_stack",
         }
     }
 }
@@ -384,6 +406,23 @@ fn short_text(value: &Option<String>, field: &str) -> Result<(), Error> {
     }
 }
 
+fn check_stack(stack: &[String]) -> Result<(), Error> {
+    if stack.is_empty() || stack.len() > MAX_STACK_FRAMES {
+        return Err(invalid("stack has 1 to 32 frames"));
+    }
+    for frame in stack {
+        let chars = frame.chars().count();
+        if chars == 0 || chars > MAX_FRAME_CHARS {
+            return Err(invalid("each stack frame has 1 to 256 characters"));
+        }
+        // Frames go into log lines and tables as they are.
+        if frame.chars().any(char::is_control) {
+            return Err(invalid("stack frames have no control characters"));
+        }
+    }
+    Ok(())
+}
+
 fn check_pool_name(pool: &str) -> Result<(), Error> {
     if pool.is_empty() || pool.chars().count() > MAX_TEXT_CHARS {
         return Err(invalid("pool name must have 1 to 128 characters"));
@@ -448,6 +487,10 @@ impl Message {
                 for checkout in checkouts {
                     checkout.conn.validate()?;
                 }
+            }
+            Body::HolderStack { conn, stack, .. } => {
+                conn.validate()?;
+                check_stack(stack)?;
             }
         }
         Ok(())

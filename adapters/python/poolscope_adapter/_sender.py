@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 
+from . import _stacks
 from ._failsoft import quietly
 
 #: Protocol version this adapter speaks (docs/adapter-protocol.md).
@@ -360,13 +361,24 @@ class PoolReporter:
     #: that restarted learns the pool's settings back.
     REREGISTER_SECONDS = 60.0
 
-    def __init__(self, name, info, sender=None, state_interval=None):
+    def __init__(self, name, info, sender=None, state_interval=None, stacks=None, stack_after=None):
         self.name = str(name)[:MAX_NAME_CHARS] or "pool"
         self.info = {k: v for k, v in info.items() if v is not None}
         self.sender = sender or default_sender()
         #: Seconds between periodic re-sends of the checkouts (while there
         #: are any); 0 turns them off (re-sends after a comeback remain).
         self.state_interval = _state_interval(state_interval)
+        #: Capture the stack of the code that checks each connection out,
+        #: and send it for checkouts still held ``stack_after`` seconds
+        #: later (``POOLSCOPE_ADAPTER_STACKS``, ``_STACK_AFTER_MS``).
+        self.stacks = _stacks.stacks_enabled(stacks)
+        self.stack_after = _stacks.stack_after(stack_after)
+        # Frames of these files (the pool library's, ours) are skipped
+        # above the application's first.
+        self._stack_skip = _stacks.library_prefixes() if self.stacks else ()
+        self._last_checkout_ns = 0
+        # The process whose state ticker watches this pool.
+        self._watched_pid = None
         self._requests = iter(range(1, 1 << 62))
         self._request_lock = threading.Lock()
         self._registered_at = None
@@ -405,14 +417,49 @@ class PoolReporter:
         return self._out
 
     def _checkouts(self):
-        """The checked-out entries of this process."""
+        """The checked-out entries of this process, as sent."""
         with self._out_lock:
-            return list(self._out_here().values())
+            entries = list(self._out_here().values())
+        return [{k: v for k, v in e.items() if k != _FRAMES} for e in entries]
+
+    def send_stacks(self, now_ns=None):
+        """Sends the stacks of checkouts held ``stack_after`` or longer
+        (once each). Returns the seconds until the next one is due, or
+        None when no checkout waits for its stack."""
+        if not self.stacks:
+            return None
+        now_ns = mono_ns() if now_ns is None else now_ns
+        after_ns = int(self.stack_after * 1e9)
+        due, next_due = [], None
+        with self._out_lock:
+            for entry in self._out_here().values():
+                frames = entry.get(_FRAMES)
+                if frames is None:
+                    continue
+                left = entry["mono_ns"] + after_ns - now_ns
+                if left <= 0:
+                    del entry[_FRAMES]
+                    due.append((entry, frames))
+                elif next_due is None or left < next_due:
+                    next_due = left
+        for entry, frames in due:
+            with quietly():
+                fields = {k: entry[k] for k in ("local_address", "fd", "conn") if k in entry}
+                fields["since_ns"] = entry["mono_ns"]
+                fields["stack"] = _stacks.format_frames(frames)
+                self._send("holder_stack", fields)
+        return None if next_due is None else next_due / 1e9
 
     def _checked_out(self, conn, at_ns, tid):
         entry = {k: conn[k] for k in ("local_address", "fd", "conn") if k in conn}
         entry["mono_ns"] = at_ns
         entry["tid"] = tid
+        if self.stacks:
+            # Sent (and formatted) only if still held stack_after from now.
+            frames = _stacks.capture(self._stack_skip, 3)
+            if frames:
+                entry[_FRAMES] = frames
+            self._last_checkout_ns = at_ns
         with self._out_lock:
             out = self._out_here()
             was_idle = not out
@@ -552,6 +599,11 @@ class PoolReporter:
         return max(0.0, self._state_sent_at + self.state_interval - now)
 
 
+# A checkout entry's captured frames, until its stack is sent; never sent
+# in checkout_state.
+_FRAMES = "_frames"
+
+
 def _conn_key(conn):
     if conn.get("conn") is not None:
         return ("conn", conn["conn"])
@@ -578,17 +630,30 @@ class _StateTicker:
 
     #: Longest sleep, so that a pool watched later is not missed for long.
     MAX_SLEEP = 30.0
+    #: A pool that checked a connection out this recently is looked at
+    #: every half ``stack_after`` for stacks due.
+    ACTIVE_NS = 60 * 10**9
 
     def __init__(self):
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.pools = weakref.WeakSet()
         self.pid = None
+        #: When (time.monotonic) the thread wakes next at the latest.
+        self.wakes_by = 0.0
 
     def watch(self, reporter):
-        if reporter.state_interval <= 0:
+        if reporter.state_interval <= 0 and not reporter.stacks:
             return
+        pid = os.getpid()
+        if reporter._watched_pid == pid and self.pid == pid:
+            # Watched already: wake the thread only if it sleeps past when
+            # this pool needs it.
+            needed = reporter.stack_after / 2 if reporter.stacks else reporter.state_interval
+            if self.wakes_by <= time.monotonic() + needed:
+                return
         with self.lock:
+            reporter._watched_pid = pid
             self.pools.add(reporter)
             if self.pid != os.getpid():
                 # First use, or a forked child: threads do not survive fork.
@@ -611,6 +676,14 @@ class _StateTicker:
             now = time.monotonic()
             sleep = self.MAX_SLEEP
             for reporter in pools:
+                stack_due = reporter.send_stacks()
+                if stack_due is not None:
+                    sleep = min(sleep, stack_due)
+                elif reporter.stacks and mono_ns() - reporter._last_checkout_ns < self.ACTIVE_NS:
+                    # A pool in use: its next checkout does not wake this
+                    # thread (that would cost every checkout a thread
+                    # switch), so look again within half a stack_after.
+                    sleep = min(sleep, reporter.stack_after / 2)
                 due = reporter._state_due(now)
                 if due is None:
                     continue
@@ -620,7 +693,9 @@ class _StateTicker:
                 sleep = min(sleep, due)
             del pools
             with self.lock:
-                self.wake.wait(max(sleep, 0.01))
+                sleep = max(sleep, 0.01)
+                self.wakes_by = time.monotonic() + sleep
+                self.wake.wait(sleep)
 
 
 _ticker = _StateTicker()

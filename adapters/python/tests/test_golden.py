@@ -2,6 +2,7 @@
 messages (adapters/protocol/golden/): the Receiver checks each message it
 reads (support.check_message); this makes sure every kind is sent."""
 
+import time
 import unittest
 
 from poolscope_adapter import PoolReporter, Sender
@@ -35,6 +36,8 @@ class GoldenShapeTest(unittest.TestCase):
             r.acquire_start(request)
             r.acquire_end(request, "ok", conn)
         r.send_state()
+        # Both are still out well past stack_after: their stacks go.
+        r.send_stacks(time.monotonic_ns() + 10**10)
         r.release(tcp)
         r.connection_closed(unix)
         for result in ("timeout", "error"):

@@ -109,7 +109,18 @@ pub enum AdapterEvent {
     CheckoutState {
         checkouts: Vec<Checkout>,
     },
+    /// The code that checked the connection out, for the checkout that
+    /// began at `since_ns` (the adapter's clock).
+    HolderStack {
+        conn: ConnRef,
+        since_ns: u64,
+        stack: HolderStack,
+    },
 }
+
+/// A holder's stack, innermost frame first; shared by the tracker and the
+/// reports that show it.
+pub type HolderStack = std::sync::Arc<[String]>;
 
 /// A decoded message: which pool, what happened, and when (monotonic ns)
 /// if the adapter said.
@@ -283,6 +294,15 @@ impl From<wire::Body> for AdapterEvent {
                     })
                     .collect(),
             },
+            wire::Body::HolderStack {
+                conn,
+                since_ns,
+                stack,
+            } => AdapterEvent::HolderStack {
+                conn: conn.into(),
+                since_ns,
+                stack: stack.into(),
+            },
         }
     }
 }
@@ -321,6 +341,7 @@ mod tests {
             AdapterEvent::ConnectionCreated { .. } => "connection_created",
             AdapterEvent::ConnectionClosed { .. } => "connection_closed",
             AdapterEvent::CheckoutState { .. } => "checkout_state",
+            AdapterEvent::HolderStack { .. } => "holder_stack",
         }
     }
 

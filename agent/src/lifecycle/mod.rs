@@ -13,6 +13,7 @@
 pub mod config;
 pub(crate) mod fast_hash;
 mod index;
+pub mod stacks;
 mod tracker;
 
 pub use tracker::{
@@ -435,3 +436,6 @@ mod named_tests;
 
 #[cfg(test)]
 mod binding_tests;
+
+#[cfg(test)]
+mod holder_stack_tests;

@@ -10,7 +10,8 @@ use super::{named::Place, Tracker};
 use crate::lifecycle::index::Key;
 use crate::{
     adapter::message::{
-        AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, Folded, PoolInfo,
+        AcquireResult, AdapterEvent, AdapterMessage, Checkout, ConnRef, Folded, HolderStack,
+        PoolInfo,
     },
     lifecycle::{Connection, Endpoint, Output},
     protocol::{SystemName, TxState},
@@ -473,6 +474,11 @@ impl Tracker {
                 self.on_checkouts(pid, ts_ns, &key, folded, &mut out)
             }
             AdapterEvent::Release { conn } => self.on_release(&key, ts_ns, conn, &mut out),
+            AdapterEvent::HolderStack {
+                conn,
+                since_ns,
+                stack,
+            } => self.on_holder_stack(pid, ts_ns, &pool, conn, since_ns, stack, &mut out),
             event @ (AdapterEvent::ConnectionCreated { .. }
             | AdapterEvent::ConnectionClosed { .. }) => {
                 self.on_connection_event(pid, ts_ns, &pool, event, &mut out)
@@ -688,6 +694,49 @@ impl Tracker {
                 conn.checked_out_at_ns = Some(since);
                 conn.holder_tid = entry.tid;
             });
+        }
+    }
+
+    /// Keeps the stack of the code that checked a connection out, with the
+    /// checkout going on now, if it is the one the adapter means: the
+    /// stack of a checkout that has ended (the adapter sent it as the
+    /// connection went back) must not be pinned on the next holder. Dropped (unmatched) when the connection is unknown or
+    /// not checked out: stacks come a second or more after their checkout,
+    /// so they are never kept for a connection the kernel has yet to show.
+    #[allow(clippy::too_many_arguments)]
+    fn on_holder_stack(
+        &mut self,
+        pid: u32,
+        ts_ns: u64,
+        pool_name: &str,
+        conn: ConnRef,
+        since_ns: u64,
+        stack: HolderStack,
+        out: &mut Vec<Output>,
+    ) {
+        let place = match conn.conn {
+            Some(id) if !conn.names_socket() => self.named(pid, pool_name, id),
+            _ => self.find_connection(pid, conn, ts_ns).map(Place::Open),
+        };
+        let current = place.and_then(|p| self.at(p)).and_then(|c| {
+            let since = c.checked_out_at_ns?;
+            // The checkout going on began when its acquire_end said (the
+            // agent's record of the adapter's time, clamped only when
+            // implausible); an earlier checkout's stack began before it.
+            let same_checkout = c.pool.as_deref() == Some(pool_name) && since_ns >= since;
+            same_checkout.then_some((c.id, since))
+        });
+        let Some((id, checkout_ns)) = current else {
+            out.push(Output::Unmatched);
+            return;
+        };
+        let mut stacks = std::mem::take(&mut self.stacks);
+        let kept = stacks.keep(id, checkout_ns, stack, |conn, since| {
+            self.still_held(conn, since)
+        });
+        self.stacks = stacks;
+        if let Err(reason) = kept {
+            out.push(Output::AdapterRefused { reason });
         }
     }
 

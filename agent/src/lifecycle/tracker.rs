@@ -89,6 +89,8 @@ pub struct Tracker {
     /// Connections named by id alone that wait to be tied to their socket;
     /// see `binding`.
     claims: binding::Claims,
+    /// The stacks of long checkouts, as their adapters sent them.
+    pub(super) stacks: super::stacks::HolderStacks,
 }
 
 /// How an event's generation relates to the connection now on its (pid, fd).
@@ -161,6 +163,22 @@ impl Tracker {
             Some(c) if c.id == id => Some(c),
             _ => self.closed.get(&id),
         }
+    }
+
+    /// The stack of the code that checked `conn` out, when its adapter
+    /// sent one for the checkout going on now.
+    pub fn holder_stack(&self, conn: &Connection) -> Option<&crate::adapter::message::HolderStack> {
+        self.stacks.of(conn.id, conn.checked_out_at_ns?)
+    }
+
+    /// Whether `conn`'s checkout that began at `checkout_ns` goes on.
+    fn still_held(&self, conn: ConnId, checkout_ns: u64) -> bool {
+        let open = if conn.fd < 0 {
+            self.alone.get(&(conn.pid, conn.fd))
+        } else {
+            self.open.get(&(conn.pid, conn.fd))
+        };
+        open.is_some_and(|c| c.id == conn && c.checked_out_at_ns == Some(checkout_ns))
     }
 
     pub fn process_name(&self, pid: u32) -> Option<&str> {
@@ -242,6 +260,9 @@ impl Tracker {
             }
         }
         self.expire_unmatched(now_ns);
+        let mut stacks = std::mem::take(&mut self.stacks);
+        stacks.forget_ended(&|conn, since| self.still_held(conn, since));
+        self.stacks = stacks;
         let memory = self.config.exit_memory_ns;
         self.exited
             .retain(|_, exit_ns| exit_ns.saturating_add(memory) >= now_ns);

@@ -1148,6 +1148,7 @@ mod tests {
                     evidence: "test".into(),
                 }],
                 &lookup,
+                &|_| None,
                 &mut |_, _| crate::reports::ProcessDetails::default(),
                 40,
                 &clock,

@@ -507,6 +507,23 @@ pub fn json_attributes(value: &serde_json::Value) -> Vec<(String, AnyValue)> {
     out
 }
 
+/// A leak report's log record attributes: its fields as the API shows
+/// them, the holder's stack as the semantic conventions' `code.stacktrace`
+/// (one string, a frame per line) instead of a list.
+pub fn report_attributes(report: &crate::reports::LeakReport) -> Vec<(String, AnyValue)> {
+    let mut attributes = serde_json::to_value(report)
+        .map(|v| json_attributes(&v))
+        .unwrap_or_default();
+    attributes.retain(|(key, _)| key != "holder_stack");
+    if let Some(stack) = &report.holder_stack {
+        attributes.push((
+            telemetry_catalogue::attr::CODE_STACKTRACE.to_string(),
+            AnyValue::String(stack.join("\n").into()),
+        ));
+    }
+    attributes
+}
+
 impl OtlpExport {
     /// Sends one event as a log record.
     pub fn emit_event(
@@ -668,6 +685,7 @@ mod tests {
             generation: Some(4),
             holder_tid: Some(5),
             holder_thread: text(),
+            holder_stack: Some(vec!["leak (app.py:3)".into(), "main (app.py:9)".into()]),
             connection_opened_at: text(),
             checked_out_at: text(),
             held_for_seconds: Some(1.5),
@@ -688,8 +706,21 @@ mod tests {
             &telemetry_catalogue::EVENT_LEAK_RESOLVED,
             &EVENT_ACQUIRE_SLOW,
         ] {
-            assert_eq!(record_keys(&report), declared(event), "{}", event.name);
+            let keys = report_attributes(&report)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<std::collections::BTreeSet<_>>();
+            assert_eq!(keys, declared(event), "{}", event.name);
         }
+        // The stack is one string, a frame per line, innermost first.
+        let stacktrace = report_attributes(&report)
+            .into_iter()
+            .find(|(k, _)| k == "code.stacktrace")
+            .map(|(_, v)| v);
+        assert_eq!(
+            stacktrace,
+            Some(AnyValue::String("leak (app.py:3)\nmain (app.py:9)".into()))
+        );
         let slow = SlowQuery {
             at: "t".into(),
             pid: 2,

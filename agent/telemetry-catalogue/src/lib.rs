@@ -15,6 +15,7 @@ pub use markdown::{render_tables, update_document, GENERATED_BEGIN, GENERATED_EN
 
 /// Attribute keys, one constant each, so that a key is spelled once.
 pub mod attr {
+    pub const CODE_STACKTRACE: &str = "code.stacktrace";
     pub const CONTAINER_ID: &str = "container.id";
     pub const DB_CONNECTION_POOL_NAME: &str = "db.client.connection.pool.name";
     pub const DB_CONNECTION_STATE: &str = "db.client.connection.state";
@@ -656,6 +657,11 @@ const REPORT_ATTRIBUTES: &[Attribute] = &[
         "holder_thread",
         "the thread's name",
         "when the adapter said which thread",
+    ),
+    when(
+        attr::CODE_STACKTRACE,
+        "the code that checked the connection out, one frame per line, innermost first (the API's `holder_stack`)",
+        "when the adapter sent the holder's stack",
     ),
     when(
         "connection_opened_at",

@@ -34,6 +34,8 @@ use super::{
 
 /// Target: the CPU the adapter adds to one acquire+release pair.
 pub const MAX_ADDED_NS_PER_PAIR: f64 = 2000.0;
+/// Target: the CPU holder stacks add to one acquire+release pair (issue 14).
+pub const MAX_STACK_NS_PER_PAIR: f64 = 5000.0;
 /// Target: borrow/query/return throughput with the adapter over without.
 pub const MIN_THROUGHPUT_RATIO: f64 = 0.98;
 /// The most one program run may take (JVM start, pool fill, warm-up, loop).
@@ -55,16 +57,19 @@ pub enum Pool {
     /// A hand-rolled pool on the generic reporter, its connections named
     /// by ids that the agent binds to their sockets.
     RustIds,
+    /// psycopg_pool (PostgreSQL): holder stacks' cost only.
+    PythonPsycopg,
 }
 
 impl Pool {
-    pub const ALL: [Pool; 6] = [
+    pub const ALL: [Pool; 7] = [
         Pool::Hikari,
         Pool::NodePg,
         Pool::NodeMysql2,
         Pool::RustBb8,
         Pool::RustSqlx,
         Pool::RustIds,
+        Pool::PythonPsycopg,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +80,7 @@ impl Pool {
             Pool::RustBb8 => "rust bb8",
             Pool::RustSqlx => "rust sqlx",
             Pool::RustIds => "rust ids",
+            Pool::PythonPsycopg => "python psycopg_pool",
         }
     }
 
@@ -103,6 +109,11 @@ impl Pool {
                  named by an id alone (connection_created_here after connecting it, so that the agent \
                  binds it to its socket), current-thread tokio runtime; off: a disabled reporter"
             }
+            Pool::PythonPsycopg => {
+                "psycopg_pool ConnectionPool (4, psycopg 3) against PostgreSQL, getconn()/putconn() \
+                 20 frames below the program's top, instrument_psycopg_pool; holder stacks on and off \
+                 only (the Python adapter sends a datagram per message and has no pair target)"
+            }
         }
     }
 }
@@ -125,6 +136,9 @@ pub struct Config {
     pub mode: Mode,
     pub adapter: bool,
     pub agent: bool,
+    /// Holder stacks captured (the adapters' default); off sets
+    /// `POOLSCOPE_ADAPTER_STACKS=off`.
+    pub stacks: bool,
 }
 
 impl Config {
@@ -137,7 +151,11 @@ impl Config {
                 Mode::Query => "query",
                 Mode::QueryAb => "query A/B",
             },
-            if self.adapter { "on" } else { "off" },
+            match (self.adapter, self.stacks) {
+                (false, _) => "off",
+                (true, true) => "on",
+                (true, false) => "on without stacks",
+            },
             if self.agent { "present" } else { "absent" },
         )
     }
@@ -150,11 +168,22 @@ pub fn configs(pool: Pool) -> Vec<Config> {
         mode,
         adapter,
         agent,
+        stacks: true,
     };
+    // With the agent: an adapter that finds none (the JVM's) captures no
+    // stacks, having nowhere to send them.
+    let without_stacks = Config {
+        stacks: false,
+        ..c(Mode::Pairs, true, true)
+    };
+    if pool == Pool::PythonPsycopg {
+        return vec![without_stacks, c(Mode::Pairs, true, true)];
+    }
     vec![
         c(Mode::Pairs, false, false),
         c(Mode::Pairs, true, false),
         c(Mode::Pairs, false, true),
+        without_stacks,
         c(Mode::Pairs, true, true),
         c(Mode::QueryAb, true, true),
     ]
@@ -266,13 +295,17 @@ pub struct Programs {
     pub node_script: PathBuf,
     /// adapters/rust/testapp's pool_bench binary.
     pub rust_bench: PathBuf,
+    /// The Python interpreter with psycopg_pool, and
+    /// adapters/python/bench/pool_bench.py.
+    pub python: PathBuf,
+    pub python_script: PathBuf,
 }
 
 /// Rough minutes for the group: program start-up, warm-ups, agent starts.
 pub fn estimate_minutes(settings: &Settings) -> f64 {
-    // Per pool and round: 4 pair runs (paced, or about 6 us a pair
+    // Per pool and round: 5 pair runs (paced, or about 6 us a pair
     // unpaced; start-up and the warm-up included), one A/B query run (both
-    // sides warmed up, then measured), 2 agent starts of about 2 s.
+    // sides warmed up, then measured), 3 agent starts of about 2 s.
     let per_pair_s = if settings.rate > 0 {
         1.0 / settings.rate as f64
     } else {
@@ -281,7 +314,7 @@ pub fn estimate_minutes(settings: &Settings) -> f64 {
     let pairs = settings.pairs + warmup_pairs(settings.pairs, settings.rate);
     let pair_run = 2.0 + pairs as f64 * per_pair_s;
     let ab_run = 2.0 * f64::from(settings.seconds) + 2.0 * WARMUP_SECONDS as f64 + 3.0;
-    let per_pool = 4.0 * pair_run + ab_run + 2.0 * 2.0;
+    let per_pool = 5.0 * pair_run + ab_run + 3.0 * 2.0;
     f64::from(settings.rounds) * settings.pools.len() as f64 * per_pool / 60.0
 }
 
@@ -420,7 +453,17 @@ fn command(
         Pool::RustBb8 => rust_bench(bench, programs, "bb8", pg_port()?),
         Pool::RustSqlx => rust_bench(bench, programs, "sqlx", pg_port()?),
         Pool::RustIds => rust_bench(bench, programs, "ids", pg_port()?),
+        Pool::PythonPsycopg => {
+            let mut cmd = command_in(&bench.work_cg, &programs.python);
+            cmd.arg(&programs.python_script)
+                .env("PG_PORT", pg_port()?.to_string())
+                .env("POOLSCOPE_ADAPTER_SOCKET", bench.adapter_socket());
+            cmd
+        }
     };
+    if !config.stacks {
+        cmd.env("POOLSCOPE_ADAPTER_STACKS", "off");
+    }
     let warmup = warmup_pairs(settings.pairs, settings.rate);
     cmd.env(
         "MODE",
@@ -501,25 +544,17 @@ struct Row {
     messages: String,
 }
 
-/// For each round with both sides: (off value, on value).
+/// For each round with both sides, `side(false)` and `side(true)`: (off
+/// value, on value).
 fn paired(
     samples: &[Sample],
-    pool: Pool,
-    mode: Mode,
-    agent: bool,
+    side: &dyn Fn(bool) -> Config,
     value: &dyn Fn(&Sample) -> f64,
 ) -> (Vec<(f64, f64)>, (f64, f64)) {
-    let find = |round: u32, adapter: bool| {
-        samples.iter().find(|s| {
-            s.round == round
-                && s.config
-                    == Config {
-                        pool,
-                        mode,
-                        adapter,
-                        agent,
-                    }
-        })
+    let find = |round: u32, on: bool| {
+        samples
+            .iter()
+            .find(|s| s.round == round && s.config == side(on))
     };
     let mut rounds: Vec<u32> = samples.iter().map(|s| s.round).collect();
     rounds.sort_unstable();
@@ -550,7 +585,14 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
                 Mode::Pairs => &per_pair,
                 Mode::Query | Mode::QueryAb => &rate,
             };
-            let (pairs, (sent, dropped)) = paired(samples, pool, mode, agent, value);
+            let side = |adapter| Config {
+                pool,
+                mode,
+                adapter,
+                agent,
+                stacks: true,
+            };
+            let (pairs, (sent, dropped)) = paired(samples, &side, value);
             if pairs.is_empty() {
                 continue;
             }
@@ -591,8 +633,43 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
                 messages: format!("{sent:.0} / {dropped:.0}"),
             });
         }
+        if let Some(row) = stacks_row(samples, pool) {
+            rows.push(row);
+        }
     }
     rows
+}
+
+/// What holder stacks add to a pair: the adapter on without stacks
+/// against on with them (the default), agent present, per round.
+fn stacks_row(samples: &[Sample], pool: Pool) -> Option<Row> {
+    let side = |stacks| Config {
+        pool,
+        mode: Mode::Pairs,
+        adapter: true,
+        agent: true,
+        stacks,
+    };
+    let (pairs, _) = paired(samples, &side, &|s: &Sample| s.cpu_ns / s.ops);
+    if pairs.is_empty() {
+        return None;
+    }
+    let added = Spread::of(pairs.iter().map(|p| p.1 - p.0).collect());
+    let ok = added.median <= MAX_STACK_NS_PER_PAIR;
+    Some(Row {
+        pool,
+        measure: "CPU ns per acquire+release: holder stacks off / on",
+        agent: "present",
+        off: Spread::of(pairs.iter().map(|p| p.0).collect()),
+        on: Spread::of(pairs.iter().map(|p| p.1).collect()),
+        compared: added,
+        rounds: pairs.len(),
+        verdict: format!(
+            "stacks add <= {MAX_STACK_NS_PER_PAIR:.0} ns: {}",
+            if ok { "met" } else { "MISSED" }
+        ),
+        messages: "-".to_string(),
+    })
 }
 
 /// Per pool: the agent's CPU per adapter message, over the runs with both
@@ -794,14 +871,16 @@ mod tests {
     #[test]
     fn rounds_flip_order() {
         let c = configs(Pool::NodePg);
-        assert_eq!(c.len(), 5);
+        assert_eq!(c.len(), 6);
         assert_eq!(round_order(&c, 1), c);
         let mut reversed = c.clone();
         reversed.reverse();
         assert_eq!(round_order(&c, 2), reversed);
         assert_eq!(round_order(&c, 3), c);
-        // Adapter off and on of one measure sit side by side: A,B then B,A.
+        // Adapter off and on of one measure sit side by side: A,B then B,A;
+        // so do stacks off and on.
         assert!(!c[0].adapter && c[1].adapter && c[0].mode == c[1].mode);
+        assert!(!c[3].stacks && c[4].stacks && c[3].agent && c[4].agent);
     }
 
     #[test]
@@ -830,7 +909,7 @@ mod tests {
 
     #[test]
     fn an_ab_run_gives_both_query_samples_of_its_round() {
-        let ab = configs(Pool::NodePg)[4];
+        let ab = configs(Pool::NodePg)[5];
         assert_eq!(ab.mode, Mode::QueryAb);
         let got = parse_output(
             ab,
@@ -859,7 +938,7 @@ mod tests {
         let query = |adapter| Config {
             mode: Mode::Query,
             adapter,
-            ..c[4]
+            ..c[5]
         };
         let (off_absent, on_absent, q_off, q_on) = (c[0], c[1], query(false), query(true));
         // Round 1: 200 and 1,200 ns per pair; round 2: 300 and 1,000; round
@@ -875,9 +954,11 @@ mod tests {
             sample(q_on, 1, 9_900.0, 1.0, 1.0e9),
         ];
 
-        let (pairs, (sent, dropped)) = paired(&samples, Pool::NodePg, Mode::Pairs, false, &|s| {
-            s.cpu_ns / s.ops
-        });
+        let side = |adapter| Config {
+            adapter,
+            ..off_absent
+        };
+        let (pairs, (sent, dropped)) = paired(&samples, &side, &|s: &Sample| s.cpu_ns / s.ops);
         assert_eq!(pairs, vec![(200.0, 1200.0), (300.0, 1000.0)]);
         assert_eq!(
             Spread::of(pairs.iter().map(|p| p.1 - p.0).collect()).median,
@@ -905,18 +986,45 @@ mod tests {
     }
 
     #[test]
+    fn holder_stacks_are_compared_with_the_agent_and_the_adapter_on() {
+        let c = configs(Pool::NodePg);
+        let (without, with) = (c[3], c[4]);
+        assert!(without.adapter && without.agent && !without.stacks);
+        assert!(with.adapter && with.agent && with.stacks);
+        // 1,000 then 2,000 ns per pair without stacks; 4,000 and 8,000 with.
+        let samples = vec![
+            sample(without, 1, 1000.0, 1_000_000.0, 1.0),
+            sample(with, 1, 1000.0, 4_000_000.0, 1.0),
+            sample(without, 2, 1000.0, 2_000_000.0, 1.0),
+            sample(with, 2, 1000.0, 8_000_000.0, 1.0),
+        ];
+        let row = stacks_row(&samples, Pool::NodePg).expect("a row");
+        assert_eq!((row.rounds, row.compared.median), (2, 4500.0));
+        assert!(row.verdict.ends_with("met"), "{}", row.verdict);
+        let text = table(&samples).text();
+        assert!(text.contains("holder stacks off / on"), "{text}");
+        // Python runs only these two.
+        let python = configs(Pool::PythonPsycopg);
+        assert_eq!(python.len(), 2);
+        assert!(python
+            .iter()
+            .all(|c| c.adapter && c.agent && c.mode == Mode::Pairs));
+        assert_ne!(python[0].stacks, python[1].stacks);
+    }
+
+    #[test]
     fn misses_are_loud() {
         let c = configs(Pool::Hikari);
         let query = |adapter| Config {
             mode: Mode::Query,
             adapter,
-            ..c[4]
+            ..c[5]
         };
         let samples = vec![
             sample(query(false), 1, 10_000.0, 1.0, 1.0e9),
             sample(query(true), 1, 9_000.0, 1.0, 1.0e9),
             sample(c[2], 1, 1000.0, 100_000.0, 1.0),
-            sample(c[3], 1, 1000.0, 2_500_000.0, 1.0),
+            sample(c[4], 1, 1000.0, 2_500_000.0, 1.0),
         ];
         let rows = rows(&samples);
         assert_eq!(rows.len(), 2);

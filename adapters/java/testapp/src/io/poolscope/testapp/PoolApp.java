@@ -126,7 +126,7 @@ public final class PoolApp {
             case "checkout" -> {
                 // kind: leak (quiet), busy (queries every interval_ms), tx (BEGIN, then quiet)
                 String kind = req.getOrDefault("kind", "leak");
-                Connection c = ds.getConnection();
+                Connection c = kind.equals("leak") ? leakTheConnectionOnPurpose() : ds.getConnection();
                 held.put(id, c);
                 String local = clientAddress(c);
                 if (kind.equals("tx")) {
@@ -197,6 +197,14 @@ public final class PoolApp {
                 .append(",\"max\":").append(max)
                 .append(",\"worker_cycles\":").append(workerCycles.get())
                 .append(",\"worker_errors\":").append(workerErrors.get());
+    }
+
+    /**
+     * Takes the connection a {@code leak} checkout keeps: the code a leak
+     * report's holder stack must name (its first application frame).
+     */
+    private Connection leakTheConnectionOnPurpose() throws SQLException {
+        return ds.getConnection();
     }
 
     /** A healthy worker: borrow, query, return, in a loop. */

@@ -43,6 +43,14 @@ public final class PoolReporter {
     /** Threads with a waiting slot of their own in this pool, at most;
      * the acquires of others go to the shared set. */
     static final int MAX_THREAD_SLOTS = 4096;
+    /** Turns holder stacks off with {@code off}, {@code 0} or {@code false}. */
+    public static final String STACKS_ENV = "POOLSCOPE_ADAPTER_STACKS";
+    /** How long a checkout is held before its stack is sent, in ms. */
+    public static final String STACK_AFTER_ENV = "POOLSCOPE_ADAPTER_STACK_AFTER_MS";
+    /** {@code stack_after} unless the environment says otherwise. */
+    public static final long DEFAULT_STACK_AFTER_NANOS = 1_000_000_000L;
+    private static final boolean STACKS_FROM_ENV = stacksOn(env(STACKS_ENV));
+    private static final long STACK_AFTER_FROM_ENV = stackAfterNanos(env(STACK_AFTER_ENV));
 
     private final Reporter reporter;
     private final String name;
@@ -72,6 +80,13 @@ public final class PoolReporter {
     private final AtomicLong skipped = new AtomicLong();
     private volatile long stateIntervalNanos = DEFAULT_STATE_INTERVAL_NANOS;
     private volatile long lastStateNanos = System.nanoTime();
+    /** Whether checkouts capture their caller's stack (see {@link HolderStacks}). */
+    private volatile boolean stacks = STACKS_FROM_ENV;
+    private volatile long stackAfterNanos = STACK_AFTER_FROM_ENV;
+    /** When the earliest stack not sent yet is due, as the writer last
+     * saw the checkouts ({@link #pendingLines}); {@link Long#MAX_VALUE}:
+     * none. Written by the writer only. */
+    private volatile long stackDueNanos = Long.MAX_VALUE;
 
     /** {@code name}: unique within the process, cut to 128 characters. */
     public PoolReporter(Reporter reporter, String name, PoolInfo info) {
@@ -94,6 +109,54 @@ public final class PoolReporter {
     public PoolReporter withStateIntervalNanos(long nanos) {
         stateIntervalNanos = Math.max(0, nanos);
         return this;
+    }
+
+    /** Whether checkouts capture their caller's stack, sent as
+     * {@code holder_stack} for a checkout held {@code stack_after}
+     * ({@link #withStackAfterNanos}); default: on unless
+     * {@value #STACKS_ENV} is {@code off}, {@code 0} or {@code false}. */
+    public PoolReporter withStacks(boolean on) {
+        stacks = on;
+        return this;
+    }
+
+    /** {@code stack_after}: how long a checkout is held before its stack
+     * is sent; default {@value #STACK_AFTER_ENV} ms, else 1 s. */
+    public PoolReporter withStackAfterNanos(long nanos) {
+        stackAfterNanos = Math.max(0, nanos);
+        return this;
+    }
+
+    private static String env(String name) {
+        try {
+            return System.getenv(name);
+        } catch (RuntimeException e) {
+            return null;
+        }
+    }
+
+    /** {@value #STACKS_ENV}: off with {@code off}, {@code 0}, {@code false}
+     * (any case, blanks around); on otherwise, unset included. */
+    static boolean stacksOn(String env) {
+        if (env == null) {
+            return true;
+        }
+        String v = env.trim().toLowerCase(java.util.Locale.ROOT);
+        return !(v.equals("off") || v.equals("0") || v.equals("false"));
+    }
+
+    /** {@value #STACK_AFTER_ENV} in ns: whole milliseconds, 0 or more;
+     * anything else is the default. */
+    static long stackAfterNanos(String env) {
+        if (env == null || env.isBlank()) {
+            return DEFAULT_STACK_AFTER_NANOS;
+        }
+        try {
+            long ms = Long.parseLong(env.trim());
+            return ms >= 0 && ms <= Long.MAX_VALUE / 1_000_000L ? ms * 1_000_000L : DEFAULT_STACK_AFTER_NANOS;
+        } catch (NumberFormatException e) {
+            return DEFAULT_STACK_AFTER_NANOS;
+        }
     }
 
     /** Connections checked out now, as this adapter knows them. */
@@ -279,6 +342,9 @@ public final class PoolReporter {
         Acquire heldAcquire;
         /** The held acquire_end's wait, or -1 when the acquire's start was sent. */
         long heldWait = -1;
+        /** The stack of the code that took it (checked out now), until its
+         * {@code holder_stack} is made; null with stacks off. */
+        Throwable stack;
         long[] waits = new long[8];
         long[] uses = new long[8];
         int folded;
@@ -350,6 +416,9 @@ public final class PoolReporter {
                 return;
             }
             if (ok) {
+                // Only raw frames (no text): formatted only if it is held
+                // stack_after. Not with no agent to send it to.
+                Throwable stack = stacks && !reporter.agentAbsent() ? HolderStacks.capture() : null;
                 // Its acquire_end waits for the batch: if the connection
                 // comes back first (a short checkout, the usual one) the
                 // pair is folded into the connection's checkouts line.
@@ -369,6 +438,7 @@ public final class PoolReporter {
                         c.held = true;
                         c.heldAcquire = acquire;
                         c.heldWait = waitNanos;
+                        c.stack = stack;
                     }
                     schedulePending();
                     return;
@@ -444,6 +514,7 @@ public final class PoolReporter {
     /** Called with c's monitor held. */
     private void returned(Conn c) {
         c.sinceNanos = -1;
+        c.stack = null;
     }
 
     /** A short checkout of c, folded into its next {@code checkouts} line
@@ -628,6 +699,76 @@ public final class PoolReporter {
             }
         }
         if (kept) {
+            schedulePending();
+        }
+        stackLines(lines);
+    }
+
+    /**
+     * The {@code holder_stack} of every checkout held {@code stack_after}
+     * whose {@code acquire_end} has left (in an earlier batch, or in this
+     * one's lines, which come first), each once; and when the next is due.
+     * With no agent, the stacks wait for one (after the state a new
+     * stream begins with).
+     */
+    private void stackLines(List<byte[]> lines) {
+        long now = Threads.monotonicNanos();
+        long after = stackAfterNanos;
+        boolean absent = reporter.agentAbsent();
+        long due = Long.MAX_VALUE;
+        for (Conn c : conns.values()) {
+            Throwable stack;
+            long since;
+            synchronized (c) {
+                stack = c.stack;
+                if (stack == null || c.closed || c.sinceNanos < 0 || c.held) {
+                    // A held end: its batch comes first, and looks again.
+                    continue;
+                }
+                since = c.sinceNanos;
+                long at = since + after;
+                if (at - now > 0 || absent) {
+                    due = Math.min(due, at);
+                    continue;
+                }
+                c.stack = null;
+            }
+            // Formatted without the connection's monitor: its holder may
+            // return it meanwhile (then the agent drops the stack, as of
+            // a checkout no longer held).
+            byte[] line = holderStackLine(c.localAddress, since, stack, now);
+            if (line != null) {
+                lines.add(line);
+            }
+        }
+        stackDueNanos = due;
+    }
+
+    /** The {@code holder_stack} line of a checkout (null: no frame to send). */
+    byte[] holderStackLine(String name, long sinceNanos, Throwable stack, long atNanos) {
+        Json m = named(message("holder_stack", atNanos), name).put("since_ns", sinceNanos);
+        // {...,"stack":  +  [ frames ]  +  }
+        String head = m.putRaw("stack", "").toString();
+        int budget = Reporter.MAX_MESSAGE_BYTES - utf8Length(head) - 2;
+        CharSequence frames = HolderStacks.json(stack.getStackTrace(), budget);
+        if (frames == null) {
+            return null;
+        }
+        String line = head.substring(0, head.length() - 1) + frames + "}";
+        return line.getBytes(StandardCharsets.UTF_8);
+    }
+
+    /** When the earliest stack not sent is due (monotonic ns), or
+     * {@link Long#MAX_VALUE}: how long the writer may sleep. */
+    long stackDueNanos() {
+        return stackDueNanos;
+    }
+
+    /** Has the writer's next batch make the stacks due by {@code nowNanos}. */
+    void wantStacksIfDue(long nowNanos) {
+        long due = stackDueNanos;
+        if (due != Long.MAX_VALUE && due - nowNanos <= 0) {
+            stackDueNanos = Long.MAX_VALUE;
             schedulePending();
         }
     }

@@ -36,7 +36,9 @@ import java.util.concurrent.atomic.AtomicLong;
  * what is queued. The same thread re-sends that state every
  * {@link PoolReporter#DEFAULT_STATE_INTERVAL_NANOS 30 s} for pools that have
  * connections out, so an agent that restarted while the application was
- * idle still learns of a leak that began before.
+ * idle still learns of a leak that began before; and it sends the holder
+ * stack of a checkout held {@code stack_after} ({@link HolderStacks}),
+ * sleeping until the earliest is due rather than waking to look.
  */
 public final class Reporter {
     /** Protocol version. */
@@ -331,19 +333,34 @@ public final class Reporter {
     }
 
     /** With nothing queued or wanted, waits for it (at most
-     * {@link #MAX_IDLE_WAIT_MS}); whether it waited and something came.
+     * {@code timeoutMs}); whether it waited and something came.
      * Called with the lock held. */
-    private boolean awaitWork() throws InterruptedException {
+    private boolean awaitWork(long timeoutMs) throws InterruptedException {
         if (!queue.isEmpty() || pendingWanted) {
             return false;
         }
         writerWaiting = true;
         try {
-            lock.wait(MAX_IDLE_WAIT_MS);
+            lock.wait(timeoutMs);
         } finally {
             writerWaiting = false;
         }
         return !queue.isEmpty() || pendingWanted;
+    }
+
+    /** How long the writer may wait for work: {@link #MAX_IDLE_WAIT_MS},
+     * or less when a pool's holder stack is due sooner (at least 1 ms). */
+    private long idleWaitMs(List<PoolReporter> live) {
+        long wait = MAX_IDLE_WAIT_MS;
+        long now = Threads.monotonicNanos();
+        for (PoolReporter p : live) {
+            long due = p.stackDueNanos();
+            if (due != Long.MAX_VALUE) {
+                long ms = Math.max(1, (due - now + 999_999L) / 1_000_000L);
+                wait = Math.min(wait, ms);
+            }
+        }
+        return wait;
     }
 
     private void writeLoop() {
@@ -358,7 +375,7 @@ public final class Reporter {
                         // streams that stay silent: wait for a message or
                         // a pool to connect for.
                         synchronized (lock) {
-                            awaitWork();
+                            awaitWork(MAX_IDLE_WAIT_MS);
                         }
                         continue;
                     }
@@ -369,8 +386,9 @@ public final class Reporter {
                 boolean woken;
                 int queued;
                 boolean pending;
+                long idleWait = idleWaitMs(livePools());
                 synchronized (lock) {
-                    woken = awaitWork();
+                    woken = awaitWork(idleWait);
                     queued = queue.size() + (pendingWanted ? 1 : 0);
                 }
                 // One write per batch window: woken by a first message, the
@@ -425,6 +443,8 @@ public final class Reporter {
                 }
                 for (PoolReporter p : livePools()) {
                     p.sendStateIfDue(now);
+                    // A checkout held stack_after: its stack in the next batch.
+                    p.wantStacksIfDue(Threads.monotonicNanos());
                 }
             } catch (InterruptedException e) {
                 // A daemon thread: nobody should interrupt it, but if

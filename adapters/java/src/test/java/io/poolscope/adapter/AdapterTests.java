@@ -54,6 +54,10 @@ public final class AdapterTests {
         aStreamClosedAtAcceptIsRetriedWithBackoff();
         stateLinesFitWithLongNamesAndIpv6();
         aHandRolledPoolNamesItsHandlesById();
+        aLongCheckoutSendsItsHolderStackOnceAfterItsEnd();
+        shortCheckoutsAndStacksOffSendNoStack();
+        stackSettingsAreReadFromTheEnvironment();
+        stackFramesStartAtTheApplicationAndKeepTheLimits();
         if (args.length > 0) {
             Files.write(Path.of(args[0]), SENT, StandardCharsets.UTF_8);
         }
@@ -534,6 +538,208 @@ public final class AdapterTests {
             pool.register(null);
             check(agent.next().contains("\"kind\":\"pool\""), "registered");
             eq(r.stats().connects(), 1L, "the registration connects");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    /** A number field of a JSON line (-1: none). */
+    private static long number(String line, String key) {
+        java.util.regex.Matcher m = java.util.regex.Pattern.compile("\"" + key + "\":(\\d+)").matcher(line);
+        return m.find() ? Long.parseLong(m.group(1)) : -1;
+    }
+
+    /** The frames of a holder_stack line. */
+    private static List<String> stackOf(String line) {
+        int from = line.indexOf("\"stack\":[\"");
+        check(from >= 0, "a stack in " + line);
+        String list = line.substring(from + "\"stack\":[\"".length(), line.indexOf("\"]", from));
+        return Arrays.asList(list.split("\",\""));
+    }
+
+    /** The next line of {@code kind} (skipping others, which are kept in SENT). */
+    private static String nextOf(FakeAgent agent, String kind) throws InterruptedException {
+        for (;;) {
+            String line = agent.next();
+            if (line.contains("\"kind\":\"" + kind + "\"")) {
+                return line;
+            }
+        }
+    }
+
+    /** Lines that come within {@code ms}, all kept in SENT. */
+    private static List<String> linesWithin(FakeAgent agent, long ms) throws InterruptedException {
+        List<String> got = new ArrayList<>();
+        long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(ms);
+        for (;;) {
+            long left = deadline - System.nanoTime();
+            String line = left > 0 ? agent.lines.poll(left, TimeUnit.NANOSECONDS) : null;
+            if (line == null) {
+                return got;
+            }
+            SENT.add(line);
+            got.add(line);
+        }
+    }
+
+    static void aLongCheckoutSendsItsHolderStackOnceAfterItsEnd() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            long after = TimeUnit.MILLISECONDS.toNanos(300);
+            Reporter r = new Reporter(agent.path, Reporter.BATCH_NANOS);
+            PoolReporter pool = new PoolReporter(r, "stacks", null).withStacks(true).withStackAfterNanos(after);
+            pool.register(null);
+            nextOf(agent, "pool");
+            io.poolscope.stacktest.Leaker.leakFromTheTest(pool, "127.0.0.1:40300");
+            String end = nextOf(agent, "acquire_end");
+            long since = number(end, "mono_ns");
+            String stack = nextOf(agent, "holder_stack");
+            check(stack.contains("\"local_address\":\"127.0.0.1:40300\""), stack);
+            eq(number(stack, "since_ns"), since, "since_ns is the acquire_end's mono_ns");
+            long late = number(stack, "mono_ns") - since;
+            check(late >= after && late < after + TimeUnit.MILLISECONDS.toNanos(700),
+                    "sent stack_after after the checkout, within about 0.5 s more: " + late + " ns");
+            List<String> frames = stackOf(stack);
+            check(frames.get(0).startsWith("io.poolscope.stacktest.Leaker.leakFromTheTest(Leaker.java:"),
+                    "the application's frame first: " + frames);
+            check(frames.get(1).startsWith(
+                    "io.poolscope.adapter.AdapterTests.aLongCheckoutSendsItsHolderStackOnceAfterItsEnd(AdapterTests.java:"),
+                    "then its caller: " + frames);
+            // A pool the application keeps: the ReportedPool's frames are the adapter's too.
+            ReportedPool handles = ReportedPool.report("stack-handles", null, r);
+            handles.reporter().withStacks(true).withStackAfterNanos(after);
+            Object handle = new Object();
+            io.poolscope.stacktest.Leaker.leakAHandle(handles, handle);
+            String handleEnd = nextOf(agent, "acquire_end");
+            String handleStack = nextOf(agent, "holder_stack");
+            check(handleStack.contains("\"pool\":\"stack-handles\",") && handleStack.contains("\"conn\":1,"),
+                    handleStack);
+            eq(number(handleStack, "since_ns"), number(handleEnd, "mono_ns"), "the handle's since_ns");
+            check(stackOf(handleStack).get(0).startsWith("io.poolscope.stacktest.Leaker.leakAHandle(Leaker.java:"),
+                    handleStack);
+            // Once per checkout: nothing more while they stay out.
+            for (String line : linesWithin(agent, 1200)) {
+                check(!line.contains("\"kind\":\"holder_stack\""), "a second stack: " + line);
+            }
+            // The next checkout of the connection has a stack of its own.
+            pool.release("127.0.0.1:40300");
+            io.poolscope.stacktest.Leaker.leakFromTheTest(pool, "127.0.0.1:40300");
+            String again = nextOf(agent, "holder_stack");
+            check(number(again, "since_ns") > since, "the new checkout's: " + again);
+            pool.release("127.0.0.1:40300");
+            handles.release(handle);
+            check(r.flush(2000), "flushed");
+            eq(r.stats().dropped(), 0L, "nothing dropped");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void shortCheckoutsAndStacksOffSendNoStack() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            long after = TimeUnit.MILLISECONDS.toNanos(200);
+            Reporter r = new Reporter(agent.path, Reporter.BATCH_NANOS);
+            PoolReporter on = new PoolReporter(r, "short", null).withStacks(true).withStackAfterNanos(after);
+            PoolReporter off = new PoolReporter(r, "off", null).withStacks(false).withStackAfterNanos(0);
+            on.register(null);
+            // Short checkouts, some past a batch (their acquire_end leaves).
+            for (int i = 0; i < 5; i++) {
+                io.poolscope.stacktest.Leaker.leakFromTheTest(on, "127.0.0.1:40400");
+                Thread.sleep(i * 30L);
+                on.release("127.0.0.1:40400");
+            }
+            // Off: a long checkout, no stack.
+            io.poolscope.stacktest.Leaker.leakFromTheTest(off, "127.0.0.1:40401");
+            int ends = 0;
+            for (String line : linesWithin(agent, 1000)) {
+                check(!line.contains("\"kind\":\"holder_stack\""), "no stack: " + line);
+                if (line.contains("\"kind\":\"acquire_end\"") && line.contains("127.0.0.1:40401")) {
+                    ends++;
+                }
+            }
+            eq(ends, 1, "the long checkout with stacks off was reported");
+            off.release("127.0.0.1:40401");
+            eq(on.stackDueNanos(), Long.MAX_VALUE, "no stack waits");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
+
+    static void stackSettingsAreReadFromTheEnvironment() {
+        for (String v : new String[] {"off", "OFF", "0", "false", " False "}) {
+            check(!PoolReporter.stacksOn(v), v + " turns stacks off");
+        }
+        for (String v : new String[] {null, "", "on", "1", "true", "yes"}) {
+            check(PoolReporter.stacksOn(v), v + " leaves them on");
+        }
+        eq(PoolReporter.stackAfterNanos(null), PoolReporter.DEFAULT_STACK_AFTER_NANOS, "default 1 s");
+        eq(PoolReporter.stackAfterNanos("250"), 250_000_000L, "in ms");
+        eq(PoolReporter.stackAfterNanos("0"), 0L, "0: as soon as the end left");
+        eq(PoolReporter.stackAfterNanos("-5"), PoolReporter.DEFAULT_STACK_AFTER_NANOS, "negative");
+        eq(PoolReporter.stackAfterNanos("1.5"), PoolReporter.DEFAULT_STACK_AFTER_NANOS, "not whole");
+        eq(PoolReporter.stackAfterNanos("99999999999999999"), PoolReporter.DEFAULT_STACK_AFTER_NANOS, "too large");
+        run++;
+    }
+
+    static void stackFramesStartAtTheApplicationAndKeepTheLimits() throws Exception {
+        List<StackTraceElement> trace = new ArrayList<>(List.of(
+                new StackTraceElement("io.poolscope.adapter.PoolReporter", "acquireEnd", "PoolReporter.java", 10),
+                new StackTraceElement("io.poolscope.adapter.hikari.InstrumentedHikariDataSource", "getConnection",
+                        "InstrumentedHikariDataSource.java", 20),
+                new StackTraceElement("jdk.internal.reflect.GeneratedMethodAccessor1", "invoke", null, -1),
+                new StackTraceElement("java.lang.reflect.Method", "invoke", "Method.java", 568),
+                new StackTraceElement("com.zaxxer.hikari.HikariDataSource", "getConnection", "HikariDataSource.java", 1),
+                new StackTraceElement("com.example.Reports", "leaky", "Reports.java", 42),
+                // An application frame's name with a control character.
+                new StackTraceElement("com.example.Odd", "bad\nname\u0085", "Odd.java", 7),
+                new StackTraceElement("com.example.Long", "m".repeat(400), "Long.java", 1)));
+        for (int i = 0; i < 40; i++) {
+            trace.add(new StackTraceElement("com.example.Deep", "level" + i, "Deep.java", i + 1));
+        }
+        StackTraceElement[] elements = trace.toArray(new StackTraceElement[0]);
+        List<String> frames = HolderStacks.frames(elements);
+        eq(frames.size(), HolderStacks.MAX_FRAMES, "at most 32 frames");
+        eq(frames.get(0), "com.example.Reports.leaky(Reports.java:42)", "from the application's first frame");
+        eq(frames.get(1), "com.example.Odd.bad\ufffdname\ufffd(Odd.java:7)", "control characters replaced");
+        eq(frames.get(2).length(), HolderStacks.MAX_FRAME_CHARS, "cut to 256 characters");
+        check(frames.get(2).startsWith("com.example.Long.mmm"), frames.get(2));
+        eq(frames.get(31), "com.example.Deep.level28(Deep.java:29)", "the outermost kept");
+        // No application frame: from the first that is not the adapter's.
+        eq(HolderStacks.frames(new StackTraceElement[] {elements[0], elements[4], elements[3]}),
+                List.of("com.zaxxer.hikari.HikariDataSource.getConnection(HikariDataSource.java:1)",
+                        "java.lang.reflect.Method.invoke(Method.java:568)"), "no application frame");
+        eq(HolderStacks.json(new StackTraceElement[0], 4096), null, "no frame, no stack");
+        // 32 long frames are more than a message takes: outer ones are left out.
+        StackTraceElement[] wide = new StackTraceElement[40];
+        for (int i = 0; i < wide.length; i++) {
+            wide[i] = new StackTraceElement("com.example.Wide", "w" + i + "x".repeat(300), "Wide.java", 1);
+        }
+        Throwable t = new Throwable();
+        t.setStackTrace(wide);
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            Reporter r = new Reporter(agent.path, 0);
+            PoolReporter pool = new PoolReporter(r, "\uD83D\uDE00".repeat(128), null);
+            byte[] line = pool.holderStackLine("[fd12:3456:789a:bcde:f012:3456:789a:1%enp0s31f6]:60000", 1, t, 2);
+            check(line.length <= Reporter.MAX_MESSAGE_BYTES, "fits a message: " + line.length);
+            List<String> sent = stackOf(text(line));
+            check(sent.size() >= 10 && sent.size() < 16, sent.size() + " frames fit");
+            check(sent.get(0).startsWith("com.example.Wide.w0xxx"), sent.get(0));
+            r.sendLine(line);
+            SENT.add(agent.next());
+            // A real capture, 40 calls deep: 32 frames, the application's first.
+            pool.withStacks(true).withStackAfterNanos(0);
+            io.poolscope.stacktest.Leaker.leakDeep(pool, "127.0.0.1:40500", 40);
+            String stack = nextOf(agent, "holder_stack");
+            List<String> deep = stackOf(stack);
+            eq(deep.size(), 32, "32 frames of a deep stack");
+            check(deep.get(0).startsWith("io.poolscope.stacktest.Leaker.leakFromTheTest(")
+                    && deep.get(1).startsWith("io.poolscope.stacktest.Leaker.leakDeep(")
+                    && deep.get(31).startsWith("io.poolscope.stacktest.Leaker.leakDeep("), deep.toString());
         } finally {
             Files.deleteIfExists(dir);
         }
