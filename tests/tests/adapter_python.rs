@@ -22,8 +22,8 @@ use std::{
 
 use poolscope_tests::{
     adapter_config, expect_handle_pool_reports, json, local_port, process_alive, require_kernel,
-    vm_rss_kib, wait_until, Agent, DbSystem, HandlePoolTids, Held, LeakKind, PoolApp, PoolView,
-    Postgres, ReportStatus, Seen, SystemName, TempDir, TxState, Value, EVENT_TIMEOUT,
+    vm_rss_kib, wait_until, Agent, DbSystem, HandlePoolTids, Held, LeakKind, LeakReport, PoolApp,
+    PoolView, Postgres, ReportStatus, Seen, SystemName, TempDir, TxState, Value, EVENT_TIMEOUT,
 };
 
 const LOCALHOST: &str = "127.0.0.1";
@@ -227,6 +227,7 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
                 .is_some_and(|c| c.contains("pool_app.py")),
             "{r:#?}"
         );
+        expect_holder_stack(&r);
     }
     let r = seen.on_time(LeakKind::SlowHolder, &busy, LEAK_S, "the busy holder");
     assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
@@ -647,7 +648,34 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
     assert_eq!(r.pool.as_deref(), Some("billing"), "{r:#?}");
     assert_eq!(r.fd, Some(leak.fd), "{r:#?}");
     assert_eq!(r.holder_tid, Some(app.tid), "{r:#?}");
+    expect_holder_stack(&r);
     seen.expect_kinds(BTreeSet::from([(LeakKind::Leaked, Some(leak.port))]));
+}
+
+/// Issue 14, item 1: the report names the code that checked the
+/// connection out (pool_app.py's `take_and_keep_for_later`, through its
+/// `acquire`), starting at the application: no frame of the pool library
+/// or of the adapter comes first.
+fn expect_holder_stack(r: &LeakReport) {
+    let stack = r
+        .holder_stack
+        .as_deref()
+        .unwrap_or_else(|| panic!("no holder stack: {r:#?}"));
+    assert!(
+        stack[0].starts_with("acquire (") && stack[0].contains("pool_app.py:"),
+        "the innermost frame is the app's acquire(): {stack:#?}"
+    );
+    assert!(
+        stack[1].starts_with("take_and_keep_for_later (") && stack[1].contains("pool_app.py:"),
+        "the leaking function comes next: {stack:#?}"
+    );
+    assert!(
+        !stack.iter().any(|f| f.contains("/sqlalchemy/")
+            || f.contains("/psycopg_pool/")
+            || f.contains("poolscope_adapter")),
+        "{stack:#?}"
+    );
+    assert!(stack.len() <= 32, "{stack:#?}");
 }
 
 /// A pool with no socket at all: SQLite handles kept by the app's own pool
