@@ -6,6 +6,8 @@
 //! using it must show up in `/api/v1/leaks` as `leaked`. A bb8 pool and a
 //! sqlx pool (`bb8_scenario`, `sqlx_scenario`, the same package) leak,
 //! hold, idle in a transaction and wait, and each case must be told apart.
+//! Each leak report carries the adapter's holder stack, which names the
+//! app's function that took the connection.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -165,6 +167,54 @@ impl Drop for TestApp {
     }
 }
 
+/// Step: the leak report carries the adapter's holder stack (sent 1 s
+/// after the checkout, well before the leak threshold): innermost first,
+/// the place that called the pool's `get()` / `acquire()` (a file of the
+/// test app), then the app's functions from the first one on, among them
+/// `function` (the app's function that took the connection, named by the
+/// symbol table of the release build), none of the adapter's, the pool's
+/// or its driver's before it.
+fn expect_holder_stack(r: &LeakReport, function: &str) {
+    let stack = r
+        .holder_stack
+        .as_deref()
+        .unwrap_or_else(|| panic!("no holder_stack in the leak report: {r:#?}"));
+    eprintln!("holder stack of report {}: {stack:#?}", r.id);
+    assert!(
+        stack
+            .first()
+            .is_some_and(|f| f.starts_with("adapters/rust/testapp/src/")),
+        "the first frame is the place in the app that called the pool: {stack:#?}"
+    );
+    let at = stack
+        .iter()
+        .position(|f| f.contains(function))
+        .unwrap_or_else(|| panic!("no frame names {function}: {stack:#?}"));
+    for frame in &stack[..at] {
+        assert!(
+            ![
+                "poolscope_adapter::",
+                "<poolscope_adapter::",
+                "bb8::",
+                "deadpool",
+                "sqlx",
+                "tokio_postgres::",
+                "backtrace::"
+            ]
+            .iter()
+            .any(|lib| frame.starts_with(lib)),
+            "a frame of the adapter or the pool before the app's: {stack:#?}"
+        );
+    }
+    assert!(
+        stack.len() <= 32
+            && stack.iter().all(|f| !f.is_empty()
+                && f.chars().count() <= 256
+                && !f.chars().any(char::is_control)),
+        "{stack:#?}"
+    );
+}
+
 fn count(answer: &Value, key: &str) -> u64 {
     answer[key]
         .as_u64()
@@ -292,7 +342,11 @@ fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
     let leak = wait_until(deadline, || {
         last = leaks(&agent).into_iter().filter(|r| r.pid == pid).collect();
         last.iter()
-            .find(|r| r.kind == LeakKind::Leaked && r.status == ReportStatus::Open)
+            .find(|r| {
+                r.kind == LeakKind::Leaked
+                    && r.status == ReportStatus::Open
+                    && r.holder_stack.is_some()
+            })
             .cloned()
     })
     .unwrap_or_else(|| {
@@ -323,6 +377,10 @@ fn deadpool_pool_counts_match_and_a_held_connection_is_a_leak() {
     assert!(
         held_for >= LEAK_THRESHOLD_SECONDS,
         "reported only past the threshold: {leak:?}"
+    );
+    expect_holder_stack(
+        &leak,
+        "poolscope_adapter_testapp::leak_a_connection_on_purpose",
     );
     let tid = leak.holder_tid.expect("the leak names the holding thread");
     assert!(
@@ -573,9 +631,21 @@ fn leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart(scenario: 
             "the connection the server saw: {r:#?}"
         );
         assert_eq!(r.holder_tid, Some(app_tid), "{r:#?}");
+        expect_holder_stack(r, &format!("{bin}::scenario::take_a_connection_to_leak"));
     }
     let r = seen.on_time(LeakKind::SlowHolder, &busy, LEAK_S, "the busy holder");
     assert_eq!(r.pool.as_deref(), Some(name), "{r:#?}");
+    // Its stack too: taken in the app (not by the leaks' function).
+    let stack = r.holder_stack.as_deref().unwrap_or_default();
+    assert!(
+        stack
+            .first()
+            .is_some_and(|f| f.starts_with("adapters/rust/testapp/src/"))
+            && !stack
+                .iter()
+                .any(|f| f.contains("take_a_connection_to_leak")),
+        "{r:#?}"
+    );
     let r = seen.on_time(
         LeakKind::IdleInTransaction,
         &tx,

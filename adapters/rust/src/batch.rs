@@ -35,6 +35,7 @@ use std::{
 use crate::{
     locked,
     protocol::{Body, Checkout},
+    stack::HeldStack,
     AcquireResult, ConnId,
 };
 
@@ -110,6 +111,8 @@ struct Pending {
     conn: ConnId,
     /// The checkout out now, as named when handed out.
     out: Option<Checkout>,
+    /// Its holder's stack, until sent (or the checkout ends).
+    stack: Option<HeldStack>,
     held: Option<Held>,
     waits: Vec<u64>,
     uses: Vec<u64>,
@@ -123,6 +126,7 @@ impl Pending {
         Pending {
             conn,
             out: None,
+            stack: None,
             held: None,
             waits: Vec::new(),
             uses: Vec::new(),
@@ -150,6 +154,12 @@ impl Pending {
         if let Some(h) = self.held.take() {
             out.push(held_end(self.conn, h));
         }
+    }
+
+    /// The checkout is over: no longer out, its stack forgotten.
+    fn end_checkout(&mut self) -> bool {
+        self.stack = None;
+        self.out.take().is_some()
     }
 
     /// Nothing about it waits and it is not out: the entry may go.
@@ -199,6 +209,7 @@ impl Batch {
         result: AcquireResult,
         tid: Option<u32>,
         at: u64,
+        stack: Option<HeldStack>,
         out: &mut Vec<Out>,
     ) -> bool {
         let started = self
@@ -211,7 +222,7 @@ impl Batch {
             });
         match (result, started) {
             (AcquireResult::Ok(conn), Some((start, _))) if !conn.is_empty() => {
-                let p = self.handed_out(conn, at, tid);
+                let p = self.handed_out(conn, at, tid, stack);
                 // A checkout of it never reported returned: its end goes as is.
                 p.take_held(out);
                 p.held = Some(Held {
@@ -234,7 +245,7 @@ impl Batch {
                 if let AcquireResult::Ok(conn) = result {
                     if !conn.is_empty() {
                         // What waits about it goes before its end.
-                        let p = self.handed_out(conn, at, tid);
+                        let p = self.handed_out(conn, at, tid, stack);
                         p.take_folded(out);
                         p.take_held(out);
                     }
@@ -252,8 +263,15 @@ impl Batch {
         matches!(result, AcquireResult::Ok(conn) if !conn.is_empty())
     }
 
-    /// `conn` handed out at `at` to `tid`: its entry, with the checkout.
-    fn handed_out(&mut self, conn: ConnId, at: u64, tid: Option<u32>) -> &mut Pending {
+    /// `conn` handed out at `at` to `tid`: its entry, with the checkout
+    /// and its holder's stack.
+    fn handed_out(
+        &mut self,
+        conn: ConnId,
+        at: u64,
+        tid: Option<u32>,
+        stack: Option<HeldStack>,
+    ) -> &mut Pending {
         let p = self
             .conns
             .entry(conn_key(conn))
@@ -263,6 +281,7 @@ impl Batch {
             mono_ns: at,
             tid,
         });
+        p.stack = stack;
         p
     }
 
@@ -274,10 +293,11 @@ impl Batch {
         result: AcquireResult,
         tid: Option<u32>,
         at: u64,
+        stack: Option<HeldStack>,
     ) -> bool {
         match result {
             AcquireResult::Ok(conn) if !conn.is_empty() => {
-                self.handed_out(conn, at, tid);
+                self.handed_out(conn, at, tid, stack);
                 true
             }
             _ => false,
@@ -288,7 +308,7 @@ impl Batch {
     pub(crate) fn returned_unbatched(&mut self, conn: ConnId) {
         let key = conn_key(conn);
         if let Some(p) = self.conns.get_mut(&key) {
-            if p.out.take().is_some() {
+            if p.end_checkout() {
                 if p.idle() {
                     self.conns.remove(&key);
                 }
@@ -313,7 +333,7 @@ impl Batch {
         };
         for p in self.conns.values_mut() {
             if p.out.is_some_and(|c| c.conn.local_address == Some(local)) {
-                p.out = None;
+                p.end_checkout();
             }
         }
     }
@@ -330,6 +350,48 @@ impl Batch {
         self.conns.values().any(|p| p.out.is_some())
     }
 
+    /// Takes the stacks due by `now` (the checkout, its connection as named
+    /// then, and its capture) into `due`; returns when the next one is due.
+    pub(crate) fn due_stacks(
+        &mut self,
+        now: u64,
+        due: &mut Vec<(Checkout, HeldStack)>,
+    ) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        for p in self.conns.values_mut() {
+            let (Some(checkout), Some(stack)) = (p.out, &p.stack) else {
+                continue;
+            };
+            if stack.due_ns <= now {
+                if let Some(stack) = p.stack.take() {
+                    due.push((checkout, stack));
+                }
+            } else {
+                next = Some(next.map_or(stack.due_ns, |n| n.min(stack.due_ns)));
+            }
+        }
+        next
+    }
+
+    /// Whether `checkout` is still out (the stack taken for it is still
+    /// its holder's). If so, what waits about its connection (its folded
+    /// checkouts, its own `acquire_end`) goes to `out` first, so that the
+    /// stack leaves after its `acquire_end`.
+    pub(crate) fn still_out(&mut self, checkout: &Checkout, out: &mut Vec<Out>) -> bool {
+        let Some(p) = self.conns.get_mut(&conn_key(checkout.conn)) else {
+            return false;
+        };
+        if p.out.is_none_or(|c| c.mono_ns != checkout.mono_ns) {
+            return false;
+        }
+        if p.held.is_some() {
+            p.take_folded(out);
+            p.take_held(out);
+            self.ready_first(out);
+        }
+        true
+    }
+
     /// The full lines kept for the batch go before anything sent at once,
     /// so that no connection's messages cross.
     fn ready_first(&mut self, out: &mut Vec<Out>) {
@@ -342,7 +404,7 @@ impl Batch {
     pub(crate) fn release(&mut self, conn: ConnId, at: u64, out: &mut Vec<Out>) {
         let mut was_out = false;
         if let Some(p) = self.conns.get_mut(&conn_key(conn)) {
-            was_out = p.out.take().is_some();
+            was_out = p.end_checkout();
             if let Some(h) = p.held.take() {
                 if p.waits.is_empty() {
                     // A line's room at once, not grown five times.

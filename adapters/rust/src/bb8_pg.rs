@@ -51,7 +51,9 @@
 
 use std::{
     fmt,
+    future::Future,
     ops::{Deref, DerefMut},
+    panic::Location,
     sync::Arc,
     time::Duration,
 };
@@ -260,23 +262,33 @@ impl InstrumentedPool {
             min_idle: None,
             reporter: None,
             batch_window: crate::BATCH_WINDOW,
+            stacks: crate::StackOptions::default(),
         }
     }
 
     /// Checks a connection out: reports `acquire_start`, then `acquire_end`
-    /// with the connection (or `timeout` / `error`).
-    pub async fn get(&self) -> Result<Client<'_>, RunError<Error>> {
-        let pending = self.reporter.acquire_start();
-        let got = self.pool.get().await;
-        finish(pending, got.map(|conn| Client { conn }))
+    /// with the connection (or `timeout` / `error`). An `async fn` for its
+    /// caller; the place that calls it heads the checkout's holder stack.
+    #[track_caller]
+    pub fn get(&self) -> impl Future<Output = Result<Client<'_>, RunError<Error>>> + '_ {
+        let caller = Location::caller();
+        async move {
+            let pending = self.reporter.acquire_start_from(caller);
+            let got = self.pool.get().await;
+            finish(pending, got.map(|conn| Client { conn }))
+        }
     }
 
     /// [`InstrumentedPool::get`], for a connection that outlives the borrow
     /// of the pool.
-    pub async fn get_owned(&self) -> Result<Client<'static>, RunError<Error>> {
-        let pending = self.reporter.acquire_start();
-        let got = self.pool.get_owned().await;
-        finish(pending, got.map(|conn| Client { conn }))
+    #[track_caller]
+    pub fn get_owned(&self) -> impl Future<Output = Result<Client<'static>, RunError<Error>>> + '_ {
+        let caller = Location::caller();
+        async move {
+            let pending = self.reporter.acquire_start_from(caller);
+            let got = self.pool.get_owned().await;
+            finish(pending, got.map(|conn| Client { conn }))
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -321,6 +333,7 @@ pub struct PoolBuilder {
     min_idle: Option<u32>,
     reporter: Option<Reporter>,
     batch_window: Duration,
+    stacks: crate::StackOptions,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -343,6 +356,21 @@ impl PoolBuilder {
     /// ([`crate::BATCH_WINDOW`]; zero: every event sent at once).
     pub fn batch_window(mut self, window: Duration) -> Self {
         self.batch_window = window;
+        self
+    }
+
+    /// Whether checkouts keep the stack of the code that took the
+    /// connection, sent for those held past `stack_after` (default: on,
+    /// unless `POOLSCOPE_ADAPTER_STACKS=off`).
+    pub fn holder_stacks(mut self, on: bool) -> Self {
+        self.stacks.on = Some(on);
+        self
+    }
+
+    /// How long a checkout is held before its stack is sent (default
+    /// `POOLSCOPE_ADAPTER_STACK_AFTER_MS`, else [`crate::DEFAULT_STACK_AFTER`]).
+    pub fn stack_after(mut self, after: Duration) -> Self {
+        self.stacks.after = Some(after);
         self
     }
 
@@ -395,9 +423,9 @@ impl PoolBuilder {
         let reporter = self.reporter.unwrap_or_else(Reporter::from_env);
         let manager = Manager {
             connector: self.connector,
-            pool: Arc::new(
+            pool: Arc::new(self.stacks.apply(
                 PoolReporter::new(reporter, &self.name).with_batch_window(self.batch_window),
-            ),
+            )),
             max_size: self.max_size,
             min_idle: self.min_idle,
         };

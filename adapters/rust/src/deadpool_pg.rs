@@ -54,7 +54,9 @@
 
 use std::{
     fmt,
+    future::Future,
     ops::Deref,
+    panic::Location,
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -264,6 +266,7 @@ impl InstrumentedPool {
             pool_config: PoolConfig::default(),
             runtime: Some(Runtime::Tokio1),
             batch_window: crate::BATCH_WINDOW,
+            stacks: crate::StackOptions::default(),
         }
     }
 
@@ -287,20 +290,30 @@ impl InstrumentedPool {
     }
 
     /// Checks a connection out: reports `acquire_start`, then `acquire_end`
-    /// with the connection (or `timeout` / `error`).
-    pub async fn get(&self) -> Result<Client, PoolError> {
-        self.get_with(None).await
+    /// with the connection (or `timeout` / `error`). An `async fn` for its
+    /// caller; the place that calls it heads the checkout's holder stack.
+    #[track_caller]
+    pub fn get(&self) -> impl Future<Output = Result<Client, PoolError>> + '_ {
+        self.get_with(None, Location::caller())
     }
 
     /// [`InstrumentedPool::get`] with other timeouts than the pool's.
-    pub async fn timeout_get(&self, timeouts: &Timeouts) -> Result<Client, PoolError> {
-        self.get_with(Some(timeouts)).await
+    #[track_caller]
+    pub fn timeout_get<'a>(
+        &'a self,
+        timeouts: &'a Timeouts,
+    ) -> impl Future<Output = Result<Client, PoolError>> + 'a {
+        self.get_with(Some(timeouts), Location::caller())
     }
 
-    async fn get_with(&self, timeouts: Option<&Timeouts>) -> Result<Client, PoolError> {
+    async fn get_with(
+        &self,
+        timeouts: Option<&Timeouts>,
+        caller: &'static Location<'static>,
+    ) -> Result<Client, PoolError> {
         let reporter = &self.pool.manager().pool;
         // Dropped unfinished (the caller gave up waiting): reports `error`.
-        let pending = reporter.acquire_start();
+        let pending = reporter.acquire_start_from(caller);
         let got = match timeouts {
             Some(t) => self.pool.timeout_get(t).await,
             None => self.pool.get().await,
@@ -369,6 +382,7 @@ pub struct PoolBuilder {
     pool_config: PoolConfig,
     runtime: Option<Runtime>,
     batch_window: Duration,
+    stacks: crate::StackOptions,
 }
 
 impl fmt::Debug for PoolBuilder {
@@ -391,6 +405,21 @@ impl PoolBuilder {
     /// ([`crate::BATCH_WINDOW`]; zero: every event sent at once).
     pub fn batch_window(mut self, window: Duration) -> Self {
         self.batch_window = window;
+        self
+    }
+
+    /// Whether checkouts keep the stack of the code that took the
+    /// connection, sent for those held past `stack_after` (default: on,
+    /// unless `POOLSCOPE_ADAPTER_STACKS=off`).
+    pub fn holder_stacks(mut self, on: bool) -> Self {
+        self.stacks.on = Some(on);
+        self
+    }
+
+    /// How long a checkout is held before its stack is sent (default
+    /// `POOLSCOPE_ADAPTER_STACK_AFTER_MS`, else [`crate::DEFAULT_STACK_AFTER`]).
+    pub fn stack_after(mut self, after: Duration) -> Self {
+        self.stacks.after = Some(after);
         self
     }
 
@@ -443,9 +472,9 @@ impl PoolBuilder {
         let manager = Manager {
             connector: self.connector,
             config: self.manager_config,
-            pool: Arc::new(
+            pool: Arc::new(self.stacks.apply(
                 PoolReporter::new(reporter, &self.name).with_batch_window(self.batch_window),
-            ),
+            )),
             max_size: std::sync::atomic::AtomicUsize::new(self.pool_config.max_size),
         };
         let mut builder = managed::Pool::builder(manager).config(self.pool_config);

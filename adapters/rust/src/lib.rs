@@ -21,6 +21,21 @@
 //! - `deadpool_pg` (feature `deadpool-postgres`): a deadpool-postgres pool
 //!   that reports by itself, naming each connection by its socket.
 //! - `bb8_pg` (feature `bb8-postgres`): the same for a bb8 pool.
+//! - `sqlx_pool` (features `sqlx-postgres`, `sqlx-mysql`): the same for a
+//!   sqlx pool.
+//!
+//! # Holder stacks
+//!
+//! At every checkout the pool keeps the stack of the code that took the
+//! connection (a few return addresses and the place that called `get()`,
+//! no text: about a microsecond); if the checkout is still out
+//! `stack_after` later (1 s; `POOLSCOPE_ADAPTER_STACK_AFTER_MS`), the
+//! stack is named, innermost first from the application's own code on,
+//! and sent once as `holder_stack`, for the agent's leak reports. Release
+//! builds name functions from the symbol table (keep it: no `strip =
+//! "symbols"`); with debug info (`debug = "line-tables-only"`) frames
+//! also get their file and line. `POOLSCOPE_ADAPTER_STACKS=off` turns
+//! stacks off ([`PoolReporter::with_holder_stacks`] too).
 
 #![cfg(unix)]
 
@@ -32,6 +47,7 @@ use std::{
         fd::{AsRawFd, RawFd},
         unix::net::UnixDatagram,
     },
+    panic::Location,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -51,6 +67,8 @@ pub use protocol::{AcquireResult, DbSystem, PoolInfo};
 use protocol::{Body, Message};
 
 mod batch;
+mod stack;
+pub use stack::{DEFAULT_STACK_AFTER, STACKS_ENV, STACK_AFTER_ENV};
 #[cfg(feature = "bb8-postgres")]
 pub mod bb8_pg;
 #[cfg(feature = "deadpool-postgres")]
@@ -573,6 +591,57 @@ impl Reporter {
     pub fn connection_closed(&self, pool: &str, conn: ConnId) {
         self.send(pool, Body::ConnectionClosed(conn));
     }
+
+    /// `holder_stack`: the code that holds the checkout of `conn` that
+    /// began at `since_ns` (its `acquire_end`'s `mono_ns`), innermost frame
+    /// first. Frames are cut to what the agent accepts (32 of 256
+    /// characters, no control characters) and, if the message would be
+    /// too large, the outermost ones left out. Nothing is sent without a
+    /// frame.
+    pub fn holder_stack(&self, pool: &str, conn: ConnId, since_ns: u64, stack: Vec<String>) {
+        self.holder_stack_at(pool, conn, since_ns, stack, monotonic_ns());
+    }
+
+    fn holder_stack_at(
+        &self,
+        pool: &str,
+        conn: ConnId,
+        since_ns: u64,
+        stack: Vec<String>,
+        mono_ns: u64,
+    ) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let stack: Vec<String> = stack
+            .iter()
+            .map(|frame| stack::clean(frame))
+            .filter(|frame| !frame.is_empty())
+            .take(protocol::MAX_STACK_FRAMES)
+            .collect();
+        if stack.is_empty() {
+            return;
+        }
+        let body = Body::HolderStack {
+            conn,
+            since_ns,
+            stack,
+        };
+        let mut message = Message::new(truncate(pool), body).at(mono_ns);
+        loop {
+            match message.encode() {
+                Ok(bytes) => return inner.send(bytes),
+                Err(protocol::Error::TooLarge(_)) => match &mut message.body {
+                    Body::HolderStack { stack, .. } if stack.len() > 1 => {
+                        stack.pop();
+                    }
+                    _ => break,
+                },
+                Err(_) => break,
+            }
+        }
+        inner.dropped.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The agent socket named by the environment variable's value, if set and
@@ -620,6 +689,10 @@ struct PoolState {
     /// Nanoseconds between periodic re-sends; 0: none.
     interval_ns: AtomicU64,
     last_state: Mutex<Instant>,
+    /// Whether checkouts keep their holder's stack.
+    stacks: AtomicBool,
+    /// How long a checkout is out before its stack is sent, in nanoseconds.
+    stack_after_ns: AtomicU64,
 }
 
 impl PoolState {
@@ -658,6 +731,46 @@ impl PoolState {
         }
     }
 
+    /// Sends the holder stacks due by `now` (monotonic nanoseconds) of the
+    /// checkouts still out; returns when the next one is due. Names the
+    /// frames without holding the batch's lock (the first time, it reads
+    /// the program's symbol table), and sends with it, after whatever
+    /// waits about the connection, so that a stack leaves after its
+    /// checkout's `acquire_end` and before its `release`.
+    fn send_stacks(&self, now: u64) -> Option<u64> {
+        let mut due = Vec::new();
+        let next = locked(&self.batch).due_stacks(now, &mut due);
+        if due.is_empty() {
+            return next;
+        }
+        let named: Vec<_> = due
+            .into_iter()
+            .map(|(checkout, held)| {
+                // Never the state thread's end: a stack is worth less.
+                let frames = std::panic::catch_unwind(|| held.capture.frames());
+                (checkout, frames.unwrap_or_default())
+            })
+            .filter(|(_, frames)| !frames.is_empty())
+            .collect();
+        let mut batch = locked(&self.batch);
+        for (checkout, frames) in named {
+            let mut out = Vec::new();
+            if batch.still_out(&checkout, &mut out) {
+                self.send_all(out);
+                self.reporter.holder_stack_at(
+                    &self.name,
+                    checkout.conn,
+                    checkout.mono_ns,
+                    frames,
+                    monotonic_ns(),
+                );
+            }
+        }
+        drop(batch);
+        self.after_send();
+        next
+    }
+
     /// How long until the periodic state is due (zero: now), or `None`
     /// when there is nothing to send.
     fn state_due(&self, now: Instant) -> Option<Duration> {
@@ -690,17 +803,23 @@ impl batch::Flush for PoolState {
     }
 }
 
-/// One thread per process re-sends the state of pools with connections out.
+/// One thread per process re-sends the state of pools with connections
+/// out, and sends the holder stacks of long checkouts.
 struct Ticker {
     pools: Mutex<Vec<Weak<PoolState>>>,
     wake: Condvar,
     started: AtomicBool,
+    /// When the ticker must scan the pools next for stacks (monotonic
+    /// nanoseconds; 0: now, for a new pool): a checkout whose stack is due
+    /// earlier wakes it.
+    next_scan_ns: AtomicU64,
 }
 
 static TICKER: Ticker = Ticker {
     pools: Mutex::new(Vec::new()),
     wake: Condvar::new(),
     started: AtomicBool::new(false),
+    next_scan_ns: AtomicU64::new(u64::MAX),
 };
 
 /// Longest the ticker sleeps, so that it notices pools that went away.
@@ -721,6 +840,8 @@ impl Ticker {
             }
             pools.retain(|w| w.strong_count() > 0);
             pools.push(Arc::downgrade(pool));
+            // A scan now, which learns when its state is due.
+            self.next_scan_ns.store(0, Ordering::Release);
         }
         if !self.started.swap(true, Ordering::AcqRel) {
             let spawned = thread::Builder::new()
@@ -733,29 +854,77 @@ impl Ticker {
         self.wake.notify_one();
     }
 
-    fn run(&'static self) {
-        loop {
-            let pools: Vec<Arc<PoolState>> = locked(&self.pools)
-                .iter()
-                .filter_map(Weak::upgrade)
-                .collect();
-            let mut sleep = TICKER_MAX_SLEEP;
-            for pool in &pools {
-                let Some(mut due) = pool.state_due(Instant::now()) else {
-                    continue;
-                };
-                if due.is_zero() {
-                    pool.send_state();
-                    due = Duration::from_nanos(pool.interval_ns.load(Ordering::Relaxed));
-                }
-                sleep = sleep.min(due);
-            }
-            drop(pools);
-            let guard = locked(&self.pools);
-            let _ = self
-                .wake
-                .wait_timeout(guard, sleep.max(Duration::from_millis(10)));
+    /// A checkout's stack is due at `due_ns`: has the ticker scan by then.
+    /// Only a load when it already will (the usual case: it waits for an
+    /// older checkout's stack); otherwise a wake-up to set its timer, once
+    /// per `stack_after` at most, not once per checkout.
+    fn stack_due(&self, due_ns: u64) {
+        if due_ns >= self.next_scan_ns.load(Ordering::Acquire) {
+            return;
         }
+        self.scan_by(due_ns);
+    }
+
+    /// Has the ticker scan the pools by `at` (monotonic nanoseconds).
+    fn scan_by(&self, at: u64) {
+        if at < self.next_scan_ns.fetch_min(at, Ordering::AcqRel) {
+            // Taken so that the ticker is either waiting (and wakes) or
+            // has yet to read next_scan_ns.
+            drop(locked(&self.pools));
+            self.wake.notify_one();
+        }
+    }
+
+    fn run(&'static self) {
+        // When the periodic states are due next.
+        let mut state_at = 0;
+        loop {
+            let now = monotonic_ns();
+            if now >= state_at.min(self.next_scan_ns.load(Ordering::Acquire)) {
+                state_at = now.saturating_add(duration_ns(self.scan()));
+                continue;
+            }
+            let guard = locked(&self.pools);
+            // Read again with the lock, which a stack_due that wants an
+            // earlier scan takes before it notifies.
+            let wake_at = state_at.min(self.next_scan_ns.load(Ordering::Acquire));
+            let now = monotonic_ns();
+            if wake_at > now {
+                let _ = self
+                    .wake
+                    .wait_timeout(guard, Duration::from_nanos(wake_at - now));
+            }
+        }
+    }
+
+    /// Sends the stacks due and the periodic states due; returns how long
+    /// until the next state is due.
+    fn scan(&self) -> Duration {
+        // Stacks registered from now on ask for their own scan; those still
+        // waiting ask below.
+        self.next_scan_ns.store(u64::MAX, Ordering::Release);
+        let pools: Vec<Arc<PoolState>> = locked(&self.pools)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut sleep = TICKER_MAX_SLEEP;
+        let mut next_stack = u64::MAX;
+        for pool in &pools {
+            if let Some(next) = pool.send_stacks(monotonic_ns()) {
+                next_stack = next_stack.min(next);
+            }
+            let Some(mut due) = pool.state_due(Instant::now()) else {
+                continue;
+            };
+            if due.is_zero() {
+                pool.send_state();
+                due = Duration::from_nanos(pool.interval_ns.load(Ordering::Relaxed));
+            }
+            sleep = sleep.min(due);
+        }
+        drop(pools);
+        self.next_scan_ns.fetch_min(next_stack, Ordering::AcqRel);
+        sleep.max(Duration::from_millis(10))
     }
 }
 
@@ -774,6 +943,10 @@ impl PoolReporter {
                 window_ns: AtomicU64::new(batch::BATCH_WINDOW.as_nanos() as u64),
                 interval_ns: AtomicU64::new(DEFAULT_STATE_INTERVAL.as_nanos() as u64),
                 last_state: Mutex::new(Instant::now()),
+                stacks: AtomicBool::new(stack::stacks_on_from(std::env::var_os(STACKS_ENV))),
+                stack_after_ns: AtomicU64::new(duration_ns(stack::stack_after_from(
+                    std::env::var_os(STACK_AFTER_ENV),
+                ))),
             }),
             next_request: AtomicU64::new(1),
         }
@@ -785,6 +958,23 @@ impl PoolReporter {
     pub fn with_batch_window(self, window: Duration) -> PoolReporter {
         let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         self.state.window_ns.store(ns, Ordering::Relaxed);
+        self
+    }
+
+    /// Whether checkouts keep the stack of the code that took the
+    /// connection, sent for those still out `stack_after` later. On unless
+    /// `POOLSCOPE_ADAPTER_STACKS` is `off` (or `0`, `false`, `no`).
+    pub fn with_holder_stacks(self, on: bool) -> PoolReporter {
+        self.state.stacks.store(on, Ordering::Relaxed);
+        self
+    }
+
+    /// How long a checkout is out before its stack is sent:
+    /// `POOLSCOPE_ADAPTER_STACK_AFTER_MS`, else [`DEFAULT_STACK_AFTER`].
+    pub fn with_stack_after(self, after: Duration) -> PoolReporter {
+        self.state
+            .stack_after_ns
+            .store(duration_ns(after), Ordering::Relaxed);
         self
     }
 
@@ -844,8 +1034,19 @@ impl PoolReporter {
 
     /// Sends `acquire_start` and returns the pending acquire, which sends
     /// `acquire_end` when finished, or `result: "error"` if dropped unfinished
-    /// (the caller stopped waiting: a cancelled future, a panic).
+    /// (the caller stopped waiting: a cancelled future, a panic). The
+    /// caller's place in the code heads the checkout's holder stack.
+    #[track_caller]
     pub fn acquire_start(&self) -> PendingAcquire<'_> {
+        self.acquire_start_from(Location::caller())
+    }
+
+    /// [`PoolReporter::acquire_start`] for a pool's `get()`, which knows
+    /// where its caller is.
+    pub(crate) fn acquire_start_from(
+        &self,
+        caller: &'static Location<'static>,
+    ) -> PendingAcquire<'_> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         if self.batching() {
             let (at, tid) = (monotonic_ns(), current_tid());
@@ -860,6 +1061,7 @@ impl PoolReporter {
             pool: self,
             request,
             done: false,
+            caller,
         }
     }
 
@@ -912,18 +1114,33 @@ impl PoolReporter {
         self.state.after_send();
     }
 
-    fn finish(&self, request: u64, result: AcquireResult) {
+    fn finish(&self, request: u64, result: AcquireResult, caller: &'static Location<'static>) {
+        // Walked before the time is read and the lock taken: the stack of
+        // the code that now holds the connection.
+        let capture = match result {
+            AcquireResult::Ok(conn)
+                if !conn.is_empty() && self.state.stacks.load(Ordering::Relaxed) =>
+            {
+                Some(stack::Capture::here(Some(caller)))
+            }
+            _ => None,
+        };
         let at = monotonic_ns();
         let tid = current_tid();
+        let stack = capture.map(|capture| stack::HeldStack {
+            capture,
+            due_ns: at.saturating_add(self.state.stack_after_ns.load(Ordering::Relaxed)),
+        });
+        let stack_due = stack.as_ref().map(|s| s.due_ns);
         let mut batch = locked(&self.state.batch);
         let checked_out = if self.batching() {
             let mut out = Vec::new();
-            let checked_out = batch.finish(request, result, tid, at, &mut out);
+            let checked_out = batch.finish(request, result, tid, at, stack, &mut out);
             self.schedule(&mut batch);
             self.state.send_all(out);
             checked_out
         } else {
-            let checked_out = batch.finish_unbatched(result, tid, at);
+            let checked_out = batch.finish_unbatched(result, tid, at, stack);
             self.state
                 .reporter
                 .acquire_end_at(&self.state.name, request, result, tid, at);
@@ -937,8 +1154,43 @@ impl PoolReporter {
         {
             TICKER.watch(&self.state);
         }
+        if let Some(due) = stack_due {
+            TICKER.stack_due(due);
+        }
         self.state.after_send();
     }
+}
+
+/// A pool builder's holder-stack settings: the environment's unless set.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StackOptions {
+    pub(crate) on: Option<bool>,
+    pub(crate) after: Option<Duration>,
+}
+
+impl StackOptions {
+    #[cfg_attr(
+        not(any(
+            feature = "deadpool-postgres",
+            feature = "bb8-postgres",
+            feature = "sqlx-postgres",
+            feature = "sqlx-mysql"
+        )),
+        allow(dead_code)
+    )]
+    pub(crate) fn apply(self, mut pool: PoolReporter) -> PoolReporter {
+        if let Some(on) = self.on {
+            pool = pool.with_holder_stacks(on);
+        }
+        if let Some(after) = self.after {
+            pool = pool.with_stack_after(after);
+        }
+        pool
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// An acquire in progress (see [`PoolReporter::acquire_start`]).
@@ -948,6 +1200,7 @@ pub struct PendingAcquire<'a> {
     pool: &'a PoolReporter,
     request: u64,
     done: bool,
+    caller: &'static Location<'static>,
 }
 
 impl PendingAcquire<'_> {
@@ -957,14 +1210,15 @@ impl PendingAcquire<'_> {
 
     pub fn finish(mut self, result: AcquireResult) {
         self.done = true;
-        self.pool.finish(self.request, result);
+        self.pool.finish(self.request, result, self.caller);
     }
 }
 
 impl Drop for PendingAcquire<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.pool.finish(self.request, AcquireResult::Error);
+            self.pool
+                .finish(self.request, AcquireResult::Error, self.caller);
         }
     }
 }

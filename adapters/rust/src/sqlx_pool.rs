@@ -63,8 +63,10 @@
 
 use std::{
     fmt,
+    future::Future,
     net::SocketAddr,
     ops::{Deref, DerefMut},
+    panic::Location,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -297,13 +299,23 @@ impl<DB: Backend> InstrumentedPool<DB> {
             options: PoolOptions::new(),
             reporter: None,
             batch_window: crate::BATCH_WINDOW,
+            stacks: crate::StackOptions::default(),
         }
     }
 
     /// Checks a connection out: reports `acquire_start`, then `acquire_end`
-    /// with the connection (or `timeout` / `error`).
-    pub async fn acquire(&self) -> Result<PoolConnection<DB>, sqlx::Error> {
-        let pending = self.reporter.acquire_start();
+    /// with the connection (or `timeout` / `error`). An `async fn` for its
+    /// caller; the place that calls it heads the checkout's holder stack.
+    #[track_caller]
+    pub fn acquire(&self) -> impl Future<Output = Result<PoolConnection<DB>, sqlx::Error>> + '_ {
+        self.acquire_from(Location::caller())
+    }
+
+    async fn acquire_from(
+        &self,
+        caller: &'static Location<'static>,
+    ) -> Result<PoolConnection<DB>, sqlx::Error> {
+        let pending = self.reporter.acquire_start_from(caller);
         match self.pool.acquire().await {
             Ok(conn) => {
                 let (name, new) = self.names.handed_out(connection_identity(&*conn));
@@ -404,6 +416,7 @@ pub struct PoolBuilder<DB: Backend> {
     options: PoolOptions<DB>,
     reporter: Option<Reporter>,
     batch_window: Duration,
+    stacks: crate::StackOptions,
 }
 
 impl<DB: Backend> fmt::Debug for PoolBuilder<DB> {
@@ -425,6 +438,21 @@ impl<DB: Backend> PoolBuilder<DB> {
     /// [`crate::BATCH_WINDOW`]; zero sends each at once).
     pub fn batch_window(mut self, window: Duration) -> Self {
         self.batch_window = window;
+        self
+    }
+
+    /// Whether checkouts keep the stack of the code that took the
+    /// connection, sent for those held past `stack_after` (default: on,
+    /// unless `POOLSCOPE_ADAPTER_STACKS=off`).
+    pub fn holder_stacks(mut self, on: bool) -> Self {
+        self.stacks.on = Some(on);
+        self
+    }
+
+    /// How long a checkout is held before its stack is sent (default
+    /// `POOLSCOPE_ADAPTER_STACK_AFTER_MS`, else [`crate::DEFAULT_STACK_AFTER`]).
+    pub fn stack_after(mut self, after: Duration) -> Self {
+        self.stacks.after = Some(after);
         self
     }
 
@@ -479,9 +507,10 @@ impl<DB: Backend> PoolBuilder<DB> {
         let (host, port, database) = DB::server(&options);
         let max = self.options.get_max_connections();
         let min = self.options.get_min_connections();
-        let reporter =
+        let reporter = self.stacks.apply(
             PoolReporter::new(self.reporter.unwrap_or_else(Reporter::from_env), &self.name)
-                .with_batch_window(self.batch_window);
+                .with_batch_window(self.batch_window),
+        );
         let reporter = Arc::new(reporter);
         reporter.register(&PoolInfo {
             db_system: Some(DB::system()),

@@ -644,3 +644,277 @@ fn short_checkouts_leave_folded_with_the_batch() {
     check_envelope(&agent.recv(), "checkouts", "batched");
     assert!(flushed_at.elapsed() < BATCH_WINDOW, "at once");
 }
+
+// Holder stacks.
+
+/// The application's function that takes a connection and keeps it.
+#[inline(never)]
+fn take_and_keep_the_connection(pool: &PoolReporter, handle: ConnId) {
+    let pending = pool.acquire_start();
+    std::hint::black_box(&pending);
+    pending.finish(AcquireResult::Ok(handle));
+}
+
+fn stacked_pool(agent: &FakeAgent, window: Duration, after: Duration) -> PoolReporter {
+    PoolReporter::new(agent.reporter(), "stacks")
+        .with_state_interval(Duration::ZERO)
+        .with_batch_window(window)
+        .with_holder_stacks(true)
+        .with_stack_after(after)
+}
+
+/// Every message until none arrives for `quiet`.
+fn all_within(agent: &FakeAgent, quiet: Duration) -> Vec<Value> {
+    agent
+        .socket
+        .set_read_timeout(Some(quiet))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n) = agent.socket.recv(&mut buf) {
+        got.push(serde_json::from_slice(&buf[..n]).expect("JSON"));
+    }
+    got
+}
+
+#[test]
+fn a_checkout_held_past_stack_after_sends_its_holders_stack_once() {
+    for window in [BATCH_WINDOW, Duration::ZERO] {
+        let agent = FakeAgent::new();
+        let after = Duration::from_millis(300);
+        let pool = stacked_pool(&agent, window, after);
+        let handle = ConnId {
+            local_address: Some("127.0.0.1:41000".parse().expect("addr")),
+            fd: Some(41),
+            conn: None,
+        };
+        let taken_at = Instant::now();
+        take_and_keep_the_connection(&pool, handle);
+        let msgs = all_within(&agent, Duration::from_millis(900));
+        let sent_after = taken_at.elapsed();
+        // (Without a batch window, its acquire_start goes first.)
+        let msgs: Vec<Value> = msgs
+            .into_iter()
+            .filter(|m| m["kind"] != "acquire_start")
+            .collect();
+        assert_eq!(
+            kinds(&msgs),
+            ["acquire_end", "holder_stack"],
+            "{window:?}: {msgs:#?}"
+        );
+        let (end, stack) = (&msgs[0], &msgs[1]);
+        check_envelope(stack, "holder_stack", "stacks");
+        assert_eq!(stack["since_ns"], end["mono_ns"], "{window:?}: {stack}");
+        assert_eq!(stack["local_address"], "127.0.0.1:41000");
+        assert_eq!(stack["fd"], 41);
+        let since = stack["since_ns"].as_u64().expect("since_ns");
+        let at = stack["mono_ns"].as_u64().expect("mono_ns");
+        assert!(
+            at >= since + 300_000_000 && at < since + 800_000_000,
+            "sent stack_after later, within half a second: {}",
+            at - since
+        );
+        assert!(sent_after >= after);
+        let frames: Vec<&str> = stack["stack"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .map(|f| f.as_str().expect("text"))
+            .collect();
+        // The place that took it, then the function, innermost first.
+        assert!(
+            frames[0].starts_with("adapters/rust/src/tests.rs:"),
+            "{frames:#?}"
+        );
+        assert!(
+            frames[1].starts_with("poolscope_adapter::tests::take_and_keep_the_connection"),
+            "{frames:#?}"
+        );
+        assert!(frames.len() <= 32, "{frames:#?}");
+        // Once: nothing more while it stays out, and its return is plain.
+        assert!(all_within(&agent, Duration::from_millis(500)).is_empty());
+        pool.release(handle);
+        assert_eq!(kinds(&all(&agent)), ["release"]);
+    }
+}
+
+#[test]
+fn a_short_checkout_sends_no_stack_and_off_sends_none() {
+    let agent = FakeAgent::new();
+    let after = Duration::from_millis(100);
+    let pool = stacked_pool(&agent, BATCH_WINDOW, after);
+    let off = PoolReporter::new(agent.reporter(), "off")
+        .with_state_interval(Duration::ZERO)
+        .with_holder_stacks(false)
+        .with_stack_after(after);
+    for i in 0..20 {
+        take_and_keep_the_connection(&pool, conn(i));
+        take_and_keep_the_connection(&off, conn(50 + i));
+        pool.release(conn(i));
+    }
+    let msgs = all_within(&agent, Duration::from_millis(600));
+    assert!(!kinds(&msgs).contains(&"holder_stack"), "{msgs:#?}");
+    assert_eq!(
+        kinds(&msgs).iter().filter(|k| **k == "acquire_end").count(),
+        20,
+        "the off pool's checkouts, still out: {msgs:#?}"
+    );
+}
+
+/// A batch window longer than `stack_after` holds the `acquire_end` back:
+/// the stack takes it along, after it.
+#[test]
+fn a_stack_never_leaves_before_its_acquire_end() {
+    let agent = FakeAgent::new();
+    let pool = stacked_pool(&agent, Duration::from_secs(3), Duration::from_millis(100));
+    take_and_keep_the_connection(&pool, conn(1));
+    let msgs = all_within(&agent, Duration::from_millis(500));
+    assert_eq!(kinds(&msgs), ["acquire_end", "holder_stack"], "{msgs:#?}");
+    assert_eq!(msgs[1]["since_ns"], msgs[0]["mono_ns"]);
+    pool.release(conn(1));
+    assert_eq!(kinds(&all(&agent)), ["release"]);
+}
+
+#[test]
+fn a_stack_is_cut_to_what_the_agent_accepts() {
+    let agent = FakeAgent::new();
+    let reporter = agent.reporter();
+    let handle = ConnId {
+        conn: Some(3),
+        ..ConnId::default()
+    };
+    // 40 short frames: the innermost 32.
+    let frames: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
+    reporter.holder_stack("p", handle, 7, frames);
+    let msg = agent.recv();
+    check_envelope(&msg, "holder_stack", "p");
+    let got = msg["stack"].as_array().expect("frames");
+    assert_eq!(got.len(), 32);
+    assert_eq!(got[0], "f0");
+    assert_eq!(got[31], "f31");
+    // Long frames with control characters: cut to 256 characters, cleaned,
+    // and the outermost left out until the datagram fits.
+    let frames: Vec<String> = (0..40)
+        .map(|i| format!("g{i}\n{}", "x".repeat(400)))
+        .collect();
+    reporter.holder_stack("p", handle, 7, frames);
+    let msg = agent.recv();
+    let got: Vec<&str> = msg["stack"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .map(|f| f.as_str().expect("text"))
+        .collect();
+    assert!((10..32).contains(&got.len()), "{}", got.len());
+    assert!(got[0].starts_with("g0?xxx"));
+    assert!(got
+        .iter()
+        .all(|f| f.chars().count() == 256 && !f.chars().any(char::is_control)));
+    // Nothing to say: nothing sent.
+    reporter.holder_stack("p", handle, 7, vec![String::new()]);
+    assert!(!agent.pending());
+    assert_eq!(reporter.stats().dropped, 0);
+}
+
+/// An application's async fn that takes a connection and keeps it: its
+/// frame is the poll of its future.
+async fn an_async_fn_that_keeps_the_connection(pool: &PoolReporter, handle: ConnId) {
+    let pending = pool.acquire_start();
+    tokio::task::yield_now().await;
+    pending.finish(AcquireResult::Ok(handle));
+}
+
+async fn the_request(pool: &PoolReporter, handle: ConnId) {
+    // Without debug info, only functions that were not inlined have a
+    // name: awaited through a `dyn Future`, its poll is not.
+    let keep: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> =
+        Box::pin(an_async_fn_that_keeps_the_connection(pool, handle));
+    keep.await;
+    tokio::task::yield_now().await;
+}
+
+#[test]
+fn an_async_holder_is_named_by_its_async_fn() {
+    let agent = FakeAgent::new();
+    let pool = stacked_pool(&agent, BATCH_WINDOW, Duration::from_millis(100));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(the_request(&pool, conn(5)));
+    let msgs = all_within(&agent, Duration::from_millis(500));
+    assert_eq!(kinds(&msgs), ["acquire_end", "holder_stack"], "{msgs:#?}");
+    let frames: Vec<&str> = msgs[1]["stack"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .map(|f| f.as_str().expect("text"))
+        .collect();
+    assert!(
+        frames[0].starts_with("adapters/rust/src/tests.rs:"),
+        "{frames:#?}"
+    );
+    assert!(
+        frames[1].starts_with(
+            "poolscope_adapter::tests::an_async_fn_that_keeps_the_connection::{{closure}}"
+        ),
+        "{frames:#?}"
+    );
+}
+
+#[inline(never)]
+async fn bench_request_handler(pool: &PoolReporter, handle: ConnId) {
+    let pending = pool.acquire_start();
+    tokio::task::yield_now().await;
+    pending.finish(AcquireResult::Ok(handle));
+    pool.release(handle);
+}
+
+#[inline(never)]
+async fn bench_route(pool: &PoolReporter, handle: ConnId, n: u32) {
+    for _ in 0..n {
+        Box::pin(bench_request_handler(pool, handle)).await;
+    }
+}
+
+/// What stacks add to an acquire+release pair (the adapter's side only,
+/// nothing sent: a disabled reporter), in a tokio task a few async fns
+/// deep: `cargo test --release -p poolscope-adapter --all-features --
+/// --ignored --nocapture pair_cost`.
+#[test]
+#[ignore = "a measurement, not a test"]
+fn pair_cost_with_and_without_stacks() {
+    const N: u32 = 100_000;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let handle = ConnId {
+        conn: Some(1),
+        ..ConnId::default()
+    };
+    for round in 0..3 {
+        for stacks in [false, true] {
+            let pool = PoolReporter::new(Reporter::disabled(), "bench").with_holder_stacks(stacks);
+            let cost = runtime.block_on(async {
+                tokio::spawn(async move {
+                    bench_route(&pool, handle, N / 10).await;
+                    let cpu = cpu_now();
+                    bench_route(&pool, handle, N).await;
+                    (cpu_now() - cpu) / f64::from(N)
+                })
+                .await
+                .expect("the task")
+            });
+            eprintln!("round {round}, stacks {stacks}: {cost:.0} ns CPU per pair");
+        }
+    }
+}
+
+fn cpu_now() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
+}

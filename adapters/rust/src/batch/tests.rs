@@ -26,11 +26,19 @@ fn a_short_checkout_waits_for_the_batch_and_leaves_folded() {
         AcquireResult::Ok(conn(3)),
         Some(8),
         1_000 * MS + 200,
+        None,
         &mut out,
     );
     b.release(conn(3), 1_002 * MS, &mut out);
     b.start(2, 1_003 * MS, Some(7));
-    b.finish(2, AcquireResult::Ok(conn(3)), Some(7), 1_003 * MS, &mut out);
+    b.finish(
+        2,
+        AcquireResult::Ok(conn(3)),
+        Some(7),
+        1_003 * MS,
+        None,
+        &mut out,
+    );
     b.release(conn(3), 1_004 * MS, &mut out);
     assert!(out.is_empty(), "nothing before the batch: {out:?}");
     let more = b.flush(1_010 * MS, WINDOW, &mut out);
@@ -58,7 +66,14 @@ fn a_waiter_goes_out_as_a_start_after_every_held_end() {
     let mut b = Batch::default();
     let mut out = Vec::new();
     b.start(1, 1_000 * MS, Some(1));
-    b.finish(1, AcquireResult::Ok(conn(1)), Some(1), 1_000 * MS, &mut out);
+    b.finish(
+        1,
+        AcquireResult::Ok(conn(1)),
+        Some(1),
+        1_000 * MS,
+        None,
+        &mut out,
+    );
     b.start(2, 1_001 * MS, Some(2)); // waits: the pool is full
     let more = b.flush(1_060 * MS, WINDOW, &mut out);
     assert!(!more, "both sent: the batch keeps nothing");
@@ -75,7 +90,14 @@ fn a_waiter_goes_out_as_a_start_after_every_held_end() {
     // Its end: no wait_ns (its start was sent), and the holder's return is
     // a plain release (its end was sent).
     b.release(conn(1), 1_070 * MS, &mut out);
-    b.finish(2, AcquireResult::Ok(conn(1)), Some(2), 1_070 * MS, &mut out);
+    b.finish(
+        2,
+        AcquireResult::Ok(conn(1)),
+        Some(2),
+        1_070 * MS,
+        None,
+        &mut out,
+    );
     assert_eq!(kinds(&out), ["release", "acquire_end"], "{out:?}");
     assert!(matches!(out[1].0, Body::AcquireEnd { wait_ns: None, .. }));
 }
@@ -85,7 +107,14 @@ fn a_checkout_out_past_a_window_is_sent_then_released_plainly() {
     let mut b = Batch::default();
     let mut out = Vec::new();
     b.start(1, 1_000 * MS, None);
-    b.finish(1, AcquireResult::Ok(conn(1)), None, 1_000 * MS, &mut out);
+    b.finish(
+        1,
+        AcquireResult::Ok(conn(1)),
+        None,
+        1_000 * MS,
+        None,
+        &mut out,
+    );
     assert!(b.flush(1_020 * MS, WINDOW, &mut out), "young: kept");
     assert!(out.is_empty());
     assert!(!b.flush(1_060 * MS, WINDOW, &mut out), "sent: nothing left");
@@ -100,7 +129,7 @@ fn a_checkout_out_past_a_window_is_sent_then_released_plainly() {
 fn short_checkouts(b: &mut Batch, n: u64, out: &mut Vec<Out>) {
     for i in 0..n {
         b.start(i, i * 10, None);
-        b.finish(i, AcquireResult::Ok(conn(1)), None, i * 10 + 1, out);
+        b.finish(i, AcquireResult::Ok(conn(1)), None, i * 10 + 1, None, out);
         b.release(conn(1), i * 10 + 2, out);
     }
 }
@@ -143,10 +172,10 @@ fn a_close_sends_what_waits_about_the_connection_first() {
     let mut b = Batch::default();
     let mut out = Vec::new();
     b.start(1, 10, None);
-    b.finish(1, AcquireResult::Ok(conn(1)), None, 11, &mut out);
+    b.finish(1, AcquireResult::Ok(conn(1)), None, 11, None, &mut out);
     b.release(conn(1), 12, &mut out);
     b.start(2, 13, None);
-    b.finish(2, AcquireResult::Ok(conn(1)), None, 14, &mut out);
+    b.finish(2, AcquireResult::Ok(conn(1)), None, 14, None, &mut out);
     b.closed(conn(1), 15, &mut out);
     assert_eq!(
         kinds(&out),
@@ -161,7 +190,7 @@ fn a_failed_acquire_within_the_window_is_one_message_with_its_wait() {
     let mut b = Batch::default();
     let mut out = Vec::new();
     b.start(1, 10 * MS, Some(4));
-    b.finish(1, AcquireResult::Timeout, Some(4), 40 * MS, &mut out);
+    b.finish(1, AcquireResult::Timeout, Some(4), 40 * MS, None, &mut out);
     assert_eq!(kinds(&out), ["acquire_end"]);
     assert!(matches!(
         out[0].0,
@@ -178,15 +207,15 @@ fn a_plain_end_on_a_connection_sends_its_folded_checkouts_first() {
     let mut b = Batch::default();
     let mut out = Vec::new();
     b.start(1, 10, None);
-    b.finish(1, AcquireResult::Ok(conn(1)), None, 11, &mut out);
+    b.finish(1, AcquireResult::Ok(conn(1)), None, 11, None, &mut out);
     b.release(conn(1), 12, &mut out);
     b.start(2, 13, None);
     assert!(!b.flush(13 + WINDOW + 1, WINDOW, &mut out));
     assert_eq!(kinds(&out), ["checkouts", "acquire_start"]);
     out.clear();
     b.start(3, 20, None);
-    b.finish(3, AcquireResult::Ok(conn(1)), None, 21, &mut out);
+    b.finish(3, AcquireResult::Ok(conn(1)), None, 21, None, &mut out);
     b.release(conn(1), 22, &mut out);
-    b.finish(2, AcquireResult::Ok(conn(1)), None, 23, &mut out);
+    b.finish(2, AcquireResult::Ok(conn(1)), None, 23, None, &mut out);
     assert_eq!(kinds(&out), ["checkouts", "acquire_end"], "{out:?}");
 }

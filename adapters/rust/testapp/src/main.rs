@@ -8,7 +8,9 @@
 //! get/query/drop rounds each, and prints one JSON line with its pid and the
 //! acquires and releases it made. Then it answers commands on stdin, one
 //! JSON line each:
-//! - `leak`: checks a connection out and holds it without using it;
+//! - `leak`: checks a connection out (in [`leak_a_connection_on_purpose`],
+//!   the function the leak report's holder stack names) and holds it
+//!   without using it;
 //! - `release`: drops the held connection;
 //! - `stats`: the counts again;
 //! - `exit` or end of input: exits.
@@ -16,7 +18,9 @@
 //! The agent socket comes from `POOLSCOPE_ADAPTER_SOCKET`.
 
 use std::{
+    future::Future,
     io::BufRead,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -92,6 +96,22 @@ async fn checkout(pool: &InstrumentedPool, counts: &Counts) -> Result<Client> {
     let client = pool.get().await.context("pool.get()")?;
     counts.acquires.fetch_add(1, Ordering::SeqCst);
     Ok(client)
+}
+
+/// Takes the connection that `leak` holds: the code the adapter's holder
+/// stack must name. Awaited as a `dyn Future`, so that its poll is a frame
+/// of its own (named from the symbol table) even in a release build
+/// without debug info, where the poll of an async fn awaited directly is
+/// inlined into its caller's.
+fn leak_a_connection_on_purpose<'a>(
+    pool: &'a InstrumentedPool,
+    counts: &'a Counts,
+) -> Pin<Box<dyn Future<Output = Result<Client>> + Send + 'a>> {
+    Box::pin(async move {
+        let client = pool.get().await.context("pool.get()")?;
+        counts.acquires.fetch_add(1, Ordering::SeqCst);
+        Ok(client)
+    })
 }
 
 fn give_back(client: Client, counts: &Counts) {
@@ -174,7 +194,7 @@ async fn main() -> Result<()> {
     while let Some(line) = lines.recv().await {
         match line.trim() {
             "leak" => {
-                let client = checkout(&pool, &counts).await?;
+                let client = leak_a_connection_on_purpose(&pool, &counts).await?;
                 let id = client.conn_id();
                 held = Some(client);
                 pool.reporter().flush(Duration::from_secs(5));

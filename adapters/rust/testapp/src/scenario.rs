@@ -14,7 +14,9 @@
 //! - `{"op": "checkout", "id": ID, "kind": "leak"|"busy"|"tx"}`: takes a
 //!   connection and holds it: quiet, querying every 100 ms, or in a
 //!   transaction begun and then quiet; answers its `local_address`
-//!   (as the server saw it) and the taking thread's `tid`;
+//!   (as the server saw it) and the taking thread's `tid`. A `leak` takes
+//!   it in [`take_a_connection_to_leak`], which the leak report's holder
+//!   stack must name;
 //! - `{"op": "state"}`: the pool's own counts (`connections`, `idle`), the
 //!   workers paused so that they hold still;
 //! - `{"op": "resume_workers"}`;
@@ -31,6 +33,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io::BufRead,
+    pin::Pin,
     rc::Rc,
     time::Duration,
 };
@@ -128,9 +131,24 @@ async fn get<P: ScenarioPool>(pool: &P) -> Result<P::Conn> {
     }
 }
 
+/// Takes the connection a `leak` checkout never gives back: the code the
+/// adapter's holder stack must name. Awaited as a `dyn Future`, so that
+/// its poll is a frame of its own (named from the symbol table) even in a
+/// release build without debug info, where the poll of an async fn
+/// awaited directly is inlined into its caller's.
+fn take_a_connection_to_leak<P: ScenarioPool>(
+    pool: &P,
+) -> Pin<Box<dyn Future<Output = Result<P::Conn>> + '_>> {
+    Box::pin(async move { get(pool).await })
+}
+
 impl<P: ScenarioPool> App<P> {
     async fn checkout(&self, id: &str, kind: &str) -> Result<Value> {
-        let mut conn = get(&self.pool).await.context("get")?;
+        let taken = match kind {
+            "leak" => take_a_connection_to_leak(&self.pool).await,
+            _ => get(&self.pool).await,
+        };
+        let mut conn = taken.context("get")?;
         let taken_by = tid();
         // The client's address as the server saw it.
         let local = P::text(&mut conn, self.pool.client_address_sql())
