@@ -31,6 +31,9 @@ const LEAK_THRESHOLD_SECONDS: f64 = 3.0;
 const QUIET_SECONDS: f64 = 1.5;
 /// A leak must be reported this long after the threshold at the latest.
 const LEAK_REPORT_SLACK: Duration = Duration::from_secs(2);
+/// The function of the app that takes the leaked client (op `leak`): the
+/// leak report's holder stack names it.
+const LEAKING_FUNCTION: &str = "leakAConnectionOnPurpose";
 
 /// `adapters/node/test/fixtures/pool_app.js` with its pool on `pg`, its
 /// adapter sending to the stream socket `stream`.
@@ -218,6 +221,28 @@ fn node_pg_pool_counts_match_the_app_and_a_quiet_leak_is_reported() {
     assert!(
         held >= LEAK_THRESHOLD_SECONDS,
         "reported before the threshold: {report:#?}"
+    );
+    // The adapter sent the stack of the code that took the client
+    // (`holder_stack`, 1 s after the checkout, well before the threshold):
+    // innermost first, from the app's function, without the frames of
+    // pg-pool, pg or the adapter itself.
+    let stack = report
+        .holder_stack
+        .as_deref()
+        .unwrap_or_else(|| panic!("no holder_stack in the leak report: {report:#?}"));
+    eprintln!("the leak's holder stack: {stack:#?}");
+    assert!(
+        stack
+            .first()
+            .is_some_and(|frame| frame.contains(LEAKING_FUNCTION) && frame.contains("pool_app.js")),
+        "the innermost frame is the app's {LEAKING_FUNCTION}: {stack:#?}"
+    );
+    let adapter_lib = node_adapter_dir().join("lib");
+    assert!(
+        stack.iter().all(|frame| !frame.contains("node_modules")
+            && !frame.contains(&*adapter_lib.to_string_lossy())
+            && !frame.contains("node:internal")),
+        "no frame of pg-pool, pg, the adapter or Node's internals: {stack:#?}"
     );
     assert!(
         leaks_of(&agent, app.pid)

@@ -17,7 +17,8 @@
 // Environment: LIB, MODE, ADAPTER, AGENT (present: wait until the adapter is
 // connected), N, RATE, SECONDS, WARMUP, WARMUP_SECONDS, PG_URL (pg), MYSQL_HOST,
 // MYSQL_PORT, MYSQL_USER, MYSQL_DATABASE (mysql2), and the adapter's
-// POOLSCOPE_ADAPTER_STREAM_SOCKET.
+// POOLSCOPE_ADAPTER_STREAM_SOCKET and POOLSCOPE_ADAPTER_STACKS (off: no
+// holder stacks captured; the default captures one per checkout).
 
 const adapter = require('../lib/index')
 

@@ -5,6 +5,7 @@
 
 const fs = require('node:fs')
 const { senderFor, socketPathFromEnv, clockMs, monoNsAt, monotonicNs, nsBetween, putBytes, putUint, MAX_MESSAGE_BYTES } = require('./sender')
+const { captureStack, formatStack, skipOption, stackAfterFromEnv, stacksFromEnv, wholeMs } = require('./stacks')
 
 const VERSION = 1
 const MAX_POOL_NAME = 128
@@ -129,6 +130,8 @@ const MAX_FOLDED = 64
  * this many (the batch forgets idle ones past it; one seen again is
  * remembered anew). */
 const MAX_IDLE_CONNS = 1024
+/** The longest delay setTimeout takes (ms). */
+const MAX_TIMEOUT_MS = 2 ** 31 - 1
 /** Room for the digits of any number the hot path writes (u64). */
 const DIGITS = 20
 /** A checkout line's bytes besides its head and connection. */
@@ -187,6 +190,9 @@ class Conn {
     /** Whether its connection_created was sent and its close is watched
      * (for pools whose hooks may see a connection first when handed out). */
     this.announced = false
+    /** The stack of the code that took it (a capture, see stacks.js), while
+     * it is out and its holder_stack is not sent; else null. */
+    this.stack = null
   }
 }
 
@@ -241,6 +247,33 @@ class Reporter {
     /** Whether the batch will call `sendPending`. */
     this.pendingScheduled = false
     this.sendPendingNow = () => this.sendPending()
+    /** Holder stacks (see stacks.js): captured at every checkout unless
+     * turned off (`stacks: false`, POOLSCOPE_ADAPTER_STACKS=off), sent for
+     * a checkout still held `stackAfterMs` later. */
+    this.stacks = typeof options.stacks === 'boolean' ? options.stacks : stacksFromEnv()
+    this.stackAfterMs = wholeMs(options.stackAfterMs) ?? stackAfterFromEnv()
+    this.stackSkip = skipOption(options.stackSkip)
+    /** One timer (unref'd) for the earliest stack due, set only while a
+     * checkout with a stack is held past a batch. */
+    this.stackTimer = null
+    this.stackDueMs = Infinity
+    this.checkStacksNow = () => {
+      this.stackTimer = null
+      this.stackDueMs = Infinity
+      try {
+        this.checkStacks()
+      } catch (e) {
+        // never into the application
+      }
+    }
+  }
+
+  /** The stack of the caller of `hook` (the adapter's function the
+   * application called: the frames from it inward are left out), captured
+   * unformatted; null with stacks off. (The pg and mysql hooks capture in
+   * their own frame, see stacks.js.) */
+  stackOf(hook) {
+    return this.stacks ? captureStack(hook) : null
   }
 
   /** The connection `ref` names (made the first time). */
@@ -437,11 +470,12 @@ class Reporter {
     }
   }
 
-  /** The subclass's `acquired(acquire, err, connection)` (the pool handed
-   * out a connection or failed), never throwing into the application. */
-  safeAcquired(acquire, err, connection) {
+  /** The subclass's `acquired(acquire, err, connection, stack)` (the pool
+   * handed out a connection or failed; `stack` the caller's, see
+   * `stackOf`), never throwing into the application. */
+  safeAcquired(acquire, err, connection, stack = null) {
     try {
-      this.acquired(acquire, err, connection)
+      this.acquired(acquire, err, connection, stack)
     } catch (e) {
       // never into the application
     }
@@ -474,6 +508,9 @@ class Reporter {
     // connection's held acquire_end began.
     const events = []
     const prune = this.conns.size > MAX_IDLE_CONNS
+    // The oldest checkout out with a stack still to send: the stack timer
+    // is set for it (the only timer a held checkout needs).
+    let stackSinceMs = Infinity
     for (const conn of this.conns.values()) {
       this.sendFolded(conn)
       if (prune && conn.heldRequest === 0 && conn.sinceMs < 0) {
@@ -481,11 +518,13 @@ class Reporter {
         this.conns.delete(conn.key)
         continue
       }
+      if (conn.stack !== null && conn.sinceMs >= 0 && conn.sinceMs < stackSinceMs) stackSinceMs = conn.sinceMs
       if (conn.heldRequest === 0) continue
       if (conn.sinceMs >= youngFromMs) kept = true
       else events.push([conn.sinceMs, null, conn])
     }
     if (kept) this.schedulePending()
+    if (stackSinceMs !== Infinity) this.armStacks(stackSinceMs + this.stackAfterMs)
     for (let a = this.waitingHead; a !== null; a = a.next) events.push([a.startMs, a, null])
     if (events.length === 0) return
     events.sort((x, y) => x[0] - y[0])
@@ -514,23 +553,23 @@ class Reporter {
    * into the connection's `checkouts` line (see `releasedConnection`);
    * otherwise it is sent with the batch, with its own time.
    */
-  handedOut(acquire, conn, tid, endMs) {
+  handedOut(acquire, conn, tid, endMs, stack = null) {
     const wait = this.endAcquire(acquire, endMs)
-    this.holdCheckout(conn, acquire.request, wait, tid, endMs)
+    this.holdCheckout(conn, acquire.request, wait, tid, endMs, stack)
   }
 
   /**
    * The pool's answer to `acquire` (an Acquire or AT_ONCE) at `endMs`:
    * `conn`, or null with `result` (the pool failed, or handed out a
-   * connection that cannot be named).
+   * connection that cannot be named). `stack`: the caller's (`stackOf`).
    */
-  answered(acquire, result, conn, tid, endMs) {
+  answered(acquire, result, conn, tid, endMs, stack = null) {
     if (acquire === AT_ONCE) {
-      if (conn !== null) this.handedOutAtOnce(conn, tid, endMs)
+      if (conn !== null) this.handedOutAtOnce(conn, tid, endMs, stack)
       // Not served after all (the pool ended meanwhile), or unnamed: an
       // acquire of no wait, ended now.
       else this.acquireEnd(this.acquireStart(tid), result, null, tid, endMs)
-    } else if (conn !== null) this.handedOut(acquire, conn, tid, endMs)
+    } else if (conn !== null) this.handedOut(acquire, conn, tid, endMs, stack)
     else this.acquireEnd(acquire, result, null, tid, endMs)
   }
 
@@ -538,17 +577,74 @@ class Reporter {
    * `conn` handed out at `endMs` by an acquire that found it idle within
    * the turn of the event loop that asked (AT_ONCE): its wait is 0.
    */
-  handedOutAtOnce(conn, tid, endMs) {
-    this.holdCheckout(conn, this.nextRequestId(), 0, tid, endMs)
+  handedOutAtOnce(conn, tid, endMs, stack = null) {
+    this.holdCheckout(conn, this.nextRequestId(), 0, tid, endMs, stack)
   }
 
-  /** `conn`'s checkout by `request`, its acquire_end held for the batch. */
-  holdCheckout(conn, request, wait, tid, endMs) {
+  /** `conn`'s checkout by `request`, its acquire_end held for the batch,
+   * with the stack of the code that took it. */
+  holdCheckout(conn, request, wait, tid, endMs, stack) {
     if (conn.heldRequest !== 0) this.sendHeld(conn)
     this.checkedOut(conn, endMs, tid)
     conn.heldRequest = request
     conn.heldWait = wait
+    conn.stack = stack
     this.schedulePending()
+  }
+
+  /** The stack timer fires at `dueMs` (clockMs) or earlier, if it would
+   * later. */
+  armStacks(dueMs) {
+    if (this.stackTimer !== null) {
+      if (this.stackDueMs <= dueMs) return
+      clearTimeout(this.stackTimer)
+    }
+    this.stackDueMs = dueMs
+    // (Node's longest timeout: a later one fires early and is set again.)
+    this.stackTimer = setTimeout(this.checkStacksNow, Math.min(MAX_TIMEOUT_MS, Math.max(0, Math.ceil(dueMs - clockMs()))))
+    if (typeof this.stackTimer.unref === 'function') this.stackTimer.unref()
+  }
+
+  /**
+   * The stacks of the checkouts held `stackAfterMs` or longer, formatted
+   * and sent (once per checkout); the timer set for the next one due. A
+   * checkout whose acquire_end still waits for the batch keeps its stack
+   * until then: that batch sets the timer again, so the stack always
+   * leaves after the acquire_end.
+   */
+  checkStacks() {
+    const now = clockMs()
+    let next = Infinity
+    for (const conn of this.conns.values()) {
+      if (conn.stack === null || conn.sinceMs < 0) continue
+      const due = conn.sinceMs + this.stackAfterMs
+      if (due > now) {
+        if (due < next) next = due
+        continue
+      }
+      if (conn.heldRequest !== 0) continue
+      const holder = conn.stack
+      conn.stack = null
+      this.sendStack(conn, holder)
+    }
+    if (next !== Infinity) this.armStacks(next)
+  }
+
+  /** The `holder_stack` of `conn`'s checkout (its `since_ns` the
+   * acquire_end's `mono_ns`), outer frames left out if the line would be
+   * too long. */
+  sendStack(conn, holder) {
+    let frames = formatStack(holder, this.stackSkip)
+    if (frames === null) return false
+    const h = this.head('holder_stack')
+    const members = `${h.text}${conn.text},"since_ns":${monoNsAt(conn.sinceMs)},"stack":`
+    const end = `,"mono_ns":${monotonicNs()}}`
+    for (;;) {
+      const text = `${members}${JSON.stringify(frames)}${end}`
+      const bytes = Buffer.byteLength(text)
+      if (bytes <= MAX_MESSAGE_BYTES || frames.length <= 1) return this.sender.sendText(text, bytes)
+      frames = frames.slice(0, -1)
+    }
   }
 
   /** Ends the acquire; the wait (ns) to send with its end, or -1 when its
@@ -660,6 +756,7 @@ class Reporter {
 
   /** `conn` is back in the pool; true if it was checked out. */
   returned(conn) {
+    conn.stack = null
     if (conn.sinceMs < 0) return false
     conn.sinceMs = -1
     conn.tid = 0
@@ -712,6 +809,11 @@ class Reporter {
     if (this.timer !== null) {
       clearInterval(this.timer)
       this.timer = null
+    }
+    if (this.stackTimer !== null) {
+      clearTimeout(this.stackTimer)
+      this.stackTimer = null
+      this.stackDueMs = Infinity
     }
     if (this.unsubscribe !== null) {
       this.unsubscribe()

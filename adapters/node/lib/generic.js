@@ -70,9 +70,9 @@ class GenericReporter extends Reporter {
     if (conn !== null) this.sendConn('connection_created', conn)
   }
 
-  acquired(acquire, handle) {
+  acquired(acquire, handle, stack = null) {
     const conn = this.connFor(handle)
-    if (conn !== null) this.handedOut(acquire, conn, eventLoopTid, clockMs())
+    if (conn !== null) this.handedOut(acquire, conn, eventLoopTid, clockMs(), stack)
     else this.acquireEnd(acquire, 'ok', null, eventLoopTid, clockMs())
   }
 
@@ -95,19 +95,22 @@ class GenericReporter extends Reporter {
 /** One caller waiting for a connection: end it once with `ok(handle)`,
  * `timeout()` or `error()`. */
 class Waiting {
-  constructor(reporter, acquire) {
+  constructor(reporter, acquire, stack = null) {
     this.reporter = reporter
     this.acquire = acquire
+    /** The stack of the code that asked (see stacks.js). */
+    this.stack = stack
   }
 
   /** The caller got `handle`. */
   ok(handle) {
     try {
-      if (this.acquire !== null) this.reporter.acquired(this.acquire, handle)
+      if (this.acquire !== null) this.reporter.acquired(this.acquire, handle, this.stack)
     } catch (e) {
       // never into the application
     }
     this.acquire = null
+    this.stack = null
   }
 
   /** The pool gave up waiting. */
@@ -127,6 +130,7 @@ class Waiting {
       // never into the application
     }
     this.acquire = null
+    this.stack = null
   }
 }
 
@@ -148,9 +152,12 @@ class ReportedPool {
     }
   }
 
-  /** A caller asks for a connection: call before the pool may wait. */
+  /** A caller asks for a connection: call before the pool may wait. The
+   * stack of the code that called it is kept with the checkout (the
+   * pool's own frames count as the application's unless `stackSkip`
+   * names its file). */
   acquire() {
-    return new Waiting(this.reporter, this.reporter.safeAcquireStart(eventLoopTid))
+    return new Waiting(this.reporter, this.reporter.safeAcquireStart(eventLoopTid), this.reporter.stackOf(ReportedPool.prototype.acquire))
   }
 
   /** The caller gave `handle` back to the pool. */

@@ -40,6 +40,13 @@ function reporterFor(pool, options) {
  *                       out (checkout_state), this often (default 30000; 0: never);
  *                       they are also re-sent when the agent comes back
  * options.stateIntervalMs  the same (it wins when both are given)
+ * options.stacks        capture the stack of the code that takes each
+ *                       connection, sent for checkouts held long (default
+ *                       on, unless $POOLSCOPE_ADAPTER_STACKS is off, 0 or false)
+ * options.stackAfterMs  how long a checkout is held before its stack is sent
+ *                       (default $POOLSCOPE_ADAPTER_STACK_AFTER_MS, else 1000)
+ * options.stackSkip     a RegExp of more files whose frames above the
+ *                       application's are left out of stacks
  */
 function instrument(pool, options = {}) {
   try {
@@ -79,7 +86,9 @@ function instrument(pool, options = {}) {
  * options.serverAddress what it talks to (a host, the database file)
  * options.serverPort, options.namespace, options.max, options.minIdle,
  * options.library       the rest of the registration
- * options.socketPath, options.stateIntervalMs  as for instrument()
+ * options.socketPath, options.stateIntervalMs, options.stacks,
+ * options.stackAfterMs, options.stackSkip  as for instrument() (the stack
+ *                       is that of the code that called report.acquire())
  */
 function reportPool(options = {}) {
   const opts = options && typeof options === 'object' ? options : {}

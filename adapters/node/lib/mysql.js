@@ -11,6 +11,7 @@
 
 const { clockMs } = require('./sender')
 const { AT_ONCE, Reporter, eventLoopTid, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
+const { CAPTURE_FRAMES, failedCapture } = require('./stacks')
 
 /** Marks a getConnection callback that already has its acquire_start: the
  * pools call getConnection again with a queued callback (mysql when a
@@ -126,13 +127,13 @@ class MysqlReporter extends Reporter {
     }
   }
 
-  acquired(acquire, err, conn) {
+  acquired(acquire, err, conn, stack) {
     if (acquire === null) return
     const now = clockMs()
     const known = err ? null : this.connFor(conn)
     // One first seen when handed out is announced then.
     if (known !== null && !known.announced) this.announceAs(conn, known)
-    this.answered(acquire, err ? resultOfError(err) : 'ok', known, eventLoopTid, now)
+    this.answered(acquire, err ? resultOfError(err) : 'ok', known, eventLoopTid, now, stack)
   }
 
   /**
@@ -177,11 +178,27 @@ class MysqlReporter extends Reporter {
     const originalGet = pool.getConnection
     pool.getConnection = function getConnection(cb) {
       if (typeof cb !== 'function' || cb[WAITER] !== undefined) return originalGet.apply(this, arguments)
+      // Who asks (pool.query's or the promise pool's caller, through the
+      // library's frames): captured unformatted, kept with the checkout,
+      // formatted only if it is held long (see stacks.js, captureStack,
+      // done here in the hook's own frame).
+      let stack = null
+      if (reporter.stacks) {
+        const limit = Error.stackTraceLimit
+        try {
+          Error.stackTraceLimit = CAPTURE_FRAMES
+          stack = {}
+          Error.captureStackTrace(stack, getConnection)
+          Error.stackTraceLimit = limit
+        } catch (e) {
+          stack = failedCapture(limit)
+        }
+      }
       const free = reporter.freeAtOnce(this)
-      if (free !== null) return getAtOnce(this, free, arguments)
+      if (free !== null) return getAtOnce(this, free, arguments, stack)
       const acquire = reporter.safeAcquireStart(eventLoopTid)
       const callback = function (err, conn) {
-        reporter.safeAcquired(acquire, err, conn)
+        reporter.safeAcquired(acquire, err, conn, stack)
         return arguments.length === 2 ? cb.call(this, err, conn) : cb.apply(this, arguments)
       }
       callback[WAITER] = acquire
@@ -196,7 +213,7 @@ class MysqlReporter extends Reporter {
     // and the application's callback runs unwrapped (no closure, no extra
     // frame per checkout). Its time is the call's, a tick before the
     // callback, as good as the callback's for a checkout of no wait.
-    function getAtOnce(self, free, args) {
+    function getAtOnce(self, free, args, stack) {
       let before = 0
       let newest
       try {
@@ -214,7 +231,7 @@ class MysqlReporter extends Reporter {
       } catch (e) {
         // never into the application
       }
-      reporter.safeAcquired(AT_ONCE, null, popped)
+      reporter.safeAcquired(AT_ONCE, null, popped, stack)
       return result
     }
 

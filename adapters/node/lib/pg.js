@@ -4,6 +4,7 @@
 
 const { clockMs } = require('./sender')
 const { AT_ONCE, Reporter, formatAddress, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
+const { CAPTURE_FRAMES, failedCapture } = require('./stacks')
 
 const LIBRARY = 'node-postgres'
 const RELEASE_WRAPPED = Symbol.for('poolscope-adapter.release')
@@ -154,12 +155,13 @@ class PgReporter extends Reporter {
     }
   }
 
-  /** Called when pool.connect() hands out `client` (or fails). */
-  acquired(acquire, err, client) {
+  /** Called when pool.connect() hands out `client` (or fails); `stack`:
+   * its caller's. */
+  acquired(acquire, err, client, stack) {
     if (acquire === null) return
     const now = clockMs()
     const conn = err ? null : this.connFor(client)
-    this.answered(acquire, err ? (isTimeout(err) ? 'timeout' : 'error') : 'ok', conn, 0, now)
+    this.answered(acquire, err ? (isTimeout(err) ? 'timeout' : 'error') : 'ok', conn, 0, now, stack)
     if (!err && !this.releaseEvent) this.wrapRelease(client)
   }
 
@@ -212,6 +214,22 @@ class PgReporter extends Reporter {
 
     const originalConnect = pool.connect
     pool.connect = function connect(callback) {
+      // Who asks (pool.query's caller, through pg-pool's frames): captured
+      // unformatted, kept with the checkout, formatted only if it is held
+      // long (see stacks.js, captureStack, done here in the hook's own
+      // frame).
+      let stack = null
+      if (reporter.stacks) {
+        const limit = Error.stackTraceLimit
+        try {
+          Error.stackTraceLimit = CAPTURE_FRAMES
+          stack = {}
+          Error.captureStackTrace(stack, connect)
+          Error.stackTraceLimit = limit
+        } catch (e) {
+          stack = failedCapture(limit)
+        }
+      }
       // An idle client for this caller and every one ahead of it: pg-pool
       // hands it out at the next tick, within this turn of the event loop,
       // before any batch can leave, so nothing needs keeping for this
@@ -220,7 +238,7 @@ class PgReporter extends Reporter {
         !this.ending && this.idleCount > this.waitingCount ? AT_ONCE : reporter.safeAcquireStart(undefined)
       if (typeof callback === 'function') {
         return originalConnect.call(this, function (err, client, release) {
-          reporter.safeAcquired(acquire, err, client)
+          reporter.safeAcquired(acquire, err, client, stack)
           // The wrapped release, so that `done()`-style callers are seen too.
           const wrapped = !err && client && typeof client.release === 'function' ? client.release : release
           return callback.call(this, err, client, wrapped)
@@ -232,7 +250,7 @@ class PgReporter extends Reporter {
       const PromiseImpl = typeof this.Promise === 'function' ? this.Promise : Promise
       return new PromiseImpl((resolve, reject) => {
         originalConnect.call(this, (err, client) => {
-          reporter.safeAcquired(acquire, err, client)
+          reporter.safeAcquired(acquire, err, client, stack)
           if (err) reject(err)
           else resolve(client)
         })

@@ -30,10 +30,14 @@ function shapeOf(examples) {
   }
   const types = new Map([...values].map(([k, vs]) => [k, new Set(vs.map(jsonType))]))
   const required = Object.keys(examples[0] || {}).filter((k) => examples.every((e) => k in e))
+  // Lists: of objects, their items' shape; of anything else (a stack's
+  // frames), their items' JSON types.
   const items = new Map()
   for (const [k, vs] of values) {
     const listed = vs.filter(Array.isArray).flat()
-    if (listed.length > 0) items.set(k, shapeOf(listed))
+    if (listed.length === 0) continue
+    const objects = listed.every((x) => jsonType(x) === 'object')
+    items.set(k, objects ? shapeOf(listed) : { itemTypes: new Set(listed.map(jsonType)) })
   }
   return { types, required, items }
 }
@@ -70,7 +74,12 @@ function checkGoldenShape(m, shape = undefined, where = 'message') {
     const types = shape.types.get(k)
     if (types === undefined) throw new Error(`${where} has ${k}, no golden example has: ${text}`)
     if (!types.has(jsonType(v))) throw new Error(`${where}: ${k} is a ${jsonType(v)}, golden: ${[...types]} (${text})`)
-    if (shape.items.has(k)) for (const item of v) checkGoldenShape(item, shape.items.get(k), `${where}.${k}[]`)
+    const items = shape.items.get(k)
+    if (items === undefined || !Array.isArray(v)) continue
+    for (const item of v) {
+      if (items.itemTypes === undefined) checkGoldenShape(item, items, `${where}.${k}[]`)
+      else if (!items.itemTypes.has(jsonType(item))) throw new Error(`${where}: an item of ${k} is a ${jsonType(item)}, golden: ${[...items.itemTypes]} (${text})`)
+    }
   }
   if (where === 'message') checkedKinds.add(m.kind)
 }

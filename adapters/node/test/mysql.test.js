@@ -54,13 +54,13 @@ function startServer(t) {
   })
 }
 
-async function setup(t, lib, options = {}, name = 'shop') {
+async function setup(t, lib, options = {}, name = 'shop', instrumentOptions = {}) {
   const port = options.port || (await startServer(t))
   const rx = new Receiver()
   t.after(() => rx.close())
   const config = Object.assign({ host: '127.0.0.1', port, user: 'u', database: 'shop', connectionLimit: 2 }, options)
   const pool = lib.createPool(config)
-  assert.equal(instrument(pool, { name, socketPath: rx.path }), pool)
+  assert.equal(instrument(pool, Object.assign({ name, socketPath: rx.path }, instrumentOptions)), pool)
   return { pool, rx, port }
 }
 
@@ -277,6 +277,64 @@ test('a restarted agent gets the checkouts of a mysql2 pool, with their tid', as
   assert.deepEqual(kinds(m), ['pool', 'checkout_state'])
   assert.deepEqual(m[1].checkouts, [{ ...named(acquired[0]), tid: process.pid, mono_ns: acquired[0].mono_ns }])
   a.release()
+  await end(pool)
+})
+
+// Holder stacks (docs/adapter-protocol.md, "Holder stacks").
+
+const path = require('node:path')
+const ADAPTER_LIB = path.join(__dirname, '..', 'lib')
+const STACK_AFTER_MS = 150
+const notApplication = (frame) => /node_modules|node:internal/.test(frame) || frame.includes(ADAPTER_LIB)
+
+/** The application's functions that take a connection and keep it. */
+function keepAConnectionByCallback(pool) {
+  return new Promise((resolve, reject) => pool.getConnection((err, c) => (err ? reject(err) : resolve(c))))
+}
+async function keepAConnectionByPromise(pool) {
+  return pool.getConnection()
+}
+
+for (const [what, lib, take, freeFirst] of [
+  ['mysql2 (a new connection)', mysql2, keepAConnectionByCallback, false],
+  ['mysql2 (a free connection, at once)', mysql2, keepAConnectionByCallback, true],
+  ['mysql2/promise', mysql2Promise, keepAConnectionByPromise, true],
+  ['mysql', mysql, keepAConnectionByCallback, true],
+]) {
+  test(`${what}: a checkout held past stackAfterMs sends its taker's stack once, after its acquire_end, the library's frames left out`, async (t) => {
+    const { pool, rx } = await setup(t, lib, {}, 'shop', { stackAfterMs: STACK_AFTER_MS })
+    if (freeFirst) (await (lib === mysql2Promise ? pool.getConnection() : get(pool))).release()
+    await rx.messages()
+    const c = await take(pool)
+    await sleep(STACK_AFTER_MS + 350)
+    const raw = (await rx.drain()).map((x) => x.json).filter((m) => m.kind !== 'connection_created' && m.kind !== 'acquire_start')
+    assert.deepEqual(kinds(raw), ['acquire_end', 'holder_stack'])
+    const [acquired, sent] = raw
+    assert.deepEqual(named(sent), named(acquired))
+    assert.equal(sent.since_ns, acquired.mono_ns, 'since_ns is the acquire_end\'s mono_ns')
+    assert.ok(sent.mono_ns - sent.since_ns >= STACK_AFTER_MS * 1e6)
+    // Innermost first: the callback form's promise executor, then the
+    // function that asked.
+    assert.match(sent.stack[0], /mysql\.test\.js:\d+:\d+\)?$/, JSON.stringify(sent.stack))
+    assert.ok(sent.stack.slice(0, 3).some((f) => f.startsWith(`${take.name} (`) || f.startsWith(`async ${take.name} (`)), JSON.stringify(sent.stack))
+    assert.ok(!sent.stack.some(notApplication), JSON.stringify(sent.stack))
+    c.release()
+    await sleep(STACK_AFTER_MS + 50)
+    assert.deepEqual(kinds(await rx.messages()), ['release'], 'once')
+    await (lib === mysql2Promise ? pool.end() : end(pool))
+  })
+}
+
+test('mysql2: pool.query\'s caller is the holder, a short checkout sends no stack', async (t) => {
+  const { pool, rx } = await setup(t, mysql2, {}, 'shop', { stackAfterMs: STACK_AFTER_MS })
+  await rx.messages()
+  function queryAndForget() {
+    return new Promise((resolve, reject) => pool.query('SELECT 1', (err) => (err ? reject(err) : resolve())))
+  }
+  for (let i = 0; i < 10; i++) await queryAndForget()
+  await sleep(STACK_AFTER_MS + 200)
+  const m = await rx.messages()
+  assert.equal(m.filter((x) => x.kind === 'holder_stack').length, 0, JSON.stringify(m))
   await end(pool)
 })
 

@@ -38,7 +38,10 @@ function fakeClientClass(port, behaviour = {}) {
     }
 
     query(text, values, cb) {
-      setImmediate(() => cb(undefined, { rows: [] }))
+      if (typeof values === 'function') cb = values
+      const answer = () => cb(undefined, { rows: [] })
+      if (behaviour.queryMs > 0) setTimeout(answer, behaviour.queryMs)
+      else setImmediate(answer)
     }
 
     end(cb) {
@@ -471,7 +474,8 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const states = (messages) => messages.filter((m) => m.kind === 'checkout_state')
 
 test('an agent that comes back gets what waited, the registration and what is checked out', async (t) => {
-  const { pool, rx } = await setup(t, { max: 3 })
+  // (A holder stack of `a`, held over a second, is not this test's matter.)
+  const { pool, rx } = await setup(t, { max: 3 }, {}, { stackAfterMs: 60_000 })
   const a = await pool.connect()
   const b = await pool.connect()
   const acquired = (await rx.messages()).filter((m) => m.kind === 'acquire_end')
@@ -512,6 +516,192 @@ test('the state is re-sent periodically only while connections are out', async (
   const after = await rx.messages()
   assert.equal(states(after).length, 0)
   assert.ok(kinds(after).includes('pool'), 'the registration is still repeated')
+  await pool.end()
+})
+
+// Holder stacks: the stack of the code that took a connection still held
+// `stackAfterMs` later (docs/adapter-protocol.md, "Holder stacks").
+
+const path = require('node:path')
+const vm = require('node:vm')
+const { CAPTURE_FRAMES } = require('../lib/stacks')
+const ADAPTER_LIB = path.join(__dirname, '..', 'lib')
+const STACK_AFTER_MS = 150
+const stacksOf = (messages) => messages.filter((m) => m.kind === 'holder_stack')
+
+/** A frame of the pool libraries, of this adapter or of Node's internals. */
+const notApplication = (frame) => /node_modules|node:internal/.test(frame) || frame.includes(ADAPTER_LIB)
+
+/** The application's function that takes a connection and keeps it. */
+async function takeAClientAndKeepItForAWhile(pool) {
+  return pool.connect()
+}
+
+test('holder stack: a checkout held past stackAfterMs sends the stack of the code that took it, once, after its acquire_end', async (t) => {
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS })
+  ;(await pool.connect()).release()
+  await rx.messages()
+  const limit = Error.stackTraceLimit
+  const client = await takeAClientAndKeepItForAWhile(pool)
+  assert.equal(Error.stackTraceLimit, limit, 'the application\'s limit put back')
+  await sleep(STACK_AFTER_MS + 350)
+  const raw = (await rx.drain()).map((x) => x.json)
+  assert.deepEqual(kinds(raw), ['acquire_end', 'holder_stack'])
+  const [end, sent] = raw
+  const stream = client.connection.stream
+  assert.deepEqual({ local_address: sent.local_address, fd: sent.fd }, { local_address: `${stream.localAddress}:${stream.localPort}`, fd: stream._handle.fd })
+  assert.equal(sent.since_ns, end.mono_ns, 'since_ns is the acquire_end\'s mono_ns')
+  const late = sent.mono_ns - sent.since_ns
+  assert.ok(late >= STACK_AFTER_MS * 1e6 && late < (STACK_AFTER_MS + 500) * 1e6, `sent ${late / 1e6} ms after the checkout`)
+  assert.match(sent.stack[0], /^async takeAClientAndKeepItForAWhile \(.*pool\.test\.js:\d+:\d+\)$|^takeAClientAndKeepItForAWhile \(.*pool\.test\.js:\d+:\d+\)$/, JSON.stringify(sent.stack))
+  assert.ok(!sent.stack.some(notApplication), `no frame of pg-pool, the adapter or Node: ${JSON.stringify(sent.stack)}`)
+  // Once per checkout.
+  await sleep(STACK_AFTER_MS + 100)
+  assert.deepEqual(await rx.messages(), [])
+  client.release()
+  assert.deepEqual(kinds(await rx.messages()), ['release'])
+  await pool.end()
+})
+
+test('holder stack: pool.query\'s caller, pg-pool\'s own frames left out', async (t) => {
+  const { pool, rx } = await setup(t, {}, { queryMs: STACK_AFTER_MS + 300 }, { stackAfterMs: STACK_AFTER_MS })
+  await rx.messages()
+  async function aReportThatQueriesForLong() {
+    return pool.query('SELECT pg_sleep(1)')
+  }
+  await aReportThatQueriesForLong()
+  const [sent, ...more] = stacksOf(await rx.messages())
+  assert.equal(more.length, 0)
+  assert.match(sent.stack[0], /aReportThatQueriesForLong \(.*pool\.test\.js:\d+:\d+\)$/, JSON.stringify(sent.stack))
+  assert.ok(!sent.stack.some(notApplication), JSON.stringify(sent.stack))
+  await pool.end()
+})
+
+test('holder stack: none for checkouts given back before stackAfterMs, short or held over a batch', async (t) => {
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS })
+  await rx.messages()
+  for (let i = 0; i < 20; i++) (await pool.connect()).release()
+  const held = await pool.connect()
+  await sleep(100) // its acquire_end leaves with a batch
+  held.release()
+  await sleep(STACK_AFTER_MS + 200)
+  const m = await rx.messages()
+  assert.ok(m.some((x) => x.kind === 'release'), JSON.stringify(m))
+  assert.deepEqual(stacksOf(m), [])
+  await pool.end()
+})
+
+test('holder stack: off with stacks: false or POOLSCOPE_ADAPTER_STACKS=off: nothing captured, nothing sent', async (t) => {
+  const captureStackTrace = Error.captureStackTrace
+  let captures = 0
+  Error.captureStackTrace = function (...args) {
+    captures += 1
+    return captureStackTrace.apply(this, args)
+  }
+  t.after(() => {
+    Error.captureStackTrace = captureStackTrace
+  })
+  const byOption = await setup(t, {}, {}, { stackAfterMs: 50, stacks: false })
+  const before = process.env.POOLSCOPE_ADAPTER_STACKS
+  process.env.POOLSCOPE_ADAPTER_STACKS = 'off'
+  let byEnv
+  try {
+    byEnv = await setup(t, {}, {}, { stackAfterMs: 50 })
+  } finally {
+    if (before === undefined) delete process.env.POOLSCOPE_ADAPTER_STACKS
+    else process.env.POOLSCOPE_ADAPTER_STACKS = before
+  }
+  for (const { pool, rx } of [byOption, byEnv]) {
+    const client = await pool.connect()
+    await pool.query('SELECT 1')
+    await sleep(300)
+    const m = await rx.messages()
+    assert.ok(m.some((x) => x.kind === 'acquire_end'), JSON.stringify(m))
+    assert.deepEqual(stacksOf(m), [])
+    client.release()
+    await pool.end()
+  }
+  assert.equal(captures, 0, 'no stack captured')
+  // On by default, and with anything but off, 0 and false.
+  const { pool } = await setup(t, {}, {}, { stackAfterMs: 50 })
+  ;(await pool.connect()).release()
+  assert.equal(captures, 1)
+  await pool.end()
+})
+
+test('holder stack: the application\'s Error.prepareStackTrace is neither called nor replaced', async (t) => {
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS })
+  await rx.messages()
+  // (Other errors, such as the reconnects of earlier tests' senders, do go
+  // through it: only calls for the adapter's capture count.)
+  let calls = 0
+  const theirs = (err, sites) => {
+    if (sites.some((site) => String(site).includes('takeAClientAndKeepItForAWhile'))) calls += 1
+    return `theirs: ${sites.length}`
+  }
+  const before = Object.getOwnPropertyDescriptor(Error, 'prepareStackTrace')
+  Error.prepareStackTrace = theirs
+  t.after(() => {
+    if (before === undefined) delete Error.prepareStackTrace
+    else Object.defineProperty(Error, 'prepareStackTrace', before)
+  })
+  const client = await takeAClientAndKeepItForAWhile(pool)
+  await sleep(STACK_AFTER_MS + 350)
+  const [sent] = stacksOf(await rx.messages())
+  assert.match(sent.stack[0], /takeAClientAndKeepItForAWhile/, JSON.stringify(sent.stack))
+  assert.equal(calls, 0, 'not called for the adapter\'s captures')
+  assert.equal(Error.prepareStackTrace, theirs, 'still installed')
+  assert.match(new Error('x').stack, /^theirs: \d+$/, 'and still used for the application\'s errors')
+  client.release()
+  await pool.end()
+})
+
+test('holder stack: an Error.stackTraceLimit the application made read-only: no stack, the pool works as before', async (t) => {
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: 50 })
+  await rx.messages()
+  const before = Object.getOwnPropertyDescriptor(Error, 'stackTraceLimit')
+  Object.defineProperty(Error, 'stackTraceLimit', { value: 7, writable: false, configurable: true })
+  t.after(() => Object.defineProperty(Error, 'stackTraceLimit', before))
+  const client = await takeAClientAndKeepItForAWhile(pool)
+  await pool.query('SELECT 1')
+  assert.equal(Error.stackTraceLimit, 7)
+  await sleep(300)
+  const m = await rx.messages()
+  assert.ok(m.some((x) => x.kind === 'acquire_end'), JSON.stringify(m))
+  assert.deepEqual(stacksOf(m), [])
+  client.release()
+  await pool.end()
+})
+
+test('holder stack: a deep stack is cut at the capture\'s depth, its frames at 256 characters without control characters, in one line of at most 4096 bytes', async (t) => {
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS })
+  await rx.messages()
+  // Deep recursion in a script whose file name is long and holds a newline
+  // and a tab: every frame's text is too long and has control characters.
+  const file = `/srv/app/${'deep/'.repeat(60)}\nreports\t.js`
+  const recurse = vm.runInThisContext(
+    `(function recurseThenTake(n, take) { return n === 0 ? take() : recurseThenTake(n - 1, take) })`,
+    { filename: file }
+  )
+  let client = null
+  recurse(60, function takeFromDeepDown() {
+    pool.connect().then((c) => {
+      client = c
+    })
+  })
+  await sleep(STACK_AFTER_MS + 350)
+  const lines = (await rx.drain()).filter((x) => x.json.kind === 'holder_stack')
+  assert.equal(lines.length, 1)
+  const [{ text, json: sent }] = lines
+  assert.ok(Buffer.byteLength(text) <= 4096, `${Buffer.byteLength(text)} bytes`)
+  assert.ok(sent.stack.length >= 2 && sent.stack.length <= CAPTURE_FRAMES, `${sent.stack.length} frames`)
+  for (const frame of sent.stack) {
+    assert.ok(Array.from(frame).length <= 256 && frame.length > 0, frame)
+    assert.ok(!/[\u0000-\u001f\u007f-\u009f]/.test(frame), JSON.stringify(frame))
+  }
+  assert.match(sent.stack[0], /^takeFromDeepDown \(.*pool\.test\.js:\d+:\d+\)$/)
+  assert.match(sent.stack[1], /^recurseThenTake \(\/srv\/app\/deep\//)
+  client.release()
   await pool.end()
 })
 
