@@ -22,3 +22,4 @@ pub mod redact;
 pub mod reports;
 pub mod state;
 pub mod telemetry;
+pub mod trends;

@@ -167,10 +167,17 @@ impl LatencyWindow {
     /// The percentiles of the samples inside the window at `now_ns`, or
     /// None if there are none.
     pub fn percentiles(&self, now_ns: u64) -> Option<Percentiles> {
+        self.percentiles_of_last(STEPS, now_ns)
+    }
+
+    /// The percentiles of the samples of the newest `steps` steps at
+    /// `now_ns` (the current one, partly over, and those before it).
+    pub fn percentiles_of_last(&self, steps: u64, now_ns: u64) -> Option<Percentiles> {
         let step = now_ns / STEP_NS;
+        let steps = steps.min(STEPS);
         let mut merged = new_histogram()?;
         for (s, histogram) in &self.steps {
-            if s + STEPS > step {
+            if s + steps > step {
                 merged.add(histogram).ok()?;
             }
         }
@@ -356,6 +363,13 @@ impl Latencies {
         }
     }
 
+    /// The P99 of the pool's acquire waits in the current step and the one
+    /// before (30 to 60 s), seconds: the live page's trend.
+    pub fn pool_recent_wait_p99(&self, pid: u32, pool: &str, now_ns: u64) -> Option<f64> {
+        let pool = self.pools.get(&pid)?.get(pool)?;
+        Some(pool.wait.percentiles_of_last(2, now_ns)?.p99)
+    }
+
     /// Every server and operation with round trips within the window,
     /// slowest P99 first.
     pub fn query_percentiles(&self, now_ns: u64) -> Vec<QueryPercentiles> {
@@ -485,6 +499,27 @@ mod tests {
         assert_eq!(reused.count, 1);
         assert_close(reused.p50, 2_000_000, "the new sample");
         assert!(window.steps.len() <= STEPS as usize + 1);
+    }
+
+    #[test]
+    fn the_last_steps_alone_give_the_recent_percentiles() {
+        let mut l = Latencies::default();
+        let start = 100 * STEP_NS;
+        // 1 s waits four steps back, 10 ms ones in the last two steps.
+        l.record_pool(1, "p", start, &[1_000_000_000; 20], &[]);
+        l.record_pool(1, "p", start + 3 * STEP_NS, &[10_000_000; 5], &[]);
+        l.record_pool(1, "p", start + 4 * STEP_NS, &[10_000_000; 5], &[]);
+        let now = start + 4 * STEP_NS + 1;
+        let recent = l.pool_recent_wait_p99(1, "p", now).expect("recent waits");
+        assert_close(recent, 10_000_000, "the last minute's p99");
+        let window = l
+            .pool_percentiles(1, "p", now)
+            .wait_seconds
+            .expect("window");
+        assert_close(window.p99, 1_000_000_000, "the window's p99");
+        assert_eq!(l.pool_recent_wait_p99(1, "q", now), None);
+        // A minute with no acquire has no recent p99.
+        assert_eq!(l.pool_recent_wait_p99(1, "p", start + 6 * STEP_NS), None);
     }
 
     #[test]

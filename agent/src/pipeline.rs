@@ -33,7 +33,7 @@ use crate::{
     health::{AdapterState, Health},
     kernel_records,
     lifecycle::{
-        CloseReason, ConnId, Endpoint, Event, EventKind, Output, SeededPhase, Tracker,
+        CloseReason, ConnId, Endpoint, Event, EventKind, Output, PoolView, SeededPhase, Tracker,
         TrackerConfig,
     },
     procfs::{self, SeededPeer, SeededTcpState},
@@ -48,6 +48,7 @@ use crate::{
         otlp::{self, OtlpExport},
         Observed, Telemetry,
     },
+    trends,
 };
 use telemetry_catalogue::{self as catalogue, attr};
 
@@ -392,6 +393,32 @@ impl Pipeline {
         }
     }
 
+    /// A point of the live page's trends for each adapter pool in `views`:
+    /// in use, max, waiting, and the P99 wait of about the last minute.
+    fn sample_trends(&self, now: u64, views: Vec<PoolView>) -> Result<(), Broken> {
+        let samples: Vec<((u32, String), trends::Sample)> = self.telemetry.percentiles(|l| {
+            views
+                .into_iter()
+                .filter(|v| v.from_adapter)
+                .map(|v| {
+                    let sample = trends::Sample {
+                        used: v.used,
+                        max: v.max,
+                        pending: v.pending,
+                        wait_p99_seconds: l.pool_recent_wait_p99(v.pid, &v.name, now),
+                    };
+                    ((v.pid, v.name), sample)
+                })
+                .collect()
+        });
+        let unix_seconds = self
+            .clock
+            .to_wall(now)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.state.with(|s| s.trends.sample(unix_seconds, samples))
+    }
+
     /// Applies the leak rules to the tracker's connections now.
     fn evaluate_leaks(&self, now: u64) -> Result<(), Broken> {
         let changes = self.state.with(|state| {
@@ -705,6 +732,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         clock,
         pool_health: config.pool_health.thresholds(),
         sizing: config.sizing.window(),
+        live: api::live::LiveFeed::new(),
     };
     let streams = if config.adapter.enabled && !config.adapter.stream_socket.as_os_str().is_empty()
     {
@@ -1100,6 +1128,10 @@ fn keep_large_buffers_mapped() {
     }
 }
 
+/// Housekeeping ticks (seconds) between two points of the live page's
+/// trends.
+const TREND_TICKS: u64 = trends::STEP_NS / 1_000_000_000;
+
 /// Once a second: refresh kernel counters and forget expired history.
 async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1120,25 +1152,35 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
             Err(e) => log::debug!("cannot read kernel counters: {e:#}"),
         }
         let sample_usage = ticks.is_multiple_of(pipeline.sizing_sample_ticks);
+        let sample_trends = ticks.is_multiple_of(TREND_TICKS);
         let window_ns = pipeline.sizing.window_ns;
-        let live = pipeline.state.with(|s| {
+        let (live, trend_views) = pipeline.state.with(|s| {
             s.tracker.bind_hidden_sockets(now, s.kernel.dropped_events);
             s.tracker.expire(now);
-            // Only adapter pools are sized: without one, no walk over the
-            // connections.
-            if sample_usage && s.tracker.pools().next().is_none() {
+            // Only adapter pools are sized and charted: without one, no
+            // walk over the connections.
+            let views = if (sample_usage || sample_trends) && s.tracker.pools().next().is_some() {
+                s.tracker.pool_views()
+            } else {
+                Vec::new()
+            };
+            if sample_usage && views.is_empty() {
                 s.pool_usage = PoolUsage::default();
             } else if sample_usage {
-                let views = s.tracker.pool_views();
                 let activity = s.tracker.pool_activity(now, 0);
                 let tracker = &mut s.tracker;
                 s.pool_usage.sample(now, window_ns, &views, &activity, |v| {
                     tracker.take_peak_used(v.pid, &v.name)
                 });
             }
-            s.tracker.pools().map(|p| (p.pid, p.name.clone())).collect()
+            let live: std::collections::HashSet<(u32, String)> =
+                s.tracker.pools().map(|p| (p.pid, p.name.clone())).collect();
+            (live, sample_trends.then_some(views))
         })?;
         pipeline.telemetry.forget_gone_pools(&live);
+        if let Some(views) = trend_views {
+            pipeline.sample_trends(now, views)?;
+        }
         pipeline.evaluate_leaks(now)?;
         pipeline.health().housekeeping_beat(monotonic_ns());
     }

@@ -53,6 +53,8 @@ pub struct State {
     pub publish: PublishBudget,
     /// Each adapter pool's sampled use, for sizing advice.
     pub pool_usage: PoolUsage,
+    /// Each adapter pool's last minutes, for the live page's charts.
+    pub trends: crate::trends::Trends,
 }
 
 impl State {
@@ -64,6 +66,7 @@ impl State {
             kernel: KernelCounters::default(),
             publish: PublishBudget::default(),
             pool_usage: PoolUsage::default(),
+            trends: crate::trends::Trends::default(),
         }
     }
 }

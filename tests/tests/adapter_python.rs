@@ -227,7 +227,7 @@ fn sqlalchemy_leaks_slow_holder_and_idle_transaction_are_told_apart() {
                 .is_some_and(|c| c.contains("pool_app.py")),
             "{r:#?}"
         );
-        expect_holder_stack(&r);
+        expect_holder_stack(r);
     }
     let r = seen.on_time(LeakKind::SlowHolder, &busy, LEAK_S, "the busy holder");
     assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
@@ -648,7 +648,7 @@ fn psycopg_pool_counts_match_and_a_leak_is_reported() {
     assert_eq!(r.pool.as_deref(), Some("billing"), "{r:#?}");
     assert_eq!(r.fd, Some(leak.fd), "{r:#?}");
     assert_eq!(r.holder_tid, Some(app.tid), "{r:#?}");
-    expect_holder_stack(&r);
+    expect_holder_stack(r);
     seen.expect_kinds(BTreeSet::from([(LeakKind::Leaked, Some(leak.port))]));
 }
 

@@ -3,6 +3,7 @@
 mod auth;
 pub mod config;
 pub mod listener;
+pub mod live;
 
 use std::{ops::Bound, sync::Arc};
 
@@ -41,6 +42,8 @@ pub struct ApiState {
     pub pool_health: HealthThresholds,
     /// `[sizing]`: the window of `/api/v1/sizing`.
     pub sizing: SizingWindow,
+    /// The live page's feed (`/api/v1/live`).
+    pub live: Arc<live::LiveFeed>,
 }
 
 /// One connection as `/api/v1/connections` shows it. The CLI reads the same
@@ -327,6 +330,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/leaks", get(leaks))
         .route("/api/v1/pools", get(pools))
         .route(POOL_HEALTH, get(pool_health_endpoint))
+        .route(live::SNAPSHOT, get(live::snapshot))
+        .route(live::EVENTS, get(live::events))
         .with_state(state)
 }
 
@@ -351,6 +356,7 @@ pub async fn serve(http: HttpConfig, state: ApiState) -> anyhow::Result<()> {
         if token.is_some() { " with a bearer token" } else { "" },
         http.max_connections.get()
     );
+    tokio::spawn(live::produce(state.clone()));
     let app = auth::require_token(router(state), token);
     listener::run(listener, app, listener::Limits::from_config(&http)).await
 }
@@ -540,25 +546,27 @@ async fn pool_health_endpoint(
     }
 }
 
-async fn pools(State(state): State<ApiState>) -> Response {
-    match state.state.with(|s| s.tracker.pool_views()) {
-        Ok(views) => {
-            let now = monotonic_ns();
-            let pools = state.telemetry.percentiles(|l| {
-                views
-                    .into_iter()
-                    .map(|view| PoolWithPercentiles {
-                        percentiles: l.pool_percentiles(view.pid, &view.name, now),
-                        view,
-                    })
-                    .collect()
-            });
-            Json(PoolsResponse {
-                window_seconds: WINDOW_SECONDS,
-                pools,
+/// `/api/v1/pools`'s answer.
+pub fn pools_response(api: &ApiState, now_ns: u64) -> Result<PoolsResponse, Broken> {
+    let views = api.state.with(|s| s.tracker.pool_views())?;
+    let pools = api.telemetry.percentiles(|l| {
+        views
+            .into_iter()
+            .map(|view| PoolWithPercentiles {
+                percentiles: l.pool_percentiles(view.pid, &view.name, now_ns),
+                view,
             })
-            .into_response()
-        }
+            .collect()
+    });
+    Ok(PoolsResponse {
+        window_seconds: WINDOW_SECONDS,
+        pools,
+    })
+}
+
+async fn pools(State(state): State<ApiState>) -> Response {
+    match pools_response(&state, monotonic_ns()) {
+        Ok(response) => Json(response).into_response(),
         Err(e) => broken(e),
     }
 }
@@ -604,13 +612,16 @@ pub struct QueryLatencyResponse {
     pub queries: Vec<QueryPercentiles>,
 }
 
-async fn query_latency(State(state): State<ApiState>) -> Response {
-    let now = monotonic_ns();
-    Json(QueryLatencyResponse {
+/// `/api/v1/queries/latency`'s answer.
+pub fn query_latency_response(api: &ApiState, now_ns: u64) -> QueryLatencyResponse {
+    QueryLatencyResponse {
         window_seconds: WINDOW_SECONDS,
-        queries: state.telemetry.percentiles(|l| l.query_percentiles(now)),
-    })
-    .into_response()
+        queries: api.telemetry.percentiles(|l| l.query_percentiles(now_ns)),
+    }
+}
+
+async fn query_latency(State(state): State<ApiState>) -> Response {
+    Json(query_latency_response(&state, monotonic_ns())).into_response()
 }
 
 #[cfg(test)]

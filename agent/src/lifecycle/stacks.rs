@@ -156,14 +156,20 @@ mod tests {
     fn bounds_are_per_process_and_in_all_and_ended_checkouts_go_first() {
         let mut stacks = HolderStacks::new(2, 3);
         let all_held = |_, _| true;
-        stacks.keep(conn(1, 1), 1, stack("a"), all_held).expect("kept");
-        stacks.keep(conn(1, 2), 1, stack("b"), all_held).expect("kept");
+        stacks
+            .keep(conn(1, 1), 1, stack("a"), all_held)
+            .expect("kept");
+        stacks
+            .keep(conn(1, 2), 1, stack("b"), all_held)
+            .expect("kept");
         // Process 1 has its share; process 2 still has room.
         assert_eq!(
             stacks.keep(conn(1, 3), 1, stack("c"), all_held),
             Err("stack_limit")
         );
-        stacks.keep(conn(2, 1), 1, stack("d"), all_held).expect("kept");
+        stacks
+            .keep(conn(2, 1), 1, stack("d"), all_held)
+            .expect("kept");
         // All are taken: nobody gets more while every checkout is held.
         assert_eq!(
             stacks.keep(conn(3, 1), 1, stack("e"), all_held),
@@ -177,7 +183,9 @@ mod tests {
         // Forgetting counts down: process 1 may keep one more again.
         stacks.forget_ended(&|c: ConnId, _| c.pid != 1);
         assert_eq!(stacks.len(), 2);
-        stacks.keep(conn(1, 4), 1, stack("f"), all_held).expect("kept");
+        stacks
+            .keep(conn(1, 4), 1, stack("f"), all_held)
+            .expect("kept");
         stacks
             .keep(conn(1, 5), 9, stack("g"), |_, _| true)
             .expect_err("refused");
