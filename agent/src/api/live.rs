@@ -95,6 +95,10 @@ struct Built {
 pub struct LiveFeed {
     latest: watch::Sender<Arc<Built>>,
     streams: Arc<Semaphore>,
+    /// When a stream last had a snapshot built for it at once (monotonic
+    /// ns): at most once per [`EVERY`], so that opening streams in a loop
+    /// cannot make the agent build snapshots in a loop.
+    built_on_demand_ns: std::sync::atomic::AtomicU64,
 }
 
 impl LiveFeed {
@@ -103,7 +107,44 @@ impl LiveFeed {
         Arc::new(LiveFeed {
             latest,
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            built_on_demand_ns: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Builds and publishes a snapshot now, unless the newest is fresh or
+    /// one was built on demand within [`EVERY`].
+    fn freshen(&self, api: &ApiState) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = monotonic_ns();
+        let every = EVERY.as_nanos() as u64;
+        if now.saturating_sub(self.latest.borrow().at_ns) <= every {
+            return;
+        }
+        let last = self.built_on_demand_ns.load(Relaxed);
+        if now.saturating_sub(last) < every
+            || self
+                .built_on_demand_ns
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        publish(api, now);
+    }
+}
+
+/// Builds a snapshot at `now` and makes it the newest.
+fn publish(api: &ApiState, now: u64) {
+    match snapshot_of(api, now).map(|s| serde_json::to_string(&s)) {
+        Ok(Ok(json)) => {
+            api.live.latest.send_replace(Arc::new(Built {
+                at_ns: now,
+                json: json.into(),
+            }));
+        }
+        Ok(Err(e)) => log::debug!("live snapshot: {e}"),
+        // The state is broken: /healthz says so; streams get nothing new.
+        Err(e) => log::debug!("live snapshot: {e}"),
     }
 }
 
@@ -158,20 +199,8 @@ pub async fn produce(api: ApiState) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if api.live.latest.receiver_count() == 0 {
-            continue;
-        }
-        let now = monotonic_ns();
-        match snapshot_of(&api, now).map(|s| serde_json::to_string(&s)) {
-            Ok(Ok(json)) => {
-                api.live.latest.send_replace(Arc::new(Built {
-                    at_ns: now,
-                    json: json.into(),
-                }));
-            }
-            Ok(Err(e)) => log::debug!("live snapshot: {e}"),
-            // The state is broken: /healthz says so; streams get nothing new.
-            Err(e) => log::debug!("live snapshot: {e}"),
+        if api.live.latest.receiver_count() > 0 {
+            publish(&api, monotonic_ns());
         }
     }
 }
@@ -191,6 +220,8 @@ pub async fn events(State(api): State<ApiState>) -> Response {
     let mut latest = api.live.latest.subscribe();
     let (frames, rx) = mpsc::channel::<Result<String, Infallible>>(1);
     tokio::spawn(async move {
+        // The first snapshot at once, not at the producer's next tick.
+        api.live.freshen(&api);
         let _slot = permit;
         let deadline = tokio::time::Instant::now() + STREAM_LIFETIME;
         // Reconnect after 2 s if the stream breaks.
