@@ -167,6 +167,9 @@ impl PoolApp {
         cmd.arg("-u")
             .arg(&script)
             .env("PYTHONPATH", python_adapter_dir())
+            // A stack for every checkout: the scenarios' leaks follow
+            // other checkouts within the default millisecond.
+            .env("POOLSCOPE_ADAPTER_STACK_INTERVAL_US", "0")
             .env_remove("POOLSCOPE_ADAPTER_SOCKET");
         if let Some(socket) = adapter_socket {
             cmd.env("POOLSCOPE_ADAPTER_SOCKET", socket);

@@ -535,7 +535,11 @@ fn leaks_busy_holder_idle_transaction_and_slow_acquire_are_told_apart(scenario: 
         .args(["--system", if mysql { "mysql" } else { "postgresql" }])
         .args(["--max", &SCENARIO_MAX.to_string(), "--pool", name])
         .args(["--timeout-ms", &SCENARIO_TIMEOUT_MS.to_string()])
-        .env("POOLSCOPE_ADAPTER_SOCKET", &socket);
+        .env("POOLSCOPE_ADAPTER_SOCKET", &socket)
+        // The leaks, the busy holder and the transaction are taken one
+        // request after the other, maybe within the adapter's 1 ms
+        // between captures: each must have its stack.
+        .env("POOLSCOPE_ADAPTER_STACK_INTERVAL_US", "0");
     let (mut app, ready) = JsonLinesChild::start(&mut cmd, bin);
     let (pid, app_tid) = (app.pid, tid_of(&ready));
     assert_eq!(

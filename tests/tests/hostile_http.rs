@@ -249,10 +249,17 @@ fn bearer_token_guards_the_api_and_not_the_probes() {
     let (status, body, _) = get(&agent, "/api/v1/connections", Some(TOKEN));
     assert_eq!(status, 200, "with the token: {body}");
     let _: ConnectionsResponse = serde_json::from_str(&body).unwrap();
-    for path in ["/api/v1/leaks", "/api/v1/pools", "/api/v1/queries/slow"] {
+    for path in [
+        "/api/v1/leaks",
+        "/api/v1/pools",
+        "/api/v1/queries/slow",
+        "/api/v1/live",
+    ] {
         assert_eq!(get(&agent, path, None).0, 401, "{path} without the token");
         assert_eq!(get(&agent, path, Some(TOKEN)).0, 200, "{path} with it");
     }
+    // The live stream too (with the token it would never end).
+    assert_eq!(get(&agent, "/api/v1/live/events", None).0, 401);
     // Open without it: probes, scrapes and the live page itself.
     for path in ["/healthz", "/metrics", "/"] {
         assert_eq!(get(&agent, path, None).0, 200, "{path} without the token");

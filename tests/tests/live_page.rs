@@ -151,6 +151,8 @@ fn live_page_pushes_the_exhausted_pool_its_trends_and_the_leak_with_its_stack() 
         .arg(&dsn)
         .env("PYTHONPATH", python_adapter_dir())
         .env("POOLSCOPE_ADAPTER_SOCKET", &socket)
+        // The leak follows another checkout within the default millisecond.
+        .env("POOLSCOPE_ADAPTER_STACK_INTERVAL_US", "0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -102,6 +102,11 @@ pub struct BenchArgs {
     /// The pools the adapters group measures (comma-separated); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     adapter_pools: Vec<adapters::Pool>,
+    /// The adapters group runs only its pair runs with the agent: adapter
+    /// off, on without stacks, on (stacks sampled), on with a stack at
+    /// every checkout.
+    #[arg(long)]
+    adapter_stacks_only: bool,
     /// Measure this agent binary instead of building target/release/poolscope.
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -253,6 +258,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             } else {
                 args.adapter_pools.clone()
             },
+            stacks_only: args.adapter_stacks_only,
         });
     let programs = match &adapter_settings {
         Some(_) => {

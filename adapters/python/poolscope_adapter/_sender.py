@@ -361,7 +361,16 @@ class PoolReporter:
     #: that restarted learns the pool's settings back.
     REREGISTER_SECONDS = 60.0
 
-    def __init__(self, name, info, sender=None, state_interval=None, stacks=None, stack_after=None):
+    def __init__(
+        self,
+        name,
+        info,
+        sender=None,
+        state_interval=None,
+        stacks=None,
+        stack_after=None,
+        stack_interval_us=None,
+    ):
         self.name = str(name)[:MAX_NAME_CHARS] or "pool"
         self.info = {k: v for k, v in info.items() if v is not None}
         self.sender = sender or default_sender()
@@ -373,6 +382,8 @@ class PoolReporter:
         #: later (``POOLSCOPE_ADAPTER_STACKS``, ``_STACK_AFTER_MS``).
         self.stacks = _stacks.stacks_enabled(stacks)
         self.stack_after = _stacks.stack_after(stack_after)
+        #: At most one capture per this long in the process (ns).
+        self.stack_interval_ns = _stacks.stack_interval_ns(stack_interval_us)
         # Frames of these files (the pool library's, ours) are skipped
         # above the application's first.
         self._stack_skip = _stacks.library_prefixes() if self.stacks else ()
@@ -455,10 +466,13 @@ class PoolReporter:
         entry["mono_ns"] = at_ns
         entry["tid"] = tid
         if self.stacks:
-            # Sent (and formatted) only if still held stack_after from now.
-            frames = _stacks.capture(self._stack_skip, 3)
-            if frames:
-                entry[_FRAMES] = frames
+            last = _stacks.last_capture
+            if at_ns - last.at_ns >= self.stack_interval_ns:
+                last.at_ns = at_ns
+                # Sent (and formatted) only if still held stack_after from now.
+                frames = _stacks.capture(self._stack_skip, 3)
+                if frames:
+                    entry[_FRAMES] = frames
             self._last_checkout_ns = at_ns
         with self._out_lock:
             out = self._out_here()

@@ -13,6 +13,12 @@ import sys
 
 ENV_STACKS = "POOLSCOPE_ADAPTER_STACKS"
 ENV_STACK_AFTER_MS = "POOLSCOPE_ADAPTER_STACK_AFTER_MS"
+ENV_STACK_INTERVAL_US = "POOLSCOPE_ADAPTER_STACK_INTERVAL_US"
+#: At most one capture per this long in a process (nanoseconds): the
+#: capture's CPU stays bounded (2 us x 1,000 a second at most) whatever
+#: the checkout rate; a service checking out fewer connections than that
+#: gets a stack for every one.
+DEFAULT_STACK_INTERVAL_NS = 1_000_000
 #: A checkout held this long (seconds) sends its stack.
 DEFAULT_STACK_AFTER = 1.0
 #: The protocol's limits.
@@ -53,6 +59,31 @@ def stack_after(value=None):
         return DEFAULT_STACK_AFTER
     # At least 50 ms: the stack must leave after its checkout's acquire_end.
     return max(value, 0.05) if value >= 0 else DEFAULT_STACK_AFTER
+
+
+def stack_interval_ns(value=None):
+    """Nanoseconds between two captures in this process: ``value`` (in
+    microseconds) if given, else ``POOLSCOPE_ADAPTER_STACK_INTERVAL_US``,
+    else 1 ms; 0 captures at every checkout."""
+    if value is None:
+        value = os.environ.get(ENV_STACK_INTERVAL_US)
+        if not value:
+            return DEFAULT_STACK_INTERVAL_NS
+    try:
+        us = int(value)
+    except (TypeError, ValueError):
+        return DEFAULT_STACK_INTERVAL_NS
+    return us * 1000 if us >= 0 else DEFAULT_STACK_INTERVAL_NS
+
+
+class _LastCapture:
+    """When this process last captured a stack (mono ns); shared by every
+    pool. A race between threads costs at most an extra capture."""
+
+    at_ns = -(1 << 62)
+
+
+last_capture = _LastCapture()
 
 
 def library_prefixes():

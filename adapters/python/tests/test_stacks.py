@@ -41,6 +41,8 @@ class StackTest(unittest.TestCase):
 
     def reporter(self, **kwargs):
         kwargs.setdefault("state_interval", 0)
+        # Every checkout captures, unless a test says otherwise.
+        kwargs.setdefault("stack_interval_us", 0)
         return PoolReporter("orders", {"max": 10}, sender=self.sender, **kwargs)
 
     def stacks(self):
@@ -89,6 +91,23 @@ class StackTest(unittest.TestCase):
             self.assertIsNone(r.send_stacks(time.monotonic_ns() + LATER))
         self.assertEqual(self.stacks(), [])
 
+    def test_captures_are_at_most_one_per_interval_in_the_process(self):
+        r = self.reporter(stack_interval_us=200_000)
+        other = self.reporter(stack_interval_us=200_000)
+
+        def captured(p):
+            return len([e for e in p._out.values() if "_frames" in e])
+
+        _stacks.last_capture.at_ns = 0
+        # 50 checkouts within 200 ms, taking turns between two pools: the
+        # process captures once (the first, of `other`).
+        for i in range(50):
+            take_and_keep_for_a_report(r if i % 2 else other, i)
+        self.assertEqual((captured(other), captured(r)), (1, 0))
+        time.sleep(0.21)
+        take_and_keep_for_a_report(r, 99)
+        self.assertEqual(captured(r), 1, "the interval passed: captured again")
+
     def test_settings_from_the_environment(self):
         with mock.patch.dict(os.environ, {"POOLSCOPE_ADAPTER_STACK_AFTER_MS": "250"}):
             self.assertEqual(self.reporter().stack_after, 0.25)
@@ -96,6 +115,14 @@ class StackTest(unittest.TestCase):
             self.assertEqual(self.reporter().stack_after, _stacks.DEFAULT_STACK_AFTER)
         with mock.patch.dict(os.environ, {"POOLSCOPE_ADAPTER_STACKS": ""}):
             self.assertTrue(self.reporter().stacks)
+        env = PoolReporter("p", {}, sender=self.sender, state_interval=0)
+        self.assertEqual(env.stack_interval_ns, _stacks.DEFAULT_STACK_INTERVAL_NS)
+        with mock.patch.dict(os.environ, {"POOLSCOPE_ADAPTER_STACK_INTERVAL_US": "250"}):
+            self.assertEqual(PoolReporter("p", {}, sender=self.sender).stack_interval_ns, 250_000)
+        with mock.patch.dict(os.environ, {"POOLSCOPE_ADAPTER_STACK_INTERVAL_US": "often"}):
+            self.assertEqual(
+                PoolReporter("p", {}, sender=self.sender).stack_interval_ns, _stacks.DEFAULT_STACK_INTERVAL_NS
+            )
 
     def test_the_background_thread_sends_it_after_stack_after(self):
         r = self.reporter(stack_after=0.2)
@@ -129,6 +156,8 @@ class SqlalchemyStackTest(unittest.TestCase):
         )
         self.addCleanup(engine.dispose)
         reporter = instrument_sqlalchemy(engine, pool_name="orders", sender=sender).reporter
+        # The capture interval is the process's: no capture just before.
+        _stacks.last_capture.at_ns = -(1 << 62)
 
         def open_report_connection():
             return engine.connect()

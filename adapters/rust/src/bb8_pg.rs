@@ -374,6 +374,15 @@ impl PoolBuilder {
         self
     }
 
+    /// The least time since the process's last stack capture for a
+    /// checkout to capture its stack (default
+    /// `POOLSCOPE_ADAPTER_STACK_INTERVAL_US`, else
+    /// [`crate::DEFAULT_STACK_INTERVAL`]; zero: every checkout).
+    pub fn stack_interval(mut self, interval: Duration) -> Self {
+        self.stacks.interval = Some(interval);
+        self
+    }
+
     pub fn max_size(mut self, max_size: u32) -> Self {
         self.max_size = max_size;
         self.builder = self.builder.max_size(max_size);

@@ -423,6 +423,15 @@ impl PoolBuilder {
         self
     }
 
+    /// The least time since the process's last stack capture for a
+    /// checkout to capture its stack (default
+    /// `POOLSCOPE_ADAPTER_STACK_INTERVAL_US`, else
+    /// [`crate::DEFAULT_STACK_INTERVAL`]; zero: every checkout).
+    pub fn stack_interval(mut self, interval: Duration) -> Self {
+        self.stacks.interval = Some(interval);
+        self
+    }
+
     /// Where to report; [`Reporter::from_env`] unless set.
     pub fn reporter(mut self, reporter: Reporter) -> Self {
         self.reporter = Some(reporter);

@@ -36,6 +36,13 @@
 //! "symbols"`); with debug info (`debug = "line-tables-only"`) frames
 //! also get their file and line. `POOLSCOPE_ADAPTER_STACKS=off` turns
 //! stacks off ([`PoolReporter::with_holder_stacks`] too).
+//!
+//! To bound the capture's CPU whatever the checkout rate, a checkout
+//! captures only if `stack_interval` has passed since the process's last
+//! capture (any pool, any thread): 1 ms, at most 1,000 captures a second;
+//! `POOLSCOPE_ADAPTER_STACK_INTERVAL_US` (`0`: every checkout),
+//! [`PoolReporter::with_stack_interval`]. A checkout without a capture
+//! sends no `holder_stack`.
 
 #![cfg(unix)]
 
@@ -68,7 +75,9 @@ use protocol::{Body, Message};
 
 mod batch;
 mod stack;
-pub use stack::{DEFAULT_STACK_AFTER, STACKS_ENV, STACK_AFTER_ENV};
+pub use stack::{
+    DEFAULT_STACK_AFTER, DEFAULT_STACK_INTERVAL, STACKS_ENV, STACK_AFTER_ENV, STACK_INTERVAL_ENV,
+};
 #[cfg(feature = "bb8-postgres")]
 pub mod bb8_pg;
 #[cfg(feature = "deadpool-postgres")]
@@ -693,6 +702,12 @@ struct PoolState {
     stacks: AtomicBool,
     /// How long a checkout is out before its stack is sent, in nanoseconds.
     stack_after_ns: AtomicU64,
+    /// The least time since the process's last capture for a checkout to
+    /// capture, in nanoseconds; 0: every checkout captures.
+    stack_interval_ns: AtomicU64,
+    /// When the last capture was: [`stack::LAST_CAPTURE_NS`] (a test's own
+    /// clock in tests).
+    last_capture_ns: &'static AtomicU64,
 }
 
 impl PoolState {
@@ -947,6 +962,10 @@ impl PoolReporter {
                 stack_after_ns: AtomicU64::new(duration_ns(stack::stack_after_from(
                     std::env::var_os(STACK_AFTER_ENV),
                 ))),
+                stack_interval_ns: AtomicU64::new(duration_ns(stack::stack_interval_from(
+                    std::env::var_os(STACK_INTERVAL_ENV),
+                ))),
+                last_capture_ns: &stack::LAST_CAPTURE_NS,
             }),
             next_request: AtomicU64::new(1),
         }
@@ -975,6 +994,26 @@ impl PoolReporter {
         self.state
             .stack_after_ns
             .store(duration_ns(after), Ordering::Relaxed);
+        self
+    }
+
+    /// The least time between two captures in the process for this pool's
+    /// checkouts to capture their stack: `POOLSCOPE_ADAPTER_STACK_INTERVAL_US`,
+    /// else [`DEFAULT_STACK_INTERVAL`]; zero: every checkout captures. The
+    /// time of the last capture is the process's, whatever the pool.
+    pub fn with_stack_interval(self, interval: Duration) -> PoolReporter {
+        self.state
+            .stack_interval_ns
+            .store(duration_ns(interval), Ordering::Relaxed);
+        self
+    }
+
+    /// This pool's captures timed by `clock` instead of the process's.
+    #[cfg(test)]
+    fn with_capture_clock(mut self, clock: &'static AtomicU64) -> PoolReporter {
+        Arc::get_mut(&mut self.state)
+            .expect("a new pool")
+            .last_capture_ns = clock;
         self
     }
 
@@ -1115,17 +1154,24 @@ impl PoolReporter {
     }
 
     fn finish(&self, request: u64, result: AcquireResult, caller: &'static Location<'static>) {
-        // Walked before the time is read and the lock taken: the stack of
-        // the code that now holds the connection.
+        let at = monotonic_ns();
+        // Walked before the lock is taken: the stack of the code that now
+        // holds the connection, if none was captured in the process for
+        // `stack_interval` (the acquire_end's time tells).
         let capture = match result {
             AcquireResult::Ok(conn)
-                if !conn.is_empty() && self.state.stacks.load(Ordering::Relaxed) =>
+                if !conn.is_empty()
+                    && self.state.stacks.load(Ordering::Relaxed)
+                    && stack::capture_due(
+                        self.state.last_capture_ns,
+                        at,
+                        self.state.stack_interval_ns.load(Ordering::Relaxed),
+                    ) =>
             {
                 Some(stack::Capture::here(Some(caller)))
             }
             _ => None,
         };
-        let at = monotonic_ns();
         let tid = current_tid();
         let stack = capture.map(|capture| stack::HeldStack {
             capture,
@@ -1166,6 +1212,7 @@ impl PoolReporter {
 pub(crate) struct StackOptions {
     pub(crate) on: Option<bool>,
     pub(crate) after: Option<Duration>,
+    pub(crate) interval: Option<Duration>,
 }
 
 impl StackOptions {
@@ -1184,6 +1231,9 @@ impl StackOptions {
         }
         if let Some(after) = self.after {
             pool = pool.with_stack_after(after);
+        }
+        if let Some(interval) = self.interval {
+            pool = pool.with_stack_interval(interval);
         }
         pool
     }

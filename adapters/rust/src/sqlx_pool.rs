@@ -456,6 +456,15 @@ impl<DB: Backend> PoolBuilder<DB> {
         self
     }
 
+    /// The least time since the process's last stack capture for a
+    /// checkout to capture its stack (default
+    /// `POOLSCOPE_ADAPTER_STACK_INTERVAL_US`, else
+    /// [`crate::DEFAULT_STACK_INTERVAL`]; zero: every checkout).
+    pub fn stack_interval(mut self, interval: Duration) -> Self {
+        self.stacks.interval = Some(interval);
+        self
+    }
+
     pub fn max_connections(mut self, max: u32) -> Self {
         self.options = self.options.max_connections(max);
         self

@@ -655,12 +655,15 @@ fn take_and_keep_the_connection(pool: &PoolReporter, handle: ConnId) {
     pending.finish(AcquireResult::Ok(handle));
 }
 
+/// A pool whose every checkout captures (no `stack_interval`: the tests
+/// run in parallel, and the last capture's time is the process's).
 fn stacked_pool(agent: &FakeAgent, window: Duration, after: Duration) -> PoolReporter {
     PoolReporter::new(agent.reporter(), "stacks")
         .with_state_interval(Duration::ZERO)
         .with_batch_window(window)
         .with_holder_stacks(true)
         .with_stack_after(after)
+        .with_stack_interval(Duration::ZERO)
 }
 
 /// Every message until none arrives for `quiet`.
@@ -773,6 +776,58 @@ fn a_stack_never_leaves_before_its_acquire_end() {
     assert_eq!(msgs[1]["since_ns"], msgs[0]["mono_ns"]);
     pool.release(conn(1));
     assert_eq!(kinds(&all(&agent)), ["release"]);
+}
+
+/// The `fd`s of the connections whose stack was sent.
+fn stacked_fds(msgs: &[Value]) -> Vec<u64> {
+    msgs.iter()
+        .filter(|m| m["kind"] == "holder_stack")
+        .map(|m| m["fd"].as_u64().expect("fd"))
+        .collect()
+}
+
+#[test]
+fn checkouts_capture_only_a_stack_interval_after_the_last_capture() {
+    // The pool's own clock of the last capture: other tests capture too.
+    static LAST_CAPTURE: AtomicU64 = AtomicU64::new(0);
+    let agent = FakeAgent::new();
+    let interval = Duration::from_millis(200);
+    let pool = stacked_pool(&agent, BATCH_WINDOW, Duration::from_millis(100))
+        .with_stack_interval(interval)
+        .with_capture_clock(&LAST_CAPTURE);
+    // 100 checkouts at once, all held: only the first captured.
+    let started = Instant::now();
+    for i in 0..100 {
+        take_and_keep_the_connection(&pool, conn(i));
+    }
+    assert!(started.elapsed() < interval, "{:?}", started.elapsed());
+    let msgs = all_within(&agent, Duration::from_millis(600));
+    assert_eq!(stacked_fds(&msgs), [100], "{:?}", kinds(&msgs));
+    // An interval later, the next captures, and the one right after not.
+    std::thread::sleep((interval + Duration::from_millis(20)).saturating_sub(started.elapsed()));
+    take_and_keep_the_connection(&pool, conn(100));
+    take_and_keep_the_connection(&pool, conn(101));
+    let msgs = all_within(&agent, Duration::from_millis(600));
+    assert_eq!(stacked_fds(&msgs), [200], "{:?}", kinds(&msgs));
+    for i in 0..102 {
+        pool.release(conn(i));
+    }
+}
+
+#[test]
+fn with_no_stack_interval_every_checkout_captures() {
+    static LAST_CAPTURE: AtomicU64 = AtomicU64::new(0);
+    let agent = FakeAgent::new();
+    let pool = stacked_pool(&agent, BATCH_WINDOW, Duration::from_millis(100))
+        .with_capture_clock(&LAST_CAPTURE);
+    for i in 0..20 {
+        take_and_keep_the_connection(&pool, conn(i));
+    }
+    let msgs = all_within(&agent, Duration::from_millis(600));
+    let mut fds = stacked_fds(&msgs);
+    fds.sort_unstable();
+    assert_eq!(fds, (100..120).collect::<Vec<u64>>(), "{:?}", kinds(&msgs));
+    assert_ne!(LAST_CAPTURE.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -892,8 +947,14 @@ fn pair_cost_with_and_without_stacks() {
         ..ConnId::default()
     };
     for round in 0..3 {
-        for stacks in [false, true] {
-            let pool = PoolReporter::new(Reporter::disabled(), "bench").with_holder_stacks(stacks);
+        for (stacks, interval) in [
+            (false, DEFAULT_STACK_INTERVAL),
+            (true, DEFAULT_STACK_INTERVAL),
+            (true, Duration::ZERO),
+        ] {
+            let pool = PoolReporter::new(Reporter::disabled(), "bench")
+                .with_holder_stacks(stacks)
+                .with_stack_interval(interval);
             let cost = runtime.block_on(async {
                 tokio::spawn(async move {
                     bench_route(&pool, handle, N / 10).await;
@@ -904,7 +965,9 @@ fn pair_cost_with_and_without_stacks() {
                 .await
                 .expect("the task")
             });
-            eprintln!("round {round}, stacks {stacks}: {cost:.0} ns CPU per pair");
+            eprintln!(
+                "round {round}, stacks {stacks}, interval {interval:?}: {cost:.0} ns CPU per pair"
+            );
         }
     }
 }

@@ -136,9 +136,20 @@ pub struct Config {
     pub mode: Mode,
     pub adapter: bool,
     pub agent: bool,
-    /// Holder stacks captured (the adapters' default); off sets
+    /// Holder stacks: the adapters' default, off, or captured at every
+    /// checkout.
+    pub stacks: Stacks,
+}
+
+/// How the adapter captures holder stacks in a run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stacks {
+    /// The default: at most one capture per millisecond in the process.
+    Sampled,
     /// `POOLSCOPE_ADAPTER_STACKS=off`.
-    pub stacks: bool,
+    Off,
+    /// `POOLSCOPE_ADAPTER_STACK_INTERVAL_US=0`: what one capture costs.
+    Every,
 }
 
 impl Config {
@@ -153,8 +164,9 @@ impl Config {
             },
             match (self.adapter, self.stacks) {
                 (false, _) => "off",
-                (true, true) => "on",
-                (true, false) => "on without stacks",
+                (true, Stacks::Sampled) => "on",
+                (true, Stacks::Off) => "on without stacks",
+                (true, Stacks::Every) => "on, a stack at every checkout",
             },
             if self.agent { "present" } else { "absent" },
         )
@@ -168,25 +180,39 @@ pub fn configs(pool: Pool) -> Vec<Config> {
         mode,
         adapter,
         agent,
-        stacks: true,
+        stacks: Stacks::Sampled,
     };
     // With the agent: an adapter that finds none (the JVM's) captures no
     // stacks, having nowhere to send them.
-    let without_stacks = Config {
-        stacks: false,
+    let stacks = |stacks| Config {
+        stacks,
         ..c(Mode::Pairs, true, true)
     };
     if pool == Pool::PythonPsycopg {
-        return vec![without_stacks, c(Mode::Pairs, true, true)];
+        return vec![
+            stacks(Stacks::Off),
+            stacks(Stacks::Sampled),
+            stacks(Stacks::Every),
+        ];
     }
     vec![
         c(Mode::Pairs, false, false),
         c(Mode::Pairs, true, false),
         c(Mode::Pairs, false, true),
-        without_stacks,
-        c(Mode::Pairs, true, true),
+        stacks(Stacks::Off),
+        stacks(Stacks::Sampled),
+        stacks(Stacks::Every),
         c(Mode::QueryAb, true, true),
     ]
+}
+
+/// The pair runs with the agent only: adapter off, and on with each way
+/// of capturing stacks (`--adapter-stacks-only`).
+pub fn stack_configs(pool: Pool) -> Vec<Config> {
+    configs(pool)
+        .into_iter()
+        .filter(|c| c.mode == Mode::Pairs && c.agent)
+        .collect()
 }
 
 /// Odd rounds run `configs` as given, even rounds in reverse, so that
@@ -284,6 +310,8 @@ pub struct Settings {
     pub rate: u64,
     /// The pools to measure, in this order.
     pub pools: Vec<Pool>,
+    /// Only the pair runs with the agent ([`stack_configs`]).
+    pub stacks_only: bool,
 }
 
 /// What the programs need to run.
@@ -303,9 +331,10 @@ pub struct Programs {
 
 /// Rough minutes for the group: program start-up, warm-ups, agent starts.
 pub fn estimate_minutes(settings: &Settings) -> f64 {
-    // Per pool and round: 5 pair runs (paced, or about 6 us a pair
+    // Per pool and round: 6 pair runs (paced, or about 6 us a pair
     // unpaced; start-up and the warm-up included), one A/B query run (both
-    // sides warmed up, then measured), 3 agent starts of about 2 s.
+    // sides warmed up, then measured), 5 agent starts of about 2 s; with
+    // --adapter-stacks-only, 4 pair runs each with an agent.
     let per_pair_s = if settings.rate > 0 {
         1.0 / settings.rate as f64
     } else {
@@ -314,7 +343,11 @@ pub fn estimate_minutes(settings: &Settings) -> f64 {
     let pairs = settings.pairs + warmup_pairs(settings.pairs, settings.rate);
     let pair_run = 2.0 + pairs as f64 * per_pair_s;
     let ab_run = 2.0 * f64::from(settings.seconds) + 2.0 * WARMUP_SECONDS as f64 + 3.0;
-    let per_pool = 5.0 * pair_run + ab_run + 3.0 * 2.0;
+    let per_pool = if settings.stacks_only {
+        4.0 * pair_run + 4.0 * 2.0
+    } else {
+        6.0 * pair_run + ab_run + 5.0 * 2.0
+    };
     f64::from(settings.rounds) * settings.pools.len() as f64 * per_pool / 60.0
 }
 
@@ -330,7 +363,12 @@ pub fn run(
     for round in 1..=settings.rounds {
         for &pool in &settings.pools {
             let mut this_round = Vec::new();
-            for config in round_order(&configs(pool), round) {
+            let configs = if settings.stacks_only {
+                stack_configs(pool)
+            } else {
+                configs(pool)
+            };
+            for config in round_order(&configs, round) {
                 match run_one(bench, programs, settings, config, round) {
                     Ok(run) => {
                         for s in run {
@@ -461,8 +499,14 @@ fn command(
             cmd
         }
     };
-    if !config.stacks {
-        cmd.env("POOLSCOPE_ADAPTER_STACKS", "off");
+    match config.stacks {
+        Stacks::Sampled => {}
+        Stacks::Off => {
+            cmd.env("POOLSCOPE_ADAPTER_STACKS", "off");
+        }
+        Stacks::Every => {
+            cmd.env("POOLSCOPE_ADAPTER_STACK_INTERVAL_US", "0");
+        }
     }
     let warmup = warmup_pairs(settings.pairs, settings.rate);
     cmd.env(
@@ -590,7 +634,7 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
                 mode,
                 adapter,
                 agent,
-                stacks: true,
+                stacks: Stacks::Sampled,
             };
             let (pairs, (sent, dropped)) = paired(samples, &side, value);
             if pairs.is_empty() {
@@ -633,22 +677,25 @@ fn rows(samples: &[Sample]) -> Vec<Row> {
                 messages: format!("{sent:.0} / {dropped:.0}"),
             });
         }
-        if let Some(row) = stacks_row(samples, pool) {
-            rows.push(row);
+        for stacks in [Stacks::Every, Stacks::Sampled] {
+            if let Some(row) = stacks_row(samples, pool, stacks) {
+                rows.push(row);
+            }
         }
     }
     rows
 }
 
 /// What holder stacks add to a pair: the adapter on without stacks
-/// against on with them (the default), agent present, per round.
-fn stacks_row(samples: &[Sample], pool: Pool) -> Option<Row> {
-    let side = |stacks| Config {
+/// against on with them (`with`: captured at every checkout, or the
+/// default), agent present, per round.
+fn stacks_row(samples: &[Sample], pool: Pool, with: Stacks) -> Option<Row> {
+    let side = |on| Config {
         pool,
         mode: Mode::Pairs,
         adapter: true,
         agent: true,
-        stacks,
+        stacks: if on { with } else { Stacks::Off },
     };
     let (pairs, _) = paired(samples, &side, &|s: &Sample| s.cpu_ns / s.ops);
     if pairs.is_empty() {
@@ -658,7 +705,10 @@ fn stacks_row(samples: &[Sample], pool: Pool) -> Option<Row> {
     let ok = added.median <= MAX_STACK_NS_PER_PAIR;
     Some(Row {
         pool,
-        measure: "CPU ns per acquire+release: holder stacks off / on",
+        measure: match with {
+            Stacks::Every => "CPU ns per acquire+release: stacks off / a stack at every checkout",
+            _ => "CPU ns per acquire+release: stacks off / on (default: at most 1 capture per ms)",
+        },
         agent: "present",
         off: Spread::of(pairs.iter().map(|p| p.0).collect()),
         on: Spread::of(pairs.iter().map(|p| p.1).collect()),
@@ -871,7 +921,7 @@ mod tests {
     #[test]
     fn rounds_flip_order() {
         let c = configs(Pool::NodePg);
-        assert_eq!(c.len(), 6);
+        assert_eq!(c.len(), 7);
         assert_eq!(round_order(&c, 1), c);
         let mut reversed = c.clone();
         reversed.reverse();
@@ -880,7 +930,11 @@ mod tests {
         // Adapter off and on of one measure sit side by side: A,B then B,A;
         // so do stacks off and on.
         assert!(!c[0].adapter && c[1].adapter && c[0].mode == c[1].mode);
-        assert!(!c[3].stacks && c[4].stacks && c[3].agent && c[4].agent);
+        assert_eq!(
+            (c[3].stacks, c[4].stacks, c[5].stacks),
+            (Stacks::Off, Stacks::Sampled, Stacks::Every)
+        );
+        assert!(c[3].agent && c[4].agent && c[5].agent);
     }
 
     #[test]
@@ -909,7 +963,7 @@ mod tests {
 
     #[test]
     fn an_ab_run_gives_both_query_samples_of_its_round() {
-        let ab = configs(Pool::NodePg)[5];
+        let ab = configs(Pool::NodePg)[6];
         assert_eq!(ab.mode, Mode::QueryAb);
         let got = parse_output(
             ab,
@@ -938,7 +992,7 @@ mod tests {
         let query = |adapter| Config {
             mode: Mode::Query,
             adapter,
-            ..c[5]
+            ..c[6]
         };
         let (off_absent, on_absent, q_off, q_on) = (c[0], c[1], query(false), query(true));
         // Round 1: 200 and 1,200 ns per pair; round 2: 300 and 1,000; round
@@ -988,9 +1042,9 @@ mod tests {
     #[test]
     fn holder_stacks_are_compared_with_the_agent_and_the_adapter_on() {
         let c = configs(Pool::NodePg);
-        let (without, with) = (c[3], c[4]);
-        assert!(without.adapter && without.agent && !without.stacks);
-        assert!(with.adapter && with.agent && with.stacks);
+        let (without, with) = (c[3], c[5]);
+        assert!(without.adapter && without.agent && without.stacks == Stacks::Off);
+        assert!(with.adapter && with.agent && with.stacks == Stacks::Every);
         // 1,000 then 2,000 ns per pair without stacks; 4,000 and 8,000 with.
         let samples = vec![
             sample(without, 1, 1000.0, 1_000_000.0, 1.0),
@@ -998,18 +1052,22 @@ mod tests {
             sample(without, 2, 1000.0, 2_000_000.0, 1.0),
             sample(with, 2, 1000.0, 8_000_000.0, 1.0),
         ];
-        let row = stacks_row(&samples, Pool::NodePg).expect("a row");
+        let row = stacks_row(&samples, Pool::NodePg, Stacks::Every).expect("a row");
+        assert!(stacks_row(&samples, Pool::NodePg, Stacks::Sampled).is_none());
         assert_eq!((row.rounds, row.compared.median), (2, 4500.0));
         assert!(row.verdict.ends_with("met"), "{}", row.verdict);
         let text = table(&samples).text();
-        assert!(text.contains("holder stacks off / on"), "{text}");
-        // Python runs only these two.
+        assert!(text.contains("a stack at every checkout"), "{text}");
+        // Python runs only the three stack runs.
         let python = configs(Pool::PythonPsycopg);
-        assert_eq!(python.len(), 2);
+        assert_eq!(python.len(), 3);
         assert!(python
             .iter()
             .all(|c| c.adapter && c.agent && c.mode == Mode::Pairs));
-        assert_ne!(python[0].stacks, python[1].stacks);
+        // --adapter-stacks-only: the four pair runs with the agent.
+        let only = stack_configs(Pool::NodePg);
+        assert_eq!(only.len(), 4);
+        assert!(!only[0].adapter && only[1..].iter().all(|c| c.adapter));
     }
 
     #[test]
@@ -1018,7 +1076,7 @@ mod tests {
         let query = |adapter| Config {
             mode: Mode::Query,
             adapter,
-            ..c[5]
+            ..c[6]
         };
         let samples = vec![
             sample(query(false), 1, 10_000.0, 1.0, 1.0e9),
@@ -1039,9 +1097,10 @@ mod tests {
             seconds: 10,
             rate: 20_000,
             pools: Pool::ALL.to_vec(),
+            stacks_only: false,
         });
         // A few minutes per pool.
         let per_pool = m / Pool::ALL.len() as f64;
-        assert!((1.0..6.0).contains(&per_pool), "{m}");
+        assert!((1.0..8.0).contains(&per_pool), "{m}");
     }
 }

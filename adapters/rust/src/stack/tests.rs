@@ -20,6 +20,41 @@ fn the_switch_and_the_delay_come_from_the_environment() {
 }
 
 #[test]
+fn the_stack_interval_comes_from_the_environment_in_microseconds() {
+    let interval = |v: Option<&str>| stack_interval_from(v.map(Into::into));
+    assert_eq!(DEFAULT_STACK_INTERVAL, Duration::from_millis(1));
+    assert_eq!(interval(None), DEFAULT_STACK_INTERVAL);
+    assert_eq!(interval(Some("250")), Duration::from_micros(250));
+    assert_eq!(interval(Some(" 20000 ")), Duration::from_millis(20));
+    assert_eq!(interval(Some("0")), Duration::ZERO);
+    for invalid in ["", "soon", "-5", "1.5", "1ms"] {
+        assert_eq!(interval(Some(invalid)), DEFAULT_STACK_INTERVAL, "{invalid}");
+    }
+}
+
+#[test]
+fn a_capture_is_due_an_interval_after_the_last() {
+    const MS: u64 = 1_000_000;
+    let last = AtomicU64::new(0);
+    let t0 = 5_000 * MS;
+    // The first ever captures; then nothing until 10 ms later.
+    assert!(capture_due(&last, t0, 10 * MS));
+    assert_eq!(last.load(Ordering::Relaxed), t0);
+    let within = (1..100).filter(|i| capture_due(&last, t0 + i * MS / 10, 10 * MS));
+    assert_eq!(within.count(), 0);
+    assert_eq!(last.load(Ordering::Relaxed), t0);
+    assert!(capture_due(&last, t0 + 10 * MS, 10 * MS));
+    assert!(!capture_due(&last, t0 + 11 * MS, 10 * MS));
+    // A time read before another thread's capture: not due.
+    assert!(!capture_due(&last, t0, 10 * MS));
+    // No interval: every one, and the last kept for the others.
+    for i in 0..100 {
+        assert!(capture_due(&last, t0 + 11 * MS + i, 0));
+    }
+    assert_eq!(last.load(Ordering::Relaxed), t0 + 11 * MS + 99);
+}
+
+#[test]
 fn library_frames_are_told_from_the_applications() {
     for name in [
         "poolscope_adapter::PoolReporter::finish",
