@@ -158,7 +158,11 @@ impl JavaApp {
             .env("DB_USER", db.user)
             .env("POOL_NAME", pool)
             .env("POOL_MAX", max.to_string())
-            .env("CONNECTION_TIMEOUT_MS", CONNECTION_TIMEOUT_MS.to_string());
+            .env("CONNECTION_TIMEOUT_MS", CONNECTION_TIMEOUT_MS.to_string())
+            // A capture at every checkout: the healthy workers check out
+            // every ~20 ms, and one within the default 1 ms capture
+            // interval before a leak's checkout would take its stack.
+            .env("POOLSCOPE_ADAPTER_STACK_INTERVAL_US", "0");
         let (app, ready) = JsonLinesChild::start(&mut cmd, "java");
         assert_eq!(
             ready["total"].as_u64(),

@@ -48,6 +48,9 @@ fn spawn_app(pg: &Postgres, stream: &Path) -> NodeApp {
             ("PGDATABASE", "postgres".to_string()),
             ("POOL_NAME", POOL.to_string()),
             ("POOL_MAX", POOL_MAX.to_string()),
+            // A stack for every checkout: the leak may follow another
+            // checkout within the default millisecond.
+            ("POOLSCOPE_ADAPTER_STACK_INTERVAL_US", "0".to_string()),
         ],
     )
 }

@@ -17,8 +17,10 @@
 // Environment: LIB, MODE, ADAPTER, AGENT (present: wait until the adapter is
 // connected), N, RATE, SECONDS, WARMUP, WARMUP_SECONDS, PG_URL (pg), MYSQL_HOST,
 // MYSQL_PORT, MYSQL_USER, MYSQL_DATABASE (mysql2), and the adapter's
-// POOLSCOPE_ADAPTER_STREAM_SOCKET and POOLSCOPE_ADAPTER_STACKS (off: no
-// holder stacks captured; the default captures one per checkout).
+// POOLSCOPE_ADAPTER_STREAM_SOCKET, POOLSCOPE_ADAPTER_STACKS (off: no
+// holder stacks captured; by default a checkout captures one if the last
+// capture was at least POOLSCOPE_ADAPTER_STACK_INTERVAL_US ago, 1000 unless
+// set; 0: every checkout captures).
 
 const adapter = require('../lib/index')
 

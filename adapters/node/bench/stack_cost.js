@@ -8,6 +8,10 @@
 //   for i in 1 2 3; do for s in on off; do
 //     POOLSCOPE_ADAPTER_STACKS=$s node bench/stack_cost.js; done; done
 //
+// With the default capture interval (1 ms, POOLSCOPE_ADAPTER_STACK_INTERVAL_US)
+// a loop this fast captures at one checkout in a few hundred; set
+// POOLSCOPE_ADAPTER_STACK_INTERVAL_US=0 to measure a capture at every one.
+//
 // N pairs measured (after 100,000 of warm-up); DEPTH more synchronous
 // frames between the loop and the acquire (0: the acquire is the loop's
 // own, an async function resumed by the microtask queue); ADAPTER=off
@@ -21,6 +25,7 @@ const path = require('node:path')
 const { EventEmitter } = require('node:events')
 const { Pool } = require('pg')
 const adapter = require('../lib/index')
+const { stackIntervalFromEnv } = require('../lib/stacks')
 
 const N = Number(process.env.N || 300000)
 const DEPTH = Number(process.env.DEPTH || 0)
@@ -89,6 +94,7 @@ async function main() {
       stacks,
       prepare: PREPARE,
       depth: DEPTH,
+      stack_interval_us: stackIntervalFromEnv(),
       ns_per_pair: Math.round(((cpu.user + cpu.system) * 1000) / N),
       sent: s1.sent - s0.sent,
       dropped: s1.dropped - s0.dropped,

@@ -5,7 +5,7 @@
 
 const fs = require('node:fs')
 const { senderFor, socketPathFromEnv, clockMs, monoNsAt, monotonicNs, nsBetween, putBytes, putUint, MAX_MESSAGE_BYTES } = require('./sender')
-const { captureStack, formatStack, skipOption, stackAfterFromEnv, stacksFromEnv, wholeMs } = require('./stacks')
+const { captureDue, captureStack, formatStack, skipOption, stackAfterFromEnv, stackIntervalFromEnv, stacksFromEnv, wholeNumber } = require('./stacks')
 
 const VERSION = 1
 const MAX_POOL_NAME = 128
@@ -247,11 +247,14 @@ class Reporter {
     /** Whether the batch will call `sendPending`. */
     this.pendingScheduled = false
     this.sendPendingNow = () => this.sendPending()
-    /** Holder stacks (see stacks.js): captured at every checkout unless
-     * turned off (`stacks: false`, POOLSCOPE_ADAPTER_STACKS=off), sent for
-     * a checkout still held `stackAfterMs` later. */
+    /** Holder stacks (see stacks.js): captured at a checkout unless turned
+     * off (`stacks: false`, POOLSCOPE_ADAPTER_STACKS=off), and only if at
+     * least `stackIntervalMs` passed since the last capture in this process
+     * (`stackIntervalUs`, POOLSCOPE_ADAPTER_STACK_INTERVAL_US; 0: at every
+     * checkout); sent for a checkout still held `stackAfterMs` later. */
     this.stacks = typeof options.stacks === 'boolean' ? options.stacks : stacksFromEnv()
-    this.stackAfterMs = wholeMs(options.stackAfterMs) ?? stackAfterFromEnv()
+    this.stackAfterMs = wholeNumber(options.stackAfterMs) ?? stackAfterFromEnv()
+    this.stackIntervalMs = (wholeNumber(options.stackIntervalUs) ?? stackIntervalFromEnv()) / 1000
     this.stackSkip = skipOption(options.stackSkip)
     /** One timer (unref'd) for the earliest stack due, set only while a
      * checkout with a stack is held past a batch. */
@@ -270,10 +273,11 @@ class Reporter {
 
   /** The stack of the caller of `hook` (the adapter's function the
    * application called: the frames from it inward are left out), captured
-   * unformatted; null with stacks off. (The pg and mysql hooks capture in
-   * their own frame, see stacks.js.) */
+   * unformatted; null with stacks off or when the last capture in this
+   * process was less than `stackIntervalMs` ago. (The pg and mysql hooks
+   * do the same in their own frame, see stacks.js.) */
   stackOf(hook) {
-    return this.stacks ? captureStack(hook) : null
+    return this.stacks && captureDue(this.stackIntervalMs) ? captureStack(hook) : null
   }
 
   /** The connection `ref` names (made the first time). */

@@ -45,6 +45,11 @@ function reporterFor(pool, options) {
  *                       on, unless $POOLSCOPE_ADAPTER_STACKS is off, 0 or false)
  * options.stackAfterMs  how long a checkout is held before its stack is sent
  *                       (default $POOLSCOPE_ADAPTER_STACK_AFTER_MS, else 1000)
+ * options.stackIntervalUs  a checkout captures its stack only if this long
+ *                       (µs) has passed since the last capture in the
+ *                       process, by any pool (default
+ *                       $POOLSCOPE_ADAPTER_STACK_INTERVAL_US, else 1000; 0:
+ *                       every checkout captures)
  * options.stackSkip     a RegExp of more files whose frames above the
  *                       application's are left out of stacks
  */
@@ -87,7 +92,8 @@ function instrument(pool, options = {}) {
  * options.serverPort, options.namespace, options.max, options.minIdle,
  * options.library       the rest of the registration
  * options.socketPath, options.stateIntervalMs, options.stacks,
- * options.stackAfterMs, options.stackSkip  as for instrument() (the stack
+ * options.stackAfterMs, options.stackIntervalUs,
+ * options.stackSkip     as for instrument() (the stack
  *                       is that of the code that called report.acquire())
  */
 function reportPool(options = {}) {

@@ -11,7 +11,7 @@
 
 const { clockMs } = require('./sender')
 const { AT_ONCE, Reporter, eventLoopTid, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
-const { CAPTURE_FRAMES, failedCapture } = require('./stacks')
+const { CAPTURE_FRAMES, failedCapture, lastCapture } = require('./stacks')
 
 /** Marks a getConnection callback that already has its acquire_start: the
  * pools call getConnection again with a queued callback (mysql when a
@@ -181,17 +181,24 @@ class MysqlReporter extends Reporter {
       // Who asks (pool.query's or the promise pool's caller, through the
       // library's frames): captured unformatted, kept with the checkout,
       // formatted only if it is held long (see stacks.js, captureStack,
-      // done here in the hook's own frame).
+      // done here in the hook's own frame); and only if the last capture
+      // in the process was at least stackIntervalMs ago (captureDue, done
+      // here inline: a clock read, a comparison, a store), else the
+      // checkout keeps no stack.
       let stack = null
       if (reporter.stacks) {
-        const limit = Error.stackTraceLimit
-        try {
-          Error.stackTraceLimit = CAPTURE_FRAMES
-          stack = {}
-          Error.captureStackTrace(stack, getConnection)
-          Error.stackTraceLimit = limit
-        } catch (e) {
-          stack = failedCapture(limit)
+        const now = clockMs()
+        if (now - lastCapture.ms >= reporter.stackIntervalMs) {
+          lastCapture.ms = now
+          const limit = Error.stackTraceLimit
+          try {
+            Error.stackTraceLimit = CAPTURE_FRAMES
+            stack = {}
+            Error.captureStackTrace(stack, getConnection)
+            Error.stackTraceLimit = limit
+          } catch (e) {
+            stack = failedCapture(limit)
+          }
         }
       }
       const free = reporter.freeAtOnce(this)

@@ -4,7 +4,7 @@
 
 const { clockMs } = require('./sender')
 const { AT_ONCE, Reporter, formatAddress, nonEmpty, positiveInt, refOfStreams, safely, withInner } = require('./common')
-const { CAPTURE_FRAMES, failedCapture } = require('./stacks')
+const { CAPTURE_FRAMES, failedCapture, lastCapture } = require('./stacks')
 
 const LIBRARY = 'node-postgres'
 const RELEASE_WRAPPED = Symbol.for('poolscope-adapter.release')
@@ -217,17 +217,23 @@ class PgReporter extends Reporter {
       // Who asks (pool.query's caller, through pg-pool's frames): captured
       // unformatted, kept with the checkout, formatted only if it is held
       // long (see stacks.js, captureStack, done here in the hook's own
-      // frame).
+      // frame); and only if the last capture in the process was at least
+      // stackIntervalMs ago (captureDue, done here inline: a clock read, a
+      // comparison, a store), else the checkout keeps no stack.
       let stack = null
       if (reporter.stacks) {
-        const limit = Error.stackTraceLimit
-        try {
-          Error.stackTraceLimit = CAPTURE_FRAMES
-          stack = {}
-          Error.captureStackTrace(stack, connect)
-          Error.stackTraceLimit = limit
-        } catch (e) {
-          stack = failedCapture(limit)
+        const now = clockMs()
+        if (now - lastCapture.ms >= reporter.stackIntervalMs) {
+          lastCapture.ms = now
+          const limit = Error.stackTraceLimit
+          try {
+            Error.stackTraceLimit = CAPTURE_FRAMES
+            stack = {}
+            Error.captureStackTrace(stack, connect)
+            Error.stackTraceLimit = limit
+          } catch (e) {
+            stack = failedCapture(limit)
+          }
         }
       }
       // An idle client for this caller and every one ahead of it: pg-pool

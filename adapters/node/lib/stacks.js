@@ -2,11 +2,11 @@
 // Holder stacks (docs/adapter-protocol.md, "Holder stacks"): which code took
 // a connection that is still out `stack_after` later.
 //
-// At every checkout the hook captures the stack of its caller with
+// At a checkout the hook captures the stack of its caller with
 // Error.captureStackTrace on a plain object: V8 keeps the frames raw (code
 // and position, no text) and formats them only when `stack` is read, which
 // the reporter does only for a checkout still held `stack_after` later. The
-// capture is what every checkout pays: V8 walking at most CAPTURE_FRAMES
+// capture is what a capturing checkout pays: V8 walking at most CAPTURE_FRAMES
 // frames, which for optimized code means decoding where inlined functions
 // are (about 4 µs per checkout in a tight pg.Pool loop on the test VM,
 // bench/stack_cost.js); the formatting happens for long checkouts only.
@@ -15,8 +15,19 @@
 // Error.prepareStackTrace of its own set only for that read (the
 // application's, if any, is put back: it is never called for our captures
 // and never replaced for its own errors).
+//
+// The captures are spaced: a checkout captures only if at least the
+// capture interval (default 1 ms, POOLSCOPE_ADAPTER_STACK_INTERVAL_US, the
+// `stackIntervalUs` option) has passed since the last capture in this
+// process, by any pool; otherwise it keeps no stack and its checkout sends
+// no holder_stack. At most 1,000 captures a second by default, so their CPU
+// is bounded (4 µs x 1,000/s = 0.4 % of a core at most) whatever the
+// checkout rate; an application that checks out fewer connections than
+// that gets a stack for every checkout. The check is one clock read, one
+// comparison and one store (`lastCapture`).
 
 const path = require('node:path')
+const { clockMs } = require('./sender')
 
 /** The protocol's bounds: frames per stack, characters per frame. */
 const MAX_STACK_FRAMES = 32
@@ -31,6 +42,15 @@ const MAX_FRAME_CHARS = 256
 const CAPTURE_FRAMES = 12
 /** How long a checkout is held before its stack is sent (ms). */
 const DEFAULT_STACK_AFTER_MS = 1000
+/** The least time between two captures in this process (µs). */
+const DEFAULT_STACK_INTERVAL_US = 1000
+
+/** When the last capture was made (clockMs), by any pool of this process:
+ * module state, shared by every reporter (the interval is each pool's, the
+ * time is not). One per JavaScript thread: a worker_threads Worker loads
+ * its own copy and spaces its own captures. The pg and mysql hooks read and
+ * write `ms` inline (see `captureDue`). */
+const lastCapture = { ms: -Infinity }
 
 /** The pool libraries and drivers whose frames above the application's
  * first one are left out (also under pnpm's node_modules/.pnpm/...). */
@@ -51,10 +71,17 @@ function stacksFromEnv(env = process.env) {
 /** POOLSCOPE_ADAPTER_STACK_AFTER_MS (milliseconds, a whole number), else
  * DEFAULT_STACK_AFTER_MS. */
 function stackAfterFromEnv(env = process.env) {
-  return wholeMs(env.POOLSCOPE_ADAPTER_STACK_AFTER_MS) ?? DEFAULT_STACK_AFTER_MS
+  return wholeNumber(env.POOLSCOPE_ADAPTER_STACK_AFTER_MS) ?? DEFAULT_STACK_AFTER_MS
 }
 
-function wholeMs(value) {
+/** POOLSCOPE_ADAPTER_STACK_INTERVAL_US (microseconds, a whole number; 0:
+ * capture at every checkout), else DEFAULT_STACK_INTERVAL_US. */
+function stackIntervalFromEnv(env = process.env) {
+  return wholeNumber(env.POOLSCOPE_ADAPTER_STACK_INTERVAL_US) ?? DEFAULT_STACK_INTERVAL_US
+}
+
+/** A whole number of at least 0 (a number or its text), else undefined. */
+function wholeNumber(value) {
   const n = typeof value === 'string' && value.trim() !== '' ? Number(value) : value
   return Number.isSafeInteger(n) && n >= 0 ? n : undefined
 }
@@ -69,6 +96,19 @@ function skipOption(value) {
   } catch (err) {
     return null
   }
+}
+
+/**
+ * Whether a checkout now may capture: at least `intervalMs` since the last
+ * capture in this process (which it then becomes). Two pools racing (a
+ * capture each, close together) is harmless. The pg and mysql hooks do the
+ * same inline.
+ */
+function captureDue(intervalMs) {
+  const now = clockMs()
+  if (now - lastCapture.ms < intervalMs) return false
+  lastCapture.ms = now
+  return true
 }
 
 /**
@@ -220,13 +260,17 @@ function formatStack(holder, skip = null) {
 module.exports = {
   CAPTURE_FRAMES,
   DEFAULT_STACK_AFTER_MS,
+  DEFAULT_STACK_INTERVAL_US,
   MAX_FRAME_CHARS,
   MAX_STACK_FRAMES,
+  captureDue,
   captureStack,
   failedCapture,
   formatStack,
+  lastCapture,
   skipOption,
   stackAfterFromEnv,
+  stackIntervalFromEnv,
   stacksFromEnv,
-  wholeMs,
+  wholeNumber,
 }

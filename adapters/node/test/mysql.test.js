@@ -302,7 +302,8 @@ for (const [what, lib, take, freeFirst] of [
   ['mysql', mysql, keepAConnectionByCallback, true],
 ]) {
   test(`${what}: a checkout held past stackAfterMs sends its taker's stack once, after its acquire_end, the library's frames left out`, async (t) => {
-    const { pool, rx } = await setup(t, lib, {}, 'shop', { stackAfterMs: STACK_AFTER_MS })
+    // (Interval 0: the checkout right after another one captures too.)
+    const { pool, rx } = await setup(t, lib, {}, 'shop', { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 0 })
     if (freeFirst) (await (lib === mysql2Promise ? pool.getConnection() : get(pool))).release()
     await rx.messages()
     const c = await take(pool)
@@ -335,6 +336,34 @@ test('mysql2: pool.query\'s caller is the holder, a short checkout sends no stac
   await sleep(STACK_AFTER_MS + 200)
   const m = await rx.messages()
   assert.equal(m.filter((x) => x.kind === 'holder_stack').length, 0, JSON.stringify(m))
+  await end(pool)
+})
+
+test('mysql2: at most one capture per interval; the next checkout past it captures', async (t) => {
+  const captureStackTrace = Error.captureStackTrace
+  let captures = 0
+  Error.captureStackTrace = function (...args) {
+    captures += 1
+    return captureStackTrace.apply(this, args)
+  }
+  t.after(() => {
+    Error.captureStackTrace = captureStackTrace
+  })
+  const { pool, rx } = await setup(t, mysql2, {}, 'shop', { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 200_000 })
+  ;(await get(pool)).release()
+  await sleep(210)
+  captures = 0
+  for (let i = 0; i < 100; i++) (await get(pool)).release()
+  assert.equal(captures, 1, 'the first of 100 checkouts in a row')
+  await rx.messages()
+  await sleep(210)
+  const c = await keepAConnectionByCallback(pool)
+  assert.equal(captures, 2, 'past the interval')
+  await sleep(STACK_AFTER_MS + 350)
+  const sent = (await rx.messages()).filter((x) => x.kind === 'holder_stack')
+  assert.equal(sent.length, 1)
+  assert.ok(sent[0].stack.slice(0, 3).some((f) => f.startsWith('keepAConnectionByCallback (')), JSON.stringify(sent[0].stack))
+  c.release()
   await end(pool)
 })
 

@@ -538,7 +538,8 @@ async function takeAClientAndKeepItForAWhile(pool) {
 }
 
 test('holder stack: a checkout held past stackAfterMs sends the stack of the code that took it, once, after its acquire_end', async (t) => {
-  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS })
+  // (Interval 0: the checkout right after another one captures too.)
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 0 })
   ;(await pool.connect()).release()
   await rx.messages()
   const limit = Error.stackTraceLimit
@@ -564,7 +565,7 @@ test('holder stack: a checkout held past stackAfterMs sends the stack of the cod
 })
 
 test('holder stack: pool.query\'s caller, pg-pool\'s own frames left out', async (t) => {
-  const { pool, rx } = await setup(t, {}, { queryMs: STACK_AFTER_MS + 300 }, { stackAfterMs: STACK_AFTER_MS })
+  const { pool, rx } = await setup(t, {}, { queryMs: STACK_AFTER_MS + 300 }, { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 0 })
   await rx.messages()
   async function aReportThatQueriesForLong() {
     return pool.query('SELECT pg_sleep(1)')
@@ -629,8 +630,41 @@ test('holder stack: off with stacks: false or POOLSCOPE_ADAPTER_STACKS=off: noth
   await pool.end()
 })
 
+test('holder stack: at most one capture per interval, by any pool of the process; 0 captures at every checkout', async (t) => {
+  const captureStackTrace = Error.captureStackTrace
+  let captures = 0
+  Error.captureStackTrace = function (...args) {
+    captures += 1
+    return captureStackTrace.apply(this, args)
+  }
+  t.after(() => {
+    Error.captureStackTrace = captureStackTrace
+  })
+  const spaced = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 200_000 })
+  const every = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 0 })
+  for (const { pool } of [spaced, every]) (await pool.connect()).release()
+  await sleep(210)
+  captures = 0
+  for (let i = 0; i < 100; i++) (await spaced.pool.connect()).release()
+  assert.equal(captures, 1, 'the first of 100 checkouts in a row')
+  for (let i = 0; i < 100; i++) (await every.pool.connect()).release()
+  assert.equal(captures, 101, 'interval 0: every one')
+  // The last capture (the other pool's) counts for this one too.
+  ;(await spaced.pool.connect()).release()
+  assert.equal(captures, 101)
+  await sleep(210)
+  const client = await takeAClientAndKeepItForAWhile(spaced.pool)
+  assert.equal(captures, 102, 'past the interval')
+  await sleep(STACK_AFTER_MS + 350)
+  const [sent] = stacksOf(await spaced.rx.messages())
+  assert.match(sent.stack[0], /takeAClientAndKeepItForAWhile/, JSON.stringify(sent.stack))
+  client.release()
+  await spaced.pool.end()
+  await every.pool.end()
+})
+
 test('holder stack: the application\'s Error.prepareStackTrace is neither called nor replaced', async (t) => {
-  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS })
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 0 })
   await rx.messages()
   // (Other errors, such as the reconnects of earlier tests' senders, do go
   // through it: only calls for the adapter's capture count.)
@@ -674,7 +708,7 @@ test('holder stack: an Error.stackTraceLimit the application made read-only: no 
 })
 
 test('holder stack: a deep stack is cut at the capture\'s depth, its frames at 256 characters without control characters, in one line of at most 4096 bytes', async (t) => {
-  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS })
+  const { pool, rx } = await setup(t, {}, {}, { stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 0 })
   await rx.messages()
   // Deep recursion in a script whose file name is long and holds a newline
   // and a tab: every frame's text is too long and has control characters.

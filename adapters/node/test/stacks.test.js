@@ -44,6 +44,31 @@ test('stacks: on by default, off with POOLSCOPE_ADAPTER_STACKS=off, 0 or false; 
   assert.equal(stacks.stackAfterFromEnv({ POOLSCOPE_ADAPTER_STACK_AFTER_MS: '-5' }), 1000)
 })
 
+test('stacks: the capture interval from POOLSCOPE_ADAPTER_STACK_INTERVAL_US, whole microseconds, else 1000', () => {
+  assert.equal(stacks.DEFAULT_STACK_INTERVAL_US, 1000)
+  assert.equal(stacks.stackIntervalFromEnv({}), 1000)
+  const env = (v) => stacks.stackIntervalFromEnv({ POOLSCOPE_ADAPTER_STACK_INTERVAL_US: v })
+  assert.equal(env('0'), 0)
+  assert.equal(env('250'), 250)
+  assert.equal(env(' 20000 '), 20000)
+  for (const v of ['', ' ', 'soon', '-5', '1.5', '1e400', '0x10q', 'NaN']) assert.equal(env(v), 1000, JSON.stringify(v))
+})
+
+test('stacks: captureDue lets one capture through per interval, process-wide; 0 lets every one through', async () => {
+  stacks.lastCapture.ms = -Infinity
+  let due = 0
+  for (let i = 0; i < 100; i++) if (stacks.captureDue(10)) due += 1
+  assert.equal(due, 1, 'the first of 100 immediate ones')
+  await sleep(15)
+  assert.equal(stacks.captureDue(10), true, 'the next one past the interval')
+  assert.equal(stacks.captureDue(10), false)
+  // Another interval reads the same last capture.
+  assert.equal(stacks.captureDue(60_000), false)
+  due = 0
+  for (let i = 0; i < 100; i++) if (stacks.captureDue(0)) due += 1
+  assert.equal(due, 100)
+})
+
 test('stacks: a capture is formatted innermost first, from the application\'s first frame, at most 32 frames', () => {
   // The application calls the pool library, which calls the hook.
   const hook = function theHook() {
@@ -120,7 +145,10 @@ test('stacks: an application\'s Error.prepareStackTrace that cannot be set aside
 function setup(t, options = {}) {
   const rx = new Receiver()
   t.after(() => rx.close())
-  const report = reportPool(Object.assign({ name: 'handles', dbSystem: 'sqlite', max: 2, socketPath: rx.path, stackAfterMs: STACK_AFTER_MS }, options))
+  // (Every checkout captures, unless a test says otherwise.)
+  const report = reportPool(
+    Object.assign({ name: 'handles', dbSystem: 'sqlite', max: 2, socketPath: rx.path, stackAfterMs: STACK_AFTER_MS, stackIntervalUs: 0 }, options)
+  )
   t.after(() => report.stop())
   return { rx, report }
 }
@@ -156,6 +184,65 @@ test('generic: a handle held past stackAfterMs sends the stack of the code that 
   const after = await rx.messages()
   assert.ok(after.some((x) => x.kind === 'release'), JSON.stringify(after))
   assert.ok(!after.some((x) => x.kind === 'holder_stack'), JSON.stringify(after))
+})
+
+test('generic: with an interval, of many checkouts in a row only the first captures; one past the interval captures again', async (t) => {
+  const { rx, report } = setup(t, { stackIntervalUs: 50_000 })
+  const handle = { handle: 'i' }
+  report.connectionCreated(handle)
+  await sleep(60)
+  let captured = 0
+  for (let i = 0; i < 100; i++) {
+    const waiting = report.acquire()
+    if (waiting.stack !== null) captured += 1
+    waiting.ok(handle)
+    report.released(handle)
+  }
+  assert.equal(captured, 1)
+  await sleep(60)
+  const next = report.acquire()
+  assert.notEqual(next.stack, null, 'past the interval')
+  next.ok(handle)
+  report.released(handle)
+  await rx.messages()
+  // An uncaptured checkout held long (another pool's, whose interval of a
+  // minute counts from that last capture): its acquire_end, no holder_stack.
+  const other = setup(t, { name: 'handles-2', stackIntervalUs: 60_000_000 })
+  const otherHandle = { handle: 'k' }
+  other.report.connectionCreated(otherHandle)
+  await other.rx.messages()
+  const held = other.report.acquire()
+  assert.equal(held.stack, null)
+  held.ok(otherHandle)
+  await sleep(STACK_AFTER_MS + 350)
+  const m = (await other.rx.drain()).map((x) => x.json)
+  assert.deepEqual(kinds(m), ['acquire_end'], JSON.stringify(m))
+  other.report.released(otherHandle)
+})
+
+test('generic: interval 0 captures at every checkout; the interval comes from the environment by default', async (t) => {
+  const { report } = setup(t, { stackIntervalUs: 0 })
+  const handle = { handle: 'j' }
+  report.connectionCreated(handle)
+  let captured = 0
+  for (let i = 0; i < 100; i++) {
+    const waiting = report.acquire()
+    if (waiting.stack !== null) captured += 1
+    waiting.ok(handle)
+    report.released(handle)
+  }
+  assert.equal(captured, 100)
+  const before = process.env.POOLSCOPE_ADAPTER_STACK_INTERVAL_US
+  t.after(() => {
+    if (before === undefined) delete process.env.POOLSCOPE_ADAPTER_STACK_INTERVAL_US
+    else process.env.POOLSCOPE_ADAPTER_STACK_INTERVAL_US = before
+  })
+  process.env.POOLSCOPE_ADAPTER_STACK_INTERVAL_US = '2500'
+  assert.equal(setup(t, { stackIntervalUs: undefined }).report.reporter.stackIntervalMs, 2.5)
+  assert.equal(setup(t, { stackIntervalUs: 'often' }).report.reporter.stackIntervalMs, 2.5, 'an invalid option: the environment\'s')
+  delete process.env.POOLSCOPE_ADAPTER_STACK_INTERVAL_US
+  assert.equal(setup(t, { stackIntervalUs: undefined }).report.reporter.stackIntervalMs, 1)
+  assert.equal(setup(t, { stackIntervalUs: 40 }).report.reporter.stackIntervalMs, 0.04)
 })
 
 test('generic: stackSkip leaves out the application\'s own pool code', async (t) => {

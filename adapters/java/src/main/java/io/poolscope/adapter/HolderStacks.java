@@ -5,8 +5,9 @@ import java.util.List;
 
 /**
  * Holder stacks (docs/adapter-protocol.md, "Holder stacks"): the code that
- * checked a connection out, captured at every checkout and formatted only
- * for one still held {@code stack_after} later.
+ * checked a connection out, captured at a checkout (at most one per
+ * capture interval in the process, {@link #due}) and formatted only for
+ * one still held {@code stack_after} later.
  *
  * <p>The capture is a {@link Throwable}: the JVM fills in its backtrace
  * natively (methods and bytecode indexes, no text) and makes the
@@ -42,7 +43,32 @@ final class HolderStacks {
 
     private static final String ADAPTER = LIBRARIES[0];
 
+    /**
+     * When this process last captured a stack (monotonic ns, the
+     * checkout's {@code acquire_end} time), for {@link #due}. Starts 2^62 ns
+     * (146 years) before the class loads, so that the first checkout is
+     * due whatever the interval. Threads racing on it are harmless: two
+     * captures close together, or one missed; no lock.
+     */
+    private static volatile long lastCaptureNanos = Threads.monotonicNanos() - (1L << 62);
+
     private HolderStacks() {}
+
+    /**
+     * Whether a checkout at {@code nowNanos} captures its stack: at least
+     * {@code intervalNanos} since the last capture of this process (any
+     * pool, any thread), or an interval of 0. When due, it is the last
+     * capture from now on. One read and one comparison per checkout, one
+     * store per capture: at most one capture per interval (1,000 a second
+     * at the default 1 ms) whatever the checkout rate.
+     */
+    static boolean due(long nowNanos, long intervalNanos) {
+        if (intervalNanos > 0 && nowNanos - lastCaptureNanos < intervalNanos) {
+            return false;
+        }
+        lastCaptureNanos = nowNanos;
+        return true;
+    }
 
     /** The calling thread's stack, raw. */
     static Throwable capture() {

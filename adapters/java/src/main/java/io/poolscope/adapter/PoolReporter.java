@@ -49,8 +49,15 @@ public final class PoolReporter {
     public static final String STACK_AFTER_ENV = "POOLSCOPE_ADAPTER_STACK_AFTER_MS";
     /** {@code stack_after} unless the environment says otherwise. */
     public static final long DEFAULT_STACK_AFTER_NANOS = 1_000_000_000L;
+    /** The least time between two captures in this process, in whole
+     * microseconds (see {@link HolderStacks#due}). */
+    public static final String STACK_INTERVAL_ENV = "POOLSCOPE_ADAPTER_STACK_INTERVAL_US";
+    /** The capture interval unless the environment says otherwise: 1 ms,
+     * at most 1,000 captures a second in the process. */
+    public static final long DEFAULT_STACK_INTERVAL_NANOS = 1_000_000L;
     private static final boolean STACKS_FROM_ENV = stacksOn(env(STACKS_ENV));
     private static final long STACK_AFTER_FROM_ENV = stackAfterNanos(env(STACK_AFTER_ENV));
+    private static final long STACK_INTERVAL_FROM_ENV = stackIntervalNanos(env(STACK_INTERVAL_ENV));
 
     private final Reporter reporter;
     private final String name;
@@ -83,6 +90,7 @@ public final class PoolReporter {
     /** Whether checkouts capture their caller's stack (see {@link HolderStacks}). */
     private volatile boolean stacks = STACKS_FROM_ENV;
     private volatile long stackAfterNanos = STACK_AFTER_FROM_ENV;
+    private volatile long stackIntervalNanos = STACK_INTERVAL_FROM_ENV;
     /** When the earliest stack not sent yet is due, as the writer last
      * saw the checkouts ({@link #pendingLines}); {@link Long#MAX_VALUE}:
      * none. Written by the writer only. */
@@ -127,6 +135,16 @@ public final class PoolReporter {
         return this;
     }
 
+    /** The least time since the last capture of this process (any pool,
+     * any thread) for a checkout of this pool to capture its stack; a
+     * checkout sooner captures nothing and sends no {@code holder_stack}.
+     * 0: every checkout captures. Default {@value #STACK_INTERVAL_ENV}
+     * microseconds, else 1 ms. */
+    public PoolReporter withStackIntervalNanos(long nanos) {
+        stackIntervalNanos = Math.max(0, nanos);
+        return this;
+    }
+
     private static String env(String name) {
         try {
             return System.getenv(name);
@@ -156,6 +174,20 @@ public final class PoolReporter {
             return ms >= 0 && ms <= Long.MAX_VALUE / 1_000_000L ? ms * 1_000_000L : DEFAULT_STACK_AFTER_NANOS;
         } catch (NumberFormatException e) {
             return DEFAULT_STACK_AFTER_NANOS;
+        }
+    }
+
+    /** {@value #STACK_INTERVAL_ENV} in ns: whole microseconds, 0 or more;
+     * anything else is the default. */
+    static long stackIntervalNanos(String env) {
+        if (env == null || env.isBlank()) {
+            return DEFAULT_STACK_INTERVAL_NANOS;
+        }
+        try {
+            long us = Long.parseLong(env.trim());
+            return us >= 0 && us <= Long.MAX_VALUE / 1_000L ? us * 1_000L : DEFAULT_STACK_INTERVAL_NANOS;
+        } catch (NumberFormatException e) {
+            return DEFAULT_STACK_INTERVAL_NANOS;
         }
     }
 
@@ -417,8 +449,12 @@ public final class PoolReporter {
             }
             if (ok) {
                 // Only raw frames (no text): formatted only if it is held
-                // stack_after. Not with no agent to send it to.
-                Throwable stack = stacks && !reporter.agentAbsent() ? HolderStacks.capture() : null;
+                // stack_after. Not with no agent to send it to, nor within
+                // the interval since the process's last capture (bounds
+                // the captures' CPU whatever the checkout rate).
+                Throwable stack = stacks && !reporter.agentAbsent() && HolderStacks.due(at, stackIntervalNanos)
+                        ? HolderStacks.capture()
+                        : null;
                 // Its acquire_end waits for the batch: if the connection
                 // comes back first (a short checkout, the usual one) the
                 // pair is folded into the connection's checkouts line.

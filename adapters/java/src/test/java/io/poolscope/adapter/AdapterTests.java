@@ -58,6 +58,7 @@ public final class AdapterTests {
         shortCheckoutsAndStacksOffSendNoStack();
         stackSettingsAreReadFromTheEnvironment();
         stackFramesStartAtTheApplicationAndKeepTheLimits();
+        stacksAreCapturedAtMostOncePerIntervalInTheProcess();
         if (args.length > 0) {
             Files.write(Path.of(args[0]), SENT, StandardCharsets.UTF_8);
         }
@@ -588,7 +589,8 @@ public final class AdapterTests {
         try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
             long after = TimeUnit.MILLISECONDS.toNanos(300);
             Reporter r = new Reporter(agent.path, Reporter.BATCH_NANOS);
-            PoolReporter pool = new PoolReporter(r, "stacks", null).withStacks(true).withStackAfterNanos(after);
+            PoolReporter pool = new PoolReporter(r, "stacks", null).withStacks(true).withStackAfterNanos(after)
+                    .withStackIntervalNanos(0);
             pool.register(null);
             nextOf(agent, "pool");
             io.poolscope.stacktest.Leaker.leakFromTheTest(pool, "127.0.0.1:40300");
@@ -608,7 +610,7 @@ public final class AdapterTests {
                     "then its caller: " + frames);
             // A pool the application keeps: the ReportedPool's frames are the adapter's too.
             ReportedPool handles = ReportedPool.report("stack-handles", null, r);
-            handles.reporter().withStacks(true).withStackAfterNanos(after);
+            handles.reporter().withStacks(true).withStackAfterNanos(after).withStackIntervalNanos(0);
             Object handle = new Object();
             io.poolscope.stacktest.Leaker.leakAHandle(handles, handle);
             String handleEnd = nextOf(agent, "acquire_end");
@@ -642,7 +644,9 @@ public final class AdapterTests {
         try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
             long after = TimeUnit.MILLISECONDS.toNanos(200);
             Reporter r = new Reporter(agent.path, Reporter.BATCH_NANOS);
-            PoolReporter on = new PoolReporter(r, "short", null).withStacks(true).withStackAfterNanos(after);
+            // Interval 0: every checkout captures; only their shortness sends no stack.
+            PoolReporter on = new PoolReporter(r, "short", null).withStacks(true).withStackAfterNanos(after)
+                    .withStackIntervalNanos(0);
             PoolReporter off = new PoolReporter(r, "off", null).withStacks(false).withStackAfterNanos(0);
             on.register(null);
             // Short checkouts, some past a batch (their acquire_end leaves).
@@ -682,6 +686,110 @@ public final class AdapterTests {
         eq(PoolReporter.stackAfterNanos("-5"), PoolReporter.DEFAULT_STACK_AFTER_NANOS, "negative");
         eq(PoolReporter.stackAfterNanos("1.5"), PoolReporter.DEFAULT_STACK_AFTER_NANOS, "not whole");
         eq(PoolReporter.stackAfterNanos("99999999999999999"), PoolReporter.DEFAULT_STACK_AFTER_NANOS, "too large");
+        long interval = PoolReporter.DEFAULT_STACK_INTERVAL_NANOS;
+        eq(interval, 1_000_000L, "default interval 1 ms");
+        eq(PoolReporter.stackIntervalNanos(null), interval, "interval unset");
+        eq(PoolReporter.stackIntervalNanos(" "), interval, "interval blank");
+        eq(PoolReporter.stackIntervalNanos("250"), 250_000L, "interval in us");
+        eq(PoolReporter.stackIntervalNanos(" 20 "), 20_000L, "interval, blanks around");
+        eq(PoolReporter.stackIntervalNanos("0"), 0L, "interval 0: every checkout");
+        eq(PoolReporter.stackIntervalNanos("-1"), interval, "negative interval");
+        eq(PoolReporter.stackIntervalNanos("1.5"), interval, "interval not whole");
+        eq(PoolReporter.stackIntervalNanos("1ms"), interval, "interval not a number");
+        eq(PoolReporter.stackIntervalNanos("99999999999999999"), interval, "interval too large");
+        run++;
+    }
+
+    /** The local addresses of the holder_stack lines among {@code lines}. */
+    private static List<String> stackAddresses(List<String> lines) {
+        List<String> got = new ArrayList<>();
+        java.util.regex.Pattern p = java.util.regex.Pattern.compile("\"local_address\":\"([^\"]+)\"");
+        for (String line : lines) {
+            if (line.contains("\"kind\":\"holder_stack\"")) {
+                java.util.regex.Matcher m = p.matcher(line);
+                check(m.find(), line);
+                got.add(m.group(1));
+            }
+        }
+        return got;
+    }
+
+    /**
+     * The capture interval: a checkout captures only if the interval has
+     * passed since the process's last capture (any pool); 0 captures every
+     * one. Held checkouts with stack_after 0, so that every captured stack
+     * is sent.
+     */
+    static void stacksAreCapturedAtMostOncePerIntervalInTheProcess() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        try (FakeAgent agent = new FakeAgent(dir.resolve("stream.sock"))) {
+            long interval = TimeUnit.MILLISECONDS.toNanos(200);
+            Reporter r = new Reporter(agent.path, Reporter.BATCH_NANOS);
+            PoolReporter pool = new PoolReporter(r, "interval", null).withStacks(true).withStackAfterNanos(0)
+                    .withStackIntervalNanos(interval);
+            PoolReporter other = new PoolReporter(r, "interval-other", null).withStacks(true)
+                    .withStackAfterNanos(0).withStackIntervalNanos(interval);
+            pool.register(null);
+            other.register(null);
+            List<String> held = new ArrayList<>();
+            // Past the interval since the earlier tests' captures.
+            Thread.sleep(TimeUnit.NANOSECONDS.toMillis(interval) + 50);
+            // 100 checkouts in a tight loop, then one of another pool.
+            long t0 = System.nanoTime();
+            for (int i = 0; i < 100; i++) {
+                held.add("127.0.0.1:" + (40600 + i));
+                io.poolscope.stacktest.Leaker.leakFromTheTest(pool, held.get(held.size() - 1));
+            }
+            io.poolscope.stacktest.Leaker.leakFromTheTest(other, "127.0.0.1:40700");
+            long tight = System.nanoTime() - t0;
+            // Past the interval: the next checkout (of either pool) captures.
+            Thread.sleep(TimeUnit.NANOSECONDS.toMillis(interval) + 50);
+            io.poolscope.stacktest.Leaker.leakFromTheTest(other, "127.0.0.1:40701");
+            // Interval 0: every checkout captures, and counts for the process.
+            pool.withStackIntervalNanos(0);
+            long t1 = System.nanoTime();
+            for (int i = 0; i < 20; i++) {
+                io.poolscope.stacktest.Leaker.leakFromTheTest(pool, "127.0.0.1:" + (40710 + i));
+            }
+            io.poolscope.stacktest.Leaker.leakFromTheTest(other, "127.0.0.1:40730");
+            long zero = System.nanoTime() - t1;
+            List<String> stacks = stackAddresses(linesWithin(agent, 1500));
+            List<String> tightStacks = new ArrayList<>();
+            for (String a : stacks) {
+                int port = Integer.parseInt(a.substring(a.lastIndexOf(':') + 1));
+                if (port <= 40700) {
+                    tightStacks.add(a);
+                }
+            }
+            if (tight < interval) {
+                eq(tightStacks, List.of("127.0.0.1:40600"), "of 100 checkouts within the interval, the first");
+            } else {
+                // A very slow machine: still at most one per interval.
+                check(!tightStacks.isEmpty() && tightStacks.size() <= tight / interval + 1,
+                        tightStacks.size() + " stacks in " + tight + " ns");
+            }
+            check(stacks.contains("127.0.0.1:40701"), "the checkout past the interval: " + stacks);
+            for (int i = 0; i < 20; i++) {
+                check(stacks.contains("127.0.0.1:" + (40710 + i)), "interval 0, checkout " + i + ": " + stacks);
+            }
+            if (zero < interval) {
+                check(!stacks.contains("127.0.0.1:40730"), "another pool's checkout right after: " + stacks);
+            }
+            eq(stacks.size(), new java.util.HashSet<>(stacks).size(), "one stack per checkout: " + stacks);
+            for (int i = 0; i < 20; i++) {
+                held.add("127.0.0.1:" + (40710 + i));
+            }
+            for (String a : held) {
+                pool.release(a);
+            }
+            for (String a : List.of("127.0.0.1:40700", "127.0.0.1:40701", "127.0.0.1:40730")) {
+                other.release(a);
+            }
+            check(r.flush(2000), "flushed");
+            eq(r.stats().dropped(), 0L, "nothing dropped");
+        } finally {
+            Files.deleteIfExists(dir);
+        }
         run++;
     }
 
@@ -732,7 +840,7 @@ public final class AdapterTests {
             r.sendLine(line);
             SENT.add(agent.next());
             // A real capture, 40 calls deep: 32 frames, the application's first.
-            pool.withStacks(true).withStackAfterNanos(0);
+            pool.withStacks(true).withStackAfterNanos(0).withStackIntervalNanos(0);
             io.poolscope.stacktest.Leaker.leakDeep(pool, "127.0.0.1:40500", 40);
             String stack = nextOf(agent, "holder_stack");
             List<String> deep = stackOf(stack);
