@@ -27,7 +27,7 @@ use poolscope_tests::{
     free_port, json, metric_samples, metric_series, operation_counts,
     otlp_receiver::{LogRecordView, MetricKind, MetricPoint, OtlpReceiver, Signal, Transport},
     postgres_bin_dir, process_alive, python3, require_kernel, vm_rss_kib, wait_until, Agent,
-    DbClient, LeakReport, LeaksResponse, PoolView, Postgres, ReportStatus, TempDir, Value,
+    DbClient, LeakReport, LeaksResponse, PoolApp, PoolView, Postgres, ReportStatus, TempDir, Value,
 };
 
 /// SELECTs the workload client sends over its one connection.
@@ -1133,6 +1133,70 @@ fn otlp_agent(transport: Transport) -> Option<(Postgres, OtlpReceiver, TempDir, 
     };
     let agent = start_agent(&config, &adapter_dir);
     Some((pg, receiver, adapter_dir, agent))
+}
+
+/// Issue 14, item 1: a leak's holder stack reaches the collector as the
+/// semantic conventions' `code.stacktrace` (one string, a frame per line,
+/// innermost first) in its `poolscope.leak.opened` record: a real
+/// psycopg_pool pool through the Python adapter leaks a connection.
+#[test]
+fn otlp_leak_records_carry_the_holders_stack_as_code_stacktrace() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start();
+    let receiver = OtlpReceiver::start();
+    let adapter_dir = TempDir::new("poolscope-export-adapter");
+    let config = format!(
+        "[leaks]\nleak_threshold_seconds = 3.0\nquiet_seconds = 1.0\n\n\
+         [otlp]\nendpoint = {:?}\nprotocol = \"grpc\"\ninterval_seconds = 1.0\ntimeout_seconds = 2.0\n",
+        receiver.grpc_endpoint()
+    );
+    let agent = start_agent(&config, &adapter_dir);
+    let mut app = PoolApp::spawn(Some(&adapter_socket(&adapter_dir)));
+    app.request(
+        json!({"op": "psycopg_pool", "engine": "pp", "port": pg.port,
+                       "min_size": 1, "max_size": 2, "adapter": true,
+                       "pool_name": "export-stacks"}),
+    );
+    let held = app.checkout("pp", "leak");
+    let report = wait_until(EXPORT_TIMEOUT, || {
+        leaks(&agent).into_iter().find(|r| {
+            r.pid == app.pid
+                && r.kind.as_str() == "leaked"
+                && r.fd == Some(held.fd)
+                && r.holder_stack.is_some()
+        })
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no leaked report with a stack for pid {}: {:#?}\n--- agent log ---\n{}",
+            app.pid,
+            leaks(&agent),
+            agent.log()
+        )
+    });
+    let stack = report.holder_stack.clone().unwrap_or_default();
+    assert!(
+        stack
+            .iter()
+            .any(|f| f.starts_with("take_and_keep_for_later (")),
+        "{stack:#?}"
+    );
+    let record = receiver.wait_for(EXPORT_TIMEOUT, "the leak's log record", |r| {
+        r.events("poolscope.leak.opened")
+            .into_iter()
+            .find(|e| e.attributes.get("id") == Some(&json!(report.id)))
+    });
+    assert_eq!(
+        record.attributes.get("code.stacktrace"),
+        Some(&json!(stack.join("\n"))),
+        "{record:#?}"
+    );
+    assert!(
+        !record.attributes.contains_key("holder_stack"),
+        "the stack goes once, by its convention name: {record:#?}"
+    );
 }
 
 #[test]
