@@ -700,9 +700,10 @@ impl Tracker {
     /// Keeps the stack of the code that checked a connection out, with the
     /// checkout going on now, if it is the one the adapter means: the
     /// stack of a checkout that has ended (the adapter sent it as the
-    /// connection went back) must not be pinned on the next holder. Dropped (unmatched) when the connection is unknown or
-    /// not checked out: stacks come a second or more after their checkout,
-    /// so they are never kept for a connection the kernel has yet to show.
+    /// connection went back) must not be pinned on the next holder.
+    /// Dropped (unmatched) when the connection is unknown or not checked
+    /// out: stacks come a second or more after their checkout, so they are
+    /// never kept for a connection the kernel has yet to show.
     #[allow(clippy::too_many_arguments)]
     fn on_holder_stack(
         &mut self,
