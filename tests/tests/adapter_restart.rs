@@ -6,7 +6,8 @@
 //!
 //! The application holds its connection and then stays idle: nothing it
 //! does would tell the adapter the agent went away, so it is the periodic
-//! re-send (1 s here, 30 s by default) that reaches the new agent.
+//! re-send (1 s here, 30 s by default) that reaches the new agent, with
+//! the holder's stack after it.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -168,6 +169,15 @@ fn python_leak_from_before_an_agent_restart_is_reported_by_the_new_agent() {
         .filter(|r| r.pid == pid)
         .collect();
     assert_eq!(reports.len(), 1, "{reports:#?}");
+    // The holder's stack came back too: re-sent after each checkout_state.
+    let stack = reports[0].holder_stack.clone().unwrap_or_default();
+    assert!(
+        stack
+            .iter()
+            .any(|f| f.starts_with("take_and_keep_for_later (")),
+        "the leak's stack, from before the restart: {:#?}",
+        reports[0]
+    );
     assert_eq!(
         wall(
             reports[0].checked_out_at.as_deref(),

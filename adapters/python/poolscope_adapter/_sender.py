@@ -431,7 +431,7 @@ class PoolReporter:
         """The checked-out entries of this process, as sent."""
         with self._out_lock:
             entries = list(self._out_here().values())
-        return [{k: v for k, v in e.items() if k != _FRAMES} for e in entries]
+        return [{k: v for k, v in e.items() if k not in _PRIVATE} for e in entries]
 
     def send_stacks(self, now_ns=None):
         """Sends the stacks of checkouts held ``stack_after`` or longer
@@ -455,11 +455,22 @@ class PoolReporter:
                     next_due = left
         for entry, frames in due:
             with quietly():
-                fields = {k: entry[k] for k in ("local_address", "fd", "conn") if k in entry}
-                fields["since_ns"] = entry["mono_ns"]
-                fields["stack"] = _stacks.format_frames(frames)
-                self._send("holder_stack", fields)
+                # Formatted once, outside the lock, and kept while held: it
+                # goes again with every checkout_state, so that an agent
+                # that restarted has it too.
+                entry[_SENT_STACK] = _stacks.format_frames(frames)
+                self._send_stack(entry)
         return None if next_due is None else next_due / 1e9
+
+    def _send_stack(self, entry):
+        with quietly():
+            stack = entry.get(_SENT_STACK)
+            if not stack:
+                return
+            fields = {k: entry[k] for k in ("local_address", "fd", "conn") if k in entry}
+            fields["since_ns"] = entry["mono_ns"]
+            fields["stack"] = stack
+            self._send("holder_stack", fields)
 
     def _checked_out(self, conn, at_ns, tid):
         entry = {k: conn[k] for k in ("local_address", "fd", "conn") if k in conn}
@@ -583,7 +594,9 @@ class PoolReporter:
         with quietly():
             self._state_sent_at = time.monotonic()
             self.register()
-            entries = self._checkouts()
+            with self._out_lock:
+                held = list(self._out_here().values())
+            entries = [{k: v for k, v in e.items() if k not in _PRIVATE} for e in held]
             if not entries:
                 return
             entries.sort(key=lambda e: e["mono_ns"])
@@ -604,6 +617,10 @@ class PoolReporter:
                 chunk.append(entry)
                 size += n
             self._send("checkout_state", {"checkouts": chunk})
+            # The stacks already sent, after the checkouts they belong to.
+            for entry in held:
+                if _SENT_STACK in entry:
+                    self._send_stack(entry)
 
     def _state_due(self, now):
         """Seconds until the next periodic state is due (0: now), or None
@@ -613,9 +630,11 @@ class PoolReporter:
         return max(0.0, self._state_sent_at + self.state_interval - now)
 
 
-# A checkout entry's captured frames, until its stack is sent; never sent
-# in checkout_state.
+# A checkout entry's captured frames, until its stack is due, and then its
+# formatted stack; neither is sent in checkout_state.
 _FRAMES = "_frames"
+_SENT_STACK = "_stack"
+_PRIVATE = (_FRAMES, _SENT_STACK)
 
 
 def _conn_key(conn):

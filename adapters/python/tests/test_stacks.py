@@ -66,6 +66,29 @@ class StackTest(unittest.TestCase):
         r.send_stacks(end["mono_ns"] + 2 * LATER)
         self.assertEqual(len(self.stacks()), 1)
 
+    def test_a_sent_stack_goes_again_with_every_checkout_state(self):
+        # An agent that restarts learns the checkouts from checkout_state,
+        # and their stacks from what follows it.
+        r = self.reporter()
+        take_and_keep_for_a_report(r, 0)
+        r.send_stacks(time.monotonic_ns() + LATER)
+        [first] = self.stacks()
+        self.receiver.drain()
+        self.receiver.received.clear()
+        r.send_state()
+        kinds = [m["kind"] for m in self.receiver.messages()]
+        self.assertEqual(kinds, ["pool", "checkout_state", "holder_stack"])
+        [again] = self.stacks()
+        self.assertEqual(
+            (again["since_ns"], again["stack"], again["fd"]), (first["since_ns"], first["stack"], first["fd"])
+        )
+        # Returned: the next state has no stack (nor checkout) for it.
+        r.release(conn(0))
+        self.receiver.drain()
+        self.receiver.received.clear()
+        r.send_state()
+        self.assertEqual([m["kind"] for m in self.receiver.messages()], ["pool"])
+
     def test_a_short_checkout_sends_no_stack(self):
         r = self.reporter()
         take_and_keep_for_a_report(r, 0)
