@@ -193,6 +193,10 @@ class Conn {
     /** The stack of the code that took it (a capture, see stacks.js), while
      * it is out and its holder_stack is not sent; else null. */
     this.stack = null
+    /** Once its holder_stack is sent, while it is out: the frames sent (as
+     * JSON text, at most MAX_MESSAGE_BYTES), re-sent with every
+     * checkout_state (a restarted agent learns the stack back); else null. */
+    this.sentFrames = null
   }
 }
 
@@ -593,6 +597,7 @@ class Reporter {
     conn.heldRequest = request
     conn.heldWait = wait
     conn.stack = stack
+    conn.sentFrames = null
     this.schedulePending()
   }
 
@@ -640,14 +645,35 @@ class Reporter {
   sendStack(conn, holder) {
     let frames = formatStack(holder, this.stackSkip)
     if (frames === null) return false
-    const h = this.head('holder_stack')
-    const members = `${h.text}${conn.text},"since_ns":${monoNsAt(conn.sinceMs)},"stack":`
+    const members = this.stackMembers(conn)
     const end = `,"mono_ns":${monotonicNs()}}`
     for (;;) {
-      const text = `${members}${JSON.stringify(frames)}${end}`
+      const json = JSON.stringify(frames)
+      const text = `${members}${json}${end}`
       const bytes = Buffer.byteLength(text)
-      if (bytes <= MAX_MESSAGE_BYTES || frames.length <= 1) return this.sender.sendText(text, bytes)
+      if (bytes <= MAX_MESSAGE_BYTES || frames.length <= 1) {
+        // Kept with the checkout while it is out (see `resendStacks`).
+        conn.sentFrames = json
+        return this.sender.sendText(text, bytes)
+      }
       frames = frames.slice(0, -1)
+    }
+  }
+
+  /** A holder_stack's opening, up to its `stack`. */
+  stackMembers(conn) {
+    return `${this.head('holder_stack').text}${conn.text},"since_ns":${monoNsAt(conn.sinceMs)},"stack":`
+  }
+
+  /** The holder_stack of every checkout out whose stack was sent, again
+   * (same since_ns, same frames; the agent replaces it), after a
+   * checkout_state: an agent restarted since knows the stacks of the leaks
+   * that began before. */
+  resendStacks() {
+    for (const conn of this.conns.values()) {
+      if (conn.sentFrames === null || conn.sinceMs < 0) continue
+      const text = `${this.stackMembers(conn)}${conn.sentFrames},"mono_ns":${monotonicNs()}}`
+      this.sender.sendText(text, Buffer.byteLength(text))
     }
   }
 
@@ -713,6 +739,7 @@ class Reporter {
   sendState() {
     this.register()
     for (const line of this.stateLines()) this.sender.sendBytes(line)
+    this.resendStacks()
   }
 
   /** The checkout_state messages (Buffers), oldest checkouts first. */
@@ -761,6 +788,7 @@ class Reporter {
   /** `conn` is back in the pool; true if it was checked out. */
   returned(conn) {
     conn.stack = null
+    conn.sentFrames = null
     if (conn.sinceMs < 0) return false
     conn.sinceMs = -1
     conn.tid = 0

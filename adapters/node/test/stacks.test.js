@@ -11,7 +11,7 @@ const { spawnSync } = require('node:child_process')
 
 const { reportPool } = require('../lib/index')
 const stacks = require('../lib/stacks')
-const { Receiver } = require('./helpers')
+const { Receiver, collect, eventually } = require('./helpers')
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const kinds = (messages) => messages.map((m) => m.kind)
@@ -184,6 +184,49 @@ test('generic: a handle held past stackAfterMs sends the stack of the code that 
   const after = await rx.messages()
   assert.ok(after.some((x) => x.kind === 'release'), JSON.stringify(after))
   assert.ok(!after.some((x) => x.kind === 'holder_stack'), JSON.stringify(after))
+})
+
+test('generic: a sent stack goes again after every checkout_state (a comeback, the periodic state) while its checkout is out', async (t) => {
+  const { rx, report } = setup(t)
+  const handle = { handle: 'r' }
+  const other = { handle: 's' }
+  report.connectionCreated(handle)
+  report.connectionCreated(other)
+  await rx.messages()
+  await borrowAHandleAndKeepIt(report, handle)
+  await sleep(STACK_AFTER_MS + 350)
+  const [end, sent] = (await rx.drain()).map((x) => x.json)
+  assert.deepEqual([end.kind, sent.kind], ['acquire_end', 'holder_stack'])
+  // Another checkout, its stack not due yet (a minute from now): none of
+  // its own.
+  report.reporter.stackAfterMs = 60_000
+  report.acquire().ok(other)
+  // The agent restarts: the state, then the stack, as sent before.
+  await rx.stop()
+  await eventually(() => report.stats().connected === false)
+  await rx.listen()
+  // (The other checkout's acquire_start and acquire_end waited too.)
+  const m = (await collect(rx, 5)).filter((x) => !x.kind.startsWith('acquire_'))
+  assert.deepEqual(kinds(m), ['pool', 'checkout_state', 'holder_stack'])
+  assert.deepEqual(m[1].checkouts.map((c) => c.conn), [end.conn, 2])
+  assert.deepEqual([m[2].conn, m[2].since_ns, m[2].stack], [sent.conn, sent.since_ns, sent.stack])
+  assert.equal(m[1].checkouts[0].mono_ns, sent.since_ns)
+  // The periodic state: the same again.
+  report.reporter.sendState()
+  const again = await collect(rx, 3)
+  assert.deepEqual(kinds(again), ['pool', 'checkout_state', 'holder_stack'])
+  assert.deepEqual([again[2].conn, again[2].since_ns, again[2].stack], [sent.conn, sent.since_ns, sent.stack])
+  // Released: its frames are dropped, a later state sends no stack for it.
+  report.released(handle)
+  report.released(other)
+  await rx.messages()
+  assert.equal(report.reporter.handles.get(handle).sentFrames, null)
+  await borrowAHandleAndKeepIt(report, handle)
+  report.reporter.sendState()
+  const later = (await rx.drain()).map((x) => x.json)
+  // (Its new checkout's acquire_end, held for the batch, comes after.)
+  assert.deepEqual(kinds(later), ['pool', 'checkout_state', 'acquire_end'], JSON.stringify(later))
+  report.released(handle)
 })
 
 test('generic: with an interval, of many checkouts in a row only the first captures; one past the interval captures again', async (t) => {
