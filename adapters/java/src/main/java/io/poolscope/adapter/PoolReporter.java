@@ -377,6 +377,11 @@ public final class PoolReporter {
         /** The stack of the code that took it (checked out now), until its
          * {@code holder_stack} is made; null with stacks off. */
         Throwable stack;
+        /** The frames (a JSON array) of the checkout's {@code holder_stack}
+         * once made, re-sent after every {@code checkout_state} of the
+         * checkout (an agent restarted meanwhile knows no stack); dropped
+         * with the checkout. At most 4 KB. */
+        String sentFrames;
         long[] waits = new long[8];
         long[] uses = new long[8];
         int folded;
@@ -475,6 +480,7 @@ public final class PoolReporter {
                         c.heldAcquire = acquire;
                         c.heldWait = waitNanos;
                         c.stack = stack;
+                        c.sentFrames = null;
                     }
                     schedulePending();
                     return;
@@ -551,6 +557,7 @@ public final class PoolReporter {
     private void returned(Conn c) {
         c.sinceNanos = -1;
         c.stack = null;
+        c.sentFrames = null;
     }
 
     /** A short checkout of c, folded into its next {@code checkouts} line
@@ -772,9 +779,16 @@ public final class PoolReporter {
             // Formatted without the connection's monitor: its holder may
             // return it meanwhile (then the agent drops the stack, as of
             // a checkout no longer held).
-            byte[] line = holderStackLine(c.localAddress, since, stack, now);
+            String[] frames = new String[1];
+            byte[] line = holderStackLine(c.localAddress, since, stack, now, frames);
             if (line != null) {
                 lines.add(line);
+                synchronized (c) {
+                    // Kept for the states to come, if still the same checkout.
+                    if (!c.closed && c.sinceNanos == since) {
+                        c.sentFrames = frames[0];
+                    }
+                }
             }
         }
         stackDueNanos = due;
@@ -782,16 +796,34 @@ public final class PoolReporter {
 
     /** The {@code holder_stack} line of a checkout (null: no frame to send). */
     byte[] holderStackLine(String name, long sinceNanos, Throwable stack, long atNanos) {
-        Json m = named(message("holder_stack", atNanos), name).put("since_ns", sinceNanos);
-        // {...,"stack":  +  [ frames ]  +  }
-        String head = m.putRaw("stack", "").toString();
+        return holderStackLine(name, sinceNanos, stack, atNanos, new String[1]);
+    }
+
+    /** The same, its frames (a JSON array) put in {@code frames[0]}. */
+    private byte[] holderStackLine(String name, long sinceNanos, Throwable stack, long atNanos, String[] frames) {
+        String head = holderStackHead(name, sinceNanos, atNanos);
         int budget = Reporter.MAX_MESSAGE_BYTES - utf8Length(head) - 2;
-        CharSequence frames = HolderStacks.json(stack.getStackTrace(), budget);
-        if (frames == null) {
+        CharSequence json = HolderStacks.json(stack.getStackTrace(), budget);
+        if (json == null) {
             return null;
         }
-        String line = head.substring(0, head.length() - 1) + frames + "}";
+        frames[0] = json.toString();
+        String line = head.substring(0, head.length() - 1) + frames[0] + "}";
         return line.getBytes(StandardCharsets.UTF_8);
+    }
+
+    /** A {@code holder_stack} line of frames made before, or null if it
+     * no longer fits (its time has more digits). */
+    private String holderStackLine(String name, long sinceNanos, String frames, long atNanos) {
+        String head = holderStackHead(name, sinceNanos, atNanos);
+        String line = head.substring(0, head.length() - 1) + frames + "}";
+        return utf8Length(line) <= Reporter.MAX_MESSAGE_BYTES ? line : null;
+    }
+
+    /** {@code {...,"stack":}}: the frames go before its last brace. */
+    private String holderStackHead(String name, long sinceNanos, long atNanos) {
+        return named(message("holder_stack", atNanos), name).put("since_ns", sinceNanos).putRaw("stack", "")
+                .toString();
     }
 
     /** When the earliest stack not sent is due (monotonic ns), or
@@ -863,7 +895,8 @@ public final class PoolReporter {
      * Sends the registration and the connections checked out now
      * ({@code checkout_state}, up to 32 to a message and never more than
      * {@value Reporter#MAX_MESSAGE_BYTES} bytes), as after an agent
-     * restart. The agent takes it idempotently.
+     * restart, then the {@code holder_stack} of each of them whose stack
+     * was sent. The agent takes it idempotently.
      */
     public void sendState() {
         try {
@@ -879,7 +912,9 @@ public final class PoolReporter {
      * The state as messages: the registration, then the checkouts, oldest
      * first, in {@code checkout_state} messages sized by their encoded
      * (UTF-8) length: a long non-ASCII pool name and long (IPv6) addresses
-     * still give lines the agent takes.
+     * still give lines the agent takes; then the {@code holder_stack} again
+     * (same {@code since_ns} and frames) of each checkout whose stack was
+     * sent. A checkout whose stack is not due yet sends it when due.
      */
     List<String> stateMessages() {
         lastStateNanos = System.nanoTime();
@@ -887,11 +922,13 @@ public final class PoolReporter {
         lines.add(registration());
         List<long[]> entries = new ArrayList<>();
         List<String> addresses = new ArrayList<>();
+        List<String> sentFrames = new ArrayList<>();
         for (Conn c : conns.values()) {
             synchronized (c) {
                 if (!c.closed && c.sinceNanos >= 0) {
                     entries.add(new long[] {c.sinceNanos, c.tid, addresses.size()});
                     addresses.add(c.localAddress);
+                    sentFrames.add(c.sentFrames);
                 }
             }
         }
@@ -930,6 +967,18 @@ public final class PoolReporter {
             count++;
         }
         lines.add(head + list + "]}");
+        // Then the stacks already sent of these checkouts, again: an agent
+        // that restarted has none (one that did not replaces each).
+        long at = Threads.monotonicNanos();
+        for (long[] c : entries) {
+            String frames = sentFrames.get((int) c[2]);
+            if (frames != null) {
+                String line = holderStackLine(addresses.get((int) c[2]), c[0], frames, at);
+                if (line != null) {
+                    lines.add(line);
+                }
+            }
+        }
         return lines;
     }
 

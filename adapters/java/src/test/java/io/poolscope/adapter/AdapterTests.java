@@ -59,6 +59,7 @@ public final class AdapterTests {
         stackSettingsAreReadFromTheEnvironment();
         stackFramesStartAtTheApplicationAndKeepTheLimits();
         stacksAreCapturedAtMostOncePerIntervalInTheProcess();
+        aSentStackFollowsEveryStateWhileHeld();
         if (args.length > 0) {
             Files.write(Path.of(args[0]), SENT, StandardCharsets.UTF_8);
         }
@@ -1129,4 +1130,85 @@ public final class AdapterTests {
         run++;
     }
 
+    /**
+     * An agent that restarts knows no stack: every checkout_state (sent
+     * directly, or at a comeback) is followed by the holder_stack of each
+     * held checkout whose stack was sent, with the same since_ns and
+     * frames; not once the checkout ends, nor for one whose stack is not due.
+     */
+    static void aSentStackFollowsEveryStateWhileHeld() throws Exception {
+        Path dir = Files.createTempDirectory("poolscope-java-test");
+        Path sock = dir.resolve("stream.sock");
+        try {
+            Reporter r = new Reporter(sock, Reporter.BATCH_NANOS);
+            PoolReporter pool;
+            PoolReporter notDue;
+            String stack;
+            try (FakeAgent agent = new FakeAgent(sock)) {
+                pool = new PoolReporter(r, "resend", null).withStacks(true).withStackAfterNanos(0)
+                        .withStackIntervalNanos(0).withStateIntervalNanos(0);
+                pool.register(null);
+                nextOf(agent, "pool");
+                io.poolscope.stacktest.Leaker.leakFromTheTest(pool, "127.0.0.1:40600");
+                String end = nextOf(agent, "acquire_end");
+                stack = nextOf(agent, "holder_stack");
+                eq(number(stack, "since_ns"), number(end, "mono_ns"), "since_ns");
+                // Held, its stack not due: no stack in its states.
+                notDue = new PoolReporter(r, "not-due", null).withStacks(true)
+                        .withStackAfterNanos(TimeUnit.HOURS.toNanos(1)).withStackIntervalNanos(0)
+                        .withStateIntervalNanos(0);
+                io.poolscope.stacktest.Leaker.leakFromTheTest(notDue, "127.0.0.1:40601");
+                List<String> lines = notDue.stateMessages();
+                eq(lines.size(), 2, "the registration and the checkout_state, no stack: " + lines);
+                // The state sent directly: the stack again right after it.
+                pool.sendState();
+                String state = nextOf(agent, "checkout_state");
+                check(state.contains("127.0.0.1:40600"), state);
+                String again = agent.next();
+                check(again.contains("\"kind\":\"holder_stack\"")
+                        && again.contains("\"local_address\":\"127.0.0.1:40600\""), again);
+                eq(number(again, "since_ns"), number(stack, "since_ns"), "the same since_ns");
+                eq(stackOf(again), stackOf(stack), "the same frames");
+                check(number(again, "mono_ns") >= number(state, "mono_ns"), "sent now: " + again);
+            }
+            // The agent restarts: the comeback's state, then the stack.
+            long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
+            while (r.stats().connected() && System.nanoTime() < deadline) {
+                pool.acquireStart();
+                Thread.sleep(20);
+            }
+            check(!r.stats().connected(), "noticed the agent left");
+            try (FakeAgent agent = new FakeAgent(sock)) {
+                String line;
+                do {
+                    line = agent.next();
+                } while (!(line.contains("\"kind\":\"checkout_state\"") && line.contains("\"pool\":\"resend\"")));
+                String again = agent.next();
+                check(again.contains("\"kind\":\"holder_stack\"") && again.contains("\"pool\":\"resend\""),
+                        again);
+                eq(number(again, "since_ns"), number(stack, "since_ns"), "the comeback's since_ns");
+                eq(stackOf(again), stackOf(stack), "the comeback's frames");
+                // Released: later states send no stack for it.
+                pool.release("127.0.0.1:40600");
+                notDue.release("127.0.0.1:40601");
+                for (String l : pool.stateMessages()) {
+                    check(!l.contains("\"kind\":\"holder_stack\""), "no stack after the release: " + l);
+                }
+                // A new checkout of the connection sends its own stack, not the old one.
+                io.poolscope.stacktest.Leaker.leakFromTheTest(pool, "127.0.0.1:40600");
+                String fresh = nextOf(agent, "holder_stack");
+                check(number(fresh, "since_ns") > number(stack, "since_ns"), fresh);
+                List<String> states = pool.stateMessages();
+                String last = states.get(states.size() - 1);
+                check(last.contains("\"kind\":\"holder_stack\""), last);
+                eq(number(last, "since_ns"), number(fresh, "since_ns"), "the new checkout's since_ns");
+                pool.release("127.0.0.1:40600");
+                check(r.flush(2000), "flushed");
+            }
+        } finally {
+            Files.deleteIfExists(sock);
+            Files.deleteIfExists(dir);
+        }
+        run++;
+    }
 }
