@@ -113,6 +113,9 @@ struct Pending {
     out: Option<Checkout>,
     /// Its holder's stack, until sent (or the checkout ends).
     stack: Option<HeldStack>,
+    /// The frames sent as its holder's stack, re-sent with every
+    /// `checkout_state` while it stays out (dropped when it ends).
+    sent: Option<Arc<[String]>>,
     held: Option<Held>,
     waits: Vec<u64>,
     uses: Vec<u64>,
@@ -127,6 +130,7 @@ impl Pending {
             conn,
             out: None,
             stack: None,
+            sent: None,
             held: None,
             waits: Vec::new(),
             uses: Vec::new(),
@@ -159,6 +163,7 @@ impl Pending {
     /// The checkout is over: no longer out, its stack forgotten.
     fn end_checkout(&mut self) -> bool {
         self.stack = None;
+        self.sent = None;
         self.out.take().is_some()
     }
 
@@ -282,6 +287,7 @@ impl Batch {
             tid,
         });
         p.stack = stack;
+        p.sent = None;
         p
     }
 
@@ -343,6 +349,28 @@ impl Batch {
         let mut list: Vec<Checkout> = self.conns.values().filter_map(|p| p.out).collect();
         list.sort_by_key(|c| c.mono_ns);
         list
+    }
+
+    /// The checkouts out now whose holder's stack was sent, with its
+    /// frames, oldest first (re-sent after their `checkout_state`).
+    pub(crate) fn sent_stacks(&self) -> Vec<(Checkout, Arc<[String]>)> {
+        let mut list: Vec<(Checkout, Arc<[String]>)> = self
+            .conns
+            .values()
+            .filter_map(|p| Some((p.out?, p.sent.clone()?)))
+            .collect();
+        list.sort_by_key(|(c, _)| c.mono_ns);
+        list
+    }
+
+    /// The stack of `checkout` (still out: see [`Batch::still_out`]) was
+    /// sent with `frames`: kept to re-send with the state.
+    pub(crate) fn stack_sent(&mut self, checkout: &Checkout, frames: Arc<[String]>) {
+        if let Some(p) = self.conns.get_mut(&conn_key(checkout.conn)) {
+            if p.out.is_some_and(|c| c.mono_ns == checkout.mono_ns) {
+                p.sent = Some(frames);
+            }
+        }
     }
 
     /// Whether any connection is out.

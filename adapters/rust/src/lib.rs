@@ -608,7 +608,7 @@ impl Reporter {
     /// too large, the outermost ones left out. Nothing is sent without a
     /// frame.
     pub fn holder_stack(&self, pool: &str, conn: ConnId, since_ns: u64, stack: Vec<String>) {
-        self.holder_stack_at(pool, conn, since_ns, stack, monotonic_ns());
+        self.holder_stack_at(pool, conn, since_ns, &stack, monotonic_ns());
     }
 
     fn holder_stack_at(
@@ -616,7 +616,7 @@ impl Reporter {
         pool: &str,
         conn: ConnId,
         since_ns: u64,
-        stack: Vec<String>,
+        stack: &[String],
         mono_ns: u64,
     ) {
         let Some(inner) = &self.inner else {
@@ -723,12 +723,18 @@ impl PoolState {
         }
     }
 
+    /// Sends the registration, the checkouts out now (`checkout_state`)
+    /// and, right after, the holder stacks already sent for those of them
+    /// still out, the same again (the agent kept them in memory only).
+    /// Sent with the batch locked, so that no `release` slips between a
+    /// checkout's entry or stack and what the pool knows.
     fn send_state(&self) {
         *locked(&self.last_state) = Instant::now();
         if let Some(info) = locked(&self.info).clone() {
             self.reporter.pool(&self.name, &info);
         }
-        let entries = locked(&self.batch).checkouts();
+        let batch = locked(&self.batch);
+        let entries = batch.checkouts();
         for chunk in entries.chunks(STATE_ENTRIES_PER_MESSAGE) {
             let checkouts = chunk.to_vec();
             // 32 entries of at most ~120 bytes and a 128-character name
@@ -736,6 +742,16 @@ impl PoolState {
             self.reporter
                 .send(&self.name, Body::CheckoutState { checkouts });
         }
+        for (checkout, frames) in batch.sent_stacks() {
+            self.reporter.holder_stack_at(
+                &self.name,
+                checkout.conn,
+                checkout.mono_ns,
+                &frames,
+                monotonic_ns(),
+            );
+        }
+        drop(batch);
     }
 
     /// Sends a batch's messages; called with the batch locked, so that
@@ -772,13 +788,16 @@ impl PoolState {
             let mut out = Vec::new();
             if batch.still_out(&checkout, &mut out) {
                 self.send_all(out);
+                let frames: Arc<[String]> = frames.into();
                 self.reporter.holder_stack_at(
                     &self.name,
                     checkout.conn,
                     checkout.mono_ns,
-                    frames,
+                    &frames,
                     monotonic_ns(),
                 );
+                // Kept with the checkout, for the states to come.
+                batch.stack_sent(&checkout, frames);
             }
         }
         drop(batch);

@@ -778,6 +778,62 @@ fn a_stack_never_leaves_before_its_acquire_end() {
     assert_eq!(kinds(&all(&agent)), ["release"]);
 }
 
+/// After an agent restart the state is re-sent, and with it the stacks
+/// already sent of the checkouts still out (the agent kept them in memory
+/// only); a checkout whose stack is not due yet sends it when due, once.
+#[test]
+fn the_state_resends_the_stacks_sent_of_checkouts_still_out() {
+    for window in [BATCH_WINDOW, Duration::ZERO] {
+        let agent = FakeAgent::new();
+        let pool = stacked_pool(&agent, window, Duration::from_millis(600));
+        take_and_keep_the_connection(&pool, conn(1));
+        let first: Vec<Value> = all_within(&agent, Duration::from_millis(1000))
+            .into_iter()
+            .filter(|m| m["kind"] == "holder_stack")
+            .collect();
+        assert_eq!(first.len(), 1, "{window:?}: {first:#?}");
+        // Out, its stack not due yet.
+        take_and_keep_the_connection(&pool, conn(2));
+        all(&agent);
+        pool.send_state();
+        let msgs = all(&agent);
+        assert_eq!(
+            kinds(&msgs),
+            ["checkout_state", "holder_stack"],
+            "{window:?}: {msgs:#?}"
+        );
+        assert_eq!(entries(&msgs).len(), 2, "{window:?}");
+        let again = &msgs[1];
+        check_envelope(again, "holder_stack", "stacks");
+        for field in ["since_ns", "stack", "fd", "local_address"] {
+            assert_eq!(again[field], first[0][field], "{window:?}: {field}");
+        }
+        // The second's own stack, when due, once.
+        let later = all_within(&agent, Duration::from_millis(900));
+        assert_eq!(stacked_fds(&later), [102], "{window:?}: {later:#?}");
+        // Both re-sent now; once released, neither.
+        pool.send_state();
+        let msgs = all(&agent);
+        assert_eq!(
+            kinds(&msgs),
+            ["checkout_state", "holder_stack", "holder_stack"],
+            "{window:?}: {msgs:#?}"
+        );
+        assert_eq!(stacked_fds(&msgs), [101, 102], "{window:?}");
+        pool.release(conn(1));
+        pool.send_state();
+        let msgs = all(&agent);
+        assert_eq!(stacked_fds(&msgs), [102], "{window:?}: {msgs:#?}");
+        pool.release(conn(2));
+        pool.send_state();
+        let msgs = all(&agent);
+        assert!(
+            !kinds(&msgs).contains(&"holder_stack") && entries(&msgs).is_empty(),
+            "{window:?}: {msgs:#?}"
+        );
+    }
+}
+
 /// The `fd`s of the connections whose stack was sent.
 fn stacked_fds(msgs: &[Value]) -> Vec<u64> {
     msgs.iter()
