@@ -327,11 +327,7 @@ impl LeakReports {
         for (key, finding) in current {
             let Some(conn) = lookup(key.0) else { continue };
             if let Some(report) = self.open.get_mut(&key) {
-                refresh(report, conn, finding, now, clock);
-                if report.holder_stack.is_none() {
-                    // A stack that came after the report opened.
-                    report.holder_stack = holder_stack(conn).map(|s| s.to_vec());
-                }
+                refresh(report, conn, finding, holder_stack, now, clock);
                 continue;
             }
             let more = details(conn.id.pid, conn.holder_tid);
@@ -369,8 +365,7 @@ impl LeakReports {
                 pool_max: None,
                 pool_pending: None,
             };
-            refresh(&mut report, conn, finding, now, clock);
-            report.holder_stack = holder_stack(conn).map(|s| s.to_vec());
+            refresh(&mut report, conn, finding, holder_stack, now, clock);
             changes.push(LeakChange::Opened(report.clone()));
             self.open.insert(key, report);
         }
@@ -498,7 +493,19 @@ impl LeakReports {
 }
 
 /// Updates what changes while a report stays open.
-fn refresh(report: &mut LeakReport, conn: &Connection, finding: &Finding, now: u64, clock: &Clock) {
+fn refresh(
+    report: &mut LeakReport,
+    conn: &Connection,
+    finding: &Finding,
+    holder_stack: &dyn Fn(&Connection) -> Option<HolderStack>,
+    now: u64,
+    clock: &Clock,
+) {
+    if report.holder_stack.is_none() {
+        // At the opening, or when the stack came after it (once: a
+        // checkout's stack does not change).
+        report.holder_stack = holder_stack(conn).map(|s| s.to_vec());
+    }
     report.checked_out_at = conn.checked_out_at_ns.map(|ns| clock.rfc3339(ns));
     report.held_for_seconds = conn
         .checked_out_at_ns

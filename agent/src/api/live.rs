@@ -158,14 +158,14 @@ pub fn snapshot_of(api: &ApiState, now_ns: u64) -> Result<Snapshot, Broken> {
             .collect();
         let sizing = sizing_advice(s, &api.telemetry, api.sizing, now_ns);
         let tracker = &s.tracker;
-        let open: Vec<_> = tracker.open_connections().filter(|c| c.is_open()).collect();
-        let shown = open
-            .iter()
+        let shown = tracker
+            .open_connections()
+            .filter(|c| c.is_open())
             .take(CONNECTIONS_SHOWN)
             .map(|c| connection_view(c, tracker.placement(c.id.pid), &api.clock, now_ns))
             .collect();
         let connections = LiveConnections {
-            open: open.len(),
+            open: tracker.open_count(),
             shown,
         };
         (leaks, sizing, connections, s.trends.series())

@@ -731,12 +731,7 @@ impl Tracker {
             out.push(Output::Unmatched);
             return;
         };
-        let mut stacks = std::mem::take(&mut self.stacks);
-        let kept = stacks.keep(id, checkout_ns, stack, |conn, since| {
-            self.still_held(conn, since)
-        });
-        self.stacks = stacks;
-        if let Err(reason) = kept {
+        if let Err(reason) = self.keep_stack(id, checkout_ns, stack) {
             out.push(Output::AdapterRefused { reason });
         }
     }

@@ -20,11 +20,14 @@ struct Kept {
     stack: HolderStack,
 }
 
-/// The kept stacks, by connection.
+/// The kept stacks, by process, then connection: making room scans one
+/// process's share (at most [`MAX_STACKS_PER_PROCESS`]), never all of
+/// them, so a sender whose stacks are refused cannot make each refusal
+/// cost the agent a walk over everyone's.
 #[derive(Debug)]
 pub struct HolderStacks {
-    by_conn: HashMap<ConnId, Kept>,
-    per_pid: HashMap<u32, usize>,
+    by_pid: HashMap<u32, HashMap<ConnId, Kept>>,
+    total: usize,
     max_per_pid: usize,
     max_total: usize,
 }
@@ -38,27 +41,28 @@ impl Default for HolderStacks {
 impl HolderStacks {
     pub fn new(max_per_pid: usize, max_total: usize) -> HolderStacks {
         HolderStacks {
-            by_conn: HashMap::new(),
-            per_pid: HashMap::new(),
+            by_pid: HashMap::new(),
+            total: 0,
             max_per_pid,
             max_total,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.by_conn.len()
+        self.total
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_conn.is_empty()
+        self.total == 0
     }
 
     /// Keeps `stack` for the checkout of `conn` that began at
     /// `checkout_ns`, in place of any earlier one of that connection.
     /// `held(conn, checkout_ns)` says whether a kept stack's checkout is
-    /// still going on: when the process's share or the whole is taken,
-    /// the stacks of ended checkouts are forgotten first, and if that
-    /// frees nothing the new stack is refused.
+    /// still going on: when the sender's share is taken, its own stacks of
+    /// ended checkouts are forgotten first; when all are taken, those of
+    /// the process keeping the most. If that frees nothing the new stack
+    /// is refused (the housekeeping sweep frees the rest every second).
     pub fn keep(
         &mut self,
         conn: ConnId,
@@ -66,29 +70,41 @@ impl HolderStacks {
         stack: HolderStack,
         held: impl Fn(ConnId, u64) -> bool,
     ) -> Result<(), &'static str> {
-        if let Some(kept) = self.by_conn.get_mut(&conn) {
-            *kept = Kept { checkout_ns, stack };
+        let kept = Kept { checkout_ns, stack };
+        if let Some(old) = self
+            .by_pid
+            .get_mut(&conn.pid)
+            .and_then(|m| m.get_mut(&conn))
+        {
+            *old = kept;
             return Ok(());
         }
-        let full = |s: &Self| {
-            s.by_conn.len() >= s.max_total
-                || s.per_pid.get(&conn.pid).copied().unwrap_or(0) >= s.max_per_pid
-        };
-        if full(self) {
-            self.forget_ended(&held);
-            if full(self) {
-                return Err("stack_limit");
+        let share = |s: &Self, pid| s.by_pid.get(&pid).map_or(0, HashMap::len);
+        if share(self, conn.pid) >= self.max_per_pid {
+            self.forget_ended_of(conn.pid, &held);
+        } else if self.total >= self.max_total {
+            let heaviest = self
+                .by_pid
+                .iter()
+                .max_by_key(|(_, m)| m.len())
+                .map(|(pid, _)| *pid);
+            if let Some(pid) = heaviest {
+                self.forget_ended_of(pid, &held);
             }
         }
-        self.by_conn.insert(conn, Kept { checkout_ns, stack });
-        *self.per_pid.entry(conn.pid).or_default() += 1;
+        if share(self, conn.pid) >= self.max_per_pid || self.total >= self.max_total {
+            return Err("stack_limit");
+        }
+        self.by_pid.entry(conn.pid).or_default().insert(conn, kept);
+        self.total += 1;
         Ok(())
     }
 
     /// The stack of `conn`'s checkout that began at `checkout_ns`, if one
     /// was kept for that very checkout.
     pub fn of(&self, conn: ConnId, checkout_ns: u64) -> Option<&HolderStack> {
-        self.by_conn
+        self.by_pid
+            .get(&conn.pid)?
             .get(&conn)
             .filter(|kept| kept.checkout_ns == checkout_ns)
             .map(|kept| &kept.stack)
@@ -97,19 +113,22 @@ impl HolderStacks {
     /// Forgets the stacks whose checkout ended (returned, closed, its
     /// process gone).
     pub fn forget_ended(&mut self, held: &impl Fn(ConnId, u64) -> bool) {
-        let per_pid = &mut self.per_pid;
-        self.by_conn.retain(|conn, kept| {
-            let keep = held(*conn, kept.checkout_ns);
-            if !keep {
-                if let Some(n) = per_pid.get_mut(&conn.pid) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        per_pid.remove(&conn.pid);
-                    }
-                }
-            }
-            keep
-        });
+        let pids: Vec<u32> = self.by_pid.keys().copied().collect();
+        for pid in pids {
+            self.forget_ended_of(pid, held);
+        }
+    }
+
+    fn forget_ended_of(&mut self, pid: u32, held: &impl Fn(ConnId, u64) -> bool) {
+        let Some(kept) = self.by_pid.get_mut(&pid) else {
+            return;
+        };
+        let before = kept.len();
+        kept.retain(|conn, k| held(*conn, k.checkout_ns));
+        self.total -= before - kept.len();
+        if kept.is_empty() {
+            self.by_pid.remove(&pid);
+        }
     }
 }
 

@@ -93,6 +93,14 @@ pub struct Tracker {
     pub(super) stacks: super::stacks::HolderStacks,
 }
 
+/// Whether `conn`'s checkout that began at `checkout_ns` goes on (the
+/// connections known by id alone have negative fds).
+fn still_held(open: &OpenSet, alone: &OpenSet, conn: ConnId, checkout_ns: u64) -> bool {
+    let set = if conn.fd < 0 { alone } else { open };
+    set.get(&(conn.pid, conn.fd))
+        .is_some_and(|c| c.id == conn && c.checked_out_at_ns == Some(checkout_ns))
+}
+
 /// How an event's generation relates to the connection now on its (pid, fd).
 enum Slot {
     Current,
@@ -171,14 +179,18 @@ impl Tracker {
         self.stacks.of(conn.id, conn.checked_out_at_ns?)
     }
 
-    /// Whether `conn`'s checkout that began at `checkout_ns` goes on.
-    fn still_held(&self, conn: ConnId, checkout_ns: u64) -> bool {
-        let open = if conn.fd < 0 {
-            self.alone.get(&(conn.pid, conn.fd))
-        } else {
-            self.open.get(&(conn.pid, conn.fd))
-        };
-        open.is_some_and(|c| c.id == conn && c.checked_out_at_ns == Some(checkout_ns))
+    /// Keeps a holder stack for `conn`'s checkout that began at
+    /// `checkout_ns` (see [`super::stacks::HolderStacks::keep`]).
+    pub(super) fn keep_stack(
+        &mut self,
+        conn: ConnId,
+        checkout_ns: u64,
+        stack: crate::adapter::message::HolderStack,
+    ) -> Result<(), &'static str> {
+        let (open, alone) = (&self.open, &self.alone);
+        self.stacks.keep(conn, checkout_ns, stack, |c, since| {
+            still_held(open, alone, c, since)
+        })
     }
 
     pub fn process_name(&self, pid: u32) -> Option<&str> {
@@ -260,9 +272,9 @@ impl Tracker {
             }
         }
         self.expire_unmatched(now_ns);
-        let mut stacks = std::mem::take(&mut self.stacks);
-        stacks.forget_ended(&|conn, since| self.still_held(conn, since));
-        self.stacks = stacks;
+        let (open, alone) = (&self.open, &self.alone);
+        self.stacks
+            .forget_ended(&|conn, since| still_held(open, alone, conn, since));
         let memory = self.config.exit_memory_ns;
         self.exited
             .retain(|_, exit_ns| exit_ns.saturating_add(memory) >= now_ns);
