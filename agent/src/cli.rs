@@ -2,13 +2,15 @@
 //! running agent's API.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    fmt,
+    io::Read,
+    net::SocketAddr,
     path::PathBuf,
-    time::Duration,
+    sync::OnceLock,
+    time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
@@ -118,9 +120,16 @@ impl RunArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Address of the running agent's HTTP listener.
-    #[arg(long, default_value = "127.0.0.1:9464", env = "POOLSCOPE_AGENT")]
-    pub agent: SocketAddr,
+    /// The running agent's HTTP listener: host:port (a name or an IP
+    /// address, IPv6 in brackets: [::1]:9464), or an http:// URL, with the
+    /// path prefix an API served under one needs (http://host:port/poolscope).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9464",
+        env = "POOLSCOPE_AGENT",
+        value_parser = AgentUrl::parse
+    )]
+    pub agent: AgentUrl,
     /// File holding the agent's API bearer token, for an agent configured
     /// with one (the environment variable POOLSCOPE_TOKEN works too; a
     /// token is never taken on the command line, where `ps` would show it).
@@ -143,63 +152,234 @@ impl ClientArgs {
             ),
             None => std::env::var("POOLSCOPE_TOKEN").ok(),
         };
-        Ok(AgentClient {
-            addr: self.agent,
-            token: token.filter(|t| !t.is_empty()),
-        })
+        Ok(AgentClient::new(
+            self.agent.clone(),
+            token.filter(|t| !t.is_empty()),
+        ))
     }
 }
 
+/// What `--agent` accepts, for its error messages.
+const AGENT_FORMS: &str =
+    "expected host:port or http://host:port[/prefix], e.g. localhost:9464 or [::1]:9464";
+
+/// Where a running agent's API is: an http:// origin and an optional path
+/// prefix, as `--agent` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentUrl {
+    /// `http://host:port[/prefix]`, without a trailing slash, so that an
+    /// API path (`/api/v1/...`) is appended as it is.
+    base: String,
+}
+
+impl AgentUrl {
+    /// Parses `host:port` or `http://host:port[/prefix]`; the error says
+    /// what is wrong and which forms are accepted.
+    pub fn parse(text: &str) -> Result<AgentUrl, String> {
+        match text.split_once("://") {
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => Self::parse_url(text),
+            // reqwest is compiled without TLS (the agent serves plain HTTP);
+            // a TLS stack only for this would add rustls and its crypto crates.
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => Err(
+                "https is not supported: the agent serves plain HTTP; reach a remote one \
+                 through a tunnel (ssh -L 9464:127.0.0.1:9464 HOST) and use localhost:9464"
+                    .to_string(),
+            ),
+            Some((scheme, _)) => Err(format!("{scheme}:// is not supported; {AGENT_FORMS}")),
+            None => Self::parse_host_port(text),
+        }
+    }
+
+    fn parse_host_port(text: &str) -> Result<AgentUrl, String> {
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return Err(format!("no port; {AGENT_FORMS}"));
+        };
+        if host.is_empty() {
+            return Err(format!("no host; {AGENT_FORMS}"));
+        }
+        if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+            return Err(format!(
+                "an IPv6 address takes brackets: [{host}]:{port}; {AGENT_FORMS}"
+            ));
+        }
+        let port = parse_port(port)?;
+        // The URL parser checks the host (names, IPv4, bracketed IPv6); any
+        // part beyond a host (a path, user info) means it was no plain host.
+        let url = reqwest::Url::parse(&format!("http://{host}:{port}")).map_err(|e| {
+            format!("{host:?} is not a host name or IP address ({e}); {AGENT_FORMS}")
+        })?;
+        match url.host_str() {
+            Some(parsed)
+                if url.username().is_empty()
+                    && url.password().is_none()
+                    && url.path() == "/"
+                    && url.query().is_none()
+                    && url.fragment().is_none() =>
+            {
+                Ok(AgentUrl {
+                    base: format!("http://{parsed}:{port}"),
+                })
+            }
+            _ => Err(format!(
+                "{host:?} is not a host name or IP address; {AGENT_FORMS}"
+            )),
+        }
+    }
+
+    fn parse_url(text: &str) -> Result<AgentUrl, String> {
+        let url = reqwest::Url::parse(text)
+            .map_err(|e| format!("not a valid URL ({e}); {AGENT_FORMS}"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(
+                "credentials do not belong in --agent (`ps` shows them): give the agent's \
+                 bearer token with --token-file or POOLSCOPE_TOKEN"
+                    .to_string(),
+            );
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "the agent's URL takes no query or fragment; {AGENT_FORMS}"
+            ));
+        }
+        let Some(host) = url.host_str() else {
+            return Err(format!("no host; {AGENT_FORMS}"));
+        };
+        let port = match url.port_or_known_default() {
+            Some(0) | None => return Err(format!("port 0 is no agent's port; {AGENT_FORMS}")),
+            Some(port) => port,
+        };
+        let prefix = url.path().trim_end_matches('/');
+        Ok(AgentUrl {
+            base: format!("http://{host}:{port}{prefix}"),
+        })
+    }
+
+    /// The URL of `path` (which starts with `/`) on this agent.
+    pub fn join(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// A TCP port from `--agent`: 1 to 65535.
+fn parse_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(format!(
+            "{text:?} is not a port (1 to 65535); {AGENT_FORMS}"
+        )),
+    }
+}
+
+impl std::str::FromStr for AgentUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<AgentUrl, String> {
+        AgentUrl::parse(text)
+    }
+}
+
+impl From<SocketAddr> for AgentUrl {
+    fn from(addr: SocketAddr) -> AgentUrl {
+        AgentUrl {
+            base: format!("http://{addr}"),
+        }
+    }
+}
+
+impl fmt::Display for AgentUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.base)
+    }
+}
+
+/// How long the TCP connect to the agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the agent may take to start its answer, and each read of it.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole exchange may take; checked between reads, so a read
+/// under way may run up to READ_TIMEOUT past it.
+const EXCHANGE_DEADLINE: Duration = Duration::from_secs(30);
+/// The largest answer read. The API's pages are bounded far below this
+/// (a connections page ends near 1 MiB); anything larger is no agent's.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 /// A running agent's API, as the CLI reads it.
 pub struct AgentClient {
-    pub addr: SocketAddr,
+    pub agent: AgentUrl,
     pub token: Option<String>,
+    /// Built on the first request, so that constructing a client cannot fail.
+    http: OnceLock<reqwest::blocking::Client>,
 }
 
 impl AgentClient {
+    pub fn new(agent: AgentUrl, token: Option<String>) -> AgentClient {
+        AgentClient {
+            agent,
+            token,
+            http: OnceLock::new(),
+        }
+    }
+
     /// A client for an agent whose API needs no token.
-    pub fn without_token(addr: SocketAddr) -> AgentClient {
-        AgentClient { addr, token: None }
+    pub fn without_token(agent: impl Into<AgentUrl>) -> AgentClient {
+        AgentClient::new(agent.into(), None)
+    }
+
+    fn http(&self) -> anyhow::Result<&reqwest::blocking::Client> {
+        if let Some(http) = self.http.get() {
+            return Ok(http);
+        }
+        // reqwest has no TLS crypto provider of its own (see the root
+        // Cargo.toml): building a client without one installed panics.
+        crate::telemetry::otlp::install_crypto_provider();
+        let http = reqwest::blocking::Client::builder()
+            .user_agent(concat!("poolscope/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(READ_TIMEOUT)
+            // No proxy from HTTP_PROXY/ALL_PROXY: the agent is on this host
+            // or one the user named, and a proxy set for the web would get
+            // the bearer token (and usually cannot reach 127.0.0.1 anyway).
+            .no_proxy()
+            // The agent never redirects; following a redirect from whatever
+            // else answers would send the request (and token) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .context("cannot set up the HTTP client")?;
+        Ok(self.http.get_or_init(|| http))
     }
 
     /// GET `path`, which must answer 200.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
         let (code, body) = self.request(path)?;
         if code != 200 {
-            bail!("the agent at {} answered {code} for {path}", self.addr);
+            bail!("the agent at {} answered {code} for {path}", self.agent);
         }
         Ok(body)
     }
 
-    /// A minimal HTTP/1.0 GET: the CLI only ever talks to a local agent.
-    /// Returns the status code and the body; a refused token is an error.
+    /// GET `path`: the status code and the body; a refused token is an error.
     pub fn request(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let agent = self.addr;
-        let unreachable =
-            || format!("cannot reach the agent at {agent}; is `poolscope run` running?");
-        let mut stream =
-            TcpStream::connect_timeout(&agent, Duration::from_secs(3)).with_context(unreachable)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let authorization = self
-            .token
-            .as_ref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            stream,
-            "GET {path} HTTP/1.0\r\nHost: {agent}\r\n{authorization}\r\n"
-        )
-        .with_context(unreachable)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).with_context(unreachable)?;
-        let text = String::from_utf8_lossy(&raw);
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            bail!("the agent at {agent} sent a malformed response");
-        };
-        let status = head.lines().next().unwrap_or_default();
-        let Some(code) = status.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok()) else {
-            bail!("the agent at {agent} sent a malformed status line: {status:?}");
-        };
+        let agent = &self.agent;
+        let started = Instant::now();
+        let mut request = self.http()?.get(agent.join(path));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let mut response = request.send().map_err(|e| {
+            let e = e.without_url();
+            let what = if e.is_connect() {
+                format!("cannot reach the agent at {agent}; is `poolscope run` running?")
+            } else if e.is_timeout() {
+                format!(
+                    "the agent at {agent} did not answer {path} within {} s",
+                    READ_TIMEOUT.as_secs()
+                )
+            } else {
+                format!("the agent at {agent} sent no valid HTTP answer to {path}")
+            };
+            anyhow::Error::new(e).context(what)
+        })?;
+        let code = response.status().as_u16();
         if code == 401 {
             bail!(
                 "the agent at {agent} wants a bearer token for {path}{}: pass --token-file \
@@ -211,7 +391,54 @@ impl AgentClient {
                 }
             );
         }
-        Ok((code, body.to_string()))
+        let body = self.read_answer(&mut response, path, started)?;
+        Ok((code, body))
+    }
+
+    /// The body of `response`, at most [`MAX_ANSWER_BYTES`], read by
+    /// [`EXCHANGE_DEADLINE`] after `started`.
+    fn read_answer(
+        &self,
+        response: &mut reqwest::blocking::Response,
+        path: &str,
+        started: Instant,
+    ) -> anyhow::Result<String> {
+        let agent = &self.agent;
+        let too_large = || {
+            anyhow!(
+                "the answer of {agent} to {path} is larger than {} MiB, far more than any \
+                 page of the agent's API",
+                MAX_ANSWER_BYTES >> 20
+            )
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let read = response.read(&mut chunk).with_context(|| {
+                format!("the agent at {agent} stopped sending its answer to {path}")
+            })?;
+            if read == 0 {
+                break;
+            }
+            if body.len() + read > MAX_ANSWER_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk[..read]);
+            if started.elapsed() > EXCHANGE_DEADLINE {
+                bail!(
+                    "the agent at {agent} took more than {} s to answer {path}",
+                    EXCHANGE_DEADLINE.as_secs()
+                );
+            }
+        }
+        String::from_utf8(body)
+            .map_err(|_| anyhow!("the answer of {agent} to {path} is not UTF-8 text"))
     }
 }
 
@@ -645,4 +872,146 @@ pub fn health_table(response: &HealthResponse) -> String {
     }
     out.push_str(&format!("overall: {}\n", response.status.as_str()));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> String {
+        AgentUrl::parse(text)
+            .unwrap_or_else(|e| panic!("{text:?} is refused: {e}"))
+            .join("/api/v1/leaks")
+    }
+
+    fn refused(text: &str) -> String {
+        match AgentUrl::parse(text) {
+            Ok(url) => panic!("{text:?} is accepted as {url}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn agent_host_and_port() {
+        for (text, url) in [
+            ("localhost:9464", "http://localhost:9464/api/v1/leaks"),
+            ("LocalHost:9464", "http://localhost:9464/api/v1/leaks"),
+            ("127.0.0.1:19464", "http://127.0.0.1:19464/api/v1/leaks"),
+            ("[::1]:9464", "http://[::1]:9464/api/v1/leaks"),
+            (
+                "agent-1.example.org:1",
+                "http://agent-1.example.org:1/api/v1/leaks",
+            ),
+        ] {
+            assert_eq!(parsed(text), url, "{text}");
+        }
+    }
+
+    #[test]
+    fn agent_url_with_and_without_prefix() {
+        for (text, url) in [
+            (
+                "http://localhost:9464",
+                "http://localhost:9464/api/v1/leaks",
+            ),
+            (
+                "http://localhost:9464/",
+                "http://localhost:9464/api/v1/leaks",
+            ),
+            ("HTTP://[::1]:9464", "http://[::1]:9464/api/v1/leaks"),
+            (
+                "http://host:8080/poolscope",
+                "http://host:8080/poolscope/api/v1/leaks",
+            ),
+            ("http://host:8080/a/b/", "http://host:8080/a/b/api/v1/leaks"),
+            // No port in a URL: the scheme's own.
+            (
+                "http://host/poolscope",
+                "http://host:80/poolscope/api/v1/leaks",
+            ),
+        ] {
+            assert_eq!(parsed(text), url, "{text}");
+        }
+    }
+
+    #[test]
+    fn agent_from_socket_address() {
+        let v4: SocketAddr = "127.0.0.1:9464".parse().expect("address");
+        let v6: SocketAddr = "[::1]:9464".parse().expect("address");
+        assert_eq!(
+            AgentUrl::from(v4),
+            AgentUrl::parse("127.0.0.1:9464").expect("valid")
+        );
+        assert_eq!(AgentUrl::from(v6).to_string(), "http://[::1]:9464");
+    }
+
+    #[test]
+    fn bad_agent_values_say_why_and_what_is_expected() {
+        for (text, why) in [
+            ("foo", "no port"),
+            ("", "no port"),
+            (":9464", "no host"),
+            ("::1:9464", "IPv6 address takes brackets: [::1]:9464"),
+            ("localhost:0", "is not a port"),
+            ("localhost:65536", "is not a port"),
+            ("localhost:http", "is not a port"),
+            ("localhost:9464/", "is not a port"),
+            ("[nope]:9464", "is not a host name or IP address"),
+            ("exa mple:9464", "is not a host name or IP address"),
+            ("foo/bar:9464", "is not a host name or IP address"),
+            ("user@host:9464", "is not a host name or IP address"),
+            ("999.1.1.1:9464", "is not a host name or IP address"),
+            ("ftp://host:21", "ftp:// is not supported"),
+            ("http://", "not a valid URL"),
+            ("http://host:0/", "port 0"),
+            ("http://host:9464/?pid=1", "no query or fragment"),
+            ("http://host:9464/#top", "no query or fragment"),
+        ] {
+            let error = refused(text);
+            assert!(error.contains(why), "{text:?}: {error}");
+            assert!(
+                error.contains("expected host:port or http://host:port"),
+                "{text:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn https_and_credentials_are_refused_with_their_reason() {
+        let https = refused("https://host:9464");
+        assert!(https.contains("https is not supported"), "{https}");
+        assert!(https.contains("plain HTTP"), "{https}");
+        let credentials = refused("http://user:secret@host:9464");
+        assert!(credentials.contains("--token-file"), "{credentials}");
+        assert!(!credentials.contains("secret"), "{credentials}");
+    }
+
+    #[test]
+    fn agent_flag_default_and_parse_error() {
+        let Command::Pools(args) = Cli::try_parse_from(["poolscope", "pools"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not the pools command");
+        };
+        if std::env::var_os("POOLSCOPE_AGENT").is_none() {
+            assert_eq!(args.agent.to_string(), "http://127.0.0.1:9464");
+        }
+        let Command::Leaks(args) =
+            Cli::try_parse_from(["poolscope", "leaks", "--agent", "[::1]:19464"])
+                .expect("parses")
+                .command
+        else {
+            panic!("not the leaks command");
+        };
+        assert_eq!(args.agent.to_string(), "http://[::1]:19464");
+        let error = Cli::try_parse_from(["poolscope", "health", "--agent", "foo"])
+            .expect_err("foo has no port");
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+        let message = error.to_string();
+        assert!(
+            message.contains("--agent") && message.contains("expected host:port"),
+            "{message}"
+        );
+    }
 }

@@ -21,7 +21,7 @@ pub use crate::{
     ebpf::config::{DataPath, KernelConfig, RingBufferBytes},
     lifecycle::config::TrackingConfig,
     protocol::config::QueriesConfig,
-    telemetry::otlp::config::OtlpConfig,
+    telemetry::{attributes::MetricsConfig, otlp::config::OtlpConfig},
 };
 
 /// Log levels accepted in `[log] level` and `--log-level`.
@@ -39,6 +39,7 @@ pub struct Config {
     pub pool_health: PoolHealthConfig,
     pub sizing: SizingConfig,
     pub otlp: OtlpConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -166,6 +167,7 @@ impl Config {
 
     /// What no single key's type can check, naming the keys at fault.
     fn check_across_keys(&self) -> Result<()> {
+        self.metrics.check()?;
         self.http
             .bearer_token()
             .map(|_| ())
@@ -230,6 +232,8 @@ max_series = 50
 seed_from_proc = false
 pod_logs_dir = "/tmp/pods"
 full_command_lines = true
+max_applications = 7
+resource_command_args = true
 
 [queries]
 capture_bytes = 128
@@ -277,6 +281,10 @@ timeout_seconds = 3.0
 max_queued_events = 100
 query_spans = true
 
+[metrics.attributes."db.client.operation.duration"]
+add = ["db.query.summary"]
+drop = ["server.port"]
+
 [log]
 level = "debug"
 "#;
@@ -314,6 +322,8 @@ level = "debug"
                 seed_from_proc: false,
                 pod_logs_dir: "/tmp/pods".into(),
                 full_command_lines: true,
+                max_applications: checked(7u64),
+                resource_command_args: true,
             },
             queries: QueriesConfig {
                 capture_bytes: checked(128u64),
@@ -360,6 +370,17 @@ level = "debug"
                 timeout_seconds: checked(ms(3000)),
                 max_queued_events: checked(100u64),
                 query_spans: true,
+                ..OtlpConfig::default()
+            },
+            metrics: MetricsConfig {
+                attributes: [(
+                    "db.client.operation.duration".to_string(),
+                    crate::telemetry::attributes::AttributeChoice {
+                        add: vec!["db.query.summary".into()],
+                        drop: vec!["server.port".into()],
+                    },
+                )]
+                .into(),
             },
             log: LogConfig {
                 level: checked("debug".to_owned()),
@@ -538,7 +559,7 @@ level = "debug"
             "htp",
             4,
             "unknown field `htp`, expected one of `http`, `kernel`, `tracking`, `queries`, \
-             `adapter`, `leaks`, `pool_health`, `sizing`, `otlp`, `log`",
+             `adapter`, `leaks`, `pool_health`, `sizing`, `otlp`, `metrics`, `log`",
         );
         // Inline tables and dotted keys are located just as well.
         let e = err("log = { level = \"info\", colour = true }\n");

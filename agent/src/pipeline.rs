@@ -31,7 +31,7 @@ use crate::{
     },
     ebpf::{self, KernelProbes, LoadOptions, TracefsStatus},
     health::{AdapterState, Health},
-    kernel_records,
+    identity, kernel_records,
     lifecycle::{
         CloseReason, ConnId, Endpoint, Event, EventKind, Output, PoolView, SeededPhase, Tracker,
         TrackerConfig,
@@ -68,6 +68,9 @@ struct Pipeline {
     capture: CaptureBytes,
     /// Command lines as they are, secrets included (off by default).
     full_command_lines: bool,
+    /// `process.command_args` on applications' resources (off by default).
+    resource_command_args: bool,
+    host_name: String,
     /// Kernel events that arrived while /proc was scanned and did not fit
     /// in what the reader holds meanwhile.
     dropped_while_seeding: AtomicU64,
@@ -177,8 +180,33 @@ impl Pipeline {
         if self.state.with(|s| s.tracker.knows_placement(pid))? {
             return Ok(());
         }
-        let placement = procfs::placement(Path::new("/proc"), pid, self.pod_logs_dir.as_deref());
-        let name = procfs::process_comm(Path::new("/proc"), pid);
+        let proc_root = Path::new("/proc");
+        let placement = procfs::placement(proc_root, pid, self.pod_logs_dir.as_deref());
+        let name = procfs::process_comm(proc_root, pid);
+        let container_name = match (&placement.container_id, &self.pod_logs_dir) {
+            (Some(id), Some(dir)) if placement.pod_uid.is_some() => {
+                identity::container_name(dir, id)
+            }
+            _ => None,
+        };
+        let command_args = self
+            .resource_command_args
+            .then(|| procfs::process_args(proc_root, pid, self.full_command_lines))
+            .flatten();
+        let identity = identity::identify(&identity::ProcessFacts {
+            pid,
+            executable: name.clone().unwrap_or_else(|| "unknown_service".into()),
+            placement: placement.clone(),
+            container_name,
+            environment: procfs::process_environment(
+                proc_root,
+                pid,
+                identity::ENVIRONMENT_VARIABLES,
+            ),
+            command_args,
+            host_name: self.host_name.clone(),
+        });
+        self.telemetry.learn_application(pid, identity);
         self.state.with(|s| {
             s.tracker.set_placement(pid, placement);
             if let Some(name) = name {
@@ -227,9 +255,7 @@ impl Pipeline {
                 }
             }
             if let Some(otlp) = &self.otlp {
-                let attributes = serde_json::to_value(&report)
-                    .map(|v| otlp::json_attributes(&v))
-                    .unwrap_or_default();
+                let attributes = telemetry::records::record_attributes(&report);
                 let body = report.query.clone().unwrap_or_default();
                 otlp.emit_event(
                     catalogue::EVENT_QUERY_SLOW.name,
@@ -341,7 +367,7 @@ impl Pipeline {
                         (catalogue::EVENT_LEAK_OPENED.name, Severity::Warn)
                     }
                 };
-                let attributes = otlp::report_attributes(report);
+                let attributes = telemetry::records::record_attributes(report);
                 otlp.emit_event(name, severity, report.evidence.clone(), attributes);
             }
         }
@@ -518,11 +544,10 @@ fn process_details(pid: u32, tid: Option<u32>, full_command_line: bool) -> Proce
     }
 }
 
-/// service.name, service.version and host.name for every signal.
-fn agent_resource() -> opentelemetry_sdk::Resource {
-    // In a DaemonSet the hostname is the pod's: the downward API's node
-    // name (NODE_NAME) is the host's.
-    let host = std::env::var("NODE_NAME")
+/// The host's name. In a DaemonSet the hostname is the pod's: the
+/// downward API's node name (NODE_NAME) is the host's.
+fn host_name() -> String {
+    std::env::var("NODE_NAME")
         .ok()
         .filter(|n| !n.is_empty())
         .or_else(|| {
@@ -530,12 +555,27 @@ fn agent_resource() -> opentelemetry_sdk::Resource {
                 .ok()
                 .map(|h| h.trim().to_string())
         })
-        .unwrap_or_default();
-    opentelemetry_sdk::Resource::builder()
-        .with_service_name("poolscope")
+        .unwrap_or_default()
+}
+
+/// The agent's own resource: service.name (poolscope, unless the agent's
+/// OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name it), service.version,
+/// host.name, and what OTEL_RESOURCE_ATTRIBUTES adds (the SDK's detectors).
+fn agent_resource() -> opentelemetry_sdk::Resource {
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|n| !n.is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| {
+            identity::parse_resource_attributes(&a)
+                .iter()
+                .any(|(k, _)| k == "service.name")
+        });
+    let mut builder = opentelemetry_sdk::Resource::builder();
+    if !named {
+        builder = builder.with_service_name("poolscope");
+    }
+    builder
         .with_attributes([
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-            KeyValue::new("host.name", host),
+            KeyValue::new("host.name", host_name()),
         ])
         .build()
 }
@@ -673,17 +713,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 std::thread::spawn(move || otlp::build(&settings_for_thread, &resource, handle))
                     .join()
                     .map_err(|_| anyhow::anyhow!("building the OTLP exporters panicked"))??;
-            log::info!(
-                "OTLP export to {} ({:?}): metrics every {:?}, events as log records{}",
-                settings.endpoint,
-                settings.protocol,
-                settings.interval,
-                if settings.query_spans {
-                    ", query spans"
-                } else {
-                    ""
-                }
-            );
+            // Per signal: where, from which variable or key, how (header
+            // names only, never their values).
+            log::info!("OTLP export: {}", settings.summary());
             (Some(parts.reader), Some(Arc::new(parts.export)))
         }
         None => (None, None),
@@ -694,6 +726,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         export_counters: otlp_export.as_ref().map(|e| Arc::clone(&e.counters)),
         state: Arc::clone(&state),
         max_series: config.tracking.max_series.get(),
+        max_applications: config.tracking.max_applications.get(),
+        host_name: host_name(),
+        attributes: config.metrics.clone(),
         slow_threshold_ns: config.queries.slow_threshold_ms.as_nanos(),
     })?);
     let pipeline = Arc::new(Pipeline {
@@ -718,6 +753,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             redis: config.queries.redis_capture_bytes.get(),
         },
         full_command_lines: config.tracking.full_command_lines,
+        resource_command_args: config.tracking.resource_command_args,
+        host_name: host_name(),
         dropped_while_seeding: AtomicU64::new(0),
     });
 
@@ -1173,11 +1210,21 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
                     tracker.take_peak_used(v.pid, &v.name)
                 });
             }
-            let live: std::collections::HashSet<(u32, String)> =
-                s.tracker.pools().map(|p| (p.pid, p.name.clone())).collect();
-            (live, sample_trends.then_some(views))
+            let known: std::collections::HashSet<u32> = s.tracker.known_processes().collect();
+            // Processes with something to show: database connections,
+            // pools, open reports.
+            let active: std::collections::HashSet<u32> = s
+                .tracker
+                .open_connections()
+                .filter(|c| c.db_system.is_some() || c.pool.is_some())
+                .map(|c| c.id.pid)
+                .chain(s.tracker.pools().map(|p| p.pid))
+                .chain(s.leaks.open_reports().map(|r| r.pid))
+                .collect();
+            ((known, active), sample_trends.then_some(views))
         })?;
-        pipeline.telemetry.forget_gone_pools(&live);
+        let (known, active) = live;
+        pipeline.telemetry.sync_applications(&known, &active);
         if let Some(views) = trend_views {
             pipeline.sample_trends(now, views)?;
         }

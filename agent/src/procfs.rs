@@ -1,16 +1,25 @@
 //! Seeding from /proc at agent start: client connections that existed before
 //! the probes were attached, plus small process metadata readers.
 //!
-//! Parsing is pure (`&str`/`&[u8]` in, values out) and separate from the thin
-//! I/O layer, which takes a `proc_root` so tests can point it at a fake tree.
-//! A process that cannot be read (it exited, or we lack permission) is
-//! skipped; a scan never fails as a whole.
+//! The `procfs` crate reads and parses /proc (TCP and unix tables, fd links,
+//! namespaces, stat, cgroups, threads); what is left here is what the crate
+//! does not do: the sock_diag netlink dump, container and pod conventions of
+//! cgroup paths and kubelet directories, and a bounded read of environ. Every
+//! reader takes a `proc_root` so tests can point it at a fake tree. A process
+//! that cannot be read (it exited, or we lack permission) is skipped; a scan
+//! never fails as a whole.
 
 use std::collections::HashMap;
-use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ffi::OsStr;
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+
+// `::procfs` is the crate; plain `procfs` would be this module's own name
+// at the crate root.
+use ::procfs::net::{TcpNetEntry, TcpState};
+use ::procfs::process::{FDTarget, Process};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeededPeer {
@@ -42,24 +51,45 @@ pub struct SeededSocket {
     pub peer: SeededPeer,
 }
 
+/// Opens `/proc/PID` under `proc_root`; `None` if the process is gone or
+/// unreadable.
+fn open_process(proc_root: &Path, pid: u32) -> Option<Process> {
+    Process::new_with_root(proc_root.join(pid.to_string())).ok()
+}
+
 // ---------------------------------------------------------------------------
 // TCP tables (/proc/PID/net/tcp, tcp6)
 // ---------------------------------------------------------------------------
 
-const TCP_ESTABLISHED: u8 = 0x01;
-const TCP_SYN_SENT: u8 = 0x02;
-const TCP_CLOSE_WAIT: u8 = 0x08;
-const TCP_LISTEN: u8 = 0x0A;
+/// One row of a TCP table, IPv4-mapped IPv6 addresses turned into IPv4 (a
+/// dual-stack socket talking IPv4 is listed in tcp6 that way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TcpEntry {
+    local: SocketAddr,
+    remote: SocketAddr,
+    state: TcpState,
+    inode: u64,
+}
 
-/// One row of /proc/net/tcp or tcp6, addresses decoded (IPv4-mapped IPv6
-/// addresses become IPv4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TcpEntry {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// Kernel TCP state number (`st` column).
-    pub state: u8,
-    pub inode: u64,
+impl From<TcpNetEntry> for TcpEntry {
+    fn from(entry: TcpNetEntry) -> Self {
+        TcpEntry {
+            local: unmap_ipv4(entry.local_address),
+            remote: unmap_ipv4(entry.remote_address),
+            state: entry.state,
+            inode: entry.inode,
+        }
+    }
+}
+
+fn unmap_ipv4(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
 }
 
 /// A client connection found in a namespace's TCP tables.
@@ -70,60 +100,6 @@ pub struct TcpConnection {
     pub state: SeededTcpState,
 }
 
-/// Parses the text of /proc/net/tcp or /proc/net/tcp6. The header and
-/// malformed lines are skipped.
-pub fn parse_tcp_table(text: &str) -> Vec<TcpEntry> {
-    text.lines().filter_map(parse_tcp_line).collect()
-}
-
-fn parse_tcp_line(line: &str) -> Option<TcpEntry> {
-    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-    let fields: Vec<&str> = line.split_whitespace().take(10).collect();
-    if fields.len() < 10 || !fields[0].ends_with(':') {
-        return None;
-    }
-    Some(TcpEntry {
-        local: parse_hex_socket_addr(fields[1])?,
-        remote: parse_hex_socket_addr(fields[2])?,
-        state: u8::from_str_radix(fields[3], 16).ok()?,
-        inode: fields[9].parse().ok()?,
-    })
-}
-
-/// Decodes `HEXIP:HEXPORT` as printed by the kernel. The address words are
-/// printed as host-order u32s of the network-order bytes, so the native
-/// byte order of each word gives back the address bytes (little-endian
-/// words on x86 and arm64: `0100007F` is 127.0.0.1).
-pub fn parse_hex_socket_addr(text: &str) -> Option<SocketAddr> {
-    let (ip, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip = match ip.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(hex_word(ip)?.to_ne_bytes())),
-        32 => {
-            let mut bytes = [0u8; 16];
-            for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
-                let word = hex_word(ip.get(i * 8..i * 8 + 8)?)?;
-                chunk.copy_from_slice(&word.to_ne_bytes());
-            }
-            let v6 = Ipv6Addr::from(bytes);
-            match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6),
-            }
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-fn hex_word(text: &str) -> Option<u32> {
-    // from_str_radix accepts a leading '+'; the kernel never prints one.
-    if text.len() != 8 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u32::from_str_radix(text, 16).ok()
-}
-
 /// Keeps the outbound connections (SYN_SENT, ESTABLISHED, CLOSE_WAIT) of one
 /// network namespace, keyed by socket inode. `entries` should hold both the
 /// tcp and tcp6 tables of that namespace: a dual-stack `::` listener
@@ -131,10 +107,10 @@ fn hex_word(text: &str) -> Option<u32> {
 ///
 /// A socket is inbound (accepted by a local server) when its local port is
 /// the port of a LISTEN socket bound to the same address or a wildcard.
-pub fn outbound_connections(entries: &[TcpEntry]) -> HashMap<u64, TcpConnection> {
+fn outbound_connections(entries: &[TcpEntry]) -> HashMap<u64, TcpConnection> {
     let listeners: Vec<SocketAddr> = entries
         .iter()
-        .filter(|e| e.state == TCP_LISTEN)
+        .filter(|e| e.state == TcpState::Listen)
         .map(|e| e.local)
         .collect();
     let accepted_by_listener = |local: SocketAddr| {
@@ -154,9 +130,9 @@ pub fn outbound_connections(entries: &[TcpEntry]) -> HashMap<u64, TcpConnection>
         .filter(|e| e.inode != 0)
         .filter_map(|e| {
             let state = match e.state {
-                TCP_ESTABLISHED => SeededTcpState::Established,
-                TCP_SYN_SENT => SeededTcpState::SynSent,
-                TCP_CLOSE_WAIT => SeededTcpState::CloseWait,
+                TcpState::Established => SeededTcpState::Established,
+                TcpState::SynSent => SeededTcpState::SynSent,
+                TcpState::CloseWait => SeededTcpState::CloseWait,
                 _ => return None,
             };
             if accepted_by_listener(e.local) {
@@ -174,9 +150,24 @@ pub fn outbound_connections(entries: &[TcpEntry]) -> HashMap<u64, TcpConnection>
         .collect()
 }
 
+/// Reads and classifies the TCP tables of the namespace `process` lives in
+/// (/proc/PID/net shows the tables of that process's namespace).
+fn namespace_connections(process: &Process) -> HashMap<u64, TcpConnection> {
+    // tcp6 is absent when IPv6 is disabled; a missing or unreadable table
+    // is just empty.
+    let entries: Vec<TcpEntry> = [process.tcp(), process.tcp6()]
+        .into_iter()
+        .flat_map(|table| table.unwrap_or_default())
+        .map(TcpEntry::from)
+        .collect();
+    outbound_connections(&entries)
+}
+
 // ---------------------------------------------------------------------------
 // Unix sockets (NETLINK_SOCK_DIAG)
 // ---------------------------------------------------------------------------
+// By hand: the procfs crate has no netlink, and /proc/net/unix, which it
+// parses, does not show a socket's peer.
 
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
@@ -458,86 +449,73 @@ pub fn unix_client_paths(sockets: &[UnixSocketInfo]) -> HashMap<u64, String> {
 }
 
 // ---------------------------------------------------------------------------
-// /proc I/O
+// Unix socket types (/proc/PID/net/unix)
 // ---------------------------------------------------------------------------
 
-/// Parses an fd link target `socket:[12345]`.
-pub fn parse_socket_link(target: &str) -> Option<u64> {
-    target
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-/// Parses a namespace link target such as `net:[4026531840]`.
-fn parse_ns_link(target: &str) -> Option<u64> {
-    let (_, rest) = target.split_once(":[")?;
-    rest.strip_suffix(']')?.parse().ok()
-}
-
-/// `/proc/PID/comm` without its trailing newline.
 /// Socket type numbers as /proc/net/unix prints them.
 pub const UNIX_SOCK_STREAM: u16 = 1;
 
-/// The type of the socket bound to `path` in a /proc/net/unix table: tells a
-/// stream server (a connection) from a datagram one (syslog, journald).
-pub fn parse_unix_bound_type(table: &str, path: &str) -> Option<u16> {
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (kind, name) = (fields.get(4)?, fields.get(7)?);
-        if *name == path {
-            u16::from_str_radix(kind, 16).ok()
-        } else {
-            None
-        }
-    })
-}
-
-/// The type of the socket bound to `path`, as seen from `pid`'s network namespace.
+/// The type of the socket bound to `path`, as seen from `pid`'s network
+/// namespace: tells a stream server (a connection) from a datagram one
+/// (syslog, journald).
 pub fn unix_bound_type(proc_root: &Path, pid: u32, path: &str) -> Option<u16> {
-    let table = std::fs::read_to_string(proc_root.join(pid.to_string()).join("net/unix")).ok()?;
-    parse_unix_bound_type(&table, path)
+    let table = open_process(proc_root, pid)?.unix().ok()?;
+    let path = Path::new(path);
+    table
+        .into_iter()
+        .find(|entry| entry.path.as_deref() == Some(path))
+        .map(|entry| entry.socket_type)
 }
 
-/// The container a process runs in, from its cgroup path: the 64-hex id
-/// that Docker, containerd, CRI-O and systemd-managed runtimes put in it
+// ---------------------------------------------------------------------------
+// Containers and pods (cgroup path conventions, kubelet directories)
+// ---------------------------------------------------------------------------
+
+/// The cgroup paths of a process (one per hierarchy on cgroup v1, one on v2).
+fn cgroup_paths(process: &Process) -> Vec<String> {
+    process
+        .cgroups()
+        .map(|groups| groups.into_iter().map(|g| g.pathname).collect())
+        .unwrap_or_default()
+}
+
+/// The container a cgroup path names: the 64-hex id that Docker,
+/// containerd, CRI-O and systemd-managed runtimes put in it
 /// (`docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>`, or a bare
-/// `/kubepods/.../<id>`).
-pub fn parse_container_id(cgroup: &str) -> Option<String> {
-    cgroup.lines().find_map(|line| {
-        let path = line.splitn(3, ':').nth(2)?;
-        path.rsplit('/').find_map(|segment| {
-            let segment = segment.strip_suffix(".scope").unwrap_or(segment);
-            let id = segment.rsplit(['-', ':']).next()?;
-            (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-                .then(|| id.to_ascii_lowercase())
-        })
+/// `/kubepods/.../<id>`). By hand: a runtime convention, not a /proc format.
+pub fn container_id_in_cgroup_path(path: &str) -> Option<String> {
+    path.rsplit('/').find_map(|segment| {
+        let segment = segment.strip_suffix(".scope").unwrap_or(segment);
+        let id = segment.rsplit(['-', ':']).next()?;
+        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| id.to_ascii_lowercase())
     })
+}
+
+fn container_id_of(cgroup_paths: &[String]) -> Option<String> {
+    cgroup_paths
+        .iter()
+        .find_map(|path| container_id_in_cgroup_path(path))
 }
 
 pub fn container_id(proc_root: &Path, pid: u32) -> Option<String> {
-    let cgroup = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    parse_container_id(&cgroup)
+    container_id_of(&cgroup_paths(&open_process(proc_root, pid)?))
 }
 
 /// The Kubernetes pod a cgroup path names, if any: `pod<uid>` segments
 /// (cgroupfs driver) or `kubepods-<qos>-pod<uid_with_underscores>.slice`
 /// (systemd driver). Returned with dashes, as the API server spells it.
-pub fn parse_pod_uid(cgroup: &str) -> Option<String> {
-    cgroup.lines().find_map(|line| {
-        let path = line.splitn(3, ':').nth(2)?;
-        path.split('/').find_map(|segment| {
-            let segment = segment.strip_suffix(".slice").unwrap_or(segment);
-            let at = segment.rfind("pod")?;
-            let uid = segment.get(at + 3..)?.replace('_', "-");
-            let is_uid = uid.len() == 36
-                && uid.bytes().enumerate().all(|(i, b)| {
-                    matches!(i, 8 | 13 | 18 | 23) == (b == b'-')
-                        && (b == b'-' || b.is_ascii_hexdigit())
-                });
-            is_uid.then_some(uid)
-        })
+/// By hand: a kubelet convention, not a /proc format.
+pub fn pod_uid_in_cgroup_path(path: &str) -> Option<String> {
+    path.split('/').find_map(|segment| {
+        let segment = segment.strip_suffix(".slice").unwrap_or(segment);
+        let at = segment.rfind("pod")?;
+        let uid = segment.get(at + 3..)?.replace('_', "-");
+        let is_uid = uid.len() == 36
+            && uid.bytes().enumerate().all(|(i, b)| {
+                matches!(i, 8 | 13 | 18 | 23) == (b == b'-') && (b == b'-' || b.is_ascii_hexdigit())
+            });
+        is_uid.then_some(uid)
     })
 }
 
@@ -573,6 +551,7 @@ impl Placement {
 
 /// Pod name and namespace by uid, from the kubelet's log directory names
 /// (`<namespace>_<name>_<uid>` under /var/log/pods), which every node has.
+/// By hand: a kubelet convention, not a /proc file.
 pub fn pod_names(pod_logs_dir: &Path, uid: &str) -> Option<(String, String)> {
     std::fs::read_dir(pod_logs_dir).ok()?.find_map(|entry| {
         let name = entry.ok()?.file_name().into_string().ok()?;
@@ -585,33 +564,31 @@ pub fn pod_names(pod_logs_dir: &Path, uid: &str) -> Option<(String, String)> {
 /// A process's placement, from its cgroup and (for pods) the kubelet's
 /// log directory.
 pub fn placement(proc_root: &Path, pid: u32, pod_logs_dir: Option<&Path>) -> Placement {
-    let process_started_ns = process_started_ns(proc_root, pid);
-    let Ok(cgroup) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) else {
-        return Placement {
-            process_started_ns,
-            ..Placement::default()
-        };
+    let Some(process) = open_process(proc_root, pid) else {
+        return Placement::default();
     };
-    let pod_uid = parse_pod_uid(&cgroup);
+    let paths = cgroup_paths(&process);
+    let pod_uid = paths.iter().find_map(|path| pod_uid_in_cgroup_path(path));
     let names = match (&pod_uid, pod_logs_dir) {
         (Some(uid), Some(dir)) => pod_names(dir, uid),
         _ => None,
     };
     Placement {
-        container_id: parse_container_id(&cgroup),
+        container_id: container_id_of(&paths),
         pod_uid,
         pod_namespace: names.as_ref().map(|n| n.0.clone()),
         pod_name: names.map(|n| n.1),
-        process_started_ns,
+        process_started_ns: started_ns(&process),
     }
 }
 
-/// `starttime` of /proc/PID/stat (field 22, clock ticks since boot), in
-/// clock ticks; the command name in field 2 may hold spaces and ')'.
-pub fn parse_start_ticks(stat: &str) -> Option<u64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    // Fields from 3 (state) on: starttime is the 20th of them.
-    rest.split_whitespace().nth(19)?.parse().ok()
+// ---------------------------------------------------------------------------
+// Process metadata
+// ---------------------------------------------------------------------------
+
+/// `starttime` of /proc/PID/stat: clock ticks since boot.
+fn start_ticks(process: &Process) -> Option<u64> {
+    process.stat().ok().map(|stat| stat.starttime)
 }
 
 /// When process `pid` started, on CLOCK_MONOTONIC. The kernel counts
@@ -619,38 +596,42 @@ pub fn parse_start_ticks(stat: &str) -> Option<u64> {
 /// one by the time spent suspended; rounded down to a tick, so it never
 /// lies after the real start.
 pub fn process_started_ns(proc_root: &Path, pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
-    let ticks = parse_start_ticks(&stat)?;
-    // SAFETY: sysconf has no memory effects.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
-        .filter(|&hz| hz > 0)?;
+    started_ns(&open_process(proc_root, pid)?)
+}
+
+fn started_ns(process: &Process) -> Option<u64> {
+    let ticks = start_ticks(process)?;
+    let hz = Some(::procfs::ticks_per_second()).filter(|&hz| hz > 0)?;
     let boot_ns = ticks.checked_mul(1_000_000_000)? / hz;
     let suspended = crate::clock::boottime_ns().saturating_sub(crate::clock::monotonic_ns());
     Some(boot_ns.saturating_sub(suspended))
 }
 
-/// A thread's name (/proc/PID/task/TID/comm).
+/// A thread's name (the comm of /proc/PID/task/TID/stat).
 pub fn thread_name(proc_root: &Path, pid: u32, tid: u32) -> Option<String> {
-    let path = proc_root
-        .join(pid.to_string())
-        .join("task")
-        .join(tid.to_string())
-        .join("comm");
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim_end().to_string())
+    let task = open_process(proc_root, pid)?
+        .task_from_tid(i32::try_from(tid).ok()?)
+        .ok()?;
+    Some(task.stat().ok()?.comm)
 }
 
+/// A process's command name (the comm of /proc/PID/stat, the same text as
+/// /proc/PID/comm).
 pub fn process_comm(proc_root: &Path, pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm")).ok()?;
-    Some(text.trim_end_matches('\n').to_owned())
+    Some(open_process(proc_root, pid)?.stat().ok()?.comm)
 }
 
 /// `/proc/PID/cmdline` with the NUL separators turned into spaces, secrets
 /// redacted unless `full` (see `redact`); `None` when unreadable or empty
 /// (kernel threads, zombies).
 pub fn process_cmdline(proc_root: &Path, pid: u32, full: bool) -> Option<String> {
+    process_args(proc_root, pid, full).map(|args| args.join(" "))
+}
+
+/// A process's arguments, redacted unless `full`.
+pub fn process_args(proc_root: &Path, pid: u32, full: bool) -> Option<Vec<String>> {
+    // By hand: the crate's Process::cmdline() fails as a whole on one
+    // non-UTF-8 argument; such a process should still show, lossily.
     let bytes = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
     let args: Vec<String> = bytes
         .split(|&b| b == 0)
@@ -660,51 +641,111 @@ pub fn process_cmdline(proc_root: &Path, pid: u32, full: bool) -> Option<String>
     if args.is_empty() {
         None
     } else if full {
-        Some(args.join(" "))
+        Some(args)
     } else {
-        Some(crate::redact::command_line(&args))
+        Some(crate::redact::command_args(&args))
     }
 }
+
+/// How much of /proc/PID/environ is read: a process can carry megabytes.
+const ENVIRON_READ_LIMIT: u64 = 1024 * 1024;
+/// Longest value kept, in bytes (cut at a character boundary).
+const ENVIRON_VALUE_LIMIT: usize = 4096;
+
+/// The values of the variables `names` in /proc/PID/environ (the
+/// environment the process was started with), in the order of `names`;
+/// the first occurrence of a name wins, as with getenv. Reads at most 1 MiB,
+/// cuts values at 4,096 bytes, skips values that are not UTF-8. Empty when
+/// the process is gone or unreadable (environ needs ptrace-read access).
+pub fn process_environment(proc_root: &Path, pid: u32, names: &[&str]) -> Vec<(String, String)> {
+    // By hand: the crate's Process::environ() reads the whole file, with no
+    // bound on its size.
+    let path = proc_root.join(pid.to_string()).join("environ");
+    let Ok(file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let mut bytes = Vec::new();
+    if file
+        .take(ENVIRON_READ_LIMIT)
+        .read_to_end(&mut bytes)
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut entries: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
+    // The piece after the last NUL is either empty or, when the limit cut
+    // the file, an entry whose value may be cut short: not trusted.
+    if bytes.len() as u64 == ENVIRON_READ_LIMIT || bytes.last() == Some(&0) {
+        entries.pop();
+    }
+    let mut found: Vec<Option<String>> = vec![None; names.len()];
+    for entry in entries {
+        let Some(eq) = entry.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        let (name, value) = (&entry[..eq], &entry[eq + 1..]);
+        let Some(slot) = names.iter().position(|n| n.as_bytes() == name) else {
+            continue;
+        };
+        if found[slot].is_some() {
+            continue;
+        }
+        let Ok(value) = std::str::from_utf8(value) else {
+            continue;
+        };
+        found[slot] = Some(truncate_at_char_boundary(value, ENVIRON_VALUE_LIMIT).to_owned());
+    }
+    names
+        .iter()
+        .zip(found)
+        .filter_map(|(name, value)| Some(((*name).to_owned(), value?)))
+        .collect()
+}
+
+fn truncate_at_char_boundary(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+// ---------------------------------------------------------------------------
+// The scan
+// ---------------------------------------------------------------------------
 
 /// (fd, socket inode) for every socket fd of a process; `None` if the fd
-/// directory cannot be read.
-fn socket_fds(proc_root: &Path, pid: u32) -> Option<Vec<(i32, u64)>> {
-    let dir = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")).ok()?;
-    let mut fds = Vec::new();
-    for entry in dir.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        // The fd may close between readdir and readlink; skip it then.
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if let Some(inode) = target.to_str().and_then(parse_socket_link) {
-            fds.push((fd, inode));
-        }
-    }
-    Some(fds)
+/// directory cannot be read. An fd that closes between readdir and readlink
+/// is skipped by the crate's iterator.
+fn socket_fds(process: &Process) -> Option<Vec<(i32, u64)>> {
+    let fds = process.fd().ok()?;
+    Some(
+        fds.flatten()
+            .filter_map(|info| match info.target {
+                FDTarget::Socket(inode) => Some((info.fd, inode)),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
-/// Reads and classifies the TCP tables of the namespace `pid` lives in.
-fn namespace_connections(proc_root: &Path, pid: u32) -> HashMap<u64, TcpConnection> {
-    let net = proc_root.join(pid.to_string()).join("net");
-    let mut entries = Vec::new();
-    // tcp6 is absent when IPv6 is disabled; a missing table is just empty.
-    for table in ["tcp", "tcp6"] {
-        if let Ok(text) = std::fs::read_to_string(net.join(table)) {
-            entries.extend(parse_tcp_table(&text));
-        }
-    }
-    outbound_connections(&entries)
-}
-
-/// Identifies a network namespace; a process whose ns link is unreadable
-/// gets its own key so that its tables are still read.
+/// Identifies a network namespace; a process whose namespaces are
+/// unreadable gets its own key so that its tables are still read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum NetnsKey {
     Inode(u64),
     Pid(u32),
+}
+
+fn netns_key(process: &Process, pid: u32) -> NetnsKey {
+    process
+        .namespaces()
+        .ok()
+        .and_then(|ns| ns.0.get(OsStr::new("net")).map(|net| net.identifier))
+        .map_or(NetnsKey::Pid(pid), NetnsKey::Inode)
 }
 
 /// Finds database-candidate client connections that exist now: outbound TCP
@@ -727,18 +768,22 @@ fn scan_connections_with(
     own_pid: u32,
     unix_source: impl FnOnce() -> HashMap<u64, String>,
 ) -> Vec<SeededSocket> {
-    let Ok(dir) = std::fs::read_dir(proc_root) else {
-        log::warn!(
-            "cannot read {}, not seeding connections",
-            proc_root.display()
-        );
-        return Vec::new();
+    // Pids first, in order, so a scan is deterministic; a `Process` holds an
+    // open fd, so they are not all kept open at once.
+    let mut pids: Vec<u32> = match ::procfs::process::all_processes_with_root(proc_root) {
+        Ok(processes) => processes
+            .flatten()
+            .filter_map(|process| u32::try_from(process.pid).ok())
+            .filter(|&pid| pid != own_pid)
+            .collect(),
+        Err(e) => {
+            log::warn!(
+                "cannot read {}, not seeding connections: {e}",
+                proc_root.display()
+            );
+            return Vec::new();
+        }
     };
-    let mut pids: Vec<u32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|&pid| pid != own_pid)
-        .collect();
     pids.sort_unstable();
 
     let mut tcp_by_netns: HashMap<NetnsKey, HashMap<u64, TcpConnection>> = HashMap::new();
@@ -747,20 +792,19 @@ fn scan_connections_with(
     let mut found = Vec::new();
 
     for pid in pids {
-        let Some(fds) = socket_fds(proc_root, pid) else {
+        let Some(process) = open_process(proc_root, pid) else {
+            continue;
+        };
+        let Some(fds) = socket_fds(&process) else {
             continue;
         };
         if fds.is_empty() {
             continue;
         }
-        let netns = std::fs::read_link(proc_root.join(pid.to_string()).join("ns/net"))
-            .ok()
-            .and_then(|t| t.to_str().and_then(parse_ns_link))
-            .map_or(NetnsKey::Pid(pid), NetnsKey::Inode);
         let tcp = tcp_by_netns
-            .entry(netns)
-            .or_insert_with(|| namespace_connections(proc_root, pid));
-        let comm = process_comm(proc_root, pid).unwrap_or_default();
+            .entry(netns_key(&process, pid))
+            .or_insert_with(|| namespace_connections(&process));
+        let comm = process.stat().map(|stat| stat.comm).unwrap_or_default();
 
         for (fd, inode) in fds {
             let peer = if let Some(c) = tcp.get(&inode) {
@@ -797,12 +841,97 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
+    /// A fake /proc under the temp dir, removed on drop.
+    struct FakeProc(PathBuf);
+
+    /// A /proc/PID/stat line as the kernel prints it (52 fields).
+    fn stat_line(pid: u32, comm: &str, start_ticks: u64) -> String {
+        format!(
+            "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 1585 0 0 0 3 1 0 0 20 0 1 0 \
+             {start_ticks} 12345678 900 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 \
+             17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+        )
+    }
+
+    impl FakeProc {
+        fn new(name: &str) -> Self {
+            let root = std::env::temp_dir()
+                .join(format!("poolscope-procfs-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).expect("create fake proc");
+            FakeProc(root)
+        }
+
+        fn dir(&self, pid: u32) -> PathBuf {
+            self.0.join(pid.to_string())
+        }
+
+        /// A process; processes given the same `netns` share a network
+        /// namespace (their ns/net links resolve to the same inode, as the
+        /// kernel's do).
+        fn process(&self, pid: u32, comm: &str, netns: Option<u64>, fds: &[(i32, &str)]) {
+            let dir = self.dir(pid);
+            std::fs::create_dir_all(dir.join("fd")).expect("fd dir");
+            std::fs::create_dir_all(dir.join("ns")).expect("ns dir");
+            std::fs::write(dir.join("stat"), stat_line(pid, comm, 4242)).expect("stat");
+            std::fs::write(dir.join("cmdline"), format!("{comm}\0--flag\0x y\0")).expect("cmdline");
+            if let Some(ns) = netns {
+                let namespaces = self.0.join("namespaces");
+                std::fs::create_dir_all(&namespaces).expect("namespaces dir");
+                let target = namespaces.join(format!("net-{ns}"));
+                std::fs::write(&target, "").expect("namespace");
+                std::os::unix::fs::symlink(target, dir.join("ns/net")).expect("ns link");
+            }
+            for (fd, target) in fds {
+                std::os::unix::fs::symlink(target, dir.join("fd").join(fd.to_string()))
+                    .expect("fd link");
+            }
+        }
+
+        fn tables(&self, pid: u32, tcp: &str, tcp6: Option<&str>) {
+            let net = self.dir(pid).join("net");
+            std::fs::create_dir_all(&net).expect("net dir");
+            std::fs::write(net.join("tcp"), tcp).expect("tcp");
+            if let Some(tcp6) = tcp6 {
+                std::fs::write(net.join("tcp6"), tcp6).expect("tcp6");
+            }
+        }
+
+        fn file(&self, pid: u32, name: &str, content: impl AsRef<[u8]>) {
+            let path = self.dir(pid).join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).expect("parent dir");
+            }
+            std::fs::write(path, content).expect("file");
+        }
+    }
+
+    impl Drop for FakeProc {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
-    fn start_ticks_survive_a_command_name_with_spaces_and_parentheses() {
-        let stat = "4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 1585 0 0 0 3 1 0 0 20 0 1 0 987654 12345678 900";
-        assert_eq!(parse_start_ticks(stat), Some(987_654));
-        assert_eq!(parse_start_ticks("4242 (app) S 1 2"), None);
-        assert_eq!(parse_start_ticks("garbage"), None);
+    fn start_time_survives_a_command_name_with_spaces_and_parentheses() {
+        let fake = FakeProc::new("stat");
+        fake.process(7, "my (odd) app", None, &[]);
+        fake.file(7, "stat", stat_line(7, "my (odd) app", 987_654));
+        let process = open_process(&fake.0, 7).expect("fake process");
+        assert_eq!(start_ticks(&process), Some(987_654));
+        assert_eq!(process_comm(&fake.0, 7).as_deref(), Some("my (odd) app"));
+        assert!(process_started_ns(&fake.0, 7).is_some());
+        assert_eq!(
+            placement(&fake.0, 7, None).process_started_ns,
+            process_started_ns(&fake.0, 7)
+        );
+        // A short or garbled stat gives nothing, and no panic.
+        fake.file(7, "stat", "7 (app) S 1 2\n");
+        assert_eq!(process_started_ns(&fake.0, 7), None);
+        assert_eq!(process_comm(&fake.0, 7), None);
+        // Gone.
+        assert_eq!(process_started_ns(&fake.0, 99), None);
+        assert_eq!(placement(&fake.0, 99, None), Placement::default());
     }
 
     #[test]
@@ -844,76 +973,11 @@ mod tests {
 
     #[test]
     #[cfg(target_endian = "little")]
-    fn parses_hex_addresses() {
-        assert_eq!(
-            parse_hex_socket_addr("0100007F:1538"),
-            Some(addr("127.0.0.1:5432"))
-        );
-        assert_eq!(
-            parse_hex_socket_addr("00000000000000000000000001000000:1538"),
-            Some(addr("[::1]:5432"))
-        );
-        assert_eq!(
-            parse_hex_socket_addr("0000000000000000FFFF00000100007F:0CEA"),
-            Some(addr("127.0.0.1:3306"))
-        );
-        assert_eq!(
-            parse_hex_socket_addr("000080FE00000000FF005452C4D24DFE:E001"),
-            Some(addr("[fe80::5254:ff:fe4d:d2c4]:57345"))
-        );
-        for bad in [
-            "",
-            "0100007F",
-            "0100007F:",
-            "0100007G:1538",
-            "+100007F:1538",
-            "100007F:1538",
-            "0100007F:11538",
-            "00000000000000000000000001000000:",
-            "0000000é00000000000000000000000:1538",
-        ] {
-            assert_eq!(parse_hex_socket_addr(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    #[cfg(target_endian = "little")]
-    fn parses_tcp_tables() {
-        let v4 = parse_tcp_table(TCP4);
-        assert_eq!(v4.len(), 7);
-        assert_eq!(
-            v4[1],
-            TcpEntry {
-                local: addr("127.0.0.1:40000"),
-                remote: addr("127.0.0.1:5432"),
-                state: 0x01,
-                inode: 21002,
-            }
-        );
-        assert_eq!(v4[3].state, 0x02);
-        assert_eq!(v4[3].local, addr("10.0.0.10:54321"));
-        assert_eq!(v4[3].remote, addr("10.0.0.20:3306"));
-
-        let v6 = parse_tcp_table(TCP6);
-        assert_eq!(v6.len(), 7);
-        assert_eq!(v6[1].local, addr("[::1]:50000"));
-        assert_eq!(v6[1].remote, addr("[::1]:5432"));
-        assert_eq!(v6[3].local, addr("10.0.0.10:40001"));
-        assert_eq!(v6[3].remote, addr("10.0.0.20:3306"));
-        assert_eq!(v6[3].inode, 22004);
-
-        // Truncated and garbage lines are skipped, not fatal.
-        let text = "   0: 0100007F:1538 0100007F:9C40 01 00000000:00000000\n\
-                    junk\n   1: 0100007F:9C40 0100007F:1538 zz 0 0 0 0 0 5\n";
-        assert!(parse_tcp_table(text).is_empty());
-    }
-
-    #[test]
-    #[cfg(target_endian = "little")]
     fn keeps_only_outbound_connections() {
-        let mut entries = parse_tcp_table(TCP4);
-        entries.extend(parse_tcp_table(TCP6));
-        let out = outbound_connections(&entries);
+        let fake = FakeProc::new("outbound");
+        fake.process(10, "app", None, &[]);
+        fake.tables(10, TCP4, Some(TCP6));
+        let out = namespace_connections(&open_process(&fake.0, 10).expect("fake process"));
         let mut inodes: Vec<u64> = out.keys().copied().collect();
         inodes.sort_unstable();
         // Not 21001/22001/22005 (listeners), 21003/22003 (accepted by the
@@ -932,13 +996,30 @@ mod tests {
             }
         );
         assert_eq!(out[&21004].state, SeededTcpState::SynSent);
+        assert_eq!(out[&21004].remote, addr("10.0.0.20:3306"));
         assert_eq!(out[&21005].state, SeededTcpState::CloseWait);
+        // IPv4-mapped addresses in tcp6 come out as IPv4.
         assert_eq!(out[&22004].local, addr("10.0.0.10:40001"));
+        assert_eq!(out[&22004].remote, addr("10.0.0.20:3306"));
+        assert_eq!(out[&22002].remote, addr("[::1]:5432"));
+        assert_eq!(out[&22007].local, addr("[fe80::5254:ff:fe4d:d2c4]:57345"));
+        assert_eq!(out[&22007].remote, addr("[2001:db8::1]:443"));
+
+        // Without tcp6 (IPv6 disabled) the IPv4 table still counts.
+        fake.process(11, "v4only", None, &[]);
+        fake.tables(11, TCP4, None);
+        let out = namespace_connections(&open_process(&fake.0, 11).expect("fake process"));
+        assert_eq!(out.len(), 4);
+        // Without tables at all, nothing, and no error.
+        fake.process(12, "none", None, &[]);
+        assert!(
+            namespace_connections(&open_process(&fake.0, 12).expect("fake process")).is_empty()
+        );
     }
 
     #[test]
     fn listener_address_must_match_unless_wildcard() {
-        let entry = |local: &str, remote: &str, state: u8, inode: u64| TcpEntry {
+        let entry = |local: &str, remote: &str, state: TcpState, inode: u64| TcpEntry {
             local: addr(local),
             remote: addr(remote),
             state,
@@ -946,14 +1027,24 @@ mod tests {
         };
         let entries = [
             // Listens on 10.0.0.1:80 only.
-            entry("10.0.0.1:80", "0.0.0.0:0", TCP_LISTEN, 1),
+            entry("10.0.0.1:80", "0.0.0.0:0", TcpState::Listen, 1),
             // Same port on another local address: not accepted by it.
-            entry("127.0.0.1:80", "127.0.0.1:9999", TCP_ESTABLISHED, 2),
-            entry("10.0.0.1:80", "10.0.0.9:9999", TCP_ESTABLISHED, 3),
+            entry("127.0.0.1:80", "127.0.0.1:9999", TcpState::Established, 2),
+            entry("10.0.0.1:80", "10.0.0.9:9999", TcpState::Established, 3),
             // 0.0.0.0 takes IPv4 only.
-            entry("0.0.0.0:81", "0.0.0.0:0", TCP_LISTEN, 4),
-            entry("[2001:db8::1]:81", "[2001:db8::2]:9999", TCP_ESTABLISHED, 5),
-            entry("192.168.1.1:81", "192.168.1.2:9999", TCP_ESTABLISHED, 6),
+            entry("0.0.0.0:81", "0.0.0.0:0", TcpState::Listen, 4),
+            entry(
+                "[2001:db8::1]:81",
+                "[2001:db8::2]:9999",
+                TcpState::Established,
+                5,
+            ),
+            entry(
+                "192.168.1.1:81",
+                "192.168.1.2:9999",
+                TcpState::Established,
+                6,
+            ),
         ];
         let out = outbound_connections(&entries);
         let mut inodes: Vec<u64> = out.keys().copied().collect();
@@ -1102,60 +1193,6 @@ mod tests {
         p.extend(rtattr(UNIX_DIAG_PEER, &[1, 2]));
         parse_unix_diag(&nlmsg(SOCK_DIAG_BY_FAMILY, &p), &mut reply);
         assert_eq!(reply.sockets[1].peer, None);
-    }
-
-    #[test]
-    fn parses_links() {
-        assert_eq!(parse_socket_link("socket:[12345]"), Some(12345));
-        assert_eq!(parse_socket_link("pipe:[12345]"), None);
-        assert_eq!(parse_socket_link("socket:[12x]"), None);
-        assert_eq!(parse_socket_link("/dev/null"), None);
-        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4026531840));
-        assert_eq!(parse_ns_link("net:[]"), None);
-    }
-
-    /// A fake /proc under the temp dir, removed on drop.
-    struct FakeProc(PathBuf);
-
-    impl FakeProc {
-        fn new(name: &str) -> Self {
-            let root = std::env::temp_dir()
-                .join(format!("poolscope-procfs-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&root);
-            std::fs::create_dir_all(&root).expect("create fake proc");
-            FakeProc(root)
-        }
-
-        fn process(&self, pid: u32, comm: &str, netns: Option<u64>, fds: &[(i32, &str)]) {
-            let dir = self.0.join(pid.to_string());
-            std::fs::create_dir_all(dir.join("fd")).expect("fd dir");
-            std::fs::create_dir_all(dir.join("ns")).expect("ns dir");
-            std::fs::write(dir.join("comm"), format!("{comm}\n")).expect("comm");
-            std::fs::write(dir.join("cmdline"), format!("{comm}\0--flag\0x y\0")).expect("cmdline");
-            if let Some(ns) = netns {
-                std::os::unix::fs::symlink(format!("net:[{ns}]"), dir.join("ns/net"))
-                    .expect("ns link");
-            }
-            for (fd, target) in fds {
-                std::os::unix::fs::symlink(target, dir.join("fd").join(fd.to_string()))
-                    .expect("fd link");
-            }
-        }
-
-        fn tables(&self, pid: u32, tcp: &str, tcp6: Option<&str>) {
-            let net = self.0.join(pid.to_string()).join("net");
-            std::fs::create_dir_all(&net).expect("net dir");
-            std::fs::write(net.join("tcp"), tcp).expect("tcp");
-            if let Some(tcp6) = tcp6 {
-                std::fs::write(net.join("tcp6"), tcp6).expect("tcp6");
-            }
-        }
-    }
-
-    impl Drop for FakeProc {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 
     #[test]
@@ -1328,50 +1365,216 @@ mod tests {
 
     #[test]
     fn unix_bound_type_tells_stream_from_datagram() {
-        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+        let fake = FakeProc::new("unix");
+        fake.process(20, "app", None, &[]);
+        fake.file(
+            20,
+            "net/unix",
+            "Num       RefCount Protocol Flags    Type St Inode Path\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 2001 /run/postgresql/.s.PGSQL.5432\n\
             0000000000000000: 00000002 00000000 00000000 0002 01 2002 /dev/log\n\
-            0000000000000000: 00000002 00000000 00000000 0001 03 2003\n";
+            0000000000000000: 00000002 00000000 00000000 0001 03 2003\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 2004 @redis\n",
+        );
         assert_eq!(
-            parse_unix_bound_type(table, "/run/postgresql/.s.PGSQL.5432"),
+            unix_bound_type(&fake.0, 20, "/run/postgresql/.s.PGSQL.5432"),
             Some(UNIX_SOCK_STREAM)
         );
-        assert_eq!(parse_unix_bound_type(table, "/dev/log"), Some(2));
-        assert_eq!(parse_unix_bound_type(table, "/nope"), None);
-        assert_eq!(parse_unix_bound_type("garbage", "/dev/log"), None);
+        assert_eq!(unix_bound_type(&fake.0, 20, "/dev/log"), Some(2));
+        assert_eq!(
+            unix_bound_type(&fake.0, 20, "@redis"),
+            Some(UNIX_SOCK_STREAM)
+        );
+        assert_eq!(unix_bound_type(&fake.0, 20, "/nope"), None);
+        // Another process, no table; a process that does not exist.
+        fake.process(21, "app", None, &[]);
+        assert_eq!(unix_bound_type(&fake.0, 21, "/dev/log"), None);
+        assert_eq!(unix_bound_type(&fake.0, 99, "/dev/log"), None);
+        // A garbled table is no answer, not a panic.
+        fake.file(21, "net/unix", "garbage\nmore garbage\n");
+        assert_eq!(unix_bound_type(&fake.0, 21, "/dev/log"), None);
     }
 
     #[test]
     fn container_ids_from_cgroup_paths() {
         let id = "3f4a1b2c3d4e5f60718293a4b5c6d7e8f9011223344556677889900aabbccdde";
-        for line in [
-            format!("0::/system.slice/docker-{id}.scope"),
-            format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{id}.scope"),
-            format!("0::/kubepods/burstable/pod5678/{id}"),
-            format!("0::/machine.slice/libpod-{id}.scope/container"),
-            format!("12:pids:/kubepods/besteffort/podabc/crio-{id}"),
+        for path in [
+            format!("/system.slice/docker-{id}.scope"),
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{id}.scope"),
+            format!("/kubepods/burstable/pod5678/{id}"),
+            format!("/machine.slice/libpod-{id}.scope/container"),
+            format!("/kubepods/besteffort/podabc/crio-{id}"),
+            format!("/kubepods/besteffort/podabc/crio-{}", id.to_ascii_uppercase()),
         ] {
-            assert_eq!(parse_container_id(&line).as_deref(), Some(id), "{line}");
+            assert_eq!(container_id_in_cgroup_path(&path).as_deref(), Some(id), "{path}");
         }
         assert_eq!(
-            parse_container_id("0::/user.slice/user-0.slice/session-3.scope"),
+            container_id_in_cgroup_path("/user.slice/user-0.slice/session-3.scope"),
             None
         );
-        assert_eq!(parse_container_id("garbage"), None);
+        assert_eq!(container_id_in_cgroup_path("garbage"), None);
     }
 
     #[test]
     fn pod_uids_from_both_cgroup_drivers() {
         let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
         let systemd = format!(
-            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-abc.scope",
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-abc.scope",
             uid.replace('-', "_")
         );
-        assert_eq!(parse_pod_uid(&systemd).as_deref(), Some(uid));
-        let cgroupfs = format!("0::/kubepods/besteffort/pod{uid}/0123");
-        assert_eq!(parse_pod_uid(&cgroupfs).as_deref(), Some(uid));
-        assert_eq!(parse_pod_uid("0::/system.slice/docker-abc.scope"), None);
-        assert_eq!(parse_pod_uid("0::/kubepods/podnot-a-uid/x"), None);
+        assert_eq!(pod_uid_in_cgroup_path(&systemd).as_deref(), Some(uid));
+        let cgroupfs = format!("/kubepods/besteffort/pod{uid}/0123");
+        assert_eq!(pod_uid_in_cgroup_path(&cgroupfs).as_deref(), Some(uid));
+        assert_eq!(
+            pod_uid_in_cgroup_path("/system.slice/docker-abc.scope"),
+            None
+        );
+        assert_eq!(pod_uid_in_cgroup_path("/kubepods/podnot-a-uid/x"), None);
+    }
+
+    #[test]
+    fn placement_from_a_fake_process() {
+        let fake = FakeProc::new("placement");
+        let id = "3f4a1b2c3d4e5f60718293a4b5c6d7e8f9011223344556677889900aabbccdde";
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let logs = fake.0.join("pods");
+        std::fs::create_dir_all(logs.join(format!("shop_orders-7d9f_{uid}"))).expect("mkdir");
+
+        // cgroup v1: several hierarchies, the ids in a later line.
+        fake.process(30, "app", None, &[]);
+        fake.file(
+            30,
+            "cgroup",
+            format!(
+                "13:misc:/\n12:pids:/kubepods/besteffort/pod{uid}/{id}\n\
+                 1:name=systemd:/kubepods/besteffort/pod{uid}/{id}\n0::/\n"
+            ),
+        );
+        let placed = placement(&fake.0, 30, Some(&logs));
+        assert_eq!(placed.container_id.as_deref(), Some(id));
+        assert_eq!(placed.pod_uid.as_deref(), Some(uid));
+        assert_eq!(placed.pod_namespace.as_deref(), Some("shop"));
+        assert_eq!(placed.pod_name.as_deref(), Some("orders-7d9f"));
+        assert!(placed.process_started_ns.is_some());
+        assert_eq!(container_id(&fake.0, 30).as_deref(), Some(id));
+        // Without the kubelet's directory: the uid but no names.
+        let placed = placement(&fake.0, 30, None);
+        assert_eq!(placed.pod_uid.as_deref(), Some(uid));
+        assert_eq!(placed.pod_name, None);
+
+        // cgroup v2 outside any container.
+        fake.process(31, "sshd", None, &[]);
+        fake.file(31, "cgroup", "0::/system.slice/ssh.service\n");
+        let placed = placement(&fake.0, 31, Some(&logs));
+        assert!(placed.is_empty());
+        assert!(placed.process_started_ns.is_some());
+        assert_eq!(container_id(&fake.0, 31), None);
+
+        // No cgroup file (or an unreadable one): no placement, still a start.
+        fake.process(32, "gone-cgroup", None, &[]);
+        let placed = placement(&fake.0, 32, None);
+        assert!(placed.is_empty());
+        assert!(placed.process_started_ns.is_some());
+        assert_eq!(container_id(&fake.0, 99), None);
+    }
+
+    #[test]
+    fn thread_names_from_the_task_directory() {
+        let fake = FakeProc::new("threads");
+        fake.process(40, "java", None, &[]);
+        fake.file(40, "task/40/stat", stat_line(40, "java", 1));
+        fake.file(40, "task/41/stat", stat_line(41, "HikariPool-1 h", 1));
+        assert_eq!(
+            thread_name(&fake.0, 40, 41).as_deref(),
+            Some("HikariPool-1 h")
+        );
+        assert_eq!(thread_name(&fake.0, 40, 40).as_deref(), Some("java"));
+        assert_eq!(thread_name(&fake.0, 40, 42), None);
+        assert_eq!(thread_name(&fake.0, 99, 41), None);
+        assert_eq!(thread_name(&fake.0, 40, u32::MAX), None);
+    }
+
+    #[test]
+    fn thread_name_of_a_real_thread() {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::Builder::new()
+            .name("procfs-probe".to_owned())
+            .spawn(move || {
+                // SAFETY: gettid has no memory effects.
+                let tid = unsafe { libc::gettid() };
+                ready_tx.send(tid).expect("send tid");
+                let _ = done_rx.recv();
+            })
+            .expect("spawn");
+        let tid = ready_rx.recv().expect("tid");
+        let name = thread_name(Path::new("/proc"), std::process::id(), tid as u32);
+        drop(done_tx);
+        worker.join().expect("join");
+        assert_eq!(name.as_deref(), Some("procfs-probe"));
+    }
+
+    #[test]
+    fn environment_values_by_name() {
+        let fake = FakeProc::new("environ");
+        fake.process(50, "app", None, &[]);
+        let mut environ = b"PATH=/usr/bin\0OTEL_SERVICE_NAME=orders\0EMPTY=\0".to_vec();
+        environ.extend_from_slice(b"OTEL_RESOURCE_ATTRIBUTES=a=b,c=d\0");
+        environ.extend_from_slice(b"LATIN1=caf\xe9\0NOEQUALS\0OTEL_SERVICE_NAME=second\0");
+        fake.file(50, "environ", &environ);
+        let got = process_environment(
+            &fake.0,
+            50,
+            &[
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "OTEL_SERVICE_NAME",
+                "EMPTY",
+                "LATIN1",
+                "NOEQUALS",
+                "MISSING",
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![
+                ("OTEL_RESOURCE_ATTRIBUTES".to_owned(), "a=b,c=d".to_owned()),
+                // The first occurrence wins, as with getenv.
+                ("OTEL_SERVICE_NAME".to_owned(), "orders".to_owned()),
+                ("EMPTY".to_owned(), String::new()),
+            ]
+        );
+        // A name is matched whole, not as a prefix.
+        assert!(process_environment(&fake.0, 50, &["OTEL"]).is_empty());
+        assert!(process_environment(&fake.0, 50, &[]).is_empty());
+        assert!(process_environment(&fake.0, 99, &["PATH"]).is_empty());
+        // An environment without a final NUL (rewritten by the process) still
+        // counts its last entry.
+        fake.file(50, "environ", "A=1\0B=2");
+        assert_eq!(
+            process_environment(&fake.0, 50, &["B"]),
+            vec![("B".to_owned(), "2".to_owned())]
+        );
+    }
+
+    #[test]
+    fn environment_values_and_reads_are_bounded() {
+        let fake = FakeProc::new("environ-bounds");
+        fake.process(51, "app", None, &[]);
+        // A value of 5000 bytes whose 4096th byte falls inside a 3-byte
+        // character: cut before that character.
+        let long = format!("{}€{}", "x".repeat(4095), "y".repeat(902));
+        let mut environ = format!("LONG={long}\0").into_bytes();
+        // Padding up to just before 1 MiB, then a variable the limit cuts
+        // in its value, then one past the limit.
+        let pad = ENVIRON_READ_LIMIT as usize - environ.len() - 10;
+        environ.extend_from_slice(format!("PAD={}\0", "p".repeat(pad - 5)).as_bytes());
+        environ.extend_from_slice(b"CUT=0123456789\0AFTER=1\0");
+        fake.file(51, "environ", &environ);
+        let got = process_environment(&fake.0, 51, &["LONG", "CUT", "AFTER", "PAD"]);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["LONG", "PAD"]);
+        assert_eq!(got[0].1, "x".repeat(4095));
+        assert_eq!(got[1].1.len(), ENVIRON_VALUE_LIMIT);
     }
 
     #[test]

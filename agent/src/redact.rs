@@ -123,11 +123,11 @@ const WRAPPERS: &[(&str, &[&str], usize)] = &[
 /// The command line as one string, arguments joined by spaces, with every
 /// secret replaced by [`REDACTED`].
 pub fn command_line(args: &[String]) -> String {
-    redact_args(args).join(" ")
+    command_args(args).join(" ")
 }
 
 /// Each argument as it may be shown.
-fn redact_args<S: AsRef<str>>(args: &[S]) -> Vec<String> {
+pub fn command_args<S: AsRef<str>>(args: &[S]) -> Vec<String> {
     let program = program_index(args);
     let name = program
         .and_then(|p| args.get(p))
@@ -221,7 +221,7 @@ fn is_secret_flag(arg: &str) -> bool {
 fn redact_words(arg: &str) -> String {
     if arg.contains(' ') {
         let words: Vec<&str> = arg.split(' ').collect();
-        return redact_args(&words).join(" ");
+        return command_args(&words).join(" ");
     }
     redact_word(arg)
 }

@@ -12,6 +12,12 @@
 //! Helpers read the received data flattened: metric data points with their
 //! attributes as JSON values ([`MetricPoint`]), log records with their event
 //! name and attributes ([`LogRecordView`]), and resource attributes.
+//!
+//! [`OtlpReceiver::start_with`] takes [`ReceiverOptions`]: TLS on both
+//! servers (and, when given a CA, client certificates required), a header
+//! every request must carry (else gRPC UNAUTHENTICATED, HTTP 401), and the
+//! HTTP paths per signal. Every request's headers are kept
+//! ([`OtlpReceiver::request_log`]); gzip bodies are accepted on both servers.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -23,7 +29,7 @@ use std::{
 use axum::{
     body::Bytes,
     extract::{DefaultBodyLimit, State},
-    http::{header, HeaderMap, StatusCode},
+    http::{header, HeaderMap, StatusCode, Uri},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -48,6 +54,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use serde_json::Value;
+use tokio_rustls::rustls;
 
 use crate::{tcp_listening, wait_until};
 
@@ -92,8 +99,40 @@ struct Store {
     log_records_total: u64,
     spans_total: u64,
     /// Requests that could not be decoded (HTTP only: tonic rejects them
-    /// before they reach us), with why.
+    /// before they reach us), to paths no signal has, and TLS handshakes
+    /// that failed (HTTP), with why.
     rejected: Vec<String>,
+    /// The newest requests' headers, refused ones included.
+    request_log: VecDeque<RequestSeen>,
+    /// Requests refused for a missing or wrong required header.
+    refused: u64,
+}
+
+/// Request headers kept, at most (the newest).
+const MAX_REQUEST_LOG: usize = 2_000;
+
+/// One request as it arrived: where, and with which headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestSeen {
+    pub signal: Signal,
+    pub transport: Transport,
+    /// HTTP: the request's path; gRPC: empty.
+    pub path: String,
+    /// Names lowercased; values that are not text are left out.
+    pub headers: BTreeMap<String, String>,
+    /// Refused for the required header.
+    pub refused: bool,
+}
+
+impl RequestSeen {
+    /// How the body was compressed: `content-encoding` (HTTP) or
+    /// `grpc-encoding` (gRPC), `None` for neither.
+    pub fn encoding(&self) -> Option<&str> {
+        self.headers
+            .get("content-encoding")
+            .or_else(|| self.headers.get("grpc-encoding"))
+            .map(String::as_str)
+    }
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -125,7 +164,19 @@ impl Store {
             log_records_total: 0,
             spans_total: 0,
             rejected: Vec::new(),
+            request_log: VecDeque::new(),
+            refused: 0,
         }
+    }
+
+    fn log_request(&mut self, seen: RequestSeen) {
+        if seen.refused {
+            self.refused += 1;
+        }
+        if self.request_log.len() >= MAX_REQUEST_LOG {
+            self.request_log.pop_front();
+        }
+        self.request_log.push_back(seen);
     }
 
     fn count(&mut self, signal: Signal, transport: Transport) {
@@ -254,6 +305,9 @@ pub struct MetricPoint {
     /// 1 = delta, 2 = cumulative, 0 for gauges.
     pub temporality: i32,
     pub attributes: BTreeMap<String, Value>,
+    /// The attributes of the resource the point came under (one request
+    /// may carry several, e.g. one per application).
+    pub resource: BTreeMap<String, Value>,
     /// Gauges and sums: the value; histograms: the count.
     pub value: f64,
     /// Histograms: the sum of the recorded values.
@@ -264,11 +318,15 @@ pub struct MetricPoint {
 }
 
 impl MetricPoint {
-    /// Whether every `(key, value)` of `filter` is among the attributes.
+    /// Whether every `(key, value)` of `filter` is among the attributes,
+    /// or else among the resource's.
     pub fn matches(&self, filter: &[(&str, Value)]) -> bool {
-        filter
-            .iter()
-            .all(|(k, v)| self.attributes.get(*k).is_some_and(|a| a == v))
+        filter.iter().all(|(k, v)| {
+            self.attributes
+                .get(*k)
+                .or_else(|| self.resource.get(*k))
+                .is_some_and(|a| a == v)
+        })
     }
 }
 
@@ -297,6 +355,7 @@ impl MetricsSnapshot {
         let mut points = Vec::new();
         let mut names = BTreeSet::new();
         for rm in &received.request.resource_metrics {
+            let resource = resource_attributes(rm.resource.as_ref());
             for sm in &rm.scope_metrics {
                 for metric in &sm.metrics {
                     names.insert(metric.name.clone());
@@ -306,6 +365,7 @@ impl MetricsSnapshot {
                         kind,
                         temporality,
                         attributes: attributes(attrs),
+                        resource: resource.clone(),
                         value,
                         sum: None,
                         bounds: Vec::new(),
@@ -426,9 +486,88 @@ pub struct SpanView {
 // Servers
 // ---------------------------------------------------------------------------
 
+/// How the receiver serves: see the module's documentation.
+#[derive(Clone, Debug)]
+pub struct ReceiverOptions {
+    /// Serve both ports over TLS.
+    pub tls: Option<ServerTls>,
+    /// A header (name in lowercase, value) every request must carry.
+    pub required_header: Option<(String, String)>,
+    /// The HTTP server's paths for metrics, logs and traces.
+    pub http_paths: [String; 3],
+    /// Log records kept, at most (see [`DEFAULT_MAX_LOG_RECORDS`]).
+    pub max_log_records: usize,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            tls: None,
+            required_header: None,
+            http_paths: ["/v1/metrics".into(), "/v1/logs".into(), "/v1/traces".into()],
+            max_log_records: DEFAULT_MAX_LOG_RECORDS,
+        }
+    }
+}
+
+/// The servers' certificate chain and key (PEM) and, when given, the CA
+/// that must sign the clients' certificates (mutual TLS).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+/// What both servers share: the store and the header rule.
 #[derive(Clone)]
 struct Collector {
     store: Shared,
+    required_header: Option<(String, String)>,
+}
+
+/// Header names lowercased and text values of `headers`.
+fn header_texts(headers: &HeaderMap) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
+impl Collector {
+    /// Logs the request; whether the required header (if any) is there.
+    fn admit(&self, signal: Signal, transport: Transport, path: &str, headers: &HeaderMap) -> bool {
+        let headers = header_texts(headers);
+        let admitted = self
+            .required_header
+            .as_ref()
+            .is_none_or(|(name, value)| headers.get(name) == Some(value));
+        lock(&self.store).log_request(RequestSeen {
+            signal,
+            transport,
+            path: path.to_owned(),
+            headers,
+            refused: !admitted,
+        });
+        admitted
+    }
+
+    fn admit_grpc<T>(
+        &self,
+        signal: Signal,
+        request: &tonic::Request<T>,
+    ) -> Result<(), tonic::Status> {
+        let headers = request.metadata().clone().into_headers();
+        if self.admit(signal, Transport::Grpc, "", &headers) {
+            Ok(())
+        } else {
+            Err(tonic::Status::unauthenticated(
+                "the required header is missing or wrong",
+            ))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -437,6 +576,7 @@ impl MetricsService for Collector {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.admit_grpc(Signal::Metrics, &request)?;
         lock(&self.store).add_metrics(Transport::Grpc, request.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
@@ -448,6 +588,7 @@ impl LogsService for Collector {
         &self,
         request: tonic::Request<ExportLogsServiceRequest>,
     ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        self.admit_grpc(Signal::Logs, &request)?;
         lock(&self.store).add_logs(Transport::Grpc, request.into_inner());
         Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
     }
@@ -459,13 +600,14 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.admit_grpc(Signal::Traces, &request)?;
         lock(&self.store).add_traces(Transport::Grpc, request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
 
-/// Decodes an OTLP/HTTP binary-protobuf body (the only encoding the tests
-/// expect; JSON and compressed bodies are refused with 415).
+/// Decodes an OTLP/HTTP binary-protobuf body, plain or gzip (JSON and
+/// other encodings are refused with 415).
 fn decode_http<T: Message + Default>(headers: &HeaderMap, body: &Bytes) -> Result<T, String> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -476,10 +618,19 @@ fn decode_http<T: Message + Default>(headers: &HeaderMap, body: &Bytes) -> Resul
             "content-type {content_type:?} is not application/x-protobuf"
         ));
     }
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
-        return Err(format!("content-encoding {encoding:?} is not supported"));
-    }
-    T::decode(body.as_ref()).map_err(|e| format!("cannot decode the protobuf body: {e}"))
+    let decoded;
+    let bytes = match headers.get(header::CONTENT_ENCODING) {
+        None => body.as_ref(),
+        Some(encoding) if encoding == "gzip" => {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(body.as_ref()), &mut out)
+                .map_err(|e| format!("cannot gunzip the body: {e}"))?;
+            decoded = out;
+            decoded.as_slice()
+        }
+        Some(encoding) => return Err(format!("content-encoding {encoding:?} is not supported")),
+    };
+    T::decode(bytes).map_err(|e| format!("cannot decode the protobuf body: {e}"))
 }
 
 fn protobuf_response<T: Message>(message: &T) -> Response {
@@ -492,52 +643,89 @@ fn protobuf_response<T: Message>(message: &T) -> Response {
 }
 
 fn http_export<T: Message + Default, R: Message + Default>(
-    store: &Shared,
-    path: &str,
+    collector: &Collector,
+    signal: Signal,
+    uri: &Uri,
     headers: &HeaderMap,
     body: &Bytes,
     add: impl FnOnce(&mut Store, T),
 ) -> Response {
+    let path = uri.path();
+    if !collector.admit(signal, Transport::Http, path, headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "the required header is missing or wrong",
+        )
+            .into_response();
+    }
     match decode_http::<T>(headers, body) {
         Ok(request) => {
-            add(&mut lock(store), request);
+            add(&mut lock(&collector.store), request);
             protobuf_response(&R::default())
         }
         Err(e) => {
-            lock(store).rejected.push(format!("POST {path}: {e}"));
+            lock(&collector.store)
+                .rejected
+                .push(format!("POST {path}: {e}"));
             (StatusCode::UNSUPPORTED_MEDIA_TYPE, e).into_response()
         }
     }
 }
 
-async fn http_metrics(State(store): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn http_metrics(
+    State(collector): State<Collector>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     http_export::<ExportMetricsServiceRequest, ExportMetricsServiceResponse>(
-        &store,
-        "/v1/metrics",
+        &collector,
+        Signal::Metrics,
+        &uri,
         &headers,
         &body,
         |s, r| s.add_metrics(Transport::Http, r),
     )
 }
 
-async fn http_logs(State(store): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn http_logs(
+    State(collector): State<Collector>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     http_export::<ExportLogsServiceRequest, ExportLogsServiceResponse>(
-        &store,
-        "/v1/logs",
+        &collector,
+        Signal::Logs,
+        &uri,
         &headers,
         &body,
         |s, r| s.add_logs(Transport::Http, r),
     )
 }
 
-async fn http_traces(State(store): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn http_traces(
+    State(collector): State<Collector>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     http_export::<ExportTraceServiceRequest, ExportTraceServiceResponse>(
-        &store,
-        "/v1/traces",
+        &collector,
+        Signal::Traces,
+        &uri,
         &headers,
         &body,
         |s, r| s.add_traces(Transport::Http, r),
     )
+}
+
+/// A request to a path no signal has: kept among the rejected, and 404.
+async fn http_elsewhere(State(collector): State<Collector>, uri: Uri) -> Response {
+    lock(&collector.store)
+        .rejected
+        .push(format!("{uri}: no signal has this path"));
+    StatusCode::NOT_FOUND.into_response()
 }
 
 /// A listener on 127.0.0.1:`port` (0: any free port) with SO_REUSEADDR, so
@@ -549,9 +737,76 @@ fn listen(port: u16) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(1024)
 }
 
+fn invalid(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+}
+
+/// The HTTP server's TLS configuration (rustls, as the agent's client).
+fn rustls_config(tls: &ServerTls) -> std::io::Result<rustls::ServerConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(invalid)?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match &tls.client_ca_pem {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca) {
+                roots.add(cert.map_err(invalid)?).map_err(invalid)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .map_err(invalid)?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    builder.with_single_cert(chain, key).map_err(invalid)
+}
+
+/// A TLS listener for axum: connections whose handshake fails are dropped
+/// and kept among the rejected, with why.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    store: Shared,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            // One handshake at a time is enough for the tests' one client;
+            // the timeout keeps a stuck peer from blocking the next.
+            let handshake = self.acceptor.accept(tcp);
+            match tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                Ok(Ok(tls)) => return (tls, addr),
+                Ok(Err(e)) => lock(&self.store)
+                    .rejected
+                    .push(format!("TLS handshake from {addr}: {e}")),
+                Err(_) => lock(&self.store)
+                    .rejected
+                    .push(format!("TLS handshake from {addr}: timed out")),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
 /// Binds both listeners and serves them on a new runtime.
 fn serve(
     store: &Shared,
+    options: &ReceiverOptions,
     grpc_port: u16,
     http_port: u16,
 ) -> std::io::Result<(tokio::runtime::Runtime, u16, u16)> {
@@ -567,11 +822,23 @@ fn serve(
 
     let collector = Collector {
         store: Arc::clone(store),
+        required_header: options.required_header.clone(),
     };
-    let grpc_server = tonic::transport::Server::builder()
-        .add_service(MetricsServiceServer::new(collector.clone()))
-        .add_service(LogsServiceServer::new(collector.clone()))
-        .add_service(TraceServiceServer::new(collector))
+    let gzip = tonic::codec::CompressionEncoding::Gzip;
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        grpc_builder = grpc_builder.tls_config(config).map_err(invalid)?;
+    }
+    let grpc_server = grpc_builder
+        .add_service(MetricsServiceServer::new(collector.clone()).accept_compressed(gzip))
+        .add_service(LogsServiceServer::new(collector.clone()).accept_compressed(gzip))
+        .add_service(TraceServiceServer::new(collector.clone()).accept_compressed(gzip))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc));
     runtime.spawn(async move {
         if let Err(e) = grpc_server.await {
@@ -579,17 +846,35 @@ fn serve(
         }
     });
 
+    let [metrics_path, logs_path, traces_path] = &options.http_paths;
     let app = axum::Router::new()
-        .route("/v1/metrics", post(http_metrics))
-        .route("/v1/logs", post(http_logs))
-        .route("/v1/traces", post(http_traces))
+        .route(metrics_path, post(http_metrics))
+        .route(logs_path, post(http_logs))
+        .route(traces_path, post(http_traces))
+        .fallback(http_elsewhere)
         .layer(DefaultBodyLimit::disable())
-        .with_state(Arc::clone(store));
-    runtime.spawn(async move {
-        if let Err(e) = axum::serve(http, app).await {
-            eprintln!("otlp receiver: the HTTP server failed: {e}");
+        .with_state(collector);
+    match &options.tls {
+        Some(tls) => {
+            let listener = TlsListener {
+                tcp: http,
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(rustls_config(tls)?)),
+                store: Arc::clone(store),
+            };
+            runtime.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    eprintln!("otlp receiver: the HTTPS server failed: {e}");
+                }
+            });
         }
-    });
+        None => {
+            runtime.spawn(async move {
+                if let Err(e) = axum::serve(http, app).await {
+                    eprintln!("otlp receiver: the HTTP server failed: {e}");
+                }
+            });
+        }
+    }
     Ok((runtime, grpc_port, http_port))
 }
 
@@ -598,24 +883,34 @@ pub struct OtlpReceiver {
     pub grpc_port: u16,
     pub http_port: u16,
     store: Shared,
+    options: ReceiverOptions,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl OtlpReceiver {
     /// Starts both servers on free ports.
     pub fn start() -> OtlpReceiver {
-        OtlpReceiver::start_keeping(DEFAULT_MAX_LOG_RECORDS)
+        OtlpReceiver::start_with(ReceiverOptions::default())
     }
 
     /// Starts both servers, keeping at most `max_log_records` log records.
     pub fn start_keeping(max_log_records: usize) -> OtlpReceiver {
-        let store = Arc::new(Mutex::new(Store::new(max_log_records)));
-        let (runtime, grpc_port, http_port) =
-            serve(&store, 0, 0).unwrap_or_else(|e| panic!("cannot start the OTLP receiver: {e}"));
+        OtlpReceiver::start_with(ReceiverOptions {
+            max_log_records,
+            ..ReceiverOptions::default()
+        })
+    }
+
+    /// Starts both servers as `options` say.
+    pub fn start_with(options: ReceiverOptions) -> OtlpReceiver {
+        let store = Arc::new(Mutex::new(Store::new(options.max_log_records)));
+        let (runtime, grpc_port, http_port) = serve(&store, &options, 0, 0)
+            .unwrap_or_else(|e| panic!("cannot start the OTLP receiver: {e}"));
         OtlpReceiver {
             grpc_port,
             http_port,
             store,
+            options,
             runtime: Some(runtime),
         }
     }
@@ -657,7 +952,7 @@ impl OtlpReceiver {
         assert!(self.runtime.is_none(), "the receiver is already running");
         let mut last_error = None;
         let started = wait_until(Duration::from_secs(10), || {
-            match serve(&self.store, self.grpc_port, self.http_port) {
+            match serve(&self.store, &self.options, self.grpc_port, self.http_port) {
                 Ok((runtime, _, _)) => Some(runtime),
                 Err(e) => {
                     last_error = Some(e);
@@ -694,9 +989,20 @@ impl OtlpReceiver {
         lock(&self.store).spans_total
     }
 
-    /// HTTP requests that could not be decoded, with why.
+    /// HTTP requests that could not be decoded or went to a path no
+    /// signal has, and failed TLS handshakes (HTTP), with why.
     pub fn rejected(&self) -> Vec<String> {
         lock(&self.store).rejected.clone()
+    }
+
+    /// The newest requests (up to 2,000), oldest first, refused ones too.
+    pub fn request_log(&self) -> Vec<RequestSeen> {
+        lock(&self.store).request_log.iter().cloned().collect()
+    }
+
+    /// Requests refused for a missing or wrong required header.
+    pub fn refused(&self) -> u64 {
+        lock(&self.store).refused
     }
 
     /// Every metrics request kept, oldest first.
@@ -885,13 +1191,19 @@ impl OtlpReceiver {
             .map(|((s, t), n)| format!("{s:?}/{t:?}: {n}"))
             .collect();
         format!(
-            "OTLP receiver (gRPC {}, HTTP {}, {}): requests [{}], {} log records, {} spans, {} rejected {:?}",
+            "OTLP receiver (gRPC {}, HTTP {}, {}): requests [{}], {} log records, {} spans, \
+             {} refused for the header, {} rejected {:?}",
             self.grpc_port,
             self.http_port,
-            if self.runtime.is_some() { "running" } else { "stopped" },
+            if self.runtime.is_some() {
+                "running"
+            } else {
+                "stopped"
+            },
             requests.join(", "),
             store.log_records_total,
             store.spans_total,
+            store.refused,
             store.rejected.len(),
             store.rejected.iter().take(3).collect::<Vec<_>>(),
         )

@@ -362,3 +362,37 @@ fn bad_token_settings_name_the_key() {
         assert_no_panic(&stderr);
     }
 }
+
+#[test]
+fn bad_agent_address_is_a_usage_error() {
+    for (agent, why) in [
+        ("foo", "no port"),
+        ("::1:9464", "[::1]:9464"),
+        ("localhost:99999", "is not a port"),
+        ("https://localhost:9464", "https is not supported"),
+    ] {
+        let (status, _, stderr) =
+            run_agent(Command::new(agent_bin()).args(["pools", "--agent", agent]));
+        assert_eq!(status.code(), Some(2), "a usage error: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value '{agent}' for '--agent <AGENT>'")),
+            "names the value and the flag: {stderr}"
+        );
+        assert!(stderr.contains(why), "{agent}: {stderr}");
+        if !agent.starts_with("https") {
+            assert!(
+                stderr.contains("expected host:port or http://host:port"),
+                "says what is expected: {stderr}"
+            );
+        }
+        assert_no_panic(&stderr);
+    }
+    // The same from the environment.
+    let (status, _, stderr) = run_agent(
+        Command::new(agent_bin())
+            .arg("leaks")
+            .env("POOLSCOPE_AGENT", "agent.example"),
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("expected host:port"), "{stderr}");
+}

@@ -908,7 +908,7 @@ fn the_metric_check_rejects_what_the_agent_does_not_export() {
     // Real expressions pass.
     for ok in [
         r#"sum by (le) (rate(db_client_operation_duration_seconds_bucket{db_system_name=~"x"}[5m]))"#,
-        r#"sum without (db_client_connection_state) (db_client_connections{db_client_connection_state="used"}) / on (db_client_connection_pool_name, process_pid) group_left db_client_connection_max > 0.9"#,
+        r#"sum without (db_client_connection_state) (db_client_connection_count{db_client_connection_state="used"}) / on (db_client_connection_pool_name, process_pid) group_left db_client_connection_max > 0.9"#,
         r#"{__name__="poolscope_kernel_events_total", instance=~"x"} offset 5m"#,
         "rate(poolscope_kernel_events_total[5m:1m]) * 1e-3 > bool 0.5",
     ] {

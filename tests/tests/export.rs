@@ -452,11 +452,11 @@ fn prometheus_scrapes_the_values_the_api_reports() {
         let metrics = agent.metrics();
         for (pid, pools) in [(a, &pools_a), (b, &pools_b)] {
             let api = api_pool_counts(pools);
-            let scraped = pool_counts(
-                &prometheus.query(&format!("db_client_connections{{process_pid=\"{pid}\"}}")),
-            );
+            let scraped = pool_counts(&prometheus.query(&format!(
+                "db_client_connection_count{{process_pid=\"{pid}\"}}"
+            )));
             let exposed = pool_counts(
-                exposition_samples(&metrics, "db_client_connections")
+                exposition_samples(&metrics, "db_client_connection_count")
                     .iter()
                     .filter(|(l, _)| l.get("process_pid") == Some(&pid.to_string())),
             );
@@ -545,7 +545,7 @@ fn prometheus_scrapes_the_values_the_api_reports() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn promtool_accepts_the_exposition_without_warnings() {
+fn promtool_accepts_the_exposition_with_one_remark_at_most() {
     if !require_kernel() || !require_tool(PROMTOOL) {
         return;
     }
@@ -565,7 +565,7 @@ fn promtool_accepts_the_exposition_without_warnings() {
     let text = agent.metrics();
     for family in [
         "db_client_operation_duration_seconds_bucket",
-        "db_client_connections",
+        "db_client_connection_count",
         "poolscope_leak_open",
         "poolscope_leak_reports_total",
         "poolscope_connects_total",
@@ -583,8 +583,21 @@ fn promtool_accepts_the_exposition_without_warnings() {
         .unwrap_or_else(|e| panic!("cannot run {PROMTOOL}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // The one remark allowed: the conventions' `db.client.connection.count`
+    // keeps the name every OTLP -> Prometheus path gives it (docs/metrics.md,
+    // "One naming on both paths"); promtool's linter would rather a gauge
+    // did not end in `_count`.
+    const ALLOWED: &str = "db_client_connection_count non-histogram and non-summary metrics \
+                           should not have \"_count\" suffix";
+    let remarks: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && *line != ALLOWED)
+        .collect();
+    let only_the_allowed_lint = output.status.code() == Some(3) && stderr.contains(ALLOWED);
     assert!(
-        output.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty(),
+        (output.status.success() || only_the_allowed_lint) && remarks.is_empty(),
         "promtool check metrics: {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
         output.status
     );
@@ -802,16 +815,44 @@ fn check_resource(resource: &BTreeMap<String, Value>, what: &str) {
 /// The fields that name a report, in the API and in its log record.
 const REPORT_FIELDS: [&str; 5] = ["id", "kind", "status", "pid", "process"];
 
-/// Step: the log record carries `REPORT_FIELDS` and `fields` as the API's
-/// report `api` shows them (`null` where the API has none).
-fn expect_record_as_api(record: &LogRecordView, api: &Value, fields: &[&str]) {
-    for key in REPORT_FIELDS.iter().chain(fields) {
-        let got = record.attributes.get(*key).unwrap_or(&Value::Null);
-        assert_eq!(
-            got, &api[key],
-            "attribute {key} of {record:#?}\nAPI report: {api:#}"
-        );
+/// A log record attribute as the receiver shows it (JSON).
+fn any_value_json(value: &opentelemetry::logs::AnyValue) -> Value {
+    use opentelemetry::logs::AnyValue;
+    match value {
+        AnyValue::Int(i) => json!(i),
+        AnyValue::Double(f) => json!(f),
+        AnyValue::Boolean(b) => json!(b),
+        AnyValue::String(s) => json!(s.as_str()),
+        other => panic!("no report field becomes {other:?}"),
     }
+}
+
+/// Step: the log record carries `REPORT_FIELDS` and `fields` of the API's
+/// report `report`, each under the keys the agent names it by (the
+/// semantic conventions' names, `poolscope.<field>` otherwise), with the
+/// API's values.
+fn expect_record_as_api(record: &LogRecordView, report: &impl serde::Serialize, fields: &[&str]) {
+    let expected: BTreeMap<String, Value> =
+        poolscope::telemetry::records::record_attributes(report)
+            .iter()
+            .map(|(key, value)| (key.clone(), any_value_json(value)))
+            .collect();
+    for field in REPORT_FIELDS.iter().chain(fields) {
+        for key in telemetry_catalogue::record_keys(field) {
+            let port = telemetry_catalogue::port_key(&key);
+            for key in std::iter::once(key.as_ref()).chain(port) {
+                assert_eq!(
+                    record.attributes.get(key),
+                    expected.get(key),
+                    "attribute {key} (the API's {field}) of {record:#?}\nexpected: {expected:#?}"
+                );
+            }
+        }
+    }
+    assert!(
+        !record.attributes.contains_key("pid") && !record.attributes.contains_key("db_system"),
+        "API field names in a record: {record:#?}"
+    );
 }
 
 /// The `poolscope.leak.opened` record of `report`, checked field by field
@@ -819,11 +860,10 @@ fn expect_record_as_api(record: &LogRecordView, api: &Value, fields: &[&str]) {
 fn check_leak_record(receiver: &OtlpReceiver, report: &LeakReport) -> LogRecordView {
     let record = receiver.wait_for(EXPORT_TIMEOUT, "the leak.opened log record", |r| {
         r.events("poolscope.leak.opened").into_iter().find(|e| {
-            e.attributes.get("id") == Some(&json!(report.id))
-                && e.attributes.get("pid") == Some(&json!(report.pid))
+            e.attributes.get("poolscope.id") == Some(&json!(report.id))
+                && e.attributes.get("process.pid") == Some(&json!(report.pid))
         })
     });
-    let api = serde_json::to_value(report).expect("report JSON");
     // Fields fixed when the report opened; held_for_seconds and the like
     // may move on in the API.
     let fields = [
@@ -839,12 +879,15 @@ fn check_leak_record(receiver: &OtlpReceiver, report: &LeakReport) -> LogRecordV
         "reported_at",
         "connection_opened_at",
     ];
-    expect_record_as_api(&record, &api, &fields);
+    expect_record_as_api(&record, report, &fields);
     assert_eq!(
-        record.attributes.get("kind"),
+        record.attributes.get("poolscope.kind"),
         Some(&json!("idle_in_transaction"))
     );
-    assert_eq!(record.attributes.get("status"), Some(&json!("open")));
+    assert_eq!(
+        record.attributes.get("poolscope.status"),
+        Some(&json!("open"))
+    );
     assert_eq!(record.body, json!(report.evidence), "{record:#?}");
     assert!(!report.evidence.is_empty(), "{report:#?}");
     assert_eq!(record.severity_text, "WARN", "{record:#?}");
@@ -955,14 +998,14 @@ fn check_adapter_pool(receiver: &OtlpReceiver, agent: &Agent, pid: u32) {
         PoolSeries {
             otel: "db.client.connection.count",
             extra: Some(("db.client.connection.state", "used")),
-            prom: "db_client_connections",
+            prom: "db_client_connection_count",
             label: ",db_client_connection_state=\"used\"",
             want: 0.0,
         },
         PoolSeries {
             otel: "db.client.connection.count",
             extra: Some(("db.client.connection.state", "idle")),
-            prom: "db_client_connections",
+            prom: "db_client_connection_count",
             label: ",db_client_connection_state=\"idle\"",
             want: 1.0,
         },
@@ -1070,19 +1113,18 @@ fn check_slow_acquire_record(receiver: &OtlpReceiver, agent: &Agent, pid: u32) {
     let record = receiver.wait_for(EXPORT_TIMEOUT, "the poolscope.acquire.slow record", |r| {
         r.events("poolscope.acquire.slow")
             .into_iter()
-            .find(|e| e.attributes.get("pid") == Some(&json!(pid)))
+            .find(|e| e.attributes.get("process.pid") == Some(&json!(pid)))
     });
     let records = receiver
         .events("poolscope.acquire.slow")
         .into_iter()
-        .filter(|e| e.attributes.get("pid") == Some(&json!(pid)))
+        .filter(|e| e.attributes.get("process.pid") == Some(&json!(pid)))
         .count();
     assert_eq!(records, 1, "one slow acquire (the other took 0.2 s)");
     let report = leaks(agent)
         .into_iter()
         .find(|r| r.pid == pid && r.kind.as_str() == "slow_acquire")
         .unwrap_or_else(|| panic!("no slow_acquire report for pid {pid}: {:#?}", leaks(agent)));
-    let api = serde_json::to_value(&report).expect("report JSON");
     let fields = [
         "pool",
         "evidence",
@@ -1094,13 +1136,16 @@ fn check_slow_acquire_record(receiver: &OtlpReceiver, agent: &Agent, pid: u32) {
         "pool_max",
         "pool_pending",
     ];
-    expect_record_as_api(&record, &api, &fields);
-    assert_eq!(record.attributes.get("pool"), Some(&json!(ADAPTER_POOL)));
+    expect_record_as_api(&record, &report, &fields);
     assert_eq!(
-        record.attributes.get("resolution"),
+        record.attributes.get("db.client.connection.pool.name"),
+        Some(&json!(ADAPTER_POOL))
+    );
+    assert_eq!(
+        record.attributes.get("poolscope.resolution"),
         Some(&json!("got a connection"))
     );
-    assert_eq!(record.attributes.get("pool_max"), Some(&json!(5)));
+    assert_eq!(record.attributes.get("poolscope.pool_max"), Some(&json!(5)));
     let waited = report.wait_seconds.unwrap_or_default();
     assert!(
         (1.5..3.0).contains(&waited),
@@ -1186,7 +1231,7 @@ fn otlp_leak_records_carry_the_holders_stack_as_code_stacktrace() {
     let record = receiver.wait_for(EXPORT_TIMEOUT, "the leak's log record", |r| {
         r.events("poolscope.leak.opened")
             .into_iter()
-            .find(|e| e.attributes.get("id") == Some(&json!(report.id)))
+            .find(|e| e.attributes.get("poolscope.id") == Some(&json!(report.id)))
     });
     assert_eq!(
         record.attributes.get("code.stacktrace"),
@@ -1423,7 +1468,7 @@ fn otlp_outage_under_load_is_bounded_and_recovers() {
     let slow: Vec<LogRecordView> = receiver
         .events("poolscope.query.slow")
         .into_iter()
-        .filter(|r| r.attributes.get("pid") == Some(&json!(pgbench_pid)))
+        .filter(|r| r.attributes.get("process.pid") == Some(&json!(pgbench_pid)))
         .collect();
     assert!(
         slow.len() >= 100,
@@ -1435,10 +1480,11 @@ fn otlp_outage_under_load_is_bounded_and_recovers() {
     // pgbench sends the script line as written, semicolon included.
     assert_eq!(last.body, json!("SELECT ?;"), "{last:#?}");
     for (key, want) in [
-        ("query", json!("SELECT ?;")),
-        ("process", json!("pgbench")),
-        ("db_system", json!("postgresql")),
-        ("server", json!(format!("127.0.0.1:{}", pg.port))),
+        ("db.query.text", json!("SELECT ?;")),
+        ("process.executable.name", json!("pgbench")),
+        ("db.system.name", json!("postgresql")),
+        ("server.address", json!("127.0.0.1")),
+        ("server.port", json!(pg.port)),
     ] {
         assert_eq!(last.attributes.get(key), Some(&want), "{key}: {last:#?}");
     }

@@ -1,5 +1,6 @@
-//! Pool histograms of processes that exited are forgotten, and a live
-//! pool keeps its series, against the real agent and kernel.
+//! Each process's series go with it when it exits (its application's meter
+//! provider is dropped), and a live pool keeps counting, against the real
+//! agent and kernel.
 //!
 //! Any local user may send adapter datagrams, and every pool name becomes
 //! a label value of `db.client.connection.wait_time`. Short-lived sender
@@ -22,10 +23,8 @@ use poolscope_tests::{
 const SENDERS: usize = 40;
 const POOLS_EACH: usize = 16;
 
-/// A rebuild comes at most once a minute (the agent's
-/// `MIN_REBUILD_INTERVAL`); exits that straddle a housekeeping tick may need
-/// a second one.
-const FORGET_TIMEOUT: Duration = Duration::from_secs(80);
+/// Housekeeping lets go of exited processes' applications every second.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends, for each of its pools, an acquire that timed out; says `ready`;
 /// then does it again for every line it reads, until its stdin closes.
@@ -111,18 +110,18 @@ fn gauge(text: &str, name: &str) -> f64 {
 }
 
 #[test]
-fn pools_of_exited_processes_are_forgotten_and_a_live_pool_keeps_its_series() {
+fn series_of_exited_processes_go_with_them_and_a_live_pool_keeps_counting() {
     if !require_kernel() {
         return;
     }
     scenario(None);
 }
 
-/// The same over OTLP too: the rebuilt provider gets an exporter of its own
-/// (the blocking HTTP client, built off the agent's runtime threads), and
-/// the pushed wait times forget the gone pools as /metrics does.
+/// The same over OTLP too: each application goes out under its own resource
+/// (the blocking HTTP client, on the applications' export thread), and the
+/// pushed wait times forget the gone processes as /metrics does.
 #[test]
-fn pushed_pool_series_forget_exited_processes_too() {
+fn pushed_series_forget_exited_processes_too() {
     if !require_kernel() {
         return;
     }
@@ -208,30 +207,21 @@ fn scenario(receiver: Option<&OtlpReceiver>) {
             agent.log()
         )
     });
-    let forgotten = gauge(&text, "poolscope_telemetry_pool_series_forgotten_total");
-    // Pools whose process exit came after the tick of the first rebuild
-    // are dropped by it all the same, without counting as forgotten.
-    assert!(
-        (32.0..=(SENDERS * POOLS_EACH) as f64).contains(&forgotten),
-        "{forgotten} pools forgotten"
+    let applications = gauge(&text, "poolscope_telemetry_applications");
+    assert_eq!(
+        applications, 1.0,
+        "only the live sender's application is left"
     );
-    let resets = gauge(&text, "poolscope_telemetry_pool_series_resets_total");
-    assert!((1.0..=2.0).contains(&resets), "{resets} resets");
 
-    // The live pool records again: its histogram restarted at the reset,
-    // and it has its own line (not the overflow series).
+    // The live pool records again: nothing reset it, and it has its own
+    // line (not the overflow series).
     legit.again();
     legit.again();
     let text = wait_until(Duration::from_secs(10), || {
         let text = agent.metrics();
-        (wait_count(&text, legit.pid(), "legit0") == Some(2.0)).then_some(text)
+        (wait_count(&text, legit.pid(), "legit0") == Some(3.0)).then_some(text)
     })
-    .unwrap_or_else(|| {
-        panic!(
-            "the live pool's wait time is not 2 after the reset:\n{}",
-            agent.metrics()
-        )
-    });
+    .unwrap_or_else(|| panic!("the live pool's wait count is not 3:\n{}", agent.metrics()));
     assert!(!text.contains("otel_metric_overflow"));
     if let Some(receiver) = receiver {
         let legit_pid = i64::from(legit.pid());
@@ -249,13 +239,13 @@ fn scenario(receiver: Option<&OtlpReceiver>) {
                 .iter()
                 .filter(|p| p.name == WAIT_TIME)
                 .filter(|p| {
-                    p.attributes
+                    p.resource
                         .get("process.pid")
                         .and_then(|v| v.as_i64())
                         .is_some_and(|pid| flood_pids.iter().any(|f| i64::from(*f) == pid))
                 })
                 .count();
-            (legit == Some(2.0) && flood_left == 0).then_some(())
+            (legit == Some(3.0) && flood_left == 0).then_some(())
         });
         assert!(
             pushed.is_some(),
@@ -263,7 +253,6 @@ fn scenario(receiver: Option<&OtlpReceiver>) {
             receiver.latest_with(WAIT_TIME).map(|s| s.points.len()),
             agent.log()
         );
-        assert!(!agent.log().contains("cannot rebuild"), "{}", agent.log());
     }
     let after = series(&text);
     assert!(
@@ -271,10 +260,9 @@ fn scenario(receiver: Option<&OtlpReceiver>) {
         "series back near the baseline: {baseline} before, {flooded} flooded, {after} after"
     );
     eprintln!(
-        "pool series{}: {baseline} at start, {flooded} with {} pools of {SENDERS} processes, {after} after they exited ({} forgotten in {resets} resets, {:.1} s after the exits)",
+        "pool series{}: {baseline} at start, {flooded} with {} pools of {SENDERS} processes, {after} after they exited ({:.1} s after the exits)",
         if receiver.is_some() { " (with OTLP)" } else { "" },
         SENDERS * POOLS_EACH,
-        forgotten,
         exited.elapsed().as_secs_f64()
     );
     legit.finish();

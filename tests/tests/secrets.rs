@@ -521,7 +521,7 @@ fn wait_for_everything(rig: &Rig, app: &SecretApp, slow_text: &str) -> Seen {
             receiver
                 .events(name)
                 .into_iter()
-                .filter(|e| e.attributes.get("pid") == pid_attr)
+                .filter(|e| e.attributes.get("process.pid") == pid_attr)
                 .count()
         };
         (events("poolscope.leak.opened") >= 2 && events("poolscope.query.slow") >= 2)
@@ -653,12 +653,12 @@ fn check_outputs_hold(rig: &Rig, out: &Outputs, app: &SecretApp, seen: &Seen, cm
         .receiver
         .events("poolscope.leak.opened")
         .into_iter()
-        .filter(|e| e.attributes.get("pid") == pid_attr.as_ref())
+        .filter(|e| e.attributes.get("process.pid") == pid_attr.as_ref())
         .collect();
     assert!(opened.len() >= 2, "{opened:#?}");
     for event in &opened {
         assert_eq!(
-            event.attributes.get("cmdline"),
+            event.attributes.get("process.command_line"),
             Some(&json!(cmdline)),
             "{event:#?}"
         );
@@ -667,12 +667,12 @@ fn check_outputs_hold(rig: &Rig, out: &Outputs, app: &SecretApp, seen: &Seen, cm
         .receiver
         .events("poolscope.query.slow")
         .into_iter()
-        .filter(|e| e.attributes.get("pid") == pid_attr.as_ref())
+        .filter(|e| e.attributes.get("process.pid") == pid_attr.as_ref())
         .collect();
     assert!(
         slow_events
             .iter()
-            .any(|e| e.attributes.get("query") == Some(&json!(seen.slow.query))),
+            .any(|e| e.attributes.get("db.query.text") == Some(&json!(seen.slow.query))),
         "{slow_events:#?}"
     );
 }

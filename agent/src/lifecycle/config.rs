@@ -25,6 +25,13 @@ pub struct TrackingConfig {
     /// in connection URLs, `--password=`, `PGPASSWORD=`, `-pSECRET` and
     /// token flags are replaced by `***` in reports, the API, logs and OTLP.
     pub full_command_lines: bool,
+    /// Observed processes whose telemetry goes out under a resource of its
+    /// own (`service.name`...); the rest share `service.name=_other`.
+    pub max_applications: Bounded<usize, 1>,
+    /// Put each process's arguments (`process.command_args`, redacted
+    /// unless `full_command_lines`) on its resource. Off by default: long
+    /// and rarely needed to tell applications apart.
+    pub resource_command_args: bool,
 }
 
 impl Default for TrackingConfig {
@@ -36,6 +43,8 @@ impl Default for TrackingConfig {
             seed_from_proc: true,
             full_command_lines: false,
             pod_logs_dir: "/var/log/pods".into(),
+            max_applications: Bounded::new(256),
+            resource_command_args: false,
         }
     }
 }

@@ -143,6 +143,11 @@ impl Tracker {
     }
 
     /// Whether the placement of `pid` is known (the pipeline asks /proc once).
+    /// Processes the agent has read from /proc and not seen exit.
+    pub fn known_processes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.placements.keys().copied()
+    }
+
     pub fn knows_placement(&self, pid: u32) -> bool {
         self.placements.contains_key(&pid)
     }

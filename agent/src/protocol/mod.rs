@@ -35,7 +35,7 @@ mod sql;
 mod testutil;
 
 pub use session::SessionParser;
-pub use sql::sanitize;
+pub use sql::{query_summary, sanitize, QuerySummary};
 
 /// Bytes of each buffer the kernel copies from its start, by default.
 pub const DEFAULT_HEAD_MAX: usize = 256;

@@ -10,7 +10,6 @@
 use std::{
     collections::{BTreeMap, HashSet},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::Instant,
 };
 
 use anyhow::Context;
@@ -21,9 +20,11 @@ use opentelemetry::{
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
+pub mod apps;
+pub mod attributes;
 mod instruments;
 pub mod otlp;
-pub mod pool_series;
+pub mod records;
 
 use instruments::{
     counter, histogram, observable_counter, observable_f64_counter, observable_gauge,
@@ -34,10 +35,8 @@ use telemetry_catalogue::{self as catalogue, attr};
 use crate::{
     adapter::message::AcquireResult,
     clock::monotonic_ns,
-    detect::LeakKind,
-    lifecycle::{ConnState, Connection, Endpoint, Output, PoolView},
+    lifecycle::{Endpoint, Output},
     percentiles::Latencies,
-    procfs::Placement,
     protocol::DbSystem,
     reports::LeakChange,
     state::{KernelCounters, Shared, State},
@@ -55,6 +54,12 @@ pub struct Observed {
     pub state: Arc<Shared<State>>,
     /// Bound on distinct (process, server) series per gauge.
     pub max_series: usize,
+    /// Processes with telemetry of their own at most (`_other` for the rest).
+    pub max_applications: usize,
+    /// The agent's host, on every application's resource.
+    pub host_name: String,
+    /// `[metrics]`: attributes added to or dropped from metrics.
+    pub attributes: attributes::MetricsConfig,
     /// `[queries] slow_threshold_ms`: round trips this long are counted
     /// as slow.
     pub slow_threshold_ns: u64,
@@ -69,13 +74,15 @@ pub struct Telemetry {
     events: Counter<u64>,
     events_unmatched: Counter<u64>,
     decode_errors: Counter<u64>,
-    operation_duration: Histogram<f64>,
-    slow_queries: Counter<u64>,
     slow_threshold_ns: u64,
     protocol_lost: Counter<u64>,
     operation_names: OperationNames,
-    /// Per-pool histograms, forgotten when their pools are gone.
-    pool_series: pool_series::PoolSeries,
+    /// `db.query.summary` values, when opted in.
+    query_summaries: Option<BoundedValues>,
+    /// `db.collection.name` values, when opted in.
+    collections: Option<BoundedValues>,
+    /// Each observed application's instruments, under its own resource.
+    apps: Arc<apps::Applications>,
     adapter_messages: Counter<u64>,
     leak_reports: Counter<u64>,
     unpublished: Counter<u64>,
@@ -104,35 +111,75 @@ impl<'a, T> LockOnUse<'a, T> {
     }
 }
 
-/// The server attributes of round trips, built once per server: formatting
-/// an address on every round trip was a tenth of the agent's CPU under load.
+/// The server attributes of round trips, built once per server and
+/// database: formatting an address on every round trip was a tenth of the
+/// agent's CPU under load.
 #[derive(Default)]
 struct ServerAttributes {
-    by_server: Mutex<std::collections::HashMap<ServerKey, Arc<[KeyValue]>>>,
+    by_server: Mutex<std::collections::HashMap<ServerKey, ServerEntry>>,
 }
 
 type ServerKey = (DbSystem, Endpoint);
+
+#[derive(Default)]
+struct ServerEntry {
+    /// Without `db.namespace` (the parser has not seen the database).
+    plain: Option<Arc<[KeyValue]>>,
+    /// With each `db.namespace` seen, at most [`ServerAttributes::MAX_NAMESPACES`].
+    by_namespace: std::collections::HashMap<Box<str>, Arc<[KeyValue]>>,
+}
 
 impl ServerAttributes {
     /// Servers remembered at most; past it the cache starts over, so an
     /// agent that sees many servers stays bounded.
     const MAX: usize = 4096;
+    /// Databases named per server at most: a client chooses the database
+    /// it asks for, so any local user could otherwise mint series; the
+    /// rest share `db.namespace="_OTHER"`.
+    const MAX_NAMESPACES: usize = 16;
 
-    fn get(&self, system: DbSystem, remote: &Endpoint) -> Arc<[KeyValue]> {
+    fn get(&self, system: DbSystem, remote: &Endpoint, namespace: Option<&str>) -> Arc<[KeyValue]> {
         // A cache stays valid whatever panicked while holding it.
         let mut cache = self
             .by_server
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(attrs) = cache.get(&(system, remote.clone())) {
-            return Arc::clone(attrs);
+        if let Some(attrs) =
+            cache
+                .get(&(system, remote.clone()))
+                .and_then(|entry| match namespace {
+                    None => entry.plain.clone(),
+                    Some(ns) => entry.by_namespace.get(ns).cloned(),
+                })
+        {
+            return attrs;
         }
         if cache.len() >= Self::MAX {
             cache.clear();
         }
-        let attrs: Arc<[KeyValue]> = database_server_attributes(system, remote).into();
-        cache.insert((system, remote.clone()), Arc::clone(&attrs));
-        attrs
+        let entry = cache.entry((system, remote.clone())).or_default();
+        let mut attrs = database_server_attributes(system, remote);
+        match namespace {
+            None => {
+                let attrs: Arc<[KeyValue]> = attrs.into();
+                entry.plain = Some(Arc::clone(&attrs));
+                attrs
+            }
+            Some(ns) => {
+                let key: &str = if entry.by_namespace.len() < Self::MAX_NAMESPACES {
+                    ns
+                } else {
+                    "_OTHER"
+                };
+                if let Some(attrs) = entry.by_namespace.get(key) {
+                    return Arc::clone(attrs);
+                }
+                attrs.push(KeyValue::new(attr::DB_NAMESPACE, key.to_string()));
+                let attrs: Arc<[KeyValue]> = attrs.into();
+                entry.by_namespace.insert(key.into(), Arc::clone(&attrs));
+                attrs
+            }
+        }
     }
 }
 
@@ -272,66 +319,67 @@ impl OperationNames {
     }
 }
 
-/// Series key for per-process, per-server gauges.
-type SeriesKey = (u32, String, String, Option<u16>, Option<Placement>);
+/// Distinct `db.query.summary` values at most, and `db.collection.name`
+/// ones (the catalogue says so too).
+const MAX_QUERY_SUMMARIES: usize = 1024;
+const MAX_COLLECTIONS: usize = 256;
 
-/// Counts open and CLOSE_WAIT connections per (process, server), folding
-/// everything past `max_series` into one overflow series so that a process
-/// that talks to thousands of servers cannot blow up the label space.
-pub fn connection_series(
-    open: &mut dyn Iterator<Item = &Connection>,
-    placement: &dyn Fn(u32) -> Option<Placement>,
-    max_series: usize,
-) -> BTreeMap<SeriesKey, (u64, u64)> {
-    let mut series: BTreeMap<SeriesKey, (u64, u64)> = BTreeMap::new();
-    for conn in open {
-        let mut key = (
-            conn.id.pid,
-            conn.comm.clone(),
-            conn.remote.address(),
-            conn.remote.port(),
-            placement(conn.id.pid),
-        );
-        if !series.contains_key(&key) && series.len() >= max_series {
-            key = (0, "_other".into(), "_other".into(), None, None);
-        }
-        let entry = series.entry(key).or_default();
-        entry.0 += 1;
-        if conn.state == ConnState::PeerClosed {
-            entry.1 += 1;
-        }
-    }
-    series
+/// Values of an attribute that any client chooses (its statements), at
+/// most `max` distinct ones; the rest are `_OTHER`.
+struct BoundedValues {
+    max: usize,
+    seen: Mutex<HashSet<Arc<str>>>,
 }
 
-fn series_attributes(key: &SeriesKey) -> Vec<KeyValue> {
-    let mut attrs = vec![
-        KeyValue::new(attr::PROCESS_PID, i64::from(key.0)),
-        KeyValue::new(attr::PROCESS_EXECUTABLE_NAME, key.1.clone()),
-        KeyValue::new(attr::SERVER_ADDRESS, key.2.clone()),
-    ];
-    if let Some(port) = key.3 {
-        attrs.push(KeyValue::new(attr::SERVER_PORT, i64::from(port)));
-    }
-    if let Some(placement) = &key.4 {
-        placement_attributes(placement, &mut attrs);
-    }
-    attrs
-}
-
-/// `container.id`, `k8s.pod.uid`, `k8s.pod.name`, `k8s.namespace.name`.
-fn placement_attributes(placement: &Placement, attrs: &mut Vec<KeyValue>) {
-    for (key, value) in [
-        (attr::CONTAINER_ID, &placement.container_id),
-        (attr::K8S_POD_UID, &placement.pod_uid),
-        (attr::K8S_POD_NAME, &placement.pod_name),
-        (attr::K8S_NAMESPACE_NAME, &placement.pod_namespace),
-    ] {
-        if let Some(value) = value {
-            attrs.push(KeyValue::new(key, value.clone()));
+impl BoundedValues {
+    fn new(max: usize) -> BoundedValues {
+        BoundedValues {
+            max,
+            seen: Mutex::default(),
         }
     }
+
+    /// Shared, so that a value seen before allocates nothing.
+    fn get(&self, value: &str) -> StringValue {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = seen.get(value) {
+            return StringValue::from(Arc::clone(known));
+        }
+        if seen.len() >= self.max {
+            return StringValue::from("_OTHER");
+        }
+        let value: Arc<str> = Arc::from(value);
+        seen.insert(Arc::clone(&value));
+        StringValue::from(value)
+    }
 }
+
+/// The view of a provider: at most `series_limit` series per instrument,
+/// and the attributes `[metrics.attributes]` keeps.
+pub fn attributes_view(
+    config: &attributes::MetricsConfig,
+    series_limit: usize,
+) -> impl Fn(&opentelemetry_sdk::metrics::Instrument) -> Option<opentelemetry_sdk::metrics::Stream>
+       + Send
+       + Sync
+       + 'static {
+    let kept: std::collections::HashMap<String, HashSet<opentelemetry::Key>> =
+        catalogue::INSTRUMENTS
+            .iter()
+            .filter_map(|i| Some((i.name.to_string(), config.kept(i.name)?)))
+            .collect();
+    move |instrument| {
+        let mut stream =
+            opentelemetry_sdk::metrics::Stream::builder().with_cardinality_limit(series_limit);
+        if let Some(keys) = kept.get(instrument.name()) {
+            stream = stream.with_allowed_attribute_keys(keys.iter().cloned());
+        }
+        stream.build().ok()
+    }
+}
+
+/// The last export's bound at shutdown.
+const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Telemetry {
     pub fn new(mut observed: Observed) -> anyhow::Result<Telemetry> {
@@ -353,21 +401,29 @@ impl Telemetry {
         let mut builder = SdkMeterProvider::builder()
             .with_resource(observed.resource.clone())
             .with_reader(exporter)
-            .with_view(move |_: &opentelemetry_sdk::metrics::Instrument| {
-                opentelemetry_sdk::metrics::Stream::builder()
-                    .with_cardinality_limit(series_limit)
-                    .build()
-                    .ok()
-            });
-        let mut pool_otlp = None;
+            .with_view(attributes_view(&observed.attributes, series_limit));
+        let mut apps_otlp = None;
         if let Some(readers) = observed.otlp_reader.take() {
             builder = builder.with_reader(readers.main);
-            pool_otlp = Some((readers.pools, readers.factory));
+            apps_otlp = Some(readers.apps);
         }
         let provider = builder.build();
-        let pool_series = pool_series::PoolSeries::new(observed.resource.clone(), pool_otlp)?;
-        register_forget_observables(&provider.meter("poolscope"), &pool_series.counts);
+        let apps = Arc::new(apps::Applications::new(
+            Arc::clone(&observed.state),
+            apps::ApplicationsConfig {
+                max_applications: observed.max_applications,
+                max_series: observed.max_series,
+                host_name: observed.host_name.clone(),
+                otlp: apps_otlp.is_some(),
+                attributes: observed.attributes.clone(),
+            },
+        ));
+        if let Some(export) = apps_otlp {
+            let interval = export.interval();
+            apps.start_export(interval, move |metrics| export.export(metrics))?;
+        }
         let meter = provider.meter("poolscope");
+        register_application_observables(&meter, &apps.counts);
         let telemetry = Telemetry {
             connects: counter(&meter, &catalogue::CONNECTS),
             connect_duration: histogram(&meter, &catalogue::CONNECT_DURATION),
@@ -375,16 +431,22 @@ impl Telemetry {
             events: counter(&meter, &catalogue::KERNEL_EVENTS),
             events_unmatched: counter(&meter, &catalogue::KERNEL_EVENTS_UNMATCHED),
             decode_errors: counter(&meter, &catalogue::KERNEL_EVENTS_MALFORMED),
-            operation_duration: histogram(&meter, &catalogue::OPERATION_DURATION),
-            slow_queries: counter(&meter, &catalogue::QUERIES_SLOW),
             slow_threshold_ns: observed.slow_threshold_ns,
             protocol_lost: counter(&meter, &catalogue::PROTOCOL_LOST),
             operation_names: OperationNames::default(),
+            query_summaries: observed
+                .attributes
+                .adds(catalogue::OPERATION_DURATION.name, attr::DB_QUERY_SUMMARY)
+                .then(|| BoundedValues::new(MAX_QUERY_SUMMARIES)),
+            collections: observed
+                .attributes
+                .adds(catalogue::OPERATION_DURATION.name, attr::DB_COLLECTION_NAME)
+                .then(|| BoundedValues::new(MAX_COLLECTIONS)),
             server_attributes: ServerAttributes::default(),
             adapter_messages: counter(&meter, &catalogue::ADAPTER_MESSAGES),
             leak_reports: counter(&meter, &catalogue::LEAK_REPORTS),
             unpublished: counter(&meter, &catalogue::REPORTS_UNPUBLISHED),
-            pool_series,
+            apps,
             latencies: Mutex::default(),
             registry,
             provider,
@@ -430,13 +492,16 @@ impl Telemetry {
                     }
                 }
                 Output::RoundTrip {
+                    id,
                     remote,
                     system,
                     trip,
                     ..
                 } => {
-                    let server = self.server_attributes.get(*system, remote);
-                    let mut attrs = Vec::with_capacity(server.len() + 2);
+                    let server =
+                        self.server_attributes
+                            .get(*system, remote, trip.namespace.as_deref());
+                    let mut attrs = Vec::with_capacity(server.len() + 3);
                     attrs.extend_from_slice(&server);
                     let operation = trip
                         .operation
@@ -453,15 +518,24 @@ impl Telemetry {
                     if let Some(name) = operation {
                         attrs.push(KeyValue::new(attr::DB_OPERATION_NAME, name));
                     }
-                    // The same rule as the slow-query reports (reports.rs).
-                    if duration_ns >= self.slow_threshold_ns {
-                        self.slow_queries.add(1, &attrs);
-                    }
-                    if let Some(error) = &trip.error {
-                        attrs.push(KeyValue::new(attr::ERROR_TYPE, error.code.clone()));
-                    }
-                    self.operation_duration
-                        .record(duration_ns as f64 / 1e9, &attrs);
+                    self.apps.with(id.pid, |app| {
+                        // The same rule as the slow-query reports (reports.rs).
+                        if duration_ns >= self.slow_threshold_ns {
+                            app.slow_queries.add(1, &attrs);
+                        }
+                        if self.query_summaries.is_some() || self.collections.is_some() {
+                            self.summarize(*system, trip, &mut attrs);
+                        }
+                        if let Some(error) = &trip.error {
+                            // The conventions' status code is the server's
+                            // own code; error.type repeats it, as they advise.
+                            let code = StringValue::from(error.code.clone());
+                            attrs.push(KeyValue::new(attr::DB_RESPONSE_STATUS_CODE, code.clone()));
+                            attrs.push(KeyValue::new(attr::ERROR_TYPE, code));
+                        }
+                        app.operation_duration
+                            .record(duration_ns as f64 / 1e9, &attrs);
+                    });
                 }
                 Output::ProtocolLost { .. } => self.protocol_lost.add(1, &[]),
                 Output::AcquireFinished {
@@ -476,8 +550,9 @@ impl Telemetry {
                         AcquireResult::Timeout => Some("timeout"),
                         AcquireResult::Error => Some("error"),
                     };
-                    self.pool_series
-                        .record_wait(*pid, pool, *wait_ns as f64 / 1e9, error);
+                    self.apps.with(*pid, |app| {
+                        app.record_pool(apps::PoolSeries::Wait, pool, *wait_ns as f64 / 1e9, error)
+                    });
                     let now = *now_ns.get_or_insert_with(monotonic_ns);
                     latencies
                         .get()
@@ -490,16 +565,17 @@ impl Telemetry {
                     uses_ns,
                     ..
                 } => {
-                    self.pool_series
-                        .record_folded(*pid, pool, waits_ns, uses_ns);
+                    self.apps
+                        .with(*pid, |app| app.record_folded(pool, waits_ns, uses_ns));
                     let now = *now_ns.get_or_insert_with(monotonic_ns);
                     latencies
                         .get()
                         .record_pool(*pid, pool, now, waits_ns, uses_ns);
                 }
                 Output::Released { pid, pool, use_ns } => {
-                    self.pool_series
-                        .record_use(*pid, pool, *use_ns as f64 / 1e9);
+                    self.apps.with(*pid, |app| {
+                        app.record_pool(apps::PoolSeries::Use, pool, *use_ns as f64 / 1e9, None)
+                    });
                     let now = *now_ns.get_or_insert_with(monotonic_ns);
                     latencies
                         .get()
@@ -509,9 +585,16 @@ impl Telemetry {
                     pid,
                     pool,
                     create_ns,
-                } => self
-                    .pool_series
-                    .record_create(*pid, pool, *create_ns as f64 / 1e9),
+                } => {
+                    self.apps.with(*pid, |app| {
+                        app.record_pool(
+                            apps::PoolSeries::Create,
+                            pool,
+                            *create_ns as f64 / 1e9,
+                            None,
+                        )
+                    });
+                }
                 Output::PeerClosed { .. }
                 | Output::NotDatabase { .. }
                 | Output::Detected { .. } => {}
@@ -565,27 +648,67 @@ impl Telemetry {
             .add(1, &[KeyValue::new(attr::REASON, why.as_str())]);
     }
 
+    /// `db.query.summary` and `db.collection.name` (opt-in): read from the
+    /// sanitized statement, SQL only, bounded in values.
+    fn summarize(
+        &self,
+        system: DbSystem,
+        trip: &crate::protocol::RoundTrip,
+        attrs: &mut Vec<KeyValue>,
+    ) {
+        if system == DbSystem::Redis {
+            return;
+        }
+        let Some(summary) = trip
+            .query_text()
+            .and_then(|text| crate::protocol::query_summary(&text))
+        else {
+            return;
+        };
+        if let Some(values) = &self.query_summaries {
+            attrs.push(KeyValue::new(
+                attr::DB_QUERY_SUMMARY,
+                values.get(&summary.summary),
+            ));
+        }
+        if let (Some(values), Some(collection)) = (&self.collections, &summary.collection) {
+            attrs.push(KeyValue::new(
+                attr::DB_COLLECTION_NAME,
+                values.get(collection),
+            ));
+        }
+    }
+
     pub fn record_decode_error(&self) {
         self.decode_errors.add(1, &[]);
     }
 
-    /// Forgets the histogram series of pools that are not in `live` (pid,
-    /// pool name), the pools the tracker still knows. Called by
-    /// housekeeping; see [`pool_series`] for when it acts and what it costs.
-    pub fn forget_gone_pools(&self, live: &HashSet<(u32, String)>) {
-        self.pool_series.forget_gone(live, Instant::now());
+    /// Remembers what a process is, for its application's resource.
+    pub fn learn_application(&self, pid: u32, identity: crate::identity::Identity) {
+        self.apps.learn(pid, identity);
+    }
+
+    /// Gives each `active` process (with database connections, pools or
+    /// open reports) its application, and lets go of those of processes
+    /// no longer `known`. Called by housekeeping.
+    pub fn sync_applications(&self, known: &HashSet<u32>, active: &HashSet<u32>) {
+        self.apps.sync(known, active);
     }
 
     /// The Prometheus text exposition format 0.0.4.
     pub fn render_prometheus(&self) -> anyhow::Result<String> {
-        let mut families = self.registry.gather();
-        families.extend(self.pool_series.registry().gather());
-        families.sort_by(|a, b| a.name().cmp(b.name()));
-        for family in &mut families {
-            if let Some(renamed) = prometheus_rename(family.name()) {
-                family.set_name(renamed);
+        // Each application's series are families of the same names: one
+        // family each, its samples from every application.
+        let mut by_name: BTreeMap<String, prometheus::proto::MetricFamily> = BTreeMap::new();
+        for mut family in self.registry.gather().into_iter().chain(self.apps.gather()) {
+            match by_name.get_mut(family.name()) {
+                Some(merged) => merged.mut_metric().extend(family.take_metric()),
+                None => {
+                    by_name.insert(family.name().to_string(), family);
+                }
             }
         }
+        let families: Vec<_> = by_name.into_values().collect();
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&families, &mut buf)
@@ -593,30 +716,21 @@ impl Telemetry {
         String::from_utf8(buf).context("metrics are not UTF-8")
     }
 
-    /// The last exports of both providers, side by side so that a hung
-    /// collector costs one timeout, not two.
+    /// The last exports of the agent's and the applications' metrics,
+    /// side by side so that a hung collector costs one timeout, not two.
     pub fn shutdown(&self) {
         std::thread::scope(|scope| {
-            let pools = std::thread::Builder::new()
-                .name("poolscope-pool-flush".into())
-                .spawn_scoped(scope, || self.pool_series.shutdown());
+            let apps = std::thread::Builder::new()
+                .name("poolscope-apps-flush".into())
+                .spawn_scoped(scope, || self.apps.shutdown(SHUTDOWN_TIMEOUT));
             if let Err(e) = self.provider.shutdown() {
                 log::debug!("meter provider shutdown: {e}");
             }
-            if pools.is_err() {
-                self.pool_series.shutdown();
+            if apps.is_err() {
+                self.apps.shutdown(SHUTDOWN_TIMEOUT);
             }
         });
     }
-}
-
-/// The catalogue's name for a family the exporter names wrongly (a gauge
-/// ending in `_count`, which Prometheus reserves for histograms).
-fn prometheus_rename(derived: &str) -> Option<String> {
-    catalogue::INSTRUMENTS
-        .iter()
-        .find(|i| i.prometheus_name_override.is_some() && i.derived_prometheus_name() == derived)
-        .map(|i| i.prometheus_name())
 }
 
 /// Self-metrics of the OTLP export.
@@ -654,73 +768,17 @@ fn register_export_observables(meter: &Meter, counters: Arc<otlp::ExportCounters
     });
 }
 
-/// How often gone pools' series were forgotten.
-fn register_forget_observables(meter: &Meter, counts: &Arc<pool_series::ForgetCounts>) {
+/// How many applications have telemetry of their own, and how many were
+/// folded into `_other`.
+fn register_application_observables(meter: &Meter, counts: &Arc<apps::ApplicationCounts>) {
     use std::sync::atomic::Ordering::Relaxed;
     let c = Arc::clone(counts);
-    observable_counter(meter, &catalogue::POOL_SERIES_FORGOTTEN, move |obs| {
-        obs.observe(c.forgotten.load(Relaxed), &[])
+    observable_up_down_counter(meter, &catalogue::APPLICATIONS, move |obs| {
+        obs.observe(c.live.load(Relaxed) as i64, &[])
     });
     let c = Arc::clone(counts);
-    observable_counter(meter, &catalogue::POOL_SERIES_RESETS, move |obs| {
-        obs.observe(c.resets.load(Relaxed), &[])
-    });
-}
-
-/// Per-pool gauges, all read from one snapshot of the pools.
-fn register_pool_observables(meter: &Meter, state: &Arc<Shared<State>>, max_series: usize) {
-    let views = move |state: &Shared<State>| -> Vec<PoolView> {
-        state
-            .with(|s| {
-                let mut views = s.tracker.pool_views();
-                views.truncate(max_series);
-                views
-            })
-            .unwrap_or_default()
-    };
-    let t = Arc::clone(state);
-    observable_up_down_counter(meter, &catalogue::CONNECTION_COUNT, move |obs| {
-        for view in views(&t) {
-            for (state, count) in [("used", view.used), ("idle", view.idle)] {
-                let mut attrs = pool_series::attributes(view.pid, &view.name);
-                attrs.push(KeyValue::new(attr::DB_CONNECTION_STATE, state));
-                obs.observe(count as i64, &attrs);
-            }
-        }
-    });
-    type Field = fn(&PoolView) -> Option<i64>;
-    let gauges: [(&'static catalogue::Instrument, Field); 4] = [
-        (&catalogue::CONNECTION_MAX, |v| v.max.map(i64::from)),
-        (&catalogue::CONNECTION_IDLE_MAX, |v| {
-            v.idle_max.map(i64::from)
-        }),
-        (&catalogue::CONNECTION_IDLE_MIN, |v| {
-            v.min_idle.map(i64::from)
-        }),
-        (&catalogue::CONNECTION_PENDING_REQUESTS, |v| {
-            v.from_adapter.then_some(v.pending as i64)
-        }),
-    ];
-    for (instrument, field) in gauges {
-        let t = Arc::clone(state);
-        observable_up_down_counter(meter, instrument, move |obs| {
-            for view in views(&t) {
-                if let Some(value) = field(&view) {
-                    obs.observe(value, &pool_series::attributes(view.pid, &view.name));
-                }
-            }
-        });
-    }
-    let t = Arc::clone(state);
-    observable_counter(meter, &catalogue::CONNECTION_TIMEOUTS, move |obs| {
-        for view in views(&t) {
-            if view.from_adapter {
-                obs.observe(
-                    view.timeouts,
-                    &pool_series::attributes(view.pid, &view.name),
-                );
-            }
-        }
+    observable_counter(meter, &catalogue::APPLICATIONS_FOLDED, move |obs| {
+        obs.observe(c.folded.load(Relaxed), &[])
     });
 }
 
@@ -729,62 +787,12 @@ fn register_pool_observables(meter: &Meter, state: &Arc<Shared<State>>, max_seri
 fn register_observables(meter: &Meter, observed: Observed) {
     let Observed {
         state,
-        max_series,
         export_counters,
         ..
     } = observed;
     if let Some(counters) = export_counters {
         register_export_observables(meter, counters);
     }
-    let leaks = Arc::clone(&state);
-    observable_up_down_counter(meter, &catalogue::LEAK_OPEN, move |obs| {
-        let counts = leaks.with(|s| {
-            let mut counts: BTreeMap<(LeakKind, u32, String), i64> = BTreeMap::new();
-            for report in s.leaks.open_reports() {
-                let pool = report.pool.clone().unwrap_or_default();
-                *counts.entry((report.kind, report.pid, pool)).or_default() += 1;
-            }
-            counts
-        });
-        let Ok(counts) = counts else { return };
-        for ((kind, pid, pool), count) in counts.into_iter().take(max_series) {
-            let mut attrs = vec![
-                KeyValue::new(attr::KIND, kind.as_str()),
-                KeyValue::new(attr::PROCESS_PID, i64::from(pid)),
-            ];
-            if !pool.is_empty() {
-                attrs.push(KeyValue::new(attr::DB_CONNECTION_POOL_NAME, pool));
-            }
-            obs.observe(count, &attrs);
-        }
-    });
-    register_pool_observables(meter, &state, max_series);
-    let open_tracker = Arc::clone(&state);
-    observable_gauge(meter, &catalogue::CONNECTION_OPEN, move |obs| {
-        let _ = open_tracker.with(|s| {
-            let t = &s.tracker;
-            let placement = |pid| t.placement(pid).cloned();
-            for (key, (open, _)) in
-                connection_series(&mut t.open_connections(), &placement, max_series)
-            {
-                obs.observe(open, &series_attributes(&key));
-            }
-        });
-    });
-    let close_wait_tracker = Arc::clone(&state);
-    observable_gauge(meter, &catalogue::CONNECTION_CLOSE_WAIT, move |obs| {
-        let _ = close_wait_tracker.with(|s| {
-            let t = &s.tracker;
-            let placement = |pid| t.placement(pid).cloned();
-            for (key, (_, close_wait)) in
-                connection_series(&mut t.open_connections(), &placement, max_series)
-            {
-                if close_wait > 0 {
-                    obs.observe(close_wait, &series_attributes(&key));
-                }
-            }
-        });
-    });
     let bindings = Arc::clone(&state);
     observable_counter(meter, &catalogue::ADAPTER_CONNECTIONS_BOUND, move |obs| {
         if let Ok(stats) = bindings.with(|s| s.tracker.binding_stats()) {
@@ -928,23 +936,149 @@ mod tests {
         );
     }
 
+    /// Observed with room for `max_series` (process, server) series and
+    /// `max_applications` applications, each of `pids` known by name.
+    fn observed(state: Arc<Shared<State>>, max_series: usize, max_applications: usize) -> Observed {
+        Observed {
+            resource: opentelemetry_sdk::Resource::builder().build(),
+            otlp_reader: None,
+            export_counters: None,
+            state,
+            max_series,
+            max_applications,
+            host_name: "node-1".into(),
+            attributes: attributes::MetricsConfig::default(),
+            slow_threshold_ns: 250_000_000,
+        }
+    }
+
+    /// Names process `pid` `executable` and gives it its application.
+    fn learn(telemetry: &Telemetry, pids: &[(u32, &str)]) {
+        for (pid, executable) in pids {
+            telemetry.learn_application(
+                *pid,
+                crate::identity::identify(&crate::identity::ProcessFacts {
+                    pid: *pid,
+                    executable: (*executable).into(),
+                    host_name: "node-1".into(),
+                    ..Default::default()
+                }),
+            );
+        }
+        let pids: HashSet<u32> = pids.iter().map(|(pid, _)| *pid).collect();
+        telemetry.sync_applications(&pids, &pids);
+    }
+
+    /// The sample lines of `family`.
+    fn samples<'a>(text: &'a str, family: &str) -> Vec<&'a str> {
+        let prefix = format!("{family}{{");
+        text.lines().filter(|l| l.starts_with(&prefix)).collect()
+    }
+
     #[test]
-    fn series_are_bounded() {
+    fn connection_series_are_bounded_in_all() {
         let t = tracker_with(&[
             (1, "a", 5432),
             (1, "a", 5432),
             (2, "b", 3306),
             (3, "c", 6379),
         ]);
-        let series = connection_series(&mut t.open_connections(), &|_| None, 2);
+        let telemetry =
+            Telemetry::new(observed(State::shared_for_tests(t), 2, 10)).expect("telemetry");
+        learn(&telemetry, &[(1, "a"), (2, "b"), (3, "c")]);
+        let text = telemetry.render_prometheus().expect("render");
+        let open = samples(&text, "poolscope_connection_open");
+        assert_eq!(open.len(), 3, "two real series and one overflow: {open:?}");
+        let total: f64 = open
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(total, 4.0, "overflow keeps the counts");
+        assert!(open.iter().any(|l| l.contains("server_address=\"_other\"")));
+    }
+
+    #[test]
+    fn each_application_is_labelled_with_its_resource_and_forgotten_when_it_exits() {
+        let t = tracker_with(&[(1, "api", 5432), (2, "worker", 5432)]);
+        let telemetry =
+            Telemetry::new(observed(State::shared_for_tests(t), 10, 10)).expect("telemetry");
+        learn(&telemetry, &[(1, "api"), (2, "worker")]);
+        telemetry.record(&[
+            waited(1, "orders", AcquireResult::Ok),
+            waited(2, "jobs", AcquireResult::Ok),
+        ]);
+        let text = telemetry.render_prometheus().expect("render");
+        let open = samples(&text, "poolscope_connection_open");
+        assert_eq!(open.len(), 2, "{open:?}");
+        for (pid, service) in [(1, "api"), (2, "worker")] {
+            let line = open
+                .iter()
+                .find(|l| l.contains(&format!("process_pid=\"{pid}\"")))
+                .unwrap_or_else(|| panic!("no series of {pid}: {open:?}"));
+            for label in [
+                format!("service_name=\"{service}\""),
+                format!("service_instance_id=\"node-1:{pid}\""),
+                format!("process_executable_name=\"{service}\""),
+                "server_address=\"10.0.0.1\"".to_string(),
+            ] {
+                assert!(line.contains(&label), "{label} missing: {line}");
+            }
+            assert!(
+                !line.contains("host_name"),
+                "host.name is not a label: {line}"
+            );
+        }
         assert_eq!(
-            series.len(),
-            3,
-            "two real series and one overflow: {series:?}"
+            text.matches("# TYPE db_client_connection_wait_time_seconds ")
+                .count(),
+            1,
+            "one family per name across applications:\n{text}"
         );
-        let total: u64 = series.values().map(|v| v.0).sum();
-        assert_eq!(total, 4, "overflow keeps the counts");
-        assert!(series.keys().any(|k| k.1 == "_other"));
+        assert!(
+            text.contains("poolscope_telemetry_applications 2"),
+            "{text}"
+        );
+        // Process 2 exits: its series go with it, process 1's stay.
+        telemetry.sync_applications(&[1].into(), &[1].into());
+        let text = telemetry.render_prometheus().expect("render");
+        assert!(!text.contains("process_pid=\"2\""), "{text}");
+        assert_eq!(wait_counts(&text, 1, "orders").len(), 1, "{text}");
+        assert!(
+            text.contains("poolscope_telemetry_applications 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn applications_past_the_bound_share_the_other_resource() {
+        let telemetry = Telemetry::new(observed(
+            State::shared_for_tests(Tracker::new(TrackerConfig::default())),
+            10,
+            2,
+        ))
+        .expect("telemetry");
+        learn(&telemetry, &[(1, "a"), (2, "b")]);
+        telemetry.record(&[
+            waited(1, "p", AcquireResult::Ok),
+            waited(2, "p", AcquireResult::Ok),
+            waited(3, "p", AcquireResult::Ok),
+            waited(4, "p", AcquireResult::Ok),
+        ]);
+        let text = telemetry.render_prometheus().expect("render");
+        let waits = samples(&text, "db_client_connection_wait_time_seconds_count");
+        assert_eq!(waits.len(), 3, "{waits:?}");
+        let other = waits
+            .iter()
+            .find(|l| l.contains("service_name=\"_other\""))
+            .expect("the _other application");
+        assert!(
+            other.ends_with(" 2") && !other.contains("process_pid"),
+            "{other}"
+        );
+        assert!(
+            text.contains("poolscope_telemetry_applications_folded_total 2"),
+            "{text}"
+        );
     }
 
     /// The connection of [`psql_telemetry`]'s tracker, and its server.
@@ -961,15 +1095,14 @@ mod tests {
     /// Telemetry over one `psql` connection of pid 7 to port 5432; slow
     /// round trips from 250 ms.
     fn psql_telemetry() -> Telemetry {
-        Telemetry::new(Observed {
-            resource: opentelemetry_sdk::Resource::builder().build(),
-            otlp_reader: None,
-            export_counters: None,
-            state: State::shared_for_tests(tracker_with(&[(7, "psql", 5432)])),
-            max_series: 10,
-            slow_threshold_ns: 250_000_000,
-        })
-        .expect("telemetry")
+        let telemetry = Telemetry::new(observed(
+            State::shared_for_tests(tracker_with(&[(7, "psql", 5432)])),
+            10,
+            10,
+        ))
+        .expect("telemetry");
+        learn(&telemetry, &[(7, "psql")]);
+        telemetry
     }
 
     #[test]
@@ -1038,6 +1171,76 @@ mod tests {
             slow[0]
         );
         assert!(slow[0].ends_with(" 2"), "{}", slow[0]);
+    }
+
+    /// `[metrics.attributes]`: the opt-in summary and collection appear
+    /// when added, a dropped attribute goes, and the database is named.
+    #[test]
+    fn attributes_are_added_and_dropped_as_configured() {
+        use crate::protocol::{DbSystem, QueryText, RoundTrip};
+        let attributes: attributes::MetricsConfig = toml::from_str(
+            r#"
+            [attributes."db.client.operation.duration"]
+            add = ["db.query.summary", "db.collection.name"]
+            drop = ["server.port"]
+            "#,
+        )
+        .expect("config");
+        let telemetry = Telemetry::new(Observed {
+            attributes,
+            ..observed(
+                State::shared_for_tests(tracker_with(&[(7, "psql", 5432)])),
+                10,
+                10,
+            )
+        })
+        .expect("telemetry");
+        learn(&telemetry, &[(7, "psql")]);
+        let trip = |sql: &str| Output::RoundTrip {
+            id: PSQL_CONN,
+            comm: "psql".into(),
+            remote: psql_server(),
+            system: DbSystem::Postgresql,
+            trip: RoundTrip {
+                start_ns: 1_000,
+                end_ns: 2_000,
+                operation: Some("SELECT".into()),
+                query: Some(QueryText::shown_as_is(sql.into())),
+                namespace: Some("shop".into()),
+                error: None,
+                rows: None,
+                tx_state: None,
+                prepared: false,
+            },
+        };
+        telemetry.record(&[
+            trip("SELECT * FROM orders WHERE id = ?"),
+            trip("SELECT * FROM orders o JOIN customers c ON o.c = c.id"),
+        ]);
+        let text = telemetry.render_prometheus().expect("render");
+        let counts = samples(&text, "db_client_operation_duration_seconds_count");
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        let single = counts
+            .iter()
+            .find(|l| l.contains("db_query_summary=\"SELECT orders\""))
+            .unwrap_or_else(|| panic!("{counts:?}"));
+        assert!(single.contains("db_collection_name=\"orders\""), "{single}");
+        let join = counts
+            .iter()
+            .find(|l| l.contains("db_query_summary=\"SELECT orders customers\""))
+            .unwrap_or_else(|| panic!("{counts:?}"));
+        assert!(!join.contains("db_collection_name"), "two tables: {join}");
+        for line in &counts {
+            assert!(line.contains("db_namespace=\"shop\""), "{line}");
+            assert!(!line.contains("server_port"), "dropped: {line}");
+            assert!(line.contains("server_address=\"127.0.0.1\""), "{line}");
+        }
+        // Without the configuration, neither opt-in attribute is there.
+        let plain = psql_telemetry();
+        plain.record(&[trip("SELECT * FROM orders WHERE id = ?")]);
+        let text = plain.render_prometheus().expect("render");
+        assert!(!text.contains("db_query_summary"), "{text}");
+        assert!(text.contains("server_port=\"5432\""), "{text}");
     }
 
     /// A tracker, leak store and telemetry where every instrument has data.
@@ -1143,7 +1346,7 @@ mod tests {
             let lookup = |id| t.connection(id);
             leaks.update(
                 &[Finding {
-                    kind: LeakKind::CloseWait,
+                    kind: crate::detect::LeakKind::CloseWait,
                     conn: peer_closed,
                     evidence: "test".into(),
                 }],
@@ -1154,22 +1357,20 @@ mod tests {
                 &clock,
             )
         };
+        let state = {
+            let mut state = State::new(t, crate::reports::Reports::new(1, 1), leaks);
+            state.kernel = KernelCounters {
+                probes: vec![("sys_enter_read".into(), 1_000, 10)],
+                ..KernelCounters::default()
+            };
+            Arc::new(Shared::new(state, "state", Arc::default()))
+        };
         let telemetry = Telemetry::new(Observed {
-            resource: opentelemetry_sdk::Resource::builder().build(),
-            otlp_reader: None,
             export_counters: Some(Arc::default()),
-            state: {
-                let mut state = State::new(t, crate::reports::Reports::new(1, 1), leaks);
-                state.kernel = KernelCounters {
-                    probes: vec![("sys_enter_read".into(), 1_000, 10)],
-                    ..KernelCounters::default()
-                };
-                Arc::new(Shared::new(state, "state", Arc::default()))
-            },
-            max_series: 10,
-            slow_threshold_ns: 250_000_000,
+            ..observed(state, 10, 10)
         })
         .expect("telemetry");
+        learn(&telemetry, &[(7, "app")]);
         let id = ConnId {
             pid: 7,
             fd: 9,
@@ -1221,14 +1422,11 @@ mod tests {
     }
 
     fn pools_telemetry() -> Telemetry {
-        Telemetry::new(Observed {
-            resource: opentelemetry_sdk::Resource::builder().build(),
-            otlp_reader: None,
-            export_counters: None,
-            state: State::shared_for_tests(Tracker::new(TrackerConfig::default())),
-            max_series: 10,
-            slow_threshold_ns: 250_000_000,
-        })
+        Telemetry::new(observed(
+            State::shared_for_tests(Tracker::new(TrackerConfig::default())),
+            10,
+            10,
+        ))
         .expect("telemetry")
     }
 
@@ -1318,128 +1516,6 @@ mod tests {
             "{text}"
         );
     }
-    #[test]
-    fn gone_pools_series_are_forgotten_and_live_pools_restart_from_zero() {
-        let telemetry = pools_telemetry();
-        let mut outputs = vec![waited(7, "orders", AcquireResult::Ok); 3];
-        for i in 0..200u32 {
-            let pool = format!("p{}", i % 8);
-            outputs.push(waited(1000 + i / 8, &pool, AcquireResult::Timeout));
-            outputs.push(Output::Released {
-                pid: 1000 + i / 8,
-                pool: pool.clone(),
-                use_ns: 1_000,
-            });
-            outputs.push(Output::PoolConnectionCreated {
-                pid: 1000 + i / 8,
-                pool,
-                create_ns: 1_000,
-            });
-        }
-        telemetry.record(&outputs);
-        let before = telemetry.render_prometheus().expect("render");
-        assert_eq!(wait_counts(&before, 1003, "p5").len(), 1, "{before}");
-        assert_eq!(wait_counts(&before, 7, "orders").len(), 1);
-
-        let live: HashSet<(u32, String)> = [(7, "orders".to_string())].into();
-        telemetry.forget_gone_pools(&live);
-        telemetry.record(&vec![waited(7, "orders", AcquireResult::Ok); 2]);
-        let after = telemetry.render_prometheus().expect("render");
-        for pid in 1000..1025 {
-            assert!(
-                !after.contains(&format!("process_pid=\"{pid}\"")),
-                "pools of gone process {pid} still exported:\n{after}"
-            );
-        }
-        let live_lines = wait_counts(&after, 7, "orders");
-        assert_eq!(live_lines.len(), 1, "{after}");
-        assert!(
-            live_lines[0].ends_with(" 2"),
-            "counts restart at the reset: {live_lines:?}"
-        );
-        assert!(after.contains("poolscope_telemetry_pool_series_forgotten_total 200"));
-        assert!(after.contains("poolscope_telemetry_pool_series_resets_total 1"));
-        assert_eq!(
-            after
-                .matches("# TYPE db_client_connection_wait_time_seconds ")
-                .count(),
-            1,
-            "one family per name across both registries:\n{after}"
-        );
-
-        // More gone pools right away: the next rebuild waits its turn...
-        let many: Vec<Output> = (0..100)
-            .map(|i| waited(2000 + i, "q", AcquireResult::Ok))
-            .collect();
-        telemetry.record(&many);
-        telemetry.forget_gone_pools(&live);
-        let text = telemetry.render_prometheus().expect("render");
-        assert_eq!(wait_counts(&text, 2042, "q").len(), 1);
-        // ...and comes once the interval has passed.
-        let later = Instant::now() + pool_series::MIN_REBUILD_INTERVAL;
-        assert_eq!(telemetry.pool_series.forget_gone(&live, later), 100);
-        let text = telemetry.render_prometheus().expect("render");
-        assert!(wait_counts(&text, 2042, "q").is_empty(), "{text}");
-        assert!(text.contains("poolscope_telemetry_pool_series_resets_total 2"));
-
-        // A few gone pools are not worth resetting the live ones.
-        telemetry.record(&[
-            waited(3000, "r", AcquireResult::Ok),
-            waited(7, "orders", AcquireResult::Ok),
-        ]);
-        let much_later = later + 2 * pool_series::MIN_REBUILD_INTERVAL;
-        assert_eq!(telemetry.pool_series.forget_gone(&live, much_later), 0);
-    }
-
-    #[test]
-    fn gone_pools_near_the_cardinality_limit_are_forgotten_without_waiting() {
-        let telemetry = pools_telemetry();
-        let live: HashSet<(u32, String)> = [(7, "orders".to_string())].into();
-        let first: Vec<Output> = (0..100)
-            .map(|i| waited(2000 + i, "q", AcquireResult::Ok))
-            .collect();
-        telemetry.record(&first);
-        let now = Instant::now();
-        assert_eq!(telemetry.pool_series.forget_gone(&live, now), 100);
-        let flood: Vec<Output> = (0..pool_series::PRESSURE_POOLS as u32)
-            .map(|i| waited(10_000 + i, "flood", AcquireResult::Ok))
-            .collect();
-        telemetry.record(&flood);
-        assert_eq!(
-            telemetry.pool_series.forget_gone(&live, now),
-            pool_series::PRESSURE_POOLS
-        );
-    }
-
-    #[test]
-    fn a_live_pool_keeps_its_own_series_among_a_thousand_live_pools() {
-        let telemetry = pools_telemetry();
-        let mut outputs = Vec::new();
-        let mut live = HashSet::new();
-        // Every result, so that the wait-time histogram holds 3,000 series,
-        // past the SDK's default limit of 2,000.
-        for i in 0..1000u32 {
-            for result in [
-                AcquireResult::Ok,
-                AcquireResult::Timeout,
-                AcquireResult::Error,
-            ] {
-                outputs.push(waited(5000 + i, "crowd", result));
-            }
-            live.insert((5000 + i, "crowd".to_string()));
-        }
-        outputs.push(waited(7, "orders", AcquireResult::Ok));
-        live.insert((7, "orders".to_string()));
-        telemetry.record(&outputs);
-        telemetry.forget_gone_pools(&live);
-        let text = telemetry.render_prometheus().expect("render");
-        assert!(!text.contains("otel_metric_overflow"), "overflowed");
-        let lines = wait_counts(&text, 7, "orders");
-        assert_eq!(lines.len(), 1, "the live pool has its own series");
-        assert!(lines[0].ends_with(" 1"), "{lines:?}");
-        assert!(text.contains("poolscope_telemetry_pool_series_resets_total 0"));
-    }
-
     /// One exported sample line: (family, label names).
     fn sample_labels(line: &str) -> Option<(&str, Vec<&str>)> {
         if line.starts_with('#') || line.is_empty() {
@@ -1459,8 +1535,11 @@ mod tests {
     }
 
     /// Every family on /metrics is declared in the catalogue with its
-    /// type and description, every declared instrument is exported, and
-    /// every sample carries its required attributes and no undeclared one.
+    /// type and description, named by the OTLP -> Prometheus translation
+    /// rules (`telemetry_catalogue::prometheus_metric_name`, so that both
+    /// paths give the same series), every declared instrument is exported,
+    /// and every sample carries its required attributes and no undeclared
+    /// one, labelled as those rules say.
     #[test]
     fn what_is_exported_is_what_the_catalogue_declares() {
         let text = everything_observed().render_prometheus().expect("render");
@@ -1499,11 +1578,18 @@ mod tests {
                 })
                 .or_else(|| catalogue::by_prometheus_name(sample))
                 .unwrap_or_else(|| panic!("sample {sample} of no declared family"));
+            // An application's series carry its resource as labels.
+            let resource_labels = catalogue::RESOURCE_ATTRIBUTES
+                .iter()
+                .filter(|r| r.label && family.per_application)
+                .map(|r| r.attribute);
             let declared = |label: &str| {
                 family
                     .attributes
                     .iter()
-                    .any(|a| a.key.replace('.', "_") == label)
+                    .copied()
+                    .chain(resource_labels.clone())
+                    .any(|a| catalogue::prometheus_label_name(a.key) == label)
             };
             for label in &labels {
                 assert!(
@@ -1515,10 +1601,12 @@ mod tests {
             for required in family
                 .attributes
                 .iter()
+                .copied()
+                .chain(resource_labels.clone())
                 .filter(|a| a.requirement == catalogue::Requirement::Required)
             {
                 assert!(
-                    labels.contains(&required.key.replace('.', "_").as_str()),
+                    labels.contains(&catalogue::prometheus_label_name(required.key).as_str()),
                     "{}: a sample lacks {}: {labels:?}",
                     family.name,
                     required.key

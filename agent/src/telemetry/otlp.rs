@@ -17,12 +17,19 @@ use std::{
 };
 
 use anyhow::Context;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::{
     logs::{AnyValue, LogRecord, Logger, LoggerProvider, Severity},
     trace::{Span, SpanKind, Tracer, TracerProvider},
     InstrumentationScope, KeyValue,
 };
-use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_otlp::{
+    tonic_types::{
+        metadata::MetadataMap,
+        transport::{Certificate, ClientTlsConfig, Identity},
+    },
+    LogExporter, MetricExporter, SpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
 use opentelemetry_sdk::{
     error::OTelSdkResult,
     logs::{LogBatch, LogExporter as _, LogProcessor, SdkLogRecord, SdkLogger, SdkLoggerProvider},
@@ -56,19 +63,203 @@ impl Protocol {
             Protocol::HttpProtobuf => "http/protobuf",
         }
     }
+
+    /// The specification's endpoint when none is configured for a signal.
+    pub fn default_endpoint(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "http://localhost:4317",
+            Protocol::HttpProtobuf => "http://localhost:4318",
+        }
+    }
 }
 
+/// The three OTLP signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Metrics,
+    Logs,
+    Traces,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
+            Signal::Traces => "traces",
+        }
+    }
+
+    /// `METRICS` in OTEL_EXPORTER_OTLP_METRICS_ENDPOINT.
+    pub fn variable_infix(self) -> &'static str {
+        match self {
+            Signal::Metrics => "METRICS",
+            Signal::Logs => "LOGS",
+            Signal::Traces => "TRACES",
+        }
+    }
+
+    /// The path an HTTP base endpoint gets for this signal.
+    pub fn http_path(self) -> &'static str {
+        match self {
+            Signal::Metrics => "/v1/metrics",
+            Signal::Logs => "/v1/logs",
+            Signal::Traces => "/v1/traces",
+        }
+    }
+}
+
+/// Request body compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+impl Compression {
+    /// `gzip` or `none`, in any case, as OTEL_EXPORTER_OTLP_COMPRESSION.
+    pub fn parse(text: &str) -> Option<Compression> {
+        if text.eq_ignore_ascii_case("gzip") {
+            Some(Compression::Gzip)
+        } else if text.eq_ignore_ascii_case("none") {
+            Some(Compression::None)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+        }
+    }
+}
+
+/// TLS material, read at start; used for `https://` endpoints only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// The CA to trust instead of the system's trust store.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and key, for mutual TLS.
+    pub client: Option<ClientIdentity>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+/// Shows what is configured, never the key or the certificates.
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_identity", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// One signal's exporter, every setting explicit.
+#[derive(Clone, PartialEq)]
+pub struct SignalSettings {
+    pub protocol: Protocol,
+    /// Where requests go: for http/protobuf the whole URL, path included.
+    pub endpoint: String,
+    /// The variable or config key the endpoint came from, or `default`.
+    pub endpoint_from: String,
+    /// Lowercased names; the values are credentials, kept out of Debug.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The whole export, the exporter's retries included.
+    pub timeout: Duration,
+    pub compression: Compression,
+    pub tls: Tls,
+}
+
+impl SignalSettings {
+    fn is_https(&self) -> bool {
+        self.endpoint.starts_with("https://")
+    }
+
+    /// One line for the start-up log: no header values, no key material.
+    pub fn summary(&self) -> String {
+        let mut parts = vec![
+            format!("{} {}", self.protocol.name(), self.endpoint),
+            format!("from {}", self.endpoint_from),
+            format!("timeout {:?}", self.timeout),
+        ];
+        if self.compression != Compression::None {
+            parts.push(self.compression.name().to_owned());
+        }
+        if !self.headers.is_empty() {
+            let names: Vec<&str> = self.headers.keys().map(String::as_str).collect();
+            parts.push(format!("headers {}", names.join(" ")));
+        }
+        if self.is_https() {
+            parts.push(
+                match (&self.tls.ca_pem, &self.tls.client) {
+                    (Some(_), Some(_)) => "TLS with the configured CA and a client certificate",
+                    (Some(_), None) => "TLS with the configured CA",
+                    (None, Some(_)) => "TLS with the system's CAs and a client certificate",
+                    (None, None) => "TLS with the system's CAs",
+                }
+                .to_owned(),
+            );
+        }
+        parts.join(", ")
+    }
+}
+
+impl std::fmt::Debug for SignalSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalSettings")
+            .field("protocol", &self.protocol)
+            .field("endpoint", &self.endpoint)
+            .field("endpoint_from", &self.endpoint_from)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("compression", &self.compression)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// The OTLP export in force, resolved from `[otlp]` and the OTEL_*
+/// variables by [`config::OtlpConfig::settings`].
 #[derive(Debug, Clone)]
 pub struct OtlpSettings {
-    /// Base endpoint (`http://collector:4317` for gRPC, `http://collector:4318`
-    /// for HTTP); signal paths are appended for HTTP.
-    pub endpoint: String,
-    pub protocol: Protocol,
+    pub metrics: SignalSettings,
+    pub logs: SignalSettings,
+    /// Used when query spans are on.
+    pub traces: SignalSettings,
+    /// Metric export interval.
     pub interval: Duration,
-    pub timeout: Duration,
     /// Events waiting for export, at most; more are dropped and counted.
     pub max_queued_events: usize,
     pub query_spans: bool,
+    /// The metrics signal's endpoint and protocol, for a one-line log;
+    /// [`OtlpSettings::summary`] tells every signal's.
+    pub endpoint: String,
+    pub protocol: Protocol,
+}
+
+impl OtlpSettings {
+    /// Every signal's exporter, for the start-up log.
+    pub fn summary(&self) -> String {
+        let mut lines = vec![
+            format!(
+                "metrics ({}), every {:?}",
+                self.metrics.summary(),
+                self.interval
+            ),
+            format!("logs ({})", self.logs.summary()),
+        ];
+        if self.query_spans {
+            lines.push(format!("traces ({})", self.traces.summary()));
+        }
+        lines.join("; ")
+    }
 }
 
 /// Export health, read by the self-metrics.
@@ -299,14 +490,32 @@ pub struct OtlpExport {
 /// A periodic OTLP metric reader, owned by one meter provider.
 pub type MetricReader = PeriodicReader<CountedMetricExporter>;
 
-/// The metric readers: one for the agent's main meter provider, one for the
-/// per-pool histograms' provider, and the means to build that one again
-/// (the pool series' provider is rebuilt to forget the pools of processes
-/// that exited, and a reader belongs to one provider for good).
+/// The agent's own metric reader, and the export of the applications'
+/// metrics (each under its own resource: `telemetry::apps`).
 pub struct MetricReaders {
     pub main: MetricReader,
-    pub pools: MetricReader,
-    pub factory: ReaderFactory,
+    pub apps: AppExport,
+}
+
+/// Sends one application's metrics at a time, from the applications'
+/// export thread (not a Tokio one: the blocking HTTP client refuses those).
+pub struct AppExport {
+    exporter: CountedMetricExporter,
+    executor: Executor,
+    interval: Duration,
+}
+
+impl AppExport {
+    /// Whether the collector took them (the counters say it too).
+    pub fn export(&self, metrics: &ResourceMetrics) -> bool {
+        self.executor
+            .block_on(self.exporter.export(metrics))
+            .is_ok()
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
 }
 
 /// Builds metric readers with exporters of their own, from any thread.
@@ -318,45 +527,44 @@ pub struct ReaderFactory {
 }
 
 impl ReaderFactory {
-    /// Builds the exporter on a plain thread of its own: the blocking HTTP
-    /// client refuses to be built on a Tokio runtime thread, which is where
-    /// the housekeeping task calls this.
-    pub fn build(&self) -> anyhow::Result<MetricReader> {
-        std::thread::scope(|scope| {
-            std::thread::Builder::new()
-                .name("poolscope-otlp-build".into())
-                .spawn_scoped(scope, || self.build_here())
-                .context("cannot start a thread to build the OTLP metric exporter")?
-                .join()
-                .map_err(|_| anyhow::anyhow!("building the OTLP metric exporter panicked"))?
+    /// Only on a thread outside the Tokio runtime.
+    fn build_here(&self) -> anyhow::Result<MetricReader> {
+        Ok(PeriodicReader::builder(self.exporter()?)
+            .with_interval(self.settings.interval)
+            .build())
+    }
+
+    /// The applications' export; only outside the Tokio runtime.
+    fn app_export(&self) -> anyhow::Result<AppExport> {
+        Ok(AppExport {
+            exporter: self.exporter()?,
+            executor: match self.settings.metrics.protocol {
+                Protocol::Grpc => Executor::Tokio(self.runtime.clone()),
+                Protocol::HttpProtobuf => Executor::Plain,
+            },
+            interval: self.settings.interval,
         })
     }
 
-    /// Only on a thread outside the Tokio runtime.
-    fn build_here(&self) -> anyhow::Result<MetricReader> {
-        let settings = &self.settings;
+    /// A metric exporter that counts its batches; only outside the Tokio
+    /// runtime.
+    fn exporter(&self) -> anyhow::Result<CountedMetricExporter> {
+        let settings = &self.settings.metrics;
         let exporter = match settings.protocol {
             Protocol::Grpc => {
                 // tonic needs the runtime's handle to build its channel.
                 let _guard = self.runtime.enter();
-                MetricExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(signal_endpoint(settings, ""))
-                    .with_timeout(settings.timeout)
-                    .build()?
+                tonic_settings(MetricExporter::builder().with_tonic(), settings).build()
             }
-            Protocol::HttpProtobuf => MetricExporter::builder()
-                .with_http()
-                .with_endpoint(signal_endpoint(settings, "/v1/metrics"))
-                .with_timeout(settings.timeout)
-                .build()?,
-        };
-        Ok(PeriodicReader::builder(CountedMetricExporter {
+            Protocol::HttpProtobuf => {
+                http_settings(MetricExporter::builder().with_http(), settings)?.build()
+            }
+        }
+        .with_context(|| format!("OTLP metrics exporter to {}", settings.endpoint))?;
+        Ok(CountedMetricExporter {
             inner: exporter,
             counters: Arc::clone(&self.counters),
         })
-        .with_interval(settings.interval)
-        .build())
     }
 }
 
@@ -366,13 +574,102 @@ pub struct OtlpParts {
     pub export: OtlpExport,
 }
 
-/// HTTP endpoints take the signal's path; gRPC takes the base address.
-fn signal_endpoint(settings: &OtlpSettings, path: &str) -> String {
-    let base = settings.endpoint.trim_end_matches('/');
-    match settings.protocol {
-        Protocol::Grpc => base.to_string(),
-        Protocol::HttpProtobuf => format!("{base}{path}"),
+/// Gives a gRPC exporter builder every setting of `settings`, so that the
+/// library's own reading of OTEL_* variables has nothing left to decide
+/// (it reads them only for what is not set; headers it adds are the ones
+/// resolved here, since the environment won there too).
+fn tonic_settings<B: WithExportConfig + WithTonicConfig>(
+    builder: B,
+    settings: &SignalSettings,
+) -> B {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &settings.headers {
+        // Checked when the settings were resolved; a pair that still does
+        // not parse cannot be sent, and is left out rather than sent wrong.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
     }
+    let mut builder = builder
+        .with_endpoint(settings.endpoint.clone())
+        .with_timeout(settings.timeout)
+        .with_metadata(MetadataMap::from_headers(headers));
+    if settings.compression == Compression::Gzip {
+        builder = builder.with_compression(opentelemetry_otlp::Compression::Gzip);
+    }
+    if settings.is_https() {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &settings.tls.ca_pem {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        if let Some(client) = &settings.tls.client {
+            tls = tls.identity(Identity::from_pem(&client.cert_pem, &client.key_pem));
+        }
+        builder = builder.with_tls_config(tls);
+    }
+    builder
+}
+
+/// As [`tonic_settings`], for HTTP, with an HTTP client of our own that
+/// carries the TLS settings and the timeout.
+fn http_settings<B: WithExportConfig + WithHttpConfig>(
+    builder: B,
+    settings: &SignalSettings,
+) -> anyhow::Result<B> {
+    // The library URL-decodes header values it is given; ours are decoded
+    // already, so a `%` they hold is escaped to come through as itself.
+    let headers = settings
+        .headers
+        .iter()
+        .map(|(name, value)| (name.clone(), value.replace('%', "%25")))
+        .collect();
+    let mut builder = builder
+        .with_endpoint(settings.endpoint.clone())
+        .with_timeout(settings.timeout)
+        .with_headers(headers)
+        .with_http_client(http_client(settings)?);
+    if settings.compression == Compression::Gzip {
+        builder = builder.with_compression(opentelemetry_otlp::Compression::Gzip);
+    }
+    Ok(builder)
+}
+
+/// Makes ring the process's TLS crypto provider, which every reqwest client
+/// needs before it is built (this module's and the CLI's): reqwest is
+/// compiled without one of its own, since the one it would bring, aws-lc,
+/// needs cmake to build. ring is also what tonic uses (tls-ring). rustls
+/// deprecates ring's provider for lacking post-quantum key exchange.
+/// Idempotent: a provider installed already serves as well.
+pub fn install_crypto_provider() {
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let _ = provider.install_default();
+}
+
+/// A blocking HTTP client with the signal's timeout and TLS material. Only
+/// on a thread outside the Tokio runtime.
+fn http_client(settings: &SignalSettings) -> anyhow::Result<reqwest::blocking::Client> {
+    install_crypto_provider();
+    let mut client = reqwest::blocking::Client::builder().timeout(settings.timeout);
+    if settings.is_https() {
+        if let Some(ca) = &settings.tls.ca_pem {
+            let ca = reqwest::Certificate::from_pem(ca).context("the OTLP CA certificate")?;
+            client = client.tls_certs_only([ca]);
+        }
+        if let Some(identity) = &settings.tls.client {
+            let mut pem = identity.cert_pem.clone();
+            pem.push(b'\n');
+            pem.extend_from_slice(&identity.key_pem);
+            let identity =
+                reqwest::Identity::from_pem(&pem).context("the OTLP client certificate and key")?;
+            client = client.identity(identity);
+        }
+    }
+    client.build().context("cannot build the OTLP HTTP client")
 }
 
 /// Builds the exporters. Called on a plain thread: the blocking HTTP client
@@ -383,10 +680,6 @@ pub fn build(
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<OtlpParts> {
     let counters = Arc::new(ExportCounters::default());
-    let _guard = match settings.protocol {
-        Protocol::Grpc => Some(runtime.enter()),
-        Protocol::HttpProtobuf => None,
-    };
     let factory = ReaderFactory {
         settings: settings.clone(),
         runtime: runtime.clone(),
@@ -394,48 +687,34 @@ pub fn build(
     };
     let readers = MetricReaders {
         main: factory.build_here()?,
-        pools: factory.build_here()?,
-        factory,
+        apps: factory.app_export()?,
     };
-    let (log_exporter, span_exporter) = match settings.protocol {
-        Protocol::Grpc => (
-            LogExporter::builder()
-                .with_tonic()
-                .with_endpoint(signal_endpoint(settings, ""))
-                .with_timeout(settings.timeout)
-                .build()?,
-            if settings.query_spans {
-                Some(
-                    SpanExporter::builder()
-                        .with_tonic()
-                        .with_endpoint(signal_endpoint(settings, ""))
-                        .with_timeout(settings.timeout)
-                        .build()?,
-                )
-            } else {
-                None
-            },
-        ),
-        Protocol::HttpProtobuf => (
-            LogExporter::builder()
-                .with_http()
-                .with_endpoint(signal_endpoint(settings, "/v1/logs"))
-                .with_timeout(settings.timeout)
-                .build()?,
-            if settings.query_spans {
-                Some(
-                    SpanExporter::builder()
-                        .with_http()
-                        .with_endpoint(signal_endpoint(settings, "/v1/traces"))
-                        .with_timeout(settings.timeout)
-                        .build()?,
-                )
-            } else {
-                None
-            },
-        ),
+    let logs = &settings.logs;
+    let log_exporter = match logs.protocol {
+        Protocol::Grpc => {
+            let _guard = runtime.enter();
+            tonic_settings(LogExporter::builder().with_tonic(), logs).build()
+        }
+        Protocol::HttpProtobuf => http_settings(LogExporter::builder().with_http(), logs)?.build(),
+    }
+    .with_context(|| format!("OTLP logs exporter to {}", logs.endpoint))?;
+    let traces = &settings.traces;
+    let span_exporter = if settings.query_spans {
+        let exporter = match traces.protocol {
+            Protocol::Grpc => {
+                let _guard = runtime.enter();
+                tonic_settings(SpanExporter::builder().with_tonic(), traces).build()
+            }
+            Protocol::HttpProtobuf => {
+                http_settings(SpanExporter::builder().with_http(), traces)?.build()
+            }
+        }
+        .with_context(|| format!("OTLP traces exporter to {}", traces.endpoint))?;
+        Some(exporter)
+    } else {
+        None
     };
-    let executor = match settings.protocol {
+    let executor = match logs.protocol {
         Protocol::Grpc => Executor::Tokio(runtime),
         Protocol::HttpProtobuf => Executor::Plain,
     };
@@ -466,62 +745,6 @@ pub fn build(
             tracer_provider,
         },
     })
-}
-
-/// Turns a JSON object (an API report) into log attributes: the same field
-/// names as the API, nested objects flattened with dots, nulls left out.
-pub fn json_attributes(value: &serde_json::Value) -> Vec<(String, AnyValue)> {
-    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, AnyValue)>) {
-        match value {
-            serde_json::Value::Null => {}
-            serde_json::Value::Bool(b) => out.push((prefix.to_string(), AnyValue::Boolean(*b))),
-            serde_json::Value::Number(n) => {
-                let v = match (n.as_i64(), n.as_f64()) {
-                    (Some(i), _) => AnyValue::Int(i),
-                    (None, Some(f)) => AnyValue::Double(f),
-                    _ => AnyValue::String(n.to_string().into()),
-                };
-                out.push((prefix.to_string(), v));
-            }
-            serde_json::Value::String(s) => {
-                out.push((prefix.to_string(), AnyValue::String(s.clone().into())))
-            }
-            serde_json::Value::Array(items) => out.push((
-                prefix.to_string(),
-                AnyValue::String(serde_json::Value::Array(items.clone()).to_string().into()),
-            )),
-            serde_json::Value::Object(map) => {
-                for (key, v) in map {
-                    let name = if prefix.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{prefix}.{key}")
-                    };
-                    walk(&name, v, out);
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk("", value, &mut out);
-    out
-}
-
-/// A leak report's log record attributes: its fields as the API shows
-/// them, the holder's stack as the semantic conventions' `code.stacktrace`
-/// (one string, a frame per line) instead of a list.
-pub fn report_attributes(report: &crate::reports::LeakReport) -> Vec<(String, AnyValue)> {
-    let mut attributes = serde_json::to_value(report)
-        .map(|v| json_attributes(&v))
-        .unwrap_or_default();
-    attributes.retain(|(key, _)| key != "holder_stack");
-    if let Some(stack) = &report.holder_stack {
-        attributes.push((
-            telemetry_catalogue::attr::CODE_STACKTRACE.to_string(),
-            AnyValue::String(stack.join("\n").into()),
-        ));
-    }
-    attributes
 }
 
 impl OtlpExport {
@@ -608,138 +831,28 @@ mod tests {
         assert_eq!(Protocol::parse("http/json"), None);
     }
 
+    /// The start-up log line names headers, never their values, and says
+    /// which trust the TLS connection uses.
     #[test]
-    fn json_reports_become_flat_attributes() {
-        let value = serde_json::json!({
-            "kind": "leaked", "pid": 7, "held_for_seconds": 1.5, "pool": null,
-            "error": {"code": "42601", "message": "syntax"}, "open": true
-        });
-        let attrs = json_attributes(&value);
-        let get = |k: &str| attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        assert_eq!(get("kind"), Some(AnyValue::String("leaked".into())));
-        assert_eq!(get("pid"), Some(AnyValue::Int(7)));
-        assert_eq!(get("held_for_seconds"), Some(AnyValue::Double(1.5)));
-        assert_eq!(get("error.code"), Some(AnyValue::String("42601".into())));
-        assert_eq!(get("open"), Some(AnyValue::Boolean(true)));
-        assert_eq!(get("pool"), None);
-    }
-
-    #[test]
-    fn http_endpoints_get_signal_paths() {
-        let mut settings = OtlpSettings {
-            endpoint: "http://127.0.0.1:4318/".into(),
-            protocol: Protocol::HttpProtobuf,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            max_queued_events: 10,
-            query_spans: false,
+    fn the_summary_shows_no_credentials() {
+        let signal = SignalSettings {
+            protocol: Protocol::Grpc,
+            endpoint: "https://collector:4317".into(),
+            endpoint_from: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            headers: [("authorization".to_string(), "Bearer hunter2".to_string())].into(),
+            timeout: Duration::from_secs(2),
+            compression: Compression::Gzip,
+            tls: Tls {
+                ca_pem: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+                client: None,
+            },
         };
+        let summary = signal.summary();
         assert_eq!(
-            signal_endpoint(&settings, "/v1/logs"),
-            "http://127.0.0.1:4318/v1/logs"
+            summary,
+            "grpc https://collector:4317, from OTEL_EXPORTER_OTLP_ENDPOINT, timeout 2s, gzip, \
+             headers authorization, TLS with the configured CA"
         );
-        settings.protocol = Protocol::Grpc;
-        assert_eq!(
-            signal_endpoint(&settings, "/v1/logs"),
-            "http://127.0.0.1:4318"
-        );
-    }
-
-    /// The keys of the log record of `report` with every field set.
-    fn record_keys(report: &impl serde::Serialize) -> std::collections::BTreeSet<String> {
-        let value = serde_json::to_value(report).expect("serializable");
-        json_attributes(&value)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect()
-    }
-
-    fn declared(event: &telemetry_catalogue::Event) -> std::collections::BTreeSet<String> {
-        event.attributes.iter().map(|a| a.key.to_string()).collect()
-    }
-
-    /// Every attribute a log record can carry is declared in the
-    /// catalogue (which docs/metrics.md is written from), and every declared
-    /// one exists: a field added to a report fails here until declared.
-    #[test]
-    fn event_records_carry_the_attributes_the_catalogue_declares() {
-        use crate::{
-            detect::LeakKind,
-            protocol::{DbError, DbSystem, SystemName, TxState},
-            reports::{LeakReport, ReportStatus, SlowQuery},
-        };
-        let text = || Some("x".to_string());
-        let report = LeakReport {
-            id: 1,
-            kind: LeakKind::Leaked,
-            status: ReportStatus::Resolved,
-            pid: 2,
-            process: "app".into(),
-            cmdline: text(),
-            container_id: text(),
-            pool: text(),
-            db_system: Some(SystemName::Read(DbSystem::Postgresql)),
-            server: text(),
-            local_address: text(),
-            fd: Some(3),
-            generation: Some(4),
-            holder_tid: Some(5),
-            holder_thread: text(),
-            holder_stack: Some(vec!["leak (app.py:3)".into(), "main (app.py:9)".into()]),
-            connection_opened_at: text(),
-            checked_out_at: text(),
-            held_for_seconds: Some(1.5),
-            last_activity: text(),
-            last_query: text(),
-            tx_state: Some(TxState::InTransaction),
-            evidence: "e".into(),
-            reported_at: "t".into(),
-            resolved_at: text(),
-            resolution: text(),
-            wait_seconds: Some(0.5),
-            pool_used: Some(1),
-            pool_max: Some(2),
-            pool_pending: Some(3),
-        };
-        for event in [
-            &telemetry_catalogue::EVENT_LEAK_OPENED,
-            &telemetry_catalogue::EVENT_LEAK_RESOLVED,
-            &EVENT_ACQUIRE_SLOW,
-        ] {
-            let keys = report_attributes(&report)
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect::<std::collections::BTreeSet<_>>();
-            assert_eq!(keys, declared(event), "{}", event.name);
-        }
-        // The stack is one string, a frame per line, innermost first.
-        let stacktrace = report_attributes(&report)
-            .into_iter()
-            .find(|(k, _)| k == "code.stacktrace")
-            .map(|(_, v)| v);
-        assert_eq!(
-            stacktrace,
-            Some(AnyValue::String("leak (app.py:3)\nmain (app.py:9)".into()))
-        );
-        let slow = SlowQuery {
-            at: "t".into(),
-            pid: 2,
-            process: "app".into(),
-            fd: 3,
-            generation: 4,
-            db_system: "postgresql".into(),
-            server: "s".into(),
-            namespace: text(),
-            operation: text(),
-            query: text(),
-            duration_seconds: 1.0,
-            error: Some(DbError {
-                code: "42601".into(),
-                message: "m".into(),
-            }),
-            rows: Some(1),
-            tx_state: Some(TxState::Idle),
-        };
-        assert_eq!(record_keys(&slow), declared(&EVENT_QUERY_SLOW));
+        assert!(!format!("{signal:?}").contains("hunter2"));
     }
 }

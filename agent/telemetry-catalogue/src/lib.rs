@@ -10,34 +10,49 @@
 //! it in the agent with the helper for its kind, run `cargo xtask docs`.
 
 mod markdown;
+mod prometheus;
 
 pub use markdown::{render_tables, update_document, GENERATED_BEGIN, GENERATED_END};
+pub use prometheus::{prometheus_label_name, prometheus_metric_name};
 
 /// Attribute keys, one constant each, so that a key is spelled once.
 pub mod attr {
     pub const CODE_STACKTRACE: &str = "code.stacktrace";
     pub const CONTAINER_ID: &str = "container.id";
+    pub const DB_COLLECTION_NAME: &str = "db.collection.name";
     pub const DB_CONNECTION_POOL_NAME: &str = "db.client.connection.pool.name";
     pub const DB_CONNECTION_STATE: &str = "db.client.connection.state";
     pub const DB_NAMESPACE: &str = "db.namespace";
     pub const DB_OPERATION_NAME: &str = "db.operation.name";
+    pub const DB_QUERY_SUMMARY: &str = "db.query.summary";
     pub const DB_QUERY_TEXT: &str = "db.query.text";
+    pub const DB_RESPONSE_RETURNED_ROWS: &str = "db.response.returned_rows";
     pub const DB_RESPONSE_STATUS_CODE: &str = "db.response.status_code";
     pub const DB_SYSTEM_NAME: &str = "db.system.name";
     pub const ERROR_TYPE: &str = "error.type";
+    pub const HOST_NAME: &str = "host.name";
+    pub const K8S_CONTAINER_NAME: &str = "k8s.container.name";
     pub const K8S_NAMESPACE_NAME: &str = "k8s.namespace.name";
     pub const K8S_POD_NAME: &str = "k8s.pod.name";
     pub const K8S_POD_UID: &str = "k8s.pod.uid";
     pub const KIND: &str = "kind";
+    pub const NETWORK_LOCAL_ADDRESS: &str = "network.local.address";
+    pub const NETWORK_LOCAL_PORT: &str = "network.local.port";
     pub const NETWORK_TRANSPORT: &str = "network.transport";
     pub const PROBE: &str = "probe";
+    pub const PROCESS_COMMAND_ARGS: &str = "process.command_args";
+    pub const PROCESS_COMMAND_LINE: &str = "process.command_line";
     pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
     pub const PROCESS_PID: &str = "process.pid";
     pub const REASON: &str = "reason";
     pub const RESULT: &str = "result";
     pub const SERVER_ADDRESS: &str = "server.address";
     pub const SERVER_PORT: &str = "server.port";
+    pub const SERVICE_INSTANCE_ID: &str = "service.instance.id";
+    pub const SERVICE_NAME: &str = "service.name";
     pub const SIGNAL: &str = "signal";
+    pub const THREAD_ID: &str = "thread.id";
+    pub const THREAD_NAME: &str = "thread.name";
 }
 
 /// What kind of instrument, as OpenTelemetry names it. Prometheus shows
@@ -68,6 +83,9 @@ pub enum Requirement {
     Required,
     /// Only when the condition holds, e.g. "only on errors".
     Conditional(&'static str),
+    /// Only when configured (`[metrics.attributes."<metric>"] add`), and
+    /// then when the condition holds.
+    OptIn(&'static str),
 }
 
 /// One attribute of an instrument: its key, and the values it takes there.
@@ -84,6 +102,14 @@ const fn required(key: &'static str, values: &'static str) -> Attribute {
         key,
         values,
         requirement: Requirement::Required,
+    }
+}
+
+const fn opt_in(key: &'static str, values: &'static str, condition: &'static str) -> Attribute {
+    Attribute {
+        key,
+        values,
+        requirement: Requirement::OptIn(condition),
     }
 }
 
@@ -108,33 +134,17 @@ pub struct Instrument {
     pub attributes: &'static [Attribute],
     /// Histogram bucket bounds.
     pub buckets: Option<&'static [f64]>,
-    /// A Prometheus name where the exporter's derivation is wrong for it.
-    pub prometheus_name_override: Option<&'static str>,
+    /// Recorded per observed application, under that application's own
+    /// resource ([`RESOURCE_ATTRIBUTES`]); else the agent's own signal,
+    /// under the agent's resource (`service.name=poolscope`).
+    pub per_application: bool,
 }
 
 impl Instrument {
-    /// The name Prometheus shows: what the OpenTelemetry exporter derives
-    /// (dots to underscores, unit suffix, `_total` for counters), unless
-    /// overridden.
+    /// The name Prometheus shows, on the agent's own `/metrics` and on an
+    /// OTLP -> Prometheus path alike: see [`prometheus_metric_name`].
     pub fn prometheus_name(&self) -> String {
-        match self.prometheus_name_override {
-            Some(name) => name.to_string(),
-            None => self.derived_prometheus_name(),
-        }
-    }
-
-    /// The name the OpenTelemetry Prometheus exporter gives it.
-    pub fn derived_prometheus_name(&self) -> String {
-        let mut name = self.name.replace('.', "_");
-        match self.unit {
-            "s" => name.push_str("_seconds"),
-            "By" => name.push_str("_bytes"),
-            _ => {}
-        }
-        if self.kind == Kind::Counter {
-            name.push_str("_total");
-        }
-        name
+        prometheus_metric_name(self.name, self.unit, self.kind)
     }
 
     /// The attribute `key` declared for this instrument.
@@ -157,7 +167,7 @@ const fn instrument(
         description,
         attributes,
         buckets: None,
-        prometheus_name_override: None,
+        per_application: false,
     }
 }
 
@@ -171,6 +181,14 @@ const fn histogram(
     Instrument {
         buckets: Some(buckets),
         ..instrument(name, Kind::Histogram, unit, description, attributes)
+    }
+}
+
+/// An instrument of each application's own.
+const fn of_application(instrument: Instrument) -> Instrument {
+    Instrument {
+        per_application: true,
+        ..instrument
     }
 }
 
@@ -189,23 +207,24 @@ pub const LIFETIME_BUCKETS: &[f64] = &[
 ];
 
 const PID: Attribute = required(attr::PROCESS_PID, "");
+/// The database of a round trip, bounded: a client names the database it
+/// asks for.
+const NAMESPACE: Attribute = when(
+    attr::DB_NAMESPACE,
+    "the database (PostgreSQL, MySQL) or index (Redis `SELECT`); at most 16 per server, the \
+     rest `_OTHER`",
+    "when the parser saw it",
+);
 const POOL: Attribute = required(attr::DB_CONNECTION_POOL_NAME, "");
-const POOL_ATTRIBUTES: &[Attribute] = &[POOL, PID];
+const POOL_ATTRIBUTES: &[Attribute] = &[POOL];
 const CONNECT_ATTRIBUTES: &[Attribute] = &[
     required(attr::RESULT, "ok, refused, timed_out, unreachable, error"),
     required(attr::NETWORK_TRANSPORT, "tcp, unix"),
 ];
-const PLACEMENT_CONDITION: &str = "when the process runs in a container";
-/// A (process, server) series; the placement is one value per process.
-const PROCESS_SERVER_ATTRIBUTES: &[Attribute] = &[
-    PID,
-    required(attr::PROCESS_EXECUTABLE_NAME, ""),
+/// A server an application talks to (the application is the resource).
+const SERVER_ATTRIBUTES: &[Attribute] = &[
     required(attr::SERVER_ADDRESS, ""),
     when(attr::SERVER_PORT, "", "on TCP"),
-    when(attr::CONTAINER_ID, "", PLACEMENT_CONDITION),
-    when(attr::K8S_POD_UID, "", PLACEMENT_CONDITION),
-    when(attr::K8S_POD_NAME, "", PLACEMENT_CONDITION),
-    when(attr::K8S_NAMESPACE_NAME, "", PLACEMENT_CONDITION),
 ];
 const PROBE_ATTRIBUTES: &[Attribute] = &[required(
     attr::PROBE,
@@ -226,20 +245,20 @@ pub const CONNECT_DURATION: Instrument = histogram(
     CONNECT_ATTRIBUTES,
     CONNECT_BUCKETS,
 );
-pub const CONNECTION_OPEN: Instrument = instrument(
+pub const CONNECTION_OPEN: Instrument = of_application(instrument(
     "poolscope.connection.open",
     Kind::Gauge,
     "{connection}",
     "open connections (connecting, established or peer-closed) per process and server",
-    PROCESS_SERVER_ATTRIBUTES,
-);
-pub const CONNECTION_CLOSE_WAIT: Instrument = instrument(
+    SERVER_ATTRIBUTES,
+));
+pub const CONNECTION_CLOSE_WAIT: Instrument = of_application(instrument(
     "poolscope.connection.close_wait",
     Kind::Gauge,
     "{connection}",
     "connections whose server hung up (TCP CLOSE_WAIT) while the process still holds the fd",
-    PROCESS_SERVER_ATTRIBUTES,
-);
+    SERVER_ATTRIBUTES,
+));
 pub const CONNECTION_LIFETIME: Instrument = histogram(
     "poolscope.connection.lifetime",
     "s",
@@ -247,7 +266,7 @@ pub const CONNECTION_LIFETIME: Instrument = histogram(
     &[required(attr::NETWORK_TRANSPORT, "tcp, unix")],
     LIFETIME_BUCKETS,
 );
-pub const OPERATION_DURATION: Instrument = histogram(
+pub const OPERATION_DURATION: Instrument = of_application(histogram(
     "db.client.operation.duration",
     "s",
     "one database round trip: from the first byte of the request to the end of its response \
@@ -260,17 +279,34 @@ pub const OPERATION_DURATION: Instrument = histogram(
             "SELECT, COMMIT, GET...: known SQL keywords and at most 256 Redis command names",
             "when recognized",
         ),
+        NAMESPACE,
         required(attr::SERVER_ADDRESS, ""),
         when(attr::SERVER_PORT, "", "on TCP"),
         when(
-            attr::ERROR_TYPE,
+            attr::DB_RESPONSE_STATUS_CODE,
             "SQLSTATE, MySQL error number, Redis error prefix",
             "only on errors",
         ),
+        when(
+            attr::ERROR_TYPE,
+            "the same as `db.response.status_code`",
+            "only on errors",
+        ),
+        opt_in(
+            attr::DB_COLLECTION_NAME,
+            "the one table a SQL statement works on; at most 256 names, the rest `_OTHER`",
+            "when the statement names exactly one",
+        ),
+        opt_in(
+            attr::DB_QUERY_SUMMARY,
+            "the operation and its tables, e.g. `SELECT orders customers`; at most 1,024 \
+             summaries, the rest `_OTHER`",
+            "when the parser saw the statement",
+        ),
     ],
     OPERATION_BUCKETS,
-);
-pub const QUERIES_SLOW: Instrument = instrument(
+));
+pub const QUERIES_SLOW: Instrument = of_application(instrument(
     "poolscope.queries.slow",
     Kind::Counter,
     "{query}",
@@ -283,65 +319,64 @@ pub const QUERIES_SLOW: Instrument = instrument(
             "SELECT, COMMIT, GET...: as on db.client.operation.duration",
             "when recognized",
         ),
+        NAMESPACE,
         required(attr::SERVER_ADDRESS, ""),
         when(attr::SERVER_PORT, "", "on TCP"),
     ],
-);
-pub const CONNECTION_COUNT: Instrument = Instrument {
-    // Prometheus reserves a `_count` suffix for histograms and summaries.
-    prometheus_name_override: Some("db_client_connections"),
-    ..instrument(
-        "db.client.connection.count",
-        Kind::UpDownCounter,
-        "{connection}",
-        "connections of each pool by state. Adapter pools: used = handed out and not returned. \
-         Inferred pools (no adapter; named `address:port/database`): used = a transaction is open \
-         or a request awaits its response",
-        &[POOL, required(attr::DB_CONNECTION_STATE, "used, idle"), PID],
-    )
-};
-pub const CONNECTION_MAX: Instrument = instrument(
+));
+// Prometheus's linter would rather a gauge did not end in `_count`; the
+// conventions' name is kept because it is what every OTLP -> Prometheus path
+// gives it, so that dashboards work on both paths.
+pub const CONNECTION_COUNT: Instrument = of_application(instrument(
+    "db.client.connection.count",
+    Kind::UpDownCounter,
+    "{connection}",
+    "connections of each pool by state. Adapter pools: used = handed out and not returned. \
+     Inferred pools (no adapter; named `address:port/database`): used = a transaction is open \
+     or a request awaits its response",
+    &[POOL, required(attr::DB_CONNECTION_STATE, "used, idle")],
+));
+pub const CONNECTION_MAX: Instrument = of_application(instrument(
     "db.client.connection.max",
     Kind::UpDownCounter,
     "{connection}",
     "most connections the pool allows (adapter `max`)",
     POOL_ATTRIBUTES,
-);
-pub const CONNECTION_IDLE_MAX: Instrument = instrument(
+));
+pub const CONNECTION_IDLE_MAX: Instrument = of_application(instrument(
     "db.client.connection.idle.max",
     Kind::UpDownCounter,
     "{connection}",
     "most idle connections the pool keeps (adapter `idle_max`)",
     POOL_ATTRIBUTES,
-);
-pub const CONNECTION_IDLE_MIN: Instrument = instrument(
+));
+pub const CONNECTION_IDLE_MIN: Instrument = of_application(instrument(
     "db.client.connection.idle.min",
     Kind::UpDownCounter,
     "{connection}",
     "fewest idle connections the pool keeps (adapter `min_idle`)",
     POOL_ATTRIBUTES,
-);
-pub const CONNECTION_PENDING_REQUESTS: Instrument = instrument(
+));
+pub const CONNECTION_PENDING_REQUESTS: Instrument = of_application(instrument(
     "db.client.connection.pending_requests",
     Kind::UpDownCounter,
-    "{connection}",
+    "{request}",
     "acquires waiting for a connection (adapter pools)",
     POOL_ATTRIBUTES,
-);
-pub const CONNECTION_TIMEOUTS: Instrument = instrument(
+));
+pub const CONNECTION_TIMEOUTS: Instrument = of_application(instrument(
     "db.client.connection.timeouts",
     Kind::Counter,
     "{timeout}",
     "acquires that timed out (adapter pools)",
     POOL_ATTRIBUTES,
-);
-pub const CONNECTION_WAIT_TIME: Instrument = histogram(
+));
+pub const CONNECTION_WAIT_TIME: Instrument = of_application(histogram(
     "db.client.connection.wait_time",
     "s",
     "from a caller asking the pool for a connection to getting one",
     &[
         POOL,
-        PID,
         when(
             attr::ERROR_TYPE,
             "timeout, error",
@@ -349,21 +384,21 @@ pub const CONNECTION_WAIT_TIME: Instrument = histogram(
         ),
     ],
     OPERATION_BUCKETS,
-);
-pub const CONNECTION_USE_TIME: Instrument = histogram(
+));
+pub const CONNECTION_USE_TIME: Instrument = of_application(histogram(
     "db.client.connection.use_time",
     "s",
     "from the pool handing a connection out to getting it back",
     POOL_ATTRIBUTES,
     LIFETIME_BUCKETS,
-);
-pub const CONNECTION_CREATE_TIME: Instrument = histogram(
+));
+pub const CONNECTION_CREATE_TIME: Instrument = of_application(histogram(
     "db.client.connection.create_time",
     "s",
     "from connect() (seen in the kernel) to the adapter reporting the connection ready",
     POOL_ATTRIBUTES,
     OPERATION_BUCKETS,
-);
+));
 const LEAK_KINDS: &str =
     "leaked, slow_holder, idle_in_transaction, close_wait, abandoned, slow_acquire, held_too_long";
 pub const LEAK_REPORTS: Instrument = instrument(
@@ -383,17 +418,16 @@ pub const REPORTS_UNPUBLISHED: Instrument = instrument(
      for leak reports), and the log says once a minute how many lines were held back per process",
     &[required(attr::REASON, "process_budget, global_budget")],
 );
-pub const LEAK_OPEN: Instrument = instrument(
+pub const LEAK_OPEN: Instrument = of_application(instrument(
     "poolscope.leak.open",
     Kind::UpDownCounter,
     "{report}",
     "reports open now",
     &[
         required(attr::KIND, LEAK_KINDS),
-        PID,
         when(attr::DB_CONNECTION_POOL_NAME, "", "when known"),
     ],
-);
+));
 pub const ADAPTER_CONNECTIONS_BOUND: Instrument = instrument(
     "poolscope.adapter.connections.bound",
     Kind::Counter,
@@ -431,8 +465,8 @@ pub const EXPORT_BATCHES: Instrument = instrument(
     Kind::Counter,
     "{batch}",
     "OTLP export requests, after the exporter's own retries (only when OTLP is configured); \
-     metrics go out as two requests per interval, the pool histograms \
-     (`db.client.connection.wait_time`, `.use_time`, `.create_time`) being a request of their own",
+     metrics go out as one request per interval for the agent's own, and one per application \
+     (each under its own resource)",
     &[
         required(attr::SIGNAL, "metrics, logs"),
         required(attr::RESULT, "ok, failed"),
@@ -453,20 +487,21 @@ pub const EXPORT_QUEUED: Instrument = instrument(
     "events waiting in the bounded OTLP queue",
     &[required(attr::SIGNAL, "logs")],
 );
-pub const POOL_SERIES_FORGOTTEN: Instrument = instrument(
-    "poolscope.telemetry.pool_series.forgotten",
-    Kind::Counter,
-    "{pool}",
-    "pools whose histogram series (`db.client.connection.wait_time`, `.use_time`, \
-     `.create_time`) were dropped because their process exited",
+pub const APPLICATIONS: Instrument = instrument(
+    "poolscope.telemetry.applications",
+    Kind::UpDownCounter,
+    "{application}",
+    "observed processes whose pool, connection, query and leak metrics go out under a resource of \
+     their own (one per process; docs/metrics.md \"Resource attributes\"); a process's series go \
+     away when it exits",
     &[],
 );
-pub const POOL_SERIES_RESETS: Instrument = instrument(
-    "poolscope.telemetry.pool_series.resets",
+pub const APPLICATIONS_FOLDED: Instrument = instrument(
+    "poolscope.telemetry.applications.folded",
     Kind::Counter,
-    "{reset}",
-    "times the pool histograms were rebuilt to drop those series; each one restarts every live \
-     pool's histograms from zero (a counter reset)",
+    "{application}",
+    "processes whose metrics went out under the shared `service.name=_other` resource because \
+     `[tracking] max_applications` processes had resources of their own",
     &[],
 );
 pub const PROTOCOL_LOST: Instrument = instrument(
@@ -588,8 +623,8 @@ pub const INSTRUMENTS: &[&Instrument] = &[
     &EXPORT_BATCHES,
     &EXPORT_DROPPED,
     &EXPORT_QUEUED,
-    &POOL_SERIES_FORGOTTEN,
-    &POOL_SERIES_RESETS,
+    &APPLICATIONS,
+    &APPLICATIONS_FOLDED,
     &PROTOCOL_LOST,
     &KERNEL_EVENTS,
     &KERNEL_EVENTS_UNMATCHED,
@@ -602,6 +637,97 @@ pub const INSTRUMENTS: &[&Instrument] = &[
     &PROBE_RUNS,
     &KERNEL_RINGBUF_PENDING,
     &KERNEL_RINGBUF_SIZE,
+];
+
+/// A resource attribute of each observed application.
+#[derive(Debug, Clone, Copy)]
+pub struct ResourceAttribute {
+    pub attribute: Attribute,
+    /// Also a label of the application's series on `/metrics` (what
+    /// Prometheus's `promote_resource_attributes` gives on the OTLP path).
+    pub label: bool,
+}
+
+const fn resource(attribute: Attribute, label: bool) -> ResourceAttribute {
+    ResourceAttribute { attribute, label }
+}
+
+const IN_CONTAINER: &str = "when the process runs in a container";
+const IN_POD: &str = "when the process runs in a Kubernetes pod (names from the kubelet's log \
+                      directory, `[tracking] pod_logs_dir`)";
+const DECLARED: &str = "when the process's OTEL_RESOURCE_ATTRIBUTES says";
+
+/// The resource of each observed application (one per process), for the
+/// [`Instrument::per_application`] instruments. Beyond these, a process's
+/// own `OTEL_RESOURCE_ATTRIBUTES` entries are kept (at most 32, except the
+/// keys the agent sets from the kernel: `process.*`, `host.*`, `container.id`,
+/// `k8s.pod.*`, `k8s.namespace.name`, `k8s.container.name`).
+pub const RESOURCE_ATTRIBUTES: &[ResourceAttribute] = &[
+    resource(
+        required(
+            attr::SERVICE_NAME,
+            "the process's OTEL_SERVICE_NAME, else `service.name` of its OTEL_RESOURCE_ATTRIBUTES, \
+             else its Kubernetes workload (`k8s.deployment.name`...) from there, else its \
+             container's name, else its executable's name; `_other` for the processes past \
+             `[tracking] max_applications`",
+        ),
+        true,
+    ),
+    resource(
+        required(
+            attr::SERVICE_INSTANCE_ID,
+            "from OTEL_RESOURCE_ATTRIBUTES, else `<namespace>.<pod>.<container>` in Kubernetes, \
+             else `<host.name>:<pid>`",
+        ),
+        true,
+    ),
+    resource(when("service.namespace", "", DECLARED), true),
+    resource(when("service.version", "", DECLARED), true),
+    resource(when("deployment.environment.name", "", DECLARED), true),
+    resource(required(attr::PROCESS_PID, ""), true),
+    resource(required(attr::PROCESS_EXECUTABLE_NAME, "the kernel's comm"), true),
+    resource(
+        when(
+            attr::PROCESS_COMMAND_ARGS,
+            "redacted like report command lines",
+            "only with `[tracking] resource_command_args = true`",
+        ),
+        false,
+    ),
+    resource(required(attr::HOST_NAME, "the agent's host (NODE_NAME in a DaemonSet)"), false),
+    resource(when(attr::CONTAINER_ID, "", IN_CONTAINER), true),
+    resource(when(attr::K8S_POD_UID, "", IN_POD), true),
+    resource(when(attr::K8S_POD_NAME, "", IN_POD), true),
+    resource(when(attr::K8S_NAMESPACE_NAME, "", IN_POD), true),
+    resource(
+        when(
+            attr::K8S_CONTAINER_NAME,
+            "",
+            "in a pod, when the kubelet's `containers` log directory (beside `pod_logs_dir`) names it",
+        ),
+        true,
+    ),
+    resource(when("k8s.deployment.name", "", DECLARED), true),
+    resource(when("k8s.statefulset.name", "", DECLARED), true),
+    resource(when("k8s.daemonset.name", "", DECLARED), true),
+    resource(when("k8s.job.name", "", DECLARED), true),
+    resource(when("k8s.cronjob.name", "", DECLARED), true),
+];
+
+/// The agent's own resource, for every other instrument and for the
+/// events: `service.name` (poolscope unless OTEL_SERVICE_NAME or
+/// OTEL_RESOURCE_ATTRIBUTES say otherwise), `service.version`,
+/// `host.name`, and what OTEL_RESOURCE_ATTRIBUTES adds.
+pub const AGENT_RESOURCE_ATTRIBUTES: &[Attribute] = &[
+    required(
+        attr::SERVICE_NAME,
+        "poolscope, unless the agent's OTEL_SERVICE_NAME says",
+    ),
+    required("service.version", "the agent's version"),
+    required(
+        attr::HOST_NAME,
+        "NODE_NAME in a DaemonSet, else the kernel's hostname",
+    ),
 ];
 
 /// The declared instrument whose Prometheus name is `name`.
@@ -620,42 +746,107 @@ pub struct Event {
     pub when: &'static str,
     pub severity: &'static str,
     /// The record's attributes: the report's fields as the API shows them,
-    /// nested objects flattened with dots.
+    /// named as [`record_keys`] says.
     pub attributes: &'static [Attribute],
 }
 
 const WHEN_KNOWN: &str = "when known";
+/// Fields of the agent's own, without a semantic convention: the API's
+/// field name under `poolscope.`.
+macro_rules! own {
+    ($field:literal) => {
+        concat!("poolscope.", $field)
+    };
+}
+
+/// How an API report's field is named in an OTLP log record: by the
+/// semantic conventions where they name it, else `poolscope.<field>`
+/// ([`record_keys`]). `server` and `local_address` (`address:port`) become
+/// two attributes each, the address and the port.
+pub const RECORD_KEYS: &[(&str, &str)] = &[
+    ("pid", attr::PROCESS_PID),
+    ("process", attr::PROCESS_EXECUTABLE_NAME),
+    ("cmdline", attr::PROCESS_COMMAND_LINE),
+    ("container_id", attr::CONTAINER_ID),
+    ("pool", attr::DB_CONNECTION_POOL_NAME),
+    ("db_system", attr::DB_SYSTEM_NAME),
+    ("server", attr::SERVER_ADDRESS),
+    ("local_address", attr::NETWORK_LOCAL_ADDRESS),
+    ("holder_tid", attr::THREAD_ID),
+    ("holder_thread", attr::THREAD_NAME),
+    ("holder_stack", attr::CODE_STACKTRACE),
+    ("last_query", attr::DB_QUERY_TEXT),
+    ("query", attr::DB_QUERY_TEXT),
+    ("namespace", attr::DB_NAMESPACE),
+    ("operation", attr::DB_OPERATION_NAME),
+    ("error.code", attr::DB_RESPONSE_STATUS_CODE),
+    // The conventions' error.type repeats the status code when there is one.
+    ("error.code", attr::ERROR_TYPE),
+    ("rows", attr::DB_RESPONSE_RETURNED_ROWS),
+];
+
+/// The port attribute that goes with an address attribute of [`RECORD_KEYS`].
+pub fn port_key(address_key: &str) -> Option<&'static str> {
+    match address_key {
+        attr::SERVER_ADDRESS => Some(attr::SERVER_PORT),
+        attr::NETWORK_LOCAL_ADDRESS => Some(attr::NETWORK_LOCAL_PORT),
+        _ => None,
+    }
+}
+
+/// The log record keys of an API field (nested fields joined with dots):
+/// its conventions' names, else `poolscope.<field>`.
+pub fn record_keys(field: &str) -> Vec<std::borrow::Cow<'static, str>> {
+    let named: Vec<_> = RECORD_KEYS
+        .iter()
+        .filter(|(f, _)| *f == field)
+        .map(|(_, key)| std::borrow::Cow::Borrowed(*key))
+        .collect();
+    if named.is_empty() {
+        vec![std::borrow::Cow::Owned(format!("poolscope.{field}"))]
+    } else {
+        named
+    }
+}
+
 /// A leak, slow-holder or slow-acquire report (`GET /api/v1/leaks`).
 const REPORT_ATTRIBUTES: &[Attribute] = &[
-    required("id", "the report's number"),
-    required("kind", LEAK_KINDS),
-    required("status", "open, resolved"),
-    required("pid", ""),
-    required("process", "executable name"),
+    required(own!("id"), "the report's number"),
+    required(own!("kind"), LEAK_KINDS),
+    required(own!("status"), "open, resolved"),
+    PID,
+    required(attr::PROCESS_EXECUTABLE_NAME, ""),
     when(
-        "cmdline",
+        attr::PROCESS_COMMAND_LINE,
         "redacted unless configured otherwise",
         WHEN_KNOWN,
     ),
-    when("container_id", "", "when the process runs in a container"),
-    when("pool", "", "adapter or inferred pools"),
+    when(attr::CONTAINER_ID, "", "when the process runs in a container"),
+    when(attr::DB_CONNECTION_POOL_NAME, "", "adapter or inferred pools"),
     when(
-        "db_system",
+        attr::DB_SYSTEM_NAME,
         "postgresql, mysql, redis, or the name an adapter declared (sqlite...)",
         WHEN_KNOWN,
     ),
     when(
-        "server",
-        "address:port (what the pool declared, e.g. a database file, for connections without a socket)",
+        attr::SERVER_ADDRESS,
+        "the server's address (what the pool declared, e.g. a database file, for connections \
+         without a socket)",
         WHEN_KNOWN,
     ),
-    when("local_address", "", "TCP connections"),
-    when("fd", "", "reports about one connection with a socket"),
-    when("generation", "", "reports about one connection with a socket"),
-    when("holder_tid", "", "when the adapter said which thread"),
+    when(attr::SERVER_PORT, "", "TCP servers"),
+    when(attr::NETWORK_LOCAL_ADDRESS, "", "TCP connections"),
+    when(attr::NETWORK_LOCAL_PORT, "", "TCP connections"),
+    when(own!("fd"), "", "reports about one connection with a socket"),
     when(
-        "holder_thread",
-        "the thread's name",
+        own!("generation"),
+        "",
+        "reports about one connection with a socket",
+    ),
+    when(attr::THREAD_ID, "", "when the adapter said which thread"),
+    when(
+        attr::THREAD_NAME,
+        "",
         "when the adapter said which thread",
     ),
     when(
@@ -664,23 +855,27 @@ const REPORT_ATTRIBUTES: &[Attribute] = &[
         "when the adapter sent the holder's stack",
     ),
     when(
-        "connection_opened_at",
+        own!("connection_opened_at"),
         "RFC 3339",
         "reports about one connection",
     ),
-    when("checked_out_at", "RFC 3339", "adapter pools"),
-    when("held_for_seconds", "", "adapter pools"),
-    when("last_activity", "RFC 3339", "reports about one connection"),
-    when("last_query", "sanitized", WHEN_KNOWN),
-    when("tx_state", "idle, in_transaction, failed", WHEN_KNOWN),
-    required("evidence", "why the rule fired, in words"),
-    required("reported_at", "RFC 3339"),
-    when("resolved_at", "RFC 3339", "resolved reports"),
-    when("resolution", "why it resolved", "resolved reports"),
-    when("wait_seconds", "", "slow acquires"),
-    when("pool_used", "", "slow acquires"),
-    when("pool_max", "", "slow acquires, when the pool said"),
-    when("pool_pending", "", "slow acquires"),
+    when(own!("checked_out_at"), "RFC 3339", "adapter pools"),
+    when(own!("held_for_seconds"), "", "adapter pools"),
+    when(
+        own!("last_activity"),
+        "RFC 3339",
+        "reports about one connection",
+    ),
+    when(attr::DB_QUERY_TEXT, "the last statement, sanitized", WHEN_KNOWN),
+    when(own!("tx_state"), "idle, in_transaction, failed", WHEN_KNOWN),
+    required(own!("evidence"), "why the rule fired, in words"),
+    required(own!("reported_at"), "RFC 3339"),
+    when(own!("resolved_at"), "RFC 3339", "resolved reports"),
+    when(own!("resolution"), "why it resolved", "resolved reports"),
+    when(own!("wait_seconds"), "", "slow acquires"),
+    when(own!("pool_used"), "", "slow acquires"),
+    when(own!("pool_max"), "", "slow acquires, when the pool said"),
+    when(own!("pool_pending"), "", "slow acquires"),
 ];
 
 pub const EVENT_LEAK_OPENED: Event = Event {
@@ -706,25 +901,37 @@ pub const EVENT_QUERY_SLOW: Event = Event {
     when: "a round trip took longer than the slow-query threshold; body = sanitized query",
     severity: "INFO",
     attributes: &[
-        required("at", "RFC 3339"),
-        required("pid", ""),
-        required("process", "executable name"),
-        required("fd", ""),
-        required("generation", ""),
-        required("db_system", "postgresql, mysql, redis"),
-        required("server", "address:port"),
-        when("namespace", "the database", WHEN_KNOWN),
-        when("operation", "SELECT, GET...", "when recognized"),
-        when("query", "sanitized", "when the parser saw it"),
-        required("duration_seconds", ""),
+        required(own!("at"), "RFC 3339"),
+        PID,
+        required(attr::PROCESS_EXECUTABLE_NAME, ""),
+        required(own!("fd"), ""),
+        required(own!("generation"), ""),
+        required(attr::DB_SYSTEM_NAME, "postgresql, mysql, redis"),
+        required(attr::SERVER_ADDRESS, ""),
+        when(attr::SERVER_PORT, "", "TCP servers"),
+        when(attr::DB_NAMESPACE, "the database", WHEN_KNOWN),
+        when(attr::DB_OPERATION_NAME, "SELECT, GET...", "when recognized"),
+        when(attr::DB_QUERY_TEXT, "sanitized", "when the parser saw it"),
+        required(own!("duration_seconds"), ""),
         when(
-            "error.code",
+            attr::DB_RESPONSE_STATUS_CODE,
             "SQLSTATE, MySQL error number, Redis error prefix",
             "only on errors",
         ),
-        when("error.message", "", "only on errors"),
-        when("rows", "", "when the server said"),
-        when("tx_state", "idle, in_transaction, failed", WHEN_KNOWN),
+        when(
+            attr::ERROR_TYPE,
+            "the same as `db.response.status_code`",
+            "only on errors",
+        ),
+        // The conventions' error.message is deprecated in favour of
+        // domain-specific ones, and databases have none yet.
+        when(
+            own!("error.message"),
+            "the server's message",
+            "only on errors",
+        ),
+        when(attr::DB_RESPONSE_RETURNED_ROWS, "", "when the server said"),
+        when(own!("tx_state"), "idle, in_transaction, failed", WHEN_KNOWN),
     ],
 };
 
@@ -822,7 +1029,10 @@ mod tests {
             KERNEL_RINGBUF_SIZE.prometheus_name(),
             "poolscope_kernel_ringbuf_size_bytes"
         );
-        assert_eq!(CONNECTION_COUNT.prometheus_name(), "db_client_connections");
+        assert_eq!(
+            CONNECTION_COUNT.prometheus_name(),
+            "db_client_connection_count"
+        );
         assert_eq!(
             by_prometheus_name("db_client_connection_max").map(|i| i.name),
             Some("db.client.connection.max")
