@@ -49,7 +49,7 @@ RUN cargo xtask setup --build-only
 RUN cargo build --release -p poolscope \
     && install -D -m 0755 target/release/poolscope /out/poolscope
 
-# --- runtime: the binary alone (it links only libc, libm and libgcc_s) -----
+# --- runtime: the binary (it links only libc, libm and libgcc_s) and CA certificates
 FROM debian:bookworm-slim
 
 LABEL org.opencontainers.image.title="poolscope" \
@@ -57,6 +57,9 @@ LABEL org.opencontainers.image.title="poolscope" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 COPY --from=build /out/poolscope /usr/local/bin/poolscope
+# The CA bundle, for OTLP to https endpoints (hosted backends) without
+# OTEL_EXPORTER_OTLP_CERTIFICATE: the slim image has none.
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 
 # Root in the container, but with only the capabilities the runtime grants
 # (the DaemonSet drops all and adds five). Nothing in the image is setuid.

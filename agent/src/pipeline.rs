@@ -702,17 +702,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&health),
     ));
     let resource = agent_resource();
+    let app_resources = Arc::new(telemetry::apps::Resources::default());
     let otlp_settings = config.otlp.settings(&|name| std::env::var(name).ok())?;
     let (otlp_reader, otlp_export) = match &otlp_settings {
         Some(settings) => {
             let handle = tokio::runtime::Handle::current();
             let resource = resource.clone();
             let settings_for_thread = settings.clone();
+            let resources = Arc::clone(&app_resources);
             // The blocking HTTP client cannot be built on a runtime thread.
-            let parts =
-                std::thread::spawn(move || otlp::build(&settings_for_thread, &resource, handle))
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("building the OTLP exporters panicked"))??;
+            let parts = std::thread::spawn(move || {
+                otlp::build(&settings_for_thread, &resource, resources, handle)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("building the OTLP exporters panicked"))??;
             // Per signal: where, from which variable or key, how (header
             // names only, never their values).
             log::info!("OTLP export: {}", settings.summary());
@@ -729,6 +732,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_applications: config.tracking.max_applications.get(),
         host_name: host_name(),
         attributes: config.metrics.clone(),
+        resources: app_resources,
         slow_threshold_ns: config.queries.slow_threshold_ms.as_nanos(),
     })?);
     let pipeline = Arc::new(Pipeline {

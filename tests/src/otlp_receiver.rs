@@ -460,6 +460,39 @@ impl MetricsSnapshot {
     }
 }
 
+/// Requests (newest first) merged into one snapshot: each series (metric,
+/// resource and attributes) as its newest request has it.
+fn merge_newest_first<'a>(
+    requests: impl Iterator<Item = &'a Received<ExportMetricsServiceRequest>>,
+    wanted: impl Fn(&MetricPoint) -> bool,
+) -> Option<MetricsSnapshot> {
+    let mut merged: Option<MetricsSnapshot> = None;
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    for received in requests {
+        let snapshot = MetricsSnapshot::from_request(received);
+        let fresh: Vec<MetricPoint> = snapshot
+            .points
+            .iter()
+            .filter(|p| wanted(p))
+            .filter(|p| seen.insert(format!("{}|{:?}|{:?}", p.name, p.resource, p.attributes)))
+            .cloned()
+            .collect();
+        match merged.as_mut() {
+            None => {
+                merged = Some(MetricsSnapshot {
+                    points: fresh,
+                    ..snapshot
+                })
+            }
+            Some(merged) => {
+                merged.points.extend(fresh);
+                merged.names.extend(snapshot.names);
+            }
+        }
+    }
+    merged
+}
+
 /// One log record, flattened, with its resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogRecordView {
@@ -1022,46 +1055,28 @@ impl OtlpReceiver {
             .map(MetricsSnapshot::from_request)
     }
 
-    /// The newest state of every metric: for each name, the points of the
-    /// newest request that holds it, among the requests received within
-    /// `window` before the newest one. The agent pushes each export as two
-    /// requests (its per-pool histograms have a meter provider of their
-    /// own), so no single request holds every metric.
+    /// The newest state of every series among the requests received within
+    /// `window` before the newest one: the agent pushes each export as one
+    /// request for its own metrics and one per application (each under its
+    /// own resource), so no single request holds every series.
     pub fn latest_export(&self, window: Duration) -> Option<MetricsSnapshot> {
         let store = lock(&self.store);
         let newest = store.metrics.back()?.at;
-        let mut merged: Option<MetricsSnapshot> = None;
-        for received in store.metrics.iter().rev() {
-            if newest.duration_since(received.at) > window {
-                break;
-            }
-            let snapshot = MetricsSnapshot::from_request(received);
-            let Some(merged) = merged.as_mut() else {
-                merged = Some(snapshot);
-                continue;
-            };
-            let fresh: BTreeSet<String> =
-                snapshot.names.difference(&merged.names).cloned().collect();
-            merged.points.extend(
-                snapshot
-                    .points
-                    .into_iter()
-                    .filter(|p| fresh.contains(&p.name)),
-            );
-            merged.names.extend(fresh);
-        }
-        merged
-    }
-
-    /// The newest metrics request that holds metric `name`.
-    pub fn latest_with(&self, name: &str) -> Option<MetricsSnapshot> {
-        let store = lock(&self.store);
-        store
+        let requests = store
             .metrics
             .iter()
             .rev()
-            .map(MetricsSnapshot::from_request)
-            .find(|s| s.names.contains(name))
+            .take_while(|received| newest.duration_since(received.at) <= window);
+        merge_newest_first(requests, |_| true)
+    }
+
+    /// The newest point of every series of metric `name`, over every
+    /// request received (each application's series come in a request of
+    /// its own).
+    pub fn latest_with(&self, name: &str) -> Option<MetricsSnapshot> {
+        let store = lock(&self.store);
+        merge_newest_first(store.metrics.iter().rev(), |p| p.name == name)
+            .filter(|s| s.names.contains(name))
     }
 
     /// The latest value of metric `name`: the sum over the data points
@@ -1180,6 +1195,30 @@ impl OtlpReceiver {
                 .map(|r| resource_attributes(r.resource.as_ref())),
         };
         resource
+    }
+
+    /// Every distinct resource that metrics came under (the agent's own,
+    /// and one per application).
+    pub fn metric_resources(&self) -> Vec<BTreeMap<String, Value>> {
+        let store = lock(&self.store);
+        let mut resources: Vec<BTreeMap<String, Value>> = Vec::new();
+        for received in &store.metrics {
+            for rm in &received.request.resource_metrics {
+                let resource = resource_attributes(rm.resource.as_ref());
+                if !resources.contains(&resource) {
+                    resources.push(resource);
+                }
+            }
+        }
+        resources
+    }
+
+    /// The resource the agent's own metrics (`service.name=poolscope`)
+    /// came under.
+    pub fn agent_metrics_resource(&self) -> Option<BTreeMap<String, Value>> {
+        self.metric_resources()
+            .into_iter()
+            .find(|r| r.get("service.name").and_then(Value::as_str) == Some("poolscope"))
     }
 
     /// One line of what arrived, for failure messages.

@@ -633,8 +633,8 @@ fn documented_metrics() -> Vec<DocMetric> {
         .filter(|l| l.starts_with("| `"))
         .filter_map(|line| {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            // "", otel, prometheus, type, unit, attributes, meaning, ""
-            if cells.len() < 8 {
+            // "", otel, prometheus, type, unit, resource, attributes, meaning, ""
+            if cells.len() < 9 {
                 return None;
             }
             let otel = backticked(cells[1]).into_iter().next()?;
@@ -648,7 +648,7 @@ fn documented_metrics() -> Vec<DocMetric> {
                 prometheus,
                 kind: cells[3].to_string(),
                 unit,
-                attributes: backticked(cells[5]).into_iter().collect(),
+                attributes: backticked(cells[6]).into_iter().collect(),
             })
         })
         .collect();
@@ -896,8 +896,72 @@ fn check_leak_record(receiver: &OtlpReceiver, report: &LeakReport) -> LogRecordV
         "SEVERITY_NUMBER_WARN: {record:#?}"
     );
     assert!(record.time_unix_nano > 0, "{record:#?}");
-    check_resource(&record.resource, "log record resource");
+    // A report's record goes out under its application's resource.
+    check_application_resource(&record.resource, report.pid, &report.process);
     record
+}
+
+/// An application's resource: its pid and executable from the kernel, a
+/// service named after the executable (the test clients set no
+/// OTEL_SERVICE_NAME), this host.
+fn check_application_resource(resource: &BTreeMap<String, Value>, pid: u32, executable: &str) {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    for (key, want) in [
+        ("process.pid", json!(pid)),
+        ("process.executable.name", json!(executable)),
+        ("service.name", json!(executable)),
+        ("service.instance.id", json!(format!("{host}:{pid}"))),
+        ("host.name", json!(host)),
+    ] {
+        assert_eq!(resource.get(key), Some(&want), "{key}: {resource:?}");
+    }
+}
+
+/// The per-application metrics of `pid` come under its own resource, with
+/// no process attributes on their data points; the agent's own under the
+/// agent's.
+fn check_application_metrics(receiver: &OtlpReceiver, pid: u32) {
+    let snapshot = receiver
+        .latest_export(Duration::from_secs(5))
+        .expect("metrics");
+    let mine: Vec<&MetricPoint> = snapshot
+        .points
+        .iter()
+        .filter(|p| p.resource.get("process.pid") == Some(&json!(pid)))
+        .collect();
+    assert!(
+        !mine.is_empty(),
+        "no metrics under process {pid}'s resource"
+    );
+    for p in &mine {
+        let declared = telemetry_catalogue::INSTRUMENTS
+            .iter()
+            .find(|i| i.name == p.name)
+            .unwrap_or_else(|| panic!("undeclared {}", p.name));
+        assert!(
+            declared.per_application,
+            "{} under an application: {p:?}",
+            p.name
+        );
+        assert!(!p.attributes.contains_key("process.pid"), "{p:?}");
+    }
+    let agents: Vec<&MetricPoint> = snapshot
+        .points
+        .iter()
+        .filter(|p| p.name == "poolscope.kernel.events")
+        .collect();
+    assert!(!agents.is_empty());
+    for p in agents {
+        assert_eq!(
+            p.resource.get("service.name"),
+            Some(&json!("poolscope")),
+            "{p:?}"
+        );
+        assert!(!p.resource.contains_key("process.pid"), "{p:?}");
+    }
 }
 
 /// Waits until the receiver's latest SELECT count for `port` equals the
@@ -924,32 +988,37 @@ fn check_select_counts(receiver: &OtlpReceiver, agent: &Agent, port: u16) {
         .latest_with("db.client.operation.duration")
         .expect("histogram");
     let points: Vec<&MetricPoint> = snapshot.points("db.client.operation.duration", &filter);
-    assert_eq!(
-        points.len(),
-        1,
-        "one SELECT series for the port: {points:#?}"
+    // One SELECT series per client process, each under its own resource.
+    let pids: BTreeSet<Option<i64>> = points
+        .iter()
+        .map(|p| p.resource.get("process.pid").and_then(Value::as_i64))
+        .collect();
+    assert!(
+        pids.len() == points.len() && !pids.contains(&None),
+        "one SELECT series per process: {points:#?}"
     );
-    let p = points[0];
+    for p in &points {
+        for (key, want) in [
+            ("db.system.name", json!("postgresql")),
+            ("server.address", json!("127.0.0.1")),
+            ("db.namespace", json!("postgres")),
+        ] {
+            assert_eq!(p.attributes.get(key), Some(&want), "{key}: {p:?}");
+        }
+        assert!(!p.attributes.contains_key("error.type"), "{p:?}");
+        assert_eq!(
+            p.bounds,
+            vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0],
+            "{p:?}"
+        );
+    }
     assert_eq!(
-        p.attributes.get("db.system.name"),
-        Some(&json!("postgresql")),
-        "{p:?}"
-    );
-    assert_eq!(
-        p.attributes.get("server.address"),
-        Some(&json!("127.0.0.1")),
-        "{p:?}"
-    );
-    assert!(!p.attributes.contains_key("error.type"), "{p:?}");
-    assert_eq!(
-        p.bounds,
-        vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0],
-        "{p:?}"
-    );
-    assert_eq!(
-        p.bucket_counts.iter().sum::<u64>(),
+        points
+            .iter()
+            .map(|p| p.bucket_counts.iter().sum::<u64>())
+            .sum::<u64>(),
         Workload::select_count(),
-        "{p:?}"
+        "{points:?}"
     );
     let connects = receiver
         .metric_value(
@@ -1271,6 +1340,7 @@ fn otlp_grpc_receives_documented_metrics_events_and_equal_values() {
 
     // (c) equal values, and the open report as a gauge in both exports.
     check_select_counts(&receiver, &agent, pg.port);
+    check_application_metrics(&receiver, b);
     agree("open leak reports of B over OTLP and /metrics", || {
         let pushed = receiver.metric_value(
             "poolscope.leak.open",
@@ -1313,8 +1383,8 @@ fn otlp_grpc_receives_documented_metrics_events_and_equal_values() {
     );
     check_resource(
         &receiver
-            .resource(Signal::Metrics)
-            .expect("metrics resource"),
+            .agent_metrics_resource()
+            .expect("the agent's metrics resource"),
         "metrics resource",
     );
 
@@ -1357,8 +1427,8 @@ fn otlp_http_protobuf_receives_metrics_and_events() {
     check_select_counts(&receiver, &agent, pg.port);
     check_resource(
         &receiver
-            .resource(Signal::Metrics)
-            .expect("metrics resource"),
+            .agent_metrics_resource()
+            .expect("the agent's metrics resource"),
         "metrics resource",
     );
     // The leak's metrics come with the export after the report opened.

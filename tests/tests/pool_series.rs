@@ -234,10 +234,17 @@ fn scenario(receiver: Option<&OtlpReceiver>) {
                     ("db.client.connection.pool.name", json!("legit0")),
                 ],
             );
-            let flood_left = snapshot
-                .points
+            // Requests sent after the exits were seen: none is a flood
+            // sender's (their applications went with them).
+            let settled = exited + Duration::from_secs(3);
+            let later: Vec<_> = receiver
+                .metric_snapshots()
+                .into_iter()
+                .filter(|s| s.received_at > settled)
+                .collect();
+            let flood_left = later
                 .iter()
-                .filter(|p| p.name == WAIT_TIME)
+                .flat_map(|s| &s.points)
                 .filter(|p| {
                     p.resource
                         .get("process.pid")
@@ -245,7 +252,12 @@ fn scenario(receiver: Option<&OtlpReceiver>) {
                         .is_some_and(|pid| flood_pids.iter().any(|f| i64::from(*f) == pid))
                 })
                 .count();
-            (legit == Some(3.0) && flood_left == 0).then_some(())
+            let legit_pushed_later = later.iter().any(|s| {
+                s.points
+                    .iter()
+                    .any(|p| p.resource.get("process.pid") == Some(&json!(legit_pid)))
+            });
+            (legit == Some(3.0) && flood_left == 0 && legit_pushed_later).then_some(())
         });
         assert!(
             pushed.is_some(),

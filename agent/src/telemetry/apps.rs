@@ -459,6 +459,19 @@ fn server_attributes((address, port): &(String, Option<u16>)) -> Vec<KeyValue> {
     attrs
 }
 
+/// Each known process's resource, for what is not a metric: the log
+/// records of its reports go out under it too.
+#[derive(Debug, Default)]
+pub struct Resources {
+    by_pid: Mutex<HashMap<u32, Resource>>,
+}
+
+impl Resources {
+    pub fn get(&self, pid: u32) -> Option<Resource> {
+        lock(&self.by_pid).get(&pid).cloned()
+    }
+}
+
 /// What the self-metrics read.
 #[derive(Debug, Default)]
 pub struct ApplicationCounts {
@@ -477,6 +490,8 @@ pub struct ApplicationsConfig {
     pub otlp: bool,
     /// `[metrics]`: attributes added to or dropped from metrics.
     pub attributes: super::attributes::MetricsConfig,
+    /// Where the applications' resources are kept for the log records.
+    pub resources: Arc<Resources>,
 }
 
 #[derive(Default)]
@@ -518,6 +533,7 @@ impl Applications {
 
     /// Remembers what a process is, for its resource.
     pub fn learn(&self, pid: u32, identity: Identity) {
+        lock(&self.config.resources.by_pid).insert(pid, resource(&identity));
         let mut registry = lock(&self.registry);
         if !registry.apps.contains_key(&pid) {
             registry.identities.insert(pid, identity);
@@ -586,6 +602,7 @@ impl Applications {
             lock(&self.views.own).remove(&pid);
         }
         registry.identities.retain(|pid, _| known.contains(pid));
+        lock(&self.config.resources.by_pid).retain(|pid, _| known.contains(pid));
         registry.folded.retain(|pid| known.contains(pid));
         for pid in active {
             if !registry.apps.contains_key(pid) && !registry.folded.contains(pid) {

@@ -60,6 +60,8 @@ pub struct Observed {
     pub host_name: String,
     /// `[metrics]`: attributes added to or dropped from metrics.
     pub attributes: attributes::MetricsConfig,
+    /// The applications' resources, shared with the OTLP log export.
+    pub resources: Arc<apps::Resources>,
     /// `[queries] slow_threshold_ms`: round trips this long are counted
     /// as slow.
     pub slow_threshold_ns: u64,
@@ -379,7 +381,7 @@ pub fn attributes_view(
 }
 
 /// The last export's bound at shutdown.
-const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Telemetry {
     pub fn new(mut observed: Observed) -> anyhow::Result<Telemetry> {
@@ -416,6 +418,7 @@ impl Telemetry {
                 host_name: observed.host_name.clone(),
                 otlp: apps_otlp.is_some(),
                 attributes: observed.attributes.clone(),
+                resources: Arc::clone(&observed.resources),
             },
         ));
         if let Some(export) = apps_otlp {
@@ -948,6 +951,7 @@ mod tests {
             max_applications,
             host_name: "node-1".into(),
             attributes: attributes::MetricsConfig::default(),
+            resources: Arc::default(),
             slow_threshold_ns: 250_000_000,
         }
     }

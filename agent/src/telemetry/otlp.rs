@@ -338,18 +338,17 @@ const LOG_BATCH: usize = 256;
 
 impl QueueProcessor {
     fn start(
-        mut exporter: LogExporter,
-        resource: &Resource,
+        exporter: LogExporter,
+        resources: Resources,
         capacity: usize,
         executor: Executor,
         counters: Arc<ExportCounters>,
     ) -> anyhow::Result<QueueProcessor> {
-        exporter.set_resource(resource);
         let (sender, receiver) = mpsc::sync_channel(capacity);
         let thread_counters = Arc::clone(&counters);
         let worker = std::thread::Builder::new()
             .name("poolscope-otlp-logs".into())
-            .spawn(move || export_loop(exporter, receiver, executor, thread_counters))
+            .spawn(move || export_loop(exporter, resources, receiver, executor, thread_counters))
             .context("cannot start the OTLP log thread")?;
         Ok(QueueProcessor {
             sender: Mutex::new(Some(sender)),
@@ -360,8 +359,34 @@ impl QueueProcessor {
     }
 }
 
+/// Who a log record is about: the application whose report it is
+/// (`process.pid`), else the agent.
+struct Resources {
+    agent: Resource,
+    applications: Arc<super::apps::Resources>,
+}
+
+impl Resources {
+    fn of(&self, pid: Option<u32>) -> Resource {
+        pid.and_then(|pid| self.applications.get(pid))
+            .unwrap_or_else(|| self.agent.clone())
+    }
+}
+
+/// The `process.pid` a record is about.
+fn record_pid(record: &SdkLogRecord) -> Option<u32> {
+    record
+        .attributes_iter()
+        .find(|(key, _)| key.as_str() == telemetry_catalogue::attr::PROCESS_PID)
+        .and_then(|(_, value)| match value {
+            AnyValue::Int(pid) => u32::try_from(*pid).ok(),
+            _ => None,
+        })
+}
+
 fn export_loop(
-    exporter: LogExporter,
+    mut exporter: LogExporter,
+    resources: Resources,
     receiver: Receiver<QueuedRecord>,
     executor: Executor,
     counters: Arc<ExportCounters>,
@@ -383,18 +408,42 @@ fn export_loop(
             Err(RecvTimeoutError::Disconnected) => true,
         };
         if !batch.is_empty() {
-            let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> =
-                batch.iter().map(|(r, s)| (r, s)).collect();
-            // The exporter retries with backoff itself; a batch that still
-            // fails is dropped, and counted.
-            let result = executor.block_on(exporter.export(LogBatch::new(&refs)));
-            let n = batch.len() as u64;
-            counters.events_queued.fetch_sub(n, Ordering::Relaxed);
-            if result.is_ok() {
-                counters.log_batches_ok.fetch_add(1, Ordering::Relaxed);
-            } else {
-                counters.log_batches_failed.fetch_add(1, Ordering::Relaxed);
-                counters.events_dropped.fetch_add(n, Ordering::Relaxed);
+            // One request per application, under its resource.
+            let mut by_pid: Vec<(Option<u32>, Vec<(&SdkLogRecord, &InstrumentationScope)>)> =
+                Vec::new();
+            for (record, scope) in &batch {
+                let pid = record_pid(record);
+                match by_pid.iter_mut().find(|(p, _)| *p == pid) {
+                    Some((_, records)) => records.push((record, scope)),
+                    None => by_pid.push((pid, vec![(record, scope)])),
+                }
+            }
+            counters
+                .events_queued
+                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            let mut failed = false;
+            for (pid, records) in by_pid {
+                // The exporter retries with backoff itself; a batch that
+                // still fails is dropped, and counted. After one failure
+                // the rest of the round is too: the others would wait out
+                // the same timeout.
+                let result = if failed {
+                    Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                        "an earlier request of this round failed".into(),
+                    ))
+                } else {
+                    exporter.set_resource(&resources.of(pid));
+                    executor.block_on(exporter.export(LogBatch::new(&records)))
+                };
+                failed |= result.is_err();
+                if result.is_ok() {
+                    counters.log_batches_ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counters.log_batches_failed.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .events_dropped
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
+                }
             }
             batch.clear();
         }
@@ -677,6 +726,7 @@ fn http_client(settings: &SignalSettings) -> anyhow::Result<reqwest::blocking::C
 pub fn build(
     settings: &OtlpSettings,
     resource: &Resource,
+    app_resources: Arc<super::apps::Resources>,
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<OtlpParts> {
     let counters = Arc::new(ExportCounters::default());
@@ -720,7 +770,10 @@ pub fn build(
     };
     let processor = QueueProcessor::start(
         log_exporter,
-        resource,
+        Resources {
+            agent: resource.clone(),
+            applications: app_resources,
+        },
         settings.max_queued_events,
         executor,
         Arc::clone(&counters),
