@@ -182,12 +182,17 @@ struct LineChild {
 
 impl LineChild {
     fn spawn(name: &str) -> LineChild {
+        LineChild::spawn_with_env(name, &[])
+    }
+
+    fn spawn_with_env(name: &str, envs: &[(&str, &str)]) -> LineChild {
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("scripts")
             .join(name);
         let mut child = Command::new(python3())
             .arg("-u")
             .arg(&script)
+            .envs(envs.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -351,7 +356,12 @@ pub struct DbClient {
 
 impl DbClient {
     pub fn spawn() -> DbClient {
-        let io = LineChild::spawn("db_client.py");
+        DbClient::spawn_with_env(&[])
+    }
+
+    /// A client with these environment variables (e.g. OTEL_SERVICE_NAME).
+    pub fn spawn_with_env(envs: &[(&str, &str)]) -> DbClient {
+        let io = LineChild::spawn_with_env("db_client.py", envs);
         let mut client = DbClient { pid: io.pid(), io };
         let reported = client.request(json!({"op": "pid"}))["pid"].as_u64();
         assert_eq!(

@@ -1249,6 +1249,151 @@ fn otlp_agent(transport: Transport) -> Option<(Postgres, OtlpReceiver, TempDir, 
     Some((pg, receiver, adapter_dir, agent))
 }
 
+/// A JSON attribute value as Prometheus writes it in a label.
+fn label_value(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The /metrics series an OTLP point becomes by the documented translation
+/// (telemetry_catalogue::prometheus_metric_name and prometheus_label_name),
+/// with the resource attributes the catalogue labels promoted: its name and
+/// labels.
+fn translated(point: &MetricPoint) -> (String, BTreeMap<String, String>) {
+    let declared = telemetry_catalogue::INSTRUMENTS
+        .iter()
+        .find(|i| i.name == point.name)
+        .unwrap_or_else(|| panic!("undeclared {}", point.name));
+    let mut name =
+        telemetry_catalogue::prometheus_metric_name(&point.name, &point.unit, declared.kind);
+    if declared.kind == telemetry_catalogue::Kind::Histogram {
+        name.push_str("_count");
+    }
+    let promoted = telemetry_catalogue::RESOURCE_ATTRIBUTES
+        .iter()
+        .filter(|r| r.label)
+        .filter_map(|r| Some((r.attribute.key, point.resource.get(r.attribute.key)?)));
+    let labels = point
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .chain(promoted)
+        .map(|(k, v)| {
+            (
+                telemetry_catalogue::prometheus_label_name(k),
+                label_value(v),
+            )
+        })
+        .collect();
+    (name, labels)
+}
+
+/// Issue 15, items 1 and 3: a process that names itself (OTEL_SERVICE_NAME,
+/// OTEL_RESOURCE_ATTRIBUTES) is that service, one that does not is its
+/// executable, and neither can claim another's pid; and every series of
+/// theirs has on /metrics exactly the name and labels the documented OTLP
+/// -> Prometheus translation gives the pushed point, with the labelled
+/// resource attributes promoted (what Prometheus's
+/// `promote_resource_attributes` does), so dashboards work on both paths.
+#[test]
+fn each_application_is_its_own_service_and_one_series_on_both_paths() {
+    let Some((pg, receiver, _adapter_dir, agent)) = otlp_agent(Transport::Grpc) else {
+        return;
+    };
+    let mut named = DbClient::spawn_with_env(&[
+        ("OTEL_SERVICE_NAME", "orders-api"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "service.version=1.4.2,k8s.deployment.name=orders,process.pid=1",
+        ),
+    ]);
+    let mut plain = DbClient::spawn();
+    for client in [&mut named, &mut plain] {
+        client.connect("postgresql", pg.port);
+        for _ in 0..3 {
+            client.sql("SELECT 1");
+        }
+    }
+    let resource_of = |pid: u32| {
+        wait_until(EXPORT_TIMEOUT, || {
+            receiver
+                .metric_resources()
+                .into_iter()
+                .find(|r| r.get("process.pid") == Some(&json!(pid)))
+        })
+        .unwrap_or_else(|| panic!("no resource of process {pid}: {}", receiver.summary()))
+    };
+    let mine = resource_of(named.pid);
+    for (key, want) in [
+        ("service.name", json!("orders-api")),
+        ("service.version", json!("1.4.2")),
+        ("k8s.deployment.name", json!("orders")),
+        ("process.pid", json!(named.pid)),
+        ("process.executable.name", json!("python3")),
+    ] {
+        assert_eq!(mine.get(key), Some(&want), "{key}: {mine:?}");
+    }
+    let theirs = resource_of(plain.pid);
+    assert_eq!(
+        theirs.get("service.name"),
+        Some(&json!("python3")),
+        "{theirs:?}"
+    );
+    assert!(!theirs.contains_key("service.version"), "{theirs:?}");
+
+    // Both paths hold the three SELECTs of each; then every pushed series
+    // of the two is a /metrics series by the translation rules.
+    let selects = |pid: u32| {
+        receiver.metric_value(
+            "db.client.operation.duration",
+            &[
+                ("process.pid", json!(pid)),
+                ("db.operation.name", json!("SELECT")),
+            ],
+        )
+    };
+    agree("both clients' SELECTs over OTLP", || {
+        match (selects(named.pid), selects(plain.pid)) {
+            (Some(a), Some(b)) if a >= 3.0 && b >= 3.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let snapshot = receiver
+        .latest_export(Duration::from_secs(5))
+        .expect("metrics");
+    let exposition = agent.metrics();
+    let mut checked = 0;
+    for point in snapshot.points.iter().filter(|p| {
+        [named.pid, plain.pid]
+            .iter()
+            .any(|pid| p.resource.get("process.pid") == Some(&json!(pid)))
+    }) {
+        let (name, labels) = translated(point);
+        let series: Vec<BTreeMap<String, String>> = metric_series(&exposition, &name)
+            .into_iter()
+            .map(|(labels, _)| labels.into_iter().collect())
+            .collect();
+        assert!(
+            series.contains(&labels),
+            "{} {labels:?} is not on /metrics as {name}; there: {series:#?}",
+            point.name
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} series compared");
+    let line = metric_series(&exposition, "db_client_operation_duration_seconds_count")
+        .into_iter()
+        .find(|(labels, _)| labels.contains(&("process_pid".into(), named.pid.to_string())))
+        .expect("the named client's SELECTs");
+    assert!(
+        line.0
+            .contains(&("service_name".into(), "orders-api".into())),
+        "{line:?}"
+    );
+}
+
 /// Issue 14, item 1: a leak's holder stack reaches the collector as the
 /// semantic conventions' `code.stacktrace` (one string, a frame per line,
 /// innermost first) in its `poolscope.leak.opened` record: a real

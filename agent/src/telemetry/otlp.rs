@@ -373,6 +373,9 @@ impl Resources {
     }
 }
 
+/// A queued record as the exporter takes it.
+type RecordRef<'a> = (&'a SdkLogRecord, &'a InstrumentationScope);
+
 /// The `process.pid` a record is about.
 fn record_pid(record: &SdkLogRecord) -> Option<u32> {
     record
@@ -409,8 +412,7 @@ fn export_loop(
         };
         if !batch.is_empty() {
             // One request per application, under its resource.
-            let mut by_pid: Vec<(Option<u32>, Vec<(&SdkLogRecord, &InstrumentationScope)>)> =
-                Vec::new();
+            let mut by_pid: Vec<(Option<u32>, Vec<RecordRef>)> = Vec::new();
             for (record, scope) in &batch {
                 let pid = record_pid(record);
                 match by_pid.iter_mut().find(|(p, _)| *p == pid) {
