@@ -513,6 +513,8 @@ pub struct SpanView {
     pub name: String,
     pub kind: i32,
     pub attributes: BTreeMap<String, Value>,
+    /// The attributes of the resource it came under.
+    pub resource: BTreeMap<String, Value>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1160,12 +1162,14 @@ impl OtlpReceiver {
         let mut out = Vec::new();
         for received in &store.traces {
             for rs in &received.request.resource_spans {
+                let resource = resource_attributes(rs.resource.as_ref());
                 for ss in &rs.scope_spans {
                     for span in &ss.spans {
                         out.push(SpanView {
                             name: span.name.clone(),
                             kind: span.kind,
                             attributes: attributes(&span.attributes),
+                            resource: resource.clone(),
                         });
                     }
                 }

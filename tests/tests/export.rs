@@ -1299,9 +1299,14 @@ fn translated(point: &MetricPoint) -> (String, BTreeMap<String, String>) {
 /// `promote_resource_attributes` does), so dashboards work on both paths.
 #[test]
 fn each_application_is_its_own_service_and_one_series_on_both_paths() {
-    let Some((pg, receiver, _adapter_dir, agent)) = otlp_agent(Transport::Grpc) else {
+    if !require_kernel() {
         return;
-    };
+    }
+    let pg = Postgres::start();
+    let receiver = OtlpReceiver::start();
+    let adapter_dir = TempDir::new("poolscope-export-adapter");
+    let config = otlp_config(&receiver.grpc_endpoint(), "grpc", "query_spans = true\n");
+    let agent = start_agent(&config, &adapter_dir);
     let mut named = DbClient::spawn_with_env(&[
         ("OTEL_SERVICE_NAME", "orders-api"),
         (
@@ -1391,6 +1396,24 @@ fn each_application_is_its_own_service_and_one_series_on_both_paths() {
         line.0
             .contains(&("service_name".into(), "orders-api".into())),
         "{line:?}"
+    );
+    // The round trips' spans come under their application's resource too.
+    let span = wait_until(EXPORT_TIMEOUT, || {
+        receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.attributes.get("process.pid") == Some(&json!(named.pid)))
+    })
+    .unwrap_or_else(|| panic!("no span of the named client: {}", receiver.summary()));
+    assert_eq!(
+        span.resource.get("service.name"),
+        Some(&json!("orders-api")),
+        "{span:?}"
+    );
+    assert_eq!(
+        span.resource.get("process.pid"),
+        Some(&json!(named.pid)),
+        "{span:?}"
     );
 }
 

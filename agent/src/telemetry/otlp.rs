@@ -359,8 +359,9 @@ impl QueueProcessor {
     }
 }
 
-/// Who a log record is about: the application whose report it is
-/// (`process.pid`), else the agent.
+/// Who a log record or span is about: the application whose report or
+/// round trip it is (`process.pid`), else the agent.
+#[derive(Debug, Clone)]
 struct Resources {
     agent: Resource,
     applications: Arc<super::apps::Resources>,
@@ -370,6 +371,58 @@ impl Resources {
     fn of(&self, pid: Option<u32>) -> Resource {
         pid.and_then(|pid| self.applications.get(pid))
             .unwrap_or_else(|| self.agent.clone())
+    }
+}
+
+/// Sends each application's spans under its resource: the SDK gives the
+/// exporter one resource, so each batch goes out as one request per
+/// application.
+#[derive(Debug)]
+struct ApplicationSpans {
+    /// Only the batch processor's thread exports; the lock is held across
+    /// the export (a Tokio mutex, whose guard may be).
+    inner: tokio::sync::Mutex<SpanExporter>,
+    resources: Resources,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for ApplicationSpans {
+    async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> OTelSdkResult {
+        let mut by_pid: Vec<(Option<u32>, Vec<opentelemetry_sdk::trace::SpanData>)> = Vec::new();
+        for span in batch {
+            let pid = span
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == telemetry_catalogue::attr::PROCESS_PID)
+                .and_then(|kv| match kv.value {
+                    opentelemetry::Value::I64(pid) => u32::try_from(pid).ok(),
+                    _ => None,
+                });
+            match by_pid.iter_mut().find(|(p, _)| *p == pid) {
+                Some((_, spans)) => spans.push(span),
+                None => by_pid.push((pid, vec![span])),
+            }
+        }
+        let mut inner = self.inner.lock().await;
+        for (pid, spans) in by_pid {
+            inner.set_resource(&self.resources.of(pid));
+            // After one failure the rest would wait out the same timeout.
+            inner.export(spans).await?;
+        }
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        match self.inner.try_lock() {
+            Ok(inner) => inner.shutdown_with_timeout(timeout),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        match self.inner.try_lock() {
+            Ok(inner) => inner.force_flush(),
+            Err(_) => Ok(()),
+        }
     }
 }
 
@@ -770,12 +823,13 @@ pub fn build(
         Protocol::Grpc => Executor::Tokio(runtime),
         Protocol::HttpProtobuf => Executor::Plain,
     };
+    let resources = Resources {
+        agent: resource.clone(),
+        applications: app_resources,
+    };
     let processor = QueueProcessor::start(
         log_exporter,
-        Resources {
-            agent: resource.clone(),
-            applications: app_resources,
-        },
+        resources.clone(),
         settings.max_queued_events,
         executor,
         Arc::clone(&counters),
@@ -788,7 +842,10 @@ pub fn build(
     let tracer_provider = span_exporter.map(|exporter| {
         SdkTracerProvider::builder()
             .with_resource(resource.clone())
-            .with_batch_exporter(exporter)
+            .with_batch_exporter(ApplicationSpans {
+                inner: tokio::sync::Mutex::new(exporter),
+                resources,
+            })
             .build()
     });
     Ok(OtlpParts {

@@ -714,8 +714,8 @@ pub const RESOURCE_ATTRIBUTES: &[ResourceAttribute] = &[
     resource(when("k8s.cronjob.name", "", DECLARED), true),
 ];
 
-/// The agent's own resource, for every other instrument and for the
-/// events: `service.name` (poolscope unless OTEL_SERVICE_NAME or
+/// The agent's own resource, for every other instrument (events and spans
+/// go out under their process's resource): `service.name` (poolscope unless OTEL_SERVICE_NAME or
 /// OTEL_RESOURCE_ATTRIBUTES say otherwise), `service.version`,
 /// `host.name`, and what OTEL_RESOURCE_ATTRIBUTES adds.
 pub const AGENT_RESOURCE_ATTRIBUTES: &[Attribute] = &[
