@@ -1215,12 +1215,11 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
                 });
             }
             let known: std::collections::HashSet<u32> = s.tracker.known_processes().collect();
-            // Processes with something to show: database connections,
-            // pools, open reports.
+            // Processes with something to show: open connections, pools,
+            // open reports.
             let active: std::collections::HashSet<u32> = s
                 .tracker
                 .open_connections()
-                .filter(|c| c.db_system.is_some() || c.pool.is_some())
                 .map(|c| c.id.pid)
                 .chain(s.tracker.pools().map(|p| p.pid))
                 .chain(s.leaks.open_reports().map(|r| r.pid))

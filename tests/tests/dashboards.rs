@@ -155,10 +155,17 @@ impl Catalog {
         );
         for instrument in telemetry_catalogue::INSTRUMENTS {
             let name = instrument.prometheus_name();
+            // An application's series carry its resource's labelled
+            // attributes too (docs/metrics.md, "One resource per application").
+            let resource_labels = telemetry_catalogue::RESOURCE_ATTRIBUTES
+                .iter()
+                .filter(|r| r.label && instrument.per_application)
+                .map(|r| &r.attribute);
             let mut labels: BTreeSet<String> = instrument
                 .attributes
                 .iter()
-                .map(|a| a.key.replace('.', "_"))
+                .chain(resource_labels)
+                .map(|a| telemetry_catalogue::prometheus_label_name(a.key))
                 .collect();
             labels.extend(TARGET_LABELS.iter().map(|l| l.to_string()));
             catalog.labels.extend(labels.iter().cloned());
