@@ -113,7 +113,6 @@ impl Identity {
 pub fn unknown(pid: u32, host_name: &str) -> Identity {
     identify(&ProcessFacts {
         pid,
-        executable: "unknown_service".into(),
         host_name: host_name.into(),
         ..ProcessFacts::default()
     })
@@ -206,7 +205,9 @@ pub fn identify(facts: &ProcessFacts) -> Identity {
         })
         .or(workload)
         .or_else(|| facts.container_name.clone())
-        .unwrap_or_else(|| facts.executable.clone());
+        .or_else(|| (!facts.executable.is_empty()).then(|| facts.executable.clone()))
+        // The conventions' name for a service nobody named.
+        .unwrap_or_else(|| "unknown_service".into());
     identity.set(attr::SERVICE_NAME, Value::Text(service));
     if identity.get(attr::SERVICE_INSTANCE_ID).is_none() {
         // The conventions' advice for Kubernetes; elsewhere the host and pid.
@@ -223,10 +224,12 @@ pub fn identify(facts: &ProcessFacts) -> Identity {
         identity.set(attr::SERVICE_INSTANCE_ID, Value::Text(instance));
     }
     identity.set(attr::PROCESS_PID, Value::Int(i64::from(facts.pid)));
-    identity.set(
-        attr::PROCESS_EXECUTABLE_NAME,
-        Value::Text(facts.executable.clone()),
-    );
+    if !facts.executable.is_empty() {
+        identity.set(
+            attr::PROCESS_EXECUTABLE_NAME,
+            Value::Text(facts.executable.clone()),
+        );
+    }
     if let Some(args) = &facts.command_args {
         identity.set(attr::PROCESS_COMMAND_ARGS, Value::Texts(args.clone()));
     }
@@ -336,6 +339,14 @@ mod tests {
             Some("node-1:4242")
         );
         assert_eq!(id.get("process.pid"), Some(&Value::Int(4242)));
+    }
+
+    #[test]
+    fn a_process_not_read_is_the_unknown_service() {
+        let id = unknown(9, "node-1");
+        assert_eq!(id.service_name(), "unknown_service");
+        assert_eq!(id.get("process.pid"), Some(&Value::Int(9)));
+        assert_eq!(id.get("process.executable.name"), None);
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl Pipeline {
             .flatten();
         let identity = identity::identify(&identity::ProcessFacts {
             pid,
-            executable: name.clone().unwrap_or_else(|| "unknown_service".into()),
+            executable: name.clone().unwrap_or_default(),
             placement: placement.clone(),
             container_name,
             environment: procfs::process_environment(

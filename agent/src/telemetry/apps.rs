@@ -62,6 +62,36 @@ pub const SERIES_LIMIT: usize = 512;
 /// Pools of one application whose histogram handles are kept bound.
 const MAX_BOUND_POOLS: usize = 128;
 
+/// Round-trip series of one application kept bound (servers x operations).
+const MAX_BOUND_ROUND_TRIPS: usize = 256;
+
+/// A successful round trip's series: its server attributes (shared, built
+/// once per server and database: compared by identity, which the key's
+/// own reference keeps unique) and its operation.
+struct RoundTripKey {
+    server: Arc<[KeyValue]>,
+    operation: Option<StringValue>,
+}
+
+impl PartialEq for RoundTripKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.server, &other.server) && self.operation == other.operation
+    }
+}
+
+impl Eq for RoundTripKey {}
+
+impl std::hash::Hash for RoundTripKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.server).cast::<KeyValue>(), state);
+        self.operation.as_ref().map(StringValue::as_str).hash(state);
+    }
+}
+
+/// Identities learned this recently are kept even when housekeeping's list
+/// of known processes (taken a moment before) lacks them.
+const JUST_LEARNED: Duration = Duration::from_secs(5);
+
 /// How long one snapshot of the state serves the observable instruments:
 /// a scrape or an export collects every application within it.
 const SNAPSHOT_AGE: Duration = Duration::from_millis(500);
@@ -188,6 +218,9 @@ struct PoolHandles {
 
 /// One application's instruments.
 pub struct App {
+    /// What it was made as: a process learned anew under the same pid (a
+    /// pid reused) gets an application of its own.
+    identity: Identity,
     provider: SdkMeterProvider,
     registry: prometheus::Registry,
     reader: Option<SharedReader>,
@@ -197,6 +230,7 @@ pub struct App {
     use_time: Histogram<f64>,
     create_time: Histogram<f64>,
     pools: Mutex<HashMap<String, PoolHandles>>,
+    round_trips: Mutex<HashMap<RoundTripKey, BoundHistogram<f64>>>,
 }
 
 /// Which pool histogram.
@@ -244,12 +278,14 @@ impl App {
         let meter = provider.meter("poolscope");
         register_observables(&meter, key, views);
         Ok(App {
+            identity: identity.clone(),
             operation_duration: histogram(&meter, &catalogue::OPERATION_DURATION),
             slow_queries: counter(&meter, &catalogue::QUERIES_SLOW),
             wait_time: histogram(&meter, &catalogue::CONNECTION_WAIT_TIME),
             use_time: histogram(&meter, &catalogue::CONNECTION_USE_TIME),
             create_time: histogram(&meter, &catalogue::CONNECTION_CREATE_TIME),
             pools: Mutex::default(),
+            round_trips: Mutex::default(),
             provider,
             registry,
             reader,
@@ -281,6 +317,34 @@ impl App {
             // Once per connection: not worth a bound series.
             (PoolSeries::Create, _) => app.create_time.record(seconds, &handles.attributes),
         });
+    }
+
+    /// A successful round trip: recorded through its bound series, which
+    /// skips the SDK's hashing of the attributes (and building them) on
+    /// every round trip; `attributes` builds them for its first.
+    pub fn record_round_trip(
+        &self,
+        server: &Arc<[KeyValue]>,
+        operation: Option<&StringValue>,
+        seconds: f64,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) {
+        let key = RoundTripKey {
+            server: Arc::clone(server),
+            operation: operation.cloned(),
+        };
+        let mut bound = lock(&self.round_trips);
+        if let Some(series) = bound.get(&key) {
+            return series.record(seconds);
+        }
+        let attrs = attributes();
+        if bound.len() >= MAX_BOUND_ROUND_TRIPS {
+            // Past the bound the series are the SDK's to limit.
+            return self.operation_duration.record(seconds, &attrs);
+        }
+        let series = self.operation_duration.bind(&attrs);
+        series.record(seconds);
+        bound.insert(key, series);
     }
 
     /// Folded checkouts' waits and uses (ns), under one lookup of the pool.
@@ -496,8 +560,9 @@ pub struct ApplicationsConfig {
 
 #[derive(Default)]
 struct Registry {
-    /// What each known process is, learned when it is first seen.
-    identities: HashMap<u32, Identity>,
+    /// What each known process is, learned when it is first seen, and
+    /// when (housekeeping's view of the known processes may predate it).
+    identities: HashMap<u32, (Identity, Instant)>,
     apps: HashMap<u32, Arc<App>>,
     other: Option<Arc<App>>,
     /// Processes counted as folded into `_other` (each once).
@@ -531,13 +596,33 @@ impl Applications {
         }
     }
 
-    /// Remembers what a process is, for its resource.
+    /// Remembers what a process is, for its resource. An application
+    /// made for the pid as something else (a pid reused before its old
+    /// process was let go, or used before it was read) is let go: the next
+    /// record makes the right one.
     pub fn learn(&self, pid: u32, identity: Identity) {
         lock(&self.config.resources.by_pid).insert(pid, resource(&identity));
         let mut registry = lock(&self.registry);
-        if !registry.apps.contains_key(&pid) {
-            registry.identities.insert(pid, identity);
+        if registry
+            .apps
+            .get(&pid)
+            .is_some_and(|app| app.identity != identity)
+        {
+            self.let_go(&mut registry, pid);
         }
+        registry.identities.insert(pid, (identity, Instant::now()));
+    }
+
+    /// Drops the application of `pid`; its last values go out in the next
+    /// OTLP export.
+    fn let_go(&self, registry: &mut Registry, pid: u32) {
+        if let Some(app) = registry.apps.remove(&pid) {
+            if self.config.otlp {
+                registry.retired.push(app);
+            }
+        }
+        lock(&self.views.own).remove(&pid);
+        self.counts.live.store(registry.apps.len() as u64, Relaxed);
     }
 
     /// Runs `f` with the application of `pid`, made at its first use.
@@ -555,7 +640,7 @@ impl Applications {
             let identity = registry
                 .identities
                 .get(&pid)
-                .cloned()
+                .map(|(identity, _)| identity.clone())
                 .unwrap_or_else(|| crate::identity::unknown(pid, &self.config.host_name));
             match App::build(&identity, Some(pid), &self.views, &self.config) {
                 Ok(app) => {
@@ -594,15 +679,13 @@ impl Applications {
             .filter(|pid| !known.contains(pid))
             .collect();
         for pid in gone {
-            if let Some(app) = registry.apps.remove(&pid) {
-                if self.config.otlp {
-                    registry.retired.push(app);
-                }
-            }
-            lock(&self.views.own).remove(&pid);
+            self.let_go(&mut registry, pid);
         }
-        registry.identities.retain(|pid, _| known.contains(pid));
-        lock(&self.config.resources.by_pid).retain(|pid, _| known.contains(pid));
+        registry
+            .identities
+            .retain(|pid, (_, learned)| known.contains(pid) || learned.elapsed() < JUST_LEARNED);
+        let identities = &registry.identities;
+        lock(&self.config.resources.by_pid).retain(|pid, _| identities.contains_key(pid));
         registry.folded.retain(|pid| known.contains(pid));
         for pid in active {
             if !registry.apps.contains_key(pid) && !registry.folded.contains(pid) {

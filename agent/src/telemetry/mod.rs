@@ -79,6 +79,10 @@ pub struct Telemetry {
     slow_threshold_ns: u64,
     protocol_lost: Counter<u64>,
     operation_names: OperationNames,
+    /// Successful round trips go to bound series (see
+    /// [`apps::App::record_round_trip`]), unless `[metrics.attributes]`
+    /// adds to or drops from their attributes.
+    bind_round_trips: bool,
     /// `db.query.summary` values, when opted in.
     query_summaries: Option<BoundedValues>,
     /// `db.collection.name` values, when opted in.
@@ -437,6 +441,10 @@ impl Telemetry {
             slow_threshold_ns: observed.slow_threshold_ns,
             protocol_lost: counter(&meter, &catalogue::PROTOCOL_LOST),
             operation_names: OperationNames::default(),
+            bind_round_trips: !observed
+                .attributes
+                .attributes
+                .contains_key(catalogue::OPERATION_DURATION.name),
             query_summaries: observed
                 .attributes
                 .adds(catalogue::OPERATION_DURATION.name, attr::DB_QUERY_SUMMARY)
@@ -504,8 +512,6 @@ impl Telemetry {
                     let server =
                         self.server_attributes
                             .get(*system, remote, trip.namespace.as_deref());
-                    let mut attrs = Vec::with_capacity(server.len() + 3);
-                    attrs.extend_from_slice(&server);
                     let operation = trip
                         .operation
                         .as_deref()
@@ -518,14 +524,29 @@ impl Telemetry {
                         duration_ns,
                         trip.end_ns,
                     );
-                    if let Some(name) = operation {
-                        attrs.push(KeyValue::new(attr::DB_OPERATION_NAME, name));
-                    }
+                    let seconds = duration_ns as f64 / 1e9;
+                    let attributes = || {
+                        let mut attrs = Vec::with_capacity(server.len() + 3);
+                        attrs.extend_from_slice(&server);
+                        if let Some(name) = &operation {
+                            attrs.push(KeyValue::new(attr::DB_OPERATION_NAME, name.clone()));
+                        }
+                        attrs
+                    };
                     self.apps.with(id.pid, |app| {
                         // The same rule as the slow-query reports (reports.rs).
                         if duration_ns >= self.slow_threshold_ns {
-                            app.slow_queries.add(1, &attrs);
+                            app.slow_queries.add(1, &attributes());
                         }
+                        if trip.error.is_none() && self.bind_round_trips {
+                            return app.record_round_trip(
+                                &server,
+                                operation.as_ref(),
+                                seconds,
+                                attributes,
+                            );
+                        }
+                        let mut attrs = attributes();
                         if self.query_summaries.is_some() || self.collections.is_some() {
                             self.summarize(*system, trip, &mut attrs);
                         }
@@ -536,8 +557,7 @@ impl Telemetry {
                             attrs.push(KeyValue::new(attr::DB_RESPONSE_STATUS_CODE, code.clone()));
                             attrs.push(KeyValue::new(attr::ERROR_TYPE, code));
                         }
-                        app.operation_duration
-                            .record(duration_ns as f64 / 1e9, &attrs);
+                        app.operation_duration.record(seconds, &attrs);
                     });
                 }
                 Output::ProtocolLost { .. } => self.protocol_lost.add(1, &[]),
@@ -1050,6 +1070,25 @@ mod tests {
         assert!(
             text.contains("poolscope_telemetry_applications 1"),
             "{text}"
+        );
+    }
+
+    /// A pid reused by another program (before housekeeping let the old
+    /// one go) gets an application of its own: the new process's series
+    /// never carry the old one's name.
+    #[test]
+    fn a_reused_pid_is_a_new_application() {
+        let telemetry = pools_telemetry();
+        learn(&telemetry, &[(7, "old-app")]);
+        telemetry.record(&[waited(7, "p", AcquireResult::Ok)]);
+        learn(&telemetry, &[(7, "new-app")]);
+        telemetry.record(&[waited(7, "p", AcquireResult::Ok)]);
+        let text = telemetry.render_prometheus().expect("render");
+        let waits = samples(&text, "db_client_connection_wait_time_seconds_count");
+        assert_eq!(waits.len(), 1, "{waits:?}");
+        assert!(
+            waits[0].contains("service_name=\"new-app\"") && waits[0].ends_with(" 1"),
+            "{waits:?}"
         );
     }
 

@@ -656,6 +656,7 @@ const IN_CONTAINER: &str = "when the process runs in a container";
 const IN_POD: &str = "when the process runs in a Kubernetes pod (names from the kubelet's log \
                       directory, `[tracking] pod_logs_dir`)";
 const DECLARED: &str = "when the process's OTEL_RESOURCE_ATTRIBUTES says";
+const ONE_PROCESS: &str = "on every application but the shared `_other` one";
 
 /// The resource of each observed application (one per process), for the
 /// [`Instrument::per_application`] instruments. Beyond these, a process's
@@ -668,24 +669,32 @@ pub const RESOURCE_ATTRIBUTES: &[ResourceAttribute] = &[
             attr::SERVICE_NAME,
             "the process's OTEL_SERVICE_NAME, else `service.name` of its OTEL_RESOURCE_ATTRIBUTES, \
              else its Kubernetes workload (`k8s.deployment.name`...) from there, else its \
-             container's name, else its executable's name; `_other` for the processes past \
-             `[tracking] max_applications`",
+             container's name, else its executable's name (`unknown_service` if /proc could \
+             not be read); `_other` for the processes past `[tracking] max_applications`",
         ),
         true,
     ),
     resource(
-        required(
+        when(
             attr::SERVICE_INSTANCE_ID,
             "from OTEL_RESOURCE_ATTRIBUTES, else `<namespace>.<pod>.<container>` in Kubernetes, \
              else `<host.name>:<pid>`",
+            ONE_PROCESS,
         ),
         true,
     ),
     resource(when("service.namespace", "", DECLARED), true),
     resource(when("service.version", "", DECLARED), true),
     resource(when("deployment.environment.name", "", DECLARED), true),
-    resource(required(attr::PROCESS_PID, ""), true),
-    resource(required(attr::PROCESS_EXECUTABLE_NAME, "the kernel's comm"), true),
+    resource(when(attr::PROCESS_PID, "", ONE_PROCESS), true),
+    resource(
+        when(
+            attr::PROCESS_EXECUTABLE_NAME,
+            "the kernel's comm",
+            "when /proc could be read (not on `_other`)",
+        ),
+        true,
+    ),
     resource(
         when(
             attr::PROCESS_COMMAND_ARGS,

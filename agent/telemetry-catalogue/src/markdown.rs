@@ -233,7 +233,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("| `process.pid` | required |  | `process_pid` |"),
+            table.contains("| `process.pid` | conditionally required: on every application but the shared `_other` one |  | `process_pid` |"),
             "{table}"
         );
     }
