@@ -733,6 +733,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         host_name: host_name(),
         attributes: config.metrics.clone(),
         resources: app_resources,
+        exited_series_grace: telemetry::apps::EXITED_SERIES_GRACE,
         slow_threshold_ns: config.queries.slow_threshold_ms.as_nanos(),
     })?);
     let pipeline = Arc::new(Pipeline {

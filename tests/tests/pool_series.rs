@@ -23,8 +23,10 @@ use poolscope_tests::{
 const SENDERS: usize = 40;
 const POOLS_EACH: usize = 16;
 
-/// Housekeeping lets go of exited processes' applications every second.
-const FORGET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Housekeeping lets go of exited processes' applications every second;
+/// their series stay on /metrics for the agent's `EXITED_SERIES_GRACE`
+/// (60 s) so that the last scrape sees a short-lived process's end.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Sends, for each of its pools, an acquire that timed out; says `ready`;
 /// then does it again for every line it reads, until its stdin closes.

@@ -88,6 +88,11 @@ impl std::hash::Hash for RoundTripKey {
     }
 }
 
+/// How long an exited process's series stay on /metrics: a short-lived
+/// process (a job, a CLI) would otherwise lose what it did since the last
+/// scrape. OTLP sends them once more at the exit instead.
+pub const EXITED_SERIES_GRACE: Duration = Duration::from_secs(60);
+
 /// Identities learned this recently are kept even when housekeeping's list
 /// of known processes (taken a moment before) lacks them.
 const JUST_LEARNED: Duration = Duration::from_secs(5);
@@ -556,6 +561,8 @@ pub struct ApplicationsConfig {
     pub attributes: super::attributes::MetricsConfig,
     /// Where the applications' resources are kept for the log records.
     pub resources: Arc<Resources>,
+    /// How long an exited process's series stay on /metrics.
+    pub exited_series_grace: Duration,
 }
 
 #[derive(Default)]
@@ -569,6 +576,9 @@ struct Registry {
     folded: HashSet<u32>,
     /// Applications of exited processes, waiting for their last export.
     retired: Vec<Arc<App>>,
+    /// Applications of exited processes still on /metrics, and since when
+    /// (see [`EXITED_SERIES_GRACE`]).
+    departed: Vec<(u32, Instant, Arc<App>)>,
 }
 
 /// Every application's telemetry.
@@ -618,7 +628,10 @@ impl Applications {
     fn let_go(&self, registry: &mut Registry, pid: u32) {
         if let Some(app) = registry.apps.remove(&pid) {
             if self.config.otlp {
-                registry.retired.push(app);
+                registry.retired.push(Arc::clone(&app));
+            }
+            if !self.config.exited_series_grace.is_zero() {
+                registry.departed.push((pid, Instant::now(), app));
             }
         }
         lock(&self.views.own).remove(&pid);
@@ -644,6 +657,9 @@ impl Applications {
                 .unwrap_or_else(|| crate::identity::unknown(pid, &self.config.host_name));
             match App::build(&identity, Some(pid), &self.views, &self.config) {
                 Ok(app) => {
+                    // The pid's former process must not show beside it
+                    // (their series could be alike).
+                    registry.departed.retain(|(departed, ..)| *departed != pid);
                     let app = Arc::new(app);
                     registry.apps.insert(pid, Arc::clone(&app));
                     lock(&self.views.own).insert(pid);
@@ -681,6 +697,10 @@ impl Applications {
         for pid in gone {
             self.let_go(&mut registry, pid);
         }
+        let grace = self.config.exited_series_grace;
+        registry
+            .departed
+            .retain(|(_, since, _)| since.elapsed() < grace);
         registry
             .identities
             .retain(|pid, (_, learned)| known.contains(pid) || learned.elapsed() < JUST_LEARNED);
@@ -704,6 +724,7 @@ impl Applications {
                 .apps
                 .values()
                 .chain(registry.other.as_ref())
+                .chain(registry.departed.iter().map(|(_, _, app)| app))
                 .cloned()
                 .collect()
         };

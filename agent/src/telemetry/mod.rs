@@ -62,6 +62,9 @@ pub struct Observed {
     pub attributes: attributes::MetricsConfig,
     /// The applications' resources, shared with the OTLP log export.
     pub resources: Arc<apps::Resources>,
+    /// How long an exited process's series stay on /metrics
+    /// ([`apps::EXITED_SERIES_GRACE`]).
+    pub exited_series_grace: std::time::Duration,
     /// `[queries] slow_threshold_ms`: round trips this long are counted
     /// as slow.
     pub slow_threshold_ns: u64,
@@ -423,6 +426,7 @@ impl Telemetry {
                 otlp: apps_otlp.is_some(),
                 attributes: observed.attributes.clone(),
                 resources: Arc::clone(&observed.resources),
+                exited_series_grace: observed.exited_series_grace,
             },
         ));
         if let Some(export) = apps_otlp {
@@ -972,6 +976,7 @@ mod tests {
             host_name: "node-1".into(),
             attributes: attributes::MetricsConfig::default(),
             resources: Arc::default(),
+            exited_series_grace: std::time::Duration::ZERO,
             slow_threshold_ns: 250_000_000,
         }
     }
@@ -1071,6 +1076,38 @@ mod tests {
             text.contains("poolscope_telemetry_applications 1"),
             "{text}"
         );
+    }
+
+    /// An exited process's series stay on /metrics for the grace period
+    /// (a short-lived process's last increments are scraped), then go.
+    #[test]
+    fn an_exited_process_stays_on_metrics_for_the_grace_period() {
+        let telemetry = Telemetry::new(Observed {
+            exited_series_grace: std::time::Duration::from_millis(300),
+            ..observed(
+                State::shared_for_tests(Tracker::new(TrackerConfig::default())),
+                10,
+                10,
+            )
+        })
+        .expect("telemetry");
+        learn(&telemetry, &[(1, "job"), (2, "api")]);
+        telemetry.record(&[
+            waited(1, "p", AcquireResult::Ok),
+            waited(2, "q", AcquireResult::Ok),
+        ]);
+        telemetry.sync_applications(&[2].into(), &[2].into());
+        let text = telemetry.render_prometheus().expect("render");
+        assert_eq!(wait_counts(&text, 1, "p").len(), 1, "kept a while: {text}");
+        assert!(
+            text.contains("poolscope_telemetry_applications 1"),
+            "{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(350));
+        telemetry.sync_applications(&[2].into(), &[2].into());
+        let text = telemetry.render_prometheus().expect("render");
+        assert!(wait_counts(&text, 1, "p").is_empty(), "{text}");
+        assert_eq!(wait_counts(&text, 2, "q").len(), 1, "{text}");
     }
 
     /// A pid reused by another program (before housekeeping let the old

@@ -492,8 +492,8 @@ pub const APPLICATIONS: Instrument = instrument(
     Kind::UpDownCounter,
     "{application}",
     "observed processes whose pool, connection, query and leak metrics go out under a resource of \
-     their own (one per process; docs/metrics.md \"Resource attributes\"); a process's series go \
-     away when it exits",
+     their own (one per process; docs/metrics.md \"One resource per application\"); a process's \
+     series leave /metrics 60 s after it exits (OTLP sends them once more at the exit)",
     &[],
 );
 pub const APPLICATIONS_FOLDED: Instrument = instrument(
