@@ -300,7 +300,8 @@ fn one_users_adapter_floods_cost_no_other_process_its_pools_series_or_reports() 
     // legitimate ones stay.
     flood.tell("");
     assert_eq!(flood.line()["exited"], json!(FLOOD_PROCESSES));
-    let forgotten = wait_until(Duration::from_secs(30), || {
+    // Their series stay on /metrics for the agent's EXITED_SERIES_GRACE (60 s).
+    let forgotten = wait_until(Duration::from_secs(75), || {
         let pools = pools_of(&agent);
         let metrics = agent.metrics();
         let series = wait_time_series(&metrics);
