@@ -8,9 +8,7 @@
 //! service; what the kernel says (pid, executable, cgroup: container and
 //! pod) always wins, so that no process can pass for another.
 //!
-//! Pure: the facts are read elsewhere (`procfs`, [`container_name`]).
-
-use std::path::Path;
+//! Pure: the facts are read by `procfs`.
 
 use telemetry_catalogue::attr;
 
@@ -47,8 +45,6 @@ pub struct ProcessFacts {
     /// `process.executable.name` (the kernel's comm).
     pub executable: String,
     pub placement: Placement,
-    /// The Kubernetes container's name, when the kubelet's files say.
-    pub container_name: Option<String>,
     /// The values of [`ENVIRONMENT_VARIABLES`] the process has.
     pub environment: Vec<(String, String)>,
     /// `process.command_args`, only when configured (it may hold secrets,
@@ -121,11 +117,9 @@ pub fn unknown(pid: u32, host_name: &str) -> Identity {
 /// `OTEL_RESOURCE_ATTRIBUTES` (`key1=value1,key2=value2`, values
 /// percent-encoded), bounded; malformed entries are skipped.
 pub fn parse_resource_attributes(text: &str) -> Vec<(String, String)> {
-    text.split(',')
-        .filter_map(|pair| {
-            let (key, value) = pair.split_once('=')?;
-            let key = key.trim();
-            let value = percent_decode(value.trim())?;
+    crate::otel_env::entries(text)
+        .filter_map(|(_, entry)| {
+            let (key, value) = entry.ok()?;
             let plausible_key = !key.is_empty()
                 && key.len() <= MAX_KEY_CHARS
                 && key
@@ -138,23 +132,6 @@ pub fn parse_resource_attributes(text: &str) -> Vec<(String, String)> {
         })
         .take(MAX_ENVIRONMENT_ATTRIBUTES)
         .collect()
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The workload keys a process's environment may carry (the OpenTelemetry
@@ -204,7 +181,7 @@ pub fn identify(facts: &ProcessFacts) -> Identity {
                 .map(|(_, v)| v.clone())
         })
         .or(workload)
-        .or_else(|| facts.container_name.clone())
+        .or_else(|| placement.container_name.clone())
         .or_else(|| (!facts.executable.is_empty()).then(|| facts.executable.clone()))
         // The conventions' name for a service nobody named.
         .unwrap_or_else(|| "unknown_service".into());
@@ -214,7 +191,7 @@ pub fn identify(facts: &ProcessFacts) -> Identity {
         let instance = match (
             &placement.pod_namespace,
             &placement.pod_name,
-            &facts.container_name,
+            &placement.container_name,
         ) {
             (Some(namespace), Some(pod), Some(container)) => {
                 format!("{namespace}.{pod}.{container}")
@@ -239,40 +216,13 @@ pub fn identify(facts: &ProcessFacts) -> Identity {
         (attr::K8S_POD_UID, &placement.pod_uid),
         (attr::K8S_POD_NAME, &placement.pod_name),
         (attr::K8S_NAMESPACE_NAME, &placement.pod_namespace),
-        (attr::K8S_CONTAINER_NAME, &facts.container_name),
+        (attr::K8S_CONTAINER_NAME, &placement.container_name),
     ] {
         if let Some(value) = value {
             identity.set(key, Value::Text(value.clone()));
         }
     }
     identity
-}
-
-/// A Kubernetes container's name from the kubelet's log links
-/// (`/var/log/containers/<pod>_<namespace>_<container>-<id>.log`), given
-/// the file names of that directory.
-pub fn parse_container_name<'a>(
-    file_names: impl IntoIterator<Item = &'a str>,
-    container_id: &str,
-) -> Option<String> {
-    let suffix = format!("-{container_id}.log");
-    file_names.into_iter().find_map(|name| {
-        let rest = name.strip_suffix(&suffix)?;
-        let (_pod, rest) = rest.split_once('_')?;
-        let (_namespace, container) = rest.split_once('_')?;
-        (!container.is_empty()).then(|| container.to_string())
-    })
-}
-
-/// A container's name from the kubelet's `containers` log directory, the
-/// sibling of its `pods` one.
-pub fn container_name(pod_logs_dir: &Path, container_id: &str) -> Option<String> {
-    let dir = pod_logs_dir.parent()?.join("containers");
-    let entries = std::fs::read_dir(dir).ok()?;
-    let names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    parse_container_name(names.iter().map(String::as_str), container_id)
 }
 
 #[cfg(test)]
@@ -284,7 +234,6 @@ mod tests {
             pid: 4242,
             executable: "gunicorn".into(),
             placement: Placement::default(),
-            container_name: None,
             environment: environment
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -323,7 +272,7 @@ mod tests {
         )]));
         assert_eq!(id.service_name(), "web");
         let mut in_pod = facts(&[]);
-        in_pod.container_name = Some("api".into());
+        in_pod.placement.container_name = Some("api".into());
         in_pod.placement.pod_name = Some("api-7d9c-x2".into());
         in_pod.placement.pod_namespace = Some("shop".into());
         let id = identify(&in_pod);
@@ -387,19 +336,5 @@ mod tests {
         sorted.dedup();
         assert_eq!(keys, sorted);
         assert_eq!(text(&id, "a").as_deref(), Some("3"));
-    }
-
-    #[test]
-    fn container_names_come_from_the_kubelets_log_links() {
-        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        let names = [
-            "web-1_shop_sidecar-ffff.log".to_string(),
-            format!("web-1_shop_app-server-{id}.log"),
-        ];
-        assert_eq!(
-            parse_container_name(names.iter().map(String::as_str), id).as_deref(),
-            Some("app-server")
-        );
-        assert_eq!(parse_container_name(["x.log"], id), None);
     }
 }

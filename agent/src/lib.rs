@@ -14,6 +14,7 @@ pub mod health;
 pub mod identity;
 pub mod kernel_records;
 pub mod lifecycle;
+pub mod otel_env;
 pub mod percentiles;
 pub mod pipeline;
 pub mod procfs;

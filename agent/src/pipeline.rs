@@ -183,12 +183,6 @@ impl Pipeline {
         let proc_root = Path::new("/proc");
         let placement = procfs::placement(proc_root, pid, self.pod_logs_dir.as_deref());
         let name = procfs::process_comm(proc_root, pid);
-        let container_name = match (&placement.container_id, &self.pod_logs_dir) {
-            (Some(id), Some(dir)) if placement.pod_uid.is_some() => {
-                identity::container_name(dir, id)
-            }
-            _ => None,
-        };
         let command_args = self
             .resource_command_args
             .then(|| procfs::process_args(proc_root, pid, self.full_command_lines))
@@ -197,7 +191,6 @@ impl Pipeline {
             pid,
             executable: name.clone().unwrap_or_default(),
             placement: placement.clone(),
-            container_name,
             environment: procfs::process_environment(
                 proc_root,
                 pid,
@@ -702,7 +695,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&health),
     ));
     let resource = agent_resource();
-    let app_resources = Arc::new(telemetry::apps::Resources::default());
+    let app_resources = Arc::new(telemetry::apps::ApplicationResources::default());
     let otlp_settings = config.otlp.settings(&|name| std::env::var(name).ok())?;
     let (otlp_reader, otlp_export) = match &otlp_settings {
         Some(settings) => {

@@ -537,6 +537,8 @@ pub struct Placement {
     pub pod_uid: Option<String>,
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
+    /// The Kubernetes container's name, when the kubelet's files say.
+    pub container_name: Option<String>,
     /// When the process started (CLOCK_MONOTONIC ns), read with the rest:
     /// the floor for times the process claims about itself. Not shown.
     #[serde(skip)]
@@ -561,8 +563,35 @@ pub fn pod_names(pod_logs_dir: &Path, uid: &str) -> Option<(String, String)> {
     })
 }
 
+/// A Kubernetes container's name from the kubelet's log links
+/// (`<pod>_<namespace>_<container>-<id>.log`), given that directory's file
+/// names. By hand: a kubelet convention, not a /proc file.
+fn container_name_in<'a>(
+    file_names: impl IntoIterator<Item = &'a str>,
+    container_id: &str,
+) -> Option<String> {
+    let suffix = format!("-{container_id}.log");
+    file_names.into_iter().find_map(|name| {
+        let rest = name.strip_suffix(&suffix)?;
+        let (_pod, rest) = rest.split_once('_')?;
+        let (_namespace, container) = rest.split_once('_')?;
+        (!container.is_empty()).then(|| container.to_string())
+    })
+}
+
+/// A container's name from the kubelet's `containers` log directory, the
+/// sibling of its `pods` one.
+fn container_name(pod_logs_dir: &Path, container_id: &str) -> Option<String> {
+    let dir = pod_logs_dir.parent()?.join("containers");
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    container_name_in(names.iter().map(String::as_str), container_id)
+}
+
 /// A process's placement, from its cgroup and (for pods) the kubelet's
-/// log directory.
+/// log directories.
 pub fn placement(proc_root: &Path, pid: u32, pod_logs_dir: Option<&Path>) -> Placement {
     let Some(process) = open_process(proc_root, pid) else {
         return Placement::default();
@@ -573,8 +602,14 @@ pub fn placement(proc_root: &Path, pid: u32, pod_logs_dir: Option<&Path>) -> Pla
         (Some(uid), Some(dir)) => pod_names(dir, uid),
         _ => None,
     };
+    let container_id = container_id_of(&paths);
+    let container_name = match (&container_id, pod_logs_dir) {
+        (Some(id), Some(dir)) if pod_uid.is_some() => container_name(dir, id),
+        _ => None,
+    };
     Placement {
-        container_id: container_id_of(&paths),
+        container_id,
+        container_name,
         pod_uid,
         pod_namespace: names.as_ref().map(|n| n.0.clone()),
         pod_name: names.map(|n| n.1),
@@ -1439,6 +1474,14 @@ mod tests {
         let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
         let logs = fake.0.join("pods");
         std::fs::create_dir_all(logs.join(format!("shop_orders-7d9f_{uid}"))).expect("mkdir");
+        // Its sibling, the containers' log links (only their names count).
+        let containers = fake.0.join("containers");
+        std::fs::create_dir_all(&containers).expect("mkdir");
+        std::fs::write(
+            containers.join(format!("orders-7d9f_shop_api-{id}.log")),
+            "",
+        )
+        .expect("link");
 
         // cgroup v1: several hierarchies, the ids in a later line.
         fake.process(30, "app", None, &[]);
@@ -1455,6 +1498,7 @@ mod tests {
         assert_eq!(placed.pod_uid.as_deref(), Some(uid));
         assert_eq!(placed.pod_namespace.as_deref(), Some("shop"));
         assert_eq!(placed.pod_name.as_deref(), Some("orders-7d9f"));
+        assert_eq!(placed.container_name.as_deref(), Some("api"));
         assert!(placed.process_started_ns.is_some());
         assert_eq!(container_id(&fake.0, 30).as_deref(), Some(id));
         // Without the kubelet's directory: the uid but no names.
@@ -1595,5 +1639,19 @@ mod tests {
             None
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn container_names_come_from_the_kubelets_log_links() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let names = [
+            "web-1_shop_sidecar-ffff.log".to_string(),
+            format!("web-1_shop_app-server-{id}.log"),
+        ];
+        assert_eq!(
+            container_name_in(names.iter().map(String::as_str), id).as_deref(),
+            Some("app-server")
+        );
+        assert_eq!(container_name_in(["x.log"], id), None);
     }
 }

@@ -221,6 +221,18 @@ struct PoolHandles {
     use_time: Option<BoundHistogram<f64>>,
 }
 
+impl PoolHandles {
+    fn wait_ok(&mut self, app: &App) -> &BoundHistogram<f64> {
+        self.wait_ok
+            .get_or_insert_with(|| app.wait_time.bind(&self.attributes))
+    }
+
+    fn use_time(&mut self, app: &App) -> &BoundHistogram<f64> {
+        self.use_time
+            .get_or_insert_with(|| app.use_time.bind(&self.attributes))
+    }
+}
+
 /// One application's instruments.
 pub struct App {
     /// What it was made as: a process learned anew under the same pid (a
@@ -306,19 +318,13 @@ impl App {
         error: Option<&'static str>,
     ) {
         self.with_pool(pool, |handles, app| match (series, error) {
-            (PoolSeries::Wait, None) => handles
-                .wait_ok
-                .get_or_insert_with(|| app.wait_time.bind(&handles.attributes))
-                .record(seconds),
+            (PoolSeries::Wait, None) => handles.wait_ok(app).record(seconds),
             (PoolSeries::Wait, Some(error)) => {
                 let mut attrs = handles.attributes.clone();
                 attrs.push(KeyValue::new(attr::ERROR_TYPE, error));
                 app.wait_time.record(seconds, &attrs);
             }
-            (PoolSeries::Use, _) => handles
-                .use_time
-                .get_or_insert_with(|| app.use_time.bind(&handles.attributes))
-                .record(seconds),
+            (PoolSeries::Use, _) => handles.use_time(app).record(seconds),
             // Once per connection: not worth a bound series.
             (PoolSeries::Create, _) => app.create_time.record(seconds, &handles.attributes),
         });
@@ -356,17 +362,13 @@ impl App {
     pub fn record_folded(&self, pool: &str, waits_ns: &[u64], uses_ns: &[u64]) {
         self.with_pool(pool, |handles, app| {
             if !waits_ns.is_empty() {
-                let wait_ok = handles
-                    .wait_ok
-                    .get_or_insert_with(|| app.wait_time.bind(&handles.attributes));
+                let wait_ok = handles.wait_ok(app);
                 for wait in waits_ns {
                     wait_ok.record(*wait as f64 / 1e9);
                 }
             }
             if !uses_ns.is_empty() {
-                let use_time = handles
-                    .use_time
-                    .get_or_insert_with(|| app.use_time.bind(&handles.attributes));
+                let use_time = handles.use_time(app);
                 for used in uses_ns {
                     use_time.record(*used as f64 / 1e9);
                 }
@@ -531,11 +533,11 @@ fn server_attributes((address, port): &(String, Option<u16>)) -> Vec<KeyValue> {
 /// Each known process's resource, for what is not a metric: the log
 /// records of its reports go out under it too.
 #[derive(Debug, Default)]
-pub struct Resources {
+pub struct ApplicationResources {
     by_pid: Mutex<HashMap<u32, Resource>>,
 }
 
-impl Resources {
+impl ApplicationResources {
     pub fn get(&self, pid: u32) -> Option<Resource> {
         lock(&self.by_pid).get(&pid).cloned()
     }
@@ -560,7 +562,7 @@ pub struct ApplicationsConfig {
     /// `[metrics]`: attributes added to or dropped from metrics.
     pub attributes: super::attributes::MetricsConfig,
     /// Where the applications' resources are kept for the log records.
-    pub resources: Arc<Resources>,
+    pub resources: Arc<ApplicationResources>,
     /// How long an exited process's series stay on /metrics.
     pub exited_series_grace: Duration,
 }

@@ -61,7 +61,7 @@ pub struct Observed {
     /// `[metrics]`: attributes added to or dropped from metrics.
     pub attributes: attributes::MetricsConfig,
     /// The applications' resources, shared with the OTLP log export.
-    pub resources: Arc<apps::Resources>,
+    pub resources: Arc<apps::ApplicationResources>,
     /// How long an exited process's series stay on /metrics
     /// ([`apps::EXITED_SERIES_GRACE`]).
     pub exited_series_grace: std::time::Duration,

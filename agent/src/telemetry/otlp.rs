@@ -339,7 +339,7 @@ const LOG_BATCH: usize = 256;
 impl QueueProcessor {
     fn start(
         exporter: LogExporter,
-        resources: Resources,
+        resources: ExportResources,
         capacity: usize,
         executor: Executor,
         counters: Arc<ExportCounters>,
@@ -362,12 +362,12 @@ impl QueueProcessor {
 /// Who a log record or span is about: the application whose report or
 /// round trip it is (`process.pid`), else the agent.
 #[derive(Debug, Clone)]
-struct Resources {
+struct ExportResources {
     agent: Resource,
-    applications: Arc<super::apps::Resources>,
+    applications: Arc<super::apps::ApplicationResources>,
 }
 
-impl Resources {
+impl ExportResources {
     fn of(&self, pid: Option<u32>) -> Resource {
         pid.and_then(|pid| self.applications.get(pid))
             .unwrap_or_else(|| self.agent.clone())
@@ -382,26 +382,20 @@ struct ApplicationSpans {
     /// Only the batch processor's thread exports; the lock is held across
     /// the export (a Tokio mutex, whose guard may be).
     inner: tokio::sync::Mutex<SpanExporter>,
-    resources: Resources,
+    resources: ExportResources,
 }
 
 impl opentelemetry_sdk::trace::SpanExporter for ApplicationSpans {
     async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> OTelSdkResult {
-        let mut by_pid: Vec<(Option<u32>, Vec<opentelemetry_sdk::trace::SpanData>)> = Vec::new();
-        for span in batch {
-            let pid = span
-                .attributes
+        let by_pid = by_process(batch, |span| {
+            span.attributes
                 .iter()
                 .find(|kv| kv.key.as_str() == telemetry_catalogue::attr::PROCESS_PID)
                 .and_then(|kv| match kv.value {
                     opentelemetry::Value::I64(pid) => u32::try_from(pid).ok(),
                     _ => None,
-                });
-            match by_pid.iter_mut().find(|(p, _)| *p == pid) {
-                Some((_, spans)) => spans.push(span),
-                None => by_pid.push((pid, vec![span])),
-            }
-        }
+                })
+        });
         let mut inner = self.inner.lock().await;
         for (pid, spans) in by_pid {
             inner.set_resource(&self.resources.of(pid));
@@ -426,6 +420,24 @@ impl opentelemetry_sdk::trace::SpanExporter for ApplicationSpans {
     }
 }
 
+/// Items grouped by the process they are about, in the order each first
+/// appears: one request per application, under its resource. (A batch
+/// holds at most a few hundred items.)
+fn by_process<T>(
+    items: impl IntoIterator<Item = T>,
+    pid_of: impl Fn(&T) -> Option<u32>,
+) -> Vec<(Option<u32>, Vec<T>)> {
+    let mut groups: Vec<(Option<u32>, Vec<T>)> = Vec::new();
+    for item in items {
+        let pid = pid_of(&item);
+        match groups.iter_mut().find(|(p, _)| *p == pid) {
+            Some((_, members)) => members.push(item),
+            None => groups.push((pid, vec![item])),
+        }
+    }
+    groups
+}
+
 /// A queued record as the exporter takes it.
 type RecordRef<'a> = (&'a SdkLogRecord, &'a InstrumentationScope);
 
@@ -442,7 +454,7 @@ fn record_pid(record: &SdkLogRecord) -> Option<u32> {
 
 fn export_loop(
     mut exporter: LogExporter,
-    resources: Resources,
+    resources: ExportResources,
     receiver: Receiver<QueuedRecord>,
     executor: Executor,
     counters: Arc<ExportCounters>,
@@ -464,15 +476,8 @@ fn export_loop(
             Err(RecvTimeoutError::Disconnected) => true,
         };
         if !batch.is_empty() {
-            // One request per application, under its resource.
-            let mut by_pid: Vec<(Option<u32>, Vec<RecordRef>)> = Vec::new();
-            for (record, scope) in &batch {
-                let pid = record_pid(record);
-                match by_pid.iter_mut().find(|(p, _)| *p == pid) {
-                    Some((_, records)) => records.push((record, scope)),
-                    None => by_pid.push((pid, vec![(record, scope)])),
-                }
-            }
+            let refs = batch.iter().map(|(record, scope)| (record, scope));
+            let by_pid = by_process(refs, |(record, _): &RecordRef| record_pid(record));
             counters
                 .events_queued
                 .fetch_sub(batch.len() as u64, Ordering::Relaxed);
@@ -781,7 +786,7 @@ fn http_client(settings: &SignalSettings) -> anyhow::Result<reqwest::blocking::C
 pub fn build(
     settings: &OtlpSettings,
     resource: &Resource,
-    app_resources: Arc<super::apps::Resources>,
+    app_resources: Arc<super::apps::ApplicationResources>,
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<OtlpParts> {
     let counters = Arc::new(ExportCounters::default());
@@ -823,7 +828,7 @@ pub fn build(
         Protocol::Grpc => Executor::Tokio(runtime),
         Protocol::HttpProtobuf => Executor::Plain,
     };
-    let resources = Resources {
+    let resources = ExportResources {
         agent: resource.clone(),
         applications: app_resources,
     };
@@ -931,6 +936,19 @@ mod tests {
         assert!(queue_admits(750, 1000, leak));
         assert!(queue_admits(999, 1000, leak));
         assert!(!queue_admits(1000, 1000, leak));
+    }
+
+    #[test]
+    fn records_are_grouped_by_process_in_order_of_appearance() {
+        let items = [(Some(7), 'a'), (None, 'b'), (Some(7), 'c'), (Some(8), 'd')];
+        assert_eq!(
+            by_process(items, |(pid, _)| *pid),
+            vec![
+                (Some(7), vec![(Some(7), 'a'), (Some(7), 'c')]),
+                (None, vec![(None, 'b')]),
+                (Some(8), vec![(Some(8), 'd')]),
+            ]
+        );
     }
 
     #[test]

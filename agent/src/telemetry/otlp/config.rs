@@ -12,7 +12,10 @@ use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{ClientIdentity, Compression, OtlpSettings, Protocol, Signal, SignalSettings, Tls};
-use crate::config_types::{Bounded, Seconds, SECOND};
+use crate::{
+    config_types::{Bounded, Seconds, SECOND},
+    otel_env::BadEntry,
+};
 
 /// An export's interval or timeout: from a tenth of a second to a day.
 pub type ExportPeriod = Seconds<{ SECOND / 10 }, { 86_400 * SECOND }>;
@@ -65,9 +68,9 @@ impl Default for OtlpConfig {
             metrics_endpoint: String::new(),
             logs_endpoint: String::new(),
             traces_endpoint: String::new(),
-            protocol: ProtocolKey(None),
+            protocol: OrUnset(None),
             headers: Headers::default(),
-            compression: CompressionKey(None),
+            compression: OrUnset(None),
             certificate: String::new(),
             client_certificate: String::new(),
             client_key: String::new(),
@@ -80,55 +83,63 @@ impl Default for OtlpConfig {
     }
 }
 
-/// `[otlp] protocol`: a [`Protocol`], or empty (`None`): grpc unless a
-/// variable says otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ProtocolKey(pub Option<Protocol>);
+/// A value that a key spells by name, or leaves empty.
+pub trait Spelled: Copy {
+    /// What the key takes, for errors.
+    const EXPECTED: &'static str;
+    fn parse(text: &str) -> Option<Self>;
+    fn name(self) -> &'static str;
+}
 
-impl TryFrom<String> for ProtocolKey {
+impl Spelled for Protocol {
+    const EXPECTED: &'static str = "grpc or http/protobuf";
+    fn parse(text: &str) -> Option<Self> {
+        Protocol::parse(text)
+    }
+    fn name(self) -> &'static str {
+        Protocol::name(self)
+    }
+}
+
+impl Spelled for Compression {
+    const EXPECTED: &'static str = "gzip or none";
+    fn parse(text: &str) -> Option<Self> {
+        Compression::parse(text)
+    }
+    fn name(self) -> &'static str {
+        Compression::name(self)
+    }
+}
+
+/// A key's value, or empty (`None`): the variables or the default decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+// Read and written as a string, so the value's own serde is not needed.
+#[serde(try_from = "String", into = "String", bound = "")]
+pub struct OrUnset<T: Spelled>(pub Option<T>);
+
+impl<T: Spelled> TryFrom<String> for OrUnset<T> {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, String> {
         if text.is_empty() {
-            return Ok(ProtocolKey(None));
+            return Ok(OrUnset(None));
         }
-        Protocol::parse(&text)
-            .map(|p| ProtocolKey(Some(p)))
-            .ok_or_else(|| format!("{text:?} is not grpc or http/protobuf"))
+        T::parse(&text)
+            .map(|value| OrUnset(Some(value)))
+            .ok_or_else(|| format!("{text:?} is not {}", T::EXPECTED))
     }
 }
 
-impl From<ProtocolKey> for String {
-    fn from(key: ProtocolKey) -> String {
-        key.0.map_or("", Protocol::name).to_owned()
+impl<T: Spelled> From<OrUnset<T>> for String {
+    fn from(key: OrUnset<T>) -> String {
+        key.0.map_or("", T::name).to_owned()
     }
 }
 
-/// `[otlp] compression`: `gzip`, `none`, or empty (`None`): none unless a
-/// variable says otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct CompressionKey(pub Option<Compression>);
-
-impl TryFrom<String> for CompressionKey {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Self, String> {
-        if text.is_empty() {
-            return Ok(CompressionKey(None));
-        }
-        Compression::parse(&text)
-            .map(|c| CompressionKey(Some(c)))
-            .ok_or_else(|| format!("{text:?} is not gzip or none"))
-    }
-}
-
-impl From<CompressionKey> for String {
-    fn from(key: CompressionKey) -> String {
-        key.0.map_or("", Compression::name).to_owned()
-    }
-}
+/// `[otlp] protocol`: grpc unless a variable says otherwise when empty.
+pub type ProtocolKey = OrUnset<Protocol>;
+/// `[otlp] compression`: none unless a variable says otherwise when empty.
+pub type CompressionKey = OrUnset<Compression>;
 
 /// `[otlp] headers`: a table of header names and values, checked when the
 /// file is read. Debug output shows the names only: values are credentials.
@@ -453,43 +464,20 @@ fn parse_ms(text: &str, from: &str) -> Result<Duration> {
 /// position and never show a value: it may be a credential.
 fn parse_headers(text: &str, from: &str) -> Result<BTreeMap<String, String>> {
     let mut headers = BTreeMap::new();
-    for (index, entry) in text.split(',').enumerate() {
-        let entry = entry.trim();
-        if entry.is_empty() {
-            continue;
-        }
-        let position = index + 1;
-        let Some((name, value)) = entry.split_once('=') else {
-            bail!("{from}: entry {position} has no `=` (the form is key=value,key2=value2)");
-        };
-        let name = name.trim();
-        let value = percent_decode(value.trim()).ok_or_else(|| {
-            anyhow!("{from}: entry {position} ({name:?}): the value has a bad %-escape")
+    for (position, entry) in crate::otel_env::entries(text) {
+        let (name, value) = entry.map_err(|bad| match bad {
+            BadEntry::NoEquals => {
+                anyhow!("{from}: entry {position} has no `=` (the form is key=value,key2=value2)")
+            }
+            BadEntry::BadEscape(name) => {
+                anyhow!("{from}: entry {position} ({name:?}): the value has a bad %-escape")
+            }
         })?;
         check_header(name, &value)
             .map_err(|why| anyhow!("{from}: entry {position} ({name:?}): {why}"))?;
         headers.insert(name.to_ascii_lowercase(), value);
     }
     Ok(headers)
-}
-
-/// `%XX` escapes decoded (`+` stays `+`); `None` for a bad escape or bytes
-/// that are not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 impl OtlpConfig {
