@@ -20,6 +20,8 @@ pub mod names {
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     pub const TRACKED_PROCS: &str = "TRACKED_PROCS";
     pub const SYSCALL_PATH_FOR_ALL: &str = "SYSCALL_PATH_FOR_ALL";
+    pub const TLS_CALLS: &str = "TLS_CALLS";
+    pub const TLS_SESSIONS: &str = "TLS_SESSIONS";
 }
 
 /// Slots in `TRACKED_PROCS`, indexed by `tgid & (TRACKED_PROCS_SLOTS - 1)`.
@@ -38,6 +40,9 @@ pub mod tracked_procs {
     /// found in /proc at start), so socket I/O that SOCKS does not know
     /// must still be looked up by fd.
     pub const UNBOUND: u32 = 0x100;
+    /// ... and one of them called a hooked TLS library (set by the kernel
+    /// at the call): its socket I/O may be a TLS call's ciphertext.
+    pub const IN_TLS: u32 = 0x10000;
 }
 
 /// The slot of a process in `TRACKED_PROCS`.
@@ -149,7 +154,13 @@ pub mod stat {
     /// TCP connects that were not made by connect() (io_uring, TCP Fast
     /// Open through sendto/sendmsg): no fd to name them by, so not tracked.
     pub const UNATTRIBUTED_CONNECTS: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// TLS library reads/writes, by a process that tracks a connection,
+    /// whose connection could not be told: the call moved no bytes on a
+    /// socket and its session was never seen to (or its connection ended).
+    pub const UNATTRIBUTED_TLS_CALLS: u32 = 7;
+    /// TLS library calls not remembered (TLS_CALLS full or failed).
+    pub const TLS_CALLS_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Address families as the kernel numbers them.
@@ -200,6 +211,32 @@ pub mod io_kind {
     /// recvmsg/sendmsg: a msghdr with an iovec array.
     pub const MSGHDR: u8 = 2;
 }
+
+/// Where a data event's bytes were read: [`DataEvent::source`].
+pub mod data_source {
+    /// The socket's bytes, as a send/receive moved them.
+    pub const SOCKET: u8 = 0;
+    /// The plaintext a TLS library call was given or returned, on the
+    /// connection whose socket that library encrypts.
+    pub const TLS_LIBRARY: u8 = 1;
+}
+
+/// TLS library functions hooked, as (program name, symbol). The read entry
+/// points and all exits share programs; `_ex` variants report the byte count
+/// through a pointer argument instead of the return value.
+pub const TLS_UPROBES: &[(&str, &str)] = &[
+    ("ssl_write_enter", "SSL_write"),
+    ("ssl_write_ex_enter", "SSL_write_ex"),
+    ("ssl_read_enter", "SSL_read"),
+    ("ssl_read_ex_enter", "SSL_read_ex"),
+];
+/// The return probes of the same symbols.
+pub const TLS_URETPROBES: &[(&str, &str)] = &[
+    ("ssl_call_exit", "SSL_write"),
+    ("ssl_call_exit", "SSL_write_ex"),
+    ("ssl_call_exit", "SSL_read"),
+    ("ssl_call_exit", "SSL_read_ex"),
+];
 
 /// Direction of a data event.
 pub mod direction {
@@ -296,12 +333,14 @@ pub struct DataEvent<const N: usize = DATA_BUF> {
     pub tail_len: u16,
     pub direction: u8,
     pub io_kind: u8,
-    pub _pad0: [u8; 6],
+    /// `data_source`: the socket's bytes or a TLS library's plaintext.
+    pub source: u8,
+    pub _pad0: [u8; 5],
     pub data: [u8; N],
 }
 
 /// Size of `DataEvent` without `data`.
-pub const DATA_EVENT_FIXED: usize = 32 + 8 + 4 + 2 + 2 + 1 + 1 + 6;
+pub const DATA_EVENT_FIXED: usize = 32 + 8 + 4 + 2 + 2 + 1 + 1 + 1 + 5;
 
 /// A read/write in flight on a tracked fd, per thread.
 #[repr(C)]
@@ -353,6 +392,64 @@ pub mod conn_flags {
     /// `sys_enter_close` ends this connection (Unix sockets). TCP
     /// connections end at their state changes instead.
     pub const CLOSE_BY_SYSCALL: u32 = 4;
+    /// A hooked TLS library encrypts this connection: its plaintext is
+    /// copied at the library's calls, its socket bytes (ciphertext) not.
+    pub const TLS_PLAINTEXT: u32 = 8;
+}
+
+/// A TLS library read or write in flight, per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsCall {
+    /// The library's session object (`SSL *`).
+    pub session: u64,
+    /// The caller's plaintext buffer.
+    pub buf: u64,
+    /// Where `_ex` calls store the byte count; 0 for the others.
+    pub len_ptr: u64,
+    pub enter_ns: u64,
+    /// The connection whose socket the call moved bytes on, once seen
+    /// (`fd` -1 until then).
+    pub conn_start_ns: u64,
+    pub fd: i32,
+    pub direction: u8,
+    /// `tls_flags` bits.
+    pub flags: u8,
+    pub _pad0: [u8; 2],
+}
+
+/// Bits of [`TlsCall::flags`] and [`TlsSession::flags`].
+pub mod tls_flags {
+    /// The session's connection is not a database's (or not tracked): its
+    /// calls leave at their entry for a while.
+    pub const NOT_DATABASE: u8 = 1;
+}
+
+/// Calls of a session found not to be a database's that leave at their
+/// entry after one lookup, before the session is looked at again (its
+/// `SSL *` may have been freed and reused for another connection).
+pub const TLS_NOT_DATABASE_SKIPS: u16 = 256;
+
+/// Key of the TLS session -> connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TlsSessionKey {
+    pub tgid: u32,
+    pub _pad0: u32,
+    /// The library's session object (`SSL *`).
+    pub session: u64,
+}
+
+/// The connection a TLS session was last seen moving bytes on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsSession {
+    pub conn_start_ns: u64,
+    pub fd: i32,
+    /// `tls_flags` bits (as u16 so that the struct has no padding).
+    pub flags: u16,
+    /// NOT_DATABASE sessions: calls left to skip before looking again.
+    pub skips_left: u16,
 }
 
 /// A connect() in flight, per thread.
@@ -390,6 +487,9 @@ mod user {
     unsafe impl aya::Pod for PendingConnect {}
     unsafe impl aya::Pod for SockOwner {}
     unsafe impl aya::Pod for IoArgs {}
+    unsafe impl aya::Pod for TlsCall {}
+    unsafe impl aya::Pod for TlsSessionKey {}
+    unsafe impl aya::Pod for TlsSession {}
 }
 
 #[cfg(test)]
@@ -411,6 +511,9 @@ mod tests {
         assert_eq!(size_of::<IoArgs>(), 48);
         assert_eq!(size_of::<ConnInfo>(), 16);
         assert_eq!(size_of::<DataEvent<64>>(), DATA_EVENT_FIXED + 64);
+        assert_eq!(size_of::<TlsCall>(), 48);
+        assert_eq!(size_of::<TlsSessionKey>(), 16);
+        assert_eq!(size_of::<TlsSession>(), 16);
         assert!(HEAD_MAX.is_power_of_two());
     }
 }

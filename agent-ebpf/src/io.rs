@@ -10,8 +10,8 @@
 use core::ptr::addr_of_mut;
 
 use agent_common::{
-    conn_flags, direction, io_kind, stat, ConnKey, DataEvent, IoArgs, RecordKind, HEAD_MAX,
-    TAIL_MAX,
+    conn_flags, data_source, direction, io_kind, stat, ConnKey, DataEvent, IoArgs, RecordKind,
+    HEAD_MAX, TAIL_MAX,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
@@ -22,7 +22,9 @@ use aya_ebpf::{
 use crate::{
     data_wakeup_flag, header,
     maps::{CONNS, EVENTS, IO_ARGS},
-    stat_add, BPF_RB_NO_WAKEUP, SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
+    stat_add,
+    tls::claim_tls_io,
+    BPF_RB_NO_WAKEUP, SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
 };
 
 /// Head bytes to copy while a connection's protocol is not known yet; the
@@ -51,12 +53,18 @@ fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
         fd: fd as u32,
     };
     // SAFETY: the value is copied out immediately.
-    let (conn_start_ns, capture_bytes) = match unsafe { CONNS.get(key) } {
-        Some(info) if info.flags & COPIED_HERE == COPIED_HERE => {
-            (info.conn_start_ns, head_limit(info.capture_bytes))
-        }
-        _ => return Ok(()),
+    let info = match unsafe { CONNS.get(key) } {
+        Some(info) => *info,
+        None => return Ok(()),
     };
+    // A TLS library's I/O: its plaintext is copied at the library's call.
+    if claim_tls_io(pid_tgid, key) {
+        return Ok(());
+    }
+    if info.flags & (COPIED_HERE | conn_flags::TLS_PLAINTEXT) != COPIED_HERE {
+        return Ok(());
+    }
+    let (conn_start_ns, capture_bytes) = (info.conn_start_ns, head_limit(info.capture_bytes));
     let ptr: u64 = unsafe { ctx.read_at(SYSCALL_ARG1) }.map_err(i64::from)?;
     let iov_count: u64 = if io == io_kind::IOVEC {
         unsafe { ctx.read_at(SYSCALL_ARG2) }.map_err(i64::from)?
@@ -112,6 +120,7 @@ fn io_exit(ctx: &TracePointContext) -> Result<(), i64> {
             io_kind: args.io_kind,
             ptr: args.ptr,
             enter_ns: args.enter_ns,
+            source: data_source::SOCKET,
         },
         ret as u64,
     )
@@ -129,6 +138,8 @@ pub(crate) struct UserIo {
     /// Buffer, iovec array or msghdr in user memory, per `io_kind`.
     pub ptr: u64,
     pub enter_ns: u64,
+    /// `data_source`: socket bytes or a TLS library's plaintext.
+    pub source: u8,
 }
 
 /// Copies the head (and for long plain buffers the tail) of `total` bytes
@@ -256,7 +267,8 @@ impl Copy<'_> {
             addr_of_mut!((*event).tail_len).write(tail as u16);
             addr_of_mut!((*event).direction).write(io.direction);
             addr_of_mut!((*event).io_kind).write(io.io_kind);
-            addr_of_mut!((*event)._pad0).write([0; 6]);
+            addr_of_mut!((*event).source).write(io.source);
+            addr_of_mut!((*event)._pad0).write([0; 5]);
         }
         entry.submit(data_wakeup_flag());
         Ok(())

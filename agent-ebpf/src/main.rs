@@ -1,5 +1,6 @@
-//! poolscope's kernel programs: tracepoints only, because they load on every
-//! kernel we target (kprobes and fentry are often disabled or refused).
+//! poolscope's kernel programs: tracepoints, and uprobes on TLS libraries,
+//! because they load on every kernel we target (kprobes and fentry are often
+//! disabled or refused).
 //!
 //! Each program follows `fn prog(ctx) -> u32 { try_prog(ctx).unwrap_or(0) }`:
 //! a failed map operation or read is dropped silently in the kernel and shows
@@ -10,6 +11,7 @@
 mod io;
 mod maps;
 mod sock_io;
+mod tls;
 
 use agent_common::{
     conn_flags, family, sock_flags, stat, tcp_state, CloseEvent, ConnInfo, ConnKey, ConnectEvent,

@@ -2,8 +2,8 @@
 //! `agent_common::names`; userspace resizes some of them at load time.
 
 use agent_common::{
-    stat, ConnInfo, ConnKey, IoArgs, PendingConnect, SockOwner, MAX_TRACKED_CONNECTIONS,
-    TRACKED_PROCS_SLOTS,
+    stat, ConnInfo, ConnKey, IoArgs, PendingConnect, SockOwner, TlsCall, TlsSession, TlsSessionKey,
+    MAX_TRACKED_CONNECTIONS, TRACKED_PROCS_SLOTS,
 };
 use aya_ebpf::{
     macros::map,
@@ -41,3 +41,14 @@ pub static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(MAX_TRACKE
 /// Reads and writes in flight on tracked fds, by pid_tgid.
 #[map]
 pub static IO_ARGS: LruHashMap<u64, IoArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// TLS library reads and writes in flight, by pid_tgid. LRU: a thread that
+/// dies inside a call leaves its entry behind.
+#[map]
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// TLS session (`SSL *`) -> the connection it last moved bytes on, for the
+/// reads a library serves from its buffer without touching the socket.
+#[map]
+pub static TLS_SESSIONS: LruHashMap<TlsSessionKey, TlsSession> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);

@@ -15,7 +15,8 @@
 //! for the copy.
 
 use agent_common::{
-    conn_flags, direction, io_kind, sock_flags, stat, tracked_procs, tracked_procs_slot, ConnKey,
+    conn_flags, data_source, direction, io_kind, sock_flags, stat, tracked_procs,
+    tracked_procs_slot, ConnKey,
 };
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
@@ -24,8 +25,10 @@ use aya_ebpf::{
 use crate::{
     arch,
     io::{head_limit, send_data_event, UserIo},
-    maps::{CONNS, SOCKS, TRACKED_PROCS},
-    stat_add, syscall_regs, SyscallRegs,
+    maps::{CONNS, SOCKS, TLS_CALLS, TRACKED_PROCS},
+    stat_add, syscall_regs,
+    tls::claim_tls_io,
+    SyscallRegs,
 };
 
 /// `MSG_PEEK`: the bytes stay queued and will be read again.
@@ -43,6 +46,17 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Where a data syscall's first argument is the fd and its second the
+/// bytes: which form the bytes take. None for any other syscall.
+fn data_syscall_kind(nr: u64) -> Option<u8> {
+    match nr {
+        arch::READ | arch::WRITE | arch::SENDTO | arch::RECVFROM => Some(io_kind::BUFFER),
+        arch::READV | arch::WRITEV => Some(io_kind::IOVEC),
+        arch::SENDMSG | arch::RECVMSG => Some(io_kind::MSGHDR),
+        _ => None,
+    }
+}
+
 /// TP_PROTO(struct sock *sk, int ret, int flags).
 fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
     let ret = ctx.arg::<u64>(1) as i32;
@@ -56,6 +70,20 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
         _ => return Ok(()),
     };
     if dir == direction::RECV && ctx.arg::<u64>(2) as i32 & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    // Inside a TLS library's call: the call's connection, and ciphertext.
+    if marks & tracked_procs::IN_TLS != 0 && TLS_CALLS.get_ptr(pid_tgid).is_some() {
+        let regs = syscall_regs()?;
+        if data_syscall_kind(regs.nr).is_some() {
+            let key = ConnKey {
+                tgid,
+                fd: regs.arg0 as u32,
+            };
+            claim_tls_io(pid_tgid, key);
+        } else {
+            stat_add(stat::UNREADABLE_SOCKET_IO, 1);
+        }
         return Ok(());
     }
     // A socket this process connected while we watched is in SOCKS; others
@@ -77,17 +105,12 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
         arg0: di,
         arg1: si,
     } = syscall_regs()?;
-    let kind = match nr {
-        arch::READ | arch::WRITE | arch::SENDTO | arch::RECVFROM => io_kind::BUFFER,
-        arch::READV | arch::WRITEV => io_kind::IOVEC,
-        arch::SENDMSG | arch::RECVMSG => io_kind::MSGHDR,
-        _ => {
-            // io_uring, sendfile, sendmmsg, a kernel thread...: the bytes
-            // are not where a syscall argument says, nor is the fd. Counted
-            // (for any socket of a process that tracks one), not guessed.
-            stat_add(stat::UNREADABLE_SOCKET_IO, 1);
-            return Ok(());
-        }
+    let Some(kind) = data_syscall_kind(nr) else {
+        // io_uring, sendfile, sendmmsg, a kernel thread...: the bytes are
+        // not where a syscall argument says, nor is the fd. Counted (for
+        // any socket of a process that tracks one), not guessed.
+        stat_add(stat::UNREADABLE_SOCKET_IO, 1);
+        return Ok(());
     };
     let key = ConnKey {
         tgid,
@@ -98,8 +121,10 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
         Some(info) => *info,
         None => return Ok(()),
     };
-    // Connections assigned to the syscall path are copied there.
-    if info.flags & (conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY)
+    // Connections assigned to the syscall path are copied there, those
+    // whose TLS library is hooked at its calls.
+    if info.flags
+        & (conn_flags::CAPTURE_DATA | conn_flags::SYSCALL_COPY | conn_flags::TLS_PLAINTEXT)
         != conn_flags::CAPTURE_DATA
     {
         if info.flags & conn_flags::CAPTURE_DATA == 0 {
@@ -122,6 +147,7 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
             io_kind: kind,
             ptr: si,
             enter_ns: 0,
+            source: data_source::SOCKET,
         },
         ret as u64,
     )

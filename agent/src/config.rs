@@ -224,6 +224,7 @@ mount_tracefs = false
 data_path = "syscalls"
 probe_stats = true
 unix_sockets = true
+tls_libraries = false
 
 [tracking]
 closed_retention_seconds = 60
@@ -314,6 +315,7 @@ level = "debug"
                 data_path: DataPath::Syscalls,
                 probe_stats: true,
                 unix_sockets: true,
+                tls_libraries: false,
             },
             tracking: TrackingConfig {
                 closed_retention_seconds: checked(ms(60_000)),

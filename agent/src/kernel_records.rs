@@ -146,6 +146,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 total_len: e.total_len,
                 head: head.to_vec(),
                 tail: tail.to_vec(),
+                tls_plaintext: e.source == agent_common::data_source::TLS_LIBRARY,
             }
         }
     };
@@ -277,7 +278,8 @@ mod tests {
             tail_len: tail.len() as u16,
             direction: agent_common::direction::RECV,
             io_kind: agent_common::io_kind::BUFFER,
-            _pad0: [0; 6],
+            source: agent_common::data_source::SOCKET,
+            _pad0: [0; 5],
             data: [],
         };
         let mut bytes = bytes_of(&fixed);
@@ -299,8 +301,10 @@ mod tests {
                 total_len,
                 head,
                 tail,
+                tls_plaintext,
             } => {
                 assert!(!sent);
+                assert!(!tls_plaintext);
                 assert_eq!((enter_ns, total_len), (900, 5000));
                 assert_eq!(head, b"T\0\0\0head");
                 assert_eq!(tail, b"Z\0\0\0\x05I");

@@ -24,4 +24,5 @@ pub mod redact;
 pub mod reports;
 pub mod state;
 pub mod telemetry;
+pub mod tls_libraries;
 pub mod trends;

@@ -48,6 +48,7 @@ use crate::{
         otlp::{self, OtlpExport},
         Observed, Telemetry,
     },
+    tls_libraries::{MappedLibrary, TlsLibraries},
     trends,
 };
 use telemetry_catalogue::{self as catalogue, attr};
@@ -68,6 +69,8 @@ struct Pipeline {
     capture: CaptureBytes,
     /// Command lines as they are, secrets included (off by default).
     full_command_lines: bool,
+    /// `[kernel] tls_libraries`: hook the TLS libraries processes map.
+    tls_libraries: bool,
     /// `process.command_args` on applications' resources (off by default).
     resource_command_args: bool,
     host_name: String,
@@ -76,11 +79,45 @@ struct Pipeline {
     dropped_while_seeding: AtomicU64,
 }
 
-/// The loaded kernel programs, and the Unix socket types seen.
+/// The loaded kernel programs, the Unix socket types seen and the TLS
+/// libraries hooked.
 struct KernelSide {
     probes: KernelProbes,
     /// Socket type of each Unix path seen, so /proc is read once per path.
     unix_types: HashMap<String, u16>,
+    tls: TlsLibraries,
+}
+
+impl KernelSide {
+    /// Hooks what `pid` maps of TLS libraries and is not hooked yet.
+    fn hook_tls_libraries(&mut self, pid: u32, uid: u32, mapped: &[MappedLibrary]) {
+        for lib in self.tls.process_maps(pid, uid, mapped) {
+            // Through the process's root: the library of a container.
+            let path = std::path::PathBuf::from(format!("/proc/{pid}/root{}", lib.path));
+            let result = self
+                .probes
+                .hook_tls_library(lib.file, &path)
+                .map_err(|e| format!("{e:#}"));
+            match &result {
+                Ok(()) => log::info!(
+                    "hooked TLS library {} (inode {}, first mapped by pid {pid}): statements \
+                     on its connections are read",
+                    lib.path,
+                    lib.file.inode
+                ),
+                Err(e) => log::warn!("cannot hook TLS library {}: {e}", lib.path),
+            }
+            self.tls.hook_result(lib.file, result);
+        }
+    }
+
+    /// Lets go of the TLS libraries no observed process maps any more.
+    fn unhook_unused_tls_libraries(&mut self, now_ns: u64) {
+        for file in self.tls.take_unused(now_ns) {
+            self.probes.unhook_tls_library(file);
+            log::debug!("let go of TLS library inode {}", file.inode);
+        }
+    }
 }
 
 /// The reports an event made, and whether each gets a log line.
@@ -95,6 +132,10 @@ struct CaptureBytes {
     sql: u32,
     redis: u32,
 }
+
+/// How often a process with encrypted connections and no hooked TLS library
+/// has its libraries looked at again.
+const TLS_RESCAN_NS: u64 = 10_000_000_000;
 
 /// Unix paths whose socket type we remember; past this the cache restarts.
 const UNIX_TYPE_CACHE: usize = 1024;
@@ -152,9 +193,10 @@ impl Pipeline {
                     k.probes.unix_connection_opened(event.conn.pid);
                 }
             })?,
-            EventKind::ProcessExit { .. } => self
-                .kernel
-                .with(|k| k.probes.process_exited(event.conn.pid))?,
+            EventKind::ProcessExit { .. } => self.kernel.with(|k| {
+                k.probes.process_exited(event.conn.pid);
+                k.tls.process_exited(event.conn.pid, monotonic_ns());
+            })?,
             _ => {}
         }
         if matches!(
@@ -205,7 +247,23 @@ impl Pipeline {
             if let Some(name) = name {
                 s.tracker.set_process_name(pid, name);
             }
-        })
+        })?;
+        self.look_for_tls_libraries(pid)
+    }
+
+    /// Hooks the TLS libraries `pid` maps, read outside the kernel side's
+    /// lock. Once at its first connect, and again (at most every
+    /// `TLS_RESCAN_NS`) when one of its connections turns out encrypted
+    /// with nothing hooked: a library may be loaded late (Python imports).
+    fn look_for_tls_libraries(&self, pid: u32) -> Result<(), Broken> {
+        if !self.tls_libraries || pid == std::process::id() {
+            return Ok(());
+        }
+        let Some((uid, mapped)) = procfs::tls_libraries(Path::new("/proc"), pid) else {
+            return Ok(());
+        };
+        self.kernel
+            .with(|k| k.hook_tls_libraries(pid, uid, &mapped))
     }
 
     /// The leak and slow-query reports the tracker's outputs make, each
@@ -261,6 +319,11 @@ impl Pipeline {
         if let Some(otlp) = self.otlp.as_ref().filter(|o| o.spans_enabled()) {
             self.emit_spans(otlp, outputs);
         }
+        for output in outputs {
+            if let Output::Encrypted { id } = output {
+                self.encrypted_without_plaintext(id.pid)?;
+            }
+        }
         let steers_kernel = outputs.iter().any(|o| {
             matches!(
                 o,
@@ -293,6 +356,20 @@ impl Pipeline {
                 }
             }
         })
+    }
+
+    /// A connection of `pid` is encrypted and its plaintext not read: look
+    /// at the process's libraries again, unless one is hooked already (its
+    /// next call gives the plaintext) or it was looked at lately.
+    fn encrypted_without_plaintext(&self, pid: u32) -> Result<(), Broken> {
+        let now = monotonic_ns();
+        let look = self
+            .kernel
+            .with(|k| !k.tls.hooks_process(pid) && k.tls.may_look_again(pid, now, TLS_RESCAN_NS))?;
+        if look {
+            self.look_for_tls_libraries(pid)?;
+        }
+        Ok(())
     }
 
     /// Which of `reports` get a log line under the per-process and global
@@ -659,7 +736,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         data_path: config.kernel.data_path,
         probe_stats: config.kernel.probe_stats,
         unix_sockets: config.kernel.unix_sockets,
+        tls_libraries: config.kernel.tls_libraries,
     })?;
+    match probes.tls_programs() {
+        Ok(()) => log::info!(
+            "TLS libraries: OpenSSL's libssl is hooked (uprobes) where an observed process maps it, \
+             so that statements on TLS connections are read"
+        ),
+        Err(why) => log::warn!(
+            "TLS libraries are not hooked ({why}): TLS connections are counted and timed, \
+             their statements not read"
+        ),
+    }
     log::info!(
         "kernel probes attached: {} connection tracepoints{} and the {}{} (kprobes and fentry are not used)",
         ebpf::connection_tracepoints(config.kernel.unix_sockets).count(),
@@ -735,6 +823,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             KernelSide {
                 probes,
                 unix_types: HashMap::new(),
+                tls: TlsLibraries::default(),
             },
             "kernel probe bookkeeping",
             Arc::clone(&health),
@@ -751,6 +840,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             redis: config.queries.redis_capture_bytes.get(),
         },
         full_command_lines: config.tracking.full_command_lines,
+        tls_libraries: config.kernel.tls_libraries,
         resource_command_args: config.tracking.resource_command_args,
         host_name: host_name(),
         dropped_while_seeding: AtomicU64::new(0),
@@ -1177,8 +1267,11 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
         if ticks.is_multiple_of(RETURN_MEMORY_EVERY_TICKS) {
             return_free_memory();
         }
-        let counters = pipeline.kernel.with(|k| k.probes.counters())?;
         let now = monotonic_ns();
+        let counters = pipeline.kernel.with(|k| {
+            k.unhook_unused_tls_libraries(now);
+            k.probes.counters()
+        })?;
         match counters {
             Ok(mut c) => {
                 c.dropped_events += pipeline.dropped_while_seeding.load(Relaxed);

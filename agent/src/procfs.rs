@@ -871,6 +871,44 @@ fn scan_connections_with(
     found
 }
 
+/// The TLS libraries `pid` maps (see [`crate::tls_libraries::is_tls_library`])
+/// and the user it runs as; None when its /proc entry cannot be read (it
+/// exited). Paths are as the process sees them, inside its mount namespace.
+pub fn tls_libraries(
+    proc_root: &Path,
+    pid: u32,
+) -> Option<(u32, Vec<crate::tls_libraries::MappedLibrary>)> {
+    use crate::tls_libraries::{is_tls_library, FileId, MappedLibrary};
+    let process = Process::new_with_root(proc_root.join(pid.to_string())).ok()?;
+    let uid = process.uid().ok()?;
+    let maps = process.maps().ok()?;
+    let mut found: Vec<MappedLibrary> = Vec::new();
+    for map in maps {
+        let ::procfs::process::MMapPath::Path(path) = &map.pathname else {
+            continue;
+        };
+        let Some(path) = path.to_str() else {
+            continue;
+        };
+        if !is_tls_library(path) {
+            continue;
+        }
+        let file = FileId {
+            dev_major: map.dev.0 as u32,
+            dev_minor: map.dev.1 as u32,
+            inode: map.inode,
+        };
+        // A library is mapped several times (code, data, ...).
+        if !found.iter().any(|l| l.file == file) {
+            found.push(MappedLibrary {
+                file,
+                path: path.to_string(),
+            });
+        }
+    }
+    Some((uid, found))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

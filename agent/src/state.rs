@@ -37,6 +37,9 @@ pub struct KernelCounters {
     /// attribute to an fd (io_uring, sendfile, sendmmsg...).
     pub unattributed_socket_io: u64,
     pub unattributed_connects: u64,
+    /// TLS library calls whose connection could not be told (or that
+    /// could not be remembered): their plaintext is not read.
+    pub unattributed_tls_calls: u64,
     /// Per kernel program: (name, total run time ns, runs), where the kernel
     /// keeps BPF run-time statistics (enabled by the loader).
     pub probes: Vec<(String, u64, u64)>,

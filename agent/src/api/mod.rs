@@ -72,6 +72,9 @@ pub struct ConnectionView {
     pub seen_at_start: bool,
     pub db_system: Option<DbSystem>,
     pub encrypted: bool,
+    /// The agent reads the connection's statements: it is not encrypted,
+    /// or a hooked TLS library gives its plaintext.
+    pub plaintext: bool,
     pub namespace: Option<String>,
     pub db_user: Option<String>,
     pub bytes_sent: u64,
@@ -286,6 +289,7 @@ pub fn connection_view(
         seen_at_start: conn.seen_at_start,
         db_system: conn.db_system,
         encrypted: conn.encrypted,
+        plaintext: !conn.encrypted || conn.plaintext,
         namespace: conn.namespace.clone(),
         db_user: conn.db_user.clone(),
         bytes_sent: conn.bytes_sent,

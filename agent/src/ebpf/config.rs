@@ -21,6 +21,10 @@ pub struct KernelConfig {
     /// process on the host takes the kernel's slow path (+44 ns per call
     /// here, BENCHMARKS.md); TCP connections need none.
     pub unix_sockets: bool,
+    /// Read the statements of TLS connections from the TLS library's
+    /// plaintext: uprobes on OpenSSL's SSL_read/SSL_write in the libssl
+    /// files that observed processes map (docs/data-path.md).
+    pub tls_libraries: bool,
 }
 
 impl Default for KernelConfig {
@@ -31,6 +35,7 @@ impl Default for KernelConfig {
             data_path: DataPath::Auto,
             probe_stats: false,
             unix_sockets: false,
+            tls_libraries: true,
         }
     }
 }

@@ -7,18 +7,24 @@ use std::{fs, os::fd::OwnedFd, path::Path};
 
 use agent_common::{
     conn_flags, names, stat, tracked_procs, tracked_procs_slot, ConnInfo, ConnKey,
-    SOCKET_DATA_RAW_TRACEPOINTS, SYSCALL_DATA_TRACEPOINTS, TRACEPOINTS, UNIX_SOCKET_TRACEPOINTS,
+    SOCKET_DATA_RAW_TRACEPOINTS, SYSCALL_DATA_TRACEPOINTS, TLS_UPROBES, TLS_URETPROBES,
+    TRACEPOINTS, UNIX_SOCKET_TRACEPOINTS,
 };
 use anyhow::{bail, Context};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{trace_point::TracePointLinkId, RawTracePoint, TracePoint},
+    programs::{
+        trace_point::TracePointLinkId,
+        uprobe::{UProbeLinkId, UProbeScope},
+        RawTracePoint, TracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 use tokio::io::unix::AsyncFd;
 
 pub use self::config::DataPath;
 use crate::state::KernelCounters;
+use crate::tls_libraries::FileId;
 
 /// The kernel programs, built by build.rs.
 static KERNEL_OBJECT: &[u8] =
@@ -147,6 +153,10 @@ pub struct KernelProbes {
     slot_users: std::collections::HashMap<u32, u32>,
     /// Slots whose processes own connections missing from SOCKS.
     unbound_slots: std::collections::HashSet<u32>,
+    /// Whether the TLS library programs loaded (else why not).
+    tls_programs: Result<(), String>,
+    /// The uprobes on each hooked TLS library file.
+    tls_links: std::collections::HashMap<FileId, Vec<(&'static str, UProbeLinkId)>>,
 }
 
 /// The data path the loader attached.
@@ -182,6 +192,9 @@ pub struct LoadOptions {
     /// Attach the syscall tracepoints that see Unix-socket connects and
     /// closes (`kernel.unix_sockets`).
     pub unix_sockets: bool,
+    /// Load the uprobe programs that read TLS libraries' plaintext
+    /// (`kernel.tls_libraries`); they attach per library, later.
+    pub tls_libraries: bool,
 }
 
 fn load_and_attach_tracepoint(
@@ -219,6 +232,37 @@ fn tracepoint_program<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&
         .with_context(|| format!("kernel object has no program {program}"))?
         .try_into()
         .with_context(|| format!("{program} is not a tracepoint program"))
+}
+
+/// A uprobe program of the kernel object, by name.
+fn uprobe_program<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a mut UProbe> {
+    ebpf.program_mut(program)
+        .with_context(|| format!("kernel object has no program {program}"))?
+        .try_into()
+        .with_context(|| format!("{program} is not a uprobe program"))
+}
+
+/// Loads the TLS library programs; they attach per library file.
+fn load_tls_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut loaded = std::collections::HashSet::new();
+    for (program, _) in TLS_UPROBES.iter().chain(TLS_URETPROBES) {
+        if loaded.insert(*program) {
+            uprobe_program(ebpf, program)?
+                .load()
+                .with_context(|| format!("the kernel refused program {program}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn detach_uprobes(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) {
+    for (program, link) in links {
+        if let Ok(prog) = uprobe_program(ebpf, program) {
+            if let Err(e) = prog.detach(link) {
+                log::warn!("cannot detach {program}: {e}");
+            }
+        }
+    }
 }
 
 /// Loads the syscall path's programs without attaching them.
@@ -348,6 +392,11 @@ impl KernelProbes {
         for (program, category, tracepoint) in connection_tracepoints(options.unix_sockets) {
             load_and_attach_tracepoint(&mut ebpf, program, category, tracepoint)?;
         }
+        let tls_programs = if options.tls_libraries {
+            load_tls_programs(&mut ebpf).map_err(|e| format!("{e:#}"))
+        } else {
+            Err("kernel.tls_libraries = false".to_string())
+        };
         let ring_buffer_bytes = options.ring_buffer_bytes;
         // Per-program run time, where the kernel allows it (5.8+), only when
         // asked: the statistics cost on every run of every program.
@@ -366,7 +415,54 @@ impl KernelProbes {
             tracked_pids: Default::default(),
             slot_users: Default::default(),
             unbound_slots: Default::default(),
+            tls_programs,
+            tls_links: Default::default(),
         })
+    }
+
+    /// Whether TLS libraries can be hooked, and if not why.
+    pub fn tls_programs(&self) -> Result<(), &str> {
+        self.tls_programs
+            .as_ref()
+            .map(|_| ())
+            .map_err(String::as_str)
+    }
+
+    /// Hooks the TLS library `file`, reached from here by `path`: its read
+    /// and write calls (and their `_ex` forms where it has them). On
+    /// failure nothing of it stays hooked.
+    pub fn hook_tls_library(&mut self, file: FileId, path: &Path) -> anyhow::Result<()> {
+        if let Err(why) = &self.tls_programs {
+            bail!("the TLS library programs are not loaded: {why}");
+        }
+        if self.tls_links.contains_key(&file) {
+            return Ok(());
+        }
+        let mut links = Vec::new();
+        for (program, symbol) in TLS_UPROBES.iter().chain(TLS_URETPROBES) {
+            let attached = uprobe_program(&mut self.ebpf, program).and_then(|prog| {
+                prog.attach(*symbol, path, UProbeScope::AllProcesses)
+                    .with_context(|| format!("cannot attach {program} to {symbol}"))
+            });
+            match attached {
+                Ok(link) => links.push((*program, link)),
+                // OpenSSL before 1.1.1 has no _ex forms.
+                Err(e) if symbol.ends_with("_ex") => log::debug!("{}: {e:#}", path.display()),
+                Err(e) => {
+                    detach_uprobes(&mut self.ebpf, links);
+                    return Err(e);
+                }
+            }
+        }
+        self.tls_links.insert(file, links);
+        Ok(())
+    }
+
+    /// Lets a hooked TLS library go.
+    pub fn unhook_tls_library(&mut self, file: FileId) {
+        if let Some(links) = self.tls_links.remove(&file) {
+            detach_uprobes(&mut self.ebpf, links);
+        }
     }
 
     /// A Unix-socket connection that may speak a database protocol. The
@@ -486,6 +582,8 @@ impl KernelProbes {
             conns_full: sum(stat::CONNS_FULL)?,
             unattributed_socket_io: sum(stat::UNREADABLE_SOCKET_IO)?,
             unattributed_connects: sum(stat::UNATTRIBUTED_CONNECTS)?,
+            unattributed_tls_calls: sum(stat::UNATTRIBUTED_TLS_CALLS)?
+                + sum(stat::TLS_CALLS_FAILED)?,
             probes,
         })
     }
@@ -655,6 +753,7 @@ pub fn check_kernel() -> Vec<CheckLine> {
         data_path: DataPath::Auto,
         probe_stats: false,
         unix_sockets: true,
+        tls_libraries: true,
     }) {
         Ok(probes) => {
             for (program, category, tracepoint) in TRACEPOINTS {

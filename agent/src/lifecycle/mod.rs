@@ -120,6 +120,9 @@ pub enum EventKind {
         total_len: u32,
         head: Vec<u8>,
         tail: Vec<u8>,
+        /// The plaintext of a hooked TLS library's call, not the socket's
+        /// bytes.
+        tls_plaintext: bool,
     },
     /// A connection that existed before the agent started, found in /proc.
     Seeded {
@@ -222,8 +225,12 @@ pub struct Connection {
     pub seen_at_start: bool,
     /// What the connection speaks, once its first bytes told.
     pub db_system: Option<DbSystem>,
-    /// TLS or GSSAPI: timed by request/response turns, no statements seen.
+    /// TLS or GSSAPI: timed by request/response turns, no statements seen,
+    /// unless `plaintext`.
     pub encrypted: bool,
+    /// An encrypted connection whose plaintext a hooked TLS library gives:
+    /// parsed as if it were not encrypted.
+    pub plaintext: bool,
     pub namespace: Option<String>,
     pub db_user: Option<String>,
     pub bytes_sent: u64,
@@ -280,6 +287,7 @@ impl Connection {
             seen_at_start: false,
             db_system: None,
             encrypted: false,
+            plaintext: false,
             namespace: None,
             db_user: None,
             bytes_sent: 0,
@@ -377,6 +385,12 @@ pub enum Output {
     Detected {
         id: ConnId,
         system: DbSystem,
+    },
+    /// The connection switched to TLS (or GSSAPI) and its plaintext is not
+    /// read: its process may have loaded a TLS library since it was looked
+    /// at.
+    Encrypted {
+        id: ConnId,
     },
     /// A pool acquire ended; `used_before`/`pending_before` are the pool's
     /// state as the waiter saw it.

@@ -932,6 +932,7 @@ fn data(ts: u64, conn: ConnId, sent: bool, bytes: &[u8]) -> Event {
             total_len: bytes.len() as u32,
             head: bytes.to_vec(),
             tail: Vec::new(),
+            tls_plaintext: false,
         },
     }
 }
@@ -1380,4 +1381,163 @@ fn datagrams_read_after_their_sender_exited_leave_nothing_behind() {
         None
     );
     assert_eq!(pool_names_of(&t, 7), vec!["orders".to_string()]);
+}
+
+// ---- Issue 16: TLS connections whose library gives the plaintext ----
+
+fn tls_data(ts: u64, conn: ConnId, sent: bool, bytes: &[u8]) -> Event {
+    let mut event = data(ts, conn, sent, bytes);
+    if let EventKind::Data { tls_plaintext, .. } = &mut event.kind {
+        *tls_plaintext = true;
+    }
+    event
+}
+
+/// A TLS record of `kind` (22 handshake, 23 application data).
+fn tls_record(kind: u8) -> Vec<u8> {
+    vec![kind, 3, 3, 0, 4, 1, 2, 3, 4]
+}
+
+fn round_trip_queries(outputs: &[Output]) -> Vec<String> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::RoundTrip { trip, .. } => trip.query.as_ref().map(|q| q.text()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn encrypted_outputs(outputs: &[Output]) -> usize {
+    outputs
+        .iter()
+        .filter(|o| matches!(o, Output::Encrypted { .. }))
+        .count()
+}
+
+#[test]
+fn postgres_over_tls_is_parsed_from_the_librarys_plaintext() {
+    use crate::protocol::testutil::*;
+    let mut t = tracker();
+    let c = id(PID, FD, 1_000);
+    let mut out = t.apply(connect(1_000, c, 0));
+    out.extend(t.apply(data(2_000, c, true, &pg_ssl_request())));
+    out.extend(t.apply(data(3_000, c, false, b"S")));
+    out.extend(t.apply(data(4_000, c, true, &tls_record(22))));
+    out.extend(t.apply(data(5_000, c, false, &tls_record(22))));
+    assert_eq!(
+        encrypted_outputs(&out),
+        1,
+        "the handshake: encrypted, nothing read"
+    );
+    let conn = t.connection(c).expect("open");
+    assert!(conn.encrypted && !conn.plaintext);
+    // The library's first plaintext is the startup message.
+    out.extend(t.apply(tls_data(6_000, c, true, &pg_startup("app", Some("shop")))));
+    out.extend(t.apply(tls_data(7_000, c, false, &pg_startup_ok())));
+    // Ciphertext that still comes (a record the kernel copied before it
+    // knew) is not parsed.
+    out.extend(t.apply(data(7_500, c, true, &tls_record(23))));
+    out.extend(t.apply(tls_data(8_000, c, true, &pg_query("BEGIN"))));
+    let mut reply = pg_complete("BEGIN");
+    reply.extend(pg_ready(b'T'));
+    out.extend(t.apply(tls_data(9_000, c, false, &reply)));
+    out.extend(t.apply(tls_data(
+        10_000,
+        c,
+        true,
+        &pg_query("SELECT * FROM t WHERE secret = 'x'"),
+    )));
+    let mut reply = pg_complete("SELECT 1");
+    reply.extend(pg_ready(b'T'));
+    out.extend(t.apply(tls_data(11_000, c, false, &reply)));
+    let conn = t.connection(c).expect("open");
+    assert!(conn.encrypted && conn.plaintext);
+    assert_eq!(conn.namespace.as_deref(), Some("shop"));
+    assert_eq!(conn.db_user.as_deref(), Some("app"));
+    assert_eq!(conn.tx_state, Some(TxState::InTransaction));
+    assert_eq!(
+        round_trip_queries(&out),
+        vec!["BEGIN", "SELECT * FROM t WHERE secret = ?"],
+        "sanitized as on plaintext"
+    );
+    assert_eq!(encrypted_outputs(&out), 1);
+}
+
+#[test]
+fn a_library_hooked_mid_session_gives_the_statements_from_then_on() {
+    use crate::protocol::testutil::*;
+    let mut t = tracker();
+    let c = id(PID, FD, 1_000);
+    t.apply(connect(1_000, c, 0));
+    t.apply(data(2_000, c, true, &pg_ssl_request()));
+    t.apply(data(3_000, c, false, b"S"));
+    for ts in [4_000, 6_000] {
+        t.apply(data(ts, c, true, &tls_record(23)));
+        t.apply(data(ts + 1_000, c, false, &tls_record(23)));
+    }
+    // The startup went by encrypted; the first plaintext is a query.
+    let mut out = t.apply(tls_data(8_000, c, true, &pg_query("SELECT 1")));
+    let mut reply = pg_complete("SELECT 1");
+    reply.extend(pg_ready(b'I'));
+    out.extend(t.apply(tls_data(9_000, c, false, &reply)));
+    assert_eq!(round_trip_queries(&out), vec!["SELECT ?"]);
+    let conn = t.connection(c).expect("open");
+    assert!(conn.encrypted && conn.plaintext);
+    assert_eq!(conn.db_system, Some(DbSystem::Postgresql));
+}
+
+#[test]
+fn mysql_over_tls_goes_on_with_the_handshake_response() {
+    use crate::protocol::testutil::*;
+    let mut t = tracker();
+    let c = id(PID, FD, 1_000);
+    t.apply(connect(1_000, c, 0));
+    t.apply(data(2_000, c, false, &my_greeting()));
+    t.apply(data(3_000, c, true, &my_ssl_request(MY_CAPS)));
+    t.apply(data(4_000, c, true, &tls_record(22)));
+    t.apply(data(5_000, c, false, &tls_record(22)));
+    let mut response = my_handshake_response(MY_CAPS | 0x0800, "app", Some("shop"));
+    response[3] = 2; // the packet after the SSLRequest
+    let mut out = t.apply(tls_data(6_000, c, true, &response));
+    out.extend(t.apply(tls_data(7_000, c, false, &my_ok(3, 0, 0))));
+    out.extend(t.apply(tls_data(
+        8_000,
+        c,
+        true,
+        &my_packet(0, &my_query("SELECT 42")),
+    )));
+    out.extend(t.apply(tls_data(9_000, c, false, &my_result_set(&["42"], true, 0))));
+    let conn = t.connection(c).expect("open");
+    assert!(conn.encrypted && conn.plaintext);
+    assert_eq!(conn.db_user.as_deref(), Some("app"));
+    assert_eq!(conn.namespace.as_deref(), Some("shop"));
+    assert_eq!(round_trip_queries(&out), vec!["SELECT ?"]);
+}
+
+#[test]
+fn redis_direct_tls_is_detected_again_from_the_plaintext() {
+    let mut t = tracker();
+    let c = id(PID, FD, 1_000);
+    t.apply(connect(1_000, c, 0));
+    t.apply(data(2_000, c, true, &tls_record(22)));
+    t.apply(data(3_000, c, false, &tls_record(22)));
+    let mut out = t.apply(tls_data(4_000, c, true, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"));
+    out.extend(t.apply(tls_data(5_000, c, false, b"$1\r\nv\r\n")));
+    let conn = t.connection(c).expect("open");
+    assert_eq!(conn.db_system, Some(DbSystem::Redis));
+    assert!(conn.encrypted && conn.plaintext);
+    let trips = out
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Output::RoundTrip {
+                    system: DbSystem::Redis,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(trips, 1);
 }

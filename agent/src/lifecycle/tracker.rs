@@ -235,6 +235,7 @@ impl Tracker {
                 total_len,
                 head,
                 tail,
+                tls_plaintext,
             } => {
                 let direction = if sent {
                     Direction::ToServer
@@ -250,7 +251,7 @@ impl Tracker {
                     tail: &tail,
                     total_len: total_len as usize,
                 };
-                self.on_data(conn, chunk, &mut out)
+                self.on_data(conn, chunk, tls_plaintext, &mut out)
             }
             EventKind::ProcessExit { .. } => self.on_exit(ts_ns, conn.pid, &mut out),
             EventKind::Seeded {
@@ -340,7 +341,7 @@ impl Tracker {
         self.open.remove(&(pid, fd))
     }
 
-    fn on_data(&mut self, id: ConnId, chunk: Chunk, out: &mut Vec<Output>) {
+    fn on_data(&mut self, id: ConnId, chunk: Chunk, tls_plaintext: bool, out: &mut Vec<Output>) {
         if !matches!(self.slot(id), Slot::Current) {
             out.push(Output::Unmatched);
             return;
@@ -349,6 +350,11 @@ impl Tracker {
         let Some(conn) = self.open.get_mut(&key) else {
             return;
         };
+        if conn.plaintext && !tls_plaintext {
+            // Ciphertext of a connection whose TLS library gives its
+            // plaintext (the kernel stops copying it once it knows).
+            return;
+        }
         match chunk.direction {
             Direction::ToServer => {
                 conn.bytes_sent += chunk.total_len as u64;
@@ -368,6 +374,10 @@ impl Tracker {
             parser.set_raw_queries(raw);
             parser
         });
+        if tls_plaintext && !conn.plaintext {
+            conn.plaintext = true;
+            parser.plaintext_follows();
+        }
         let mut observations = Vec::new();
         parser.feed(&chunk, &mut observations);
         if conn.db_system.is_none() {
@@ -376,7 +386,10 @@ impl Tracker {
             }
         }
         conn.db_system = parser.system();
-        conn.encrypted = parser.is_encrypted();
+        let was_encrypted = std::mem::replace(&mut conn.encrypted, parser.is_encrypted());
+        if conn.encrypted && !was_encrypted && !conn.plaintext {
+            out.push(Output::Encrypted { id });
+        }
         if parser.gave_up() {
             // The parser stays (it ignores what still comes): a new one
             // would start detecting again in the middle of the stream.
@@ -413,7 +426,8 @@ impl Tracker {
                         conn.namespace = database;
                     }
                 }
-                Observation::Encrypted => conn.encrypted = true,
+                // Already told by `is_encrypted` above.
+                Observation::Encrypted => {}
                 Observation::Lost { reason } => {
                     conn.protocol_lost += 1;
                     out.push(Output::ProtocolLost { id, reason });

@@ -25,6 +25,13 @@ pub(crate) trait Protocol {
     fn tx_state(&self) -> Option<TxState>;
     /// A request went out and the end of its response has not come back.
     fn request_outstanding(&self) -> bool;
+    /// A hooked TLS library's plaintext follows the encrypted bytes: true
+    /// when this parser goes on from where the encryption began (the
+    /// session's start so far is needed), false when the dispatcher should
+    /// start the session afresh from its first plaintext message.
+    fn plaintext_follows(&mut self) -> bool {
+        false
+    }
 }
 
 /// What one feed needs besides the bytes.

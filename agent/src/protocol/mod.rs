@@ -32,7 +32,7 @@ mod redis;
 mod session;
 mod sql;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 pub use session::SessionParser;
 pub use sql::{query_summary, sanitize, QuerySummary};

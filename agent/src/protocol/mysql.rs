@@ -294,6 +294,22 @@ impl Protocol for Session {
         self.encrypted
     }
 
+    /// After an SSLRequest the client's next packet, inside TLS, is its
+    /// whole handshake response: parsing goes on from there, with the
+    /// greeting's capabilities. (No SSLRequest seen: start afresh.)
+    fn plaintext_follows(&mut self) -> bool {
+        if self.phase != Phase::Opaque || self.compress {
+            return false;
+        }
+        self.phase = Phase::HandshakeResponse;
+        self.encrypted = false;
+        self.client = FramedDirection::default();
+        self.server = FramedDirection::default();
+        self.book = RequestQueue::default();
+        self.alternation = Alternation::default();
+        true
+    }
+
     fn tx_state(&self) -> Option<TxState> {
         self.tx
     }

@@ -45,6 +45,8 @@ pub struct SessionParser {
     /// may announce a MySQL greeting (the client reads header and payload
     /// apart).
     greeting_header: Option<[u8; 4]>,
+    /// A hooked TLS library gives this session's plaintext.
+    tls_plaintext: bool,
     inner: Inner,
 }
 
@@ -57,6 +59,7 @@ impl SessionParser {
             raw: false,
             looked: 0,
             greeting_header: None,
+            tls_plaintext: false,
             inner: Inner::Detecting,
         }
     }
@@ -69,6 +72,7 @@ impl SessionParser {
             raw: false,
             looked: 0,
             greeting_header: None,
+            tls_plaintext: false,
             inner: Inner::of(system),
         }
     }
@@ -89,7 +93,33 @@ impl SessionParser {
 
     /// The session switched to TLS (or GSSAPI encryption).
     pub fn is_encrypted(&self) -> bool {
-        self.inner.parser().is_some_and(|p| p.encrypted())
+        self.tls_plaintext || self.inner.parser().is_some_and(|p| p.encrypted())
+    }
+
+    /// Whether a hooked TLS library gives this session's plaintext.
+    pub fn reads_tls_plaintext(&self) -> bool {
+        self.tls_plaintext
+    }
+
+    /// From now on the chunks fed are the plaintext a hooked TLS library
+    /// was given or returned, no longer the socket's encrypted bytes. The
+    /// plaintext starts where the encryption began: a MySQL session goes on
+    /// with the client's handshake response; the others start afresh
+    /// (PostgreSQL with its startup message, Redis with its first command),
+    /// detected again with what the encrypted start told as the hint.
+    pub fn plaintext_follows(&mut self) {
+        if std::mem::replace(&mut self.tls_plaintext, true) {
+            return;
+        }
+        if let Inner::Speaking(system, parser) = &mut self.inner {
+            if parser.plaintext_follows() {
+                return;
+            }
+            self.hint = Some(*system);
+        }
+        self.inner = Inner::Detecting;
+        self.looked = 0;
+        self.greeting_header = None;
     }
 
     /// Transaction status after the last response that told it, start-up

@@ -624,7 +624,8 @@ impl Telemetry {
                 }
                 Output::PeerClosed { .. }
                 | Output::NotDatabase { .. }
-                | Output::Detected { .. } => {}
+                | Output::Detected { .. }
+                | Output::Encrypted { .. } => {}
                 Output::Unmatched => self.events_unmatched.add(1, &[]),
                 Output::AdapterRefused { reason } => {
                     self.record_adapter_message("rejected", reason)
@@ -834,7 +835,7 @@ fn register_observables(meter: &Meter, observed: Observed) {
     });
     // Plain kernel counters: one observable each, read from the last sample.
     type Reading = fn(&KernelCounters) -> u64;
-    let counters: [(&'static catalogue::Instrument, Reading); 4] = [
+    let counters: [(&'static catalogue::Instrument, Reading); 5] = [
         (&catalogue::KERNEL_EVENTS_DROPPED, |k| k.dropped_events),
         (&catalogue::KERNEL_CONNECTIONS_UNTRACKED, |k| k.conns_full),
         (&catalogue::KERNEL_SOCKET_IO_UNATTRIBUTED, |k| {
@@ -842,6 +843,9 @@ fn register_observables(meter: &Meter, observed: Observed) {
         }),
         (&catalogue::KERNEL_CONNECTS_UNATTRIBUTED, |k| {
             k.unattributed_connects
+        }),
+        (&catalogue::KERNEL_TLS_CALLS_UNATTRIBUTED, |k| {
+            k.unattributed_tls_calls
         }),
     ];
     for (instrument, read) in counters {

@@ -566,6 +566,15 @@ pub const KERNEL_CONNECTS_UNATTRIBUTED: Instrument = instrument(
      not tracked",
     &[],
 );
+pub const KERNEL_TLS_CALLS_UNATTRIBUTED: Instrument = instrument(
+    "poolscope.kernel.tls_calls.unattributed",
+    Kind::Counter,
+    "{call}",
+    "TLS library reads and writes, by processes that track a connection, whose connection could \
+     not be told (the call moved no bytes on a socket and its session never did, or its \
+     connection ended) or that could not be remembered: their plaintext is not read",
+    &[],
+);
 pub const PROBE_RUN_TIME: Instrument = instrument(
     "poolscope.probe.run_time",
     Kind::Counter,
@@ -633,6 +642,7 @@ pub const INSTRUMENTS: &[&Instrument] = &[
     &KERNEL_CONNECTIONS_UNTRACKED,
     &KERNEL_SOCKET_IO_UNATTRIBUTED,
     &KERNEL_CONNECTS_UNATTRIBUTED,
+    &KERNEL_TLS_CALLS_UNATTRIBUTED,
     &PROBE_RUN_TIME,
     &PROBE_RUNS,
     &KERNEL_RINGBUF_PENDING,

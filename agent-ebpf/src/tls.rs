@@ -1,0 +1,235 @@
+//! Plaintext of TLS connections: uprobes on the TLS library's read and
+//! write calls (OpenSSL's `SSL_read`, `SSL_write` and their `_ex` forms).
+//!
+//! Which connection a call belongs to is learnt from the call itself: a
+//! library that owns its socket sends and receives on it inside the call,
+//! in the caller's thread, and the copy paths see that I/O's fd in the
+//! syscall's registers (`claim_tls_io`). The session (`SSL *`) remembers
+//! it for the reads the library serves from its buffer without touching
+//! the socket. This needs no offsets into the library's structures, which
+//! differ between versions and builds. The ciphertext of a connection whose
+//! plaintext is copied here is not copied (`conn_flags::TLS_PLAINTEXT`).
+//!
+//! Cost: the uprobes fire in every process that calls the library. One that
+//! tracks no connection leaves after one array load; a session known not
+//! to be a database's leaves after one lookup.
+
+use agent_common::{
+    conn_flags, data_source, direction, io_kind, stat, tls_flags, tracked_procs_slot, ConnKey,
+    TlsCall, TlsSession, TlsSessionKey, TLS_NOT_DATABASE_SKIPS,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{
+    io::{head_limit, send_data_event, UserIo},
+    maps::{CONNS, TLS_CALLS, TLS_SESSIONS, TRACKED_PROCS},
+    stat_add,
+};
+
+/// Byte of a `TRACKED_PROCS` slot that `tracked_procs::IN_TLS` occupies.
+const IN_TLS_BYTE: usize = 2;
+
+#[uprobe]
+pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
+    let _ = tls_call_enter(&ctx, direction::SEND, false);
+    0
+}
+
+#[uprobe]
+pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
+    let _ = tls_call_enter(&ctx, direction::SEND, true);
+    0
+}
+
+#[uprobe]
+pub fn ssl_read_enter(ctx: ProbeContext) -> u32 {
+    let _ = tls_call_enter(&ctx, direction::RECV, false);
+    0
+}
+
+#[uprobe]
+pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
+    let _ = tls_call_enter(&ctx, direction::RECV, true);
+    0
+}
+
+#[uretprobe]
+pub fn ssl_call_exit(ctx: RetProbeContext) -> u32 {
+    let _ = tls_call_exit(&ctx);
+    0
+}
+
+/// `SSL_write(ssl, buf, num)`, `SSL_write_ex(ssl, buf, num, *written)` and
+/// the same for reads: remembers the call for its socket I/O and its exit.
+fn tls_call_enter(ctx: &ProbeContext, dir: u8, ex: bool) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(slot) = TRACKED_PROCS.get_ptr_mut(tracked_procs_slot(tgid)) else {
+        return Ok(());
+    };
+    // SAFETY: pointer into an array slot, read once.
+    if unsafe { *slot } == 0 {
+        return Ok(());
+    }
+    let session: u64 = ctx.arg(0).ok_or(0i64)?;
+    let key = TlsSessionKey {
+        tgid,
+        _pad0: 0,
+        session,
+    };
+    if let Some(known) = TLS_SESSIONS.get_ptr_mut(key) {
+        // SAFETY: pointer into this session's map entry; a racing thread
+        // of the same session only makes a skip more or less.
+        unsafe {
+            if (*known).flags & u16::from(tls_flags::NOT_DATABASE) != 0 && (*known).skips_left > 0 {
+                (*known).skips_left -= 1;
+                return Ok(());
+            }
+        }
+    }
+    // Lets this process's socket I/O look for the call (one byte, as the
+    // kernel's TRACKS: userspace's bytes stay).
+    // SAFETY: pointer into an array slot.
+    unsafe { *slot.cast::<u8>().add(IN_TLS_BYTE) = 1 };
+    let call = TlsCall {
+        session,
+        buf: ctx.arg(1).ok_or(0i64)?,
+        len_ptr: if ex { ctx.arg(3).ok_or(0i64)? } else { 0 },
+        // SAFETY: helper without preconditions.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+        conn_start_ns: 0,
+        fd: -1,
+        direction: dir,
+        flags: 0,
+        _pad0: [0; 2],
+    };
+    if TLS_CALLS.insert(pid_tgid, call, 0).is_err() {
+        stat_add(stat::TLS_CALLS_FAILED, 1);
+    }
+    Ok(())
+}
+
+/// The socket I/O of `pid_tgid` on `key`, if it happens inside a TLS call:
+/// names the call's connection, and says that these bytes are ciphertext
+/// (not to be copied). Only for processes marked `IN_TLS`.
+#[inline(always)]
+pub(crate) fn claim_tls_io(pid_tgid: u64, key: ConnKey) -> bool {
+    let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) else {
+        return false;
+    };
+    // SAFETY: pointers into this thread's call entry and this connection's
+    // entry; only this thread writes the call, and a racing writer of the
+    // connection's flags only sets bits too.
+    unsafe {
+        match CONNS.get_ptr_mut(key) {
+            Some(info) => {
+                (*call).fd = key.fd as i32;
+                (*call).conn_start_ns = (*info).conn_start_ns;
+                if (*info).flags & conn_flags::CAPTURE_DATA != 0 {
+                    (*info).flags |= conn_flags::TLS_PLAINTEXT;
+                    (*call).flags &= !tls_flags::NOT_DATABASE;
+                } else {
+                    (*call).flags |= tls_flags::NOT_DATABASE;
+                }
+            }
+            None => (*call).flags |= tls_flags::NOT_DATABASE,
+        }
+    }
+    true
+}
+
+fn tls_call_exit(ctx: &RetProbeContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let call = match unsafe { TLS_CALLS.get(pid_tgid) } {
+        Some(call) => *call,
+        None => return Ok(()),
+    };
+    let _ = TLS_CALLS.remove(pid_tgid);
+    let ret: i32 = ctx.ret();
+    let bytes = if call.len_ptr != 0 {
+        if ret != 1 {
+            return Ok(());
+        }
+        // SAFETY: bpf_probe_read_user checks the user pointer (size_t *).
+        unsafe { bpf_probe_read_user(call.len_ptr as *const u64) }?
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        return Ok(());
+    };
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = TlsSessionKey {
+        tgid,
+        _pad0: 0,
+        session: call.session,
+    };
+    let (fd, conn_start_ns) = if call.fd >= 0 {
+        let not_database = call.flags & tls_flags::NOT_DATABASE != 0;
+        let session = TlsSession {
+            conn_start_ns: call.conn_start_ns,
+            fd: call.fd,
+            flags: u16::from(call.flags & tls_flags::NOT_DATABASE),
+            skips_left: if not_database {
+                TLS_NOT_DATABASE_SKIPS
+            } else {
+                0
+            },
+        };
+        let _ = TLS_SESSIONS.insert(key, session, 0);
+        if not_database {
+            return Ok(());
+        }
+        (call.fd, call.conn_start_ns)
+    } else {
+        // SAFETY: the value is copied out immediately.
+        match unsafe { TLS_SESSIONS.get(key) } {
+            Some(known) if known.flags & u16::from(tls_flags::NOT_DATABASE) == 0 => {
+                (known.fd, known.conn_start_ns)
+            }
+            Some(_) => return Ok(()),
+            None => {
+                stat_add(stat::UNATTRIBUTED_TLS_CALLS, 1);
+                return Ok(());
+            }
+        }
+    };
+    if bytes == 0 {
+        return Ok(());
+    }
+    let conn = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    // SAFETY: the value is copied out immediately.
+    let info = match unsafe { CONNS.get(conn) } {
+        Some(info) if info.conn_start_ns == conn_start_ns => *info,
+        _ => {
+            // The connection ended (or its fd was reused) since the session
+            // last moved bytes on it.
+            stat_add(stat::UNATTRIBUTED_TLS_CALLS, 1);
+            return Ok(());
+        }
+    };
+    if info.flags & conn_flags::CAPTURE_DATA == 0 {
+        return Ok(());
+    }
+    send_data_event(
+        &UserIo {
+            pid_tgid,
+            fd,
+            conn_start_ns,
+            capture_bytes: head_limit(info.capture_bytes),
+            direction: call.direction,
+            io_kind: io_kind::BUFFER,
+            ptr: call.buf,
+            enter_ns: call.enter_ns,
+            source: data_source::TLS_LIBRARY,
+        },
+        bytes,
+    )
+}

@@ -1,0 +1,403 @@
+//! Which TLS libraries the observed processes map, and when each is hooked
+//! or let go. Pure bookkeeping; `ebpf` attaches and detaches the uprobes,
+//! `procfs` reads the mappings.
+//!
+//! Uprobes belong to a file (an inode), not to a process: one attachment
+//! serves every process that maps the file, now or later, in any container.
+//! So libraries are keyed by file, hooked the first time a process that
+//! makes connections is seen mapping them, and let go once no such process
+//! has mapped them for a while: a library upgraded on disk is a new file,
+//! and the attachment would otherwise pin the old one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// How long a hooked library stays hooked after its last known user left:
+/// a program that starts again soon keeps its first statements.
+pub const UNUSED_GRACE_NS: u64 = 60_000_000_000;
+
+/// Files hooked at most: every local user can make copies of a library and
+/// map them, and each hook costs the kernel a little.
+pub const MAX_HOOKED_LIBRARIES: usize = 64;
+
+/// Files one user's processes may have hooked first: so that one user's
+/// copies cannot use up the room of everyone else's libraries.
+pub const MAX_LIBRARIES_PER_USER: usize = 8;
+
+/// A file as the kernel knows it: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+}
+
+/// A TLS library one process maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedLibrary {
+    pub file: FileId,
+    /// Its path inside the process's mount namespace.
+    pub path: String,
+}
+
+/// OpenSSL's libssl as processes map it: `libssl.so.3`, `libssl.so.1.1`,
+/// and the renamed copies that Python wheels bundle
+/// (`libssl-6a9b88ec.so.3`).
+pub fn is_tls_library(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let Some(rest) = name.strip_prefix("libssl") else {
+        return false;
+    };
+    let version_follows = rest.starts_with(".so") || rest.starts_with('-') && rest.contains(".so");
+    version_follows && !path.ends_with(" (deleted)")
+}
+
+/// What was asked of the kernel side for one library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookState {
+    Hooked,
+    /// Attaching failed (say why): not tried again while it stays known.
+    Refused(String),
+    /// More files than [`MAX_HOOKED_LIBRARIES`] were seen, or than
+    /// [`MAX_LIBRARIES_PER_USER`] first seen in one user's processes.
+    OverLimit,
+}
+
+#[derive(Debug)]
+struct Library {
+    path: String,
+    /// The user whose process showed it first (its share of the room).
+    first_uid: u32,
+    state: HookState,
+    users: HashSet<u32>,
+    unused_since_ns: Option<u64>,
+}
+
+/// One library, as the API and `poolscope check` show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LibraryStatus {
+    pub path: String,
+    pub inode: u64,
+    pub hooked: bool,
+    /// Why it is not hooked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Observed processes that map it.
+    pub processes: usize,
+}
+
+/// The TLS libraries of the observed processes.
+#[derive(Debug, Default)]
+pub struct TlsLibraries {
+    libraries: BTreeMap<FileId, Library>,
+    by_pid: HashMap<u32, Vec<FileId>>,
+    /// When each process's libraries were last looked at again.
+    looked_again_ns: HashMap<u32, u64>,
+}
+
+impl TlsLibraries {
+    /// `pid`, run by `uid`, maps `mapped`: the libraries to hook now, each
+    /// with the path given (to be opened through the process's root). Call
+    /// [`Self::hook_result`] with the outcome of each.
+    pub fn process_maps(
+        &mut self,
+        pid: u32,
+        uid: u32,
+        mapped: &[MappedLibrary],
+    ) -> Vec<MappedLibrary> {
+        let mut to_hook = Vec::new();
+        let files = self.by_pid.entry(pid).or_default();
+        for lib in mapped {
+            if files.contains(&lib.file) {
+                continue;
+            }
+            files.push(lib.file);
+            let known = self.libraries.len();
+            let users_own = self
+                .libraries
+                .values()
+                .filter(|l| l.first_uid == uid)
+                .count();
+            let entry = self.libraries.entry(lib.file).or_insert_with(|| {
+                let full = known >= MAX_HOOKED_LIBRARIES || users_own >= MAX_LIBRARIES_PER_USER;
+                let state = if full {
+                    HookState::OverLimit
+                } else {
+                    to_hook.push(lib.clone());
+                    // Until the kernel side says otherwise.
+                    HookState::Hooked
+                };
+                Library {
+                    path: lib.path.clone(),
+                    first_uid: uid,
+                    state,
+                    users: HashSet::new(),
+                    unused_since_ns: None,
+                }
+            });
+            entry.users.insert(pid);
+            entry.unused_since_ns = None;
+        }
+        to_hook
+    }
+
+    /// Whether `pid` was looked at already.
+    pub fn knows(&self, pid: u32) -> bool {
+        self.by_pid.contains_key(&pid)
+    }
+
+    /// Whether `pid` maps a hooked library.
+    pub fn hooks_process(&self, pid: u32) -> bool {
+        self.by_pid.get(&pid).is_some_and(|files| {
+            files.iter().any(|f| {
+                self.libraries
+                    .get(f)
+                    .is_some_and(|l| l.state == HookState::Hooked)
+            })
+        })
+    }
+
+    /// Whether `pid`'s libraries may be looked at again now: at most once
+    /// per `interval_ns` (a process with many encrypted connections that
+    /// no library gives the plaintext of, e.g. Go's or Java's own TLS,
+    /// would otherwise have /proc read at each).
+    pub fn may_look_again(&mut self, pid: u32, now_ns: u64, interval_ns: u64) -> bool {
+        match self.looked_again_ns.get(&pid) {
+            Some(&last) if now_ns.saturating_sub(last) < interval_ns => false,
+            _ => {
+                self.looked_again_ns.insert(pid, now_ns);
+                true
+            }
+        }
+    }
+
+    /// The kernel side's answer for a library [`Self::process_maps`] asked
+    /// to hook.
+    pub fn hook_result(&mut self, file: FileId, result: Result<(), String>) {
+        if let (Some(lib), Err(why)) = (self.libraries.get_mut(&file), result) {
+            lib.state = HookState::Refused(why);
+        }
+    }
+
+    /// A process exited: its libraries lose a user.
+    pub fn process_exited(&mut self, pid: u32, now_ns: u64) {
+        self.looked_again_ns.remove(&pid);
+        for file in self.by_pid.remove(&pid).unwrap_or_default() {
+            if let Some(lib) = self.libraries.get_mut(&file) {
+                lib.users.remove(&pid);
+                if lib.users.is_empty() {
+                    lib.unused_since_ns = Some(now_ns);
+                }
+            }
+        }
+    }
+
+    /// Libraries no observed process has mapped for [`UNUSED_GRACE_NS`]:
+    /// forgotten here; those hooked are to be detached.
+    pub fn take_unused(&mut self, now_ns: u64) -> Vec<FileId> {
+        let unused: Vec<FileId> = self
+            .libraries
+            .iter()
+            .filter(|(_, lib)| {
+                lib.unused_since_ns
+                    .is_some_and(|since| now_ns.saturating_sub(since) >= UNUSED_GRACE_NS)
+            })
+            .map(|(file, _)| *file)
+            .collect();
+        unused
+            .into_iter()
+            .filter(|file| {
+                self.libraries
+                    .remove(file)
+                    .is_some_and(|lib| lib.state == HookState::Hooked)
+            })
+            .collect()
+    }
+
+    /// Every library known, for the API and `poolscope check`.
+    pub fn status(&self) -> Vec<LibraryStatus> {
+        self.libraries
+            .iter()
+            .map(|(file, lib)| LibraryStatus {
+                path: lib.path.clone(),
+                inode: file.inode,
+                hooked: lib.state == HookState::Hooked,
+                refused: match &lib.state {
+                    HookState::Hooked => None,
+                    HookState::Refused(why) => Some(why.clone()),
+                    HookState::OverLimit => Some(format!(
+                        "more than {MAX_HOOKED_LIBRARIES} distinct TLS library files, \
+                         or {MAX_LIBRARIES_PER_USER} first seen in one user's processes"
+                    )),
+                },
+                processes: lib.users.len(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lib(inode: u64, path: &str) -> MappedLibrary {
+        MappedLibrary {
+            file: FileId {
+                dev_major: 8,
+                dev_minor: 1,
+                inode,
+            },
+            path: path.to_string(),
+        }
+    }
+
+    #[test]
+    fn names_of_libssl() {
+        for yes in [
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+            "/lib/x86_64-linux-gnu/libssl.so.1.1",
+            "/usr/lib/libssl.so",
+            "/usr/local/lib/python3.11/dist-packages/psycopg_binary.libs/libssl-6a9b88ec.so.3",
+        ] {
+            assert!(is_tls_library(yes), "{yes}");
+        }
+        for no in [
+            "/usr/lib/x86_64-linux-gnu/libcrypto.so.3",
+            "/usr/lib/libssl3.so",
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3 (deleted)",
+            "/opt/libsslx.so",
+            "/usr/bin/node",
+            "libssl-without-so",
+            "",
+        ] {
+            assert!(!is_tls_library(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn one_hook_per_file_whoever_maps_it() {
+        let mut libs = TlsLibraries::default();
+        let system = lib(10, "/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        assert_eq!(
+            libs.process_maps(100, 0, std::slice::from_ref(&system)),
+            vec![system.clone()]
+        );
+        libs.hook_result(system.file, Ok(()));
+        // Another process, another path to the same file (a container).
+        let same = lib(10, "/lib/x86_64-linux-gnu/libssl.so.3");
+        assert!(libs.process_maps(200, 0, &[same]).is_empty());
+        assert!(libs.hooks_process(100) && libs.hooks_process(200));
+        // The same process again: nothing new.
+        assert!(libs
+            .process_maps(100, 0, std::slice::from_ref(&system))
+            .is_empty());
+        let status = libs.status();
+        assert_eq!(status.len(), 1);
+        assert!(status[0].hooked);
+        assert_eq!(status[0].processes, 2);
+    }
+
+    #[test]
+    fn let_go_after_the_last_user_and_the_grace() {
+        let mut libs = TlsLibraries::default();
+        let a = lib(10, "/a/libssl.so.3");
+        libs.process_maps(100, 0, std::slice::from_ref(&a));
+        libs.process_maps(200, 0, std::slice::from_ref(&a));
+        libs.process_exited(100, 1_000);
+        assert!(
+            libs.take_unused(1_000 + UNUSED_GRACE_NS).is_empty(),
+            "200 still maps it"
+        );
+        libs.process_exited(200, 5_000);
+        assert!(libs.take_unused(5_000 + UNUSED_GRACE_NS - 1).is_empty());
+        // A new user within the grace keeps it.
+        libs.process_maps(300, 0, std::slice::from_ref(&a));
+        libs.process_exited(300, 10_000);
+        assert_eq!(libs.take_unused(10_000 + UNUSED_GRACE_NS), vec![a.file]);
+        assert!(libs.status().is_empty());
+        // Seen again: hooked again.
+        assert_eq!(libs.process_maps(400, 0, std::slice::from_ref(&a)), vec![a]);
+    }
+
+    #[test]
+    fn refused_libraries_are_not_tried_again_nor_detached() {
+        let mut libs = TlsLibraries::default();
+        let a = lib(10, "/a/libssl.so.3");
+        libs.process_maps(100, 0, std::slice::from_ref(&a));
+        libs.hook_result(a.file, Err("no symbol SSL_write".into()));
+        assert!(!libs.hooks_process(100));
+        assert!(libs
+            .process_maps(200, 0, std::slice::from_ref(&a))
+            .is_empty());
+        let status = libs.status();
+        assert_eq!(status[0].refused.as_deref(), Some("no symbol SSL_write"));
+        libs.process_exited(100, 0);
+        libs.process_exited(200, 0);
+        assert!(
+            libs.take_unused(UNUSED_GRACE_NS).is_empty(),
+            "nothing to detach"
+        );
+        assert!(libs.status().is_empty(), "but forgotten");
+    }
+
+    #[test]
+    fn one_users_copies_take_only_its_share() {
+        let mut libs = TlsLibraries::default();
+        let copies: Vec<MappedLibrary> = (0..MAX_LIBRARIES_PER_USER as u64 + 5)
+            .map(|i| lib(i, &format!("/tmp/{i}/libssl.so.3")))
+            .collect();
+        let hooked = libs.process_maps(666, 1000, &copies);
+        assert_eq!(hooked.len(), MAX_LIBRARIES_PER_USER);
+        let status = libs.status();
+        assert_eq!(
+            status.iter().filter(|s| s.hooked).count(),
+            MAX_LIBRARIES_PER_USER
+        );
+        assert_eq!(status.iter().filter(|s| !s.hooked).count(), 5);
+        // Another user's library still gets hooked.
+        let real = lib(9999, "/usr/lib/libssl.so.3");
+        assert_eq!(
+            libs.process_maps(1, 0, std::slice::from_ref(&real)),
+            vec![real]
+        );
+        // When the copies' process is gone, its room comes back.
+        libs.process_exited(666, 0);
+        libs.take_unused(UNUSED_GRACE_NS);
+        let again = lib(1, "/tmp/1/libssl.so.3");
+        assert_eq!(
+            libs.process_maps(667, 1000, std::slice::from_ref(&again)),
+            vec![again]
+        );
+    }
+
+    #[test]
+    fn looked_at_again_at_most_once_per_interval() {
+        let mut libs = TlsLibraries::default();
+        assert!(libs.may_look_again(7, 100, 50));
+        assert!(!libs.may_look_again(7, 149, 50));
+        assert!(libs.may_look_again(7, 150, 50));
+        assert!(libs.may_look_again(8, 150, 50), "per process");
+        libs.process_exited(7, 160);
+        assert!(
+            libs.may_look_again(7, 161, 50),
+            "a new process under the pid"
+        );
+    }
+
+    #[test]
+    fn no_more_than_the_global_limit() {
+        let mut libs = TlsLibraries::default();
+        let mut hooked = 0;
+        for user in 0..(MAX_HOOKED_LIBRARIES / MAX_LIBRARIES_PER_USER) as u32 + 2 {
+            let copies: Vec<MappedLibrary> = (0..MAX_LIBRARIES_PER_USER as u64)
+                .map(|i| {
+                    lib(
+                        u64::from(user) * 100 + i,
+                        &format!("/{user}/{i}/libssl.so.3"),
+                    )
+                })
+                .collect();
+            hooked += libs.process_maps(user + 10, user, &copies).len();
+        }
+        assert_eq!(hooked, MAX_HOOKED_LIBRARIES);
+    }
+}
