@@ -3,7 +3,9 @@
 
 The query round-trip tests spawn it so that they know the pid whose
 connection the agent parses. It holds at most one connection, so that the
-test can count exactly what went over it. One JSON answer line per request:
+test can count exactly what went over it. Its command-line arguments are
+ignored (tests add some to be seen in /proc/PID/cmdline). One JSON answer
+line per request:
 {"ok": true, ...} or {"ok": false, "error": "..."}; database errors are
 answers, not failures: {"ok": true, "db_error": {"code": "42601", ...}}.
 

@@ -172,6 +172,13 @@ impl Drop for Script {
     }
 }
 
+/// The path of `tests/scripts/NAME`.
+pub fn script_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
 /// A script of `tests/scripts/` under python3, driven one line at a time:
 /// a line to its stdin, a one-line answer from its stdout. Killed on drop.
 struct LineChild {
@@ -182,16 +189,16 @@ struct LineChild {
 
 impl LineChild {
     fn spawn(name: &str) -> LineChild {
-        LineChild::spawn_with_env(name, &[])
+        LineChild::spawn_with(name, &[], &[])
     }
 
-    fn spawn_with_env(name: &str, envs: &[(&str, &str)]) -> LineChild {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("scripts")
-            .join(name);
+    /// `python3 -u SCRIPT ARGS...` with `envs` added to the environment.
+    fn spawn_with(name: &str, args: &[&str], envs: &[(&str, &str)]) -> LineChild {
+        let script = script_path(name);
         let mut child = Command::new(python3())
             .arg("-u")
             .arg(&script)
+            .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -356,12 +363,19 @@ pub struct DbClient {
 
 impl DbClient {
     pub fn spawn() -> DbClient {
-        DbClient::spawn_with_env(&[])
+        DbClient::spawn_with(&[], &[])
     }
 
     /// A client with these environment variables (e.g. OTEL_SERVICE_NAME).
     pub fn spawn_with_env(envs: &[(&str, &str)]) -> DbClient {
-        let io = LineChild::spawn_with_env("db_client.py", envs);
+        DbClient::spawn_with(&[], envs)
+    }
+
+    /// A client whose command line is `python3 -u .../db_client.py ARGS...`
+    /// (the script ignores its arguments: they are there to be seen in
+    /// /proc/PID/cmdline) and whose environment has `envs` added.
+    pub fn spawn_with(args: &[&str], envs: &[(&str, &str)]) -> DbClient {
+        let io = LineChild::spawn_with("db_client.py", args, envs);
         let mut client = DbClient { pid: io.pid(), io };
         let reported = client.request(json!({"op": "pid"}))["pid"].as_u64();
         assert_eq!(

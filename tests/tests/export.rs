@@ -26,8 +26,9 @@ use std::{
 use poolscope_tests::{
     free_port, json, metric_samples, metric_series, operation_counts,
     otlp_receiver::{LogRecordView, MetricKind, MetricPoint, OtlpReceiver, Signal, Transport},
-    postgres_bin_dir, process_alive, python3, require_kernel, vm_rss_kib, wait_until, Agent,
-    DbClient, LeakReport, LeaksResponse, PoolApp, PoolView, Postgres, ReportStatus, TempDir, Value,
+    postgres_bin_dir, process_alive, python3, require_kernel, script_path, vm_rss_kib, wait_until,
+    Agent, DbClient, LeakReport, LeaksResponse, MariaDb, PoolApp, PoolView, Postgres, ReportStatus,
+    TempDir, Value,
 };
 
 /// SELECTs the workload client sends over its one connection.
@@ -1233,8 +1234,13 @@ fn otlp_config(endpoint: &str, protocol: &str, extra: &str) -> String {
 
 /// Step: where the kernel lets an agent run, a PostgreSQL, an OTLP receiver,
 /// and an agent (its adapter socket in the returned dir) exporting to the
-/// receiver over `transport`; `None` elsewhere, and the test ends there.
-fn otlp_agent(transport: Transport) -> Option<(Postgres, OtlpReceiver, TempDir, Agent)> {
+/// receiver over `transport`, with `extra` at the end of its configuration
+/// (whole tables, after `[otlp]`); `None` elsewhere, and the test ends
+/// there.
+fn otlp_agent(
+    transport: Transport,
+    extra: &str,
+) -> Option<(Postgres, OtlpReceiver, TempDir, Agent)> {
     if !require_kernel() {
         return None;
     }
@@ -1242,8 +1248,8 @@ fn otlp_agent(transport: Transport) -> Option<(Postgres, OtlpReceiver, TempDir, 
     let receiver = OtlpReceiver::start();
     let adapter_dir = TempDir::new("poolscope-export-adapter");
     let config = match transport {
-        Transport::Grpc => otlp_config(&receiver.grpc_endpoint(), "grpc", ""),
-        Transport::Http => otlp_config(&receiver.http_endpoint(), "http/protobuf", ""),
+        Transport::Grpc => otlp_config(&receiver.grpc_endpoint(), "grpc", extra),
+        Transport::Http => otlp_config(&receiver.http_endpoint(), "http/protobuf", extra),
     };
     let agent = start_agent(&config, &adapter_dir);
     Some((pg, receiver, adapter_dir, agent))
@@ -1290,6 +1296,82 @@ fn translated(point: &MetricPoint) -> (String, BTreeMap<String, String>) {
     (name, labels)
 }
 
+/// SQLSTATE of `SELECT 1/0` on PostgreSQL.
+const PG_DIVISION_BY_ZERO: &str = "22012";
+/// MySQL/MariaDB error number of a statement on a table that does not exist
+/// (ER_NO_SUCH_TABLE).
+const MYSQL_NO_SUCH_TABLE: &str = "1146";
+
+/// Step: the one failed SELECT of `pid` (a `system` server answered with
+/// error `code`) is one `db.client.operation.duration` point over OTLP
+/// whose `db.response.status_code` is the code and whose `error.type` is
+/// the same code (the conventions: the status code when the system has
+/// one), and one series on /metrics with both labels.
+fn check_server_error(receiver: &OtlpReceiver, agent: &Agent, pid: u32, system: &str, code: &str) {
+    let filter = [
+        ("process.pid", json!(pid)),
+        ("db.response.status_code", json!(code)),
+    ];
+    agree(
+        &format!("the {system} error {code} over OTLP and /metrics"),
+        || {
+            let pushed = receiver.metric_value("db.client.operation.duration", &filter);
+            let exposed: f64 = metric_series(
+                &agent.metrics(),
+                "db_client_operation_duration_seconds_count",
+            )
+            .into_iter()
+            .filter(|(labels, _)| {
+                let has = |k: &str, v: &str| labels.contains(&(k.to_string(), v.to_string()));
+                has("process_pid", &pid.to_string())
+                    && has("db_response_status_code", code)
+                    && has("error_type", code)
+                    && has("db_operation_name", "SELECT")
+                    && has("db_system_name", system)
+            })
+            .map(|(_, v)| v)
+            .sum();
+            (pushed == Some(1.0) && exposed == 1.0)
+                .then_some(())
+                .ok_or(format!(
+                    "OTLP {pushed:?}, /metrics {exposed}; {}",
+                    receiver.summary()
+                ))
+        },
+    );
+    let snapshot = receiver
+        .latest_with("db.client.operation.duration")
+        .expect("histogram");
+    let points = snapshot.points("db.client.operation.duration", &filter);
+    assert_eq!(points.len(), 1, "{points:#?}");
+    for (key, want) in [
+        ("error.type", json!(code)),
+        ("db.system.name", json!(system)),
+        ("db.operation.name", json!("SELECT")),
+        ("server.address", json!("127.0.0.1")),
+    ] {
+        assert_eq!(
+            points[0].attributes.get(key),
+            Some(&want),
+            "{key}: {:?}",
+            points[0]
+        );
+    }
+    // Every other round trip of the process succeeded: no error attributes.
+    let ok: Vec<&MetricPoint> = snapshot
+        .points(
+            "db.client.operation.duration",
+            &[("process.pid", json!(pid))],
+        )
+        .into_iter()
+        .filter(|p| !p.attributes.contains_key("db.response.status_code"))
+        .collect();
+    assert!(!ok.is_empty(), "no successful round trip of {pid}");
+    for p in ok {
+        assert!(!p.attributes.contains_key("error.type"), "{p:?}");
+    }
+}
+
 /// Issue 15, items 1 and 3: a process that names itself (OTEL_SERVICE_NAME,
 /// OTEL_RESOURCE_ATTRIBUTES) is that service, one that does not is its
 /// executable, and neither can claim another's pid; and every series of
@@ -1297,12 +1379,22 @@ fn translated(point: &MetricPoint) -> (String, BTreeMap<String, String>) {
 /// -> Prometheus translation gives the pushed point, with the labelled
 /// resource attributes promoted (what Prometheus's
 /// `promote_resource_attributes` does), so dashboards work on both paths.
+///
+/// Issue 15, the kernel-level half of two unit-tested rules: without
+/// `[tracking] resource_command_args` an application's resource has no
+/// `process.command_args`; and a real server error (PostgreSQL's SQLSTATE
+/// 22012, MariaDB's error 1146) puts `db.response.status_code` and
+/// `error.type` (the same code, as the conventions advise for systems that
+/// have one) on the `db.client.operation.duration` point, on both paths.
 #[test]
 fn each_application_is_its_own_service_and_one_series_on_both_paths() {
     if !require_kernel() {
         return;
     }
+    // MariaDB's bootstrap takes seconds: beside PostgreSQL's, not after.
+    let mariadb = thread::spawn(MariaDb::start);
     let pg = Postgres::start();
+    let mariadb = mariadb.join().expect("MariaDB started");
     let receiver = OtlpReceiver::start();
     let adapter_dir = TempDir::new("poolscope-export-adapter");
     let config = otlp_config(&receiver.grpc_endpoint(), "grpc", "query_spans = true\n");
@@ -1321,6 +1413,21 @@ fn each_application_is_its_own_service_and_one_series_on_both_paths() {
             client.sql("SELECT 1");
         }
     }
+    // Server errors: a division by zero on PostgreSQL, a missing table on
+    // MariaDB.
+    let outcome = plain.try_sql("SELECT 1/0");
+    assert_eq!(
+        outcome.error.map(|e| e.code).as_deref(),
+        Some(PG_DIVISION_BY_ZERO)
+    );
+    let mut mysql = DbClient::spawn();
+    mysql.connect("mysql", mariadb.port);
+    mysql.sql("SELECT 1");
+    let outcome = mysql.try_sql("SELECT * FROM no_such_table");
+    assert_eq!(
+        outcome.error.map(|e| e.code).as_deref(),
+        Some(MYSQL_NO_SUCH_TABLE)
+    );
     let resource_of = |pid: u32| {
         wait_until(EXPORT_TIMEOUT, || {
             receiver
@@ -1347,6 +1454,13 @@ fn each_application_is_its_own_service_and_one_series_on_both_paths() {
         "{theirs:?}"
     );
     assert!(!theirs.contains_key("service.version"), "{theirs:?}");
+    // resource_command_args is off: no arguments (they may hold secrets).
+    for resource in [&mine, &theirs] {
+        assert!(
+            !resource.contains_key("process.command_args"),
+            "{resource:?}"
+        );
+    }
 
     // Both paths hold the three SELECTs of each; then every pushed series
     // of the two is a /metrics series by the translation rules.
@@ -1365,13 +1479,21 @@ fn each_application_is_its_own_service_and_one_series_on_both_paths() {
             other => Err(format!("{other:?}")),
         }
     });
+    check_server_error(
+        &receiver,
+        &agent,
+        plain.pid,
+        "postgresql",
+        PG_DIVISION_BY_ZERO,
+    );
+    check_server_error(&receiver, &agent, mysql.pid, "mysql", MYSQL_NO_SUCH_TABLE);
     let snapshot = receiver
         .latest_export(Duration::from_secs(5))
         .expect("metrics");
     let exposition = agent.metrics();
     let mut checked = 0;
     for point in snapshot.points.iter().filter(|p| {
-        [named.pid, plain.pid]
+        [named.pid, plain.pid, mysql.pid]
             .iter()
             .any(|pid| p.resource.get("process.pid") == Some(&json!(pid)))
     }) {
@@ -1483,7 +1605,7 @@ fn otlp_leak_records_carry_the_holders_stack_as_code_stacktrace() {
 
 #[test]
 fn otlp_grpc_receives_documented_metrics_events_and_equal_values() {
-    let Some((pg, receiver, adapter_dir, agent)) = otlp_agent(Transport::Grpc) else {
+    let Some((pg, receiver, adapter_dir, agent)) = otlp_agent(Transport::Grpc, "") else {
         return;
     };
     let work = Workload::run(&pg);
@@ -1582,12 +1704,39 @@ fn otlp_grpc_receives_documented_metrics_events_and_equal_values() {
     assert!(receiver.rejected().is_empty(), "{:?}", receiver.rejected());
 }
 
+/// Also issue 15: with `[tracking] resource_command_args = true` an
+/// application's resource carries `process.command_args`, its real
+/// arguments with the secrets among them redacted (without the switch the
+/// attribute is absent: checked by
+/// `each_application_is_its_own_service_and_one_series_on_both_paths`).
 #[test]
 fn otlp_http_protobuf_receives_metrics_and_events() {
     // The adapter dir lives as long as the agent.
-    let Some((pg, receiver, _adapter_dir, agent)) = otlp_agent(Transport::Http) else {
+    let Some((pg, receiver, _adapter_dir, agent)) = otlp_agent(
+        Transport::Http,
+        "[tracking]\nresource_command_args = true\n",
+    ) else {
         return;
     };
+    // A client whose command line holds a password three ways: in a URL,
+    // as key=value, and as the argument after a password flag. It only
+    // connects (no round trip to count among the workload's).
+    let dsn =
+        |password: &str| format!("postgresql://app:{password}@127.0.0.1:{}/postgres", pg.port);
+    let password_pair = format!("password={SECRET_ARGUMENT}");
+    let mut secretive = DbClient::spawn_with(
+        &[
+            "--dsn",
+            &dsn(SECRET_ARGUMENT),
+            &password_pair,
+            "--db-password",
+            SECRET_ARGUMENT,
+            "--label",
+            "orders",
+        ],
+        &[],
+    );
+    secretive.connect("postgresql", pg.port);
     let work = Workload::run(&pg);
     let report = wait_for_idle_in_tx_report(&agent, work.idle_in_tx.pid);
     let record = check_leak_record(&receiver, &report);
@@ -1611,10 +1760,64 @@ fn otlp_http_protobuf_receives_metrics_and_events() {
             .then_some(())
             .ok_or(format!("missing {missing:?}, received {names:?}"))
     });
+    // The client's resource: its arguments as /proc/PID/cmdline has them,
+    // secrets redacted, and the secret nowhere in the resource.
+    let resource = wait_until(EXPORT_TIMEOUT, || {
+        receiver
+            .metric_resources()
+            .into_iter()
+            .find(|r| r.get("process.pid") == Some(&json!(secretive.pid)))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no resource of process {}: {}",
+            secretive.pid,
+            receiver.summary()
+        )
+    });
+    check_application_resource(&resource, secretive.pid, "python3");
+    let script = script_path("db_client.py");
+    let want = json!([
+        python3().display().to_string(),
+        "-u",
+        script.display().to_string(),
+        "--dsn",
+        dsn("***"),
+        "password=***",
+        "--db-password",
+        "***",
+        "--label",
+        "orders",
+    ]);
+    assert_eq!(
+        resource.get("process.command_args"),
+        Some(&want),
+        "{resource:?}"
+    );
+    let shown = Value::Object(resource.clone().into_iter().collect()).to_string();
+    assert!(!shown.contains(SECRET_ARGUMENT), "{shown}");
+    // The workload's clients, without secrets, have theirs too.
+    let idle_in_tx = receiver
+        .metric_resources()
+        .into_iter()
+        .find(|r| r.get("process.pid") == Some(&json!(work.idle_in_tx.pid)))
+        .expect("the workload client's resource");
+    assert_eq!(
+        idle_in_tx.get("process.command_args"),
+        Some(&json!([
+            python3().display().to_string(),
+            "-u",
+            script.display().to_string()
+        ])),
+        "{idle_in_tx:?}"
+    );
     assert_eq!(receiver.requests(Signal::Metrics, Some(Transport::Grpc)), 0);
     assert_eq!(receiver.requests(Signal::Logs, Some(Transport::Grpc)), 0);
     assert!(receiver.rejected().is_empty(), "{:?}", receiver.rejected());
 }
+
+/// A password on a client's command line (never to be seen in any output).
+const SECRET_ARGUMENT: &str = "hunter2-cmdline-secret";
 
 // ---------------------------------------------------------------------------
 // Resilience: the receiver goes away for two minutes under load
