@@ -19,6 +19,7 @@ pub use crate::{
     api::config::{HttpConfig, Secret},
     detect::config::{LeaksConfig, PoolHealthConfig, SizingConfig},
     ebpf::config::{DataPath, KernelConfig, RingBufferBytes},
+    kubernetes::config::{ApiLookups, KubernetesConfig},
     lifecycle::config::TrackingConfig,
     protocol::config::QueriesConfig,
     telemetry::{attributes::MetricsConfig, otlp::config::OtlpConfig},
@@ -40,6 +41,7 @@ pub struct Config {
     pub sizing: SizingConfig,
     pub otlp: OtlpConfig,
     pub metrics: MetricsConfig,
+    pub kubernetes: KubernetesConfig,
     pub log: LogConfig,
 }
 
@@ -286,6 +288,9 @@ query_spans = true
 add = ["db.query.summary"]
 drop = ["server.port"]
 
+[kubernetes]
+api = "off"
+
 [log]
 level = "debug"
 "#;
@@ -383,6 +388,9 @@ level = "debug"
                     },
                 )]
                 .into(),
+            },
+            kubernetes: KubernetesConfig {
+                api: ApiLookups::Off,
             },
             log: LogConfig {
                 level: checked("debug".to_owned()),
@@ -561,7 +569,7 @@ level = "debug"
             "htp",
             4,
             "unknown field `htp`, expected one of `http`, `kernel`, `tracking`, `queries`, \
-             `adapter`, `leaks`, `pool_health`, `sizing`, `otlp`, `metrics`, `log`",
+             `adapter`, `leaks`, `pool_health`, `sizing`, `otlp`, `metrics`, `kubernetes`, `log`",
         );
         // Inline tables and dotted keys are located just as well.
         let e = err("log = { level = \"info\", colour = true }\n");
@@ -740,6 +748,12 @@ level = "debug"
                 "queries.redis_capture_bytes",
                 2,
                 "8192 is not between 16 and 4096",
+            ),
+            (
+                "[kubernetes]\napi = \"on\"\n",
+                "kubernetes.api",
+                2,
+                "unknown variant `on`, expected `auto` or `off`",
             ),
             (
                 "[otlp]\nprotocol = \"udp\"\n",

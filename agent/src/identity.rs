@@ -6,13 +6,16 @@
 //!
 //! What the process says about itself (its environment) may name its
 //! service; what the kernel says (pid, executable, cgroup: container and
-//! pod) always wins, so that no process can pass for another.
+//! pod) always wins, so that no process can pass for another. Its pod's
+//! workload (`k8s.deployment.name`...) is the Kubernetes API server's
+//! answer when there is one, which replaces every workload key the
+//! process declares; else what the process declares.
 //!
-//! Pure: the facts are read by `procfs`.
+//! Pure: the facts are read by `procfs` and `kubernetes`.
 
 use telemetry_catalogue::attr;
 
-use crate::procfs::Placement;
+use crate::{kubernetes::Workload, procfs::Placement};
 
 /// The variables read from each process's environment.
 pub const ENVIRONMENT_VARIABLES: &[&str] = &["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"];
@@ -52,6 +55,9 @@ pub struct ProcessFacts {
     pub command_args: Option<Vec<String>>,
     /// The agent's host.
     pub host_name: String,
+    /// The pod's controller, as the Kubernetes API server said (None: not
+    /// asked, not answered yet, or no controller of a kind we name).
+    pub workload: Option<Workload>,
 }
 
 /// One attribute value of an application's resource.
@@ -135,10 +141,11 @@ pub fn parse_resource_attributes(text: &str) -> Vec<(String, String)> {
 }
 
 /// The workload keys a process's environment may carry (the OpenTelemetry
-/// Operator and the downward API set them), in the order that names a
-/// service.
+/// Operator and the downward API set them) and the API server's answer
+/// sets, in the order that names a service (the conventions' order).
 const WORKLOAD_KEYS: &[&str] = &[
     "k8s.deployment.name",
+    "k8s.replicaset.name",
     "k8s.statefulset.name",
     "k8s.daemonset.name",
     "k8s.cronjob.name",
@@ -159,18 +166,27 @@ pub fn identify(facts: &ProcessFacts) -> Identity {
     let declared = variable("OTEL_RESOURCE_ATTRIBUTES")
         .map(parse_resource_attributes)
         .unwrap_or_default();
+    // The API server's word on the pod's workload replaces all the
+    // process says of it, so that its keys never mix with contradicting ones.
+    let from_api = facts.workload.is_some();
     for (key, value) in &declared {
-        if !agent_named(key) {
+        let replaced_by_api = from_api && WORKLOAD_KEYS.contains(&key.as_str());
+        if !(agent_named(key) || replaced_by_api) {
             identity.set(key, Value::Text(value.clone()));
         }
     }
+    if let Some(workload) = &facts.workload {
+        for (key, value) in workload.attributes() {
+            identity.set(key, Value::Text(value.to_string()));
+        }
+    }
     let placement = &facts.placement;
-    let workload = WORKLOAD_KEYS.iter().find_map(|key| {
-        declared
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    });
+    let workload = WORKLOAD_KEYS
+        .iter()
+        .find_map(|key| match identity.get(key) {
+            Some(Value::Text(name)) => Some(name.clone()),
+            _ => None,
+        });
     let service = variable("OTEL_SERVICE_NAME")
         .filter(|name| name.chars().count() <= MAX_VALUE_CHARS)
         .map(str::to_string)
@@ -240,6 +256,7 @@ mod tests {
                 .collect(),
             command_args: None,
             host_name: "node-1".into(),
+            workload: None,
         }
     }
 
@@ -288,6 +305,53 @@ mod tests {
             Some("node-1:4242")
         );
         assert_eq!(id.get("process.pid"), Some(&Value::Int(4242)));
+    }
+
+    #[test]
+    fn the_api_servers_workload_replaces_what_the_process_declares() {
+        let declared = "k8s.statefulset.name=claimed,k8s.job.name=claimed-job,team=payments";
+        let mut f = facts(&[("OTEL_RESOURCE_ATTRIBUTES", declared)]);
+        f.placement.container_name = Some("api".into());
+        // Before the API's answer: what the process says.
+        let id = identify(&f);
+        assert_eq!(id.service_name(), "claimed");
+        assert_eq!(text(&id, "k8s.job.name").as_deref(), Some("claimed-job"));
+        f.workload = Some(Workload::Deployment {
+            name: "orders".into(),
+            replicaset: "orders-7d9c5b6f4".into(),
+        });
+        let id = identify(&f);
+        assert_eq!(id.service_name(), "orders");
+        assert_eq!(text(&id, "k8s.deployment.name").as_deref(), Some("orders"));
+        assert_eq!(
+            text(&id, "k8s.replicaset.name").as_deref(),
+            Some("orders-7d9c5b6f4")
+        );
+        assert_eq!(id.get("k8s.statefulset.name"), None);
+        assert_eq!(id.get("k8s.job.name"), None);
+        assert_eq!(text(&id, "team").as_deref(), Some("payments"));
+        // The process's own service name still wins over its workload.
+        let mut named = f.clone();
+        named
+            .environment
+            .push(("OTEL_SERVICE_NAME".into(), "checkout".into()));
+        assert_eq!(identify(&named).service_name(), "checkout");
+        // A CronJob's pod: both keys, the CronJob names the service.
+        f.workload = Some(Workload::CronJob {
+            name: "nightly".into(),
+            job: "nightly-28950720".into(),
+        });
+        let id = identify(&f);
+        assert_eq!(id.service_name(), "nightly");
+        assert_eq!(
+            text(&id, "k8s.job.name").as_deref(),
+            Some("nightly-28950720")
+        );
+        // A bare ReplicaSet names the service before the container does.
+        f.workload = Some(Workload::ReplicaSet {
+            name: "legacy-rs".into(),
+        });
+        assert_eq!(identify(&f).service_name(), "legacy-rs");
     }
 
     #[test]

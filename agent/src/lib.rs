@@ -13,6 +13,7 @@ pub mod ebpf;
 pub mod health;
 pub mod identity;
 pub mod kernel_records;
+pub mod kubernetes;
 pub mod lifecycle;
 pub mod otel_env;
 pub mod percentiles;

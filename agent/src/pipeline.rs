@@ -32,6 +32,7 @@ use crate::{
     ebpf::{self, KernelProbes, LoadOptions, TracefsStatus},
     health::{AdapterState, Health},
     identity, kernel_records,
+    kubernetes::{self, ApiLookups, KubernetesConfig, PodKey, Workload, Workloads},
     lifecycle::{
         CloseReason, ConnId, Endpoint, Event, EventKind, Output, PoolView, SeededPhase, Tracker,
         TrackerConfig,
@@ -61,6 +62,8 @@ struct Pipeline {
     otlp: Option<Arc<OtlpExport>>,
     /// The kubelet's pod log directory, to name pods (when it exists).
     pod_logs_dir: Option<std::path::PathBuf>,
+    /// Pods' workloads from the Kubernetes API server (`[kubernetes] api`).
+    workloads: Option<Workloads>,
     thresholds: Thresholds,
     /// `[sizing]`: how far back pools are sampled, and how often.
     sizing: SizingWindow,
@@ -222,6 +225,12 @@ impl Pipeline {
         if self.state.with(|s| s.tracker.knows_placement(pid))? {
             return Ok(());
         }
+        self.read_process(pid)
+    }
+
+    /// Reads what /proc says of `pid` and learns its resource (anew, when
+    /// it was known: its pod's workload arrived since).
+    fn read_process(&self, pid: u32) -> Result<(), Broken> {
         let proc_root = Path::new("/proc");
         let placement = procfs::placement(proc_root, pid, self.pod_logs_dir.as_deref());
         let name = procfs::process_comm(proc_root, pid);
@@ -232,6 +241,7 @@ impl Pipeline {
         let identity = identity::identify(&identity::ProcessFacts {
             pid,
             executable: name.clone().unwrap_or_default(),
+            workload: self.pod_workload(&placement),
             placement: placement.clone(),
             environment: procfs::process_environment(
                 proc_root,
@@ -264,6 +274,48 @@ impl Pipeline {
         };
         self.kernel
             .with(|k| k.hook_tls_libraries(pid, uid, &mapped))
+    }
+
+    /// The workload of the pod a process runs in, when the API server has
+    /// answered for it; else it is asked for, and the answer comes to
+    /// [`Self::apply_workloads`].
+    fn pod_workload(&self, placement: &procfs::Placement) -> Option<Workload> {
+        let key = pod_key(placement)?;
+        self.workloads.as_ref()?.lookup(&key.namespace, &key.name)
+    }
+
+    /// Makes anew the resources of the processes whose pod's workload
+    /// arrived since the last call, and (`forget`) forgets the workloads of
+    /// pods no process runs in any more.
+    fn apply_workloads(&self, workloads: &Workloads, forget: bool) -> Result<(), Broken> {
+        let answered: std::collections::HashSet<PodKey> =
+            workloads.take_answered().into_iter().collect();
+        if answered.is_empty() && !forget {
+            return Ok(());
+        }
+        let (pids, seen) = self.state.with(|s| {
+            let mut pids = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for pid in s.tracker.known_processes() {
+                let Some(key) = s.tracker.placement(pid).and_then(pod_key) else {
+                    continue;
+                };
+                if answered.contains(&key) {
+                    pids.push(pid);
+                }
+                if forget {
+                    seen.insert(key);
+                }
+            }
+            (pids, seen)
+        })?;
+        if forget {
+            workloads.retain_seen(&seen);
+        }
+        for pid in pids {
+            self.read_process(pid)?;
+        }
+        Ok(())
     }
 
     /// The leak and slow-query reports the tracker's outputs make, each
@@ -604,6 +656,43 @@ impl Pipeline {
     }
 }
 
+/// The pod a process runs in, when the kubelet's directories named it.
+fn pod_key(placement: &procfs::Placement) -> Option<PodKey> {
+    Some(PodKey {
+        namespace: placement.pod_namespace.clone()?,
+        name: placement.pod_name.clone()?,
+    })
+}
+
+/// The lookups of pods' workloads, when `[kubernetes] api` allows and the
+/// agent runs in a pod with a service account.
+fn start_workload_lookups(config: &KubernetesConfig) -> Option<Workloads> {
+    if config.api == ApiLookups::Off {
+        return None;
+    }
+    let server = match kubernetes::in_cluster(
+        &|name| std::env::var(name).ok(),
+        Path::new(kubernetes::client::SERVICE_ACCOUNT_DIR),
+    ) {
+        Ok(server) => server,
+        Err(kubernetes::client::NotInCluster::NoServiceVariables) => return None,
+        Err(reason) => {
+            log::info!(
+                "workload names from the Kubernetes API: off, {reason}; they come from the \
+                 processes' own OTEL_RESOURCE_ATTRIBUTES"
+            );
+            return None;
+        }
+    };
+    match Workloads::start(server) {
+        Ok(workloads) => Some(workloads),
+        Err(e) => {
+            log::warn!("workload names from the Kubernetes API: off, {e:#}");
+            None
+        }
+    }
+}
+
 /// What /proc says about a process (and a thread) for a report.
 fn process_details(pid: u32, tid: Option<u32>, full_command_line: bool) -> ProcessDetails {
     let proc_root = Path::new("/proc");
@@ -831,6 +920,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         telemetry: Arc::clone(&telemetry),
         otlp: otlp_export.clone(),
         pod_logs_dir: Some(config.tracking.pod_logs_dir.clone()).filter(|d| d.is_dir()),
+        workloads: start_workload_lookups(&config.kubernetes),
         thresholds: config.leaks.thresholds(),
         sizing: config.sizing.window(),
         sizing_sample_ticks: config.sizing.sample_seconds.get().as_secs().max(1),
@@ -1257,6 +1347,10 @@ fn keep_large_buffers_mapped() {
 /// trends.
 const TREND_TICKS: u64 = trends::STEP_NS / 1_000_000_000;
 
+/// Housekeeping ticks between two forgettings of the workloads of pods
+/// no known process runs in.
+const FORGET_PODS_TICKS: u64 = 60;
+
 /// Once a second: refresh kernel counters and forget expired history.
 async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1278,6 +1372,9 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
                 pipeline.state.with(|s| s.kernel = c)?;
             }
             Err(e) => log::debug!("cannot read kernel counters: {e:#}"),
+        }
+        if let Some(workloads) = &pipeline.workloads {
+            pipeline.apply_workloads(workloads, ticks.is_multiple_of(FORGET_PODS_TICKS))?;
         }
         let sample_usage = ticks.is_multiple_of(pipeline.sizing_sample_ticks);
         let sample_trends = ticks.is_multiple_of(TREND_TICKS);

@@ -666,20 +666,27 @@ const IN_CONTAINER: &str = "when the process runs in a container";
 const IN_POD: &str = "when the process runs in a Kubernetes pod (names from the kubelet's log \
                       directory, `[tracking] pod_logs_dir`)";
 const DECLARED: &str = "when the process's OTEL_RESOURCE_ATTRIBUTES says";
+const WORKLOAD: &str = "in a pod of a controller of that kind, or when the process's \
+                        OTEL_RESOURCE_ATTRIBUTES says";
+const FROM_API: &str = "the Kubernetes API server's answer for the process's pod (`[kubernetes] \
+                        api`, the pod's controller owner), which replaces every workload key the \
+                        process declares; else the process's OTEL_RESOURCE_ATTRIBUTES";
 const ONE_PROCESS: &str = "on every application but the shared `_other` one";
 
 /// The resource of each observed application (one per process), for the
 /// [`Instrument::per_application`] instruments. Beyond these, a process's
 /// own `OTEL_RESOURCE_ATTRIBUTES` entries are kept (at most 32, except the
 /// keys the agent sets from the kernel: `process.*`, `host.*`, `container.id`,
-/// `k8s.pod.*`, `k8s.namespace.name`, `k8s.container.name`).
+/// `k8s.pod.*`, `k8s.namespace.name`, `k8s.container.name`; and the workload
+/// keys when the Kubernetes API server named the pod's workload).
 pub const RESOURCE_ATTRIBUTES: &[ResourceAttribute] = &[
     resource(
         required(
             attr::SERVICE_NAME,
             "the process's OTEL_SERVICE_NAME, else `service.name` of its OTEL_RESOURCE_ATTRIBUTES, \
-             else its Kubernetes workload (`k8s.deployment.name`...) from there, else its \
-             container's name, else its executable's name (`unknown_service` if /proc could \
+             else its Kubernetes workload (`k8s.deployment.name`, `k8s.replicaset.name`, \
+             `k8s.statefulset.name`, `k8s.daemonset.name`, `k8s.cronjob.name`, `k8s.job.name`, \
+             the first there is), else its container's name, else its executable's name (`unknown_service` if /proc could \
              not be read); `_other` for the processes past `[tracking] max_applications`",
         ),
         true,
@@ -726,11 +733,40 @@ pub const RESOURCE_ATTRIBUTES: &[ResourceAttribute] = &[
         ),
         true,
     ),
-    resource(when("k8s.deployment.name", "", DECLARED), true),
-    resource(when("k8s.statefulset.name", "", DECLARED), true),
-    resource(when("k8s.daemonset.name", "", DECLARED), true),
-    resource(when("k8s.job.name", "", DECLARED), true),
-    resource(when("k8s.cronjob.name", "", DECLARED), true),
+    resource(
+        when(
+            "k8s.deployment.name",
+            FROM_API,
+            "in a pod of a Deployment (its ReplicaSet is named `<deployment>-<pod-template-hash>`), or when the process's OTEL_RESOURCE_ATTRIBUTES says",
+        ),
+        true,
+    ),
+    resource(
+        when(
+            "k8s.replicaset.name",
+            FROM_API,
+            "in a pod of a ReplicaSet (a Deployment's too), or when the process's OTEL_RESOURCE_ATTRIBUTES says",
+        ),
+        true,
+    ),
+    resource(when("k8s.statefulset.name", FROM_API, WORKLOAD), true),
+    resource(when("k8s.daemonset.name", FROM_API, WORKLOAD), true),
+    resource(
+        when(
+            "k8s.job.name",
+            FROM_API,
+            "in a pod of a Job (a CronJob's too), or when the process's OTEL_RESOURCE_ATTRIBUTES says",
+        ),
+        true,
+    ),
+    resource(
+        when(
+            "k8s.cronjob.name",
+            FROM_API,
+            "in a pod of a CronJob's Job (named `<cronjob>-<scheduled minute>`), or when the process's OTEL_RESOURCE_ATTRIBUTES says",
+        ),
+        true,
+    ),
 ];
 
 /// The agent's own resource, for every other instrument (events and spans
