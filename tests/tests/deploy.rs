@@ -66,6 +66,9 @@ const CRD_API_VERSIONS: &[&str] = &["monitoring.coreos.com/v1"];
 /// tool knows, and an older one still in use.
 const KUBERNETES_VERSIONS: &[Option<&str>] = &[None, Some("1.28")];
 
+/// Kinds without a namespace (besides Namespace itself).
+const CLUSTER_SCOPED: &[&str] = &["ClusterRole", "ClusterRoleBinding"];
+
 /// Files in deploy/kubernetes that kustomization.yaml deliberately leaves out.
 const OPTIONAL_MANIFESTS: &[&str] = &["networkpolicy.yaml"];
 
@@ -701,7 +704,28 @@ fn daemonset_privileges_match_the_unit_and_the_docs() {
         json!(true),
         "the API stays off the node's addresses"
     );
-    assert_eq!(pod["automountServiceAccountToken"], json!(false));
+    // The token for `get` on pods (rbac.yaml), and nothing more.
+    assert_eq!(pod["automountServiceAccountToken"], json!(true));
+    let rbac = yaml::read_documents(&kubernetes_dir().join("rbac.yaml"));
+    let role = rbac
+        .iter()
+        .find(|r| r["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]),
+        "the agent's account may get pods, nothing else"
+    );
+    let binding = rbac
+        .iter()
+        .find(|r| r["kind"] == "ClusterRoleBinding")
+        .expect("a ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": str_at(pod, "/serviceAccountName"),
+                "namespace": str_at(&daemonset, "/metadata/namespace")}])
+    );
 
     // The unit grants the same, as systemd spells them.
     let unit = unit_settings(&read(&root().join("deploy/systemd/poolscope.service")));
@@ -1031,6 +1055,8 @@ fn kustomization_lists_every_manifest_in_one_namespace() {
             let name = str_at(&resource, "/metadata/name").to_string();
             if kind == "Namespace" {
                 assert_eq!(name, namespace);
+            } else if CLUSTER_SCOPED.contains(&kind.as_str()) {
+                assert_eq!(resource["metadata"].get("namespace"), None, "{kind}/{name}");
             } else {
                 assert_eq!(
                     str_at(&resource, "/metadata/namespace"),
