@@ -84,7 +84,8 @@ mod tests {
         let mut map: NumberMap<(u32, i32), u64> = NumberMap::default();
         for pid in 0..200u32 {
             for fd in -1..50i32 {
-                map.insert((pid, fd), u64::from(pid) * 1000 + fd as u64);
+                // Wrapping: fd -1 as u64 (debug builds check overflow).
+                map.insert((pid, fd), (u64::from(pid) * 1000).wrapping_add(fd as u64));
             }
         }
         assert_eq!(map.len(), 200 * 51);
