@@ -871,6 +871,23 @@ fn scan_connections_with(
     found
 }
 
+/// The TLS libraries each running process maps (processes that map none
+/// are left out): for `poolscope check`.
+pub fn tls_libraries_of_all(
+    proc_root: &Path,
+) -> Vec<(u32, Vec<crate::tls_libraries::MappedLibrary>)> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (_, mapped) = tls_libraries(proc_root, pid)?;
+            (!mapped.is_empty()).then_some((pid, mapped))
+        })
+        .collect()
+}
+
 /// The TLS libraries `pid` maps (see [`crate::tls_libraries::is_tls_library`])
 /// and the user it runs as; None when its /proc entry cannot be read (it
 /// exited). Paths are as the process sees them, inside its mount namespace.

@@ -755,7 +755,8 @@ pub fn check_kernel() -> Vec<CheckLine> {
         unix_sockets: true,
         tls_libraries: true,
     }) {
-        Ok(probes) => {
+        Ok(mut probes) => {
+            lines.extend(check_tls_libraries(&mut probes));
             for (program, category, tracepoint) in TRACEPOINTS {
                 lines.push(line(
                     true,
@@ -789,6 +790,55 @@ pub fn check_kernel() -> Vec<CheckLine> {
             ));
         }
         Err(e) => lines.push(line(false, "tracepoints", format!("{e:#}"))),
+    }
+    lines
+}
+
+/// The TLS library programs, and each libssl file that a running process
+/// maps now, hooked for a moment as the agent would hook it.
+fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
+    let what = "TLS libraries (uprobes)".to_string();
+    if let Err(why) = probes.tls_programs() {
+        return vec![CheckLine {
+            ok: false,
+            what,
+            detail: format!(
+                "the programs did not load ({why}): statements on TLS connections are not read"
+            ),
+        }];
+    }
+    let mut lines = vec![CheckLine {
+        ok: true,
+        what,
+        detail: "programs loaded; the agent hooks OpenSSL's libssl in each file that a process \
+                 it observes maps"
+            .into(),
+    }];
+    let mut seen = std::collections::BTreeMap::new();
+    for (pid, mapped) in crate::procfs::tls_libraries_of_all(Path::new("/proc")) {
+        for lib in mapped {
+            seen.entry(lib.file).or_insert((pid, lib.path));
+        }
+    }
+    if seen.is_empty() {
+        lines.push(CheckLine {
+            ok: true,
+            what: "TLS library files".into(),
+            detail: "no running process maps a libssl now".into(),
+        });
+    }
+    for (file, (pid, path)) in seen {
+        let reachable = std::path::PathBuf::from(format!("/proc/{pid}/root{path}"));
+        let result = probes.hook_tls_library(file, &reachable);
+        probes.unhook_tls_library(file);
+        lines.push(CheckLine {
+            ok: result.is_ok(),
+            what: format!("TLS library {path}"),
+            detail: match result {
+                Ok(()) => format!("can be hooked (mapped by pid {pid} and maybe others)"),
+                Err(e) => format!("cannot be hooked: {e:#}"),
+            },
+        });
     }
     lines
 }
