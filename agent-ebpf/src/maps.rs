@@ -52,3 +52,9 @@ pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16
 #[map]
 pub static TLS_SESSIONS: LruHashMap<TlsSessionKey, TlsSession> =
     LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+/// The tracked connection whose TLS records each thread (of a process that
+/// calls a TLS library) last received outside a TLS call: the connection
+/// of its next read call, for libraries that encrypt in memory.
+#[map]
+pub static LAST_TLS_RECEIVE: LruHashMap<u64, TlsSession> = LruHashMap::with_max_entries(16384, 0);

@@ -27,7 +27,7 @@ use crate::{
     io::{head_limit, send_data_event, UserIo},
     maps::{CONNS, SOCKS, TLS_CALLS, TRACKED_PROCS},
     stat_add, syscall_regs,
-    tls::claim_tls_io,
+    tls::{claim_tls_io, note_tls_receive},
     SyscallRegs,
 };
 
@@ -121,6 +121,13 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
         Some(info) => *info,
         None => return Ok(()),
     };
+    if dir == direction::RECV
+        && kind == io_kind::BUFFER
+        && marks & tracked_procs::IN_TLS != 0
+        && info.flags & conn_flags::CAPTURE_DATA != 0
+    {
+        note_tls_receive(pid_tgid, key.fd as i32, info.conn_start_ns, si);
+    }
     // Connections assigned to the syscall path are copied there, those
     // whose TLS library is hooked at its calls.
     if info.flags

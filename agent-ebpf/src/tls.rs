@@ -6,7 +6,10 @@
 //! in the caller's thread, and the copy paths see that I/O's fd in the
 //! syscall's registers (`claim_tls_io`). The session (`SSL *`) remembers
 //! it for the reads the library serves from its buffer without touching
-//! the socket. This needs no offsets into the library's structures, which
+//! the socket. A library that encrypts in memory and leaves the socket to
+//! its caller (Node.js) does no I/O inside its calls: its session is tied
+//! by a read call that follows the thread's receive of TLS records on a
+//! tracked connection (`note_tls_receive`). This needs no offsets into the library's structures, which
 //! differ between versions and builds. The ciphertext of a connection whose
 //! plaintext is copied here is not copied (`conn_flags::TLS_PLAINTEXT`).
 //!
@@ -26,7 +29,7 @@ use aya_ebpf::{
 
 use crate::{
     io::{head_limit, send_data_event, UserIo},
-    maps::{CONNS, TLS_CALLS, TLS_SESSIONS, TRACKED_PROCS},
+    maps::{CONNS, LAST_TLS_RECEIVE, TLS_CALLS, TLS_SESSIONS, TRACKED_PROCS},
     stat_add,
 };
 
@@ -150,6 +153,15 @@ fn tls_call_exit(ctx: &RetProbeContext) -> Result<(), i64> {
         None => return Ok(()),
     };
     let _ = TLS_CALLS.remove(pid_tgid);
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = TlsSessionKey {
+        tgid,
+        _pad0: 0,
+        session: call.session,
+    };
+    // The session's connection, learnt before the byte count is looked at:
+    // a failed call (a handshake step) still tells it.
+    let connection = call_connection(pid_tgid, key, &call);
     let ret: i32 = ctx.ret();
     let bytes = if call.len_ptr != 0 {
         if ret != 1 {
@@ -162,60 +174,53 @@ fn tls_call_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     } else {
         return Ok(());
     };
-    let tgid = (pid_tgid >> 32) as u32;
-    let key = TlsSessionKey {
-        tgid,
-        _pad0: 0,
-        session: call.session,
-    };
-    let (fd, conn_start_ns) = if call.fd >= 0 {
-        let not_database = call.flags & tls_flags::NOT_DATABASE != 0;
-        let session = TlsSession {
-            conn_start_ns: call.conn_start_ns,
-            fd: call.fd,
-            flags: u16::from(call.flags & tls_flags::NOT_DATABASE),
-            skips_left: if not_database {
-                TLS_NOT_DATABASE_SKIPS
-            } else {
-                0
-            },
-        };
-        let _ = TLS_SESSIONS.insert(key, session, 0);
-        if not_database {
-            return Ok(());
-        }
-        (call.fd, call.conn_start_ns)
-    } else {
-        // SAFETY: the value is copied out immediately.
-        match unsafe { TLS_SESSIONS.get(key) } {
-            Some(known) if known.flags & u16::from(tls_flags::NOT_DATABASE) == 0 => {
-                (known.fd, known.conn_start_ns)
-            }
-            Some(_) => return Ok(()),
-            None => {
-                stat_add(stat::UNATTRIBUTED_TLS_CALLS, 1);
-                return Ok(());
-            }
-        }
-    };
     if bytes == 0 {
         return Ok(());
     }
-    let conn = ConnKey {
-        tgid,
-        fd: fd as u32,
-    };
-    // SAFETY: the value is copied out immediately.
-    let info = match unsafe { CONNS.get(conn) } {
-        Some(info) if info.conn_start_ns == conn_start_ns => *info,
-        _ => {
-            // The connection ended (or its fd was reused) since the session
-            // last moved bytes on it.
+    let (fd, conn_start_ns) = match connection {
+        Known::Database(fd, conn_start_ns) => (fd, conn_start_ns),
+        Known::NotDatabase => return Ok(()),
+        Known::Unknown => {
             stat_add(stat::UNATTRIBUTED_TLS_CALLS, 1);
             return Ok(());
         }
     };
+    let conn = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    let Some(info) = CONNS.get_ptr_mut(conn) else {
+        // The connection ended since the session last moved bytes on it.
+        stat_add(stat::UNATTRIBUTED_TLS_CALLS, 1);
+        return Ok(());
+    };
+    // SAFETY: pointer into this connection's entry; a racing writer of its
+    // flags only sets bits too (userspace's clear of CAPTURE_DATA is a
+    // whole-entry update, which this store may undo at worst once: the
+    // connection is then copied once more and cleared again).
+    let info = unsafe {
+        if (*info).conn_start_ns != conn_start_ns {
+            // Its fd was reused for another connection.
+            stat_add(stat::UNATTRIBUTED_TLS_CALLS, 1);
+            return Ok(());
+        }
+        if (*info).flags & conn_flags::CAPTURE_DATA != 0 {
+            // Libraries that write their ciphertext after the call (memory
+            // BIOs) are not claimed by the copy paths: their socket bytes
+            // stop being copied here.
+            (*info).flags |= conn_flags::TLS_PLAINTEXT;
+        }
+        *info
+    };
     if info.flags & conn_flags::CAPTURE_DATA == 0 {
+        // Not a database's: the session's next calls leave at their entry.
+        let session = TlsSession {
+            conn_start_ns,
+            fd,
+            flags: u16::from(tls_flags::NOT_DATABASE),
+            skips_left: TLS_NOT_DATABASE_SKIPS,
+        };
+        let _ = TLS_SESSIONS.insert(key, session, 0);
         return Ok(());
     }
     send_data_event(
@@ -232,4 +237,83 @@ fn tls_call_exit(ctx: &RetProbeContext) -> Result<(), i64> {
         },
         bytes,
     )
+}
+
+/// What a call's session is tied to.
+enum Known {
+    Database(i32, u64),
+    NotDatabase,
+    Unknown,
+}
+
+/// The connection `call` (of session `key`) belongs to: the one its own
+/// socket I/O named; else the one the session was last seen on; else, for
+/// a read of a library that encrypts in memory (Node.js), the connection
+/// whose TLS records this thread received last, just before the call (the
+/// library is fed what was read, then asked for the plaintext). Learnt
+/// ties are remembered for the session.
+#[inline(always)]
+fn call_connection(pid_tgid: u64, key: TlsSessionKey, call: &TlsCall) -> Known {
+    if call.fd >= 0 {
+        let not_database = call.flags & tls_flags::NOT_DATABASE != 0;
+        let session = TlsSession {
+            conn_start_ns: call.conn_start_ns,
+            fd: call.fd,
+            flags: u16::from(call.flags & tls_flags::NOT_DATABASE),
+            skips_left: if not_database {
+                TLS_NOT_DATABASE_SKIPS
+            } else {
+                0
+            },
+        };
+        let _ = TLS_SESSIONS.insert(key, session, 0);
+        return if not_database {
+            Known::NotDatabase
+        } else {
+            Known::Database(call.fd, call.conn_start_ns)
+        };
+    }
+    // SAFETY: the value is copied out immediately.
+    if let Some(known) = unsafe { TLS_SESSIONS.get(key) }.copied() {
+        return if known.flags & u16::from(tls_flags::NOT_DATABASE) != 0 {
+            Known::NotDatabase
+        } else {
+            Known::Database(known.fd, known.conn_start_ns)
+        };
+    }
+    if call.direction == direction::RECV {
+        // SAFETY: the value is copied out before the entry is removed.
+        if let Some(last) = unsafe { LAST_TLS_RECEIVE.get(pid_tgid) }.copied() {
+            // One receive names one session: a later call of another
+            // session must not take it.
+            let _ = LAST_TLS_RECEIVE.remove(pid_tgid);
+            let _ = TLS_SESSIONS.insert(key, last, 0);
+            return Known::Database(last.fd, last.conn_start_ns);
+        }
+    }
+    Known::Unknown
+}
+
+/// A tracked connection of a process that calls a TLS library received
+/// bytes outside any TLS call: if they start with a TLS record, remember
+/// the connection for this thread's next read call (see
+/// `call_connection`). `buf` holds the bytes just read.
+#[inline(always)]
+pub(crate) fn note_tls_receive(pid_tgid: u64, fd: i32, conn_start_ns: u64, buf: u64) {
+    // SAFETY: bpf_probe_read_user checks the user pointer.
+    let Ok(head) = (unsafe { bpf_probe_read_user(buf as *const [u8; 3]) }) else {
+        return;
+    };
+    // Content type 20..=23 (change cipher spec, alert, handshake, data),
+    // version 3.0 (SSL 3) to 3.4.
+    if !(20..=23).contains(&head[0]) || head[1] != 3 || head[2] > 4 {
+        return;
+    }
+    let last = TlsSession {
+        conn_start_ns,
+        fd,
+        flags: 0,
+        skips_left: 0,
+    };
+    let _ = LAST_TLS_RECEIVE.insert(pid_tgid, last, 0);
 }

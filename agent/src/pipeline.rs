@@ -269,11 +269,28 @@ impl Pipeline {
         if !self.tls_libraries || pid == std::process::id() {
             return Ok(());
         }
-        let Some((uid, mapped)) = procfs::tls_libraries(Path::new("/proc"), pid) else {
+        let Some(found) = procfs::tls_libraries(Path::new("/proc"), pid) else {
             return Ok(());
         };
+        let mut mapped = found.libraries;
+        if let Some(exe) = found.executable {
+            let verdict = self.kernel.with(|k| k.tls.executable_verdict(exe.file))?;
+            let exports = match verdict {
+                Some(exports) => exports,
+                None => {
+                    let path = format!("/proc/{pid}/root{}", exe.path);
+                    let exports = procfs::exports_tls_functions(Path::new(&path));
+                    self.kernel
+                        .with(|k| k.tls.record_executable(exe.file, exports))?;
+                    exports
+                }
+            };
+            if exports {
+                mapped.push(exe);
+            }
+        }
         self.kernel
-            .with(|k| k.hook_tls_libraries(pid, uid, &mapped))
+            .with(|k| k.hook_tls_libraries(pid, found.uid, &mapped))
     }
 
     /// The workload of the pod a process runs in, when the API server has
@@ -935,6 +952,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         host_name: host_name(),
         dropped_while_seeding: AtomicU64::new(0),
     });
+
+    // The libssl files that running processes map are hooked now, so that
+    // a process started later with one of them is read from its first call.
+    if config.kernel.tls_libraries {
+        let running = procfs::tls_libraries_of_all(Path::new("/proc"));
+        pipeline.kernel.with(|k| {
+            for (pid, found) in &running {
+                if *pid != std::process::id() {
+                    k.hook_tls_libraries(*pid, found.uid, &found.libraries);
+                }
+            }
+        })?;
+    }
 
     // Every task that must run for the agent to be whole; the first one to
     // end, however it ends, stops the agent with its reason.

@@ -872,58 +872,86 @@ fn scan_connections_with(
 }
 
 /// The TLS libraries each running process maps (processes that map none
-/// are left out): for `poolscope check`.
-pub fn tls_libraries_of_all(
-    proc_root: &Path,
-) -> Vec<(u32, Vec<crate::tls_libraries::MappedLibrary>)> {
+/// are left out; executables are not looked at).
+pub fn tls_libraries_of_all(proc_root: &Path) -> Vec<(u32, TlsMappings)> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
-            let (_, mapped) = tls_libraries(proc_root, pid)?;
-            (!mapped.is_empty()).then_some((pid, mapped))
+            let found = tls_libraries(proc_root, pid)?;
+            (!found.libraries.is_empty()).then_some((pid, found))
         })
         .collect()
 }
 
-/// The TLS libraries `pid` maps (see [`crate::tls_libraries::is_tls_library`])
-/// and the user it runs as; None when its /proc entry cannot be read (it
-/// exited). Paths are as the process sees them, inside its mount namespace.
-pub fn tls_libraries(
-    proc_root: &Path,
-    pid: u32,
-) -> Option<(u32, Vec<crate::tls_libraries::MappedLibrary>)> {
+/// What `pid` maps that may be a TLS library: libssl files, and its own
+/// executable (which may link OpenSSL statically, as Node.js does; see
+/// [`exports_tls_functions`]). Paths are as the process sees them, inside
+/// its mount namespace.
+pub struct TlsMappings {
+    /// The user the process runs as.
+    pub uid: u32,
+    pub libraries: Vec<crate::tls_libraries::MappedLibrary>,
+    pub executable: Option<crate::tls_libraries::MappedLibrary>,
+}
+
+/// The TLS libraries `pid` maps (see [`crate::tls_libraries::is_tls_library`]);
+/// None when its /proc entry cannot be read (it exited).
+pub fn tls_libraries(proc_root: &Path, pid: u32) -> Option<TlsMappings> {
     use crate::tls_libraries::{is_tls_library, FileId, MappedLibrary};
     let process = Process::new_with_root(proc_root.join(pid.to_string())).ok()?;
     let uid = process.uid().ok()?;
+    let exe = process.exe().ok();
     let maps = process.maps().ok()?;
-    let mut found: Vec<MappedLibrary> = Vec::new();
+    let mut found = TlsMappings {
+        uid,
+        libraries: Vec::new(),
+        executable: None,
+    };
     for map in maps {
         let ::procfs::process::MMapPath::Path(path) = &map.pathname else {
             continue;
         };
+        let is_executable = exe.as_deref() == Some(path.as_path());
         let Some(path) = path.to_str() else {
             continue;
         };
-        if !is_tls_library(path) {
-            continue;
-        }
-        let file = FileId {
-            dev_major: map.dev.0 as u32,
-            dev_minor: map.dev.1 as u32,
-            inode: map.inode,
+        let library = MappedLibrary {
+            file: FileId {
+                dev_major: map.dev.0 as u32,
+                dev_minor: map.dev.1 as u32,
+                inode: map.inode,
+            },
+            path: path.to_string(),
         };
-        // A library is mapped several times (code, data, ...).
-        if !found.iter().any(|l| l.file == file) {
-            found.push(MappedLibrary {
-                file,
-                path: path.to_string(),
-            });
+        if is_executable {
+            found.executable.get_or_insert(library);
+        } else if is_tls_library(path) && !found.libraries.iter().any(|l| l.file == library.file) {
+            // A library is mapped several times (code, data, ...).
+            found.libraries.push(library);
         }
     }
-    Some((uid, found))
+    Some(found)
+}
+
+/// Whether the ELF file at `path` defines and exports OpenSSL's
+/// `SSL_write` (an executable that links OpenSSL statically and exports
+/// it, as Node.js does). Reads the headers and the dynamic symbol table
+/// only, not the whole file.
+pub fn exports_tls_functions(path: &Path) -> bool {
+    use object::read::elf::ElfFile64;
+    use object::{Object, ObjectSymbol};
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let cache = object::ReadCache::new(file);
+    let Ok(elf) = ElfFile64::<object::Endianness, _>::parse(&cache) else {
+        return false;
+    };
+    elf.dynamic_symbols()
+        .any(|symbol| symbol.is_definition() && symbol.name_bytes() == Ok(b"SSL_write".as_slice()))
 }
 
 #[cfg(test)]

@@ -92,7 +92,12 @@ pub struct TlsLibraries {
     by_pid: HashMap<u32, Vec<FileId>>,
     /// When each process's libraries were last looked at again.
     looked_again_ns: HashMap<u32, u64>,
+    /// Executables looked at: whether each exports OpenSSL's functions.
+    executables: HashMap<FileId, bool>,
 }
+
+/// Executables whose verdict is kept; past this the memory starts over.
+const EXECUTABLES_KEPT: usize = 4096;
 
 impl TlsLibraries {
     /// `pid`, run by `uid`, maps `mapped`: the libraries to hook now, each
@@ -168,6 +173,20 @@ impl TlsLibraries {
                 true
             }
         }
+    }
+
+    /// Whether the executable `file` exports OpenSSL's functions, if it
+    /// was looked at.
+    pub fn executable_verdict(&self, file: FileId) -> Option<bool> {
+        self.executables.get(&file).copied()
+    }
+
+    /// What looking at the executable `file` found.
+    pub fn record_executable(&mut self, file: FileId, exports_tls: bool) {
+        if self.executables.len() >= EXECUTABLES_KEPT {
+            self.executables.clear();
+        }
+        self.executables.insert(file, exports_tls);
     }
 
     /// The kernel side's answer for a library [`Self::process_maps`] asked

@@ -127,6 +127,8 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Workload {
     PgSelect,
+    /// pgbench -S over TLS (the agent reads OpenSSL's plaintext).
+    PgSelectTls,
     PgWrite,
     MysqlReadOnly,
     RedisGetSet,
@@ -136,8 +138,9 @@ pub enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 7] = [
+    const ALL: [Workload; 8] = [
         Workload::PgSelect,
+        Workload::PgSelectTls,
         Workload::PgWrite,
         Workload::MysqlReadOnly,
         Workload::RedisGetSet,
@@ -148,7 +151,7 @@ impl Workload {
 
     fn group(self) -> Group {
         match self {
-            Workload::PgSelect | Workload::PgWrite => Group::Pg,
+            Workload::PgSelect | Workload::PgSelectTls | Workload::PgWrite => Group::Pg,
             Workload::MysqlReadOnly => Group::Mysql,
             Workload::RedisGetSet | Workload::RedisPipelined => Group::Redis,
             Workload::FioRandRw | Workload::DdPipe => Group::Io,
@@ -158,6 +161,7 @@ impl Workload {
     pub fn name(self) -> &'static str {
         match self {
             Workload::PgSelect => "pg select",
+            Workload::PgSelectTls => "pg select tls",
             Workload::PgWrite => "pg write",
             Workload::MysqlReadOnly => "mysql read-only",
             Workload::RedisGetSet => "redis get/set",
@@ -171,6 +175,10 @@ impl Workload {
     pub fn describe(self) -> &'static str {
         match self {
             Workload::PgSelect => "pgbench -n -S -c 4 -j 2 (TCP loopback; op = query)",
+            Workload::PgSelectTls => {
+                "pgbench -n -S -c 4 -j 2 with sslmode=require (TLS; the agent reads OpenSSL's \
+                 plaintext; op = query)"
+            }
             Workload::PgWrite => {
                 "pgbench -n -N -c 4 -j 2, simple-update write mix (op = statement, 5 per transaction)"
             }
@@ -525,10 +533,15 @@ impl Bench {
         let wants = |group| workloads.iter().any(|w| w.group() == group);
         let pg = if wants(Group::Pg) {
             eprintln!("starting PostgreSQL (pgbench -i -s {PG_SCALE})");
-            Some(Postgres::start(work.path(), &work_cg, Some(PG_SCALE))?)
+            Some(Postgres::start(
+                work.path(),
+                &work_cg,
+                Some(PG_SCALE),
+                true,
+            )?)
         } else if adapters {
             eprintln!("starting PostgreSQL");
-            Some(Postgres::start(work.path(), &work_cg, None)?)
+            Some(Postgres::start(work.path(), &work_cg, None, false)?)
         } else {
             None
         };
@@ -572,6 +585,9 @@ impl Bench {
         const WARM_UP_SECONDS: u32 = 2;
         if workloads.contains(&Workload::PgSelect) {
             self.pgbench("-S", 1.0, WARM_UP_SECONDS)?;
+        }
+        if workloads.contains(&Workload::PgSelectTls) {
+            self.pgbench_tls(WARM_UP_SECONDS)?;
         }
         if workloads.contains(&Workload::PgWrite) {
             self.pgbench("-N", PG_WRITE_STATEMENTS, WARM_UP_SECONDS)?;
@@ -670,6 +686,7 @@ impl Bench {
     fn run_tool(&self, workload: Workload) -> Result<ToolRun> {
         match workload {
             Workload::PgSelect => self.pgbench("-S", 1.0, self.duration),
+            Workload::PgSelectTls => self.pgbench_tls(self.duration),
             Workload::PgWrite => self.pgbench("-N", PG_WRITE_STATEMENTS, self.duration),
             Workload::MysqlReadOnly => self.sysbench(self.duration),
             Workload::RedisGetSet => self.redis_benchmark(self.redis_requests.0, false),
@@ -686,10 +703,27 @@ impl Bench {
     }
 
     fn pgbench(&self, script: &str, statements: f64, seconds: u32) -> Result<ToolRun> {
+        self.pgbench_with(script, statements, seconds, "disable")
+    }
+
+    fn pgbench_tls(&self, seconds: u32) -> Result<ToolRun> {
+        self.pgbench_with("-S", 1.0, seconds, "require")
+    }
+
+    /// pgbench with libpq's `sslmode` (the server has TLS on: plaintext
+    /// runs say `disable`, since libpq would prefer TLS).
+    fn pgbench_with(
+        &self,
+        script: &str,
+        statements: f64,
+        seconds: u32,
+        sslmode: &str,
+    ) -> Result<ToolRun> {
         let pg = self.pg.as_ref().context("PostgreSQL is not running")?;
         let (port, seconds) = (pg.port.to_string(), seconds.to_string());
         let mut cmd = command_in(&self.work_cg, pg.bin.join("pgbench"));
-        cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        cmd.env("PGSSLMODE", sslmode)
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
             // -n: no vacuum before the run, so that only the script's
             // statements go over the connections.
             .args(["-n", script, "-c", "4", "-j", "2", "-T", &seconds])
@@ -980,8 +1014,14 @@ pub(crate) struct Postgres {
 }
 
 impl Postgres {
-    /// With `init_scale`, pgbench's tables are created at that scale.
-    pub(crate) fn start(work: &Path, cg: &Cgroup, init_scale: Option<&str>) -> Result<Postgres> {
+    /// With `init_scale`, pgbench's tables are created at that scale; with
+    /// `tls`, the server also takes TLS, with a self-signed certificate.
+    pub(crate) fn start(
+        work: &Path,
+        cg: &Cgroup,
+        init_scale: Option<&str>,
+        tls: bool,
+    ) -> Result<Postgres> {
         let bin = postgres_bin_dir()?;
         let dir = work.join("pg");
         make_dir(&dir, Some("postgres"))?;
@@ -1000,13 +1040,19 @@ impl Postgres {
             &["-E", "UTF8", "-D", &data],
         )?;
         let log = utf8(&pg.dir.join("postgres.log"))?;
+        let tls_options = if tls {
+            pg.make_certificate()?;
+            " -c ssl=on"
+        } else {
+            ""
+        };
         let mut last_error = None;
         // The free port may be taken before the server binds it.
         for _ in 0..3 {
             let port = free_port()?;
             let options = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50 \
-                 -c fsync=off -c full_page_writes=off",
+                 -c fsync=off -c full_page_writes=off{tls_options}",
                 pg.dir.display()
             );
             let started = pg.run_as_postgres(
@@ -1045,6 +1091,41 @@ impl Postgres {
         let base = pg.dir.join("pgbench-init");
         run_bounded(&mut init, &base, Duration::from_secs(600))?;
         Ok(pg)
+    }
+
+    /// A self-signed certificate and its key in the data directory, where
+    /// `ssl = on` looks for them (`server.crt`, `server.key`, 0600 and the
+    /// server's own).
+    fn make_certificate(&self) -> Result<()> {
+        let data = Path::new(&self.data);
+        let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-x509",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run openssl to make PostgreSQL's certificate")?;
+        if !status.success() {
+            bail!("openssl req failed ({status}) making PostgreSQL's certificate");
+        }
+        for file in [&crt, &key] {
+            run(Command::new("chown").arg("postgres").arg(file))?;
+        }
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot chmod {}", key.display()))
     }
 
     /// Runs one of the server's tools as `postgres` (initdb refuses root),

@@ -47,6 +47,8 @@ const BENCH_DEBS: &[&str] = &[
     "redis-server",
     "sysbench",
     "fio",
+    // The TLS workload's server certificate.
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The interpreter the integration tests run their Python clients with

@@ -142,7 +142,7 @@ pub fn soak(args: SoakArgs) -> Result<()> {
     fs::set_permissions(&sender_bin, fs::Permissions::from_mode(0o755))?;
 
     eprintln!("soak: starting PostgreSQL");
-    let pg = Postgres::start(work.path(), &load_cg, None)?;
+    let pg = Postgres::start(work.path(), &load_cg, None, false)?;
     let collector = Collector::bind().context("cannot listen for the OTLP collector")?;
     let collector_port = collector.port;
     let stats = std::sync::Arc::clone(&collector.stats);

@@ -815,8 +815,8 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
             .into(),
     }];
     let mut seen = std::collections::BTreeMap::new();
-    for (pid, mapped) in crate::procfs::tls_libraries_of_all(Path::new("/proc")) {
-        for lib in mapped {
+    for (pid, found) in crate::procfs::tls_libraries_of_all(Path::new("/proc")) {
+        for lib in found.libraries {
             seen.entry(lib.file).or_insert((pid, lib.path));
         }
     }

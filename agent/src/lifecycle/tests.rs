@@ -1541,3 +1541,36 @@ fn redis_direct_tls_is_detected_again_from_the_plaintext() {
         .count();
     assert_eq!(trips, 1);
 }
+
+/// A peer's hang-up can reach the agent before the last bytes the client
+/// moved (a TLS library's plaintext is reported when its call returns,
+/// after the server may have answered and closed): the connection keeps
+/// its parser, so the request in flight still completes, and a TLS
+/// connection stays encrypted.
+#[test]
+fn a_hang_up_before_the_last_bytes_keeps_the_parser() {
+    use crate::protocol::testutil::*;
+    let mut t = tracker();
+    let c = id(PID, FD, 1_000);
+    t.apply(connect(1_000, c, 0));
+    t.apply(data(2_000, c, true, &pg_ssl_request()));
+    t.apply(data(3_000, c, false, b"S"));
+    t.apply(tls_data(4_000, c, true, &pg_startup("app", Some("shop"))));
+    t.apply(tls_data(5_000, c, false, &pg_startup_ok()));
+    let mut out = t.apply(tls_data(6_000, c, true, &pg_query("SELECT 1")));
+    out.extend(t.apply(state(
+        6_500,
+        c,
+        tcp_state::ESTABLISHED,
+        tcp_state::CLOSE_WAIT,
+        40_000,
+    )));
+    let mut reply = pg_complete("SELECT 1");
+    reply.extend(pg_ready(b'I'));
+    out.extend(t.apply(tls_data(7_000, c, false, &reply)));
+    out.extend(t.apply(tls_data(8_000, c, true, &pg_msg(b'X', &[]))));
+    assert_eq!(round_trip_queries(&out), vec!["SELECT ?"]);
+    let conn = t.connection(c).expect("still listed");
+    assert!(conn.encrypted && conn.plaintext, "{conn:?}");
+    assert_eq!(conn.namespace.as_deref(), Some("shop"));
+}

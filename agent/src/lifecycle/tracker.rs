@@ -317,6 +317,8 @@ impl Tracker {
         reason: CloseReason,
         out: &mut Vec<Output>,
     ) {
+        // Taken out to be updated, then finished: its parser goes now.
+        self.parsers.remove(&(conn.id.pid, conn.id.fd));
         conn.state = state;
         conn.closed_at_ns = Some(at_ns.max(conn.opened_at_ns));
         conn.close_reason = Some(reason);
@@ -336,8 +338,18 @@ impl Tracker {
         }
     }
 
+    /// Takes a connection out for good (closed, replaced, its process
+    /// gone): its parser goes with it.
     fn take_open(&mut self, pid: u32, fd: i32) -> Option<Connection> {
         self.parsers.remove(&(pid, fd));
+        self.open.remove(&(pid, fd))
+    }
+
+    /// Takes a connection out to change it and put it back (or finish it):
+    /// its parser stays, since its bytes may have come before the event
+    /// that changes it (a peer's hang-up races the client's last request,
+    /// whose TLS plaintext is reported when the library call returns).
+    fn take_open_to_update(&mut self, pid: u32, fd: i32) -> Option<Connection> {
         self.open.remove(&(pid, fd))
     }
 
@@ -499,7 +511,7 @@ impl Tracker {
             out.push(Output::Unmatched);
             return;
         }
-        let mut conn = match self.take_open(id.pid, id.fd) {
+        let mut conn = match self.take_open_to_update(id.pid, id.fd) {
             Some(conn) => conn,
             None => match self.closed_mut(id) {
                 // Closed before its connect event got here: just complete it.
@@ -597,7 +609,7 @@ impl Tracker {
             out.push(Output::Unmatched);
             return;
         }
-        let mut conn = match self.take_open(id.pid, id.fd) {
+        let mut conn = match self.take_open_to_update(id.pid, id.fd) {
             Some(conn) => conn,
             // The state change beat connect()'s return to us: start the
             // connection here, the connect event completes it.
