@@ -10,11 +10,13 @@ line per request:
 answers, not failures: {"ok": true, "db_error": {"code": "42601", ...}}.
 
   {"op": "pid"}                                   -> {"pid": N}
-  {"op": "connect", "system": "postgresql", "port": P}
-      psycopg 3, autocommit, no automatic preparing, no TLS
-  {"op": "connect", "system": "mysql", "port": P}
+  {"op": "connect", "system": "postgresql", "port": P, "tls": false}
+      psycopg 3, autocommit, no automatic preparing, no TLS (with
+      "tls": true, sslmode=require: TLS, the certificate not verified)
+  {"op": "connect", "system": "mysql", "port": P, "tls": false}
       mysql-connector-python (pure Python), user and database "poolscope"
-      (MariaDb fixture), autocommit, no TLS
+      (MariaDb fixture), autocommit, no TLS (with "tls": true, TLS through
+      Python's ssl module, the certificate not verified)
   {"op": "connect", "system": "redis", "port": P} a plain TCP socket
       each answers {"fd": FD, "local_port": PORT}
   {"op": "sql", "sql": "..."}                     one statement, no parameters
@@ -49,6 +51,7 @@ def reply(obj):
 def connect(req):
     global conn
     system, port = req["system"], int(req["port"])
+    tls = bool(req.get("tls", False))
     if system == "postgresql":
         import psycopg
 
@@ -57,7 +60,7 @@ def connect(req):
             port=port,
             user=req.get("user", "postgres"),
             dbname=req.get("database", "postgres"),
-            sslmode="disable",
+            sslmode="require" if tls else "disable",
             gssencmode="disable",
             autocommit=True,
             # No automatic preparing of repeated statements (None would
@@ -74,7 +77,9 @@ def connect(req):
             user=req.get("user", "poolscope"),
             password="",
             database=req.get("database", "poolscope"),
-            ssl_disabled=True,
+            ssl_disabled=not tls,
+            ssl_verify_cert=False,
+            ssl_verify_identity=False,
             use_pure=True,
             autocommit=True,
         )

@@ -12,8 +12,10 @@ adapter, so that the tests can compare the agent's view with the truth.
   {"op": "pid"}                        -> {"pid": N, "tid": main thread's native id}
   {"op": "sqlalchemy", "engine": E, "port": P, "pool_size": 5,
    "max_overflow": 10, "pool_timeout": 30, "poolclass": "queue"|"null",
-   "adapter": true, "pool_name": "orders", "state_interval": 30}
-      a SQLAlchemy engine (psycopg 3) named E -> {"pool_name": ...}
+   "adapter": true, "pool_name": "orders", "state_interval": 30,
+   "sslmode": "disable"}
+      a SQLAlchemy engine (psycopg 3) named E -> {"pool_name": ...};
+      libpq's sslmode ("require": TLS without verifying the certificate)
   {"op": "psycopg_pool", "engine": E, "port": P, "min_size": 2, "max_size": 4,
    "adapter": true, "pool_name": "billing", "state_interval": 30}
       a psycopg_pool.ConnectionPool named E (opened, waits for min_size)
@@ -25,8 +27,12 @@ adapter, so that the tests can compare the agent's view with the truth.
   {"op": "checkout", "engine": E, "id": ID}
       holds one connection under ID, does nothing with it
       -> {"fd", "local_port", "local_address"}
-  {"op": "query", "id": ID, "sql": "SELECT 1", "commit": true}
-      one statement on a held connection (and COMMIT unless commit=false)
+  {"op": "query", "id": ID, "sql": "SELECT 1", "commit": true,
+   "autocommit": false}
+      one statement on a held connection (and COMMIT unless commit=false);
+      with autocommit=true the connection is switched to autocommit first
+      (SQLAlchemy's AUTOCOMMIT isolation level), so that the statement goes
+      alone, with no BEGIN before it nor COMMIT after it
   {"op": "idle_in_transaction", "id": ID}  BEGIN and a SELECT, left open
   {"op": "busy", "id": ID, "interval": 0.1}
       a thread runs SELECT + COMMIT on the held connection every interval
@@ -135,7 +141,15 @@ def give_back(name, conn):
     count(name, "releases")
 
 
-def run(name, conn, sql, commit=True):
+def run(name, conn, sql, commit=True, autocommit=False):
+    if autocommit:
+        if kinds[name] == "sqlalchemy":
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql(sql)
+        else:
+            conn.autocommit = True
+            conn.execute(sql)
+        return
     if kinds[name] == "sqlalchemy":
         conn.exec_driver_sql(sql)
         if commit:
@@ -152,7 +166,8 @@ def op_sqlalchemy(req):
 
     name = req.get("engine", "main")
     url = "postgresql+psycopg://postgres@127.0.0.1:%d/postgres" % int(req["port"])
-    options = {"connect_args": {"sslmode": "disable", "gssencmode": "disable"}}
+    sslmode = req.get("sslmode", "disable")
+    options = {"connect_args": {"sslmode": sslmode, "gssencmode": "disable"}}
     if req.get("poolclass", "queue") == "null":
         options["poolclass"] = NullPool
     else:
@@ -382,7 +397,13 @@ def op_checkout(req):
 
 def op_query(req):
     name, conn = held[req["id"]]
-    run(name, conn, req.get("sql", "SELECT 1"), commit=req.get("commit", True))
+    run(
+        name,
+        conn,
+        req.get("sql", "SELECT 1"),
+        commit=req.get("commit", True),
+        autocommit=req.get("autocommit", False),
+    )
     return {}
 
 

@@ -404,7 +404,19 @@ impl DbClient {
     /// Connects to 127.0.0.1:`port`; `system` is "postgresql", "mysql" or
     /// "redis". Returns (fd, local port).
     pub fn connect(&mut self, system: &str, port: u16) -> (i32, u16) {
-        let answer = self.request(json!({"op": "connect", "system": system, "port": port}));
+        self.connect_with(system, port, false)
+    }
+
+    /// As [`DbClient::connect`] over TLS ("postgresql": sslmode=require;
+    /// "mysql": TLS through Python's ssl module), the server's certificate
+    /// not verified.
+    pub fn connect_tls(&mut self, system: &str, port: u16) -> (i32, u16) {
+        self.connect_with(system, port, true)
+    }
+
+    fn connect_with(&mut self, system: &str, port: u16, tls: bool) -> (i32, u16) {
+        let answer =
+            self.request(json!({"op": "connect", "system": system, "port": port, "tls": tls}));
         let fd = answer["fd"].as_i64().and_then(|fd| i32::try_from(fd).ok());
         let local = answer["local_port"]
             .as_u64()

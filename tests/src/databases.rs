@@ -65,8 +65,64 @@ fn user_ids(user: &str) -> (libc::uid_t, libc::gid_t) {
     unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
 }
 
+/// A self-signed certificate for `localhost` and its key (0600), made with
+/// `openssl req` in `dir` and owned by `owner` (uid, gid) when given: what a
+/// server needs to accept TLS. Clients of the tests do not verify it.
+fn self_signed_certificate(
+    dir: &Path,
+    owner: Option<(libc::uid_t, libc::gid_t)>,
+) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    let output = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl (run cargo xtask setup): {e}"));
+    assert!(
+        output.status.success(),
+        "openssl req failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", key.display()));
+    if let Some((uid, gid)) = owner {
+        for file in [&cert, &key] {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("cannot chown {}: {e}", file.display()));
+        }
+    }
+    (cert, key)
+}
+
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with_tls(false)
+    }
+
+    /// As [`Postgres::start`], with `ssl=on` and a self-signed certificate
+    /// (`server.crt`, `server.key` in the cluster directory): clients with
+    /// `sslmode=require` talk TLS, clients with `sslmode=disable` do not.
+    pub fn start_tls() -> Postgres {
+        Postgres::start_with_tls(true)
+    }
+
+    fn start_with_tls(tls: bool) -> Postgres {
         let bin = postgres_bin_dir();
         let dir = TempDir::new("poolscope-pg");
         if is_root() {
@@ -95,13 +151,24 @@ impl Postgres {
                 path_str(&data),
             ],
         );
+        let ssl = if tls {
+            let owner = is_root().then(postgres_ids);
+            let (cert, key) = self_signed_certificate(pg.dir.path(), owner);
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                path_str(&cert),
+                path_str(&key)
+            )
+        } else {
+            String::new()
+        };
         // Another test may take the port between free_port() and the server's
         // bind; try a few.
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = free_port();
             let options = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{ssl}",
                 path_str(pg.dir.path())
             );
             let log = pg.dir.path().join("postgres.log");
@@ -297,6 +364,17 @@ impl MariaDb {
     pub const DATABASE: &'static str = "poolscope";
 
     pub fn start() -> MariaDb {
+        MariaDb::start_with_tls(false)
+    }
+
+    /// As [`MariaDb::start`], with `--ssl-cert`/`--ssl-key` a self-signed
+    /// certificate in the server's directory; checks that the server says
+    /// `have_ssl` YES. Clients may then ask for TLS (it is not required).
+    pub fn start_tls() -> MariaDb {
+        MariaDb::start_with_tls(true)
+    }
+
+    fn start_with_tls(tls: bool) -> MariaDb {
         let dir = TempDir::new("poolscope-mariadb");
         let data = dir.path().join("data");
         if is_root() {
@@ -333,6 +411,13 @@ impl MariaDb {
             "mariadb-install-db failed ({status}):\n{}",
             read_lossy(&install_log)
         );
+        let mut ssl_args = Vec::new();
+        if tls {
+            let owner = is_root().then(|| user_ids("mysql"));
+            let (cert, key) = self_signed_certificate(dir.path(), owner);
+            ssl_args.push(format!("--ssl-cert={}", path_str(&cert)));
+            ssl_args.push(format!("--ssl-key={}", path_str(&key)));
+        }
         // Another test may take the port between free_port() and the
         // server's bind; try a few.
         for _ in 0..3 {
@@ -359,6 +444,8 @@ impl MariaDb {
                     "--skip-innodb-doublewrite",
                     "--innodb-flush-log-at-trx-commit=0",
                 ])
+                // After --no-defaults, which must come first.
+                .args(&ssl_args)
                 .current_dir(dir.path());
             if is_root() {
                 cmd.arg("--user=mysql");
@@ -385,6 +472,15 @@ impl MariaDb {
                 db_name = Self::DATABASE,
                 user = Self::USER
             ));
+            if tls {
+                let have_ssl = db.sql("SHOW VARIABLES LIKE 'have_ssl'");
+                assert_eq!(
+                    have_ssl,
+                    "have_ssl\tYES",
+                    "MariaDB did not take its certificate\n{}",
+                    db.log()
+                );
+            }
             return db;
         }
         panic!(

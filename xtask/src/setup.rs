@@ -29,6 +29,8 @@ const TEST_DEBS: &[&str] = &[
     "prometheus",
     "python3",
     "curl",
+    // tls_statements.rs makes the servers' self-signed certificates.
+    "openssl",
     // The live page's test renders it in headless Chromium.
     "chromium",
     // deploy.rs: `systemd-analyze verify` of the unit, and libseccomp for

@@ -1,0 +1,600 @@
+//! Statements on encrypted connections (issue 16): the agent hooks OpenSSL's
+//! libssl (uprobes on SSL_write/SSL_read and their `_ex` forms) in the files
+//! the observed processes map, and parses the plaintext a hooked library
+//! hands over exactly as it parses a plaintext connection. These tests run
+//! real clients over real TLS against real servers on loopback, with the
+//! real agent and kernel, and check that nothing is lost to the encryption:
+//!
+//! - pgbench (libpq, the system libssl) with `sslmode=require`: its SELECTs
+//!   counted within 1 % of its transactions, as without TLS
+//!   (pgbench_accuracy.rs), each connection `encrypted` and `plaintext`, its
+//!   statement sanitized in `last_query`;
+//! - a SQLAlchemy pool (psycopg's binary wheel, which bundles its own
+//!   renamed libssl) with the Python adapter: a leak and an idle
+//!   transaction over TLS are reported as over plaintext, the leak's last
+//!   query sanitized (the secret literal nowhere);
+//! - MariaDB from mysql-connector-python (pure Python: Python's ssl module,
+//!   the system libssl): the statement sanitized, user and database known
+//!   (the MySQL handshake response goes inside TLS), round trips counted;
+//! - with `[kernel] tls_libraries = false` psql's TLS connection is
+//!   `encrypted` without `plaintext`: no statement, still timed by
+//!   request/response turns;
+//! - node-postgres over TLS (Node's own OpenSSL, memory BIOs).
+//!
+//! Every test checks from the server's side that the connection it looks at
+//! really is TLS (PostgreSQL: `pg_stat_ssl` by client port; MariaDB: the
+//! session's `Ssl_cipher`), so that a client silently falling back to
+//! plaintext cannot pass. Each test has its own servers and agent and looks
+//! only at its own clients' pids and ports, so the tests run in parallel
+//! with each other and with the rest of the suite.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use poolscope_tests::{
+    adapter_config, json, metric_sample, node_adapter_dir, postgres_bin_dir, require_kernel,
+    require_node_adapter, script_path, wait_until, Agent, ConnectionView, DbClient, DbSystem,
+    JsonLinesChild, LeakKind, MariaDb, PoolApp, Postgres, ReportStatus, Seen, SqlShell, TempDir,
+    TxState, EVENT_TIMEOUT, LOCALHOST_V4,
+};
+
+/// Short leak thresholds (as adapter_python.rs): idle in transaction fires
+/// before the leak rule would.
+const LEAK_S: f64 = 3.0;
+const QUIET_S: f64 = 1.5;
+const IDLE_IN_TX_S: f64 = 2.0;
+
+/// The client ports of the server's TLS sessions and of its plaintext ones
+/// (`pg_stat_ssl` joined to `pg_stat_activity`), asked over the Unix socket.
+fn server_sessions(pg: &Postgres) -> BTreeMap<u16, bool> {
+    pg.psql_unix(
+        "SELECT a.client_port, s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.client_port > 0",
+    )
+    .lines()
+    .filter_map(|line| {
+        let (port, ssl) = line.split_once('|')?;
+        Some((port.parse().ok()?, ssl == "t"))
+    })
+    .collect()
+}
+
+/// Step: the server holds a TLS session for each of `ports`.
+fn expect_server_tls(pg: &Postgres, ports: &[u16]) {
+    let sessions = server_sessions(pg);
+    for port in ports {
+        assert_eq!(
+            sessions.get(port),
+            Some(&true),
+            "the server's session from client port {port} is not TLS: {sessions:?}"
+        );
+    }
+}
+
+/// The agent's "hooked TLS library" log lines, for failure messages.
+fn hook_lines(agent: &Agent) -> String {
+    agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("TLS library"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Step: wait until the agent has hooked a TLS library whose path holds
+/// `path_part`; its log line. The agent hooks a library when it reads the
+/// process's mappings after a connect, so this comes tens of milliseconds
+/// after a process's first connection: what the process sent over TLS
+/// before that is not read (see the tests that warm up).
+fn wait_for_hook(agent: &Agent, path_part: &str) -> String {
+    let found = wait_until(EVENT_TIMEOUT, || {
+        agent
+            .log()
+            .lines()
+            .find(|l| l.contains("hooked TLS library ") && l.contains(path_part))
+            .map(str::to_string)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "the agent hooked no TLS library like {path_part:?} within {EVENT_TIMEOUT:?}\n\
+             --- agent log ---\n{}",
+            agent.log()
+        )
+    })
+}
+
+/// Step: `c` is encrypted and read (`plaintext`), its last query exactly
+/// `query`, with no digit and nothing of `secret` left in it.
+fn expect_read_tls(agent: &Agent, c: &ConnectionView, query: &str, secret: &str) {
+    assert!(
+        c.encrypted && c.plaintext,
+        "want encrypted and plaintext: {c:#?}\n--- hooks ---\n{}",
+        hook_lines(agent)
+    );
+    let last = c.last_query.as_deref();
+    assert_eq!(last, Some(query), "{c:#?}");
+    assert!(
+        !query.contains(secret) && !query.chars().any(|ch| ch.is_ascii_digit()),
+        "sanitized: {query:?}"
+    );
+    assert!(
+        !serde_json::to_string(c).unwrap().contains(secret),
+        "the secret {secret:?} in {c:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// pgbench over TLS
+// ---------------------------------------------------------------------------
+
+/// A number after `label` in pgbench's summary.
+fn pgbench_number(output: &str, label: &str) -> f64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in pgbench output:\n{output}"))
+}
+
+/// pgbench -S's statement (`\set aid random(...)` then this), sanitized.
+const PGBENCH_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = ?;";
+const PGBENCH_CLIENTS: usize = 4;
+
+#[test]
+fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let pgbench = postgres_bin_dir().join("pgbench");
+    let port = pg.port.to_string();
+    // Initialise over the Unix socket so that only the measured run uses the port.
+    let init = Command::new(&pgbench)
+        .args(["-h", &pg.socket_dir().display().to_string(), "-p", &port])
+        .args(["-U", "postgres", "-i", "-s", "2", "postgres"])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "pgbench -i failed: {init:?}");
+
+    let agent = Agent::start();
+    let run = Command::new(&pgbench)
+        .args(["-h", LOCALHOST_V4, "-p", &port, "-U", "postgres"])
+        .args([
+            "-S",
+            "-c",
+            &PGBENCH_CLIENTS.to_string(),
+            "-j",
+            "2",
+            "-T",
+            "6",
+        ])
+        .arg("postgres")
+        .env("PGSSLMODE", "require")
+        .env("PGGSSENCMODE", "disable")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench -S");
+    let pid = run.id();
+    // While it runs, the server's view of its sessions: TLS or not, by port.
+    let mut sessions = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        sessions.extend(server_sessions(&pg));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = run.wait_with_output().expect("wait for pgbench");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let transactions = pgbench_number(&text, "number of transactions actually processed:");
+
+    let count_selector = format!(
+        "db_client_operation_duration_seconds_count{{db_operation_name=\"SELECT\",server_port=\"{port}\"}}"
+    );
+    // Wait until the agent has drained everything pgbench sent. Summed over
+    // the series: the first connection's statements are read from the
+    // middle of its session on (its startup, with the database name, went
+    // before the hook), so they have no db_namespace.
+    let counted = wait_until(EVENT_TIMEOUT, || {
+        let n = agent.metric_sum(&count_selector);
+        (n >= transactions).then_some(n)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the agent counted {} SELECTs for {transactions} pgbench transactions over TLS\n\
+             --- metrics ---\n{}\n--- hooks ---\n{}",
+            agent.metric_sum(&count_selector),
+            agent.metrics(),
+            hook_lines(&agent)
+        )
+    });
+    let ratio = counted / transactions;
+    // pgbench runs a few SELECTs of its own at start (table sizes).
+    assert!(
+        (1.0..=1.01).contains(&ratio),
+        "agent counted {counted} SELECTs for {transactions} pgbench transactions over TLS"
+    );
+
+    // pgbench's connections (closed now, kept a while by the agent), each
+    // TLS on the server's side: every one encrypted; the clients' ones, each
+    // of which ran thousands of SELECTs, read, the statement sanitized.
+    let conns: Vec<ConnectionView> = agent
+        .connections_of(pid)
+        .into_iter()
+        .filter(|c| c.remote_port == Some(pg.port))
+        .collect();
+    let summary: Vec<_> = conns
+        .iter()
+        .map(|c| {
+            let port = c.local_port.unwrap_or(0);
+            (
+                port,
+                sessions.get(&port).copied(),
+                c.encrypted,
+                c.plaintext,
+                c.round_trips,
+            )
+        })
+        .collect();
+    eprintln!(
+        "pgbench's connections (local port, server says TLS, encrypted, plaintext, round \
+         trips): {summary:?}"
+    );
+    assert!(
+        sessions.values().all(|tls| *tls),
+        "a session of the server was not TLS: {sessions:?}"
+    );
+    // Encrypted, every one: the server says so of each.
+    assert!(
+        conns.iter().all(|c| c.encrypted),
+        "every connection of pgbench encrypted (local port, server says TLS, encrypted, \
+         plaintext, round trips): {summary:?}"
+    );
+    // Read, the clients' ones. pgbench's first connection (its few
+    // set-up queries) opens before the agent has hooked libssl and may be
+    // over before it: that one is timed by turns, not read.
+    let clients: Vec<&ConnectionView> = conns.iter().filter(|c| c.round_trips >= 100).collect();
+    assert_eq!(
+        clients.len(),
+        PGBENCH_CLIENTS,
+        "pgbench's clients (local port, server says TLS, encrypted, plaintext, round \
+         trips): {summary:?}"
+    );
+    for c in &clients {
+        expect_read_tls(&agent, c, PGBENCH_SELECT, "aid = 1");
+        assert_eq!(c.db_user.as_deref(), Some("postgres"), "{c:#?}");
+        assert_eq!(c.namespace.as_deref(), Some("postgres"), "{c:#?}");
+        let port = c.local_port.unwrap();
+        assert_eq!(
+            sessions.get(&port),
+            Some(&true),
+            "the server's session from pgbench's port {port} was TLS: {sessions:?}"
+        );
+    }
+    let round_trips: u64 = conns.iter().map(|c| c.round_trips).sum();
+    eprintln!(
+        "pgbench over TLS: {transactions} transactions; agent: {counted} SELECTs (ratio \
+         {ratio:.4}), {round_trips} round trips on {} connections; unattributed TLS calls {}",
+        conns.len(),
+        metric_sample(
+            &agent.metrics(),
+            "poolscope_kernel_tls_calls_unattributed_total"
+        )
+        .unwrap_or(0.0)
+    );
+    assert!(
+        agent.log().contains("hooked TLS library"),
+        "the agent logged no hooked library:\n{}",
+        agent.log()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A SQLAlchemy pool over TLS, with the Python adapter
+// ---------------------------------------------------------------------------
+
+#[test]
+fn python_pool_over_tls_reports_leak_and_idle_transaction_with_sanitized_statements() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let dir = TempDir::new("poolscope-adapter");
+    let socket = dir.path().join("adapter.sock");
+    let thresholds = [
+        ("leak_threshold_seconds", LEAK_S),
+        ("quiet_seconds", QUIET_S),
+        ("idle_in_transaction_seconds", IDLE_IN_TX_S),
+    ];
+    let agent = Agent::start_with_config(&adapter_config(&socket, &thresholds), &[]);
+    let mut app = PoolApp::spawn(Some(&socket));
+    let pid = app.pid;
+    let answer = app.request(json!({
+        "op": "sqlalchemy", "engine": "main", "port": pg.port, "pool_size": 5,
+        "max_overflow": 0, "adapter": true, "pool_name": "tls-orders", "sslmode": "require",
+    }));
+    assert_eq!(answer["pool_name"], "tls-orders");
+    // The first checkout opens the pool's first (TLS) connection, on which
+    // the agent looks at the process's libraries and hooks the libssl that
+    // psycopg's wheel bundles. Its statements go before the hook; the
+    // connection stays in the pool, and the leak below reuses it: its
+    // plaintext is read from the middle of the session on.
+    app.request(json!({"op": "pool_checkouts", "engine": "main", "n": 1}));
+    wait_for_hook(&agent, "psycopg_binary.libs/libssl");
+
+    // A checkout that runs one statement with a secret in it (alone: in
+    // autocommit, so that it is the connection's last query) and is kept.
+    let leak = app.checkout("main", "leak");
+    let rows = app.request(json!({
+        "op": "query", "id": "leak", "sql": "SELECT 'tls-secret-123' AS x", "autocommit": true,
+    }));
+    assert_eq!(rows["ok"], true, "{rows}");
+    // Another left idle in a transaction (BEGIN, SELECT 1).
+    let tx = app.checkout("main", "tx");
+    app.request(json!({"op": "idle_in_transaction", "id": "tx"}));
+    expect_server_tls(&pg, &[leak.port, tx.port]);
+
+    let mut seen = Seen::new(&agent, pid);
+    seen.watch_for_first(LEAK_S, "a leak and an idle transaction", |s| {
+        s.find(LeakKind::Leaked, leak.port).is_some()
+            && s.find(LeakKind::IdleInTransaction, tx.port).is_some()
+    });
+    seen.keep_watching();
+    seen.expect_kinds(BTreeSet::from([
+        (LeakKind::Leaked, Some(leak.port)),
+        (LeakKind::IdleInTransaction, Some(tx.port)),
+    ]));
+    let r = seen.on_time(LeakKind::Leaked, &leak, LEAK_S, "the leak over TLS");
+    assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
+    assert_eq!(r.pool.as_deref(), Some("tls-orders"), "{r:#?}");
+    assert_eq!(r.fd, Some(leak.fd), "{r:#?}");
+    assert_eq!(r.last_query.as_deref(), Some("SELECT ? AS x"), "{r:#?}");
+    assert!(r.holder_stack.is_some(), "{r:#?}");
+    let r = seen.on_time(
+        LeakKind::IdleInTransaction,
+        &tx,
+        IDLE_IN_TX_S,
+        "the idle transaction over TLS",
+    );
+    assert_eq!(r.status, ReportStatus::Open, "{r:#?}");
+    assert_eq!(r.pool.as_deref(), Some("tls-orders"), "{r:#?}");
+    assert_eq!(r.tx_state, Some(TxState::InTransaction), "{r:#?}");
+    assert_eq!(r.last_query.as_deref(), Some("SELECT ?"), "{r:#?}");
+    assert!(
+        !seen.dump().contains("tls-secret"),
+        "a report holds the secret:\n{}",
+        seen.dump()
+    );
+
+    let conns = agent.connections_of(pid);
+    let by_port = |port: u16| {
+        conns
+            .iter()
+            .find(|c| c.local_port == Some(port))
+            .unwrap_or_else(|| panic!("no connection from port {port}: {conns:#?}"))
+    };
+    let c = by_port(leak.port);
+    expect_read_tls(&agent, c, "SELECT ? AS x", "tls-secret-123");
+    assert_eq!(c.pool.as_deref(), Some("tls-orders"), "{c:#?}");
+    assert!(c.checked_out, "{c:#?}");
+    let c = by_port(tx.port);
+    expect_read_tls(&agent, c, "SELECT ?", "tls-secret-123");
+    assert_eq!(c.tx_state, Some(TxState::InTransaction), "{c:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// MariaDB over TLS from mysql-connector-python
+// ---------------------------------------------------------------------------
+
+#[test]
+fn mariadb_over_tls_from_python_is_parsed_like_plaintext() {
+    if !require_kernel() {
+        return;
+    }
+    let db = MariaDb::start_tls();
+    let agent = Agent::start();
+    let mut client = DbClient::spawn();
+    // A first TLS connection, on which the agent hooks the system libssl
+    // that Python's ssl module maps (the user and database go inside TLS
+    // right after the handshake, before the hook); the measured one after.
+    client.connect_tls("mysql", db.port);
+    wait_for_hook(&agent, "/libssl.so.3");
+    client.request(json!({"op": "close"}));
+    let (fd, local) = client.connect_tls("mysql", db.port);
+    // The server's word that this session is TLS.
+    let cipher = client.sql("SHOW SESSION STATUS LIKE 'Ssl_cipher'").unwrap();
+    assert!(
+        cipher.len() == 1 && cipher[0][1].as_str().is_some_and(|c| !c.is_empty()),
+        "the session is not TLS: Ssl_cipher {cipher:?}"
+    );
+    let before = agent.operations(db.port);
+    let selects_before = before
+        .get(&("SELECT".to_string(), String::new()))
+        .copied()
+        .unwrap_or(0);
+    const N: u64 = 3;
+    for i in 0..N {
+        let rows = client
+            .sql(&format!("SELECT 'maria-secret-{i}' AS x"))
+            .unwrap();
+        assert_eq!(rows, vec![vec![json!(format!("maria-secret-{i}"))]]);
+    }
+    let ops = agent.wait_for_operation(db.port, "SELECT", "", selects_before + N);
+    // Nothing more than what was sent.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = agent.operations(db.port);
+    assert_eq!(
+        after.get(&("SELECT".to_string(), String::new())).copied(),
+        Some(selects_before + N),
+        "SELECT round trips to port {}: before {before:?}, after {after:?}",
+        db.port
+    );
+
+    let c = agent.wait_for(client.pid, "the TLS connection's statement", |cs| {
+        cs.iter()
+            .find(|c| c.local_port == Some(local) && c.last_query.is_some())
+            .cloned()
+    });
+    expect_read_tls(&agent, &c, "SELECT ? AS x", "maria-secret");
+    assert_eq!(c.fd, fd, "{c:#?}");
+    assert_eq!(c.db_system, Some(DbSystem::Mysql), "{c:#?}");
+    assert_eq!(c.db_user.as_deref(), Some(MariaDb::USER), "{c:#?}");
+    assert_eq!(c.namespace.as_deref(), Some(MariaDb::DATABASE), "{c:#?}");
+    assert!(c.round_trips > N, "{c:#?}");
+    eprintln!(
+        "MariaDB over TLS ({}): operations {ops:?}, {} round trips on the connection",
+        cipher[0][1], c.round_trips
+    );
+}
+
+// ---------------------------------------------------------------------------
+// TLS libraries not hooked
+// ---------------------------------------------------------------------------
+
+#[test]
+fn without_tls_hooks_a_tls_connection_is_timed_by_turns_without_statements() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let agent = Agent::start_with_config("[kernel]\ntls_libraries = false\n", &[]);
+    let conninfo = format!(
+        "host={LOCALHOST_V4} port={} user=postgres dbname=postgres sslmode=require \
+         gssencmode=disable application_name=tls-unhooked",
+        pg.port
+    );
+    let mut cmd = Command::new(pg.psql_bin());
+    cmd.args(["-X", "-q", "-At", &conninfo]);
+    let mut psql = SqlShell::spawn(cmd);
+    // One statement at a time, each answered before the next: turns.
+    const N: usize = 4;
+    for i in 0..N {
+        psql.send(&format!("SELECT 'unhooked-secret-{i}' AS x;"));
+        let answered = wait_until(EVENT_TIMEOUT, || {
+            psql.stdout()
+                .contains(&format!("unhooked-secret-{i}"))
+                .then_some(())
+        });
+        assert!(
+            answered.is_some(),
+            "psql did not answer: {}\n{}",
+            psql.stdout(),
+            psql.stderr()
+        );
+    }
+    let port = pg.psql_unix(
+        "SELECT a.client_port FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.application_name = 'tls-unhooked'",
+    );
+    let port: u16 = port
+        .parse()
+        .unwrap_or_else(|_| panic!("psql's session is not TLS: {port:?}"));
+
+    // A turn is counted when the next one starts: the startup turn and the
+    // first N - 1 statements at least.
+    let c = agent.wait_for(psql.pid, "the TLS connection's turns", |cs| {
+        cs.iter()
+            .find(|c| c.local_port == Some(port) && c.round_trips >= N as u64)
+            .cloned()
+    });
+    assert!(c.encrypted, "{c:#?}");
+    assert!(!c.plaintext, "nothing hooked, nothing read: {c:#?}");
+    assert_eq!(c.last_query, None, "{c:#?}");
+    assert_eq!(c.db_user, None, "the startup message is inside TLS: {c:#?}");
+    assert!(
+        !serde_json::to_string(&c)
+            .unwrap()
+            .contains("unhooked-secret"),
+        "{c:#?}"
+    );
+    let ops = agent.operations(pg.port);
+    let timed: u64 = ops.values().sum();
+    assert!(
+        timed >= N as u64,
+        "round trips timed on /metrics for port {}: {ops:?}",
+        pg.port
+    );
+    assert!(
+        !agent.log().contains("hooked TLS library"),
+        "tls_libraries = false, yet:\n{}",
+        hook_lines(&agent)
+    );
+    eprintln!(
+        "not hooked: {} round trips on the connection, operations {ops:?}",
+        c.round_trips
+    );
+}
+
+// ---------------------------------------------------------------------------
+// node-postgres over TLS
+// ---------------------------------------------------------------------------
+
+#[test]
+fn node_pg_over_tls_is_parsed_like_plaintext() {
+    if !require_kernel() || !require_node_adapter() {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let agent = Agent::start();
+    let mut cmd = Command::new("node");
+    cmd.arg(script_path("node_pg_client.js"))
+        .env("NODE_PATH", node_adapter_dir().join("node_modules"));
+    let (mut node, _) = JsonLinesChild::start(&mut cmd, "node node_pg_client.js");
+    // A first connection, on which the agent looks at what node maps; a
+    // second after it has had time to hook a library (if node maps one:
+    // its OpenSSL may be built into the binary), with the statements.
+    node.request(json!({"op": "connect", "port": pg.port, "tls": true}));
+    node.request(json!({"op": "close"}));
+    std::thread::sleep(Duration::from_secs(1));
+    let answer = node.request(json!({"op": "connect", "port": pg.port, "tls": true}));
+    assert_eq!(answer["encrypted"], true, "{answer}");
+    let local = answer["local_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("no local port in {answer}"));
+    for i in 0..3 {
+        let rows =
+            node.request(json!({"op": "sql", "sql": format!("SELECT 'node-secret-{i}' AS x")}));
+        assert_eq!(
+            rows["rows"],
+            json!([[format!("node-secret-{i}")]]),
+            "{rows}"
+        );
+    }
+    expect_server_tls(&pg, &[local]);
+
+    let mut last = None;
+    let found = wait_until(EVENT_TIMEOUT, || {
+        last = agent
+            .connections_of(node.pid)
+            .into_iter()
+            .find(|c| c.local_port == Some(local));
+        last.clone().filter(|c| c.last_query.is_some())
+    });
+    let c = found.unwrap_or_else(|| {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", node.pid)).unwrap_or_default();
+        let ssl: BTreeSet<&str> = maps
+            .lines()
+            .filter(|l| l.contains("ssl"))
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .collect();
+        panic!(
+            "no statement on node's TLS connection within {EVENT_TIMEOUT:?}: {last:#?}\n\
+             --- what node maps of *ssl* ---\n{ssl:?}\n\
+             --- the agent's TLS library lines ---\n{}",
+            hook_lines(&agent)
+        )
+    });
+    expect_read_tls(&agent, &c, "SELECT ? AS x", "node-secret");
+    assert_eq!(c.db_user.as_deref(), Some("postgres"), "{c:#?}");
+}
