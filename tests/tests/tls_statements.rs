@@ -201,10 +201,8 @@ fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
     let count_selector = format!(
         "db_client_operation_duration_seconds_count{{db_operation_name=\"SELECT\",server_port=\"{port}\"}}"
     );
-    // Wait until the agent has drained everything pgbench sent. Summed over
-    // the series: the first connection's statements are read from the
-    // middle of its session on (its startup, with the database name, went
-    // before the hook), so they have no db_namespace.
+    // Wait until the agent has drained everything pgbench sent (summed over
+    // the series, in case a statement came without its database's name).
     let counted = wait_until(EVENT_TIMEOUT, || {
         let n = agent.metric_sum(&count_selector);
         (n >= transactions).then_some(n)
@@ -260,9 +258,7 @@ fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
         "every connection of pgbench encrypted (local port, server says TLS, encrypted, \
          plaintext, round trips): {summary:?}"
     );
-    // Read, the clients' ones. pgbench's first connection (its few
-    // set-up queries) opens before the agent has hooked libssl and may be
-    // over before it: that one is timed by turns, not read.
+    // The clients: the connections that ran thousands of SELECTs.
     let clients: Vec<&ConnectionView> = conns.iter().filter(|c| c.round_trips >= 100).collect();
     assert_eq!(
         clients.len(),
@@ -270,10 +266,19 @@ fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
         "pgbench's clients (local port, server says TLS, encrypted, plaintext, round \
          trips): {summary:?}"
     );
+    // pgbench maps the system's libssl, which the server (started before
+    // the agent) maps too: the agent hooked it at its start, so every
+    // connection of pgbench, its first included, is read from its startup
+    // message on.
+    assert!(
+        conns
+            .iter()
+            .all(|c| c.plaintext && c.db_user.as_deref() == Some("postgres")),
+        "every connection read from its start (local port, server says TLS, encrypted, \
+         plaintext, round trips): {summary:?}\n{conns:#?}"
+    );
     for c in &clients {
-        // Not db_user and namespace: pgbench opens its clients right after
-        // its first connection, and a client's startup message may go
-        // before the agent has hooked libssl (seen: 1 of 4 in one run).
+        assert_eq!(c.namespace.as_deref(), Some("postgres"), "{c:#?}");
         expect_read_tls(&agent, c, PGBENCH_SELECT, "aid = 1");
         let port = c.local_port.unwrap();
         assert_eq!(
