@@ -49,9 +49,12 @@ pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16
 
 /// TLS session (`SSL *`) -> the connection it last moved bytes on, for the
 /// reads a library serves from its buffer without touching the socket.
+/// LRU: sessions end without telling (SSL_free is not hooked); the least
+/// recently used is a session gone, or one that learns its connection
+/// again at its next call that moves bytes. About 2.5 MiB of kernel memory.
 #[map]
 pub static TLS_SESSIONS: LruHashMap<TlsSessionKey, TlsSession> =
-    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+    LruHashMap::with_max_entries(32768, 0);
 
 /// The tracked connection whose TLS records each thread (of a process that
 /// calls a TLS library) last received outside a TLS call: the connection
