@@ -19,7 +19,9 @@
 //! - with `[kernel] tls_libraries = false` psql's TLS connection is
 //!   `encrypted` without `plaintext`: no statement, still timed by
 //!   request/response turns;
-//! - node-postgres over TLS (Node's own OpenSSL, memory BIOs).
+//! - node-postgres over TLS (Node's own OpenSSL, memory BIOs);
+//! - psql in a mount namespace of its own (as in a container) with a copy
+//!   of libssl that only its namespace has: hooked through `/proc/PID/root`.
 //!
 //! Every test checks from the server's side that the connection it looks at
 //! really is TLS (PostgreSQL: `pg_stat_ssl` by client port; MariaDB: the
@@ -605,4 +607,95 @@ fn node_pg_over_tls_is_parsed_like_plaintext() {
     });
     expect_read_tls(&agent, &c, "SELECT ? AS x", "node-secret");
     assert_eq!(c.db_user.as_deref(), Some("postgres"), "{c:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// A libssl only a container's mount namespace has
+// ---------------------------------------------------------------------------
+
+/// The libssl file `binary` links, from `ldd`.
+fn linked_libssl(binary: &std::path::Path) -> std::path::PathBuf {
+    let out = Command::new("ldd").arg(binary).output().expect("ldd");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .filter(|l| l.trim_start().starts_with("libssl"))
+        .find_map(|l| l.split("=>").nth(1)?.split_whitespace().next())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| panic!("{} links no libssl:\n{text}", binary.display()))
+}
+
+/// A process in a mount namespace of its own (as in a container) maps a
+/// libssl from a directory that only its namespace has (a tmpfs mounted
+/// there, over a directory that is empty on the host): the agent can only
+/// reach that file through `/proc/PID/root`, hooks it, and reads the
+/// process's statements.
+#[test]
+fn a_libssl_only_a_mount_namespace_has_is_hooked_through_proc_root() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let agent = Agent::start();
+    let dir = TempDir::new("poolscope-tls-namespace");
+    let libssl = linked_libssl(&pg.psql_bin());
+    let name = libssl.file_name().unwrap().to_string_lossy().to_string();
+    let private = dir.path().display().to_string();
+    let conninfo = format!(
+        "host={LOCALHOST_V4} port={} user=postgres dbname=postgres sslmode=require \
+         gssencmode=disable application_name=tls-namespace",
+        pg.port
+    );
+    // A copy (another inode than the host's libssl, which is hooked
+    // already), in a tmpfs only this namespace sees.
+    let script = format!(
+        "mount -t tmpfs poolscope-test {private} && cp {lib} {private}/{name} && \
+         LD_LIBRARY_PATH={private} exec {psql} -X -q -At '{conninfo}'",
+        lib = libssl.display(),
+        psql = pg.psql_bin().display(),
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let mut psql = SqlShell::spawn(cmd);
+    psql.send("SELECT 1;");
+    let in_namespace = format!("{private}/{name}");
+    let hooked = wait_for_hook(&agent, &in_namespace);
+    assert!(
+        !std::path::Path::new(&in_namespace).exists(),
+        "{in_namespace} must not exist outside the namespace"
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", psql.pid)).unwrap_or_default();
+    assert!(
+        maps.contains(&in_namespace),
+        "psql maps its libssl from the namespace's tmpfs: {hooked}"
+    );
+    // The hook came after the connection's start; what psql sends now is
+    // read (the parser picks the session up from the first plaintext).
+    psql.send("SELECT 'namespace-secret' AS x;");
+    let answered = wait_until(EVENT_TIMEOUT, || {
+        psql.stdout().contains("namespace-secret").then_some(())
+    });
+    assert!(
+        answered.is_some(),
+        "psql: {}\n{}",
+        psql.stdout(),
+        psql.stderr()
+    );
+    let port: u16 = pg
+        .psql_unix(
+            "SELECT a.client_port FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE s.ssl AND a.application_name = 'tls-namespace'",
+        )
+        .parse()
+        .expect("psql's session is TLS");
+    let c = agent.wait_for(
+        psql.pid,
+        "the statement on the namespace's TLS connection",
+        |cs| {
+            cs.iter()
+                .find(|c| c.local_port == Some(port) && c.last_query.is_some())
+                .cloned()
+        },
+    );
+    expect_read_tls(&agent, &c, "SELECT ? AS x;", "namespace-secret");
+    eprintln!("hooked through /proc/PID/root: {hooked}");
 }
