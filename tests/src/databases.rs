@@ -16,6 +16,16 @@ use crate::{
 };
 
 /// The `bin` directory of the newest PostgreSQL under /usr/lib/postgresql.
+/// A number after `label` in pgbench's summary.
+pub fn pgbench_number(output: &str, label: &str) -> f64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in pgbench output:\n{output}"))
+}
+
 pub fn postgres_bin_dir() -> PathBuf {
     let versions = fs::read_dir("/usr/lib/postgresql")
         .ok()

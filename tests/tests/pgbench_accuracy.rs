@@ -6,17 +6,9 @@
 
 use std::process::Command;
 
-use poolscope_tests::{metric_sample, postgres_bin_dir, require_kernel, Agent, Postgres};
-
-/// A number after `label` in pgbench's summary.
-fn pgbench_number(output: &str, label: &str) -> f64 {
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {label:?} in pgbench output:\n{output}"))
-}
+use poolscope_tests::{
+    metric_sample, pgbench_number, postgres_bin_dir, require_kernel, Agent, Postgres,
+};
 
 #[test]
 fn pgbench_selects_are_counted_and_timed() {

@@ -38,10 +38,10 @@ use std::{
 };
 
 use poolscope_tests::{
-    adapter_config, json, metric_sample, node_adapter_dir, postgres_bin_dir, require_kernel,
-    require_node_adapter, script_path, wait_until, Agent, ConnectionView, DbClient, DbSystem,
-    JsonLinesChild, LeakKind, MariaDb, PoolApp, Postgres, ReportStatus, Seen, SqlShell, TempDir,
-    TxState, EVENT_TIMEOUT, LOCALHOST_V4,
+    adapter_config, json, metric_sample, node_adapter_dir, pgbench_number, postgres_bin_dir,
+    require_kernel, require_node_adapter, script_path, wait_until, Agent, ConnectionView, DbClient,
+    DbSystem, JsonLinesChild, LeakKind, MariaDb, PoolApp, Postgres, ReportStatus, Seen, SqlShell,
+    TempDir, TxState, EVENT_TIMEOUT, LOCALHOST_V4,
 };
 
 /// Short leak thresholds (as adapter_python.rs): idle in transaction fires
@@ -132,16 +132,6 @@ fn expect_read_tls(agent: &Agent, c: &ConnectionView, query: &str, secret: &str)
 // ---------------------------------------------------------------------------
 // pgbench over TLS
 // ---------------------------------------------------------------------------
-
-/// A number after `label` in pgbench's summary.
-fn pgbench_number(output: &str, label: &str) -> f64 {
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {label:?} in pgbench output:\n{output}"))
-}
 
 /// pgbench -S's statement (`\set aid random(...)` then this), sanitized.
 const PGBENCH_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = ?;";
