@@ -12,7 +12,9 @@ answers, not failures: {"ok": true, "db_error": {"code": "42601", ...}}.
   {"op": "pid"}                                   -> {"pid": N}
   {"op": "connect", "system": "postgresql", "port": P, "tls": false}
       psycopg 3, autocommit, no automatic preparing, no TLS (with
-      "tls": true, sslmode=require: TLS, the certificate not verified)
+      "tls": true, sslmode=require: TLS, the certificate not verified);
+      with "driver": "psycopg2", psycopg2 instead (its binary wheel, pinned
+      by cargo xtask setup, bundles libpq and OpenSSL 1.1)
   {"op": "connect", "system": "mysql", "port": P, "tls": false}
       mysql-connector-python (pure Python), user and database "poolscope"
       (MariaDb fixture), autocommit, no TLS (with "tls": true, TLS through
@@ -52,7 +54,21 @@ def connect(req):
     global conn
     system, port = req["system"], int(req["port"])
     tls = bool(req.get("tls", False))
-    if system == "postgresql":
+    if system == "postgresql" and req.get("driver") == "psycopg2":
+        import psycopg2
+
+        c = psycopg2.connect(
+            host="127.0.0.1",
+            port=port,
+            user=req.get("user", "postgres"),
+            dbname=req.get("database", "postgres"),
+            sslmode="require" if tls else "disable",
+            gssencmode="disable",
+        )
+        c.autocommit = True
+        fd = c.fileno()
+        system = "postgresql-psycopg2"
+    elif system == "postgresql":
         import psycopg
 
         c = psycopg.connect(
@@ -133,6 +149,15 @@ def run_sql(req):
         except psycopg.Error as e:
             code = e.diag.sqlstate if e.diag else None
             return {"rows": None, "db_error": {"code": code, "message": str(e)}}
+    elif system == "postgresql-psycopg2":
+        import psycopg2
+
+        try:
+            with c.cursor() as cur:
+                cur.execute(sql)
+                rows = cur.fetchall() if cur.description else None
+        except psycopg2.Error as e:
+            return {"rows": None, "db_error": {"code": e.pgcode, "message": str(e)}}
     elif system == "mysql":
         import mysql.connector
 

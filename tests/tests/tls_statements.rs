@@ -21,7 +21,8 @@
 //!   request/response turns;
 //! - node-postgres over TLS (Node's own OpenSSL, memory BIOs);
 //! - psql in a mount namespace of its own (as in a container) with a copy
-//!   of libssl that only its namespace has: hooked through `/proc/PID/root`.
+//!   of libssl that only its namespace has: hooked through `/proc/PID/root`;
+//! - psycopg2 (its wheel bundles OpenSSL 1.1.1): OpenSSL 1.1 read as 3.
 //!
 //! Every test checks from the server's side that the connection it looks at
 //! really is TLS (PostgreSQL: `pg_stat_ssl` by client port; MariaDB: the
@@ -688,4 +689,55 @@ fn a_libssl_only_a_mount_namespace_has_is_hooked_through_proc_root() {
     );
     expect_read_tls(&agent, &c, "SELECT ? AS x;", "namespace-secret");
     eprintln!("hooked through /proc/PID/root: {hooked}");
+}
+
+// ---------------------------------------------------------------------------
+// psycopg2 and OpenSSL 1.1
+// ---------------------------------------------------------------------------
+
+/// psycopg2's binary wheel (2.9.5, as `cargo xtask setup` pins it) bundles
+/// libpq and OpenSSL 1.1.1 (`psycopg2_binary.libs/libssl-<hash>.so.1.1`), a
+/// file no other process maps: the agent hooks it after the first connect,
+/// and the next connection is read from its startup message on, as with
+/// OpenSSL 3.
+#[test]
+fn psycopg2_with_openssl_1_1_is_parsed_like_plaintext() {
+    if !require_kernel() {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let agent = Agent::start();
+    let mut client = DbClient::spawn();
+    let connect = json!({
+        "op": "connect", "system": "postgresql", "port": pg.port, "tls": true,
+        "driver": "psycopg2",
+    });
+    client.request(connect.clone());
+    let hooked = wait_for_hook(&agent, ".so.1.1");
+    assert!(
+        hooked.contains("psycopg2_binary.libs/libssl-"),
+        "the wheel's own OpenSSL 1.1: {hooked}"
+    );
+    client.request(json!({"op": "close"}));
+    let answer = client.request(connect);
+    let local = answer["local_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("no local port in {answer}"));
+    let version = client.sql("SHOW ssl").unwrap();
+    assert_eq!(version, vec![vec![json!("on")]]);
+    let rows = client.sql("SELECT 'psycopg2-secret' AS x").unwrap();
+    assert_eq!(rows, vec![vec![json!("psycopg2-secret")]]);
+    expect_server_tls(&pg, &[local]);
+    let c = agent.wait_for(client.pid, "the OpenSSL 1.1 connection's statement", |cs| {
+        cs.iter()
+            .find(|c| {
+                c.local_port == Some(local) && c.last_query.as_deref() == Some("SELECT ? AS x")
+            })
+            .cloned()
+    });
+    expect_read_tls(&agent, &c, "SELECT ? AS x", "psycopg2-secret");
+    assert_eq!(c.db_user.as_deref(), Some("postgres"), "{c:#?}");
+    assert_eq!(c.namespace.as_deref(), Some("postgres"), "{c:#?}");
+    eprintln!("OpenSSL 1.1: {hooked}");
 }

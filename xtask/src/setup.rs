@@ -63,11 +63,14 @@ const TEST_PIP: &[&str] = &[
     "mysql-connector-python",
     "SQLAlchemy",
     "psycopg_pool",
+    // The TLS tests' OpenSSL 1.1 client: this release's binary wheel
+    // bundles libpq and OpenSSL 1.1.1 (psycopg2_binary.libs/libssl-*.so.1.1).
+    "psycopg2-binary==2.9.5",
     // deploy.rs validates the Kubernetes manifests with it (offline schemas).
     "kubernetes-validate",
 ];
 const TEST_PIP_IMPORTS: &str =
-    "import psycopg, mysql.connector, sqlalchemy, psycopg_pool, kubernetes_validate";
+    "import psycopg, psycopg2, mysql.connector, sqlalchemy, psycopg_pool, kubernetes_validate";
 
 /// `with_test_deps: false` installs only what building the agent needs.
 pub fn setup(with_test_deps: bool) -> Result<()> {
