@@ -68,10 +68,13 @@ impl DbSystem {
 
     /// The system usually served on `port`; a hint only.
     pub fn from_port(port: u16) -> Option<DbSystem> {
+        // 6432: pgbouncer; 6380: Redis over TLS (Azure's, and the usual
+        // `rediss` port), where the port is the only hint a direct TLS
+        // start gives.
         match port {
-            5432 => Some(DbSystem::Postgresql),
+            5432 | 6432 => Some(DbSystem::Postgresql),
             3306 => Some(DbSystem::Mysql),
-            6379 => Some(DbSystem::Redis),
+            6379 | 6380 => Some(DbSystem::Redis),
             _ => None,
         }
     }

@@ -434,5 +434,8 @@ mod tests {
             (Some(DbSystem::Postgresql), true)
         );
         assert_eq!(out, vec![Observation::Encrypted]);
+        let mut p = SessionParser::new(Some(6380));
+        p.feed(&Chunk::whole(Direction::ToServer, 1, &hello), &mut out);
+        assert_eq!(p.system(), Some(DbSystem::Redis), "rediss' usual port");
     }
 }
