@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod copy;
 mod io;
 mod maps;
 mod sock_io;

@@ -24,7 +24,7 @@ use aya_ebpf::{
 
 use crate::{
     arch,
-    io::{head_limit, send_data_event, UserIo},
+    copy::{head_limit, send_data_event, UserIo},
     maps::{CONNS, SOCKS, TLS_CALLS, TRACKED_PROCS},
     stat_add, syscall_regs,
     tls::{claim_tls_io, note_tls_receive},

@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    io::{head_limit, send_data_event, UserIo},
+    copy::{head_limit, send_data_event, UserIo},
     maps::{CONNS, LAST_TLS_RECEIVE, TLS_CALLS, TLS_SESSIONS, TRACKED_PROCS},
     stat_add,
 };

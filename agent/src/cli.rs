@@ -331,7 +331,7 @@ impl AgentClient {
         }
         // reqwest has no TLS crypto provider of its own (see the root
         // Cargo.toml): building a client without one installed panics.
-        crate::telemetry::otlp::install_crypto_provider();
+        crate::https::install_crypto_provider();
         let http = reqwest::blocking::Client::builder()
             .user_agent(concat!("poolscope/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)

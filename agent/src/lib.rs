@@ -11,6 +11,7 @@ pub mod config_types;
 pub mod detect;
 pub mod ebpf;
 pub mod health;
+pub mod https;
 pub mod identity;
 pub mod kernel_records;
 pub mod kubernetes;

@@ -156,7 +156,7 @@ impl Fetcher {
     /// blocking client refuses).
     pub fn new(server: ApiServer) -> anyhow::Result<Fetcher> {
         // reqwest has no TLS crypto provider of its own (root Cargo.toml).
-        crate::telemetry::otlp::install_crypto_provider();
+        crate::https::install_crypto_provider();
         let mut builder = reqwest::blocking::Client::builder()
             .user_agent(concat!("poolscope/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(server.timeout)

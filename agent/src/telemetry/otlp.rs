@@ -747,22 +747,10 @@ fn http_settings<B: WithExportConfig + WithHttpConfig>(
     Ok(builder)
 }
 
-/// Makes ring the process's TLS crypto provider, which every reqwest client
-/// needs before it is built (this module's and the CLI's): reqwest is
-/// compiled without one of its own, since the one it would bring, aws-lc,
-/// needs cmake to build. ring is also what tonic uses (tls-ring). rustls
-/// deprecates ring's provider for lacking post-quantum key exchange.
-/// Idempotent: a provider installed already serves as well.
-pub fn install_crypto_provider() {
-    #[allow(deprecated)]
-    let provider = rustls::crypto::ring::default_provider();
-    let _ = provider.install_default();
-}
-
 /// A blocking HTTP client with the signal's timeout and TLS material. Only
 /// on a thread outside the Tokio runtime.
 fn http_client(settings: &SignalSettings) -> anyhow::Result<reqwest::blocking::Client> {
-    install_crypto_provider();
+    crate::https::install_crypto_provider();
     let mut client = reqwest::blocking::Client::builder().timeout(settings.timeout);
     if settings.is_https() {
         if let Some(ca) = &settings.tls.ca_pem {
