@@ -427,6 +427,23 @@ impl Pipeline {
         })
     }
 
+    /// Hooks the libssl files that running processes map, so that a
+    /// process started later with one of them is read from its first call.
+    fn hook_running_tls_libraries(&self) {
+        for (pid, found) in procfs::tls_libraries_of_all(Path::new("/proc")) {
+            if pid == std::process::id() {
+                continue;
+            }
+            let hooked = self
+                .kernel
+                .with(|k| k.hook_tls_libraries(pid, found.uid, &found.libraries));
+            if hooked.is_err() {
+                // The kernel side is broken; the agent is stopping.
+                return;
+            }
+        }
+    }
+
     /// A connection of `pid` is encrypted and its plaintext not read: look
     /// at the process's libraries again, unless one is hooked already (its
     /// next call gives the plaintext) or it was looked at lately.
@@ -953,19 +970,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dropped_while_seeding: AtomicU64::new(0),
     });
 
-    // The libssl files that running processes map are hooked now, so that
-    // a process started later with one of them is read from its first call.
-    if config.kernel.tls_libraries {
-        let running = procfs::tls_libraries_of_all(Path::new("/proc"));
-        pipeline.kernel.with(|k| {
-            for (pid, found) in &running {
-                if *pid != std::process::id() {
-                    k.hook_tls_libraries(*pid, found.uid, &found.libraries);
-                }
-            }
-        })?;
-    }
-
     // Every task that must run for the agent to be whole; the first one to
     // end, however it ends, stops the agent with its reason.
     let mut tasks = Tasks::default();
@@ -998,6 +1002,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             },
         ),
     );
+    if config.kernel.tls_libraries {
+        // Beside the event reader, not before it: reading every process's
+        // mappings takes a while, and the kernel's events must not wait.
+        let pipeline = Arc::clone(&pipeline);
+        tokio::task::spawn_blocking(move || pipeline.hook_running_tls_libraries());
+    }
     // Without the adapter socket the agent still sees every connection from
     // the kernel; say so (log and readiness) rather than refuse to run.
     if config.adapter.enabled {
