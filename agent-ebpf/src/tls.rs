@@ -9,13 +9,15 @@
 //! the socket. A library that encrypts in memory and leaves the socket to
 //! its caller (Node.js) does no I/O inside its calls: its session is tied
 //! by a read call that follows the thread's receive of TLS records on a
-//! tracked connection (`note_tls_receive`). This needs no offsets into the library's structures, which
-//! differ between versions and builds. The ciphertext of a connection whose
-//! plaintext is copied here is not copied (`conn_flags::TLS_PLAINTEXT`).
+//! tracked connection (`note_tls_receive`). None of this needs offsets into
+//! the library's structures, which differ between versions and builds. The
+//! ciphertext of a connection whose plaintext is copied here is not copied
+//! (`conn_flags::TLS_PLAINTEXT`).
 //!
 //! Cost: the uprobes fire in every process that calls the library. One that
 //! tracks no connection leaves after one array load; a session known not
-//! to be a database's leaves after one lookup.
+//! to be a database's leaves after one lookup. The breakpoint trap itself
+//! costs more than these programs (docs/data-path.md, TLS libraries).
 
 use agent_common::{
     conn_flags, data_source, direction, io_kind, stat, tls_flags, tracked_procs_slot, ConnKey,
