@@ -578,6 +578,70 @@ fn mariadb_connections_are_named_by_their_socket() {
     assert_eq!(end["adapter"]["dropped"].as_u64(), Some(0), "{end}");
 }
 
+/// Issue 16: a TLS library the agent does not hook, Java's own (JSSE, which
+/// pgjdbc encrypts with): the connection is `encrypted` without
+/// `plaintext`, no statement is read, its request/response turns are still
+/// counted, and the adapter's leak report names it as over plaintext.
+#[test]
+fn jsse_tls_connections_are_timed_by_turns_and_said_unread() {
+    if !require_kernel() {
+        return;
+    }
+    let Some(built) = java_adapter() else {
+        return;
+    };
+    let pg = Postgres::start_tls();
+    let rig = Rig::start();
+    let agent = &rig.agent;
+    let server = format!("{LOCALHOST_V4}:{}", pg.port);
+    let db = Db {
+        kind: "postgresql",
+        // pgjdbc's sslmode=require: TLS, the certificate not verified.
+        jdbc_url: format!("jdbc:postgresql://{server}/postgres?sslmode=require"),
+        user: "postgres",
+    };
+    let pool = "java-tls";
+    let mut app = JavaApp::spawn(built, &rig.stream, &db, pool, 2);
+    let pid = app.pid;
+    expect_registration(
+        agent,
+        pid,
+        pool,
+        2,
+        DbSystem::Postgresql,
+        &server,
+        "postgres",
+    );
+    let leak = app.checkout("leak", "leak");
+    let port = leak.local.port();
+    let ssl = pg.psql_unix(&format!(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.client_port = {port}"
+    ));
+    assert_eq!(ssl, "t", "the server's session from port {port} is TLS");
+    let c = agent.wait_for(pid, "the JSSE connection's turns", |cs| {
+        cs.iter()
+            .find(|c| c.local_port == Some(port) && c.round_trips > 0)
+            .cloned()
+    });
+    assert!(c.encrypted && !c.plaintext, "JSSE is not hooked: {c:#?}");
+    assert_eq!(c.last_query, None, "{c:#?}");
+    assert_eq!(
+        c.db_user, None,
+        "the startup message went inside TLS: {c:#?}"
+    );
+    let mut seen = Seen::new(agent, pid);
+    seen.watch_for_first(LEAK_S, "the TLS connection leaked", |s| {
+        s.find(LeakKind::Leaked, port).is_some()
+    });
+    let r = seen.on_time(LeakKind::Leaked, &leak, LEAK_S, "the TLS leak");
+    assert_eq!(r.pool.as_deref(), Some(pool), "{r:#?}");
+    assert_eq!(r.last_query, None, "nothing read over JSSE: {r:#?}");
+    app.request(json!({"op": "release", "id": "leak"}));
+    let end = app.request(json!({"op": "exit"}));
+    assert_eq!(end["adapter"]["dropped"].as_u64(), Some(0), "{end}");
+}
+
 /// The adapter's own unit tests (adapters/java/src/test/java): no agent,
 /// database or kernel needed.
 #[test]
