@@ -4,7 +4,9 @@
 //! buffer per thread; exit, once the byte count is known, copies the bytes
 //! into a ring-buffer record (`copy`).
 
-use agent_common::{conn_flags, data_source, direction, io_kind, ConnKey, IoArgs};
+use agent_common::{
+    conn_flags, data_source, direction, io_kind, tracked_procs_slot, ConnKey, IoArgs,
+};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
@@ -13,8 +15,8 @@ use aya_ebpf::{
 
 use crate::{
     copy::{head_limit, send_data_event, UserIo},
-    maps::{CONNS, IO_ARGS},
-    tls::claim_tls_io,
+    maps::{CONNS, IO_ARGS, TRACKED_PROCS},
+    tls::{claim_tls_io, tls_call_in_flight},
     SYSCALL_ARG0, SYSCALL_ARG1, SYSCALL_ARG2, SYSCALL_RET,
 };
 
@@ -35,7 +37,12 @@ fn io_enter(ctx: &TracePointContext, dir: u8, io: u8) -> Result<(), i64> {
         None => return Ok(()),
     };
     // A TLS library's I/O: its plaintext is copied at the library's call.
-    if claim_tls_io(pid_tgid, key) {
+    let marks = TRACKED_PROCS
+        .get(tracked_procs_slot(key.tgid))
+        .copied()
+        .unwrap_or(0);
+    if let Some(call) = tls_call_in_flight(pid_tgid, marks) {
+        claim_tls_io(call, key);
         return Ok(());
     }
     if info.flags & (COPIED_HERE | conn_flags::TLS_PLAINTEXT) != COPIED_HERE {

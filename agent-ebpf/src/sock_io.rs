@@ -25,9 +25,9 @@ use aya_ebpf::{
 use crate::{
     arch,
     copy::{head_limit, send_data_event, UserIo},
-    maps::{CONNS, SOCKS, TLS_CALLS, TRACKED_PROCS},
+    maps::{CONNS, SOCKS, TRACKED_PROCS},
     stat_add, syscall_regs,
-    tls::{claim_tls_io, note_tls_receive},
+    tls::{claim_tls_io, note_tls_receive, tls_call_in_flight},
     SyscallRegs,
 };
 
@@ -73,14 +73,14 @@ fn on_socket_io(ctx: &RawTracePointContext, dir: u8) -> Result<(), i64> {
         return Ok(());
     }
     // Inside a TLS library's call: the call's connection, and ciphertext.
-    if marks & tracked_procs::IN_TLS != 0 && TLS_CALLS.get_ptr(pid_tgid).is_some() {
+    if let Some(call) = tls_call_in_flight(pid_tgid, marks) {
         let regs = syscall_regs()?;
         if data_syscall_kind(regs.nr).is_some() {
             let key = ConnKey {
                 tgid,
                 fd: regs.arg0 as u32,
             };
-            claim_tls_io(pid_tgid, key);
+            claim_tls_io(call, key);
         } else {
             stat_add(stat::UNREADABLE_SOCKET_IO, 1);
         }

@@ -20,8 +20,8 @@
 //! costs more than these programs (docs/data-path.md, TLS libraries).
 
 use agent_common::{
-    conn_flags, data_source, direction, io_kind, stat, tls_flags, tracked_procs_slot, ConnKey,
-    TlsCall, TlsSession, TlsSessionKey, TLS_NOT_DATABASE_SKIPS,
+    conn_flags, data_source, direction, io_kind, stat, tls_flags, tracked_procs,
+    tracked_procs_slot, ConnKey, TlsCall, TlsSession, TlsSessionKey, TLS_NOT_DATABASE_SKIPS,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
@@ -118,14 +118,21 @@ fn tls_call_enter(ctx: &ProbeContext, dir: u8, ex: bool) -> Result<(), i64> {
     Ok(())
 }
 
-/// The socket I/O of `pid_tgid` on `key`, if it happens inside a TLS call:
-/// names the call's connection, and says that these bytes are ciphertext
-/// (not to be copied). Only for processes marked `IN_TLS`.
+/// The TLS call the thread `pid_tgid` is inside, if its process (with
+/// `TRACKED_PROCS` marks `marks`) ever made one: one lookup, and none for
+/// processes that never called a hooked library.
 #[inline(always)]
-pub(crate) fn claim_tls_io(pid_tgid: u64, key: ConnKey) -> bool {
-    let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) else {
-        return false;
-    };
+pub(crate) fn tls_call_in_flight(pid_tgid: u64, marks: u32) -> Option<*mut TlsCall> {
+    if marks & tracked_procs::IN_TLS == 0 {
+        return None;
+    }
+    TLS_CALLS.get_ptr_mut(pid_tgid)
+}
+
+/// Socket I/O on `key` inside `call` (from [`tls_call_in_flight`]): names
+/// the call's connection. These bytes are ciphertext, not to be copied.
+#[inline(always)]
+pub(crate) fn claim_tls_io(call: *mut TlsCall, key: ConnKey) {
     // SAFETY: pointers into this thread's call entry and this connection's
     // entry; only this thread writes the call, and a racing writer of the
     // connection's flags only sets bits too.
@@ -144,7 +151,6 @@ pub(crate) fn claim_tls_io(pid_tgid: u64, key: ConnKey) -> bool {
             None => (*call).flags |= tls_flags::NOT_DATABASE,
         }
     }
-    true
 }
 
 fn tls_call_exit(ctx: &RetProbeContext) -> Result<(), i64> {

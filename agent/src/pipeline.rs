@@ -136,6 +136,10 @@ struct CaptureBytes {
     redis: u32,
 }
 
+/// How long after its seeding the agent hooks the libssl files of the
+/// processes already running.
+const RUNNING_TLS_LIBRARIES_AFTER: Duration = Duration::from_secs(3);
+
 /// How often a process with encrypted connections and no hooked TLS library
 /// has its libraries looked at again.
 const TLS_RESCAN_NS: u64 = 10_000_000_000;
@@ -999,15 +1003,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Seeding {
                 from_proc: config.tracking.seed_from_proc,
                 unix_sockets: config.kernel.unix_sockets,
+                tls_libraries: config.kernel.tls_libraries,
             },
         ),
     );
-    if config.kernel.tls_libraries {
-        // Beside the event reader, not before it: reading every process's
-        // mappings takes a while, and the kernel's events must not wait.
-        let pipeline = Arc::clone(&pipeline);
-        tokio::task::spawn_blocking(move || pipeline.hook_running_tls_libraries());
-    }
     // Without the adapter socket the agent still sees every connection from
     // the kernel; say so (log and readiness) rather than refuse to run.
     if config.adapter.enabled {
@@ -1252,6 +1251,9 @@ struct Seeding {
     /// Without the Unix-socket tracepoints nothing would see such a
     /// connection close, so none is seeded.
     unix_sockets: bool,
+    /// `[kernel] tls_libraries`: once seeded, hook the libssl files that
+    /// running processes map.
+    tls_libraries: bool,
 }
 
 /// Seeds from /proc (when asked) while already draining the ring, so that a
@@ -1311,6 +1313,17 @@ async fn read_events(
                 .dropped_while_seeding
                 .fetch_add(held.dropped, Relaxed);
         }
+    }
+    if seeding.tls_libraries {
+        // After the seeding (its /proc scan must not share the CPU with this
+        // one: the events held meanwhile are bounded) and a few seconds more
+        // (hooking a file holds the kernel side, and the reader has the
+        // start-up's backlog to drain first), beside the reader.
+        let pipeline = Arc::clone(&pipeline);
+        tokio::spawn(async move {
+            tokio::time::sleep(RUNNING_TLS_LIBRARIES_AFTER).await;
+            tokio::task::spawn_blocking(move || pipeline.hook_running_tls_libraries()).await
+        });
     }
     pipeline.health().reader_started(monotonic_ns());
     loop {

@@ -54,10 +54,9 @@ def connect(req):
     global conn
     system, port = req["system"], int(req["port"])
     tls = bool(req.get("tls", False))
-    if system == "postgresql" and req.get("driver") == "psycopg2":
-        import psycopg2
-
-        c = psycopg2.connect(
+    if system == "postgresql":
+        # What both drivers take alike (libpq's connection parameters).
+        params = dict(
             host="127.0.0.1",
             port=port,
             user=req.get("user", "postgres"),
@@ -65,25 +64,24 @@ def connect(req):
             sslmode="require" if tls else "disable",
             gssencmode="disable",
         )
-        c.autocommit = True
-        fd = c.fileno()
-        system = "postgresql-psycopg2"
-    elif system == "postgresql":
-        import psycopg
+        if req.get("driver") == "psycopg2":
+            import psycopg2
 
-        c = psycopg.connect(
-            host="127.0.0.1",
-            port=port,
-            user=req.get("user", "postgres"),
-            dbname=req.get("database", "postgres"),
-            sslmode="require" if tls else "disable",
-            gssencmode="disable",
-            autocommit=True,
-            # No automatic preparing of repeated statements (None would
-            # also turn prepare=True off).
-            prepare_threshold=1_000_000,
-        )
-        fd = c.pgconn.socket
+            c = psycopg2.connect(**params)
+            c.autocommit = True
+            fd = c.fileno()
+            system = "postgresql-psycopg2"
+        else:
+            import psycopg
+
+            c = psycopg.connect(
+                **params,
+                autocommit=True,
+                # No automatic preparing of repeated statements (None would
+                # also turn prepare=True off).
+                prepare_threshold=1_000_000,
+            )
+            fd = c.pgconn.socket
     elif system == "mysql":
         import mysql.connector
 

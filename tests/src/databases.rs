@@ -246,6 +246,22 @@ impl Postgres {
     }
 
     /// The psql client binary of the same installation.
+    /// `pgbench -i -s SCALE` over the Unix socket (the TCP port stays for
+    /// what a test measures).
+    pub fn pgbench_init(&self, scale: u32) {
+        let init = Command::new(postgres_bin_dir().join("pgbench"))
+            .args([
+                "-h",
+                path_str(self.socket_dir()),
+                "-p",
+                &self.port.to_string(),
+            ])
+            .args(["-U", "postgres", "-i", "-s", &scale.to_string(), "postgres"])
+            .output()
+            .expect("pgbench -i");
+        assert!(init.status.success(), "pgbench -i failed: {init:?}");
+    }
+
     pub fn psql_bin(&self) -> PathBuf {
         self.bin.join("psql")
     }

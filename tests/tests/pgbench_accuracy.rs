@@ -18,13 +18,8 @@ fn pgbench_selects_are_counted_and_timed() {
     let pg = Postgres::start();
     let pgbench = postgres_bin_dir().join("pgbench");
     let port = pg.port.to_string();
-    // Initialise over the Unix socket so that only the measured run uses the port.
-    let init = Command::new(&pgbench)
-        .args(["-h", &pg.socket_dir().display().to_string(), "-p", &port])
-        .args(["-U", "postgres", "-i", "-s", "2", "postgres"])
-        .output()
-        .expect("pgbench -i");
-    assert!(init.status.success(), "pgbench -i failed: {init:?}");
+    // Over the Unix socket, so that only the measured run uses the port.
+    pg.pgbench_init(2);
 
     let agent = Agent::start();
     let out = Command::new(&pgbench)

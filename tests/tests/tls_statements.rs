@@ -146,15 +146,13 @@ fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
     let pg = Postgres::start_tls();
     let pgbench = postgres_bin_dir().join("pgbench");
     let port = pg.port.to_string();
-    // Initialise over the Unix socket so that only the measured run uses the port.
-    let init = Command::new(&pgbench)
-        .args(["-h", &pg.socket_dir().display().to_string(), "-p", &port])
-        .args(["-U", "postgres", "-i", "-s", "2", "postgres"])
-        .output()
-        .expect("pgbench -i");
-    assert!(init.status.success(), "pgbench -i failed: {init:?}");
+    // Over the Unix socket, so that only the measured run uses the port.
+    pg.pgbench_init(2);
 
     let agent = Agent::start();
+    // The server maps the system's libssl, which pgbench maps too: the agent
+    // hooks it once its start-up is over, before pgbench's first call.
+    wait_for_hook(&agent, "/libssl.so.3");
     let run = Command::new(&pgbench)
         .args(["-h", LOCALHOST_V4, "-p", &port, "-U", "postgres"])
         .args([
@@ -259,10 +257,8 @@ fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
         "pgbench's clients (local port, server says TLS, encrypted, plaintext, round \
          trips): {summary:?}"
     );
-    // pgbench maps the system's libssl, which the server (started before
-    // the agent) maps too: the agent hooked it at its start, so every
-    // connection of pgbench, its first included, is read from its startup
-    // message on.
+    // libssl was hooked before pgbench started: every connection of
+    // pgbench, its first included, is read from its startup message on.
     assert!(
         conns
             .iter()
