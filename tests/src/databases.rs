@@ -245,7 +245,6 @@ impl Postgres {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// The psql client binary of the same installation.
     /// `pgbench -i -s SCALE` over the Unix socket (the TCP port stays for
     /// what a test measures).
     pub fn pgbench_init(&self, scale: u32) {
@@ -262,6 +261,7 @@ impl Postgres {
         assert!(init.status.success(), "pgbench -i failed: {init:?}");
     }
 
+    /// The psql client binary of the same installation.
     pub fn psql_bin(&self) -> PathBuf {
         self.bin.join("psql")
     }
