@@ -92,26 +92,31 @@ struct KernelSide {
 }
 
 impl KernelSide {
-    /// Hooks what `pid` maps of TLS libraries and is not hooked yet.
-    fn hook_tls_libraries(&mut self, pid: u32, uid: u32, mapped: &[MappedLibrary]) {
-        for lib in self.tls.process_maps(pid, uid, mapped) {
-            // Through the process's root: the library of a container.
-            let path = std::path::PathBuf::from(format!("/proc/{pid}/root{}", lib.path));
-            let result = self
-                .probes
-                .hook_tls_library(lib.file, &path)
-                .map_err(|e| format!("{e:#}"));
-            match &result {
-                Ok(()) => log::info!(
-                    "hooked TLS library {} (inode {}, first mapped by pid {pid}): statements \
-                     on its connections are read",
-                    lib.path,
-                    lib.file.inode
-                ),
-                Err(e) => log::warn!("cannot hook TLS library {}: {e}", lib.path),
-            }
-            self.tls.hook_result(lib.file, result);
+    /// Hooks `library` (shown by `pid` as `mapped`), unless it was hooked,
+    /// refused or let go since it was asked for.
+    fn hook_opened_tls_library(
+        &mut self,
+        mapped: &MappedLibrary,
+        pid: u32,
+        library: &procfs::OpenedLibrary,
+    ) {
+        if !self.tls.is_pending(mapped.file) {
+            return;
         }
+        let result = self
+            .probes
+            .hook_tls_library(mapped.file, library)
+            .map_err(|e| format!("{e:#}"));
+        match &result {
+            Ok(()) => log::info!(
+                "hooked TLS library {} (inode {}, first mapped by pid {pid}): statements \
+                 on its connections are read",
+                mapped.path,
+                mapped.file.inode
+            ),
+            Err(e) => log::warn!("cannot hook TLS library {}: {e}", mapped.path),
+        }
+        self.tls.hook_result(mapped.file, result);
     }
 
     /// Lets go of the TLS libraries no observed process maps any more.
@@ -293,8 +298,43 @@ impl Pipeline {
                 mapped.push(exe);
             }
         }
-        self.kernel
-            .with(|k| k.hook_tls_libraries(pid, found.uid, &mapped))
+        self.hook_tls_libraries(pid, found.uid, &mapped)
+    }
+
+    /// Hooks what `pid` maps of TLS libraries and is not hooked yet. Each
+    /// file is opened, and its symbols read, outside the kernel side's
+    /// lock, which only attaching holds; it is held open meanwhile, so the
+    /// process that showed it may exit.
+    fn hook_tls_libraries(
+        &self,
+        pid: u32,
+        uid: u32,
+        mapped: &[MappedLibrary],
+    ) -> Result<(), Broken> {
+        let to_hook = self.kernel.with(|k| k.tls.process_maps(pid, uid, mapped))?;
+        for lib in to_hook {
+            // Through the process's root: the library of a container.
+            let path = std::path::PathBuf::from(format!("/proc/{pid}/root{}", lib.path));
+            match procfs::open_tls_library(&path, &KernelProbes::tls_symbols()) {
+                Ok(opened) => self
+                    .kernel
+                    .with(|k| k.hook_opened_tls_library(&lib, pid, &opened))?,
+                Err(procfs::OpenLibraryError::Gone(why)) => {
+                    log::debug!(
+                        "TLS library {} of pid {pid} not opened ({why}): asked for again \
+                         when a process shows it",
+                        lib.path
+                    );
+                    self.kernel.with(|k| k.tls.hook_abandoned(lib.file))?;
+                }
+                Err(e) => {
+                    log::warn!("cannot hook TLS library {}: {e}", lib.path);
+                    self.kernel
+                        .with(|k| k.tls.hook_result(lib.file, Err(e.to_string())))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The workload of the pod a process runs in, when the API server has
@@ -438,10 +478,10 @@ impl Pipeline {
             if pid == std::process::id() {
                 continue;
             }
-            let hooked = self
-                .kernel
-                .with(|k| k.hook_tls_libraries(pid, found.uid, &found.libraries));
-            if hooked.is_err() {
+            if self
+                .hook_tls_libraries(pid, found.uid, &found.libraries)
+                .is_err()
+            {
                 // The kernel side is broken; the agent is stopping.
                 return;
             }

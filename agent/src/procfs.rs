@@ -14,7 +14,7 @@ use std::ffi::OsStr;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 // `::procfs` is the crate; plain `procfs` would be this module's own name
 // at the crate root.
@@ -936,22 +936,160 @@ pub fn tls_libraries(proc_root: &Path, pid: u32) -> Option<TlsMappings> {
     Some(found)
 }
 
-/// Whether the ELF file at `path` defines and exports OpenSSL's
-/// `SSL_write` (an executable that links OpenSSL statically and exports
-/// it, as Node.js does). Reads the headers and the dynamic symbol table
-/// only, not the whole file.
+/// Opens a file that a process maps, as found through its root
+/// (`/proc/PID/root/...`), which that process's owner controls: the path
+/// is first opened without opening the file itself (`O_PATH`: a FIFO
+/// cannot block, a device is not opened), and only a regular file is then
+/// opened for reading, through that same handle so that it cannot be
+/// swapped in between.
+pub fn open_mapped_file(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)?;
+    if !handle.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    std::fs::File::open(fd_path(&handle))
+}
+
+/// The path by which the kernel reaches the file behind `file`, whatever
+/// becomes of the path it was opened by.
+pub fn fd_path(file: &std::fs::File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// The ELF file's dynamic symbols that are defined in it, among `wanted`.
+fn defined_dynamic_symbols<'data, 'file, R: object::ReadRef<'data>>(
+    elf: &'file object::read::elf::ElfFile64<'data, object::Endianness, R>,
+    wanted: &[&str],
+) -> Vec<(
+    usize,
+    object::read::elf::ElfSymbol64<'data, 'file, object::Endianness, R>,
+)> {
+    use object::{Object, ObjectSymbol};
+    elf.dynamic_symbols()
+        .filter(|symbol| symbol.is_definition())
+        .filter_map(|symbol| {
+            let name = symbol.name_bytes().ok()?;
+            let index = wanted.iter().position(|w| w.as_bytes() == name)?;
+            Some((index, symbol))
+        })
+        .collect()
+}
+
+/// Whether the ELF file at `path` (see [`open_mapped_file`]) defines and
+/// exports OpenSSL's `SSL_write` (an executable that links OpenSSL
+/// statically and exports it, as Node.js does). Reads the headers and the
+/// dynamic symbol table only, not the whole file.
 pub fn exports_tls_functions(path: &Path) -> bool {
     use object::read::elf::ElfFile64;
-    use object::{Object, ObjectSymbol};
-    let Ok(file) = std::fs::File::open(path) else {
+    let Ok(file) = open_mapped_file(path) else {
         return false;
     };
     let cache = object::ReadCache::new(file);
     let Ok(elf) = ElfFile64::<object::Endianness, _>::parse(&cache) else {
         return false;
     };
-    elf.dynamic_symbols()
-        .any(|symbol| symbol.is_definition() && symbol.name_bytes() == Ok(b"SSL_write".as_slice()))
+    !defined_dynamic_symbols(&elf, &["SSL_write"]).is_empty()
+}
+
+/// A TLS library file held open for hooking, so that the process which
+/// showed it may exit meanwhile: the kernel attaches through
+/// [`Self::attach_path`], and offsets were read from this very file.
+#[derive(Debug)]
+pub struct OpenedLibrary {
+    file: std::fs::File,
+    /// File offset of each symbol asked for that the file defines.
+    pub offsets: Vec<(&'static str, u64)>,
+}
+
+impl OpenedLibrary {
+    /// The path by which the kernel reaches this file.
+    pub fn attach_path(&self) -> PathBuf {
+        fd_path(&self.file)
+    }
+
+    /// The file offset of `symbol`, if the file defines it.
+    pub fn offset(&self, symbol: &str) -> Option<u64> {
+        self.offsets
+            .iter()
+            .find(|(name, _)| *name == symbol)
+            .map(|(_, offset)| *offset)
+    }
+}
+
+/// Why a library could not be opened for hooking.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OpenLibraryError {
+    /// The process, or the file at its path, is gone: another process
+    /// that maps the same file may show it again.
+    Gone(String),
+    /// The file is not one that can be hooked (not ELF, no symbols).
+    Unusable(String),
+}
+
+impl std::fmt::Display for OpenLibraryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenLibraryError::Gone(why) => write!(f, "gone before it was opened ({why})"),
+            OpenLibraryError::Unusable(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Opens the library at `path` (see [`open_mapped_file`]) and reads the
+/// file offsets of the `symbols` it defines (the offsets uprobes take:
+/// the symbol's address less its section's address plus the section's
+/// file offset).
+pub fn open_tls_library(
+    path: &Path,
+    symbols: &[&'static str],
+) -> Result<OpenedLibrary, OpenLibraryError> {
+    use object::read::elf::ElfFile64;
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let file = open_mapped_file(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => OpenLibraryError::Gone(e.to_string()),
+        // ESRCH: /proc/PID/root of a process that is exiting.
+        _ if e.raw_os_error() == Some(libc::ESRCH) => OpenLibraryError::Gone(e.to_string()),
+        _ => OpenLibraryError::Unusable(format!("cannot open it: {e}")),
+    })?;
+    let reader = file
+        .try_clone()
+        .map_err(|e| OpenLibraryError::Unusable(format!("cannot read it: {e}")))?;
+    let cache = object::ReadCache::new(reader);
+    let elf = ElfFile64::<object::Endianness, _>::parse(&cache)
+        .map_err(|e| OpenLibraryError::Unusable(format!("not a 64-bit ELF file: {e}")))?;
+    let mut offsets = Vec::new();
+    for (index, symbol) in defined_dynamic_symbols(&elf, symbols) {
+        let name = symbols[index];
+        if offsets.iter().any(|(known, _)| *known == name) {
+            continue;
+        }
+        let Some(section) = symbol
+            .section_index()
+            .and_then(|i| elf.section_by_index(i).ok())
+        else {
+            continue;
+        };
+        let Some((section_offset, _)) = section.file_range() else {
+            continue;
+        };
+        let offset = symbol
+            .address()
+            .checked_sub(section.address())
+            .and_then(|into_section| into_section.checked_add(section_offset));
+        if let Some(offset) = offset {
+            offsets.push((name, offset));
+        }
+    }
+    drop(elf);
+    drop(cache);
+    Ok(OpenedLibrary { file, offsets })
 }
 
 #[cfg(test)]
@@ -1736,5 +1874,63 @@ mod tests {
             Some("app-server")
         );
         assert_eq!(container_name_in(["x.log"], id), None);
+    }
+
+    #[test]
+    fn symbol_offsets_are_where_the_loader_put_the_functions() {
+        use std::io::{Seek, SeekFrom};
+        let libc_path = Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let library = open_tls_library(libc_path, &["getpid", "socket", "no_such_symbol"])
+            .expect("libc opens");
+        assert_eq!(library.offset("no_such_symbol"), None);
+        for name in ["getpid", "socket"] {
+            let offset = library.offset(name).expect("libc defines it");
+            // The function's first bytes in the file at that offset are its
+            // first bytes in this process's memory, where the loader put it.
+            let mut in_file = [0u8; 16];
+            let mut file = std::fs::File::open(library.attach_path()).expect("reopen by fd");
+            file.seek(SeekFrom::Start(offset)).expect("seek");
+            file.read_exact(&mut in_file).expect("read");
+            let c_name = std::ffi::CString::new(name).expect("name");
+            // SAFETY: dlsym with a NUL-terminated name; the address it gives
+            // is of mapped code, read for 16 bytes.
+            let in_memory = unsafe {
+                let address = libc::dlsym(libc::RTLD_DEFAULT, c_name.as_ptr());
+                assert!(!address.is_null(), "{name} is loaded");
+                std::slice::from_raw_parts(address as *const u8, 16).to_vec()
+            };
+            assert_eq!(in_file.to_vec(), in_memory, "{name} at {offset:#x}");
+        }
+    }
+
+    #[test]
+    fn mapped_files_that_are_not_regular_files_are_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("poolscope-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // A FIFO that nobody writes to: opening it for reading would block.
+        let fifo = dir.join("libssl.so.3");
+        let c_fifo = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+        let refused = open_mapped_file(&fifo).expect_err("a FIFO is refused");
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidInput);
+        assert!(matches!(
+            open_tls_library(&fifo, &["SSL_write"]),
+            Err(OpenLibraryError::Unusable(_))
+        ));
+        assert!(open_mapped_file(&dir).is_err(), "a directory is refused");
+        assert!(matches!(
+            open_tls_library(&dir.join("gone.so"), &["SSL_write"]),
+            Err(OpenLibraryError::Gone(_))
+        ));
+        let text = dir.join("libssl.so.1.1");
+        std::fs::write(&text, "not ELF").expect("write");
+        assert!(matches!(
+            open_tls_library(&text, &["SSL_write"]),
+            Err(OpenLibraryError::Unusable(_))
+        ));
+        assert!(!exports_tls_functions(&fifo) && !exports_tls_functions(&text));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -54,6 +54,8 @@ pub fn is_tls_library(path: &str) -> bool {
 /// What was asked of the kernel side for one library.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookState {
+    /// Being opened and attached.
+    Pending,
     Hooked,
     /// Attaching failed (say why): not tried again while it stays known.
     Refused(String),
@@ -128,8 +130,7 @@ impl TlsLibraries {
                     HookState::OverLimit
                 } else {
                     to_hook.push(lib.clone());
-                    // Until the kernel side says otherwise.
-                    HookState::Hooked
+                    HookState::Pending
                 };
                 Library {
                     path: lib.path.clone(),
@@ -189,11 +190,36 @@ impl TlsLibraries {
         self.executables.insert(file, exports_tls);
     }
 
+    /// Whether `file` waits for its hook (it may have been let go since
+    /// [`Self::process_maps`] asked for it).
+    pub fn is_pending(&self, file: FileId) -> bool {
+        self.libraries
+            .get(&file)
+            .is_some_and(|lib| lib.state == HookState::Pending)
+    }
+
     /// The kernel side's answer for a library [`Self::process_maps`] asked
     /// to hook.
     pub fn hook_result(&mut self, file: FileId, result: Result<(), String>) {
-        if let (Some(lib), Err(why)) = (self.libraries.get_mut(&file), result) {
-            lib.state = HookState::Refused(why);
+        if let Some(lib) = self.libraries.get_mut(&file) {
+            lib.state = match result {
+                Ok(()) => HookState::Hooked,
+                Err(why) => HookState::Refused(why),
+            };
+        }
+    }
+
+    /// A library asked for could not be opened because the process that
+    /// showed it (or the file at its path) is gone, which says nothing of
+    /// the file: it is forgotten, so that the next process seen mapping it,
+    /// or any of its other users looked at again, asks for it anew.
+    pub fn hook_abandoned(&mut self, file: FileId) {
+        if !self.is_pending(file) {
+            return;
+        }
+        self.libraries.remove(&file);
+        for files in self.by_pid.values_mut() {
+            files.retain(|f| *f != file);
         }
     }
 
@@ -241,7 +267,7 @@ impl TlsLibraries {
                 inode: file.inode,
                 hooked: lib.state == HookState::Hooked,
                 refused: match &lib.state {
-                    HookState::Hooked => None,
+                    HookState::Hooked | HookState::Pending => None,
                     HookState::Refused(why) => Some(why.clone()),
                     HookState::OverLimit => Some(format!(
                         "more than {MAX_HOOKED_LIBRARIES} distinct TLS library files, \
@@ -320,6 +346,7 @@ mod tests {
         let mut libs = TlsLibraries::default();
         let a = lib(10, "/a/libssl.so.3");
         libs.process_maps(100, 0, std::slice::from_ref(&a));
+        libs.hook_result(a.file, Ok(()));
         libs.process_maps(200, 0, std::slice::from_ref(&a));
         libs.process_exited(100, 1_000);
         assert!(
@@ -366,6 +393,9 @@ mod tests {
             .collect();
         let hooked = libs.process_maps(666, 1000, &copies);
         assert_eq!(hooked.len(), MAX_LIBRARIES_PER_USER);
+        for lib in &hooked {
+            libs.hook_result(lib.file, Ok(()));
+        }
         let status = libs.status();
         assert_eq!(
             status.iter().filter(|s| s.hooked).count(),
@@ -418,5 +448,48 @@ mod tests {
             hooked += libs.process_maps(user + 10, user, &copies).len();
         }
         assert_eq!(hooked, MAX_HOOKED_LIBRARIES);
+    }
+
+    #[test]
+    fn pending_until_the_kernel_side_answers() {
+        let mut libs = TlsLibraries::default();
+        let a = lib(10, "/a/libssl.so.3");
+        libs.process_maps(100, 0, std::slice::from_ref(&a));
+        assert!(libs.is_pending(a.file));
+        assert!(!libs.hooks_process(100), "not hooked yet");
+        assert!(!libs.status()[0].hooked && libs.status()[0].refused.is_none());
+        // Seen by another process meanwhile: asked for once only.
+        assert!(libs
+            .process_maps(200, 0, std::slice::from_ref(&a))
+            .is_empty());
+        libs.hook_result(a.file, Ok(()));
+        assert!(!libs.is_pending(a.file));
+        assert!(libs.hooks_process(100) && libs.hooks_process(200));
+    }
+
+    #[test]
+    fn a_library_whose_process_left_before_it_was_opened_is_asked_for_again() {
+        let mut libs = TlsLibraries::default();
+        let a = lib(10, "/usr/lib/libssl.so.3");
+        // A short-lived process shows it, and a long-lived one maps it too.
+        assert_eq!(
+            libs.process_maps(100, 0, std::slice::from_ref(&a)),
+            vec![a.clone()]
+        );
+        assert!(libs
+            .process_maps(200, 0, std::slice::from_ref(&a))
+            .is_empty());
+        libs.hook_abandoned(a.file);
+        assert!(libs.status().is_empty(), "not refused: forgotten");
+        // The long-lived process looked at again asks for it anew.
+        assert_eq!(
+            libs.process_maps(200, 0, std::slice::from_ref(&a)),
+            vec![a.clone()]
+        );
+        libs.hook_result(a.file, Ok(()));
+        assert!(libs.hooks_process(200));
+        // An answer already given is not undone.
+        libs.hook_abandoned(a.file);
+        assert!(libs.hooks_process(200));
     }
 }

@@ -15,7 +15,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         trace_point::TracePointLinkId,
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         RawTracePoint, TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
@@ -428,26 +428,38 @@ impl KernelProbes {
             .map_err(String::as_str)
     }
 
-    /// Hooks the TLS library `file`, reached from here by `path`: its read
-    /// and write calls (and their `_ex` forms where it has them). On
-    /// failure nothing of it stays hooked.
-    pub fn hook_tls_library(&mut self, file: FileId, path: &Path) -> anyhow::Result<()> {
+    /// Hooks the TLS library `file`, held open as `library`: its read and
+    /// write calls (and their `_ex` forms where it has them). On failure
+    /// nothing of it stays hooked.
+    pub fn hook_tls_library(
+        &mut self,
+        file: FileId,
+        library: &crate::procfs::OpenedLibrary,
+    ) -> anyhow::Result<()> {
         if let Err(why) = &self.tls_programs {
             bail!("the TLS library programs are not loaded: {why}");
         }
         if self.tls_links.contains_key(&file) {
             return Ok(());
         }
+        let path = library.attach_path();
         let mut links = Vec::new();
         for (program, symbol) in TLS_UPROBES.iter().chain(TLS_URETPROBES) {
-            let attached = uprobe_program(&mut self.ebpf, program).and_then(|prog| {
-                prog.attach(*symbol, path, UProbeScope::AllProcesses)
+            let attached = match library.offset(symbol) {
+                Some(offset) => uprobe_program(&mut self.ebpf, program).and_then(|prog| {
+                    prog.attach(
+                        UProbeAttachLocation::AbsoluteOffset(offset),
+                        &path,
+                        UProbeScope::AllProcesses,
+                    )
                     .with_context(|| format!("cannot attach {program} to {symbol}"))
-            });
+                }),
+                None => Err(anyhow::anyhow!("it does not define {symbol}")),
+            };
             match attached {
                 Ok(link) => links.push((*program, link)),
                 // OpenSSL before 1.1.1 has no _ex forms.
-                Err(e) if symbol.ends_with("_ex") => log::debug!("{}: {e:#}", path.display()),
+                Err(e) if symbol.ends_with("_ex") => log::debug!("{e:#}"),
                 Err(e) => {
                     detach_uprobes(&mut self.ebpf, links);
                     return Err(e);
@@ -456,6 +468,13 @@ impl KernelProbes {
         }
         self.tls_links.insert(file, links);
         Ok(())
+    }
+
+    /// The functions of a TLS library that are hooked.
+    pub fn tls_symbols() -> Vec<&'static str> {
+        let mut symbols: Vec<&'static str> = TLS_UPROBES.iter().map(|(_, s)| *s).collect();
+        symbols.dedup();
+        symbols
     }
 
     /// Lets a hooked TLS library go.
@@ -829,7 +848,11 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
     }
     for (file, (pid, path)) in seen {
         let reachable = std::path::PathBuf::from(format!("/proc/{pid}/root{path}"));
-        let result = probes.hook_tls_library(file, &reachable);
+        let result = match crate::procfs::open_tls_library(&reachable, &KernelProbes::tls_symbols())
+        {
+            Ok(library) => probes.hook_tls_library(file, &library),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        };
         probes.unhook_tls_library(file);
         lines.push(CheckLine {
             ok: result.is_ok(),
