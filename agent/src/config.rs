@@ -227,6 +227,7 @@ data_path = "syscalls"
 probe_stats = true
 unix_sockets = true
 tls_libraries = false
+tls_hook_scope = "file"
 
 [tracking]
 closed_retention_seconds = 60
@@ -321,6 +322,7 @@ level = "debug"
                 probe_stats: true,
                 unix_sockets: true,
                 tls_libraries: false,
+                tls_hook_scope: crate::tls_libraries::HookScope::File,
             },
             tracking: TrackingConfig {
                 closed_retention_seconds: checked(ms(60_000)),

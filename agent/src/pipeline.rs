@@ -49,7 +49,7 @@ use crate::{
         otlp::{self, OtlpExport},
         Observed, Telemetry,
     },
-    tls_libraries::{MappedLibrary, TlsLibraries},
+    tls_libraries::{HookScope, MappedLibrary, TlsLibraries},
     trends,
 };
 use telemetry_catalogue::{self as catalogue, attr};
@@ -92,37 +92,94 @@ struct KernelSide {
 }
 
 impl KernelSide {
+    /// `pid`, run by `uid`, maps `mapped`: sets the breakpoints of the
+    /// libraries already held; the libraries to open (outside the lock)
+    /// and hand to [`Self::hook_opened_tls_library`].
+    fn tls_libraries_mapped(
+        &mut self,
+        pid: u32,
+        uid: u32,
+        mapped: &[MappedLibrary],
+    ) -> Vec<MappedLibrary> {
+        let to_open = self.tls.process_maps(pid, uid, mapped);
+        self.attach_waiting_processes();
+        to_open
+    }
+
     /// Hooks `library` (shown by `pid` as `mapped`), unless it was hooked,
     /// refused or let go since it was asked for.
     fn hook_opened_tls_library(
         &mut self,
         mapped: &MappedLibrary,
         pid: u32,
-        library: &procfs::OpenedLibrary,
+        library: procfs::OpenedLibrary,
     ) {
         if !self.tls.is_pending(mapped.file) {
             return;
         }
-        let result = self
-            .probes
-            .hook_tls_library(mapped.file, library)
-            .map_err(|e| format!("{e:#}"));
-        match &result {
-            Ok(()) => log::info!(
-                "hooked TLS library {} (inode {}, first mapped by pid {pid}): statements \
-                 on its connections are read",
-                mapped.path,
-                mapped.file.inode
-            ),
-            Err(e) => log::warn!("cannot hook TLS library {}: {e}", mapped.path),
+        let mut result = self.probes.keep_tls_library(mapped.file, library);
+        if result.is_ok() && self.tls.scope() == HookScope::File {
+            result = self.probes.attach_tls_library(mapped.file, None);
         }
-        self.tls.hook_result(mapped.file, result);
+        match result {
+            Ok(()) => {
+                self.tls.hook_result(mapped.file, Ok(()));
+                // Before the log line, which says the process that showed
+                // the library has its breakpoints.
+                self.attach_waiting_processes();
+                log::info!(
+                    "hooked TLS library {} (inode {}, first mapped by pid {pid}; breakpoints \
+                     in {}): statements on its connections are read",
+                    mapped.path,
+                    mapped.file.inode,
+                    match self.tls.scope() {
+                        HookScope::File => "every process that maps it",
+                        HookScope::Process => "each observed process that maps it",
+                    }
+                );
+            }
+            Err(e) => {
+                self.probes.release_tls_library(mapped.file);
+                let why = format!("{e:#}");
+                log::warn!("cannot hook TLS library {}: {why}", mapped.path);
+                self.tls.hook_result(mapped.file, Err(why));
+            }
+        }
+    }
+
+    /// Sets the breakpoints of the observed processes that map a held
+    /// library and have none in it yet ([`HookScope::Process`]).
+    fn attach_waiting_processes(&mut self) {
+        for hook in self.tls.processes_to_attach() {
+            let attached = self.probes.attach_tls_library(hook.file, Some(hook.pid));
+            match &attached {
+                Ok(()) => log::debug!(
+                    "TLS library inode {}: breakpoints in pid {}",
+                    hook.file.inode,
+                    hook.pid
+                ),
+                // It exited meanwhile (ESRCH), most likely.
+                Err(e) => log::debug!(
+                    "TLS library inode {}: no breakpoints in pid {}: {e:#}",
+                    hook.file.inode,
+                    hook.pid
+                ),
+            }
+            self.tls.process_attached(hook, attached.is_ok());
+        }
+    }
+
+    /// A process exited: its own breakpoints go.
+    fn tls_process_exited(&mut self, pid: u32, now_ns: u64) {
+        for file in self.tls.process_exited(pid, now_ns) {
+            self.probes.detach_tls_library(file, Some(pid));
+        }
     }
 
     /// Lets go of the TLS libraries no observed process maps any more.
     fn unhook_unused_tls_libraries(&mut self, now_ns: u64) {
         for file in self.tls.take_unused(now_ns) {
-            self.probes.unhook_tls_library(file);
+            self.probes.release_tls_library(file);
             log::debug!("let go of TLS library inode {}", file.inode);
         }
     }
@@ -207,7 +264,7 @@ impl Pipeline {
             })?,
             EventKind::ProcessExit { .. } => self.kernel.with(|k| {
                 k.probes.process_exited(event.conn.pid);
-                k.tls.process_exited(event.conn.pid, monotonic_ns());
+                k.tls_process_exited(event.conn.pid, monotonic_ns());
             })?,
             _ => {}
         }
@@ -311,14 +368,16 @@ impl Pipeline {
         uid: u32,
         mapped: &[MappedLibrary],
     ) -> Result<(), Broken> {
-        let to_hook = self.kernel.with(|k| k.tls.process_maps(pid, uid, mapped))?;
+        let to_hook = self
+            .kernel
+            .with(|k| k.tls_libraries_mapped(pid, uid, mapped))?;
         for lib in to_hook {
             // Through the process's root: the library of a container.
             let path = std::path::PathBuf::from(format!("/proc/{pid}/root{}", lib.path));
             match procfs::open_tls_library(&path, &KernelProbes::tls_symbols()) {
                 Ok(opened) => self
                     .kernel
-                    .with(|k| k.hook_opened_tls_library(&lib, pid, &opened))?,
+                    .with(|k| k.hook_opened_tls_library(&lib, pid, opened))?,
                 Err(procfs::OpenLibraryError::Gone(why)) => {
                     log::debug!(
                         "TLS library {} of pid {pid} not opened ({why}): asked for again \
@@ -990,7 +1049,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             KernelSide {
                 probes,
                 unix_types: HashMap::new(),
-                tls: TlsLibraries::default(),
+                tls: TlsLibraries::new(config.kernel.tls_hook_scope),
             },
             "kernel probe bookkeeping",
             Arc::clone(&health),
@@ -1043,7 +1102,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Seeding {
                 from_proc: config.tracking.seed_from_proc,
                 unix_sockets: config.kernel.unix_sockets,
-                tls_libraries: config.kernel.tls_libraries,
+                tls_libraries: config.kernel.tls_libraries
+                    && config.kernel.tls_hook_scope == HookScope::File,
             },
         ),
     );
@@ -1291,8 +1351,10 @@ struct Seeding {
     /// Without the Unix-socket tracepoints nothing would see such a
     /// connection close, so none is seeded.
     unix_sockets: bool,
-    /// `[kernel] tls_libraries`: once seeded, hook the libssl files that
-    /// running processes map.
+    /// `[kernel] tls_libraries` with `tls_hook_scope = "file"`: once
+    /// seeded, hook the libssl files that running processes map (with
+    /// "process", the seeded processes' own libraries are hooked as they
+    /// are learnt).
     tls_libraries: bool,
 }
 

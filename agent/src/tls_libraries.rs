@@ -2,12 +2,19 @@
 //! or let go. Pure bookkeeping; `ebpf` attaches and detaches the uprobes,
 //! `procfs` reads the mappings.
 //!
-//! Uprobes belong to a file (an inode), not to a process: one attachment
-//! serves every process that maps the file, now or later, in any container.
-//! So libraries are keyed by file, hooked the first time a process that
-//! makes connections is seen mapping them, and let go once no such process
-//! has mapped them for a while: a library upgraded on disk is a new file,
-//! and the attachment would otherwise pin the old one.
+//! Uprobes belong to a file (an inode): the kernel puts a breakpoint at
+//! each hooked function in every process that maps the file, unless the
+//! probe is limited to a process. A breakpoint costs a trap at each call,
+//! whether the program that runs then cares or not, so by default
+//! ([`HookScope::Process`]) the breakpoints are only in the observed
+//! processes (those that made a connection) that map the file; with
+//! [`HookScope::File`] one attachment serves every process that maps the
+//! file, now or later, in any container, from its very first call.
+//!
+//! Libraries are keyed by file, opened the first time an observed process
+//! is seen mapping them, and let go once no such process has mapped them
+//! for a while: a library upgraded on disk is a new file, and the
+//! attachment would otherwise pin the old one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -22,6 +29,29 @@ pub const MAX_HOOKED_LIBRARIES: usize = 64;
 /// Files one user's processes may have hooked first: so that one user's
 /// copies cannot use up the room of everyone else's libraries.
 pub const MAX_LIBRARIES_PER_USER: usize = 8;
+
+/// Processes with breakpoints of their own ([`HookScope::Process`]), in
+/// all: each holds one perf event (an fd) per hooked function.
+pub const MAX_HOOKED_PROCESSES: usize = 1024;
+
+/// Of those, one user's processes: so that one user's many processes
+/// cannot take every other user's room.
+pub const MAX_HOOKED_PROCESSES_PER_USER: usize = 256;
+
+/// Which processes get a hooked library's breakpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookScope {
+    /// Only the observed processes that map it, each from its first
+    /// connect on: a database server or any other program that maps the
+    /// same file pays nothing.
+    #[default]
+    Process,
+    /// Every process that maps the file, from its first call: a process's
+    /// first connection is read even when it races the agent, but every
+    /// program that maps the file pays a trap per TLS call.
+    File,
+}
 
 /// A file as the kernel knows it: device and inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +101,8 @@ struct Library {
     first_uid: u32,
     state: HookState,
     users: HashSet<u32>,
+    /// [`HookScope::Process`]: the users whose breakpoints are set.
+    attached: HashSet<u32>,
     unused_since_ns: Option<u64>,
 }
 
@@ -85,13 +117,19 @@ pub struct LibraryStatus {
     pub refused: Option<String>,
     /// Observed processes that map it.
     pub processes: usize,
+    /// Of those, the processes with breakpoints ([`HookScope::Process`];
+    /// with [`HookScope::File`] every process that maps it has them).
+    pub processes_hooked: usize,
 }
 
 /// The TLS libraries of the observed processes.
 #[derive(Debug, Default)]
 pub struct TlsLibraries {
+    scope: HookScope,
     libraries: BTreeMap<FileId, Library>,
     by_pid: HashMap<u32, Vec<FileId>>,
+    /// The user each observed process runs as.
+    uids: HashMap<u32, u32>,
     /// When each process's libraries were last looked at again.
     looked_again_ns: HashMap<u32, u64>,
     /// Executables looked at: whether each exports OpenSSL's functions.
@@ -101,10 +139,29 @@ pub struct TlsLibraries {
 /// Executables whose verdict is kept; past this the memory starts over.
 const EXECUTABLES_KEPT: usize = 4096;
 
+/// What to do with one process's breakpoints in one library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessHook {
+    pub file: FileId,
+    pub pid: u32,
+}
+
 impl TlsLibraries {
-    /// `pid`, run by `uid`, maps `mapped`: the libraries to hook now, each
-    /// with the path given (to be opened through the process's root). Call
-    /// [`Self::hook_result`] with the outcome of each.
+    pub fn new(scope: HookScope) -> Self {
+        Self {
+            scope,
+            ..Self::default()
+        }
+    }
+
+    pub fn scope(&self) -> HookScope {
+        self.scope
+    }
+
+    /// `pid`, run by `uid`, maps `mapped`: the libraries to open and hook
+    /// now, each with the path given (to be opened through the process's
+    /// root). Call [`Self::hook_result`] with the outcome of each, and
+    /// attach [`Self::processes_to_attach`] afterwards.
     pub fn process_maps(
         &mut self,
         pid: u32,
@@ -112,6 +169,7 @@ impl TlsLibraries {
         mapped: &[MappedLibrary],
     ) -> Vec<MappedLibrary> {
         let mut to_hook = Vec::new();
+        self.uids.insert(pid, uid);
         let files = self.by_pid.entry(pid).or_default();
         for lib in mapped {
             if files.contains(&lib.file) {
@@ -137,6 +195,7 @@ impl TlsLibraries {
                     first_uid: uid,
                     state,
                     users: HashSet::new(),
+                    attached: HashSet::new(),
                     unused_since_ns: None,
                 }
             });
@@ -151,15 +210,69 @@ impl TlsLibraries {
         self.by_pid.contains_key(&pid)
     }
 
-    /// Whether `pid` maps a hooked library.
+    /// Whether `pid` maps a hooked library and has its breakpoints.
     pub fn hooks_process(&self, pid: u32) -> bool {
         self.by_pid.get(&pid).is_some_and(|files| {
             files.iter().any(|f| {
-                self.libraries
-                    .get(f)
-                    .is_some_and(|l| l.state == HookState::Hooked)
+                self.libraries.get(f).is_some_and(|l| {
+                    l.state == HookState::Hooked
+                        && (self.scope == HookScope::File || l.attached.contains(&pid))
+                })
             })
         })
+    }
+
+    /// [`HookScope::Process`]: the observed processes that map a hooked
+    /// library and have no breakpoints in it yet, within the bounds
+    /// ([`MAX_HOOKED_PROCESSES`], [`MAX_HOOKED_PROCESSES_PER_USER`]). Tell
+    /// [`Self::process_attached`] the outcome of each.
+    pub fn processes_to_attach(&self) -> Vec<ProcessHook> {
+        if self.scope == HookScope::File {
+            return Vec::new();
+        }
+        let mut per_user: HashMap<u32, usize> = HashMap::new();
+        let mut total = 0;
+        for lib in self.libraries.values() {
+            for pid in &lib.attached {
+                total += 1;
+                *per_user.entry(self.uid_of(*pid)).or_default() += 1;
+            }
+        }
+        let mut wanted = Vec::new();
+        for (file, lib) in &self.libraries {
+            if lib.state != HookState::Hooked {
+                continue;
+            }
+            let mut waiting: Vec<u32> = lib.users.difference(&lib.attached).copied().collect();
+            waiting.sort_unstable();
+            for pid in waiting {
+                let users_own = per_user.entry(self.uid_of(pid)).or_default();
+                if total >= MAX_HOOKED_PROCESSES || *users_own >= MAX_HOOKED_PROCESSES_PER_USER {
+                    continue;
+                }
+                total += 1;
+                *users_own += 1;
+                wanted.push(ProcessHook { file: *file, pid });
+            }
+        }
+        wanted
+    }
+
+    /// The outcome of one of [`Self::processes_to_attach`]. A process that
+    /// could not be attached to (it exited) is no longer counted as a
+    /// user of the library.
+    pub fn process_attached(&mut self, hook: ProcessHook, attached: bool) {
+        if let Some(lib) = self.libraries.get_mut(&hook.file) {
+            if attached {
+                lib.attached.insert(hook.pid);
+            } else {
+                lib.users.remove(&hook.pid);
+            }
+        }
+    }
+
+    fn uid_of(&self, pid: u32) -> u32 {
+        self.uids.get(&pid).copied().unwrap_or(u32::MAX)
     }
 
     /// Whether `pid`'s libraries may be looked at again now: at most once
@@ -223,21 +336,28 @@ impl TlsLibraries {
         }
     }
 
-    /// A process exited: its libraries lose a user.
-    pub fn process_exited(&mut self, pid: u32, now_ns: u64) {
+    /// A process exited: its libraries lose a user. The libraries in which
+    /// it had breakpoints of its own, to be detached.
+    pub fn process_exited(&mut self, pid: u32, now_ns: u64) -> Vec<FileId> {
         self.looked_again_ns.remove(&pid);
+        self.uids.remove(&pid);
+        let mut detach = Vec::new();
         for file in self.by_pid.remove(&pid).unwrap_or_default() {
             if let Some(lib) = self.libraries.get_mut(&file) {
                 lib.users.remove(&pid);
+                if lib.attached.remove(&pid) {
+                    detach.push(file);
+                }
                 if lib.users.is_empty() {
                     lib.unused_since_ns = Some(now_ns);
                 }
             }
         }
+        detach
     }
 
     /// Libraries no observed process has mapped for [`UNUSED_GRACE_NS`]:
-    /// forgotten here; those hooked are to be detached.
+    /// forgotten here; those hooked are to be let go (detached, closed).
     pub fn take_unused(&mut self, now_ns: u64) -> Vec<FileId> {
         let unused: Vec<FileId> = self
             .libraries
@@ -275,6 +395,11 @@ impl TlsLibraries {
                     )),
                 },
                 processes: lib.users.len(),
+                processes_hooked: match (self.scope, &lib.state) {
+                    (_, state) if *state != HookState::Hooked => 0,
+                    (HookScope::File, _) => lib.users.len(),
+                    (HookScope::Process, _) => lib.attached.len(),
+                },
             })
             .collect()
     }
@@ -320,7 +445,7 @@ mod tests {
 
     #[test]
     fn one_hook_per_file_whoever_maps_it() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         let system = lib(10, "/usr/lib/x86_64-linux-gnu/libssl.so.3");
         assert_eq!(
             libs.process_maps(100, 0, std::slice::from_ref(&system)),
@@ -343,7 +468,7 @@ mod tests {
 
     #[test]
     fn let_go_after_the_last_user_and_the_grace() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         let a = lib(10, "/a/libssl.so.3");
         libs.process_maps(100, 0, std::slice::from_ref(&a));
         libs.hook_result(a.file, Ok(()));
@@ -366,7 +491,7 @@ mod tests {
 
     #[test]
     fn refused_libraries_are_not_tried_again_nor_detached() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         let a = lib(10, "/a/libssl.so.3");
         libs.process_maps(100, 0, std::slice::from_ref(&a));
         libs.hook_result(a.file, Err("no symbol SSL_write".into()));
@@ -387,7 +512,7 @@ mod tests {
 
     #[test]
     fn one_users_copies_take_only_its_share() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         let copies: Vec<MappedLibrary> = (0..MAX_LIBRARIES_PER_USER as u64 + 5)
             .map(|i| lib(i, &format!("/tmp/{i}/libssl.so.3")))
             .collect();
@@ -420,7 +545,7 @@ mod tests {
 
     #[test]
     fn looked_at_again_at_most_once_per_interval() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         assert!(libs.may_look_again(7, 100, 50));
         assert!(!libs.may_look_again(7, 149, 50));
         assert!(libs.may_look_again(7, 150, 50));
@@ -434,7 +559,7 @@ mod tests {
 
     #[test]
     fn no_more_than_the_global_limit() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         let mut hooked = 0;
         for user in 0..(MAX_HOOKED_LIBRARIES / MAX_LIBRARIES_PER_USER) as u32 + 2 {
             let copies: Vec<MappedLibrary> = (0..MAX_LIBRARIES_PER_USER as u64)
@@ -452,7 +577,7 @@ mod tests {
 
     #[test]
     fn pending_until_the_kernel_side_answers() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         let a = lib(10, "/a/libssl.so.3");
         libs.process_maps(100, 0, std::slice::from_ref(&a));
         assert!(libs.is_pending(a.file));
@@ -469,7 +594,7 @@ mod tests {
 
     #[test]
     fn a_library_whose_process_left_before_it_was_opened_is_asked_for_again() {
-        let mut libs = TlsLibraries::default();
+        let mut libs = TlsLibraries::new(HookScope::File);
         let a = lib(10, "/usr/lib/libssl.so.3");
         // A short-lived process shows it, and a long-lived one maps it too.
         assert_eq!(
@@ -491,5 +616,121 @@ mod tests {
         // An answer already given is not undone.
         libs.hook_abandoned(a.file);
         assert!(libs.hooks_process(200));
+    }
+
+    #[test]
+    fn process_scope_sets_breakpoints_in_each_observed_process_only() {
+        let mut libs = TlsLibraries::new(HookScope::Process);
+        let a = lib(10, "/usr/lib/libssl.so.3");
+        assert_eq!(
+            libs.process_maps(100, 0, std::slice::from_ref(&a)),
+            vec![a.clone()],
+            "opened once"
+        );
+        assert!(libs.processes_to_attach().is_empty(), "not held yet");
+        libs.process_maps(200, 0, std::slice::from_ref(&a));
+        libs.hook_result(a.file, Ok(()));
+        let wanted = libs.processes_to_attach();
+        assert_eq!(
+            wanted,
+            vec![
+                ProcessHook {
+                    file: a.file,
+                    pid: 100
+                },
+                ProcessHook {
+                    file: a.file,
+                    pid: 200
+                }
+            ]
+        );
+        assert!(!libs.hooks_process(100), "held, but no breakpoints yet");
+        libs.process_attached(wanted[0], true);
+        // 200 exited before its breakpoints were set: no longer a user.
+        libs.process_attached(wanted[1], false);
+        assert!(libs.hooks_process(100) && !libs.hooks_process(200));
+        assert!(libs.processes_to_attach().is_empty());
+        let status = libs.status();
+        assert_eq!((status[0].processes, status[0].processes_hooked), (1, 1));
+        // A later process: attached without opening the file again.
+        assert!(libs
+            .process_maps(300, 0, std::slice::from_ref(&a))
+            .is_empty());
+        assert_eq!(
+            libs.processes_to_attach(),
+            vec![ProcessHook {
+                file: a.file,
+                pid: 300
+            }]
+        );
+        libs.process_attached(
+            ProcessHook {
+                file: a.file,
+                pid: 300,
+            },
+            true,
+        );
+        // Exits: its own breakpoints go; the file stays while 300 lives.
+        assert_eq!(libs.process_exited(100, 5), vec![a.file]);
+        assert!(libs.take_unused(5 + UNUSED_GRACE_NS).is_empty());
+        assert_eq!(libs.process_exited(300, 9), vec![a.file]);
+        assert_eq!(libs.take_unused(9 + UNUSED_GRACE_NS), vec![a.file]);
+    }
+
+    #[test]
+    fn file_scope_needs_no_breakpoints_per_process() {
+        let mut libs = TlsLibraries::new(HookScope::File);
+        let a = lib(10, "/usr/lib/libssl.so.3");
+        libs.process_maps(100, 0, std::slice::from_ref(&a));
+        libs.hook_result(a.file, Ok(()));
+        assert!(libs.processes_to_attach().is_empty());
+        assert!(libs.hooks_process(100));
+        assert_eq!(libs.status()[0].processes_hooked, 1);
+        assert!(
+            libs.process_exited(100, 0).is_empty(),
+            "nothing per process"
+        );
+    }
+
+    #[test]
+    fn breakpoints_per_process_are_bounded_per_user_and_in_all() {
+        let mut libs = TlsLibraries::new(HookScope::Process);
+        let a = lib(10, "/usr/lib/libssl.so.3");
+        let attach_all = |libs: &mut TlsLibraries| {
+            let wanted = libs.processes_to_attach();
+            for hook in &wanted {
+                libs.process_attached(*hook, true);
+            }
+            wanted.len()
+        };
+        // One user's many processes take only its share.
+        for pid in 0..MAX_HOOKED_PROCESSES_PER_USER as u32 + 10 {
+            libs.process_maps(1000 + pid, 666, std::slice::from_ref(&a));
+        }
+        libs.hook_result(a.file, Ok(()));
+        assert_eq!(attach_all(&mut libs), MAX_HOOKED_PROCESSES_PER_USER);
+        assert_eq!(attach_all(&mut libs), 0, "asked again: still none");
+        // Another user's process is attached.
+        libs.process_maps(50, 1, std::slice::from_ref(&a));
+        assert_eq!(
+            libs.processes_to_attach(),
+            vec![ProcessHook {
+                file: a.file,
+                pid: 50
+            }]
+        );
+        // In all: no more than the global bound, whoever asks.
+        let mut total = MAX_HOOKED_PROCESSES_PER_USER + attach_all(&mut libs);
+        for user in 2..=(MAX_HOOKED_PROCESSES / MAX_HOOKED_PROCESSES_PER_USER) as u32 + 1 {
+            for i in 0..MAX_HOOKED_PROCESSES_PER_USER as u32 {
+                libs.process_maps(user * 100_000 + i, user, std::slice::from_ref(&a));
+            }
+            total += attach_all(&mut libs);
+        }
+        assert_eq!(total, MAX_HOOKED_PROCESSES);
+        // One of the first user's processes exits: another of its own takes
+        // the room.
+        assert_eq!(libs.process_exited(1000, 0), vec![a.file]);
+        assert_eq!(attach_all(&mut libs), 1);
     }
 }

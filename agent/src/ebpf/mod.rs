@@ -155,9 +155,14 @@ pub struct KernelProbes {
     unbound_slots: std::collections::HashSet<u32>,
     /// Whether the TLS library programs loaded (else why not).
     tls_programs: Result<(), String>,
-    /// The uprobes on each hooked TLS library file.
-    tls_links: std::collections::HashMap<FileId, Vec<(&'static str, UProbeLinkId)>>,
+    /// TLS library files held open, by the file they are.
+    tls_files: std::collections::HashMap<FileId, crate::procfs::OpenedLibrary>,
+    /// The uprobes of each held file: for every process (None) or one.
+    tls_links: std::collections::HashMap<(FileId, Option<u32>), UProbeLinks>,
 }
+
+/// The uprobes of one attachment of a TLS library, by program.
+type UProbeLinks = Vec<(&'static str, UProbeLinkId)>;
 
 /// The data path the loader attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,6 +421,7 @@ impl KernelProbes {
             slot_users: Default::default(),
             unbound_slots: Default::default(),
             tls_programs,
+            tls_files: Default::default(),
             tls_links: Default::default(),
         })
     }
@@ -428,46 +434,90 @@ impl KernelProbes {
             .map_err(String::as_str)
     }
 
-    /// Hooks the TLS library `file`, held open as `library`: its read and
-    /// write calls (and their `_ex` forms where it has them). On failure
-    /// nothing of it stays hooked.
-    pub fn hook_tls_library(
+    /// Holds the TLS library `file` open as `library`, to attach its
+    /// uprobes with [`Self::attach_tls_library`]. Refused when the programs
+    /// are not loaded or the file lacks OpenSSL's read and write functions.
+    pub fn keep_tls_library(
         &mut self,
         file: FileId,
-        library: &crate::procfs::OpenedLibrary,
+        library: crate::procfs::OpenedLibrary,
     ) -> anyhow::Result<()> {
         if let Err(why) = &self.tls_programs {
             bail!("the TLS library programs are not loaded: {why}");
         }
-        if self.tls_links.contains_key(&file) {
+        for symbol in ["SSL_read", "SSL_write"] {
+            if library.offset(symbol).is_none() {
+                bail!("it does not define {symbol}");
+            }
+        }
+        self.tls_files.insert(file, library);
+        Ok(())
+    }
+
+    /// Attaches the uprobes of the held library `file` (its read and write
+    /// calls, and their `_ex` forms where it has them), for every process
+    /// that maps it (`pid` None) or for one. On failure nothing of this
+    /// attachment stays.
+    pub fn attach_tls_library(&mut self, file: FileId, pid: Option<u32>) -> anyhow::Result<()> {
+        if self.tls_links.contains_key(&(file, pid)) {
             return Ok(());
         }
+        let library = self
+            .tls_files
+            .get(&file)
+            .context("the TLS library is not held open")?;
         let path = library.attach_path();
+        let offsets: Vec<Option<u64>> = TLS_UPROBES
+            .iter()
+            .chain(TLS_URETPROBES)
+            .map(|(_, symbol)| library.offset(symbol))
+            .collect();
+        let scope = match pid.and_then(std::num::NonZeroU32::new) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
         let mut links = Vec::new();
-        for (program, symbol) in TLS_UPROBES.iter().chain(TLS_URETPROBES) {
-            let attached = match library.offset(symbol) {
-                Some(offset) => uprobe_program(&mut self.ebpf, program).and_then(|prog| {
-                    prog.attach(
-                        UProbeAttachLocation::AbsoluteOffset(offset),
-                        &path,
-                        UProbeScope::AllProcesses,
-                    )
-                    .with_context(|| format!("cannot attach {program} to {symbol}"))
-                }),
-                None => Err(anyhow::anyhow!("it does not define {symbol}")),
+        for ((program, symbol), offset) in TLS_UPROBES.iter().chain(TLS_URETPROBES).zip(offsets) {
+            // OpenSSL before 1.1.1 has no _ex forms (keep_tls_library
+            // checked the others).
+            let Some(offset) = offset else {
+                continue;
             };
+            let attached = uprobe_program(&mut self.ebpf, program).and_then(|prog| {
+                prog.attach(UProbeAttachLocation::AbsoluteOffset(offset), &path, scope)
+                    .with_context(|| format!("cannot attach {program} to {symbol}"))
+            });
             match attached {
                 Ok(link) => links.push((*program, link)),
-                // OpenSSL before 1.1.1 has no _ex forms.
-                Err(e) if symbol.ends_with("_ex") => log::debug!("{e:#}"),
                 Err(e) => {
                     detach_uprobes(&mut self.ebpf, links);
                     return Err(e);
                 }
             }
         }
-        self.tls_links.insert(file, links);
+        self.tls_links.insert((file, pid), links);
         Ok(())
+    }
+
+    /// Detaches one attachment of a held TLS library.
+    pub fn detach_tls_library(&mut self, file: FileId, pid: Option<u32>) {
+        if let Some(links) = self.tls_links.remove(&(file, pid)) {
+            detach_uprobes(&mut self.ebpf, links);
+        }
+    }
+
+    /// Lets a TLS library go: every attachment, and the file.
+    pub fn release_tls_library(&mut self, file: FileId) {
+        let attachments: Vec<_> = self
+            .tls_links
+            .keys()
+            .filter(|(f, _)| *f == file)
+            .copied()
+            .collect();
+        for (file, pid) in attachments {
+            self.detach_tls_library(file, pid);
+        }
+        self.tls_files.remove(&file);
     }
 
     /// The functions of a TLS library that are hooked.
@@ -475,13 +525,6 @@ impl KernelProbes {
         let mut symbols: Vec<&'static str> = TLS_UPROBES.iter().map(|(_, s)| *s).collect();
         symbols.dedup();
         symbols
-    }
-
-    /// Lets a hooked TLS library go.
-    pub fn unhook_tls_library(&mut self, file: FileId) {
-        if let Some(links) = self.tls_links.remove(&file) {
-            detach_uprobes(&mut self.ebpf, links);
-        }
     }
 
     /// A Unix-socket connection that may speak a database protocol. The
@@ -850,10 +893,12 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
         let reachable = std::path::PathBuf::from(format!("/proc/{pid}/root{path}"));
         let result = match crate::procfs::open_tls_library(&reachable, &KernelProbes::tls_symbols())
         {
-            Ok(library) => probes.hook_tls_library(file, &library),
+            Ok(library) => probes
+                .keep_tls_library(file, library)
+                .and_then(|()| probes.attach_tls_library(file, None)),
             Err(e) => Err(anyhow::anyhow!("{e}")),
         };
-        probes.unhook_tls_library(file);
+        probes.release_tls_library(file);
         lines.push(CheckLine {
             ok: result.is_ok(),
             what: format!("TLS library {path}"),
