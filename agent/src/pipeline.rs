@@ -117,6 +117,12 @@ impl KernelSide {
         if !self.tls.is_pending(mapped.file) {
             return;
         }
+        let points = library
+            .points
+            .iter()
+            .map(|p| format!("{}@{:#x}", p.program, p.offset))
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut result = self.probes.keep_tls_library(mapped.file, library);
         if result.is_ok() && self.tls.scope() == HookScope::File {
             result = self.probes.attach_tls_library(mapped.file, None);
@@ -129,13 +135,14 @@ impl KernelSide {
                 self.attach_waiting_processes();
                 log::info!(
                     "hooked TLS library {} (inode {}, first mapped by pid {pid}; breakpoints \
-                     in {}): statements on its connections are read",
+                     in {}, at {}): statements on its connections are read",
                     mapped.path,
                     mapped.file.inode,
                     match self.tls.scope() {
                         HookScope::File => "every process that maps it",
                         HookScope::Process => "each observed process that maps it",
-                    }
+                    },
+                    points
                 );
             }
             Err(e) => {
@@ -374,7 +381,7 @@ impl Pipeline {
         for lib in to_hook {
             // Through the process's root: the library of a container.
             let path = std::path::PathBuf::from(format!("/proc/{pid}/root{}", lib.path));
-            match procfs::open_tls_library(&path, &KernelProbes::tls_symbols()) {
+            match procfs::open_tls_library(&path, crate::tls_libraries::TLS_SYMBOLS) {
                 Ok(opened) => self
                     .kernel
                     .with(|k| k.hook_opened_tls_library(&lib, pid, opened))?,

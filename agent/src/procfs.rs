@@ -1006,6 +1006,9 @@ pub struct OpenedLibrary {
     file: std::fs::File,
     /// File offset of each symbol asked for that the file defines.
     pub offsets: Vec<(&'static str, u64)>,
+    /// Where the TLS programs attach (see
+    /// [`crate::tls_libraries::probe_points`]).
+    pub points: Vec<crate::tls_libraries::ProbePoint>,
 }
 
 impl OpenedLibrary {
@@ -1021,6 +1024,14 @@ impl OpenedLibrary {
             .find(|(name, _)| *name == symbol)
             .map(|(_, offset)| *offset)
     }
+}
+
+/// `len` bytes of `file` at `offset`, if it has them.
+fn read_at(file: &std::fs::File, offset: u64, len: usize) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0; len];
+    file.read_exact_at(&mut bytes, offset).ok()?;
+    Some(bytes)
 }
 
 /// Why a library could not be opened for hooking.
@@ -1065,6 +1076,9 @@ pub fn open_tls_library(
     let elf = ElfFile64::<object::Endianness, _>::parse(&cache)
         .map_err(|e| OpenLibraryError::Unusable(format!("not a 64-bit ELF file: {e}")))?;
     let mut offsets = Vec::new();
+    // The file range of the section that holds the first symbol found: the
+    // code, for probe_points.
+    let mut code_range = None;
     for (index, symbol) in defined_dynamic_symbols(&elf, symbols) {
         let name = symbols[index];
         if offsets.iter().any(|(known, _)| *known == name) {
@@ -1085,11 +1099,27 @@ pub fn open_tls_library(
             .and_then(|into_section| into_section.checked_add(section_offset));
         if let Some(offset) = offset {
             offsets.push((name, offset));
+            code_range.get_or_insert((section_offset, section_offset + section.size()));
         }
     }
     drop(elf);
     drop(cache);
-    Ok(OpenedLibrary { file, offsets })
+    let offset_of = |name: &str| {
+        offsets
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, offset)| *offset)
+    };
+    let points = crate::tls_libraries::probe_points(
+        offset_of,
+        |at, len| read_at(&file, at, len),
+        code_range,
+    );
+    Ok(OpenedLibrary {
+        file,
+        offsets,
+        points,
+    })
 }
 
 #[cfg(test)]
@@ -1932,5 +1962,38 @@ mod tests {
         ));
         assert!(!exports_tls_functions(&fifo) && !exports_tls_functions(&text));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Debian 12's OpenSSL 3.0 (what `cargo xtask setup` installs): both
+    /// directions are hooked at their internal function, whose first
+    /// instruction (a push) the kernel emulates.
+    #[test]
+    fn the_systems_openssl_3_0_is_hooked_at_its_internal_functions() {
+        let path = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        let library =
+            open_tls_library(path, crate::tls_libraries::TLS_SYMBOLS).expect("libssl.so.3 opens");
+        let programs: Vec<&str> = library.points.iter().map(|p| p.program).collect();
+        assert_eq!(
+            programs,
+            [
+                "ssl_read_ex_enter",
+                "ssl_call_exit",
+                "ssl_write_ex_enter",
+                "ssl_call_exit"
+            ],
+            "{:?}",
+            library.points
+        );
+        for pair in library.points.chunks(2) {
+            assert_eq!(pair[0].offset, pair[1].offset);
+            let first = read_at(&library.file, pair[0].offset, 2).expect("code");
+            assert!(
+                matches!(first.as_slice(), [0x50..=0x57, _] | [0x41, 0x50..=0x57]),
+                "a push at {:#x}: {first:x?}",
+                pair[0].offset
+            );
+        }
+        let ex = ["SSL_read_ex", "SSL_write_ex"].map(|s| library.offset(s).expect("defined"));
+        assert!(library.points.iter().all(|p| !ex.contains(&p.offset)));
     }
 }

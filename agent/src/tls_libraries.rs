@@ -405,6 +405,157 @@ impl TlsLibraries {
     }
 }
 
+/// Where one TLS program attaches in a library file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbePoint {
+    pub program: &'static str,
+    pub offset: u64,
+}
+
+/// The functions whose offsets [`probe_points`] needs: the four hooked
+/// ones, and symbols that only OpenSSL 3.2 and later define.
+pub const TLS_SYMBOLS: &[&str] = &[
+    "SSL_read",
+    "SSL_read_ex",
+    "SSL_write",
+    "SSL_write_ex",
+    "SSL_get_event_timeout",
+    "SSL_write_ex2",
+    "OSSL_QUIC_client_method",
+];
+
+/// Symbols whose presence marks OpenSSL 3.2 or later, whose internal
+/// write function takes another argument (flags, for QUIC).
+const OPENSSL_3_2_MARKERS: &[&str] = &[
+    "SSL_get_event_timeout",
+    "SSL_write_ex2",
+    "OSSL_QUIC_client_method",
+];
+
+/// Bytes of a function read to recognise it.
+pub const CODE_BYTES: usize = 64;
+
+/// Where to attach the TLS programs in a library: `symbol` gives a
+/// function's file offset, `code` reads bytes at a file offset, and
+/// `code_range` is the file range of the section that holds the code.
+///
+/// Each hooked call costs a breakpoint, and one the kernel must
+/// single-step out of line costs a trap more (a VM exit under a
+/// hypervisor: 16 us against 0.5 us here, BENCHMARKS.md). OpenSSL's
+/// `SSL_read`/`SSL_write` start with `sub $0x18,%rsp`, which is
+/// single-stepped; both they and their `_ex` forms call one internal
+/// function per direction (`ssl_read_internal(s, buf, num, *readbytes)`,
+/// `ssl_write_internal(s, buf, num, *written)` in OpenSSL 1.1.1 to 3.1:
+/// exactly the `_ex` forms' arguments and result), which starts with
+/// pushes, which the kernel emulates. So where the code shows that shape
+/// (the `_ex` form is a bare wrapper whose call the plain form makes too,
+/// to a function that starts with a push), the `_ex` programs attach
+/// there, once for both forms; anywhere else (OpenSSL 3.2 and later, other
+/// builds) on the four public functions.
+pub fn probe_points(
+    symbol: impl Fn(&str) -> Option<u64>,
+    code: impl Fn(u64, usize) -> Option<Vec<u8>>,
+    code_range: Option<(u64, u64)>,
+) -> Vec<ProbePoint> {
+    let newer = OPENSSL_3_2_MARKERS.iter().any(|m| symbol(m).is_some());
+    let mut points = Vec::new();
+    for (plain, ex, plain_enter, ex_enter) in [
+        (
+            "SSL_read",
+            "SSL_read_ex",
+            "ssl_read_enter",
+            "ssl_read_ex_enter",
+        ),
+        (
+            "SSL_write",
+            "SSL_write_ex",
+            "ssl_write_enter",
+            "ssl_write_ex_enter",
+        ),
+    ] {
+        let internal = (!newer)
+            .then(|| shared_internal_function(&symbol, &code, code_range?, plain, ex))
+            .flatten();
+        match internal {
+            Some(offset) => points.extend([
+                ProbePoint {
+                    program: ex_enter,
+                    offset,
+                },
+                ProbePoint {
+                    program: "ssl_call_exit",
+                    offset,
+                },
+            ]),
+            None => {
+                for (function, enter) in [(plain, plain_enter), (ex, ex_enter)] {
+                    if let Some(offset) = symbol(function) {
+                        points.extend([
+                            ProbePoint {
+                                program: enter,
+                                offset,
+                            },
+                            ProbePoint {
+                                program: "ssl_call_exit",
+                                offset,
+                            },
+                        ]);
+                    }
+                }
+            }
+        }
+    }
+    points
+}
+
+/// The internal function that both `plain` and `ex` call, when `ex` is a
+/// bare wrapper around it (`[endbr64] [sub $imm8,%rsp | push] call rel32`),
+/// `plain` calls it within its first bytes, and it starts with a push.
+fn shared_internal_function(
+    symbol: &impl Fn(&str) -> Option<u64>,
+    code: &impl Fn(u64, usize) -> Option<Vec<u8>>,
+    (start, end): (u64, u64),
+    plain: &str,
+    ex: &str,
+) -> Option<u64> {
+    let within = |offset: u64| (start..end).contains(&offset);
+    let ex_at = symbol(ex).filter(|o| within(*o))?;
+    let plain_at = symbol(plain).filter(|o| within(*o))?;
+    let wrapper = code(ex_at, CODE_BYTES)?;
+    let mut i = 0;
+    if wrapper.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        i += 4;
+    }
+    match wrapper.get(i..)? {
+        [0x48, 0x83, 0xec, _, ..] => i += 4,
+        [0x50..=0x57, ..] => i += 1,
+        [0x41, 0x50..=0x57, ..] => i += 2,
+        _ => {}
+    }
+    let target = call_target(&wrapper, ex_at, i)?;
+    if !within(target) {
+        return None;
+    }
+    let plain_code = code(plain_at, CODE_BYTES)?;
+    let plain_calls_it = (0..plain_code.len())
+        .any(|j| plain_code[j] == 0xe8 && call_target(&plain_code, plain_at, j) == Some(target));
+    let starts_with_push = matches!(
+        code(target, 2)?.as_slice(),
+        [0x50..=0x57, ..] | [0x41, 0x50..=0x57]
+    );
+    (plain_calls_it && starts_with_push).then_some(target)
+}
+
+/// The target of a `call rel32` at `code[i]`, `code` being at `at`.
+fn call_target(code: &[u8], at: u64, i: usize) -> Option<u64> {
+    if *code.get(i)? != 0xe8 {
+        return None;
+    }
+    let rel = i32::from_le_bytes(code.get(i + 1..i + 5)?.try_into().ok()?);
+    let next = at.checked_add(i as u64 + 5)?;
+    next.checked_add_signed(i64::from(rel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,5 +883,160 @@ mod tests {
         // the room.
         assert_eq!(libs.process_exited(1000, 0), vec![a.file]);
         assert_eq!(attach_all(&mut libs), 1);
+    }
+
+    /// A code section laid out like Debian's OpenSSL 3.0 (offsets and bytes
+    /// as objdump shows them): SSL_read and SSL_read_ex both call
+    /// ssl_read_internal, which starts with `push %r13`.
+    struct Code {
+        bytes: Vec<u8>,
+        symbols: Vec<(&'static str, u64)>,
+    }
+
+    const BASE: u64 = 0x35000;
+
+    impl Code {
+        fn new() -> Self {
+            Code {
+                bytes: vec![0xcc; 0x1000],
+                symbols: Vec::new(),
+            }
+        }
+        fn put(&mut self, at: u64, bytes: &[u8]) {
+            let i = (at - BASE) as usize;
+            self.bytes[i..i + bytes.len()].copy_from_slice(bytes);
+        }
+        fn call(&mut self, at: u64, target: u64) {
+            let rel = (target as i64 - (at as i64 + 5)) as i32;
+            let mut bytes = vec![0xe8];
+            bytes.extend_from_slice(&rel.to_le_bytes());
+            self.put(at, &bytes);
+        }
+        fn symbol(&mut self, name: &'static str, at: u64) {
+            self.symbols.push((name, at));
+        }
+        fn points(&self) -> Vec<ProbePoint> {
+            probe_points(
+                |name| {
+                    self.symbols
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, o)| *o)
+                },
+                |at, len| {
+                    let i = at.checked_sub(BASE)? as usize;
+                    self.bytes.get(i..i + len).map(<[u8]>::to_vec)
+                },
+                Some((BASE, BASE + self.bytes.len() as u64)),
+            )
+        }
+    }
+
+    fn openssl_3_0() -> Code {
+        let mut code = Code::new();
+        // ssl_read_internal / ssl_write_internal: push %r13 / push %r14.
+        code.put(0x35290, &[0x41, 0x55, 0x41, 0x54]);
+        code.put(0x355a0, &[0x41, 0x56, 0x41, 0x55]);
+        // SSL_read: sub $0x18,%rsp; ...; call ssl_read_internal at +0x1e.
+        code.put(0x35430, &[0x48, 0x83, 0xec, 0x18]);
+        code.call(0x3544e, 0x35290);
+        code.symbol("SSL_read", 0x35430);
+        // SSL_read_ex: sub $0x8,%rsp; call ssl_read_internal.
+        code.put(0x354c0, &[0x48, 0x83, 0xec, 0x08]);
+        code.call(0x354c4, 0x35290);
+        code.symbol("SSL_read_ex", 0x354c0);
+        code.put(0x35980, &[0x48, 0x83, 0xec, 0x18]);
+        code.call(0x3599e, 0x355a0);
+        code.symbol("SSL_write", 0x35980);
+        code.put(0x35a10, &[0x48, 0x83, 0xec, 0x08]);
+        code.call(0x35a14, 0x355a0);
+        code.symbol("SSL_write_ex", 0x35a10);
+        code
+    }
+
+    fn point(program: &'static str, offset: u64) -> ProbePoint {
+        ProbePoint { program, offset }
+    }
+
+    fn public_points(code: &Code) -> Vec<ProbePoint> {
+        let at = |name: &str| {
+            code.symbols
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("a symbol of the layout")
+                .1
+        };
+        vec![
+            point("ssl_read_enter", at("SSL_read")),
+            point("ssl_call_exit", at("SSL_read")),
+            point("ssl_read_ex_enter", at("SSL_read_ex")),
+            point("ssl_call_exit", at("SSL_read_ex")),
+            point("ssl_write_enter", at("SSL_write")),
+            point("ssl_call_exit", at("SSL_write")),
+            point("ssl_write_ex_enter", at("SSL_write_ex")),
+            point("ssl_call_exit", at("SSL_write_ex")),
+        ]
+    }
+
+    #[test]
+    fn openssl_3_0_is_hooked_at_its_internal_functions_once_per_direction() {
+        assert_eq!(
+            openssl_3_0().points(),
+            vec![
+                point("ssl_read_ex_enter", 0x35290),
+                point("ssl_call_exit", 0x35290),
+                point("ssl_write_ex_enter", 0x355a0),
+                point("ssl_call_exit", 0x355a0),
+            ]
+        );
+        // With endbr64 before the wrapper's sub (a CET build): the same.
+        let mut code = openssl_3_0();
+        code.put(0x354c0, &[0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0xec, 0x08]);
+        code.call(0x354c8, 0x35290);
+        assert_eq!(code.points()[0], point("ssl_read_ex_enter", 0x35290));
+    }
+
+    #[test]
+    fn anything_else_is_hooked_at_the_public_functions() {
+        // OpenSSL 3.2 and later: the internal write takes flags too.
+        let mut newer = openssl_3_0();
+        newer.symbol("SSL_write_ex2", 0x35b00);
+        assert_eq!(newer.points(), public_points(&newer));
+        // An internal function that starts with an instruction the kernel
+        // single-steps (no gain, and not the shape this relies on).
+        let mut stepped = openssl_3_0();
+        stepped.put(0x35290, &[0x48, 0x83, 0xec, 0x38]);
+        let points = stepped.points();
+        assert_eq!(points[..4], public_points(&stepped)[..4], "reads: public");
+        assert_eq!(
+            points[4],
+            point("ssl_write_ex_enter", 0x355a0),
+            "writes: internal"
+        );
+        // SSL_read does not call what SSL_read_ex calls.
+        let mut other = openssl_3_0();
+        other.call(0x3544e, 0x355a0);
+        assert_eq!(other.points()[..4], public_points(&other)[..4]);
+        // SSL_read_ex is no bare wrapper (e.g. LTO inlined the internal).
+        let mut inlined = openssl_3_0();
+        inlined.put(0x354c4, &[0x48, 0x89, 0xfb, 0x90, 0x90]);
+        assert_eq!(inlined.points()[..4], public_points(&inlined)[..4]);
+        // A call out of the code section.
+        let mut outside = openssl_3_0();
+        outside.call(0x354c4, 0x90000);
+        assert_eq!(outside.points()[..4], public_points(&outside)[..4]);
+        // OpenSSL before 1.1.1: no _ex forms, the plain ones only.
+        let mut old = Code::new();
+        old.symbol("SSL_read", 0x35430);
+        old.symbol("SSL_write", 0x35980);
+        assert_eq!(
+            old.points(),
+            vec![
+                point("ssl_read_enter", 0x35430),
+                point("ssl_call_exit", 0x35430),
+                point("ssl_write_enter", 0x35980),
+                point("ssl_call_exit", 0x35980),
+            ]
+        );
     }
 }

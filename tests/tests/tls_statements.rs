@@ -468,10 +468,27 @@ fn mariadb_over_tls_from_python_is_parsed_like_plaintext() {
     let agent = Agent::start();
     let mut client = DbClient::spawn();
     // A first TLS connection, on which the agent hooks the system libssl
-    // that Python's ssl module maps (the user and database go inside TLS
-    // right after the handshake, before the hook); the measured one after.
+    // that Python's ssl module maps and sets this process's breakpoints
+    // (the user and database go inside TLS right after the handshake,
+    // maybe before); the measured one after. The file may have been hooked
+    // for another process already (the host's other tests), so the sign
+    // that this one has its breakpoints is its plaintext read.
     client.connect_tls("mysql", db.port);
-    wait_for_hook(&agent, "/libssl.so.3");
+    let read = wait_until(EVENT_TIMEOUT, || {
+        client.sql("SELECT 1").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        agent
+            .connections_of(client.pid)
+            .iter()
+            .any(|c| c.plaintext)
+            .then_some(())
+    });
+    assert!(
+        read.is_some(),
+        "no plaintext read from the client: {:#?}\n--- hooks ---\n{}",
+        agent.connections_of(client.pid),
+        hook_lines(&agent)
+    );
     client.request(json!({"op": "close"}));
     let (fd, local) = client.connect_tls("mysql", db.port);
     // The server's word that this session is TLS.

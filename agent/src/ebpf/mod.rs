@@ -445,9 +445,13 @@ impl KernelProbes {
         if let Err(why) = &self.tls_programs {
             bail!("the TLS library programs are not loaded: {why}");
         }
-        for symbol in ["SSL_read", "SSL_write"] {
-            if library.offset(symbol).is_none() {
-                bail!("it does not define {symbol}");
+        for enter in ["ssl_read", "ssl_write"] {
+            if !library.points.iter().any(|p| p.program.starts_with(enter)) {
+                bail!(
+                    "it defines neither {} nor {}_ex",
+                    enter.to_uppercase(),
+                    enter.to_uppercase()
+                );
             }
         }
         self.tls_files.insert(file, library);
@@ -467,28 +471,23 @@ impl KernelProbes {
             .get(&file)
             .context("the TLS library is not held open")?;
         let path = library.attach_path();
-        let offsets: Vec<Option<u64>> = TLS_UPROBES
-            .iter()
-            .chain(TLS_URETPROBES)
-            .map(|(_, symbol)| library.offset(symbol))
-            .collect();
+        let points = library.points.clone();
         let scope = match pid.and_then(std::num::NonZeroU32::new) {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
         };
         let mut links = Vec::new();
-        for ((program, symbol), offset) in TLS_UPROBES.iter().chain(TLS_URETPROBES).zip(offsets) {
-            // OpenSSL before 1.1.1 has no _ex forms (keep_tls_library
-            // checked the others).
-            let Some(offset) = offset else {
-                continue;
-            };
-            let attached = uprobe_program(&mut self.ebpf, program).and_then(|prog| {
-                prog.attach(UProbeAttachLocation::AbsoluteOffset(offset), &path, scope)
-                    .with_context(|| format!("cannot attach {program} to {symbol}"))
+        for point in points {
+            let attached = uprobe_program(&mut self.ebpf, point.program).and_then(|prog| {
+                prog.attach(
+                    UProbeAttachLocation::AbsoluteOffset(point.offset),
+                    &path,
+                    scope,
+                )
+                .with_context(|| format!("cannot attach {} at {:#x}", point.program, point.offset))
             });
             match attached {
-                Ok(link) => links.push((*program, link)),
+                Ok(link) => links.push((point.program, link)),
                 Err(e) => {
                     detach_uprobes(&mut self.ebpf, links);
                     return Err(e);
@@ -518,13 +517,6 @@ impl KernelProbes {
             self.detach_tls_library(file, pid);
         }
         self.tls_files.remove(&file);
-    }
-
-    /// The functions of a TLS library that are hooked.
-    pub fn tls_symbols() -> Vec<&'static str> {
-        let mut symbols: Vec<&'static str> = TLS_UPROBES.iter().map(|(_, s)| *s).collect();
-        symbols.dedup();
-        symbols
     }
 
     /// A Unix-socket connection that may speak a database protocol. The
@@ -891,13 +883,13 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
     }
     for (file, (pid, path)) in seen {
         let reachable = std::path::PathBuf::from(format!("/proc/{pid}/root{path}"));
-        let result = match crate::procfs::open_tls_library(&reachable, &KernelProbes::tls_symbols())
-        {
-            Ok(library) => probes
-                .keep_tls_library(file, library)
-                .and_then(|()| probes.attach_tls_library(file, None)),
-            Err(e) => Err(anyhow::anyhow!("{e}")),
-        };
+        let result =
+            match crate::procfs::open_tls_library(&reachable, crate::tls_libraries::TLS_SYMBOLS) {
+                Ok(library) => probes
+                    .keep_tls_library(file, library)
+                    .and_then(|()| probes.attach_tls_library(file, None)),
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+            };
         probes.release_tls_library(file);
         lines.push(CheckLine {
             ok: result.is_ok(),
