@@ -3,9 +3,11 @@
 # call of a function called in a loop, with no probe, with a tracefs uprobe
 # on a function whose first instruction the kernel must single-step (`sub
 # $0x18,%rsp`, as OpenSSL's SSL_read/SSL_write start on Debian) and with one
-# whose first instruction it emulates (`push %rbp`). A single-step is a
-# trap that hypervisors may intercept (a VM exit each). Alternates the
-# three, ROUNDS times; prints microseconds per call, median of the rounds.
+# whose first instruction it emulates (`push %rbp`), and with a return probe
+# (uretprobe) on the latter: a breakpoint at its entry plus the return
+# trampoline, as each hooked TLS call pays. A single-step is a trap that
+# hypervisors may intercept (a VM exit each). Alternates the four, ROUNDS
+# times; prints microseconds per call, median of the rounds.
 # Root (tracefs); run on a quiet machine.
 #
 #   benches/uprobe_cost.sh [ROUNDS] [CALLS]
@@ -16,7 +18,7 @@ TRACEFS=/sys/kernel/tracing
 WORK=$(mktemp -d /tmp/poolscope-uprobe-cost.XXXXXX)
 GROUP=poolscope_uprobe_cost
 cleanup() {
-    for e in stepped emulated; do
+    for e in stepped emulated returned; do
         echo 0 > "$TRACEFS/events/$GROUP/$e/enable" 2>/dev/null || true
         echo "-:$GROUP/$e" >> "$TRACEFS/uprobe_events" 2>/dev/null || true
     done
@@ -69,19 +71,21 @@ PY
 for e in stepped emulated; do
     echo "p:$GROUP/$e $WORK/loop:$(file_offset $e)" >> "$TRACEFS/uprobe_events"
 done
+echo "r:$GROUP/returned $WORK/loop:$(file_offset emulated)" >> "$TRACEFS/uprobe_events"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 declare -A results
 for round in $(seq "$ROUNDS"); do
     results[none]+="$("$WORK/loop" s "$CALLS") "
-    for e in stepped emulated; do
+    for e in stepped emulated returned; do
         echo 1 > "$TRACEFS/events/$GROUP/$e/enable"
-        results[$e]+="$("$WORK/loop" "${e:0:1}" "$CALLS") "
+        # "returned" probes the emulated function ('e'); 's' the other.
+        results[$e]+="$("$WORK/loop" "$([ $e = stepped ] && echo s || echo e)" "$CALLS") "
         echo 0 > "$TRACEFS/events/$GROUP/$e/enable"
     done
 done
 echo > "$TRACEFS/trace"
-for k in none stepped emulated; do
+for k in none stepped emulated returned; do
     printf '%-9s %s us/call (median of %s rounds: %s)\n' "$k" \
         "$(tr ' ' '\n' <<<"${results[$k]}" | grep . | median)" "$ROUNDS" "${results[$k]}"
 done
