@@ -304,6 +304,10 @@ impl Pipeline {
     /// Reads what /proc says of `pid` and learns its resource (anew, when
     /// it was known: its pod's workload arrived since).
     fn read_process(&self, pid: u32) -> Result<(), Broken> {
+        // First: with breakpoints per process, what it sends over TLS
+        // before they are set is not read, and its first connection's
+        // handshake is under way.
+        self.look_for_tls_libraries(pid)?;
         let proc_root = Path::new("/proc");
         let placement = procfs::placement(proc_root, pid, self.pod_logs_dir.as_deref());
         let name = procfs::process_comm(proc_root, pid);
@@ -330,8 +334,7 @@ impl Pipeline {
             if let Some(name) = name {
                 s.tracker.set_process_name(pid, name);
             }
-        })?;
-        self.look_for_tls_libraries(pid)
+        })
     }
 
     /// Hooks the TLS libraries `pid` maps, read outside the kernel side's
