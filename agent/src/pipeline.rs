@@ -123,13 +123,14 @@ impl KernelSide {
             .map(|p| format!("{}@{:#x}", p.program, p.offset))
             .collect::<Vec<_>>()
             .join(" ");
+        let scope = self.tls.scope_for(library.emulated);
         let mut result = self.probes.keep_tls_library(mapped.file, library);
-        if result.is_ok() && self.tls.scope() == HookScope::File {
+        if result.is_ok() && scope == HookScope::File {
             result = self.probes.attach_tls_library(mapped.file, None);
         }
         match result {
             Ok(()) => {
-                self.tls.hook_result(mapped.file, Ok(()));
+                self.tls.hook_result(mapped.file, Ok(scope));
                 // Before the log line, which says the process that showed
                 // the library has its breakpoints.
                 self.attach_waiting_processes();
@@ -138,9 +139,10 @@ impl KernelSide {
                      in {}, at {}): statements on its connections are read",
                     mapped.path,
                     mapped.file.inode,
-                    match self.tls.scope() {
-                        HookScope::File => "every process that maps it",
-                        HookScope::Process => "each observed process that maps it",
+                    if scope == HookScope::File {
+                        "every process that maps it"
+                    } else {
+                        "each observed process that maps it"
                     },
                     points
                 );
@@ -541,16 +543,38 @@ impl Pipeline {
     }
 
     /// Hooks the libssl files that running processes map, so that a
-    /// process started later with one of them is read from its first call.
+    /// process started later with one of them is read from its first call:
+    /// those whose breakpoints go to every process that maps them (all of
+    /// them with `tls_hook_scope = "file"`; with "auto" those whose probes
+    /// the kernel emulates, the others waiting for an observed process).
     fn hook_running_tls_libraries(&self) {
+        let Ok(every_file) = self
+            .kernel
+            .with(|k| k.tls.scope_for(false) == HookScope::File)
+        else {
+            return;
+        };
+        let mut emulated: HashMap<crate::tls_libraries::FileId, bool> = HashMap::new();
         for (pid, found) in procfs::tls_libraries_of_all(Path::new("/proc")) {
             if pid == std::process::id() {
                 continue;
             }
-            if self
-                .hook_tls_libraries(pid, found.uid, &found.libraries)
-                .is_err()
-            {
+            let wanted: Vec<MappedLibrary> = found
+                .libraries
+                .into_iter()
+                .filter(|lib| {
+                    every_file
+                        || *emulated.entry(lib.file).or_insert_with(|| {
+                            let path = format!("/proc/{pid}/root{}", lib.path);
+                            procfs::open_tls_library(
+                                Path::new(&path),
+                                crate::tls_libraries::TLS_SYMBOLS,
+                            )
+                            .is_ok_and(|l| l.emulated)
+                        })
+                })
+                .collect();
+            if self.hook_tls_libraries(pid, found.uid, &wanted).is_err() {
                 // The kernel side is broken; the agent is stopping.
                 return;
             }
@@ -1113,7 +1137,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 from_proc: config.tracking.seed_from_proc,
                 unix_sockets: config.kernel.unix_sockets,
                 tls_libraries: config.kernel.tls_libraries
-                    && config.kernel.tls_hook_scope == HookScope::File,
+                    && config.kernel.tls_hook_scope != HookScope::Process,
             },
         ),
     );
@@ -1361,10 +1385,10 @@ struct Seeding {
     /// Without the Unix-socket tracepoints nothing would see such a
     /// connection close, so none is seeded.
     unix_sockets: bool,
-    /// `[kernel] tls_libraries` with `tls_hook_scope = "file"`: once
-    /// seeded, hook the libssl files that running processes map (with
-    /// "process", the seeded processes' own libraries are hooked as they
-    /// are learnt).
+    /// `[kernel] tls_libraries` with `tls_hook_scope` "file" or "auto":
+    /// once seeded, hook the libssl files that running processes map
+    /// (with "process", the seeded processes' own libraries are hooked as
+    /// they are learnt).
     tls_libraries: bool,
 }
 

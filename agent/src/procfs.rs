@@ -1009,6 +1009,8 @@ pub struct OpenedLibrary {
     /// Where the TLS programs attach (see
     /// [`crate::tls_libraries::probe_points`]).
     pub points: Vec<crate::tls_libraries::ProbePoint>,
+    /// Whether every point is at an instruction the kernel emulates.
+    pub emulated: bool,
 }
 
 impl OpenedLibrary {
@@ -1110,7 +1112,7 @@ pub fn open_tls_library(
             .find(|(known, _)| *known == name)
             .map(|(_, offset)| *offset)
     };
-    let points = crate::tls_libraries::probe_points(
+    let (points, emulated) = crate::tls_libraries::probe_points(
         offset_of,
         |at, len| read_at(&file, at, len),
         code_range,
@@ -1119,6 +1121,7 @@ pub fn open_tls_library(
         file,
         offsets,
         points,
+        emulated,
     })
 }
 
@@ -1972,6 +1975,7 @@ mod tests {
         let path = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
         let library =
             open_tls_library(path, crate::tls_libraries::TLS_SYMBOLS).expect("libssl.so.3 opens");
+        assert!(library.emulated);
         let programs: Vec<&str> = library.points.iter().map(|p| p.program).collect();
         assert_eq!(
             programs,

@@ -42,10 +42,16 @@ pub const MAX_HOOKED_PROCESSES_PER_USER: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HookScope {
+    /// Per file: `file` where the probes sit at instructions the kernel
+    /// emulates (a trap costs every program that maps the file little,
+    /// and every process is read from its first call), `process` where
+    /// they must be single-stepped (a VM exit each under a hypervisor:
+    /// only the observed processes pay it).
+    #[default]
+    Auto,
     /// Only the observed processes that map it, each from its first
     /// connect on: a database server or any other program that maps the
     /// same file pays nothing.
-    #[default]
     Process,
     /// Every process that maps the file, from its first call: a process's
     /// first connection is read even when it races the agent, but every
@@ -101,6 +107,8 @@ struct Library {
     first_uid: u32,
     state: HookState,
     users: HashSet<u32>,
+    /// [`HookScope::File`] or [`HookScope::Process`], once hooked.
+    scope: HookScope,
     /// [`HookScope::Process`]: the users whose breakpoints are set.
     attached: HashSet<u32>,
     unused_since_ns: Option<u64>,
@@ -154,8 +162,14 @@ impl TlsLibraries {
         }
     }
 
-    pub fn scope(&self) -> HookScope {
-        self.scope
+    /// The scope of a library about to be hooked, whose probes sit at
+    /// instructions the kernel emulates (`emulated`) or not.
+    pub fn scope_for(&self, emulated: bool) -> HookScope {
+        match self.scope {
+            HookScope::Auto if emulated => HookScope::File,
+            HookScope::Auto => HookScope::Process,
+            scope => scope,
+        }
     }
 
     /// `pid`, run by `uid`, maps `mapped`: the libraries to open and hook
@@ -195,6 +209,7 @@ impl TlsLibraries {
                     first_uid: uid,
                     state,
                     users: HashSet::new(),
+                    scope: HookScope::Process,
                     attached: HashSet::new(),
                     unused_since_ns: None,
                 }
@@ -216,7 +231,7 @@ impl TlsLibraries {
             files.iter().any(|f| {
                 self.libraries.get(f).is_some_and(|l| {
                     l.state == HookState::Hooked
-                        && (self.scope == HookScope::File || l.attached.contains(&pid))
+                        && (l.scope == HookScope::File || l.attached.contains(&pid))
                 })
             })
         })
@@ -227,9 +242,6 @@ impl TlsLibraries {
     /// ([`MAX_HOOKED_PROCESSES`], [`MAX_HOOKED_PROCESSES_PER_USER`]). Tell
     /// [`Self::process_attached`] the outcome of each.
     pub fn processes_to_attach(&self) -> Vec<ProcessHook> {
-        if self.scope == HookScope::File {
-            return Vec::new();
-        }
         let mut per_user: HashMap<u32, usize> = HashMap::new();
         let mut total = 0;
         for lib in self.libraries.values() {
@@ -240,7 +252,7 @@ impl TlsLibraries {
         }
         let mut wanted = Vec::new();
         for (file, lib) in &self.libraries {
-            if lib.state != HookState::Hooked {
+            if lib.state != HookState::Hooked || lib.scope != HookScope::Process {
                 continue;
             }
             let mut waiting: Vec<u32> = lib.users.difference(&lib.attached).copied().collect();
@@ -312,13 +324,16 @@ impl TlsLibraries {
     }
 
     /// The kernel side's answer for a library [`Self::process_maps`] asked
-    /// to hook.
-    pub fn hook_result(&mut self, file: FileId, result: Result<(), String>) {
+    /// to hook: hooked in a scope ([`Self::scope_for`]), or refused.
+    pub fn hook_result(&mut self, file: FileId, result: Result<HookScope, String>) {
         if let Some(lib) = self.libraries.get_mut(&file) {
-            lib.state = match result {
-                Ok(()) => HookState::Hooked,
-                Err(why) => HookState::Refused(why),
-            };
+            match result {
+                Ok(scope) => {
+                    lib.state = HookState::Hooked;
+                    lib.scope = scope;
+                }
+                Err(why) => lib.state = HookState::Refused(why),
+            }
         }
     }
 
@@ -395,10 +410,10 @@ impl TlsLibraries {
                     )),
                 },
                 processes: lib.users.len(),
-                processes_hooked: match (self.scope, &lib.state) {
-                    (_, state) if *state != HookState::Hooked => 0,
-                    (HookScope::File, _) => lib.users.len(),
-                    (HookScope::Process, _) => lib.attached.len(),
+                processes_hooked: match (&lib.state, lib.scope) {
+                    (HookState::Hooked, HookScope::File) => lib.users.len(),
+                    (HookState::Hooked, _) => lib.attached.len(),
+                    _ => 0,
                 },
             })
             .collect()
@@ -452,13 +467,17 @@ pub const CODE_BYTES: usize = 64;
 /// to a function that starts with a push), the `_ex` programs attach
 /// there, once for both forms; anywhere else (OpenSSL 3.2 and later, other
 /// builds) on the four public functions.
+///
+/// Also whether every point is at such a function (see
+/// [`HookScope::Auto`]).
 pub fn probe_points(
     symbol: impl Fn(&str) -> Option<u64>,
     code: impl Fn(u64, usize) -> Option<Vec<u8>>,
     code_range: Option<(u64, u64)>,
-) -> Vec<ProbePoint> {
+) -> (Vec<ProbePoint>, bool) {
     let newer = OPENSSL_3_2_MARKERS.iter().any(|m| symbol(m).is_some());
     let mut points = Vec::new();
+    let mut emulated = true;
     for (plain, ex, plain_enter, ex_enter) in [
         (
             "SSL_read",
@@ -488,6 +507,7 @@ pub fn probe_points(
                 },
             ]),
             None => {
+                emulated = false;
                 for (function, enter) in [(plain, plain_enter), (ex, ex_enter)] {
                     if let Some(offset) = symbol(function) {
                         points.extend([
@@ -505,7 +525,7 @@ pub fn probe_points(
             }
         }
     }
-    points
+    (points, emulated)
 }
 
 /// The internal function that both `plain` and `ex` call, when `ex` is a
@@ -602,7 +622,7 @@ mod tests {
             libs.process_maps(100, 0, std::slice::from_ref(&system)),
             vec![system.clone()]
         );
-        libs.hook_result(system.file, Ok(()));
+        libs.hook_result(system.file, Ok(HookScope::File));
         // Another process, another path to the same file (a container).
         let same = lib(10, "/lib/x86_64-linux-gnu/libssl.so.3");
         assert!(libs.process_maps(200, 0, &[same]).is_empty());
@@ -622,7 +642,7 @@ mod tests {
         let mut libs = TlsLibraries::new(HookScope::File);
         let a = lib(10, "/a/libssl.so.3");
         libs.process_maps(100, 0, std::slice::from_ref(&a));
-        libs.hook_result(a.file, Ok(()));
+        libs.hook_result(a.file, Ok(HookScope::File));
         libs.process_maps(200, 0, std::slice::from_ref(&a));
         libs.process_exited(100, 1_000);
         assert!(
@@ -670,7 +690,7 @@ mod tests {
         let hooked = libs.process_maps(666, 1000, &copies);
         assert_eq!(hooked.len(), MAX_LIBRARIES_PER_USER);
         for lib in &hooked {
-            libs.hook_result(lib.file, Ok(()));
+            libs.hook_result(lib.file, Ok(HookScope::File));
         }
         let status = libs.status();
         assert_eq!(
@@ -738,7 +758,7 @@ mod tests {
         assert!(libs
             .process_maps(200, 0, std::slice::from_ref(&a))
             .is_empty());
-        libs.hook_result(a.file, Ok(()));
+        libs.hook_result(a.file, Ok(HookScope::File));
         assert!(!libs.is_pending(a.file));
         assert!(libs.hooks_process(100) && libs.hooks_process(200));
     }
@@ -762,7 +782,7 @@ mod tests {
             libs.process_maps(200, 0, std::slice::from_ref(&a)),
             vec![a.clone()]
         );
-        libs.hook_result(a.file, Ok(()));
+        libs.hook_result(a.file, Ok(HookScope::File));
         assert!(libs.hooks_process(200));
         // An answer already given is not undone.
         libs.hook_abandoned(a.file);
@@ -780,7 +800,7 @@ mod tests {
         );
         assert!(libs.processes_to_attach().is_empty(), "not held yet");
         libs.process_maps(200, 0, std::slice::from_ref(&a));
-        libs.hook_result(a.file, Ok(()));
+        libs.hook_result(a.file, Ok(HookScope::Process));
         let wanted = libs.processes_to_attach();
         assert_eq!(
             wanted,
@@ -833,7 +853,7 @@ mod tests {
         let mut libs = TlsLibraries::new(HookScope::File);
         let a = lib(10, "/usr/lib/libssl.so.3");
         libs.process_maps(100, 0, std::slice::from_ref(&a));
-        libs.hook_result(a.file, Ok(()));
+        libs.hook_result(a.file, Ok(HookScope::File));
         assert!(libs.processes_to_attach().is_empty());
         assert!(libs.hooks_process(100));
         assert_eq!(libs.status()[0].processes_hooked, 1);
@@ -858,7 +878,7 @@ mod tests {
         for pid in 0..MAX_HOOKED_PROCESSES_PER_USER as u32 + 10 {
             libs.process_maps(1000 + pid, 666, std::slice::from_ref(&a));
         }
-        libs.hook_result(a.file, Ok(()));
+        libs.hook_result(a.file, Ok(HookScope::Process));
         assert_eq!(attach_all(&mut libs), MAX_HOOKED_PROCESSES_PER_USER);
         assert_eq!(attach_all(&mut libs), 0, "asked again: still none");
         // Another user's process is attached.
@@ -916,6 +936,9 @@ mod tests {
             self.symbols.push((name, at));
         }
         fn points(&self) -> Vec<ProbePoint> {
+            self.plan().0
+        }
+        fn plan(&self) -> (Vec<ProbePoint>, bool) {
             probe_points(
                 |name| {
                     self.symbols
@@ -989,6 +1012,7 @@ mod tests {
                 point("ssl_call_exit", 0x355a0),
             ]
         );
+        assert!(openssl_3_0().plan().1, "emulated");
         // With endbr64 before the wrapper's sub (a CET build): the same.
         let mut code = openssl_3_0();
         code.put(0x354c0, &[0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0xec, 0x08]);
@@ -1001,7 +1025,7 @@ mod tests {
         // OpenSSL 3.2 and later: the internal write takes flags too.
         let mut newer = openssl_3_0();
         newer.symbol("SSL_write_ex2", 0x35b00);
-        assert_eq!(newer.points(), public_points(&newer));
+        assert_eq!(newer.plan(), (public_points(&newer), false));
         // An internal function that starts with an instruction the kernel
         // single-steps (no gain, and not the shape this relies on).
         let mut stepped = openssl_3_0();
@@ -1038,5 +1062,40 @@ mod tests {
                 point("ssl_call_exit", 0x35980),
             ]
         );
+    }
+
+    #[test]
+    fn auto_scope_is_per_file_by_where_the_probes_sit() {
+        let auto = TlsLibraries::new(HookScope::Auto);
+        assert_eq!(auto.scope_for(true), HookScope::File);
+        assert_eq!(auto.scope_for(false), HookScope::Process);
+        assert_eq!(
+            TlsLibraries::new(HookScope::File).scope_for(false),
+            HookScope::File
+        );
+        assert_eq!(
+            TlsLibraries::new(HookScope::Process).scope_for(true),
+            HookScope::Process
+        );
+        // Two files in one agent, each in its own scope.
+        let mut libs = TlsLibraries::new(HookScope::Auto);
+        let emulated = lib(10, "/usr/lib/libssl.so.3");
+        let stepped = lib(20, "/opt/app/libssl.so.3");
+        libs.process_maps(100, 0, &[emulated.clone(), stepped.clone()]);
+        libs.hook_result(emulated.file, Ok(libs.scope_for(true)));
+        libs.hook_result(stepped.file, Ok(libs.scope_for(false)));
+        assert_eq!(
+            libs.processes_to_attach(),
+            vec![ProcessHook {
+                file: stepped.file,
+                pid: 100
+            }],
+            "only the stepped file needs breakpoints per process"
+        );
+        assert!(
+            libs.hooks_process(100),
+            "the emulated file covers it already"
+        );
+        assert_eq!(libs.process_exited(100, 0), Vec::<FileId>::new());
     }
 }

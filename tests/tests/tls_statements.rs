@@ -163,16 +163,18 @@ fn expect_read_tls(agent: &Agent, c: &ConnectionView, query: &str, secret: &str)
 const PGBENCH_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = ?;";
 const PGBENCH_CLIENTS: usize = 4;
 
-/// With `tls_hook_scope = "file"` the system's libssl, which the server
-/// maps, is hooked once the agent's start-up is over, before pgbench's
-/// first call: every connection of pgbench is read from its startup
-/// message on, and every SELECT counted.
+/// With the default `tls_hook_scope = "auto"` the system's libssl (Debian
+/// 12's OpenSSL 3.0, whose probes sit at instructions the kernel
+/// emulates), which the server maps, is hooked for every process once the
+/// agent's start-up is over, before pgbench's first call: every connection
+/// of pgbench is read from its startup message on, and every SELECT
+/// counted.
 #[test]
 fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
-    pgbench_over_tls(HookScopeUnderTest::File);
+    pgbench_over_tls(HookScopeUnderTest::Auto);
 }
 
-/// With the default scope (`process`) pgbench gets its breakpoints only
+/// With `tls_hook_scope = "process"` pgbench gets its breakpoints only
 /// once the agent has seen its first connect: what it sends before that
 /// (its first connections' startup, a few of the first SELECTs) is not
 /// read, the rest is, and the count stays within 1 % of its transactions.
@@ -183,7 +185,7 @@ fn pgbench_over_tls_with_breakpoints_in_pgbench_only() {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum HookScopeUnderTest {
-    File,
+    Auto,
     Process,
 }
 
@@ -198,12 +200,18 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
     pg.pgbench_init(2);
 
     let agent = match scope {
-        HookScopeUnderTest::File => {
-            let agent = Agent::start_with_config("[kernel]\ntls_hook_scope = \"file\"\n", &[]);
-            wait_for_hook(&agent, "/libssl.so.3");
+        HookScopeUnderTest::Auto => {
+            let agent = Agent::start();
+            let hooked = wait_for_hook(&agent, "/libssl.so.3");
+            assert!(
+                hooked.contains("breakpoints in every process that maps it"),
+                "{hooked}"
+            );
             agent
         }
-        HookScopeUnderTest::Process => Agent::start(),
+        HookScopeUnderTest::Process => {
+            Agent::start_with_config("[kernel]\ntls_hook_scope = \"process\"\n", &[])
+        }
     };
     let run = Command::new(&pgbench)
         .args(["-h", LOCALHOST_V4, "-p", &port, "-U", "postgres"])
@@ -247,7 +255,7 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
     // Wait until the agent has drained everything pgbench sent (summed over
     // the series, in case a statement came without its database's name).
     let enough = match scope {
-        HookScopeUnderTest::File => transactions,
+        HookScopeUnderTest::Auto => transactions,
         HookScopeUnderTest::Process => transactions * 0.99,
     };
     let counted = wait_until(EVENT_TIMEOUT, || {
@@ -267,7 +275,7 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
     // pgbench runs a few SELECTs of its own at start (table sizes); with
     // breakpoints per process, the first few may go before them.
     let within = match scope {
-        HookScopeUnderTest::File => 1.0..=1.01,
+        HookScopeUnderTest::Auto => 1.0..=1.01,
         HookScopeUnderTest::Process => 0.99..=1.01,
     };
     assert!(
@@ -319,7 +327,7 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
         "pgbench's clients (local port, server says TLS, encrypted, plaintext, round \
          trips): {summary:?}"
     );
-    if scope == HookScopeUnderTest::File {
+    if scope == HookScopeUnderTest::Auto {
         // libssl was hooked before pgbench started: every connection of
         // pgbench, its first included, is read from its startup message on.
         assert!(
@@ -331,7 +339,7 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
         );
     }
     for c in &clients {
-        if scope == HookScopeUnderTest::File {
+        if scope == HookScopeUnderTest::Auto {
             assert_eq!(c.namespace.as_deref(), Some("postgres"), "{c:#?}");
         }
         expect_read_tls(&agent, c, PGBENCH_SELECT, "aid = 1");

@@ -91,6 +91,11 @@ pub struct BenchArgs {
     /// Workload groups to run (comma-separated); all but `adapters` by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Group>,
+    /// Workloads to run, by name as the report gives it (e.g. `--workload
+    /// "pg select tls"`; repeatable): more rounds of one workload in the
+    /// same time, against this machine's noise.
+    #[arg(long = "workload", value_name = "NAME")]
+    workloads: Vec<String>,
     /// Acquire+release pairs per run of the adapters group (after a
     /// warm-up of a quarter as many); its query runs last --duration.
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(100..))]
@@ -234,7 +239,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|w| args.only.is_empty() || args.only.contains(&w.group()))
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name()))
         .collect();
+    if workloads.is_empty() {
+        let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+        bail!(
+            "no workload selected; the workloads are: {}",
+            names.join(", ")
+        );
+    }
 
     let agent_bin = agent_binary(args.agent.as_deref())?;
     setup::ensure_bench_deps()?;

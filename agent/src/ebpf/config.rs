@@ -25,12 +25,14 @@ pub struct KernelConfig {
     /// plaintext: uprobes on OpenSSL's SSL_read/SSL_write in the libssl
     /// files that observed processes map (docs/data-path.md).
     pub tls_libraries: bool,
-    /// Where a hooked library's breakpoints are: `process` (only in the
-    /// observed processes that map it, from their first connect on: a
-    /// database server that maps the same libssl pays nothing) or `file`
-    /// (every process that maps it, from its first call). Each TLS call
-    /// that hits a breakpoint costs a trap (16 us on a VM here, see
-    /// BENCHMARKS.md), whether the process is observed or not.
+    /// Where a hooked library's breakpoints are: `auto` (per file: `file`
+    /// where its probes sit at instructions the kernel emulates, else
+    /// `process`), `process` (only in the observed processes that map it,
+    /// from their first connect on: a database server that maps the same
+    /// libssl pays nothing) or `file` (every process that maps it, from
+    /// its first call). Each TLS call that hits a breakpoint costs a trap
+    /// (0.7 us emulated, 16 us single-stepped on a VM here, BENCHMARKS.md),
+    /// whether the process is observed or not.
     pub tls_hook_scope: crate::tls_libraries::HookScope,
 }
 
@@ -43,7 +45,7 @@ impl Default for KernelConfig {
             probe_stats: false,
             unix_sockets: false,
             tls_libraries: true,
-            tls_hook_scope: crate::tls_libraries::HookScope::Process,
+            tls_hook_scope: crate::tls_libraries::HookScope::Auto,
         }
     }
 }
