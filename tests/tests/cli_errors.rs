@@ -263,7 +263,25 @@ fn check_reports_each_feature() {
     if !require_kernel() {
         return;
     }
+    // A process that maps the system's libssl (Python's ssl module), so
+    // that check has a TLS library to report.
+    let mut mapper = Command::new("python3")
+        .args(["-c", "import ssl, sys; sys.stdin.read()"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("python3");
+    let libssl = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
+    let mapped = poolscope_tests::wait_until(poolscope_tests::EVENT_TIMEOUT, || {
+        std::fs::read_to_string(format!("/proc/{}/maps", mapper.id()))
+            .ok()?
+            .contains(libssl)
+            .then_some(())
+    });
+    assert!(mapped.is_some(), "python3's ssl module maps {libssl}");
     let (status, stdout, stderr) = run_agent(Command::new(agent_bin()).arg("check"));
+    drop(mapper.stdin.take());
+    let _ = mapper.wait();
     assert!(
         status.success(),
         "check passes as root on this kernel:\n{stdout}\n{stderr}"
@@ -312,6 +330,17 @@ fn check_reports_each_feature() {
             assert_eq!(mark, Some("ok"), "every tracepoint loads: {line}");
         }
     }
+
+    // Issue 16: the TLS programs load, and Debian 12's OpenSSL 3.0 can be
+    // hooked at its internal functions (emulated: every process).
+    let (mark, rest) = check_line(&stdout, "TLS libraries (uprobes)");
+    assert_eq!(mark, "ok", "{rest}");
+    let (mark, rest) = check_line(&stdout, &format!("TLS library {libssl}"));
+    assert_eq!(mark, "ok", "{rest}");
+    assert!(
+        rest.contains("can be hooked") && rest.contains("internal read/write functions"),
+        "{rest}"
+    );
 }
 
 #[test]

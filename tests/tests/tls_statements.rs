@@ -112,25 +112,26 @@ fn wait_for_hook(agent: &Agent, path_part: &str) -> String {
     })
 }
 
-/// Step: `psql` sends `SELECT 1;` until the agent reads one of its
-/// connections' plaintext: a process gets its breakpoints (the default
-/// `tls_hook_scope = "process"`) only once the agent has seen its first
-/// connect, so what it sends right after that is not read.
-fn warm_up_until_read(agent: &Agent, psql: &mut SqlShell) {
+/// Step: `send` a statement (on a TLS connection of `pid`) until the agent
+/// reads one of `pid`'s connections' plaintext. A process gets its
+/// breakpoints only once the agent has seen its first connect (with
+/// breakpoints per process; and the first process that maps a file
+/// waits for its hook in any scope), so what it sends right after its
+/// first connect may not be read.
+fn warm_up_until_read(agent: &Agent, pid: u32, mut send: impl FnMut()) {
     let read = wait_until(EVENT_TIMEOUT, || {
-        psql.send("SELECT 1;");
+        send();
         std::thread::sleep(Duration::from_millis(100));
         agent
-            .connections_of(psql.pid)
+            .connections_of(pid)
             .iter()
             .any(|c| c.plaintext)
             .then_some(())
     });
     assert!(
         read.is_some(),
-        "no plaintext read from pid {} within {EVENT_TIMEOUT:?}: {:#?}\n--- hooks ---\n{}",
-        psql.pid,
-        agent.connections_of(psql.pid),
+        "no plaintext read from pid {pid} within {EVENT_TIMEOUT:?}: {:#?}\n--- hooks ---\n{}",
+        agent.connections_of(pid),
         hook_lines(agent)
     );
 }
@@ -482,21 +483,10 @@ fn mariadb_over_tls_from_python_is_parsed_like_plaintext() {
     // for another process already (the host's other tests), so the sign
     // that this one has its breakpoints is its plaintext read.
     client.connect_tls("mysql", db.port);
-    let read = wait_until(EVENT_TIMEOUT, || {
+    let pid = client.pid;
+    warm_up_until_read(&agent, pid, || {
         client.sql("SELECT 1").unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        agent
-            .connections_of(client.pid)
-            .iter()
-            .any(|c| c.plaintext)
-            .then_some(())
     });
-    assert!(
-        read.is_some(),
-        "no plaintext read from the client: {:#?}\n--- hooks ---\n{}",
-        agent.connections_of(client.pid),
-        hook_lines(&agent)
-    );
     client.request(json!({"op": "close"}));
     let (fd, local) = client.connect_tls("mysql", db.port);
     // The server's word that this session is TLS.
@@ -824,7 +814,8 @@ fn a_library_shown_by_processes_that_exit_at_once_is_hooked_for_the_next() {
     let hooked = wait_for_hook(&agent, &copy.display().to_string());
     // Its breakpoints are set once the agent has seen its connect: what it
     // sends before is not read.
-    warm_up_until_read(&agent, &mut psql);
+    let pid = psql.pid;
+    warm_up_until_read(&agent, pid, || psql.send("SELECT 1;"));
     psql.send("SELECT 'short-lived-secret' AS x;");
     let port: u16 = wait_until(EVENT_TIMEOUT, || {
         pg.psql_unix(

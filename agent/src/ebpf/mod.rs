@@ -885,9 +885,13 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
         let reachable = std::path::PathBuf::from(format!("/proc/{pid}/root{path}"));
         let result =
             match crate::procfs::open_tls_library(&reachable, crate::tls_libraries::TLS_SYMBOLS) {
-                Ok(library) => probes
-                    .keep_tls_library(file, library)
-                    .and_then(|()| probes.attach_tls_library(file, None)),
+                Ok(library) => {
+                    let emulated = library.emulated;
+                    probes
+                        .keep_tls_library(file, library)
+                        .and_then(|()| probes.attach_tls_library(file, None))
+                        .map(|()| emulated)
+                }
                 Err(e) => Err(anyhow::anyhow!("{e}")),
             };
         probes.release_tls_library(file);
@@ -895,7 +899,17 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
             ok: result.is_ok(),
             what: format!("TLS library {path}"),
             detail: match result {
-                Ok(()) => format!("can be hooked (mapped by pid {pid} and maybe others)"),
+                Ok(true) => format!(
+                    "can be hooked (mapped by pid {pid} and maybe others), at its internal \
+                     read/write functions, whose first instruction the kernel emulates: \
+                     tls_hook_scope = \"auto\" gives every process that maps it breakpoints"
+                ),
+                Ok(false) => format!(
+                    "can be hooked (mapped by pid {pid} and maybe others), at SSL_read/SSL_write \
+                     and their _ex forms, whose first instruction the kernel single-steps (a VM \
+                     exit under a hypervisor): tls_hook_scope = \"auto\" gives only the \
+                     observed processes breakpoints"
+                ),
                 Err(e) => format!("cannot be hooked: {e:#}"),
             },
         });
