@@ -468,8 +468,9 @@ pub const CODE_BYTES: usize = 64;
 /// there, once for both forms; anywhere else (OpenSSL 3.2 and later, other
 /// builds) on the four public functions.
 ///
-/// Also whether every point is at such a function (see
-/// [`HookScope::Auto`]).
+/// Also whether every point is at an instruction the kernel emulates (a
+/// push: as Node's own OpenSSL, built with frame pointers, starts even
+/// its public functions; see [`HookScope::Auto`]).
 pub fn probe_points(
     symbol: impl Fn(&str) -> Option<u64>,
     code: impl Fn(u64, usize) -> Option<Vec<u8>>,
@@ -477,7 +478,6 @@ pub fn probe_points(
 ) -> (Vec<ProbePoint>, bool) {
     let newer = OPENSSL_3_2_MARKERS.iter().any(|m| symbol(m).is_some());
     let mut points = Vec::new();
-    let mut emulated = true;
     for (plain, ex, plain_enter, ex_enter) in [
         (
             "SSL_read",
@@ -507,7 +507,6 @@ pub fn probe_points(
                 },
             ]),
             None => {
-                emulated = false;
                 for (function, enter) in [(plain, plain_enter), (ex, ex_enter)] {
                     if let Some(offset) = symbol(function) {
                         points.extend([
@@ -525,7 +524,17 @@ pub fn probe_points(
             }
         }
     }
+    let emulated = !points.is_empty()
+        && points
+            .iter()
+            .all(|p| code(p.offset, 2).is_some_and(|first| starts_with_push(&first)));
     (points, emulated)
+}
+
+/// Whether `code` starts with a push of a register (`push %rbp`,
+/// `push %r13`), which the kernel emulates instead of single-stepping.
+fn starts_with_push(code: &[u8]) -> bool {
+    matches!(code, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..])
 }
 
 /// The internal function that both `plain` and `ex` call, when `ex` is a
@@ -559,11 +568,7 @@ fn shared_internal_function(
     let plain_code = code(plain_at, CODE_BYTES)?;
     let plain_calls_it = (0..plain_code.len())
         .any(|j| plain_code[j] == 0xe8 && call_target(&plain_code, plain_at, j) == Some(target));
-    let starts_with_push = matches!(
-        code(target, 2)?.as_slice(),
-        [0x50..=0x57, ..] | [0x41, 0x50..=0x57]
-    );
-    (plain_calls_it && starts_with_push).then_some(target)
+    (plain_calls_it && starts_with_push(&code(target, 2)?)).then_some(target)
 }
 
 /// The target of a `call rel32` at `code[i]`, `code` being at `at`.
@@ -1049,6 +1054,19 @@ mod tests {
         let mut outside = openssl_3_0();
         outside.call(0x354c4, 0x90000);
         assert_eq!(outside.points()[..4], public_points(&outside)[..4]);
+        // Node's own OpenSSL: no wrapper shape, but every public function
+        // starts with `push %rbp`: public points, emulated all the same.
+        let mut node = Code::new();
+        for (name, at) in [
+            ("SSL_read", 0x35180),
+            ("SSL_read_ex", 0x35340),
+            ("SSL_write", 0x35940),
+            ("SSL_write_ex", 0x35b20),
+        ] {
+            node.put(at, &[0x55, 0x48, 0x89, 0xe5]);
+            node.symbol(name, at);
+        }
+        assert_eq!(node.plan(), (public_points(&node), true));
         // OpenSSL before 1.1.1: no _ex forms, the plain ones only.
         let mut old = Code::new();
         old.symbol("SSL_read", 0x35430);

@@ -886,11 +886,15 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
         let result =
             match crate::procfs::open_tls_library(&reachable, crate::tls_libraries::TLS_SYMBOLS) {
                 Ok(library) => {
+                    let public = ["SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex"]
+                        .iter()
+                        .filter_map(|s| library.offset(s))
+                        .any(|o| library.points.iter().any(|p| p.offset == o));
                     let emulated = library.emulated;
                     probes
                         .keep_tls_library(file, library)
                         .and_then(|()| probes.attach_tls_library(file, None))
-                        .map(|()| emulated)
+                        .map(|()| (public, emulated))
                 }
                 Err(e) => Err(anyhow::anyhow!("{e}")),
             };
@@ -899,16 +903,21 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
             ok: result.is_ok(),
             what: format!("TLS library {path}"),
             detail: match result {
-                Ok(true) => format!(
-                    "can be hooked (mapped by pid {pid} and maybe others), at its internal \
-                     read/write functions, whose first instruction the kernel emulates: \
-                     tls_hook_scope = \"auto\" gives every process that maps it breakpoints"
-                ),
-                Ok(false) => format!(
-                    "can be hooked (mapped by pid {pid} and maybe others), at SSL_read/SSL_write \
-                     and their _ex forms, whose first instruction the kernel single-steps (a VM \
-                     exit under a hypervisor): tls_hook_scope = \"auto\" gives only the \
-                     observed processes breakpoints"
+                Ok((public, emulated)) => format!(
+                    "can be hooked (mapped by pid {pid} and maybe others), at {}, whose first \
+                     instruction the kernel {}",
+                    if public {
+                        "SSL_read/SSL_write and their _ex forms"
+                    } else {
+                        "its internal read/write functions"
+                    },
+                    if emulated {
+                        "emulates: tls_hook_scope = \"auto\" gives every process that maps it \
+                         breakpoints"
+                    } else {
+                        "single-steps (a VM exit under a hypervisor): tls_hook_scope = \"auto\" \
+                         gives only the observed processes breakpoints"
+                    }
                 ),
                 Err(e) => format!("cannot be hooked: {e:#}"),
             },
