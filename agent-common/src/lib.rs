@@ -221,22 +221,18 @@ pub mod data_source {
     pub const TLS_LIBRARY: u8 = 1;
 }
 
-/// TLS library functions hooked, as (program name, symbol). The read entry
-/// points and all exits share programs; `_ex` variants report the byte count
-/// through a pointer argument instead of the return value.
+/// TLS library functions hooked, as (entry program, symbol): each point
+/// where a program attaches carries the arguments and result of one of
+/// these. `_ex` forms report the byte count through a pointer argument
+/// instead of the return value.
 pub const TLS_UPROBES: &[(&str, &str)] = &[
     ("ssl_write_enter", "SSL_write"),
     ("ssl_write_ex_enter", "SSL_write_ex"),
     ("ssl_read_enter", "SSL_read"),
     ("ssl_read_ex_enter", "SSL_read_ex"),
 ];
-/// The return probes of the same symbols.
-pub const TLS_URETPROBES: &[(&str, &str)] = &[
-    ("ssl_call_exit", "SSL_write"),
-    ("ssl_call_exit", "SSL_write_ex"),
-    ("ssl_call_exit", "SSL_read"),
-    ("ssl_call_exit", "SSL_read_ex"),
-];
+/// The return probe every entry point gets too.
+pub const TLS_EXIT_PROGRAM: &str = "ssl_call_exit";
 
 /// Direction of a data event.
 pub mod direction {

@@ -120,7 +120,7 @@ impl KernelSide {
         let points = library
             .points
             .iter()
-            .map(|p| format!("{}@{:#x}", p.program, p.offset))
+            .map(|p| format!("{}@{:#x}", p.carries, p.offset))
             .collect::<Vec<_>>()
             .join(" ");
         let scope = self.tls.scope_for(library.emulated);

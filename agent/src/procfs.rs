@@ -963,39 +963,13 @@ pub fn fd_path(file: &std::fs::File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
-/// The ELF file's dynamic symbols that are defined in it, among `wanted`.
-fn defined_dynamic_symbols<'data, 'file, R: object::ReadRef<'data>>(
-    elf: &'file object::read::elf::ElfFile64<'data, object::Endianness, R>,
-    wanted: &[&str],
-) -> Vec<(
-    usize,
-    object::read::elf::ElfSymbol64<'data, 'file, object::Endianness, R>,
-)> {
-    use object::{Object, ObjectSymbol};
-    elf.dynamic_symbols()
-        .filter(|symbol| symbol.is_definition())
-        .filter_map(|symbol| {
-            let name = symbol.name_bytes().ok()?;
-            let index = wanted.iter().position(|w| w.as_bytes() == name)?;
-            Some((index, symbol))
-        })
-        .collect()
-}
-
 /// Whether the ELF file at `path` (see [`open_mapped_file`]) defines and
 /// exports OpenSSL's `SSL_write` (an executable that links OpenSSL
-/// statically and exports it, as Node.js does). Reads the headers and the
-/// dynamic symbol table only, not the whole file.
+/// statically and exports it, as Node.js does). Reads the headers, the
+/// dynamic symbol table and a few bytes of code, not the whole file.
 pub fn exports_tls_functions(path: &Path) -> bool {
-    use object::read::elf::ElfFile64;
-    let Ok(file) = open_mapped_file(path) else {
-        return false;
-    };
-    let cache = object::ReadCache::new(file);
-    let Ok(elf) = ElfFile64::<object::Endianness, _>::parse(&cache) else {
-        return false;
-    };
-    !defined_dynamic_symbols(&elf, &["SSL_write"]).is_empty()
+    open_tls_library(path, &["SSL_write"])
+        .is_ok_and(|library| library.offset("SSL_write").is_some())
 }
 
 /// A TLS library file held open for hooking, so that the process which
@@ -1081,8 +1055,13 @@ pub fn open_tls_library(
     // The file range of the section that holds the first symbol found: the
     // code, for probe_points.
     let mut code_range = None;
-    for (index, symbol) in defined_dynamic_symbols(&elf, symbols) {
-        let name = symbols[index];
+    for symbol in elf.dynamic_symbols().filter(|s| s.is_definition()) {
+        let Some(&name) = symbols
+            .iter()
+            .find(|wanted| symbol.name_bytes().ok() == Some(wanted.as_bytes()))
+        else {
+            continue;
+        };
         if offsets.iter().any(|(known, _)| *known == name) {
             continue;
         }
@@ -1976,25 +1955,19 @@ mod tests {
         let library =
             open_tls_library(path, crate::tls_libraries::TLS_SYMBOLS).expect("libssl.so.3 opens");
         assert!(library.emulated);
-        let programs: Vec<&str> = library.points.iter().map(|p| p.program).collect();
+        let carried: Vec<&str> = library.points.iter().map(|p| p.carries).collect();
         assert_eq!(
-            programs,
-            [
-                "ssl_read_ex_enter",
-                "ssl_call_exit",
-                "ssl_write_ex_enter",
-                "ssl_call_exit"
-            ],
+            carried,
+            ["SSL_read_ex", "SSL_write_ex"],
             "{:?}",
             library.points
         );
-        for pair in library.points.chunks(2) {
-            assert_eq!(pair[0].offset, pair[1].offset);
-            let first = read_at(&library.file, pair[0].offset, 2).expect("code");
+        for point in &library.points {
+            let first = read_at(&library.file, point.offset, 2).expect("code");
             assert!(
-                matches!(first.as_slice(), [0x50..=0x57, _] | [0x41, 0x50..=0x57]),
+                crate::tls_libraries::starts_with_push(&first),
                 "a push at {:#x}: {first:x?}",
-                pair[0].offset
+                point.offset
             );
         }
         let ex = ["SSL_read_ex", "SSL_write_ex"].map(|s| library.offset(s).expect("defined"));

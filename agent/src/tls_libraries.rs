@@ -114,7 +114,7 @@ struct Library {
     unused_since_ns: Option<u64>,
 }
 
-/// One library, as the API and `poolscope check` show it.
+/// One library as the bookkeeping knows it (the API does not show it yet).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LibraryStatus {
     pub path: String,
@@ -218,11 +218,6 @@ impl TlsLibraries {
             entry.unused_since_ns = None;
         }
         to_hook
-    }
-
-    /// Whether `pid` was looked at already.
-    pub fn knows(&self, pid: u32) -> bool {
-        self.by_pid.contains_key(&pid)
     }
 
     /// Whether `pid` maps a hooked library and has its breakpoints.
@@ -393,7 +388,7 @@ impl TlsLibraries {
             .collect()
     }
 
-    /// Every library known, for the API and `poolscope check`.
+    /// Every library known.
     pub fn status(&self) -> Vec<LibraryStatus> {
         self.libraries
             .iter()
@@ -420,10 +415,12 @@ impl TlsLibraries {
     }
 }
 
-/// Where one TLS program attaches in a library file.
+/// Where a TLS library is probed (entry and return): a file offset, and
+/// the hooked function (of `agent_common::TLS_UPROBES`) whose arguments
+/// and result the code there has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbePoint {
-    pub program: &'static str,
+    pub carries: &'static str,
     pub offset: u64,
 }
 
@@ -478,50 +475,22 @@ pub fn probe_points(
 ) -> (Vec<ProbePoint>, bool) {
     let newer = OPENSSL_3_2_MARKERS.iter().any(|m| symbol(m).is_some());
     let mut points = Vec::new();
-    for (plain, ex, plain_enter, ex_enter) in [
-        (
-            "SSL_read",
-            "SSL_read_ex",
-            "ssl_read_enter",
-            "ssl_read_ex_enter",
-        ),
-        (
-            "SSL_write",
-            "SSL_write_ex",
-            "ssl_write_enter",
-            "ssl_write_ex_enter",
-        ),
-    ] {
+    for (plain, ex) in [("SSL_read", "SSL_read_ex"), ("SSL_write", "SSL_write_ex")] {
         let internal = (!newer)
             .then(|| shared_internal_function(&symbol, &code, code_range?, plain, ex))
             .flatten();
         match internal {
-            Some(offset) => points.extend([
-                ProbePoint {
-                    program: ex_enter,
+            Some(offset) => points.push(ProbePoint {
+                carries: ex,
+                offset,
+            }),
+            None => points.extend([plain, ex].into_iter().filter_map(|function| {
+                let offset = symbol(function)?;
+                Some(ProbePoint {
+                    carries: function,
                     offset,
-                },
-                ProbePoint {
-                    program: "ssl_call_exit",
-                    offset,
-                },
-            ]),
-            None => {
-                for (function, enter) in [(plain, plain_enter), (ex, ex_enter)] {
-                    if let Some(offset) = symbol(function) {
-                        points.extend([
-                            ProbePoint {
-                                program: enter,
-                                offset,
-                            },
-                            ProbePoint {
-                                program: "ssl_call_exit",
-                                offset,
-                            },
-                        ]);
-                    }
-                }
-            }
+                })
+            })),
         }
     }
     let emulated = !points.is_empty()
@@ -533,7 +502,7 @@ pub fn probe_points(
 
 /// Whether `code` starts with a push of a register (`push %rbp`,
 /// `push %r13`), which the kernel emulates instead of single-stepping.
-fn starts_with_push(code: &[u8]) -> bool {
+pub fn starts_with_push(code: &[u8]) -> bool {
     matches!(code, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..])
 }
 
@@ -982,8 +951,8 @@ mod tests {
         code
     }
 
-    fn point(program: &'static str, offset: u64) -> ProbePoint {
-        ProbePoint { program, offset }
+    fn point(carries: &'static str, offset: u64) -> ProbePoint {
+        ProbePoint { carries, offset }
     }
 
     fn public_points(code: &Code) -> Vec<ProbePoint> {
@@ -994,16 +963,9 @@ mod tests {
                 .expect("a symbol of the layout")
                 .1
         };
-        vec![
-            point("ssl_read_enter", at("SSL_read")),
-            point("ssl_call_exit", at("SSL_read")),
-            point("ssl_read_ex_enter", at("SSL_read_ex")),
-            point("ssl_call_exit", at("SSL_read_ex")),
-            point("ssl_write_enter", at("SSL_write")),
-            point("ssl_call_exit", at("SSL_write")),
-            point("ssl_write_ex_enter", at("SSL_write_ex")),
-            point("ssl_call_exit", at("SSL_write_ex")),
-        ]
+        ["SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex"]
+            .map(|name| point(name, at(name)))
+            .to_vec()
     }
 
     #[test]
@@ -1011,10 +973,8 @@ mod tests {
         assert_eq!(
             openssl_3_0().points(),
             vec![
-                point("ssl_read_ex_enter", 0x35290),
-                point("ssl_call_exit", 0x35290),
-                point("ssl_write_ex_enter", 0x355a0),
-                point("ssl_call_exit", 0x355a0),
+                point("SSL_read_ex", 0x35290),
+                point("SSL_write_ex", 0x355a0)
             ]
         );
         assert!(openssl_3_0().plan().1, "emulated");
@@ -1022,7 +982,7 @@ mod tests {
         let mut code = openssl_3_0();
         code.put(0x354c0, &[0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0xec, 0x08]);
         code.call(0x354c8, 0x35290);
-        assert_eq!(code.points()[0], point("ssl_read_ex_enter", 0x35290));
+        assert_eq!(code.points()[0], point("SSL_read_ex", 0x35290));
     }
 
     #[test]
@@ -1036,24 +996,24 @@ mod tests {
         let mut stepped = openssl_3_0();
         stepped.put(0x35290, &[0x48, 0x83, 0xec, 0x38]);
         let points = stepped.points();
-        assert_eq!(points[..4], public_points(&stepped)[..4], "reads: public");
+        assert_eq!(points[..2], public_points(&stepped)[..2], "reads: public");
         assert_eq!(
-            points[4],
-            point("ssl_write_ex_enter", 0x355a0),
+            points[2],
+            point("SSL_write_ex", 0x355a0),
             "writes: internal"
         );
         // SSL_read does not call what SSL_read_ex calls.
         let mut other = openssl_3_0();
         other.call(0x3544e, 0x355a0);
-        assert_eq!(other.points()[..4], public_points(&other)[..4]);
+        assert_eq!(other.points()[..2], public_points(&other)[..2]);
         // SSL_read_ex is no bare wrapper (e.g. LTO inlined the internal).
         let mut inlined = openssl_3_0();
         inlined.put(0x354c4, &[0x48, 0x89, 0xfb, 0x90, 0x90]);
-        assert_eq!(inlined.points()[..4], public_points(&inlined)[..4]);
+        assert_eq!(inlined.points()[..2], public_points(&inlined)[..2]);
         // A call out of the code section.
         let mut outside = openssl_3_0();
         outside.call(0x354c4, 0x90000);
-        assert_eq!(outside.points()[..4], public_points(&outside)[..4]);
+        assert_eq!(outside.points()[..2], public_points(&outside)[..2]);
         // Node's own OpenSSL: no wrapper shape, but every public function
         // starts with `push %rbp`: public points, emulated all the same.
         let mut node = Code::new();
@@ -1073,12 +1033,7 @@ mod tests {
         old.symbol("SSL_write", 0x35980);
         assert_eq!(
             old.points(),
-            vec![
-                point("ssl_read_enter", 0x35430),
-                point("ssl_call_exit", 0x35430),
-                point("ssl_write_enter", 0x35980),
-                point("ssl_call_exit", 0x35980),
-            ]
+            vec![point("SSL_read", 0x35430), point("SSL_write", 0x35980)]
         );
     }
 

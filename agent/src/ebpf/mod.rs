@@ -7,7 +7,7 @@ use std::{fs, os::fd::OwnedFd, path::Path};
 
 use agent_common::{
     conn_flags, names, stat, tracked_procs, tracked_procs_slot, ConnInfo, ConnKey,
-    SOCKET_DATA_RAW_TRACEPOINTS, SYSCALL_DATA_TRACEPOINTS, TLS_UPROBES, TLS_URETPROBES,
+    SOCKET_DATA_RAW_TRACEPOINTS, SYSCALL_DATA_TRACEPOINTS, TLS_EXIT_PROGRAM, TLS_UPROBES,
     TRACEPOINTS, UNIX_SOCKET_TRACEPOINTS,
 };
 use anyhow::{bail, Context};
@@ -249,13 +249,11 @@ fn uprobe_program<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a m
 
 /// Loads the TLS library programs; they attach per library file.
 fn load_tls_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let mut loaded = std::collections::HashSet::new();
-    for (program, _) in TLS_UPROBES.iter().chain(TLS_URETPROBES) {
-        if loaded.insert(*program) {
-            uprobe_program(ebpf, program)?
-                .load()
-                .with_context(|| format!("the kernel refused program {program}"))?;
-        }
+    let programs = TLS_UPROBES.iter().map(|(program, _)| *program);
+    for program in programs.chain([TLS_EXIT_PROGRAM]) {
+        uprobe_program(ebpf, program)?
+            .load()
+            .with_context(|| format!("the kernel refused program {program}"))?;
     }
     Ok(())
 }
@@ -445,13 +443,13 @@ impl KernelProbes {
         if let Err(why) = &self.tls_programs {
             bail!("the TLS library programs are not loaded: {why}");
         }
-        for enter in ["ssl_read", "ssl_write"] {
-            if !library.points.iter().any(|p| p.program.starts_with(enter)) {
-                bail!(
-                    "it defines neither {} nor {}_ex",
-                    enter.to_uppercase(),
-                    enter.to_uppercase()
-                );
+        for function in ["SSL_read", "SSL_write"] {
+            if !library
+                .points
+                .iter()
+                .any(|p| p.carries.starts_with(function))
+            {
+                bail!("it defines neither {function} nor {function}_ex");
             }
         }
         self.tls_files.insert(file, library);
@@ -478,19 +476,25 @@ impl KernelProbes {
         };
         let mut links = Vec::new();
         for point in points {
-            let attached = uprobe_program(&mut self.ebpf, point.program).and_then(|prog| {
-                prog.attach(
-                    UProbeAttachLocation::AbsoluteOffset(point.offset),
-                    &path,
-                    scope,
-                )
-                .with_context(|| format!("cannot attach {} at {:#x}", point.program, point.offset))
-            });
-            match attached {
-                Ok(link) => links.push((point.program, link)),
-                Err(e) => {
-                    detach_uprobes(&mut self.ebpf, links);
-                    return Err(e);
+            let enter = TLS_UPROBES
+                .iter()
+                .find(|(_, function)| *function == point.carries)
+                .map(|(program, _)| *program);
+            for program in enter.into_iter().chain([TLS_EXIT_PROGRAM]) {
+                let attached = uprobe_program(&mut self.ebpf, program).and_then(|prog| {
+                    prog.attach(
+                        UProbeAttachLocation::AbsoluteOffset(point.offset),
+                        &path,
+                        scope,
+                    )
+                    .with_context(|| format!("cannot attach {program} at {:#x}", point.offset))
+                });
+                match attached {
+                    Ok(link) => links.push((program, link)),
+                    Err(e) => {
+                        detach_uprobes(&mut self.ebpf, links);
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -886,10 +890,10 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
         let result =
             match crate::procfs::open_tls_library(&reachable, crate::tls_libraries::TLS_SYMBOLS) {
                 Ok(library) => {
-                    let public = ["SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex"]
+                    let public = library
+                        .points
                         .iter()
-                        .filter_map(|s| library.offset(s))
-                        .any(|o| library.points.iter().any(|p| p.offset == o));
+                        .any(|p| library.offset(p.carries) == Some(p.offset));
                     let emulated = library.emulated;
                     probes
                         .keep_tls_library(file, library)
