@@ -62,17 +62,34 @@ fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
 
 /// uid and gid of a system user that `cargo xtask setup` creates (with the
 /// server package that runs as it).
+///
+/// `getpwnam_r`, not `getpwnam`: tests start servers from parallel threads,
+/// and `getpwnam`'s one static record, overwritten by another thread's
+/// lookup of `mysql` between the call and the read, once gave the
+/// PostgreSQL cluster directory to the wrong user (initdb: permission
+/// denied).
 fn user_ids(user: &str) -> (libc::uid_t, libc::gid_t) {
     let name = CString::new(user).expect("no NUL in a user name");
-    // SAFETY: `name` is a valid C string; getpwnam returns NULL or a pointer
-    // to a static record that we read at once, before any other getpw* call.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    // SAFETY: an all-zero passwd is a valid value to be overwritten.
+    let mut record: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let mut strings = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: every pointer is valid for the call; the strings the record
+    // points to live in `strings`, which outlives the read below.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut record,
+            strings.as_mut_ptr(),
+            strings.len(),
+            &mut found,
+        )
+    };
     assert!(
-        !pw.is_null(),
-        "there is no `{user}` user: run cargo xtask setup"
+        rc == 0 && !found.is_null(),
+        "there is no `{user}` user (getpwnam_r: {rc}): run cargo xtask setup"
     );
-    // SAFETY: checked non-NULL above.
-    unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+    (record.pw_uid, record.pw_gid)
 }
 
 /// A self-signed certificate for `localhost` and its key (0600), made with
