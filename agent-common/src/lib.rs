@@ -393,7 +393,9 @@ pub mod conn_flags {
     pub const TLS_PLAINTEXT: u32 = 8;
 }
 
-/// A TLS library read or write in flight, per thread.
+/// A thread's TLS library read or write: the one in flight while
+/// `in_call` is 1, else the last one (kept, so that the next call writes
+/// the entry in place instead of inserting and deleting it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TlsCall {
@@ -403,7 +405,6 @@ pub struct TlsCall {
     pub buf: u64,
     /// Where `_ex` calls store the byte count; 0 for the others.
     pub len_ptr: u64,
-    pub enter_ns: u64,
     /// The connection whose socket the call moved bytes on, once seen
     /// (`fd` -1 until then).
     pub conn_start_ns: u64,
@@ -411,7 +412,9 @@ pub struct TlsCall {
     pub direction: u8,
     /// `tls_flags` bits.
     pub flags: u8,
-    pub _pad0: [u8; 2],
+    /// 1 from the call's entry to its return.
+    pub in_call: u8,
+    pub _pad0: u8,
 }
 
 /// Bits of [`TlsCall::flags`] and [`TlsSession::flags`].
@@ -507,7 +510,7 @@ mod tests {
         assert_eq!(size_of::<IoArgs>(), 48);
         assert_eq!(size_of::<ConnInfo>(), 16);
         assert_eq!(size_of::<DataEvent<64>>(), DATA_EVENT_FIXED + 64);
-        assert_eq!(size_of::<TlsCall>(), 48);
+        assert_eq!(size_of::<TlsCall>(), 40);
         assert_eq!(size_of::<TlsSessionKey>(), 16);
         assert_eq!(size_of::<TlsSession>(), 16);
         assert!(HEAD_MAX.is_power_of_two());

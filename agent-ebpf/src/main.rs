@@ -584,12 +584,22 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Every exiting thread of a process that made a TLS call: a thread
+    // that dies inside a call (killed while it waits in SSL_read) leaves
+    // its call behind, which no return would remove.
+    let marks = TRACKED_PROCS
+        .get(agent_common::tracked_procs_slot((pid_tgid >> 32) as u32))
+        .copied()
+        .unwrap_or(0);
+    if marks & agent_common::tracked_procs::IN_TLS != 0 {
+        let _ = maps::TLS_CALLS.remove(pid_tgid);
+    }
     // SAFETY: offset from sched/sched_process_exit/format.
     let group_dead: u8 = unsafe { ctx.read_at(32) }.map_err(i64::from)?;
     if group_dead == 0 {
         return Ok(());
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
     emit(&ProcessExitEvent {
         header: header(RecordKind::ProcessExit, pid_tgid, -1, 0),
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),

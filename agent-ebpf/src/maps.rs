@@ -42,10 +42,13 @@ pub static SOCKS: HashMap<u64, SockOwner> = HashMap::with_max_entries(MAX_TRACKE
 #[map]
 pub static IO_ARGS: LruHashMap<u64, IoArgs> = LruHashMap::with_max_entries(16384, 0);
 
-/// TLS library reads and writes in flight, by pid_tgid. LRU: a thread that
-/// dies inside a call leaves its entry behind.
+/// Each thread's TLS library read or write, in flight or its last, by
+/// pid_tgid: written in place at each call, removed at the thread's exit
+/// (`sched_process_exit`). Not LRU, and not inserted and deleted at every
+/// call: those map operations cost more than the rest of the programs.
+/// Full, a new thread's calls are counted (`TLS_CALLS_FAILED`) and not read.
 #[map]
-pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(32768, 0);
 
 /// TLS session (`SSL *`) -> the connection it last moved bytes on, for the
 /// reads a library serves from its buffer without touching the socket.
