@@ -164,21 +164,21 @@ fn expect_read_tls(agent: &Agent, c: &ConnectionView, query: &str, secret: &str)
 const PGBENCH_SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = ?;";
 const PGBENCH_CLIENTS: usize = 4;
 
-/// With the default `tls_hook_scope = "auto"` the system's libssl (Debian
-/// 12's OpenSSL 3.0, whose probes sit at instructions the kernel
-/// emulates), which the server maps, is hooked for every process once the
-/// agent's start-up is over, before pgbench's first call: every connection
-/// of pgbench is read from its startup message on, and every SELECT
-/// counted.
+/// With `tls_hook_scope = "auto"` the system's libssl (Debian 12's
+/// OpenSSL 3.0, whose probes sit at instructions the kernel emulates),
+/// which the server maps, is hooked for every process once the agent's
+/// start-up is over, before pgbench's first call: every connection of
+/// pgbench is read from its startup message on, and every SELECT counted.
 #[test]
 fn pgbench_over_tls_is_counted_and_parsed_like_plaintext() {
     pgbench_over_tls(HookScopeUnderTest::Auto);
 }
 
-/// With `tls_hook_scope = "process"` pgbench gets its breakpoints only
-/// once the agent has seen its first connect: what it sends before that
-/// (its first connections' startup, a few of the first SELECTs) is not
-/// read, the rest is, and the count stays within 1 % of its transactions.
+/// With the default `tls_hook_scope = "process"` pgbench gets its
+/// breakpoints only once the agent has seen its first connect: what it
+/// sends before that (its first connections' startup, a few of the first
+/// SELECTs) is not read, the rest is, and the count stays within 1 % of
+/// its transactions.
 #[test]
 fn pgbench_over_tls_with_breakpoints_in_pgbench_only() {
     pgbench_over_tls(HookScopeUnderTest::Process);
@@ -202,7 +202,7 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
 
     let agent = match scope {
         HookScopeUnderTest::Auto => {
-            let agent = Agent::start();
+            let agent = Agent::start_with_config("[kernel]\ntls_hook_scope = \"auto\"\n", &[]);
             let hooked = wait_for_hook(&agent, "/libssl.so.3");
             assert!(
                 hooked.contains("breakpoints in every process that maps it"),
@@ -210,9 +210,7 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
             );
             agent
         }
-        HookScopeUnderTest::Process => {
-            Agent::start_with_config("[kernel]\ntls_hook_scope = \"process\"\n", &[])
-        }
+        HookScopeUnderTest::Process => Agent::start(),
     };
     let run = Command::new(&pgbench)
         .args(["-h", LOCALHOST_V4, "-p", &port, "-U", "postgres"])

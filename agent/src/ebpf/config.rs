@@ -25,14 +25,16 @@ pub struct KernelConfig {
     /// plaintext: uprobes on OpenSSL's SSL_read/SSL_write in the libssl
     /// files that observed processes map (docs/data-path.md).
     pub tls_libraries: bool,
-    /// Where a hooked library's breakpoints are: `auto` (per file: `file`
-    /// where its probes sit at instructions the kernel emulates, else
-    /// `process`), `process` (only in the observed processes that map it,
-    /// from their first connect on: a database server that maps the same
-    /// libssl pays nothing) or `file` (every process that maps it, from
-    /// its first call). Each TLS call that hits a breakpoint costs a trap
-    /// (0.7 us emulated, 16 us single-stepped on a VM here, BENCHMARKS.md),
-    /// whether the process is observed or not.
+    /// Where a hooked library's breakpoints are: `process` (the default:
+    /// only in the observed processes that map it, from their first
+    /// connect on, so a database server or web server that maps the same
+    /// libssl pays nothing), `auto` (per file: `file` where its probes sit
+    /// at instructions the kernel emulates, else `process`) or `file`
+    /// (every process that maps it, from its first call: connections
+    /// opened before the agent saw their process are read from their
+    /// startup too). Each TLS call that hits a breakpoint costs its traps
+    /// whether the process is observed or not: 1.3-1.7 us a call in a
+    /// workload here when emulated, 16 us single-stepped (BENCHMARKS.md).
     pub tls_hook_scope: crate::tls_libraries::HookScope,
 }
 
@@ -45,7 +47,7 @@ impl Default for KernelConfig {
             probe_stats: false,
             unix_sockets: false,
             tls_libraries: true,
-            tls_hook_scope: crate::tls_libraries::HookScope::Auto,
+            tls_hook_scope: crate::tls_libraries::HookScope::Process,
         }
     }
 }

@@ -916,11 +916,13 @@ fn check_tls_libraries(probes: &mut KernelProbes) -> Vec<CheckLine> {
                         "its internal read/write functions"
                     },
                     if emulated {
-                        "emulates: tls_hook_scope = \"auto\" gives every process that maps it \
-                         breakpoints"
+                        "emulates: tls_hook_scope = \"process\" (the default) gives only the \
+                         observed processes breakpoints, \"auto\" and \"file\" every process \
+                         that maps it"
                     } else {
-                        "single-steps (a VM exit under a hypervisor): tls_hook_scope = \"auto\" \
-                         gives only the observed processes breakpoints"
+                        "single-steps (a VM exit under a hypervisor): tls_hook_scope = \"process\" \
+                         (the default) and \"auto\" give only the observed processes \
+                         breakpoints, \"file\" every process that maps it"
                     }
                 ),
                 Err(e) => format!("cannot be hooked: {e:#}"),
