@@ -33,8 +33,9 @@ pub struct KernelConfig {
     /// (every process that maps it, from its first call: connections
     /// opened before the agent saw their process are read from their
     /// startup too). Each TLS call that hits a breakpoint costs its traps
-    /// whether the process is observed or not: 1.3-1.7 us a call in a
-    /// workload here when emulated, 16 us single-stepped (BENCHMARKS.md).
+    /// whether the process is observed or not: about 2.5 us a call in a
+    /// workload here when emulated, 16 us more single-stepped
+    /// (BENCHMARKS.md).
     pub tls_hook_scope: crate::tls_libraries::HookScope,
 }
 
