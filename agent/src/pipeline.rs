@@ -1551,9 +1551,9 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
             return_free_memory();
         }
         let now = monotonic_ns();
-        let counters = pipeline.kernel.with(|k| {
+        let (counters, tls_libraries) = pipeline.kernel.with(|k| {
             k.unhook_unused_tls_libraries(now);
-            k.probes.counters()
+            (k.probes.counters(), k.tls.status())
         })?;
         match counters {
             Ok(mut c) => {
@@ -1562,6 +1562,7 @@ async fn housekeeping(pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
             }
             Err(e) => log::debug!("cannot read kernel counters: {e:#}"),
         }
+        pipeline.state.with(|s| s.tls_libraries = tls_libraries)?;
         if let Some(workloads) = &pipeline.workloads {
             pipeline.apply_workloads(workloads, ticks.is_multiple_of(FORGET_PODS_TICKS))?;
         }

@@ -58,6 +58,9 @@ pub struct State {
     pub pool_usage: PoolUsage,
     /// Each adapter pool's last minutes, for the live page's charts.
     pub trends: crate::trends::Trends,
+    /// The TLS libraries of the observed processes at the last
+    /// housekeeping tick (`/api/v1/tls/libraries`).
+    pub tls_libraries: Vec<crate::tls_libraries::LibraryStatus>,
 }
 
 impl State {
@@ -70,6 +73,7 @@ impl State {
             publish: PublishBudget::default(),
             pool_usage: PoolUsage::default(),
             trends: crate::trends::Trends::default(),
+            tls_libraries: Vec::new(),
         }
     }
 }

@@ -47,11 +47,12 @@ pub enum HookScope {
     /// and every process is read from its first call), `process` where
     /// they must be single-stepped (a VM exit each under a hypervisor:
     /// only the observed processes pay it).
-    #[default]
     Auto,
     /// Only the observed processes that map it, each from its first
     /// connect on: a database server or any other program that maps the
-    /// same file pays nothing.
+    /// same file pays nothing. The default: every hooked call costs its
+    /// traps (BENCHMARKS.md, "TLS: where a query's cost goes").
+    #[default]
     Process,
     /// Every process that maps the file, from its first call: a process's
     /// first connection is read even when it races the agent, but every
@@ -114,14 +115,20 @@ struct Library {
     unused_since_ns: Option<u64>,
 }
 
-/// One library as the bookkeeping knows it (the API does not show it yet).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// One library as the bookkeeping knows it, and as
+/// `/api/v1/tls/libraries` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LibraryStatus {
+    /// Its path inside the mount namespace of the process that showed it.
     pub path: String,
     pub inode: u64,
     pub hooked: bool,
+    /// Once hooked: `file` (every process that maps it has breakpoints)
+    /// or `process` (only the observed ones, `processes_hooked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<HookScope>,
     /// Why it is not hooked.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
     /// Observed processes that map it.
     pub processes: usize,
@@ -396,6 +403,7 @@ impl TlsLibraries {
                 path: lib.path.clone(),
                 inode: file.inode,
                 hooked: lib.state == HookState::Hooked,
+                scope: (lib.state == HookState::Hooked).then_some(lib.scope),
                 refused: match &lib.state {
                     HookState::Hooked | HookState::Pending => None,
                     HookState::Refused(why) => Some(why.clone()),

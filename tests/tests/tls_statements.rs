@@ -40,6 +40,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use poolscope::{
+    api::TlsLibrariesResponse,
+    tls_libraries::{HookScope, LibraryStatus},
+};
 use poolscope_tests::{
     adapter_config, json, metric_sample, node_adapter_dir, pgbench_number, postgres_bin_dir,
     require_kernel, require_node_adapter, script_path, wait_until, Agent, ConnectionView, DbClient,
@@ -66,6 +70,18 @@ fn server_sessions(pg: &Postgres) -> BTreeMap<u16, bool> {
         Some((port.parse().ok()?, ssl == "t"))
     })
     .collect()
+}
+
+/// The agent's view of the TLS library whose path ends with `suffix`
+/// (`/api/v1/tls/libraries`), if it lists one.
+fn tls_library(agent: &Agent, suffix: &str) -> Option<LibraryStatus> {
+    let body = agent.get("/api/v1/tls/libraries").ok()?;
+    let response: TlsLibrariesResponse = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("/api/v1/tls/libraries is not its JSON ({e}): {body}"));
+    response
+        .libraries
+        .into_iter()
+        .find(|lib| lib.path.ends_with(suffix))
 }
 
 /// Step: the server holds a TLS session for each of `ports`.
@@ -232,11 +248,16 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
         .spawn()
         .expect("pgbench -S");
     let pid = run.id();
-    // While it runs, the server's view of its sessions: TLS or not, by port.
+    // While it runs, the server's view of its sessions (TLS or not, by
+    // port), and the agent's view of the libssl they use.
     let mut sessions = BTreeMap::new();
+    let mut libssl_while_running = None;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         sessions.extend(server_sessions(&pg));
+        if let Some(lib) = tls_library(&agent, "/libssl.so.3").filter(|l| l.processes_hooked > 0) {
+            libssl_while_running = Some(lib);
+        }
         std::thread::sleep(Duration::from_millis(300));
     }
     let out = run.wait_with_output().expect("wait for pgbench");
@@ -270,6 +291,26 @@ fn pgbench_over_tls(scope: HookScopeUnderTest) {
             hook_lines(&agent)
         )
     });
+    // /api/v1/tls/libraries: the system's libssl hooked, in the scope under
+    // test; with "process", observed processes (pgbench, and those of the
+    // tests running alongside) had the breakpoints.
+    let lib = libssl_while_running.unwrap_or_else(|| {
+        panic!(
+            "/api/v1/tls/libraries never showed libssl with breakpoints: {}",
+            agent.get("/api/v1/tls/libraries").unwrap_or_default()
+        )
+    });
+    assert!(lib.hooked && lib.refused.is_none(), "{lib:?}");
+    match scope {
+        HookScopeUnderTest::Auto => assert_eq!(lib.scope, Some(HookScope::File), "{lib:?}"),
+        HookScopeUnderTest::Process => {
+            assert_eq!(lib.scope, Some(HookScope::Process), "{lib:?}");
+            assert!(
+                (1..=lib.processes).contains(&lib.processes_hooked),
+                "breakpoints in observed processes only: {lib:?}"
+            );
+        }
+    }
     let ratio = counted / transactions;
     // pgbench runs a few SELECTs of its own at start (table sizes); with
     // breakpoints per process, the first few may go before them.

@@ -319,6 +319,7 @@ const METRICS: &str = "/metrics";
 pub const POOL_HEALTH: &str = "/api/v1/health";
 pub const QUERY_LATENCY: &str = "/api/v1/queries/latency";
 pub const SIZING: &str = "/api/v1/sizing";
+pub const TLS_LIBRARIES: &str = "/api/v1/tls/libraries";
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -334,6 +335,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/leaks", get(leaks))
         .route("/api/v1/pools", get(pools))
         .route(POOL_HEALTH, get(pool_health_endpoint))
+        .route(TLS_LIBRARIES, get(tls_libraries))
         .route(live::SNAPSHOT, get(live::snapshot))
         .route(live::EVENTS, get(live::events))
         .with_state(state)
@@ -451,6 +453,22 @@ async fn slow_queries(State(state): State<ApiState>) -> Response {
     match state.state.with(|s| SlowQueriesResponse {
         threshold_seconds: s.reports.slow_threshold_ns() as f64 / 1e9,
         slow_queries: s.reports.slow_queries(),
+    }) {
+        Ok(response) => Json(response).into_response(),
+        Err(e) => broken(e),
+    }
+}
+
+/// `/api/v1/tls/libraries`: the TLS libraries the observed processes map,
+/// hooked or not and why, refreshed once a second.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsLibrariesResponse {
+    pub libraries: Vec<crate::tls_libraries::LibraryStatus>,
+}
+
+async fn tls_libraries(State(state): State<ApiState>) -> Response {
+    match state.state.with(|s| TlsLibrariesResponse {
+        libraries: s.tls_libraries.clone(),
     }) {
         Ok(response) => Json(response).into_response(),
         Err(e) => broken(e),
