@@ -93,7 +93,9 @@ pub fn is_tls_library(path: &str) -> bool {
 pub enum HookState {
     /// Being opened and attached.
     Pending,
-    Hooked,
+    /// Attached, with breakpoints in every process that maps it
+    /// ([`HookScope::File`]) or in the observed ones ([`HookScope::Process`]).
+    Hooked(HookScope),
     /// Attaching failed (say why): not tried again while it stays known.
     Refused(String),
     /// More files than [`MAX_HOOKED_LIBRARIES`] were seen, or than
@@ -108,8 +110,6 @@ struct Library {
     first_uid: u32,
     state: HookState,
     users: HashSet<u32>,
-    /// [`HookScope::File`] or [`HookScope::Process`], once hooked.
-    scope: HookScope,
     /// [`HookScope::Process`]: the users whose breakpoints are set.
     attached: HashSet<u32>,
     unused_since_ns: Option<u64>,
@@ -216,7 +216,6 @@ impl TlsLibraries {
                     first_uid: uid,
                     state,
                     users: HashSet::new(),
-                    scope: HookScope::Process,
                     attached: HashSet::new(),
                     unused_since_ns: None,
                 }
@@ -232,8 +231,9 @@ impl TlsLibraries {
         self.by_pid.get(&pid).is_some_and(|files| {
             files.iter().any(|f| {
                 self.libraries.get(f).is_some_and(|l| {
-                    l.state == HookState::Hooked
-                        && (l.scope == HookScope::File || l.attached.contains(&pid))
+                    l.state == HookState::Hooked(HookScope::File)
+                        || (l.state == HookState::Hooked(HookScope::Process)
+                            && l.attached.contains(&pid))
                 })
             })
         })
@@ -254,7 +254,7 @@ impl TlsLibraries {
         }
         let mut wanted = Vec::new();
         for (file, lib) in &self.libraries {
-            if lib.state != HookState::Hooked || lib.scope != HookScope::Process {
+            if lib.state != HookState::Hooked(HookScope::Process) {
                 continue;
             }
             let mut waiting: Vec<u32> = lib.users.difference(&lib.attached).copied().collect();
@@ -329,13 +329,10 @@ impl TlsLibraries {
     /// to hook: hooked in a scope ([`Self::scope_for`]), or refused.
     pub fn hook_result(&mut self, file: FileId, result: Result<HookScope, String>) {
         if let Some(lib) = self.libraries.get_mut(&file) {
-            match result {
-                Ok(scope) => {
-                    lib.state = HookState::Hooked;
-                    lib.scope = scope;
-                }
-                Err(why) => lib.state = HookState::Refused(why),
-            }
+            lib.state = match result {
+                Ok(scope) => HookState::Hooked(scope),
+                Err(why) => HookState::Refused(why),
+            };
         }
     }
 
@@ -390,7 +387,7 @@ impl TlsLibraries {
             .filter(|file| {
                 self.libraries
                     .remove(file)
-                    .is_some_and(|lib| lib.state == HookState::Hooked)
+                    .is_some_and(|lib| matches!(lib.state, HookState::Hooked(_)))
             })
             .collect()
     }
@@ -402,10 +399,13 @@ impl TlsLibraries {
             .map(|(file, lib)| LibraryStatus {
                 path: lib.path.clone(),
                 inode: file.inode,
-                hooked: lib.state == HookState::Hooked,
-                scope: (lib.state == HookState::Hooked).then_some(lib.scope),
+                hooked: matches!(lib.state, HookState::Hooked(_)),
+                scope: match lib.state {
+                    HookState::Hooked(scope) => Some(scope),
+                    _ => None,
+                },
                 refused: match &lib.state {
-                    HookState::Hooked | HookState::Pending => None,
+                    HookState::Hooked(_) | HookState::Pending => None,
                     HookState::Refused(why) => Some(why.clone()),
                     HookState::OverLimit => Some(format!(
                         "more than {MAX_HOOKED_LIBRARIES} distinct TLS library files, \
@@ -413,9 +413,9 @@ impl TlsLibraries {
                     )),
                 },
                 processes: lib.users.len(),
-                processes_hooked: match (&lib.state, lib.scope) {
-                    (HookState::Hooked, HookScope::File) => lib.users.len(),
-                    (HookState::Hooked, _) => lib.attached.len(),
+                processes_hooked: match lib.state {
+                    HookState::Hooked(HookScope::File) => lib.users.len(),
+                    HookState::Hooked(_) => lib.attached.len(),
                     _ => 0,
                 },
             })
